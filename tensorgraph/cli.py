@@ -1,0 +1,98 @@
+"""The ``tensorgraph`` command line: one sub-command per module in ``tensorgraph.commands``.
+
+Every failure a user can cause (a missing file, a bad option, data that cannot be used)
+ends in one line on stderr and exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# each module defines register(subparsers) -> parser, with parser.set_defaults(run=...)
+COMMANDS = ["demo", "compare", "render", "derive", "train", "sample", "check", "bench"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+    def __init__(self, message: str, prog: str = "tensorgraph") -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's usage dump -> one line
+        raise CLIError(message, self.prog)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tensorgraph", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"tensorgraph.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"tensorgraph.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "run", None):
+            parser.print_help()
+            return 0
+        result = args.run(args)
+        return int(result or 0)
+    except KeyboardInterrupt:
+        print("tensorgraph: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    except BrokenPipeError:
+        return 0
+    except Exception as err:  # noqa: BLE001 - the CLI's one-line error policy
+        if debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not isinstance(err, (CLIError, OSError, ValueError)):
+            message = f"{type(err).__name__}: {message}"
+        prog = err.prog if isinstance(err, CLIError) else "tensorgraph"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

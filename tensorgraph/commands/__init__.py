@@ -1,0 +1,1 @@
+"""Sub-commands of the ``tensorgraph`` CLI, one module each (see tensorgraph.cli)."""

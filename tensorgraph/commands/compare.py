@@ -1,0 +1,28 @@
+"""``tensorgraph compare``: the lecture's exercise-1 table, engine vs torch autograd."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("compare", help="exercise 1: every gradient of the lecture's MLP vs torch autograd")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden units (lecture: 64)")
+    parser.add_argument("--double", action="store_true", help="run in float64")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..lecture import record_exercise, setup
+
+    if args.hidden <= 0:
+        raise ValueError(f"--hidden must be positive, got {args.hidden}")
+    ex = setup(n_hidden=args.hidden, dtype=torch.float64 if args.double else torch.float32)
+    graph, loss, _ = record_exercise(ex)
+    report = graph.compare(loss)
+    print(f"recorded {graph}; loss = {loss.item():.4f}")
+    print(report)
+    return 0 if report.ok else 1

@@ -1,0 +1,178 @@
+"""Compare the engine's gradients with torch autograd's, row by row: the lecture's ``cmp`` table.
+
+The recorded graph is replayed under torch autograd: leaves and constants are fresh
+leaves holding the recorded values, every op is called again with the same torch
+function, and every intermediate retains its gradient. Each named float tensor then gets
+one row: exact (bit-equal), approximate (allclose), maxdiff, and the distance in units in
+the last place. An inexact row says why in one line: an upstream gradient was already
+off, or this op's gradient is rounded differently from torch's kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .graph import Ref, is_float
+
+if TYPE_CHECKING:
+    from .graph import Graph
+
+
+@dataclass
+class Row:
+    """One tensor's comparison."""
+
+    name: str
+    shape: tuple[int, ...]
+    exact: bool
+    approximate: bool
+    maxdiff: float
+    ulps: int
+    reason: str = ""
+
+    def __str__(self) -> str:
+        line = (f"{self.name:15s} | exact: {str(self.exact):5s} | approximate: {str(self.approximate):5s} | "
+                f"maxdiff: {self.maxdiff:<10.3g} | ulps: {self.ulps}")
+        return line + (f" | {self.reason}" if self.reason else "")
+
+
+@dataclass
+class CompareReport:
+    """The table printed by ``print(graph.compare(loss))``."""
+
+    rows: list[Row]
+    loss: str
+
+    @property
+    def ok(self) -> bool:
+        """Every gradient is within allclose of torch autograd's."""
+        return all(row.approximate for row in self.rows)
+
+    @property
+    def exact_count(self) -> int:
+        return sum(row.exact for row in self.rows)
+
+    def row(self, name: str) -> Row:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def __getitem__(self, name: str) -> Row:
+        return self.row(name)
+
+    def __str__(self) -> str:
+        header = (f"gradients of {self.loss!r}: tensorgraph engine vs torch autograd "
+                  f"({self.exact_count}/{len(self.rows)} exact, "
+                  f"{sum(r.approximate for r in self.rows)}/{len(self.rows)} approximate)")
+        return "\n".join([header] + [str(row) for row in self.rows])
+
+    def _repr_markdown_(self) -> str:
+        lines = [f"**{self.loss}**: {self.exact_count}/{len(self.rows)} exact", "",
+                 "| tensor | shape | exact | approximate | maxdiff | ulps | note |", "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r.name} | {'×'.join(map(str, r.shape))} | {r.exact} | {r.approximate} | "
+                         f"{r.maxdiff:.3g} | {r.ulps} | {r.reason} |")
+        return "\n".join(lines)
+
+
+def replay(graph: "Graph", root: int) -> dict[int, Tensor]:
+    """Re-run the graph's ops under torch autograd; every float tensor retains its gradient."""
+    nodes = graph._nodes
+    needed = graph.ancestors(root)
+    values: dict[int, Tensor] = {}
+    results: dict[int, Any] = {}
+
+    def arg(value: Any) -> Any:
+        if isinstance(value, Ref):
+            return values[value.node]
+        if isinstance(value, (tuple, list)) and any(isinstance(v, Ref) for v in value):
+            return type(value)(arg(v) for v in value)
+        return value
+
+    with torch.enable_grad():
+        for node in sorted(needed):
+            data = nodes[node]
+            if data["kind"] != "op" or not is_float(data):
+                leaf = data["value"].detach().clone()
+                values[node] = leaf.requires_grad_() if is_float(data) else leaf
+                continue
+            args = tuple(arg(a) for a in data["args"])
+            kwargs = {k: arg(v) for k, v in data["kwargs"].items()}
+            if data["inplace"]:
+                target = args[0].clone()  # autograd forbids in-place updates of leaves
+                data["func"](target, *args[1:], **kwargs)
+                out = target
+            elif data["output_index"] is not None:  # one call, several output nodes
+                key = id(data["args"])
+                if key not in results:
+                    results[key] = data["func"](*args, **kwargs)
+                out = results[key][data["output_index"]]
+            else:
+                out = data["func"](*args, **kwargs)
+            if out.requires_grad:
+                out.retain_grad()
+            values[node] = out
+    return values
+
+
+def _ulps(a: Tensor, b: Tensor) -> int:
+    """Largest distance between a and b in units in the last place of their dtype."""
+    if a.numel() == 0 or not a.is_floating_point():
+        return 0
+    if a.dtype == torch.float64:
+        ints, magnitude = a.view(torch.int64), (1 << 63) - 1
+        other = b.view(torch.int64)
+    else:
+        a, b = a.float(), b.float()
+        ints, other, magnitude = a.view(torch.int32).long(), b.view(torch.int32).long(), (1 << 31) - 1
+    ordered_a = torch.where(ints < 0, -(ints & magnitude), ints)
+    ordered_b = torch.where(other < 0, -(other & magnitude), other)
+    diff = (ordered_a.double() - ordered_b.double()).abs().max().item()
+    return int(min(diff, 2**62))
+
+
+def compare(graph: "Graph", loss: Any, grad: Tensor | None = None) -> CompareReport:
+    """See the module docstring; one row per named float tensor the loss depends on."""
+    from .engine import backward, root_node, seed_gradient
+
+    root = root_node(graph, loss)
+    ours = backward(graph, root, grad).by_node
+    values = replay(graph, root)
+    values[root].backward(seed_gradient(graph, root, grad))
+    nodes = graph._nodes
+    status: dict[int, Row] = {}
+    for node in sorted(ours, reverse=True):
+        data = nodes[node]
+        theirs = values[node].grad
+        mine = ours[node]
+        if theirs is None:
+            theirs = torch.zeros_like(mine)
+        exact = mine.shape == theirs.shape and bool(torch.equal(mine, theirs))
+        close = mine.shape == theirs.shape and bool(torch.allclose(mine, theirs))
+        maxdiff = (mine - theirs).abs().max().item() if mine.shape == theirs.shape and mine.numel() else 0.0
+        ulps = _ulps(mine, theirs) if mine.shape == theirs.shape else -1
+        status[node] = Row(data["name"], data["shape"], exact, close, maxdiff, ulps)
+    for node, row in status.items():
+        if not row.exact and node != root:
+            row.reason = _reason(graph, node, status)
+    rows = [status[node] for node in sorted(status, reverse=True) if node != root and nodes[node]["named"]]
+    return CompareReport(rows, nodes[root]["name"])
+
+
+def _reason(graph: "Graph", node: int, status: dict[int, Row]) -> str:
+    """One line on why a gradient is not bit-equal to torch's."""
+    nodes = graph._nodes
+    consumers = [n for n in graph.nx.successors(node) if n in status]
+    upstream = [n for n in consumers if not status[n].exact]
+    if upstream:
+        worst = max(upstream, key=lambda n: status[n].ulps)
+        return f"inherits rounding from d{nodes[worst]['name']} ({status[worst].ulps} ulp there)"
+    if len(consumers) > 2:
+        return f"sums {len(consumers)} branches in a different order than torch"
+    users = ", ".join(sorted({nodes[n]["op"] for n in consumers}))
+    return f"the {users} rule rounds differently from torch's kernel"

@@ -1,0 +1,267 @@
+"""The engine: reverse-mode autodiff over a recorded graph, without torch.autograd.
+
+For each node, latest first, the engine looks up the op's rule in the table, calls it
+with the gradient of the node's output, then, for each input, undoes broadcasting
+(``sum_to_size``) and adds the result to that input's gradient (fan-out sums). Gradients
+live in a dict keyed by node id; nothing is stored on tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import Tensor
+
+from .graph import Ref, is_float
+from .ops import OPS
+
+if TYPE_CHECKING:
+    from .graph import Graph
+
+
+class Gradients(Mapping):
+    """Gradients from ``graph.backward(loss)``: index by tensor, by name, or by node id.
+
+    Iterating gives names. A tensor the loss does not depend on has no entry (KeyError),
+    as torch gives it no ``.grad``.
+    """
+
+    def __init__(self, graph: "Graph", grads: dict[int, Tensor], root: int) -> None:
+        self.graph = graph
+        self.by_node = grads
+        self.root = root
+
+    def __getitem__(self, key: Any) -> Tensor:
+        try:
+            node = self.graph.node_id(key)
+        except KeyError:
+            if isinstance(key, str) and key.startswith("d") and key[1:] in self.graph._names:
+                node = self.graph._names[key[1:]]
+            else:
+                raise
+        if node not in self.by_node:
+            name = self.graph._nodes[node]["name"]
+            root = self.graph._nodes[self.root]["name"]
+            raise KeyError(f"{root!r} does not depend on {name!r} (no gradient flows to it)")
+        return self.by_node[node]
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        names = self.graph._nodes
+        return (names[node]["name"] for node in sorted(self.by_node, reverse=True))
+
+    def __len__(self) -> int:
+        return len(self.by_node)
+
+    def __repr__(self) -> str:
+        return f"<Gradients of {self.graph._nodes[self.root]['name']!r} w.r.t. {len(self)} tensors>"
+
+
+def root_node(graph: "Graph", loss: Any) -> int:
+    """The node of ``loss``, with the errors a user should see when it is not in ``graph``."""
+    if isinstance(loss, Tensor):
+        live = graph._live.get(id(loss))
+        if live is None or live[2] is not loss:
+            raise ValueError(f"graph.backward: the tensor passed as loss is not in this graph: "
+                             f"{graph.owner_message(loss)}")
+        return live[0]
+    try:
+        return graph.node_id(loss)
+    except KeyError as err:
+        raise ValueError(f"graph.backward: {err.args[0]}") from None
+
+
+def seed_gradient(graph: "Graph", root: int, grad: Tensor | None) -> Tensor:
+    data = graph._nodes[root]
+    if not is_float(data):
+        raise ValueError(f"graph.backward: {data['name']!r} has dtype {data['dtype']}; only floating-point "
+                         f"tensors have gradients")
+    if grad is None:
+        if data["value"].numel() != 1:
+            raise ValueError(f"graph.backward: the loss must be a scalar, but {data['name']!r} has shape "
+                             f"{tuple(data['shape'])}; pass grad= (a tensor of that shape) for a non-scalar output")
+        return torch.ones_like(data["value"])
+    if tuple(grad.shape) != data["shape"]:
+        raise ValueError(f"graph.backward: grad has shape {tuple(grad.shape)} but {data['name']!r} has shape "
+                         f"{data['shape']}")
+    return grad
+
+
+def rule_inputs(data: dict[str, Any], nodes: list[dict[str, Any]]) -> tuple[tuple, dict]:
+    """The op's bound arguments with every Ref replaced by the recorded value."""
+
+    def value(arg: Any) -> Any:
+        if isinstance(arg, Ref):
+            return nodes[arg.node]["value"]
+        if isinstance(arg, (tuple, list)) and any(isinstance(a, Ref) for a in arg):
+            return type(arg)(value(a) for a in arg)
+        return arg
+
+    args = tuple(value(a) for a in data["bargs"])
+    kwargs = {k: value(v) for k, v in data["bkwargs"].items()} if data["bkwargs"] else {}
+    if data["output_index"] is not None:
+        kwargs["output_index"] = data["output_index"]
+    return args, kwargs
+
+
+def input_gradients(data: dict[str, Any], grads: Any) -> Iterator[tuple[int, Tensor]]:
+    """Pair the rule's returned gradients with the input nodes, by argument position."""
+    if not isinstance(grads, (tuple, list)):
+        grads = (grads,)
+    for position, arg in enumerate(data["bargs"]):
+        grad = grads[position] if position < len(grads) else None
+        if grad is None:
+            continue
+        if isinstance(arg, Ref):
+            yield arg.node, grad
+        elif isinstance(arg, (tuple, list)):
+            for item, item_grad in zip(arg, grad):
+                if isinstance(item, Ref) and item_grad is not None:
+                    yield item.node, item_grad
+
+
+def check_version(data: dict[str, Any], user: dict[str, Any]) -> None:
+    value = data["value"]
+    if value._version != data["version"]:
+        raise RuntimeError(
+            f"tensorgraph: tensor {data['name']!r} was modified in place after it was recorded "
+            f"(version {value._version}, recorded at version {data['version']}); the gradient of "
+            f"{user['op']} at {user['source']} needs its recorded value. Clone it before changing it, "
+            f"or record the change inside the block.")
+
+
+def call_rule(graph: "Graph", node: int, grad: Tensor) -> Any:
+    """Run the op's rule for one node: the gradients of its inputs, by argument position."""
+    nodes = graph._nodes
+    data = nodes[node]
+    op = OPS.get(data["op"])
+    if op is None or op.rule is None or data.get("unsupported"):
+        if not any(is_float(nodes[source]) for source in data["inputs"]):
+            return ()
+        reason = data.get("unsupported") or f"no gradient rule for the op {data['op']!r}"
+        raise NotImplementedError(f"tensorgraph: {reason} (called at {data['source'] or '<unknown>'}, "
+                                  f"producing {data['name']!r})")
+    check_version(data, data)
+    for source in data["inputs"]:
+        check_version(nodes[source], data)
+    args, kwargs = rule_inputs(data, nodes)
+    out = data["result"] if data["output_index"] is not None else data["value"]
+    return op.rule(grad, out, *args, **kwargs)
+
+
+def accumulate(grads: dict[int, Tensor], source: int, grad: Tensor, data: dict[str, Any]) -> Tensor:
+    """Undo broadcasting (once, here) and add to the gradients from other consumers."""
+    shape = data["shape"]
+    if grad.shape != shape:
+        try:
+            grad = grad.sum_to_size(shape)
+        except RuntimeError:
+            raise RuntimeError(f"tensorgraph: a rule returned a gradient of shape {tuple(grad.shape)} for "
+                               f"{data['name']!r} of shape {shape}") from None
+    if grad.dtype != data["dtype"]:
+        grad = grad.to(data["dtype"])
+    grads[source] = grads[source] + grad if source in grads else grad
+    return grad
+
+
+def backward(graph: "Graph", loss: Any, grad: Tensor | None = None, *, tape: list | None = None) -> Gradients:
+    """Backpropagate from ``loss`` through ``graph``; see :class:`Gradients`.
+
+    With ``tape`` (a list), every contribution is appended to it as a
+    :class:`Contribution`, for :func:`trace`.
+    """
+    root = root_node(graph, loss)
+    nodes = graph._nodes
+    grads: dict[int, Tensor] = {root: seed_gradient(graph, root, grad)}
+    for node in range(root, -1, -1):  # creation order reversed: a reverse topological order
+        g = grads.get(node)
+        if g is None:
+            continue
+        data = nodes[node]
+        if not data["inputs"] or data["kind"] != "op":
+            continue
+        for source, input_grad in input_gradients(data, call_rule(graph, node, g)):
+            source_data = nodes[source]
+            if is_float(source_data):
+                first = source not in grads
+                summed = accumulate(grads, source, input_grad, source_data)
+                if tape is not None:
+                    tape.append(Contribution(node, source, input_grad, summed, grads[source], first))
+                if graph.anomaly:
+                    _check_finite(grads[source], data, source_data)
+    return Gradients(graph, grads, root)
+
+
+@dataclass
+class Contribution:
+    """One step of the backward pass: ``consumer``'s rule sent ``grad`` to its input ``source``.
+
+    ``summed`` is ``grad`` after broadcast-undo (the same object when no sum was needed)
+    and ``total`` the gradient of ``source`` after adding it (``summed`` when ``first``).
+    """
+
+    consumer: int
+    source: int
+    grad: Tensor
+    summed: Tensor
+    total: Tensor
+    first: bool
+
+
+@dataclass
+class BackwardTrace:
+    """The backward pass the engine ran, itself recorded as a graph (the adjoint graph).
+
+    ``graph`` is the forward graph, ``adjoint`` the recorded backward (its leaves are
+    forward values and the seed; its nodes are the rules' torch calls, the broadcast-undo
+    sums and the fan-out additions), ``grads`` the result, and ``steps`` the
+    contributions in the order they were made.
+    """
+
+    graph: "Graph"
+    adjoint: "Graph"
+    grads: Gradients
+    steps: list[Contribution]
+
+    def node_of(self, tensor: Tensor) -> int | None:
+        """The adjoint-graph node holding a tensor of the backward pass (None for forward values)."""
+        live = self.adjoint._live.get(id(tensor))
+        return live[0] if live is not None and live[2] is tensor else None
+
+
+def trace(graph: "Graph", loss: Any, grad: Tensor | None = None) -> BackwardTrace:
+    """Run the backward pass while recording it: the input of backward_source and the backward view."""
+    from .naming import set_names
+    from .record import record
+
+    steps: list[Contribution] = []
+    with record() as adjoint:
+        grads = backward(graph, loss, grad, tape=steps)
+    result = BackwardTrace(graph, adjoint, grads, steps)
+    names: dict[int, str] = {}
+    for node, data in enumerate(graph._nodes):  # forward values keep their names
+        adjoint_node = result.node_of(data["value"])
+        if adjoint_node is not None:
+            names[adjoint_node] = data["name"]
+    for node, g in grads.by_node.items():  # the lecture's convention: dhprebn
+        adjoint_node = result.node_of(g)
+        if adjoint_node is not None:
+            names[adjoint_node] = "d" + graph._nodes[node]["name"]
+    set_names(adjoint, names)
+    return result
+
+
+def _check_finite(grad: Tensor, user: dict[str, Any], data: dict[str, Any]) -> None:
+    if not torch.isfinite(grad).all():
+        raise FloatingPointError(
+            f"tensorgraph anomaly: the gradient of {data['name']!r} from {user['op']} "
+            f"({user['name']!r} at {user['source']}) is not finite (nan or inf)")

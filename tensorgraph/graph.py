@@ -1,0 +1,205 @@
+"""The recorded graph: nodes in creation order, exposed as a networkx DAG.
+
+Node ids are integers in creation order. Every node is created after its inputs, so this
+order is a topological order by construction: the engine walks it backwards without
+sorting. ``graph.nx`` is the networkx ``MultiDiGraph`` of the same nodes (one edge per
+argument position, so ``x * x`` has two edges), built on first use, whose node attribute
+dicts are the very dicts the engine reads.
+"""
+
+from __future__ import annotations
+
+import keyword
+import os
+import re
+import types
+import weakref
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+import networkx as nx
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .compare import CompareReport
+    from .engine import Gradients
+
+_GRAPHS: "weakref.WeakSet[Graph]" = weakref.WeakSet()
+
+
+class Ref:
+    """A recorded tensor argument: the id of the node that holds it."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: int) -> None:
+        self.node = node
+
+    def __repr__(self) -> str:
+        return f"Ref({self.node})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ref) and other.node == self.node
+
+    def __hash__(self) -> int:
+        return hash(("Ref", self.node))
+
+
+# every node has these keys; ops fill in the call, leaves keep the defaults
+_NODE_DEFAULTS: dict[str, Any] = {
+    "name": None, "named": False, "op": "leaf", "kind": "leaf", "attrs": {}, "source": None, "scope": (), "func": None,
+    "args": (), "kwargs": {}, "bargs": (), "bkwargs": {}, "inplace": False, "previous": None,
+    "output_index": None, "result": None, "unsupported": None, "version": 0,
+}
+
+
+class Graph:
+    """A recorded forward pass. Create one with ``tg.record()``."""
+
+    def __init__(self) -> None:
+        self._nodes: list[dict[str, Any]] = []
+        self._live: dict[int, tuple[int, int, Tensor]] = {}  # id(tensor) -> (node, version, tensor)
+        self._names: dict[str, int] = {}
+        self._nx: nx.MultiDiGraph | None = None
+        self.anomaly = False
+        _GRAPHS.add(self)
+
+    # ---------------------------------------------------------------- construction
+
+    def _add_node(self, *, value: Tensor, inputs: Iterable[int] = (), **attrs: Any) -> int:
+        node = len(self._nodes)
+        data = dict(_NODE_DEFAULTS)
+        data.update(attrs)
+        data["value"] = value
+        data["inputs"] = list(inputs)
+        data["shape"] = tuple(value.shape)
+        data["dtype"] = value.dtype
+        self._nodes.append(data)
+        return node
+
+    def _finish(self, caller: types.FrameType, frames: list[types.FrameType]) -> None:
+        """End of the record block: name nodes after the caller's variables, format sources."""
+        from .naming import assign_names
+
+        for data in self._nodes:
+            source = data.get("source")
+            if isinstance(source, tuple):
+                data["function"] = source[2]
+                data["source"] = f"{_short_path(source[0])}:{source[1]}"
+            elif source is None:
+                data["source"] = ""
+                data.setdefault("function", "")
+            data["scope"] = "/".join(data.get("scope") or ())
+        assign_names(self, caller, frames)
+
+    # ---------------------------------------------------------------- lookups
+
+    @property
+    def nx(self) -> nx.MultiDiGraph:
+        """The graph as a networkx MultiDiGraph (node attributes are shared with the engine)."""
+        if self._nx is None or self._nx.number_of_nodes() != len(self._nodes):
+            graph = nx.MultiDiGraph()
+            for node, data in enumerate(self._nodes):
+                graph.add_node(node)
+                graph._node[node] = data  # share, not copy: one source of truth
+            for node, data in enumerate(self._nodes):
+                for position, source in enumerate(data["inputs"]):
+                    graph.add_edge(source, node, key=position, position=position)
+            self._nx = graph
+        return self._nx
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self._nodes)))
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self.node_id(key)
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    @property
+    def names(self) -> list[str]:
+        """Every node's name, in creation order."""
+        return [data["name"] for data in self._nodes]
+
+    def node_id(self, key: Any) -> int:
+        """The node of a tensor (its latest version), a name, or an id."""
+        if isinstance(key, Tensor):
+            live = self._live.get(id(key))
+            if live is None or live[2] is not key:
+                raise KeyError("this tensor was not recorded in this graph")
+            return live[0]
+        if isinstance(key, str):
+            if key in self._names:
+                return self._names[key]
+            raise KeyError(f"no tensor named {key!r} in this graph (names: {', '.join(self._names)})")
+        if isinstance(key, int) and 0 <= key < len(self._nodes):
+            return key
+        raise KeyError(key)
+
+    def node(self, key: Any) -> dict[str, Any]:
+        """The attribute dict of a node (name, op, shape, dtype, inputs, attrs, source, value ...)."""
+        return self._nodes[self.node_id(key)]
+
+    def name_of(self, key: Any) -> str:
+        return self._nodes[self.node_id(key)]["name"]
+
+    def value(self, key: Any) -> Tensor:
+        return self._nodes[self.node_id(key)]["value"]
+
+    def ancestors(self, key: Any) -> set[int]:
+        """Nodes the given node depends on (itself included)."""
+        return nx.ancestors(self.nx, self.node_id(key)) | {self.node_id(key)}
+
+    def owner_message(self, tensor: Tensor) -> str:
+        """Why a tensor is not in this graph: recorded by another graph, or by none."""
+        for other in list(_GRAPHS):
+            if other is not self and id(tensor) in other._live and other._live[id(tensor)][2] is tensor:
+                return "it belongs to another graph (recorded by a different tg.record() block)"
+        return "it belongs to no graph (it was not produced or used inside this tg.record() block)"
+
+    # ---------------------------------------------------------------- the engine and friends
+
+    def backward(self, loss: Any, grad: Tensor | None = None) -> "Gradients":
+        """Gradients of ``loss`` w.r.t. every recorded tensor it depends on, by tensor or by name."""
+        from .engine import backward
+
+        return backward(self, loss, grad)
+
+    def compare(self, loss: Any, grad: Tensor | None = None) -> "CompareReport":
+        """Replay the graph under torch autograd and compare every gradient with the engine's."""
+        from .compare import compare
+
+        return compare(self, loss, grad)
+
+    def __repr__(self) -> str:
+        ops = sum(1 for d in self._nodes if d["kind"] == "op")
+        leaves = sum(1 for d in self._nodes if d["kind"] == "leaf")
+        return f"<tensorgraph.Graph: {len(self._nodes)} nodes ({ops} ops, {leaves} leaves)>"
+
+
+def _short_path(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if not rel.startswith("..") else path
+
+
+def identifier(name: str) -> str:
+    """A Python identifier for a node name (``layers[0].out`` -> ``layers_0_out``)."""
+    ident = re.sub(r"\W+", "_", name).strip("_") or "t"
+    if ident[0].isdigit() or keyword.iskeyword(ident):
+        ident = "t_" + ident
+    return ident
+
+
+def is_float(data: dict[str, Any]) -> bool:
+    return data["dtype"].is_floating_point or data["dtype"].is_complex
+
+
+__all__ = ["Graph", "Ref", "identifier", "torch"]

@@ -1,0 +1,1 @@
+"""The lecture's character-level MLP ("makemore"): data, model, training and sampling."""

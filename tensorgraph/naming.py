@@ -1,0 +1,140 @@
+"""Name recorded nodes after the user's own variables.
+
+At the end of a ``record()`` block the recorder looks, in this order, at: the block's
+own local variables, its module's globals, the locals of every function that ran ops
+inside the block (their frames keep their final locals), and attributes and items of the
+block's objects (``layers[0].out``, ``model.fc1.weight``). A tensor gets the first name
+found for it; other nodes get op-based names (``sum_3``). Earlier versions of a tensor
+updated in place are named ``x_v0``, ``x_v1`` ... before the final ``x``.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .graph import Graph
+
+_MAX_ITEMS = 256
+_SKIP_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)
+
+
+class _Namer:
+    def __init__(self, graph: "Graph") -> None:
+        self.graph = graph
+        self.latest = {id(t): node for node, _version, t in graph._live.values()}
+        self.named: dict[int, str] = {}
+        self.used: set[str] = set()
+        self.seen: set[int] = set()
+
+    def offer(self, name: str, value: Any, *, unique_suffix: bool = False) -> None:
+        node = self.latest.get(id(value))
+        if node is None or node in self.named or name.startswith("_"):
+            return
+        if name in self.used:
+            if not unique_suffix:
+                return
+            k = 2
+            while f"{name}_{k}" in self.used:
+                k += 1
+            name = f"{name}_{k}"
+        self.named[node] = name
+        self.used.add(name)
+
+    def walk(self, prefix: str, value: Any, depth: int) -> None:
+        """Attributes and items of user objects: ``layers[0].out``, ``model.fc1.weight``."""
+        if isinstance(value, Tensor):
+            self.offer(prefix, value)
+            return
+        if depth == 0 or id(value) in self.seen or isinstance(value, _SKIP_TYPES):
+            return
+        self.seen.add(id(value))
+        if isinstance(value, torch.nn.Module):
+            for name, tensor in value.named_parameters():
+                self.offer(f"{prefix}.{name}", tensor)
+            for name, tensor in value.named_buffers():
+                self.offer(f"{prefix}.{name}", tensor)
+            for name, module in value.named_modules():
+                for attr, item in vars(module).items():
+                    if isinstance(item, Tensor):
+                        self.offer(f"{prefix}.{name}.{attr}" if name else f"{prefix}.{attr}", item)
+            return
+        if isinstance(value, (list, tuple)) and len(value) <= _MAX_ITEMS:
+            for i, item in enumerate(value):
+                self.walk(f"{prefix}[{i}]", item, depth - 1)
+        elif isinstance(value, dict) and len(value) <= _MAX_ITEMS:
+            for key, item in value.items():
+                if isinstance(key, (str, int)):
+                    self.walk(f"{prefix}[{key!r}]", item, depth - 1)
+        elif hasattr(value, "__dict__") and not type(value).__module__.startswith(("torch", "numpy", "builtins")):
+            for attr, item in vars(value).items():
+                if not attr.startswith("_"):
+                    self.walk(f"{prefix}.{attr}", item, depth - 1)
+
+
+def assign_names(graph: "Graph", caller: types.FrameType, frames: list[types.FrameType]) -> None:
+    """Give every node of ``graph`` a unique name (see the module docstring)."""
+    namer = _Namer(graph)
+    scopes = [caller.f_locals]
+    if caller.f_globals is not caller.f_locals:
+        scopes.append(caller.f_globals)
+    for variables in scopes:
+        for name, value in list(variables.items()):
+            if isinstance(value, Tensor):
+                namer.offer(name, value)
+    for frame in frames:
+        if frame is caller:
+            continue
+        for name, value in list(frame.f_locals.items()):
+            if isinstance(value, Tensor) and name != "self":
+                namer.offer(name, value, unique_suffix=True)
+    for variables in scopes:
+        for name, value in list(variables.items()):
+            if not isinstance(value, Tensor) and not name.startswith("_"):
+                namer.walk(name, value, depth=3)
+    set_names(graph, namer.named)
+
+
+def set_names(graph: "Graph", named: dict[int, str]) -> None:
+    """Name the given nodes, their earlier in-place versions, and the rest after their ops."""
+    namer = _Namer(graph)
+    namer.named = dict(named)
+    namer.used = set(named.values())
+    nodes = graph._nodes
+    for node, name in list(namer.named.items()):
+        _name_versions(nodes, namer, node, name)
+    counters: dict[str, int] = {}
+    for node, data in enumerate(nodes):
+        name = namer.named.get(node)
+        if name is None:
+            base = data["op"].replace(".", "_")
+            while True:
+                counters[base] = counters.get(base, 0) + 1
+                name = f"{base}_{counters[base]}"
+                if name not in namer.used:
+                    break
+            namer.used.add(name)
+        data["name"] = name
+        data["named"] = node in namer.named
+    graph._names = {data["name"]: node for node, data in enumerate(nodes)}
+
+
+def _name_versions(nodes: list[dict], namer: _Namer, node: int, name: str) -> None:
+    """``x += 1`` makes versions: the older ones are ``x_v0``, ``x_v1`` ..."""
+    chain = []
+    current = node
+    while nodes[current]["previous"] is not None:
+        previous = nodes[current]["previous"]
+        if previous in namer.named:
+            break
+        chain.append(previous)
+        current = previous
+    for k, previous in enumerate(reversed(chain)):
+        version_name = f"{name}_v{k}"
+        if version_name not in namer.used:
+            namer.named[previous] = version_name
+            namer.used.add(version_name)

@@ -1,0 +1,352 @@
+"""Recording: intercept every torch call in a ``with tg.record()`` block into a Graph.
+
+The recorder is a ``TorchFunctionMode``: operators, Tensor methods, ``torch.*`` and
+``torch.nn.functional.*`` all reach it as one call each. Every call that returns a tensor
+becomes a node holding the op, its arguments (tensors replaced by :class:`Ref` to their
+nodes), the value, and the user's file:line. Tensors seen for the first time become leaves.
+At the end of the block, nodes are named after the variables that hold them.
+
+In-place ops make a new version of their tensor; the old version keeps a copy of the
+value it had, so rules that need it (tanh needs its output) still get it right. A tensor
+changed behind the recorder's back (through a view, ``.data``, or after recording) is
+caught by torch's version counter and reported, never used silently.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+import threading
+import types
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from . import rules  # noqa: F401  (fills the op table)
+from .graph import Graph, Ref
+from .ops import OPS, Op, UnsupportedCall, func_name, lookup
+
+_state = threading.local()  # .busy: a recorder of this thread is doing its own bookkeeping
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGE_DIR = os.path.dirname(__file__)
+_USER_SUBPACKAGES = (os.path.join(_PACKAGE_DIR, "makemore"), os.path.join(_PACKAGE_DIR, "lecture.py"))
+_internal_code: dict[Any, bool] = {}
+_DROPOUT = {torch.nn.functional.dropout, torch.dropout}
+
+
+def _is_internal(code: types.CodeType) -> bool:
+    known = _internal_code.get(code)
+    if known is None:
+        path = code.co_filename
+        known = (path.startswith(_TORCH_DIR) or (path.startswith(_PACKAGE_DIR) and not path.startswith(
+            _USER_SUBPACKAGES)) or path.endswith(("contextlib.py", "threading.py")))
+        _internal_code[code] = known
+    return known
+
+
+def _busy() -> bool:
+    return getattr(_state, "busy", False)
+
+
+class _Bookkeeping:
+    """Marks this thread's recorders busy, so their own helper ops are not recorded anywhere."""
+
+    def __enter__(self) -> None:
+        self.prev = _busy()
+        _state.busy = True
+
+    def __exit__(self, *exc: Any) -> None:
+        _state.busy = self.prev
+
+
+def _scope_stack() -> tuple[str, ...]:
+    return getattr(_state, "scope", ())
+
+
+@contextmanager
+def scope(name: str) -> Iterator[None]:
+    """Group the ops recorded inside the block under ``name`` (for rendering clusters)."""
+    previous = _scope_stack()
+    _state.scope = previous + (str(name),)
+    try:
+        yield
+    finally:
+        _state.scope = previous
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, graph: Graph, anomaly: bool) -> None:
+        super().__init__()
+        self.graph = graph
+        self.anomaly = anomaly
+        self.grad_at_entry = torch.is_grad_enabled()
+        self.frames: dict[int, types.FrameType] = {}
+        self.view_written: dict[int, tuple] = {}  # id(base) -> source of a write through one of its views
+
+    # ---------------------------------------------------------------- interception
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
+        if getattr(_state, "busy", False):
+            return func(*args, **kwargs)
+        entry = lookup(func)
+        if self.grad_at_entry and not torch.is_grad_enabled():
+            return self._no_grad_call(func, entry, args, kwargs)
+        if func in _DROPOUT:
+            return self._dropout(*args, **kwargs)
+        if (entry is not None and entry[2]) or kwargs.get("inplace") is True:
+            return self._inplace_call(func, entry, args, kwargs)
+        if entry is not None and entry[0].mutates:
+            return self._mutating_call(func, entry, args, kwargs)
+        result = func(*args, **kwargs)
+        if isinstance(result, Tensor):
+            if any(a is result for a in args):
+                self._check_alias(func, args, kwargs, result)
+                return result  # an alias of an input (contiguous(), .to(same dtype)): not a new value
+            outputs = [result]
+        elif isinstance(result, (tuple, list)) and result and all(isinstance(r, Tensor) for r in result):
+            outputs = list(result)
+        else:
+            return result
+        with _Bookkeeping():
+            source = self._source()
+            inputs: list[int] = []
+            call = self._refs_of_call(args, kwargs, inputs)
+            self._add_op(func, entry, call, inputs, outputs, result, source, previous=None)
+        return result
+
+    def _mutating_call(self, func, entry, args, kwargs):
+        """Ops that update some inputs as a side effect (batch_norm's running statistics)."""
+        with _Bookkeeping():
+            source = self._source()
+            inputs: list[int] = []
+            call = self._refs_of_call(args, kwargs, inputs)
+            op = entry[0]
+            watched = [(a, a._version) for i, a in enumerate(args) if i in op.mutates and isinstance(a, Tensor)]
+        result = func(*args, **kwargs)
+        with _Bookkeeping():
+            self._add_op(func, entry, call, inputs, [result], result, source, previous=None)
+            for tensor, before in watched:
+                if tensor._version != before:
+                    self._add_constant_version(tensor, op.name, source, self.graph._live[id(tensor)][0])
+        return result
+
+    def _inplace_call(self, func, entry, args, kwargs):
+        """``x.add_(y)``, ``x += y``, ``x[i] = v``: a new version of x; the old one keeps a copy of its value."""
+        target = args[0]
+        with _Bookkeeping():
+            source = self._source()
+            inputs: list[int] = []
+            setitem = entry is not None and entry[0].name == "setitem"
+            call = self._refs_of_call(args, kwargs, inputs, allow_view_write=setitem)
+            previous = inputs[0]
+            self._snapshot(target)
+            base = target._base
+            if base is not None and id(base) in self.graph._live:
+                self._snapshot(base)
+                self.view_written[id(base)] = source
+        func(*args, **kwargs)
+        with _Bookkeeping():
+            self._add_op(func, entry, call, inputs, [target], target, source, previous=previous)
+        return target
+
+    def _dropout(self, input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+        """F.dropout becomes ``input * mask`` with the mask a recorded constant: replays reuse the same mask."""
+        if not training or p == 0:
+            return input
+        mask = self.__torch_function__(rules.dropout_mask, (), (input, p))
+        return self.__torch_function__(Tensor.mul_ if inplace else Tensor.mul, (), (input, mask))
+
+    def _no_grad_call(self, func, entry, args, kwargs):
+        """Inside torch.no_grad() in the block: not differentiated; in-place updates make constant versions."""
+        inplace = bool(entry is not None and entry[2]) or kwargs.get("inplace") is True
+        target = args[0] if inplace and args and isinstance(args[0], Tensor) else None
+        if target is None or id(target) not in self.graph._live:
+            return func(*args, **kwargs)
+        with _Bookkeeping():
+            previous = self.graph._live[id(target)][0]
+            self._snapshot(target)
+            source = self._source()
+        result = func(*args, **kwargs)
+        with _Bookkeeping():
+            self._add_constant_version(target, entry[0].name if entry else func_name(func), source, previous)
+        return result
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def _source(self) -> tuple[str, int, str]:
+        frame = sys._getframe(1)
+        while frame is not None and _is_internal(frame.f_code):
+            frame = frame.f_back
+        if frame is None:
+            return ("<unknown>", 0, "")
+        self.frames.setdefault(id(frame), frame)
+        return (frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
+
+    def _snapshot(self, tensor: Tensor) -> None:
+        """Keep the value a tensor has before an in-place change, for the rules of the ops that used it."""
+        node = self.graph._nodes[self._node_of(tensor, check=False)]
+        if node["value"] is tensor:
+            node["value"] = tensor.clone()
+            node["version"] = node["value"]._version
+
+    def _node_of(self, tensor: Tensor, *, check: bool = True, allow_view_write: bool = False) -> int:
+        """The node of the tensor's current version; unknown tensors become leaves."""
+        graph = self.graph
+        live = graph._live.get(id(tensor))
+        if live is not None:
+            if check and tensor._version != live[1]:
+                self._untracked_change(tensor, live, allow_view_write)
+            return live[0]
+        node = graph._add_node(op="leaf", kind="leaf", value=tensor, version=tensor._version, source=None)
+        graph._live[id(tensor)] = (node, tensor._version, tensor)
+        return node
+
+    def _untracked_change(self, tensor: Tensor, live: tuple, allow_view_write: bool) -> None:
+        written = self.view_written.pop(id(tensor), None)
+        if written is not None and allow_view_write:
+            return  # x[i] += v: the view was updated in place, now written back into x
+        source = self._source()
+        name = _guess_name(tensor, self.frames) or f"the output of {self.graph._nodes[live[0]]['op']}"
+        how = (f"through one of its views at {_where(written)}" if written else
+               "by an operation tensorgraph did not see (a write through a view or .data, or an op that "
+               "updates its input)")
+        raise RuntimeError(
+            f"tensorgraph: tensor '{name}' was modified in place {how} before its use at {_where(source)}; "
+            f"its recorded value is stale, so gradients through it would be wrong. Write the update as a "
+            f"recorded op (x = x + ..., or x[idx] = ... on the tensor itself) or clone() the view first.")
+
+    def _refs(self, value: Any, inputs: list[int], allow_view_write: bool = False) -> Any:
+        """Replace tensors (top level or inside a list or tuple) by Refs to their nodes."""
+        if isinstance(value, Tensor):
+            node = self._node_of(value, allow_view_write=allow_view_write)
+            inputs.append(node)
+            return Ref(node)
+        if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
+            return type(value)(self._refs(v, inputs) for v in value)
+        return value
+
+    def _refs_of_call(self, args, kwargs, inputs, allow_view_write=False) -> tuple[tuple, dict]:
+        call_args = tuple(self._refs(a, inputs, allow_view_write) for a in args)
+        call_kwargs = {k: self._refs(v, inputs) for k, v in kwargs.items()} if kwargs else {}
+        return call_args, call_kwargs
+
+    def _add_op(self, func, entry, call, inputs, outputs, result, source, previous) -> None:
+        graph = self.graph
+        call_args, call_kwargs = call
+        op: Op | None = entry[0] if entry else None
+        name = op.name if op is not None else func_name(func)
+        kind = "constant" if op is not None and op.constant else "op"
+        bound_args, bound_kwargs, attrs, unsupported = call_args, call_kwargs, {}, None
+        if kind == "op" and op is not None and any(o.is_floating_point() for o in outputs):
+            swapped = call_args[1::-1] + call_args[2:] if entry[1] else call_args
+            try:
+                bound_args, bound_kwargs = op.bind(swapped, call_kwargs)
+                attrs = {k: v for k, v in op.attrs(bound_args, bound_kwargs).items() if not isinstance(v, Ref)}
+            except UnsupportedCall as err:
+                unsupported = str(err)
+        multi = not isinstance(result, Tensor)
+        stack = _scope_stack()
+        for index, out in enumerate(outputs):
+            node = graph._add_node(
+                op=name, kind=kind, value=out, version=out._version, func=func, args=call_args,
+                kwargs=call_kwargs, bargs=bound_args, bkwargs=bound_kwargs, attrs=attrs, source=source,
+                scope=stack, inplace=previous is not None, previous=previous,
+                output_index=index if multi else None, result=tuple(outputs) if multi else None,
+                inputs=inputs, unsupported=unsupported)
+            graph._live[id(out)] = (node, out._version, out)
+            if self.anomaly and out.is_floating_point() and not torch.isfinite(out).all():
+                raise FloatingPointError(
+                    f"tensorgraph anomaly: {name} at {_where(source)} produced a non-finite value (nan or inf)"
+                    f"{_line_text(source)}")
+
+    def _add_constant_version(self, tensor: Tensor, op: str, source: tuple, previous: int) -> None:
+        node = self.graph._add_node(op=op, kind="constant", value=tensor, version=tensor._version, source=source,
+                                    scope=_scope_stack(), inplace=True, previous=previous)
+        self.graph._live[id(tensor)] = (node, tensor._version, tensor)
+
+    def _check_alias(self, func, args, kwargs, result: Tensor) -> None:
+        """A call that returned its own input changed: an in-place op without a rule.
+
+        Its old value is gone, so the new version is recorded with no rule: a gradient that
+        needs to flow through it raises instead of coming out wrong.
+        """
+        live = self.graph._live.get(id(result))
+        if live is None or result._version == live[1]:
+            return
+        with _Bookkeeping():
+            source = self._source()
+            inputs = [live[0]]
+            refs = tuple(self._refs_unchecked(a, inputs) for a in args[1:])
+            name = func_name(func)
+            node = self.graph._add_node(
+                op=name, kind="op", value=result, version=result._version, func=func,
+                args=(Ref(live[0]),) + refs, kwargs={k: self._refs_unchecked(v, inputs) for k, v in kwargs.items()},
+                source=source, scope=_scope_stack(), inplace=True, previous=live[0], inputs=inputs,
+                unsupported=f"the in-place op {name} has no rule (use its out-of-place form)")
+            self.graph._live[id(result)] = (node, result._version, result)
+
+    def _refs_unchecked(self, value: Any, inputs: list[int]) -> Any:
+        if isinstance(value, Tensor):
+            node = self._node_of(value, check=False)
+            inputs.append(node)
+            return Ref(node)
+        if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
+            return type(value)(self._refs_unchecked(v, inputs) for v in value)
+        return value
+
+
+def _where(source: tuple | None) -> str:
+    if not source:
+        return "<unknown>"
+    return f"{_short_path(source[0])}:{source[1]}"
+
+
+def _short_path(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if not rel.startswith("..") else path
+
+
+def _line_text(source: tuple) -> str:
+    line = linecache.getline(source[0], source[1]).strip()
+    return f": {line}" if line else ""
+
+
+def _guess_name(tensor: Tensor, frames: dict[int, types.FrameType]) -> str | None:
+    for frame in reversed(list(frames.values())):
+        for name, value in frame.f_locals.items():
+            if value is tensor:
+                return name
+    return None
+
+
+class record:
+    """Record the torch calls of a block as a :class:`Graph`.
+
+    ``anomaly=True`` raises ``FloatingPointError`` at the first op whose output (when
+    recording) or gradient (in ``graph.backward``) is not finite.
+    """
+
+    def __init__(self, *, anomaly: bool = False) -> None:
+        self.graph = Graph()
+        self.graph.anomaly = anomaly
+        self._mode = _Recorder(self.graph, anomaly)
+
+    def __enter__(self) -> Graph:
+        self._mode.__enter__()
+        return self.graph
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._mode.__exit__(exc_type, exc, tb)
+        with _Bookkeeping():
+            caller = sys._getframe(1)
+            self.graph._finish(caller, list(self._mode.frames.values()))
+        self._mode.frames.clear()

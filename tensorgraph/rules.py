@@ -1,0 +1,782 @@
+"""The rule table: one vector-Jacobian product per op, next to the torch calls it covers.
+
+Each rule maps ``(g, out, *inputs)`` to the gradients of the inputs, written with the
+same formulas PyTorch's derivatives.yaml uses, so that gradients agree with torch
+autograd bit for bit wherever the formula allows. Where torch computes a gradient in a
+fused kernel with a single rounding (tanh, sigmoid, softmax, the norms), the rule calls
+that same kernel and says so. Broadcast-undo and fan-out sums are the engine's job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import UnsupportedCall, constants, defop
+
+aten = torch.ops.aten
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _dims(dim: Any, ndim: int) -> tuple[int, ...]:
+    """Reduced dimensions as sorted non-negative ints; None or () means all."""
+    if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+        return tuple(range(ndim))
+    if isinstance(dim, int):
+        dim = (dim,)
+    return tuple(sorted(d % max(ndim, 1) for d in dim))
+
+
+def _unreduce(g: Tensor, x: Tensor, dim: Any, keepdim: bool) -> Tensor:
+    """Put back the dimensions a reduction removed, so ``g`` broadcasts against ``x``."""
+    if keepdim or x.dim() == 0:
+        return g
+    dims = _dims(dim, x.dim())
+    if len(dims) == x.dim():
+        return g.reshape((1,) * x.dim())
+    for d in dims:
+        g = g.unsqueeze(d)
+    return g
+
+
+def _count(x: Tensor, dim: Any) -> int:
+    return math.prod(x.shape[d] for d in _dims(dim, x.dim())) if x.dim() else 1
+
+
+def _place(g: Tensor, x: Tensor, select) -> Tensor:
+    """Gradient of any element selection ``select(x)``: scatter ``g`` back to where each element came from.
+
+    Pushing ``arange(numel)`` through the same selection tells each output element's
+    source position; ``index_add_`` accumulates duplicates.
+    """
+    positions = select(torch.arange(x.numel(), device=x.device).view(x.shape))
+    flat = torch.zeros(x.numel(), dtype=g.dtype, device=g.device)
+    return flat.index_add_(0, positions.reshape(-1), g.reshape(-1)).view(x.shape)
+
+
+def _shape_arg(args: Sequence[Any]) -> Sequence[int]:
+    """``view(2, 3)`` and ``view((2, 3))`` both mean shape (2, 3)."""
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return args[0]
+    return args
+
+
+def _zeros_like_grad(g: Tensor, out: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return torch.zeros_like(x)
+
+
+def _reshape_back(g: Tensor, out: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return g.reshape(x.shape)
+
+
+def _same(g: Tensor, out: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return g
+
+
+def _as_input(g: Tensor, out: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return g.to(dtype=x.dtype, device=x.device)
+
+
+def _reduction(size_average: Any, reduce: Any, reduction: str) -> str:
+    if size_average is None and reduce is None:
+        return reduction
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    return "none" if not reduce else ("mean" if size_average else "sum")
+
+
+def _scale_loss(g: Tensor, per_element: Tensor, reduction: str, denom: Any, batch_dim: int | None) -> Tensor:
+    """Multiply d(loss_n)/d(input) by the incoming gradient under each reduction."""
+    if reduction == "none":
+        return per_element * (g.unsqueeze(batch_dim) if batch_dim is not None else g)
+    if reduction == "sum":
+        return per_element * g
+    return per_element * (g / denom)
+
+
+# ---------------------------------------------------------------- elementwise, one input
+
+defop("neg", lambda g, out, x: -g, funcs=("torch.negative", "Tensor.negative"))
+defop("abs", lambda g, out, x: g * x.sgn(), funcs=("torch.absolute", "Tensor.absolute"))
+defop("exp", lambda g, out, x: g * out)
+defop("log", lambda g, out, x: g / x)
+defop("log2", lambda g, out, x: g / (x * math.log(2.0)))
+defop("log10", lambda g, out, x: g / (x * math.log(10.0)))
+defop("log1p", lambda g, out, x: g / (x + 1))
+defop("expm1", lambda g, out, x: g * (out + 1))
+defop("sqrt", lambda g, out, x: g / (2 * out))
+defop("rsqrt", lambda g, out, x: -0.5 * g * out.pow(3))
+defop("reciprocal", lambda g, out, x: -g * (out * out))
+defop("sin", lambda g, out, x: g * x.cos())
+defop("cos", lambda g, out, x: g * -x.sin())
+defop("erf", lambda g, out, x: 2.0 / math.sqrt(math.pi) * torch.exp(-(x.pow(2))) * g, funcs=("special.erf",))
+# NOTE: torch's tanh/sigmoid backward kernels round g*(1-y*y) once; the same kernels keep us bit-exact.
+defop("tanh", lambda g, out, x: aten.tanh_backward(g, out))  # g * (1 - out**2)
+defop("sigmoid", lambda g, out, x: aten.sigmoid_backward(g, out), funcs=("special.expit",))  # g * out * (1 - out)
+defop("relu", lambda g, out, x: g * (out > 0))
+defop("gelu", lambda g, out, x, approximate="none": aten.gelu_backward(g, x, approximate=approximate))
+defop("silu", lambda g, out, x: aten.silu_backward(g, x))
+defop(
+    "softplus",
+    lambda g, out, x, beta=1.0, threshold=20.0: aten.softplus_backward(g, x, beta, threshold),
+)
+defop(
+    "leaky_relu",
+    lambda g, out, x, negative_slope=0.01: aten.leaky_relu_backward(g, out, negative_slope, True),
+)
+defop(
+    "elu",
+    lambda g, out, x, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0, True, out),
+)
+# piecewise-constant functions: zero gradient, as torch gives
+for _name in ("sign", "sgn", "floor", "ceil", "round", "trunc"):
+    defop(_name, _zeros_like_grad)
+
+
+def clamp(g: Tensor, out: Tensor, x: Tensor, min: Any = None, max: Any = None) -> tuple:
+    """Gradient passes where the input lies within [min, max] (ties go to the input, as in torch)."""
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if min is not None:
+        keep = keep & (x >= min)
+    if max is not None:
+        keep = keep & (x <= max)
+    grad_min = g * (x < min) if isinstance(min, Tensor) else None
+    grad_max = g * (x > max) if isinstance(max, Tensor) else None
+    if grad_min is not None and max is not None:
+        grad_min = grad_min * (x <= max) if not isinstance(max, Tensor) else grad_min * (min <= max)
+    return g * keep, grad_min, grad_max
+
+
+defop("clamp", clamp, funcs=("torch.clip", "Tensor.clip"), inplace=("Tensor.clip_",))
+defop("clamp_min", lambda g, out, x, min: clamp(g, out, x, min, None)[:2])
+defop("clamp_max", lambda g, out, x, max: (clamp(g, out, x, None, max)[0], None))
+
+# ---------------------------------------------------------------- elementwise, two inputs
+
+defop("add", lambda g, out, x, other, *, alpha=1: (g, g if alpha == 1 else g * alpha))
+defop(
+    "sub",
+    lambda g, out, x, other, *, alpha=1: (g, -g if alpha == 1 else -g * alpha),
+    funcs=("torch.subtract", "Tensor.subtract"),
+)
+# `torch.rsub(x, y)` is y - x
+defop("rsub", lambda g, out, x, other, *, alpha=1: (-g if alpha == 1 else -g * alpha, g), auto=False,
+      funcs=("torch.rsub",))
+defop("mul", lambda g, out, x, other: (g * other, g * x), funcs=("torch.multiply", "Tensor.multiply"))
+
+
+def div(g: Tensor, out: Tensor, x: Any, other: Any, *, rounding_mode: str | None = None) -> tuple:
+    """d(x/y) = g/y and -g*(x/y)/y, written as torch writes them."""
+    if rounding_mode is not None:
+        return torch.zeros_like(g), (torch.zeros_like(g) if isinstance(other, Tensor) else None)
+    grad_other = -g * ((x / other) / other) if isinstance(other, Tensor) else None
+    return g / other, grad_other
+
+
+defop(
+    "div",
+    div,
+    funcs=("torch.true_divide", "Tensor.true_divide", "torch.divide", "Tensor.divide", "Tensor.__truediv__"),
+    inplace=("Tensor.__itruediv__", "Tensor.true_divide_", "Tensor.divide_"),
+)
+
+
+def rdiv(g: Tensor, out: Tensor, x: Tensor, other: Any) -> tuple:
+    """``other / x``: torch evaluates it as ``x.reciprocal() * other``, and so do we."""
+    r = x.reciprocal()
+    return -(g * other) * (r * r), None
+
+
+defop("rdiv", rdiv, auto=False, funcs=("Tensor.__rdiv__", "Tensor.__rtruediv__"))
+
+
+def pow_rule(g: Tensor, out: Tensor, x: Any, exponent: Any) -> tuple:
+    """d(x**e)/dx = e*x**(e-1); d(x**e)/de = x**e * log(x) (0 where x == 0 and e >= 0)."""
+    grad_x = grad_e = None
+    if isinstance(x, Tensor):
+        if isinstance(exponent, Tensor):
+            grad_x = torch.where(exponent == 0.0, 0.0, g * (exponent * x.pow(exponent - 1)))
+        elif exponent == 0:
+            grad_x = torch.zeros_like(x)
+        else:
+            grad_x = g * (exponent * x.pow(exponent - 1))
+    if isinstance(exponent, Tensor):
+        if isinstance(x, Tensor):
+            grad_e = g * torch.where((x == 0) & (exponent >= 0), 0.0, out * x.log())
+        elif x == 0:
+            grad_e = g * torch.where(exponent >= 0, 0.0, out * -math.inf)
+        else:
+            grad_e = g * (out * math.log(x))
+    return grad_x, grad_e
+
+
+defop("pow", pow_rule, swapped=("Tensor.__rpow__",), inplace=("Tensor.__ipow__",))
+defop("square", lambda g, out, x: pow_rule(g, out, x, 2)[0])
+
+
+def maximum(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    """The larger input takes the gradient; ties split it evenly, as torch does."""
+    shared = torch.where(x == other, g / 2, g)
+    return shared.masked_fill(x < other, 0), shared.masked_fill(x > other, 0)
+
+
+def minimum(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    shared = torch.where(x == other, g / 2, g)
+    return shared.masked_fill(x > other, 0), shared.masked_fill(x < other, 0)
+
+
+defop("maximum", maximum, funcs=("torch.fmax",))
+defop("minimum", minimum, funcs=("torch.fmin",))
+defop(
+    "where",
+    lambda g, out, condition, input, other: (
+        None,
+        torch.where(condition, g, 0.0),
+        torch.where(condition, 0.0, g),
+    ),
+)
+
+
+def masked_fill(g: Tensor, out: Tensor, x: Tensor, mask: Tensor, value: Any) -> tuple:
+    grad_value = g.masked_select(mask).sum() if isinstance(value, Tensor) else None
+    return g.masked_fill(mask, 0), None, grad_value
+
+
+defop("masked_fill", masked_fill)
+
+# ---------------------------------------------------------------- matrix products
+
+
+def _mm(g: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """2-D product gradients, in the memory order torch's mm backward picks."""
+    if x.shape[0] > 1 and x.shape[1] > 1 and x.stride() == (1, x.shape[0]):
+        grad_x = y.mm(g.t()).t()
+    else:
+        grad_x = g.mm(y.t())
+    if y.shape[0] > 1 and y.shape[1] > 1 and y.stride() == (1, y.shape[0]):
+        grad_y = g.t().mm(x).t()
+    else:
+        grad_y = x.t().mm(g)
+    return grad_x, grad_y
+
+
+def matmul(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    """Gradients of ``x @ other`` for every rank combination matmul accepts."""
+    if x.dim() == 1 and other.dim() == 1:
+        return g * other, g * x
+    if x.dim() == 2 and other.dim() == 2:
+        return _mm(g, x, other)
+    if x.dim() == 1:  # (k) @ (..., k, m)
+        return (g.unsqueeze(-2) @ other.mT).squeeze(-2), x.unsqueeze(-1) * g.unsqueeze(-2)
+    if other.dim() == 1:  # (..., n, k) @ (k)
+        return g.unsqueeze(-1) * other, (x.mT @ g.unsqueeze(-1)).squeeze(-1)
+    if other.dim() == 2:  # (B, T, C) @ (C, H): torch folds the batch into one mm
+        grad_x, grad_y = _mm(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]), other)
+        return grad_x.reshape(x.shape), grad_y
+    return g @ other.mT, x.mT @ g
+
+
+defop("matmul", matmul, funcs=("torch.mm", "Tensor.mm", "torch.bmm", "Tensor.bmm", "torch.mv", "Tensor.mv",
+                               "torch.dot", "Tensor.dot", "torch.inner", "Tensor.inner"))
+defop("outer", lambda g, out, x, vec2: (g @ vec2, g.t() @ x), funcs=("torch.ger", "Tensor.ger"))
+
+
+def linear(g: Tensor, out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> tuple:
+    """``x @ weight.T + bias``; the bias gradient is summed by the engine."""
+    grad_x = g @ weight
+    flat_g = g.reshape(-1, g.shape[-1]) if g.dim() > 1 else g.unsqueeze(0)
+    flat_x = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.unsqueeze(0)
+    return grad_x, flat_g.t().mm(flat_x), (g if bias is not None else None)
+
+
+defop("linear", linear)
+
+
+def addmm(g: Tensor, out: Tensor, input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alpha=1) -> tuple:
+    grad_1, grad_2 = _mm(g, mat1, mat2)
+    scale = (lambda t: t) if alpha == 1 else (lambda t: t * alpha)
+    return (g if beta == 1 else g * beta), scale(grad_1), scale(grad_2)
+
+
+defop("addmm", addmm)
+
+# ---------------------------------------------------------------- reductions
+
+
+def sum_rule(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Tensor:
+    """Each summed element receives the output's gradient: unsqueeze and expand."""
+    return _unreduce(g, x, dim, keepdim).expand(x.shape)
+
+
+def mean_rule(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Tensor:
+    return _unreduce(g, x, dim, keepdim).expand(x.shape) / _count(x, dim)
+
+
+def _correction(dim: Any, unbiased: Any, correction: Any) -> tuple[Any, float]:
+    if isinstance(dim, bool):  # var(True): the old positional `unbiased`
+        dim, unbiased = None, dim
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    return dim, correction
+
+
+def var_rule(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False,
+        *, correction: Any = None) -> Tensor:
+    """d var / dx_i = 2 (x_i - mean) / (n - correction): the mean's own dependence on x_i cancels."""
+    dim, correction = _correction(dim, unbiased, correction)
+    dof = _count(x, dim) - correction
+    mean_dims = _dims(dim, x.dim())
+    return (2.0 / dof) * _unreduce(g, x, dim, keepdim) * (x - x.mean(mean_dims, keepdim=True))
+
+
+def std_rule(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False,
+        *, correction: Any = None) -> Tensor:
+    """std = sqrt(var): chain through var's rule with g / (2 std)."""
+    grad_var = (g / (out * 2)).masked_fill(out == 0, 0)
+    return var_rule(grad_var, out, x, dim, unbiased, keepdim, correction=correction)
+
+
+defop("sum", sum_rule)
+defop("mean", mean_rule)
+defop("var", var_rule)
+defop("std", std_rule)
+
+
+def _select_reduction(g: Tensor, out: Any, x: Tensor, dim: Any, keepdim: bool) -> Tensor:
+    if isinstance(dim, Tensor):
+        raise AssertionError("binary max/min are dispatched before this point")
+    if dim is None:
+        # NOTE: a full max() splits the gradient evenly among ties, as torch does
+        mask = x == out
+        return mask * (g / mask.sum())
+    values, indices = out
+    if not keepdim and x.dim() > 0:
+        g, indices = g.unsqueeze(dim), indices.unsqueeze(dim)
+    # NOTE: max(dim) ties: the gradient goes to the returned index only, as torch does
+    return torch.zeros_like(x).scatter(dim, indices, g)
+
+
+def max_rule(g: Tensor, out: Any, x: Tensor, dim: Any = None, keepdim: bool = False, *, output_index: int = 0) -> Any:
+    """Gradient flows to the selected element (``max(x, y)`` with a tensor is ``maximum``)."""
+    if isinstance(dim, Tensor):
+        return maximum(g, out, x, dim)
+    return _select_reduction(g, out, x, dim, keepdim)
+
+
+def min_rule(g: Tensor, out: Any, x: Tensor, dim: Any = None, keepdim: bool = False, *, output_index: int = 0) -> Any:
+    if isinstance(dim, Tensor):
+        return minimum(g, out, x, dim)
+    return _select_reduction(g, out, x, dim, keepdim)
+
+
+defop("max", max_rule, multi=True)
+defop("min", min_rule, multi=True)
+
+
+def amax(g: Tensor, out: Tensor, x: Tensor, dim: Any = (), keepdim: bool = False) -> Tensor:
+    """Ties share the gradient evenly along the reduced dimensions."""
+    mask = _unreduce(out, x, dim, keepdim) == x
+    return (_unreduce(g, x, dim, keepdim) / mask.sum(_dims(dim, x.dim()), keepdim=True)) * mask
+
+
+defop("amax", amax)
+defop("amin", amax)
+defop(
+    "logsumexp",
+    lambda g, out, x, dim, keepdim=False: _unreduce(g, x, dim, keepdim) * (x - _unreduce(out, x, dim, keepdim)).exp(),
+)
+defop("cumsum", lambda g, out, x, dim, *, dtype=None: g.flip(dim).cumsum(dim).flip(dim))
+
+
+def norm(g: Tensor, out: Tensor, x: Tensor, p: Any = "fro", dim: Any = None, keepdim: bool = False,
+         dtype: Any = None) -> Tensor:
+    """Euclidean norm only: x / ||x|| (0 where the norm is 0)."""
+    if p not in ("fro", 2, 2.0, None):
+        raise UnsupportedCall(f"norm: only the 2-norm has a rule (got p={p!r})")
+    scale = (_unreduce(g, x, dim, keepdim) / _unreduce(out, x, dim, keepdim))
+    return x * scale.masked_fill(_unreduce(out, x, dim, keepdim) == 0, 0)
+
+
+defop("norm", norm)
+defop("vector_norm", lambda g, out, x, ord=2, dim=None, keepdim=False, *, dtype=None: norm(g, out, x, ord, dim, keepdim),
+      funcs=("linalg.vector_norm",))
+
+# ---------------------------------------------------------------- shapes and views
+
+for _name in ("view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
+              "ravel"):
+    defop(_name, _reshape_back)
+for _name in ("contiguous", "clone", "expand", "expand_as", "broadcast_to"):
+    defop(_name, _same)  # expand: the engine's broadcast-undo sums the gradient back
+for _name in ("to", "float", "double", "half", "bfloat16", "type", "type_as", "cpu", "cuda"):
+    defop(_name, _as_input)
+
+defop("sum_to_size", lambda g, out, x, *size: g.expand(x.shape))
+defop("transpose", lambda g, out, x, dim0, dim1: g.transpose(dim0, dim1),
+      funcs=("torch.swapaxes", "Tensor.swapaxes", "torch.swapdims", "Tensor.swapdims"))
+defop("t", lambda g, out, x: g.t())
+defop("T", lambda g, out, x: g.permute(*reversed(range(g.dim()))), auto=False, funcs=("Tensor.T",))
+defop("mT", lambda g, out, x: g.mT, auto=False, funcs=("Tensor.mT", "Tensor.mH", "Tensor.H"))
+defop("adjoint", lambda g, out, x: g.mT)
+
+
+def permute(g: Tensor, out: Tensor, x: Tensor, *dims: Any) -> Tensor:
+    order = [d % x.dim() for d in _shape_arg(dims)]
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return g.permute(*inverse)
+
+
+defop("permute", permute)
+defop("movedim", lambda g, out, x, source, destination: g.movedim(destination, source),
+      funcs=("torch.moveaxis", "Tensor.moveaxis"))
+
+
+def repeat(g: Tensor, out: Tensor, x: Tensor, *sizes: Any) -> Tensor:
+    """Sum the gradient over every copy: split each dim into (copies, size) and sum the copies."""
+    sizes = list(_shape_arg(sizes))
+    padded = [1] * (len(sizes) - x.dim()) + list(x.shape)
+    split = [v for copies, size in zip(sizes, padded) for v in (copies, size)]
+    return g.reshape(split).sum(tuple(range(0, len(split), 2))).reshape(x.shape)
+
+
+defop("repeat", repeat)
+
+
+def cat(g: Tensor, out: Tensor, tensors: Sequence[Tensor], dim: int = 0) -> tuple:
+    grads, offset = [], 0
+    for t in tensors:
+        if t.dim() == 1 and t.numel() == 0 and out.dim() > 1:  # torch skips legacy empty inputs
+            grads.append(None)
+            continue
+        grads.append(g.narrow(dim, offset, t.shape[dim]))
+        offset += t.shape[dim]
+    return (grads,)
+
+
+defop("cat", cat, funcs=("torch.concat", "torch.concatenate"))
+defop("stack", lambda g, out, tensors, dim=0: (list(g.unbind(dim)),))
+
+
+def _pieces(g: Tensor, out: Sequence[Tensor], index: int) -> list[Tensor]:
+    return [g if i == index else torch.zeros_like(o) for i, o in enumerate(out)]
+
+
+defop("split", lambda g, out, x, split_size_or_sections, dim=0, *, output_index: torch.cat(
+    _pieces(g, out, output_index), dim), multi=True, funcs=("torch.split_with_sizes", "Tensor.split_with_sizes"))
+defop("chunk", lambda g, out, x, chunks, dim=0, *, output_index: torch.cat(_pieces(g, out, output_index), dim),
+      multi=True)
+defop("unbind", lambda g, out, x, dim=0, *, output_index: torch.stack(_pieces(g, out, output_index), dim),
+      multi=True)
+
+
+def getitem(g: Tensor, out: Tensor, x: Tensor, idx: Any) -> tuple:
+    """Indexing of every kind (ints, slices, None, ranges, lists, int and bool tensors)."""
+    if isinstance(idx, Tensor) and idx.dtype == torch.int64:
+        # NOTE: C[Xb]: the same accumulate-into-zeros torch's index backward does
+        return torch.zeros_like(x).index_put_((idx,), g, accumulate=True), None
+    return _place(g, x, lambda positions: positions[idx]), None
+
+
+defop("getitem", getitem, auto=False, funcs=("Tensor.__getitem__",))
+
+
+def setitem(g: Tensor, out: Tensor, x: Tensor, idx: Any, value: Any) -> tuple:
+    """``x[idx] = value``: overwritten elements get no gradient; value gets the gradient there."""
+    grad_x = g.clone()
+    grad_x[idx] = 0
+    return grad_x, None, (g[idx] if isinstance(value, Tensor) else None)
+
+
+defop("setitem", setitem, auto=False, inplace=("Tensor.__setitem__",))
+defop("copy", lambda g, out, x, src, non_blocking=False: (None, g.to(dtype=src.dtype, device=src.device)),
+      auto=False, inplace=("Tensor.copy_",))
+def index_put(g: Tensor, out: Tensor, x: Tensor, indices: Any, values: Tensor, accumulate: bool = False) -> tuple:
+    grad_x = g
+    if not accumulate:
+        grad_x = g.clone()
+        grad_x[indices] = 0
+    return grad_x, None, g[indices]
+
+
+defop("index_put", index_put)
+defop("index_add", lambda g, out, x, dim, index, source, *, alpha=1: (
+    g, None, None, g.index_select(dim, index) if alpha == 1 else g.index_select(dim, index) * alpha))
+defop("scatter_add", lambda g, out, x, dim, index, src: (g, None, None, g.gather(dim, index)))
+
+
+def scatter(g: Tensor, out: Tensor, x: Tensor, dim: int, index: Tensor, src: Any = None, *, value: Any = None,
+            reduce: Any = None) -> tuple:
+    if reduce is not None:
+        raise UnsupportedCall("scatter: reduce= has no rule")
+    grad_src = g.gather(dim, index) if isinstance(src, Tensor) else None
+    return g.scatter(dim, index, 0), None, None, grad_src
+
+
+defop("scatter", scatter)
+defop("index_select", lambda g, out, x, dim, index: (torch.zeros_like(x).index_add_(dim, index, g), None, None))
+defop("gather", lambda g, out, x, dim, index, *, sparse_grad=False: (
+    torch.zeros_like(x).scatter_add_(dim, index, g), None, None))
+defop("narrow", lambda g, out, x, dim, start, length: _place(g, x, lambda p: p.narrow(dim, start, length)))
+defop("select", lambda g, out, x, dim, index: _place(g, x, lambda p: p.select(dim, index)))
+defop("diagonal", lambda g, out, x, offset=0, dim1=0, dim2=1: _place(g, x, lambda p: p.diagonal(offset, dim1, dim2)))
+defop("masked_select", lambda g, out, x, mask: (torch.zeros_like(x).masked_scatter(mask.expand_as(x), g), None))
+defop("tril", lambda g, out, x, diagonal=0: g.tril(diagonal))
+defop("triu", lambda g, out, x, diagonal=0: g.triu(diagonal))
+defop("flip", lambda g, out, x, *dims: g.flip(*dims))
+
+
+def roll(g: Tensor, out: Tensor, x: Tensor, shifts: Any, dims: Any = None) -> Tensor:
+    back = -shifts if isinstance(shifts, int) else [-s for s in shifts]
+    return g.roll(back, dims) if dims is not None else g.roll(back)
+
+
+defop("roll", roll)
+
+
+def pad(g: Tensor, out: Tensor, x: Tensor, pad: Sequence[int], mode: str = "constant", value: Any = None) -> Tensor:
+    """Constant padding (and cropping): the gradient is the un-padded window of ``g``."""
+    if mode != "constant":
+        raise UnsupportedCall(f"pad: only mode='constant' has a rule (got {mode!r})")
+    positions = F.pad(torch.arange(x.numel(), device=x.device).view(x.shape), pad, value=-1)
+    keep = positions >= 0
+    flat = torch.zeros(x.numel(), dtype=g.dtype, device=g.device)
+    return flat.index_add_(0, positions[keep], g[keep]).view(x.shape)
+
+
+defop("pad", pad)
+
+# ---------------------------------------------------------------- neural-network ops
+
+
+def _softmax_dim(x: Tensor, dim: Any) -> int:
+    return dim if dim is not None else (0 if x.dim() in (0, 1, 3) else 1)
+
+
+defop(  # out * (g - (g * out).sum(dim, keepdim=True)) in torch's fused kernel
+    "softmax",
+    lambda g, out, x, dim=None, dtype=None, *, _stacklevel=3: aten._softmax_backward_data(
+        g, out, _softmax_dim(x, dim), x.dtype),
+    funcs=("special.softmax",),
+)
+defop(  # g - out.exp() * g.sum(dim, keepdim=True) in torch's fused kernel
+    "log_softmax",
+    lambda g, out, x, dim=None, dtype=None, *, _stacklevel=3: aten._log_softmax_backward_data(
+        g, out, _softmax_dim(x, dim), x.dtype),
+    funcs=("special.log_softmax",),
+)
+
+
+def _nll_grad(logp: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
+              smoothing: float) -> tuple[Tensor, Any]:
+    """d loss_n / d logp for class-index targets (before scaling by g), and the mean's denominator."""
+    class_dim = 1 if logp.dim() >= 2 else 0
+    n_classes = logp.shape[class_dim]
+    keep = target != ignore_index
+    safe = target.masked_fill(~keep, 0)
+    onehot = torch.zeros_like(logp).scatter(class_dim, safe.unsqueeze(class_dim), 1.0)
+    w_target = (weight[safe] if weight is not None else torch.ones_like(safe, dtype=logp.dtype)) * keep
+    grad = -onehot * w_target.unsqueeze(class_dim) * (1.0 - smoothing)
+    if smoothing:
+        shape = [1] * logp.dim()
+        shape[class_dim] = n_classes
+        w_class = weight.view(shape) if weight is not None else torch.ones(shape, dtype=logp.dtype,
+                                                                            device=logp.device)
+        grad = grad - (smoothing / n_classes) * w_class * keep.unsqueeze(class_dim)
+    return grad, w_target.sum()
+
+
+def nll_loss(g: Tensor, out: Tensor, x: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
+             ignore_index: int = -100, reduce=None, reduction: str = "mean") -> tuple:
+    reduction = _reduction(size_average, reduce, reduction)
+    per_element, denom = _nll_grad(x, target, weight, ignore_index, reduction, 0.0)
+    return _scale_loss(g, per_element, reduction, denom, 1 if x.dim() >= 2 else None), None, None
+
+
+def cross_entropy(g: Tensor, out: Tensor, x: Tensor, target: Tensor, weight: Tensor | None = None,
+                  size_average=None, ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> tuple:
+    """log_softmax then nll: d/dlogits = softmax(logits) * sum(dlogp) - ... , via torch's log_softmax kernel."""
+    reduction = _reduction(size_average, reduce, reduction)
+    class_dim = 1 if x.dim() >= 2 else 0
+    logp = x.log_softmax(class_dim)
+    batch_dim = class_dim if x.dim() >= 2 else None
+    if target.is_floating_point():  # class probabilities
+        n_classes = x.shape[class_dim]
+        probs = target * (1 - label_smoothing) + label_smoothing / n_classes if label_smoothing else target
+        if weight is not None:
+            shape = [1] * x.dim()
+            shape[class_dim] = n_classes
+            probs = probs * weight.view(shape)
+        per_element, denom = -probs, x.numel() / n_classes
+    else:
+        per_element, denom = _nll_grad(logp, target, weight, ignore_index, reduction, label_smoothing)
+    grad_logp = _scale_loss(g, per_element, reduction, denom, batch_dim)
+    return aten._log_softmax_backward_data(grad_logp, logp, class_dim, x.dtype), None, None
+
+
+defop("nll_loss", nll_loss)
+defop("cross_entropy", cross_entropy)
+
+
+def _elementwise_loss(reduction: str, g: Tensor, per_element: Tensor, n: int) -> Tensor:
+    return per_element * g if reduction != "mean" else per_element * (g / n)
+
+
+def mse_loss(g, out, x, target, size_average=None, reduce=None, reduction="mean", weight=None) -> tuple:
+    reduction = _reduction(size_average, reduce, reduction)
+    grad = _elementwise_loss(reduction, g, 2.0 * (x - target), torch.broadcast_shapes(x.shape, target.shape).numel())
+    return grad, -grad
+
+
+def l1_loss(g, out, x, target, size_average=None, reduce=None, reduction="mean") -> tuple:
+    reduction = _reduction(size_average, reduce, reduction)
+    grad = _elementwise_loss(reduction, g, (x - target).sign(), torch.broadcast_shapes(x.shape, target.shape).numel())
+    return grad, -grad
+
+
+def binary_cross_entropy_with_logits(g, out, x, target, weight=None, size_average=None, reduce=None,
+                                     reduction="mean", pos_weight=None) -> tuple:
+    reduction = _reduction(size_average, reduce, reduction)
+    if pos_weight is not None:
+        coeff = pos_weight * target
+        per_element = (coeff + 1 - target) * torch.sigmoid(x) - coeff
+    else:
+        per_element = torch.sigmoid(x) - target
+    if weight is not None:
+        per_element = per_element * weight
+    return _elementwise_loss(reduction, g, per_element, x.numel()), None
+
+
+def binary_cross_entropy(g, out, x, target, weight=None, size_average=None, reduce=None, reduction="mean") -> tuple:
+    reduction = _reduction(size_average, reduce, reduction)
+    per_element = (x - target) / torch.clamp((1 - x) * x, min=1e-12)
+    if weight is not None:
+        per_element = per_element * weight
+    return _elementwise_loss(reduction, g, per_element, x.numel()), None
+
+
+defop("mse_loss", mse_loss)
+defop("l1_loss", l1_loss)
+defop("binary_cross_entropy_with_logits", binary_cross_entropy_with_logits)
+defop("binary_cross_entropy", binary_cross_entropy)
+
+
+def embedding(g: Tensor, out: Tensor, input: Tensor, weight: Tensor, padding_idx: int | None = None,
+              max_norm: Any = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+              sparse: bool = False) -> tuple:
+    """Rows of ``weight`` accumulate the gradients of every position that looked them up."""
+    if max_norm is not None:
+        raise UnsupportedCall("embedding: max_norm renormalises the weight in place; it has no rule")
+    if scale_grad_by_freq:
+        counts = torch.bincount(input.reshape(-1), minlength=weight.shape[0])
+        g = g / counts[input].unsqueeze(-1)
+    grad = torch.zeros_like(weight).index_put_((input,), g, accumulate=True)
+    if padding_idx is not None:
+        grad[padding_idx] = 0
+    return None, grad
+
+
+defop("embedding", embedding)
+
+
+def layer_norm(g: Tensor, out: Tensor, x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> tuple:
+    """Torch's fused layer-norm backward (the statistics are recomputed from x)."""
+    _, mean, rstd = aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+    mask = [True, weight is not None, bias is not None]
+    grad_x, grad_w, grad_b = aten.native_layer_norm_backward(g, x, normalized_shape, mean, rstd, weight, bias, mask)
+    return grad_x, None, grad_w, grad_b
+
+
+defop("layer_norm", layer_norm)
+
+
+def batch_norm(g: Tensor, out: Tensor, x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> tuple:
+    """Torch's fused batch-norm backward; batch statistics in training, running ones otherwise."""
+    mask = [True, weight is not None, bias is not None]
+    if training or running_mean is None:
+        _, mean, invstd = aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        grads = aten.native_batch_norm_backward(g, x, weight, None, None, mean, invstd, True, eps, mask)
+    else:
+        grads = aten.native_batch_norm_backward(g, x, weight, running_mean, running_var, None, None, False, eps, mask)
+    grad_x, grad_w, grad_b = grads
+    return grad_x, None, None, grad_w, grad_b
+
+
+defop("batch_norm", batch_norm, mutates=(1, 2))
+
+
+def dropout_mask(x: Tensor, p: float) -> Tensor:
+    """The scaled keep-mask F.dropout multiplies by, drawn from the same generator in the same way."""
+    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+
+
+constants("dropout_mask", auto=False, callables=(dropout_mask,))
+
+
+def _conv(g: Tensor, x: Tensor, weight: Tensor, bias: Any, stride: Any, padding: Any, dilation: Any,
+          groups: int) -> tuple:
+    if isinstance(padding, str):
+        raise UnsupportedCall(f"conv: padding={padding!r} has no rule; give the padding as numbers")
+    spatial = x.dim() - 2
+
+    def tup(v: Any) -> list[int]:
+        return list(v) if isinstance(v, (tuple, list)) else [v] * spatial
+
+    mask = [True, True, bias is not None]
+    bias_sizes = [weight.shape[0]] if bias is not None else None
+    grad_x, grad_w, grad_b = aten.convolution_backward(
+        g, x, weight, bias_sizes, tup(stride), tup(padding), tup(dilation), False, [0] * spatial, groups, mask)
+    return grad_x, grad_w, grad_b
+
+
+defop("conv1d", lambda g, out, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: _conv(
+    g, x, weight, bias, stride, padding, dilation, groups))
+defop("conv2d", lambda g, out, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: _conv(
+    g, x, weight, bias, stride, padding, dilation, groups))
+
+
+def _pair(v: Any) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def max_pool2d(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False) -> Tensor:
+    stride = _pair(stride) if stride not in (None, []) else _pair(kernel_size)
+    args = (_pair(kernel_size), stride, _pair(padding), _pair(dilation), ceil_mode)
+    _, indices = aten.max_pool2d_with_indices(x, *args)
+    return aten.max_pool2d_with_indices_backward(g, x, *args, indices)
+
+
+def avg_pool2d(g, out, x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None) -> Tensor:
+    stride = _pair(stride) if stride not in (None, []) else _pair(kernel_size)
+    return aten.avg_pool2d_backward(g, x, _pair(kernel_size), stride, _pair(padding), ceil_mode,
+                                    count_include_pad, divisor_override)
+
+
+defop("max_pool2d", max_pool2d, funcs=("torch.max_pool2d",))
+defop("avg_pool2d", avg_pool2d)
+defop("adaptive_avg_pool2d", lambda g, out, x, output_size: aten._adaptive_avg_pool2d_backward(g, x))
+
+# ---------------------------------------------------------------- constants: no gradient flows
+
+defop("detach", None, constant=True, funcs=("Tensor.data",))
+constants(
+    "zeros", "ones", "full", "empty", "eye", "arange", "linspace", "logspace", "tensor", "as_tensor",
+    "randn", "rand", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
+    "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "randint_like",
+    "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "one_hot",
+    "argmax", "argmin", "argsort", "eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite",
+    "logical_and", "logical_or", "logical_not", "logical_xor", "nonzero", "bincount", "floor_divide",
+    "fill", "zero", "uniform", "random", "exponential",  # in place as Tensor.fill_, zero_ ...: a new constant version
+)
+constants("from_numpy", auto=False, funcs=("torch.from_numpy",))
