@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # each module defines register(subparsers) -> parser, with parser.set_defaults(run=...)
 COMMANDS = ["demo", "compare", "render", "derive", "train", "sample", "check", "bench"]

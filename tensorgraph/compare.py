@@ -80,7 +80,7 @@ class CompareReport:
         return "\n".join(lines)
 
 
-def replay(graph: "Graph", root: int) -> dict[int, Tensor]:
+def replay(graph: Graph, root: int) -> dict[int, Tensor]:
     """Re-run the graph's ops under torch autograd; every float tensor retains its gradient."""
     nodes = graph._nodes
     needed = graph.ancestors(root)
@@ -136,7 +136,7 @@ def _ulps(a: Tensor, b: Tensor) -> int:
     return int(min(diff, 2**62))
 
 
-def compare(graph: "Graph", loss: Any, grad: Tensor | None = None) -> CompareReport:
+def compare(graph: Graph, loss: Any, grad: Tensor | None = None) -> CompareReport:
     """See the module docstring; one row per named float tensor the loss depends on."""
     from .engine import backward, root_node, seed_gradient
 
@@ -164,7 +164,7 @@ def compare(graph: "Graph", loss: Any, grad: Tensor | None = None) -> CompareRep
     return CompareReport(rows, nodes[root]["name"])
 
 
-def _reason(graph: "Graph", node: int, status: dict[int, Row]) -> str:
+def _reason(graph: Graph, node: int, status: dict[int, Row]) -> str:
     """One line on why a gradient is not bit-equal to torch's."""
     nodes = graph._nodes
     consumers = [n for n in graph.nx.successors(node) if n in status]

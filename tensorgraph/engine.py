@@ -8,9 +8,9 @@ live in a dict keyed by node id; nothing is stored on tensors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ class Gradients(Mapping):
     as torch gives it no ``.grad``.
     """
 
-    def __init__(self, graph: "Graph", grads: dict[int, Tensor], root: int) -> None:
+    def __init__(self, graph: Graph, grads: dict[int, Tensor], root: int) -> None:
         self.graph = graph
         self.by_node = grads
         self.root = root
@@ -66,7 +66,7 @@ class Gradients(Mapping):
         return f"<Gradients of {self.graph._nodes[self.root]['name']!r} w.r.t. {len(self)} tensors>"
 
 
-def root_node(graph: "Graph", loss: Any) -> int:
+def root_node(graph: Graph, loss: Any) -> int:
     """The node of ``loss``, with the errors a user should see when it is not in ``graph``."""
     if isinstance(loss, Tensor):
         live = graph._live.get(id(loss))
@@ -80,7 +80,7 @@ def root_node(graph: "Graph", loss: Any) -> int:
         raise ValueError(f"graph.backward: {err.args[0]}") from None
 
 
-def seed_gradient(graph: "Graph", root: int, grad: Tensor | None) -> Tensor:
+def seed_gradient(graph: Graph, root: int, grad: Tensor | None) -> Tensor:
     data = graph._nodes[root]
     if not is_float(data):
         raise ValueError(f"graph.backward: {data['name']!r} has dtype {data['dtype']}; only floating-point "
@@ -139,7 +139,7 @@ def check_version(data: dict[str, Any], user: dict[str, Any]) -> None:
             f"or record the change inside the block.")
 
 
-def call_rule(graph: "Graph", node: int, grad: Tensor) -> Any:
+def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
     """Run the op's rule for one node: the gradients of its inputs, by argument position."""
     nodes = graph._nodes
     data = nodes[node]
@@ -173,7 +173,7 @@ def accumulate(grads: dict[int, Tensor], source: int, grad: Tensor, data: dict[s
     return grad
 
 
-def backward(graph: "Graph", loss: Any, grad: Tensor | None = None, *, tape: list | None = None) -> Gradients:
+def backward(graph: Graph, loss: Any, grad: Tensor | None = None, *, tape: list | None = None) -> Gradients:
     """Backpropagate from ``loss`` through ``graph``; see :class:`Gradients`.
 
     With ``tape`` (a list), every contribution is appended to it as a
@@ -227,8 +227,8 @@ class BackwardTrace:
     contributions in the order they were made.
     """
 
-    graph: "Graph"
-    adjoint: "Graph"
+    graph: Graph
+    adjoint: Graph
     grads: Gradients
     steps: list[Contribution]
 
@@ -238,7 +238,7 @@ class BackwardTrace:
         return live[0] if live is not None and live[2] is tensor else None
 
 
-def trace(graph: "Graph", loss: Any, grad: Tensor | None = None) -> BackwardTrace:
+def trace(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardTrace:
     """Run the backward pass while recording it: the input of backward_source and the backward view."""
     from .naming import set_names
     from .record import record
@@ -248,7 +248,7 @@ def trace(graph: "Graph", loss: Any, grad: Tensor | None = None) -> BackwardTrac
         grads = backward(graph, loss, grad, tape=steps)
     result = BackwardTrace(graph, adjoint, grads, steps)
     names: dict[int, str] = {}
-    for node, data in enumerate(graph._nodes):  # forward values keep their names
+    for data in graph._nodes:  # forward values keep their names
         adjoint_node = result.node_of(data["value"])
         if adjoint_node is not None:
             names[adjoint_node] = data["name"]

@@ -14,7 +14,8 @@ import os
 import re
 import types
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from .compare import CompareReport
     from .engine import Gradients
 
-_GRAPHS: "weakref.WeakSet[Graph]" = weakref.WeakSet()
+_GRAPHS: weakref.WeakSet[Graph] = weakref.WeakSet()
 
 
 class Ref:
@@ -164,13 +165,13 @@ class Graph:
 
     # ---------------------------------------------------------------- the engine and friends
 
-    def backward(self, loss: Any, grad: Tensor | None = None) -> "Gradients":
+    def backward(self, loss: Any, grad: Tensor | None = None) -> Gradients:
         """Gradients of ``loss`` w.r.t. every recorded tensor it depends on, by tensor or by name."""
         from .engine import backward
 
         return backward(self, loss, grad)
 
-    def compare(self, loss: Any, grad: Tensor | None = None) -> "CompareReport":
+    def compare(self, loss: Any, grad: Tensor | None = None) -> CompareReport:
         """Replay the graph under torch autograd and compare every gradient with the engine's."""
         from .compare import compare
 

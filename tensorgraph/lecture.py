@@ -81,7 +81,7 @@ def forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb):
     norm_logits = logits - logit_maxes  # subtract max for numerical stability
     counts = norm_logits.exp()
     counts_sum = counts.sum(1, keepdims=True)
-    counts_sum_inv = counts_sum**-1  # if I use (1.0 / counts_sum) instead then I can't get backprop to be bit exact...
+    counts_sum_inv = counts_sum**-1  # if I use (1.0 / counts_sum) instead then I can't get backprop to be bit exact...  # noqa: E501
     probs = counts * counts_sum_inv
     logprobs = probs.log()
     loss = -logprobs[range(n), Yb].mean()

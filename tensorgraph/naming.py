@@ -24,7 +24,7 @@ _SKIP_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, 
 
 
 class _Namer:
-    def __init__(self, graph: "Graph") -> None:
+    def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.latest = {id(t): node for node, _version, t in graph._live.values()}
         self.named: dict[int, str] = {}
@@ -76,7 +76,7 @@ class _Namer:
                     self.walk(f"{prefix}.{attr}", item, depth - 1)
 
 
-def assign_names(graph: "Graph", caller: types.FrameType, frames: list[types.FrameType]) -> None:
+def assign_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameType]) -> None:
     """Give every node of ``graph`` a unique name (see the module docstring)."""
     namer = _Namer(graph)
     scopes = [caller.f_locals]
@@ -86,20 +86,20 @@ def assign_names(graph: "Graph", caller: types.FrameType, frames: list[types.Fra
         for name, value in list(variables.items()):
             if isinstance(value, Tensor):
                 namer.offer(name, value)
+    for variables in scopes:
+        for name, value in list(variables.items()):
+            if not isinstance(value, Tensor) and not name.startswith("_"):
+                namer.walk(name, value, depth=3)
     for frame in frames:
         if frame is caller:
             continue
         for name, value in list(frame.f_locals.items()):
             if isinstance(value, Tensor) and name != "self":
                 namer.offer(name, value, unique_suffix=True)
-    for variables in scopes:
-        for name, value in list(variables.items()):
-            if not isinstance(value, Tensor) and not name.startswith("_"):
-                namer.walk(name, value, depth=3)
     set_names(graph, namer.named)
 
 
-def set_names(graph: "Graph", named: dict[int, str]) -> None:
+def set_names(graph: Graph, named: dict[int, str]) -> None:
     """Name the given nodes, their earlier in-place versions, and the rest after their ops."""
     namer = _Namer(graph)
     namer.named = dict(named)

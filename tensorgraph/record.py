@@ -19,8 +19,9 @@ import os
 import sys
 import threading
 import types
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import rules  # noqa: F401  (fills the op table)
 from .graph import Graph, Ref
-from .ops import OPS, Op, UnsupportedCall, func_name, lookup
+from .ops import Op, UnsupportedCall, func_name, lookup
 
 _state = threading.local()  # .busy: a recorder of this thread is doing its own bookkeeping
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -85,7 +86,8 @@ class _Recorder(TorchFunctionMode):
         self.anomaly = anomaly
         self.grad_at_entry = torch.is_grad_enabled()
         self.frames: dict[int, types.FrameType] = {}
-        self.view_written: dict[int, tuple] = {}  # id(base) -> source of a write through one of its views
+        self.view_written: dict[int, tuple] = {}  # id(tensor) -> source of a write through memory it shares
+        self.views: dict[int, list[Tensor]] = {}  # id(base) -> recorded views of it
 
     # ---------------------------------------------------------------- interception
 
@@ -105,7 +107,7 @@ class _Recorder(TorchFunctionMode):
             return self._mutating_call(func, entry, args, kwargs)
         result = func(*args, **kwargs)
         if isinstance(result, Tensor):
-            if any(a is result for a in args):
+            if any(a is result for a in args) or (kwargs and any(v is result for v in kwargs.values())):
                 self._check_alias(func, args, kwargs, result)
                 return result  # an alias of an input (contiguous(), .to(same dtype)): not a new value
             outputs = [result]
@@ -146,10 +148,11 @@ class _Recorder(TorchFunctionMode):
             call = self._refs_of_call(args, kwargs, inputs, allow_view_write=setitem)
             previous = inputs[0]
             self._snapshot(target)
-            base = target._base
-            if base is not None and id(base) in self.graph._live:
-                self._snapshot(base)
-                self.view_written[id(base)] = source
+            base = target._base if target._base is not None else target
+            for alias in [base] + self.views.get(id(base), []):  # everything sharing the memory changes too
+                if alias is not target and id(alias) in self.graph._live:
+                    self._snapshot(alias)
+                    self.view_written[id(alias)] = source
         func(*args, **kwargs)
         with _Bookkeeping():
             self._add_op(func, entry, call, inputs, [target], target, source, previous=previous)
@@ -213,7 +216,7 @@ class _Recorder(TorchFunctionMode):
             return  # x[i] += v: the view was updated in place, now written back into x
         source = self._source()
         name = _guess_name(tensor, self.frames) or f"the output of {self.graph._nodes[live[0]]['op']}"
-        how = (f"through one of its views at {_where(written)}" if written else
+        how = (f"through memory it shares with a view at {_where(written)}" if written else
                "by an operation tensorgraph did not see (a write through a view or .data, or an op that "
                "updates its input)")
         raise RuntimeError(
@@ -260,6 +263,8 @@ class _Recorder(TorchFunctionMode):
                 output_index=index if multi else None, result=tuple(outputs) if multi else None,
                 inputs=inputs, unsupported=unsupported)
             graph._live[id(out)] = (node, out._version, out)
+            if out._base is not None:
+                self.views.setdefault(id(out._base), []).append(out)
             if self.anomaly and out.is_floating_point() and not torch.isfinite(out).all():
                 raise FloatingPointError(
                     f"tensorgraph anomaly: {name} at {_where(source)} produced a non-finite value (nan or inf)"
@@ -279,14 +284,19 @@ class _Recorder(TorchFunctionMode):
         live = self.graph._live.get(id(result))
         if live is None or result._version == live[1]:
             return
+        if getattr(func, "__module__", None) == "torch.nn.init":  # re-initialised: a new constant
+            with _Bookkeeping():
+                self._add_constant_version(result, func_name(func), self._source(), live[0])
+            return
         with _Bookkeeping():
             source = self._source()
-            inputs = [live[0]]
-            refs = tuple(self._refs_unchecked(a, inputs) for a in args[1:])
+            inputs: list[int] = []
+            refs = tuple(Ref(live[0]) if a is result else self._refs_unchecked(a, inputs) for a in args)
+            kwrefs = {k: Ref(live[0]) if v is result else self._refs_unchecked(v, inputs) for k, v in kwargs.items()}
+            inputs.insert(0, live[0])
             name = func_name(func)
             node = self.graph._add_node(
-                op=name, kind="op", value=result, version=result._version, func=func,
-                args=(Ref(live[0]),) + refs, kwargs={k: self._refs_unchecked(v, inputs) for k, v in kwargs.items()},
+                op=name, kind="op", value=result, version=result._version, func=func, args=refs, kwargs=kwrefs,
                 source=source, scope=_scope_stack(), inplace=True, previous=live[0], inputs=inputs,
                 unsupported=f"the in-place op {name} has no rule (use its out-of-place form)")
             self.graph._live[id(result)] = (node, result._version, result)

@@ -10,7 +10,8 @@ that same kernel and says so. Broadcast-undo and fan-out sums are the engine's j
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +172,15 @@ defop("rsub", lambda g, out, x, other, *, alpha=1: (-g if alpha == 1 else -g * a
 defop("mul", lambda g, out, x, other: (g * other, g * x), funcs=("torch.multiply", "Tensor.multiply"))
 
 
+def rdiv(g: Tensor, out: Tensor, x: Tensor, other: Any) -> tuple:
+    """``other / x``: torch evaluates it as ``x.reciprocal() * other``, and so do we."""
+    r = x.reciprocal()
+    return -(g * other) * (r * r), None
+
+
+defop("rdiv", rdiv, auto=False, funcs=("Tensor.__rdiv__", "Tensor.__rtruediv__"))
+
+
 def div(g: Tensor, out: Tensor, x: Any, other: Any, *, rounding_mode: str | None = None) -> tuple:
     """d(x/y) = g/y and -g*(x/y)/y, written as torch writes them."""
     if rounding_mode is not None:
@@ -187,13 +197,6 @@ defop(
 )
 
 
-def rdiv(g: Tensor, out: Tensor, x: Tensor, other: Any) -> tuple:
-    """``other / x``: torch evaluates it as ``x.reciprocal() * other``, and so do we."""
-    r = x.reciprocal()
-    return -(g * other) * (r * r), None
-
-
-defop("rdiv", rdiv, auto=False, funcs=("Tensor.__rdiv__", "Tensor.__rtruediv__"))
 
 
 def pow_rule(g: Tensor, out: Tensor, x: Any, exponent: Any) -> tuple:
@@ -314,7 +317,8 @@ def sum_rule(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool =
     return _unreduce(g, x, dim, keepdim).expand(x.shape)
 
 
-def mean_rule(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Tensor:
+def mean_rule(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False, *,
+              dtype: Any = None) -> Tensor:
     return _unreduce(g, x, dim, keepdim).expand(x.shape) / _count(x, dim)
 
 
@@ -404,8 +408,8 @@ def norm(g: Tensor, out: Tensor, x: Tensor, p: Any = "fro", dim: Any = None, kee
 
 
 defop("norm", norm)
-defop("vector_norm", lambda g, out, x, ord=2, dim=None, keepdim=False, *, dtype=None: norm(g, out, x, ord, dim, keepdim),
-      funcs=("linalg.vector_norm",))
+defop("vector_norm", lambda g, out, x, ord=2, dim=None, keepdim=False, *, dtype=None: norm(
+    g, out, x, ord, dim, keepdim), funcs=("linalg.vector_norm",))
 
 # ---------------------------------------------------------------- shapes and views
 
@@ -606,18 +610,21 @@ def cross_entropy(g: Tensor, out: Tensor, x: Tensor, target: Tensor, weight: Ten
     class_dim = 1 if x.dim() >= 2 else 0
     logp = x.log_softmax(class_dim)
     batch_dim = class_dim if x.dim() >= 2 else None
-    if target.is_floating_point():  # class probabilities
+    grad_target = None
+    if target.is_floating_point():  # class probabilities: loss_n = -sum_c w_c t_nc logp_nc
         n_classes = x.shape[class_dim]
         probs = target * (1 - label_smoothing) + label_smoothing / n_classes if label_smoothing else target
+        class_weight = 1.0
         if weight is not None:
             shape = [1] * x.dim()
             shape[class_dim] = n_classes
-            probs = probs * weight.view(shape)
-        per_element, denom = -probs, x.numel() / n_classes
+            class_weight = weight.view(shape)
+        per_element, denom = -probs * class_weight, x.numel() / n_classes
+        grad_target = _scale_loss(g, -logp * class_weight * (1 - label_smoothing), reduction, denom, batch_dim)
     else:
         per_element, denom = _nll_grad(logp, target, weight, ignore_index, reduction, label_smoothing)
     grad_logp = _scale_loss(g, per_element, reduction, denom, batch_dim)
-    return aten._log_softmax_backward_data(grad_logp, logp, class_dim, x.dtype), None, None
+    return aten._log_softmax_backward_data(grad_logp, logp, class_dim, x.dtype), grad_target, None
 
 
 defop("nll_loss", nll_loss)

@@ -60,7 +60,7 @@ class Vocab:
     itos: dict[int, str]
 
     @classmethod
-    def from_words(cls, words: list[str]) -> "Vocab":
+    def from_words(cls, words: list[str]) -> Vocab:
         chars = sorted(set("".join(words)))
         itos = {i + 1: ch for i, ch in enumerate(chars)}
         itos[0] = "."

@@ -1,0 +1,312 @@
+"""The op coverage table: one entry per (op, argument pattern), each a function and its inputs.
+
+Used by test_ops.py (vs torch autograd in float64, over a broadcasting shape matrix) and
+test_finite_differences.py (central differences, independent of torch autograd).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+D = torch.float64
+SHAPES = [(), (5,), (1, 5), (4, 1), (4, 5)]
+
+
+def r(*shape, low=None, positive=False, seed=None):
+    gen = torch.Generator().manual_seed(seed if seed is not None else hash(shape) % 1000)
+    x = torch.randn(shape, generator=gen, dtype=D)
+    if positive:
+        x = x.abs() + 0.5
+    return x
+
+
+def distinct(*shape, seed=0):
+    """Values without ties (for max/min/sort-like ops)."""
+    n = 1
+    for s in shape:
+        n *= s
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randperm(n, generator=gen).to(D) / n + 0.1 * torch.randn(n, generator=gen, dtype=D) / n).view(shape)
+
+
+UNARY = {
+    "neg": lambda x: -x,
+    "neg_method": lambda x: x.neg(),
+    "abs": lambda x: x.abs(),
+    "abs_builtin": lambda x: abs(x),
+    "exp": lambda x: x.exp(),
+    "tanh": lambda x: torch.tanh(x),
+    "sigmoid": lambda x: torch.sigmoid(x),
+    "relu": lambda x: F.relu(x),
+    "relu_method": lambda x: x.relu(),
+    "sin": lambda x: x.sin(),
+    "cos": lambda x: torch.cos(x),
+    "expm1": lambda x: x.expm1(),
+    "square": lambda x: x.square(),
+    "erf": lambda x: torch.erf(x),
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": lambda x: F.silu(x),
+    "softplus": lambda x: F.softplus(x, beta=2.0),
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.1),
+    "elu": lambda x: F.elu(x),
+    "sign": lambda x: x.sign() * x,
+    "floor": lambda x: x.floor() + x,
+    "clamp": lambda x: x.clamp(-0.5, 0.5),
+    "clamp_min": lambda x: x.clamp(min=0.1),
+    "clip_max": lambda x: torch.clip(x, max=0.2),
+    "pow_2": lambda x: x**2,
+    "pow_3": lambda x: x.pow(3),
+    "mul_scalar": lambda x: 2 * x,
+    "mul_scalar_right": lambda x: x * 0.25,
+    "add_scalar": lambda x: 1 + x,
+    "sub_scalar": lambda x: x - 1.5,
+    "rsub_scalar": lambda x: 1.5 - x,
+    "div_scalar": lambda x: x / 3,
+    "rpow": lambda x: 2**x,
+    "add_alpha": lambda x: torch.add(x, x, alpha=2.0),
+    "contiguous": lambda x: x.contiguous() * 1.0,
+    "contiguous_transposed": lambda x: x.mT.contiguous(),
+    "clamp_min_function": lambda x: torch.clamp_min(x, 0.1),
+    "clone": lambda x: x.clone(),
+    "to_same": lambda x: x.to(torch.float64) * 2,
+    "float_roundtrip": lambda x: x.float().double(),
+}
+
+POSITIVE_UNARY = {
+    "log": lambda x: x.log(),
+    "log2": lambda x: torch.log2(x),
+    "log1p": lambda x: x.log1p(),
+    "sqrt": lambda x: x.sqrt(),
+    "rsqrt": lambda x: x.rsqrt(),
+    "reciprocal": lambda x: x.reciprocal(),
+    "rdiv": lambda x: 1 / x,
+    "rdiv_2": lambda x: 2.5 / x,
+    "pow_frac": lambda x: x**-0.5,
+    "pow_1.5": lambda x: x**1.5,
+}
+
+BINARY = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / (b.abs() + 0.5),
+    "maximum": lambda a, b: torch.maximum(a, b),
+    "minimum": lambda a, b: torch.minimum(a, b),
+    "max_binary": lambda a, b: torch.max(a, b),
+    "where": lambda a, b: torch.where(a > 0, a, b),
+    "pow_tensor": lambda a, b: (a.abs() + 0.5) ** b,
+    "sub_alpha": lambda a, b: torch.sub(a, b, alpha=0.5),
+    "mul_fanout": lambda a, b: a * b * a,
+}
+
+
+def binary_cases():
+    for (name, fn), (sa, sb) in itertools.product(BINARY.items(), itertools.product(SHAPES, SHAPES)):
+        yield f"{name}-{sa}-{sb}", fn, [r(*sa, seed=1), r(*sb, seed=2)]
+
+
+def unary_cases():
+    for name, fn in UNARY.items():
+        for shape in [(), (4, 5)]:
+            yield f"{name}-{shape}", fn, [r(*shape, seed=3)]
+    for name, fn in POSITIVE_UNARY.items():
+        for shape in [(), (4, 5)]:
+            yield f"{name}-{shape}", fn, [r(*shape, positive=True, seed=4)]
+
+
+REDUCTIONS = {
+    "sum_all": lambda x: x.sum(),
+    "sum_0": lambda x: x.sum(0),
+    "sum_0_keepdim": lambda x: x.sum(0, keepdim=True),
+    "sum_1_keepdims": lambda x: x.sum(1, keepdims=True),
+    "sum_axis": lambda x: x.sum(axis=-1),
+    "sum_tuple": lambda x: x.sum((0, 2)),
+    "sum_tuple_keepdim": lambda x: torch.sum(x, dim=(0, 1), keepdim=True),
+    "mean_all": lambda x: x.mean(),
+    "mean_tuple_keepdim": lambda x: x.mean((0, 1), keepdim=True),
+    "mean_neg": lambda x: x.mean(-1),
+    "var_all": lambda x: x.var(),
+    "var_0_unbiased": lambda x: x.var(0, unbiased=True),
+    "var_0_biased_keepdim": lambda x: x.var(0, keepdim=True, unbiased=False),
+    "var_correction": lambda x: torch.var(x, dim=(0, 1), correction=0),
+    "std_1": lambda x: x.std(1),
+    "std_all": lambda x: x.std(),
+    "logsumexp": lambda x: x.logsumexp(1),
+    "softmax_1": lambda x: F.softmax(x, dim=1),
+    "softmax_neg": lambda x: x.softmax(-1),
+    "log_softmax": lambda x: F.log_softmax(x, 1),
+    "log_softmax_method": lambda x: x.log_softmax(dim=0),
+    "cumsum": lambda x: x.cumsum(1),
+    "norm": lambda x: x.norm(),
+    "norm_dim": lambda x: x.norm(dim=1),
+    "prod_via_exp": lambda x: x.exp().sum(0).log(),
+}
+
+SELECTIONS = {
+    "max_all": lambda x: x.max(),
+    "min_all": lambda x: x.min(),
+    "max_dim": lambda x: x.max(1).values,
+    "max_dim_keepdim": lambda x: x.max(1, keepdim=True).values,
+    "max_dim_kw": lambda x: torch.max(x, dim=0)[0],
+    "min_dim": lambda x: x.min(-1).values,
+    "amax": lambda x: x.amax(1),
+    "amin_keepdim": lambda x: x.amin(0, keepdim=True),
+}
+
+TIED = {
+    "max_all_ties": lambda x: x.max(),
+    "max_dim_ties": lambda x: x.max(1, keepdim=True).values,
+    "amax_ties": lambda x: x.amax(1),
+    "maximum_ties": lambda x: torch.maximum(x, x.flip(1)),
+}
+
+SHAPE_OPS = {
+    "view": lambda x: x.view(3, 4, 5)[1:] * 1.0,
+    "view_neg": lambda x: x.view(x.shape[0], -1),
+    "reshape": lambda x: x.reshape(-1),
+    "flatten": lambda x: x.flatten(1),
+    "squeeze_unsqueeze": lambda x: x.unsqueeze(0).unsqueeze(-1).squeeze(0).squeeze(-1),
+    "T": lambda x: x[0].T,
+    "t": lambda x: x[1].t(),
+    "mT": lambda x: x.mT,
+    "transpose": lambda x: x.transpose(0, 2),
+    "permute": lambda x: x.permute(2, 0, 1),
+    "permute_tuple": lambda x: x.permute((1, 2, 0)),
+    "expand": lambda x: x[:, :1].expand(3, 4, 5),
+    "expand_as": lambda x: x[:1].expand_as(x),
+    "repeat": lambda x: x.repeat(2, 1, 3),
+    "repeat_new_dim": lambda x: x[0].repeat(2, 1, 1),
+    "cat": lambda x: torch.cat([x, x * 2], dim=1),
+    "cat_neg": lambda x: torch.cat((x[..., :2], x), -1),
+    "stack": lambda x: torch.stack([x, x.exp()], dim=1),
+    "split": lambda x: x.split(2, dim=2)[1],
+    "split_sizes": lambda x: x.split([1, 3], dim=1)[1] * x.split([1, 3], dim=1)[0],
+    "chunk": lambda x: x.chunk(2, 1)[0],
+    "unbind": lambda x: x.unbind(0)[2] + x.unbind(0)[0],
+    "flip": lambda x: x.flip(0),
+    "roll": lambda x: x.roll(1, 2),
+    "tril": lambda x: x.tril(),
+    "triu": lambda x: torch.triu(x, 1),
+    "narrow": lambda x: x.narrow(2, 1, 3),
+    "select": lambda x: x.select(1, 2),
+    "diagonal": lambda x: x[0].diagonal(),
+    "pad": lambda x: F.pad(x, (1, 2)),
+    "pad_crop": lambda x: F.pad(x, (-1, 1, 0, 2)),
+    "swapaxes": lambda x: x.swapaxes(0, 1),
+    "movedim": lambda x: x.movedim(0, -1),
+    "sum_to_size": lambda x: x.sum_to_size(1, 4, 1),
+}
+
+INDEXING = {
+    "int": lambda x, i: x[1],
+    "neg_int": lambda x, i: x[-1, 2],
+    "slice": lambda x, i: x[1:3, ::2],
+    "ellipsis_none": lambda x, i: x[..., None, 1],
+    "tensor": lambda x, i: x[i],
+    "tensor_dup": lambda x, i: x[torch.tensor([0, 0, 2])],
+    "list": lambda x, i: x[[0, 2, 2]],
+    "range_tensor": lambda x, i: x[range(3), i],
+    "bool_mask": lambda x, i: x[x > 0],
+    "mixed": lambda x, i: x[1:, i[:2]],
+    "index_select": lambda x, i: x.index_select(1, i),
+    "gather": lambda x, i: x.gather(1, torch.tensor([[0, 1], [2, 2], [1, 0], [3, 3]])),
+    "masked_fill": lambda x, i: x.masked_fill(x > 0.5, 0.0),
+    "embedding": lambda x, i: F.embedding(torch.tensor([[0, 1], [3, 3]]), x),
+    "embedding_pad": lambda x, i: F.embedding(torch.tensor([[0, 1], [3, 2]]), x, padding_idx=1),
+}
+
+MATMUL = {
+    "mm": ((4, 3), (3, 5)),
+    "mv": ((4, 3), (3,)),
+    "vm": ((3,), (3, 5)),
+    "dot": ((3,), (3,)),
+    "batched_2d": ((2, 4, 3), (3, 5)),
+    "batched_bcast": ((2, 1, 4, 3), (3, 3, 5)),
+    "batched_3d": ((2, 4, 3), (2, 3, 5)),
+    "vec_batched": ((3,), (2, 3, 5)),
+}
+
+LOSSES = {
+    "cross_entropy": lambda x, y, w: F.cross_entropy(x, y),
+    "cross_entropy_sum": lambda x, y, w: F.cross_entropy(x, y, reduction="sum"),
+    "cross_entropy_none": lambda x, y, w: F.cross_entropy(x, y, reduction="none"),
+    "cross_entropy_weight": lambda x, y, w: F.cross_entropy(x, y, weight=w),
+    "cross_entropy_ignore": lambda x, y, w: F.cross_entropy(x, y, ignore_index=2),
+    "cross_entropy_smooth": lambda x, y, w: F.cross_entropy(x, y, label_smoothing=0.1),
+    "cross_entropy_smooth_weight": lambda x, y, w: F.cross_entropy(x, y, weight=w, label_smoothing=0.2),
+    "cross_entropy_probs": lambda x, y, w: F.cross_entropy(x, F.softmax(w.expand_as(x) * 0 + torch.arange(
+        x.shape[1], dtype=x.dtype), 1)),
+    "nll_loss": lambda x, y, w: F.nll_loss(x.log_softmax(1), y),
+    "nll_loss_weight_sum": lambda x, y, w: F.nll_loss(x.log_softmax(1), y, weight=w, reduction="sum"),
+    "mse_loss": lambda x, y, w: F.mse_loss(x, x.flip(0) * 0.5),
+    "l1_loss": lambda x, y, w: F.l1_loss(x, torch.zeros_like(x) + 0.1),
+    "bce_logits": lambda x, y, w: F.binary_cross_entropy_with_logits(x, (x.detach() > 0).to(x.dtype)),
+    "bce": lambda x, y, w: F.binary_cross_entropy(torch.sigmoid(x), torch.ones_like(x) * 0.3),
+}
+
+
+def nn_cases():
+    x = r(6, 5, seed=7)
+    w = r(5, seed=8, positive=True)
+    y = torch.tensor([0, 2, 4, 1, 2, 3])
+    for name, fn in LOSSES.items():
+        yield name, (lambda fn=fn: lambda x, y: fn(x, y, w))(), [x, y]  # class weights are not differentiable
+    yield "cross_entropy_prob_target", lambda x, t: F.cross_entropy(x, t.softmax(1), label_smoothing=0.1), [
+        x, r(6, 5, seed=9)]
+    yield "linear", lambda x, w, b: F.linear(x, w, b), [r(4, 3, seed=1), r(5, 3, seed=2), r(5, seed=3)]
+    yield "linear_nobias_3d", lambda x, w: F.linear(x, w), [r(2, 4, 3, seed=1), r(5, 3, seed=2)]
+    yield "linear_module", lambda x: _linear_module(x), [r(4, 3, seed=4)]
+    yield "addmm", lambda b, m1, m2: torch.addmm(b, m1, m2), [r(5, seed=1), r(4, 3, seed=2), r(3, 5, seed=3)]
+    yield "outer", lambda a, b: torch.outer(a, b), [r(3, seed=1), r(4, seed=2)]
+    yield "layer_norm", lambda x, w, b: F.layer_norm(x, (5,), w, b), [r(4, 5, seed=1), r(5, seed=2), r(5, seed=3)]
+    yield "layer_norm_noaffine", lambda x: F.layer_norm(x, (3, 5)), [r(2, 3, 5, seed=1)]
+    yield "batch_norm_train", lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), [
+        r(8, 5, seed=1), r(5, seed=2), r(5, seed=3)]
+    yield "batch_norm_eval", lambda x, w, b: F.batch_norm(x, torch.zeros(5, dtype=D), torch.ones(5, dtype=D), w, b), [
+        r(8, 5, seed=1), r(5, seed=2), r(5, seed=3)]
+    yield "conv1d", lambda x, w, b: F.conv1d(x, w, b, padding=1), [r(2, 3, 7, seed=1), r(4, 3, 3, seed=2),
+                                                                    r(4, seed=3)]
+    yield "conv2d", lambda x, w: F.conv2d(x, w, stride=2), [r(2, 3, 6, 6, seed=1), r(4, 3, 3, 3, seed=2)]
+    yield "max_pool2d", lambda x: F.max_pool2d(x, 2), [distinct(1, 2, 4, 4)]
+    yield "avg_pool2d", lambda x: F.avg_pool2d(x, 2), [r(1, 2, 4, 4, seed=1)]
+    yield "adaptive_avg_pool2d", lambda x: F.adaptive_avg_pool2d(x, 1), [r(1, 2, 4, 4, seed=1)]
+    yield "one_hot_matmul", lambda c: F.one_hot(torch.tensor([1, 0, 2]), 3).to(D) @ c, [r(3, 4, seed=1)]
+    yield "scatter_add", lambda x, s: x.scatter_add(1, torch.tensor([[0, 1], [2, 2]]), s), [r(2, 4, seed=1),
+                                                                                         r(2, 2, seed=2)]
+    yield "index_put", lambda x, v: x.index_put((torch.tensor([0, 2]),), v), [r(3, 4, seed=1), r(4, seed=2)]
+
+
+def _linear_module(x):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2).double()
+    return layer(x)
+
+
+def all_cases():
+    yield from unary_cases()
+    yield from binary_cases()
+    for name, fn in REDUCTIONS.items():
+        yield f"reduce-{name}", fn, [r(3, 4, 5, seed=5)] if "tuple" in name else [r(4, 5, seed=5)]
+    for name, fn in SELECTIONS.items():
+        yield f"select-{name}", fn, [distinct(4, 5)]
+    for name, fn in TIED.items():
+        yield f"tied-{name}", fn, [torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]], dtype=D)]
+    for name, fn in SHAPE_OPS.items():
+        yield f"shape-{name}", fn, [r(3, 4, 5, seed=6)]
+    for name, fn in INDEXING.items():
+        yield f"index-{name}", fn, [r(4, 5, seed=7), torch.tensor([2, 0, 3])]
+    for name, (sa, sb) in MATMUL.items():
+        yield f"matmul-{name}", (lambda a, b: a @ b), [r(*sa, seed=1), r(*sb, seed=2)]
+    yield "matmul-function", (lambda a, b: torch.matmul(a, b)), [r(4, 3, seed=1), r(3, 2, seed=2)]
+    yield "matmul-mm", (lambda a, b: torch.mm(a, b)), [r(4, 3, seed=1), r(3, 2, seed=2)]
+    yield "matmul-bmm", (lambda a, b: torch.bmm(a, b)), [r(2, 4, 3, seed=1), r(2, 3, 2, seed=2)]
+    yield "matmul-transposed", (lambda a, b: a.T @ b.T), [r(3, 4, seed=1), r(2, 3, seed=2)]
+    for name, fn, inputs in nn_cases():
+        yield f"nn-{name}", fn, inputs
+
+
+CASES = list(all_cases())
