@@ -254,7 +254,7 @@ def nn_cases():
     w = r(5, seed=8, positive=True)
     y = torch.tensor([0, 2, 4, 1, 2, 3])
     for name, fn in LOSSES.items():
-        yield name, (lambda fn=fn: lambda x, y: fn(x, y, w))(), [x, y]  # class weights are not differentiable
+        yield name, _with_weight(fn, w), [x, y]  # class weights are not differentiable
     yield "cross_entropy_prob_target", lambda x, t: F.cross_entropy(x, t.softmax(1), label_smoothing=0.1), [
         x, r(6, 5, seed=9)]
     yield "linear", lambda x, w, b: F.linear(x, w, b), [r(4, 3, seed=1), r(5, 3, seed=2), r(5, seed=3)]
@@ -278,6 +278,10 @@ def nn_cases():
     yield "scatter_add", lambda x, s: x.scatter_add(1, torch.tensor([[0, 1], [2, 2]]), s), [r(2, 4, seed=1),
                                                                                          r(2, 2, seed=2)]
     yield "index_put", lambda x, v: x.index_put((torch.tensor([0, 2]),), v), [r(3, 4, seed=1), r(4, seed=2)]
+
+
+def _with_weight(fn, w):
+    return lambda x, y: fn(x, y, w)
 
 
 def _linear_module(x):
