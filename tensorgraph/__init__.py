@@ -2,9 +2,26 @@
 its own engine, compare every gradient with PyTorch's, draw it, and derive fused
 gradients symbolically."""
 
-from .engine import Gradients
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .engine import Gradients, trace
 from .graph import Graph
 from .record import record, scope
 
 __version__ = "0.1.0"
-__all__ = ["Graph", "Gradients", "record", "scope", "__version__"]
+__all__ = ["Graph", "Gradients", "record", "scope", "trace", "compile", "load_graph", "symbolic", "__version__"]
+
+# imported on first use, so `import tensorgraph` stays light
+_LAZY = {"compile": ("tensorgraph.compiler", "compile"), "load_graph": ("tensorgraph.serialize", "load_graph"),
+         "symbolic": ("tensorgraph.symbolic", None)}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        return module if attr is None else getattr(module, attr)
+    raise AttributeError(f"module 'tensorgraph' has no attribute {name!r}")

@@ -177,6 +177,41 @@ class Graph:
 
         return compare(self, loss, grad)
 
+    def render(self, path: Any = None, **options: Any) -> Any:
+        """Draw the graph with Graphviz (see :func:`tensorgraph.render.render` for the options)."""
+        from .render import render
+
+        return render(self, path, **options)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        from .render import mimebundle
+
+        return mimebundle(self)
+
+    def check(self, manual: dict[str, Tensor], loss: Any, **options: Any) -> Any:
+        """Diagnose a learner's hand-written gradients (see :func:`tensorgraph.check.check`)."""
+        from .check import check
+
+        return check(self, manual, loss, **options)
+
+    def backward_source(self, loss: Any, **options: Any) -> str:
+        """The backward pass as readable torch code (see :func:`tensorgraph.codegen.backward_source`)."""
+        from .codegen import backward_source
+
+        return backward_source(self, loss, **options)
+
+    def fuse(self, output: Any, inputs: Any, **options: Any) -> "Graph":
+        """A new graph with the subgraph between ``inputs`` and ``output`` replaced by one fused node."""
+        from .symbolic import fuse
+
+        return fuse(self, output, inputs, **options)
+
+    def save(self, path: Any, **options: Any) -> None:
+        """Write the graph as JSON or GraphML (see :func:`tensorgraph.serialize.save`)."""
+        from .serialize import save
+
+        save(self, path, **options)
+
     def __repr__(self) -> str:
         ops = sum(1 for d in self._nodes if d["kind"] == "op")
         leaves = sum(1 for d in self._nodes if d["kind"] == "leaf")
