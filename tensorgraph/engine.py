@@ -143,8 +143,11 @@ def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
     """Run the op's rule for one node: the gradients of its inputs, by argument position."""
     nodes = graph._nodes
     data = nodes[node]
-    op = OPS.get(data["op"])
-    if op is None or op.rule is None or data.get("unsupported"):
+    rule = data.get("rule")  # a node may carry its own rule (fused nodes); otherwise the op's
+    if rule is None:
+        op = OPS.get(data["op"])
+        rule = op.rule if op is not None else None
+    if rule is None or data.get("unsupported"):
         if not any(is_float(nodes[source]) for source in data["inputs"]):
             return ()
         reason = data.get("unsupported") or f"no gradient rule for the op {data['op']!r}"
@@ -155,7 +158,7 @@ def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
         check_version(nodes[source], data)
     args, kwargs = rule_inputs(data, nodes)
     out = data["result"] if data["output_index"] is not None else data["value"]
-    return op.rule(grad, out, *args, **kwargs)
+    return rule(grad, out, *args, **kwargs)
 
 
 def accumulate(grads: dict[int, Tensor], source: int, grad: Tensor, data: dict[str, Any]) -> Tensor:

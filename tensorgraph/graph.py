@@ -50,7 +50,7 @@ class Ref:
 _NODE_DEFAULTS: dict[str, Any] = {
     "name": None, "named": False, "op": "leaf", "kind": "leaf", "attrs": {}, "source": None, "scope": (), "func": None,
     "args": (), "kwargs": {}, "bargs": (), "bkwargs": {}, "inplace": False, "previous": None,
-    "output_index": None, "result": None, "unsupported": None, "version": 0,
+    "output_index": None, "result": None, "unsupported": None, "version": 0, "rule": None,
 }
 
 
