@@ -1,0 +1,282 @@
+"""The backward view: the adjoint graph the engine runs, grouped by the forward op each part differentiates.
+
+``tg.trace(graph, loss)`` records the backward pass as a graph of its own. This module
+draws it so that the lecture's two rules can be seen:
+
+* each forward op's rule is a cluster labelled with that op (``bnraw = bndiff * bnvar_inv``)
+  holding the ops the rule ran;
+* broadcast-undo is an explicit sum box (``sum dim=0: 32×64 → 1×64``);
+* a tensor used by several ops gets its gradient from an explicit accumulation box
+  (``+= from 2 consumers``), fed by one partial gradient per consumer.
+
+Gradients are named the lecture's way (``dhprebn``); forward values a rule reads are not
+drawn as boxes but named in the expression that uses them (``dprobs * counts``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .render import (
+    COLORS,
+    Box,
+    Drawing,
+    cluster_mode,
+    cluster_path,
+    distances,
+    expression,
+    grad_summary,
+    name_row,
+    op_row,
+    shape_text,
+    small_row,
+    status_rows,
+    statuses,
+    value_summary,
+)
+
+if TYPE_CHECKING:
+    from .engine import BackwardTrace
+    from .graph import Graph
+    from .render import _Options
+
+
+def backward_drawing(graph: Graph, options: _Options) -> Drawing:
+    """Boxes for the adjoint graph's ops, clustered by the forward op whose rule made them."""
+    from .engine import trace
+
+    tr = trace(graph, options.root, _seed(graph, options))
+    return _Backward(graph, tr, options).draw()
+
+
+def _seed(graph: Graph, options: _Options) -> torch.Tensor | None:
+    """The seed to replay: None (ones) for a scalar loss seeded with 1, as graph.backward does."""
+    seed = options.seed
+    if seed is None or (seed.numel() == 1 and bool(seed.eq(1).all())):
+        return None
+    return seed
+
+
+class _Backward:
+    def __init__(self, graph: Graph, tr: BackwardTrace, options: _Options) -> None:
+        self.graph, self.tr, self.options = graph, tr, options
+        self.fwd, self.adj = graph._nodes, tr.adjoint._nodes
+        self.seed = tr.node_of(tr.grads.by_node[options.root])
+        self.final: dict[int, list[int]] = {}  # adjoint node -> forward nodes whose gradient it is
+        for node, grad in tr.grads.by_node.items():
+            holder = tr.node_of(grad)
+            if holder is not None:
+                self.final.setdefault(holder, []).append(node)
+        self.owner = self._owners()
+        self.partial: dict[int, tuple[int, int]] = {}  # adjoint node -> (forward source, consumer)
+        self.accumulation: dict[int, tuple[int, int, int, int]] = {}  # -> (source, k, n, consumer)
+        self._contributions()
+        self.hidden = {a for a, data in enumerate(self.adj) if data["kind"] == "leaf" and a != self.seed}
+        self.hidden |= {a for a in range(len(self.adj)) if self.seed is not None and a < self.seed}
+        self.unused = {a for a, data in enumerate(self.adj) if data["kind"] == "op" and a not in self.final
+                       and a not in self.accumulation and tr.adjoint.nx.out_degree(a) == 0}
+        referenced = {self.adj[a]["name"] for a in self.hidden}
+        self.primed = {a for a, data in enumerate(self.adj)
+                       if a not in self.hidden and a not in self.final and data["name"] in referenced}
+
+    # ------------------------------------------------------------------ structure
+
+    def _owners(self) -> dict[int, int]:
+        """Each adjoint node -> the forward op whose rule (or whose inputs' accumulation) made it.
+
+        The engine runs one forward op at a time: its rule's ops, then the broadcast-undo
+        and accumulation of each input's gradient. Node ids are creation order, so each
+        op's share of the adjoint graph is the id range up to its last contribution.
+        """
+        owner: dict[int, int] = {}
+        start = end = self.seed if self.seed is not None else -1
+        current = None
+        for step in self.tr.steps:
+            if step.consumer != current:
+                if current is not None:
+                    owner.update(dict.fromkeys(range(start + 1, end + 1), current))
+                    start = end
+                current = step.consumer
+            for tensor in (step.grad, step.summed, step.total):
+                node = self.tr.node_of(tensor)
+                if node is not None:
+                    end = max(end, node)
+        if current is not None:
+            owner.update(dict.fromkeys(range(start + 1, end + 1), current))
+        return owner
+
+    def _contributions(self) -> None:
+        counts = Counter(step.source for step in self.tr.steps)
+        seen: Counter[int] = Counter()
+        for step in self.tr.steps:
+            seen[step.source] += 1
+            summed = self.tr.node_of(step.summed)
+            if counts[step.source] > 1 and summed is not None:
+                self.partial.setdefault(summed, (step.source, step.consumer))
+            if not step.first:
+                total = self.tr.node_of(step.total)
+                if total is not None:
+                    self.accumulation[total] = (step.source, seen[step.source], counts[step.source], step.consumer)
+
+    # ------------------------------------------------------------------ names
+
+    def name(self, a: int) -> str:
+        """Display name: ``dhprebn`` for gradients (the user's names first), else the adjoint's own."""
+        if a in self.final:
+            forward = self.final[a]
+            named = [node for node in forward if self.fwd[node]["named"]] or forward[:1]
+            return " = ".join("d" + self.fwd[node]["name"] for node in named[:2])
+        name = self.adj[a]["name"]
+        return name + "′" if a in self.primed else name
+
+    def forward_name(self, node: int) -> str:
+        return self.fwd[node]["name"]
+
+    # ------------------------------------------------------------------ drawing
+
+    def draw(self) -> Drawing:
+        options = self.options
+        drawing = Drawing()
+        mode = cluster_mode(self.graph, options.cluster)
+        near = distances(self.graph, [options.root], options.depth) if options.depth is not None else None
+        status = statuses(self.graph, options)
+        shown: set[int] = set()
+        for a, data in enumerate(self.adj):
+            if a in self.hidden or not self._within(a, near):
+                continue
+            shown.add(a)
+            box = self._box(a, data, status)
+            box.cluster = self._cluster(a, mode, drawing)
+            drawing.add(box, legend=self._legend_text(a, box.fill, status))
+        for a in sorted(shown):
+            for source in self.adj[a]["inputs"]:
+                if source in shown:
+                    drawing.edge(f"a{source}", f"a{a}")
+        if near is not None:
+            self._mark_cut(drawing, shown, near)
+        loss = self.fwd[options.root]["name"]
+        drawing.title = (f"backward pass of {loss}: {len(self.tr.grads)} gradients, "
+                         f"{sum(1 for a in shown if self.adj[a]['kind'] == 'op')} ops")
+        return drawing
+
+    def _within(self, a: int, near: dict[int, int] | None) -> bool:
+        if near is None or a == self.seed:
+            return True
+        depth = self.options.depth
+        if a in self.accumulation:
+            source = self.accumulation[a][0]
+            return near.get(source, depth + 1) <= depth
+        consumer = self.owner.get(a)
+        return consumer is not None and near.get(consumer, depth + 1) < depth
+
+    def _box(self, a: int, data: dict[str, Any], status: dict[int, tuple[str, str]]) -> Box:
+        rows, fill = self._top_rows(a, data)
+        rows.append(self._name_row(a, data))
+        if self.options.values:
+            rows.append(small_row(value_summary(data["value"])))
+        forward = self.final.get(a, [])
+        if self.options.grads is not None and forward:
+            rows.append(small_row(grad_summary(data["value"]), "#7f3f00"))
+        found = next((status[node] for node in forward if node in status), None)
+        rows += status_rows(found)
+        if found is not None:
+            fill = COLORS[found[0]]
+        attrs = {"style": "filled,dashed"} if data["kind"] == "constant" else {}
+        if a in self.unused:  # the rule computed it for an input that is a plain number: nobody reads it
+            attrs = {"style": "rounded,filled,dotted", "fontcolor": "#888888"}
+        return Box(f"a{a}", rows, fill, tooltip=self._tooltip(a, data),
+                   summary=f"{self.name(a)} {shape_text(data['shape'])}", is_op=data["kind"] == "op", attrs=attrs)
+
+    def _top_rows(self, a: int, data: dict[str, Any]) -> tuple[list[str], str]:
+        """The op row (what made this tensor) and the box's colour."""
+        if a == self.seed:
+            what = expression(data, self.name) if data["kind"] != "leaf" else "the grad= given"
+            return [op_row(f"seed: {what}")], COLORS["seed"]
+        if a in self.accumulation:
+            _source, k, n, _consumer = self.accumulation[a]
+            text = f"+= from {n} consumers" if k == n else f"+= ({k} of {n} consumers)"
+            return [op_row(text)], COLORS["fan-out +="]
+        if data["op"] == "sum_to_size" and data["inputs"]:
+            before = self.adj[data["inputs"][0]]["shape"]
+            return [op_row(f"{_sum_dims(before, data['shape'])}: {shape_text(before)} → "
+                           f"{shape_text(data['shape'])}"), small_row("undo the broadcast")], COLORS["broadcast-undo"]
+        fill = COLORS["constant"] if data["kind"] == "constant" else COLORS["op"]
+        if a in self.final:
+            fill = COLORS["gradient"]
+        elif a in self.partial:
+            fill = COLORS["partial gradient"]
+        return [op_row(expression(data, self.name))], fill
+
+    def _name_row(self, a: int, data: dict[str, Any]) -> str:
+        if a in self.final:
+            return name_row(self.name(a), data["shape"])
+        if a in self.accumulation:
+            source = self.accumulation[a][0]
+            return name_row("d" + self.forward_name(source), data["shape"], note="(running sum)")
+        if a in self.partial:
+            source, consumer = self.partial[a]
+            return name_row("d" + self.forward_name(source), data["shape"],
+                            note=f"(part from {self.forward_name(consumer)})")
+        return name_row(self.name(a), data["shape"], named=False, note="(unused)" if a in self.unused else "")
+
+    def _legend_text(self, a: int, fill: str, status: dict[int, tuple[str, str]]) -> str:
+        for node in self.final.get(a, []):
+            if node in status:
+                return status[node][0]
+        if a == self.seed:
+            return "seed (d loss = 1)"
+        if a in self.accumulation:
+            return "fan-out: sum the branches"
+        if self.adj[a]["op"] == "sum_to_size":
+            return "broadcast-undo"
+        if a in self.final:
+            return "gradient dX"
+        if a in self.partial:
+            return "partial gradient (one branch)"
+        return "constant" if self.adj[a]["kind"] == "constant" else "op of a rule"
+
+    def _cluster(self, a: int, mode: str | None, drawing: Drawing) -> tuple[str, ...]:
+        """A forward op's rule is a cluster inside that op's scope; accumulations sit outside rules."""
+        consumer = self.owner.get(a)
+        if consumer is None:
+            return ()
+        scope = cluster_path(self.fwd[consumer], mode)
+        for i in range(1, len(scope) + 1):
+            drawing.cluster_labels.setdefault(scope[:i], scope[i - 1])
+            drawing.collapsible.add(scope[:i])
+        if a in self.accumulation:
+            return scope
+        path = scope + (f"\x00rule{consumer}",)
+        data = self.fwd[consumer]
+        drawing.cluster_labels.setdefault(
+            path, f"backward of {data['name']} = {expression(data, self.forward_name)}")
+        return path
+
+    def _tooltip(self, a: int, data: dict[str, Any]) -> str:
+        consumer = self.owner.get(a)
+        rule = f" (in the rule of {self.fwd[consumer]['name']})" if consumer is not None else ""
+        return f"{self.name(a)} = {expression(data, self.name, limit=200)}: {shape_text(data['shape'])}{rule}"
+
+    def _mark_cut(self, drawing: Drawing, shown: set[int], near: dict[int, int]) -> None:
+        """With depth=k: the gradients whose rules were not drawn feed one "⋯" box."""
+        depth = self.options.depth
+        cut = [a for a in shown for node in self.final.get(a, [])
+               if near.get(node) == depth and self.fwd[node]["kind"] == "op"]
+        if not cut:
+            return
+        drawing.add(Box("cut", [small_row(f"⋯ the backward pass continues (depth={depth})")], "#ffffff",
+                        is_op=False, attrs={"style": "dashed"}))
+        for a in dict.fromkeys(cut):
+            drawing.edge(f"a{a}", "cut", style="dashed")
+
+
+def _sum_dims(before: tuple[int, ...], after: tuple[int, ...]) -> str:
+    """Which dimensions sum_to_size summed: ``sum dim=0`` for 32×64 → 1×64 or 32×27 → 27."""
+    lead = len(before) - len(after)
+    dims = list(range(lead)) + [lead + i for i, (b, a) in enumerate(zip(before[lead:], after)) if a == 1 and b != 1]
+    if not dims:
+        return "sum"
+    return f"sum dim={dims[0]}" if len(dims) == 1 else f"sum dims={','.join(map(str, dims))}"
