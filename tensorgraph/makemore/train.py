@@ -1,0 +1,525 @@
+"""Training the lecture's MLP: the backends, the SGD loop, evaluation, and the run's outputs.
+
+One loop serves every caller (the CLI, the demo, the examples)::
+
+    splits = load_splits()
+    result = train(splits, TrainConfig(steps=20_000), backend="engine")
+    print(result.train_loss, result.val_loss)
+
+A backend turns the model into a step function ``step(Xb, Yb) -> (loss, grads)`` with the
+gradients in parameter order. ``engine`` records the forward with ``tg.record()`` and takes
+the gradients from ``graph.backward``; ``torch`` runs the same forward under torch
+autograd; ``compiled`` hands it to ``tg.compile``. Adding a backend is one entry in
+:data:`BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..graph import Graph
+from ..record import record
+from .checkpoint import make_checkpoint, model_from_checkpoint, save_atomic
+from .data import Splits, Vocab
+from .model import MLP, forward
+
+SEED = 2147483647
+
+StepFn = Callable[[Tensor, Tensor], tuple[Tensor, list[Tensor]]]
+
+
+class TrainError(ValueError):
+    """A training run that cannot start (bad configuration, unavailable backend, mismatched data)."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (or a callback raising KeyboardInterrupt) stopped training; ``path`` is the checkpoint saved."""
+
+    def __init__(self, state: TrainState, path: Path | None) -> None:
+        where = f"checkpoint saved to {path} (continue with --resume {path})" if path else "no checkpoint saved"
+        super().__init__(f"training interrupted at step {state.step:,}; {where}")
+        self.state = state
+        self.path = path
+
+
+# ---------------------------------------------------------------- configuration and state
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters; the defaults are the lecture's exercise 4."""
+
+    steps: int = 200_000
+    batch_size: int = 32
+    n_embd: int = 10
+    n_hidden: int = 200
+    lr: float = 0.1
+    lr_decay_step: int | None = None  # None: half-way (the lecture: 100,000 of 200,000)
+    lr_final: float | None = None  # None: lr / 10 (the lecture: 0.01)
+    seed: int = SEED
+    eval_every: int | None = None  # None: every steps // 10; full train/val losses for the curve
+
+    def resolved(self) -> TrainConfig:
+        """The configuration with every default filled in, checked."""
+        config = replace(
+            self,
+            lr_decay_step=self.steps // 2 if self.lr_decay_step is None else self.lr_decay_step,
+            lr_final=self.lr / 10 if self.lr_final is None else self.lr_final,
+            eval_every=max(1, self.steps // 10) if self.eval_every is None else self.eval_every,
+        )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        for name in ("steps", "n_embd", "n_hidden"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                     f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        _require(isinstance(self.batch_size, int) and self.batch_size >= 2,
+                 f"batch_size must be at least 2 (batchnorm's variance needs two examples), got {self.batch_size!r}")
+        for name in ("lr", "lr_final"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, (int, float)) and math.isfinite(value) and value > 0),
+                     f"{name} must be a positive number, got {value!r}")
+        _require(self.lr_decay_step is None or self.lr_decay_step >= 0,
+                 f"lr_decay_step must be >= 0, got {self.lr_decay_step!r}")
+        _require(self.eval_every is None or self.eval_every > 0,
+                 f"eval_every must be positive, got {self.eval_every!r}")
+        _require(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+                 f"seed must be in [0, 2**63), got {self.seed!r}")
+
+    def learning_rate(self, step: int) -> float:
+        """The lecture's schedule: ``lr`` until ``lr_decay_step``, then ``lr_final``."""
+        decay = self.steps // 2 if self.lr_decay_step is None else self.lr_decay_step
+        return self.lr if step < decay else (self.lr / 10 if self.lr_final is None else self.lr_final)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise TrainError(message)
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training; with the config, enough to resume exactly."""
+
+    model: MLP
+    generator: torch.Generator  # the batches' generator (it also drew the initial parameters)
+    step: int = 0
+    losses: list[float] = field(default_factory=list)  # the batch loss of every step
+    history: list[dict[str, float]] = field(default_factory=list)  # periodic full train/val losses
+    seconds: float = 0.0  # wall time spent training, over all resumes
+    updating: bool = field(default=False, repr=False)  # inside the parameter update: not a state to save
+
+
+def init_state(config: TrainConfig, vocab_size: int, block_size: int) -> TrainState:
+    """A fresh model drawn from a generator seeded with ``config.seed``; the batches continue that generator."""
+    generator = torch.Generator().manual_seed(config.seed)
+    model = MLP.init(vocab_size, block_size=block_size, n_embd=config.n_embd, n_hidden=config.n_hidden,
+                     generator=generator)
+    return TrainState(model, generator)
+
+
+# ---------------------------------------------------------------- backends
+
+
+def record_step(model: MLP, Xb: Tensor, Yb: Tensor) -> tuple[Graph, Tensor]:
+    """One training forward pass recorded as a graph: (graph, loss)."""
+    C, W1, b1, W2, b2, bngain, bnbias = model.parameters()
+    with record() as graph:
+        loss = forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb)
+    return graph, loss
+
+
+def engine_backend(model: MLP) -> StepFn:
+    """Record each step with ``tg.record()`` and take the gradients from ``graph.backward``."""
+    params = model.parameters()
+
+    def step(Xb: Tensor, Yb: Tensor) -> tuple[Tensor, list[Tensor]]:
+        graph, loss = record_step(model, Xb, Yb)
+        grads = graph.backward(loss)
+        return loss, [grads[p] for p in params]
+
+    return step
+
+
+def torch_backend(model: MLP) -> StepFn:
+    """The same forward under torch autograd (leaves share the parameters' memory)."""
+    params = model.parameters()
+
+    def step(Xb: Tensor, Yb: Tensor) -> tuple[Tensor, list[Tensor]]:
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_() for p in params]
+            loss = forward(*leaves, Xb, Yb)
+            grads = torch.autograd.grad(loss, leaves)
+        return loss.detach(), list(grads)
+
+    return step
+
+
+def compiled_backend(model: MLP) -> StepFn:
+    """``tg.compile`` of the same forward (tensorgraph/compiler.py)."""
+    try:
+        from ..compiler import compile as tg_compile
+    except ModuleNotFoundError as err:
+        if err.name != "tensorgraph.compiler":
+            raise
+        raise TrainError("backend 'compiled' is not available yet: tensorgraph.compiler (tg.compile) is not "
+                         "installed; use --backend engine or torch") from None
+    params = model.parameters()
+    C, W1, b1, W2, b2, bngain, bnbias = params
+
+    def training_step(Xb: Tensor, Yb: Tensor) -> Tensor:
+        return forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb)
+
+    compiled = tg_compile(training_step)
+
+    def step(Xb: Tensor, Yb: Tensor) -> tuple[Tensor, list[Tensor]]:
+        loss, grads = compiled(Xb, Yb)
+        return loss, [grads[p] for p in params]
+
+    return step
+
+
+BACKENDS: dict[str, Callable[[MLP], StepFn]] = {
+    "engine": engine_backend,
+    "torch": torch_backend,
+    "compiled": compiled_backend,
+}
+
+
+def make_step(backend: str, model: MLP) -> StepFn:
+    if backend not in BACKENDS:
+        raise TrainError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    return BACKENDS[backend](model)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def split_losses(model: MLP, splits: Splits, names: tuple[str, ...] = ("train", "val")) -> dict[str, float]:
+    """Calibrate batchnorm over the training set, then the mean loss of each named split."""
+    model.calibrate(splits.train[0])
+    return {name: model.evaluate(*getattr(splits, name)) for name in names}
+
+
+def check_splits(splits: Splits, source: str = "the data") -> None:
+    """Training needs a non-empty train and validation split."""
+    for name in ("train", "val"):
+        if getattr(splits, name)[0].shape[0] == 0:
+            raise TrainError(f"{source}: too few words for the 80/10/10 split (the {name} split is empty); "
+                             f"use a file with at least 10 words")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :func:`train`: final losses, the state (model included), timing."""
+
+    config: TrainConfig
+    state: TrainState
+    backend: str
+    train_loss: float
+    val_loss: float
+    seconds: float  # wall time of the training steps and evaluations (all resumes)
+    vocab: Vocab
+
+    @property
+    def model(self) -> MLP:
+        return self.state.model
+
+    @property
+    def steps(self) -> int:
+        return self.state.step
+
+    def metrics(self) -> dict[str, Any]:
+        """The one-line summary: train_loss, val_loss, steps, seconds, backend."""
+        return {"train_loss": round(self.train_loss, 6), "val_loss": round(self.val_loss, 6), "steps": self.steps,
+                "seconds": round(self.seconds, 3), "backend": self.backend}
+
+
+def train(splits: Splits, config: TrainConfig | None = None, *, backend: str = "engine",
+          state: TrainState | None = None, progress: bool = False,
+          callback: Callable[[TrainState, float], None] | None = None,
+          checkpoint: str | Path | None = None, checkpoint_extra: dict[str, Any] | None = None,
+          handle_sigint: bool = False, threads: int | None = 1) -> TrainResult:
+    """Train with SGD from ``state`` (a fresh model when None) up to ``config.steps``.
+
+    ``callback(state, loss)`` runs after every step. On KeyboardInterrupt (Ctrl-C with
+    ``handle_sigint``: the step in flight is finished first) the state is saved to
+    ``checkpoint`` if given and :class:`TrainingInterrupted` is raised. A finished run is
+    saved there too.
+
+    ``threads`` sets torch's intra-op threads for the run (restored afterwards; None leaves
+    them alone). One is the default: a batch-32 step is too small to gain from more, and
+    with more, every op stalls whenever another process holds a core (50x slower on a busy
+    2-core machine).
+    """
+    config = (config or TrainConfig()).resolved()
+    check_splits(splits)
+    if state is None:
+        state = init_state(config, len(splits.vocab), splits.block_size)
+    _check_compatible(state.model, splits, config)
+    step_fn = make_step(backend, state.model)
+    extra = {"backend": backend, **(checkpoint_extra or {})}
+    save = lambda st, **more: save_checkpoint(checkpoint, st, config, splits.vocab, **extra, **more)
+    start = time.perf_counter()
+    seconds_before = state.seconds
+    try:
+        with _threads(threads), _sigint_at_step_end(handle_sigint) as stop, _progress(config, state, progress) as bar:
+            _loop(splits, config, state, step_fn, callback, stop, bar, start, seconds_before)
+    except KeyboardInterrupt:
+        state.seconds = seconds_before + time.perf_counter() - start
+        path = None
+        if checkpoint is not None and not state.updating:
+            state.model.calibrate(splits.train[0])  # so samples drawn from the checkpoint use calibrated statistics
+            path = save(state)
+        raise TrainingInterrupted(state, path) from None
+    with _threads(threads):
+        losses = _final_losses(state, splits, config)
+    state.seconds = seconds_before + time.perf_counter() - start
+    result = TrainResult(config, state, backend, losses["train"], losses["val"], state.seconds, splits.vocab)
+    if checkpoint is not None:
+        save(state, train_loss=result.train_loss, val_loss=result.val_loss)
+    return result
+
+
+def _loop(splits: Splits, config: TrainConfig, state: TrainState, step_fn: StepFn, callback, stop, bar,
+          start: float, seconds_before: float) -> None:
+    Xtr, Ytr = splits.train
+    params = state.model.parameters()
+    g = state.generator
+    for i in range(state.step, config.steps):
+        generator_state = g.get_state()  # to rewind the batch draw if interrupted mid-step
+        try:
+            ix = torch.randint(0, Xtr.shape[0], (config.batch_size,), generator=g)
+            Xb, Yb = Xtr[ix], Ytr[ix]
+            loss, grads = step_fn(Xb, Yb)
+        except KeyboardInterrupt:
+            g.set_state(generator_state)  # nothing changed yet: the state is still that of step i
+            raise
+        lr = config.learning_rate(i)
+        state.updating = True  # an interrupt from here to the step count would leave a half-updated model
+        with torch.no_grad():
+            for p, grad in zip(params, grads):
+                p += -lr * grad
+        state.step = i + 1
+        state.updating = False
+        value = loss.item()
+        state.losses.append(value)
+        if state.step % config.eval_every == 0 and state.step < config.steps:
+            losses = split_losses(state.model, splits)
+            state.history.append({"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"]})
+        bar.step(value, lr)
+        if callback is not None:
+            callback(state, value)
+        if stop["requested"]:
+            raise KeyboardInterrupt
+
+
+def _final_losses(state: TrainState, splits: Splits, config: TrainConfig) -> dict[str, float]:
+    losses = split_losses(state.model, splits)
+    if not state.history or state.history[-1]["step"] != state.step:
+        state.history.append({"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"]})
+    return losses
+
+
+def _check_compatible(model: MLP, splits: Splits, config: TrainConfig) -> None:
+    if model.vocab_size != len(splits.vocab):
+        raise TrainError(f"the model has {model.vocab_size} characters but the data's vocabulary has "
+                         f"{len(splits.vocab)}")
+    if model.block_size != splits.block_size:
+        raise TrainError(f"the model's block size is {model.block_size} but the data's is {splits.block_size}")
+
+
+@contextmanager
+def _threads(count: int | None):
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def _sigint_at_step_end(enabled: bool):
+    """Turn the first Ctrl-C into a request to stop after the current step; a second one interrupts at once."""
+    stop = {"requested": False}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def request_stop(signum, frame):
+        stop["requested"] = True
+        signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+class _Bar:
+    """tqdm progress with the running loss; a no-op when quiet."""
+
+    def __init__(self, config: TrainConfig, state: TrainState, enabled: bool) -> None:
+        self.tqdm = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.tqdm = tqdm(total=config.steps, initial=state.step, unit="step", dynamic_ncols=True,
+                             mininterval=0.5, smoothing=0.05)
+        self.recent: list[float] = []
+
+    def step(self, loss: float, lr: float) -> None:
+        if self.tqdm is None:
+            return
+        self.recent.append(loss)
+        if len(self.recent) >= 100:
+            self.tqdm.set_postfix(loss=f"{sum(self.recent) / len(self.recent):.4f}", lr=f"{lr:g}", refresh=False)
+            self.recent.clear()
+        self.tqdm.update(1)
+
+    def close(self) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
+
+
+@contextmanager
+def _progress(config: TrainConfig, state: TrainState, enabled: bool):
+    bar = _Bar(config, state, enabled)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------- checkpoints and outputs
+
+
+def save_checkpoint(path: str | Path | None, state: TrainState, config: TrainConfig, vocab: Vocab,
+                    **extra: Any) -> Path | None:
+    """Write the model, vocabulary, config and training state atomically (nothing when ``path`` is None)."""
+    if path is None:
+        return None
+    data = make_checkpoint(
+        state.model, vocab, config=asdict(config), step=state.step, generator=state.generator.get_state(),
+        losses=torch.tensor(state.losses, dtype=torch.float64), history=[dict(h) for h in state.history],
+        seconds=state.seconds, **extra)
+    return save_atomic(data, path)
+
+
+def state_from_checkpoint(data: dict[str, Any]) -> tuple[TrainState, TrainConfig, Vocab]:
+    """The training state, configuration and vocabulary saved by :func:`save_checkpoint`."""
+    model, vocab = model_from_checkpoint(data)
+    generator = torch.Generator()
+    generator.set_state(data["generator"])
+    state = TrainState(model, generator, int(data["step"]), [float(x) for x in data["losses"].tolist()],
+                       [dict(h) for h in data.get("history", [])], float(data.get("seconds", 0.0)))
+    config = TrainConfig(**data["config"])
+    return state, config, vocab
+
+
+def plot_losses(result: TrainResult, path: str | Path) -> Path:
+    """The loss curve: log10 of every step's batch loss, smoothed, with the full train/val losses marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    losses = torch.tensor(result.state.losses, dtype=torch.float64).log10()
+    steps = torch.arange(1, len(losses) + 1)
+    window = max(1, min(1000, len(losses) // 50))
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.12, linewidth=0.5, label="batch loss (every step)")
+    if len(losses) >= window:
+        smooth = losses.unfold(0, window, 1).mean(1)
+        ax.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=1.6, label=f"batch loss, mean of {window}")
+    history = result.state.history
+    if history:
+        hs = [h["step"] for h in history]
+        ax.plot(hs, [math.log10(h["train_loss"]) for h in history], "o-", color="tab:green", markersize=4,
+                label="train split (calibrated batchnorm)")
+        ax.plot(hs, [math.log10(h["val_loss"]) for h in history], "s-", color="tab:red", markersize=4,
+                label="val split (calibrated batchnorm)")
+    decay = result.config.lr_decay_step
+    if decay is not None and 0 < decay < result.steps:
+        ax.axvline(decay, color="gray", linestyle="--", linewidth=0.8, label=f"lr {result.config.lr:g} -> "
+                   f"{result.config.learning_rate(decay):g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log10(loss)")
+    ax.set_title(f"makemore MLP, {result.backend} backend: train {result.train_loss:.4f}, "
+                 f"val {result.val_loss:.4f} after {result.steps:,} steps")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def render_step(model: MLP, splits: Splits, path: str | Path, seed: int = SEED) -> tuple[Path | None, str | None]:
+    """Draw one training step's recorded graph; (path, None), or (None, why not)."""
+    g = torch.Generator().manual_seed(seed)
+    Xtr, Ytr = splits.train
+    ix = torch.randint(0, Xtr.shape[0], (min(32, Xtr.shape[0]),), generator=g)
+    graph, _ = record_step(model, Xtr[ix], Ytr[ix])
+    try:
+        rendered = graph.render(path)
+    except ModuleNotFoundError as err:
+        if err.name == "tensorgraph.render":
+            return None, "graph picture skipped: tensorgraph.render is not available yet"
+        raise
+    except Exception as err:  # noqa: BLE001 - a missing Graphviz must not lose a finished training run
+        return None, f"graph picture skipped: {type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+    if isinstance(rendered, (str, os.PathLike)) and Path(rendered).exists():
+        return Path(rendered), None
+    return (Path(path), None) if Path(path).exists() else (None, "graph picture skipped: render wrote no file")
+
+
+def write_outputs(result: TrainResult, splits: Splits, out: str | Path, *, samples: list[str],
+                  info: dict[str, Any] | None = None, render: bool = True) -> dict[str, Any]:
+    """The loss curve, the graph picture and metrics.json in ``out`` (the checkpoint is saved by train)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {"loss_curve": str(plot_losses(result, out / "loss.png"))}
+    notes = []
+    if render:
+        picture, note = render_step(result.model, splits, out / "graph.svg", result.config.seed)
+        files["graph"] = str(picture) if picture else None
+        if note:
+            notes.append(note)
+    metrics = {
+        **result.metrics(),
+        "train_seconds_per_step": result.seconds / max(1, result.steps),
+        "config": asdict(result.config),
+        "vocab_size": len(result.vocab),
+        "num_parameters": result.model.num_parameters(),
+        "history": result.state.history,
+        "samples": samples,
+        "files": files,
+        "notes": notes,
+        "torch": torch.__version__,
+        **(info or {}),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
