@@ -82,11 +82,15 @@ class Graph:
         """End of the record block: name nodes after the caller's variables, format sources."""
         from .naming import assign_names
 
+        short: dict[str, str] = {}  # relpath is slow: once per file, not once per node
         for data in self._nodes:
             source = data.get("source")
             if isinstance(source, tuple):
                 data["function"] = source[2]
-                data["source"] = f"{_short_path(source[0])}:{source[1]}"
+                path = short.get(source[0])
+                if path is None:
+                    path = short[source[0]] = _short_path(source[0])
+                data["source"] = f"{path}:{source[1]}"
             elif source is None:
                 data["source"] = ""
                 data.setdefault("function", "")
