@@ -1,0 +1,41 @@
+"""``tensorgraph render``: draw the lecture's exercise-1 graph (forward, with gradients, or backward)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli import positive_int
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "render", help="draw the lecture's MLP graph with Graphviz (.svg .png .pdf .dot)",
+        description="Draw the compute graph of the lecture's MLP (makemore part 4, exercise 1). "
+                    "The format comes from the suffix of --out; .dot needs no Graphviz install.")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="where to write: mlp.svg, mlp.png, mlp.pdf or mlp.dot")
+    parser.add_argument("--view", choices=("forward", "backward"), default="forward",
+                        help="forward: the tensors the lecture computes; backward: the ops the engine runs to "
+                             "get their gradients (default: forward)")
+    parser.add_argument("--grads", action="store_true", help="show each tensor's gradient (norm and largest entry)")
+    parser.add_argument("--compare", action="store_true",
+                        help="colour each gradient by how it compares with torch autograd (exact/approximate/wrong)")
+    parser.add_argument("--values", action="store_true", help="show each tensor's mean, std, min and max")
+    parser.add_argument("--depth", type=positive_int, metavar="K", help="draw only the K ops nearest the loss")
+    parser.add_argument("--rankdir", choices=("TB", "LR"), default="TB", help="top to bottom (TB) or left to right")
+    parser.add_argument("--dpi", type=positive_int, help="resolution of PNG output")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..lecture import record_exercise
+    from ..render import render
+
+    graph, loss, _ = record_exercise()
+    grads = graph.backward(loss) if args.grads or args.view == "backward" else None
+    compare = graph.compare(loss) if args.compare else None
+    path = render(graph, args.out, view=args.view, grads=grads, loss=loss, compare=compare, values=args.values,
+                  depth=args.depth, rankdir=args.rankdir, dpi=args.dpi)
+    print(f"wrote {path}: the {args.view} view of the lecture's MLP ({len(graph)} recorded tensors)")
+    return 0
