@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 _MAX_ITEMS = 256
 _SKIP_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)
+# values that hold no tensor: skipped without a call (a list of 256 logged losses cost ~80 us to walk)
+_ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
 
 
 class _Namer:
@@ -65,10 +67,11 @@ class _Namer:
             return
         if isinstance(value, (list, tuple)) and len(value) <= _MAX_ITEMS:
             for i, item in enumerate(value):
-                self.walk(f"{prefix}[{i}]", item, depth - 1)
+                if type(item) not in _ATOMS:
+                    self.walk(f"{prefix}[{i}]", item, depth - 1)
         elif isinstance(value, dict) and len(value) <= _MAX_ITEMS:
             for key, item in value.items():
-                if isinstance(key, (str, int)):
+                if isinstance(key, (str, int)) and type(item) not in _ATOMS:
                     self.walk(f"{prefix}[{key!r}]", item, depth - 1)
         elif hasattr(value, "__dict__") and not type(value).__module__.startswith(("torch", "numpy", "builtins")):
             for attr, item in vars(value).items():
