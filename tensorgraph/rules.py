@@ -484,7 +484,31 @@ def getitem(g: Tensor, out: Tensor, x: Tensor, idx: Any) -> tuple:
     if isinstance(idx, Tensor) and idx.dtype == torch.int64:
         # NOTE: C[Xb]: the same accumulate-into-zeros torch's index backward does
         return torch.zeros_like(x).index_put_((idx,), g, accumulate=True), None
+    indices = _advanced_indices(x, idx)
+    if indices is not None:  # logprobs[range(n), Yb]: the same, with the ranges as index tensors
+        return torch.zeros_like(x).index_put_(indices, g, accumulate=True), None
     return _place(g, x, lambda positions: positions[idx]), None
+
+
+def _advanced_indices(x: Tensor, idx: Any) -> tuple[Tensor, ...] | None:
+    """``idx`` as index tensors when every entry is an advanced index (range, list of ints, int64 tensor)."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    if not items or len(items) > x.dim():
+        return None
+    device = {} if x.device.type == "cpu" else {"device": x.device}
+    indices = []
+    for item in items:
+        if isinstance(item, Tensor) and item.dtype == torch.int64 and item.device == x.device:
+            indices.append(item)
+        elif isinstance(item, range):
+            simple = item.start == 0 and item.step == 1
+            indices.append(torch.arange(item.stop, **device) if simple else
+                           torch.arange(item.start, item.stop, item.step, **device))
+        elif isinstance(item, list) and item and all(type(i) is int for i in item):
+            indices.append(torch.tensor(item, **device))
+        else:
+            return None
+    return tuple(indices)
 
 
 defop("getitem", getitem, auto=False, funcs=("Tensor.__getitem__",))
