@@ -96,18 +96,21 @@ def seed_gradient(graph: Graph, root: int, grad: Tensor | None) -> Tensor:
     return grad
 
 
+def _value(arg: Any, nodes: list[dict[str, Any]]) -> Any:
+    """A bound argument with its Refs (top level or in a tuple or list) replaced by recorded values."""
+    if arg.__class__ is Ref:
+        return nodes[arg.node]["value"]
+    if isinstance(arg, (tuple, list)) and any(isinstance(a, Ref) for a in arg):
+        return type(arg)(_value(a, nodes) for a in arg)
+    return arg
+
+
 def rule_inputs(data: dict[str, Any], nodes: list[dict[str, Any]]) -> tuple[tuple, dict]:
     """The op's bound arguments with every Ref replaced by the recorded value."""
-
-    def value(arg: Any) -> Any:
-        if isinstance(arg, Ref):
-            return nodes[arg.node]["value"]
-        if isinstance(arg, (tuple, list)) and any(isinstance(a, Ref) for a in arg):
-            return type(arg)(value(a) for a in arg)
-        return arg
-
-    args = tuple(value(a) for a in data["bargs"])
-    kwargs = {k: value(v) for k, v in data["bkwargs"].items()} if data["bkwargs"] else {}
+    # a module-level helper, not a recursive closure: that closure was a reference cycle holding
+    # every recorded tensor until the cyclic garbage collector ran
+    args = tuple([_value(a, nodes) for a in data["bargs"]])
+    kwargs = {k: _value(v, nodes) for k, v in data["bkwargs"].items()} if data["bkwargs"] else {}
     if data["output_index"] is not None:
         kwargs["output_index"] = data["output_index"]
     return args, kwargs
@@ -153,9 +156,12 @@ def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
         reason = data.get("unsupported") or f"no gradient rule for the op {data['op']!r}"
         raise NotImplementedError(f"tensorgraph: {reason} (called at {data['source'] or '<unknown>'}, "
                                   f"producing {data['name']!r})")
-    check_version(data, data)
+    if data["value"]._version != data["version"]:
+        check_version(data, data)
     for source in data["inputs"]:
-        check_version(nodes[source], data)
+        source_data = nodes[source]
+        if source_data["value"]._version != source_data["version"]:
+            check_version(source_data, data)
     args, kwargs = rule_inputs(data, nodes)
     out = data["result"] if data["output_index"] is not None else data["value"]
     return rule(grad, out, *args, **kwargs)
@@ -185,6 +191,7 @@ def backward(graph: Graph, loss: Any, grad: Tensor | None = None, *, tape: list 
     root = root_node(graph, loss)
     nodes = graph._nodes
     grads: dict[int, Tensor] = {root: seed_gradient(graph, root, grad)}
+    anomaly = graph.anomaly
     for node in range(root, -1, -1):  # creation order reversed: a reverse topological order
         g = grads.get(node)
         if g is None:
@@ -192,16 +199,43 @@ def backward(graph: Graph, loss: Any, grad: Tensor | None = None, *, tape: list 
         data = nodes[node]
         if not data["inputs"] or data["kind"] != "op":
             continue
-        for source, input_grad in input_gradients(data, call_rule(graph, node, g)):
-            source_data = nodes[source]
-            if is_float(source_data):
-                first = source not in grads
-                summed = accumulate(grads, source, input_grad, source_data)
-                if tape is not None:
-                    tape.append(Contribution(node, source, input_grad, summed, grads[source], first))
-                if graph.anomaly:
-                    _check_finite(grads[source], data, source_data)
+        input_grads = call_rule(graph, node, g)
+        if input_grads.__class__ is not tuple and not isinstance(input_grads, (tuple, list)):
+            input_grads = (input_grads,)
+        count = len(input_grads)
+        # input_gradients() inlined: this loop runs once per node and its overhead is the engine's own cost
+        for position, arg in enumerate(data["bargs"]):
+            if position >= count:
+                break
+            input_grad = input_grads[position]
+            if input_grad is None:
+                continue
+            if arg.__class__ is Ref:
+                _send(grads, node, data, arg.node, input_grad, nodes, tape, anomaly)
+            elif isinstance(arg, (tuple, list)):
+                for item, item_grad in zip(arg, input_grad):
+                    if isinstance(item, Ref) and item_grad is not None:
+                        _send(grads, node, data, item.node, item_grad, nodes, tape, anomaly)
     return Gradients(graph, grads, root)
+
+
+def _send(grads: dict[int, Tensor], node: int, data: dict[str, Any], source: int, grad: Tensor,
+          nodes: list[dict[str, Any]], tape: list | None, anomaly: bool) -> None:
+    """One contribution from ``node``'s rule to its input ``source``."""
+    source_data = nodes[source]
+    dtype = source_data["dtype"]
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return
+    if tape is None and grad.dtype == dtype and grad.shape == source_data["shape"]:  # the common case
+        total = grads.get(source)
+        grads[source] = grad if total is None else total + grad
+    else:
+        first = source not in grads
+        summed = accumulate(grads, source, grad, source_data)
+        if tape is not None:
+            tape.append(Contribution(node, source, grad, summed, grads[source], first))
+    if anomaly:
+        _check_finite(grads[source], data, source_data)
 
 
 @dataclass
