@@ -175,6 +175,9 @@ class _Backward:
     def _box(self, a: int, data: dict[str, Any], status: dict[int, tuple[str, str]]) -> Box:
         rows, fill = self._top_rows(a, data)
         rows.append(self._name_row(a, data))
+        if a in self.final and a in self.partial:  # passed on unchanged (add, sub): also one branch of another
+            source, consumer = self.partial[a]
+            rows.append(small_row(f"also the part of d{self.forward_name(source)} from {self.forward_name(consumer)}"))
         if self.options.values:
             rows.append(small_row(value_summary(data["value"])))
         forward = self.final.get(a, [])

@@ -1,0 +1,516 @@
+"""Rendering: the lecture graph in all three views, clusters and collapse, depth, errors, the CLI.
+
+Expected names, shapes, branch counts and broadcasts are the lecture's own (written out
+by hand below); expected gradient norms come from torch autograd. The SVG is read back
+node by node (each node's <title> is its DOT id) and the DOT source is parsed back by
+Graphviz itself (``dot -Tjson0``), so a check can only pass if Graphviz drew it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import graphviz
+import pytest
+import torch
+
+import tensorgraph as tg
+from tensorgraph.cli import main
+from tensorgraph.lecture import LECTURE_ROWS, forward, record_exercise
+from tensorgraph.render import COLORS, GraphvizNotFoundError, expression
+
+# the lecture's tensors and their shapes (batch 32, 3 characters of context, 10-d embeddings, 64 hidden, 27 chars)
+LECTURE_SHAPES = {
+    "C": "27×10", "Xb": "32×3", "emb": "32×3×10", "embcat": "32×30", "W1": "30×64", "b1": "64", "hprebn": "32×64",
+    "bnmeani": "1×64", "bndiff": "32×64", "bndiff2": "32×64", "bnvar": "1×64", "bnvar_inv": "1×64", "bnraw": "32×64",
+    "bngain": "1×64", "bnbias": "1×64", "hpreact": "32×64", "h": "32×64", "W2": "64×27", "b2": "27",
+    "logits": "32×27", "logit_maxes": "32×1", "norm_logits": "32×27", "counts": "32×27", "counts_sum": "32×1",
+    "counts_sum_inv": "32×1", "probs": "32×27", "logprobs": "32×27", "Yb": "32", "loss": "scalar",
+}
+# the lecture's broadcasts: each gradient that must be summed back to its tensor's shape
+BROADCAST_UNDO = {
+    "dcounts_sum_inv": "sum dim=1: 32×27 → 32×1", "dlogit_maxes": "sum dim=1: 32×27 → 32×1",
+    "db2": "sum dim=0: 32×27 → 27", "dbnbias": "sum dim=0: 32×64 → 1×64", "dbngain": "sum dim=0: 32×64 → 1×64",
+    "dbnvar_inv": "sum dim=0: 32×64 → 1×64", "dbnmeani": "sum dim=0: 32×64 → 1×64", "db1": "sum dim=0: 32×64 → 64",
+}
+# the lecture's tensors used by two ops: their gradients add two branches
+TWO_BRANCHES = ["dcounts", "dlogits", "dbndiff", "dhprebn"]
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+@pytest.fixture(scope="module")
+def lecture():
+    graph, loss, ex = record_exercise()
+    return graph, loss, ex, graph.backward(loss)
+
+
+def svg_nodes(svg: str) -> dict[str, str]:
+    """Each drawn node's DOT id -> all the text drawn in it."""
+    found = {}
+    for group in ET.fromstring(svg).iter(f"{SVG}g"):
+        if group.get("class") == "node":
+            title = group.find(f"{SVG}title").text
+            found[title] = " ".join(t.text or "" for t in group.iter(f"{SVG}text"))
+    return found
+
+
+def layout(dot: graphviz.Digraph) -> dict:
+    """Graphviz parses the DOT source back: nodes, clusters and edges as JSON."""
+    return json.loads(dot.pipe(format="json0", encoding="utf-8"))
+
+
+def clusters_of(parsed: dict) -> dict[str, set[str]]:
+    """Cluster label -> names of the nodes inside it (nested ones included)."""
+    objects = parsed.get("objects", [])
+    return {o["label"]: {objects[i]["name"] for i in o.get("nodes", [])} for o in objects if "nodes" in o}
+
+
+def node_attrs(parsed: dict) -> dict[str, dict]:
+    return {o["name"]: o for o in parsed.get("objects", []) if "nodes" not in o and "subgraphs" not in o}
+
+
+def box_with(nodes: dict[str, str], *words: str) -> str:
+    """The one drawn node whose text contains all the words."""
+    hits = [key for key, text in nodes.items() if all(w in text.split() for w in words)]
+    assert len(hits) == 1, f"{words}: {len(hits)} nodes match: {[nodes[h] for h in hits]}"
+    return nodes[hits[0]]
+
+
+def torch_gradients(ex) -> dict[str, torch.Tensor]:
+    """Independent truth: the parameters' gradients from torch autograd."""
+    params = {name: getattr(ex, name).detach().clone().requires_grad_() for name in
+              ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")}
+    loss = forward(params["C"], params["W1"], params["b1"], params["W2"], params["b2"], params["bngain"],
+                   params["bnbias"], ex.Xb, ex.Yb)
+    loss.backward()
+    return {name: p.grad for name, p in params.items()}
+
+
+# ---------------------------------------------------------------------------------------------- forward view
+
+
+def test_forward_svg_names_every_tensor_with_its_shape(lecture, tmp_path):
+    graph, loss, _, _ = lecture
+    path = graph.render(tmp_path / "mlp.svg")
+    assert path == tmp_path / "mlp.svg"
+    nodes = svg_nodes(path.read_text(encoding="utf-8"))
+    for name, shape in LECTURE_SHAPES.items():
+        node = f"n{graph.node_id(name)}"
+        assert node in nodes, name
+        words = nodes[node].split()
+        assert name in words and shape in words, (name, nodes[node])
+    assert set(LECTURE_ROWS) <= set(LECTURE_SHAPES)
+    # integer inputs show their dtype; float32 tensors do not
+    assert "int64" in nodes[f"n{graph.node_id('Xb')}"] and "float32" not in nodes[f"n{graph.node_id('h')}"]
+
+
+def test_forward_op_labels_read_like_the_lecture(lecture):
+    graph, *_ = lecture
+    nodes = svg_nodes(graph.render().pipe(format="svg", encoding="utf-8"))
+    at = lambda name: nodes[f"n{graph.node_id(name)}"]  # noqa: E731
+    assert at("matmul_1").startswith("embcat @ W1 matmul_1")
+    assert at("hprebn").startswith("matmul_1 + b1 hprebn")
+    assert at("sum_1").startswith("sum(hprebn, dim=0, keepdim) sum_1")
+    assert at("bnmeani").startswith("sum_1 * 0.03125 bnmeani")
+    assert at("bnvar_inv").startswith("add_1 ** -0.5 bnvar_inv")
+    assert at("logit_maxes").startswith("max(logits, dim=1, keepdim).values logit_maxes")
+    assert at("getitem_1").startswith("logprobs[range(32), Yb] getitem_1")
+    assert at("loss").startswith("-mean_1 loss")
+    # the unused indices of logits.max(1) are not drawn
+    assert not any("max_1" in text.split() for text in nodes.values())
+
+
+def test_leaves_inputs_and_loss_are_drawn_distinctly(lecture):
+    graph, *_ = lecture
+    attrs = node_attrs(layout(graph.render()))
+    fill = lambda name: attrs[f"n{graph.node_id(name)}"]["fillcolor"]  # noqa: E731
+    assert fill("W1") == fill("bngain") == COLORS["leaf"]
+    assert fill("Xb") == fill("Yb") == COLORS["input"]
+    assert fill("loss") == COLORS["loss"] and attrs[f"n{graph.node_id('loss')}"]["peripheries"] == "2"
+    assert fill("hprebn") == COLORS["op"]
+    assert len({fill("W1"), fill("Xb"), fill("loss"), fill("hprebn")}) == 4
+
+
+def test_gradient_overlay_shows_torch_autograd_norms(lecture):
+    graph, loss, ex, grads = lecture
+    nodes = svg_nodes(graph.render(grads=grads).pipe(format="svg", encoding="utf-8"))
+    truth = torch_gradients(ex)
+    for name, grad in truth.items():
+        text = nodes[f"n{graph.node_id(name)}"]
+        norm = f"{grad.double().norm().item():.3g}"
+        biggest = f"{grad.double().abs().max().item():.3g}"
+        assert f"grad norm {norm}" in text and f"max|g| {biggest}" in text, (name, text)
+    # intermediates too, against torch autograd replaying the graph
+    from tensorgraph.compare import replay
+
+    values = replay(graph, graph.node_id(loss))
+    values[graph.node_id(loss)].backward()
+    for name in ("hprebn", "bndiff", "logits", "probs"):
+        norm = values[graph.node_id(name)].grad.double().norm().item()
+        assert f"grad norm {norm:.3g}" in nodes[f"n{graph.node_id(name)}"]
+    # integer inputs have no gradient
+    assert "grad" not in nodes[f"n{graph.node_id('Xb')}"]
+
+
+def test_value_summary(lecture):
+    graph, *_ = lecture
+    nodes = svg_nodes(graph.render(values=True).pipe(format="svg", encoding="utf-8"))
+    h = graph.value("h").double()
+    text = nodes[f"n{graph.node_id('h')}"]
+    assert f"mean {h.mean().item():.3g}" in text and f"max {h.max().item():.3g}" in text
+    assert f"std {h.std(correction=0).item():.3g}" in text and f"min {h.min().item():.3g}" in text
+    assert f"value {graph.value('loss').item():.3g}" in nodes[f"n{graph.node_id('loss')}"]
+
+
+def test_compare_report_colours_each_gradient(lecture):
+    graph, loss, _, grads = lecture
+    report = graph.compare(loss)
+    attrs = node_attrs(layout(graph.render(grads=grads, compare=report)))
+    assert report.exact_count == len(report.rows) == 26  # the lecture's exercise 1 is bit-exact
+    for name in LECTURE_ROWS:
+        assert attrs[f"n{graph.node_id(name)}"]["fillcolor"] == COLORS["exact"], name
+
+    @dataclass
+    class Row:
+        name: str
+        exact: bool
+        approximate: bool
+        maxdiff: float = 0.0
+
+    stand_in = type("Report", (), {"rows": [Row("h", False, False, 0.5), Row("W2", False, True, 1e-9),
+                                            Row("b2", True, True)]})()
+    svg = graph.render(compare=stand_in).pipe(format="svg", encoding="utf-8")
+    attrs = node_attrs(layout(graph.render(compare=stand_in)))
+    assert attrs[f"n{graph.node_id('h')}"]["fillcolor"] == COLORS["wrong"]
+    assert attrs[f"n{graph.node_id('W2')}"]["fillcolor"] == COLORS["approximate"]
+    assert attrs[f"n{graph.node_id('b2')}"]["fillcolor"] == COLORS["exact"]
+    assert "WRONG, maxdiff 0.5" in svg_nodes(svg)[f"n{graph.node_id('h')}"]
+
+
+@dataclass
+class CheckRow:
+    name: str
+    kind: str
+    message: str = ""
+
+
+@dataclass
+class CheckReport:
+    first_error: str | None
+    rows: list[CheckRow] = field(default_factory=list)
+
+
+def test_check_report_marks_first_error_and_what_it_feeds(lecture):
+    graph, _, _, grads = lecture
+    rows = [CheckRow("d" + name, "ok") for name in LECTURE_ROWS]
+    rows[LECTURE_ROWS.index("bnvar")] = CheckRow("dbnvar", "sign", "dbnvar has the wrong sign")
+    report = CheckReport("dbnvar", rows)
+    dot = graph.render(grads=grads, check=report)
+    attrs = node_attrs(layout(dot))
+    fill = lambda name: attrs[f"n{graph.node_id(name)}"]["fillcolor"]  # noqa: E731
+    assert fill("bnvar") == COLORS["first error"]
+    # bnvar's gradient feeds the gradients of everything bnvar was computed from
+    for name in ("sum_2", "bndiff2", "bndiff", "bnmeani", "sum_1", "hprebn", "matmul_1", "b1", "embcat", "W1",
+                 "emb", "C"):
+        assert fill(name) == COLORS["downstream of the error"], name
+    # ... and nothing computed after it, nor the integer inputs
+    for name in ("bnvar_inv", "bnraw", "hpreact", "h", "logits", "probs", "W2", "bngain"):
+        assert fill(name) == COLORS["ok"], name
+    assert fill("Xb") == COLORS["input"]
+    text = svg_nodes(dot.pipe(format="svg", encoding="utf-8"))[f"n{graph.node_id('bnvar')}"]
+    assert "first error: sign" in text and "wrong sign" in text
+
+
+# ---------------------------------------------------------------------------------------------- backward view
+
+
+def test_backward_view_shows_the_two_rules(lecture):
+    graph, loss, _, grads = lecture
+    dot = graph.render(view="backward", grads=grads)
+    labels = {key: box["label"] for key, box in node_attrs(layout(dot)).items()}
+
+    def boxes(name: str, *notes: str) -> list[str]:
+        return [key for key, label in labels.items() if f"<b>{name}</b>" in label and all(n in label for n in notes)]
+
+    def gradient(name: str) -> str:
+        """The box holding the final gradient ``name``, drawn once."""
+        final = [key for key in boxes(name) if "part from" not in labels[key] and "running sum" not in labels[key]]
+        assert len(final) == 1, (name, [labels[key] for key in boxes(name)])
+        return labels[final[0]]
+
+    # every gradient the lecture asks for, named the lecture's way, with its shape
+    for name in LECTURE_ROWS:
+        assert LECTURE_SHAPES[name] in gradient(f"d{name}"), name
+    # rule 1: undo the broadcast, as an explicit sum
+    for grad, label in BROADCAST_UNDO.items():
+        assert label in gradient(grad) and "undo the broadcast" in gradient(grad), grad
+    assert sum("undo the broadcast" in label for label in labels.values()) == len(BROADCAST_UNDO)
+    # rule 2: add the branches, as an explicit accumulation fed by one partial gradient per branch
+    for grad in TWO_BRANCHES:
+        assert "+= from 2 consumers" in gradient(grad)
+        parts = boxes(grad, "part from") + [key for key, label in labels.items() if f"part of {grad} from" in label]
+        assert len(parts) == 2, grad
+    assert sum("+=" in label for label in labels.values()) == len(TWO_BRANCHES)
+    # gradient overlay from the engine's gradients, drawn in the SVG
+    nodes = svg_nodes(dot.pipe(format="svg", encoding="utf-8"))
+    dh = [key for key in boxes("dh") if key in nodes]
+    assert len(dh) == 1 and f"grad norm {grads['h'].double().norm().item():.3g}" in nodes[dh[0]]
+
+
+def test_backward_view_groups_each_rule_under_its_forward_op(lecture):
+    graph, loss, _, _ = lecture
+    parsed = layout(graph.render(view="backward", loss=loss))
+    attrs = node_attrs(parsed)
+    clusters = clusters_of(parsed)
+    labels = {key: value["label"] for key, value in attrs.items()}
+    bnraw = clusters["<b>backward of bnraw = bndiff * bnvar_inv</b>"]
+    inside = " ".join(labels[node] for node in bnraw)
+    assert "dbnvar_inv" in inside and "<b>dbndiff</b>" in inside and "part from bnraw" in inside
+    assert "backward of hprebn = matmul_1 + b1" in " ".join(clusters)
+    # one cluster per forward op the loss depends on (every op except the unused max indices)
+    ops = [n for n in graph if graph.node(n)["kind"] == "op" and n in graph.ancestors(loss)]
+    assert len([c for c in clusters if c.startswith("<b>backward of")]) == len(ops) - 1
+
+
+def test_backward_view_needs_the_loss(lecture):
+    graph, *_ = lecture
+    with pytest.raises(ValueError, match="needs the loss"):
+        graph.render(view="backward")
+    with pytest.raises(ValueError, match="unknown view"):
+        graph.render(view="sideways")
+
+
+# ---------------------------------------------------------------------------------------------- output formats
+
+
+def test_png_pdf_and_dot_outputs(lecture, tmp_path):
+    graph, loss, _, grads = lecture
+    png = graph.render(str(tmp_path / "mlp.png"), grads=grads)
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pdf = graph.render(tmp_path / "mlp.PDF", view="backward", grads=grads)
+    assert Path(pdf).read_bytes()[:5] == b"%PDF-"
+    source = graph.render(tmp_path / "mlp.dot", view="backward", grads=grads)
+    text = Path(source).read_text(encoding="utf-8")
+    assert text.startswith("digraph")
+    # the source parses back: Graphviz itself lays it out
+    drawn = subprocess.run(["dot", "-Tjson0", str(source)], capture_output=True, text=True, check=True)
+    parsed = json.loads(drawn.stdout)
+    boxes = [o for o in parsed["objects"] if "nodes" not in o]
+    assert len(boxes) == text.count("[label=<")
+    assert len(boxes) > len(graph)  # the backward pass has more ops than the forward
+
+
+def test_graph_displays_inline(lecture):
+    graph, *_ = lecture
+    assert isinstance(graph.render(), graphviz.Digraph)
+    bundle = graph._repr_mimebundle_()
+    assert "<svg" in bundle["image/svg+xml"] and "hprebn" in bundle["image/svg+xml"]
+    assert bundle["text/plain"].startswith("<tensorgraph.Graph")
+
+
+def test_bad_paths_and_options(lecture, tmp_path):
+    graph, *_ = lecture
+    with pytest.raises(ValueError, match=r"mlp\.jpeg.*\.svg"):
+        graph.render(tmp_path / "mlp.jpeg")
+    with pytest.raises(ValueError, match="suffix"):
+        graph.render(tmp_path / "mlp")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        graph.render(tmp_path / "nowhere" / "mlp.svg")
+    with pytest.raises(ValueError, match="rankdir"):
+        graph.render(rankdir="sideways")
+    with pytest.raises(ValueError, match="depth"):
+        graph.render(depth=-1)
+    with pytest.raises(ValueError, match="no tensor named 'nope'"):
+        graph.render(loss="nope")
+    with pytest.raises(TypeError, match="Gradients"):
+        graph.render(grads={"h": 1})
+
+
+def test_missing_dot_writes_the_source_and_says_how_to_install(lecture, tmp_path, monkeypatch):
+    graph, *_ = lecture
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert shutil.which("dot") is None
+    with pytest.raises(GraphvizNotFoundError) as err:
+        graph.render(tmp_path / "mlp.png")
+    message = str(err.value)
+    assert "`dot`" in message and "apt-get install graphviz" in message and "brew install graphviz" in message
+    assert str(tmp_path / "mlp.dot") in message
+    assert (tmp_path / "mlp.dot").read_text(encoding="utf-8").startswith("digraph")
+    assert not (tmp_path / "mlp.png").exists()
+    # .dot needs no Graphviz; the notebook display falls back to text
+    assert graph.render(tmp_path / "only.dot").exists()
+    bundle = graph._repr_mimebundle_()
+    assert "image/svg+xml" not in bundle and "apt-get install graphviz" in bundle["text/plain"]
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+
+def test_expressions_of_common_ops():
+    x = torch.randn(4, 3)
+    idx = torch.tensor([0, 2])
+    with tg.record() as graph:
+        a = 2 - x
+        b = 1 / x
+        c = x.view(3, 4)
+        d = x[1:, idx]
+        e = torch.cat([x, a], dim=1)
+        f = x.mean()
+        g = x.max(1).indices
+        k = x.sum(dim=(0, 1))
+    assert len({id(t) for t in (a, b, c, d, e, f, g, k)}) == 8
+    nodes = graph._nodes
+    name = lambda node: nodes[node]["name"]  # noqa: E731
+    text = {key: expression(graph.node(key), name) for key in "abcdefgk"}
+    assert text == {"a": "2 - x", "b": "1 / x", "c": "view(x, 3, 4)", "d": "x[1:, idx]",
+                    "e": "cat([x, a], dim=1)", "f": "mean(x)", "g": "max(x, dim=1).indices",
+                    "k": "sum(x, dim=(0, 1))"}
+
+
+# ---------------------------------------------------------------------------------------------- large graphs
+
+
+def scoped_mlp(layers: int, width: int = 16, batch: int = 8):
+    """A deep MLP with a batchnorm in every layer: 16 nodes a layer, clustered by tg.scope."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, width, generator=g)
+    params = [(torch.randn(width, width, generator=g) * 0.3, torch.zeros(width), torch.ones(1, width),
+               torch.zeros(1, width)) for _ in range(layers)]
+    with tg.record() as graph:
+        h = x
+        for i, (W, b, gain, bias) in enumerate(params):
+            with tg.scope(f"layer{i}"):
+                pre = h @ W + b
+                with tg.scope("batchnorm"):
+                    mean = pre.mean(0, keepdim=True)
+                    diff = pre - mean
+                    var = (diff**2).mean(0, keepdim=True)
+                    pre = gain * diff * (var + 1e-5) ** -0.5 + bias
+                h = torch.tanh(pre)
+        loss = h.square().mean()
+    return graph, loss
+
+
+def test_clusters_follow_scopes_and_collapse():
+    graph, loss = scoped_mlp(2)
+    parsed = layout(graph.render(loss=loss))
+    clusters = clusters_of(parsed)
+    assert set(clusters) == {"<b>layer0</b>", "<b>layer1</b>", "<b>batchnorm</b>"}
+    # layer0's parameters sit in layer0's cluster (they are used nowhere else); its batchnorm is nested inside it
+    layer0 = clusters["<b>layer0</b>"]
+    assert {f"n{node}" for node in graph.ancestors("add_1") if not graph.node(node)["inputs"]} - {"n0"} <= layer0
+    nested = [o for o in parsed["objects"] if o.get("label") == "<b>layer0</b>"][0]
+    assert len(nested.get("subgraphs", [])) == 1
+    # collapse=["batchnorm"]: one box per layer's batchnorm, nothing inside it drawn
+    collapsed = graph.render(loss=loss, collapse=["batchnorm"])
+    parsed = layout(collapsed)
+    boxes = [o for o in node_attrs(parsed).values() if o.get("shape") == "box3d"]
+    assert len(boxes) == 2 and all("batchnorm" in box["label"] and "collapsed" in box["label"] for box in boxes)
+    assert set(clusters_of(parsed)) == {"<b>layer0</b>", "<b>layer1</b>"}
+    svg = svg_nodes(collapsed.pipe(format="svg", encoding="utf-8"))
+    assert not any(text.split()[-2:-1] == ["diff"] or " var " in f" {text} " for text in svg.values())
+    # the box is wired like the cluster: the matmul feeds it, it feeds tanh
+    names = {o["_gvid"]: o for o in parsed["objects"]}
+    heads = {(names[e["tail"]]["name"], names[e["head"]]["name"]) for e in parsed["edges"]}
+    pre0 = f"n{graph.node_id('add_1')}"  # layer0's h @ W + b
+    box0 = [key for key, o in node_attrs(parsed).items() if o.get("shape") == "box3d" and "layer0" in o.get(
+        "tooltip", "")][0]
+    assert (pre0, box0) in heads
+    assert any(tail == box0 and "tanh" in node_attrs(parsed)[head]["label"] for tail, head in heads)
+    # collapsing a whole path, and a name that is no cluster
+    assert len([o for o in node_attrs(layout(graph.render(collapse="layer1"))).values()
+                if o.get("shape") == "box3d"]) == 1
+    with pytest.raises(ValueError, match=r"no cluster named 'attention'.*layer0/batchnorm"):
+        graph.render(collapse=["attention"])
+
+
+def test_cluster_modes():
+    graph, loss = scoped_mlp(1)
+    assert clusters_of(layout(graph.render(cluster=None))) == {}
+    # by function: the ops of this test file's scoped_mlp, leaves joining them
+    by_function = clusters_of(layout(graph.render(cluster="function")))
+    assert list(by_function) == ["<b>scoped_mlp</b>"] and len(by_function["<b>scoped_mlp</b>"]) == len(graph)
+    with pytest.raises(ValueError, match="cluster mode"):
+        graph.render(cluster="module")
+    with pytest.raises(ValueError, match="tg.scope"):
+        graph.render(cluster=None, collapse=["layer0"])
+
+
+def test_depth_limits_the_drawing(lecture):
+    graph, loss, _, _ = lecture
+    nodes = svg_nodes(graph.render(loss=loss, depth=2).pipe(format="svg", encoding="utf-8"))
+    # loss = -mean_1, mean_1 = mean(getitem_1), getitem_1 = logprobs[range(32), Yb]: 2 ops below the loss
+    assert {f"n{graph.node_id(n)}" for n in ("loss", "mean_1", "getitem_1")} <= set(nodes)
+    assert len(nodes) == 4 and "earlier nodes not drawn" in nodes["cut"]
+    back = svg_nodes(graph.render(view="backward", loss=loss, depth=3).pipe(format="svg", encoding="utf-8"))
+    assert any("dlogprobs" in text for text in back.values())
+    assert not any("dprobs" in text.split() for text in back.values())
+    assert "continues" in back["cut"]
+
+
+def test_two_thousand_node_graph_renders_in_seconds(tmp_path):
+    graph, loss = scoped_mlp(120)
+    assert len(graph) > 1900
+    timings = {}
+    for label, options in [("forward", {}), ("forward, collapse=['batchnorm']", {"collapse": ["batchnorm"]}),
+                           ("forward, depth=20", {"depth": 20})]:
+        start = time.perf_counter()
+        path = graph.render(tmp_path / "deep.svg", loss=loss, **options)
+        timings[label] = time.perf_counter() - start
+        nodes = svg_nodes(path.read_text(encoding="utf-8"))
+        if not options:
+            assert len(nodes) == len(graph)
+    listing = ", ".join(f"{label}: {seconds:.2f} s" for label, seconds in timings.items())
+    print(f"\nrender time, {len(graph)}-node graph: {listing}")
+
+
+@pytest.mark.slow
+def test_two_thousand_node_backward_view(tmp_path):
+    graph, loss = scoped_mlp(120)
+    start = time.perf_counter()
+    path = graph.render(tmp_path / "deep_backward.svg", view="backward", loss=loss)
+    elapsed = time.perf_counter() - start
+    nodes = svg_nodes(path.read_text(encoding="utf-8"))
+    print(f"\nrender time, backward view of a {len(graph)}-node graph ({len(nodes)} boxes): {elapsed:.2f} s")
+    assert any("dlayer0" in text or "dW" in text or "+=" in text for text in nodes.values())
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_render(tmp_path, capsys):
+    out = tmp_path / "mlp.svg"
+    assert main(["render", "--out", str(out), "--grads"]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "dhprebn" not in text and "grad norm" in text and "hprebn" in text
+    assert str(out) in capsys.readouterr().out
+    out = tmp_path / "backward.dot"
+    assert main(["render", "--out", str(out), "--view", "backward"]) == 0
+    assert "dhprebn" in out.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["render", "--out", "mlp.gif"], ["mlp.gif", ".svg"]),
+    (["render", "--out", "no/such/folder/mlp.svg"], ["no/such/folder", "does not exist"]),
+    (["render", "--out", "mlp.svg", "--view", "sideways"], ["--view", "sideways"]),
+    (["render"], ["--out"]),
+])
+def test_cli_errors_are_one_line(argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(word in err for word in words), err
+
+
+def test_cli_without_dot(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert main(["render", "--out", str(tmp_path / "mlp.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "apt-get install graphviz" in err
+    assert (tmp_path / "mlp.dot").exists()
