@@ -1,0 +1,177 @@
+"""``tensorgraph train`` and ``tensorgraph sample``: outputs, resume, and every bad input (one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tensorgraph.cli import main
+from tensorgraph.makemore.data import load_words
+
+TINY = ["--steps", "40", "--hidden", "16", "--eval-every", "20", "--quiet", "--no-render"]
+
+
+@pytest.fixture(scope="module")
+def words_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "names300.txt"
+    path.write_text("\n".join(load_words()[:300]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, words_file):
+    """One small run through the CLI, shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("run") / "a"
+    code = main(["train", "--steps", "60", "--hidden", "16", "--seed", "1", "--data", str(words_file), "--out",
+                 str(out), "--json", "--quiet", "--eval-every", "20", "--samples", "5"])
+    assert code == 0
+    return out
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_writes_its_outputs(tmp_path, words_file, capsys):
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(capsys, "train", "--steps", "50", "--hidden", "16", "--data", words_file,
+                                   "--out", out, "--json", "--eval-every", "25")
+    assert code == 0, stderr
+    line = stdout.strip()
+    assert "\n" not in line  # --json: stdout is the one JSON line; the summary went to stderr
+    metrics = json.loads(line)
+    assert set(metrics) == {"train_loss", "val_loss", "steps", "seconds", "backend"}
+    assert metrics["steps"] == 50 and metrics["backend"] == "engine" and 1.0 < metrics["val_loss"] < 4.0
+    assert {"model.pt", "loss.png", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["val_loss"] == metrics["val_loss"] and len(saved["samples"]) == 20
+    assert [h["step"] for h in saved["history"]] == [25, 50]
+    if saved["files"].get("graph"):  # the picture of one step, when Graphviz and tensorgraph.render are there
+        assert Path(saved["files"]["graph"]).stat().st_size > 1000
+    else:
+        assert saved["notes"] and saved["notes"][0].startswith("graph picture skipped")
+    assert "train loss" in stderr and "samples:" in stderr
+
+
+def test_sample_is_reproducible(trained, capsys):
+    code, first, err = run_cli(capsys, "sample", "--checkpoint", trained / "model.pt", "--n", 7)
+    assert code == 0, err
+    assert len(first.splitlines()) == 7
+    _, second, _ = run_cli(capsys, "sample", "--checkpoint", trained / "model.pt", "--n", 7)
+    _, other, _ = run_cli(capsys, "sample", "--checkpoint", trained / "model.pt", "--n", 7, "--seed", 5)
+    assert first == second and first != other
+    # the default seed is the training seed + 10, as the lecture samples, and train printed those names
+    metrics = json.loads((trained / "metrics.json").read_text())
+    _, five, _ = run_cli(capsys, "sample", "--checkpoint", trained / "model.pt", "--n", 5)
+    assert five.split() == metrics["samples"]
+
+
+def test_resume_continues(trained, tmp_path, words_file, capsys):
+    out = tmp_path / "resumed"
+    code, stdout, err = run_cli(capsys, "train", "--resume", trained / "model.pt", "--steps", 80, "--out", out,
+                                "--json", "--quiet", "--no-render")
+    assert code == 0, err
+    assert json.loads(stdout)["steps"] == 80
+    data = torch.load(out / "model.pt", weights_only=True)
+    assert data["step"] == 80 and data["config"]["n_hidden"] == 16 and len(data["losses"]) == 80
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps: expected a positive integer, got 0"),
+    (["--steps", "-3"], "--steps: expected a positive integer"),
+    (["--steps", "lots"], "--steps: expected a positive integer, got 'lots'"),
+    (["--batch", "1"], "batch_size must be at least 2"),
+    (["--hidden", "0"], "--hidden: expected a positive integer"),
+    (["--lr", "0"], "--lr: expected a positive number"),
+    (["--lr", "nan"], "--lr: expected a positive number"),
+    (["--seed", "-1"], "--seed: expected a seed"),
+    (["--backend", "jax"], "invalid choice: 'jax'"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--samples", "-2"], "--samples"),
+    (["--data", "{tmp}/missing.txt"], "data file not found: {tmp}/missing.txt"),
+    (["--data", "{tmp}"], "data file is a directory"),
+    (["--data", "{tmp}/empty.txt"], "data file is empty: {tmp}/empty.txt"),
+    (["--data", "{tmp}/latin1.txt"], "{tmp}/latin1.txt:3: not valid UTF-8"),
+    (["--data", "{tmp}/spaces.txt"], "{tmp}/spaces.txt:2: expected one word per line"),
+    (["--data", "{tmp}/dots.txt"], "{tmp}/dots.txt:1: '.' is reserved"),
+    (["--data", "{tmp}/few.txt"], "too few words"),
+    (["--resume", "{tmp}/missing.pt"], "checkpoint not found: {tmp}/missing.pt"),
+    (["--resume", "{tmp}/junk.pt"], "not a tensorgraph checkpoint"),
+])
+def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "latin1.txt").write_bytes("anna\nbob\nzo\xeb\n".encode("latin-1"))
+    (tmp_path / "spaces.txt").write_text("anna\nmary ann\n")
+    (tmp_path / "dots.txt").write_text("a.b\n")
+    (tmp_path / "few.txt").write_text("anna\nbob\ncyd\n")
+    (tmp_path / "junk.pt").write_bytes(os.urandom(300))
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, stdout, stderr = run_cli(capsys, "train", *argv, "--out", tmp_path / "out", "--quiet")
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+    assert message.format(tmp=tmp_path) in stderr
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_bad_resume_options(trained, tmp_path, words_file, capsys):
+    checkpoint = trained / "model.pt"
+    other = tmp_path / "other.txt"
+    other.write_text("xyz\nzyx\n" * 10)
+    cases = [
+        (["--hidden", "32"], "--hidden 32 conflicts with the checkpoint"),
+        (["--steps", "60"], "already at step 60"),
+        ([], "finished its 60 steps"),
+        (["--steps", "100", "--data", other], "has the characters 'xyz' but the checkpoint"),
+    ]
+    for argv, message in cases:
+        code, _, stderr = run_cli(capsys, "train", "--resume", checkpoint, *argv, "--out", tmp_path / "o", "--quiet")
+        assert code == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr, (argv, stderr)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "{tmp}/missing.pt"], "checkpoint not found"),
+    (["--checkpoint", "{tmp}/junk.pt"], "not a tensorgraph checkpoint"),
+    (["--checkpoint", "{tmp}/other.pt"], "not a tensorgraph makemore checkpoint"),
+    (["--checkpoint", "{tmp}/junk.pt", "--n", "0"], "--n: expected a positive integer"),
+    ([], "the following arguments are required: --checkpoint"),
+])
+def test_sample_bad_input(tmp_path, capsys, argv, message):
+    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    code, _, stderr = run_cli(capsys, "sample", *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert message in stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_saves_a_checkpoint_and_says_where(tmp_path, words_file):
+    """The real command in a subprocess, interrupted with SIGINT: a checkpoint, its path, status 130."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tensorgraph.cli", "train", "--steps", "1000000", "--hidden", "16", "--data",
+           str(words_file), "--out", str(out), "--eval-every", "100000", "--no-render"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "training the makemore MLP" in proc.stdout.readline()  # data loaded, the loop is starting
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "training interrupted at step" in last and f"checkpoint saved to {out / 'model.pt'}" in last
+    assert "Traceback" not in stderr
+    data = torch.load(out / "model.pt", weights_only=True)
+    assert 0 < data["step"] < 1_000_000 and len(data["losses"]) == data["step"]

@@ -1,0 +1,309 @@
+"""Training the makemore MLP: backends agree with torch autograd, seeds reproduce, checkpoints resume exactly.
+
+Short runs on a slice of names.txt (a few hundred words, a small hidden layer), so the
+whole file takes a few seconds. The full 200,000-step run is measured, not tested
+(docs/training.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+from tensorgraph.makemore.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    save_atomic,
+)
+from tensorgraph.makemore.data import default_path, load_splits, load_words
+from tensorgraph.makemore.model import MLP, PARAMETER_NAMES, forward
+from tensorgraph.makemore.train import (
+    BACKENDS,
+    TrainConfig,
+    TrainError,
+    TrainingInterrupted,
+    state_from_checkpoint,
+    train,
+)
+
+SMALL = dict(n_hidden=32, batch_size=32, eval_every=50)
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    """The first 600 names (the lecture's shuffle and 80/10/10 split of them)."""
+    path = tmp_path_factory.mktemp("data") / "names600.txt"
+    path.write_text("\n".join(load_words()[:600]) + "\n")
+    return load_splits(path)
+
+
+def params_of(result):
+    return [p.clone() for p in result.model.parameters()]
+
+
+# ---------------------------------------------------------------- the model
+
+
+def test_init_is_the_lectures_and_seeded():
+    """Every draw from the one generator, in the lecture's order and scales (bngain/bnbias too)."""
+    g = torch.Generator().manual_seed(7)
+    model = MLP.init(27, n_embd=10, n_hidden=200, generator=g)
+    ref = torch.Generator().manual_seed(7)
+    C = torch.randn((27, 10), generator=ref)
+    W1 = torch.randn((30, 200), generator=ref) * (5 / 3) / 30**0.5
+    b1 = torch.randn(200, generator=ref) * 0.1
+    W2 = torch.randn((200, 27), generator=ref) * 0.1
+    b2 = torch.randn(27, generator=ref) * 0.1
+    bngain = torch.randn((1, 200), generator=ref) * 0.1 + 1.0
+    bnbias = torch.randn((1, 200), generator=ref) * 0.1
+    for got, want in zip(model.parameters(), [C, W1, b1, W2, b2, bngain, bnbias]):
+        assert torch.equal(got, want)
+    assert model.num_parameters() == 27 * 10 + 30 * 200 + 200 + 200 * 27 + 27 + 2 * 200
+
+
+def test_forward_matches_the_lectures_functional_loss(splits):
+    """The exercise-4 forward equals the same network written with torch.nn.functional, in float64."""
+    model = MLP.init(len(splits.vocab), n_hidden=16, generator=torch.Generator().manual_seed(3))
+    params = [p.double() for p in model.parameters()]
+    Xb, Yb = splits.train[0][:32], splits.train[1][:32]
+    C, W1, b1, W2, b2, bngain, bnbias = params
+    hpre = C[Xb].flatten(1) @ W1 + b1
+    hpre = F_batch_norm(hpre) * bngain + bnbias
+    want = torch.nn.functional.cross_entropy(torch.tanh(hpre) @ W2 + b2, Yb)
+    assert torch.allclose(forward(*params, Xb, Yb), want, rtol=1e-12, atol=0)
+
+
+def F_batch_norm(x):
+    """Batchnorm with the unbiased variance (the lecture's training-time normalisation)."""
+    mean = x.mean(0, keepdim=True)
+    var = ((x - mean) ** 2).sum(0, keepdim=True) / (x.shape[0] - 1)
+    return (x - mean) / torch.sqrt(var + 1e-5)
+
+
+def test_evaluate_and_sample_need_calibration(splits):
+    model = MLP.init(len(splits.vocab), n_hidden=16)
+    with pytest.raises(ValueError, match="calibrate"):
+        model.evaluate(*splits.val)
+    model.calibrate(splits.train[0])
+    X = splits.train[0]
+    hpre = model.C[X].flatten(1) @ model.W1 + model.b1
+    assert torch.allclose(model.bnmean, hpre.mean(0, keepdim=True))
+    assert torch.allclose(model.bnvar, hpre.var(0, keepdim=True, unbiased=True))
+    names = model.sample(splits.vocab, 5, generator=torch.Generator().manual_seed(1), max_length=12)
+    again = model.sample(splits.vocab, 5, generator=torch.Generator().manual_seed(1), max_length=12)
+    assert names == again and len(names) == 5
+    assert all(len(name) <= 12 and set(name) <= set(splits.vocab.stoi) - {"."} for name in names)
+
+
+# ---------------------------------------------------------------- backends and training
+
+# Tolerances for "the same trajectory": float32 with a loss near 2.5 has an ulp of 2.4e-7.
+# The engine's rules mirror torch's formulas, so today the runs are bit-identical; the
+# tolerance (1e-4 on the loss, about 400 ulps, and on the parameters) still lets a future
+# rule reorder a sum (a few ulps per step, amplified slowly by SGD over 200 steps) while any
+# wrong gradient moves the loss by far more than 1e-4 within a few steps.
+LOSS_TOL = 1e-4
+
+
+def available_backends():
+    out = ["engine"]
+    if importlib.util.find_spec("tensorgraph.compiler") is not None:
+        out.append("compiled")
+    return out
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_backend_follows_torch_autograd_step_for_step(splits, backend):
+    config = TrainConfig(steps=200, **SMALL)
+    ref_losses, got_losses = [], []
+    ref = train(splits, config, backend="torch", callback=lambda st, loss: ref_losses.append(loss))
+    got = train(splits, config, backend=backend, callback=lambda st, loss: got_losses.append(loss))
+    assert len(got_losses) == len(ref_losses) == 200
+    worst = max(abs(a - b) for a, b in zip(got_losses, ref_losses))
+    assert worst <= LOSS_TOL, f"{backend} drifted from torch autograd by {worst:.3g}"
+    for name, a, b in zip(PARAMETER_NAMES, got.model.parameters(), ref.model.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=LOSS_TOL), name
+    assert abs(got.val_loss - ref.val_loss) <= LOSS_TOL
+
+
+def test_engine_gradients_equal_torch_autograd_on_one_step(splits):
+    """The step functions themselves: gradients of every parameter against torch.autograd in float64."""
+    model = MLP.init(len(splits.vocab), n_hidden=24, generator=torch.Generator().manual_seed(5))
+    for name in PARAMETER_NAMES:
+        setattr(model, name, getattr(model, name).double())
+    Xb, Yb = splits.train[0][:40], splits.train[1][:40]
+    loss_e, grads_e = BACKENDS["engine"](model)(Xb, Yb)
+    leaves = [p.detach().requires_grad_() for p in model.parameters()]
+    want = torch.autograd.grad(forward(*leaves, Xb, Yb), leaves)
+    for name, a, b in zip(PARAMETER_NAMES, grads_e, want):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-10, atol=1e-12), name
+
+
+def test_loss_falls(splits):
+    result = train(splits, TrainConfig(steps=300, **SMALL))
+    first, last = result.state.losses[:20], result.state.losses[-50:]
+    assert sum(last) / len(last) < sum(first) / len(first) - 0.4
+    assert result.val_loss < 2.9 < torch.log(torch.tensor(float(len(splits.vocab)))).item()
+    assert [h["step"] for h in result.state.history] == [50, 100, 150, 200, 250, 300]
+
+
+def test_same_seed_same_numbers_different_seed_different(splits):
+    config = TrainConfig(steps=100, seed=11, **SMALL)
+    a, b = train(splits, config), train(splits, config)
+    c = train(splits, TrainConfig(steps=100, seed=12, **SMALL))
+    assert a.state.losses == b.state.losses and a.val_loss == b.val_loss
+    assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
+    assert a.state.losses != c.state.losses
+
+
+def test_learning_rate_schedule():
+    config = TrainConfig().resolved()
+    assert (config.lr_decay_step, config.lr_final, config.eval_every) == (100_000, 0.1 / 10, 20_000)
+    assert config.learning_rate(99_999) == 0.1 and config.learning_rate(100_000) == pytest.approx(0.01)
+    assert TrainConfig(steps=10, lr=0.5, lr_final=0.2, lr_decay_step=3).learning_rate(3) == 0.2
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(steps=0), "steps must be a positive"), (dict(steps=-5), "steps"), (dict(batch_size=1), "at least 2"),
+    (dict(n_hidden=0), "n_hidden"), (dict(lr=0.0), "lr must be"), (dict(lr=float("nan")), "lr must be"),
+    (dict(seed=-1), "seed"), (dict(eval_every=0), "eval_every"),
+])
+def test_bad_config_is_refused(splits, bad, message):
+    with pytest.raises(TrainError, match=message):
+        train(splits, TrainConfig(**bad))
+
+
+def test_unknown_and_unavailable_backends(splits, monkeypatch):
+    with pytest.raises(TrainError, match="unknown backend 'jax'"):
+        train(splits, TrainConfig(steps=2, **SMALL), backend="jax")
+    monkeypatch.setitem(sys.modules, "tensorgraph.compiler", None)  # as if compiler.py were not there
+    with pytest.raises(TrainError, match="backend 'compiled' is not available"):
+        train(splits, TrainConfig(steps=2, **SMALL), backend="compiled")
+
+
+def test_too_few_words(tmp_path):
+    path = tmp_path / "five.txt"
+    path.write_text("anna\nbob\ncyd\ndee\neve\n")  # 80/10/10 of 5 words leaves the val split empty
+    with pytest.raises(TrainError, match="val split is empty"):
+        train(load_splits(path), TrainConfig(steps=2, **SMALL))
+
+
+# ---------------------------------------------------------------- checkpoints, interrupt, resume
+
+
+def test_checkpoint_round_trip(splits, tmp_path):
+    result = train(splits, TrainConfig(steps=30, **SMALL), checkpoint=tmp_path / "model.pt")
+    data = load_checkpoint(tmp_path / "model.pt")
+    model, vocab = model_from_checkpoint(data)
+    assert vocab == splits.vocab and data["step"] == 30 and data["backend"] == "engine"
+    for a, b in zip(model.parameters(), result.model.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(model.bnmean, result.model.bnmean) and torch.equal(model.bnvar, result.model.bnvar)
+    assert model.evaluate(*splits.val) == result.val_loss
+    assert data["val_loss"] == result.val_loss
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
+    assert oct(os.stat(tmp_path / "model.pt").st_mode & 0o777) != oct(0o600)
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "model.pt"
+    save_atomic({"x": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic({"x": Unpicklable()}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a tensorgraph checkpoint"):
+        load_checkpoint(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(CheckpointError, match="not a tensorgraph makemore checkpoint"):
+        load_checkpoint(other)
+    model = MLP.init(5, n_hidden=4)
+    data = make_checkpoint(model, load_splits(default_path()).vocab)  # 27 characters, C has 5 rows
+    torch.save(data, other)
+    with pytest.raises(CheckpointError, match="parameter C has shape"):
+        load_checkpoint(other)
+
+
+def test_interrupt_then_resume_continues_the_same_trajectory(splits, tmp_path):
+    """Ctrl-C (a callback raising KeyboardInterrupt) saves a checkpoint; resuming matches an uninterrupted run."""
+    config = TrainConfig(steps=160, **SMALL)
+    straight = train(splits, config)
+
+    def stop_at_70(state, loss):
+        if state.step == 70:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 70; checkpoint saved") as info:
+        train(splits, config, callback=stop_at_70, checkpoint=tmp_path / "model.pt")
+    assert info.value.path == tmp_path / "model.pt"
+    state, saved_config, vocab = state_from_checkpoint(load_checkpoint(tmp_path / "model.pt"))
+    assert state.step == 70 and saved_config == config.resolved() and vocab == splits.vocab
+    resumed = train(splits, saved_config, state=state)
+    assert resumed.state.losses == straight.state.losses
+    assert resumed.state.history == straight.state.history
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), straight.model.parameters()))
+
+
+def test_interrupt_inside_a_step_rewinds_the_batch_draw(splits, tmp_path, monkeypatch):
+    """A KeyboardInterrupt in the middle of a step: the state saved is that of the last finished step."""
+    config = TrainConfig(steps=60, **SMALL)
+    straight = train(splits, config, backend="torch")
+    calls = {"n": 0}
+
+    def flaky_backend(model):
+        step = BACKENDS["torch"](model)
+
+        def run(Xb, Yb):
+            calls["n"] += 1
+            if calls["n"] == 25:
+                raise KeyboardInterrupt
+            return step(Xb, Yb)
+
+        return run
+
+    monkeypatch.setitem(BACKENDS, "flaky", flaky_backend)
+    with pytest.raises(TrainingInterrupted, match="at step 24"):
+        train(splits, config, backend="flaky", checkpoint=tmp_path / "model.pt")
+    state, saved_config, _ = state_from_checkpoint(load_checkpoint(tmp_path / "model.pt"))
+    resumed = train(splits, saved_config, state=state, backend="torch")
+    assert resumed.state.losses == straight.state.losses
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32", reason="POSIX signals")
+def test_real_sigint_stops_at_the_end_of_the_step(splits, tmp_path):
+    def press_ctrl_c(state, loss):
+        if state.step == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(splits, TrainConfig(steps=60, **SMALL), callback=press_ctrl_c, checkpoint=tmp_path / "model.pt",
+              handle_sigint=True)
+    assert info.value.state.step == 20 and (tmp_path / "model.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_threads_are_restored(splits):
+    before = torch.get_num_threads()
+    train(splits, TrainConfig(steps=3, **SMALL), threads=1)
+    assert torch.get_num_threads() == before
