@@ -111,7 +111,8 @@ class _Recorder(TorchFunctionMode):
                 self._check_alias(func, args, kwargs, result)
                 return result  # an alias of an input (contiguous(), .to(same dtype)): not a new value
             outputs = [result]
-        elif isinstance(result, (tuple, list)) and result and all(isinstance(r, Tensor) for r in result):
+        elif isinstance(result, (tuple, list)) and any(isinstance(r, Tensor) for r in result) and all(
+                isinstance(r, Tensor) or r is None for r in result):  # (grad_x, grad_w, None) from a backward op
             outputs = list(result)
         else:
             return result
@@ -246,7 +247,7 @@ class _Recorder(TorchFunctionMode):
         name = op.name if op is not None else func_name(func)
         kind = "constant" if op is not None and op.constant else "op"
         bound_args, bound_kwargs, attrs, unsupported = call_args, call_kwargs, {}, None
-        if kind == "op" and op is not None and any(o.is_floating_point() for o in outputs):
+        if kind == "op" and op is not None and any(o.is_floating_point() for o in outputs if o is not None):
             swapped = call_args[1::-1] + call_args[2:] if entry[1] else call_args
             try:
                 bound_args, bound_kwargs = op.bind(swapped, call_kwargs)
@@ -256,6 +257,8 @@ class _Recorder(TorchFunctionMode):
         multi = not isinstance(result, Tensor)
         stack = _scope_stack()
         for index, out in enumerate(outputs):
+            if out is None:
+                continue
             node = graph._add_node(
                 op=name, kind=kind, value=out, version=out._version, func=func, args=call_args,
                 kwargs=call_kwargs, bargs=bound_args, bkwargs=bound_kwargs, attrs=attrs, source=source,
