@@ -1,0 +1,431 @@
+"""The backward pass as straight-line torch code: the answer key of the lecture's exercise 1.
+
+``graph.backward_source(loss)`` runs the engine once while recording it
+(:func:`tensorgraph.trace`) and prints what it did, one statement per gradient
+contribution, with the user's names and the lecture's ``d`` convention::
+
+    # probs = counts * counts_sum_inv
+    dcounts = dprobs * counts_sum_inv  # mul: d(a*b)/da = b
+    dcounts_sum_inv = (dprobs * counts).sum(1, keepdim=True)  # mul: d(a*b)/db = a; broadcast-undo: sum to (32, 1)
+    ...
+    dcounts += dcounts_sum  # sum: each summed element gets the sum's gradient; 2nd branch, through counts_sum
+
+Every statement is the rule's own torch calls as recorded, so the code computes exactly
+what the engine computes, bit for bit. Broadcast-undo is explicit (``.sum(0,
+keepdim=True)``), and a tensor used by several ops gets one ``+=`` per extra branch.
+Temporaries used once are inlined; forward intermediates without a user name are
+written out as their forward expressions (``logits.max(1, keepdim=True).indices``).
+
+The code runs in a namespace holding ``torch``, ``F`` and the forward tensors by name
+(:func:`tensorgraph.printer.namespace`), plus ``dloss`` when a ``grad`` was given.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from . import printer
+from .graph import identifier
+from .printer import PRIMARY, Expr
+
+if TYPE_CHECKING:
+    from .engine import BackwardTrace
+    from .graph import Graph
+
+# what each rule does, by op and argument position (the comment on each generated line)
+RULE_NOTES: dict[str, tuple[str, ...]] = {
+    "add": ("d(a+b)/da = 1", "d(a+b)/db = 1"),
+    "sub": ("d(a-b)/da = 1", "d(a-b)/db = -1"),
+    "rsub": ("d(b-a)/da = -1", "d(b-a)/db = 1"),
+    "mul": ("d(a*b)/da = b", "d(a*b)/db = a"),
+    "div": ("d(a/b)/da = 1/b", "d(a/b)/db = -a/b**2"),
+    "rdiv": ("d(c/x)/dx = -c/x**2",),
+    "pow": ("d(x**e)/dx = e*x**(e-1)", "d(x**e)/de = x**e*log(x)"),
+    "square": ("d(x**2)/dx = 2*x",),
+    "neg": ("d(-x)/dx = -1",),
+    "exp": ("d exp(x)/dx = exp(x)",),
+    "log": ("d log(x)/dx = 1/x",),
+    "sqrt": ("d sqrt(x)/dx = 1/(2*sqrt(x))",),
+    "rsqrt": ("d x**-0.5/dx = -0.5*x**-1.5",),
+    "reciprocal": ("d(1/x)/dx = -1/x**2",),
+    "tanh": ("d tanh(x)/dx = 1 - tanh(x)**2, in torch's fused kernel",),
+    "sigmoid": ("d sigmoid(x)/dx = s*(1-s), in torch's fused kernel",),
+    "relu": ("d relu(x)/dx = 1 where x > 0",),
+    "abs": ("d|x|/dx = sign(x)",),
+    "matmul": ("d(a@b)/da = g @ b.T", "d(a@b)/db = a.T @ g"),
+    "linear": ("d(x@W.T+b)/dx = g @ W", "d/dW = g.T @ x", "d/db = g"),
+    "sum": ("each summed element gets the sum's gradient",),
+    "mean": ("each element gets 1/n of the mean's gradient",),
+    "var": ("d var/dx = 2*(x-mean)/(n-correction)",),
+    "std": ("d std/dx = (x-mean)/((n-correction)*std)",),
+    "max": ("only the selected maximum gets the gradient",),
+    "min": ("only the selected minimum gets the gradient",),
+    "amax": ("the maxima share the gradient",),
+    "getitem": ("the picked elements get the gradient; repeated picks add up",),
+    "setitem": ("overwritten elements get none", "", "the written elements get theirs"),
+    "index_put": ("overwritten elements get none", "", "the written elements get theirs"),
+    "embedding": ("", "each looked-up row gets its gradient; repeated rows add up"),
+    "view": ("reshape the gradient back",),
+    "reshape": ("reshape the gradient back",),
+    "flatten": ("reshape the gradient back",),
+    "unsqueeze": ("reshape the gradient back",),
+    "squeeze": ("reshape the gradient back",),
+    "t": ("transpose back",),
+    "T": ("transpose back",),
+    "mT": ("transpose back",),
+    "transpose": ("transpose back",),
+    "permute": ("permute back",),
+    "expand": ("sum over the copies (broadcast-undo)",),
+    "clone": ("the gradient passes through",),
+    "contiguous": ("the gradient passes through",),
+    "cat": ("each input gets its slice",),
+    "stack": ("each input gets its slice",),
+    "softmax": ("s*(g - (g*s).sum(dim)), in torch's fused kernel",),
+    "log_softmax": ("g - exp(out)*g.sum(dim), in torch's fused kernel",),
+    "cross_entropy": ("(softmax(logits) - onehot(target)) / n",),
+    "nll_loss": ("-onehot(target) / n",),
+    "mse_loss": ("2*(x - target) / n", "-2*(x - target) / n"),
+    "layer_norm": ("torch's fused layer-norm backward",),
+    "batch_norm": ("torch's fused batch-norm backward",),
+}
+
+
+@dataclass
+class Line:
+    """One generated line: code (or a ``#`` header), its comment, and the index of the step it computes."""
+
+    code: str
+    comment: str = ""
+    step: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code}  # {self.comment}" if self.comment else self.code
+
+
+@dataclass
+class BackwardSource:
+    """The generated backward pass: its lines, and each step's contribution as an expression."""
+
+    lines: list[Line]
+    trace: BackwardTrace
+    variables: dict[int, str]  # forward node id -> the variable holding its final gradient
+    contributions: dict[int, str] = field(default_factory=dict)  # step index -> source of what it adds
+
+    def text(self, comments: bool = True) -> str:
+        return "\n".join(str(line) if comments else line.code for line in self.lines
+                         if comments or not line.code.startswith("#")) + "\n"
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+def backward_source(graph: Graph, loss: Any, grad: Tensor | None = None, *, comments: bool = True) -> str:
+    """The whole backward pass of ``loss`` as readable, runnable torch code (see the module docstring).
+
+    ``comments=False`` leaves out the forward-line headers and the per-line rule notes.
+    """
+    return generate(graph, loss, grad).text(comments)
+
+
+def generate(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardSource:
+    """Like :func:`backward_source`, as a :class:`BackwardSource` (lines, steps, variables)."""
+    from .engine import trace
+
+    return _Generator(graph, trace(graph, loss, grad)).run()
+
+
+def run(source: str, graph: Graph, grad: Tensor | None = None, root: str = "loss") -> dict[str, Any]:
+    """Execute generated code in a namespace holding the forward values; returns the namespace."""
+    namespace = printer.namespace(graph)
+    if grad is not None:
+        namespace["d" + identifier(root)] = grad
+    exec(compile(source, "<backward_source>", "exec"), namespace)  # noqa: S102 - running generated code is the point
+    return namespace
+
+
+class _Generator:
+    def __init__(self, graph: Graph, trace: BackwardTrace) -> None:
+        self.graph = graph
+        self.fwd = graph._nodes
+        self.trace = trace
+        self.adj = trace.adjoint._nodes
+        self.lines: list[Line] = []
+        self.bound: dict[int, str] = {}  # adjoint node -> variable holding it
+        self.forward_of: dict[int, int] = {}  # adjoint leaf -> forward node
+        self.forward_cache: dict[int, Expr] = {}
+        self.used_names = {identifier(d["name"]) for d in self.fwd}
+        self.temp_count = 0
+        self.contributions: dict[int, str] = {}
+        self.variables: dict[int, str] = {}
+        self.pending: dict[int, str] = {}  # unnamed forward node -> the rules inlined into its gradient
+        for node, data in enumerate(self.fwd):
+            adjoint = trace.node_of(data["value"])
+            if adjoint is not None and self.adj[adjoint]["func"] is None:
+                self.forward_of.setdefault(adjoint, node)
+
+    # ---------------------------------------------------------------- the steps
+
+    def run(self) -> BackwardSource:
+        steps = self.trace.steps
+        root = self.trace.grads.root
+        self._seed(root)
+        self._count_uses()
+        remaining = Counter(step.source for step in steps)
+        positions: dict[tuple[int, int], int] = Counter()
+        header = None
+        for index, step in enumerate(steps):
+            if step.consumer != header:
+                header = step.consumer
+                self._header(step.consumer, root)
+            position = self._position(step.consumer, step.source, positions)
+            remaining[step.source] -= 1
+            self._step(index, step, position, remaining[step.source])
+        return BackwardSource(self.lines, self.trace, self.variables, self.contributions)
+
+    def _seed(self, root: int) -> None:
+        seed = self._adjoint(self.trace.grads.by_node[root], "the seed gradient")
+        name = self._grad_name(root)
+        self.variables[root] = name
+        self.bound[seed] = name
+        data = self.adj[seed]
+        if data["func"] is not None:  # torch.ones_like(loss); a grad= given by the user is a leaf
+            code = printer.call(data["func"], data["args"], data["kwargs"], self._expr).text
+            self.lines.append(Line(f"{name} = {code}", "the seed: d loss / d loss = 1"))
+
+    def _step(self, index: int, step: Any, position: int, later: int) -> None:
+        source = step.source
+        summed = self._adjoint(step.summed, f"the gradient of {self.fwd[source]['name']!r}")
+        note = self._note(step, position)
+        passed = self.pending.get(step.consumer)
+        if passed:  # the unnamed consumer's own gradient was inlined here: say which rules made it
+            note = f"{passed}, then {note}"
+        needs_variable = self.fwd[source]["named"] or not step.first or later > 0
+        if not needs_variable:  # an unnamed intermediate with one branch: inlined where it is used
+            self.pending[source] = note
+            return
+        name = self.variables.setdefault(source, self._grad_name(source))
+        if step.first:
+            alias = summed in self.bound or summed in self.forward_of
+            if later and not alias and self.uses[summed] > 1:
+                self._temp(summed)  # read elsewhere too: keep it, and sum into a copy
+                alias = True
+            expr = self._expr(summed) if alias else self._define(summed)
+            self.contributions[index] = expr.text
+            if later and (alias or step.summed._base is not None):
+                code = f"{name} = {expr.wrap(PRIMARY)}.clone()"
+                note += "; copied, since more branches are added below"
+            else:
+                code = f"{name} = {expr.text}"
+                self.bound.setdefault(summed, name)
+        else:
+            expr = self._expr(self._broadcast_source(summed, source))
+            self.contributions[index] = expr.text
+            code = f"{name} += {expr.text}"
+            note += f"; branch through {self._branch_name(step.consumer)}"
+            self.bound[self._adjoint(step.total, "a gradient sum")] = name
+        self.lines.append(Line(code, note, index))
+
+    def _header(self, consumer: int, root: int) -> None:
+        data = self.fwd[consumer]
+        if not (data["named"] or consumer == root) or data["func"] is None:
+            return
+        try:
+            if data["inplace"]:
+                text = printer.statement(self.graph, consumer)
+            else:
+                text = f"{identifier(data['name'])} = " + printer.expression(self.graph, consumer,
+                                                                             self._forward_expr_name)
+        except ValueError:
+            text = f"{data['name']} = {data['op']}(...)"
+        self.lines.append(Line(f"# {text}"))
+
+    # ---------------------------------------------------------------- expressions
+
+    def _expr(self, node: int) -> Expr:
+        """Source for an adjoint node: its variable, a forward expression, or its call inlined."""
+        if node in self.bound:
+            return Expr(self.bound[node])
+        if node in self.forward_of:
+            return self._forward_expr(self.forward_of[node])
+        data = self.adj[node]
+        if data["func"] is None:
+            raise ValueError(f"backward_source: the backward pass uses a tensor {data['name']!r} that is neither "
+                             f"a forward value nor computed by a rule")
+        if self.uses[node] > 1 or (data["inplace"] and not self._inlinable_inplace(node)):
+            return Expr(self._temp(node))
+        return self._call(node)
+
+    def _define(self, node: int) -> Expr:
+        """The call computing a node, for its first assignment (an in-place update gets its own lines)."""
+        if self.adj[node]["inplace"] and not self._inlinable_inplace(node):
+            return Expr(self._temp(node))
+        return self._call(node)
+
+    def _call(self, node: int) -> Expr:
+        data = self.adj[node]
+        if data["op"] == "sum_to_size" and not data["kwargs"]:
+            return self._sum_to_size(node)
+        return printer.call(data["func"], data["args"], data["kwargs"], self._expr,
+                            output_index=data["output_index"])
+
+    def _temp(self, node: int) -> str:
+        """Give a node a variable of its own (used more than once, or an in-place update)."""
+        data = self.adj[node]
+        if data["inplace"] and not self._inlinable_inplace(node):
+            previous = data["previous"]
+            name = self.bound.get(previous) if self.uses[previous] <= 1 else None
+            if name is None:
+                name = self._temp_name()
+                self.lines.append(Line(f"{name} = {self._expr(previous).text}"))
+                self.bound[previous] = name
+            self.lines.append(Line(printer.call(data["func"], data["args"], data["kwargs"], self._expr,
+                                                statement=True).text))
+            self.bound[node] = name
+            return name
+        name = self._temp_name()
+        self.lines.append(Line(f"{name} = {self._call(node).text}"))
+        self.bound[node] = name
+        return name
+
+    def _inlinable_inplace(self, node: int) -> bool:
+        """``torch.zeros_like(x).index_put_(...)``: an in-place method on a fresh, unshared tensor."""
+        data = self.adj[node]
+        previous = data["previous"]
+        return data["op"] != "setitem" and previous is not None and previous not in self.bound and \
+            self.uses[previous] == 1 and self.adj[previous]["func"] is not None
+
+    def _sum_to_size(self, node: int) -> Expr:
+        """Broadcast-undo as the lecture writes it: ``.sum(0)``, ``.sum(1, keepdim=True)``."""
+        data = self.adj[node]
+        source = data["args"][0]
+        shape_in = self.adj[source.node]["shape"]
+        shape_out = data["shape"]
+        lead = len(shape_in) - len(shape_out)
+        kept = [lead + i for i, size in enumerate(shape_out) if size == 1 and shape_in[lead + i] != 1]
+        receiver = self._expr(source.node).wrap(PRIMARY)
+        if kept and lead == 0:
+            return Expr(f"{receiver}.sum({_dims(kept)}, keepdim=True)", PRIMARY)
+        if lead and not kept:
+            return Expr(f"{receiver}.sum({_dims(list(range(lead)))})", PRIMARY)
+        return printer.call(data["func"], data["args"], data["kwargs"], self._expr)
+
+    def _broadcast_source(self, node: int, source: int) -> int:
+        """``dx += g.expand(shape)`` is ``dx += g``: in-place addition broadcasts by itself."""
+        data = self.adj[node]
+        if data["op"] == "expand" and node not in self.bound and self.uses[node] <= 1 and \
+                tuple(data["shape"]) == tuple(self.fwd[source]["shape"]):
+            return data["args"][0].node
+        return node
+
+    def _forward_expr(self, node: int) -> Expr:
+        """A forward value: its name, or, for an unnamed intermediate, the expression that computed it."""
+        if node not in self.forward_cache:
+            data = self.fwd[node]
+            if data["named"] or data["kind"] != "op" or data["inplace"] or data["func"] is None:
+                expr = Expr(identifier(data["name"]))
+            else:
+                try:
+                    expr = printer.call(data["func"], data["args"], data["kwargs"], self._forward_expr_name,
+                                        output_index=data["output_index"])
+                except ValueError:
+                    expr = Expr(identifier(data["name"]))
+            self.forward_cache[node] = expr
+        return self.forward_cache[node]
+
+    def _forward_expr_name(self, node: int) -> Expr:
+        return self._forward_expr(node)
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def _count_uses(self) -> None:
+        """How many times each needed adjoint node is read (inlining needs exactly one)."""
+        needed: set[int] = set()
+        stack = [self._adjoint(step.summed, "a gradient") for step in self.trace.steps]
+        stack += [self._adjoint(step.total, "a gradient") for step in self.trace.steps]
+        while stack:
+            node = stack.pop()
+            if node in needed:
+                continue
+            needed.add(node)
+            stack.extend(self.adj[node]["inputs"])
+        self.uses: Counter[int] = Counter()
+        for node in needed:
+            self.uses.update(self.adj[node]["inputs"])
+
+    def _adjoint(self, tensor: Tensor, what: str) -> int:
+        node = self.trace.node_of(tensor)
+        if node is None:
+            raise ValueError(f"backward_source: {what} was computed outside the recorded backward pass")
+        return node
+
+    def _position(self, consumer: int, source: int, seen: Counter) -> int:
+        """Which argument of the consumer this step is for (``x * x`` sends two)."""
+        data = self.fwd[consumer]
+        positions = [i for i, arg in enumerate(data["bargs"]) if _refers_to(arg, source)]
+        k = seen[(consumer, source)]
+        seen[(consumer, source)] += 1
+        return positions[k] if k < len(positions) else (positions[-1] if positions else 0)
+
+    def _note(self, step: Any, position: int) -> str:
+        data = self.fwd[step.consumer]
+        notes = RULE_NOTES.get(data["op"], ())
+        note = notes[position] if position < len(notes) and notes[position] else (notes[0] if notes else "rule")
+        text = f"{data['op']}: {note}" if data.get("rule") is None else f"{data['op']}: its own (fused) rule"
+        if step.summed is not step.grad:
+            text += f"; broadcast-undo: sum to {tuple(self.fwd[step.source]['shape'])}"
+        return text
+
+    def _branch_name(self, consumer: int) -> str:
+        """The user's name for a branch: the consumer, or the first named tensor computed from it."""
+        return branch_name(self.graph, consumer)
+
+    def _grad_name(self, node: int) -> str:
+        name = "d" + identifier(self.fwd[node]["name"])
+        if name in self.used_names:
+            name = "grad_" + identifier(self.fwd[node]["name"])
+        self.used_names.add(name)
+        return name
+
+    def _temp_name(self) -> str:
+        while True:
+            self.temp_count += 1
+            name = f"tmp{self.temp_count}"
+            if name not in self.used_names:
+                self.used_names.add(name)
+                return name
+
+
+def branch_name(graph: Graph, consumer: int) -> str:
+    """Name a branch of the graph after its consumer, or the nearest named tensor computed from it."""
+    nodes = graph._nodes
+    frontier = [consumer]
+    seen = set()
+    while frontier:
+        node = min(frontier)
+        frontier.remove(node)
+        if nodes[node]["named"]:
+            return nodes[node]["name"]
+        seen.add(node)
+        frontier.extend(n for n in graph.nx.successors(node) if n not in seen and n not in frontier)
+    return nodes[consumer]["name"]
+
+
+def _refers_to(arg: Any, node: int) -> bool:
+    from .graph import Ref
+
+    if isinstance(arg, Ref):
+        return arg.node == node
+    if isinstance(arg, (tuple, list)):
+        return any(_refers_to(a, node) for a in arg)
+    return False
+
+
+def _dims(dims: list[int]) -> str:
+    return str(dims[0]) if len(dims) == 1 else "(" + ", ".join(map(str, dims)) + ")"
+
+
+__all__ = ["BackwardSource", "Line", "RULE_NOTES", "backward_source", "branch_name", "generate", "run"]
