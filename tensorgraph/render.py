@@ -95,7 +95,7 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
         title: a line of text above the legend.
         dpi: resolution of PNG output.
     """
-    target, fmt = _target(path) if path is not None else (None, None)
+    target, fmt = output_format(path) if path is not None else (None, None)
     options = _Options.parse(graph, view=view, grads=grads, loss=loss, compare=compare, check=check, values=values,
                              collapse=collapse, depth=depth, cluster=cluster, rankdir=rankdir)
     if options.view == "backward":
@@ -187,7 +187,8 @@ def _node_id(graph: Graph, key: Any) -> int:
 # ---------------------------------------------------------------------------------------------- output
 
 
-def _target(path: str | os.PathLike) -> tuple[Path, str]:
+def output_format(path: str | os.PathLike) -> tuple[Path, str]:
+    """The path to write and its Graphviz format, from the suffix; errors name the path."""
     target = Path(path)
     fmt = FORMATS.get(target.suffix.lower())
     if fmt is None:
@@ -753,9 +754,9 @@ def collapse_clusters(drawing: Drawing, names: frozenset[str]) -> tuple[list[Box
 
 def _collapsed_box(key: str, path: tuple[str, ...], inside: list[Box], leaving: list[str], drawing: Drawing) -> Box:
     ops = sum(box.is_op for box in inside)
+    others = f", {len(inside) - ops} leaves" if len(inside) > ops else ""
     outputs = list(dict.fromkeys(leaving))
-    rows = [f"<b>{esc(drawing.cluster_labels.get(path, path[-1]))}</b>",
-            small_row(f"{ops} ops, {len(inside)} tensors (collapsed)")]
+    rows = [f"<b>{esc(drawing.cluster_labels.get(path, path[-1]))}</b>", small_row(f"{ops} ops{others} (collapsed)")]
     for out in outputs[:3]:
         rows.append(small_row("→ " + drawing.boxes[out].summary))
     if len(outputs) > 3:

@@ -30,8 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..lecture import record_exercise
-    from ..render import render
+    from ..render import output_format, render
 
+    output_format(args.out)  # a bad path fails before the work
     graph, loss, _ = record_exercise()
     grads = graph.backward(loss) if args.grads or args.view == "backward" else None
     compare = graph.compare(loss) if args.compare else None
