@@ -147,10 +147,12 @@ def clamp(g: Tensor, out: Tensor, x: Tensor, min: Any = None, max: Any = None) -
         keep = keep & (x >= min)
     if max is not None:
         keep = keep & (x <= max)
-    grad_min = g * (x < min) if isinstance(min, Tensor) else None
-    grad_max = g * (x > max) if isinstance(max, Tensor) else None
-    if grad_min is not None and max is not None:
-        grad_min = grad_min * (x <= max) if not isinstance(max, Tensor) else grad_min * (min <= max)
+    # torch: with both bounds, min > max makes the output max: max takes the gradient, min none
+    grad_min = grad_max = None
+    if isinstance(min, Tensor):
+        grad_min = g * ((x < min) & (min < max) if max is not None else (x < min))
+    if isinstance(max, Tensor):
+        grad_max = g * ((x > max) | (max < min) if min is not None else (x > max))
     return g * keep, grad_min, grad_max
 
 
@@ -286,8 +288,21 @@ def matmul(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
 
 
 defop("matmul", matmul, funcs=("torch.mm", "Tensor.mm", "torch.bmm", "Tensor.bmm", "torch.mv", "Tensor.mv",
-                               "torch.dot", "Tensor.dot", "torch.inner", "Tensor.inner"))
-defop("outer", lambda g, out, x, vec2: (g @ vec2, g.t() @ x), funcs=("torch.ger", "Tensor.ger"))
+                               "torch.dot", "Tensor.dot"))
+
+
+def inner(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    """Contraction of the last dims: out[i.., j..] = sum_k x[i.., k] other[j.., k]."""
+    if x.dim() == 0 or other.dim() == 0:
+        return g * other, g * x
+    a, b = x.dim() - 1, other.dim() - 1
+    return (torch.tensordot(g, other, dims=(list(range(a, a + b)), list(range(b)))),
+            torch.tensordot(g, x, dims=(list(range(a)), list(range(a)))))
+
+
+defop("inner", inner)
+# outer promotes mixed dtypes (it is a broadcast multiply), mm does not
+defop("outer", lambda g, out, x, vec2: (g @ vec2.to(g.dtype), g.t() @ x.to(g.dtype)), funcs=("torch.ger", "Tensor.ger"))
 
 
 def linear(g: Tensor, out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> tuple:
@@ -425,7 +440,7 @@ defop("sum_to_size", lambda g, out, x, *size: g.expand(x.shape))
 defop("transpose", lambda g, out, x, dim0, dim1: g.transpose(dim0, dim1),
       funcs=("torch.swapaxes", "Tensor.swapaxes", "torch.swapdims", "Tensor.swapdims"))
 defop("t", lambda g, out, x: g.t())
-defop("T", lambda g, out, x: g.permute(*reversed(range(g.dim()))), auto=False, funcs=("Tensor.T",))
+defop("T", lambda g, out, x: g.permute(tuple(reversed(range(g.dim())))), auto=False, funcs=("Tensor.T",))
 defop("mT", lambda g, out, x: g.mT, auto=False, funcs=("Tensor.mT", "Tensor.mH", "Tensor.H"))
 defop("adjoint", lambda g, out, x: g.mT)
 
@@ -433,7 +448,7 @@ defop("adjoint", lambda g, out, x: g.mT)
 def permute(g: Tensor, out: Tensor, x: Tensor, *dims: Any) -> Tensor:
     order = [d % x.dim() for d in _shape_arg(dims)]
     inverse = sorted(range(len(order)), key=order.__getitem__)
-    return g.permute(*inverse)
+    return g.permute(tuple(inverse))  # a tuple: permute() of a 0-d tensor takes ()
 
 
 defop("permute", permute)
@@ -679,17 +694,24 @@ def binary_cross_entropy_with_logits(g, out, x, target, weight=None, size_averag
         per_element = (coeff + 1 - target) * torch.sigmoid(x) - coeff
     else:
         per_element = torch.sigmoid(x) - target
+    # d loss / d target = log(1 - sigmoid(x)) - pos_weight * log(sigmoid(x))  (= -x without pos_weight)
+    per_target = -x if pos_weight is None else F.logsigmoid(-x) - pos_weight * F.logsigmoid(x)
     if weight is not None:
         per_element = per_element * weight
-    return _elementwise_loss(reduction, g, per_element, x.numel()), None
+        per_target = per_target * weight
+    return (_elementwise_loss(reduction, g, per_element, x.numel()),
+            _elementwise_loss(reduction, g, per_target, x.numel()))
 
 
 def binary_cross_entropy(g, out, x, target, weight=None, size_average=None, reduce=None, reduction="mean") -> tuple:
     reduction = _reduction(size_average, reduce, reduction)
     per_element = (x - target) / torch.clamp((1 - x) * x, min=1e-12)
+    per_target = -torch.logit(x)  # d loss / d target = log(1 - x) - log(x)
     if weight is not None:
         per_element = per_element * weight
-    return _elementwise_loss(reduction, g, per_element, x.numel()), None
+        per_target = per_target * weight
+    return (_elementwise_loss(reduction, g, per_element, x.numel()),
+            _elementwise_loss(reduction, g, per_target, x.numel()))
 
 
 defop("mse_loss", mse_loss)
