@@ -514,3 +514,42 @@ def test_cli_without_dot(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "apt-get install graphviz" in err
     assert (tmp_path / "mlp.dot").exists()
+
+
+# ---------------------------------------------------------------------------------------------- every op
+
+
+@pytest.mark.filterwarnings("ignore:Tensor.mT is deprecated")
+def test_every_op_of_the_table_draws_in_both_views():
+    """One case per op pattern of the coverage table: both views build, each tensor named with its shape."""
+    from op_cases import CASES
+
+    from tensorgraph.render import shape_text
+
+    seen = set()
+    for name, fn, inputs in CASES:
+        pattern = name.split("-(")[0]
+        if pattern in seen:
+            continue
+        seen.add(pattern)
+        with tg.record() as graph:
+            out = fn(*inputs)
+            loss = out.sum() if out.is_floating_point() else out.float().sum()
+        forward_source = graph.render(loss=loss, values=True).source
+        for data in graph._nodes:
+            drawn = f"<b>{data['name']}</b>" if data["named"] else f"<i>{data['name']}</i>"
+            assert drawn in forward_source or data["output_index"] is not None, (name, data["name"])
+        assert shape_text(inputs[0].shape) in forward_source, name
+        backward_source = graph.render(view="backward", grads=graph.backward(loss)).source
+        assert "dloss" in backward_source, name
+    assert len(seen) > 100
+
+
+def test_names_with_markup_characters_are_escaped():
+    x = torch.randn(3)
+    odd = {"a<b>&'c\"": torch.randn(3)}
+    with tg.record() as graph:
+        loss = (x * odd["a<b>&'c\""]).sum()
+    parsed = layout(graph.render(view="backward", loss=loss))
+    labels = " ".join(o.get("label", "") for o in parsed["objects"])
+    assert "a&lt;b&gt;&amp;" in labels
