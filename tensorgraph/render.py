@@ -489,8 +489,7 @@ def _check_statuses(graph: Graph, report: Any) -> dict[int, tuple[str, str]]:
     for node in graph.ancestors(first) - {first}:
         if is_float(graph._nodes[node]):
             kind = getattr(rows.get(node), "kind", "inherited")
-            found[node] = ("downstream of the error", f"check: {kind} (gets its gradient from d"
-                                                      f"{graph._nodes[first]['name']})")
+            found[node] = ("downstream of the error", f"check: {kind}, downstream of d{graph._nodes[first]['name']}")
     row = rows.get(first)
     kind = getattr(row, "kind", "wrong")
     found[first] = ("first error", f"first error: {kind}")
