@@ -286,8 +286,9 @@ class _Generator:
                                                 statement=True).text))
             self.bound[node] = name
             return name
+        code = self._call(node).text  # first, so temporaries it needs are numbered before it
         name = self._temp_name()
-        self.lines.append(Line(f"{name} = {self._call(node).text}"))
+        self.lines.append(Line(f"{name} = {code}"))
         self.bound[node] = name
         return name
 

@@ -1,0 +1,730 @@
+"""Check a learner's hand-written gradients node by node, with a pointed diagnosis for each.
+
+``graph.check(manual, loss)`` takes the gradients a learner derived by hand (the
+lecture's exercise 1: ``{"dlogprobs": dlogprobs, "dprobs": dprobs, ...}``) and judges
+every one in backward order. Each row is judged on its own line of the backward pass:
+the right gradient is recomputed by the rule table from *the learner's own* upstream
+gradients, so one mistake is blamed once, where it was made, and the rows below it are
+marked ``inherited`` instead of wrong.
+
+A wrong row gets one of the kinds below, found by testing what the learner's tensor is
+against the right value (or, when their upstream is already off, against what the rules
+give from their upstream):
+
+``ok``               equal (allclose)
+``shape``            the values agree after broadcasting; the shape is wrong (missing ``keepdim=True``)
+``not-unbroadcast``  the gradient of the broadcast result: summing over the broadcast dimensions fixes it
+``transposed``       the transpose of the right gradient
+``missing-branch``   the sum over only some of the tensor's consumers (the message names the missing one)
+``sign``             the right value times -1
+``scaled``           the right value times another constant (the message gives it: ``(n-1)/n = 31/32``)
+``wrong``            none of the above
+``inherited``        right given the learner's upstream gradients, which are wrong
+``missing``          not given
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .engine import backward, call_rule, input_gradients, root_node
+from .graph import is_float
+
+if TYPE_CHECKING:
+    from .graph import Graph
+
+KINDS = ("ok", "shape", "not-unbroadcast", "transposed", "missing-branch", "sign", "scaled", "wrong", "inherited",
+         "missing")
+# kinds that are the learner's own mistake in that row (``inherited`` and ``missing`` are not)
+ERROR_KINDS = frozenset({"shape", "not-unbroadcast", "transposed", "missing-branch", "sign", "scaled", "wrong"})
+# allclose tolerances by dtype: float32 is the lecture's cmp (torch.allclose's defaults)
+TOLERANCES = {torch.float64: (1e-7, 1e-10), torch.float32: (1e-5, 1e-8), torch.float16: (1e-3, 1e-5),
+              torch.bfloat16: (1e-2, 1e-4)}
+_INDEX_OPS = frozenset({"getitem", "embedding", "index_select"})
+
+
+@dataclass
+class CheckRow:
+    """The verdict on one hand-written gradient."""
+
+    name: str  # the recorded tensor's name (``logits``; the gradient is ``dlogits``)
+    kind: str  # one of KINDS
+    maxdiff: float  # max |yours - right| (after broadcasting when the shapes differ; inf if they cannot)
+    message: str  # one line: what is wrong and how to fix it
+    shape: tuple[int, ...] | None  # the shape you gave (None if missing)
+    expected_shape: tuple[int, ...]
+    node: int = -1
+    upstream: list[str] = field(default_factory=list)  # for inherited rows: the wrong gradients it got
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "ok"
+
+    @property
+    def error(self) -> bool:
+        """This row is a mistake of its own (not ok, inherited or missing)."""
+        return self.kind in ERROR_KINDS
+
+    def __str__(self) -> str:
+        return f"d{self.name:14s} | {self.kind:15s} | {_number(self.maxdiff):10s} | {self.message}"
+
+
+@dataclass
+class CheckReport:
+    """``print(report)`` gives the table; ``report.first_error`` the first wrong gradient in backward order."""
+
+    rows: list[CheckRow]
+    loss: str
+    first_error: str | None
+
+    @property
+    def ok(self) -> bool:
+        """No gradient you gave is wrong (missing ones are not errors)."""
+        return self.first_error is None
+
+    @property
+    def errors(self) -> list[CheckRow]:
+        return [row for row in self.rows if row.error]
+
+    def row(self, name: str) -> CheckRow:
+        """A row by tensor name, with or without the leading ``d``."""
+        for row in self.rows:
+            if name in (row.name, "d" + row.name):
+                return row
+        raise KeyError(f"no row for {name!r} (rows: {', '.join('d' + r.name for r in self.rows)})")
+
+    def __getitem__(self, name: str) -> CheckRow:
+        return self.row(name)
+
+    def summary(self) -> str:
+        given = [row for row in self.rows if row.kind != "missing"]
+        right = sum(row.ok for row in given)
+        text = f"check of your gradients of {self.loss!r}: {right}/{len(given)} right"
+        missing = len(self.rows) - len(given)
+        if missing:
+            text += f", {missing} not given"
+        if self.first_error is None:
+            return text + ", no errors"
+        first = self.row(self.first_error)
+        return text + f"; first error: d{first.name} ({first.kind})"
+
+    def __str__(self) -> str:
+        lines = [self.summary(), f"   {'gradient':15s} | {'kind':15s} | {'maxdiff':10s} | diagnosis"]
+        for row in self.rows:
+            marker = ">> " if row.name == self.first_error else "   "
+            lines.append(marker + str(row))
+        return "\n".join(lines)
+
+    def _repr_markdown_(self) -> str:
+        lines = [f"**{self.summary()}**", "", "| gradient | kind | maxdiff | diagnosis |", "|---|---|---|---|"]
+        for row in self.rows:
+            cells = [f"d{row.name}", row.kind, _number(row.maxdiff), row.message.replace("|", "\\|")]
+            if row.name == self.first_error:
+                cells = [f"**{c}**" if c else c for c in cells]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def check(graph: Graph, manual: dict[str, Any], loss: Any, grad: Tensor | None = None, *,
+          rtol: float | None = None, atol: float | None = None) -> CheckReport:
+    """Judge hand-written gradients (see the module docstring).
+
+    ``manual`` maps recorded names, with or without the leading ``d`` (``"dlogits"`` or
+    ``"logits"``), to tensors (None counts as not given). ``rtol``/``atol`` override the
+    allclose tolerances (by default torch's for float32, tighter for float64).
+    """
+    root = root_node(graph, loss)
+    truth = backward(graph, root, grad).by_node
+    given = _resolve(graph, manual, truth, root)
+    return _Checker(graph, root, truth, given, rtol, atol, grad).run()
+
+
+# ---------------------------------------------------------------- reading the learner's dict
+
+
+def _resolve(graph: Graph, manual: Any, truth: dict[int, Tensor], root: int) -> dict[int, Tensor]:
+    if not isinstance(manual, dict):
+        raise ValueError(f"check: expected a dict of gradients by name, got {type(manual).__name__}")
+    nodes = graph._nodes
+    given: dict[int, Tensor] = {}
+    keys: dict[int, str] = {}
+    for key, value in manual.items():
+        node = _node_of_key(graph, key)
+        name = nodes[node]["name"]
+        if node not in truth:
+            why = "it is not a floating-point tensor" if not is_float(nodes[node]) else "the loss does not depend on it"
+            raise ValueError(f"check: {key!r}: {name!r} has no gradient ({why})")
+        if node in keys:
+            raise ValueError(f"check: the gradient of {name!r} is given twice ({keys[node]!r} and {key!r})")
+        keys[node] = key
+        if value is None or node == root:
+            continue
+        if not isinstance(value, Tensor):
+            raise ValueError(f"check: {key!r} is a {type(value).__name__}, not a tensor")
+        given[node] = value.detach()
+    return given
+
+
+def _node_of_key(graph: Graph, key: Any) -> int:
+    if not isinstance(key, str):
+        raise ValueError(f"check: gradient keys are tensor names such as 'dlogits', got {key!r}")
+    names = graph._names
+    if key in names:
+        return names[key]
+    if key.startswith("d") and key[1:] in names:
+        return names[key[1:]]
+    close = difflib.get_close_matches(key, ["d" + n for n in names] + list(names), n=3)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    raise ValueError(f"check: no tensor named {key!r} in the graph{hint}")
+
+
+# ---------------------------------------------------------------- judging
+
+
+@dataclass
+class _Branch:
+    consumer: int
+    raw: Tensor  # what the consumer's rule sent (maybe the broadcast shape)
+    summed: Tensor  # after broadcast-undo: the input's shape
+
+
+class _Checker:
+    def __init__(self, graph: Graph, root: int, truth: dict[int, Tensor], given: dict[int, Tensor],
+                 rtol: float | None, atol: float | None, grad: Tensor | None = None) -> None:
+        self.graph = graph
+        self.grad = grad
+        self.nodes = graph._nodes
+        self.root = root
+        self.truth = truth
+        self.given = given
+        dtype = truth[root].dtype
+        default = TOLERANCES.get(dtype, (1e-5, 1e-8))
+        self.rtol = default[0] if rtol is None else rtol
+        self.atol = default[1] if atol is None else atol
+        self.mine: dict[int, list[_Branch | None]] = {}  # from the learner's upstream gradients
+        self.right: dict[int, list[_Branch]] = {}  # from the right upstream gradients
+        self.used: dict[int, Tensor] = {}  # the upstream value each node passes on, as the learner has it
+        self.shape_off: set[int] = set()  # nodes whose learner value was passed on with a wrong shape
+        self.rows: dict[int, CheckRow] = {}
+        self.n_label = _batch_size(graph)
+        self._code = None
+
+    def run(self) -> CheckReport:
+        judged = {n for n in self.truth if n != self.root and (self.nodes[n]["named"] or n in self.given)}
+        for node in sorted(self.truth, reverse=True):  # creation order reversed: backward order
+            if node == self.root:
+                self.used[node] = self.truth[node]
+            else:
+                self._settle(node, judged)
+            self._push(node)
+        rows = [self.rows[n] for n in sorted(self.rows, reverse=True)]
+        first = next((row.name for row in rows if row.error), None)
+        return CheckReport(rows, self.nodes[self.root]["name"], first)
+
+    # ---------------------------------------------------------------- propagation
+
+    def _settle(self, node: int, judged: set[int]) -> None:
+        """Judge the node (if it is a row) and fix the value it passes on to its inputs."""
+        expected = _total(self.mine.get(node), self.truth[node])
+        row = self._judge(node, expected) if node in judged else None
+        if row is not None:
+            self.rows[node] = row
+        mine = self.given.get(node)
+        truth = self.truth[node]
+        if row is not None and row.kind == "ok":
+            self.used[node] = truth  # right within rounding: pass on the exact value
+        elif mine is not None:
+            self.used[node] = mine
+            if tuple(mine.shape) != tuple(truth.shape):
+                self.shape_off.add(node)
+        elif expected is None or self._close(expected, truth):
+            self.used[node] = truth
+        else:
+            self.used[node] = expected
+
+    def _push(self, node: int) -> None:
+        data = self.nodes[node]
+        if data["kind"] != "op" or not data["inputs"]:
+            return
+        truth = self.truth[node]
+        right = self._branches(node, truth)
+        for source, branch in right:
+            self.right.setdefault(source, []).append(branch)
+        used = self.used[node]
+        if used is truth:
+            mine = right
+        else:
+            mine = self._try_branches(node, used)
+        for source, branch in mine:
+            self.mine.setdefault(source, []).append(branch)
+
+    def _try_branches(self, node: int, g: Tensor) -> list[tuple[int, _Branch | None]]:
+        """Push the learner's value through the rule; if it does not fit, push it reshaped, else give up."""
+        attempts = [g.to(self.truth[node].dtype)]
+        coerced = _coerce(g, self.truth[node])
+        if coerced is not None and coerced.shape != g.shape:
+            attempts.append(coerced)
+        for attempt in attempts:
+            try:
+                return self._branches(node, attempt)
+            except (RuntimeError, ValueError, IndexError):
+                continue
+        return [(source, None) for source in self._float_inputs(node)]
+
+    def _branches(self, node: int, g: Tensor) -> list[tuple[int, _Branch]]:
+        data = self.nodes[node]
+        found = []
+        for source, grad in input_gradients(data, call_rule(self.graph, node, g)):
+            target = self.nodes[source]
+            if source not in self.truth or not is_float(target):
+                continue
+            found.append((source, _Branch(node, grad, _sum_to(grad, target["shape"]).to(target["dtype"]))))
+        return found
+
+    def _float_inputs(self, node: int) -> list[int]:
+        return [s for s in self.nodes[node]["inputs"] if s in self.truth]
+
+    # ---------------------------------------------------------------- one row
+
+    def _judge(self, node: int, expected: Tensor | None) -> CheckRow:
+        data = self.nodes[node]
+        truth = self.truth[node]
+        name = data["name"]
+        mine = self.given.get(node)
+        row = CheckRow(name, "missing", math.nan, f"not given (no d{name})", None, tuple(truth.shape), node)
+        if mine is None:
+            return row
+        row.shape = tuple(mine.shape)
+        mine = mine.to(device=truth.device)
+        row.maxdiff = _maxdiff(mine, truth)
+        if self._close(mine, truth):
+            partial = self._exact_partial(node, mine, truth)
+            row.kind, row.message = ("missing-branch", partial) if partial else ("ok", "")
+            return row
+        reshaped = any(b is not None and b.consumer in self.shape_off for b in self.mine.get(node, []))
+        upstream_off = expected is not None and (reshaped or not self._close(expected, truth))
+        if upstream_off and self._inherited(node, mine, expected):
+            row.upstream = self._wrong_upstream(node)
+            row.kind = "inherited"
+            row.message = self._inherited_message(row.upstream)
+            return row
+        references = [(expected, self.mine.get(node))] if upstream_off else []
+        references.append((truth, self.right.get(node)))
+        for reference, branches in references:
+            verdict = self._diagnose(node, mine, reference, branches)
+            if verdict is not None:
+                row.kind, row.message = verdict
+                break
+        else:
+            row.kind, row.message = "wrong", self._wrong_message(node, mine, references[0][0])
+        if upstream_off and row.kind != "wrong":
+            upstream = self._wrong_upstream(node)
+            if upstream:
+                row.message += f" (judged on your {_names(upstream)}, which is also off)"
+        return row
+
+    def _exact_partial(self, node: int, mine: Tensor, truth: Tensor) -> str | None:
+        """Within tolerance, yet exactly the sum of only some branches: a branch that happens to be ~0 here."""
+        branches = self.right.get(node)
+        full = _maxdiff(mine, truth)
+        if not branches or len(branches) < 2 or len(branches) > 10 or full == 0:
+            return None
+        for size in range(len(branches) - 1, 0, -1):
+            for subset in itertools.combinations(range(len(branches)), size):
+                partial = sum((branches[i].summed for i in subset[1:]), branches[subset[0]].summed)
+                if _maxdiff(mine, partial) <= full / 100:
+                    missing = [branches[i] for i in range(len(branches)) if i not in subset]
+                    return self._branch_message([branches[i] for i in subset], missing, node) + \
+                        "; that branch is ~0 here, so the values pass allclose, but the formula needs it"
+        return None
+
+    def _inherited(self, node: int, mine: Tensor, expected: Tensor) -> bool:
+        if self._close(mine, expected):
+            return True
+        # an upstream gradient with a wrong shape: the learner's line broadcast it as is
+        if not any(b is not None and b.consumer in self.shape_off for b in self.mine.get(node, [])):
+            return False
+        raw = _total([b for b in self.mine[node] if b is not None], None, summed=False)
+        return raw is not None and self._close(mine, raw)
+
+    def _diagnose(self, node: int, mine: Tensor, ref: Tensor, branches: list | None) -> tuple[str, str] | None:
+        """The kind of mistake that turns ``ref`` into ``mine``, with its message; None if no kind fits."""
+        shape, ref_shape = tuple(mine.shape), tuple(ref.shape)
+        if shape != ref_shape:
+            return self._diagnose_shape(node, mine, ref)
+        if self._negligible(ref):
+            return None
+        if self._close(mine, -ref):
+            return "sign", "the right value times -1: a sign error"
+        if mine.dim() >= 2 and mine.shape[-1] == mine.shape[-2] and self._close(mine, ref.mT):
+            return "transposed", "the transpose of the right gradient" + self._line_hint(node)
+        branch = self._missing_branch(node, mine, branches)
+        if branch is not None:
+            return "missing-branch", branch
+        twice = self._branch_twice(node, mine, ref, branches)
+        if twice is not None:
+            return "wrong", twice
+        factor = _factor(mine, ref)
+        if factor is not None and abs(factor - 1) > 10 * self.rtol and abs(factor) > 1e-12 and \
+                self._close(mine, ref * factor):
+            return "scaled", self._scaled_message(factor)
+        return None
+
+    def _diagnose_shape(self, node: int, mine: Tensor, ref: Tensor) -> tuple[str, str] | None:
+        shape, ref_shape = tuple(mine.shape), tuple(ref.shape)
+        if mine.numel() == ref.numel() and self._close(mine.reshape(ref_shape), ref):
+            if shape == tuple(s for s in ref_shape if s != 1) and len(shape) < len(ref_shape):
+                dims = [i for i, s in enumerate(ref_shape) if s == 1]
+                return "shape", f"missing keepdim=True: got {_shape(shape)} for {_shape(ref_shape)} " \
+                                f"(sum over dim {_dims(dims)} with keepdim=True)"
+            return "shape", f"right values, wrong shape: got {_shape(shape)} for {_shape(ref_shape)}"
+        broadcast = _broadcast_shape(shape, ref_shape)
+        if broadcast == ref_shape and self._close(mine.expand(ref_shape), ref):
+            return "shape", f"right values, wrong shape: got {_shape(shape)} for {_shape(ref_shape)}; they are " \
+                            f"right once broadcast, so expand to {_shape(ref_shape)} (e.g. * torch.ones_like(...))"
+        if broadcast == shape:
+            try:
+                summed = mine.sum_to_size(ref_shape)
+            except RuntimeError:
+                summed = None
+            if summed is not None and self._close(summed, ref):
+                return "not-unbroadcast", self._unbroadcast_message(shape, ref_shape)
+            if summed is not None and not self._negligible(ref) and self._close(summed, -ref):
+                return "not-unbroadcast", self._unbroadcast_message(shape, ref_shape) + ", and flip the sign"
+        if mine.dim() >= 2 and tuple(mine.mT.shape) == ref_shape and self._close(mine.mT, ref):
+            return "transposed", f"the transpose of the right gradient: got {_shape(shape)} for " \
+                                 f"{_shape(ref_shape)}" + self._line_hint(node)
+        return None
+
+    def _missing_branch(self, node: int, mine: Tensor, branches: list | None) -> str | None:
+        if not branches or len(branches) < 2 or any(b is None for b in branches) or len(branches) > 10:
+            return None
+        count = len(branches)
+        for size in range(count - 1, 0, -1):
+            for subset in itertools.combinations(range(count), size):
+                partial = sum((branches[i].summed for i in subset[1:]), branches[subset[0]].summed)
+                if self._close(mine, partial):
+                    missing = [branches[i] for i in range(count) if i not in subset]
+                    return self._branch_message([branches[i] for i in subset], missing, node)
+        return None
+
+    def _branch_twice(self, node: int, mine: Tensor, ref: Tensor, branches: list | None) -> str | None:
+        """One branch added twice (``dcounts += dcounts_sum`` run twice)."""
+        from .codegen import branch_name
+
+        if not branches or len(branches) < 2:
+            return None  # one branch twice is "scaled by 2"
+        for branch in branches:
+            if branch is not None and not self._negligible(branch.summed) and self._close(mine, ref + branch.summed):
+                return f"the branch through {branch_name(self.graph, branch.consumer)} is added twice"
+        return None
+
+    # ---------------------------------------------------------------- messages
+
+    def _branch_message(self, present: list[_Branch], missing: list[_Branch], node: int) -> str:
+        from .codegen import branch_name
+
+        def names(branches: list[_Branch]) -> str:
+            return _names([branch_name(self.graph, b.consumer) for b in branches], prefix="")
+
+        plural = "es" if len(missing) > 1 else ""
+        if {b.consumer for b in missing} <= {b.consumer for b in present}:  # x * x: one use of two
+            user = branch_name(self.graph, missing[0].consumer)
+            text = f"only one use of {self.nodes[node]['name']} in {user}; missing the other"
+        else:
+            text = f"only the branch through {names(present)}; missing the branch{plural} through {names(missing)}"
+        hints = [h for h in (self._branch_hint(node, b.consumer) for b in missing) if h]
+        if hints:
+            text += f" ({'; '.join(hints)})"
+        return text
+
+    def _branch_hint(self, node: int, consumer: int) -> str | None:
+        """The generated backward line that adds that branch: ``dcounts += dcounts_sum``."""
+        code = self._generated()
+        if code is None:
+            return None
+        variable = code.variables.get(node)
+        for index, step in enumerate(code.trace.steps):
+            if step.consumer == consumer and step.source == node and index in code.contributions and variable:
+                return f"{variable} += {code.contributions[index]}"
+        return None
+
+    def _line_hint(self, node: int) -> str:
+        """``; the right line: dW1 = embcat.t().mm(dhprebn)`` when one generated line computes the gradient."""
+        code = self._generated()
+        if code is None or node not in code.variables:
+            return ""
+        steps = [i for i, step in enumerate(code.trace.steps) if step.source == node]
+        if len(steps) != 1 or steps[0] not in code.contributions:
+            return ""
+        return f"; the right line: {code.variables[node]} = {code.contributions[steps[0]]}"
+
+    def _generated(self) -> Any:
+        if self._code is None:
+            from .codegen import generate
+
+            try:
+                self._code = generate(self.graph, self.root, self.grad)
+            except Exception:  # noqa: BLE001 - a hint is optional; the diagnosis stands without it
+                self._code = False
+        return self._code or None
+
+    def _unbroadcast_message(self, shape: tuple, ref_shape: tuple) -> str:
+        lead = len(shape) - len(ref_shape)
+        kept = [lead + i for i, s in enumerate(ref_shape) if s == 1 and shape[lead + i] != 1]
+        dims = list(range(lead)) + kept
+        fix = f".sum({_dims(dims)}, keepdim=True)" if kept and not lead else (
+            f".sum({_dims(dims)})" if not kept else f".sum_to_size{_shape(ref_shape)}")
+        return (f"the gradient of the broadcast result {_shape(shape)}, not of the {_shape(ref_shape)} input: "
+                f"sum over dim {_dims(dims)} ({fix})")
+
+    def _scaled_message(self, factor: float) -> str:
+        text, related = _describe_factor(factor, self.n_label)
+        message = f"scaled by {text}"
+        if related in ("(n-1)/n", "n/(n-1)"):
+            message += ": Bessel's correction? (n vs n-1)"
+        elif related in ("n", "1/n"):
+            message += ": a 1/n too many or too few?"
+        return message
+
+    def _inherited_message(self, upstream: list[str]) -> str:
+        if not upstream:
+            return "inherited: this line is right given your upstream gradients"
+        names = _names(upstream)
+        text = f"inherited from {names}: this line is right given your {names}"
+        root = self._root_cause(upstream)
+        if root and root not in upstream:
+            text += f" (the error starts at d{root})"
+        return text
+
+    def _wrong_message(self, node: int, mine: Tensor, ref: Tensor) -> str:
+        if not torch.isfinite(mine).all():
+            return "contains nan or inf"
+        shape, ref_shape = tuple(mine.shape), tuple(ref.shape)
+        if shape != ref_shape:
+            text = f"wrong shape: got {_shape(shape)} for {_shape(ref_shape)}"
+            for branch in self.right.get(node) or []:
+                wide = tuple(branch.raw.shape)
+                if wide != ref_shape and len(wide) == len(shape) == len(ref_shape) and all(
+                        a in (1, b) for a, b in zip(shape, wide)):
+                    mine_dims = [i for i, (a, b) in enumerate(zip(shape, wide)) if a != b]
+                    right_dims = [i for i, (a, b) in enumerate(zip(ref_shape, wide)) if a != b]
+                    return text + f": summed over dim {_dims(mine_dims)} of {_shape(wide)}; the broadcast " \
+                                  f"happened along dim {_dims(right_dims)}"
+            return text
+        repeated = self._repeated_index_message(node, mine, ref)
+        if repeated:
+            return repeated
+        if self._negligible(ref):
+            return f"should be (nearly) zero; yours reaches {_number(mine.abs().max().item())}"
+        if self._same_values_elsewhere(mine, ref):
+            return "the right values in the wrong places: check the indices"
+        scale = ref.abs().max().item()
+        return f"maxdiff {_number(_maxdiff(mine, ref))} where the right values reach {_number(scale)}"
+
+    def _repeated_index_message(self, node: int, mine: Tensor, ref: Tensor) -> str | None:
+        """dC[Xb] = demb: rows picked several times must add up, not overwrite."""
+        for consumer in self.graph.nx.successors(node):
+            data = self.nodes[consumer]
+            if data["op"] not in _INDEX_OPS or consumer not in self.truth:
+                continue
+            try:
+                counts = sum(b.summed for s, b in self._branches(consumer, torch.ones_like(self.truth[consumer]))
+                             if s == node)
+            except (RuntimeError, ValueError, TypeError):
+                continue
+            if not isinstance(counts, Tensor):
+                continue
+            repeated = counts > 1.5
+            if repeated.any() and self._close(mine[~repeated], ref[~repeated]):
+                return ("wrong only where an index repeats: those elements are picked more than once, so their "
+                        "gradients must add up (index_add_, index_put_(..., accumulate=True) or += in a loop), "
+                        "not overwrite each other")
+        return None
+
+    def _same_values_elsewhere(self, mine: Tensor, ref: Tensor) -> bool:
+        a, b = mine.flatten(), ref.flatten()
+        nonzero_a, nonzero_b = a[a != 0], b[b != 0]
+        if nonzero_a.numel() != nonzero_b.numel() or nonzero_a.numel() == 0:
+            return False
+        return self._close(nonzero_a.sort().values, nonzero_b.sort().values) and not self._close(a, b)
+
+    def _wrong_upstream(self, node: int) -> list[str]:
+        """The nearest gradients downstream in the forward graph (upstream in backward) that are off."""
+        found: list[str] = []
+        seen: set[int] = set()
+        frontier = list(self.graph.nx.successors(node))
+        while frontier:
+            consumer = frontier.pop()
+            if consumer in seen or consumer not in self.truth:
+                continue
+            seen.add(consumer)
+            row = self.rows.get(consumer)
+            if row is not None and row.kind not in ("ok", "missing"):
+                if row.name not in found:
+                    found.append(row.name)
+            elif row is None or row.kind == "missing":
+                frontier.extend(self.graph.nx.successors(consumer))
+        return sorted(found, key=lambda n: -self.graph._names[n])
+
+    def _root_cause(self, upstream: list[str]) -> str | None:
+        for name in upstream:
+            row = self.rows[self.graph._names[name]]
+            if row.kind != "inherited":
+                continue
+            for above in row.upstream:
+                cause = self._root_cause([above]) or above
+                if self.rows[self.graph._names[cause]].error:
+                    return cause
+        for name in upstream:
+            if self.rows[self.graph._names[name]].error:
+                return name
+        return None
+
+    # ---------------------------------------------------------------- comparisons
+
+    def _close(self, a: Tensor, b: Tensor) -> bool:
+        if tuple(a.shape) != tuple(b.shape):
+            return False
+        a = a.to(dtype=b.dtype, device=b.device) if a.dtype != b.dtype else a
+        return bool(torch.allclose(a, b, rtol=self.rtol, atol=self.atol))
+
+    def _negligible(self, t: Tensor) -> bool:
+        return t.numel() == 0 or float(t.abs().max()) <= self.atol
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _total(branches: list[_Branch | None] | None, truth: Tensor | None, summed: bool = True) -> Tensor | None:
+    """The sum of a node's branches (None if a branch could not be computed)."""
+    if not branches or any(b is None for b in branches):
+        return None
+    parts = [b.summed if summed else b.raw for b in branches]
+    try:
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+    except RuntimeError:
+        return None
+    return total
+
+
+def _sum_to(grad: Tensor, shape: tuple[int, ...]) -> Tensor:
+    if tuple(grad.shape) == tuple(shape):
+        return grad
+    try:
+        return grad.sum_to_size(shape)
+    except RuntimeError:
+        if grad.numel() == math.prod(shape):
+            return grad.reshape(shape)
+        raise
+
+
+def _coerce(value: Tensor, truth: Tensor) -> Tensor | None:
+    """A learner's wrongly shaped value in the right shape, when there is an obvious way."""
+    shape = tuple(truth.shape)
+    if tuple(value.shape) == shape:
+        return value
+    if value.numel() == truth.numel():
+        return value.reshape(shape)
+    broadcast = _broadcast_shape(tuple(value.shape), shape)
+    if broadcast == shape:
+        return value.expand(shape)
+    if broadcast == tuple(value.shape):
+        try:
+            return value.sum_to_size(shape)
+        except RuntimeError:
+            return None
+    return None
+
+
+def _broadcast_shape(a: tuple, b: tuple) -> tuple | None:
+    try:
+        return tuple(torch.broadcast_shapes(a, b))
+    except RuntimeError:
+        return None
+
+
+def _maxdiff(mine: Tensor, truth: Tensor) -> float:
+    try:
+        diff = (mine.to(truth.dtype) - truth).abs()
+    except RuntimeError:
+        return math.inf
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def _factor(mine: Tensor, ref: Tensor) -> float | None:
+    """The least-squares c in mine ≈ c * ref."""
+    a, b = mine.double().flatten(), ref.double().flatten()
+    denom = float(b @ b)
+    if denom == 0 or not math.isfinite(denom):
+        return None
+    return float(a @ b) / denom
+
+
+def _describe_factor(factor: float, n: int | None) -> tuple[str, str | None]:
+    """``(n-1)/n = 31/32`` when the factor is n-related, else ``3/2`` or ``0.8731``."""
+    fraction = Fraction(factor).limit_denominator(1024)
+    simple = abs(float(fraction) - factor) <= 1e-5 * abs(factor)
+    text = (str(fraction.numerator) if fraction.denominator == 1 else f"{fraction.numerator}/{fraction.denominator}"
+            ) if simple else f"{factor:.6g}"
+    if n and n > 2:
+        candidates = {"(n-1)/n": (n - 1) / n, "n/(n-1)": n / (n - 1), "1/n": 1 / n, "n": float(n),
+                      "1/(n-1)": 1 / (n - 1), "n-1": float(n - 1)}
+        for label, value in candidates.items():
+            for sign in (1, -1):
+                if abs(factor - sign * value) <= 1e-5 * abs(value):
+                    label = label if sign > 0 else f"-{label}"
+                    shown = f"{label} with n = {n}" if label.lstrip("-") == "n" else f"{label} = {text} (n = {n})"
+                    return shown, label.lstrip("-")
+    return text, None
+
+
+def _batch_size(graph: Graph) -> int | None:
+    """The size the lecture calls n: the most common size among reduced dimensions (sum, mean, var ...)."""
+    sizes: Counter[int] = Counter()
+    for data in graph._nodes:
+        if data["kind"] != "op" or data["op"] not in ("sum", "mean", "var", "std", "max", "min", "amax", "logsumexp"):
+            continue
+        source = data["inputs"][0] if data["inputs"] else None
+        if source is None:
+            continue
+        shape = graph._nodes[source]["shape"]
+        dim = data["attrs"].get("dim")
+        dims = range(len(shape)) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+        for d in dims:
+            if isinstance(d, int) and -len(shape) <= d < len(shape) and shape[d] > 1:
+                sizes[shape[d]] += 1
+    return sizes.most_common(1)[0][0] if sizes else None
+
+
+def _names(names: list[str], prefix: str = "d") -> str:
+    names = [prefix + n for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _shape(shape: tuple) -> str:
+    return str(tuple(shape))
+
+
+def _dims(dims: list[int]) -> str:
+    return str(dims[0]) if len(dims) == 1 else "(" + ", ".join(map(str, dims)) + ")"
+
+
+def _number(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3g}"
+
+
+__all__ = ["CheckReport", "CheckRow", "ERROR_KINDS", "KINDS", "check"]
