@@ -171,7 +171,8 @@ defop(
 # `torch.rsub(x, y)` is y - x
 defop("rsub", lambda g, out, x, other, *, alpha=1: (-g if alpha == 1 else -g * alpha, g), auto=False,
       funcs=("torch.rsub",))
-defop("mul", lambda g, out, x, other: (g * other, g * x), funcs=("torch.multiply", "Tensor.multiply"))
+defop("mul", lambda g, out, x, other: (g * other, g * x if isinstance(other, Tensor) else None),
+      funcs=("torch.multiply", "Tensor.multiply"))
 
 
 def rdiv(g: Tensor, out: Tensor, x: Tensor, other: Any) -> tuple:
@@ -662,7 +663,7 @@ def cross_entropy(g: Tensor, out: Tensor, x: Tensor, target: Tensor, weight: Ten
         grad_target = _scale_loss(g, -logp * class_weight * (1 - label_smoothing), reduction, denom, batch_dim)
     else:
         per_element, denom = _nll_grad(logp, target, weight, ignore_index, reduction, label_smoothing)
-    grad_logp = _scale_loss(g, per_element, reduction, denom, batch_dim)
+    grad_logp = _scale_loss(g, per_element, reduction, denom, batch_dim).to(logp.dtype)  # weight may be wider
     return aten._log_softmax_backward_data(grad_logp, logp, class_dim, x.dtype), grad_target, None
 
 
