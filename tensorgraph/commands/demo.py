@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 from ..cli import positive_int
@@ -94,14 +95,14 @@ def exercise_4(steps: int, out: Path, progress: bool) -> None:
 
     heading("Exercise 4: training the MLP with graph.backward()")
     splits = load_splits()
-    config = TrainConfig(steps=steps)
+    config = TrainConfig(steps=steps, eval_every=max(1, steps // 5))
     print(f"the lecture's network (hidden 200, batchnorm, {sum(p.numel() for p in _params(config, splits)):,} "
           f"parameters), {steps:,} SGD steps of batch 32, lr 0.1 then 0.01; every gradient from graph.backward",
           flush=True)
     engine = train(splits, config, backend="engine", progress=progress, checkpoint=out / "model.pt")
     print(f"engine backend: train {engine.train_loss:.4f}, val {engine.val_loss:.4f} "
           f"({engine.seconds:.1f} s, {steps / engine.seconds:.0f} steps/s)", flush=True)
-    reference = train(splits, config, backend="torch", progress=False)
+    reference = train(splits, replace(config, eval_every=steps), backend="torch", progress=False)
     same = engine.state.losses == reference.state.losses
     print(f"torch autograd, same seed: train {reference.train_loss:.4f}, val {reference.val_loss:.4f} "
           f"({reference.seconds:.1f} s); the two runs' {steps:,} batch losses are "

@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="output folder (default ./tensorgraph-out/<timestamp>; with --resume, the checkpoint's)")
     parser.add_argument("--resume", metavar="CHECKPOINT", default=None, help="continue from a checkpoint (model.pt)")
     parser.add_argument("--eval-every", type=positive_int, default=None,
-                        help="steps between full train/val evaluations for the loss curve (default steps/10)")
+                        help="steps between full train/val evaluations for the loss curve "
+                             "(default steps/10, at least 5000)")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads (default 1: the steps are too small to gain from more)")
     parser.add_argument("--samples", type=int, default=20, help="names to sample at the end (default 20)")
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     setup = prepare(args)
     out = setup["out"]
     say = _printer(args)
+    load_before = _load()
     say(f"training the makemore MLP ({setup['describe']}) with the {args.backend} backend; outputs in {out}")
     try:
         result = train(setup["splits"], setup["config"], backend=args.backend, state=setup["state"],
@@ -81,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"tensorgraph: {stop}", file=sys.stderr)
         return 130
     samples = sample_names(result.model, result.vocab, args.samples, result.config.seed + 10)
-    metrics = write_outputs(result, setup["splits"], out, samples=samples, render=not args.no_render,
-                            info={"data": setup["data"] or "names.txt (embedded)", "load_average": _load(),
-                                  "threads": args.threads})
+    info = {"data": setup["data"] or "names.txt (embedded)", "load_average": {"start": load_before, "end": _load()},
+            "threads": args.threads}
+    metrics = write_outputs(result, setup["splits"], out, samples=samples, render=not args.no_render, info=info)
     say(f"train loss {result.train_loss:.4f}   val loss {result.val_loss:.4f}   "
         f"({result.steps:,} steps, {result.seconds:.1f} s, {result.steps / max(result.seconds, 1e-9):.0f} steps/s)")
     if samples:

@@ -100,18 +100,24 @@ class MLP:
         return forward(*self.parameters(), Xb, Yb)
 
     @torch.no_grad()
-    def calibrate(self, X: Tensor) -> None:
-        """Batchnorm's mean and variance over all of ``X`` (the training set), as the lecture does after training."""
+    def calibrate(self, X: Tensor, Y: Tensor | None = None) -> float | None:
+        """Batchnorm's mean and variance over all of ``X`` (the training set), as the lecture does after training.
+
+        With the targets ``Y``, also the loss on ``X`` with those statistics (one pass instead of two).
+        """
         hpreact = self._hprebn(X)
         self.bnmean = hpreact.mean(0, keepdim=True)
         self.bnvar = hpreact.var(0, keepdim=True, unbiased=True)
+        return None if Y is None else F.cross_entropy(self._head(hpreact), Y).item()
 
     @torch.no_grad()
     def logits(self, X: Tensor) -> Tensor:
         """Inference: batchnorm with the calibrated statistics (call :meth:`calibrate` first)."""
         if self.bnmean is None or self.bnvar is None:
             raise ValueError("the batchnorm statistics are not calibrated: call model.calibrate(Xtr) first")
-        hpreact = self._hprebn(X)
+        return self._head(self._hprebn(X))
+
+    def _head(self, hpreact: Tensor) -> Tensor:
         hpreact = self.bngain * (hpreact - self.bnmean) * (self.bnvar + BN_EPS) ** -0.5 + self.bnbias
         h = torch.tanh(hpreact)
         return h @ self.W2 + self.b2

@@ -70,7 +70,7 @@ class TrainConfig:
     lr_decay_step: int | None = None  # None: half-way (the lecture: 100,000 of 200,000)
     lr_final: float | None = None  # None: lr / 10 (the lecture: 0.01)
     seed: int = SEED
-    eval_every: int | None = None  # None: every steps // 10; full train/val losses for the curve
+    eval_every: int | None = None  # None: steps // 10, at least 5,000; full train/val losses for the curve
 
     def resolved(self) -> TrainConfig:
         """The configuration with every default filled in, checked."""
@@ -78,7 +78,7 @@ class TrainConfig:
             self,
             lr_decay_step=self.steps // 2 if self.lr_decay_step is None else self.lr_decay_step,
             lr_final=self.lr / 10 if self.lr_final is None else self.lr_final,
-            eval_every=max(1, self.steps // 10) if self.eval_every is None else self.eval_every,
+            eval_every=max(5_000, self.steps // 10) if self.eval_every is None else self.eval_every,
         )
         config.check()
         return config
@@ -211,8 +211,8 @@ def make_step(backend: str, model: MLP) -> StepFn:
 
 def split_losses(model: MLP, splits: Splits, names: tuple[str, ...] = ("train", "val")) -> dict[str, float]:
     """Calibrate batchnorm over the training set, then the mean loss of each named split."""
-    model.calibrate(splits.train[0])
-    return {name: model.evaluate(*getattr(splits, name)) for name in names}
+    losses = {"train": model.calibrate(*splits.train)}
+    return {name: losses[name] if name in losses else model.evaluate(*getattr(splits, name)) for name in names}
 
 
 def check_splits(splits: Splits, source: str = "the data") -> None:
@@ -449,7 +449,8 @@ def plot_losses(result: TrainResult, path: str | Path) -> Path:
     steps = torch.arange(1, len(losses) + 1)
     window = max(1, min(1000, len(losses) // 50))
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.12, linewidth=0.5, label="batch loss (every step)")
+    if len(losses) <= 5000:  # beyond that, single steps are a solid band that hides the curve
+        ax.plot(steps, losses, color="tab:blue", alpha=0.15, linewidth=0.5, label="batch loss (every step)")
     if len(losses) >= window:
         smooth = losses.unfold(0, window, 1).mean(1)
         ax.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=1.6, label=f"batch loss, mean of {window}")
@@ -464,6 +465,11 @@ def plot_losses(result: TrainResult, path: str | Path) -> Path:
     if decay is not None and 0 < decay < result.steps:
         ax.axvline(decay, color="gray", linestyle="--", linewidth=0.8, label=f"lr {result.config.lr:g} -> "
                    f"{result.config.learning_rate(decay):g}")
+    focus = [smooth] if len(losses) >= window else [losses]
+    focus += [torch.tensor([math.log10(h[k]) for h in history for k in ("train_loss", "val_loss")])] if history else []
+    low, high = min(f.min().item() for f in focus), max(f.max().item() for f in focus)
+    margin = max(0.02, 0.15 * (high - low))
+    ax.set_ylim(low - margin, high + margin)  # the smoothed curve and the splits; single steps are noisier
     ax.set_xlabel("step")
     ax.set_ylabel("log10(loss)")
     ax.set_title(f"makemore MLP, {result.backend} backend: train {result.train_loss:.4f}, "
@@ -510,7 +516,7 @@ def write_outputs(result: TrainResult, splits: Splits, out: str | Path, *, sampl
             notes.append(note)
     metrics = {
         **result.metrics(),
-        "train_seconds_per_step": result.seconds / max(1, result.steps),
+        "seconds_per_step": result.seconds / max(1, result.steps),
         "config": asdict(result.config),
         "vocab_size": len(result.vocab),
         "num_parameters": result.model.num_parameters(),
