@@ -1,0 +1,207 @@
+"""graph.check: a learner's exercise-1 answer, correct and with each kind of mistake seeded into it.
+
+The truth here is independent of the checker: the learner's answer is hand-written in
+tests/lecture_answer.py the way the lecture writes it, and the correct answer is first
+confirmed against torch autograd (float64 replay) before the checker is trusted with it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lecture_answer import MISTAKES, answer, exercise
+
+import tensorgraph as tg
+from tensorgraph.check import ERROR_KINDS, KINDS
+from tensorgraph.lecture import LECTURE_ROWS
+
+
+@pytest.fixture(scope="module")
+def lecture():
+    return exercise()
+
+
+@pytest.fixture(scope="module")
+def reports(lecture):
+    """The report on each seeded mistake, computed once per module."""
+    graph, loss, v = lecture
+    cache = {}
+
+    def report(mistake):
+        if mistake not in cache:
+            cache[mistake] = graph.check(answer(v, mistake), loss)
+        return cache[mistake]
+
+    return report
+
+
+def _autograd_grads(graph, loss):
+    """torch autograd's gradients of every named tensor (replay of the recorded graph)."""
+    from tensorgraph.compare import replay
+    from tensorgraph.engine import root_node
+
+    root = root_node(graph, loss)
+    values = replay(graph, root)
+    values[root].backward()
+    return {graph._nodes[n]["name"]: v.grad for n, v in values.items() if getattr(v, "grad", None) is not None}
+
+
+def test_the_hand_written_answer_matches_torch_autograd(lecture):
+    graph, loss, v = lecture
+    truth = _autograd_grads(graph, loss)
+    mine = answer(v)
+    assert sorted(k[1:] for k in mine) == sorted(LECTURE_ROWS)
+    for key, value in mine.items():
+        torch.testing.assert_close(value, truth[key[1:]], rtol=1e-5, atol=1e-8, msg=key)
+
+
+def test_correct_answer_reports_no_error(lecture):
+    graph, loss, v = lecture
+    report = graph.check(answer(v), loss)
+    assert report.first_error is None and report.ok
+    assert [row.name for row in report.rows] == LECTURE_ROWS_BACKWARD
+    assert all(row.kind == "ok" for row in report.rows)
+    assert "26/26 right, no errors" in str(report)
+
+
+# the 26 rows in backward order (reverse creation order)
+LECTURE_ROWS_BACKWARD = [
+    "logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes", "logits", "b2",
+    "W2", "h", "hpreact", "bnbias", "bngain", "bnraw", "bnvar_inv", "bnvar", "bndiff2", "bndiff", "bnmeani",
+    "hprebn", "b1", "W1", "embcat", "emb", "C",
+]
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_each_seeded_mistake_is_found_and_named(reports, mistake):
+    blamed, kind = MISTAKES[mistake]
+    report = reports(mistake)
+    assert report.first_error == blamed, str(report)
+    row = report[blamed]
+    assert row.kind == kind, str(report)
+    assert row.message and "\n" not in row.message
+    # rows before the mistake are right; rows after it are right, inherited, or (rarely) unaffected
+    order = [r.name for r in report.rows]
+    for earlier in report.rows[: order.index(blamed)]:
+        assert earlier.kind == "ok", (earlier, str(report))
+    for later in report.rows[order.index(blamed) + 1:]:
+        assert later.kind in ("ok", "inherited"), (later, str(report))
+
+
+def test_every_kind_is_covered_by_a_seeded_mistake():
+    covered = {kind for _, kind in MISTAKES.values()} | {"ok", "inherited", "missing"}
+    assert covered == set(KINDS)
+    assert ERROR_KINDS < set(KINDS)
+
+
+def test_messages_are_pointed(reports):
+    def message(mistake):
+        return reports(mistake)[MISTAKES[mistake][0]].message
+
+    assert message("dbnmeani-no-keepdim").startswith("missing keepdim=True: got (64,) for (1, 64)")
+    counts = message("dcounts-missing-branch")
+    assert "only the branch through probs" in counts and "missing the branch through counts_sum" in counts
+    assert "dcounts += dcounts_sum" in counts
+    assert "through logit_maxes" in message("dlogits-missing-max-branch")
+    assert "through bnmeani" in message("dhprebn-missing-branch")
+    assert "through bndiff2" in message("dbndiff-missing-branch")
+    assert "(n-1)/n = 31/32" in message("dbndiff2-bessel")
+    assert ".sum(0, keepdim=True)" in message("dbnbias-not-summed")
+    assert ".sum(1, keepdim=True)" in message("dcounts_sum_inv-not-summed")
+    assert "dW2 = h.t().mm(dlogits)" in message("dW2-transposed")
+    assert "index repeats" in message("dC-overwrite")
+    assert "wrong places" in message("dlogprobs-wrong-row")
+
+
+def test_rows_downstream_of_a_mistake_are_inherited_not_blamed(reports):
+    report = reports("dcounts-missing-branch")
+    assert report["dnorm_logits"].kind == "inherited"
+    assert report["dnorm_logits"].message.startswith("inherited from dcounts: this line is right given your dcounts")
+    assert report["dC"].kind == "inherited" and "the error starts at dcounts" in report["dC"].message
+    assert report["dlogits"].upstream == ["norm_logits", "logit_maxes"]
+    assert [row.name for row in report.errors] == ["counts"]
+    printed = str(report)
+    assert ">> dcounts" in printed and "first error: dcounts (missing-branch)" in printed
+
+
+def test_a_wrong_shape_upstream_is_followed_as_the_learner_broadcast_it(reports):
+    report = reports("dcounts_sum_inv-not-summed")
+    assert report["counts_sum"].kind == "inherited"
+    assert report["counts_sum"].upstream == ["counts_sum_inv"]
+
+
+def test_two_independent_mistakes_are_both_reported(lecture):
+    graph, loss, v = lecture
+    manual = answer(v, "dbnvar-sign")
+    manual["dW2"] = manual["dW2"] * 2
+    report = graph.check(manual, loss)
+    assert report.first_error == "W2"
+    assert report["W2"].kind == "scaled" and report["bnvar"].kind == "sign"
+
+
+def test_unlisted_mistakes(lecture):
+    graph, loss, v = lecture
+    n = v.Yb.shape[0]
+    good = answer(v)
+
+    def first(**changes):
+        report = graph.check({**good, **changes}, loss)
+        return report.first_error, (report[report.first_error].kind if report.first_error else None), report
+
+    name, kind, report = first(dcounts=good["dcounts"] + good["dcounts_sum"])  # a branch added twice
+    assert (name, kind) == ("counts", "wrong") and "added twice" in report[name].message
+    assert first(dbngain=v.bnraw * good["dhpreact"])[:2] == ("bngain", "not-unbroadcast")
+    name, kind, report = first(dcounts_sum_inv=(v.counts * good["dprobs"]).sum(0, keepdim=True))
+    assert (name, kind) == ("counts_sum_inv", "wrong") and "summed over dim 0" in report[name].message
+    assert first(dbnvar=(v.bnvar + 1e-5) ** -1.5 * good["dbnvar_inv"])[:2] == ("bnvar", "scaled")  # lost the -0.5
+    assert first(dnorm_logits=good["dcounts"])[:2] == ("norm_logits", "wrong")  # forgot the exp
+    # right answers written differently are right
+    dlogits = F.softmax(v.logits, 1)
+    dlogits[range(n), v.Yb] -= 1
+    assert first(dlogits=dlogits / n)[0] is None  # exercise 2's formula
+    one_hot = F.one_hot(v.Xb.view(-1), num_classes=v.C.shape[0]).float()
+    assert first(dC=one_hot.T @ good["demb"].view(-1, v.C.shape[1]))[0] is None  # the viewers' one-liner
+    assert first(dlogit_maxes=torch.zeros_like(good["dlogit_maxes"]))[0] is None  # it is ~0
+
+
+def test_keys_with_or_without_d_partial_dicts_and_other_dtypes(lecture):
+    graph, loss, v = lecture
+    good = answer(v)
+    report = graph.check({k[1:]: t.double() for k, t in good.items()}, loss)
+    assert report.ok and all(row.kind == "ok" for row in report.rows)
+    partial = graph.check({"dlogits": good["dlogits"], "dh": good["dh"], "demb": None}, loss)
+    assert partial.ok
+    assert partial["demb"].kind == "missing" and partial["dC"].kind == "missing"
+    assert "2/2 right, 24 not given" in partial.summary()
+
+
+@pytest.mark.parametrize("manual, message", [
+    ({"dlogit": None}, "no tensor named 'dlogit'.*did you mean 'dlogits'"),
+    ({"dXb": None}, "'Xb' has no gradient"),
+    ({"dlogits": 3.0}, "'dlogits' is a float, not a tensor"),
+    ({"dlogits": None, "logits": None}, "given twice"),
+    ([1, 2], "expected a dict"),
+])
+def test_bad_input_is_named(lecture, manual, message):
+    graph, loss, _ = lecture
+    with pytest.raises(ValueError, match=message):
+        graph.check(manual, loss)
+
+
+def test_any_graph_one_of_two_uses_missing():
+    gen = torch.Generator().manual_seed(0)
+    x, W = torch.randn(8, 5, generator=gen), torch.randn(5, 4, generator=gen)
+    y = torch.randint(0, 4, (8,), generator=gen)
+    with tg.record() as graph:
+        h = x @ W
+        a = h * h
+        loss = F.cross_entropy(a, y)
+    ref = x.clone().requires_grad_()  # independent truth: torch autograd
+    hr = ref @ W
+    hr.retain_grad()
+    F.cross_entropy(hr * hr, y).backward()
+    report = graph.check({"dh": hr.grad / 2}, loss)
+    assert report.first_error == "h" and report["h"].kind == "missing-branch"
+    assert "only one use of h in a" in report["h"].message
+    assert graph.check({"dh": hr.grad, "dx": ref.grad}, loss).ok
