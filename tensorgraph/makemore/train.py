@@ -313,14 +313,14 @@ def _loop(splits: Splits, config: TrainConfig, state: TrainState, step_fn: StepF
             g.set_state(generator_state)  # nothing changed yet: the state is still that of step i
             raise
         lr = config.learning_rate(i)
-        state.updating = True  # an interrupt from here to the step count would leave a half-updated model
+        value = loss.item()
+        state.updating = True  # an interrupt from here to the end of the block would leave a half-updated state
         with torch.no_grad():
             for p, grad in zip(params, grads):
                 p += -lr * grad
         state.step = i + 1
-        state.updating = False
-        value = loss.item()
         state.losses.append(value)
+        state.updating = False
         if state.step % config.eval_every == 0 and state.step < config.steps:
             losses = split_losses(state.model, splits)
             state.history.append({"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"]})
