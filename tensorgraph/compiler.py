@@ -1,0 +1,911 @@
+"""``tg.compile``: record a training step once, then run it as straight-line torch code.
+
+::
+
+    step = tg.compile(forward)     # forward(Xb, Yb) -> loss, closing over its parameters
+    loss, grads = step(Xb, Yb)     # the first call records and generates; later calls run the code
+    print(step.source)             # the generated forward + backward, with the user's names
+
+The first call records ``forward`` with :func:`tensorgraph.record`, runs the engine's
+backward pass once while recording it (:func:`tensorgraph.trace`: the adjoint graph of
+the rules' own torch calls), and prints both graphs as the body of one Python function,
+which it compiles with ``exec``. Later calls run that function: the same torch kernels the
+engine runs, with no graph to walk, no rule lookups, no dictionaries per node.
+
+On the way the generator
+
+- keeps only what the loss and the parameters' gradients need (dead-gradient elimination:
+  no gradient for integer inputs, data, constants, or branches that lead to no parameter);
+- adds a tensor's further gradient branches in place (``dh += ...``) when the first branch
+  is a fresh tensor nothing else reads or shares memory with;
+- uses fused closed-form rules for cross-entropy and batchnorm chains when
+  :mod:`tensorgraph.symbolic` provides ``auto_fuse`` (the rules' torch calls are traced like
+  any other rule's);
+- inlines temporaries used once, so the code reads like the lecture's.
+
+The parameters are the floating-point tensors the forward reads without receiving them as
+arguments (its closure, globals, or objects), captured by identity: updating them in place
+(``p.data -= lr * grad``, ``p.sub_(...)``) is seen by the next call. A guard re-records
+when an input's shape, dtype or device changes, or when a name the forward reads directly
+(a global or closure variable) is rebound to another tensor, and says so once.
+
+Like any tracing compiler, it replays torch calls, not Python: control flow that depends on
+tensor values, Python side effects, and work done under ``torch.no_grad()`` inside the
+forward are not re-run. The recording warns about the first two and refuses the third
+when the loss depends on it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import builtins
+import importlib
+import linecache
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from . import printer
+from .engine import BackwardTrace, trace
+from .graph import Graph, Ref, identifier, is_float
+from .printer import Expr
+from .record import _is_internal, _where, record
+
+__all__ = ["CompiledGradients", "CompiledStep", "RecompileWarning", "compile"]
+
+# calls that read tensor values into Python: the compiled step cannot follow what Python does with them
+_ESCAPES = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__complex__", "numpy"})
+
+
+class RecompileWarning(UserWarning):
+    """``tg.compile`` recorded the forward again (an input changed shape, dtype or device ...)."""
+
+
+def compile(forward: Callable[..., Tensor], *, params: Sequence[Tensor] | None = None, fuse: bool = True,
+            cache_size: int = 8) -> CompiledStep:
+    """Compile ``forward(*inputs) -> loss`` into a step returning ``(loss, grads)``; see the module docstring.
+
+    ``params`` restricts the gradients to these tensors (by identity; default: every
+    floating-point tensor the forward reads but does not receive as an argument).
+    ``fuse=False`` keeps the atomic rules even where a fused rule exists. ``cache_size``
+    bounds how many recorded versions (one per input signature) are kept.
+    """
+    if not callable(forward):
+        raise TypeError(f"tg.compile: expected a function forward(*inputs) -> loss, got {type(forward).__name__}")
+    return CompiledStep(forward, params=params, fuse=fuse, cache_size=cache_size)
+
+
+# ---------------------------------------------------------------- what a step returns
+
+
+class _Layout:
+    """Where each parameter's gradient sits in the generated function's result (shared by every call)."""
+
+    def __init__(self, tensors: Sequence[Tensor], names: Sequence[str]) -> None:
+        self.tensors = tuple(tensors)
+        self.names = tuple(names)
+        self.by_id = {id(t): i for i, t in enumerate(self.tensors)}
+        self.by_name: dict[str, int] = {}
+        for i, name in enumerate(self.names):
+            self.by_name.setdefault(name, i)
+        for i, name in enumerate(self.names):
+            self.by_name.setdefault("d" + name, i)
+
+
+class CompiledGradients(Mapping):
+    """The gradients of one compiled step: index by parameter tensor, by name, or by ``"d"``-name.
+
+    Iterating gives the parameters' names. Only parameters have gradients here (the
+    compiled code computes no others); ``graph.backward`` gives every intermediate's.
+    """
+
+    __slots__ = ("_layout", "_values")
+
+    def __init__(self, layout: _Layout, values: Sequence[Tensor]) -> None:
+        self._layout = layout
+        self._values = values
+
+    def __getitem__(self, key: Any) -> Tensor:
+        layout = self._layout
+        if isinstance(key, Tensor):
+            index = layout.by_id.get(id(key))
+            if index is not None and layout.tensors[index] is key:
+                return self._values[index]
+            raise KeyError("this tensor is not a parameter of the compiled step (the loss does not depend on it, "
+                           "or the forward receives it as an argument)")
+        if isinstance(key, str):
+            index = layout.by_name.get(key)
+            if index is not None:
+                return self._values[index]
+            raise KeyError(f"no parameter named {key!r} in the compiled step (parameters: {', '.join(layout.names)}); "
+                           f"intermediate gradients are not computed by compiled code: use graph.backward for those")
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layout.names)
+
+    def __len__(self) -> int:
+        return len(self._layout.names)
+
+    def __repr__(self) -> str:
+        return f"<CompiledGradients w.r.t. {', '.join(self._layout.names)}>"
+
+
+# ---------------------------------------------------------------- the step
+
+
+@dataclass
+class _Program:
+    """One compiled version of the step: for one input signature."""
+
+    fn: Callable[..., tuple[Tensor, tuple[Tensor, ...]]]
+    source: str
+    layout: _Layout
+    graph: Graph
+    watched: list[tuple[str, Any, str, Tensor]]  # (kind, owner, name, tensor): direct references to re-check
+    first: tuple[Tensor, tuple[Tensor, ...]] | None  # the recording's own results, returned by the first call
+    notes: list[str] = field(default_factory=list)
+
+    def stale(self) -> str | None:
+        """Why the recorded references no longer hold (a rebound global or closure variable), or None."""
+        for kind, owner, name, tensor in self.watched:
+            current = owner.get(name) if kind == "global" else owner.cell_contents
+            if current is not tensor:
+                return f"{name!r} now refers to a different tensor"
+        return None
+
+
+class CompiledStep:
+    """A compiled training step: ``loss, grads = step(*inputs)``. Create with :func:`tensorgraph.compile`."""
+
+    def __init__(self, forward: Callable[..., Tensor], *, params: Sequence[Tensor] | None = None, fuse: bool = True,
+                 cache_size: int = 8) -> None:
+        self.forward = forward
+        self.params = None if params is None else tuple(params)
+        self.fuse = fuse
+        self.cache_size = max(1, int(cache_size))
+        self.recordings = 0
+        self._programs: dict[tuple, _Program] = {}
+        self._last_key: tuple | None = None
+        self._last: _Program | None = None
+        self.__doc__ = getattr(forward, "__doc__", None)
+        self.__name__ = getattr(forward, "__name__", "step")
+
+    # ------------------------------------------------------------ calling
+
+    def __call__(self, *inputs: Any) -> tuple[Tensor, CompiledGradients]:
+        key = _signature(inputs)
+        program = self._last if key == self._last_key else self._programs.get(key)
+        reason = None
+        if program is not None:
+            reason = program.stale()
+            if reason is not None:
+                self._programs.clear()
+                program = None
+        elif self._programs:
+            reason = _what_changed(self._last_key, key)
+        if program is None:
+            program = self._compile(inputs, key, reason)
+        self._last_key, self._last = key, program
+        first, program.first = program.first, None
+        loss, grads = first if first is not None else program.fn(*inputs)
+        return loss, CompiledGradients(program.layout, grads)
+
+    @property
+    def source(self) -> str:
+        """The generated Python source of the step last run (forward, then backward)."""
+        if self._last is None:
+            raise RuntimeError("tg.compile: the step has not run yet; the first call records the forward and "
+                               "generates the code")
+        return self._last.source
+
+    @property
+    def graph(self) -> Graph:
+        """The forward graph recorded for the step last run."""
+        if self._last is None:
+            raise RuntimeError("tg.compile: the step has not run yet")
+        return self._last.graph
+
+    @property
+    def parameters(self) -> tuple[Tensor, ...]:
+        """The tensors the step computes gradients for, in the order of :attr:`names`."""
+        return self._last.layout.tensors if self._last is not None else ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._last.layout.names if self._last is not None else ()
+
+    def __repr__(self) -> str:
+        state = f"{len(self._programs)} compiled version(s)" if self._programs else "not compiled yet"
+        return f"<tensorgraph.compile of {self.__name__}: {state}>"
+
+    # ------------------------------------------------------------ compiling
+
+    def _compile(self, inputs: tuple, key: tuple, reason: str | None) -> _Program:
+        if reason is not None:
+            warnings.warn(f"tg.compile: re-recording {self.__name__}: {reason}", RecompileWarning, stacklevel=3)
+        program = _build(self.forward, inputs, self.params, self.fuse)
+        for note in program.notes:
+            warnings.warn(f"tg.compile: {note}", stacklevel=3)
+        self.recordings += 1
+        if len(self._programs) >= self.cache_size:
+            self._programs.pop(next(iter(self._programs)))
+        self._programs[key] = program
+        return program
+
+
+def _signature(inputs: tuple) -> tuple:
+    """What the generated code is specialised to: each tensor input's shape, dtype, device; other inputs' values."""
+    key = []
+    for x in inputs:
+        if isinstance(x, Tensor):
+            key.append((x.shape, x.dtype, x.device))
+        else:
+            try:
+                hash(x)
+                key.append(("value", type(x), x))
+            except TypeError:
+                key.append(("object", id(x)))
+    key.append(len({id(x) for x in inputs}))  # the same tensor passed twice is a different program
+    return tuple(key)
+
+
+def _what_changed(old: tuple | None, new: tuple) -> str:
+    if old is None or len(old) != len(new):
+        return f"it is called with {len(new) - 1} inputs"
+    for index, (a, b) in enumerate(zip(old, new)):
+        if a == b:
+            continue
+        if len(a) == 3 and len(b) == 3 and isinstance(a[0], torch.Size) and isinstance(b[0], torch.Size):
+            for what, x, y in zip(("shape", "dtype", "device"), a, b):
+                if x != y:
+                    shown = (tuple(x), tuple(y)) if what == "shape" else (x, y)
+                    return f"input {index} changed {what} from {shown[0]} to {shown[1]}"
+        return f"input {index} changed"
+    return "the inputs alias each other differently"
+
+
+# ---------------------------------------------------------------- recording
+
+
+class _Escapes(TorchFunctionMode):
+    """Above the recorder: notes calls that read tensor values into Python (``.item()``, ``bool(t)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = printer._name_of(func)
+        if name in _ESCAPES and len(self.found) < 3:
+            self.found.append(f"{name}() at {_user_line()}")
+        return func(*args, **(kwargs or {}))
+
+
+def _user_line() -> str:
+    frame = sys._getframe(2)
+    while frame is not None and _is_internal(frame.f_code):
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown>"
+    where = _where((frame.f_code.co_filename, frame.f_lineno))
+    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    return f"{where} ({line})" if line else where
+
+
+@dataclass
+class _Recording:
+    graph: Graph
+    loss: Tensor
+    snapshots: list[tuple[int, int]]  # (node whose value was saved, the in-place node about to change it)
+    escapes: list[str]
+    no_grad: dict[int, tuple[Tensor, str]]  # id -> (tensor computed under no_grad, where)
+
+
+def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
+    """Run the forward under the recorder, watching what the generated code could not replay."""
+    recorder = record()
+    mode = recorder._mode
+    graph = recorder.graph
+    snapshots: list[tuple[int, int]] = []
+    no_grad: dict[int, tuple[Tensor, str]] = {}
+    take_snapshot, no_grad_call = mode._snapshot, mode._no_grad_call
+
+    def snapshot(tensor: Tensor) -> None:
+        node = mode._node_of(tensor, check=False)
+        if graph._nodes[node]["value"] is tensor:
+            snapshots.append((node, len(graph._nodes)))
+        take_snapshot(tensor)
+
+    def untracked(func, entry, args, kwargs):
+        result = no_grad_call(func, entry, args, kwargs)
+        if isinstance(result, Tensor):
+            no_grad[id(result)] = (result, _user_line())
+        return result
+
+    mode._snapshot, mode._no_grad_call = snapshot, untracked
+    escapes = _Escapes()
+    run = _bind(forward, inputs)  # a closure: the inputs are named by the forward's own parameters
+    loss = _run_recorded(recorder, escapes, run)
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"tg.compile: the forward must return the loss (a scalar tensor), got {type(loss).__name__}")
+    return _Recording(graph, loss, snapshots, escapes.found, no_grad)
+
+
+def _bind(forward: Callable[..., Tensor], inputs: tuple) -> Callable[[], Any]:
+    return lambda: forward(*inputs)
+
+
+def _run_recorded(recorder: record, escapes: _Escapes, run: Callable[[], Any]) -> Any:
+    with recorder:
+        with escapes:
+            loss = run()
+    return loss
+
+
+# ---------------------------------------------------------------- building one program
+
+
+def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tensor] | None, fuse: bool) -> _Program:
+    rec = _record(forward, inputs)
+    graph, loss = rec.graph, rec.loss
+    nodes = graph._nodes
+    root = graph._live.get(id(loss))
+    if root is None or root[2] is not loss:
+        raise ValueError("tg.compile: the forward returned a tensor it did not compute from recorded torch calls")
+    root_node = root[0]
+    if not is_float(nodes[root_node]) or loss.numel() != 1:
+        raise ValueError(f"tg.compile: the forward must return a scalar floating-point loss, got shape "
+                         f"{tuple(loss.shape)} and dtype {loss.dtype}")
+    input_ids = {id(x) for x in inputs if isinstance(x, Tensor)}
+    leaves = [n for n, d in enumerate(nodes) if d["kind"] == "leaf"]
+    for n in leaves:
+        if id(nodes[n]["value"]) in rec.no_grad:
+            _, where = rec.no_grad[id(nodes[n]["value"])]
+            raise ValueError(f"tg.compile: the loss uses {nodes[n]['name']!r}, computed under torch.no_grad() at "
+                             f"{where}; compiled code replays recorded calls only, so it would keep this value "
+                             f"forever. Compute it outside the forward and pass it in, or use the dynamic engine.")
+    if params is None:
+        wanted = [n for n in leaves if is_float(nodes[n]) and id(nodes[n]["value"]) not in input_ids]
+    else:
+        by_id = {id(nodes[n]["value"]): n for n in leaves}
+        wanted = []
+        for p in params:
+            if id(p) in input_ids:
+                raise ValueError("tg.compile: params= names a tensor the forward receives as an input; gradients "
+                                 "are computed for tensors the forward closes over")
+            if id(p) in by_id and is_float(nodes[by_id[id(p)]]):
+                wanted.append(by_id[id(p)])
+    backward_graph = _fused(graph, loss) if fuse else graph
+    traced = trace(backward_graph, loss)
+    # the parameters' nodes in the graph the backward ran on (a fused graph numbers its nodes anew)
+    in_backward = {id(d["value"]): n for n, d in enumerate(backward_graph._nodes) if d["kind"] == "leaf"}
+    pairs = [(n, in_backward.get(id(nodes[n]["value"]))) for n in wanted]
+    pairs = [(n, b) for n, b in pairs if b is not None and b in traced.grads.by_node]
+    reached = [n for n, _ in pairs]
+    generator = _Generator(graph, traced, inputs, [b for _, b in pairs], root_node, rec.snapshots)
+    generator.title = _title(forward)
+    source, fn_name, namespace = generator.run()
+    code = builtins.compile(source, f"<tg.compile {fn_name}>", "exec")
+    exec(code, namespace)  # noqa: S102 - running the generated code is the point
+    fn = namespace[fn_name]
+    linecache.cache[f"<tg.compile {fn_name}>"] = (len(source), None, source.splitlines(True),
+                                                  f"<tg.compile {fn_name}>")  # tracebacks show the generated line
+    layout = _Layout([nodes[n]["value"] for n in reached], [nodes[n]["name"] for n in reached])
+    first_grads = tuple(traced.grads.by_node[b] for _, b in pairs)
+    notes = []
+    if rec.escapes:
+        notes.append(f"the forward reads tensor values into Python ({'; '.join(rec.escapes)}); the compiled step "
+                     f"replays the recorded torch calls and does not re-run that Python code")
+    if rec.no_grad:
+        where = next(iter(rec.no_grad.values()))[1]
+        notes.append(f"the forward runs torch calls under torch.no_grad() (first at {where}); the compiled step "
+                     f"does not replay them")
+    watched = _direct_references(forward, {id(nodes[n]["value"]): nodes[n]["value"] for n in leaves})
+    return _Program(fn, source, layout, graph, watched, (loss, first_grads), notes)
+
+
+def _title(forward: Callable[..., Any]) -> str:
+    code = getattr(forward, "__code__", None)
+    name = getattr(forward, "__qualname__", None) or getattr(forward, "__name__", None) or type(forward).__name__
+    if code is None:
+        return name
+    return f"{name} ({_where((code.co_filename, code.co_firstlineno))})"
+
+
+def _fused(graph: Graph, loss: Tensor) -> Graph:
+    """The graph with closed-form rules for the chains :mod:`tensorgraph.symbolic` recognises, when it can."""
+    try:
+        symbolic = importlib.import_module("tensorgraph.symbolic")
+    except ImportError:
+        return graph
+    auto_fuse = getattr(symbolic, "auto_fuse", None)
+    if auto_fuse is None:
+        return graph
+    return auto_fuse(graph, loss)
+
+
+def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor]) -> list[tuple[str, Any, str, Tensor]]:
+    """The recorded tensors the forward names directly (globals, closure cells): the guard re-checks them."""
+    watched: list[tuple[str, Any, str, Tensor]] = []
+    code = getattr(forward, "__code__", None)
+    if code is None:
+        return watched
+    globals_ = getattr(forward, "__globals__", {})
+    for name in code.co_names:
+        value = globals_.get(name)
+        if isinstance(value, Tensor) and id(value) in leaves:
+            watched.append(("global", globals_, name, value))
+    for name, cell in zip(code.co_freevars, getattr(forward, "__closure__", None) or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, Tensor) and id(value) in leaves:
+            watched.append(("cell", cell, name, value))
+    return watched
+
+
+# ---------------------------------------------------------------- code generation
+
+
+@dataclass
+class _Stmt:
+    """One torch call of the generated function (a forward node, a backward node, or a saved copy)."""
+
+    func: Any
+    args: tuple
+    kwargs: dict
+    name: str  # preferred variable name
+    value: Tensor | None
+    output_index: int | None = None
+    result: tuple | None = None  # the outputs of a call with several (each output's node has its own copy)
+    inplace: bool = False
+    previous: int | None = None
+    pure: bool = True  # deterministic: may be inlined into its user
+    pinned: bool = False  # keeps a variable of its own (a user's name, a gradient, an output)
+    backward: bool = False
+
+
+class _Generator:
+    """Prints the forward graph and the traced backward as one straight-line Python function."""
+
+    def __init__(self, graph: Graph, traced: BackwardTrace, inputs: tuple, params: list[int], root: int,
+                 snapshots: list[tuple[int, int]]) -> None:
+        """``params``: the parameters' node ids in ``traced.graph`` (the graph the backward ran on)."""
+        self.graph = graph
+        self.fwd = graph._nodes
+        self.traced = traced
+        self.inputs = inputs
+        self.params = params
+        self.root = root
+        self.snapshots = snapshots
+        self.stmts: dict[int, _Stmt] = {}
+        self.order: list[int] = []
+        self.var: dict[int, str] = {}  # statement or leaf -> variable
+        self.namespace: dict[str, Any] = {**printer.NAMESPACE}
+        self.used: set[str] = set(self.namespace) | {"tensorgraph"}
+        self.leaf_of_input: dict[int, int] = {}
+        self.var_alias: dict[int, int] = {}  # a constant version made by a mutating call -> the tensor it changed
+        self.consts = 0
+        self.title = "forward"
+        self.groups: dict[tuple, dict[int, int]] | None = None
+
+    # ------------------------------------------------------------ assembling the statements
+
+    def run(self) -> tuple[str, str, dict[str, Any]]:
+        fn_name = self._unique("step")
+        self._forward()
+        outputs = self._backward()
+        needed = self.needed = self._needed([self.root, *outputs])
+        self.order = [k for k in self.order if k in needed]
+        self.uses = self._count_uses(outputs)
+        self.inlined = self._inlinable()
+        args = self._arguments()
+        body = self._emit()
+        grads = ", ".join(self.var[k] for k in outputs)
+        lines = [f"def {fn_name}({', '.join(args)}):",
+                 f'    """tg.compile of {self.title}: the forward, then the backward, as straight-line torch code."""']
+        lines += ["    " + line for line in body]
+        lines.append(f"    return {self.var[self.root]}, ({grads}{',' if len(outputs) == 1 else ''})")
+        return "\n".join(lines) + "\n", fn_name, self.namespace
+
+    def _forward(self) -> None:
+        inputs_by_id = {id(x): i for i, x in enumerate(self.inputs) if isinstance(x, Tensor)}
+        saved_before: dict[int, list[int]] = {}
+        for node, before in self.snapshots:
+            saved_before.setdefault(before, []).append(node)
+        self.saved: dict[int, int] = {}  # forward node -> statement holding its value before an in-place change
+        for node, data in enumerate(self.fwd):
+            for old in saved_before.get(node, ()):
+                key = -1 - len(self.saved)
+                self.stmts[key] = _Stmt(torch.Tensor.clone, (Ref(old),), {}, self.fwd[old]["name"] + "_saved",
+                                        self.fwd[old]["value"])
+                self.order.append(key)
+                self.saved[old] = key
+            if data["kind"] == "leaf":
+                index = inputs_by_id.get(id(data["value"]))
+                if index is not None:
+                    self.leaf_of_input.setdefault(index, node)
+                continue
+            if data["func"] is None:  # a constant version made by a mutating call (running statistics)
+                self.var_alias[node] = data["previous"]
+                continue
+            self.stmts[node] = _Stmt(
+                data["func"], data["args"], data["kwargs"], data["name"], data["value"], data["output_index"],
+                data["result"], data["inplace"], data["previous"], pure=data["kind"] == "op",
+                pinned=data["named"] or node == self.root)
+            self.order.append(node)
+
+    def _backward(self) -> list[int]:
+        """Adjoint statements, numbered after the forward's; returns the statements holding the parameters' grads."""
+        traced, adj = self.traced, self.traced.adjoint._nodes
+        base = len(self.fwd)
+        forward_of: dict[int, int] = {}
+        value_node = {id(d["value"]): n for n, d in enumerate(self.fwd)}
+        for j, data in enumerate(adj):
+            if data["kind"] == "leaf":
+                node = value_node.get(id(data["value"]))
+                if node is None or self.fwd[node]["value"] is not data["value"]:
+                    raise NotImplementedError(
+                        f"tg.compile: a gradient rule used a tensor ({data['name']!r}) that is neither a forward value "
+                        f"nor computed by a recorded torch call; this graph cannot be compiled (use graph.backward)")
+                forward_of[j] = self.saved.get(node, node)
+
+        def remap(value: Any) -> Any:
+            if isinstance(value, Ref):
+                return Ref(forward_of[value.node]) if value.node in forward_of else Ref(base + value.node)
+            if isinstance(value, (tuple, list)) and any(isinstance(v, (Ref, tuple, list)) for v in value):
+                return type(value)(remap(v) for v in value)
+            return value
+
+        bnodes = traced.graph._nodes
+        final = {id(g): node for node, g in traced.grads.by_node.items()}
+        for j, data in enumerate(adj):
+            if data["kind"] == "leaf":
+                continue
+            if data["func"] is None:
+                raise NotImplementedError(f"tg.compile: the backward pass changed {data['name']!r} in a way that was "
+                                          f"not recorded; use graph.backward")
+            grad_of = final.get(id(data["value"]))
+            named = grad_of is not None and data["name"].startswith("d") and (
+                bnodes[grad_of]["named"] or grad_of in self.params)
+            args = remap(data["args"])
+            kwargs = {k: remap(v) for k, v in data["kwargs"].items()}
+            self.stmts[base + j] = _Stmt(
+                data["func"], args, kwargs, data["name"], data["value"], data["output_index"], data["result"],
+                data["inplace"], None if data["previous"] is None else remap(Ref(data["previous"])).node,
+                pure=True, pinned=named, backward=True)
+            self.order.append(base + j)
+        outputs = []
+        for node in self.params:
+            j = traced.node_of(traced.grads.by_node[node])
+            if j is None:
+                raise NotImplementedError(f"tg.compile: the gradient of {bnodes[node]['name']!r} was not computed "
+                                          f"by recorded torch calls")
+            key = forward_of.get(j, base + j)
+            outputs.append(key)
+        self._accumulations(base)
+        return outputs
+
+    def _accumulations(self, base: int) -> None:
+        """Mark the fan-out sums ``total + branch`` that may add in place: ``dX += branch``."""
+        self.accumulate: dict[int, int] = {}  # add statement -> the statement it adds into
+        for step in self.traced.steps:
+            if step.first:
+                continue
+            j = self.traced.node_of(step.total)
+            if j is not None:
+                self.accumulate[base + j] = -1  # candidates; decided once uses are known
+
+    # ------------------------------------------------------------ analysis
+
+    def _needed(self, outputs: list[int]) -> set[int]:
+        needed: set[int] = set()
+        stack = list(outputs)
+        while stack:
+            key = stack.pop()
+            if key in needed:
+                continue
+            needed.add(key)
+            key = self._resolve(key)
+            needed.add(key)
+            stmt = self.stmts.get(key)
+            if stmt is None:
+                continue
+            stack.extend(_refs(stmt.args))
+            stack.extend(_refs(list(stmt.kwargs.values())))
+            if stmt.result is not None:  # every output of a multi-output call comes from the same call
+                stack.extend(self._siblings(key))
+        return needed
+
+    def _siblings(self, key: int) -> list[int]:
+        return [k for k in self._group(key).values() if k != key]
+
+    def _group(self, key: int) -> dict[int, int]:
+        """The statements of every output of one multi-output call, by output index."""
+        if self.groups is None:
+            self.groups = {}
+            for k, s in self.stmts.items():
+                if s.result is not None:
+                    self.groups.setdefault(_call_id(s.result), {})[s.output_index] = k
+        return self.groups[_call_id(self.stmts[key].result)]
+
+    def _resolve(self, key: int) -> int:
+        alias = self.var_alias
+        while key in alias:
+            key = alias[key]
+        return key
+
+    def _count_uses(self, outputs: list[int]) -> Counter:
+        uses: Counter = Counter()
+        for key in self.order:
+            stmt = self.stmts[key]
+            for ref in _refs(stmt.args) + _refs(list(stmt.kwargs.values())):
+                uses[self._resolve(ref)] += 1
+        for key in outputs + [self.root]:
+            uses[self._resolve(key)] += 2  # an output is never inlined or changed in place
+        return uses
+
+    def _inlinable(self) -> set[int]:
+        """Statements printed inside their single user's expression instead of on a line of their own."""
+        position = {k: i for i, k in enumerate(self.order)}
+        mutations = sorted(position[k] for k in self.order if self.stmts[k].inplace)
+        users: dict[int, int] = {}
+        for key in self.order:
+            stmt = self.stmts[key]
+            for ref in _refs(stmt.args) + _refs(list(stmt.kwargs.values())):
+                users[self._resolve(ref)] = key
+        self._decide_accumulations(position)
+        mutations = sorted(set(mutations) | {position[k] for k in self.accumulate})
+        inlined: set[int] = set()
+        for key in self.order:
+            stmt = self.stmts[key]
+            if (stmt.pinned or not stmt.pure or stmt.inplace or stmt.result is not None or self.uses[key] != 1
+                    or key in self.accumulate_targets or key in self.saved.values()):
+                continue
+            user = users.get(key)
+            if user is None:
+                continue
+            after = bisect.bisect_right(mutations, position[key])
+            if after < len(mutations) and mutations[after] < position[user]:
+                continue  # something in between changes memory in place: keep the order
+            user_stmt = self.stmts[user]
+            if user_stmt.inplace and _refs(user_stmt.args[:1]) == [key] and not _method_inplace(user_stmt):
+                continue  # ``x += y`` and ``x[i] = v`` need x to be a variable
+            inlined.add(key)
+        return inlined
+
+    def _decide_accumulations(self, position: dict[int, int]) -> None:
+        """Which fan-out sums add into their first operand in place (see :func:`_may_add_into`)."""
+        candidates = self.accumulate
+        self.accumulate = {}
+        self.accumulate_targets: set[int] = set()
+        storage: dict[int, list[int]] = {}
+        for key in self.order:
+            value = self.stmts[key].value
+            if isinstance(value, Tensor) and value.numel():
+                storage.setdefault(value.untyped_storage().data_ptr(), []).append(key)
+        for node, data in enumerate(self.fwd):
+            value = data["value"]
+            if isinstance(value, Tensor) and value.numel():
+                storage.setdefault(value.untyped_storage().data_ptr(), []).append(node)
+        for key in candidates:
+            if key not in position:
+                continue
+            stmt = self.stmts[key]
+            refs = _refs(stmt.args)
+            if len(refs) != 2 or stmt.kwargs:
+                continue
+            target = self._resolve(refs[0])
+            if self._may_add_into(target, stmt, storage):
+                self.accumulate[key] = target
+                self.accumulate_targets.add(target)
+        for key in self.accumulate:  # the first branch's variable takes the name of the finished sum: dh
+            if key in self.accumulate_targets:
+                continue
+            first = self.accumulate[key]
+            while first in self.accumulate:
+                first = self.accumulate[first]
+            self.stmts[first].name = self.stmts[key].name
+
+    def _may_add_into(self, target: int, add: _Stmt, storage: dict[int, list[int]]) -> bool:
+        """``total + branch`` may become ``total += branch`` when nothing else can see ``total``'s memory."""
+        stmt = self.stmts.get(target)
+        if stmt is None or not stmt.backward or self.uses[target] != 1 or stmt.result is not None:
+            return False
+        value, out = stmt.value, add.value
+        if value is None or out is None or value.shape != out.shape or value.dtype != out.dtype:
+            return False
+        if value._base is not None or 0 in value.stride():
+            return False
+        chain = {target}
+        current = stmt
+        while current.inplace and current.previous is not None:  # torch.zeros_like(x).index_put_(...)
+            if self.uses[current.previous] != 1:
+                return False
+            chain.add(current.previous)
+            current = self.stmts.get(current.previous)
+            if current is None:
+                return False
+        sharing = set(storage.get(value.untyped_storage().data_ptr(), ()))
+        return sharing <= chain
+
+    # ------------------------------------------------------------ printing
+
+    def _arguments(self) -> list[str]:
+        names = []
+        for index in range(len(self.inputs)):
+            leaf = self.leaf_of_input.get(index)
+            if leaf is not None and leaf not in self.var:
+                name = self._unique(identifier(self.fwd[leaf]["name"]))
+                self.var[leaf] = name
+            else:
+                name = self._unique(f"_input{index}")
+            names.append(name)
+        return names
+
+    def _emit(self) -> list[str]:
+        lines: list[str] = []
+        section = None
+        for key in self.order:
+            stmt = self.stmts[key]
+            if stmt.backward != section:
+                section = stmt.backward
+                lines.append("# backward" if section else "# forward")
+            if key in self.inlined:
+                continue
+            if stmt.result is not None:
+                lines.extend(self._emit_multi(key))
+                continue
+            if key in self.accumulate:
+                target = self.accumulate[key]
+                branch = self._branch(_refs(stmt.args)[1], stmt)
+                lines.append(f"{self._name(target)} += {branch.text}")
+                self.var[key] = self._name(target)
+                continue
+            if stmt.inplace:
+                receiver = _refs(stmt.args[:1])
+                if receiver and receiver[0] not in self.inlined:
+                    code = self._call(stmt, statement=True)
+                    lines.append(code.text)
+                    self.var[key] = self._name(receiver[0])
+                    continue
+            target = self._new_name(key)
+            lines.append(f"{target} = {self._call(stmt).text}")
+        return lines
+
+    def _emit_multi(self, key: int) -> list[str]:
+        stmt = self.stmts[key]
+        if key in self.var:  # already unpacked with a sibling
+            return []
+        group = {i: k for i, k in self._group(key).items() if k in self.needed}
+        targets = []
+        for index in range(len(stmt.result)):
+            k = group.get(index)
+            targets.append(self._new_name(k) if k is not None else "_")
+        return [f"{', '.join(targets)} = {self._call(stmt).text}"]
+
+    def _branch(self, key: int, add: _Stmt) -> Expr:
+        """The added branch; ``g.expand(shape)`` is just ``g`` in ``dx += g`` (in-place addition broadcasts)."""
+        key = self._resolve(key)
+        stmt = self.stmts.get(key)
+        if stmt is not None and key in self.inlined and printer._name_of(stmt.func) in ("expand", "expand_as"):
+            inner = _refs(stmt.args[:1])
+            if inner:
+                return self._expr(inner[0])
+        return self._expr(key)
+
+    def _call(self, stmt: _Stmt, statement: bool = False) -> Expr:
+        args = self._constants(stmt.args)
+        kwargs = {k: self._constants(v) for k, v in stmt.kwargs.items()}
+        self._import_for(stmt.func)
+        return printer.call(stmt.func, args, kwargs, self._expr, statement=statement)
+
+    def _expr(self, key: Any) -> Expr | str:
+        if isinstance(key, str):  # a _ConstRef
+            return Expr(key)
+        key = self._resolve(key)
+        if key in self.inlined:
+            return self._call(self.stmts[key])
+        return Expr(self._name(key))
+
+    def _name(self, key: int) -> str:
+        key = self._resolve(key)
+        if key not in self.var:
+            if key in self.stmts:  # a statement used before it was printed cannot happen in a topological order
+                raise AssertionError(f"tg.compile: statement {key} used before it is computed")
+            data = self.fwd[key]  # a leaf the forward closes over: a parameter or a constant
+            name = self._unique(identifier(data["name"]))
+            self.namespace[name] = data["value"]
+            self.var[key] = name
+        return self.var[key]
+
+    def _new_name(self, key: int) -> str:
+        stmt = self.stmts[key]
+        name = self._unique(identifier(stmt.name))
+        self.var[key] = name
+        return name
+
+    def _unique(self, name: str) -> str:
+        if name in self.used:
+            k = 2
+            while f"{name}_{k}" in self.used:
+                k += 1
+            name = f"{name}_{k}"
+        self.used.add(name)
+        return name
+
+    def _constants(self, value: Any) -> Any:
+        """Arguments printed code cannot spell (a generator, a numpy array) become names in the namespace."""
+        if isinstance(value, Ref):
+            return value
+        if isinstance(value, (tuple, list)):
+            items = [self._constants(v) for v in value]
+            return type(value)(items) if not isinstance(value, torch.Size) else torch.Size(items)
+        try:
+            printer.literal(value)
+            return value
+        except ValueError:
+            self.consts += 1
+            name = self._unique(f"_const{self.consts}")
+            self.namespace[name] = value
+            return _ConstRef(name)  # type: ignore[arg-type]
+
+    def _import_for(self, func: Any) -> None:
+        """Make the module a printed function name starts with available to the generated code."""
+        try:
+            qualified = printer.qualified_name(func)
+        except ValueError:
+            return
+        root = qualified.split(".")[0]
+        if root not in self.namespace and not printer._is_method(func) and not printer._is_property(func):
+            try:
+                self.namespace[root] = importlib.import_module(root)
+            except ImportError:
+                pass
+
+
+class _ConstRef(Ref):
+    """An argument printed code cannot spell (a generator, a numpy array): a name bound in the namespace.
+
+    A :class:`Ref` whose ``node`` is that name, so the printer hands it to the namer.
+    """
+
+    __slots__ = ()
+
+
+def _refs(value: Any) -> list[int]:
+    if isinstance(value, _ConstRef):
+        return []
+    if isinstance(value, Ref):
+        return [value.node]
+    if isinstance(value, (tuple, list)):
+        return [r for v in value for r in _refs(v)]
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in _refs(v)]
+    return []
+
+
+def _call_id(result: tuple) -> tuple[int, ...]:
+    return tuple(id(t) for t in result)
+
+
+def _method_inplace(stmt: _Stmt) -> bool:
+    """In-place methods with an expression form (``t.index_put_(...)`` returns t); not ``x += y``, ``x[i] = v``."""
+    name = printer._name_of(stmt.func)
+    return name.endswith("_") and not name.startswith("__") and name not in ("add_", "sub_", "mul_", "div_")
