@@ -108,6 +108,7 @@ def test_resume_continues(trained, tmp_path, words_file, capsys):
     (["--data", "{tmp}/few.txt"], "too few words"),
     (["--resume", "{tmp}/missing.pt"], "checkpoint not found: {tmp}/missing.pt"),
     (["--resume", "{tmp}/junk.pt"], "not a tensorgraph checkpoint"),
+    (["--out", "{tmp}/few.txt"], "exists and is not a folder"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
     (tmp_path / "empty.txt").write_text("\n\n")
@@ -117,7 +118,7 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
     (tmp_path / "few.txt").write_text("anna\nbob\ncyd\n")
     (tmp_path / "junk.pt").write_bytes(os.urandom(300))
     argv = [a.format(tmp=tmp_path) for a in argv]
-    code, stdout, stderr = run_cli(capsys, "train", *argv, "--out", tmp_path / "out", "--quiet")
+    code, stdout, stderr = run_cli(capsys, "train", "--out", tmp_path / "out", "--quiet", *argv)
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
     assert message.format(tmp=tmp_path) in stderr
@@ -128,11 +129,14 @@ def test_bad_resume_options(trained, tmp_path, words_file, capsys):
     checkpoint = trained / "model.pt"
     other = tmp_path / "other.txt"
     other.write_text("xyz\nzyx\n" * 10)
+    accented = tmp_path / "accented.txt"
+    accented.write_text("anna\nrené\n" + "bob\n" * 10)
     cases = [
         (["--hidden", "32"], "--hidden 32 conflicts with the checkpoint"),
         (["--steps", "60"], "already at step 60"),
         ([], "finished its 60 steps"),
         (["--steps", "100", "--data", other], "has the characters 'xyz' but the checkpoint"),
+        (["--steps", "100", "--data", accented], f"{accented}:2: the character 'é' is not in the vocabulary"),
     ]
     for argv, message in cases:
         code, _, stderr = run_cli(capsys, "train", "--resume", checkpoint, *argv, "--out", tmp_path / "o", "--quiet")

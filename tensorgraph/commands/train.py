@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.samples < 0:
         raise CLIError(f"argument --samples: expected a non-negative integer, got {args.samples}", "tensorgraph train")
     setup = prepare(args)
-    out = setup["out"]
+    out = ensure_folder(setup["out"])
     say = _printer(args)
     load_before = _load()
     say(f"training the makemore MLP ({setup['describe']}) with the {args.backend} backend; outputs in {out}")
@@ -136,11 +136,38 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     splits = load_splits(data)
     check_splits(splits, data or "names.txt")
     if splits.vocab != vocab:
-        raise CLIError(f"the data {data or 'names.txt'} has the characters {_chars(splits.vocab)!r} but the "
-                       f"checkpoint {args.resume} was trained on {_chars(vocab)!r}", "tensorgraph train")
+        raise CLIError(_vocab_mismatch(data, splits.vocab, vocab, args.resume), "tensorgraph train")
     out = Path(args.out) if args.out else Path(args.resume).parent
     return {"splits": splits, "config": config, "state": state, "data": _data_path(data), "out": out,
             "describe": f"resuming at step {state.step:,} of {config.steps:,}"}
+
+
+def _vocab_mismatch(data: str | None, have: Any, want: Any, checkpoint: str) -> str:
+    """Name the first line with a character the checkpoint cannot encode, else the two character sets."""
+    from ..makemore.data import default_path
+
+    path = Path(data) if data is not None else default_path()
+    known = set(want.stoi)
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        unknown = sorted(set(line.strip()) - known)
+        if unknown:
+            return (f"{path}:{number}: the character {unknown[0]!r} is not in the vocabulary of the checkpoint "
+                    f"{checkpoint} ({_chars(want)!r})")
+    return (f"the data {path} has the characters {_chars(have)!r} but the checkpoint {checkpoint} was trained on "
+            f"{_chars(want)!r}")
+
+
+def ensure_folder(out: Path) -> Path:
+    """Create the output folder now, so a bad --out fails before training, not after it."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: exists and is not a folder", "tensorgraph train")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"--out {out}: cannot create the folder: {err.strerror or err}", "tensorgraph train") from None
+    if not os.access(out, os.W_OK):
+        raise CLIError(f"--out {out}: the folder is not writable", "tensorgraph train")
+    return out
 
 
 def sample_names(model: Any, vocab: Any, n: int, seed: int) -> list[str]:
