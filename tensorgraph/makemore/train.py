@@ -281,7 +281,7 @@ def train(splits: Splits, config: TrainConfig | None = None, *, backend: str = "
     seconds_before = state.seconds
     try:
         with _threads(threads), _sigint_at_step_end(handle_sigint) as stop, _progress(config, state, progress) as bar:
-            _loop(splits, config, state, step_fn, callback, stop, bar, start, seconds_before)
+            _loop(splits, config, state, step_fn, callback, stop, bar)
     except KeyboardInterrupt:
         state.seconds = seconds_before + time.perf_counter() - start
         path = None
@@ -290,7 +290,7 @@ def train(splits: Splits, config: TrainConfig | None = None, *, backend: str = "
             path = save(state)
         raise TrainingInterrupted(state, path) from None
     with _threads(threads):
-        losses = _final_losses(state, splits, config)
+        losses = _final_losses(state, splits)
     state.seconds = seconds_before + time.perf_counter() - start
     result = TrainResult(config, state, backend, losses["train"], losses["val"], state.seconds, splits.vocab)
     if checkpoint is not None:
@@ -298,8 +298,7 @@ def train(splits: Splits, config: TrainConfig | None = None, *, backend: str = "
     return result
 
 
-def _loop(splits: Splits, config: TrainConfig, state: TrainState, step_fn: StepFn, callback, stop, bar,
-          start: float, seconds_before: float) -> None:
+def _loop(splits: Splits, config: TrainConfig, state: TrainState, step_fn: StepFn, callback, stop, bar) -> None:
     Xtr, Ytr = splits.train
     params = state.model.parameters()
     g = state.generator
@@ -309,11 +308,10 @@ def _loop(splits: Splits, config: TrainConfig, state: TrainState, step_fn: StepF
             ix = torch.randint(0, Xtr.shape[0], (config.batch_size,), generator=g)
             Xb, Yb = Xtr[ix], Ytr[ix]
             loss, grads = step_fn(Xb, Yb)
+            lr, value = config.learning_rate(i), loss.item()
         except KeyboardInterrupt:
             g.set_state(generator_state)  # nothing changed yet: the state is still that of step i
             raise
-        lr = config.learning_rate(i)
-        value = loss.item()
         state.updating = True  # an interrupt from here to the end of the block would leave a half-updated state
         with torch.no_grad():
             for p, grad in zip(params, grads):
@@ -331,7 +329,7 @@ def _loop(splits: Splits, config: TrainConfig, state: TrainState, step_fn: StepF
             raise KeyboardInterrupt
 
 
-def _final_losses(state: TrainState, splits: Splits, config: TrainConfig) -> dict[str, float]:
+def _final_losses(state: TrainState, splits: Splits) -> dict[str, float]:
     losses = split_losses(state.model, splits)
     if not state.history or state.history[-1]["step"] != state.step:
         state.history.append({"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"]})
