@@ -11,10 +11,10 @@ from .train import seed_int
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("sample", help="sample names from a checkpoint written by `tensorgraph train`")
     parser.add_argument("--checkpoint", metavar="PATH", required=True, help="model.pt from `tensorgraph train`")
-    parser.add_argument("--n", type=positive_int, default=20, help="how many names (default 20)")
-    parser.add_argument("--seed", type=seed_int, default=None,
+    parser.add_argument("--n", metavar="N", type=positive_int, default=20, help="how many names (default 20)")
+    parser.add_argument("--seed", metavar="N", type=seed_int, default=None,
                         help="the sampling generator's seed (default: the training seed + 10, as the lecture does)")
-    parser.add_argument("--max-length", type=positive_int, default=100, help="longest name (default 100)")
+    parser.add_argument("--max-length", metavar="N", type=positive_int, default=100, help="longest name (default 100)")
     parser.set_defaults(run=run)
     return parser
 

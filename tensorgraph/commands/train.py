@@ -35,13 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Train the character-level MLP of 'makemore part 4' (embedding, linear, batchnorm, tanh, "
                     "linear) with SGD, taking every gradient from tensorgraph's engine. The defaults are the "
                     "lecture's: 200,000 steps of batch 32, lr 0.1 then 0.01 from half-way, on names.txt.")
-    parser.add_argument("--steps", type=positive_int, default=None, help="SGD steps in total (default 200000)")
-    parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default 32; at least 2)")
-    parser.add_argument("--embd", type=positive_int, default=None, help="embedding size (default 10)")
-    parser.add_argument("--hidden", type=positive_int, default=None, help="hidden units (default 200)")
-    parser.add_argument("--lr", type=positive_float, default=None,
+    parser.add_argument("--steps", metavar="N", type=positive_int, help="SGD steps in total (default 200000)")
+    parser.add_argument("--batch", metavar="N", type=positive_int, help="batch size (default 32; at least 2)")
+    parser.add_argument("--embd", metavar="N", type=positive_int, default=None, help="embedding size (default 10)")
+    parser.add_argument("--hidden", metavar="N", type=positive_int, default=None, help="hidden units (default 200)")
+    parser.add_argument("--lr", metavar="X", type=positive_float, default=None,
                         help="learning rate until half-way, then a tenth of it (default 0.1)")
-    parser.add_argument("--seed", type=seed_int, default=None,
+    parser.add_argument("--seed", metavar="N", type=seed_int, default=None,
                         help="seed of the parameters' and batches' generator (default 2147483647, the lecture's)")
     parser.add_argument("--backend", choices=list(BACKENDS), default="engine",
                         help="engine: tg.record + graph.backward (default); torch: torch autograd; "
@@ -51,12 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output folder (default ./tensorgraph-out/<timestamp>; with --resume, the checkpoint's)")
     parser.add_argument("--resume", metavar="CHECKPOINT", default=None, help="continue from a checkpoint (model.pt)")
-    parser.add_argument("--eval-every", type=positive_int, default=None,
+    parser.add_argument("--eval-every", metavar="N", type=positive_int, default=None,
                         help="steps between full train/val evaluations for the loss curve "
                              "(default steps/10, at least 5000)")
-    parser.add_argument("--threads", type=positive_int, default=1,
+    parser.add_argument("--threads", metavar="N", type=positive_int, default=1,
                         help="torch threads (default 1: the steps are too small to gain from more)")
-    parser.add_argument("--samples", type=int, default=20, help="names to sample at the end (default 20)")
+    parser.add_argument("--samples", metavar="N", type=int, default=20, help="names to sample at the end (default 20)")
     parser.add_argument("--no-render", action="store_true", help="skip the picture of one step's graph")
     parser.add_argument("--json", action="store_true", help="print the final metrics as one JSON line on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
