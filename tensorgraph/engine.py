@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .graph import Ref, is_float
-from .ops import OPS
+from .ops import OPS, UnsupportedCall
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -74,10 +74,14 @@ def root_node(graph: Graph, loss: Any) -> int:
             raise ValueError(f"graph.backward: the tensor passed as loss is not in this graph: "
                              f"{graph.owner_message(loss)}")
         return live[0]
+    if not isinstance(loss, (str, int)) or isinstance(loss, bool):
+        raise ValueError(f"graph.backward: the loss must be a tensor recorded in this graph, its name or its node "
+                         f"id, not {type(loss).__name__} {loss!r}")
     try:
         return graph.node_id(loss)
     except KeyError as err:
-        raise ValueError(f"graph.backward: {err.args[0]}") from None
+        message = err.args[0] if isinstance(loss, str) else f"no node {loss} (the graph has {len(graph)} nodes)"
+        raise ValueError(f"graph.backward: {message}") from None
 
 
 def seed_gradient(graph: Graph, root: int, grad: Tensor | None) -> Tensor:
@@ -90,6 +94,9 @@ def seed_gradient(graph: Graph, root: int, grad: Tensor | None) -> Tensor:
             raise ValueError(f"graph.backward: the loss must be a scalar, but {data['name']!r} has shape "
                              f"{tuple(data['shape'])}; pass grad= (a tensor of that shape) for a non-scalar output")
         return torch.ones_like(data["value"])
+    if not isinstance(grad, Tensor):
+        raise ValueError(f"graph.backward: grad must be a tensor of shape {data['shape']} (the shape of "
+                         f"{data['name']!r}), not {type(grad).__name__}")
     if tuple(grad.shape) != data["shape"]:
         raise ValueError(f"graph.backward: grad has shape {tuple(grad.shape)} but {data['name']!r} has shape "
                          f"{data['shape']}")
@@ -142,6 +149,29 @@ def check_version(data: dict[str, Any], user: dict[str, Any]) -> None:
             f"or record the change inside the block.")
 
 
+def fingerprint(value: Any) -> int | None:
+    """A hash of a tensor's contents (None where it cannot be taken): catches writes that skip the version counter."""
+    hash_tensor = getattr(torch, "hash_tensor", None)
+    if hash_tensor is None or not isinstance(value, Tensor) or value.is_meta or value.is_sparse:
+        return None
+    try:
+        return int(hash_tensor(value.detach()).item())
+    except (RuntimeError, TypeError):
+        return None
+
+
+def check_unchanged(graph: Graph, root: int) -> None:
+    """Leaves the loss depends on must still hold their recorded values (``W.data -= ...`` bumps no version)."""
+    for node, expected in graph._fingerprints.items():
+        data = graph._nodes[node]
+        if node < root and fingerprint(data["value"]) != expected and node in graph.ancestors(root):
+            raise RuntimeError(
+                f"tensorgraph: tensor {data['name']!r} was modified in place after it was recorded (its values "
+                f"changed, e.g. through .data or under torch.no_grad()); the gradients of "
+                f"{graph._nodes[root]['name']!r} need its recorded value. Call backward before updating it, "
+                f"or record again.")
+
+
 def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
     """Run the op's rule for one node: the gradients of its inputs, by argument position."""
     nodes = graph._nodes
@@ -164,7 +194,11 @@ def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
             check_version(source_data, data)
     args, kwargs = rule_inputs(data, nodes)
     out = data["result"] if data["output_index"] is not None else data["value"]
-    return rule(grad, out, *args, **kwargs)
+    try:
+        return rule(grad, out, *args, **kwargs)
+    except UnsupportedCall as err:  # an argument the rule cannot handle: say where the call was made
+        raise UnsupportedCall(f"tensorgraph: {err} (called at {data['source'] or '<unknown>'}, "
+                              f"producing {data['name']!r})") from None
 
 
 def accumulate(grads: dict[int, Tensor], source: int, grad: Tensor, data: dict[str, Any]) -> Tensor:
@@ -188,7 +222,12 @@ def backward(graph: Graph, loss: Any, grad: Tensor | None = None, *, tape: list 
     With ``tape`` (a list), every contribution is appended to it as a
     :class:`Contribution`, for :func:`trace`.
     """
+    if getattr(graph, "_recording", False):
+        raise RuntimeError("tensorgraph: graph.backward() was called inside the graph's own tg.record() block; "
+                           "call it after the with-block ends (names are given and the graph is complete there)")
     root = root_node(graph, loss)
+    if getattr(graph, "_fingerprints", None):
+        check_unchanged(graph, root)
     nodes = graph._nodes
     grads: dict[int, Tensor] = {root: seed_gradient(graph, root, grad)}
     anomaly = graph.anomaly

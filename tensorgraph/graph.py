@@ -62,6 +62,8 @@ class Graph:
         self._live: dict[int, tuple[int, int, Tensor]] = {}  # id(tensor) -> (node, version, tensor)
         self._names: dict[str, int] = {}
         self._nx: nx.MultiDiGraph | None = None
+        self._fingerprints: dict[int, int] = {}  # leaf node -> fingerprint of its value at the end of recording
+        self._recording = False  # inside its tg.record() block
         self.anomaly = False
         _GRAPHS.add(self)
 

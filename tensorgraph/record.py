@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from . import rules  # noqa: F401  (fills the op table)
+from .engine import fingerprint
 from .graph import Graph, Ref
 from .ops import Op, UnsupportedCall, func_name, lookup
 
@@ -88,6 +89,7 @@ class _Recorder(TorchFunctionMode):
         self.frames: dict[int, types.FrameType] = {}
         self.view_written: dict[int, tuple] = {}  # id(tensor) -> source of a write through memory it shares
         self.views: dict[int, list[Tensor]] = {}  # id(base) -> recorded views of it
+        self.data_of: dict[int, Tensor] = {}  # id(x.data or x.detach()) -> x: same memory, not a view
 
     # ---------------------------------------------------------------- interception
 
@@ -149,7 +151,9 @@ class _Recorder(TorchFunctionMode):
             call = self._refs_of_call(args, kwargs, inputs, allow_view_write=setitem)
             previous = inputs[0]
             self._snapshot(target)
-            base = target._base if target._base is not None else target
+            base = target._base if target._base is not None else self.data_of.get(id(target), target)
+            if base._base is not None:
+                base = base._base
             for alias in [base] + self.views.get(id(base), []):  # everything sharing the memory changes too
                 if alias is not target and id(alias) in self.graph._live:
                     self._snapshot(alias)
@@ -204,7 +208,8 @@ class _Recorder(TorchFunctionMode):
         graph = self.graph
         live = graph._live.get(id(tensor))
         if live is not None:
-            if check and tensor._version != live[1]:
+            # .data shares memory but not the version counter: a write through it only shows in view_written
+            if check and (tensor._version != live[1] or id(tensor) in self.view_written):
                 self._untracked_change(tensor, live, allow_view_write)
             return live[0]
         node = graph._add_node(op="leaf", kind="leaf", value=tensor, version=tensor._version, source=None)
@@ -217,7 +222,7 @@ class _Recorder(TorchFunctionMode):
             return  # x[i] += v: the view was updated in place, now written back into x
         source = self._source()
         name = _guess_name(tensor, self.frames) or f"the output of {self.graph._nodes[live[0]]['op']}"
-        how = (f"through memory it shares with a view at {_where(written)}" if written else
+        how = (f"through memory it shares with a view, .data or .detach() at {_where(written)}" if written else
                "by an operation tensorgraph did not see (a write through a view or .data, or an op that "
                "updates its input)")
         raise RuntimeError(
@@ -254,6 +259,8 @@ class _Recorder(TorchFunctionMode):
                 attrs = {k: v for k, v in op.attrs(bound_args, bound_kwargs).items() if not isinstance(v, Ref)}
             except UnsupportedCall as err:
                 unsupported = str(err)
+        if kind == "op" and outputs[0].is_complex():
+            unsupported = f"{name} produced a complex tensor; tensorgraph's rules are for real tensors"
         multi = not isinstance(result, Tensor)
         stack = _scope_stack()
         for index, out in enumerate(outputs):
@@ -268,6 +275,11 @@ class _Recorder(TorchFunctionMode):
             graph._live[id(out)] = (node, out._version, out)
             if out._base is not None:
                 self.views.setdefault(id(out._base), []).append(out)
+            elif name == "detach" and inputs and op is not None:  # x.data, x.detach(): x's memory, not a view
+                source = graph._nodes[inputs[0]]["value"]
+                base = source._base if source._base is not None else source
+                self.data_of[id(out)] = base
+                self.views.setdefault(id(base), []).append(out)
             if self.anomaly and out.is_floating_point() and not torch.isfinite(out).all():
                 raise FloatingPointError(
                     f"tensorgraph anomaly: {name} at {_where(source)} produced a non-finite value (nan or inf)"
@@ -355,11 +367,20 @@ class record:
 
     def __enter__(self) -> Graph:
         self._mode.__enter__()
+        self.graph._recording = True
         return self.graph
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._mode.__exit__(exc_type, exc, tb)
+        self.graph._recording = False
         with _Bookkeeping():
             caller = sys._getframe(1)
             self.graph._finish(caller, list(self._mode.frames.values()))
+            # leaves can change without a version bump (p.data -= ...): backward compares these first
+            for node, data in enumerate(self.graph._nodes):
+                if data["kind"] == "leaf":
+                    stamp = fingerprint(data["value"])
+                    if stamp is not None:
+                        self.graph._fingerprints[node] = stamp
         self._mode.frames.clear()
+        self._mode.data_of.clear()

@@ -262,6 +262,8 @@ def nn_cases():
     yield "linear_module", lambda x: _linear_module(x), [r(4, 3, seed=4)]
     yield "addmm", lambda b, m1, m2: torch.addmm(b, m1, m2), [r(5, seed=1), r(4, 3, seed=2), r(3, 5, seed=3)]
     yield "outer", lambda a, b: torch.outer(a, b), [r(3, seed=1), r(4, seed=2)]
+    yield "inner", lambda a, b: torch.inner(a, b), [r(2, 3, 4, seed=1), r(5, 4, seed=2)]
+    yield "inner_vector", lambda a, b: a.inner(b), [r(4, seed=1), r(4, seed=2)]
     yield "layer_norm", lambda x, w, b: F.layer_norm(x, (5,), w, b), [r(4, 5, seed=1), r(5, seed=2), r(5, seed=3)]
     yield "layer_norm_noaffine", lambda x: F.layer_norm(x, (3, 5)), [r(2, 3, 5, seed=1)]
     yield "batch_norm_train", lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), [
