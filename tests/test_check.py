@@ -205,3 +205,65 @@ def test_any_graph_one_of_two_uses_missing():
     assert report.first_error == "h" and report["h"].kind == "missing-branch"
     assert "only one use of h in a" in report["h"].message
     assert graph.check({"dh": hr.grad, "dx": ref.grad}, loss).ok
+
+
+# ---------------------------------------------------------------- tensorgraph check FILE.py
+
+LEARNER = '''
+import torch
+import tensorgraph as tg
+x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+w = torch.tensor([0.5, -1.0])
+with tg.record() as graph:
+    y = x * w
+    loss = y.sum()
+dy = torch.ones_like(y)
+dw = {dw}
+'''
+
+
+def _script(tmp_path, text, name="learner.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_cli_check_right_and_wrong(tmp_path, capsys):
+    from tensorgraph.cli import main
+
+    right = _script(tmp_path, LEARNER.format(dw="(x * dy).sum(0)") + "manual = {'dy': dy, 'dw': dw}\n")
+    assert main(["check", right]) == 0
+    assert "2/2 right, 1 not given, no errors" in capsys.readouterr().out
+    wrong = _script(tmp_path, LEARNER.format(dw="-(x * dy).sum(0)") + "manual = {'dy': dy, 'dw': dw}\n")
+    assert main(["check", wrong]) == 1
+    assert "first error: dw (sign)" in capsys.readouterr().out
+    # without a manual dict, the lecture's d<name> globals are taken
+    bare = _script(tmp_path, LEARNER.format(dw="x * dy"))
+    assert main(["check", bare]) == 1
+    assert "first error: dw (not-unbroadcast)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("body, message", [
+    ("raise_here()", "learner.py:11: NameError: name 'raise_here' is not defined"),
+    ("graph = None\nmanual = {}", "defines no 'graph'"),
+    ("del loss\nmanual = {}", "defines no 'loss'"),
+    ("manual = {'dnope': dy}", "no tensor named 'dnope'"),
+    ("def f(:\n  pass", "learner.py:11: SyntaxError"),
+])
+def test_cli_check_usage_errors_are_one_line(tmp_path, capsys, body, message):
+    from tensorgraph.cli import main
+
+    path = _script(tmp_path, LEARNER.format(dw="x") + body + "\n")
+    assert main(["check", path]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_check_missing_file_and_no_gradients(tmp_path, capsys):
+    from tensorgraph.cli import main
+
+    assert main(["check", str(tmp_path / "nope.py")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    path = _script(tmp_path, LEARNER.replace("dy = ", "ones = ").format(dw="x").replace("dw = x", "z = x"))
+    assert main(["check", path]) == 2
+    assert "defines no 'manual'" in capsys.readouterr().err

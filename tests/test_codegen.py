@@ -107,7 +107,9 @@ def test_generated_code_matches_the_engine_on_op_cases():
 
 
 @pytest.mark.slow
-def test_generated_code_matches_the_engine_on_the_other_op_cases():
+def test_generated_code_matches_the_engine_on_the_other_op_cases(request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow: run with -m slow")
     for _, fn, inputs in CASES[1::2]:
         _check_case(fn, inputs)
 
