@@ -1,0 +1,419 @@
+"""A small algebra of reductions over named axes, on top of sympy.
+
+sympy's ``Sum``/``KroneckerDelta``/``doit`` machinery can derive cross-entropy, but it
+chokes on batchnorm (Gosper summation fails, or the result is a huge unsimplified
+expression). The reductions a recorded chain contains are much simpler than general
+symbolic sums: every tensor is a family of elements indexed by named axes, and every sum
+runs over one whole axis. This module exploits exactly that:
+
+* **Named axes.** Every element symbol (``hprebn[i,j]``) is registered with the set of
+  axes it varies over. An axis is an index symbol (``i``) with a size symbol (``n``).
+* **Canonical sums.** :class:`AxisSum` is an unevaluated sum over one axis. Canonical form:
+  expand, split sums over added terms, pull factors that do not vary along the summed axis
+  out of the sum, replace the sum of a constant by ``size * constant`` and a sum of a
+  one-hot ``KroneckerDelta(k, y[i])`` over ``k`` by 1.
+* **Rewrite rules.** Each reduction recorded in the chain is a fresh symbol; its
+  definition, once canonical, is solved for one sum (``sum_k exp(l) = counts_sum*exp(m)``)
+  and becomes a rewrite rule. Rewriting both sides of an identity with the same rules and
+  cancelling decides the identities we need (the gradient into ``logit_maxes`` is 0;
+  the derived batchnorm gradient equals the textbook one).
+* **Fractional powers** get their bases normalised, so one square root is recognised
+  wherever it appears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+
+class AxisSum(sp.Function):
+    """``AxisSum(body, i)``: the sum of the element expression ``body`` over the whole axis ``i``.
+
+    Inside the body, element symbols that vary along ``i`` refer to the summed element;
+    outside, to the element at the free index: ``x[i,j] - AxisSum(x[i,j], i)/n`` is
+    ``x_ij - mean_i x_ij``.
+    """
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, body, axis):  # noqa: D102 - never evaluates by itself: canonical forms are explicit
+        return None
+
+    @property
+    def body(self) -> sp.Expr:
+        return self.args[0]
+
+    @property
+    def axis(self) -> sp.Symbol:
+        return self.args[1]
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_is_nonnegative(self):
+        return self.args[0].is_nonnegative
+
+    def _eval_is_positive(self):
+        return self.args[0].is_positive
+
+    def _latex(self, printer) -> str:
+        body = printer._print(self.body)
+        if isinstance(self.body, sp.Add):
+            body = rf"\left({body}\right)"
+        return rf"\sum_{{{printer._print(self.axis)}}} {body}"
+
+    def _sympystr(self, printer) -> str:
+        return f"Sum({printer._print(self.body)}, {printer._print(self.axis)})"
+
+
+class AxisMax(sp.Function):
+    """``AxisMax(body, i)``: the largest element of ``body`` along axis ``i``."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, body, axis):  # noqa: D102
+        return None
+
+    @property
+    def body(self) -> sp.Expr:
+        return self.args[0]
+
+    @property
+    def axis(self) -> sp.Symbol:
+        return self.args[1]
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _latex(self, printer) -> str:
+        return rf"\max_{{{printer._print(self.axis)}}} {printer._print(self.body)}"
+
+    def _sympystr(self, printer) -> str:
+        return f"Max({printer._print(self.body)}, {printer._print(self.axis)})"
+
+
+class Relu(sp.Function):
+    """``max(x, 0)``, whose derivative is :class:`Step` (0 at 0, as torch's)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return Step(self.args[0])
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_is_nonnegative(self):
+        return True if self.args[0].is_real else None
+
+    def _latex(self, printer) -> str:
+        return rf"\operatorname{{relu}}\left({printer._print(self.args[0])}\right)"
+
+
+class Step(sp.Function):
+    """``1 if x > 0 else 0``; its derivative is taken as 0 (as torch does)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+    def _eval_is_nonnegative(self):
+        return True
+
+    def _latex(self, printer) -> str:
+        return rf"\mathbb{{1}}\left[{printer._print(self.args[0])} > 0\right]"
+
+
+ATOMS = (AxisSum, AxisMax)
+
+
+@dataclass
+class Axis:
+    """One named axis: its index symbol, its size symbol, and the recorded size."""
+
+    index: sp.Symbol
+    size: sp.Symbol
+    value: int
+
+
+@dataclass
+class Space:
+    """The axes of one derivation, the axes of every element symbol, and the rewrite rules."""
+
+    axes: list[Axis] = field(default_factory=list)
+    symbol_axes: dict[sp.Symbol, frozenset] = field(default_factory=dict)
+    # symbols that sum to 1 along an axis (tie-splitting masks of amax)
+    unit_sums: dict[sp.Symbol, sp.Symbol] = field(default_factory=dict)
+    rules: dict[sp.Basic, sp.Expr] = field(default_factory=dict)
+    rule_notes: list[tuple[sp.Expr, sp.Expr]] = field(default_factory=list)
+    _axes_cache: dict[sp.Basic, frozenset] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ axes
+
+    def axis(self, index: sp.Symbol) -> Axis:
+        for axis in self.axes:
+            if axis.index == index:
+                return axis
+        raise KeyError(index)
+
+    def size(self, index: sp.Symbol) -> sp.Symbol:
+        return self.axis(index).size
+
+    @property
+    def indices(self) -> set[sp.Symbol]:
+        return {axis.index for axis in self.axes}
+
+    def register(self, symbol: sp.Symbol, axes: Iterable[sp.Symbol]) -> sp.Symbol:
+        self.symbol_axes[symbol] = frozenset(axes)
+        return symbol
+
+    def axes_of(self, expr: sp.Basic) -> frozenset:
+        """The axes an element expression varies over (bound axes of sums excluded)."""
+        cached = self._axes_cache.get(expr)
+        if cached is not None:
+            return cached
+        if isinstance(expr, sp.Symbol):
+            if expr in self.symbol_axes:
+                result = self.symbol_axes[expr]
+            else:
+                result = frozenset([expr]) if expr in self.indices else frozenset()
+        elif isinstance(expr, ATOMS):
+            result = self.axes_of(expr.args[0]) - {expr.args[1]}
+        elif not expr.args:
+            result = frozenset()
+        else:
+            result = frozenset().union(*(self.axes_of(arg) for arg in expr.args))
+        self._axes_cache[expr] = result
+        return result
+
+    def sum_over(self, expr: sp.Expr, axes: Iterable[sp.Symbol]) -> sp.Expr:
+        """``expr`` summed over each of ``axes`` (unevaluated, in layout order)."""
+        order = [axis.index for axis in self.axes]
+        for index in sorted(axes, key=order.index, reverse=True):
+            expr = AxisSum(expr, index)
+        return expr
+
+    def sized(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with every size n written as 1 + (a positive symbol): sizes are at least 2 (a size-1
+        dimension is no axis), which tells sympy that ``n - 1`` is positive."""
+        if not hasattr(self, "_shift") or len(self._shift) != len(self.axes):
+            self._shift = {a.size: sp.Symbol(f"_{a.size}", positive=True) + 1 for a in self.axes}
+        return expr.xreplace(self._shift)
+
+    def nonnegative(self, expr: sp.Expr) -> bool:
+        return bool(self.sized(expr).is_nonnegative)
+
+    # ------------------------------------------------------------------ canonical form
+
+    def canon(self, expr: sp.Expr, rules: bool = True) -> sp.Expr:
+        """Canonical form: expanded, sums split and stripped of constant factors, rules applied."""
+        expr = sp.sympify(expr)
+        for _ in range(16):
+            expr = self._normalise(expr)
+            if not (rules and self.rules):
+                return expr
+            replaced = expr.xreplace(self.rules)
+            if replaced == expr:
+                return expr
+            expr = replaced
+        return expr
+
+    def _normalise(self, expr: sp.Expr) -> sp.Expr:
+        expr = _expand(expr)
+        expr = self._walk(expr)
+        return _expand(expr)
+
+    def _walk(self, expr: sp.Basic) -> sp.Basic:
+        if not expr.args or isinstance(expr, sp.Symbol):
+            return expr
+        if isinstance(expr, AxisSum):
+            return self._sum(self._walk(expr.body), expr.axis)
+        if isinstance(expr, AxisMax):
+            return AxisMax(self._walk(expr.body), expr.axis)
+        if not expr.has(AxisSum, AxisMax):
+            return expr
+        args = tuple(self._walk(arg) for arg in expr.args)
+        return expr.func(*args) if args != expr.args else expr
+
+    def _sum(self, body: sp.Expr, axis: sp.Symbol) -> sp.Expr:
+        """A sum over ``axis`` in canonical form: linear, constant factors outside."""
+        terms = []
+        for term in sp.Add.make_args(_expand(body)):
+            inside, outside = [], []
+            for factor in sp.Mul.make_args(term):
+                (inside if axis in self.axes_of(factor) else outside).append(factor)
+            coeff = sp.Mul(*outside)
+            if not inside:
+                terms.append(coeff * self.size(axis))
+                continue
+            summand = sp.Mul(*inside)
+            terms.append(coeff if self._sums_to_one(summand, axis) else coeff * AxisSum(summand, axis))
+        return sp.Add(*terms)
+
+    def _sums_to_one(self, summand: sp.Expr, axis: sp.Symbol) -> bool:
+        if isinstance(summand, sp.KroneckerDelta):
+            a, b = summand.args
+            other = b if a == axis else a if b == axis else None
+            return other is not None and axis not in self.axes_of(other)
+        return self.unit_sums.get(summand) == axis
+
+    # ------------------------------------------------------------------ rules and identities
+
+    def define(self, symbol: sp.Symbol, definition: sp.Expr) -> sp.Expr:
+        """Record that ``symbol`` equals ``definition``: solve the definition for one of its sums.
+
+        Returns the canonical definition. The rule turns that sum into an expression of
+        ``symbol`` (and of reductions defined earlier) wherever it appears later.
+        """
+        canonical = self.canon(definition)
+        atoms = [a for a in maximal_atoms(canonical)]
+        if not atoms:
+            self.rules[symbol] = canonical
+            self.rule_notes.append((symbol, canonical))
+            return canonical
+        # solve for the most complex sum: the others are already known, or simpler
+        for atom in sorted(atoms, key=lambda a: (sp.count_ops(a), sp.default_sort_key(a)), reverse=True):
+            dummy = sp.Dummy("t")
+            solved = invert(canonical.xreplace({atom: dummy}), dummy, symbol, self.nonnegative)
+            if solved is not None:
+                solved = self.canon(solved)
+                self.rules[atom] = solved
+                self.rule_notes.append((atom, solved))
+                break
+        return canonical
+
+    def equal(self, a: sp.Expr, b: sp.Expr) -> tuple[bool, sp.Expr]:
+        """Whether two element expressions are identical, and their simplified difference."""
+        difference = self.canon(sp.sympify(a) - sp.sympify(b))
+        if difference != 0:
+            difference = sp.cancel(sp.together(difference))
+        if difference != 0:
+            difference = self.canon(sp.simplify(difference))
+        return difference == 0, difference
+
+
+_HINTS = dict(deep=True, mul=True, multinomial=True, power_exp=True, power_base=True, log=True, basic=True)
+
+
+def _expand(expr: sp.Expr) -> sp.Expr:
+    """Multiply out products and whole powers of sums, but never a denominator or a root of a sum.
+
+    sympy's ``expand`` also multiplies out denominators (``1/((n-1)*v) -> 1/(n*v - v)``) and
+    splits ``(v + eps)**(3/2)`` into ``v*sqrt(v + eps) + eps*sqrt(v + eps)``: both hide the
+    factors that must cancel. Such powers are set aside (their bases normalised, with the
+    numerical content pulled out: ``1/(2*n - 2) -> 1/(2*(n - 1))``), the rest is expanded,
+    and they are put back.
+    """
+    cached = _EXPANDED.get(expr)
+    if cached is not None:
+        return cached
+    masks: dict[sp.Basic, sp.Dummy] = {}
+    masked = _mask(expr, masks)
+    expanded = sp.expand(masked, **_HINTS)
+    result = expanded.xreplace({dummy: power for power, dummy in masks.items()}) if masks else expanded
+    if len(_EXPANDED) > 20000:
+        _EXPANDED.clear()
+    _EXPANDED[expr] = result
+    return result
+
+
+_EXPANDED: dict[sp.Basic, sp.Basic] = {}
+
+
+def _mask(expr: sp.Basic, masks: dict[sp.Basic, sp.Dummy]) -> sp.Basic:
+    if not expr.args or isinstance(expr, sp.Symbol):
+        return expr
+    if isinstance(expr, sp.Pow) and isinstance(expr.base, sp.Add) and not (expr.exp.is_Integer and expr.exp > 0):
+        base = _expand(expr.base)
+        if not isinstance(base, sp.Add):
+            return _mask(sp.Pow(base, expr.exp), masks)
+        content, primitive = base.as_content_primitive()
+        factor = sp.S.One
+        if content.is_Integer and content > 1:
+            factor, base = content**expr.exp, primitive
+        if expr.exp.is_Integer and base.could_extract_minus_sign():
+            factor, base = factor * (-1) ** expr.exp, -base
+        power = sp.Pow(base, expr.exp, evaluate=False)
+        if power not in masks:
+            masks[power] = sp.Dummy("m", **_sign(power))
+        return factor * masks[power]
+    args = tuple(_mask(arg, masks) for arg in expr.args)
+    return expr.func(*args) if args != expr.args else expr
+
+
+def _sign(power: sp.Pow) -> dict[str, bool]:
+    if power.is_positive:
+        return {"positive": True}
+    if power.is_real:
+        return {"real": True}
+    return {}
+
+
+def maximal_atoms(expr: sp.Basic) -> list[sp.Basic]:
+    """Sums and maxima of ``expr`` that are not inside another sum or max."""
+    found: list[sp.Basic] = []
+
+    def walk(e: sp.Basic) -> None:
+        if isinstance(e, ATOMS):
+            if e not in found:
+                found.append(e)
+            return
+        for arg in e.args:
+            walk(arg)
+
+    walk(expr)
+    return found
+
+
+def invert(expr: sp.Expr, target: sp.Symbol, value: sp.Expr,
+           nonnegative: Callable[[sp.Expr], bool] = lambda e: bool(e.is_nonnegative)) -> sp.Expr | None:
+    """Solve ``expr == value`` for ``target`` when ``target`` occurs once, peeling one operation at a time.
+
+    Only inversions that hold on the whole domain are made: an even power is inverted only
+    when its base is known to be non-negative. Returns None when it cannot solve.
+    """
+    if _occurrences(expr, target) != 1:
+        return None
+    while expr != target:
+        if isinstance(expr, (sp.Add, sp.Mul)):
+            holder = [arg for arg in expr.args if arg.has(target)]
+            rest = expr.func(*[arg for arg in expr.args if not arg.has(target)])
+            if len(holder) != 1:
+                return None
+            value = value - rest if isinstance(expr, sp.Add) else value / rest
+            expr = holder[0]
+        elif isinstance(expr, sp.Pow):
+            base, exponent = expr.args
+            if exponent.has(target) or exponent == 0:
+                return None
+            if not (nonnegative(base) or _odd_power(exponent)):
+                return None
+            value = value ** (1 / exponent)
+            expr = base
+        elif isinstance(expr, sp.exp):
+            value, expr = sp.log(value), expr.args[0]
+        elif isinstance(expr, sp.log):
+            value, expr = sp.exp(value), expr.args[0]
+        else:
+            return None
+    return value
+
+
+def _odd_power(exponent: sp.Expr) -> bool:
+    if exponent.is_Integer:
+        return bool(exponent % 2)
+    if exponent.is_Rational:
+        return bool(sp.Rational(1, 1) / exponent % 2 == 1) if (1 / exponent).is_Integer else False
+    return False
+
+
+def _occurrences(expr: sp.Basic, target: sp.Symbol) -> int:
+    if expr == target:
+        return 1
+    return sum(_occurrences(arg, target) for arg in expr.args)

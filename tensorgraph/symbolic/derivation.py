@@ -1,0 +1,567 @@
+"""Derive the closed-form gradient of a recorded chain: chain rule, simplification, code.
+
+1. **Chain rule** over the lowered chain (see :mod:`.chain`), output first. For a node whose
+   element is ``E`` (in its operands' symbols) and whose gradient is ``G``, an operand ``O``
+   receives ``sum over the axes O lacks of G * dE/dO`` (broadcast undo), and every sum
+   ``AxisSum(B, a)`` inside ``E`` passes ``G * dE/dsum`` on to its body ``B`` (a max passes it
+   through a one-hot of the argmax). This is :func:`vjp`; it is exact for nested sums.
+2. **Substitution**: every gradient is written in primitives (the input, the parameters,
+   the incoming gradient, and one symbol per reduction), then brought to canonical form
+   with the reductions' definitions as rewrite rules (:class:`.algebra.Space`). Terms that
+   cancel disappear here: the gradient into ``logit_maxes`` becomes exactly 0.
+3. **Saved tensors**: the result is rewritten in terms of the chain's own tensors where
+   that makes it simpler (``hprebn -> bnmeani + bnraw/bnvar_inv``, ``logits -> ...probs``),
+   which yields the textbook forms; the fully explicit form (sums over the input only) is
+   kept too.
+4. **Code**: the gradients are printed as torch code by :class:`.printing.TorchPrinter`,
+   preceded by the recomputation of the saved tensors they use, and compiled once.
+"""
+
+from __future__ import annotations
+
+import linecache
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy as sp
+import torch
+
+from .algebra import AxisMax, AxisSum, Space, invert, maximal_atoms
+from .chain import Chain, SNode
+from .printing import TorchPrinter, latex_name, to_latex
+
+_LONG = 400  # expressions with more operations than this are summarised in the steps
+
+
+# ---------------------------------------------------------------------- the chain rule
+
+
+class Backprop:
+    """The chain rule over a lowered chain, node by node (see the module docstring)."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        self.space: Space = chain.space
+        self.special: dict[sp.Symbol, tuple] = {}  # argmax / tie symbols -> ("argmax" | "tie", body, axis)
+        self.contributions: list[tuple[SNode, SNode, sp.Expr]] = []  # (consumer, operand, gradient term)
+        self.resolved: dict[SNode, sp.Expr] = {}
+
+    def run(self) -> None:
+        chain, space = self.chain, self.space
+        for node in reversed(chain.ops):
+            for operand in node.operands:
+                if not operand.differentiable:
+                    continue
+                term = self.vjp(node.local, node.gsym, operand.sym, space.axes_of(node.local))
+                if term != 0:
+                    self.contributions.append((node, operand, term))
+        values = {n.sym: n.value for n in chain.ops if not n.reduction}
+        self.resolved[chain.output] = chain.output.gsym
+        for node in reversed(chain.nodes):
+            if node is chain.output or not node.differentiable:
+                continue
+            terms = [(consumer, term) for consumer, operand, term in self.contributions if operand is node]
+            if not terms:
+                self.resolved[node] = sp.S.Zero
+                continue
+            replace = dict(values)
+            replace.update({consumer.gsym: self.resolved[consumer] for consumer, _ in terms})
+            total = sp.Add(*(term.xreplace(replace) for _, term in terms))
+            self.resolved[node] = space.canon(total)
+
+    def vjp(self, expr: sp.Expr, grad: sp.Expr, operand: sp.Symbol, expr_axes: frozenset) -> sp.Expr:
+        """Sum over the positions of ``expr`` of ``grad * d expr / d operand``: an element of the operand gradient."""
+        space = self.space
+        atoms = [atom for atom in maximal_atoms(expr) if atom.has(operand)]
+        dummies = {atom: sp.Dummy("s") for atom in atoms}
+        flat = expr.xreplace(dummies)
+        result = sp.S.Zero
+        direct = sp.diff(flat, operand)
+        if direct != 0:
+            result += space.sum_over(grad * direct, expr_axes - space.axes_of(operand))
+        for atom, dummy in dummies.items():
+            through = sp.diff(flat, dummy)
+            if through == 0:
+                continue
+            passed = space.sum_over(grad * through, expr_axes - space.axes_of(atom))
+            if isinstance(atom, AxisMax):
+                passed = passed * self.indicator(atom)
+            result += self.vjp(atom.body, passed, operand, space.axes_of(atom.body))
+        return result
+
+    def indicator(self, atom: AxisMax) -> sp.Expr:
+        """Where the max was taken: a one-hot of the index torch returns, or ties split evenly."""
+        body, axis = atom.body, atom.axis
+        ties = self.chain.ties.get((body, axis), "split")
+        space = self.space
+        for symbol, (kind, b, a) in self.special.items():
+            if b == body and a == axis:
+                return sp.KroneckerDelta(axis, symbol) if kind == "argmax" else symbol
+        label = str(body).replace(" ", "")
+        if ties == "first":
+            symbol = sp.Symbol(f"argmax_{axis}({label})", integer=True)
+            space.register(symbol, space.axes_of(body) - {axis})
+            self.special[symbol] = ("argmax", body, axis)
+            return sp.KroneckerDelta(axis, symbol)
+        symbol = sp.Symbol(f"ismax_{axis}({label})", nonnegative=True)
+        space.register(symbol, space.axes_of(body))
+        space.unit_sums[symbol] = axis
+        self.special[symbol] = ("tie", body, axis)
+        return symbol
+
+
+# ---------------------------------------------------------------------- rewriting in saved tensors
+
+
+def _primitives(chain: Chain) -> set[sp.Symbol]:
+    """Symbols a readable closed form should avoid: the input and the reductions' symbols."""
+    return {chain.input.sym} | {node.sym for node in chain.ops if node.reduction}
+
+
+def _score(expr: sp.Expr, primitives: set[sp.Symbol]) -> tuple[int, int, int]:
+    return (len(expr.free_symbols & primitives), len(maximal_atoms(expr)), int(sp.count_ops(expr)))
+
+
+@dataclass
+class Rewrite:
+    """One step of the textbook rewrite: ``primitive = inverse``, read off ``node``'s definition."""
+
+    node: SNode
+    primitive: sp.Symbol
+    inverse: sp.Expr
+    protect: list = field(default_factory=list)  # sums the substitution must not enter
+
+
+def candidates(chain: Chain) -> dict[sp.Symbol, list[Rewrite]]:
+    """For each primitive, the saved tensors it can be expressed through (by inverting their definitions)."""
+    found: dict[sp.Symbol, list[Rewrite]] = {}
+    x = chain.input
+    full = frozenset(a for a in x.axes if a is not None)
+    primitives = _primitives(chain)
+    named = [node for node in chain.ops if node.named]
+    for node in named or chain.ops:
+        if node.reduction:
+            continue
+        atoms = maximal_atoms(node.value)
+        dummies = {atom: sp.Dummy("a") for atom in atoms}
+        flat = node.value.xreplace(dummies)
+        mine = frozenset(a for a in node.axes if a is not None)
+        options = [x.sym] if mine == full else []
+        # a statistic is expressed through a tensor with its own axes (bnvar through bnvar_inv)
+        options += [s for s in flat.free_symbols & primitives if s != x.sym and chain.space.axes_of(s) == mine]
+        for primitive in options:
+            if primitive not in flat.free_symbols:
+                continue
+            inverse = invert(flat, primitive, node.sym, chain.space.nonnegative)
+            if inverse is not None:
+                back = {d: a for a, d in dummies.items()}
+                found.setdefault(primitive, []).append(Rewrite(node, primitive, inverse.xreplace(back), atoms))
+    return found
+
+
+def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96) -> tuple[sp.Expr, list[Rewrite]]:
+    """The simplest form of ``expr`` written with the chain's saved tensors instead of primitives.
+
+    Tries every combination of "express this primitive through that saved tensor" (the
+    input first, then the reductions, latest first), substitutes, brings each result to
+    canonical form, and keeps the one with the fewest primitives, sums and operations.
+    """
+    primitives = _primitives(chain)
+    options = candidates(chain)
+    order = [chain.input.sym] + [n.sym for n in reversed(chain.ops) if n.reduction]
+    order = [p for p in order if p in options]
+    best = (_score(expr, primitives), expr, [])
+    tried = 0
+
+    def walk(current: sp.Expr, position: int, chosen: list[Rewrite]) -> None:
+        nonlocal best, tried
+        if position == len(order) or tried >= limit:
+            score = _score(current, primitives)
+            if chosen and score < best[0]:
+                best = (score, current, chosen)
+            return
+        primitive = order[position]
+        walk(current, position + 1, chosen)
+        if primitive not in current.free_symbols:
+            return
+        for rewrite in options[primitive]:
+            protect = {atom: sp.Dummy("p") for atom in rewrite.protect if current.has(atom)}
+            substituted = current.xreplace(protect).xreplace({primitive: rewrite.inverse})
+            tried += 1
+            walk(space.canon(substituted.xreplace({d: a for a, d in protect.items()})), position + 1,
+                 chosen + [rewrite])
+
+    walk(expr, 0, [])
+    return best[1], best[2]
+
+
+def nested(expr: sp.Expr, chain: Chain) -> sp.Expr:
+    """``expr`` with every saved tensor replaced by its own recorded formula, recursively, unexpanded."""
+    local = {node.sym: node.local for node in chain.ops}
+    for _ in range(len(chain.ops) + 1):
+        replaced = expr.xreplace(local)
+        if replaced == expr:
+            break
+        expr = replaced
+    return expr
+
+
+def explicit(expr: sp.Expr, chain: Chain, space: Space) -> sp.Expr:
+    """The expression with every reduction symbol replaced by its definition: sums over the input only."""
+    for _ in range(2):  # definitions may mention earlier reductions
+        for node in reversed(chain.ops):
+            if node.reduction and node.sym in expr.free_symbols:
+                expr = expr.xreplace({node.sym: node.definition})
+    return space.canon(expr, rules=False)
+
+
+def display(expr: sp.Expr, space: Space) -> sp.Expr:
+    """A readable arrangement: common factors pulled out, ``1/n`` in front when every term has it."""
+    arranged = sp.factor_terms(expr)
+    coeff, rest = arranged.as_independent(sp.Add) if isinstance(arranged, sp.Mul) else (sp.S.One, arranged)
+    if isinstance(rest, sp.Add):
+        for axis in space.axes:
+            n = axis.size
+            scaled = sp.expand(rest * n)
+            if any(sp.fraction(sp.together(t))[1].has(n) for t in sp.Add.make_args(rest)) and \
+                    sp.count_ops(scaled) <= sp.count_ops(rest) + 2:
+                return sp.Mul(coeff / n, sp.factor_terms(scaled), evaluate=False)
+    return arranged
+
+
+# ---------------------------------------------------------------------- code generation
+
+
+@dataclass
+class Code:
+    source: str
+    function: Callable[..., tuple]
+    name: str
+
+
+class CodeWriter:
+    """Writes the fused backward of a chain: recompute the saved tensors used, then the gradients."""
+
+    def __init__(self, chain: Chain, backprop: Backprop, forms: dict[SNode, sp.Expr]) -> None:
+        self.chain = chain
+        self.space = chain.space
+        self.backprop = backprop
+        self.forms = forms
+        self.dims = {axis.index: position for position, axis in enumerate(self.space.axes)}
+        self.used_names: set[str] = {"torch", "F", "math"}
+        self.names: dict[sp.Basic, str] = {}
+        self.lines: list[str] = []
+
+    def name(self, wanted: str) -> str:
+        base, k = wanted, 2
+        while wanted in self.used_names:
+            wanted, k = f"{base}_{k}", k + 1
+        self.used_names.add(wanted)
+        return wanted
+
+    def layout(self, axes: Any) -> str:
+        real = set(a for a in axes if a is not None)
+        dims = [self.names[axis.size] if axis.index in real else "1" for axis in self.space.axes]
+        return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+    def _needs_reshape(self, node: SNode) -> bool:
+        real = [a for a in node.axes if a is not None]
+        layout = [axis.value if axis.index in real else 1 for axis in self.space.axes]
+        return list(node.shape) != layout
+
+    def write(self, function_name: str = "fused_backward") -> Code:
+        chain = self.chain
+        inputs = [chain.input] + chain.params
+        grad_names = {}
+        for node in inputs + [chain.output]:
+            node_name = self.name(node.ident)
+            self.names[node.sym] = node_name
+        out_grad = self.name("d" + chain.output.ident)
+        self.names[chain.output.gsym] = out_grad
+        for node in inputs:
+            if node.differentiable:
+                grad_names[node] = self.name("d" + node.ident)
+        for axis in self.space.axes:
+            self.names[axis.size] = self.name(str(axis.size))
+        args = [out_grad] + [self.names[node.sym] for node in inputs]
+        body: list[str] = []
+        body += self._sizes(inputs)
+        for node in inputs:
+            if node.axes and node.differentiable and self._needs_reshape(node) and node.sym in self._used_symbols():
+                body.append(f"{self.names[node.sym]} = {self.names[node.sym]}.reshape{self.layout(node.axes)}")
+        if self._needs_reshape(chain.output):
+            body.append(f"{out_grad} = {out_grad}.reshape{self.layout(chain.output.axes)}")
+        tensors = {n.sym for n in chain.nodes} | {n.gsym for n in chain.nodes} | set(self.backprop.special)
+        printer = TorchPrinter(self.names, self.dims, tensors)
+        body += self._recompute(printer)
+        body += self._specials(printer)
+        results = []
+        dtype = f"{out_grad}.dtype"
+        for node in inputs:
+            if not node.differentiable:
+                results.append("None")
+                continue
+            expr = self.forms[node]
+            target = grad_names[node]
+            if expr == 0:
+                body.append(f"{target} = torch.zeros({self.layout(node.axes)}, dtype={dtype}, "
+                            f"device={out_grad}.device)")
+            else:
+                body.append(f"{target} = {printer.doprint(expr)}")
+                if self.space.axes_of(expr) != frozenset(a for a in node.axes if a is not None):
+                    body.append(f"{target} = {target}.expand{self.layout(node.axes)}")
+            if self._needs_reshape(node):
+                shape = "(" + ", ".join(str(s) if a is None else self.names[self.space.axis(a).size]
+                                        for s, a in zip(node.shape, node.axes)) + ("," if len(node.shape) == 1
+                                                                                   else "") + ")"
+                body.append(f"{target} = {target}.reshape{shape}")
+            results.append(target)
+        body.append(f"return ({', '.join(results)}{',' if len(results) == 1 else ''})")
+        doc = (f'    """d {chain.output.name} / d ({", ".join(n.name for n in inputs)}), derived by '
+               f'tensorgraph.symbolic."""')
+        source = "\n".join([f"def {function_name}({', '.join(args)}):", doc] + ["    " + line for line in body]) + "\n"
+        return Code(source, compile_source(source, function_name), function_name)
+
+    def _used_symbols(self) -> set[sp.Basic]:
+        used: set[sp.Basic] = set()
+        for expr in self.forms.values():
+            used |= expr.free_symbols
+        for node in self._needed():
+            used |= {o.sym for o in node.operands}
+        for _, body, _axis in self.backprop.special.values():
+            used |= body.free_symbols
+        return used
+
+    def _sizes(self, inputs: list[SNode]) -> list[str]:
+        lines = []
+        for axis in self.space.axes:
+            for node in inputs + [self.chain.output]:
+                if node.axes and axis.index in node.axes:
+                    tensor = self.names[node.sym] if node is not self.chain.output else \
+                        self.names[self.chain.output.gsym]
+                    lines.append(f"{self.names[axis.size]} = {tensor}.shape[{list(node.axes).index(axis.index)}]")
+                    break
+            else:
+                lines.append(f"{self.names[axis.size]} = {axis.value}")
+        return lines
+
+    def _needed(self) -> list[SNode]:
+        """Op nodes whose values the gradients use, with what they need, in chain order."""
+        wanted: set[sp.Basic] = set()
+        for expr in self.forms.values():
+            wanted |= expr.free_symbols
+        for _, body, _axis in self.backprop.special.values():
+            if any(body.has(s) for s in wanted) or True:
+                wanted |= body.free_symbols
+        needed: set[SNode] = set()
+        for node in reversed(self.chain.ops):
+            if node.sym in wanted or node in needed:
+                needed.add(node)
+                for operand in node.operands:
+                    if operand.kind == "op":
+                        needed.add(operand)
+        return [node for node in self.chain.ops if node in needed]
+
+    def _recompute(self, printer: TorchPrinter) -> list[str]:
+        lines = []
+        for node in self._needed():
+            if node is self.chain.output and node.sym not in self.names:
+                pass
+            name = self.names.get(node.sym) or self.name(node.ident)
+            self.names[node.sym] = name
+            if node.code is not None:
+                text = node.code(lambda n: self.names[n.sym], lambda a: self.dims[a])
+            else:
+                text = printer.doprint(node.local)
+            lines.append(f"{name} = {text}")
+        return lines
+
+    def _specials(self, printer: TorchPrinter) -> list[str]:
+        """One-hot tensors of the targets and argmax indicators the gradients mention."""
+        lines = []
+        deltas: set[sp.Basic] = set()
+        for expr in list(self.forms.values()) + [n.local for n in self._needed()]:
+            deltas |= expr.atoms(sp.KroneckerDelta)
+        for delta in sorted(deltas, key=str):
+            axis, other = (delta.args if delta.args[0] in self.dims else delta.args[::-1])
+            dim = self.dims[axis]
+            if other in self.backprop.special:
+                _, body, _ = self.backprop.special[other]
+                target = printer._method_target(body)
+                index = f"{target}.max({dim}, keepdim=True).indices"
+                name = self.name("onehot_argmax")
+                lines.append(f"{name} = torch.zeros_like({target}).scatter({dim}, {index}, 1.0)")
+            else:
+                target_axes = self.space.axes_of(other)
+                layout = self.layout(target_axes)
+                source = self.names[other]
+                name = self.name(f"onehot_{source}")
+                both = self.layout(target_axes | {axis})
+                lines.append(f"{name} = torch.zeros({both}, dtype={self.names[self.chain.output.gsym]}.dtype, "
+                             f"device={source}.device).scatter({dim}, {source}.reshape{layout}, 1.0)")
+            self.names[delta] = name
+        for symbol, (kind, body, axis) in self.backprop.special.items():
+            if kind != "tie" or not any(symbol in e.free_symbols for e in self.forms.values()):
+                continue
+            target = printer._method_target(body)
+            dim = self.dims[axis]
+            name = self.name("ismax")
+            lines.append(f"{name} = ({target} == {target}.amax({dim}, keepdim=True)).to({target}.dtype)")
+            lines.append(f"{name} = {name} / {name}.sum({dim}, keepdim=True)")
+            self.names[symbol] = name
+        return lines
+
+
+_COMPILED = 0
+
+
+def compile_source(source: str, function_name: str) -> Callable[..., tuple]:
+    """Compile generated code once; the source is registered so tracebacks show it."""
+    global _COMPILED
+    _COMPILED += 1
+    filename = f"<tensorgraph.symbolic {function_name} #{_COMPILED}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict[str, Any] = {"torch": torch, "F": torch.nn.functional, "math": math}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated code
+    return namespace[function_name]
+
+
+# ---------------------------------------------------------------------- the result
+
+
+@dataclass
+class Derivation:
+    """The closed-form gradient of ``output`` with respect to ``wrt``, derived from a recorded chain.
+
+    ``expr`` is one element of the gradient, simplified, with reductions written as
+    explicit sums over the input (``AxisSum(body, axis)``, printed ``Sum(body, axis)``);
+    ``textbook`` is the same gradient in terms of the chain's own saved tensors (the form
+    a lecture writes); ``latex`` renders the textbook form; ``steps`` is the worked
+    derivation (markdown with LaTeX); ``source`` the generated torch code of the fused
+    backward, which returns the gradients of the input and of every parameter, and
+    ``backward`` that code compiled.
+    """
+
+    output: str
+    wrt: str
+    expr: sp.Expr
+    textbook: sp.Expr
+    latex: str
+    steps: str
+    source: str
+    backward: Callable[..., tuple]
+    gradients: dict[str, sp.Expr]  # textbook form of every gradient the fused backward returns, by name
+    symbols: dict[str, sp.Basic]  # element symbols (and d-symbols, sizes, indices) by name
+    seconds: float
+    chain: Chain = field(repr=False)
+    backprop: Backprop = field(repr=False)
+    rewrites: dict[str, list[Rewrite]] = field(repr=False, default_factory=dict)
+    checked: str = ""
+
+    def grad(self, name: str) -> sp.Expr:
+        """The simplified gradient of any tensor of the chain (in the input, parameters and reductions)."""
+        return self.backprop.resolved[self.chain.node(name)]
+
+    def value(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` (written with the chain's symbols) in primitives: saved tensors replaced by their values."""
+        values = {node.sym: node.value for node in self.chain.ops if not node.reduction}
+        return sp.sympify(expr).xreplace(values)
+
+    def sum(self, expr: sp.Expr, axis: str | sp.Symbol) -> AxisSum:
+        """``AxisSum(expr, axis)``: for writing textbook forms to compare with (``d.sum(dy * r, 'i')``)."""
+        return AxisSum(expr, self.symbols[axis] if isinstance(axis, str) else axis)
+
+    def prove(self, other: sp.Expr, wrt: str | None = None) -> Proof:
+        """Prove the derived gradient of ``wrt`` (default: the input) equal to ``other``, symbolically.
+
+        Both sides are written in primitives and brought to canonical form with the same
+        rewrite rules; the proof holds when their difference simplifies to 0.
+        """
+        derived = self.grad(wrt or self.wrt)
+        holds, difference = self.chain.space.equal(derived, self.value(other))
+        return Proof(holds, difference)
+
+    def __str__(self) -> str:
+        return f"d{self.output}/d{self.wrt} = {self.textbook}"
+
+    def _repr_markdown_(self) -> str:
+        return self.steps
+
+
+@dataclass
+class Proof:
+    """The result of :meth:`Derivation.prove`: ``bool(proof)`` tells whether it holds."""
+
+    holds: bool
+    difference: sp.Expr
+
+    def __bool__(self) -> bool:
+        return self.holds
+
+    def __str__(self) -> str:
+        return "proved: the difference simplifies to 0" if self.holds else f"not equal: difference {self.difference}"
+
+
+# ---------------------------------------------------------------------- putting it together
+
+
+def build(chain: Chain) -> Derivation:
+    """Run the derivation on a lowered chain (see the module docstring)."""
+    start = time.perf_counter()
+    backprop = Backprop(chain)
+    backprop.run()
+    space = chain.space
+    targets = [chain.input] + [p for p in chain.params if p.differentiable]
+    forms: dict[SNode, sp.Expr] = {}
+    rewrites: dict[str, list[Rewrite]] = {}
+    for node in targets:
+        textbook, steps = rewrite_in_saved(backprop.resolved[node], chain, space)
+        forms[node] = display(textbook, space)
+        rewrites[node.name] = steps
+    code = CodeWriter(chain, backprop, forms).write(f"d_{chain.output.ident}")
+    x = chain.input
+    textbook = forms[x]
+    options = [display(explicit(backprop.resolved[x], chain, space), space), nested(textbook, chain)]
+    expr = min(options, key=lambda e: (sp.count_ops(e), options.index(e)))
+    names = symbol_latex(chain, backprop)
+    latex = rf"{latex_name('d' + x.name, [a for a in x.axes if a is not None])} = {to_latex(textbook, names)}"
+    symbols = symbol_table(chain)
+    derivation = Derivation(
+        output=chain.output.name, wrt=x.name, expr=expr, textbook=textbook, latex=latex, steps="",
+        source=code.source, backward=code.function, gradients={n.name: forms[n] for n in targets}, symbols=symbols,
+        seconds=0.0, chain=chain, backprop=backprop, rewrites=rewrites)
+    from .steps import write_steps
+
+    derivation.steps = write_steps(derivation, names)
+    derivation.seconds = time.perf_counter() - start
+    return derivation
+
+
+def symbol_table(chain: Chain) -> dict[str, sp.Basic]:
+    table: dict[str, sp.Basic] = {}
+    for axis in chain.space.axes:
+        table[str(axis.index)] = axis.index
+        table[str(axis.size)] = axis.size
+    for node in chain.nodes:
+        table[node.name] = node.sym
+        table["d" + node.name] = node.gsym
+    return table
+
+
+def symbol_latex(chain: Chain, backprop: Backprop) -> dict[sp.Basic, str]:
+    names: dict[sp.Basic, str] = {}
+    for node in chain.nodes:
+        indices = [a for a in node.axes if a is not None]
+        names[node.sym] = latex_name(node.name, indices)
+        names[node.gsym] = latex_name("d" + node.name, indices)
+    for axis in chain.space.axes:
+        size = str(axis.size)
+        names[axis.size] = size if "_" not in size else size.replace("_", "_{") + "}"
+    for symbol, (kind, body, axis) in backprop.special.items():
+        inner = to_latex(body, names)
+        names[symbol] = (rf"\operatorname{{argmax}}_{{{axis}}} {inner}" if kind == "argmax" else
+                         rf"\mathbb{{1}}^{{\max_{{{axis}}}}}[{inner}]")
+    return names

@@ -1,0 +1,467 @@
+"""Derive once, check, and fuse: the cache, the safety net, ``fuse`` and ``auto_fuse``.
+
+A derivation is keyed on the chain's structure (ops, attributes, constants, shapes,
+dtypes, names), never on its values, so a training loop that records the same forward
+every step derives once. Every new derivation is checked numerically, in float64 on the
+recorded values, against torch autograd and against tensorgraph's own engine running the
+atomic chain: a rule that disagrees raises, it is never used.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..graph import _NODE_DEFAULTS, Graph, Ref, is_float
+from .chain import LOWERINGS, RESHAPES, SymbolicError, chain_members, lower, where
+from .derivation import Derivation, build
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+_CACHE: OrderedDict[tuple, Derivation] = OrderedDict()
+_CACHE_SIZE = 256
+STATS = {"derived": 0, "cached": 0}
+
+
+def clear_cache() -> None:
+    """Forget every derived rule (the next derivation of each chain starts from scratch)."""
+    _CACHE.clear()
+
+
+# ---------------------------------------------------------------------- keys and bindings
+
+
+def node_id(graph: Graph, key: Any, what: str) -> int:
+    """The node of a tensor, name or id, with an error that says which argument was wrong."""
+    if isinstance(key, Tensor):
+        live = graph._live.get(id(key))
+        if live is None or live[2] is not key:
+            raise SymbolicError(f"the {what} tensor is not in this graph: {graph.owner_message(key)}")
+        return live[0]
+    try:
+        return graph.node_id(key)
+    except KeyError as err:
+        raise SymbolicError(f"the {what}: {err.args[0] if err.args else key}") from None
+
+
+@dataclass
+class Binding:
+    """Where a derivation's chain lies in one particular graph (node ids)."""
+
+    output: int
+    input: int
+    ops: list[int]  # the recorded ops the chain replaces, in order (the output last)
+    params: list[int]  # tensors entering the chain, in the derivation's parameter order
+
+
+def signature(graph: Graph, output: int, wrt: int) -> tuple[tuple, list[int], dict[int, int]]:
+    """The structural key of the chain, its member nodes, and the role number of every outside tensor."""
+    members = chain_members(graph, output, wrt)
+    index = {node: k for k, node in enumerate(members)}
+    roles: dict[int, int] = {}
+    nodes = graph._nodes
+
+    def norm(value: Any) -> Any:
+        if isinstance(value, Ref):
+            if value.node in index:
+                return ("chain", index[value.node])
+            role = roles.setdefault(value.node, len(roles))
+            data = nodes[value.node]
+            return ("param", role, tuple(data["shape"]), str(data["dtype"]), data["kind"], data["name"])
+        if isinstance(value, (tuple, list)):
+            return (type(value).__name__,) + tuple(norm(v) for v in value)
+        if isinstance(value, dict):
+            return tuple(sorted((k, norm(v)) for k, v in value.items()))
+        if isinstance(value, range):
+            return ("range", value.start, value.stop, value.step)
+        if isinstance(value, float):
+            return ("float", repr(value))
+        if isinstance(value, Tensor):
+            return ("tensor", tuple(value.shape), str(value.dtype))
+        return repr(value)
+
+    parts = []
+    for node in members:
+        data = nodes[node]
+        part = (data["op"], data["kind"], tuple(data["shape"]), str(data["dtype"]), data["output_index"],
+                data["inplace"], data["name"], norm(data["bargs"]), norm(data["bkwargs"]))
+        parts.append(part + _value_facts(graph, data))
+    return (tuple(parts), index[wrt] if wrt in index else -1), members, roles
+
+
+def _value_facts(graph: Graph, data: dict[str, Any]) -> tuple:
+    """The few facts about values that change what a chain means (index patterns, ignored targets)."""
+    facts: list[Any] = []
+    if data["op"] == "getitem":
+        idx = data["bargs"][1] if len(data["bargs"]) > 1 else None
+        if isinstance(idx, tuple) and idx and isinstance(idx[0], Ref):
+            rows = graph._nodes[idx[0].node]["value"]
+            facts.append(rows.dim() == 1 and torch.equal(rows.cpu(), torch.arange(rows.shape[0])))
+    if data["op"] in ("cross_entropy", "nll_loss") and len(data["bargs"]) > 1 and isinstance(data["bargs"][1], Ref):
+        target = graph._nodes[data["bargs"][1].node]["value"]
+        ignore = dict(zip(("x", "target", "weight", "size_average", "ignore_index"), data["bargs"])).get(
+            "ignore_index", data["bkwargs"].get("ignore_index", -100))
+        facts.append(bool((target == ignore).any()) if not target.is_floating_point() else None)
+    return tuple(facts)
+
+
+# ---------------------------------------------------------------------- derive
+
+
+def derive(graph: Graph, output: Any, wrt: Any, *, check: bool = True) -> Derivation:
+    """The closed-form gradient of ``output`` with respect to ``wrt`` (tensors, names or node ids).
+
+    The chain between them must consist of elementwise ops and reductions along
+    dimensions (sum, mean, var, std, max, amax, logsumexp, softmax, log_softmax, the pick
+    ``x[range(n), targets]``, and the composites cross_entropy, nll_loss, mse_loss,
+    layer_norm, batch_norm in training); other tensors may enter it as parameters. A node
+    outside that set raises :class:`SymbolicError` naming it. Results are cached on the
+    chain's structure; a new derivation is checked numerically (``check``) before use.
+    """
+    out_id, wrt_id = node_id(graph, output, "output"), node_id(graph, wrt, "wrt")
+    derivation, _ = _derive(graph, out_id, wrt_id, check=check)
+    return derivation
+
+
+def _derive(graph: Graph, out_id: int, wrt_id: int, *, check: bool = True) -> tuple[Derivation, Binding]:
+    key, members, roles = signature(graph, out_id, wrt_id)
+    derivation = _CACHE.get(key)
+    if derivation is not None:
+        _CACHE.move_to_end(key)
+        STATS["cached"] += 1
+        return derivation, _binding(derivation, members, roles, out_id, wrt_id)
+    chain = lower(graph, out_id, wrt_id)
+    derivation = build(chain)
+    derivation._roles = [roles[p.graph_node] for p in chain.params]  # type: ignore[attr-defined]
+    derivation._positions = [members.index(n) for n in chain.members]  # type: ignore[attr-defined]
+    binding = _binding(derivation, members, roles, out_id, wrt_id)
+    if check:
+        derivation.checked = verify(derivation, graph, binding)
+    STATS["derived"] += 1
+    _CACHE[key] = derivation
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return derivation, binding
+
+
+def _binding(derivation: Derivation, members: list[int], roles: dict[int, int], out_id: int, wrt_id: int) -> Binding:
+    by_role = {role: node for node, role in roles.items()}
+    params = [by_role[role] for role in derivation._roles]  # type: ignore[attr-defined]
+    ops = [members[k] for k in derivation._positions]  # type: ignore[attr-defined]
+    return Binding(out_id, wrt_id, ops, params)
+
+
+# ---------------------------------------------------------------------- the forward of a fused node
+
+
+class ChainForward:
+    """Recomputes a fused chain's output from its input and parameters by replaying the recorded calls."""
+
+    def __init__(self, graph: Graph, binding: Binding) -> None:
+        nodes = graph._nodes
+        self.inputs = [binding.input] + binding.params
+        self.calls = [(node, nodes[node]["func"], nodes[node]["args"], nodes[node]["kwargs"], nodes[node]["inplace"],
+                       nodes[node]["output_index"]) for node in binding.ops]
+        self.output = binding.output
+        self.names = [nodes[node]["name"] for node in binding.ops]
+
+    def __call__(self, *tensors: Any) -> Tensor:
+        values: dict[int, Any] = dict(zip(self.inputs, tensors))
+
+        def arg(value: Any) -> Any:
+            if isinstance(value, Ref):
+                return values[value.node]
+            if isinstance(value, (tuple, list)) and any(isinstance(v, Ref) for v in value):
+                return type(value)(arg(v) for v in value)
+            return value
+
+        for node, func, args, kwargs, inplace, output_index in self.calls:
+            call_args = tuple(arg(a) for a in args)
+            call_kwargs = {k: arg(v) for k, v in kwargs.items()}
+            if inplace:
+                target = call_args[0].clone()
+                func(target, *call_args[1:], **call_kwargs)
+                values[node] = target
+            elif output_index is not None:
+                values[node] = func(*call_args, **call_kwargs)[output_index]
+            else:
+                values[node] = func(*call_args, **call_kwargs)
+        return values[self.output]
+
+    def __repr__(self) -> str:
+        return f"<fused forward: {' -> '.join(self.names)}>"
+
+
+class FusedRule:
+    """The vector-Jacobian rule of a fused node: the derivation's compiled closed form."""
+
+    def __init__(self, derivation: Derivation) -> None:
+        self.derivation = derivation
+        self.source = derivation.source
+
+    def __call__(self, g: Tensor, out: Tensor, *args: Any) -> tuple:
+        return self.derivation.backward(g, *args)
+
+    def __repr__(self) -> str:
+        return f"<fused rule d{self.derivation.output}/d{self.derivation.wrt}>"
+
+
+# ---------------------------------------------------------------------- the safety net
+
+
+def verify(derivation: Derivation, graph: Graph, binding: Binding) -> str:
+    """Compare the generated backward with torch autograd and with the engine on the atomic chain.
+
+    Runs in float64 on the recorded values with a random output gradient; raises
+    :class:`SymbolicError` when any gradient differs by more than 1e-7 relative.
+    """
+    from ..record import record
+
+    nodes = graph._nodes
+    tensors = [nodes[node]["value"].detach() for node in [binding.input] + binding.params]
+    values = [t.to(torch.float64) if t.is_floating_point() else t for t in tensors]
+    forward = ChainForward(graph, binding)
+    leaves = [v.clone().requires_grad_() if v.is_floating_point() else v for v in values]
+    out = forward(*leaves)
+    seed = torch.Generator().manual_seed(0)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=seed)
+    wanted = [leaf for leaf in leaves if leaf.is_floating_point()]
+    reference = torch.autograd.grad(out, wanted, g, allow_unused=True)
+    with record() as replay:
+        replay_out = forward(*values)
+    engine = replay.backward(replay_out, g)
+    mine = derivation.backward(g, *values)
+    worst = 0.0
+    ref_iter = iter(reference)
+    names = [nodes[node]["name"] for node in [binding.input] + binding.params]
+    for name, value, got in zip(names, values, mine):
+        if not value.is_floating_point():
+            continue
+        theirs = next(ref_iter)
+        theirs = torch.zeros_like(value) if theirs is None else theirs
+        ours_engine = engine[value] if value in engine else torch.zeros_like(value)
+        for label, expected in (("torch autograd", theirs), ("the engine", ours_engine)):
+            if got is None or tuple(got.shape) != tuple(expected.shape):
+                raise SymbolicError(f"the derived rule for d{derivation.output}/d{name} returned shape "
+                                    f"{None if got is None else tuple(got.shape)}, expected {tuple(expected.shape)}")
+            scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+            diff = float((got - expected).abs().max()) if expected.numel() else 0.0
+            worst = max(worst, diff / scale)
+            if not diff <= 1e-7 * scale:
+                raise SymbolicError(
+                    f"the derived rule for d{derivation.output}/d{name} disagrees with {label} on the atomic chain "
+                    f"(max |difference| {diff:.3g}); refusing to use it")
+    return f"checked against torch autograd and the engine in float64: max relative difference {worst:.2g}"
+
+
+# ---------------------------------------------------------------------- fuse
+
+
+def fuse(graph: Graph, output: Any, inputs: Any, *, check: bool = True) -> Graph:
+    """A new graph where the chain between the one input and ``output`` is a single fused node.
+
+    The fused node (op ``"fused"``, named after the output) takes the input and every
+    tensor entering the chain (parameters such as ``bngain``, targets such as ``Yb``); its
+    rule is the derived closed form, which returns the gradients of all of them, and its
+    ``func`` replays the chain's recorded calls (so ``compare`` works). The original graph
+    is not changed. Raises :class:`SymbolicError` for a chain it cannot derive, for more
+    than one input, or when a tensor inside the chain is also used outside it.
+    """
+    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    if len(items) != 1:
+        raise SymbolicError(f"fuse derives the chain from one input tensor; got {len(items)} inputs (other tensors "
+                            f"entering the chain are found by themselves and become parameters)")
+    out_id, wrt_id = node_id(graph, output, "output"), node_id(graph, items[0], "input")
+    derivation, binding = _derive(graph, out_id, wrt_id, check=check)
+    return rebuild(graph, [(derivation, binding)])
+
+
+def rebuild(graph: Graph, fusions: Sequence[tuple[Derivation, Binding]]) -> Graph:
+    """A copy of ``graph`` with each fusion's ops replaced by one fused node."""
+    nodes = graph._nodes
+    removed: set[int] = set()
+    outputs: dict[int, tuple[Derivation, Binding]] = {}
+    for derivation, binding in fusions:
+        removed |= set(binding.ops) - {binding.output}
+        outputs[binding.output] = (derivation, binding)
+    inside = removed | set(outputs)
+    snapshots = set()
+    for node in removed:
+        for consumer in graph.nx.successors(node):
+            if consumer in inside:
+                continue
+            data = nodes[consumer]
+            if data["kind"] == "op" and is_float(data):
+                raise SymbolicError(f"{where(nodes[node])} is also used by {where(data)}, outside the chain; "
+                                    f"fusing would lose the gradient through it (fuse a chain that ends there)")
+            snapshots.add(node)
+    new = Graph()
+    new.anomaly = graph.anomaly
+    mapping: dict[int, int] = {}
+    for old, data in enumerate(nodes):
+        if old in removed and old not in snapshots:
+            continue
+        if old in outputs:
+            copy = _fused_node(graph, *outputs[old], mapping)
+        elif old in snapshots:
+            copy = _snapshot(data)
+        else:
+            copy = _remap(data, mapping)
+        mapping[old] = len(new._nodes)
+        new._nodes.append(copy)
+    for node, version, tensor in graph._live.values():
+        if node in mapping:
+            new._live[id(tensor)] = (mapping[node], version, tensor)
+    new._names = {data["name"]: node for node, data in enumerate(new._nodes)}
+    return new
+
+
+def _remap_value(value: Any, mapping: dict[int, int]) -> Any:
+    if isinstance(value, Ref):
+        return Ref(mapping[value.node])
+    if isinstance(value, (tuple, list)) and any(isinstance(v, (Ref, tuple, list)) for v in value):
+        return type(value)(_remap_value(v, mapping) for v in value)
+    return value
+
+
+def _remap(data: dict[str, Any], mapping: dict[int, int]) -> dict[str, Any]:
+    copy = dict(data)
+    copy["inputs"] = [mapping[i] for i in data["inputs"]]
+    for key in ("args", "bargs"):
+        copy[key] = _remap_value(data[key], mapping)
+    for key in ("kwargs", "bkwargs"):
+        copy[key] = {k: _remap_value(v, mapping) for k, v in data[key].items()} if data[key] else data[key]
+    copy["previous"] = mapping.get(data["previous"]) if data["previous"] is not None else None
+    return copy
+
+
+def _snapshot(data: dict[str, Any]) -> dict[str, Any]:
+    """A fused-away tensor still read by a constant outside the chain: its recorded value, no gradient."""
+    copy = dict(_NODE_DEFAULTS)
+    for key in ("name", "named", "shape", "dtype", "source", "function", "scope", "value", "version"):
+        if key in data:
+            copy[key] = data[key]
+    copy.update(op="saved", kind="constant", inputs=[], attrs={"fused_away": True})
+    return copy
+
+
+def _fused_node(graph: Graph, derivation: Derivation, binding: Binding, mapping: dict[int, int]) -> dict[str, Any]:
+    base = graph._nodes[binding.output]
+    refs = tuple(Ref(mapping[node]) for node in [binding.input] + binding.params)
+    copy = dict(_NODE_DEFAULTS)
+    for key in ("name", "named", "shape", "dtype", "source", "function", "scope", "value", "version"):
+        if key in base:
+            copy[key] = base[key]
+    copy.update(
+        op="fused", kind="op", inputs=[r.node for r in refs], args=refs, kwargs={}, bargs=refs, bkwargs={},
+        attrs={"input": graph._nodes[binding.input]["name"],
+               "fused": tuple(graph._nodes[node]["name"] for node in binding.ops)},
+        func=ChainForward(graph, binding), rule=FusedRule(derivation), inplace=False, previous=None,
+        output_index=None, result=None, unsupported=None)
+    return copy
+
+
+# ---------------------------------------------------------------------- auto_fuse
+
+
+def _maybe_fusable(graph: Graph, node: int) -> bool:
+    """A cheap first look: could this recorded op have a symbolic form?"""
+    data = graph._nodes[node]
+    if data["kind"] != "op" or not is_float(data) or data.get("unsupported") or data["op"] not in LOWERINGS:
+        return False
+    if data.get("rule") is not None:
+        return False  # already fused
+    if data["op"] == "getitem":
+        idx = data["bargs"][1] if len(data["bargs"]) > 1 else None
+        return isinstance(idx, tuple) and len(idx) == 2 and isinstance(idx[1], Ref) and len(
+            graph._nodes[data["inputs"][0]]["shape"]) == 2
+    if data["op"] in RESHAPES:
+        source = graph._nodes[data["inputs"][0]]["shape"]
+        return [s for s in source if s != 1] == [s for s in data["shape"] if s != 1]
+    return True
+
+
+def _grow(graph: Graph, output: int, taken: set[int]) -> set[int]:
+    """The largest set of fusable ops ending at ``output`` whose values are used only inside it."""
+    nx_graph, nodes = graph.nx, graph._nodes
+    region = {output}
+    heap = [-i for i in set(nodes[output]["inputs"])]
+    heapq.heapify(heap)
+    seen = set()
+    while heap:
+        node = -heapq.heappop(heap)
+        if node in seen or node in taken:
+            continue
+        seen.add(node)
+        if not _maybe_fusable(graph, node):
+            continue
+        consumers = set(nx_graph.successors(node))
+        outside = [c for c in consumers - region if nodes[c]["kind"] == "op" and is_float(nodes[c])]
+        if outside:
+            continue
+        region.add(node)
+        for source in set(nodes[node]["inputs"]):
+            heapq.heappush(heap, -source)
+    return region
+
+
+def find_fusable(graph: Graph, loss: Any, *, check: bool = True) -> list[tuple[int, int]]:
+    """The chains of ``graph`` that can be fused, as (output node id, input node id) pairs.
+
+    Walking back from ``loss``, each chain is the largest run of ops with a symbolic form
+    (elementwise ops and reductions, see :func:`derive`) whose intermediate values are used
+    only inside it; its input is the outside tensor it depends on most (the others become
+    parameters). Only chains of at least two ops that derive (and pass the numerical check)
+    are returned; chains do not overlap.
+    """
+    root = node_id(graph, loss, "loss")
+    nodes = graph._nodes
+    taken: set[int] = set()
+    found: list[tuple[int, int]] = []
+    for output in sorted(graph.ancestors(root), reverse=True):
+        if output in taken or not _maybe_fusable(graph, output):
+            continue
+        region = _grow(graph, output, taken)
+        if len(region) < 2:
+            continue
+        boundary = sorted({i for n in region for i in nodes[n]["inputs"]} - region)
+        options = []
+        for source in boundary:
+            if not is_float(nodes[source]):
+                continue
+            try:
+                members = set(chain_members(graph, output, source))
+            except SymbolicError:
+                continue
+            ops = {n for n in members if nodes[n]["kind"] == "op" and is_float(nodes[n])} - {source}
+            if ops <= region and len(ops) >= 2:
+                options.append((len(ops), source, ops))
+        for _, source, ops in sorted(options, key=lambda o: (-o[0], o[1])):
+            try:
+                _derive(graph, output, source, check=check)
+            except SymbolicError:
+                continue
+            found.append((output, source))
+            taken |= ops
+            break
+    return found
+
+
+def auto_fuse(graph: Graph, loss: Any, *, check: bool = True) -> Graph:
+    """``graph`` with every chain :func:`find_fusable` finds replaced by one fused node.
+
+    For ``tg.compile`` and friends: on the lecture's network this fuses the cross-entropy
+    chain (from ``h @ W2`` to ``loss``) and the batchnorm chain (from ``embcat @ W1`` to
+    ``h``), each with the closed form derived from the recorded ops. Derivations are
+    cached, so calling it on every step of a training loop derives once. Returns a new
+    graph (the same gradients, fewer nodes); ``graph`` itself is not changed.
+    """
+    pairs = find_fusable(graph, loss, check=check)
+    fusions = [_derive(graph, output, source, check=check) for output, source in pairs]
+    return rebuild(graph, fusions)

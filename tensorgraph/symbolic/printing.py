@@ -1,0 +1,127 @@
+"""Printers: element expressions to torch code (a sympy code printer) and to LaTeX.
+
+Generated code works on tensors laid out with one dimension per axis of the chain (size 1
+where a tensor does not vary along that axis), so every sum keeps its dimension
+(``.sum(dim, keepdim=True)``) and broadcasting lines up by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sympy as sp
+from sympy.printing.pycode import PythonCodePrinter
+
+from .algebra import AxisMax, AxisSum
+
+_TORCH_FUNCTIONS = {"exp": "exp", "log": "log", "tanh": "tanh", "sin": "sin", "cos": "cos", "Abs": "abs",
+                    "sign": "sign", "atanh": "atanh"}
+
+
+class TorchPrinter(PythonCodePrinter):
+    """Prints element expressions as torch code on layout-shaped tensors.
+
+    ``names`` maps symbols (element symbols, sizes, one-hot deltas, indicators) to Python
+    names; ``dims`` maps each axis index symbol to its dimension in the layout; ``tensors``
+    is the set of symbols that are tensors (the others are Python numbers).
+    """
+
+    def __init__(self, names: dict[sp.Basic, str], dims: dict[sp.Symbol, int], tensors: set[sp.Basic]) -> None:
+        super().__init__({"fully_qualified_modules": True, "standard": "python3"})
+        self.names = names
+        self.dims = dims
+        self.tensors = tensors
+
+    def is_tensor(self, expr: sp.Basic) -> bool:
+        if expr in self.tensors:
+            return True
+        if isinstance(expr, (AxisSum, AxisMax)):
+            return True
+        return any(self.is_tensor(arg) for arg in expr.args)
+
+    def _print_Symbol(self, expr: sp.Symbol) -> str:
+        if expr in self.names:
+            return self.names[expr]
+        raise ValueError(f"tensorgraph.symbolic: no value for the symbol {expr} in the generated code")
+
+    _print_Dummy = _print_Symbol
+
+    def _print_KroneckerDelta(self, expr: sp.Basic) -> str:
+        if expr in self.names:
+            return self.names[expr]
+        raise ValueError(f"tensorgraph.symbolic: no one-hot tensor for {expr} in the generated code")
+
+    def _print_AxisSum(self, expr: AxisSum) -> str:
+        dims = []
+        while isinstance(expr, AxisSum):
+            dims.append(self.dims[expr.axis])
+            expr = expr.body
+        dims.sort()
+        dim = str(dims[0]) if len(dims) == 1 else str(tuple(dims))
+        return f"{self._method_target(expr)}.sum({dim}, keepdim=True)"
+
+    def _print_AxisMax(self, expr: AxisMax) -> str:
+        return f"{self._method_target(expr.body)}.amax({self.dims[expr.axis]}, keepdim=True)"
+
+    def _method_target(self, expr: sp.Basic) -> str:
+        text = self._print(expr)
+        return text if isinstance(expr, sp.Symbol) else f"({text})"
+
+    def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
+        base, exponent = expr.args
+        if not self.is_tensor(base):
+            return super()._print_Pow(expr, rational=rational)
+        text = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Pow"])
+        if exponent == sp.S.Half:
+            return f"torch.sqrt({self._print(base)})"
+        if exponent == -sp.S.Half:
+            return f"torch.rsqrt({self._print(base)})"
+        if exponent == -1:
+            return f"1/{text}"
+        if exponent.is_Integer:
+            return f"{text}**{exponent}"
+        if exponent.is_Rational:
+            return f"{text}**({exponent.p}/{exponent.q})"
+        return f"{text}**({self._print(exponent)})"
+
+    def _print_Function(self, expr: sp.Function) -> str:
+        name = type(expr).__name__
+        if name in _TORCH_FUNCTIONS and self.is_tensor(expr):
+            return f"torch.{_TORCH_FUNCTIONS[name]}({self._print(expr.args[0])})"
+        if name == "Relu":
+            return f"torch.relu({self._print(expr.args[0])})"
+        if name == "Step":
+            return f"({self._method_target(expr.args[0])} > 0)"
+        return super()._print_Function(expr)
+
+    def _print_exp(self, expr: sp.Basic) -> str:
+        return self._print_Function(expr) if self.is_tensor(expr) else super()._print_Function(expr)
+
+    _print_log = _print_exp
+    _print_tanh = _print_exp
+    _print_sin = _print_exp
+    _print_cos = _print_exp
+    _print_sign = _print_exp
+
+    def _print_Abs(self, expr: sp.Basic) -> str:
+        if self.is_tensor(expr):
+            return f"torch.abs({self._print(expr.args[0])})"
+        return f"abs({self._print(expr.args[0])})"
+
+    def _print_Relu(self, expr: sp.Basic) -> str:
+        return f"torch.relu({self._print(expr.args[0])})"
+
+    def _print_Step(self, expr: sp.Basic) -> str:
+        return f"({self._method_target(expr.args[0])} > 0)"
+
+
+def latex_name(name: str, indices: list[Any]) -> str:
+    """``bn_raw`` with indices i, j -> ``\\mathrm{bn\\_raw}_{ij}``."""
+    text = r"\mathrm{" + name.replace("_", r"\_") + "}"
+    if indices:
+        text += "_{" + "".join(str(i) for i in indices) + "}"
+    return text
+
+
+def to_latex(expr: sp.Basic, names: dict[sp.Basic, str]) -> str:
+    return sp.latex(expr, symbol_names=names, mul_symbol=None)
