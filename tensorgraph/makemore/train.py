@@ -184,7 +184,7 @@ def compiled_backend(model: MLP) -> StepFn:
     def training_step(Xb: Tensor, Yb: Tensor) -> Tensor:
         return forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb)
 
-    compiled = tg_compile(training_step)
+    compiled = tg_compile(training_step, params=params)
 
     def step(Xb: Tensor, Yb: Tensor) -> tuple[Tensor, list[Tensor]]:
         loss, grads = compiled(Xb, Yb)
