@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from .check import CheckReport
     from .compare import CompareReport
     from .engine import Gradients
 
@@ -194,17 +195,18 @@ class Graph:
 
         return mimebundle(self)
 
-    def check(self, manual: dict[str, Tensor], loss: Any, **options: Any) -> Any:
-        """Diagnose a learner's hand-written gradients (see :func:`tensorgraph.check.check`)."""
+    def check(self, manual: dict[str, Tensor], loss: Any, grad: Tensor | None = None, *, rtol: float | None = None,
+              atol: float | None = None) -> CheckReport:
+        """Diagnose hand-written gradients ``{"dlogits": dlogits, ...}``: see :func:`tensorgraph.check.check`."""
         from .check import check
 
-        return check(self, manual, loss, **options)
+        return check(self, manual, loss, grad, rtol=rtol, atol=atol)
 
-    def backward_source(self, loss: Any, **options: Any) -> str:
-        """The backward pass as readable torch code (see :func:`tensorgraph.codegen.backward_source`)."""
+    def backward_source(self, loss: Any, grad: Tensor | None = None, *, comments: bool = True) -> str:
+        """The backward pass as straight-line torch code: see :func:`tensorgraph.codegen.backward_source`."""
         from .codegen import backward_source
 
-        return backward_source(self, loss, **options)
+        return backward_source(self, loss, grad, comments=comments)
 
     def fuse(self, output: Any, inputs: Any, **options: Any) -> "Graph":
         """A new graph with the subgraph between ``inputs`` and ``output`` replaced by one fused node."""
