@@ -84,6 +84,13 @@ def _as_input(g: Tensor, out: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tens
     return g.to(dtype=x.dtype, device=x.device)
 
 
+def _symbolic(name: str, *args: Any) -> Any:
+    """The rule tensorgraph.symbolic derives for this call (see its fused_rules), or None outside its scope."""
+    from .symbolic import fused_rules
+
+    return getattr(fused_rules, name)(*args)
+
+
 def _reduction(size_average: Any, reduce: Any, reduction: str) -> str:
     if size_average is None and reduce is None:
         return reduction
@@ -647,6 +654,9 @@ def cross_entropy(g: Tensor, out: Tensor, x: Tensor, target: Tensor, weight: Ten
                   label_smoothing: float = 0.0) -> tuple:
     """log_softmax then nll: d/dlogits = softmax(logits) * sum(dlogp) - ... , via torch's log_softmax kernel."""
     reduction = _reduction(size_average, reduce, reduction)
+    fused = _symbolic("cross_entropy", g, x, target, weight, ignore_index, reduction, label_smoothing)
+    if fused is not None:  # class-index targets, mean or sum: the closed form tensorgraph.symbolic derives
+        return fused, None, None
     class_dim = 1 if x.dim() >= 2 else 0
     logp = x.log_softmax(class_dim)
     batch_dim = class_dim if x.dim() >= 2 else None
@@ -755,6 +765,10 @@ def batch_norm(g: Tensor, out: Tensor, x: Tensor, running_mean: Tensor | None, r
                weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5) -> tuple:
     """Torch's fused batch-norm backward; batch statistics in training, running ones otherwise."""
+    if training or running_mean is None:  # batch statistics: the closed form tensorgraph.symbolic derives
+        fused = _symbolic("batch_norm", g, x, weight, bias, eps)
+        if fused is not None:
+            return fused[0], None, None, fused[1], fused[2]
     mask = [True, weight is not None, bias is not None]
     if training or running_mean is None:
         _, mean, invstd = aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)

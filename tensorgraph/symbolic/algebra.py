@@ -60,11 +60,12 @@ class AxisSum(sp.Function):
     def _eval_is_positive(self):
         return self.args[0].is_positive
 
-    def _latex(self, printer) -> str:
+    def _latex(self, printer, exp=None) -> str:
         body = printer._print(self.body)
         if isinstance(self.body, sp.Add):
             body = rf"\left({body}\right)"
-        return rf"\sum_{{{printer._print(self.axis)}}} {body}"
+        text = rf"\sum_{{{printer._print(self.axis)}}} {body}"
+        return rf"\left({text}\right)^{{{exp}}}" if exp is not None else text
 
     def _sympystr(self, printer) -> str:
         return f"Sum({printer._print(self.body)}, {printer._print(self.axis)})"
@@ -90,8 +91,9 @@ class AxisMax(sp.Function):
     def _eval_is_real(self):
         return self.args[0].is_real
 
-    def _latex(self, printer) -> str:
-        return rf"\max_{{{printer._print(self.axis)}}} {printer._print(self.body)}"
+    def _latex(self, printer, exp=None) -> str:
+        text = rf"\max_{{{printer._print(self.axis)}}} {printer._print(self.body)}"
+        return rf"\left({text}\right)^{{{exp}}}" if exp is not None else text
 
     def _sympystr(self, printer) -> str:
         return f"Max({printer._print(self.body)}, {printer._print(self.axis)})"
@@ -111,8 +113,26 @@ class Relu(sp.Function):
     def _eval_is_nonnegative(self):
         return True if self.args[0].is_real else None
 
-    def _latex(self, printer) -> str:
-        return rf"\operatorname{{relu}}\left({printer._print(self.args[0])}\right)"
+    def _latex(self, printer, exp=None) -> str:
+        text = rf"\operatorname{{relu}}\left({printer._print(self.args[0])}\right)"
+        return rf"{text}^{{{exp}}}" if exp is not None else text
+
+
+class Sigmoid(sp.Function):
+    """``1/(1 + exp(-x))``, kept whole: its derivative is ``s*(1 - s)`` (as torch computes it), not
+    ``exp(-x)/(1 + exp(-x))**2``, which overflows for very negative x."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return self * (1 - self)
+
+    def _eval_is_positive(self):
+        return True if self.args[0].is_real else None
+
+    def _latex(self, printer, exp=None) -> str:
+        text = rf"\sigma\left({printer._print(self.args[0])}\right)"
+        return rf"{text}^{{{exp}}}" if exp is not None else text
 
 
 class Step(sp.Function):
@@ -126,7 +146,7 @@ class Step(sp.Function):
     def _eval_is_nonnegative(self):
         return True
 
-    def _latex(self, printer) -> str:
+    def _latex(self, printer, exp=None) -> str:
         return rf"\mathbb{{1}}\left[{printer._print(self.args[0])} > 0\right]"
 
 
@@ -209,6 +229,18 @@ class Space:
     def nonnegative(self, expr: sp.Expr) -> bool:
         return bool(self.sized(expr).is_nonnegative)
 
+    def nonzero(self, expr: sp.Expr) -> bool:
+        return bool(self.sized(expr).is_nonzero)
+
+    def dummy(self, expr: sp.Expr) -> sp.Dummy:
+        """A stand-in symbol with the sign of ``expr`` (so sympy may still divide by a positive sum)."""
+        sized = self.sized(expr)
+        if sized.is_positive:
+            return sp.Dummy("a", positive=True)
+        if sized.is_nonnegative:
+            return sp.Dummy("a", nonnegative=True)
+        return sp.Dummy("a", real=True)
+
     # ------------------------------------------------------------------ canonical form
 
     def canon(self, expr: sp.Expr, rules: bool = True) -> sp.Expr:
@@ -280,7 +312,7 @@ class Space:
         # solve for the most complex sum: the others are already known, or simpler
         for atom in sorted(atoms, key=lambda a: (sp.count_ops(a), sp.default_sort_key(a)), reverse=True):
             dummy = sp.Dummy("t")
-            solved = invert(canonical.xreplace({atom: dummy}), dummy, symbol, self.nonnegative)
+            solved = invert(canonical.xreplace({atom: dummy}), dummy, symbol, self.nonnegative, self.nonzero)
             if solved is not None:
                 solved = self.canon(solved)
                 self.rules[atom] = solved
@@ -372,11 +404,13 @@ def maximal_atoms(expr: sp.Basic) -> list[sp.Basic]:
 
 
 def invert(expr: sp.Expr, target: sp.Symbol, value: sp.Expr,
-           nonnegative: Callable[[sp.Expr], bool] = lambda e: bool(e.is_nonnegative)) -> sp.Expr | None:
+           nonnegative: Callable[[sp.Expr], bool] = lambda e: bool(e.is_nonnegative),
+           nonzero: Callable[[sp.Expr], bool] = lambda e: bool(e.is_nonzero)) -> sp.Expr | None:
     """Solve ``expr == value`` for ``target`` when ``target`` occurs once, peeling one operation at a time.
 
     Only inversions that hold on the whole domain are made: an even power is inverted only
-    when its base is known to be non-negative. Returns None when it cannot solve.
+    when its base is known to be non-negative, and nothing is divided by a factor that may
+    be zero. Returns None when it cannot solve.
     """
     if _occurrences(expr, target) != 1:
         return None
@@ -384,8 +418,8 @@ def invert(expr: sp.Expr, target: sp.Symbol, value: sp.Expr,
         if isinstance(expr, (sp.Add, sp.Mul)):
             holder = [arg for arg in expr.args if arg.has(target)]
             rest = expr.func(*[arg for arg in expr.args if not arg.has(target)])
-            if len(holder) != 1:
-                return None
+            if len(holder) != 1 or (isinstance(expr, sp.Mul) and not nonzero(rest)):
+                return None  # never divide by something that may be 0 (a parameter such as a gain)
             value = value - rest if isinstance(expr, sp.Add) else value / rest
             expr = holder[0]
         elif isinstance(expr, sp.Pow):

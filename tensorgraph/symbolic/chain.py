@@ -26,7 +26,7 @@ import sympy as sp
 import torch
 
 from ..graph import Ref, identifier
-from .algebra import Axis, AxisMax, AxisSum, Relu, Space
+from .algebra import Axis, AxisMax, AxisSum, Relu, Sigmoid, Space
 
 if TYPE_CHECKING:
     from ..graph import Graph
@@ -140,8 +140,8 @@ ELEMENTWISE: dict[str, Callable[..., sp.Expr]] = {
     "sin": sp.sin,
     "cos": sp.cos,
     "tanh": sp.tanh,
-    "sigmoid": lambda x: 1 / (1 + sp.exp(-x)),
-    "silu": lambda x: x / (1 + sp.exp(-x)),
+    "sigmoid": Sigmoid,
+    "silu": lambda x: x * Sigmoid(x),
     "relu": Relu,
     "abs": sp.Abs,
 }

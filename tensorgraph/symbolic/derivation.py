@@ -77,13 +77,14 @@ class Backprop:
         space = self.space
         atoms = [atom for atom in maximal_atoms(expr) if atom.has(operand)]
         dummies = {atom: sp.Dummy("s") for atom in atoms}
+        back = {dummy: atom for atom, dummy in dummies.items()}
         flat = expr.xreplace(dummies)
         result = sp.S.Zero
-        direct = sp.diff(flat, operand)
+        direct = sp.diff(flat, operand).xreplace(back)
         if direct != 0:
             result += space.sum_over(grad * direct, expr_axes - space.axes_of(operand))
         for atom, dummy in dummies.items():
-            through = sp.diff(flat, dummy)
+            through = sp.diff(flat, dummy).xreplace(back)
             if through == 0:
                 continue
             passed = space.sum_over(grad * through, expr_axes - space.axes_of(atom))
@@ -121,8 +122,11 @@ def _primitives(chain: Chain) -> set[sp.Symbol]:
     return {chain.input.sym} | {node.sym for node in chain.ops if node.reduction}
 
 
-def _score(expr: sp.Expr, primitives: set[sp.Symbol]) -> tuple[int, int, int]:
-    return (len(expr.free_symbols & primitives), len(maximal_atoms(expr)), int(sp.count_ops(expr)))
+def _score(expr: sp.Expr, primitives: set[sp.Symbol], unnamed: set[sp.Symbol] = frozenset()) -> tuple:
+    """Fewer primitives, then fewer exponentials of anything (they overflow in the generated code: a saved
+    ``probs`` is safer than ``exp(logits)/sum(exp(logits))``), fewer sums, fewer operations, fewer op-based names."""
+    return (len(expr.free_symbols & primitives), len(expr.atoms(sp.exp)), len(maximal_atoms(expr)),
+            int(sp.count_ops(expr)), len(expr.free_symbols & unnamed))
 
 
 @dataclass
@@ -141,12 +145,11 @@ def candidates(chain: Chain) -> dict[sp.Symbol, list[Rewrite]]:
     x = chain.input
     full = frozenset(a for a in x.axes if a is not None)
     primitives = _primitives(chain)
-    named = [node for node in chain.ops if node.named]
-    for node in named or chain.ops:
+    for node in chain.ops:
         if node.reduction:
             continue
         atoms = maximal_atoms(node.value)
-        dummies = {atom: sp.Dummy("a") for atom in atoms}
+        dummies = {atom: chain.space.dummy(atom) for atom in atoms}
         flat = node.value.xreplace(dummies)
         mine = frozenset(a for a in node.axes if a is not None)
         options = [x.sym] if mine == full else []
@@ -155,7 +158,7 @@ def candidates(chain: Chain) -> dict[sp.Symbol, list[Rewrite]]:
         for primitive in options:
             if primitive not in flat.free_symbols:
                 continue
-            inverse = invert(flat, primitive, node.sym, chain.space.nonnegative)
+            inverse = invert(flat, primitive, node.sym, chain.space.nonnegative, chain.space.nonzero)
             if inverse is not None:
                 back = {d: a for a, d in dummies.items()}
                 found.setdefault(primitive, []).append(Rewrite(node, primitive, inverse.xreplace(back), atoms))
@@ -170,16 +173,17 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
     canonical form, and keeps the one with the fewest primitives, sums and operations.
     """
     primitives = _primitives(chain)
+    unnamed = {node.sym for node in chain.ops if not node.named}
     options = candidates(chain)
     order = [chain.input.sym] + [n.sym for n in reversed(chain.ops) if n.reduction]
     order = [p for p in order if p in options]
-    best = (_score(expr, primitives), expr, [])
+    best = (_score(expr, primitives, unnamed), expr, [])
     tried = 0
 
     def walk(current: sp.Expr, position: int, chosen: list[Rewrite]) -> None:
         nonlocal best, tried
         if position == len(order) or tried >= limit:
-            score = _score(current, primitives)
+            score = _score(current, primitives, unnamed)
             if chosen and score < best[0]:
                 best = (score, current, chosen)
             return
@@ -219,8 +223,9 @@ def explicit(expr: sp.Expr, chain: Chain, space: Space) -> sp.Expr:
 
 
 def display(expr: sp.Expr, space: Space) -> sp.Expr:
-    """A readable arrangement: common factors pulled out, ``1/n`` in front when every term has it."""
-    arranged = sp.factor_terms(expr)
+    """A readable arrangement: exponentials combined (``exp(x - m)``, which cannot overflow where
+    ``exp(x)*exp(-m)`` can), common factors pulled out, ``1/n`` in front when every term has it."""
+    arranged = sp.factor_terms(sp.powsimp(expr, combine="exp"))
     coeff, rest = arranged.as_independent(sp.Add) if isinstance(arranged, sp.Mul) else (sp.S.One, arranged)
     if isinstance(rest, sp.Add):
         for axis in space.axes:

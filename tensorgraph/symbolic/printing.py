@@ -15,7 +15,7 @@ from sympy.printing.pycode import PythonCodePrinter
 from .algebra import AxisMax, AxisSum
 
 _TORCH_FUNCTIONS = {"exp": "exp", "log": "log", "tanh": "tanh", "sin": "sin", "cos": "cos", "Abs": "abs",
-                    "sign": "sign", "atanh": "atanh"}
+                    "sign": "sign", "atanh": "atanh", "Sigmoid": "sigmoid"}
 
 
 class TorchPrinter(PythonCodePrinter):
@@ -91,7 +91,7 @@ class TorchPrinter(PythonCodePrinter):
         if name == "Relu":
             return f"torch.relu({self._print(expr.args[0])})"
         if name == "Step":
-            return f"({self._method_target(expr.args[0])} > 0)"
+            return self._print_Step(expr)
         return super()._print_Function(expr)
 
     def _print_exp(self, expr: sp.Basic) -> str:
@@ -108,11 +108,15 @@ class TorchPrinter(PythonCodePrinter):
             return f"torch.abs({self._print(expr.args[0])})"
         return f"abs({self._print(expr.args[0])})"
 
+    def _print_Sigmoid(self, expr: sp.Basic) -> str:
+        return f"torch.sigmoid({self._print(expr.args[0])})"
+
     def _print_Relu(self, expr: sp.Basic) -> str:
         return f"torch.relu({self._print(expr.args[0])})"
 
     def _print_Step(self, expr: sp.Basic) -> str:
-        return f"({self._method_target(expr.args[0])} > 0)"
+        target = self._method_target(expr.args[0])
+        return f"({target} > 0).to({target}.dtype)"
 
 
 def latex_name(name: str, indices: list[Any]) -> str:
