@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from . import rules  # noqa: F401  (fills the op table)
-from .engine import fingerprint
+from .engine import LeafStamps
 from .graph import Graph, Ref
 from .ops import Op, UnsupportedCall, func_name, lookup
 
@@ -377,10 +377,7 @@ class record:
             caller = sys._getframe(1)
             self.graph._finish(caller, list(self._mode.frames.values()))
             # leaves can change without a version bump (p.data -= ...): backward compares these first
-            for node, data in enumerate(self.graph._nodes):
-                if data["kind"] == "leaf":
-                    stamp = fingerprint(data["value"])
-                    if stamp is not None:
-                        self.graph._fingerprints[node] = stamp
+            self.graph._fingerprints = LeafStamps(
+                [(node, data["value"]) for node, data in enumerate(self.graph._nodes) if data["kind"] == "leaf"])
         self._mode.frames.clear()
         self._mode.data_of.clear()
