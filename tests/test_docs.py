@@ -1,0 +1,78 @@
+"""The documentation: the site builds with mkdocs --strict, the tutorial's code runs, the API page matches the code."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tensorgraph as tg
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+
+def test_site_builds_strict(tmp_path):
+    """Warnings (a broken link, a nav entry without its file) are errors."""
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-f",
+                             str(ROOT / "mkdocs.yml"), "-d", str(tmp_path / "site")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "site" / "tutorial" / "index.html").exists()
+
+
+def python_blocks(path: Path) -> list[str]:
+    """The ```python blocks of a page, in order (```py blocks are shown, not run)."""
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
+def test_tutorial_code_runs(tmp_path, monkeypatch):
+    blocks = python_blocks(DOCS / "tutorial.md")
+    assert len(blocks) >= 8
+    monkeypatch.chdir(tmp_path)  # the tutorial writes check.svg
+    namespace: dict = {"__name__": "__tutorial__"}
+    for number, block in enumerate(blocks, 1):
+        try:
+            exec(compile(block, f"tutorial.md block {number}", "exec"), namespace)  # noqa: S102
+        except Exception as err:  # noqa: BLE001 - say which block failed
+            pytest.fail(f"tutorial.md python block {number} failed: {type(err).__name__}: {err}\n{block}")
+    assert (tmp_path / "check.svg").exists()
+    assert namespace["report"].first_error == "bndiff2"
+
+
+SIGNATURE = re.compile(r"^#{2,3} `((?:tg|Graph)\.[\w.]+)\((.*)\)`", flags=re.M)
+
+
+def _documented() -> list[tuple[str, list[str]]]:
+    found = []
+    for name, params in SIGNATURE.findall((DOCS / "api.md").read_text()):
+        names = [p.split("=")[0].strip().lstrip("*") for p in params.split(",") if p.strip() not in ("", "*")]
+        found.append((name, names))
+    return found
+
+
+def test_api_signatures_match_the_code():
+    documented = _documented()
+    assert {name for name, _ in documented} >= {"tg.record", "tg.scope", "tg.trace", "tg.compile", "Graph.backward",
+                                                "Graph.compare", "Graph.check", "Graph.backward_source"}
+    for name, params in documented:
+        owner, _, attr = name.partition(".")
+        obj = getattr(tg if owner == "tg" else tg.Graph, attr)
+        real = [p for p in inspect.signature(obj).parameters if p != "self"]
+        assert params == real, f"{name}: documented {params}, the code has {real}"
+
+
+def test_nav_lists_existing_pages():
+    nav = re.findall(r":\s*(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), flags=re.M)
+    assert {"index.md", "tutorial.md", "api.md", "design.md"} <= set(nav)
+    assert all((DOCS / page).exists() for page in nav)
+
+
+def test_docs_images_exist():
+    for page in DOCS.glob("*.md"):
+        for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page.read_text()):
+            assert (DOCS / image).exists(), f"{page.name}: missing image {image}"
