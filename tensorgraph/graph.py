@@ -114,6 +114,9 @@ class Graph:
                 for position, source in enumerate(data["inputs"]):
                     graph.add_edge(source, node, key=position, position=position)
             self._nx = graph
+            # networkx's cached views (G.nodes, G.edges ...) make a reference cycle with G, which would keep
+            # every recorded tensor alive until the cyclic GC runs: empty G when this Graph is freed
+            weakref.finalize(self, graph.clear)
         return self._nx
 
     def __len__(self) -> int:
@@ -208,7 +211,7 @@ class Graph:
 
         return backward_source(self, loss, grad, comments=comments)
 
-    def fuse(self, output: Any, inputs: Any, **options: Any) -> "Graph":
+    def fuse(self, output: Any, inputs: Any, **options: Any) -> Graph:
         """A new graph with the subgraph between ``inputs`` and ``output`` replaced by one fused node."""
         from .symbolic import fuse
 

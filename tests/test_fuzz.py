@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 import tensorgraph as tg
 
-NORMAL_EXAMPLES = int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 200)
+NORMAL_EXAMPLES = int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 300)
 LONG_EXAMPLES = int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 10_000)
 
 # ops with a rule that the fuzzer cannot produce on this machine, and why
@@ -46,6 +46,15 @@ EXCLUDED = {
 OP_COUNTS: collections.Counter[str] = collections.Counter()
 TORCH_FAILURES: collections.Counter[str] = collections.Counter()  # programs torch autograd cannot run
 RUNS = {"programs": 0}  # programs compared (the long run's figure for docs/reliability.md)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: extra threads only spin against the other processes sharing the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def run_engine(program: Program) -> tuple[tg.Graph, torch.Tensor, list[torch.Tensor]]:
