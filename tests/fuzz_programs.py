@@ -1313,7 +1313,8 @@ def inplace(b: Builder) -> int:
         name = b.choose.choice(["add_", "mul_", "sub_"])
         functional = name[:-1]
         return b.emit(f"{{0}}.{name}({{1}}); {{out}} = {{0}}", [x, y],
-                      lambda t, o: getattr(t, name)(o), lambda t, o: getattr(t, functional)(o), inplace=True)
+                      lambda t, o: getattr(t, name)(o), lambda t, o: getattr(t, functional)(o).to(t.dtype),
+                      inplace=True)  # in place keeps the target's dtype; the functional twin would promote
     code, run, replay = b.choose.choice(INPLACE)
     return b.emit(code + "; {out} = {0}", [x], run, replay, inplace=True)
 

@@ -1,0 +1,467 @@
+"""Save a recorded graph as JSON or GraphML, and load it back without running pickled code.
+
+``graph.save("g.json")`` writes networkx node-link JSON, ``graph.save("g.graphml")``
+GraphML (both through networkx); ``tg.load_graph(path)`` reads either back. Every node
+keeps its name, op, kind, shape, dtype, inputs in argument order, attributes, source
+line, function, scope and in-place bookkeeping; edges carry the argument position.
+
+The recorded call itself is kept too: the torch callable as its dotted name (resolved on
+load by attribute lookup inside ``torch`` or ``tensorgraph`` only, never by import of
+arbitrary modules, ``eval`` or pickle) and its arguments in a small tagged JSON form
+(tuples, slices, ranges, ``...``, dtypes, and ``Ref`` for tensors). So a loaded graph
+prints, renders and is inspected like a recorded one.
+
+With ``values=True`` every node's tensor is written too, as exact nested lists (JSON's
+``NaN``/``Infinity`` for non-finite numbers); the loaded graph then supports
+``backward`` and ``compare`` as well. Without values, the loaded tensors are shape-only
+("meta") tensors and ``backward`` raises a clear error.
+
+Limits: values make files large (every element as text); a fused node's own rule
+(``graph.fuse``) and arguments that are neither plain data nor tensors are not saved, so
+backward through those nodes raises ``NotImplementedError`` after loading.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import Tensor
+
+from .graph import Graph, Ref
+
+FORMAT = "tensorgraph-graph"
+VERSION = 1
+SUFFIXES = {".json": "json", ".graphml": "graphml"}
+
+# keys whose values are structured (lists, dicts, tagged values): JSON text inside GraphML attributes
+_STRUCTURED = ("shape", "inputs", "attrs", "args", "kwargs", "bargs", "bkwargs", "result", "value", "previous",
+               "output_index", "unsupported", "func")
+_REQUIRED = ("name", "op", "kind", "shape", "dtype", "inputs")
+_ROOTS = ("torch", "tensorgraph")  # the only packages a saved callable may name
+
+
+class Opaque:
+    """An argument that could not be saved as data: printed as it was, never called."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save(graph: Graph, path: str | os.PathLike, *, values: bool = False) -> Path:
+    """Write ``graph`` to ``path`` (.json: node-link JSON; .graphml: GraphML), atomically.
+
+    ``values=True`` also writes every node's tensor, so that the loaded graph can be
+    differentiated. Returns the path written.
+    """
+    path = Path(path)
+    fmt = _format_of(path)
+    if getattr(graph, "_recording", False):
+        raise ValueError(f"graph.save({str(path)!r}): the graph is still being recorded; save it after the "
+                         f"tg.record() block ends")
+    out = nx.MultiDiGraph()
+    out.graph.update({"format": FORMAT, "version": VERSION, "values": bool(values),
+                      "anomaly": bool(getattr(graph, "anomaly", False)), "torch": str(torch.__version__)})
+    siblings = _siblings(graph)
+    for node, data in enumerate(graph._nodes):
+        record = _node_record(data, siblings.get(node), values)
+        out.add_node(node, **(record if fmt == "json" else _flatten(record)))
+    for node, data in enumerate(graph._nodes):
+        for position, source in enumerate(data["inputs"]):
+            out.add_edge(source, node, key=position, position=position)
+    if fmt == "json":
+        text = json.dumps(nx.node_link_data(out, edges="edges"), indent=1, allow_nan=True)
+        _write_atomically(path, text.encode("utf-8"))
+    else:
+        _write_atomically(path, "\n".join(nx.generate_graphml(out)).encode("utf-8"))
+    return path
+
+
+def _format_of(path: Path) -> str:
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown graph file type {path.suffix!r}; use .json (node-link JSON) or .graphml")
+    return fmt
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """A temporary file in the same directory, then a rename: readers never see half a file."""
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+def _siblings(graph: Graph) -> dict[int, list[int]]:
+    """The nodes of one call returning several tensors (max(dim): values, indices), by node."""
+    groups: dict[int, list[int]] = {}
+    for node, data in enumerate(graph._nodes):
+        if data.get("output_index") is not None:
+            groups.setdefault(id(data["args"]), []).append(node)
+    return {node: members for members in groups.values() for node in members}
+
+
+def _node_record(data: dict[str, Any], siblings: list[int] | None, values: bool) -> dict[str, Any]:
+    fused = data.get("rule") is not None
+    unsupported = data.get("unsupported") or (
+        "a fused node's own rule is not saved with the graph" if fused else None)
+    record = {
+        "name": data["name"], "named": bool(data["named"]), "op": data["op"], "kind": data["kind"],
+        "shape": list(data["shape"]), "dtype": _dtype_name(data["dtype"]), "inputs": list(data["inputs"]),
+        "attrs": encode(data.get("attrs") or {}), "source": data.get("source") or "",
+        "function": data.get("function") or "", "scope": data.get("scope") or "",
+        "inplace": bool(data.get("inplace")), "previous": data.get("previous"),
+        "output_index": data.get("output_index"), "unsupported": unsupported,
+        "func": func_path(data["func"]) if data.get("func") is not None else None,
+        "args": encode(tuple(data.get("args") or ())), "kwargs": encode(dict(data.get("kwargs") or {})),
+        "bargs": encode(tuple(data.get("bargs") or ())), "bkwargs": encode(dict(data.get("bkwargs") or {})),
+        "result": siblings,
+    }
+    if values:
+        value = data["value"].detach()
+        record["value"] = value.tolist() if value.numel() else []
+    return record
+
+
+def _flatten(record: dict[str, Any]) -> dict[str, Any]:
+    """GraphML holds scalars only: structured values become JSON text, None is left out."""
+    flat = {}
+    for key, value in record.items():
+        if key in _STRUCTURED:
+            flat[key] = json.dumps(value, allow_nan=True)
+        elif value is not None:
+            flat[key] = value
+    return flat
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def encode(value: Any) -> Any:
+    """Plain data as JSON; tuples, slices, ranges, ``...``, dtypes, sizes and Refs as tagged objects."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"$float": repr(value)}
+    if isinstance(value, Ref):
+        return {"$ref": value.node}
+    if isinstance(value, torch.Size):
+        return {"$size": list(value)}
+    if isinstance(value, tuple):
+        return {"$tuple": [encode(v) for v in value]}
+    if isinstance(value, list):
+        return [encode(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"$dict": {k: encode(v) for k, v in value.items()}}
+    if isinstance(value, slice):
+        return {"$slice": [encode(value.start), encode(value.stop), encode(value.step)]}
+    if isinstance(value, range):
+        return {"$range": [value.start, value.stop, value.step]}
+    if value is Ellipsis:
+        return {"$ellipsis": True}
+    if isinstance(value, torch.dtype):
+        return {"$dtype": _dtype_name(value)}
+    if isinstance(value, torch.device):
+        return {"$device": str(value)}
+    if isinstance(value, complex):
+        return {"$complex": [value.real, value.imag]}
+    return {"$opaque": repr(value)}
+
+
+# ---------------------------------------------------------------- callables by name
+
+
+def func_path(func: Any) -> str | None:
+    """A dotted name inside torch or tensorgraph that resolves back to ``func`` (None if there is none)."""
+    if getattr(func, "__name__", None) == "__get__" and hasattr(func, "__self__"):  # a property's getter
+        owner = func_path(func.__self__)
+        return f"{owner}.__get__" if owner else None
+    name = getattr(func, "__name__", None)
+    if name is None:
+        return None
+    candidates = []
+    owner = getattr(func, "__objclass__", None)
+    if owner is not None:
+        candidates.append(f"{owner.__module__}.{owner.__qualname__}.{name}")
+    module = getattr(func, "__module__", None)
+    if module:
+        candidates += [f"{module}.{getattr(func, '__qualname__', name)}", f"{module}.{name}"]
+    candidates += [f"torch.{name}", f"torch.Tensor.{name}", f"torch.nn.functional.{name}"]
+    for path in candidates:
+        try:
+            if _same(resolve(path), func):
+                return path
+        except (ValueError, AttributeError):
+            continue
+    return _known_names().get(id(func))  # saved under another name (Tensor.__pow__ is a wrapped "pow")
+
+
+_NAMESPACES = ("torch.Tensor", "torch._C.TensorBase", "torch", "torch.nn.functional", "torch._C._nn",
+               "torch.special", "torch.linalg")
+_KNOWN: dict[int, str] = {}
+
+
+def _known_names() -> dict[int, str]:
+    """id(object) -> dotted name, for every attribute of the namespaces torch calls come from."""
+    if not _KNOWN:
+        for space in reversed(_NAMESPACES):  # earlier namespaces win
+            for attr, obj in vars(resolve(space)).items():
+                if callable(obj) and attr.isidentifier():
+                    _KNOWN[id(obj)] = f"{space}.{attr}"
+    return _KNOWN
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (type(a).__name__ == "method-wrapper" and a == b)
+
+
+def resolve(path: str) -> Any:
+    """The object a dotted name inside torch or tensorgraph names, by attribute lookup only."""
+    parts = path.split(".")
+    if parts[0] not in _ROOTS or any(not p.isidentifier() for p in parts):
+        raise ValueError(f"{path!r} is not a name inside torch or tensorgraph")
+    obj: Any = importlib.import_module(parts[0])
+    for depth, part in enumerate(parts[1:], start=1):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            if depth == 1 and parts[0] == "tensorgraph":  # a tensorgraph module not imported yet
+                obj = importlib.import_module(".".join(parts[:2]))
+            else:
+                raise
+    return obj
+
+
+class Uncallable:
+    """A torch callable outside tensorgraph's op table: named as the original for printing, never called.
+
+    A graph file chooses which callables a loaded graph holds; only those of the op table
+    (the ops tensorgraph has rules for, or knows as constants) are the real thing.
+    """
+
+    def __init__(self, path: str, original: Any) -> None:
+        self.path = path
+        self.__name__ = getattr(original, "__name__", path.rsplit(".", 1)[-1])
+        self.__qualname__ = getattr(original, "__qualname__", self.__name__)
+        self.__module__ = getattr(original, "__module__", None)  # type: ignore[assignment]
+        for attr in ("__objclass__", "__self__"):
+            if hasattr(original, attr):
+                setattr(self, attr, getattr(original, attr))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"tensorgraph: a loaded graph does not call {self.path} (it is not in "
+                                  f"tensorgraph's op table)")
+
+    def __repr__(self) -> str:
+        return f"<{self.path}, not callable in a loaded graph>"
+
+
+def _callable(path: str) -> Any:
+    from .ops import lookup
+
+    original = resolve(path)
+    return original if lookup(original) is not None else Uncallable(path, original)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_graph(path: str | os.PathLike) -> Graph:
+    """Read a graph written by ``graph.save`` (JSON or GraphML, by suffix).
+
+    A malformed file raises ``ValueError`` naming the file and what is wrong.
+    """
+    path = Path(path)
+    fmt = _format_of(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        if fmt == "json":
+            raw = nx.node_link_graph(json.loads(text), directed=True, multigraph=True, edges="edges")
+        else:
+            raw = nx.parse_graphml(text, node_type=int, force_multigraph=True)
+    except (nx.NetworkXError, KeyError, TypeError, ValueError, SyntaxError) as err:  # XML's ParseError: SyntaxError
+        kind = "node-link JSON" if fmt == "json" else "GraphML"
+        raise ValueError(f"{path}: not a readable {kind} graph file ({type(err).__name__}: {err})") from None
+    return _build(path, raw, fmt)
+
+
+def _build(path: Path, raw: nx.MultiDiGraph, fmt: str) -> Graph:
+    if raw.graph.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a tensorgraph graph (no 'format': {FORMAT!r} in its graph attributes)")
+    if raw.graph.get("version") != VERSION:
+        raise ValueError(f"{path}: graph format version {raw.graph.get('version')!r}; this tensorgraph reads "
+                         f"version {VERSION}")
+    count = raw.number_of_nodes()
+    if sorted(raw.nodes) != list(range(count)):
+        raise ValueError(f"{path}: node ids must be 0..{count - 1} in creation order")
+    with_values = bool(raw.graph.get("values"))
+    graph = Graph()
+    graph.anomaly = bool(raw.graph.get("anomaly", False))
+    for node in range(count):
+        attrs = raw.nodes[node]
+        record = attrs if fmt == "json" else _unflatten(path, node, attrs)
+        graph._nodes.append(_node_data(path, node, record, with_values))
+    _check_edges(path, graph, raw)
+    for node, data in enumerate(graph._nodes):
+        if data["result"] is not None:
+            data["result"] = tuple(graph._nodes[k]["value"] for k in data["result"])
+        graph._live[id(data["value"])] = (node, data["value"]._version, data["value"])
+    graph._names = {data["name"]: node for node, data in enumerate(graph._nodes)}
+    if len(graph._names) != count:
+        raise ValueError(f"{path}: node names are not unique")
+    graph.loaded_from = str(path)
+    return graph
+
+
+def _unflatten(path: Path, node: int, attrs: dict[str, Any]) -> dict[str, Any]:
+    record = dict(attrs)
+    for key in _STRUCTURED:
+        if key in record:
+            try:
+                record[key] = json.loads(record[key])
+            except (TypeError, json.JSONDecodeError):
+                raise ValueError(f"{path}: node {node}: attribute {key!r} is not valid JSON") from None
+        else:
+            record[key] = None
+    return record
+
+
+def _node_data(path: Path, node: int, record: dict[str, Any], with_values: bool) -> dict[str, Any]:
+    where = f"{path}: node {node}"
+    missing = [key for key in _REQUIRED if record.get(key) is None]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)}")
+    shape, inputs = record["shape"], record["inputs"]
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise ValueError(f"{where}: shape must be a list of sizes, got {shape!r}")
+    if not isinstance(inputs, list) or not all(isinstance(i, int) and 0 <= i < node for i in inputs):
+        raise ValueError(f"{where}: inputs must be ids of earlier nodes, got {inputs!r}")
+    if record["kind"] not in ("leaf", "op", "constant"):
+        raise ValueError(f"{where}: unknown kind {record['kind']!r}")
+    dtype = getattr(torch, str(record["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{where}: unknown dtype {record['dtype']!r}")
+    value = _value(where, record.get("value"), shape, dtype, with_values)
+    unsupported = record.get("unsupported")
+    func = None
+    if record.get("func"):
+        try:
+            func = _callable(str(record["func"]))
+        except (ValueError, AttributeError, ImportError):
+            unsupported = unsupported or f"its torch callable {record['func']!r} does not exist in this torch"
+    try:
+        args, kwargs = decode(record.get("args") or {"$tuple": []}), decode(record.get("kwargs") or {"$dict": {}})
+        bargs, bkwargs = decode(record.get("bargs") or {"$tuple": []}), decode(record.get("bkwargs") or {"$dict": {}})
+        attrs = decode(record.get("attrs") or {"$dict": {}})
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{where}: malformed call arguments ({err})") from None
+    if record["kind"] == "op" and not with_values:
+        unsupported = "the graph was loaded without values (save it with values=True to differentiate it)"
+    elif record["kind"] == "op" and _has_opaque((bargs, bkwargs)):
+        unsupported = unsupported or "an argument of the call could not be saved"
+    result = record.get("result")
+    if result is not None and (not isinstance(result, list) or not all(isinstance(k, int) for k in result)):
+        raise ValueError(f"{where}: result must list node ids, got {result!r}")
+    return {
+        "name": str(record["name"]), "named": bool(record.get("named", False)), "op": str(record["op"]),
+        "kind": record["kind"], "attrs": attrs, "source": str(record.get("source") or ""),
+        "function": str(record.get("function") or ""), "scope": str(record.get("scope") or ""), "func": func,
+        "args": args, "kwargs": kwargs, "bargs": bargs, "bkwargs": bkwargs,
+        "inplace": bool(record.get("inplace", False)), "previous": record.get("previous"),
+        "output_index": record.get("output_index"), "result": result, "unsupported": unsupported,
+        "version": value._version, "rule": None, "value": value, "inputs": list(inputs), "shape": tuple(shape),
+        "dtype": dtype,
+    }
+
+
+def _value(where: str, data: Any, shape: list[int], dtype: torch.dtype, with_values: bool) -> Tensor:
+    if not with_values:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    if data is None:
+        raise ValueError(f"{where}: the file says it has values, but this node has none")
+    try:
+        value = torch.tensor(data, dtype=dtype) if data != [] else torch.empty(0, dtype=dtype)
+        return value.reshape(shape)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{where}: its value does not fit shape {tuple(shape)} and dtype {dtype} ({err})") from None
+
+
+def _check_edges(path: Path, graph: Graph, raw: nx.MultiDiGraph) -> None:
+    """Edges must agree with each node's inputs (the argument order)."""
+    expected = sorted((source, node, position) for node, data in enumerate(graph._nodes)
+                      for position, source in enumerate(data["inputs"]))
+    found = sorted((u, v, int(k)) for u, v, k in raw.edges(keys=True))
+    if found != expected:
+        raise ValueError(f"{path}: the edges do not match the nodes' inputs ({len(found)} edges, "
+                         f"{len(expected)} inputs)")
+
+
+def decode(value: Any) -> Any:
+    """The inverse of :func:`encode`."""
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) != 1:
+        raise ValueError(f"unknown tagged value {value!r}")
+    (tag, body), = value.items()
+    if tag == "$ref":
+        return Ref(int(body))
+    if tag == "$tuple":
+        return tuple(decode(v) for v in body)
+    if tag == "$dict":
+        return {str(k): decode(v) for k, v in body.items()}
+    if tag == "$size":
+        return torch.Size(body)
+    if tag == "$slice":
+        return slice(*(decode(v) for v in body))
+    if tag == "$range":
+        return range(*body)
+    if tag == "$ellipsis":
+        return Ellipsis
+    if tag == "$float":
+        return float(body)
+    if tag == "$complex":
+        return complex(*body)
+    if tag == "$dtype":
+        dtype = getattr(torch, str(body), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {body!r}")
+        return dtype
+    if tag == "$device":
+        return torch.device(body)
+    if tag == "$opaque":
+        return Opaque(str(body))
+    raise ValueError(f"unknown tag {tag!r}")
+
+
+def _has_opaque(value: Any) -> bool:
+    if isinstance(value, Opaque):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_has_opaque(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_opaque(v) for v in value.values())
+    return False

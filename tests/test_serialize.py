@@ -1,0 +1,283 @@
+"""graph.save / tg.load_graph: JSON and GraphML round trips, values optional, clear errors on bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tensorgraph as tg
+from tensorgraph import serialize
+from tensorgraph.lecture import record_exercise
+
+D = torch.float64
+KEYS = ("name", "named", "op", "kind", "shape", "dtype", "inputs", "attrs", "source", "function", "scope", "inplace",
+        "previous", "output_index", "args", "kwargs", "bargs", "bkwargs")
+
+
+def kitchen_sink():
+    """A program touching what the saved call must carry: slices, ranges, Ellipsis, None, tensors as
+    indices, dtypes, tuples of dims, keyword arguments, several outputs, in-place versions, scopes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, generator=g, dtype=D)
+    w = torch.randn(5, 3, generator=g, dtype=D)
+    idx = torch.tensor([0, 2, 2])
+    with tg.record() as graph:
+        with tg.scope("layer"):
+            h = torch.tanh(x @ w)
+            h += 1.0
+        picked = h[idx][..., None, 1:3:1] * h[range(3), idx].unsqueeze(-1).unsqueeze(-1)
+        top = h.max(dim=1, keepdim=True).values
+        low = h.float().to(torch.float64).sum((0, 1), keepdim=True)
+        y = h.clone()
+        y[0] = 0.5
+        pad = F.pad(y, (1, 0), value=-1.0)
+        loss = picked.sum() + top.mean() + low.squeeze() + pad.std(correction=0)
+    return graph, loss
+
+
+@pytest.fixture(params=[".json", ".graphml"])
+def suffix(request):
+    return request.param
+
+
+def assert_same_structure(a: tg.Graph, b: tg.Graph, values: bool = False) -> None:
+    assert len(a) == len(b) and a.names == b.names
+    for node, (x, y) in enumerate(zip(a._nodes, b._nodes)):
+        for key in KEYS + (("unsupported",) if values else ()):
+            assert _plain(x[key]) == _plain(y[key]), f"node {node} ({x['name']}): {key} {x[key]!r} != {y[key]!r}"
+        assert tuple(y["value"].shape) == x["shape"] and y["value"].dtype == x["dtype"]
+        assert (x["func"] is None) == (y["func"] is None)
+        if x["func"] is not None and not isinstance(y["func"], serialize.Uncallable):
+            assert y["func"] is x["func"] or y["func"] == x["func"], f"node {node}: callable {y['func']!r}"
+    assert sorted(a.nx.edges(keys=True)) == sorted(b.nx.edges(keys=True))
+    assert all(a.nx.edges[e]["position"] == b.nx.edges[e]["position"] for e in a.nx.edges(keys=True))
+
+
+def _plain(value):
+    """Tuples and lists compare alike (JSON has one sequence type in attributes); Refs by node."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return value
+
+
+@pytest.mark.parametrize("program", ["lecture", "kitchen_sink"])
+def test_round_trip_without_values(tmp_path, suffix, program):
+    graph, loss = record_exercise()[:2] if program == "lecture" else kitchen_sink()
+    path = tmp_path / f"graph{suffix}"
+    assert graph.save(path) is None and path.exists()
+    loaded = tg.load_graph(path)
+    assert_same_structure(graph, loaded)
+    assert all(data["value"].is_meta for data in loaded._nodes)
+    assert loaded.node("h")["scope"] == graph.node("h")["scope"]
+    assert loaded.ancestors("loss") == graph.ancestors(graph.name_of(loss))
+    with pytest.raises(NotImplementedError, match=r"loaded without values \(save it with values=True"):
+        loaded.backward("loss")
+
+
+def test_round_trip_with_values_backpropagates_the_same(tmp_path, suffix):
+    graph, loss = kitchen_sink()
+    path = tmp_path / f"graph{suffix}"
+    graph.save(path, values=True)
+    loaded = tg.load_graph(path)
+    assert_same_structure(graph, loaded, values=True)
+    for a, b in zip(graph._nodes, loaded._nodes):
+        assert torch.equal(a["value"], b["value"]), a["name"]
+    ours, theirs = graph.backward(loss), loaded.backward("loss")
+    assert set(ours) == set(theirs)
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    assert loaded.compare("loss").ok
+
+
+def test_lecture_with_values_in_both_formats(tmp_path):
+    graph, loss, _ = record_exercise()
+    expected = graph.backward(loss)
+    for suffix in (".json", ".graphml"):
+        path = tmp_path / f"lecture{suffix}"
+        graph.save(str(path), values=True)
+        grads = tg.load_graph(str(path)).backward("loss")
+        assert all(torch.equal(expected[name], grads[name]) for name in expected)
+
+
+def test_non_finite_values_and_all_dtypes_survive(tmp_path, suffix):
+    values = {
+        "f64": torch.tensor([1.5, float("nan"), float("inf"), -float("inf"), 1e-300], dtype=D),
+        "f32": torch.tensor([0.1, 2.5], dtype=torch.float32),
+        "f16": torch.tensor([0.1, 65504.0], dtype=torch.float16),
+        "bf16": torch.tensor([0.1, 3.0e38], dtype=torch.bfloat16),
+        "ints": torch.tensor([[1, -2], [3, 2**40]]),
+        "flags": torch.tensor([True, False]),
+        "empty": torch.empty(0, 3, dtype=D),
+        "scalar": torch.tensor(2.0, dtype=D),
+    }
+    with tg.record() as graph:
+        outs = [t * 1 if t.dtype != torch.bool else ~t for t in values.values()]
+    assert len(outs) == len(values)
+    path = tmp_path / f"dtypes{suffix}"
+    graph.save(path, values=True)
+    loaded = tg.load_graph(path)
+    for a, b in zip(graph._nodes, loaded._nodes):
+        assert b["value"].dtype == a["value"].dtype and b["value"].shape == a["value"].shape
+        assert torch.equal(a["value"], b["value"]) or torch.allclose(a["value"], b["value"], equal_nan=True)
+
+
+def test_loaded_graph_renders_and_prints_as_the_original(tmp_path, suffix):
+    graph, _ = kitchen_sink()
+    path = tmp_path / f"graph{suffix}"
+    graph.save(path)
+    loaded = tg.load_graph(path)
+    assert loaded.render().source == graph.render().source
+    out = loaded.render(tmp_path / "loaded.dot")
+    assert Path(out).read_text().startswith("digraph")
+    assert isinstance(loaded.nx.nodes[loaded.node_id("top")]["attrs"], dict)
+    assert "loaded_from" in vars(loaded) and loaded.anomaly is False
+
+
+def test_anomaly_flag_round_trips(tmp_path):
+    x = torch.ones(2, dtype=D)
+    with tg.record(anomaly=True) as graph:
+        (x * 2).sum()
+    graph.save(tmp_path / "a.json")
+    assert tg.load_graph(tmp_path / "a.json").anomaly is True
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_suffix(tmp_path):
+    graph, _ = kitchen_sink()
+    with pytest.raises(ValueError, match=r"graph\.pkl: unknown graph file type '\.pkl'; use \.json .* or \.graphml"):
+        graph.save(tmp_path / "graph.pkl")
+    (tmp_path / "graph.txt").write_text("{}")
+    with pytest.raises(ValueError, match=r"graph\.txt: unknown graph file type"):
+        tg.load_graph(tmp_path / "graph.txt")
+
+
+def test_save_inside_the_block_is_refused(tmp_path):
+    x = torch.ones(2)
+    with tg.record() as graph:
+        y = x * 2
+        with pytest.raises(ValueError, match="still being recorded"):
+            graph.save(tmp_path / "g.json")
+    assert y.shape == (2,)
+
+
+def _saved(tmp_path, values=False) -> tuple[Path, dict]:
+    graph, _ = kitchen_sink()
+    path = tmp_path / "g.json"
+    graph.save(path, values=values)
+    return path, json.loads(path.read_text())
+
+
+def _rewrite(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_malformed_json_files_name_the_file_and_the_problem(tmp_path):
+    path, data = _saved(tmp_path)
+    cases = []
+
+    def case(mutate, message):
+        copy = json.loads(json.dumps(data))
+        mutate(copy)
+        cases.append((copy, message))
+
+    case(lambda d: d["graph"].pop("format"), "not a tensorgraph graph")
+    case(lambda d: d["graph"].update(version=99), "graph format version 99; this tensorgraph reads version 1")
+    case(lambda d: d["nodes"][3].pop("op"), "node 3: missing op")
+    case(lambda d: d["nodes"][3].update(dtype="float128"), "node 3: unknown dtype 'float128'")
+    case(lambda d: d["nodes"][3].update(shape=[2, -1]), "node 3: shape must be a list of sizes")
+    case(lambda d: d["nodes"][3].update(inputs=[7]), r"node 3: inputs must be ids of earlier nodes, got \[7\]")
+    case(lambda d: d["nodes"][3].update(kind="tensor"), "node 3: unknown kind 'tensor'")
+    case(lambda d: d["nodes"][3].update(bargs={"$weird": 1}), "node 3: malformed call arguments")
+    case(lambda d: d["nodes"][4].update(name=d["nodes"][3]["name"]), "node names are not unique")
+    case(lambda d: d["edges"].pop(), "the edges do not match the nodes' inputs")
+    case(lambda d: d["nodes"][-1].update(id=100), r"node ids must be 0\.\.")
+    case(lambda d: d.pop("nodes"), "not a readable node-link JSON graph file")
+    for copy, message in cases:
+        with pytest.raises(ValueError, match=rf"g\.json: .*{message}"):
+            tg.load_graph(_rewrite(path, copy))
+    for text, message in [("{not json", "not a readable node-link JSON"), ("", "not a readable node-link JSON"),
+                          (path.read_text()[: len(path.read_text()) // 2], "not a readable")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"g\.json: {message}"):
+            tg.load_graph(path)
+
+
+def test_malformed_values_and_graphml(tmp_path):
+    path, data = _saved(tmp_path, values=True)
+    data["nodes"][2]["value"] = [1.0, 2.0]
+    with pytest.raises(ValueError, match=r"g\.json: node 2: its value does not fit shape"):
+        tg.load_graph(_rewrite(path, data))
+    data["nodes"][2].pop("value")
+    with pytest.raises(ValueError, match=r"node 2: the file says it has values, but this node has none"):
+        tg.load_graph(_rewrite(path, data))
+    broken = tmp_path / "g.graphml"
+    broken.write_text("<graphml><graph><node id='0'>")
+    with pytest.raises(ValueError, match=r"g\.graphml: not a readable GraphML graph file"):
+        tg.load_graph(broken)
+    graph, _ = kitchen_sink()
+    graph.save(broken)
+    broken.write_text(broken.read_text().replace('"[4, 5]"', '"[4, 5"', 1).replace("[4, 5]", "[4, 5", 1))
+    with pytest.raises(ValueError, match=r"g\.graphml: node \d+: attribute 'shape' is not valid JSON"):
+        tg.load_graph(broken)
+
+
+def test_missing_file_is_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        tg.load_graph(tmp_path / "nope.json")
+
+
+def test_a_file_cannot_make_a_loaded_graph_call_arbitrary_code(tmp_path, monkeypatch):
+    """Callables resolve by attribute lookup inside torch/tensorgraph only; outside the op table they never run."""
+    path, data = _saved(tmp_path, values=True)
+    called = []
+    monkeypatch.setattr(torch, "save", lambda *a, **k: called.append(a))
+    op_node = next(i for i, n in enumerate(data["nodes"]) if n["kind"] == "op")
+    data["nodes"][op_node]["func"] = "torch.save"
+    data["nodes"][op_node + 1]["func"] = "os.system"
+    loaded = tg.load_graph(_rewrite(path, data))
+    assert isinstance(loaded._nodes[op_node]["func"], serialize.Uncallable)
+    with pytest.raises(NotImplementedError, match="does not call torch.save"):
+        loaded._nodes[op_node]["func"]("x", "y")
+    assert loaded._nodes[op_node + 1]["func"] is None
+    assert "does not exist" in loaded._nodes[op_node + 1]["unsupported"]
+    with pytest.raises((NotImplementedError, TypeError)):
+        loaded.compare("loss")
+    assert not called
+    with pytest.raises(ValueError, match="not a name inside torch or tensorgraph"):
+        serialize.resolve("builtins.eval")
+
+
+def test_every_table_callable_has_a_name_that_resolves_back():
+    from tensorgraph.ops import FUNCS
+
+    unnamed = [f for f in FUNCS if callable(f) and not isinstance(f, (torch.dtype, type(torch)))
+               and serialize.func_path(f) is None]
+    assert not unnamed, f"callables without a saved name: {unnamed[:5]}"
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    graph, _ = kitchen_sink()
+    path = tmp_path / "g.json"
+    graph.save(path)
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        graph.save(path, values=True)
+    assert path.read_bytes() == before, "a failed save must leave the old file intact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json"], "no temporary file may be left behind"
