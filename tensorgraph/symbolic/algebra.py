@@ -321,12 +321,14 @@ class Space:
         return canonical
 
     def equal(self, a: sp.Expr, b: sp.Expr) -> tuple[bool, sp.Expr]:
-        """Whether two element expressions are identical, and their simplified difference."""
+        """Whether two element expressions are identical, and their simplified difference.
+
+        Both sides are brought to canonical form with the same rules; what is left is
+        combined over a common denominator and cancelled (sums and roots act as symbols).
+        """
         difference = self.canon(sp.sympify(a) - sp.sympify(b))
         if difference != 0:
             difference = sp.cancel(sp.together(difference))
-        if difference != 0:
-            difference = self.canon(sp.simplify(difference))
         return difference == 0, difference
 
 

@@ -503,7 +503,7 @@ def lower_elementwise(self: Lowering, data: dict[str, Any]) -> SNode:
     node = self._op(data, data["name"], op, _unique_operands(tensor_operands), local, axes, recent=recent)
     node.notes.extend(self.notes_for_next)
     for arg, expr in zip(args, exprs):
-        if not isinstance(arg, Ref) and isinstance(arg, float) and not expr.is_Number:
+        if not isinstance(arg, Ref) and isinstance(arg, (int, float)) and not expr.is_Number:
             node.notes.append(f"the constant {arg!r} is {_plain(expr)}")
     return node
 

@@ -1,0 +1,455 @@
+"""tensorgraph.symbolic: closed forms derived from recorded chains, proven, fused, and checked.
+
+Independent truths: sympy proofs against textbook formulas typed in here (n stays a
+symbol), torch autograd and the engine on the atomic chain in float64, and formulas that
+must NOT hold (a different forward must derive a different result).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import pytest
+import sympy as sp
+import torch
+import torch.nn.functional as F
+
+import tensorgraph as tg
+from tensorgraph import symbolic
+from tensorgraph.cli import main
+from tensorgraph.lecture import record_exercise, setup
+from tensorgraph.naming import set_names
+from tensorgraph.symbolic import SymbolicError, fused_rules
+from tensorgraph.symbolic.fusion import STATS, _derive, verify
+
+D = torch.float64
+
+
+@pytest.fixture(scope="module")
+def lecture():
+    graph, loss, ex = record_exercise(setup(dtype=D))
+    return graph, loss, ex
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def record(fn, *inputs, weight=None):
+    """Record ``fn(*inputs)`` (and, with ``weight``, a scalar loss after it); inputs are named after fn's parameters."""
+    with tg.record() as graph:
+        out = fn(*inputs)
+        loss = (out * weight).sum() if weight is not None else out
+    names = {node: data["name"] for node, data in enumerate(graph._nodes)
+             if data["named"] and not data["name"].startswith("inputs")}
+    for name, tensor in zip(inspect.signature(fn).parameters, inputs):
+        names[graph.node_id(tensor)] = name
+    set_names(graph, names)
+    return graph, out, loss
+
+
+def derive(fn, *inputs, wrt=0, tol=1e-9):
+    """Derive d fn / d inputs[wrt]; then fuse the chain and check the fused backward numerically.
+
+    graph.fuse replaces the chain by one node; backward through it must equal the atomic
+    engine and torch autograd (float64) for every input, to ``tol``.
+    """
+    weight = torch.randn(fn(*inputs).shape, dtype=D, generator=_gen(7))
+    graph, out, loss = record(fn, *inputs, weight=weight)
+    d = symbolic.derive(graph, output=out, wrt=inputs[wrt])
+    fused = graph.fuse(output=out, inputs=[inputs[wrt]])
+    assert len(fused) <= len(graph) and any(data["op"] == "fused" for data in fused._nodes)
+    atomic, ours = graph.backward(loss), fused.backward(loss)
+    leaves = [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    reference = iter(torch.autograd.grad((fn(*leaves) * weight).sum(), [t for t in leaves if t.requires_grad]))
+    for tensor in inputs:
+        if tensor.is_floating_point():
+            want = next(reference)
+            assert (ours[tensor] - atomic[tensor]).abs().max() <= tol
+            assert (ours[tensor] - want).abs().max() <= tol * max(1.0, float(want.abs().max()))
+    return d
+
+
+# ---------------------------------------------------------------------- the lecture's two chains
+
+
+def test_cross_entropy_of_the_lecture(lecture):
+    graph, loss, _ = lecture
+    symbolic.clear_cache()
+    start = time.perf_counter()
+    d = symbolic.derive(graph, output=loss, wrt="logits")
+    print(f"\nlecture cross-entropy derived in {time.perf_counter() - start:.2f} s")
+    s = d.symbols
+    n, j, dloss = s["n"], s["j"], s["dloss"]
+    assert isinstance(n, sp.Symbol) and n in d.grad("logits").free_symbols  # n stays symbolic
+    textbook = dloss * (s["probs"] - sp.KroneckerDelta(j, s["Yb"])) / n
+    assert d.prove(textbook)
+    softmax = sp.exp(s["logits"]) / d.sum(sp.exp(s["logits"]), "j")
+    assert d.prove(dloss * (softmax - sp.KroneckerDelta(j, s["Yb"])) / n)
+    assert not d.prove(dloss * (s["probs"] - sp.KroneckerDelta(j, s["Yb"])))  # the 1/n matters
+    assert d.grad("logit_maxes") == 0  # the max-subtraction cancels, identically
+    assert d.expr.has(symbolic.AxisSum) and s["logit_maxes"] not in d.expr.free_symbols
+    assert d.prove(d.expr)
+    assert r"\mathrm{probs}" in d.latex and "\\delta" in d.latex
+    assert ".sum(1, keepdim=True)" in d.source and "def " in d.source
+    assert "identically zero" in d.steps and "$$" in d.steps and "through `logit_maxes`" in d.steps
+
+
+def _lecture_batchnorm(d, correction, gain="bngain"):
+    s = d.symbols
+    n, dy, raw = s["n"], s["d" + d.output], s["bnraw"]
+    return s[gain] * s["bnvar_inv"] / n * (n * dy - d.sum(dy, "i") - correction * raw * d.sum(dy * raw, "i"))
+
+
+def test_batchnorm_of_the_lecture(lecture):
+    graph, _, _ = lecture
+    start = time.perf_counter()
+    d = symbolic.derive(graph, output="hpreact", wrt="hprebn")
+    print(f"\nlecture batchnorm derived in {time.perf_counter() - start:.2f} s")
+    n = d.symbols["n"]
+    assert d.prove(_lecture_batchnorm(d, n / (n - 1)))  # the lecture's formula, Bessel's correction
+    assert not d.prove(_lecture_batchnorm(d, 1))
+    s = d.symbols
+    assert d.prove(d.sum(s["dhpreact"] * s["bnraw"], "i"), wrt="bngain")
+    assert d.prove(d.sum(s["dhpreact"], "i"), wrt="bnbias")
+    assert d.textbook.free_symbols >= {s["bnraw"], s["bnvar_inv"], s["bngain"]}  # the textbook's own tensors
+    assert s["hprebn"] not in d.textbook.free_symbols
+    assert set(d.gradients) == {"hprebn", "bngain", "bnbias"}
+    assert "0.03225806451612903 is 1/(n - 1)" in d.steps and "0.03125 is 1/n" in d.steps
+
+
+def test_lecture_derivations_are_cached(lecture):
+    graph, loss, _ = lecture
+    first = symbolic.derive(graph, output=loss, wrt="logits")
+    hits = STATS["cached"]
+    again, _ = record_exercise(setup(dtype=D, seed=5))[:2]  # same structure, other values
+    second = symbolic.derive(again, output="loss", wrt="logits")
+    assert second is first and STATS["cached"] == hits + 1
+    fused = again.fuse(output="loss", inputs="logits")  # the cached rule is right on the new values
+    want = again.backward("loss")
+    got = fused.backward("loss")
+    assert all((got[name] - want[name]).abs().max() <= 1e-9 for name in got)
+
+
+# ---------------------------------------------------------------------- each forward derives its own form
+
+
+def batchnorm(h, gain, bias, *, biased=False, eps=1e-5, dim=0):
+    """The lecture's batchnorm lines, with the variance, eps and the reduced dimension as options."""
+    n = h.shape[dim]
+    bnmeani = 1 / n * h.sum(dim, keepdim=True)
+    bndiff = h - bnmeani
+    bndiff2 = bndiff**2
+    bnvar = (1 / n if biased else 1 / (n - 1)) * bndiff2.sum(dim, keepdim=True)
+    bnvar_inv = (bnvar + eps) ** -0.5
+    bnraw = bndiff * bnvar_inv
+    hpreact = gain * bnraw + bias
+    return hpreact
+
+
+def _bn_inputs(rows=8, cols=5, dim=0):
+    g = _gen(1)
+    shape = (1, cols) if dim == 0 else (rows, 1)
+    return torch.randn(rows, cols, dtype=D, generator=g), torch.randn(shape, dtype=D, generator=g) + 1, \
+        torch.randn(shape, dtype=D, generator=g)
+
+
+def test_biased_variance_derives_its_own_form():
+    d = derive(lambda h, gain, bias: batchnorm(h, gain, bias, biased=True), *_bn_inputs())
+    assert d.prove(_lecture_batchnorm(d, 1, "gain"))
+    n = d.symbols["n"]
+    assert not d.prove(_lecture_batchnorm(d, n / (n - 1), "gain"))
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.5])
+def test_another_eps_derives_its_own_form(eps):
+    d = derive(lambda h, gain, bias: batchnorm(h, gain, bias, eps=eps), *_bn_inputs())
+    s = d.symbols
+    n, dy = s["n"], s["d" + d.output]
+
+    def form(epsilon):  # the lecture's formula with bnvar_inv written out from bnvar
+        inv = (s["bnvar"] + epsilon) ** sp.Rational(-1, 2)
+        raw = s["bndiff"] * inv
+        return s["gain"] * inv / n * (n * dy - d.sum(dy, "i") - n / (n - 1) * raw * d.sum(dy * raw, "i"))
+
+    assert d.prove(form(sp.nsimplify(eps)))
+    assert not d.prove(form(sp.Rational(1, 100000)))
+    assert sp.nsimplify(eps) in d.grad("h").atoms(sp.Rational)
+
+
+def test_reduction_over_rows_instead_of_columns():
+    inputs = _bn_inputs(dim=1)
+    d = derive(lambda h, gain, bias: batchnorm(h, gain, bias, dim=1), *inputs)
+    s = d.symbols
+    m, dy, raw = s["n_j"], s["d" + d.output], s["bnraw"]
+    rows = s["gain"] * s["bnvar_inv"] / m * (m * dy - d.sum(dy, "j") - m / (m - 1) * raw * d.sum(dy * raw, "j"))
+    assert d.prove(rows)
+    assert not d.prove(rows.xreplace({s["j"]: s["i"], m: s["n"]}))  # the same formula over the other axis
+
+
+def lecture_cross_entropy(logits, Yb, reduction="mean"):
+    n = logits.shape[0]
+    logit_maxes = logits.max(1, keepdim=True).values
+    norm_logits = logits - logit_maxes
+    counts = norm_logits.exp()
+    counts_sum = counts.sum(1, keepdims=True)
+    counts_sum_inv = counts_sum**-1
+    probs = counts * counts_sum_inv
+    logprobs = probs.log()
+    picked = logprobs[range(n), Yb]
+    return -picked.mean() if reduction == "mean" else -picked.sum()
+
+
+def _ce_inputs():
+    return torch.randn(7, 5, dtype=D, generator=_gen(2)) * 3, torch.tensor([0, 4, 1, 1, 3, 2, 0])
+
+
+def test_sum_instead_of_mean_in_the_loss():
+    d = derive(lambda x, y: lecture_cross_entropy(x, y, "sum"), *_ce_inputs())
+    s = d.symbols
+    delta = sp.KroneckerDelta(s["j"], s["y"])
+    assert d.prove(s["dout"] * (s["probs"] - delta))
+    assert not d.prove(s["dout"] * (s["probs"] - delta) / s["n"])
+    assert d.grad("logit_maxes") == 0
+
+
+def test_functional_cross_entropy_is_lowered_to_the_same_chain():
+    for reduction, scale in (("mean", 1), ("sum", 0)):
+        d = derive(lambda x, y, r=reduction: F.cross_entropy(x, y, reduction=r), *_ce_inputs())
+        s = d.symbols
+        x = s["x"]
+        softmax = sp.exp(x) / d.sum(sp.exp(x), "j")
+        form = s["dout"] * (softmax - sp.KroneckerDelta(s["j"], s["y"]))
+        assert d.prove(form / s["n"] if scale else form)
+        assert "log_softmax" in d.source  # saved tensors are recomputed with torch's stable kernel
+
+
+def _x(rows=6, cols=5, seed=3):
+    return torch.randn(rows, cols, dtype=D, generator=_gen(seed))
+
+
+def test_softmax_functional_and_by_hand():
+    def by_hand(x):
+        shifted = x - x.amax(1, keepdim=True)
+        return shifted.exp() / shifted.exp().sum(1, keepdim=True)
+
+    for fn in (lambda x: F.softmax(x, dim=1), by_hand):
+        d = derive(fn, _x())
+        s = d.symbols
+        y, dy = s["out"], s["dout"]
+        assert d.prove(y * (dy - d.sum(dy * y, "j")))
+        assert not d.prove(y * (dy - d.sum(dy * y, "i")))  # summed over the wrong axis
+
+
+def test_log_softmax():
+    d = derive(lambda x: F.log_softmax(x, dim=1), _x())
+    s = d.symbols
+    assert d.prove(s["dout"] - sp.exp(s["out"]) * d.sum(s["dout"], "j"))
+    d = derive(lambda x: F.log_softmax(x, dim=0), _x())
+    s = d.symbols
+    assert d.prove(s["dout"] - sp.exp(s["out"]) * d.sum(s["dout"], "i"))
+
+
+def _layer_norm_form(d, x, w, eps):
+    s, j = d.symbols, "j"
+    m = s["n_j"]
+    mu = d.sum(x, j) / m
+    rstd = (d.sum((x - mu) ** 2, j) / m + eps) ** sp.Rational(-1, 2)
+    xhat, dxhat = (x - mu) * rstd, s["dout"] * w
+    return rstd / m * (m * dxhat - d.sum(dxhat, j) - xhat * d.sum(dxhat * xhat, j))
+
+
+def test_layer_norm_over_the_last_dimension():
+    w, b = torch.randn(5, dtype=D, generator=_gen(4)), torch.randn(5, dtype=D, generator=_gen(5))
+
+    def by_hand(x, w, b, eps=1e-5):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + eps) * w + b
+
+    for fn in (lambda x, w, b: F.layer_norm(x, (5,), w, b), by_hand):
+        d = derive(fn, _x(), w, b)
+        s = d.symbols
+        assert d.prove(_layer_norm_form(d, s["x"], s["w"], sp.Rational(1, 100000)))
+        assert d.prove(d.sum(s["dout"], "i"), wrt="b")
+
+
+def test_rms_norm_and_mse_extras():
+    w = torch.randn(5, dtype=D, generator=_gen(6))
+
+    def rms_norm(x, w, eps=1e-6):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    d = derive(rms_norm, _x(), w)
+    s = d.symbols
+    x, m, dy = s["x"], s["n_j"], s["dout"]
+    rstd = (d.sum(x**2, "j") / m + sp.Rational(1, 10**6)) ** sp.Rational(-1, 2)
+    assert d.prove(rstd * dy * s["w"] - x * rstd**3 / m * d.sum(dy * s["w"] * x, "j"))
+
+    target = _x(seed=9)
+    for fn in (lambda p, t: ((p - t) ** 2).mean(), lambda p, t: F.mse_loss(p, t)):
+        d = derive(fn, _x(), target)
+        s = d.symbols
+        assert d.prove(2 * s["dout"] * (s["p"] - s["t"]) / (s["n"] * s["n_j"]))
+        assert d.prove(-2 * s["dout"] * (s["p"] - s["t"]) / (s["n"] * s["n_j"]), wrt="t")
+
+
+def test_more_reductions_and_elementwise_ops():
+    cases = [
+        lambda x: x.var(0, keepdim=True),
+        lambda x: x.std(1),
+        lambda x: torch.logsumexp(x, 1),
+        lambda x: torch.tanh(x) * torch.sigmoid(x) + x.relu() - x.abs().sqrt(),
+        lambda x: (x.exp() - 1).log1p().sum(1) / x.shape[1],
+        lambda x: x.amax(0) + x.min(1, keepdim=True).values,
+        lambda x: (x * 3.0 - 1).mean(),
+    ]
+    for fn in cases:
+        derive(fn, _x())
+
+
+def test_constants_are_lifted_to_sizes_only_when_unambiguous():
+    d = derive(lambda x: x.sum(0, keepdim=True) / x.shape[0] * 0.5, _x())
+    assert d.symbols["n"] in d.grad("x").free_symbols
+    assert "is n" in d.steps or "is 1/n" in d.steps
+    with tg.record() as graph:  # n = 2: 1.0 could be n - 1 or 1/(n - 1)
+        x = _x(rows=2)
+        y = 1.0 * x.sum(0, keepdim=True)
+    d = symbolic.derive(graph, output=y, wrt=x)
+    assert d.symbols["n"] not in d.grad("x").free_symbols
+
+
+# ---------------------------------------------------------------------- fuse and auto_fuse on the lecture
+
+
+def test_fuse_the_lecture_chains(lecture):
+    graph, loss, _ = lecture
+    before = len(graph)
+    atomic = graph.backward(loss)
+    fused = graph.fuse(output=loss, inputs=["logits"])
+    fused = fused.fuse(output="hpreact", inputs="hprebn")
+    assert len(graph) == before  # the original is untouched
+    assert len(fused) == before - 19
+    ops = {data["name"]: data for data in fused._nodes if data["op"] == "fused"}
+    assert set(ops) == {"loss", "hpreact"} and all(data["rule"] is not None for data in ops.values())
+    assert "probs" not in fused.names and "bnraw" not in fused.names
+    grads = fused.backward(loss)
+    for name in grads:
+        assert (grads[name] - atomic[name]).abs().max() <= 1e-9, name
+    assert {"bngain", "bnbias", "W1", "C"} <= set(grads)
+    report = fused.compare(loss)  # the fused node's forward replays the chain under torch autograd
+    assert report.ok and "hprebn" in {row.name for row in report.rows}
+
+
+def test_auto_fuse_finds_both_chains(lecture):
+    graph, loss, _ = lecture
+    pairs = symbolic.find_fusable(graph, loss)
+    names = {(graph._nodes[o]["name"], graph._nodes[i]["name"]) for o, i in pairs}
+    assert names == {("loss", "matmul_2"), ("h", "matmul_1")}
+    fused = symbolic.auto_fuse(graph, loss)
+    assert sum(data["op"] == "fused" for data in fused._nodes) == 2
+    atomic, grads = graph.backward(loss), fused.backward(loss)
+    assert {"C", "W1", "b1", "bngain", "bnbias", "W2", "b2"} <= set(grads)
+    for name in grads:
+        assert (grads[name] - atomic[name]).abs().max() <= 1e-9, name
+
+
+# ---------------------------------------------------------------------- errors and the safety net
+
+
+def test_unsupported_subgraphs_name_the_node(lecture):
+    graph, loss, _ = lecture
+    with pytest.raises(SymbolicError, match=r"'matmul_2' \(matmul at .*lecture.py:\d+\).*contraction"):
+        symbolic.derive(graph, output=loss, wrt="h")
+    with pytest.raises(SymbolicError, match="one input tensor; got 2"):
+        graph.fuse(output=loss, inputs=["logits", "Yb"])
+    with pytest.raises(SymbolicError, match="does not depend on"):
+        symbolic.derive(graph, output="hprebn", wrt="logits")
+    with tg.record() as g:
+        x = _x()
+        y = (x[1:] * 2).sum()
+    with pytest.raises(SymbolicError, match=r"getitem.*only x\[range\(n\), targets\]"):
+        symbolic.derive(g, output=y, wrt=x)
+    with tg.record() as g:
+        x = _x(5, 5)
+        y = x - x.sum(1)  # keepdim=True forgotten: lines row sums up with columns
+    with pytest.raises(SymbolicError, match="keepdim=True missing"):
+        symbolic.derive(g, output=y, wrt=x)
+
+
+def test_a_tensor_used_outside_the_chain_is_not_fused_away():
+    with tg.record() as g:
+        x = _x()
+        probs = F.softmax(x, 1)
+        picked = (probs * 2).sum()
+        loss = picked + probs[0, 0]  # noqa: F841 - probs is used outside the chain
+    with pytest.raises(SymbolicError, match="'probs'.*also used by"):
+        g.fuse(output=picked, inputs=[x])
+
+
+def test_a_wrong_rule_is_refused(lecture):
+    graph, loss, _ = lecture
+    d, binding = _derive(graph, graph.node_id(loss), graph.node_id("logits"))
+    verify(d, graph, binding)
+    honest = d.backward
+    d.backward = lambda g, *args: tuple(t * 1.001 if t is not None else None for t in honest(g, *args))
+    try:
+        with pytest.raises(SymbolicError, match="disagrees with torch autograd"):
+            verify(d, graph, binding)
+    finally:
+        d.backward = honest
+
+
+# ---------------------------------------------------------------------- the rule table's fused rules
+
+
+def test_functional_cross_entropy_and_batch_norm_use_the_derived_rules():
+    x, y = _ce_inputs()
+    for reduction in ("mean", "sum"):
+        calls = fused_rules.CALLS["cross_entropy"]
+        graph, _, loss = record(lambda x, y, r=reduction: F.cross_entropy(x, y, reduction=r), x, y)
+        ours = graph.backward(loss)[x]
+        assert fused_rules.CALLS["cross_entropy"] == calls + 1
+        ref = x.clone().requires_grad_()
+        F.cross_entropy(ref, y, reduction=reduction).backward()
+        assert (ours - ref.grad).abs().max() <= 1e-12
+    calls = fused_rules.CALLS["cross_entropy"]
+    graph, _, loss = record(lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1), x, y)
+    graph.backward(loss)
+    assert fused_rules.CALLS["cross_entropy"] == calls  # outside its scope: the general rule
+
+    w, b = torch.randn(4, dtype=D, generator=_gen(8)), torch.randn(4, dtype=D, generator=_gen(9))
+    for shape, affine in (((6, 4), True), ((3, 4, 5), True), ((6, 4), False)):
+        h = torch.randn(shape, dtype=D, generator=_gen(10))
+        weight = torch.randn(shape, dtype=D, generator=_gen(11))
+        args = (w, b) if affine else (None, None)
+        calls = fused_rules.CALLS["batch_norm"]
+        graph, _, loss = record(lambda h, args=args, weight=weight: (
+            F.batch_norm(h, None, None, *args, training=True) * weight).sum(), h)
+        grads = graph.backward(loss)
+        assert fused_rules.CALLS["batch_norm"] == calls + 1
+        leaves = [t.clone().requires_grad_() for t in (h, *(args if affine else ()))]
+        out = F.batch_norm(leaves[0], None, None, *(leaves[1:] if affine else (None, None)), training=True)
+        want = torch.autograd.grad((out * weight).sum(), leaves)
+        for tensor, expected in zip((h, w, b), want):
+            assert (grads[tensor] - expected).abs().max() <= 1e-10
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+def test_cli_derive(capsys):
+    assert main(["derive", "cross-entropy"]) == 0
+    out = capsys.readouterr().out
+    assert "proved" in out and "dlogit_maxes = 0" in out and "def d_loss" in out
+    assert main(["derive", "batchnorm", "--biased", "--latex"]) == 0
+    out = capsys.readouterr().out
+    assert r"\mathrm{dhprebn}_{ij}" in out and "n - 1" not in out
+    assert main(["derive", "batchnorm", "--steps"]) == 0
+    assert "### Gradient of `hpreact`" in capsys.readouterr().out
+    assert main(["derive", "cross-entropy", "--biased"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--biased applies to the batchnorm chain only" in err
+    assert main(["derive", "softmax"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
