@@ -292,7 +292,65 @@ def _linear_module(x):
     return layer(x)
 
 
+def _apart(*shape, seed=0, low=0.3):
+    """Random values at least ``low`` away from 0 and from each other's negatives (kinks stay far away)."""
+    x = r(*shape, seed=seed)
+    return x + low * x.sign() + (x == 0) * low
+
+
+# Smooth instances of ops whose other cases sit on ties or kinks, and of every remaining rule:
+# these also run under finite differences (``FD_SETTINGS``: a coarser step where rounding is the point).
+SMOOTH = {
+    "maximum": (lambda a, b: torch.maximum(a, b), [r(4, 5, seed=1), r(4, 5, seed=2) + 0.05]),
+    "minimum_bcast": (lambda a, b: torch.minimum(a, b), [r(4, 5, seed=1), r(5, seed=3) + 0.05]),
+    "max_binary": (lambda a, b: torch.max(a, b) * torch.min(a, b), [r(4, 5, seed=1), r(4, 5, seed=2) + 0.05]),
+    "where": (lambda a, b: torch.where(torch.arange(5) % 2 == 0, a, b), [r(4, 5, seed=1), r(4, 5, seed=2)]),
+    "max_pool2d": (lambda x: F.max_pool2d(x, 2), [distinct(1, 2, 4, 4)]),
+    "l1_loss": (lambda x, t: F.l1_loss(x, t), [r(3, 4, seed=1), r(3, 4, seed=2) + 0.01]),
+    "rsub": (lambda a, b: torch.rsub(a, b, alpha=2), [r(3, 4, seed=1), r(4, seed=2)]),
+    "T": (lambda x: x.T * x.T.exp(), [r(3, 4, seed=1)]),
+    "adjoint": (lambda x: x.adjoint().tanh(), [r(2, 3, 4, seed=1)]),
+    "copy": (lambda x, s: _copied(x, s), [r(3, 4, seed=1), r(4, seed=2)]),
+    "setitem": (lambda x, v: _assigned(x, v), [r(3, 4, seed=1), r(4, seed=2)]),
+    "index_add": (lambda x, s: x.index_add(0, torch.tensor([0, 2, 0]), s, alpha=2.0), [r(3, 4, seed=1),
+                                                                                       r(3, 4, seed=2)]),
+    "scatter": (lambda x, s: x.scatter(1, torch.tensor([[2, 0], [1, 3]]), s), [r(2, 4, seed=1), r(2, 2, seed=2)]),
+    "masked_select": (lambda x: x.masked_select(torch.tensor([True, False, True])), [r(4, 3, seed=1)]),
+    "log10": (lambda x: torch.log10(x), [r(3, 4, seed=1, positive=True)]),
+    "steps": (lambda x: x.trunc() + x.round() + x.ceil() + x.sgn() + x * x, [_apart(3, 4, seed=1) + 0.25]),
+    "clamp_max": (lambda x: x.clamp_max(0.2) + x.clamp(max=torch.tensor(0.4, dtype=D)), [_apart(3, 4, seed=1)]),
+    "vector_norm": (lambda x: torch.linalg.vector_norm(x, dim=1, keepdim=True) * x, [r(3, 4, seed=1)]),
+    "unflatten_ravel": (lambda x: x.unflatten(1, (2, 2)).exp().ravel(), [r(3, 4, seed=1)]),
+    "view_as_reshape_as": (lambda x, t: x.view_as(t).sin() + x.reshape_as(t).cos(), [r(3, 4, seed=1),
+                                                                                      r(2, 6, seed=2)]),
+    "broadcast_to": (lambda x: torch.broadcast_to(x, (3, 2, 4)).tanh(), [r(2, 1, seed=1)]),
+    "amin_min": (lambda x: x.amin(1) + x.min(0).values.sum() + x.min(), [distinct(4, 5, seed=3)]),
+    "casts_float": (lambda x: x.float().double() * x.to(torch.float32).to(D) + x.type(torch.float32).type_as(x),
+                    [r(3, 4, seed=1)]),
+    "casts_half": (lambda x: x.half().double() + x.bfloat16().to(D), [r(3, 4, seed=1)]),
+}
+FD_SETTINGS = {  # name: (eps, rtol, atol): 16-bit and 32-bit rounding make the function a staircase
+    "smooth-casts_float": (1e-3, 1e-3, 1e-4),
+    "smooth-casts_half": (0.25, 6e-2, 6e-2),
+}
+
+
+def _copied(x, s):
+    y = x * 2
+    y.copy_(s)
+    return y * x
+
+
+def _assigned(x, v):
+    y = x * 1.0
+    y[1] = v
+    y[:, 0] = v.sum()
+    return y.exp()
+
+
 def all_cases():
+    for name, (fn, inputs) in SMOOTH.items():
+        yield f"smooth-{name}", fn, inputs
     yield from unary_cases()
     yield from binary_cases()
     for name, fn in REDUCTIONS.items():

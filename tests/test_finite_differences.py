@@ -3,28 +3,30 @@
 import pytest
 import torch
 from helpers import engine_grads, finite_differences
-from op_cases import CASES
+from op_cases import CASES, FD_SETTINGS
 
 # ties and kinks have no derivative for finite differences to measure
 NON_SMOOTH = ("tied-", "max_binary", "maximum", "minimum", "where", "nn-max_pool2d", "nn-l1_loss",
               "float_roundtrip",  # float32 rounding swamps the difference quotient
               "embedding_pad")  # padding_idx's zero gradient is a convention, not the derivative
 FD_CASES = [(name, fn, inputs) for name, fn, inputs in CASES
-            if not name.startswith(NON_SMOOTH) and not any(k in name for k in NON_SMOOTH)
+            if (name.startswith("smooth-") or not any(k in name for k in NON_SMOOTH))
             and sum(x.numel() for x in inputs if isinstance(x, torch.Tensor)) <= 400]
 
 
-@pytest.mark.parametrize("fn, inputs", [pytest.param(fn, inputs, id=name) for name, fn, inputs in FD_CASES])
-def test_rule_matches_finite_differences(fn, inputs):
+@pytest.mark.parametrize("name, fn, inputs", [pytest.param(name, fn, inputs, id=name)
+                                              for name, fn, inputs in FD_CASES])
+def test_rule_matches_finite_differences(name, fn, inputs):
+    eps, rtol, atol = FD_SETTINGS.get(name, (1e-6, 1e-5, 1e-6))
     _, ours = engine_grads(fn, inputs)
-    numeric = finite_differences(fn, inputs)
+    numeric = finite_differences(fn, inputs, eps=eps)
     for i, (a, b) in enumerate(zip(ours, numeric)):
         if b is None:
             continue
         if a is None:
             assert torch.allclose(b, torch.zeros_like(b), atol=1e-6), f"input {i}: engine has no gradient"
             continue
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"input {i}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, i=i: f"input {i}: {m}")
 
 
 def test_fd_covers_every_differentiable_op():
@@ -37,11 +39,11 @@ def test_fd_covers_every_differentiable_op():
         with tg.record() as graph:
             fn(*inputs)
         seen |= {d["op"] for d in graph._nodes}
-    covered_elsewhere = {"maximum", "minimum", "where", "max_pool2d", "l1_loss", "rsub", "T", "adjoint",
-                         "copy", "setitem", "index_add", "scatter", "masked_select", "log10", "trunc", "round",
-                         "ceil", "sgn", "clamp_max", "vector_norm", "unflatten", "ravel", "view_as", "reshape_as",
-                         "broadcast_to", "half", "bfloat16", "type", "type_as", "cpu", "cuda", "to", "float",
-                         "double", "amin", "min"}
+    # the only rules no finite-difference case reaches, and why
+    covered_elsewhere = {
+        "cpu": ".cpu() of a CPU tensor returns the tensor itself: nothing is recorded",
+        "cuda": "needs a CUDA device",
+    }
     rules = {name for name, op in OPS.items() if op.rule is not None}
-    missing = rules - seen - covered_elsewhere
+    missing = rules - seen - set(covered_elsewhere)
     assert not missing, f"ops with a rule but no finite-difference case: {sorted(missing)}"
