@@ -29,10 +29,18 @@ from torch.overrides import TorchFunctionMode
 
 from . import rules  # noqa: F401  (fills the op table)
 from .engine import LeafStamps
-from .graph import Graph, Ref
-from .ops import Op, UnsupportedCall, func_name, lookup
+from .graph import _NODE_DEFAULTS, Graph, Ref
+from .ops import FUNCS, Op, UnsupportedCall, func_name, lookup
 
-_state = threading.local()  # .busy: a recorder of this thread is doing its own bookkeeping
+
+class _State(threading.local):
+    """Per-thread recorder state. Class-level defaults: a missing attribute would make every getattr raise."""
+
+    busy = False  # a recorder of this thread is doing its own bookkeeping
+    scope: tuple[str, ...] = ()  # the tg.scope() names around the current op
+
+
+_state = _State()
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _PACKAGE_DIR = os.path.dirname(__file__)
 _USER_SUBPACKAGES = (os.path.join(_PACKAGE_DIR, "makemore"), os.path.join(_PACKAGE_DIR, "lecture.py"))
@@ -94,48 +102,61 @@ class _Recorder(TorchFunctionMode):
     # ---------------------------------------------------------------- interception
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # NOTE: this runs for every torch call in the block; its common path (an out-of-place op returning
+        # one new tensor) is kept free of helper calls, generators and temporary objects
         if kwargs is None:
             kwargs = {}
-        if getattr(_state, "busy", False):
+        state = _state
+        if getattr(state, "busy", False):
             return func(*args, **kwargs)
-        entry = lookup(func)
+        entry = FUNCS.get(func)
+        if entry is None:
+            entry = lookup(func)
         if self.grad_at_entry and not torch.is_grad_enabled():
             return self._no_grad_call(func, entry, args, kwargs)
         if func in _DROPOUT:
             return self._dropout(*args, **kwargs)
-        if (entry is not None and entry[2]) or kwargs.get("inplace") is True:
+        if entry is not None:
+            if entry[2]:
+                return self._inplace_call(func, entry, args, kwargs)
+            if entry[0].mutates:
+                return self._mutating_call(func, entry, args, kwargs)
+        if kwargs and kwargs.get("inplace") is True:
             return self._inplace_call(func, entry, args, kwargs)
-        if entry is not None and entry[0].mutates:
-            return self._mutating_call(func, entry, args, kwargs)
         result = func(*args, **kwargs)
         if isinstance(result, Tensor):
-            if any(a is result for a in args) or (kwargs and any(v is result for v in kwargs.values())):
-                self._check_alias(func, args, kwargs, result)
-                return result  # an alias of an input (contiguous(), .to(same dtype)): not a new value
-            outputs = [result]
-        elif isinstance(result, (tuple, list)) and any(isinstance(r, Tensor) for r in result) and all(
+            for a in args:
+                if a is result:
+                    break
+            else:
+                if not kwargs or all(v is not result for v in kwargs.values()):
+                    outputs = [result]
+                    state.busy = True
+                    try:
+                        self._add_op(func, entry, self._refs_of_call(args, kwargs), outputs, result, self._source(),
+                                     previous=None)
+                    finally:
+                        state.busy = False
+                    return result
+            self._check_alias(func, args, kwargs, result)
+            return result  # an alias of an input (contiguous(), .to(same dtype)): not a new value
+        if isinstance(result, (tuple, list)) and any(isinstance(r, Tensor) for r in result) and all(
                 isinstance(r, Tensor) or r is None for r in result):  # (grad_x, grad_w, None) from a backward op
-            outputs = list(result)
-        else:
-            return result
-        with _Bookkeeping():
-            source = self._source()
-            inputs: list[int] = []
-            call = self._refs_of_call(args, kwargs, inputs)
-            self._add_op(func, entry, call, inputs, outputs, result, source, previous=None)
+            with _Bookkeeping():
+                self._add_op(func, entry, self._refs_of_call(args, kwargs), list(result), result, self._source(),
+                             previous=None)
         return result
 
     def _mutating_call(self, func, entry, args, kwargs):
         """Ops that update some inputs as a side effect (batch_norm's running statistics)."""
         with _Bookkeeping():
             source = self._source()
-            inputs: list[int] = []
-            call = self._refs_of_call(args, kwargs, inputs)
+            call = self._refs_of_call(args, kwargs)
             op = entry[0]
             watched = [(a, a._version) for i, a in enumerate(args) if i in op.mutates and isinstance(a, Tensor)]
         result = func(*args, **kwargs)
         with _Bookkeeping():
-            self._add_op(func, entry, call, inputs, [result], result, source, previous=None)
+            self._add_op(func, entry, call, [result], result, source, previous=None)
             for tensor, before in watched:
                 if tensor._version != before:
                     self._add_constant_version(tensor, op.name, source, self.graph._live[id(tensor)][0])
@@ -146,10 +167,9 @@ class _Recorder(TorchFunctionMode):
         target = args[0]
         with _Bookkeeping():
             source = self._source()
-            inputs: list[int] = []
             setitem = entry is not None and entry[0].name == "setitem"
-            call = self._refs_of_call(args, kwargs, inputs, allow_view_write=setitem)
-            previous = inputs[0]
+            call = self._refs_of_call(args, kwargs, allow_view_write=setitem)
+            previous = call[2][0]
             self._snapshot(target)
             base = target._base if target._base is not None else self.data_of.get(id(target), target)
             if base._base is not None:
@@ -160,7 +180,7 @@ class _Recorder(TorchFunctionMode):
                     self.view_written[id(alias)] = source
         func(*args, **kwargs)
         with _Bookkeeping():
-            self._add_op(func, entry, call, inputs, [target], target, source, previous=previous)
+            self._add_op(func, entry, call, [target], target, source, previous=previous)
         return target
 
     def _dropout(self, input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
@@ -189,7 +209,13 @@ class _Recorder(TorchFunctionMode):
 
     def _source(self) -> tuple[str, int, str]:
         frame = sys._getframe(1)
-        while frame is not None and _is_internal(frame.f_code):
+        known = _internal_code.get
+        while frame is not None:
+            internal = known(frame.f_code)
+            if internal is None:
+                internal = _is_internal(frame.f_code)
+            if not internal:
+                break
             frame = frame.f_back
         if frame is None:
             return ("<unknown>", 0, "")
@@ -240,44 +266,64 @@ class _Recorder(TorchFunctionMode):
             return type(value)(self._refs(v, inputs) for v in value)
         return value
 
-    def _refs_of_call(self, args, kwargs, inputs, allow_view_write=False) -> tuple[tuple, dict]:
-        call_args = tuple(self._refs(a, inputs, allow_view_write) for a in args)
+    def _refs_of_call(self, args, kwargs, allow_view_write=False) -> tuple[tuple, dict, list[int]]:
+        """The call with tensors replaced by Refs, and the input nodes in argument order."""
+        inputs: list[int] = []
+        live = self.graph._live
+        written = self.view_written
+        refs = []
+        for a in args:
+            if isinstance(a, Tensor):
+                known = live.get(id(a))
+                if known is not None and a._version == known[1] and id(a) not in written:
+                    node = known[0]  # the common case of _node_of: a tensor recorded and unchanged since
+                else:
+                    node = self._node_of(a, allow_view_write=allow_view_write)
+                inputs.append(node)
+                refs.append(Ref(node))
+            elif isinstance(a, (tuple, list)):
+                refs.append(self._refs(a, inputs, allow_view_write))
+            else:
+                refs.append(a)
         call_kwargs = {k: self._refs(v, inputs) for k, v in kwargs.items()} if kwargs else {}
-        return call_args, call_kwargs
+        return tuple(refs), call_kwargs, inputs
 
-    def _add_op(self, func, entry, call, inputs, outputs, result, source, previous) -> None:
+    def _add_op(self, func, entry, call, outputs, result, source, previous) -> None:
         graph = self.graph
-        call_args, call_kwargs = call
+        call_args, call_kwargs, inputs = call
         op: Op | None = entry[0] if entry else None
         name = op.name if op is not None else func_name(func)
         kind = "constant" if op is not None and op.constant else "op"
         bound_args, bound_kwargs, attrs, unsupported = call_args, call_kwargs, {}, None
-        if kind == "op" and op is not None and any(o.is_floating_point() for o in outputs if o is not None):
+        floating = outputs[0].dtype.is_floating_point if len(outputs) == 1 else any(
+            o is not None and o.dtype.is_floating_point for o in outputs)
+        if kind == "op" and op is not None and floating:
             swapped = call_args[1::-1] + call_args[2:] if entry[1] else call_args
             try:
                 bound_args, bound_kwargs = op.bind(swapped, call_kwargs)
-                attrs = {k: v for k, v in op.attrs(bound_args, bound_kwargs).items() if not isinstance(v, Ref)}
+                attrs = _attrs(op, bound_args, bound_kwargs)
             except UnsupportedCall as err:
                 unsupported = str(err)
-        if kind == "op" and outputs[0].is_complex():
+        if kind == "op" and outputs[0].dtype.is_complex:
             unsupported = f"{name} produced a complex tensor; tensorgraph's rules are for real tensors"
         multi = not isinstance(result, Tensor)
-        stack = _scope_stack()
+        stack = getattr(_state, "scope", ())
+        nodes, live = graph._nodes, graph._live
         for index, out in enumerate(outputs):
             if out is None:
                 continue
-            node = graph._add_node(
-                op=name, kind=kind, value=out, version=out._version, func=func, args=call_args,
-                kwargs=call_kwargs, bargs=bound_args, bkwargs=bound_kwargs, attrs=attrs, source=source,
-                scope=stack, inplace=previous is not None, previous=previous,
-                output_index=index if multi else None, result=tuple(outputs) if multi else None,
-                inputs=inputs, unsupported=unsupported)
-            graph._live[id(out)] = (node, out._version, out)
+            node = len(nodes)
+            version = out._version
+            data = _op_node(name, kind, out, version, func, call_args, call_kwargs, bound_args, bound_kwargs, attrs,
+                            source, stack, previous, index if multi else None, tuple(outputs) if multi else None,
+                            list(inputs) if multi else inputs, unsupported)
+            nodes.append(data if _OP_NODE_COMPLETE else {**_NODE_DEFAULTS, **data})
+            live[id(out)] = (node, version, out)
             if out._base is not None:
                 self.views.setdefault(id(out._base), []).append(out)
             elif name == "detach" and inputs and op is not None:  # x.data, x.detach(): x's memory, not a view
-                source = graph._nodes[inputs[0]]["value"]
-                base = source._base if source._base is not None else source
+                origin = nodes[inputs[0]]["value"]
+                base = origin._base if origin._base is not None else origin
                 self.data_of[id(out)] = base
                 self.views.setdefault(id(base), []).append(out)
             if self.anomaly and out.is_floating_point() and not torch.isfinite(out).all():
@@ -324,6 +370,38 @@ class _Recorder(TorchFunctionMode):
         if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
             return type(value)(self._refs_unchecked(v, inputs) for v in value)
         return value
+
+
+def _attrs(op: Op, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``op.attrs(args, kwargs)`` without the tensor arguments (Refs), in one pass: the recorder's hot path."""
+    params = op.params
+    attrs = {}
+    for position in range(1, min(len(params), len(args))):
+        value = args[position]
+        if not isinstance(value, Ref):
+            attrs[params[position]] = value
+    if kwargs:
+        for key, value in kwargs.items():
+            if not isinstance(value, Ref):
+                attrs[key] = value
+    if op.varargs and len(args) > len(params):
+        attrs["args"] = args[max(1, len(params)):]
+    return attrs
+
+
+def _op_node(name, kind, out, version, func, args, kwargs, bargs, bkwargs, attrs, source, scope, previous,
+             output_index, result, inputs, unsupported) -> dict[str, Any]:
+    """A recorded op's attribute dict (Graph._add_node's, with every key written out: one allocation)."""
+    return {"name": None, "named": False, "op": name, "kind": kind, "attrs": attrs, "source": source,
+            "scope": scope, "func": func, "args": args, "kwargs": kwargs, "bargs": bargs, "bkwargs": bkwargs,
+            "inplace": previous is not None, "previous": previous, "output_index": output_index, "result": result,
+            "unsupported": unsupported, "version": version, "rule": None, "value": out, "inputs": inputs,
+            "shape": tuple(out.shape), "dtype": out.dtype}
+
+
+# _op_node writes every key of graph._NODE_DEFAULTS; should a key be added there, it is merged in instead
+_OP_NODE_COMPLETE = set(_NODE_DEFAULTS) <= set(
+    _op_node("", "", torch.zeros(()), 0, None, (), {}, (), {}, {}, None, (), None, None, None, [], None))
 
 
 def _where(source: tuple | None) -> str:
