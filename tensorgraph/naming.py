@@ -23,12 +23,14 @@ _MAX_ITEMS = 256
 _SKIP_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)
 # values that hold no tensor: skipped without a call (a list of 256 logged losses cost ~80 us to walk)
 _ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
+# variables skipped by their exact type before any other check: a notebook's namespace is mostly these
+_SKIP_FAST = _ATOMS | {types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type}
 
 
 class _Namer:
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, *, lookup: bool = True) -> None:
         self.graph = graph
-        self.latest = {id(t): node for node, _version, t in graph._live.values()}
+        self.latest = {id(t): node for node, _version, t in graph._live.values()} if lookup else {}
         self.named: dict[int, str] = {}
         self.used: set[str] = set()
         self.seen: set[int] = set()
@@ -85,14 +87,17 @@ def assign_names(graph: Graph, caller: types.FrameType, frames: list[types.Frame
     scopes = [caller.f_locals]
     if caller.f_globals is not caller.f_locals:
         scopes.append(caller.f_globals)
+    objects = []  # variables that may hold tensors in attributes or items, walked after the plain tensors
     for variables in scopes:
         for name, value in list(variables.items()):
+            if type(value) in _SKIP_FAST:
+                continue
             if isinstance(value, Tensor):
                 namer.offer(name, value)
-    for variables in scopes:
-        for name, value in list(variables.items()):
-            if not isinstance(value, Tensor) and not name.startswith("_"):
-                namer.walk(name, value, depth=3)
+            elif not name.startswith("_"):
+                objects.append((name, value))
+    for name, value in objects:
+        namer.walk(name, value, depth=3)
     for frame in frames:
         if frame is caller:
             continue
@@ -104,7 +109,7 @@ def assign_names(graph: Graph, caller: types.FrameType, frames: list[types.Frame
 
 def set_names(graph: Graph, named: dict[int, str]) -> None:
     """Name the given nodes, their earlier in-place versions, and the rest after their ops."""
-    namer = _Namer(graph)
+    namer = _Namer(graph, lookup=False)
     namer.named = dict(named)
     namer.used = set(named.values())
     nodes = graph._nodes
