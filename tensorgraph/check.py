@@ -119,9 +119,13 @@ class CheckReport:
 
     def __str__(self) -> str:
         lines = [self.summary(), f"   {'gradient':15s} | {'kind':15s} | {'maxdiff':10s} | diagnosis"]
-        for row in self.rows:
+        missing = [row for row in self.rows if row.kind == "missing"]
+        given = [row for row in self.rows if row.kind != "missing"]
+        for row in given if len(missing) > len(given) else self.rows:
             marker = ">> " if row.name == self.first_error else "   "
             lines.append(marker + str(row))
+        if missing and len(missing) > len(given):  # a partial check: list what was not given on one line
+            lines.append("   not given: " + ", ".join("d" + row.name for row in missing))
         return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:

@@ -239,8 +239,9 @@ class _Generator:
             else:
                 text = f"{identifier(data['name'])} = " + printer.expression(self.graph, consumer,
                                                                              self._forward_expr_name)
-        except ValueError:
-            text = f"{data['name']} = {data['op']}(...)"
+        except ValueError:  # a call with no source form (a fused node's replay): name its inputs
+            inputs = ", ".join(identifier(self.fwd[i]["name"]) for i in dict.fromkeys(data["inputs"]))
+            text = f"{identifier(data['name'])} = {data['op']}({inputs})"
         self.lines.append(Line(f"# {text}"))
 
     # ---------------------------------------------------------------- expressions
