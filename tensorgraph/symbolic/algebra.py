@@ -135,6 +135,22 @@ class Sigmoid(sp.Function):
         return rf"{text}^{{{exp}}}" if exp is not None else text
 
 
+class Softplus(sp.Function):
+    """``log(1 + exp(x))``, kept whole: its derivative is :class:`Sigmoid` (no overflow for large x)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return Sigmoid(self.args[0])
+
+    def _eval_is_positive(self):
+        return True if self.args[0].is_real else None
+
+    def _latex(self, printer, exp=None) -> str:
+        text = rf"\operatorname{{softplus}}\left({printer._print(self.args[0])}\right)"
+        return rf"{text}^{{{exp}}}" if exp is not None else text
+
+
 class Step(sp.Function):
     """``1 if x > 0 else 0``; its derivative is taken as 0 (as torch does)."""
 

@@ -26,7 +26,7 @@ import sympy as sp
 import torch
 
 from ..graph import Ref, identifier
-from .algebra import Axis, AxisMax, AxisSum, Relu, Sigmoid, Space
+from .algebra import Axis, AxisMax, AxisSum, Relu, Sigmoid, Softplus, Space
 
 if TYPE_CHECKING:
     from ..graph import Graph
@@ -204,8 +204,9 @@ class Lowering:
             return (f"{where(data)} is a contraction ({op}); the symbolic layer handles elementwise ops and "
                     f"reductions along dimensions (choose a chain that starts after it)")
         return (f"{where(data)}: the op {op!r} has no symbolic form (supported: elementwise ops, sum, mean, var, "
-                f"std, max, amax, logsumexp, softmax, log_softmax, x[range(n), targets], cross_entropy, "
-                f"nll_loss, mse_loss, layer_norm, batch_norm in training)")
+                f"std, max, amax, logsumexp, softmax, log_softmax, x[range(n), targets], gather, cross_entropy, "
+                f"nll_loss, mse_loss, l1_loss, binary_cross_entropy_with_logits, layer_norm, batch_norm in "
+                f"training)")
 
     # ------------------------------------------------------------------ node creation
 
@@ -642,6 +643,26 @@ def lower_getitem(self: Lowering, data: dict[str, Any]) -> SNode:
     return _pick(self, data, data["name"], operand, targets.node, row_axis, class_axis)
 
 
+def lower_gather(self: Lowering, data: dict[str, Any]) -> SNode:
+    """``x.gather(1, targets.unsqueeze(1))`` on a 2-D tensor: the same one-hot pick, keeping the dimension."""
+    params = _params(data, ("x", "dim", "index"))
+    operand = self._operand(params["x"])
+    index = params["index"]
+    if len(operand.shape) != 2 or not isinstance(index, Ref) or params["dim"] % 2 != 1:
+        raise SymbolicError(f"{where(data)}: only x.gather(1, targets[:, None]) on a 2-D x has a symbolic form here")
+    index_data = self.nodes_data[index.node]
+    if index_data["dtype"].is_floating_point or tuple(index_data["shape"]) != (operand.shape[0], 1):
+        raise SymbolicError(f"{where(data)}: the index must be an integer tensor of shape ({operand.shape[0]}, 1)")
+    row_axis, class_axis = operand.axes
+    if row_axis is None or class_axis is None:
+        raise SymbolicError(f"{where(data)}: picking from a tensor with a size-1 dimension has no symbolic form")
+    target = self._param(index.node)
+    self._settle_param(target, (row_axis, None))
+    local = AxisSum(sp.KroneckerDelta(class_axis, target.sym) * operand.sym, class_axis)
+    return self._op(data, data["name"], "pick", [operand, target], local, (row_axis, None),
+                    recent=frozenset([row_axis]))
+
+
 def _pick(self: Lowering, data: dict[str, Any], name: str, operand: SNode, targets: int, row_axis: Any,
           class_axis: Any, shape: tuple | None = None) -> SNode:
     target = self._param(targets)
@@ -732,9 +753,14 @@ def _nll(self: Lowering, data: dict[str, Any], params: dict[str, Any], log_softm
 
 
 def lower_mse_loss(self: Lowering, data: dict[str, Any]) -> SNode:
-    params = _params(data, ("x", "target", "size_average", "reduce", "reduction", "weight"))
-    if params.get("weight") is not None:
-        raise SymbolicError(f"{where(data)}: a weighted mse_loss has no symbolic form here")
+    """mse_loss, l1_loss and binary_cross_entropy_with_logits: an elementwise loss, then its mean or sum."""
+    names = {"mse_loss": ("x", "target", "size_average", "reduce", "reduction", "weight"),
+             "l1_loss": ("x", "target", "size_average", "reduce", "reduction"),
+             "binary_cross_entropy_with_logits": ("x", "target", "weight", "size_average", "reduce", "reduction",
+                                                  "pos_weight")}[data["op"]]
+    params = _params(data, names)
+    if params.get("weight") is not None or params.get("pos_weight") is not None:
+        raise SymbolicError(f"{where(data)}: a weighted {data['op']} has no symbolic form here")
     x, target = params["x"], params["target"]
     operands = [self._operand(x), self._operand(target)]
     shapes = [tuple(self.nodes_data[a.node]["shape"]) if isinstance(a, Ref) else () for a in (x, target)]
@@ -743,9 +769,15 @@ def lower_mse_loss(self: Lowering, data: dict[str, Any]) -> SNode:
              for o, a in zip(operands, (x, target))]
     name = data["name"]
     shape = _shape(self, axes)
-    diff = self._op(data, f"{name}_diff", "sub", _unique_operands([o for o in operands if o]), exprs[0] - exprs[1],
-                    axes, shape=shape)
-    square = self._op(data, f"{name}_sq", "pow", [diff], diff.sym**2, axes, shape=shape)
+    tensors = _unique_operands([o for o in operands if o])
+    if data["op"] == "binary_cross_entropy_with_logits":  # log(1 + e^x) - t*x: stable, as torch computes it
+        square = self._op(data, f"{name}_each", "bce", tensors, Softplus(exprs[0]) - exprs[1] * exprs[0], axes,
+                          shape=shape)
+    else:
+        diff = self._op(data, f"{name}_diff", "sub", tensors, exprs[0] - exprs[1], axes, shape=shape)
+        square = self._op(data, f"{name}_sq", "pow", [diff], diff.sym**2, axes, shape=shape) \
+            if data["op"] == "mse_loss" else self._op(data, f"{name}_abs", "abs", [diff], sp.Abs(diff.sym), axes,
+                                                      shape=shape)
     reduction = _reduction_arg(params)
     real = [a for a in axes if a is not None]
     if reduction == "none":
@@ -841,6 +873,9 @@ LOWERINGS: dict[str, Callable[[Lowering, dict[str, Any]], SNode]] = {
     "cross_entropy": lower_cross_entropy,
     "nll_loss": lower_nll_loss,
     "mse_loss": lower_mse_loss,
+    "l1_loss": lower_mse_loss,
+    "binary_cross_entropy_with_logits": lower_mse_loss,
+    "gather": lower_gather,
     "layer_norm": lower_layer_norm,
     "batch_norm": lower_batch_norm,
     "logsumexp": lower_logsumexp,

@@ -199,7 +199,31 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
                  chosen + [rewrite])
 
     walk(expr, 0, [])
-    return best[1], best[2]
+    return reuse_saved(best[1], best[2], chain, space), best[2]
+
+
+def _apply(expr: sp.Expr, rewrites: list[Rewrite]) -> sp.Expr:
+    for rewrite in rewrites:
+        protect = {atom: sp.Dummy("p") for atom in rewrite.protect if expr.has(atom)}
+        expr = expr.xreplace(protect).xreplace({rewrite.primitive: rewrite.inverse})
+        expr = expr.xreplace({d: a for a, d in protect.items()})
+    return expr
+
+
+def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Space) -> sp.Expr:
+    """Replace each function application (exp, log, roots, tanh ...) that is exactly a saved tensor's value
+    by that tensor: the code then reads the value the forward computed stably (``log_softmax``) instead of
+    recomputing an expression that can overflow (``log(1 - p)``)."""
+    for node in reversed(chain.ops):
+        if node.reduction or node is chain.input:
+            continue
+        value = space.canon(_apply(node.value, rewrites))
+        if value == node.sym or not (isinstance(value, sp.Function) or
+                                     (isinstance(value, sp.Pow) and not value.exp.is_Integer)):
+            continue
+        if expr.has(value):
+            expr = space.canon(expr.xreplace({value: node.sym}))
+    return expr
 
 
 def nested(expr: sp.Expr, chain: Chain) -> sp.Expr:
@@ -225,7 +249,8 @@ def explicit(expr: sp.Expr, chain: Chain, space: Space) -> sp.Expr:
 def display(expr: sp.Expr, space: Space) -> sp.Expr:
     """A readable arrangement: exponentials combined (``exp(x - m)``, which cannot overflow where
     ``exp(x)*exp(-m)`` can), common factors pulled out, ``1/n`` in front when every term has it."""
-    arranged = sp.factor_terms(sp.powsimp(expr, combine="exp"))
+    combined = sp.powsimp(expr, combine="exp")
+    arranged = min((sp.factor_terms(combined), sp.factor_terms(sp.cancel(combined))), key=sp.count_ops)
     coeff, rest = arranged.as_independent(sp.Add) if isinstance(arranged, sp.Mul) else (sp.S.One, arranged)
     if isinstance(rest, sp.Add):
         for axis in space.axes:
@@ -301,8 +326,9 @@ class CodeWriter:
             body.append(f"{out_grad} = {out_grad}.reshape{self.layout(chain.output.axes)}")
         tensors = {n.sym for n in chain.nodes} | {n.gsym for n in chain.nodes} | set(self.backprop.special)
         printer = TorchPrinter(self.names, self.dims, tensors)
+        body += self._specials(printer, targets=True)
         body += self._recompute(printer)
-        body += self._specials(printer)
+        body += self._specials(printer, targets=False)
         results = []
         dtype = f"{out_grad}.dtype"
         for node in inputs:
@@ -384,8 +410,9 @@ class CodeWriter:
             lines.append(f"{name} = {text}")
         return lines
 
-    def _specials(self, printer: TorchPrinter) -> list[str]:
-        """One-hot tensors of the targets and argmax indicators the gradients mention."""
+    def _specials(self, printer: TorchPrinter, targets: bool) -> list[str]:
+        """One-hot tensors of the targets (before the recomputation, which may pick with them), then the
+        argmax indicators and tie masks the gradients mention (after it: they read recomputed tensors)."""
         lines = []
         deltas: set[sp.Basic] = set()
         for expr in list(self.forms.values()) + [n.local for n in self._needed()]:
@@ -393,6 +420,8 @@ class CodeWriter:
         for delta in sorted(deltas, key=str):
             axis, other = (delta.args if delta.args[0] in self.dims else delta.args[::-1])
             dim = self.dims[axis]
+            if (other in self.backprop.special) == targets:
+                continue
             if other in self.backprop.special:
                 _, body, _ = self.backprop.special[other]
                 target = printer._method_target(body)
@@ -409,7 +438,7 @@ class CodeWriter:
                              f"device={source}.device).scatter({dim}, {source}.reshape{layout}, 1.0)")
             self.names[delta] = name
         for symbol, (kind, body, axis) in self.backprop.special.items():
-            if kind != "tie" or not any(symbol in e.free_symbols for e in self.forms.values()):
+            if targets or kind != "tie" or not any(symbol in e.free_symbols for e in self.forms.values()):
                 continue
             target = printer._method_target(body)
             dim = self.dims[axis]

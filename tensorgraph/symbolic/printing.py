@@ -15,7 +15,7 @@ from sympy.printing.pycode import PythonCodePrinter
 from .algebra import AxisMax, AxisSum
 
 _TORCH_FUNCTIONS = {"exp": "exp", "log": "log", "tanh": "tanh", "sin": "sin", "cos": "cos", "Abs": "abs",
-                    "sign": "sign", "atanh": "atanh", "Sigmoid": "sigmoid"}
+                    "sign": "sign", "atanh": "atanh", "Sigmoid": "sigmoid", "Softplus": "nn.functional.softplus"}
 
 
 class TorchPrinter(PythonCodePrinter):
@@ -110,6 +110,9 @@ class TorchPrinter(PythonCodePrinter):
 
     def _print_Sigmoid(self, expr: sp.Basic) -> str:
         return f"torch.sigmoid({self._print(expr.args[0])})"
+
+    def _print_Softplus(self, expr: sp.Basic) -> str:
+        return f"torch.nn.functional.softplus({self._print(expr.args[0])})"
 
     def _print_Relu(self, expr: sp.Basic) -> str:
         return f"torch.relu({self._print(expr.args[0])})"
