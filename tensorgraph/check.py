@@ -147,9 +147,10 @@ def check(graph: Graph, manual: dict[str, Any], loss: Any, grad: Tensor | None =
     allclose tolerances (by default torch's for float32, tighter for float64).
     """
     root = root_node(graph, loss)
-    truth = backward(graph, root, grad).by_node
-    given = _resolve(graph, manual, truth, root)
-    return _Checker(graph, root, truth, given, rtol, atol, grad).run()
+    with torch.no_grad():  # parameters may require grad: nothing here is differentiated
+        truth = backward(graph, root, grad).by_node
+        given = _resolve(graph, manual, truth, root)
+        return _Checker(graph, root, truth, given, rtol, atol, grad).run()
 
 
 # ---------------------------------------------------------------- reading the learner's dict

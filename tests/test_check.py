@@ -267,3 +267,22 @@ def test_cli_check_missing_file_and_no_gradients(tmp_path, capsys):
     path = _script(tmp_path, LEARNER.replace("dy = ", "ones = ").format(dw="x").replace("dw = x", "z = x"))
     assert main(["check", path]) == 2
     assert "defines no 'manual'" in capsys.readouterr().err
+
+
+def test_no_false_alarms_and_sign_found_on_every_other_op_case():
+    """Right gradients (the engine's, themselves tested against torch) are ok on every op; a flipped one is 'sign'."""
+    from helpers import _weights_for
+    from op_cases import CASES
+
+    for name, fn, inputs in CASES[::2]:
+        weight = _weights_for(fn(*inputs))
+        with tg.record() as graph:
+            out = fn(*inputs)
+            loss = (out * weight).sum()
+        grads = graph.backward(loss)
+        manual = {"d" + n: grads[n] for n in grads if graph.node(n)["named"] and n != "loss"}
+        report = graph.check(manual, loss)
+        assert report.ok and all(row.kind == "ok" for row in report.rows), f"{name}\n{report}"
+        report = graph.check({**manual, "dout": -manual["dout"]}, loss)
+        assert report.first_error == "out" and report["out"].kind == "sign", f"{name}\n{report}"
+        assert all(row.kind in ("ok", "inherited") for row in report.rows if row.name != "out"), f"{name}\n{report}"
