@@ -92,17 +92,14 @@ def write_steps(d: Derivation, names: dict[sp.Basic, str]) -> str:
     lines += [f"**5. The closed form for `d{x.name}`.**", ""]
     steps = d.rewrites.get(x.name, [])
     if steps:
-        lines.append("In terms of the primitives, the gradient is")
-        lines.append("")
-        lines.append(_eq(_name(x, "d"), tex(backprop.resolved[x])))
-        lines.append("It gets shorter written with tensors the forward pass already computed: reading off their "
-                     "definitions,")
+        lines.append("Step 4 left it in terms of the input and the reductions. It gets shorter written with tensors "
+                     "the forward pass already computed: reading off their definitions,")
         lines.append("")
         for step in steps:
             lines.append(f"- `{step.node.name}` gives $ {tex(step.primitive)} = {tex(step.inverse)} $")
         lines += ["", "and substituting (then expanding and applying the rules again) leaves", ""]
     lines.append(_eq(_name(x, "d"), to_latex(d.textbook, names)))
-    if sp.count_ops(d.expr) <= _LONG and d.expr != d.textbook:
+    if d.expr != d.textbook and sp.count_ops(d.expr) <= min(_LONG, 3 * sp.count_ops(d.textbook) + 10):
         lines += ["", "and, with the reductions written out as sums over the input:", "",
                   _eq(_name(x, "d"), to_latex(d.expr, names))]
     for name, form in d.gradients.items():
