@@ -453,3 +453,15 @@ def test_cli_derive(capsys):
     assert err.count("\n") == 1 and "--biased applies to the batchnorm chain only" in err
     assert main(["derive", "softmax"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_fused_graph_keeps_the_guard_on_changed_leaves():
+    x, y = _ce_inputs()
+    w = torch.randn(5, 5, dtype=D, generator=_gen(12))
+    with tg.record() as graph:
+        loss = lecture_cross_entropy(x @ w, y)
+    fused = graph.fuse(loss, "logits")
+    fused.backward(loss)
+    w.data -= 0.1  # changes the recorded value without a version bump
+    with pytest.raises(RuntimeError, match="'w' was modified in place after it was recorded"):
+        fused.backward(loss)

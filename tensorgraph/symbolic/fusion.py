@@ -9,6 +9,7 @@ atomic chain: a rule that disagrees raises, it is never used.
 
 from __future__ import annotations
 
+import copy
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -319,7 +320,21 @@ def rebuild(graph: Graph, fusions: Sequence[tuple[Derivation, Binding]]) -> Grap
         if node in mapping:
             new._live[id(tensor)] = (mapping[node], version, tensor)
     new._names = {data["name"]: node for node, data in enumerate(new._nodes)}
+    _carry_fingerprints(graph, new, mapping)
     return new
+
+
+def _carry_fingerprints(graph: Graph, new: Graph, mapping: dict[int, int]) -> None:
+    """Keep the recorded leaves' checksums (the engine's guard against ``p.data -= ...`` after recording)."""
+    stamps = getattr(graph, "_fingerprints", None)
+    if not stamps:
+        return
+    if isinstance(stamps, dict):
+        new._fingerprints = {mapping[node]: value for node, value in stamps.items() if node in mapping}
+    elif hasattr(stamps, "groups"):
+        carried = copy.copy(stamps)
+        carried.groups = [([mapping[node] for node in nodes], *rest) for nodes, *rest in stamps.groups]
+        new._fingerprints = carried
 
 
 def _remap_value(value: Any, mapping: dict[int, int]) -> Any:
