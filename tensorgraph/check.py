@@ -28,6 +28,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .engine import backward, call_rule, input_gradients, root_node
-from .graph import is_float
+from .graph import identifier, is_float
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -467,11 +468,38 @@ class _Checker:
         """``; the right line: dW1 = embcat.t().mm(dhprebn)`` when one generated line computes the gradient."""
         code = self._generated()
         if code is None or node not in code.variables:
-            return ""
+            return self._matmul_hint(node)
         steps = [i for i, step in enumerate(code.trace.steps) if step.source == node]
         if len(steps) != 1 or steps[0] not in code.contributions:
             return ""
-        return f"; the right line: {code.variables[node]} = {code.contributions[steps[0]]}"
+        line = code.contributions[steps[0]]
+        known = {"torch", "F", "True", "False", "None"} | {identifier(d["name"]) for d in self.nodes if d["named"]}
+        known |= {variable for forward, variable in code.variables.items() if self.nodes[forward]["named"]}
+        if any(word not in known for word in re.findall(r"(?<![.\w])[A-Za-z_]\w*", line)):
+            return self._matmul_hint(node)  # the line reads temporaries of the generated code
+        return f"; the right line: {code.variables[node]} = {line}"
+
+    def _matmul_hint(self, node: int) -> str:
+        """``; it should be x.T @ d(x @ W)``: the rule of the matmul that uses the tensor."""
+        from .printer import expression
+
+        for consumer in self.graph.nx.successors(node):
+            data = self.nodes[consumer]
+            args = data["bargs"]
+            if data["op"] != "matmul" or len(args) != 2 or self.nodes[consumer]["shape"] == ():
+                continue
+            try:
+                product = expression(self.graph, consumer)
+            except ValueError:
+                continue
+            name = identifier(self.nodes[node]["name"])
+            other = [identifier(self.nodes[a.node]["name"]) for a in args if getattr(a, "node", node) != node]
+            if not other:
+                continue
+            if getattr(args[1], "node", None) == node:
+                return f"; it should be d{name} = {other[0]}.T @ d({product})"
+            return f"; it should be d{name} = d({product}) @ {other[0]}.T"
+        return ""
 
     def _generated(self) -> Any:
         if self._code is None:

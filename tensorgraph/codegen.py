@@ -288,7 +288,7 @@ class _Generator:
             self.bound[node] = name
             return name
         code = self._call(node).text  # first, so temporaries it needs are numbered before it
-        name = self._temp_name()
+        name = self._gradient_temp_name(node) or self._temp_name()
         self.lines.append(Line(f"{name} = {code}"))
         self.bound[node] = name
         return name
@@ -390,6 +390,21 @@ class _Generator:
         if name in self.used_names:
             name = "grad_" + identifier(self.fwd[node]["name"])
         self.used_names.add(name)
+        return name
+
+    def _gradient_temp_name(self, node: int) -> str | None:
+        """``dadd_1`` for the gradient of an unnamed forward tensor, so the code says what it holds."""
+        if not hasattr(self, "_grad_of"):
+            self._grad_of = {}
+            for forward, grad in self.trace.grads.by_node.items():
+                adjoint = self.trace.node_of(grad)
+                if adjoint is not None:
+                    self._grad_of.setdefault(adjoint, forward)
+        forward = self._grad_of.get(node)
+        if forward is None or forward in self.variables:
+            return None
+        name = self._grad_name(forward)
+        self.variables[forward] = name
         return name
 
     def _temp_name(self) -> str:
