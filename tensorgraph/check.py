@@ -554,6 +554,8 @@ class _Checker:
                     return text + f": summed over dim {_dims(mine_dims)} of {_shape(wide)}; the broadcast " \
                                   f"happened along dim {_dims(right_dims)}"
             return text
+        if not mine.any():
+            return "all zeros; the right gradient is not"
         repeated = self._repeated_index_message(node, mine, ref)
         if repeated:
             return repeated

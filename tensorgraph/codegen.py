@@ -194,7 +194,8 @@ class _Generator:
         data = self.adj[seed]
         if data["func"] is not None:  # torch.ones_like(loss); a grad= given by the user is a leaf
             code = printer.call(data["func"], data["args"], data["kwargs"], self._expr).text
-            self.lines.append(Line(f"{name} = {code}", "the seed: d loss / d loss = 1"))
+            root_name = self.fwd[root]["name"]
+            self.lines.append(Line(f"{name} = {code}", f"the seed: d{root_name}/d{root_name} = 1"))
 
     def _step(self, index: int, step: Any, position: int, later: int) -> None:
         source = step.source
