@@ -240,7 +240,7 @@ class _Checker:
 
     def _settle(self, node: int, judged: set[int]) -> None:
         """Judge the node (if it is a row) and fix the value it passes on to its inputs."""
-        expected = _total(self.mine.get(node), self.truth[node])
+        expected = _total(self.mine.get(node))
         row = self._judge(node, expected) if node in judged else None
         if row is not None:
             self.rows[node] = row
@@ -359,7 +359,7 @@ class _Checker:
         # an upstream gradient with a wrong shape: the learner's line broadcast it as is
         if not any(b is not None and b.consumer in self.shape_off for b in self.mine.get(node, [])):
             return False
-        raw = _total([b for b in self.mine[node] if b is not None], None, summed=False)
+        raw = _total([b for b in self.mine[node] if b is not None], summed=False)
         return raw is not None and self._close(mine, raw)
 
     def _diagnose(self, node: int, mine: Tensor, ref: Tensor, branches: list | None) -> tuple[str, str] | None:
@@ -640,7 +640,7 @@ class _Checker:
 # ---------------------------------------------------------------- helpers
 
 
-def _total(branches: list[_Branch | None] | None, truth: Tensor | None, summed: bool = True) -> Tensor | None:
+def _total(branches: list[_Branch | None] | None, summed: bool = True) -> Tensor | None:
     """The sum of a node's branches (None if a branch could not be computed)."""
     if not branches or any(b is None for b in branches):
         return None
