@@ -250,7 +250,10 @@ def display(expr: sp.Expr, space: Space) -> sp.Expr:
     """A readable arrangement: exponentials combined (``exp(x - m)``, which cannot overflow where
     ``exp(x)*exp(-m)`` can), common factors pulled out, ``1/n`` in front when every term has it."""
     combined = sp.powsimp(expr, combine="exp")
-    arranged = min((sp.factor_terms(combined), sp.factor_terms(sp.cancel(combined))), key=sp.count_ops)
+    options = [sp.factor_terms(combined)]
+    if sp.count_ops(combined) <= 60:  # cancel finds s*(1-s)/(1-s) = s; on long sums it is slow and rarely shorter
+        options.append(sp.factor_terms(sp.cancel(combined)))
+    arranged = min(options, key=sp.count_ops)
     coeff, rest = arranged.as_independent(sp.Add) if isinstance(arranged, sp.Mul) else (sp.S.One, arranged)
     if isinstance(rest, sp.Add):
         for axis in space.axes:
