@@ -76,7 +76,7 @@ class SNode:
 class Chain:
     """The lowered chain: its nodes in topological order, its input, output and parameters."""
 
-    graph: Graph
+    graph: Graph | None  # the recorded graph while lowering (dropped once derived)
     space: Space
     nodes: list[SNode]
     input: SNode

@@ -524,6 +524,9 @@ class Derivation:
     def __str__(self) -> str:
         return f"d{self.output}/d{self.wrt} = {self.textbook}"
 
+    def __repr__(self) -> str:
+        return f"<Derivation d{self.output}/d{self.wrt} = {self.textbook} ({self.seconds:.2f} s)>"
+
     def _repr_markdown_(self) -> str:
         return self.steps
 

@@ -142,6 +142,7 @@ def _derive(graph: Graph, out_id: int, wrt_id: int, *, check: bool = True) -> tu
     derivation._roles = [roles[p.graph_node] for p in chain.params]  # type: ignore[attr-defined]
     derivation._positions = [members.index(n) for n in chain.members]  # type: ignore[attr-defined]
     binding = _binding(derivation, members, roles, out_id, wrt_id)
+    chain.graph = None  # type: ignore[assignment]  (the cache must not keep a user's recorded tensors alive)
     if check:
         derivation.checked = verify(derivation, graph, binding)
     STATS["derived"] += 1
