@@ -431,3 +431,139 @@ def _chain(x, fn):
     for _ in range(100):
         x = fn(x) * 0.5
     return x.sum()
+
+
+# ---------------------------------------------------------------- the command line, every command
+
+def _subparsers():
+    import argparse
+
+    from tensorgraph.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+# a plausible value for each required argument, so that the error under test is the one reported
+_REQUIRED = {"--out": "out.svg", "chain": "batchnorm", "--checkpoint": "model.pt", "script": "script.py"}
+_INPUT_FILES = {"data", "resume", "checkpoint", "script"}  # dests naming a file the command reads
+
+
+def _required_args(parser) -> list[str]:
+    args = []
+    for action in parser._actions:
+        if action.required:
+            key = action.option_strings[0] if action.option_strings else action.dest
+            value = _REQUIRED.get(key, "x")
+            args += [key, value] if action.option_strings else [value]
+    return args
+
+
+def _with(parser, option: str, value: str) -> list[str]:
+    """The required arguments plus ``option value`` (replacing the required one of that name)."""
+    args = _required_args(parser)
+    positional = [a for a in parser._actions if not a.option_strings and a.dest == option]
+    if positional:
+        return [value if a == _REQUIRED.get(option, "x") else a for a in args]
+    if option in args:
+        args[args.index(option) + 1] = value
+        return args
+    return args + [option, value]
+
+
+def _misuses():
+    """(command, argv, what) for every registered command: the generic misuses issue 8 lists."""
+    from tensorgraph.cli import positive_float, positive_int
+
+    cases = []
+    for name, parser in _subparsers().items():
+        cases.append((name, _required_args(parser) + ["--no-such-option"], "an unknown option"))
+        for action in parser._actions:
+            if not action.option_strings and action.dest not in _INPUT_FILES:
+                continue
+            option = action.option_strings[0] if action.option_strings else action.dest
+            if action.type in (positive_int, positive_float):
+                cases += [(name, _with(parser, option, "0"), f"{option} 0"),
+                          (name, _with(parser, option, "-1"), f"{option} -1")]
+            if action.type is not None and action.nargs is None:
+                cases.append((name, _with(parser, option, "abc"), f"{option} abc"))
+            if action.choices is not None:
+                cases.append((name, _with(parser, option, "nonsense"), f"{option} nonsense"))
+            if action.dest in _INPUT_FILES:
+                cases += [(name, _with(parser, option, "missing/nothing-here.pt"), f"{option} missing file"),
+                          (name, _with(parser, option, "garbage.bin"), f"{option} garbage file")]
+    return cases
+
+
+MISUSES = _misuses()
+
+
+def _run_cli(argv, capsys, seconds=60):
+    """main(argv) in this process, with an alarm: a command that fails to validate must not run for long."""
+    import signal
+
+    from tensorgraph.cli import main
+
+    def too_slow(signum, frame):
+        raise TimeoutError(f"tensorgraph {' '.join(argv)} ran {seconds} s instead of refusing its arguments")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(seconds)
+    try:
+        status = main(argv)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    captured = capsys.readouterr()
+    return status, captured.err
+
+
+def test_every_registered_command_is_exercised():
+    from tensorgraph.cli import COMMANDS
+
+    assert set(_subparsers()) == set(COMMANDS), "a command in COMMANDS failed to register"
+    assert {name for name, _, _ in MISUSES} == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command, argv, what", [pytest.param(*case, id=f"{case[0]}: {case[2]}")
+                                                 for case in MISUSES])
+def test_cli_misuse_is_one_line_and_status_2(command, argv, what, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.bin").write_bytes(bytes(range(256)) * 4)
+    status, err = _run_cli([command] + argv, capsys)
+    lines = err.strip().splitlines()
+    assert status == 2, f"tensorgraph {command} {' '.join(argv)} ({what}): exit status {status}, stderr {err!r}"
+    assert len(lines) == 1 and "Traceback" not in err, f"({what}) not one line: {err!r}"
+    assert lines[0].startswith("tensorgraph") and "error:" in lines[0]
+    if "missing file" in what:
+        assert "nothing-here.pt" in lines[0], f"the message must name the file: {lines[0]}"
+
+
+def test_cli_debug_shows_the_traceback(tmp_path):
+    import subprocess
+
+    argv = [sys.executable, "-m", "tensorgraph.cli", "--debug", "sample", "--checkpoint", str(tmp_path / "nope.pt")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback (most recent call last)" in result.stderr
+    assert "nope.pt" in result.stderr  # (without --debug: one line, status 2, as the misuse tests above show)
+
+
+def test_a_checkpoint_cannot_run_pickled_code(tmp_path, capsys):
+    """Checkpoints load with torch.load(weights_only=True): a pickle that would run code is refused."""
+    import pathlib
+
+    from tensorgraph.makemore.checkpoint import CheckpointError, load_checkpoint
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (marker,))
+
+    path = tmp_path / "model.pt"
+    torch.save({"format": "tensorgraph.makemore", "version": 1, "params": Payload()}, path)
+    with pytest.raises(CheckpointError, match=r"not a tensorgraph checkpoint \(torch.load with weights_only=True"):
+        load_checkpoint(path)
+    status, err = _run_cli(["sample", "--checkpoint", str(path)], capsys)
+    assert status == 2 and "model.pt" in err
+    assert not marker.exists(), "loading a checkpoint ran code from its pickle"
