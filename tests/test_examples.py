@@ -9,7 +9,6 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from tensorgraph.cli import main
@@ -44,17 +43,11 @@ def test_exercise1_check_finds_the_learners_mistake(capsys):
 
 
 def test_exercise2_3_derive():
-    out = _run("exercise2_3_derive.py", "--skip-batchnorm")  # the batchnorm derivation takes tens of seconds
+    out = _run("exercise2_3_derive.py")
     assert "dloss/dlogits = dloss*(probs[i,j] - KroneckerDelta(Yb[i], j))/n" in out
     assert "ok=True" in out
-
-
-@pytest.mark.slow
-def test_exercise3_batchnorm_derivation_proves_the_lecture_formula(request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow: run with -m slow")
-    out = _run("exercise2_3_derive.py")
     assert "the lecture's formula: proved" in out
+    assert "without Bessel's n/(n-1): not equal" in out
 
 
 def test_exercise4_train():
@@ -72,4 +65,5 @@ def test_notebook_runs(tmp_path):
                       for output in cell.get("outputs", []))
     assert "first error: dbndiff2 (scaled)" in printed
     assert "26/26 right, no errors" in printed
+    assert "the lecture's formula: proved" in printed
     assert (tmp_path / "check.svg").exists()
