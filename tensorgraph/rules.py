@@ -244,8 +244,21 @@ def minimum(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
     return shared.masked_fill(x > other, 0), shared.masked_fill(x < other, 0)
 
 
-defop("maximum", maximum, funcs=("torch.fmax",))
-defop("minimum", minimum, funcs=("torch.fmin",))
+def fmax(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    """fmax ignores NaN; ties give the whole gradient to ``x`` (not split, unlike maximum), as torch does."""
+    pick = (x >= other) | other.isnan()
+    return g.masked_fill(~pick, 0), g.masked_fill(pick, 0)
+
+
+def fmin(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    pick = (x <= other) | other.isnan()
+    return g.masked_fill(~pick, 0), g.masked_fill(pick, 0)
+
+
+defop("maximum", maximum)
+defop("minimum", minimum)
+defop("fmax", fmax)
+defop("fmin", fmin)
 defop(
     "where",
     lambda g, out, condition, input, other: (

@@ -162,6 +162,7 @@ TIED = {
     "max_dim_ties": lambda x: x.max(1, keepdim=True).values,
     "amax_ties": lambda x: x.amax(1),
     "maximum_ties": lambda x: torch.maximum(x, x.flip(1)),
+    "fmax_ties": lambda x: torch.fmax(x, x.flip(1)) + torch.fmin(x.flip(0), x),
 }
 
 SHAPE_OPS = {
@@ -305,6 +306,7 @@ SMOOTH = {
     "minimum_bcast": (lambda a, b: torch.minimum(a, b), [r(4, 5, seed=1), r(5, seed=3) + 0.05]),
     "max_binary": (lambda a, b: torch.max(a, b) * torch.min(a, b), [r(4, 5, seed=1), r(4, 5, seed=2) + 0.05]),
     "where": (lambda a, b: torch.where(torch.arange(5) % 2 == 0, a, b), [r(4, 5, seed=1), r(4, 5, seed=2)]),
+    "fmax_fmin": (lambda a, b: torch.fmax(a, b) * torch.fmin(a, b), [r(4, 5, seed=1), r(5, seed=2) + 0.05]),
     "max_pool2d": (lambda x: F.max_pool2d(x, 2), [distinct(1, 2, 4, 4)]),
     "l1_loss": (lambda x, t: F.l1_loss(x, t), [r(3, 4, seed=1), r(3, 4, seed=2) + 0.01]),
     "rsub": (lambda a, b: torch.rsub(a, b, alpha=2), [r(3, 4, seed=1), r(4, seed=2)]),

@@ -27,7 +27,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from fuzz_programs import GENERATORS, UNARY, HypothesisChooser, Program, RandomChooser, build
+from fuzz_programs import BINARY, GENERATORS, UNARY, HypothesisChooser, Program, RandomChooser, build
 from helpers import assert_matches_torch
 from hypothesis import HealthCheck, given, note, reject, settings
 from hypothesis import strategies as st
@@ -169,7 +169,7 @@ def test_each_generator_matches_torch(name):
 
 
 def recorded_ops(seeds: int = 25) -> set[str]:
-    """The ops the generators produce: each generator with a few seeds, each table entry of unary once."""
+    """The ops the generators produce: each generator with a few seeds, each row of the unary and binary tables."""
     seen: set[str] = set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -177,10 +177,14 @@ def recorded_ops(seeds: int = 25) -> set[str]:
             for seed in range(seeds):
                 graph, _, _ = run_engine(build(RandomChooser(1000 + seed), max_steps=1, only=name))
                 seen |= {node["op"] for node in graph._nodes if node["kind"] == "op"}
-        x = torch.rand(3, dtype=torch.float64) + 0.5
+        x, y = torch.rand(3, dtype=torch.float64) + 0.5, torch.rand(3, dtype=torch.float64)
         for _, fn, _ in UNARY:
             with tg.record() as graph:
                 fn(x)
+            seen |= {node["op"] for node in graph._nodes if node["kind"] == "op"}
+        for _, fn in BINARY:
+            with tg.record() as graph:
+                fn(x, y)
             seen |= {node["op"] for node in graph._nodes if node["kind"] == "op"}
     return seen
 
@@ -245,3 +249,12 @@ def test_regression_cross_entropy_with_a_wider_class_weight():
     x, t = _r(3, 4).float(), _r(3, 4, seed=1).float()
     w = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=D)  # float64 weight, float32 logits: torch accepts it
     assert_matches_torch(lambda a, b: F.cross_entropy(a, b.softmax(1), weight=w), [x, t], rtol=1e-5, atol=1e-6)
+
+
+def test_regression_fmax_fmin_give_ties_and_nans_as_torch_does():
+    """fmax/fmin were maximum/minimum's aliases: a tie split the gradient; torch gives it all to the first input."""
+    a = torch.tensor([1.0, 2.0, 3.0, float("nan"), 1.0], dtype=D)
+    b = torch.tensor([1.0, 3.0, 2.0, 1.0, float("nan")], dtype=D)
+    for fn in (torch.fmax, torch.fmin):
+        assert_matches_torch(fn, [a, b])
+        assert_matches_torch(fn, [a[:3, None], b[:3]])  # broadcasting
