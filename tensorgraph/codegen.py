@@ -208,7 +208,9 @@ class _Generator:
         if not needs_variable:  # an unnamed intermediate with one branch: inlined where it is used
             self.pending[source] = note
             return
-        name = self.variables.setdefault(source, self._grad_name(source))
+        if source not in self.variables:
+            self.variables[source] = self._grad_name(source)
+        name = self.variables[source]
         if step.first:
             alias = summed in self.bound or summed in self.forward_of
             if later and not alias and self.uses[summed] > 1:
