@@ -241,7 +241,7 @@ class _Generator:
                 text = printer.statement(self.graph, consumer)
             else:
                 text = f"{identifier(data['name'])} = " + printer.expression(self.graph, consumer,
-                                                                             self._forward_expr_name)
+                                                                             self._forward_expr)
         except ValueError:  # a call with no source form (a fused node's replay): name its inputs
             inputs = ", ".join(identifier(self.fwd[i]["name"]) for i in dict.fromkeys(data["inputs"]))
             text = f"{identifier(data['name'])} = {data['op']}({inputs})"
@@ -254,7 +254,7 @@ class _Generator:
         if node in self.bound:
             return Expr(self.bound[node])
         if node in self.forward_of:
-            return self._forward_expr(self.forward_of[node])
+            return self._forward_value(self.forward_of[node])
         data = self.adj[node]
         if data["func"] is None:
             raise ValueError(f"backward_source: the backward pass uses a tensor {data['name']!r} that is neither "
@@ -327,22 +327,33 @@ class _Generator:
         return node
 
     def _forward_expr(self, node: int) -> Expr:
-        """A forward value: its name, or, for an unnamed intermediate, the expression that computed it."""
+        """A forward value in the user's terms, for headers: unnamed intermediates written out in full."""
         if node not in self.forward_cache:
-            data = self.fwd[node]
-            if data["named"] or data["kind"] != "op" or data["inplace"] or data["func"] is None:
-                expr = Expr(identifier(data["name"]))
-            else:
-                try:
-                    expr = printer.call(data["func"], data["args"], data["kwargs"], self._forward_expr_name,
-                                        output_index=data["output_index"])
-                except ValueError:
-                    expr = Expr(identifier(data["name"]))
-            self.forward_cache[node] = expr
+            self.forward_cache[node] = self._forward_call(node, self._forward_expr) or Expr(self._forward_name(node))
         return self.forward_cache[node]
 
-    def _forward_expr_name(self, node: int) -> Expr:
-        return self._forward_expr(node)
+    def _forward_value(self, node: int) -> Expr:
+        """A forward value read by the backward code: its name, or a short expression of named tensors.
+
+        ``logits.max(1, keepdim=True).indices`` and ``bnvar + 1e-05`` read better than
+        ``max_1`` and ``add_1``; deeper chains are referred to by their op-based names.
+        """
+        data = self.fwd[node]
+        shallow = all(self.fwd[i]["named"] or self.fwd[i]["kind"] != "op" for i in data["inputs"])
+        expr = self._forward_call(node, lambda i: Expr(self._forward_name(i))) if shallow else None
+        return expr if expr is not None and len(expr.text) <= 60 else Expr(self._forward_name(node))
+
+    def _forward_call(self, node: int, name: Any) -> Expr | None:
+        data = self.fwd[node]
+        if data["named"] or data["kind"] != "op" or data["inplace"] or data["func"] is None:
+            return None
+        try:
+            return printer.call(data["func"], data["args"], data["kwargs"], name, output_index=data["output_index"])
+        except ValueError:
+            return None
+
+    def _forward_name(self, node: int) -> str:
+        return identifier(self.fwd[node]["name"])
 
     # ---------------------------------------------------------------- bookkeeping
 
