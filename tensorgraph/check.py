@@ -316,6 +316,10 @@ class _Checker:
             partial = self._exact_partial(node, mine, truth)
             row.kind, row.message = ("missing-branch", partial) if partial else ("ok", "")
             return row
+        alias = self._alias(node, mine)
+        if alias is not None:
+            row.kind, row.message = "wrong", alias
+            return row
         reshaped = any(b is not None and b.consumer in self.shape_off for b in self.mine.get(node, []))
         upstream_off = expected is not None and (reshaped or not self._close(expected, truth))
         if upstream_off and self._inherited(node, mine, expected):
@@ -337,6 +341,19 @@ class _Checker:
             if upstream:
                 row.message += f" (judged on your {_names(upstream)}, which is also off)"
         return row
+
+    def _alias(self, node: int, mine: Tensor) -> str | None:
+        """``dhprebn = dbndiff`` without ``.clone()``: the later ``dhprebn += ...`` changed dbndiff too."""
+        pointer = mine.untyped_storage().data_ptr()
+        for other, value in self.given.items():
+            if other == node or value.untyped_storage().data_ptr() != pointer or value.shape != mine.shape:
+                continue
+            if self._close(mine, self.truth[other]):
+                name, alias = self.nodes[node]["name"], self.nodes[other]["name"]
+                return (f"it is the same tensor as your d{alias}, and holds d{alias}'s value: d{alias} = "
+                        f"d{name} without .clone() made them one tensor, so an in-place update of d{alias} "
+                        f"(d{alias} += ...) changed d{name} too")
+        return None
 
     def _exact_partial(self, node: int, mine: Tensor, truth: Tensor) -> str | None:
         """Within tolerance, yet exactly the sum of only some branches: a branch that happens to be ~0 here."""

@@ -156,6 +156,11 @@ def test_unlisted_mistakes(lecture):
     assert (name, kind) == ("counts_sum_inv", "wrong") and "summed over dim 0" in report[name].message
     assert first(dbnvar=(v.bnvar + 1e-5) ** -1.5 * good["dbnvar_inv"])[:2] == ("bnvar", "scaled")  # lost the -0.5
     assert first(dnorm_logits=good["dcounts"])[:2] == ("norm_logits", "wrong")  # forgot the exp
+    dbndiff = good["dbndiff"].clone()
+    dhprebn = dbndiff  # no .clone(): the += below changes dbndiff too
+    dhprebn += 1.0 / n * good["dbnmeani"]
+    name, kind, report = first(dbndiff=dbndiff, dhprebn=dhprebn)
+    assert (name, kind) == ("bndiff", "wrong") and "same tensor as your dhprebn" in report[name].message
     # right answers written differently are right
     dlogits = F.softmax(v.logits, 1)
     dlogits[range(n), v.Yb] -= 1
