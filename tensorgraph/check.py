@@ -344,6 +344,8 @@ class _Checker:
 
     def _alias(self, node: int, mine: Tensor) -> str | None:
         """``dhprebn = dbndiff`` without ``.clone()``: the later ``dhprebn += ...`` changed dbndiff too."""
+        if mine.shape != self.truth[node].shape:
+            return None  # dbnbias = dhpreact is a broadcast mistake, diagnosed as such
         pointer = mine.untyped_storage().data_ptr()
         for other, value in self.given.items():
             if other == node or value.untyped_storage().data_ptr() != pointer or value.shape != mine.shape:

@@ -231,7 +231,7 @@ def check_unchanged(graph: Graph, root: int) -> None:
     stamps = graph._fingerprints
     changed = stamps.changed() if isinstance(stamps, LeafStamps) else [
         node for node, expected in stamps.items() if fingerprint(graph._nodes[node]["value"]) != expected]
-    changed = [node for node in changed if node < root]
+    changed = [node for node in changed if node <= root]
     if not changed:
         return
     ancestors = graph.ancestors(root)  # networkx only on this error path

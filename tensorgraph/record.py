@@ -112,6 +112,9 @@ class _Recorder(TorchFunctionMode):
         entry = FUNCS.get(func)
         if entry is None:
             entry = lookup(func)
+            if entry is None and getattr(func, "__name__", None) == "__set__" and args and (
+                    getattr(func.__self__, "__name__", None) == "data" and id(args[0]) in self.graph._live):
+                return self._set_data(func, args)
         if self.grad_at_entry and not torch.is_grad_enabled():
             return self._no_grad_call(func, entry, args, kwargs)
         if func in _DROPOUT:
@@ -146,6 +149,17 @@ class _Recorder(TorchFunctionMode):
                 self._add_op(func, entry, self._refs_of_call(args, kwargs), list(result), result, self._source(),
                              previous=None)
         return result
+
+    def _set_data(self, func, args):
+        """``y.data = t``: y now holds t's values, detached: a new constant version of y (its old value is kept)."""
+        target = args[0]
+        with _Bookkeeping():
+            previous = self.graph._live[id(target)][0]
+            self._snapshot(target)
+            source = self._source()
+        func(*args)
+        with _Bookkeeping():
+            self._add_constant_version(target, "set_data", source, previous)
 
     def _mutating_call(self, func, entry, args, kwargs):
         """Ops that update some inputs as a side effect (batch_norm's running statistics)."""
@@ -238,6 +252,11 @@ class _Recorder(TorchFunctionMode):
             if check and (tensor._version != live[1] or id(tensor) in self.view_written):
                 self._untracked_change(tensor, live, allow_view_write)
             return live[0]
+        if tensor.is_inference():
+            raise RuntimeError(
+                f"tensorgraph: an input of the call at {_where(self._source())} was created under "
+                f"torch.inference_mode(); such tensors keep no version counter, so tensorgraph cannot record them. "
+                f"Create it outside inference_mode (or .clone() it there).")
         node = graph._add_node(op="leaf", kind="leaf", value=tensor, version=tensor._version, source=None)
         graph._live[id(tensor)] = (node, tensor._version, tensor)
         return node
@@ -444,6 +463,9 @@ class record:
         self._mode = _Recorder(self.graph, anomaly)
 
     def __enter__(self) -> Graph:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("tensorgraph: tg.record() cannot record inside torch.inference_mode() (its tensors "
+                               "keep no version counter); use torch.no_grad() instead")
         self._mode.__enter__()
         self.graph._recording = True
         return self.graph
@@ -454,8 +476,11 @@ class record:
         with _Bookkeeping():
             caller = sys._getframe(1)
             self.graph._finish(caller, list(self._mode.frames.values()))
-            # leaves can change without a version bump (p.data -= ...): backward compares these first
+            # leaves can change without a version bump (p.data -= ...): backward compares these first;
+            # anomaly mode stamps every node, so that intermediates changed through .data are caught too
+            every = self.graph.anomaly
             self.graph._fingerprints = LeafStamps(
-                [(node, data["value"]) for node, data in enumerate(self.graph._nodes) if data["kind"] == "leaf"])
+                [(node, data["value"]) for node, data in enumerate(self.graph._nodes)
+                 if every or data["kind"] == "leaf"])
         self._mode.frames.clear()
         self._mode.data_of.clear()

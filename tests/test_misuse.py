@@ -278,16 +278,62 @@ def test_intermediate_modified_after_the_block():
             graph.backward(loss)
 
 
-@pytest.mark.xfail(strict=True, reason="a write through .data bumps no version counter; tensorgraph fingerprints "
-                   "leaves only (parameters), not intermediates; torch autograd misses this too")
-def test_intermediate_modified_through_data_after_the_block():
+def _change_data(h, how):
+    if how == "data.add_":
+        h.data.add_(1.0)
+    else:
+        h.data = torch.zeros_like(h)
+
+
+@pytest.mark.parametrize("how", ["data.add_", "data ="])
+def test_intermediate_changed_through_data_after_the_block_in_anomaly_mode(how):
+    """Anomaly mode fingerprints every node, so even .data writes to intermediates are caught."""
+    x = r(3)
+    with tg.record(anomaly=True) as graph:
+        h = torch.tanh(x)  # tanh's rule needs h
+        loss = h.sum()
+    _change_data(h, how)
+    with pytest.raises(RuntimeError, match=r"tensor 'h' was modified in place after it was recorded"):
+        graph.backward(loss)
+
+
+@pytest.mark.xfail(strict=True, reason="a write through .data bumps no version counter; outside anomaly mode "
+                   "tensorgraph fingerprints leaves only (parameters), not intermediates; torch autograd misses "
+                   "this too")
+@pytest.mark.parametrize("how", ["data.add_", "data ="])
+def test_intermediate_changed_through_data_after_the_block(how):
     x = r(3)
     with tg.record() as graph:
         h = torch.tanh(x)
         loss = h.sum()
-    h.data.add_(1.0)
+    _change_data(h, how)
     with pytest.raises(RuntimeError, match="modified in place"):
         graph.backward(loss)
+
+
+def test_assigning_data_inside_the_block_makes_a_constant_version():
+    """``h.data = t`` detaches: later uses of h see a constant; earlier rules keep the old h."""
+    x = r(3)
+    with tg.record() as graph:
+        h = torch.tanh(x)
+        first = h.sum()  # tanh's rule needs the old h
+        h.data = torch.full((3,), 0.5, dtype=D)
+        loss = first + (h * x).sum()
+    assert graph.node("h")["op"] == "set_data" and graph.node("h")["kind"] == "constant"
+    expected = torch_grads(lambda a: torch.tanh(a).sum() + (torch.full((3,), 0.5, dtype=D) * a).sum(), x)[0]
+    torch.testing.assert_close(graph.backward(loss)[x], expected)
+
+
+def test_inference_mode_is_refused_clearly():
+    x = r(3)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"cannot record inside torch.inference_mode\(\).*use torch.no_grad"):
+            with tg.record():
+                x.exp()
+        frozen = torch.ones(3)
+    with tg.record():
+        with pytest.raises(RuntimeError, match=r"call at .*test_misuse.py:\d+ was created under torch.inference_mode"):
+            (frozen * 2).sum()
 
 
 @pytest.mark.parametrize("how", ["no_grad", "data", "data_copy"])
