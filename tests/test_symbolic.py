@@ -304,6 +304,9 @@ def test_more_reductions_and_elementwise_ops():
         lambda x: (x.exp() - 1).log1p().sum(1) / x.shape[1],
         lambda x: x.amax(0) + x.min(1, keepdim=True).values,
         lambda x: (x * 3.0 - 1).mean(),
+        lambda x: x / x.norm(dim=1, keepdim=True),
+        lambda x: torch.linalg.vector_norm(x, dim=0),
+        lambda x: F.gelu(x).mean(1) + F.softplus(x).sum(1) + torch.erf(x).sum(1),
     ]
     for fn in cases:
         derive(fn, _x())

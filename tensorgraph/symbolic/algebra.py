@@ -327,7 +327,7 @@ class Space:
             return canonical
         # solve for the most complex sum: the others are already known, or simpler
         for atom in sorted(atoms, key=lambda a: (sp.count_ops(a), sp.default_sort_key(a)), reverse=True):
-            dummy = sp.Dummy("t")
+            dummy = self.dummy(atom)  # with the sum's sign: sqrt(sum x**2) = norm inverts to sum x**2 = norm**2
             solved = invert(canonical.xreplace({atom: dummy}), dummy, symbol, self.nonnegative, self.nonzero)
             if solved is not None:
                 solved = self.canon(solved)

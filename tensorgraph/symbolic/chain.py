@@ -144,6 +144,9 @@ ELEMENTWISE: dict[str, Callable[..., sp.Expr]] = {
     "silu": lambda x: x * Sigmoid(x),
     "relu": Relu,
     "abs": sp.Abs,
+    "erf": sp.erf,
+    "gelu": lambda x, approximate=None: x * (1 + sp.erf(x / sp.sqrt(2))) / 2,  # approximate="none" (checked)
+    "softplus": lambda x, beta=1, threshold=20: Softplus(beta * x) / beta,
 }
 IDENTITY = {"contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type_as"}
 RESHAPES = {"view", "reshape", "squeeze", "unsqueeze", "flatten", "view_as", "reshape_as", "ravel"}
@@ -493,8 +496,12 @@ def lower_elementwise(self: Lowering, data: dict[str, Any]) -> SNode:
     for arg, operand in zip(args, operands):
         if operand is not None:
             exprs.append(operand.sym)
+        elif isinstance(arg, str):  # gelu's approximate="none"
+            exprs.append(sp.Symbol(arg))
         else:
             exprs.append(self.number(arg, recent if lift else frozenset(), data, lift=lift))
+    if op == "gelu" and len(args) > 1 and args[1] != "none" or kwargs.get("approximate", "none") != "none":
+        raise SymbolicError(f"{where(data)}: only the exact gelu (approximate='none') has a symbolic form here")
     for key, value in kwargs.items():
         kwargs[key] = self.number(value, frozenset(), data, lift=False)
     try:
@@ -843,6 +850,19 @@ def lower_batch_norm(self: Lowering, data: dict[str, Any]) -> SNode:
                       params.get("bias"))
 
 
+def lower_norm(self: Lowering, data: dict[str, Any]) -> SNode:
+    """The Euclidean norm along dimensions: the square root of a sum of squares."""
+    names = ("x", "ord", "dim", "keepdim") if data["op"] == "vector_norm" else ("x", "p", "dim", "keepdim")
+    params = _params(data, names)
+    order = params.get("ord", params.get("p", 2))
+    if order not in (2, 2.0, "fro", None):
+        raise SymbolicError(f"{where(data)}: only the 2-norm has a symbolic form here (got {order!r})")
+    operand = self._operand(params["x"])
+    axes, summed = self.reduced(data, operand, params.get("dim"), bool(params.get("keepdim", False)))
+    local = sp.sqrt(self.space.sum_over(operand.sym**2, summed))
+    return self._op(data, data["name"], data["op"], [operand], local, axes, recent=frozenset(summed))
+
+
 def lower_logsumexp(self: Lowering, data: dict[str, Any]) -> SNode:
     params = _params(data, ("x", "dim", "keepdim"))
     operand = self._operand(params["x"])
@@ -879,6 +899,8 @@ LOWERINGS: dict[str, Callable[[Lowering, dict[str, Any]], SNode]] = {
     "layer_norm": lower_layer_norm,
     "batch_norm": lower_batch_norm,
     "logsumexp": lower_logsumexp,
+    "norm": lower_norm,
+    "vector_norm": lower_norm,
 }
 
 

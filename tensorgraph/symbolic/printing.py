@@ -15,7 +15,8 @@ from sympy.printing.pycode import PythonCodePrinter
 from .algebra import AxisMax, AxisSum
 
 _TORCH_FUNCTIONS = {"exp": "exp", "log": "log", "tanh": "tanh", "sin": "sin", "cos": "cos", "Abs": "abs",
-                    "sign": "sign", "atanh": "atanh", "Sigmoid": "sigmoid", "Softplus": "nn.functional.softplus"}
+                    "sign": "sign", "atanh": "atanh", "Sigmoid": "sigmoid", "Softplus": "nn.functional.softplus",
+                    "erf": "erf"}
 
 
 class TorchPrinter(PythonCodePrinter):
@@ -102,6 +103,7 @@ class TorchPrinter(PythonCodePrinter):
     _print_sin = _print_exp
     _print_cos = _print_exp
     _print_sign = _print_exp
+    _print_erf = _print_exp
 
     def _print_Abs(self, expr: sp.Basic) -> str:
         if self.is_tensor(expr):
