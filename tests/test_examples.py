@@ -51,7 +51,7 @@ def test_exercise2_3_derive():
 
 
 def test_exercise4_train():
-    out = _run("exercise4_train.py", "30")
+    out = _run("exercise4_train.py", "10")
     assert "step 0: every gradient matches torch autograd" in out
     assert "bit for bit" in out and "validation loss" in out
 
