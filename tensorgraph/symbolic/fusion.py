@@ -321,12 +321,16 @@ def rebuild(graph: Graph, fusions: Sequence[tuple[Derivation, Binding]]) -> Grap
         if node in mapping:
             new._live[id(tensor)] = (mapping[node], version, tensor)
     new._names = {data["name"]: node for node, data in enumerate(new._nodes)}
-    _carry_fingerprints(graph, new, mapping)
+    owners = {node: mapping[binding.output] for _, binding in fusions for node in binding.ops}
+    _carry_fingerprints(graph, new, {**owners, **mapping})
     return new
 
 
 def _carry_fingerprints(graph: Graph, new: Graph, mapping: dict[int, int]) -> None:
-    """Keep the recorded leaves' checksums (the engine's guard against ``p.data -= ...`` after recording)."""
+    """Keep the recorded checksums (the engine's guard against ``p.data -= ...`` after recording).
+
+    A fused-away tensor (stamped in anomaly mode) is reported as its fused node.
+    """
     stamps = getattr(graph, "_fingerprints", None)
     if not stamps:
         return
