@@ -468,3 +468,11 @@ def test_the_fused_graph_keeps_the_guard_on_changed_leaves():
     w.data -= 0.1  # changes the recorded value without a version bump
     with pytest.raises(RuntimeError, match="'w' was modified in place after it was recorded"):
         fused.backward(loss)
+
+
+def test_fusing_an_anomaly_mode_graph():
+    x, y = _ce_inputs()
+    with tg.record(anomaly=True) as graph:  # every node fingerprinted, fused-away ones too
+        loss = lecture_cross_entropy(x * 2.0, y)
+    fused = symbolic.auto_fuse(graph, loss)
+    assert (fused.backward(loss)[x] - graph.backward(loss)[x]).abs().max() <= 1e-12
