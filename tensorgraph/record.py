@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import rules  # noqa: F401  (fills the op table)
 from .engine import LeafStamps
-from .graph import _NODE_DEFAULTS, Graph, Ref
+from .graph import Graph, Ref
 from .ops import FUNCS, Op, UnsupportedCall, func_name, lookup
 
 
@@ -333,10 +333,15 @@ class _Recorder(TorchFunctionMode):
                 continue
             node = len(nodes)
             version = out._version
-            data = _op_node(name, kind, out, version, func, call_args, call_kwargs, bound_args, bound_kwargs, attrs,
-                            source, stack, previous, index if multi else None, tuple(outputs) if multi else None,
-                            list(inputs) if multi else inputs, unsupported)
-            nodes.append(data if _OP_NODE_COMPLETE else {**_NODE_DEFAULTS, **data})
+            # Graph._add_node's dict written out in one literal (a helper call alone would cost ~1 us per op);
+            # every key of graph._NODE_DEFAULTS must be here: tests/test_compile.py checks it
+            nodes.append({
+                "name": None, "named": False, "op": name, "kind": kind, "attrs": attrs, "source": source,
+                "scope": stack, "func": func, "args": call_args, "kwargs": call_kwargs, "bargs": bound_args,
+                "bkwargs": bound_kwargs, "inplace": previous is not None, "previous": previous,
+                "output_index": index if multi else None, "result": tuple(outputs) if multi else None,
+                "unsupported": unsupported, "version": version, "rule": None, "value": out,
+                "inputs": list(inputs) if multi else inputs, "shape": tuple(out.shape), "dtype": out.dtype})
             live[id(out)] = (node, version, out)
             if out._base is not None:
                 self.views.setdefault(id(out._base), []).append(out)
@@ -406,21 +411,6 @@ def _attrs(op: Op, args: tuple, kwargs: dict) -> dict[str, Any]:
     if op.varargs and len(args) > len(params):
         attrs["args"] = args[max(1, len(params)):]
     return attrs
-
-
-def _op_node(name, kind, out, version, func, args, kwargs, bargs, bkwargs, attrs, source, scope, previous,
-             output_index, result, inputs, unsupported) -> dict[str, Any]:
-    """A recorded op's attribute dict (Graph._add_node's, with every key written out: one allocation)."""
-    return {"name": None, "named": False, "op": name, "kind": kind, "attrs": attrs, "source": source,
-            "scope": scope, "func": func, "args": args, "kwargs": kwargs, "bargs": bargs, "bkwargs": bkwargs,
-            "inplace": previous is not None, "previous": previous, "output_index": output_index, "result": result,
-            "unsupported": unsupported, "version": version, "rule": None, "value": out, "inputs": inputs,
-            "shape": tuple(out.shape), "dtype": out.dtype}
-
-
-# _op_node writes every key of graph._NODE_DEFAULTS; should a key be added there, it is merged in instead
-_OP_NODE_COMPLETE = set(_NODE_DEFAULTS) <= set(
-    _op_node("", "", torch.zeros(()), 0, None, (), {}, (), {}, {}, None, (), None, None, None, [], None))
 
 
 def _where(source: tuple | None) -> str:
