@@ -67,17 +67,35 @@ class _Namer:
                     if isinstance(item, Tensor):
                         self.offer(f"{prefix}.{name}.{attr}" if name else f"{prefix}.{attr}", item)
             return
+        # items are checked inline (a name is only formatted for a tensor of the graph): a list of 64 data
+        # batches in the namespace is walked at every record
+        latest = self.latest
         if isinstance(value, (list, tuple)) and len(value) <= _MAX_ITEMS:
             for i, item in enumerate(value):
-                if type(item) not in _ATOMS:
+                if type(item) in _ATOMS:
+                    continue
+                if isinstance(item, Tensor):
+                    if id(item) in latest:
+                        self.offer(f"{prefix}[{i}]", item)
+                elif depth > 1:
                     self.walk(f"{prefix}[{i}]", item, depth - 1)
         elif isinstance(value, dict) and len(value) <= _MAX_ITEMS:
             for key, item in value.items():
-                if isinstance(key, (str, int)) and type(item) not in _ATOMS:
+                if type(item) in _ATOMS or not isinstance(key, (str, int)):
+                    continue
+                if isinstance(item, Tensor):
+                    if id(item) in latest:
+                        self.offer(f"{prefix}[{key!r}]", item)
+                elif depth > 1:
                     self.walk(f"{prefix}[{key!r}]", item, depth - 1)
         elif hasattr(value, "__dict__") and not type(value).__module__.startswith(("torch", "numpy", "builtins")):
             for attr, item in vars(value).items():
-                if not attr.startswith("_"):
+                if attr.startswith("_") or type(item) in _ATOMS:
+                    continue
+                if isinstance(item, Tensor):
+                    if id(item) in latest:
+                        self.offer(f"{prefix}.{attr}", item)
+                elif depth > 1:
                     self.walk(f"{prefix}.{attr}", item, depth - 1)
 
 
