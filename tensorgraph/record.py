@@ -46,6 +46,14 @@ _PACKAGE_DIR = os.path.dirname(__file__)
 _USER_SUBPACKAGES = (os.path.join(_PACKAGE_DIR, "makemore"), os.path.join(_PACKAGE_DIR, "lecture.py"))
 _internal_code: dict[Any, bool] = {}
 _DROPOUT = {torch.nn.functional.dropout, torch.dropout}
+# calls that only read metadata (never a tensor): passed straight through, as cheaply as possible
+# (``emb.shape[0]`` and ``x.size(0)`` are everywhere in user code). Property getters compare equal per descriptor.
+_METADATA = frozenset(
+    [getattr(Tensor, name).__get__ for name in ("shape", "dtype", "device", "ndim", "is_cuda", "layout",
+                                                  "requires_grad", "is_leaf")]
+    + [getattr(Tensor, name) for name in ("size", "dim", "numel", "nelement", "stride", "is_floating_point",
+                                          "is_complex", "is_contiguous", "element_size", "storage_offset",
+                                          "data_ptr", "__len__", "get_device")])
 
 
 def _is_internal(code: types.CodeType) -> bool:
@@ -107,7 +115,7 @@ class _Recorder(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         state = _state
-        if getattr(state, "busy", False):
+        if getattr(state, "busy", False) or func in _METADATA:
             return func(*args, **kwargs)
         entry = FUNCS.get(func)
         if entry is None:
@@ -281,8 +289,13 @@ class _Recorder(TorchFunctionMode):
             node = self._node_of(value, allow_view_write=allow_view_write)
             inputs.append(node)
             return Ref(node)
-        if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
-            return type(value)(self._refs(v, inputs) for v in value)
+        if isinstance(value, (tuple, list)):
+            for item in value:
+                if isinstance(item, Tensor):
+                    break
+            else:
+                return value  # no tensor at this level: kept as it is (x.view((2, 3)), x[0, 1:])
+            return type(value)([self._refs(v, inputs) for v in value])
         return value
 
     def _refs_of_call(self, args, kwargs, allow_view_write=False) -> tuple[tuple, dict, list[int]]:
