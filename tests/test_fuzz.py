@@ -57,9 +57,9 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def run_engine(program: Program) -> tuple[tg.Graph, torch.Tensor, list[torch.Tensor]]:
+def run_engine(program: Program, anomaly: bool = False) -> tuple[tg.Graph, torch.Tensor, list[torch.Tensor]]:
     leaves = {i: program.entries[i].value for i in program.leaves()}
-    with tg.record() as graph:
+    with tg.record(anomaly=anomaly) as graph:
         env = program.execute(leaves, replay=False)
         loss = program.loss(env)
     return graph, loss, env
@@ -148,6 +148,58 @@ def _report():
             json.dump({"seconds": round(time.perf_counter() - start, 1), "programs": RUNS["programs"],
                        "torch_failures": dict(TORCH_FAILURES), "op_programs": dict(OP_COUNTS.most_common())},
                       f, indent=1)
+
+
+# ------------------------------------------------------- changed after recording: an error, never a wrong gradient
+
+CHANGES = ("add_", "view", "data", "data_assign")
+
+
+def _change(tensor: torch.Tensor, how: str) -> None:
+    if how == "add_":
+        tensor.add_(1.0)
+    elif how == "view":
+        tensor.view(-1)[:1].mul_(3.0) if tensor.is_contiguous() else tensor.transpose(0, -1).mul_(3.0)
+    elif how == "data":
+        tensor.data.add_(1.0)
+    else:
+        tensor.data = tensor.data * 2 + 1
+
+
+@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 100), deadline=None, derandomize=True,
+          database=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_a_tensor_changed_after_recording_raises_or_does_not_matter(data):
+    """Random program, then a random recorded tensor changed in place (directly, through a view, through .data):
+    backward must raise RuntimeError saying so, or give torch's gradients of the program as recorded."""
+    program = build(HypothesisChooser(data), max_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            _, expected = run_torch(program)  # on copies of the leaves, before anything changes
+        except TorchCannot:
+            reject()
+        how = data.draw(st.sampled_from(CHANGES))
+        targets = [i for i in program.weights if program.entries[i].value.numel()]
+        target = data.draw(st.sampled_from(targets))
+        # .data writes bump no version counter: leaves are checksummed always, intermediates in anomaly mode
+        anomaly = how.startswith("data") and not program.entries[target].leaf
+        graph, loss, env = run_engine(program, anomaly=anomaly)
+        note(f"{program.source()}\nchange t{target} by {how} (anomaly mode: {anomaly})")
+        try:
+            _change(env[target], how)
+        except RuntimeError:  # torch refuses the change itself (an expanded tensor written in place)
+            reject()
+        try:
+            grads = graph.backward(loss)
+        except RuntimeError as err:
+            assert "modified in place" in str(err), str(err)
+            return
+    for i, their in expected.items():
+        if their is None or program.entries[i].dead:
+            continue
+        ours = grads[env[i]] if env[i] in grads else torch.zeros_like(their)
+        torch.testing.assert_close(ours, their, rtol=2e-4, atol=1e-6, msg=lambda m, i=i: f"t{i}: {m}")
 
 
 # ---------------------------------------------------------------- every generator, every op
