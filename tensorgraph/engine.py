@@ -265,8 +265,16 @@ def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
         source_data = nodes[source]
         if source_data["value"]._version != source_data["version"]:
             check_version(source_data, data)
-    args, kwargs = rule_inputs(data, nodes)
-    out = data["result"] if data["output_index"] is not None else data["value"]
+    # rule_inputs() inlined for the common arguments (a Ref, a plain value): once per node, on the hot path
+    args = [nodes[a.node]["value"] if a.__class__ is Ref else (
+        _value(a, nodes) if isinstance(a, (tuple, list)) else a) for a in data["bargs"]]
+    bkwargs = data["bkwargs"]
+    kwargs = {k: _value(v, nodes) for k, v in bkwargs.items()} if bkwargs else {}
+    if data["output_index"] is not None:
+        kwargs["output_index"] = data["output_index"]
+        out = data["result"]
+    else:
+        out = data["value"]
     try:
         return rule(grad, out, *args, **kwargs)
     except UnsupportedCall as err:  # an argument the rule cannot handle: say where the call was made
@@ -323,7 +331,14 @@ def backward(graph: Graph, loss: Any, grad: Tensor | None = None, *, tape: list 
             if input_grad is None:
                 continue
             if arg.__class__ is Ref:
-                _send(grads, node, data, arg.node, input_grad, nodes, tape, anomaly)
+                source = arg.node
+                source_data = nodes[source]
+                if (tape is None and not anomaly and input_grad.dtype == source_data["dtype"]
+                        and input_grad.dtype.is_floating_point and input_grad.shape == source_data["shape"]):
+                    total = grads.get(source)  # _send's common case, inlined
+                    grads[source] = input_grad if total is None else total + input_grad
+                else:
+                    _send(grads, node, data, source, input_grad, nodes, tape, anomaly)
             elif isinstance(arg, (tuple, list)):
                 for item, item_grad in zip(arg, input_grad):
                     if isinstance(item, Ref) and item_grad is not None:
