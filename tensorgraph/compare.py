@@ -10,6 +10,7 @@ off, or this op's gradient is rounded differently from torch's kernel.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -80,8 +81,12 @@ class CompareReport:
         return "\n".join(lines)
 
 
-def replay(graph: Graph, root: int) -> dict[int, Tensor]:
-    """Re-run the graph's ops under torch autograd; every float tensor retains its gradient."""
+def replay(graph: Graph, root: int, differentiable: Collection[int] | None = None) -> dict[int, Tensor]:
+    """Re-run the graph's ops under torch autograd; every float tensor retains its gradient.
+
+    ``differentiable``: the leaves and constants that require grad (default: every float one).
+    torch refuses some (batch norm's running statistics, a loss's class weights).
+    """
     nodes = graph._nodes
     needed = graph.ancestors(root)
     values: dict[int, Tensor] = {}
@@ -99,7 +104,8 @@ def replay(graph: Graph, root: int) -> dict[int, Tensor]:
             data = nodes[node]
             if data["kind"] != "op" or not is_float(data):
                 leaf = data["value"].detach().clone()
-                values[node] = leaf.requires_grad_() if is_float(data) else leaf
+                wanted = is_float(data) and (differentiable is None or node in differentiable)
+                values[node] = leaf.requires_grad_() if wanted else leaf
                 continue
             args = tuple(arg(a) for a in data["args"])
             kwargs = {k: arg(v) for k, v in data["kwargs"].items()}
@@ -142,7 +148,7 @@ def compare(graph: Graph, loss: Any, grad: Tensor | None = None) -> CompareRepor
 
     root = root_node(graph, loss)
     ours = backward(graph, root, grad).by_node
-    values = replay(graph, root)
+    values = replay(graph, root, differentiable=ours)  # only where the engine has a gradient
     values[root].backward(seed_gradient(graph, root, grad))
     nodes = graph._nodes
     status: dict[int, Row] = {}
