@@ -169,6 +169,31 @@ def test_graph_compare_agrees_on_random_programs(data):
     assert report.ok, str(report)
 
 
+@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 40), deadline=None, derandomize=True,
+          database=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_trace_codegen_render_and_save_load_on_random_programs(tmp_path_factory, data):
+    """The features built on a recorded graph run on every program; a saved and loaded graph backpropagates
+    bit for bit the same and renders the same picture."""
+    program = build(HypothesisChooser(data), max_steps=5)
+    note(program.source())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph, loss, _ = run_engine(program)
+        grads = graph.backward(loss)
+        traced = tg.trace(graph, loss)
+        assert all(torch.equal(traced.grads[name], grads[name]) for name in grads)
+        assert graph.backward_source(loss)
+        forward_picture = graph.render().source
+        assert graph.render(view="backward", loss=loss).source
+        path = tmp_path_factory.mktemp("graphs") / "g.json"
+        graph.save(path, values=True)
+        loaded = tg.load_graph(path)
+        again = loaded.backward(graph.name_of(loss))
+    assert set(again) == set(grads) and all(torch.equal(again[name], grads[name]) for name in grads)
+    assert loaded.render().source == forward_picture
+
+
 # ------------------------------------------------------- changed after recording: an error, never a wrong gradient
 
 CHANGES = ("add_", "view", "data", "data_assign")
