@@ -68,13 +68,16 @@ class RecompileWarning(UserWarning):
     """``tg.compile`` recorded the forward again (an input changed shape, dtype or device ...)."""
 
 
-def compile(forward: Callable[..., Tensor], *, params: Sequence[Tensor] | None = None, fuse: bool = True,
+def compile(forward: Callable[..., Tensor], *, params: Sequence[Tensor] | None = None, fuse: bool | None = None,
             cache_size: int = 8) -> CompiledStep:
     """Compile ``forward(*inputs) -> loss`` into a step returning ``(loss, grads)``; see the module docstring.
 
     ``params`` restricts the gradients to these tensors (by identity; default: every
     floating-point tensor the forward reads but does not receive as an argument).
-    ``fuse=False`` keeps the atomic rules even where a fused rule exists. ``cache_size``
+    ``fuse``: by default the closed-form rules of :func:`tensorgraph.symbolic.auto_fuse` replace
+    the atomic ones where the generated step then makes fewer torch calls; ``True`` uses
+    them wherever they exist, ``False`` never (the first derivation of a chain takes sympy
+    seconds; later ones come from its cache). ``cache_size``
     bounds how many recorded versions (one per input signature) are kept.
     """
     if not callable(forward):
@@ -159,6 +162,7 @@ class _Program:
     watched: list[tuple[str, Any, str, Tensor]]  # (kind, owner, name, tensor): direct references to re-check
     first: tuple[Tensor, tuple[Tensor, ...]] | None  # the recording's own results, returned by the first call
     notes: list[str] = field(default_factory=list)
+    fused: bool = False  # the backward uses closed-form rules from tensorgraph.symbolic
 
     def stale(self) -> str | None:
         """Why the recorded references no longer hold (a rebound global or closure variable), or None."""
@@ -172,8 +176,8 @@ class _Program:
 class CompiledStep:
     """A compiled training step: ``loss, grads = step(*inputs)``. Create with :func:`tensorgraph.compile`."""
 
-    def __init__(self, forward: Callable[..., Tensor], *, params: Sequence[Tensor] | None = None, fuse: bool = True,
-                 cache_size: int = 8) -> None:
+    def __init__(self, forward: Callable[..., Tensor], *, params: Sequence[Tensor] | None = None,
+                 fuse: bool | None = None, cache_size: int = 8) -> None:
         self.forward = forward
         self.params = None if params is None else tuple(params)
         self.fuse = fuse
@@ -227,7 +231,13 @@ class CompiledStep:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The parameters' names (their gradients are also found under ``"d" + name``)."""
         return self._last.layout.names if self._last is not None else ()
+
+    @property
+    def fused(self) -> bool:
+        """Whether the step last run uses closed-form (fused) rules from :mod:`tensorgraph.symbolic`."""
+        return self._last is not None and self._last.fused
 
     def __repr__(self) -> str:
         state = f"{len(self._programs)} compiled version(s)" if self._programs else "not compiled yet"
@@ -360,7 +370,8 @@ def _run_recorded(recorder: record, escapes: _Escapes, run: Callable[[], Any]) -
 # ---------------------------------------------------------------- building one program
 
 
-def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tensor] | None, fuse: bool) -> _Program:
+def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tensor] | None,
+           fuse: bool | None) -> _Program:
     rec = _record(forward, inputs)
     graph, loss = rec.graph, rec.loss
     nodes = graph._nodes
@@ -373,6 +384,8 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
                          f"{tuple(loss.shape)} and dtype {loss.dtype}")
     input_ids = {id(x) for x in inputs if isinstance(x, Tensor)}
     leaves = [n for n, d in enumerate(nodes) if d["kind"] == "leaf"]
+    watched = _direct_references(forward, {id(nodes[n]["value"]): nodes[n]["value"] for n in leaves})
+    _name_references(graph, watched)
     for n in leaves:
         if id(nodes[n]["value"]) in rec.no_grad:
             _, where = rec.no_grad[id(nodes[n]["value"])]
@@ -390,16 +403,23 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
                                  "are computed for tensors the forward closes over")
             if id(p) in by_id and is_float(nodes[by_id[id(p)]]):
                 wanted.append(by_id[id(p)])
-    backward_graph = _fused(graph, loss) if fuse else graph
-    traced = trace(backward_graph, loss)
-    # the parameters' nodes in the graph the backward ran on (a fused graph numbers its nodes anew)
-    in_backward = {id(d["value"]): n for n, d in enumerate(backward_graph._nodes) if d["kind"] == "leaf"}
-    pairs = [(n, in_backward.get(id(nodes[n]["value"]))) for n in wanted]
-    pairs = [(n, b) for n, b in pairs if b is not None and b in traced.grads.by_node]
+    notes: list[str] = []
+    chosen = _generate(forward, graph, graph, rec, inputs, wanted, root_node)
+    if fuse is not False:
+        fused_graph, why = _fused(graph, loss)
+        if why:
+            notes.append(why)
+        elif fused_graph is not graph:
+            try:
+                fused = _generate(forward, graph, fused_graph, rec, inputs, wanted, root_node)
+            except NotImplementedError as err:
+                notes.append(f"the fused rules could not be compiled ({err}); using the atomic rules")
+            else:
+                if fuse is True or fused.calls < chosen.calls:
+                    chosen = fused
+    traced, pairs, source, fn_name, namespace = chosen.traced, chosen.pairs, chosen.source, chosen.name, \
+        chosen.namespace
     reached = [n for n, _ in pairs]
-    generator = _Generator(graph, traced, inputs, [b for _, b in pairs], root_node, rec.snapshots)
-    generator.title = _title(forward)
-    source, fn_name, namespace = generator.run()
     code = builtins.compile(source, f"<tg.compile {fn_name}>", "exec")
     exec(code, namespace)  # noqa: S102 - running the generated code is the point
     fn = namespace[fn_name]
@@ -407,7 +427,6 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
                                                   f"<tg.compile {fn_name}>")  # tracebacks show the generated line
     layout = _Layout([nodes[n]["value"] for n in reached], [nodes[n]["name"] for n in reached])
     first_grads = tuple(traced.grads.by_node[b] for _, b in pairs)
-    notes = []
     if rec.escapes:
         notes.append(f"the forward reads tensor values into Python ({'; '.join(rec.escapes)}); the compiled step "
                      f"replays the recorded torch calls and does not re-run that Python code")
@@ -415,8 +434,32 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
         where = next(iter(rec.no_grad.values()))[1]
         notes.append(f"the forward runs torch calls under torch.no_grad() (first at {where}); the compiled step "
                      f"does not replay them")
-    watched = _direct_references(forward, {id(nodes[n]["value"]): nodes[n]["value"] for n in leaves})
-    return _Program(fn, source, layout, graph, watched, (loss, first_grads), notes)
+    return _Program(fn, source, layout, graph, watched, (loss, first_grads), notes, fused=chosen.fused)
+
+
+@dataclass
+class _Generated:
+    traced: BackwardTrace
+    pairs: list[tuple[int, int]]  # (parameter's node in the forward graph, in the graph the backward ran on)
+    source: str
+    name: str
+    namespace: dict[str, Any]
+    calls: int  # torch calls the step makes: the cost model that decides whether fused rules pay
+    fused: bool = False
+
+
+def _generate(forward: Callable[..., Any], graph: Graph, backward_graph: Graph, rec: _Recording, inputs: tuple,
+              wanted: list[int], root: int) -> _Generated:
+    """Trace the backward on ``backward_graph`` and print it after ``graph``'s forward."""
+    traced = trace(backward_graph, rec.loss)
+    # the parameters' nodes in the graph the backward ran on (a fused graph numbers its nodes anew)
+    in_backward = {id(d["value"]): n for n, d in enumerate(backward_graph._nodes) if d["kind"] == "leaf"}
+    pairs = [(n, in_backward.get(id(graph._nodes[n]["value"]))) for n in wanted]
+    pairs = [(n, b) for n, b in pairs if b is not None and b in traced.grads.by_node]
+    generator = _Generator(graph, traced, inputs, [b for _, b in pairs], root, rec.snapshots)
+    generator.title = _title(forward)
+    source, name, namespace = generator.run()
+    return _Generated(traced, pairs, source, name, namespace, len(generator.order), backward_graph is not graph)
 
 
 def _title(forward: Callable[..., Any]) -> str:
@@ -427,16 +470,33 @@ def _title(forward: Callable[..., Any]) -> str:
     return f"{name} ({_where((code.co_filename, code.co_firstlineno))})"
 
 
-def _fused(graph: Graph, loss: Tensor) -> Graph:
-    """The graph with closed-form rules for the chains :mod:`tensorgraph.symbolic` recognises, when it can."""
+def _fused(graph: Graph, loss: Tensor) -> tuple[Graph, str | None]:
+    """The graph with closed-form rules for the chains :mod:`tensorgraph.symbolic` recognises, when it can.
+
+    Returns the graph to run the backward on, and why it is the atomic one when fusion failed.
+    """
     try:
         symbolic = importlib.import_module("tensorgraph.symbolic")
-    except ImportError:
-        return graph
-    auto_fuse = getattr(symbolic, "auto_fuse", None)
-    if auto_fuse is None:
-        return graph
-    return auto_fuse(graph, loss)
+        auto_fuse = getattr(symbolic, "auto_fuse", None)
+        if auto_fuse is None:
+            return graph, None
+        return auto_fuse(graph, loss), None
+    except Exception as err:  # noqa: BLE001 - fusion is an optimisation: without it the atomic rules are exact
+        return graph, f"fused rules unavailable ({type(err).__name__}: {err}); using the atomic rules"
+
+
+def _name_references(graph: Graph, watched: list[tuple[str, Any, str, Tensor]]) -> None:
+    """Leaves the recorder could not name (a global or closure variable of the forward) take that variable's name."""
+    from .naming import set_names
+
+    named = {n: d["name"] for n, d in enumerate(graph._nodes) if d["named"]}
+    extra = {}
+    for _, _, name, tensor in watched:
+        live = graph._live.get(id(tensor))
+        if live is not None and live[2] is tensor and live[0] not in named and name not in graph._names:
+            extra[live[0]] = name
+    if extra:
+        set_names(graph, {**named, **extra})
 
 
 def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor]) -> list[tuple[str, Any, str, Tensor]]:

@@ -1,0 +1,476 @@
+"""tg.compile: generated straight-line steps give the dynamic engine's gradients (float64, 1e-10) and torch's.
+
+Truth comes from outside the compiler: torch autograd in float64 on the same forward (or on an
+out-of-place equivalent where torch cannot follow an in-place op), and the dynamic engine.
+No timing here: speed is measured by ``tensorgraph bench``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import _weights_for
+from op_cases import CASES
+
+import tensorgraph as tg
+from tensorgraph.compiler import CompiledGradients, RecompileWarning
+from tensorgraph.lecture import LECTURE_ROWS, setup
+from tensorgraph.lecture import forward as lecture_forward
+from tensorgraph.makemore.model import forward as exercise4_forward
+
+D = torch.float64
+TOL = {"rtol": 1e-10, "atol": 1e-12}
+PARAMS = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
+
+
+def r(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=D)
+
+
+def torch_grads(forward, params, *inputs):
+    """Gradients of forward(*inputs) w.r.t. params under torch autograd (on detached copies)."""
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    swap = dict(zip(map(id, params), leaves))
+    loss = forward(*inputs, _params=[swap[id(p)] for p in params])
+    return loss.detach(), torch.autograd.grad(loss, leaves)
+
+
+def engine_grads(forward, params, *inputs):
+    with tg.record() as graph:
+        loss = forward(*inputs, _params=params)
+    grads = graph.backward(loss)
+    return loss, [grads[p] for p in params]
+
+
+def assert_all_close(got, expected):
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+# ---------------------------------------------------------------- the lecture's MLP
+
+
+@pytest.fixture(scope="module")
+def lecture():
+    ex = setup(n_hidden=64, dtype=D)
+    return [p.clone() for p in ex.parameters], ex.Xb, ex.Yb
+
+
+def _lecture_step(params, forward=lecture_forward, fuse=False):
+    C, W1, b1, W2, b2, bngain, bnbias = params
+
+    def training_step(Xb, Yb):
+        return forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb)
+
+    return tg.compile(training_step, fuse=fuse)
+
+
+@pytest.mark.parametrize("forward", [lecture_forward, exercise4_forward], ids=["atomic", "exercise4"])
+def test_lecture_step_matches_engine_and_torch(lecture, forward):
+    params, Xb, Yb = lecture
+    step = _lecture_step(params, forward)
+    for _ in range(2):  # the first call returns the recording's results; the second runs the generated code
+        loss, grads = step(Xb, Yb)
+        with tg.record() as graph:
+            expected = forward(*params, Xb, Yb)
+        engine = graph.backward(expected)
+        torch.testing.assert_close(loss, expected, **TOL)
+        assert_all_close([grads[p] for p in params], [engine[p] for p in params])
+        leaves = [p.detach().clone().requires_grad_() for p in params]
+        reference = torch.autograd.grad(forward(*leaves, Xb, Yb), leaves)
+        assert_all_close([grads[name] for name in PARAMS], reference)
+    assert step.recordings == 1
+    assert isinstance(grads, CompiledGradients) and sorted(grads) == sorted(PARAMS)  # in order of first use
+    assert grads["dW1"] is grads["W1"] and len(grads) == 7 and params[0] in grads
+
+
+def test_lecture_step_is_bit_exact_with_the_engine(lecture):
+    params, Xb, Yb = lecture
+    step = _lecture_step(params)
+    step(Xb, Yb)
+    loss, grads = step(Xb, Yb)
+    with tg.record() as graph:
+        expected = lecture_forward(*params, Xb, Yb)
+    engine = graph.backward(expected)
+    assert torch.equal(loss, expected)
+    for p in params:
+        assert torch.equal(grads[p], engine[p]), "the generated code runs the engine's very kernels"
+
+
+def test_in_place_parameter_updates_are_seen(lecture):
+    params, Xb, Yb = lecture
+    params = [p.clone() for p in params]
+    step = _lecture_step(params)
+    for _ in range(4):  # SGD, three ways of writing the update in place
+        loss, grads = step(Xb, Yb)
+        with tg.record() as graph:
+            expected = lecture_forward(*params, Xb, Yb)
+        engine = graph.backward(expected)
+        assert_all_close([grads[p] for p in params], [engine[p] for p in params])
+        for k, p in enumerate(params):
+            g = grads[p]
+            if k % 3 == 0:
+                p.data -= 0.1 * g
+            elif k % 3 == 1:
+                p.sub_(0.1 * g)
+            else:
+                with torch.no_grad():
+                    p -= 0.1 * g
+    assert step.recordings == 1
+
+
+def test_source_is_readable_straight_line_code(lecture):
+    params, Xb, Yb = lecture
+    step = _lecture_step(params)
+    with pytest.raises(RuntimeError, match="has not run yet"):
+        _ = step.source
+    step(Xb, Yb)
+    source = step.source
+    assert source.startswith("def step(Xb, Yb):")
+    for line in ("hprebn = embcat @ W1 + b1", "h = torch.tanh(hpreact)", "dh = ", "dW1 = ", "dC = ", "# backward"):
+        assert line in source, line
+    assert "dcounts += " in source, "a second gradient branch is added in place"
+    assert "for " not in source and "while " not in source and "graph" not in source
+    assert "dXb" not in source and "dYb" not in source, "no gradient for integer data"
+    rows = set(LECTURE_ROWS) - set(PARAMS)
+    assert sum(f"d{name} = " in source for name in rows) >= 10, "lecture-style d-names for the user's tensors"
+    compile(source, "<test>", "exec")
+
+
+# ---------------------------------------------------------------- fused rules
+
+
+def _fake_symbolic(monkeypatch, auto_fuse):
+    import types
+
+    module = types.ModuleType("tensorgraph.symbolic")
+    module.auto_fuse = auto_fuse
+    monkeypatch.setitem(sys.modules, "tensorgraph.symbolic", module)
+
+
+def _with_custom_tanh_rule(graph, loss):
+    """A stand-in for auto_fuse: a new graph whose tanh node carries its own (costlier) rule."""
+    from tensorgraph.graph import Graph
+
+    fused = Graph()
+    fused._nodes = [dict(d) for d in graph._nodes]
+    fused._live, fused._names = dict(graph._live), dict(graph._names)
+    for data in fused._nodes:
+        if data["op"] == "tanh":
+            data["rule"] = lambda g, out, x: torch.ops.aten.tanh_backward(g, out) * 1.0 + 0.0
+    return fused
+
+
+def test_fused_rules_are_used_only_where_they_save_calls(lecture, monkeypatch):
+    params, Xb, Yb = lecture
+    _fake_symbolic(monkeypatch, _with_custom_tanh_rule)
+    auto, forced = _lecture_step(params, fuse=None), _lecture_step(params, fuse=True)
+    auto(Xb, Yb)
+    forced(Xb, Yb)
+    assert not auto.fused and forced.fused, "by default a rule making more torch calls is not used"
+    assert "* 1.0" in forced.source and "* 1.0" not in auto.source
+    for step in (auto, forced):
+        loss, grads = step(Xb, Yb)
+        with tg.record() as graph:
+            expected = lecture_forward(*params, Xb, Yb)
+        engine = graph.backward(expected)
+        assert_all_close([grads[p] for p in params], [engine[p] for p in params])
+
+
+def test_failing_fusion_falls_back_to_the_atomic_rules(lecture, monkeypatch):
+    params, Xb, Yb = lecture
+
+    def broken(graph, loss):
+        raise ValueError("no derivation for this chain")
+
+    _fake_symbolic(monkeypatch, broken)
+    step = _lecture_step(params, fuse=None)
+    with pytest.warns(UserWarning, match="fused rules unavailable .*no derivation for this chain.* atomic rules"):
+        step(Xb, Yb)
+    loss, grads = step(Xb, Yb)
+    assert not step.fused and grads["W1"].shape == params[1].shape
+
+
+@pytest.mark.slow
+def test_symbolic_fused_rules_match_the_engine(lecture, request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("derives the fused rules with sympy (tens of seconds the first time); run with -m slow")
+    symbolic = pytest.importorskip("tensorgraph.symbolic")
+    if not hasattr(symbolic, "auto_fuse"):
+        pytest.skip("tensorgraph.symbolic has no auto_fuse yet")
+    params, Xb, Yb = lecture
+    step = _lecture_step(params, fuse=True)
+    step(Xb, Yb)
+    assert step.fused, "the lecture's cross-entropy and batchnorm chains are fused"
+    loss, grads = step(Xb, Yb)
+    with tg.record() as graph:
+        expected = lecture_forward(*params, Xb, Yb)
+    engine = graph.backward(expected)
+    assert_all_close([grads[p] for p in params], [engine[p] for p in params])
+
+
+# ---------------------------------------------------------------- other forwards
+
+
+def _closure(fn, params):
+    """A forward(*inputs) closing over params; fn(*inputs, _params=...) lets the tests swap them."""
+    return lambda *inputs: fn(*inputs, _params=params)
+
+
+def _check_against_torch_and_engine(fn, params, *inputs, reference=None):
+    step = tg.compile(_closure(fn, params), fuse=False)
+    first, first_grads = step(*inputs)
+    loss, grads = step(*inputs)
+    expected_loss, expected = torch_grads(reference or fn, params, *inputs)
+    torch.testing.assert_close(loss, expected_loss, **TOL)
+    torch.testing.assert_close(first, expected_loss, **TOL)
+    assert_all_close([grads[p] for p in params], expected)
+    assert_all_close([first_grads[p] for p in params], expected)
+    engine_loss, engine = engine_grads(fn, params, *inputs)
+    assert_all_close([grads[p] for p in params], engine)
+    return step
+
+
+def test_broadcasting_and_fan_out():
+    w, b, s = r(5, 4, seed=1), r(4, seed=2), r(3, 1, seed=3)
+
+    def fn(x, _params):
+        w, b, s = _params
+        h = torch.tanh(x @ w + b)  # b broadcast over rows
+        y = h * s + h.sum(0, keepdim=True) * h.exp()  # s over columns; h used four times
+        return (y - y.mean()).pow(2).sum() + (s * b).sum()
+
+    step = _check_against_torch_and_engine(fn, [w, b, s], r(3, 5, seed=4))
+    assert "+=" in step.source
+
+
+def test_in_place_ops_in_the_forward():
+    w, v = r(4, 4, seed=5), r(4, seed=6)
+
+    def fn(x, _params):
+        w, v = _params
+        h = torch.tanh(x @ w)
+        h *= v  # tanh's rule needs h before this: the generated code saves a copy
+        h += 1.0
+        y = h.clone()
+        y[0] = v * 2.0  # setitem: row 0 now comes from v
+        return (y * y).sum()
+
+    def out_of_place(x, _params):  # the same function, written so torch autograd can follow it
+        w, v = _params
+        h = torch.tanh(x @ w) * v + 1.0
+        y = torch.cat([(v * 2.0).unsqueeze(0), h[1:]])
+        return (y * y).sum()
+
+    step = _check_against_torch_and_engine(fn, [w, v], r(3, 4, seed=7), reference=out_of_place)
+    assert ".clone()" in step.source
+
+
+def test_multi_output_ops_and_indexing():
+    w = r(6, 5, seed=8)
+
+    def fn(x, idx, _params):
+        (w,) = _params
+        h = x @ w
+        values, indices = h.max(1)
+        a, b = h.split([2, 3], dim=1)
+        parts = torch.unbind(a, dim=1)
+        return values.sum() + (b[idx] ** 2).sum() + parts[1].exp().sum() + h[range(4), indices].sum()
+
+    step = _check_against_torch_and_engine(fn, [w], r(4, 6, seed=9), torch.tensor([0, 2, 2]))
+    assert step.source.count(".max(1)") == 1, "a multi-output call runs once"
+
+
+def test_cross_entropy_batch_norm_and_layer_norm():
+    w, g, b = r(6, 5, seed=10), r(5, seed=11).abs() + 0.5, r(5, seed=12)
+
+    def fn(x, y, _params):
+        w, g, b = _params
+        h = F.batch_norm(x @ w, None, None, g, b, training=True)
+        h = F.layer_norm(torch.relu(h), (5,), g, b)
+        return F.cross_entropy(h, y) + F.mse_loss(h, torch.zeros_like(h))
+
+    _check_against_torch_and_engine(fn, [w, g, b], r(8, 6, seed=13), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2]))
+
+
+def test_dead_gradients_are_not_computed():
+    w, unused, frozen = r(3, 3, seed=14), r(3, seed=15), r(3, seed=16)
+
+    def forward(x, labels):
+        h = (x @ w) * frozen  # frozen: a float tensor the caller excludes with params=
+        return (h * x).sum() + labels.sum() * 0.0 + (unused.detach() * 0).sum()
+
+    step = tg.compile(forward, params=[w, unused], fuse=False)
+    loss, grads = step(r(2, 3, seed=17), torch.tensor([1, 2]))
+    assert list(grads) == ["w"], "no gradient for data, integer inputs, excluded or disconnected tensors"
+    with pytest.raises(KeyError, match="not a parameter"):
+        grads[frozen]
+    with pytest.raises(KeyError, match="intermediate gradients are not computed"):
+        grads["h"]
+    source = step.source
+    assert "dx" not in source and "dfrozen" not in source and "dlabels" not in source
+
+
+def test_dropout_draws_a_new_mask_each_step():
+    w = r(8, 8, seed=18)
+
+    def forward(x):
+        return F.dropout(torch.tanh(x @ w), p=0.5, training=True).sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(4, 8, seed=19)
+    step(x)
+    torch.manual_seed(5)
+    loss_a, grads_a = step(x)
+    torch.manual_seed(6)
+    loss_b, _ = step(x)
+    assert not torch.equal(loss_a, loss_b), "the mask is drawn again, not baked in"
+    torch.manual_seed(5)
+    with tg.record() as graph:
+        expected = forward(x)
+    torch.testing.assert_close(loss_a, expected, **TOL)
+    torch.testing.assert_close(grads_a[w], graph.backward(expected)[w], **TOL)
+
+
+# ---------------------------------------------------------------- guards
+
+
+def test_guard_re_records_on_a_new_shape_once_and_caches(lecture):
+    params, Xb, Yb = lecture
+    step = _lecture_step(params)
+    step(Xb, Yb)
+    with pytest.warns(RecompileWarning, match=r"input 0 changed shape from \(32, 3\) to \(16, 3\)"):
+        loss, grads = step(Xb[:16], Yb[:16])
+    with tg.record() as graph:
+        expected = lecture_forward(*params, Xb[:16], Yb[:16])
+    torch.testing.assert_close(grads["W1"], graph.backward(expected)[params[1]], **TOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # back to a known shape: the cached version, silently
+        step(Xb, Yb)
+        step(Xb[:16], Yb[:16])
+    assert step.recordings == 2 and "range(16)" in step.source
+
+
+def test_guard_on_dtype_and_on_a_rebound_parameter():
+    module = sys.modules[__name__]
+    module.W_GLOBAL = r(3, seed=20)
+
+    def forward(x):
+        return torch.tanh(x * W_GLOBAL).sum()  # noqa: F821 - a module global, rebound below
+
+    step = tg.compile(forward, fuse=False)
+    x = r(2, 3, seed=21)
+    step(x)
+    with pytest.warns(RecompileWarning, match="input 0 changed dtype from torch.float64 to torch.float32"):
+        step(x.float())
+    module.W_GLOBAL = module.W_GLOBAL - 0.5  # a new tensor, not an in-place update
+    with pytest.warns(RecompileWarning, match="'W_GLOBAL' now refers to a different tensor"):
+        loss, grads = step(x)
+    with tg.record() as graph:
+        expected = forward(x)
+    torch.testing.assert_close(grads["W_GLOBAL"], graph.backward(expected)[module.W_GLOBAL], **TOL)
+    assert step.recordings == 3
+    del module.W_GLOBAL
+
+
+# ---------------------------------------------------------------- what cannot be compiled
+
+
+def test_value_dependent_python_warns_and_no_grad_values_are_refused():
+    w = r(3, seed=22)
+
+    def branchy(x):
+        y = x * w
+        if y.sum() > 0:  # Python reads a tensor value: the recorded branch is what gets compiled
+            y = y * 2
+        return y.sum()
+
+    with pytest.warns(UserWarning, match=r"reads tensor values into Python \(__bool__\(\) at .*test_compile.py"):
+        tg.compile(branchy, fuse=False)(r(3, seed=23))
+
+    def stale(x):
+        with torch.no_grad():
+            scale = x.abs().max()
+        return (x * w / scale).sum()
+
+    with pytest.raises(ValueError, match=r"'scale', computed under torch.no_grad\(\)"):
+        tg.compile(stale, fuse=False)(r(3, seed=24))
+
+
+def test_bad_forwards_get_clear_errors():
+    w = r(3, seed=25)
+    with pytest.raises(TypeError, match="expected a function"):
+        tg.compile(42)
+    with pytest.raises(TypeError, match="must return the loss"):
+        tg.compile(lambda x: (x * w).tolist(), fuse=False)(r(3, seed=26))
+    with pytest.raises(ValueError, match="scalar floating-point loss"):
+        tg.compile(lambda x: x * w, fuse=False)(r(3, seed=27))
+    with pytest.raises(NotImplementedError, match="cumprod"):
+        tg.compile(lambda x: (x * w).cumprod(0).sum(), fuse=False)(r(3, seed=28))
+
+
+# ---------------------------------------------------------------- every op in the rule table
+
+
+@pytest.mark.parametrize("name, fn, inputs", [pytest.param(*case, id=case[0]) for case in CASES[::3]])
+def test_every_op_compiles_to_the_engine_gradients(name, fn, inputs):
+    weight = _weights_for(fn(*inputs))
+    floats = [x for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
+
+    def forward():
+        return (fn(*inputs) * weight).sum()
+
+    step = tg.compile(forward, fuse=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step()
+        loss, grads = step()
+    with tg.record() as graph:
+        expected = forward()
+    engine = graph.backward(expected)
+    torch.testing.assert_close(loss, expected, **TOL)
+    for x in floats:
+        if x in engine:
+            torch.testing.assert_close(grads[x], engine[x], **TOL)
+        else:
+            assert x not in grads
+
+
+# ---------------------------------------------------------------- the recorder's fast path keeps the node schema
+
+
+def test_recorded_nodes_have_every_default_key():
+    from tensorgraph.graph import _NODE_DEFAULTS
+
+    x = r(3, seed=29)
+    with tg.record() as graph:
+        y = x.max(0)
+        z = torch.tanh(x) * 2
+        z += 1
+    required = set(_NODE_DEFAULTS) | {"value", "inputs", "shape", "dtype"}
+    for data in graph._nodes:
+        assert required <= set(data), sorted(required - set(data))
+    assert y.values.shape == () and z.shape == (3,)
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (torch built "
+                    f"{'with' if torch.version.cuda else 'without'} CUDA); the same checks run there on CPU above")
+def test_compiled_step_on_cuda_matches_the_engine():
+    ex = setup(n_hidden=64, dtype=D)
+    params = [p.cuda() for p in ex.parameters]
+    Xb, Yb = ex.Xb.cuda(), ex.Yb.cuda()
+    step = _lecture_step(params)
+    step(Xb, Yb)
+    loss, grads = step(Xb, Yb)
+    with tg.record() as graph:
+        expected = lecture_forward(*params, Xb, Yb)
+    engine = graph.backward(expected)
+    assert loss.device.type == "cuda"
+    assert_all_close([grads[p] for p in params], [engine[p] for p in params])
