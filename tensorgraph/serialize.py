@@ -195,6 +195,13 @@ def encode(value: Any) -> Any:
 
 def func_path(func: Any) -> str | None:
     """A dotted name inside torch or tensorgraph that resolves back to ``func`` (None if there is none)."""
+    if isinstance(func, torch._ops.OpOverloadPacket):  # the rules' aten kernels, in traced backward graphs
+        namespace, _, op = func._qualified_op_name.partition("::")
+        return f"torch.ops.{namespace}.{op}"
+    if isinstance(func, torch._ops.OpOverload):
+        namespace, _, op = func.name().partition("::")
+        op, _, overload = op.partition(".")
+        return f"torch.ops.{namespace}.{op}.{overload or 'default'}"
     if getattr(func, "__name__", None) == "__get__" and hasattr(func, "__self__"):  # a property's getter
         owner = func_path(func.__self__)
         return f"{owner}.__get__" if owner else None
@@ -282,7 +289,12 @@ def _callable(path: str) -> Any:
     from .ops import lookup
 
     original = resolve(path)
-    return original if lookup(original) is not None else Uncallable(path, original)
+    if lookup(original) is not None:
+        return original
+    if path.startswith("torch.ops.aten.") and isinstance(original, (torch._ops.OpOverloadPacket,
+                                                                     torch._ops.OpOverload)):
+        return original  # aten's math kernels (the rules call them): no files, no processes
+    return Uncallable(path, original)
 
 
 # ---------------------------------------------------------------- loading

@@ -281,3 +281,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         graph.save(path, values=True)
     assert path.read_bytes() == before, "a failed save must leave the old file intact"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json"], "no temporary file may be left behind"
+
+
+def test_a_traced_backward_graph_round_trips_with_its_aten_kernels(tmp_path):
+    x = torch.randn(3, 4, dtype=D)
+    with tg.record() as graph:
+        loss = torch.softmax(torch.tanh(x), 1).sum()
+    adjoint = tg.trace(graph, loss).adjoint
+    adjoint.save(tmp_path / "adjoint.graphml", values=True)
+    loaded = tg.load_graph(tmp_path / "adjoint.graphml")
+    assert_same_structure(adjoint, loaded, values=True)
+    kernels = [d["func"] for d in loaded._nodes if isinstance(d["func"], torch._ops.OpOverloadPacket)]
+    assert {k._qualified_op_name for k in kernels} == {"aten::tanh_backward", "aten::_softmax_backward_data"}
+    assert loaded.render().source == adjoint.render().source
