@@ -85,7 +85,7 @@ class Graph:
         """End of the record block: name nodes after the caller's variables, format sources."""
         from .naming import assign_names
 
-        short: dict[str, str] = {}  # relpath is slow: once per file, not once per node
+        short = _short_paths()  # relpath is slow: once per file and working directory, not once per node
         for data in self._nodes:
             source = data.get("source")
             if isinstance(source, tuple):
@@ -97,7 +97,8 @@ class Graph:
             elif source is None:
                 data["source"] = ""
                 data.setdefault("function", "")
-            data["scope"] = "/".join(data.get("scope") or ())
+            scope = data.get("scope")
+            data["scope"] = "/".join(scope) if scope else ""
         assign_names(self, caller, frames)
 
     # ---------------------------------------------------------------- lookups
@@ -227,6 +228,21 @@ class Graph:
         ops = sum(1 for d in self._nodes if d["kind"] == "op")
         leaves = sum(1 for d in self._nodes if d["kind"] == "leaf")
         return f"<tensorgraph.Graph: {len(self._nodes)} nodes ({ops} ops, {leaves} leaves)>"
+
+
+_SHORT_PATHS: dict[str, dict[str, str]] = {}  # working directory -> {file: its short form}
+
+
+def _short_paths() -> dict[str, str]:
+    """The cache of shortened source paths for the current working directory (a training loop records
+    from the same few files at every step)."""
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return {}
+    if cwd not in _SHORT_PATHS and len(_SHORT_PATHS) > 16:
+        _SHORT_PATHS.clear()
+    return _SHORT_PATHS.setdefault(cwd, {})
 
 
 def _short_path(path: str) -> str:
