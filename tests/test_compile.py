@@ -474,3 +474,43 @@ def test_compiled_step_on_cuda_matches_the_engine():
     engine = graph.backward(expected)
     assert loss.device.type == "cuda"
     assert_all_close([grads[p] for p in params], [engine[p] for p in params])
+
+
+# ---------------------------------------------------------------- the bench command (plumbing only: no timings)
+
+
+def test_bench_command_runs_and_reports_every_part(capsys):
+    import json
+
+    from tensorgraph.cli import main
+
+    status = main(["bench", "--json", "--quick", "--repeats", "1", "--inner", "1", "--sizes", "10,20",
+                   "--memory-steps", "3", "--threads", "1"])  # about 15 s: data, four compilations, fused rules
+    report = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert {"torch", "engine", "compiled"} <= set(report["steps"]) and report["steps"]["torch"]["ratio"] == 1.0
+    assert report["targets"] == {"engine": 1.3, "compiled": 0.8}
+    assert report["overhead"]["ops"] == 29 and [row["nodes"] for row in report["scaling"]][:2] == [11, 21]
+    assert set(report["memory"]) == {"engine", "compiled"} and report["machine"]["threads"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "--device: expected cpu or cuda, got 'tpu'"),
+    (["--sizes", "10,x"], "--sizes: expected comma-separated node counts"),
+    (["--only", "steps,speed"], "--only: unknown part 'speed'"),
+    (["--repeats", "0"], "expected a positive integer"),
+])
+def test_bench_command_bad_options_are_one_line(argv, message, capsys):
+    from tensorgraph.cli import main
+
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: --device cuda runs there")
+def test_bench_on_cuda_without_a_gpu_says_so(capsys):
+    from tensorgraph.cli import main
+
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
