@@ -40,6 +40,7 @@ from __future__ import annotations
 import bisect
 import builtins
 import importlib
+import itertools
 import linecache
 import sys
 import warnings
@@ -60,6 +61,7 @@ from .record import _is_internal, _where, record
 
 __all__ = ["CompiledGradients", "CompiledStep", "RecompileWarning", "compile"]
 
+_COUNTER = itertools.count(1)  # each generated function gets its own file name (tracebacks, linecache)
 # calls that read tensor values into Python: the compiled step cannot follow what Python does with them
 _ESCAPES = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__complex__", "numpy"})
 
@@ -420,11 +422,11 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     traced, pairs, source, fn_name, namespace = chosen.traced, chosen.pairs, chosen.source, chosen.name, \
         chosen.namespace
     reached = [n for n, _ in pairs]
-    code = builtins.compile(source, f"<tg.compile {fn_name}>", "exec")
+    filename = f"<tg.compile {next(_COUNTER)}: {_title(forward)}>"
+    code = builtins.compile(source, filename, "exec")
     exec(code, namespace)  # noqa: S102 - running the generated code is the point
     fn = namespace[fn_name]
-    linecache.cache[f"<tg.compile {fn_name}>"] = (len(source), None, source.splitlines(True),
-                                                  f"<tg.compile {fn_name}>")  # tracebacks show the generated line
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show the line
     layout = _Layout([nodes[n]["value"] for n in reached], [nodes[n]["name"] for n in reached])
     first_grads = tuple(traced.grads.by_node[b] for _, b in pairs)
     if rec.escapes:
