@@ -165,6 +165,7 @@ class _Program:
     first: tuple[Tensor, tuple[Tensor, ...]] | None  # the recording's own results, returned by the first call
     notes: list[str] = field(default_factory=list)
     fused: bool = False  # the backward uses closed-form rules from tensorgraph.symbolic
+    no_grad: bool = False  # some leaf requires grad: run under torch.no_grad() (tensorgraph needs no autograd)
 
     def stale(self) -> str | None:
         """Why the recorded references no longer hold (a rebound global or closure variable), or None."""
@@ -208,7 +209,13 @@ class CompiledStep:
             program = self._compile(inputs, key, reason)
         self._last_key, self._last = key, program
         first, program.first = program.first, None
-        loss, grads = first if first is not None else program.fn(*inputs)
+        if first is not None:
+            loss, grads = first
+        elif program.no_grad:  # parameters that require grad: keep torch autograd from recording the step
+            with torch.no_grad():
+                loss, grads = program.fn(*inputs)
+        else:
+            loss, grads = program.fn(*inputs)
         return loss, CompiledGradients(program.layout, grads)
 
     @property
@@ -436,7 +443,9 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
         where = next(iter(rec.no_grad.values()))[1]
         notes.append(f"the forward runs torch calls under torch.no_grad() (first at {where}); the compiled step "
                      f"does not replay them")
-    return _Program(fn, source, layout, graph, watched, (loss, first_grads), notes, fused=chosen.fused)
+    no_grad = any(nodes[n]["value"].requires_grad for n in leaves)
+    return _Program(fn, source, layout, graph, watched, (loss, first_grads), notes, fused=chosen.fused,
+                    no_grad=no_grad)
 
 
 @dataclass
@@ -576,6 +585,8 @@ class _Generator:
         needed = self.needed = self._needed([self.root, *outputs])
         self.order = [k for k in self.order if k in needed]
         self.uses = self._count_uses(outputs)
+        self.position = {k: i for i, k in enumerate(self.order)}
+        self._decide_accumulations(self.position)
         self.inlined = self._inlinable()
         args = self._arguments()
         body = self._emit()
@@ -725,15 +736,15 @@ class _Generator:
 
     def _inlinable(self) -> set[int]:
         """Statements printed inside their single user's expression instead of on a line of their own."""
-        position = {k: i for i, k in enumerate(self.order)}
-        mutations = sorted(position[k] for k in self.order if self.stmts[k].inplace)
+        position = self.position
         users: dict[int, int] = {}
         for key in self.order:
             stmt = self.stmts[key]
             for ref in _refs(stmt.args) + _refs(list(stmt.kwargs.values())):
                 users[self._resolve(ref)] = key
-        self._decide_accumulations(position)
-        mutations = sorted(set(mutations) | {position[k] for k in self.accumulate})
+        # in-place statements, the fan-out sums made in place included: nothing is inlined across one
+        mutations = sorted({position[k] for k in self.order if self.stmts[k].inplace} |
+                           {position[k] for k in self.accumulate})
         inlined: set[int] = set()
         for key in self.order:
             stmt = self.stmts[key]

@@ -123,6 +123,17 @@ def test_in_place_parameter_updates_are_seen(lecture):
     assert step.recordings == 1
 
 
+def test_parameters_that_require_grad(lecture):
+    params, Xb, Yb = lecture
+    params = [torch.nn.Parameter(p.clone()) for p in params]
+    step = _lecture_step(params)
+    step(Xb, Yb)
+    loss, grads = step(Xb, Yb)
+    assert not loss.requires_grad and not grads["W1"].requires_grad, "torch autograd recorded nothing"
+    reference = torch.autograd.grad(lecture_forward(*params, Xb, Yb), params)
+    assert_all_close([grads[p] for p in params], reference)
+
+
 def test_source_is_readable_straight_line_code(lecture):
     params, Xb, Yb = lecture
     step = _lecture_step(params)
