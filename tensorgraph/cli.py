@@ -29,7 +29,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tensorgraph", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="tensorgraph", description="tensorgraph: record, check, draw and derive the gradients of "
+                     "PyTorch code; the lecture 'becoming a backprop ninja' as a tool.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
