@@ -434,6 +434,75 @@ defop(
 defop("cumsum", lambda g, out, x, dim, *, dtype=None: g.flip(dim).cumsum(dim).flip(dim))
 
 
+def _products_of_others(x: Tensor, dim: int) -> Tensor:
+    """For each element, the product of the other elements along ``dim`` (no division: zeros are fine)."""
+    ones = torch.ones_like(x.narrow(dim, 0, 1))
+    n = x.shape[dim]
+    before = torch.cat([ones, x.narrow(dim, 0, n - 1)], dim).cumprod(dim)
+    after = torch.cat([x.narrow(dim, 1, n - 1), ones], dim).flip(dim).cumprod(dim).flip(dim)
+    return before * after
+
+
+def prod_rule(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False, *,
+              dtype: Any = None) -> Tensor:
+    """d prod / dx_i = the product of the other elements (computed without dividing by x_i)."""
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    if dim is None or x.dim() == 0:
+        return (g * _products_of_others(x.reshape(-1), 0)).reshape(x.shape)
+    return _unreduce(g, x, dim, keepdim) * _products_of_others(x, dim % x.dim())
+
+
+defop("prod", prod_rule)
+
+
+def _select_sorted(g: Tensor, out: Any, x: Tensor, dim: int) -> Tensor:
+    """sort / topk values: each gradient goes back to the position its value came from."""
+    if x.dim() == 0:
+        return g
+    return torch.zeros_like(x).scatter(dim, out[1], g)
+
+
+defop("sort", lambda g, out, x, dim=-1, descending=False, *, stable=None, output_index=0: _select_sorted(
+    g, out, x, dim), multi=True)
+defop("msort", lambda g, out, x: _select_sorted(g, (out, x.sort(0).indices), x, 0))  # msort(x) = sort(x, 0)[0]
+defop("topk", lambda g, out, x, k, dim=-1, largest=True, sorted=True, *, output_index=0: _select_sorted(
+    g, out, x, dim), multi=True)
+
+
+def einsum(g: Tensor, out: Tensor, equation: str, *operands: Any) -> tuple:
+    """Each operand's gradient is another einsum: the output's gradient contracted with the other operands."""
+    as_list = len(operands) == 1 and isinstance(operands[0], (list, tuple))
+    tensors = list(operands[0]) if as_list else list(operands)
+    equation = equation.replace(" ", "")
+    if "..." in equation:
+        raise UnsupportedCall("einsum: equations with '...' have no rule")
+    inputs, arrow, output = equation.partition("->")
+    subscripts = inputs.split(",")
+    if not arrow:  # implicit output: the letters used once, in alphabetical order
+        output = "".join(sorted(c for c in set(inputs) - {","} if inputs.count(c) == 1))
+    grads: list[Any] = []
+    for i, (letters, x) in enumerate(zip(subscripts, tensors)):
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            grads.append(None)
+            continue
+        if len(set(letters)) != len(letters):
+            raise UnsupportedCall(f"einsum: a repeated index within one operand ({letters!r}) has no rule")
+        others = [(output, g)] + [(subscripts[j], t) for j, t in enumerate(tensors) if j != i]
+        present = set("".join(sub for sub, _ in others))
+        kept = "".join(c for c in letters if c in present)
+        # NOTE: einsum's forward may promote mixed dtypes on some paths: contract in the output's dtype
+        grad = torch.einsum(",".join(sub for sub, _ in others) + "->" + kept, *[t.to(g.dtype) for _, t in others])
+        # letters of this operand that appear nowhere else were summed over: broadcast the gradient back
+        sizes = iter(grad.shape)
+        grad = grad.reshape([next(sizes) if c in present else 1 for c in letters])
+        grads.append(grad.expand(torch.broadcast_shapes(grad.shape, x.shape)))
+    return (None, grads) if as_list else (None, *grads)
+
+
+defop("einsum", einsum)
+
+
 def norm(g: Tensor, out: Tensor, x: Tensor, p: Any = "fro", dim: Any = None, keepdim: bool = False,
          dtype: Any = None) -> Tensor:
     """Euclidean norm only: x / ||x|| (0 where the norm is 0)."""

@@ -593,8 +593,10 @@ def reduce_select(b: Builder) -> int:
 def reduce_other(b: Builder) -> int:
     x = b.pick()
     nd = b.value(x).dim()
-    form = b.choose.integer(0, 4)
+    form = b.choose.integer(0, 8)
     keepdim = b.choose.boolean()
+    if form >= 5:
+        return _order_statistics(b, x, nd, form, keepdim)
     if form == 0:
         dim = _dims(b, nd, allow_none=False) if nd else 0
         return b.emit(f"{{out}} = {{0}}.logsumexp({dim}, keepdim={keepdim})", [x],
@@ -610,6 +612,48 @@ def reduce_other(b: Builder) -> int:
                       lambda t: torch.norm(t, dim=dim, keepdim=keepdim))
     return b.emit(f"{{out}} = torch.linalg.vector_norm({{0}}, 2, dim={dim}, keepdim={keepdim})", [x],
                   lambda t: torch.linalg.vector_norm(t, 2, dim=dim, keepdim=keepdim))
+
+
+def _order_statistics(b: Builder, x: int, nd: int, form: int, keepdim: bool) -> int:
+    """prod (zeros included), sort and topk."""
+    if form == 5:
+        if nd == 0 or b.choose.boolean():
+            return b.emit("{out} = {0}.prod()", [x], lambda t: t.prod())
+        dim = b.choose.integer(-nd, nd - 1)
+        return b.emit(f"{{out}} = torch.prod({{0}}, {dim}, keepdim={keepdim})", [x],
+                      lambda t: torch.prod(t, dim, keepdim=keepdim))
+    dim = b.choose.integer(-nd, nd - 1) if nd else 0
+    if form == 6:
+        descending = b.choose.boolean()
+        return b.emit(f"{{out}} = {{0}}.sort({dim}, descending={descending}).values", [x],
+                      lambda t: t.sort(dim, descending=descending).values)
+    size = b.value(x).shape[dim] if nd else 1
+    k = b.choose.integer(0, size) if size else 0
+    largest = b.choose.boolean()
+    if form == 7 and nd:
+        return b.emit(f"{{out}} = {{0}}.topk({k}, dim={dim}, largest={largest})[0]", [x],
+                      lambda t: t.topk(k, dim=dim, largest=largest)[0])
+    return b.emit("{out} = torch.msort({0})", [x], lambda t: torch.msort(t))
+
+
+@gen
+def einsum(b: Builder) -> int:
+    """Contractions, transposes, sums and outer products spelled as einsum equations."""
+    x = b.pick()
+    v = b.value(x)
+    letters = "ijk"[: v.dim()]
+    form = b.choose.integer(0, 2)
+    if form == 0 or not letters:  # reduce or permute one operand
+        out = "".join(c for c in letters[::-1] if b.choose.boolean())
+        return b.emit(f"{{out}} = torch.einsum('{letters}->{out}', {{0}})", [x],
+                      lambda t: torch.einsum(f"{letters}->{out}", t))
+    shape = tuple(v.shape[letters.index(c)] for c in letters[-1:]) + (b.choose.integer(1, 3),)
+    y = b.leaf(shape)
+    other = letters[-1] + "z"
+    out = letters[:-1] + "z" if form == 1 else ""
+    equation = f"{letters},{other}->{out}" if form == 1 else f"{letters},{other}"
+    return b.emit(f"{{out}} = torch.einsum('{equation}', {{0}}, {{1}})", [x, y],
+                  lambda t, u: torch.einsum(equation, t, u))
 
 
 # ---------------------------------------------------------------- shapes and views

@@ -143,6 +143,17 @@ REDUCTIONS = {
     "cumsum": lambda x: x.cumsum(1),
     "norm": lambda x: x.norm(),
     "norm_dim": lambda x: x.norm(dim=1),
+    "prod_all": lambda x: x.prod(),
+    "prod_dim": lambda x: x.prod(1),
+    "prod_keepdim_with_zero": lambda x: torch.prod(x * (x > -1.0), 0, keepdim=True),
+    "sort": lambda x: x.sort(1).values * torch.arange(5, dtype=x.dtype),
+    "sort_descending": lambda x: torch.sort(x, dim=0, descending=True)[0].cumsum(0),
+    "topk": lambda x: x.topk(2, dim=1).values.exp(),
+    "msort": lambda x: torch.msort(x) * torch.arange(4, dtype=x.dtype)[:, None],
+    "einsum_matmul": lambda x: torch.einsum("ij,jk->ik", x, x.T),
+    "einsum_implicit": lambda x: torch.einsum("ij,ij", x, x.exp()),
+    "einsum_sum_out": lambda x: torch.einsum("ij->j", x),
+    "einsum_list": lambda x: torch.einsum("ij,kj->ik", [x, x[:2]]),
     "prod_via_exp": lambda x: x.exp().sum(0).log(),
 }
 
