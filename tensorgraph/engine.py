@@ -164,16 +164,19 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class LeafStamps:
-    """Checksums of the leaves' contents at the end of recording, taken in a few batched torch calls.
+    """The leaves' contents at the end of recording, kept in a few batched torch calls.
 
-    A leaf's checksum is the sum of its elements' bit patterns as 64-bit integers (as exact
-    as ``torch.hash_tensor``'s xor, at a fraction of the cost). Leaves of one dtype and
-    device are flattened into one buffer by one call and summed per leaf with one
-    cumulative sum; a backward pass compares one total per group, and only on a mismatch
-    looks for the leaf that changed.
+    Leaves of one dtype and device are flattened into one buffer of their bit patterns by
+    one call. A group of up to ``COPY_LIMIT`` elements keeps that buffer itself (a
+    snapshot); a backward pass flattens the leaves again and compares the two buffers bit
+    for bit. A bigger group keeps each leaf's checksum instead, the sum of its bit patterns
+    as 64-bit integers (as exact as ``torch.hash_tensor``'s xor, at a fraction of the cost),
+    taken with one cumulative sum; a backward pass compares one total. Only on a mismatch
+    does it look for the leaf that changed.
     """
 
     __slots__ = ("groups",)
+    COPY_LIMIT = 1 << 20  # elements: a snapshot of a group up to 4 MB (float32) lives as long as its graph
 
     def __init__(self, leaves: list[tuple[int, Tensor]]) -> None:
         grouped: dict[tuple, list[tuple[int, Tensor]]] = {}
@@ -183,23 +186,51 @@ class LeafStamps:
         self.groups = []
         for (_, device), members in grouped.items():
             tensors = [value for _, value in members]
-            ends = _ends(tuple(value.numel() for value in tensors), device)
-            running = _running_sums(tensors, ends)
-            self.groups.append(([node for node, _ in members], tensors, ends, running, running[-1]))
+            sizes = tuple(value.numel() for value in tensors)
+            ends = _ends(sizes, device) if sum(sizes) > self.COPY_LIMIT else None
+            self.groups.append(_group([node for node, _ in members], tensors, sizes, ends))
+
+    @classmethod
+    def from_layout(cls, layout: list[tuple[list[int], tuple[int, ...], Tensor | None]],
+                    nodes: list[dict[str, Any]]) -> LeafStamps:
+        """Stamps of a graph whose leaves are laid out like the ``layout()`` one's (same ids, shapes, dtypes)."""
+        stamps = cls.__new__(cls)
+        stamps.groups = [_group(members, [nodes[node]["value"] for node in members], sizes, ends)
+                         for members, sizes, ends in layout]
+        return stamps
+
+    def layout(self) -> list[tuple[list[int], tuple[int, ...], Tensor | None]]:
+        """The grouping of the leaves (node ids, sizes, checksum offsets), reusable by :meth:`from_layout`."""
+        return [(nodes, sizes, ends) for nodes, _, sizes, ends, _ in self.groups]
 
     def changed(self) -> list[int]:
         """The leaves whose contents differ from the recorded ones."""
         found: list[int] = []
-        for nodes, tensors, ends, running, total in self.groups:
-            if not torch.equal(_bits(tensors).sum(dtype=torch.int64), total):
+        for nodes, tensors, sizes, ends, kept in self.groups:
+            if ends is None:  # a snapshot of the bits
+                now = _bits(tensors)
+                if not torch.equal(now, kept):
+                    found.extend(node for node, a, b in zip(nodes, now.split(sizes), kept.split(sizes))
+                                 if not torch.equal(a, b))
+            elif not torch.equal(_bits(tensors).sum(dtype=torch.int64), kept[-1]):
                 now = _running_sums(tensors, ends)
                 zero = now.new_zeros(1)
-                differs = (now.diff(prepend=zero) != running.diff(prepend=zero)).tolist()
+                differs = (now.diff(prepend=zero) != kept.diff(prepend=zero)).tolist()
                 found.extend(node for node, changed in zip(nodes, differs) if changed)
         return found
 
     def __bool__(self) -> bool:
         return bool(self.groups)
+
+
+def _group(nodes: list[int], tensors: list[Tensor], sizes: tuple[int, ...], ends: Tensor | None) -> tuple:
+    """One dtype's leaves: (nodes, tensors, sizes, checksum offsets or None, the snapshot or the running checksums)."""
+    if ends is not None:
+        return nodes, tensors, sizes, ends, _running_sums(tensors, ends)
+    snapshot = _bits(tensors)
+    if len(tensors) == 1:  # flattening one contiguous tensor returns a view of it, not a copy
+        snapshot = snapshot.clone()
+    return nodes, tensors, sizes, None, snapshot
 
 
 _ENDS: dict[tuple, Tensor] = {}
@@ -307,6 +338,11 @@ def backward(graph: Graph, loss: Any, grad: Tensor | None = None, *, tape: list 
         raise RuntimeError("tensorgraph: graph.backward() was called inside the graph's own tg.record() block; "
                            "call it after the with-block ends (names are given and the graph is complete there)")
     root = root_node(graph, loss)
+    template = getattr(graph, "_replay", None)
+    if template is not None and tape is None:  # a repeated structure: its cached straight-line plan, if it has one
+        replayed = template.backward(graph, root, grad)
+        if replayed is not None:
+            return replayed
     if getattr(graph, "_fingerprints", None):
         check_unchanged(graph, root)
     nodes = graph._nodes

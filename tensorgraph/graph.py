@@ -9,6 +9,7 @@ dicts are the very dicts the engine reads.
 
 from __future__ import annotations
 
+import itertools
 import keyword
 import os
 import re
@@ -65,6 +66,8 @@ class Graph:
         self._nx: nx.MultiDiGraph | None = None
         self._fingerprints: dict[int, int] = {}  # leaf node -> fingerprint of its value at the end of recording
         self._recording = False  # inside its tg.record() block
+        self._replay: Any = None  # the recording template this graph matched (tensorgraph.replay): backward plans
+        self._reads_values = False  # a recorded call read tensor values into Python (item(), bool(t) ...)
         self.anomaly = False
         _GRAPHS.add(self)
 
@@ -81,12 +84,16 @@ class Graph:
         self._nodes.append(data)
         return node
 
-    def _finish(self, caller: types.FrameType, frames: list[types.FrameType]) -> None:
-        """End of the record block: name nodes after the caller's variables, format sources."""
+    def _finish(self, caller: types.FrameType, frames: list[types.FrameType], start: int = 0) -> dict[int, str]:
+        """End of the record block: name nodes after the caller's variables, format sources.
+
+        Nodes before ``start`` already have formatted sources (copied from a recording template).
+        Returns the user-variable names found, by node (see :func:`tensorgraph.naming.find_names`).
+        """
         from .naming import assign_names
 
         short = _short_paths()  # relpath is slow: once per file and working directory, not once per node
-        for data in self._nodes:
+        for data in itertools.islice(self._nodes, start, None):
             source = data.get("source")
             if isinstance(source, tuple):
                 data["function"] = source[2]
@@ -99,7 +106,7 @@ class Graph:
                 data.setdefault("function", "")
             scope = data.get("scope")
             data["scope"] = "/".join(scope) if scope else ""
-        assign_names(self, caller, frames)
+        return assign_names(self, caller, frames)
 
     # ---------------------------------------------------------------- lookups
 

@@ -30,14 +30,18 @@ _SKIP_FAST = _ATOMS | {types.ModuleType, types.FunctionType, types.BuiltinFuncti
 class _Namer:
     def __init__(self, graph: Graph, *, lookup: bool = True) -> None:
         self.graph = graph
-        self.latest = {id(t): node for node, _version, t in graph._live.values()} if lookup else {}
+        # id(tensor) -> (node, version, tensor): the graph's own map of its tensors' latest versions
+        self.latest: dict[int, tuple] = graph._live if lookup else {}
         self.named: dict[int, str] = {}
         self.used: set[str] = set()
         self.seen: set[int] = set()
 
     def offer(self, name: str, value: Any, *, unique_suffix: bool = False) -> None:
-        node = self.latest.get(id(value))
-        if node is None or node in self.named or name.startswith("_"):
+        live = self.latest.get(id(value))
+        if live is None:
+            return
+        node = live[0]
+        if node in self.named or name.startswith("_"):
             return
         if name in self.used:
             if not unique_suffix:
@@ -99,8 +103,15 @@ class _Namer:
                     self.walk(f"{prefix}.{attr}", item, depth - 1)
 
 
-def assign_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameType]) -> None:
-    """Give every node of ``graph`` a unique name (see the module docstring)."""
+def assign_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameType]) -> dict[int, str]:
+    """Give every node of ``graph`` a unique name (see the module docstring); returns :func:`find_names`'s result."""
+    found = find_names(graph, caller, frames)
+    set_names(graph, found)
+    return found
+
+
+def find_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameType]) -> dict[int, str]:
+    """The user's variable names for the graph's tensors, by node (before versions and op-based names)."""
     namer = _Namer(graph)
     scopes = [caller.f_locals]
     if caller.f_globals is not caller.f_locals:
@@ -122,7 +133,7 @@ def assign_names(graph: Graph, caller: types.FrameType, frames: list[types.Frame
         for name, value in list(frame.f_locals.items()):
             if isinstance(value, Tensor) and name != "self":
                 namer.offer(name, value, unique_suffix=True)
-    set_names(graph, namer.named)
+    return namer.named
 
 
 def set_names(graph: Graph, named: dict[int, str]) -> None:
