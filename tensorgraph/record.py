@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from . import replay as _replay
 from . import rules  # noqa: F401  (fills the op table)
 from .engine import LeafStamps
 from .graph import Graph, Ref
@@ -54,6 +55,11 @@ _METADATA = frozenset(
     + [getattr(Tensor, name) for name in ("size", "dim", "numel", "nelement", "stride", "is_floating_point",
                                           "is_complex", "is_contiguous", "element_size", "storage_offset",
                                           "data_ptr", "__len__", "get_device")])
+# calls that read tensor values into Python: a graph that saw one is flagged (graph._reads_values), so that
+# no straight-line plan is cached from a backward whose Python control flow may depend on the values
+_VALUE_READS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__complex__", "numpy",
+                          "__array__", "__repr__", "__str__", "__format__", "is_nonzero", "equal", "allclose",
+                          "__contains__", "__reduce_ex__", "__dlpack__"})
 
 
 def _is_internal(code: types.CodeType) -> bool:
@@ -106,6 +112,7 @@ class _Recorder(TorchFunctionMode):
         self.view_written: dict[int, tuple] = {}  # id(tensor) -> source of a write through memory it shares
         self.views: dict[int, list[Tensor]] = {}  # id(base) -> recorded views of it
         self.data_of: dict[int, Tensor] = {}  # id(x.data or x.detach()) -> x: same memory, not a view
+        self.replay: _replay.Session | None = None  # matches the ops against the last recording from the same line
 
     # ---------------------------------------------------------------- interception
 
@@ -142,10 +149,12 @@ class _Recorder(TorchFunctionMode):
             else:
                 if not kwargs or all(v is not result for v in kwargs.values()):
                     outputs = [result]
+                    replay = self.replay
                     state.busy = True
                     try:
-                        self._add_op(func, entry, self._refs_of_call(args, kwargs), outputs, result, self._source(),
-                                     previous=None)
+                        if replay is None or not replay.matching or not replay.match(self, func, args, kwargs,
+                                                                                      result, outputs):
+                            self._record_op(func, entry, args, kwargs, outputs, result)
                     finally:
                         state.busy = False
                     return result
@@ -153,10 +162,24 @@ class _Recorder(TorchFunctionMode):
             return result  # an alias of an input (contiguous(), .to(same dtype)): not a new value
         if isinstance(result, (tuple, list)) and any(isinstance(r, Tensor) for r in result) and all(
                 isinstance(r, Tensor) or r is None for r in result):  # (grad_x, grad_w, None) from a backward op
+            outputs = list(result)
             with _Bookkeeping():
-                self._add_op(func, entry, self._refs_of_call(args, kwargs), list(result), result, self._source(),
-                             previous=None)
+                replay = self.replay
+                if replay is None or not replay.matching or not replay.match(self, func, args, kwargs, result,
+                                                                              outputs):
+                    self._record_op(func, entry, args, kwargs, outputs, result)
+        elif getattr(func, "__name__", None) in _VALUE_READS:
+            self.graph._reads_values = True
         return result
+
+    def _record_op(self, func, entry, args, kwargs, outputs, result) -> None:
+        """The full path for a call returning new tensors; logged for the next recording's template."""
+        first = len(self.graph._nodes)
+        call = self._refs_of_call(args, kwargs)
+        source = self._source()
+        self._add_op(func, entry, call, outputs, result, source, previous=None)
+        if self.replay is not None:
+            self.replay.log(func, first, len(self.graph._nodes), source, getattr(_state, "scope", ()))
 
     def _set_data(self, func, args):
         """``y.data = t``: y now holds t's values, detached: a new constant version of y (its old value is kept)."""
@@ -217,7 +240,10 @@ class _Recorder(TorchFunctionMode):
         inplace = bool(entry is not None and entry[2]) or kwargs.get("inplace") is True
         target = args[0] if inplace and args and isinstance(args[0], Tensor) else None
         if target is None or id(target) not in self.graph._live:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            if not isinstance(result, Tensor) and getattr(func, "__name__", None) in _VALUE_READS:
+                self.graph._reads_values = True
+            return result
         with _Bookkeeping():
             previous = self.graph._live[id(target)][0]
             self._snapshot(target)
@@ -469,6 +495,8 @@ class record:
         if torch.is_inference_mode_enabled():
             raise RuntimeError("tensorgraph: tg.record() cannot record inside torch.inference_mode() (its tensors "
                                "keep no version counter); use torch.no_grad() instead")
+        if not self.graph.anomaly:  # the last recording from this line is this one's template (tensorgraph.replay)
+            self._mode.replay = _replay.session(sys._getframe(1), self.graph)
         self._mode.__enter__()
         self.graph._recording = True
         return self.graph
@@ -478,12 +506,17 @@ class record:
         self.graph._recording = False
         with _Bookkeeping():
             caller = sys._getframe(1)
-            self.graph._finish(caller, list(self._mode.frames.values()))
-            # leaves can change without a version bump (p.data -= ...): backward compares these first;
-            # anomaly mode stamps every node, so that intermediates changed through .data are caught too
-            every = self.graph.anomaly
-            self.graph._fingerprints = LeafStamps(
-                [(node, data["value"]) for node, data in enumerate(self.graph._nodes)
-                 if every or data["kind"] == "leaf"])
+            frames = list(self._mode.frames.values())
+            session, self._mode.replay = self._mode.replay, None
+            if session is None or exc_type is not None or not session.finish(caller, frames):
+                found = self.graph._finish(caller, frames, start=session.count if session is not None else 0)
+                # leaves can change without a version bump (p.data -= ...): backward compares these first;
+                # anomaly mode stamps every node, so that intermediates changed through .data are caught too
+                every = self.graph.anomaly
+                self.graph._fingerprints = LeafStamps(
+                    [(node, data["value"]) for node, data in enumerate(self.graph._nodes)
+                     if every or data["kind"] == "leaf"])
+                if session is not None and exc_type is None:
+                    session.remember(found)
         self._mode.frames.clear()
         self._mode.data_of.clear()

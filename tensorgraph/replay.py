@@ -1,0 +1,639 @@
+"""Repeated structure: recording templates and cached straight-line backward plans.
+
+A training loop records the same graph at every step: the same ops, from the same lines,
+on tensors of the same shapes. The engine exploits that in two places, without changing
+a single result:
+
+**Recording templates.** A ``tg.record()`` block remembers the structure of its last
+recording, keyed by the line of its ``with`` statement (per thread, a bounded cache). The
+next recording from that line checks each intercepted op against the template's op at the
+same position: the same callable, from the same file, line and function, in the same
+``tg.scope``; the same non-tensor arguments (compared strictly: ``1`` is not ``1.0`` or
+``True``, ``-0.0`` is not ``0.0``; anything unusual does not match); every tensor argument
+the same node as in the template, unchanged since it was recorded; new leaves of the same
+shape, dtype, strides, device and ``requires_grad``; outputs of the same shapes and dtypes.
+A matched op copies the template's node (its arguments with Refs, bound arguments,
+attributes, formatted source, op, kind ...) and stores only what belongs to the step: the
+value, its version, the result tuple. At the first op that does not match, and at anything
+unusual (in-place ops, ``no_grad`` updates, ``.data`` writes, calls that return their own
+input, ``detach``), matching stops for the rest of the block: the recorder's full path
+records the rest, and at the end of the block the recording becomes the new template.
+
+A recording that matched its template entirely is finished cheaply: its names are the
+template's when the user's variables name the same nodes (they are looked up as always;
+only the op-based names and versions are not worked out again), and the leaf checksums
+reuse the template's grouping.
+
+**Backward plans.** ``graph.backward`` on a graph that matched a template looks up a plan
+for the root and the seed's shape: one generated Python function of straight-line torch
+calls, taking the forward values it reads and the seed, returning exactly the gradients the
+rule walk returns (every float node the loss depends on; bit-identical values, since they
+are the same kernels called with the same arguments in the same order). The first backward
+of a structure walks the rule table; the second is traced (:func:`tensorgraph.trace`) and
+its adjoint graph printed as the plan; later ones run the plan. Before running it, the
+engine's checks are made: leaf checksums and the recorded versions of every value the rule
+walk would check, and no node carrying its own rule. When any check fails, the rule walk
+runs instead and raises exactly its own error.
+
+No plan is cached when the traced backward read a tensor value into Python (``item()``,
+``bool(t)`` ...), used an op whose output shape depends on values (``nonzero``, boolean
+masks), read a tensor that is neither a forward value nor made by a recorded call, or in
+anomaly mode (which records no template). Graphs whose backward raises (an op without a
+rule) never get a plan: the rule walk raises its error every time.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import keyword
+import math
+import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from . import record as _rec  # record imports this module first: its helpers are looked up at call time
+from .engine import Gradients, LeafStamps, check_unchanged, seed_gradient, trace
+from .graph import Ref
+from .naming import find_names, set_names
+from .ops import OPS
+
+if TYPE_CHECKING:
+    from .graph import Graph
+
+__all__ = ["Plan", "Session", "Template", "session", "templates"]
+
+MAX_TEMPLATE_NODES = 20_000  # a bigger recording keeps no template (it would hold ~1 KB per node)
+MAX_CACHED_NODES = 60_000  # all templates of a thread together
+MAX_TEMPLATES = 64
+_COUNTER = itertools.count(1)
+_local = threading.local()
+
+
+def templates() -> dict[tuple, Template]:
+    """This thread's templates, by (code object, line) of the ``with`` statement that recorded them."""
+    cache = getattr(_local, "templates", None)
+    if cache is None:
+        cache = _local.templates = {}
+    return cache
+
+
+def session(caller: types.FrameType, graph: Graph) -> Session:
+    """Start matching a recording made from ``caller``'s current line against that line's template."""
+    key = (caller.f_code, caller.f_lineno)
+    return Session(graph, key, templates().get(key))
+
+
+# ---------------------------------------------------------------- the structure of a recording
+
+
+class _Event:
+    """One recorded call that made new tensors (the recorder's common path), as the template checks it."""
+
+    __slots__ = ("func", "first", "code", "line", "scope", "nargs", "refs", "consts", "generic", "kwargs", "leaves",
+                 "single", "outputs", "device")
+
+    def __init__(self, func: Any, first: int, code: types.CodeType | None, line: int, scope: tuple) -> None:
+        self.func = func  # None: never matches (a call the template does not replay)
+        self.first = first  # the id of the first node the call made (a new leaf or its first output)
+        self.code = code  # the user's code object and line the call was made from
+        self.line = line
+        self.scope = scope
+        self.nargs = 0
+        self.refs: tuple = ()  # (position, node) of each tensor argument
+        self.consts: tuple = ()  # (position, value) of each int, bool, str, None or dtype argument
+        self.generic: tuple = ()  # (position, pattern) of every other argument (floats, tuples ...)
+        self.kwargs: tuple = ()  # (name, pattern) in the call's order
+        self.leaves: dict[int, tuple] = {}  # node -> (shape, dtype, stride, device, requires_grad) of each new leaf
+        self.single: tuple | None = None  # (node, shape, dtype) of a call returning one tensor
+        self.outputs: list[tuple | None] = []  # a call returning several: per output, as single, or None
+        self.device: Any = None  # the output's device, checked for calls without tensor arguments
+
+
+_SIMPLE = frozenset({int, bool, str, type(None), torch.dtype})
+
+
+def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: types.CodeType | None, line: int,
+           scope: tuple) -> _Event:
+    """The template's record of the call that made nodes ``first .. end-1`` (its new leaves, then its outputs)."""
+    event = _Event(None, first, code, line, scope)
+    out = first
+    while out < end and nodes[out]["kind"] == "leaf":
+        out += 1
+    if out == end or code is None:
+        return event
+    for node in range(first, out):
+        value = nodes[node]["value"]
+        if value.layout is not torch.strided:
+            return event
+        event.leaves[node] = (value.shape, value.dtype, value.stride(), value.device, value.requires_grad)
+    head = nodes[out]
+    if head["op"] == "detach" or head["inplace"] or _holds((head["args"], head["kwargs"]), Tensor):
+        return event  # detach() is tracked as memory shared with its input; stray tensors cannot be compared
+    refs, consts, generic = [], [], []
+    for position, pattern in enumerate(head["args"]):
+        if pattern.__class__ is Ref:
+            refs.append((position, pattern.node))
+        elif pattern.__class__ in _SIMPLE:
+            consts.append((position, pattern))
+        else:
+            generic.append((position, pattern))
+    event.nargs = len(head["args"])
+    event.refs, event.consts, event.generic = tuple(refs), tuple(consts), tuple(generic)
+    event.kwargs = tuple(head["kwargs"].items())
+    if head["output_index"] is None:
+        if end != out + 1:
+            return event
+        event.single = (out, torch.Size(head["shape"]), head["dtype"])
+        if not head["inputs"]:
+            event.device = head["value"].device
+    else:
+        if not head["inputs"]:
+            return event
+        by_index = {nodes[n]["output_index"]: n for n in range(out, end)}
+        for index in range(len(head["result"])):
+            node = by_index.get(index)
+            event.outputs.append(None if node is None else (node, torch.Size(nodes[node]["shape"]),
+                                                            nodes[node]["dtype"]))
+        if [o[0] for o in event.outputs if o is not None] != list(range(out, end)):
+            return event
+    event.func = func
+    return event
+
+
+class Template:
+    """The last recording from one ``with`` line: its calls, its node data without values, and its backward plans."""
+
+    def __init__(self, events: list[_Event], nodes: list[dict[str, Any]], found: dict[int, str],
+                 names: dict[str, int], layout: list | None) -> None:
+        self.events = events
+        self.nodes = nodes  # each node's dict with no tensors in it (value and result are None)
+        self.size = len(nodes)
+        self.found = found  # the user-variable names naming found, by node
+        self.names = names  # graph._names
+        self.layout = layout  # the leaf checksums' grouping (LeafStamps.layout)
+        self.plans: dict[tuple, Plan | None] = {}  # (root, seed) -> plan, or None where none can be made
+        self.walked: set[tuple] = set()  # (root, seed) keys backpropagated once by the rule walk
+
+    # ------------------------------------------------------------ backward
+
+    def backward(self, graph: Graph, root: int, grad: Tensor | None) -> Gradients | None:
+        """The gradients by this structure's plan for ``root``; None where the rule walk must run."""
+        if graph.anomaly or torch._C._is_torch_function_mode_enabled():
+            return None  # a mode around the backward records or changes its torch calls: the walk makes them
+        if grad is None:
+            key: tuple = (root, None)
+        elif isinstance(grad, Tensor):
+            key = (root, grad.shape, grad.dtype, grad.device)
+        else:
+            return None
+        plan = self.plans.get(key, _MISSING)
+        if plan is _MISSING:
+            if key not in self.walked:  # the first backward of this structure: the rule walk
+                self.walked.add(key)
+                return None
+            return self._trace(graph, root, grad, key)
+        if plan is None:
+            return None
+        return plan.run(graph, root, grad)
+
+    def _trace(self, graph: Graph, root: int, grad: Tensor | None, key: tuple) -> Gradients | None:
+        """Backpropagate while recording the backward (the same kernels as the walk), and keep it as the plan."""
+        stamps = graph._fingerprints
+        if stamps:
+            check_unchanged(graph, root)  # the walk's first check, kept out of the traced recording
+        graph._fingerprints = None
+        try:
+            traced = trace(graph, root, grad)
+        except Exception:  # noqa: BLE001 - the rule walk raises its own error, or succeeds where tracing could not
+            self.plans[key] = None
+            return None
+        finally:
+            graph._fingerprints = stamps
+        self.plans[key] = Plan.build(graph, root, grad, traced)
+        return traced.grads
+
+
+_MISSING = object()
+
+
+# ---------------------------------------------------------------- backward plans
+
+# ops whose output shape depends on tensor values: code after them may take another path at the next step
+_DATA_DEPENDENT = frozenset({"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "nonzero_static",
+                             "repeat_interleave", "bincount"})
+
+
+class _Refused(Exception):
+    """The traced backward cannot be replayed as straight-line code."""
+
+
+class Plan:
+    """A traced backward printed as one straight-line function ``plan(nodes, seed) -> {node: gradient}``."""
+
+    __slots__ = ("fn", "source", "checks")
+
+    def __init__(self, fn: Callable[[list, Tensor], dict[int, Tensor]], source: str, checks: list[int]) -> None:
+        self.fn = fn
+        self.source = source
+        self.checks = checks  # nodes whose recorded versions the rule walk would check
+
+    def run(self, graph: Graph, root: int, grad: Tensor | None) -> Gradients | None:
+        """The rule walk's gradients, or None (the walk then runs and raises its own error) if a check fails."""
+        nodes = graph._nodes
+        stamps = graph._fingerprints
+        if stamps:
+            if not isinstance(stamps, LeafStamps):
+                return None
+            changed = stamps.changed()
+            if changed and min(changed) <= root:
+                return None
+        for node in self.checks:
+            data = nodes[node]
+            if data["value"]._version != data["version"] or data["rule"] is not None:
+                return None
+        return Gradients(graph, self.fn(nodes, seed_gradient(graph, root, grad)), root)
+
+    @classmethod
+    def build(cls, graph: Graph, root: int, grad: Tensor | None, traced: Any) -> Plan | None:
+        """The plan of a traced backward, or None where it could not replay it exactly."""
+        try:
+            return _Printer(graph, root, grad, traced).plan()
+        except _Refused:
+            return None
+
+
+class _Printer:
+    """Prints the needed calls of a traced backward as a Python function."""
+
+    def __init__(self, graph: Graph, root: int, grad: Tensor | None, traced: Any) -> None:
+        self.fwd = graph._nodes
+        self.adj = traced.adjoint._nodes
+        self.traced = traced
+        self.root = root
+        self.grad = grad
+        self.namespace: dict[str, Any] = {}
+        self.var: dict[int, str] = {}
+
+    def plan(self) -> Plan:
+        traced, fwd, adj = self.traced, self.fwd, self.adj
+        if traced.adjoint._reads_values or any(data["rule"] is not None for data in fwd):
+            raise _Refused
+        grads = traced.grads.by_node
+        seed = traced.node_of(grads[self.root])
+        by_value = {id(data["value"]): node for node, data in enumerate(fwd)}
+        if seed is None or (self.grad is not None and id(self.grad) in by_value):
+            raise _Refused
+        outputs = []
+        for node, g in grads.items():
+            j = traced.node_of(g)
+            if j is None:
+                raise _Refused
+            outputs.append((node, j))
+        needed = self._needed([j for _, j in outputs], seed)
+        lines = ["def plan(nodes, seed):"]
+        groups: dict[tuple, str] = {}
+        for j in sorted(needed):
+            data = adj[j]
+            if j == seed:
+                self.var[j] = "seed"
+            elif data["kind"] == "leaf":
+                node = by_value.get(id(data["value"]))
+                if node is None or fwd[node]["value"] is not data["value"]:
+                    raise _Refused  # a tensor the rules got from elsewhere: it may differ at the next step
+                self.var[j] = f"x{node}"
+                lines.append(f"    x{node} = nodes[{node}]['value']  # {fwd[node]['name']}")
+            else:
+                lines.extend(self._statement(j, data, groups))
+        result = ", ".join(f"{node}: {self.var[j]}" for node, j in outputs)
+        lines.append(f"    return {{{result}}}")
+        source = "\n".join(lines) + "\n"
+        filename = f"<tensorgraph plan {next(_COUNTER)}>"
+        exec(builtins.compile(source, filename, "exec"), self.namespace)  # noqa: S102 - the generated plan
+        return Plan(self.namespace["plan"], source, self._checks(grads))
+
+    def _needed(self, outputs: list[int], seed: int) -> set[int]:
+        """The adjoint nodes the gradients need, and every in-place call (its side effect may be needed)."""
+        adj = self.adj
+        stack = outputs + [j for j, data in enumerate(adj) if data["inplace"]]
+        needed: set[int] = set()
+        while stack:
+            j = stack.pop()
+            if j in needed:
+                continue
+            needed.add(j)
+            if j != seed:
+                stack.extend(adj[j]["inputs"])
+        return needed
+
+    def _statement(self, j: int, data: dict[str, Any], groups: dict[tuple, str]) -> list[str]:
+        op = data["op"]
+        if data["func"] is None or op in _DATA_DEPENDENT or (op in ("getitem", "index") and any(
+                self.adj[i]["dtype"] in (torch.bool, torch.uint8) for i in data["inputs"])):
+            raise _Refused
+        self.namespace[f"f{j}"] = data["func"]
+        args = [self._arg(a) for a in data["args"]]
+        for key, value in data["kwargs"].items():
+            if not key.isidentifier() or keyword.iskeyword(key):
+                raise _Refused
+            args.append(f"{key}={self._arg(value)}")
+        call = f"f{j}({', '.join(args)})"
+        name = f"t{j}"
+        self.var[j] = name
+        if data["output_index"] is None:
+            return [f"    {name} = {call}  # {data['name']}"]
+        lines = []
+        group = tuple(id(t) for t in data["result"])  # the outputs of one call come one after the other
+        together = groups.get(group)
+        if together is None:
+            together = groups[group] = f"r{j}"
+            lines.append(f"    {together} = {call}")
+        lines.append(f"    {name} = {together}[{data['output_index']}]  # {data['name']}")
+        return lines
+
+    def _arg(self, value: Any) -> str:
+        if value.__class__ is Ref:
+            return self.var[value.node]
+        cls = value.__class__
+        if (cls is tuple or cls is list) and _holds(value, Ref):
+            items = ", ".join(self._arg(v) for v in value)
+            return f"({items},)" if cls is tuple else f"[{items}]"
+        if _holds(value, (Tensor, Ref)):
+            raise _Refused  # a tensor the printer cannot name
+        if value is None or value is True or value is False or cls is int:
+            return repr(value)
+        name = f"k{len(self.namespace)}"
+        self.namespace[name] = value
+        return name
+
+    def _checks(self, grads: dict[int, Tensor]) -> list[int]:
+        """The nodes whose versions the rule walk checks: each node it runs a rule for, and that node's inputs."""
+        fwd = self.fwd
+        checked: set[int] = set()
+        for node in grads:
+            data = fwd[node]
+            if not data["inputs"] or data["kind"] != "op":
+                continue
+            op = OPS.get(data["op"])
+            if op is None or op.rule is None or data["unsupported"]:
+                continue  # the walk returns no gradient for it (the trace would have raised otherwise)
+            checked.add(node)
+            checked.update(data["inputs"])
+        return sorted(checked)
+
+
+def _holds(value: Any, kinds: Any) -> bool:
+    if isinstance(value, kinds):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds(v, kinds) for v in value)
+    if isinstance(value, dict):
+        return any(_holds(v, kinds) for v in value.values())
+    if isinstance(value, slice):
+        return _holds((value.start, value.stop, value.step), kinds)
+    return False
+
+
+# ---------------------------------------------------------------- matching a recording
+
+
+class Session:
+    """One ``tg.record()`` block: matches its calls against the template, logs them for the next one."""
+
+    def __init__(self, graph: Graph, key: tuple, template: Template | None) -> None:
+        self.graph = graph
+        self.key = key
+        self.template = template
+        self.events = template.events if template is not None else []
+        self.length = len(self.events)
+        self.template_nodes = template.nodes if template is not None else []
+        self.nodes = graph._nodes
+        self.live = graph._live
+        self.matching = template is not None  # False from the first call that did not match
+        self.cursor = 0  # the template event to match next
+        self.count = 0  # nodes made by matched calls: always a prefix of the graph
+        self.logged: list[tuple] = []  # calls the full path recorded: (func, first node, end node, source, scope)
+
+    def match(self, recorder: Any, func: Any, args: tuple, kwargs: dict, result: Any, outputs: list) -> bool:
+        """Record one call by copying the template's nodes, if it is the template's call at this position."""
+        # NOTE: this runs for every op of a repeated recording: checks are flat, in the order they usually fail
+        nodes = self.nodes
+        n = len(nodes)
+        k = self.cursor
+        if n != self.count or k >= self.length:
+            return self._stop()
+        event = self.events[k]
+        if event.func is not func or event.first != n:
+            return self._stop()
+        # the user's line: the first frame outside torch and tensorgraph, as the recorder's _source finds it
+        frame = sys._getframe(2)
+        code = event.code
+        while frame.f_code is not code:
+            internal = _rec._internal_code.get(frame.f_code)
+            if internal is None:
+                internal = _rec._is_internal(frame.f_code)
+            frame = frame.f_back
+            if not internal or frame is None:
+                return self._stop()
+        if frame.f_lineno != event.line or _rec._state.scope != event.scope or len(args) != event.nargs:
+            return self._stop()
+        live = self.live
+        pending: list[Tensor] = []  # new leaves, made only if the whole call matches
+        for position, node in event.refs:
+            value = args[position]
+            found = live.get(id(value))
+            if found is None:
+                if not isinstance(value, Tensor) or not self._leaf(value, node, n, pending, event):
+                    return self._stop()
+            elif found[0] != node or value._version != found[1]:
+                return self._stop()
+        for position, expected in event.consts:
+            value = args[position]
+            if value.__class__ is not expected.__class__ or value != expected:
+                return self._stop()
+        written = recorder.view_written
+        for position, expected in event.generic:
+            if not self._check(args[position], expected, n, pending, event, written):
+                return self._stop()
+        if kwargs or event.kwargs:
+            if len(kwargs) != len(event.kwargs):
+                return self._stop()
+            for (name, value), (expected_name, expected) in zip(kwargs.items(), event.kwargs):
+                if name != expected_name or not self._check(value, expected, n, pending, event, written):
+                    return self._stop()
+        if len(pending) != len(event.leaves) or (written and any(id(args[p]) in written for p, _ in event.refs)):
+            return self._stop()
+        single = event.single
+        if single is not None:
+            if outputs[0] is not result or result.dtype is not single[2] or result.shape != single[1] or (
+                    event.device is not None and result.device != event.device):
+                return self._stop()
+        elif outputs[0] is result or not self._outputs(outputs, event.outputs):
+            return self._stop()
+        # it matches: the nodes are the template's, with this step's values
+        template_nodes = self.template_nodes
+        for value in pending:
+            node = len(nodes)
+            data = template_nodes[node].copy()
+            data["value"] = value
+            version = data["version"] = value._version
+            nodes.append(data)
+            live[id(value)] = (node, version, value)
+        if single is not None:
+            node = single[0]
+            data = template_nodes[node].copy()
+            data["value"] = result
+            version = data["version"] = result._version
+            nodes.append(data)
+            live[id(result)] = (node, version, result)
+            base = result._base
+            if base is not None:
+                recorder.views.setdefault(id(base), []).append(result)
+        else:
+            self._add_outputs(recorder, outputs, event.outputs)
+        recorder.frames.setdefault(id(frame), frame)
+        self.cursor = k + 1
+        self.count = len(nodes)
+        return True
+
+    def _leaf(self, value: Tensor, node: int, n: int, pending: list[Tensor], event: _Event) -> bool:
+        """A tensor the graph has not seen: the template's new leaf at this position, or a repeat of one."""
+        for i, seen in enumerate(pending):
+            if seen is value:
+                return node == n + i
+        spec = event.leaves.get(node)
+        if (spec is None or node != n + len(pending) or value.layout is not torch.strided or value.dtype is not spec[1]
+                or value.shape != spec[0] or value.stride() != spec[2] or value.device != spec[3]
+                or value.requires_grad != spec[4] or value.is_inference()):
+            return False
+        pending.append(value)
+        return True
+
+    def _check(self, value: Any, expected: Any, n: int, pending: list[Tensor], event: _Event, written: dict) -> bool:
+        """One argument against the template's (tensors as Refs, in lists and tuples as the recorder nests them)."""
+        if isinstance(value, Tensor):
+            if expected.__class__ is not Ref:
+                return False
+            found = self.live.get(id(value))
+            if found is None:
+                return self._leaf(value, expected.node, n, pending, event)
+            return found[0] == expected.node and value._version == found[1] and id(value) not in written
+        cls = value.__class__
+        if (cls is tuple or cls is list) and expected.__class__ is cls:
+            return len(value) == len(expected) and all(
+                self._check(v, e, n, pending, event, written) for v, e in zip(value, expected))
+        return _same(value, expected)
+
+    def _outputs(self, outputs: list, specs: list) -> bool:
+        if len(outputs) != len(specs):
+            return False
+        for out, spec in zip(outputs, specs):
+            if spec is None:
+                if out is not None:
+                    return False
+            elif out is None or out.dtype is not spec[2] or out.shape != spec[1]:
+                return False
+        return True
+
+    def _add_outputs(self, recorder: Any, outputs: list, specs: list) -> None:
+        nodes, live = self.nodes, self.live
+        together = tuple(outputs)
+        for out, spec in zip(outputs, specs):
+            if spec is None:
+                continue
+            node = spec[0]
+            data = self.template_nodes[node].copy()
+            data["value"] = out
+            data["result"] = together
+            version = data["version"] = out._version
+            nodes.append(data)
+            live[id(out)] = (node, version, out)
+            if out._base is not None:
+                recorder.views.setdefault(id(out._base), []).append(out)
+
+    def _stop(self) -> bool:
+        self.matching = False
+        return False
+
+    def log(self, func: Any, first: int, end: int, source: tuple, scope: tuple) -> None:
+        """A call the full path recorded (nodes ``first .. end-1``): part of the next template."""
+        frame = sys._getframe(1)
+        while frame is not None and _rec._is_internal(frame.f_code):
+            frame = frame.f_back
+        code = frame.f_code if frame is not None and frame.f_code.co_filename == source[0] else None
+        self.logged.append((func, first, end, code, source[1], scope))
+
+    # ------------------------------------------------------------ the end of the block
+
+    def finish(self, caller: types.FrameType, frames: list[types.FrameType]) -> bool:
+        """Finish a recording that matched its template entirely (names, checksums); False if it did not."""
+        template = self.template
+        graph = self.graph
+        nodes = graph._nodes
+        if (template is None or not self.matching or self.cursor != len(template.events)
+                or len(nodes) != self.count or self.count != template.size or template.layout is None):
+            return False
+        found = find_names(graph, caller, frames)
+        if found == template.found:
+            graph._names = dict(template.names)  # the nodes' names and "named" flags came with the template's data
+        else:
+            set_names(graph, found)
+        graph._fingerprints = LeafStamps.from_layout(template.layout, nodes)
+        graph._replay = template
+        return True
+
+    def remember(self, found: dict[int, str]) -> None:
+        """Make this recording (finished by the full path) the template of its line."""
+        graph = self.graph
+        nodes = graph._nodes
+        if len(nodes) > MAX_TEMPLATE_NODES:
+            return
+        events = self.events[:self.cursor] if self.count else []
+        events += [_event(nodes, *entry) for entry in self.logged]
+        stripped = []
+        for data in nodes:
+            copy = data.copy()
+            copy["value"] = None
+            copy["result"] = None
+            stripped.append(copy)
+        stamps = graph._fingerprints
+        layout = stamps.layout() if isinstance(stamps, LeafStamps) else None
+        template = Template(events, stripped, dict(found), dict(graph._names), layout)
+        cache = templates()
+        cache.pop(self.key, None)
+        cache[self.key] = template
+        total = sum(t.size for t in cache.values())
+        while len(cache) > MAX_TEMPLATES or total > MAX_CACHED_NODES:
+            oldest = next(iter(cache))
+            total -= cache.pop(oldest).size
+        graph._replay = template
+
+
+def _same(value: Any, expected: Any) -> bool:
+    """Whether a non-tensor argument equals the template's, strictly (type included; unusual values never)."""
+    cls = value.__class__
+    if cls is not expected.__class__:
+        return False
+    if cls is float:
+        if value == expected:
+            return value != 0.0 or math.copysign(1.0, value) == math.copysign(1.0, expected)
+        return value != value and expected != expected  # nan
+    if cls in _EQUAL:
+        return value == expected
+    if cls is tuple or cls is list or cls is torch.Size:
+        return len(value) == len(expected) and all(_same(a, b) for a, b in zip(value, expected))
+    if cls is range:
+        return value.start == expected.start and value.stop == expected.stop and value.step == expected.step
+    if cls is slice:
+        return (_same(value.start, expected.start) and _same(value.stop, expected.stop)
+                and _same(value.step, expected.step))
+    return False
+
+
+_EQUAL = frozenset({int, bool, str, type(None), type(Ellipsis), torch.dtype, torch.device, torch.layout,
+                    torch.memory_format})
