@@ -119,6 +119,20 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # NOTE: this runs for every torch call in the block; its common path (an out-of-place op returning
         # one new tensor) is kept free of helper calls, generators and temporary objects
+        replay = self.replay
+        if replay is not None and replay.expected is func and not _state.busy and (
+                not self.grad_at_entry or torch.is_grad_enabled()):
+            # the call the template made at this position: it took the common path then, so it does now
+            # (its callable is no metadata, dropout or in-place op; grad mode is as at entry; see tensorgraph.replay)
+            result = func(*args, **kwargs) if kwargs else func(*args)
+            _state.busy = True
+            try:
+                if replay.match(self, func, args, kwargs or {}, result):
+                    return result
+            finally:
+                _state.busy = False
+            entry = FUNCS.get(func)
+            return self._after_call(func, entry if entry is not None else lookup(func), args, kwargs or {}, result)
         if kwargs is None:
             kwargs = {}
         state = _state
@@ -141,7 +155,10 @@ class _Recorder(TorchFunctionMode):
                 return self._mutating_call(func, entry, args, kwargs)
         if kwargs and kwargs.get("inplace") is True:
             return self._inplace_call(func, entry, args, kwargs)
-        result = func(*args, **kwargs)
+        return self._after_call(func, entry, args, kwargs, func(*args, **kwargs))
+
+    def _after_call(self, func, entry, args, kwargs, result):
+        """The common path: a call that returned new tensors becomes their nodes."""
         if isinstance(result, Tensor):
             for a in args:
                 if a is result:
@@ -150,24 +167,22 @@ class _Recorder(TorchFunctionMode):
                 if not kwargs or all(v is not result for v in kwargs.values()):
                     outputs = [result]
                     replay = self.replay
-                    state.busy = True
+                    _state.busy = True
                     try:
                         if replay is None or not replay.matching or not replay.match(self, func, args, kwargs,
-                                                                                      result, outputs):
+                                                                                      result):
                             self._record_op(func, entry, args, kwargs, outputs, result)
                     finally:
-                        state.busy = False
+                        _state.busy = False
                     return result
             self._check_alias(func, args, kwargs, result)
             return result  # an alias of an input (contiguous(), .to(same dtype)): not a new value
         if isinstance(result, (tuple, list)) and any(isinstance(r, Tensor) for r in result) and all(
                 isinstance(r, Tensor) or r is None for r in result):  # (grad_x, grad_w, None) from a backward op
-            outputs = list(result)
             with _Bookkeeping():
                 replay = self.replay
-                if replay is None or not replay.matching or not replay.match(self, func, args, kwargs, result,
-                                                                              outputs):
-                    self._record_op(func, entry, args, kwargs, outputs, result)
+                if replay is None or not replay.matching or not replay.match(self, func, args, kwargs, result):
+                    self._record_op(func, entry, args, kwargs, list(result), result)
         elif getattr(func, "__name__", None) in _VALUE_READS:
             self.graph._reads_values = True
         return result

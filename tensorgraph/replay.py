@@ -61,7 +61,7 @@ from . import record as _rec  # record imports this module first: its helpers ar
 from .engine import Gradients, LeafStamps, check_unchanged, seed_gradient, trace
 from .graph import Ref
 from .naming import find_names, set_names
-from .ops import OPS
+from .ops import OPS, lookup
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -70,13 +70,14 @@ __all__ = ["Plan", "Session", "Template", "session", "templates"]
 
 MAX_TEMPLATE_NODES = 20_000  # a bigger recording keeps no template (it would hold ~1 KB per node)
 MAX_CACHED_NODES = 60_000  # all templates of a thread together
-MAX_TEMPLATES = 64
+MAX_TEMPLATES = 64  # lines with templates, per thread
+PER_LINE = 4  # structures remembered per line (a loop may alternate between a few: train and eval steps)
 _COUNTER = itertools.count(1)
 _local = threading.local()
 
 
-def templates() -> dict[tuple, Template]:
-    """This thread's templates, by (code object, line) of the ``with`` statement that recorded them."""
+def templates() -> dict[tuple, list[Template]]:
+    """This thread's templates, by (code object, line) of the ``with`` statement that recorded them, latest first."""
     cache = getattr(_local, "templates", None)
     if cache is None:
         cache = _local.templates = {}
@@ -84,9 +85,9 @@ def templates() -> dict[tuple, Template]:
 
 
 def session(caller: types.FrameType, graph: Graph) -> Session:
-    """Start matching a recording made from ``caller``'s current line against that line's template."""
+    """Start matching a recording made from ``caller``'s current line against that line's templates."""
     key = (caller.f_code, caller.f_lineno)
-    return Session(graph, key, templates().get(key))
+    return Session(graph, key, templates().get(key, ()))
 
 
 # ---------------------------------------------------------------- the structure of a recording
@@ -95,12 +96,13 @@ def session(caller: types.FrameType, graph: Graph) -> Session:
 class _Event:
     """One recorded call that made new tensors (the recorder's common path), as the template checks it."""
 
-    __slots__ = ("func", "first", "code", "line", "scope", "nargs", "refs", "consts", "generic", "kwargs", "leaves",
-                 "single", "outputs", "device")
+    __slots__ = ("func", "first", "end", "code", "line", "scope", "nargs", "refs", "consts", "generic", "kwargs",
+                 "leaves", "single", "outputs", "device", "detach")
 
-    def __init__(self, func: Any, first: int, code: types.CodeType | None, line: int, scope: tuple) -> None:
+    def __init__(self, func: Any, first: int, end: int, code: types.CodeType | None, line: int, scope: tuple) -> None:
         self.func = func  # None: never matches (a call the template does not replay)
         self.first = first  # the id of the first node the call made (a new leaf or its first output)
+        self.end = end  # one past its last node
         self.code = code  # the user's code object and line the call was made from
         self.line = line
         self.scope = scope
@@ -113,6 +115,7 @@ class _Event:
         self.single: tuple | None = None  # (node, shape, dtype) of a call returning one tensor
         self.outputs: list[tuple | None] = []  # a call returning several: per output, as single, or None
         self.device: Any = None  # the output's device, checked for calls without tensor arguments
+        self.detach = False  # x.detach() or x.data: the recorder tracks it as memory shared with x
 
 
 _SIMPLE = frozenset({int, bool, str, type(None), torch.dtype})
@@ -121,7 +124,7 @@ _SIMPLE = frozenset({int, bool, str, type(None), torch.dtype})
 def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: types.CodeType | None, line: int,
            scope: tuple) -> _Event:
     """The template's record of the call that made nodes ``first .. end-1`` (its new leaves, then its outputs)."""
-    event = _Event(None, first, code, line, scope)
+    event = _Event(None, first, end, code, line, scope)
     out = first
     while out < end and nodes[out]["kind"] == "leaf":
         out += 1
@@ -133,8 +136,11 @@ def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: t
             return event
         event.leaves[node] = (value.shape, value.dtype, value.stride(), value.device, value.requires_grad)
     head = nodes[out]
-    if head["op"] == "detach" or head["inplace"] or _holds((head["args"], head["kwargs"]), Tensor):
-        return event  # detach() is tracked as memory shared with its input; stray tensors cannot be compared
+    if head["inplace"] or _holds((head["args"], head["kwargs"]), Tensor):
+        return event  # stray tensors (not Refs) in the arguments cannot be compared
+    event.detach = head["op"] == "detach" and bool(head["inputs"])
+    if event.detach and lookup(func) is None:
+        return event
     refs, consts, generic = [], [], []
     for position, pattern in enumerate(head["args"]):
         if pattern.__class__ is Ref:
@@ -210,7 +216,8 @@ class Template:
         graph._fingerprints = None
         try:
             traced = trace(graph, root, grad)
-        except Exception:  # noqa: BLE001 - the rule walk raises its own error, or succeeds where tracing could not
+        except Exception as err:  # noqa: BLE001 - the rule walk raises its own error, or succeeds where tracing cannot
+            _last_refusal[0] = f"tracing the backward failed: {type(err).__name__}: {err}"
             self.plans[key] = None
             return None
         finally:
@@ -231,6 +238,9 @@ _DATA_DEPENDENT = frozenset({"nonzero", "argwhere", "masked_select", "unique", "
 
 class _Refused(Exception):
     """The traced backward cannot be replayed as straight-line code."""
+
+
+_last_refusal = [""]  # why the last plan was refused (for tests and debugging)
 
 
 class Plan:
@@ -264,7 +274,8 @@ class Plan:
         """The plan of a traced backward, or None where it could not replay it exactly."""
         try:
             return _Printer(graph, root, grad, traced).plan()
-        except _Refused:
+        except _Refused as why:
+            _last_refusal[0] = str(why)
             return None
 
 
@@ -282,20 +293,26 @@ class _Printer:
 
     def plan(self) -> Plan:
         traced, fwd, adj = self.traced, self.fwd, self.adj
-        if traced.adjoint._reads_values or any(data["rule"] is not None for data in fwd):
-            raise _Refused
+        if traced.adjoint._reads_values:
+            raise _Refused("a rule read tensor values into Python")
+        if any(data["rule"] is not None for data in fwd):
+            raise _Refused("a node carries its own rule")
         grads = traced.grads.by_node
         seed = traced.node_of(grads[self.root])
         by_value = {id(data["value"]): node for node, data in enumerate(fwd)}
         if seed is None or (self.grad is not None and id(self.grad) in by_value):
-            raise _Refused
+            raise _Refused("the seed is a forward value")
         outputs = []
         for node, g in grads.items():
             j = traced.node_of(g)
             if j is None:
-                raise _Refused
+                raise _Refused("a gradient was not made by a recorded call")
             outputs.append((node, j))
         needed = self._needed([j for _, j in outputs], seed)
+        self.from_data: set[int] = set()  # adjoint nodes computed from forward values or the seed
+        for j, data in enumerate(adj):
+            if data["kind"] == "leaf" or any(i in self.from_data for i in data["inputs"]):
+                self.from_data.add(j)
         lines = ["def plan(nodes, seed):"]
         groups: dict[tuple, str] = {}
         for j in sorted(needed):
@@ -305,7 +322,8 @@ class _Printer:
             elif data["kind"] == "leaf":
                 node = by_value.get(id(data["value"]))
                 if node is None or fwd[node]["value"] is not data["value"]:
-                    raise _Refused  # a tensor the rules got from elsewhere: it may differ at the next step
+                    raise _Refused(f"the rules read {data['name']!r}, which is no forward value (it may differ "
+                                   f"at the next step)")
                 self.var[j] = f"x{node}"
                 lines.append(f"    x{node} = nodes[{node}]['value']  # {fwd[node]['name']}")
             else:
@@ -333,16 +351,26 @@ class _Printer:
 
     def _statement(self, j: int, data: dict[str, Any], groups: dict[tuple, str]) -> list[str]:
         op = data["op"]
-        if data["func"] is None or op in _DATA_DEPENDENT or (op in ("getitem", "index") and any(
-                self.adj[i]["dtype"] in (torch.bool, torch.uint8) for i in data["inputs"])):
-            raise _Refused
+        if data["func"] is None:
+            raise _Refused(f"{data['name']!r} was not made by a call")
+        if op in _DATA_DEPENDENT:
+            shaping = data["inputs"]
+        elif op in ("getitem", "index"):  # boolean masks
+            shaping = [i for i in data["inputs"] if self.adj[i]["dtype"] in (torch.bool, torch.uint8)]
+        else:
+            shaping = ()
+        if any(i in self.from_data for i in shaping):
+            raise _Refused(f"{op} makes a shape that depends on tensor values")
         self.namespace[f"f{j}"] = data["func"]
         args = [self._arg(a) for a in data["args"]]
         for key, value in data["kwargs"].items():
             if not key.isidentifier() or keyword.iskeyword(key):
-                raise _Refused
+                raise _Refused(f"keyword argument {key!r}")
             args.append(f"{key}={self._arg(value)}")
         call = f"f{j}({', '.join(args)})"
+        if data["inplace"]:  # the recorder's value is the changed tensor, whatever the call returns (x[i] = v)
+            self.var[j] = self.var[data["previous"]]
+            return [f"    {call}  # {data['name']}"]
         name = f"t{j}"
         self.var[j] = name
         if data["output_index"] is None:
@@ -364,7 +392,7 @@ class _Printer:
             items = ", ".join(self._arg(v) for v in value)
             return f"({items},)" if cls is tuple else f"[{items}]"
         if _holds(value, (Tensor, Ref)):
-            raise _Refused  # a tensor the printer cannot name
+            raise _Refused("a tensor argument that is not a recorded value")
         if value is None or value is True or value is False or cls is int:
             return repr(value)
         name = f"k{len(self.namespace)}"
@@ -405,31 +433,45 @@ def _holds(value: Any, kinds: Any) -> bool:
 class Session:
     """One ``tg.record()`` block: matches its calls against the template, logs them for the next one."""
 
-    def __init__(self, graph: Graph, key: tuple, template: Template | None) -> None:
+    def __init__(self, graph: Graph, key: tuple, candidates: Any) -> None:
         self.graph = graph
         self.key = key
+        self.nodes = graph._nodes
+        self.live = graph._live
+        self.others = list(candidates[1:])  # the line's other templates, tried in turn at the first call
+        self.matching = bool(candidates)  # False from the first call that did not match
+        self.cursor = 0  # the template event to match next
+        self.frame: types.FrameType | None = None  # the user's frame of the last matched call
+        self.count = 0  # nodes made by matched calls: always a prefix of the graph
+        self.logged: list[tuple] = []  # calls the full path recorded: (func, first node, end node, source, scope)
+        self._use(candidates[0] if candidates else None)
+
+    def _use(self, template: Template | None) -> None:
         self.template = template
         self.events = template.events if template is not None else []
         self.length = len(self.events)
         self.template_nodes = template.nodes if template is not None else []
-        self.nodes = graph._nodes
-        self.live = graph._live
-        self.matching = template is not None  # False from the first call that did not match
-        self.cursor = 0  # the template event to match next
-        self.count = 0  # nodes made by matched calls: always a prefix of the graph
-        self.logged: list[tuple] = []  # calls the full path recorded: (func, first node, end node, source, scope)
+        self.event = self.events[0] if self.events else None
+        self.expected = self.event.func if self.event is not None else None  # the recorder's fast path compares
 
-    def match(self, recorder: Any, func: Any, args: tuple, kwargs: dict, result: Any, outputs: list) -> bool:
+    def match(self, recorder: Any, func: Any, args: tuple, kwargs: dict, result: Any) -> bool:
         """Record one call by copying the template's nodes, if it is the template's call at this position."""
-        # NOTE: this runs for every op of a repeated recording: checks are flat, in the order they usually fail
+        if self._match(recorder, func, args, kwargs, result):
+            return True
+        while self.cursor == 0 and self.others:  # the first call decides between the line's templates
+            self._use(self.others.pop(0))
+            if self._match(recorder, func, args, kwargs, result):
+                self.others = []
+                return True
+        return self._stop()
+
+    def _match(self, recorder: Any, func: Any, args: tuple, kwargs: dict, result: Any) -> bool:
+        # NOTE: this runs for every op of a repeated recording: checks are flat, cheapest and likeliest first;
+        # it changes nothing unless the call matches
+        event = self.event
         nodes = self.nodes
-        n = len(nodes)
-        k = self.cursor
-        if n != self.count or k >= self.length:
-            return self._stop()
-        event = self.events[k]
-        if event.func is not func or event.first != n:
-            return self._stop()
+        if event is None or len(nodes) != self.count or (event.func is not func and event.func != func):
+            return False  # (x.T makes a new method-wrapper at each call: equal, not identical)
         # the user's line: the first frame outside torch and tensorgraph, as the recorder's _source finds it
         frame = sys._getframe(2)
         code = event.code
@@ -439,9 +481,10 @@ class Session:
                 internal = _rec._is_internal(frame.f_code)
             frame = frame.f_back
             if not internal or frame is None:
-                return self._stop()
+                return False
         if frame.f_lineno != event.line or _rec._state.scope != event.scope or len(args) != event.nargs:
-            return self._stop()
+            return False
+        n = self.count
         live = self.live
         pending: list[Tensor] = []  # new leaves, made only if the whole call matches
         for position, node in event.refs:
@@ -449,32 +492,33 @@ class Session:
             found = live.get(id(value))
             if found is None:
                 if not isinstance(value, Tensor) or not self._leaf(value, node, n, pending, event):
-                    return self._stop()
+                    return False
             elif found[0] != node or value._version != found[1]:
-                return self._stop()
+                return False
         for position, expected in event.consts:
             value = args[position]
             if value.__class__ is not expected.__class__ or value != expected:
-                return self._stop()
+                return False
         written = recorder.view_written
-        for position, expected in event.generic:
-            if not self._check(args[position], expected, n, pending, event, written):
-                return self._stop()
+        if event.generic:
+            for position, expected in event.generic:
+                if not self._check(args[position], expected, n, pending, event, written):
+                    return False
         if kwargs or event.kwargs:
             if len(kwargs) != len(event.kwargs):
-                return self._stop()
+                return False
             for (name, value), (expected_name, expected) in zip(kwargs.items(), event.kwargs):
                 if name != expected_name or not self._check(value, expected, n, pending, event, written):
-                    return self._stop()
+                    return False
         if len(pending) != len(event.leaves) or (written and any(id(args[p]) in written for p, _ in event.refs)):
-            return self._stop()
+            return False
         single = event.single
         if single is not None:
-            if outputs[0] is not result or result.dtype is not single[2] or result.shape != single[1] or (
-                    event.device is not None and result.device != event.device):
-                return self._stop()
-        elif outputs[0] is result or not self._outputs(outputs, event.outputs):
-            return self._stop()
+            if (not isinstance(result, Tensor) or result.dtype is not single[2] or result.shape != single[1]
+                    or id(result) in live or (event.device is not None and result.device != event.device)):
+                return False  # (a result the graph knows is an input returned as it is: not a new node)
+        elif not self._outputs(result, event.outputs):
+            return False
         # it matches: the nodes are the template's, with this step's values
         template_nodes = self.template_nodes
         for value in pending:
@@ -494,11 +538,23 @@ class Session:
             base = result._base
             if base is not None:
                 recorder.views.setdefault(id(base), []).append(result)
+            elif event.detach:  # as the recorder's _add_op does: x's memory, not a view
+                origin = nodes[data["inputs"][0]]["value"]
+                base = origin._base if origin._base is not None else origin
+                recorder.data_of[id(result)] = base
+                recorder.views.setdefault(id(base), []).append(result)
         else:
-            self._add_outputs(recorder, outputs, event.outputs)
-        recorder.frames.setdefault(id(frame), frame)
-        self.cursor = k + 1
+            self._add_outputs(recorder, list(result), event.outputs)
+        if frame is not self.frame:
+            recorder.frames.setdefault(id(frame), frame)
+            self.frame = frame
         self.count = len(nodes)
+        k = self.cursor = self.cursor + 1
+        if k < self.length:
+            event = self.event = self.events[k]
+            self.expected = event.func
+        else:
+            self.event = self.expected = None
         return True
 
     def _leaf(self, value: Tensor, node: int, n: int, pending: list[Tensor], event: _Event) -> bool:
@@ -529,14 +585,17 @@ class Session:
                 self._check(v, e, n, pending, event, written) for v, e in zip(value, expected))
         return _same(value, expected)
 
-    def _outputs(self, outputs: list, specs: list) -> bool:
-        if len(outputs) != len(specs):
+    def _outputs(self, result: Any, specs: list) -> bool:
+        """A call returning several tensors (or None in places), as the template's did."""
+        if result.__class__ is not tuple and not isinstance(result, (tuple, list)) or len(result) != len(specs):
             return False
-        for out, spec in zip(outputs, specs):
+        live = self.live
+        for out, spec in zip(result, specs):
             if spec is None:
                 if out is not None:
                     return False
-            elif out is None or out.dtype is not spec[2] or out.shape != spec[1]:
+            elif (not isinstance(out, Tensor) or out.dtype is not spec[2] or out.shape != spec[1]
+                  or id(out) in live):
                 return False
         return True
 
@@ -558,6 +617,7 @@ class Session:
 
     def _stop(self) -> bool:
         self.matching = False
+        self.event = self.expected = None
         return False
 
     def log(self, func: Any, first: int, end: int, source: tuple, scope: tuple) -> None:
@@ -585,6 +645,8 @@ class Session:
             set_names(graph, found)
         graph._fingerprints = LeafStamps.from_layout(template.layout, nodes)
         graph._replay = template
+        if templates().get(self.key, [None])[0] is not template:  # the line's latest structure comes first
+            _keep(self.key, template)
         return True
 
     def remember(self, found: dict[int, str]) -> None:
@@ -595,6 +657,12 @@ class Session:
             return
         events = self.events[:self.cursor] if self.count else []
         events += [_event(nodes, *entry) for entry in self.logged]
+        expected = 0
+        for position, event in enumerate(events):  # matching stops at the first call it cannot replay: keep none after
+            if event.func is None or event.first != expected:
+                del events[position:]
+                break
+            expected = event.end
         stripped = []
         for data in nodes:
             copy = data.copy()
@@ -604,14 +672,19 @@ class Session:
         stamps = graph._fingerprints
         layout = stamps.layout() if isinstance(stamps, LeafStamps) else None
         template = Template(events, stripped, dict(found), dict(graph._names), layout)
-        cache = templates()
-        cache.pop(self.key, None)
-        cache[self.key] = template
-        total = sum(t.size for t in cache.values())
-        while len(cache) > MAX_TEMPLATES or total > MAX_CACHED_NODES:
-            oldest = next(iter(cache))
-            total -= cache.pop(oldest).size
+        _keep(self.key, template)
         graph._replay = template
+
+
+def _keep(key: tuple, template: Template) -> None:
+    """Put a template first among its line's (the line becomes the most recent one), within the cache's bounds."""
+    cache = templates()
+    line = [t for t in cache.pop(key, ()) if t is not template]
+    cache[key] = [template] + line[:PER_LINE - 1]
+    total = sum(t.size for line in cache.values() for t in line)
+    while len(cache) > MAX_TEMPLATES or total > MAX_CACHED_NODES:
+        oldest = next(iter(cache))
+        total -= sum(t.size for t in cache.pop(oldest))
 
 
 def _same(value: Any, expected: Any) -> bool:
