@@ -35,6 +35,12 @@ class Gradients(Mapping):
         self.root = root
 
     def __getitem__(self, key: Any) -> Tensor:
+        if isinstance(key, Tensor):  # the training loop's grads[p]: straight to the node
+            live = self.graph._live.get(id(key))
+            if live is not None and live[2] is key:
+                grad = self.by_node.get(live[0])
+                if grad is not None:
+                    return grad
         try:
             node = self.graph.node_id(key)
         except KeyError:

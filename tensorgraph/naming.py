@@ -9,6 +9,7 @@ updated in place are named ``x_v0``, ``x_v1`` ... before the final ``x``.
 """
 
 from __future__ import annotations
+import __future__
 
 import types
 from typing import TYPE_CHECKING, Any
@@ -20,11 +21,13 @@ if TYPE_CHECKING:
     from .graph import Graph
 
 _MAX_ITEMS = 256
-_SKIP_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)
+_SKIP_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type,
+               __future__._Feature)  # ``annotations`` in a module that imports it from __future__
 # values that hold no tensor: skipped without a call (a list of 256 logged losses cost ~80 us to walk)
 _ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
 # variables skipped by their exact type before any other check: a notebook's namespace is mostly these
-_SKIP_FAST = _ATOMS | {types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type}
+_SKIP_FAST = _ATOMS | {types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type,
+                       __future__._Feature}
 
 
 class _Namer:
@@ -112,7 +115,9 @@ def assign_names(graph: Graph, caller: types.FrameType, frames: list[types.Frame
 
 def find_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameType]) -> dict[int, str]:
     """The user's variable names for the graph's tensors, by node (before versions and op-based names)."""
+    # NOTE: this runs at the end of every record block; _Namer.offer is inlined in the loops over variables
     namer = _Namer(graph)
+    live, named, used = graph._live, namer.named, namer.used
     scopes = [caller.f_locals]
     if caller.f_globals is not caller.f_locals:
         scopes.append(caller.f_globals)
@@ -122,8 +127,12 @@ def find_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameTy
             if type(value) in _SKIP_FAST:
                 continue
             if isinstance(value, Tensor):
-                namer.offer(name, value)
-            elif not name.startswith("_"):
+                found = live.get(id(value))
+                if (found is not None and found[0] not in named and name not in used
+                        and not name.startswith("_")):
+                    named[found[0]] = name
+                    used.add(name)
+            elif not name.startswith("_") and not isinstance(value, type):  # classes hold no tensors to name
                 objects.append((name, value))
     for name, value in objects:
         namer.walk(name, value, depth=3)
@@ -132,8 +141,10 @@ def find_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameTy
             continue
         for name, value in list(frame.f_locals.items()):
             if isinstance(value, Tensor) and name != "self":
-                namer.offer(name, value, unique_suffix=True)
-    return namer.named
+                found = live.get(id(value))
+                if found is not None and found[0] not in named and not name.startswith("_"):
+                    namer.offer(name, value, unique_suffix=True)
+    return named
 
 
 def set_names(graph: Graph, named: dict[int, str]) -> None:

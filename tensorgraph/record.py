@@ -113,6 +113,7 @@ class _Recorder(TorchFunctionMode):
         self.views: dict[int, list[Tensor]] = {}  # id(base) -> recorded views of it
         self.data_of: dict[int, Tensor] = {}  # id(x.data or x.detach()) -> x: same memory, not a view
         self.replay: _replay.Session | None = None  # matches the ops against the last recording from the same line
+        self.nested = False  # entered while another torch function mode was active
 
     # ---------------------------------------------------------------- interception
 
@@ -125,12 +126,16 @@ class _Recorder(TorchFunctionMode):
             # the call the template made at this position: it took the common path then, so it does now
             # (its callable is no metadata, dropout or in-place op; grad mode is as at entry; see tensorgraph.replay)
             result = func(*args, **kwargs) if kwargs else func(*args)
-            _state.busy = True
-            try:
+            if not self.nested:  # no recorder below this one can see the checks' metadata calls
                 if replay.match(self, func, args, kwargs or {}, result):
                     return result
-            finally:
-                _state.busy = False
+            else:
+                _state.busy = True
+                try:
+                    if replay.match(self, func, args, kwargs or {}, result):
+                        return result
+                finally:
+                    _state.busy = False
             entry = FUNCS.get(func)
             return self._after_call(func, entry if entry is not None else lookup(func), args, kwargs or {}, result)
         if kwargs is None:
@@ -512,6 +517,7 @@ class record:
                                "keep no version counter); use torch.no_grad() instead")
         if not self.graph.anomaly:  # the last recording from this line is this one's template (tensorgraph.replay)
             self._mode.replay = _replay.session(sys._getframe(1), self.graph)
+        self._mode.nested = torch._C._len_torch_function_stack() > 0
         self._mode.__enter__()
         self.graph._recording = True
         return self.graph

@@ -47,6 +47,7 @@ from __future__ import annotations
 import builtins
 import itertools
 import keyword
+import linecache
 import math
 import sys
 import threading
@@ -73,6 +74,8 @@ MAX_CACHED_NODES = 60_000  # all templates of a thread together
 MAX_TEMPLATES = 64  # lines with templates, per thread
 PER_LINE = 4  # structures remembered per line (a loop may alternate between a few: train and eval steps)
 _COUNTER = itertools.count(1)
+_state: Any = None
+_internal_code: dict = {}
 _local = threading.local()
 
 
@@ -86,6 +89,9 @@ def templates() -> dict[tuple, list[Template]]:
 
 def session(caller: types.FrameType, graph: Graph) -> Session:
     """Start matching a recording made from ``caller``'s current line against that line's templates."""
+    global _state, _internal_code
+    if _state is None:  # the recorder's thread state and its cache of internal code objects (record imports us)
+        _state, _internal_code = _rec._state, _rec._internal_code
     key = (caller.f_code, caller.f_lineno)
     return Session(graph, key, templates().get(key, ()))
 
@@ -96,15 +102,15 @@ def session(caller: types.FrameType, graph: Graph) -> Session:
 class _Event:
     """One recorded call that made new tensors (the recorder's common path), as the template checks it."""
 
-    __slots__ = ("func", "first", "end", "code", "line", "scope", "nargs", "refs", "consts", "generic", "kwargs",
+    __slots__ = ("func", "first", "end", "code", "lasti", "scope", "nargs", "refs", "consts", "generic", "kwargs",
                  "leaves", "single", "outputs", "device", "detach")
 
-    def __init__(self, func: Any, first: int, end: int, code: types.CodeType | None, line: int, scope: tuple) -> None:
+    def __init__(self, func: Any, first: int, end: int, code: types.CodeType | None, lasti: int, scope: tuple) -> None:
         self.func = func  # None: never matches (a call the template does not replay)
         self.first = first  # the id of the first node the call made (a new leaf or its first output)
         self.end = end  # one past its last node
-        self.code = code  # the user's code object and line the call was made from
-        self.line = line
+        self.code = code  # the user's code object, and the instruction in it that made the call (so, its line)
+        self.lasti = lasti
         self.scope = scope
         self.nargs = 0
         self.refs: tuple = ()  # (position, node) of each tensor argument
@@ -121,10 +127,10 @@ class _Event:
 _SIMPLE = frozenset({int, bool, str, type(None), torch.dtype})
 
 
-def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: types.CodeType | None, line: int,
+def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: types.CodeType | None, lasti: int,
            scope: tuple) -> _Event:
     """The template's record of the call that made nodes ``first .. end-1`` (its new leaves, then its outputs)."""
-    event = _Event(None, first, end, code, line, scope)
+    event = _Event(None, first, end, code, lasti, scope)
     out = first
     while out < end and nodes[out]["kind"] == "leaf":
         out += 1
@@ -246,12 +252,13 @@ _last_refusal = [""]  # why the last plan was refused (for tests and debugging)
 class Plan:
     """A traced backward printed as one straight-line function ``plan(nodes, seed) -> {node: gradient}``."""
 
-    __slots__ = ("fn", "source", "checks")
+    __slots__ = ("fn", "unchanged", "source")
 
-    def __init__(self, fn: Callable[[list, Tensor], dict[int, Tensor]], source: str, checks: list[int]) -> None:
+    def __init__(self, fn: Callable[[list, Tensor], dict[int, Tensor]], unchanged: Callable[[list], bool],
+                 source: str) -> None:
         self.fn = fn
+        self.unchanged = unchanged  # checks the versions of the values the rule walk would check
         self.source = source
-        self.checks = checks  # nodes whose recorded versions the rule walk would check
 
     def run(self, graph: Graph, root: int, grad: Tensor | None) -> Gradients | None:
         """The rule walk's gradients, or None (the walk then runs and raises its own error) if a check fails."""
@@ -263,10 +270,8 @@ class Plan:
             changed = stamps.changed()
             if changed and min(changed) <= root:
                 return None
-        for node in self.checks:
-            data = nodes[node]
-            if data["value"]._version != data["version"] or data["rule"] is not None:
-                return None
+        if not self.unchanged(nodes):
+            return None
         return Gradients(graph, self.fn(nodes, seed_gradient(graph, root, grad)), root)
 
     @classmethod
@@ -330,10 +335,18 @@ class _Printer:
                 lines.extend(self._statement(j, data, groups))
         result = ", ".join(f"{node}: {self.var[j]}" for node, j in outputs)
         lines.append(f"    return {{{result}}}")
+        lines += ["", "", "def unchanged(nodes):",
+                  '    """Whether the values the rule walk checks have their recorded versions (and no own rule)."""']
+        for node in self._checks(grads):
+            lines += [f"    data = nodes[{node}]",
+                      "    if data['value']._version != data['version'] or data['rule'] is not None:",
+                      "        return False"]
+        lines.append("    return True")
         source = "\n".join(lines) + "\n"
         filename = f"<tensorgraph plan {next(_COUNTER)}>"
         exec(builtins.compile(source, filename, "exec"), self.namespace)  # noqa: S102 - the generated plan
-        return Plan(self.namespace["plan"], source, self._checks(grads))
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show it
+        return Plan(self.namespace["plan"], self.namespace["unchanged"], source)
 
     def _needed(self, outputs: list[int], seed: int) -> set[int]:
         """The adjoint nodes the gradients need, and every in-place call (its side effect may be needed)."""
@@ -456,34 +469,25 @@ class Session:
 
     def match(self, recorder: Any, func: Any, args: tuple, kwargs: dict, result: Any) -> bool:
         """Record one call by copying the template's nodes, if it is the template's call at this position."""
-        if self._match(recorder, func, args, kwargs, result):
-            return True
-        while self.cursor == 0 and self.others:  # the first call decides between the line's templates
-            self._use(self.others.pop(0))
-            if self._match(recorder, func, args, kwargs, result):
-                self.others = []
-                return True
-        return self._stop()
-
-    def _match(self, recorder: Any, func: Any, args: tuple, kwargs: dict, result: Any) -> bool:
         # NOTE: this runs for every op of a repeated recording: checks are flat, cheapest and likeliest first;
-        # it changes nothing unless the call matches
+        # nothing changes unless the call matches
         event = self.event
         nodes = self.nodes
+        # (x.T makes a new method-wrapper at each call: equal, not identical)
         if event is None or len(nodes) != self.count or (event.func is not func and event.func != func):
-            return False  # (x.T makes a new method-wrapper at each call: equal, not identical)
+            return self._miss(recorder, func, args, kwargs, result)
         # the user's line: the first frame outside torch and tensorgraph, as the recorder's _source finds it
         frame = sys._getframe(2)
         code = event.code
         while frame.f_code is not code:
-            internal = _rec._internal_code.get(frame.f_code)
+            internal = _internal_code.get(frame.f_code)
             if internal is None:
                 internal = _rec._is_internal(frame.f_code)
             frame = frame.f_back
             if not internal or frame is None:
-                return False
-        if frame.f_lineno != event.line or _rec._state.scope != event.scope or len(args) != event.nargs:
-            return False
+                return self._miss(recorder, func, args, kwargs, result)
+        if frame.f_lasti != event.lasti or _state.scope != event.scope or len(args) != event.nargs:
+            return self._miss(recorder, func, args, kwargs, result)
         n = self.count
         live = self.live
         pending: list[Tensor] = []  # new leaves, made only if the whole call matches
@@ -492,33 +496,33 @@ class Session:
             found = live.get(id(value))
             if found is None:
                 if not isinstance(value, Tensor) or not self._leaf(value, node, n, pending, event):
-                    return False
+                    return self._miss(recorder, func, args, kwargs, result)
             elif found[0] != node or value._version != found[1]:
-                return False
+                return self._miss(recorder, func, args, kwargs, result)
         for position, expected in event.consts:
             value = args[position]
             if value.__class__ is not expected.__class__ or value != expected:
-                return False
+                return self._miss(recorder, func, args, kwargs, result)
         written = recorder.view_written
         if event.generic:
             for position, expected in event.generic:
                 if not self._check(args[position], expected, n, pending, event, written):
-                    return False
+                    return self._miss(recorder, func, args, kwargs, result)
         if kwargs or event.kwargs:
             if len(kwargs) != len(event.kwargs):
-                return False
+                return self._miss(recorder, func, args, kwargs, result)
             for (name, value), (expected_name, expected) in zip(kwargs.items(), event.kwargs):
                 if name != expected_name or not self._check(value, expected, n, pending, event, written):
-                    return False
+                    return self._miss(recorder, func, args, kwargs, result)
         if len(pending) != len(event.leaves) or (written and any(id(args[p]) in written for p, _ in event.refs)):
-            return False
+            return self._miss(recorder, func, args, kwargs, result)
         single = event.single
         if single is not None:
             if (not isinstance(result, Tensor) or result.dtype is not single[2] or result.shape != single[1]
                     or id(result) in live or (event.device is not None and result.device != event.device)):
-                return False  # (a result the graph knows is an input returned as it is: not a new node)
+                return self._miss(recorder, func, args, kwargs, result)  # a known result: an input returned as is
         elif not self._outputs(result, event.outputs):
-            return False
+            return self._miss(recorder, func, args, kwargs, result)
         # it matches: the nodes are the template's, with this step's values
         template_nodes = self.template_nodes
         for value in pending:
@@ -615,6 +619,13 @@ class Session:
             if out._base is not None:
                 recorder.views.setdefault(id(out._base), []).append(out)
 
+    def _miss(self, recorder: Any, func: Any, args: tuple, kwargs: dict, result: Any) -> bool:
+        """The call is not the template's: the first call may still be another template's; later, matching stops."""
+        if self.cursor == 0 and self.others:
+            self._use(self.others.pop(0))
+            return self.match(recorder, func, args, kwargs, result)
+        return self._stop()
+
     def _stop(self) -> bool:
         self.matching = False
         self.event = self.expected = None
@@ -625,8 +636,10 @@ class Session:
         frame = sys._getframe(1)
         while frame is not None and _rec._is_internal(frame.f_code):
             frame = frame.f_back
-        code = frame.f_code if frame is not None and frame.f_code.co_filename == source[0] else None
-        self.logged.append((func, first, end, code, source[1], scope))
+        if frame is None or frame.f_code.co_filename != source[0] or frame.f_lineno != source[1]:
+            self.logged.append((func, first, end, None, -1, scope))
+        else:  # the instruction offset stands for the line: cheaper to compare than f_lineno
+            self.logged.append((func, first, end, frame.f_code, frame.f_lasti, scope))
 
     # ------------------------------------------------------------ the end of the block
 
