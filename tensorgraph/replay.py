@@ -102,15 +102,17 @@ def session(caller: types.FrameType, graph: Graph) -> Session:
 class _Event:
     """One recorded call that made new tensors (the recorder's common path), as the template checks it."""
 
-    __slots__ = ("func", "first", "end", "code", "lasti", "scope", "nargs", "refs", "consts", "generic", "kwargs",
-                 "leaves", "single", "outputs", "device", "detach")
+    __slots__ = ("func", "first", "end", "code", "lasti", "line", "scope", "nargs", "refs", "consts", "generic",
+                 "kwargs", "leaves", "single", "outputs", "device", "detach")
 
-    def __init__(self, func: Any, first: int, end: int, code: types.CodeType | None, lasti: int, scope: tuple) -> None:
+    def __init__(self, func: Any, first: int, end: int, code: types.CodeType | None, lasti: int, line: int,
+                 scope: tuple) -> None:
         self.func = func  # None: never matches (a call the template does not replay)
         self.first = first  # the id of the first node the call made (a new leaf or its first output)
         self.end = end  # one past its last node
-        self.code = code  # the user's code object, and the instruction in it that made the call (so, its line)
-        self.lasti = lasti
+        self.code = code  # the user's code object, and the line in it that made the call
+        self.line = line
+        self.lasti = lasti  # an instruction offset on that line: cheaper to compare than the line
         self.scope = scope
         self.nargs = 0
         self.refs: tuple = ()  # (position, node) of each tensor argument
@@ -128,9 +130,9 @@ _SIMPLE = frozenset({int, bool, str, type(None), torch.dtype})
 
 
 def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: types.CodeType | None, lasti: int,
-           scope: tuple) -> _Event:
+           line: int, scope: tuple) -> _Event:
     """The template's record of the call that made nodes ``first .. end-1`` (its new leaves, then its outputs)."""
-    event = _Event(None, first, end, code, lasti, scope)
+    event = _Event(None, first, end, code, lasti, line, scope)
     out = first
     while out < end and nodes[out]["kind"] == "leaf":
         out += 1
@@ -486,7 +488,11 @@ class Session:
             frame = frame.f_back
             if not internal or frame is None:
                 return self._miss(recorder, func, args, kwargs, result)
-        if frame.f_lasti != event.lasti or _state.scope != event.scope or len(args) != event.nargs:
+        if frame.f_lasti != event.lasti:  # another instruction: on the same line? (a specialised call moves it)
+            if frame.f_lineno != event.line:
+                return self._miss(recorder, func, args, kwargs, result)
+            event.lasti = frame.f_lasti
+        if _state.scope != event.scope or len(args) != event.nargs:
             return self._miss(recorder, func, args, kwargs, result)
         n = self.count
         live = self.live
@@ -637,9 +643,9 @@ class Session:
         while frame is not None and _rec._is_internal(frame.f_code):
             frame = frame.f_back
         if frame is None or frame.f_code.co_filename != source[0] or frame.f_lineno != source[1]:
-            self.logged.append((func, first, end, None, -1, scope))
-        else:  # the instruction offset stands for the line: cheaper to compare than f_lineno
-            self.logged.append((func, first, end, frame.f_code, frame.f_lasti, scope))
+            self.logged.append((func, first, end, None, -1, -1, scope))
+        else:
+            self.logged.append((func, first, end, frame.f_code, frame.f_lasti, source[1], scope))
 
     # ------------------------------------------------------------ the end of the block
 

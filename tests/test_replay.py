@@ -1,0 +1,599 @@
+"""Repeated structure (tensorgraph.replay): a repeated recording and its backward plan change no result.
+
+The reference is today's full path: a recording made with no template (the recorder's full
+path), and the rule walk (``graph._replay = None`` before ``graph.backward``). Every
+repeated recording must give the same node data (names, sources, arguments, attributes,
+values) and every plan the same gradients, bit for bit, under the same keys, in the same
+order; the errors must be the same ones. The rule walk itself is checked against torch
+autograd and finite differences elsewhere (test_ops.py, test_finite_differences.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import threading
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import _weights_for
+from op_cases import CASES
+
+import tensorgraph as tg
+from tensorgraph import engine, replay
+from tensorgraph.lecture import LECTURE_ROWS, forward, setup
+from tensorgraph.ops import OPS
+
+D = torch.float64
+
+
+# ---------------------------------------------------------------- references and comparisons
+
+
+def walk(graph: tg.Graph, loss, grad=None) -> engine.Gradients:
+    """The rule walk (the engine without plans), on the same graph."""
+    saved, graph._replay = graph._replay, None
+    try:
+        return engine.backward(graph, loss, grad)
+    finally:
+        graph._replay = saved
+
+
+def _same_tensor(a, b) -> bool:
+    """Bit for bit (nan where nan)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point():
+        return False
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
+
+
+def assert_same_gradients(got: engine.Gradients, ref: engine.Gradients) -> None:
+    assert list(got.by_node) == list(ref.by_node), "the same gradients, in the same order"
+    for node, expected in ref.by_node.items():
+        assert _same_tensor(got.by_node[node], expected), f"gradient of node {node} differs"
+    assert list(got) == list(ref)  # names
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return _same_tensor(a, b)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
+
+
+def assert_same_graph(got: tg.Graph, ref: tg.Graph) -> None:
+    """Node for node, key for key (in the same order), values included."""
+    assert len(got) == len(ref)
+    for node, (x, y) in enumerate(zip(got._nodes, ref._nodes)):
+        assert list(x) == list(y), f"node {node}: keys differ"
+        for key in y:
+            assert _equal(x[key], y[key]), f"node {node} ({y['name']}): {key} {x[key]!r} != {y[key]!r}"
+    assert got._names == ref._names
+    assert got.names == ref.names
+
+
+def fresh() -> None:
+    """Forget this thread's templates: the next recording takes the recorder's full path."""
+    replay.templates().clear()
+
+
+def _perturbed(x):
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        y = x.clone()  # same strides
+        y.add_(0.01 * torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(7)))
+        return y
+    return x
+
+
+def _record_case(fn, inputs, weight):
+    with tg.record() as graph:  # one line: every recording of a test case shares its template
+        out = fn(*inputs)
+        loss = (out * weight).sum()
+    return graph, loss
+
+
+def _off_the_common_path(graph: tg.Graph) -> bool:
+    """In-place changes, and ops that may update an input (batch_norm): matching stops at them."""
+    return any(data["inplace"] or data["previous"] is not None or (OPS.get(data["op"]) and OPS[data["op"]].mutates)
+               for data in graph._nodes)
+
+
+# ---------------------------------------------------------------- every op: repeated recordings and plans
+
+
+@pytest.mark.parametrize("name,fn,inputs", CASES, ids=[c[0] for c in CASES])
+def test_every_op_case_repeats_bit_identically(name, fn, inputs):
+    weight = _weights_for(fn(*inputs))
+    fresh()
+    first, loss1 = _record_case(fn, inputs, weight)  # the full path; becomes the template
+    second, loss2 = _record_case(fn, inputs, weight)  # the same inputs: matched op by op
+    third, loss3 = _record_case(fn, [_perturbed(x) for x in inputs], weight)  # new values, same structure
+    assert_same_graph(second, first)
+    repeated = first._replay is second._replay is third._replay
+    if not _off_the_common_path(first):
+        assert repeated, "a recording on the recorder's common path must match its template"
+    # first backward of the structure: the rule walk; second: traced; third: the plan (when it has one)
+    for graph, loss in ((first, loss1), (second, loss2), (third, loss3)):
+        assert_same_gradients(graph.backward(loss), walk(graph, loss))
+    if repeated:
+        plan = first._replay.plans.get((len(first) - 1, None))
+        if plan is None:  # refused: only where the backward depends on values in a way a plan cannot replay
+            assert any(word in replay._last_refusal[0] for word in ("read tensor values", "depends on tensor"))
+        # a fourth step replays the plan again on fresh values
+        fourth, loss4 = _record_case(fn, [_perturbed(_perturbed(x)) for x in inputs], weight)
+        assert_same_gradients(fourth.backward(loss4), walk(fourth, loss4))
+
+
+def test_a_rule_that_reads_values_gets_no_plan():
+    """F.cross_entropy's rule asks bool((target == ignore_index).any()): the next step may take another branch."""
+    logits = torch.randn(4, 3, dtype=D)
+    target = torch.tensor([0, 2, 1, 2])
+
+    def make():
+        with tg.record() as graph:
+            loss = F.cross_entropy(logits * 2, target)
+        return graph, loss
+
+    steps = _steps(make)
+    assert steps[-1][0]._replay.plans == {(len(steps[-1][0]) - 1, None): None}
+    assert "read tensor values" in replay._last_refusal[0]
+
+
+# ---------------------------------------------------------------- the lecture's training step
+
+
+def _lecture_step(ex, params):
+    with tg.record() as graph:
+        loss = forward(*params, ex.Xb, ex.Yb)
+    return graph, loss
+
+
+def test_lecture_training_steps_use_the_plan_and_stay_exact():
+    ex = setup()
+    params = [p.clone() for p in ex.parameters]
+    fresh()
+    for step in range(5):
+        graph, loss = _lecture_step(ex, params)
+        grads = graph.backward(loss)
+        assert_same_gradients(grads, walk(graph, loss))
+        if step >= 2:
+            assert graph._replay.plans[(len(graph) - 1, None)] is not None
+        if step < 4:
+            with torch.no_grad():
+                for p in params:
+                    p -= 0.1 * grads[p]
+    # the plan's gradients against torch autograd, on the last step's parameters
+    refs = [p.detach().clone().requires_grad_() for p in params]
+    forward(*refs, ex.Xb, ex.Yb).backward()
+    for p, r in zip(params, refs):
+        torch.testing.assert_close(grads[p], r.grad, rtol=1e-5, atol=1e-7)
+    assert graph.compare(loss).ok
+    parameters = {"C", "W1", "b1", "W2", "b2", "bngain", "bnbias"}  # here: params[0] ... (the caller's list)
+    assert set(LECTURE_ROWS) - parameters <= set(graph.names) and "params[0]" in graph.names
+
+
+def test_names_on_a_matched_recording_are_the_full_paths():
+    ex = setup()
+    params = ex.parameters
+    fresh()
+    first, _ = _lecture_step(ex, params)
+    second, _ = _lecture_step(ex, params)
+    assert second._replay is first._replay
+    assert_same_graph(second, first)
+    assert {"emb", "hprebn", "bnvar_inv", "logprobs", "loss"} <= set(second.names)
+
+
+# ---------------------------------------------------------------- structure changes between steps
+
+
+def _branchy(x, w, mode):
+    with tg.record() as graph:
+        h = x @ w
+        if mode == "tanh":
+            h = torch.tanh(h)
+        elif mode == "relu":
+            h = torch.relu(h)
+        loss = h.sum(dim=0 if mode != "dim1" else 1).pow(2).sum()
+    return graph, loss
+
+
+@pytest.mark.parametrize("change", ["shape", "branch", "argument", "dtype", "leaf_strides", "requires_grad"])
+def test_a_structure_change_falls_back_to_the_full_path(change):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 3, generator=g, dtype=D), torch.randn(3, 5, generator=g, dtype=D)
+    fresh()
+    for _ in range(3):  # template, trace, plan
+        graph, loss = _branchy(x, w, "tanh")
+        graph.backward(loss)
+    template = graph._replay
+    x2, w2, mode = x, w, "tanh"
+    if change == "shape":
+        x2 = torch.randn(6, 3, generator=g, dtype=D)
+    elif change == "branch":
+        mode = "relu"
+    elif change == "argument":
+        mode = "dim1"
+    elif change == "dtype":
+        x2, w2 = x.float(), w.float()
+    elif change == "leaf_strides":
+        w2 = w.t().contiguous().t()
+    elif change == "requires_grad":
+        w2 = w.clone().requires_grad_()
+    changed, loss = _branchy(x2, w2, mode)
+    assert changed._replay is not template
+    fresh()
+    reference, ref_loss = _branchy(x2, w2, mode)
+    assert_same_graph(changed, reference)
+    assert_same_gradients(changed.backward(loss), walk(reference, ref_loss))
+    # and the original structure still replays its plan (a line keeps a few templates)
+    again, loss = _branchy(x, w, "tanh")
+    assert_same_gradients(again.backward(loss), walk(again, loss))
+
+
+def _scaled(x, factor, *, keepdim=False):
+    with tg.record() as graph:
+        y = (x * factor).sum(0, keepdim=keepdim)
+        loss = y.exp().sum()
+    return graph, loss
+
+
+@pytest.mark.parametrize("first,then", [(2, 2.0), (2.0, 3.0), (0.0, -0.0), (1, True), (float("nan"), float("nan"))])
+def test_non_tensor_arguments_match_strictly(first, then):
+    x = torch.randn(3, 4, dtype=D)
+    fresh()
+    template, _ = _scaled(x, first)
+    graph, loss = _scaled(x, then)
+    same = type(first) is type(then) and (first == then and math.copysign(1, first) == math.copysign(1, then)
+                                          or first != first and then != then)
+    assert (graph._replay is template._replay) == same
+    fresh()
+    reference, _ = _scaled(x, then)
+    assert_same_graph(graph, reference)
+
+
+def test_keyword_arguments_and_scopes_are_part_of_the_structure():
+    x = torch.randn(3, 4, dtype=D)
+    fresh()
+    template, _ = _scaled(x, 2.0)
+    graph, _ = _scaled(x, 2.0, keepdim=True)
+    assert graph._replay is not template._replay
+
+    def scoped(label):
+        with tg.record() as graph:
+            with tg.scope(label):
+                loss = (x * 2).sum()
+        return graph, loss
+
+    fresh()
+    a, _ = scoped("a")
+    b, _ = scoped("b")
+    assert a._replay is not b._replay and b.node(2)["scope"] == "b"
+
+
+def _twice(x, which):
+    def left(t):
+        return t.exp()  # line A
+
+    def right(t):
+        return t.exp()  # line B: the same op from another line
+
+    with tg.record() as graph:
+        y = left(x) if which == "left" else right(x)
+        loss = y.sum()
+    return graph, loss
+
+
+def test_the_same_op_from_another_line_is_another_structure():
+    x = torch.randn(3, dtype=D)
+    fresh()
+    a, _ = _twice(x, "left")
+    b, _ = _twice(x, "right")
+    assert a._replay is not b._replay
+    assert a.node("y")["source"] != b.node("y")["source"]
+    fresh()
+    reference, _ = _twice(x, "right")
+    assert_same_graph(b, reference)
+
+
+def test_an_in_place_op_stops_matching_and_the_rest_is_recorded_in_full():
+    x = torch.randn(3, 4, dtype=D)
+
+    def step(v):
+        with tg.record() as graph:
+            h = x * 2
+            h += v  # an in-place op: the full path from here
+            loss = h.tanh().sum()
+        return graph, loss
+
+    fresh()
+    step(1.0)
+    graph, loss = step(1.0)
+    assert graph._replay is not None and graph.names[1:3] == ["h_v0", "h"]
+    fresh()
+    reference, ref_loss = step(1.0)
+    assert_same_graph(graph, reference)
+    assert_same_gradients(graph.backward(loss), walk(reference, ref_loss))
+
+
+# ---------------------------------------------------------------- names
+
+
+class _Layer:
+    def __init__(self, w):
+        self.w = w
+        self.out = None
+
+    def __call__(self, x):
+        self.out = torch.tanh(x @ self.w)
+        return self.out
+
+
+def _layers_step(layers, x, alias):
+    with tg.record() as graph:
+        h = x
+        for layer in layers:
+            h = layer(h)
+        loss = h.sum()
+        if alias:
+            first_out = layers[0].out  # noqa: F841 - names node layers[0].out differently
+    return graph, loss
+
+
+def test_names_follow_the_variables_of_each_step():
+    g = torch.Generator().manual_seed(1)
+    layers = [_Layer(torch.randn(4, 4, generator=g, dtype=D)) for _ in range(2)]
+    x = torch.randn(2, 4, generator=g, dtype=D)
+    fresh()
+    plain, _ = _layers_step(layers, x, alias=False)
+    assert "layers[0].out" in plain.names and "layers[0].w" in plain.names
+    renamed, _ = _layers_step(layers, x, alias=True)  # same structure, another variable names a node
+    assert renamed._replay is plain._replay
+    assert "first_out" in renamed.names and "layers[0].out" not in renamed.names
+    fresh()
+    reference, _ = _layers_step(layers, x, alias=True)
+    assert_same_graph(renamed, reference)
+    again, loss = _layers_step(layers, x, alias=False)
+    assert "layers[0].out" in again.names
+    assert again.backward(loss)["dlayers[0].w"].shape == (4, 4)
+
+
+def _function_locals(x):
+    def inner(t):
+        hidden = t * 3
+        return hidden.exp()
+
+    with tg.record() as graph:
+        out = inner(x)
+        loss = out.sum()
+    return graph, loss
+
+
+def test_function_local_names_on_matched_recordings():
+    x = torch.randn(3, dtype=D)
+    fresh()
+    first, _ = _function_locals(x)
+    graph, loss = _function_locals(x)
+    assert graph._replay is first._replay  # matched
+    assert_same_graph(graph, first)
+    assert "hidden" in graph.names and "out" in graph.names
+    assert graph.backward(loss)["dhidden"].shape == (3,)
+
+
+# ---------------------------------------------------------------- errors, on both paths
+
+
+def _steps(make, count=4, backward=True):
+    """``count`` recordings of one structure, each backpropagated: the walk, the trace, then plans."""
+    fresh()
+    out = []
+    for _ in range(count):
+        graph, loss, *rest = make()
+        if backward:
+            assert_same_gradients(graph.backward(loss), walk(graph, loss))
+        out.append((graph, loss, *rest))
+    return out
+
+
+def test_errors_are_the_same_on_every_path():
+    x = torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            y = torch.tanh(x * 2)
+            loss = y.sum()
+        return graph, loss, y
+
+    for graph, loss, y in _steps(make, backward=False):
+        with pytest.raises(ValueError, match="must be a scalar"):
+            graph.backward(y)
+        with pytest.raises(ValueError, match="grad has shape"):
+            graph.backward(loss, grad=torch.ones(2, dtype=D))
+        with pytest.raises(ValueError, match="belongs to no graph"):
+            graph.backward(torch.ones(()))
+        with pytest.raises(ValueError, match="grad must be a tensor"):
+            graph.backward(loss, grad=1.0)
+        graph.backward(loss)
+        graph.backward(loss)
+
+
+def test_modified_after_recording_is_an_error_on_the_plan_path():
+    x = torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            h = torch.tanh(x * 2)
+            loss = h.sum()
+        return graph, loss, h
+
+    steps = _steps(make)
+    graph, loss, h = steps[-1]
+    assert graph._replay.plans  # this structure has a plan
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"'h' was modified in place"):
+        graph.backward(loss)
+
+
+def test_data_written_after_recording_is_an_error_on_the_plan_path():
+    w = torch.randn(3, 3, dtype=D)
+    x = torch.randn(2, 3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            loss = torch.tanh(x @ w).sum()
+        return graph, loss
+
+    steps = _steps(make)
+    graph, loss = steps[-1]
+    w.data -= 0.1  # no version bump: the leaf checksum catches it
+    with pytest.raises(RuntimeError, match=r"'w' was modified in place"):
+        graph.backward(loss)
+    w.data += 0.1
+    graph2, loss2 = make()
+    assert_same_gradients(graph2.backward(loss2), walk(graph2, loss2))
+
+
+def test_an_op_without_rule_raises_the_same_error_every_step():
+    x = torch.rand(4, dtype=D) + 0.5
+
+    def make():
+        with tg.record() as graph:
+            loss = x.cumprod(0).sum()  # no rule for cumprod
+        return graph, loss
+
+    for graph, loss in _steps(make, backward=False):
+        with pytest.raises(NotImplementedError, match=r"cumprod.*test_replay\.py:\d+"):
+            graph.backward(loss)
+
+
+def test_anomaly_mode_keeps_no_template():
+    x = torch.rand(3, dtype=D) + 0.5
+
+    def make():
+        with tg.record(anomaly=True) as graph:
+            loss = (x.log() * 2).sum()
+        return graph, loss
+
+    for graph, _loss in [make(), make()]:
+        assert graph._replay is None
+
+
+def test_a_seed_gradient_has_its_own_plan():
+    x = torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            y = torch.tanh(x * x)
+        return graph, y
+
+    for graph, y in _steps(make, backward=False):
+        seed = torch.arange(3, dtype=D)
+        assert_same_gradients(graph.backward(y, grad=seed), walk(graph, y, seed))
+    assert any(key[1] is not None for key in graph._replay.plans)
+
+
+def test_own_rules_and_other_modes_use_the_rule_walk():
+    x = torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            y = x.exp()
+            loss = y.sum()
+        return graph, loss
+
+    graph, loss = _steps(make)[-1]
+    graph.node("y")["rule"] = lambda g, out, x: g * 10  # a node carrying its own rule
+    torch.testing.assert_close(graph.backward(loss)[x], torch.full((3,), 10.0, dtype=D))
+    graph.node("y")["rule"] = None
+    traced = tg.trace(graph, loss)  # a backward recorded by another recorder makes the rule walk's calls
+    assert_same_gradients(traced.grads, walk(graph, loss))
+    assert "dy" in traced.adjoint.names
+
+
+# ---------------------------------------------------------------- threads, memory, bounds
+
+
+def test_threads_keep_their_own_templates():
+    errors = []
+
+    def work(seed):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            w = torch.randn(4, 4, generator=g, dtype=D)
+            for _ in range(30):
+                x = torch.randn(3, 4, generator=g, dtype=D)
+                with tg.record() as graph:
+                    loss = torch.tanh(x @ w).pow(2).sum()
+                assert_same_gradients(graph.backward(loss), walk(graph, loss))
+        except Exception as err:  # noqa: BLE001 - reported in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors, errors
+
+
+def test_graphs_of_repeated_steps_are_freed_at_once():
+    x = torch.randn(8, 4, dtype=D)
+    w = torch.randn(4, 4, dtype=D)
+
+    def step():
+        with tg.record() as graph:
+            loss = torch.tanh(x @ w).sum()
+        grads = graph.backward(loss)
+        return weakref.ref(graph), grads[w]
+
+    fresh()
+    gc.disable()
+    try:
+        for _ in range(5):
+            ref, grad = step()
+            assert ref() is None, "a graph must be freed by reference counting (no cycle through its template)"
+    finally:
+        gc.enable()
+
+
+def test_the_template_cache_is_bounded():
+    fresh()
+    x = torch.randn(3, dtype=D)
+    for i in range(replay.MAX_TEMPLATES + 10):  # distinct lines: distinct code objects
+        code = compile(f"with tg.record() as g{i}:\n    y = x * {i + 1}\n", f"<line {i}>", "exec")
+        exec(code, {"tg": tg, "x": x})  # noqa: S102
+    assert len(replay.templates()) <= replay.MAX_TEMPLATES
+    assert all(len(line) <= replay.PER_LINE for line in replay.templates().values())
+
+
+def test_template_nodes_hold_no_tensors():
+    x = torch.randn(3, dtype=D)
+    fresh()
+    with tg.record():
+        (x * 2).sum()
+    [line] = replay.templates().values()
+    for data in line[0].nodes:
+        assert data["value"] is None and data["result"] is None
+        assert not any(isinstance(v, torch.Tensor) for v in data.values())
+
+
+def test_plan_source_reads_like_the_backward():
+    ex = setup()
+    params = ex.parameters
+    fresh()
+    for _ in range(3):
+        graph, loss = _lecture_step(ex, params)
+        graph.backward(loss)
+    plan = graph._replay.plans[(len(graph) - 1, None)]
+    assert plan.source.startswith("def plan(nodes, seed):")
+    assert "# dprobs" in plan.source and "def unchanged(nodes):" in plan.source
