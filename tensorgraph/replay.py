@@ -5,9 +5,10 @@ on tensors of the same shapes. The engine exploits that in two places, without c
 a single result:
 
 **Recording templates.** A ``tg.record()`` block remembers the structure of its last
-recording, keyed by the line of its ``with`` statement (per thread, a bounded cache). The
-next recording from that line checks each intercepted op against the template's op at the
-same position: the same callable, from the same file, line and function, in the same
+recording, keyed by the line of its ``with`` statement (per thread, a bounded cache, a few
+structures per line; a line's first recording only marks it as seen, so that one-off
+recordings pay nothing). The next recording from that line checks each intercepted op
+against the template's op at the same position: the same callable, from the same file, line and function, in the same
 ``tg.scope``; the same non-tensor arguments (compared strictly: ``1`` is not ``1.0`` or
 ``True``, ``-0.0`` is not ``0.0``; anything unusual does not match); every tensor argument
 the same node as in the template, unchanged since it was recorded; new leaves of the same
@@ -153,8 +154,8 @@ def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: t
     for position, pattern in enumerate(head["args"]):
         if pattern.__class__ is Ref:
             refs.append((position, pattern.node))
-        elif pattern.__class__ in _SIMPLE:
-            consts.append((position, pattern))
+        elif pattern.__class__ in _SIMPLE or (pattern.__class__ is float and pattern == pattern and pattern != 0.0):
+            consts.append((position, pattern))  # (-0.0 and nan need _same's care; other floats compare plainly)
         else:
             generic.append((position, pattern))
     event.nargs = len(head["args"])
@@ -573,9 +574,9 @@ class Session:
             if seen is value:
                 return node == n + i
         spec = event.leaves.get(node)
-        if (spec is None or node != n + len(pending) or value.layout is not torch.strided or value.dtype is not spec[1]
-                or value.shape != spec[0] or value.stride() != spec[2] or value.device != spec[3]
-                or value.requires_grad != spec[4] or value.is_inference()):
+        if (spec is None or node != n + len(pending) or value.dtype is not spec[1] or value.shape != spec[0]
+                or value.requires_grad != spec[4] or value.layout is not torch.strided or value.stride() != spec[2]
+                or value.device != spec[3] or value.is_inference()):
             return False
         pending.append(value)
         return True
@@ -669,18 +670,23 @@ class Session:
         return True
 
     def remember(self, found: dict[int, str]) -> None:
-        """Make this recording (finished by the full path) the template of its line."""
+        """Make this recording (finished by the full path) the template of its line, from the line's second one."""
         graph = self.graph
         nodes = graph._nodes
+        if self.key not in templates():  # the line's first recording: a one-off costs nothing more
+            _keep(self.key, None)
+            return
         if len(nodes) > MAX_TEMPLATE_NODES:
             return
         events = self.events[:self.cursor] if self.count else []
-        events += [_event(nodes, *entry) for entry in self.logged]
-        expected = 0
-        for position, event in enumerate(events):  # matching stops at the first call it cannot replay: keep none after
-            if event.func is None or event.first != expected:
-                del events[position:]
+        expected = self.count
+        for entry in self.logged:  # matching stops at the first call it cannot replay: no events after it
+            if entry[1] != expected:
                 break
+            event = _event(nodes, *entry)
+            if event.func is None:
+                break
+            events.append(event)
             expected = event.end
         stripped = []
         for data in nodes:
@@ -695,11 +701,14 @@ class Session:
         graph._replay = template
 
 
-def _keep(key: tuple, template: Template) -> None:
-    """Put a template first among its line's (the line becomes the most recent one), within the cache's bounds."""
+def _keep(key: tuple, template: Template | None) -> None:
+    """Put a template first among its line's (the line becomes the most recent), within the cache's bounds.
+
+    With no template, the line is only marked as seen: its next recording makes one.
+    """
     cache = templates()
     line = [t for t in cache.pop(key, ()) if t is not template]
-    cache[key] = [template] + line[:PER_LINE - 1]
+    cache[key] = ([template] if template is not None else []) + line[:PER_LINE - 1]
     total = sum(t.size for line in cache.values() for t in line)
     while len(cache) > MAX_TEMPLATES or total > MAX_CACHED_NODES:
         oldest = next(iter(cache))

@@ -118,7 +118,8 @@ def _off_the_common_path(graph: tg.Graph) -> bool:
 def test_every_op_case_repeats_bit_identically(name, fn, inputs):
     weight = _weights_for(fn(*inputs))
     fresh()
-    first, loss1 = _record_case(fn, inputs, weight)  # the full path; becomes the template
+    _record_case(fn, inputs, weight)  # a line's first recording only marks it as seen
+    first, loss1 = _record_case(fn, inputs, weight)  # the full path again; becomes the template
     second, loss2 = _record_case(fn, inputs, weight)  # the same inputs: matched op by op
     third, loss3 = _record_case(fn, [_perturbed(x) for x in inputs], weight)  # new values, same structure
     assert_same_graph(second, first)
@@ -189,6 +190,7 @@ def test_names_on_a_matched_recording_are_the_full_paths():
     ex = setup()
     params = ex.parameters
     fresh()
+    _lecture_step(ex, params)
     first, _ = _lecture_step(ex, params)
     second, _ = _lecture_step(ex, params)
     assert second._replay is first._replay
@@ -215,9 +217,10 @@ def test_a_structure_change_falls_back_to_the_full_path(change):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(4, 3, generator=g, dtype=D), torch.randn(3, 5, generator=g, dtype=D)
     fresh()
-    for _ in range(3):  # template, trace, plan
+    for _ in range(4):  # first recording, template (walk), trace, plan
         graph, loss = _branchy(x, w, "tanh")
         graph.backward(loss)
+    assert graph._replay.plans[(len(graph) - 1, None)] is not None
     template = graph._replay
     x2, w2, mode = x, w, "tanh"
     if change == "shape":
@@ -254,6 +257,7 @@ def _scaled(x, factor, *, keepdim=False):
 def test_non_tensor_arguments_match_strictly(first, then):
     x = torch.randn(3, 4, dtype=D)
     fresh()
+    _scaled(x, first)
     template, _ = _scaled(x, first)
     graph, loss = _scaled(x, then)
     same = type(first) is type(then) and (first == then and math.copysign(1, first) == math.copysign(1, then)
@@ -267,6 +271,7 @@ def test_non_tensor_arguments_match_strictly(first, then):
 def test_keyword_arguments_and_scopes_are_part_of_the_structure():
     x = torch.randn(3, 4, dtype=D)
     fresh()
+    _scaled(x, 2.0)
     template, _ = _scaled(x, 2.0)
     graph, _ = _scaled(x, 2.0, keepdim=True)
     assert graph._replay is not template._replay
@@ -278,6 +283,7 @@ def test_keyword_arguments_and_scopes_are_part_of_the_structure():
         return graph, loss
 
     fresh()
+    scoped("a")
     a, _ = scoped("a")
     b, _ = scoped("b")
     assert a._replay is not b._replay and b.node(2)["scope"] == "b"
@@ -299,9 +305,10 @@ def _twice(x, which):
 def test_the_same_op_from_another_line_is_another_structure():
     x = torch.randn(3, dtype=D)
     fresh()
+    _twice(x, "left")
     a, _ = _twice(x, "left")
     b, _ = _twice(x, "right")
-    assert a._replay is not b._replay
+    assert a._replay is not None and a._replay is not b._replay
     assert a.node("y")["source"] != b.node("y")["source"]
     fresh()
     reference, _ = _twice(x, "right")
@@ -357,6 +364,7 @@ def test_names_follow_the_variables_of_each_step():
     layers = [_Layer(torch.randn(4, 4, generator=g, dtype=D)) for _ in range(2)]
     x = torch.randn(2, 4, generator=g, dtype=D)
     fresh()
+    _layers_step(layers, x, alias=False)
     plain, _ = _layers_step(layers, x, alias=False)
     assert "layers[0].out" in plain.names and "layers[0].w" in plain.names
     renamed, _ = _layers_step(layers, x, alias=True)  # same structure, another variable names a node
@@ -384,6 +392,7 @@ def _function_locals(x):
 def test_function_local_names_on_matched_recordings():
     x = torch.randn(3, dtype=D)
     fresh()
+    _function_locals(x)
     first, _ = _function_locals(x)
     graph, loss = _function_locals(x)
     assert graph._replay is first._replay  # matched
@@ -576,11 +585,24 @@ def test_the_template_cache_is_bounded():
     assert all(len(line) <= replay.PER_LINE for line in replay.templates().values())
 
 
+def test_a_one_off_recording_makes_no_template():
+    x = torch.randn(3, dtype=D)
+    fresh()
+    graphs = []
+    for _ in range(3):
+        with tg.record() as graph:
+            (x * 2).sum()
+        graphs.append(graph)
+    assert graphs[0]._replay is None  # the line's first recording: only marked as seen
+    assert graphs[1]._replay is not None and graphs[2]._replay is graphs[1]._replay
+
+
 def test_template_nodes_hold_no_tensors():
     x = torch.randn(3, dtype=D)
     fresh()
-    with tg.record():
-        (x * 2).sum()
+    for _ in range(2):
+        with tg.record():
+            (x * 2).sum()
     [line] = replay.templates().values()
     for data in line[0].nodes:
         assert data["value"] is None and data["result"] is None
