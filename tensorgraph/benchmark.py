@@ -38,6 +38,7 @@ from torch import Tensor
 
 import tensorgraph as tg
 
+from . import replay
 from .lecture import forward as atomic_forward
 from .makemore.model import forward as exercise4_forward
 
@@ -265,6 +266,8 @@ def measure_overhead(report: Report, ex: Exercise, *, repeats: int, inner: int, 
     recording: (record the forward - run it plainly) / recorded ops;
     backward: (graph.backward - the same backward kernels in compiled straight-line code) / recorded ops,
     where the kernels' time is (compiled step without fusion - plain forward).
+    Both for a repeated structure (a recording template, a backward plan: see :mod:`tensorgraph.replay`) and
+    for the first recording of a structure (the recorder's full path, the rule walk).
     """
     params = ex.copy()
     Xb, Yb = ex.batches[0]
@@ -276,24 +279,39 @@ def measure_overhead(report: Report, ex: Exercise, *, repeats: int, inner: int, 
         with tg.record():
             atomic_forward(*params, Xb, Yb)
 
-    with tg.record() as graph:
-        loss = atomic_forward(*params, Xb, Yb)
+    def first_recording() -> None:
+        replay.templates().clear()  # every recording the first of its structure
+        with tg.record():
+            atomic_forward(*params, Xb, Yb)
+
+    graphs = []
+    for _ in range(2):  # the second recording is a template: its backward runs a plan from its second call
+        with tg.record() as graph:
+            loss = atomic_forward(*params, Xb, Yb)
+        graphs.append((graph, loss))
+    (walked, walked_loss), (graph, loss) = graphs  # the first has no template: the rule walk, always
     C, W1, b1, W2, b2, bngain, bnbias = params  # noqa: N806
     compiled = tg.compile(lambda Xb, Yb: atomic_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb), fuse=False)
     compiled(Xb, Yb)
-    fns = {"plain": plain, "record": recorded, "backward": lambda: graph.backward(loss),
+    fns = {"plain": plain, "record": recorded, "record_first": first_recording,
+           "backward": lambda: graph.backward(loss), "walk": lambda: walked.backward(walked_loss),
            "compiled": lambda: compiled(Xb, Yb)}
     times = interleaved(fns, repeats=repeats, inner=inner, device=device)
     t = {name: statistics.median(v) for name, v in times.items()}
     ops = sum(1 for d in graph._nodes if d["kind"] != "leaf")
+    kernels = t["compiled"] - t["plain"]
     report.overhead = {
         "ops": ops,
         "forward_us": t["plain"] * 1e6,
         "record_us": t["record"] * 1e6,
+        "record_first_us": t["record_first"] * 1e6,
         "backward_us": t["backward"] * 1e6,
+        "walk_us": t["walk"] * 1e6,
         "compiled_us": t["compiled"] * 1e6,
         "record_per_node_us": (t["record"] - t["plain"]) / ops * 1e6,
-        "backward_per_node_us": (t["backward"] - (t["compiled"] - t["plain"])) / ops * 1e6,
+        "record_first_per_node_us": (t["record_first"] - t["plain"]) / ops * 1e6,
+        "backward_per_node_us": (t["backward"] - kernels) / ops * 1e6,
+        "walk_per_node_us": (t["walk"] - kernels) / ops * 1e6,
     }
 
 
@@ -326,9 +344,11 @@ def fanout_graph(n: int, device: str) -> tuple[Tensor, Callable[[], Tensor]]:
 def measure_scaling(report: Report, sizes: list[int], device: str, *, budget_s: float = 2.0) -> None:
     """Time per node of recording and of backward, for each graph size and shape.
 
-    Each repetition is timed twice, alternately: as users run it, and with Python's cyclic
-    garbage collector paused. A graph of n nodes holds ~10 n Python objects; the collector's
-    full passes over the heap show up in the first column, the engine's own cost in the second.
+    Every graph is recorded as the first of its structure (no recording template, the rule walk:
+    the engine's full path, whose cost must grow linearly). Each repetition is timed twice,
+    alternately: as users run it, and with Python's cyclic garbage collector paused. A graph
+    of n nodes holds ~10 n Python objects; the collector's full passes over the heap show up
+    in the first column, the engine's own cost in the second.
     """
     for shape, make in (("chain", chain_graph), ("fan-out", fanout_graph)):
         for n in sizes:
@@ -339,6 +359,7 @@ def measure_scaling(report: Report, sizes: list[int], device: str, *, budget_s: 
             gc.collect()  # each size starts from the same heap: only the collections its own graphs cause count
             for k in range(2 * repeats):
                 collector = k % 2 == 0
+                replay.templates().clear()  # each graph the first of its structure: the full path and the walk
                 if not collector:
                     gc.disable()
                 try:
@@ -445,11 +466,14 @@ def format_report(report: Report) -> str:
             lines.append(f"  {row['label']:<50} {row['us']:>8.0f} {row['ratio']:>7.2f}  {verdict}")
     if report.overhead:
         o = report.overhead
-        lines += ["", f"Per-node overhead on the lecture's atomic forward ({o['ops']} recorded ops):",
-                  f"  recording: {o['record_per_node_us']:.1f} us/node (record {o['record_us']:.0f} us vs plain "
-                  f"forward {o['forward_us']:.0f} us)",
-                  f"  backward:  {o['backward_per_node_us']:.1f} us/node (graph.backward {o['backward_us']:.0f} us "
-                  f"vs the same kernels compiled {o['compiled_us'] - o['forward_us']:.0f} us)"]
+        lines += ["", f"Per-node overhead on the lecture's atomic forward ({o['ops']} recorded ops), for a repeated",
+                  "structure (a recording template, a backward plan) and for a structure's first recording and walk:",
+                  f"  recording: {o['record_per_node_us']:.1f} us/node repeated, "
+                  f"{o.get('record_first_per_node_us', 0):.1f} first (record {o['record_us']:.0f} and "
+                  f"{o.get('record_first_us', 0):.0f} us vs plain forward {o['forward_us']:.0f} us)",
+                  f"  backward:  {o['backward_per_node_us']:.1f} us/node plan, {o.get('walk_per_node_us', 0):.1f} rule "
+                  f"walk (graph.backward {o['backward_us']:.0f} and {o.get('walk_us', 0):.0f} us vs the same "
+                  f"kernels compiled {o['compiled_us'] - o['forward_us']:.0f} us)"]
     if report.scaling:
         lines += ["", "Scaling: record + backward, time per node (should stay flat as graphs grow); the last two",
                   "columns with Python's cyclic garbage collector paused (its full passes grow with the heap)", "",
