@@ -114,6 +114,7 @@ class _Recorder(TorchFunctionMode):
         self.data_of: dict[int, Tensor] = {}  # id(x.data or x.detach()) -> x: same memory, not a view
         self.replay: _replay.Session | None = None  # matches the ops against the last recording from the same line
         self.nested = False  # entered while another torch function mode was active
+        self.last_frame: types.FrameType | None = None  # the user's frame _source found last
 
     # ---------------------------------------------------------------- interception
 
@@ -199,7 +200,7 @@ class _Recorder(TorchFunctionMode):
         source = self._source()
         self._add_op(func, entry, call, outputs, result, source, previous=None)
         if self.replay is not None:
-            self.replay.log(func, first, len(self.graph._nodes), source, getattr(_state, "scope", ()))
+            self.replay.log(func, first, len(self.graph._nodes), self.last_frame, source, _state.scope)
 
     def _set_data(self, func, args):
         """``y.data = t``: y now holds t's values, detached: a new constant version of y (its old value is kept)."""
@@ -285,6 +286,7 @@ class _Recorder(TorchFunctionMode):
             if not internal:
                 break
             frame = frame.f_back
+        self.last_frame = frame
         if frame is None:
             return ("<unknown>", 0, "")
         self.frames.setdefault(id(frame), frame)
@@ -541,3 +543,4 @@ class record:
                     session.remember(found)
         self._mode.frames.clear()
         self._mode.data_of.clear()
+        self._mode.last_frame = None

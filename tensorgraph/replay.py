@@ -88,13 +88,20 @@ def templates() -> dict[tuple, list[Template]]:
     return cache
 
 
-def session(caller: types.FrameType, graph: Graph) -> Session:
-    """Start matching a recording made from ``caller``'s current line against that line's templates."""
+def session(caller: types.FrameType, graph: Graph) -> Session | None:
+    """Start matching a recording made from ``caller``'s current line against that line's templates.
+
+    None for the line's first recording: the line is only marked as seen (a one-off recording pays nothing).
+    """
     global _state, _internal_code
     if _state is None:  # the recorder's thread state and its cache of internal code objects (record imports us)
         _state, _internal_code = _rec._state, _rec._internal_code
     key = (caller.f_code, caller.f_lineno)
-    return Session(graph, key, templates().get(key, ()))
+    line = templates().get(key)
+    if line is None:
+        _keep(key, None)
+        return None
+    return Session(graph, key, line)
 
 
 # ---------------------------------------------------------------- the structure of a recording
@@ -638,12 +645,10 @@ class Session:
         self.event = self.expected = None
         return False
 
-    def log(self, func: Any, first: int, end: int, source: tuple, scope: tuple) -> None:
-        """A call the full path recorded (nodes ``first .. end-1``): part of the next template."""
-        frame = sys._getframe(1)
-        while frame is not None and _rec._is_internal(frame.f_code):
-            frame = frame.f_back
-        if frame is None or frame.f_code.co_filename != source[0] or frame.f_lineno != source[1]:
+    def log(self, func: Any, first: int, end: int, frame: types.FrameType | None, source: tuple,
+            scope: tuple) -> None:
+        """A call the full path recorded (nodes ``first .. end-1``, ``source`` found in ``frame``): for the template."""
+        if frame is None:
             self.logged.append((func, first, end, None, -1, -1, scope))
         else:
             self.logged.append((func, first, end, frame.f_code, frame.f_lasti, source[1], scope))
@@ -670,12 +675,9 @@ class Session:
         return True
 
     def remember(self, found: dict[int, str]) -> None:
-        """Make this recording (finished by the full path) the template of its line, from the line's second one."""
+        """Make this recording (finished by the full path) the template of its line."""
         graph = self.graph
         nodes = graph._nodes
-        if self.key not in templates():  # the line's first recording: a one-off costs nothing more
-            _keep(self.key, None)
-            return
         if len(nodes) > MAX_TEMPLATE_NODES:
             return
         events = self.events[:self.cursor] if self.count else []
