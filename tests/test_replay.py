@@ -619,3 +619,19 @@ def test_plan_source_reads_like_the_backward():
     plan = graph._replay.plans[(len(graph) - 1, None)]
     assert plan.source.startswith("def plan(nodes, seed):")
     assert "# dprobs" in plan.source and "def unchanged(nodes):" in plan.source
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: plans on GPU untested here")
+def test_plans_on_cuda_match_the_rule_walk():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, generator=g).cuda()
+
+    def make():
+        x = torch.randn(4, 16, generator=g).cuda()
+        with tg.record() as graph:
+            loss = torch.tanh(x @ w).pow(2).mean()
+        return graph, loss
+
+    for graph, loss in _steps(make):
+        assert graph.value(loss).is_cuda
+    assert graph._replay.plans[(len(graph) - 1, None)] is not None
