@@ -2,45 +2,47 @@
 
 A training loop records the same graph at every step: the same ops, from the same lines,
 on tensors of the same shapes. The engine exploits that in two places, without changing
-a single result:
+a single result (names, sources, arguments, gradients: bit for bit what the first
+recording of the structure gives).
 
 **Recording templates.** A ``tg.record()`` block remembers the structure of its last
-recording, keyed by the line of its ``with`` statement (per thread, a bounded cache, a few
-structures per line; a line's first recording only marks it as seen, so that one-off
-recordings pay nothing). The next recording from that line checks each intercepted op
-against the template's op at the same position: the same callable, from the same file, line and function, in the same
+recording, keyed by the line of its ``with`` statement (per thread; a bounded cache, a few
+structures per line). A line's first recording only marks the line as seen, so that
+one-off recordings pay nothing; from the second on, a recording the full path made becomes
+the line's template. The next recording checks each intercepted op against the template's
+op at the same position: the same callable, from the same user frame and line, in the same
 ``tg.scope``; the same non-tensor arguments (compared strictly: ``1`` is not ``1.0`` or
-``True``, ``-0.0`` is not ``0.0``; anything unusual does not match); every tensor argument
+``True``, ``-0.0`` is not ``0.0``; anything unusual never matches); every tensor argument
 the same node as in the template, unchanged since it was recorded; new leaves of the same
 shape, dtype, strides, device and ``requires_grad``; outputs of the same shapes and dtypes.
-A matched op copies the template's node (its arguments with Refs, bound arguments,
-attributes, formatted source, op, kind ...) and stores only what belongs to the step: the
-value, its version, the result tuple. At the first op that does not match, and at anything
-unusual (in-place ops, ``no_grad`` updates, ``.data`` writes, calls that return their own
-input, ``detach``), matching stops for the rest of the block: the recorder's full path
-records the rest, and at the end of the block the recording becomes the new template.
+A matched op copies the template's nodes (arguments with Refs, bound arguments, attributes,
+formatted source, op, kind ...) and adds only what belongs to the step: the value, its
+version, the result tuple. At the first op that does not match, and at anything the
+template does not replay (in-place ops, ops that update an input, ``no_grad`` updates,
+``.data`` writes, calls that return their own input), matching stops for the rest of the
+block: the recorder's full path records the rest, and the recording becomes the line's
+new template.
 
-A recording that matched its template entirely is finished cheaply: its names are the
-template's when the user's variables name the same nodes (they are looked up as always;
-only the op-based names and versions are not worked out again), and the leaf checksums
-reuse the template's grouping.
+A recording that matched its template to the end is finished cheaply: the user's variables
+are looked up as always, and when they name the same nodes the op-based names and versions
+come with the template; the leaf snapshot reuses the template's grouping.
 
 **Backward plans.** ``graph.backward`` on a graph that matched a template looks up a plan
 for the root and the seed's shape: one generated Python function of straight-line torch
 calls, taking the forward values it reads and the seed, returning exactly the gradients the
-rule walk returns (every float node the loss depends on; bit-identical values, since they
-are the same kernels called with the same arguments in the same order). The first backward
-of a structure walks the rule table; the second is traced (:func:`tensorgraph.trace`) and
-its adjoint graph printed as the plan; later ones run the plan. Before running it, the
-engine's checks are made: leaf checksums and the recorded versions of every value the rule
-walk would check, and no node carrying its own rule. When any check fails, the rule walk
-runs instead and raises exactly its own error.
+rule walk returns (every float node the loss depends on, in the same order; bit-identical
+values, since they are the same kernels called with the same arguments in the same order).
+The first backward of a structure walks the rule table; the second is traced
+(:func:`tensorgraph.trace`) and its adjoint graph printed as the plan; later ones run the
+plan. Before running it, the walk's checks are made: the leaf snapshot, the recorded
+versions of every value the rule walk would check, and no node carrying its own rule. When
+any check fails, the rule walk runs instead and raises exactly its own error.
 
 No plan is cached when the traced backward read a tensor value into Python (``item()``,
-``bool(t)`` ...), used an op whose output shape depends on values (``nonzero``, boolean
-masks), read a tensor that is neither a forward value nor made by a recorded call, or in
-anomaly mode (which records no template). Graphs whose backward raises (an op without a
-rule) never get a plan: the rule walk raises its error every time.
+``bool(t)`` ...), used an op whose output shape depends on tensor values (``nonzero``,
+boolean masks), read a tensor that is neither a forward value nor made by a recorded call,
+or failed to trace; nor in anomaly mode (which keeps no templates). Graphs whose backward
+raises (an op without a rule) never get a plan: the rule walk raises its error every time.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ class _Event:
         self.scope = scope
         self.nargs = 0
         self.refs: tuple = ()  # (position, node) of each tensor argument
-        self.consts: tuple = ()  # (position, value) of each int, bool, str, None or dtype argument
+        self.consts: tuple = ()  # (position, value) of each int, bool, str, None, dtype or plain float argument
         self.generic: tuple = ()  # (position, pattern) of every other argument (floats, tuples ...)
         self.kwargs: tuple = ()  # (name, pattern) in the call's order
         self.leaves: dict[int, tuple] = {}  # node -> (shape, dtype, stride, device, requires_grad) of each new leaf
@@ -315,8 +317,10 @@ class _Printer:
         grads = traced.grads.by_node
         seed = traced.node_of(grads[self.root])
         by_value = {id(data["value"]): node for node, data in enumerate(fwd)}
-        if seed is None or (self.grad is not None and id(self.grad) in by_value):
-            raise _Refused("the seed is a forward value")
+        if seed is None:
+            raise _Refused("the seed was not recorded")
+        if self.grad is not None and id(self.grad) in by_value:
+            raise _Refused("the seed is a forward value (reads of it could not be told from reads of the seed)")
         outputs = []
         for node, g in grads.items():
             j = traced.node_of(g)
@@ -481,99 +485,102 @@ class Session:
         """Record one call by copying the template's nodes, if it is the template's call at this position."""
         # NOTE: this runs for every op of a repeated recording: checks are flat, cheapest and likeliest first;
         # nothing changes unless the call matches
-        event = self.event
-        nodes = self.nodes
-        # (x.T makes a new method-wrapper at each call: equal, not identical)
-        if event is None or len(nodes) != self.count or (event.func is not func and event.func != func):
-            return self._miss(recorder, func, args, kwargs, result)
-        # the user's line: the first frame outside torch and tensorgraph, as the recorder's _source finds it
-        frame = sys._getframe(2)
-        code = event.code
-        while frame.f_code is not code:
-            internal = _internal_code.get(frame.f_code)
-            if internal is None:
-                internal = _rec._is_internal(frame.f_code)
-            frame = frame.f_back
-            if not internal or frame is None:
+        try:
+            event = self.event
+            nodes = self.nodes
+            # (x.T makes a new method-wrapper at each call: equal, not identical)
+            if event is None or len(nodes) != self.count or (event.func is not func and event.func != func):
                 return self._miss(recorder, func, args, kwargs, result)
-        if frame.f_lasti != event.lasti:  # another instruction: on the same line? (a specialised call moves it)
-            if frame.f_lineno != event.line:
-                return self._miss(recorder, func, args, kwargs, result)
-            event.lasti = frame.f_lasti
-        if _state.scope != event.scope or len(args) != event.nargs:
-            return self._miss(recorder, func, args, kwargs, result)
-        n = self.count
-        live = self.live
-        pending: list[Tensor] = []  # new leaves, made only if the whole call matches
-        for position, node in event.refs:
-            value = args[position]
-            found = live.get(id(value))
-            if found is None:
-                if not isinstance(value, Tensor) or not self._leaf(value, node, n, pending, event):
+            # the user's line: the first frame outside torch and tensorgraph, as the recorder's _source finds it
+            frame = sys._getframe(2)
+            code = event.code
+            while frame.f_code is not code:
+                internal = _internal_code.get(frame.f_code)
+                if internal is None:
+                    internal = _rec._is_internal(frame.f_code)
+                frame = frame.f_back
+                if not internal or frame is None:
                     return self._miss(recorder, func, args, kwargs, result)
-            elif found[0] != node or value._version != found[1]:
-                return self._miss(recorder, func, args, kwargs, result)
-        for position, expected in event.consts:
-            value = args[position]
-            if value.__class__ is not expected.__class__ or value != expected:
-                return self._miss(recorder, func, args, kwargs, result)
-        written = recorder.view_written
-        if event.generic:
-            for position, expected in event.generic:
-                if not self._check(args[position], expected, n, pending, event, written):
+            if frame.f_lasti != event.lasti:  # another instruction: on the same line? (a specialised call moves it)
+                if frame.f_lineno != event.line:
                     return self._miss(recorder, func, args, kwargs, result)
-        if kwargs or event.kwargs:
-            if len(kwargs) != len(event.kwargs):
+                event.lasti = frame.f_lasti
+            if _state.scope != event.scope or len(args) != event.nargs:
                 return self._miss(recorder, func, args, kwargs, result)
-            for (name, value), (expected_name, expected) in zip(kwargs.items(), event.kwargs):
-                if name != expected_name or not self._check(value, expected, n, pending, event, written):
+            n = self.count
+            live = self.live
+            pending: list[Tensor] = []  # new leaves, made only if the whole call matches
+            for position, node in event.refs:
+                value = args[position]
+                found = live.get(id(value))
+                if found is None:
+                    if not isinstance(value, Tensor) or not self._leaf(value, node, n, pending, event):
+                        return self._miss(recorder, func, args, kwargs, result)
+                elif found[0] != node or value._version != found[1]:
                     return self._miss(recorder, func, args, kwargs, result)
-        if len(pending) != len(event.leaves) or (written and any(id(args[p]) in written for p, _ in event.refs)):
-            return self._miss(recorder, func, args, kwargs, result)
-        single = event.single
-        if single is not None:
-            if (not isinstance(result, Tensor) or result.dtype is not single[2] or result.shape != single[1]
-                    or id(result) in live or (event.device is not None and result.device != event.device)):
-                return self._miss(recorder, func, args, kwargs, result)  # a known result: an input returned as is
-        elif not self._outputs(result, event.outputs):
-            return self._miss(recorder, func, args, kwargs, result)
-        # it matches: the nodes are the template's, with this step's values
-        template_nodes = self.template_nodes
-        for value in pending:
-            node = len(nodes)
-            data = template_nodes[node].copy()
-            data["value"] = value
-            version = data["version"] = value._version
-            nodes.append(data)
-            live[id(value)] = (node, version, value)
-        if single is not None:
-            node = single[0]
-            data = template_nodes[node].copy()
-            data["value"] = result
-            version = data["version"] = result._version
-            nodes.append(data)
-            live[id(result)] = (node, version, result)
-            base = result._base
-            if base is not None:
-                recorder.views.setdefault(id(base), []).append(result)
-            elif event.detach:  # as the recorder's _add_op does: x's memory, not a view
-                origin = nodes[data["inputs"][0]]["value"]
-                base = origin._base if origin._base is not None else origin
-                recorder.data_of[id(result)] = base
-                recorder.views.setdefault(id(base), []).append(result)
-        else:
-            self._add_outputs(recorder, list(result), event.outputs)
-        if frame is not self.frame:
-            recorder.frames.setdefault(id(frame), frame)
-            self.frame = frame
-        self.count = len(nodes)
-        k = self.cursor = self.cursor + 1
-        if k < self.length:
-            event = self.event = self.events[k]
-            self.expected = event.func
-        else:
-            self.event = self.expected = None
-        return True
+            for position, expected in event.consts:
+                value = args[position]
+                if value.__class__ is not expected.__class__ or value != expected:
+                    return self._miss(recorder, func, args, kwargs, result)
+            written = recorder.view_written
+            if event.generic:
+                for position, expected in event.generic:
+                    if not self._check(args[position], expected, n, pending, event, written):
+                        return self._miss(recorder, func, args, kwargs, result)
+            if kwargs or event.kwargs:
+                if len(kwargs) != len(event.kwargs):
+                    return self._miss(recorder, func, args, kwargs, result)
+                for (name, value), (expected_name, expected) in zip(kwargs.items(), event.kwargs):
+                    if name != expected_name or not self._check(value, expected, n, pending, event, written):
+                        return self._miss(recorder, func, args, kwargs, result)
+            if len(pending) != len(event.leaves) or (written and any(id(args[p]) in written for p, _ in event.refs)):
+                return self._miss(recorder, func, args, kwargs, result)
+            single = event.single
+            if single is not None:
+                if (not isinstance(result, Tensor) or result.dtype is not single[2] or result.shape != single[1]
+                        or id(result) in live or (event.device is not None and result.device != event.device)):
+                    return self._miss(recorder, func, args, kwargs, result)  # a known result: an input returned as is
+            elif not self._outputs(result, event.outputs):
+                return self._miss(recorder, func, args, kwargs, result)
+            # it matches: the nodes are the template's, with this step's values
+            template_nodes = self.template_nodes
+            for value in pending:
+                node = len(nodes)
+                data = template_nodes[node].copy()
+                data["value"] = value
+                version = data["version"] = value._version
+                nodes.append(data)
+                live[id(value)] = (node, version, value)
+            if single is not None:
+                node = single[0]
+                data = template_nodes[node].copy()
+                data["value"] = result
+                version = data["version"] = result._version
+                nodes.append(data)
+                live[id(result)] = (node, version, result)
+                base = result._base
+                if base is not None:
+                    recorder.views.setdefault(id(base), []).append(result)
+                elif event.detach:  # as the recorder's _add_op does: x's memory, not a view
+                    origin = nodes[data["inputs"][0]]["value"]
+                    base = origin._base if origin._base is not None else origin
+                    recorder.data_of[id(result)] = base
+                    recorder.views.setdefault(id(base), []).append(result)
+            else:
+                self._add_outputs(recorder, list(result), event.outputs)
+            if frame is not self.frame:
+                recorder.frames.setdefault(id(frame), frame)
+                self.frame = frame
+            self.count = len(nodes)
+            k = self.cursor = self.cursor + 1
+            if k < self.length:
+                event = self.event = self.events[k]
+                self.expected = event.func
+            else:
+                self.event = self.expected = None
+            return True
+        except Exception:  # noqa: BLE001 - a check that cannot be made is no match: the full path records the call
+            return self._stop()
 
     def _leaf(self, value: Tensor, node: int, n: int, pending: list[Tensor], event: _Event) -> bool:
         """A tensor the graph has not seen: the template's new leaf at this position, or a repeat of one."""
