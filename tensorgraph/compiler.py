@@ -133,13 +133,6 @@ class CompiledGradients(Mapping):
                            f"intermediate gradients are not computed by compiled code: use graph.backward for those")
         raise KeyError(key)
 
-    def __contains__(self, key: object) -> bool:
-        try:
-            self[key]
-        except KeyError:
-            return False
-        return True
-
     def __iter__(self) -> Iterator[str]:
         return iter(self._layout.names)
 

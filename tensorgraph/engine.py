@@ -54,13 +54,6 @@ class Gradients(Mapping):
             raise KeyError(f"{root!r} does not depend on {name!r} (no gradient flows to it)")
         return self.by_node[node]
 
-    def __contains__(self, key: object) -> bool:
-        try:
-            self[key]
-        except KeyError:
-            return False
-        return True
-
     def __iter__(self) -> Iterator[str]:
         names = self.graph._nodes
         return (names[node]["name"] for node in sorted(self.by_node, reverse=True))
