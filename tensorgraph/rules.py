@@ -915,6 +915,29 @@ def avg_pool2d(g, out, x, kernel_size, stride=None, padding=0, ceil_mode=False, 
 
 defop("max_pool2d", max_pool2d, funcs=("torch.max_pool2d",))
 defop("avg_pool2d", avg_pool2d)
+def scaled_dot_product_attention(g: Tensor, out: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                                 attn_mask: Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                                 scale: float | None = None, *, enable_gqa: bool = False) -> tuple:
+    """softmax(q k^T * scale + mask) v, differentiated through its parts (the math backend's formula)."""
+    if dropout_p or enable_gqa:
+        raise UnsupportedCall("scaled_dot_product_attention: dropout_p > 0 and enable_gqa have no rule")
+    scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    scores = query @ key.transpose(-2, -1) * scale
+    if is_causal:
+        L, S = query.shape[-2], key.shape[-2]
+        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=query.device).tril(), -math.inf)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
+    att = scores.softmax(-1)
+    grad_value = att.transpose(-2, -1) @ g
+    grad_scores = aten._softmax_backward_data(g @ value.transpose(-2, -1), att, -1, att.dtype)
+    grad_query = grad_scores @ key * scale
+    grad_key = grad_scores.transpose(-2, -1) @ query * scale
+    grad_mask = grad_scores if attn_mask is not None and attn_mask.is_floating_point() else None
+    return grad_query, grad_key, grad_value, grad_mask
+
+
+defop("scaled_dot_product_attention", scaled_dot_product_attention)
 defop("adaptive_avg_pool2d", lambda g, out, x, output_size: aten._adaptive_avg_pool2d_backward(g, x))
 
 # ---------------------------------------------------------------- constants: no gradient flows

@@ -656,6 +656,26 @@ def einsum(b: Builder) -> int:
                   lambda t, u: torch.einsum(equation, t, u))
 
 
+@gen
+def attention(b: Builder) -> int:
+    """F.scaled_dot_product_attention with and without a causal or additive mask."""
+    q = b.pick(min_dim=2, max_dim=3)
+    shape = tuple(b.value(q).shape)
+    length = b.choose.integer(1, 4)
+    k = b.leaf(shape[:-2] + (length, shape[-1]))
+    v = b.leaf(shape[:-2] + (length, b.choose.integer(1, 3)))
+    form = b.choose.integer(0, 2)
+    if form == 0:
+        return b.emit("{out} = F.scaled_dot_product_attention({0}, {1}, {2})", [q, k, v],
+                      lambda a, c, d: F.scaled_dot_product_attention(a, c, d))
+    if form == 1:
+        return b.emit("{out} = F.scaled_dot_product_attention({0}, {1}, {2}, is_causal=True)", [q, k, v],
+                      lambda a, c, d: F.scaled_dot_product_attention(a, c, d, is_causal=True))
+    m = b.leaf((shape[-2], length))
+    return b.emit("{out} = F.scaled_dot_product_attention({0}, {1}, {2}, attn_mask={3})", [q, k, v, m],
+                  lambda a, c, d, e: F.scaled_dot_product_attention(a, c, d, attn_mask=e))
+
+
 # ---------------------------------------------------------------- shapes and views
 
 

@@ -285,6 +285,15 @@ def nn_cases():
     yield "conv1d", lambda x, w, b: F.conv1d(x, w, b, padding=1), [r(2, 3, 7, seed=1), r(4, 3, 3, seed=2),
                                                                     r(4, seed=3)]
     yield "conv2d", lambda x, w: F.conv2d(x, w, stride=2), [r(2, 3, 6, 6, seed=1), r(4, 3, 3, 3, seed=2)]
+    yield "sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [
+        r(2, 3, 4, seed=1), r(2, 5, 4, seed=2), r(2, 5, 3, seed=3)]
+    yield "sdpa_causal_scale", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3), [
+        r(1, 2, 4, 3, seed=1), r(1, 2, 4, 3, seed=2), r(1, 2, 4, 3, seed=3)]
+    yield "sdpa_float_mask", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), [
+        r(3, 4, seed=1), r(5, 4, seed=2), r(5, 2, seed=3), r(3, 5, seed=4)]
+    yield "sdpa_bool_mask", lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.tensor([[True, False, True], [True, True, False]])), [
+        r(2, 4, seed=1), r(3, 4, seed=2), r(3, 2, seed=3)]
     yield "max_pool2d", lambda x: F.max_pool2d(x, 2), [distinct(1, 2, 4, 4)]
     yield "avg_pool2d", lambda x: F.avg_pool2d(x, 2), [r(1, 2, 4, 4, seed=1)]
     yield "adaptive_avg_pool2d", lambda x: F.adaptive_avg_pool2d(x, 1), [r(1, 2, 4, 4, seed=1)]
