@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .graph import Ref, is_float
+from .graph import is_float, substitute
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -92,13 +92,6 @@ def replay(graph: Graph, root: int, differentiable: Collection[int] | None = Non
     values: dict[int, Tensor] = {}
     results: dict[int, Any] = {}
 
-    def arg(value: Any) -> Any:
-        if isinstance(value, Ref):
-            return values[value.node]
-        if isinstance(value, (tuple, list)) and any(isinstance(v, Ref) for v in value):
-            return type(value)(arg(v) for v in value)
-        return value
-
     with torch.enable_grad():
         for node in sorted(needed):
             data = nodes[node]
@@ -107,8 +100,8 @@ def replay(graph: Graph, root: int, differentiable: Collection[int] | None = Non
                 wanted = is_float(data) and (differentiable is None or node in differentiable)
                 values[node] = leaf.requires_grad_() if wanted else leaf
                 continue
-            args = tuple(arg(a) for a in data["args"])
-            kwargs = {k: arg(v) for k, v in data["kwargs"].items()}
+            args = tuple(substitute(a, values) for a in data["args"])
+            kwargs = {k: substitute(v, values) for k, v in data["kwargs"].items()}
             if data["inplace"]:
                 target = args[0].clone()  # autograd forbids in-place updates of leaves
                 data["func"](target, *args[1:], **kwargs)

@@ -56,6 +56,15 @@ _NODE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def substitute(value: Any, values: Any) -> Any:
+    """``value`` with every Ref (top level or inside a list/tuple) replaced by ``values[ref.node]``."""
+    if isinstance(value, Ref):
+        return values[value.node]
+    if isinstance(value, (tuple, list)) and any(isinstance(v, Ref) for v in value):
+        return type(value)(substitute(v, values) for v in value)
+    return value
+
+
 class Graph:
     """A recorded forward pass. Create one with ``tg.record()``."""
 

@@ -173,8 +173,8 @@ def literal(value: Any, name: Namer | None = None) -> Expr:
     return _value(value, name or _no_refs, subscript=False)
 
 
-def qualified_name(func: Any) -> str:
-    """How printed code names a torch function: ``torch.tanh``, ``F.cross_entropy``, ``torch.ops.aten.mm``."""
+def op_path(func: Any) -> str | None:
+    """``torch.ops.aten.mm`` for an operator from ``torch.ops`` (the rules' aten kernels); None otherwise."""
     if isinstance(func, torch._ops.OpOverloadPacket):
         namespace, _, op = func._qualified_op_name.partition("::")
         return f"torch.ops.{namespace}.{op}"
@@ -182,6 +182,14 @@ def qualified_name(func: Any) -> str:
         namespace, _, op = func.name().partition("::")
         op, _, overload = op.partition(".")
         return f"torch.ops.{namespace}.{op}.{overload or 'default'}"
+    return None
+
+
+def qualified_name(func: Any) -> str:
+    """How printed code names a torch function: ``torch.tanh``, ``F.cross_entropy``, ``torch.ops.aten.mm``."""
+    path = op_path(func)
+    if path is not None:
+        return path
     name = getattr(func, "__name__", None)
     if name:
         for alias, module in _MODULES:

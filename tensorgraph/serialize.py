@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .graph import Graph, Ref
+from .printer import op_path
 
 FORMAT = "tensorgraph-graph"
 VERSION = 1
@@ -195,13 +196,9 @@ def encode(value: Any) -> Any:
 
 def func_path(func: Any) -> str | None:
     """A dotted name inside torch or tensorgraph that resolves back to ``func`` (None if there is none)."""
-    if isinstance(func, torch._ops.OpOverloadPacket):  # the rules' aten kernels, in traced backward graphs
-        namespace, _, op = func._qualified_op_name.partition("::")
-        return f"torch.ops.{namespace}.{op}"
-    if isinstance(func, torch._ops.OpOverload):
-        namespace, _, op = func.name().partition("::")
-        op, _, overload = op.partition(".")
-        return f"torch.ops.{namespace}.{op}.{overload or 'default'}"
+    path = op_path(func)  # the rules' aten kernels, in traced backward graphs
+    if path is not None:
+        return path
     if getattr(func, "__name__", None) == "__get__" and hasattr(func, "__self__"):  # a property's getter
         owner = func_path(func.__self__)
         return f"{owner}.__get__" if owner else None

@@ -17,14 +17,6 @@ import tensorgraph as tg
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _as_float32(inputs):
     return [x.float() if isinstance(x, torch.Tensor) and x.dtype == D else x for x in inputs]
 

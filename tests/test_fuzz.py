@@ -48,15 +48,6 @@ TORCH_FAILURES: collections.Counter[str] = collections.Counter()  # programs tor
 RUNS = {"programs": 0}  # programs compared (the long run's figure for docs/reliability.md)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only spin against the other processes sharing the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_engine(program: Program, anomaly: bool = False) -> tuple[tg.Graph, torch.Tensor, list[torch.Tensor]]:
     leaves = {i: program.entries[i].value for i in program.leaves()}
     with tg.record(anomaly=anomaly) as graph:

@@ -21,13 +21,6 @@ from tensorgraph import graph as graph_module
 STEPS = 3000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only spin against the other processes sharing the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 GROWTH_BOUND_MB = 30.0
 
 

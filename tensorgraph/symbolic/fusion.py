@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..graph import _NODE_DEFAULTS, Graph, Ref, is_float
+from ..graph import _NODE_DEFAULTS, Graph, Ref, is_float, substitute
 from .chain import LOWERINGS, RESHAPES, SymbolicError, chain_members, lower, where
 from .derivation import Derivation, build
 
@@ -176,16 +176,9 @@ class ChainForward:
     def __call__(self, *tensors: Any) -> Tensor:
         values: dict[int, Any] = dict(zip(self.inputs, tensors))
 
-        def arg(value: Any) -> Any:
-            if isinstance(value, Ref):
-                return values[value.node]
-            if isinstance(value, (tuple, list)) and any(isinstance(v, Ref) for v in value):
-                return type(value)(arg(v) for v in value)
-            return value
-
         for node, func, args, kwargs, inplace, output_index in self.calls:
-            call_args = tuple(arg(a) for a in args)
-            call_kwargs = {k: arg(v) for k, v in kwargs.items()}
+            call_args = tuple(substitute(a, values) for a in args)
+            call_kwargs = {k: substitute(v, values) for k, v in kwargs.items()}
             if inplace:
                 target = call_args[0].clone()
                 func(target, *call_args[1:], **call_kwargs)
