@@ -138,19 +138,45 @@ def test_every_op_case_repeats_bit_identically(name, fn, inputs):
         assert_same_gradients(fourth.backward(loss4), walk(fourth, loss4))
 
 
-def test_a_rule_that_reads_values_gets_no_plan():
-    """F.cross_entropy's rule asks bool((target == ignore_index).any()): the next step may take another branch."""
-    logits = torch.randn(4, 3, dtype=D)
-    target = torch.tensor([0, 2, 1, 2])
+def test_a_rule_that_reads_values_gets_no_plan(monkeypatch):
+    """A rule that reads a tensor value into Python may take another branch at the next step: no plan."""
+    from tensorgraph.ops import OPS
+
+    exp_rule = OPS["exp"].rule
+
+    def branching_rule(g, out, x):
+        return g * out if bool((g > 0).any()) else g * out  # reads a value, like a data-dependent branch
+
+    monkeypatch.setattr(OPS["exp"], "rule", branching_rule)
+    x = torch.randn(4, 3, dtype=D)
 
     def make():
         with tg.record() as graph:
-            loss = F.cross_entropy(logits * 2, target)
+            loss = (x * 2).exp().sum()
         return graph, loss
 
     steps = _steps(make)
     assert steps[-1][0]._replay.plans == {(len(steps[-1][0]) - 1, None): None}
     assert "read tensor values" in replay._last_refusal[0]
+    assert exp_rule is not branching_rule
+
+
+def test_cross_entropy_rule_is_branch_free_and_replayed():
+    """F.cross_entropy's derived rule handles ignore_index with masks, not a Python branch: it gets a plan."""
+    logits = torch.randn(4, 3, dtype=D)
+    target = torch.tensor([0, 2, 1, 2])
+
+    def make():
+        with tg.record() as graph:
+            loss = F.cross_entropy(logits * 2, target, ignore_index=2)
+        return graph, loss
+
+    steps = _steps(make)
+    graph, loss = steps[-1]
+    assert [plan for plan in graph._replay.plans.values() if plan is not None]
+    reference = logits.clone().requires_grad_()
+    expected = torch.autograd.grad(F.cross_entropy(reference * 2, target, ignore_index=2), [reference])[0]
+    torch.testing.assert_close(graph.backward(loss)[logits], expected, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------- the lecture's training step

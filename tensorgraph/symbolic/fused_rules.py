@@ -99,10 +99,18 @@ def cross_entropy(g: Tensor, x: Tensor, target: Tensor, weight: Any, ignore_inde
                   label_smoothing: float) -> Tensor | None:
     """d F.cross_entropy / d input by the derived closed form, or None when the call is outside its scope."""
     if (x.dim() != 2 or x.shape[0] == 0 or target.is_floating_point() or weight is not None or label_smoothing
-            or reduction not in ("mean", "sum") or bool((target == ignore_index).any())):
+            or reduction not in ("mean", "sum")):
         return None
     CALLS["cross_entropy"] += 1
-    return cross_entropy_derivation(reduction).backward(g, x, target)[0]
+    # Rows whose target is ignore_index take no part: the closed form runs on a safe target, then
+    # those rows are zeroed and a mean is rescaled from n rows to the kept ones. No value is read
+    # into Python, so the rule stays branch-free (a repeated structure can replay it); when every
+    # row is kept, the extra factors are exactly 1 and the result is the closed form's, bit for bit.
+    keep = target != ignore_index
+    grad = cross_entropy_derivation(reduction).backward(g, x, target.masked_fill(~keep, 0))[0]
+    if reduction == "mean":
+        return grad * (keep.unsqueeze(1) * (x.shape[0] / keep.sum()))
+    return grad * keep.unsqueeze(1)
 
 
 def batch_norm(g: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
