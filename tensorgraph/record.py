@@ -128,6 +128,9 @@ class _Recorder(TorchFunctionMode):
             # (its callable is no metadata, dropout or in-place op; grad mode is as at entry; see tensorgraph.replay)
             result = func(*args, **kwargs) if kwargs else func(*args)
             if not self.nested:  # no recorder below this one can see the checks' metadata calls
+                fast = replay.fast  # the generated checks of this call (the common case), then the generic ones
+                if fast is not None and fast(replay, self, args, kwargs, result):
+                    return result
                 if replay.match(self, func, args, kwargs or {}, result):
                     return result
             else:

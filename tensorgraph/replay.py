@@ -190,6 +190,155 @@ def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: t
     return event
 
 
+# ---------------------------------------------------------------- generated matchers
+
+_CONSTANT_KWARGS = frozenset({int, bool, str, type(None), torch.dtype})
+
+
+def _user_frame(frame: types.FrameType | None, code: types.CodeType) -> types.FrameType | None:
+    """The frame running ``code`` above ``frame``, if only torch's and tensorgraph's own frames lie between."""
+    while frame is not None and frame.f_code is not code:
+        internal = _internal_code.get(frame.f_code)
+        if internal is None:
+            internal = _rec._is_internal(frame.f_code)
+        if not internal:
+            return None
+        frame = frame.f_back
+    return frame
+
+
+def _same_line(frame: types.FrameType, event: _Event) -> bool:
+    """Another instruction than the template's: the same call if on the same line (3.11 specialises calls)."""
+    if frame.f_lineno != event.line:
+        return False
+    event.lasti = frame.f_lasti
+    return True
+
+
+def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]], last: bool) -> str | None:
+    """Source of ``match_k``: :meth:`Session.match` for event ``k``, its checks unrolled (None: the generic one only).
+
+    Only the common case is generated: one tensor out, tensor arguments in positional places, other
+    arguments plain constants, each new leaf once. It accepts a subset of what the generic match
+    accepts and has the same effects; anything it rejects is checked again by the generic match,
+    which also decides what a miss does.
+    """
+    single = event.single
+    if (event.func is None or single is None or event.generic or event.detach or event.code is None
+            or any(value.__class__ not in _CONSTANT_KWARGS or not name.isidentifier() for name, value in event.kwargs)):
+        return None
+    first, out = event.first, single[0]
+    refs = event.refs
+    leaf_positions = [p for p, node in refs if node in event.leaves]
+    if [node for p, node in refs if node in event.leaves] != list(range(first, out)):
+        return None  # a new leaf passed twice, or out of order: the generic match knows these
+    lines = [f"def match_{k}(session, recorder, args, kwargs, result):",
+             f"    # {nodes[out]['op']} -> node {out}",
+             "    try:",
+             "        nodes = session.nodes"]
+    kw = f"tuple(kwargs) != KWARG_NAMES_{k}" if event.kwargs else "kwargs"
+    lines += [f"        if len(nodes) != {first} or len(args) != {event.nargs} or {kw} or _state.scope != SCOPE_{k}:",
+              "            return False",
+              "        frame = _getframe(2)",
+              f"        if frame.f_code is not EVENT_{k}.code:",
+              f"            frame = _user_frame(frame, EVENT_{k}.code)",
+              "            if frame is None:",
+              "                return False",
+              f"        if frame.f_lasti != EVENT_{k}.lasti and not _same_line(frame, EVENT_{k}):",
+              "            return False",
+              "        live = session.live"]
+    for position, node in refs:
+        a = f"a{position}"
+        lines.append(f"        {a} = args[{position}]")
+        if node in event.leaves:
+            dtype, shape, stride, device, grad = (f"LEAF_{node}[1]", f"LEAF_{node}[0]", f"LEAF_{node}[2]",
+                                                  f"LEAF_{node}[3]", f"LEAF_{node}[4]")
+            earlier = "".join(f" or {a} is a{p}" for p in leaf_positions if p < position)
+            lines += [f"        if (id({a}) in live or not isinstance({a}, Tensor) or {a}.dtype is not {dtype}"
+                      f" or {a}.shape != {shape}",
+                      f"                or {a}.requires_grad != {grad} or {a}.layout is not _strided"
+                      f" or {a}.stride() != {stride}",
+                      f"                or {a}.device != {device} or {a}.is_inference(){earlier}):",
+                      "            return False"]
+        else:
+            lines += [f"        f{position} = live.get(id({a}))",
+                      f"        if f{position} is None or f{position}[0] != {node} or {a}._version != f{position}[1]:",
+                      "            return False"]
+    for position, _ in event.consts:
+        lines += [f"        c = args[{position}]",
+                  f"        if c.__class__ is not CONST_{k}_{position}.__class__ or c != CONST_{k}_{position}:",
+                  "            return False"]
+    for name, _ in event.kwargs:
+        lines += [f"        c = kwargs[{name!r}]",
+                  f"        if c.__class__ is not KWARG_{k}_{name}.__class__ or c != KWARG_{k}_{name}:",
+                  "            return False"]
+    if refs:
+        ids = " or ".join(f"id(a{p}) in written" for p, _ in refs)
+        lines += ["        written = recorder.view_written",
+                  f"        if written and ({ids}):",
+                  "            return False"]
+    device = f" or result.device != EVENT_{k}.device" if event.device is not None else ""
+    lines += [f"        if (not isinstance(result, Tensor) or result.dtype is not EVENT_{k}.single[2]"
+              f" or result.shape != EVENT_{k}.single[1]",
+              f"                or id(result) in live{device}):",
+              "            return False"]
+    lines.append("    except Exception:  # noqa: BLE001 - the generic match makes the same check and stops matching")
+    lines.append("        return False")
+    made = [(f"a{p}", node) for p, node in refs if node in event.leaves] + [("result", out)]
+    for value, node in made:
+        lines += [f"    data = NODES[{node}].copy()",
+                  f"    data['value'] = {value}",
+                  f"    version = data['version'] = {value}._version",
+                  "    nodes.append(data)",
+                  f"    live[id({value})] = ({node}, version, {value})"]
+    lines += ["    base = result._base",
+              "    if base is not None:",
+              "        recorder.views.setdefault(id(base), []).append(result)",
+              "    if frame is not session.frame:",
+              "        recorder.frames.setdefault(id(frame), frame)",
+              "        session.frame = frame",
+              f"    session.count = {out + 1}",
+              f"    session.cursor = {k + 1}"]
+    if last:
+        lines += ["    session.event = session.expected = session.fast = None"]
+    else:
+        lines += [f"    session.event = event = EVENTS[{k + 1}]",
+                  "    session.expected = event.func",
+                  f"    session.fast = MATCHERS[{k + 1}]"]
+    lines.append("    return True")
+    return "\n".join(lines) + "\n"
+
+
+def _matchers(events: list[_Event], nodes: list[dict[str, Any]]) -> list[Callable | None]:
+    """One generated matcher per event (None where the generic match must run), compiled together."""
+    namespace: dict[str, Any] = {"_getframe": sys._getframe, "_state": _rec._state, "_user_frame": _user_frame,
+                                 "_same_line": _same_line, "Tensor": Tensor, "_strided": torch.strided,
+                                 "NODES": nodes, "EVENTS": events}
+    sources = []
+    for k, event in enumerate(events):
+        source = _matcher_source(k, event, nodes, k == len(events) - 1)
+        if source is None:
+            continue
+        sources.append(source)
+        namespace[f"EVENT_{k}"] = event
+        namespace[f"SCOPE_{k}"] = event.scope
+        namespace[f"KWARG_NAMES_{k}"] = tuple(name for name, _ in event.kwargs)
+        for position, value in event.consts:
+            namespace[f"CONST_{k}_{position}"] = value
+        for name, value in event.kwargs:
+            namespace[f"KWARG_{k}_{name}"] = value
+        for node, spec in event.leaves.items():
+            namespace[f"LEAF_{node}"] = spec
+    matchers: list[Callable | None] = [None] * len(events)
+    namespace["MATCHERS"] = matchers
+    if sources:
+        source = "\n\n".join(sources)
+        exec(builtins.compile(source, f"<tensorgraph matchers {next(_COUNTER)}>", "exec"), namespace)  # noqa: S102
+        for k in range(len(events)):
+            matchers[k] = namespace.get(f"match_{k}")
+    return matchers
+
+
 class Template:
     """The last recording from one ``with`` line: its calls, its node data without values, and its backward plans."""
 
@@ -203,6 +352,7 @@ class Template:
         self.layout = layout  # the leaf checksums' grouping (LeafStamps.layout)
         self.plans: dict[tuple, Plan | None] = {}  # (root, seed) -> plan, or None where none can be made
         self.walked: set[tuple] = set()  # (root, seed) keys backpropagated once by the rule walk
+        self.matchers: list[Callable | None] | None = None  # generated per event once the structure repeats
 
     # ------------------------------------------------------------ backward
 
@@ -480,6 +630,8 @@ class Session:
         self.template_nodes = template.nodes if template is not None else []
         self.event = self.events[0] if self.events else None
         self.expected = self.event.func if self.event is not None else None  # the recorder's fast path compares
+        self.matchers = template.matchers if template is not None else None
+        self.fast = self.matchers[0] if self.matchers and self.event is not None else None
 
     def match(self, recorder: Any, func: Any, args: tuple, kwargs: dict, result: Any) -> bool:
         """Record one call by copying the template's nodes, if it is the template's call at this position."""
@@ -576,8 +728,9 @@ class Session:
             if k < self.length:
                 event = self.event = self.events[k]
                 self.expected = event.func
+                self.fast = self.matchers[k] if self.matchers else None
             else:
-                self.event = self.expected = None
+                self.event = self.expected = self.fast = None
             return True
         except Exception:  # noqa: BLE001 - a check that cannot be made is no match: the full path records the call
             return self._stop()
@@ -649,7 +802,7 @@ class Session:
 
     def _stop(self) -> bool:
         self.matching = False
-        self.event = self.expected = None
+        self.event = self.expected = self.fast = None
         return False
 
     def log(self, func: Any, first: int, end: int, frame: types.FrameType | None, source: tuple,
@@ -677,6 +830,8 @@ class Session:
             set_names(graph, found)
         graph._fingerprints = LeafStamps.from_layout(template.layout, nodes)
         graph._replay = template
+        if template.matchers is None:  # the structure repeated: its next recordings get generated matchers
+            template.matchers = _matchers(template.events, template.nodes)
         if templates().get(self.key, [None])[0] is not template:  # the line's latest structure comes first
             _keep(self.key, template)
         return True

@@ -105,6 +105,17 @@ def _record_case(fn, inputs, weight):
     return graph, loss
 
 
+def _full_path(fn, inputs, weight) -> tg.Graph:
+    """The same recording made by the recorder's full path (the templates are put back afterwards)."""
+    saved = dict(replay.templates())
+    fresh()
+    try:
+        return _record_case(fn, inputs, weight)[0]
+    finally:
+        fresh()
+        replay.templates().update(saved)
+
+
 def _off_the_common_path(graph: tg.Graph) -> bool:
     """In-place changes, and ops that may update an input (batch_norm): matching stops at them."""
     return any(data["inplace"] or data["previous"] is not None or (OPS.get(data["op"]) and OPS[data["op"]].mutates)
@@ -121,11 +132,14 @@ def test_every_op_case_repeats_bit_identically(name, fn, inputs):
     _record_case(fn, inputs, weight)  # a line's first recording only marks it as seen
     first, loss1 = _record_case(fn, inputs, weight)  # the full path again; becomes the template
     second, loss2 = _record_case(fn, inputs, weight)  # the same inputs: matched op by op
-    third, loss3 = _record_case(fn, [_perturbed(x) for x in inputs], weight)  # new values, same structure
+    third_inputs = [_perturbed(x) for x in inputs]
+    third, loss3 = _record_case(fn, third_inputs, weight)  # new values, same structure: generated matchers
     assert_same_graph(second, first)
+    assert_same_graph(third, _full_path(fn, third_inputs, weight))
     repeated = first._replay is second._replay is third._replay
     if not _off_the_common_path(first):
         assert repeated, "a recording on the recorder's common path must match its template"
+        assert first._replay.matchers is not None and any(first._replay.matchers), "no generated matcher ran"
     # first backward of the structure: the rule walk; second: traced; third: the plan (when it has one)
     for graph, loss in ((first, loss1), (second, loss2), (third, loss3)):
         assert_same_gradients(graph.backward(loss), walk(graph, loss))
@@ -313,6 +327,26 @@ def test_keyword_arguments_and_scopes_are_part_of_the_structure():
     a, _ = scoped("a")
     b, _ = scoped("b")
     assert a._replay is not b._replay and b.node(2)["scope"] == "b"
+
+
+def _product(a, b):
+    with tg.record() as graph:
+        loss = (a * b).sum()
+    return graph, loss
+
+
+def test_one_tensor_where_the_template_had_two_new_leaves_is_another_structure():
+    x, y = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    fresh()
+    for _ in range(3):  # the third recording runs the generated matchers
+        template, _ = _product(x, y)
+    assert template._replay.matchers[0] is not None
+    graph, loss = _product(x, x)
+    assert graph._replay is not template._replay and graph.node(0)["value"] is x and len(graph) == 3
+    fresh()
+    reference, ref_loss = _product(x, x)
+    assert_same_graph(graph, reference)
+    assert_same_gradients(graph.backward(loss), walk(reference, ref_loss))
 
 
 def _twice(x, which):
