@@ -12,6 +12,7 @@ from __future__ import annotations
 import __future__
 
 import types
+from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -115,36 +116,55 @@ def assign_names(graph: Graph, caller: types.FrameType, frames: list[types.Frame
 
 def find_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameType]) -> dict[int, str]:
     """The user's variable names for the graph's tensors, by node (before versions and op-based names)."""
-    # NOTE: this runs at the end of every record block; _Namer.offer is inlined in the loops over variables
+    # NOTE: this runs at the end of every record block. The graph's tensors and the objects worth walking are
+    # picked out of each namespace by C-level filters (a tensor whose id is in graph._live is that very tensor:
+    # the graph keeps it alive); only those reach Python code, in the namespace's order
     namer = _Namer(graph)
     live, named, used = graph._live, namer.named, namer.used
+    in_graph = live.__contains__
     scopes = [caller.f_locals]
     if caller.f_globals is not caller.f_locals:
         scopes.append(caller.f_globals)
     objects = []  # variables that may hold tensors in attributes or items, walked after the plain tensors
     for variables in scopes:
-        for name, value in list(variables.items()):
-            if type(value) in _SKIP_FAST:
-                continue
-            if isinstance(value, Tensor):
-                found = live.get(id(value))
-                if (found is not None and found[0] not in named and name not in used
-                        and not name.startswith("_")):
-                    named[found[0]] = name
-                    used.add(name)
-            elif not name.startswith("_") and not isinstance(value, type):  # classes hold no tensors to name
+        items = list(variables.items())
+        values = [value for _, value in items]
+        for name, value in compress(items, map(in_graph, map(id, values))):
+            node = live[id(value)][0]
+            if node not in named and name not in used and not name.startswith("_"):
+                named[node] = name
+                used.add(name)
+        for name, value in compress(items, map(_WALKABLE.__getitem__, map(type, values))):
+            if not name.startswith("_"):
                 objects.append((name, value))
     for name, value in objects:
         namer.walk(name, value, depth=3)
     for frame in frames:
         if frame is caller:
             continue
-        for name, value in list(frame.f_locals.items()):
-            if isinstance(value, Tensor) and name != "self":
-                found = live.get(id(value))
-                if found is not None and found[0] not in named and not name.startswith("_"):
-                    namer.offer(name, value, unique_suffix=True)
+        items = list(frame.f_locals.items())
+        for name, value in compress(items, map(in_graph, map(id, [value for _, value in items]))):
+            node = live[id(value)][0]
+            if node in named or name == "self" or name.startswith("_"):
+                continue
+            if name not in used:
+                named[node] = name
+                used.add(name)
+            else:
+                namer.offer(name, value, unique_suffix=True)
     return named
+
+
+class _Walkable(dict):
+    """type -> whether a variable of that type may hold tensors in attributes or items (cached per type)."""
+
+    def __missing__(self, cls: type) -> bool:
+        walkable = cls not in _SKIP_FAST and not issubclass(cls, (Tensor, type))  # classes hold no tensors to name
+        self[cls] = walkable
+        return walkable
+
+
+_WALKABLE = _Walkable()
 
 
 def set_names(graph: Graph, named: dict[int, str]) -> None:

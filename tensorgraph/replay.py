@@ -215,89 +215,120 @@ def _same_line(frame: types.FrameType, event: _Event) -> bool:
     return True
 
 
-def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]], last: bool) -> str | None:
+def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]], last: bool,
+                    namespace: dict[str, Any]) -> str | None:
     """Source of ``match_k``: :meth:`Session.match` for event ``k``, its checks unrolled (None: the generic one only).
 
-    Only the common case is generated: one tensor out, tensor arguments in positional places, other
-    arguments plain constants, each new leaf once. It accepts a subset of what the generic match
-    accepts and has the same effects; anything it rejects is checked again by the generic match,
-    which also decides what a miss does.
+    The common cases are generated: tensor arguments (top level, or inside tuples and lists of
+    existing tensors), other arguments compared as the generic match compares them, plain constant
+    keyword arguments, each new leaf once. It accepts a subset of what the generic match accepts and
+    has the same effects; anything it rejects is checked again by the generic match, which also
+    decides what a miss does. Its constants go into ``namespace``.
     """
-    single = event.single
-    if (event.func is None or single is None or event.generic or event.detach or event.code is None
+    if (event.func is None or event.detach or event.code is None or (event.single is None and not event.outputs)
             or any(value.__class__ not in _CONSTANT_KWARGS or not name.isidentifier() for name, value in event.kwargs)):
         return None
-    first, out = event.first, single[0]
-    refs = event.refs
-    leaf_positions = [p for p, node in refs if node in event.leaves]
-    if [node for p, node in refs if node in event.leaves] != list(range(first, out)):
-        return None  # a new leaf passed twice, or out of order: the generic match knows these
+    first, refs, leaves = event.first, event.refs, event.leaves
+    made = [o for o in event.outputs if o is not None] if event.single is None else [event.single]
+    names = {"event": f"EVENT_{k}", "scope": f"SCOPE_{k}", "kwarg_names": f"KWARG_NAMES_{k}"}
+    namespace.update({names["event"]: event, names["scope"]: event.scope,
+                      names["kwarg_names"]: tuple(name for name, _ in event.kwargs)})
+    ev = names["event"]
+    kw = f"tuple(kwargs) != {names['kwarg_names']}" if event.kwargs else "kwargs"
     lines = [f"def match_{k}(session, recorder, args, kwargs, result):",
-             f"    # {nodes[out]['op']} -> node {out}",
+             f"    # {nodes[made[0][0]]['op']} -> nodes {first}..{event.end - 1}",
              "    try:",
-             "        nodes = session.nodes"]
-    kw = f"tuple(kwargs) != KWARG_NAMES_{k}" if event.kwargs else "kwargs"
-    lines += [f"        if len(nodes) != {first} or len(args) != {event.nargs} or {kw} or _state.scope != SCOPE_{k}:",
-              "            return False",
-              "        frame = _getframe(2)",
-              f"        if frame.f_code is not EVENT_{k}.code:",
-              f"            frame = _user_frame(frame, EVENT_{k}.code)",
-              "            if frame is None:",
-              "                return False",
-              f"        if frame.f_lasti != EVENT_{k}.lasti and not _same_line(frame, EVENT_{k}):",
-              "            return False",
-              "        live = session.live"]
+             "        nodes = session.nodes",
+             f"        if len(nodes) != {first} or len(args) != {event.nargs} or {kw} or _state.scope != SCOPE_{k}:",
+             "            return False",
+             "        frame = _getframe(2)",
+             f"        if frame.f_code is not {ev}.code:",
+             f"            frame = _user_frame(frame, {ev}.code)",
+             "            if frame is None:",
+             "                return False",
+             f"        if frame.f_lasti != {ev}.lasti and not _same_line(frame, {ev}):",
+             "            return False",
+             "        live = session.live",
+             "        written = recorder.view_written"]
+    tensors: list[str] = []  # the tensor arguments' variables, for the check of writes through views
+    leaf_args: list[tuple[str, int]] = []  # new leaves in the order the generic match meets them
+
+    def tensor_checks(a: str, node: int) -> list[str]:
+        tensors.append(a)
+        if node not in leaves:
+            return _existing(a, node)
+        spec = f"LEAF_{node}"
+        namespace[spec] = leaves[node]
+        earlier = "".join(f" or {a} is {b}" for b, _ in leaf_args)
+        leaf_args.append((a, node))
+        return [f"        if (id({a}) in live or not isinstance({a}, Tensor) or {a}.dtype is not {spec}[1]"
+                f" or {a}.shape != {spec}[0]",
+                f"                or {a}.requires_grad != {spec}[4] or {a}.layout is not _strided"
+                f" or {a}.stride() != {spec}[2]",
+                f"                or {a}.device != {spec}[3] or {a}.is_inference(){earlier}):",
+                "            return False"]
+
     for position, node in refs:
-        a = f"a{position}"
-        lines.append(f"        {a} = args[{position}]")
-        if node in event.leaves:
-            dtype, shape, stride, device, grad = (f"LEAF_{node}[1]", f"LEAF_{node}[0]", f"LEAF_{node}[2]",
-                                                  f"LEAF_{node}[3]", f"LEAF_{node}[4]")
-            earlier = "".join(f" or {a} is a{p}" for p in leaf_positions if p < position)
-            lines += [f"        if (id({a}) in live or not isinstance({a}, Tensor) or {a}.dtype is not {dtype}"
-                      f" or {a}.shape != {shape}",
-                      f"                or {a}.requires_grad != {grad} or {a}.layout is not _strided"
-                      f" or {a}.stride() != {stride}",
-                      f"                or {a}.device != {device} or {a}.is_inference(){earlier}):",
-                      "            return False"]
-        else:
-            lines += [f"        f{position} = live.get(id({a}))",
-                      f"        if f{position} is None or f{position}[0] != {node} or {a}._version != f{position}[1]:",
-                      "            return False"]
-    for position, _ in event.consts:
+        lines.append(f"        a{position} = args[{position}]")
+        lines += tensor_checks(f"a{position}", node)
+    for position, value in event.consts:
+        const = f"CONST_{k}_{position}"
+        namespace[const] = value
         lines += [f"        c = args[{position}]",
-                  f"        if c.__class__ is not CONST_{k}_{position}.__class__ or c != CONST_{k}_{position}:",
+                  f"        if c.__class__ is not {const}.__class__ or c != {const}:",
                   "            return False"]
-    for name, _ in event.kwargs:
+    for position, pattern in event.generic:
+        checks = _pattern_checks(f"args[{position}]", pattern, f"{k}_{position}", namespace, tensor_checks)
+        if checks is None:
+            return None
+        lines += checks
+    for name, value in event.kwargs:
+        const = f"KWARG_{k}_{name}"
+        namespace[const] = value
         lines += [f"        c = kwargs[{name!r}]",
-                  f"        if c.__class__ is not KWARG_{k}_{name}.__class__ or c != KWARG_{k}_{name}:",
+                  f"        if c.__class__ is not {const}.__class__ or c != {const}:",
                   "            return False"]
-    if refs:
-        ids = " or ".join(f"id(a{p}) in written" for p, _ in refs)
-        lines += ["        written = recorder.view_written",
-                  f"        if written and ({ids}):",
+    if [node for _, node in leaf_args] != list(range(first, made[0][0])):
+        return None  # a new leaf passed twice, or out of order: the generic match knows these
+    if tensors:
+        lines += [f"        if written and ({' or '.join(f'id({t}) in written' for t in tensors)}):",
                   "            return False"]
-    device = f" or result.device != EVENT_{k}.device" if event.device is not None else ""
-    lines += [f"        if (not isinstance(result, Tensor) or result.dtype is not EVENT_{k}.single[2]"
-              f" or result.shape != EVENT_{k}.single[1]",
-              f"                or id(result) in live{device}):",
-              "            return False"]
-    lines.append("    except Exception:  # noqa: BLE001 - the generic match makes the same check and stops matching")
-    lines.append("        return False")
-    made = [(f"a{p}", node) for p, node in refs if node in event.leaves] + [("result", out)]
-    for value, node in made:
-        lines += [f"    data = NODES[{node}].copy()",
-                  f"    data['value'] = {value}",
-                  f"    version = data['version'] = {value}._version",
-                  "    nodes.append(data)",
-                  f"    live[id({value})] = ({node}, version, {value})"]
-    lines += ["    base = result._base",
-              "    if base is not None:",
-              "        recorder.views.setdefault(id(base), []).append(result)",
-              "    if frame is not session.frame:",
+    if event.single is not None:
+        device = f" or result.device != {ev}.device" if event.device is not None else ""
+        lines += [f"        if (not isinstance(result, Tensor) or result.dtype is not {ev}.single[2]"
+                  f" or result.shape != {ev}.single[1]",
+                  f"                or id(result) in live{device}):",
+                  "            return False"]
+        outputs = [("result", event.single[0])]
+    else:
+        lines += [f"        if not isinstance(result, (tuple, list)) or len(result) != {len(event.outputs)}:",
+                  "            return False"]
+        outputs = []
+        for index, spec in enumerate(event.outputs):
+            o = f"o{index}"
+            lines.append(f"        {o} = result[{index}]")
+            if spec is None:
+                lines += [f"        if {o} is not None:", "            return False"]
+                continue
+            outputs.append((o, spec[0]))
+            lines += [f"        if (not isinstance({o}, Tensor) or {o}.dtype is not {ev}.outputs[{index}][2]"
+                      f" or {o}.shape != {ev}.outputs[{index}][1] or id({o}) in live):",
+                      "            return False"]
+    lines += ["    except Exception:  # noqa: BLE001 - the generic match makes the same check and stops matching",
+              "        return False"]
+    for a, node in leaf_args:
+        lines += _append(a, node)
+    if event.single is None:
+        lines.append("    together = tuple(result)")
+    for o, node in outputs:
+        lines += _append(o, node, together=event.single is None)
+        lines += [f"    base = {o}._base",
+                  "    if base is not None:",
+                  f"        recorder.views.setdefault(id(base), []).append({o})"]
+    lines += ["    if frame is not session.frame:",
               "        recorder.frames.setdefault(id(frame), frame)",
               "        session.frame = frame",
-              f"    session.count = {out + 1}",
+              f"    session.count = {event.end}",
               f"    session.cursor = {k + 1}"]
     if last:
         lines += ["    session.event = session.expected = session.fast = None"]
@@ -309,26 +340,58 @@ def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]], last: bo
     return "\n".join(lines) + "\n"
 
 
+def _existing(a: str, node: int) -> list[str]:
+    """Checks that ``a`` is the tensor of ``node``, unchanged since it was recorded."""
+    found = f"f_{a}"
+    return [f"        {found} = live.get(id({a}))",
+            f"        if {found} is None or {found}[0] != {node} or {a}._version != {found}[1]:",
+            "            return False"]
+
+
+def _pattern_checks(value: str, pattern: Any, label: str, namespace: dict[str, Any],
+                    tensor_checks: Callable[[str, int], list[str]]) -> list[str] | None:
+    """Checks of a non-constant argument, as :meth:`Session._check` makes them (None: not generated)."""
+    cls = pattern.__class__
+    if (cls is tuple or cls is list) and _holds(pattern, Ref):
+        v = f"v{label}"
+        lines = [f"        {v} = {value}",
+                 f"        if {v}.__class__ is not {cls.__name__} or len({v}) != {len(pattern)}:",
+                 "            return False"]
+        for i, item in enumerate(pattern):
+            if item.__class__ is Ref:
+                t = f"t{label}_{i}"
+                lines += [f"        {t} = {v}[{i}]", f"        if not isinstance({t}, Tensor):",
+                          "            return False"] + tensor_checks(t, item.node)
+            else:
+                checks = _pattern_checks(f"{v}[{i}]", item, f"{label}_{i}", namespace, tensor_checks)
+                if checks is None:
+                    return None
+                lines += checks
+        return lines
+    if _holds(pattern, (Ref, Tensor)):
+        return None
+    const = f"PATTERN_{label}"
+    namespace[const] = pattern
+    return [f"        if not _same({value}, {const}):", "            return False"]
+
+
+def _append(value: str, node: int, *, together: bool = False) -> list[str]:
+    """Add the template's node ``node`` with this step's tensor ``value``."""
+    lines = [f"    data = NODES[{node}].copy()", f"    data['value'] = {value}"]
+    if together:
+        lines.append("    data['result'] = together")
+    return lines + [f"    version = data['version'] = {value}._version",
+                    "    nodes.append(data)",
+                    f"    live[id({value})] = ({node}, version, {value})"]
+
+
 def _matchers(events: list[_Event], nodes: list[dict[str, Any]]) -> list[Callable | None]:
     """One generated matcher per event (None where the generic match must run), compiled together."""
     namespace: dict[str, Any] = {"_getframe": sys._getframe, "_state": _rec._state, "_user_frame": _user_frame,
-                                 "_same_line": _same_line, "Tensor": Tensor, "_strided": torch.strided,
-                                 "NODES": nodes, "EVENTS": events}
-    sources = []
-    for k, event in enumerate(events):
-        source = _matcher_source(k, event, nodes, k == len(events) - 1)
-        if source is None:
-            continue
-        sources.append(source)
-        namespace[f"EVENT_{k}"] = event
-        namespace[f"SCOPE_{k}"] = event.scope
-        namespace[f"KWARG_NAMES_{k}"] = tuple(name for name, _ in event.kwargs)
-        for position, value in event.consts:
-            namespace[f"CONST_{k}_{position}"] = value
-        for name, value in event.kwargs:
-            namespace[f"KWARG_{k}_{name}"] = value
-        for node, spec in event.leaves.items():
-            namespace[f"LEAF_{node}"] = spec
+                                 "_same_line": _same_line, "_same": _same, "Tensor": Tensor,
+                                 "_strided": torch.strided, "NODES": nodes, "EVENTS": events}
+    sources = [source for k, event in enumerate(events)
+               if (source := _matcher_source(k, event, nodes, k == len(events) - 1, namespace)) is not None]
     matchers: list[Callable | None] = [None] * len(events)
     namespace["MATCHERS"] = matchers
     if sources:
