@@ -3,8 +3,8 @@
 At the end of a ``record()`` block the recorder looks, in this order, at: the block's
 own local variables, its module's globals, the locals of every function that ran ops
 inside the block (their frames keep their final locals), and attributes and items of the
-block's objects (``layers[0].out``, ``model.fc1.weight``). A tensor gets the first name
-found for it; other nodes get op-based names (``sum_3``). Earlier versions of a tensor
+block's objects (``layers[0].out``, ``model.fc1.weight``; not tensorgraph's own graphs and
+gradients, which hold earlier steps). A tensor gets the first name found for it; other nodes get op-based names (``sum_3``). Earlier versions of a tensor
 updated in place are named ``x_v0``, ``x_v1`` ... before the final ``x``.
 """
 
@@ -13,6 +13,7 @@ import __future__
 
 import types
 from itertools import compress
+from operator import or_
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,7 +63,7 @@ class _Namer:
         if isinstance(value, Tensor):
             self.offer(prefix, value)
             return
-        if depth == 0 or id(value) in self.seen or isinstance(value, _SKIP_TYPES):
+        if depth == 0 or id(value) in self.seen or not _WALKABLE[type(value)]:
             return
         self.seen.add(id(value))
         if isinstance(value, torch.nn.Module):
@@ -75,36 +76,32 @@ class _Namer:
                     if isinstance(item, Tensor):
                         self.offer(f"{prefix}.{name}.{attr}" if name else f"{prefix}.{attr}", item)
             return
-        # items are checked inline (a name is only formatted for a tensor of the graph): a list of 64 data
-        # batches in the namespace is walked at every record
-        latest = self.latest
-        if isinstance(value, (list, tuple)) and len(value) <= _MAX_ITEMS:
-            for i, item in enumerate(value):
-                if type(item) in _ATOMS:
-                    continue
-                if isinstance(item, Tensor):
-                    if id(item) in latest:
-                        self.offer(f"{prefix}[{i}]", item)
-                elif depth > 1:
-                    self.walk(f"{prefix}[{i}]", item, depth - 1)
-        elif isinstance(value, dict) and len(value) <= _MAX_ITEMS:
-            for key, item in value.items():
-                if type(item) in _ATOMS or not isinstance(key, (str, int)):
-                    continue
-                if isinstance(item, Tensor):
-                    if id(item) in latest:
-                        self.offer(f"{prefix}[{key!r}]", item)
-                elif depth > 1:
-                    self.walk(f"{prefix}[{key!r}]", item, depth - 1)
+        if isinstance(value, (list, tuple)):
+            if len(value) <= _MAX_ITEMS:
+                self._items(prefix, "[{}]", range(len(value)), list(value), depth)
+        elif isinstance(value, dict):
+            if len(value) <= _MAX_ITEMS:
+                self._items(prefix, "[{!r}]", list(value), list(value.values()), depth, keyed=True)
         elif hasattr(value, "__dict__") and not type(value).__module__.startswith(("torch", "numpy", "builtins")):
-            for attr, item in vars(value).items():
-                if attr.startswith("_") or type(item) in _ATOMS:
-                    continue
-                if isinstance(item, Tensor):
-                    if id(item) in latest:
-                        self.offer(f"{prefix}.{attr}", item)
-                elif depth > 1:
-                    self.walk(f"{prefix}.{attr}", item, depth - 1)
+            attrs = vars(value)
+            self._items(prefix, ".{}", list(attrs), list(attrs.values()), depth, public=True)
+
+    def _items(self, prefix: str, form: str, keys: Any, values: list, depth: int, *, keyed: bool = False,
+               public: bool = False) -> None:
+        """Offer the graph's tensors among ``values`` and walk the objects among them, in order.
+
+        A C-level filter picks them out (a list of 64 data batches, or of 200 logged losses, is in
+        the namespace at every record); only those reach Python code.
+        """
+        latest = self.latest
+        hits = map(or_, map(latest.__contains__, map(id, values)), map(_WALKABLE.__getitem__, map(type, values)))
+        for key, item in compress(zip(keys, values), hits):
+            if (keyed and not isinstance(key, (str, int))) or (public and key.startswith("_")):
+                continue
+            if id(item) in latest:
+                self.offer(prefix + form.format(key), item)
+            elif depth > 1:
+                self.walk(prefix + form.format(key), item, depth - 1)
 
 
 def assign_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameType]) -> dict[int, str]:
@@ -156,14 +153,21 @@ def find_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameTy
 
 
 class _Walkable(dict):
-    """type -> whether a variable of that type may hold tensors in attributes or items (cached per type)."""
+    """type -> whether a variable of that type may hold tensors to name in attributes or items (cached per type).
+
+    Not: atoms, modules, functions, classes, tensors (named directly or not at all), and tensorgraph's
+    own objects (graphs and gradients of earlier steps name nothing of this one).
+    """
 
     def __missing__(self, cls: type) -> bool:
-        walkable = cls not in _SKIP_FAST and not issubclass(cls, (Tensor, type))  # classes hold no tensors to name
+        module = getattr(cls, "__module__", None) or ""
+        walkable = (cls not in _SKIP_FAST and not issubclass(cls, (Tensor, type, *_SKIP_TYPES))
+                    and not (module.startswith("tensorgraph.") and not module.startswith(_USER_MODULES)))
         self[cls] = walkable
         return walkable
 
 
+_USER_MODULES = ("tensorgraph.makemore", "tensorgraph.lecture")  # the makemore models are user objects
 _WALKABLE = _Walkable()
 
 

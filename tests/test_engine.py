@@ -419,3 +419,18 @@ def test_batched_attention_like_block():
 
     x = torch.randn(2, 4, 6, dtype=D)
     assert_matches_torch(attention, [x] + [torch.randn(6, 6, dtype=D) for _ in range(3)])
+
+
+def test_names_from_items_keep_their_order_and_skip_tensorgraph_objects():
+    """Items are offered in order (a nested hit before a later direct one); graphs and gradients name nothing."""
+    with tg.record() as previous:
+        total = (torch.randn(3, dtype=D) * 2).sum()
+    old_grads = previous.backward(total)
+    history = [0.5] * 200 + [(torch.randn(3, dtype=D),)]  # logged floats, then a tuple holding a tensor
+    history.append(history[-1][0])  # and the same tensor again, directly
+    with tg.record() as graph:
+        loss = (history[-1] * old_grads.by_node[0]).sum()
+    assert graph.node(0)["name"] == "history[200][0]"  # first met inside the tuple, as the walk meets items
+    assert graph.node(1)["name"] == "leaf_1"  # only reachable through the earlier step's gradients
+    assert not any(name.startswith(("old_grads", "previous")) for name in graph.names)
+    assert graph.node_id(loss) == len(graph) - 1
