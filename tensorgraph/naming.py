@@ -1,10 +1,11 @@
 """Name recorded nodes after the user's own variables.
 
 At the end of a ``record()`` block the recorder looks, in this order, at: the block's
-own local variables, its module's globals, the locals of every function that ran ops
-inside the block (their frames keep their final locals), and attributes and items of the
-block's objects (``layers[0].out``, ``model.fc1.weight``; not tensorgraph's own graphs and
-gradients, which hold earlier steps). A tensor gets the first name found for it; other nodes get op-based names (``sum_3``). Earlier versions of a tensor
+own local variables, its module's globals, attributes and items of the objects they
+hold (``layers[0].out``, ``model.fc1.weight``; not tensorgraph's own graphs and
+gradients, which hold earlier steps), and the locals of every function that ran ops
+inside the block (their frames keep their final locals). A tensor gets the first name
+found for it; other nodes get op-based names (``sum_3``). Earlier versions of a tensor
 updated in place are named ``x_v0``, ``x_v1`` ... before the final ``x``.
 """
 

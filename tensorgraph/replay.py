@@ -52,6 +52,7 @@ import itertools
 import keyword
 import linecache
 import math
+import operator
 import sys
 import threading
 import types
@@ -562,13 +563,18 @@ class _Printer:
                 lines.extend(self._statement(j, data, groups))
         result = ", ".join(f"{node}: {self.var[j]}" for node, j in outputs)
         lines.append(f"    return {{{result}}}")
+        checked = self._checks(grads)
+        # (checked[0] twice: itemgetter gives a tuple even for one node)
+        pick = operator.itemgetter(*checked, checked[0]) if checked else (lambda nodes: ())
+        self.namespace.update(_pick=pick, _rule=operator.itemgetter("rule"),
+                              _value=operator.itemgetter("value"), _recorded=operator.itemgetter("version"),
+                              _version=operator.attrgetter("_version"))
         lines += ["", "", "def unchanged(nodes):",
-                  '    """Whether the values the rule walk checks have their recorded versions (and no own rule)."""']
-        for node in self._checks(grads):
-            lines += [f"    data = nodes[{node}]",
-                      "    if data['value']._version != data['version'] or data['rule'] is not None:",
-                      "        return False"]
-        lines.append("    return True")
+                  '    """Whether the values the rule walk checks have their recorded versions (and no own rule)."""',
+                  f"    datas = _pick(nodes)  # nodes {', '.join(map(str, checked))}",
+                  "    if any(map(_rule, datas)):",
+                  "        return False",
+                  "    return list(map(_version, map(_value, datas))) == list(map(_recorded, datas))"]
         source = "\n".join(lines) + "\n"
         filename = f"<tensorgraph plan {next(_COUNTER)}>"
         exec(builtins.compile(source, filename, "exec"), self.namespace)  # noqa: S102 - the generated plan
