@@ -77,6 +77,7 @@ MAX_TEMPLATE_NODES = 20_000  # a bigger recording keeps no template (it would ho
 MAX_CACHED_NODES = 60_000  # all templates of a thread together
 MAX_TEMPLATES = 64  # lines with templates, per thread
 PER_LINE = 4  # structures remembered per line (a loop may alternate between a few: train and eval steps)
+GENERATE_AFTER = 2  # full matches before a template gets generated matchers (~0.5 ms per call to compile)
 _COUNTER = itertools.count(1)
 _state: Any = None
 _internal_code: dict = {}
@@ -417,6 +418,7 @@ class Template:
         self.plans: dict[tuple, Plan | None] = {}  # (root, seed) -> plan, or None where none can be made
         self.walked: set[tuple] = set()  # (root, seed) keys backpropagated once by the rule walk
         self.matchers: list[Callable | None] | None = None  # generated per event once the structure repeats
+        self.matched = 0  # recordings that matched it to the end
 
     # ------------------------------------------------------------ backward
 
@@ -899,7 +901,8 @@ class Session:
             set_names(graph, found)
         graph._fingerprints = LeafStamps.from_layout(template.layout, nodes)
         graph._replay = template
-        if template.matchers is None:  # the structure repeated: its next recordings get generated matchers
+        template.matched += 1
+        if template.matched == GENERATE_AFTER:  # the structure repeats: its next recordings get generated matchers
             template.matchers = _matchers(template.events, template.nodes)
         if templates().get(self.key, [None])[0] is not template:  # the line's latest structure comes first
             _keep(self.key, template)
