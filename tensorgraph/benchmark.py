@@ -15,7 +15,11 @@ of batches drawn once, so that drawing costs nothing). The variants:
 - ``torch_ex4`` / ``engine_ex4`` / ``compiled_ex4``: the exercise-4 forward the training command
   runs (:func:`tensorgraph.makemore.model.forward`: ``mean``/``var`` batchnorm, ``F.cross_entropy``);
 - ``torch_fused``: torch autograd with ``F.batch_norm`` and ``F.cross_entropy`` (torch at its fastest;
-  note that ``F.batch_norm`` normalises with the biased variance).
+  note that ``F.batch_norm`` normalises with the biased variance);
+- ``floor``: not a usable engine but its lower bound: the atomic forward under a torch function mode
+  that only passes calls through, then the kernels of the engine's cached backward plan, then the
+  update. What the engine's step would cost if its bookkeeping (matching, naming, checks, the leaf
+  guard) were free; the difference to ``engine`` is that bookkeeping.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 import tensorgraph as tg
 
@@ -52,6 +57,7 @@ LABELS = {
     "engine_ex4": "tensorgraph engine, exercise-4 forward",
     "compiled_ex4": "tg.compile, exercise-4 forward",
     "torch_fused": "torch autograd, F.batch_norm + F.cross_entropy",
+    "floor": "floor: interception + plan kernels, no bookkeeping",
 }
 
 
@@ -155,7 +161,42 @@ def compiled_step(ex: Exercise, forward: Callable[..., Tensor], **options: Any) 
     return step
 
 
+class _PassThrough(TorchFunctionMode):
+    """A torch function mode that only passes each call on: the interception any recorder pays."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        return func(*args, **kwargs) if kwargs else func(*args)
+
+
+def floor_step(ex: Exercise, forward: Callable[..., Tensor]) -> Callable[[], Tensor] | None:
+    """The engine's step with its bookkeeping taken out (see the module docstring); None without a plan."""
+    params = ex.copy()
+    batches = ex.stream()
+    for _ in range(3 + replay.GENERATE_AFTER):  # template, traced backward, plan
+        Xb, Yb = next(batches)
+        with tg.record() as graph:
+            loss = forward(*params, Xb, Yb)
+        graph.backward(loss)
+    plan = graph._replay.plans.get((graph.node_id(loss), None)) if graph._replay is not None else None
+    if plan is None:
+        return None
+    nodes = graph._nodes  # the plan reads this graph's values: the same kernels on the same shapes
+    leaves = [graph.node_id(p) for p in params]
+
+    def step() -> Tensor:
+        Xb, Yb = next(batches)
+        with _PassThrough():
+            loss = forward(*params, Xb, Yb)
+        grads = plan.fn(nodes, torch.ones_like(loss))
+        for p, node in zip(params, leaves):
+            p.add_(grads[node], alpha=-LR)
+        return loss
+
+    return step
+
+
 def variants(ex: Exercise) -> dict[str, Callable[[], Tensor]]:
+    floor = floor_step(ex, atomic_forward)
     return {
         "torch": torch_step(ex, atomic_forward),
         "engine": engine_step(ex, atomic_forward),
@@ -164,7 +205,7 @@ def variants(ex: Exercise) -> dict[str, Callable[[], Tensor]]:
         "engine_ex4": engine_step(ex, exercise4_forward),
         "compiled_ex4": compiled_step(ex, exercise4_forward),
         "torch_fused": torch_step(ex, fused_forward),
-    }
+    } | ({"floor": floor} if floor is not None else {})
 
 
 # ---------------------------------------------------------------- timing

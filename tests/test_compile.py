@@ -499,7 +499,7 @@ def test_bench_command_runs_and_reports_every_part(capsys):
                    "--memory-steps", "3", "--threads", "1"])  # about 15 s: data, four compilations, fused rules
     report = json.loads(capsys.readouterr().out)
     assert status == 0
-    assert {"torch", "engine", "compiled"} <= set(report["steps"]) and report["steps"]["torch"]["ratio"] == 1.0
+    assert {"torch", "engine", "compiled", "floor"} <= set(report["steps"]) and report["steps"]["torch"]["ratio"] == 1.0
     assert report["targets"] == {"engine": 1.3, "compiled": 0.8}
     assert report["overhead"]["ops"] == 29 and [row["nodes"] for row in report["scaling"]][:2] == [11, 21]
     assert set(report["memory"]) == {"engine", "compiled"} and report["machine"]["threads"] == 1
