@@ -28,11 +28,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fuzz_programs import BINARY, GENERATORS, UNARY, HypothesisChooser, Program, RandomChooser, build
-from helpers import assert_matches_torch
+from helpers import assert_matches_torch, assert_same_gradients, assert_same_graph, off_the_common_path, walk
 from hypothesis import HealthCheck, given, note, reject, settings
 from hypothesis import strategies as st
 
 import tensorgraph as tg
+from tensorgraph import replay
 
 NORMAL_EXAMPLES = int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 300)
 LONG_EXAMPLES = int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 10_000)
@@ -124,6 +125,41 @@ def test_random_programs_match_torch_autograd(data):
 @given(st.data())
 def test_fuzz_long(data):
     _fuzz(data, max_steps=8)
+
+
+def _replayed(data: st.DataObject, max_steps: int) -> None:
+    """One program recorded again and again from one line: every template path is the full path, bit for bit."""
+    program = build(HypothesisChooser(data), max_steps=max_steps)
+    note(program.source())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        replay.templates().clear()
+        reference, ref_loss, _ = run_engine(program)  # the line's first recording: the recorder's full path
+        expected = walk(reference, ref_loss)
+        # template, matched twice (matchers generated), then the generated matchers; backward: the rule
+        # walk, traced, then the plan
+        for _ in range(3 + replay.GENERATE_AFTER):
+            graph, loss, _ = run_engine(program)
+            assert_same_graph(graph, reference)
+            assert_same_gradients(graph.backward(loss), expected)
+    if not off_the_common_path(graph):
+        assert graph._replay.matchers is not None, "a repeated program on the common path got no matchers"
+    RUNS["replayed"] = RUNS.get("replayed", 0) + 1
+
+
+@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 150), deadline=None, derandomize=True,
+          database=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_random_programs_replay_bit_identically(data):
+    """Templates, generated matchers and backward plans change nothing on any program the fuzzer writes."""
+    _replayed(data, max_steps=5)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=LONG_EXAMPLES // 4, deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_replay_fuzz_long(data):
+    _replayed(data, max_steps=8)
 
 
 @pytest.fixture(scope="module", autouse=True)

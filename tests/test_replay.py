@@ -18,11 +18,11 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import _weights_for
+from helpers import _weights_for, assert_same_gradients, assert_same_graph, off_the_common_path, walk
 from op_cases import CASES
 
 import tensorgraph as tg
-from tensorgraph import engine, replay
+from tensorgraph import replay
 from tensorgraph.lecture import LECTURE_ROWS, forward, setup
 from tensorgraph.ops import OPS
 
@@ -30,59 +30,6 @@ D = torch.float64
 
 
 # ---------------------------------------------------------------- references and comparisons
-
-
-def walk(graph: tg.Graph, loss, grad=None) -> engine.Gradients:
-    """The rule walk (the engine without plans), on the same graph."""
-    saved, graph._replay = graph._replay, None
-    try:
-        return engine.backward(graph, loss, grad)
-    finally:
-        graph._replay = saved
-
-
-def _same_tensor(a, b) -> bool:
-    """Bit for bit (nan where nan)."""
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if torch.equal(a, b):
-        return True
-    if not a.is_floating_point():
-        return False
-    nan = a.isnan()
-    return torch.equal(nan, b.isnan()) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
-
-
-def assert_same_gradients(got: engine.Gradients, ref: engine.Gradients) -> None:
-    assert list(got.by_node) == list(ref.by_node), "the same gradients, in the same order"
-    for node, expected in ref.by_node.items():
-        assert _same_tensor(got.by_node[node], expected), f"gradient of node {node} differs"
-    assert list(got) == list(ref)  # names
-
-
-def _equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return _same_tensor(a, b)
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, (tuple, list)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, float) and math.isnan(a):
-        return math.isnan(b)
-    return a == b
-
-
-def assert_same_graph(got: tg.Graph, ref: tg.Graph) -> None:
-    """Node for node, key for key (in the same order), values included."""
-    assert len(got) == len(ref)
-    for node, (x, y) in enumerate(zip(got._nodes, ref._nodes)):
-        assert list(x) == list(y), f"node {node}: keys differ"
-        for key in y:
-            assert _equal(x[key], y[key]), f"node {node} ({y['name']}): {key} {x[key]!r} != {y[key]!r}"
-    assert got._names == ref._names
-    assert got.names == ref.names
 
 
 def fresh() -> None:
@@ -116,12 +63,6 @@ def _full_path(fn, inputs, weight) -> tg.Graph:
         replay.templates().update(saved)
 
 
-def _off_the_common_path(graph: tg.Graph) -> bool:
-    """In-place changes, and ops that may update an input (batch_norm): matching stops at them."""
-    return any(data["inplace"] or data["previous"] is not None or (OPS.get(data["op"]) and OPS[data["op"]].mutates)
-               for data in graph._nodes)
-
-
 # ---------------------------------------------------------------- every op: repeated recordings and plans
 
 
@@ -137,7 +78,7 @@ def test_every_op_case_repeats_bit_identically(name, fn, inputs):
     assert_same_graph(second, first)
     assert_same_graph(third, _full_path(fn, third_inputs, weight))
     repeated = first._replay is second._replay is third._replay
-    if not _off_the_common_path(first):
+    if not off_the_common_path(first):
         assert repeated, "a recording on the recorder's common path must match its template"
         assert replay.GENERATE_AFTER == 2 and first._replay.matchers is not None and any(first._replay.matchers)
     # first backward of the structure: the rule walk; second: traced; third: the plan (when it has one)
@@ -156,7 +97,6 @@ def test_every_op_case_repeats_bit_identically(name, fn, inputs):
 
 def test_a_rule_that_reads_values_gets_no_plan(monkeypatch):
     """A rule that reads a tensor value into Python may take another branch at the next step: no plan."""
-    from tensorgraph.ops import OPS
 
     exp_rule = OPS["exp"].rule
 
