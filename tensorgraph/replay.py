@@ -217,38 +217,37 @@ def _same_line(frame: types.FrameType, event: _Event) -> bool:
     return True
 
 
-def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]], last: bool,
-                    namespace: dict[str, Any]) -> str | None:
-    """Source of ``match_k``: :meth:`Session.match` for event ``k``, its checks unrolled (None: the generic one only).
+def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]],
+                    last: bool) -> tuple[str, dict[str, Any]] | None:
+    """:meth:`Session.match` for one template call, its checks unrolled: the body of ``match`` and its constants.
 
-    The common cases are generated: tensor arguments (top level, or inside tuples and lists of
-    existing tensors), other arguments compared as the generic match compares them, plain constant
-    keyword arguments, each new leaf once. It accepts a subset of what the generic match accepts and
-    has the same effects; anything it rejects is checked again by the generic match, which also
-    decides what a miss does. Its constants go into ``namespace``.
+    The source names no node, literal or object of this call: those are the constants, so that calls
+    with the same checks share one compiled factory (a chain of 1,000 ``tanh`` compiles once). The
+    common cases are generated: tensor arguments (top level, or inside tuples and lists), other
+    arguments compared as the generic match compares them, plain constant keyword arguments, each
+    new leaf once. It accepts a subset of what the generic match accepts and has the same effects;
+    anything it rejects is checked again by the generic match, which also decides what a miss does.
+    None where only the generic match applies.
     """
     if (event.func is None or event.detach or event.code is None or (event.single is None and not event.outputs)
             or any(value.__class__ not in _CONSTANT_KWARGS or not name.isidentifier() for name, value in event.kwargs)):
         return None
     first, refs, leaves = event.first, event.refs, event.leaves
     made = [o for o in event.outputs if o is not None] if event.single is None else [event.single]
-    names = {"event": f"EVENT_{k}", "scope": f"SCOPE_{k}", "kwarg_names": f"KWARG_NAMES_{k}"}
-    namespace.update({names["event"]: event, names["scope"]: event.scope,
-                      names["kwarg_names"]: tuple(name for name, _ in event.kwargs)})
-    ev = names["event"]
-    kw = f"tuple(kwargs) != {names['kwarg_names']}" if event.kwargs else "kwargs"
-    lines = [f"def match_{k}(session, recorder, args, kwargs, result):",
-             f"    # {nodes[made[0][0]]['op']} -> nodes {first}..{event.end - 1}",
+    constants: dict[str, Any] = {"EVENT": event, "SCOPE": event.scope, "FIRST": first, "END": event.end,
+                                 "NEXT": k + 1, "KWARG_NAMES": tuple(name for name, _ in event.kwargs)}
+    kw = "tuple(kwargs) != KWARG_NAMES" if event.kwargs else "kwargs"
+    lines = ["def match(session, recorder, args, kwargs, result):",
              "    try:",
              "        nodes = session.nodes",
-             f"        if len(nodes) != {first} or len(args) != {event.nargs} or {kw} or _state.scope != SCOPE_{k}:",
+             f"        if len(nodes) != FIRST or len(args) != {event.nargs} or {kw} or _state.scope != SCOPE:",
              "            return False",
              "        frame = _getframe(2)",
-             f"        if frame.f_code is not {ev}.code:",
-             f"            frame = _user_frame(frame, {ev}.code)",
+             "        if frame.f_code is not EVENT.code:",
+             "            frame = _user_frame(frame, EVENT.code)",
              "            if frame is None:",
              "                return False",
-             f"        if frame.f_lasti != {ev}.lasti and not _same_line(frame, {ev}):",
+             "        if frame.f_lasti != EVENT.lasti and not _same_line(frame, EVENT):",
              "            return False",
              "        live = session.live",
              "        written = recorder.view_written"]
@@ -258,9 +257,12 @@ def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]], last: bo
     def tensor_checks(a: str, node: int) -> list[str]:
         tensors.append(a)
         if node not in leaves:
-            return _existing(a, node)
-        spec = f"LEAF_{node}"
-        namespace[spec] = leaves[node]
+            constants[f"N_{a}"] = node
+            return [f"        f_{a} = live.get(id({a}))",
+                    f"        if f_{a} is None or f_{a}[0] != N_{a} or {a}._version != f_{a}[1]:",
+                    "            return False"]
+        spec = f"LEAF_{a}"
+        constants[spec] = leaves[node]
         earlier = "".join(f" or {a} is {b}" for b, _ in leaf_args)
         leaf_args.append((a, node))
         return [f"        if (id({a}) in live or not isinstance({a}, Tensor) or {a}.dtype is not {spec}[1]"
@@ -274,21 +276,19 @@ def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]], last: bo
         lines.append(f"        a{position} = args[{position}]")
         lines += tensor_checks(f"a{position}", node)
     for position, value in event.consts:
-        const = f"CONST_{k}_{position}"
-        namespace[const] = value
+        constants[f"CONST_{position}"] = value
         lines += [f"        c = args[{position}]",
-                  f"        if c.__class__ is not {const}.__class__ or c != {const}:",
+                  f"        if c.__class__ is not CONST_{position}.__class__ or c != CONST_{position}:",
                   "            return False"]
     for position, pattern in event.generic:
-        checks = _pattern_checks(f"args[{position}]", pattern, f"{k}_{position}", namespace, tensor_checks)
+        checks = _pattern_checks(f"args[{position}]", pattern, str(position), constants, tensor_checks)
         if checks is None:
             return None
         lines += checks
     for name, value in event.kwargs:
-        const = f"KWARG_{k}_{name}"
-        namespace[const] = value
+        constants[f"KWARG_{name}"] = value
         lines += [f"        c = kwargs[{name!r}]",
-                  f"        if c.__class__ is not {const}.__class__ or c != {const}:",
+                  f"        if c.__class__ is not KWARG_{name}.__class__ or c != KWARG_{name}:",
                   "            return False"]
     if [node for _, node in leaf_args] != list(range(first, made[0][0])):
         return None  # a new leaf passed twice, or out of order: the generic match knows these
@@ -296,9 +296,9 @@ def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]], last: bo
         lines += [f"        if written and ({' or '.join(f'id({t}) in written' for t in tensors)}):",
                   "            return False"]
     if event.single is not None:
-        device = f" or result.device != {ev}.device" if event.device is not None else ""
-        lines += [f"        if (not isinstance(result, Tensor) or result.dtype is not {ev}.single[2]"
-                  f" or result.shape != {ev}.single[1]",
+        device = " or result.device != EVENT.device" if event.device is not None else ""
+        lines += ["        if (not isinstance(result, Tensor) or result.dtype is not EVENT.single[2]"
+                  " or result.shape != EVENT.single[1]",
                   f"                or id(result) in live{device}):",
                   "            return False"]
         outputs = [("result", event.single[0])]
@@ -313,44 +313,36 @@ def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]], last: bo
                 lines += [f"        if {o} is not None:", "            return False"]
                 continue
             outputs.append((o, spec[0]))
-            lines += [f"        if (not isinstance({o}, Tensor) or {o}.dtype is not {ev}.outputs[{index}][2]"
-                      f" or {o}.shape != {ev}.outputs[{index}][1] or id({o}) in live):",
+            lines += [f"        if (not isinstance({o}, Tensor) or {o}.dtype is not EVENT.outputs[{index}][2]"
+                      f" or {o}.shape != EVENT.outputs[{index}][1] or id({o}) in live):",
                       "            return False"]
     lines += ["    except Exception:  # noqa: BLE001 - the generic match makes the same check and stops matching",
               "        return False"]
     for a, node in leaf_args:
-        lines += _append(a, node)
+        lines += _append(a, node, nodes, constants)
     if event.single is None:
         lines.append("    together = tuple(result)")
     for o, node in outputs:
-        lines += _append(o, node, together=event.single is None)
+        lines += _append(o, node, nodes, constants, together=event.single is None)
         lines += [f"    base = {o}._base",
                   "    if base is not None:",
                   f"        recorder.views.setdefault(id(base), []).append({o})"]
     lines += ["    if frame is not session.frame:",
               "        recorder.frames.setdefault(id(frame), frame)",
               "        session.frame = frame",
-              f"    session.count = {event.end}",
-              f"    session.cursor = {k + 1}"]
+              "    session.count = END",
+              "    session.cursor = NEXT"]
     if last:
         lines += ["    session.event = session.expected = session.fast = None"]
     else:
-        lines += [f"    session.event = event = EVENTS[{k + 1}]",
+        lines += ["    session.event = event = EVENTS[NEXT]",
                   "    session.expected = event.func",
-                  f"    session.fast = MATCHERS[{k + 1}]"]
+                  "    session.fast = MATCHERS[NEXT]"]
     lines.append("    return True")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", constants
 
 
-def _existing(a: str, node: int) -> list[str]:
-    """Checks that ``a`` is the tensor of ``node``, unchanged since it was recorded."""
-    found = f"f_{a}"
-    return [f"        {found} = live.get(id({a}))",
-            f"        if {found} is None or {found}[0] != {node} or {a}._version != {found}[1]:",
-            "            return False"]
-
-
-def _pattern_checks(value: str, pattern: Any, label: str, namespace: dict[str, Any],
+def _pattern_checks(value: str, pattern: Any, label: str, constants: dict[str, Any],
                     tensor_checks: Callable[[str, int], list[str]]) -> list[str] | None:
     """Checks of a non-constant argument, as :meth:`Session._check` makes them (None: not generated)."""
     cls = pattern.__class__
@@ -365,43 +357,65 @@ def _pattern_checks(value: str, pattern: Any, label: str, namespace: dict[str, A
                 lines += [f"        {t} = {v}[{i}]", f"        if not isinstance({t}, Tensor):",
                           "            return False"] + tensor_checks(t, item.node)
             else:
-                checks = _pattern_checks(f"{v}[{i}]", item, f"{label}_{i}", namespace, tensor_checks)
+                checks = _pattern_checks(f"{v}[{i}]", item, f"{label}_{i}", constants, tensor_checks)
                 if checks is None:
                     return None
                 lines += checks
         return lines
     if _holds(pattern, (Ref, Tensor)):
         return None
-    const = f"PATTERN_{label}"
-    namespace[const] = pattern
-    return [f"        if not _same({value}, {const}):", "            return False"]
+    constants[f"PATTERN_{label}"] = pattern
+    return [f"        if not _same({value}, PATTERN_{label}):", "            return False"]
 
 
-def _append(value: str, node: int, *, together: bool = False) -> list[str]:
+def _append(value: str, node: int, nodes: list[dict[str, Any]], constants: dict[str, Any], *,
+            together: bool = False) -> list[str]:
     """Add the template's node ``node`` with this step's tensor ``value``."""
-    lines = [f"    data = NODES[{node}].copy()", f"    data['value'] = {value}"]
+    constants[f"NODE_{value}"], constants[f"N_{value}"] = nodes[node], node
+    lines = [f"    data = NODE_{value}.copy()", f"    data['value'] = {value}"]
     if together:
         lines.append("    data['result'] = together")
     return lines + [f"    version = data['version'] = {value}._version",
                     "    nodes.append(data)",
-                    f"    live[id({value})] = ({node}, version, {value})"]
+                    f"    live[id({value})] = (N_{value}, version, {value})"]
+
+
+_FACTORIES: dict[str, Callable[..., Callable]] = {}  # a matcher's source -> its compiled factory
+MAX_FACTORIES = 1024
 
 
 def _matchers(events: list[_Event], nodes: list[dict[str, Any]]) -> list[Callable | None]:
-    """One generated matcher per event (None where the generic match must run), compiled together."""
+    """One generated matcher per template call (None where the generic match must run).
+
+    Calls with the same checks share a factory, compiled once per process (~0.5 ms each); each
+    matcher is its factory called with the call's own constants.
+    """
+    matchers: list[Callable | None] = [None] * len(events)
+    for k, event in enumerate(events):
+        made = _matcher_source(k, event, nodes, k == len(events) - 1)
+        if made is None:
+            continue
+        source, constants = made
+        factory = _FACTORIES.get(source)
+        if factory is None:
+            if len(_FACTORIES) >= MAX_FACTORIES:
+                _FACTORIES.clear()
+            factory = _FACTORIES[source] = _factory(source, sorted(constants))
+        matchers[k] = factory(EVENTS=events, MATCHERS=matchers, **constants)
+    return matchers
+
+
+def _factory(source: str, names: list[str]) -> Callable[..., Callable]:
+    """Compile ``make(EVENTS, MATCHERS, <names>)``, which returns the ``match`` of ``source`` over those names."""
+    body = "".join(f"    {line}\n" if line else "\n" for line in source.splitlines())
+    text = f"def make(*, EVENTS, MATCHERS, {', '.join(names)}):\n{body}    return match\n"
+    filename = f"<tensorgraph matcher {next(_COUNTER)}>"
     namespace: dict[str, Any] = {"_getframe": sys._getframe, "_state": _rec._state, "_user_frame": _user_frame,
                                  "_same_line": _same_line, "_same": _same, "Tensor": Tensor,
-                                 "_strided": torch.strided, "NODES": nodes, "EVENTS": events}
-    sources = [source for k, event in enumerate(events)
-               if (source := _matcher_source(k, event, nodes, k == len(events) - 1, namespace)) is not None]
-    matchers: list[Callable | None] = [None] * len(events)
-    namespace["MATCHERS"] = matchers
-    if sources:
-        source = "\n\n".join(sources)
-        exec(builtins.compile(source, f"<tensorgraph matchers {next(_COUNTER)}>", "exec"), namespace)  # noqa: S102
-        for k in range(len(events)):
-            matchers[k] = namespace.get(f"match_{k}")
-    return matchers
+                                 "_strided": torch.strided}
+    exec(builtins.compile(text, filename, "exec"), namespace)  # noqa: S102 - the generated checks
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)  # tracebacks show it
+    return namespace["make"]
 
 
 class Template:

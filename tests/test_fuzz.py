@@ -46,7 +46,7 @@ EXCLUDED = {
 
 OP_COUNTS: collections.Counter[str] = collections.Counter()
 TORCH_FAILURES: collections.Counter[str] = collections.Counter()  # programs torch autograd cannot run
-RUNS = {"programs": 0}  # programs compared (the long run's figure for docs/reliability.md)
+RUNS = {"programs": 0, "replayed": 0}  # programs compared (the long runs' figures for docs/reliability.md)
 
 
 def run_engine(program: Program, anomaly: bool = False) -> tuple[tg.Graph, torch.Tensor, list[torch.Tensor]]:
@@ -144,7 +144,7 @@ def _replayed(data: st.DataObject, max_steps: int) -> None:
             assert_same_gradients(graph.backward(loss), expected)
     if not off_the_common_path(graph):
         assert graph._replay.matchers is not None, "a repeated program on the common path got no matchers"
-    RUNS["replayed"] = RUNS.get("replayed", 0) + 1
+    RUNS["replayed"] += 1
 
 
 @settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 150), deadline=None, derandomize=True,
@@ -166,13 +166,14 @@ def test_replay_fuzz_long(data):
 def _report():
     OP_COUNTS.clear()
     TORCH_FAILURES.clear()
-    RUNS["programs"] = 0
+    RUNS["programs"] = RUNS["replayed"] = 0
     start = time.perf_counter()
     yield
     path = os.environ.get("TENSORGRAPH_FUZZ_REPORT")
     if path:
         with open(path, "w") as f:
             json.dump({"seconds": round(time.perf_counter() - start, 1), "programs": RUNS["programs"],
+                       "replayed_programs": RUNS.get("replayed", 0),
                        "torch_failures": dict(TORCH_FAILURES), "op_programs": dict(OP_COUNTS.most_common())},
                       f, indent=1)
 
