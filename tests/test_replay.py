@@ -640,7 +640,7 @@ def test_plans_on_cuda_match_the_rule_walk():
 
 
 def test_matchers_are_generated_only_for_a_structure_that_keeps_repeating():
-    """Compiling them costs ~0.5 ms per call: a structure that repeats once or twice never pays it."""
+    """Making them costs up to ~0.5 ms per call: a structure that repeats once or twice never pays it."""
     x, y = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
     fresh()
     generated = []
