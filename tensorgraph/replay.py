@@ -335,9 +335,9 @@ def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]],
     if last:
         lines += ["    session.event = session.expected = session.fast = None"]
     else:
-        lines += ["    session.event = event = EVENTS[NEXT]",
+        lines += ["    session.event = event = session.events[NEXT]",
                   "    session.expected = event.func",
-                  "    session.fast = MATCHERS[NEXT]"]
+                  "    session.fast = session.matchers[NEXT]"]
     lines.append("    return True")
     return "\n".join(lines) + "\n", constants
 
@@ -401,14 +401,14 @@ def _matchers(events: list[_Event], nodes: list[dict[str, Any]]) -> list[Callabl
             if len(_FACTORIES) >= MAX_FACTORIES:
                 _FACTORIES.clear()
             factory = _FACTORIES[source] = _factory(source, sorted(constants))
-        matchers[k] = factory(EVENTS=events, MATCHERS=matchers, **constants)
+        matchers[k] = factory(**constants)
     return matchers
 
 
 def _factory(source: str, names: list[str]) -> Callable[..., Callable]:
-    """Compile ``make(EVENTS, MATCHERS, <names>)``, which returns the ``match`` of ``source`` over those names."""
+    """Compile ``make(<names>)``, which returns the ``match`` of ``source`` over those names."""
     body = "".join(f"    {line}\n" if line else "\n" for line in source.splitlines())
-    text = f"def make(*, EVENTS, MATCHERS, {', '.join(names)}):\n{body}    return match\n"
+    text = f"def make(*, {', '.join(names)}):\n{body}    return match\n"
     filename = f"<tensorgraph matcher {next(_COUNTER)}>"
     namespace: dict[str, Any] = {"_getframe": sys._getframe, "_state": _rec._state, "_user_frame": _user_frame,
                                  "_same_line": _same_line, "_same": _same, "Tensor": Tensor,

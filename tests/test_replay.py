@@ -648,3 +648,20 @@ def test_matchers_are_generated_only_for_a_structure_that_keeps_repeating():
         graph, _ = _product(x, y)
         generated.append(graph._replay is not None and graph._replay.matchers is not None)
     assert generated == [False] * (1 + replay.GENERATE_AFTER) + [True]
+
+
+def test_a_template_with_matchers_is_freed_without_the_garbage_collector():
+    """Generated matchers reach the next call through the session, not the template: no reference cycle."""
+    x, y = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    fresh()
+    for _ in range(2 + replay.GENERATE_AFTER):
+        graph, _ = _product(x, y)
+    template = weakref.ref(graph._replay)
+    assert template().matchers is not None
+    gc.disable()
+    try:
+        del graph
+        fresh()
+        assert template() is None
+    finally:
+        gc.enable()
