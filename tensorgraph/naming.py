@@ -13,8 +13,7 @@ from __future__ import annotations
 import __future__
 
 import types
-from itertools import compress
-from operator import or_
+from itertools import chain, compress
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -91,17 +90,24 @@ class _Namer:
                public: bool = False) -> None:
         """Offer the graph's tensors among ``values`` and walk the objects among them, in order.
 
-        A C-level filter picks them out (a list of 64 data batches, or of 200 logged losses, is in
-        the namespace at every record); only those reach Python code.
+        Only values of the types worth a look reach Python code (a list of 200 logged losses, or of 64
+        data batches, is in the namespace at every record).
         """
         latest = self.latest
-        hits = map(or_, map(latest.__contains__, map(id, values)), map(_WALKABLE.__getitem__, map(type, values)))
-        for key, item in compress(zip(keys, values), hits):
+        kinds = _worth_a_look(values, depth)
+        if not kinds:
+            return
+        if depth > 1 and not kinds.isdisjoint(_SEQUENCES):
+            # the tuples and lists among the values (data batches): one look at all their items together
+            nested = list(chain.from_iterable(compress(values, map(_SEQUENCES.__contains__, map(type, values)))))
+            if not _worth_a_look(nested, depth - 1, latest):
+                kinds = kinds - _SEQUENCES
+        for key, item in compress(zip(keys, values), map(kinds.__contains__, map(type, values))):
             if (keyed and not isinstance(key, (str, int))) or (public and key.startswith("_")):
                 continue
             if id(item) in latest:
                 self.offer(prefix + form.format(key), item)
-            elif depth > 1:
+            elif depth > 1 and not isinstance(item, Tensor):
                 self.walk(prefix + form.format(key), item, depth - 1)
 
 
@@ -114,9 +120,9 @@ def assign_names(graph: Graph, caller: types.FrameType, frames: list[types.Frame
 
 def find_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameType]) -> dict[int, str]:
     """The user's variable names for the graph's tensors, by node (before versions and op-based names)."""
-    # NOTE: this runs at the end of every record block. The graph's tensors and the objects worth walking are
-    # picked out of each namespace by C-level filters (a tensor whose id is in graph._live is that very tensor:
-    # the graph keeps it alive); only those reach Python code, in the namespace's order
+    # NOTE: this runs at the end of every record block. Only variables of the types worth a look (tensors,
+    # objects that may hold some) reach Python code, in the namespace's order; a tensor whose id is in
+    # graph._live is that very tensor (the graph keeps it alive)
     namer = _Namer(graph)
     live, named, used = graph._live, namer.named, namer.used
     in_graph = live.__contains__
@@ -126,14 +132,17 @@ def find_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameTy
     objects = []  # variables that may hold tensors in attributes or items, walked after the plain tensors
     for variables in scopes:
         keys, values = list(variables), list(variables.values())  # (no tuple per variable: less for the gc)
-        for i in compress(range(len(keys)), map(in_graph, map(id, values))):
-            name, node = keys[i], live[id(values[i])][0]
-            if node not in named and name not in used and not name.startswith("_"):
-                named[node] = name
-                used.add(name)
-        for i in compress(range(len(keys)), map(_WALKABLE.__getitem__, map(type, values))):
-            if not keys[i].startswith("_"):
-                objects.append((keys[i], values[i]))
+        kinds = _worth_a_look(values, 2)
+        for name, value in compress(zip(keys, values), map(kinds.__contains__, map(type, values))):
+            if name.startswith("_"):
+                continue
+            found = live.get(id(value))
+            if found is not None:
+                if found[0] not in named and name not in used:
+                    named[found[0]] = name
+                    used.add(name)
+            elif not isinstance(value, Tensor):
+                objects.append((name, value))
     for name, value in objects:
         namer.walk(name, value, depth=3)
     for frame in frames:
@@ -141,16 +150,43 @@ def find_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameTy
             continue
         variables = frame.f_locals
         keys, values = list(variables), list(variables.values())
-        for i in compress(range(len(keys)), map(in_graph, map(id, values))):
-            name, node = keys[i], live[id(values[i])][0]
+        for name, value in compress(zip(keys, values), map(in_graph, map(id, values))):
+            node = live[id(value)][0]
             if node in named or name == "self" or name.startswith("_"):
                 continue
             if name not in used:
                 named[node] = name
                 used.add(name)
             else:
-                namer.offer(name, values[i], unique_suffix=True)
+                namer.offer(name, value, unique_suffix=True)
     return named
+
+
+_SEQUENCES = frozenset({tuple, list})
+
+
+def _worth_a_look(values: list, depth: int, latest: dict | None = None) -> frozenset:
+    """The types among ``values`` that may name something: tensors, and objects that may hold some (depth left).
+
+    One pass over the values' types (~20 ns a value); with ``latest``, empty unless one of the
+    tensors among them is in the graph or an object is worth a walk.
+    """
+    kinds = frozenset(kind for kind in set(map(type, values)) if _TENSORS[kind] or (depth > 1 and _WALKABLE[kind]))
+    if latest is not None and kinds and not any(depth > 1 and _WALKABLE[kind] for kind in kinds):
+        if not any(map(latest.__contains__, map(id, values))):
+            return frozenset()
+    return kinds
+
+
+class _TensorTypes(dict):
+    """type -> whether it is a tensor type (cached per type)."""
+
+    def __missing__(self, cls: type) -> bool:
+        self[cls] = is_tensor = issubclass(cls, Tensor)
+        return is_tensor
+
+
+_TENSORS = _TensorTypes()
 
 
 class _Walkable(dict):

@@ -434,3 +434,21 @@ def test_names_from_items_keep_their_order_and_skip_tensorgraph_objects():
     assert graph.node(1)["name"] == "leaf_1"  # only reachable through the earlier step's gradients
     assert not any(name.startswith(("old_grads", "previous")) for name in graph.names)
     assert graph.node_id(loss) == len(graph) - 1
+
+
+def test_names_inside_lists_of_batches_and_dicts_of_numbers():
+    """The shortcuts over containers (types looked at once, nested tuples at once) find what a full walk finds."""
+    batches = [(torch.randn(2, dtype=D), torch.randn(2, dtype=D)) for _ in range(40)]
+    config = {"lr": 0.1, "steps": 10, "sizes": [1, 2, 3]}
+    losses = [0.5] * 100
+    with tg.record() as graph:
+        out = (batches[7][1] * 3).sum()
+    assert graph.node(0)["name"] == "batches[7][1]"
+    with tg.record() as graph:
+        other = batches[3][0].exp().sum()
+    assert graph.node(0)["name"] == "batches[3][0]"
+    batches.append(torch.randn(2, dtype=D))  # a direct tensor after the tuples
+    with tg.record() as graph:
+        last = batches[-1].tanh().sum()
+    assert graph.node(0)["name"] == "batches[40]"
+    assert config and losses and out is not None and other is not None and last is not None
