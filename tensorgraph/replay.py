@@ -232,39 +232,90 @@ def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]],
     if (event.func is None or event.detach or event.code is None or (event.single is None and not event.outputs)
             or any(value.__class__ not in _CONSTANT_KWARGS or not name.isidentifier() for name, value in event.kwargs)):
         return None
-    first, refs, leaves = event.first, event.refs, event.leaves
-    made = [o for o in event.outputs if o is not None] if event.single is None else [event.single]
-    constants: dict[str, Any] = {"EVENT": event, "SCOPE": event.scope, "FIRST": first, "END": event.end,
-                                 "NEXT": k + 1, "KWARG_NAMES": tuple(name for name, _ in event.kwargs)}
-    kw = "tuple(kwargs) != KWARG_NAMES" if event.kwargs else "kwargs"
-    lines = ["def match(session, recorder, args, kwargs, result):",
-             "    try:",
-             "        nodes = session.nodes",
-             f"        if len(nodes) != FIRST or len(args) != {event.nargs} or {kw} or _state.scope != SCOPE:",
-             "            return False",
-             "        frame = _getframe(2)",
-             "        if frame.f_code is not EVENT.code:",
-             "            frame = _user_frame(frame, EVENT.code)",
-             "            if frame is None:",
-             "                return False",
-             "        if frame.f_lasti != EVENT.lasti and not _same_line(frame, EVENT):",
-             "            return False",
-             "        live = session.live",
-             "        written = recorder.view_written"]
-    tensors: list[str] = []  # the tensor arguments' variables, for the check of writes through views
-    leaf_args: list[tuple[str, int]] = []  # new leaves in the order the generic match meets them
+    source = _MatcherSource(k, event, nodes)
+    checks = source.arguments()
+    if checks is None:
+        return None
+    lines = source.header() + checks + source.results() + [
+        "    except Exception:  # noqa: BLE001 - the generic match makes the same check and stops matching",
+        "        return False"] + source.effects(last) + ["    return True"]
+    return "\n".join(lines) + "\n", source.constants
 
-    def tensor_checks(a: str, node: int) -> list[str]:
-        tensors.append(a)
-        if node not in leaves:
-            constants[f"N_{a}"] = node
+
+class _MatcherSource:
+    """The parts of one generated matcher; ``constants`` collects what its source names by placeholder."""
+
+    def __init__(self, k: int, event: _Event, nodes: list[dict[str, Any]]) -> None:
+        self.event = event
+        self.nodes = nodes
+        self.constants: dict[str, Any] = {"EVENT": event, "SCOPE": event.scope, "FIRST": event.first,
+                                          "END": event.end, "NEXT": k + 1,
+                                          "KWARG_NAMES": tuple(name for name, _ in event.kwargs)}
+        self.tensors: list[str] = []  # the tensor arguments' variables, for the check of writes through views
+        self.leaves: list[tuple[str, int]] = []  # new leaves in the order the generic match meets them
+        self.outputs: list[tuple[str, int]] = []  # (variable, node) of each output
+
+    def header(self) -> list[str]:
+        """The call's place: the graph's length, arity, keyword names, scope, and the user's frame and line."""
+        kw = "tuple(kwargs) != KWARG_NAMES" if self.event.kwargs else "kwargs"
+        return ["def match(session, recorder, args, kwargs, result):",
+                "    try:",
+                "        nodes = session.nodes",
+                f"        if len(nodes) != FIRST or len(args) != {self.event.nargs} or {kw} or _state.scope != SCOPE:",
+                "            return False",
+                "        frame = _getframe(2)",
+                "        if frame.f_code is not EVENT.code:",
+                "            frame = _user_frame(frame, EVENT.code)",
+                "            if frame is None:",
+                "                return False",
+                "        if frame.f_lasti != EVENT.lasti and not _same_line(frame, EVENT):",
+                "            return False",
+                "        live = session.live",
+                "        written = recorder.view_written"]
+
+    def arguments(self) -> list[str] | None:
+        """Tensor arguments (known nodes at their versions, or new leaves), literals, other patterns, keywords."""
+        event, constants = self.event, self.constants
+        lines: list[str] = []
+        for position, node in event.refs:
+            lines.append(f"        a{position} = args[{position}]")
+            lines += self.tensor(f"a{position}", node)
+        for position, value in event.consts:
+            constants[f"CONST_{position}"] = value
+            lines += [f"        c = args[{position}]",
+                      f"        if c.__class__ is not CONST_{position}.__class__ or c != CONST_{position}:",
+                      "            return False"]
+        for position, pattern in event.generic:
+            checks = _pattern_checks(f"args[{position}]", pattern, str(position), constants, self.tensor)
+            if checks is None:
+                return None
+            lines += checks
+        for name, value in event.kwargs:
+            constants[f"KWARG_{name}"] = value
+            lines += [f"        c = kwargs[{name!r}]",
+                      f"        if c.__class__ is not KWARG_{name}.__class__ or c != KWARG_{name}:",
+                      "            return False"]
+        first_output = event.single[0] if event.single is not None else min(
+            o[0] for o in event.outputs if o is not None)
+        if [node for _, node in self.leaves] != list(range(event.first, first_output)):
+            return None  # a new leaf passed twice, or out of order: the generic match knows these
+        if self.tensors:
+            lines += [f"        if written and ({' or '.join(f'id({t}) in written' for t in self.tensors)}):",
+                      "            return False"]
+        return lines
+
+    def tensor(self, a: str, node: int) -> list[str]:
+        """Checks that the tensor in variable ``a`` is the template's ``node``: known and unchanged, or a new leaf."""
+        self.tensors.append(a)
+        if node not in self.event.leaves:
+            self.constants[f"N_{a}"] = node
             return [f"        f_{a} = live.get(id({a}))",
                     f"        if f_{a} is None or f_{a}[0] != N_{a} or {a}._version != f_{a}[1]:",
                     "            return False"]
         spec = f"LEAF_{a}"
-        constants[spec] = leaves[node]
-        earlier = "".join(f" or {a} is {b}" for b, _ in leaf_args)
-        leaf_args.append((a, node))
+        self.constants[spec] = self.event.leaves[node]
+        earlier = "".join(f" or {a} is {b}" for b, _ in self.leaves)
+        self.leaves.append((a, node))
         return [f"        if (id({a}) in live or not isinstance({a}, Tensor) or {a}.dtype is not {spec}[1]"
                 f" or {a}.shape != {spec}[0]",
                 f"                or {a}.requires_grad != {spec}[4] or {a}.layout is not _strided"
@@ -272,74 +323,53 @@ def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]],
                 f"                or {a}.device != {spec}[3] or {a}.is_inference(){earlier}):",
                 "            return False"]
 
-    for position, node in refs:
-        lines.append(f"        a{position} = args[{position}]")
-        lines += tensor_checks(f"a{position}", node)
-    for position, value in event.consts:
-        constants[f"CONST_{position}"] = value
-        lines += [f"        c = args[{position}]",
-                  f"        if c.__class__ is not CONST_{position}.__class__ or c != CONST_{position}:",
-                  "            return False"]
-    for position, pattern in event.generic:
-        checks = _pattern_checks(f"args[{position}]", pattern, str(position), constants, tensor_checks)
-        if checks is None:
-            return None
-        lines += checks
-    for name, value in event.kwargs:
-        constants[f"KWARG_{name}"] = value
-        lines += [f"        c = kwargs[{name!r}]",
-                  f"        if c.__class__ is not KWARG_{name}.__class__ or c != KWARG_{name}:",
-                  "            return False"]
-    if [node for _, node in leaf_args] != list(range(first, made[0][0])):
-        return None  # a new leaf passed twice, or out of order: the generic match knows these
-    if tensors:
-        lines += [f"        if written and ({' or '.join(f'id({t}) in written' for t in tensors)}):",
-                  "            return False"]
-    if event.single is not None:
-        device = " or result.device != EVENT.device" if event.device is not None else ""
-        lines += ["        if (not isinstance(result, Tensor) or result.dtype is not EVENT.single[2]"
-                  " or result.shape != EVENT.single[1]",
-                  f"                or id(result) in live{device}):",
-                  "            return False"]
-        outputs = [("result", event.single[0])]
-    else:
-        lines += [f"        if not isinstance(result, (tuple, list)) or len(result) != {len(event.outputs)}:",
-                  "            return False"]
-        outputs = []
+    def results(self) -> list[str]:
+        """The outputs: new tensors of the template's shapes and dtypes (and device, for a call without tensors)."""
+        event = self.event
+        if event.single is not None:
+            device = " or result.device != EVENT.device" if event.device is not None else ""
+            self.outputs.append(("result", event.single[0]))
+            return ["        if (not isinstance(result, Tensor) or result.dtype is not EVENT.single[2]"
+                    " or result.shape != EVENT.single[1]",
+                    f"                or id(result) in live{device}):",
+                    "            return False"]
+        lines = [f"        if not isinstance(result, (tuple, list)) or len(result) != {len(event.outputs)}:",
+                 "            return False"]
         for index, spec in enumerate(event.outputs):
             o = f"o{index}"
             lines.append(f"        {o} = result[{index}]")
             if spec is None:
                 lines += [f"        if {o} is not None:", "            return False"]
                 continue
-            outputs.append((o, spec[0]))
+            self.outputs.append((o, spec[0]))
             lines += [f"        if (not isinstance({o}, Tensor) or {o}.dtype is not EVENT.outputs[{index}][2]"
                       f" or {o}.shape != EVENT.outputs[{index}][1] or id({o}) in live):",
                       "            return False"]
-    lines += ["    except Exception:  # noqa: BLE001 - the generic match makes the same check and stops matching",
-              "        return False"]
-    for a, node in leaf_args:
-        lines += _append(a, node, nodes, constants)
-    if event.single is None:
-        lines.append("    together = tuple(result)")
-    for o, node in outputs:
-        lines += _append(o, node, nodes, constants, together=event.single is None)
-        lines += [f"    base = {o}._base",
-                  "    if base is not None:",
-                  f"        recorder.views.setdefault(id(base), []).append({o})"]
-    lines += ["    if frame is not session.frame:",
-              "        recorder.frames.setdefault(id(frame), frame)",
-              "        session.frame = frame",
-              "    session.count = END",
-              "    session.cursor = NEXT"]
-    if last:
-        lines += ["    session.event = session.expected = session.fast = None"]
-    else:
-        lines += ["    session.event = event = session.events[NEXT]",
-                  "    session.expected = event.func",
-                  "    session.fast = session.matchers[NEXT]"]
-    lines.append("    return True")
-    return "\n".join(lines) + "\n", constants
+        return lines
+
+    def effects(self, last: bool) -> list[str]:
+        """What a match does: the template's nodes with this step's tensors, views, the frame, the next call."""
+        several = self.event.single is None
+        lines: list[str] = []
+        for a, node in self.leaves:
+            lines += _append(a, node, self.nodes, self.constants)
+        if several:
+            lines.append("    together = tuple(result)")
+        for o, node in self.outputs:
+            lines += _append(o, node, self.nodes, self.constants, together=several)
+            lines += [f"    base = {o}._base",
+                      "    if base is not None:",
+                      f"        recorder.views.setdefault(id(base), []).append({o})"]
+        lines += ["    if frame is not session.frame:",
+                  "        recorder.frames.setdefault(id(frame), frame)",
+                  "        session.frame = frame",
+                  "    session.count = END",
+                  "    session.cursor = NEXT"]
+        if last:
+            return lines + ["    session.event = session.expected = session.fast = None"]
+        return lines + ["    session.event = event = session.events[NEXT]",
+                        "    session.expected = event.func",
+                        "    session.fast = session.matchers[NEXT]"]
 
 
 def _pattern_checks(value: str, pattern: Any, label: str, constants: dict[str, Any],
