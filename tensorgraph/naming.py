@@ -102,11 +102,17 @@ class _Namer:
             nested = list(chain.from_iterable(compress(values, map(_SEQUENCES.__contains__, map(type, values)))))
             if not _worth_a_look(nested, depth - 1, latest):
                 kinds = kinds - _SEQUENCES
+        named, used = self.named, self.used
         for key, item in compress(zip(keys, values), map(kinds.__contains__, map(type, values))):
             if (keyed and not isinstance(key, (str, int))) or (public and key.startswith("_")):
                 continue
-            if id(item) in latest:
-                self.offer(prefix + form.format(key), item)
+            found = latest.get(id(item))
+            if found is not None:  # offer() inlined: a name is only formatted for a node still without one
+                if found[0] not in named:
+                    name = prefix + form.format(key)
+                    if name not in used and not name.startswith("_"):
+                        named[found[0]] = name
+                        used.add(name)
             elif depth > 1 and not isinstance(item, Tensor):
                 self.walk(prefix + form.format(key), item, depth - 1)
 
