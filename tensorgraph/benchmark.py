@@ -296,6 +296,10 @@ def measure_steps(report: Report, ex: Exercise, *, repeats: int, inner: int, dev
                               "ratio": median_ratio(times, name, "torch"), "label": LABELS[name]}
         if name in TARGETS:
             report.steps[name]["target"] = TARGETS[name]
+    if "floor" in fns:
+        report.notes.append("the floor row is not a usable engine: the forward under a pass-through torch function "
+                            "mode, then the engine's backward plan on an earlier graph's values; its distance to the "
+                            "engine row is the engine's own bookkeeping (docs/performance.md)")
     compiled = fns["compiled"].compiled  # type: ignore[attr-defined]
     report.notes.append(f"tg.compile used the {'fused (tensorgraph.symbolic)' if compiled.fused else 'atomic'} "
                         f"rules; its generated step is {compiled.source.count(chr(10))} lines (print step.source)")
