@@ -439,12 +439,11 @@ def _factory(source: str, names: list[str]) -> Callable[..., Callable]:
     """Compile ``make(<names>)``, which returns the ``match`` of ``source`` over those names."""
     body = "".join(f"    {line}\n" if line else "\n" for line in source.splitlines())
     text = f"def make(*, {', '.join(names)}):\n{body}    return match\n"
-    filename = f"<tensorgraph matcher {next(_COUNTER)}>"
     namespace: dict[str, Any] = {"_getframe": sys._getframe, "_state": _rec._state, "_user_frame": _user_frame,
                                  "_same_line": _same_line, "_same": _same, "Tensor": Tensor,
                                  "_strided": torch.strided}
-    exec(builtins.compile(text, filename, "exec"), namespace)  # noqa: S102 - the generated checks
-    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)  # tracebacks show it
+    # (no linecache entry: a matcher's errors never leave it, they are a miss)
+    exec(builtins.compile(text, "<tensorgraph matcher>", "exec"), namespace)  # noqa: S102 - the generated checks
     return namespace["make"]
 
 
