@@ -218,7 +218,7 @@ def _same_line(frame: types.FrameType, event: _Event) -> bool:
 
 
 def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]],
-                    last: bool) -> tuple[str, dict[str, Any]] | None:
+                    following: _Event | None) -> tuple[str, dict[str, Any]] | None:
     """:meth:`Session.match` for one template call, its checks unrolled: the body of ``match`` and its constants.
 
     The source names no node, literal or object of this call: those are the constants, so that calls
@@ -232,25 +232,27 @@ def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]],
     if (event.func is None or event.detach or event.code is None or (event.single is None and not event.outputs)
             or any(value.__class__ not in _CONSTANT_KWARGS or not name.isidentifier() for name, value in event.kwargs)):
         return None
-    source = _MatcherSource(k, event, nodes)
+    source = _MatcherSource(k, event, nodes, following)
     checks = source.arguments()
     if checks is None:
         return None
     lines = source.header() + checks + source.results() + [
         "    except Exception:  # noqa: BLE001 - the generic match makes the same check and stops matching",
-        "        return False"] + source.effects(last) + ["    return True"]
+        "        return False"] + source.effects(following is None) + ["    return True"]
     return "\n".join(lines) + "\n", source.constants
 
 
 class _MatcherSource:
     """The parts of one generated matcher; ``constants`` collects what its source names by placeholder."""
 
-    def __init__(self, k: int, event: _Event, nodes: list[dict[str, Any]]) -> None:
+    def __init__(self, k: int, event: _Event, nodes: list[dict[str, Any]], following: _Event | None) -> None:
         self.event = event
         self.nodes = nodes
-        self.constants: dict[str, Any] = {"EVENT": event, "SCOPE": event.scope, "FIRST": event.first,
-                                          "END": event.end, "NEXT": k + 1,
+        self.constants: dict[str, Any] = {"EVENT": event, "CODE": event.code, "SCOPE": event.scope,
+                                          "FIRST": event.first, "END": event.end, "NEXT": k + 1,
                                           "KWARG_NAMES": tuple(name for name, _ in event.kwargs)}
+        if following is not None:
+            self.constants.update(NEXT_EVENT=following, NEXT_FUNC=following.func)
         self.tensors: list[str] = []  # the tensor arguments' variables, for the check of writes through views
         self.leaves: list[tuple[str, int]] = []  # new leaves in the order the generic match meets them
         self.outputs: list[tuple[str, int]] = []  # (variable, node) of each output
@@ -264,8 +266,8 @@ class _MatcherSource:
                 f"        if len(nodes) != FIRST or len(args) != {self.event.nargs} or {kw} or _state.scope != SCOPE:",
                 "            return False",
                 "        frame = _getframe(2)",
-                "        if frame.f_code is not EVENT.code:",
-                "            frame = _user_frame(frame, EVENT.code)",
+                "        if frame.f_code is not CODE:",
+                "            frame = _user_frame(frame, CODE)",
                 "            if frame is None:",
                 "                return False",
                 "        if frame.f_lasti != EVENT.lasti and not _same_line(frame, EVENT):",
@@ -329,8 +331,8 @@ class _MatcherSource:
         if event.single is not None:
             device = " or result.device != EVENT.device" if event.device is not None else ""
             self.outputs.append(("result", event.single[0]))
-            return ["        if (not isinstance(result, Tensor) or result.dtype is not EVENT.single[2]"
-                    " or result.shape != EVENT.single[1]",
+            self.constants.update(SHAPE=event.single[1], DTYPE=event.single[2])
+            return ["        if (not isinstance(result, Tensor) or result.dtype is not DTYPE or result.shape != SHAPE",
                     f"                or id(result) in live{device}):",
                     "            return False"]
         lines = [f"        if not isinstance(result, (tuple, list)) or len(result) != {len(event.outputs)}:",
@@ -367,8 +369,8 @@ class _MatcherSource:
                   "    session.cursor = NEXT"]
         if last:
             return lines + ["    session.event = session.expected = session.fast = None"]
-        return lines + ["    session.event = event = session.events[NEXT]",
-                        "    session.expected = event.func",
+        return lines + ["    session.event = NEXT_EVENT",
+                        "    session.expected = NEXT_FUNC",
                         "    session.fast = session.matchers[NEXT]"]
 
 
@@ -422,7 +424,7 @@ def _matchers(events: list[_Event], nodes: list[dict[str, Any]]) -> list[Callabl
     """
     matchers: list[Callable | None] = [None] * len(events)
     for k, event in enumerate(events):
-        made = _matcher_source(k, event, nodes, k == len(events) - 1)
+        made = _matcher_source(k, event, nodes, events[k + 1] if k + 1 < len(events) else None)
         if made is None:
             continue
         source, constants = made
