@@ -23,6 +23,12 @@ template does not replay (in-place ops, ops that update an input, ``no_grad`` up
 block: the recorder's full path records the rest, and the recording becomes the line's
 new template.
 
+Once a structure has matched its template to the end twice, its checks are generated as
+straight-line Python, one function per call (:func:`_matchers`), from factories shared by
+calls with the same checks. A generated check accepts a subset of what the generic
+:meth:`Session.match` accepts, with the same effects; anything it rejects goes through the
+generic match, which also decides what a miss does.
+
 A recording that matched its template to the end is finished cheaply: the user's variables
 are looked up as always, and when they name the same nodes the op-based names and versions
 come with the template; the leaf snapshot reuses the template's grouping.
