@@ -200,8 +200,6 @@ def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: t
 
 # ---------------------------------------------------------------- generated matchers
 
-_CONSTANT_KWARGS = frozenset({int, bool, str, type(None), torch.dtype})
-
 
 def _user_frame(frame: types.FrameType | None, code: types.CodeType) -> types.FrameType | None:
     """The frame running ``code`` above ``frame``, if only torch's and tensorgraph's own frames lie between."""
@@ -236,7 +234,7 @@ def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]],
     None where only the generic match applies.
     """
     if (event.func is None or event.detach or event.code is None or (event.single is None and not event.outputs)
-            or any(value.__class__ not in _CONSTANT_KWARGS or not name.isidentifier() for name, value in event.kwargs)):
+            or any(value.__class__ not in _SIMPLE or not name.isidentifier() for name, value in event.kwargs)):
         return None
     source = _MatcherSource(k, event, nodes, following)
     checks = source.arguments()
@@ -766,19 +764,9 @@ class Session:
             if event is None or len(nodes) != self.count or (event.func is not func and event.func != func):
                 return self._miss(recorder, func, args, kwargs, result)
             # the user's line: the first frame outside torch and tensorgraph, as the recorder's _source finds it
-            frame = sys._getframe(2)
-            code = event.code
-            while frame.f_code is not code:
-                internal = _internal_code.get(frame.f_code)
-                if internal is None:
-                    internal = _rec._is_internal(frame.f_code)
-                frame = frame.f_back
-                if not internal or frame is None:
-                    return self._miss(recorder, func, args, kwargs, result)
-            if frame.f_lasti != event.lasti:  # another instruction: on the same line? (a specialised call moves it)
-                if frame.f_lineno != event.line:
-                    return self._miss(recorder, func, args, kwargs, result)
-                event.lasti = frame.f_lasti
+            frame = _user_frame(sys._getframe(2), event.code)
+            if frame is None or (frame.f_lasti != event.lasti and not _same_line(frame, event)):
+                return self._miss(recorder, func, args, kwargs, result)
             if _state.scope != event.scope or len(args) != event.nargs:
                 return self._miss(recorder, func, args, kwargs, result)
             n = self.count
