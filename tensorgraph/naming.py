@@ -102,17 +102,14 @@ class _Namer:
             nested = list(chain.from_iterable(compress(values, map(_SEQUENCES.__contains__, map(type, values)))))
             if not _worth_a_look(nested, depth - 1, latest):
                 kinds = kinds - _SEQUENCES
-        named, used = self.named, self.used
+        named = self.named
         for key, item in compress(zip(keys, values), map(kinds.__contains__, map(type, values))):
             if (keyed and not isinstance(key, (str, int))) or (public and key.startswith("_")):
                 continue
             found = latest.get(id(item))
-            if found is not None:  # offer() inlined: a name is only formatted for a node still without one
-                if found[0] not in named:
-                    name = prefix + form.format(key)
-                    if name not in used and not name.startswith("_"):
-                        named[found[0]] = name
-                        used.add(name)
+            if found is not None:
+                if found[0] not in named:  # (a name is only formatted for a node still without one)
+                    self.offer(prefix + form.format(key), item)
             elif depth > 1 and not isinstance(item, Tensor):
                 self.walk(prefix + form.format(key), item, depth - 1)
 
@@ -184,34 +181,32 @@ def _worth_a_look(values: list, depth: int, latest: dict | None = None) -> froze
     return kinds
 
 
-class _TensorTypes(dict):
-    """type -> whether it is a tensor type (cached per type)."""
+class _PerType(dict):
+    """``test(type)``, computed once per type (a namespace holds a few types, many times each)."""
+
+    def __init__(self, test: Any) -> None:
+        super().__init__()
+        self.test = test
 
     def __missing__(self, cls: type) -> bool:
-        self[cls] = is_tensor = issubclass(cls, Tensor)
-        return is_tensor
+        self[cls] = result = self.test(cls)
+        return result
 
 
-_TENSORS = _TensorTypes()
-
-
-class _Walkable(dict):
-    """type -> whether a variable of that type may hold tensors to name in attributes or items (cached per type).
+def _walkable(cls: type) -> bool:
+    """Whether a value of this type may hold tensors to name in attributes or items.
 
     Not: atoms, modules, functions, classes, tensors (named directly or not at all), and tensorgraph's
     own objects (graphs and gradients of earlier steps name nothing of this one).
     """
-
-    def __missing__(self, cls: type) -> bool:
-        module = getattr(cls, "__module__", None) or ""
-        walkable = (cls not in _SKIP_FAST and not issubclass(cls, (Tensor, type, *_SKIP_TYPES))
-                    and not (module.startswith("tensorgraph.") and not module.startswith(_USER_MODULES)))
-        self[cls] = walkable
-        return walkable
+    module = getattr(cls, "__module__", None) or ""
+    return (cls not in _SKIP_FAST and not issubclass(cls, (Tensor, type, *_SKIP_TYPES))
+            and not (module.startswith("tensorgraph.") and not module.startswith(_USER_MODULES)))
 
 
 _USER_MODULES = ("tensorgraph.makemore", "tensorgraph.lecture")  # the makemore models are user objects
-_WALKABLE = _Walkable()
+_TENSORS = _PerType(lambda cls: issubclass(cls, Tensor))
+_WALKABLE = _PerType(_walkable)
 
 
 def set_names(graph: Graph, named: dict[int, str]) -> None:
