@@ -99,10 +99,21 @@ class AxisMax(sp.Function):
         return f"Max({printer._print(self.body)}, {printer._print(self.axis)})"
 
 
-class Relu(sp.Function):
-    """``max(x, 0)``, whose derivative is :class:`Step` (0 at 0, as torch's)."""
+class _Named(sp.Function):
+    """An elementwise function of one argument, printed in LaTeX as ``latex_name(x)``."""
 
     nargs = 1
+    latex_name = ""
+
+    def _latex(self, printer, exp=None) -> str:
+        text = rf"{self.latex_name}\left({printer._print(self.args[0])}\right)"
+        return rf"{text}^{{{exp}}}" if exp is not None else text
+
+
+class Relu(_Named):
+    """``max(x, 0)``, whose derivative is :class:`Step` (0 at 0, as torch's)."""
+
+    latex_name = r"\operatorname{relu}"
 
     def fdiff(self, argindex=1):
         return Step(self.args[0])
@@ -113,16 +124,12 @@ class Relu(sp.Function):
     def _eval_is_nonnegative(self):
         return True if self.args[0].is_real else None
 
-    def _latex(self, printer, exp=None) -> str:
-        text = rf"\operatorname{{relu}}\left({printer._print(self.args[0])}\right)"
-        return rf"{text}^{{{exp}}}" if exp is not None else text
 
-
-class Sigmoid(sp.Function):
+class Sigmoid(_Named):
     """``1/(1 + exp(-x))``, kept whole: its derivative is ``s*(1 - s)`` (as torch computes it), not
     ``exp(-x)/(1 + exp(-x))**2``, which overflows for very negative x."""
 
-    nargs = 1
+    latex_name = r"\sigma"
 
     def fdiff(self, argindex=1):
         return self * (1 - self)
@@ -130,25 +137,17 @@ class Sigmoid(sp.Function):
     def _eval_is_positive(self):
         return True if self.args[0].is_real else None
 
-    def _latex(self, printer, exp=None) -> str:
-        text = rf"\sigma\left({printer._print(self.args[0])}\right)"
-        return rf"{text}^{{{exp}}}" if exp is not None else text
 
-
-class Softplus(sp.Function):
+class Softplus(_Named):
     """``log(1 + exp(x))``, kept whole: its derivative is :class:`Sigmoid` (no overflow for large x)."""
 
-    nargs = 1
+    latex_name = r"\operatorname{softplus}"
 
     def fdiff(self, argindex=1):
         return Sigmoid(self.args[0])
 
     def _eval_is_positive(self):
         return True if self.args[0].is_real else None
-
-    def _latex(self, printer, exp=None) -> str:
-        text = rf"\operatorname{{softplus}}\left({printer._print(self.args[0])}\right)"
-        return rf"{text}^{{{exp}}}" if exp is not None else text
 
 
 class Step(sp.Function):
