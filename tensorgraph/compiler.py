@@ -56,6 +56,7 @@ from torch.overrides import TorchFunctionMode
 from . import printer
 from .engine import BackwardTrace, trace
 from .graph import Graph, Ref, identifier, is_float
+from .naming import set_names, unique_name
 from .printer import Expr
 from .record import _is_internal, _where, record
 
@@ -491,8 +492,6 @@ def _fused(graph: Graph, loss: Tensor) -> tuple[Graph, str | None]:
 
 def _name_references(graph: Graph, watched: list[tuple[str, Any, str, Tensor]]) -> None:
     """Leaves the recorder could not name (a global or closure variable of the forward) take that variable's name."""
-    from .naming import set_names
-
     named = {n: d["name"] for n, d in enumerate(graph._nodes) if d["named"]}
     extra = {}
     for _, _, name, tensor in watched:
@@ -908,13 +907,7 @@ class _Generator:
         return name
 
     def _unique(self, name: str) -> str:
-        if name in self.used:
-            k = 2
-            while f"{name}_{k}" in self.used:
-                k += 1
-            name = f"{name}_{k}"
-        self.used.add(name)
-        return name
+        return unique_name(name, self.used)
 
     def _constants(self, value: Any) -> Any:
         """Arguments printed code cannot spell (a generator, a numpy array) become names in the namespace."""

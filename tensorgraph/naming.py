@@ -48,15 +48,9 @@ class _Namer:
         node = live[0]
         if node in self.named or name.startswith("_"):
             return
-        if name in self.used:
-            if not unique_suffix:
-                return
-            k = 2
-            while f"{name}_{k}" in self.used:
-                k += 1
-            name = f"{name}_{k}"
-        self.named[node] = name
-        self.used.add(name)
+        if name in self.used and not unique_suffix:
+            return
+        self.named[node] = unique_name(name, self.used)
 
     def walk(self, prefix: str, value: Any, depth: int) -> None:
         """Attributes and items of user objects: ``layers[0].out``, ``model.fc1.weight``."""
@@ -112,6 +106,17 @@ class _Namer:
                     self.offer(prefix + form.format(key), item)
             elif depth > 1 and not isinstance(item, Tensor):
                 self.walk(prefix + form.format(key), item, depth - 1)
+
+
+def unique_name(name: str, used: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3`` ... if taken; the result is added to ``used``."""
+    if name in used:
+        k = 2
+        while f"{name}_{k}" in used:
+            k += 1
+        name = f"{name}_{k}"
+    used.add(name)
+    return name
 
 
 def assign_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameType]) -> dict[int, str]:

@@ -26,6 +26,7 @@ import sympy as sp
 import torch
 
 from ..graph import Ref, identifier
+from ..naming import unique_name
 from .algebra import Axis, AxisMax, AxisSum, Relu, Sigmoid, Softplus, Space
 
 if TYPE_CHECKING:
@@ -214,11 +215,7 @@ class Lowering:
     # ------------------------------------------------------------------ node creation
 
     def _unique(self, name: str) -> str:
-        base, k = name, 2
-        while name in self.names:
-            name, k = f"{base}_{k}", k + 1
-        self.names.add(name)
-        return name
+        return unique_name(name, self.names)
 
     def _new(self, kind: str, name: str, data: dict[str, Any] | None, *, axes: tuple, op: str | None = None,
              shape: tuple | None = None) -> SNode:

@@ -29,6 +29,7 @@ from typing import Any
 import sympy as sp
 import torch
 
+from ..naming import unique_name
 from .algebra import AxisMax, AxisSum, Space, invert, maximal_atoms
 from .chain import Chain, SNode
 from .printing import TorchPrinter, latex_name, to_latex
@@ -289,11 +290,7 @@ class CodeWriter:
         self.lines: list[str] = []
 
     def name(self, wanted: str) -> str:
-        base, k = wanted, 2
-        while wanted in self.used_names:
-            wanted, k = f"{base}_{k}", k + 1
-        self.used_names.add(wanted)
-        return wanted
+        return unique_name(wanted, self.used_names)
 
     def layout(self, axes: Any) -> str:
         real = set(a for a in axes if a is not None)
