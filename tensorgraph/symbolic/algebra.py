@@ -29,15 +29,11 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 
-class AxisSum(sp.Function):
-    """``AxisSum(body, i)``: the sum of the element expression ``body`` over the whole axis ``i``.
-
-    Inside the body, element symbols that vary along ``i`` refer to the summed element;
-    outside, to the element at the free index: ``x[i,j] - AxisSum(x[i,j], i)/n`` is
-    ``x_ij - mean_i x_ij``.
-    """
+class _AxisReduction(sp.Function):
+    """A reduction of the element expression ``body`` over the whole axis ``axis``: ``Reduction(body, i)``."""
 
     nargs = 2
+    str_name = ""
 
     @classmethod
     def eval(cls, body, axis):  # noqa: D102 - never evaluates by itself: canonical forms are explicit
@@ -54,6 +50,20 @@ class AxisSum(sp.Function):
     def _eval_is_real(self):
         return self.args[0].is_real
 
+    def _sympystr(self, printer) -> str:
+        return f"{self.str_name}({printer._print(self.body)}, {printer._print(self.axis)})"
+
+
+class AxisSum(_AxisReduction):
+    """``AxisSum(body, i)``: the sum of the element expression ``body`` over the whole axis ``i``.
+
+    Inside the body, element symbols that vary along ``i`` refer to the summed element;
+    outside, to the element at the free index: ``x[i,j] - AxisSum(x[i,j], i)/n`` is
+    ``x_ij - mean_i x_ij``.
+    """
+
+    str_name = "Sum"
+
     def _eval_is_nonnegative(self):
         return self.args[0].is_nonnegative
 
@@ -67,36 +77,15 @@ class AxisSum(sp.Function):
         text = rf"\sum_{{{printer._print(self.axis)}}} {body}"
         return rf"\left({text}\right)^{{{exp}}}" if exp is not None else text
 
-    def _sympystr(self, printer) -> str:
-        return f"Sum({printer._print(self.body)}, {printer._print(self.axis)})"
 
-
-class AxisMax(sp.Function):
+class AxisMax(_AxisReduction):
     """``AxisMax(body, i)``: the largest element of ``body`` along axis ``i``."""
 
-    nargs = 2
-
-    @classmethod
-    def eval(cls, body, axis):  # noqa: D102
-        return None
-
-    @property
-    def body(self) -> sp.Expr:
-        return self.args[0]
-
-    @property
-    def axis(self) -> sp.Symbol:
-        return self.args[1]
-
-    def _eval_is_real(self):
-        return self.args[0].is_real
+    str_name = "Max"
 
     def _latex(self, printer, exp=None) -> str:
         text = rf"\max_{{{printer._print(self.axis)}}} {printer._print(self.body)}"
         return rf"\left({text}\right)^{{{exp}}}" if exp is not None else text
-
-    def _sympystr(self, printer) -> str:
-        return f"Max({printer._print(self.body)}, {printer._print(self.axis)})"
 
 
 class _Named(sp.Function):
