@@ -76,7 +76,7 @@ class _Namer:
         elif isinstance(value, dict):
             if len(value) <= _MAX_ITEMS:
                 self._items(prefix, "[{!r}]", list(value), list(value.values()), depth, keyed=True)
-        elif hasattr(value, "__dict__") and not type(value).__module__.startswith(("torch", "numpy", "builtins")):
+        elif hasattr(value, "__dict__") and not type(value).__module__.startswith(_OPAQUE_MODULES):
             attrs = vars(value)
             self._items(prefix, ".{}", list(attrs), list(attrs.values()), depth, public=True)
 
@@ -201,14 +201,22 @@ class _PerType(dict):
 def _walkable(cls: type) -> bool:
     """Whether a value of this type may hold tensors to name in attributes or items.
 
-    Not: atoms, modules, functions, classes, tensors (named directly or not at all), and tensorgraph's
-    own objects (graphs and gradients of earlier steps name nothing of this one).
+    Not: atoms, modules, functions, classes, tensors (named directly or not at all), tensorgraph's
+    own objects (graphs and gradients of earlier steps name nothing of this one), and what
+    :meth:`_Namer.walk` would find nothing in: objects of torch, numpy and builtins, and objects
+    without a ``__dict__`` (``itertools.cycle``, a generator) that are no module, sequence or dict.
     """
     module = getattr(cls, "__module__", None) or ""
-    return (cls not in _SKIP_FAST and not issubclass(cls, (Tensor, type, *_SKIP_TYPES))
-            and not (module.startswith("tensorgraph.") and not module.startswith(_USER_MODULES)))
+    if (cls in _SKIP_FAST or issubclass(cls, (Tensor, type, *_SKIP_TYPES))
+            or (module.startswith("tensorgraph.") and not module.startswith(_USER_MODULES))):
+        return False
+    if issubclass(cls, (torch.nn.Module, list, tuple, dict)):
+        return True
+    has_dict = any("__dict__" in vars(k) for k in cls.__mro__) or hasattr(cls, "__getattr__")
+    return has_dict and not module.startswith(_OPAQUE_MODULES)
 
 
+_OPAQUE_MODULES = ("torch", "numpy", "builtins")  # objects whose attributes are not the user's variables
 _USER_MODULES = ("tensorgraph.makemore", "tensorgraph.lecture")  # the makemore models are user objects
 _TENSORS = _PerType(lambda cls: issubclass(cls, Tensor))
 _WALKABLE = _PerType(_walkable)

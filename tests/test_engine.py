@@ -1,5 +1,6 @@
 """The core: recording real PyTorch code, the engine's gradients, and its errors."""
 
+import itertools
 import threading
 
 import networkx as nx
@@ -452,3 +453,29 @@ def test_names_inside_lists_of_batches_and_dicts_of_numbers():
         last = batches[-1].tanh().sum()
     assert graph.node(0)["name"] == "batches[40]"
     assert config and losses and out is not None and other is not None and last is not None
+
+
+def test_names_through_objects_by_how_their_attributes_are_stored():
+    """Attributes in a ``__dict__`` are walked (also under a slotted subclass); slots-only objects are not."""
+
+    class Plain:
+        def __init__(self, w):
+            self.w = w
+
+    class Slotted(Plain):
+        __slots__ = ("extra",)
+
+    class SlotsOnly:
+        __slots__ = ("w",)
+
+        def __init__(self, w):
+            self.w = w
+
+    plain, slotted, slots_only = (Plain(torch.randn(2, dtype=D)), Slotted(torch.randn(2, dtype=D)),
+                                  SlotsOnly(torch.randn(2, dtype=D)))
+    tensors = itertools.cycle([slots_only.w])  # an iterator holds it too, unseen
+    with tg.record() as graph:
+        out = (plain.w * slotted.w * slots_only.w).sum()
+    names = [graph.node(n)["name"] for n in range(len(graph)) if graph.node(n)["kind"] == "leaf"]
+    assert names == ["plain.w", "slotted.w", "leaf_1"]
+    assert out is not None and tensors is not None
