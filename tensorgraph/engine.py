@@ -167,8 +167,8 @@ class LeafStamps:
 
     Leaves of one dtype and device are flattened into one buffer of their bit patterns by
     one call. A group of up to ``COPY_LIMIT`` elements keeps that buffer itself (a
-    snapshot, as ``bytes`` on the CPU); a backward pass flattens the leaves again and
-    compares the two buffers bit for bit. A bigger group keeps each leaf's checksum instead, the sum of its bit patterns
+    snapshot); a backward pass flattens the leaves again and compares the two buffers bit
+    for bit. A bigger group keeps each leaf's checksum instead, the sum of its bit patterns
     as 64-bit integers (as exact as ``torch.hash_tensor``'s xor, at a fraction of the cost),
     taken with one cumulative sum; a backward pass compares one total. Only on a mismatch
     does it look for the leaf that changed.
@@ -206,12 +206,10 @@ class LeafStamps:
         """The leaves whose contents differ from the recorded ones."""
         found: list[int] = []
         for nodes, tensors, sizes, ends, kept in self.groups:
-            if ends is None:  # a snapshot of the bits (as bytes on the CPU)
+            if ends is None:  # a snapshot of the bits
                 now = _bits(tensors)
-                on_cpu = kept.__class__ is bytes
-                if (now.numpy().tobytes() != kept) if on_cpu else not torch.equal(now, kept):
-                    before = _from_bytes(kept, now) if on_cpu else kept
-                    found.extend(node for node, a, b in zip(nodes, now.split(sizes), before.split(sizes))
+                if not torch.equal(now, kept):
+                    found.extend(node for node, a, b in zip(nodes, now.split(sizes), kept.split(sizes))
                                  if not torch.equal(a, b))
             elif not torch.equal(_bits(tensors).sum(dtype=torch.int64), kept[-1]):
                 now = _running_sums(tensors, ends)
@@ -229,9 +227,6 @@ def _group(nodes: list[int], tensors: list[Tensor], sizes: tuple[int, ...], ends
     if ends is not None:
         return nodes, tensors, sizes, ends, _running_sums(tensors, ends)
     snapshot = _bits(tensors)
-    if snapshot.device.type == "cpu":
-        # NOTE: kept as bytes: comparing two bytes objects is one memcmp, ~4x cheaper than torch.equal here
-        return nodes, tensors, sizes, None, snapshot.numpy().tobytes()
     if len(tensors) == 1:  # flattening one contiguous tensor returns a view of it, not a copy
         snapshot = snapshot.clone()
     return nodes, tensors, sizes, None, snapshot
@@ -253,14 +248,7 @@ def _ends(sizes: tuple[int, ...], device: torch.device) -> Tensor:
 
 def _bits(tensors: list[Tensor]) -> Tensor:
     flat = torch._C._nn.flatten_dense_tensors(tensors)  # one call for the whole group
-    if flat.requires_grad:  # (leaves that require grad: numpy() refuses a tensor that does)
-        flat = flat.detach()
     return flat.view(_BITS[flat.element_size()])
-
-
-def _from_bytes(kept: bytes, like: Tensor) -> Tensor:
-    """A CPU snapshot's bytes as a tensor of ``like``'s bit dtype (on the error path only)."""
-    return torch.frombuffer(bytearray(kept), dtype=like.dtype)
 
 
 def _running_sums(tensors: list[Tensor], ends: Tensor) -> Tensor:
