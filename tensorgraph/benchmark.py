@@ -11,6 +11,8 @@ of batches drawn once, so that drawing costs nothing). The variants:
 - ``torch``: torch autograd on the lecture's atomic forward (:func:`tensorgraph.lecture.forward`,
   the explicit cross-entropy chain): the baseline of both targets;
 - ``engine``: the same forward under ``tg.record()``, gradients from ``graph.backward`` (target <= 1.3);
+- ``engine_opt_out``: the engine with the two guarantees a training loop can do without switched
+  off: no search for variable names, no leaf snapshot (not the target's row: its default is on);
 - ``compiled``: ``tg.compile`` of the same forward (target <= 0.8);
 - ``torch_ex4`` / ``engine_ex4`` / ``compiled_ex4``: the exercise-4 forward the training command
   runs (:func:`tensorgraph.makemore.model.forward`: ``mean``/``var`` batchnorm, ``F.cross_entropy``);
@@ -52,6 +54,7 @@ TARGETS = {"engine": 1.3, "compiled": 0.8}
 LABELS = {
     "torch": "torch autograd, atomic forward",
     "engine": "tensorgraph engine (tg.record + graph.backward)",
+    "engine_opt_out": "engine, tg.record(names=False, check_leaves=False)",
     "compiled": "tg.compile",
     "torch_ex4": "torch autograd, exercise-4 forward",
     "engine_ex4": "tensorgraph engine, exercise-4 forward",
@@ -125,13 +128,13 @@ def torch_step(ex: Exercise, forward: Callable[..., Tensor]) -> Callable[[], Ten
     return step
 
 
-def engine_step(ex: Exercise, forward: Callable[..., Tensor]) -> Callable[[], Tensor]:
+def engine_step(ex: Exercise, forward: Callable[..., Tensor], **options: Any) -> Callable[[], Tensor]:
     params = ex.copy()
     batches = ex.stream()
 
     def step() -> Tensor:
         Xb, Yb = next(batches)
-        with tg.record() as graph:
+        with tg.record(**options) as graph:
             loss = forward(*params, Xb, Yb)
         grads = graph.backward(loss)
         for p in params:
@@ -200,6 +203,7 @@ def variants(ex: Exercise) -> dict[str, Callable[[], Tensor]]:
     return {
         "torch": torch_step(ex, atomic_forward),
         "engine": engine_step(ex, atomic_forward),
+        "engine_opt_out": engine_step(ex, atomic_forward, names=False, check_leaves=False),
         "compiled": compiled_step(ex, atomic_forward),
         "torch_ex4": torch_step(ex, exercise4_forward),
         "engine_ex4": engine_step(ex, exercise4_forward),
@@ -300,6 +304,8 @@ def measure_steps(report: Report, ex: Exercise, *, repeats: int, inner: int, dev
         report.notes.append("the floor row is not a usable engine: the forward under a pass-through torch function "
                             "mode, then the engine's backward plan on an earlier graph's values; its distance to the "
                             "engine row is the engine's own bookkeeping (docs/performance.md)")
+    report.notes.append("the opt-out row is the engine with names=False, check_leaves=False: no variable names and "
+                        "no guard against leaves changed through .data; the target is for the engine's defaults")
     compiled = fns["compiled"].compiled  # type: ignore[attr-defined]
     report.notes.append(f"tg.compile used the {'fused (tensorgraph.symbolic)' if compiled.fused else 'atomic'} "
                         f"rules; its generated step is {compiled.source.count(chr(10))} lines (print step.source)")

@@ -232,6 +232,9 @@ def _group(nodes: list[int], tensors: list[Tensor], sizes: tuple[int, ...], ends
     return nodes, tensors, sizes, None, snapshot
 
 
+NO_STAMPS = LeafStamps([])  # tg.record(check_leaves=False): nothing to compare
+
+
 _ENDS: dict[tuple, Tensor] = {}
 
 

@@ -93,13 +93,15 @@ class Graph:
         self._nodes.append(data)
         return node
 
-    def _finish(self, caller: types.FrameType, frames: list[types.FrameType], start: int = 0) -> dict[int, str]:
-        """End of the record block: name nodes after the caller's variables, format sources.
+    def _finish(self, caller: types.FrameType, frames: list[types.FrameType], start: int = 0, *,
+                names: bool = True) -> dict[int, str]:
+        """End of the record block: name nodes after the caller's variables (op-based names only without
+        ``names``), format sources.
 
         Nodes before ``start`` already have formatted sources (copied from a recording template).
         Returns the user-variable names found, by node (see :func:`tensorgraph.naming.find_names`).
         """
-        from .naming import assign_names
+        from .naming import assign_names, set_names
 
         short = _short_paths()  # relpath is slow: once per file and working directory, not once per node
         for data in itertools.islice(self._nodes, start, None):
@@ -115,6 +117,9 @@ class Graph:
                 data.setdefault("function", "")
             scope = data.get("scope")
             data["scope"] = "/".join(scope) if scope else ""
+        if not names:
+            set_names(self, {})
+            return {}
         return assign_names(self, caller, frames)
 
     # ---------------------------------------------------------------- lookups

@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import replay as _replay
 from . import rules  # noqa: F401  (fills the op table)
-from .engine import LeafStamps
+from .engine import NO_STAMPS, LeafStamps
 from .graph import Graph, Ref
 from .ops import FUNCS, Op, UnsupportedCall, func_name, lookup
 
@@ -509,11 +509,24 @@ class record:
 
     ``anomaly=True`` raises ``FloatingPointError`` at the first op whose output (when
     recording) or gradient (in ``graph.backward``) is not finite.
+
+    Two guarantees can be switched off for long training loops, where they cost ~0.2 and
+    ~0.1 of a torch step (``docs/performance.md``): ``names=False`` skips the search for the
+    user's variable names (every node gets its op-based name, ``tanh_1``, ``leaf_1``);
+    ``check_leaves=False`` skips the snapshot that lets ``graph.backward`` catch a leaf
+    changed without a version bump (``p.data -= ...``, a write through ``p.numpy()``) between
+    the block and the backward; like torch autograd, it then uses the changed values.
+    In-place ops that bump the version counter are still caught. Gradients are the same.
     """
 
-    def __init__(self, *, anomaly: bool = False) -> None:
+    def __init__(self, *, anomaly: bool = False, names: bool = True, check_leaves: bool = True) -> None:
+        if anomaly and not check_leaves:
+            raise ValueError("tg.record: anomaly=True checks every recorded value, leaves included; it cannot be "
+                             "combined with check_leaves=False")
         self.graph = Graph()
         self.graph.anomaly = anomaly
+        self.names = names
+        self.check_leaves = check_leaves
         self._mode = _Recorder(self.graph, anomaly)
 
     def __enter__(self) -> Graph:
@@ -534,16 +547,18 @@ class record:
             caller = sys._getframe(1)
             frames = list(self._mode.frames.values())
             session, self._mode.replay = self._mode.replay, None
-            if session is None or exc_type is not None or not session.finish(caller, frames):
-                found = self.graph._finish(caller, frames, start=session.count if session is not None else 0)
+            if session is None or exc_type is not None or not session.finish(caller, frames, names=self.names,
+                                                                             check_leaves=self.check_leaves):
+                found = self.graph._finish(caller, frames, start=session.count if session is not None else 0,
+                                           names=self.names)
                 # leaves can change without a version bump (p.data -= ...): backward compares these first;
                 # anomaly mode stamps every node, so that intermediates changed through .data are caught too
                 every = self.graph.anomaly
-                self.graph._fingerprints = LeafStamps(
-                    [(node, data["value"]) for node, data in enumerate(self.graph._nodes)
-                     if every or data["kind"] == "leaf"])
+                stamps = LeafStamps([(node, data["value"]) for node, data in enumerate(self.graph._nodes)
+                                     if every or data["kind"] == "leaf"])
+                self.graph._fingerprints = stamps if self.check_leaves else NO_STAMPS
                 if session is not None and exc_type is None:
-                    session.remember(found)
+                    session.remember(found, stamps.layout())  # (a template serves either setting)
         self._mode.frames.clear()
         self._mode.data_of.clear()
         self._mode.last_frame = None

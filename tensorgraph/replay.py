@@ -69,7 +69,7 @@ import torch
 from torch import Tensor
 
 from . import record as _rec  # record imports this module first: its helpers are looked up at call time
-from .engine import Gradients, LeafStamps, check_unchanged, seed_gradient, trace
+from .engine import NO_STAMPS, Gradients, LeafStamps, check_unchanged, seed_gradient, trace
 from .graph import Ref
 from .naming import find_names, set_names
 from .ops import OPS, lookup
@@ -925,7 +925,8 @@ class Session:
 
     # ------------------------------------------------------------ the end of the block
 
-    def finish(self, caller: types.FrameType, frames: list[types.FrameType]) -> bool:
+    def finish(self, caller: types.FrameType, frames: list[types.FrameType], *, names: bool = True,
+               check_leaves: bool = True) -> bool:
         """Finish a recording that matched its template entirely (names, checksums); False if it did not."""
         template = self.template
         graph = self.graph
@@ -933,12 +934,12 @@ class Session:
         if (template is None or not self.matching or self.cursor != len(template.events)
                 or len(nodes) != self.count or self.count != template.size or template.layout is None):
             return False
-        found = find_names(graph, caller, frames)
+        found = find_names(graph, caller, frames) if names else {}
         if found == template.found:
             graph._names = dict(template.names)  # the nodes' names and "named" flags came with the template's data
         else:
             set_names(graph, found)
-        graph._fingerprints = LeafStamps.from_layout(template.layout, nodes)
+        graph._fingerprints = LeafStamps.from_layout(template.layout, nodes) if check_leaves else NO_STAMPS
         graph._replay = template
         template.matched += 1
         if template.matched == GENERATE_AFTER:  # the structure repeats: its next recordings get generated matchers
@@ -947,8 +948,8 @@ class Session:
             _keep(self.key, template)
         return True
 
-    def remember(self, found: dict[int, str]) -> None:
-        """Make this recording (finished by the full path) the template of its line."""
+    def remember(self, found: dict[int, str], layout: list) -> None:
+        """Make this recording (finished by the full path, its leaves grouped as ``layout``) its line's template."""
         graph = self.graph
         nodes = graph._nodes
         if len(nodes) > MAX_TEMPLATE_NODES:
@@ -969,8 +970,6 @@ class Session:
             copy["value"] = None
             copy["result"] = None
             stripped.append(copy)
-        stamps = graph._fingerprints
-        layout = stamps.layout() if isinstance(stamps, LeafStamps) else None
         template = Template(events, stripped, dict(found), dict(graph._names), layout)
         _keep(self.key, template)
         graph._replay = template

@@ -665,3 +665,65 @@ def test_a_template_with_matchers_is_freed_without_the_garbage_collector():
         assert template() is None and matcher() is None
     finally:
         gc.enable()
+
+
+# ---------------------------------------------------------------- the opt-outs of long training loops
+
+
+def _lecture_step_with(ex, names, check_leaves):
+    with tg.record(names=names, check_leaves=check_leaves) as graph:  # one line: one template for all settings
+        loss = forward(ex.C, ex.W1, ex.b1, ex.W2, ex.b2, ex.bngain, ex.bnbias, ex.Xb, ex.Yb)
+    return graph, loss
+
+
+def test_opt_outs_change_names_and_checks_but_not_gradients():
+    """names=False gives op-based names, check_leaves=False no snapshot; full and replayed, same gradients."""
+    fresh()
+    ex = setup(dtype=D)
+    settings = [(True, True), (False, False), (False, True), (True, False)] * 3  # each again after the others
+    reference, ref_loss = _lecture_step_with(ex, True, True)
+    ref_grads = reference.backward(ref_loss)
+    for k, (names, check_leaves) in enumerate(settings):
+        graph, loss = _lecture_step_with(ex, names, check_leaves)
+        assert graph._replay is not None, "replayed from the same line's template"
+        grads = graph.backward(loss)
+        assert [grads[p] is not None for p in ex.parameters] == [True] * 7
+        for node, expected in ref_grads.by_node.items():
+            assert torch.equal(grads.by_node[node], expected), f"step {k}: gradient of node {node}"
+        user_names = {"logits", "hpreact", "bnraw"} & set(graph.names)
+        assert bool(user_names) == names, f"step {k}: names={names} but {sorted(graph.names)[:5]}"
+        assert bool(graph._fingerprints) == check_leaves, f"step {k}: check_leaves={check_leaves}"
+        if not names:
+            assert "logits" not in graph.names and graph.node(ex.W1)["name"].startswith("leaf_")
+            assert graph.backward(loss)[ex.W1] is not None  # tensors still find their nodes
+
+
+def test_check_leaves_false_trusts_data_writes_but_not_version_bumps():
+    """Without the snapshot a write through .data goes unseen (as in torch); an in-place op is still caught."""
+    w = torch.randn(3, 3, dtype=D)
+    x = torch.randn(3, dtype=D)
+    for _ in range(4):  # full path, then replayed
+        for check_leaves in (True, False):
+            with tg.record(check_leaves=check_leaves) as graph:
+                y = (x @ w).tanh().sum()
+            w.data.mul_(1.0)  # the same values: no leaf really changed
+            graph.backward(y)
+            with tg.record(check_leaves=check_leaves) as graph:
+                y = (x @ w).tanh().sum()
+            w.data[0, 0] += 1.0
+            if check_leaves:
+                with pytest.raises(RuntimeError, match="'w' was modified in place after it was recorded"):
+                    graph.backward(y)
+            else:
+                graph.backward(y)  # unseen: the rule reads the changed w, as torch's would
+            with tg.record(check_leaves=check_leaves) as graph:
+                y = (x @ w).tanh().sum()
+            with torch.no_grad():
+                w[0, 0] -= 1.0  # an in-place op: the version counter sees it either way
+            with pytest.raises(RuntimeError, match="modified in place"):
+                graph.backward(y)
+
+
+def test_anomaly_cannot_skip_the_leaf_check():
+    with pytest.raises(ValueError, match="anomaly=True checks every recorded value"):
+        tg.record(anomaly=True, check_leaves=False)

@@ -135,20 +135,24 @@ def init_state(config: TrainConfig, vocab_size: int, block_size: int) -> TrainSt
 # ---------------------------------------------------------------- backends
 
 
-def record_step(model: MLP, Xb: Tensor, Yb: Tensor) -> tuple[Graph, Tensor]:
-    """One training forward pass recorded as a graph: (graph, loss)."""
+def record_step(model: MLP, Xb: Tensor, Yb: Tensor, **options: Any) -> tuple[Graph, Tensor]:
+    """One training forward pass recorded as a graph: (graph, loss); ``options`` go to ``tg.record``."""
     C, W1, b1, W2, b2, bngain, bnbias = model.parameters()
-    with record() as graph:
+    with record(**options) as graph:
         loss = forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb)
     return graph, loss
 
 
 def engine_backend(model: MLP) -> StepFn:
-    """Record each step with ``tg.record()`` and take the gradients from ``graph.backward``."""
+    """Record each step with ``tg.record()`` and take the gradients from ``graph.backward``.
+
+    The loop looks at no name and updates the parameters only after the backward, so it records
+    with ``names=False, check_leaves=False`` (the same gradients, ~0.3 of a torch step less).
+    """
     params = model.parameters()
 
     def step(Xb: Tensor, Yb: Tensor) -> tuple[Tensor, list[Tensor]]:
-        graph, loss = record_step(model, Xb, Yb)
+        graph, loss = record_step(model, Xb, Yb, names=False, check_leaves=False)
         grads = graph.backward(loss)
         return loss, [grads[p] for p in params]
 
