@@ -457,7 +457,7 @@ class Template:
     """The last recording from one ``with`` line: its calls, its node data without values, and its backward plans."""
 
     def __init__(self, events: list[_Event], nodes: list[dict[str, Any]], found: dict[int, str],
-                 names: dict[str, int], layout: list | None) -> None:
+                 names: dict[str, int], layout: list) -> None:
         self.events = events
         self.nodes = nodes  # each node's dict with no tensors in it (value and result are None)
         self.size = len(nodes)
@@ -932,7 +932,7 @@ class Session:
         graph = self.graph
         nodes = graph._nodes
         if (template is None or not self.matching or self.cursor != len(template.events)
-                or len(nodes) != self.count or self.count != template.size or template.layout is None):
+                or len(nodes) != self.count or self.count != template.size):
             return False
         found = find_names(graph, caller, frames) if names else {}
         if found == template.found:
