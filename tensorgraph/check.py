@@ -190,7 +190,7 @@ def _node_of_key(graph: Graph, key: Any) -> int:
         return names[key[1:]]
     close = difflib.get_close_matches(key, ["d" + n for n in names] + list(names), n=3)
     hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-    raise ValueError(f"check: no tensor named {key!r} in the graph{hint}")
+    raise ValueError(f"check: no tensor named {key!r} in the graph{hint}{graph._names_note()}")
 
 
 # ---------------------------------------------------------------- judging

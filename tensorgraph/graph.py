@@ -76,6 +76,7 @@ class Graph:
         self._fingerprints: dict[int, int] = {}  # leaf node -> fingerprint of its value at the end of recording
         self._recording = False  # inside its tg.record() block
         self._replay: Any = None  # the recording template this graph matched (tensorgraph.replay): backward plans
+        self._user_names = True  # named after the user's variables (False: tg.record(names=False))
         self._reads_values = False  # a recorded call read tensor values into Python (item(), bool(t) ...)
         self.anomaly = False
         _GRAPHS.add(self)
@@ -169,10 +170,18 @@ class Graph:
         if isinstance(key, str):
             if key in self._names:
                 return self._names[key]
-            raise KeyError(f"no tensor named {key!r} in this graph (names: {', '.join(self._names)})")
+            raise KeyError(f"no tensor named {key!r} in this graph{self._names_note()} (names: "
+                           f"{', '.join(self._names)})")
         if isinstance(key, int) and 0 <= key < len(self._nodes):
             return key
         raise KeyError(key)
+
+    def _names_note(self) -> str:
+        """For errors about a name: why the user's variable names are missing, if they are."""
+        if self._user_names:
+            return ""
+        return ("; it was recorded with tg.record(names=False), so its nodes have op-based names only "
+                "(look tensors up by the tensor itself, or record without names=False)")
 
     def node(self, key: Any) -> dict[str, Any]:
         """The attribute dict of a node (name, op, shape, dtype, inputs, attrs, source, value ...)."""

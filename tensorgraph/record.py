@@ -525,6 +525,7 @@ class record:
                              "combined with check_leaves=False")
         self.graph = Graph()
         self.graph.anomaly = anomaly
+        self.graph._user_names = names
         self.names = names
         self.check_leaves = check_leaves
         self._mode = _Recorder(self.graph, anomaly)

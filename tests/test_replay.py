@@ -727,3 +727,17 @@ def test_check_leaves_false_trusts_data_writes_but_not_version_bumps():
 def test_anomaly_cannot_skip_the_leaf_check():
     with pytest.raises(ValueError, match="anomaly=True checks every recorded value"):
         tg.record(anomaly=True, check_leaves=False)
+
+
+def test_a_name_looked_up_in_a_graph_without_names_says_why():
+    ex = setup(dtype=D)
+    graph, loss = _lecture_step_with(ex, False, True)
+    grads = graph.backward(loss)
+    with pytest.raises(KeyError, match=r"recorded with tg.record\(names=False\)"):
+        grads["logits"]
+    with pytest.raises(ValueError, match=r"recorded with tg.record\(names=False\)"):
+        graph.check({"dlogits": torch.zeros(32, 27, dtype=D)}, loss)
+    named, loss = _lecture_step_with(ex, True, True)
+    with pytest.raises(KeyError) as err:
+        named.node("nonexistent")
+    assert "names=False" not in str(err.value)
