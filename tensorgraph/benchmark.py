@@ -128,31 +128,23 @@ def torch_step(ex: Exercise, forward: Callable[..., Tensor]) -> Callable[[], Ten
     return step
 
 
-def engine_step(ex: Exercise, forward: Callable[..., Tensor]) -> Callable[[], Tensor]:
+def engine_step(ex: Exercise, forward: Callable[..., Tensor], *, opt_out: bool = False) -> Callable[[], Tensor]:
+    """The engine's step; with ``opt_out``, recorded with ``names=False, check_leaves=False``.
+
+    Each setting records from its own ``with`` line, as a training loop would (a line's template
+    made by one setting would make the other re-name every step).
+    """
     params = ex.copy()
     batches = ex.stream()
 
     def step() -> Tensor:
         Xb, Yb = next(batches)
-        with tg.record() as graph:
-            loss = forward(*params, Xb, Yb)
-        grads = graph.backward(loss)
-        for p in params:
-            p.add_(grads[p], alpha=-LR)
-        return loss
-
-    return step
-
-
-def engine_opt_out_step(ex: Exercise, forward: Callable[..., Tensor]) -> Callable[[], Tensor]:
-    """The engine's step recorded with ``names=False, check_leaves=False`` (from its own line, as a loop would)."""
-    params = ex.copy()
-    batches = ex.stream()
-
-    def step() -> Tensor:
-        Xb, Yb = next(batches)
-        with tg.record(names=False, check_leaves=False) as graph:
-            loss = forward(*params, Xb, Yb)
+        if opt_out:
+            with tg.record(names=False, check_leaves=False) as graph:
+                loss = forward(*params, Xb, Yb)
+        else:
+            with tg.record() as graph:
+                loss = forward(*params, Xb, Yb)
         grads = graph.backward(loss)
         for p in params:
             p.add_(grads[p], alpha=-LR)
@@ -220,7 +212,7 @@ def variants(ex: Exercise) -> dict[str, Callable[[], Tensor]]:
     return {
         "torch": torch_step(ex, atomic_forward),
         "engine": engine_step(ex, atomic_forward),
-        "engine_opt_out": engine_opt_out_step(ex, atomic_forward),
+        "engine_opt_out": engine_step(ex, atomic_forward, opt_out=True),
         "compiled": compiled_step(ex, atomic_forward),
         "torch_ex4": torch_step(ex, exercise4_forward),
         "engine_ex4": engine_step(ex, exercise4_forward),

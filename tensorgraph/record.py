@@ -526,7 +526,6 @@ class record:
         self.graph = Graph()
         self.graph.anomaly = anomaly
         self.graph._user_names = names
-        self.names = names
         self.check_leaves = check_leaves
         self._mode = _Recorder(self.graph, anomaly)
 
@@ -548,10 +547,11 @@ class record:
             caller = sys._getframe(1)
             frames = list(self._mode.frames.values())
             session, self._mode.replay = self._mode.replay, None
-            if session is None or exc_type is not None or not session.finish(caller, frames, names=self.names,
+            names = self.graph._user_names
+            if session is None or exc_type is not None or not session.finish(caller, frames, names=names,
                                                                              check_leaves=self.check_leaves):
                 found = self.graph._finish(caller, frames, start=session.count if session is not None else 0,
-                                           names=self.names)
+                                           names=names)
                 # leaves can change without a version bump (p.data -= ...): backward compares these first;
                 # anomaly mode stamps every node, so that intermediates changed through .data are caught too
                 every = self.graph.anomaly
