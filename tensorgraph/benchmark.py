@@ -1,7 +1,7 @@
 """The measurements behind ``tensorgraph bench`` (issue 7): step ratios, per-node overheads, scaling, memory.
 
 Every comparison is made inside one process, side by side: each repetition runs a block of
-steps of every variant in turn (the order rotates), and a ratio is the median over
+steps of every variant in turn (in a new random order each time), and a ratio is the median over
 repetitions of the per-repetition ratio, so that a busy neighbour slows both sides of it.
 
 The training step is the lecture's exercise-4 step (hidden 200, batch 32): forward,
@@ -31,6 +31,7 @@ import itertools
 import math
 import os
 import platform
+import random
 import statistics
 import time
 import warnings
@@ -231,15 +232,20 @@ def _sync(device: str) -> None:
 
 def interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, inner: int, device: str = "cpu",
                 warmup: int = 5) -> dict[str, list[float]]:
-    """Seconds per call of each function, one list entry per repetition; the order rotates each repetition."""
+    """Seconds per call of each function, one list entry per repetition, in a new random order each repetition.
+
+    A shuffled order, not a rotation: with a rotation each variant always follows the same one, and the
+    caches and allocator state that neighbour leaves behind bias its time (by ~0.03 of a torch step here).
+    """
     names = list(fns)
     for name in names:
         for _ in range(warmup):
             fns[name]()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
+    rng = random.Random(0)  # the same orders at every run
+    for _ in range(repeats):
+        order = rng.sample(names, len(names))
         for name in order:
             fn = fns[name]
             start = time.perf_counter()
