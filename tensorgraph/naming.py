@@ -2,8 +2,8 @@
 
 At the end of a ``record()`` block the recorder looks, in this order, at: the block's
 own local variables, its module's globals, attributes and items of the objects they
-hold (``layers[0].out``, ``model.fc1.weight``; not tensorgraph's own graphs and
-gradients, which hold earlier steps), and the locals of every function that ran ops
+hold (``layers[0].out``, ``model.fc1.weight``; the user's objects, not tensorgraph's own
+graphs and gradients, which hold earlier steps, nor a library's objects), and the locals of every function that ran ops
 inside the block (their frames keep their final locals). A tensor gets the first name
 found for it; other nodes get op-based names (``sum_3``). Earlier versions of a tensor
 updated in place are named ``x_v0``, ``x_v1`` ... before the final ``x``.
@@ -12,6 +12,11 @@ updated in place are named ``x_v0``, ``x_v1`` ... before the final ``x``.
 from __future__ import annotations
 import __future__
 
+import argparse
+import os
+import site
+import sys
+import sysconfig
 import types
 from itertools import chain, compress
 from typing import TYPE_CHECKING, Any
@@ -201,23 +206,46 @@ class _PerType(dict):
 def _walkable(cls: type) -> bool:
     """Whether a value of this type may hold tensors to name in attributes or items.
 
-    Not: atoms, modules, functions, classes, tensors (named directly or not at all), tensorgraph's
-    own objects (graphs and gradients of earlier steps name nothing of this one), and what
-    :meth:`_Namer.walk` would find nothing in: objects of torch, numpy and builtins, and objects
-    without a ``__dict__`` (``itertools.cycle``, a generator) that are no module, sequence or dict.
+    Yes: ``nn.Module``s, lists, tuples and dicts (from any library), ``SimpleNamespace``-like
+    records, and objects of the user's own classes. Not: atoms, modules, functions, classes,
+    tensors (named directly or not at all), tensorgraph's own objects (graphs and gradients of
+    earlier steps name nothing of this one), objects without a ``__dict__`` (``itertools.cycle``,
+    a generator), and objects of the standard library's and installed libraries' other classes:
+    their attributes are not the user's variables, and a notebook's matplotlib figure or
+    IPython's ``exit`` would make every recording walk thousands of them.
     """
     module = getattr(cls, "__module__", None) or ""
     if (cls in _SKIP_FAST or issubclass(cls, (Tensor, type, *_SKIP_TYPES))
             or (module.startswith("tensorgraph.") and not module.startswith(_USER_MODULES))):
         return False
-    if issubclass(cls, (torch.nn.Module, list, tuple, dict)):
+    if issubclass(cls, (torch.nn.Module, list, tuple, dict, *_RECORDS)):
         return True
     has_dict = any("__dict__" in vars(k) for k in cls.__mro__) or hasattr(cls, "__getattr__")
-    return has_dict and not module.startswith(_OPAQUE_MODULES)
+    return has_dict and not module.startswith(_OPAQUE_MODULES) and (
+        module.startswith(_USER_MODULES) or not _from_a_library(module))
 
 
+def _from_a_library(module_name: str) -> bool:
+    """Whether a module is the standard library's or an installed package's, by where its file is."""
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    if not path:
+        return False  # a notebook's or a script's __main__, a class made by exec(): the user's code
+    return os.path.realpath(path).startswith(_LIBRARY_DIRS)
+
+
+def _library_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
+    dirs.update(site.getsitepackages() if hasattr(site, "getsitepackages") else [])
+    if site.ENABLE_USER_SITE and site.USER_SITE:
+        dirs.add(site.USER_SITE)
+    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs)
+
+
+_LIBRARY_DIRS = _library_dirs()
 _OPAQUE_MODULES = ("torch", "numpy", "builtins")  # objects whose attributes are not the user's variables
 _USER_MODULES = ("tensorgraph.makemore", "tensorgraph.lecture")  # the makemore models are user objects
+_RECORDS = (types.SimpleNamespace, argparse.Namespace)  # the standard library's bags of attributes
 _TENSORS = _PerType(lambda cls: issubclass(cls, Tensor))
 _WALKABLE = _PerType(_walkable)
 

@@ -479,3 +479,29 @@ def test_names_through_objects_by_how_their_attributes_are_stored():
     names = [graph.node(n)["name"] for n in range(len(graph)) if graph.node(n)["kind"] == "leaf"]
     assert names == ["plain.w", "slotted.w", "leaf_1"]
     assert out is not None and tensors is not None
+
+
+def test_names_through_user_objects_not_through_library_objects():
+    """The user's classes (also subclasses of a library's) and attribute bags are walked; a library's objects are not.
+
+    A notebook's matplotlib figure or IPython's ``exit`` would otherwise be walked at every recording.
+    """
+    import argparse
+    import logging
+    import types
+
+    class Parser(argparse.ArgumentParser):  # defined here: the user's class
+        pass
+
+    library = logging.getLogger("tensorgraph-test")  # the standard library's class
+    library.w = torch.randn(2, dtype=D)
+    mine = Parser()
+    mine.w = torch.randn(2, dtype=D)
+    bag = types.SimpleNamespace(w=torch.randn(2, dtype=D))
+    options = argparse.Namespace(w=torch.randn(2, dtype=D))
+    with tg.record() as graph:
+        out = (library.w * mine.w * bag.w * options.w).sum()
+    names = [graph.node(n)["name"] for n in range(len(graph)) if graph.node(n)["kind"] == "leaf"]
+    assert names == ["leaf_1", "mine.w", "bag.w", "options.w"]
+    assert out is not None
+    del library.w
