@@ -456,6 +456,8 @@ def test_cli_derive(capsys):
     assert err.count("\n") == 1 and "--biased applies to the batchnorm chain only" in err
     assert main(["derive", "softmax"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+    assert main(["derive", "Cross_Entropy"]) == 0  # spelled as in F.cross_entropy
+    assert "def d_loss" in capsys.readouterr().out
 
 
 def test_the_fused_graph_keeps_the_guard_on_changed_leaves():

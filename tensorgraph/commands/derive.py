@@ -22,13 +22,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "derive", help="derive the lecture's fused gradients (exercises 2 and 3) from the recorded graph with sympy",
         description="Record the lecture's atomic chain, derive its gradient symbolically, prove it equal to the "
                     "lecture's formula, and print the closed form and the generated fused backward.")
-    parser.add_argument("chain", choices=CHAINS, help="which chain of the lecture's forward pass")
+    parser.add_argument("chain", choices=CHAINS, type=_chain_name,
+                        help="which chain of the lecture's forward pass (cross_entropy works too)")
     parser.add_argument("--biased", action="store_true",
                         help="batchnorm with the biased variance 1/n instead of Bessel's 1/(n-1)")
     parser.add_argument("--latex", action="store_true", help="print the closed forms as LaTeX")
     parser.add_argument("--steps", action="store_true", help="print the whole derivation (markdown with LaTeX)")
     parser.set_defaults(run=run)
     return parser
+
+
+def _chain_name(text: str) -> str:
+    return text.strip().lower().replace("_", "-")
 
 
 def run(args: argparse.Namespace) -> int:
