@@ -740,7 +740,7 @@ class Session:
         self.cursor = 0  # the template event to match next
         self.frame: types.FrameType | None = None  # the user's frame of the last matched call
         self.count = 0  # nodes made by matched calls: always a prefix of the graph
-        self.logged: list[tuple] = []  # calls the full path recorded: (func, first node, end node, source, scope)
+        self.logged: list[tuple] = []  # calls the full path recorded: (func, first, end, code, lasti, line, scope)
         self._use(candidates[0] if candidates else None)
 
     def _use(self, template: Template | None) -> None:
@@ -805,21 +805,10 @@ class Session:
             elif not self._outputs(result, event.outputs):
                 return self._miss(recorder, func, args, kwargs, result)
             # it matches: the nodes are the template's, with this step's values
-            template_nodes = self.template_nodes
             for value in pending:
-                node = len(nodes)
-                data = template_nodes[node].copy()
-                data["value"] = value
-                version = data["version"] = value._version
-                nodes.append(data)
-                live[id(value)] = (node, version, value)
+                self._add_node(len(nodes), value)
             if single is not None:
-                node = single[0]
-                data = template_nodes[node].copy()
-                data["value"] = result
-                version = data["version"] = result._version
-                nodes.append(data)
-                live[id(result)] = (node, version, result)
+                data = self._add_node(single[0], result)
                 base = result._base
                 if base is not None:
                     recorder.views.setdefault(id(base), []).append(result)
@@ -887,19 +876,23 @@ class Session:
                 return False
         return True
 
+    def _add_node(self, node: int, value: Tensor, together: tuple | None = None) -> dict[str, Any]:
+        """Append the template's node ``node`` with this step's tensor (and, for a multi-output call, its result)."""
+        data = self.template_nodes[node].copy()
+        data["value"] = value
+        if together is not None:
+            data["result"] = together
+        version = data["version"] = value._version
+        self.nodes.append(data)
+        self.live[id(value)] = (node, version, value)
+        return data
+
     def _add_outputs(self, recorder: Any, outputs: list, specs: list) -> None:
-        nodes, live = self.nodes, self.live
         together = tuple(outputs)
         for out, spec in zip(outputs, specs):
             if spec is None:
                 continue
-            node = spec[0]
-            data = self.template_nodes[node].copy()
-            data["value"] = out
-            data["result"] = together
-            version = data["version"] = out._version
-            nodes.append(data)
-            live[id(out)] = (node, version, out)
+            self._add_node(spec[0], out, together)
             if out._base is not None:
                 recorder.views.setdefault(id(out._base), []).append(out)
 
