@@ -3,10 +3,11 @@
 At the end of a ``record()`` block the recorder looks, in this order, at: the block's
 own local variables, its module's globals, attributes and items of the objects they
 hold (``layers[0].out``, ``model.fc1.weight``; the user's objects, not tensorgraph's own
-graphs and gradients, which hold earlier steps, nor a library's objects), and the locals of every function that ran ops
-inside the block (their frames keep their final locals). A tensor gets the first name
-found for it; other nodes get op-based names (``sum_3``). Earlier versions of a tensor
-updated in place are named ``x_v0``, ``x_v1`` ... before the final ``x``.
+graphs and gradients, which hold earlier steps, nor a library's objects), and the locals
+of every function that ran ops inside the block (their frames keep their final locals).
+A tensor gets the first name found for it; other nodes get op-based names (``sum_3``).
+Earlier versions of a tensor updated in place are named ``x_v0``, ``x_v1`` ... before the
+final ``x``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class _Namer:
         elif isinstance(value, dict):
             if len(value) <= _MAX_ITEMS:
                 self._items(prefix, "[{!r}]", list(value), list(value.values()), depth, keyed=True)
-        elif hasattr(value, "__dict__") and not type(value).__module__.startswith(_OPAQUE_MODULES):
+        elif hasattr(value, "__dict__"):  # (a walkable type: the user's class, or a bag like SimpleNamespace)
             attrs = vars(value)
             self._items(prefix, ".{}", list(attrs), list(attrs.values()), depth, public=True)
 
