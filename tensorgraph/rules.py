@@ -913,6 +913,8 @@ def avg_pool2d(g, out, x, kernel_size, stride=None, padding=0, ceil_mode=False, 
 
 defop("max_pool2d", max_pool2d, funcs=("torch.max_pool2d",))
 defop("avg_pool2d", avg_pool2d)
+
+
 def scaled_dot_product_attention(g: Tensor, out: Tensor, query: Tensor, key: Tensor, value: Tensor,
                                  attn_mask: Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, *, enable_gqa: bool = False) -> tuple:
