@@ -45,7 +45,7 @@ import linecache
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,6 +160,7 @@ class _Program:
     notes: list[str] = field(default_factory=list)
     fused: bool = False  # the backward uses closed-form rules from tensorgraph.symbolic
     no_grad: bool = False  # some leaf requires grad: run under torch.no_grad() (tensorgraph needs no autograd)
+    facts: list[_FactGuard] = field(default_factory=list)  # what the fused rules assume about values
 
     def stale(self) -> str | None:
         """Why the recorded references no longer hold (a rebound global or closure variable), or None."""
@@ -168,6 +169,25 @@ class _Program:
             if current is not tensor:
                 return f"{name!r} now refers to a different tensor"
         return None
+
+
+@dataclass
+class _FactGuard:
+    """A fact about values a fused rule was derived under, re-checked on every call (see ``ValueFact``)."""
+
+    fact: Any  # tensorgraph.symbolic.fusion.ValueFact
+    path: tuple[int, ...] | None  # where the tensor is among the inputs (nested lists); None: a captured tensor
+    tensor: Tensor | None  # the captured tensor (path None)
+    name: str  # the tensor's name in the recording
+    op: str  # the name of the op whose fused rule assumes the fact
+
+    def broken(self, inputs: tuple) -> str | None:
+        """Why the fused rule no longer applies to these inputs, or None."""
+        value = self.tensor if self.path is None else _item(inputs, self.path)
+        if self.fact.holds(value):
+            return None
+        return (f"the fused rule for {self.op!r} was derived assuming {self.name!r} {self.fact.describe()}, "
+                f"which no longer holds; that chain keeps its atomic rules from now on")
 
 
 class CompiledStep:
@@ -183,6 +203,7 @@ class CompiledStep:
         self._programs: dict[tuple, _Program] = {}
         self._last_key: tuple | None = None
         self._last: _Program | None = None
+        self._distrusted: set[str] = set()  # ops whose fused rule's value facts failed once: never fused again
         self.__doc__ = getattr(forward, "__doc__", None)
         self.__name__ = getattr(forward, "__name__", "step")
 
@@ -197,6 +218,11 @@ class CompiledStep:
             if reason is not None:
                 self._programs.clear()
                 program = None
+            elif program.facts:
+                reason = self._broken_fact(program, inputs)
+                if reason is not None:
+                    self._programs.pop(key, None)
+                    program = None
         elif self._programs:
             reason = _what_changed(self._last_key, key)
         if program is None:
@@ -248,10 +274,19 @@ class CompiledStep:
 
     # ------------------------------------------------------------ compiling
 
+    def _broken_fact(self, program: _Program, inputs: tuple) -> str | None:
+        """The first fused rule whose assumption about values these inputs break (that op is never fused again)."""
+        for guard in program.facts:
+            reason = guard.broken(inputs)
+            if reason is not None:
+                self._distrusted.add(guard.op)
+                return reason
+        return None
+
     def _compile(self, inputs: tuple, key: tuple, reason: str | None) -> _Program:
         if reason is not None:
             warnings.warn(f"tg.compile: re-recording {self.__name__}: {reason}", RecompileWarning, stacklevel=3)
-        program = _build(self.forward, inputs, self.params, self.fuse)
+        program = _build(self.forward, inputs, self.params, self.fuse, self._distrusted)
         for note in program.notes:
             warnings.warn(f"tg.compile: {note}", stacklevel=3)
         self.recordings += 1
@@ -374,7 +409,7 @@ def _run_recorded(recorder: record, escapes: _Escapes, run: Callable[[], Any]) -
 
 
 def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tensor] | None,
-           fuse: bool | None) -> _Program:
+           fuse: bool | None, distrusted: Collection[str] = ()) -> _Program:
     rec = _record(forward, inputs)
     graph, loss = rec.graph, rec.loss
     nodes = graph._nodes
@@ -408,8 +443,10 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
                 wanted.append(by_id[id(p)])
     notes: list[str] = []
     chosen = _generate(forward, graph, graph, rec, inputs, wanted, root_node)
+    facts: list[_FactGuard] = []
     if fuse is not False:
-        fused_graph, why = _fused(graph, loss)
+        exclude = {graph._names[name] for name in distrusted if name in graph._names}
+        fused_graph, why, facts = _fused(graph, loss, inputs, exclude)
         if why:
             notes.append(why)
         elif fused_graph is not graph:
@@ -439,7 +476,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
                      f"does not replay them")
     no_grad = any(nodes[n]["value"].requires_grad for n in leaves)
     return _Program(fn, source, layout, graph, watched, (loss, first_grads), notes, fused=chosen.fused,
-                    no_grad=no_grad)
+                    no_grad=no_grad, facts=facts if chosen.fused else [])
 
 
 @dataclass
@@ -475,19 +512,107 @@ def _title(forward: Callable[..., Any]) -> str:
     return f"{name} ({_where((code.co_filename, code.co_firstlineno))})"
 
 
-def _fused(graph: Graph, loss: Tensor) -> tuple[Graph, str | None]:
+def _fused(graph: Graph, loss: Tensor, inputs: tuple, exclude: set[int]
+           ) -> tuple[Graph, str | None, list[_FactGuard]]:
     """The graph with closed-form rules for the chains :mod:`tensorgraph.symbolic` recognises, when it can.
 
-    Returns the graph to run the backward on, and why it is the atomic one when fusion failed.
+    Returns the graph to run the backward on, why it is the atomic one when fusion failed,
+    and the guards of the facts about values its fused rules assume. A chain whose fact is
+    about a tensor the step cannot re-check cheaply (computed inside the forward, other than
+    ``torch.arange``) is not fused.
     """
     try:
         symbolic = importlib.import_module("tensorgraph.symbolic")
         auto_fuse = getattr(symbolic, "auto_fuse", None)
         if auto_fuse is None:
-            return graph, None
-        return auto_fuse(graph, loss), None
+            return graph, None, []
+        while True:
+            fused = auto_fuse(graph, loss, exclude=exclude) if exclude else auto_fuse(graph, loss)
+            guards, unsafe = _fact_guards(graph, fused, inputs)
+            if not unsafe:
+                return fused, None, guards
+            exclude = exclude | unsafe
     except Exception as err:  # noqa: BLE001 - fusion is an optimisation: without it the atomic rules are exact
-        return graph, f"fused rules unavailable ({type(err).__name__}: {err}); using the atomic rules"
+        return graph, f"fused rules unavailable ({type(err).__name__}: {err}); using the atomic rules", []
+
+
+# ops that keep a tensor's elements (their multiset): "no target equals ignore_index" holds for the result
+# exactly when it holds for the operand
+_SAME_ELEMENTS = frozenset({"view", "reshape", "flatten", "ravel", "contiguous", "clone", "detach", "squeeze",
+                            "unsqueeze", "view_as", "reshape_as", "t", "transpose", "permute"})
+
+
+def _fact_guards(graph: Graph, fused: Graph, inputs: tuple) -> tuple[list[_FactGuard], set[int]]:
+    """Guards for the value facts of ``fused``'s fused nodes, and the ops whose facts cannot be guarded."""
+    guards: list[_FactGuard] = []
+    unsafe: set[int] = set()
+    places = _input_places(inputs)
+    live = _live_values(graph)
+    for data in fused._nodes:
+        for fact in data["attrs"].get("assumes", ()) if data["op"] == "fused" else ():
+            guard = _fact_guard(graph, fact, places, live)
+            if guard is None:
+                unsafe.add(fact.op)
+            elif isinstance(guard, _FactGuard):
+                guards.append(guard)
+    return guards, unsafe
+
+
+def _fact_guard(graph: Graph, fact: Any, places: dict[int, tuple[int, ...]], live: dict[int, Tensor]
+                ) -> _FactGuard | bool | None:
+    """How to re-check one fact: a guard on an input or a captured tensor, True when the forward's own
+    code guarantees it (rows made by ``torch.arange``), None when it cannot be re-checked cheaply."""
+    nodes = graph._nodes
+    node = fact.tensor
+    if fact.kind == "arange":
+        data = nodes[node]
+        if data["op"] == "arange" and data["kind"] == "constant" and not _refs(data["args"]) and \
+                not _refs(list(data["kwargs"].values())):
+            return True  # replayed with the same constant arguments on every call
+    else:
+        while nodes[node]["kind"] == "op" and nodes[node]["op"] in _SAME_ELEMENTS and not nodes[node]["inplace"] \
+                and len(set(nodes[node]["inputs"])) == 1:
+            node = nodes[node]["inputs"][0]
+    data = nodes[node]
+    if data["kind"] != "leaf":
+        return None
+    value = live.get(node, data["value"])
+    path = places.get(id(value))
+    return _FactGuard(fact, path, value if path is None else None, data["name"], nodes[fact.op]["name"])
+
+
+def _input_places(inputs: Sequence[Any], prefix: tuple[int, ...] = ()) -> dict[int, tuple[int, ...]]:
+    """Where each tensor sits among the inputs (by id): its index, then its index in a list or tuple input."""
+    places: dict[int, tuple[int, ...]] = {}
+    for index, x in enumerate(inputs):
+        if isinstance(x, Tensor):
+            places.setdefault(id(x), prefix + (index,))
+        elif isinstance(x, (list, tuple)):
+            for key, place in _input_places(x, prefix + (index,)).items():
+                places.setdefault(key, place)
+    return places
+
+
+def _item(inputs: Sequence[Any], path: tuple[int, ...]) -> Any:
+    value: Any = inputs
+    for index in path:
+        value = value[index]
+    return value
+
+
+def _live_values(graph: Graph) -> dict[int, Tensor]:
+    """The tensor each leaf changed in place by the forward is (its recorded value is a copy from before)."""
+    nodes = graph._nodes
+    live: dict[int, Tensor] = {}
+    for data in nodes:
+        if not data["inplace"] or data["previous"] is None:
+            continue
+        origin = data["previous"]
+        while nodes[origin]["inplace"] and nodes[origin]["previous"] is not None:
+            origin = nodes[origin]["previous"]
+        if nodes[origin]["kind"] == "leaf":
+            live[origin] = data["value"]
+    return live
 
 
 def _name_references(graph: Graph, watched: list[tuple[str, Any, str, Tensor]]) -> None:

@@ -224,6 +224,98 @@ def test_symbolic_fused_rules_match_the_engine(lecture, request):
     assert_all_close([grads[p] for p in params], [engine[p] for p in params])
 
 
+def _torch_grad(loss_of, w):
+    leaf = w.detach().clone().requires_grad_()
+    return torch.autograd.grad(loss_of(leaf), leaf)[0]
+
+
+@pytest.mark.parametrize("ignore", [0, -100])
+@pytest.mark.parametrize("chain", ["nll_log_softmax", "cross_entropy_layer_norm"])
+def test_fused_rules_are_re_checked_on_the_targets_they_assume(chain, ignore):
+    """A rule fused on a batch without ignored targets must not be reused for one with them."""
+    w, x = r(4, 5, seed=40), r(8, 4, seed=41)
+    clean = torch.tensor([1, 2, 3, 4, 1, 2, 3, 4])
+    padded = clean.clone()
+    padded[:3] = ignore
+
+    def loss_of(x, y, w):
+        if chain == "nll_log_softmax":
+            return F.nll_loss((x @ w).log_softmax(1), y, ignore_index=ignore)
+        # a sum: the engine's own cross-entropy rule rescales a mean in float32 on this branch (fixed elsewhere)
+        return F.cross_entropy(F.layer_norm(x @ w, (5,)), y, ignore_index=ignore, reduction="sum")
+
+    step = tg.compile(lambda x, y: loss_of(x, y, w), fuse=True)
+    step(x, clean)
+    assert step.fused
+    with pytest.warns(RecompileWarning, match=rf"assuming 'y' has no target equal to ignore_index={ignore}"):
+        loss, grads = step(x, padded)
+    torch.testing.assert_close(grads[w], _torch_grad(lambda w: loss_of(x, padded, w), w), **TOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # that chain is never fused again: no flip-flopping between versions
+        for y in (clean, padded, clean):
+            loss, grads = step(x, y)
+            torch.testing.assert_close(grads[w], _torch_grad(lambda w: loss_of(x, y, w), w), **TOL)
+    assert step.recordings == 2
+
+
+def test_fused_targets_read_through_a_view_or_a_captured_tensor_are_checked():
+    w, x = r(4, 5, seed=42), r(8, 4, seed=43)
+    targets = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+
+    def loss_of(x, y, w):
+        return F.nll_loss((x @ w).log_softmax(1), y.view(-1), ignore_index=0)
+
+    step = tg.compile(lambda x: loss_of(x, targets, w), fuse=True)  # the targets: captured, read through a view
+    step(x)
+    assert step.fused
+    targets[0, :2] = 0  # the captured tensor changed in place: a pad appears
+    with pytest.warns(RecompileWarning, match="has no target equal to ignore_index=0"):
+        loss, grads = step(x)
+    torch.testing.assert_close(grads[w], _torch_grad(lambda w: loss_of(x, targets, w), w), **TOL)
+
+
+def test_facts_about_tensors_computed_in_the_forward_are_not_fused_on():
+    """Targets computed inside the forward cannot be re-checked before the step runs: that chain stays atomic."""
+    w, x = r(4, 5, seed=44), r(8, 4, seed=45)
+    labels = torch.tensor([0, 1, 2, 3, 4, 1, 2, 3, 4, 1])
+
+    def loss_of(x, ix, w):
+        return F.nll_loss((x @ w).log_softmax(1), labels[ix], ignore_index=0)
+
+    step = tg.compile(lambda x, ix: loss_of(x, ix, w), fuse=True)
+    first = torch.arange(1, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for ix in (first, torch.arange(0, 8), first):  # the second batch picks label 0 (ignored)
+            loss, grads = step(x, ix)
+            torch.testing.assert_close(grads[w], _torch_grad(lambda w: loss_of(x, ix, w), w), **TOL)
+    assert step.recordings == 1 and "nll_loss" in step.source
+
+
+def test_pick_rows_made_by_arange_in_the_forward_or_passed_in():
+    w, x, y = r(4, 5, seed=46), r(6, 4, seed=47), torch.tensor([0, 3, 1, 2, 4, 0])
+
+    def made(x, y):
+        return -(x @ w).log_softmax(1)[torch.arange(6), y].mean()
+
+    def passed(x, rows, y, w=w):
+        return -(x @ w).log_softmax(1)[rows, y].mean()
+
+    step = tg.compile(made, fuse=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecompileWarning)
+        for _ in range(2):
+            loss, grads = step(x, y)
+            torch.testing.assert_close(grads[w], _torch_grad(lambda w: passed(x, torch.arange(6), y, w), w), **TOL)
+    step = tg.compile(passed, fuse=True)
+    step(x, torch.arange(6), y)
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecompileWarning)  # re-recorded where the rule was fused on arange rows
+        loss, grads = step(x, rows, y)
+    torch.testing.assert_close(grads[w], _torch_grad(lambda w: passed(x, rows, y, w), w), **TOL)
+
+
 # ---------------------------------------------------------------- other forwards
 
 

@@ -23,7 +23,7 @@ from .chain import LOWERINGS, RESHAPES, SymbolicError, chain_members, lower, whe
 from .derivation import Derivation, build
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Collection, Sequence
 
 _CACHE: OrderedDict[tuple, Derivation] = OrderedDict()
 _CACHE_SIZE = 256
@@ -99,17 +99,59 @@ def signature(graph: Graph, output: int, wrt: int) -> tuple[tuple, list[int], di
 def _value_facts(graph: Graph, data: dict[str, Any]) -> tuple:
     """The few facts about values that change what a chain means (index patterns, ignored targets)."""
     facts: list[Any] = []
+    for fact in _candidate_facts(data):
+        value = graph._nodes[fact.tensor]["value"]
+        if fact.kind == "no_ignored":
+            facts.append(fact.holds(value) is False if not value.is_floating_point() else None)
+        else:
+            facts.append(fact.holds(value))
+    return tuple(facts)
+
+
+@dataclass(frozen=True)
+class ValueFact:
+    """A fact about a tensor's values that a fused rule was derived under: it must hold wherever the rule runs.
+
+    ``op`` (the recorded op whose symbolic form needs it) and ``tensor`` are node ids of the
+    graph the chain was fused from. ``kind`` is ``"arange"`` (the pick's rows equal
+    ``torch.arange(n)``) or ``"no_ignored"`` (no target equals ``ignore_index``).
+    """
+
+    op: int
+    tensor: int
+    kind: str
+    ignore_index: int = -100
+
+    def holds(self, value: Tensor) -> bool:
+        """Whether ``value`` (the tensor's value now) satisfies the fact."""
+        if self.kind == "arange":
+            return value.dim() == 1 and torch.equal(value, torch.arange(value.shape[0], device=value.device))
+        return not bool((value == self.ignore_index).any())
+
+    def describe(self) -> str:
+        """The fact in words, for a message: ``equals torch.arange(n)``."""
+        return "equals torch.arange(n)" if self.kind == "arange" else \
+            f"has no target equal to ignore_index={self.ignore_index}"
+
+
+def _candidate_facts(data: dict[str, Any], node: int = -1) -> list[ValueFact]:
+    """The value facts the symbolic form of one recorded op depends on (whether they hold or not)."""
     if data["op"] == "getitem":
         idx = data["bargs"][1] if len(data["bargs"]) > 1 else None
         if isinstance(idx, tuple) and idx and isinstance(idx[0], Ref):
-            rows = graph._nodes[idx[0].node]["value"]
-            facts.append(rows.dim() == 1 and torch.equal(rows.cpu(), torch.arange(rows.shape[0])))
+            return [ValueFact(node, idx[0].node, "arange")]
     if data["op"] in ("cross_entropy", "nll_loss") and len(data["bargs"]) > 1 and isinstance(data["bargs"][1], Ref):
-        target = graph._nodes[data["bargs"][1].node]["value"]
         ignore = dict(zip(("x", "target", "weight", "size_average", "ignore_index"), data["bargs"])).get(
             "ignore_index", data["bkwargs"].get("ignore_index", -100))
-        facts.append(bool((target == ignore).any()) if not target.is_floating_point() else None)
-    return tuple(facts)
+        return [ValueFact(node, data["bargs"][1].node, "no_ignored", ignore)]
+    return []
+
+
+def value_facts(graph: Graph, ops: Sequence[int]) -> tuple[ValueFact, ...]:
+    """The facts about values a derivation of these recorded ops relies on (all held when it was derived)."""
+    nodes = graph._nodes
+    facts = [fact for op in ops for fact in _candidate_facts(nodes[op], op)]
+    return tuple(f for f in facts if not (f.kind == "no_ignored" and nodes[f.tensor]["value"].is_floating_point()))
 
 
 # ---------------------------------------------------------------------- derive
@@ -374,7 +416,8 @@ def _fused_node(graph: Graph, derivation: Derivation, binding: Binding, mapping:
     copy.update(
         op="fused", kind="op", inputs=[r.node for r in refs], args=refs, kwargs={}, bargs=refs, bkwargs={},
         attrs={"input": graph._nodes[binding.input]["name"],
-               "fused": tuple(graph._nodes[node]["name"] for node in binding.ops)},
+               "fused": tuple(graph._nodes[node]["name"] for node in binding.ops),
+               "assumes": value_facts(graph, binding.ops)},
         func=ChainForward(graph, binding), rule=FusedRule(derivation), inplace=False, previous=None,
         output_index=None, result=None, unsupported=None)
     return copy
@@ -424,18 +467,19 @@ def _grow(graph: Graph, output: int, taken: set[int]) -> set[int]:
     return region
 
 
-def find_fusable(graph: Graph, loss: Any, *, check: bool = True) -> list[tuple[int, int]]:
+def find_fusable(graph: Graph, loss: Any, *, check: bool = True, exclude: Collection[int] = ()
+                 ) -> list[tuple[int, int]]:
     """The chains of ``graph`` that can be fused, as (output node id, input node id) pairs.
 
     Walking back from ``loss``, each chain is the largest run of ops with a symbolic form
     (elementwise ops and reductions, see :func:`derive`) whose intermediate values are used
     only inside it; its input is the outside tensor it depends on most (the others become
     parameters). Only chains of at least two ops that derive (and pass the numerical check)
-    are returned; chains do not overlap.
+    are returned; chains do not overlap, and leave out the ops (node ids) in ``exclude``.
     """
     root = node_id(graph, loss, "loss")
     nodes = graph._nodes
-    taken: set[int] = set()
+    taken: set[int] = set(exclude)
     found: list[tuple[int, int]] = []
     for output in sorted(graph.ancestors(root), reverse=True):
         if output in taken or not _maybe_fusable(graph, output):
@@ -466,15 +510,21 @@ def find_fusable(graph: Graph, loss: Any, *, check: bool = True) -> list[tuple[i
     return found
 
 
-def auto_fuse(graph: Graph, loss: Any, *, check: bool = True) -> Graph:
+def auto_fuse(graph: Graph, loss: Any, *, check: bool = True, exclude: Collection[int] = ()) -> Graph:
     """``graph`` with every chain :func:`find_fusable` finds replaced by one fused node.
 
     For ``tg.compile`` and friends: on the lecture's network this fuses the cross-entropy
     chain (from ``h @ W2`` to ``loss``) and the batchnorm chain (from ``embcat @ W1`` to
     ``h``), each with the closed form derived from the recorded ops. Derivations are
     cached, so calling it on every step of a training loop derives once. Returns a new
-    graph (the same gradients, fewer nodes); ``graph`` itself is not changed.
+    graph (the same gradients, fewer nodes); ``graph`` itself is not changed. Ops in ``exclude``
+    (node ids) keep their atomic rules.
+
+    A fused node's ``attrs["assumes"]`` lists the :class:`ValueFact` s its rule was derived
+    under (node ids of ``graph``): targets without ``ignore_index``, pick rows equal to
+    ``torch.arange(n)``. They are checked on ``graph``'s values only: whoever runs the rule on
+    other values (``tg.compile``) must check them again.
     """
-    pairs = find_fusable(graph, loss, check=check)
+    pairs = find_fusable(graph, loss, check=check, exclude=exclude)
     fusions = [_derive(graph, output, source, check=check) for output, source in pairs]
     return rebuild(graph, fusions)
