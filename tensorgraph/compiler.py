@@ -422,18 +422,20 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
                          f"{tuple(loss.shape)} and dtype {loss.dtype}")
     input_ids = {id(x) for x in inputs if isinstance(x, Tensor)}
     leaves = [n for n, d in enumerate(nodes) if d["kind"] == "leaf"]
-    watched = _direct_references(forward, {id(nodes[n]["value"]): nodes[n]["value"] for n in leaves})
+    live = _live_values(graph)
+    value_of = {n: live.get(n, nodes[n]["value"]) for n in leaves}  # the tensors themselves, not copies
+    watched = _direct_references(forward, {id(value): value for value in value_of.values()})
     _name_references(graph, watched)
     for n in leaves:
-        if id(nodes[n]["value"]) in rec.no_grad:
-            _, where = rec.no_grad[id(nodes[n]["value"])]
+        if id(value_of[n]) in rec.no_grad:
+            _, where = rec.no_grad[id(value_of[n])]
             raise ValueError(f"tg.compile: the loss uses {nodes[n]['name']!r}, computed under torch.no_grad() at "
                              f"{where}; compiled code replays recorded calls only, so it would keep this value "
                              f"forever. Compute it outside the forward and pass it in, or use the dynamic engine.")
     if params is None:
-        wanted = [n for n in leaves if is_float(nodes[n]) and id(nodes[n]["value"]) not in input_ids]
+        wanted = [n for n in leaves if is_float(nodes[n]) and id(value_of[n]) not in input_ids]
     else:
-        by_id = {id(nodes[n]["value"]): n for n in leaves}
+        by_id = {id(value_of[n]): n for n in leaves}
         wanted = []
         for p in params:
             if id(p) in input_ids:
@@ -465,7 +467,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     exec(code, namespace)  # noqa: S102 - running the generated code is the point
     fn = namespace[fn_name]
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show the line
-    layout = _Layout([nodes[n]["value"] for n in reached], [nodes[n]["name"] for n in reached])
+    layout = _Layout([value_of[n] for n in reached], [nodes[n]["name"] for n in reached])
     first_grads = tuple(traced.grads.by_node[b] for _, b in pairs)
     if rec.escapes:
         notes.append(f"the forward reads tensor values into Python ({'; '.join(rec.escapes)}); the compiled step "
@@ -474,7 +476,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
         where = next(iter(rec.no_grad.values()))[1]
         notes.append(f"the forward runs torch calls under torch.no_grad() (first at {where}); the compiled step "
                      f"does not replay them")
-    no_grad = any(nodes[n]["value"].requires_grad for n in leaves)
+    no_grad = any(value_of[n].requires_grad for n in leaves)
     return _Program(fn, source, layout, graph, watched, (loss, first_grads), notes, fused=chosen.fused,
                     no_grad=no_grad, facts=facts if chosen.fused else [])
 
@@ -601,17 +603,14 @@ def _item(inputs: Sequence[Any], path: tuple[int, ...]) -> Any:
 
 
 def _live_values(graph: Graph) -> dict[int, Tensor]:
-    """The tensor each leaf changed in place by the forward is (its recorded value is a copy from before)."""
+    """The tensor each leaf is, for leaves the forward changed in place (their recorded value is a copy)."""
     nodes = graph._nodes
     live: dict[int, Tensor] = {}
-    for data in nodes:
-        if not data["inplace"] or data["previous"] is None:
-            continue
-        origin = data["previous"]
-        while nodes[origin]["inplace"] and nodes[origin]["previous"] is not None:
-            origin = nodes[origin]["previous"]
-        if nodes[origin]["kind"] == "leaf":
-            live[origin] = data["value"]
+    for node, _, tensor in graph._live.values():
+        while nodes[node]["inplace"] and nodes[node]["previous"] is not None:
+            node = nodes[node]["previous"]
+        if nodes[node]["kind"] == "leaf" and nodes[node]["value"] is not tensor:
+            live[node] = tensor
     return live
 
 
@@ -692,6 +691,7 @@ class _Generator:
         self.consts = 0
         self.title = "forward"
         self.groups: dict[tuple, dict[int, int]] | None = None
+        self.live = _live_values(graph)  # leaves the forward changes in place: the tensor itself, not its copy
 
     # ------------------------------------------------------------ assembling the statements
 
@@ -699,7 +699,7 @@ class _Generator:
         fn_name = self._unique("step")
         self._forward()
         outputs = self._backward()
-        needed = self.needed = self._needed([self.root, *outputs])
+        needed = self.needed = self._needed([self.root, *outputs, *self._lasting_mutations()])
         self.order = [k for k in self.order if k in needed]
         self.uses = self._count_uses(outputs)
         self.position = {k: i for i, k in enumerate(self.order)}
@@ -728,7 +728,7 @@ class _Generator:
                 self.order.append(key)
                 self.saved[old] = key
             if data["kind"] == "leaf":
-                index = inputs_by_id.get(id(data["value"]))
+                index = inputs_by_id.get(id(self.live.get(node, data["value"])))
                 if index is not None:
                     self.leaf_of_input.setdefault(index, node)
                 continue
@@ -803,6 +803,19 @@ class _Generator:
                 self.accumulate[base + j] = -1  # candidates; decided once uses are known
 
     # ------------------------------------------------------------ analysis
+
+    def _lasting_mutations(self) -> list[int]:
+        """In-place forward statements on memory that outlives the step (an input's, a captured tensor's, their
+        views'): ``counter.add_(1)``, ``num_batches_tracked``. Kept even when nothing downstream reads them."""
+        lasting = set()
+        for node, data in enumerate(self.fwd):
+            if data["kind"] == "leaf":
+                value = self.live.get(node, data["value"])
+                if value.numel():
+                    lasting.add(value.untyped_storage().data_ptr())
+        return [key for key in self.order if key >= 0 and self.stmts[key].inplace and not self.stmts[key].backward
+                and self.stmts[key].value is not None and self.stmts[key].value.numel()
+                and self.stmts[key].value.untyped_storage().data_ptr() in lasting]
 
     def _needed(self, outputs: list[int]) -> set[int]:
         needed: set[int] = set()
@@ -971,7 +984,9 @@ class _Generator:
             if stmt.inplace:
                 receiver = _refs(stmt.args[:1])
                 if receiver and receiver[0] not in self.inlined:
-                    code = self._call(stmt, statement=True)
+                    # ``x += y`` would make a captured tensor (a name of the namespace) a local: x.add_(y)
+                    captured = self._name(receiver[0]) in self.namespace
+                    code = self._call(stmt, statement=not captured or printer._name_of(stmt.func) == "__setitem__")
                     lines.append(code.text)
                     self.var[key] = self._name(receiver[0])
                     continue
@@ -1021,7 +1036,7 @@ class _Generator:
                 raise AssertionError(f"tg.compile: statement {key} used before it is computed")
             data = self.fwd[key]  # a leaf the forward closes over: a parameter or a constant
             name = self._unique(identifier(data["name"]))
-            self.namespace[name] = data["value"]
+            self.namespace[name] = self.live.get(key, data["value"])
             self.var[key] = name
         return self.var[key]
 

@@ -254,7 +254,7 @@ def test_fused_rules_are_re_checked_on_the_targets_they_assume(chain, ignore):
         warnings.simplefilter("error")  # that chain is never fused again: no flip-flopping between versions
         for y in (clean, padded, clean):
             loss, grads = step(x, y)
-            torch.testing.assert_close(grads[w], _torch_grad(lambda w: loss_of(x, y, w), w), **TOL)
+            torch.testing.assert_close(grads[w], _torch_grad(lambda w, y=y: loss_of(x, y, w), w), **TOL)
     assert step.recordings == 2
 
 
@@ -288,7 +288,7 @@ def test_facts_about_tensors_computed_in_the_forward_are_not_fused_on():
         warnings.simplefilter("error")
         for ix in (first, torch.arange(0, 8), first):  # the second batch picks label 0 (ignored)
             loss, grads = step(x, ix)
-            torch.testing.assert_close(grads[w], _torch_grad(lambda w: loss_of(x, ix, w), w), **TOL)
+            torch.testing.assert_close(grads[w], _torch_grad(lambda w, ix=ix: loss_of(x, ix, w), w), **TOL)
     assert step.recordings == 1 and "nll_loss" in step.source
 
 
@@ -437,6 +437,51 @@ def test_dropout_draws_a_new_mask_each_step():
         expected = forward(x)
     torch.testing.assert_close(loss_a, expected, **TOL)
     torch.testing.assert_close(grads_a[w], graph.backward(expected)[w], **TOL)
+
+
+def test_in_place_updates_of_state_that_outlives_the_step_are_replayed():
+    """Mutations nothing in the step reads (a counter, a buffer, an input) still happen on every call, as in eager."""
+    def make():
+        return {"w": r(4, 3, seed=50), "counter": torch.zeros((), dtype=torch.long), "buf": torch.zeros(3, dtype=D)}
+
+    def forward(x, state):
+        h = x @ state["w"]
+        state["counter"].add_(1)  # an integer buffer, like BatchNorm's num_batches_tracked
+        state["buf"][0] += 1  # through a view
+        state["buf"][1:].add_(h.detach().sum())  # a float buffer, from a forward value
+        x[0] *= 2  # the input itself
+        return h.pow(2).sum()
+
+    compiled, eager = make(), make()
+    step = tg.compile(lambda x: forward(x, compiled), fuse=False)
+    x_compiled, x_eager = r(5, 4, seed=51), r(5, 4, seed=51)
+    for _ in range(3):
+        before = x_eager.clone()
+        loss, grads = step(x_compiled)
+        expected = forward(x_eager, eager)
+        torch.testing.assert_close(loss, expected, **TOL)
+        torch.testing.assert_close(grads[compiled["w"]], _torch_grad(lambda w, before=before: (before @ w).pow(2).sum(),
+                                                                     compiled["w"]), **TOL)
+    for key in ("counter", "buf"):
+        torch.testing.assert_close(compiled[key], eager[key], **TOL)
+    torch.testing.assert_close(x_compiled, x_eager, **TOL)
+    assert len(grads) == 1, "a mutated input is still an input, not a parameter"
+
+
+def test_batch_norm_module_buffers_advance_as_in_eager():
+    import copy
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3)).double()
+    reference = copy.deepcopy(model)
+    step = tg.compile(lambda x, y: F.cross_entropy(model(x), y), fuse=False)
+    for seed in range(4):
+        x, y = r(16, 4, seed=60 + seed), torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(seed))
+        step(x, y)
+        F.cross_entropy(reference(x), y)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(model[1], name), getattr(reference[1], name), **TOL)
 
 
 # ---------------------------------------------------------------- guards
