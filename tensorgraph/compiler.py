@@ -224,7 +224,7 @@ class CompiledStep:
                     self._programs.pop(key, None)
                     program = None
         elif self._programs:
-            reason = _what_changed(self._last_key, key)
+            reason = _what_changed(self._last_key, key, inputs)
         if program is None:
             program = self._compile(inputs, key, reason)
         self._last_key, self._last = key, program
@@ -297,34 +297,67 @@ class CompiledStep:
 
 
 def _signature(inputs: tuple) -> tuple:
-    """What the generated code is specialised to: each tensor input's shape, dtype, device; other inputs' values."""
-    key = []
-    for x in inputs:
-        if isinstance(x, Tensor):
-            key.append((x.shape, x.dtype, x.device))
-        else:
-            try:
-                hash(x)
-                key.append(("value", type(x), x))
-            except TypeError:
-                key.append(("object", id(x)))
-    key.append(len({id(x) for x in inputs}))  # the same tensor passed twice is a different program
+    """What the generated code is specialised to: each tensor input's shape, dtype, device (lists and tuples of
+    them item by item); other inputs' values; and which tensor inputs are the same tensor."""
+    key = [_part(x) for x in inputs]
+    first: dict[int, int] = {}
+    key.append(("aliases", tuple(first.setdefault(id(t), i) for i, (_, t) in enumerate(_tensors(inputs)))))
     return tuple(key)
 
 
-def _what_changed(old: tuple | None, new: tuple) -> str:
+def _part(x: Any) -> tuple:
+    if isinstance(x, Tensor):
+        return (x.shape, x.dtype, x.device)
+    if isinstance(x, (list, tuple)):
+        return ("items", type(x), tuple(_part(v) for v in x))
+    try:
+        hash(x)
+        return ("value", type(x), x)
+    except TypeError:
+        return ("object", id(x))
+
+
+def _tensors(inputs: Sequence[Any], prefix: tuple[int, ...] = ()) -> Iterator[tuple[tuple[int, ...], Tensor]]:
+    """Every tensor among the inputs (inside lists and tuples too), with where it sits: (index, item index ...)."""
+    for index, x in enumerate(inputs):
+        if isinstance(x, Tensor):
+            yield prefix + (index,), x
+        elif isinstance(x, (list, tuple)):
+            yield from _tensors(x, prefix + (index,))
+
+
+def _place(path: tuple[int, ...]) -> str:
+    return f"input {path[0]}" + "".join(f"[{i}]" for i in path[1:])
+
+
+def _what_changed(old: tuple | None, new: tuple, inputs: tuple) -> str:
     if old is None or len(old) != len(new):
         return f"it is called with {len(new) - 1} inputs"
-    for index, (a, b) in enumerate(zip(old, new)):
-        if a == b:
-            continue
-        if len(a) == 3 and len(b) == 3 and isinstance(a[0], torch.Size) and isinstance(b[0], torch.Size):
-            for what, x, y in zip(("shape", "dtype", "device"), a, b):
-                if x != y:
-                    shown = (tuple(x), tuple(y)) if what == "shape" else (x, y)
-                    return f"input {index} changed {what} from {shown[0]} to {shown[1]}"
-        return f"input {index} changed"
+    for index, (a, b) in enumerate(zip(old[:-1], new[:-1])):
+        if a != b:
+            return _difference(a, b, (index,))
+    paths = [path for path, _ in _tensors(inputs)]
+    for position, (a, b) in enumerate(zip(old[-1][1], new[-1][1])):
+        if a != b:
+            if b != position:
+                return f"{_place(paths[position])} is now the same tensor as {_place(paths[b])}"
+            return f"{_place(paths[position])} is no longer the same tensor as {_place(paths[a])}"
     return "the inputs alias each other differently"
+
+
+def _difference(a: tuple, b: tuple, path: tuple[int, ...]) -> str:
+    if isinstance(a[0], torch.Size) and isinstance(b[0], torch.Size):
+        for what, x, y in zip(("shape", "dtype", "device"), a, b):
+            if x != y:
+                shown = (tuple(x), tuple(y)) if what == "shape" else (x, y)
+                return f"{_place(path)} changed {what} from {shown[0]} to {shown[1]}"
+    if a[0] == b[0] == "items" and a[1] is b[1] and len(a[2]) == len(b[2]):
+        for index, (x, y) in enumerate(zip(a[2], b[2])):
+            if x != y:
+                return _difference(x, y, path + (index,))
+    if b[0] == "items":
+        return f"{_place(path)} is now a {b[1].__name__} of {len(b[2])} items"
+    return f"{_place(path)} changed"
 
 
 # ---------------------------------------------------------------- recording
@@ -410,6 +443,11 @@ def _run_recorded(recorder: record, escapes: _Escapes, run: Callable[[], Any]) -
 
 def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tensor] | None,
            fuse: bool | None, distrusted: Collection[str] = ()) -> _Program:
+    for index, x in enumerate(inputs):
+        if isinstance(x, Mapping) and next(_tensors(list(x.values())), None) is not None:
+            raise TypeError(f"tg.compile: input {index} is a {type(x).__name__} holding tensors; the compiled step "
+                            f"follows tensors passed directly or in lists and tuples, not in dicts (it would keep "
+                            f"this call's tensors): pass them as arguments, or as a list or tuple")
     rec = _record(forward, inputs)
     graph, loss = rec.graph, rec.loss
     nodes = graph._nodes
@@ -420,7 +458,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     if not is_float(nodes[root_node]) or loss.numel() != 1:
         raise ValueError(f"tg.compile: the forward must return a scalar floating-point loss, got shape "
                          f"{tuple(loss.shape)} and dtype {loss.dtype}")
-    input_ids = {id(x) for x in inputs if isinstance(x, Tensor)}
+    input_ids = set(_input_places(inputs))  # tensors passed in, inside lists and tuples too
     leaves = [n for n, d in enumerate(nodes) if d["kind"] == "leaf"]
     live = _live_values(graph)
     value_of = {n: live.get(n, nodes[n]["value"]) for n in leaves}  # the tensors themselves, not copies
@@ -686,7 +724,7 @@ class _Generator:
         self.var: dict[int, str] = {}  # statement or leaf -> variable
         self.namespace: dict[str, Any] = {**printer.NAMESPACE}
         self.used: set[str] = set(self.namespace) | {"tensorgraph"}
-        self.leaf_of_input: dict[int, int] = {}
+        self.leaf_of_input: dict[tuple[int, ...], int] = {}  # where a tensor sits among the inputs -> its leaf
         self.var_alias: dict[int, int] = {}  # a constant version made by a mutating call -> the tensor it changed
         self.consts = 0
         self.title = "forward"
@@ -705,8 +743,8 @@ class _Generator:
         self.position = {k: i for i, k in enumerate(self.order)}
         self._decide_accumulations(self.position)
         self.inlined = self._inlinable()
-        args = self._arguments()
-        body = self._emit()
+        args, unpack = self._arguments()
+        body = unpack + self._emit()
         grads = ", ".join(self.var[k] for k in outputs)
         lines = [f"def {fn_name}({', '.join(args)}):",
                  f'    """tg.compile of {self.title}: the forward, then the backward, as straight-line torch code."""']
@@ -715,7 +753,7 @@ class _Generator:
         return "\n".join(lines) + "\n", fn_name, self.namespace
 
     def _forward(self) -> None:
-        inputs_by_id = {id(x): i for i, x in enumerate(self.inputs) if isinstance(x, Tensor)}
+        inputs_by_id = _input_places(self.inputs)
         saved_before: dict[int, list[int]] = {}
         for node, before in self.snapshots:
             saved_before.setdefault(before, []).append(node)
@@ -950,17 +988,23 @@ class _Generator:
 
     # ------------------------------------------------------------ printing
 
-    def _arguments(self) -> list[str]:
+    def _arguments(self) -> tuple[list[str], list[str]]:
+        """The function's parameters, and the lines taking the tensors out of list and tuple inputs."""
         names = []
         for index in range(len(self.inputs)):
-            leaf = self.leaf_of_input.get(index)
+            leaf = self.leaf_of_input.get((index,))
             if leaf is not None and leaf not in self.var:
                 name = self._unique(identifier(self.fwd[leaf]["name"]))
                 self.var[leaf] = name
             else:
                 name = self._unique(f"_input{index}")
             names.append(name)
-        return names
+        unpack = []
+        for path, leaf in self.leaf_of_input.items():
+            if len(path) > 1 and leaf not in self.var and leaf in self.needed:
+                self.var[leaf] = self._unique(identifier(self.fwd[leaf]["name"]))
+                unpack.append(f"{self.var[leaf]} = {names[path[0]]}{''.join(f'[{i}]' for i in path[1:])}")
+        return names, unpack
 
     def _emit(self) -> list[str]:
         lines: list[str] = []

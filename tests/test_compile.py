@@ -525,6 +525,57 @@ def test_guard_on_dtype_and_on_a_rebound_parameter():
     del module.W_GLOBAL
 
 
+def test_guard_on_inputs_that_alias_each_other():
+    w = r(4, 4, seed=70)
+    a, b = r(3, 4, seed=71), r(3, 4, seed=72)
+
+    def forward(x, y, w=w):
+        return ((x @ w) * (y @ w)).sum()
+
+    def check(step, *args):
+        loss, grads = step(*args)
+        torch.testing.assert_close(grads[w], _torch_grad(lambda w: forward(*args, w), w), **TOL)
+
+    step = tg.compile(forward, fuse=False)
+    check(step, a, a)
+    with pytest.warns(RecompileWarning, match="input 1 is no longer the same tensor as input 0"):
+        check(step, a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both versions are cached
+        check(step, b, b)
+        check(step, b, a)
+    assert step.recordings == 2
+    step = tg.compile(forward, fuse=False)
+    check(step, a, b)
+    with pytest.warns(RecompileWarning, match="input 1 is now the same tensor as input 0"):
+        check(step, b, b)
+
+
+def test_list_and_tuple_inputs_are_specialised_to_their_items():
+    w = r(4, 3, seed=73)
+
+    def forward(xs, pair, w=w):
+        a, b = pair
+        return sum(((x @ w) ** 2).sum() for x in xs) + (a * b).sum()
+
+    step = tg.compile(forward, fuse=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fresh lists of the same shapes: one recording
+        for seed in range(3):
+            xs = [r(5, 4, seed=74 + seed), r(5, 4, seed=80 + seed)]
+            pair = (r(3, seed=90 + seed), r(3, seed=95 + seed))
+            loss, grads = step(xs, pair)
+            torch.testing.assert_close(loss, forward(xs, pair), **TOL)
+            torch.testing.assert_close(grads[w], _torch_grad(lambda w, xs=xs, p=pair: forward(xs, p, w), w), **TOL)
+    assert step.recordings == 1 and len(grads) == 1, "tensors inside the inputs are data, not parameters"
+    with pytest.warns(RecompileWarning, match=r"input 0\[1\] changed shape from \(5, 4\) to \(2, 4\)"):
+        step([xs[0], xs[1][:2]], pair)
+    with pytest.warns(RecompileWarning, match="input 0 is now a list of 1 items"):
+        step([xs[0]], pair)
+    with pytest.raises(TypeError, match="input 0 is a dict holding tensors"):
+        tg.compile(lambda batch: (batch["x"] @ w).sum(), fuse=False)({"x": xs[0]})
+
+
 # ---------------------------------------------------------------- what cannot be compiled
 
 
