@@ -15,7 +15,9 @@ engine runs, with no graph to walk, no rule lookups, no dictionaries per node.
 On the way the generator
 
 - keeps only what the loss and the parameters' gradients need (dead-gradient elimination:
-  no gradient for integer inputs, data, constants, or branches that lead to no parameter);
+  no gradient for integer inputs, data, constants, or branches that lead to no parameter),
+  and every in-place update of memory that outlives the step (a captured tensor, an input,
+  their views: ``counter.add_(1)``, BatchNorm's ``num_batches_tracked``);
 - adds a tensor's further gradient branches in place (``dh += ...``) when the first branch
   is a fresh tensor nothing else reads or shares memory with;
 - uses fused closed-form rules for cross-entropy and batchnorm chains when
@@ -25,9 +27,26 @@ On the way the generator
 
 The parameters are the floating-point tensors the forward reads without receiving them as
 arguments (its closure, globals, or objects), captured by identity: updating them in place
-(``p.data -= lr * grad``, ``p.sub_(...)``) is seen by the next call. A guard re-records
-when an input's shape, dtype or device changes, or when a name the forward reads directly
-(a global or closure variable) is rebound to another tensor, and says so once.
+(``p.data -= lr * grad``, ``p.sub_(...)``) is seen by the next call. Tensors passed as
+arguments (directly, or in lists and tuples) are data; a step that would compute no
+gradient at all (parameters passed as arguments) raises instead of returning empty grads.
+
+A guard re-records, and says why in a :class:`RecompileWarning`, when
+
+- an input's shape, dtype or device changes (item by item in a list or tuple), another
+  non-tensor input's value changes, or the inputs alias each other differently;
+- a name the forward reads directly (a global or closure variable of ``forward`` itself,
+  not of the functions it calls) is rebound to another tensor, or holds an int, float,
+  bool, str or None whose value changed (a loss weight ``beta``), or holds an
+  ``nn.Module`` one of whose (sub)modules switched between ``train()`` and ``eval()``;
+- a fused rule was derived under a fact about values (no target equals ``ignore_index``;
+  pick rows equal ``torch.arange(n)``) that the inputs or captured tensors it reads no
+  longer satisfy: that chain then keeps its atomic rules. A chain whose fact is about a
+  tensor computed inside the forward is not fused (rows made by ``torch.arange`` aside).
+
+Not guarded: attributes of objects (``self.beta``, ``cfg.lr``), values read by the functions
+the forward calls, tensors replaced (not updated in place) in an object attribute, and
+other Python state.
 
 Like any tracing compiler, it replays torch calls, not Python: control flow that depends on
 tensor values, Python side effects, and work done under ``torch.no_grad()`` inside the
@@ -155,7 +174,7 @@ class _Program:
     source: str
     layout: _Layout
     graph: Graph
-    watched: list[tuple[str, Any, str, Tensor]]  # (kind, owner, name, tensor): direct references to re-check
+    watched: _References  # what the forward reads directly (globals, closure): re-checked on every call
     first: tuple[Tensor, tuple[Tensor, ...]] | None  # the recording's own results, returned by the first call
     notes: list[str] = field(default_factory=list)
     fused: bool = False  # the backward uses closed-form rules from tensorgraph.symbolic
@@ -163,12 +182,54 @@ class _Program:
     facts: list[_FactGuard] = field(default_factory=list)  # what the fused rules assume about values
 
     def stale(self) -> str | None:
-        """Why the recorded references no longer hold (a rebound global or closure variable), or None."""
-        for kind, owner, name, tensor in self.watched:
-            current = owner.get(name) if kind == "global" else owner.cell_contents
-            if current is not tensor:
+        """Why the recorded references no longer hold (a rebound global or closure variable ...), or None."""
+        return self.watched.changed()
+
+
+_MISSING = object()
+_ATOMS = (int, float, bool, str, type(None))  # Python values a forward may read and the recording bakes in
+
+
+@dataclass
+class _References:
+    """What the forward reads directly from its globals and closure, as recorded: tensors (by identity),
+    atoms (int, float, bool, str, None: by value) and nn.Modules (their and their submodules' ``training``)."""
+
+    tensors: list[tuple[str, Any, str, Tensor]] = field(default_factory=list)  # (kind, owner, name, tensor)
+    atoms: list[tuple[str, Any, str, Any]] = field(default_factory=list)  # (kind, owner, name, value)
+    modules: list[tuple[str, list[tuple[str, Any]], tuple[bool, ...]]] = field(default_factory=list)
+
+    def changed(self) -> str | None:
+        """What changed since the recording, or None."""
+        for kind, owner, name, tensor in self.tensors:  # every call: written out for speed
+            if (owner.get(name) if kind == "global" else owner.cell_contents) is not tensor:
                 return f"{name!r} now refers to a different tensor"
+        if self.atoms or self.modules:
+            return self._changed_python()
         return None
+
+    def _changed_python(self) -> str | None:
+        for kind, owner, name, value in self.atoms:
+            current = _current(kind, owner, name)
+            if current is not value and (type(current) is not type(value) or current != value):
+                now = "is no longer defined" if current is _MISSING else f"changed from {value!r} to {current!r}"
+                return f"{name!r} {now} (the recording used its value)"
+        for name, modules, flags in self.modules:
+            for (path, module), flag in zip(modules, flags):
+                if module.training is not flag:
+                    mode = "training" if module.training else "eval"
+                    return f"{name}{'.' + path if path else ''} was switched to {mode} mode (.training is now " \
+                           f"{module.training})"
+        return None
+
+
+def _current(kind: str, owner: Any, name: str) -> Any:
+    if kind == "global":
+        return owner.get(name, _MISSING)
+    try:
+        return owner.cell_contents
+    except ValueError:  # an emptied cell
+        return _MISSING
 
 
 @dataclass
@@ -500,6 +561,8 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     traced, pairs, source, fn_name, namespace = chosen.traced, chosen.pairs, chosen.source, chosen.name, \
         chosen.namespace
     reached = [n for n, _ in pairs]
+    if params is None and not reached:
+        raise ValueError(_no_parameters(graph, root_node, inputs))
     filename = f"<tg.compile {next(_COUNTER)}: {_title(forward)}>"
     code = builtins.compile(source, filename, "exec")
     exec(code, namespace)  # noqa: S102 - running the generated code is the point
@@ -517,6 +580,20 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     no_grad = any(value_of[n].requires_grad for n in leaves)
     return _Program(fn, source, layout, graph, watched, (loss, first_grads), notes, fused=chosen.fused,
                     no_grad=no_grad, facts=facts if chosen.fused else [])
+
+
+def _no_parameters(graph: Graph, root: int, inputs: tuple) -> str:
+    """Why a step with no gradient at all is refused (an empty ``grads`` would train nothing, silently)."""
+    nodes = graph._nodes
+    places = _input_places(inputs)
+    used = sorted((places[id(nodes[n]["value"])], nodes[n]["name"]) for n in graph.ancestors(root)
+                  if nodes[n]["kind"] == "leaf" and is_float(nodes[n]) and id(nodes[n]["value"]) in places)
+    names = ", ".join(repr(name) for _, name in used)
+    found = (f"the loss depends only on tensors it receives as arguments ({names}), which are data to tg.compile"
+             if used else "the loss depends on no floating-point tensor the forward reads")
+    return (f"tg.compile: the step would compute no gradient: {found}. Gradients are computed for the tensors the "
+            f"forward closes over (its closure, globals or objects); close over the parameters, e.g. "
+            f"tg.compile(lambda X, Y: forward(W, X, Y)), or pass params=[] for a step without gradients")
 
 
 @dataclass
@@ -652,11 +729,11 @@ def _live_values(graph: Graph) -> dict[int, Tensor]:
     return live
 
 
-def _name_references(graph: Graph, watched: list[tuple[str, Any, str, Tensor]]) -> None:
+def _name_references(graph: Graph, watched: _References) -> None:
     """Leaves the recorder could not name (a global or closure variable of the forward) take that variable's name."""
     named = {n: d["name"] for n, d in enumerate(graph._nodes) if d["named"]}
     extra = {}
-    for _, _, name, tensor in watched:
+    for _, _, name, tensor in watched.tensors:
         live = graph._live.get(id(tensor))
         if live is not None and live[2] is tensor and live[0] not in named and name not in graph._names:
             extra[live[0]] = name
@@ -664,25 +741,38 @@ def _name_references(graph: Graph, watched: list[tuple[str, Any, str, Tensor]]) 
         set_names(graph, {**named, **extra})
 
 
-def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor]) -> list[tuple[str, Any, str, Tensor]]:
-    """The recorded tensors the forward names directly (globals, closure cells): the guard re-checks them."""
-    watched: list[tuple[str, Any, str, Tensor]] = []
+def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor]) -> _References:
+    """What the forward names directly (globals, closure cells) that the guard re-checks: recorded tensors,
+    Python atoms, and modules (their ``training`` flags; the object of a bound method too)."""
+    found = _References()
+    owner = getattr(forward, "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        _watch_module(found, "self", owner)
     code = getattr(forward, "__code__", None)
     if code is None:
-        return watched
+        if isinstance(forward, torch.nn.Module):
+            _watch_module(found, type(forward).__name__, forward)
+        return found
     globals_ = getattr(forward, "__globals__", {})
-    for name in code.co_names:
-        value = globals_.get(name)
-        if isinstance(value, Tensor) and id(value) in leaves:
-            watched.append(("global", globals_, name, value))
+    references = [("global", globals_, name, globals_[name]) for name in code.co_names if name in globals_]
     for name, cell in zip(code.co_freevars, getattr(forward, "__closure__", None) or ()):
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(value, Tensor) and id(value) in leaves:
-            watched.append(("cell", cell, name, value))
-    return watched
+        value = _current("cell", cell, name)
+        if value is not _MISSING:
+            references.append(("cell", cell, name, value))
+    for kind, owner, name, value in references:
+        if isinstance(value, Tensor):
+            if id(value) in leaves:
+                found.tensors.append((kind, owner, name, value))
+        elif type(value) in _ATOMS:
+            found.atoms.append((kind, owner, name, value))
+        elif isinstance(value, torch.nn.Module):
+            _watch_module(found, name, value)
+    return found
+
+
+def _watch_module(found: _References, name: str, module: torch.nn.Module) -> None:
+    modules = list(module.named_modules())
+    found.modules.append((name, modules, tuple(m.training for _, m in modules)))
 
 
 # ---------------------------------------------------------------- code generation

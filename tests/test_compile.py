@@ -576,6 +576,63 @@ def test_list_and_tuple_inputs_are_specialised_to_their_items():
         tg.compile(lambda batch: (batch["x"] @ w).sum(), fuse=False)({"x": xs[0]})
 
 
+def test_guard_on_python_numbers_the_forward_reads():
+    module = sys.modules[__name__]
+    module.BETA_GLOBAL = 1.0
+    w, x = r(4, 3, seed=100), r(5, 4, seed=101)
+    scale = 2
+
+    def forward(x, w=w):
+        return (x @ w).pow(2).sum() * BETA_GLOBAL * scale  # noqa: F821 - a module global, changed below
+
+    step = tg.compile(forward, fuse=False)
+    step(x)
+    for change, message in ((lambda: setattr(module, "BETA_GLOBAL", 0.0), "'BETA_GLOBAL' changed from 1.0 to 0.0"),
+                            (lambda: setattr(module, "BETA_GLOBAL", 0), "'BETA_GLOBAL' changed from 0.0 to 0"),
+                            (lambda: None, None)):
+        change()
+        if message:
+            with pytest.warns(RecompileWarning, match=message):
+                loss, grads = step(x)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                loss, grads = step(x)
+        torch.testing.assert_close(loss, forward(x), **TOL)
+        torch.testing.assert_close(grads[w], _torch_grad(lambda w: forward(x, w), w), **TOL)
+    del module.BETA_GLOBAL
+
+    def annealed(x, w=w):
+        return (x @ w).pow(2).sum() * weight
+
+    weight = 1.0
+    step = tg.compile(annealed, fuse=False)
+    step(x)
+    weight = 0.25  # a closure variable
+    with pytest.warns(RecompileWarning, match="'weight' changed from 1.0 to 0.25"):
+        loss, grads = step(x)
+    torch.testing.assert_close(grads[w], _torch_grad(lambda w: annealed(x, w), w), **TOL)
+
+
+def test_guard_on_train_and_eval_mode_of_modules_the_forward_reads():
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)).double()
+    x, y = r(16, 4, seed=102), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    step = tg.compile(lambda x, y: F.cross_entropy(model(x), y), fuse=False)
+    step(x, y)
+    model.eval()
+    with pytest.warns(RecompileWarning, match=r"model was switched to eval mode"):
+        loss, grads = step(x, y)
+    again, _ = step(x, y)  # no dropout: the same loss twice, as in eager
+    with torch.no_grad():
+        torch.testing.assert_close(loss, F.cross_entropy(model(x), y), **TOL)
+    torch.testing.assert_close(again, loss, **TOL)
+    model[3].train()  # one submodule
+    with pytest.warns(RecompileWarning, match=r"model\.3 was switched to training mode"):
+        step(x, y)
+
+
 # ---------------------------------------------------------------- what cannot be compiled
 
 
@@ -610,6 +667,16 @@ def test_bad_forwards_get_clear_errors():
         tg.compile(lambda x: x * w, fuse=False)(r(3, seed=27))
     with pytest.raises(NotImplementedError, match="cumprod"):
         tg.compile(lambda x: (x * w).cumprod(0).sum(), fuse=False)(r(3, seed=28))
+
+
+def test_parameters_passed_as_arguments_are_refused_not_silently_ignored():
+    w, x = r(4, 3, seed=29), r(5, 4, seed=30)
+    with pytest.raises(ValueError, match=r"no gradient: the loss depends only on tensors it receives as arguments "
+                                         r"\('W', 'X'\).*close over the parameters"):
+        tg.compile(lambda W, X: (X @ W).pow(2).sum(), fuse=False)(w, x)
+    loss, grads = tg.compile(lambda W, X: (X @ W).pow(2).sum(), params=[], fuse=False)(w, x)  # asked for none
+    torch.testing.assert_close(loss, (x @ w).pow(2).sum(), **TOL)
+    assert len(grads) == 0
 
 
 # ---------------------------------------------------------------- every op in the rule table
