@@ -75,7 +75,7 @@ from torch.overrides import TorchFunctionMode
 from . import printer
 from .engine import BackwardTrace, trace
 from .graph import Graph, Ref, identifier, is_float
-from .naming import set_names, unique_name
+from .naming import _Namer, set_names, unique_name
 from .printer import Expr
 from .record import _is_internal, _where, record
 
@@ -524,7 +524,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     live = _live_values(graph)
     value_of = {n: live.get(n, nodes[n]["value"]) for n in leaves}  # the tensors themselves, not copies
     watched = _direct_references(forward, {id(value): value for value in value_of.values()})
-    _name_references(graph, watched)
+    _name_references(graph, forward)
     for n in leaves:
         if id(value_of[n]) in rec.no_grad:
             _, where = rec.no_grad[id(value_of[n])]
@@ -729,37 +729,45 @@ def _live_values(graph: Graph) -> dict[int, Tensor]:
     return live
 
 
-def _name_references(graph: Graph, watched: _References) -> None:
-    """Leaves the recorder could not name (a global or closure variable of the forward) take that variable's name."""
+def _name_references(graph: Graph, forward: Callable[..., Any]) -> None:
+    """Leaves the recorder could not name take the names the forward reaches them by: a global or closure
+    variable (``W1``), or a path through an object it names (``model.0.weight``), as ``tg.record`` names them."""
     named = {n: d["name"] for n, d in enumerate(graph._nodes) if d["named"]}
-    extra = {}
-    for _, _, name, tensor in watched.tensors:
-        live = graph._live.get(id(tensor))
-        if live is not None and live[2] is tensor and live[0] not in named and name not in graph._names:
-            extra[live[0]] = name
-    if extra:
-        set_names(graph, {**named, **extra})
+    namer = _Namer(graph)
+    namer.named, namer.used = dict(named), set(named.values())
+    references = _read_directly(forward)
+    for _, _, name, value in references:
+        if isinstance(value, Tensor):
+            namer.offer(name, value)
+    for _, _, name, value in references:
+        if not isinstance(value, Tensor) and type(value) not in _ATOMS:
+            namer.walk(name, value, depth=3)
+    if len(namer.named) > len(named):
+        set_names(graph, namer.named)
+
+
+def _read_directly(forward: Callable[..., Any]) -> list[tuple[str, Any, str, Any]]:
+    """Every global and closure variable the forward's own code reads: (kind, owner, name, value)."""
+    code = getattr(forward, "__code__", None)
+    if code is None:
+        return []
+    globals_ = getattr(forward, "__globals__", {})
+    found = [("global", globals_, name, globals_[name]) for name in code.co_names if name in globals_]
+    for name, cell in zip(code.co_freevars, getattr(forward, "__closure__", None) or ()):
+        value = _current("cell", cell, name)
+        if value is not _MISSING:
+            found.append(("cell", cell, name, value))
+    return found
 
 
 def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor]) -> _References:
     """What the forward names directly (globals, closure cells) that the guard re-checks: recorded tensors,
-    Python atoms, and modules (their ``training`` flags; the object of a bound method too)."""
+    Python atoms, and modules (their ``training`` flags; the object of a bound method, or the forward, too)."""
     found = _References()
-    owner = getattr(forward, "__self__", None)
-    if isinstance(owner, torch.nn.Module):
-        _watch_module(found, "self", owner)
-    code = getattr(forward, "__code__", None)
-    if code is None:
-        if isinstance(forward, torch.nn.Module):
-            _watch_module(found, type(forward).__name__, forward)
-        return found
-    globals_ = getattr(forward, "__globals__", {})
-    references = [("global", globals_, name, globals_[name]) for name in code.co_names if name in globals_]
-    for name, cell in zip(code.co_freevars, getattr(forward, "__closure__", None) or ()):
-        value = _current("cell", cell, name)
-        if value is not _MISSING:
-            references.append(("cell", cell, name, value))
-    for kind, owner, name, value in references:
+    for owner in (getattr(forward, "__self__", None), forward):
+        if isinstance(owner, torch.nn.Module):
+            _watch_module(found, "self" if owner is not forward else type(owner).__name__, owner)
+    for kind, owner, name, value in _read_directly(forward):
         if isinstance(value, Tensor):
             if id(value) in leaves:
                 found.tensors.append((kind, owner, name, value))

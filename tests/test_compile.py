@@ -484,6 +484,22 @@ def test_batch_norm_module_buffers_advance_as_in_eager():
         torch.testing.assert_close(getattr(model[1], name), getattr(reference[1], name), **TOL)
 
 
+def test_parameters_are_named_through_the_objects_the_forward_reads():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    x, y = r(5, 4, seed=110), torch.tensor([0, 1, 2, 0, 1])
+    step = tg.compile(lambda x, y: F.cross_entropy(model(x), y), fuse=False)
+    loss, grads = step(x, y)
+    with tg.record() as graph:
+        expected = F.cross_entropy(model(x), y)
+    engine = graph.backward(expected)
+    assert list(grads) == [graph.name_of(p) for p in model.parameters()] == \
+        ["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[f"model.{name}"], engine[p], **TOL)
+    assert "model_0_weight" in step.source
+
+
 # ---------------------------------------------------------------- guards
 
 
