@@ -360,10 +360,24 @@ class CompiledStep:
 def _signature(inputs: tuple) -> tuple:
     """What the generated code is specialised to: each tensor input's shape, dtype, device (lists and tuples of
     them item by item); other inputs' values; and which tensor inputs are the same tensor."""
-    key = [_part(x) for x in inputs]
-    first: dict[int, int] = {}
-    key.append(("aliases", tuple(first.setdefault(id(t), i) for i, (_, t) in enumerate(_tensors(inputs)))))
+    key = []
+    ids = []
+    for x in inputs:  # every call: written out for speed
+        if isinstance(x, Tensor):
+            key.append((x.shape, x.dtype, x.device))
+            ids.append(id(x))
+        else:
+            key.append(_part(x))
+            if isinstance(x, (list, tuple)):
+                ids.extend(id(t) for _, t in _tensors(x))
+    key.append(("aliases", None if len(set(ids)) == len(ids) else _aliases(ids)))
     return tuple(key)
+
+
+def _aliases(ids: list[int]) -> tuple[int, ...]:
+    """For each tensor input (in :func:`_tensors` order), the position of the first one that is the same tensor."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(i, position) for position, i in enumerate(ids))
 
 
 def _part(x: Any) -> tuple:
@@ -398,7 +412,8 @@ def _what_changed(old: tuple | None, new: tuple, inputs: tuple) -> str:
         if a != b:
             return _difference(a, b, (index,))
     paths = [path for path, _ in _tensors(inputs)]
-    for position, (a, b) in enumerate(zip(old[-1][1], new[-1][1])):
+    distinct = tuple(range(len(paths)))
+    for position, (a, b) in enumerate(zip(old[-1][1] or distinct, new[-1][1] or distinct)):
         if a != b:
             if b != position:
                 return f"{_place(paths[position])} is now the same tensor as {_place(paths[b])}"
