@@ -519,11 +519,7 @@ def _run_recorded(recorder: record, escapes: _Escapes, run: Callable[[], Any]) -
 
 def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tensor] | None,
            fuse: bool | None, distrusted: Collection[str] = ()) -> _Program:
-    for index, x in enumerate(inputs):
-        if isinstance(x, Mapping) and next(_tensors(list(x.values())), None) is not None:
-            raise TypeError(f"tg.compile: input {index} is a {type(x).__name__} holding tensors; the compiled step "
-                            f"follows tensors passed directly or in lists and tuples, not in dicts (it would keep "
-                            f"this call's tensors): pass them as arguments, or as a list or tuple")
+    _refuse_dicts(inputs)
     rec = _record(forward, inputs)
     graph, loss = rec.graph, rec.loss
     nodes = graph._nodes
@@ -595,6 +591,17 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     no_grad = any(value_of[n].requires_grad for n in leaves)
     return _Program(fn, source, layout, graph, watched, (loss, first_grads), notes, fused=chosen.fused,
                     no_grad=no_grad, facts=facts if chosen.fused else [])
+
+
+def _refuse_dicts(inputs: Sequence[Any], prefix: tuple[int, ...] = ()) -> None:
+    """Tensors in a dict input would be captured as constants of the generated code: say so at the first call."""
+    for index, x in enumerate(inputs):
+        if isinstance(x, (list, tuple)):
+            _refuse_dicts(x, prefix + (index,))
+        elif isinstance(x, Mapping) and next(_tensors(list(x.values())), None) is not None:
+            raise TypeError(f"tg.compile: {_place(prefix + (index,))} is a {type(x).__name__} holding tensors; the "
+                            f"compiled step follows tensors passed directly or in lists and tuples, not in dicts (it "
+                            f"would keep this call's tensors): pass them as arguments, or as a list or tuple")
 
 
 def _no_parameters(graph: Graph, root: int, inputs: tuple) -> str:

@@ -590,6 +590,8 @@ def test_list_and_tuple_inputs_are_specialised_to_their_items():
         step([xs[0]], pair)
     with pytest.raises(TypeError, match="input 0 is a dict holding tensors"):
         tg.compile(lambda batch: (batch["x"] @ w).sum(), fuse=False)({"x": xs[0]})
+    with pytest.raises(TypeError, match=r"input 0\[1\] is a dict holding tensors"):
+        tg.compile(lambda batch: (batch[1]["x"] @ w).sum(), fuse=False)([xs[0], {"x": xs[0]}])
 
 
 def test_guard_on_python_numbers_the_forward_reads():
