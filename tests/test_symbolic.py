@@ -439,6 +439,25 @@ def test_functional_cross_entropy_and_batch_norm_use_the_derived_rules():
             assert (grads[tensor] - expected).abs().max() <= 1e-10
 
 
+def test_cross_entropy_with_ignored_targets_keeps_float64():
+    """The mean over the kept rows is rescaled in the gradient's dtype (an int count made the factor float32)."""
+    x, _ = _ce_inputs()
+    y = torch.tensor([0, -100, 1, -100, 3, -100, -100])  # 7/3 rounds differently in float32
+    for reduction in ("mean", "sum"):
+        calls = fused_rules.CALLS["cross_entropy"]
+        graph, _, loss = record(lambda x, y, r=reduction: F.cross_entropy(x, y, reduction=r), x, y)
+        ours = graph.backward(loss)[x]
+        assert fused_rules.CALLS["cross_entropy"] == calls + 1
+        ref = x.clone().requires_grad_()
+        want = torch.autograd.grad(F.cross_entropy(ref, y, reduction=reduction), ref)[0]
+        assert ours.dtype == D
+        assert (ours - want).abs().max() <= 1e-12 * want.abs().max()
+    kept = torch.tensor([0, 4, 1, 1, 3, 2, 0])  # nothing ignored: exactly the closed form
+    g = torch.tensor(1.0, dtype=D)
+    closed = fused_rules.cross_entropy_derivation("mean").backward(g, x, kept)[0]
+    assert torch.equal(fused_rules.cross_entropy(g, x, kept, None, -100, "mean", 0.0), closed)
+
+
 # ---------------------------------------------------------------------- the command line
 
 
