@@ -312,6 +312,25 @@ def test_more_reductions_and_elementwise_ops():
         derive(fn, _x())
 
 
+def test_the_arange_pick_negative_targets_and_scalar_parameters():
+    """x[torch.arange(n), y] (arange recorded inside the block or made before it), y < 0, 0-dim parameters."""
+    x, y = _ce_inputs()
+    rows = torch.arange(7)
+    negative = torch.tensor([0, -1, 1, -5, 3, 2, -2])  # torch counts negative class indices from the end
+    for fn, targets in ((lambda x, y: -x.log_softmax(1)[torch.arange(x.shape[0]), y].mean(), y),
+                        (lambda x, y, rows=rows: -x.log_softmax(1)[rows, y].mean(), y),
+                        (lambda x, y: -x.log_softmax(1)[range(x.shape[0]), y].mean(), negative)):
+        d = derive(fn, x, targets)  # derived, checked, fused: the fused backward equals torch autograd
+        s = d.symbols
+        softmax = sp.exp(s["x"]) / d.sum(sp.exp(s["x"]), "j")
+        assert d.prove(s["dout"] * (softmax - sp.KroneckerDelta(s["j"], s["y"])) / s["n"])
+    temperature = torch.tensor(0.7, dtype=D)
+    derive(lambda x, t: (x / t).pow(2).sum(), _x(), temperature)  # 0-dim parameter: d t is a 0-dim gradient
+    mask = (torch.rand(6, 5, generator=_gen(4)) > 0.3).to(D)
+    derive(lambda x, m: (x**2 * m).sum() / m.sum(), _x(), mask)  # a masked mean
+    derive(lambda t, x: (x / t).pow(2).sum(), temperature, _x())  # a 0-dim input
+
+
 def test_constants_are_lifted_to_sizes_only_when_unambiguous():
     d = derive(lambda x: x.sum(0, keepdim=True) / x.shape[0] * 0.5, _x())
     assert d.symbols["n"] in d.grad("x").free_symbols
@@ -358,6 +377,47 @@ def test_auto_fuse_finds_both_chains(lecture):
         assert (grads[name] - atomic[name]).abs().max() <= 1e-9, name
 
 
+def _ordinary_graphs():
+    """Forward passes of everyday models (a dropout mask, running statistics, 0-dim tensors, an arange pick)."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(5, 4, dtype=D), torch.randint(0, 3, (5,))
+    mask, temperature = (torch.rand(5, 3) > 0.3).to(D), torch.tensor(0.7, dtype=D)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3)).double()
+    return model, {
+        "batchnorm module": lambda W: F.cross_entropy(model(X @ W @ W.T), Y),
+        "dropout": lambda W: F.dropout(X @ W, 0.5, training=True).pow(2).sum(),
+        "detached scale": lambda W: ((X @ W) / (X @ W).std().detach()).pow(2).sum(),
+        "arange pick": lambda W: -(X @ W).log_softmax(1)[torch.arange(5), Y].mean(),
+        "masked mean": lambda W: (((X @ W) - 1) ** 2 * mask).sum() / mask.sum(),
+        "temperature": lambda W: F.cross_entropy((X @ W) / temperature, Y),
+        "sum of losses": lambda W: sum([F.cross_entropy(X @ W, Y), ((X @ W) ** 2).mean()]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_ordinary_graphs()[1]))
+def test_auto_fuse_on_ordinary_graphs(case):
+    model, forwards = _ordinary_graphs()
+    forward = forwards[case]
+    W = torch.randn(4, 3, dtype=D, generator=_gen(13))
+    torch.manual_seed(1)  # the same dropout mask in the recording and in the reference
+    with tg.record() as graph:
+        loss = forward(W)
+    buffers = [b.clone() for b in model.buffers()]
+    assert symbolic.find_fusable(graph, loss)
+    fused = symbolic.auto_fuse(graph, loss)
+    assert any(data["op"] == "fused" for data in fused._nodes)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # the check replays on copies
+    grads = fused.backward(loss)  # before the reference's forward updates the running statistics
+    leaves = [W, *model.parameters()]
+    reference = W.clone().requires_grad_()
+    torch.manual_seed(1)
+    want = torch.autograd.grad(forward(reference), [reference, *model.parameters()], allow_unused=True)
+    for tensor, expected in zip(leaves, want):
+        if expected is not None:
+            assert (grads[tensor] - expected).abs().max() <= 1e-10 * max(1.0, float(expected.abs().max()))
+
+
 # ---------------------------------------------------------------------- errors and the safety net
 
 
@@ -379,6 +439,33 @@ def test_unsupported_subgraphs_name_the_node(lecture):
         y = x - x.sum(1)  # keepdim=True forgotten: lines row sums up with columns
     with pytest.raises(SymbolicError, match="keepdim=True missing"):
         symbolic.derive(g, output=y, wrt=x)
+
+
+def test_bad_arguments_say_what_is_accepted(lecture):
+    graph, loss, _ = lecture
+    with pytest.raises(SymbolicError, match=r"the output must be a tensor recorded in this graph, its name or its "
+                                            r"node id; there is no node 999 \(its node ids run from 0 to \d+\)"):
+        symbolic.derive(graph, output=999, wrt="logits")
+    with pytest.raises(SymbolicError, match=r"the wrt must be a tensor .*; got None$"):
+        symbolic.derive(graph, output=loss, wrt=None)
+    with pytest.raises(SymbolicError, match=r"the input must be a tensor .*; got 0.5 \(a float\)"):
+        graph.fuse(loss, [0.5])
+
+
+def test_an_unforeseen_failure_is_refused_by_name(monkeypatch):
+    """An internal error while deriving becomes a SymbolicError naming the chain; auto_fuse skips that chain."""
+    def broken(*args):
+        raise KeyError(3)
+
+    monkeypatch.setattr(symbolic.fusion, "verify", broken)
+    with tg.record() as graph:
+        x = _x(3, 4)
+        y = (x.exp() * 2.5).sum()
+    with pytest.raises(SymbolicError, match=r"could not derive 'y' \(sum at .*test_symbolic.py:\d+\) with respect "
+                                            r"to 'x' .*KeyError: 3"):
+        symbolic.derive(graph, output=y, wrt=x)
+    assert symbolic.find_fusable(graph, y) == []
+    assert not any(data["op"] == "fused" for data in symbolic.auto_fuse(graph, y)._nodes)
 
 
 def test_a_tensor_used_outside_the_chain_is_not_fused_away():

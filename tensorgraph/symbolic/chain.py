@@ -64,6 +64,7 @@ class SNode:
     code: Callable[[Callable[[SNode], str], Callable[[Any], int]], str] | None = None  # composite ops
     ident: str = ""
     named: bool = True  # a user's variable name (or a lowered step of one), not an op-based name like sum_3
+    from_end: bool = False  # class indices of x[rows, targets]: a negative one counts from the end, as in torch
 
     def __repr__(self) -> str:
         return f"<SNode {self.name} {self.op} {self.axes}>"
@@ -198,8 +199,11 @@ class Lowering:
         if output is None:
             raise SymbolicError(f"the output {where(self.nodes_data[self.output_id])} is not a floating-point "
                                 f"result of the chain")
+        fused = [n for n in self.members[1:] if n in self.by_graph and self.by_graph[n].kind == "op"]
+        for node in fused:
+            for source in self.nodes_data[node]["inputs"]:
+                self._param(source)  # read by the recorded call (rows of a pick, running stats): the replay needs it
         self._finish()
-        fused = [n for n in self.members[1:] if n in self.by_graph]
         return Chain(self.graph, self.space, self.nodes, x, output, self.params, fused, self.ties)
 
     def _unsupported_message(self, data: dict[str, Any]) -> str:
@@ -442,8 +446,9 @@ class Lowering:
         space = self.space
         order = [axis.index for axis in space.axes]
         for node in self.nodes:
-            if node.kind == "param" and node.axes is None:  # only used where it needs no axes (an index)
-                node.axes = ()
+            if node.kind == "param" and node.axes is None:  # read by a call, in no formula: no gradient
+                node.differentiable = False
+                self._settle_param(node, ())
             indices = [a for a in (node.axes or ()) if a is not None]
             if indices != sorted(indices, key=order.index):
                 raise SymbolicError(f"{node.where}: its dimensions come in another order than the input's "
@@ -644,7 +649,9 @@ def lower_getitem(self: Lowering, data: dict[str, Any]) -> SNode:
     row_axis, class_axis = operand.axes
     if row_axis is None or class_axis is None:
         raise SymbolicError(f"{where(data)}: picking from a tensor with a size-1 dimension has no symbolic form")
-    return _pick(self, data, data["name"], operand, targets.node, row_axis, class_axis)
+    picked = _pick(self, data, data["name"], operand, targets.node, row_axis, class_axis)
+    self.by_graph[targets.node].from_end = True
+    return picked
 
 
 def lower_gather(self: Lowering, data: dict[str, Any]) -> SNode:

@@ -321,9 +321,10 @@ class CodeWriter:
         body += self._sizes(inputs)
         for node in inputs:
             if node.axes and node.differentiable and self._needs_reshape(node) and node.sym in self._used_symbols():
-                body.append(f"{self.names[node.sym]} = {self.names[node.sym]}.reshape{self.layout(node.axes)}")
+                name = self.names[node.sym]
+                body.append(f"{name} = {name}{_sized('reshape', self.layout(node.axes))}")
         if self._needs_reshape(chain.output):
-            body.append(f"{out_grad} = {out_grad}.reshape{self.layout(chain.output.axes)}")
+            body.append(f"{out_grad} = {out_grad}{_sized('reshape', self.layout(chain.output.axes))}")
         tensors = {n.sym for n in chain.nodes} | {n.gsym for n in chain.nodes} | set(self.backprop.special)
         printer = TorchPrinter(self.names, self.dims, tensors)
         body += self._specials(printer, targets=True)
@@ -343,12 +344,12 @@ class CodeWriter:
             else:
                 body.append(f"{target} = {printer.doprint(expr)}")
                 if self.space.axes_of(expr) != frozenset(a for a in node.axes if a is not None):
-                    body.append(f"{target} = {target}.expand{self.layout(node.axes)}")
+                    body.append(f"{target} = {target}{_sized('expand', self.layout(node.axes))}")
             if self._needs_reshape(node):
                 shape = "(" + ", ".join(str(s) if a is None else self.names[self.space.axis(a).size]
                                         for s, a in zip(node.shape, node.axes)) + ("," if len(node.shape) == 1
                                                                                    else "") + ")"
-                body.append(f"{target} = {target}.reshape{shape}")
+                body.append(f"{target} = {target}{_sized('reshape', shape)}")
             results.append(target)
         body.append(f"return ({', '.join(results)}{',' if len(results) == 1 else ''})")
         doc = (f'    """Gradients of {chain.output.name} with respect to {", ".join(n.name for n in inputs)} '
@@ -414,6 +415,7 @@ class CodeWriter:
         """One-hot tensors of the targets (before the recomputation, which may pick with them), then the
         argmax indicators and tie masks the gradients mention (after it: they read recomputed tensors)."""
         lines = []
+        from_end = {node.sym for node in self.chain.nodes if node.from_end}
         deltas: set[sp.Basic] = set()
         for expr in list(self.forms.values()) + [n.local for n in self._needed()]:
             deltas |= expr.atoms(sp.KroneckerDelta)
@@ -434,8 +436,11 @@ class CodeWriter:
                 source = self.names[other]
                 name = self.name(f"onehot_{source}")
                 both = self.layout(target_axes | {axis})
+                index = f"{source}{_sized('reshape', layout)}"
+                if other in from_end:  # x[rows, -1] is the last class, as torch reads it
+                    index += f" % {self.names[self.space.axis(axis).size]}"
                 lines.append(f"{name} = torch.zeros({both}, dtype={self.names[self.chain.output.gsym]}.dtype, "
-                             f"device={source}.device).scatter({dim}, {source}.reshape{layout}, 1.0)")
+                             f"device={source}.device).scatter({dim}, {index}, 1.0)")
             self.names[delta] = name
         for symbol, (kind, body, axis) in self.backprop.special.items():
             if targets or kind != "tie" or not any(symbol in e.free_symbols for e in self.forms.values()):
@@ -447,6 +452,11 @@ class CodeWriter:
             lines.append(f"{name} = {name} / {name}.sum({dim}, keepdim=True)")
             self.names[symbol] = name
         return lines
+
+
+def _sized(method: str, shape: str) -> str:
+    """``.reshape(n, 1)``; an empty shape goes as a tuple (``.reshape(())``: a bare ``.reshape()`` is an error)."""
+    return f".{method}{shape}" if shape != "()" else f".{method}(())"
 
 
 _COMPILED = 0
