@@ -342,6 +342,33 @@ def test_constants_are_lifted_to_sizes_only_when_unambiguous():
     assert d.symbols["n"] not in d.grad("x").free_symbols
 
 
+def test_a_constant_equal_to_a_size_is_that_size_only_at_the_recorded_shapes():
+    """4.0 with 5 columns reads as n_j - 1: exact at the recorded shapes, refused (not wrong) at others."""
+    def fn(x):
+        s = x.sum(1)
+        scaled = s * 4.0  # a plain number that happens to equal n_j - 1
+        return scaled.pow(2).sum()
+
+    x, wider, g = _x(6, 5), _x(6, 9), torch.tensor(1.0, dtype=D)
+    d = derive(fn, x)  # at the recorded shapes the fused backward equals torch autograd
+    assert "the constant 4.0 is n_j - 1" in d.steps
+    with pytest.raises(SymbolicError, match=r"read the constant 4.0 at 'scaled' \(mul at .*test_symbolic.py:\d+\) "
+                                            r"as n_j - 1; with shapes \[\(6, 9\)\]"):
+        d.backward(g, wider)
+    reference = x.clone().requires_grad_()
+    want = torch.autograd.grad(fn(reference), reference)[0]
+    assert (d.backward(g, x)[0] - want).abs().max() <= 1e-12 * want.abs().max()
+    s = d.symbols
+    proof = d.prove(2 * s["dout"] * 16 * s["s"])  # true for this forward, but not with n_j symbolic
+    assert not proof and "holds at the recorded sizes (n = 6, n_j = 5) only" in str(proof)
+    assert not d.prove(2 * s["dout"] * 9 * s["s"]).note  # a wrong formula gets no such note
+
+    plain = derive(lambda x: x.sum(1).pow(2).sum(), x)  # nothing lifted: the code runs at any shape
+    reference = wider.clone().requires_grad_()
+    want = torch.autograd.grad(reference.sum(1).pow(2).sum(), reference)[0]
+    assert (plain.backward(g, wider)[0] - want).abs().max() <= 1e-12 * want.abs().max()
+
+
 # ---------------------------------------------------------------------- fuse and auto_fuse on the lecture
 
 

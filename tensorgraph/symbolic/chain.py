@@ -11,7 +11,9 @@ derivation reads like the hand-written chain.
 Every scalar of the recording is a number: ``1/n`` arrives as ``0.03125``. A scalar that
 multiplies (or divides) the result of a reduction over an axis is lifted back to that
 axis' size when it equals exactly one of n, 1/n, n-1, 1/(n-1) (see :meth:`Lowering.number`);
-an ambiguous one stays a number and the derivation says so.
+an ambiguous one stays a number and the derivation says so. A number typed in the code that
+happens to equal a size is lifted too (nothing tells them apart): ``Chain.lifted`` lists every
+lifted constant, and the derivation's backward then refuses inputs of other shapes.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class Chain:
     params: list[SNode]
     members: list[int]  # recorded node ids fused away (input excluded, parameters excluded)
     ties: dict[tuple, str] = field(default_factory=dict)  # (max body, axis) -> "first" | "split"
+    lifted: list[str] = field(default_factory=list)  # "the constant 4.0 at 'y' (mul at f.py:3) as n_j - 1"
 
     def node(self, name: str) -> SNode:
         for node in self.nodes:
@@ -173,6 +176,7 @@ class Lowering:
         self.names: set[str] = set()
         self.labels: set[str] = set()
         self.notes_for_next: list[str] = []
+        self.lifted: list[str] = []
 
     # ------------------------------------------------------------------ driver
 
@@ -204,7 +208,7 @@ class Lowering:
             for source in self.nodes_data[node]["inputs"]:
                 self._param(source)  # read by the recorded call (rows of a pick, running stats): the replay needs it
         self._finish()
-        return Chain(self.graph, self.space, self.nodes, x, output, self.params, fused, self.ties)
+        return Chain(self.graph, self.space, self.nodes, x, output, self.params, fused, self.ties, self.lifted)
 
     def _unsupported_message(self, data: dict[str, Any]) -> str:
         op = data["op"]
@@ -376,6 +380,8 @@ class Lowering:
                         if sign * candidate not in matches:
                             matches.append(sign * candidate)
         if len(matches) == 1:
+            if data is not None:
+                self.lifted.append(f"the constant {value!r} at {where(data)} as {_plain(matches[0])}")
             return matches[0]
         if len(matches) > 1 and data is not None:
             self.notes_for_next.append(f"the constant {value!r} could be {' or '.join(map(str, matches))}: kept "

@@ -31,7 +31,7 @@ import torch
 
 from ..naming import unique_name
 from .algebra import AxisMax, AxisSum, Space, invert, maximal_atoms
-from .chain import Chain, SNode
+from .chain import Chain, SNode, SymbolicError
 from .printing import TorchPrinter, latex_name, to_latex
 
 _LONG = 400  # expressions with more operations than this are summarised in the steps
@@ -526,7 +526,20 @@ class Derivation:
         """
         derived = self.grad(wrt or self.wrt)
         holds, difference = self.chain.space.equal(derived, self.value(other))
-        return Proof(holds, difference)
+        return Proof(holds, difference, "" if holds else self._at_recorded_sizes(difference))
+
+    def _at_recorded_sizes(self, difference: sp.Expr) -> str:
+        """When a lifted constant is why a proof fails: say that it holds at the recorded sizes."""
+        space = self.chain.space
+        if not self.chain.lifted:
+            return ""
+        sizes = {axis.size: axis.value for axis in space.axes}
+        rest = space.canon(difference.xreplace(sizes)).xreplace(sizes)
+        if sp.cancel(sp.together(rest)) != 0:
+            return ""
+        recorded = ", ".join(f"{size} = {value}" for size, value in sizes.items())
+        lifted = "; ".join(self.chain.lifted)
+        return f"it holds at the recorded sizes ({recorded}) only: the derivation read {lifted}, which scales with size"
 
     def __str__(self) -> str:
         return f"d{self.output}/d{self.wrt} = {self.textbook}"
@@ -544,12 +557,15 @@ class Proof:
 
     holds: bool
     difference: sp.Expr
+    note: str = ""  # why a formula that holds at the recorded sizes fails for symbolic ones (a lifted constant)
 
     def __bool__(self) -> bool:
         return self.holds
 
     def __str__(self) -> str:
-        return "proved: the difference simplifies to 0" if self.holds else f"not equal: difference {self.difference}"
+        if self.holds:
+            return "proved: the difference simplifies to 0"
+        return f"not equal: difference {self.difference}" + (f"; {self.note}" if self.note else "")
 
 
 # ---------------------------------------------------------------------- putting it together
@@ -578,13 +594,32 @@ def build(chain: Chain) -> Derivation:
     symbols = symbol_table(chain)
     derivation = Derivation(
         output=chain.output.name, wrt=x.name, expr=expr, textbook=textbook, latex=latex, steps="",
-        source=code.source, backward=code.function, gradients={n.name: forms[n] for n in targets}, symbols=symbols,
+        source=code.source, backward=at_recorded_shapes(code.function, chain) if chain.lifted else code.function,
+        gradients={n.name: forms[n] for n in targets}, symbols=symbols,
         seconds=0.0, chain=chain, backprop=backprop, rewrites=rewrites)
     from .steps import write_steps
 
     derivation.steps = write_steps(derivation, names)
     derivation.seconds = time.perf_counter() - start
     return derivation
+
+
+def at_recorded_shapes(function: Callable[..., tuple], chain: Chain) -> Callable[..., tuple]:
+    """The compiled backward, refusing inputs of other shapes: a constant lifted to a size (``4.0`` read as
+    ``n_j - 1``) is known to be that size only at the recorded shapes; elsewhere it may be a plain number."""
+    shapes = [tuple(node.shape) for node in [chain.input] + chain.params]
+
+    def backward(doutput: Any, *tensors: Any) -> tuple:
+        given = [tuple(tensor.shape) for tensor in tensors]
+        if given != shapes:
+            raise SymbolicError(
+                f"d{chain.output.name}/d{chain.input.name} was derived for inputs of shapes {shapes}, where it read "
+                f"{'; '.join(chain.lifted)}; with shapes {given} its closed form would scale that constant with the "
+                f"size, which is wrong if it is a number typed in the code: record the forward at these sizes and "
+                f"derive again")
+        return function(doutput, *tensors)
+
+    return backward
 
 
 def symbol_table(chain: Chain) -> dict[str, sp.Basic]:
