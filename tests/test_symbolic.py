@@ -445,6 +445,22 @@ def test_auto_fuse_on_ordinary_graphs(case):
             assert (grads[tensor] - expected).abs().max() <= 1e-10 * max(1.0, float(expected.abs().max()))
 
 
+def test_constants_and_running_statistics_take_no_gradient():
+    x, w = _x(), torch.randn(5, 5, dtype=D, generator=_gen(14))
+    model = torch.nn.BatchNorm1d(5).double()
+    torch.manual_seed(2)
+    with tg.record() as graph:
+        h = x @ w
+        loss = (model(F.dropout(h, 0.5, training=True)) / h.std().detach()).pow(2).sum()
+    d = symbolic.derive(graph, output=loss, wrt=h)
+    params = [p.name for p in d.chain.params]
+    assert {"dropout_mask_1", "detach_1", "model.running_mean", "model.running_var", "model.weight"} <= set(params)
+    assert set(d.gradients) == {"h", "model.weight", "model.bias"}
+    grads = d.backward(torch.tensor(1.0, dtype=D), *[graph.node(n)["value"] for n in ["h", *params]])
+    assert [name for name, grad in zip(["h", *params], grads) if grad is not None] == ["h", "model.weight",
+                                                                                        "model.bias"]
+
+
 # ---------------------------------------------------------------------- errors and the safety net
 
 

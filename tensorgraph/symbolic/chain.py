@@ -281,7 +281,8 @@ class Lowering:
         data = self.nodes_data[node]
         param = SNode(name=self._unique(data["name"]), kind="param", op=data["op"], shape=tuple(data["shape"]),
                       dtype=data["dtype"], axes=(), source=data.get("source") or "", graph_node=node)
-        param.differentiable = data["dtype"].is_floating_point
+        # a constant (a dropout mask, a detached tensor) takes no gradient, as in torch
+        param.differentiable = data["dtype"].is_floating_point and data["kind"] != "constant"
         param.axes = None  # type: ignore[assignment]  (assigned at first use)
         self.by_graph[node] = param
         self.params.append(param)

@@ -353,7 +353,7 @@ class CodeWriter:
             results.append(target)
         body.append(f"return ({', '.join(results)}{',' if len(results) == 1 else ''})")
         doc = (f'    """Gradients of {chain.output.name} with respect to {", ".join(n.name for n in inputs)} '
-               f'(None for integer tensors), derived by tensorgraph.symbolic."""')
+               f'(None for those without one), derived by tensorgraph.symbolic."""')
         source = "\n".join([f"def {function_name}({', '.join(args)}):", doc] + ["    " + line for line in body]) + "\n"
         return Code(source, compile_source(source, function_name), function_name)
 
