@@ -312,6 +312,25 @@ def test_more_reductions_and_elementwise_ops():
         derive(fn, _x())
 
 
+def test_the_arange_pick_negative_targets_and_scalar_parameters():
+    """x[torch.arange(n), y] (arange recorded inside the block or made before it), y < 0, 0-dim parameters."""
+    x, y = _ce_inputs()
+    rows = torch.arange(7)
+    negative = torch.tensor([0, -1, 1, -5, 3, 2, -2])  # torch counts negative class indices from the end
+    for fn, targets in ((lambda x, y: -x.log_softmax(1)[torch.arange(x.shape[0]), y].mean(), y),
+                        (lambda x, y, rows=rows: -x.log_softmax(1)[rows, y].mean(), y),
+                        (lambda x, y: -x.log_softmax(1)[range(x.shape[0]), y].mean(), negative)):
+        d = derive(fn, x, targets)  # derived, checked, fused: the fused backward equals torch autograd
+        s = d.symbols
+        softmax = sp.exp(s["x"]) / d.sum(sp.exp(s["x"]), "j")
+        assert d.prove(s["dout"] * (softmax - sp.KroneckerDelta(s["j"], s["y"])) / s["n"])
+    temperature = torch.tensor(0.7, dtype=D)
+    derive(lambda x, t: (x / t).pow(2).sum(), _x(), temperature)  # 0-dim parameter: d t is a 0-dim gradient
+    mask = (torch.rand(6, 5, generator=_gen(4)) > 0.3).to(D)
+    derive(lambda x, m: (x**2 * m).sum() / m.sum(), _x(), mask)  # a masked mean
+    derive(lambda t, x: (x / t).pow(2).sum(), temperature, _x())  # a 0-dim input
+
+
 def test_constants_are_lifted_to_sizes_only_when_unambiguous():
     d = derive(lambda x: x.sum(0, keepdim=True) / x.shape[0] * 0.5, _x())
     assert d.symbols["n"] in d.grad("x").free_symbols
@@ -321,6 +340,33 @@ def test_constants_are_lifted_to_sizes_only_when_unambiguous():
         y = 1.0 * x.sum(0, keepdim=True)
     d = symbolic.derive(graph, output=y, wrt=x)
     assert d.symbols["n"] not in d.grad("x").free_symbols
+
+
+def test_a_constant_equal_to_a_size_is_that_size_only_at_the_recorded_shapes():
+    """4.0 with 5 columns reads as n_j - 1: exact at the recorded shapes, refused (not wrong) at others."""
+    def fn(x):
+        s = x.sum(1)
+        scaled = s * 4.0  # a plain number that happens to equal n_j - 1
+        return scaled.pow(2).sum()
+
+    x, wider, g = _x(6, 5), _x(6, 9), torch.tensor(1.0, dtype=D)
+    d = derive(fn, x)  # at the recorded shapes the fused backward equals torch autograd
+    assert "the constant 4.0 is n_j - 1" in d.steps
+    with pytest.raises(SymbolicError, match=r"read the constant 4.0 at 'scaled' \(mul at .*test_symbolic.py:\d+\) "
+                                            r"as n_j - 1; with shapes \[\(6, 9\)\]"):
+        d.backward(g, wider)
+    reference = x.clone().requires_grad_()
+    want = torch.autograd.grad(fn(reference), reference)[0]
+    assert (d.backward(g, x)[0] - want).abs().max() <= 1e-12 * want.abs().max()
+    s = d.symbols
+    proof = d.prove(2 * s["dout"] * 16 * s["s"])  # true for this forward, but not with n_j symbolic
+    assert not proof and "holds at the recorded sizes (n = 6, n_j = 5) only" in str(proof)
+    assert not d.prove(2 * s["dout"] * 9 * s["s"]).note  # a wrong formula gets no such note
+
+    plain = derive(lambda x: x.sum(1).pow(2).sum(), x)  # nothing lifted: the code runs at any shape
+    reference = wider.clone().requires_grad_()
+    want = torch.autograd.grad(reference.sum(1).pow(2).sum(), reference)[0]
+    assert (plain.backward(g, wider)[0] - want).abs().max() <= 1e-12 * want.abs().max()
 
 
 # ---------------------------------------------------------------------- fuse and auto_fuse on the lecture
@@ -358,6 +404,63 @@ def test_auto_fuse_finds_both_chains(lecture):
         assert (grads[name] - atomic[name]).abs().max() <= 1e-9, name
 
 
+def _ordinary_graphs():
+    """Forward passes of everyday models (a dropout mask, running statistics, 0-dim tensors, an arange pick)."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(5, 4, dtype=D), torch.randint(0, 3, (5,))
+    mask, temperature = (torch.rand(5, 3) > 0.3).to(D), torch.tensor(0.7, dtype=D)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3)).double()
+    return model, {
+        "batchnorm module": lambda W: F.cross_entropy(model(X @ W @ W.T), Y),
+        "dropout": lambda W: F.dropout(X @ W, 0.5, training=True).pow(2).sum(),
+        "detached scale": lambda W: ((X @ W) / (X @ W).std().detach()).pow(2).sum(),
+        "arange pick": lambda W: -(X @ W).log_softmax(1)[torch.arange(5), Y].mean(),
+        "masked mean": lambda W: (((X @ W) - 1) ** 2 * mask).sum() / mask.sum(),
+        "temperature": lambda W: F.cross_entropy((X @ W) / temperature, Y),
+        "sum of losses": lambda W: sum([F.cross_entropy(X @ W, Y), ((X @ W) ** 2).mean()]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_ordinary_graphs()[1]))
+def test_auto_fuse_on_ordinary_graphs(case):
+    model, forwards = _ordinary_graphs()
+    forward = forwards[case]
+    W = torch.randn(4, 3, dtype=D, generator=_gen(13))
+    torch.manual_seed(1)  # the same dropout mask in the recording and in the reference
+    with tg.record() as graph:
+        loss = forward(W)
+    buffers = [b.clone() for b in model.buffers()]
+    assert symbolic.find_fusable(graph, loss)
+    fused = symbolic.auto_fuse(graph, loss)
+    assert any(data["op"] == "fused" for data in fused._nodes)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # the check replays on copies
+    grads = fused.backward(loss)  # before the reference's forward updates the running statistics
+    leaves = [W, *model.parameters()]
+    reference = W.clone().requires_grad_()
+    torch.manual_seed(1)
+    want = torch.autograd.grad(forward(reference), [reference, *model.parameters()], allow_unused=True)
+    for tensor, expected in zip(leaves, want):
+        if expected is not None:
+            assert (grads[tensor] - expected).abs().max() <= 1e-10 * max(1.0, float(expected.abs().max()))
+
+
+def test_constants_and_running_statistics_take_no_gradient():
+    x, w = _x(), torch.randn(5, 5, dtype=D, generator=_gen(14))
+    model = torch.nn.BatchNorm1d(5).double()
+    torch.manual_seed(2)
+    with tg.record() as graph:
+        h = x @ w
+        loss = (model(F.dropout(h, 0.5, training=True)) / h.std().detach()).pow(2).sum()
+    d = symbolic.derive(graph, output=loss, wrt=h)
+    params = [p.name for p in d.chain.params]
+    assert {"dropout_mask_1", "detach_1", "model.running_mean", "model.running_var", "model.weight"} <= set(params)
+    assert set(d.gradients) == {"h", "model.weight", "model.bias"}
+    grads = d.backward(torch.tensor(1.0, dtype=D), *[graph.node(n)["value"] for n in ["h", *params]])
+    assert [name for name, grad in zip(["h", *params], grads) if grad is not None] == ["h", "model.weight",
+                                                                                        "model.bias"]
+
+
 # ---------------------------------------------------------------------- errors and the safety net
 
 
@@ -379,6 +482,33 @@ def test_unsupported_subgraphs_name_the_node(lecture):
         y = x - x.sum(1)  # keepdim=True forgotten: lines row sums up with columns
     with pytest.raises(SymbolicError, match="keepdim=True missing"):
         symbolic.derive(g, output=y, wrt=x)
+
+
+def test_bad_arguments_say_what_is_accepted(lecture):
+    graph, loss, _ = lecture
+    with pytest.raises(SymbolicError, match=r"the output must be a tensor recorded in this graph, its name or its "
+                                            r"node id; there is no node 999 \(its node ids run from 0 to \d+\)"):
+        symbolic.derive(graph, output=999, wrt="logits")
+    with pytest.raises(SymbolicError, match=r"the wrt must be a tensor .*; got None$"):
+        symbolic.derive(graph, output=loss, wrt=None)
+    with pytest.raises(SymbolicError, match=r"the input must be a tensor .*; got 0.5 \(a float\)"):
+        graph.fuse(loss, [0.5])
+
+
+def test_an_unforeseen_failure_is_refused_by_name(monkeypatch):
+    """An internal error while deriving becomes a SymbolicError naming the chain; auto_fuse skips that chain."""
+    def broken(*args):
+        raise KeyError(3)
+
+    monkeypatch.setattr(symbolic.fusion, "verify", broken)
+    with tg.record() as graph:
+        x = _x(3, 4)
+        y = (x.exp() * 2.5).sum()
+    with pytest.raises(SymbolicError, match=r"could not derive 'y' \(sum at .*test_symbolic.py:\d+\) with respect "
+                                            r"to 'x' .*KeyError: 3"):
+        symbolic.derive(graph, output=y, wrt=x)
+    assert symbolic.find_fusable(graph, y) == []
+    assert not any(data["op"] == "fused" for data in symbolic.auto_fuse(graph, y)._nodes)
 
 
 def test_a_tensor_used_outside_the_chain_is_not_fused_away():
@@ -437,6 +567,25 @@ def test_functional_cross_entropy_and_batch_norm_use_the_derived_rules():
         want = torch.autograd.grad((out * weight).sum(), leaves)
         for tensor, expected in zip((h, w, b), want):
             assert (grads[tensor] - expected).abs().max() <= 1e-10
+
+
+def test_cross_entropy_with_ignored_targets_keeps_float64():
+    """The mean over the kept rows is rescaled in the gradient's dtype (an int count made the factor float32)."""
+    x, _ = _ce_inputs()
+    y = torch.tensor([0, -100, 1, -100, 3, -100, -100])  # 7/3 rounds differently in float32
+    for reduction in ("mean", "sum"):
+        calls = fused_rules.CALLS["cross_entropy"]
+        graph, _, loss = record(lambda x, y, r=reduction: F.cross_entropy(x, y, reduction=r), x, y)
+        ours = graph.backward(loss)[x]
+        assert fused_rules.CALLS["cross_entropy"] == calls + 1
+        ref = x.clone().requires_grad_()
+        want = torch.autograd.grad(F.cross_entropy(ref, y, reduction=reduction), ref)[0]
+        assert ours.dtype == D
+        assert (ours - want).abs().max() <= 1e-12 * want.abs().max()
+    kept = torch.tensor([0, 4, 1, 1, 3, 2, 0])  # nothing ignored: exactly the closed form
+    g = torch.tensor(1.0, dtype=D)
+    closed = fused_rules.cross_entropy_derivation("mean").backward(g, x, kept)[0]
+    assert torch.equal(fused_rules.cross_entropy(g, x, kept, None, -100, "mean", 0.0), closed)
 
 
 # ---------------------------------------------------------------------- the command line

@@ -11,7 +11,9 @@ derivation reads like the hand-written chain.
 Every scalar of the recording is a number: ``1/n`` arrives as ``0.03125``. A scalar that
 multiplies (or divides) the result of a reduction over an axis is lifted back to that
 axis' size when it equals exactly one of n, 1/n, n-1, 1/(n-1) (see :meth:`Lowering.number`);
-an ambiguous one stays a number and the derivation says so.
+an ambiguous one stays a number and the derivation says so. A number typed in the code that
+happens to equal a size is lifted too (nothing tells them apart): ``Chain.lifted`` lists every
+lifted constant, and the derivation's backward then refuses inputs of other shapes.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class SNode:
     code: Callable[[Callable[[SNode], str], Callable[[Any], int]], str] | None = None  # composite ops
     ident: str = ""
     named: bool = True  # a user's variable name (or a lowered step of one), not an op-based name like sum_3
+    from_end: bool = False  # class indices of x[rows, targets]: a negative one counts from the end, as in torch
 
     def __repr__(self) -> str:
         return f"<SNode {self.name} {self.op} {self.axes}>"
@@ -85,6 +88,7 @@ class Chain:
     params: list[SNode]
     members: list[int]  # recorded node ids fused away (input excluded, parameters excluded)
     ties: dict[tuple, str] = field(default_factory=dict)  # (max body, axis) -> "first" | "split"
+    lifted: list[str] = field(default_factory=list)  # "the constant 4.0 at 'y' (mul at f.py:3) as n_j - 1"
 
     def node(self, name: str) -> SNode:
         for node in self.nodes:
@@ -172,6 +176,7 @@ class Lowering:
         self.names: set[str] = set()
         self.labels: set[str] = set()
         self.notes_for_next: list[str] = []
+        self.lifted: list[str] = []
 
     # ------------------------------------------------------------------ driver
 
@@ -198,9 +203,12 @@ class Lowering:
         if output is None:
             raise SymbolicError(f"the output {where(self.nodes_data[self.output_id])} is not a floating-point "
                                 f"result of the chain")
+        fused = [n for n in self.members[1:] if n in self.by_graph and self.by_graph[n].kind == "op"]
+        for node in fused:
+            for source in self.nodes_data[node]["inputs"]:
+                self._param(source)  # read by the recorded call (rows of a pick, running stats): the replay needs it
         self._finish()
-        fused = [n for n in self.members[1:] if n in self.by_graph]
-        return Chain(self.graph, self.space, self.nodes, x, output, self.params, fused, self.ties)
+        return Chain(self.graph, self.space, self.nodes, x, output, self.params, fused, self.ties, self.lifted)
 
     def _unsupported_message(self, data: dict[str, Any]) -> str:
         op = data["op"]
@@ -273,7 +281,8 @@ class Lowering:
         data = self.nodes_data[node]
         param = SNode(name=self._unique(data["name"]), kind="param", op=data["op"], shape=tuple(data["shape"]),
                       dtype=data["dtype"], axes=(), source=data.get("source") or "", graph_node=node)
-        param.differentiable = data["dtype"].is_floating_point
+        # a constant (a dropout mask, a detached tensor) takes no gradient, as in torch
+        param.differentiable = data["dtype"].is_floating_point and data["kind"] != "constant"
         param.axes = None  # type: ignore[assignment]  (assigned at first use)
         self.by_graph[node] = param
         self.params.append(param)
@@ -372,6 +381,8 @@ class Lowering:
                         if sign * candidate not in matches:
                             matches.append(sign * candidate)
         if len(matches) == 1:
+            if data is not None:
+                self.lifted.append(f"the constant {value!r} at {where(data)} as {_plain(matches[0])}")
             return matches[0]
         if len(matches) > 1 and data is not None:
             self.notes_for_next.append(f"the constant {value!r} could be {' or '.join(map(str, matches))}: kept "
@@ -442,8 +453,9 @@ class Lowering:
         space = self.space
         order = [axis.index for axis in space.axes]
         for node in self.nodes:
-            if node.kind == "param" and node.axes is None:  # only used where it needs no axes (an index)
-                node.axes = ()
+            if node.kind == "param" and node.axes is None:  # read by a call, in no formula: no gradient
+                node.differentiable = False
+                self._settle_param(node, ())
             indices = [a for a in (node.axes or ()) if a is not None]
             if indices != sorted(indices, key=order.index):
                 raise SymbolicError(f"{node.where}: its dimensions come in another order than the input's "
@@ -644,7 +656,9 @@ def lower_getitem(self: Lowering, data: dict[str, Any]) -> SNode:
     row_axis, class_axis = operand.axes
     if row_axis is None or class_axis is None:
         raise SymbolicError(f"{where(data)}: picking from a tensor with a size-1 dimension has no symbolic form")
-    return _pick(self, data, data["name"], operand, targets.node, row_axis, class_axis)
+    picked = _pick(self, data, data["name"], operand, targets.node, row_axis, class_axis)
+    self.by_graph[targets.node].from_end = True
+    return picked
 
 
 def lower_gather(self: Lowering, data: dict[str, Any]) -> SNode:

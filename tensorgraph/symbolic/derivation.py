@@ -31,7 +31,7 @@ import torch
 
 from ..naming import unique_name
 from .algebra import AxisMax, AxisSum, Space, invert, maximal_atoms
-from .chain import Chain, SNode
+from .chain import Chain, SNode, SymbolicError
 from .printing import TorchPrinter, latex_name, to_latex
 
 _LONG = 400  # expressions with more operations than this are summarised in the steps
@@ -321,9 +321,10 @@ class CodeWriter:
         body += self._sizes(inputs)
         for node in inputs:
             if node.axes and node.differentiable and self._needs_reshape(node) and node.sym in self._used_symbols():
-                body.append(f"{self.names[node.sym]} = {self.names[node.sym]}.reshape{self.layout(node.axes)}")
+                name = self.names[node.sym]
+                body.append(f"{name} = {name}{_sized('reshape', self.layout(node.axes))}")
         if self._needs_reshape(chain.output):
-            body.append(f"{out_grad} = {out_grad}.reshape{self.layout(chain.output.axes)}")
+            body.append(f"{out_grad} = {out_grad}{_sized('reshape', self.layout(chain.output.axes))}")
         tensors = {n.sym for n in chain.nodes} | {n.gsym for n in chain.nodes} | set(self.backprop.special)
         printer = TorchPrinter(self.names, self.dims, tensors)
         body += self._specials(printer, targets=True)
@@ -343,16 +344,16 @@ class CodeWriter:
             else:
                 body.append(f"{target} = {printer.doprint(expr)}")
                 if self.space.axes_of(expr) != frozenset(a for a in node.axes if a is not None):
-                    body.append(f"{target} = {target}.expand{self.layout(node.axes)}")
+                    body.append(f"{target} = {target}{_sized('expand', self.layout(node.axes))}")
             if self._needs_reshape(node):
                 shape = "(" + ", ".join(str(s) if a is None else self.names[self.space.axis(a).size]
                                         for s, a in zip(node.shape, node.axes)) + ("," if len(node.shape) == 1
                                                                                    else "") + ")"
-                body.append(f"{target} = {target}.reshape{shape}")
+                body.append(f"{target} = {target}{_sized('reshape', shape)}")
             results.append(target)
         body.append(f"return ({', '.join(results)}{',' if len(results) == 1 else ''})")
         doc = (f'    """Gradients of {chain.output.name} with respect to {", ".join(n.name for n in inputs)} '
-               f'(None for integer tensors), derived by tensorgraph.symbolic."""')
+               f'(None for those without one), derived by tensorgraph.symbolic."""')
         source = "\n".join([f"def {function_name}({', '.join(args)}):", doc] + ["    " + line for line in body]) + "\n"
         return Code(source, compile_source(source, function_name), function_name)
 
@@ -414,6 +415,7 @@ class CodeWriter:
         """One-hot tensors of the targets (before the recomputation, which may pick with them), then the
         argmax indicators and tie masks the gradients mention (after it: they read recomputed tensors)."""
         lines = []
+        from_end = {node.sym for node in self.chain.nodes if node.from_end}
         deltas: set[sp.Basic] = set()
         for expr in list(self.forms.values()) + [n.local for n in self._needed()]:
             deltas |= expr.atoms(sp.KroneckerDelta)
@@ -434,8 +436,11 @@ class CodeWriter:
                 source = self.names[other]
                 name = self.name(f"onehot_{source}")
                 both = self.layout(target_axes | {axis})
+                index = f"{source}{_sized('reshape', layout)}"
+                if other in from_end:  # x[rows, -1] is the last class, as torch reads it
+                    index += f" % {self.names[self.space.axis(axis).size]}"
                 lines.append(f"{name} = torch.zeros({both}, dtype={self.names[self.chain.output.gsym]}.dtype, "
-                             f"device={source}.device).scatter({dim}, {source}.reshape{layout}, 1.0)")
+                             f"device={source}.device).scatter({dim}, {index}, 1.0)")
             self.names[delta] = name
         for symbol, (kind, body, axis) in self.backprop.special.items():
             if targets or kind != "tie" or not any(symbol in e.free_symbols for e in self.forms.values()):
@@ -447,6 +452,11 @@ class CodeWriter:
             lines.append(f"{name} = {name} / {name}.sum({dim}, keepdim=True)")
             self.names[symbol] = name
         return lines
+
+
+def _sized(method: str, shape: str) -> str:
+    """``.reshape(n, 1)``; an empty shape goes as a tuple (``.reshape(())``: a bare ``.reshape()`` is an error)."""
+    return f".{method}{shape}" if shape != "()" else f".{method}(())"
 
 
 _COMPILED = 0
@@ -516,7 +526,20 @@ class Derivation:
         """
         derived = self.grad(wrt or self.wrt)
         holds, difference = self.chain.space.equal(derived, self.value(other))
-        return Proof(holds, difference)
+        return Proof(holds, difference, "" if holds else self._at_recorded_sizes(difference))
+
+    def _at_recorded_sizes(self, difference: sp.Expr) -> str:
+        """When a lifted constant is why a proof fails: say that it holds at the recorded sizes."""
+        space = self.chain.space
+        if not self.chain.lifted:
+            return ""
+        sizes = {axis.size: axis.value for axis in space.axes}
+        rest = space.canon(difference.xreplace(sizes)).xreplace(sizes)
+        if sp.cancel(sp.together(rest)) != 0:
+            return ""
+        recorded = ", ".join(f"{size} = {value}" for size, value in sizes.items())
+        lifted = "; ".join(self.chain.lifted)
+        return f"it holds at the recorded sizes ({recorded}) only: the derivation read {lifted}, which scales with size"
 
     def __str__(self) -> str:
         return f"d{self.output}/d{self.wrt} = {self.textbook}"
@@ -534,12 +557,15 @@ class Proof:
 
     holds: bool
     difference: sp.Expr
+    note: str = ""  # why a formula that holds at the recorded sizes fails for symbolic ones (a lifted constant)
 
     def __bool__(self) -> bool:
         return self.holds
 
     def __str__(self) -> str:
-        return "proved: the difference simplifies to 0" if self.holds else f"not equal: difference {self.difference}"
+        if self.holds:
+            return "proved: the difference simplifies to 0"
+        return f"not equal: difference {self.difference}" + (f"; {self.note}" if self.note else "")
 
 
 # ---------------------------------------------------------------------- putting it together
@@ -568,13 +594,32 @@ def build(chain: Chain) -> Derivation:
     symbols = symbol_table(chain)
     derivation = Derivation(
         output=chain.output.name, wrt=x.name, expr=expr, textbook=textbook, latex=latex, steps="",
-        source=code.source, backward=code.function, gradients={n.name: forms[n] for n in targets}, symbols=symbols,
+        source=code.source, backward=at_recorded_shapes(code.function, chain) if chain.lifted else code.function,
+        gradients={n.name: forms[n] for n in targets}, symbols=symbols,
         seconds=0.0, chain=chain, backprop=backprop, rewrites=rewrites)
     from .steps import write_steps
 
     derivation.steps = write_steps(derivation, names)
     derivation.seconds = time.perf_counter() - start
     return derivation
+
+
+def at_recorded_shapes(function: Callable[..., tuple], chain: Chain) -> Callable[..., tuple]:
+    """The compiled backward, refusing inputs of other shapes: a constant lifted to a size (``4.0`` read as
+    ``n_j - 1``) is known to be that size only at the recorded shapes; elsewhere it may be a plain number."""
+    shapes = [tuple(node.shape) for node in [chain.input] + chain.params]
+
+    def backward(doutput: Any, *tensors: Any) -> tuple:
+        given = [tuple(tensor.shape) for tensor in tensors]
+        if given != shapes:
+            raise SymbolicError(
+                f"d{chain.output.name}/d{chain.input.name} was derived for inputs of shapes {shapes}, where it read "
+                f"{'; '.join(chain.lifted)}; with shapes {given} its closed form would scale that constant with the "
+                f"size, which is wrong if it is a number typed in the code: record the forward at these sizes and "
+                f"derive again")
+        return function(doutput, *tensors)
+
+    return backward
 
 
 def symbol_table(chain: Chain) -> dict[str, sp.Basic]:

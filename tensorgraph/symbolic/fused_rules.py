@@ -109,7 +109,8 @@ def cross_entropy(g: Tensor, x: Tensor, target: Tensor, weight: Any, ignore_inde
     keep = target != ignore_index
     grad = cross_entropy_derivation(reduction).backward(g, x, target.masked_fill(~keep, 0))[0]
     if reduction == "mean":
-        return grad * (keep.unsqueeze(1) * (x.shape[0] / keep.sum()))
+        # the factor in the gradient's dtype: n / an int64 count would be float32 (torch's promotion)
+        return grad * (keep.unsqueeze(1) * (x.shape[0] / keep.sum().to(grad.dtype)))
     return grad * keep.unsqueeze(1)
 
 
