@@ -116,6 +116,64 @@ def test_an_unsupported_op_off_the_loss_path_does_not_matter():
     torch.testing.assert_close(graph.backward(loss)[x], torch.full((4,), 2.0, dtype=D))
 
 
+class _Square(torch.autograd.Function):
+    """A custom autograd Function: torch differentiates it with its backward, tensorgraph has no rule."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a * a
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return 2 * a * g
+
+
+class _Sum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a):
+        ctx.shape = a.shape
+        return a.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.expand(ctx.shape)
+
+
+def test_a_custom_autograd_function_is_refused_not_cut_off():
+    """Its forward runs with grad disabled: its output was a new leaf, and W silently got no gradient."""
+    x, W = r(4, 4), r(4, 4, seed=1)
+    assert torch_grads(lambda w: _Square.apply(x @ w).sum(), W)[0].abs().sum() > 0  # torch: W matters
+    for _ in range(3):  # the same line again: the recording templates must not lose it either
+        with tg.record() as graph:
+            h = x @ W
+            line = next_line()
+            sq = _Square.apply(h)
+            loss = sq.sum()
+        assert graph.node(sq)["op"] == "_Square" and graph.node(sq)["inputs"] == [graph.node_id(h)]
+        message = rf"Function _Square has no gradient rule.*\(called at .*{at(line)}, producing 'sq'\)"
+        with pytest.raises(NotImplementedError, match=message):
+            graph.backward(loss)
+        with pytest.raises(NotImplementedError, match=message):
+            graph.compare(loss)
+
+
+def test_a_custom_autograd_function_as_the_loss_or_off_the_loss_path():
+    x, W = r(4, 4), r(4, 4, seed=1)
+    with tg.record() as graph:
+        line = next_line()
+        loss = _Sum.apply(x @ W)  # never used inside the block: its node is made at the end
+    with pytest.raises(NotImplementedError, match=rf"Function _Sum has no gradient rule.*{at(line)}, producing 'loss'"):
+        graph.backward(loss)
+    with tg.record() as graph:
+        _Square.apply(x @ W)
+        with torch.no_grad():  # a no_grad block is still a constant
+            scale = (x @ W).sum(0)
+        loss = (scale * W).sum()
+    torch.testing.assert_close(graph.backward(loss)[W], scale.expand(4, 4))
+
+
 # ---------------------------------------------------------------- what backward is given
 
 
