@@ -61,6 +61,31 @@ def test_lecture_forward_all_26_gradients_match_torch():
     assert grads[C].shape == C.shape and grads["bngain"].shape == (1, 64)
 
 
+def _steps_away(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x moved k representable values up (torch.nextafter, one step at a time): exactly k ulps away."""
+    up = torch.full_like(x, float("inf"))
+    for _ in range(k):
+        x = torch.nextafter(x, up)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_compare_counts_ulps_exactly(dtype):
+    """A float64 distance was rounded through a double: 1 ulp showed as 0, 100 as 0 or 1024."""
+    from tensorgraph.compare import _ulps
+
+    a = torch.tensor([0.1, -3.0, 1e-3], dtype=dtype)
+    for k in (0, 1, 2, 3, 100, 1025):
+        assert _ulps(a, _steps_away(a, k)) == k
+        assert _ulps(_steps_away(a, k), a) == k
+    tiny = torch.tensor([0.0], dtype=dtype)
+    assert _ulps(_steps_away(tiny, 1), -_steps_away(tiny, 1)) == 2  # across zero: +0 and -0 are one value
+    # max and -max: twice the count of positive finite values (float64's is capped at 2**62)
+    huge = torch.tensor([torch.finfo(dtype).max], dtype=dtype)
+    positive = {torch.float64: 1 << 62, torch.float32: 0x7F7FFFFF, torch.float16: 0x7BFF, torch.bfloat16: 0x7F7F}
+    assert _ulps(huge, -huge) == min(2 * positive[dtype], 1 << 62)
+
+
 def test_lecture_names_and_node_attributes():
     from tensorgraph.lecture import record_exercise
 
