@@ -654,6 +654,24 @@ def test_cli_debug_shows_the_traceback(tmp_path):
     assert "nope.pt" in result.stderr  # (without --debug: one line, status 2, as the misuse tests above show)
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_cli_debug_before_or_after_the_command(where, tmp_path, capsys):
+    """``tensorgraph derive cross-entropy --debug`` was refused (argparse took --debug before the command only)."""
+    from tensorgraph.cli import build_parser, main
+
+    def placed(argv):
+        return ["--debug"] + argv if where == "before" else argv + ["--debug"]
+
+    assert main(placed(["derive", "cross-entropy"])) == 0
+    captured = capsys.readouterr()
+    assert "dlogits" in captured.out and captured.err == ""
+    with pytest.raises(ValueError, match="checkpoint not found.*nope.pt"):  # raised (a traceback), not one line
+        main(placed(["sample", "--checkpoint", str(tmp_path / "nope.pt")]))
+    for name, parser in _subparsers().items():
+        assert "--debug" in parser.format_help(), f"tensorgraph {name} --help does not list --debug"
+    assert build_parser().parse_args(["--debug", "compare"]).debug  # the command's parser keeps it
+
+
 def test_a_checkpoint_cannot_run_pickled_code(tmp_path, capsys):
     """Checkpoints load with torch.load(weights_only=True): a pickle that would run code is refused."""
     import pathlib
