@@ -23,7 +23,7 @@ import torch
 import tensorgraph as tg
 from tensorgraph.cli import main
 from tensorgraph.lecture import LECTURE_ROWS, forward, record_exercise
-from tensorgraph.render import COLORS, GraphvizNotFoundError, expression
+from tensorgraph.render import COLORS, GraphvizNotFoundError, RenderTimeoutError, expression
 
 # the lecture's tensors and their shapes (batch 32, 3 characters of context, 10-d embeddings, 64 hidden, 27 chars)
 LECTURE_SHAPES = {
@@ -479,6 +479,54 @@ def test_two_thousand_node_backward_view(tmp_path):
     nodes = svg_nodes(path.read_text(encoding="utf-8"))
     print(f"\nrender time, backward view of a {len(graph)}-node graph ({len(nodes)} boxes): {elapsed:.2f} s")
     assert any("dlayer0" in text or "dW" in text or "+=" in text for text in nodes.values())
+
+
+def unrolled_rnn(steps: int):
+    """A vanilla RNN unrolled ``steps`` times: the same four weights (and xs, ys) used at every step."""
+    g = torch.Generator().manual_seed(0)
+    Wxh, Whh, Why = (torch.randn(shape, generator=g) * 0.3 for shape in ((3, 8), (8, 8), (8, 3)))  # noqa: N806
+    bh, xs, ys = torch.zeros(8), torch.randn(steps, 2, 3, generator=g), torch.randint(0, 3, (steps, 2), generator=g)
+    with tg.record() as graph:
+        h = torch.zeros(2, 8)
+        loss = 0
+        for t in range(steps):
+            h = torch.tanh(xs[t] @ Wxh + h @ Whh + bh)
+            loss = loss + torch.nn.functional.cross_entropy(h @ Why, ys[t])
+        loss = loss / steps
+    return graph, loss
+
+
+def test_weights_shared_across_an_unrolled_loop_are_drawn_at_each_use(tmp_path):
+    """One box per weight made edges across the whole picture: dot took 136 s at 40 steps, never ended at 50."""
+    graph, loss = unrolled_rnn(40)
+    grads = graph.backward(loss)
+    start = time.perf_counter()
+    path = graph.render(tmp_path / "rnn.svg", grads=grads, timeout=120)
+    elapsed = time.perf_counter() - start
+    print(f"\nrender time, a 40-step RNN ({len(graph)} nodes): {elapsed:.2f} s")
+    texts = list(svg_nodes(path.read_text(encoding="utf-8")).values())
+    for weight in ("Wxh", "Whh", "Why", "bh"):
+        drawn = [text for text in texts if text.split()[0] == weight]
+        assert len(drawn) == 40 and all("drawn at each use" in text and "grad norm" in text for text in drawn)
+    assert sum("use 40 of 40" in text for text in texts) == 6  # the four weights, xs and ys
+    # graphs whose layout is cheap keep one box per tensor (the lecture's, a short loop)
+    lecture_graph, lecture_loss, _ = record_exercise()
+    assert "drawn at each use" not in lecture_graph.render(loss=lecture_loss).source
+    short, short_loss = unrolled_rnn(3)
+    assert "drawn at each use" not in short.render(loss=short_loss).source
+
+
+def test_a_layout_past_the_timeout_is_stopped_with_advice(lecture, tmp_path):
+    graph, *_ = lecture
+    with pytest.raises(RenderTimeoutError, match=r"did not finish laying out .*mlp.svg.* in 0.001 s.*depth=k.*"
+                                                 r"collapse=.*timeout=None"):
+        graph.render(tmp_path / "mlp.svg", timeout=0.001)
+    assert (tmp_path / "mlp.dot").read_text(encoding="utf-8").startswith("digraph")
+    assert not (tmp_path / "mlp.svg").exists()
+    for bad in (0, -1, "10", True):
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds or None"):
+            graph.render(tmp_path / "mlp.svg", timeout=bad)
+    assert graph.render(tmp_path / "mlp.svg", timeout=None).exists()
 
 
 # ---------------------------------------------------------------------------------------------- CLI
