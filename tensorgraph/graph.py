@@ -105,10 +105,14 @@ class Graph:
         from .naming import assign_names, set_names
 
         short = _short_paths()  # relpath is slow: once per file and working directory, not once per node
+        # a node's "call": its user frame's place among the block's frames in order of first use (the frames a
+        # template's nodes were copied from came in the same order), so that two calls of one function differ
+        calls = {id(frame): index for index, frame in enumerate(frames)}
         for data in itertools.islice(self._nodes, start, None):
             source = data.get("source")
             if isinstance(source, tuple):
                 data["function"] = source[2]
+                data["call"] = calls.get(source[3])
                 path = short.get(source[0])
                 if path is None:
                     path = short[source[0]] = _short_path(source[0])
@@ -116,6 +120,7 @@ class Graph:
             elif source is None:
                 data["source"] = ""
                 data.setdefault("function", "")
+                data.setdefault("call", None)
             scope = data.get("scope")
             data["scope"] = "/".join(scope) if scope else ""
         if not names:

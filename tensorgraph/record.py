@@ -326,8 +326,8 @@ class _Recorder(TorchFunctionMode):
         user = frame.f_back
         while user is not None and _is_internal(user.f_code):
             user = user.f_back
-        source = ("<unknown>", 0, "") if user is None else (
-            user.f_code.co_filename, user.f_lineno, user.f_code.co_name)
+        source = ("<unknown>", 0, "", 0) if user is None else (
+            user.f_code.co_filename, user.f_lineno, user.f_code.co_name, id(user))
         if user is not None:
             self.frames.setdefault(id(user), user)
         name = getattr(cls, "__qualname__", None) or func_name(cls)
@@ -356,7 +356,8 @@ class _Recorder(TorchFunctionMode):
 
     # ---------------------------------------------------------------- bookkeeping
 
-    def _source(self) -> tuple[str, int, str]:
+    def _source(self) -> tuple[str, int, str, int]:
+        """The user's file, line and function of the current call, and the id of their frame (tells calls apart)."""
         frame = sys._getframe(1)
         known = _internal_code.get
         while frame is not None:
@@ -368,9 +369,9 @@ class _Recorder(TorchFunctionMode):
             frame = frame.f_back
         self.last_frame = frame
         if frame is None:
-            return ("<unknown>", 0, "")
-        self.frames.setdefault(id(frame), frame)
-        return (frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
+            return ("<unknown>", 0, "", 0)
+        self.frames.setdefault(id(frame), frame)  # kept to the end of the block: its id is that call's alone
+        return (frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, id(frame))
 
     def _snapshot(self, tensor: Tensor) -> None:
         """Keep the value a tensor has before an in-place change, for the rules of the ops that used it."""
@@ -548,7 +549,7 @@ class _CustomCall(NamedTuple):
     args: tuple
     kwargs: dict
     inputs: list[int]
-    source: tuple[str, int, str]
+    source: tuple[str, int, str, int]
     scope: tuple[str, ...]
     reason: str  # the error a gradient through it raises
 

@@ -96,11 +96,11 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
             computed from it.
         values: show each tensor's mean, std, min and max.
         collapse: cluster names (``tg.scope`` names, or function names with
-            ``cluster="function"``) to draw as one box each.
+            ``cluster="function"``: each call of it, ``block#2`` one call) to draw as one box each.
         depth: draw only the nodes at most this many ops away from the loss.
-        cluster: group nodes by "scope" (``tg.scope`` blocks), by "function", not at all
-            (None), or "auto" (scopes if any were recorded, else functions if ops come from
-            several functions).
+        cluster: group nodes by "scope" (``tg.scope`` blocks), by "function" (one cluster
+            per call: ``block``, ``block#2`` ...), not at all (None), or "auto" (scopes if
+            any were recorded, else functions if ops come from several functions).
         rankdir: "TB" (top to bottom), "LR", "BT" or "RL".
         legend: add a legend of the colours used.
         title: a line of text above the legend.
@@ -438,6 +438,7 @@ class Drawing:
     edges: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     cluster_labels: dict[tuple[str, ...], str] = field(default_factory=dict)
     collapsible: set[tuple[str, ...]] = field(default_factory=set)
+    functions: dict[str, str] = field(default_factory=dict)  # "block#2" -> "block": collapse= names every call
     legend: dict[str, str] = field(default_factory=dict)  # text -> fill colour
     title: str = ""
 
@@ -472,13 +473,36 @@ def small_row(text: str, color: str = "#333333") -> str:
     return f'<font point-size="9" color="{color}">{esc(text)}</font>'
 
 
-def cluster_path(data: dict[str, Any], mode: str | None) -> tuple[str, ...]:
-    """The clusters a node belongs to: its ``tg.scope`` path, or its function."""
+def cluster_path(data: dict[str, Any], mode: str | None, calls: dict[tuple, str] | None = None) -> tuple[str, ...]:
+    """The clusters a node belongs to: its ``tg.scope`` path, or the call of its function (see :func:`call_names`)."""
     if mode == "scope":
         return tuple(part for part in (data.get("scope") or "").split("/") if part)
     if mode == "function":
-        return (data["function"],) if data.get("function") else ()
+        function = data.get("function")
+        if not function:
+            return ()
+        return (calls.get((function, data.get("call")), function) if calls else function,)
     return ()
+
+
+def call_names(graph: Graph) -> dict[tuple[str, int | None], str]:
+    """Each call of a function that ran ops, as a cluster name: ``block``, then ``block#2``, ``block#3`` ...
+
+    Keyed by (function, call): a node's ``call`` tells the calls of one function apart (None in
+    graphs saved before nodes had it: one cluster per function, as then).
+    """
+    calls = {(data["function"], data.get("call")) for data in graph._nodes if data.get("function")}
+    names: dict[tuple[str, int | None], str] = {}
+    count: dict[str, int] = {}
+    for function, call in sorted(calls, key=lambda key: (key[1] is None, key[1] or 0, key[0])):
+        index = count[function] = count.get(function, 0) + 1
+        names[(function, call)] = function if index == 1 else f"{function}#{index}"
+    return names
+
+
+def function_of_call(calls: dict[tuple[str, int | None], str]) -> dict[str, str]:
+    """Cluster name -> its function (``block#2`` -> ``block``), so that ``collapse=["block"]`` names every call."""
+    return {name: function for (function, _), name in calls.items()}
 
 
 def cluster_mode(graph: Graph, mode: str | None) -> str | None:
@@ -606,10 +630,11 @@ def forward_drawing(graph: Graph, options: _Options) -> Drawing:
         near = distances(graph, losses or _sinks(graph, shown), options.depth)
         shown &= set(near)
     mode = cluster_mode(graph, options.cluster)
-    paths = _forward_paths(graph, shown, mode)
+    calls = call_names(graph) if mode == "function" else None
+    paths = _forward_paths(graph, shown, mode, calls)
     status = statuses(graph, options)
     grads = options.grads.by_node if options.grads is not None else {}
-    drawing = Drawing()
+    drawing = Drawing(functions=function_of_call(calls) if calls else {})
     name = lambda node: nodes[node]["name"]  # noqa: E731
     for node in sorted(shown):
         data = nodes[node]
@@ -670,16 +695,17 @@ def _sinks(graph: Graph, shown: set[int]) -> set[int]:
     return {node for node in shown if nxg.out_degree(node) == 0}
 
 
-def _forward_paths(graph: Graph, shown: set[int], mode: str | None) -> dict[int, tuple[str, ...]]:
+def _forward_paths(graph: Graph, shown: set[int], mode: str | None,
+                   calls: dict[tuple, str] | None) -> dict[int, tuple[str, ...]]:
     """Each node's cluster; a leaf joins the deepest cluster all its consumers share."""
     nodes = graph._nodes
-    paths = {node: cluster_path(nodes[node], mode) for node in shown if nodes[node]["inputs"]}
+    paths = {node: cluster_path(nodes[node], mode, calls) for node in shown if nodes[node]["inputs"]}
     nxg = graph.nx
     for node in shown:
         if node in paths:
             continue
         consumer_paths = [paths.get(c, ()) for c in nxg.successors(node) if c in shown]
-        paths[node] = _common_prefix(consumer_paths) if consumer_paths else cluster_path(nodes[node], mode)
+        paths[node] = _common_prefix(consumer_paths) if consumer_paths else cluster_path(nodes[node], mode, calls)
     return paths
 
 
@@ -767,7 +793,8 @@ def collapse_clusters(drawing: Drawing, names: frozenset[str]) -> tuple[list[Box
     """Replace every cluster named in ``names`` by one box; edges into and out of it are kept once."""
     if not names:
         return list(drawing.boxes.values()), drawing.edges
-    available = {"/".join(path) for path in drawing.collapsible} | {path[-1] for path in drawing.collapsible}
+    available = ({"/".join(path) for path in drawing.collapsible} | {path[-1] for path in drawing.collapsible}
+                 | {drawing.functions[path[-1]] for path in drawing.collapsible if path[-1] in drawing.functions})
     unknown = sorted(set(names) - available)
     if unknown:
         listing = ", ".join(sorted("/".join(p) for p in drawing.collapsible)) or (
@@ -778,7 +805,8 @@ def collapse_clusters(drawing: Drawing, names: frozenset[str]) -> tuple[list[Box
     for box in drawing.boxes.values():
         for i in range(1, len(box.cluster) + 1):
             if box.cluster[:i] in drawing.collapsible and (
-                    "/".join(box.cluster[:i]) in names or box.cluster[i - 1] in names):
+                    "/".join(box.cluster[:i]) in names or box.cluster[i - 1] in names
+                    or drawing.functions.get(box.cluster[i - 1]) in names):
                 owner[box.key] = box.cluster[:i]
                 break
     merged = {path: f"collapsed{index}" for index, path in enumerate(sorted(set(owner.values())))}

@@ -442,6 +442,48 @@ def test_cluster_modes():
         graph.render(cluster=None, collapse=["layer0"])
 
 
+def _block(h, W):
+    """A helper called once per layer: each call is a cluster of its own."""
+    return torch.tanh(_scale(h @ W))
+
+
+def _scale(h):
+    return h * 0.5
+
+
+def test_each_call_of_a_function_is_its_own_cluster(tmp_path):
+    """Three calls of one helper were one cluster: collapse=["_block"] collapsed the whole network."""
+    g = torch.Generator().manual_seed(0)
+    Ws = [torch.randn(4, 4, generator=g) for _ in range(3)]  # noqa: N806
+    x = torch.randn(2, 4, generator=g)
+    for _ in range(4):  # the same recording again: templates copy the nodes' calls with them
+        with tg.record() as graph:
+            h = x
+            for W in Ws:
+                h = _block(h, W)
+            loss = h.sum()
+        clusters = clusters_of(layout(graph.render(loss=loss, cluster="function")))
+        for k, label in enumerate(["_block", "_block#2", "_block#3"]):
+            # its W, h @ W and tanh (x too, in the first: used nowhere else); _scale's op is a cluster of its own
+            drawn = {f"n{graph.node_id(t)}" for t in [Ws[k]] + ([x] if k == 0 else [])}
+            matmul, _scaled, tanh = [node for node in graph if graph.node(node)["inputs"]][3 * k:3 * k + 3]
+            assert clusters[f"<b>{label}</b>"] == drawn | {f"n{matmul}", f"n{tanh}"}
+        assert [len(clusters[f"<b>_scale{suffix}</b>"]) for suffix in ("", "#2", "#3")] == [1, 1, 1]
+    # collapse=["_block"]: every call of it, each one box; "_block#2" names one call
+    boxes = [o for o in node_attrs(layout(graph.render(loss=loss, collapse=["_block"]))).values()
+             if o.get("shape") == "box3d"]
+    assert sorted(box["tooltip"] for box in boxes) == ["_block", "_block#2", "_block#3"]
+    one = [o for o in node_attrs(layout(graph.render(loss=loss, collapse="_block#2"))).values()
+           if o.get("shape") == "box3d"]
+    assert [box["tooltip"] for box in one] == ["_block#2"]
+    back = clusters_of(layout(graph.render(view="backward", loss=loss, cluster="function")))
+    assert {"<b>_block</b>", "<b>_block#2</b>", "<b>_block#3</b>"} <= set(back)
+    # a saved graph keeps its calls apart
+    graph.save(tmp_path / "g.json")
+    loaded = clusters_of(layout(tg.load_graph(tmp_path / "g.json").render(cluster="function")))
+    assert {"<b>_block</b>", "<b>_block#2</b>", "<b>_block#3</b>"} <= set(loaded)
+
+
 def test_depth_limits_the_drawing(lecture):
     graph, loss, _, _ = lecture
     nodes = svg_nodes(graph.render(loss=loss, depth=2).pipe(format="svg", encoding="utf-8"))
