@@ -170,7 +170,7 @@ class Graph:
         if isinstance(key, Tensor):
             live = self._live.get(id(key))
             if live is None or live[2] is not key:
-                raise KeyError("this tensor was not recorded in this graph")
+                raise KeyError(f"this tensor was not recorded in this graph: {self.owner_message(key)}")
             return live[0]
         if isinstance(key, str):
             if key in self._names:
@@ -203,11 +203,15 @@ class Graph:
         return nx.ancestors(self.nx, self.node_id(key)) | {self.node_id(key)}
 
     def owner_message(self, tensor: Tensor) -> str:
-        """Why a tensor is not in this graph: recorded by another graph, or by none."""
+        """Why a tensor is not in this graph: recorded by another graph (named as there), or by none."""
+        what = f"shape {tuple(tensor.shape)}, {str(tensor.dtype).replace('torch.', '')}"
         for other in list(_GRAPHS):
-            if other is not self and id(tensor) in other._live and other._live[id(tensor)][2] is tensor:
-                return "it belongs to another graph (recorded by a different tg.record() block)"
-        return "it belongs to no graph (it was not produced or used inside this tg.record() block)"
+            live = other._live.get(id(tensor)) if other is not self else None
+            if live is not None and live[2] is tensor:
+                return (f"it belongs to another graph, where it is {other._nodes[live[0]]['name']!r} ({what}; "
+                        f"recorded by a different tg.record() block)")
+        return (f"it belongs to no graph (a tensor of {what} that was not produced or used inside this "
+                f"tg.record() block)")
 
     # ---------------------------------------------------------------- the engine and friends
 

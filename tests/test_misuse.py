@@ -215,6 +215,25 @@ def test_loss_from_no_graph_or_another_graph():
     assert other.backward(elsewhere)[x].shape == (3,) and graph.backward(loss)[x].shape == (3,)
 
 
+def test_gradients_looked_up_with_a_tensor_of_another_graph_name_it():
+    """grads[W] with W from another graph said only "this tensor was not recorded in this graph"."""
+    x, W = r(4, 4), r(4, 4, seed=1)  # noqa: N806
+    with tg.record() as first:
+        a = x @ W
+    with tg.record() as second:
+        loss = (a * 2).sum()  # a is a leaf here; W is not in this graph at all
+    grads = second.backward(loss)
+    with pytest.raises(KeyError, match=r"not recorded in this graph: it belongs to another graph, where it is 'W' "
+                                       r"\(shape \(4, 4\), float64"):
+        grads[W]
+    with pytest.raises(KeyError, match=r"it belongs to no graph \(a tensor of shape \(2,\), float32"):
+        grads[torch.zeros(2)]
+    with pytest.raises(ValueError, match=r"belongs to another graph, where it is 'W'"):
+        second.render(loss=W)
+    torch.testing.assert_close(grads[a], torch.full((4, 4), 2.0, dtype=D))
+    assert first.node(W)["name"] == "W"
+
+
 def test_loss_given_by_a_bad_name_id_or_value():
     x = r(3)
     with tg.record() as graph:
