@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from .graph import Graph
 
 
+NAME_WIDTH = 15  # the name column's least width; longer names widen the whole table
+
+
 @dataclass
 class Row:
     """One tensor's comparison."""
@@ -36,7 +39,11 @@ class Row:
     reason: str = ""
 
     def __str__(self) -> str:
-        line = (f"{self.name:15s} | exact: {str(self.exact):5s} | approximate: {str(self.approximate):5s} | "
+        return self.line(NAME_WIDTH)
+
+    def line(self, width: int) -> str:
+        """The row with its name padded to ``width`` (the table's longest name)."""
+        line = (f"{self.name:{width}s} | exact: {str(self.exact):5s} | approximate: {str(self.approximate):5s} | "
                 f"maxdiff: {self.maxdiff:<10.3g} | ulps: {self.ulps}")
         return line + (f" | {self.reason}" if self.reason else "")
 
@@ -70,7 +77,8 @@ class CompareReport:
         header = (f"gradients of {self.loss!r}: tensorgraph engine vs torch autograd "
                   f"({self.exact_count}/{len(self.rows)} exact, "
                   f"{sum(r.approximate for r in self.rows)}/{len(self.rows)} approximate)")
-        return "\n".join([header] + [str(row) for row in self.rows])
+        width = max([NAME_WIDTH] + [len(row.name) for row in self.rows])
+        return "\n".join([header] + [row.line(width) for row in self.rows])
 
     def _repr_markdown_(self) -> str:
         lines = [f"**{self.loss}**: {self.exact_count}/{len(self.rows)} exact", "",

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .check import CheckReport
     from .compare import CompareReport
     from .engine import Gradients
@@ -257,11 +259,11 @@ class Graph:
 
         return fuse(self, output, inputs, **options)
 
-    def save(self, path: Any, **options: Any) -> None:
-        """Write the graph as JSON or GraphML (see :func:`tensorgraph.serialize.save`)."""
+    def save(self, path: Any, **options: Any) -> Path:
+        """Write the graph as JSON or GraphML (see :func:`tensorgraph.serialize.save`); returns the path."""
         from .serialize import save
 
-        save(self, path, **options)
+        return save(self, path, **options)
 
     def __repr__(self) -> str:
         ops = sum(1 for d in self._nodes if d["kind"] == "op")

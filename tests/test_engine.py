@@ -86,6 +86,21 @@ def test_compare_counts_ulps_exactly(dtype):
     assert _ulps(huge, -huge) == min(2 * positive[dtype], 1 << 62)
 
 
+def test_compare_table_columns_line_up_whatever_the_names():
+    """A name longer than 15 characters pushed its row's columns out of line."""
+    x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    with tg.record() as graph:
+        hidden_activations_of_the_encoder = torch.tanh(x * w)
+        loss = hidden_activations_of_the_encoder.sum()
+    lines = str(graph.compare(loss)).splitlines()[1:]
+    assert len(lines) == 3 and len({line.index("| exact:") for line in lines}) == 1
+    assert lines[0].index("| exact:") == len("hidden_activations_of_the_encoder") + 1
+    with tg.record() as graph:
+        y = x * w
+        loss = y.sum()
+    assert {line.index("| exact:") for line in str(graph.compare(loss)).splitlines()[1:]} == {16}  # as it was
+
+
 def test_lecture_names_and_node_attributes():
     from tensorgraph.lecture import record_exercise
 
