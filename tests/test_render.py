@@ -558,7 +558,7 @@ def test_weights_shared_across_an_unrolled_loop_are_drawn_at_each_use(tmp_path):
     assert "drawn at each use" not in short.render(loss=short_loss).source
 
 
-def test_a_layout_past_the_timeout_is_stopped_with_advice(lecture, tmp_path):
+def test_a_layout_past_the_timeout_is_stopped_with_advice(lecture, tmp_path, monkeypatch):
     graph, *_ = lecture
     with pytest.raises(RenderTimeoutError, match=r"did not finish laying out .*mlp.svg.* in 0.001 s.*depth=k.*"
                                                  r"collapse=.*timeout=None"):
@@ -569,6 +569,12 @@ def test_a_layout_past_the_timeout_is_stopped_with_advice(lecture, tmp_path):
         with pytest.raises(ValueError, match="timeout must be a positive number of seconds or None"):
             graph.render(tmp_path / "mlp.svg", timeout=bad)
     assert graph.render(tmp_path / "mlp.svg", timeout=None).exists()
+    # a notebook waits no longer than render does: the text summary says how to draw less
+    import tensorgraph.render as render_module
+
+    monkeypatch.setattr(render_module, "TIMEOUT", 0.001)
+    bundle = graph._repr_mimebundle_()
+    assert "image/svg+xml" not in bundle and "did not lay this graph out" in bundle["text/plain"]
 
 
 # ---------------------------------------------------------------------------------------------- CLI
