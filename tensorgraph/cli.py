@@ -23,6 +23,9 @@ class CLIError(Exception):
         self.prog = prog
 
 
+_DEBUG_HELP = "show full tracebacks on errors"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's usage dump -> one line
         raise CLIError(message, self.prog)
@@ -31,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tensorgraph", description="tensorgraph: record, check, draw and derive the gradients of "
                      "PyTorch code; the lecture 'becoming a backprop ninja' as a tool.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         try:
@@ -40,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
             if err.name == f"tensorgraph.commands.{name}":
                 continue  # command not built yet
             raise
-        module.register(subparsers)
+        command = module.register(subparsers)
+        # --debug after the command too (tensorgraph derive ... --debug); SUPPRESS: when absent there, the
+        # command's parser leaves alone a --debug given before the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 
 
@@ -68,7 +74,7 @@ def positive_float(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    debug = "--debug" in argv  # before or after the command; known even when the arguments do not parse
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -17,7 +17,9 @@ Temporaries used once are inlined; forward intermediates without a user name are
 written out as their forward expressions (``logits.max(1, keepdim=True).indices``).
 
 The code runs in a namespace holding ``torch``, ``F`` and the forward tensors by name
-(:func:`tensorgraph.printer.namespace`), plus ``dloss`` when a ``grad`` was given.
+(:func:`tensorgraph.printer.namespace`), plus, when a ``grad`` was given, that seed gradient
+in the root's gradient variable (``dloss``; ``dh`` for ``backward_source("h", grad=g)``).
+:func:`run` finds that variable itself.
 """
 
 from __future__ import annotations
@@ -138,13 +140,37 @@ def generate(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardSou
     return _Generator(graph, trace(graph, loss, grad)).run()
 
 
-def run(source: str, graph: Graph, grad: Tensor | None = None, root: str = "loss") -> dict[str, Any]:
-    """Execute generated code in a namespace holding the forward values; returns the namespace."""
+def run(source: str, graph: Graph, grad: Tensor | None = None, root: str | None = None) -> dict[str, Any]:
+    """Execute generated code in a namespace holding the forward values; returns the namespace.
+
+    ``grad`` is the seed gradient ``source`` was generated with (``backward_source(h, grad=g)``
+    reads it as ``dh``); the variable it goes in is the one name the code reads but never
+    assigns, or ``"d" + root`` when ``root`` (the name of the tensor it was seeded at) is given.
+    """
     namespace = printer.namespace(graph)
+    code = compile(source, "<backward_source>", "exec")
     if grad is not None:
-        namespace["d" + identifier(root)] = grad
-    exec(compile(source, "<backward_source>", "exec"), namespace)  # noqa: S102 - running generated code is the point
+        namespace["d" + identifier(root) if root is not None else _seed_name(source, namespace)] = grad
+    exec(code, namespace)  # noqa: S102 - running generated code is the point
     return namespace
+
+
+def _seed_name(source: str, namespace: dict[str, Any]) -> str:
+    """The variable generated code reads its given seed gradient from: read, never assigned, not in the namespace."""
+    import ast
+    import builtins
+
+    names = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name)]
+    assigned = {node.id for node in names if isinstance(node.ctx, ast.Store)}
+    free = list(dict.fromkeys(node.id for node in names if isinstance(node.ctx, ast.Load) and node.id not in assigned
+                              and node.id not in namespace and not hasattr(builtins, node.id)))
+    if len(free) == 1:
+        return free[0]
+    if not free:
+        raise ValueError("codegen.run: grad= was given, but this code reads no seed gradient (it was generated "
+                         "without grad=, and seeds itself with ones); generate it with the same grad=")
+    raise ValueError(f"codegen.run: cannot tell which of {', '.join(free)} is the seed gradient; pass root= "
+                     f"(the name of the tensor the code was generated for)")
 
 
 class _Generator:

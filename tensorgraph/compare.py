@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from .graph import Graph
 
 
+NAME_WIDTH = 15  # the name column's least width; longer names widen the whole table
+
+
 @dataclass
 class Row:
     """One tensor's comparison."""
@@ -36,7 +39,11 @@ class Row:
     reason: str = ""
 
     def __str__(self) -> str:
-        line = (f"{self.name:15s} | exact: {str(self.exact):5s} | approximate: {str(self.approximate):5s} | "
+        return self.line(NAME_WIDTH)
+
+    def line(self, width: int) -> str:
+        """The row with its name padded to ``width`` (the table's longest name)."""
+        line = (f"{self.name:{width}s} | exact: {str(self.exact):5s} | approximate: {str(self.approximate):5s} | "
                 f"maxdiff: {self.maxdiff:<10.3g} | ulps: {self.ulps}")
         return line + (f" | {self.reason}" if self.reason else "")
 
@@ -70,7 +77,8 @@ class CompareReport:
         header = (f"gradients of {self.loss!r}: tensorgraph engine vs torch autograd "
                   f"({self.exact_count}/{len(self.rows)} exact, "
                   f"{sum(r.approximate for r in self.rows)}/{len(self.rows)} approximate)")
-        return "\n".join([header] + [str(row) for row in self.rows])
+        width = max([NAME_WIDTH] + [len(row.name) for row in self.rows])
+        return "\n".join([header] + [row.line(width) for row in self.rows])
 
     def _repr_markdown_(self) -> str:
         lines = [f"**{self.loss}**: {self.exact_count}/{len(self.rows)} exact", "",
@@ -119,20 +127,25 @@ def replay(graph: Graph, root: int, differentiable: Collection[int] | None = Non
     return values
 
 
+_SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
 def _ulps(a: Tensor, b: Tensor) -> int:
-    """Largest distance between a and b in units in the last place of their dtype."""
+    """Largest distance between a and b in units in the last place of their dtype (capped at 2**62)."""
     if a.numel() == 0 or not a.is_floating_point():
         return 0
-    if a.dtype == torch.float64:
-        ints, magnitude = a.view(torch.int64), (1 << 63) - 1
-        other = b.view(torch.int64)
-    else:
-        a, b = a.float(), b.float()
-        ints, other, magnitude = a.view(torch.int32).long(), b.view(torch.int32).long(), (1 << 31) - 1
-    ordered_a = torch.where(ints < 0, -(ints & magnitude), ints)
-    ordered_b = torch.where(other < 0, -(other & magnitude), other)
-    diff = (ordered_a.double() - ordered_b.double()).abs().max().item()
-    return int(min(diff, 2**62))
+    b = b.to(a.dtype)
+    ints = _SAME_SIZE_INT[a.element_size()]
+    magnitude = (1 << (8 * a.element_size() - 1)) - 1
+    # the bit patterns, reordered so that consecutive floats are consecutive integers (negatives mirrored)
+    ordered_a, ordered_b = a.view(ints).long(), b.view(ints).long()
+    ordered_a = torch.where(ordered_a < 0, -(ordered_a & magnitude), ordered_a)
+    ordered_b = torch.where(ordered_b < 0, -(ordered_b & magnitude), ordered_b)
+    # subtracted as integers (a double would round float64 distances to multiples of 2**10); a distance
+    # beyond 2**62 (only values of opposite signs far apart) may wrap in int64: the double says which
+    far = (ordered_a.double() - ordered_b.double()).abs() >= 2.0**62
+    diff = torch.where(far, 1 << 62, (ordered_a - ordered_b).abs())
+    return int(diff.max().item())
 
 
 def compare(graph: Graph, loss: Any, grad: Tensor | None = None) -> CompareReport:

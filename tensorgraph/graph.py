@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .check import CheckReport
     from .compare import CompareReport
     from .engine import Gradients
@@ -105,10 +107,14 @@ class Graph:
         from .naming import assign_names, set_names
 
         short = _short_paths()  # relpath is slow: once per file and working directory, not once per node
+        # a node's "call": its user frame's place among the block's frames in order of first use (the frames a
+        # template's nodes were copied from came in the same order), so that two calls of one function differ
+        calls = {id(frame): index for index, frame in enumerate(frames)}
         for data in itertools.islice(self._nodes, start, None):
             source = data.get("source")
             if isinstance(source, tuple):
                 data["function"] = source[2]
+                data["call"] = calls.get(source[3])
                 path = short.get(source[0])
                 if path is None:
                     path = short[source[0]] = _short_path(source[0])
@@ -116,6 +122,7 @@ class Graph:
             elif source is None:
                 data["source"] = ""
                 data.setdefault("function", "")
+                data.setdefault("call", None)
             scope = data.get("scope")
             data["scope"] = "/".join(scope) if scope else ""
         if not names:
@@ -165,7 +172,7 @@ class Graph:
         if isinstance(key, Tensor):
             live = self._live.get(id(key))
             if live is None or live[2] is not key:
-                raise KeyError("this tensor was not recorded in this graph")
+                raise KeyError(f"this tensor was not recorded in this graph: {self.owner_message(key)}")
             return live[0]
         if isinstance(key, str):
             if key in self._names:
@@ -198,11 +205,15 @@ class Graph:
         return nx.ancestors(self.nx, self.node_id(key)) | {self.node_id(key)}
 
     def owner_message(self, tensor: Tensor) -> str:
-        """Why a tensor is not in this graph: recorded by another graph, or by none."""
+        """Why a tensor is not in this graph: recorded by another graph (named as there), or by none."""
+        what = f"shape {tuple(tensor.shape)}, {str(tensor.dtype).replace('torch.', '')}"
         for other in list(_GRAPHS):
-            if other is not self and id(tensor) in other._live and other._live[id(tensor)][2] is tensor:
-                return "it belongs to another graph (recorded by a different tg.record() block)"
-        return "it belongs to no graph (it was not produced or used inside this tg.record() block)"
+            live = other._live.get(id(tensor)) if other is not self else None
+            if live is not None and live[2] is tensor:
+                return (f"it belongs to another graph, where it is {other._nodes[live[0]]['name']!r} ({what}; "
+                        f"recorded by a different tg.record() block)")
+        return (f"it belongs to no graph (a tensor of {what} that was not produced or used inside this "
+                f"tg.record() block)")
 
     # ---------------------------------------------------------------- the engine and friends
 
@@ -248,11 +259,11 @@ class Graph:
 
         return fuse(self, output, inputs, **options)
 
-    def save(self, path: Any, **options: Any) -> None:
-        """Write the graph as JSON or GraphML (see :func:`tensorgraph.serialize.save`)."""
+    def save(self, path: Any, **options: Any) -> Path:
+        """Write the graph as JSON or GraphML (see :func:`tensorgraph.serialize.save`); returns the path."""
         from .serialize import save
 
-        save(self, path, **options)
+        return save(self, path, **options)
 
     def __repr__(self) -> str:
         ops = sum(1 for d in self._nodes if d["kind"] == "op")

@@ -19,9 +19,10 @@ import os
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -47,6 +48,9 @@ _PACKAGE_DIR = os.path.dirname(__file__)
 _USER_SUBPACKAGES = (os.path.join(_PACKAGE_DIR, "makemore"), os.path.join(_PACKAGE_DIR, "lecture.py"))
 _internal_code: dict[Any, bool] = {}
 _DROPOUT = {torch.nn.functional.dropout, torch.dropout}
+# torch.autograd.Function.apply runs the Function's forward with grad disabled: its ops reach the recorder's
+# no-grad path; a frame running this code above such an op marks it as part of a custom Function's forward
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
 # calls that only read metadata (never a tensor): passed straight through, as cheaply as possible
 # (``emb.shape[0]`` and ``x.size(0)`` are everywhere in user code). Property getters compare equal per descriptor.
 _METADATA = frozenset(
@@ -115,6 +119,12 @@ class _Recorder(TorchFunctionMode):
         self.replay: _replay.Session | None = None  # matches the ops against the last recording from the same line
         self.nested = False  # entered while another torch function mode was active
         self.last_frame: types.FrameType | None = None  # the user's frame _source found last
+        self.entry_frame: types.FrameType | None = None  # the frame of the ``with tg.record()`` statement
+        # custom torch.autograd.Function calls: id(frame of Function.apply) -> (that frame, _CustomCall)
+        self.custom_calls: dict[int, tuple[types.FrameType, _CustomCall]] = {}
+        # tensors made inside a custom Function's forward: id -> (weak reference, the call); they become
+        # the call's node (with no rule) when used, or at the end of the block if still alive
+        self.custom_outputs: dict[int, tuple[weakref.ref, _CustomCall]] = {}
 
     # ---------------------------------------------------------------- interception
 
@@ -265,7 +275,13 @@ class _Recorder(TorchFunctionMode):
         target = args[0] if inplace and args and isinstance(args[0], Tensor) else None
         if target is None or id(target) not in self.graph._live:
             result = func(*args, **kwargs)
-            if not isinstance(result, Tensor) and getattr(func, "__name__", None) in _VALUE_READS:
+            if isinstance(result, (Tensor, tuple, list)):
+                custom = self._custom_call()
+                if custom is not None:  # made by a custom Function's forward: not a constant
+                    for out in (result,) if isinstance(result, Tensor) else result:
+                        if isinstance(out, Tensor):
+                            self.custom_outputs[id(out)] = (weakref.ref(out), custom)
+            elif getattr(func, "__name__", None) in _VALUE_READS:
                 self.graph._reads_values = True
             return result
         with _Bookkeeping():
@@ -277,9 +293,71 @@ class _Recorder(TorchFunctionMode):
             self._add_constant_version(target, entry[0].name if entry else func_name(func), source, previous)
         return result
 
+    def _custom_call(self) -> _CustomCall | None:
+        """The custom ``torch.autograd.Function`` whose forward made the current no-grad call, if any.
+
+        Its forward runs with grad disabled, like a ``torch.no_grad()`` block, but its outputs are not
+        constants: torch differentiates them with the Function's own backward, which tensorgraph cannot
+        use. Only the no-grad path pays for this look at the frames between the call and the block.
+        """
+        frame = sys._getframe(2)
+        stop = self.entry_frame
+        while frame is not None and frame is not stop:
+            if frame.f_code is _FUNCTION_APPLY:
+                known = self.custom_calls.get(id(frame))
+                if known is not None and known[0] is frame:
+                    return known[1]
+                with _Bookkeeping():
+                    custom = self._custom_call_of(frame)
+                self.custom_calls[id(frame)] = (frame, custom)
+                if self.replay is not None:  # templates do not replay custom Functions
+                    self.replay._stop()
+                return custom
+            frame = frame.f_back
+        return None
+
+    def _custom_call_of(self, frame: types.FrameType) -> _CustomCall:
+        """The call ``cls.apply(*args, **kwargs)`` running in ``frame``, its tensor arguments as Refs."""
+        local = frame.f_locals
+        cls = local.get("cls")
+        inputs: list[int] = []
+        args = tuple(self._refs_unchecked(a, inputs) for a in local.get("args", ()))
+        kwargs = {k: self._refs_unchecked(v, inputs) for k, v in (local.get("kwargs") or {}).items()}
+        user = frame.f_back
+        while user is not None and _is_internal(user.f_code):
+            user = user.f_back
+        source = ("<unknown>", 0, "", 0) if user is None else (
+            user.f_code.co_filename, user.f_lineno, user.f_code.co_name, id(user))
+        if user is not None:
+            self.frames.setdefault(id(user), user)
+        name = getattr(cls, "__qualname__", None) or func_name(cls)
+        reason = (f"the custom torch.autograd.Function {name} has no gradient rule (tensorgraph sees its "
+                  f"forward as a no-grad block and cannot use its backward); write its forward as torch ops "
+                  f"in the recorded code, or .detach() its output if no gradient should flow through it")
+        return _CustomCall(cls, args, kwargs, inputs, source, _scope_stack(), reason)
+
+    def _add_custom_node(self, tensor: Tensor, custom: _CustomCall) -> int:
+        """The node of an output of a custom Function: its call, with no rule (a gradient through it raises)."""
+        graph = self.graph
+        cls = custom.cls
+        node = graph._add_node(
+            op=getattr(cls, "__name__", "Function"), kind="op", value=tensor, version=tensor._version,
+            func=getattr(cls, "apply", None), args=custom.args, kwargs=custom.kwargs, source=custom.source,
+            scope=custom.scope, inputs=custom.inputs, unsupported=custom.reason)
+        graph._live[id(tensor)] = (node, tensor._version, tensor)
+        return node
+
+    def _add_custom_outputs(self) -> None:
+        """At the end of the block: custom Function outputs never used in it (the loss itself) get their nodes."""
+        for ref, custom in self.custom_outputs.values():
+            tensor = ref()
+            if tensor is not None and id(tensor) not in self.graph._live:
+                self._add_custom_node(tensor, custom)
+
     # ---------------------------------------------------------------- bookkeeping
 
-    def _source(self) -> tuple[str, int, str]:
+    def _source(self) -> tuple[str, int, str, int]:
+        """The user's file, line and function of the current call, and the id of their frame (tells calls apart)."""
         frame = sys._getframe(1)
         known = _internal_code.get
         while frame is not None:
@@ -291,9 +369,9 @@ class _Recorder(TorchFunctionMode):
             frame = frame.f_back
         self.last_frame = frame
         if frame is None:
-            return ("<unknown>", 0, "")
-        self.frames.setdefault(id(frame), frame)
-        return (frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
+            return ("<unknown>", 0, "", 0)
+        self.frames.setdefault(id(frame), frame)  # kept to the end of the block: its id is that call's alone
+        return (frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, id(frame))
 
     def _snapshot(self, tensor: Tensor) -> None:
         """Keep the value a tensor has before an in-place change, for the rules of the ops that used it."""
@@ -311,6 +389,10 @@ class _Recorder(TorchFunctionMode):
             if check and (tensor._version != live[1] or id(tensor) in self.view_written):
                 self._untracked_change(tensor, live, allow_view_write)
             return live[0]
+        if self.custom_outputs:
+            custom = self.custom_outputs.get(id(tensor))
+            if custom is not None and custom[0]() is tensor:
+                return self._add_custom_node(tensor, custom[1])
         if tensor.is_inference():
             raise RuntimeError(
                 f"tensorgraph: an input of the call at {_where(self._source())} was created under "
@@ -460,6 +542,18 @@ class _Recorder(TorchFunctionMode):
         return value
 
 
+class _CustomCall(NamedTuple):
+    """One call of a custom ``torch.autograd.Function`` in the block, as its output nodes record it."""
+
+    cls: Any
+    args: tuple
+    kwargs: dict
+    inputs: list[int]
+    source: tuple[str, int, str, int]
+    scope: tuple[str, ...]
+    reason: str  # the error a gradient through it raises
+
+
 def _attrs(op: Op, args: tuple, kwargs: dict) -> dict[str, Any]:
     """``op.attrs(args, kwargs)`` without the tensor arguments (Refs), in one pass: the recorder's hot path."""
     params = op.params
@@ -535,6 +629,7 @@ class record:
                                "keep no version counter); use torch.no_grad() instead")
         if not self.graph.anomaly:  # the last recording from this line is this one's template (tensorgraph.replay)
             self._mode.replay = _replay.session(sys._getframe(1), self.graph)
+        self._mode.entry_frame = sys._getframe(1)
         self._mode.nested = torch._C._len_torch_function_stack() > 0
         self._mode.__enter__()
         self.graph._recording = True
@@ -544,6 +639,8 @@ class record:
         self._mode.__exit__(exc_type, exc, tb)
         self.graph._recording = False
         with _Bookkeeping():
+            if self._mode.custom_outputs:
+                self._mode._add_custom_outputs()
             caller = sys._getframe(1)
             frames = list(self._mode.frames.values())
             session, self._mode.replay = self._mode.replay, None
@@ -562,4 +659,6 @@ class record:
                     session.remember(found, stamps.layout())  # (a template serves either setting)
         self._mode.frames.clear()
         self._mode.data_of.clear()
-        self._mode.last_frame = None
+        self._mode.custom_calls.clear()
+        self._mode.custom_outputs.clear()
+        self._mode.last_frame = self._mode.entry_frame = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,17 +57,27 @@ COLORS = {
 }
 STATUSES = ("exact", "approximate", "wrong", "ok", "first error", "downstream of the error")
 _MUTED = "#555555"
+# seconds Graphviz may spend on one picture before render stops it (render's timeout=)
+TIMEOUT = 60.0
+# dot turns an edge spanning k ranks into a chain of k-1 virtual nodes, and its layout time grows faster than
+# their count: ~4,000 take seconds, ~9,000 a minute. A parameter used at every step of an unrolled loop makes
+# that many (one edge from the top to each step); above this many, such sources get one box per use instead
+LONG_EDGE_BUDGET = 2000
 
 
 class GraphvizNotFoundError(FileNotFoundError):
     """Graphviz's ``dot`` program is not installed; the DOT source was written beside the target."""
 
 
+class RenderTimeoutError(TimeoutError):
+    """Graphviz's layout ran longer than render's ``timeout``; the DOT source was written beside the target."""
+
+
 def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "forward",
            grads: Gradients | None = None, loss: Any = None, compare: Any = None, check: Any = None,
            values: bool = False, collapse: Iterable[str] | str | None = None, depth: int | None = None,
            cluster: str | None = "auto", rankdir: str = "TB", legend: bool = True, title: str | None = None,
-           dpi: int | None = None) -> graphviz.Digraph | Path:
+           dpi: int | None = None, timeout: float | None = TIMEOUT) -> graphviz.Digraph | Path:
     """Draw ``graph``; with ``path``, write the picture there and return the path.
 
     Args:
@@ -85,16 +96,22 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
             computed from it.
         values: show each tensor's mean, std, min and max.
         collapse: cluster names (``tg.scope`` names, or function names with
-            ``cluster="function"``) to draw as one box each.
+            ``cluster="function"``: each call of it, ``block#2`` one call) to draw as one box each.
         depth: draw only the nodes at most this many ops away from the loss.
-        cluster: group nodes by "scope" (``tg.scope`` blocks), by "function", not at all
-            (None), or "auto" (scopes if any were recorded, else functions if ops come from
-            several functions).
+        cluster: group nodes by "scope" (``tg.scope`` blocks), by "function" (one cluster
+            per call: ``block``, ``block#2`` ...), not at all (None), or "auto" (scopes if
+            any were recorded, else functions if ops come from several functions).
         rankdir: "TB" (top to bottom), "LR", "BT" or "RL".
         legend: add a legend of the colours used.
         title: a line of text above the legend.
         dpi: resolution of PNG output.
+        timeout: seconds Graphviz may take to lay the picture out (None: no limit). Past it,
+            ``RenderTimeoutError`` says how to draw less; the DOT source is written beside
+            ``path``. Without ``path`` there is no layout here, so no limit.
     """
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise ValueError(f"render: timeout must be a positive number of seconds or None, got {timeout!r}")
     target, fmt = output_format(path) if path is not None else (None, None)
     options = _Options.parse(graph, view=view, grads=grads, loss=loss, compare=compare, check=check, values=values,
                              collapse=collapse, depth=depth, cluster=cluster, rankdir=rankdir)
@@ -107,16 +124,19 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
     dot = emit(drawing, options, legend=legend, title=title, dpi=dpi)
     if target is None:
         return dot
-    return write(dot, target, fmt)
+    return write(dot, target, fmt, timeout)
 
 
 def mimebundle(graph: Graph) -> dict[str, Any]:
     """What Jupyter shows for a Graph: the forward view as SVG (text only without Graphviz)."""
     bundle: dict[str, Any] = {"text/plain": repr(graph)}
     try:
-        bundle["image/svg+xml"] = render(graph).pipe(format="svg", encoding="utf-8")
-    except graphviz.ExecutableNotFound:
+        bundle["image/svg+xml"] = layout(render(graph), "svg", TIMEOUT).decode("utf-8")
+    except FileNotFoundError:
         bundle["text/plain"] += f"\n(Graphviz's `dot` program was not found: {INSTALL_HINT} to see the graph)"
+    except subprocess.TimeoutExpired:
+        bundle["text/plain"] += (f"\n(Graphviz's dot did not lay this graph out in {TIMEOUT:g} s: "
+                                 f"{_DRAW_LESS})")
     return bundle
 
 
@@ -200,25 +220,53 @@ def output_format(path: str | os.PathLike) -> tuple[Path, str]:
     return target, fmt
 
 
-def write(dot: graphviz.Digraph, target: Path, fmt: str) -> Path:
+_DRAW_LESS = ("draw less of it with graph.render(path, depth=k) (the k ops nearest the loss) or collapse=[...] "
+              "(a cluster as one box: clusters come from tg.scope blocks or cluster='function')")
+
+
+def write(dot: graphviz.Digraph, target: Path, fmt: str, timeout: float | None = TIMEOUT) -> Path:
     """Write the picture (or, for .dot, its source); without ``dot``, write the source and say how to get it."""
     if fmt == "dot":
         target.write_text(dot.source, encoding="utf-8")
         return target
     try:
-        data = dot.pipe(format=fmt)
-    except graphviz.ExecutableNotFound:
-        source = target.with_suffix(".dot")
-        source.write_text(dot.source, encoding="utf-8")
+        data = layout(dot, fmt, timeout)
+    except FileNotFoundError:
+        source = _write_source(dot, target)
         raise GraphvizNotFoundError(
             f"render: Graphviz's `dot` program was not found, so {str(target)!r} could not be drawn; "
             f"the DOT source was written to {str(source)!r}. To draw pictures, {INSTALL_HINT}") from None
-    except graphviz.CalledProcessError as err:
+    except subprocess.TimeoutExpired:
+        source = _write_source(dot, target)
+        raise RenderTimeoutError(
+            f"render: Graphviz's dot did not finish laying out {str(target)!r} in {timeout:g} s and was stopped "
+            f"(the DOT source was written to {str(source)!r}); {_DRAW_LESS}, or pass timeout=None to wait "
+            f"longer") from None
+    except subprocess.CalledProcessError as err:
         detail = (err.stderr or b"").decode(errors="replace").strip().splitlines()
         raise RuntimeError(f"render: Graphviz's dot failed on {str(target)!r}: "
                            f"{detail[-1] if detail else err}") from None
     target.write_bytes(data)
     return target
+
+
+def layout(dot: graphviz.Digraph, fmt: str, timeout: float | None) -> bytes:
+    """Run Graphviz on the source, stopped after ``timeout`` seconds (the graphviz package's pipe has no limit).
+
+    Raises ``FileNotFoundError`` without the program, ``subprocess.TimeoutExpired`` past the
+    limit (the process is killed), ``subprocess.CalledProcessError`` when it fails.
+    """
+    done = subprocess.run([dot.engine, f"-T{fmt}"], input=dot.source.encode(dot.encoding or "utf-8"),
+                          capture_output=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout, done.stderr)
+    return done.stdout
+
+
+def _write_source(dot: graphviz.Digraph, target: Path) -> Path:
+    source = target.with_suffix(".dot")
+    source.write_text(dot.source, encoding="utf-8")
+    return source
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -379,6 +427,7 @@ class Box:
     summary: str = ""  # "hprebn 32×64", for the box of a collapsed cluster
     is_op: bool = True
     attrs: dict[str, str] = field(default_factory=dict)
+    shared: bool = False  # a leaf or constant that may be drawn once per use (see _one_box_per_use)
 
 
 @dataclass
@@ -389,6 +438,7 @@ class Drawing:
     edges: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     cluster_labels: dict[tuple[str, ...], str] = field(default_factory=dict)
     collapsible: set[tuple[str, ...]] = field(default_factory=set)
+    functions: dict[str, str] = field(default_factory=dict)  # "block#2" -> "block": collapse= names every call
     legend: dict[str, str] = field(default_factory=dict)  # text -> fill colour
     title: str = ""
 
@@ -423,13 +473,36 @@ def small_row(text: str, color: str = "#333333") -> str:
     return f'<font point-size="9" color="{color}">{esc(text)}</font>'
 
 
-def cluster_path(data: dict[str, Any], mode: str | None) -> tuple[str, ...]:
-    """The clusters a node belongs to: its ``tg.scope`` path, or its function."""
+def cluster_path(data: dict[str, Any], mode: str | None, calls: dict[tuple, str] | None = None) -> tuple[str, ...]:
+    """The clusters a node belongs to: its ``tg.scope`` path, or the call of its function (see :func:`call_names`)."""
     if mode == "scope":
         return tuple(part for part in (data.get("scope") or "").split("/") if part)
     if mode == "function":
-        return (data["function"],) if data.get("function") else ()
+        function = data.get("function")
+        if not function:
+            return ()
+        return (calls.get((function, data.get("call")), function) if calls else function,)
     return ()
+
+
+def call_names(graph: Graph) -> dict[tuple[str, int | None], str]:
+    """Each call of a function that ran ops, as a cluster name: ``block``, then ``block#2``, ``block#3`` ...
+
+    Keyed by (function, call): a node's ``call`` tells the calls of one function apart (None in
+    graphs saved before nodes had it: one cluster per function, as then).
+    """
+    calls = {(data["function"], data.get("call")) for data in graph._nodes if data.get("function")}
+    names: dict[tuple[str, int | None], str] = {}
+    count: dict[str, int] = {}
+    for function, call in sorted(calls, key=lambda key: (key[1] is None, key[1] or 0, key[0])):
+        index = count[function] = count.get(function, 0) + 1
+        names[(function, call)] = function if index == 1 else f"{function}#{index}"
+    return names
+
+
+def function_of_call(calls: dict[tuple[str, int | None], str]) -> dict[str, str]:
+    """Cluster name -> its function (``block#2`` -> ``block``), so that ``collapse=["block"]`` names every call."""
+    return {name: function for (function, _), name in calls.items()}
 
 
 def cluster_mode(graph: Graph, mode: str | None) -> str | None:
@@ -557,10 +630,11 @@ def forward_drawing(graph: Graph, options: _Options) -> Drawing:
         near = distances(graph, losses or _sinks(graph, shown), options.depth)
         shown &= set(near)
     mode = cluster_mode(graph, options.cluster)
-    paths = _forward_paths(graph, shown, mode)
+    calls = call_names(graph) if mode == "function" else None
+    paths = _forward_paths(graph, shown, mode, calls)
     status = statuses(graph, options)
     grads = options.grads.by_node if options.grads is not None else {}
-    drawing = Drawing()
+    drawing = Drawing(functions=function_of_call(calls) if calls else {})
     name = lambda node: nodes[node]["name"]  # noqa: E731
     for node in sorted(shown):
         data = nodes[node]
@@ -575,7 +649,7 @@ def forward_drawing(graph: Graph, options: _Options) -> Drawing:
         fill = COLORS[status[node][0]] if node in status else COLORS[role]
         box = Box(f"n{node}", rows, fill, paths.get(node, ()), tooltip=_tooltip(data, name),
                   summary=f"{data['name']} {shape_text(data['shape'])}", is_op=data["kind"] == "op",
-                  attrs=_role_attrs(role))
+                  attrs=_role_attrs(role), shared=data["kind"] != "op" and not data["inputs"])
         drawing.add(box, legend=None)
         drawing.legend.setdefault(_ROLE_TEXT[role], COLORS[role])
         if node in status:
@@ -621,16 +695,17 @@ def _sinks(graph: Graph, shown: set[int]) -> set[int]:
     return {node for node in shown if nxg.out_degree(node) == 0}
 
 
-def _forward_paths(graph: Graph, shown: set[int], mode: str | None) -> dict[int, tuple[str, ...]]:
+def _forward_paths(graph: Graph, shown: set[int], mode: str | None,
+                   calls: dict[tuple, str] | None) -> dict[int, tuple[str, ...]]:
     """Each node's cluster; a leaf joins the deepest cluster all its consumers share."""
     nodes = graph._nodes
-    paths = {node: cluster_path(nodes[node], mode) for node in shown if nodes[node]["inputs"]}
+    paths = {node: cluster_path(nodes[node], mode, calls) for node in shown if nodes[node]["inputs"]}
     nxg = graph.nx
     for node in shown:
         if node in paths:
             continue
         consumer_paths = [paths.get(c, ()) for c in nxg.successors(node) if c in shown]
-        paths[node] = _common_prefix(consumer_paths) if consumer_paths else cluster_path(nodes[node], mode)
+        paths[node] = _common_prefix(consumer_paths) if consumer_paths else cluster_path(nodes[node], mode, calls)
     return paths
 
 
@@ -674,6 +749,8 @@ def emit(drawing: Drawing, options: _Options, *, legend: bool = True, title: str
          dpi: int | None = None) -> graphviz.Digraph:
     """The graphviz.Digraph of a drawing: nested clusters, collapsed clusters as one box each."""
     boxes, edges = collapse_clusters(drawing, options.collapse)
+    if _long_edge_ranks(boxes, edges) > LONG_EDGE_BUDGET:
+        boxes, edges = _one_box_per_use(boxes, edges)
     dot = graphviz.Digraph(
         "tensorgraph",
         graph_attr={"rankdir": options.rankdir, "fontname": "Helvetica", "nodesep": "0.25", "ranksep": "0.35",
@@ -716,7 +793,8 @@ def collapse_clusters(drawing: Drawing, names: frozenset[str]) -> tuple[list[Box
     """Replace every cluster named in ``names`` by one box; edges into and out of it are kept once."""
     if not names:
         return list(drawing.boxes.values()), drawing.edges
-    available = {"/".join(path) for path in drawing.collapsible} | {path[-1] for path in drawing.collapsible}
+    available = ({"/".join(path) for path in drawing.collapsible} | {path[-1] for path in drawing.collapsible}
+                 | {drawing.functions[path[-1]] for path in drawing.collapsible if path[-1] in drawing.functions})
     unknown = sorted(set(names) - available)
     if unknown:
         listing = ", ".join(sorted("/".join(p) for p in drawing.collapsible)) or (
@@ -727,7 +805,8 @@ def collapse_clusters(drawing: Drawing, names: frozenset[str]) -> tuple[list[Box
     for box in drawing.boxes.values():
         for i in range(1, len(box.cluster) + 1):
             if box.cluster[:i] in drawing.collapsible and (
-                    "/".join(box.cluster[:i]) in names or box.cluster[i - 1] in names):
+                    "/".join(box.cluster[:i]) in names or box.cluster[i - 1] in names
+                    or drawing.functions.get(box.cluster[i - 1]) in names):
                 owner[box.key] = box.cluster[:i]
                 break
     merged = {path: f"collapsed{index}" for index, path in enumerate(sorted(set(owner.values())))}
@@ -749,6 +828,63 @@ def collapse_clusters(drawing: Drawing, names: frozenset[str]) -> tuple[list[Box
         inside = [box for box in drawing.boxes.values() if owner.get(box.key) == path]
         boxes.append(_collapsed_box(key, path, inside, leaving.get(path, []), drawing))
     return boxes, edges
+
+
+def _long_edge_ranks(boxes: list[Box], edges: list[tuple[str, str, dict]]) -> int:
+    """About how many virtual nodes dot's layout will make: the ranks that edges skip.
+
+    Ranks as dot assigns them, roughly: the longest path from a source, and each source
+    just above its first consumer.
+    """
+    consumers: dict[str, list[str]] = {box.key: [] for box in boxes}
+    waiting = dict.fromkeys(consumers, 0)
+    for tail, head, _ in edges:
+        consumers[tail].append(head)
+        waiting[head] += 1
+    rank = dict.fromkeys(consumers, 0)
+    ready = [key for key, count in waiting.items() if count == 0]
+    sources = list(ready)
+    while ready:
+        key = ready.pop()
+        for head in consumers[key]:
+            rank[head] = max(rank[head], rank[key] + 1)
+            waiting[head] -= 1
+            if waiting[head] == 0:
+                ready.append(head)
+    for key in sources:
+        if consumers[key]:
+            rank[key] = min(rank[head] for head in consumers[key]) - 1
+    return sum(max(0, rank[head] - rank[tail] - 1) for tail, head, _ in edges)
+
+
+_Edges = list[tuple[str, str, dict]]
+
+
+def _one_box_per_use(boxes: list[Box], edges: _Edges) -> tuple[list[Box], _Edges]:
+    """Draw each shared leaf or constant (a weight used at every step) again beside each of its uses.
+
+    Its edges would cross the whole picture, and dot's layout time explodes with them.
+    """
+    by_key = {box.key: box for box in boxes}
+    uses: dict[str, int] = {}
+    for tail, _, _ in edges:
+        uses[tail] = uses.get(tail, 0) + 1
+    spread = {key for key, count in uses.items() if count > 1 and by_key[key].shared}
+    if not spread:
+        return boxes, edges
+    kept = [box for box in boxes if box.key not in spread]
+    seen: dict[str, int] = {}
+    new_edges = []
+    for tail, head, attrs in edges:
+        if tail in spread:
+            index = seen[tail] = seen.get(tail, 0) + 1
+            box = by_key[tail]
+            note = small_row(f"use {index} of {uses[tail]} (drawn at each use)", _MUTED)
+            kept.append(Box(f"{tail}_use{index}", box.rows + [note], box.fill, by_key[head].cluster, box.tooltip,
+                            box.summary, box.is_op, box.attrs, shared=True))
+            tail = f"{tail}_use{index}"
+        new_edges.append((tail, head, attrs))
+    return kept, new_edges
 
 
 def _collapsed_box(key: str, path: tuple[str, ...], inside: list[Box], leaving: list[str], drawing: Drawing) -> Box:
@@ -785,5 +921,5 @@ def _legend(drawing: Drawing, title: str) -> str:
     return f'<<table border="0" cellspacing="4" cellborder="0">{heading}{body}</table>>'
 
 
-__all__ = ["render", "mimebundle", "GraphvizNotFoundError", "FORMATS", "expression", "shape_text",
-           "value_summary", "grad_summary"]
+__all__ = ["render", "mimebundle", "GraphvizNotFoundError", "RenderTimeoutError", "FORMATS", "expression",
+           "shape_text", "value_summary", "grad_summary"]

@@ -24,10 +24,12 @@ from .render import (
     COLORS,
     Box,
     Drawing,
+    call_names,
     cluster_mode,
     cluster_path,
     distances,
     expression,
+    function_of_call,
     grad_summary,
     name_row,
     op_row,
@@ -71,6 +73,7 @@ class _Backward:
             if holder is not None:
                 self.final.setdefault(holder, []).append(node)
         self.owner = self._owners()
+        self.calls: dict[tuple, str] | None = None  # the clusters of function calls (cluster="function")
         self.partial: dict[int, tuple[int, int]] = {}  # adjoint node -> (forward source, consumer)
         self.accumulation: dict[int, tuple[int, int, int, int]] = {}  # -> (source, k, n, consumer)
         self._contributions()
@@ -139,8 +142,9 @@ class _Backward:
 
     def draw(self) -> Drawing:
         options = self.options
-        drawing = Drawing()
         mode = cluster_mode(self.graph, options.cluster)
+        self.calls = call_names(self.graph) if mode == "function" else None
+        drawing = Drawing(functions=function_of_call(self.calls) if self.calls else {})
         near = distances(self.graph, [options.root], options.depth) if options.depth is not None else None
         status = statuses(self.graph, options)
         shown: set[int] = set()
@@ -246,7 +250,7 @@ class _Backward:
         consumer = self.owner.get(a)
         if consumer is None:
             return ()
-        scope = cluster_path(self.fwd[consumer], mode)
+        scope = cluster_path(self.fwd[consumer], mode, self.calls)
         for i in range(1, len(scope) + 1):
             drawing.cluster_labels.setdefault(scope[:i], scope[i - 1])
             drawing.collapsible.add(scope[:i])

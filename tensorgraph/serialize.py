@@ -44,7 +44,7 @@ SUFFIXES = {".json": "json", ".graphml": "graphml"}
 
 # keys whose values are structured (lists, dicts, tagged values): JSON text inside GraphML attributes
 _STRUCTURED = ("shape", "inputs", "attrs", "args", "kwargs", "bargs", "bkwargs", "result", "value", "previous",
-               "output_index", "unsupported", "func")
+               "output_index", "unsupported", "func", "call")
 _REQUIRED = ("name", "op", "kind", "shape", "dtype", "inputs")
 _ROOTS = ("torch", "tensorgraph")  # the only packages a saved callable may name
 
@@ -131,7 +131,7 @@ def _node_record(data: dict[str, Any], siblings: list[int] | None, values: bool)
         "name": data["name"], "named": bool(data["named"]), "op": data["op"], "kind": data["kind"],
         "shape": list(data["shape"]), "dtype": _dtype_name(data["dtype"]), "inputs": list(data["inputs"]),
         "attrs": encode(data.get("attrs") or {}), "source": data.get("source") or "",
-        "function": data.get("function") or "", "scope": data.get("scope") or "",
+        "function": data.get("function") or "", "call": data.get("call"), "scope": data.get("scope") or "",
         "inplace": bool(data.get("inplace")), "previous": data.get("previous"),
         "output_index": data.get("output_index"), "unsupported": unsupported,
         "func": func_path(data["func"]) if data.get("func") is not None else None,
@@ -154,6 +154,11 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
         elif value is not None:
             flat[key] = value
     return flat
+
+
+def _call_index(value: Any) -> int | None:
+    """A node's "call" (which call of its function made it, for drawing); files written before it have none."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -396,7 +401,8 @@ def _node_data(path: Path, node: int, record: dict[str, Any], with_values: bool)
     return {
         "name": str(record["name"]), "named": bool(record.get("named", False)), "op": str(record["op"]),
         "kind": record["kind"], "attrs": attrs, "source": str(record.get("source") or ""),
-        "function": str(record.get("function") or ""), "scope": str(record.get("scope") or ""), "func": func,
+        "function": str(record.get("function") or ""), "call": _call_index(record.get("call")),
+        "scope": str(record.get("scope") or ""), "func": func,
         "args": args, "kwargs": kwargs, "bargs": bargs, "bkwargs": bkwargs,
         "inplace": bool(record.get("inplace", False)), "previous": record.get("previous"),
         "output_index": record.get("output_index"), "result": result, "unsupported": unsupported,

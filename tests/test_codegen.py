@@ -82,6 +82,26 @@ def test_grad_seed_and_inplace_forward():
     _run_and_compare(graph, z, seed)
 
 
+def test_code_seeded_with_a_grad_at_any_output_runs_as_documented():
+    """backward_source("h", grad=g) reads dh: codegen.run(src, graph, grad=g) put g in dloss (NameError)."""
+    g = torch.Generator().manual_seed(0)
+    x, W = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)  # noqa: N806
+    seed = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    W_ref = W.clone().requires_grad_()  # noqa: N806
+    torch.tanh(x @ W_ref).backward(seed)  # torch autograd: the truth
+    with tg.record() as graph:
+        h = torch.tanh(x @ W)
+        loss = (h**2).sum()
+        dh = loss * 2  # a forward tensor named dh: the seed's variable becomes grad_h
+    for comments in (True, False):
+        source = graph.backward_source(h, grad=seed, comments=comments)
+        assert "grad_h" in source
+        torch.testing.assert_close(codegen.run(source, graph, grad=seed)["dW"], W_ref.grad, rtol=0, atol=1e-15)
+    assert dh is not None
+    with pytest.raises(ValueError, match="reads no seed gradient.*generated without grad="):
+        codegen.run(graph.backward_source(loss), graph, grad=torch.tensor(1.0, dtype=torch.float64))
+
+
 def test_one_tensor_used_twice_gets_two_statements():
     x = torch.randn(5, dtype=torch.float64)
     with tg.record() as graph:

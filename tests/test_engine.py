@@ -2,6 +2,7 @@
 
 import itertools
 import threading
+import types
 
 import networkx as nx
 import pytest
@@ -59,6 +60,46 @@ def test_lecture_forward_all_26_gradients_match_torch():
     assert torch.equal(grads["hprebn"], grads[hprebn])
     assert torch.equal(grads[W1], grads["dW1"])
     assert grads[C].shape == C.shape and grads["bngain"].shape == (1, 64)
+
+
+def _steps_away(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x moved k representable values up (torch.nextafter, one step at a time): exactly k ulps away."""
+    up = torch.full_like(x, float("inf"))
+    for _ in range(k):
+        x = torch.nextafter(x, up)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_compare_counts_ulps_exactly(dtype):
+    """A float64 distance was rounded through a double: 1 ulp showed as 0, 100 as 0 or 1024."""
+    from tensorgraph.compare import _ulps
+
+    a = torch.tensor([0.1, -3.0, 1e-3], dtype=dtype)
+    for k in (0, 1, 2, 3, 100, 1025):
+        assert _ulps(a, _steps_away(a, k)) == k
+        assert _ulps(_steps_away(a, k), a) == k
+    tiny = torch.tensor([0.0], dtype=dtype)
+    assert _ulps(_steps_away(tiny, 1), -_steps_away(tiny, 1)) == 2  # across zero: +0 and -0 are one value
+    # max and -max: twice the count of positive finite values (float64's is capped at 2**62)
+    huge = torch.tensor([torch.finfo(dtype).max], dtype=dtype)
+    positive = {torch.float64: 1 << 62, torch.float32: 0x7F7FFFFF, torch.float16: 0x7BFF, torch.bfloat16: 0x7F7F}
+    assert _ulps(huge, -huge) == min(2 * positive[dtype], 1 << 62)
+
+
+def test_compare_table_columns_line_up_whatever_the_names():
+    """A name longer than 15 characters pushed its row's columns out of line."""
+    x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    with tg.record() as graph:
+        hidden_activations_of_the_encoder = torch.tanh(x * w)
+        loss = hidden_activations_of_the_encoder.sum()
+    lines = str(graph.compare(loss)).splitlines()[1:]
+    assert len(lines) == 3 and len({line.index("| exact:") for line in lines}) == 1
+    assert lines[0].index("| exact:") == len("hidden_activations_of_the_encoder") + 1
+    with tg.record() as graph:
+        y = x * w
+        loss = y.sum()
+    assert {line.index("| exact:") for line in str(graph.compare(loss)).splitlines()[1:]} == {16}  # as it was
 
 
 def test_lecture_names_and_node_attributes():
@@ -479,6 +520,29 @@ def test_names_through_objects_by_how_their_attributes_are_stored():
     names = [graph.node(n)["name"] for n in range(len(graph)) if graph.node(n)["kind"] == "leaf"]
     assert names == ["plain.w", "slotted.w", "leaf_1"]
     assert out is not None and tensors is not None
+
+
+def test_names_reach_three_steps_into_objects_as_documented():
+    """docs/api.md: ``n.layers[0].b`` (3 steps) is named; micrograd's ``n.layers[0].neurons[1].w[2]`` (6) is not,
+    unless a flat list of the parameters is in a variable. Deeper walks cost 20% to 3x of a recording."""
+
+    class Neuron:
+        def __init__(self, seed):
+            self.w = [torch.tensor(0.5 + k + seed, dtype=D) for k in range(3)]
+
+    class Layer:
+        def __init__(self):
+            self.neurons = [Neuron(0), Neuron(10)]
+            self.b = torch.tensor(1.0, dtype=D)
+
+    n = types.SimpleNamespace(layers=[Layer()])
+    with tg.record() as graph:
+        out = n.layers[0].b * n.layers[0].neurons[1].w[2]
+    assert graph.name_of(n.layers[0].b) == "n.layers[0].b" and graph.name_of(n.layers[0].neurons[1].w[2]) == "leaf_1"
+    params = [p for neuron in n.layers[0].neurons for p in neuron.w]
+    with tg.record() as graph:
+        out = n.layers[0].b * n.layers[0].neurons[1].w[2]
+    assert graph.name_of(n.layers[0].neurons[1].w[2]) == "params[5]" and len(params) == 6 and out is not None
 
 
 def test_names_through_user_objects_not_through_library_objects():

@@ -116,6 +116,64 @@ def test_an_unsupported_op_off_the_loss_path_does_not_matter():
     torch.testing.assert_close(graph.backward(loss)[x], torch.full((4,), 2.0, dtype=D))
 
 
+class _Square(torch.autograd.Function):
+    """A custom autograd Function: torch differentiates it with its backward, tensorgraph has no rule."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a * a
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return 2 * a * g
+
+
+class _Sum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a):
+        ctx.shape = a.shape
+        return a.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.expand(ctx.shape)
+
+
+def test_a_custom_autograd_function_is_refused_not_cut_off():
+    """Its forward runs with grad disabled: its output was a new leaf, and W silently got no gradient."""
+    x, W = r(4, 4), r(4, 4, seed=1)
+    assert torch_grads(lambda w: _Square.apply(x @ w).sum(), W)[0].abs().sum() > 0  # torch: W matters
+    for _ in range(3):  # the same line again: the recording templates must not lose it either
+        with tg.record() as graph:
+            h = x @ W
+            line = next_line()
+            sq = _Square.apply(h)
+            loss = sq.sum()
+        assert graph.node(sq)["op"] == "_Square" and graph.node(sq)["inputs"] == [graph.node_id(h)]
+        message = rf"Function _Square has no gradient rule.*\(called at .*{at(line)}, producing 'sq'\)"
+        with pytest.raises(NotImplementedError, match=message):
+            graph.backward(loss)
+        with pytest.raises(NotImplementedError, match=message):
+            graph.compare(loss)
+
+
+def test_a_custom_autograd_function_as_the_loss_or_off_the_loss_path():
+    x, W = r(4, 4), r(4, 4, seed=1)
+    with tg.record() as graph:
+        line = next_line()
+        loss = _Sum.apply(x @ W)  # never used inside the block: its node is made at the end
+    with pytest.raises(NotImplementedError, match=rf"Function _Sum has no gradient rule.*{at(line)}, producing 'loss'"):
+        graph.backward(loss)
+    with tg.record() as graph:
+        _Square.apply(x @ W)
+        with torch.no_grad():  # a no_grad block is still a constant
+            scale = (x @ W).sum(0)
+        loss = (scale * W).sum()
+    torch.testing.assert_close(graph.backward(loss)[W], scale.expand(4, 4))
+
+
 # ---------------------------------------------------------------- what backward is given
 
 
@@ -155,6 +213,25 @@ def test_loss_from_no_graph_or_another_graph():
     with pytest.raises(ValueError, match="belongs to no graph"):
         graph.backward(torch.ones(()))
     assert other.backward(elsewhere)[x].shape == (3,) and graph.backward(loss)[x].shape == (3,)
+
+
+def test_gradients_looked_up_with_a_tensor_of_another_graph_name_it():
+    """grads[W] with W from another graph said only "this tensor was not recorded in this graph"."""
+    x, W = r(4, 4), r(4, 4, seed=1)  # noqa: N806
+    with tg.record() as first:
+        a = x @ W
+    with tg.record() as second:
+        loss = (a * 2).sum()  # a is a leaf here; W is not in this graph at all
+    grads = second.backward(loss)
+    with pytest.raises(KeyError, match=r"not recorded in this graph: it belongs to another graph, where it is 'W' "
+                                       r"\(shape \(4, 4\), float64"):
+        grads[W]
+    with pytest.raises(KeyError, match=r"it belongs to no graph \(a tensor of shape \(2,\), float32"):
+        grads[torch.zeros(2)]
+    with pytest.raises(ValueError, match=r"belongs to another graph, where it is 'W'"):
+        second.render(loss=W)
+    torch.testing.assert_close(grads[a], torch.full((4, 4), 2.0, dtype=D))
+    assert first.node(W)["name"] == "W"
 
 
 def test_loss_given_by_a_bad_name_id_or_value():
@@ -594,6 +671,24 @@ def test_cli_debug_shows_the_traceback(tmp_path):
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback (most recent call last)" in result.stderr
     assert "nope.pt" in result.stderr  # (without --debug: one line, status 2, as the misuse tests above show)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_cli_debug_before_or_after_the_command(where, tmp_path, capsys):
+    """``tensorgraph derive cross-entropy --debug`` was refused (argparse took --debug before the command only)."""
+    from tensorgraph.cli import build_parser, main
+
+    def placed(argv):
+        return ["--debug"] + argv if where == "before" else argv + ["--debug"]
+
+    assert main(placed(["derive", "cross-entropy"])) == 0
+    captured = capsys.readouterr()
+    assert "dlogits" in captured.out and captured.err == ""
+    with pytest.raises(ValueError, match="checkpoint not found.*nope.pt"):  # raised (a traceback), not one line
+        main(placed(["sample", "--checkpoint", str(tmp_path / "nope.pt")]))
+    for name, parser in _subparsers().items():
+        assert "--debug" in parser.format_help(), f"tensorgraph {name} --help does not list --debug"
+    assert build_parser().parse_args(["--debug", "compare"]).debug  # the command's parser keeps it
 
 
 def test_a_checkpoint_cannot_run_pickled_code(tmp_path, capsys):

@@ -23,7 +23,7 @@ import torch
 import tensorgraph as tg
 from tensorgraph.cli import main
 from tensorgraph.lecture import LECTURE_ROWS, forward, record_exercise
-from tensorgraph.render import COLORS, GraphvizNotFoundError, expression
+from tensorgraph.render import COLORS, GraphvizNotFoundError, RenderTimeoutError, expression
 
 # the lecture's tensors and their shapes (batch 32, 3 characters of context, 10-d embeddings, 64 hidden, 27 chars)
 LECTURE_SHAPES = {
@@ -442,6 +442,48 @@ def test_cluster_modes():
         graph.render(cluster=None, collapse=["layer0"])
 
 
+def _block(h, W):
+    """A helper called once per layer: each call is a cluster of its own."""
+    return torch.tanh(_scale(h @ W))
+
+
+def _scale(h):
+    return h * 0.5
+
+
+def test_each_call_of_a_function_is_its_own_cluster(tmp_path):
+    """Three calls of one helper were one cluster: collapse=["_block"] collapsed the whole network."""
+    g = torch.Generator().manual_seed(0)
+    Ws = [torch.randn(4, 4, generator=g) for _ in range(3)]  # noqa: N806
+    x = torch.randn(2, 4, generator=g)
+    for _ in range(4):  # the same recording again: templates copy the nodes' calls with them
+        with tg.record() as graph:
+            h = x
+            for W in Ws:
+                h = _block(h, W)
+            loss = h.sum()
+        clusters = clusters_of(layout(graph.render(loss=loss, cluster="function")))
+        for k, label in enumerate(["_block", "_block#2", "_block#3"]):
+            # its W, h @ W and tanh (x too, in the first: used nowhere else); _scale's op is a cluster of its own
+            drawn = {f"n{graph.node_id(t)}" for t in [Ws[k]] + ([x] if k == 0 else [])}
+            matmul, _scaled, tanh = [node for node in graph if graph.node(node)["inputs"]][3 * k:3 * k + 3]
+            assert clusters[f"<b>{label}</b>"] == drawn | {f"n{matmul}", f"n{tanh}"}
+        assert [len(clusters[f"<b>_scale{suffix}</b>"]) for suffix in ("", "#2", "#3")] == [1, 1, 1]
+    # collapse=["_block"]: every call of it, each one box; "_block#2" names one call
+    boxes = [o for o in node_attrs(layout(graph.render(loss=loss, collapse=["_block"]))).values()
+             if o.get("shape") == "box3d"]
+    assert sorted(box["tooltip"] for box in boxes) == ["_block", "_block#2", "_block#3"]
+    one = [o for o in node_attrs(layout(graph.render(loss=loss, collapse="_block#2"))).values()
+           if o.get("shape") == "box3d"]
+    assert [box["tooltip"] for box in one] == ["_block#2"]
+    back = clusters_of(layout(graph.render(view="backward", loss=loss, cluster="function")))
+    assert {"<b>_block</b>", "<b>_block#2</b>", "<b>_block#3</b>"} <= set(back)
+    # a saved graph keeps its calls apart
+    graph.save(tmp_path / "g.json")
+    loaded = clusters_of(layout(tg.load_graph(tmp_path / "g.json").render(cluster="function")))
+    assert {"<b>_block</b>", "<b>_block#2</b>", "<b>_block#3</b>"} <= set(loaded)
+
+
 def test_depth_limits_the_drawing(lecture):
     graph, loss, _, _ = lecture
     nodes = svg_nodes(graph.render(loss=loss, depth=2).pipe(format="svg", encoding="utf-8"))
@@ -479,6 +521,60 @@ def test_two_thousand_node_backward_view(tmp_path):
     nodes = svg_nodes(path.read_text(encoding="utf-8"))
     print(f"\nrender time, backward view of a {len(graph)}-node graph ({len(nodes)} boxes): {elapsed:.2f} s")
     assert any("dlayer0" in text or "dW" in text or "+=" in text for text in nodes.values())
+
+
+def unrolled_rnn(steps: int):
+    """A vanilla RNN unrolled ``steps`` times: the same four weights (and xs, ys) used at every step."""
+    g = torch.Generator().manual_seed(0)
+    Wxh, Whh, Why = (torch.randn(shape, generator=g) * 0.3 for shape in ((3, 8), (8, 8), (8, 3)))  # noqa: N806
+    bh, xs, ys = torch.zeros(8), torch.randn(steps, 2, 3, generator=g), torch.randint(0, 3, (steps, 2), generator=g)
+    with tg.record() as graph:
+        h = torch.zeros(2, 8)
+        loss = 0
+        for t in range(steps):
+            h = torch.tanh(xs[t] @ Wxh + h @ Whh + bh)
+            loss = loss + torch.nn.functional.cross_entropy(h @ Why, ys[t])
+        loss = loss / steps
+    return graph, loss
+
+
+def test_weights_shared_across_an_unrolled_loop_are_drawn_at_each_use(tmp_path):
+    """One box per weight made edges across the whole picture: dot took 136 s at 40 steps, never ended at 50."""
+    graph, loss = unrolled_rnn(40)
+    grads = graph.backward(loss)
+    start = time.perf_counter()
+    path = graph.render(tmp_path / "rnn.svg", grads=grads, timeout=120)
+    elapsed = time.perf_counter() - start
+    print(f"\nrender time, a 40-step RNN ({len(graph)} nodes): {elapsed:.2f} s")
+    texts = list(svg_nodes(path.read_text(encoding="utf-8")).values())
+    for weight in ("Wxh", "Whh", "Why", "bh"):
+        drawn = [text for text in texts if text.split()[0] == weight]
+        assert len(drawn) == 40 and all("drawn at each use" in text and "grad norm" in text for text in drawn)
+    assert sum("use 40 of 40" in text for text in texts) == 6  # the four weights, xs and ys
+    # graphs whose layout is cheap keep one box per tensor (the lecture's, a short loop)
+    lecture_graph, lecture_loss, _ = record_exercise()
+    assert "drawn at each use" not in lecture_graph.render(loss=lecture_loss).source
+    short, short_loss = unrolled_rnn(3)
+    assert "drawn at each use" not in short.render(loss=short_loss).source
+
+
+def test_a_layout_past_the_timeout_is_stopped_with_advice(lecture, tmp_path, monkeypatch):
+    graph, *_ = lecture
+    with pytest.raises(RenderTimeoutError, match=r"did not finish laying out .*mlp.svg.* in 0.001 s.*depth=k.*"
+                                                 r"collapse=.*timeout=None"):
+        graph.render(tmp_path / "mlp.svg", timeout=0.001)
+    assert (tmp_path / "mlp.dot").read_text(encoding="utf-8").startswith("digraph")
+    assert not (tmp_path / "mlp.svg").exists()
+    for bad in (0, -1, "10", True):
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds or None"):
+            graph.render(tmp_path / "mlp.svg", timeout=bad)
+    assert graph.render(tmp_path / "mlp.svg", timeout=None).exists()
+    # a notebook waits no longer than render does: the text summary says how to draw less
+    import tensorgraph.render as render_module
+
+    monkeypatch.setattr(render_module, "TIMEOUT", 0.001)
+    bundle = graph._repr_mimebundle_()
+    assert "image/svg+xml" not in bundle and "did not lay this graph out" in bundle["text/plain"]
 
 
 # ---------------------------------------------------------------------------------------------- CLI

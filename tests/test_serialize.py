@@ -73,7 +73,7 @@ def _plain(value):
 def test_round_trip_without_values(tmp_path, suffix, program):
     graph, loss = record_exercise()[:2] if program == "lecture" else kitchen_sink()
     path = tmp_path / f"graph{suffix}"
-    assert graph.save(path) is None and path.exists()
+    assert graph.save(path) == path and path.exists()  # the path, as serialize.save returns it
     loaded = tg.load_graph(path)
     assert_same_structure(graph, loaded)
     assert all(data["value"].is_meta for data in loaded._nodes)
