@@ -42,7 +42,8 @@ StepFn = Callable[[Tensor, Tensor], tuple[Tensor, list[Tensor]]]
 
 
 class TrainError(ValueError):
-    """A training run that cannot start (bad configuration, unavailable backend, mismatched data)."""
+    """A training run that cannot start or finish (bad configuration, unavailable backend, mismatched data,
+    divergence, an output that cannot be written)."""
 
 
 class TrainingInterrupted(Exception):
@@ -71,7 +72,7 @@ class TrainingDiverged(TrainError):
 
     def __init__(self, step: int, loss: float, lr: float, final: bool = False) -> None:
         when = f"after its last step ({step:,})" if final else f"at step {step:,}"
-        super().__init__(f"training diverged {when}: the loss is {loss}; try a smaller learning rate (--lr; this "
+        super().__init__(f"training diverged {when}: its loss is {loss}; try a smaller learning rate (--lr; this "
                          f"run's is {lr:g}); no checkpoint was written for it")
         self.step = step
 
@@ -125,6 +126,31 @@ class TrainConfig:
         """The lecture's schedule: ``lr`` until ``lr_decay_step``, then ``lr_final``."""
         decay = self.steps // 2 if self.lr_decay_step is None else self.lr_decay_step
         return self.lr if step < decay else (self.lr / 10 if self.lr_final is None else self.lr_final)
+
+
+def extend_config(config: TrainConfig, state: TrainState, steps: int) -> tuple[TrainConfig, str | None]:
+    """A resumed run's configuration with ``steps`` in total, and a note on its learning-rate decay (or None).
+
+    A decay at half-way (the default) that has not happened yet moves to half-way of the new
+    total, so the run goes on as a run of that length would have gone (bit for bit, unless the
+    new half-way lies behind the step resumed from: then the rate drops at once). One that
+    already happened stays where it was: the rate does not go back up. A decay step set
+    explicitly (not half-way) stays. The evaluations' default spacing follows the new total.
+    """
+    old_steps = config.steps
+    config = replace(config, steps=steps)
+    if config.eval_every == max(5_000, old_steps // 10):
+        config.eval_every = max(5_000, steps // 10)
+    decay = config.lr_decay_step
+    if decay is None or decay != old_steps // 2:
+        return config, None
+    if state.step < decay:
+        config.lr_decay_step = steps // 2
+        return config, (f"the learning rate decays at step {steps // 2:,}, half-way of the new {steps:,} steps "
+                        f"(it was {decay:,}, half-way of {old_steps:,})")
+    return config, (f"the learning rate already decayed at step {decay:,} (half-way of the first {old_steps:,} "
+                    f"steps); it stays at {config.learning_rate(decay):g}, unlike a {steps:,}-step run's, which "
+                    f"decays at {steps // 2:,}")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -536,14 +562,28 @@ def save_checkpoint(path: str | Path | None, state: TrainState, config: TrainCon
     return save_atomic(data, path)
 
 
-def state_from_checkpoint(data: dict[str, Any]) -> tuple[TrainState, TrainConfig, Vocab]:
-    """The training state, configuration and vocabulary saved by :func:`save_checkpoint`."""
+def state_from_checkpoint(data: dict[str, Any], source: str | Path | None = None
+                          ) -> tuple[TrainState, TrainConfig, Vocab]:
+    """The training state, configuration and vocabulary saved by :func:`save_checkpoint`.
+
+    A checkpoint without them (or with unusable ones) raises :class:`CheckpointError` naming ``source``.
+    """
     model, vocab = model_from_checkpoint(data)
-    generator = torch.Generator()
-    generator.set_state(data["generator"])
-    state = TrainState(model, generator, int(data["step"]), [float(x) for x in data["losses"].tolist()],
-                       [dict(h) for h in data.get("history", [])], float(data.get("seconds", 0.0)))
-    config = TrainConfig(**data["config"])
+    try:
+        generator = torch.Generator()
+        generator.set_state(data["generator"])
+        losses = [float(x) for x in data["losses"].tolist()]
+        state = TrainState(model, generator, int(data["step"]), losses,
+                           [dict(h) for h in data.get("history", [])], float(data.get("seconds", 0.0)))
+        config = TrainConfig(**data["config"])
+        config.check()
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        what = f"missing {err}" if isinstance(err, KeyError) else (str(err).strip().splitlines() or [""])[0][:120]
+        raise CheckpointError(f"{source or 'the checkpoint'}: cannot resume from it: its training state is "
+                              f"unusable ({what or type(err).__name__})") from None
+    if len(losses) != state.step:
+        raise CheckpointError(f"{source or 'the checkpoint'}: cannot resume from it: it holds {len(losses)} losses "
+                              f"for {state.step} steps")
     return state, config, vocab
 
 
@@ -616,7 +656,8 @@ def write_outputs(result: TrainResult, splits: Splits, out: str | Path, *, sampl
     """The loss curve, the graph picture and metrics.json in ``out`` (the checkpoint is saved by train)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Any] = {"loss_curve": str(plot_losses(result, out / "loss.png"))}
+    with _writing(out / "loss.png"):
+        files: dict[str, Any] = {"loss_curve": str(plot_losses(result, out / "loss.png"))}
     notes = []
     if render:
         picture, note = render_step(result.model, splits, out / "graph.svg", result.config.seed)
@@ -626,6 +667,7 @@ def write_outputs(result: TrainResult, splits: Splits, out: str | Path, *, sampl
     metrics = {
         **result.metrics(),
         "seconds_per_step": result.seconds / max(1, result.steps),
+        "steps_per_second": round(result.steps_per_second, 1),  # this call's steps alone, evaluations excluded
         "config": asdict(result.config),
         "vocab_size": len(result.vocab),
         "num_parameters": result.model.num_parameters(),
@@ -636,5 +678,15 @@ def write_outputs(result: TrainResult, splits: Splits, out: str | Path, *, sampl
         "torch": torch.__version__,
         **(info or {}),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with _writing(out / "metrics.json"):
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+@contextmanager
+def _writing(path: Path):
+    """An OSError while writing ``path`` (a full disk says only "[Errno 28]") becomes one naming the file."""
+    try:
+        yield
+    except OSError as err:
+        raise TrainError(f"cannot write {path}: {err.strerror or err}") from None
