@@ -106,7 +106,7 @@ def _report(args: argparse.Namespace, result: Any, setup: dict[str, Any], out: P
     metrics = write_outputs(result, setup["splits"], out, samples=samples, render=not args.no_render, info=info)
     say(f"train loss {result.train_loss:.4f}   val loss {result.val_loss:.4f}   "
         f"({result.steps:,} steps, {result.seconds:.1f} s; {result.steps_per_second:.0f} steps/s, "
-        f"evaluations and start-up excluded)")
+        f"evaluations excluded)")
     if samples:
         say("samples: " + " ".join(samples))
     for note in metrics["notes"]:

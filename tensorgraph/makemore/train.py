@@ -349,7 +349,8 @@ def train(splits: Splits, config: TrainConfig | None = None, *, backend: str = "
                 path, why_not = _save_interrupted(state, splits, save if checkpoint is not None else None)
             raise TrainingInterrupted(state, path, why_not=why_not) from None
         with interrupts.held():  # the run is complete: evaluate and save it whatever the keyboard says
-            losses = _final_losses(state, splits, config)
+            with clock.evaluating():
+                losses = _final_losses(state, splits, config)
             clock.stop()
             result = TrainResult(config, state, backend, losses["train"], losses["val"], state.seconds,
                                  splits.vocab, clock.step_seconds, clock.steps)
@@ -386,6 +387,14 @@ class _Clock:
         self.step_seconds = 0.0
         self.steps = 0
 
+    @contextmanager
+    def evaluating(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.eval_seconds += time.perf_counter() - began
+
     def stop(self) -> None:
         elapsed = time.perf_counter() - self.start
         self.state.seconds = self.seconds_before + elapsed
@@ -414,10 +423,9 @@ def _loop(splits: Splits, config: TrainConfig, state: TrainState, step_fn: StepF
                 raise TrainingDiverged(i + 1, value, config.lr)
             _update(state, params, grads, lr, value)
             if state.step % config.eval_every == 0 and state.step < config.steps:
-                began = time.perf_counter()
-                losses = split_losses(state.model, splits)
+                with clock.evaluating():
+                    losses = split_losses(state.model, splits)
                 state.history.append({"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"]})
-                clock.eval_seconds += time.perf_counter() - began
         finally:
             interrupts.holding -= 1
         bar.step(value, lr)
