@@ -235,7 +235,9 @@ def compiled_backend(model: MLP) -> StepFn:
     def training_step(Xb: Tensor, Yb: Tensor) -> Tensor:
         return forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb)
 
-    compiled = tg_compile(training_step, params=params)
+    # fuse=False: for this forward the fused rules never win (tg.compile keeps the atomic step, which makes
+    # fewer torch calls), but deriving them costs 1.5-3 s of sympy at every start: the same losses without it
+    compiled = tg_compile(training_step, params=params, fuse=False)
 
     def step(Xb: Tensor, Yb: Tensor) -> tuple[Tensor, list[Tensor]]:
         loss, grads = compiled(Xb, Yb)
