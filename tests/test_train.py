@@ -525,3 +525,15 @@ def test_the_speed_excludes_the_evaluations(splits, monkeypatch):
     result = train(splits, TrainConfig(steps=40, n_hidden=32, eval_every=10))  # 3 evaluations + the final one
     assert result.seconds - result.step_seconds >= 4 * 0.25 and result.session_steps == 40
     assert result.steps_per_second == pytest.approx(40 / result.step_seconds)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorgraph.compiler") is None, reason="tg.compile not built")
+def test_the_compiled_backend_skips_the_fused_derivation(splits, monkeypatch):
+    """The fused rules never win for this forward; deriving them cost seconds of sympy at every start."""
+    symbolic = importlib.import_module("tensorgraph.symbolic")
+    calls = []
+    monkeypatch.setattr(symbolic, "auto_fuse", lambda *args: calls.append(args) or args[0], raising=True)
+    config = TrainConfig(steps=20, **SMALL)
+    compiled = train(splits, config, backend="compiled")
+    assert not calls
+    assert compiled.state.losses == train(splits, config, backend="engine").state.losses
