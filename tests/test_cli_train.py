@@ -85,6 +85,7 @@ def test_resume_continues(trained, tmp_path, words_file, capsys):
     assert json.loads(stdout)["steps"] == 80
     data = torch.load(out / "model.pt", weights_only=True)
     assert data["step"] == 80 and data["config"]["n_hidden"] == 16 and len(data["losses"]) == 80
+    assert "note: the learning rate already decayed at step 30" in err  # shown even with --quiet
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -205,7 +206,7 @@ def test_resume_on_other_data_is_refused(trained, tmp_path, words_file, capsys):
     assert code == 2 and len(stderr.strip().splitlines()) == 1
     assert f"--data {other} is not the data the checkpoint {trained / 'model.pt'} was trained on" in stderr
     code, _, stderr = run_cli(capsys, *argv, "--force")
-    assert code == 0 and "is not the data the checkpoint was trained on" not in stderr  # --quiet
+    assert code == 0 and f"note: continuing on {other}, which is not the data the checkpoint was trained on" in stderr
     same = tmp_path / "same.txt"
     same.write_bytes(words_file.read_bytes())  # the same bytes elsewhere: fine
     code, _, stderr = run_cli(capsys, *argv[:6], same, "--out", tmp_path / "p", "--quiet", "--no-render")

@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     out = ensure_folder(setup["out"])
     _refuse_overwrite(out / "model.pt", args)
     say = _printer(args)
-    for note in setup["notes"]:
-        say(note)
+    for note in setup["notes"]:  # shown even with --quiet: each says the run is not what the user may assume
+        print(note, file=sys.stderr)
     load_before = _load()
     say(f"training the makemore MLP ({setup['describe']}) with the {args.backend} backend; outputs in {out}")
     try:
@@ -151,7 +151,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
                            f"than that to continue", "tensorgraph train")
         if args.steps != config.steps:
             config, note = extend_config(config, state, args.steps)
-            notes += [note] if note else []
+            notes += [f"note: {note}"] if note else []
     elif state.step >= config.steps:
         raise CLIError(f"the checkpoint {args.resume} finished its {config.steps:,} steps; pass a larger --steps "
                        f"to train further", "tensorgraph train")
