@@ -11,6 +11,7 @@ It carries the sha256 of everything else in it (format version 2), so a file dam
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -154,8 +155,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint is a directory, not a file: {path}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    except OSError as err:
+        if err.errno != errno.EINVAL:  # torch reports reading past the end of a truncated file as EINVAL
+            raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+        raise _unreadable(path, _load_failure(err)) from None
     except Exception as err:  # noqa: BLE001 - garbage makes torch.load fail in many ways (IndexError, OSError ...)
         raise _unreadable(path, _load_failure(err)) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
