@@ -265,3 +265,17 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "tensorgraph: interrupted"
+
+
+def test_resume_when_the_data_file_moved_or_changed(tmp_path, words_file, capsys):
+    data = tmp_path / "names.txt"
+    data.write_bytes(words_file.read_bytes())
+    code, _, stderr = run_cli(capsys, "train", *TINY, "--data", data, "--out", tmp_path / "run")
+    assert code == 0, stderr
+    resume = ["train", "--resume", tmp_path / "run" / "model.pt", "--steps", 50, "--quiet", "--no-render"]
+    data.write_text("\n".join(reversed(load_words(words_file))) + "\n")  # the same characters, edited
+    code, _, stderr = run_cli(capsys, *resume)
+    assert code == 2 and f"the data file {data} has changed since the checkpoint" in stderr
+    data.rename(tmp_path / "moved.txt")
+    code, _, stderr = run_cli(capsys, *resume)
+    assert code == 2 and f"{data}, is not there any more; pass --data with its new place" in stderr

@@ -186,7 +186,8 @@ def _check_same_data(checkpoint: dict[str, Any], data: str | None, sha256: str, 
         problem = f"--data {args.data} is not the data the checkpoint {args.resume} was trained on ({trained_on})"
     else:
         problem = f"the data file {name} has changed since the checkpoint {args.resume} was written"
-    raise CLIError(f"{problem}: their sha256 differ; pass --force to continue on it anyway", "tensorgraph train")
+    raise CLIError(f"{problem} (the sha256 recorded in the checkpoint differs); pass --force to continue on it "
+                   f"anyway", "tensorgraph train")
 
 
 def _refuse_overwrite(target: Path, args: argparse.Namespace) -> None:
