@@ -36,7 +36,7 @@ demo: setup
 	$(VENV)/bin/tensorgraph demo
 
 lint: setup
-	$(VENV)/bin/ruff check tensorgraph tests benchmarks examples
+	$(VENV)/bin/ruff check tensorgraph tests benchmarks examples tensorgraph_launcher.py
 
 docs: setup
 	$(VENV)/bin/mkdocs build --strict

@@ -85,6 +85,7 @@ def test_resume_continues(trained, tmp_path, words_file, capsys):
     assert json.loads(stdout)["steps"] == 80
     data = torch.load(out / "model.pt", weights_only=True)
     assert data["step"] == 80 and data["config"]["n_hidden"] == 16 and len(data["losses"]) == 80
+    assert "note: the learning rate already decayed at step 30" in err  # shown even with --quiet
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -179,3 +180,102 @@ def test_ctrl_c_saves_a_checkpoint_and_says_where(tmp_path, words_file):
     assert "Traceback" not in stderr
     data = torch.load(out / "model.pt", weights_only=True)
     assert 0 < data["step"] < 1_000_000 and len(data["losses"]) == data["step"]
+
+
+def test_a_new_run_does_not_overwrite_another_runs_checkpoint(trained, tmp_path, words_file, capsys):
+    before = (trained / "model.pt").read_bytes()
+    code, _, stderr = run_cli(capsys, "train", *TINY, "--data", words_file, "--out", trained)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert f"--out {trained} already holds a run's checkpoint" in stderr and "--resume" in stderr
+    assert "--force" in stderr and (trained / "model.pt").read_bytes() == before
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "model.pt").write_bytes(before)
+    code, _, stderr = run_cli(capsys, "train", *TINY, "--data", words_file, "--out", copy, "--force")
+    assert code == 0, stderr
+    assert torch.load(copy / "model.pt", weights_only=True)["step"] == 40
+
+
+def test_resume_on_other_data_is_refused(trained, tmp_path, words_file, capsys):
+    """Same characters, other words: the sha256 of the data in the checkpoint tells them apart."""
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(load_words()[300:600]) + "\n")
+    argv = ["train", "--resume", trained / "model.pt", "--steps", 70, "--data", other, "--out", tmp_path / "o",
+            "--quiet", "--no-render"]
+    code, _, stderr = run_cli(capsys, *argv)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert f"--data {other} is not the data the checkpoint {trained / 'model.pt'} was trained on" in stderr
+    code, _, stderr = run_cli(capsys, *argv, "--force")
+    assert code == 0 and f"note: continuing on {other}, which is not the data the checkpoint was trained on" in stderr
+    same = tmp_path / "same.txt"
+    same.write_bytes(words_file.read_bytes())  # the same bytes elsewhere: fine
+    code, _, stderr = run_cli(capsys, *argv[:6], same, "--out", tmp_path / "p", "--quiet", "--no-render")
+    assert code == 0, stderr
+
+
+def test_a_diverging_run_is_one_line_and_writes_no_checkpoint(tmp_path, words_file, capsys):
+    code, _, stderr = run_cli(capsys, "train", *TINY, "--lr", "1e30", "--data", words_file, "--out", tmp_path)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert "training diverged at step" in stderr and "smaller learning rate (--lr" in stderr
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_damaged_checkpoints_are_one_line(trained, tmp_path, capsys):
+    raw = (trained / "model.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
+    flipped = bytearray(raw)
+    losses = torch.load(trained / "model.pt", weights_only=True)["losses"].numpy().tobytes()
+    flipped[raw.find(losses) + 5] ^= 0x01  # one bit of one step's loss
+    (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+    for name in ("cut.pt", "flipped.pt"):
+        for argv in (["sample", "--checkpoint", tmp_path / name],
+                     ["train", "--resume", tmp_path / name, "--steps", 100, "--out", tmp_path / "o", "--quiet"]):
+            code, _, stderr = run_cli(capsys, *argv)
+            assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+            assert f"{tmp_path / name} is not a tensorgraph checkpoint, or it is truncated/corrupt" in stderr
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_out_must_be_a_writable_folder(tmp_path, capsys, command):
+    (tmp_path / "afile").write_text("x")
+    cases = [("", "--out: expected a folder, got an empty string"),
+             (tmp_path / "afile", f"--out {tmp_path / 'afile'}: exists and is not a folder")]
+    if Path("/proc/self/fdinfo").is_dir():  # a folder nobody can write to, root included
+        cases.append(("/proc/self/fdinfo", "--out /proc/self/fdinfo: the folder is not writable"))
+    for out, message in cases:
+        code, stdout, stderr = run_cli(capsys, command, "--steps", 10, "--out", out, "--quiet")
+        assert code == 2 and message in stderr, stderr
+        assert "Exercise 1" not in stdout  # the demo checks --out before its exercises
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    """The console script, interrupted while it imports torch: `tensorgraph: interrupted`, status 130."""
+    import re
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    module, function = re.search(r'^tensorgraph = "([\w.]+):(\w+)"', pyproject, re.M).groups()
+    script = f"import sys; from {module} import {function}; sys.exit({function}())"  # what pip's wrapper runs
+    root = str(Path(__file__).parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", script, "train", "--steps", "5", "--out", str(tmp_path)],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(0.4)  # python is up; torch (seconds) is being imported
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "tensorgraph: interrupted"
+
+
+def test_resume_when_the_data_file_moved_or_changed(tmp_path, words_file, capsys):
+    data = tmp_path / "names.txt"
+    data.write_bytes(words_file.read_bytes())
+    code, _, stderr = run_cli(capsys, "train", *TINY, "--data", data, "--out", tmp_path / "run")
+    assert code == 0, stderr
+    resume = ["train", "--resume", tmp_path / "run" / "model.pt", "--steps", 50, "--quiet", "--no-render"]
+    data.write_text("\n".join(reversed(load_words(words_file))) + "\n")  # the same characters, edited
+    code, _, stderr = run_cli(capsys, *resume)
+    assert code == 2 and f"the data file {data} has changed since the checkpoint" in stderr
+    data.rename(tmp_path / "moved.txt")
+    code, _, stderr = run_cli(capsys, *resume)
+    assert code == 2 and f"{data}, is not there any more; pass --data with its new place" in stderr

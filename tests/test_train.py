@@ -7,6 +7,7 @@ whole file takes a few seconds. The full 200,000-step run is measured, not teste
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import signal
@@ -307,3 +308,232 @@ def test_threads_are_restored(splits):
     before = torch.get_num_threads()
     train(splits, TrainConfig(steps=3, **SMALL), threads=1)
     assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------- Ctrl-C at the edges, divergence, damaged files
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_during_the_final_evaluation_saves_the_finished_run(splits, tmp_path, monkeypatch):
+    """Ctrl-C after the last step (in the final train/val evaluation): the finished run is evaluated and saved."""
+    train_module = importlib.import_module("tensorgraph.makemore.train")  # the package exports train(), a function
+
+    config = TrainConfig(steps=60, **SMALL)
+    straight = train(splits, config)
+    real, finished = train_module.split_losses, {"yes": False}
+
+    def mark(state, loss):
+        finished["yes"] = state.step == config.steps
+
+    def press_during_final_evaluation(*args, **kwargs):
+        if finished["yes"]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "split_losses", press_during_final_evaluation)
+    with pytest.raises(TrainingInterrupted, match="after its last step \\(60\\); the finished run is saved") as info:
+        train(splits, config, callback=mark, checkpoint=tmp_path / "model.pt", handle_sigint=True)
+    assert info.value.result is not None and info.value.result.val_loss == straight.val_loss
+    data = load_checkpoint(tmp_path / "model.pt")
+    assert data["step"] == 60 and data["train_loss"] == straight.train_loss and data["val_loss"] == straight.val_loss
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32", reason="POSIX signals")
+def test_a_second_ctrl_c_during_the_save_still_saves(splits, tmp_path, monkeypatch):
+    train_module = importlib.import_module("tensorgraph.makemore.train")  # the package exports train(), a function
+
+    real = train_module.save_atomic
+
+    def press_again_then_save(obj, path):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(obj, path)
+
+    def press_ctrl_c(state, loss):
+        if state.step == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train_module, "save_atomic", press_again_then_save)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match="at step 20; checkpoint saved to"):
+        train(splits, TrainConfig(steps=60, **SMALL), callback=press_ctrl_c, checkpoint=tmp_path / "model.pt",
+              handle_sigint=True)
+    assert load_checkpoint(tmp_path / "model.pt")["step"] == 20
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32", reason="POSIX signals")
+def test_a_second_ctrl_c_inside_a_step_saves_the_last_finished_step(splits, tmp_path, monkeypatch):
+    """Two Ctrl-C inside step 25: it is abandoned, step 24 is saved, and resuming matches an uninterrupted run."""
+    config = TrainConfig(steps=60, **SMALL)
+    straight = train(splits, config, backend="torch")
+    calls = {"n": 0}
+
+    def pressed_twice(model):
+        step = BACKENDS["torch"](model)
+
+        def run(Xb, Yb):
+            calls["n"] += 1
+            if calls["n"] == 25:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return step(Xb, Yb)
+
+        return run
+
+    monkeypatch.setitem(BACKENDS, "pressed", pressed_twice)
+    with pytest.raises(TrainingInterrupted, match="at step 24; checkpoint saved"):
+        train(splits, config, backend="pressed", checkpoint=tmp_path / "model.pt", handle_sigint=True)
+    state, saved_config, _ = state_from_checkpoint(load_checkpoint(tmp_path / "model.pt"))
+    assert train(splits, saved_config, state=state, backend="torch").state.losses == straight.state.losses
+
+
+def test_a_diverging_run_stops_with_its_step_and_saves_nothing(splits, tmp_path):
+    from tensorgraph.makemore.train import TrainingDiverged
+
+    config = TrainConfig(steps=50, lr=1e30, **SMALL)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step (\d+): its loss is (nan|inf).*smaller learning rate"
+                       ) as info:
+        train(splits, config, checkpoint=tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()
+    # the truth: torch autograd on the same steps meets its first non-finite loss at the same step
+    seen = []
+    with pytest.raises(TrainingDiverged):
+        train(splits, config, backend="torch", callback=lambda state, loss: seen.append(loss))
+    assert info.value.step == len(seen) + 1 and all(torch.isfinite(torch.tensor(seen)))
+
+
+def test_a_checkpoint_with_non_finite_parameters_is_refused(splits, tmp_path):
+    model = MLP.init(len(splits.vocab), n_hidden=4)
+    model.W1[0, 0] = float("nan")
+    save_atomic(make_checkpoint(model, splits.vocab), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="model.pt: the checkpoint's W1 hold non-finite values.*smaller --lr"):
+        load_checkpoint(tmp_path / "model.pt")
+
+
+def _w1_offset(path, data):
+    """Where W1's bytes lie in the checkpoint file (torch.save stores each tensor's bytes as they are)."""
+    raw = path.read_bytes()
+    offset = raw.find(data["params"]["W1"].numpy().tobytes())
+    assert offset > 0
+    return raw, offset
+
+
+def test_a_corrupted_checkpoint_is_refused(splits, tmp_path):
+    """20 bytes overwritten inside W1: torch.load reads other numbers without complaint; the checksum catches it."""
+    path = tmp_path / "model.pt"
+    train(splits, TrainConfig(steps=10, **SMALL), checkpoint=path)
+    raw, offset = _w1_offset(path, load_checkpoint(path))
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(raw[:offset + 8] + b"X" * 20 + raw[offset + 28:])
+    unverified = torch.load(damaged, weights_only=True)["params"]["W1"]  # the truth: the file holds other values
+    assert not torch.equal(unverified, torch.load(path, weights_only=True)["params"]["W1"])
+    with pytest.raises(CheckpointError, match="damaged.pt is not a tensorgraph checkpoint, or it is truncated/corrupt "
+                                              r"\(its contents do not match the sha256"):
+        load_checkpoint(damaged)
+
+
+def test_checkpoints_without_a_checksum(splits, tmp_path):
+    """Version 1 (before checksums) loads, with a note; a version-2 file whose checksum was removed does not."""
+    from tensorgraph.makemore.checkpoint import unverified_note
+
+    data = make_checkpoint(MLP.init(len(splits.vocab), n_hidden=4), splits.vocab)
+    del data["checksum"]
+    torch.save({**data, "version": 1}, tmp_path / "v1.pt")
+    old = load_checkpoint(tmp_path / "v1.pt")
+    assert "has no checksum" in unverified_note(old, tmp_path / "v1.pt")
+    torch.save(data, tmp_path / "v2.pt")
+    with pytest.raises(CheckpointError, match="truncated/corrupt \\(its checksum is missing"):
+        load_checkpoint(tmp_path / "v2.pt")
+
+
+@pytest.mark.parametrize("keep", [100, 1000, 0.5])
+def test_truncated_checkpoints_say_so(splits, tmp_path, keep):
+    path = tmp_path / "model.pt"
+    train(splits, TrainConfig(steps=5, **SMALL), checkpoint=path)
+    raw = path.read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(raw[: int(keep * len(raw)) if isinstance(keep, float) else keep])
+    with pytest.raises(CheckpointError, match=r"cut.pt is not a tensorgraph checkpoint, or it is truncated/corrupt") \
+            as info:
+        load_checkpoint(cut)
+    assert "PyTorch 2.6" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_a_bad_generator_state_names_the_file(splits, tmp_path):
+    model = MLP.init(len(splits.vocab), n_hidden=4)
+    data = make_checkpoint(model, splits.vocab, generator=torch.zeros(3, dtype=torch.uint8), step=0,
+                           losses=torch.zeros(0, dtype=torch.float64), config={})
+    torch.save(data, tmp_path / "model.pt")  # a consistent checksum: only the generator is wrong
+    with pytest.raises(CheckpointError, match="model.pt is not a tensorgraph checkpoint.*generator state is invalid"):
+        load_checkpoint(tmp_path / "model.pt")
+
+
+def test_a_byte_order_mark_is_not_a_character(tmp_path):
+    plain = load_words()[:200]
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(plain).encode() + b"\r\n")
+    assert load_words(path) == plain
+    assert load_splits(path).vocab == load_splits(_write(tmp_path / "plain.txt", plain)).vocab
+
+
+def _write(path, words):
+    path.write_text("\n".join(words) + "\n")
+    return path
+
+
+def test_raising_steps_on_resume_moves_a_decay_not_yet_reached(splits):
+    """Interrupted at 30 of 100 steps (decay at 50), resumed to 200: the run of 200 steps straight (decay at 100)."""
+    from tensorgraph.makemore.train import extend_config
+
+    straight = train(splits, TrainConfig(steps=200, **SMALL))
+
+    def stop_at_30(state, loss):
+        if state.step == 30:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted) as info:
+        train(splits, TrainConfig(steps=100, **SMALL), callback=stop_at_30)
+    config, note = extend_config(TrainConfig(steps=100, **SMALL).resolved(), info.value.state, 200)
+    assert config.lr_decay_step == 100 and "decays at step 100, half-way of the new 200 steps" in note
+    resumed = train(splits, config, state=info.value.state)
+    assert resumed.state.losses == straight.state.losses
+
+
+def test_raising_steps_after_the_decay_keeps_it_and_says_so(splits):
+    from tensorgraph.makemore.train import extend_config
+
+    first = train(splits, TrainConfig(steps=40, **SMALL))  # decayed at 20
+    config, note = extend_config(first.config, first.state, 100)
+    assert config.lr_decay_step == 20 and config.learning_rate(40) == pytest.approx(0.01)
+    assert "already decayed at step 20" in note and "stays at 0.01" in note
+    explicit, note = extend_config(TrainConfig(steps=40, lr_decay_step=30, **SMALL).resolved(), first.state, 100)
+    assert explicit.lr_decay_step == 30 and note is None
+
+
+def test_the_speed_excludes_the_evaluations(splits, monkeypatch):
+    import time
+
+    train_module = importlib.import_module("tensorgraph.makemore.train")  # the package exports train(), a function
+
+    real = train_module.split_losses
+
+    def slow(*args, **kwargs):
+        time.sleep(0.25)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "split_losses", slow)
+    result = train(splits, TrainConfig(steps=40, n_hidden=32, eval_every=10))  # 3 evaluations + the final one
+    assert result.seconds - result.step_seconds >= 4 * 0.25 and result.session_steps == 40
+    assert result.steps_per_second == pytest.approx(40 / result.step_seconds)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorgraph.compiler") is None, reason="tg.compile not built")
+def test_the_compiled_backend_skips_the_fused_derivation(splits, monkeypatch):
+    """The fused rules never win for this forward; deriving them cost seconds of sympy at every start."""
+    symbolic = importlib.import_module("tensorgraph.symbolic")
+    calls = []
+    monkeypatch.setattr(symbolic, "auto_fuse", lambda *args: calls.append(args) or args[0], raising=True)
+    config = TrainConfig(steps=20, **SMALL)
+    compiled = train(splits, config, backend="compiled")
+    assert not calls
+    assert compiled.state.losses == train(splits, config, backend="engine").state.losses

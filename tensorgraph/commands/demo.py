@@ -29,8 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..cli import CLIError
+    from .train import ensure_folder
+
+    if args.out == "":
+        raise CLIError("argument --out: expected a folder, got an empty string", "tensorgraph demo")
+    out = ensure_folder(Path(args.out), "tensorgraph demo")  # a bad --out fails now, not after the exercises
     graph, ok = exercise_1()
     derivations()
     picture(graph, out)

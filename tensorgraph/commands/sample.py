@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..cli import positive_int
 from .train import seed_int
@@ -22,9 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..makemore.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from ..makemore.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, unverified_note
 
     data = load_checkpoint(args.checkpoint)
+    note = unverified_note(data, args.checkpoint)
+    if note:
+        print(note, file=sys.stderr)
     model, vocab = model_from_checkpoint(data)
     if model.bnmean is None or model.bnvar is None:
         raise CheckpointError(f"{args.checkpoint}: the checkpoint has no calibrated batchnorm statistics")

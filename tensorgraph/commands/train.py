@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output folder (default ./tensorgraph-out/<timestamp>; with --resume, the checkpoint's)")
     parser.add_argument("--resume", metavar="CHECKPOINT", default=None, help="continue from a checkpoint (model.pt)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite another run's model.pt in --out; with --resume, continue on --data other "
+                             "than the data the checkpoint was trained on")
     parser.add_argument("--eval-every", metavar="N", type=positive_int, default=None,
                         help="steps between full train/val evaluations for the loss curve "
                              "(default steps/10, at least 5000)")
@@ -65,29 +68,45 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..makemore.train import TrainingInterrupted, train, write_outputs
+    from ..makemore.train import TrainingInterrupted, train
 
     if args.samples < 0:
         raise CLIError(f"argument --samples: expected a non-negative integer, got {args.samples}", "tensorgraph train")
     setup = prepare(args)
     out = ensure_folder(setup["out"])
+    _refuse_overwrite(out / "model.pt", args)
     say = _printer(args)
+    for note in setup["notes"]:  # shown even with --quiet: each says the run is not what the user may assume
+        print(note, file=sys.stderr)
     load_before = _load()
     say(f"training the makemore MLP ({setup['describe']}) with the {args.backend} backend; outputs in {out}")
     try:
         result = train(setup["splits"], setup["config"], backend=args.backend, state=setup["state"],
                        progress=not args.quiet, checkpoint=out / "model.pt",
-                       checkpoint_extra={"data": setup["data"]}, handle_sigint=True,
-                       threads=args.threads)
+                       checkpoint_extra={"data": setup["data"], "data_sha256": setup["data_sha256"]},
+                       handle_sigint=True, threads=args.threads)
     except TrainingInterrupted as stop:
         print(f"tensorgraph: {stop}", file=sys.stderr)
         return 130
+    try:
+        return _report(args, result, setup, out, say, load_before)
+    except KeyboardInterrupt:
+        print(f"tensorgraph: interrupted while writing the outputs; the finished run is saved to {out / 'model.pt'}",
+              file=sys.stderr)
+        return 130
+
+
+def _report(args: argparse.Namespace, result: Any, setup: dict[str, Any], out: Path, say, load_before) -> int:
+    """Samples, the loss curve, the graph picture, metrics.json, and the summary of a finished run."""
+    from ..makemore.train import write_outputs
+
     samples = sample_names(result.model, result.vocab, args.samples, result.config.seed + 10)
     info = {"data": setup["data"] or "names.txt (embedded)", "load_average": {"start": load_before, "end": _load()},
             "threads": args.threads}
     metrics = write_outputs(result, setup["splits"], out, samples=samples, render=not args.no_render, info=info)
     say(f"train loss {result.train_loss:.4f}   val loss {result.val_loss:.4f}   "
-        f"({result.steps:,} steps, {result.seconds:.1f} s, {result.steps / max(result.seconds, 1e-9):.0f} steps/s)")
+        f"({result.steps:,} steps, {result.seconds:.1f} s; {result.steps_per_second:.0f} steps/s, "
+        f"evaluations excluded)")
     if samples:
         say("samples: " + " ".join(samples))
     for note in metrics["notes"]:
@@ -100,11 +119,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
-    """Data, configuration, state (fresh or resumed) and output folder from the options."""
-    from ..makemore.checkpoint import load_checkpoint
-    from ..makemore.data import load_splits
-    from ..makemore.train import TrainConfig, check_splits, state_from_checkpoint
+    """Data, configuration, state (fresh or resumed), output folder and notes from the options."""
+    from ..makemore.checkpoint import load_checkpoint, unverified_note
+    from ..makemore.data import data_checksum, load_splits
+    from ..makemore.train import TrainConfig, check_splits, extend_config, state_from_checkpoint
 
+    if args.out == "":
+        raise CLIError("argument --out: expected a folder, got an empty string", "tensorgraph train")
     given = {field: getattr(args, option) for option, field in _ARCHITECTURE.items()
              if getattr(args, option) is not None}
     if args.resume is None:
@@ -114,9 +135,11 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         check_splits(splits, args.data or "names.txt")
         out = Path(args.out) if args.out else default_out()
         return {"splits": splits, "config": config, "state": None, "data": _data_path(args.data), "out": out,
+                "data_sha256": data_checksum(args.data), "notes": [],
                 "describe": f"{config.steps:,} steps, hidden {config.n_hidden}, seed {config.seed}"}
     checkpoint = load_checkpoint(args.resume)
-    state, config, vocab = state_from_checkpoint(checkpoint)
+    notes = [note for note in [unverified_note(checkpoint, args.resume)] if note]
+    state, config, vocab = state_from_checkpoint(checkpoint, args.resume)
     for field, value in given.items():
         if getattr(config, field) != value:
             option = next(o for o, f in _ARCHITECTURE.items() if f == field)
@@ -126,20 +149,62 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         if args.steps <= state.step:
             raise CLIError(f"the checkpoint {args.resume} is already at step {state.step:,}; pass --steps greater "
                            f"than that to continue", "tensorgraph train")
-        config.steps = args.steps
+        if args.steps != config.steps:
+            config, note = extend_config(config, state, args.steps)
+            notes += [f"note: {note}"] if note else []
     elif state.step >= config.steps:
         raise CLIError(f"the checkpoint {args.resume} finished its {config.steps:,} steps; pass a larger --steps "
                        f"to train further", "tensorgraph train")
     if args.eval_every is not None:
         config.eval_every = args.eval_every
     data = args.data if args.data is not None else checkpoint.get("data")
+    if data is not None and args.data is None and not Path(data).exists():
+        raise CLIError(f"the data file the checkpoint {args.resume} was trained on, {data}, is not there any more; "
+                       f"pass --data with its new place", "tensorgraph train")
     splits = load_splits(data)
     check_splits(splits, data or "names.txt")
     if splits.vocab != vocab:
         raise CLIError(_vocab_mismatch(data, splits.vocab, vocab, args.resume), "tensorgraph train")
+    data_sha256 = data_checksum(data)
+    notes += _check_same_data(checkpoint, data, data_sha256, args)
     out = Path(args.out) if args.out else Path(args.resume).parent
     return {"splits": splits, "config": config, "state": state, "data": _data_path(data), "out": out,
+            "data_sha256": data_sha256, "notes": notes,
             "describe": f"resuming at step {state.step:,} of {config.steps:,}"}
+
+
+def _check_same_data(checkpoint: dict[str, Any], data: str | None, sha256: str, args: argparse.Namespace) -> list[str]:
+    """Refuse to resume on data other than the checkpoint's (its sha256 differs) unless --force; notes."""
+    saved = checkpoint.get("data_sha256")
+    if saved is None or saved == sha256:
+        return []
+    name = data or "the embedded names.txt"
+    trained_on = checkpoint.get("data") or "the embedded names.txt"
+    if args.force:
+        return [f"note: continuing on {name}, which is not the data the checkpoint was trained on ({trained_on})"]
+    if args.data is not None:
+        problem = f"--data {args.data} is not the data the checkpoint {args.resume} was trained on ({trained_on})"
+    else:
+        problem = f"the data file {name} has changed since the checkpoint {args.resume} was written"
+    raise CLIError(f"{problem} (the sha256 recorded in the checkpoint differs); pass --force to continue on it "
+                   f"anyway", "tensorgraph train")
+
+
+def _refuse_overwrite(target: Path, args: argparse.Namespace) -> None:
+    """A new run must not replace another run's checkpoint without --force (--resume of it is fine)."""
+    if args.force or not target.exists():
+        return
+    if args.resume is not None and _same_file(target, Path(args.resume)):
+        return
+    raise CLIError(f"--out {target.parent} already holds a run's checkpoint ({target}); continue that run with "
+                   f"--resume {target}, choose another --out, or pass --force to overwrite it", "tensorgraph train")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _vocab_mismatch(data: str | None, have: Any, want: Any, checkpoint: str) -> str:
@@ -148,7 +213,7 @@ def _vocab_mismatch(data: str | None, have: Any, want: Any, checkpoint: str) -> 
 
     path = Path(data) if data is not None else default_path()
     known = set(want.stoi)
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         unknown = sorted(set(line.strip()) - known)
         if unknown:
             return (f"{path}:{number}: the character {unknown[0]!r} is not in the vocabulary of the checkpoint "
@@ -157,17 +222,28 @@ def _vocab_mismatch(data: str | None, have: Any, want: Any, checkpoint: str) -> 
             f"{_chars(want)!r}")
 
 
-def ensure_folder(out: Path) -> Path:
-    """Create the output folder now, so a bad --out fails before training, not after it."""
+def ensure_folder(out: Path, prog: str = "tensorgraph train") -> Path:
+    """Create the output folder now, so a bad --out fails before the work, not after it."""
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out}: exists and is not a folder", "tensorgraph train")
+        raise CLIError(f"--out {out}: exists and is not a folder", prog)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise CLIError(f"--out {out}: cannot create the folder: {err.strerror or err}", "tensorgraph train") from None
-    if not os.access(out, os.W_OK):
-        raise CLIError(f"--out {out}: the folder is not writable", "tensorgraph train")
+        raise CLIError(f"--out {out}: cannot create the folder: {err.strerror or err}", prog) from None
+    if not _writable(out):
+        raise CLIError(f"--out {out}: the folder is not writable", prog)
     return out
+
+
+def _writable(folder: Path) -> bool:
+    """os.access misses a read-only mount for root: try creating a file."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def sample_names(model: Any, vocab: Any, n: int, seed: int) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -34,7 +35,7 @@ def load_words(path: str | Path | None = None) -> list[str]:
     except OSError as err:
         raise DataError(f"cannot read data file {path}: {err.strerror}") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Notepad's) is not a character of the first word
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 text") from None
@@ -51,6 +52,15 @@ def load_words(path: str | Path | None = None) -> list[str]:
     if not words:
         raise DataError(f"data file is empty: {path}")
     return words
+
+
+def data_checksum(path: str | Path | None = None) -> str:
+    """sha256 of the data file's bytes (the embedded names.txt when None): which data a checkpoint was trained on."""
+    path = Path(path) if path is not None else default_path()
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as err:
+        raise DataError(f"cannot read data file {path}: {err.strerror or err}") from None
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,11 @@ class MLP:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def is_finite(self) -> bool:
+        """Whether every parameter (and calibrated statistic) is free of nan and inf."""
+        tensors = [*self.parameters(), *(t for t in (self.bnmean, self.bnvar) if t is not None)]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
     def loss(self, Xb: Tensor, Yb: Tensor) -> Tensor:
         """The training loss of one batch (batchnorm with the batch's own statistics)."""
         return forward(*self.parameters(), Xb, Yb)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..graph import Graph
 from ..record import record
-from .checkpoint import make_checkpoint, model_from_checkpoint, save_atomic
+from .checkpoint import CheckpointError, make_checkpoint, model_from_checkpoint, save_atomic
 from .data import Splits, Vocab
 from .model import MLP, forward
 
@@ -42,17 +42,39 @@ StepFn = Callable[[Tensor, Tensor], tuple[Tensor, list[Tensor]]]
 
 
 class TrainError(ValueError):
-    """A training run that cannot start (bad configuration, unavailable backend, mismatched data)."""
+    """A training run that cannot start or finish (bad configuration, unavailable backend, mismatched data,
+    divergence, an output that cannot be written)."""
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C (or a callback raising KeyboardInterrupt) stopped training; ``path`` is the checkpoint saved."""
+    """Ctrl-C (or a callback raising KeyboardInterrupt) stopped training.
 
-    def __init__(self, state: TrainState, path: Path | None) -> None:
-        where = f"checkpoint saved to {path} (continue with --resume {path})" if path else "no checkpoint saved"
-        super().__init__(f"training interrupted at step {state.step:,}; {where}")
+    ``state`` is the state at the last finished step; ``path`` the checkpoint saved (None when
+    none was); ``result`` the finished run's result when the interrupt came after the last step.
+    """
+
+    def __init__(self, state: TrainState, path: Path | None, *, why_not: str | None = None,
+                 result: TrainResult | None = None) -> None:
+        if result is not None:
+            where = f"the finished run is saved to {path}" if path else "no checkpoint saved"
+            message = f"training interrupted after its last step ({state.step:,}); {where}"
+        else:
+            where = f"checkpoint saved to {path} (continue with --resume {path})" if path else "no checkpoint saved"
+            message = f"training interrupted at step {state.step:,}; {where}"
+        super().__init__(message + (f" ({why_not})" if why_not and not path else ""))
         self.state = state
         self.path = path
+        self.result = result
+
+
+class TrainingDiverged(TrainError):
+    """A batch loss (or the final loss) that is not finite: the run diverged; nothing is saved."""
+
+    def __init__(self, step: int, loss: float, lr: float, final: bool = False) -> None:
+        when = f"after its last step ({step:,})" if final else f"at step {step:,}"
+        super().__init__(f"training diverged {when}: its loss is {loss}; try a smaller learning rate (--lr; this "
+                         f"run's is {lr:g}); no checkpoint was written for it")
+        self.step = step
 
 
 # ---------------------------------------------------------------- configuration and state
@@ -104,6 +126,31 @@ class TrainConfig:
         """The lecture's schedule: ``lr`` until ``lr_decay_step``, then ``lr_final``."""
         decay = self.steps // 2 if self.lr_decay_step is None else self.lr_decay_step
         return self.lr if step < decay else (self.lr / 10 if self.lr_final is None else self.lr_final)
+
+
+def extend_config(config: TrainConfig, state: TrainState, steps: int) -> tuple[TrainConfig, str | None]:
+    """A resumed run's configuration with ``steps`` in total, and a note on its learning-rate decay (or None).
+
+    A decay at half-way (the default) that has not happened yet moves to half-way of the new
+    total, so the run goes on as a run of that length would have gone (bit for bit, unless the
+    new half-way lies behind the step resumed from: then the rate drops at once). One that
+    already happened stays where it was: the rate does not go back up. A decay step set
+    explicitly (not half-way) stays. The evaluations' default spacing follows the new total.
+    """
+    old_steps = config.steps
+    config = replace(config, steps=steps)
+    if config.eval_every == max(5_000, old_steps // 10):
+        config.eval_every = max(5_000, steps // 10)
+    decay = config.lr_decay_step
+    if decay is None or decay != old_steps // 2:
+        return config, None
+    if state.step < decay:
+        config.lr_decay_step = steps // 2
+        return config, (f"the learning rate decays at step {steps // 2:,}, half-way of the new {steps:,} steps "
+                        f"(it was {decay:,}, half-way of {old_steps:,})")
+    return config, (f"the learning rate already decayed at step {decay:,} (half-way of the first {old_steps:,} "
+                    f"steps); it stays at {config.learning_rate(decay):g}, unlike a {steps:,}-step run's, which "
+                    f"decays at {steps // 2:,}")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -188,7 +235,9 @@ def compiled_backend(model: MLP) -> StepFn:
     def training_step(Xb: Tensor, Yb: Tensor) -> Tensor:
         return forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb)
 
-    compiled = tg_compile(training_step, params=params)
+    # fuse=False: for this forward the fused rules never win (tg.compile keeps the atomic step, which makes
+    # fewer torch calls), but deriving them costs 1.5-3 s of sympy at every start: the same losses without it
+    compiled = tg_compile(training_step, params=params, fuse=False)
 
     def step(Xb: Tensor, Yb: Tensor) -> tuple[Tensor, list[Tensor]]:
         loss, grads = compiled(Xb, Yb)
@@ -241,6 +290,13 @@ class TrainResult:
     val_loss: float
     seconds: float  # wall time of the training steps and evaluations (all resumes)
     vocab: Vocab
+    step_seconds: float = 0.0  # this call's wall time in the training steps alone (no evaluation, no start-up)
+    session_steps: int = 0  # the steps this call trained (fewer than ``steps`` when resumed)
+
+    @property
+    def steps_per_second(self) -> float:
+        """This call's training speed: its steps over the time spent in them (evaluations excluded)."""
+        return self.session_steps / self.step_seconds if self.step_seconds > 0 else 0.0
 
     @property
     def model(self) -> MLP:
@@ -263,10 +319,12 @@ def train(splits: Splits, config: TrainConfig | None = None, *, backend: str = "
           handle_sigint: bool = False, threads: int | None = 1) -> TrainResult:
     """Train with SGD from ``state`` (a fresh model when None) up to ``config.steps``.
 
-    ``callback(state, loss)`` runs after every step. On KeyboardInterrupt (Ctrl-C with
-    ``handle_sigint``: the step in flight is finished first) the state is saved to
-    ``checkpoint`` if given and :class:`TrainingInterrupted` is raised. A finished run is
-    saved there too.
+    ``callback(state, loss)`` runs after every step. On KeyboardInterrupt the state of the last
+    finished step is saved to ``checkpoint`` if given and :class:`TrainingInterrupted` is
+    raised. A finished run is saved there too. With ``handle_sigint``, a first Ctrl-C stops
+    after the step in flight, a second one interrupts that step at once, and a Ctrl-C during
+    the parameter update, an evaluation or the save is held until it is done: the checkpoint
+    is always written. A non-finite loss raises :class:`TrainingDiverged` (nothing saved).
 
     ``threads`` sets torch's intra-op threads for the run (restored afterwards; None leaves
     them alone). One is the default: a batch-32 step is too small to gain from more, and
@@ -281,28 +339,73 @@ def train(splits: Splits, config: TrainConfig | None = None, *, backend: str = "
     step_fn = make_step(backend, state.model)
     extra = {"backend": backend, **(checkpoint_extra or {})}
     save = lambda st, **more: save_checkpoint(checkpoint, st, config, splits.vocab, **extra, **more)
-    start = time.perf_counter()
-    seconds_before = state.seconds
-    try:
-        with _threads(threads), _sigint_at_step_end(handle_sigint) as stop, _progress(config, state, progress) as bar:
-            _loop(splits, config, state, step_fn, callback, stop, bar)
-    except KeyboardInterrupt:
-        state.seconds = seconds_before + time.perf_counter() - start
-        path = None
-        if checkpoint is not None and not state.updating:
-            state.model.calibrate(splits.train[0])  # so samples drawn from the checkpoint use calibrated statistics
-            path = save(state)
-        raise TrainingInterrupted(state, path) from None
-    with _threads(threads):
-        losses = _final_losses(state, splits)
-    state.seconds = seconds_before + time.perf_counter() - start
-    result = TrainResult(config, state, backend, losses["train"], losses["val"], state.seconds, splits.vocab)
-    if checkpoint is not None:
-        save(state, train_loss=result.train_loss, val_loss=result.val_loss)
+    clock = _Clock(state)
+    interrupts = _Interrupts(handle_sigint)
+    with _threads(threads), interrupts:
+        try:
+            with _progress(config, state, progress) as bar:
+                _loop(splits, config, state, step_fn, callback, interrupts, bar, clock)
+        except KeyboardInterrupt:
+            with interrupts.held():
+                clock.stop()
+                path, why_not = _save_interrupted(state, splits, save if checkpoint is not None else None)
+            raise TrainingInterrupted(state, path, why_not=why_not) from None
+        with interrupts.held():  # the run is complete: evaluate and save it whatever the keyboard says
+            with clock.evaluating():
+                losses = _final_losses(state, splits, config)
+            clock.stop()
+            result = TrainResult(config, state, backend, losses["train"], losses["val"], state.seconds,
+                                 splits.vocab, clock.step_seconds, clock.steps)
+            path = save(state, train_loss=result.train_loss, val_loss=result.val_loss)
+    if interrupts.pressed:
+        raise TrainingInterrupted(state, path, result=result)
     return result
 
 
-def _loop(splits: Splits, config: TrainConfig, state: TrainState, step_fn: StepFn, callback, stop, bar) -> None:
+def _save_interrupted(state: TrainState, splits: Splits, save) -> tuple[Path | None, str | None]:
+    """Save the state of an interrupted run: (path, None), or (None, why it was not saved)."""
+    if save is None:
+        return None, None
+    if state.updating:
+        return None, "the interrupt landed inside the parameter update"
+    if not state.model.is_finite():
+        return None, "the parameters are not finite: the run diverged"
+    state.model.calibrate(splits.train[0])  # so samples drawn from the checkpoint use calibrated statistics
+    try:
+        return save(state), None
+    except CheckpointError as err:
+        return None, str(err)
+
+
+class _Clock:
+    """Wall time of the run (added to the state's, over all resumes) and of the training steps alone."""
+
+    def __init__(self, state: TrainState) -> None:
+        self.state = state
+        self.seconds_before = state.seconds
+        self.start = time.perf_counter()
+        self.eval_seconds = 0.0
+        self.first_step = state.step
+        self.step_seconds = 0.0
+        self.steps = 0
+
+    @contextmanager
+    def evaluating(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.eval_seconds += time.perf_counter() - began
+
+    def stop(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.state.seconds = self.seconds_before + elapsed
+        self.steps = self.state.step - self.first_step
+        self.step_seconds = max(0.0, elapsed - self.eval_seconds)
+
+
+def _loop(splits: Splits, config: TrainConfig, state: TrainState, step_fn: StepFn, callback,
+          interrupts: _Interrupts, bar, clock: _Clock) -> None:
     Xtr, Ytr = splits.train
     params = state.model.parameters()
     g = state.generator
@@ -313,28 +416,44 @@ def _loop(splits: Splits, config: TrainConfig, state: TrainState, step_fn: StepF
             Xb, Yb = Xtr[ix], Ytr[ix]
             loss, grads = step_fn(Xb, Yb)
             lr, value = config.learning_rate(i), loss.item()
+            interrupts.holding += 1  # from here to the step's end a Ctrl-C waits: the state stays whole
         except KeyboardInterrupt:
             g.set_state(generator_state)  # nothing changed yet: the state is still that of step i
             raise
-        state.updating = True  # an interrupt from here to the end of the block would leave a half-updated state
-        with torch.no_grad():
-            for p, grad in zip(params, grads):
-                p += -lr * grad
-        state.step = i + 1
-        state.losses.append(value)
-        state.updating = False
-        if state.step % config.eval_every == 0 and state.step < config.steps:
-            losses = split_losses(state.model, splits)
-            state.history.append({"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"]})
+        try:
+            if not math.isfinite(value):
+                raise TrainingDiverged(i + 1, value, config.lr)
+            _update(state, params, grads, lr, value)
+            if state.step % config.eval_every == 0 and state.step < config.steps:
+                with clock.evaluating():
+                    losses = split_losses(state.model, splits)
+                state.history.append({"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"]})
+        finally:
+            interrupts.holding -= 1
         bar.step(value, lr)
         if callback is not None:
             callback(state, value)
-        if stop["requested"]:
+        if interrupts.pressed and state.step < config.steps:  # after the last step: evaluate and save as finished
+            interrupts.stopping = True
             raise KeyboardInterrupt
 
 
-def _final_losses(state: TrainState, splits: Splits) -> dict[str, float]:
+def _update(state: TrainState, params: list[Tensor], grads: list[Tensor], lr: float, loss: float) -> None:
+    """The SGD update of one step; without handle_sigint, an interrupt inside it leaves ``updating`` set."""
+    state.updating = True
+    with torch.no_grad():
+        for p, grad in zip(params, grads):
+            p += -lr * grad
+    state.step += 1
+    state.losses.append(loss)
+    state.updating = False
+
+
+def _final_losses(state: TrainState, splits: Splits, config: TrainConfig) -> dict[str, float]:
     losses = split_losses(state.model, splits)
+    bad = [value for value in losses.values() if not math.isfinite(value)]
+    if bad or not state.model.is_finite():
+        raise TrainingDiverged(state.step, bad[0] if bad else math.nan, config.lr, final=True)
     if not state.history or state.history[-1]["step"] != state.step:
         state.history.append({"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"]})
     return losses
@@ -359,24 +478,48 @@ def _threads(count: int | None):
         torch.set_num_threads(previous)
 
 
-@contextmanager
-def _sigint_at_step_end(enabled: bool):
-    """Turn the first Ctrl-C into a request to stop after the current step; a second one interrupts at once."""
-    stop = {"requested": False}
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = signal.getsignal(signal.SIGINT)
+class _Interrupts:
+    """Ctrl-C during :func:`train`: the first asks to stop after the step in flight, a second interrupts it.
 
-    def request_stop(signum, frame):
-        stop["requested"] = True
-        signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+    Inside :meth:`held` (the parameter update, an evaluation, the final save) a Ctrl-C is only
+    noted, so the state there is never left half-written; once stopping, every further Ctrl-C
+    is only noted too. Without ``enabled`` (or off the main thread) Python's handler stays.
+    """
 
-    signal.signal(signal.SIGINT, request_stop)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.presses = 0
+        self.holding = 0
+        self.stopping = False
+        self.previous: Any = None
+
+    @property
+    def pressed(self) -> bool:
+        return self.presses > 0
+
+    def __enter__(self) -> _Interrupts:
+        if self.enabled:
+            self.previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.presses += 1
+        if self.presses >= 2 and not self.holding and not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def held(self):
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
 
 
 class _Bar:
@@ -429,14 +572,28 @@ def save_checkpoint(path: str | Path | None, state: TrainState, config: TrainCon
     return save_atomic(data, path)
 
 
-def state_from_checkpoint(data: dict[str, Any]) -> tuple[TrainState, TrainConfig, Vocab]:
-    """The training state, configuration and vocabulary saved by :func:`save_checkpoint`."""
+def state_from_checkpoint(data: dict[str, Any], source: str | Path | None = None
+                          ) -> tuple[TrainState, TrainConfig, Vocab]:
+    """The training state, configuration and vocabulary saved by :func:`save_checkpoint`.
+
+    A checkpoint without them (or with unusable ones) raises :class:`CheckpointError` naming ``source``.
+    """
     model, vocab = model_from_checkpoint(data)
-    generator = torch.Generator()
-    generator.set_state(data["generator"])
-    state = TrainState(model, generator, int(data["step"]), [float(x) for x in data["losses"].tolist()],
-                       [dict(h) for h in data.get("history", [])], float(data.get("seconds", 0.0)))
-    config = TrainConfig(**data["config"])
+    try:
+        generator = torch.Generator()
+        generator.set_state(data["generator"])
+        losses = [float(x) for x in data["losses"].tolist()]
+        state = TrainState(model, generator, int(data["step"]), losses,
+                           [dict(h) for h in data.get("history", [])], float(data.get("seconds", 0.0)))
+        config = TrainConfig(**data["config"])
+        config.check()
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        what = f"missing {err}" if isinstance(err, KeyError) else (str(err).strip().splitlines() or [""])[0][:120]
+        raise CheckpointError(f"{source or 'the checkpoint'}: cannot resume from it: its training state is "
+                              f"unusable ({what or type(err).__name__})") from None
+    if len(losses) != state.step:
+        raise CheckpointError(f"{source or 'the checkpoint'}: cannot resume from it: it holds {len(losses)} losses "
+                              f"for {state.step} steps")
     return state, config, vocab
 
 
@@ -509,7 +666,8 @@ def write_outputs(result: TrainResult, splits: Splits, out: str | Path, *, sampl
     """The loss curve, the graph picture and metrics.json in ``out`` (the checkpoint is saved by train)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Any] = {"loss_curve": str(plot_losses(result, out / "loss.png"))}
+    with _writing(out / "loss.png"):
+        files: dict[str, Any] = {"loss_curve": str(plot_losses(result, out / "loss.png"))}
     notes = []
     if render:
         picture, note = render_step(result.model, splits, out / "graph.svg", result.config.seed)
@@ -519,6 +677,7 @@ def write_outputs(result: TrainResult, splits: Splits, out: str | Path, *, sampl
     metrics = {
         **result.metrics(),
         "seconds_per_step": result.seconds / max(1, result.steps),
+        "steps_per_second": round(result.steps_per_second, 1),  # this call's steps alone, evaluations excluded
         "config": asdict(result.config),
         "vocab_size": len(result.vocab),
         "num_parameters": result.model.num_parameters(),
@@ -529,5 +688,15 @@ def write_outputs(result: TrainResult, splits: Splits, out: str | Path, *, sampl
         "torch": torch.__version__,
         **(info or {}),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with _writing(out / "metrics.json"):
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+@contextmanager
+def _writing(path: Path):
+    """An OSError while writing ``path`` (a full disk says only "[Errno 28]") becomes one naming the file."""
+    try:
+        yield
+    except OSError as err:
+        raise TrainError(f"cannot write {path}: {err.strerror or err}") from None
