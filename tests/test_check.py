@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lecture_answer import MISTAKES, answer, exercise
+from lecture_answer import MISTAKES, answer, exercise, fused_answer
 
 import tensorgraph as tg
 from tensorgraph.check import ERROR_KINDS, KINDS
@@ -291,3 +291,56 @@ def test_no_false_alarms_and_sign_found_on_every_other_op_case():
         report = graph.check({**manual, "dout": -manual["dout"]}, loss)
         assert report.first_error == "out" and report["out"].kind == "sign", f"{name}\n{report}"
         assert all(row.kind in ("ok", "inherited") for row in report.rows if row.name != "out"), f"{name}\n{report}"
+
+
+# ---------------------------------------------------------------- rounding: no false alarms, slips still found
+
+# seeds, batch sizes and widths where float32 rounding put correct gradients past allclose's atol
+ROUNDING_CONFIGS = [dict(seed=5), dict(seed=2), dict(seed=9, batch_size=8), dict(seed=2147483647, batch_size=8),
+                    dict(seed=3, n_hidden=200), dict(seed=1, batch_size=4)]
+
+
+@pytest.fixture(scope="module", params=ROUNDING_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def configured(request):
+    """The exercise under another seed/batch/width, with torch autograd's float64 gradients as the truth."""
+    graph, loss, v = exercise(**request.param)
+    graph64, loss64, _ = exercise(torch.float64, **request.param)
+    return graph, loss, v, _autograd_grads(graph64, loss64)
+
+
+def _assert_right(answers, truth64):
+    for key, value in answers.items():  # the formulas are right: float64 autograd agrees to float32 precision
+        torch.testing.assert_close(value.double(), truth64[key[1:]], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_alternative_but_equal_formulas_are_right_on_any_seed(configured):
+    graph, loss, v, truth64 = configured
+    for manual in (answer(v, "alt-formulas"), fused_answer(v)):
+        _assert_right(manual, truth64)
+        report = graph.check(manual, loss)
+        assert report.ok and all(row.kind in ("ok", "missing") for row in report.rows), str(report)
+
+
+def test_each_fused_gradient_alone_is_right_on_any_seed(configured):
+    """One gradient at a time: judged on the whole path's rounding (db1 is ~0 behind batchnorm: all noise)."""
+    graph, loss, v, truth64 = configured
+    for key, value in fused_answer(v).items():
+        report = graph.check({key: value}, loss)
+        assert report[key].kind == "ok", str(report)
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_seeded_mistakes_are_still_found_on_another_seed(mistake):
+    graph, loss, v = _batch8()
+    blamed, kind = MISTAKES[mistake]
+    report = graph.check(answer(v, mistake), loss)
+    assert report.first_error == blamed and len(report.errors) == 1, str(report)
+
+
+_BATCH8 = []
+
+
+def _batch8():
+    if not _BATCH8:
+        _BATCH8.append(exercise(seed=2147483647, batch_size=8))
+    return _BATCH8[0]
