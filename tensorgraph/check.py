@@ -159,8 +159,29 @@ def check(graph: Graph, manual: dict[str, Any], loss: Any, grad: Tensor | None =
     root = root_node(graph, loss)
     with torch.no_grad():  # parameters may require grad: nothing here is differentiated
         truth = backward(graph, root, grad).by_node
+        if not all(bool(torch.isfinite(t).all()) for t in truth.values() if t.is_floating_point()):
+            broken = nonfinite_forward(graph, root)
+            if broken:  # the right gradients are inf or nan too: there is nothing to judge against
+                raise ValueError(f"check: {broken}; the right gradients through it are inf or nan, so no line "
+                                 f"can be judged")
         given = _resolve(graph, manual, truth, root)
         return _Checker(graph, root, truth, given, rtol, atol, grad).run()
+
+
+def nonfinite_forward(graph: Graph, root: int) -> str | None:
+    """``the forward pass has non-finite values: 'logprobs' (x.py:31) holds -inf ...``, or None if it has none."""
+    nodes = graph._nodes
+    for node in sorted(graph.ancestors(root)):
+        data = nodes[node]
+        value = data.get("value")
+        if not isinstance(value, Tensor) or not value.is_floating_point() or bool(torch.isfinite(value).all()):
+            continue
+        kinds = [k for k, mask in (("nan", value.isnan()), ("inf", value.isposinf()), ("-inf", value.isneginf()))
+                 if bool(mask.any())]
+        where = f" ({data['source']})" if data.get("source") else ""
+        return (f"the forward pass has non-finite values: {data['name']!r}{where} is the first tensor holding "
+                f"{' and '.join(kinds)} (record with tg.record(anomaly=True) to stop at the op that makes it)")
+    return None
 
 
 # ---------------------------------------------------------------- reading the learner's dict
@@ -339,6 +360,9 @@ class _Checker:
             row.upstream = self._wrong_upstream(node)
             row.kind = "inherited"
             row.message = self._inherited_message(row.upstream)
+            return row
+        if mine.is_floating_point() and not bool(torch.isfinite(mine).all()):
+            row.kind, row.message = "wrong", _nonfinite_message(mine)
             return row
         references = [(expected, self.mine.get(node))] if upstream_off else []
         references.append((truth, self.right.get(node)))
@@ -866,11 +890,14 @@ def _factor(mine: Tensor, ref: Tensor) -> float | None:
     denom = float(b @ b)
     if denom == 0 or not math.isfinite(denom):
         return None
-    return float(a @ b) / denom
+    factor = float(a @ b) / denom
+    return factor if math.isfinite(factor) else None
 
 
 def _describe_factor(factor: float, n: int | None) -> tuple[str, str | None]:
     """``(n-1)/n = 31/32`` when the factor is n-related, else ``3/2`` or ``0.8731``."""
+    if not math.isfinite(factor):
+        return f"{factor}", None
     fraction = Fraction(factor).limit_denominator(1024)
     simple = abs(float(fraction) - factor) <= 1e-5 * abs(factor)
     text = (str(fraction.numerator) if fraction.denominator == 1 else f"{fraction.numerator}/{fraction.denominator}"
@@ -885,6 +912,15 @@ def _describe_factor(factor: float, n: int | None) -> tuple[str, str | None]:
                     shown = f"{label} with n = {n}" if label.lstrip("-") == "n" else f"{label} = {text} (n = {n})"
                     return shown, label.lstrip("-")
     return text, None
+
+
+def _nonfinite_message(value: Tensor) -> str:
+    """``contains inf (12 of 2048 elements, the first at (0, 3))``: where a division by zero or overflow landed."""
+    bad = ~torch.isfinite(value)
+    kinds = [k for k, mask in (("nan", value.isnan()), ("inf", value.isinf())) if bool(mask.any())]
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    return (f"contains {' and '.join(kinds)} ({int(bad.sum())} of {value.numel()} elements, the first at "
+            f"{first}): a division by zero or an overflow?")
 
 
 def _batch_size(graph: Graph) -> int | None:
@@ -924,4 +960,4 @@ def _number(value: float) -> str:
     return f"{value:.3g}"
 
 
-__all__ = ["CheckReport", "CheckRow", "ERROR_KINDS", "KINDS", "check"]
+__all__ = ["CheckReport", "CheckRow", "ERROR_KINDS", "KINDS", "check", "nonfinite_forward"]

@@ -14,7 +14,7 @@ from lecture_answer import MISTAKES, answer, exercise, fused_answer
 
 import tensorgraph as tg
 from tensorgraph.check import ERROR_KINDS, KINDS
-from tensorgraph.lecture import LECTURE_ROWS
+from tensorgraph.lecture import LECTURE_ROWS, forward, setup
 
 
 @pytest.fixture(scope="module")
@@ -344,3 +344,28 @@ def _batch8():
     if not _BATCH8:
         _BATCH8.append(exercise(seed=2147483647, batch_size=8))
     return _BATCH8[0]
+
+
+# ---------------------------------------------------------------- non-finite values
+
+
+def test_an_infinite_gradient_is_wrong_not_a_crash(lecture):
+    graph, loss, v = lecture
+    dh = answer(v)["dh"] * float("inf")  # +inf and -inf: Fraction(inf) used to raise OverflowError
+    row = graph.check({"dh": dh}, loss)["dh"]
+    assert row.kind == "wrong" and row.message.startswith("contains inf (2048 of 2048 elements"), row.message
+
+
+def test_a_non_finite_forward_pass_is_named_not_blamed_on_the_learner():
+    ex = setup()
+    W2 = ex.W2 * 300  # logits explode: some probs underflow to 0, log gives -inf (torch agrees: the loss is inf)
+    with tg.record() as graph:
+        loss = forward(ex.C, ex.W1, ex.b1, W2, ex.b2, ex.bngain, ex.bnbias, ex.Xb, ex.Yb)
+    assert not torch.isfinite(loss)
+    probs = graph.value("probs")
+    dprobs = torch.zeros_like(probs)
+    dprobs[range(32), ex.Yb] = -1.0 / 32 / probs[range(32), ex.Yb]
+    with pytest.raises(ValueError, match=r"forward pass has non-finite values: 'logprobs' \(.*\) is the first "
+                                         r"tensor holding -inf .*tg.record\(anomaly=True\)"):
+        graph.check({"dprobs": dprobs}, loss)
+    assert "forward pass has non-finite values: 'logprobs'" in graph.compare(loss)["probs"].reason
