@@ -13,6 +13,7 @@ give from their upstream):
 
 ``ok``               equal (allclose, plus what float rounding alone can give)
 ``shape``            the values agree after broadcasting; the shape is wrong (missing ``keepdim=True``)
+``dtype``            right within the precision of its dtype, which is the wrong one (float16 for float32)
 ``not-unbroadcast``  the gradient of the broadcast result: summing over the broadcast dimensions fixes it
 ``transposed``       the transpose of the right gradient
 ``missing-branch``   the sum over only some of the tensor's consumers (the message names the missing one)
@@ -44,10 +45,11 @@ from .ops import OPS
 if TYPE_CHECKING:
     from .graph import Graph
 
-KINDS = ("ok", "shape", "not-unbroadcast", "transposed", "missing-branch", "sign", "scaled", "wrong", "inherited",
-         "missing")
+KINDS = ("ok", "shape", "dtype", "not-unbroadcast", "transposed", "missing-branch", "sign", "scaled", "wrong",
+         "inherited", "missing")
 # kinds that are the learner's own mistake in that row (``inherited`` and ``missing`` are not)
-ERROR_KINDS = frozenset({"shape", "not-unbroadcast", "transposed", "missing-branch", "sign", "scaled", "wrong"})
+ERROR_KINDS = frozenset({"shape", "dtype", "not-unbroadcast", "transposed", "missing-branch", "sign", "scaled",
+                         "wrong"})
 # allclose tolerances by dtype: float32 is the lecture's cmp (torch.allclose's defaults)
 TOLERANCES = {torch.float64: (1e-7, 1e-10), torch.float32: (1e-5, 1e-8), torch.float16: (1e-3, 1e-5),
               torch.bfloat16: (1e-2, 1e-4)}
@@ -281,7 +283,7 @@ class _Checker:
         mine = self.given.get(node)
         truth = self.truth[node]
         if mine is not None:  # right or not, the rows below are judged on the learner's own value
-            self.used[node] = mine
+            self.used[node] = _as_real(mine)
             if tuple(mine.shape) != tuple(truth.shape):
                 self.shape_off.add(node)
         elif self._reshaped(node):  # not given, below a wrongly shaped gradient: the learner's lines broadcast it
@@ -346,6 +348,14 @@ class _Checker:
             return row
         row.shape = tuple(mine.shape)
         mine = mine.to(device=truth.device)
+        dtype_note = _dtype_mistake(mine.dtype, truth.dtype)
+        if dtype_note:
+            if self._right_in_own_precision(mine, truth, expected):
+                row.kind, row.maxdiff = "dtype", _maxdiff(_as_real(mine), truth)
+                row.message = f"right values, but {dtype_note}: build it from {_dtype_name(truth.dtype)} tensors " \
+                              f"(the lines below inherit its rounding)"
+                return row
+            mine = _as_real(mine).to(truth.dtype)  # judge the values; the dtype is named in the message
         row.maxdiff = _maxdiff(mine, truth)
         upstream_off = expected is not None and (self._reshaped(node) or not self._close(expected, truth, node))
         if self._right(node, mine, truth, None if upstream_off else expected):
@@ -377,7 +387,20 @@ class _Checker:
             upstream = self._wrong_upstream(node)
             if upstream:
                 row.message += f" (judged on your {_names(upstream)}, which is also off)"
+        if dtype_note and row.kind not in ("ok", "inherited"):
+            row.message += f"; also {dtype_note}"
+        elif dtype_note:  # right values, given the upstream: the dtype is still this line's own mistake
+            row.kind, row.message = "dtype", f"{row.message}; but {dtype_note}" if row.message else dtype_note
         return row
+
+    def _right_in_own_precision(self, mine: Tensor, truth: Tensor, expected: Tensor | None) -> bool:
+        """The values are right up to the rounding of the (lower-precision or integer) dtype they came in."""
+        if tuple(mine.shape) != tuple(truth.shape) or mine.is_complex() and bool(mine.imag.any()):
+            return False
+        rtol, atol = TOLERANCES.get(mine.dtype, (self.rtol, self.atol))
+        value = _as_real(mine).to(truth.dtype)
+        return any(bool(torch.allclose(value, ref, rtol=max(rtol, self.rtol), atol=max(atol, self.atol)))
+                   for ref in (truth, expected) if ref is not None and tuple(ref.shape) == tuple(value.shape))
 
     def _reshaped(self, node: int) -> bool:
         """A gradient sent to this node came from an upstream value of the wrong shape."""
@@ -912,6 +935,25 @@ def _describe_factor(factor: float, n: int | None) -> tuple[str, str | None]:
                     shown = f"{label} with n = {n}" if label.lstrip("-") == "n" else f"{label} = {text} (n = {n})"
                     return shown, label.lstrip("-")
     return text, None
+
+
+def _dtype_mistake(dtype: torch.dtype, expected: torch.dtype) -> str | None:
+    """``float16, expected float32`` for a gradient in a dtype that cannot hold it; None for a wider float."""
+    if dtype == expected:
+        return None
+    wider = dtype.is_floating_point and expected.is_floating_point and torch.finfo(dtype).eps <= torch.finfo(
+        expected).eps and torch.finfo(dtype).max >= torch.finfo(expected).max
+    if wider:  # float64 for float32 keeps every digit: not a mistake
+        return None
+    return f"{_dtype_name(dtype)}, expected {_dtype_name(expected)}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _as_real(value: Tensor) -> Tensor:
+    return value.real if value.is_complex() else value
 
 
 def _nonfinite_message(value: Tensor) -> str:

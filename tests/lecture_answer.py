@@ -34,6 +34,7 @@ MISTAKES = {
     "dhpreact-wrong": ("hpreact", "wrong"),  # (1 - h) * dh
     "dC-overwrite": ("C", "wrong"),  # dC[Xb] = demb: repeated rows do not add up
     "dlogprobs-wrong-row": ("logprobs", "wrong"),  # picks the wrong column
+    "dh-half": ("h", "dtype"),  # right values in float16 (.half(), or built from a float16 tensor)
     "dbnvar-no-eps": ("bnvar", "wrong"),  # (bnvar)**-1.5: forgot the eps, a 3e-5 relative slip
     "dbnvar_inv-wrong-dim": ("bnvar_inv", "wrong"),  # .sum(1, keepdim=True): (32, 1), broadcast below
 }
@@ -70,6 +71,8 @@ def answer(v: SimpleNamespace, mistake: str | None = None) -> dict[str, torch.Te
     if mistake != "dlogits-missing-max-branch":
         dlogits += F.one_hot(v.logits.max(1).indices, num_classes=v.logits.shape[1]) * dlogit_maxes
     dh = dlogits @ v.W2.T
+    if mistake == "dh-half":
+        dh = dh.half()
     dW2 = dlogits.T @ v.h if mistake == "dW2-transposed" else v.h.T @ dlogits
     db2 = dlogits if mistake == "db2-not-summed" else dlogits.sum(0)
     dhpreact = ((1.0 - v.h) if mistake == "dhpreact-wrong" else (1.0 - v.h**2)) * dh

@@ -369,3 +369,18 @@ def test_a_non_finite_forward_pass_is_named_not_blamed_on_the_learner():
                                          r"tensor holding -inf .*tg.record\(anomaly=True\)"):
         graph.check({"dprobs": dprobs}, loss)
     assert "forward pass has non-finite values: 'logprobs'" in graph.compare(loss)["probs"].reason
+
+
+@pytest.mark.parametrize("make, kind, message", [
+    (lambda dh: dh.half(), "dtype", "right values, but float16, expected float32"),
+    (lambda dh: dh.bfloat16(), "dtype", "right values, but bfloat16, expected float32"),
+    (lambda dh: (dh * 100).long(), "wrong", "; also int64, expected float32"),
+    (lambda dh: dh > 0, "wrong", "; also bool, expected float32"),
+    (lambda dh: dh.to(torch.complex64), "dtype", "right values, but complex64, expected float32"),
+    (lambda dh: dh.double(), "ok", ""),  # wider: every digit kept
+])
+def test_a_wrong_dtype_is_named(lecture, make, kind, message):
+    graph, loss, v = lecture
+    dh = _autograd_grads(graph, loss)["h"]  # the truth, from torch autograd
+    row = graph.check({"dh": make(dh)}, loss)["dh"]
+    assert row.kind == kind and message in row.message, row
