@@ -70,7 +70,7 @@ class CheckRow:
 
     name: str  # the recorded tensor's name (``logits``; the gradient is ``dlogits``)
     kind: str  # one of KINDS
-    maxdiff: float  # max |yours - right| (after broadcasting when the shapes differ; inf if they cannot)
+    maxdiff: float  # max |yours - right| (after broadcasting when the shapes differ; nan, shown -, if they cannot)
     message: str  # one line: what is wrong and how to fix it
     shape: tuple[int, ...] | None  # the shape you gave (None if missing)
     expected_shape: tuple[int, ...]
@@ -195,26 +195,50 @@ def _resolve(graph: Graph, manual: Any, truth: dict[int, Tensor], root: int) -> 
     nodes = graph._nodes
     given: dict[int, Tensor] = {}
     keys: dict[int, str] = {}
-    for key, value in manual.items():
-        node = _node_of_key(graph, key)
+    for raw_key, value in manual.items():
+        node = _node_of_key(graph, raw_key)
         name = nodes[node]["name"]
+        key = raw_key if isinstance(raw_key, str) else "d" + name  # never a tensor's repr in a message
         if node not in truth:
             why = "it is not a floating-point tensor" if not is_float(nodes[node]) else "the loss does not depend on it"
             raise ValueError(f"check: {key!r}: {name!r} has no gradient ({why})")
         if node in keys:
             raise ValueError(f"check: the gradient of {name!r} is given twice ({keys[node]!r} and {key!r})")
         keys[node] = key
-        if value is None or node == root:
+        if value is None:
             continue
         if not isinstance(value, Tensor):
             raise ValueError(f"check: {key!r} is a {type(value).__name__}, not a tensor")
+        if node == root:
+            _check_seed(key, value, truth[root])
+            continue
         given[node] = value.detach()
     return given
 
 
+def _check_seed(key: str, value: Tensor, seed: Tensor) -> None:
+    """The loss's own gradient is the seed (1, or ``grad``): a different one means other gradients altogether."""
+    if tuple(value.shape) in (tuple(seed.shape), ()) and bool(torch.allclose(value.detach().to(seed), seed)):
+        return
+    shown = f"{value.item():g}" if value.numel() == 1 else f"a tensor of shape {tuple(value.shape)}"
+    expected = f"{seed.item():g}" if seed.numel() == 1 else "the grad= you passed"
+    raise ValueError(f"check: {key!r} is {shown}, but the gradient of the loss with respect to itself is "
+                     f"{expected}; to check the gradients from another seed, pass it as grad=")
+
+
 def _node_of_key(graph: Graph, key: Any) -> int:
+    if isinstance(key, Tensor):  # the forward tensor itself: {logits: dlogits}, as with tg.record(names=False)
+        live = graph._live.get(id(key))
+        if live is None or live[2] is not key:
+            raise ValueError(f"check: a tensor used as a key is not in this graph: {graph.owner_message(key)}")
+        return live[0]
+    if isinstance(key, int) and not isinstance(key, bool):
+        if 0 <= key < len(graph._nodes):
+            return key
+        raise ValueError(f"check: no node {key} in the graph (it has {len(graph._nodes)} nodes)")
     if not isinstance(key, str):
-        raise ValueError(f"check: gradient keys are tensor names such as 'dlogits', got {key!r}")
+        raise ValueError(f"check: gradient keys are tensor names such as 'dlogits', the forward tensors "
+                         f"themselves or node ids, not a {type(key).__name__}")
     names = graph._names
     if key in names:
         return names[key]
@@ -900,10 +924,12 @@ def _broadcast_shape(a: tuple, b: tuple) -> tuple | None:
 
 
 def _maxdiff(mine: Tensor, truth: Tensor) -> float:
+    if _broadcast_shape(tuple(mine.shape), tuple(truth.shape)) is None:
+        return math.nan  # no element of yours stands for one of the right gradient: no difference to give
     try:
         diff = (mine.to(truth.dtype) - truth).abs()
     except RuntimeError:
-        return math.inf
+        return math.nan
     return float(diff.max()) if diff.numel() else 0.0
 
 

@@ -7,6 +7,8 @@ confirmed against torch autograd (float64 replay) before the checker is trusted 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,11 +189,35 @@ def test_keys_with_or_without_d_partial_dicts_and_other_dtypes(lecture):
     ({"dlogits": 3.0}, "'dlogits' is a float, not a tensor"),
     ({"dlogits": None, "logits": None}, "given twice"),
     ([1, 2], "expected a dict"),
+    ({"dloss": 1.0}, "'dloss' is a float, not a tensor"),  # the seed was skipped before its type was looked at
+    ({"dloss": torch.tensor(5.0)}, "'dloss' is 5, but the gradient of the loss with respect to itself is 1"),
+    ({torch.zeros(3): None}, "a tensor used as a key is not in this graph: it belongs to no graph"),
+    ({(1, 2): None}, "not a tuple"),
 ])
 def test_bad_input_is_named(lecture, manual, message):
     graph, loss, _ = lecture
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as raised:
         graph.check(manual, loss)
+    assert "tensor(" not in str(raised.value)  # never a tensor's repr
+
+
+def test_the_right_seed_as_dloss_is_accepted(lecture):
+    graph, loss, v = lecture
+    assert graph.check({"dloss": torch.tensor(1.0), "dlogits": answer(v)["dlogits"]}, loss).ok
+
+
+def test_names_false_graphs_are_checked_by_tensor_keys():
+    gen = torch.Generator().manual_seed(0)
+    h, W2, Yb = torch.randn(32, 64, generator=gen), torch.randn(64, 27, generator=gen), torch.randint(0, 27, (32,))
+    with tg.record(names=False) as graph:
+        logits = h @ W2
+        loss = F.cross_entropy(logits, Yb)
+    dlogits = (F.softmax(logits, 1) - F.one_hot(Yb, 27)) / 32
+    with pytest.raises(ValueError, match="look tensors up by the tensor itself"):
+        graph.check({"dlogits": dlogits}, loss)
+    assert graph.check({logits: dlogits}, loss).ok  # the advice works
+    assert graph.check({graph.node_id(logits): dlogits}, loss).ok
+    assert graph.check({logits: -dlogits}, loss).errors[0].kind == "sign"
 
 
 def test_any_graph_one_of_two_uses_missing():
@@ -384,3 +410,53 @@ def test_a_wrong_dtype_is_named(lecture, make, kind, message):
     dh = _autograd_grads(graph, loss)["h"]  # the truth, from torch autograd
     row = graph.check({"dh": make(dh)}, loss)["dh"]
     assert row.kind == kind and message in row.message, row
+
+
+@pytest.mark.parametrize("body, message", [
+    ("dW = dw", "learner.py: dW is not the gradient of a recorded tensor (did you mean dw?)"),  # dw given too
+    ("dww = dw", "learner.py: dww is not the gradient of a recorded tensor (did you mean dw?)"),
+    ("dw = dw.numpy()", "learner.py: dw is a ndarray, not a tensor"),
+    ("loss = loss.item()", "learner.py:11: 'loss' is not in the recorded graph"),
+    ("loss = torch.tensor(1.0)", "learner.py:11: 'loss' is not in the recorded graph"),
+    ("loss = y", "learner.py:11: 'loss' must be the scalar your gradients are of, but it is 'y' of shape (2, 2)"),
+])
+def test_cli_check_globals_that_would_be_dropped_are_named(tmp_path, capsys, body, message):
+    from tensorgraph.cli import main
+
+    path = _script(tmp_path, LEARNER.format(dw="(x * dy).sum(0)") + body + "\n")
+    assert main(["check", path]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "grad=" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_check_globals_not_like_gradients_are_left_alone(tmp_path, capsys):
+    from tensorgraph.cli import main
+
+    path = _script(tmp_path, LEARNER.format(dw="(x * dy).sum(0)") + "dim = 1\ndata = torch.zeros(3)\n")
+    assert main(["check", path]) == 0
+    assert main(["check", "--atol", "0", path]) == 0  # the API accepts atol=0: so does the CLI
+    assert "2/2 right" in capsys.readouterr().out
+
+
+def test_cli_check_runs_a_notebooks_code_cells(tmp_path, capsys):
+    import json
+
+    from tensorgraph.cli import main
+
+    def notebook(*cells):
+        return json.dumps({"cells": [{"cell_type": "markdown", "source": ["# exercise 1"]}] + [
+            {"cell_type": "code", "source": cell.splitlines(keepends=True)} for cell in cells], "nbformat": 4})
+
+    code = LEARNER.format(dw="-(x * dy).sum(0)")
+    path = _script(tmp_path, notebook("%matplotlib inline\n" + code, "!pip list\nmanual = {'dw': dw}"), "nb.ipynb")
+    assert main(["check", path]) == 1
+    assert "first error: dw (sign)" in capsys.readouterr().out
+    path = _script(tmp_path, notebook(code, "%%time\nnot python", "x = 1\n1 / 0"), "nb.ipynb")
+    assert main(["check", path]) == 2
+    assert "nb.ipynb, cell 3, line 2: ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_a_shape_error_has_no_maxdiff_rather_than_inf(reports):
+    row = reports("dW2-transposed")["dW2"]  # (27, 64) for (64, 27): no element stands for another
+    assert math.isnan(row.maxdiff) and " | -          | " in str(row), str(row)
+    assert reports("dbnmeani-no-keepdim")["dbnmeani"].maxdiff < 1e-6  # (64,) for (1, 64): compared broadcast
