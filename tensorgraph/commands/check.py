@@ -36,7 +36,8 @@ PROG = "tensorgraph check"
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "check", help="run a learner's script and diagnose its hand-written gradients",
-        description="Run FILE.py (or FILE.ipynb: a notebook's code cells, in order), which must leave `graph` (recorded with tg.record()), `loss` and `manual` "
+        description="Run FILE.py (or FILE.ipynb: a notebook's code cells, in order), which must leave "
+                    "`graph` (recorded with tg.record()), `loss` and `manual` "
                     "(a dict {'dlogits': dlogits, ...} of your gradients) in its globals, and print which "
                     "gradient is wrong first and why. Exit status 0: all right; 1: a gradient is wrong; "
                     "2: the script could not be checked.")
