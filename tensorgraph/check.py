@@ -393,7 +393,7 @@ class _Checker:
         if upstream_off and self._inherited(node, mine, expected):
             row.upstream = self._wrong_upstream(node)
             row.kind = "inherited"
-            row.message = self._inherited_message(row.upstream)
+            row.message = self._inherited_message(row.upstream, node)
             return row
         if mine.is_floating_point() and not bool(torch.isfinite(mine).all()):
             row.kind, row.message = "wrong", _nonfinite_message(mine)
@@ -648,9 +648,11 @@ class _Checker:
             message += ": a 1/n too many or too few?"
         return message
 
-    def _inherited_message(self, upstream: list[str]) -> str:
-        if not upstream:
-            return "inherited: this line is right given your upstream gradients"
+    def _inherited_message(self, upstream: list[str], node: int) -> str:
+        if not upstream:  # the rows in between pass, within tolerance, yet carry the error on
+            text = "inherited: this line is right given your upstream gradients"
+            cause = self._nearest_error_above(node)
+            return text + (f" (the error starts at d{cause})" if cause else "")
         names = _names(upstream)
         text = f"inherited from {names}: this line is right given your {names}"
         root = self._root_cause(upstream)
@@ -737,6 +739,14 @@ class _Checker:
             elif row is None or row.kind == "missing":
                 frontier.extend(self.graph.nx.successors(consumer))
         return sorted(found, key=lambda n: -self.graph._names[n])
+
+    def _nearest_error_above(self, node: int) -> str | None:
+        """The latest row, in backward order, that is a mistake and that this node's gradient depends on."""
+        import networkx as nx
+
+        above = nx.descendants(self.graph.nx, node)
+        causes = [n for n in above if n in self.rows and self.rows[n].error]
+        return self.rows[min(causes)].name if causes else None
 
     def _root_cause(self, upstream: list[str]) -> str | None:
         for name in upstream:

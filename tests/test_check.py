@@ -89,6 +89,8 @@ def test_each_seeded_mistake_is_found_and_named(reports, mistake):
         assert earlier.kind == "ok", (earlier, str(report))
     for later in report.rows[order.index(blamed) + 1:]:
         assert later.kind in ("ok", "inherited"), (later, str(report))
+        if later.kind == "inherited":  # every inherited row leads back to the one mistake
+            assert f"inherited from d{blamed}:" in later.message or f"starts at d{blamed})" in later.message, later
 
 
 def test_every_kind_is_covered_by_a_seeded_mistake():
