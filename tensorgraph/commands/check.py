@@ -246,7 +246,7 @@ def _stray_gradients(namespace: dict[str, Any], expected: dict[str, str], names:
                 problems.append(f"{variable} is a {type(value).__name__}, not a tensor (torch.as_tensor(...) "
                                 f"makes it one)")
             continue
-        if not variable.startswith("d") or variable[1:] in names or not _array_like(value):
+        if not variable.startswith("d") or names & {variable, variable[1:]} or not _array_like(value):
             continue
         close = [e for e in expected if e.lower() == variable.lower()] or difflib.get_close_matches(
             variable, list(expected), n=1, cutoff=0.8)
