@@ -10,6 +10,7 @@ off, or this op's gradient is rounded differently from torch's kernel.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -169,9 +170,14 @@ def compare(graph: Graph, loss: Any, grad: Tensor | None = None) -> CompareRepor
         maxdiff = (mine - theirs).abs().max().item() if mine.shape == theirs.shape and mine.numel() else 0.0
         ulps = _ulps(mine, theirs) if mine.shape == theirs.shape else -1
         status[node] = Row(data["name"], data["shape"], exact, close, maxdiff, ulps)
+    broken = None
+    if not all(math.isfinite(row.maxdiff) for row in status.values()):
+        from .check import nonfinite_forward
+
+        broken = nonfinite_forward(graph, root)
     for node, row in status.items():
         if not row.exact and node != root:
-            row.reason = _reason(graph, node, status)
+            row.reason = broken if broken and not math.isfinite(row.maxdiff) else _reason(graph, node, status)
     rows = [status[node] for node in sorted(status, reverse=True) if node != root and nodes[node]["named"]]
     return CompareReport(rows, nodes[root]["name"])
 

@@ -34,12 +34,15 @@ MISTAKES = {
     "dhpreact-wrong": ("hpreact", "wrong"),  # (1 - h) * dh
     "dC-overwrite": ("C", "wrong"),  # dC[Xb] = demb: repeated rows do not add up
     "dlogprobs-wrong-row": ("logprobs", "wrong"),  # picks the wrong column
+    "dh-half": ("h", "dtype"),  # right values in float16 (.half(), or built from a float16 tensor)
+    "dbnvar-no-eps": ("bnvar", "wrong"),  # (bnvar)**-1.5: forgot the eps, a 3e-5 relative slip
+    "dbnvar_inv-wrong-dim": ("bnvar_inv", "wrong"),  # .sum(1, keepdim=True): (32, 1), broadcast below
 }
 
 
-def exercise(dtype: torch.dtype = torch.float32):
-    """(graph, loss, forward values by name) for the lecture's exercise 1."""
-    graph, loss, _ = record_exercise(setup(dtype=dtype))
+def exercise(dtype: torch.dtype = torch.float32, **options):
+    """(graph, loss, forward values by name) for the lecture's exercise 1 (``options``: setup's)."""
+    graph, loss, _ = record_exercise(setup(dtype=dtype, **options))
     values = SimpleNamespace(**{name: graph.value(name) for name in graph.names})
     return graph, loss, values
 
@@ -56,7 +59,10 @@ def answer(v: SimpleNamespace, mistake: str | None = None) -> dict[str, torch.Te
     dcounts_sum_inv = (v.counts * dprobs) if mistake == "dcounts_sum_inv-not-summed" else \
         (v.counts * dprobs).sum(1, keepdim=True)
     dcounts = v.counts_sum_inv * dprobs
-    dcounts_sum = (v.counts_sum**-2 if mistake == "dcounts_sum-sign" else -v.counts_sum**-2) * dcounts_sum_inv
+    if mistake == "alt-formulas":  # the same maths, rounded differently
+        dcounts_sum = -dcounts_sum_inv / v.counts_sum**2
+    else:
+        dcounts_sum = (v.counts_sum**-2 if mistake == "dcounts_sum-sign" else -v.counts_sum**-2) * dcounts_sum_inv
     if mistake != "dcounts-missing-branch":
         dcounts += torch.ones_like(v.counts) * dcounts_sum
     dnorm_logits = v.counts * dcounts
@@ -65,6 +71,8 @@ def answer(v: SimpleNamespace, mistake: str | None = None) -> dict[str, torch.Te
     if mistake != "dlogits-missing-max-branch":
         dlogits += F.one_hot(v.logits.max(1).indices, num_classes=v.logits.shape[1]) * dlogit_maxes
     dh = dlogits @ v.W2.T
+    if mistake == "dh-half":
+        dh = dh.half()
     dW2 = dlogits.T @ v.h if mistake == "dW2-transposed" else v.h.T @ dlogits
     db2 = dlogits if mistake == "db2-not-summed" else dlogits.sum(0)
     dhpreact = ((1.0 - v.h) if mistake == "dhpreact-wrong" else (1.0 - v.h**2)) * dh
@@ -72,8 +80,9 @@ def answer(v: SimpleNamespace, mistake: str | None = None) -> dict[str, torch.Te
     dbnraw = v.bngain * dhpreact
     dbnbias = dhpreact if mistake == "dbnbias-not-summed" else dhpreact.sum(0, keepdim=True)
     dbndiff = v.bnvar_inv * dbnraw
-    dbnvar_inv = (v.bndiff * dbnraw).sum(0, keepdim=True)
-    dbnvar = (0.5 if mistake == "dbnvar-sign" else -0.5) * (v.bnvar + 1e-5) ** -1.5 * dbnvar_inv
+    dbnvar_inv = (v.bndiff * dbnraw).sum(1 if mistake == "dbnvar_inv-wrong-dim" else 0, keepdim=True)
+    eps = 0.0 if mistake == "dbnvar-no-eps" else 1e-5
+    dbnvar = (0.5 if mistake == "dbnvar-sign" else -0.5) * (v.bnvar + eps) ** -1.5 * dbnvar_inv
     if mistake == "dbndiff2-bessel":
         dbndiff2 = (1.0 / n) * torch.ones_like(v.bndiff2) * dbnvar
     elif mistake == "dbndiff2-not-expanded":
@@ -86,7 +95,7 @@ def answer(v: SimpleNamespace, mistake: str | None = None) -> dict[str, torch.Te
     dbnmeani = (-dbndiff).sum(0) if mistake == "dbnmeani-no-keepdim" else (-dbndiff).sum(0, keepdim=True)
     if mistake != "dhprebn-missing-branch":
         dhprebn += 1.0 / n * (torch.ones_like(v.hprebn) * dbnmeani)
-    dembcat = dhprebn @ v.W1.T
+    dembcat = torch.einsum("bh,eh->be", dhprebn, v.W1) if mistake == "alt-formulas" else dhprebn @ v.W1.T
     dW1 = dhprebn.T @ v.embcat if mistake == "dW1-transposed" else v.embcat.T @ dhprebn
     db1 = dhprebn.sum(0)
     demb = dembcat.view(v.emb.shape)
@@ -105,3 +114,31 @@ def answer(v: SimpleNamespace, mistake: str | None = None) -> dict[str, torch.Te
         "dbnmeani": dbnmeani, "dhprebn": dhprebn, "dembcat": dembcat, "dW1": dW1, "db1": db1, "demb": demb,
         "dC": dC,
     }
+
+
+def fused_answer(v: SimpleNamespace) -> dict[str, torch.Tensor]:
+    """Exercises 2 and 3: cross-entropy and batchnorm backpropagated in one line each, the rest as the lecture.
+
+    Forward values are recomputed the way a learner would (``F.softmax``, ``.var``, ``rsqrt``), so
+    they differ from the recorded ones in the last bits.
+    """
+    n = v.Yb.shape[0]
+    dlogits = (F.softmax(v.logits, 1) - F.one_hot(v.Yb, v.logits.shape[1])) / n
+    dh = dlogits @ v.W2.T
+    dW2 = v.h.T @ dlogits
+    db2 = dlogits.sum(0)
+    dhpreact = dh * (1 - v.h * v.h)
+    bnvar_inv = (v.hprebn.var(0, keepdim=True) + 1e-5).rsqrt()
+    bnraw = (v.hprebn - v.hprebn.mean(0, keepdim=True)) * bnvar_inv
+    dbngain = (bnraw * dhpreact).sum(0, keepdim=True)
+    dbnbias = dhpreact.sum(0, keepdim=True)
+    dhprebn = v.bngain * bnvar_inv / n * (n * dhpreact - dhpreact.sum(0)
+                                          - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(0))
+    dW1 = v.embcat.T @ dhprebn
+    db1 = dhprebn.sum(0)
+    dembcat = dhprebn @ v.W1.T
+    demb = dembcat.view(v.emb.shape)
+    dC = torch.einsum("bkv,bkd->vd", F.one_hot(v.Xb, v.C.shape[0]).to(demb.dtype), demb)
+    return {"dlogits": dlogits, "dh": dh, "dW2": dW2, "db2": db2, "dhpreact": dhpreact, "dbngain": dbngain,
+            "dbnbias": dbnbias, "dhprebn": dhprebn, "dW1": dW1, "db1": db1, "dembcat": dembcat, "demb": demb,
+            "dC": dC}

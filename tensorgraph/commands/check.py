@@ -6,7 +6,10 @@ The convention: after it runs, the script's globals hold
 * ``loss``: the scalar it backpropagates from (the tensor, or its recorded name);
 * ``manual``: a dict of the learner's gradients by recorded name, with or without the
   leading ``d`` (``{"dlogprobs": dlogprobs, ...}``). Without ``manual``, every global
-  called ``d<name>`` for a recorded ``name`` is taken (the lecture's own naming).
+  called ``d<name>`` for a recorded ``name`` is taken (the lecture's own naming); a global
+  that looks like one but would be dropped (``dbnvarinv``, ``dw1``, a numpy ``dC``) is an error.
+
+A notebook (``.ipynb``) runs its code cells in order, IPython magics and shell lines skipped.
 
 Exit status: 0 when no gradient is wrong, 1 when one is, 2 when the script cannot be
 checked (missing file, the script raises, a variable is missing).
@@ -15,6 +18,9 @@ checked (missing file, the script raises, a variable is missing).
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
+import json
 import os
 import runpy
 import sys
@@ -24,17 +30,21 @@ from typing import Any
 
 from ..cli import CLIError, positive_float
 
+PROG = "tensorgraph check"
+
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "check", help="run a learner's script and diagnose its hand-written gradients",
-        description="Run FILE.py, which must leave `graph` (recorded with tg.record()), `loss` and `manual` "
+        description="Run FILE.py (or FILE.ipynb: a notebook's code cells, in order), which must leave "
+                    "`graph` (recorded with tg.record()), `loss` and `manual` "
                     "(a dict {'dlogits': dlogits, ...} of your gradients) in its globals, and print which "
                     "gradient is wrong first and why. Exit status 0: all right; 1: a gradient is wrong; "
                     "2: the script could not be checked.")
     parser.add_argument("script", metavar="FILE.py", help="the learner's script")
     parser.add_argument("--rtol", type=positive_float, default=None, help="relative tolerance (default: by dtype)")
-    parser.add_argument("--atol", type=positive_float, default=None, help="absolute tolerance (default: by dtype)")
+    parser.add_argument("--atol", type=nonnegative_float, default=None,
+                        help="absolute tolerance, 0 allowed (default: by dtype)")
     parser.add_argument("--answer", action="store_true",
                         help="also print the answer key: the whole backward pass as torch code")
     parser.add_argument("--render", metavar="PATH", default=None,
@@ -57,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
                        "tensorgraph check")
     if "loss" not in namespace:
         raise CLIError(f"{path} defines no 'loss' (the tensor your gradients are of)", "tensorgraph check")
+    _check_loss(path, graph, namespace["loss"])
     manual = namespace.get("manual")
     if manual is None:
-        manual = _gradients_by_name(namespace, graph, namespace["loss"])
+        manual = _gradients_by_name(namespace, graph, namespace["loss"], path)
         if not manual:
             raise CLIError(f"{path} defines no 'manual' (a dict of your gradients, e.g. manual = {{'dlogits': "
                            f"dlogits, ...}}) and no d<name> variables", "tensorgraph check")
@@ -75,33 +86,74 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_script(path: Path) -> dict[str, Any]:
-    """Run a script as ``__main__``; its errors become one line naming its file and line."""
+    """Run a script (or a notebook's code cells, in order) as ``__main__``; its errors become one line
+    naming its file and line (for a notebook: its cell and line)."""
+    cells = _notebook_cells(path)
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [str(path)]
     sys.path.insert(0, str(path.resolve().parent))
     try:
-        return runpy.run_path(str(path), run_name="__main__")
+        if cells is None:
+            return runpy.run_path(str(path), run_name="__main__")
+        namespace: dict[str, Any] = {"__name__": "__main__", "__file__": str(path), "__builtins__": __builtins__}
+        exec(compile("\n".join(code for code, _ in cells), str(path), "exec"), namespace)  # noqa: S102
+        return namespace
     except SystemExit as exit_:
         if exit_.code in (None, 0):
             raise CLIError(f"{path} exited before it could be checked", "tensorgraph check") from exit_
         raise CLIError(f"{path} exited with status {exit_.code}", "tensorgraph check") from exit_
     except SyntaxError as err:
-        where = f"{path}:{err.lineno}" if err.lineno else str(path)
+        where = _place(path, err.lineno, cells)
         raise CLIError(f"{where}: SyntaxError: {err.msg}", "tensorgraph check") from err
     except Exception as err:  # noqa: BLE001 - any failure of the learner's script is one line
-        raise CLIError(f"{_where(err, path)}: {type(err).__name__}: {_first_line(err)}", "tensorgraph check") from err
+        raise CLIError(f"{_where(err, path, cells)}: {type(err).__name__}: {_first_line(err)}",
+                       "tensorgraph check") from err
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
 
 
-def _where(err: BaseException, path: Path) -> str:
+def _notebook_cells(path: Path) -> list[tuple[str, int]] | None:
+    """A Jupyter notebook's code cells as (code, cell number), IPython magics and shell lines blanked; None
+    for a script. Each cell keeps its line count, so a line of the joined code maps back to its cell."""
+    if path.suffix != ".ipynb":
+        return None
+    try:
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CLIError(f"{path} is not a readable Jupyter notebook ({type(err).__name__}); export its code with "
+                       f"`jupyter nbconvert --to script {path}` and check the .py", PROG) from None
+    code = []
+    for number, cell in enumerate((c for c in cells if c.get("cell_type") == "code"), 1):
+        source = cell.get("source", "")
+        lines = ("".join(source) if isinstance(source, list) else source).split("\n")
+        if lines and lines[0].lstrip().startswith("%%"):  # a cell magic: the whole cell is not Python
+            lines = [""] * len(lines)
+        code.append(("\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in lines), number))
+    return code
+
+
+def _place(path: Path, line: int | None, cells: list[tuple[str, int]] | None) -> str:
+    """``file.py:12``, or ``notebook.ipynb, cell 3, line 2``."""
+    if not line:
+        return str(path)
+    if cells is None:
+        return f"{path}:{line}"
+    for code, number in cells:
+        count = code.count("\n") + 1
+        if line <= count:
+            return f"{path}, cell {number}, line {line}"
+        line -= count
+    return str(path)
+
+
+def _where(err: BaseException, path: Path, cells: list[tuple[str, int]] | None = None) -> str:
     """file:line of the deepest frame of the script itself (where the learner's code failed)."""
     target = os.path.realpath(path)
     line = None
     for frame in traceback.extract_tb(err.__traceback__):
         if os.path.realpath(frame.filename) == target:
             line = frame.lineno
-    return f"{path}:{line}" if line else str(path)
+    return _place(path, line, cells)
 
 
 def _first_line(err: BaseException) -> str:
@@ -109,7 +161,54 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
-def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any) -> dict[str, Any]:
+def nonnegative_float(text: str) -> float:
+    """A tolerance: a finite float >= 0 (``--atol 0`` asks for rtol alone, as the API allows)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _check_loss(path: Path, graph: Any, loss: Any) -> None:
+    """``loss`` must be a scalar recorded in ``graph``; say where the script set it otherwise."""
+    from ..engine import root_node
+
+    where = _assignment(path, "loss")
+    try:
+        root = root_node(graph, loss)
+    except ValueError as err:
+        reason = str(err).removeprefix("graph.backward: ")
+        raise CLIError(f"{where}: 'loss' is not in the recorded graph ({reason}); set it inside the "
+                       f"tg.record() block, or to the name of a recorded tensor", PROG) from None
+    data = graph._nodes[root]
+    if data["value"].numel() != 1:
+        raise CLIError(f"{where}: 'loss' must be the scalar your gradients are of, but it is {data['name']!r} of "
+                       f"shape {tuple(data['shape'])} (reduce it, e.g. with .mean(), inside the tg.record() "
+                       f"block)", PROG)
+
+
+def _assignment(path: Path, name: str) -> str:
+    """``file.py:12``: the script's last assignment to ``name`` (or the file alone)."""
+    cells = _notebook_cells(path)
+    try:
+        tree = ast.parse(path.read_bytes() if cells is None else "\n".join(code for code, _ in cells))
+    except (SyntaxError, ValueError, OSError):
+        return str(path)
+    line = None
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else
+            [item.optional_vars for item in node.items if item.optional_vars] if isinstance(node, ast.With) else [])
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            line = max(line or 0, node.lineno)
+    return _place(path, line, cells)
+
+
+def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any, path: Path | str = "the script"
+                       ) -> dict[str, Any]:
     """The lecture's convention without a dict: globals dlogprobs, dprobs ... for recorded tensors."""
     import torch
 
@@ -120,9 +219,43 @@ def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any) -> dict
     except KeyError as err:
         raise CLIError(f"'loss' is not in the recorded graph: {err.args[0]}", "tensorgraph check") from None
     found = {}
+    expected = {}  # global name -> recorded name, for the gradients the loss has
     for node in upstream:
         data = graph._nodes[node]
-        value = namespace.get("d" + identifier(data["name"]))
-        if isinstance(value, torch.Tensor) and data["dtype"].is_floating_point and data["named"]:
+        if not (data["dtype"].is_floating_point and data["named"]):
+            continue
+        variable = "d" + identifier(data["name"])
+        expected[variable] = data["name"]
+        value = namespace.get(variable)
+        if isinstance(value, torch.Tensor):
             found["d" + data["name"]] = value
+    problems = _stray_gradients(namespace, expected, set(graph.names))
+    if problems:
+        raise CLIError(f"{path}: " + "; ".join(problems), PROG)
     return found
+
+
+def _stray_gradients(namespace: dict[str, Any], expected: dict[str, str], names: set[str]) -> list[str]:
+    """Globals that look like gradients but would be dropped: not a tensor, or a near miss of a name."""
+    import torch
+
+    problems = []
+    for variable, value in namespace.items():
+        if variable in expected:
+            if value is not None and not isinstance(value, torch.Tensor):
+                problems.append(f"{variable} is a {type(value).__name__}, not a tensor (torch.as_tensor(...) "
+                                f"makes it one)")
+            continue
+        if not variable.startswith("d") or names & {variable, variable[1:]} or not _array_like(value):
+            continue
+        close = [e for e in expected if e.lower() == variable.lower()] or difflib.get_close_matches(
+            variable, list(expected), n=1, cutoff=0.8)
+        if close:
+            problems.append(f"{variable} is not the gradient of a recorded tensor (did you mean {close[0]}?)")
+    return problems
+
+
+def _array_like(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor) or (hasattr(value, "shape") and hasattr(value, "dtype"))
