@@ -336,6 +336,13 @@ def backward(graph: Graph, loss: Any, grad: Tensor | None = None, *, tape: list 
     With ``tape`` (a list), every contribution is appended to it as a
     :class:`Contribution`, for :func:`trace`.
     """
+    # NOTE: parameters that require grad (the lecture's habit) would make torch autograd record every
+    # rule's kernels: twice the time, and gradients attached to a graph (``.numpy()`` refuses them)
+    with torch.no_grad():
+        return _backward(graph, loss, grad, tape)
+
+
+def _backward(graph: Graph, loss: Any, grad: Tensor | None, tape: list | None) -> Gradients:
     if getattr(graph, "_recording", False):
         raise RuntimeError("tensorgraph: graph.backward() was called inside the graph's own tg.record() block; "
                            "call it after the with-block ends (names are given and the graph is complete there)")

@@ -569,3 +569,20 @@ def test_names_through_user_objects_not_through_library_objects():
     assert names == ["leaf_1", "mine.w", "bag.w", "options.w"]
     assert out is not None
     del library.w
+
+
+def test_gradients_of_parameters_that_require_grad_are_plain_tensors():
+    """The lecture sets p.requires_grad = True: the engine's gradients must not drag torch autograd's graph along."""
+    torch.manual_seed(0)
+    W = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for _ in range(3):  # the first recording and the repeated structure's cached plan
+        with tg.record() as graph:
+            h = (x @ W).tanh()
+            loss = (h * h).sum()
+        grads = graph.backward(loss)
+        assert not grads[W].requires_grad and grads[W].grad_fn is None
+        assert not grads[h].requires_grad
+        (expected,) = torch.autograd.grad(loss, W)
+        torch.testing.assert_close(grads[W], expected, rtol=1e-12, atol=1e-12)
+        grads[W].numpy()  # a histogram of it, as the lecture plots
