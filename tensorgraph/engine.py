@@ -337,7 +337,10 @@ def backward(graph: Graph, loss: Any, grad: Tensor | None = None, *, tape: list 
     :class:`Contribution`, for :func:`trace`.
     """
     # NOTE: parameters that require grad (the lecture's habit) would make torch autograd record every
-    # rule's kernels: twice the time, and gradients attached to a graph (``.numpy()`` refuses them)
+    # rule's kernels: twice the time, and gradients attached to a graph (``.numpy()`` refuses them).
+    # trace() (a tape) records the rules' calls with tg.record, which takes no-grad calls for constants
+    if tape is not None:
+        return _backward(graph, loss, grad, tape)
     with torch.no_grad():
         return _backward(graph, loss, grad, tape)
 
