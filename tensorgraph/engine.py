@@ -355,7 +355,7 @@ def _backward(graph: Graph, loss: Any, grad: Tensor | None, tape: list | None) -
         replayed = template.backward(graph, root, grad)
         if replayed is not None:
             return replayed
-    if getattr(graph, "_fingerprints", None):
+    if getattr(graph, "_fingerprints", None) and tape is None:  # (trace() checks before it starts recording)
         check_unchanged(graph, root)
     nodes = graph._nodes
     grads: dict[int, Tensor] = {root: seed_gradient(graph, root, grad)}
@@ -456,6 +456,8 @@ def trace(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardTrace:
     from .record import record
 
     steps: list[Contribution] = []
+    if getattr(graph, "_fingerprints", None):
+        check_unchanged(graph, root_node(graph, loss))
     with record() as adjoint:
         grads = backward(graph, loss, grad, tape=steps)
     result = BackwardTrace(graph, adjoint, grads, steps)
@@ -464,10 +466,15 @@ def trace(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardTrace:
         adjoint_node = result.node_of(data["value"])
         if adjoint_node is not None:
             names[adjoint_node] = data["name"]
+    named_by_user: set[int] = set()
     for node, g in grads.by_node.items():  # the lecture's convention: dhprebn
         adjoint_node = result.node_of(g)
-        if adjoint_node is not None:
+        # one gradient tensor can serve several nodes (an add passes dlogits on as dmatmul_2 unchanged):
+        # the user's name wins over an op-based one
+        if adjoint_node is not None and adjoint_node not in named_by_user:
             names[adjoint_node] = "d" + graph._nodes[node]["name"]
+            if graph._nodes[node]["named"]:
+                named_by_user.add(adjoint_node)
     set_names(adjoint, names)
     return result
 

@@ -138,3 +138,20 @@ def test_bad_loss_is_named():
     graph, _, _ = record_exercise()
     with pytest.raises(ValueError, match="no tensor named 'nope'"):
         graph.backward_source("nope")
+
+
+def test_a_gradient_passed_on_unchanged_keeps_the_users_name():
+    """``logits = h @ W + b``: the add passes dlogits on as the matmul's gradient; the trace names it dlogits."""
+    torch.manual_seed(0)
+    h, W, b = (torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64),
+               torch.randn(5, dtype=torch.float64))
+    with tg.record() as graph:
+        logits = h @ W + b
+        loss = (logits * logits).mean()
+    traced = tg.trace(graph, loss)
+    adjoint = traced.adjoint
+    assert "dlogits" in adjoint.names and "dmatmul_1" not in adjoint.names
+    logits_t = (h @ W + b).requires_grad_()
+    (expected,) = torch.autograd.grad((logits_t * logits_t).mean(), logits_t)
+    dlogits = adjoint.nx.nodes[adjoint.names.index("dlogits")]["value"]
+    torch.testing.assert_close(dlogits, expected, rtol=1e-12, atol=1e-12)
