@@ -327,7 +327,7 @@ class _Recorder(TorchFunctionMode):
         while user is not None and _is_internal(user.f_code):
             user = user.f_back
         source = ("<unknown>", 0, "", 0) if user is None else (
-            user.f_code.co_filename, user.f_lineno, user.f_code.co_name, id(user))
+            user.f_code.co_filename, user.f_lineno, _qualname(user.f_code), id(user))
         if user is not None:
             self.frames.setdefault(id(user), user)
         name = getattr(cls, "__qualname__", None) or func_name(cls)
@@ -357,7 +357,8 @@ class _Recorder(TorchFunctionMode):
     # ---------------------------------------------------------------- bookkeeping
 
     def _source(self) -> tuple[str, int, str, int]:
-        """The user's file, line and function of the current call, and the id of their frame (tells calls apart)."""
+        """The user's file, line and function (qualified: ``Linear.__call__``) of the current call, and the id
+        of their frame (tells calls apart)."""
         frame = sys._getframe(1)
         known = _internal_code.get
         while frame is not None:
@@ -371,7 +372,7 @@ class _Recorder(TorchFunctionMode):
         if frame is None:
             return ("<unknown>", 0, "", 0)
         self.frames.setdefault(id(frame), frame)  # kept to the end of the block: its id is that call's alone
-        return (frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, id(frame))
+        return (frame.f_code.co_filename, frame.f_lineno, _qualname(frame.f_code), id(frame))
 
     def _snapshot(self, tensor: Tensor) -> None:
         """Keep the value a tensor has before an in-place change, for the rules of the ops that used it."""
@@ -569,6 +570,12 @@ def _attrs(op: Op, args: tuple, kwargs: dict) -> dict[str, Any]:
     if op.varargs and len(args) > len(params):
         attrs["args"] = args[max(1, len(params)):]
     return attrs
+
+
+def _qualname(code: types.CodeType) -> str:
+    """A code object's qualified name (``Linear.__call__``, ``main.<locals>.block``): render labels clusters with
+    it; Python 3.10 has only the plain name."""
+    return getattr(code, "co_qualname", code.co_name)
 
 
 def _where(source: tuple | None) -> str:

@@ -96,10 +96,12 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
             computed from it.
         values: show each tensor's mean, std, min and max.
         collapse: cluster names (``tg.scope`` names, or function names with
-            ``cluster="function"``: each call of it, ``block#2`` one call) to draw as one box each.
+            ``cluster="function"``: ``block`` or a class ``Linear`` each call of it, ``block#2``
+            one call) to draw as one box each.
         depth: draw only the nodes at most this many ops away from the loss.
         cluster: group nodes by "scope" (``tg.scope`` blocks), by "function" (one cluster
-            per call: ``block``, ``block#2`` ...), not at all (None), or "auto" (scopes if
+            per call: ``block``, ``block#2`` ...; a layer's ``__call__`` or ``forward`` by its
+            class: ``Linear``, ``Linear#2``; top-level code is no cluster), not at all (None), or "auto" (scopes if
             any were recorded, else functions if ops come from several functions).
         rankdir: "TB" (top to bottom), "LR", "BT" or "RL".
         legend: add a legend of the colours used.
@@ -438,7 +440,8 @@ class Drawing:
     edges: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     cluster_labels: dict[tuple[str, ...], str] = field(default_factory=dict)
     collapsible: set[tuple[str, ...]] = field(default_factory=set)
-    functions: dict[str, str] = field(default_factory=dict)  # "block#2" -> "block": collapse= names every call
+    # "Linear#2" -> {"Linear", "Linear.__call__", "__call__"}: the names with which collapse= takes every call
+    functions: dict[str, frozenset[str]] = field(default_factory=dict)
     legend: dict[str, str] = field(default_factory=dict)  # text -> fill colour
     title: str = ""
 
@@ -474,35 +477,62 @@ def small_row(text: str, color: str = "#333333") -> str:
 
 
 def cluster_path(data: dict[str, Any], mode: str | None, calls: dict[tuple, str] | None = None) -> tuple[str, ...]:
-    """The clusters a node belongs to: its ``tg.scope`` path, or the call of its function (see :func:`call_names`)."""
+    """The clusters a node belongs to: its ``tg.scope`` path, or the call of its function (see :func:`call_names`).
+
+    Top-level code (a script's or notebook cell's ``<module>``) is no cluster: it is the graph itself.
+    """
     if mode == "scope":
         return tuple(part for part in (data.get("scope") or "").split("/") if part)
     if mode == "function":
         function = data.get("function")
-        if not function:
+        if not function or function == TOP_LEVEL:
             return ()
-        return (calls.get((function, data.get("call")), function) if calls else function,)
+        label = function_label(function)
+        return (calls.get((function, data.get("call")), label) if calls else label,)
     return ()
+
+
+TOP_LEVEL = "<module>"
+CALL_METHODS = ("__call__", "forward")  # a layer's call: its cluster is labelled by the class alone
+
+
+def function_label(function: str) -> str:
+    """A recorded function's cluster label: ``block``; ``Linear`` for ``Linear.__call__`` or ``.forward``;
+    ``Linear.reset`` for another method. A nested function drops its outer ones (``main.<locals>.block``)."""
+    name = function.rpartition("<locals>.")[2]
+    owner, _, method = name.rpartition(".")
+    return owner if owner and method in CALL_METHODS else name
+
+
+def function_aliases(function: str) -> frozenset[str]:
+    """The names ``collapse=`` accepts for every call of a function: its label, its qualified name without outer
+    functions (``Linear.__call__``) and its plain name (``__call__``, as before qualified names were recorded)."""
+    name = function.rpartition("<locals>.")[2]
+    return frozenset({function_label(function), name, name.rpartition(".")[2]})
 
 
 def call_names(graph: Graph) -> dict[tuple[str, int | None], str]:
     """Each call of a function that ran ops, as a cluster name: ``block``, then ``block#2``, ``block#3`` ...
 
-    Keyed by (function, call): a node's ``call`` tells the calls of one function apart (None in
-    graphs saved before nodes had it: one cluster per function, as then).
+    Calls are numbered per label (:func:`function_label`): ``Linear``, ``Linear#2``, ``Tanh``. Keyed by
+    (function, call): a node's ``call`` tells the calls of one function apart (None in graphs saved before
+    nodes had it: one cluster per function, as then).
     """
-    calls = {(data["function"], data.get("call")) for data in graph._nodes if data.get("function")}
+    calls = {(data["function"], data.get("call")) for data in graph._nodes
+             if data.get("function") and data["function"] != TOP_LEVEL}
     names: dict[tuple[str, int | None], str] = {}
     count: dict[str, int] = {}
     for function, call in sorted(calls, key=lambda key: (key[1] is None, key[1] or 0, key[0])):
-        index = count[function] = count.get(function, 0) + 1
-        names[(function, call)] = function if index == 1 else f"{function}#{index}"
+        label = function_label(function)
+        index = count[label] = count.get(label, 0) + 1
+        names[(function, call)] = label if index == 1 else f"{label}#{index}"
     return names
 
 
-def function_of_call(calls: dict[tuple[str, int | None], str]) -> dict[str, str]:
-    """Cluster name -> its function (``block#2`` -> ``block``), so that ``collapse=["block"]`` names every call."""
-    return {name: function for (function, _), name in calls.items()}
+def function_of_call(calls: dict[tuple[str, int | None], str]) -> dict[str, frozenset[str]]:
+    """Cluster name -> the names of its function (``Linear#2`` -> ``Linear``, ``Linear.__call__``, ``__call__``),
+    so that ``collapse=["Linear"]`` names every call."""
+    return {name: function_aliases(function) for (function, _), name in calls.items()}
 
 
 def cluster_mode(graph: Graph, mode: str | None) -> str | None:
@@ -794,7 +824,7 @@ def collapse_clusters(drawing: Drawing, names: frozenset[str]) -> tuple[list[Box
     if not names:
         return list(drawing.boxes.values()), drawing.edges
     available = ({"/".join(path) for path in drawing.collapsible} | {path[-1] for path in drawing.collapsible}
-                 | {drawing.functions[path[-1]] for path in drawing.collapsible if path[-1] in drawing.functions})
+                 | {alias for path in drawing.collapsible for alias in drawing.functions.get(path[-1], ())})
     unknown = sorted(set(names) - available)
     if unknown:
         listing = ", ".join(sorted("/".join(p) for p in drawing.collapsible)) or (
@@ -806,7 +836,7 @@ def collapse_clusters(drawing: Drawing, names: frozenset[str]) -> tuple[list[Box
         for i in range(1, len(box.cluster) + 1):
             if box.cluster[:i] in drawing.collapsible and (
                     "/".join(box.cluster[:i]) in names or box.cluster[i - 1] in names
-                    or drawing.functions.get(box.cluster[i - 1]) in names):
+                    or not names.isdisjoint(drawing.functions.get(box.cluster[i - 1], ()))):
                 owner[box.key] = box.cluster[:i]
                 break
     merged = {path: f"collapsed{index}" for index, path in enumerate(sorted(set(owner.values())))}

@@ -484,6 +484,62 @@ def test_each_call_of_a_function_is_its_own_cluster(tmp_path):
     assert {"<b>_block</b>", "<b>_block#2</b>", "<b>_block#3</b>"} <= set(loaded)
 
 
+class _Linear:
+    """The lecture's layers: objects of user classes called through __call__ (or nn.Module-like forward)."""
+
+    def __init__(self, fan_in: int, fan_out: int, generator: torch.Generator):
+        self.weight = torch.randn(fan_in, fan_out, generator=generator)
+
+    def __call__(self, x):
+        return x @ self.weight
+
+
+class _Tanh:
+    def forward(self, x):
+        return torch.tanh(x)
+
+    def __call__(self, x):
+        return self.forward(x)
+
+
+_CLASS_NET = """
+with tg.record() as graph:
+    h = x * 1.0
+    for layer in layers:
+        h = layer(h)
+    loss = h.sum()
+"""
+
+
+def test_class_based_layers_are_clustered_by_their_class(tmp_path):
+    """Every layer's cluster was labelled __call__, __call__#2 ...; top-level code was a near-empty <module> box."""
+    g = torch.Generator().manual_seed(0)
+    layers = [_Linear(4, 4, g), _Tanh(), _Linear(4, 3, g), _Tanh()]
+    namespace = {"tg": tg, "x": torch.randn(2, 4, generator=g), "layers": layers}
+    exec(compile(_CLASS_NET, "net.py", "exec"), namespace)  # a script's top level: its code is <module>
+    graph, loss = namespace["graph"], namespace["loss"]
+    labels = lambda drawn: sorted(clusters_of(layout(drawn)))  # noqa: E731
+    # _Tanh.__call__ runs no op itself: its forward's ops are the Tanh's cluster
+    expected = ["<b>_Linear#2</b>", "<b>_Linear</b>", "<b>_Tanh#2</b>", "<b>_Tanh</b>"]
+    assert labels(graph.render(loss=loss)) == expected
+    first = clusters_of(layout(graph.render(loss=loss)))["<b>_Linear</b>"]
+    matmul = next(node for node in graph if graph.node(node)["op"] == "matmul")
+    assert first == {f"n{matmul}", f"n{graph.node_id(layers[0].weight)}"}
+    assert {"<b>_Linear</b>", "<b>_Tanh#2</b>"} <= set(labels(graph.render(view="backward", loss=loss)))
+    # collapse= by class (every call), by one call, or by the qualified or plain method name
+    for names, tooltips in [(["_Linear"], ["_Linear", "_Linear#2"]), ("_Tanh#2", ["_Tanh#2"]),
+                            (["_Linear.__call__"], ["_Linear", "_Linear#2"]),
+                            (["__call__"], ["_Linear", "_Linear#2"])]:
+        boxes = [o for o in node_attrs(layout(graph.render(loss=loss, collapse=names))).values()
+                 if o.get("shape") == "box3d"]
+        assert sorted(box["tooltip"] for box in boxes) == tooltips, names
+    with pytest.raises(ValueError, match="no cluster named '<module>'"):
+        graph.render(loss=loss, collapse=["<module>"])
+    # a saved graph keeps the labels
+    graph.save(tmp_path / "g.json")
+    assert labels(tg.load_graph(tmp_path / "g.json").render(cluster="function")) == expected
+
+
 def test_depth_limits_the_drawing(lecture):
     graph, loss, _, _ = lecture
     nodes = svg_nodes(graph.render(loss=loss, depth=2).pipe(format="svg", encoding="utf-8"))
