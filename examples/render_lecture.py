@@ -1,6 +1,7 @@
 """Draw the lecture's exercise-1 graph three ways, plus a scoped MLP with clusters: the pictures of docs/rendering.md.
 
-Run from the repository root: ``.venv/bin/python examples/render_lecture.py [output folder]``.
+Run from the repository root: ``.venv/bin/python examples/render_lecture.py [output folder]``
+(created if missing; docs/img by default).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def scoped_mlp(layers: int = 3, width: int = 8, batch: int = 4) -> tuple[tg.Grap
 
 
 def main(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     graph, loss, _ = record_exercise()
     grads = graph.backward(loss)
     report = graph.compare(loss)

@@ -12,10 +12,13 @@ from .graph import Graph
 from .record import record, scope
 
 __version__ = "0.1.0"
-__all__ = ["Graph", "Gradients", "record", "scope", "trace", "compile", "load_graph", "symbolic", "__version__"]
+__all__ = ["Graph", "Gradients", "record", "scope", "trace", "compile", "RecompileWarning", "load_graph", "symbolic",
+           "__version__"]
 
 # imported on first use, so `import tensorgraph` stays light
-_LAZY = {"compile": ("tensorgraph.compiler", "compile"), "load_graph": ("tensorgraph.serialize", "load_graph"),
+_LAZY = {"compile": ("tensorgraph.compiler", "compile"),
+         "RecompileWarning": ("tensorgraph.compiler", "RecompileWarning"),
+         "load_graph": ("tensorgraph.serialize", "load_graph"),
          "symbolic": ("tensorgraph.symbolic", None)}
 
 

@@ -64,6 +64,9 @@ _CONTRACTIONS = frozenset({"matmul", "linear", "addmm", "inner", "outer", "einsu
 ROUNDING_ULPS = 16
 
 
+NAME_WIDTH = 15  # the gradient column's least width; longer names widen the whole table
+
+
 @dataclass
 class CheckRow:
     """The verdict on one hand-written gradient."""
@@ -87,7 +90,11 @@ class CheckRow:
         return self.kind in ERROR_KINDS
 
     def __str__(self) -> str:
-        return f"d{self.name:14s} | {self.kind:15s} | {_number(self.maxdiff):10s} | {self.message}"
+        return self.line(NAME_WIDTH)
+
+    def line(self, width: int) -> str:
+        """The row with its gradient's name padded to ``width`` (the table's longest name)."""
+        return f"{'d' + self.name:{width}s} | {self.kind:15s} | {_number(self.maxdiff):10s} | {self.message}"
 
 
 @dataclass
@@ -130,12 +137,14 @@ class CheckReport:
         return text + f"; first error: d{first.name} ({first.kind})"
 
     def __str__(self) -> str:
-        lines = [self.summary(), f"   {'gradient':15s} | {'kind':15s} | {'maxdiff':10s} | diagnosis"]
         missing = [row for row in self.rows if row.kind == "missing"]
         given = [row for row in self.rows if row.kind != "missing"]
-        for row in given if len(missing) > len(given) else self.rows:
+        shown = given if len(missing) > len(given) else self.rows
+        width = max([NAME_WIDTH] + [len(row.name) + 1 for row in shown])
+        lines = [self.summary(), f"   {'gradient':{width}s} | {'kind':15s} | {'maxdiff':10s} | diagnosis"]
+        for row in shown:
             marker = ">> " if row.name == self.first_error else "   "
-            lines.append(marker + str(row))
+            lines.append(marker + row.line(width))
         if missing and len(missing) > len(given):  # a partial check: list what was not given on one line
             lines.append("   not given: " + ", ".join("d" + row.name for row in missing))
         return "\n".join(lines)

@@ -8,6 +8,7 @@ confirmed against torch autograd (float64 replay) before the checker is trusted 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -280,7 +281,8 @@ def test_cli_check_right_and_wrong(tmp_path, capsys):
     ("raise_here()", "learner.py:11: NameError: name 'raise_here' is not defined"),
     ("graph = None\nmanual = {}", "defines no 'graph'"),
     ("del loss\nmanual = {}", "defines no 'loss'"),
-    ("manual = {'dnope': dy}", "no tensor named 'dnope'"),
+    ("manual = {'dnope': dy}", "learner.py:11: manual: no tensor named 'dnope'"),
+    ("manual = {\n  'dy': dy,\n  'dw': dw.tolist()}", "learner.py:11: manual: 'dw' is a list, not a tensor"),
     ("def f(:\n  pass", "learner.py:11: SyntaxError"),
 ])
 def test_cli_check_usage_errors_are_one_line(tmp_path, capsys, body, message):
@@ -462,3 +464,24 @@ def test_a_shape_error_has_no_maxdiff_rather_than_inf(reports):
     row = reports("dW2-transposed")["dW2"]  # (27, 64) for (64, 27): no element stands for another
     assert math.isnan(row.maxdiff) and " | -          | " in str(row), str(row)
     assert reports("dbnmeani-no-keepdim")["dbnmeani"].maxdiff < 1e-6  # (64,) for (1, 64): compared broadcast
+
+
+def test_check_table_columns_line_up_whatever_the_names():
+    """A name longer than 14 characters (dlayers[10].gamma) pushed its row's columns out of line."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    layers = [SimpleNamespace(gamma=torch.randn(3, dtype=torch.float64)) for _ in range(11)]
+    with tg.record() as graph:
+        h = x * layers[10].gamma
+        loss = h.sum()
+    gamma = layers[10].gamma.clone().requires_grad_()
+    (x * gamma).sum().backward()  # the truth, from torch autograd
+    report = graph.check({"dlayers[10].gamma": gamma.grad, "dh": torch.ones(4, 3, dtype=torch.float64)}, loss)
+    assert report.ok
+    lines = str(report).splitlines()[1:]
+    assert "   dlayers[10].gamma | ok" in str(report)
+    assert len(lines) == 4 and len({line.index(" | ") for line in lines}) == 1, str(report)
+    with tg.record() as graph:
+        y = x * 2.0
+        loss = y.sum()
+    short = str(graph.check({"dy": torch.ones(4, 3, dtype=torch.float64)}, loss)).splitlines()[1:]
+    assert {line.index(" | ") for line in short} == {18}  # as it was: a marker, then 15 characters

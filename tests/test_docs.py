@@ -66,6 +66,23 @@ def test_api_signatures_match_the_code():
         assert params == real, f"{name}: documented {params}, the code has {real}"
 
 
+def test_names_the_docs_import_exist():
+    """training.md's "From Python" names come from tensorgraph.makemore; api.md's tg.RecompileWarning from tg."""
+    import warnings
+
+    import tensorgraph.makemore as makemore
+    from tensorgraph.compiler import RecompileWarning
+
+    for name in ("extend_config", "state_from_checkpoint", "CheckpointError", "load_checkpoint",
+                 "model_from_checkpoint", "train", "TrainingInterrupted", "TrainingDiverged"):
+        assert name in makemore.__all__ and hasattr(makemore, name), name
+        assert f"`{name}" in (DOCS / "training.md").read_text(), name
+    assert tg.RecompileWarning is RecompileWarning and "RecompileWarning" in tg.__all__
+    assert "`tg.RecompileWarning`" in (DOCS / "api.md").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tg.RecompileWarning)  # how a user makes a re-record fail loudly
+
+
 def test_nav_lists_existing_pages():
     nav = re.findall(r":\s*(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), flags=re.M)
     assert {"index.md", "tutorial.md", "api.md", "design.md"} <= set(nav)

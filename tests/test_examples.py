@@ -56,6 +56,15 @@ def test_exercise4_train():
     assert "bit for bit" in out and "validation loss" in out
 
 
+def test_render_lecture_creates_a_missing_folder(tmp_path):
+    folder = tmp_path / "new" / "img"
+    out = _run("render_lecture.py", str(folder))
+    names = ["lecture_forward", "lecture_gradients", "lecture_backward", "scoped_mlp", "scoped_mlp_collapsed"]
+    for name in names:
+        assert (folder / f"{name}.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+    assert out.count(".svg") == len(names)
+
+
 def test_notebook_runs(tmp_path):
     notebook = nbformat.read(EXAMPLES / "backprop_ninja.ipynb", as_version=4)
     client = NotebookClient(notebook, timeout=300, kernel_name="python3",

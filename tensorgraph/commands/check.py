@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
         if not manual:
             raise CLIError(f"{path} defines no 'manual' (a dict of your gradients, e.g. manual = {{'dlogits': "
                            f"dlogits, ...}}) and no d<name> variables", "tensorgraph check")
-    report = graph.check(manual, namespace["loss"], rtol=args.rtol, atol=args.atol)
+    try:
+        report = graph.check(manual, namespace["loss"], rtol=args.rtol, atol=args.atol)
+    except ValueError as err:  # a key or value graph.check cannot read: say where the script gave it
+        raise CLIError(_check_error(err, path, namespace), PROG) from None
     print(report)
     if args.answer:
         print("\n# the answer key: the backward pass as the rules compute it")
@@ -154,6 +157,17 @@ def _where(err: BaseException, path: Path, cells: list[tuple[str, int]] | None =
         if os.path.realpath(frame.filename) == target:
             line = frame.lineno
     return _place(path, line, cells)
+
+
+def _check_error(err: ValueError, path: Path, namespace: dict[str, Any]) -> str:
+    """graph.check's error as one line: ``file.py:40: manual: ...`` when it is about an entry of the
+    script's ``manual`` dict (the line that set it), ``file.py: ...`` otherwise."""
+    message = _first_line(err).removeprefix("check: ")
+    about_manual = any(frame.name == "_resolve" and frame.filename.endswith("check.py")
+                       for frame in traceback.extract_tb(err.__traceback__))
+    if about_manual and "manual" in namespace:
+        return f"{_assignment(path, 'manual')}: manual: {message}"
+    return f"{path}: {message}"
 
 
 def _first_line(err: BaseException) -> str:

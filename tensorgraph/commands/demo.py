@@ -1,4 +1,4 @@
-"""``tensorgraph demo``: the lecture "becoming a backprop ninja", walked through in a few minutes.
+"""``tensorgraph demo``: the lecture "becoming a backprop ninja", walked through in under a minute.
 
 1. Exercise 1: every gradient of the atomic graph from tensorgraph's engine, compared with torch autograd.
 2. Exercises 2 and 3: the fused cross-entropy and batchnorm gradients, derived with sympy.
@@ -17,7 +17,7 @@ from ..cli import positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("demo", help="the whole lecture in a few minutes",
+    parser = subparsers.add_parser("demo", help="the whole lecture in under a minute",
                                    description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--steps", type=positive_int, default=10_000,
                         help="training steps of the short run (default 10000; the lecture trains 200000)")

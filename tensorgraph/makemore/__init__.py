@@ -4,7 +4,7 @@
     result = train(load_splits(), TrainConfig(steps=20_000))   # every gradient from graph.backward
 """
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .data import DataError, Splits, Vocab, build_dataset, load_splits, load_words
 from .model import MLP, forward
 from .train import (
@@ -14,12 +14,14 @@ from .train import (
     TrainingInterrupted,
     TrainResult,
     TrainState,
+    extend_config,
     record_step,
+    state_from_checkpoint,
     train,
 )
 
 __all__ = [
-    "BACKENDS", "DataError", "MLP", "Splits", "TrainConfig", "TrainResult", "TrainState", "TrainingDiverged",
-    "TrainingInterrupted", "Vocab", "build_dataset", "forward", "load_checkpoint", "load_splits", "load_words",
-    "model_from_checkpoint", "record_step", "train",
+    "BACKENDS", "CheckpointError", "DataError", "MLP", "Splits", "TrainConfig", "TrainResult", "TrainState",
+    "TrainingDiverged", "TrainingInterrupted", "Vocab", "build_dataset", "extend_config", "forward", "load_checkpoint",
+    "load_splits", "load_words", "model_from_checkpoint", "record_step", "state_from_checkpoint", "train",
 ]
