@@ -75,7 +75,7 @@ from torch.overrides import TorchFunctionMode
 from . import printer
 from .engine import BackwardTrace, trace
 from .graph import Graph, Ref, identifier, is_float
-from .naming import _Namer, set_names, unique_name
+from .naming import _MAX_ITEMS, _WALKABLE, _Namer, set_names, unique_name
 from .printer import Expr
 from .record import _is_internal, _where, record
 
@@ -193,18 +193,20 @@ _ATOMS = (int, float, bool, str, type(None))  # Python values a forward may read
 @dataclass
 class _References:
     """What the forward reads directly from its globals and closure, as recorded: tensors (by identity),
-    atoms (int, float, bool, str, None: by value) and nn.Modules (their and their submodules' ``training``)."""
+    atoms (int, float, bool, str, None: by value), nn.Modules (their and their submodules' ``training``), and
+    the ``training`` flags of the user's own objects reachable from them (``layers[1].training``)."""
 
     tensors: list[tuple[str, Any, str, Tensor]] = field(default_factory=list)  # (kind, owner, name, tensor)
     atoms: list[tuple[str, Any, str, Any]] = field(default_factory=list)  # (kind, owner, name, value)
     modules: list[tuple[str, list[tuple[str, Any]], tuple[bool, ...]]] = field(default_factory=list)
+    flags: list[tuple[str, Any, bool]] = field(default_factory=list)  # (path, user object, its .training)
 
     def changed(self) -> str | None:
         """What changed since the recording, or None."""
         for kind, owner, name, tensor in self.tensors:  # every call: written out for speed
             if (owner.get(name) if kind == "global" else owner.cell_contents) is not tensor:
                 return f"{name!r} now refers to a different tensor"
-        if self.atoms or self.modules:
+        if self.atoms or self.modules or self.flags:
             return self._changed_python()
         return None
 
@@ -220,6 +222,11 @@ class _References:
                     mode = "training" if module.training else "eval"
                     return f"{name}{'.' + path if path else ''} was switched to {mode} mode (.training is now " \
                            f"{module.training})"
+        for path, obj, flag in self.flags:
+            current = vars(obj).get("training", _MISSING)
+            if current is not flag:
+                now = "was deleted" if current is _MISSING else f"is now {current!r}"
+                return f"{path}.training {now} (the recording ran with {flag!r})"
         return None
 
 
@@ -784,20 +791,52 @@ def _read_directly(forward: Callable[..., Any]) -> list[tuple[str, Any, str, Any
 
 def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor]) -> _References:
     """What the forward names directly (globals, closure cells) that the guard re-checks: recorded tensors,
-    Python atoms, and modules (their ``training`` flags; the object of a bound method, or the forward, too)."""
+    Python atoms, modules (their ``training`` flags; the object of a bound method, or the forward, too), and
+    the ``training`` flags of user objects within reach (``layers[1].training``, ``model.layers[3].training``)."""
     found = _References()
+    seen: set[int] = set()
     for owner in (getattr(forward, "__self__", None), forward):
-        if isinstance(owner, torch.nn.Module):
-            _watch_module(found, "self" if owner is not forward else type(owner).__name__, owner)
+        if owner is not None and _WALKABLE[type(owner)]:
+            _watch_flags(found, "self" if owner is not forward else type(owner).__name__, owner, _FLAG_DEPTH, seen)
     for kind, owner, name, value in _read_directly(forward):
         if isinstance(value, Tensor):
             if id(value) in leaves:
                 found.tensors.append((kind, owner, name, value))
         elif type(value) in _ATOMS:
             found.atoms.append((kind, owner, name, value))
-        elif isinstance(value, torch.nn.Module):
-            _watch_module(found, name, value)
+        elif _WALKABLE[type(value)]:
+            _watch_flags(found, name, value, _FLAG_DEPTH, seen)
     return found
+
+
+_FLAG_DEPTH = 3  # ``model.layers[3].norm``: how far below a name the guard looks for ``training`` flags
+
+
+def _watch_flags(found: _References, path: str, value: Any, depth: int, seen: set[int]) -> None:
+    """Watch the ``training`` flags of ``value`` and of the objects in its items and attributes, ``depth``
+    levels down: nn.Modules (all their submodules) and the user's own classes, whose ``training`` is a bool
+    in the object's ``__dict__`` (the lecture's hand-written ``BatchNorm1d``). Walks what naming walks."""
+    if id(value) in seen or not _WALKABLE[type(value)]:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.nn.Module):
+        _watch_module(found, path, value)
+        return
+    if isinstance(value, (list, tuple)):
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)] if len(value) <= _MAX_ITEMS else []
+    elif isinstance(value, dict):
+        items = [(f"{path}[{key!r}]", item) for key, item in value.items()] if len(value) <= _MAX_ITEMS else []
+    else:
+        attrs = getattr(value, "__dict__", None)
+        if not isinstance(attrs, dict):
+            return
+        if type(attrs.get("training")) is bool:
+            found.flags.append((path, value, attrs["training"]))
+        items = [(f"{path}.{name}", item) for name, item in attrs.items() if not name.startswith("_")]
+    if depth > 0:
+        for item_path, item in items:
+            if not isinstance(item, Tensor) and type(item) not in _ATOMS:
+                _watch_flags(found, item_path, item, depth - 1, seen)
 
 
 def _watch_module(found: _References, name: str, module: torch.nn.Module) -> None:
