@@ -199,14 +199,19 @@ class _References:
     tensors: list[tuple[str, Any, str, Tensor]] = field(default_factory=list)  # (kind, owner, name, tensor)
     atoms: list[tuple[str, Any, str, Any]] = field(default_factory=list)  # (kind, owner, name, value)
     modules: list[tuple[str, list[tuple[str, Any]], tuple[bool, ...]]] = field(default_factory=list)
-    flags: list[tuple[str, Any, bool]] = field(default_factory=list)  # (path, user object, its .training)
+    flags: list[tuple[str, dict, bool]] = field(default_factory=list)  # (path, user object's __dict__, .training)
 
     def changed(self) -> str | None:
         """What changed since the recording, or None."""
         for kind, owner, name, tensor in self.tensors:  # every call: written out for speed
             if (owner.get(name) if kind == "global" else owner.cell_contents) is not tensor:
                 return f"{name!r} now refers to a different tensor"
-        if self.atoms or self.modules or self.flags:
+        for path, attrs, flag in self.flags:  # the user objects' ``__dict__``s: one look-up each
+            if attrs.get("training", _MISSING) is not flag:
+                now = attrs.get("training", _MISSING)
+                now = "was deleted" if now is _MISSING else f"is now {now!r}"
+                return f"{path}.training {now} (the recording ran with {flag!r})"
+        if self.atoms or self.modules:
             return self._changed_python()
         return None
 
@@ -222,11 +227,6 @@ class _References:
                     mode = "training" if module.training else "eval"
                     return f"{name}{'.' + path if path else ''} was switched to {mode} mode (.training is now " \
                            f"{module.training})"
-        for path, obj, flag in self.flags:
-            current = vars(obj).get("training", _MISSING)
-            if current is not flag:
-                now = "was deleted" if current is _MISSING else f"is now {current!r}"
-                return f"{path}.training {now} (the recording ran with {flag!r})"
         return None
 
 
@@ -831,7 +831,7 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, seen: se
         if not isinstance(attrs, dict):
             return
         if type(attrs.get("training")) is bool:
-            found.flags.append((path, value, attrs["training"]))
+            found.flags.append((path, attrs, attrs["training"]))
         items = [(f"{path}.{name}", item) for name, item in attrs.items() if not name.startswith("_")]
     if depth > 0:
         for item_path, item in items:
