@@ -37,16 +37,20 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
   non-tensor input's value changes, or the inputs alias each other differently;
 - a name the forward reads directly (a global or closure variable of ``forward`` itself,
   not of the functions it calls) is rebound to another tensor, or holds an int, float,
-  bool, str or None whose value changed (a loss weight ``beta``), or holds an
-  ``nn.Module`` one of whose (sub)modules switched between ``train()`` and ``eval()``;
+  bool, str or None whose value changed (a loss weight ``beta``);
+- a ``training`` flag changed that the recording ran with: of an ``nn.Module`` (any
+  submodule, ``train()``/``eval()``), or a bool ``training`` attribute of an object of the
+  user's own class (the lecture's hand-written ``BatchNorm1d``: ``layer.training = False``),
+  found under such a name, in it or in its items and attributes up to three levels down
+  (``layers[1].training``, ``model.layers[3].training``; the bound method's object too);
 - a fused rule was derived under a fact about values (no target equals ``ignore_index``;
   pick rows equal ``torch.arange(n)``) that the inputs or captured tensors it reads no
   longer satisfy: that chain then keeps its atomic rules. A chain whose fact is about a
   tensor computed inside the forward is not fused (rows made by ``torch.arange`` aside).
 
-Not guarded: attributes of objects (``self.beta``, ``cfg.lr``), values read by the functions
-the forward calls, tensors replaced (not updated in place) in an object attribute, and
-other Python state.
+Not guarded: other attributes of objects (``self.beta``, ``cfg.lr``, ``layer.eps``), values
+read by the functions the forward calls (the flags above aside), tensors replaced
+(not updated in place) in an object attribute, and other Python state.
 
 Like any tracing compiler, it replays torch calls, not Python: control flow that depends on
 tensor values, Python side effects, and work done under ``torch.no_grad()`` inside the
@@ -206,11 +210,12 @@ class _References:
         for kind, owner, name, tensor in self.tensors:  # every call: written out for speed
             if (owner.get(name) if kind == "global" else owner.cell_contents) is not tensor:
                 return f"{name!r} now refers to a different tensor"
-        for path, attrs, flag in self.flags:  # the user objects' ``__dict__``s: one look-up each
-            if attrs.get("training", _MISSING) is not flag:
-                now = attrs.get("training", _MISSING)
-                now = "was deleted" if now is _MISSING else f"is now {now!r}"
-                return f"{path}.training {now} (the recording ran with {flag!r})"
+        if self.flags:
+            for path, attrs, flag in self.flags:  # the user objects' ``__dict__``s: one look-up each
+                if attrs.get("training", _MISSING) is not flag:
+                    now = attrs.get("training", _MISSING)
+                    now = "was deleted" if now is _MISSING else f"is now {now!r}"
+                    return f"{path}.training {now} (the recording ran with {flag!r})"
         if self.atoms or self.modules:
             return self._changed_python()
         return None
@@ -827,7 +832,10 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, seen: se
     elif isinstance(value, dict):
         items = [(f"{path}[{key!r}]", item) for key, item in value.items()] if len(value) <= _MAX_ITEMS else []
     else:
-        attrs = getattr(value, "__dict__", None)
+        try:
+            attrs = vars(value)
+        except Exception:  # noqa: BLE001 - a user class's __getattr__ may raise anything
+            return
         if not isinstance(attrs, dict):
             return
         if type(attrs.get("training")) is bool:
