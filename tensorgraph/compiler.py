@@ -37,16 +37,20 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
   non-tensor input's value changes, or the inputs alias each other differently;
 - a name the forward reads directly (a global or closure variable of ``forward`` itself,
   not of the functions it calls) is rebound to another tensor, or holds an int, float,
-  bool, str or None whose value changed (a loss weight ``beta``), or holds an
-  ``nn.Module`` one of whose (sub)modules switched between ``train()`` and ``eval()``;
+  bool, str or None whose value changed (a loss weight ``beta``);
+- a ``training`` flag changed that the recording ran with: of an ``nn.Module`` (any
+  submodule, ``train()``/``eval()``), or a bool ``training`` attribute of an object of the
+  user's own class (the lecture's hand-written ``BatchNorm1d``: ``layer.training = False``),
+  found under such a name, in it or in its items and attributes up to three levels down
+  (``layers[1].training``, ``model.layers[3].training``; the bound method's object too);
 - a fused rule was derived under a fact about values (no target equals ``ignore_index``;
   pick rows equal ``torch.arange(n)``) that the inputs or captured tensors it reads no
   longer satisfy: that chain then keeps its atomic rules. A chain whose fact is about a
   tensor computed inside the forward is not fused (rows made by ``torch.arange`` aside).
 
-Not guarded: attributes of objects (``self.beta``, ``cfg.lr``), values read by the functions
-the forward calls, tensors replaced (not updated in place) in an object attribute, and
-other Python state.
+Not guarded: other attributes of objects (``self.beta``, ``cfg.lr``, ``layer.eps``), values
+read by the functions the forward calls (the flags above aside), tensors replaced
+(not updated in place) in an object attribute, and other Python state.
 
 Like any tracing compiler, it replays torch calls, not Python: control flow that depends on
 tensor values, Python side effects, and work done under ``torch.no_grad()`` inside the
@@ -75,7 +79,7 @@ from torch.overrides import TorchFunctionMode
 from . import printer
 from .engine import BackwardTrace, trace
 from .graph import Graph, Ref, identifier, is_float
-from .naming import _Namer, set_names, unique_name
+from .naming import _MAX_ITEMS, _WALKABLE, _Namer, set_names, unique_name
 from .printer import Expr
 from .record import _is_internal, _where, record
 
@@ -193,17 +197,25 @@ _ATOMS = (int, float, bool, str, type(None))  # Python values a forward may read
 @dataclass
 class _References:
     """What the forward reads directly from its globals and closure, as recorded: tensors (by identity),
-    atoms (int, float, bool, str, None: by value) and nn.Modules (their and their submodules' ``training``)."""
+    atoms (int, float, bool, str, None: by value), nn.Modules (their and their submodules' ``training``), and
+    the ``training`` flags of the user's own objects reachable from them (``layers[1].training``)."""
 
     tensors: list[tuple[str, Any, str, Tensor]] = field(default_factory=list)  # (kind, owner, name, tensor)
     atoms: list[tuple[str, Any, str, Any]] = field(default_factory=list)  # (kind, owner, name, value)
     modules: list[tuple[str, list[tuple[str, Any]], tuple[bool, ...]]] = field(default_factory=list)
+    flags: list[tuple[str, dict, bool]] = field(default_factory=list)  # (path, user object's __dict__, .training)
 
     def changed(self) -> str | None:
         """What changed since the recording, or None."""
         for kind, owner, name, tensor in self.tensors:  # every call: written out for speed
             if (owner.get(name) if kind == "global" else owner.cell_contents) is not tensor:
                 return f"{name!r} now refers to a different tensor"
+        if self.flags:
+            for path, attrs, flag in self.flags:  # the user objects' ``__dict__``s: one look-up each
+                if attrs.get("training", _MISSING) is not flag:
+                    now = attrs.get("training", _MISSING)
+                    now = "was deleted" if now is _MISSING else f"is now {now!r}"
+                    return f"{path}.training {now} (the recording ran with {flag!r})"
         if self.atoms or self.modules:
             return self._changed_python()
         return None
@@ -784,20 +796,55 @@ def _read_directly(forward: Callable[..., Any]) -> list[tuple[str, Any, str, Any
 
 def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor]) -> _References:
     """What the forward names directly (globals, closure cells) that the guard re-checks: recorded tensors,
-    Python atoms, and modules (their ``training`` flags; the object of a bound method, or the forward, too)."""
+    Python atoms, modules (their ``training`` flags; the object of a bound method, or the forward, too), and
+    the ``training`` flags of user objects within reach (``layers[1].training``, ``model.layers[3].training``)."""
     found = _References()
+    seen: set[int] = set()
     for owner in (getattr(forward, "__self__", None), forward):
-        if isinstance(owner, torch.nn.Module):
-            _watch_module(found, "self" if owner is not forward else type(owner).__name__, owner)
+        if owner is not None and _WALKABLE[type(owner)]:
+            _watch_flags(found, "self" if owner is not forward else type(owner).__name__, owner, _FLAG_DEPTH, seen)
     for kind, owner, name, value in _read_directly(forward):
         if isinstance(value, Tensor):
             if id(value) in leaves:
                 found.tensors.append((kind, owner, name, value))
         elif type(value) in _ATOMS:
             found.atoms.append((kind, owner, name, value))
-        elif isinstance(value, torch.nn.Module):
-            _watch_module(found, name, value)
+        elif _WALKABLE[type(value)]:
+            _watch_flags(found, name, value, _FLAG_DEPTH, seen)
     return found
+
+
+_FLAG_DEPTH = 3  # ``model.layers[3].norm``: how far below a name the guard looks for ``training`` flags
+
+
+def _watch_flags(found: _References, path: str, value: Any, depth: int, seen: set[int]) -> None:
+    """Watch the ``training`` flags of ``value`` and of the objects in its items and attributes, ``depth``
+    levels down: nn.Modules (all their submodules) and the user's own classes, whose ``training`` is a bool
+    in the object's ``__dict__`` (the lecture's hand-written ``BatchNorm1d``). Walks what naming walks."""
+    if id(value) in seen or not _WALKABLE[type(value)]:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.nn.Module):
+        _watch_module(found, path, value)
+        return
+    if isinstance(value, (list, tuple)):
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)] if len(value) <= _MAX_ITEMS else []
+    elif isinstance(value, dict):
+        items = [(f"{path}[{key!r}]", item) for key, item in value.items()] if len(value) <= _MAX_ITEMS else []
+    else:
+        try:
+            attrs = vars(value)
+        except Exception:  # noqa: BLE001 - a user class's __getattr__ may raise anything
+            return
+        if not isinstance(attrs, dict):
+            return
+        if type(attrs.get("training")) is bool:
+            found.flags.append((path, attrs, attrs["training"]))
+        items = [(f"{path}.{name}", item) for name, item in attrs.items() if not name.startswith("_")]
+    if depth > 0:
+        for item_path, item in items:
+            if not isinstance(item, Tensor) and type(item) not in _ATOMS:
+                _watch_flags(found, item_path, item, depth - 1, seen)
 
 
 def _watch_module(found: _References, name: str, module: torch.nn.Module) -> None:

@@ -651,6 +651,101 @@ def test_guard_on_train_and_eval_mode_of_modules_the_forward_reads():
         step(x, y)
 
 
+
+class _Linear:  # the lecture's part-3 layers: plain classes, not nn.Modules
+    def __init__(self, fan_in, fan_out, seed):
+        self.weight = r(fan_in, fan_out, seed=seed) / fan_in ** 0.5
+
+    def __call__(self, x):
+        return x @ self.weight
+
+    def parameters(self):
+        return [self.weight]
+
+
+class _BatchNorm1d:
+    def __init__(self, dim, seed):
+        self.training = True  # set by hand: the guard must see it flip
+        self.gamma, self.beta = 1 + 0.1 * r(dim, seed=seed), 0.1 * r(dim, seed=seed + 1)
+        self.running_mean, self.running_var = 0.5 * r(dim, seed=seed + 2), 1 + r(dim, seed=seed + 3).abs()
+
+    def __call__(self, x):
+        if self.training:
+            mean, var = x.mean(0, keepdim=True), x.var(0, keepdim=True)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return self.gamma * (x - mean) / torch.sqrt(var + 1e-5) + self.beta
+
+    def parameters(self):
+        return [self.gamma, self.beta]
+
+
+class _Tanh:
+    def __call__(self, x):
+        return torch.tanh(x)
+
+    def parameters(self):
+        return []
+
+
+class _Sequential:
+    def __init__(self, layers):
+        self.layers = layers
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _eager_loss_and_grads(net, x, y):
+    """The loss and the parameters' gradients under torch autograd, on a deep copy of the user's layers."""
+    import copy
+    net = copy.deepcopy(net)
+    leaves = [p.requires_grad_() for layer in net for p in layer.parameters()]
+    for layer in net:
+        x = layer(x)
+    loss = F.cross_entropy(x, y)
+    return loss.detach(), torch.autograd.grad(loss, leaves)
+
+
+def test_guard_on_training_flags_of_the_lecture_s_own_layer_classes():
+    layers = [_Linear(6, 8, seed=110), _BatchNorm1d(8, seed=111), _Tanh(), _Linear(8, 4, seed=115),
+              _BatchNorm1d(4, seed=116)]
+    model = _Sequential(layers)
+    params = [p for layer in layers for p in layer.parameters()]
+    x, y = r(16, 6, seed=120), torch.tensor([0, 1, 2, 3] * 4)
+
+    def forward(x, y):
+        for layer in layers:
+            x = layer(x)
+        return F.cross_entropy(x, y)
+
+    def nested(x, y):
+        return F.cross_entropy(model(x), y)
+
+    steps = tg.compile(forward, fuse=False), tg.compile(nested, fuse=False)
+    for step in steps:
+        step(x, y)
+    norms = [layer for layer in layers if isinstance(layer, _BatchNorm1d)]
+    for flags, path in (((False, False), r"layers\[1\]\.training is now False"),  # net.eval(), by hand
+                        ((True, True), r"layers\[1\]\.training is now True"),
+                        ((True, False), r"layers\[4\]\.training is now False")):  # one layer
+        for norm, flag in zip(norms, flags):
+            norm.training = flag
+        for step, prefix in zip(steps, ("", r"model\.")):
+            with pytest.warns(RecompileWarning, match=rf"re-recording \w+: {prefix}{path}"):
+                loss, grads = step(x, y)
+            expected_loss, expected_grads = _eager_loss_and_grads(layers, x, y)
+            torch.testing.assert_close(loss, expected_loss, **TOL)
+            for p, expected in zip(params, expected_grads):
+                torch.testing.assert_close(grads[p], expected, **TOL)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RecompileWarning)  # nothing changed: replayed, not re-recorded
+                again, _ = step(x, y)
+            torch.testing.assert_close(again, loss, **TOL)
+
+
 # ---------------------------------------------------------------- what cannot be compiled
 
 
