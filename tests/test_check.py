@@ -529,3 +529,15 @@ def test_cli_check_runs_notebook_magics_as_ipython_would(tmp_path, capsys):
         path = _script(tmp_path, notebook(*cells), "nb.ipynb")
         assert main(["check", path]) == 1, cells
         assert "first error: dw (sign)" in capsys.readouterr().out, cells
+
+
+def test_a_loop_that_skips_an_example_is_not_called_an_overwrite(lecture):
+    graph, loss, v = lecture
+    demb = _autograd_grads(graph, loss)["emb"]
+    dC = torch.zeros_like(v.C)
+    for k in range(v.Xb.shape[0] - 1):  # off by one: the last example is left out
+        for j in range(v.Xb.shape[1]):
+            dC[v.Xb[k, j]] += demb[k, j]
+    row = graph.check({"dC": dC}, loss)["dC"]
+    assert row.kind == "wrong" and "overwrite" not in row.message, row
+    assert "elements whose index repeats" in row.message or "maxdiff" in row.message, row
