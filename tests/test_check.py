@@ -455,7 +455,7 @@ def test_cli_check_runs_a_notebooks_code_cells(tmp_path, capsys):
     path = _script(tmp_path, notebook("%matplotlib inline\n" + code, "!pip list\nmanual = {'dw': dw}"), "nb.ipynb")
     assert main(["check", path]) == 1
     assert "first error: dw (sign)" in capsys.readouterr().out
-    path = _script(tmp_path, notebook(code, "%%time\nnot python", "x = 1\n1 / 0"), "nb.ipynb")
+    path = _script(tmp_path, notebook(code, "%%bash\nnot python", "x = 1\n1 / 0"), "nb.ipynb")
     assert main(["check", path]) == 2
     assert "nb.ipynb, cell 3, line 2: ZeroDivisionError" in capsys.readouterr().err
 
@@ -485,3 +485,82 @@ def test_check_table_columns_line_up_whatever_the_names():
         loss = y.sum()
     short = str(graph.check({"dy": torch.ones(4, 3, dtype=torch.float64)}, loss)).splitlines()[1:]
     assert {line.index(" | ") for line in short} == {18}  # as it was: a marker, then 15 characters
+
+
+# ---------------------------------------------------------------- the rounding allowance is tight
+
+
+def _one_liner_dhprebn(v, dh, eps):
+    """Exercise 3's batchnorm backward in one line, with the forward's eps (or without it: the slip)."""
+    n = v.Yb.shape[0]
+    bnvar_inv = (v.hprebn.var(0, keepdim=True) + eps).rsqrt()
+    bnraw = (v.hprebn - v.hprebn.mean(0, keepdim=True)) * bnvar_inv
+    return v.bngain * bnvar_inv / n * (n * dh - dh.sum(0) - n / (n - 1) * bnraw * (dh * bnraw).sum(0))
+
+
+@pytest.mark.parametrize("seed", [2147483647, 2])
+def test_a_forgotten_eps_is_caught_wherever_the_lectures_allclose_catches_it(seed):
+    """Batch 32 (the lecture's): the rounding allowance once let exercise 3 without its eps pass."""
+    graph, loss, v = exercise(seed=seed)
+    truth = _autograd_grads(graph, loss)  # torch autograd, float32: what the lecture's cmp compares with
+    right, slip = (_one_liner_dhprebn(v, truth["hpreact"], eps) for eps in (1e-5, 0.0))
+    assert torch.allclose(right, truth["hprebn"]) and not torch.allclose(slip, truth["hprebn"])
+    assert graph.check({"dhprebn": right}, loss)["dhprebn"].kind == "ok"
+    assert graph.check({"dhprebn": slip}, loss)["dhprebn"].kind != "ok"
+
+
+def test_a_line_equal_to_the_truth_is_right_whatever_the_upstream():
+    """Exercise 2's dlogits replaces exercise 1's after dW2 was computed from the old one: dW2 is exact."""
+    graph, loss, v = exercise(seed=2, batch_size=4)
+    truth = _autograd_grads(graph, loss)
+    manual = answer(v)
+    manual["dlogits"] = (F.softmax(v.logits, 1) - F.one_hot(v.Yb, v.logits.shape[1])) / v.Yb.shape[0]
+    manual["dW2"] = v.h.T @ truth["logits"]  # from torch autograd's dlogits, not the learner's fused one
+    torch.testing.assert_close(manual["dW2"], truth["W2"], rtol=0, atol=0)
+    report = graph.check(manual, loss)
+    assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("make, kind", [(lambda d: (2 * d).half(), "scaled"), (lambda d: (-d).half(), "sign")])
+def test_a_mistake_in_float16_is_still_diagnosed(lecture, make, kind):
+    graph, loss, v = lecture
+    dC = _autograd_grads(graph, loss)["C"]
+    row = graph.check({"dC": make(dC)}, loss)["dC"]
+    assert row.kind == kind and row.message.endswith("also float16, expected float32"), row
+
+
+def test_a_gradient_given_twice_says_how(lecture):
+    graph, loss, v = lecture
+    dlogits = answer(v)["dlogits"]
+    with pytest.raises(ValueError, match=r"given twice \('dlogits' and the tensor logits\)"):
+        graph.check({"dlogits": dlogits, graph.value("logits"): dlogits}, loss)
+
+
+def test_cli_check_runs_notebook_magics_as_ipython_would(tmp_path, capsys):
+    import json
+
+    from tensorgraph.cli import main
+
+    def notebook(*cells):
+        return json.dumps({"cells": [{"cell_type": "code", "source": cell.splitlines(keepends=True)}
+                                     for cell in cells], "nbformat": 4})
+
+    code = LEARNER.format(dw="-(x * dy).sum(0)")
+    head, _, last = code.rstrip("\n").rpartition("\n")  # the last line becomes a %time / %%time statement
+    for cells in [(head, "%%time\n" + last), (head, "%time " + last), (head, "%%capture\n" + last),
+                  (head + "\nfiles = !ls\ntorch.zeros?\n??torch.ones\ndisplay(x.shape)", last)]:
+        path = _script(tmp_path, notebook(*cells), "nb.ipynb")
+        assert main(["check", path]) == 1, cells
+        assert "first error: dw (sign)" in capsys.readouterr().out, cells
+
+
+def test_a_loop_that_skips_an_example_is_not_called_an_overwrite(lecture):
+    graph, loss, v = lecture
+    demb = _autograd_grads(graph, loss)["emb"]
+    dC = torch.zeros_like(v.C)
+    for k in range(v.Xb.shape[0] - 1):  # off by one: the last example is left out
+        for j in range(v.Xb.shape[1]):
+            dC[v.Xb[k, j]] += demb[k, j]
+    row = graph.check({"dC": dC}, loss)["dC"]
+    assert row.kind == "wrong" and "overwrite" not in row.message, row
+    assert "elements whose index repeats" in row.message or "maxdiff" in row.message, row

@@ -9,7 +9,9 @@ The convention: after it runs, the script's globals hold
   called ``d<name>`` for a recorded ``name`` is taken (the lecture's own naming); a global
   that looks like one but would be dropped (``dbnvarinv``, ``dw1``, a numpy ``dC``) is an error.
 
-A notebook (``.ipynb``) runs its code cells in order, IPython magics and shell lines skipped.
+A notebook (``.ipynb``) runs its code cells in order, IPython magics, shell lines and help (``x?``)
+skipped, except that ``%%time`` and ``%%capture`` cells run their body and ``%time stmt`` runs
+``stmt``; ``display`` is IPython's (``print`` without IPython).
 
 Exit status: 0 when no gradient is wrong, 1 when one is, 2 when the script cannot be
 checked (missing file, the script raises, a variable is missing).
@@ -22,6 +24,7 @@ import ast
 import difflib
 import json
 import os
+import re
 import runpy
 import sys
 import traceback
@@ -98,7 +101,8 @@ def run_script(path: Path) -> dict[str, Any]:
     try:
         if cells is None:
             return runpy.run_path(str(path), run_name="__main__")
-        namespace: dict[str, Any] = {"__name__": "__main__", "__file__": str(path), "__builtins__": __builtins__}
+        namespace: dict[str, Any] = {"__name__": "__main__", "__file__": str(path), "__builtins__": __builtins__,
+                                     "display": _display()}
         exec(compile("\n".join(code for code, _ in cells), str(path), "exec"), namespace)  # noqa: S102
         return namespace
     except SystemExit as exit_:
@@ -116,8 +120,9 @@ def run_script(path: Path) -> dict[str, Any]:
 
 
 def _notebook_cells(path: Path) -> list[tuple[str, int]] | None:
-    """A Jupyter notebook's code cells as (code, cell number), IPython magics and shell lines blanked; None
-    for a script. Each cell keeps its line count, so a line of the joined code maps back to its cell."""
+    """A Jupyter notebook's code cells as (code, cell number), IPython syntax made Python (see
+    ``_python_lines``); None for a script. Each cell keeps its line count, so a line of the joined
+    code maps back to its cell."""
     if path.suffix != ".ipynb":
         return None
     try:
@@ -129,10 +134,53 @@ def _notebook_cells(path: Path) -> list[tuple[str, int]] | None:
     for number, cell in enumerate((c for c in cells if c.get("cell_type") == "code"), 1):
         source = cell.get("source", "")
         lines = ("".join(source) if isinstance(source, list) else source).split("\n")
-        if lines and lines[0].lstrip().startswith("%%"):  # a cell magic: the whole cell is not Python
-            lines = [""] * len(lines)
-        code.append(("\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in lines), number))
+        code.append(("\n".join(_python_lines(lines)), number))
     return code
+
+
+# cell magics whose body runs in the notebook's namespace as plain Python (its assignments stay);
+# the body of any other (%%timeit runs it in a function of its own, %%bash is not Python) is skipped
+_RUN_BODY_CELL_MAGICS = frozenset({"time", "capture"})
+# line magics followed by a statement that runs in the namespace: ``%time dh = dlogits @ W2.T``
+_RUN_STATEMENT_LINE_MAGICS = frozenset({"time"})
+# ``files = !ls``, ``t = %timeit -o f()``: an assignment from a shell command or a magic
+_MAGIC_ASSIGNMENT = re.compile(r"^\s*[A-Za-z_][\w\s,.\[\]()*]*=\s*[!%]")
+# ``torch.zeros?``, ``??F.cross_entropy``: IPython's help
+_HELP = re.compile(r"^\s*\?{0,2}[\w.\[\]()'\"]+\?{0,2}\s*$")
+
+
+def _python_lines(lines: list[str]) -> list[str]:
+    """One code cell's lines as Python, one for one: magics and shell lines blanked, except that
+    ``%%time`` / ``%%capture`` cells run their body and ``%time stmt`` runs ``stmt``."""
+    first = lines[0].strip() if lines else ""
+    if first.startswith("%%"):
+        magic = first[2:].split(maxsplit=1)[0] if first[2:].strip() else ""
+        if magic not in _RUN_BODY_CELL_MAGICS:
+            return [""] * len(lines)
+        lines = ["", *lines[1:]]
+    return [_python_line(line) for line in lines]
+
+
+def _python_line(line: str) -> str:
+    stripped = line.lstrip()
+    indent = line[:len(line) - len(stripped)]
+    if stripped.startswith("%"):
+        magic, _, rest = stripped[1:].partition(" ")
+        return indent + rest.strip() if magic in _RUN_STATEMENT_LINE_MAGICS and rest.strip() else ""
+    if stripped.startswith("!") or _MAGIC_ASSIGNMENT.match(line):
+        return ""
+    if "?" in (stripped[:1], stripped.rstrip()[-1:]) and _HELP.match(line):
+        return ""
+    return line
+
+
+def _display() -> Any:
+    """A notebook's ``display``: IPython's when it is installed, else ``print``."""
+    try:
+        from IPython.display import display
+    except ImportError:
+        return print
+    return display
 
 
 def _place(path: Path, line: int | None, cells: list[tuple[str, int]] | None) -> str:
