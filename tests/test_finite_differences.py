@@ -47,3 +47,17 @@ def test_fd_covers_every_differentiable_op():
     rules = {name for name, op in OPS.items() if op.rule is not None}
     missing = rules - seen - set(covered_elsewhere)
     assert not missing, f"ops with a rule but no finite-difference case: {sorted(missing)}"
+
+
+def test_batch_norm_with_weight_and_bias_viewing_its_input():
+    """torch 2.13's autograd gets this wrong (the input's other columns change); the engine follows the maths."""
+    import torch.nn.functional as F
+
+    x = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def fn(t):
+        return F.batch_norm(t, None, None, t[..., 0], t[..., 0], training=True)
+
+    (ours,) = engine_grads(fn, [x])[1]
+    (numeric,) = finite_differences(fn, [x])
+    torch.testing.assert_close(ours, numeric, rtol=1e-5, atol=1e-6)
