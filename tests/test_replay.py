@@ -741,3 +741,26 @@ def test_a_name_looked_up_in_a_graph_without_names_says_why():
     with pytest.raises(KeyError) as err:
         named.node("nonexistent")
     assert "names=False" not in str(err.value)
+
+
+def test_an_input_returned_as_is_does_not_stop_matching():
+    """``t.flatten(0, 0)`` of a 1-d tensor returns t itself (no node); the next flatten is the template's."""
+    fresh()
+    t1 = torch.randn((), dtype=D)
+
+    def fn(t):
+        t2 = t[None]
+        same = t2.flatten(0, 0)  # an alias: nothing recorded
+        return t.flatten(0, 0) * 3 + same * 2
+
+    weight = torch.ones(1, dtype=D)
+    graph, loss = _record_case(fn, [t1], weight)
+    reference, expected = graph, walk(graph, loss)
+    for _ in range(2 + replay.GENERATE_AFTER):
+        graph, loss = _record_case(fn, [t1], weight)
+        assert_same_graph(graph, reference)
+        assert_same_gradients(graph.backward(loss), expected)
+    assert graph._replay is not None and graph._replay.matchers is not None
+    x = t1.detach().clone().requires_grad_()
+    (grad,) = torch.autograd.grad((fn(x) * weight).sum(), x)
+    torch.testing.assert_close(graph.backward(loss)[t1], grad, rtol=1e-12, atol=0)
