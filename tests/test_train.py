@@ -265,24 +265,33 @@ def test_interrupt_then_resume_continues_the_same_trajectory(splits, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), straight.model.parameters()))
 
 
-def test_interrupt_inside_a_step_rewinds_the_batch_draw(splits, tmp_path, monkeypatch):
-    """A KeyboardInterrupt in the middle of a step: the state saved is that of the last finished step."""
-    config = TrainConfig(steps=60, **SMALL)
-    straight = train(splits, config, backend="torch")
+def _torch_backend_stopped_at(call: int, stop):
+    """The torch backend, running ``stop()`` at the start of its ``call``-th step."""
     calls = {"n": 0}
 
-    def flaky_backend(model):
+    def backend(model):
         step = BACKENDS["torch"](model)
 
         def run(Xb, Yb):
             calls["n"] += 1
-            if calls["n"] == 25:
-                raise KeyboardInterrupt
+            if calls["n"] == call:
+                stop()
             return step(Xb, Yb)
 
         return run
 
-    monkeypatch.setitem(BACKENDS, "flaky", flaky_backend)
+    return backend
+
+
+def test_interrupt_inside_a_step_rewinds_the_batch_draw(splits, tmp_path, monkeypatch):
+    """A KeyboardInterrupt in the middle of a step: the state saved is that of the last finished step."""
+    config = TrainConfig(steps=60, **SMALL)
+    straight = train(splits, config, backend="torch")
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(BACKENDS, "flaky", _torch_backend_stopped_at(25, interrupt))
     with pytest.raises(TrainingInterrupted, match="at step 24"):
         train(splits, config, backend="flaky", checkpoint=tmp_path / "model.pt")
     state, saved_config, _ = state_from_checkpoint(load_checkpoint(tmp_path / "model.pt"))
@@ -366,21 +375,12 @@ def test_a_second_ctrl_c_inside_a_step_saves_the_last_finished_step(splits, tmp_
     """Two Ctrl-C inside step 25: it is abandoned, step 24 is saved, and resuming matches an uninterrupted run."""
     config = TrainConfig(steps=60, **SMALL)
     straight = train(splits, config, backend="torch")
-    calls = {"n": 0}
 
-    def pressed_twice(model):
-        step = BACKENDS["torch"](model)
+    def press_twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
 
-        def run(Xb, Yb):
-            calls["n"] += 1
-            if calls["n"] == 25:
-                os.kill(os.getpid(), signal.SIGINT)
-                os.kill(os.getpid(), signal.SIGINT)
-            return step(Xb, Yb)
-
-        return run
-
-    monkeypatch.setitem(BACKENDS, "pressed", pressed_twice)
+    monkeypatch.setitem(BACKENDS, "pressed", _torch_backend_stopped_at(25, press_twice))
     with pytest.raises(TrainingInterrupted, match="at step 24; checkpoint saved"):
         train(splits, config, backend="pressed", checkpoint=tmp_path / "model.pt", handle_sigint=True)
     state, saved_config, _ = state_from_checkpoint(load_checkpoint(tmp_path / "model.pt"))
