@@ -732,15 +732,11 @@ def _fact_guard(graph: Graph, fact: Any, places: dict[int, tuple[int, ...]], liv
     return _FactGuard(fact, path, value if path is None else None, data["name"], nodes[fact.op]["name"])
 
 
-def _input_places(inputs: Sequence[Any], prefix: tuple[int, ...] = ()) -> dict[int, tuple[int, ...]]:
-    """Where each tensor sits among the inputs (by id): its index, then its index in a list or tuple input."""
+def _input_places(inputs: Sequence[Any]) -> dict[int, tuple[int, ...]]:
+    """Where each tensor sits among the inputs (by id, its first place): its index, then its index in a list."""
     places: dict[int, tuple[int, ...]] = {}
-    for index, x in enumerate(inputs):
-        if isinstance(x, Tensor):
-            places.setdefault(id(x), prefix + (index,))
-        elif isinstance(x, (list, tuple)):
-            for key, place in _input_places(x, prefix + (index,)).items():
-                places.setdefault(key, place)
+    for place, tensor in _tensors(inputs):
+        places.setdefault(id(tensor), place)
     return places
 
 
