@@ -370,7 +370,11 @@ def var_rule(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, unbiased: Any =
     dim, correction = _correction(dim, unbiased, correction)
     dof = _count(x, dim) - correction
     mean_dims = _dims(dim, x.dim())
-    return (2.0 / dof) * _unreduce(g, x, dim, keepdim) * (x - x.mean(mean_dims, keepdim=True))
+    centred = x - x.mean(mean_dims, keepdim=True)
+    if dof <= 0 and (dim is None or x.dim() == 0):
+        # NOTE: torch's var_backward for a full reduction with no degrees of freedom left: inf, nan where x == mean
+        return _unreduce(g, x, dim, keepdim) * torch.where(centred == 0, math.nan, math.inf).to(x.dtype)
+    return (2.0 / dof if dof else math.inf) * _unreduce(g, x, dim, keepdim) * centred
 
 
 def std_rule(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False,

@@ -110,6 +110,34 @@ EMPTY = {
 }
 
 
+# var/std with no degrees of freedom left (n <= correction): torch's gradient is inf, or nan where x == mean
+NO_DOF = {
+    "var_one_element": lambda x: x[:1].var(),
+    "std_one_element": lambda x: x[:1].std(),
+    "var_zero_dim": lambda x: x[0].var(),
+    "var_correction_n": lambda x: x.var(correction=4),
+    "var_correction_above_n": lambda x: x.var(correction=6),
+    "std_correction_n": lambda x: x.std(correction=4),
+    "var_dim_correction_n": lambda x: x.reshape(2, 2).var(1, correction=2).sum(),
+    "var_dim_correction_above_n": lambda x: x.reshape(2, 2).var(1, correction=3).sum(),
+    "var_dim_one_element": lambda x: x.reshape(4, 1).var(1).sum(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NO_DOF))
+@pytest.mark.filterwarnings("ignore:.*degrees of freedom is <= 0")
+def test_var_and_std_without_degrees_of_freedom(name):
+    """Used to raise ZeroDivisionError (2 / (n - correction)); torch gives inf and nan."""
+    x = torch.tensor([0.3, -1.2, 0.8, 2.0], dtype=D)
+    fn = NO_DOF[name]
+    with tg.record() as graph:
+        loss = fn(x)
+    mine = graph.backward(loss)[x]
+    ref = x.clone().requires_grad_()
+    (theirs,) = torch.autograd.grad(fn(ref), [ref])
+    torch.testing.assert_close(mine, theirs, equal_nan=True)
+
+
 @pytest.mark.parametrize("name", sorted(EMPTY))
 def test_empty_dims(name):
     e = torch.randn(0, 3, dtype=D)
