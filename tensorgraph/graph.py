@@ -240,6 +240,10 @@ class Graph:
 
         return mimebundle(self)
 
+    def _repr_svg_(self) -> str | None:
+        """The forward view as SVG, for front ends that ask for SVG alone (None without Graphviz's ``dot``)."""
+        return self._repr_mimebundle_().get("image/svg+xml")
+
     def check(self, manual: dict[str, Tensor], loss: Any, grad: Tensor | None = None, *, rtol: float | None = None,
               atol: float | None = None) -> CheckReport:
         """Diagnose hand-written gradients ``{"dlogits": dlogits, ...}``: see :func:`tensorgraph.check.check`."""

@@ -312,6 +312,8 @@ def test_graph_displays_inline(lecture):
     bundle = graph._repr_mimebundle_()
     assert "<svg" in bundle["image/svg+xml"] and "hprebn" in bundle["image/svg+xml"]
     assert bundle["text/plain"].startswith("<tensorgraph.Graph")
+    svg = graph._repr_svg_()  # issue 3 names both hooks
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "hprebn" in svg
 
 
 def test_bad_paths_and_options(lecture, tmp_path):
@@ -347,6 +349,7 @@ def test_missing_dot_writes_the_source_and_says_how_to_install(lecture, tmp_path
     assert graph.render(tmp_path / "only.dot").exists()
     bundle = graph._repr_mimebundle_()
     assert "image/svg+xml" not in bundle and "apt-get install graphviz" in bundle["text/plain"]
+    assert graph._repr_svg_() is None
 
 
 # ---------------------------------------------------------------------------------------------- labels
