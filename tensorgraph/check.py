@@ -207,8 +207,8 @@ def _resolve(graph: Graph, manual: Any, truth: dict[int, Tensor], root: int) -> 
     nodes = graph._nodes
     given: dict[int, Tensor] = {}
     keys: dict[int, str] = {}
-    for raw_key, value in manual.items():
-        node = _node_of_key(graph, raw_key)
+    for raw_key, node in _nodes_of_keys(graph, manual).items():
+        value = manual[raw_key]
         name = nodes[node]["name"]
         key = raw_key if isinstance(raw_key, str) else "d" + name  # never a tensor's repr in a message
         how = repr(raw_key) if isinstance(raw_key, str) else f"the tensor {name}"
@@ -237,6 +237,22 @@ def _check_seed(key: str, value: Tensor, seed: Tensor) -> None:
     expected = f"{seed.item():g}" if seed.numel() == 1 else "the grad= you passed"
     raise ValueError(f"check: {key!r} is {shown}, but the gradient of the loss with respect to itself is "
                      f"{expected}; to check the gradients from another seed, pass it as grad=")
+
+
+def _nodes_of_keys(graph: Graph, manual: dict[Any, Any]) -> dict[Any, int]:
+    """The node each key names. A key such as ``"dx"`` when both ``dx`` and ``x`` are recorded names is
+    ambiguous: it takes the reading no other key claims (``{"ddx": ..., "dx": ...}``), else the name itself."""
+    choices = {key: _candidates(graph, key) for key in manual}
+    claimed = {options[0] for options in choices.values() if len(options) == 1}
+    return {key: next((n for n in options if n not in claimed), options[0]) for key, options in choices.items()}
+
+
+def _candidates(graph: Graph, key: Any) -> list[int]:
+    """The nodes a key can name: the recorded name itself first, then the name without its leading ``d``."""
+    names = graph._names
+    if isinstance(key, str) and key in names and key.startswith("d") and key[1:] in names:
+        return [names[key], names[key[1:]]]
+    return [_node_of_key(graph, key)]
 
 
 def _node_of_key(graph: Graph, key: Any) -> int:

@@ -241,6 +241,30 @@ def test_any_graph_one_of_two_uses_missing():
     assert graph.check({"dh": hr.grad, "dx": ref.grad}, loss).ok
 
 
+def test_a_d_key_that_is_also_a_recorded_name_takes_the_reading_no_other_key_claims():
+    """Tensors named x and dx: {"ddx": ..., "dx": ...} means d(dx) and d(x) (it raised "given twice")."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    with tg.record() as graph:
+        diff = a - b
+        x = diff * 2
+        dx = x.exp()
+        loss = (dx * diff).sum()
+    ra, rb = a.clone().requires_grad_(), b.clone().requires_grad_()  # independent truth: torch autograd
+    rdiff = ra - rb
+    rx = rdiff * 2
+    rdx = rx.exp()
+    for t in (rdiff, rx, rdx):
+        t.retain_grad()
+    (rdx * rdiff).sum().backward()
+    report = graph.check({"ddx": rdx.grad, "dx": rx.grad, "ddiff": rdiff.grad, "da": ra.grad}, loss)
+    assert report.ok and report["dx"].kind == "ok" and report["x"].kind == "ok"
+    report = graph.check({"ddx": rdx.grad, "dx": -rx.grad}, loss)
+    assert report.first_error == "x" and report["x"].kind == "sign"
+    # alone, the key is the recorded name itself, as before
+    assert graph.check({"dx": rdx.grad}, loss)["dx"].kind == "ok"
+
+
 # ---------------------------------------------------------------- tensorgraph check FILE.py
 
 LEARNER = '''
