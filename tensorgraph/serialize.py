@@ -70,6 +70,9 @@ def save(graph: Graph, path: str | os.PathLike, *, values: bool = False) -> Path
     """
     path = Path(path)
     fmt = _format_of(path)
+    if not path.parent.is_dir():  # else the error would name the temporary file
+        raise FileNotFoundError(f"graph.save: cannot write {str(path)!r}: the folder {str(path.parent)!r} does not "
+                                f"exist")
     if getattr(graph, "_recording", False):
         raise ValueError(f"graph.save({str(path)!r}): the graph is still being recorded; save it after the "
                          f"tg.record() block ends")

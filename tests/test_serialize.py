@@ -238,6 +238,13 @@ def test_missing_file_is_an_os_error(tmp_path):
         tg.load_graph(tmp_path / "nope.json")
 
 
+def test_saving_into_a_missing_folder_names_the_path_not_a_temporary_file(tmp_path):
+    graph, _ = kitchen_sink()
+    with pytest.raises(FileNotFoundError, match=r"graph\.save: cannot write '.*nowhere/g\.json': the folder .*nowhere"):
+        graph.save(tmp_path / "nowhere" / "g.json")
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_a_file_cannot_make_a_loaded_graph_call_arbitrary_code(tmp_path, monkeypatch):
     """Callables resolve by attribute lookup inside torch/tensorgraph only; outside the op table they never run."""
     path, data = _saved(tmp_path, values=True)
