@@ -318,6 +318,16 @@ def test_cli_check_usage_errors_are_one_line(tmp_path, capsys, body, message):
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_cli_check_a_bad_render_path_fails_before_the_script_runs(tmp_path, capsys):
+    from tensorgraph.cli import main
+
+    right = _script(tmp_path, LEARNER.format(dw="(x * dy).sum(0)") + "manual = {'dy': dy, 'dw': dw}\n")
+    for where, message in [(tmp_path / "nowhere" / "check.svg", "the folder"), (tmp_path / "check.jpeg", "suffix")]:
+        assert main(["check", right, "--render", str(where)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and message in err and len(err.strip().splitlines()) == 1, (out, err)
+
+
 def test_cli_check_missing_file_and_no_gradients(tmp_path, capsys):
     from tensorgraph.cli import main
 

@@ -62,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.script)
     if not path.is_file():
         raise CLIError(f"no such file: {path}", "tensorgraph check")
+    if args.render:
+        from ..render import output_format
+
+        output_format(args.render)  # a bad --render path fails before the learner's script runs
     namespace = run_script(path)
     graph = namespace.get("graph")
     if not isinstance(graph, Graph):
