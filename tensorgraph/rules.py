@@ -638,14 +638,26 @@ def index_put(g: Tensor, out: Tensor, x: Tensor, indices: Any, values: Tensor, a
 defop("index_put", index_put)
 defop("index_add", lambda g, out, x, dim, index, source, *, alpha=1: (
     g, None, None, g.index_select(dim, index) if alpha == 1 else g.index_select(dim, index) * alpha))
-defop("scatter_add", lambda g, out, x, dim, index, src: (g, None, None, g.gather(dim, index)))
+
+
+def _scattered_src_grad(g: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
+    """The gradient of a scatter's ``src``: gathered where ``index`` reads it, 0 where ``src`` is larger than it."""
+    grad = g.gather(dim, index)
+    if grad.shape == src.shape:
+        return grad
+    padded = grad.new_zeros(src.shape)  # torch reads only src[:index.shape[0], :index.shape[1], ...]
+    padded[tuple(slice(0, n) for n in index.shape)] = grad
+    return padded
+
+
+defop("scatter_add", lambda g, out, x, dim, index, src: (g, None, None, _scattered_src_grad(g, dim, index, src)))
 
 
 def scatter(g: Tensor, out: Tensor, x: Tensor, dim: int, index: Tensor, src: Any = None, *, value: Any = None,
             reduce: Any = None) -> tuple:
     if reduce is not None:
         raise UnsupportedCall("scatter: reduce= has no rule")
-    grad_src = g.gather(dim, index) if isinstance(src, Tensor) else None
+    grad_src = _scattered_src_grad(g, dim, index, src) if isinstance(src, Tensor) else None
     return g.scatter(dim, index, 0), None, None, grad_src
 
 

@@ -8,3 +8,30 @@ from op_cases import CASES
 @pytest.mark.parametrize("fn, inputs", [pytest.param(fn, inputs, id=name) for name, fn, inputs in CASES])
 def test_op_matches_torch_autograd(fn, inputs):
     assert_matches_torch(fn, inputs)
+
+
+
+def test_scatter_src_larger_than_index():
+    """torch reads only src's leading index.shape block: the rest of src gets a zero gradient.
+
+    The engine crashed here; torch 2.13's autograd does too ("ScatterBackward0 returned an invalid
+    gradient"), so the truths are finite differences and torch on the block actually read.
+    """
+    import torch
+    from helpers import engine_grads, finite_differences, torch_grads
+
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    src = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    index = torch.tensor([[0], [3], [1]])
+    for op in (torch.scatter, torch.scatter_add):
+        for dim, idx in ((1, index), (0, index.T % 3)):
+            def fn(x, s, op=op, dim=dim, idx=idx):
+                return op(x, dim, idx, s)
+
+            ours = engine_grads(fn, [x, src])[1]
+            for mine, numeric in zip(ours, finite_differences(fn, [x, src])):
+                torch.testing.assert_close(mine, numeric, rtol=1e-5, atol=1e-6)
+            block = tuple(slice(0, n) for n in idx.shape)
+            expected = torch_grads(lambda x, s, fn=fn, block=block: fn(x, s[block]), [x, src])
+            for mine, theirs in zip(ours, expected):
+                torch.testing.assert_close(mine, theirs, rtol=1e-7, atol=1e-10)
