@@ -701,16 +701,18 @@ def _softmax_dim(x: Tensor, dim: Any) -> int:
     return dim if dim is not None else (0 if x.dim() in (0, 1, 3) else 1)
 
 
+# With dtype=, torch casts x first and differentiates the softmax in out's dtype (the engine casts the result
+# back to x's): the kernels are given out.dtype, since they refuse a float16 x with a float32 out on CPU.
 defop(  # out * (g - (g * out).sum(dim, keepdim=True)) in torch's fused kernel
     "softmax",
     lambda g, out, x, dim=None, dtype=None, *, _stacklevel=3: aten._softmax_backward_data(
-        g, out, _softmax_dim(x, dim), x.dtype),
+        g, out, _softmax_dim(x, dim), out.dtype),
     funcs=("special.softmax",),
 )
 defop(  # g - out.exp() * g.sum(dim, keepdim=True) in torch's fused kernel
     "log_softmax",
     lambda g, out, x, dim=None, dtype=None, *, _stacklevel=3: aten._log_softmax_backward_data(
-        g, out, _softmax_dim(x, dim), x.dtype),
+        g, out, _softmax_dim(x, dim), out.dtype),
     funcs=("special.log_softmax",),
 )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_matches_torch
+from helpers import assert_matches_torch, engine_grads, torch_grads
 from op_cases import CASES
 
 import tensorgraph as tg
@@ -130,3 +130,23 @@ def test_empty_dims(name):
             continue
         assert mine.shape == their.shape and mine.dtype == their.dtype
         torch.testing.assert_close(mine, their, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_softmax_with_a_wider_dtype_argument(name, dtype):
+    """x.softmax(dim, dtype=float64) casts first: the gradient is differentiated in float64, then x's dtype.
+
+    A float16 x crashed the rule (torch's CPU backward kernel refuses a float16 input dtype with a float32
+    output); the gradient must be x's dtype and equal torch's, and float64 truth within x's precision.
+    """
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3)).to(dtype)
+    wide = torch.float32 if dtype != torch.float32 else D
+
+    def fn(x):
+        return getattr(x, name)(1, dtype=wide) * torch.arange(5, dtype=wide)
+
+    assert_matches_torch(fn, [x], rtol=0, atol=0)
+    (ours,) = engine_grads(fn, [x])[1]
+    (truth,) = torch_grads(fn, [x.double()])
+    torch.testing.assert_close(ours.double(), truth, rtol=torch.finfo(dtype).eps * 4, atol=torch.finfo(dtype).eps * 4)
