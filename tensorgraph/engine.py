@@ -99,6 +99,14 @@ def seed_gradient(graph: Graph, root: int, grad: Tensor | None) -> Tensor:
     if tuple(grad.shape) != data["shape"]:
         raise ValueError(f"graph.backward: grad has shape {tuple(grad.shape)} but {data['name']!r} has shape "
                          f"{data['shape']}")
+    device = data["value"].device
+    if grad.device != device and device.type != "meta":
+        raise ValueError(f"graph.backward: grad is on {grad.device} but {data['name']!r} is on {device}")
+    if grad.dtype != data["dtype"]:  # as torch autograd does: the seed is cast to the loss's dtype first
+        if grad.is_complex():
+            raise ValueError(f"graph.backward: grad has dtype {grad.dtype} but {data['name']!r} is real "
+                             f"({data['dtype']})")
+        grad = grad.to(data["dtype"])
     return grad
 
 
@@ -458,6 +466,8 @@ def trace(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardTrace:
     steps: list[Contribution] = []
     if getattr(graph, "_fingerprints", None):
         check_unchanged(graph, root_node(graph, loss))
+    if grad is not None:  # cast outside the recording: a given seed stays a leaf of the adjoint graph
+        grad = seed_gradient(graph, root_node(graph, loss), grad)
     with record() as adjoint:
         grads = backward(graph, loss, grad, tape=steps)
     result = BackwardTrace(graph, adjoint, grads, steps)

@@ -150,3 +150,32 @@ def test_softmax_with_a_wider_dtype_argument(name, dtype):
     (ours,) = engine_grads(fn, [x])[1]
     (truth,) = torch_grads(fn, [x.double()])
     torch.testing.assert_close(ours.double(), truth, rtol=torch.finfo(dtype).eps * 4, atol=torch.finfo(dtype).eps * 4)
+
+
+def test_grad_of_another_dtype_is_cast_to_the_loss_dtype():
+    """As torch autograd does: a float32 grad= for a float16 output is rounded to float16 before the rules run.
+
+    The engine kept the float32 seed (the gradient of the output itself came back float32, and the
+    gradients below it skipped float16's rounding: 0.06 off torch's here). backward_source and
+    codegen.run must compute the same bits.
+    """
+    from tensorgraph import codegen
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)).half()
+    seed = torch.full((3, 4), 1 / 3)
+    with tg.record() as graph:
+        y = x * 3
+        z = y.exp()
+    grads = graph.backward(z, grad=seed)
+    ref = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad((ref * 3).exp(), ref, seed)
+    assert grads[z].dtype == grads[y].dtype == grads[x].dtype == torch.float16
+    assert torch.equal(grads[x], expected)
+    namespace = codegen.run(graph.backward_source(z, grad=seed), graph, grad=seed)
+    assert torch.equal(namespace["dx"], expected)
+    assert graph.compare(z, grad=seed).exact_count == 2
+    for _ in range(3):  # a training loop's repeated recordings: the cached plan casts the same way
+        with tg.record() as graph:
+            y = x * 3
+            z = y.exp()
+        assert torch.equal(graph.backward(z, grad=seed)[x], expected)

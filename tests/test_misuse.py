@@ -190,6 +190,17 @@ def test_non_scalar_loss_without_grad():
     torch.testing.assert_close(graph.backward(y, grad=torch.ones(2, 3, dtype=D))[x], x.exp())
 
 
+def test_grad_on_another_device_or_complex():
+    """torch refuses a seed on another device; the engine used to return gradients on the seed's device."""
+    x = r(2, 3)
+    with tg.record() as graph:
+        y = x.exp()
+    with pytest.raises(ValueError, match=r"grad is on meta but 'y' is on cpu"):
+        graph.backward(y, grad=torch.ones(2, 3, dtype=D, device="meta"))
+    with pytest.raises(ValueError, match=r"grad has dtype torch.complex128 but 'y' is real \(torch.float64\)"):
+        graph.backward(y, grad=torch.ones(2, 3, dtype=torch.complex128))
+
+
 def test_integer_loss_has_no_gradient():
     idx = torch.arange(4)
     with tg.record() as graph:
