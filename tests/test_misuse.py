@@ -93,8 +93,22 @@ def test_inplace_op_without_a_rule_and_out_argument():
         line = next_line()
         torch.add(x, 1.0, out=out)
         loss = out.sum()
-    with pytest.raises(NotImplementedError, match=rf"add has no rule .*{at(line)}"):
+    with pytest.raises(NotImplementedError, match=rf"add\(\.\.\., out=\.\.\.\) has no rule .*{at(line)}"):
         graph.backward(loss)
+
+
+def test_out_argument_made_before_the_block_is_not_a_leaf():
+    """``out`` made before the block was taken for a leaf: x got no gradient at all, silently (torch refuses)."""
+    x = r(3, 3)
+    out, values, indices = torch.empty(3, 3, dtype=D), torch.empty(3, dtype=D), torch.empty(3, dtype=torch.long)
+    cases = [("mul", lambda: torch.mul(x, x, out=out).sum()),
+             ("max", lambda: torch.max(x, 1, out=(values, indices))[0].sum())]
+    for name, make in cases:
+        with tg.record() as graph:
+            loss = make()
+        with pytest.raises(NotImplementedError, match=rf"{name}\(\.\.\., out=\.\.\.\) has no rule .*"
+                                                      rf"{at(make.__code__.co_firstlineno)}"):
+            graph.backward(loss)
 
 
 def test_complex_tensors_are_refused_not_differentiated_wrongly():
