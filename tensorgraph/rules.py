@@ -964,6 +964,8 @@ constants(
     "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "one_hot",
     "argmax", "argmin", "argsort", "eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite",
     "logical_and", "logical_or", "logical_not", "logical_xor", "nonzero", "bincount", "floor_divide",
-    "fill", "zero", "uniform", "random", "exponential",  # in place as Tensor.fill_, zero_ ...: a new constant version
+    "zero", "uniform", "random", "exponential",  # in place as Tensor.zero_ ...: a new constant version
 )
+# x.fill_(v): nothing flows to x; a tensor v (0-d) receives the sum of the gradient, as in torch
+defop("fill", lambda g, out, x, value: (None, g.sum() if isinstance(value, Tensor) else None))
 constants("from_numpy", auto=False, funcs=("torch.from_numpy",))

@@ -436,6 +436,8 @@ def masked_fill(b: Builder) -> int:
         raise Reject("mask must broadcast to x")
     if b.choose.boolean():
         value = b.pick(0, 0)
+        if b.choose.integer(0, 3) == 0:  # the whole tensor filled: only the value gets a gradient
+            return b.emit("{out} = torch.fill({0}, {1})", [x, value], torch.fill)
         return b.emit("{out} = {0}.masked_fill({1} > 0, {2})", [x, m, value],
                       lambda t, k, v: t.masked_fill(k > 0, v))
     fill = b.scalar()

@@ -350,6 +350,7 @@ SMOOTH = {
     "casts_float": (lambda x: x.float().double() * x.to(torch.float32).to(D) + x.type(torch.float32).type_as(x),
                     [r(3, 4, seed=1)]),
     "casts_half": (lambda x: x.half().double() + x.bfloat16().to(D), [r(3, 4, seed=1)]),
+    "fill": (lambda x, v: _filled(x, v), [r(3, 4, seed=1), r(seed=2)]),
 }
 FD_SETTINGS = {  # name: (eps, rtol, atol): 16-bit and 32-bit rounding make the function a staircase
     "smooth-casts_float": (1e-3, 1e-3, 1e-4),
@@ -361,6 +362,12 @@ def _copied(x, s):
     y = x * 2
     y.copy_(s)
     return y * x
+
+
+def _filled(x, v):
+    y = x * 2
+    y.fill_(v)
+    return y * x + torch.fill(x, v * 3)
 
 
 def _assigned(x, v):
