@@ -51,8 +51,21 @@ class Gradients(Mapping):
         if node not in self.by_node:
             name = self.graph._nodes[node]["name"]
             root = self.graph._nodes[self.root]["name"]
-            raise KeyError(f"{root!r} does not depend on {name!r} (no gradient flows to it)")
+            raise KeyError(f"{root!r} does not depend on {name!r} (no gradient flows to it){self._earlier(node)}")
         return self.by_node[node]
+
+    def _earlier(self, node: int) -> str:
+        """A hint naming the earlier version of an in-place-updated tensor that does have a gradient."""
+        nodes = self.graph._nodes
+        previous = nodes[node].get("previous")
+        while previous is not None:
+            if previous in self.by_node:
+                data = nodes[node]
+                return (f"; it was changed in place at {data['source'] or '<unknown>'}, after the loss used its "
+                        f"earlier version {nodes[previous]['name']!r}, which has one: "
+                        f"grads[{nodes[previous]['name']!r}]")
+            previous = nodes[previous].get("previous")
+        return ""
 
     def __iter__(self) -> Iterator[str]:
         names = self.graph._nodes

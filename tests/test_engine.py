@@ -169,6 +169,21 @@ def test_gradients_mapping_by_tensor_name_and_missing():
     assert z.shape == (3,) and set(grads) == {"loss", "y", "x"}
 
 
+def test_missing_gradient_of_a_tensor_changed_after_use_names_its_earlier_version():
+    """``grads[w]`` is the latest version's; when only the version the loss used has one, the error says where."""
+    w = torch.randn(3, dtype=D)
+    original = w.clone()
+    with tg.record() as graph:
+        h = w * 3
+        w.zero_()
+        loss = (h * h).sum()
+    grads = graph.backward(loss)
+    with pytest.raises(KeyError, match=r"does not depend on 'w' .*changed in place at .*test_engine.py:\d+, after "
+                                       r"the loss used its earlier version 'w_v0', which has one: grads\['w_v0'\]"):
+        grads[w]
+    torch.testing.assert_close(grads["w_v0"], 18 * original)  # d/dw sum((3w)^2)
+
+
 def test_backward_errors_are_clear():
     x = torch.randn(3, dtype=D)
     with tg.record() as graph:
