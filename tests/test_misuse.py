@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -119,6 +120,21 @@ def test_complex_tensors_are_refused_not_differentiated_wrongly():
         loss = z.abs().sum()  # abs is real again: the error comes at z
     with pytest.raises(NotImplementedError, match=rf"mul produced a complex tensor.*{at(line)}, producing 'z'"):
         graph.backward(loss)
+
+
+def test_complex_leaf_read_by_ops_with_real_outputs_gets_torchs_gradient():
+    """What the reliability page says: only ops producing complex tensors are refused."""
+    z = torch.randn(3, 4, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    w = r(4)
+    for fn in (lambda z: z.abs().sum(), lambda z: (z.norm(dim=1) ** 3).sum(), lambda z: (z.var(0) * w).sum(),
+               lambda z: z.std() + z.abs().amax(), lambda z: (z.double() * w).sum()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # z.double() discards the imaginary part, and says so
+            with tg.record() as graph:
+                loss = fn(z)
+            ref = z.clone().requires_grad_()
+            (expected,) = torch.autograd.grad(fn(ref), ref)
+        torch.testing.assert_close(graph.backward(loss)[z], expected)
 
 
 def test_an_unsupported_op_off_the_loss_path_does_not_matter():
