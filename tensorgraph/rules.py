@@ -390,8 +390,8 @@ def _select_reduction(g: Tensor, out: Any, x: Tensor, dim: Any, keepdim: bool) -
     if isinstance(dim, Tensor):
         raise AssertionError("binary max/min are dispatched before this point")
     if dim is None:
-        # NOTE: a full max() splits the gradient evenly among ties, as torch does
-        mask = x == out
+        # NOTE: a full max() splits the gradient evenly among ties, as torch does; a NaN maximum is the NaNs'
+        mask = (x == out) | (x.isnan() & out.isnan())
         return mask * (g / mask.sum())
     values, indices = out
     if not keepdim and x.dim() > 0:

@@ -35,3 +35,13 @@ def test_scatter_src_larger_than_index():
             expected = torch_grads(lambda x, s, fn=fn, block=block: fn(x, s[block]), [x, src])
             for mine, theirs in zip(ours, expected):
                 torch.testing.assert_close(mine, theirs, rtol=1e-7, atol=1e-10)
+
+
+def test_full_max_and_min_of_a_tensor_holding_nan():
+    """The NaN is the result: torch gives it the gradient (split among NaNs); the engine gave every element NaN."""
+    import torch
+
+    nan = float("nan")
+    for x in (torch.tensor([nan, 1.0, nan, 2.0], dtype=torch.float64), torch.tensor([[3.0, nan], [1.0, 0.5]],
+                                                                                    dtype=torch.float64)):
+        assert_matches_torch(lambda x: x.max() * 2 + x.min(), [x])
