@@ -127,7 +127,7 @@ defop("erf", lambda g, out, x: 2.0 / math.sqrt(math.pi) * torch.exp(-(x.pow(2)))
 # NOTE: torch's tanh/sigmoid backward kernels round g*(1-y*y) once; the same kernels keep us bit-exact.
 defop("tanh", lambda g, out, x: aten.tanh_backward(g, out))  # g * (1 - out**2)
 defop("sigmoid", lambda g, out, x: aten.sigmoid_backward(g, out), funcs=("special.expit",))  # g * out * (1 - out)
-defop("relu", lambda g, out, x: g * (out > 0))
+defop("relu", lambda g, out, x: aten.threshold_backward(g, out, 0))  # g where out > 0, and where out is NaN
 defop("gelu", lambda g, out, x, approximate="none": aten.gelu_backward(g, x, approximate=approximate))
 defop("silu", lambda g, out, x: aten.silu_backward(g, x))
 defop(

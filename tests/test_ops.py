@@ -45,3 +45,12 @@ def test_full_max_and_min_of_a_tensor_holding_nan():
     for x in (torch.tensor([nan, 1.0, nan, 2.0], dtype=torch.float64), torch.tensor([[3.0, nan], [1.0, 0.5]],
                                                                                     dtype=torch.float64)):
         assert_matches_torch(lambda x: x.max() * 2 + x.min(), [x])
+
+
+def test_relu_passes_the_gradient_where_its_input_is_nan():
+    """torch's threshold_backward passes g where relu's output is NaN; the rule's ``g * (out > 0)`` gave 0 there."""
+    import torch
+
+    x = torch.tensor([float("nan"), -1.0, 0.0, 2.0], dtype=torch.float64)
+    assert_matches_torch(lambda x: torch.relu(x) * 3, [x])
+    assert_matches_torch(lambda x: x.relu(), [x])
