@@ -958,7 +958,7 @@ defop("adaptive_avg_pool2d", lambda g, out, x, output_size: aten._adaptive_avg_p
 
 defop("detach", None, constant=True, funcs=("Tensor.data",))
 constants(
-    "zeros", "ones", "full", "empty", "eye", "arange", "linspace", "logspace", "tensor", "as_tensor",
+    "zeros", "ones", "full", "empty", "eye", "arange", "linspace", "logspace", "tensor",
     "randn", "rand", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
     "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "randint_like",
     "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "one_hot",
@@ -966,6 +966,9 @@ constants(
     "logical_and", "logical_or", "logical_not", "logical_xor", "nonzero", "bincount", "floor_divide",
     "zero", "uniform", "random", "exponential",  # in place as Tensor.zero_ ...: a new constant version
 )
+# torch.as_tensor(t, dtype=...) of a tensor is t.to(dtype), differentiated by torch; of Python data, a new tensor
+defop("as_tensor", lambda g, out, data, dtype=None, device=None: (
+    g.to(dtype=data.dtype, device=data.device) if isinstance(data, Tensor) else None))
 # x.fill_(v): nothing flows to x; a tensor v (0-d) receives the sum of the gradient, as in torch
 defop("fill", lambda g, out, x, value: (None, g.sum() if isinstance(value, Tensor) else None))
 constants("from_numpy", auto=False, funcs=("torch.from_numpy",))

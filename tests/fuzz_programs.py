@@ -833,6 +833,9 @@ def casts(b: Builder) -> int:
         other = b.pick()
         return b.emit("{out} = {0}.float().type_as({1})", [x, other], lambda t, o: t.float().type_as(o))
     if form == 7:
+        if b.choose.boolean():
+            return b.emit("{out} = torch.as_tensor({0}, dtype=torch.float32)", [x],
+                          lambda t: torch.as_tensor(t, dtype=torch.float32))
         return b.emit("{out} = {0}.to(torch.float64) * 1.0", [x], lambda t: t.to(torch.float64) * 1.0)
     return b.emit("{out} = {0}.cpu() * 2.0", [x], lambda t: t.cpu() * 2.0)  # .cpu() of a CPU tensor is itself
 
