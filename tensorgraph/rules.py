@@ -429,7 +429,9 @@ defop(
     "logsumexp",
     lambda g, out, x, dim, keepdim=False: _unreduce(g, x, dim, keepdim) * (x - _unreduce(out, x, dim, keepdim)).exp(),
 )
-defop("cumsum", lambda g, out, x, dim, *, dtype=None: g.flip(dim).cumsum(dim).flip(dim))
+# with dtype=, torch casts g back to x's dtype before the reversed cumsum (its rounding, not the wider dtype's)
+defop("cumsum", lambda g, out, x, dim, *, dtype=None: (g if dtype is None else g.to(x.dtype)).flip(dim).cumsum(
+    dim).flip(dim))
 
 
 def _products_of_others(x: Tensor, dim: int) -> Tensor:

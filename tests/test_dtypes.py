@@ -179,3 +179,12 @@ def test_grad_of_another_dtype_is_cast_to_the_loss_dtype():
             y = x * 3
             z = y.exp()
         assert torch.equal(graph.backward(z, grad=seed)[x], expected)
+
+
+@pytest.mark.parametrize("dtype, wide", [(torch.float32, D), (torch.float16, torch.float32), (torch.bfloat16, D)])
+def test_cumsum_with_a_wider_dtype_is_bit_exact_with_torch(dtype, wide):
+    """torch casts the gradient back to x's dtype before the reversed cumsum; the rule summed in the wide dtype
+    (1 ulp off in float32, 2e-3 in float16)."""
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert_matches_torch(lambda x: x.cumsum(1, dtype=wide), [x], rtol=0, atol=0)
+    assert_matches_torch(lambda x: torch.cumsum(x, 0, dtype=wide), [x], rtol=0, atol=0)
