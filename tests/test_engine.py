@@ -219,6 +219,20 @@ def test_backward_twice_gives_same_gradients():
         assert torch.equal(first[name], second[name])
 
 
+def test_backward_twice_with_a_given_seed_shares_only_the_seed_as_torch_does():
+    x = torch.randn(3, dtype=D)
+    with tg.record() as graph:
+        y = x + 1
+        z = (y * 2).exp()
+    seed = torch.ones(3, dtype=D)
+    first, second = graph.backward(y, grad=seed), graph.backward(y, grad=seed)
+    ref = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(ref + 1, ref, seed)
+    assert first[x] is second[x] is seed and expected is seed  # passed on unchanged, by torch as well
+    first, second = graph.backward(z, grad=seed), graph.backward(z, grad=seed)
+    assert first[x] is not second[x] and torch.equal(first[x], second[x])
+
+
 def test_nested_and_repeated_records_are_independent():
     x = torch.randn(3, dtype=D)
     with tg.record() as outer:
