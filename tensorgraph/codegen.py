@@ -150,9 +150,18 @@ def run(source: str, graph: Graph, grad: Tensor | None = None, root: str | None 
     namespace = printer.namespace(graph)
     code = compile(source, "<backward_source>", "exec")
     if grad is not None:
-        namespace["d" + identifier(root) if root is not None else _seed_name(source, namespace)] = grad
+        seed = "d" + identifier(root) if root is not None else _seed_name(source, namespace)
+        namespace[seed] = _as_seed(grad, graph, seed)
     exec(code, namespace)  # noqa: S102 - running generated code is the point
     return namespace
+
+
+def _as_seed(grad: Tensor, graph: Graph, seed: str) -> Tensor:
+    """``grad`` in the dtype of the tensor whose gradient ``seed`` holds, as the engine casts it (and torch)."""
+    for data in graph._nodes:
+        if "d" + identifier(data["name"]) == seed and grad.dtype != data["dtype"] and not grad.is_complex():
+            return grad.to(data["dtype"])
+    return grad
 
 
 def _seed_name(source: str, namespace: dict[str, Any]) -> str:

@@ -51,8 +51,21 @@ class Gradients(Mapping):
         if node not in self.by_node:
             name = self.graph._nodes[node]["name"]
             root = self.graph._nodes[self.root]["name"]
-            raise KeyError(f"{root!r} does not depend on {name!r} (no gradient flows to it)")
+            raise KeyError(f"{root!r} does not depend on {name!r} (no gradient flows to it){self._earlier(node)}")
         return self.by_node[node]
+
+    def _earlier(self, node: int) -> str:
+        """A hint naming the earlier version of an in-place-updated tensor that does have a gradient."""
+        nodes = self.graph._nodes
+        previous = nodes[node].get("previous")
+        while previous is not None:
+            if previous in self.by_node:
+                data = nodes[node]
+                return (f"; it was changed in place at {data['source'] or '<unknown>'}, after the loss used its "
+                        f"earlier version {nodes[previous]['name']!r}, which has one: "
+                        f"grads[{nodes[previous]['name']!r}]")
+            previous = nodes[previous].get("previous")
+        return ""
 
     def __iter__(self) -> Iterator[str]:
         names = self.graph._nodes
@@ -99,6 +112,14 @@ def seed_gradient(graph: Graph, root: int, grad: Tensor | None) -> Tensor:
     if tuple(grad.shape) != data["shape"]:
         raise ValueError(f"graph.backward: grad has shape {tuple(grad.shape)} but {data['name']!r} has shape "
                          f"{data['shape']}")
+    device = data["value"].device
+    if grad.device != device and device.type != "meta":
+        raise ValueError(f"graph.backward: grad is on {grad.device} but {data['name']!r} is on {device}")
+    if grad.dtype != data["dtype"]:  # as torch autograd does: the seed is cast to the loss's dtype first
+        if grad.is_complex():
+            raise ValueError(f"graph.backward: grad has dtype {grad.dtype} but {data['name']!r} is real "
+                             f"({data['dtype']})")
+        grad = grad.to(data["dtype"])
     return grad
 
 
@@ -458,6 +479,8 @@ def trace(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardTrace:
     steps: list[Contribution] = []
     if getattr(graph, "_fingerprints", None):
         check_unchanged(graph, root_node(graph, loss))
+    if grad is not None:  # cast outside the recording: a given seed stays a leaf of the adjoint graph
+        grad = seed_gradient(graph, root_node(graph, loss), grad)
     with record() as adjoint:
         grads = backward(graph, loss, grad, tape=steps)
     result = BackwardTrace(graph, adjoint, grads, steps)

@@ -167,6 +167,8 @@ class _Recorder(TorchFunctionMode):
             return self._no_grad_call(func, entry, args, kwargs)
         if func in _DROPOUT:
             return self._dropout(*args, **kwargs)
+        if kwargs and kwargs.get("out") is not None:
+            return self._out_call(func, entry, args, kwargs)
         if entry is not None:
             if entry[2]:
                 return self._inplace_call(func, entry, args, kwargs)
@@ -261,6 +263,34 @@ class _Recorder(TorchFunctionMode):
         with _Bookkeeping():
             self._add_op(func, entry, call, [target], target, source, previous=previous)
         return target
+
+    def _out_call(self, func, entry, args, kwargs):
+        """``torch.mul(x, y, out=o)``: o's new value is a node without a rule (torch refuses out= with autograd too).
+
+        Without it, an ``o`` made before the block was taken for a leaf: the gradient stopped there, silently.
+        """
+        out = kwargs["out"]
+        targets = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, Tensor)]
+        with _Bookkeeping():
+            source = self._source()
+            call = self._refs_of_call(args, {k: v for k, v in kwargs.items() if k != "out"})
+            for target in targets:
+                if id(target) in self.graph._live:
+                    self._snapshot(target)
+        result = func(*args, **kwargs)
+        with _Bookkeeping():
+            name = entry[0].name if entry is not None else func_name(func)
+            for target in targets:
+                live = self.graph._live.get(id(target))
+                previous = live[0] if live is not None else None
+                node = self.graph._add_node(
+                    op=name, kind="op", value=target, version=target._version, func=func, args=call[0],
+                    kwargs=call[1], source=source, scope=_scope_stack(), inplace=previous is not None,
+                    previous=previous, inputs=list(call[2]),
+                    unsupported=f"{name}(..., out=...) has no rule (torch does not differentiate out= either); "
+                                f"assign the result instead: o = {name}(...)")
+                self.graph._live[id(target)] = (node, target._version, target)
+        return result
 
     def _dropout(self, input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
         """F.dropout becomes ``input * mask`` with the mask a recorded constant: replays reuse the same mask."""

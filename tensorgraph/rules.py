@@ -127,7 +127,7 @@ defop("erf", lambda g, out, x: 2.0 / math.sqrt(math.pi) * torch.exp(-(x.pow(2)))
 # NOTE: torch's tanh/sigmoid backward kernels round g*(1-y*y) once; the same kernels keep us bit-exact.
 defop("tanh", lambda g, out, x: aten.tanh_backward(g, out))  # g * (1 - out**2)
 defop("sigmoid", lambda g, out, x: aten.sigmoid_backward(g, out), funcs=("special.expit",))  # g * out * (1 - out)
-defop("relu", lambda g, out, x: g * (out > 0))
+defop("relu", lambda g, out, x: aten.threshold_backward(g, out, 0))  # g where out > 0, and where out is NaN
 defop("gelu", lambda g, out, x, approximate="none": aten.gelu_backward(g, x, approximate=approximate))
 defop("silu", lambda g, out, x: aten.silu_backward(g, x))
 defop(
@@ -394,8 +394,8 @@ def _select_reduction(g: Tensor, out: Any, x: Tensor, dim: Any, keepdim: bool) -
     if isinstance(dim, Tensor):
         raise AssertionError("binary max/min are dispatched before this point")
     if dim is None:
-        # NOTE: a full max() splits the gradient evenly among ties, as torch does
-        mask = x == out
+        # NOTE: a full max() splits the gradient evenly among ties, as torch does; a NaN maximum is the NaNs'
+        mask = (x == out) | (x.isnan() & out.isnan())
         return mask * (g / mask.sum())
     values, indices = out
     if not keepdim and x.dim() > 0:
@@ -433,7 +433,9 @@ defop(
     "logsumexp",
     lambda g, out, x, dim, keepdim=False: _unreduce(g, x, dim, keepdim) * (x - _unreduce(out, x, dim, keepdim)).exp(),
 )
-defop("cumsum", lambda g, out, x, dim, *, dtype=None: g.flip(dim).cumsum(dim).flip(dim))
+# with dtype=, torch casts g back to x's dtype before the reversed cumsum (its rounding, not the wider dtype's)
+defop("cumsum", lambda g, out, x, dim, *, dtype=None: (g if dtype is None else g.to(x.dtype)).flip(dim).cumsum(
+    dim).flip(dim))
 
 
 def _products_of_others(x: Tensor, dim: int) -> Tensor:
@@ -642,14 +644,26 @@ def index_put(g: Tensor, out: Tensor, x: Tensor, indices: Any, values: Tensor, a
 defop("index_put", index_put)
 defop("index_add", lambda g, out, x, dim, index, source, *, alpha=1: (
     g, None, None, g.index_select(dim, index) if alpha == 1 else g.index_select(dim, index) * alpha))
-defop("scatter_add", lambda g, out, x, dim, index, src: (g, None, None, g.gather(dim, index)))
+
+
+def _scattered_src_grad(g: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
+    """The gradient of a scatter's ``src``: gathered where ``index`` reads it, 0 where ``src`` is larger than it."""
+    grad = g.gather(dim, index)
+    if grad.shape == src.shape:
+        return grad
+    padded = grad.new_zeros(src.shape)  # torch reads only src[:index.shape[0], :index.shape[1], ...]
+    padded[tuple(slice(0, n) for n in index.shape)] = grad
+    return padded
+
+
+defop("scatter_add", lambda g, out, x, dim, index, src: (g, None, None, _scattered_src_grad(g, dim, index, src)))
 
 
 def scatter(g: Tensor, out: Tensor, x: Tensor, dim: int, index: Tensor, src: Any = None, *, value: Any = None,
             reduce: Any = None) -> tuple:
     if reduce is not None:
         raise UnsupportedCall("scatter: reduce= has no rule")
-    grad_src = g.gather(dim, index) if isinstance(src, Tensor) else None
+    grad_src = _scattered_src_grad(g, dim, index, src) if isinstance(src, Tensor) else None
     return g.scatter(dim, index, 0), None, None, grad_src
 
 
@@ -693,16 +707,18 @@ def _softmax_dim(x: Tensor, dim: Any) -> int:
     return dim if dim is not None else (0 if x.dim() in (0, 1, 3) else 1)
 
 
+# With dtype=, torch casts x first and differentiates the softmax in out's dtype (the engine casts the result
+# back to x's): the kernels are given out.dtype, since they refuse a float16 x with a float32 out on CPU.
 defop(  # out * (g - (g * out).sum(dim, keepdim=True)) in torch's fused kernel
     "softmax",
     lambda g, out, x, dim=None, dtype=None, *, _stacklevel=3: aten._softmax_backward_data(
-        g, out, _softmax_dim(x, dim), x.dtype),
+        g, out, _softmax_dim(x, dim), out.dtype),
     funcs=("special.softmax",),
 )
 defop(  # g - out.exp() * g.sum(dim, keepdim=True) in torch's fused kernel
     "log_softmax",
     lambda g, out, x, dim=None, dtype=None, *, _stacklevel=3: aten._log_softmax_backward_data(
-        g, out, _softmax_dim(x, dim), x.dtype),
+        g, out, _softmax_dim(x, dim), out.dtype),
     funcs=("special.log_softmax",),
 )
 
@@ -948,12 +964,17 @@ defop("adaptive_avg_pool2d", lambda g, out, x, output_size: aten._adaptive_avg_p
 
 defop("detach", None, constant=True, funcs=("Tensor.data",))
 constants(
-    "zeros", "ones", "full", "empty", "eye", "arange", "linspace", "logspace", "tensor", "as_tensor",
+    "zeros", "ones", "full", "empty", "eye", "arange", "linspace", "logspace", "tensor",
     "randn", "rand", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
     "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "randint_like",
     "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "one_hot",
     "argmax", "argmin", "argsort", "eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite",
     "logical_and", "logical_or", "logical_not", "logical_xor", "nonzero", "bincount", "floor_divide",
-    "fill", "zero", "uniform", "random", "exponential",  # in place as Tensor.fill_, zero_ ...: a new constant version
+    "zero", "uniform", "random", "exponential",  # in place as Tensor.zero_ ...: a new constant version
 )
+# torch.as_tensor(t, dtype=...) of a tensor is t.to(dtype), differentiated by torch; of Python data, a new tensor
+defop("as_tensor", lambda g, out, data, dtype=None, device=None: (
+    g.to(dtype=data.dtype, device=data.device) if isinstance(data, Tensor) else None))
+# x.fill_(v): nothing flows to x; a tensor v (0-d) receives the sum of the gradient, as in torch
+defop("fill", lambda g, out, x, value: (None, g.sum() if isinstance(value, Tensor) else None))
 constants("from_numpy", auto=False, funcs=("torch.from_numpy",))

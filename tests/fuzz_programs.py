@@ -436,6 +436,8 @@ def masked_fill(b: Builder) -> int:
         raise Reject("mask must broadcast to x")
     if b.choose.boolean():
         value = b.pick(0, 0)
+        if b.choose.integer(0, 3) == 0:  # the whole tensor filled: only the value gets a gradient
+            return b.emit("{out} = torch.fill({0}, {1})", [x, value], torch.fill)
         return b.emit("{out} = {0}.masked_fill({1} > 0, {2})", [x, m, value],
                       lambda t, k, v: t.masked_fill(k > 0, v))
     fill = b.scalar()
@@ -831,6 +833,9 @@ def casts(b: Builder) -> int:
         other = b.pick()
         return b.emit("{out} = {0}.float().type_as({1})", [x, other], lambda t, o: t.float().type_as(o))
     if form == 7:
+        if b.choose.boolean():
+            return b.emit("{out} = torch.as_tensor({0}, dtype=torch.float32)", [x],
+                          lambda t: torch.as_tensor(t, dtype=torch.float32))
         return b.emit("{out} = {0}.to(torch.float64) * 1.0", [x], lambda t: t.to(torch.float64) * 1.0)
     return b.emit("{out} = {0}.cpu() * 2.0", [x], lambda t: t.cpu() * 2.0)  # .cpu() of a CPU tensor is itself
 

@@ -350,10 +350,14 @@ SMOOTH = {
     "casts_float": (lambda x: x.float().double() * x.to(torch.float32).to(D) + x.type(torch.float32).type_as(x),
                     [r(3, 4, seed=1)]),
     "casts_half": (lambda x: x.half().double() + x.bfloat16().to(D), [r(3, 4, seed=1)]),
+    "fill": (lambda x, v: _filled(x, v), [r(3, 4, seed=1), r(seed=2)]),
+    "as_tensor": (lambda x: torch.as_tensor(x, dtype=torch.float32).double() * x + torch.as_tensor(x).exp()
+                  + torch.as_tensor([1.0, 2.0, 3.0, 4.0], dtype=D), [r(3, 4, seed=1)]),
 }
 FD_SETTINGS = {  # name: (eps, rtol, atol): 16-bit and 32-bit rounding make the function a staircase
     "smooth-casts_float": (1e-3, 1e-3, 1e-4),
     "smooth-casts_half": (0.25, 6e-2, 6e-2),
+    "smooth-as_tensor": (1e-3, 1e-3, 1e-4),
 }
 
 
@@ -361,6 +365,12 @@ def _copied(x, s):
     y = x * 2
     y.copy_(s)
     return y * x
+
+
+def _filled(x, v):
+    y = x * 2
+    y.fill_(v)
+    return y * x + torch.fill(x, v * 3)
 
 
 def _assigned(x, v):

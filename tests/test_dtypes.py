@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_matches_torch
+from helpers import assert_matches_torch, engine_grads, torch_grads
 from op_cases import CASES
 
 import tensorgraph as tg
@@ -158,3 +158,61 @@ def test_empty_dims(name):
             continue
         assert mine.shape == their.shape and mine.dtype == their.dtype
         torch.testing.assert_close(mine, their, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_softmax_with_a_wider_dtype_argument(name, dtype):
+    """x.softmax(dim, dtype=float64) casts first: the gradient is differentiated in float64, then x's dtype.
+
+    A float16 x crashed the rule (torch's CPU backward kernel refuses a float16 input dtype with a float32
+    output); the gradient must be x's dtype and equal torch's, and float64 truth within x's precision.
+    """
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3)).to(dtype)
+    wide = torch.float32 if dtype != torch.float32 else D
+
+    def fn(x):
+        return getattr(x, name)(1, dtype=wide) * torch.arange(5, dtype=wide)
+
+    assert_matches_torch(fn, [x], rtol=0, atol=0)
+    (ours,) = engine_grads(fn, [x])[1]
+    (truth,) = torch_grads(fn, [x.double()])
+    torch.testing.assert_close(ours.double(), truth, rtol=torch.finfo(dtype).eps * 4, atol=torch.finfo(dtype).eps * 4)
+
+
+def test_grad_of_another_dtype_is_cast_to_the_loss_dtype():
+    """As torch autograd does: a float32 grad= for a float16 output is rounded to float16 before the rules run.
+
+    The engine kept the float32 seed (the gradient of the output itself came back float32, and the
+    gradients below it skipped float16's rounding: 0.06 off torch's here). backward_source and
+    codegen.run must compute the same bits.
+    """
+    from tensorgraph import codegen
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)).half()
+    seed = torch.full((3, 4), 1 / 3)
+    with tg.record() as graph:
+        y = x * 3
+        z = y.exp()
+    grads = graph.backward(z, grad=seed)
+    ref = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad((ref * 3).exp(), ref, seed)
+    assert grads[z].dtype == grads[y].dtype == grads[x].dtype == torch.float16
+    assert torch.equal(grads[x], expected)
+    namespace = codegen.run(graph.backward_source(z, grad=seed), graph, grad=seed)
+    assert torch.equal(namespace["dx"], expected)
+    assert graph.compare(z, grad=seed).exact_count == 2
+    for _ in range(3):  # a training loop's repeated recordings: the cached plan casts the same way
+        with tg.record() as graph:
+            y = x * 3
+            z = y.exp()
+        assert torch.equal(graph.backward(z, grad=seed)[x], expected)
+
+
+@pytest.mark.parametrize("dtype, wide", [(torch.float32, D), (torch.float16, torch.float32), (torch.bfloat16, D)])
+def test_cumsum_with_a_wider_dtype_is_bit_exact_with_torch(dtype, wide):
+    """torch casts the gradient back to x's dtype before the reversed cumsum; the rule summed in the wide dtype
+    (1 ulp off in float32, 2e-3 in float16)."""
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert_matches_torch(lambda x: x.cumsum(1, dtype=wide), [x], rtol=0, atol=0)
+    assert_matches_torch(lambda x: torch.cumsum(x, 0, dtype=wide), [x], rtol=0, atol=0)

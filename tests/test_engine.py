@@ -169,6 +169,21 @@ def test_gradients_mapping_by_tensor_name_and_missing():
     assert z.shape == (3,) and set(grads) == {"loss", "y", "x"}
 
 
+def test_missing_gradient_of_a_tensor_changed_after_use_names_its_earlier_version():
+    """``grads[w]`` is the latest version's; when only the version the loss used has one, the error says where."""
+    w = torch.randn(3, dtype=D)
+    original = w.clone()
+    with tg.record() as graph:
+        h = w * 3
+        w.zero_()
+        loss = (h * h).sum()
+    grads = graph.backward(loss)
+    with pytest.raises(KeyError, match=r"does not depend on 'w' .*changed in place at .*test_engine.py:\d+, after "
+                                       r"the loss used its earlier version 'w_v0', which has one: grads\['w_v0'\]"):
+        grads[w]
+    torch.testing.assert_close(grads["w_v0"], 18 * original)  # d/dw sum((3w)^2)
+
+
 def test_backward_errors_are_clear():
     x = torch.randn(3, dtype=D)
     with tg.record() as graph:
@@ -202,6 +217,20 @@ def test_backward_twice_gives_same_gradients():
     first, second = graph.backward(loss), graph.backward(loss)
     for name in LECTURE_ROWS:
         assert torch.equal(first[name], second[name])
+
+
+def test_backward_twice_with_a_given_seed_shares_only_the_seed_as_torch_does():
+    x = torch.randn(3, dtype=D)
+    with tg.record() as graph:
+        y = x + 1
+        z = (y * 2).exp()
+    seed = torch.ones(3, dtype=D)
+    first, second = graph.backward(y, grad=seed), graph.backward(y, grad=seed)
+    ref = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(ref + 1, ref, seed)
+    assert first[x] is second[x] is seed and expected is seed  # passed on unchanged, by torch as well
+    first, second = graph.backward(z, grad=seed), graph.backward(z, grad=seed)
+    assert first[x] is not second[x] and torch.equal(first[x], second[x])
 
 
 def test_nested_and_repeated_records_are_independent():

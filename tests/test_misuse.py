@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -93,8 +94,22 @@ def test_inplace_op_without_a_rule_and_out_argument():
         line = next_line()
         torch.add(x, 1.0, out=out)
         loss = out.sum()
-    with pytest.raises(NotImplementedError, match=rf"add has no rule .*{at(line)}"):
+    with pytest.raises(NotImplementedError, match=rf"add\(\.\.\., out=\.\.\.\) has no rule .*{at(line)}"):
         graph.backward(loss)
+
+
+def test_out_argument_made_before_the_block_is_not_a_leaf():
+    """``out`` made before the block was taken for a leaf: x got no gradient at all, silently (torch refuses)."""
+    x = r(3, 3)
+    out, values, indices = torch.empty(3, 3, dtype=D), torch.empty(3, dtype=D), torch.empty(3, dtype=torch.long)
+    cases = [("mul", lambda: torch.mul(x, x, out=out).sum()),
+             ("max", lambda: torch.max(x, 1, out=(values, indices))[0].sum())]
+    for name, make in cases:
+        with tg.record() as graph:
+            loss = make()
+        with pytest.raises(NotImplementedError, match=rf"{name}\(\.\.\., out=\.\.\.\) has no rule .*"
+                                                      rf"{at(make.__code__.co_firstlineno)}"):
+            graph.backward(loss)
 
 
 def test_complex_tensors_are_refused_not_differentiated_wrongly():
@@ -105,6 +120,21 @@ def test_complex_tensors_are_refused_not_differentiated_wrongly():
         loss = z.abs().sum()  # abs is real again: the error comes at z
     with pytest.raises(NotImplementedError, match=rf"mul produced a complex tensor.*{at(line)}, producing 'z'"):
         graph.backward(loss)
+
+
+def test_complex_leaf_read_by_ops_with_real_outputs_gets_torchs_gradient():
+    """What the reliability page says: only ops producing complex tensors are refused."""
+    z = torch.randn(3, 4, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    w = r(4)
+    for fn in (lambda z: z.abs().sum(), lambda z: (z.norm(dim=1) ** 3).sum(), lambda z: (z.var(0) * w).sum(),
+               lambda z: z.std() + z.abs().amax(), lambda z: (z.double() * w).sum()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # z.double() discards the imaginary part, and says so
+            with tg.record() as graph:
+                loss = fn(z)
+            ref = z.clone().requires_grad_()
+            (expected,) = torch.autograd.grad(fn(ref), ref)
+        torch.testing.assert_close(graph.backward(loss)[z], expected)
 
 
 def test_an_unsupported_op_off_the_loss_path_does_not_matter():
@@ -188,6 +218,17 @@ def test_non_scalar_loss_without_grad():
     with pytest.raises(ValueError, match=r"grad must be a tensor of shape \(2, 3\) .*not list"):
         graph.backward(y, grad=[[1.0] * 3] * 2)
     torch.testing.assert_close(graph.backward(y, grad=torch.ones(2, 3, dtype=D))[x], x.exp())
+
+
+def test_grad_on_another_device_or_complex():
+    """torch refuses a seed on another device; the engine used to return gradients on the seed's device."""
+    x = r(2, 3)
+    with tg.record() as graph:
+        y = x.exp()
+    with pytest.raises(ValueError, match=r"grad is on meta but 'y' is on cpu"):
+        graph.backward(y, grad=torch.ones(2, 3, dtype=D, device="meta"))
+    with pytest.raises(ValueError, match=r"grad has dtype torch.complex128 but 'y' is real \(torch.float64\)"):
+        graph.backward(y, grad=torch.ones(2, 3, dtype=torch.complex128))
 
 
 def test_integer_loss_has_no_gradient():

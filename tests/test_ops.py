@@ -8,3 +8,49 @@ from op_cases import CASES
 @pytest.mark.parametrize("fn, inputs", [pytest.param(fn, inputs, id=name) for name, fn, inputs in CASES])
 def test_op_matches_torch_autograd(fn, inputs):
     assert_matches_torch(fn, inputs)
+
+
+
+def test_scatter_src_larger_than_index():
+    """torch reads only src's leading index.shape block: the rest of src gets a zero gradient.
+
+    The engine crashed here; torch 2.13's autograd does too ("ScatterBackward0 returned an invalid
+    gradient"), so the truths are finite differences and torch on the block actually read.
+    """
+    import torch
+    from helpers import engine_grads, finite_differences, torch_grads
+
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    src = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    index = torch.tensor([[0], [3], [1]])
+    for op in (torch.scatter, torch.scatter_add):
+        for dim, idx in ((1, index), (0, index.T % 3)):
+            def fn(x, s, op=op, dim=dim, idx=idx):
+                return op(x, dim, idx, s)
+
+            ours = engine_grads(fn, [x, src])[1]
+            for mine, numeric in zip(ours, finite_differences(fn, [x, src])):
+                torch.testing.assert_close(mine, numeric, rtol=1e-5, atol=1e-6)
+            block = tuple(slice(0, n) for n in idx.shape)
+            expected = torch_grads(lambda x, s, fn=fn, block=block: fn(x, s[block]), [x, src])
+            for mine, theirs in zip(ours, expected):
+                torch.testing.assert_close(mine, theirs, rtol=1e-7, atol=1e-10)
+
+
+def test_full_max_and_min_of_a_tensor_holding_nan():
+    """The NaN is the result: torch gives it the gradient (split among NaNs); the engine gave every element NaN."""
+    import torch
+
+    nan = float("nan")
+    for x in (torch.tensor([nan, 1.0, nan, 2.0], dtype=torch.float64), torch.tensor([[3.0, nan], [1.0, 0.5]],
+                                                                                    dtype=torch.float64)):
+        assert_matches_torch(lambda x: x.max() * 2 + x.min(), [x])
+
+
+def test_relu_passes_the_gradient_where_its_input_is_nan():
+    """torch's threshold_backward passes g where relu's output is NaN; the rule's ``g * (out > 0)`` gave 0 there."""
+    import torch
+
+    x = torch.tensor([float("nan"), -1.0, 0.0, 2.0], dtype=torch.float64)
+    assert_matches_torch(lambda x: torch.relu(x) * 3, [x])
+    assert_matches_torch(lambda x: x.relu(), [x])
