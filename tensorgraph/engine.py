@@ -267,7 +267,7 @@ def check_unchanged(graph: Graph, root: int) -> None:
     changed = [node for node in changed if node <= root]
     if not changed:
         return
-    ancestors = graph.ancestors(root)  # networkx only on this error path
+    ancestors = _dependencies(graph, root)  # only on this error path
     for node in changed:
         if node in ancestors:
             data = graph._nodes[node]
@@ -276,6 +276,30 @@ def check_unchanged(graph: Graph, root: int) -> None:
                 f"changed, e.g. through .data or under torch.no_grad()); the gradients of "
                 f"{graph._nodes[root]['name']!r} need its recorded value. Call backward before updating it, "
                 f"or record again.")
+
+
+def _dependencies(graph: Graph, root: int) -> set[int]:
+    """The nodes ``root``'s value depends on (itself included): its ancestors, less inputs an op ignores.
+
+    ``F.batch_norm`` in training mode takes the running statistics as inputs but only writes them:
+    a later training-mode call updating them in place changes nothing ``root`` was computed from.
+    """
+    nodes = graph._nodes
+    seen = {root}
+    todo = [root]
+    while todo:
+        data = nodes[todo.pop()]
+        inputs = data["inputs"]
+        op = OPS.get(data["op"]) if inputs else None
+        if op is not None and op.ignores is not None:  # (such ops take their tensors as plain arguments)
+            ignored = op.ignores(data["attrs"])
+            inputs = [arg.node for position, arg in enumerate(data["bargs"])
+                      if isinstance(arg, Ref) and position not in ignored]
+        for source in inputs:
+            if source not in seen:
+                seen.add(source)
+                todo.append(source)
+    return seen
 
 
 def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:

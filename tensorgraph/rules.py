@@ -859,7 +859,7 @@ def batch_norm(g: Tensor, out: Tensor, x: Tensor, running_mean: Tensor | None, r
     return grad_x, None, None, grad_w, grad_b
 
 
-defop("batch_norm", batch_norm, mutates=(1, 2))
+defop("batch_norm", batch_norm, mutates=(1, 2), ignores=lambda attrs: (1, 2) if attrs.get("training") else ())
 
 
 def dropout_mask(x: Tensor, p: float) -> Tensor:

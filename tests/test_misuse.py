@@ -439,6 +439,32 @@ def test_changing_a_leaf_the_loss_does_not_depend_on_is_fine():
         graph.backward(other, grad=torch.ones(3, dtype=D))
 
 
+@pytest.mark.parametrize("structure", ["first", "repeated"])
+def test_batchnorm_running_stats_updated_by_a_later_training_call_are_not_an_input(structure):
+    # F.batch_norm in training mode writes its running statistics and never reads them: another
+    # training-mode forward (torch's reference pass, the next micro-batch's recording) before the
+    # backward changes nothing the gradients depend on. In eval mode they are read: still an error.
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(4).double()
+    twin = torch.nn.BatchNorm1d(4).double()
+    x = r(6, 4)
+    for _ in range(3 if structure == "repeated" else 1):  # a repeated structure takes the backward-plan path
+        with tg.record() as graph:
+            loss = bn(x).pow(3).sum()
+        bn(2 * x)  # updates bn.running_mean and bn.running_var in place (values only, no version bump)
+        grads = graph.backward(loss)
+    xt = x.clone().requires_grad_()
+    twin(xt).pow(3).sum().backward()
+    torch.testing.assert_close(grads[x], xt.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[bn.weight], twin.weight.grad, rtol=1e-10, atol=1e-12)
+    bn.eval()
+    with tg.record() as graph:
+        loss = bn(x).pow(3).sum()
+    bn.running_mean.data.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"tensor 'bn.running_mean' was modified in place after it was recorded"):
+        graph.backward(loss)
+
+
 def test_update_after_backward_then_record_again_is_the_training_loop():
     x, w = r(4, 3), r(3, 2, seed=1)
     for _ in range(3):
