@@ -387,6 +387,40 @@ def test_dropout_gradient_matches_torch_with_the_same_seed():
     torch.testing.assert_close(y, F.dropout(x, 0.4, training=False) * (y != 0) / 0.6)
 
 
+@pytest.mark.parametrize("mask", ["causal", "bool", "float", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, D])
+def test_attention_with_dropout_matches_torch_with_the_same_seed(mask, dtype):
+    # nanoGPT's F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True) in training mode
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=gen, dtype=dtype) for _ in range(3))
+    kwargs = {"causal": {"is_causal": True}, "none": {"scale": -0.3},
+              "bool": {"attn_mask": torch.rand(5, 5, generator=gen) > 0.3},
+              "float": {"attn_mask": torch.randn(5, 5, generator=gen, dtype=dtype)}}[mask]
+    kwargs["attn_mask"] = kwargs.get("attn_mask", None)
+    if mask == "bool":
+        kwargs["attn_mask"][:, 0] = True  # no row masked entirely (torch's kernel makes it 0, softmax NaN)
+    weight = torch.randn(2, 3, 5, 4, generator=gen, dtype=dtype)
+    torch.manual_seed(3)
+    with tg.record() as graph:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, **kwargs)
+        loss = (y * weight).sum()
+    grads = graph.backward(loss)
+    torch.manual_seed(3)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    mask_t = kwargs["attn_mask"]
+    if mask == "float":
+        mask_t = mask_t.detach().double().requires_grad_()
+    expected = F.scaled_dot_product_attention(*leaves, dropout_p=0.3, **{**kwargs, "attn_mask": mask_t})
+    (expected * weight.double()).sum().backward()
+    torch.manual_seed(3)
+    assert torch.equal(y, F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, **kwargs))  # torch's own draws
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for tensor, truth in zip((q, k, v), leaves):
+        torch.testing.assert_close(grads[tensor].double(), truth.grad, **tol)
+    if mask == "float":
+        torch.testing.assert_close(grads[kwargs["attn_mask"]].double(), mask_t.grad, **tol)
+
+
 def test_float32_and_float64_and_empty_and_zero_dim():
     a = torch.randn(3, dtype=torch.float32)
     b = torch.randn((), dtype=torch.float64)
