@@ -302,6 +302,16 @@ def _dependencies(graph: Graph, root: int) -> set[int]:
     return seen
 
 
+# composites without a rule whose parts have rules: how to write them so that they record as those parts
+_REWRITES = {
+    "multi_head_attention_forward": (
+        "; nn.MultiheadAttention (and nn.Transformer*Layer, which use it) runs one fused call: write the "
+        "attention with nn.Linear projections and F.scaled_dot_product_attention or softmax(q @ k.mT * scale) @ v"),
+    "normalize": "; write x / x.norm(dim=..., keepdim=True).clamp_min(eps)",
+    "softmin": "; write F.softmax(-x, dim)",
+}
+
+
 def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
     """Run the op's rule for one node: the gradients of its inputs, by argument position."""
     nodes = graph._nodes
@@ -315,7 +325,7 @@ def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
             return ()
         reason = data.get("unsupported") or f"no gradient rule for the op {data['op']!r}"
         raise NotImplementedError(f"tensorgraph: {reason} (called at {data['source'] or '<unknown>'}, "
-                                  f"producing {data['name']!r})")
+                                  f"producing {data['name']!r}){_REWRITES.get(data['op'], '')}")
     if data["value"]._version != data["version"]:
         check_version(data, data)
     for source in data["inputs"]:

@@ -64,6 +64,16 @@ def test_op_without_a_rule_names_the_op_and_the_users_line(op):
         graph.backward(loss)
 
 
+
+def test_multi_head_attention_module_says_how_to_write_it_with_rules():
+    mha = torch.nn.MultiheadAttention(4, 2, batch_first=True).double()
+    x = r(2, 3, 4)
+    with tg.record() as graph:
+        loss = mha(x, x, x, need_weights=False)[0].sum()
+    with pytest.raises(NotImplementedError, match=r"no gradient rule for the op 'multi_head_attention_forward' "
+                       r"\(called at .*\); nn.MultiheadAttention .* F.scaled_dot_product_attention"):
+        graph.backward(loss)
+
 def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
     x = r(1, 3, 5)
     cases = [
