@@ -289,17 +289,23 @@ def _dependencies(graph: Graph, root: int) -> set[int]:
     todo = [root]
     while todo:
         data = nodes[todo.pop()]
-        inputs = data["inputs"]
-        op = OPS.get(data["op"]) if inputs else None
-        if op is not None and op.ignores is not None:  # (such ops take their tensors as plain arguments)
-            ignored = op.ignores(data["attrs"])
-            inputs = [arg.node for position, arg in enumerate(data["bargs"])
-                      if isinstance(arg, Ref) and position not in ignored]
-        for source in inputs:
-            if source not in seen:
+        ignored = _ignored_inputs(data) if data["inputs"] else ()
+        for source in data["inputs"]:
+            if source not in seen and source not in ignored:
                 seen.add(source)
                 todo.append(source)
     return seen
+
+
+def _ignored_inputs(data: dict[str, Any]) -> set[int]:
+    """The input nodes a node's value does not depend on (its op's ``ignores``), unless also passed elsewhere."""
+    op = OPS.get(data["op"])
+    if op is None or op.ignores is None:
+        return set()
+    positions = op.ignores(data["attrs"])
+    refs = [(position, arg.node) for position, arg in enumerate(data["bargs"]) if isinstance(arg, Ref)]
+    return {node for position, node in refs if position in positions} - {
+        node for position, node in refs if position not in positions}
 
 
 # composites without a rule whose parts have rules: how to write them so that they record as those parts
@@ -330,7 +336,7 @@ def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
         check_version(data, data)
     for source in data["inputs"]:
         source_data = nodes[source]
-        if source_data["value"]._version != source_data["version"]:
+        if source_data["value"]._version != source_data["version"] and source not in _ignored_inputs(data):
             check_version(source_data, data)
     # rule_inputs() inlined for the common arguments (a Ref, a plain value): once per node, on the hot path
     args = [nodes[a.node]["value"] if a.__class__ is Ref else (
