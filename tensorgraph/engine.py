@@ -51,8 +51,19 @@ class Gradients(Mapping):
         if node not in self.by_node:
             name = self.graph._nodes[node]["name"]
             root = self.graph._nodes[self.root]["name"]
-            raise KeyError(f"{root!r} does not depend on {name!r} (no gradient flows to it)")
+            raise KeyError(f"{root!r} does not depend on {name!r} (no gradient flows to it){self._earlier(node)}")
         return self.by_node[node]
+
+    def _earlier(self, node: int) -> str:
+        """Where an earlier version of the tensor has a gradient (an optimizer step inside the block)."""
+        nodes = self.graph._nodes
+        previous = nodes[node]["previous"]
+        while previous is not None:
+            if previous in self.by_node:
+                return (f"; it was changed in place at {nodes[node]['source'] or '<unknown>'}, after the loss used "
+                        f"it: the version the loss depends on is {nodes[previous]['name']!r}")
+            previous = nodes[previous]["previous"]
+        return ""
 
     def __iter__(self) -> Iterator[str]:
         names = self.graph._nodes

@@ -477,6 +477,25 @@ def test_batchnorm_running_stats_updated_by_a_later_training_call_are_not_an_inp
         graph.backward(loss)
 
 
+
+def test_a_parameter_updated_inside_the_block_points_to_the_version_the_loss_used():
+    # the whole training step recorded: loss, then the optimizer's in-place update of the parameters
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2).double()
+    x = r(4, 3)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    with tg.record() as graph:
+        loss = lin(x).tanh().sum()
+        loss.backward()  # torch autograd's gradients: the truth
+        expected = lin.weight.grad.clone()
+        opt.step()
+    grads = graph.backward(loss)
+    with pytest.raises(KeyError, match=r"'loss' does not depend on 'lin.weight' \(no gradient flows to it\); it was "
+                       rf"changed in place at .*{HERE}:\d+, after the loss used it: the version the loss depends on "
+                       r"is 'lin.weight_v0'"):
+        grads[lin.weight]
+    torch.testing.assert_close(grads["lin.weight_v0"], expected)
+
 def test_update_after_backward_then_record_again_is_the_training_loop():
     x, w = r(4, 3), r(3, 2, seed=1)
     for _ in range(3):
