@@ -112,8 +112,8 @@ def _attention_dropout(query: Any, key: Any, value: Any, attn_mask: Any = None, 
                        is_causal: bool = False, scale: Any = None, *, enable_gqa: bool = False) -> bool:
     """Whether an F.scaled_dot_product_attention call is recorded as its parts: with dropout (no rule can see
     the kernel's mask), on strided tensors, without GQA (which has no rule either way)."""
-    return bool(dropout_p) and not enable_gqa and all(
-        isinstance(t, Tensor) and t.layout is torch.strided for t in (query, key, value))
+    return bool(dropout_p) and not enable_gqa and not (is_causal and attn_mask is not None) and all(
+        isinstance(t, Tensor) and t.layout is torch.strided for t in (query, key, value))  # (torch refuses both masks)
 
 
 def _attention_dropout_call(args: tuple, kwargs: dict) -> bool:
@@ -310,7 +310,12 @@ class _Recorder(TorchFunctionMode):
             scores = call(Tensor.masked_fill, (), (scores, call(Tensor.logical_not, (), (attn_mask,)), -math.inf))
         elif attn_mask is not None:
             scores = call(Tensor.add, (), (scores, attn_mask))
-        weights = call(torch.softmax, (), (scores, -1))
+        if attn_mask is not None and not is_causal:  # torch's safe softmax: a row with every key masked is 0
+            hidden = call(Tensor.all, (), (call(Tensor.eq, (), (scores, -math.inf)), -1), {"keepdim": True})
+            scores = call(Tensor.masked_fill, (), (scores, hidden, 0.0))  # (not NaN: its gradient stays finite)
+            weights = call(Tensor.masked_fill, (), (call(torch.softmax, (), (scores, -1)), hidden, 0.0))
+        else:
+            weights = call(torch.softmax, (), (scores, -1))
         weights = call(Tensor.mul, (), (weights, call(rules.dropout_mask, (), (weights, dropout_p))))
         return call(torch.matmul, (), (weights, value))
 

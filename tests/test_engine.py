@@ -1,6 +1,7 @@
 """The core: recording real PyTorch code, the engine's gradients, and its errors."""
 
 import itertools
+import math
 import threading
 import types
 
@@ -419,6 +420,28 @@ def test_attention_with_dropout_matches_torch_with_the_same_seed(mask, dtype):
         torch.testing.assert_close(grads[tensor].double(), truth.grad, **tol)
     if mask == "float":
         torch.testing.assert_close(grads[kwargs["attn_mask"]].double(), mask_t.grad, **tol)
+
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_attention_with_dropout_and_a_fully_masked_row_is_zero_there_as_in_torch(mask):
+    # torch's kernel softmaxes safely: a query that may see no key gets 0, and finite gradients
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 3, generator=gen, dtype=D) for _ in range(3))
+    keep = torch.rand(4, 4, generator=gen) > 0.3
+    keep[:, 0], keep[2] = True, False  # query 2 sees nothing
+    attn_mask = keep if mask == "bool" else torch.zeros(4, 4, dtype=D).masked_fill(~keep, -math.inf)
+    torch.manual_seed(3)
+    with tg.record() as graph:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.25)
+        loss = (y * torch.arange(3, dtype=D)).sum()
+    grads = graph.backward(loss)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(3)
+    expected = F.scaled_dot_product_attention(*leaves, attn_mask=attn_mask, dropout_p=0.25)
+    (expected * torch.arange(3, dtype=D)).sum().backward()
+    assert torch.equal(y, expected.detach()) and (y[:, 2] == 0).all()
+    for tensor, truth in zip((q, k, v), leaves):
+        torch.testing.assert_close(grads[tensor], truth.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_float32_and_float64_and_empty_and_zero_dim():
