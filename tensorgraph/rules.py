@@ -957,7 +957,11 @@ def scaled_dot_product_attention(g: Tensor, out: Tensor, query: Tensor, key: Ten
         scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=query.device).tril(), -math.inf)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
-    att = scores.softmax(-1)
+        # torch's safe softmax: a query that may see no key gets weights 0 (not NaN), so no gradient
+        hidden = (scores == -math.inf).all(-1, keepdim=True)
+        att = scores.masked_fill(hidden, 0.0).softmax(-1).masked_fill(hidden, 0.0)
+    else:
+        att = scores.softmax(-1)
     grad_value = att.transpose(-2, -1) @ g
     grad_scores = aten._softmax_backward_data(g @ value.transpose(-2, -1), att, -1, att.dtype)
     grad_query = grad_scores @ key * scale

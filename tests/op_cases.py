@@ -305,6 +305,12 @@ def nn_cases():
     yield "sdpa_bool_mask", lambda q, k, v: F.scaled_dot_product_attention(
         q, k, v, attn_mask=torch.tensor([[True, False, True], [True, True, False]])), [
         r(2, 4, seed=1), r(3, 4, seed=2), r(3, 2, seed=3)]
+    hidden = torch.tensor([[True, False, True], [False, False, False]])  # the second query sees no key: 0
+    yield "sdpa_bool_mask_hidden_row", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=hidden), [
+        r(2, 4, seed=1), r(3, 4, seed=2), r(3, 2, seed=3)]
+    yield "sdpa_float_mask_hidden_row", lambda q, k, v, m: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=m.masked_fill(~hidden, -float("inf"))), [
+        r(2, 4, seed=1), r(3, 4, seed=2), r(3, 2, seed=3), r(2, 3, seed=4)]
     yield "max_pool2d", lambda x: F.max_pool2d(x, 2), [distinct(1, 2, 4, 4)]
     yield "avg_pool2d", lambda x: F.avg_pool2d(x, 2), [r(1, 2, 4, 4, seed=1)]
     yield "adaptive_avg_pool2d", lambda x: F.adaptive_avg_pool2d(x, 1), [r(1, 2, 4, 4, seed=1)]
