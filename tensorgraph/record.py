@@ -522,6 +522,10 @@ class _Recorder(TorchFunctionMode):
                 unsupported = str(err)
         if kind == "op" and outputs[0].dtype.is_complex:
             unsupported = f"{name} produced a complex tensor; tensorgraph's rules are for real tensors"
+        elif kind == "op" and floating and torch.is_autocast_enabled(outputs[0].device.type):
+            unsupported = (f"{name} was recorded under torch.autocast, whose casts happen below the calls "
+                           f"tensorgraph records (its rules would get other dtypes than the op computed in); record "
+                           f"without autocast, casting explicitly (model.to(torch.bfloat16), x.to(torch.bfloat16))")
         multi = not isinstance(result, Tensor)
         stack = getattr(_state, "scope", ())
         nodes, live = graph._nodes, graph._live

@@ -74,6 +74,25 @@ def test_multi_head_attention_module_says_how_to_write_it_with_rules():
                        r"\(called at .*\); nn.MultiheadAttention .* F.scaled_dot_product_attention"):
         graph.backward(loss)
 
+
+def test_a_forward_recorded_under_autocast_says_so_instead_of_a_dtype_error_from_a_rule():
+    # autocast casts below the recorded calls: the linear rule got bfloat16 g and float32 x and W
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with tg.record() as graph:
+            h = lin(x)
+            loss = h.float().pow(2).sum()
+    assert h.dtype == torch.bfloat16
+    with pytest.raises(NotImplementedError, match=r"sum was recorded under torch.autocast.*record without "
+                       rf"autocast, casting explicitly .*\(called at .*{HERE}:\d+, producing 'loss'\)"):
+        graph.backward(loss)
+    with tg.record() as graph:  # explicit casts: the gradients torch gives
+        loss = lin.to(torch.bfloat16)(x.to(torch.bfloat16)).float().pow(2).sum()
+    w = lin.weight.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x.to(torch.bfloat16), w, lin.bias.detach()).float().pow(2).sum().backward()
+    torch.testing.assert_close(graph.backward(loss)[lin.weight], w.grad)
+
 def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
     x = r(1, 3, 5)
     cases = [
