@@ -692,6 +692,8 @@ class _Checker:
             message += ": Bessel's correction? (n vs n-1)"
         elif related in ("n", "1/n"):
             message += ": a 1/n too many or too few?"
+        elif related == "sqrt":
+            message += ": a **0.5 or **-0.5 too many or too few (attention's head_size**-0.5)?"
         return message
 
     def _inherited_message(self, upstream: list[str], node: int) -> str:
@@ -1022,13 +1024,10 @@ def _factor(mine: Tensor, ref: Tensor) -> float | None:
 
 
 def _describe_factor(factor: float, n: int | None) -> tuple[str, str | None]:
-    """``(n-1)/n = 31/32`` when the factor is n-related, else ``3/2`` or ``0.8731``."""
+    """``(n-1)/n = 31/32`` when the factor is n-related, else ``3/2``, ``√8 = 2.82843`` or ``0.8731``."""
     if not math.isfinite(factor):
         return f"{factor}", None
-    fraction = Fraction(factor).limit_denominator(1024)
-    simple = abs(float(fraction) - factor) <= 1e-5 * abs(factor)
-    text = (str(fraction.numerator) if fraction.denominator == 1 else f"{fraction.numerator}/{fraction.denominator}"
-            ) if simple else f"{factor:.6g}"
+    text = _simple_fraction(factor)
     if n and n > 2:
         candidates = {"(n-1)/n": (n - 1) / n, "n/(n-1)": n / (n - 1), "1/n": 1 / n, "n": float(n),
                       "1/(n-1)": 1 / (n - 1), "n-1": float(n - 1)}
@@ -1036,9 +1035,37 @@ def _describe_factor(factor: float, n: int | None) -> tuple[str, str | None]:
             for sign in (1, -1):
                 if abs(factor - sign * value) <= 1e-5 * abs(value):
                     label = label if sign > 0 else f"-{label}"
-                    shown = f"{label} with n = {n}" if label.lstrip("-") == "n" else f"{label} = {text} (n = {n})"
-                    return shown, label.lstrip("-")
-    return text, None
+                    shown = f"{label} = {_simple_fraction(factor, max(64, n)) or f'{factor:.6g}'} (n = {n})"
+                    return (f"{label} with n = {n}" if label.lstrip("-") == "n" else shown), label.lstrip("-")
+    if text is not None:
+        return text, None
+    root = _square_root(factor)
+    if root is not None:
+        return f"{root} = {factor:.6g}", "sqrt"
+    return f"{factor:.6g}", None
+
+
+def _simple_fraction(factor: float, limit: int = 64) -> str | None:
+    """``2``, ``-3/2``: a ratio of small integers equal to the factor, else None.
+
+    Denominators stop at ``limit``: with up to 1024, nearly every number has a fraction within the
+    tolerance (``√8`` would read ``2786/985``).
+    """
+    fraction = Fraction(factor).limit_denominator(limit)
+    if fraction == 0 or abs(float(fraction) - factor) > 1e-5 * abs(factor):
+        return None
+    return str(fraction.numerator) if fraction.denominator == 1 else f"{fraction.numerator}/{fraction.denominator}"
+
+
+def _square_root(factor: float) -> str | None:
+    """``√8``, ``-1/√8``: the factor as the square root of a whole number or its inverse, else None."""
+    sign = "-" if factor < 0 else ""
+    square = factor * factor
+    for value, form in ((square, "√{}"), (1 / square, "1/√{}")):
+        whole = round(value)
+        if 2 <= whole <= 4096 and abs(value - whole) <= 1e-6 * value:  # (a few in 1,000 numbers pass by chance)
+            return sign + form.format(whole)
+    return None
 
 
 def _dtype_mistake(dtype: torch.dtype, expected: torch.dtype) -> str | None:

@@ -93,6 +93,23 @@ RULE_NOTES: dict[str, tuple[str, ...]] = {
     "mse_loss": ("2*(x - target) / n", "-2*(x - target) / n"),
     "layer_norm": ("torch's fused layer-norm backward",),
     "batch_norm": ("torch's fused batch-norm backward",),
+    "masked_fill": ("the filled elements get none", "", "the filled elements' gradients add up"),
+    "where": ("", "d/da = 1 where the condition holds", "d/db = 1 where it does not"),
+    "tril": ("the zeroed elements get none",),
+    "triu": ("the zeroed elements get none",),
+    "gelu": ("d gelu(x)/dx = Phi(x) + x*phi(x), in torch's fused kernel",),
+    "silu": ("d silu(x)/dx = s*(1 + x*(1-s)), s = sigmoid(x)",),
+    "split": ("each piece's gradient goes back to its slice",),
+    "chunk": ("each piece's gradient goes back to its slice",),
+    "unbind": ("each piece's gradient goes back to its slice",),
+    "select": ("the gradient goes back to the selected slice",),
+    "narrow": ("the gradient goes back to the selected slice",),
+    "addmm": ("d/dc = beta", "d(a@b)/da = alpha * g @ b.T", "d(a@b)/db = alpha * a.T @ g"),
+    "baddbmm": ("d/dc = beta", "d(a@b)/da = alpha * g @ b.mT", "d(a@b)/db = alpha * a.mT @ g"),
+    "scaled_dot_product_attention": ("softmax(q @ k.mT * scale + mask) @ v, differentiated through its parts",),
+    "logsumexp": ("d logsumexp(x)/dx = softmax(x)",),
+    "var_mean": ("d var/dx = 2*(x-mean)/(n-correction); d mean/dx = 1/n",),
+    "std_mean": ("d std/dx = (x-mean)/((n-correction)*std); d mean/dx = 1/n",),
 }
 
 

@@ -55,16 +55,15 @@ class Gradients(Mapping):
         return self.by_node[node]
 
     def _earlier(self, node: int) -> str:
-        """A hint naming the earlier version of an in-place-updated tensor that does have a gradient."""
+        """Where an earlier version of the tensor has a gradient (changed in place after the loss used it)."""
         nodes = self.graph._nodes
-        previous = nodes[node].get("previous")
+        previous = nodes[node]["previous"]
         while previous is not None:
             if previous in self.by_node:
-                data = nodes[node]
-                return (f"; it was changed in place at {data['source'] or '<unknown>'}, after the loss used its "
-                        f"earlier version {nodes[previous]['name']!r}, which has one: "
-                        f"grads[{nodes[previous]['name']!r}]")
-            previous = nodes[previous].get("previous")
+                name = nodes[previous]["name"]
+                return (f"; it was changed in place at {nodes[node]['source'] or '<unknown>'}, after the loss used "
+                        f"it: the version the loss depends on is {name!r}: grads[{name!r}]")
+            previous = nodes[previous]["previous"]
         return ""
 
     def __iter__(self) -> Iterator[str]:
@@ -288,7 +287,7 @@ def check_unchanged(graph: Graph, root: int) -> None:
     changed = [node for node in changed if node <= root]
     if not changed:
         return
-    ancestors = graph.ancestors(root)  # networkx only on this error path
+    ancestors = _dependencies(graph, root)  # only on this error path
     for node in changed:
         if node in ancestors:
             data = graph._nodes[node]
@@ -297,6 +296,46 @@ def check_unchanged(graph: Graph, root: int) -> None:
                 f"changed, e.g. through .data or under torch.no_grad()); the gradients of "
                 f"{graph._nodes[root]['name']!r} need its recorded value. Call backward before updating it, "
                 f"or record again.")
+
+
+def _dependencies(graph: Graph, root: int) -> set[int]:
+    """The nodes ``root``'s value depends on (itself included): its ancestors, less inputs an op ignores.
+
+    ``F.batch_norm`` in training mode takes the running statistics as inputs but only writes them:
+    a later training-mode call updating them in place changes nothing ``root`` was computed from.
+    """
+    nodes = graph._nodes
+    seen = {root}
+    todo = [root]
+    while todo:
+        data = nodes[todo.pop()]
+        ignored = _ignored_inputs(data) if data["inputs"] else ()
+        for source in data["inputs"]:
+            if source not in seen and source not in ignored:
+                seen.add(source)
+                todo.append(source)
+    return seen
+
+
+def _ignored_inputs(data: dict[str, Any]) -> set[int]:
+    """The input nodes a node's value does not depend on (its op's ``ignores``), unless also passed elsewhere."""
+    op = OPS.get(data["op"])
+    if op is None or op.ignores is None:
+        return set()
+    positions = op.ignores(data["attrs"])
+    refs = [(position, arg.node) for position, arg in enumerate(data["bargs"]) if isinstance(arg, Ref)]
+    return {node for position, node in refs if position in positions} - {
+        node for position, node in refs if position not in positions}
+
+
+# composites without a rule whose parts have rules: how to write them so that they record as those parts
+_REWRITES = {
+    "multi_head_attention_forward": (
+        "; nn.MultiheadAttention (and nn.Transformer*Layer, which use it) runs one fused call: write the "
+        "attention with nn.Linear projections and F.scaled_dot_product_attention or softmax(q @ k.mT * scale) @ v"),
+    "normalize": "; write x / x.norm(dim=..., keepdim=True).clamp_min(eps)",
+    "softmin": "; write F.softmax(-x, dim)",
+}
 
 
 def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
@@ -312,12 +351,12 @@ def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
             return ()
         reason = data.get("unsupported") or f"no gradient rule for the op {data['op']!r}"
         raise NotImplementedError(f"tensorgraph: {reason} (called at {data['source'] or '<unknown>'}, "
-                                  f"producing {data['name']!r})")
+                                  f"producing {data['name']!r}){_REWRITES.get(data['op'], '')}")
     if data["value"]._version != data["version"]:
         check_version(data, data)
     for source in data["inputs"]:
         source_data = nodes[source]
-        if source_data["value"]._version != source_data["version"]:
+        if source_data["value"]._version != source_data["version"] and source not in _ignored_inputs(data):
             check_version(source_data, data)
     # rule_inputs() inlined for the common arguments (a Ref, a plain value): once per node, on the hot path
     args = [nodes[a.node]["value"] if a.__class__ is Ref else (

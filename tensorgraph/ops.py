@@ -48,6 +48,9 @@ class Op:
     constant: bool = False  # output is a constant: no gradient flows to the inputs
     multi: bool = False  # returns several tensors; the rule gets ``output_index``
     mutates: tuple[int, ...] = ()  # positions of inputs the op legitimately updates in place
+    # positions of inputs the output does not depend on, given the node's attrs (batch_norm's running
+    # statistics in training mode: written, never read)
+    ignores: Callable[[dict[str, Any]], tuple[int, ...]] | None = None
     params: tuple[str, ...] = ()
     defaults: tuple[Any, ...] = ()
     kwonly: frozenset[str] = frozenset()
@@ -158,6 +161,7 @@ def defop(
     constant: bool = False,
     multi: bool = False,
     mutates: tuple[int, ...] = (),
+    ignores: Callable[[dict[str, Any]], tuple[int, ...]] | None = None,
 ) -> Op:
     """Add one op to the table.
 
@@ -165,7 +169,7 @@ def defop(
     ``Tensor.<name>``, ``F.<name>``, ``Tensor.__<name>__`` and, in place,
     ``Tensor.<name>_`` / ``Tensor.__i<name>__``; ``Tensor.__r<name>__`` swaps operands.
     """
-    op = Op(name, rule, constant=constant, multi=multi, mutates=mutates)
+    op = Op(name, rule, constant=constant, multi=multi, mutates=mutates, ignores=ignores)
     OPS[name] = op
     names = list(funcs)
     if auto:

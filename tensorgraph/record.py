@@ -15,6 +15,7 @@ caught by torch's version counter and reported, never used silently.
 from __future__ import annotations
 
 import linecache
+import math
 import os
 import sys
 import threading
@@ -48,6 +49,7 @@ _PACKAGE_DIR = os.path.dirname(__file__)
 _USER_SUBPACKAGES = (os.path.join(_PACKAGE_DIR, "makemore"), os.path.join(_PACKAGE_DIR, "lecture.py"))
 _internal_code: dict[Any, bool] = {}
 _DROPOUT = {torch.nn.functional.dropout, torch.dropout}
+_ATTENTION = torch.nn.functional.scaled_dot_product_attention
 # torch.autograd.Function.apply runs the Function's forward with grad disabled: its ops reach the recorder's
 # no-grad path; a frame running this code above such an op marks it as part of a custom Function's forward
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
@@ -104,6 +106,21 @@ def scope(name: str) -> Iterator[None]:
         yield
     finally:
         _state.scope = previous
+
+
+def _attention_dropout(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
+                       is_causal: bool = False, scale: Any = None, *, enable_gqa: bool = False) -> bool:
+    """Whether an F.scaled_dot_product_attention call is recorded as its parts: with dropout (no rule can see
+    the kernel's mask), on strided tensors, without GQA (which has no rule either way)."""
+    return bool(dropout_p) and not enable_gqa and not (is_causal and attn_mask is not None) and all(
+        isinstance(t, Tensor) and t.layout is torch.strided for t in (query, key, value))  # (torch refuses both masks)
+
+
+def _attention_dropout_call(args: tuple, kwargs: dict) -> bool:
+    try:
+        return _attention_dropout(*args, **kwargs)
+    except TypeError:  # arguments torch itself refuses: its own error, from the call
+        return False
 
 
 class _Recorder(TorchFunctionMode):
@@ -169,6 +186,8 @@ class _Recorder(TorchFunctionMode):
             return self._dropout(*args, **kwargs)
         if kwargs and kwargs.get("out") is not None:
             return self._out_call(func, entry, args, kwargs)
+        if func is _ATTENTION and _attention_dropout_call(args, kwargs):
+            return self._attention_with_dropout(*args, **kwargs)
         if entry is not None:
             if entry[2]:
                 return self._inplace_call(func, entry, args, kwargs)
@@ -298,6 +317,37 @@ class _Recorder(TorchFunctionMode):
             return input
         mask = self.__torch_function__(rules.dropout_mask, (), (input, p))
         return self.__torch_function__(Tensor.mul_ if inplace else Tensor.mul, (), (input, mask))
+
+    def _attention_with_dropout(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                *, enable_gqa: bool = False) -> Tensor:
+        """F.scaled_dot_product_attention with dropout, recorded as the ops of torch's math backend.
+
+        Its dropout mask is drawn inside the kernel, out of a rule's reach; recorded as these ops (the
+        CPU kernel's, in its order: on CPU the same values bit for bit, from the same draws of the
+        generator), the mask is a recorded constant, as for F.dropout.
+        """
+        call = self.__torch_function__
+        factor = math.sqrt(abs(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1]))
+        query = call(Tensor.mul, (), (query, -factor if scale is not None and scale < 0 else factor))
+        scores = call(torch.matmul, (), (query, call(Tensor.mul, (), (call(Tensor.transpose, (), (key, -2, -1)),
+                                                                     factor))))
+        if is_causal:
+            size = (query.shape[-2], key.shape[-2])
+            attn_mask = call(Tensor.tril, (), (call(torch.ones, (), (size,), {"dtype": torch.bool,
+                                                                            "device": query.device}),))
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = call(Tensor.masked_fill, (), (scores, call(Tensor.logical_not, (), (attn_mask,)), -math.inf))
+        elif attn_mask is not None:
+            scores = call(Tensor.add, (), (scores, attn_mask))
+        if attn_mask is not None and not is_causal:  # torch's safe softmax: a row with every key masked is 0
+            hidden = call(Tensor.all, (), (call(Tensor.eq, (), (scores, -math.inf)), -1), {"keepdim": True})
+            scores = call(Tensor.masked_fill, (), (scores, hidden, 0.0))  # (not NaN: its gradient stays finite)
+            weights = call(Tensor.masked_fill, (), (call(torch.softmax, (), (scores, -1)), hidden, 0.0))
+        else:
+            weights = call(torch.softmax, (), (scores, -1))
+        weights = call(Tensor.mul, (), (weights, call(rules.dropout_mask, (), (weights, dropout_p))))
+        return call(torch.matmul, (), (weights, value))
 
     def _no_grad_call(self, func, entry, args, kwargs):
         """Inside torch.no_grad() in the block: not differentiated; in-place updates make constant versions."""
@@ -502,6 +552,10 @@ class _Recorder(TorchFunctionMode):
                 unsupported = str(err)
         if kind == "op" and outputs[0].dtype.is_complex:
             unsupported = f"{name} produced a complex tensor; tensorgraph's rules are for real tensors"
+        elif kind == "op" and floating and torch.is_autocast_enabled(outputs[0].device.type):
+            unsupported = (f"{name} was recorded under torch.autocast, whose casts happen below the calls "
+                           f"tensorgraph records (its rules would get other dtypes than the op computed in); record "
+                           f"without autocast, casting explicitly (model.to(torch.bfloat16), x.to(torch.bfloat16))")
         multi = not isinstance(result, Tensor)
         stack = getattr(_state, "scope", ())
         nodes, live = graph._nodes, graph._live

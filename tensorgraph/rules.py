@@ -343,6 +343,17 @@ def addmm(g: Tensor, out: Tensor, input: Tensor, mat1: Tensor, mat2: Tensor, *, 
 
 defop("addmm", addmm)
 
+
+def baddbmm(g: Tensor, out: Tensor, input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> tuple:
+    """``beta * input + alpha * batch1 @ batch2`` (batched): the input's share is broadcast back by the engine."""
+    grad_1, grad_2 = g @ batch2.mT, batch1.mT @ g
+    if alpha != 1:
+        grad_1, grad_2 = grad_1 * alpha, grad_2 * alpha
+    return (g if beta == 1 else g * beta), grad_1, grad_2
+
+
+defop("baddbmm", baddbmm)
+
 # ---------------------------------------------------------------- reductions
 
 
@@ -384,10 +395,28 @@ def std_rule(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, unbiased: Any =
     return var_rule(grad_var, out, x, dim, unbiased, keepdim, correction=correction)
 
 
+def var_mean(g: Tensor, out: Any, x: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,
+             correction: Any = None, output_index: int = 0) -> Tensor:
+    """``torch.var_mean``: each of the two outputs by its own rule."""
+    if output_index == 0:
+        return var_rule(g, out[0], x, dim, unbiased, keepdim, correction=correction)
+    return mean_rule(g, out[1], x, _correction(dim, unbiased, correction)[0], keepdim)
+
+
+def std_mean(g: Tensor, out: Any, x: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,
+             correction: Any = None, output_index: int = 0) -> Tensor:
+    """``torch.std_mean``: each of the two outputs by its own rule."""
+    if output_index == 0:
+        return std_rule(g, out[0], x, dim, unbiased, keepdim, correction=correction)
+    return mean_rule(g, out[1], x, _correction(dim, unbiased, correction)[0], keepdim)
+
+
 defop("sum", sum_rule)
 defop("mean", mean_rule)
 defop("var", var_rule)
 defop("std", std_rule)
+defop("var_mean", var_mean, multi=True)
+defop("std_mean", std_mean, multi=True)
 
 
 def _select_reduction(g: Tensor, out: Any, x: Tensor, dim: Any, keepdim: bool) -> Tensor:
@@ -879,7 +908,7 @@ def batch_norm(g: Tensor, out: Tensor, x: Tensor, running_mean: Tensor | None, r
     return grad_x, None, None, grad_w, grad_b
 
 
-defop("batch_norm", batch_norm, mutates=(1, 2))
+defop("batch_norm", batch_norm, mutates=(1, 2), ignores=lambda attrs: (1, 2) if attrs.get("training") else ())
 
 
 def dropout_mask(x: Tensor, p: float) -> Tensor:
@@ -948,7 +977,11 @@ def scaled_dot_product_attention(g: Tensor, out: Tensor, query: Tensor, key: Ten
         scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=query.device).tril(), -math.inf)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
-    att = scores.softmax(-1)
+        # torch's safe softmax: a query that may see no key gets weights 0 (not NaN), so no gradient
+        hidden = (scores == -math.inf).all(-1, keepdim=True)
+        att = scores.masked_fill(hidden, 0.0).softmax(-1).masked_fill(hidden, 0.0)
+    else:
+        att = scores.softmax(-1)
     grad_value = att.transpose(-2, -1) @ g
     grad_scores = aten._softmax_backward_data(g @ value.transpose(-2, -1), att, -1, att.dtype)
     grad_query = grad_scores @ key * scale

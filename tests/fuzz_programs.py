@@ -506,6 +506,8 @@ def linear(b: Builder) -> int:
 
 @gen
 def addmm(b: Builder) -> int:
+    if b.choose.integer(0, 2) == 0:
+        return _baddbmm(b)
     m1 = b.pick(2, 2)
     n, k = b.value(m1).shape
     m = b.size()
@@ -514,6 +516,17 @@ def addmm(b: Builder) -> int:
     beta, alpha = b.choose.choice([(1, 1), (0.5, 2.0), (1, -1.0)])
     return b.emit(f"{{out}} = torch.addmm({{0}}, {{1}}, {{2}}, beta={beta}, alpha={alpha})", [bias, m1, m2],
                   lambda c, p, q: torch.addmm(c, p, q, beta=beta, alpha=alpha))
+
+
+def _baddbmm(b: Builder) -> int:
+    m1 = b.pick(3, 3)
+    batch, n, k = b.value(m1).shape
+    m = b.size()
+    m2 = b.pick(shape=(batch, k, m))
+    bias = b.pick(shape=b.choose.choice([(batch, n, m), (n, m), (m,), (), (1, n, 1)]))
+    beta, alpha = b.choose.choice([(1, 1), (0.5, 2.0), (1, -1.0)])
+    return b.emit(f"{{out}} = torch.baddbmm({{0}}, {{1}}, {{2}}, beta={beta}, alpha={alpha})", [bias, m1, m2],
+                  lambda c, p, q: torch.baddbmm(c, p, q, beta=beta, alpha=alpha))
 
 
 # ---------------------------------------------------------------- reductions
@@ -557,7 +570,12 @@ def reduce_var_std(b: Builder) -> int:
     name = b.choose.choice(["var", "std"])
     dim = _dims(b, nd)
     keepdim = b.choose.boolean()
-    form = b.choose.integer(0, 2)
+    form = b.choose.integer(0, 3)
+    if form == 3:  # both statistics in one call: var_mean / std_mean, either output
+        correction, k = b.choose.choice([0, 1]), b.choose.integer(0, 1)
+        return b.emit(f"{{out}} = torch.{name}_mean({{0}}, dim={dim}, correction={correction}, keepdim={keepdim})[{k}]",
+                      [x], lambda t: getattr(torch, name + "_mean")(t, dim=dim, correction=correction,
+                                                                    keepdim=keepdim)[k])
     if form == 0:
         unbiased = b.choose.boolean()
         if dim is None:

@@ -134,6 +134,11 @@ REDUCTIONS = {
     "var_0_biased_keepdim": lambda x: x.var(0, keepdim=True, unbiased=False),
     "var_correction": lambda x: torch.var(x, dim=(0, 1), correction=0),
     "std_1": lambda x: x.std(1),
+    "var_mean": lambda x: (lambda var, mean: var * mean.exp())(*torch.var_mean(x, 1, keepdim=True)),
+    "var_mean_tuple": lambda x: (lambda vm: vm[0].sqrt() + vm[1] ** 2)(torch.var_mean(x, dim=(0, 2), correction=0)),
+    "var_mean_all": lambda x: torch.var_mean(x)[0] * torch.var_mean(x, unbiased=False)[1],
+    "std_mean": lambda x: (lambda std, mean: std / (mean.exp() + 1))(*torch.std_mean(x, -1)),
+    "var_mean_var_only": lambda x: torch.var_mean(x, 0)[0],
     "std_all": lambda x: x.std(),
     "logsumexp": lambda x: x.logsumexp(1),
     "softmax_1": lambda x: F.softmax(x, dim=1),
@@ -273,6 +278,12 @@ def nn_cases():
     yield "linear_nobias_3d", lambda x, w: F.linear(x, w), [r(2, 4, 3, seed=1), r(5, 3, seed=2)]
     yield "linear_module", lambda x: _linear_module(x), [r(4, 3, seed=4)]
     yield "addmm", lambda b, m1, m2: torch.addmm(b, m1, m2), [r(5, seed=1), r(4, 3, seed=2), r(3, 5, seed=3)]
+    yield "baddbmm", lambda b, m1, m2: torch.baddbmm(b, m1, m2), [r(2, 4, 5, seed=1), r(2, 4, 3, seed=2),
+                                                                     r(2, 3, 5, seed=3)]
+    yield "baddbmm_scaled_broadcast", lambda b, m1, m2: torch.baddbmm(b, m1, m2, beta=0.5, alpha=-2.0), [
+        r(4, 1, seed=1), r(2, 4, 3, seed=2), r(2, 3, 5, seed=3)]
+    yield "baddbmm_method", lambda b, m1, m2: b.baddbmm(m1, m2, alpha=0.25), [r(2, 4, 5, seed=1), r(2, 4, 3, seed=2),
+                                                                              r(2, 3, 5, seed=3)]
     yield "outer", lambda a, b: torch.outer(a, b), [r(3, seed=1), r(4, seed=2)]
     yield "inner", lambda a, b: torch.inner(a, b), [r(2, 3, 4, seed=1), r(5, 4, seed=2)]
     yield "inner_vector", lambda a, b: a.inner(b), [r(4, seed=1), r(4, seed=2)]
@@ -294,6 +305,12 @@ def nn_cases():
     yield "sdpa_bool_mask", lambda q, k, v: F.scaled_dot_product_attention(
         q, k, v, attn_mask=torch.tensor([[True, False, True], [True, True, False]])), [
         r(2, 4, seed=1), r(3, 4, seed=2), r(3, 2, seed=3)]
+    hidden = torch.tensor([[True, False, True], [False, False, False]])  # the second query sees no key: 0
+    yield "sdpa_bool_mask_hidden_row", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=hidden), [
+        r(2, 4, seed=1), r(3, 4, seed=2), r(3, 2, seed=3)]
+    yield "sdpa_float_mask_hidden_row", lambda q, k, v, m: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=m.masked_fill(~hidden, -float("inf"))), [
+        r(2, 4, seed=1), r(3, 4, seed=2), r(3, 2, seed=3), r(2, 3, seed=4)]
     yield "max_pool2d", lambda x: F.max_pool2d(x, 2), [distinct(1, 2, 4, 4)]
     yield "avg_pool2d", lambda x: F.avg_pool2d(x, 2), [r(1, 2, 4, 4, seed=1)]
     yield "adaptive_avg_pool2d", lambda x: F.adaptive_avg_pool2d(x, 1), [r(1, 2, 4, 4, seed=1)]

@@ -145,6 +145,34 @@ def test_two_independent_mistakes_are_both_reported(lecture):
     assert report["W2"].kind == "scaled" and report["bnvar"].kind == "sign"
 
 
+
+def test_a_forgotten_attention_scale_is_named_as_a_square_root():
+    # dq without the head_size**-0.5 of `wei = q @ k.transpose(-2, -1) * C**-0.5`: scaled by sqrt(8),
+    # which a fraction with a denominator up to 1024 also matches (it read "scaled by 2786/985")
+    gen = torch.Generator().manual_seed(0)
+    B, T, C = 2, 4, 8
+    x, Wq, Wk = torch.randn(B, T, C, generator=gen), torch.randn(C, C, generator=gen), torch.randn(C, C, generator=gen)
+    with tg.record() as graph:
+        q = x @ Wq
+        k = x @ Wk
+        wei = q @ k.transpose(-2, -1) * C**-0.5
+        loss = (F.softmax(wei, dim=-1) ** 2).sum()
+    grads = graph.backward(loss)
+    row = graph.check({"dq": grads["wei"] @ k}, loss)["q"]  # the right one is grads["wei"] @ k * C**-0.5
+    assert row.kind == "scaled"
+    assert row.message.startswith(f"scaled by √8 = {math.sqrt(8):.6g}: a **0.5 or **-0.5 too many")
+
+
+@pytest.mark.parametrize("factor, n, text", [
+    (2.0, None, "2"), (-1.5, None, "-3/2"), (1 / math.sqrt(8), None, f"1/√8 = {1 / math.sqrt(8):.6g}"),
+    (-math.sqrt(64 + 1), None, f"-√65 = {-math.sqrt(65):.6g}"), (0.8731, None, "0.8731"),
+    (math.pi, None, f"{math.pi:.6g}"), (127 / 128, 128, "(n-1)/n = 127/128 (n = 128)"),
+    (31 / 32, 32, "(n-1)/n = 31/32 (n = 32)"), (1 / 32, 32, "1/n = 1/32 (n = 32)")])
+def test_scale_factors_are_named_by_the_simplest_true_form(factor, n, text):
+    from tensorgraph.check import _describe_factor
+
+    assert _describe_factor(factor, n)[0] == text
+
 def test_unlisted_mistakes(lecture):
     graph, loss, v = lecture
     n = v.Yb.shape[0]

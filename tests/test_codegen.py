@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import _weights_for
 from op_cases import CASES
 
@@ -69,6 +70,26 @@ def test_lecture_answer_key_reads_like_the_lecture():
     bare = graph.backward_source(loss, comments=False)
     assert "#" not in bare and len(bare.splitlines()) == len(code)
 
+
+
+def test_attention_rules_are_named_in_the_comments():
+    # a causal attention head's answer key: every rule says what it does (masked_fill read "rule")
+    g = torch.Generator().manual_seed(0)
+    x, wq, wk = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((2, 3, 4), (4, 4), (4, 4)))
+    tril = torch.tril(torch.ones(3, 3))
+    with tg.record() as graph:
+        q, k = x @ wq, x @ wk
+        wei = (q @ k.transpose(-2, -1) * 4**-0.5).masked_fill(tril == 0, float("-inf"))
+        loss = (F.gelu(F.softmax(wei, dim=-1)) ** 2).sum()
+    source = graph.backward_source(loss)
+    assert "masked_fill: the filled elements get none" in source
+    assert "gelu: d gelu(x)/dx = Phi(x) + x*phi(x)" in source
+    assert ": rule" not in source
+    namespace = codegen.run(source, graph)  # and it still computes torch's gradients
+    ref = x.clone().requires_grad_()
+    wei_t = ((ref @ wq) @ (ref @ wk).transpose(-2, -1) * 4**-0.5).masked_fill(tril == 0, float("-inf"))
+    (F.gelu(F.softmax(wei_t, dim=-1)) ** 2).sum().backward()
+    torch.testing.assert_close(namespace["dx"], ref.grad)
 
 def test_grad_seed_and_inplace_forward():
     x = torch.randn(4, 3, dtype=torch.float64)

@@ -1,6 +1,7 @@
 """The core: recording real PyTorch code, the engine's gradients, and its errors."""
 
 import itertools
+import math
 import threading
 import types
 
@@ -179,7 +180,7 @@ def test_missing_gradient_of_a_tensor_changed_after_use_names_its_earlier_versio
         loss = (h * h).sum()
     grads = graph.backward(loss)
     with pytest.raises(KeyError, match=r"does not depend on 'w' .*changed in place at .*test_engine.py:\d+, after "
-                                       r"the loss used its earlier version 'w_v0', which has one: grads\['w_v0'\]"):
+                                       r"the loss used it: the version the loss depends on is 'w_v0': grads\['w_v0'\]"):
         grads[w]
     torch.testing.assert_close(grads["w_v0"], 18 * original)  # d/dw sum((3w)^2)
 
@@ -414,6 +415,62 @@ def test_dropout_gradient_matches_torch_with_the_same_seed():
     (F.dropout(xr, 0.4) * torch.arange(5, dtype=D)).sum().backward()
     torch.testing.assert_close(graph.backward(loss)[x], xr.grad)
     torch.testing.assert_close(y, F.dropout(x, 0.4, training=False) * (y != 0) / 0.6)
+
+
+@pytest.mark.parametrize("mask", ["causal", "bool", "float", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, D])
+def test_attention_with_dropout_matches_torch_with_the_same_seed(mask, dtype):
+    # nanoGPT's F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True) in training mode
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=gen, dtype=dtype) for _ in range(3))
+    kwargs = {"causal": {"is_causal": True}, "none": {"scale": -0.3},
+              "bool": {"attn_mask": torch.rand(5, 5, generator=gen) > 0.3},
+              "float": {"attn_mask": torch.randn(5, 5, generator=gen, dtype=dtype)}}[mask]
+    kwargs["attn_mask"] = kwargs.get("attn_mask", None)
+    if mask == "bool":
+        kwargs["attn_mask"][:, 0] = True  # no row masked entirely (torch's kernel makes it 0, softmax NaN)
+    weight = torch.randn(2, 3, 5, 4, generator=gen, dtype=dtype)
+    torch.manual_seed(3)
+    with tg.record() as graph:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, **kwargs)
+        loss = (y * weight).sum()
+    grads = graph.backward(loss)
+    torch.manual_seed(3)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    mask_t = kwargs["attn_mask"]
+    if mask == "float":
+        mask_t = mask_t.detach().double().requires_grad_()
+    expected = F.scaled_dot_product_attention(*leaves, dropout_p=0.3, **{**kwargs, "attn_mask": mask_t})
+    (expected * weight.double()).sum().backward()
+    torch.manual_seed(3)
+    assert torch.equal(y, F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, **kwargs))  # torch's own draws
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for tensor, truth in zip((q, k, v), leaves):
+        torch.testing.assert_close(grads[tensor].double(), truth.grad, **tol)
+    if mask == "float":
+        torch.testing.assert_close(grads[kwargs["attn_mask"]].double(), mask_t.grad, **tol)
+
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_attention_with_dropout_and_a_fully_masked_row_is_zero_there_as_in_torch(mask):
+    # torch's kernel softmaxes safely: a query that may see no key gets 0, and finite gradients
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 3, generator=gen, dtype=D) for _ in range(3))
+    keep = torch.rand(4, 4, generator=gen) > 0.3
+    keep[:, 0], keep[2] = True, False  # query 2 sees nothing
+    attn_mask = keep if mask == "bool" else torch.zeros(4, 4, dtype=D).masked_fill(~keep, -math.inf)
+    torch.manual_seed(3)
+    with tg.record() as graph:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.25)
+        loss = (y * torch.arange(3, dtype=D)).sum()
+    grads = graph.backward(loss)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(3)
+    expected = F.scaled_dot_product_attention(*leaves, attn_mask=attn_mask, dropout_p=0.25)
+    (expected * torch.arange(3, dtype=D)).sum().backward()
+    assert torch.equal(y, expected.detach()) and (y[:, 2] == 0).all()
+    for tensor, truth in zip((q, k, v), leaves):
+        torch.testing.assert_close(grads[tensor], truth.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_float32_and_float64_and_empty_and_zero_dim():

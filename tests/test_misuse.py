@@ -65,6 +65,35 @@ def test_op_without_a_rule_names_the_op_and_the_users_line(op):
         graph.backward(loss)
 
 
+
+def test_multi_head_attention_module_says_how_to_write_it_with_rules():
+    mha = torch.nn.MultiheadAttention(4, 2, batch_first=True).double()
+    x = r(2, 3, 4)
+    with tg.record() as graph:
+        loss = mha(x, x, x, need_weights=False)[0].sum()
+    with pytest.raises(NotImplementedError, match=r"no gradient rule for the op 'multi_head_attention_forward' "
+                       r"\(called at .*\); nn.MultiheadAttention .* F.scaled_dot_product_attention"):
+        graph.backward(loss)
+
+
+def test_a_forward_recorded_under_autocast_says_so_instead_of_a_dtype_error_from_a_rule():
+    # autocast casts below the recorded calls: the linear rule got bfloat16 g and float32 x and W
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with tg.record() as graph:
+            h = lin(x)
+            loss = h.float().pow(2).sum()
+    assert h.dtype == torch.bfloat16
+    with pytest.raises(NotImplementedError, match=r"sum was recorded under torch.autocast.*record without "
+                       rf"autocast, casting explicitly .*\(called at .*{HERE}:\d+, producing 'loss'\)"):
+        graph.backward(loss)
+    with tg.record() as graph:  # explicit casts: the gradients torch gives
+        loss = lin.to(torch.bfloat16)(x.to(torch.bfloat16)).float().pow(2).sum()
+    w = lin.weight.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x.to(torch.bfloat16), w, lin.bias.detach()).float().pow(2).sum().backward()
+    torch.testing.assert_close(graph.backward(loss)[lin.weight], w.grad)
+
 def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
     x = r(1, 3, 5)
     cases = [
@@ -479,6 +508,53 @@ def test_changing_a_leaf_the_loss_does_not_depend_on_is_fine():
     with pytest.raises(RuntimeError, match="'unused' was modified"):
         graph.backward(other, grad=torch.ones(3, dtype=D))
 
+
+@pytest.mark.parametrize("structure", ["first", "repeated"])
+def test_batchnorm_running_stats_updated_by_a_later_training_call_are_not_an_input(structure):
+    # F.batch_norm in training mode writes its running statistics and never reads them: another
+    # training-mode forward (torch's reference pass, the next micro-batch's recording) before the
+    # backward changes nothing the gradients depend on. In eval mode they are read: still an error.
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(4).double()
+    twin = torch.nn.BatchNorm1d(4).double()
+    x = r(6, 4)
+    for _ in range(3 if structure == "repeated" else 1):  # a repeated structure takes the backward-plan path
+        with tg.record() as graph:
+            loss = bn(x).pow(3).sum()
+        bn(2 * x)  # updates bn.running_mean and bn.running_var in place (values only, no version bump)
+        if structure == "repeated":
+            bn.reset_running_stats()  # zero_() and fill_(): a version bump too
+        grads = graph.backward(loss)
+    xt = x.clone().requires_grad_()
+    twin(xt).pow(3).sum().backward()
+    torch.testing.assert_close(grads[x], xt.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[bn.weight], twin.weight.grad, rtol=1e-10, atol=1e-12)
+    bn.eval()
+    with tg.record() as graph:
+        loss = bn(x).pow(3).sum()
+    bn.running_mean.data.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"tensor 'bn.running_mean' was modified in place after it was recorded"):
+        graph.backward(loss)
+
+
+
+def test_a_parameter_updated_inside_the_block_points_to_the_version_the_loss_used():
+    # the whole training step recorded: loss, then the optimizer's in-place update of the parameters
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2).double()
+    x = r(4, 3)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    with tg.record() as graph:
+        loss = lin(x).tanh().sum()
+        loss.backward()  # torch autograd's gradients: the truth
+        expected = lin.weight.grad.clone()
+        opt.step()
+    grads = graph.backward(loss)
+    with pytest.raises(KeyError, match=r"'loss' does not depend on 'lin.weight' \(no gradient flows to it\); it was "
+                       rf"changed in place at .*{HERE}:\d+, after the loss used it: the version the loss depends on "
+                       r"is 'lin.weight_v0'"):
+        grads[lin.weight]
+    torch.testing.assert_close(grads["lin.weight_v0"], expected)
 
 def test_update_after_backward_then_record_again_is_the_training_loop():
     x, w = r(4, 3), r(3, 2, seed=1)

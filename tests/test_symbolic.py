@@ -312,6 +312,16 @@ def test_more_reductions_and_elementwise_ops():
         derive(fn, _x())
 
 
+
+def test_gelu_tanh_approximation_derives_and_is_not_taken_for_the_exact_one():
+    # GPT-2's gelu (nn.GELU(approximate="tanh")): derivable, and its cached derivation never serves the exact gelu
+    symbolic.clear_cache()
+    for fn in (lambda x: F.gelu(x, approximate="tanh").sum(1), lambda x: F.gelu(x).sum(1),
+               lambda x: F.gelu(x, approximate="tanh") * 2.0, lambda x: F.gelu(x, approximate="tanh") + F.gelu(x)):
+        derive(fn, _x() * 3)
+    graph, out, _ = record(lambda x: F.gelu(x, approximate="tanh"), _x())
+    assert "tanh" in str(symbolic.derive(graph, output=out, wrt=0).textbook)
+
 def test_the_arange_pick_negative_targets_and_scalar_parameters():
     """x[torch.arange(n), y] (arange recorded inside the block or made before it), y < 0, 0-dim parameters."""
     x, y = _ce_inputs()

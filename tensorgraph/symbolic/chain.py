@@ -150,7 +150,9 @@ ELEMENTWISE: dict[str, Callable[..., sp.Expr]] = {
     "relu": Relu,
     "abs": sp.Abs,
     "erf": sp.erf,
-    "gelu": lambda x, approximate=None: x * (1 + sp.erf(x / sp.sqrt(2))) / 2,  # approximate="none" (checked)
+    "gelu": lambda x, approximate=None: (  # approximate="none" or "tanh" (checked)
+        x * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (x + sp.Float("0.044715") * x**3))) / 2
+        if str(approximate) == "tanh" else x * (1 + sp.erf(x / sp.sqrt(2))) / 2),
     "softplus": lambda x, beta=1, threshold=20: Softplus(beta * x) / beta,
 }
 IDENTITY = {"contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type_as"}
@@ -509,8 +511,10 @@ def lower_elementwise(self: Lowering, data: dict[str, Any]) -> SNode:
             exprs.append(sp.Symbol(arg))
         else:
             exprs.append(self.number(arg, recent if lift else frozenset(), data, lift=lift))
-    if op == "gelu" and len(args) > 1 and args[1] != "none" or kwargs.get("approximate", "none") != "none":
-        raise SymbolicError(f"{where(data)}: only the exact gelu (approximate='none') has a symbolic form here")
+    if op == "gelu" and (args[1] if len(args) > 1 else kwargs.get("approximate", "none")) not in ("none", "tanh"):
+        raise SymbolicError(f"{where(data)}: gelu has a symbolic form for approximate='none' or 'tanh' only")
+    if op == "gelu" and "approximate" in kwargs:
+        exprs.append(sp.Symbol(kwargs.pop("approximate")))
     for key, value in kwargs.items():
         kwargs[key] = self.number(value, frozenset(), data, lift=False)
     try:
