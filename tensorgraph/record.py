@@ -399,6 +399,12 @@ class _Recorder(TorchFunctionMode):
                 f"tensorgraph: an input of the call at {_where(self._source())} was created under "
                 f"torch.inference_mode(); such tensors keep no version counter, so tensorgraph cannot record them. "
                 f"Create it outside inference_mode (or .clone() it there).")
+        if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+            # the transform's results would enter the graph as new leaves, the gradient through it cut off
+            raise RuntimeError(
+                f"tensorgraph: the call at {_where(self._source())} runs inside a torch.func transform "
+                f"(grad, vmap, jacrev, ...), which tg.record() cannot record. Call the transform outside "
+                f"the block, or write the computation as plain torch ops.")
         node = graph._add_node(op="leaf", kind="leaf", value=tensor, version=tensor._version, source=None)
         graph._live[id(tensor)] = (node, tensor._version, tensor)
         return node

@@ -412,6 +412,25 @@ def test_inference_mode_is_refused_clearly():
             (frozen * 2).sum()
 
 
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])
+def test_a_torch_func_transform_inside_the_block_is_refused_not_cut_off(transform):
+    """torch.func's result came back as a new leaf: d/dw of (grad f(w) * w).sum() lost its Hessian term."""
+    x, w = r(2, 3), r(3, 3, seed=1)
+
+    def f(v):
+        return torch.tanh(x @ v).sum()
+
+    call = {"grad": lambda: torch.func.grad(f)(w), "vmap": lambda: torch.func.vmap(torch.tanh)(w),
+            "jacrev": lambda: torch.func.jacrev(f)(w)}[transform]
+    with pytest.raises(RuntimeError, match=rf"call at .*{HERE}:\d+ runs inside a torch.func transform"):
+        with tg.record():
+            (call() * w).sum()
+    outside = call()  # a transform's result made before the block is an input like any other
+    with tg.record() as graph:
+        loss = (outside * w).sum()
+    torch.testing.assert_close(graph.backward(loss)[w], outside, rtol=0, atol=0)
+
 @pytest.mark.parametrize("how", ["no_grad", "data", "data_copy"])
 def test_leaf_parameter_changed_between_recording_and_backward(how):
     x, w = r(2, 3), r(3, 3, seed=1)
