@@ -476,7 +476,8 @@ class _Recorder(TorchFunctionMode):
                 attrs = _attrs(op, bound_args, bound_kwargs)
             except UnsupportedCall as err:
                 unsupported = str(err)
-        if kind == "op" and outputs[0].dtype.is_complex:
+        if kind == "op" and (outputs[0].dtype.is_complex if len(outputs) == 1 else any(
+                o is not None and o.dtype.is_complex for o in outputs)):
             unsupported = f"{name} produced a complex tensor; tensorgraph's rules are for real tensors"
         multi = not isinstance(result, Tensor)
         stack = getattr(_state, "scope", ())

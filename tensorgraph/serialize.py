@@ -114,13 +114,15 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _siblings(graph: Graph) -> dict[int, list[int]]:
-    """The nodes of one call returning several tensors (max(dim): values, indices), by node."""
-    groups: dict[int, list[int]] = {}
+def _siblings(graph: Graph) -> dict[int, list[int | None]]:
+    """The nodes of one call returning several tensors (max(dim): values, indices), by node, each at its
+    output index; None where the call returned None (aten's convolution_backward: (dx, dw, None))."""
+    groups: dict[int, list[int | None]] = {}
     for node, data in enumerate(graph._nodes):
         if data.get("output_index") is not None:
-            groups.setdefault(id(data["args"]), []).append(node)
-    return {node: members for members in groups.values() for node in members}
+            group = groups.setdefault(id(data["args"]), [None] * len(data["result"]))
+            group[data["output_index"]] = node
+    return {node: members for members in groups.values() for node in members if node is not None}
 
 
 def _node_record(data: dict[str, Any], siblings: list[int] | None, values: bool) -> dict[str, Any]:
@@ -340,7 +342,7 @@ def _build(path: Path, raw: nx.MultiDiGraph, fmt: str) -> Graph:
     _check_edges(path, graph, raw)
     for node, data in enumerate(graph._nodes):
         if data["result"] is not None:
-            data["result"] = tuple(graph._nodes[k]["value"] for k in data["result"])
+            data["result"] = tuple(None if k is None else graph._nodes[k]["value"] for k in data["result"])
         graph._live[id(data["value"])] = (node, data["value"]._version, data["value"])
     graph._names = {data["name"]: node for node, data in enumerate(graph._nodes)}
     if len(graph._names) != count:
@@ -396,7 +398,8 @@ def _node_data(path: Path, node: int, record: dict[str, Any], with_values: bool)
     elif record["kind"] == "op" and _has_opaque((bargs, bkwargs)):
         unsupported = unsupported or "an argument of the call could not be saved"
     result = record.get("result")
-    if result is not None and (not isinstance(result, list) or not all(isinstance(k, int) for k in result)):
+    if result is not None and (not isinstance(result, list) or not all(k is None or isinstance(k, int)
+                                                                       for k in result)):
         raise ValueError(f"{where}: result must list node ids, got {result!r}")
     return {
         "name": str(record["name"]), "named": bool(record.get("named", False)), "op": str(record["op"]),

@@ -64,6 +64,25 @@ def test_op_without_a_rule_names_the_op_and_the_users_line(op):
         graph.backward(loss)
 
 
+def conv_weight_and_bias_gradients():
+    """aten's convolution_backward asked for the weight's and bias's gradients only: (None, dw, db)."""
+    x, w, dy = r(1, 2, 5, 5), r(3, 2, 3, 3, seed=1), r(1, 3, 3, 3, seed=2)
+    return dy, x, w, [3], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, True]
+
+
+def test_a_call_returning_none_first_records_and_names_its_missing_rule():
+    args = conv_weight_and_bias_gradients()
+    with tg.record() as graph:
+        _, dw, db = torch.ops.aten.convolution_backward(*args)
+        loss = dw.sum() + db.sum()
+    line = sys._getframe().f_lineno - 2
+    expected = torch.ops.aten.convolution_backward(*args)
+    assert torch.equal(graph.value("dw"), expected[1]) and torch.equal(graph.value("db"), expected[2])
+    with pytest.raises(NotImplementedError, match=rf"no gradient rule for the op 'convolution_backward' "
+                                                  rf"\(called at .*{at(line)}"):
+        graph.backward(loss)
+
+
 def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
     x = r(1, 3, 5)
     cases = [

@@ -294,3 +294,20 @@ def test_a_traced_backward_graph_round_trips_with_its_aten_kernels(tmp_path):
     kernels = [d["func"] for d in loaded._nodes if isinstance(d["func"], torch._ops.OpOverloadPacket)]
     assert {k._qualified_op_name for k in kernels} == {"aten::tanh_backward", "aten::_softmax_backward_data"}
     assert loaded.render().source == adjoint.render().source
+
+
+def test_a_call_returning_none_keeps_each_output_at_its_index(tmp_path, suffix):
+    """(None, dw, db) from aten's convolution_backward: the loaded call's results stay where torch put them."""
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(shape, generator=g, dtype=D) for shape in [(1, 2, 5, 5), (3, 2, 3, 3), (1, 3, 3, 3)])
+    call = (dy, x, w, [3], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, True])
+    with tg.record() as graph:
+        _, dw, db = torch.ops.aten.convolution_backward(*call)
+    graph.save(tmp_path / f"g{suffix}", values=True)
+    loaded = tg.load_graph(tmp_path / f"g{suffix}")
+    expected = torch.ops.aten.convolution_backward(*call)
+    for name in ("dw", "db"):
+        data = loaded.node(name)
+        assert data["result"][0] is None and len(data["result"]) == 3
+        assert torch.equal(data["result"][data["output_index"]], expected[data["output_index"]]), name
+        assert data["result"][data["output_index"]] is data["value"]
