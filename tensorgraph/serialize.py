@@ -330,7 +330,7 @@ def _build(path: Path, raw: nx.MultiDiGraph, fmt: str) -> Graph:
         raise ValueError(f"{path}: graph format version {raw.graph.get('version')!r}; this tensorgraph reads "
                          f"version {VERSION}")
     count = raw.number_of_nodes()
-    if sorted(raw.nodes) != list(range(count)):
+    if not all(isinstance(k, int) for k in raw.nodes) or sorted(raw.nodes) != list(range(count)):
         raise ValueError(f"{path}: node ids must be 0..{count - 1} in creation order")
     with_values = bool(raw.graph.get("values"))
     graph = Graph()
@@ -340,6 +340,10 @@ def _build(path: Path, raw: nx.MultiDiGraph, fmt: str) -> Graph:
         record = attrs if fmt == "json" else _unflatten(path, node, attrs)
         graph._nodes.append(_node_data(path, node, record, with_values))
     _check_edges(path, graph, raw)
+    for node, data in enumerate(graph._nodes):
+        if any(k is not None and (k >= count or graph._nodes[k]["result"] != data["result"])
+               for k in data["result"] or ()):
+            raise ValueError(f"{path}: node {node}: result {data['result']!r} must list nodes of the same call")
     for node, data in enumerate(graph._nodes):
         if data["result"] is not None:
             data["result"] = tuple(None if k is None else graph._nodes[k]["value"] for k in data["result"])
@@ -397,10 +401,10 @@ def _node_data(path: Path, node: int, record: dict[str, Any], with_values: bool)
         unsupported = "the graph was loaded without values (save it with values=True to differentiate it)"
     elif record["kind"] == "op" and _has_opaque((bargs, bkwargs)):
         unsupported = unsupported or "an argument of the call could not be saved"
-    result = record.get("result")
-    if result is not None and (not isinstance(result, list) or not all(k is None or isinstance(k, int)
-                                                                       for k in result)):
-        raise ValueError(f"{where}: result must list node ids, got {result!r}")
+    elif record["kind"] == "op" and func is None:
+        unsupported = unsupported or "the file names no torch callable for it"
+    _check_call(where, record, (args, kwargs, bargs, bkwargs, attrs), inputs)
+    _check_bookkeeping(where, node, record)
     return {
         "name": str(record["name"]), "named": bool(record.get("named", False)), "op": str(record["op"]),
         "kind": record["kind"], "attrs": attrs, "source": str(record.get("source") or ""),
@@ -408,10 +412,63 @@ def _node_data(path: Path, node: int, record: dict[str, Any], with_values: bool)
         "scope": str(record.get("scope") or ""), "func": func,
         "args": args, "kwargs": kwargs, "bargs": bargs, "bkwargs": bkwargs,
         "inplace": bool(record.get("inplace", False)), "previous": record.get("previous"),
-        "output_index": record.get("output_index"), "result": result, "unsupported": unsupported,
+        "output_index": record.get("output_index"), "result": record.get("result"), "unsupported": unsupported,
         "version": value._version, "rule": None, "value": value, "inputs": list(inputs), "shape": tuple(shape),
         "dtype": dtype,
     }
+
+
+def _check_call(where: str, record: dict[str, Any], call: tuple, inputs: list[int]) -> None:
+    """The recorded call must fit the node: the engine, printer and renderer index with it."""
+    args, kwargs, bargs, bkwargs, attrs = call
+    for key, value, kind in (("args", args, tuple), ("bargs", bargs, tuple), ("kwargs", kwargs, dict),
+                             ("bkwargs", bkwargs, dict), ("attrs", attrs, dict)):
+        if not isinstance(value, (kind, list) if kind is tuple else kind):
+            raise ValueError(f"{where}: {key} must be a {'sequence' if kind is tuple else 'mapping'}, "
+                             f"got {value!r}")
+    if record["kind"] == "leaf" and (inputs or args or kwargs or record.get("func")):
+        raise ValueError(f"{where}: a leaf has no inputs and no call")
+    if not (record.get("func") is None or isinstance(record["func"], str)):
+        raise ValueError(f"{where}: func must be a dotted name, got {record['func']!r}")
+    bound = set(_refs((bargs, bkwargs)))  # a call not saved (a custom Function's) binds nothing
+    if set(_refs((args, kwargs))) != set(inputs) or not (bound == set(inputs) or (bound <= set(inputs)
+                                                                                  and not record.get("func"))):
+        raise ValueError(f"{where}: the call's tensor arguments ($ref) do not match its inputs {inputs}")
+
+
+def _check_bookkeeping(where: str, node: int, record: dict[str, Any]) -> None:
+    """In-place versions (inplace, previous) and calls with several outputs (output_index, result)."""
+    for key in ("named", "inplace"):
+        if not isinstance(record.get(key, False), bool):
+            raise ValueError(f"{where}: {key} must be true or false, got {record[key]!r}")
+    previous = record.get("previous")
+    if previous is not None and not (isinstance(previous, int) and not isinstance(previous, bool)
+                                     and 0 <= previous < node):
+        raise ValueError(f"{where}: previous (the tensor an in-place op updated) must be an earlier node's id, "
+                         f"got {previous!r}")
+    if record.get("inplace", False) != (previous is not None):
+        raise ValueError(f"{where}: an in-place node (inplace: true) names the node it updated (previous), "
+                         f"and only such a node does")
+    index, result = record.get("output_index"), record.get("result")
+    if (index is None) != (result is None):
+        raise ValueError(f"{where}: output_index and result come together (one call's several outputs)")
+    if result is not None and not (isinstance(result, list) and all(
+            k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 0) for k in result)
+            and isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(result)
+            and result[index] == node):
+        raise ValueError(f"{where}: result must list the ids of its call's outputs, this node's at output_index "
+                         f"{index!r}, got {result!r}")
+
+
+def _refs(value: Any) -> list[int]:
+    """The node ids of the Refs in a decoded call, in order."""
+    if isinstance(value, Ref):
+        return [value.node]
+    if isinstance(value, (tuple, list)):
+        return [node for item in value for node in _refs(item)]
+    if isinstance(value, dict):
+        return [node for item in value.values() for node in _refs(item)]
+    return []
 
 
 def _value(where: str, data: Any, shape: list[int], dtype: torch.dtype, with_values: bool) -> Tensor:

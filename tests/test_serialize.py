@@ -204,6 +204,23 @@ def test_malformed_json_files_name_the_file_and_the_problem(tmp_path):
     case(lambda d: d["edges"].pop(), "the edges do not match the nodes' inputs")
     case(lambda d: d["nodes"][-1].update(id=100), r"node ids must be 0\.\.")
     case(lambda d: d.pop("nodes"), "not a readable node-link JSON graph file")
+    # hand edits that loaded and then crashed backward, compare or render with a TypeError or IndexError
+    case(lambda d: d["nodes"][3].update(bargs=-1), "node 3: bargs must be a sequence, got -1")
+    case(lambda d: d["nodes"][3].update(kwargs={"$tuple": []}), r"node 3: kwargs must be a mapping, got \(\)")
+    case(lambda d: d["nodes"][2].update(bargs=None), r"node 2: the call's tensor arguments \(\$ref\) do not match "
+                                                     r"its inputs \[0, 1\]")
+    case(lambda d: d["nodes"][2].update(args={"$tuple": [{"$ref": 0}, {"$ref": 999}]}), "do not match its inputs")
+    case(lambda d: d["nodes"][0].update(inputs=[], func="torch.tanh"), "node 0: a leaf has no inputs and no call")
+    case(lambda d: d["nodes"][3].update(func=7), "node 3: func must be a dotted name, got 7")
+    case(lambda d: d["nodes"][4].update(previous=9), "node 4: previous .* must be an earlier node's id, got 9")
+    case(lambda d: d["nodes"][3].update(inplace=True), r"node 3: an in-place node \(inplace: true\) names")
+    case(lambda d: d["nodes"][3].update(named="yes"), "node 3: named must be true or false")
+    case(lambda d: d["nodes"][12].update(output_index=5), r"node 12: result must list the ids of its call's outputs")
+    case(lambda d: d["nodes"][12].update(output_index=1.5), "node 12: result must list")
+    case(lambda d: d["nodes"][2].update(output_index=0), "node 2: output_index and result come together")
+    case(lambda d: d["nodes"][12].update(result=[12, 10**6]), r"node 12: result \[12, 1000000\] must list nodes of "
+                                                             "the same call")
+    case(lambda d: d["nodes"][0].update(id="x"), r"node ids must be 0\.\.")
     for copy, message in cases:
         with pytest.raises(ValueError, match=rf"g\.json: .*{message}"):
             tg.load_graph(_rewrite(path, copy))
