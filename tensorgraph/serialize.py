@@ -73,6 +73,9 @@ def save(graph: Graph, path: str | os.PathLike, *, values: bool = False) -> Path
     if getattr(graph, "_recording", False):
         raise ValueError(f"graph.save({str(path)!r}): the graph is still being recorded; save it after the "
                          f"tg.record() block ends")
+    if values and any(data["value"].is_meta for data in graph._nodes):
+        raise ValueError(f"graph.save({str(path)!r}, values=True): the graph was loaded from "
+                         f"{getattr(graph, 'loaded_from', 'a file')} without values; it has none to save")
     out = nx.MultiDiGraph()
     out.graph.update({"format": FORMAT, "version": VERSION, "values": bool(values),
                       "anomaly": bool(getattr(graph, "anomaly", False)), "torch": str(torch.__version__)})
@@ -311,20 +314,23 @@ def load_graph(path: str | os.PathLike) -> Graph:
     """
     path = Path(path)
     fmt = _format_of(path)
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
     try:
+        text = data.decode("utf-8")  # UnicodeDecodeError is a ValueError
         if fmt == "json":
             raw = nx.node_link_graph(json.loads(text), directed=True, multigraph=True, edges="edges")
         else:
             raw = nx.parse_graphml(text, node_type=int, force_multigraph=True)
-    except (nx.NetworkXError, KeyError, TypeError, ValueError, SyntaxError) as err:  # XML's ParseError: SyntaxError
+    # XML's ParseError is a SyntaxError; JSON that is not an object fails with AttributeError; nesting too
+    # deep for the parser, with RecursionError
+    except (nx.NetworkXError, KeyError, TypeError, ValueError, SyntaxError, AttributeError, RecursionError) as err:
         kind = "node-link JSON" if fmt == "json" else "GraphML"
         raise ValueError(f"{path}: not a readable {kind} graph file ({type(err).__name__}: {err})") from None
     return _build(path, raw, fmt)
 
 
 def _build(path: Path, raw: nx.MultiDiGraph, fmt: str) -> Graph:
-    if raw.graph.get("format") != FORMAT:
+    if not isinstance(raw.graph, dict) or raw.graph.get("format") != FORMAT:
         raise ValueError(f"{path}: not a tensorgraph graph (no 'format': {FORMAT!r} in its graph attributes)")
     if raw.graph.get("version") != VERSION:
         raise ValueError(f"{path}: graph format version {raw.graph.get('version')!r}; this tensorgraph reads "
@@ -487,7 +493,10 @@ def _check_edges(path: Path, graph: Graph, raw: nx.MultiDiGraph) -> None:
     """Edges must agree with each node's inputs (the argument order)."""
     expected = sorted((source, node, position) for node, data in enumerate(graph._nodes)
                       for position, source in enumerate(data["inputs"]))
-    found = sorted((u, v, int(k)) for u, v, k in raw.edges(keys=True))
+    try:
+        found = sorted((u, v, int(k)) for u, v, k in raw.edges(keys=True))
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: an edge's key is not its argument position (an integer)") from None
     if found != expected:
         raise ValueError(f"{path}: the edges do not match the nodes' inputs ({len(found)} edges, "
                          f"{len(expected)} inputs)")

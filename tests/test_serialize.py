@@ -221,12 +221,17 @@ def test_malformed_json_files_name_the_file_and_the_problem(tmp_path):
     case(lambda d: d["nodes"][12].update(result=[12, 10**6]), r"node 12: result \[12, 1000000\] must list nodes of "
                                                              "the same call")
     case(lambda d: d["nodes"][0].update(id="x"), r"node ids must be 0\.\.")
+    case(lambda d: d.update(graph=[]), "not a tensorgraph graph")
+    case(lambda d: d["edges"][0].update(key="zz"), "an edge's key is not its argument position")
     for copy, message in cases:
         with pytest.raises(ValueError, match=rf"g\.json: .*{message}"):
             tg.load_graph(_rewrite(path, copy))
     for text, message in [("{not json", "not a readable node-link JSON"), ("", "not a readable node-link JSON"),
-                          (path.read_text()[: len(path.read_text()) // 2], "not a readable")]:
-        path.write_text(text)
+                          (path.read_text()[: len(path.read_text()) // 2], "not a readable"),
+                          ("[1, 2]", "not a readable"), ("null", "not a readable"),
+                          ("[" * 100_000 + "]" * 100_000, r"not a readable .*RecursionError"),
+                          ("\udcff{}", r"not a readable .*UnicodeDecodeError")]:
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
         with pytest.raises(ValueError, match=rf"g\.json: {message}"):
             tg.load_graph(path)
 
@@ -248,6 +253,12 @@ def test_malformed_values_and_graphml(tmp_path):
     broken.write_text(broken.read_text().replace('"[4, 5]"', '"[4, 5"', 1).replace("[4, 5]", "[4, 5", 1))
     with pytest.raises(ValueError, match=r"g\.graphml: node \d+: attribute 'shape' is not valid JSON"):
         tg.load_graph(broken)
+
+
+def test_a_graph_loaded_without_values_cannot_be_saved_with_values(tmp_path):
+    path, _ = _saved(tmp_path)
+    with pytest.raises(ValueError, match=r"values=True\): the graph was loaded from .*g\.json without values"):
+        tg.load_graph(path).save(tmp_path / "again.json", values=True)
 
 
 def test_missing_file_is_an_os_error(tmp_path):
