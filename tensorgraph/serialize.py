@@ -294,13 +294,22 @@ class Uncallable:
 
 def _callable(path: str) -> Any:
     from .ops import lookup
+    from .rules import KERNELS
 
     original = resolve(path)
+    if not callable(original):
+        raise ValueError(f"{path!r} is not callable")
     if lookup(original) is not None:
         return original
-    if path.startswith("torch.ops.aten.") and isinstance(original, (torch._ops.OpOverloadPacket,
-                                                                     torch._ops.OpOverload)):
-        return original  # aten's math kernels (the rules call them): no files, no processes
+    if isinstance(original, torch._ops.OpOverload):
+        packet = original.overloadpacket
+    elif isinstance(original, torch._ops.OpOverloadPacket):
+        packet = original
+    else:
+        return Uncallable(path, original)
+    namespace, _, name = packet._qualified_op_name.partition("::")
+    if namespace == "aten" and name in KERNELS:
+        return original  # the math kernels the rules call (a traced backward graph holds them)
     return Uncallable(path, original)
 
 
@@ -396,7 +405,7 @@ def _node_data(path: Path, node: int, record: dict[str, Any], with_values: bool)
         try:
             func = _callable(str(record["func"]))
         except (ValueError, AttributeError, ImportError):
-            unsupported = unsupported or f"its torch callable {record['func']!r} does not exist in this torch"
+            unsupported = unsupported or f"{record['func']!r} names no callable of this torch"
     try:
         args, kwargs = decode(record.get("args") or {"$tuple": []}), decode(record.get("kwargs") or {"$dict": {}})
         bargs, bkwargs = decode(record.get("bargs") or {"$tuple": []}), decode(record.get("bkwargs") or {"$dict": {}})

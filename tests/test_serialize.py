@@ -279,12 +279,36 @@ def test_a_file_cannot_make_a_loaded_graph_call_arbitrary_code(tmp_path, monkeyp
     with pytest.raises(NotImplementedError, match="does not call torch.save"):
         loaded._nodes[op_node]["func"]("x", "y")
     assert loaded._nodes[op_node + 1]["func"] is None
-    assert "does not exist" in loaded._nodes[op_node + 1]["unsupported"]
+    assert "'os.system' names no callable of this torch" in loaded._nodes[op_node + 1]["unsupported"]
     with pytest.raises((NotImplementedError, TypeError)):
         loaded.compare("loss")
     assert not called
     with pytest.raises(ValueError, match="not a name inside torch or tensorgraph"):
         serialize.resolve("builtins.eval")
+
+
+def test_a_file_cannot_make_compare_open_a_file_through_an_aten_op(tmp_path):
+    """aten holds from_file (a path, and shared=True maps it writable): only the rules' own kernels run."""
+    y = torch.randn(3, dtype=D)
+    with tg.record() as graph:
+        made = torch.zeros(1, dtype=D)
+        loss = (y * 2).sum() + made.exp().sum()
+    path = tmp_path / "g.json"
+    graph.save(path, values=True)
+    data = json.loads(path.read_text())
+    node = next(n for n in data["nodes"] if n["op"] == "zeros")
+    assert graph.name_of(loss) == "loss"
+    target = tmp_path / "victim.bin"
+    node["func"], node["kind"] = "torch.ops.aten.from_file", "op"
+    node["args"] = node["bargs"] = {"$tuple": [str(target), True, 1]}
+    node["kwargs"] = node["bkwargs"] = {"$dict": {"dtype": {"$dtype": "float64"}}}
+    loaded = tg.load_graph(_rewrite(path, data))
+    assert isinstance(loaded.node("made")["func"], serialize.Uncallable)
+    with pytest.raises(NotImplementedError, match="does not call torch.ops.aten.from_file"):
+        loaded.compare("loss")
+    assert not target.exists()
+    data["nodes"][0]["func"], data["nodes"][0]["kind"] = "torch.__builtins__", "op"  # not callable at all
+    assert "names no callable" in tg.load_graph(_rewrite(path, data))._nodes[0]["unsupported"]
 
 
 def test_every_table_callable_has_a_name_that_resolves_back():
