@@ -651,7 +651,8 @@ def _misuses():
                 cases.append((name, _with(parser, option, "nonsense"), f"{option} nonsense"))
             if action.dest in _INPUT_FILES:
                 cases += [(name, _with(parser, option, "missing/nothing-here.pt"), f"{option} missing file"),
-                          (name, _with(parser, option, "garbage.bin"), f"{option} garbage file")]
+                          (name, _with(parser, option, "garbage.bin"), f"{option} garbage file"),
+                          (name, _with(parser, option, "d"), f"{option} a folder")]
     return cases
 
 
@@ -693,11 +694,14 @@ def test_every_registered_command_is_exercised():
 def test_cli_misuse_is_one_line_and_status_2(command, argv, what, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "garbage.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "d").mkdir()
     status, err = _run_cli([command] + argv, capsys)
     lines = err.strip().splitlines()
     assert status == 2, f"tensorgraph {command} {' '.join(argv)} ({what}): exit status {status}, stderr {err!r}"
     assert len(lines) == 1 and "Traceback" not in err, f"({what}) not one line: {err!r}"
     assert lines[0].startswith("tensorgraph") and "error:" in lines[0]
+    if what.endswith("a folder"):
+        assert "folder" in lines[0] or "directory" in lines[0], f"({what}) does not say it is a folder: {err!r}"
     if "missing file" in what:
         assert "nothing-here.pt" in lines[0], f"the message must name the file: {lines[0]}"
 

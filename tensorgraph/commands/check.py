@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     path = Path(args.script)
     if not path.is_file():
-        raise CLIError(f"no such file: {path}", "tensorgraph check")
+        raise CLIError(f"{path} is a folder, not a file" if path.is_dir() else f"no such file: {path}",
+                       "tensorgraph check")
     namespace = run_script(path)
     graph = namespace.get("graph")
     if not isinstance(graph, Graph):
