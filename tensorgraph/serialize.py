@@ -104,6 +104,11 @@ def _format_of(path: Path) -> str:
 def _write_atomically(path: Path, data: bytes) -> None:
     """A temporary file in the same directory, then a rename: readers never see half a file."""
     directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():  # else the error would name the temporary file
+        problem = "is a file, not a folder" if directory.exists() else "does not exist"
+        raise FileNotFoundError(f"graph.save: cannot write {str(path)!r}: the folder {str(directory)!r} {problem}")
+    if path.is_dir():
+        raise IsADirectoryError(f"graph.save: cannot write {str(path)!r}: it is a folder")
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:

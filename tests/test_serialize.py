@@ -264,6 +264,22 @@ def test_a_graph_loaded_without_values_cannot_be_saved_with_values(tmp_path):
 def test_missing_file_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         tg.load_graph(tmp_path / "nope.json")
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(IsADirectoryError):
+        tg.load_graph(tmp_path / "folder.json")
+
+
+def test_save_where_it_cannot_write_names_the_path_not_a_temporary_file(tmp_path):
+    graph, _ = kitchen_sink()
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(IsADirectoryError, match=r"cannot write '.*folder\.json': it is a folder$"):
+        graph.save(tmp_path / "folder.json")
+    with pytest.raises(FileNotFoundError, match=r"cannot write '.*g\.json': the folder '.*nope' does not exist$"):
+        graph.save(tmp_path / "nope" / "g.json")
+    with pytest.raises(FileNotFoundError, match=r"the folder '.*file' is a file, not a folder$"):
+        graph.save(tmp_path / "file" / "g.graphml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.json"]
 
 
 def test_a_file_cannot_make_a_loaded_graph_call_arbitrary_code(tmp_path, monkeypatch):
