@@ -479,6 +479,12 @@ class _Recorder(TorchFunctionMode):
                 f"tensorgraph: an input of the call at {_where(self._source())} was created under "
                 f"torch.inference_mode(); such tensors keep no version counter, so tensorgraph cannot record them. "
                 f"Create it outside inference_mode (or .clone() it there).")
+        if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+            # the transform's results would enter the graph as new leaves, the gradient through it cut off
+            raise RuntimeError(
+                f"tensorgraph: the call at {_where(self._source())} runs inside a torch.func transform "
+                f"(grad, vmap, jacrev, ...), which tg.record() cannot record. Call the transform outside "
+                f"the block, or write the computation as plain torch ops.")
         node = graph._add_node(op="leaf", kind="leaf", value=tensor, version=tensor._version, source=None)
         graph._live[id(tensor)] = (node, tensor._version, tensor)
         return node
@@ -550,9 +556,11 @@ class _Recorder(TorchFunctionMode):
                 attrs = _attrs(op, bound_args, bound_kwargs)
             except UnsupportedCall as err:
                 unsupported = str(err)
-        if kind == "op" and outputs[0].dtype.is_complex:
+        if kind == "op" and (outputs[0].dtype.is_complex if len(outputs) == 1 else any(
+                o is not None and o.dtype.is_complex for o in outputs)):
             unsupported = f"{name} produced a complex tensor; tensorgraph's rules are for real tensors"
-        elif kind == "op" and floating and torch.is_autocast_enabled(outputs[0].device.type):
+        elif kind == "op" and floating and torch.is_autocast_enabled(
+                next(o for o in outputs if o is not None).device.type):
             unsupported = (f"{name} was recorded under torch.autocast, whose casts happen below the calls "
                            f"tensorgraph records (its rules would get other dtypes than the op computed in); record "
                            f"without autocast, casting explicitly (model.to(torch.bfloat16), x.to(torch.bfloat16))")

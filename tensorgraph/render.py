@@ -218,7 +218,8 @@ def output_format(path: str | os.PathLike) -> tuple[Path, str]:
                          f"{target.suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
     folder = target.parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"render: cannot write {str(target)!r}: the folder {str(folder)!r} does not exist")
+        problem = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"render: cannot write {str(target)!r}: the folder {str(folder)!r} {problem}")
     return target, fmt
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -19,7 +20,17 @@ from torch import Tensor
 
 from .ops import UnsupportedCall, constants, defop
 
-aten = torch.ops.aten
+# The aten kernels the rules call. A traced backward graph records them, so a loaded graph file
+# may name them (tensorgraph.serialize); they are the only torch.ops it may run, since aten also
+# holds ops that touch files (from_file). A rule calling a kernel not listed fails at once.
+KERNELS = frozenset({
+    "_adaptive_avg_pool2d_backward", "_log_softmax_backward_data", "_softmax_backward_data", "avg_pool2d_backward",
+    "convolution_backward", "elu_backward", "gelu_backward", "leaky_relu_backward", "max_pool2d_with_indices",
+    "max_pool2d_with_indices_backward", "native_batch_norm", "native_batch_norm_backward", "native_layer_norm",
+    "native_layer_norm_backward", "sigmoid_backward", "silu_backward", "softplus_backward", "tanh_backward",
+    "threshold_backward",
+})
+aten = SimpleNamespace(**{name: getattr(torch.ops.aten, name) for name in sorted(KERNELS)})
 
 
 # ---------------------------------------------------------------- helpers

@@ -70,12 +70,12 @@ def save(graph: Graph, path: str | os.PathLike, *, values: bool = False) -> Path
     """
     path = Path(path)
     fmt = _format_of(path)
-    if not path.parent.is_dir():  # else the error would name the temporary file
-        raise FileNotFoundError(f"graph.save: cannot write {str(path)!r}: the folder {str(path.parent)!r} does not "
-                                f"exist")
     if getattr(graph, "_recording", False):
         raise ValueError(f"graph.save({str(path)!r}): the graph is still being recorded; save it after the "
                          f"tg.record() block ends")
+    if values and any(data["value"].is_meta for data in graph._nodes):
+        raise ValueError(f"graph.save({str(path)!r}, values=True): the graph was loaded from "
+                         f"{getattr(graph, 'loaded_from', 'a file')} without values; it has none to save")
     out = nx.MultiDiGraph()
     out.graph.update({"format": FORMAT, "version": VERSION, "values": bool(values),
                       "anomaly": bool(getattr(graph, "anomaly", False)), "torch": str(torch.__version__)})
@@ -104,6 +104,11 @@ def _format_of(path: Path) -> str:
 def _write_atomically(path: Path, data: bytes) -> None:
     """A temporary file in the same directory, then a rename: readers never see half a file."""
     directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():  # else the error would name the temporary file
+        problem = "is a file, not a folder" if directory.exists() else "does not exist"
+        raise FileNotFoundError(f"graph.save: cannot write {str(path)!r}: the folder {str(directory)!r} {problem}")
+    if path.is_dir():
+        raise IsADirectoryError(f"graph.save: cannot write {str(path)!r}: it is a folder")
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -117,13 +122,15 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _siblings(graph: Graph) -> dict[int, list[int]]:
-    """The nodes of one call returning several tensors (max(dim): values, indices), by node."""
-    groups: dict[int, list[int]] = {}
+def _siblings(graph: Graph) -> dict[int, list[int | None]]:
+    """The nodes of one call returning several tensors (max(dim): values, indices), by node, each at its
+    output index; None where the call returned None (aten's convolution_backward: (dx, dw, None))."""
+    groups: dict[int, list[int | None]] = {}
     for node, data in enumerate(graph._nodes):
         if data.get("output_index") is not None:
-            groups.setdefault(id(data["args"]), []).append(node)
-    return {node: members for members in groups.values() for node in members}
+            group = groups.setdefault(id(data["args"]), [None] * len(data["result"]))
+            group[data["output_index"]] = node
+    return {node: members for members in groups.values() for node in members if node is not None}
 
 
 def _node_record(data: dict[str, Any], siblings: list[int] | None, values: bool) -> dict[str, Any]:
@@ -292,13 +299,22 @@ class Uncallable:
 
 def _callable(path: str) -> Any:
     from .ops import lookup
+    from .rules import KERNELS
 
     original = resolve(path)
+    if not callable(original):
+        raise ValueError(f"{path!r} is not callable")
     if lookup(original) is not None:
         return original
-    if path.startswith("torch.ops.aten.") and isinstance(original, (torch._ops.OpOverloadPacket,
-                                                                     torch._ops.OpOverload)):
-        return original  # aten's math kernels (the rules call them): no files, no processes
+    if isinstance(original, torch._ops.OpOverload):
+        packet = original.overloadpacket
+    elif isinstance(original, torch._ops.OpOverloadPacket):
+        packet = original
+    else:
+        return Uncallable(path, original)
+    namespace, _, name = packet._qualified_op_name.partition("::")
+    if namespace == "aten" and name in KERNELS:
+        return original  # the math kernels the rules call (a traced backward graph holds them)
     return Uncallable(path, original)
 
 
@@ -312,26 +328,29 @@ def load_graph(path: str | os.PathLike) -> Graph:
     """
     path = Path(path)
     fmt = _format_of(path)
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
     try:
+        text = data.decode("utf-8")  # UnicodeDecodeError is a ValueError
         if fmt == "json":
             raw = nx.node_link_graph(json.loads(text), directed=True, multigraph=True, edges="edges")
         else:
             raw = nx.parse_graphml(text, node_type=int, force_multigraph=True)
-    except (nx.NetworkXError, KeyError, TypeError, ValueError, SyntaxError) as err:  # XML's ParseError: SyntaxError
+    # XML's ParseError is a SyntaxError; JSON that is not an object fails with AttributeError; nesting too
+    # deep for the parser, with RecursionError
+    except (nx.NetworkXError, KeyError, TypeError, ValueError, SyntaxError, AttributeError, RecursionError) as err:
         kind = "node-link JSON" if fmt == "json" else "GraphML"
         raise ValueError(f"{path}: not a readable {kind} graph file ({type(err).__name__}: {err})") from None
     return _build(path, raw, fmt)
 
 
 def _build(path: Path, raw: nx.MultiDiGraph, fmt: str) -> Graph:
-    if raw.graph.get("format") != FORMAT:
+    if not isinstance(raw.graph, dict) or raw.graph.get("format") != FORMAT:
         raise ValueError(f"{path}: not a tensorgraph graph (no 'format': {FORMAT!r} in its graph attributes)")
     if raw.graph.get("version") != VERSION:
         raise ValueError(f"{path}: graph format version {raw.graph.get('version')!r}; this tensorgraph reads "
                          f"version {VERSION}")
     count = raw.number_of_nodes()
-    if sorted(raw.nodes) != list(range(count)):
+    if not all(isinstance(k, int) for k in raw.nodes) or sorted(raw.nodes) != list(range(count)):
         raise ValueError(f"{path}: node ids must be 0..{count - 1} in creation order")
     with_values = bool(raw.graph.get("values"))
     graph = Graph()
@@ -342,8 +361,12 @@ def _build(path: Path, raw: nx.MultiDiGraph, fmt: str) -> Graph:
         graph._nodes.append(_node_data(path, node, record, with_values))
     _check_edges(path, graph, raw)
     for node, data in enumerate(graph._nodes):
+        if any(k is not None and (k >= count or graph._nodes[k]["result"] != data["result"])
+               for k in data["result"] or ()):
+            raise ValueError(f"{path}: node {node}: result {data['result']!r} must list nodes of the same call")
+    for node, data in enumerate(graph._nodes):
         if data["result"] is not None:
-            data["result"] = tuple(graph._nodes[k]["value"] for k in data["result"])
+            data["result"] = tuple(None if k is None else graph._nodes[k]["value"] for k in data["result"])
         graph._live[id(data["value"])] = (node, data["value"]._version, data["value"])
     graph._names = {data["name"]: node for node, data in enumerate(graph._nodes)}
     if len(graph._names) != count:
@@ -387,7 +410,7 @@ def _node_data(path: Path, node: int, record: dict[str, Any], with_values: bool)
         try:
             func = _callable(str(record["func"]))
         except (ValueError, AttributeError, ImportError):
-            unsupported = unsupported or f"its torch callable {record['func']!r} does not exist in this torch"
+            unsupported = unsupported or f"{record['func']!r} names no callable of this torch"
     try:
         args, kwargs = decode(record.get("args") or {"$tuple": []}), decode(record.get("kwargs") or {"$dict": {}})
         bargs, bkwargs = decode(record.get("bargs") or {"$tuple": []}), decode(record.get("bkwargs") or {"$dict": {}})
@@ -398,9 +421,10 @@ def _node_data(path: Path, node: int, record: dict[str, Any], with_values: bool)
         unsupported = "the graph was loaded without values (save it with values=True to differentiate it)"
     elif record["kind"] == "op" and _has_opaque((bargs, bkwargs)):
         unsupported = unsupported or "an argument of the call could not be saved"
-    result = record.get("result")
-    if result is not None and (not isinstance(result, list) or not all(isinstance(k, int) for k in result)):
-        raise ValueError(f"{where}: result must list node ids, got {result!r}")
+    elif record["kind"] == "op" and func is None:
+        unsupported = unsupported or "the file names no torch callable for it"
+    _check_call(where, record, (args, kwargs, bargs, bkwargs, attrs), inputs)
+    _check_bookkeeping(where, node, record)
     return {
         "name": str(record["name"]), "named": bool(record.get("named", False)), "op": str(record["op"]),
         "kind": record["kind"], "attrs": attrs, "source": str(record.get("source") or ""),
@@ -408,10 +432,63 @@ def _node_data(path: Path, node: int, record: dict[str, Any], with_values: bool)
         "scope": str(record.get("scope") or ""), "func": func,
         "args": args, "kwargs": kwargs, "bargs": bargs, "bkwargs": bkwargs,
         "inplace": bool(record.get("inplace", False)), "previous": record.get("previous"),
-        "output_index": record.get("output_index"), "result": result, "unsupported": unsupported,
+        "output_index": record.get("output_index"), "result": record.get("result"), "unsupported": unsupported,
         "version": value._version, "rule": None, "value": value, "inputs": list(inputs), "shape": tuple(shape),
         "dtype": dtype,
     }
+
+
+def _check_call(where: str, record: dict[str, Any], call: tuple, inputs: list[int]) -> None:
+    """The recorded call must fit the node: the engine, printer and renderer index with it."""
+    args, kwargs, bargs, bkwargs, attrs = call
+    for key, value, kind in (("args", args, tuple), ("bargs", bargs, tuple), ("kwargs", kwargs, dict),
+                             ("bkwargs", bkwargs, dict), ("attrs", attrs, dict)):
+        if not isinstance(value, (kind, list) if kind is tuple else kind):
+            raise ValueError(f"{where}: {key} must be a {'sequence' if kind is tuple else 'mapping'}, "
+                             f"got {value!r}")
+    if record["kind"] == "leaf" and (inputs or args or kwargs or record.get("func")):
+        raise ValueError(f"{where}: a leaf has no inputs and no call")
+    if not (record.get("func") is None or isinstance(record["func"], str)):
+        raise ValueError(f"{where}: func must be a dotted name, got {record['func']!r}")
+    bound = set(_refs((bargs, bkwargs)))  # a call not saved (a custom Function's) binds nothing
+    if set(_refs((args, kwargs))) != set(inputs) or not (bound == set(inputs) or (bound <= set(inputs)
+                                                                                  and not record.get("func"))):
+        raise ValueError(f"{where}: the call's tensor arguments ($ref) do not match its inputs {inputs}")
+
+
+def _check_bookkeeping(where: str, node: int, record: dict[str, Any]) -> None:
+    """In-place versions (inplace, previous) and calls with several outputs (output_index, result)."""
+    for key in ("named", "inplace"):
+        if not isinstance(record.get(key, False), bool):
+            raise ValueError(f"{where}: {key} must be true or false, got {record[key]!r}")
+    previous = record.get("previous")
+    if previous is not None and not (isinstance(previous, int) and not isinstance(previous, bool)
+                                     and 0 <= previous < node):
+        raise ValueError(f"{where}: previous (the tensor an in-place op updated) must be an earlier node's id, "
+                         f"got {previous!r}")
+    if record.get("inplace", False) != (previous is not None):
+        raise ValueError(f"{where}: an in-place node (inplace: true) names the node it updated (previous), "
+                         f"and only such a node does")
+    index, result = record.get("output_index"), record.get("result")
+    if (index is None) != (result is None):
+        raise ValueError(f"{where}: output_index and result come together (one call's several outputs)")
+    if result is not None and not (isinstance(result, list) and all(
+            k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 0) for k in result)
+            and isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(result)
+            and result[index] == node):
+        raise ValueError(f"{where}: result must list the ids of its call's outputs, this node's at output_index "
+                         f"{index!r}, got {result!r}")
+
+
+def _refs(value: Any) -> list[int]:
+    """The node ids of the Refs in a decoded call, in order."""
+    if isinstance(value, Ref):
+        return [value.node]
+    if isinstance(value, (tuple, list)):
+        return [node for item in value for node in _refs(item)]
+    if isinstance(value, dict):
+        return [node for item in value.values() for node in _refs(item)]
+    return []
 
 
 def _value(where: str, data: Any, shape: list[int], dtype: torch.dtype, with_values: bool) -> Tensor:
@@ -430,7 +507,10 @@ def _check_edges(path: Path, graph: Graph, raw: nx.MultiDiGraph) -> None:
     """Edges must agree with each node's inputs (the argument order)."""
     expected = sorted((source, node, position) for node, data in enumerate(graph._nodes)
                       for position, source in enumerate(data["inputs"]))
-    found = sorted((u, v, int(k)) for u, v, k in raw.edges(keys=True))
+    try:
+        found = sorted((u, v, int(k)) for u, v, k in raw.edges(keys=True))
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: an edge's key is not its argument position (an integer)") from None
     if found != expected:
         raise ValueError(f"{path}: the edges do not match the nodes' inputs ({len(found)} edges, "
                          f"{len(expected)} inputs)")

@@ -522,6 +522,17 @@ def test_cli_check_runs_a_notebooks_code_cells(tmp_path, capsys):
     assert "nb.ipynb, cell 3, line 2: ZeroDivisionError" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ['{"cells": 5}', '{"cells": [{"cell_type": "code", "source": 7}]}', '{"cells": [3]}',
+                                  '{"cells": [{"cell_type": "code", "source": [1, 2]}]}', "[1, 2]", "{not json"])
+def test_cli_check_names_a_malformed_notebook(text, tmp_path, capsys):
+    from tensorgraph.cli import main
+
+    path = _script(tmp_path, text, "nb.ipynb")
+    assert main(["check", path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nb.ipynb is not a readable Jupyter notebook" in err, err
+
+
 def test_a_shape_error_has_no_maxdiff_rather_than_inf(reports):
     row = reports("dW2-transposed")["dW2"]  # (27, 64) for (64, 27): no element stands for another
     assert math.isnan(row.maxdiff) and " | -          | " in str(row), str(row)

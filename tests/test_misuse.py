@@ -94,6 +94,26 @@ def test_a_forward_recorded_under_autocast_says_so_instead_of_a_dtype_error_from
     torch.nn.functional.linear(x.to(torch.bfloat16), w, lin.bias.detach()).float().pow(2).sum().backward()
     torch.testing.assert_close(graph.backward(loss)[lin.weight], w.grad)
 
+
+def conv_weight_and_bias_gradients():
+    """aten's convolution_backward asked for the weight's and bias's gradients only: (None, dw, db)."""
+    x, w, dy = r(1, 2, 5, 5), r(3, 2, 3, 3, seed=1), r(1, 3, 3, 3, seed=2)
+    return dy, x, w, [3], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, True]
+
+
+def test_a_call_returning_none_first_records_and_names_its_missing_rule():
+    args = conv_weight_and_bias_gradients()
+    with tg.record() as graph:
+        _, dw, db = torch.ops.aten.convolution_backward(*args)
+        loss = dw.sum() + db.sum()
+    line = sys._getframe().f_lineno - 2
+    expected = torch.ops.aten.convolution_backward(*args)
+    assert torch.equal(graph.value("dw"), expected[1]) and torch.equal(graph.value("db"), expected[2])
+    with pytest.raises(NotImplementedError, match=rf"no gradient rule for the op 'convolution_backward' "
+                                                  rf"\(called at .*{at(line)}"):
+        graph.backward(loss)
+
+
 def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
     x = r(1, 3, 5)
     cases = [
@@ -482,6 +502,25 @@ def test_inference_mode_is_refused_clearly():
             (frozen * 2).sum()
 
 
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])
+def test_a_torch_func_transform_inside_the_block_is_refused_not_cut_off(transform):
+    """torch.func's result came back as a new leaf: d/dw of (grad f(w) * w).sum() lost its Hessian term."""
+    x, w = r(2, 3), r(3, 3, seed=1)
+
+    def f(v):
+        return torch.tanh(x @ v).sum()
+
+    call = {"grad": lambda: torch.func.grad(f)(w), "vmap": lambda: torch.func.vmap(torch.tanh)(w),
+            "jacrev": lambda: torch.func.jacrev(f)(w)}[transform]
+    with pytest.raises(RuntimeError, match=rf"call at .*{HERE}:\d+ runs inside a torch.func transform"):
+        with tg.record():
+            (call() * w).sum()
+    outside = call()  # a transform's result made before the block is an input like any other
+    with tg.record() as graph:
+        loss = (outside * w).sum()
+    torch.testing.assert_close(graph.backward(loss)[w], outside, rtol=0, atol=0)
+
 @pytest.mark.parametrize("how", ["no_grad", "data", "data_copy"])
 def test_leaf_parameter_changed_between_recording_and_backward(how):
     x, w = r(2, 3), r(3, 3, seed=1)
@@ -730,7 +769,8 @@ def _misuses():
                 cases.append((name, _with(parser, option, "nonsense"), f"{option} nonsense"))
             if action.dest in _INPUT_FILES:
                 cases += [(name, _with(parser, option, "missing/nothing-here.pt"), f"{option} missing file"),
-                          (name, _with(parser, option, "garbage.bin"), f"{option} garbage file")]
+                          (name, _with(parser, option, "garbage.bin"), f"{option} garbage file"),
+                          (name, _with(parser, option, "d"), f"{option} a folder")]
     return cases
 
 
@@ -772,11 +812,14 @@ def test_every_registered_command_is_exercised():
 def test_cli_misuse_is_one_line_and_status_2(command, argv, what, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "garbage.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "d").mkdir()
     status, err = _run_cli([command] + argv, capsys)
     lines = err.strip().splitlines()
     assert status == 2, f"tensorgraph {command} {' '.join(argv)} ({what}): exit status {status}, stderr {err!r}"
     assert len(lines) == 1 and "Traceback" not in err, f"({what}) not one line: {err!r}"
     assert lines[0].startswith("tensorgraph") and "error:" in lines[0]
+    if what.endswith("a folder"):
+        assert "folder" in lines[0] or "directory" in lines[0], f"({what}) does not say it is a folder: {err!r}"
     if "missing file" in what:
         assert "nothing-here.pt" in lines[0], f"the message must name the file: {lines[0]}"
 

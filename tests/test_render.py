@@ -653,11 +653,13 @@ def test_cli_render(tmp_path, capsys):
 @pytest.mark.parametrize("argv, words", [
     (["render", "--out", "mlp.gif"], ["mlp.gif", ".svg"]),
     (["render", "--out", "no/such/folder/mlp.svg"], ["no/such/folder", "does not exist"]),
+    (["render", "--out", "conftest.py/mlp.svg"], ["'conftest.py' is a file, not a folder"]),
     (["render", "--out", "mlp.svg", "--view", "sideways"], ["--view", "sideways"]),
     (["render"], ["--out"]),
 ])
 def test_cli_errors_are_one_line(argv, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "conftest.py").write_text("")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and all(word in err for word in words), err

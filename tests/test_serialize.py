@@ -204,12 +204,34 @@ def test_malformed_json_files_name_the_file_and_the_problem(tmp_path):
     case(lambda d: d["edges"].pop(), "the edges do not match the nodes' inputs")
     case(lambda d: d["nodes"][-1].update(id=100), r"node ids must be 0\.\.")
     case(lambda d: d.pop("nodes"), "not a readable node-link JSON graph file")
+    # hand edits that loaded and then crashed backward, compare or render with a TypeError or IndexError
+    case(lambda d: d["nodes"][3].update(bargs=-1), "node 3: bargs must be a sequence, got -1")
+    case(lambda d: d["nodes"][3].update(kwargs={"$tuple": []}), r"node 3: kwargs must be a mapping, got \(\)")
+    case(lambda d: d["nodes"][2].update(bargs=None), r"node 2: the call's tensor arguments \(\$ref\) do not match "
+                                                     r"its inputs \[0, 1\]")
+    case(lambda d: d["nodes"][2].update(args={"$tuple": [{"$ref": 0}, {"$ref": 999}]}), "do not match its inputs")
+    case(lambda d: d["nodes"][0].update(inputs=[], func="torch.tanh"), "node 0: a leaf has no inputs and no call")
+    case(lambda d: d["nodes"][3].update(func=7), "node 3: func must be a dotted name, got 7")
+    case(lambda d: d["nodes"][4].update(previous=9), "node 4: previous .* must be an earlier node's id, got 9")
+    case(lambda d: d["nodes"][3].update(inplace=True), r"node 3: an in-place node \(inplace: true\) names")
+    case(lambda d: d["nodes"][3].update(named="yes"), "node 3: named must be true or false")
+    case(lambda d: d["nodes"][12].update(output_index=5), r"node 12: result must list the ids of its call's outputs")
+    case(lambda d: d["nodes"][12].update(output_index=1.5), "node 12: result must list")
+    case(lambda d: d["nodes"][2].update(output_index=0), "node 2: output_index and result come together")
+    case(lambda d: d["nodes"][12].update(result=[12, 10**6]), r"node 12: result \[12, 1000000\] must list nodes of "
+                                                             "the same call")
+    case(lambda d: d["nodes"][0].update(id="x"), r"node ids must be 0\.\.")
+    case(lambda d: d.update(graph=[]), "not a tensorgraph graph")
+    case(lambda d: d["edges"][0].update(key="zz"), "an edge's key is not its argument position")
     for copy, message in cases:
         with pytest.raises(ValueError, match=rf"g\.json: .*{message}"):
             tg.load_graph(_rewrite(path, copy))
     for text, message in [("{not json", "not a readable node-link JSON"), ("", "not a readable node-link JSON"),
-                          (path.read_text()[: len(path.read_text()) // 2], "not a readable")]:
-        path.write_text(text)
+                          (path.read_text()[: len(path.read_text()) // 2], "not a readable"),
+                          ("[1, 2]", "not a readable"), ("null", "not a readable"),
+                          ("[" * 100_000 + "]" * 100_000, r"not a readable .*RecursionError"),
+                          ("\udcff{}", r"not a readable .*UnicodeDecodeError")]:
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
         with pytest.raises(ValueError, match=rf"g\.json: {message}"):
             tg.load_graph(path)
 
@@ -233,9 +255,31 @@ def test_malformed_values_and_graphml(tmp_path):
         tg.load_graph(broken)
 
 
+def test_a_graph_loaded_without_values_cannot_be_saved_with_values(tmp_path):
+    path, _ = _saved(tmp_path)
+    with pytest.raises(ValueError, match=r"values=True\): the graph was loaded from .*g\.json without values"):
+        tg.load_graph(path).save(tmp_path / "again.json", values=True)
+
+
 def test_missing_file_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         tg.load_graph(tmp_path / "nope.json")
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(IsADirectoryError):
+        tg.load_graph(tmp_path / "folder.json")
+
+
+def test_save_where_it_cannot_write_names_the_path_not_a_temporary_file(tmp_path):
+    graph, _ = kitchen_sink()
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(IsADirectoryError, match=r"cannot write '.*folder\.json': it is a folder$"):
+        graph.save(tmp_path / "folder.json")
+    with pytest.raises(FileNotFoundError, match=r"cannot write '.*g\.json': the folder '.*nope' does not exist$"):
+        graph.save(tmp_path / "nope" / "g.json")
+    with pytest.raises(FileNotFoundError, match=r"the folder '.*file' is a file, not a folder$"):
+        graph.save(tmp_path / "file" / "g.graphml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.json"]
 
 
 def test_saving_into_a_missing_folder_names_the_path_not_a_temporary_file(tmp_path):
@@ -258,12 +302,47 @@ def test_a_file_cannot_make_a_loaded_graph_call_arbitrary_code(tmp_path, monkeyp
     with pytest.raises(NotImplementedError, match="does not call torch.save"):
         loaded._nodes[op_node]["func"]("x", "y")
     assert loaded._nodes[op_node + 1]["func"] is None
-    assert "does not exist" in loaded._nodes[op_node + 1]["unsupported"]
+    assert "'os.system' names no callable of this torch" in loaded._nodes[op_node + 1]["unsupported"]
     with pytest.raises((NotImplementedError, TypeError)):
         loaded.compare("loss")
     assert not called
     with pytest.raises(ValueError, match="not a name inside torch or tensorgraph"):
         serialize.resolve("builtins.eval")
+
+
+def test_a_file_cannot_make_compare_open_a_file_through_an_aten_op(tmp_path):
+    """aten holds from_file (a path, and shared=True maps it writable): only the rules' own kernels run."""
+    y = torch.randn(3, dtype=D)
+    with tg.record() as graph:
+        made = torch.zeros(1, dtype=D)
+        loss = (y * 2).sum() + made.exp().sum()
+    path = tmp_path / "g.json"
+    graph.save(path, values=True)
+    data = json.loads(path.read_text())
+    node = next(n for n in data["nodes"] if n["op"] == "zeros")
+    assert graph.name_of(loss) == "loss"
+    target = tmp_path / "victim.bin"
+    node["func"], node["kind"] = "torch.ops.aten.from_file", "op"
+    node["args"] = node["bargs"] = {"$tuple": [str(target), True, 1]}
+    node["kwargs"] = node["bkwargs"] = {"$dict": {"dtype": {"$dtype": "float64"}}}
+    loaded = tg.load_graph(_rewrite(path, data))
+    assert isinstance(loaded.node("made")["func"], serialize.Uncallable)
+    with pytest.raises(NotImplementedError, match="does not call torch.ops.aten.from_file"):
+        loaded.compare("loss")
+    assert not target.exists()
+    data["nodes"][0]["func"], data["nodes"][0]["kind"] = "torch.__builtins__", "op"  # not callable at all
+    assert "names no callable" in tg.load_graph(_rewrite(path, data))._nodes[0]["unsupported"]
+
+
+def test_every_aten_kernel_the_rules_call_is_listed_in_kernels():
+    """rules.aten holds only rules.KERNELS (what a loaded graph may run): a rule calling another fails at run time."""
+    import re
+    from pathlib import Path
+
+    from tensorgraph import rules
+
+    called = set(re.findall(r"\baten\.(\w+)", Path(rules.__file__).read_text()))
+    assert called <= rules.KERNELS, f"called by rules, not in rules.KERNELS: {sorted(called - rules.KERNELS)}"
 
 
 def test_every_table_callable_has_a_name_that_resolves_back():
@@ -301,3 +380,20 @@ def test_a_traced_backward_graph_round_trips_with_its_aten_kernels(tmp_path):
     kernels = [d["func"] for d in loaded._nodes if isinstance(d["func"], torch._ops.OpOverloadPacket)]
     assert {k._qualified_op_name for k in kernels} == {"aten::tanh_backward", "aten::_softmax_backward_data"}
     assert loaded.render().source == adjoint.render().source
+
+
+def test_a_call_returning_none_keeps_each_output_at_its_index(tmp_path, suffix):
+    """(None, dw, db) from aten's convolution_backward: the loaded call's results stay where torch put them."""
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(shape, generator=g, dtype=D) for shape in [(1, 2, 5, 5), (3, 2, 3, 3), (1, 3, 3, 3)])
+    call = (dy, x, w, [3], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, True])
+    with tg.record() as graph:
+        _, dw, db = torch.ops.aten.convolution_backward(*call)
+    graph.save(tmp_path / f"g{suffix}", values=True)
+    loaded = tg.load_graph(tmp_path / f"g{suffix}")
+    expected = torch.ops.aten.convolution_backward(*call)
+    for name in ("dw", "db"):
+        data = loaded.node(name)
+        assert data["result"][0] is None and len(data["result"]) == 3
+        assert torch.equal(data["result"][data["output_index"]], expected[data["output_index"]]), name
+        assert data["result"][data["output_index"]] is data["value"]

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     path = Path(args.script)
     if not path.is_file():
-        raise CLIError(f"no such file: {path}", "tensorgraph check")
+        raise CLIError(f"{path} is a folder, not a file" if path.is_dir() else f"no such file: {path}",
+                       "tensorgraph check")
     if args.render:
         from ..render import output_format
 
@@ -130,10 +131,14 @@ def _notebook_cells(path: Path) -> list[tuple[str, int]] | None:
     if path.suffix != ".ipynb":
         return None
     try:
-        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        return _code_cells(json.loads(path.read_text(encoding="utf-8"))["cells"])
+    # a cell list, a cell or a source of another JSON type: TypeError or AttributeError
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         raise CLIError(f"{path} is not a readable Jupyter notebook ({type(err).__name__}); export its code with "
                        f"`jupyter nbconvert --to script {path}` and check the .py", PROG) from None
+
+
+def _code_cells(cells: list[dict]) -> list[tuple[str, int]]:
     code = []
     for number, cell in enumerate((c for c in cells if c.get("cell_type") == "code"), 1):
         source = cell.get("source", "")
