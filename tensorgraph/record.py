@@ -716,16 +716,26 @@ class record:
         if anomaly and not check_leaves:
             raise ValueError("tg.record: anomaly=True checks every recorded value, leaves included; it cannot be "
                              "combined with check_leaves=False")
+        self.anomaly, self.names, self.check_leaves = anomaly, names, check_leaves
+        self._entered = False
+        self._new_graph()
+
+    def _new_graph(self) -> None:
         self.graph = Graph()
-        self.graph.anomaly = anomaly
-        self.graph._user_names = names
-        self.check_leaves = check_leaves
-        self._mode = _Recorder(self.graph, anomaly)
+        self.graph.anomaly = self.anomaly
+        self.graph._user_names = self.names
+        self._mode = _Recorder(self.graph, self.anomaly)
 
     def __enter__(self) -> Graph:
         if torch.is_inference_mode_enabled():
             raise RuntimeError("tensorgraph: tg.record() cannot record inside torch.inference_mode() (its tensors "
                                "keep no version counter); use torch.no_grad() instead")
+        if self.graph._recording:
+            raise RuntimeError("tensorgraph: this tg.record() object is already recording; an inner block needs "
+                               "its own tg.record()")
+        if self._entered:  # a record object reused across a loop: every block is its own graph, as with a new one
+            self._new_graph()
+        self._entered = True
         if not self.graph.anomaly:  # the last recording from this line is this one's template (tensorgraph.replay)
             self._mode.replay = _replay.session(sys._getframe(1), self.graph)
         self._mode.entry_frame = sys._getframe(1)

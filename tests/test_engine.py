@@ -250,6 +250,27 @@ def test_nested_and_repeated_records_are_independent():
     assert again.backward(d)[x].shape == (3,) and len(again) == 3
 
 
+def test_a_record_object_reused_across_a_loop_makes_a_new_graph_per_block():
+    w = torch.randn(3, dtype=D)
+    recorder = tg.record(names=False, check_leaves=False)  # hoisted out of the loop
+    graphs, losses = [], []
+    for step in range(3):
+        x = torch.full((3,), float(step + 1), dtype=D)
+        with recorder as graph:
+            loss = (w * x).tanh().sum()
+        graphs.append(graph)
+        losses.append((loss, x))
+    assert len({id(g) for g in graphs}) == 3 and [len(g) for g in graphs] == [len(graphs[0])] * 3
+    for graph, (loss, x) in zip(graphs, losses):  # earlier graphs keep their own recording
+        ref = w.clone().requires_grad_()
+        (expected,) = torch.autograd.grad((ref * x).tanh().sum(), ref)
+        torch.testing.assert_close(graph.backward(loss)[w], expected, rtol=0, atol=1e-15)
+    with pytest.raises(RuntimeError, match="already recording; an inner block needs its own tg.record"):
+        with recorder:
+            with recorder:
+                pass
+
+
 def test_threads_record_independent_graphs():
     results = {}
 
