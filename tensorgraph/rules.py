@@ -123,6 +123,21 @@ defop("rsqrt", lambda g, out, x: -0.5 * g * out.pow(3))
 defop("reciprocal", lambda g, out, x: -g * (out * out))
 defop("sin", lambda g, out, x: g * x.cos())
 defop("cos", lambda g, out, x: g * -x.sin())
+# the trigonometric and hyperbolic family, with derivatives.yaml's formulas
+defop("tan", lambda g, out, x: g * (1 + out.pow(2)))
+defop("asin", lambda g, out, x: g * (-x * x + 1).rsqrt(), funcs=("torch.arcsin", "Tensor.arcsin"),
+      inplace=("Tensor.arcsin_",))
+defop("acos", lambda g, out, x: g * -((-x * x + 1).rsqrt()), funcs=("torch.arccos", "Tensor.arccos"),
+      inplace=("Tensor.arccos_",))
+defop("atan", lambda g, out, x: g / (x * x + 1), funcs=("torch.arctan", "Tensor.arctan"), inplace=("Tensor.arctan_",))
+defop("sinh", lambda g, out, x: g * x.cosh())
+defop("cosh", lambda g, out, x: g * x.sinh())
+defop("asinh", lambda g, out, x: g * (x.pow(2) + 1).rsqrt(), funcs=("torch.arcsinh", "Tensor.arcsinh"),
+      inplace=("Tensor.arcsinh_",))
+defop("acosh", lambda g, out, x: g * (x.pow(2) - 1).rsqrt(), funcs=("torch.arccosh", "Tensor.arccosh"),
+      inplace=("Tensor.arccosh_",))
+defop("atanh", lambda g, out, x: g * 1 / (1 - x.pow(2)), funcs=("torch.arctanh", "Tensor.arctanh"),
+      inplace=("Tensor.arctanh_",))
 defop("erf", lambda g, out, x: 2.0 / math.sqrt(math.pi) * torch.exp(-(x.pow(2))) * g, funcs=("special.erf",))
 # NOTE: torch's tanh/sigmoid backward kernels round g*(1-y*y) once; the same kernels keep us bit-exact.
 defop("tanh", lambda g, out, x: aten.tanh_backward(g, out))  # g * (1 - out**2)
@@ -142,6 +157,12 @@ defop(
     "elu",
     lambda g, out, x, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0, True, out),
 )
+# NOTE: hardtanh passes the gradient strictly inside (min_val, max_val): none at the bounds, as torch gives
+defop("hardtanh", lambda g, out, x, min_val=-1.0, max_val=1.0: aten.hardtanh_backward(g, x, min_val, max_val))
+defop("relu6", lambda g, out, x: aten.hardtanh_backward(g, x, 0.0, 6.0))  # torch's relu6 is hardtanh(x, 0, 6)
+defop("mish", lambda g, out, x: aten.mish_backward(g, x))
+defop("hardswish", lambda g, out, x: aten.hardswish_backward(g, x))
+defop("hardsigmoid", lambda g, out, x: aten.hardsigmoid_backward(g, x))
 # piecewise-constant functions: zero gradient, as torch gives
 for _name in ("sign", "sgn", "floor", "ceil", "round", "trunc"):
     defop(_name, _zeros_like_grad)

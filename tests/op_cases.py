@@ -74,6 +74,25 @@ UNARY = {
     "clone": lambda x: x.clone(),
     "to_same": lambda x: x.to(torch.float64) * 2,
     "float_roundtrip": lambda x: x.float().double(),
+    "hardtanh": lambda x: F.hardtanh(x),
+    "hardtanh_bounds": lambda x: F.hardtanh(x, min_val=-0.5, max_val=0.25),
+    "hardtanh_module_inplace": lambda x: torch.nn.Hardtanh(-0.2, 0.7, inplace=True)(x * 1.0),
+    "relu6": lambda x: F.relu6(x * 4),
+    "relu6_module": lambda x: torch.nn.ReLU6()(x * 4 + 3),
+    "mish": lambda x: F.mish(x),
+    "hardswish": lambda x: F.hardswish(x * 3),
+    "hardsigmoid": lambda x: F.hardsigmoid(x * 3),
+    "tan": lambda x: x.tan(),
+    "asin": lambda x: (x * 0.3).asin(),
+    "acos": lambda x: torch.acos(x * 0.3),
+    "arcsin_arccos": lambda x: torch.arcsin(x * 0.2) + (x * 0.2).arccos(),
+    "atan": lambda x: torch.atan(x),
+    "sinh": lambda x: x.sinh(),
+    "cosh": lambda x: torch.cosh(x),
+    "asinh": lambda x: x.asinh(),
+    "atanh": lambda x: (x * 0.3).atanh(),
+    "arctan_arcsinh_arctanh": lambda x: x.arctan() + torch.arcsinh(x) + (x * 0.2).arctanh(),
+    "asin_tan_inplace": lambda x: (x * 0.3).asin_().tan_(),
 }
 
 POSITIVE_UNARY = {
@@ -87,6 +106,7 @@ POSITIVE_UNARY = {
     "rdiv_2": lambda x: 2.5 / x,
     "pow_frac": lambda x: x**-0.5,
     "pow_1.5": lambda x: x**1.5,
+    "acosh": lambda x: (x + 1).acosh(),
 }
 
 BINARY = {
@@ -174,6 +194,10 @@ TIED = {
     "amax_ties": lambda x: x.amax(1),
     "maximum_ties": lambda x: torch.maximum(x, x.flip(1)),
     "fmax_ties": lambda x: torch.fmax(x, x.flip(1)) + torch.fmin(x.flip(0), x),
+    "hardtanh_at_bounds": lambda x: F.hardtanh(x, 0.0, 2.0),  # 0 and 2 are the bounds: no gradient there
+    "relu6_at_0_and_6": lambda x: F.relu6(x * 2),  # 0 and 6
+    "relu6_inplace_at_kinks": lambda x: F.relu6(x * 2 - 6, inplace=True),  # 0 and 6 again, in place
+    "hardswish_at_kinks": lambda x: F.hardswish(x - 3) + F.hardsigmoid(x * 1.5 - 3),  # -3, 0 and 3
 }
 
 SHAPE_OPS = {

@@ -46,7 +46,7 @@ def torch_grads(fn, *inputs):
 
 NO_RULE = {
     "cumprod": lambda x: x.cumprod(0).sum(),
-    "atan": lambda x: torch.atan(x).sum(),
+    "hypot": lambda x: torch.hypot(x, x * 2).sum(),
     "kthvalue": lambda x: x.kthvalue(2).values,
     "logcumsumexp": lambda x: x.logcumsumexp(0).sum(),
     "lerp": lambda x: torch.lerp(x, x * 2, 0.3).sum(),
