@@ -539,6 +539,55 @@ defop("norm", norm)
 defop("vector_norm", lambda g, out, x, ord=2, dim=None, keepdim=False, *, dtype=None: norm(
     g, out, x, ord, dim, keepdim), funcs=("linalg.vector_norm",))
 
+
+def _vector_norm_backward(g: Tensor, x: Tensor, p: float, n: Tensor) -> Tensor:
+    """d ||x||_p / dx with ``g`` and the norm ``n`` kept-dim: torch's norm_backward, for finite p > 0."""
+    if p == 1:
+        return x.sgn() * g
+    if p == 2:
+        return g * (x / n).masked_fill(n == 0, 0)
+    if p <= 0 or math.isinf(p):
+        raise UnsupportedCall(f"normalize: only finite p > 0 has a rule (got p={p!r})")
+    if p < 1:
+        return x.sgn() * x.abs().pow(p - 1).masked_fill(x == 0, 0) * g * n.pow(1 - p)
+    scaled = x.sgn() * x.abs().pow(p - 1) if p < 2 else x * x.abs().pow(p - 2)
+    return scaled * (g / n.pow(p - 1)).masked_fill(n == 0, 0)
+
+
+def normalize(g: Tensor, out: Tensor, input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    """``x / x.norm(p, dim, keepdim=True).clamp_min(eps)``, differentiated through its parts as torch does.
+
+    Where the norm is below ``eps`` (a zero vector) the denominator is the constant ``eps``: ``g / eps``.
+    """
+    x = input
+    n = x.norm(p, dim, keepdim=True)
+    d = n.clamp_min(eps)
+    grad_d = (-g * ((x / d) / d)).sum(dim, keepdim=True)
+    return g / d + _vector_norm_backward(torch.where(n >= eps, grad_d, 0.0), x, p, n)
+
+
+def cosine_similarity(g: Tensor, out: Tensor, x1: Tensor, x2: Tensor, dim: int = 1, eps: float = 1e-8) -> tuple:
+    """``((x1 / |x1|) * (x2 / |x2|)).sum(dim)``, each norm clamped to ``eps`` outside the gradient, as torch does.
+
+    NOTE: where the clamp acts the gradient still flows through the norm: torch's convention, not the derivative.
+    """
+    shape = torch.broadcast_shapes(x1.shape, x2.shape)  # (expand, not broadcast_tensors: printable backward code)
+    x1, x2 = x1.expand(shape), x2.expand(shape)
+    g = g.unsqueeze(dim)
+    grads = []
+    for x, other in ((x1, x2), (x2, x1)):
+        n = torch.linalg.vector_norm(x, 2, dim, keepdim=True)
+        n_other = torch.linalg.vector_norm(other, 2, dim, keepdim=True)
+        d, d_other = n.clamp_min(eps), n_other.clamp_min(eps)
+        grad_unit = g * (other / d_other)  # d(a * b)/da = b, a = x / d
+        grad_n = (-grad_unit * ((x / d) / d)).sum(dim, keepdim=True)  # through d = n: the clamp is invisible
+        grads.append(grad_unit / d + _vector_norm_backward(grad_n, x, 2, n))
+    return tuple(grads)
+
+
+defop("normalize", normalize)
+defop("cosine_similarity", cosine_similarity)
+
 # ---------------------------------------------------------------- shapes and views
 
 for _name in ("view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",

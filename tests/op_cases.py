@@ -325,6 +325,32 @@ def nn_cases():
     yield "scatter_add", lambda x, s: x.scatter_add(1, torch.tensor([[0, 1], [2, 2]]), s), [r(2, 4, seed=1),
                                                                                          r(2, 2, seed=2)]
     yield "index_put", lambda x, v: x.index_put((torch.tensor([0, 2]),), v), [r(3, 4, seed=1), r(4, seed=2)]
+    yield from norm_cases()
+
+
+def _zero_row(*shape, seed=0):
+    x = r(*shape, seed=seed)
+    x[1] = 0
+    return x
+
+
+def norm_cases():
+    """F.normalize, F.cosine_similarity; ``nonsmooth`` in a name: torch's convention (no finite differences)."""
+    yield "normalize", lambda x: F.normalize(x), [r(4, 5, seed=1)]
+    yield "normalize_dim_p1", lambda x: F.normalize(x, p=1, dim=-1), [r(2, 3, 5, seed=2)]
+    yield "normalize_p3_dim0", lambda x: F.normalize(x, 3.0, 0), [r(4, 5, seed=3)]
+    yield "normalize_p1.5_p0.5", lambda x: F.normalize(x, p=1.5, dim=1) + F.normalize(x, p=0.5, dim=1), [
+        r(4, 5, seed=4)]
+    yield "normalize_nonsmooth_zero_row", lambda x: F.normalize(x, dim=1), [_zero_row(3, 4, seed=5)]
+    yield "normalize_nonsmooth_eps", lambda x: F.normalize(x, dim=1, eps=2.0), [r(3, 4, seed=6)]  # all clamped
+    yield "cosine_similarity", lambda a, b: F.cosine_similarity(a, b), [r(4, 5, seed=1), r(4, 5, seed=2)]
+    yield "cosine_similarity_broadcast", lambda a, b: F.cosine_similarity(a, b, dim=-1), [r(1, 5, seed=1),
+                                                                                          r(3, 4, 5, seed=2)]
+    yield "cosine_similarity_1d", lambda a, b: torch.cosine_similarity(a, b, 0), [r(5, seed=3), r(5, seed=4)]
+    yield "cosine_similarity_nonsmooth_zero_row", lambda a, b: F.cosine_similarity(a, b), [
+        _zero_row(3, 4, seed=5), r(3, 4, seed=6)]
+    yield "cosine_similarity_nonsmooth_eps", lambda a, b: F.cosine_similarity(a, b, eps=3.0), [
+        r(3, 4, seed=7), r(3, 4, seed=8)]
 
 
 def _with_weight(fn, w):
