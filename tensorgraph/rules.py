@@ -936,6 +936,64 @@ def batch_norm(g: Tensor, out: Tensor, x: Tensor, running_mean: Tensor | None, r
 defop("batch_norm", batch_norm, mutates=(1, 2))
 
 
+def group_norm(g: Tensor, out: Tensor, input: Tensor, num_groups: int, weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> tuple:
+    """Torch's fused group-norm backward (the statistics are recomputed from the input)."""
+    n, c, hxw = input.shape[0], input.shape[1], math.prod(input.shape[2:])
+    x = input.contiguous()
+    _, mean, rstd = aten.native_group_norm(x, weight, bias, n, c, hxw, num_groups, eps)
+    mask = [True, weight is not None, bias is not None]
+    grad_x, grad_w, grad_b = aten.native_group_norm_backward(g.contiguous(), x, mean, rstd, weight, n, c, hxw,
+                                                             num_groups, mask)
+    return grad_x, None, grad_w, grad_b
+
+
+def rms_norm(g: Tensor, out: Tensor, input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+             eps: float | None = None) -> tuple:
+    """``x * rsqrt(mean(x**2) + eps) * weight``, differentiated through its parts as torch's composite is.
+
+    Half-precision inputs are computed in float32, as torch does; eps defaults to that type's machine epsilon.
+    """
+    wide = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    x, g = input.to(wide), g.to(wide)
+    dims = tuple(range(input.dim() - len(normalized_shape), input.dim()))
+    eps = torch.finfo(wide).eps if eps is None else eps
+    rstd = (x.pow(2).mean(dims, keepdim=True) + eps).rsqrt()
+    grad_w = None
+    if weight is not None:
+        grad_w = (g * (x * rstd)).sum_to_size(weight.shape).to(weight.dtype)  # summed before rounding to half
+        g = g * weight.to(wide)
+    grad_rstd = (-0.5 * (g * x).sum(dims, keepdim=True)) * rstd.pow(3)
+    grad_x = g * rstd + grad_rstd.expand(x.shape) / _count(x, dims) * (2 * x)
+    return grad_x.to(input.dtype), None, grad_w
+
+
+def instance_norm(g: Tensor, out: Tensor, input: Tensor, running_mean: Tensor | None = None,
+                  running_var: Tensor | None = None, weight: Tensor | None = None, bias: Tensor | None = None,
+                  use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> tuple:
+    """Batch norm of the input seen as one sample of N*C channels (torch's own definition), fused backward."""
+    n, c = input.shape[0], input.shape[1]
+    x = input.contiguous().view(1, n * c, *input.shape[2:])
+    g = g.contiguous().view(x.shape)
+    w = weight.repeat(n) if weight is not None else None
+    mask = [True, weight is not None, bias is not None]
+    if use_input_stats:
+        _, mean, invstd = aten.native_batch_norm(x, w, None, None, None, True, 0.0, eps)
+        grads = aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, eps, mask)
+    else:
+        stats = [s.repeat(n).to(x.dtype) for s in (running_mean, running_var)]  # (torch's forward mixes dtypes)
+        grads = aten.native_batch_norm_backward(g, x, w, *stats, None, None, False, eps, mask)
+    grad_x, grad_w, grad_b = grads
+    grad_w = grad_w.view(n, c).sum(0) if grad_w is not None else None
+    grad_b = grad_b.view(n, c).sum(0) if grad_b is not None else None
+    return grad_x.view(input.shape), None, None, grad_w, grad_b
+
+
+defop("group_norm", group_norm)
+defop("rms_norm", rms_norm)
+defop("instance_norm", instance_norm, mutates=(1, 2))
+
+
 def dropout_mask(x: Tensor, p: float) -> Tensor:
     """The scaled keep-mask F.dropout multiplies by, drawn from the same generator in the same way."""
     return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)

@@ -326,6 +326,39 @@ def nn_cases():
                                                                                          r(2, 2, seed=2)]
     yield "index_put", lambda x, v: x.index_put((torch.tensor([0, 2]),), v), [r(3, 4, seed=1), r(4, seed=2)]
     yield from norm_cases()
+    yield from normalization_cases()
+
+
+def _affine(layer):
+    """A float64 module with random affine parameters, built once (outside any recording)."""
+    gen = torch.Generator().manual_seed(0)
+    layer = layer.double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, generator=gen)
+    return layer
+
+
+_GROUP_NORM = _affine(torch.nn.GroupNorm(2, 4))
+_RMS_NORM = _affine(torch.nn.RMSNorm([3, 5], eps=1e-6))
+_INSTANCE_NORM = _affine(torch.nn.InstanceNorm1d(3, affine=True))
+
+
+def normalization_cases():
+    yield "group_norm", lambda x, w, b: F.group_norm(x, 2, w, b), [r(3, 4, 5, seed=1), r(4, seed=2), r(4, seed=3)]
+    yield "group_norm_noaffine_4d", lambda x: F.group_norm(x, 3, eps=1e-3), [r(2, 6, 2, 3, seed=4)]
+    yield "group_norm_weight_only_2d", lambda x, w: F.group_norm(x, 1, weight=w), [r(4, 6, seed=5), r(6, seed=6)]
+    yield "group_norm_module", lambda x: _GROUP_NORM(x), [r(2, 4, 3, 3, seed=7)]
+    yield "rms_norm", lambda x, w: F.rms_norm(x, (5,), w), [r(4, 5, seed=1), r(5, seed=2)]
+    yield "rms_norm_noweight_default_eps", lambda x: F.rms_norm(x, [3, 5]), [r(2, 3, 5, seed=3)]
+    yield "rms_norm_eps_kw", lambda x, w: F.rms_norm(x, normalized_shape=(2, 5), weight=w, eps=0.1), [
+        r(3, 2, 5, seed=4), r(2, 5, seed=5)]
+    yield "rms_norm_module", lambda x: _RMS_NORM(x), [r(2, 3, 5, seed=6)]
+    yield "instance_norm", lambda x, w, b: F.instance_norm(x, weight=w, bias=b), [r(2, 3, 5, seed=1), r(3, seed=2),
+                                                                                  r(3, seed=3)]
+    yield "instance_norm_2d_noaffine", lambda x: F.instance_norm(x, eps=1e-3), [r(2, 3, 2, 4, seed=4)]
+    yield "instance_norm_eval", lambda x, w: F.instance_norm(x, torch.full((3,), 0.2, dtype=D), torch.full(
+        (3,), 1.5, dtype=D), w, None, use_input_stats=False), [r(2, 3, 4, seed=8), r(3, seed=9)]
+    yield "instance_norm_module", lambda x: _INSTANCE_NORM(x), [r(2, 3, 6, seed=1)]
 
 
 def _zero_row(*shape, seed=0):

@@ -158,3 +158,10 @@ def test_empty_dims(name):
             continue
         assert mine.shape == their.shape and mine.dtype == their.dtype
         torch.testing.assert_close(mine, their, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_in_half_precision_computes_in_float32_as_torch_does(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(shape, generator=gen).to(dtype) for shape in ((4, 8), (8,)))
+    assert_matches_torch(lambda x, w: F.rms_norm(x, (8,), w), [x, w], rtol=0, atol=0)  # bit for bit
