@@ -879,8 +879,68 @@ def binary_cross_entropy(g, out, x, target, weight=None, size_average=None, redu
             _elementwise_loss(reduction, g, per_target, x.numel()))
 
 
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _expanded(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Both operands at their common shape, as the F losses broadcast them (the engine sums each back)."""
+    shape = torch.broadcast_shapes(x.shape, target.shape)
+    return x.expand(shape), target.expand(shape)
+
+
+def _unreduced_grad(g: Tensor, reduction: str, shape: torch.Size) -> Tensor:
+    """The gradient of each element of an elementwise loss before its reduction ('none', 'sum' or 'mean')."""
+    if reduction == "none":
+        return g
+    return g.expand(shape) if reduction == "sum" else g.expand(shape) / math.prod(shape)
+
+
+def smooth_l1_loss(g, out, input, target, size_average=None, reduce=None, reduction="mean", beta=1.0) -> tuple:
+    """Torch's fused smooth-L1 backward; ``beta=0`` is the L1 loss, as in torch."""
+    reduction = _reduction(size_average, reduce, reduction)
+    if beta == 0:
+        return l1_loss(g, out, input, target, reduction=reduction)
+    grad = aten.smooth_l1_loss_backward(g, *_expanded(input, target), _REDUCTION_ENUM[reduction], beta)
+    return grad, -grad
+
+
+def huber_loss(g, out, input, target, reduction="mean", delta=1.0, weight=None) -> tuple:
+    """Torch's fused Huber backward; with ``weight``, each element's loss is scaled before the reduction."""
+    x, t = _expanded(input, target)
+    if weight is None:
+        grad = aten.huber_loss_backward(g, x, t, _REDUCTION_ENUM[reduction], delta)
+        return grad, -grad, None
+    per_element = _unreduced_grad(g, reduction, x.shape)
+    grad = aten.huber_loss_backward(per_element * weight, x, t, 0, delta)
+    return grad, -grad, None, None, per_element * aten.huber_loss(x, t, 0, delta)
+
+
+def kl_div(g, out, input, target, size_average=None, reduce=None, reduction="mean", log_target=False) -> tuple:
+    """Pointwise ``target * (log(target) - input)`` (``exp(target) * (target - input)`` with log_target), reduced.
+
+    NOTE: as in torch, the target's gradient is NaN where a (non-log) target is 0.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _reduction(size_average, reduce, "mean")
+    shape = torch.broadcast_shapes(input.shape, target.shape)
+    if reduction == "batchmean":
+        per_element = (g / input.shape[0] if input.dim() else g).expand(shape)
+    else:
+        per_element = _unreduced_grad(g, reduction, shape)
+    if log_target:
+        weight = target.exp()
+        grad_target = per_element * (target - input) * weight + per_element * weight
+        return -(per_element * weight), grad_target
+    log_part = torch.xlogy(per_element, target).masked_fill(target == 0, 0)  # d xlogy(t, t)/dt, first argument
+    grad_target = log_part + per_element * target / target - per_element * input
+    return -per_element * target, grad_target
+
+
 defop("mse_loss", mse_loss)
 defop("l1_loss", l1_loss)
+defop("smooth_l1_loss", smooth_l1_loss)
+defop("huber_loss", huber_loss)
+defop("kl_div", kl_div)
 defop("binary_cross_entropy_with_logits", binary_cross_entropy_with_logits)
 defop("binary_cross_entropy", binary_cross_entropy)
 

@@ -327,6 +327,7 @@ def nn_cases():
     yield "index_put", lambda x, v: x.index_put((torch.tensor([0, 2]),), v), [r(3, 4, seed=1), r(4, seed=2)]
     yield from norm_cases()
     yield from normalization_cases()
+    yield from loss_cases()
 
 
 def _affine(layer):
@@ -359,6 +360,39 @@ def normalization_cases():
     yield "instance_norm_eval", lambda x, w: F.instance_norm(x, torch.full((3,), 0.2, dtype=D), torch.full(
         (3,), 1.5, dtype=D), w, None, use_input_stats=False), [r(2, 3, 4, seed=8), r(3, seed=9)]
     yield "instance_norm_module", lambda x: _INSTANCE_NORM(x), [r(2, 3, 6, seed=1)]
+
+
+def _probs(*shape, seed=0):
+    return r(*shape, seed=seed).softmax(-1)
+
+
+def loss_cases():
+    """The elementwise losses at each reduction; targets are differentiable too."""
+    x, t = r(4, 5, seed=1), r(4, 5, seed=2)
+    for reduction in ("mean", "sum", "none"):
+        yield f"smooth_l1_{reduction}", lambda a, b, red=reduction: F.smooth_l1_loss(a, b, reduction=red), [x, t]
+        yield f"huber_{reduction}", lambda a, b, red=reduction: F.huber_loss(a, b, reduction=red, delta=0.5), [x, t]
+        yield f"huber_weight_{reduction}", lambda a, b, w, red=reduction: F.huber_loss(a, b, red, 0.7, w), [
+            x, t, r(4, 5, seed=3, positive=True)]
+        yield f"kl_div_{reduction}", lambda a, b, red=reduction: F.kl_div(a.log_softmax(-1), b, reduction=red), [
+            x, _probs(4, 5, seed=4)]
+        yield f"kl_div_log_target_{reduction}", lambda a, b, red=reduction: F.kl_div(
+            a, b, reduction=red, log_target=True), [x, r(4, 5, seed=5)]
+    yield "smooth_l1_beta", lambda a, b: F.smooth_l1_loss(a, b, beta=0.3), [x, t]
+    yield "smooth_l1_beta0", lambda a, b: F.smooth_l1_loss(a, b, beta=0.0), [x, t]  # torch: the L1 loss
+    yield "smooth_l1_legacy_broadcast", lambda a, b: F.smooth_l1_loss(a, b, size_average=False), [
+        r(4, 1, seed=6), r(5, seed=7)]
+    yield "smooth_l1_module", lambda a, b: torch.nn.SmoothL1Loss(beta=2.0)(a, b), [x, t]
+    yield "huber_module", lambda a, b: torch.nn.HuberLoss(reduction="sum", delta=0.2)(a, b), [x, t]
+    yield "kl_div_batchmean", lambda a, b: F.kl_div(a.log_softmax(1), b, reduction="batchmean"), [
+        x, _probs(4, 5, seed=8)]
+    yield "kl_div_batchmean_log_target", lambda a, b: F.kl_div(a, b, reduction="batchmean", log_target=True), [
+        r(3, 2, 4, seed=9), r(3, 2, 4, seed=10)]
+    yield "kl_div_broadcast_legacy", lambda a, b: F.kl_div(a, b, reduce=False), [r(4, 5, seed=11),
+                                                                                  _probs(5, seed=12)]
+    yield "kl_div_module", lambda a, b: torch.nn.KLDivLoss(reduction="batchmean")(a.log_softmax(1), b), [
+        x, _probs(4, 5, seed=13)]
+    yield "kl_div_0d_batchmean", lambda a, b: F.kl_div(a, b, reduction="batchmean"), [r(seed=15), r(seed=16).exp()]
 
 
 def _zero_row(*shape, seed=0):
