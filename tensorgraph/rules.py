@@ -295,6 +295,27 @@ def masked_fill(g: Tensor, out: Tensor, x: Tensor, mask: Tensor, value: Any) -> 
 
 defop("masked_fill", masked_fill)
 
+
+def atan2(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    """d atan2(y, x) = (x dy - y dx) / (x**2 + y**2), in torch's atan2_backward order."""
+    recip = (x * x + other * other).reciprocal()
+    return g * other * recip, g * -x * recip
+
+
+defop("atan2", atan2, funcs=("torch.arctan2", "Tensor.arctan2"), inplace=("Tensor.arctan2_",))
+
+
+def lerp(g: Tensor, out: Tensor, x: Tensor, end: Tensor, weight: Any) -> tuple:
+    """``x + weight * (end - x)``: a tensor weight gets ``g * (end - x)``."""
+    grad_weight = g * (end - x) if isinstance(weight, Tensor) else None
+    return g * (1 - weight), g * weight, grad_weight
+
+
+defop("lerp", lerp)
+defop("addcmul", lambda g, out, x, tensor1, tensor2, *, value=1: (g, g * (tensor2 * value), g * (tensor1 * value)))
+defop("addcdiv", lambda g, out, x, tensor1, tensor2, *, value=1: (
+    g, g * (value / tensor2), -g * (value * tensor1 / (tensor2 * tensor2))))
+
 # ---------------------------------------------------------------- matrix products
 
 
@@ -354,6 +375,18 @@ def linear(g: Tensor, out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | Non
 
 
 defop("linear", linear)
+
+
+def addbmm(g: Tensor, out: Tensor, input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> tuple:
+    """``beta * input + alpha * sum_b batch1[b] @ batch2[b]``: every batch gets the same ``g``."""
+    g_batched = g.unsqueeze(0).expand(batch1.shape[0], batch1.shape[1], batch2.shape[2])
+    grad_1, grad_2 = g_batched.bmm(batch2.transpose(1, 2)), batch1.transpose(1, 2).bmm(g_batched)
+    if alpha != 1:
+        grad_1, grad_2 = grad_1 * alpha, grad_2 * alpha
+    return (g if beta == 1 else g * beta), grad_1, grad_2
+
+
+defop("addbmm", addbmm)
 
 
 def addmm(g: Tensor, out: Tensor, input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alpha=1) -> tuple:
@@ -440,6 +473,26 @@ def min_rule(g: Tensor, out: Any, x: Tensor, dim: Any = None, keepdim: bool = Fa
 
 defop("max", max_rule, multi=True)
 defop("min", min_rule, multi=True)
+
+
+def median_rule(g: Tensor, out: Any, x: Tensor, dim: Any = None, keepdim: bool = False, *,
+                output_index: int = 0) -> Tensor:
+    """median(dim) gives the gradient to the returned index; a full median() splits it among the equal elements.
+
+    NOTE: as in torch, ties share a full median's gradient evenly (a NaN median: the NaNs share it).
+    """
+    if dim is None:
+        mask = torch.where(out.isnan(), x.isnan(), x == out)
+        return mask * (g / mask.sum())
+    return _select_reduction(g, out, x, dim, keepdim)
+
+
+defop("median", median_rule, multi=True)
+defop("nanmedian", median_rule, multi=True)
+defop("kthvalue", lambda g, out, x, k, dim=-1, keepdim=False, *, output_index=0: _select_reduction(
+    g, out, x, dim, keepdim), multi=True)
+defop("mode", lambda g, out, x, dim=-1, keepdim=False, *, output_index=0: _select_reduction(
+    g, out, x, dim, keepdim), multi=True)
 
 
 def amax(g: Tensor, out: Tensor, x: Tensor, dim: Any = (), keepdim: bool = False) -> Tensor:

@@ -121,6 +121,8 @@ BINARY = {
     "pow_tensor": lambda a, b: (a.abs() + 0.5) ** b,
     "sub_alpha": lambda a, b: torch.sub(a, b, alpha=0.5),
     "mul_fanout": lambda a, b: a * b * a,
+    "atan2": lambda a, b: torch.atan2(a, b),
+    "lerp": lambda a, b: torch.lerp(a, b, 0.3),
 }
 
 
@@ -186,6 +188,13 @@ SELECTIONS = {
     "min_dim": lambda x: x.min(-1).values,
     "amax": lambda x: x.amax(1),
     "amin_keepdim": lambda x: x.amin(0, keepdim=True),
+    "median_all": lambda x: x.median(),
+    "median_dim": lambda x: x.median(1).values,
+    "median_dim_keepdim_kw": lambda x: torch.median(x, dim=0, keepdim=True)[0],
+    "nanmedian": lambda x: x.nanmedian() + x.nanmedian(-1).values.sum(),
+    "kthvalue": lambda x: x.kthvalue(2, 1).values,
+    "kthvalue_default_dim_keepdim": lambda x: torch.kthvalue(x, 4, keepdim=True)[0],
+    "mode": lambda x: x.mode(0).values,
 }
 
 TIED = {
@@ -194,6 +203,11 @@ TIED = {
     "amax_ties": lambda x: x.amax(1),
     "maximum_ties": lambda x: torch.maximum(x, x.flip(1)),
     "fmax_ties": lambda x: torch.fmax(x, x.flip(1)) + torch.fmin(x.flip(0), x),
+    "median_all_ties": lambda x: x.median(),  # 2, four times: they share the gradient, as in torch
+    "median_dim_ties": lambda x: x.median(1, keepdim=True).values,  # the returned index takes it
+    "nanmedian_ties": lambda x: x.nanmedian() + x.nanmedian(0).values.sum(),
+    "kthvalue_ties": lambda x: x.kthvalue(3, 1).values,
+    "mode_ties": lambda x: x.mode(1).values,
     "hardtanh_at_bounds": lambda x: F.hardtanh(x, 0.0, 2.0),  # 0 and 2 are the bounds: no gradient there
     "relu6_at_0_and_6": lambda x: F.relu6(x * 2),  # 0 and 6
     "relu6_inplace_at_kinks": lambda x: F.relu6(x * 2 - 6, inplace=True),  # 0 and 6 again, in place
@@ -328,6 +342,7 @@ def nn_cases():
     yield from norm_cases()
     yield from normalization_cases()
     yield from loss_cases()
+    yield from pointwise_cases()
 
 
 def _affine(layer):
@@ -364,6 +379,25 @@ def normalization_cases():
 
 def _probs(*shape, seed=0):
     return r(*shape, seed=seed).softmax(-1)
+
+
+def pointwise_cases():
+    """lerp, addcmul, addcdiv, addbmm: broadcasting, scalar keywords, in place."""
+    yield "lerp_tensor_weight", lambda a, b, w: torch.lerp(a, b, w), [r(4, 5, seed=1), r(5, seed=2), r(4, 1, seed=3)]
+    yield "lerp_method_inplace", lambda a, b: (a * 1.0).lerp_(b, 0.75), [r(4, 5, seed=1), r(4, 5, seed=2)]
+    yield "addcmul", lambda x, a, b: torch.addcmul(x, a, b), [r(4, 5, seed=1), r(4, 5, seed=2), r(5, seed=3)]
+    yield "addcmul_value_inplace", lambda x, a, b: (x * 1.0).addcmul_(a, b, value=-0.5), [
+        r(4, 5, seed=1), r(4, 1, seed=2), r(4, 5, seed=3)]
+    yield "addcdiv", lambda x, a, b: torch.addcdiv(x, a, b, value=2.0), [r(5, seed=1), r(4, 5, seed=2),
+                                                                           r(4, 5, seed=3, positive=True)]
+    yield "addcdiv_method", lambda x, a, b: x.addcdiv(a, b), [r(4, 5, seed=1), r(4, 5, seed=2),
+                                                             r(4, 5, seed=3, positive=True)]
+    yield "addbmm", lambda m, b1, b2: torch.addbmm(m, b1, b2), [r(4, 5, seed=1), r(3, 4, 2, seed=2),
+                                                                r(3, 2, 5, seed=3)]
+    yield "addbmm_scaled_broadcast", lambda m, b1, b2: m.addbmm(b1, b2, beta=0.5, alpha=-2.0), [
+        r(5, seed=1), r(3, 4, 2, seed=2), r(3, 2, 5, seed=3)]
+    yield "atan2_method_inplace", lambda a, b: (a * 1.0).arctan2_(b) + a.arctan2(b), [r(4, 5, seed=1),
+                                                                                     r(4, 5, seed=2)]
 
 
 def loss_cases():
