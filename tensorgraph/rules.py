@@ -1116,7 +1116,8 @@ constants("dropout_mask", auto=False, callables=(dropout_mask,))
 
 
 def _conv(g: Tensor, x: Tensor, weight: Tensor, bias: Any, stride: Any, padding: Any, dilation: Any,
-          groups: int) -> tuple:
+          groups: int, output_padding: Any = None) -> tuple:
+    """Torch's convolution backward; ``output_padding`` given means a transposed convolution."""
     if isinstance(padding, str):
         raise UnsupportedCall(f"conv: padding={padding!r} has no rule; give the padding as numbers")
     spatial = x.dim() - 2
@@ -1124,17 +1125,21 @@ def _conv(g: Tensor, x: Tensor, weight: Tensor, bias: Any, stride: Any, padding:
     def tup(v: Any) -> list[int]:
         return list(v) if isinstance(v, (tuple, list)) else [v] * spatial
 
+    transposed = output_padding is not None
     mask = [True, True, bias is not None]
-    bias_sizes = [weight.shape[0]] if bias is not None else None
+    bias_sizes = [weight.shape[1] * groups if transposed else weight.shape[0]] if bias is not None else None
     grad_x, grad_w, grad_b = aten.convolution_backward(
-        g, x, weight, bias_sizes, tup(stride), tup(padding), tup(dilation), False, [0] * spatial, groups, mask)
+        g, x, weight, bias_sizes, tup(stride), tup(padding), tup(dilation), transposed,
+        tup(output_padding if transposed else 0), groups, mask)
     return grad_x, grad_w, grad_b
 
 
-defop("conv1d", lambda g, out, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: _conv(
-    g, x, weight, bias, stride, padding, dilation, groups))
-defop("conv2d", lambda g, out, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: _conv(
-    g, x, weight, bias, stride, padding, dilation, groups))
+for _name in ("conv1d", "conv2d", "conv3d"):
+    defop(_name, lambda g, out, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: _conv(
+        g, x, weight, bias, stride, padding, dilation, groups))
+for _name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):  # (groups before dilation, as torch)
+    defop(_name, lambda g, out, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1:
+          _conv(g, x, weight, bias, stride, padding, dilation, groups, output_padding))
 
 
 def _pair(v: Any) -> list[int]:
@@ -1184,6 +1189,41 @@ def scaled_dot_product_attention(g: Tensor, out: Tensor, query: Tensor, key: Ten
 
 defop("scaled_dot_product_attention", scaled_dot_product_attention)
 defop("adaptive_avg_pool2d", lambda g, out, x, output_size: aten._adaptive_avg_pool2d_backward(g, x))
+
+
+# F.interpolate's modes, by number of spatial dimensions: torch's upsample backward kernels
+_UPSAMPLE_BACKWARD = {
+    ("nearest", 1): aten.upsample_nearest1d_backward,
+    ("nearest", 2): aten.upsample_nearest2d_backward,
+    ("nearest", 3): aten.upsample_nearest3d_backward,
+    ("nearest-exact", 1): aten._upsample_nearest_exact1d_backward,
+    ("nearest-exact", 2): aten._upsample_nearest_exact2d_backward,
+    ("nearest-exact", 3): aten._upsample_nearest_exact3d_backward,
+    ("linear", 1): aten.upsample_linear1d_backward,
+    ("bilinear", 2): aten.upsample_bilinear2d_backward,
+    ("bicubic", 2): aten.upsample_bicubic2d_backward,
+    ("trilinear", 3): aten.upsample_trilinear3d_backward,
+}
+
+
+def interpolate(g: Tensor, out: Tensor, input: Tensor, size: Any = None, scale_factor: Any = None,
+                mode: str = "nearest", align_corners: bool | None = None, recompute_scale_factor: bool | None = None,
+                antialias: bool = False) -> Tensor:
+    """Torch's upsample backward for the mode, with the scales F.interpolate passed to the forward kernel."""
+    spatial = input.dim() - 2
+    kernel = _UPSAMPLE_BACKWARD.get((mode, spatial))
+    if kernel is None or antialias:
+        raise UnsupportedCall(f"interpolate: mode={mode!r}{' with antialias' if antialias else ''} on a "
+                              f"{input.dim()}-d input has no rule")
+    scales = [None] * spatial  # None: the kernel uses the size ratio, as the forward did
+    if scale_factor is not None and not recompute_scale_factor:
+        scales = [float(s) for s in (scale_factor if isinstance(scale_factor, (tuple, list)) else
+                                     [scale_factor] * spatial)]
+    corners = [] if mode.startswith("nearest") else [bool(align_corners)]
+    return kernel(g, list(out.shape[2:]), list(input.shape), *corners, *scales)
+
+
+defop("interpolate", interpolate)
 
 # ---------------------------------------------------------------- constants: no gradient flows
 

@@ -343,6 +343,7 @@ def nn_cases():
     yield from normalization_cases()
     yield from loss_cases()
     yield from pointwise_cases()
+    yield from resampling_cases()
 
 
 def _affine(layer):
@@ -398,6 +399,37 @@ def pointwise_cases():
         r(5, seed=1), r(3, 4, 2, seed=2), r(3, 2, 5, seed=3)]
     yield "atan2_method_inplace", lambda a, b: (a * 1.0).arctan2_(b) + a.arctan2(b), [r(4, 5, seed=1),
                                                                                      r(4, 5, seed=2)]
+
+
+def resampling_cases():
+    """F.interpolate in each mode (integer and fractional scales, sizes), transposed and 3-d convolutions."""
+    x1, x2, x3 = r(2, 3, 5, seed=1), r(1, 2, 4, 5, seed=2), r(1, 2, 3, 3, 4, seed=3)
+    yield "interpolate_nearest_1d", lambda x: F.interpolate(x, scale_factor=2), [x1]
+    yield "interpolate_nearest_fractional", lambda x: F.interpolate(x, scale_factor=1.7), [x1]
+    yield "interpolate_nearest_down", lambda x: F.interpolate(x, size=3), [x1]
+    yield "interpolate_nearest_2d_size", lambda x: F.interpolate(x, size=(7, 8)), [x2]
+    yield "interpolate_nearest_3d", lambda x: F.interpolate(x, scale_factor=(2, 1, 1.5)), [x3]
+    yield "interpolate_nearest_exact", lambda x: F.interpolate(x, scale_factor=1.6, mode="nearest-exact"), [x2]
+    yield "interpolate_linear", lambda x: F.interpolate(x, scale_factor=2.5, mode="linear"), [x1]
+    yield "interpolate_linear_corners", lambda x: F.interpolate(x, size=8, mode="linear", align_corners=True), [x1]
+    yield "interpolate_bilinear", lambda x: F.interpolate(x, scale_factor=(1.5, 2), mode="bilinear"), [x2]
+    yield "interpolate_bilinear_recompute", lambda x: F.interpolate(
+        x, scale_factor=1.3, mode="bilinear", recompute_scale_factor=True), [x2]
+    yield "interpolate_bicubic_corners", lambda x: F.interpolate(x, size=(6, 9), mode="bicubic",
+                                                                  align_corners=True), [x2]
+    yield "interpolate_trilinear", lambda x: F.interpolate(x, scale_factor=2, mode="trilinear"), [x3]
+    yield "upsample_module", lambda x: torch.nn.Upsample(scale_factor=2, mode="bilinear")(x), [x2]
+    yield "conv_transpose1d", lambda x, w, b: F.conv_transpose1d(x, w, b), [x1, r(3, 4, 3, seed=4), r(4, seed=5)]
+    yield "conv_transpose1d_strided_groups", lambda x, w: F.conv_transpose1d(
+        x, w, stride=2, padding=1, output_padding=1, groups=3, dilation=2), [r(2, 6, 5, seed=6), r(6, 2, 3, seed=7)]
+    yield "conv_transpose2d_bias_groups", lambda x, w, b: F.conv_transpose2d(x, w, b, stride=(2, 1), groups=2), [
+        x2, r(2, 3, 3, 2, seed=8), r(6, seed=9)]
+    yield "conv_transpose2d_module", lambda x: _CONV_TRANSPOSE(x), [x2]
+    yield "conv3d", lambda x, w, b: F.conv3d(x, w, b, padding=1), [x3, r(4, 2, 2, 2, 3, seed=10), r(4, seed=11)]
+    yield "conv_transpose3d", lambda x, w: F.conv_transpose3d(x, w, stride=2), [x3, r(2, 3, 2, 2, 2, seed=12)]
+
+
+_CONV_TRANSPOSE = _affine(torch.nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1))
 
 
 def loss_cases():

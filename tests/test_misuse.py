@@ -70,6 +70,8 @@ def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
         (lambda: F.pad(x, (1, 1), mode="reflect").sum(), r"pad: only mode='constant'"),
         (lambda: x.norm(p=1), r"norm: only the 2-norm has a rule \(got p=1\)"),
         (lambda: x[0].scatter(1, torch.tensor([[0, 1]]), x[0, :, :2], reduce="add").sum(), "scatter: reduce="),
+        (lambda: F.interpolate(x, size=2, mode="area").sum(), r"interpolate: mode='area' on a 3-d input has no rule"),
+        (lambda: F.normalize(x, p=float("inf")).sum(), r"normalize: only finite p > 0 has a rule \(got p=inf\)"),
     ]
     for make, message in cases:
         with tg.record() as graph:
