@@ -108,6 +108,16 @@ def _scale_loss(g: Tensor, per_element: Tensor, reduction: str, denom: Any, batc
     return per_element * (g / denom)
 
 
+def _expanded(x: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
+    """Both operands at their common shape and dtype, as torch broadcasts and promotes them for a fused kernel.
+
+    The engine sums each gradient back to its input's shape and casts it to its dtype. ``expand``, not
+    ``torch.broadcast_tensors``: the traced backward records it, so backward_source can print it.
+    """
+    shape, dtype = torch.broadcast_shapes(x.shape, other.shape), torch.result_type(x, other)
+    return tuple((t if t.shape == shape else t.expand(shape)).to(dtype) for t in (x, other))
+
+
 # ---------------------------------------------------------------- elementwise, one input
 
 defop("neg", lambda g, out, x: -g, funcs=("torch.negative", "Tensor.negative"))
@@ -624,8 +634,7 @@ def cosine_similarity(g: Tensor, out: Tensor, x1: Tensor, x2: Tensor, dim: int =
 
     NOTE: where the clamp acts the gradient still flows through the norm: torch's convention, not the derivative.
     """
-    shape = torch.broadcast_shapes(x1.shape, x2.shape)  # (expand, not broadcast_tensors: printable backward code)
-    x1, x2 = x1.expand(shape), x2.expand(shape)
+    x1, x2 = _expanded(x1, x2)
     g = g.unsqueeze(dim)
     grads = []
     for x, other in ((x1, x2), (x2, x1)):
@@ -933,12 +942,6 @@ def binary_cross_entropy(g, out, x, target, weight=None, size_average=None, redu
 
 
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
-
-
-def _expanded(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Both operands at their common shape, as the F losses broadcast them (the engine sums each back)."""
-    shape = torch.broadcast_shapes(x.shape, target.shape)
-    return x.expand(shape), target.expand(shape)
 
 
 def _unreduced_grad(g: Tensor, reduction: str, shape: torch.Size) -> Tensor:
