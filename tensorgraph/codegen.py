@@ -110,6 +110,18 @@ RULE_NOTES: dict[str, tuple[str, ...]] = {
     "logsumexp": ("d logsumexp(x)/dx = softmax(x)",),
     "var_mean": ("d var/dx = 2*(x-mean)/(n-correction); d mean/dx = 1/n",),
     "std_mean": ("d std/dx = (x-mean)/((n-correction)*std); d mean/dx = 1/n",),
+    "group_norm": ("torch's fused group-norm backward",),
+    "instance_norm": ("torch's fused batch-norm backward over N*C channels",),
+    "rms_norm": ("x*rsqrt(mean(x**2)+eps) through its parts", "", "d/dw = g * x*rsqrt(mean(x**2)+eps)"),
+    "hardtanh": ("1 strictly between the bounds, in torch's kernel",),
+    "relu6": ("1 strictly between 0 and 6, in torch's kernel",),
+    "normalize": ("g/|x| - x*(g.x)/|x|**3, |x| clamped to eps",),
+    "median": ("only the selected median gets the gradient (a full median: shared among ties)",),
+    "atan2": ("d atan2(y,x)/dy = x/(x**2+y**2)", "d atan2(y,x)/dx = -y/(x**2+y**2)"),
+    "lerp": ("1 - weight", "weight", "end - input"),
+    "smooth_l1_loss": ("torch's fused smooth-L1 backward", "minus that"),
+    "huber_loss": ("torch's fused Huber backward", "minus that"),
+    "interpolate": ("torch's upsample backward: each output's gradient back to its sources",),
 }
 
 

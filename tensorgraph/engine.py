@@ -333,7 +333,6 @@ _REWRITES = {
     "multi_head_attention_forward": (
         "; nn.MultiheadAttention (and nn.Transformer*Layer, which use it) runs one fused call: write the "
         "attention with nn.Linear projections and F.scaled_dot_product_attention or softmax(q @ k.mT * scale) @ v"),
-    "normalize": "; write x / x.norm(dim=..., keepdim=True).clamp_min(eps)",
     "softmin": "; write F.softmax(-x, dim)",
 }
 

@@ -24,11 +24,16 @@ from .ops import UnsupportedCall, constants, defop
 # may name them (tensorgraph.serialize); they are the only torch.ops it may run, since aten also
 # holds ops that touch files (from_file). A rule calling a kernel not listed fails at once.
 KERNELS = frozenset({
-    "_adaptive_avg_pool2d_backward", "_log_softmax_backward_data", "_softmax_backward_data", "avg_pool2d_backward",
-    "convolution_backward", "elu_backward", "gelu_backward", "leaky_relu_backward", "max_pool2d_with_indices",
-    "max_pool2d_with_indices_backward", "native_batch_norm", "native_batch_norm_backward", "native_layer_norm",
-    "native_layer_norm_backward", "sigmoid_backward", "silu_backward", "softplus_backward", "tanh_backward",
-    "threshold_backward",
+    "_adaptive_avg_pool2d_backward", "_log_softmax_backward_data", "_softmax_backward_data",
+    "_upsample_nearest_exact1d_backward", "_upsample_nearest_exact2d_backward", "_upsample_nearest_exact3d_backward",
+    "avg_pool2d_backward", "convolution_backward", "elu_backward", "gelu_backward", "hardsigmoid_backward",
+    "hardswish_backward", "hardtanh_backward", "huber_loss", "huber_loss_backward", "leaky_relu_backward",
+    "max_pool2d_with_indices", "max_pool2d_with_indices_backward", "mish_backward", "native_batch_norm",
+    "native_batch_norm_backward", "native_group_norm", "native_group_norm_backward", "native_layer_norm",
+    "native_layer_norm_backward", "sigmoid_backward", "silu_backward", "smooth_l1_loss_backward", "softplus_backward",
+    "tanh_backward", "threshold_backward", "upsample_bicubic2d_backward", "upsample_bilinear2d_backward",
+    "upsample_linear1d_backward", "upsample_nearest1d_backward", "upsample_nearest2d_backward",
+    "upsample_nearest3d_backward", "upsample_trilinear3d_backward",
 })
 aten = SimpleNamespace(**{name: getattr(torch.ops.aten, name) for name in sorted(KERNELS)})
 
@@ -119,6 +124,16 @@ def _scale_loss(g: Tensor, per_element: Tensor, reduction: str, denom: Any, batc
     return per_element * (g / denom)
 
 
+def _expanded(x: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
+    """Both operands at their common shape and dtype, as torch broadcasts and promotes them for a fused kernel.
+
+    The engine sums each gradient back to its input's shape and casts it to its dtype. ``expand``, not
+    ``torch.broadcast_tensors``: the traced backward records it, so backward_source can print it.
+    """
+    shape, dtype = torch.broadcast_shapes(x.shape, other.shape), torch.result_type(x, other)
+    return tuple((t if t.shape == shape else t.expand(shape)).to(dtype) for t in (x, other))
+
+
 # ---------------------------------------------------------------- elementwise, one input
 
 defop("neg", lambda g, out, x: -g, funcs=("torch.negative", "Tensor.negative"))
@@ -134,6 +149,21 @@ defop("rsqrt", lambda g, out, x: -0.5 * g * out.pow(3))
 defop("reciprocal", lambda g, out, x: -g * (out * out))
 defop("sin", lambda g, out, x: g * x.cos())
 defop("cos", lambda g, out, x: g * -x.sin())
+# the trigonometric and hyperbolic family, with derivatives.yaml's formulas
+defop("tan", lambda g, out, x: g * (1 + out.pow(2)))
+defop("asin", lambda g, out, x: g * (-x * x + 1).rsqrt(), funcs=("torch.arcsin", "Tensor.arcsin"),
+      inplace=("Tensor.arcsin_",))
+defop("acos", lambda g, out, x: g * -((-x * x + 1).rsqrt()), funcs=("torch.arccos", "Tensor.arccos"),
+      inplace=("Tensor.arccos_",))
+defop("atan", lambda g, out, x: g / (x * x + 1), funcs=("torch.arctan", "Tensor.arctan"), inplace=("Tensor.arctan_",))
+defop("sinh", lambda g, out, x: g * x.cosh())
+defop("cosh", lambda g, out, x: g * x.sinh())
+defop("asinh", lambda g, out, x: g * (x.pow(2) + 1).rsqrt(), funcs=("torch.arcsinh", "Tensor.arcsinh"),
+      inplace=("Tensor.arcsinh_",))
+defop("acosh", lambda g, out, x: g * (x.pow(2) - 1).rsqrt(), funcs=("torch.arccosh", "Tensor.arccosh"),
+      inplace=("Tensor.arccosh_",))
+defop("atanh", lambda g, out, x: g * 1 / (1 - x.pow(2)), funcs=("torch.arctanh", "Tensor.arctanh"),
+      inplace=("Tensor.arctanh_",))
 defop("erf", lambda g, out, x: 2.0 / math.sqrt(math.pi) * torch.exp(-(x.pow(2))) * g, funcs=("special.erf",))
 # NOTE: torch's tanh/sigmoid backward kernels round g*(1-y*y) once; the same kernels keep us bit-exact.
 defop("tanh", lambda g, out, x: aten.tanh_backward(g, out))  # g * (1 - out**2)
@@ -153,6 +183,12 @@ defop(
     "elu",
     lambda g, out, x, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0, True, out),
 )
+# NOTE: hardtanh passes the gradient strictly inside (min_val, max_val): none at the bounds, as torch gives
+defop("hardtanh", lambda g, out, x, min_val=-1.0, max_val=1.0: aten.hardtanh_backward(g, x, min_val, max_val))
+defop("relu6", lambda g, out, x: aten.hardtanh_backward(g, x, 0.0, 6.0))  # torch's relu6 is hardtanh(x, 0, 6)
+defop("mish", lambda g, out, x: aten.mish_backward(g, x))
+defop("hardswish", lambda g, out, x: aten.hardswish_backward(g, x))
+defop("hardsigmoid", lambda g, out, x: aten.hardsigmoid_backward(g, x))
 # piecewise-constant functions: zero gradient, as torch gives
 for _name in ("sign", "sgn", "floor", "ceil", "round", "trunc"):
     defop(_name, _zeros_like_grad)
@@ -285,6 +321,27 @@ def masked_fill(g: Tensor, out: Tensor, x: Tensor, mask: Tensor, value: Any) -> 
 
 defop("masked_fill", masked_fill)
 
+
+def atan2(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    """d atan2(y, x) = (x dy - y dx) / (x**2 + y**2), in torch's atan2_backward order."""
+    recip = (x * x + other * other).reciprocal()
+    return g * other * recip, g * -x * recip
+
+
+defop("atan2", atan2, funcs=("torch.arctan2", "Tensor.arctan2"), inplace=("Tensor.arctan2_",))
+
+
+def lerp(g: Tensor, out: Tensor, x: Tensor, end: Tensor, weight: Any) -> tuple:
+    """``x + weight * (end - x)``: a tensor weight gets ``g * (end - x)``."""
+    grad_weight = g * (end - x) if isinstance(weight, Tensor) else None
+    return g * (1 - weight), g * weight, grad_weight
+
+
+defop("lerp", lerp)
+defop("addcmul", lambda g, out, x, tensor1, tensor2, *, value=1: (g, g * (tensor2 * value), g * (tensor1 * value)))
+defop("addcdiv", lambda g, out, x, tensor1, tensor2, *, value=1: (
+    g, g * (value / tensor2), -g * (value * tensor1 / (tensor2 * tensor2))))
+
 # ---------------------------------------------------------------- matrix products
 
 
@@ -344,6 +401,18 @@ def linear(g: Tensor, out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | Non
 
 
 defop("linear", linear)
+
+
+def addbmm(g: Tensor, out: Tensor, input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> tuple:
+    """``beta * input + alpha * sum_b batch1[b] @ batch2[b]``: every batch gets the same ``g``."""
+    g_batched = g.unsqueeze(0).expand(batch1.shape[0], batch1.shape[1], batch2.shape[2])
+    grad_1, grad_2 = g_batched.bmm(batch2.transpose(1, 2)), batch1.transpose(1, 2).bmm(g_batched)
+    if alpha != 1:
+        grad_1, grad_2 = grad_1 * alpha, grad_2 * alpha
+    return (g if beta == 1 else g * beta), grad_1, grad_2
+
+
+defop("addbmm", addbmm)
 
 
 def addmm(g: Tensor, out: Tensor, input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alpha=1) -> tuple:
@@ -461,6 +530,26 @@ defop("max", max_rule, multi=True)
 defop("min", min_rule, multi=True)
 
 
+def median_rule(g: Tensor, out: Any, x: Tensor, dim: Any = None, keepdim: bool = False, *,
+                output_index: int = 0) -> Tensor:
+    """median(dim) gives the gradient to the returned index; a full median() splits it among the equal elements.
+
+    NOTE: as in torch, ties share a full median's gradient evenly (a NaN median: the NaNs share it).
+    """
+    if dim is None:
+        mask = torch.where(out.isnan(), x.isnan(), x == out)
+        return mask * (g / mask.sum())
+    return _select_reduction(g, out, x, dim, keepdim)
+
+
+defop("median", median_rule, multi=True)
+defop("nanmedian", median_rule, multi=True)
+defop("kthvalue", lambda g, out, x, k, dim=-1, keepdim=False, *, output_index=0: _select_reduction(
+    g, out, x, dim, keepdim), multi=True)
+defop("mode", lambda g, out, x, dim=-1, keepdim=False, *, output_index=0: _select_reduction(
+    g, out, x, dim, keepdim), multi=True)
+
+
 def amax(g: Tensor, out: Tensor, x: Tensor, dim: Any = (), keepdim: bool = False) -> Tensor:
     """Ties share the gradient evenly along the reduced dimensions."""
     mask = _unreduce(out, x, dim, keepdim) == x
@@ -559,6 +648,54 @@ def norm(g: Tensor, out: Tensor, x: Tensor, p: Any = "fro", dim: Any = None, kee
 defop("norm", norm)
 defop("vector_norm", lambda g, out, x, ord=2, dim=None, keepdim=False, *, dtype=None: norm(
     g, out, x, ord, dim, keepdim), funcs=("linalg.vector_norm",))
+
+
+def _vector_norm_backward(g: Tensor, x: Tensor, p: float, n: Tensor) -> Tensor:
+    """d ||x||_p / dx with ``g`` and the norm ``n`` kept-dim: torch's norm_backward, for finite p > 0."""
+    if p == 1:
+        return x.sgn() * g
+    if p == 2:
+        return g * (x / n).masked_fill(n == 0, 0)
+    if p <= 0 or math.isinf(p):
+        raise UnsupportedCall(f"normalize: only finite p > 0 has a rule (got p={p!r})")
+    if p < 1:
+        return x.sgn() * x.abs().pow(p - 1).masked_fill(x == 0, 0) * g * n.pow(1 - p)
+    scaled = x.sgn() * x.abs().pow(p - 1) if p < 2 else x * x.abs().pow(p - 2)
+    return scaled * (g / n.pow(p - 1)).masked_fill(n == 0, 0)
+
+
+def normalize(g: Tensor, out: Tensor, input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    """``x / x.norm(p, dim, keepdim=True).clamp_min(eps)``, differentiated through its parts as torch does.
+
+    Where the norm is below ``eps`` (a zero vector) the denominator is the constant ``eps``: ``g / eps``.
+    """
+    x = input
+    n = x.norm(p, dim, keepdim=True)
+    d = n.clamp_min(eps)
+    grad_d = (-g * ((x / d) / d)).sum(dim, keepdim=True)
+    return g / d + _vector_norm_backward(torch.where(n >= eps, grad_d, 0.0), x, p, n)
+
+
+def cosine_similarity(g: Tensor, out: Tensor, x1: Tensor, x2: Tensor, dim: int = 1, eps: float = 1e-8) -> tuple:
+    """``((x1 / |x1|) * (x2 / |x2|)).sum(dim)``, each norm clamped to ``eps`` outside the gradient, as torch does.
+
+    NOTE: where the clamp acts the gradient still flows through the norm: torch's convention, not the derivative.
+    """
+    x1, x2 = _expanded(x1, x2)
+    g = g.unsqueeze(dim)
+    grads = []
+    for x, other in ((x1, x2), (x2, x1)):
+        n = torch.linalg.vector_norm(x, 2, dim, keepdim=True)
+        n_other = torch.linalg.vector_norm(other, 2, dim, keepdim=True)
+        d, d_other = n.clamp_min(eps), n_other.clamp_min(eps)
+        grad_unit = g * (other / d_other)  # d(a * b)/da = b, a = x / d
+        grad_n = (-grad_unit * ((x / d) / d)).sum(dim, keepdim=True)  # through d = n: the clamp is invisible
+        grads.append(grad_unit / d + _vector_norm_backward(grad_n, x, 2, n))
+    return tuple(grads)
+
+
+defop("normalize", normalize)
+defop("cosine_similarity", cosine_similarity)
 
 # ---------------------------------------------------------------- shapes and views
 
@@ -865,8 +1002,62 @@ def binary_cross_entropy(g, out, x, target, weight=None, size_average=None, redu
             _elementwise_loss(reduction, g, per_target, x.numel()))
 
 
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _unreduced_grad(g: Tensor, reduction: str, shape: torch.Size) -> Tensor:
+    """The gradient of each element of an elementwise loss before its reduction ('none', 'sum' or 'mean')."""
+    if reduction == "none":
+        return g
+    return g.expand(shape) if reduction == "sum" else g.expand(shape) / math.prod(shape)
+
+
+def smooth_l1_loss(g, out, input, target, size_average=None, reduce=None, reduction="mean", beta=1.0) -> tuple:
+    """Torch's fused smooth-L1 backward; ``beta=0`` is the L1 loss, as in torch."""
+    reduction = _reduction(size_average, reduce, reduction)
+    if beta == 0:
+        return l1_loss(g, out, input, target, reduction=reduction)
+    grad = aten.smooth_l1_loss_backward(g, *_expanded(input, target), _REDUCTION_ENUM[reduction], beta)
+    return grad, -grad
+
+
+def huber_loss(g, out, input, target, reduction="mean", delta=1.0, weight=None) -> tuple:
+    """Torch's fused Huber backward; with ``weight``, each element's loss is scaled before the reduction."""
+    x, t = _expanded(input, target)
+    if weight is None:
+        grad = aten.huber_loss_backward(g, x, t, _REDUCTION_ENUM[reduction], delta)
+        return grad, -grad, None
+    per_element = _unreduced_grad(g, reduction, x.shape)
+    grad = aten.huber_loss_backward(per_element * weight, x, t, 0, delta)
+    return grad, -grad, None, None, per_element * aten.huber_loss(x, t, 0, delta)
+
+
+def kl_div(g, out, input, target, size_average=None, reduce=None, reduction="mean", log_target=False) -> tuple:
+    """Pointwise ``target * (log(target) - input)`` (``exp(target) * (target - input)`` with log_target), reduced.
+
+    NOTE: as in torch, the target's gradient is NaN where a (non-log) target is 0.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _reduction(size_average, reduce, "mean")
+    shape = torch.broadcast_shapes(input.shape, target.shape)
+    if reduction == "batchmean":
+        per_element = (g / input.shape[0] if input.dim() else g).expand(shape)
+    else:
+        per_element = _unreduced_grad(g, reduction, shape)
+    if log_target:
+        weight = target.exp()
+        grad_target = per_element * (target - input) * weight + per_element * weight
+        return -(per_element * weight), grad_target
+    log_part = torch.xlogy(per_element, target).masked_fill(target == 0, 0)  # d xlogy(t, t)/dt, first argument
+    grad_target = log_part + per_element * target / target - per_element * input
+    return -per_element * target, grad_target
+
+
 defop("mse_loss", mse_loss)
 defop("l1_loss", l1_loss)
+defop("smooth_l1_loss", smooth_l1_loss)
+defop("huber_loss", huber_loss)
+defop("kl_div", kl_div)
 defop("binary_cross_entropy_with_logits", binary_cross_entropy_with_logits)
 defop("binary_cross_entropy", binary_cross_entropy)
 
@@ -922,6 +1113,65 @@ def batch_norm(g: Tensor, out: Tensor, x: Tensor, running_mean: Tensor | None, r
 defop("batch_norm", batch_norm, mutates=(1, 2), ignores=lambda attrs: (1, 2) if attrs.get("training") else ())
 
 
+def group_norm(g: Tensor, out: Tensor, input: Tensor, num_groups: int, weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> tuple:
+    """Torch's fused group-norm backward (the statistics are recomputed from the input)."""
+    n, c, hxw = input.shape[0], input.shape[1], math.prod(input.shape[2:])
+    x = input.contiguous()
+    _, mean, rstd = aten.native_group_norm(x, weight, bias, n, c, hxw, num_groups, eps)
+    mask = [True, weight is not None, bias is not None]
+    grad_x, grad_w, grad_b = aten.native_group_norm_backward(g.contiguous(), x, mean, rstd, weight, n, c, hxw,
+                                                             num_groups, mask)
+    return grad_x, None, grad_w, grad_b
+
+
+def rms_norm(g: Tensor, out: Tensor, input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+             eps: float | None = None) -> tuple:
+    """``x * rsqrt(mean(x**2) + eps) * weight``, differentiated through its parts as torch's composite is.
+
+    Half-precision inputs are computed in float32, as torch does; eps defaults to that type's machine epsilon.
+    """
+    wide = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    x, g = input.to(wide), g.to(wide)
+    dims = tuple(range(input.dim() - len(normalized_shape), input.dim()))
+    eps = torch.finfo(wide).eps if eps is None else eps
+    rstd = (x.pow(2).mean(dims, keepdim=True) + eps).rsqrt()
+    grad_w = None
+    if weight is not None:
+        grad_w = (g * (x * rstd)).sum_to_size(weight.shape).to(weight.dtype)  # summed before rounding to half
+        g = g * weight.to(wide)
+    grad_rstd = (-0.5 * (g * x).sum(dims, keepdim=True)) * rstd.pow(3)
+    grad_x = g * rstd + grad_rstd.expand(x.shape) / _count(x, dims) * (2 * x)
+    return grad_x.to(input.dtype), None, grad_w
+
+
+def instance_norm(g: Tensor, out: Tensor, input: Tensor, running_mean: Tensor | None = None,
+                  running_var: Tensor | None = None, weight: Tensor | None = None, bias: Tensor | None = None,
+                  use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> tuple:
+    """Batch norm of the input seen as one sample of N*C channels (torch's own definition), fused backward."""
+    n, c = input.shape[0], input.shape[1]
+    x = input.contiguous().view(1, n * c, *input.shape[2:])
+    g = g.contiguous().view(x.shape)
+    w = weight.repeat(n) if weight is not None else None
+    mask = [True, weight is not None, bias is not None]
+    if use_input_stats:
+        _, mean, invstd = aten.native_batch_norm(x, w, None, None, None, True, 0.0, eps)
+        grads = aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, eps, mask)
+    else:
+        stats = [s.repeat(n).to(x.dtype) for s in (running_mean, running_var)]  # (torch's forward mixes dtypes)
+        grads = aten.native_batch_norm_backward(g, x, w, *stats, None, None, False, eps, mask)
+    grad_x, grad_w, grad_b = grads
+    grad_w = grad_w.view(n, c).sum(0) if grad_w is not None else None
+    grad_b = grad_b.view(n, c).sum(0) if grad_b is not None else None
+    return grad_x.view(input.shape), None, None, grad_w, grad_b
+
+
+defop("group_norm", group_norm)
+defop("rms_norm", rms_norm)
+defop("instance_norm", instance_norm, mutates=(1, 2),
+      ignores=lambda attrs: (1, 2) if attrs.get("use_input_stats", True) else ())
+
+
 def dropout_mask(x: Tensor, p: float) -> Tensor:
     """The scaled keep-mask F.dropout multiplies by, drawn from the same generator in the same way."""
     return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
@@ -931,7 +1181,8 @@ constants("dropout_mask", auto=False, callables=(dropout_mask,))
 
 
 def _conv(g: Tensor, x: Tensor, weight: Tensor, bias: Any, stride: Any, padding: Any, dilation: Any,
-          groups: int) -> tuple:
+          groups: int, output_padding: Any = None) -> tuple:
+    """Torch's convolution backward; ``output_padding`` given means a transposed convolution."""
     if isinstance(padding, str):
         raise UnsupportedCall(f"conv: padding={padding!r} has no rule; give the padding as numbers")
     spatial = x.dim() - 2
@@ -939,17 +1190,21 @@ def _conv(g: Tensor, x: Tensor, weight: Tensor, bias: Any, stride: Any, padding:
     def tup(v: Any) -> list[int]:
         return list(v) if isinstance(v, (tuple, list)) else [v] * spatial
 
+    transposed = output_padding is not None
     mask = [True, True, bias is not None]
-    bias_sizes = [weight.shape[0]] if bias is not None else None
+    bias_sizes = [weight.shape[1] * groups if transposed else weight.shape[0]] if bias is not None else None
     grad_x, grad_w, grad_b = aten.convolution_backward(
-        g, x, weight, bias_sizes, tup(stride), tup(padding), tup(dilation), False, [0] * spatial, groups, mask)
+        g, x, weight, bias_sizes, tup(stride), tup(padding), tup(dilation), transposed,
+        tup(output_padding if transposed else 0), groups, mask)
     return grad_x, grad_w, grad_b
 
 
-defop("conv1d", lambda g, out, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: _conv(
-    g, x, weight, bias, stride, padding, dilation, groups))
-defop("conv2d", lambda g, out, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: _conv(
-    g, x, weight, bias, stride, padding, dilation, groups))
+for _name in ("conv1d", "conv2d", "conv3d"):
+    defop(_name, lambda g, out, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: _conv(
+        g, x, weight, bias, stride, padding, dilation, groups))
+for _name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):  # (groups before dilation, as torch)
+    defop(_name, lambda g, out, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1:
+          _conv(g, x, weight, bias, stride, padding, dilation, groups, output_padding))
 
 
 def _pair(v: Any) -> list[int]:
@@ -1003,6 +1258,41 @@ def scaled_dot_product_attention(g: Tensor, out: Tensor, query: Tensor, key: Ten
 
 defop("scaled_dot_product_attention", scaled_dot_product_attention)
 defop("adaptive_avg_pool2d", lambda g, out, x, output_size: aten._adaptive_avg_pool2d_backward(g, x))
+
+
+# F.interpolate's modes, by number of spatial dimensions: torch's upsample backward kernels
+_UPSAMPLE_BACKWARD = {
+    ("nearest", 1): aten.upsample_nearest1d_backward,
+    ("nearest", 2): aten.upsample_nearest2d_backward,
+    ("nearest", 3): aten.upsample_nearest3d_backward,
+    ("nearest-exact", 1): aten._upsample_nearest_exact1d_backward,
+    ("nearest-exact", 2): aten._upsample_nearest_exact2d_backward,
+    ("nearest-exact", 3): aten._upsample_nearest_exact3d_backward,
+    ("linear", 1): aten.upsample_linear1d_backward,
+    ("bilinear", 2): aten.upsample_bilinear2d_backward,
+    ("bicubic", 2): aten.upsample_bicubic2d_backward,
+    ("trilinear", 3): aten.upsample_trilinear3d_backward,
+}
+
+
+def interpolate(g: Tensor, out: Tensor, input: Tensor, size: Any = None, scale_factor: Any = None,
+                mode: str = "nearest", align_corners: bool | None = None, recompute_scale_factor: bool | None = None,
+                antialias: bool = False) -> Tensor:
+    """Torch's upsample backward for the mode, with the scales F.interpolate passed to the forward kernel."""
+    spatial = input.dim() - 2
+    kernel = _UPSAMPLE_BACKWARD.get((mode, spatial))
+    if kernel is None or antialias:
+        raise UnsupportedCall(f"interpolate: mode={mode!r}{' with antialias' if antialias else ''} on a "
+                              f"{input.dim()}-d input has no rule")
+    scales = [None] * spatial  # None: the kernel uses the size ratio, as the forward did
+    if scale_factor is not None and not recompute_scale_factor:
+        scales = [float(s) for s in (scale_factor if isinstance(scale_factor, (tuple, list)) else
+                                     [scale_factor] * spatial)]
+    corners = [] if mode.startswith("nearest") else [bool(align_corners)]
+    return kernel(g, list(out.shape[2:]), list(input.shape), *corners, *scales)
+
+
+defop("interpolate", interpolate)
 
 # ---------------------------------------------------------------- constants: no gradient flows
 

@@ -332,6 +332,14 @@ UNARY: list[tuple[str, Callable[[Tensor], Tensor], Any]] = [
     ("{0} / 4", lambda x: x / 4, None), ("torch.div({0}, 2.0, rounding_mode='floor')",
                                        lambda x: torch.div(x, 2.0, rounding_mode="floor"), None),
     ("{0}.clone()", torch.clone, None),
+    ("F.hardtanh({0})", F.hardtanh, None), ("F.hardtanh({0}, -0.5, 2.0)", lambda x: F.hardtanh(x, -0.5, 2.0), None),
+    ("F.relu6({0} * 3)", lambda x: F.relu6(x * 3), None), ("F.mish({0})", F.mish, None),
+    ("F.hardswish({0} * 3)", lambda x: F.hardswish(x * 3), None),
+    ("F.hardsigmoid({0} * 3)", lambda x: F.hardsigmoid(x * 3), None),
+    ("{0}.tan()", torch.tan, 1.0), ("{0}.asin()", torch.asin, 0.9), ("torch.acos({0})", torch.acos, 0.9),
+    ("torch.atan({0})", torch.atan, None), ("{0}.sinh()", torch.sinh, 10.0), ("torch.cosh({0})", torch.cosh, 10.0),
+    ("{0}.asinh()", torch.asinh, None), ("({0} + 1).acosh()", lambda x: (x + 1).acosh(), "positive"),
+    ("{0}.atanh()", torch.atanh, 0.9),
 ]
 
 
@@ -384,6 +392,11 @@ BINARY: list[tuple[str, Callable[[Tensor, Tensor], Tensor]]] = [
     ("torch.where({1} > 0, {0}, {1})", lambda a, c: torch.where(c > 0, a, c)),
     ("torch.where({0} < 0.5, {0}, 1.0)", lambda a, c: torch.where(a < 0.5, a, 1.0) * c),
     ("{0}.masked_fill({1} > 0, -1.0) * {1}", lambda a, c: a.masked_fill(c > 0, -1.0) * c),
+    ("torch.atan2({0}, {1})", torch.atan2), ("{0}.arctan2({1})", lambda a, c: a.arctan2(c)),
+    ("torch.lerp({0}, {1}, 0.3)", lambda a, c: torch.lerp(a, c, 0.3)),
+    ("{0}.lerp({1}, {1})", lambda a, c: a.lerp(c, c)),
+    ("torch.addcmul({0}, {0}, {1}, value=0.5)", lambda a, c: torch.addcmul(a, a, c, value=0.5)),
+    ("torch.addcdiv({1}, {0}, {1}.abs() + 0.5, value=-2)", lambda a, c: torch.addcdiv(c, a, c.abs() + 0.5, value=-2)),
 ]
 
 
@@ -529,6 +542,18 @@ def _baddbmm(b: Builder) -> int:
                   lambda c, p, q: torch.baddbmm(c, p, q, beta=beta, alpha=alpha))
 
 
+@gen
+def addbmm(b: Builder) -> int:
+    m1 = b.pick(3, 3)
+    batch, n, k = b.value(m1).shape
+    m = b.size()
+    m2 = b.pick(shape=(batch, k, m))
+    bias = b.pick(shape=b.choose.choice([(n, m), (m,), (), (n, 1)]))
+    beta, alpha = b.choose.choice([(1, 1), (0.5, 2.0), (1, -1.0)])
+    return b.emit(f"{{out}} = torch.addbmm({{0}}, {{1}}, {{2}}, beta={beta}, alpha={alpha})", [bias, m1, m2],
+                  lambda c, p, q: torch.addbmm(c, p, q, beta=beta, alpha=alpha))
+
+
 # ---------------------------------------------------------------- reductions
 
 
@@ -654,6 +679,44 @@ def _order_statistics(b: Builder, x: int, nd: int, form: int, keepdim: bool) -> 
         return b.emit(f"{{out}} = {{0}}.topk({k}, dim={dim}, largest={largest})[0]", [x],
                       lambda t: t.topk(k, dim=dim, largest=largest)[0])
     return b.emit("{out} = torch.msort({0})", [x], lambda t: torch.msort(t))
+
+
+@gen
+def reduce_median(b: Builder) -> int:
+    """median / nanmedian (in full: ties share the gradient; along a dim: the returned index), kthvalue, mode."""
+    x = b.pick()
+    nd = b.value(x).dim()
+    name = b.choose.choice(["median", "nanmedian"])
+    form = b.choose.integer(0, 3)
+    if form == 0:
+        return b.emit(f"{{out}} = {{0}}.{name}()", [x], lambda t: getattr(t, name)())
+    dim = b.choose.integer(-nd, nd - 1) if nd else 0
+    keepdim = b.choose.boolean()
+    if form == 1:
+        return b.emit(f"{{out}} = torch.{name}({{0}}, {dim}, keepdim={keepdim}).values", [x],
+                      lambda t: getattr(torch, name)(t, dim, keepdim=keepdim).values)
+    if form == 2:
+        k = b.choose.integer(1, b.value(x).shape[dim] if nd else 1)
+        return b.emit(f"{{out}} = {{0}}.kthvalue({k}, {dim}, keepdim={keepdim})[0]", [x],
+                      lambda t: t.kthvalue(k, dim, keepdim=keepdim)[0])
+    return b.emit(f"{{out}} = torch.mode({{0}}, {dim}, keepdim={keepdim}).values", [x],
+                  lambda t: torch.mode(t, dim, keepdim=keepdim).values)
+
+
+@gen
+def normalize(b: Builder) -> int:
+    """F.normalize (any p; zero vectors from tied values) and F.cosine_similarity (broadcasting)."""
+    x = b.pick(1, 3)
+    shape = tuple(b.value(x).shape)
+    if b.choose.boolean():
+        p = b.choose.choice([2.0, 2.0, 1.0, 3.0, 1.5, 0.5])
+        dim = b.choose.integer(-len(shape), len(shape) - 1)
+        return b.emit(f"{{out}} = F.normalize({{0}}, p={p}, dim={dim})", [x], lambda t: F.normalize(t, p=p, dim=dim))
+    y = b.pick_broadcast(shape)
+    if b.choose.boolean():
+        x, y = y, x
+    return b.emit("{out} = F.cosine_similarity({0}, {1}, dim=-1)", [x, y],
+                  lambda t, u: F.cosine_similarity(t, u, dim=-1))
 
 
 @gen
@@ -1256,6 +1319,30 @@ def regression_loss(b: Builder) -> int:
 
 
 @gen
+def robust_loss(b: Builder) -> int:
+    """F.smooth_l1_loss, F.huber_loss, F.kl_div at each reduction."""
+    x = b.pick()
+    shape = tuple(b.value(x).shape)
+    y = b.pick(shape=shape)
+    reduction = b.choose.choice(["mean", "sum", "none"])
+    form = b.choose.integer(0, 2)
+    if form == 0:
+        beta = b.choose.choice([1.0, 0.5, 0.0])
+        return b.emit(f"{{out}} = F.smooth_l1_loss({{0}}, {{1}}, reduction={reduction!r}, beta={beta})", [x, y],
+                      lambda p, q: F.smooth_l1_loss(p, q, reduction=reduction, beta=beta))
+    if form == 1:
+        delta = b.choose.choice([1.0, 0.3])
+        return b.emit(f"{{out}} = F.huber_loss({{0}}, {{1}}, reduction={reduction!r}, delta={delta})", [x, y],
+                      lambda p, q: F.huber_loss(p, q, reduction=reduction, delta=delta))
+    reduction = b.choose.choice([reduction, "batchmean"])
+    if b.choose.boolean():
+        return b.emit(f"{{out}} = F.kl_div({{0}}, {{1}}, reduction={reduction!r}, log_target=True)", [x, y],
+                      lambda p, q: F.kl_div(p, q, reduction=reduction, log_target=True))
+    return b.emit(f"{{out}} = F.kl_div({{0}}, {{1}}.sigmoid(), reduction={reduction!r})", [x, y],
+                  lambda p, q: F.kl_div(p, q.sigmoid(), reduction=reduction))
+
+
+@gen
 def embedding(b: Builder) -> int:
     w = b.pick(2, 2)
     rows = b.value(w).shape[0]
@@ -1285,6 +1372,38 @@ def layer_norm(b: Builder) -> int:
     bias = b.pick(shape=normalized)
     return b.emit(f"{{out}} = F.layer_norm({{0}}, {normalized}, {{1}}, {{2}}, eps=1e-3)", [x, w, bias],
                   lambda t, g, c: F.layer_norm(t, normalized, g, c, eps=1e-3))
+
+
+@gen
+def other_norms(b: Builder) -> int:
+    """F.rms_norm (last dims), F.group_norm and F.instance_norm ((N, C, ...) inputs)."""
+    x = b.pick(1, 3)
+    shape = tuple(b.value(x).shape)
+    form = b.choose.integer(0, 2)
+    if form == 0 or len(shape) < 2:
+        normalized = shape[-b.choose.integer(1, len(shape)):]
+        if b.choose.boolean():
+            return b.emit(f"{{out}} = F.rms_norm({{0}}, {normalized})", [x], lambda t: F.rms_norm(t, normalized))
+        w = b.pick(shape=normalized)
+        return b.emit(f"{{out}} = F.rms_norm({{0}}, {normalized}, {{1}}, eps=1e-3)", [x, w],
+                      lambda t, g: F.rms_norm(t, normalized, g, eps=1e-3))
+    channels = shape[1]
+    affine = [b.pick(shape=(channels,)), b.pick(shape=(channels,))] if b.choose.boolean() else []
+    extra = ", {1}, {2}" if affine else ""
+    if form == 1:
+        groups = b.choose.choice([d for d in range(1, channels + 1) if channels % d == 0])
+        return b.emit(f"{{out}} = F.group_norm({{0}}, {groups}{extra}, eps=1e-3)", [x] + affine,
+                      lambda t, *wb: F.group_norm(t, groups, *wb, eps=1e-3))
+    if len(shape) < 3:
+        raise Reject("instance_norm needs spatial dimensions")
+    use_input_stats = b.choose.boolean()
+
+    def run(t: Tensor, *wb: Tensor) -> Tensor:
+        mean, var = torch.zeros(channels, dtype=t.dtype) + 0.1, torch.ones(channels, dtype=t.dtype) * 1.5
+        stats = (None, None) if use_input_stats else (mean, var)
+        return F.instance_norm(t, *stats, *(wb or (None, None)), use_input_stats=use_input_stats)
+
+    return b.emit(f"{{out}} = F.instance_norm({{0}}, <stats: {use_input_stats}>{extra})", [x] + affine, run)
 
 
 @gen
@@ -1343,6 +1462,60 @@ def convolution(b: Builder) -> int:
 
     return b.emit(f"{{out}} = F.{conv.__name__}({{0}}.reshape({shape}), {{1}}, {'{2}' if use_bias else None}, "
                   f"stride={stride}, padding={padding}, dilation={dilation}, groups={groups})", inputs, run)
+
+
+@gen
+def transposed_convolution(b: Builder) -> int:
+    """F.conv_transpose1d/2d/3d (strides, output padding, groups, dilation) and F.conv3d."""
+    x = b.pick()
+    n = b.value(x).numel()
+    conv = b.choose.choice([F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.conv3d])
+    spatial, transposed = int(conv.__name__[-2]), conv is not F.conv3d
+    groups = b.choose.choice([1, 1, 2])
+    cin, cout = groups * b.choose.integer(1, 2), groups * b.choose.integer(1, 2)
+    if n % cin:
+        raise Reject("channels do not divide the tensor")
+    length = n // cin
+    h = b.choose.choice([d for d in range(1, length + 1) if length % d == 0])
+    shape = (1, cin) + ((length,), (h, length // h), (1, h, length // h))[spatial - 1]
+    k = b.choose.integer(1, 2)
+    stride, padding, dilation = b.choose.integer(1, 2), b.choose.integer(0, 1), b.choose.integer(1, 2)
+    kernel = (k,) * spatial
+    options = {"stride": stride, "padding": padding, "groups": groups, "dilation": dilation}
+    if transposed:
+        options["output_padding"] = b.choose.integer(0, max(stride, dilation) - 1)
+        weight = b.pick(shape=(cin, cout // groups) + kernel)
+    else:
+        weight = b.pick(shape=(cout, cin // groups) + kernel)
+    inputs = [x, weight] + ([b.pick(shape=(cout,))] if b.choose.boolean() else [])
+
+    def run(t: Tensor, w: Tensor, *bias: Tensor) -> Tensor:
+        return conv(t.reshape(shape), w, bias[0] if bias else None, **options)
+
+    keywords = ", ".join(f"{key}={value}" for key, value in options.items())
+    return b.emit(f"{{out}} = F.{conv.__name__}({{0}}.reshape({shape}), {{1}}, {'{2}' if len(inputs) == 3 else None}, "
+                  f"{keywords})", inputs, run)
+
+
+@gen
+def interpolate(b: Builder) -> int:
+    """F.interpolate in each mode, by size or scale factor (fractional: the forward's scales matter)."""
+    x = b.pick()
+    n = b.value(x).numel()
+    spatial = b.choose.integer(1, 3)
+    h = b.choose.choice([d for d in range(1, n + 1) if n % d == 0])
+    shape = (1, 1) + ((n,), (h, n // h), (1, h, n // h))[spatial - 1]
+    mode = b.choose.choice(["nearest", "nearest-exact", ("linear", "bilinear", "trilinear")[spatial - 1]]
+                           + (["bicubic"] if spatial == 2 else []))
+    corners = b.choose.choice([None, True]) if mode not in ("nearest", "nearest-exact") else None
+    if b.choose.boolean():
+        how = {"scale_factor": b.choose.choice([2, 1.5, 0.7, 2.5])}
+    else:
+        how = {"size": tuple(b.choose.integer(1, 5) for _ in range(spatial))}
+    how.update(mode=mode, align_corners=corners)
+    keywords = ", ".join(f"{key}={value!r}" for key, value in how.items())
+    return b.emit(f"{{out}} = F.interpolate({{0}}.reshape({shape}), {keywords})", [x],
+                  lambda t: F.interpolate(t.reshape(shape), **how))
 
 
 @gen

@@ -74,6 +74,25 @@ UNARY = {
     "clone": lambda x: x.clone(),
     "to_same": lambda x: x.to(torch.float64) * 2,
     "float_roundtrip": lambda x: x.float().double(),
+    "hardtanh": lambda x: F.hardtanh(x),
+    "hardtanh_bounds": lambda x: F.hardtanh(x, min_val=-0.5, max_val=0.25),
+    "hardtanh_module_inplace": lambda x: torch.nn.Hardtanh(-0.2, 0.7, inplace=True)(x * 1.0),
+    "relu6": lambda x: F.relu6(x * 4),
+    "relu6_module": lambda x: torch.nn.ReLU6()(x * 4 + 3),
+    "mish": lambda x: F.mish(x),
+    "hardswish": lambda x: F.hardswish(x * 3),
+    "hardsigmoid": lambda x: F.hardsigmoid(x * 3),
+    "tan": lambda x: x.tan(),
+    "asin": lambda x: (x * 0.3).asin(),
+    "acos": lambda x: torch.acos(x * 0.3),
+    "arcsin_arccos": lambda x: torch.arcsin(x * 0.2) + (x * 0.2).arccos(),
+    "atan": lambda x: torch.atan(x),
+    "sinh": lambda x: x.sinh(),
+    "cosh": lambda x: torch.cosh(x),
+    "asinh": lambda x: x.asinh(),
+    "atanh": lambda x: (x * 0.3).atanh(),
+    "arctan_arcsinh_arctanh": lambda x: x.arctan() + torch.arcsinh(x) + (x * 0.2).arctanh(),
+    "asin_tan_inplace": lambda x: (x * 0.3).asin_().tan_(),
 }
 
 POSITIVE_UNARY = {
@@ -87,6 +106,7 @@ POSITIVE_UNARY = {
     "rdiv_2": lambda x: 2.5 / x,
     "pow_frac": lambda x: x**-0.5,
     "pow_1.5": lambda x: x**1.5,
+    "acosh": lambda x: (x + 1).acosh(),
 }
 
 BINARY = {
@@ -101,6 +121,8 @@ BINARY = {
     "pow_tensor": lambda a, b: (a.abs() + 0.5) ** b,
     "sub_alpha": lambda a, b: torch.sub(a, b, alpha=0.5),
     "mul_fanout": lambda a, b: a * b * a,
+    "atan2": lambda a, b: torch.atan2(a, b),
+    "lerp": lambda a, b: torch.lerp(a, b, 0.3),
 }
 
 
@@ -171,6 +193,13 @@ SELECTIONS = {
     "min_dim": lambda x: x.min(-1).values,
     "amax": lambda x: x.amax(1),
     "amin_keepdim": lambda x: x.amin(0, keepdim=True),
+    "median_all": lambda x: x.median(),
+    "median_dim": lambda x: x.median(1).values,
+    "median_dim_keepdim_kw": lambda x: torch.median(x, dim=0, keepdim=True)[0],
+    "nanmedian": lambda x: x.nanmedian() + x.nanmedian(-1).values.sum(),
+    "kthvalue": lambda x: x.kthvalue(2, 1).values,
+    "kthvalue_default_dim_keepdim": lambda x: torch.kthvalue(x, 4, keepdim=True)[0],
+    "mode": lambda x: x.mode(0).values,
 }
 
 TIED = {
@@ -179,6 +208,15 @@ TIED = {
     "amax_ties": lambda x: x.amax(1),
     "maximum_ties": lambda x: torch.maximum(x, x.flip(1)),
     "fmax_ties": lambda x: torch.fmax(x, x.flip(1)) + torch.fmin(x.flip(0), x),
+    "median_all_ties": lambda x: x.median(),  # 2, four times: they share the gradient, as in torch
+    "median_dim_ties": lambda x: x.median(1, keepdim=True).values,  # the returned index takes it
+    "nanmedian_ties": lambda x: x.nanmedian() + x.nanmedian(0).values.sum(),
+    "kthvalue_ties": lambda x: x.kthvalue(3, 1).values,
+    "mode_ties": lambda x: x.mode(1).values,
+    "hardtanh_at_bounds": lambda x: F.hardtanh(x, 0.0, 2.0),  # 0 and 2 are the bounds: no gradient there
+    "relu6_at_0_and_6": lambda x: F.relu6(x * 2),  # 0 and 6
+    "relu6_inplace_at_kinks": lambda x: F.relu6(x * 2 - 6, inplace=True),  # 0 and 6 again, in place
+    "hardswish_at_kinks": lambda x: F.hardswish(x - 3) + F.hardsigmoid(x * 1.5 - 3),  # -3, 0 and 3
 }
 
 SHAPE_OPS = {
@@ -318,6 +356,155 @@ def nn_cases():
     yield "scatter_add", lambda x, s: x.scatter_add(1, torch.tensor([[0, 1], [2, 2]]), s), [r(2, 4, seed=1),
                                                                                          r(2, 2, seed=2)]
     yield "index_put", lambda x, v: x.index_put((torch.tensor([0, 2]),), v), [r(3, 4, seed=1), r(4, seed=2)]
+    yield from norm_cases()
+    yield from normalization_cases()
+    yield from loss_cases()
+    yield from pointwise_cases()
+    yield from resampling_cases()
+
+
+def _affine(layer):
+    """A float64 module with random affine parameters, built once (outside any recording)."""
+    gen = torch.Generator().manual_seed(0)
+    layer = layer.double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, generator=gen)
+    return layer
+
+
+_GROUP_NORM = _affine(torch.nn.GroupNorm(2, 4))
+_RMS_NORM = _affine(torch.nn.RMSNorm([3, 5], eps=1e-6))
+_INSTANCE_NORM = _affine(torch.nn.InstanceNorm1d(3, affine=True))
+
+
+def normalization_cases():
+    yield "group_norm", lambda x, w, b: F.group_norm(x, 2, w, b), [r(3, 4, 5, seed=1), r(4, seed=2), r(4, seed=3)]
+    yield "group_norm_noaffine_4d", lambda x: F.group_norm(x, 3, eps=1e-3), [r(2, 6, 2, 3, seed=4)]
+    yield "group_norm_weight_only_2d", lambda x, w: F.group_norm(x, 1, weight=w), [r(4, 6, seed=5), r(6, seed=6)]
+    yield "group_norm_module", lambda x: _GROUP_NORM(x), [r(2, 4, 3, 3, seed=7)]
+    yield "rms_norm", lambda x, w: F.rms_norm(x, (5,), w), [r(4, 5, seed=1), r(5, seed=2)]
+    yield "rms_norm_noweight_default_eps", lambda x: F.rms_norm(x, [3, 5]), [r(2, 3, 5, seed=3)]
+    yield "rms_norm_eps_kw", lambda x, w: F.rms_norm(x, normalized_shape=(2, 5), weight=w, eps=0.1), [
+        r(3, 2, 5, seed=4), r(2, 5, seed=5)]
+    yield "rms_norm_module", lambda x: _RMS_NORM(x), [r(2, 3, 5, seed=6)]
+    yield "instance_norm", lambda x, w, b: F.instance_norm(x, weight=w, bias=b), [r(2, 3, 5, seed=1), r(3, seed=2),
+                                                                                  r(3, seed=3)]
+    yield "instance_norm_2d_noaffine", lambda x: F.instance_norm(x, eps=1e-3), [r(2, 3, 2, 4, seed=4)]
+    yield "instance_norm_eval", lambda x, w: F.instance_norm(x, torch.full((3,), 0.2, dtype=D), torch.full(
+        (3,), 1.5, dtype=D), w, None, use_input_stats=False), [r(2, 3, 4, seed=8), r(3, seed=9)]
+    yield "instance_norm_module", lambda x: _INSTANCE_NORM(x), [r(2, 3, 6, seed=1)]
+    # training mode with running statistics: the forward updates them in place, and they are no input of the loss
+    yield "instance_norm_running_train", lambda x, w, b: F.instance_norm(
+        x, torch.zeros(3, dtype=D), torch.ones(3, dtype=D), w, b, use_input_stats=True), [
+        r(2, 3, 5, seed=10), r(3, seed=11), r(3, seed=12)]
+
+
+def _probs(*shape, seed=0):
+    return r(*shape, seed=seed).softmax(-1)
+
+
+def pointwise_cases():
+    """lerp, addcmul, addcdiv, addbmm: broadcasting, scalar keywords, in place."""
+    yield "lerp_tensor_weight", lambda a, b, w: torch.lerp(a, b, w), [r(4, 5, seed=1), r(5, seed=2), r(4, 1, seed=3)]
+    yield "lerp_method_inplace", lambda a, b: (a * 1.0).lerp_(b, 0.75), [r(4, 5, seed=1), r(4, 5, seed=2)]
+    yield "addcmul", lambda x, a, b: torch.addcmul(x, a, b), [r(4, 5, seed=1), r(4, 5, seed=2), r(5, seed=3)]
+    yield "addcmul_value_inplace", lambda x, a, b: (x * 1.0).addcmul_(a, b, value=-0.5), [
+        r(4, 5, seed=1), r(4, 1, seed=2), r(4, 5, seed=3)]
+    yield "addcdiv", lambda x, a, b: torch.addcdiv(x, a, b, value=2.0), [r(5, seed=1), r(4, 5, seed=2),
+                                                                           r(4, 5, seed=3, positive=True)]
+    yield "addcdiv_method", lambda x, a, b: x.addcdiv(a, b), [r(4, 5, seed=1), r(4, 5, seed=2),
+                                                             r(4, 5, seed=3, positive=True)]
+    yield "addbmm", lambda m, b1, b2: torch.addbmm(m, b1, b2), [r(4, 5, seed=1), r(3, 4, 2, seed=2),
+                                                                r(3, 2, 5, seed=3)]
+    yield "addbmm_scaled_broadcast", lambda m, b1, b2: m.addbmm(b1, b2, beta=0.5, alpha=-2.0), [
+        r(5, seed=1), r(3, 4, 2, seed=2), r(3, 2, 5, seed=3)]
+    yield "atan2_method_inplace", lambda a, b: (a * 1.0).arctan2_(b) + a.arctan2(b), [r(4, 5, seed=1),
+                                                                                     r(4, 5, seed=2)]
+
+
+def resampling_cases():
+    """F.interpolate in each mode (integer and fractional scales, sizes), transposed and 3-d convolutions."""
+    x1, x2, x3 = r(2, 3, 5, seed=1), r(1, 2, 4, 5, seed=2), r(1, 2, 3, 3, 4, seed=3)
+    yield "interpolate_nearest_1d", lambda x: F.interpolate(x, scale_factor=2), [x1]
+    yield "interpolate_nearest_fractional", lambda x: F.interpolate(x, scale_factor=1.7), [x1]
+    yield "interpolate_nearest_down", lambda x: F.interpolate(x, size=3), [x1]
+    yield "interpolate_nearest_2d_size", lambda x: F.interpolate(x, size=(7, 8)), [x2]
+    yield "interpolate_nearest_3d", lambda x: F.interpolate(x, scale_factor=(2, 1, 1.5)), [x3]
+    yield "interpolate_nearest_exact", lambda x: F.interpolate(x, scale_factor=1.6, mode="nearest-exact"), [x2]
+    yield "interpolate_linear", lambda x: F.interpolate(x, scale_factor=2.5, mode="linear"), [x1]
+    yield "interpolate_linear_corners", lambda x: F.interpolate(x, size=8, mode="linear", align_corners=True), [x1]
+    yield "interpolate_bilinear", lambda x: F.interpolate(x, scale_factor=(1.5, 2), mode="bilinear"), [x2]
+    yield "interpolate_bilinear_recompute", lambda x: F.interpolate(
+        x, scale_factor=1.3, mode="bilinear", recompute_scale_factor=True), [x2]
+    yield "interpolate_bicubic_corners", lambda x: F.interpolate(x, size=(6, 9), mode="bicubic",
+                                                                  align_corners=True), [x2]
+    yield "interpolate_trilinear", lambda x: F.interpolate(x, scale_factor=2, mode="trilinear"), [x3]
+    yield "upsample_module", lambda x: torch.nn.Upsample(scale_factor=2, mode="bilinear")(x), [x2]
+    yield "conv_transpose1d", lambda x, w, b: F.conv_transpose1d(x, w, b), [x1, r(3, 4, 3, seed=4), r(4, seed=5)]
+    yield "conv_transpose1d_strided_groups", lambda x, w: F.conv_transpose1d(
+        x, w, stride=2, padding=1, output_padding=1, groups=3, dilation=2), [r(2, 6, 5, seed=6), r(6, 2, 3, seed=7)]
+    yield "conv_transpose2d_bias_groups", lambda x, w, b: F.conv_transpose2d(x, w, b, stride=(2, 1), groups=2), [
+        x2, r(2, 3, 3, 2, seed=8), r(6, seed=9)]
+    yield "conv_transpose2d_module", lambda x: _CONV_TRANSPOSE(x), [x2]
+    yield "conv3d", lambda x, w, b: F.conv3d(x, w, b, padding=1), [x3, r(4, 2, 2, 2, 3, seed=10), r(4, seed=11)]
+    yield "conv_transpose3d", lambda x, w: F.conv_transpose3d(x, w, stride=2), [x3, r(2, 3, 2, 2, 2, seed=12)]
+
+
+_CONV_TRANSPOSE = _affine(torch.nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1))
+
+
+def loss_cases():
+    """The elementwise losses at each reduction; targets are differentiable too."""
+    x, t = r(4, 5, seed=1), r(4, 5, seed=2)
+    for reduction in ("mean", "sum", "none"):
+        yield f"smooth_l1_{reduction}", lambda a, b, red=reduction: F.smooth_l1_loss(a, b, reduction=red), [x, t]
+        yield f"huber_{reduction}", lambda a, b, red=reduction: F.huber_loss(a, b, reduction=red, delta=0.5), [x, t]
+        yield f"huber_weight_{reduction}", lambda a, b, w, red=reduction: F.huber_loss(a, b, red, 0.7, w), [
+            x, t, r(4, 5, seed=3, positive=True)]
+        yield f"kl_div_{reduction}", lambda a, b, red=reduction: F.kl_div(a.log_softmax(-1), b, reduction=red), [
+            x, _probs(4, 5, seed=4)]
+        yield f"kl_div_log_target_{reduction}", lambda a, b, red=reduction: F.kl_div(
+            a, b, reduction=red, log_target=True), [x, r(4, 5, seed=5)]
+    yield "smooth_l1_beta", lambda a, b: F.smooth_l1_loss(a, b, beta=0.3), [x, t]
+    yield "smooth_l1_beta0", lambda a, b: F.smooth_l1_loss(a, b, beta=0.0), [x, t]  # torch: the L1 loss
+    yield "smooth_l1_legacy_broadcast", lambda a, b: F.smooth_l1_loss(a, b, size_average=False), [
+        r(4, 1, seed=6), r(5, seed=7)]
+    yield "smooth_l1_module", lambda a, b: torch.nn.SmoothL1Loss(beta=2.0)(a, b), [x, t]
+    yield "huber_module", lambda a, b: torch.nn.HuberLoss(reduction="sum", delta=0.2)(a, b), [x, t]
+    yield "kl_div_batchmean", lambda a, b: F.kl_div(a.log_softmax(1), b, reduction="batchmean"), [
+        x, _probs(4, 5, seed=8)]
+    yield "kl_div_batchmean_log_target", lambda a, b: F.kl_div(a, b, reduction="batchmean", log_target=True), [
+        r(3, 2, 4, seed=9), r(3, 2, 4, seed=10)]
+    yield "kl_div_broadcast_legacy", lambda a, b: F.kl_div(a, b, reduce=False), [r(4, 5, seed=11),
+                                                                                  _probs(5, seed=12)]
+    yield "kl_div_module", lambda a, b: torch.nn.KLDivLoss(reduction="batchmean")(a.log_softmax(1), b), [
+        x, _probs(4, 5, seed=13)]
+    yield "kl_div_0d_batchmean", lambda a, b: F.kl_div(a, b, reduction="batchmean"), [r(seed=15), r(seed=16).exp()]
+
+
+def _zero_row(*shape, seed=0):
+    x = r(*shape, seed=seed)
+    x[1] = 0
+    return x
+
+
+def norm_cases():
+    """F.normalize, F.cosine_similarity; ``nonsmooth`` in a name: torch's convention (no finite differences)."""
+    yield "normalize", lambda x: F.normalize(x), [r(4, 5, seed=1)]
+    yield "normalize_dim_p1", lambda x: F.normalize(x, p=1, dim=-1), [r(2, 3, 5, seed=2)]
+    yield "normalize_p3_dim0", lambda x: F.normalize(x, 3.0, 0), [r(4, 5, seed=3)]
+    yield "normalize_p1.5_p0.5", lambda x: F.normalize(x, p=1.5, dim=1) + F.normalize(x, p=0.5, dim=1), [
+        r(4, 5, seed=4)]
+    yield "normalize_nonsmooth_zero_row", lambda x: F.normalize(x, dim=1), [_zero_row(3, 4, seed=5)]
+    yield "normalize_nonsmooth_eps", lambda x: F.normalize(x, dim=1, eps=2.0), [r(3, 4, seed=6)]  # all clamped
+    yield "cosine_similarity", lambda a, b: F.cosine_similarity(a, b), [r(4, 5, seed=1), r(4, 5, seed=2)]
+    yield "cosine_similarity_broadcast", lambda a, b: F.cosine_similarity(a, b, dim=-1), [r(1, 5, seed=1),
+                                                                                          r(3, 4, 5, seed=2)]
+    yield "cosine_similarity_1d", lambda a, b: torch.cosine_similarity(a, b, 0), [r(5, seed=3), r(5, seed=4)]
+    yield "cosine_similarity_nonsmooth_zero_row", lambda a, b: F.cosine_similarity(a, b), [
+        _zero_row(3, 4, seed=5), r(3, 4, seed=6)]
+    yield "cosine_similarity_nonsmooth_eps", lambda a, b: F.cosine_similarity(a, b, eps=3.0), [
+        r(3, 4, seed=7), r(3, 4, seed=8)]
 
 
 def _with_weight(fn, w):

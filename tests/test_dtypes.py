@@ -216,3 +216,24 @@ def test_cumsum_with_a_wider_dtype_is_bit_exact_with_torch(dtype, wide):
     x = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
     assert_matches_torch(lambda x: x.cumsum(1, dtype=wide), [x], rtol=0, atol=0)
     assert_matches_torch(lambda x: torch.cumsum(x, 0, dtype=wide), [x], rtol=0, atol=0)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_in_half_precision_computes_in_float32_as_torch_does(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(shape, generator=gen).to(dtype) for shape in ((4, 8), (8,)))
+    assert_matches_torch(lambda x, w: F.rms_norm(x, (8,), w), [x, w], rtol=0, atol=0)  # bit for bit
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")
+@pytest.mark.parametrize("loss", [F.huber_loss, F.smooth_l1_loss])
+def test_fused_losses_promote_a_float32_target_as_the_forward_does(loss):
+    """torch's own huber backward raises here; the engine promotes both operands, as the forward kernel does."""
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 4, generator=gen, dtype=D), torch.randn(4, generator=gen)
+    with tg.record() as graph:
+        out = loss(x, t, reduction="sum")
+    grads = graph.backward(out)
+    x_ref, t_ref = x.clone().requires_grad_(), t.to(D).requires_grad_()
+    loss(x_ref, t_ref, reduction="sum").backward()
+    assert grads[x].dtype == D and grads[t].dtype == torch.float32
+    torch.testing.assert_close(grads[x], x_ref.grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grads[t], t_ref.grad.float())

@@ -47,11 +47,11 @@ def torch_grads(fn, *inputs):
 
 NO_RULE = {
     "cumprod": lambda x: x.cumprod(0).sum(),
-    "atan": lambda x: torch.atan(x).sum(),
-    "kthvalue": lambda x: x.kthvalue(2).values,
+    "hypot": lambda x: torch.hypot(x, x * 2).sum(),
+    "cummax": lambda x: x.cummax(0).values.sum(),
     "logcumsumexp": lambda x: x.logcumsumexp(0).sum(),
-    "lerp": lambda x: torch.lerp(x, x * 2, 0.3).sum(),
-    "median": lambda x: x.median(),
+    "logaddexp": lambda x: torch.logaddexp(x, x * 2).sum(),
+    "xlogy": lambda x: torch.xlogy(x, x).sum(),
 }
 
 
@@ -120,6 +120,8 @@ def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
         (lambda: F.pad(x, (1, 1), mode="reflect").sum(), r"pad: only mode='constant'"),
         (lambda: x.norm(p=1), r"norm: only the 2-norm has a rule \(got p=1\)"),
         (lambda: x[0].scatter(1, torch.tensor([[0, 1]]), x[0, :, :2], reduce="add").sum(), "scatter: reduce="),
+        (lambda: F.interpolate(x, size=2, mode="area").sum(), r"interpolate: mode='area' on a 3-d input has no rule"),
+        (lambda: F.normalize(x, p=float("inf")).sum(), r"normalize: only finite p > 0 has a rule \(got p=inf\)"),
     ]
     for make, message in cases:
         with tg.record() as graph:

@@ -54,3 +54,42 @@ def test_relu_passes_the_gradient_where_its_input_is_nan():
     x = torch.tensor([float("nan"), -1.0, 0.0, 2.0], dtype=torch.float64)
     assert_matches_torch(lambda x: torch.relu(x) * 3, [x])
     assert_matches_torch(lambda x: x.relu(), [x])
+def test_kl_div_with_a_zero_target_gives_torchs_nan_target_gradient_there():
+    """d/dt of t*log(t) at t = 0: torch's gradient is NaN there (and finite elsewhere); the input's is finite."""
+    import torch
+    import torch.nn.functional as F
+    from helpers import engine_grads, torch_grads
+    from op_cases import r
+
+    target = r(3, 4, seed=1).softmax(1)
+    target[0, 1] = target[2, 3] = 0.0
+
+    def fn(x, t):
+        return F.kl_div(x.log_softmax(1), t, reduction="batchmean")
+
+    inputs = [r(3, 4, seed=2), target]
+    ours, theirs = engine_grads(fn, inputs)[1], torch_grads(fn, inputs)
+    assert torch.equal(ours[1].isnan(), target == 0) and torch.equal(theirs[1].isnan(), target == 0)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-7, atol=1e-10, equal_nan=True)
+
+
+def test_instance_norm_module_with_running_statistics_in_training_matches_torch():
+    """The forward updates running_mean/var in place: no inputs of the loss, so later steps do not upset backward."""
+    import torch
+    import torch.nn.functional as F
+
+    import tensorgraph as tg
+
+    layer = torch.nn.InstanceNorm1d(3, affine=True, track_running_stats=True).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    with tg.record() as graph:
+        loss = (layer(x) ** 2).sum()
+    layer(x)  # another training step before the backward: torch autograd does not mind either
+    ref = x.clone().requires_grad_()
+    weight = layer.weight.detach().clone().requires_grad_()
+    out = F.instance_norm(ref, None, None, weight, layer.bias.detach(), use_input_stats=True)
+    expected = torch.autograd.grad((out ** 2).sum(), (ref, weight))
+    grads = graph.backward(loss)
+    torch.testing.assert_close(grads[x], expected[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[layer.weight], expected[1], rtol=0, atol=1e-12)

@@ -321,6 +321,14 @@ def test_gelu_tanh_approximation_derives_and_is_not_taken_for_the_exact_one():
         derive(fn, _x() * 3)
     graph, out, _ = record(lambda x: F.gelu(x, approximate="tanh"), _x())
     assert "tanh" in str(symbolic.derive(graph, output=out, wrt=0).textbook)
+def test_trigonometric_and_hyperbolic_ops():
+    d = derive(lambda x: torch.tan(x * 0.5).sum(1) + x.atan().sinh().sum(1), _x())
+    s = d.symbols
+    x, dy = s["x"], s["dout"]
+    assert d.prove(dy * (sp.Rational(1, 2) * (1 + sp.tan(x / 2) ** 2) + sp.cosh(sp.atan(x)) / (1 + x**2)))
+    derive(lambda x: (x * 0.3).asin() * (x * 0.2).acos() + (x * 0.4).atanh() - x.cosh() * x.asinh(), _x())
+    derive(lambda x: (x.abs() + 1.5).acosh().mean(0), _x())
+
 
 def test_the_arange_pick_negative_targets_and_scalar_parameters():
     """x[torch.arange(n), y] (arange recorded inside the block or made before it), y < 0, 0-dim parameters."""

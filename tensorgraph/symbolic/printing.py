@@ -16,7 +16,8 @@ from .algebra import AxisMax, AxisSum
 
 _TORCH_FUNCTIONS = {"exp": "exp", "log": "log", "tanh": "tanh", "sin": "sin", "cos": "cos", "Abs": "abs",
                     "sign": "sign", "atanh": "atanh", "Sigmoid": "sigmoid", "Softplus": "nn.functional.softplus",
-                    "erf": "erf"}
+                    "erf": "erf", "tan": "tan", "asin": "asin", "acos": "acos", "atan": "atan", "sinh": "sinh",
+                    "cosh": "cosh", "asinh": "asinh", "acosh": "acosh"}
 
 
 class TorchPrinter(PythonCodePrinter):
@@ -104,6 +105,8 @@ class TorchPrinter(PythonCodePrinter):
     _print_cos = _print_exp
     _print_sign = _print_exp
     _print_erf = _print_exp
+    _print_tan = _print_asin = _print_acos = _print_atan = _print_exp
+    _print_sinh = _print_cosh = _print_asinh = _print_acosh = _print_atanh = _print_exp
 
     def _print_Abs(self, expr: sp.Basic) -> str:
         if self.is_tensor(expr):
