@@ -252,12 +252,14 @@ class _Recorder(TorchFunctionMode):
             call = self._refs_of_call(args, kwargs, allow_view_write=setitem)
             previous = call[2][0]
             self._snapshot(target)
+            self._keep_hooks(target)
             base = target._base if target._base is not None else self.data_of.get(id(target), target)
             if base._base is not None:
                 base = base._base
             for alias in [base] + self.views.get(id(base), []):  # everything sharing the memory changes too
                 if alias is not target and id(alias) in self.graph._live:
                     self._snapshot(alias)
+                    self._keep_hooks(alias)
                     self.view_written[id(alias)] = source
         func(*args, **kwargs)
         with _Bookkeeping():
@@ -364,6 +366,11 @@ class _Recorder(TorchFunctionMode):
         reason = (f"the custom torch.autograd.Function {name} has no gradient rule (tensorgraph sees its "
                   f"forward as a no-grad block and cannot use its backward); write its forward as torch ops "
                   f"in the recorded code, or .detach() its output if no gradient should flow through it")
+        if getattr(cls, "__module__", None) == "torch.nn.modules._functions" and name == "BackwardHookFunction":
+            reason = (f"the module {_hooked_module(frame)} has a backward hook (register_full_backward_hook or "
+                      f"register_full_backward_pre_hook, on it or global), which graph.backward cannot run; remove "
+                      f"it (handle.remove()), use tensor hooks (output.register_hook(fn): graph.backward runs "
+                      f"them), or use torch autograd")
         return _CustomCall(cls, args, kwargs, inputs, source, _scope_stack(), reason)
 
     def _add_custom_node(self, tensor: Tensor, custom: _CustomCall) -> int:
@@ -410,6 +417,19 @@ class _Recorder(TorchFunctionMode):
         if node["value"] is tensor:
             node["value"] = tensor.clone()
             node["version"] = node["value"]._version
+
+    def _keep_hooks(self, tensor: Tensor) -> None:
+        """Before a recorded in-place op: the tensor's gradient hooks so far belong to its current version.
+
+        torch keeps them on that version's grad_fn: they see the gradient of the value before the update.
+        """
+        hooks = tensor._backward_hooks
+        if not hooks:
+            return
+        claimed = {key for known, keys in self.graph._version_hooks.values() if known is hooks for key in keys}
+        keys = tuple(key for key in hooks if key not in claimed)
+        if keys:
+            self.graph._version_hooks[self.graph._live[id(tensor)][0]] = (hooks, keys)
 
     def _node_of(self, tensor: Tensor, *, check: bool = True, allow_view_write: bool = False) -> int:
         """The node of the tensor's current version; unknown tensors become leaves."""
@@ -571,6 +591,16 @@ class _Recorder(TorchFunctionMode):
         if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
             return type(value)(self._refs_unchecked(v, inputs) for v in value)
         return value
+
+
+def _hooked_module(frame: types.FrameType | None) -> str:
+    """The module whose call set up a backward hook, from the frames above its BackwardHookFunction."""
+    while frame is not None:
+        module = frame.f_locals.get("self") if frame.f_code.co_name == "_call_impl" else None
+        if isinstance(module, torch.nn.Module):
+            return type(module).__name__
+        frame = frame.f_back
+    return "<unknown>"
 
 
 class _CustomCall(NamedTuple):

@@ -893,3 +893,27 @@ def test_bench_on_cuda_without_a_gpu_says_so(capsys):
 
     assert main(["bench", "--device", "cuda"]) == 2
     assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_gradient_hooks_are_refused_not_skipped():
+    """The generated step cannot call a Python hook: a hook in the forward or on a parameter raises, naming it."""
+    W = r(3, 2).requires_grad_()
+    x = r(4, 3, seed=1)
+
+    def hooked(x):
+        h = x @ W
+        h.register_hook(lambda g: g * 2)
+        return h.sin().sum()
+
+    with pytest.raises(NotImplementedError, match=r"'h' has a gradient hook .*tg.compile"):
+        tg.compile(hooked)(x)
+    step = tg.compile(lambda x: (x @ W).sin().sum())
+    step(x)
+    handle = W.register_hook(lambda g: g * 2)  # on a parameter, after the step was compiled
+    with pytest.raises(NotImplementedError, match=r"parameter 'W' has a gradient hook .*test_compile.py:\d+"):
+        step(x)
+    handle.remove()
+    _, grads = step(x)
+    Wt = W.detach().clone().requires_grad_()
+    (x @ Wt).sin().sum().backward()
+    torch.testing.assert_close(grads[W], Wt.grad, **TOL)

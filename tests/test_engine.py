@@ -615,3 +615,92 @@ def test_gradients_of_parameters_that_require_grad_are_plain_tensors():
         (expected,) = torch.autograd.grad(loss, W)
         torch.testing.assert_close(grads[W], expected, rtol=1e-12, atol=1e-12)
         grads[W].numpy()  # a histogram of it, as the lecture plots
+
+
+# ---------------------------------------------------------------- gradient hooks, as torch runs them
+
+
+def _hooked_step(W, x, seen, *, inplace=False):
+    """A forward with tensor hooks: replacing, observing, several on one tensor, one before an in-place op."""
+    h = (x @ W).sin()  # (tanh saves its output: torch refuses the in-place update below)
+    h.register_hook(lambda g: seen.append(("h first", g.clone())) or g * 3)
+    h.register_hook(lambda g: g + 1)  # registration order: sees the first hook's result
+    if inplace:
+        h.mul_(2)  # the hooks above see the gradient of h before this update, as in torch
+        h.register_hook(lambda g: g * 5)
+    z = h * h
+    z.register_hook(lambda g: seen.append(("z", g.clone())))  # observes only
+    return z.sum()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_tensor_hooks_run_as_in_torch(inplace):
+    torch.manual_seed(0)
+    W = torch.randn(3, 4, dtype=D, requires_grad=True)
+    x = torch.randn(5, 3, dtype=D)
+    W.register_hook(lambda g: g * 0.5)  # on a parameter, before the block
+    seen_torch: list = []
+    _hooked_step(W, x, seen_torch, inplace=inplace).backward()
+    for _ in range(4):  # the first recording, then the repeated structure (whose cached plan must not skip hooks)
+        seen: list = []
+        with tg.record() as graph:
+            loss = _hooked_step(W, x, seen, inplace=inplace)
+        seen.clear()  # (torch autograd's hooks did not run in the block: nothing called backward)
+        grads = graph.backward(loss)
+        torch.testing.assert_close(grads[W], W.grad, rtol=1e-12, atol=1e-12)
+        assert [name for name, _ in seen] == [name for name, _ in seen_torch]
+        for (_, ours), (_, theirs) in zip(seen, seen_torch):
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        report = graph.compare(loss)  # the replay under torch autograd runs the same hooks
+        assert report.exact_count == len(report.rows), str(report)
+    W.grad = None
+
+
+def test_hooks_registered_after_the_block_and_removed_handles():
+    torch.manual_seed(1)
+    W = torch.randn(4, 2, dtype=D, requires_grad=True)
+    x = torch.randn(3, 4, dtype=D)
+    for step in range(4):  # the structure repeats: later steps would run a cached plan without the check
+        with tg.record() as graph:
+            h = x @ W
+            loss = (h.sin() * h).sum()
+        handle = h.register_hook(lambda g: g * 2) if step >= 2 else None  # after the block, before backward
+        ours = graph.backward(loss)[W]
+        Wt = W.detach().clone().requires_grad_()
+        ht = x @ Wt
+        if handle is not None:
+            ht.register_hook(lambda g: g * 2)
+        (ht.sin() * ht).sum().backward()
+        torch.testing.assert_close(ours, Wt.grad, rtol=1e-12, atol=1e-12)
+        if handle is not None:
+            handle.remove()
+            Wt.grad = None
+            (ht2 := x @ Wt).sin().mul(ht2).sum().backward()
+            torch.testing.assert_close(graph.backward(loss)[W], Wt.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_hooks_that_cannot_run_raise_naming_the_tensor():
+    torch.manual_seed(2)
+    W = torch.randn(3, 2, dtype=D, requires_grad=True)
+    x = torch.randn(4, 3, dtype=D)
+    with tg.record() as graph:
+        h = x @ W
+        handle = h.register_hook(lambda g: g[0])  # a hook that changes the gradient's shape
+        loss = h.sum()
+    with pytest.raises(RuntimeError, match=r"hook on 'h' .*test_engine.py:\d+\) returned a tensor of shape \(2,\)"):
+        graph.backward(loss)
+    handle.remove()
+    with pytest.raises(NotImplementedError, match=r"'h' has a gradient hook .*backward_source"):
+        h.register_hook(lambda g: g)
+        graph.backward_source(loss)
+    handle = W.register_post_accumulate_grad_hook(lambda p: None)
+    with pytest.raises(NotImplementedError, match=r"'W' has a post-accumulate-grad hook .*test_engine.py:\d+"):
+        graph.backward(loss)
+    handle.remove()
+
+    layer = torch.nn.Linear(3, 2).double()
+    layer.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    with tg.record() as graph:
+        loss = layer(x.requires_grad_()).sum()
+    with pytest.raises(NotImplementedError, match=r"module Linear has a backward hook .*register_full_backward_hook"):
+        graph.backward(loss)
