@@ -116,7 +116,9 @@ def replay(graph: Graph, root: int, differentiable: Collection[int] | None = Non
                 continue
             args = tuple(substitute(a, values) for a in data["args"])
             kwargs = {k: substitute(v, values) for k, v in data["kwargs"].items()}
-            if data["inplace"]:
+            if data["op"] == "no_grad_update":
+                out = _NoGradUpdate.apply(values[data["previous"]], _updated(data, values))
+            elif data["inplace"]:
                 target = args[0].clone()  # autograd forbids in-place updates of leaves
                 data["func"](target, *args[1:], **kwargs)
                 out = target
@@ -132,6 +134,32 @@ def replay(graph: Graph, root: int, differentiable: Collection[int] | None = Non
                 _register(out, hooks.get(node))
             values[node] = out
     return values
+
+
+def _updated(data: dict[str, Any], values: dict[int, Tensor]) -> Tensor:
+    """The value a no_grad in-place update (or ``out=``) gave: the call made again on a copy of the old value."""
+    copy = values[data["previous"]].detach().clone()
+    with torch.no_grad():
+        args = tuple(substitute(a, {**values, data["previous"]: copy}) for a in data["args"])
+        kwargs = {k: substitute(v, {**values, data["previous"]: copy}) for k, v in data["kwargs"].items()}
+        data["func"](*args, **kwargs)
+    return copy
+
+
+class _NoGradUpdate(torch.autograd.Function):
+    """A tensor updated under torch.no_grad(), as torch autograd sees it: the new value, with the old history.
+
+    torch keeps one autograd tensor for both versions (the gradient passes through the update unchanged); a
+    separate node here gives each version its own gradient, as the engine's rows have them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, previous: Tensor, updated: Tensor) -> Tensor:
+        return updated.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
 
 
 def _register(tensor: Tensor, hooks: list | None) -> None:

@@ -565,6 +565,12 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
             raise ValueError(f"tg.compile: the loss uses {nodes[n]['name']!r}, computed under torch.no_grad() at "
                              f"{where}; compiled code replays recorded calls only, so it would keep this value "
                              f"forever. Compute it outside the forward and pass it in, or use the dynamic engine.")
+    updated = [n for n, d in enumerate(nodes) if d["op"] == "no_grad_update"]
+    if updated and set(updated) & graph.ancestors(root_node):
+        data = nodes[min(set(updated) & graph.ancestors(root_node))]
+        raise ValueError(f"tg.compile: the loss uses {data['name']!r}, updated in place under torch.no_grad() at "
+                         f"{data['source']}; compiled code replays recorded calls only, so it would not redo this "
+                         f"update. Move the update out of the forward, or use the dynamic engine (graph.backward).")
     if params is None:
         wanted = [n for n in leaves if is_float(nodes[n]) and id(value_of[n]) not in input_ids]
     else:

@@ -769,6 +769,15 @@ def test_value_dependent_python_warns_and_no_grad_values_are_refused():
     with pytest.raises(ValueError, match=r"'scale', computed under torch.no_grad\(\)"):
         tg.compile(stale, fuse=False)(r(3, seed=24))
 
+    def updated(x):
+        h = x * w
+        with torch.no_grad():
+            h.mul_(1.5)  # the compiled code would not redo this update
+        return (h * x).sum()
+
+    with pytest.raises(ValueError, match=r"'h', updated in place under torch.no_grad\(\) at .*test_compile.py:\d+"):
+        tg.compile(updated, fuse=False)(r(3, seed=24))
+
 
 def test_bad_forwards_get_clear_errors():
     w = r(3, seed=25)

@@ -443,6 +443,86 @@ def test_no_grad_block_inside_forward_is_a_constant():
     torch.testing.assert_close(grads[x], running + 1 / 5)  # running is a constant: no path through it
 
 
+def _scaled(x, W):
+    h = x * 2  # an intermediate updated under no_grad: torch keeps its history, and later ops use the new value
+    with torch.no_grad():
+        h.mul_(1.5)
+    return (h * x).sum()
+
+
+def _scaled_twice_with_earlier_use(x, W):
+    h = (x * W).sin()
+    y = h + 1  # an earlier use that saves nothing of h
+    with torch.no_grad():
+        h.clamp_(max=0.5)
+        h += 0.25
+        h[0] = 0.75
+    return (y * y + h.tanh() * x).sum()
+
+
+def _out_under_no_grad(x, W):
+    h = x * W
+    with torch.no_grad():
+        torch.mul(x, 3, out=h)  # out= on an intermediate: as torch, h's history stays
+    return (h * h).sum()
+
+
+def _clipped_weight(x, W):
+    with torch.no_grad():
+        W.clamp_(-0.5, 0.5)  # a leaf updated under no_grad: a constant version, as in torch
+    return (W * x).sum()
+
+
+@pytest.mark.parametrize("forward", [_scaled, _scaled_twice_with_earlier_use, _out_under_no_grad, _clipped_weight])
+def test_no_grad_in_place_updates_match_torch(forward):
+    torch.manual_seed(3)
+    x0, W0 = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+    xt, Wt = x0.clone().requires_grad_(), W0.clone().requires_grad_()
+    forward(xt, Wt).backward()
+    for _ in range(4):  # the first recording, then templates and the cached backward plan
+        x, W = x0.clone(), W0.clone()
+        with tg.record() as graph:
+            loss = forward(x, W)
+        grads = graph.backward(loss)
+        torch.testing.assert_close(grads[x], xt.grad, rtol=1e-12, atol=1e-12)
+        if forward is not _clipped_weight and forward is not _scaled:
+            torch.testing.assert_close(grads[W], Wt.grad, rtol=1e-12, atol=1e-12)
+        report = graph.compare(loss)  # the replay under torch autograd keeps the history too
+        assert report.exact_count == len(report.rows), str(report)
+        namespace = {"torch": torch, **{graph.node(n)["name"]: graph.node(n)["value"] for n in range(len(graph))}}
+        exec(graph.backward_source(loss), namespace)  # noqa: S102 - the printed backward computes the same
+        torch.testing.assert_close(namespace["dx"], xt.grad, rtol=1e-12, atol=1e-12)
+    if forward is _clipped_weight:
+        torch.testing.assert_close(grads[W], Wt.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_no_grad_update_of_a_value_torch_saved_raises_as_torch_does():
+    x = torch.randn(4, dtype=D, requires_grad=True)
+
+    def saved_by_a_user(x):
+        h = x * 2
+        y = h * x  # mul saves h for its gradient
+        with torch.no_grad():
+            h.mul_(1.5)
+        return (y + h).sum()
+
+    def saved_by_its_producer(x):
+        h = x.exp()  # exp saves its output
+        with torch.no_grad():
+            h.mul_(1.5)
+        return h.sum()
+
+    for forward, what in [(saved_by_a_user, "mul saved its input 'h'"),
+                          (saved_by_its_producer, "exp saved its own output 'h'")]:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            forward(x).backward()
+        with tg.record() as graph:
+            loss = forward(x.detach())
+        with pytest.raises(RuntimeError, match=rf"{what} for its gradient, which was then modified in place under "
+                                               rf"torch.no_grad\(\) at .*test_engine.py:\d+; torch autograd raises"):
+            graph.backward(loss)
+
+
 def test_record_under_outer_no_grad_still_records():
     x = torch.randn(3, dtype=D)
     with torch.no_grad():
