@@ -329,12 +329,21 @@ def gradient_hooks(graph: Graph) -> dict[int, list[Callable]] | None:
         claimed.update((id(hooks), key) for key in keys)
         kept = [hooks[key] for key in keys if key in hooks]
         if kept:
-            result[node] = kept
+            result.setdefault(_history(graph, node), []).extend(kept)
     for node, hooks in (found or {}).items():
         kept = [hook for key, hook in hooks.items() if (id(hooks), key) not in claimed]
         if kept:
-            result[node] = kept
+            result.setdefault(_history(graph, node), []).extend(kept)
     return result or None
+
+
+def _history(graph: Graph, node: int) -> int:
+    """The version whose gradient torch's hook sees: updates under no_grad keep the tensor's history (its grad_fn),
+    so a hook on any of them sees the gradient of the version before them, which adds up every use."""
+    nodes = graph._nodes
+    while nodes[node]["op"] == "no_grad_update":
+        node = nodes[node]["previous"]
+    return node
 
 
 def hook_where(hook: Any) -> str:

@@ -759,6 +759,28 @@ def test_hooks_registered_after_the_block_and_removed_handles():
             torch.testing.assert_close(graph.backward(loss)[W], Wt.grad, rtol=1e-12, atol=1e-12)
 
 
+def test_hooks_on_a_tensor_updated_under_no_grad_see_its_whole_gradient():
+    """torch keeps one grad_fn across a no_grad update: hooks from before and after it see every use's gradient."""
+    def forward(x, seen):
+        h = x * 2
+        h.register_hook(lambda g: seen.append(g.clone()) or g * 3)
+        y = h + 1  # a use before the update
+        with torch.no_grad():
+            h.mul_(1.5)
+        h.register_hook(lambda g: g + 1)
+        return (y * y + h * x).sum()
+
+    x0 = torch.tensor([0.3, -0.2, 0.5], dtype=D)
+    xt, seen_torch = x0.clone().requires_grad_(), []
+    forward(xt, seen_torch).backward()
+    for _ in range(3):
+        x, seen = x0.clone().requires_grad_(), []
+        with tg.record() as graph:
+            loss = forward(x, seen)
+        torch.testing.assert_close(graph.backward(loss)[x], xt.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(seen[0], seen_torch[0], rtol=1e-12, atol=1e-12)
+
+
 def test_hooks_that_cannot_run_raise_naming_the_tensor():
     torch.manual_seed(2)
     W = torch.randn(3, 2, dtype=D, requires_grad=True)
