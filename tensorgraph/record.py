@@ -253,14 +253,7 @@ class _Recorder(TorchFunctionMode):
             previous = call[2][0]
             self._snapshot(target)
             self._keep_hooks(target)
-            base = target._base if target._base is not None else self.data_of.get(id(target), target)
-            if base._base is not None:
-                base = base._base
-            for alias in [base] + self.views.get(id(base), []):  # everything sharing the memory changes too
-                if alias is not target and id(alias) in self.graph._live:
-                    self._snapshot(alias)
-                    self._keep_hooks(alias)
-                    self.view_written[id(alias)] = source
+            self._mark_aliases(target, source, keep_hooks=True)
         func(*args, **kwargs)
         with _Bookkeeping():
             self._add_op(func, entry, call, [target], target, source, previous=previous)
@@ -329,30 +322,34 @@ class _Recorder(TorchFunctionMode):
             return result
         with _Bookkeeping():
             source = self._source()
-            call = self._refs_of_call(args, kwargs)
             previous = [live[id(t)][0] for t in targets]
+            history = [self.graph._nodes[node]["kind"] == "op" for node in previous]  # intermediates keep theirs
+            call = self._refs_of_call(args, kwargs) if any(history) else None
             for target in targets:
                 self._snapshot(target)
                 self._mark_aliases(target, source)
         result = func(*args, **kwargs)
         with _Bookkeeping():
             name = entry[0].name if entry else func_name(func)
-            for target, before in zip(targets, previous):
-                if self.graph._nodes[before]["kind"] in ("leaf", "constant"):
+            for target, before, kept in zip(targets, previous, history):
+                if not kept:
                     self._add_constant_version(target, name, source, before)
                 else:
                     update = f"{name}_" if inplace and target is args[0] else name  # h.mul_(2), torch.mul(..., out=h)
                     self._add_no_grad_update(func, update, call, target, before, source)
         return result
 
-    def _mark_aliases(self, target: Tensor, source: tuple) -> None:
-        """Recorded tensors sharing the target's memory change too: a later use of one raises, naming ``source``."""
+    def _mark_aliases(self, target: Tensor, source: tuple, *, keep_hooks: bool = False) -> None:
+        """Before an in-place update of ``target``: everything sharing its memory changes too; their old values
+        are kept, and a later use of one reads the write at ``source`` (allowed only as ``x[i] += v``)."""
         base = target._base if target._base is not None else self.data_of.get(id(target), target)
         if base._base is not None:
             base = base._base
         for alias in [base] + self.views.get(id(base), []):
             if alias is not target and id(alias) in self.graph._live:
                 self._snapshot(alias)
+                if keep_hooks:
+                    self._keep_hooks(alias)
                 self.view_written[id(alias)] = source
 
     def _add_no_grad_update(self, func, name: str, call: tuple, target: Tensor, previous: int, source: tuple) -> None:
