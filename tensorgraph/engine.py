@@ -444,6 +444,8 @@ def _backward(graph: Graph, loss: Any, grad: Tensor | None, tape: list | None) -
                            "call it after the with-block ends (names are given and the graph is complete there)")
     root = root_node(graph, loss)
     hooks = gradient_hooks(graph)
+    if hooks is not None:  # only a node made before the loss can be on its path
+        hooks = {node: found for node, found in hooks.items() if node <= root} or None
     if hooks is not None and tape is not None:
         node = max(hooks)
         raise NotImplementedError(
