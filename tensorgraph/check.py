@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .engine import backward, call_rule, input_gradients, root_node, rule_inputs
+from .engine import backward, call_rule, gradient_hooks, input_gradients, root_node, rule_inputs
 from .graph import identifier, is_float
 from .ops import OPS
 
@@ -171,6 +171,12 @@ def check(graph: Graph, manual: dict[str, Any], loss: Any, grad: Tensor | None =
     allclose tolerances (by default torch's for float32, tighter for float64).
     """
     root = root_node(graph, loss)
+    hooked = [node for node in gradient_hooks(graph) or () if node <= root]
+    if hooked:
+        data = graph._nodes[max(hooked)]
+        raise NotImplementedError(f"check: tensor {data['name']!r} has a gradient hook (t.register_hook); check "
+                                  f"judges each of your lines with the rules alone, which know nothing of it. "
+                                  f"Remove the hook (handle.remove()) before checking.")
     with torch.no_grad():  # parameters may require grad: nothing here is differentiated
         truth = backward(graph, root, grad).by_node
         if not all(bool(torch.isfinite(t).all()) for t in truth.values() if t.is_floating_point()):

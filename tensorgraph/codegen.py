@@ -83,6 +83,8 @@ RULE_NOTES: dict[str, tuple[str, ...]] = {
     "permute": ("permute back",),
     "expand": ("sum over the copies (broadcast-undo)",),
     "clone": ("the gradient passes through",),
+    "no_grad_update": ("updated under torch.no_grad(): the gradient passes through, as torch autograd keeps its "
+                       "history",),
     "contiguous": ("the gradient passes through",),
     "cat": ("each input gets its slice",),
     "stack": ("each input gets its slice",),

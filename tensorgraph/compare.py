@@ -2,7 +2,8 @@
 
 The recorded graph is replayed under torch autograd: leaves and constants are fresh
 leaves holding the recorded values, every op is called again with the same torch
-function, and every intermediate retains its gradient. Each named float tensor then gets
+function, and every intermediate retains its gradient; the user's gradient hooks are registered on the
+replayed tensors (so a hook runs twice: for the engine and for torch). Each named float tensor then gets
 one row: exact (bit-equal), approximate (allclose), maxdiff, and the distance in units in
 the last place. An inexact row says why in one line: an upstream gradient was already
 off, or this op's gradient is rounded differently from torch's kernel.
@@ -96,10 +97,13 @@ def replay(graph: Graph, root: int, differentiable: Collection[int] | None = Non
     ``differentiable``: the leaves and constants that require grad (default: every float one).
     torch refuses some (batch norm's running statistics, a loss's class weights).
     """
+    from .engine import gradient_hooks
+
     nodes = graph._nodes
     needed = graph.ancestors(root)
     values: dict[int, Tensor] = {}
     results: dict[int, Any] = {}
+    hooks = gradient_hooks(graph) or {}  # the user's tensor hooks, on the replayed versions they were on
 
     with torch.enable_grad():
         for node in sorted(needed):
@@ -108,10 +112,13 @@ def replay(graph: Graph, root: int, differentiable: Collection[int] | None = Non
                 leaf = data["value"].detach().clone()
                 wanted = is_float(data) and (differentiable is None or node in differentiable)
                 values[node] = leaf.requires_grad_() if wanted else leaf
+                _register(values[node], hooks.get(node))
                 continue
             args = tuple(substitute(a, values) for a in data["args"])
             kwargs = {k: substitute(v, values) for k, v in data["kwargs"].items()}
-            if data["inplace"]:
+            if data["op"] == "no_grad_update":
+                out = _NoGradUpdate.apply(values[data["previous"]], _updated(data, values))
+            elif data["inplace"]:
                 target = args[0].clone()  # autograd forbids in-place updates of leaves
                 data["func"](target, *args[1:], **kwargs)
                 out = target
@@ -124,8 +131,42 @@ def replay(graph: Graph, root: int, differentiable: Collection[int] | None = Non
                 out = data["func"](*args, **kwargs)
             if out.requires_grad:
                 out.retain_grad()
+                _register(out, hooks.get(node))
             values[node] = out
     return values
+
+
+def _updated(data: dict[str, Any], values: dict[int, Tensor]) -> Tensor:
+    """The value a no_grad in-place update (or ``out=``) gave: the call made again on a copy of the old value."""
+    copy = values[data["previous"]].detach().clone()
+    with torch.no_grad():
+        args = tuple(substitute(a, {**values, data["previous"]: copy}) for a in data["args"])
+        kwargs = {k: substitute(v, {**values, data["previous"]: copy}) for k, v in data["kwargs"].items()}
+        data["func"](*args, **kwargs)
+    return copy
+
+
+class _NoGradUpdate(torch.autograd.Function):
+    """A tensor updated under torch.no_grad(), as torch autograd sees it: the new value, with the old history.
+
+    torch keeps one autograd tensor for both versions (the gradient passes through the update unchanged); a
+    separate node here gives each version its own gradient, as the engine's rows have them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, previous: Tensor, updated: Tensor) -> Tensor:
+        return updated.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def _register(tensor: Tensor, hooks: list | None) -> None:
+    """Register the recorded tensor's gradient hooks on its replayed copy, in their order."""
+    if hooks and tensor.requires_grad:
+        for hook in hooks:
+            tensor.register_hook(hook)
 
 
 _SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}

@@ -77,7 +77,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from . import printer
-from .engine import BackwardTrace, trace
+from .engine import BackwardTrace, hook_where, trace
 from .graph import Graph, Ref, identifier, is_float
 from .naming import _MAX_ITEMS, _WALKABLE, _Namer, set_names, unique_name
 from .printer import Expr
@@ -301,6 +301,9 @@ class CompiledStep:
         if program is None:
             program = self._compile(inputs, key, reason)
         self._last_key, self._last = key, program
+        for tensor in program.layout.tensors:  # a hook registered on a parameter since the recording
+            if tensor._backward_hooks or tensor._post_accumulate_grad_hooks:
+                self._refuse_hook(program, tensor)
         first, program.first = program.first, None
         if first is not None:
             loss, grads = first
@@ -310,6 +313,14 @@ class CompiledStep:
         else:
             loss, grads = program.fn(*inputs)
         return loss, CompiledGradients(program.layout, grads)
+
+    def _refuse_hook(self, program: _Program, tensor: Tensor) -> None:
+        name = program.layout.names[program.layout.by_id[id(tensor)]]
+        hooks = tensor._backward_hooks or tensor._post_accumulate_grad_hooks
+        raise NotImplementedError(
+            f"tg.compile: parameter {name!r} has a gradient hook ({hook_where(next(iter(hooks.values())))}); the "
+            f"compiled step is straight-line torch code and cannot run a Python hook. Remove it (handle.remove()), "
+            f"apply it to grads[{name!r}] yourself, or use graph.backward, which runs tensor hooks as torch does.")
 
     @property
     def source(self) -> str:
@@ -554,6 +565,12 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
             raise ValueError(f"tg.compile: the loss uses {nodes[n]['name']!r}, computed under torch.no_grad() at "
                              f"{where}; compiled code replays recorded calls only, so it would keep this value "
                              f"forever. Compute it outside the forward and pass it in, or use the dynamic engine.")
+    updated = [n for n, d in enumerate(nodes) if d["op"] == "no_grad_update"]
+    if updated and set(updated) & graph.ancestors(root_node):
+        data = nodes[min(set(updated) & graph.ancestors(root_node))]
+        raise ValueError(f"tg.compile: the loss uses {data['name']!r}, updated in place under torch.no_grad() at "
+                         f"{data['source']}; compiled code replays recorded calls only, so it would not redo this "
+                         f"update. Move the update out of the forward, or use the dynamic engine (graph.backward).")
     if params is None:
         wanted = [n for n in leaves if is_float(nodes[n]) and id(value_of[n]) not in input_ids]
     else:

@@ -8,7 +8,7 @@ live in a dict keyed by node id; nothing is stored on tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -337,6 +337,78 @@ _REWRITES = {
 }
 
 
+def gradient_hooks(graph: Graph) -> dict[int, list[Callable]] | None:
+    """The tensor hooks (``t.register_hook(fn)``) on the graph's tensors, by the node whose gradient they see.
+
+    A hook belongs to the version of its tensor that was current when it was registered: the latest one,
+    unless a recorded in-place op replaced that version since (``graph._version_hooks``). The hooks are read
+    from the tensors' own hook dicts at every backward, so ``handle.remove()`` is respected. None: no hooks
+    (the common case, checked with two attribute reads per tensor). A post-accumulate-grad hook raises:
+    the engine accumulates no ``.grad``, so it has no moment to call it.
+    """
+    found: dict[int, dict] | None = None
+    for node, _, tensor in graph._live.values():
+        if tensor._backward_hooks or tensor._post_accumulate_grad_hooks:
+            if tensor._post_accumulate_grad_hooks:
+                hook = next(iter(tensor._post_accumulate_grad_hooks.values()))
+                raise NotImplementedError(
+                    f"tensorgraph: tensor {graph._nodes[node]['name']!r} has a post-accumulate-grad hook "
+                    f"({hook_where(hook)}); graph.backward fills no .grad, so it cannot run it. Remove it "
+                    f"(handle.remove()) and apply it to grads[tensor] after graph.backward, or use torch autograd.")
+            if found is None:
+                found = {}
+            found[node] = tensor._backward_hooks
+    earlier = getattr(graph, "_version_hooks", None)
+    if found is None and not earlier:
+        return None
+    result: dict[int, list[Callable]] = {}
+    claimed: set[tuple[int, Any]] = set()
+    for node, (hooks, keys) in (earlier or {}).items():
+        claimed.update((id(hooks), key) for key in keys)
+        kept = [hooks[key] for key in keys if key in hooks]
+        if kept:
+            result.setdefault(_history(graph, node), []).extend(kept)
+    for node, hooks in (found or {}).items():
+        kept = [hook for key, hook in hooks.items() if (id(hooks), key) not in claimed]
+        if kept:
+            result.setdefault(_history(graph, node), []).extend(kept)
+    return result or None
+
+
+def _history(graph: Graph, node: int) -> int:
+    """The version whose gradient torch's hook sees: updates under no_grad keep the tensor's history (its grad_fn),
+    so a hook on any of them sees the gradient of the version before them, which adds up every use."""
+    nodes = graph._nodes
+    while nodes[node]["op"] == "no_grad_update":
+        node = nodes[node]["previous"]
+    return node
+
+
+def hook_where(hook: Any) -> str:
+    """Where a hook function was defined (file:line), for error messages."""
+    code = getattr(getattr(hook, "func", hook), "__code__", None)
+    if code is None:
+        return f"hook {hook!r}"
+    return f"hook {getattr(hook, '__qualname__', code.co_name)} defined at {code.co_filename}:{code.co_firstlineno}"
+
+
+def run_hooks(graph: Graph, node: int, hooks: list[Callable], grad: Tensor) -> Tensor:
+    """Call a tensor's hooks in registration order with its complete gradient; a returned tensor replaces it."""
+    data = graph._nodes[node]
+    for hook in hooks:
+        result = hook(grad)
+        if result is None:
+            continue
+        if not isinstance(result, Tensor) or result.shape != grad.shape or result.dtype != grad.dtype:
+            what = (type(result).__name__ if not isinstance(result, Tensor)
+                    else f"a tensor of shape {tuple(result.shape)}, {result.dtype}")
+            raise RuntimeError(f"tensorgraph: the gradient hook on {data['name']!r} ({hook_where(hook)}) returned "
+                               f"{what}; a hook must return None or a tensor of the gradient's shape "
+                               f"{tuple(grad.shape)} and dtype {grad.dtype} (torch refuses it too)")
+        grad = result
+    return grad
+
+
 def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
     """Run the op's rule for one node: the gradients of its inputs, by argument position."""
     nodes = graph._nodes
@@ -409,8 +481,19 @@ def _backward(graph: Graph, loss: Any, grad: Tensor | None, tape: list | None) -
         raise RuntimeError("tensorgraph: graph.backward() was called inside the graph's own tg.record() block; "
                            "call it after the with-block ends (names are given and the graph is complete there)")
     root = root_node(graph, loss)
+    hooks = gradient_hooks(graph)
+    if hooks is not None:  # only a node made before the loss can be on its path
+        hooks = {node: found for node, found in hooks.items() if node <= root} or None
+    if hooks is not None and tape is not None:
+        node = max(hooks)
+        raise NotImplementedError(
+            f"tensorgraph: tensor {graph._nodes[node]['name']!r} has a gradient hook ({hook_where(hooks[node][0])}); "
+            f"backward_source, the backward view and tg.compile print the rules' torch calls as code and cannot "
+            f"include a Python hook. graph.backward and graph.compare run hooks as torch does; remove the hook "
+            f"(handle.remove()) for these.")
     template = getattr(graph, "_replay", None)
-    if template is not None and tape is None:  # a repeated structure: its cached straight-line plan, if it has one
+    # a repeated structure: its cached straight-line plan, if it has one (a plan has no place for hooks)
+    if template is not None and tape is None and hooks is None:
         replayed = template.backward(graph, root, grad)
         if replayed is not None:
             return replayed
@@ -423,6 +506,8 @@ def _backward(graph: Graph, loss: Any, grad: Tensor | None, tape: list | None) -
         g = grads.get(node)
         if g is None:
             continue
+        if hooks is not None and node in hooks:  # its gradient is complete here: before it flows on, as in torch
+            g = grads[node] = run_hooks(graph, node, hooks[node], g)
         data = nodes[node]
         if not data["inputs"] or data["kind"] != "op":
             continue

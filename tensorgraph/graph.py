@@ -80,6 +80,9 @@ class Graph:
         self._replay: Any = None  # the recording template this graph matched (tensorgraph.replay): backward plans
         self._user_names = True  # named after the user's variables (False: tg.record(names=False))
         self._reads_values = False  # a recorded call read tensor values into Python (item(), bool(t) ...)
+        # gradient hooks a tensor had when a recorded in-place op replaced it: they see the gradient of that
+        # earlier version (as in torch, where they stay on its grad_fn); node -> (the tensor's hook dict, keys)
+        self._version_hooks: dict[int, tuple[dict, tuple]] = {}
         self.anomaly = False
         _GRAPHS.add(self)
 

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from . import replay as _replay
 from . import rules  # noqa: F401  (fills the op table)
 from .engine import NO_STAMPS, LeafStamps
-from .graph import Graph, Ref
+from .graph import Graph, Ref, substitute
 from .ops import FUNCS, Op, UnsupportedCall, func_name, lookup
 
 
@@ -271,13 +271,8 @@ class _Recorder(TorchFunctionMode):
             call = self._refs_of_call(args, kwargs, allow_view_write=setitem)
             previous = call[2][0]
             self._snapshot(target)
-            base = target._base if target._base is not None else self.data_of.get(id(target), target)
-            if base._base is not None:
-                base = base._base
-            for alias in [base] + self.views.get(id(base), []):  # everything sharing the memory changes too
-                if alias is not target and id(alias) in self.graph._live:
-                    self._snapshot(alias)
-                    self.view_written[id(alias)] = source
+            self._keep_hooks(target)
+            self._mark_aliases(target, source, keep_hooks=True)
         func(*args, **kwargs)
         with _Bookkeeping():
             self._add_op(func, entry, call, [target], target, source, previous=previous)
@@ -350,10 +345,21 @@ class _Recorder(TorchFunctionMode):
         return call(torch.matmul, (), (weights, value))
 
     def _no_grad_call(self, func, entry, args, kwargs):
-        """Inside torch.no_grad() in the block: not differentiated; in-place updates make constant versions."""
+        """Inside torch.no_grad() in the block: not differentiated.
+
+        A new tensor is a leaf. An in-place update (or ``out=``) of a recorded tensor makes a new version of it:
+        a constant one for a leaf or constant (weight clipping: torch's leaf keeps no history either), and for
+        an intermediate a ``no_grad_update`` whose gradient passes to the earlier version unchanged, as torch
+        autograd, which does not see the update, keeps the tensor's history.
+        """
         inplace = bool(entry is not None and entry[2]) or kwargs.get("inplace") is True
-        target = args[0] if inplace and args and isinstance(args[0], Tensor) else None
-        if target is None or id(target) not in self.graph._live:
+        targets = [args[0]] if inplace and args and isinstance(args[0], Tensor) else []
+        out = kwargs.get("out")
+        if out is not None:
+            targets += [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, Tensor)]
+        live = self.graph._live
+        targets = [t for t in targets if id(t) in live]
+        if not targets:
             result = func(*args, **kwargs)
             if isinstance(result, (Tensor, tuple, list)):
                 custom = self._custom_call()
@@ -365,13 +371,67 @@ class _Recorder(TorchFunctionMode):
                 self.graph._reads_values = True
             return result
         with _Bookkeeping():
-            previous = self.graph._live[id(target)][0]
-            self._snapshot(target)
             source = self._source()
+            previous = [live[id(t)][0] for t in targets]
+            history = [self.graph._nodes[node]["kind"] == "op" for node in previous]  # intermediates keep theirs
+            call = self._refs_of_call(args, kwargs) if any(history) else None
+            for target in targets:
+                self._snapshot(target)
+                self._mark_aliases(target, source)
         result = func(*args, **kwargs)
         with _Bookkeeping():
-            self._add_constant_version(target, entry[0].name if entry else func_name(func), source, previous)
+            name = entry[0].name if entry else func_name(func)
+            for target, before, kept in zip(targets, previous, history):
+                if not kept:
+                    self._add_constant_version(target, name, source, before)
+                else:
+                    update = f"{name}_" if inplace and target is args[0] else name  # h.mul_(2), torch.mul(..., out=h)
+                    self._add_no_grad_update(func, update, call, target, before, source)
         return result
+
+    def _mark_aliases(self, target: Tensor, source: tuple, *, keep_hooks: bool = False) -> None:
+        """Before an in-place update of ``target``: everything sharing its memory changes too; their old values
+        are kept, and a later use of one reads the write at ``source`` (allowed only as ``x[i] += v``)."""
+        base = target._base if target._base is not None else self.data_of.get(id(target), target)
+        if base._base is not None:
+            base = base._base
+        for alias in [base] + self.views.get(id(base), []):
+            if alias is not target and id(alias) in self.graph._live:
+                self._snapshot(alias)
+                if keep_hooks:
+                    self._keep_hooks(alias)
+                self.view_written[id(alias)] = source
+
+    def _add_no_grad_update(self, func, name: str, call: tuple, target: Tensor, previous: int, source: tuple) -> None:
+        """The new version of an intermediate updated under no_grad: the gradient passes through to ``previous``."""
+        graph = self.graph
+        args, kwargs, inputs = call
+        node = graph._add_node(
+            op="no_grad_update", kind="op", value=target, version=target._version, func=func, args=args,
+            kwargs=kwargs, bargs=(Ref(previous),), attrs={"update": name}, source=source, scope=_scope_stack(),
+            inplace=True, previous=previous, inputs=[previous] + [i for i in inputs if i != previous])
+        graph._live[id(target)] = (node, target._version, target)
+        self._refuse_saved(target, previous, source)
+
+    def _refuse_saved(self, target: Tensor, previous: int, source: tuple) -> None:
+        """Ops that saved the updated value for their backward (its producer, earlier users) cannot be differentiated.
+
+        torch autograd raises there ("modified by an inplace operation"): each such op gets the same refusal, asked
+        of torch itself by running the op again on fresh tensors and watching what it saves.
+        """
+        nodes = self.graph._nodes
+        users = [n for n in range(previous + 1, len(nodes) - 1)
+                 if previous in nodes[n]["inputs"] and nodes[n]["kind"] == "op" and nodes[n]["op"] != "no_grad_update"]
+        producer = [previous] if nodes[previous]["kind"] == "op" and nodes[previous]["op"] != "no_grad_update" else []
+        for node in producer + users:
+            if nodes[node]["unsupported"] is None and _saves(nodes, node, previous):
+                what = "its own output" if node == previous else "its input"
+                tensor = _guess_name(target, self.frames) or f"the output of {nodes[previous]['op']}"
+                nodes[node]["unsupported"] = (
+                    f"{nodes[node]['op']} saved {what} {tensor!r} for its gradient, which was then modified in "
+                    f"place under torch.no_grad() at {_where(source)}; torch autograd raises here too (\"modified by "
+                    f"an inplace operation\"). Update a clone instead ({tensor} = {tensor}.clone() before the no_grad "
+                    f"block) or detach it")
 
     def _custom_call(self) -> _CustomCall | None:
         """The custom ``torch.autograd.Function`` whose forward made the current no-grad call, if any.
@@ -414,6 +474,11 @@ class _Recorder(TorchFunctionMode):
         reason = (f"the custom torch.autograd.Function {name} has no gradient rule (tensorgraph sees its "
                   f"forward as a no-grad block and cannot use its backward); write its forward as torch ops "
                   f"in the recorded code, or .detach() its output if no gradient should flow through it")
+        if getattr(cls, "__module__", None) == "torch.nn.modules._functions" and name == "BackwardHookFunction":
+            reason = (f"the module {_hooked_module(frame)} has a backward hook (register_full_backward_hook or "
+                      f"register_full_backward_pre_hook, on it or global), which graph.backward cannot run; remove "
+                      f"it (handle.remove()), use tensor hooks (output.register_hook(fn): graph.backward runs "
+                      f"them), or use torch autograd")
         return _CustomCall(cls, args, kwargs, inputs, source, _scope_stack(), reason)
 
     def _add_custom_node(self, tensor: Tensor, custom: _CustomCall) -> int:
@@ -460,6 +525,19 @@ class _Recorder(TorchFunctionMode):
         if node["value"] is tensor:
             node["value"] = tensor.clone()
             node["version"] = node["value"]._version
+
+    def _keep_hooks(self, tensor: Tensor) -> None:
+        """Before a recorded in-place op: the tensor's gradient hooks so far belong to its current version.
+
+        torch keeps them on that version's grad_fn: they see the gradient of the value before the update.
+        """
+        hooks = tensor._backward_hooks
+        if not hooks:
+            return
+        claimed = {key for known, keys in self.graph._version_hooks.values() if known is hooks for key in keys}
+        keys = tuple(key for key in hooks if key not in claimed)
+        if keys:
+            self.graph._version_hooks[self.graph._live[id(tensor)][0]] = (hooks, keys)
 
     def _node_of(self, tensor: Tensor, *, check: bool = True, allow_view_write: bool = False) -> int:
         """The node of the tensor's current version; unknown tensors become leaves."""
@@ -633,6 +711,48 @@ class _Recorder(TorchFunctionMode):
         if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
             return type(value)(self._refs_unchecked(v, inputs) for v in value)
         return value
+
+
+def _saves(nodes: list[dict[str, Any]], node: int, tensor: int) -> bool:
+    """Whether torch autograd's backward of ``node``'s op keeps the value of node ``tensor`` (an input or its output).
+
+    The op runs again under torch autograd on fresh copies of its float inputs; a saved-tensors hook sees what
+    it keeps. A call that cannot run again this way counts as saving it (the refusal names it).
+    """
+    data = nodes[node]
+    fresh: dict[int, Any] = {}
+    for source in data["inputs"]:
+        value = nodes[source]["value"].detach().clone()
+        fresh[source] = value.requires_grad_() if value.is_floating_point() else value
+    saved: list[Tensor] = []
+    try:
+        # (fork_rng: a random op run again here must not move the user's random stream)
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t) or t, lambda t: t):
+            args = tuple(substitute(a, fresh) for a in data["args"])
+            kwargs = {k: substitute(v, fresh) for k, v in data["kwargs"].items()}
+            if data["inplace"]:
+                args = (args[0].clone(),) + args[1:]
+            result = data["func"](*args, **kwargs)
+    except Exception:  # noqa: BLE001 - an op that cannot be re-run here: refused rather than guessed
+        return True
+    outputs = result if isinstance(result, (tuple, list)) else (result,)
+    if tensor == node:
+        index = data["output_index"] or 0
+        wanted = outputs[index] if data["inplace"] is False else args[0]
+    else:
+        wanted = fresh[tensor]
+    return any(t is wanted for t in saved)
+
+
+def _hooked_module(frame: types.FrameType | None) -> str:
+    """The module whose call set up a backward hook, from the frames above its BackwardHookFunction."""
+    while frame is not None:
+        module = frame.f_locals.get("self") if frame.f_code.co_name == "_call_impl" else None
+        if isinstance(module, torch.nn.Module):
+            return type(module).__name__
+        frame = frame.f_back
+    return "<unknown>"
 
 
 class _CustomCall(NamedTuple):

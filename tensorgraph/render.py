@@ -336,6 +336,9 @@ def _expression(data: dict[str, Any], name: Callable[[int], str]) -> str:
     op_name = data["op"]
     args, kwargs = tuple(data["bargs"]), dict(data["bkwargs"] or {})
     arg = lambda value: argument(value, name)  # noqa: E731
+    if op_name == "no_grad_update":  # the update's own call, then what the engine does with it
+        parts = [arg(a) for a in data["args"]] + [_keyword(k, v, arg) for k, v in data["kwargs"].items()]
+        return f"{data['attrs'].get('update', '?')}({', '.join(parts)}) under no_grad"
     if op_name in _INFIX and len(args) == 2 and not _non_default(kwargs, {"alpha": 1}):
         return f"{arg(args[0])} {_INFIX[op_name]} {arg(args[1])}"
     if op_name == "rsub" and len(args) == 2:

@@ -49,6 +49,8 @@ No plan is cached when the traced backward read a tensor value into Python (``it
 boolean masks), read a tensor that is neither a forward value nor made by a recorded call,
 or failed to trace; nor in anomaly mode (which keeps no templates). Graphs whose backward
 raises (an op without a rule) never get a plan: the rule walk raises its error every time.
+A graph whose tensors have gradient hooks never runs a plan (``engine.gradient_hooks``,
+checked before this module is asked): the walk runs the hooks.
 """
 
 from __future__ import annotations

@@ -704,6 +704,9 @@ for _name in ("view", "reshape", "view_as", "reshape_as", "flatten", "unflatten"
     defop(_name, _reshape_back)
 for _name in ("contiguous", "clone", "expand", "expand_as", "broadcast_to"):
     defop(_name, _same)  # expand: the engine's broadcast-undo sums the gradient back
+# an in-place update of an intermediate under torch.no_grad() (recorded by tensorgraph.record): torch autograd
+# does not see it, so the gradient of the new version passes to the earlier one unchanged
+defop("no_grad_update", _same, auto=False)
 for _name in ("to", "float", "double", "half", "bfloat16", "type", "type_as", "cpu", "cuda"):
     defop(_name, _as_input)
 

@@ -637,3 +637,18 @@ def test_a_loop_that_skips_an_example_is_not_called_an_overwrite(lecture):
     row = graph.check({"dC": dC}, loss)["dC"]
     assert row.kind == "wrong" and "overwrite" not in row.message, row
     assert "elements whose index repeats" in row.message or "maxdiff" in row.message, row
+
+
+def test_a_graph_with_gradient_hooks_is_refused_not_misjudged():
+    """check judges each line with the rules alone: a hook that changes a gradient would make right lines wrong."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    with tg.record() as graph:
+        h = x @ W
+        handle = h.register_hook(lambda g: g * 2)
+        loss = h.tanh().sum()
+    dh = 1 - h.detach().tanh() ** 2
+    with pytest.raises(NotImplementedError, match=r"check: tensor 'h' has a gradient hook"):
+        graph.check({"dh": dh}, loss)
+    handle.remove()
+    assert graph.check({"dh": dh}, loss).ok

@@ -769,6 +769,15 @@ def test_value_dependent_python_warns_and_no_grad_values_are_refused():
     with pytest.raises(ValueError, match=r"'scale', computed under torch.no_grad\(\)"):
         tg.compile(stale, fuse=False)(r(3, seed=24))
 
+    def updated(x):
+        h = x * w
+        with torch.no_grad():
+            h.mul_(1.5)  # the compiled code would not redo this update
+        return (h * x).sum()
+
+    with pytest.raises(ValueError, match=r"'h', updated in place under torch.no_grad\(\) at .*test_compile.py:\d+"):
+        tg.compile(updated, fuse=False)(r(3, seed=24))
+
 
 def test_bad_forwards_get_clear_errors():
     w = r(3, seed=25)
@@ -893,3 +902,27 @@ def test_bench_on_cuda_without_a_gpu_says_so(capsys):
 
     assert main(["bench", "--device", "cuda"]) == 2
     assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_gradient_hooks_are_refused_not_skipped():
+    """The generated step cannot call a Python hook: a hook in the forward or on a parameter raises, naming it."""
+    W = r(3, 2).requires_grad_()
+    x = r(4, 3, seed=1)
+
+    def hooked(x):
+        h = x @ W
+        h.register_hook(lambda g: g * 2)
+        return h.sin().sum()
+
+    with pytest.raises(NotImplementedError, match=r"'h' has a gradient hook .*tg.compile"):
+        tg.compile(hooked)(x)
+    step = tg.compile(lambda x: (x @ W).sin().sum())
+    step(x)
+    handle = W.register_hook(lambda g: g * 2)  # on a parameter, after the step was compiled
+    with pytest.raises(NotImplementedError, match=r"parameter 'W' has a gradient hook .*test_compile.py:\d+"):
+        step(x)
+    handle.remove()
+    _, grads = step(x)
+    Wt = W.detach().clone().requires_grad_()
+    (x @ Wt).sin().sum().backward()
+    torch.testing.assert_close(grads[W], Wt.grad, **TOL)

@@ -521,6 +521,86 @@ def test_no_grad_block_inside_forward_is_a_constant():
     torch.testing.assert_close(grads[x], running + 1 / 5)  # running is a constant: no path through it
 
 
+def _scaled(x, W):
+    h = x * 2  # an intermediate updated under no_grad: torch keeps its history, and later ops use the new value
+    with torch.no_grad():
+        h.mul_(1.5)
+    return (h * x).sum()
+
+
+def _scaled_twice_with_earlier_use(x, W):
+    h = (x * W).sin()
+    y = h + 1  # an earlier use that saves nothing of h
+    with torch.no_grad():
+        h.clamp_(max=0.5)
+        h += 0.25
+        h[0] = 0.75
+    return (y * y + h.tanh() * x).sum()
+
+
+def _out_under_no_grad(x, W):
+    h = x * W
+    with torch.no_grad():
+        torch.mul(x, 3, out=h)  # out= on an intermediate: as torch, h's history stays
+    return (h * h).sum()
+
+
+def _clipped_weight(x, W):
+    with torch.no_grad():
+        W.clamp_(-0.5, 0.5)  # a leaf updated under no_grad: a constant version, as in torch
+    return (W * x).sum()
+
+
+@pytest.mark.parametrize("forward", [_scaled, _scaled_twice_with_earlier_use, _out_under_no_grad, _clipped_weight])
+def test_no_grad_in_place_updates_match_torch(forward):
+    torch.manual_seed(3)
+    x0, W0 = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+    xt, Wt = x0.clone().requires_grad_(), W0.clone().requires_grad_()
+    forward(xt, Wt).backward()
+    for _ in range(4):  # the first recording, then templates and the cached backward plan
+        x, W = x0.clone(), W0.clone()
+        with tg.record() as graph:
+            loss = forward(x, W)
+        grads = graph.backward(loss)
+        torch.testing.assert_close(grads[x], xt.grad, rtol=1e-12, atol=1e-12)
+        if forward is not _clipped_weight and forward is not _scaled:
+            torch.testing.assert_close(grads[W], Wt.grad, rtol=1e-12, atol=1e-12)
+        report = graph.compare(loss)  # the replay under torch autograd keeps the history too
+        assert report.exact_count == len(report.rows), str(report)
+        namespace = {"torch": torch, **{graph.node(n)["name"]: graph.node(n)["value"] for n in range(len(graph))}}
+        exec(graph.backward_source(loss), namespace)  # noqa: S102 - the printed backward computes the same
+        torch.testing.assert_close(namespace["dx"], xt.grad, rtol=1e-12, atol=1e-12)
+    if forward is _clipped_weight:
+        torch.testing.assert_close(grads[W], Wt.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_no_grad_update_of_a_value_torch_saved_raises_as_torch_does():
+    x = torch.randn(4, dtype=D, requires_grad=True)
+
+    def saved_by_a_user(x):
+        h = x * 2
+        y = h * x  # mul saves h for its gradient
+        with torch.no_grad():
+            h.mul_(1.5)
+        return (y + h).sum()
+
+    def saved_by_its_producer(x):
+        h = x.exp()  # exp saves its output
+        with torch.no_grad():
+            h.mul_(1.5)
+        return h.sum()
+
+    for forward, what in [(saved_by_a_user, "mul saved its input 'h'"),
+                          (saved_by_its_producer, "exp saved its own output 'h'")]:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            forward(x).backward()
+        with tg.record() as graph:
+            loss = forward(x.detach())
+        with pytest.raises(RuntimeError, match=rf"{what} for its gradient, which was then modified in place under "
+                                               rf"torch.no_grad\(\) at .*test_engine.py:\d+; torch autograd raises"):
+            graph.backward(loss)
+
+
 def test_record_under_outer_no_grad_still_records():
     x = torch.randn(3, dtype=D)
     with torch.no_grad():
@@ -693,3 +773,114 @@ def test_gradients_of_parameters_that_require_grad_are_plain_tensors():
         (expected,) = torch.autograd.grad(loss, W)
         torch.testing.assert_close(grads[W], expected, rtol=1e-12, atol=1e-12)
         grads[W].numpy()  # a histogram of it, as the lecture plots
+
+
+# ---------------------------------------------------------------- gradient hooks, as torch runs them
+
+
+def _hooked_step(W, x, seen, *, inplace=False):
+    """A forward with tensor hooks: replacing, observing, several on one tensor, one before an in-place op."""
+    h = (x @ W).sin()  # (tanh saves its output: torch refuses the in-place update below)
+    h.register_hook(lambda g: seen.append(("h first", g.clone())) or g * 3)
+    h.register_hook(lambda g: g + 1)  # registration order: sees the first hook's result
+    if inplace:
+        h.mul_(2)  # the hooks above see the gradient of h before this update, as in torch
+        h.register_hook(lambda g: g * 5)
+    z = h * h
+    z.register_hook(lambda g: seen.append(("z", g.clone())))  # observes only
+    return z.sum()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_tensor_hooks_run_as_in_torch(inplace):
+    torch.manual_seed(0)
+    W = torch.randn(3, 4, dtype=D, requires_grad=True)
+    x = torch.randn(5, 3, dtype=D)
+    W.register_hook(lambda g: g * 0.5)  # on a parameter, before the block
+    seen_torch: list = []
+    _hooked_step(W, x, seen_torch, inplace=inplace).backward()
+    for _ in range(4):  # the first recording, then the repeated structure (whose cached plan must not skip hooks)
+        seen: list = []
+        with tg.record() as graph:
+            loss = _hooked_step(W, x, seen, inplace=inplace)
+        seen.clear()  # (torch autograd's hooks did not run in the block: nothing called backward)
+        grads = graph.backward(loss)
+        torch.testing.assert_close(grads[W], W.grad, rtol=1e-12, atol=1e-12)
+        assert [name for name, _ in seen] == [name for name, _ in seen_torch]
+        for (_, ours), (_, theirs) in zip(seen, seen_torch):
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        report = graph.compare(loss)  # the replay under torch autograd runs the same hooks
+        assert report.exact_count == len(report.rows), str(report)
+    W.grad = None
+
+
+def test_hooks_registered_after_the_block_and_removed_handles():
+    torch.manual_seed(1)
+    W = torch.randn(4, 2, dtype=D, requires_grad=True)
+    x = torch.randn(3, 4, dtype=D)
+    for step in range(4):  # the structure repeats: later steps would run a cached plan without the check
+        with tg.record() as graph:
+            h = x @ W
+            loss = (h.sin() * h).sum()
+        handle = h.register_hook(lambda g: g * 2) if step >= 2 else None  # after the block, before backward
+        ours = graph.backward(loss)[W]
+        Wt = W.detach().clone().requires_grad_()
+        ht = x @ Wt
+        if handle is not None:
+            ht.register_hook(lambda g: g * 2)
+        (ht.sin() * ht).sum().backward()
+        torch.testing.assert_close(ours, Wt.grad, rtol=1e-12, atol=1e-12)
+        if handle is not None:
+            handle.remove()
+            Wt.grad = None
+            (ht2 := x @ Wt).sin().mul(ht2).sum().backward()
+            torch.testing.assert_close(graph.backward(loss)[W], Wt.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_hooks_on_a_tensor_updated_under_no_grad_see_its_whole_gradient():
+    """torch keeps one grad_fn across a no_grad update: hooks from before and after it see every use's gradient."""
+    def forward(x, seen):
+        h = x * 2
+        h.register_hook(lambda g: seen.append(g.clone()) or g * 3)
+        y = h + 1  # a use before the update
+        with torch.no_grad():
+            h.mul_(1.5)
+        h.register_hook(lambda g: g + 1)
+        return (y * y + h * x).sum()
+
+    x0 = torch.tensor([0.3, -0.2, 0.5], dtype=D)
+    xt, seen_torch = x0.clone().requires_grad_(), []
+    forward(xt, seen_torch).backward()
+    for _ in range(3):
+        x, seen = x0.clone().requires_grad_(), []
+        with tg.record() as graph:
+            loss = forward(x, seen)
+        torch.testing.assert_close(graph.backward(loss)[x], xt.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(seen[0], seen_torch[0], rtol=1e-12, atol=1e-12)
+
+
+def test_hooks_that_cannot_run_raise_naming_the_tensor():
+    torch.manual_seed(2)
+    W = torch.randn(3, 2, dtype=D, requires_grad=True)
+    x = torch.randn(4, 3, dtype=D)
+    with tg.record() as graph:
+        h = x @ W
+        handle = h.register_hook(lambda g: g[0])  # a hook that changes the gradient's shape
+        loss = h.sum()
+    with pytest.raises(RuntimeError, match=r"hook on 'h' .*test_engine.py:\d+\) returned a tensor of shape \(2,\)"):
+        graph.backward(loss)
+    handle.remove()
+    with pytest.raises(NotImplementedError, match=r"'h' has a gradient hook .*backward_source"):
+        h.register_hook(lambda g: g)
+        graph.backward_source(loss)
+    handle = W.register_post_accumulate_grad_hook(lambda p: None)
+    with pytest.raises(NotImplementedError, match=r"'W' has a post-accumulate-grad hook .*test_engine.py:\d+"):
+        graph.backward(loss)
+    handle.remove()
+
+    layer = torch.nn.Linear(3, 2).double()
+    layer.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    with tg.record() as graph:
+        loss = layer(x.requires_grad_()).sum()
+    with pytest.raises(NotImplementedError, match=r"module Linear has a backward hook .*register_full_backward_hook"):
+        graph.backward(loss)

@@ -42,6 +42,8 @@ LONG_EXAMPLES = int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 10_000)
 EXCLUDED = {
     "cuda": "needs a CUDA device; the rule is the same dtype/device cast as .to()",
     "cpu": ".cpu() of a CPU tensor returns the tensor itself, so nothing is recorded (an alias, tested as such)",
+    "no_grad_update": "an in-place update under torch.no_grad(), which the programs never make; tested against torch "
+                      "autograd in test_engine (test_no_grad_in_place_updates_match_torch)",
 }
 
 OP_COUNTS: collections.Counter[str] = collections.Counter()
