@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -70,6 +71,20 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
+
+
+def require_memory(nbytes: int, what: str, prog: str) -> None:
+    """Refuse sizes whose tensors alone would not fit in this machine's memory.
+
+    Linux's out-of-memory killer ends such a run without a word (exit 137), often minutes in.
+    """
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no check
+        return
+    if nbytes > 0.8 * total:
+        raise CLIError(f"{what} would need about {nbytes / 2**30:,.1f} GiB of memory, more than this machine's "
+                       f"{total / 2**30:,.1f} GiB; choose smaller sizes", prog)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

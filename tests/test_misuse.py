@@ -826,6 +826,17 @@ def test_cli_misuse_is_one_line_and_status_2(command, argv, what, tmp_path, monk
         assert "nothing-here.pt" in lines[0], f"the message must name the file: {lines[0]}"
 
 
+@pytest.mark.parametrize("argv", [["compare", "--hidden", "100000000"],
+                                  ["train", "--hidden", "10000000", "--steps", "1", "--out", "run"]])
+def test_cli_sizes_that_cannot_fit_in_memory_are_refused_before_allocating(argv, tmp_path, monkeypatch, capsys):
+    """Linux's out-of-memory killer would end such a run with exit 137 and no message."""
+    monkeypatch.chdir(tmp_path)
+    status, err = _run_cli(argv, capsys, seconds=30)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--hidden" in err and "GiB of memory, more than this machine's" in err
+    assert not (tmp_path / "run").exists()  # refused before the output folder is made
+
+
 def test_cli_debug_shows_the_traceback(tmp_path):
     import subprocess
 

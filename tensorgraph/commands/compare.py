@@ -6,10 +6,12 @@ import argparse
 
 import torch
 
+from ..cli import positive_int, require_memory
+
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("compare", help="exercise 1: every gradient of the lecture's MLP vs torch autograd")
-    parser.add_argument("--hidden", type=int, default=64, help="hidden units (lecture: 64)")
+    parser.add_argument("--hidden", type=positive_int, default=64, help="hidden units (lecture: 64)")
     parser.add_argument("--double", action="store_true", help="run in float64")
     parser.set_defaults(run=run)
     return parser
@@ -18,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..lecture import record_exercise, setup
 
-    if args.hidden <= 0:
-        raise ValueError(f"--hidden must be positive, got {args.hidden}")
+    # ~60 parameters and ~3,000 recorded and replayed values per hidden unit (batch 32)
+    require_memory(3_100 * args.hidden * (8 if args.double else 4), f"--hidden {args.hidden:,}", "tensorgraph compare")
     ex = setup(n_hidden=args.hidden, dtype=torch.float64 if args.double else torch.float32)
     graph, loss, _ = record_exercise(ex)
     report = graph.compare(loss)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli import CLIError, positive_float, positive_int
+from ..cli import CLIError, positive_float, positive_int, require_memory
 
 # option -> TrainConfig field, for the options a checkpoint fixes
 _ARCHITECTURE = {"embd": "n_embd", "hidden": "n_hidden", "batch": "batch_size", "lr": "lr", "seed": "seed"}
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.samples < 0:
         raise CLIError(f"argument --samples: expected a non-negative integer, got {args.samples}", "tensorgraph train")
     setup = prepare(args)
+    require_memory(_memory_needed(setup["config"], setup["splits"]), _sizes(setup["config"]), "tensorgraph train")
     out = ensure_folder(setup["out"])
     _refuse_overwrite(out / "model.pt", args)
     say = _printer(args)
@@ -116,6 +117,21 @@ def _report(args: argparse.Namespace, result: Any, setup: dict[str, Any], out: P
     if args.json:
         print(json.dumps(result.metrics()))
     return 0
+
+
+def _memory_needed(config: Any, splits: Any) -> int:
+    """Bytes (float32) for the parameters with their gradients and optimizer copies, a step's recorded graph,
+    and the evaluation of the largest split in one pass (its embeddings, three hidden and two output tensors)."""
+    vocab, block = len(splits.vocab), splits.block_size
+    embd, hidden, batch = config.n_embd, config.n_hidden, config.batch_size
+    parameters = vocab * embd + block * embd * hidden + hidden * vocab + 3 * hidden + vocab
+    rows = max(len(split[1]) for split in (splits.train, splits.val, splits.test))
+    evaluation = rows * (2 * block * embd + 4 * hidden + 2 * vocab)
+    return 4 * (4 * parameters + 40 * batch * (block * embd + hidden + vocab) + evaluation)
+
+
+def _sizes(config: Any) -> str:
+    return f"--embd {config.n_embd:,} --hidden {config.n_hidden:,} --batch {config.batch_size:,}"
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
