@@ -1025,8 +1025,13 @@ def smooth_l1_loss(g, out, input, target, size_average=None, reduce=None, reduct
 
 
 def huber_loss(g, out, input, target, reduction="mean", delta=1.0, weight=None) -> tuple:
-    """Torch's fused Huber backward; with ``weight``, each element's loss is scaled before the reduction."""
+    """Torch's fused Huber backward; with ``weight``, each element's loss is scaled before the reduction.
+
+    NOTE: with mixed dtypes torch's own backward fails ("Found dtype Double but expected Float"): its
+    output keeps the input's dtype while its kernel wants the promoted one; the engine promotes ``g`` too.
+    """
     x, t = _expanded(input, target)
+    g = g.to(x.dtype)
     if weight is None:
         grad = aten.huber_loss_backward(g, x, t, _REDUCTION_ENUM[reduction], delta)
         return grad, -grad, None

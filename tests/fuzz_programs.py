@@ -1332,8 +1332,10 @@ def robust_loss(b: Builder) -> int:
                       lambda p, q: F.smooth_l1_loss(p, q, reduction=reduction, beta=beta))
     if form == 1:
         delta = b.choose.choice([1.0, 0.3])
-        return b.emit(f"{{out}} = F.huber_loss({{0}}, {{1}}, reduction={reduction!r}, delta={delta})", [x, y],
-                      lambda p, q: F.huber_loss(p, q, reduction=reduction, delta=delta))
+        return b.emit(f"{{out}} = F.huber_loss({{0}}, {{1}}.to({{0}}.dtype), reduction={reduction!r}, delta={delta})",
+                      [x, y],
+                      # (torch's own backward fails on mixed dtypes: tests/test_dtypes.py checks the engine there)
+                      lambda p, q: F.huber_loss(p, q.to(p.dtype), reduction=reduction, delta=delta))
     reduction = b.choose.choice([reduction, "batchmean"])
     if b.choose.boolean():
         return b.emit(f"{{out}} = F.kl_div({{0}}, {{1}}, reduction={reduction!r}, log_target=True)", [x, y],
@@ -1418,11 +1420,12 @@ def batch_norm(b: Builder) -> int:
 
     def run(t: Tensor, *wb: Tensor) -> Tensor:
         # NOTE: torch 2.13's batch_norm backward is wrong when weight or bias is a view of the input (its
-        # other columns' gradients change); the engine is right there (test_finite_differences checks it
-        # against central differences), so the fuzzer, whose truth is torch, passes such views as copies
+        # other columns' gradients change) or an expanded tensor (stride 0: it reads uninitialised memory);
+        # the engine is right there (test_finite_differences checks both against central differences), so
+        # the fuzzer, whose truth is torch, passes such tensors as copies
         same_memory = t.untyped_storage().data_ptr()
-        weight, bias = (w.clone() if w.untyped_storage().data_ptr() == same_memory else w for w in wb) \
-            if wb else (None, None)
+        weight, bias = (w.clone() if w.untyped_storage().data_ptr() == same_memory or 0 in w.stride() else w
+                        for w in wb) if wb else (None, None)
         if form == 0:
             return F.batch_norm(t, None, None, weight, bias, training=True)
         mean = torch.zeros(channels, dtype=t.dtype) + 0.1

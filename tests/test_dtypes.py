@@ -225,15 +225,16 @@ def test_rms_norm_in_half_precision_computes_in_float32_as_torch_does(dtype):
 
 @pytest.mark.filterwarnings("ignore:Using a target size")
 @pytest.mark.parametrize("loss", [F.huber_loss, F.smooth_l1_loss])
-def test_fused_losses_promote_a_float32_target_as_the_forward_does(loss):
+@pytest.mark.parametrize("x_dtype, t_dtype, reduction", [(D, torch.float32, "sum"), (torch.float32, D, "mean")])
+def test_fused_losses_promote_mixed_dtypes_as_the_forward_does(loss, x_dtype, t_dtype, reduction):
     """torch's own huber backward raises here; the engine promotes both operands, as the forward kernel does."""
     gen = torch.Generator().manual_seed(0)
-    x, t = torch.randn(3, 4, generator=gen, dtype=D), torch.randn(4, generator=gen)
+    x, t = torch.randn(3, 4, generator=gen, dtype=x_dtype), torch.randn(4, generator=gen, dtype=t_dtype)
     with tg.record() as graph:
-        out = loss(x, t, reduction="sum")
+        out = loss(x, t, reduction=reduction)
     grads = graph.backward(out)
-    x_ref, t_ref = x.clone().requires_grad_(), t.to(D).requires_grad_()
-    loss(x_ref, t_ref, reduction="sum").backward()
-    assert grads[x].dtype == D and grads[t].dtype == torch.float32
-    torch.testing.assert_close(grads[x], x_ref.grad, rtol=1e-12, atol=0)
-    torch.testing.assert_close(grads[t], t_ref.grad.float())
+    x_ref, t_ref = x.to(D).requires_grad_(), t.to(D).requires_grad_()  # the truth: both in float64
+    loss(x_ref, t_ref, reduction=reduction).backward()
+    assert grads[x].dtype == x_dtype and grads[t].dtype == t_dtype
+    torch.testing.assert_close(grads[x], x_ref.grad.to(x_dtype))
+    torch.testing.assert_close(grads[t], t_ref.grad.to(t_dtype))

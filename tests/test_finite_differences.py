@@ -64,3 +64,20 @@ def test_batch_norm_with_weight_and_bias_viewing_its_input():
     (ours,) = engine_grads(fn, [x])[1]
     (numeric,) = finite_differences(fn, [x])
     torch.testing.assert_close(ours, numeric, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_with_one_expanded_tensor_as_weight_and_bias():
+    """torch 2.13's autograd reads uninitialised memory here (1e227, 5e-314 in five runs); the engine follows the maths."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(2)
+    x, s = torch.randn(2, 2, dtype=torch.float64, generator=gen), torch.randn((), dtype=torch.float64, generator=gen)
+
+    def fn(t, scale):
+        w = scale.expand(2)  # stride 0, the same tensor for weight and bias
+        return F.batch_norm(t, None, None, w, w, training=True)
+
+    ours = engine_grads(fn, [x, s])[1]
+    numeric = finite_differences(fn, [x, s])
+    for got, expected in zip(ours, numeric):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
