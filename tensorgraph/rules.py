@@ -813,6 +813,8 @@ def setitem(g: Tensor, out: Tensor, x: Tensor, idx: Any, value: Any) -> tuple:
 defop("setitem", setitem, auto=False, inplace=("Tensor.__setitem__",))
 defop("copy", lambda g, out, x, src, non_blocking=False: (None, g.to(dtype=src.dtype, device=src.device)),
       auto=False, inplace=("Tensor.copy_",))
+
+
 def index_put(g: Tensor, out: Tensor, x: Tensor, indices: Any, values: Tensor, accumulate: bool = False) -> tuple:
     grad_x = g
     if not accumulate:

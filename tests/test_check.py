@@ -145,7 +145,6 @@ def test_two_independent_mistakes_are_both_reported(lecture):
     assert report["W2"].kind == "scaled" and report["bnvar"].kind == "sign"
 
 
-
 def test_a_forgotten_attention_scale_is_named_as_a_square_root():
     # dq without the head_size**-0.5 of `wei = q @ k.transpose(-2, -1) * C**-0.5`: scaled by sqrt(8),
     # which a fraction with a denominator up to 1024 also matches (it read "scaled by 2786/985")
@@ -172,6 +171,7 @@ def test_scale_factors_are_named_by_the_simplest_true_form(factor, n, text):
     from tensorgraph.check import _describe_factor
 
     assert _describe_factor(factor, n)[0] == text
+
 
 def test_unlisted_mistakes(lecture):
     graph, loss, v = lecture

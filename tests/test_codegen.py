@@ -71,7 +71,6 @@ def test_lecture_answer_key_reads_like_the_lecture():
     assert "#" not in bare and len(bare.splitlines()) == len(code)
 
 
-
 def test_attention_rules_are_named_in_the_comments():
     # a causal attention head's answer key: every rule says what it does (masked_fill read "rule")
     g = torch.Generator().manual_seed(0)
@@ -90,6 +89,7 @@ def test_attention_rules_are_named_in_the_comments():
     wei_t = ((ref @ wq) @ (ref @ wk).transpose(-2, -1) * 4**-0.5).masked_fill(tril == 0, float("-inf"))
     (F.gelu(F.softmax(wei_t, dim=-1)) ** 2).sum().backward()
     torch.testing.assert_close(namespace["dx"], ref.grad)
+
 
 def test_grad_seed_and_inplace_forward():
     x = torch.randn(4, 3, dtype=torch.float64)

@@ -651,7 +651,6 @@ def test_guard_on_train_and_eval_mode_of_modules_the_forward_reads():
         step(x, y)
 
 
-
 class _Linear:  # the lecture's part-3 layers: plain classes, not nn.Modules
     def __init__(self, fan_in, fan_out, seed):
         self.weight = r(fan_in, fan_out, seed=seed) / fan_in ** 0.5

@@ -216,6 +216,8 @@ def test_cumsum_with_a_wider_dtype_is_bit_exact_with_torch(dtype, wide):
     x = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
     assert_matches_torch(lambda x: x.cumsum(1, dtype=wide), [x], rtol=0, atol=0)
     assert_matches_torch(lambda x: torch.cumsum(x, 0, dtype=wide), [x], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rms_norm_in_half_precision_computes_in_float32_as_torch_does(dtype):
     gen = torch.Generator().manual_seed(0)

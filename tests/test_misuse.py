@@ -65,7 +65,6 @@ def test_op_without_a_rule_names_the_op_and_the_users_line(op):
         graph.backward(loss)
 
 
-
 def test_multi_head_attention_module_says_how_to_write_it_with_rules():
     mha = torch.nn.MultiheadAttention(4, 2, batch_first=True).double()
     x = r(2, 3, 4)
@@ -504,7 +503,6 @@ def test_inference_mode_is_refused_clearly():
             (frozen * 2).sum()
 
 
-
 @pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])
 def test_a_torch_func_transform_inside_the_block_is_refused_not_cut_off(transform):
     """torch.func's result came back as a new leaf: d/dw of (grad f(w) * w).sum() lost its Hessian term."""
@@ -522,6 +520,7 @@ def test_a_torch_func_transform_inside_the_block_is_refused_not_cut_off(transfor
     with tg.record() as graph:
         loss = (outside * w).sum()
     torch.testing.assert_close(graph.backward(loss)[w], outside, rtol=0, atol=0)
+
 
 @pytest.mark.parametrize("how", ["no_grad", "data", "data_copy"])
 def test_leaf_parameter_changed_between_recording_and_backward(how):
@@ -578,7 +577,6 @@ def test_batchnorm_running_stats_updated_by_a_later_training_call_are_not_an_inp
         graph.backward(loss)
 
 
-
 def test_a_parameter_updated_inside_the_block_points_to_the_version_the_loss_used():
     # the whole training step recorded: loss, then the optimizer's in-place update of the parameters
     torch.manual_seed(0)
@@ -596,6 +594,7 @@ def test_a_parameter_updated_inside_the_block_points_to_the_version_the_loss_use
                        r"is 'lin.weight_v0'"):
         grads[lin.weight]
     torch.testing.assert_close(grads["lin.weight_v0"], expected)
+
 
 def test_update_after_backward_then_record_again_is_the_training_loop():
     x, w = r(4, 3), r(3, 2, seed=1)

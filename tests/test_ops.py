@@ -10,7 +10,6 @@ def test_op_matches_torch_autograd(fn, inputs):
     assert_matches_torch(fn, inputs)
 
 
-
 def test_scatter_src_larger_than_index():
     """torch reads only src's leading index.shape block: the rest of src gets a zero gradient.
 
@@ -54,6 +53,8 @@ def test_relu_passes_the_gradient_where_its_input_is_nan():
     x = torch.tensor([float("nan"), -1.0, 0.0, 2.0], dtype=torch.float64)
     assert_matches_torch(lambda x: torch.relu(x) * 3, [x])
     assert_matches_torch(lambda x: x.relu(), [x])
+
+
 def test_kl_div_with_a_zero_target_gives_torchs_nan_target_gradient_there():
     """d/dt of t*log(t) at t = 0: torch's gradient is NaN there (and finite elsewhere); the input's is finite."""
     import torch

@@ -312,7 +312,6 @@ def test_more_reductions_and_elementwise_ops():
         derive(fn, _x())
 
 
-
 def test_gelu_tanh_approximation_derives_and_is_not_taken_for_the_exact_one():
     # GPT-2's gelu (nn.GELU(approximate="tanh")): derivable, and its cached derivation never serves the exact gelu
     symbolic.clear_cache()
@@ -321,6 +320,8 @@ def test_gelu_tanh_approximation_derives_and_is_not_taken_for_the_exact_one():
         derive(fn, _x() * 3)
     graph, out, _ = record(lambda x: F.gelu(x, approximate="tanh"), _x())
     assert "tanh" in str(symbolic.derive(graph, output=out, wrt=0).textbook)
+
+
 def test_trigonometric_and_hyperbolic_ops():
     d = derive(lambda x: torch.tan(x * 0.5).sum(1) + x.atan().sinh().sum(1), _x())
     s = d.symbols
