@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import engine_grads, finite_differences
 from op_cases import CASES, FD_SETTINGS
 
@@ -54,8 +55,6 @@ def test_fd_covers_every_differentiable_op():
 
 def test_batch_norm_with_weight_and_bias_viewing_its_input():
     """torch 2.13's autograd gets this wrong (the input's other columns change); the engine follows the maths."""
-    import torch.nn.functional as F
-
     x = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
     def fn(t):
@@ -68,8 +67,6 @@ def test_batch_norm_with_weight_and_bias_viewing_its_input():
 
 def test_batch_norm_with_one_expanded_tensor_as_weight_and_bias():
     """torch 2.13 reads uninitialised memory here (1e227 in one of five runs); the engine follows the maths."""
-    import torch.nn.functional as F
-
     gen = torch.Generator().manual_seed(2)
     x, s = torch.randn(2, 2, dtype=torch.float64, generator=gen), torch.randn((), dtype=torch.float64, generator=gen)
 

@@ -1,8 +1,12 @@
 """Every op in the rule table against torch.autograd.grad, in float64, over a broadcasting shape matrix."""
 
 import pytest
-from helpers import assert_matches_torch
-from op_cases import CASES
+import torch
+import torch.nn.functional as F
+from helpers import assert_matches_torch, engine_grads, finite_differences, torch_grads
+from op_cases import CASES, r
+
+import tensorgraph as tg
 
 
 @pytest.mark.parametrize("fn, inputs", [pytest.param(fn, inputs, id=name) for name, fn, inputs in CASES])
@@ -16,9 +20,6 @@ def test_scatter_src_larger_than_index():
     The engine crashed here; torch 2.13's autograd does too ("ScatterBackward0 returned an invalid
     gradient"), so the truths are finite differences and torch on the block actually read.
     """
-    import torch
-    from helpers import engine_grads, finite_differences, torch_grads
-
     x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     src = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     index = torch.tensor([[0], [3], [1]])
@@ -38,8 +39,6 @@ def test_scatter_src_larger_than_index():
 
 def test_full_max_and_min_of_a_tensor_holding_nan():
     """The NaN is the result: torch gives it the gradient (split among NaNs); the engine gave every element NaN."""
-    import torch
-
     nan = float("nan")
     for x in (torch.tensor([nan, 1.0, nan, 2.0], dtype=torch.float64), torch.tensor([[3.0, nan], [1.0, 0.5]],
                                                                                     dtype=torch.float64)):
@@ -48,8 +47,6 @@ def test_full_max_and_min_of_a_tensor_holding_nan():
 
 def test_relu_passes_the_gradient_where_its_input_is_nan():
     """torch's threshold_backward passes g where relu's output is NaN; the rule's ``g * (out > 0)`` gave 0 there."""
-    import torch
-
     x = torch.tensor([float("nan"), -1.0, 0.0, 2.0], dtype=torch.float64)
     assert_matches_torch(lambda x: torch.relu(x) * 3, [x])
     assert_matches_torch(lambda x: x.relu(), [x])
@@ -57,11 +54,6 @@ def test_relu_passes_the_gradient_where_its_input_is_nan():
 
 def test_kl_div_with_a_zero_target_gives_torchs_nan_target_gradient_there():
     """d/dt of t*log(t) at t = 0: torch's gradient is NaN there (and finite elsewhere); the input's is finite."""
-    import torch
-    import torch.nn.functional as F
-    from helpers import engine_grads, torch_grads
-    from op_cases import r
-
     target = r(3, 4, seed=1).softmax(1)
     target[0, 1] = target[2, 3] = 0.0
 
@@ -77,11 +69,6 @@ def test_kl_div_with_a_zero_target_gives_torchs_nan_target_gradient_there():
 
 def test_instance_norm_module_with_running_statistics_in_training_matches_torch():
     """The forward updates running_mean/var in place: no inputs of the loss, so later steps do not upset backward."""
-    import torch
-    import torch.nn.functional as F
-
-    import tensorgraph as tg
-
     layer = torch.nn.InstanceNorm1d(3, affine=True, track_running_stats=True).double()
     x = torch.randn(2, 3, 6, dtype=torch.float64)
     with tg.record() as graph:

@@ -312,7 +312,7 @@ def test_graph_displays_inline(lecture):
     bundle = graph._repr_mimebundle_()
     assert "<svg" in bundle["image/svg+xml"] and "hprebn" in bundle["image/svg+xml"]
     assert bundle["text/plain"].startswith("<tensorgraph.Graph")
-    svg = graph._repr_svg_()  # issue 3 names both hooks
+    svg = graph._repr_svg_()  # for front ends that ask for SVG alone
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "hprebn" in svg
 
 
