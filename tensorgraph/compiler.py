@@ -78,7 +78,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import printer
 from .engine import BackwardTrace, hook_where, trace
-from .graph import Graph, Ref, identifier, is_float
+from .graph import Graph, Ref, identifier, is_float, refs_in
 from .naming import _MAX_ITEMS, _WALKABLE, _Namer, set_names, unique_name
 from .printer import Expr
 from .record import _is_internal, _where, record
@@ -1313,15 +1313,8 @@ class _ConstRef(Ref):
 
 
 def _refs(value: Any) -> list[int]:
-    if isinstance(value, _ConstRef):
-        return []
-    if isinstance(value, Ref):
-        return [value.node]
-    if isinstance(value, (tuple, list)):
-        return [r for v in value for r in _refs(v)]
-    if isinstance(value, dict):
-        return [r for v in value.values() for r in _refs(v)]
-    return []
+    """The nodes of the tensor arguments in ``value`` (not the names of :class:`_ConstRef`)."""
+    return [ref.node for ref in refs_in(value) if not isinstance(ref, _ConstRef)]
 
 
 def _call_id(result: tuple) -> tuple[int, ...]:

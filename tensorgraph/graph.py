@@ -67,6 +67,17 @@ def substitute(value: Any, values: Any) -> Any:
     return value
 
 
+def refs_in(value: Any) -> list[Ref]:
+    """The Refs in a call's arguments, at any depth of tuples, lists and dicts, in order."""
+    if isinstance(value, Ref):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [ref for item in value for ref in refs_in(item)]
+    if isinstance(value, dict):
+        return [ref for item in value.values() for ref in refs_in(item)]
+    return []
+
+
 class Graph:
     """A recorded forward pass. Create one with ``tg.record()``."""
 

@@ -35,7 +35,7 @@ import networkx as nx
 import torch
 from torch import Tensor
 
-from .graph import Graph, Ref
+from .graph import Graph, Ref, refs_in
 from .printer import op_path
 
 FORMAT = "tensorgraph-graph"
@@ -450,9 +450,9 @@ def _check_call(where: str, record: dict[str, Any], call: tuple, inputs: list[in
         raise ValueError(f"{where}: a leaf has no inputs and no call")
     if not (record.get("func") is None or isinstance(record["func"], str)):
         raise ValueError(f"{where}: func must be a dotted name, got {record['func']!r}")
-    bound = set(_refs((bargs, bkwargs)))  # a call not saved (a custom Function's) binds nothing
-    if set(_refs((args, kwargs))) != set(inputs) or not (bound == set(inputs) or (bound <= set(inputs)
-                                                                                  and not record.get("func"))):
+    passed, expected = {ref.node for ref in refs_in((args, kwargs))}, set(inputs)
+    bound = {ref.node for ref in refs_in((bargs, bkwargs))}  # a call not saved (a custom Function's) binds nothing
+    if passed != expected or not (bound == expected or (bound <= expected and not record.get("func"))):
         raise ValueError(f"{where}: the call's tensor arguments ($ref) do not match its inputs {inputs}")
 
 
@@ -478,17 +478,6 @@ def _check_bookkeeping(where: str, node: int, record: dict[str, Any]) -> None:
             and result[index] == node):
         raise ValueError(f"{where}: result must list the ids of its call's outputs, this node's at output_index "
                          f"{index!r}, got {result!r}")
-
-
-def _refs(value: Any) -> list[int]:
-    """The node ids of the Refs in a decoded call, in order."""
-    if isinstance(value, Ref):
-        return [value.node]
-    if isinstance(value, (tuple, list)):
-        return [node for item in value for node in _refs(item)]
-    if isinstance(value, dict):
-        return [node for item in value.values() for node in _refs(item)]
-    return []
 
 
 def _value(where: str, data: Any, shape: list[int], dtype: torch.dtype, with_values: bool) -> Tensor:
