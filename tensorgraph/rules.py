@@ -503,7 +503,7 @@ def _select_reduction(g: Tensor, out: Any, x: Tensor, dim: Any, keepdim: bool) -
     if isinstance(dim, Tensor):
         raise AssertionError("binary max/min are dispatched before this point")
     if dim is None:
-        # NOTE: a full max() splits the gradient evenly among ties, as torch does; a NaN maximum is the NaNs'
+        # NOTE: a full max() or median() splits the gradient evenly among ties, as torch does; a NaN result is the NaNs'
         mask = (x == out) | (x.isnan() & out.isnan())
         return mask * (g / mask.sum())
     values, indices = out
@@ -530,20 +530,11 @@ defop("max", max_rule, multi=True)
 defop("min", min_rule, multi=True)
 
 
-def median_rule(g: Tensor, out: Any, x: Tensor, dim: Any = None, keepdim: bool = False, *,
-                output_index: int = 0) -> Tensor:
-    """median(dim) gives the gradient to the returned index; a full median() splits it among the equal elements.
-
-    NOTE: as in torch, ties share a full median's gradient evenly (a NaN median: the NaNs share it).
-    """
-    if dim is None:
-        mask = torch.where(out.isnan(), x.isnan(), x == out)
-        return mask * (g / mask.sum())
-    return _select_reduction(g, out, x, dim, keepdim)
-
-
-defop("median", median_rule, multi=True)
-defop("nanmedian", median_rule, multi=True)
+# the selections max/min make: median(dim), kthvalue and mode give the gradient to the returned index, a full
+# median() shares it among the elements equal to it
+for _name in ("median", "nanmedian"):
+    defop(_name, lambda g, out, x, dim=None, keepdim=False, *, output_index=0: _select_reduction(
+        g, out, x, dim, keepdim), multi=True)
 defop("kthvalue", lambda g, out, x, k, dim=-1, keepdim=False, *, output_index=0: _select_reduction(
     g, out, x, dim, keepdim), multi=True)
 defop("mode", lambda g, out, x, dim=-1, keepdim=False, *, output_index=0: _select_reduction(

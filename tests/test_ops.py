@@ -43,6 +43,7 @@ def test_full_max_and_min_of_a_tensor_holding_nan():
     for x in (torch.tensor([nan, 1.0, nan, 2.0], dtype=torch.float64), torch.tensor([[3.0, nan], [1.0, 0.5]],
                                                                                     dtype=torch.float64)):
         assert_matches_torch(lambda x: x.max() * 2 + x.min(), [x])
+        assert_matches_torch(lambda x: x.median() * 2 + x.nanmedian(), [x])  # the same selection
 
 
 def test_relu_passes_the_gradient_where_its_input_is_nan():
