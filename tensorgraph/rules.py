@@ -403,22 +403,25 @@ def linear(g: Tensor, out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | Non
 defop("linear", linear)
 
 
-def addbmm(g: Tensor, out: Tensor, input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> tuple:
-    """``beta * input + alpha * sum_b batch1[b] @ batch2[b]``: every batch gets the same ``g``."""
-    g_batched = g.unsqueeze(0).expand(batch1.shape[0], batch1.shape[1], batch2.shape[2])
-    grad_1, grad_2 = g_batched.bmm(batch2.transpose(1, 2)), batch1.transpose(1, 2).bmm(g_batched)
+def _scaled_product(g: Tensor, grad_1: Tensor, grad_2: Tensor, beta: Any, alpha: Any) -> tuple:
+    """The gradients of ``beta * input + alpha * product(a, b)`` from those of the product (scales of 1 skipped)."""
     if alpha != 1:
         grad_1, grad_2 = grad_1 * alpha, grad_2 * alpha
     return (g if beta == 1 else g * beta), grad_1, grad_2
+
+
+def addbmm(g: Tensor, out: Tensor, input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> tuple:
+    """``beta * input + alpha * sum_b batch1[b] @ batch2[b]``: every batch gets the same ``g``."""
+    g_batched = g.unsqueeze(0).expand(batch1.shape[0], batch1.shape[1], batch2.shape[2])
+    return _scaled_product(g, g_batched.bmm(batch2.transpose(1, 2)), batch1.transpose(1, 2).bmm(g_batched), beta,
+                           alpha)
 
 
 defop("addbmm", addbmm)
 
 
 def addmm(g: Tensor, out: Tensor, input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alpha=1) -> tuple:
-    grad_1, grad_2 = _mm(g, mat1, mat2)
-    scale = (lambda t: t) if alpha == 1 else (lambda t: t * alpha)
-    return (g if beta == 1 else g * beta), scale(grad_1), scale(grad_2)
+    return _scaled_product(g, *_mm(g, mat1, mat2), beta, alpha)
 
 
 defop("addmm", addmm)
@@ -426,10 +429,7 @@ defop("addmm", addmm)
 
 def baddbmm(g: Tensor, out: Tensor, input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> tuple:
     """``beta * input + alpha * batch1 @ batch2`` (batched): the input's share is broadcast back by the engine."""
-    grad_1, grad_2 = g @ batch2.mT, batch1.mT @ g
-    if alpha != 1:
-        grad_1, grad_2 = grad_1 * alpha, grad_2 * alpha
-    return (g if beta == 1 else g * beta), grad_1, grad_2
+    return _scaled_product(g, g @ batch2.mT, batch1.mT @ g, beta, alpha)
 
 
 defop("baddbmm", baddbmm)
