@@ -475,28 +475,24 @@ def std_rule(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, unbiased: Any =
     return var_rule(grad_var, out, x, dim, unbiased, keepdim, correction=correction)
 
 
-def var_mean(g: Tensor, out: Any, x: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,
-             correction: Any = None, output_index: int = 0) -> Tensor:
-    """``torch.var_mean``: each of the two outputs by its own rule."""
-    if output_index == 0:
-        return var_rule(g, out[0], x, dim, unbiased, keepdim, correction=correction)
-    return mean_rule(g, out[1], x, _correction(dim, unbiased, correction)[0], keepdim)
+def _with_mean(spread_rule: Any) -> Any:
+    """The rule of ``torch.var_mean`` or ``torch.std_mean``: each of the two outputs by its own rule."""
 
-
-def std_mean(g: Tensor, out: Any, x: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,
+    def rule(g: Tensor, out: Any, x: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,
              correction: Any = None, output_index: int = 0) -> Tensor:
-    """``torch.std_mean``: each of the two outputs by its own rule."""
-    if output_index == 0:
-        return std_rule(g, out[0], x, dim, unbiased, keepdim, correction=correction)
-    return mean_rule(g, out[1], x, _correction(dim, unbiased, correction)[0], keepdim)
+        if output_index == 0:
+            return spread_rule(g, out[0], x, dim, unbiased, keepdim, correction=correction)
+        return mean_rule(g, out[1], x, _correction(dim, unbiased, correction)[0], keepdim)
+
+    return rule
 
 
 defop("sum", sum_rule)
 defop("mean", mean_rule)
 defop("var", var_rule)
 defop("std", std_rule)
-defop("var_mean", var_mean, multi=True)
-defop("std_mean", std_mean, multi=True)
+defop("var_mean", _with_mean(var_rule), multi=True)
+defop("std_mean", _with_mean(std_rule), multi=True)
 
 
 def _select_reduction(g: Tensor, out: Any, x: Tensor, dim: Any, keepdim: bool) -> Tensor:
