@@ -1034,8 +1034,7 @@ def kl_div(g, out, input, target, size_average=None, reduce=None, reduction="mea
 
     NOTE: as in torch, the target's gradient is NaN where a (non-log) target is 0.
     """
-    if size_average is not None or reduce is not None:
-        reduction = _reduction(size_average, reduce, "mean")
+    reduction = _reduction(size_average, reduce, reduction)
     shape = torch.broadcast_shapes(input.shape, target.shape)
     if reduction == "batchmean":
         per_element = (g / input.shape[0] if input.dim() else g).expand(shape)
@@ -1135,11 +1134,11 @@ def rms_norm(g: Tensor, out: Tensor, input: Tensor, normalized_shape: Sequence[i
     rstd = (x.pow(2).mean(dims, keepdim=True) + eps).rsqrt()
     grad_w = None
     if weight is not None:
-        grad_w = (g * (x * rstd)).sum_to_size(weight.shape).to(weight.dtype)  # summed before rounding to half
+        grad_w = g * (x * rstd)  # (the engine sums it to the weight's shape, then rounds to its dtype, as torch)
         g = g * weight.to(wide)
     grad_rstd = (-0.5 * (g * x).sum(dims, keepdim=True)) * rstd.pow(3)
     grad_x = g * rstd + grad_rstd.expand(x.shape) / _count(x, dims) * (2 * x)
-    return grad_x.to(input.dtype), None, grad_w
+    return grad_x, None, grad_w
 
 
 def instance_norm(g: Tensor, out: Tensor, input: Tensor, running_mean: Tensor | None = None,
