@@ -283,8 +283,7 @@ class _Recorder(TorchFunctionMode):
 
         Without it, an ``o`` made before the block was taken for a leaf: the gradient stopped there, silently.
         """
-        out = kwargs["out"]
-        targets = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, Tensor)]
+        targets = _out_tensors(kwargs["out"])
         with _Bookkeeping():
             source = self._source()
             call = self._refs_of_call(args, {k: v for k, v in kwargs.items() if k != "out"})
@@ -293,7 +292,7 @@ class _Recorder(TorchFunctionMode):
                     self._snapshot(target)
         result = func(*args, **kwargs)
         with _Bookkeeping():
-            name = entry[0].name if entry is not None else func_name(func)
+            name = _op_name(func, entry)
             for target in targets:
                 live = self.graph._live.get(id(target))
                 previous = live[0] if live is not None else None
@@ -354,9 +353,8 @@ class _Recorder(TorchFunctionMode):
         """
         inplace = bool(entry is not None and entry[2]) or kwargs.get("inplace") is True
         targets = [args[0]] if inplace and args and isinstance(args[0], Tensor) else []
-        out = kwargs.get("out")
-        if out is not None:
-            targets += [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, Tensor)]
+        if kwargs.get("out") is not None:
+            targets += _out_tensors(kwargs["out"])
         live = self.graph._live
         targets = [t for t in targets if id(t) in live]
         if not targets:
@@ -380,7 +378,7 @@ class _Recorder(TorchFunctionMode):
                 self._mark_aliases(target, source)
         result = func(*args, **kwargs)
         with _Bookkeeping():
-            name = entry[0].name if entry else func_name(func)
+            name = _op_name(func, entry)
             for target, before, kept in zip(targets, previous, history):
                 if not kept:
                     self._add_constant_version(target, name, source, before)
@@ -711,6 +709,16 @@ class _Recorder(TorchFunctionMode):
         if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
             return type(value)(self._refs_unchecked(v, inputs) for v in value)
         return value
+
+
+def _out_tensors(out: Any) -> list[Tensor]:
+    """The tensors an ``out=`` argument names: one, or a tuple of them (``torch.max(x, 1, out=(values, indices))``)."""
+    return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, Tensor)]
+
+
+def _op_name(func: Any, entry: Any) -> str:
+    """The op table's name for a call (its ``FUNCS`` entry), else the callable's own name."""
+    return entry[0].name if entry is not None else func_name(func)
 
 
 def _saves(nodes: list[dict[str, Any]], node: int, tensor: int) -> bool:
