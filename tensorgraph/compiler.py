@@ -565,9 +565,10 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
             raise ValueError(f"tg.compile: the loss uses {nodes[n]['name']!r}, computed under torch.no_grad() at "
                              f"{where}; compiled code replays recorded calls only, so it would keep this value "
                              f"forever. Compute it outside the forward and pass it in, or use the dynamic engine.")
-    updated = [n for n, d in enumerate(nodes) if d["op"] == "no_grad_update"]
-    if updated and set(updated) & graph.ancestors(root_node):
-        data = nodes[min(set(updated) & graph.ancestors(root_node))]
+    updated = {n for n, d in enumerate(nodes) if d["op"] == "no_grad_update"}
+    used = updated & graph.ancestors(root_node) if updated else set()  # (ancestors only when there are any)
+    if used:
+        data = nodes[min(used)]
         raise ValueError(f"tg.compile: the loss uses {data['name']!r}, updated in place under torch.no_grad() at "
                          f"{data['source']}; compiled code replays recorded calls only, so it would not redo this "
                          f"update. Move the update out of the forward, or use the dynamic engine (graph.backward).")
