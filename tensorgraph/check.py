@@ -171,7 +171,7 @@ def check(graph: Graph, manual: dict[str, Any], loss: Any, grad: Tensor | None =
     allclose tolerances (by default torch's for float32, tighter for float64).
     """
     root = root_node(graph, loss)
-    hooked = [node for node in gradient_hooks(graph) or () if node <= root]
+    hooked = list(gradient_hooks(graph, root) or ())
     if hooked:
         data = graph._nodes[max(hooked)]
         raise NotImplementedError(f"check: tensor {data['name']!r} has a gradient hook (t.register_hook); check "

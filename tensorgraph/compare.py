@@ -103,7 +103,7 @@ def replay(graph: Graph, root: int, differentiable: Collection[int] | None = Non
     needed = graph.ancestors(root)
     values: dict[int, Tensor] = {}
     results: dict[int, Any] = {}
-    hooks = gradient_hooks(graph) or {}  # the user's tensor hooks, on the replayed versions they were on
+    hooks = gradient_hooks(graph, root) or {}  # the user's tensor hooks, on the replayed versions they were on
 
     with torch.enable_grad():
         for node in sorted(needed):

@@ -337,8 +337,10 @@ _REWRITES = {
 }
 
 
-def gradient_hooks(graph: Graph) -> dict[int, list[Callable]] | None:
+def gradient_hooks(graph: Graph, root: int) -> dict[int, list[Callable]] | None:
     """The tensor hooks (``t.register_hook(fn)``) on the graph's tensors, by the node whose gradient they see.
+
+    Only nodes up to ``root`` (the loss) count: a later one cannot be on its path.
 
     A hook belongs to the version of its tensor that was current when it was registered: the latest one,
     unless a recorded in-place op replaced that version since (``graph._version_hooks``). The hooks are read
@@ -372,7 +374,7 @@ def gradient_hooks(graph: Graph) -> dict[int, list[Callable]] | None:
         kept = [hook for key, hook in hooks.items() if (id(hooks), key) not in claimed]
         if kept:
             result.setdefault(_history(graph, node), []).extend(kept)
-    return result or None
+    return {node: found for node, found in result.items() if node <= root} or None
 
 
 def _history(graph: Graph, node: int) -> int:
@@ -481,9 +483,7 @@ def _backward(graph: Graph, loss: Any, grad: Tensor | None, tape: list | None) -
         raise RuntimeError("tensorgraph: graph.backward() was called inside the graph's own tg.record() block; "
                            "call it after the with-block ends (names are given and the graph is complete there)")
     root = root_node(graph, loss)
-    hooks = gradient_hooks(graph)
-    if hooks is not None:  # only a node made before the loss can be on its path
-        hooks = {node: found for node, found in hooks.items() if node <= root} or None
+    hooks = gradient_hooks(graph, root)
     if hooks is not None and tape is not None:
         node = max(hooks)
         raise NotImplementedError(
