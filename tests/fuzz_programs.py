@@ -1285,12 +1285,16 @@ def classification_loss(b: Builder) -> int:
                                                label_smoothing=smoothing))
 
 
-@gen
-def regression_loss(b: Builder) -> int:
+def _loss_operands(b: Builder) -> tuple[int, int, tuple[int, ...], str]:
+    """An elementwise loss's input, a target of its shape (both differentiable), the shape and a reduction."""
     x = b.pick()
     shape = tuple(b.value(x).shape)
-    y = b.pick(shape=shape)
-    reduction = b.choose.choice(["mean", "sum", "none"])
+    return x, b.pick(shape=shape), shape, b.choose.choice(["mean", "sum", "none"])
+
+
+@gen
+def regression_loss(b: Builder) -> int:
+    x, y, shape, reduction = _loss_operands(b)
     form = b.choose.integer(0, 3)
     if form == 0:
         return b.emit(f"{{out}} = F.mse_loss({{0}}, {{1}}, reduction={reduction!r})", [x, y],
@@ -1321,10 +1325,7 @@ def regression_loss(b: Builder) -> int:
 @gen
 def robust_loss(b: Builder) -> int:
     """F.smooth_l1_loss, F.huber_loss, F.kl_div at each reduction."""
-    x = b.pick()
-    shape = tuple(b.value(x).shape)
-    y = b.pick(shape=shape)
-    reduction = b.choose.choice(["mean", "sum", "none"])
+    x, y, _, reduction = _loss_operands(b)
     form = b.choose.integer(0, 2)
     if form == 0:
         beta = b.choose.choice([1.0, 0.5, 0.0])
