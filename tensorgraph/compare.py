@@ -139,9 +139,10 @@ def replay(graph: Graph, root: int, differentiable: Collection[int] | None = Non
 def _updated(data: dict[str, Any], values: dict[int, Tensor]) -> Tensor:
     """The value a no_grad in-place update (or ``out=``) gave: the call made again on a copy of the old value."""
     copy = values[data["previous"]].detach().clone()
+    inputs = {**values, data["previous"]: copy}
     with torch.no_grad():
-        args = tuple(substitute(a, {**values, data["previous"]: copy}) for a in data["args"])
-        kwargs = {k: substitute(v, {**values, data["previous"]: copy}) for k, v in data["kwargs"].items()}
+        args = tuple(substitute(a, inputs) for a in data["args"])
+        kwargs = {k: substitute(v, inputs) for k, v in data["kwargs"].items()}
         data["func"](*args, **kwargs)
     return copy
 
