@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import types
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,6 +81,25 @@ def _is_internal(code: types.CodeType) -> bool:
 
 def _busy() -> bool:
     return getattr(_state, "busy", False)
+
+
+def _show_at_the_users_line(show: Any) -> Any:
+    """``warnings.showwarning``, with torch's warnings from a recorded call shown at the user's line.
+
+    torch warns from C++ at the innermost Python frame, which inside a block is the recorder's
+    (``record.py:198: UserWarning: ...``); the user's own frame is still on the stack while it is shown.
+    """
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if filename == __file__:
+            frame = sys._getframe(1)
+            while frame is not None and (_is_internal(frame.f_code) or frame.f_code.co_filename == warnings.__file__):
+                frame = frame.f_back
+            if frame is not None:
+                filename, lineno, line = frame.f_code.co_filename, frame.f_lineno, None
+        return show(message, category, filename, lineno, file, line)
+
+    showwarning.wrapped = show
+    return showwarning
 
 
 class _Bookkeeping:
@@ -867,6 +887,8 @@ class record:
         if not self.graph.anomaly:  # the last recording from this line is this one's template (tensorgraph.replay)
             self._mode.replay = _replay.session(sys._getframe(1), self.graph)
         self._mode.entry_frame = sys._getframe(1)
+        if not hasattr(warnings.showwarning, "wrapped"):
+            warnings.showwarning = _show_at_the_users_line(warnings.showwarning)
         self._mode.nested = torch._C._len_torch_function_stack() > 0
         self._mode.__enter__()
         self.graph._recording = True

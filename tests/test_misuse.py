@@ -836,6 +836,23 @@ def test_cli_sizes_that_cannot_fit_in_memory_are_refused_before_allocating(argv,
     assert not (tmp_path / "run").exists()  # refused before the output folder is made
 
 
+def test_torch_warnings_inside_a_block_point_at_the_users_line(tmp_path):
+    """torch warns at the innermost Python frame, the recorder's: shown, they name the user's file and line."""
+    import subprocess
+
+    script = tmp_path / "user_code.py"
+    script.write_text("import torch, torch.nn.functional as F, tensorgraph as tg\n"
+                      "x = torch.randn(3, 4)\n"
+                      "with tg.record() as graph:\n"
+                      "    y = F.softmax(x)\n"  # no dim: torch's deprecation warning
+                      "    loss = F.mse_loss(y, torch.randn(4))\n")  # broadcasting target: torch's warning
+    result = subprocess.run([sys.executable, "-W", "always", str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "record.py" not in result.stderr
+    assert f"{script}:4: UserWarning: Implicit dimension choice for softmax" in result.stderr
+    assert f"{script}:5: UserWarning: Using a target size" in result.stderr
+
+
 def test_cli_debug_shows_the_traceback(tmp_path):
     import subprocess
 
