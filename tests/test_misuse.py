@@ -503,6 +503,30 @@ def test_inference_mode_is_refused_clearly():
             (frozen * 2).sum()
 
 
+def test_micrograds_loss_backward_in_the_block_says_to_call_graph_backward():
+    """micrograd's ``L.backward()`` got torch's "element 0 of tensors does not require grad", naming nothing."""
+    a, b = torch.tensor(2.0), torch.tensor(-3.0)
+    with tg.record() as g:
+        L = a * b + a
+        with pytest.raises(RuntimeError, match=rf"L.backward\(\) at .*{at(next_line() + 1)}.*does not require grad"
+                                               rf".*grads = g.backward\(L\)"):
+            L.backward()
+    assert g.names[-1] == "L"
+    with tg.record():
+        out = a * b
+        with pytest.raises(RuntimeError, match=r"torch.autograd.grad\(...\) at .*name the graph \(with tg.record"
+                                               r"\(\) as graph:\).*graph.backward\(out\)"):
+            torch.autograd.grad(out, [a])
+    # with requires_grad, torch autograd's own backward still runs in the block, and agrees with the engine
+    w = torch.tensor(2.0, dtype=D, requires_grad=True)
+    with tg.record() as graph:
+        loss = w * w.tanh()
+        loss.backward()
+    expected = w.tanh() + w * (1 - w.tanh() ** 2)
+    torch.testing.assert_close(w.grad, expected.detach())
+    torch.testing.assert_close(graph.backward(loss)[w], expected.detach())
+
+
 @pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])
 def test_a_torch_func_transform_inside_the_block_is_refused_not_cut_off(transform):
     """torch.func's result came back as a new leaf: d/dw of (grad f(w) * w).sum() lost its Hessian term."""
