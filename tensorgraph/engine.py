@@ -74,7 +74,21 @@ class Gradients(Mapping):
         return len(self.by_node)
 
     def __repr__(self) -> str:
-        return f"<Gradients of {self.graph._nodes[self.root]['name']!r} w.r.t. {len(self)} tensors>"
+        nodes = self.graph._nodes
+        shown = sorted(self.by_node, reverse=True)[:_REPR_ENTRIES]
+        entries = ", ".join(nodes[node]["name"] + _grad_text(self.by_node[node]) for node in shown)
+        more = f", ... ({len(self) - len(shown)} more)" if len(self) > len(shown) else ""
+        return f"<Gradients of {nodes[self.root]['name']!r} w.r.t. {len(self)} tensors: {entries}{more}>"
+
+
+_REPR_ENTRIES = 12  # gradients a repr lists
+
+
+def _grad_text(grad: Tensor) -> str:
+    """After a name in a repr: a scalar's gradient as its value (micrograd's ``grad=-4.0``), a tensor's shape."""
+    if grad.dim() == 0:
+        return f"={grad.item():.4g}"
+    return " (" + "×".join(map(str, grad.shape)) + ")"
 
 
 def root_node(graph: Graph, loss: Any) -> int:

@@ -286,7 +286,9 @@ class Graph:
     def __repr__(self) -> str:
         ops = sum(1 for d in self._nodes if d["kind"] == "op")
         leaves = sum(1 for d in self._nodes if d["kind"] == "leaf")
-        return f"<tensorgraph.Graph: {len(self._nodes)} nodes ({ops} ops, {leaves} leaves)>"
+        constants = len(self._nodes) - ops - leaves
+        made = f", {constants} constants made in the block" if constants else ""
+        return f"<tensorgraph.Graph: {len(self._nodes)} nodes ({ops} ops, {leaves} leaves{made})>"
 
 
 _SHORT_PATHS: dict[str, dict[str, str]] = {}  # working directory -> {file: its short form}

@@ -170,6 +170,26 @@ def test_gradients_mapping_by_tensor_name_and_missing():
     assert z.shape == (3,) and set(grads) == {"loss", "y", "x"}
 
 
+def test_reprs_show_micrograds_values_and_the_constants_made_in_the_block():
+    """``print(grads)`` named no tensor and no value; ``print(graph)`` said "0 leaves" for micrograd's leaves
+    made inside the block (they are constants), and nothing about them."""
+    with tg.record() as graph:
+        a, b, c, f = (torch.tensor(v, dtype=D) for v in (2.0, -3.0, 10.0, -2.0))
+        L = (a * b + c) * f
+        x = torch.ones(3, 2, dtype=D)
+        loss = L + (x * a).sum()
+    assert repr(graph) == "<tensorgraph.Graph: 11 nodes (6 ops, 0 leaves, 5 constants made in the block)>"
+    text = repr(graph.backward(loss))
+    leaves = [t.clone().requires_grad_() for t in (a, b, c, f, x)]
+    ((leaves[0] * leaves[1] + leaves[2]) * leaves[3] + (leaves[4] * leaves[0]).sum()).backward()
+    for name, leaf in zip("abcf", leaves):
+        assert f"{name}={leaf.grad.item():.4g}" in text, (name, text)
+    assert "x (3×2)" in text and text.startswith("<Gradients of 'loss' w.r.t. 11 tensors: loss=1, ")
+    with tg.record() as big:
+        total = sum(torch.tensor(float(i)) * i for i in range(20))
+    assert repr(big.backward(total)).endswith(", ... (48 more)>")  # 60 gradients, 12 listed
+
+
 def test_missing_gradient_of_a_tensor_changed_after_use_names_its_earlier_version():
     """``grads[w]`` is the latest version's; when only the version the loss used has one, the error says where."""
     w = torch.randn(3, dtype=D)
