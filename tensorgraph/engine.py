@@ -100,8 +100,11 @@ def root_node(graph: Graph, loss: Any) -> int:
                              f"{graph.owner_message(loss)}")
         return live[0]
     if not isinstance(loss, (str, int)) or isinstance(loss, bool):
+        hint = ("; a Python number carries no graph: it was computed outside torch (math.exp(x), float(x), "
+                "x.item()); compute the loss with tensor ops (torch.exp(x), x.exp()), which tg.record() records"
+                if isinstance(loss, float) else "")
         raise ValueError(f"graph.backward: the loss must be a tensor recorded in this graph, its name or its node "
-                         f"id, not {type(loss).__name__} {loss!r}")
+                         f"id, not {type(loss).__name__} {loss!r}{hint}")
     try:
         return graph.node_id(loss)
     except KeyError as err:

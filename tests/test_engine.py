@@ -222,6 +222,16 @@ def test_backward_errors_are_clear():
     assert other.backward(w.sum() if False else w, grad=torch.ones(3, dtype=D))[x].shape == (3,)
 
 
+def test_a_loss_computed_with_math_says_why_it_has_no_graph():
+    """micrograd's tanh, ``(math.exp(2*n) - 1) / (math.exp(2*n) + 1)``, on a tensor gives a Python float."""
+    n = torch.tensor(0.8814, dtype=D)
+    with tg.record() as graph:
+        o = (math.exp(2 * n) - 1) / (math.exp(2 * n) + 1)
+    with pytest.raises(ValueError, match=r"not float 0\.70.*Python number carries no graph.*math\.exp\(x\).*"
+                                         r"x\.item\(\).*torch\.exp\(x\)"):
+        graph.backward(o)
+
+
 def test_op_without_rule_names_op_and_line():
     x = torch.rand(4, dtype=D) + 0.5
     with tg.record() as graph:
