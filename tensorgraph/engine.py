@@ -49,7 +49,11 @@ class Gradients(Mapping):
             else:
                 raise
         if node not in self.by_node:
-            name = self.graph._nodes[node]["name"]
+            data = self.graph._nodes[node]
+            name = data["name"]
+            if not is_float(data):  # torch.tensor(2), micrograd's Value(2): the loss may well depend on it
+                raise KeyError(f"{name!r} has dtype {data['dtype']}: only floating-point tensors have gradients "
+                               f"(make it one: torch.tensor(2.0), not torch.tensor(2); or x.float())")
             root = self.graph._nodes[self.root]["name"]
             raise KeyError(f"{root!r} does not depend on {name!r} (no gradient flows to it){self._earlier(node)}")
         return self.by_node[node]

@@ -222,6 +222,18 @@ def test_backward_errors_are_clear():
     assert other.backward(w.sum() if False else w, grad=torch.ones(3, dtype=D))[x].shape == (3,)
 
 
+def test_an_integer_leaf_is_said_to_have_no_gradient_for_its_dtype_not_unused():
+    """micrograd's ``Value(2)`` as ``torch.tensor(2)``: "'L' does not depend on 'a'", though L = a * b."""
+    a, b = torch.tensor(2), torch.tensor(-3.0, dtype=D)
+    with tg.record() as graph:
+        L = a * b
+    grads = graph.backward(L)
+    with pytest.raises(KeyError, match=r"'a' has dtype torch.int64: only floating-point tensors have gradients.*"
+                                       r"torch.tensor\(2.0\)"):
+        grads[a]
+    assert grads[b].item() == 2.0  # dL/db = a
+
+
 def test_a_loss_computed_with_math_says_why_it_has_no_graph():
     """micrograd's tanh, ``(math.exp(2*n) - 1) / (math.exp(2*n) + 1)``, on a tensor gives a Python float."""
     n = torch.tensor(0.8814, dtype=D)
