@@ -306,6 +306,19 @@ def test_loss_from_no_graph_or_another_graph():
     assert other.backward(elsewhere)[x].shape == (3,) and graph.backward(loss)[x].shape == (3,)
 
 
+def test_a_loss_from_a_block_without_as_graph_says_to_keep_the_graph():
+    """``with tg.record():`` (no ``as graph``), then an old ``graph.backward(L)`` in a notebook: "not produced or
+    used inside this block" was all it said."""
+    a, b = torch.tensor(2.0), torch.tensor(-3.0)
+    with tg.record() as graph:
+        a * b
+    with tg.record():
+        L = a * b
+    with pytest.raises(ValueError, match=r"belongs to no graph .*block without 'as graph'.*with tg.record\(\) as "
+                                         r"graph:"):
+        graph.backward(L)
+
+
 def test_gradients_looked_up_with_a_tensor_of_another_graph_name_it():
     """grads[W] with W from another graph said only "this tensor was not recorded in this graph"."""
     x, W = r(4, 4), r(4, 4, seed=1)  # noqa: N806
