@@ -1,6 +1,20 @@
 """tensorgraph: record a PyTorch forward pass as a graph, backpropagate through it with
 its own engine, compare every gradient with PyTorch's, draw it, and derive fused
-gradients symbolically."""
+gradients symbolically.
+
+    import torch, tensorgraph as tg
+
+    a, b = torch.tensor(2.0), torch.tensor(-3.0)   # no requires_grad needed
+    with tg.record() as graph:                     # ordinary torch code, recorded
+        L = a * b + a
+    grads = graph.backward(L)                      # not L.backward(): tensorgraph's own engine
+    grads[a], grads["b"]                           # by tensor or by name
+    print(graph.compare(L))                        # every gradient against torch autograd
+    print(graph.backward_source(L))                # the backward pass as torch code
+    graph.render("L.svg", grads=grads)             # the graph, with your names (Graphviz)
+
+See help(tg.record), help(tg.Graph), and docs/tutorial.md.
+"""
 
 from __future__ import annotations
 

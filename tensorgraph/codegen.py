@@ -228,6 +228,7 @@ class _Generator:
         self.contributions: dict[int, str] = {}
         self.variables: dict[int, str] = {}
         self.pending: dict[int, str] = {}  # unnamed forward node -> the rules inlined into its gradient
+        self.reading: tuple[int, str] | None = None  # the current rule's upstream gradient: (adjoint node, variable)
         for node, data in enumerate(self.fwd):
             adjoint = trace.node_of(data["value"])
             if adjoint is not None and self.adj[adjoint]["func"] is None:
@@ -247,10 +248,22 @@ class _Generator:
             if step.consumer != header:
                 header = step.consumer
                 self._header(step.consumer, root)
+                self.reading = self._upstream(step.consumer)
             position = self._position(step.consumer, step.source, positions)
             remaining[step.source] -= 1
             self._step(index, step, position, remaining[step.source])
         return BackwardSource(self.lines, self.trace, self.variables, self.contributions)
+
+    def _upstream(self, consumer: int) -> tuple[int, str] | None:
+        """The adjoint node of ``consumer``'s gradient and its variable, which its rule reads by that name.
+
+        ``de = dd`` (an add passes its gradient on) binds one tensor to two names; the rule of ``e = a * b``
+        then reads ``de * b``, as a learner writes it, not ``dd * b``.
+        """
+        name = self.variables.get(consumer)
+        grad = self.trace.grads.by_node.get(consumer)
+        node = self.trace.node_of(grad) if name is not None and grad is not None else None
+        return (node, name) if node is not None else None
 
     def _seed(self, root: int) -> None:
         seed = self._adjoint(self.trace.grads.by_node[root], "the seed gradient")
@@ -317,6 +330,8 @@ class _Generator:
 
     def _expr(self, node: int) -> Expr:
         """Source for an adjoint node: its variable, a forward expression, or its call inlined."""
+        if self.reading is not None and node == self.reading[0]:
+            return Expr(self.reading[1])
         if node in self.bound:
             return Expr(self.bound[node])
         if node in self.forward_of:

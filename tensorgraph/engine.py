@@ -49,7 +49,11 @@ class Gradients(Mapping):
             else:
                 raise
         if node not in self.by_node:
-            name = self.graph._nodes[node]["name"]
+            data = self.graph._nodes[node]
+            name = data["name"]
+            if not is_float(data):  # torch.tensor(2), micrograd's Value(2): the loss may well depend on it
+                raise KeyError(f"{name!r} has dtype {data['dtype']}: only floating-point tensors have gradients "
+                               f"(make it one: torch.tensor(2.0), not torch.tensor(2); or x.float())")
             root = self.graph._nodes[self.root]["name"]
             raise KeyError(f"{root!r} does not depend on {name!r} (no gradient flows to it){self._earlier(node)}")
         return self.by_node[node]
@@ -74,7 +78,21 @@ class Gradients(Mapping):
         return len(self.by_node)
 
     def __repr__(self) -> str:
-        return f"<Gradients of {self.graph._nodes[self.root]['name']!r} w.r.t. {len(self)} tensors>"
+        nodes = self.graph._nodes
+        shown = sorted(self.by_node, reverse=True)[:_REPR_ENTRIES]
+        entries = ", ".join(nodes[node]["name"] + _grad_text(self.by_node[node]) for node in shown)
+        more = f", ... ({len(self) - len(shown)} more)" if len(self) > len(shown) else ""
+        return f"<Gradients of {nodes[self.root]['name']!r} w.r.t. {len(self)} tensors: {entries}{more}>"
+
+
+_REPR_ENTRIES = 12  # gradients a repr lists
+
+
+def _grad_text(grad: Tensor) -> str:
+    """After a name in a repr: a scalar's gradient as its value (micrograd's ``grad=-4.0``), a tensor's shape."""
+    if grad.dim() == 0:
+        return f"={grad.item():.4g}"
+    return " (" + "×".join(map(str, grad.shape)) + ")"
 
 
 def root_node(graph: Graph, loss: Any) -> int:
@@ -86,8 +104,11 @@ def root_node(graph: Graph, loss: Any) -> int:
                              f"{graph.owner_message(loss)}")
         return live[0]
     if not isinstance(loss, (str, int)) or isinstance(loss, bool):
+        hint = ("; a Python number carries no graph: it was computed outside torch (math.exp(x), float(x), "
+                "x.item()); compute the loss with tensor ops (torch.exp(x), x.exp()), which tg.record() records"
+                if isinstance(loss, float) else "")
         raise ValueError(f"graph.backward: the loss must be a tensor recorded in this graph, its name or its node "
-                         f"id, not {type(loss).__name__} {loss!r}")
+                         f"id, not {type(loss).__name__} {loss!r}{hint}")
     try:
         return graph.node_id(loss)
     except KeyError as err:

@@ -227,7 +227,8 @@ class Graph:
                 return (f"it belongs to another graph, where it is {other._nodes[live[0]]['name']!r} ({what}; "
                         f"recorded by a different tg.record() block)")
         return (f"it belongs to no graph (a tensor of {what} that was not produced or used inside this "
-                f"tg.record() block)")
+                f"tg.record() block; one made in a block without 'as graph', with tg.record(): ..., belongs to "
+                f"that block's graph, which nothing kept: write with tg.record() as graph:)")
 
     # ---------------------------------------------------------------- the engine and friends
 
@@ -286,7 +287,9 @@ class Graph:
     def __repr__(self) -> str:
         ops = sum(1 for d in self._nodes if d["kind"] == "op")
         leaves = sum(1 for d in self._nodes if d["kind"] == "leaf")
-        return f"<tensorgraph.Graph: {len(self._nodes)} nodes ({ops} ops, {leaves} leaves)>"
+        constants = len(self._nodes) - ops - leaves
+        made = f", {constants} constants made in the block" if constants else ""
+        return f"<tensorgraph.Graph: {len(self._nodes)} nodes ({ops} ops, {leaves} leaves{made})>"
 
 
 _SHORT_PATHS: dict[str, dict[str, str]] = {}  # working directory -> {file: its short form}

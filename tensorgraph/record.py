@@ -69,6 +69,10 @@ _VALUE_READS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", 
                           "__contains__", "__reduce_ex__", "__dlpack__"})
 
 
+# torch autograd's entry points: in a block, they usually mean micrograd's ``loss.backward()`` (see _autograd_call)
+_AUTOGRAD_CALLS = frozenset({Tensor.backward, torch.autograd.backward, torch.autograd.grad})
+
+
 def _is_internal(code: types.CodeType) -> bool:
     known = _internal_code.get(code)
     if known is None:
@@ -200,6 +204,8 @@ class _Recorder(TorchFunctionMode):
             if entry is None and getattr(func, "__name__", None) == "__set__" and args and (
                     getattr(func.__self__, "__name__", None) == "data" and id(args[0]) in self.graph._live):
                 return self._set_data(func, args)
+            if entry is None and func in _AUTOGRAD_CALLS:
+                return self._autograd_call(func, args, kwargs)
         if self.grad_at_entry and not torch.is_grad_enabled():
             return self._no_grad_call(func, entry, args, kwargs)
         if func in _DROPOUT:
@@ -255,6 +261,33 @@ class _Recorder(TorchFunctionMode):
         self._add_op(func, entry, call, outputs, result, source, previous=None)
         if self.replay is not None:
             self.replay.log(func, first, len(self.graph._nodes), self.last_frame, source, _state.scope)
+
+    def _autograd_call(self, func, args, kwargs):
+        """``loss.backward()`` (or ``torch.autograd.grad``) in the block: micrograd's habit. It is torch autograd's
+        call, passed through; where torch refuses it because nothing requires grad, say what to call instead."""
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as error:
+            if "does not require grad" not in str(error):
+                raise
+            with _Bookkeeping():
+                message = self._autograd_hint(func, args, kwargs, str(error))
+            raise RuntimeError(message) from error
+
+    def _autograd_hint(self, func, args, kwargs, error: str) -> str:
+        where = _where(self._source())
+        frame = self.last_frame
+        names = {**frame.f_globals, **frame.f_locals} if frame is not None else {}
+        outputs = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
+        tensor = outputs[0] if isinstance(outputs, (tuple, list)) and outputs else outputs
+        loss = next((k for k, v in names.items() if v is tensor and not k.startswith("_")), "loss")
+        graph = next((k for k, v in names.items() if v is self.graph and not k.startswith("_")), None)
+        call = f"{loss}.backward()" if func is Tensor.backward else f"torch.autograd.{func.__name__}(...)"
+        use = (f"after the block, grads = {graph}.backward({loss})" if graph is not None else
+               f"name the graph (with tg.record() as graph:) and, after the block, grads = graph.backward({loss})")
+        return (f"{call} at {where}: torch autograd refuses it ({error}): the tensors of a tg.record() block need "
+                f"no requires_grad, and tensorgraph backpropagates with its own engine: {use}, then "
+                f"grads[x] or grads[\"x\"] for each tensor's gradient")
 
     def _set_data(self, func, args):
         """``y.data = t``: y now holds t's values, detached: a new constant version of y (its old value is kept)."""

@@ -411,10 +411,12 @@ def value_summary(tensor: Tensor) -> str:
 
 
 def grad_summary(grad: Tensor) -> str:
-    """The gradient's norm and its largest entry in absolute value."""
+    """The gradient's norm and its largest entry in absolute value (its signed value for a scalar)."""
     g = grad.detach().double()
     if g.numel() == 0:
         return "grad empty"
+    if g.numel() == 1:  # a norm would drop the sign, which is what a scalar's gradient is read for
+        return f"grad {number(g.item())}"
     return f"grad norm {number(g.norm().item())}  max|g| {number(g.abs().max().item())}"
 
 

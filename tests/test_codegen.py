@@ -176,3 +176,19 @@ def test_a_gradient_passed_on_unchanged_keeps_the_users_name():
     (expected,) = torch.autograd.grad((logits_t * logits_t).mean(), logits_t)
     dlogits = adjoint.nx.nodes[adjoint.names.index("dlogits")]["value"]
     torch.testing.assert_close(dlogits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_rule_reads_its_own_gradient_by_name_after_an_add_passed_it_on():
+    """micrograd's first example: ``de = dd`` made the rule of ``e = a * b`` read ``da = dd * b``."""
+    a, b, c, f = (torch.tensor(v, dtype=torch.float64) for v in (2.0, -3.0, 10.0, -2.0))
+    with tg.record() as graph:
+        e = a * b
+        d = e + c
+        L = d * f
+    generated, namespace = _run_and_compare(graph, L)
+    lines = [line.code for line in generated.lines]
+    assert "de = dd" in lines and "da = de * b" in lines and "db = de * a" in lines, generated.text()
+    leaves = [t.clone().requires_grad_() for t in (a, b, c, f)]
+    ((leaves[0] * leaves[1] + leaves[2]) * leaves[3]).backward()
+    for name, leaf in zip("abcf", leaves):
+        torch.testing.assert_close(namespace["d" + name], leaf.grad, rtol=0, atol=0)

@@ -30,6 +30,17 @@ def python_blocks(path: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
 
 
+def test_help_tg_shows_an_example_that_runs(tmp_path, monkeypatch):
+    """``help(tg)`` is where a newcomer looks first: it showed one sentence and the module list."""
+    lines = [line[4:] for line in tg.__doc__.splitlines() if line.startswith("    ")]
+    assert any("graph.backward(L)" in line for line in lines) and any("tg.record()" in line for line in lines)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile("\n".join(lines), "tensorgraph.__doc__", "exec"), namespace)  # noqa: S102
+    assert namespace["grads"]["a"].item() == -2.0 and namespace["grads"]["b"].item() == 2.0  # d(ab+a): b+1, a
+    assert (tmp_path / "L.svg").exists()
+
+
 def test_tutorial_code_runs(tmp_path, monkeypatch):
     blocks = python_blocks(DOCS / "tutorial.md")
     assert len(blocks) >= 8

@@ -170,6 +170,26 @@ def test_gradients_mapping_by_tensor_name_and_missing():
     assert z.shape == (3,) and set(grads) == {"loss", "y", "x"}
 
 
+def test_reprs_show_micrograds_values_and_the_constants_made_in_the_block():
+    """``print(grads)`` named no tensor and no value; ``print(graph)`` said "0 leaves" for micrograd's leaves
+    made inside the block (they are constants), and nothing about them."""
+    with tg.record() as graph:
+        a, b, c, f = (torch.tensor(v, dtype=D) for v in (2.0, -3.0, 10.0, -2.0))
+        L = (a * b + c) * f
+        x = torch.ones(3, 2, dtype=D)
+        loss = L + (x * a).sum()
+    assert repr(graph) == "<tensorgraph.Graph: 11 nodes (6 ops, 0 leaves, 5 constants made in the block)>"
+    text = repr(graph.backward(loss))
+    leaves = [t.clone().requires_grad_() for t in (a, b, c, f, x)]
+    ((leaves[0] * leaves[1] + leaves[2]) * leaves[3] + (leaves[4] * leaves[0]).sum()).backward()
+    for name, leaf in zip("abcf", leaves):
+        assert f"{name}={leaf.grad.item():.4g}" in text, (name, text)
+    assert "x (3×2)" in text and text.startswith("<Gradients of 'loss' w.r.t. 11 tensors: loss=1, ")
+    with tg.record() as big:
+        total = sum(torch.tensor(float(i)) * i for i in range(20))
+    assert repr(big.backward(total)).endswith(", ... (48 more)>")  # 60 gradients, 12 listed
+
+
 def test_missing_gradient_of_a_tensor_changed_after_use_names_its_earlier_version():
     """``grads[w]`` is the latest version's; when only the version the loss used has one, the error says where."""
     w = torch.randn(3, dtype=D)
@@ -200,6 +220,28 @@ def test_backward_errors_are_clear():
     grads = graph.backward(y, grad=torch.ones(3, dtype=D))
     torch.testing.assert_close(grads[x], torch.full((3,), 2.0, dtype=D))
     assert other.backward(w.sum() if False else w, grad=torch.ones(3, dtype=D))[x].shape == (3,)
+
+
+def test_an_integer_leaf_is_said_to_have_no_gradient_for_its_dtype_not_unused():
+    """micrograd's ``Value(2)`` as ``torch.tensor(2)``: "'L' does not depend on 'a'", though L = a * b."""
+    a, b = torch.tensor(2), torch.tensor(-3.0, dtype=D)
+    with tg.record() as graph:
+        L = a * b
+    grads = graph.backward(L)
+    with pytest.raises(KeyError, match=r"'a' has dtype torch.int64: only floating-point tensors have gradients.*"
+                                       r"torch.tensor\(2.0\)"):
+        grads[a]
+    assert grads[b].item() == 2.0  # dL/db = a
+
+
+def test_a_loss_computed_with_math_says_why_it_has_no_graph():
+    """micrograd's tanh, ``(math.exp(2*n) - 1) / (math.exp(2*n) + 1)``, on a tensor gives a Python float."""
+    n = torch.tensor(0.8814, dtype=D)
+    with tg.record() as graph:
+        o = (math.exp(2 * n) - 1) / (math.exp(2 * n) + 1)
+    with pytest.raises(ValueError, match=r"not float 0\.70.*Python number carries no graph.*math\.exp\(x\).*"
+                                         r"x\.item\(\).*torch\.exp\(x\)"):
+        graph.backward(o)
 
 
 def test_op_without_rule_names_op_and_line():

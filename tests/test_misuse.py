@@ -306,6 +306,19 @@ def test_loss_from_no_graph_or_another_graph():
     assert other.backward(elsewhere)[x].shape == (3,) and graph.backward(loss)[x].shape == (3,)
 
 
+def test_a_loss_from_a_block_without_as_graph_says_to_keep_the_graph():
+    """``with tg.record():`` (no ``as graph``), then an old ``graph.backward(L)`` in a notebook: "not produced or
+    used inside this block" was all it said."""
+    a, b = torch.tensor(2.0), torch.tensor(-3.0)
+    with tg.record() as graph:
+        a * b
+    with tg.record():
+        L = a * b
+    with pytest.raises(ValueError, match=r"belongs to no graph .*block without 'as graph'.*with tg.record\(\) as "
+                                         r"graph:"):
+        graph.backward(L)
+
+
 def test_gradients_looked_up_with_a_tensor_of_another_graph_name_it():
     """grads[W] with W from another graph said only "this tensor was not recorded in this graph"."""
     x, W = r(4, 4), r(4, 4, seed=1)  # noqa: N806
@@ -501,6 +514,30 @@ def test_inference_mode_is_refused_clearly():
     with tg.record():
         with pytest.raises(RuntimeError, match=r"call at .*test_misuse.py:\d+ was created under torch.inference_mode"):
             (frozen * 2).sum()
+
+
+def test_micrograds_loss_backward_in_the_block_says_to_call_graph_backward():
+    """micrograd's ``L.backward()`` got torch's "element 0 of tensors does not require grad", naming nothing."""
+    a, b = torch.tensor(2.0), torch.tensor(-3.0)
+    with tg.record() as g:
+        L = a * b + a
+        with pytest.raises(RuntimeError, match=rf"L.backward\(\) at .*{at(next_line() + 1)}.*does not require grad"
+                                               rf".*grads = g.backward\(L\)"):
+            L.backward()
+    assert g.names[-1] == "L"
+    with tg.record():
+        out = a * b
+        with pytest.raises(RuntimeError, match=r"torch.autograd.grad\(...\) at .*name the graph \(with tg.record"
+                                               r"\(\) as graph:\).*graph.backward\(out\)"):
+            torch.autograd.grad(out, [a])
+    # with requires_grad, torch autograd's own backward still runs in the block, and agrees with the engine
+    w = torch.tensor(2.0, dtype=D, requires_grad=True)
+    with tg.record() as graph:
+        loss = w * w.tanh()
+        loss.backward()
+    expected = w.tanh() + w * (1 - w.tanh() ** 2)
+    torch.testing.assert_close(w.grad, expected.detach())
+    torch.testing.assert_close(graph.backward(loss)[w], expected.detach())
 
 
 @pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])

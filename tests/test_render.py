@@ -158,6 +158,23 @@ def test_gradient_overlay_shows_torch_autograd_norms(lecture):
     assert "grad" not in nodes[f"n{graph.node_id('Xb')}"]
 
 
+def test_scalar_gradients_are_drawn_with_their_sign():
+    """micrograd's first example on 0-dim tensors: a norm drew dL/db = -4 as 'grad norm 4'."""
+    a, b, c, f = (torch.tensor(v) for v in (2.0, -3.0, 10.0, -2.0))
+    with tg.record() as graph:
+        e = a * b
+        d = e + c
+        L = d * f
+    nodes = svg_nodes(graph.render(grads=graph.backward(L)).pipe(format="svg", encoding="utf-8"))
+    leaves = {"a": a, "b": b, "c": c, "f": f}
+    truth = {name: t.double().requires_grad_() for name, t in leaves.items()}
+    ((truth["a"] * truth["b"] + truth["c"]) * truth["f"]).backward()
+    for name, leaf in truth.items():
+        text = nodes[f"n{graph.node_id(name)}"]
+        assert f"grad {leaf.grad.item():.3g}" in text and "norm" not in text, (name, text)
+    assert "grad -4 " in nodes[f"n{graph.node_id('b')}"] + " "
+
+
 def test_value_summary(lecture):
     graph, *_ = lecture
     nodes = svg_nodes(graph.render(values=True).pipe(format="svg", encoding="utf-8"))
