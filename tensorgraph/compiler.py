@@ -74,7 +74,7 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -1270,11 +1270,25 @@ class _Generator:
         if key in self.var:  # already unpacked with a sibling
             return []
         group = {i: k for i, k in self._group(key).items() if k in self.needed}
+        unread = {i for i, k in group.items() if not self.uses[self._resolve(k)]}
+        if unread and printer._name_of(stmt.func) in _OUTPUT_MASKED:
+            stmt = self._masked(stmt, unread)
         targets = []
         for index in range(len(stmt.result)):
             k = group.get(index)
-            targets.append(self._new_name(k) if k is not None else "_")
+            targets.append(self._new_name(k) if k is not None and index not in unread else "_")
         return [f"{', '.join(targets)} = {self._call(stmt).text}"]
+
+    @staticmethod
+    def _masked(stmt: _Stmt, unread: set[int]) -> _Stmt:
+        """The call with ``output_mask`` off for the outputs nothing reads (the data's gradient of a first
+        convolution layer): the kernel skips that work, and the other outputs are unchanged."""
+        mask = stmt.args[-1]
+        if not (isinstance(mask, (list, tuple)) and len(mask) == len(stmt.result)
+                and all(type(m) is bool for m in mask)):
+            return stmt
+        mask = [m and i not in unread for i, m in enumerate(mask)]
+        return replace(stmt, args=(*stmt.args[:-1], mask))
 
     def _branch(self, key: int, add: _Stmt) -> Expr:
         """The added branch; ``g.expand(shape)`` is just ``g`` in ``dx += g`` (in-place addition broadcasts)."""
@@ -1362,6 +1376,11 @@ class _ConstRef(Ref):
 def _refs(value: Any) -> list[int]:
     """The nodes of the tensor arguments in ``value`` (not the names of :class:`_ConstRef`)."""
     return [ref.node for ref in refs_in(value) if not isinstance(ref, _ConstRef)]
+
+
+# aten backward kernels whose last argument says which of their outputs to compute
+_OUTPUT_MASKED = frozenset({"convolution_backward", "native_layer_norm_backward", "native_batch_norm_backward",
+                            "native_group_norm_backward"})
 
 
 def _call_id(result: tuple) -> tuple[int, ...]:

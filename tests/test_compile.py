@@ -749,6 +749,31 @@ def test_guard_on_training_flags_of_the_lecture_s_own_layer_classes():
             torch.testing.assert_close(again, loss, **TOL)
 
 
+def test_a_backward_kernel_computes_only_the_outputs_the_step_reads():
+    """The first convolution's input is data: its convolution_backward is asked for the weight's and the
+    bias's gradients only (output_mask), not for a gradient of the images nobody reads; same for a layer norm
+    applied to data. The gradients are still torch autograd's."""
+    torch.manual_seed(6)
+    conv = torch.nn.Conv2d(2, 4, 3, padding=1).double()
+    norm = torch.nn.LayerNorm(6).double()
+    head = torch.nn.Linear(4 * 5 * 6 + 6, 3).double()
+
+    def forward(images, features, y):
+        h = F.max_pool2d(torch.relu(conv(images)), 2).flatten(1)
+        return F.cross_entropy(head(torch.cat([h, norm(features)], 1)), y)
+
+    images, features, y = r(8, 2, 10, 12, seed=170), r(8, 6, seed=171), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    step = tg.compile(forward, fuse=False)
+    for _ in range(2):
+        loss, grads = step(images, features, y)
+        params = [*conv.parameters(), *norm.parameters(), *head.parameters()]
+        expected = torch.autograd.grad(forward(images, features, y), params)
+        for p, g in zip(params, expected):
+            torch.testing.assert_close(grads[p], g, **TOL)
+    assert "[False, True, True])" in step.source.split("convolution_backward(")[1]
+    assert "[False, True, True])" in step.source.split("native_layer_norm_backward(")[1]
+
+
 def test_switching_between_train_and_eval_records_each_mode_once():
     """A loop that evaluates every few steps on batches of the training size: each mode is recorded once,
     not at every switch (the old cache was cleared by every flag change: two recordings per evaluation)."""
