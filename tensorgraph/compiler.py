@@ -59,8 +59,9 @@ Python values, so switching between ``train()`` and ``eval()`` records each mode
 
 Like any tracing compiler, it replays torch calls, not Python: control flow that depends on
 tensor values, Python side effects, and work done under ``torch.no_grad()`` inside the
-forward are not re-run. The recording warns about the first two and refuses the third
-when the loss depends on it.
+forward are not re-run. The recording warns about the first two (naming the attributes of
+the user's objects that hold a tensor the forward computed, ``layers[0].out``, which keep
+the recording's values) and refuses the third when the loss depends on it.
 """
 
 from __future__ import annotations
@@ -210,7 +211,9 @@ class _References:
     modules: list[tuple[str, list[tuple[str, Any]], tuple[bool, ...]]] = field(default_factory=list)
     flags: list[tuple[str, dict, bool]] = field(default_factory=list)  # (path, user object's __dict__, .training)
     attributes: list[tuple[str, dict, str, Tensor]] = field(default_factory=list)  # (path, __dict__, name, tensor)
+    stored: list[str] = field(default_factory=list)  # attributes holding a tensor the forward made: ``layers[0].out``
     read: dict[int, Tensor] = field(default_factory=dict, repr=False)  # while finding them: the tensors the loss reads
+    made: dict[int, Tensor] = field(default_factory=dict, repr=False)  # ... and the tensors the forward computed
 
     def changed(self) -> str | None:
         """What changed since the recording, or None."""
@@ -597,7 +600,8 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     value_of = {n: live.get(n, nodes[n]["value"]) for n in leaves}  # the tensors themselves, not copies
     ancestors = graph.ancestors(root_node)
     read = {id(value_of[n]): value_of[n] for n in leaves if n in ancestors}  # the tensors the loss depends on
-    watched = _direct_references(forward, {id(value): value for value in value_of.values()}, read)
+    made = {id(t): t for n, _, t in graph._live.values() if nodes[n]["kind"] != "leaf"}
+    watched = _direct_references(forward, {id(value): value for value in value_of.values()}, read, made)
     _name_references(graph, forward)
     for n in leaves:
         if id(value_of[n]) in rec.no_grad:
@@ -654,6 +658,12 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     if rec.escapes:
         notes.append(f"the forward reads tensor values into Python ({'; '.join(rec.escapes)}); the compiled step "
                      f"replays the recorded torch calls and does not re-run that Python code")
+    if watched.stored:
+        more = len(watched.stored) - 3
+        shown = ", ".join(watched.stored[:3]) + (f" and {more} more" if more > 0 else "")
+        notes.append(f"the forward stores tensors it computes in attributes ({shown}); the compiled step does not "
+                     f"update them: after each call they still hold the recording's values (return what you need "
+                     f"from the forward, or use tg.record() to inspect a step)")
     if rec.no_grad:
         where = next(iter(rec.no_grad.values()))[1]
         notes.append(f"the forward runs torch calls under torch.no_grad() (first at {where}); the compiled step "
@@ -848,14 +858,15 @@ def _read_directly(forward: Callable[..., Any]) -> list[tuple[str, Any, str, Any
     return found
 
 
-def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], read: dict[int, Tensor]
-                       ) -> _References:
+def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], read: dict[int, Tensor],
+                       made: dict[int, Tensor] | None = None) -> _References:
     """What the forward names directly (globals, closure cells) that the guard re-checks: recorded tensors,
     Python atoms, modules (their ``training`` flags; the object of a bound method, or the forward, too), and
     the ``training`` flags of user objects within reach (``layers[1].training``, ``model.layers[3].training``)
-    and their attributes holding a tensor of ``read`` (the leaves the loss depends on: ``layers[1].gamma``)."""
+    and their attributes holding a tensor of ``read`` (the leaves the loss depends on: ``layers[1].gamma``).
+    Attributes holding a tensor of ``made`` (computed by the forward: ``layers[0].out``) are listed in ``stored``."""
     found = _References()
-    found.read = read
+    found.read, found.made = read, made or {}
     seen: set[int] = set()
     for owner in (getattr(forward, "__self__", None), forward):
         if owner is not None and _WALKABLE[type(owner)]:
@@ -868,7 +879,7 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
             found.atoms.append((kind, owner, name, value))
         elif _WALKABLE[type(value)]:
             _watch_flags(found, name, value, _FLAG_DEPTH, seen)
-    found.read = {}
+    found.read, found.made = {}, {}
     return found
 
 
@@ -898,8 +909,12 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, seen: se
             return
         if type(attrs.get("training")) is bool:
             found.flags.append((path, attrs, attrs["training"]))
-        found.attributes.extend((path, attrs, name, item) for name, item in attrs.items()
-                                if isinstance(item, Tensor) and found.read.get(id(item)) is item)
+        for name, item in attrs.items():
+            if isinstance(item, Tensor):
+                if found.read.get(id(item)) is item:
+                    found.attributes.append((path, attrs, name, item))
+                elif found.made.get(id(item)) is item:
+                    found.stored.append(f"{path}.{name}")
         items = [(f"{path}.{name}", item) for name, item in attrs.items() if not name.startswith("_")]
     if depth > 0:
         for item_path, item in items:

@@ -774,6 +774,32 @@ def test_a_backward_kernel_computes_only_the_outputs_the_step_reads():
     assert "[False, True, True])" in step.source.split("native_layer_norm_backward(")[1]
 
 
+def test_tensors_the_forward_stores_in_attributes_are_named_in_a_warning():
+    """The lecture's part-3 layers keep ``self.out`` (for activation histograms); the compiled step does not
+    replay that assignment, so the recording says that those attributes keep the recording's values."""
+    class Linear(_Linear):
+        def __call__(self, x):
+            self.out = x @ self.weight
+            return self.out
+
+    layers = [Linear(6, 8, seed=180), _Tanh(), Linear(8, 4, seed=181)]
+    x, y = r(16, 6, seed=182), torch.tensor([0, 1, 2, 3] * 4)
+
+    def forward(x, y):
+        for layer in layers:
+            x = layer(x)
+        return F.cross_entropy(x, y)
+
+    step = tg.compile(forward, fuse=False)
+    with pytest.warns(UserWarning, match=r"stores tensors it computes in attributes \(layers\[0\]\.out, "
+                                         r"layers\[2\]\.out\); the compiled step does not update them"):
+        loss, grads = step(x, y)
+    expected_loss, expected_grads = _eager_loss_and_grads(layers, x, y)
+    torch.testing.assert_close(loss, expected_loss, **TOL)
+    for layer, expected in zip(layers[::2], expected_grads):
+        torch.testing.assert_close(grads[layer.weight], expected, **TOL)
+
+
 def test_switching_between_train_and_eval_records_each_mode_once():
     """A loop that evaluates every few steps on batches of the training size: each mode is recorded once,
     not at every switch (the old cache was cleared by every flag change: two recordings per evaluation)."""
