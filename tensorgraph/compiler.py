@@ -54,8 +54,8 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
 Not guarded: other attributes of objects (``self.beta``, ``cfg.lr``, ``layer.eps``), values
 read by the functions the forward calls (the flags above aside), tensors replaced
 (not updated in place) in an ``nn.Module``'s attributes or deeper than three levels, and
-other Python state. Each input signature keeps its versions for different flags and
-Python values, so switching between ``train()`` and ``eval()`` records each mode once.
+other Python state. Each input signature keeps versions for its last two states of these
+flags and Python values, so switching between ``train()`` and ``eval()`` records each mode once.
 
 Like any tracing compiler, it replays torch calls, not Python: control flow that depends on
 tensor values, Python side effects, and work done under ``torch.no_grad()`` inside the
@@ -417,8 +417,13 @@ class CompiledStep:
             self._programs[oldest].pop()
             if not self._programs[oldest]:
                 del self._programs[oldest]
-        self._programs.setdefault(key, []).insert(0, program)
+        versions = self._programs.setdefault(key, [])
+        versions.insert(0, program)
+        del versions[_VERSIONS:]  # a value annealed at every step would otherwise fill the cache with dead versions
         return program
+
+
+_VERSIONS = 2  # versions kept per input signature: the training and the eval mode (each holds its graph's values)
 
 
 def _signature(inputs: tuple) -> tuple:
