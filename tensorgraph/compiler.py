@@ -43,6 +43,9 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
   user's own class (the lecture's hand-written ``BatchNorm1d``: ``layer.training = False``),
   found under such a name, in it or in its items and attributes up to three levels down
   (``layers[1].training``, ``model.layers[3].training``; the bound method's object too);
+- an attribute of such a user object (not an ``nn.Module``) that held a tensor the loss
+  depends on now holds another one (``layers[1].running_mean`` rebound by the lecture's
+  ``BatchNorm1d``, or by an update outside the step);
 - a fused rule was derived under a fact about values (no target equals ``ignore_index``;
   pick rows equal ``torch.arange(n)``) that the inputs or captured tensors it reads no
   longer satisfy: that chain then keeps its atomic rules. A chain whose fact is about a
@@ -50,12 +53,15 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
 
 Not guarded: other attributes of objects (``self.beta``, ``cfg.lr``, ``layer.eps``), values
 read by the functions the forward calls (the flags above aside), tensors replaced
-(not updated in place) in an object attribute, and other Python state.
+(not updated in place) in an ``nn.Module``'s attributes or deeper than three levels, and
+other Python state. Each input signature keeps versions for its last two states of these
+flags and Python values, so switching between ``train()`` and ``eval()`` records each mode once.
 
 Like any tracing compiler, it replays torch calls, not Python: control flow that depends on
 tensor values, Python side effects, and work done under ``torch.no_grad()`` inside the
-forward are not re-run. The recording warns about the first two and refuses the third
-when the loss depends on it.
+forward are not re-run. The recording warns about the first two (naming the attributes of
+the user's objects that hold a tensor the forward computed, ``layers[0].out``, which keep
+the recording's values) and refuses the third when the loss depends on it.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -204,12 +210,19 @@ class _References:
     atoms: list[tuple[str, Any, str, Any]] = field(default_factory=list)  # (kind, owner, name, value)
     modules: list[tuple[str, list[tuple[str, Any]], tuple[bool, ...]]] = field(default_factory=list)
     flags: list[tuple[str, dict, bool]] = field(default_factory=list)  # (path, user object's __dict__, .training)
+    attributes: list[tuple[str, dict, str, Tensor]] = field(default_factory=list)  # (path, __dict__, name, tensor)
+    stored: list[str] = field(default_factory=list)  # attributes holding a tensor the forward made: ``layers[0].out``
+    read: dict[int, Tensor] = field(default_factory=dict, repr=False)  # while finding them: the tensors the loss reads
+    made: dict[int, Tensor] = field(default_factory=dict, repr=False)  # ... and the tensors the forward computed
 
     def changed(self) -> str | None:
         """What changed since the recording, or None."""
         for kind, owner, name, tensor in self.tensors:  # every call: written out for speed
             if (owner.get(name) if kind == "global" else owner.cell_contents) is not tensor:
                 return f"{name!r} now refers to a different tensor"
+        for path, attrs, name, tensor in self.attributes:
+            if attrs.get(name) is not tensor:
+                return f"{path}.{name} now refers to a different tensor"
         if self.flags:
             for path, attrs, flag in self.flags:  # the user objects' ``__dict__``s: one look-up each
                 if attrs.get("training", _MISSING) is not flag:
@@ -219,6 +232,12 @@ class _References:
         if self.atoms or self.modules:
             return self._changed_python()
         return None
+
+    def rebound(self) -> bool:
+        """Whether a tensor the recording captured was replaced: then that recording can never run again."""
+        return any((owner.get(name) if kind == "global" else _current(kind, owner, name)) is not tensor
+                   for kind, owner, name, tensor in self.tensors) or \
+            any(attrs.get(name) is not tensor for _, attrs, name, tensor in self.attributes)
 
     def _changed_python(self) -> str | None:
         for kind, owner, name, value in self.atoms:
@@ -284,22 +303,11 @@ class CompiledStep:
 
     def __call__(self, *inputs: Any) -> tuple[Tensor, CompiledGradients]:
         key = _signature(inputs)
-        program = self._last if key == self._last_key else self._programs.get(key)
-        reason = None
-        if program is not None:
-            reason = program.stale()
-            if reason is not None:
-                self._programs.clear()
-                program = None
-            elif program.facts:
-                reason = self._broken_fact(program, inputs)
-                if reason is not None:
-                    self._programs.pop(key, None)
-                    program = None
-        elif self._programs:
-            reason = _what_changed(self._last_key, key, inputs)
-        if program is None:
-            program = self._compile(inputs, key, reason)
+        program = self._last if key == self._last_key else None
+        if program is None or program.facts or program.stale() is not None:
+            program, reason = self._find(key, inputs)
+            if program is None:
+                program = self._compile(inputs, key, reason)
         self._last_key, self._last = key, program
         for tensor in program.layout.tensors:  # a hook registered on a parameter since the recording
             if tensor._backward_hooks or tensor._post_accumulate_grad_hooks:
@@ -367,6 +375,36 @@ class CompiledStep:
                 return reason
         return None
 
+    def _find(self, key: tuple, inputs: tuple) -> tuple[_Program | None, str | None]:
+        """A recorded version for this input signature that is still valid (the guarded training flags and
+        Python values are the recording's), or None and why the step must be recorded again. Versions whose
+        captured tensors were rebound are dropped: they can never run again."""
+        reason = None
+        versions = self._programs.get(key, [])
+        for program in list(versions):
+            why = program.stale()
+            if why is None and program.facts:
+                why = self._broken_fact(program, inputs)
+                if why is not None:
+                    versions.remove(program)
+            if why is None:
+                versions.remove(program)
+                versions.insert(0, program)  # most recently used first
+                return program, None
+            reason = reason or why
+            if program.watched.rebound():
+                self._drop_rebound()
+        if reason is None and self._last_key is not None:
+            reason = _what_changed(self._last_key, key, inputs)
+        return None, reason
+
+    def _drop_rebound(self) -> None:
+        """Forget every version that reads a tensor the user has since rebound (``W1 = W1 - lr * dW1``)."""
+        for key, versions in list(self._programs.items()):
+            versions[:] = [p for p in versions if not p.watched.rebound()]
+            if not versions:
+                del self._programs[key]
+
     def _compile(self, inputs: tuple, key: tuple, reason: str | None) -> _Program:
         if reason is not None:
             warnings.warn(f"tg.compile: re-recording {self.__name__}: {reason}", RecompileWarning, stacklevel=3)
@@ -374,10 +412,18 @@ class CompiledStep:
         for note in program.notes:
             warnings.warn(f"tg.compile: {note}", stacklevel=3)
         self.recordings += 1
-        if len(self._programs) >= self.cache_size:
-            self._programs.pop(next(iter(self._programs)))
-        self._programs[key] = program
+        if sum(map(len, self._programs.values())) >= self.cache_size:  # the oldest signature's oldest version
+            oldest = next(iter(self._programs))
+            self._programs[oldest].pop()
+            if not self._programs[oldest]:
+                del self._programs[oldest]
+        versions = self._programs.setdefault(key, [])
+        versions.insert(0, program)
+        del versions[_VERSIONS:]  # a value annealed at every step would otherwise fill the cache with dead versions
         return program
+
+
+_VERSIONS = 2  # versions kept per input signature: the training and the eval mode (each holds its graph's values)
 
 
 def _signature(inputs: tuple) -> tuple:
@@ -557,7 +603,10 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     leaves = [n for n, d in enumerate(nodes) if d["kind"] == "leaf"]
     live = _live_values(graph)
     value_of = {n: live.get(n, nodes[n]["value"]) for n in leaves}  # the tensors themselves, not copies
-    watched = _direct_references(forward, {id(value): value for value in value_of.values()})
+    ancestors = graph.ancestors(root_node)
+    read = {id(value_of[n]): value_of[n] for n in leaves if n in ancestors}  # the tensors the loss depends on
+    made = {id(t): t for n, _, t in graph._live.values() if nodes[n]["kind"] != "leaf"}
+    watched = _direct_references(forward, {id(value): value for value in value_of.values()}, read, made)
     _name_references(graph, forward)
     for n in leaves:
         if id(value_of[n]) in rec.no_grad:
@@ -566,7 +615,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
                              f"{where}; compiled code replays recorded calls only, so it would keep this value "
                              f"forever. Compute it outside the forward and pass it in, or use the dynamic engine.")
     updated = {n for n, d in enumerate(nodes) if d["op"] == "no_grad_update"}
-    used = updated & graph.ancestors(root_node) if updated else set()  # (ancestors only when there are any)
+    used = updated & ancestors
     if used:
         data = nodes[min(used)]
         raise ValueError(f"tg.compile: the loss uses {data['name']!r}, updated in place under torch.no_grad() at "
@@ -614,6 +663,12 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     if rec.escapes:
         notes.append(f"the forward reads tensor values into Python ({'; '.join(rec.escapes)}); the compiled step "
                      f"replays the recorded torch calls and does not re-run that Python code")
+    if watched.stored:
+        more = len(watched.stored) - 3
+        shown = ", ".join(watched.stored[:3]) + (f" and {more} more" if more > 0 else "")
+        notes.append(f"the forward stores tensors it computes in attributes ({shown}); the compiled step does not "
+                     f"update them: after each call they still hold the recording's values (return what you need "
+                     f"from the forward, or use tg.record() to inspect a step)")
     if rec.no_grad:
         where = next(iter(rec.no_grad.values()))[1]
         notes.append(f"the forward runs torch calls under torch.no_grad() (first at {where}); the compiled step "
@@ -808,11 +863,15 @@ def _read_directly(forward: Callable[..., Any]) -> list[tuple[str, Any, str, Any
     return found
 
 
-def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor]) -> _References:
+def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], read: dict[int, Tensor],
+                       made: dict[int, Tensor] | None = None) -> _References:
     """What the forward names directly (globals, closure cells) that the guard re-checks: recorded tensors,
     Python atoms, modules (their ``training`` flags; the object of a bound method, or the forward, too), and
-    the ``training`` flags of user objects within reach (``layers[1].training``, ``model.layers[3].training``)."""
+    the ``training`` flags of user objects within reach (``layers[1].training``, ``model.layers[3].training``)
+    and their attributes holding a tensor of ``read`` (the leaves the loss depends on: ``layers[1].gamma``).
+    Attributes holding a tensor of ``made`` (computed by the forward: ``layers[0].out``) are listed in ``stored``."""
     found = _References()
+    found.read, found.made = read, made or {}
     seen: set[int] = set()
     for owner in (getattr(forward, "__self__", None), forward):
         if owner is not None and _WALKABLE[type(owner)]:
@@ -825,6 +884,7 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor]) -
             found.atoms.append((kind, owner, name, value))
         elif _WALKABLE[type(value)]:
             _watch_flags(found, name, value, _FLAG_DEPTH, seen)
+    found.read, found.made = {}, {}
     return found
 
 
@@ -854,6 +914,12 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, seen: se
             return
         if type(attrs.get("training")) is bool:
             found.flags.append((path, attrs, attrs["training"]))
+        for name, item in attrs.items():
+            if isinstance(item, Tensor):
+                if found.read.get(id(item)) is item:
+                    found.attributes.append((path, attrs, name, item))
+                elif found.made.get(id(item)) is item:
+                    found.stored.append(f"{path}.{name}")
         items = [(f"{path}.{name}", item) for name, item in attrs.items() if not name.startswith("_")]
     if depth > 0:
         for item_path, item in items:
@@ -1224,11 +1290,25 @@ class _Generator:
         if key in self.var:  # already unpacked with a sibling
             return []
         group = {i: k for i, k in self._group(key).items() if k in self.needed}
+        unread = {i for i, k in group.items() if not self.uses[self._resolve(k)]}
+        if unread and printer._name_of(stmt.func) in _OUTPUT_MASKED:
+            stmt = self._masked(stmt, unread)
         targets = []
         for index in range(len(stmt.result)):
             k = group.get(index)
-            targets.append(self._new_name(k) if k is not None else "_")
+            targets.append(self._new_name(k) if k is not None and index not in unread else "_")
         return [f"{', '.join(targets)} = {self._call(stmt).text}"]
+
+    @staticmethod
+    def _masked(stmt: _Stmt, unread: set[int]) -> _Stmt:
+        """The call with ``output_mask`` off for the outputs nothing reads (the data's gradient of a first
+        convolution layer): the kernel skips that work, and the other outputs are unchanged."""
+        mask = stmt.args[-1]
+        if not (isinstance(mask, (list, tuple)) and len(mask) == len(stmt.result)
+                and all(type(m) is bool for m in mask)):
+            return stmt
+        mask = [m and i not in unread for i, m in enumerate(mask)]
+        return replace(stmt, args=(*stmt.args[:-1], mask))
 
     def _branch(self, key: int, add: _Stmt) -> Expr:
         """The added branch; ``g.expand(shape)`` is just ``g`` in ``dx += g`` (in-place addition broadcasts)."""
@@ -1316,6 +1396,11 @@ class _ConstRef(Ref):
 def _refs(value: Any) -> list[int]:
     """The nodes of the tensor arguments in ``value`` (not the names of :class:`_ConstRef`)."""
     return [ref.node for ref in refs_in(value) if not isinstance(ref, _ConstRef)]
+
+
+# aten backward kernels whose last argument says which of their outputs to compute
+_OUTPUT_MASKED = frozenset({"convolution_backward", "native_layer_norm_backward", "native_batch_norm_backward",
+                            "native_group_norm_backward"})
 
 
 def _call_id(result: tuple) -> tuple[int, ...]:
