@@ -323,8 +323,12 @@ defop("masked_fill", masked_fill)
 
 
 def atan2(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
-    """d atan2(y, x) = (x dy - y dx) / (x**2 + y**2), in torch's atan2_backward order."""
-    recip = (x * x + other * other).reciprocal()
+    """d atan2(y, x) = (x dy - y dx) / (x**2 + y**2), in torch's atan2_backward order.
+
+    NOTE: at y = x = 0 (a denominator of exactly 0) torch gives both gradients 0, not NaN.
+    """
+    denominator = x * x + other * other
+    recip = denominator.reciprocal().masked_fill(denominator == 0, 0)
     return g * other * recip, g * -x * recip
 
 

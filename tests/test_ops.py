@@ -82,3 +82,12 @@ def test_instance_norm_module_with_running_statistics_in_training_matches_torch(
     grads = graph.backward(loss)
     torch.testing.assert_close(grads[x], expected[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(grads[layer.weight], expected[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("y, x", [(0.0, 0.0), (0.0, -0.5), (0.0, 1e-20), (1e-20, 1e-20), (-0.0, 0.0), (3.0, 0.0)])
+def test_atan2_where_its_denominator_is_zero_or_tiny_matches_torch(y, x):
+    """At y = x = 0 torch gives 0, not NaN (found by the fuzzer: atan2 of a size-1 log_softmax, which is 0)."""
+    for dtype in (torch.float32, torch.float64):
+        inputs = [torch.tensor([y, 1.0], dtype=dtype), torch.tensor(x, dtype=dtype)]
+        for ours, theirs in zip(engine_grads(torch.atan2, inputs)[1], torch_grads(torch.atan2, inputs)):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)  # (1e-20: inf and NaN, as torch)
