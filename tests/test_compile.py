@@ -698,14 +698,21 @@ class _Sequential:
         return x
 
 
+def _layers_loss(layers):
+    """``forward(x, y)``: the user's layers in turn, then cross-entropy (the step these tests compile)."""
+    def forward(x, y):
+        for layer in layers:
+            x = layer(x)
+        return F.cross_entropy(x, y)
+    return forward
+
+
 def _eager_loss_and_grads(net, x, y):
     """The loss and the parameters' gradients under torch autograd, on a deep copy of the user's layers."""
     import copy
     net = copy.deepcopy(net)
     leaves = [p.requires_grad_() for layer in net for p in layer.parameters()]
-    for layer in net:
-        x = layer(x)
-    loss = F.cross_entropy(x, y)
+    loss = _layers_loss(net)(x, y)
     return loss.detach(), torch.autograd.grad(loss, leaves)
 
 
@@ -716,10 +723,7 @@ def test_guard_on_training_flags_of_the_lecture_s_own_layer_classes():
     params = [p for layer in layers for p in layer.parameters()]
     x, y = r(16, 6, seed=120), torch.tensor([0, 1, 2, 3] * 4)
 
-    def forward(x, y):
-        for layer in layers:
-            x = layer(x)
-        return F.cross_entropy(x, y)
+    forward = _layers_loss(layers)
 
     def nested(x, y):
         return F.cross_entropy(model(x), y)
@@ -785,10 +789,7 @@ def test_tensors_the_forward_stores_in_attributes_are_named_in_a_warning():
     layers = [Linear(6, 8, seed=180), _Tanh(), Linear(8, 4, seed=181)]
     x, y = r(16, 6, seed=182), torch.tensor([0, 1, 2, 3] * 4)
 
-    def forward(x, y):
-        for layer in layers:
-            x = layer(x)
-        return F.cross_entropy(x, y)
+    forward = _layers_loss(layers)
 
     step = tg.compile(forward, fuse=False)
     with pytest.warns(UserWarning, match=r"stores tensors it computes in attributes \(layers\[0\]\.out, "
@@ -809,10 +810,7 @@ def test_switching_between_train_and_eval_records_each_mode_once():
     module = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
                                  torch.nn.Linear(8, 4)).double()
 
-    def forward(x, y):
-        for layer in layers:
-            x = layer(x)
-        return F.cross_entropy(x, y)
+    forward = _layers_loss(layers)
 
     steps = tg.compile(forward, fuse=False), tg.compile(lambda x, y: F.cross_entropy(module(x), y), fuse=False)
     y = torch.tensor([0, 1, 2, 3] * 4)
@@ -846,10 +844,7 @@ def test_a_tensor_attribute_rebound_between_calls_is_seen():
     layers[1].training = False
     x, y = r(16, 6, seed=160), torch.tensor([0, 1, 2, 3] * 4)
 
-    def forward(x, y):
-        for layer in layers:
-            x = layer(x)
-        return F.cross_entropy(x, y)
+    forward = _layers_loss(layers)
 
     step = tg.compile(forward, fuse=False)
     step(x, y)
