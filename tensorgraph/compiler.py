@@ -76,7 +76,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -212,8 +212,6 @@ class _References:
     flags: list[tuple[str, dict, bool]] = field(default_factory=list)  # (path, user object's __dict__, .training)
     attributes: list[tuple[str, dict, str, Tensor]] = field(default_factory=list)  # (path, __dict__, name, tensor)
     stored: list[str] = field(default_factory=list)  # attributes holding a tensor the forward made: ``layers[0].out``
-    read: dict[int, Tensor] = field(default_factory=dict, repr=False)  # while finding them: the tensors the loss reads
-    made: dict[int, Tensor] = field(default_factory=dict, repr=False)  # ... and the tensors the forward computed
 
     def changed(self) -> str | None:
         """What changed since the recording, or None."""
@@ -864,18 +862,17 @@ def _read_directly(forward: Callable[..., Any]) -> list[tuple[str, Any, str, Any
 
 
 def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], read: dict[int, Tensor],
-                       made: dict[int, Tensor] | None = None) -> _References:
+                       made: dict[int, Tensor]) -> _References:
     """What the forward names directly (globals, closure cells) that the guard re-checks: recorded tensors,
     Python atoms, modules (their ``training`` flags; the object of a bound method, or the forward, too), and
     the ``training`` flags of user objects within reach (``layers[1].training``, ``model.layers[3].training``)
     and their attributes holding a tensor of ``read`` (the leaves the loss depends on: ``layers[1].gamma``).
     Attributes holding a tensor of ``made`` (computed by the forward: ``layers[0].out``) are listed in ``stored``."""
     found = _References()
-    found.read, found.made = read, made or {}
-    seen: set[int] = set()
+    walk = _Walk(set(), read, made)
     for owner in (getattr(forward, "__self__", None), forward):
         if owner is not None and _WALKABLE[type(owner)]:
-            _watch_flags(found, "self" if owner is not forward else type(owner).__name__, owner, _FLAG_DEPTH, seen)
+            _watch_flags(found, "self" if owner is not forward else type(owner).__name__, owner, _FLAG_DEPTH, walk)
     for kind, owner, name, value in _read_directly(forward):
         if isinstance(value, Tensor):
             if id(value) in leaves:
@@ -883,21 +880,28 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
         elif type(value) in _ATOMS:
             found.atoms.append((kind, owner, name, value))
         elif _WALKABLE[type(value)]:
-            _watch_flags(found, name, value, _FLAG_DEPTH, seen)
-    found.read, found.made = {}, {}
+            _watch_flags(found, name, value, _FLAG_DEPTH, walk)
     return found
+
+
+class _Walk(NamedTuple):
+    """What one search of the forward's objects carries along: the objects seen, and the tensors to look for."""
+
+    seen: set[int]
+    read: dict[int, Tensor]  # the leaves the loss depends on: an attribute holding one is guarded
+    made: dict[int, Tensor]  # the tensors the forward computed: an attribute holding one is named in a warning
 
 
 _FLAG_DEPTH = 3  # ``model.layers[3].norm``: how far below a name the guard looks for ``training`` flags
 
 
-def _watch_flags(found: _References, path: str, value: Any, depth: int, seen: set[int]) -> None:
+def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _Walk) -> None:
     """Watch the ``training`` flags of ``value`` and of the objects in its items and attributes, ``depth``
     levels down: nn.Modules (all their submodules) and the user's own classes, whose ``training`` is a bool
     in the object's ``__dict__`` (the lecture's hand-written ``BatchNorm1d``). Walks what naming walks."""
-    if id(value) in seen or not _WALKABLE[type(value)]:
+    if id(value) in walk.seen or not _WALKABLE[type(value)]:
         return
-    seen.add(id(value))
+    walk.seen.add(id(value))
     if isinstance(value, torch.nn.Module):
         _watch_module(found, path, value)
         return
@@ -916,15 +920,15 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, seen: se
             found.flags.append((path, attrs, attrs["training"]))
         for name, item in attrs.items():
             if isinstance(item, Tensor):
-                if found.read.get(id(item)) is item:
+                if walk.read.get(id(item)) is item:
                     found.attributes.append((path, attrs, name, item))
-                elif found.made.get(id(item)) is item:
+                elif walk.made.get(id(item)) is item:
                     found.stored.append(f"{path}.{name}")
         items = [(f"{path}.{name}", item) for name, item in attrs.items() if not name.startswith("_")]
     if depth > 0:
         for item_path, item in items:
             if not isinstance(item, Tensor) and type(item) not in _ATOMS:
-                _watch_flags(found, item_path, item, depth - 1, seen)
+                _watch_flags(found, item_path, item, depth - 1, walk)
 
 
 def _watch_module(found: _References, name: str, module: torch.nn.Module) -> None:
