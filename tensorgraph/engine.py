@@ -621,10 +621,11 @@ def trace(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardTrace:
     from .record import record
 
     steps: list[Contribution] = []
+    root = root_node(graph, loss)
     if getattr(graph, "_fingerprints", None):
-        check_unchanged(graph, root_node(graph, loss))
+        check_unchanged(graph, root)
     if grad is not None:  # cast outside the recording: a given seed stays a leaf of the adjoint graph
-        grad = seed_gradient(graph, root_node(graph, loss), grad)
+        grad = seed_gradient(graph, root, grad)
     with record() as adjoint:
         grads = backward(graph, loss, grad, tape=steps)
     result = BackwardTrace(graph, adjoint, grads, steps)
