@@ -674,11 +674,10 @@ def cosine_similarity(g: Tensor, out: Tensor, x1: Tensor, x2: Tensor, dim: int =
     """
     x1, x2 = _expanded(x1, x2)
     g = g.unsqueeze(dim)
+    n1, n2 = (torch.linalg.vector_norm(x, 2, dim, keepdim=True) for x in (x1, x2))
+    d1, d2 = n1.clamp_min(eps), n2.clamp_min(eps)
     grads = []
-    for x, other in ((x1, x2), (x2, x1)):
-        n = torch.linalg.vector_norm(x, 2, dim, keepdim=True)
-        n_other = torch.linalg.vector_norm(other, 2, dim, keepdim=True)
-        d, d_other = n.clamp_min(eps), n_other.clamp_min(eps)
+    for x, n, d, other, d_other in ((x1, n1, d1, x2, d2), (x2, n2, d2, x1, d1)):
         grad_unit = g * (other / d_other)  # d(a * b)/da = b, a = x / d
         grad_n = (-grad_unit * ((x / d) / d)).sum(dim, keepdim=True)  # through d = n: the clamp is invisible
         grads.append(grad_unit / d + _vector_norm_backward(grad_n, x, 2, n))
