@@ -36,6 +36,15 @@ from .engine import NO_STAMPS, LeafStamps
 from .graph import Graph, Ref, substitute
 from .ops import FUNCS, Op, UnsupportedCall, func_name, lookup
 
+_NO_SEQUENCE = 1 << 62  # (a torch without the counter: nothing counts as made in the block)
+_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", lambda: _NO_SEQUENCE)
+
+
+def made_in_block(tensor: Tensor, sequence_at_entry: int) -> bool:
+    """Whether autograd made this tensor's grad_fn after the block began (it is not a leaf made before)."""
+    grad_fn = tensor.grad_fn
+    return grad_fn is not None and grad_fn._sequence_nr() >= sequence_at_entry
+
 
 class _State(threading.local):
     """Per-thread recorder state. Class-level defaults: a missing attribute would make every getattr raise."""
@@ -161,6 +170,9 @@ class _Recorder(TorchFunctionMode):
         self.nested = False  # entered while another torch function mode was active
         self.last_frame: types.FrameType | None = None  # the user's frame _source found last
         self.entry_frame: types.FrameType | None = None  # the frame of the ``with tg.record()`` statement
+        # autograd's node counter when the block began: a tensor with a later grad_fn that the recorder did
+        # not see was computed inside the block by something it cannot intercept (a torch.jit.script function)
+        self.sequence_at_entry = _NO_SEQUENCE
         # custom torch.autograd.Function calls: id(frame of Function.apply) -> (that frame, _CustomCall)
         self.custom_calls: dict[int, tuple[types.FrameType, _CustomCall]] = {}
         # tensors made inside a custom Function's forward: id -> (weak reference, the call); they become
@@ -614,9 +626,22 @@ class _Recorder(TorchFunctionMode):
                 f"tensorgraph: the call at {_where(self._source())} runs inside a torch.func transform "
                 f"(grad, vmap, jacrev, ...), which tg.record() cannot record. Call the transform outside "
                 f"the block, or write the computation as plain torch ops.")
+        if made_in_block(tensor, self.sequence_at_entry):
+            self._unrecorded_input(tensor)
         node = graph._add_node(op="leaf", kind="leaf", value=tensor, version=tensor._version, source=None)
         graph._live[id(tensor)] = (node, tensor._version, tensor)
         return node
+
+    def _unrecorded_input(self, tensor: Tensor) -> None:
+        where = _where(self._source())  # (first: it adds the user's frame to self.frames)
+        name = _guess_name(tensor, self.frames)
+        what = f"tensor '{name}'" if name else "a tensor"
+        raise RuntimeError(
+            f"tensorgraph: {what}, an input of the call at {where}, was computed inside the "
+            f"block by code tensorgraph cannot record (a torch.jit.script or torch.jit.trace function, a C++ "
+            f"extension, or ops under torch._C.DisableTorchFunction); as a leaf it would cut off the gradient "
+            f"of everything it was computed from. Call that code with plain torch ops (the undecorated Python "
+            f"function), or compute the tensor before the block.")
 
     def _untracked_change(self, tensor: Tensor, live: tuple, allow_view_write: bool) -> None:
         written = self.view_written.pop(id(tensor), None)
@@ -920,6 +945,9 @@ class record:
         if not self.graph.anomaly:  # the last recording from this line is this one's template (tensorgraph.replay)
             self._mode.replay = _replay.session(sys._getframe(1), self.graph)
         self._mode.entry_frame = sys._getframe(1)
+        self._mode.sequence_at_entry = _sequence_nr()
+        if self._mode.replay is not None:
+            self._mode.replay.sequence_at_entry = self._mode.sequence_at_entry
         if not hasattr(warnings.showwarning, "wrapped"):
             warnings.showwarning = _show_at_the_users_line(warnings.showwarning)
         self._mode.nested = torch._C._len_torch_function_stack() > 0

@@ -328,7 +328,9 @@ class _MatcherSource:
                 f" or {a}.shape != {spec}[0]",
                 f"                or {a}.requires_grad != {spec}[4] or {a}.layout is not _strided"
                 f" or {a}.stride() != {spec}[2]",
-                f"                or {a}.device != {spec}[3] or {a}.is_inference(){earlier}):",
+                f"                or {a}.device != {spec}[3] or {a}.is_inference(){earlier}",
+                f"                or ({a}.grad_fn is not None"
+                f" and {a}.grad_fn._sequence_nr() >= session.sequence_at_entry)):",
                 "            return False"]
 
     def results(self) -> list[str]:
@@ -743,6 +745,7 @@ class Session:
         self.frame: types.FrameType | None = None  # the user's frame of the last matched call
         self.count = 0  # nodes made by matched calls: always a prefix of the graph
         self.logged: list[tuple] = []  # calls the full path recorded: (func, first, end, code, lasti, line, scope)
+        self.sequence_at_entry = 1 << 62  # the recorder's (record.made_in_block): set when the block begins
         self._use(candidates[0] if candidates else None)
 
     def _use(self, template: Template | None) -> None:
@@ -847,8 +850,9 @@ class Session:
         spec = event.leaves.get(node)
         if (spec is None or node != n + len(pending) or value.dtype is not spec[1] or value.shape != spec[0]
                 or value.requires_grad != spec[4] or value.layout is not torch.strided or value.stride() != spec[2]
-                or value.device != spec[3] or value.is_inference()):
-            return False
+                or value.device != spec[3] or value.is_inference()
+                or (value.grad_fn is not None and value.grad_fn._sequence_nr() >= self.sequence_at_entry)):
+            return False  # (made in the block by code the recorder cannot see: the full path refuses it)
         pending.append(value)
         return True
 

@@ -9,6 +9,7 @@ the gradient against torch autograd on a functional twin of the program instead.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import threading
@@ -237,6 +238,44 @@ def test_a_custom_autograd_function_is_refused_not_cut_off():
             graph.backward(loss)
         with pytest.raises(NotImplementedError, match=message):
             graph.compare(loss)
+
+
+@torch.jit.script
+def _scripted_tanh(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x @ w)
+
+
+@pytest.mark.parametrize("repeats", [0, 1, 2, 5])  # recordings before: none, a template, generated matchers
+def test_a_scripted_function_inside_the_block_is_refused_not_cut_off(repeats):
+    """TorchScript runs without Python's dispatch: its output was a new leaf, and W lost the gradient through it."""
+    x, W = r(3, 3), r(3, 3, seed=1).requires_grad_()  # (autograd's record of the call is what gives it away)
+    # torch: W's gradient has a part through the scripted call (what the leaf silently dropped)
+    through_script = torch_grads(lambda w: (_scripted_tanh(x, w) * W.detach().sum()).sum(), W)[0]
+    assert through_script.abs().sum() > 0
+    before = torch.tanh(x @ W)  # the same value made before the block: a leaf, as documented
+    for step in range(repeats + 1):
+        scripted = step == repeats
+        line = next_line() + 5  # the multiplication's line
+        with pytest.raises(RuntimeError, match=rf"tensor 'h', an input of the call at .*{at(line)}, was "
+                                               r"computed inside the block by code tensorgraph cannot record"
+                           ) if scripted else contextlib.nullcontext():
+            with tg.record():
+                h = _scripted_tanh(x, W) if scripted else before
+                (h * W.sum()).sum()
+
+
+def test_an_intermediate_computed_before_the_block_is_still_a_leaf():
+    x, W = r(3, 3), r(3, 3, seed=1).requires_grad_()
+    h = torch.tanh(x @ W)  # before the block: the graph starts at it, as documented
+    for _ in range(3):  # and the recording templates replay it (their leaf check must not refuse it)
+        with tg.record() as graph:
+            loss = (h * W).sum()
+        grads = graph.backward(loss)
+        h_leaf, W_leaf = h.detach().requires_grad_(), W.detach().requires_grad_()
+        dh, dW = torch.autograd.grad((h_leaf * W_leaf).sum(), [h_leaf, W_leaf])
+        torch.testing.assert_close(grads[h], dh)
+        torch.testing.assert_close(grads[W], dW)
+    assert graph._replay is not None
 
 
 def test_a_custom_autograd_function_as_the_loss_or_off_the_loss_path():
