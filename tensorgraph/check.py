@@ -551,6 +551,9 @@ class _Checker:
         twice = self._branch_twice(node, mine, ref, branches)
         if twice is not None:
             return "wrong", twice
+        tied = self._tie_message(node, mine, ref)  # before "scaled": a full max's gradient is 0 off the ties
+        if tied is not None:
+            return "wrong", tied
         factor = _factor(mine, ref)
         if factor is not None and abs(factor - 1) > 10 * self.rtol and abs(factor) > 1e-12 and \
                 self._close(mine, ref * factor, node):
@@ -751,7 +754,7 @@ class _Checker:
             return text
         if not mine.any():
             return "all zeros; the right gradient is not"
-        repeated = self._repeated_index_message(node, mine, ref) or self._tie_message(node, mine, ref)
+        repeated = self._repeated_index_message(node, mine, ref)
         if repeated:
             return repeated
         if self._negligible(ref, node):
