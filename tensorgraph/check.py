@@ -56,6 +56,8 @@ ERROR_KINDS = frozenset({"shape", "dtype", "not-unbroadcast", "transposed", "mis
 TOLERANCES = {torch.float64: (1e-7, 1e-10), torch.float32: (1e-5, 1e-8), torch.float16: (1e-3, 1e-5),
               torch.bfloat16: (1e-2, 1e-4)}
 _INDEX_OPS = frozenset({"getitem", "embedding", "index_select"})
+# reductions that select an element, by what they select
+_SELECTIONS = {"max": "max", "amax": "max", "min": "min", "amin": "min"}
 # ops whose rule sums products of the gradient with an input (a contraction): their magnitude pass
 # runs the rule on the inputs' absolute values, so that the terms cannot cancel there either
 _CONTRACTIONS = frozenset({"matmul", "linear", "addmm", "inner", "outer", "einsum"})
@@ -549,6 +551,9 @@ class _Checker:
         twice = self._branch_twice(node, mine, ref, branches)
         if twice is not None:
             return "wrong", twice
+        tied = self._tie_message(node, mine, ref)  # before "scaled": a full max's gradient is 0 off the ties
+        if tied is not None:
+            return "wrong", tied
         factor = _factor(mine, ref)
         if factor is not None and abs(factor - 1) > 10 * self.rtol and abs(factor) > 1e-12 and \
                 self._close(mine, ref * factor, node):
@@ -683,13 +688,27 @@ class _Checker:
         return self._code or None
 
     def _unbroadcast_message(self, shape: tuple, ref_shape: tuple) -> str:
-        lead = len(shape) - len(ref_shape)
-        kept = [lead + i for i, s in enumerate(ref_shape) if s == 1 and shape[lead + i] != 1]
-        dims = list(range(lead)) + kept
-        fix = f".sum({_dims(dims)}, keepdim=True)" if kept and not lead else (
-            f".sum({_dims(dims)})" if not kept else f".sum_to_size{_shape(ref_shape)}")
+        dims, fix = _unbroadcast_fix(shape, ref_shape)
         return (f"the gradient of the broadcast result {_shape(shape)}, not of the {_shape(ref_shape)} input: "
                 f"sum over dim {_dims(dims)} ({fix})")
+
+    def _summed_too_much(self, node: int, mine: Tensor, ref_shape: tuple) -> str | None:
+        """``dbnmeani = (-dbndiff).sum()``: the broadcast result summed over more dims than the broadcast added."""
+        for branch in (self.mine.get(node) or []) + (self.right.get(node) or []):
+            if branch is None:
+                continue
+            wide = tuple(branch.raw.shape)
+            if wide == ref_shape or mine.dim() >= len(wide) or len(wide) > 6:
+                continue
+            right_dims, fix = _unbroadcast_fix(wide, ref_shape)
+            for dims in itertools.combinations(range(len(wide)), len(wide) - mine.dim()):
+                summed = branch.raw.sum(dims) if dims else branch.raw
+                if list(dims) == right_dims or summed.shape != mine.shape or not self._close(mine, summed, node):
+                    continue
+                where = f"every dim of {_shape(wide)} (a .sum() with no dim)" if mine.dim() == 0 else \
+                    f"dim {_dims(list(dims))} of {_shape(wide)}"
+                return f"summed over {where}; the broadcast happened along dim {_dims(right_dims)} only ({fix})"
+        return None
 
     def _scaled_message(self, factor: float) -> str:
         text, related = _describe_factor(factor, self.n_label)
@@ -721,6 +740,9 @@ class _Checker:
         shape, ref_shape = tuple(mine.shape), tuple(ref.shape)
         if shape != ref_shape:
             text = f"wrong shape: got {_shape(shape)} for {_shape(ref_shape)}"
+            over = self._summed_too_much(node, mine, ref_shape)
+            if over:
+                return f"{text}: {over}"
             for branch in self.right.get(node) or []:
                 wide = tuple(branch.raw.shape)
                 if wide != ref_shape and len(wide) == len(shape) == len(ref_shape) and all(
@@ -770,6 +792,27 @@ class _Checker:
             return ("wrong only where an index repeats: those elements are picked more than once, so their "
                     "gradients must add up (index_add_, index_put_(..., accumulate=True) or += in a loop), "
                     "not overwrite each other")
+        return None
+
+    def _tie_message(self, node: int, mine: Tensor, ref: Tensor) -> str | None:
+        """``(logits == logit_maxes).float() * dlogit_maxes``: right except where the max is tied."""
+        value = self.nodes[node].get("value")
+        for consumer in self.graph.nx.successors(node):
+            data = self.nodes[consumer]
+            kind = _SELECTIONS.get(data["op"])
+            if kind is None or consumer not in self.truth or not isinstance(value, Tensor):
+                continue
+            tied = _ties(value, kind, data["attrs"].get("dim"))
+            if tied is None or not tied.any() or not self._close(mine[~tied], ref[~tied], node) or \
+                    self._close(mine[tied], ref[tied], node):
+                continue
+            name, dim = self.nodes[node]["name"], data["attrs"].get("dim")
+            text = f"wrong only where the {kind} of {name} is tied ({int(tied.sum())} elements): "
+            if data["op"] in ("max", "min") and isinstance(dim, int):
+                return text + (f"{name}.{data['op']}({dim}) sends the gradient to the one index it returns (its "
+                               f".indices: F.one_hot(...indices) picks it), not to every element equal to the {kind}")
+            return text + (f"torch splits it evenly among the tied elements; ({name} == {kind}) alone gives each "
+                           f"of them all of it: divide by how many are tied")
         return None
 
     def _same_values_elsewhere(self, node: int, mine: Tensor, ref: Tensor) -> bool:
@@ -982,6 +1025,33 @@ def _sum_to(grad: Tensor, shape: tuple[int, ...]) -> Tensor:
         if grad.numel() == math.prod(shape):
             return grad.reshape(shape)
         raise
+
+
+def _ties(x: Tensor, kind: str, dim: Any) -> Tensor | None:
+    """The elements of ``x`` equal to the max (min) along ``dim`` where two or more are; None for ``max(x, y)``."""
+    if x.dim() == 0 or not x.is_floating_point():
+        return None
+    if dim is None or dim == () or dim == []:
+        dims = list(range(x.dim()))
+    elif isinstance(dim, int):
+        dims = [dim]
+    elif isinstance(dim, (tuple, list)) and all(isinstance(d, int) for d in dim):
+        dims = list(dim)
+    else:
+        return None
+    reduce = torch.amax if kind == "max" else torch.amin
+    hit = x == reduce(x, dim=dims, keepdim=True)
+    return hit & (hit.sum(dims, keepdim=True) > 1)
+
+
+def _unbroadcast_fix(shape: tuple, ref_shape: tuple) -> tuple[list[int], str]:
+    """The dims of ``shape`` that broadcasting from ``ref_shape`` added, and the sum that undoes it."""
+    lead = len(shape) - len(ref_shape)
+    kept = [lead + i for i, s in enumerate(ref_shape) if s == 1 and shape[lead + i] != 1]
+    dims = list(range(lead)) + kept
+    fix = f".sum({_dims(dims)}, keepdim=True)" if kept and not lead else (
+        f".sum({_dims(dims)})" if not kept else f".sum_to_size{_shape(ref_shape)}")
+    return dims, fix
 
 
 def _coerce(value: Tensor, truth: Tensor) -> Tensor | None:

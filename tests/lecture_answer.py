@@ -21,6 +21,7 @@ MISTAKES = {
     "dbndiff-missing-branch": ("bndiff", "missing-branch"),  # forgot the bndiff2 branch
     "dhprebn-missing-branch": ("hprebn", "missing-branch"),  # forgot the bnmeani branch
     "dbnmeani-no-keepdim": ("bnmeani", "shape"),  # (-dbndiff).sum(0): shape (64,) for (1, 64)
+    "dbnmeani-summed-all": ("bnmeani", "wrong"),  # (-dbndiff).sum(): every element summed, shape ()
     "dbndiff2-not-expanded": ("bndiff2", "shape"),  # 1/(n-1) * dbnvar: shape (1, 64) for (32, 64)
     "dbnbias-not-summed": ("bnbias", "not-unbroadcast"),  # dbnbias = dhpreact
     "db2-not-summed": ("b2", "not-unbroadcast"),  # db2 = dlogits
@@ -92,7 +93,12 @@ def answer(v: SimpleNamespace, mistake: str | None = None) -> dict[str, torch.Te
     if mistake != "dbndiff-missing-branch":
         dbndiff += 2 * v.bndiff * dbndiff2
     dhprebn = dbndiff.clone()
-    dbnmeani = (-dbndiff).sum(0) if mistake == "dbnmeani-no-keepdim" else (-dbndiff).sum(0, keepdim=True)
+    if mistake == "dbnmeani-no-keepdim":
+        dbnmeani = (-dbndiff).sum(0)
+    elif mistake == "dbnmeani-summed-all":  # a learner's notebook: .sum() with no dim
+        dbnmeani = (-dbndiff).sum()
+    else:
+        dbnmeani = (-dbndiff).sum(0, keepdim=True)
     if mistake != "dhprebn-missing-branch":
         dhprebn += 1.0 / n * (torch.ones_like(v.hprebn) * dbnmeani)
     dembcat = torch.einsum("bh,eh->be", dhprebn, v.W1) if mistake == "alt-formulas" else dhprebn @ v.W1.T

@@ -105,6 +105,9 @@ def test_messages_are_pointed(reports):
         return reports(mistake)[MISTAKES[mistake][0]].message
 
     assert message("dbnmeani-no-keepdim").startswith("missing keepdim=True: got (64,) for (1, 64)")
+    assert message("dbnmeani-summed-all") == (
+        "wrong shape: got () for (1, 64): summed over every dim of (32, 64) (a .sum() with no dim); the broadcast "
+        "happened along dim 0 only (.sum(0, keepdim=True))")
     counts = message("dcounts-missing-branch")
     assert "only the branch through probs" in counts and "missing the branch through counts_sum" in counts
     assert "dcounts += dcounts_sum" in counts
@@ -652,3 +655,40 @@ def test_a_graph_with_gradient_hooks_is_refused_not_misjudged():
         graph.check({"dh": dh}, loss)
     handle.remove()
     assert graph.check({"dh": dh}, loss).ok
+
+
+def _tied_max_graph(reduce):
+    """A loss through a max of x where row 0 holds a tie; torch autograd's gradient of x, in float64."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+    x[0, 1] = x[0, 3] = 5.0
+    w = torch.randn(4, 1, dtype=torch.float64, generator=gen)
+    with tg.record() as graph:
+        m = reduce(x)
+        loss = (m * w).sum()
+    leaf = x.clone().requires_grad_()
+    (reduce(leaf) * w).sum().backward()
+    return graph, loss, x, m, w, leaf.grad
+
+
+@pytest.mark.parametrize("reduce, hint", [
+    (lambda x: x.max(1, keepdim=True).values, "the one index it returns"),
+    (lambda x: x.amax(1, keepdim=True), "splits it evenly"),
+    (lambda x: x.max(), "splits it evenly"),  # the tie is the maximum of all x: every other element gets 0
+])
+def test_a_max_gradient_copied_to_every_tie_is_named(reduce, hint):
+    # a viewer's question: why not pick the max with (logits == logit_maxes).float()? With a tie, that sends
+    # the whole gradient to each tied element, where torch sends it to one (max(dim)) or splits it (amax)
+    graph, loss, x, m, w, truth = _tied_max_graph(reduce)
+    dm = w if m.dim() else w.sum()  # d loss / d m
+    every_tie = (x == m).double() * dm
+    off = ~torch.isclose(every_tie, truth)
+    assert off.any() and bool((x[off] == 5.0).all())  # wrong exactly at the tie, by torch's own autograd
+    row = graph.check({"dm": dm, "dx": every_tie}, loss)["x"]
+    assert row.kind == "wrong", row
+    assert row.message.startswith("wrong only where the max of x is tied (2 elements)"), row
+    assert hint in row.message, row
+    one_hot = F.one_hot(x.max(1).indices, 5).double() * w
+    right = one_hot if hint.startswith("the one") else truth
+    torch.testing.assert_close(right, truth)
+    assert graph.check({"dm": dm, "dx": right}, loss).ok

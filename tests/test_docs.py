@@ -55,6 +55,19 @@ def test_tutorial_code_runs(tmp_path, monkeypatch):
     assert namespace["report"].first_error == "bndiff2"
 
 
+def test_questions_page_code_runs(tmp_path, monkeypatch):
+    """docs/questions.md answers learners' questions with sessions whose claims it asserts (against torch float64)."""
+    blocks = python_blocks(DOCS / "questions.md")
+    assert len(blocks) >= 10
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__questions__"}
+    for number, block in enumerate(blocks, 1):
+        try:
+            exec(compile(block, f"questions.md block {number}", "exec"), namespace)  # noqa: S102
+        except Exception as err:  # noqa: BLE001 - say which block failed
+            pytest.fail(f"questions.md python block {number} failed: {type(err).__name__}: {err}\n{block}")
+
+
 SIGNATURE = re.compile(r"^#{2,3} `((?:tg|Graph)\.[\w.]+)\((.*)\)`", flags=re.M)
 
 
