@@ -416,6 +416,8 @@ def value_summary(tensor: Tensor) -> str:
     t = tensor.detach()
     if t.numel() == 0:
         return "empty"
+    if t.is_meta:  # recorded on the "meta" device, or loaded without values: shapes only
+        return "no values (meta)"
     if t.dtype == torch.bool:
         return f"true {int(t.sum())}/{t.numel()}"
     if t.numel() == 1:
@@ -432,6 +434,8 @@ def grad_summary(grad: Tensor) -> str:
     g = grad.detach().double()
     if g.numel() == 0:
         return "grad empty"
+    if g.is_meta:
+        return "grad: no values (meta)"
     if g.numel() == 1:  # a norm would drop the sign, which is what a scalar's gradient is read for
         return f"grad {number(g.item())}"
     return f"grad norm {number(g.norm().item())}  max|g| {number(g.abs().max().item())}"

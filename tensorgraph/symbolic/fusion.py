@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..graph import _NODE_DEFAULTS, Graph, Ref, is_float, substitute
+from ..graph import _NODE_DEFAULTS, Graph, Ref, is_float, require_graph, substitute
 from .chain import LOWERINGS, RESHAPES, SymbolicError, chain_members, lower, where
 from .derivation import Derivation, build
 
@@ -40,6 +40,7 @@ def clear_cache() -> None:
 
 def node_id(graph: Graph, key: Any, what: str) -> int:
     """The node of a tensor, name or id, with an error that says which argument was wrong."""
+    require_graph(graph, "tg.symbolic")
     if isinstance(key, Tensor):
         live = graph._live.get(id(key))
         if live is None or live[2] is not key:
