@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .graph import Ref, is_float, require_graph
+from .graph import Ref, is_float, require_graph, shown
 from .ops import OPS, UnsupportedCall
 
 if TYPE_CHECKING:
@@ -109,20 +109,12 @@ def root_node(graph: Graph, loss: Any, caller: str = "graph.backward") -> int:
         return live[0]
     if not isinstance(loss, (str, int)) or isinstance(loss, bool):
         raise ValueError(f"{caller}: the loss must be a tensor recorded in this graph, its name or its node id, "
-                         f"not {_shown(loss)}{_loss_hint(loss, caller)}")
+                         f"not {shown(loss)}{_loss_hint(loss, caller)}")
     try:
         return graph.node_id(loss)
     except KeyError as err:
         message = err.args[0] if isinstance(loss, str) else f"no node {loss} (the graph has {len(graph)} nodes)"
         raise ValueError(f"{caller}: {message}") from None
-
-
-def _shown(value: Any) -> str:
-    """A value in an error: its type, and its repr when that is one short line (never a tensor's whole text)."""
-    text = repr(value)
-    if len(text) > 60 or "\n" in text:
-        return type(value).__name__
-    return f"{type(value).__name__} {text}"
 
 
 def _loss_hint(loss: Any, caller: str) -> str:

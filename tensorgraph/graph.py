@@ -318,6 +318,14 @@ def _short_path(path: str) -> str:
     return rel if not rel.startswith("..") else path
 
 
+def shown(value: Any) -> str:
+    """A value in an error: its type, and its repr when that is one short line (never a tensor's whole text)."""
+    text = repr(value)
+    if len(text) > 60 or "\n" in text:
+        return type(value).__name__
+    return f"{type(value).__name__} {text}"
+
+
 def require_graph(graph: Any, caller: str) -> None:
     """``caller`` (a function taking the graph first) was given something else: say what it needs."""
     if not isinstance(graph, Graph):
