@@ -40,7 +40,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .engine import backward, call_rule, gradient_hooks, input_gradients, root_node, rule_inputs
+from .engine import (
+    backward,
+    call_rule,
+    gradient_hooks,
+    input_gradients,
+    require_values,
+    root_node,
+    rule_inputs,
+    seed_gradient,
+)
 from .graph import identifier, is_float
 from .ops import OPS
 
@@ -172,7 +181,10 @@ def check(graph: Graph, manual: dict[str, Any], loss: Any, grad: Tensor | None =
     ``"logits"``), to tensors (None counts as not given). ``rtol``/``atol`` override the
     allclose tolerances (by default torch's for float32, tighter for float64).
     """
-    root = root_node(graph, loss)
+    root = root_node(graph, loss, "graph.check")
+    seed_gradient(graph, root, grad, "graph.check")  # a wrong grad= named as graph.check's
+    require_values(graph, root, "graph.check")
+    _check_tolerances(rtol, atol)
     hooked = list(gradient_hooks(graph, root) or ())
     if hooked:
         data = graph._nodes[max(hooked)]
@@ -188,6 +200,16 @@ def check(graph: Graph, manual: dict[str, Any], loss: Any, grad: Tensor | None =
                                  f"can be judged")
         given = _resolve(graph, manual, truth, root)
         return _Checker(graph, root, truth, given, rtol, atol, grad).run()
+
+
+def _check_tolerances(rtol: Any, atol: Any) -> None:
+    """rtol and atol: None (the dtype's defaults) or finite numbers >= 0 (0 allowed, as in torch.allclose)."""
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"graph.check: {name} must be a finite number >= 0 (or None for the dtype's default), "
+                             f"got {value!r}")
 
 
 def nonfinite_forward(graph: Graph, root: int) -> str | None:

@@ -166,9 +166,9 @@ def backward_source(graph: Graph, loss: Any, grad: Tensor | None = None, *, comm
 
 def generate(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardSource:
     """Like :func:`backward_source`, as a :class:`BackwardSource` (lines, steps, variables)."""
-    from .engine import trace
+    from .engine import traced
 
-    return _Generator(graph, trace(graph, loss, grad)).run()
+    return _Generator(graph, traced(graph, loss, grad, "backward_source")).run()
 
 
 def run(source: str, graph: Graph, grad: Tensor | None = None, root: str | None = None) -> dict[str, Any]:

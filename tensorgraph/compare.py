@@ -193,12 +193,14 @@ def _ulps(a: Tensor, b: Tensor) -> int:
 
 def compare(graph: Graph, loss: Any, grad: Tensor | None = None) -> CompareReport:
     """See the module docstring; one row per named float tensor the loss depends on."""
-    from .engine import backward, root_node, seed_gradient
+    from .engine import backward, require_values, root_node, seed_gradient
 
-    root = root_node(graph, loss)
+    root = root_node(graph, loss, "graph.compare")
+    seed = seed_gradient(graph, root, grad, "graph.compare")
+    require_values(graph, root, "graph.compare")
     ours = backward(graph, root, grad).by_node
     values = replay(graph, root, differentiable=ours)  # only where the engine has a gradient
-    values[root].backward(seed_gradient(graph, root, grad))
+    values[root].backward(seed)
     nodes = graph._nodes
     status: dict[int, Row] = {}
     for node in sorted(ours, reverse=True):

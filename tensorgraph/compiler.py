@@ -105,7 +105,8 @@ def compile(forward: Callable[..., Tensor], *, params: Sequence[Tensor] | None =
     """Compile ``forward(*inputs) -> loss`` into a step returning ``(loss, grads)``; see the module docstring.
 
     ``params`` restricts the gradients to these tensors (by identity; default: every
-    floating-point tensor the forward reads but does not receive as an argument).
+    floating-point tensor the forward reads but does not receive as an argument): a list of
+    floating-point tensors, of which the loss must read at least one.
     ``fuse``: by default the closed-form rules of :func:`tensorgraph.symbolic.auto_fuse` replace
     the atomic ones where the generated step then makes fewer torch calls; ``True`` uses
     them wherever they exist, ``False`` never (the first derivation of a chain takes sympy
@@ -280,15 +281,42 @@ class _FactGuard:
                 f"which no longer holds; that chain keeps its atomic rules from now on")
 
 
+def _checked_params(params: Any) -> tuple[Tensor, ...] | None:
+    """``params=`` as a tuple: floating-point tensors only (another value would get no gradient, silently)."""
+    if params is None:
+        return None
+    if isinstance(params, Tensor):
+        raise TypeError("tg.compile: params must be a list of tensors; a single tensor W is params=[W]")
+    try:
+        if hasattr(params, "__array__"):  # a numpy array iterates as numbers
+            raise TypeError
+        items = tuple(params)
+    except TypeError:
+        raise TypeError(f"tg.compile: params must be a list of tensors, not {type(params).__name__}") from None
+    for index, p in enumerate(items):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"tg.compile: params[{index}] is a {type(p).__name__}, not a tensor")
+        if not p.is_floating_point():
+            raise ValueError(f"tg.compile: params[{index}] has dtype {p.dtype}; only floating-point tensors have "
+                             f"gradients")
+    return items
+
+
 class CompiledStep:
     """A compiled training step: ``loss, grads = step(*inputs)``. Create with :func:`tensorgraph.compile`."""
 
     def __init__(self, forward: Callable[..., Tensor], *, params: Sequence[Tensor] | None = None,
                  fuse: bool | None = None, cache_size: int = 8) -> None:
+        if fuse not in (None, True, False):
+            raise TypeError(f"tg.compile: fuse must be None (the default: fused rules where they make fewer calls), "
+                            f"True or False, not {fuse!r}")
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+            raise ValueError(f"tg.compile: cache_size must be an integer >= 1 (recorded versions kept), "
+                             f"not {cache_size!r}")
         self.forward = forward
-        self.params = None if params is None else tuple(params)
+        self.params = _checked_params(params)
         self.fuse = fuse
-        self.cache_size = max(1, int(cache_size))
+        self.cache_size = cache_size
         self.recordings = 0
         self._programs: dict[tuple, _Program] = {}
         self._last_key: tuple | None = None
@@ -651,6 +679,10 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     reached = [n for n, _ in pairs]
     if params is None and not reached:
         raise ValueError(_no_parameters(graph, root_node, inputs))
+    if params and not reached:
+        raise ValueError(f"tg.compile: the loss depends on no tensor in params= ({len(params)} given), so the step "
+                         f"would compute no gradient; pass the tensors the forward reads (the very objects, "
+                         f"not copies), or params=[] for a step without gradients")
     filename = f"<tg.compile {next(_COUNTER)}: {_title(forward)}>"
     code = builtins.compile(source, filename, "exec")
     exec(code, namespace)  # noqa: S102 - running the generated code is the point

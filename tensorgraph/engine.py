@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .graph import Ref, is_float
+from .graph import Ref, is_float, require_graph, shown
 from .ops import OPS, UnsupportedCall
 
 if TYPE_CHECKING:
@@ -95,52 +95,71 @@ def _grad_text(grad: Tensor) -> str:
     return " (" + "×".join(map(str, grad.shape)) + ")"
 
 
-def root_node(graph: Graph, loss: Any) -> int:
-    """The node of ``loss``, with the errors a user should see when it is not in ``graph``."""
+def root_node(graph: Graph, loss: Any, caller: str = "graph.backward") -> int:
+    """The node of ``loss``, with the errors a user should see when it is not in ``graph``.
+
+    ``caller`` is the function the user called (``graph.check``), which the errors name.
+    """
+    require_graph(graph, caller)
     if isinstance(loss, Tensor):
         live = graph._live.get(id(loss))
         if live is None or live[2] is not loss:
-            raise ValueError(f"graph.backward: the tensor passed as loss is not in this graph: "
+            raise ValueError(f"{caller}: the tensor passed as loss is not in this graph: "
                              f"{graph.owner_message(loss)}")
         return live[0]
     if not isinstance(loss, (str, int)) or isinstance(loss, bool):
-        hint = ("; a Python number carries no graph: it was computed outside torch (math.exp(x), float(x), "
-                "x.item()); compute the loss with tensor ops (torch.exp(x), x.exp()), which tg.record() records"
-                if isinstance(loss, float) else "")
-        raise ValueError(f"graph.backward: the loss must be a tensor recorded in this graph, its name or its node "
-                         f"id, not {type(loss).__name__} {loss!r}{hint}")
+        raise ValueError(f"{caller}: the loss must be a tensor recorded in this graph, its name or its node id, "
+                         f"not {shown(loss)}{_loss_hint(loss, caller)}")
     try:
         return graph.node_id(loss)
     except KeyError as err:
         message = err.args[0] if isinstance(loss, str) else f"no node {loss} (the graph has {len(graph)} nodes)"
-        raise ValueError(f"graph.backward: {message}") from None
+        raise ValueError(f"{caller}: {message}") from None
 
 
-def seed_gradient(graph: Graph, root: int, grad: Tensor | None) -> Tensor:
+def _loss_hint(loss: Any, caller: str) -> str:
+    if isinstance(loss, float):
+        return ("; a Python number carries no graph: it was computed outside torch (math.exp(x), float(x), "
+                "x.item()); compute the loss with tensor ops (torch.exp(x), x.exp()), which tg.record() records")
+    if isinstance(loss, Mapping) and caller == "graph.check":
+        return "; the gradients come first: graph.check(manual, loss)"
+    return ""
+
+
+def seed_gradient(graph: Graph, root: int, grad: Tensor | None, caller: str = "graph.backward") -> Tensor:
+    """The gradient the backward starts from: ones for a scalar loss, else ``grad``, checked and cast."""
     data = graph._nodes[root]
     if not is_float(data):
-        raise ValueError(f"graph.backward: {data['name']!r} has dtype {data['dtype']}; only floating-point "
+        raise ValueError(f"{caller}: {data['name']!r} has dtype {data['dtype']}; only floating-point "
                          f"tensors have gradients")
     if grad is None:
         if data["value"].numel() != 1:
-            raise ValueError(f"graph.backward: the loss must be a scalar, but {data['name']!r} has shape "
+            raise ValueError(f"{caller}: the loss must be a scalar, but {data['name']!r} has shape "
                              f"{tuple(data['shape'])}; pass grad= (a tensor of that shape) for a non-scalar output")
         return torch.ones_like(data["value"])
     if not isinstance(grad, Tensor):
-        raise ValueError(f"graph.backward: grad must be a tensor of shape {data['shape']} (the shape of "
+        raise ValueError(f"{caller}: grad must be a tensor of shape {data['shape']} (the shape of "
                          f"{data['name']!r}), not {type(grad).__name__}")
     if tuple(grad.shape) != data["shape"]:
-        raise ValueError(f"graph.backward: grad has shape {tuple(grad.shape)} but {data['name']!r} has shape "
+        raise ValueError(f"{caller}: grad has shape {tuple(grad.shape)} but {data['name']!r} has shape "
                          f"{data['shape']}")
     device = data["value"].device
     if grad.device != device and device.type != "meta":
-        raise ValueError(f"graph.backward: grad is on {grad.device} but {data['name']!r} is on {device}")
+        raise ValueError(f"{caller}: grad is on {grad.device} but {data['name']!r} is on {device}")
     if grad.dtype != data["dtype"]:  # as torch autograd does: the seed is cast to the loss's dtype first
         if grad.is_complex():
-            raise ValueError(f"graph.backward: grad has dtype {grad.dtype} but {data['name']!r} is real "
+            raise ValueError(f"{caller}: grad has dtype {grad.dtype} but {data['name']!r} is real "
                              f"({data['dtype']})")
         grad = grad.to(data["dtype"])
     return grad
+
+
+def require_values(graph: Graph, root: int, caller: str) -> None:
+    """Comparing and checking read gradient values: a graph recorded on the "meta" device has none."""
+    if graph._nodes[root]["value"].is_meta:
+        raise ValueError(f"{caller}: the graph was recorded on the 'meta' device, which keeps shapes but no values; "
+                         f"there are no gradient values to compare (graph.backward gives their shapes). Record on "
+                         f"a real device (cpu, cuda) for this")
 
 
 def _value(arg: Any, nodes: list[dict[str, Any]]) -> Any:
@@ -617,15 +636,21 @@ class BackwardTrace:
 
 def trace(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardTrace:
     """Run the backward pass while recording it: the input of backward_source and the backward view."""
+    return traced(graph, loss, grad, "tg.trace")
+
+
+def traced(graph: Graph, loss: Any, grad: Tensor | None, caller: str) -> BackwardTrace:
+    """:func:`trace`, its errors naming ``caller``, the function the user called (``graph.backward_source``)."""
     from .naming import set_names
     from .record import record
 
     steps: list[Contribution] = []
-    root = root_node(graph, loss)
+    root = root_node(graph, loss, caller)
     if getattr(graph, "_fingerprints", None):
         check_unchanged(graph, root)
+    seed = seed_gradient(graph, root, grad, caller)  # checked here, so that its errors name the caller
     if grad is not None:  # cast outside the recording: a given seed stays a leaf of the adjoint graph
-        grad = seed_gradient(graph, root, grad)
+        grad = seed
     with record() as adjoint:
         grads = backward(graph, loss, grad, tape=steps)
     result = BackwardTrace(graph, adjoint, grads, steps)

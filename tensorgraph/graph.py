@@ -193,9 +193,12 @@ class Graph:
                 return self._names[key]
             raise KeyError(f"no tensor named {key!r} in this graph{self._names_note()} (names: "
                            f"{', '.join(self._names)})")
-        if isinstance(key, int) and 0 <= key < len(self._nodes):
-            return key
-        raise KeyError(key)
+        if isinstance(key, int) and not isinstance(key, bool):  # True is no node id, though an int to Python
+            if 0 <= key < len(self._nodes):
+                return key
+            raise KeyError(f"no node {key} in this graph (its node ids run from 0 to {len(self._nodes) - 1})")
+        raise KeyError(f"look tensors up by the tensor itself, its recorded name or its node id, not "
+                       f"{type(key).__name__}")
 
     def _names_note(self) -> str:
         """For errors about a name: why the user's variable names are missing, if they are."""
@@ -313,6 +316,21 @@ def _short_path(path: str) -> str:
     except ValueError:
         return path
     return rel if not rel.startswith("..") else path
+
+
+def shown(value: Any) -> str:
+    """A value in an error: its type, and its repr when that is one short line (never a tensor's whole text)."""
+    text = repr(value)
+    if len(text) > 60 or "\n" in text:
+        return type(value).__name__
+    return f"{type(value).__name__} {text}"
+
+
+def require_graph(graph: Any, caller: str) -> None:
+    """``caller`` (a function taking the graph first) was given something else: say what it needs."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"{caller}: the graph must be the Graph that `with tg.record() as graph:` recorded, not "
+                        f"{type(graph).__name__}")
 
 
 def identifier(name: str) -> str:

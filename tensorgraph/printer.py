@@ -117,27 +117,28 @@ _POW, _IPOW = _pow_func()
 # ---------------------------------------------------------------- public API
 
 
-def expression(graph: Graph, node: int, name: Namer | None = None) -> str:
+def expression(graph: Graph, node: Any, name: Namer | None = None) -> str:
     """The source of a node's value as an expression (``logits.max(1, keepdim=True).values``).
 
-    ``name`` maps the node id of every tensor argument to its source; by default the
-    nodes' own names. In-place ops print as their method (``x.add_(y)`` returns ``x``);
-    ``x[i] = v`` has no expression form and raises ``ValueError``: use :func:`statement`.
+    ``node``: a node id, a recorded name or the tensor itself. ``name`` maps the node id of
+    every tensor argument to its source; by default the nodes' own names. In-place ops print
+    as their method (``x.add_(y)`` returns ``x``); ``x[i] = v`` has no expression form and
+    raises ``ValueError``: use :func:`statement`.
     """
-    data = graph._nodes[node]
+    data = graph._nodes[_node(graph, node)]
     if data["func"] is None:
         raise ValueError(f"printer: {data['name']!r} is a {data['kind']} (no call to print)")
     return call(data["func"], data["args"], data["kwargs"], name or _default_namer(graph),
                 output_index=data["output_index"], statement=False).text
 
 
-def statement(graph: Graph, node: int, name: Namer | None = None, target: str | None = None) -> str:
+def statement(graph: Graph, node: Any, name: Namer | None = None, target: str | None = None) -> str:
     """The source of a node as a statement: ``target = expr``, or for in-place ops ``x += y``, ``x[i] = v``.
 
     ``target`` defaults to the node's name. In-place ops change their receiver (the
     previous version of the tensor, printed by ``name``), so they ignore ``target``.
     """
-    data = graph._nodes[node]
+    data = graph._nodes[_node(graph, node)]
     namer = name or _default_namer(graph)
     if data["func"] is None:
         raise ValueError(f"printer: {data['name']!r} is a {data['kind']} (no call to print)")
@@ -212,6 +213,14 @@ def namespace(graph: Graph) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- how a call is written
+
+
+def _node(graph: Graph, key: Any) -> int:
+    """A node id from an id, a name or a tensor, with the graph's own errors naming the key."""
+    try:
+        return graph.node_id(key)
+    except KeyError as err:
+        raise KeyError(f"printer: {err.args[0]}") from None
 
 
 def _default_namer(graph: Graph) -> Namer:

@@ -713,8 +713,7 @@ class _Recorder(TorchFunctionMode):
         if kind == "op" and (outputs[0].dtype.is_complex if len(outputs) == 1 else any(
                 o is not None and o.dtype.is_complex for o in outputs)):
             unsupported = f"{name} produced a complex tensor; tensorgraph's rules are for real tensors"
-        elif kind == "op" and floating and torch.is_autocast_enabled(
-                next(o for o in outputs if o is not None).device.type):
+        elif kind == "op" and floating and _autocast_on(next(o for o in outputs if o is not None).device.type):
             unsupported = (f"{name} was recorded under torch.autocast, whose casts happen below the calls "
                            f"tensorgraph records (its rules would get other dtypes than the op computed in); record "
                            f"without autocast, casting explicitly (model.to(torch.bfloat16), x.to(torch.bfloat16))")
@@ -787,6 +786,15 @@ class _Recorder(TorchFunctionMode):
         if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
             return type(value)(self._refs_unchecked(v, inputs) for v in value)
         return value
+
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether torch.autocast is on for this device type; False for one autocast does not know ("meta")."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # torch raises for a device type without an autocast dispatch key
+        return False
 
 
 def _out_tensors(out: Any) -> list[Tensor]:

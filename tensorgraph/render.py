@@ -173,11 +173,20 @@ class _Options:
             raise ValueError(f"render: depth must be a non-negative integer, got {depth!r}")
         if isinstance(collapse, str):
             collapse = [collapse]
+        _require_report(compare, "compare", "graph.compare(loss)")
+        _require_report(check, "check", "graph.check(manual, loss)")
         root, seed = _root(graph, grads, loss)
         if view == "backward" and root is None:
             raise ValueError("render: view='backward' needs the loss: pass grads=graph.backward(loss) or loss=loss")
         return cls(view, grads, root, seed, compare, check, bool(values), frozenset(collapse or ()), depth,
                    cluster, rankdir)
+
+
+def _require_report(report: Any, option: str, made_by: str) -> None:
+    """compare= and check= take reports; another value (compare=True, as the CLI's --compare) would colour nothing."""
+    if report is not None and not hasattr(report, "rows"):
+        raise TypeError(f"render: {option} must be the report {made_by} returns (its rows colour the gradients), "
+                        f"not {type(report).__name__}")
 
 
 def _root(graph: Graph, grads: Any, loss: Any) -> tuple[int | None, Tensor | None]:
@@ -211,7 +220,15 @@ def _node_id(graph: Graph, key: Any) -> int:
 
 def output_format(path: str | os.PathLike) -> tuple[Path, str]:
     """The path to write and its Graphviz format, from the suffix; errors name the path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"render: the path must be a file name such as 'graph.svg' (a str or pathlib.Path), not "
+                        f"{type(path).__name__}")
+    if not str(path):
+        raise ValueError(f"render: the path is empty; give a file name such as 'graph.svg' ({', '.join(FORMATS)})")
     target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"render: {str(target)!r} is a folder; give a file name in it, such as "
+                                f"{str(target / 'graph.svg')!r}")
     fmt = FORMATS.get(target.suffix.lower())
     if fmt is None:
         raise ValueError(f"render: cannot tell the format of {str(target)!r} from its suffix "
@@ -399,6 +416,8 @@ def value_summary(tensor: Tensor) -> str:
     t = tensor.detach()
     if t.numel() == 0:
         return "empty"
+    if t.is_meta:  # recorded on the "meta" device, or loaded without values: shapes only
+        return "no values (meta)"
     if t.dtype == torch.bool:
         return f"true {int(t.sum())}/{t.numel()}"
     if t.numel() == 1:
@@ -415,6 +434,8 @@ def grad_summary(grad: Tensor) -> str:
     g = grad.detach().double()
     if g.numel() == 0:
         return "grad empty"
+    if g.is_meta:
+        return "grad: no values (meta)"
     if g.numel() == 1:  # a norm would drop the sign, which is what a scalar's gradient is read for
         return f"grad {number(g.item())}"
     return f"grad norm {number(g.norm().item())}  max|g| {number(g.abs().max().item())}"

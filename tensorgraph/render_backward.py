@@ -48,16 +48,16 @@ if TYPE_CHECKING:
 
 def backward_drawing(graph: Graph, options: _Options) -> Drawing:
     """Boxes for the adjoint graph's ops, clustered by the forward op whose rule made them."""
-    from .engine import trace
+    from .engine import traced
 
-    tr = trace(graph, options.root, _seed(graph, options))
+    tr = traced(graph, options.root, _seed(graph, options), "render")
     return _Backward(graph, tr, options).draw()
 
 
 def _seed(graph: Graph, options: _Options) -> torch.Tensor | None:
     """The seed to replay: None (ones) for a scalar loss seeded with 1, as graph.backward does."""
     seed = options.seed
-    if seed is None or (seed.numel() == 1 and bool(seed.eq(1).all())):
+    if seed is None or (seed.numel() == 1 and (seed.is_meta or bool(seed.eq(1).all()))):
         return None
     return seed
 

@@ -92,7 +92,8 @@ def test_resume_continues(trained, tmp_path, words_file, capsys):
     (["--steps", "0"], "--steps: expected a positive integer, got 0"),
     (["--steps", "-3"], "--steps: expected a positive integer"),
     (["--steps", "lots"], "--steps: expected a positive integer, got 'lots'"),
-    (["--batch", "1"], "batch_size must be at least 2"),
+    (["--batch", "1"], "tensorgraph train: error: argument --batch: expected at least 2 (batchnorm's variance needs "
+                       "two examples), got 1"),  # it said "tensorgraph: error: batch_size must ...", not the option
     (["--hidden", "0"], "--hidden: expected a positive integer"),
     (["--lr", "0"], "--lr: expected a positive number"),
     (["--lr", "nan"], "--lr: expected a positive number"),

@@ -919,6 +919,36 @@ def test_parameters_passed_as_arguments_are_refused_not_silently_ignored():
     assert len(grads) == 0
 
 
+def test_params_and_options_that_would_compute_nothing_are_refused():
+    """params=W (a tensor: its rows), a numpy array, an integer tensor, or tensors the forward never reads all gave
+    a step with no gradient at all, silently; cache_size=0 and fuse='yes' were taken as something else."""
+    import numpy as np
+
+    w, x = r(4, 3, seed=31), r(5, 4, seed=32)
+
+    def forward(X):  # noqa: N803
+        return (X @ w).pow(2).sum()
+
+    with pytest.raises(TypeError, match=r"params must be a list of tensors; a single tensor W is params=\[W\]"):
+        tg.compile(forward, params=w)
+    with pytest.raises(TypeError, match="params must be a list of tensors, not ndarray"):
+        tg.compile(forward, params=np.ones(3))
+    with pytest.raises(TypeError, match=r"params\[1\] is a float, not a tensor"):
+        tg.compile(forward, params=[w, 0.5])
+    with pytest.raises(ValueError, match=r"params\[0\] has dtype torch.int64; only floating-point tensors"):
+        tg.compile(forward, params=[torch.arange(3)])
+    with pytest.raises(ValueError, match=r"the loss depends on no tensor in params= \(1 given\).*not copies"):
+        tg.compile(forward, params=[w.clone()], fuse=False)(x)
+    with pytest.raises(ValueError, match="cache_size must be an integer >= 1.*not 0"):
+        tg.compile(forward, cache_size=0)
+    with pytest.raises(TypeError, match="fuse must be None .*True or False, not 'yes'"):
+        tg.compile(forward, fuse="yes")
+    loss, grads = tg.compile(forward, params=(p for p in [w]), fuse=False)(x)  # any iterable of the tensors
+    expected = torch_grads(lambda X, _params: (X @ _params[0]).pow(2).sum(), [w], x)
+    torch.testing.assert_close(loss, expected[0], **TOL)
+    torch.testing.assert_close(grads[w], expected[1][0], **TOL)
+
+
 # ---------------------------------------------------------------- every op in the rule table
 
 

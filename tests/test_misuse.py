@@ -14,6 +14,7 @@ import re
 import sys
 import threading
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -390,6 +391,97 @@ def test_loss_given_by_a_bad_name_id_or_value():
                                          "not float 3.0"):
         graph.backward(3.0)
     assert torch.equal(graph.backward("loss")[x], graph.backward(1)[x])
+
+
+def test_each_entry_point_names_itself_and_never_prints_a_tensor():
+    """graph.check(loss, manual), its arguments swapped, said "graph.backward: ... not dict {'dh': tensor([[1., ..."
+    (every value of the gradient, over many lines); compare, backward_source and tg.trace said graph.backward too."""
+    x, w = r(30, 20), r(20, 20, seed=1)
+    with tg.record() as graph:
+        h = x @ w
+        y = h.tanh()
+        loss = y.sum()
+    manual = {"dh": torch_grads(lambda t: t.tanh().sum(), h)[0]}
+    with pytest.raises(ValueError) as err:
+        graph.check(loss, manual)
+    assert str(err.value) == ("graph.check: the loss must be a tensor recorded in this graph, its name or its node id, "
+                              "not dict; the gradients come first: graph.check(manual, loss)")
+    calls = {"graph.backward": graph.backward, "graph.compare": graph.compare, "graph.check": partial(graph.check, {}),
+             "backward_source": graph.backward_source, "tg.trace": partial(tg.trace, graph)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{re.escape(name)}: the loss must be a scalar, but 'y' has shape "
+                                             r"\(30, 20\); pass grad="):
+            call(y)
+    with pytest.raises(ValueError, match=r"^graph.check: grad has shape \(2,\) but 'y' has shape \(30, 20\)$"):
+        graph.check(manual, y, grad=torch.ones(2, dtype=D))
+    assert graph.check(manual, loss)["h"].kind == "ok"  # the right order
+
+
+def test_functions_taking_the_graph_first_refuse_anything_else():
+    """tg.trace(loss, graph) and the like failed with AttributeError: 'Tensor' object has no attribute '_live'."""
+    from tensorgraph import check, codegen
+
+    x = r(3)
+    with tg.record() as graph:
+        loss = x.exp().sum()
+    calls = {"tg.trace": lambda: tg.trace(loss, graph), "backward_source": lambda: codegen.generate(loss, graph),
+             "graph.check": lambda: check.check("graph", {}, loss),
+             "tg.symbolic": lambda: tg.symbolic.derive(loss, loss, x)}
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^{re.escape(name)}: the graph must be the Graph that `with "
+                                            r"tg.record\(\) as graph:` recorded, not (Tensor|str)$"):
+            call()
+    torch.testing.assert_close(tg.trace(graph, loss).grads[x], torch_grads(lambda t: t.exp().sum(), x)[0])
+
+
+@pytest.mark.parametrize("option, value", [("rtol", -1.0), ("rtol", float("nan")), ("rtol", True),
+                                           ("atol", float("inf")), ("atol", "1e-3")])
+def test_check_tolerances_out_of_range_are_refused(option, value):
+    """atol=inf (or rtol=True: 100%) judged every gradient right, a wrong one too; rtol=-1 and atol='1e-3' failed
+    with torch.isclose's own errors, deep inside the check."""
+    x = r(4, 3)
+    with tg.record() as graph:
+        loss = x.exp().sum()
+    wrong = {"dx": 2 * torch_grads(lambda t: t.exp().sum(), x)[0]}
+    with pytest.raises(ValueError, match=rf"^graph.check: {option} must be a finite number >= 0 \(or None for the "
+                                         rf"dtype's default\), got {re.escape(repr(value))}$"):
+        graph.check(wrong, loss, **{option: value})
+    assert graph.check(wrong, loss, atol=0)["x"].kind == "scaled"  # 0 is allowed
+
+
+def test_a_bool_is_no_node_id():
+    """grads[True] returned the gradient of node 1 (True == 1 to Python), and graph.node_id(True) returned True."""
+    x, w = r(3), r(3, seed=1)
+    with tg.record() as graph:
+        loss = (x * w).sum()
+    grads = graph.backward(loss)
+    with pytest.raises(KeyError, match="by the tensor itself, its recorded name or its node id, not bool"):
+        grads[True]
+    with pytest.raises(KeyError, match="its recorded name or its node id, not float"):
+        graph.node(1.0)
+    with pytest.raises(KeyError, match=r"no node 7 in this graph \(its node ids run from 0 to 3\)"):
+        graph.node(7)
+    assert True not in graph and 1 in graph
+    torch.testing.assert_close(grads[1], torch_grads(lambda a, b: (a * b).sum(), x, w)[1])
+
+
+def test_recording_on_the_meta_device_gives_the_gradients_shapes():
+    """Tensors on "meta" (shapes, no memory) failed at the first recorded op, inside the autocast check: "unknown
+    device type for autocast in get_autocast_dispatch_key_from_device_type"."""
+    w, x = torch.randn(4, 3, device="meta"), torch.randn(5, 4, device="meta")
+    with tg.record() as graph:
+        h = (x @ w).tanh()
+        loss = (h * h).mean()
+    grads = graph.backward(loss)
+    expected = torch_grads(lambda a, b: ((b @ a).tanh() ** 2).mean(), w, x)  # torch autograd on meta: shapes only
+    for got, want in zip((grads[w], grads[x]), expected):
+        assert got.is_meta and got.shape == want.shape
+    for name, call in {"graph.compare": graph.compare, "graph.check": partial(graph.check, {})}.items():
+        with pytest.raises(ValueError, match=rf"^{name}: the graph was recorded on the 'meta' device, which keeps "
+                                             r"shapes but no values"):
+            call(loss)
+    assert "no values (meta)" in graph.render(grads=grads, values=True).source
+    assert "dh" in graph.render(grads=grads, view="backward").source
 
 
 def test_backward_inside_its_own_record_block():

@@ -131,6 +131,20 @@ def test_inplace_ops_print_as_statements():
         printer.expression(graph, node)
 
 
+def test_a_node_is_given_by_id_name_or_tensor():
+    """printer.expression(graph, "h") failed with "list indices must be integers or slices, not str"."""
+    x, w = torch.randn(3, 4), torch.randn(4, 2)
+    with tg.record() as graph:
+        h = x @ w
+        y = h.tanh()
+    assert printer.expression(graph, "y") == printer.expression(graph, y) == "h.tanh()"
+    assert printer.statement(graph, "h") == printer.statement(graph, graph.node_id("h")) == "h = x @ w"
+    with pytest.raises(KeyError, match=r"printer: no node 9 in this graph \(its node ids run from 0 to 3\)"):
+        printer.expression(graph, 9)
+    with pytest.raises(KeyError, match="printer: no tensor named 'hh'"):
+        printer.statement(graph, "hh")
+
+
 def test_literals_and_names():
     assert printer.literal(torch.Size([32, 27])).text == "(32, 27)"
     assert printer.literal((5,)).text == "(5,)"

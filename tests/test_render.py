@@ -351,6 +351,25 @@ def test_bad_paths_and_options(lecture, tmp_path):
         graph.render(grads={"h": 1})
 
 
+def test_reports_and_paths_of_the_wrong_kind_are_refused(lecture, tmp_path):
+    """compare=True (as the CLI's --compare) and check=True coloured nothing, silently; a tensor or a folder as
+    the path failed inside pathlib, or said only that the suffix was unknown."""
+    graph, loss, *_ = lecture
+    with pytest.raises(TypeError, match=r"render: compare must be the report graph.compare\(loss\) returns.*not bool"):
+        graph.render(tmp_path / "mlp.svg", compare=True)
+    with pytest.raises(TypeError, match=r"render: check must be the report graph.check\(manual, loss\) returns"):
+        graph.render(tmp_path / "mlp.svg", check="dlogits")
+    with pytest.raises(TypeError, match=r"render: the path must be a file name such as 'graph.svg'.*not Tensor"):
+        graph.render(loss)
+    with pytest.raises(ValueError, match="render: the path is empty"):
+        graph.render("")
+    with pytest.raises(IsADirectoryError, match=r"render: '.*' is a folder; give a file name in it, such as "
+                                                r"'.*graph.svg'"):
+        graph.render(tmp_path)
+    assert not list(tmp_path.iterdir())
+    assert graph.render(tmp_path / "mlp.dot", compare=graph.compare(loss)).exists()
+
+
 def test_missing_dot_writes_the_source_and_says_how_to_install(lecture, tmp_path, monkeypatch):
     graph, *_ = lecture
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
@@ -673,6 +692,9 @@ def test_cli_render(tmp_path, capsys):
     (["render", "--out", "conftest.py/mlp.svg"], ["'conftest.py' is a file, not a folder"]),
     (["render", "--out", "mlp.svg", "--view", "sideways"], ["--view", "sideways"]),
     (["render"], ["--out"]),
+    (["render", "--out", "."], ["tensorgraph render: error: --out: '.' is a folder"]),
+    (["render", "--out", ""], ["tensorgraph render: error: --out: the path is empty"]),
+    (["check", "conftest.py", "--render", "mlp.gif"], ["tensorgraph check: error: --render: ", "mlp.gif", ".svg"]),
 ])
 def test_cli_errors_are_one_line(argv, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

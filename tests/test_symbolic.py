@@ -512,6 +512,11 @@ def test_bad_arguments_say_what_is_accepted(lecture):
         symbolic.derive(graph, output=loss, wrt=None)
     with pytest.raises(SymbolicError, match=r"the input must be a tensor .*; got 0.5 \(a float\)"):
         graph.fuse(loss, [0.5])
+    # the text of a list of tensors or of an array was the whole message: thousands of characters, many lines
+    with pytest.raises(SymbolicError, match=r"the wrt must be a tensor .*; got a list; give one tensor, not a list$"):
+        symbolic.derive(graph, output=loss, wrt=[graph.value("logits")])
+    with pytest.raises(SymbolicError, match=r"the wrt must be a tensor .*; got a ndarray$"):
+        symbolic.derive(graph, output=loss, wrt=graph.value("logits").numpy())
 
 
 def test_an_unforeseen_failure_is_refused_by_name(monkeypatch):

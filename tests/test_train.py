@@ -189,6 +189,15 @@ def test_unknown_and_unavailable_backends(splits, monkeypatch):
         train(splits, TrainConfig(steps=2, **SMALL), backend="compiled")
 
 
+def test_bad_threads_and_splits_are_refused_by_name(splits):
+    """threads=0 failed in torch ("set_num_threads expects a positive integer"), naming no argument; a file name
+    for the splits failed with AttributeError: 'str' object has no attribute 'train'."""
+    with pytest.raises(TrainError, match=r"^threads must be a positive integer or None .*got 0$"):
+        train(splits, TrainConfig(steps=2, **SMALL), threads=0)
+    with pytest.raises(TrainError, match=r"^expected the Splits that load_splits\(path\) returns, not str"):
+        train("names.txt", TrainConfig(steps=2, **SMALL))
+
+
 def test_too_few_words(tmp_path):
     path = tmp_path / "five.txt"
     path.write_text("anna\nbob\ncyd\ndee\neve\n")  # 80/10/10 of 5 words leaves the val split empty

@@ -63,10 +63,10 @@ def run(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise CLIError(f"{path} is a folder, not a file" if path.is_dir() else f"no such file: {path}",
                        "tensorgraph check")
-    if args.render:
-        from ..render import output_format
+    if args.render is not None:
+        from .render import picture_path
 
-        output_format(args.render)  # a bad --render path fails before the learner's script runs
+        picture_path(args.render, "--render", PROG)  # a bad --render path fails before the learner's script runs
     namespace = run_script(path)
     graph = namespace.get("graph")
     if not isinstance(graph, Graph):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import positive_int
+from ..cli import CLIError, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,11 +28,21 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def picture_path(path: str, option: str, prog: str) -> None:
+    """A picture's path from the command line, checked before the work: its errors name the option."""
+    from ..render import output_format
+
+    try:
+        output_format(path)
+    except (ValueError, OSError) as err:
+        raise CLIError(f"{option}: {str(err).removeprefix('render: ')}", prog) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..lecture import record_exercise
-    from ..render import output_format, render
+    from ..render import render
 
-    output_format(args.out)  # a bad path fails before the work
+    picture_path(args.out, "--out", "tensorgraph render")  # a bad path fails before the work
     graph, loss, _ = record_exercise()
     grads = graph.backward(loss) if args.grads or args.view == "backward" else None
     compare = graph.compare(loss) if args.compare else None

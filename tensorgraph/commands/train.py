@@ -27,6 +27,14 @@ def seed_int(text: str) -> int:
     return value
 
 
+def batch_int(text: str) -> int:
+    """argparse type: a batch size, at least 2 (batchnorm's variance divides by n - 1)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 (batchnorm's variance needs two examples), got {value}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from ..makemore.train import BACKENDS
 
@@ -36,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "linear) with SGD, taking every gradient from tensorgraph's engine. The defaults are the "
                     "lecture's: 200,000 steps of batch 32, lr 0.1 then 0.01 from half-way, on names.txt.")
     parser.add_argument("--steps", metavar="N", type=positive_int, help="SGD steps in total (default 200000)")
-    parser.add_argument("--batch", metavar="N", type=positive_int, help="batch size (default 32; at least 2)")
+    parser.add_argument("--batch", metavar="N", type=batch_int, help="batch size (default 32; at least 2)")
     parser.add_argument("--embd", metavar="N", type=positive_int, default=None, help="embedding size (default 10)")
     parser.add_argument("--hidden", metavar="N", type=positive_int, default=None, help="hidden units (default 200)")
     parser.add_argument("--lr", metavar="X", type=positive_float, default=None,

@@ -270,6 +270,8 @@ def split_losses(model: MLP, splits: Splits, names: tuple[str, ...] = ("train", 
 
 def check_splits(splits: Splits, source: str = "the data") -> None:
     """Training needs a non-empty train and validation split."""
+    _require(isinstance(splits, Splits), f"expected the Splits that load_splits(path) returns, not "
+                                         f"{type(splits).__name__} (a file name goes to load_splits)")
     for name in ("train", "val"):
         if getattr(splits, name)[0].shape[0] == 0:
             raise TrainError(f"{source}: too few words for the 80/10/10 split (the {name} split is empty); "
@@ -332,6 +334,8 @@ def train(splits: Splits, config: TrainConfig | None = None, *, backend: str = "
     2-core machine).
     """
     config = (config or TrainConfig()).resolved()
+    _require(threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads > 0),
+             f"threads must be a positive integer or None (leave torch's setting), got {threads!r}")
     check_splits(splits)
     if state is None:
         state = init_state(config, len(splits.vocab), splits.block_size)

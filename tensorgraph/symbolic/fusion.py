@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..graph import _NODE_DEFAULTS, Graph, Ref, is_float, substitute
+from ..graph import _NODE_DEFAULTS, Graph, Ref, is_float, require_graph, substitute
 from .chain import LOWERINGS, RESHAPES, SymbolicError, chain_members, lower, where
 from .derivation import Derivation, build
 
@@ -40,6 +40,7 @@ def clear_cache() -> None:
 
 def node_id(graph: Graph, key: Any, what: str) -> int:
     """The node of a tensor, name or id, with an error that says which argument was wrong."""
+    require_graph(graph, "tg.symbolic")
     if isinstance(key, Tensor):
         live = graph._live.get(id(key))
         if live is None or live[2] is not key:
@@ -47,8 +48,13 @@ def node_id(graph: Graph, key: Any, what: str) -> int:
         return live[0]
     accepted = f"the {what} must be a tensor recorded in this graph, its name or its node id"
     if isinstance(key, bool) or not isinstance(key, (str, int)):
-        kind = f" (a {type(key).__name__})" if key is not None else ""
-        raise SymbolicError(f"{accepted}; got {key!r}{kind}")
+        text = repr(key)
+        if len(text) > 60 or "\n" in text:  # an array's or a list of tensors' text: thousands of characters
+            got = f"a {type(key).__name__}"
+        else:
+            got = text + (f" (a {type(key).__name__})" if key is not None else "")
+        hint = f"; give one tensor, not a {type(key).__name__}" if isinstance(key, (list, tuple)) else ""
+        raise SymbolicError(f"{accepted}; got {got}{hint}")
     if isinstance(key, int) and not 0 <= key < len(graph._nodes):
         raise SymbolicError(f"{accepted}; there is no node {key} (its node ids run from 0 to {len(graph._nodes) - 1})")
     try:
