@@ -41,6 +41,10 @@ class Exercise:
 def setup(n_embd: int = 10, n_hidden: int = 64, batch_size: int = 32, seed: int = SEED,
           dtype: torch.dtype = torch.float32) -> Exercise:
     """The lecture's initialisation (non-standard on purpose, so no gradient hides behind a zero)."""
+    for name, value, least in (("n_embd", n_embd, 1), ("n_hidden", n_hidden, 1), ("batch_size", batch_size, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            # (batch_size 1: the batchnorm's unbiased variance divides by n - 1)
+            raise ValueError(f"lecture.setup: {name} must be an integer >= {least}, got {value!r}")
     splits = load_splits()
     vocab_size, block_size = len(splits.vocab), splits.block_size
     g = torch.Generator().manual_seed(seed)

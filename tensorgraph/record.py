@@ -133,8 +133,10 @@ def _scope_stack() -> tuple[str, ...]:
 @contextmanager
 def scope(name: str) -> Iterator[None]:
     """Group the ops recorded inside the block under ``name`` (for rendering clusters)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"tg.scope: the name must be a non-empty string, got {name!r}")
     previous = _scope_stack()
-    _state.scope = previous + (str(name),)
+    _state.scope = previous + (name,)
     try:
         yield
     finally:

@@ -1067,3 +1067,19 @@ def test_a_checkpoint_cannot_run_pickled_code(tmp_path, capsys):
     status, err = _run_cli(["sample", "--checkpoint", str(path)], capsys)
     assert status == 2 and "model.pt" in err
     assert not marker.exists(), "loading a checkpoint ran code from its pickle"
+
+
+@pytest.mark.parametrize("name", [None, 3, "", ("a", "b")])
+def test_a_scope_name_that_is_not_a_string_is_refused(name):
+    """tg.scope(None) named a cluster "None", tg.scope(3) one called "3"."""
+    with pytest.raises(TypeError, match=rf"tg.scope: the name must be a non-empty string, got {re.escape(repr(name))}"):
+        with tg.scope(name):
+            pass
+
+
+@pytest.mark.parametrize("option, value", [("batch_size", 1), ("n_embd", -1), ("n_hidden", 2.5), ("batch_size", True)])
+def test_lecture_setup_names_an_option_out_of_range(option, value):
+    """batch_size=1 ended in a ZeroDivisionError (the unbiased variance's n - 1), n_embd=-1 in a torch error."""
+    from tensorgraph import lecture
+    with pytest.raises(ValueError, match=rf"lecture.setup: {option} must be an integer >= \d, got {value!r}"):
+        lecture.setup(**{option: value})
