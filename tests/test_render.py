@@ -303,6 +303,30 @@ def test_backward_view_needs_the_loss(lecture):
         graph.render(view="sideways")
 
 
+
+def test_a_gradient_passed_on_unchanged_names_every_tensor_it_is_the_gradient_of():
+    """micrograd's example: d = e + c passes dd on unchanged, so dd, de and dc are one box. It named two of
+    them (dc was nowhere), and the expressions reading it said 'dd = de * b', which reads as an assignment."""
+    a, b, c, f = (torch.tensor(v) for v in (2.0, -3.0, 10.0, -2.0))
+    with tg.record() as graph:
+        e = a * b
+        d = e + c
+        L = d * f
+    dot = graph.render(view="backward", grads=graph.backward(L))
+    nodes = svg_nodes(dot.pipe(format="svg", encoding="utf-8"))
+    truth = {name: t.double().requires_grad_() for name, t in {"a": a, "b": b, "c": c, "f": f}.items()}
+    ((truth["a"] * truth["b"] + truth["c"]) * truth["f"]).backward()
+    shared = box_with(nodes, "dd", "=", "de", "dc")
+    assert f"grad {truth['c'].grad.item():.3g} " in shared + " "
+    assert f"dd * b da scalar grad {truth['a'].grad.item():.3g}" in " ".join(box_with(nodes, "da").split())
+    assert f"dd * a db scalar grad {truth['b'].grad.item():.3g}" in " ".join(box_with(nodes, "db").split())
+    # many tensors sharing one gradient: the first names, then how many more
+    xs = [torch.randn(3) for _ in range(7)]
+    with tg.record() as graph:
+        total = xs[0] + xs[1] + xs[2] + xs[3] + xs[4] + xs[5] + xs[6]
+        loss = total.sum()
+    nodes = svg_nodes(graph.render(view="backward", loss=loss).pipe(format="svg", encoding="utf-8"))
+    assert "(4 more)" in box_with(nodes, "dtotal")
 # ---------------------------------------------------------------------------------------------- output formats
 
 
