@@ -395,29 +395,56 @@ def _non_default(kwargs: dict, defaults: dict) -> bool:
 
 
 def value_summary(tensor: Tensor) -> str:
-    """mean, std, min and max of a tensor (its value for a scalar)."""
+    """mean, std, min and max of a tensor (its value for a scalar); non-finite entries are counted, not averaged."""
     t = tensor.detach()
+    if t.is_meta:
+        return "value not saved (save the graph with values=True)"
     if t.numel() == 0:
         return "empty"
     if t.dtype == torch.bool:
         return f"true {int(t.sum())}/{t.numel()}"
+    if t.is_complex():
+        if t.numel() == 1:
+            z = complex(t.item())
+            return f"value {number(z.real)}{'-' if math.copysign(1, z.imag) < 0 else '+'}{number(abs(z.imag))}j"
+        return "|z| " + _stats(t.abs().double())
     if t.numel() == 1:
         return f"value {number(t.item())}"
-    if not (t.is_floating_point() or t.is_complex()):
+    if not t.is_floating_point():
         return f"min {int(t.min())}  max {int(t.max())}"
-    t = t.double() if not t.is_complex() else t.abs().double()
-    return (f"mean {number(t.mean().item())}  std {number(t.std(correction=0).item())}  "
-            f"min {number(t.min().item())}  max {number(t.max().item())}")
+    return _stats(t.double())
+
+
+def _stats(t: Tensor) -> str:
+    finite = t[t.isfinite()]
+    odd = _non_finite(t)
+    if finite.numel() == 0:
+        return odd
+    text = (f"mean {number(finite.mean().item())}  std {number(finite.std(correction=0).item())}  "
+            f"min {number(finite.min().item())}  max {number(finite.max().item())}")
+    return f"{text}  (of {finite.numel()} finite; {odd})" if odd else text
+
+
+def _non_finite(t: Tensor) -> str:
+    """``1 nan, 2 inf, 1 -inf``: how many entries are not finite (empty when all are)."""
+    counts = {"nan": int(t.isnan().sum()), "inf": int(t.isposinf().sum()), "-inf": int(t.isneginf().sum())}
+    return ", ".join(f"{count} {what}" for what, count in counts.items() if count)
 
 
 def grad_summary(grad: Tensor) -> str:
-    """The gradient's norm and its largest entry in absolute value (its signed value for a scalar)."""
+    """The gradient's norm and its largest entry in absolute value (its signed value for a scalar); non-finite
+    entries are counted, and the norm is that of the finite ones."""
     g = grad.detach().double()
     if g.numel() == 0:
         return "grad empty"
     if g.numel() == 1:  # a norm would drop the sign, which is what a scalar's gradient is read for
         return f"grad {number(g.item())}"
-    return f"grad norm {number(g.norm().item())}  max|g| {number(g.abs().max().item())}"
+    finite = g[g.isfinite()]
+    odd = _non_finite(g)
+    if finite.numel() == 0:
+        return f"grad: {odd}"
+    text = f"grad norm {number(finite.norm().item())}  max|g| {number(finite.abs().max().item())}"
+    return f"{text}  (of {finite.numel()} finite; {odd})" if odd else text
 
 
 # ---------------------------------------------------------------------------------------------- the drawing

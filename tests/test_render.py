@@ -185,6 +185,53 @@ def test_value_summary(lecture):
     assert f"value {graph.value('loss').item():.3g}" in nodes[f"n{graph.node_id('loss')}"]
 
 
+def test_non_finite_values_and_gradients_are_counted_not_averaged():
+    """A tensor with one nan was drawn 'mean nan std nan min nan max nan', hiding where the nan is and the rest."""
+    x = torch.tensor([float("nan"), float("inf"), -0.0, 1e30, 2.0])
+    w = torch.tensor([1.0, -2.0, 3.0])
+    with tg.record() as graph:
+        s = (x * 0).sum()         # nan: 0 * nan and 0 * inf
+        y = w * s                 # all nan
+        loss = (y * w).sum() + (w * w).sum()
+    grads = graph.backward(loss)
+    nodes = svg_nodes(graph.render(grads=grads, values=True).pipe(format="svg", encoding="utf-8"))
+    finite = x[x.isfinite()].double()
+    text = " ".join(nodes[f"n{graph.node_id('x')}"].split())
+    assert f"mean {finite.mean().item():.3g}" in text and f"max {finite.max().item():.3g}" in text
+    assert "(of 3 finite; 1 nan, 1 inf)" in text
+    assert "value: 3 nan" not in nodes[f"n{graph.node_id('y')}"] and "3 nan" in nodes[f"n{graph.node_id('y')}"]
+    # gradients: torch autograd's, nan where torch has nan
+    wt = w.double().requires_grad_()
+    xt = x.double()
+    yt = wt * (xt * 0).sum()
+    ((yt * wt).sum() + (wt * wt).sum()).backward()
+    assert wt.grad.isnan().all()
+    assert f"grad: {int(wt.grad.isnan().sum())} nan" in nodes[f"n{graph.node_id('w')}"]
+
+
+def test_values_of_complex_tensors():
+    """A complex scalar's value raised TypeError; a complex tensor's |z| statistics were labelled as its mean."""
+    c = torch.tensor(1.0 - 2.0j)
+    zs = torch.tensor([1.0 + 1.0j, -0.5j])
+    with tg.record() as graph:
+        z = c * 2
+        loss = z.abs() + (zs * 2).abs().sum()  # noqa: F841 (named: the graph records the name)
+    nodes = svg_nodes(graph.render(values=True).pipe(format="svg", encoding="utf-8"))
+    assert "value 2-4j" in nodes[f"n{graph.node_id('z')}"]
+    doubled = (zs * 2).abs().double()
+    assert f"|z| mean {doubled.mean().item():.3g}" in nodes[f"n{graph.node_id('mul_1')}"]
+
+
+def test_values_of_a_graph_loaded_without_values(tmp_path):
+    """values=True on a graph loaded without values raised 'Tensor.item() cannot be called on meta tensors'."""
+    x = torch.randn(3)
+    with tg.record() as graph:
+        loss = (x * x).sum()  # noqa: F841 (named: the graph records the name)
+    graph.save(tmp_path / "g.json")
+    loaded = tg.load_graph(tmp_path / "g.json")
+    nodes = svg_nodes(loaded.render(values=True).pipe(format="svg", encoding="utf-8"))
+    assert "value not saved" in nodes[f"n{loaded.node_id('loss')}"]
+
 def test_compare_report_colours_each_gradient(lecture):
     graph, loss, _, grads = lecture
     report = graph.compare(loss)
