@@ -106,14 +106,15 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
         rankdir: "TB" (top to bottom), "LR", "BT" or "RL".
         legend: add a legend of the colours used.
         title: a line of text above the legend.
-        dpi: resolution of PNG output.
+        dpi: resolution of PNG output (a positive number; None: Graphviz's default, 96).
         timeout: seconds Graphviz may take to lay the picture out (None: no limit). Past it,
             ``RenderTimeoutError`` says how to draw less; the DOT source is written beside
             ``path``. Without ``path`` there is no layout here, so no limit.
     """
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not timeout > 0):
+    if timeout is not None and not _positive(timeout):
         raise ValueError(f"render: timeout must be a positive number of seconds or None, got {timeout!r}")
+    if dpi is not None and not (_positive(dpi) and math.isfinite(dpi)):  # dot hangs on a negative dpi
+        raise ValueError(f"render: dpi must be a positive number of dots per inch or None, got {dpi!r}")
     target, fmt = output_format(path) if path is not None else (None, None)
     options = _Options.parse(graph, view=view, grads=grads, loss=loss, compare=compare, check=check, values=values,
                              collapse=collapse, depth=depth, cluster=cluster, rankdir=rankdir)
@@ -127,6 +128,10 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
     if target is None:
         return dot
     return write(dot, target, fmt, timeout)
+
+
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
 
 
 def mimebundle(graph: Graph) -> dict[str, Any]:

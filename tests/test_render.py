@@ -404,6 +404,19 @@ def test_graph_displays_inline(lecture):
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "hprebn" in svg
 
 
+def test_a_bad_dpi_is_refused_before_graphviz_runs(tmp_path):
+    """dpi=-5 made dot spin until the timeout, which then blamed the graph's size; dpi=0 was silently dropped."""
+    x = torch.randn(3)
+    with tg.record() as graph:
+        loss = (x * x).sum()
+    for dpi in (-5, 0, float("nan"), "300", True):
+        with pytest.raises(ValueError, match=r"render: dpi must be a positive number"):
+            graph.render(tmp_path / "x.png", loss=loss, dpi=dpi, timeout=3)
+    assert not (tmp_path / "x.png").exists()
+    png = graph.render(tmp_path / "x.png", loss=loss, dpi=36.5).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bad_paths_and_options(lecture, tmp_path):
     graph, *_ = lecture
     with pytest.raises(ValueError, match=r"mlp\.jpeg.*\.svg"):
