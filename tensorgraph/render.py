@@ -337,6 +337,13 @@ def expression(data: dict[str, Any], name: Callable[[int], str], limit: int = 60
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def definition(name: str, data: dict[str, Any], names: Callable[[int], str], limit: int = 60) -> str:
+    """``hprebn = matmul_1 + b1``; an assignment into a tensor reads ``y: y_v0[0] = 0``, not ``y = y_v0[0] = 0``
+    (which, as Python, would assign 0 to y)."""
+    text = expression(data, names, limit)
+    return f"{name}: {text}" if data["op"] == "setitem" else f"{name} = {text}"
+
+
 def _expression(data: dict[str, Any], name: Callable[[int], str]) -> str:
     op_name = data["op"]
     args, kwargs = tuple(data["bargs"]), dict(data["bkwargs"] or {})
@@ -753,7 +760,7 @@ def _role_attrs(role: str) -> dict[str, str]:
 
 
 def _tooltip(data: dict[str, Any], name: Callable[[int], str]) -> str:
-    what = f"{data['name']} = {expression(data, name, limit=200)}" if data["kind"] != "leaf" else data["name"]
+    what = definition(data["name"], data, name, limit=200) if data["kind"] != "leaf" else data["name"]
     where = f" ({data['source']} in {data['function']})" if data.get("source") else ""
     return f"{what}: {shape_text(data['shape'])} {str(data['dtype']).replace('torch.', '')}{where}"
 
@@ -989,5 +996,5 @@ def _legend(drawing: Drawing, title: str) -> str:
     return f'<<table border="0" cellspacing="4" cellborder="0">{heading}{body}</table>>'
 
 
-__all__ = ["render", "mimebundle", "GraphvizNotFoundError", "RenderTimeoutError", "FORMATS", "expression",
+__all__ = ["render", "mimebundle", "GraphvizNotFoundError", "RenderTimeoutError", "FORMATS", "expression", "definition",
            "shape_text", "value_summary", "grad_summary"]

@@ -27,6 +27,7 @@ from .render import (
     call_names,
     cluster_mode,
     cluster_path,
+    definition,
     distances,
     expression,
     function_of_call,
@@ -273,14 +274,14 @@ class _Backward:
         path = scope + (f"\x00rule{consumer}",)
         data = self.fwd[consumer]
         drawing.cluster_labels.setdefault(
-            path, f"backward of {data['name']} = {expression(data, self.forward_name)}")
+            path, f"backward of {definition(data['name'], data, self.forward_name)}")
         return path
 
     def _tooltip(self, a: int, data: dict[str, Any]) -> str:
         consumer = self.owner.get(a)
         rule = f" (in the rule of {self.fwd[consumer]['name']})" if consumer is not None else ""
         name = " = ".join(self.gradient_names(a)) if a in self.final else self.name(a)
-        return f"{name} = {expression(data, self.name, limit=200)}: {shape_text(data['shape'])}{rule}"
+        return f"{definition(name, data, self.name, limit=200)}: {shape_text(data['shape'])}{rule}"
 
     def _mark_cut(self, drawing: Drawing, shown: set[int], near: dict[int, int]) -> None:
         """With depth=k: the gradients whose rules were not drawn feed one "⋯" box."""

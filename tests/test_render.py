@@ -342,6 +342,22 @@ def test_backward_view_groups_each_rule_under_its_forward_op(lecture):
     assert len([c for c in clusters if c.startswith("<b>backward of")]) == len(ops) - 1
 
 
+def test_an_assignment_into_a_tensor_is_not_labelled_as_a_chained_assignment():
+    """y[0] = 0 made version y of y_v0: its rule's cluster read 'backward of y = y_v0[0] = 0', which as Python
+    assigns 0 to y; the tooltips too."""
+    x = torch.randn(3)
+    with tg.record() as graph:
+        y = x * 2
+        y[0] = 0.0
+        loss = (y * x).sum()
+    parsed = layout(graph.render(view="backward", loss=loss))
+    assert "<b>backward of y: y_v0[0] = 0</b>" in clusters_of(parsed)
+    svg = graph.render(loss=loss).pipe(format="svg", encoding="utf-8")
+    tooltips = [a.get("{http://www.w3.org/1999/xlink}title") for a in ET.fromstring(svg).iter(f"{SVG}a")]
+    assert any(t.startswith("y: y_v0[0] = 0: 3 float32") for t in tooltips), tooltips
+    assert not any("= y_v0[0] = 0" in t for t in tooltips)
+
+
 def test_backward_view_needs_the_loss(lecture):
     graph, *_ = lecture
     with pytest.raises(ValueError, match="needs the loss"):
