@@ -181,6 +181,11 @@ class _Options:
         root, seed = _root(graph, grads, loss)
         if view == "backward" and root is None:
             raise ValueError("render: view='backward' needs the loss: pass grads=graph.backward(loss) or loss=loss")
+        if view == "backward" and seed is None and graph._nodes[root]["shape"]:
+            data = graph._nodes[root]
+            raise ValueError(f"render: view='backward' from loss= needs a scalar loss, but {data['name']!r} has shape "
+                             f"{tuple(data['shape'])}; for a non-scalar output pass "
+                             f"grads=graph.backward({data['name']!r}, grad=...) (a gradient of that shape)")
         return cls(view, grads, root, seed, compare, check, bool(values), frozenset(collapse or ()), depth,
                    cluster, rankdir)
 

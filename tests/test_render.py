@@ -366,6 +366,20 @@ def test_backward_view_needs_the_loss(lecture):
         graph.render(view="sideways")
 
 
+def test_backward_view_of_a_non_scalar_output_says_how_to_seed_it():
+    """loss='h' (32×64) raised graph.backward's advice to 'pass grad=', an option render does not have."""
+    x, w = torch.randn(4, 3), torch.randn(3)
+    with tg.record() as graph:
+        h = torch.tanh(x * w)
+    with pytest.raises(ValueError, match=r"render: .*'h' has shape \(4, 3\).*grads=graph\.backward\('h', grad="):
+        graph.render(view="backward", loss=h)
+    seed = torch.randn(4, 3)
+    nodes = svg_nodes(graph.render(view="backward", grads=graph.backward("h", grad=seed))
+                      .pipe(format="svg", encoding="utf-8"))
+    wt = w.double().requires_grad_()
+    torch.tanh(x.double() * wt).backward(seed.double())
+    assert f"grad norm {wt.grad.norm().item():.3g}" in box_with(nodes, "dw")
+
 
 def test_a_gradient_passed_on_unchanged_names_every_tensor_it_is_the_gradient_of():
     """micrograd's example: d = e + c passes dd on unchanged, so dd, de and dc are one box. It named two of
