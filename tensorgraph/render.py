@@ -22,6 +22,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -506,7 +507,20 @@ class Drawing:
 
 
 def esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+    """Text for an HTML-like label: markup escaped, control characters made visible (see :func:`visible`)."""
+    return html.escape(visible(str(text)), quote=True)
+
+
+# characters no XML document may hold (Graphviz's label parser rejects them, an SVG holding one does not open)
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_CONTROL = re.compile("[\x00-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
+
+
+def visible(text: str, keep_lines: bool = False) -> str:
+    """Control characters written as Python writes them (``\\x01``, ``\\n``): a ``tg.scope`` or title holding one
+    made dot fail, or wrote an SVG no browser opens. ``keep_lines`` keeps tabs and line breaks (a tooltip's)."""
+    pattern = _NOT_XML if keep_lines else _CONTROL
+    return pattern.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def op_row(text: str) -> str:
@@ -851,7 +865,7 @@ def emit(drawing: Drawing, options: _Options, *, legend: bool = True, title: str
         for box in members.get(path, ()):
             attrs = {"fillcolor": box.fill, **box.attrs}
             if box.tooltip:
-                attrs["tooltip"] = box.tooltip
+                attrs["tooltip"] = visible(box.tooltip, keep_lines=True)
             container.node(box.key, _table(box.rows), **attrs)
         for child in sorted(children.get(path, ())):
             with container.subgraph(name=f"cluster_{next(counter)}") as sub:

@@ -841,3 +841,21 @@ def test_names_with_markup_characters_are_escaped():
     parsed = layout(graph.render(view="backward", loss=loss))
     labels = " ".join(o.get("label", "") for o in parsed["objects"])
     assert "a&lt;b&gt;&amp;" in labels
+
+
+def test_control_characters_in_scope_names_and_titles_are_drawn_visibly(tmp_path):
+    """tg.scope("s\\x01cope") made dot fail ('in label of graph cluster_0'); in a tooltip, a control character
+    wrote an SVG that is not XML (no browser opens it)."""
+    x = torch.randn(3)
+    with tg.record() as graph:
+        with tg.scope("s\x01cope"), tg.scope("two\nlines"):
+            y = x * 2
+        loss = y.sum()
+    for view in ("forward", "backward"):
+        path = graph.render(tmp_path / f"{view}.svg", view=view, loss=loss, title="t\x02itle",
+                            collapse="two\nlines" if view == "forward" else None)
+        root = ET.parse(path).getroot()  # well-formed XML
+        text = " ".join(t.text or "" for t in root.iter(f"{SVG}text"))
+        tooltips = " ".join(a.get("{http://www.w3.org/1999/xlink}title") or "" for a in root.iter(f"{SVG}a"))
+        assert "s\\x01cope" in text and "t\\x02itle" in text, text
+        assert "two\\nlines" in text + tooltips, (text, tooltips)
