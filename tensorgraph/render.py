@@ -52,7 +52,7 @@ INSTALL_HINT = ("install Graphviz (Debian/Ubuntu: apt-get install graphviz; macO
 COLORS = {
     "op": "#ffffff", "leaf": "#d9ead3", "input": "#cfe2f3", "constant": "#eeeeee", "loss": "#f9cb9c",
     "exact": "#b6d7a8", "approximate": "#ffe599", "wrong": "#ea9999",
-    "ok": "#d9ead3", "first error": "#e06666", "downstream of the error": "#f4cccc",
+    "ok": "#b6d7a8", "first error": "#e06666", "downstream of the error": "#f4cccc",
     "gradient": "#fce5cd", "seed": "#f9cb9c", "broadcast-undo": "#d9d2e9", "fan-out +=": "#fff2cc",
     "partial gradient": "#fdf6ec", "collapsed": "#e8eef7",
 }

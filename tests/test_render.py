@@ -270,6 +270,21 @@ class CheckReport:
     rows: list[CheckRow] = field(default_factory=list)
 
 
+def test_each_colour_of_the_legend_means_one_thing(lecture):
+    """A check render's legend drew 'ok' and 'leaf (parameter or input)' in the same green."""
+    import re
+
+    graph, _, _, grads = lecture
+    rows = [CheckRow("d" + name, "ok") for name in LECTURE_ROWS]
+    rows[LECTURE_ROWS.index("bnvar")] = CheckRow("dbnvar", "sign", "dbnvar has the wrong sign")
+    compare = graph.compare(grads.root)
+    for options in ({"check": CheckReport("dbnvar", rows)}, {"compare": compare}):
+        source = graph.render(grads=grads, **options).source
+        legend = re.findall(r'<td bgcolor="(#[0-9a-f]{6})" border="1" cellpadding="3">([^<]*)</td>', source)
+        assert len(legend) >= 5, legend
+        assert len({color for color, _ in legend}) == len(legend), legend
+
+
 def test_check_report_marks_first_error_and_what_it_feeds(lecture):
     graph, _, _, grads = lecture
     rows = [CheckRow("d" + name, "ok") for name in LECTURE_ROWS]
