@@ -481,6 +481,7 @@ class Box:
     is_op: bool = True
     attrs: dict[str, str] = field(default_factory=dict)
     shared: bool = False  # a leaf or constant that may be drawn once per use (see _one_box_per_use)
+    result: bool = False  # what the picture is for (the loss; a final gradient): named by a collapsed cluster
 
 
 @dataclass
@@ -743,7 +744,7 @@ def forward_drawing(graph: Graph, options: _Options) -> Drawing:
         fill = COLORS[status[node][0]] if node in status else COLORS[role]
         box = Box(f"n{node}", rows, fill, paths.get(node, ()), tooltip=_tooltip(data, name),
                   summary=f"{data['name']} {shape_text(data['shape'])}", is_op=data["kind"] == "op",
-                  attrs=_role_attrs(role), shared=data["kind"] != "op" and not data["inputs"])
+                  attrs=_role_attrs(role), shared=data["kind"] != "op" and not data["inputs"], result=node in losses)
         drawing.add(box, legend=None)
         drawing.legend.setdefault(_ROLE_TEXT[role], COLORS[role])
         if node in status:
@@ -984,7 +985,7 @@ def _one_box_per_use(boxes: list[Box], edges: _Edges) -> tuple[list[Box], _Edges
 def _collapsed_box(key: str, path: tuple[str, ...], inside: list[Box], leaving: list[str], drawing: Drawing) -> Box:
     ops = sum(box.is_op for box in inside)
     others = f", {len(inside) - ops} leaves" if len(inside) > ops else ""
-    outputs = list(dict.fromkeys(leaving))
+    outputs = list(dict.fromkeys(leaving + [box.key for box in inside if box.result]))
     rows = [f"<b>{esc(drawing.cluster_labels.get(path, path[-1]))}</b>", small_row(f"{ops} ops{others} (collapsed)")]
     for out in outputs[:3]:
         rows.append(small_row("→ " + drawing.boxes[out].summary))

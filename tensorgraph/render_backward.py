@@ -207,7 +207,8 @@ class _Backward:
         if a in self.unused:  # the rule computed it for an input that is a plain number: nobody reads it
             attrs = {"style": "rounded,filled,dotted", "fontcolor": "#888888"}
         return Box(f"a{a}", rows, fill, tooltip=self._tooltip(a, data),
-                   summary=f"{self.name(a)} {shape_text(data['shape'])}", is_op=data["kind"] == "op", attrs=attrs)
+                   summary=f"{self.name(a)} {shape_text(data['shape'])}", is_op=data["kind"] == "op", attrs=attrs,
+                   result=a in self.final and self.tr.adjoint.nx.out_degree(a) == 0)  # a gradient the pass ends with
 
     def _top_rows(self, a: int, data: dict[str, Any]) -> tuple[list[str], str]:
         """The op row (what made this tensor) and the box's colour."""

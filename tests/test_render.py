@@ -546,6 +546,23 @@ def scoped_mlp(layers: int, width: int = 16, batch: int = 8):
     return graph, loss
 
 
+def test_a_collapsed_cluster_names_the_results_inside_it():
+    """Collapsing a layer in the backward view hid its parameters' final gradients (dW, db: nothing reads them,
+    so no edge left the box); collapsing the scope that computes the loss hid the loss."""
+    x, W, b = torch.randn(4, 3), torch.randn(3, 3), torch.randn(3)
+    with tg.record() as graph:
+        with tg.scope("layer1"):
+            h = torch.relu(x @ W + b)
+        with tg.scope("head"):
+            loss = (h * h).mean()
+    backward = svg_nodes(graph.render(view="backward", loss=loss, collapse="layer1")
+                         .pipe(format="svg", encoding="utf-8"))
+    layer = box_with(backward, "layer1")
+    assert all(f"→ {name}" in layer for name in ("dW 3×3", "db 3", "dx 4×3")), layer
+    forward = svg_nodes(graph.render(loss=loss, collapse="head").pipe(format="svg", encoding="utf-8"))
+    assert "→ loss scalar" in box_with(forward, "head")
+
+
 def test_clusters_follow_scopes_and_collapse():
     graph, loss = scoped_mlp(2)
     parsed = layout(graph.render(loss=loss))
