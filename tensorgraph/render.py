@@ -24,6 +24,8 @@ import math
 import os
 import re
 import subprocess
+import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,7 +246,7 @@ def write(dot: graphviz.Digraph, target: Path, fmt: str, timeout: float | None =
         target.write_text(dot.source, encoding="utf-8")
         return target
     try:
-        data = layout(dot, fmt, timeout)
+        done = _run_dot(dot, fmt, timeout)
     except FileNotFoundError:
         source = _write_source(dot, target)
         raise GraphvizNotFoundError(
@@ -260,8 +262,32 @@ def write(dot: graphviz.Digraph, target: Path, fmt: str, timeout: float | None =
         detail = (err.stderr or b"").decode(errors="replace").strip().splitlines()
         raise RuntimeError(f"render: Graphviz's dot failed on {str(target)!r}: "
                            f"{detail[-1] if detail else err}") from None
-    target.write_bytes(data)
+    target.write_bytes(done.stdout)
+    _warn_if_shrunk(done.stderr, target)
     return target
+
+
+class RenderWarning(UserWarning):
+    """The picture was written, but not as asked: Graphviz shrank a bitmap too large for it."""
+
+
+def _warn_if_shrunk(stderr: bytes, target: Path) -> None:
+    """Graphviz shrinks a bitmap larger than 32,767 pixels a side to fit, saying so only on its stderr."""
+    found = re.search(r"Scaling by ([0-9.eE+-]+)", (stderr or b"").decode(errors="replace"))
+    if found is None:
+        return
+    warnings.warn(f"render: {str(target)!r} is too large for a bitmap, so Graphviz shrank it to "
+                  f"{float(found.group(1)):.0%} of its size (its text may be unreadable); write .svg or .pdf instead, "
+                  f"or {_DRAW_LESS}", RenderWarning, stacklevel=_outside_the_package())
+
+
+def _outside_the_package() -> int:
+    """The stacklevel of the first caller outside tensorgraph: a warning points at the user's line."""
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def layout(dot: graphviz.Digraph, fmt: str, timeout: float | None) -> bytes:
@@ -270,11 +296,15 @@ def layout(dot: graphviz.Digraph, fmt: str, timeout: float | None) -> bytes:
     Raises ``FileNotFoundError`` without the program, ``subprocess.TimeoutExpired`` past the
     limit (the process is killed), ``subprocess.CalledProcessError`` when it fails.
     """
+    return _run_dot(dot, fmt, timeout).stdout
+
+
+def _run_dot(dot: graphviz.Digraph, fmt: str, timeout: float | None) -> subprocess.CompletedProcess:
     done = subprocess.run([dot.engine, f"-T{fmt}"], input=dot.source.encode(dot.encoding or "utf-8"),
                           capture_output=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout, done.stderr)
-    return done.stdout
+    return done
 
 
 def _write_source(dot: graphviz.Digraph, target: Path) -> Path:
@@ -1016,5 +1046,5 @@ def _legend(drawing: Drawing, title: str) -> str:
     return f'<<table border="0" cellspacing="4" cellborder="0">{heading}{body}</table>>'
 
 
-__all__ = ["render", "mimebundle", "GraphvizNotFoundError", "RenderTimeoutError", "FORMATS", "expression", "definition",
-           "shape_text", "value_summary", "grad_summary"]
+__all__ = ["render", "mimebundle", "GraphvizNotFoundError", "RenderTimeoutError", "RenderWarning", "FORMATS",
+           "expression", "definition", "shape_text", "value_summary", "grad_summary"]

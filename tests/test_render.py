@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import time
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,6 +421,26 @@ def test_a_gradient_passed_on_unchanged_names_every_tensor_it_is_the_gradient_of
     nodes = svg_nodes(graph.render(view="backward", loss=loss).pipe(format="svg", encoding="utf-8"))
     assert "(4 more)" in box_with(nodes, "dtotal")
 # ---------------------------------------------------------------------------------------------- output formats
+
+
+def test_a_bitmap_graphviz_had_to_shrink_comes_with_a_warning(tmp_path):
+    """A PNG taller than 32,767 pixels was shrunk by Graphviz (its text unreadable), which said so only on a
+    stderr render threw away."""
+    from tensorgraph.render import RenderWarning
+
+    x = torch.randn(2)
+    with tg.record() as graph:
+        h = x
+        for _ in range(500):
+            h = h.tanh()
+    with pytest.warns(RenderWarning, match=r"tall\.png' is too large for a bitmap.*shrank it to \d+%.*\.svg") as got:
+        graph.render(tmp_path / "tall.png")
+    assert got[0].filename == __file__  # the warning points at the caller's line
+    height = int.from_bytes((tmp_path / "tall.png").read_bytes()[20:24], "big")  # PNG IHDR: width, then height
+    assert height == 32767
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph.render(tmp_path / "tall.svg")  # a vector picture is never shrunk
 
 
 def test_png_pdf_and_dot_outputs(lecture, tmp_path):
@@ -834,6 +855,21 @@ def test_cli_without_dot(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "apt-get install graphviz" in err
     assert (tmp_path / "mlp.dot").exists()
+
+
+def test_cli_says_in_one_line_that_a_bitmap_was_shrunk(tmp_path, capsys, monkeypatch):
+    import tensorgraph.lecture
+
+    x = torch.randn(2)
+    with tg.record() as graph:
+        h = x
+        for _ in range(500):
+            h = h.tanh()
+        loss = h.sum()
+    monkeypatch.setattr(tensorgraph.lecture, "record_exercise", lambda: (graph, loss, None))
+    assert main(["render", "--out", str(tmp_path / "tall.png")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tensorgraph render: warning: ") and "shrank it to" in err, err
 
 
 # ---------------------------------------------------------------------------------------------- every op
