@@ -384,6 +384,11 @@ def _expression(data: dict[str, Any], name: Callable[[int], str]) -> str:
     op_name = data["op"]
     args, kwargs = tuple(data["bargs"]), dict(data["bkwargs"] or {})
     arg = lambda value: argument(value, name)  # noqa: E731
+    if data["kind"] == "constant" and data.get("previous") is not None and not args:
+        # a new value of a tensor with no history (w -= lr * dw under no_grad, w.data = ..., nn.init):
+        # its arguments were not recorded
+        before = name(data["previous"])
+        return f"{before}.data = …" if op_name == "set_data" else f"{op_name.rstrip('_')}_({before}, …)"
     if op_name == "no_grad_update":  # the update's own call, then what the engine does with it
         parts = [arg(a) for a in data["args"]] + [_keyword(k, v, arg) for k, v in data["kwargs"].items()]
         return f"{data['attrs'].get('update', '?')}({', '.join(parts)}) under no_grad"

@@ -543,6 +543,22 @@ def test_expressions_of_common_ops():
                     "k": "sum(x, dim=(0, 1))"}
 
 
+
+def test_a_value_changed_without_history_is_labelled_with_what_it_was():
+    """w -= lr under no_grad (an SGD step recorded with the forward) was drawn 'sub_()': a call of nothing."""
+    x, w, v, u = torch.randn(4, 3), torch.randn(3), torch.randn(3), torch.randn(3)
+    with tg.record() as graph:
+        loss = (x * w * v * u).sum()
+        with torch.no_grad():
+            w -= 0.1
+        v.data = torch.zeros(3)
+        torch.nn.init.normal_(u)
+        after = (x * w * v * u).sum()  # noqa: F841 (named: the graph records the name)
+    nodes = svg_nodes(graph.render(loss=loss).pipe(format="svg", encoding="utf-8"))
+    assert "sub_(w_v0, …)" in nodes[f"n{graph.node_id('w')}"]
+    assert "v_v0.data = …" in nodes[f"n{graph.node_id('v')}"]
+    assert "normal_(u_v0, …)" in nodes[f"n{graph.node_id('u')}"]
+
 # ---------------------------------------------------------------------------------------------- large graphs
 
 
