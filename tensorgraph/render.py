@@ -22,7 +22,10 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 import subprocess
+import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +54,7 @@ INSTALL_HINT = ("install Graphviz (Debian/Ubuntu: apt-get install graphviz; macO
 COLORS = {
     "op": "#ffffff", "leaf": "#d9ead3", "input": "#cfe2f3", "constant": "#eeeeee", "loss": "#f9cb9c",
     "exact": "#b6d7a8", "approximate": "#ffe599", "wrong": "#ea9999",
-    "ok": "#d9ead3", "first error": "#e06666", "downstream of the error": "#f4cccc",
+    "ok": "#b6d7a8", "first error": "#e06666", "downstream of the error": "#f4cccc",
     "gradient": "#fce5cd", "seed": "#f9cb9c", "broadcast-undo": "#d9d2e9", "fan-out +=": "#fff2cc",
     "partial gradient": "#fdf6ec", "collapsed": "#e8eef7",
 }
@@ -106,14 +109,15 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
         rankdir: "TB" (top to bottom), "LR", "BT" or "RL".
         legend: add a legend of the colours used.
         title: a line of text above the legend.
-        dpi: resolution of PNG output.
+        dpi: resolution of PNG output (a positive number; None: Graphviz's default, 96).
         timeout: seconds Graphviz may take to lay the picture out (None: no limit). Past it,
             ``RenderTimeoutError`` says how to draw less; the DOT source is written beside
             ``path``. Without ``path`` there is no layout here, so no limit.
     """
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not timeout > 0):
+    if timeout is not None and not _positive(timeout):
         raise ValueError(f"render: timeout must be a positive number of seconds or None, got {timeout!r}")
+    if dpi is not None and not (_positive(dpi) and math.isfinite(dpi)):  # dot hangs on a negative dpi
+        raise ValueError(f"render: dpi must be a positive number of dots per inch or None, got {dpi!r}")
     target, fmt = output_format(path) if path is not None else (None, None)
     options = _Options.parse(graph, view=view, grads=grads, loss=loss, compare=compare, check=check, values=values,
                              collapse=collapse, depth=depth, cluster=cluster, rankdir=rankdir)
@@ -127,6 +131,10 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
     if target is None:
         return dot
     return write(dot, target, fmt, timeout)
+
+
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
 
 
 def mimebundle(graph: Graph) -> dict[str, Any]:
@@ -178,6 +186,11 @@ class _Options:
         root, seed = _root(graph, grads, loss)
         if view == "backward" and root is None:
             raise ValueError("render: view='backward' needs the loss: pass grads=graph.backward(loss) or loss=loss")
+        if view == "backward" and seed is None and graph._nodes[root]["shape"]:
+            data = graph._nodes[root]
+            raise ValueError(f"render: view='backward' from loss= needs a scalar loss, but {data['name']!r} has shape "
+                             f"{tuple(data['shape'])}; for a non-scalar output pass "
+                             f"grads=graph.backward({data['name']!r}, grad=...) (a gradient of that shape)")
         return cls(view, grads, root, seed, compare, check, bool(values), frozenset(collapse or ()), depth,
                    cluster, rankdir)
 
@@ -250,7 +263,7 @@ def write(dot: graphviz.Digraph, target: Path, fmt: str, timeout: float | None =
         target.write_text(dot.source, encoding="utf-8")
         return target
     try:
-        data = layout(dot, fmt, timeout)
+        done = _run_dot(dot, fmt, timeout)
     except FileNotFoundError:
         source = _write_source(dot, target)
         raise GraphvizNotFoundError(
@@ -266,8 +279,32 @@ def write(dot: graphviz.Digraph, target: Path, fmt: str, timeout: float | None =
         detail = (err.stderr or b"").decode(errors="replace").strip().splitlines()
         raise RuntimeError(f"render: Graphviz's dot failed on {str(target)!r}: "
                            f"{detail[-1] if detail else err}") from None
-    target.write_bytes(data)
+    target.write_bytes(done.stdout)
+    _warn_if_shrunk(done.stderr, target)
     return target
+
+
+class RenderWarning(UserWarning):
+    """The picture was written, but not as asked: Graphviz shrank a bitmap too large for it."""
+
+
+def _warn_if_shrunk(stderr: bytes, target: Path) -> None:
+    """Graphviz shrinks a bitmap larger than 32,767 pixels a side to fit, saying so only on its stderr."""
+    found = re.search(r"Scaling by ([0-9.eE+-]+)", (stderr or b"").decode(errors="replace"))
+    if found is None:
+        return
+    warnings.warn(f"render: {str(target)!r} is too large for a bitmap, so Graphviz shrank it to "
+                  f"{float(found.group(1)):.0%} of its size (its text may be unreadable); write .svg or .pdf instead, "
+                  f"or {_DRAW_LESS}", RenderWarning, stacklevel=_outside_the_package())
+
+
+def _outside_the_package() -> int:
+    """The stacklevel of the first caller outside tensorgraph: a warning points at the user's line."""
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def layout(dot: graphviz.Digraph, fmt: str, timeout: float | None) -> bytes:
@@ -276,11 +313,15 @@ def layout(dot: graphviz.Digraph, fmt: str, timeout: float | None) -> bytes:
     Raises ``FileNotFoundError`` without the program, ``subprocess.TimeoutExpired`` past the
     limit (the process is killed), ``subprocess.CalledProcessError`` when it fails.
     """
+    return _run_dot(dot, fmt, timeout).stdout
+
+
+def _run_dot(dot: graphviz.Digraph, fmt: str, timeout: float | None) -> subprocess.CompletedProcess:
     done = subprocess.run([dot.engine, f"-T{fmt}"], input=dot.source.encode(dot.encoding or "utf-8"),
                           capture_output=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout, done.stderr)
-    return done.stdout
+    return done
 
 
 def _write_source(dot: graphviz.Digraph, target: Path) -> Path:
@@ -349,10 +390,22 @@ def expression(data: dict[str, Any], name: Callable[[int], str], limit: int = 60
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def definition(name: str, data: dict[str, Any], names: Callable[[int], str], limit: int = 60) -> str:
+    """``hprebn = matmul_1 + b1``; an assignment into a tensor reads ``y: y_v0[0] = 0``, not ``y = y_v0[0] = 0``
+    (which, as Python, would assign 0 to y)."""
+    text = expression(data, names, limit)
+    return f"{name}: {text}" if data["op"] == "setitem" else f"{name} = {text}"
+
+
 def _expression(data: dict[str, Any], name: Callable[[int], str]) -> str:
     op_name = data["op"]
     args, kwargs = tuple(data["bargs"]), dict(data["bkwargs"] or {})
     arg = lambda value: argument(value, name)  # noqa: E731
+    if data["kind"] == "constant" and data.get("previous") is not None and not args:
+        # a new value of a tensor with no history (w -= lr * dw under no_grad, w.data = ..., nn.init):
+        # its arguments were not recorded
+        before = name(data["previous"])
+        return f"{before}.data = …" if op_name == "set_data" else f"{op_name.rstrip('_')}_({before}, …)"
     if op_name == "no_grad_update":  # the update's own call, then what the engine does with it
         parts = [arg(a) for a in data["args"]] + [_keyword(k, v, arg) for k, v in data["kwargs"].items()]
         return f"{data['attrs'].get('update', '?')}({', '.join(parts)}) under no_grad"
@@ -412,25 +465,47 @@ def _non_default(kwargs: dict, defaults: dict) -> bool:
 
 
 def value_summary(tensor: Tensor) -> str:
-    """mean, std, min and max of a tensor (its value for a scalar)."""
+    """mean, std, min and max of a tensor (its value for a scalar); non-finite entries are counted, not averaged."""
     t = tensor.detach()
+    if t.is_meta:
+        return "value not saved (save the graph with values=True)"
     if t.numel() == 0:
         return "empty"
     if t.is_meta:  # recorded on the "meta" device, or loaded without values: shapes only
         return "no values (meta)"
     if t.dtype == torch.bool:
         return f"true {int(t.sum())}/{t.numel()}"
+    if t.is_complex():
+        if t.numel() == 1:
+            z = complex(t.item())
+            return f"value {number(z.real)}{'-' if math.copysign(1, z.imag) < 0 else '+'}{number(abs(z.imag))}j"
+        return "|z| " + _stats(t.abs().double())
     if t.numel() == 1:
         return f"value {number(t.item())}"
-    if not (t.is_floating_point() or t.is_complex()):
+    if not t.is_floating_point():
         return f"min {int(t.min())}  max {int(t.max())}"
-    t = t.double() if not t.is_complex() else t.abs().double()
-    return (f"mean {number(t.mean().item())}  std {number(t.std(correction=0).item())}  "
-            f"min {number(t.min().item())}  max {number(t.max().item())}")
+    return _stats(t.double())
+
+
+def _stats(t: Tensor) -> str:
+    finite = t[t.isfinite()]
+    odd = _non_finite(t)
+    if finite.numel() == 0:
+        return odd
+    text = (f"mean {number(finite.mean().item())}  std {number(finite.std(correction=0).item())}  "
+            f"min {number(finite.min().item())}  max {number(finite.max().item())}")
+    return f"{text}  (of {finite.numel()} finite; {odd})" if odd else text
+
+
+def _non_finite(t: Tensor) -> str:
+    """``1 nan, 2 inf, 1 -inf``: how many entries are not finite (empty when all are)."""
+    counts = {"nan": int(t.isnan().sum()), "inf": int(t.isposinf().sum()), "-inf": int(t.isneginf().sum())}
+    return ", ".join(f"{count} {what}" for what, count in counts.items() if count)
 
 
 def grad_summary(grad: Tensor) -> str:
-    """The gradient's norm and its largest entry in absolute value (its signed value for a scalar)."""
+    """The gradient's norm and its largest entry in absolute value (its signed value for a scalar); non-finite
+    entries are counted, and the norm is that of the finite ones."""
     g = grad.detach().double()
     if g.numel() == 0:
         return "grad empty"
@@ -438,7 +513,12 @@ def grad_summary(grad: Tensor) -> str:
         return "grad: no values (meta)"
     if g.numel() == 1:  # a norm would drop the sign, which is what a scalar's gradient is read for
         return f"grad {number(g.item())}"
-    return f"grad norm {number(g.norm().item())}  max|g| {number(g.abs().max().item())}"
+    finite = g[g.isfinite()]
+    odd = _non_finite(g)
+    if finite.numel() == 0:
+        return f"grad: {odd}"
+    text = f"grad norm {number(finite.norm().item())}  max|g| {number(finite.abs().max().item())}"
+    return f"{text}  (of {finite.numel()} finite; {odd})" if odd else text
 
 
 # ---------------------------------------------------------------------------------------------- the drawing
@@ -457,6 +537,7 @@ class Box:
     is_op: bool = True
     attrs: dict[str, str] = field(default_factory=dict)
     shared: bool = False  # a leaf or constant that may be drawn once per use (see _one_box_per_use)
+    result: bool = False  # what the picture is for (the loss; a final gradient): named by a collapsed cluster
 
 
 @dataclass
@@ -483,7 +564,20 @@ class Drawing:
 
 
 def esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+    """Text for an HTML-like label: markup escaped, control characters made visible (see :func:`visible`)."""
+    return html.escape(visible(str(text)), quote=True)
+
+
+# characters no XML document may hold (Graphviz's label parser rejects them, an SVG holding one does not open)
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_CONTROL = re.compile("[\x00-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
+
+
+def visible(text: str, keep_lines: bool = False) -> str:
+    """Control characters written as Python writes them (``\\x01``, ``\\n``): a ``tg.scope`` or title holding one
+    made dot fail, or wrote an SVG no browser opens. ``keep_lines`` keeps tabs and line breaks (a tooltip's)."""
+    pattern = _NOT_XML if keep_lines else _CONTROL
+    return pattern.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def op_row(text: str) -> str:
@@ -706,7 +800,7 @@ def forward_drawing(graph: Graph, options: _Options) -> Drawing:
         fill = COLORS[status[node][0]] if node in status else COLORS[role]
         box = Box(f"n{node}", rows, fill, paths.get(node, ()), tooltip=_tooltip(data, name),
                   summary=f"{data['name']} {shape_text(data['shape'])}", is_op=data["kind"] == "op",
-                  attrs=_role_attrs(role), shared=data["kind"] != "op" and not data["inputs"])
+                  attrs=_role_attrs(role), shared=data["kind"] != "op" and not data["inputs"], result=node in losses)
         drawing.add(box, legend=None)
         drawing.legend.setdefault(_ROLE_TEXT[role], COLORS[role])
         if node in status:
@@ -742,7 +836,7 @@ def _role_attrs(role: str) -> dict[str, str]:
 
 
 def _tooltip(data: dict[str, Any], name: Callable[[int], str]) -> str:
-    what = f"{data['name']} = {expression(data, name, limit=200)}" if data["kind"] != "leaf" else data["name"]
+    what = definition(data["name"], data, name, limit=200) if data["kind"] != "leaf" else data["name"]
     where = f" ({data['source']} in {data['function']})" if data.get("source") else ""
     return f"{what}: {shape_text(data['shape'])} {str(data['dtype']).replace('torch.', '')}{where}"
 
@@ -828,7 +922,7 @@ def emit(drawing: Drawing, options: _Options, *, legend: bool = True, title: str
         for box in members.get(path, ()):
             attrs = {"fillcolor": box.fill, **box.attrs}
             if box.tooltip:
-                attrs["tooltip"] = box.tooltip
+                attrs["tooltip"] = visible(box.tooltip, keep_lines=True)
             container.node(box.key, _table(box.rows), **attrs)
         for child in sorted(children.get(path, ())):
             with container.subgraph(name=f"cluster_{next(counter)}") as sub:
@@ -947,7 +1041,7 @@ def _one_box_per_use(boxes: list[Box], edges: _Edges) -> tuple[list[Box], _Edges
 def _collapsed_box(key: str, path: tuple[str, ...], inside: list[Box], leaving: list[str], drawing: Drawing) -> Box:
     ops = sum(box.is_op for box in inside)
     others = f", {len(inside) - ops} leaves" if len(inside) > ops else ""
-    outputs = list(dict.fromkeys(leaving))
+    outputs = list(dict.fromkeys(leaving + [box.key for box in inside if box.result]))
     rows = [f"<b>{esc(drawing.cluster_labels.get(path, path[-1]))}</b>", small_row(f"{ops} ops{others} (collapsed)")]
     for out in outputs[:3]:
         rows.append(small_row("→ " + drawing.boxes[out].summary))
@@ -978,5 +1072,5 @@ def _legend(drawing: Drawing, title: str) -> str:
     return f'<<table border="0" cellspacing="4" cellborder="0">{heading}{body}</table>>'
 
 
-__all__ = ["render", "mimebundle", "GraphvizNotFoundError", "RenderTimeoutError", "FORMATS", "expression",
-           "shape_text", "value_summary", "grad_summary"]
+__all__ = ["render", "mimebundle", "GraphvizNotFoundError", "RenderTimeoutError", "RenderWarning", "FORMATS",
+           "expression", "definition", "shape_text", "value_summary", "grad_summary"]

@@ -27,6 +27,7 @@ from .render import (
     call_names,
     cluster_mode,
     cluster_path,
+    definition,
     distances,
     expression,
     function_of_call,
@@ -44,6 +45,11 @@ if TYPE_CHECKING:
     from .engine import BackwardTrace
     from .graph import Graph
     from .render import _Options
+
+
+# a gradient passed on unchanged to several tensors (``d = e + c``: dd, de and dc are one tensor) is one box;
+# its name row lists this many of their names
+_NAMES_SHOWN = 4
 
 
 def backward_drawing(graph: Graph, options: _Options) -> Drawing:
@@ -126,12 +132,18 @@ class _Backward:
 
     # ------------------------------------------------------------------ names
 
+    def gradient_names(self, a: int) -> list[str]:
+        """The names of the gradients adjoint node ``a`` is: ``["dd", "de", "dc"]`` when an add passed ``dd`` on
+        unchanged to ``e`` and ``c`` (the user's names only, when there are any)."""
+        forward = self.final[a]
+        named = [node for node in forward if self.fwd[node]["named"]] or forward[:1]
+        return ["d" + self.fwd[node]["name"] for node in named]
+
     def name(self, a: int) -> str:
-        """Display name: ``dhprebn`` for gradients (the user's names first), else the adjoint's own."""
+        """Display name: ``dhprebn`` for gradients (the first of several: the name an expression uses), else the
+        adjoint's own."""
         if a in self.final:
-            forward = self.final[a]
-            named = [node for node in forward if self.fwd[node]["named"]] or forward[:1]
-            return " = ".join("d" + self.fwd[node]["name"] for node in named[:2])
+            return self.gradient_names(a)[0]
         name = self.adj[a]["name"]
         return name + "′" if a in self.primed else name
 
@@ -195,7 +207,8 @@ class _Backward:
         if a in self.unused:  # the rule computed it for an input that is a plain number: nobody reads it
             attrs = {"style": "rounded,filled,dotted", "fontcolor": "#888888"}
         return Box(f"a{a}", rows, fill, tooltip=self._tooltip(a, data),
-                   summary=f"{self.name(a)} {shape_text(data['shape'])}", is_op=data["kind"] == "op", attrs=attrs)
+                   summary=f"{self.name(a)} {shape_text(data['shape'])}", is_op=data["kind"] == "op", attrs=attrs,
+                   result=a in self.final and self.tr.adjoint.nx.out_degree(a) == 0)  # a gradient the pass ends with
 
     def _top_rows(self, a: int, data: dict[str, Any]) -> tuple[list[str], str]:
         """The op row (what made this tensor) and the box's colour."""
@@ -219,7 +232,10 @@ class _Backward:
 
     def _name_row(self, a: int, data: dict[str, Any]) -> str:
         if a in self.final:
-            return name_row(self.name(a), data["shape"])
+            names = self.gradient_names(a)
+            more = len(names) - _NAMES_SHOWN
+            return name_row(" = ".join(names[:_NAMES_SHOWN]), data["shape"],
+                            note=f"= … ({more} more)" if more > 0 else "")
         if a in self.accumulation:
             source = self.accumulation[a][0]
             return name_row("d" + self.forward_name(source), data["shape"], note="(running sum)")
@@ -259,13 +275,14 @@ class _Backward:
         path = scope + (f"\x00rule{consumer}",)
         data = self.fwd[consumer]
         drawing.cluster_labels.setdefault(
-            path, f"backward of {data['name']} = {expression(data, self.forward_name)}")
+            path, f"backward of {definition(data['name'], data, self.forward_name)}")
         return path
 
     def _tooltip(self, a: int, data: dict[str, Any]) -> str:
         consumer = self.owner.get(a)
         rule = f" (in the rule of {self.fwd[consumer]['name']})" if consumer is not None else ""
-        return f"{self.name(a)} = {expression(data, self.name, limit=200)}: {shape_text(data['shape'])}{rule}"
+        name = " = ".join(self.gradient_names(a)) if a in self.final else self.name(a)
+        return f"{definition(name, data, self.name, limit=200)}: {shape_text(data['shape'])}{rule}"
 
     def _mark_cut(self, drawing: Drawing, shown: set[int], near: dict[int, int]) -> None:
         """With depth=k: the gradients whose rules were not drawn feed one "⋯" box."""

@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import time
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,53 @@ def test_value_summary(lecture):
     assert f"value {graph.value('loss').item():.3g}" in nodes[f"n{graph.node_id('loss')}"]
 
 
+def test_non_finite_values_and_gradients_are_counted_not_averaged():
+    """A tensor with one nan was drawn 'mean nan std nan min nan max nan', hiding where the nan is and the rest."""
+    x = torch.tensor([float("nan"), float("inf"), -0.0, 1e30, 2.0])
+    w = torch.tensor([1.0, -2.0, 3.0])
+    with tg.record() as graph:
+        s = (x * 0).sum()         # nan: 0 * nan and 0 * inf
+        y = w * s                 # all nan
+        loss = (y * w).sum() + (w * w).sum()
+    grads = graph.backward(loss)
+    nodes = svg_nodes(graph.render(grads=grads, values=True).pipe(format="svg", encoding="utf-8"))
+    finite = x[x.isfinite()].double()
+    text = " ".join(nodes[f"n{graph.node_id('x')}"].split())
+    assert f"mean {finite.mean().item():.3g}" in text and f"max {finite.max().item():.3g}" in text
+    assert "(of 3 finite; 1 nan, 1 inf)" in text
+    assert "value: 3 nan" not in nodes[f"n{graph.node_id('y')}"] and "3 nan" in nodes[f"n{graph.node_id('y')}"]
+    # gradients: torch autograd's, nan where torch has nan
+    wt = w.double().requires_grad_()
+    xt = x.double()
+    yt = wt * (xt * 0).sum()
+    ((yt * wt).sum() + (wt * wt).sum()).backward()
+    assert wt.grad.isnan().all()
+    assert f"grad: {int(wt.grad.isnan().sum())} nan" in nodes[f"n{graph.node_id('w')}"]
+
+
+def test_values_of_complex_tensors():
+    """A complex scalar's value raised TypeError; a complex tensor's |z| statistics were labelled as its mean."""
+    c = torch.tensor(1.0 - 2.0j)
+    zs = torch.tensor([1.0 + 1.0j, -0.5j])
+    with tg.record() as graph:
+        z = c * 2
+        loss = z.abs() + (zs * 2).abs().sum()  # noqa: F841 (named: the graph records the name)
+    nodes = svg_nodes(graph.render(values=True).pipe(format="svg", encoding="utf-8"))
+    assert "value 2-4j" in nodes[f"n{graph.node_id('z')}"]
+    doubled = (zs * 2).abs().double()
+    assert f"|z| mean {doubled.mean().item():.3g}" in nodes[f"n{graph.node_id('mul_1')}"]
+
+
+def test_values_of_a_graph_loaded_without_values(tmp_path):
+    """values=True on a graph loaded without values raised 'Tensor.item() cannot be called on meta tensors'."""
+    x = torch.randn(3)
+    with tg.record() as graph:
+        loss = (x * x).sum()  # noqa: F841 (named: the graph records the name)
+    graph.save(tmp_path / "g.json")
+    loaded = tg.load_graph(tmp_path / "g.json")
+    nodes = svg_nodes(loaded.render(values=True).pipe(format="svg", encoding="utf-8"))
+    assert "value not saved" in nodes[f"n{loaded.node_id('loss')}"]
+
 def test_compare_report_colours_each_gradient(lecture):
     graph, loss, _, grads = lecture
     report = graph.compare(loss)
@@ -221,6 +269,21 @@ class CheckRow:
 class CheckReport:
     first_error: str | None
     rows: list[CheckRow] = field(default_factory=list)
+
+
+def test_each_colour_of_the_legend_means_one_thing(lecture):
+    """A check render's legend drew 'ok' and 'leaf (parameter or input)' in the same green."""
+    import re
+
+    graph, _, _, grads = lecture
+    rows = [CheckRow("d" + name, "ok") for name in LECTURE_ROWS]
+    rows[LECTURE_ROWS.index("bnvar")] = CheckRow("dbnvar", "sign", "dbnvar has the wrong sign")
+    compare = graph.compare(grads.root)
+    for options in ({"check": CheckReport("dbnvar", rows)}, {"compare": compare}):
+        source = graph.render(grads=grads, **options).source
+        legend = re.findall(r'<td bgcolor="(#[0-9a-f]{6})" border="1" cellpadding="3">([^<]*)</td>', source)
+        assert len(legend) >= 5, legend
+        assert len({color for color, _ in legend}) == len(legend), legend
 
 
 def test_check_report_marks_first_error_and_what_it_feeds(lecture):
@@ -295,6 +358,22 @@ def test_backward_view_groups_each_rule_under_its_forward_op(lecture):
     assert len([c for c in clusters if c.startswith("<b>backward of")]) == len(ops) - 1
 
 
+def test_an_assignment_into_a_tensor_is_not_labelled_as_a_chained_assignment():
+    """y[0] = 0 made version y of y_v0: its rule's cluster read 'backward of y = y_v0[0] = 0', which as Python
+    assigns 0 to y; the tooltips too."""
+    x = torch.randn(3)
+    with tg.record() as graph:
+        y = x * 2
+        y[0] = 0.0
+        loss = (y * x).sum()
+    parsed = layout(graph.render(view="backward", loss=loss))
+    assert "<b>backward of y: y_v0[0] = 0</b>" in clusters_of(parsed)
+    svg = graph.render(loss=loss).pipe(format="svg", encoding="utf-8")
+    tooltips = [a.get("{http://www.w3.org/1999/xlink}title") for a in ET.fromstring(svg).iter(f"{SVG}a")]
+    assert any(t.startswith("y: y_v0[0] = 0: 3 float32") for t in tooltips), tooltips
+    assert not any("= y_v0[0] = 0" in t for t in tooltips)
+
+
 def test_backward_view_needs_the_loss(lecture):
     graph, *_ = lecture
     with pytest.raises(ValueError, match="needs the loss"):
@@ -303,7 +382,65 @@ def test_backward_view_needs_the_loss(lecture):
         graph.render(view="sideways")
 
 
+def test_backward_view_of_a_non_scalar_output_says_how_to_seed_it():
+    """loss='h' (32×64) raised graph.backward's advice to 'pass grad=', an option render does not have."""
+    x, w = torch.randn(4, 3), torch.randn(3)
+    with tg.record() as graph:
+        h = torch.tanh(x * w)
+    with pytest.raises(ValueError, match=r"render: .*'h' has shape \(4, 3\).*grads=graph\.backward\('h', grad="):
+        graph.render(view="backward", loss=h)
+    seed = torch.randn(4, 3)
+    nodes = svg_nodes(graph.render(view="backward", grads=graph.backward("h", grad=seed))
+                      .pipe(format="svg", encoding="utf-8"))
+    wt = w.double().requires_grad_()
+    torch.tanh(x.double() * wt).backward(seed.double())
+    assert f"grad norm {wt.grad.norm().item():.3g}" in box_with(nodes, "dw")
+
+
+def test_a_gradient_passed_on_unchanged_names_every_tensor_it_is_the_gradient_of():
+    """micrograd's example: d = e + c passes dd on unchanged, so dd, de and dc are one box. It named two of
+    them (dc was nowhere), and the expressions reading it said 'dd = de * b', which reads as an assignment."""
+    a, b, c, f = (torch.tensor(v) for v in (2.0, -3.0, 10.0, -2.0))
+    with tg.record() as graph:
+        e = a * b
+        d = e + c
+        L = d * f
+    dot = graph.render(view="backward", grads=graph.backward(L))
+    nodes = svg_nodes(dot.pipe(format="svg", encoding="utf-8"))
+    truth = {name: t.double().requires_grad_() for name, t in {"a": a, "b": b, "c": c, "f": f}.items()}
+    ((truth["a"] * truth["b"] + truth["c"]) * truth["f"]).backward()
+    shared = box_with(nodes, "dd", "=", "de", "dc")
+    assert f"grad {truth['c'].grad.item():.3g} " in shared + " "
+    assert f"dd * b da scalar grad {truth['a'].grad.item():.3g}" in " ".join(box_with(nodes, "da").split())
+    assert f"dd * a db scalar grad {truth['b'].grad.item():.3g}" in " ".join(box_with(nodes, "db").split())
+    # many tensors sharing one gradient: the first names, then how many more
+    xs = [torch.randn(3) for _ in range(7)]
+    with tg.record() as graph:
+        total = xs[0] + xs[1] + xs[2] + xs[3] + xs[4] + xs[5] + xs[6]
+        loss = total.sum()
+    nodes = svg_nodes(graph.render(view="backward", loss=loss).pipe(format="svg", encoding="utf-8"))
+    assert "(4 more)" in box_with(nodes, "dtotal")
 # ---------------------------------------------------------------------------------------------- output formats
+
+
+def test_a_bitmap_graphviz_had_to_shrink_comes_with_a_warning(tmp_path):
+    """A PNG taller than 32,767 pixels was shrunk by Graphviz (its text unreadable), which said so only on a
+    stderr render threw away."""
+    from tensorgraph.render import RenderWarning
+
+    x = torch.randn(2)
+    with tg.record() as graph:
+        h = x
+        for _ in range(500):
+            h = h.tanh()
+    with pytest.warns(RenderWarning, match=r"tall\.png' is too large for a bitmap.*shrank it to \d+%.*\.svg") as got:
+        graph.render(tmp_path / "tall.png")
+    assert got[0].filename == __file__  # the warning points at the caller's line
+    height = int.from_bytes((tmp_path / "tall.png").read_bytes()[20:24], "big")  # PNG IHDR: width, then height
+    assert height == 32767
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph.render(tmp_path / "tall.svg")  # a vector picture is never shrunk
 
 
 def test_png_pdf_and_dot_outputs(lecture, tmp_path):
@@ -331,6 +468,19 @@ def test_graph_displays_inline(lecture):
     assert bundle["text/plain"].startswith("<tensorgraph.Graph")
     svg = graph._repr_svg_()  # for front ends that ask for SVG alone
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "hprebn" in svg
+
+
+def test_a_bad_dpi_is_refused_before_graphviz_runs(tmp_path):
+    """dpi=-5 made dot spin until the timeout, which then blamed the graph's size; dpi=0 was silently dropped."""
+    x = torch.randn(3)
+    with tg.record() as graph:
+        loss = (x * x).sum()
+    for dpi in (-5, 0, float("nan"), "300", True):
+        with pytest.raises(ValueError, match=r"render: dpi must be a positive number"):
+            graph.render(tmp_path / "x.png", loss=loss, dpi=dpi, timeout=3)
+    assert not (tmp_path / "x.png").exists()
+    png = graph.render(tmp_path / "x.png", loss=loss, dpi=36.5).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_paths_and_options(lecture, tmp_path):
@@ -412,6 +562,22 @@ def test_expressions_of_common_ops():
                     "k": "sum(x, dim=(0, 1))"}
 
 
+
+def test_a_value_changed_without_history_is_labelled_with_what_it_was():
+    """w -= lr under no_grad (an SGD step recorded with the forward) was drawn 'sub_()': a call of nothing."""
+    x, w, v, u = torch.randn(4, 3), torch.randn(3), torch.randn(3), torch.randn(3)
+    with tg.record() as graph:
+        loss = (x * w * v * u).sum()
+        with torch.no_grad():
+            w -= 0.1
+        v.data = torch.zeros(3)
+        torch.nn.init.normal_(u)
+        after = (x * w * v * u).sum()  # noqa: F841 (named: the graph records the name)
+    nodes = svg_nodes(graph.render(loss=loss).pipe(format="svg", encoding="utf-8"))
+    assert "sub_(w_v0, …)" in nodes[f"n{graph.node_id('w')}"]
+    assert "v_v0.data = …" in nodes[f"n{graph.node_id('v')}"]
+    assert "normal_(u_v0, …)" in nodes[f"n{graph.node_id('u')}"]
+
 # ---------------------------------------------------------------------------------------------- large graphs
 
 
@@ -434,6 +600,23 @@ def scoped_mlp(layers: int, width: int = 16, batch: int = 8):
                 h = torch.tanh(pre)
         loss = h.square().mean()
     return graph, loss
+
+
+def test_a_collapsed_cluster_names_the_results_inside_it():
+    """Collapsing a layer in the backward view hid its parameters' final gradients (dW, db: nothing reads them,
+    so no edge left the box); collapsing the scope that computes the loss hid the loss."""
+    x, W, b = torch.randn(4, 3), torch.randn(3, 3), torch.randn(3)
+    with tg.record() as graph:
+        with tg.scope("layer1"):
+            h = torch.relu(x @ W + b)
+        with tg.scope("head"):
+            loss = (h * h).mean()
+    backward = svg_nodes(graph.render(view="backward", loss=loss, collapse="layer1")
+                         .pipe(format="svg", encoding="utf-8"))
+    layer = box_with(backward, "layer1")
+    assert all(f"→ {name}" in layer for name in ("dW 3×3", "db 3", "dx 4×3")), layer
+    forward = svg_nodes(graph.render(loss=loss, collapse="head").pipe(format="svg", encoding="utf-8"))
+    assert "→ loss scalar" in box_with(forward, "head")
 
 
 def test_clusters_follow_scopes_and_collapse():
@@ -712,6 +895,21 @@ def test_cli_without_dot(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "mlp.dot").exists()
 
 
+def test_cli_says_in_one_line_that_a_bitmap_was_shrunk(tmp_path, capsys, monkeypatch):
+    import tensorgraph.lecture
+
+    x = torch.randn(2)
+    with tg.record() as graph:
+        h = x
+        for _ in range(500):
+            h = h.tanh()
+        loss = h.sum()
+    monkeypatch.setattr(tensorgraph.lecture, "record_exercise", lambda: (graph, loss, None))
+    assert main(["render", "--out", str(tmp_path / "tall.png")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tensorgraph render: warning: ") and "shrank it to" in err, err
+
+
 # ---------------------------------------------------------------------------------------------- every op
 
 
@@ -749,3 +947,21 @@ def test_names_with_markup_characters_are_escaped():
     parsed = layout(graph.render(view="backward", loss=loss))
     labels = " ".join(o.get("label", "") for o in parsed["objects"])
     assert "a&lt;b&gt;&amp;" in labels
+
+
+def test_control_characters_in_scope_names_and_titles_are_drawn_visibly(tmp_path):
+    """tg.scope("s\\x01cope") made dot fail ('in label of graph cluster_0'); in a tooltip, a control character
+    wrote an SVG that is not XML (no browser opens it)."""
+    x = torch.randn(3)
+    with tg.record() as graph:
+        with tg.scope("s\x01cope"), tg.scope("two\nlines"):
+            y = x * 2
+        loss = y.sum()
+    for view in ("forward", "backward"):
+        path = graph.render(tmp_path / f"{view}.svg", view=view, loss=loss, title="t\x02itle",
+                            collapse="two\nlines" if view == "forward" else None)
+        root = ET.parse(path).getroot()  # well-formed XML
+        text = " ".join(t.text or "" for t in root.iter(f"{SVG}text"))
+        tooltips = " ".join(a.get("{http://www.w3.org/1999/xlink}title") or "" for a in root.iter(f"{SVG}a"))
+        assert "s\\x01cope" in text and "t\\x02itle" in text, text
+        assert "two\\nlines" in text + tooltips, (text, tooltips)

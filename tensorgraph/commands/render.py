@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 from ..cli import CLIError, positive_int
 
@@ -46,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
     graph, loss, _ = record_exercise()
     grads = graph.backward(loss) if args.grads or args.view == "backward" else None
     compare = graph.compare(loss) if args.compare else None
-    path = render(graph, args.out, view=args.view, grads=grads, loss=loss, compare=compare, values=args.values,
-                  depth=args.depth, rankdir=args.rankdir, dpi=args.dpi)
+    with warnings.catch_warnings(record=True) as caught:  # one line each, not Python's file:line format
+        warnings.simplefilter("always")
+        path = render(graph, args.out, view=args.view, grads=grads, loss=loss, compare=compare,
+                      values=args.values, depth=args.depth, rankdir=args.rankdir, dpi=args.dpi)
+    for warning in caught:
+        print(f"tensorgraph render: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {path}: the {args.view} view of the lecture's MLP ({len(graph)} recorded tensors)")
     return 0
