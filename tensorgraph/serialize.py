@@ -27,6 +27,7 @@ import importlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ def save(graph: Graph, path: str | os.PathLike, *, values: bool = False) -> Path
     siblings = _siblings(graph)
     for node, data in enumerate(graph._nodes):
         record = _node_record(data, siblings.get(node), values)
+        if fmt == "graphml":
+            _check_xml_text(path, record)
         out.add_node(node, **(record if fmt == "json" else _flatten(record)))
     for node, data in enumerate(graph._nodes):
         for position, source in enumerate(data["inputs"]):
@@ -151,8 +154,21 @@ def _node_record(data: dict[str, Any], siblings: list[int] | None, values: bool)
     }
     if values:
         value = data["value"].detach()
+        if value.is_complex():  # (JSON has no complex numbers: each one as its [real, imaginary] pair)
+            value = torch.view_as_real(value.resolve_conj())
         record["value"] = value.tolist() if value.numel() else []
     return record
+
+
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _check_xml_text(path: Path, record: dict[str, Any]) -> None:
+    """GraphML is XML 1.0, which cannot hold control characters even escaped: refused, not written unreadable."""
+    for key, value in record.items():
+        if isinstance(value, str) and key not in _STRUCTURED and _NOT_XML.search(value):
+            raise ValueError(f"graph.save({str(path)!r}): the {key} of node {record['name']!r} ({value!r}) has a "
+                             f"control character, which GraphML cannot hold; save the graph as .json instead")
 
 
 def _flatten(record: dict[str, Any]) -> dict[str, Any]:
@@ -486,6 +502,10 @@ def _value(where: str, data: Any, shape: list[int], dtype: torch.dtype, with_val
     if data is None:
         raise ValueError(f"{where}: the file says it has values, but this node has none")
     try:
+        if dtype.is_complex:  # [real, imaginary] pairs (_node_record)
+            pairs = torch.tensor(data, dtype=torch.empty(0, dtype=dtype).real.dtype) if data != [] else None
+            return torch.view_as_complex(pairs.reshape([*shape, 2])) if pairs is not None else torch.empty(
+                shape, dtype=dtype)
         value = torch.tensor(data, dtype=dtype) if data != [] else torch.empty(0, dtype=dtype)
         return value.reshape(shape)
     except (TypeError, ValueError, RuntimeError) as err:

@@ -130,6 +130,35 @@ def test_non_finite_values_and_all_dtypes_survive(tmp_path, suffix):
         assert torch.equal(a["value"], b["value"]) or torch.allclose(a["value"], b["value"], equal_nan=True)
 
 
+def test_complex_values_survive_and_the_loaded_graph_gets_torchs_gradient(tmp_path, suffix):
+    """save(values=True) of a graph with a complex tensor raised JSON's 'complex is not serializable'."""
+    z = torch.tensor([[1 + 2j, 3 - 1j], [-0.5j, 2.0]], dtype=torch.complex128, requires_grad=True)
+    with tg.record() as graph:
+        z.conj() * 1  # a complex result (no rule, off the loss's path) with its conjugate bit set
+        loss = z.abs().sum() + torch.empty(0, 2, dtype=torch.complex64).abs().sum()
+    path = tmp_path / f"complex{suffix}"
+    graph.save(path, values=True)
+    loaded = tg.load_graph(path)
+    for a, b in zip(graph._nodes, loaded._nodes):
+        assert b["value"].dtype == a["value"].dtype and torch.equal(b["value"], a["value"].resolve_conj())
+    expected, = torch.autograd.grad(z.abs().sum(), z)
+    torch.testing.assert_close(loaded.backward(graph.node_id(loss))["z"], expected)
+
+
+def test_a_control_character_graphml_cannot_hold_is_refused_at_save(tmp_path):
+    """GraphML (XML 1.0) cannot hold one even escaped: the file was written, then load_graph could not read it."""
+    x = torch.randn(3, dtype=D, requires_grad=True)
+    with tg.record() as graph:
+        with tg.scope("layer\x01"):
+            x.sin().sum()
+    with pytest.raises(ValueError, match=r"the scope of node 'sin_1' \('layer\\x01'\) has a control character, "
+                                         r"which GraphML cannot hold; save the graph as .json instead"):
+        graph.save(tmp_path / "g.graphml")
+    assert not (tmp_path / "g.graphml").exists()
+    graph.save(tmp_path / "g.json")
+    assert tg.load_graph(tmp_path / "g.json").node("sin_1")["scope"] == "layer\x01"
+
+
 def test_loaded_graph_renders_and_prints_as_the_original(tmp_path, suffix):
     graph, _ = kitchen_sink()
     path = tmp_path / f"graph{suffix}"
