@@ -646,3 +646,41 @@ def test_fusing_an_anomaly_mode_graph():
         loss = lecture_cross_entropy(x * 2.0, y)
     fused = symbolic.auto_fuse(graph, loss)
     assert (fused.backward(loss)[x] - graph.backward(loss)[x]).abs().max() <= 1e-12
+
+
+# ---------------------------------------------------------------------- gradient hooks and fusion
+
+
+def _hooked_cross_entropy(X, W, Y, *, inplace_hook=False):
+    """Cross-entropy after a matmul, with a hook that doubles a gradient: on probs (inside the chain), or on
+    the matmul's output before a recorded in-place update (a hook of an earlier version, outside the chain)."""
+    h = (X @ W).sin()
+    if inplace_hook:
+        h.register_hook(lambda g: g * 3)
+        h.mul_(2)
+    probs = F.softmax(h, 1)
+    if not inplace_hook:
+        probs.register_hook(lambda g: g * 2)
+    return -probs.log()[range(X.shape[0]), Y].mean()
+
+
+@pytest.mark.parametrize("inplace_hook", [False, True])
+def test_fusion_never_skips_a_gradient_hook(inplace_hook):
+    """A hook on a tensor fused away would never run (graph.fuse refuses, auto_fuse leaves it atomic); the hooks
+    of earlier versions of a tensor outside the chain are kept. Truth: torch autograd running the same hooks."""
+    X, Y = _x(6, 4, seed=20), _ce_inputs()[1][:6]
+    W = torch.randn(4, 5, dtype=D, generator=_gen(21), requires_grad=True)
+    with tg.record() as graph:
+        loss = _hooked_cross_entropy(X, W, Y, inplace_hook=inplace_hook)
+    reference = W.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(_hooked_cross_entropy(X, reference, Y, inplace_hook=inplace_hook), reference)
+    fused = [symbolic.auto_fuse(graph, loss)]
+    if inplace_hook:
+        fused.append(graph.fuse(loss, "h"))
+    else:
+        with pytest.raises(SymbolicError, match=r"'probs' \(softmax at .*test_symbolic.py:\d+\) has a gradient hook "
+                                                r"\(hook .*<lambda> defined at .*test_symbolic.py:\d+\)"):
+            graph.fuse(loss, "h")
+    for graph_ in fused:
+        assert any(data["op"] == "fused" for data in graph_._nodes)
+        assert (graph_.backward(loss)[W] - want).abs().max() <= 1e-12

@@ -339,7 +339,8 @@ def fuse(graph: Graph, output: Any, inputs: Any, *, check: bool = True) -> Graph
     rule is the derived closed form, which returns the gradients of all of them, and its
     ``func`` replays the chain's recorded calls (so ``compare`` works). The original graph
     is not changed. Raises :class:`SymbolicError` for a chain it cannot derive, for more
-    than one input, or when a tensor inside the chain is also used outside it.
+    than one input, or when a tensor inside the chain is also used outside it or has a
+    gradient hook (which would never run).
     """
     items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     if len(items) != 1:
@@ -350,14 +351,33 @@ def fuse(graph: Graph, output: Any, inputs: Any, *, check: bool = True) -> Graph
     return rebuild(graph, [(derivation, binding)])
 
 
+def hooked(graph: Graph) -> dict[int, Any]:
+    """The nodes whose gradient a tensor hook (``t.register_hook(fn)``) sees, each with its first hook.
+
+    A fused chain has no gradient for the tensors inside it: a hook there would never run, and
+    the gradients after it would silently lose what it changes.
+    """
+    from ..engine import gradient_hooks
+
+    return {node: hooks[0] for node, hooks in (gradient_hooks(graph, len(graph._nodes)) or {}).items()}
+
+
 def rebuild(graph: Graph, fusions: Sequence[tuple[Derivation, Binding]]) -> Graph:
     """A copy of ``graph`` with each fusion's ops replaced by one fused node."""
+    from ..engine import hook_where
+
     nodes = graph._nodes
     removed: set[int] = set()
     outputs: dict[int, tuple[Derivation, Binding]] = {}
     for derivation, binding in fusions:
         removed |= set(binding.ops) - {binding.output}
         outputs[binding.output] = (derivation, binding)
+    hooks = hooked(graph)
+    first = min(removed & set(hooks), default=None)
+    if first is not None:
+        raise SymbolicError(f"{where(nodes[first])} has a gradient hook ({hook_where(hooks[first])}); fusing the "
+                            f"chain would skip it and the gradients it changes (fuse a chain that ends there, or "
+                            f"remove the hook with handle.remove())")
     inside = removed | set(outputs)
     snapshots = set()
     for node in removed:
@@ -386,6 +406,8 @@ def rebuild(graph: Graph, fusions: Sequence[tuple[Derivation, Binding]]) -> Grap
     for node, version, tensor in graph._live.values():
         if node in mapping:
             new._live[id(tensor)] = (mapping[node], version, tensor)
+    # the hooks of tensors' earlier versions (replaced by a recorded in-place op) stay with those versions
+    new._version_hooks = {mapping[node]: hooks for node, hooks in graph._version_hooks.items() if node in mapping}
     new._names = {data["name"]: node for node, data in enumerate(new._nodes)}
     owners = {node: mapping[binding.output] for _, binding in fusions for node in binding.ops}
     _carry_fingerprints(graph, new, {**owners, **mapping})
@@ -474,8 +496,9 @@ def _maybe_fusable(graph: Graph, node: int) -> bool:
     return True
 
 
-def _grow(graph: Graph, output: int, taken: set[int]) -> set[int]:
-    """The largest set of fusable ops ending at ``output`` whose values are used only inside it."""
+def _grow(graph: Graph, output: int, taken: set[int], hooks: Collection[int] = ()) -> set[int]:
+    """The largest set of fusable ops ending at ``output`` whose values are used only inside it (and whose
+    gradients no hook in ``hooks`` needs: only the output's may have one)."""
     nx_graph, nodes = graph.nx, graph._nodes
     region = {output}
     heap = [-i for i in set(nodes[output]["inputs"])]
@@ -486,7 +509,7 @@ def _grow(graph: Graph, output: int, taken: set[int]) -> set[int]:
         if node in seen or node in taken:
             continue
         seen.add(node)
-        if not _maybe_fusable(graph, node):
+        if node in hooks or not _maybe_fusable(graph, node):
             continue
         consumers = set(nx_graph.successors(node))
         outside = [c for c in consumers - region if nodes[c]["kind"] == "op" and is_float(nodes[c])]
@@ -504,18 +527,19 @@ def find_fusable(graph: Graph, loss: Any, *, check: bool = True, exclude: Collec
 
     Walking back from ``loss``, each chain is the largest run of ops with a symbolic form
     (elementwise ops and reductions, see :func:`derive`) whose intermediate values are used
-    only inside it; its input is the outside tensor it depends on most (the others become
-    parameters). Only chains of at least two ops that derive (and pass the numerical check)
+    only inside it and have no gradient hook; its input is the outside tensor it depends on
+    most (the others become parameters). Only chains of at least two ops that derive (and pass the numerical check)
     are returned; chains do not overlap, and leave out the ops (node ids) in ``exclude``.
     """
     root = node_id(graph, loss, "loss")
     nodes = graph._nodes
     taken: set[int] = set(exclude)
     found: list[tuple[int, int]] = []
+    hooks = hooked(graph)
     for output in sorted(graph.ancestors(root), reverse=True):
         if output in taken or not _maybe_fusable(graph, output):
             continue
-        region = _grow(graph, output, taken)
+        region = _grow(graph, output, taken, hooks)
         if len(region) < 2:
             continue
         boundary = sorted({i for n in region for i in nodes[n]["inputs"]} - region)
