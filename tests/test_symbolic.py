@@ -684,3 +684,22 @@ def test_fusion_never_skips_a_gradient_hook(inplace_hook):
     for graph_ in fused:
         assert any(data["op"] == "fused" for data in graph_._nodes)
         assert (graph_.backward(loss)[W] - want).abs().max() <= 1e-12
+
+
+def test_a_cast_in_the_chain_is_kept_in_the_fused_backward():
+    """``x.double()`` then layer norm with a float64 weight: the fused backward recomputes the normalised values
+    in float64, as the forward did (the cast was dropped: a float64 gradient with float32 accuracy, 5e-7)."""
+    x = torch.randn(6, 5, generator=_gen(22))
+    w = torch.randn(5, dtype=D, generator=_gen(23))
+    weight = torch.randn(6, 5, dtype=D, generator=_gen(24))
+
+    def fn(x, w):
+        return F.layer_norm(x.double(), (5,), w)
+
+    graph, out, loss = record(fn, x, w, weight=weight)
+    assert "x.to(torch.float64)" in symbolic.derive(graph, output=out, wrt=x).source
+    grads = graph.fuse(output=out, inputs=x).backward(loss)
+    leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    want = torch.autograd.grad((fn(*leaves) * weight).sum(), leaves)
+    assert torch.equal(grads[x], want[0])
+    assert (grads[w] - want[1]).abs().max() <= 1e-12

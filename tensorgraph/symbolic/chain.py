@@ -551,11 +551,19 @@ def _unique_operands(operands: list[SNode]) -> list[SNode]:
 
 
 def lower_identity(self: Lowering, data: dict[str, Any]) -> SNode:
+    """A copy or a cast: the same element. A cast is kept in the fused backward's code, which recomputes the
+    saved tensors after it in the dtype the forward used (``logits.float()`` of half logits: softmax in float32)."""
     args, kwargs = _args(data, self)
     operand = self._operand(args[0])
     if operand is None or operand.axes is None:
         raise SymbolicError(f"{where(data)}: expected a tensor of the chain")
-    return self._op(data, data["name"], data["op"], [operand], operand.sym, operand.axes, recent=operand.recent)
+    dtype = data["dtype"]
+
+    def cast(ident: Callable, layout_dim: Callable) -> str:
+        return f"{ident(operand)}.to({dtype})"
+
+    return self._op(data, data["name"], data["op"], [operand], operand.sym, operand.axes, recent=operand.recent,
+                    code=cast if dtype != operand.dtype else None)
 
 
 def lower_reshape(self: Lowering, data: dict[str, Any]) -> SNode:
