@@ -703,3 +703,39 @@ def test_a_cast_in_the_chain_is_kept_in_the_fused_backward():
     want = torch.autograd.grad((fn(*leaves) * weight).sum(), leaves)
     assert torch.equal(grads[x], want[0])
     assert (grads[w] - want[1]).abs().max() <= 1e-12
+
+
+# ---------------------------------------------------------------------- chains too long to derive
+
+
+def test_a_chain_too_long_to_derive_is_refused_in_seconds():
+    """Two layer norms with a gelu between them multiply out past 100,000 terms: sympy took hours. The
+    derivation stops at the size limit with an error naming the node; auto_fuse fuses a shorter chain
+    (gradients as torch autograd's)."""
+    w, b = torch.randn(5, dtype=D, generator=_gen(25)), torch.randn(5, dtype=D, generator=_gen(26))
+
+    def two_norms(x, w, b):
+        return F.layer_norm(F.gelu(F.layer_norm(x, (5,), w, b)), (5,))
+
+    graph, out, loss = record(two_norms, _x(), w, b, weight=_x(seed=27))
+    start = time.perf_counter()
+    with pytest.raises(SymbolicError, match=r"the chain from 'x' \(leaf at .*\) is too long to derive in one piece: "
+                                            r"the gradient of '\w+' \(\w+ at .*test_symbolic.py:\d+\) grew past "
+                                            r"10,000 terms"):
+        symbolic.derive(graph, output=out, wrt="x")
+    print(f"\nrefused in {time.perf_counter() - start:.1f} s")
+    with pytest.raises(SymbolicError, match="too long"):  # remembered: a training loop pays the attempt once
+        symbolic.derive(graph, output=out, wrt="x")
+
+
+def test_the_size_limit_keeps_the_textbook_forms(monkeypatch):
+    """Past the limit, the optional forms give way (the fully written-out d.expr); the closed form stays."""
+    monkeypatch.setattr(symbolic.algebra, "SIZE_LIMIT", 150)
+    symbolic.clear_cache()
+    try:
+        d = derive(lambda h, gain, bias: batchnorm(h, gain, bias), *_bn_inputs())
+        n = d.symbols["n"]
+        assert d.prove(_lecture_batchnorm(d, n / (n - 1), "gain"))
+        assert d.prove(d.expr) and d.symbols["bnraw"] in d.textbook.free_symbols
+    finally:
+        symbolic.clear_cache()

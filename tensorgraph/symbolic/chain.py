@@ -29,7 +29,7 @@ import torch
 
 from ..graph import Ref, identifier
 from ..naming import unique_name
-from .algebra import Axis, AxisMax, AxisSum, Relu, Sigmoid, Softplus, Space
+from .algebra import Axis, AxisMax, AxisSum, Relu, Sigmoid, Softplus, Space, TooLarge
 
 if TYPE_CHECKING:
     from ..graph import Graph
@@ -39,6 +39,16 @@ _INDEX_LETTERS = "ijklpqrstuvw"
 
 class SymbolicError(ValueError):
     """A recorded subgraph the symbolic layer cannot handle (the message names the node)."""
+
+
+class ChainTooLong(SymbolicError):
+    """A chain whose expressions grow past :data:`.algebra.SIZE_LIMIT` nodes (nested normalisations)."""
+
+    def __init__(self, node: SNode, chain_input: SNode, what: str, err: TooLarge) -> None:
+        super().__init__(
+            f"the chain from {chain_input.where} is too long to derive in one piece: {what} {node.where} grew "
+            f"past {err.size:,} terms and operations (as two normalisations in one chain do); derive "
+            f"shorter chains, one normalisation each, or leave it to the engine's atomic rules")
 
 
 @dataclass(eq=False)
@@ -337,13 +347,16 @@ class Lowering:
         operand_axes = frozenset().union(*(space.axes_of(o.sym) for o in node.operands))
         node.reduction = bool(operand_axes - frozenset(a for a in node.axes if a is not None))
         sign = self._assumptions(node.local)  # from the operands' own signs: bndiff**2 >= 0
-        if node.reduction:
-            node.sym = self._symbol(node, sign if "real" not in sign else self._assumptions(value))
-            node.value = node.sym
-            node.definition = space.define(node.sym, value)
-        else:
-            node.value = space.canon(value)
-            node.sym = self._symbol(node, sign if "real" not in sign else self._assumptions(node.value))
+        try:
+            if node.reduction:
+                node.sym = self._symbol(node, sign if "real" not in sign else self._assumptions(value))
+                node.value = node.sym
+                node.definition = space.define(node.sym, value)
+            else:
+                node.value = space.canon(value)
+                node.sym = self._symbol(node, sign if "real" not in sign else self._assumptions(node.value))
+        except TooLarge as err:
+            raise ChainTooLong(node, self.nodes[0], "the value of", err) from None
 
     def _assumptions(self, value: sp.Expr) -> dict[str, bool]:
         """Sign of an element, for sympy: sizes are at least 2 (a size-1 dimension is no axis)."""

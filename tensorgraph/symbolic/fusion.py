@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..graph import _NODE_DEFAULTS, Graph, Ref, is_float, substitute
-from .chain import LOWERINGS, RESHAPES, SymbolicError, chain_members, lower, where
+from .chain import LOWERINGS, RESHAPES, ChainTooLong, SymbolicError, chain_members, lower, where
 from .derivation import Derivation, build
 
 if TYPE_CHECKING:
@@ -27,12 +27,15 @@ if TYPE_CHECKING:
 
 _CACHE: OrderedDict[tuple, Derivation] = OrderedDict()
 _CACHE_SIZE = 256
+# chains refused for their size: a training loop calling auto_fuse every step pays the attempt once
+_TOO_LONG: OrderedDict[tuple, ChainTooLong] = OrderedDict()
 STATS = {"derived": 0, "cached": 0}
 
 
 def clear_cache() -> None:
     """Forget every derived rule (the next derivation of each chain starts from scratch)."""
     _CACHE.clear()
+    _TOO_LONG.clear()
 
 
 # ---------------------------------------------------------------------- keys and bindings
@@ -190,8 +193,16 @@ def _derive(graph: Graph, out_id: int, wrt_id: int, *, check: bool = True) -> tu
         _CACHE.move_to_end(key)
         STATS["cached"] += 1
         return derivation, _binding(derivation, members, roles, out_id, wrt_id)
+    refused = _TOO_LONG.get(key)
+    if refused is not None:
+        raise refused
     try:
         derivation, binding = _derive_new(graph, members, roles, out_id, wrt_id, check=check)
+    except ChainTooLong as err:
+        _TOO_LONG[key] = err
+        if len(_TOO_LONG) > _CACHE_SIZE:
+            _TOO_LONG.popitem(last=False)
+        raise
     except SymbolicError:
         raise
     except Exception as err:  # a case the layer does not foresee: refused by name, never an internal error
