@@ -739,3 +739,29 @@ def test_the_size_limit_keeps_the_textbook_forms(monkeypatch):
         assert d.prove(d.expr) and d.symbols["bnraw"] in d.textbook.free_symbols
     finally:
         symbolic.clear_cache()
+
+
+def test_softmax_with_a_temperature_tensor_derives_the_textbook_form():
+    """z = x / T, then the stabilised softmax: dx = out*(dout - sum_j dout*out)/T. The rewrite would not divide by
+    1/T, so the code summed exp(x/T) unshifted: NaN once logits reach ~500 in float64 (~60 in float32), where
+    torch autograd is finite (the derivation is cached: a later step with larger logits reuses it)."""
+    temperature = torch.tensor(0.7, dtype=D)
+
+    def softmax_t(x, T):
+        z = x / T
+        e = (z - z.max(1, keepdim=True).values).exp()
+        return e / e.sum(1, keepdim=True)
+
+    d = derive(softmax_t, _x(), temperature)
+    weight = _x(seed=28)
+    for scale in (100.0, 1000.0):
+        x = _x() * scale
+        graph, out, loss = record(softmax_t, x, temperature, weight=weight)
+        grads = graph.fuse(output=out, inputs=x).backward(loss)
+        leaves = [x.clone().requires_grad_(), temperature.clone().requires_grad_()]
+        (want,) = torch.autograd.grad((softmax_t(*leaves) * weight).sum(), leaves[0])
+        assert torch.isfinite(grads[x]).all()
+        assert (grads[x] - want).abs().max() <= 1e-12
+    s = d.symbols
+    assert d.prove(s["out"] * (s["dout"] - d.sum(s["dout"] * s["out"], "j")) / s["T"])
+    assert s["out"] in d.textbook.free_symbols and s["x"] not in d.textbook.free_symbols

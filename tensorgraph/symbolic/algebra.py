@@ -463,7 +463,7 @@ def invert(expr: sp.Expr, target: sp.Symbol, value: sp.Expr,
         if isinstance(expr, (sp.Add, sp.Mul)):
             holder = [arg for arg in expr.args if arg.has(target)]
             rest = expr.func(*[arg for arg in expr.args if not arg.has(target)])
-            if len(holder) != 1 or (isinstance(expr, sp.Mul) and not nonzero(rest)):
+            if len(holder) != 1 or (isinstance(expr, sp.Mul) and not _divisible(rest, nonzero)):
                 return None  # never divide by something that may be 0 (a parameter such as a gain)
             value = value - rest if isinstance(expr, sp.Add) else value / rest
             expr = holder[0]
@@ -482,6 +482,12 @@ def invert(expr: sp.Expr, target: sp.Symbol, value: sp.Expr,
         else:
             return None
     return value
+
+
+def _divisible(factor: sp.Expr, nonzero: Callable[[sp.Expr], bool]) -> bool:
+    """Whether dividing by ``factor`` is safe: each of its factors is nonzero, or a negative power (``1/T``,
+    never 0 where it is finite: dividing by it multiplies by ``T``)."""
+    return all(nonzero(f) or (isinstance(f, sp.Pow) and bool(f.exp.is_negative)) for f in sp.Mul.make_args(factor))
 
 
 def _odd_power(exponent: sp.Expr) -> bool:
