@@ -601,6 +601,9 @@ def test_cross_entropy_with_ignored_targets_keeps_float64():
         ours, want = _cross_entropy_by_the_derived_rule(x, y, reduction)
         assert ours.dtype == D
         assert (ours - want).abs().max() <= 1e-12 * want.abs().max()
+    for reduction in ("mean", "sum"):  # every row ignored: the loss is nan (0/0), torch's gradient 0
+        ours, want = _cross_entropy_by_the_derived_rule(x, torch.full((7,), -100), reduction)
+        assert torch.equal(ours, want) and torch.equal(want, torch.zeros_like(x))
     kept = torch.tensor([0, 4, 1, 1, 3, 2, 0])  # nothing ignored: exactly the closed form
     g = torch.tensor(1.0, dtype=D)
     closed = fused_rules.cross_entropy_derivation("mean").backward(g, x, kept)[0]
