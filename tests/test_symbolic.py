@@ -768,3 +768,23 @@ def test_softmax_with_a_temperature_tensor_derives_the_textbook_form():
     s = d.symbols
     assert d.prove(s["out"] * (s["dout"] - d.sum(s["dout"] * s["out"], "j")) / s["T"])
     assert s["out"] in d.textbook.free_symbols and s["x"] not in d.textbook.free_symbols
+
+
+def test_size_one_dimensions_added_by_indexing():
+    """``m[:, None]`` instead of keepdim=True (or unsqueeze): a reshape, the same closed form."""
+    def cross_entropy(logits, y):
+        shifted = logits - logits.max(1).values[:, None]
+        probs = shifted.exp() / shifted.exp().sum(1)[..., None]
+        return -probs.log()[range(logits.shape[0]), y].mean()
+
+    d = derive(cross_entropy, *_ce_inputs())
+    s = d.symbols
+    assert d.prove(s["dout"] * (s["probs"] - sp.KroneckerDelta(s["j"], s["y"])) / s["n"])
+    x, y = _ce_inputs()
+    w = torch.randn(5, 5, dtype=D, generator=_gen(29))
+    with tg.record() as graph:
+        loss = cross_entropy(x @ w, y)
+    assert [graph.node(o)["name"] for o, _ in symbolic.find_fusable(graph, loss)] == ["loss"]
+    reference = w.clone().requires_grad_()
+    (want,) = torch.autograd.grad(cross_entropy(x @ reference, y), reference)
+    assert (symbolic.auto_fuse(graph, loss).backward(loss)[w] - want).abs().max() <= 1e-12

@@ -666,13 +666,22 @@ def lower_max(self: Lowering, data: dict[str, Any]) -> SNode:
     return node
 
 
+def only_unit_dims(idx: Any) -> bool:
+    """Whether an index only adds size-1 dimensions (``m[:, None]``, ``x[..., None]``): a reshape."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return all(item is None or item is Ellipsis or item == slice(None) for item in items)
+
+
 def lower_getitem(self: Lowering, data: dict[str, Any]) -> SNode:
-    """``x[range(n), targets]`` on a 2-D tensor: one element per row, a one-hot pick."""
+    """``x[range(n), targets]`` on a 2-D tensor: one element per row, a one-hot pick; ``m[:, None]``: a reshape."""
     args = data["bargs"]
+    if len(args) > 1 and only_unit_dims(args[1]):
+        return lower_reshape(self, data)
     operand = self._operand(args[0])
     idx = args[1]
     if not (isinstance(idx, tuple) and len(idx) == 2 and len(operand.shape) == 2):
-        raise SymbolicError(f"{where(data)}: only x[range(n), targets] indexing has a symbolic form here")
+        raise SymbolicError(f"{where(data)}: only x[range(n), targets] indexing (and m[:, None]) has a symbolic "
+                            f"form here")
     rows, targets = idx
     n = operand.shape[0]
     if isinstance(rows, range):

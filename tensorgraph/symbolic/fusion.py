@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..graph import _NODE_DEFAULTS, Graph, Ref, is_float, substitute
-from .chain import LOWERINGS, RESHAPES, ChainTooLong, SymbolicError, chain_members, lower, where
+from .chain import LOWERINGS, RESHAPES, ChainTooLong, SymbolicError, chain_members, lower, only_unit_dims, where
 from .derivation import Derivation, build
 
 if TYPE_CHECKING:
@@ -499,7 +499,7 @@ def _maybe_fusable(graph: Graph, node: int) -> bool:
         return False  # already fused
     if data["op"] == "getitem":
         idx = data["bargs"][1] if len(data["bargs"]) > 1 else None
-        return isinstance(idx, tuple) and len(idx) == 2 and isinstance(idx[1], Ref) and len(
+        return only_unit_dims(idx) or isinstance(idx, tuple) and len(idx) == 2 and isinstance(idx[1], Ref) and len(
             graph._nodes[data["inputs"][0]]["shape"]) == 2
     if data["op"] in RESHAPES:
         source = graph._nodes[data["inputs"][0]]["shape"]
