@@ -436,7 +436,7 @@ def _ordinary_graphs():
         "detached scale": lambda W: ((X @ W) / (X @ W).std().detach()).pow(2).sum(),
         "arange pick": lambda W: -(X @ W).log_softmax(1)[torch.arange(5), Y].mean(),
         "masked mean": lambda W: (((X @ W) - 1) ** 2 * mask).sum() / mask.sum(),
-        "temperature": lambda W: F.cross_entropy((X @ W) / temperature, Y),
+        "0-dim scale": lambda W: ((X @ W) * temperature).tanh().pow(2).mean(),
         "sum of losses": lambda W: sum([F.cross_entropy(X @ W, Y), ((X @ W) ** 2).mean()]),
     }
 
@@ -788,3 +788,28 @@ def test_size_one_dimensions_added_by_indexing():
     reference = w.clone().requires_grad_()
     (want,) = torch.autograd.grad(cross_entropy(x @ reference, y), reference)
     assert (symbolic.auto_fuse(graph, loss).backward(loss)[w] - want).abs().max() <= 1e-12
+
+
+def test_a_closed_form_unstable_at_large_logits_is_not_fused():
+    """F.cross_entropy(logits / T): d/dT came out as exp(logprob) * exp(-logit) * sum(logit * exp(logit)), which
+    overflows (nan) or underflows (0: a wrong finite value) once logits / T pass ~88 in float32 (~709 in
+    float64), where torch's kernel is exact. Such a rule is derived (d.unstable says why) but never fused."""
+    X, Y = torch.randn(8, 4, generator=_gen(30)), torch.randint(0, 5, (8,), generator=_gen(31))
+    W, T = torch.randn(4, 5, generator=_gen(32)) * 15, torch.tensor(0.5)
+
+    def forward(W, T):
+        return F.cross_entropy((X @ W) / T, Y)
+
+    with tg.record() as graph:
+        loss = forward(W, T)
+    assert float(((X @ W) / T).abs().max()) > 88
+    leaves = [W.clone().requires_grad_(), T.clone().requires_grad_()]
+    want = torch.autograd.grad(forward(*leaves), leaves)
+    for grads in (symbolic.auto_fuse(graph, loss).backward(loss), tg.compile(lambda: forward(W, T), fuse=True)()[1]):
+        assert torch.isfinite(grads[T]) and (grads[T] - want[1]).abs() <= 1e-5 * want[1].abs()
+        assert (grads[W] - want[0]).abs().max() <= 1e-5 * want[0].abs().max()
+    assert symbolic.find_fusable(graph, loss) == []
+    d = symbolic.derive(graph, output=loss, wrt="matmul_1")
+    assert "its dT is" in d.unstable and "where torch autograd's is finite" in d.checked
+    with pytest.raises(SymbolicError, match=r"the closed form of dloss/dmatmul_1 is not used: its dT is"):
+        graph.fuse(loss, "matmul_1")

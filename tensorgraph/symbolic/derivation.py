@@ -517,6 +517,7 @@ class Derivation:
     backprop: Backprop = field(repr=False)
     rewrites: dict[str, list[Rewrite]] = field(repr=False, default_factory=dict)
     checked: str = ""
+    unstable: str = ""  # why the rule is not fused: at large magnitudes it loses what torch keeps ("" if it does not)
 
     def grad(self, name: str) -> sp.Expr:
         """The simplified gradient of any tensor of the chain (in the input, parameters and reductions)."""

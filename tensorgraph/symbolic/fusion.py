@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -336,7 +337,52 @@ def verify(derivation: Derivation, graph: Graph, binding: Binding) -> str:
                 raise SymbolicError(
                     f"the derived rule for d{derivation.output}/d{name} disagrees with {label} on the atomic chain "
                     f"(max |difference| {diff:.3g}); refusing to use it")
-    return f"checked against torch autograd and the engine in float64: max relative difference {worst:.2g}"
+    derivation.unstable = unstable(derivation, forward, values, differentiable, names)
+    checked = f"checked against torch autograd and the engine in float64: max relative difference {worst:.2g}"
+    return checked + (f"; {derivation.unstable}" if derivation.unstable else "")
+
+
+STRESS = 1000.0  # the magnitude each tensor is scaled to by the stability check
+
+
+def unstable(derivation: Derivation, forward: ChainForward, values: list[Tensor], differentiable: list[bool],
+             names: list[str]) -> str:
+    """Why the derived rule must not replace the atomic chain: at large magnitudes it loses what torch keeps.
+
+    A closed form that is right can still be unstable: ``exp(x/T)`` summed unshifted overflows once
+    ``x/T`` passes ~709 (~88 in float32), and ``exp(logprob) * exp(-x) * sum(x * exp(x))`` underflows
+    to 0 where each factor alone is fine, where torch's softmax kernel and the recorded chain stay
+    exact. Each floating-point tensor in turn is scaled to magnitude :data:`STRESS` (the others as
+    recorded); a gradient that torch computes finite and the rule gets non-finite, or off by more than
+    1e-6 of its largest element, is reported. "" when none is.
+    """
+    for stressed, value in enumerate(values):
+        top = float(value.abs().max()) if value.is_floating_point() and value.numel() else 0.0
+        if top == 0.0 or not math.isfinite(top):
+            continue
+        tensors = [v.clone() for v in values]
+        tensors[stressed] = tensors[stressed] * (STRESS / top)
+        leaves = [t.requires_grad_() if wanted else t for t, wanted in zip(tensors, differentiable)]
+        try:
+            out = forward(*leaves)
+            g = torch.ones(out.shape, dtype=torch.float64)
+            reference = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g, allow_unused=True)
+            mine = derivation.backward(g, *[t.detach() for t in leaves])
+        except Exception:  # noqa: BLE001 - a forward that fails at that scale says nothing about the rule
+            continue
+        theirs = iter(reference)
+        for name, got, wanted in zip(names, mine, differentiable):
+            expected = next(theirs) if wanted else None
+            if expected is None or got is None or not bool(torch.isfinite(expected).all()) or not expected.numel():
+                continue
+            scale = max(1.0, float(expected.abs().max()))
+            diff = float((got - expected).abs().max())
+            if not diff <= 1e-6 * scale:  # nan too
+                return (f"its d{name} is {'not finite' if not math.isfinite(diff) else 'off by ' + format(diff, '.3g')}"
+                        f" where torch autograd's is finite (with '{names[stressed]}' scaled to magnitude "
+                        f"{STRESS:g}): its closed form combines exponentials that the forward computed shifted, "
+                        f"so graph.fuse, auto_fuse and tg.compile leave this chain to the atomic rules")
+    return ""
 
 
 # ---------------------------------------------------------------------- fuse
@@ -359,6 +405,9 @@ def fuse(graph: Graph, output: Any, inputs: Any, *, check: bool = True) -> Graph
                             f"entering the chain are found by themselves and become parameters)")
     out_id, wrt_id = node_id(graph, output, "output"), node_id(graph, items[0], "input")
     derivation, binding = _derive(graph, out_id, wrt_id, check=check)
+    if derivation.unstable:
+        raise SymbolicError(f"the closed form of d{derivation.output}/d{derivation.wrt} is not used: "
+                            f"{derivation.unstable}")
     return rebuild(graph, [(derivation, binding)])
 
 
@@ -567,8 +616,10 @@ def find_fusable(graph: Graph, loss: Any, *, check: bool = True, exclude: Collec
                 options.append((len(ops), source, ops))
         for _, source, ops in sorted(options, key=lambda o: (-o[0], o[1])):
             try:
-                _derive(graph, output, source, check=check)
+                derivation, _ = _derive(graph, output, source, check=check)
             except SymbolicError:
+                continue
+            if derivation.unstable:
                 continue
             found.append((output, source))
             taken |= ops
