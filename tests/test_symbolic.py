@@ -813,3 +813,17 @@ def test_a_closed_form_unstable_at_large_logits_is_not_fused():
     assert "its dT is" in d.unstable and "where torch autograd's is finite" in d.checked
     with pytest.raises(SymbolicError, match=r"the closed form of dloss/dmatmul_1 is not used: its dT is"):
         graph.fuse(loss, "matmul_1")
+
+
+def test_a_rule_cached_unchecked_is_checked_before_it_is_fused():
+    """derive(..., check=False) caches its rule; a later fuse or auto_fuse of the same chain checks it first."""
+    X, Y = torch.randn(8, 4, generator=_gen(30)), torch.randint(0, 5, (8,), generator=_gen(31))
+    W, T = torch.randn(4, 5, generator=_gen(32)) * 15, torch.tensor(0.5)
+    with tg.record() as graph:
+        loss = F.cross_entropy((X @ W) / T, Y)
+    symbolic.clear_cache()
+    symbolic.derive(graph, output=loss, wrt="matmul_1", check=False)
+    leaves = [W.clone().requires_grad_(), T.clone().requires_grad_()]
+    want = torch.autograd.grad(F.cross_entropy((X @ leaves[0]) / leaves[1], Y), leaves)
+    grads = symbolic.auto_fuse(graph, loss).backward(loss)
+    assert torch.isfinite(grads[T]) and (grads[T] - want[1]).abs() <= 1e-5 * want[1].abs()

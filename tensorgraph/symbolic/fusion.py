@@ -193,7 +193,10 @@ def _derive(graph: Graph, out_id: int, wrt_id: int, *, check: bool = True) -> tu
     if derivation is not None:
         _CACHE.move_to_end(key)
         STATS["cached"] += 1
-        return derivation, _binding(derivation, members, roles, out_id, wrt_id)
+        binding = _binding(derivation, members, roles, out_id, wrt_id)
+        if check and not derivation.checked:  # cached by derive(..., check=False): checked before its first use
+            derivation.checked = verify(derivation, graph, binding)
+        return derivation, binding
     refused = _TOO_LONG.get(key)
     if refused is not None:
         raise refused
