@@ -368,7 +368,7 @@ def unstable(derivation: Derivation, forward: ChainForward, values: list[Tensor]
         leaves = [t.requires_grad_() if wanted else t for t, wanted in zip(tensors, differentiable)]
         try:
             out = forward(*leaves)
-            g = torch.ones(out.shape, dtype=torch.float64)
+            g = torch.ones(out.shape, dtype=torch.float64, device=out.device)
             reference = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g, allow_unused=True)
             mine = derivation.backward(g, *[t.detach() for t in leaves])
         except Exception:  # noqa: BLE001 - a forward that fails at that scale says nothing about the rule
