@@ -436,7 +436,7 @@ def _ordinary_graphs():
         "detached scale": lambda W: ((X @ W) / (X @ W).std().detach()).pow(2).sum(),
         "arange pick": lambda W: -(X @ W).log_softmax(1)[torch.arange(5), Y].mean(),
         "masked mean": lambda W: (((X @ W) - 1) ** 2 * mask).sum() / mask.sum(),
-        "temperature": lambda W: F.cross_entropy((X @ W) / temperature, Y),
+        "0-dim scale": lambda W: ((X @ W) * temperature).tanh().pow(2).mean(),
         "sum of losses": lambda W: sum([F.cross_entropy(X @ W, Y), ((X @ W) ** 2).mean()]),
     }
 
@@ -606,6 +606,9 @@ def test_cross_entropy_with_ignored_targets_keeps_float64():
         ours, want = _cross_entropy_by_the_derived_rule(x, y, reduction)
         assert ours.dtype == D
         assert (ours - want).abs().max() <= 1e-12 * want.abs().max()
+    for reduction in ("mean", "sum"):  # every row ignored: the loss is nan (0/0), torch's gradient 0
+        ours, want = _cross_entropy_by_the_derived_rule(x, torch.full((7,), -100), reduction)
+        assert torch.equal(ours, want) and torch.equal(want, torch.zeros_like(x))
     kept = torch.tensor([0, 4, 1, 1, 3, 2, 0])  # nothing ignored: exactly the closed form
     g = torch.tensor(1.0, dtype=D)
     closed = fused_rules.cross_entropy_derivation("mean").backward(g, x, kept)[0]
@@ -651,3 +654,181 @@ def test_fusing_an_anomaly_mode_graph():
         loss = lecture_cross_entropy(x * 2.0, y)
     fused = symbolic.auto_fuse(graph, loss)
     assert (fused.backward(loss)[x] - graph.backward(loss)[x]).abs().max() <= 1e-12
+
+
+# ---------------------------------------------------------------------- gradient hooks and fusion
+
+
+def _hooked_cross_entropy(X, W, Y, *, inplace_hook=False):
+    """Cross-entropy after a matmul, with a hook that doubles a gradient: on probs (inside the chain), or on
+    the matmul's output before a recorded in-place update (a hook of an earlier version, outside the chain)."""
+    h = (X @ W).sin()
+    if inplace_hook:
+        h.register_hook(lambda g: g * 3)
+        h.mul_(2)
+    probs = F.softmax(h, 1)
+    if not inplace_hook:
+        probs.register_hook(lambda g: g * 2)
+    return -probs.log()[range(X.shape[0]), Y].mean()
+
+
+@pytest.mark.parametrize("inplace_hook", [False, True])
+def test_fusion_never_skips_a_gradient_hook(inplace_hook):
+    """A hook on a tensor fused away would never run (graph.fuse refuses, auto_fuse leaves it atomic); the hooks
+    of earlier versions of a tensor outside the chain are kept. Truth: torch autograd running the same hooks."""
+    X, Y = _x(6, 4, seed=20), _ce_inputs()[1][:6]
+    W = torch.randn(4, 5, dtype=D, generator=_gen(21), requires_grad=True)
+    with tg.record() as graph:
+        loss = _hooked_cross_entropy(X, W, Y, inplace_hook=inplace_hook)
+    reference = W.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(_hooked_cross_entropy(X, reference, Y, inplace_hook=inplace_hook), reference)
+    fused = [symbolic.auto_fuse(graph, loss)]
+    if inplace_hook:
+        fused.append(graph.fuse(loss, "h"))
+    else:
+        with pytest.raises(SymbolicError, match=r"'probs' \(softmax at .*test_symbolic.py:\d+\) has a gradient hook "
+                                                r"\(hook .*<lambda> defined at .*test_symbolic.py:\d+\)"):
+            graph.fuse(loss, "h")
+    for graph_ in fused:
+        assert any(data["op"] == "fused" for data in graph_._nodes)
+        assert (graph_.backward(loss)[W] - want).abs().max() <= 1e-12
+
+
+def test_a_cast_in_the_chain_is_kept_in_the_fused_backward():
+    """``x.double()`` then layer norm with a float64 weight: the fused backward recomputes the normalised values
+    in float64, as the forward did (the cast was dropped: a float64 gradient with float32 accuracy, 5e-7)."""
+    x = torch.randn(6, 5, generator=_gen(22))
+    w = torch.randn(5, dtype=D, generator=_gen(23))
+    weight = torch.randn(6, 5, dtype=D, generator=_gen(24))
+
+    def fn(x, w):
+        return F.layer_norm(x.double(), (5,), w)
+
+    graph, out, loss = record(fn, x, w, weight=weight)
+    assert "x.to(torch.float64)" in symbolic.derive(graph, output=out, wrt=x).source
+    grads = graph.fuse(output=out, inputs=x).backward(loss)
+    leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    want = torch.autograd.grad((fn(*leaves) * weight).sum(), leaves)
+    assert torch.equal(grads[x], want[0])
+    assert (grads[w] - want[1]).abs().max() <= 1e-12
+
+
+# ---------------------------------------------------------------------- chains too long to derive
+
+
+def test_a_chain_too_long_to_derive_is_refused_in_seconds():
+    """Two layer norms with a gelu between them multiply out past 100,000 terms: sympy took hours. The
+    derivation stops at the size limit with an error naming the node; auto_fuse fuses a shorter chain
+    (gradients as torch autograd's)."""
+    w, b = torch.randn(5, dtype=D, generator=_gen(25)), torch.randn(5, dtype=D, generator=_gen(26))
+
+    def two_norms(x, w, b):
+        return F.layer_norm(F.gelu(F.layer_norm(x, (5,), w, b)), (5,))
+
+    graph, out, loss = record(two_norms, _x(), w, b, weight=_x(seed=27))
+    start = time.perf_counter()
+    with pytest.raises(SymbolicError, match=r"the chain from 'x' \(leaf at .*\) is too long to derive in one piece: "
+                                            r"the gradient of '\w+' \(\w+ at .*test_symbolic.py:\d+\) grew past "
+                                            r"10,000 terms"):
+        symbolic.derive(graph, output=out, wrt="x")
+    print(f"\nrefused in {time.perf_counter() - start:.1f} s")
+    with pytest.raises(SymbolicError, match="too long"):  # remembered: a training loop pays the attempt once
+        symbolic.derive(graph, output=out, wrt="x")
+
+
+def test_the_size_limit_keeps_the_textbook_forms(monkeypatch):
+    """Past the limit, the optional forms give way (the fully written-out d.expr); the closed form stays."""
+    monkeypatch.setattr(symbolic.algebra, "SIZE_LIMIT", 150)
+    symbolic.clear_cache()
+    try:
+        d = derive(lambda h, gain, bias: batchnorm(h, gain, bias), *_bn_inputs())
+        n = d.symbols["n"]
+        assert d.prove(_lecture_batchnorm(d, n / (n - 1), "gain"))
+        assert d.prove(d.expr) and d.symbols["bnraw"] in d.textbook.free_symbols
+    finally:
+        symbolic.clear_cache()
+
+
+def test_softmax_with_a_temperature_tensor_derives_the_textbook_form():
+    """z = x / T, then the stabilised softmax: dx = out*(dout - sum_j dout*out)/T. The rewrite would not divide by
+    1/T, so the code summed exp(x/T) unshifted: NaN once logits reach ~500 in float64 (~60 in float32), where
+    torch autograd is finite (the derivation is cached: a later step with larger logits reuses it)."""
+    temperature = torch.tensor(0.7, dtype=D)
+
+    def softmax_t(x, T):
+        z = x / T
+        e = (z - z.max(1, keepdim=True).values).exp()
+        return e / e.sum(1, keepdim=True)
+
+    d = derive(softmax_t, _x(), temperature)
+    weight = _x(seed=28)
+    for scale in (100.0, 1000.0):
+        x = _x() * scale
+        graph, out, loss = record(softmax_t, x, temperature, weight=weight)
+        grads = graph.fuse(output=out, inputs=x).backward(loss)
+        leaves = [x.clone().requires_grad_(), temperature.clone().requires_grad_()]
+        (want,) = torch.autograd.grad((softmax_t(*leaves) * weight).sum(), leaves[0])
+        assert torch.isfinite(grads[x]).all()
+        assert (grads[x] - want).abs().max() <= 1e-12
+    s = d.symbols
+    assert d.prove(s["out"] * (s["dout"] - d.sum(s["dout"] * s["out"], "j")) / s["T"])
+    assert s["out"] in d.textbook.free_symbols and s["x"] not in d.textbook.free_symbols
+
+
+def test_size_one_dimensions_added_by_indexing():
+    """``m[:, None]`` instead of keepdim=True (or unsqueeze): a reshape, the same closed form."""
+    def cross_entropy(logits, y):
+        shifted = logits - logits.max(1).values[:, None]
+        probs = shifted.exp() / shifted.exp().sum(1)[..., None]
+        return -probs.log()[range(logits.shape[0]), y].mean()
+
+    d = derive(cross_entropy, *_ce_inputs())
+    s = d.symbols
+    assert d.prove(s["dout"] * (s["probs"] - sp.KroneckerDelta(s["j"], s["y"])) / s["n"])
+    x, y = _ce_inputs()
+    w = torch.randn(5, 5, dtype=D, generator=_gen(29))
+    with tg.record() as graph:
+        loss = cross_entropy(x @ w, y)
+    assert [graph.node(o)["name"] for o, _ in symbolic.find_fusable(graph, loss)] == ["loss"]
+    reference = w.clone().requires_grad_()
+    (want,) = torch.autograd.grad(cross_entropy(x @ reference, y), reference)
+    assert (symbolic.auto_fuse(graph, loss).backward(loss)[w] - want).abs().max() <= 1e-12
+
+
+def test_a_closed_form_unstable_at_large_logits_is_not_fused():
+    """F.cross_entropy(logits / T): d/dT came out as exp(logprob) * exp(-logit) * sum(logit * exp(logit)), which
+    overflows (nan) or underflows (0: a wrong finite value) once logits / T pass ~88 in float32 (~709 in
+    float64), where torch's kernel is exact. Such a rule is derived (d.unstable says why) but never fused."""
+    X, Y = torch.randn(8, 4, generator=_gen(30)), torch.randint(0, 5, (8,), generator=_gen(31))
+    W, T = torch.randn(4, 5, generator=_gen(32)) * 15, torch.tensor(0.5)
+
+    def forward(W, T):
+        return F.cross_entropy((X @ W) / T, Y)
+
+    with tg.record() as graph:
+        loss = forward(W, T)
+    assert float(((X @ W) / T).abs().max()) > 88
+    leaves = [W.clone().requires_grad_(), T.clone().requires_grad_()]
+    want = torch.autograd.grad(forward(*leaves), leaves)
+    for grads in (symbolic.auto_fuse(graph, loss).backward(loss), tg.compile(lambda: forward(W, T), fuse=True)()[1]):
+        assert torch.isfinite(grads[T]) and (grads[T] - want[1]).abs() <= 1e-5 * want[1].abs()
+        assert (grads[W] - want[0]).abs().max() <= 1e-5 * want[0].abs().max()
+    assert symbolic.find_fusable(graph, loss) == []
+    d = symbolic.derive(graph, output=loss, wrt="matmul_1")
+    assert "its dT is" in d.unstable and "where torch autograd's is finite" in d.checked
+    with pytest.raises(SymbolicError, match=r"the closed form of dloss/dmatmul_1 is not used: its dT is"):
+        graph.fuse(loss, "matmul_1")
+
+
+def test_a_rule_cached_unchecked_is_checked_before_it_is_fused():
+    """derive(..., check=False) caches its rule; a later fuse or auto_fuse of the same chain checks it first."""
+    X, Y = torch.randn(8, 4, generator=_gen(30)), torch.randint(0, 5, (8,), generator=_gen(31))
+    W, T = torch.randn(4, 5, generator=_gen(32)) * 15, torch.tensor(0.5)
+    with tg.record() as graph:
+        loss = F.cross_entropy((X @ W) / T, Y)
+    symbolic.clear_cache()
+    symbolic.derive(graph, output=loss, wrt="matmul_1", check=False)
+    leaves = [W.clone().requires_grad_(), T.clone().requires_grad_()]
+    want = torch.autograd.grad(F.cross_entropy((X @ leaves[0]) / leaves[1], Y), leaves)
+    grads = symbolic.auto_fuse(graph, loss).backward(loss)
+    assert torch.isfinite(grads[T]) and (grads[T] - want[1]).abs() <= 1e-5 * want[1].abs()

@@ -23,7 +23,8 @@ runs over one whole axis. This module exploits exactly that:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -156,6 +157,29 @@ class Step(sp.Function):
 
 ATOMS = (AxisSum, AxisMax)
 
+# The most nodes an expression may have while deriving. The lecture's chains stay under 1,000 and
+# a layer norm, tanh and cross-entropy in one chain under 4,000; two normalisations in one chain
+# multiply out past 100,000 and sympy then takes many minutes (hours with a gelu between them).
+SIZE_LIMIT = 10_000
+
+
+class TooLarge(ValueError):
+    """An expression grew past :data:`SIZE_LIMIT` nodes: the chain is too long to derive in one piece."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"an expression grew past {size:,} nodes")
+        self.size = size
+
+
+def exceeds(expr: sp.Basic, limit: int) -> bool:
+    """Whether ``expr`` has more than ``limit`` nodes (counting stops there)."""
+    count = 0
+    for _ in sp.preorder_traversal(expr):
+        count += 1
+        if count > limit:
+            return True
+    return False
+
 
 @dataclass
 class Axis:
@@ -176,6 +200,7 @@ class Space:
     unit_sums: dict[sp.Symbol, sp.Symbol] = field(default_factory=dict)
     rules: dict[sp.Basic, sp.Expr] = field(default_factory=dict)
     rule_notes: list[tuple[sp.Expr, sp.Expr]] = field(default_factory=list)
+    limit: int | None = field(default_factory=lambda: SIZE_LIMIT)  # canon raises TooLarge past it (None: never)
     _axes_cache: dict[sp.Basic, frozenset] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ axes
@@ -223,6 +248,15 @@ class Space:
             expr = AxisSum(expr, index)
         return expr
 
+    @contextmanager
+    def unlimited(self) -> Iterator[None]:
+        """No size limit inside the block (for proofs the user asks for: they may take their time)."""
+        limit, self.limit = self.limit, None
+        try:
+            yield
+        finally:
+            self.limit = limit
+
     def sized(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with every size n written as 1 + (a positive symbol): sizes are at least 2 (a size-1
         dimension is no axis), which tells sympy that ``n - 1`` is positive."""
@@ -248,10 +282,15 @@ class Space:
     # ------------------------------------------------------------------ canonical form
 
     def canon(self, expr: sp.Expr, rules: bool = True) -> sp.Expr:
-        """Canonical form: expanded, sums split and stripped of constant factors, rules applied."""
+        """Canonical form: expanded, sums split and stripped of constant factors, rules applied.
+
+        Raises :class:`TooLarge` when the result has more than ``self.limit`` nodes.
+        """
         expr = sp.sympify(expr)
         for _ in range(16):
             expr = self._normalise(expr)
+            if self.limit is not None and exceeds(expr, self.limit):
+                raise TooLarge(self.limit)
             if not (rules and self.rules):
                 return expr
             replaced = expr.xreplace(self.rules)
@@ -424,7 +463,7 @@ def invert(expr: sp.Expr, target: sp.Symbol, value: sp.Expr,
         if isinstance(expr, (sp.Add, sp.Mul)):
             holder = [arg for arg in expr.args if arg.has(target)]
             rest = expr.func(*[arg for arg in expr.args if not arg.has(target)])
-            if len(holder) != 1 or (isinstance(expr, sp.Mul) and not nonzero(rest)):
+            if len(holder) != 1 or (isinstance(expr, sp.Mul) and not _divisible(rest, nonzero)):
                 return None  # never divide by something that may be 0 (a parameter such as a gain)
             value = value - rest if isinstance(expr, sp.Add) else value / rest
             expr = holder[0]
@@ -443,6 +482,12 @@ def invert(expr: sp.Expr, target: sp.Symbol, value: sp.Expr,
         else:
             return None
     return value
+
+
+def _divisible(factor: sp.Expr, nonzero: Callable[[sp.Expr], bool]) -> bool:
+    """Whether dividing by ``factor`` is safe: each of its factors is nonzero, or a negative power (``1/T``,
+    never 0 where it is finite: dividing by it multiplies by ``T``)."""
+    return all(nonzero(f) or (isinstance(f, sp.Pow) and bool(f.exp.is_negative)) for f in sp.Mul.make_args(factor))
 
 
 def _odd_power(exponent: sp.Expr) -> bool:

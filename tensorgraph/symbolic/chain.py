@@ -29,7 +29,7 @@ import torch
 
 from ..graph import Ref, identifier
 from ..naming import unique_name
-from .algebra import Axis, AxisMax, AxisSum, Relu, Sigmoid, Softplus, Space
+from .algebra import Axis, AxisMax, AxisSum, Relu, Sigmoid, Softplus, Space, TooLarge
 
 if TYPE_CHECKING:
     from ..graph import Graph
@@ -39,6 +39,16 @@ _INDEX_LETTERS = "ijklpqrstuvw"
 
 class SymbolicError(ValueError):
     """A recorded subgraph the symbolic layer cannot handle (the message names the node)."""
+
+
+class ChainTooLong(SymbolicError):
+    """A chain whose expressions grow past :data:`.algebra.SIZE_LIMIT` nodes (nested normalisations)."""
+
+    def __init__(self, node: SNode, chain_input: SNode, what: str, err: TooLarge) -> None:
+        super().__init__(
+            f"the chain from {chain_input.where} is too long to derive in one piece: {what} {node.where} grew "
+            f"past {err.size:,} terms and operations (as two normalisations in one chain do); derive "
+            f"shorter chains, one normalisation each, or leave it to the engine's atomic rules")
 
 
 @dataclass(eq=False)
@@ -337,13 +347,16 @@ class Lowering:
         operand_axes = frozenset().union(*(space.axes_of(o.sym) for o in node.operands))
         node.reduction = bool(operand_axes - frozenset(a for a in node.axes if a is not None))
         sign = self._assumptions(node.local)  # from the operands' own signs: bndiff**2 >= 0
-        if node.reduction:
-            node.sym = self._symbol(node, sign if "real" not in sign else self._assumptions(value))
-            node.value = node.sym
-            node.definition = space.define(node.sym, value)
-        else:
-            node.value = space.canon(value)
-            node.sym = self._symbol(node, sign if "real" not in sign else self._assumptions(node.value))
+        try:
+            if node.reduction:
+                node.sym = self._symbol(node, sign if "real" not in sign else self._assumptions(value))
+                node.value = node.sym
+                node.definition = space.define(node.sym, value)
+            else:
+                node.value = space.canon(value)
+                node.sym = self._symbol(node, sign if "real" not in sign else self._assumptions(node.value))
+        except TooLarge as err:
+            raise ChainTooLong(node, self.nodes[0], "the value of", err) from None
 
     def _assumptions(self, value: sp.Expr) -> dict[str, bool]:
         """Sign of an element, for sympy: sizes are at least 2 (a size-1 dimension is no axis)."""
@@ -551,11 +564,19 @@ def _unique_operands(operands: list[SNode]) -> list[SNode]:
 
 
 def lower_identity(self: Lowering, data: dict[str, Any]) -> SNode:
+    """A copy or a cast: the same element. A cast is kept in the fused backward's code, which recomputes the
+    saved tensors after it in the dtype the forward used (``logits.float()`` of half logits: softmax in float32)."""
     args, kwargs = _args(data, self)
     operand = self._operand(args[0])
     if operand is None or operand.axes is None:
         raise SymbolicError(f"{where(data)}: expected a tensor of the chain")
-    return self._op(data, data["name"], data["op"], [operand], operand.sym, operand.axes, recent=operand.recent)
+    dtype = data["dtype"]
+
+    def cast(ident: Callable, layout_dim: Callable) -> str:
+        return f"{ident(operand)}.to({dtype})"
+
+    return self._op(data, data["name"], data["op"], [operand], operand.sym, operand.axes, recent=operand.recent,
+                    code=cast if dtype != operand.dtype else None)
 
 
 def lower_reshape(self: Lowering, data: dict[str, Any]) -> SNode:
@@ -645,13 +666,22 @@ def lower_max(self: Lowering, data: dict[str, Any]) -> SNode:
     return node
 
 
+def only_unit_dims(idx: Any) -> bool:
+    """Whether an index only adds size-1 dimensions (``m[:, None]``, ``x[..., None]``): a reshape."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return all(item is None or item is Ellipsis or item == slice(None) for item in items)
+
+
 def lower_getitem(self: Lowering, data: dict[str, Any]) -> SNode:
-    """``x[range(n), targets]`` on a 2-D tensor: one element per row, a one-hot pick."""
+    """``x[range(n), targets]`` on a 2-D tensor: one element per row, a one-hot pick; ``m[:, None]``: a reshape."""
     args = data["bargs"]
+    if len(args) > 1 and only_unit_dims(args[1]):
+        return lower_reshape(self, data)
     operand = self._operand(args[0])
     idx = args[1]
     if not (isinstance(idx, tuple) and len(idx) == 2 and len(operand.shape) == 2):
-        raise SymbolicError(f"{where(data)}: only x[range(n), targets] indexing has a symbolic form here")
+        raise SymbolicError(f"{where(data)}: only x[range(n), targets] indexing (and m[:, None]) has a symbolic "
+                            f"form here")
     rows, targets = idx
     n = operand.shape[0]
     if isinstance(rows, range):

@@ -30,8 +30,8 @@ import sympy as sp
 import torch
 
 from ..naming import unique_name
-from .algebra import AxisMax, AxisSum, Space, invert, maximal_atoms
-from .chain import Chain, SNode, SymbolicError
+from .algebra import AxisMax, AxisSum, Space, TooLarge, invert, maximal_atoms
+from .chain import Chain, ChainTooLong, SNode, SymbolicError
 from .printing import TorchPrinter, latex_name, to_latex
 
 _LONG = 400  # expressions with more operations than this are summarised in the steps
@@ -71,7 +71,10 @@ class Backprop:
             replace = dict(values)
             replace.update({consumer.gsym: self.resolved[consumer] for consumer, _ in terms})
             total = sp.Add(*(term.xreplace(replace) for _, term in terms))
-            self.resolved[node] = space.canon(total)
+            try:
+                self.resolved[node] = space.canon(total)
+            except TooLarge as err:
+                raise ChainTooLong(node, chain.input, "the gradient of", err) from None
 
     def vjp(self, expr: sp.Expr, grad: sp.Expr, operand: sp.Symbol, expr_axes: frozenset) -> sp.Expr:
         """Sum over the positions of ``expr`` of ``grad * d expr / d operand``: an element of the operand gradient."""
@@ -196,8 +199,11 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
             protect = {atom: sp.Dummy("p") for atom in rewrite.protect if current.has(atom)}
             substituted = current.xreplace(protect).xreplace({primitive: rewrite.inverse})
             tried += 1
-            walk(space.canon(substituted.xreplace({d: a for a, d in protect.items()})), position + 1,
-                 chosen + [rewrite])
+            try:
+                rewritten = space.canon(substituted.xreplace({d: a for a, d in protect.items()}))
+            except TooLarge:
+                continue  # this substitution multiplies out: not the simpler form
+            walk(rewritten, position + 1, chosen + [rewrite])
 
     walk(expr, 0, [])
     return reuse_saved(best[1], best[2], chain, space), best[2]
@@ -218,12 +224,15 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
     for node in reversed(chain.ops):
         if node.reduction or node is chain.input:
             continue
-        value = space.canon(_apply(node.value, rewrites))
-        if value == node.sym or not (isinstance(value, sp.Function) or
-                                     (isinstance(value, sp.Pow) and not value.exp.is_Integer)):
+        try:
+            value = space.canon(_apply(node.value, rewrites))
+            if value == node.sym or not (isinstance(value, sp.Function) or
+                                         (isinstance(value, sp.Pow) and not value.exp.is_Integer)):
+                continue
+            if expr.has(value):
+                expr = space.canon(expr.xreplace({value: node.sym}))
+        except TooLarge:
             continue
-        if expr.has(value):
-            expr = space.canon(expr.xreplace({value: node.sym}))
     return expr
 
 
@@ -238,13 +247,17 @@ def nested(expr: sp.Expr, chain: Chain) -> sp.Expr:
     return expr
 
 
-def explicit(expr: sp.Expr, chain: Chain, space: Space) -> sp.Expr:
-    """The expression with every reduction symbol replaced by its definition: sums over the input only."""
+def explicit(expr: sp.Expr, chain: Chain, space: Space) -> sp.Expr | None:
+    """The expression with every reduction symbol replaced by its definition: sums over the input only
+    (None when that multiplies out past the size limit)."""
     for _ in range(2):  # definitions may mention earlier reductions
         for node in reversed(chain.ops):
             if node.reduction and node.sym in expr.free_symbols:
                 expr = expr.xreplace({node.sym: node.definition})
-    return space.canon(expr, rules=False)
+    try:
+        return space.canon(expr, rules=False)
+    except TooLarge:
+        return None
 
 
 def display(expr: sp.Expr, space: Space) -> sp.Expr:
@@ -504,6 +517,7 @@ class Derivation:
     backprop: Backprop = field(repr=False)
     rewrites: dict[str, list[Rewrite]] = field(repr=False, default_factory=dict)
     checked: str = ""
+    unstable: str = ""  # why the rule is not fused: at large magnitudes it loses what torch keeps ("" if it does not)
 
     def grad(self, name: str) -> sp.Expr:
         """The simplified gradient of any tensor of the chain (in the input, parameters and reductions)."""
@@ -525,8 +539,9 @@ class Derivation:
         rewrite rules; the proof holds when their difference simplifies to 0.
         """
         derived = self.grad(wrt or self.wrt)
-        holds, difference = self.chain.space.equal(derived, self.value(other))
-        return Proof(holds, difference, "" if holds else self._at_recorded_sizes(difference))
+        with self.chain.space.unlimited():
+            holds, difference = self.chain.space.equal(derived, self.value(other))
+            return Proof(holds, difference, "" if holds else self._at_recorded_sizes(difference))
 
     def _at_recorded_sizes(self, difference: sp.Expr) -> str:
         """When a lifted constant is why a proof fails: say that it holds at the recorded sizes."""
@@ -587,7 +602,8 @@ def build(chain: Chain) -> Derivation:
     code = CodeWriter(chain, backprop, forms).write(f"d_{chain.output.ident}")
     x = chain.input
     textbook = forms[x]
-    options = [display(explicit(backprop.resolved[x], chain, space), space), nested(textbook, chain)]
+    written_out = explicit(backprop.resolved[x], chain, space)
+    options = ([display(written_out, space)] if written_out is not None else []) + [nested(textbook, chain)]
     expr = min(options, key=lambda e: (sp.count_ops(e), options.index(e)))
     names = symbol_latex(chain, backprop)
     latex = rf"{latex_name('d' + x.name, [a for a in x.axes if a is not None])} = {to_latex(textbook, names)}"

@@ -109,8 +109,10 @@ def cross_entropy(g: Tensor, x: Tensor, target: Tensor, weight: Any, ignore_inde
     keep = target != ignore_index
     grad = cross_entropy_derivation(reduction).backward(g, x, target.masked_fill(~keep, 0))[0]
     if reduction == "mean":
-        # the factor in the gradient's dtype: n / an int64 count would be float32 (torch's promotion)
-        return grad * (keep.unsqueeze(1) * (x.shape[0] / keep.sum().to(grad.dtype)))
+        # the factor in the gradient's dtype: n / an int64 count would be float32 (torch's promotion). With
+        # every row ignored the loss is 0/0 = nan, and torch's gradient is 0: the count is taken as at least 1
+        kept = keep.sum().clamp_min(1).to(grad.dtype)
+        return grad * (keep.unsqueeze(1) * (x.shape[0] / kept))
     return grad * keep.unsqueeze(1)
 
 

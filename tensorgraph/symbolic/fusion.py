@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..graph import _NODE_DEFAULTS, Graph, Ref, is_float, require_graph, substitute
-from .chain import LOWERINGS, RESHAPES, SymbolicError, chain_members, lower, where
+from .chain import LOWERINGS, RESHAPES, ChainTooLong, SymbolicError, chain_members, lower, only_unit_dims, where
 from .derivation import Derivation, build
 
 if TYPE_CHECKING:
@@ -27,12 +28,15 @@ if TYPE_CHECKING:
 
 _CACHE: OrderedDict[tuple, Derivation] = OrderedDict()
 _CACHE_SIZE = 256
+# chains refused for their size: a training loop calling auto_fuse every step pays the attempt once
+_TOO_LONG: OrderedDict[tuple, ChainTooLong] = OrderedDict()
 STATS = {"derived": 0, "cached": 0}
 
 
 def clear_cache() -> None:
     """Forget every derived rule (the next derivation of each chain starts from scratch)."""
     _CACHE.clear()
+    _TOO_LONG.clear()
 
 
 # ---------------------------------------------------------------------- keys and bindings
@@ -195,9 +199,20 @@ def _derive(graph: Graph, out_id: int, wrt_id: int, *, check: bool = True) -> tu
     if derivation is not None:
         _CACHE.move_to_end(key)
         STATS["cached"] += 1
-        return derivation, _binding(derivation, members, roles, out_id, wrt_id)
+        binding = _binding(derivation, members, roles, out_id, wrt_id)
+        if check and not derivation.checked:  # cached by derive(..., check=False): checked before its first use
+            derivation.checked = verify(derivation, graph, binding)
+        return derivation, binding
+    refused = _TOO_LONG.get(key)
+    if refused is not None:
+        raise refused
     try:
         derivation, binding = _derive_new(graph, members, roles, out_id, wrt_id, check=check)
+    except ChainTooLong as err:
+        _TOO_LONG[key] = err
+        if len(_TOO_LONG) > _CACHE_SIZE:
+            _TOO_LONG.popitem(last=False)
+        raise
     except SymbolicError:
         raise
     except Exception as err:  # a case the layer does not foresee: refused by name, never an internal error
@@ -331,7 +346,52 @@ def verify(derivation: Derivation, graph: Graph, binding: Binding) -> str:
                 raise SymbolicError(
                     f"the derived rule for d{derivation.output}/d{name} disagrees with {label} on the atomic chain "
                     f"(max |difference| {diff:.3g}); refusing to use it")
-    return f"checked against torch autograd and the engine in float64: max relative difference {worst:.2g}"
+    derivation.unstable = unstable(derivation, forward, values, differentiable, names)
+    checked = f"checked against torch autograd and the engine in float64: max relative difference {worst:.2g}"
+    return checked + (f"; {derivation.unstable}" if derivation.unstable else "")
+
+
+STRESS = 1000.0  # the magnitude each tensor is scaled to by the stability check
+
+
+def unstable(derivation: Derivation, forward: ChainForward, values: list[Tensor], differentiable: list[bool],
+             names: list[str]) -> str:
+    """Why the derived rule must not replace the atomic chain: at large magnitudes it loses what torch keeps.
+
+    A closed form that is right can still be unstable: ``exp(x/T)`` summed unshifted overflows once
+    ``x/T`` passes ~709 (~88 in float32), and ``exp(logprob) * exp(-x) * sum(x * exp(x))`` underflows
+    to 0 where each factor alone is fine, where torch's softmax kernel and the recorded chain stay
+    exact. Each floating-point tensor in turn is scaled to magnitude :data:`STRESS` (the others as
+    recorded); a gradient that torch computes finite and the rule gets non-finite, or off by more than
+    1e-6 of its largest element, is reported. "" when none is.
+    """
+    for stressed, value in enumerate(values):
+        top = float(value.abs().max()) if value.is_floating_point() and value.numel() else 0.0
+        if top == 0.0 or not math.isfinite(top):
+            continue
+        tensors = [v.clone() for v in values]
+        tensors[stressed] = tensors[stressed] * (STRESS / top)
+        leaves = [t.requires_grad_() if wanted else t for t, wanted in zip(tensors, differentiable)]
+        try:
+            out = forward(*leaves)
+            g = torch.ones(out.shape, dtype=torch.float64, device=out.device)
+            reference = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g, allow_unused=True)
+            mine = derivation.backward(g, *[t.detach() for t in leaves])
+        except Exception:  # noqa: BLE001 - a forward that fails at that scale says nothing about the rule
+            continue
+        theirs = iter(reference)
+        for name, got, wanted in zip(names, mine, differentiable):
+            expected = next(theirs) if wanted else None
+            if expected is None or got is None or not bool(torch.isfinite(expected).all()) or not expected.numel():
+                continue
+            scale = max(1.0, float(expected.abs().max()))
+            diff = float((got - expected).abs().max())
+            if not diff <= 1e-6 * scale:  # nan too
+                return (f"its d{name} is {'not finite' if not math.isfinite(diff) else 'off by ' + format(diff, '.3g')}"
+                        f" where torch autograd's is finite (with '{names[stressed]}' scaled to magnitude "
+                        f"{STRESS:g}): its closed form combines exponentials that the forward computed shifted, "
+                        f"so graph.fuse, auto_fuse and tg.compile leave this chain to the atomic rules")
+    return ""
 
 
 # ---------------------------------------------------------------------- fuse
@@ -345,7 +405,8 @@ def fuse(graph: Graph, output: Any, inputs: Any, *, check: bool = True) -> Graph
     rule is the derived closed form, which returns the gradients of all of them, and its
     ``func`` replays the chain's recorded calls (so ``compare`` works). The original graph
     is not changed. Raises :class:`SymbolicError` for a chain it cannot derive, for more
-    than one input, or when a tensor inside the chain is also used outside it.
+    than one input, or when a tensor inside the chain is also used outside it or has a
+    gradient hook (which would never run).
     """
     items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     if len(items) != 1:
@@ -353,17 +414,39 @@ def fuse(graph: Graph, output: Any, inputs: Any, *, check: bool = True) -> Graph
                             f"entering the chain are found by themselves and become parameters)")
     out_id, wrt_id = node_id(graph, output, "output"), node_id(graph, items[0], "input")
     derivation, binding = _derive(graph, out_id, wrt_id, check=check)
+    if derivation.unstable:
+        raise SymbolicError(f"the closed form of d{derivation.output}/d{derivation.wrt} is not used: "
+                            f"{derivation.unstable}")
     return rebuild(graph, [(derivation, binding)])
+
+
+def hooked(graph: Graph) -> dict[int, Any]:
+    """The nodes whose gradient a tensor hook (``t.register_hook(fn)``) sees, each with its first hook.
+
+    A fused chain has no gradient for the tensors inside it: a hook there would never run, and
+    the gradients after it would silently lose what it changes.
+    """
+    from ..engine import gradient_hooks
+
+    return {node: hooks[0] for node, hooks in (gradient_hooks(graph, len(graph._nodes)) or {}).items()}
 
 
 def rebuild(graph: Graph, fusions: Sequence[tuple[Derivation, Binding]]) -> Graph:
     """A copy of ``graph`` with each fusion's ops replaced by one fused node."""
+    from ..engine import hook_where
+
     nodes = graph._nodes
     removed: set[int] = set()
     outputs: dict[int, tuple[Derivation, Binding]] = {}
     for derivation, binding in fusions:
         removed |= set(binding.ops) - {binding.output}
         outputs[binding.output] = (derivation, binding)
+    hooks = hooked(graph)
+    first = min(removed & set(hooks), default=None)
+    if first is not None:
+        raise SymbolicError(f"{where(nodes[first])} has a gradient hook ({hook_where(hooks[first])}); fusing the "
+                            f"chain would skip it and the gradients it changes (fuse a chain that ends there, or "
+                            f"remove the hook with handle.remove())")
     inside = removed | set(outputs)
     snapshots = set()
     for node in removed:
@@ -392,6 +475,8 @@ def rebuild(graph: Graph, fusions: Sequence[tuple[Derivation, Binding]]) -> Grap
     for node, version, tensor in graph._live.values():
         if node in mapping:
             new._live[id(tensor)] = (mapping[node], version, tensor)
+    # the hooks of tensors' earlier versions (replaced by a recorded in-place op) stay with those versions
+    new._version_hooks = {mapping[node]: hooks for node, hooks in graph._version_hooks.items() if node in mapping}
     new._names = {data["name"]: node for node, data in enumerate(new._nodes)}
     owners = {node: mapping[binding.output] for _, binding in fusions for node in binding.ops}
     _carry_fingerprints(graph, new, {**owners, **mapping})
@@ -472,7 +557,7 @@ def _maybe_fusable(graph: Graph, node: int) -> bool:
         return False  # already fused
     if data["op"] == "getitem":
         idx = data["bargs"][1] if len(data["bargs"]) > 1 else None
-        return isinstance(idx, tuple) and len(idx) == 2 and isinstance(idx[1], Ref) and len(
+        return only_unit_dims(idx) or isinstance(idx, tuple) and len(idx) == 2 and isinstance(idx[1], Ref) and len(
             graph._nodes[data["inputs"][0]]["shape"]) == 2
     if data["op"] in RESHAPES:
         source = graph._nodes[data["inputs"][0]]["shape"]
@@ -480,8 +565,9 @@ def _maybe_fusable(graph: Graph, node: int) -> bool:
     return True
 
 
-def _grow(graph: Graph, output: int, taken: set[int]) -> set[int]:
-    """The largest set of fusable ops ending at ``output`` whose values are used only inside it."""
+def _grow(graph: Graph, output: int, taken: set[int], hooks: Collection[int] = ()) -> set[int]:
+    """The largest set of fusable ops ending at ``output`` whose values are used only inside it (and whose
+    gradients no hook in ``hooks`` needs: only the output's may have one)."""
     nx_graph, nodes = graph.nx, graph._nodes
     region = {output}
     heap = [-i for i in set(nodes[output]["inputs"])]
@@ -492,7 +578,7 @@ def _grow(graph: Graph, output: int, taken: set[int]) -> set[int]:
         if node in seen or node in taken:
             continue
         seen.add(node)
-        if not _maybe_fusable(graph, node):
+        if node in hooks or not _maybe_fusable(graph, node):
             continue
         consumers = set(nx_graph.successors(node))
         outside = [c for c in consumers - region if nodes[c]["kind"] == "op" and is_float(nodes[c])]
@@ -510,18 +596,19 @@ def find_fusable(graph: Graph, loss: Any, *, check: bool = True, exclude: Collec
 
     Walking back from ``loss``, each chain is the largest run of ops with a symbolic form
     (elementwise ops and reductions, see :func:`derive`) whose intermediate values are used
-    only inside it; its input is the outside tensor it depends on most (the others become
-    parameters). Only chains of at least two ops that derive (and pass the numerical check)
+    only inside it and have no gradient hook; its input is the outside tensor it depends on
+    most (the others become parameters). Only chains of at least two ops that derive (and pass the numerical check)
     are returned; chains do not overlap, and leave out the ops (node ids) in ``exclude``.
     """
     root = node_id(graph, loss, "loss")
     nodes = graph._nodes
     taken: set[int] = set(exclude)
     found: list[tuple[int, int]] = []
+    hooks = hooked(graph)
     for output in sorted(graph.ancestors(root), reverse=True):
         if output in taken or not _maybe_fusable(graph, output):
             continue
-        region = _grow(graph, output, taken)
+        region = _grow(graph, output, taken, hooks)
         if len(region) < 2:
             continue
         boundary = sorted({i for n in region for i in nodes[n]["inputs"]} - region)
@@ -538,8 +625,10 @@ def find_fusable(graph: Graph, loss: Any, *, check: bool = True, exclude: Collec
                 options.append((len(ops), source, ops))
         for _, source, ops in sorted(options, key=lambda o: (-o[0], o[1])):
             try:
-                _derive(graph, output, source, check=check)
+                derivation, _ = _derive(graph, output, source, check=check)
             except SymbolicError:
+                continue
+            if derivation.unstable:
                 continue
             found.append((output, source))
             taken |= ops
