@@ -896,8 +896,8 @@ defop(  # g - out.exp() * g.sum(dim, keepdim=True) in torch's fused kernel
 
 
 def _nll_grad(logp: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
-              smoothing: float) -> tuple[Tensor, Any]:
-    """d loss_n / d logp for class-index targets (before scaling by g), and the mean's denominator."""
+              smoothing: float) -> tuple[Tensor, Any, Tensor]:
+    """d loss_n / d logp for class-index targets (before scaling by g), the mean's denominator, the kept targets."""
     class_dim = 1 if logp.dim() >= 2 else 0
     n_classes = logp.shape[class_dim]
     keep = target != ignore_index
@@ -911,14 +911,24 @@ def _nll_grad(logp: Tensor, target: Tensor, weight: Tensor | None, ignore_index:
         w_class = weight.view(shape) if weight is not None else torch.ones(shape, dtype=logp.dtype,
                                                                             device=logp.device)
         grad = grad - (smoothing / n_classes) * w_class * keep.unsqueeze(class_dim)
-    return grad, w_target.sum()
+    return grad, w_target.sum(), keep
+
+
+def _scale_nll(g: Tensor, per_element: Tensor, keep: Tensor, reduction: str, denom: Tensor,
+               batch_dim: int | None, class_dim: int) -> Tensor:
+    # NOTE: rows with an ignored target get 0, as torch skips them: with every target ignored the mean's
+    # denominator is 0, and 0 * (g / 0) would be nan there
+    scaled = _scale_loss(g, per_element, reduction, denom, batch_dim)
+    return scaled.masked_fill(~keep.unsqueeze(class_dim), 0)
 
 
 def nll_loss(g: Tensor, out: Tensor, x: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
              ignore_index: int = -100, reduce=None, reduction: str = "mean") -> tuple:
     reduction = _reduction(size_average, reduce, reduction)
-    per_element, denom = _nll_grad(x, target, weight, ignore_index, reduction, 0.0)
-    return _scale_loss(g, per_element, reduction, denom, 1 if x.dim() >= 2 else None), None, None
+    per_element, denom, keep = _nll_grad(x, target, weight, ignore_index, reduction, 0.0)
+    class_dim = 1 if x.dim() >= 2 else 0
+    batch_dim = class_dim if x.dim() >= 2 else None
+    return _scale_nll(g, per_element, keep, reduction, denom, batch_dim, class_dim), None, None
 
 
 def cross_entropy(g: Tensor, out: Tensor, x: Tensor, target: Tensor, weight: Tensor | None = None,
@@ -932,7 +942,7 @@ def cross_entropy(g: Tensor, out: Tensor, x: Tensor, target: Tensor, weight: Ten
     class_dim = 1 if x.dim() >= 2 else 0
     logp = x.log_softmax(class_dim)
     batch_dim = class_dim if x.dim() >= 2 else None
-    grad_target = None
+    grad_target = keep = None
     if target.is_floating_point():  # class probabilities: loss_n = -sum_c w_c t_nc logp_nc
         n_classes = x.shape[class_dim]
         probs = target * (1 - label_smoothing) + label_smoothing / n_classes if label_smoothing else target
@@ -944,8 +954,9 @@ def cross_entropy(g: Tensor, out: Tensor, x: Tensor, target: Tensor, weight: Ten
         per_element, denom = -probs * class_weight, x.numel() / n_classes
         grad_target = _scale_loss(g, -logp * class_weight * (1 - label_smoothing), reduction, denom, batch_dim)
     else:
-        per_element, denom = _nll_grad(logp, target, weight, ignore_index, reduction, label_smoothing)
-    grad_logp = _scale_loss(g, per_element, reduction, denom, batch_dim).to(logp.dtype)  # weight may be wider
+        per_element, denom, keep = _nll_grad(logp, target, weight, ignore_index, reduction, label_smoothing)
+    grad_logp = (_scale_loss(g, per_element, reduction, denom, batch_dim) if keep is None else _scale_nll(
+        g, per_element, keep, reduction, denom, batch_dim, class_dim)).to(logp.dtype)  # weight may be wider
     return aten._log_softmax_backward_data(grad_logp, logp, class_dim, x.dtype), grad_target, None
 
 

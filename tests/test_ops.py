@@ -91,3 +91,22 @@ def test_atan2_where_its_denominator_is_zero_or_tiny_matches_torch(y, x):
         inputs = [torch.tensor([y, 1.0], dtype=dtype), torch.tensor(x, dtype=dtype)]
         for ours, theirs in zip(engine_grads(torch.atan2, inputs)[1], torch_grads(torch.atan2, inputs)):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)  # (1e-20: inf and NaN, as torch)
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("nll_loss", lambda x, y: F.nll_loss(x.log_softmax(1), y)),
+    ("nll_loss weighted", lambda x, y: F.nll_loss(x.log_softmax(1), y, weight=torch.arange(1.0, 6.0, dtype=x.dtype))),
+    ("cross_entropy smoothed", lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1)),
+    ("cross_entropy 3-D", lambda x, y: F.cross_entropy(x.view(2, 5, 2), y.view(2, 2))),
+    ("cross_entropy weighted, smoothed", lambda x, y: F.cross_entropy(
+        x, y, weight=torch.arange(1.0, 6.0, dtype=x.dtype), label_smoothing=0.2)),
+    ("cross_entropy sum", lambda x, y: F.cross_entropy(x, y, reduction="sum")),
+])
+@pytest.mark.parametrize("ignored", ["every", "some"])
+def test_class_losses_give_ignored_targets_torchs_zero_gradient(name, fn, ignored):
+    """With every target ignored the loss is 0/0: torch's gradient is still 0; the rules gave nan everywhere."""
+    x = r(4, 5, seed=3)
+    y = torch.full((4,), -100) if ignored == "every" else torch.tensor([1, -100, 4, -100])
+    ours, theirs = engine_grads(fn, [x, y])[1][0], torch_grads(fn, [x, y])[0]
+    assert not theirs.isnan().any()
+    torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-12)
