@@ -832,3 +832,17 @@ def test_a_rule_cached_unchecked_is_checked_before_it_is_fused():
     want = torch.autograd.grad(F.cross_entropy((X @ leaves[0]) / leaves[1], Y), leaves)
     grads = symbolic.auto_fuse(graph, loss).backward(loss)
     assert torch.isfinite(grads[T]) and (grads[T] - want[1]).abs() <= 1e-5 * want[1].abs()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (torch built "
+                    f"{'with' if torch.version.cuda else 'without'} CUDA); the same derivation runs on CPU above")
+def test_a_chain_recorded_on_cuda_derives_and_fuses():
+    """verify() drew its random output gradient on the CPU, whatever the graph's device."""
+    x, y = (t.cuda() for t in _ce_inputs())
+    graph, out, loss = record(lambda x, y: lecture_cross_entropy(x, y, "mean"), x, y, weight=torch.ones((), dtype=D,
+                                                                                                        device="cuda"))
+    symbolic.derive(graph, output=out, wrt=x)
+    fused = graph.fuse(output=out, inputs=[x])
+    leaf = x.detach().clone().requires_grad_()
+    expected, = torch.autograd.grad(lecture_cross_entropy(leaf, y, "mean"), leaf)
+    torch.testing.assert_close(fused.backward(loss)[x], expected, rtol=1e-10, atol=1e-12)

@@ -319,7 +319,7 @@ def verify(derivation: Derivation, graph: Graph, binding: Binding) -> str:
     leaves = [v.requires_grad_() if wanted else v for v, wanted in zip(fresh(), differentiable)]
     out = forward(*leaves)
     seed = torch.Generator().manual_seed(0)
-    g = torch.randn(out.shape, dtype=torch.float64, generator=seed)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=seed).to(out.device)  # (CPU draws: any device)
     reference = torch.autograd.grad(out, [v for v in leaves if v.requires_grad], g, allow_unused=True)
     replay_values = fresh()
     with record() as replay:
