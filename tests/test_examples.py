@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import io
+import os
 import runpy
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import nbformat
+import pytest
+from jupyter_client import KernelManager
 from nbclient import NotebookClient
 
 from tensorgraph.cli import main
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 def _run(script: str, *argv: str) -> str:
@@ -76,3 +80,97 @@ def test_notebook_runs(tmp_path):
     assert "26/26 right, no errors" in printed
     assert "the lecture's formula: proved" in printed
     assert (tmp_path / "check.svg").exists()
+
+
+# ---------------------------------------------------------------- a learner's notebook, in a real IPython kernel
+
+
+class Kernel:
+    """An IPython kernel running this checkout's tensorgraph: cells run as a notebook runs them (IPython's
+    namespace: ``Out``, ``_``, displayed results cached)."""
+
+    def __init__(self, cwd: Path) -> None:
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        self.manager = KernelManager(kernel_name="python3")
+        self.manager.start_kernel(env={**os.environ, "PYTHONPATH": path}, cwd=str(cwd))
+        self.client = self.manager.client()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=120)
+
+    def run(self, code: str) -> list[dict]:
+        """Run one cell; its outputs (stream, execute_result, display_data) in order. An error fails the test."""
+        outputs: list[dict] = []
+
+        def keep(message: dict) -> None:
+            if message["msg_type"] in ("stream", "execute_result", "display_data", "error"):
+                outputs.append({"type": message["msg_type"], **message["content"]})
+
+        reply = self.client.execute_interactive(code, output_hook=keep, timeout=300)
+        errors = [f"{o['ename']}: {o['evalue']}" for o in outputs if o["type"] == "error"]
+        assert reply["content"]["status"] == "ok", f"cell failed: {errors}\n{code}"
+        return outputs
+
+    def printed(self, code: str) -> str:
+        return "".join(o["text"] for o in self.run(code) if o["type"] == "stream" and o["name"] == "stdout")
+
+    def close(self) -> None:
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    running = Kernel(tmp_path_factory.mktemp("notebook"))
+    running.run("import torch, tensorgraph as tg\ntorch.set_num_threads(1)")
+    yield running
+    running.close()
+
+
+def test_notebook_a_displayed_object_does_not_rename_the_users_tensors(kernel):
+    """A cell that shows ``layers`` puts it in IPython's ``Out``, which comes before the user's variables in the
+    namespace: the next recording named the parameters ``Out[3][0].weight``, and ``grads["layers[0].weight"]``
+    raised KeyError. The gradient found by the user's name is checked against torch autograd in float64."""
+    kernel.run("""
+g = torch.Generator().manual_seed(0)
+class Linear:
+    def __init__(self, fan_in, fan_out):
+        self.weight = torch.randn((fan_in, fan_out), generator=g, dtype=torch.float64) / fan_in**0.5
+        self.bias = torch.zeros(fan_out, dtype=torch.float64)
+    def __call__(self, x):
+        self.out = x @ self.weight + self.bias
+        return self.out
+layers = [Linear(3, 5), Linear(5, 2)]
+x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+""")
+    shown = kernel.run("layers")  # the learner looks at the layers: Out[n] holds the list
+    assert shown[0]["type"] == "execute_result"
+    printed = kernel.printed("""
+def forward(layers, x):
+    h = x
+    for layer in layers:
+        h = torch.tanh(layer(h))
+    return (h ** 2).sum()
+with tg.record() as graph:
+    loss = forward(layers, x)
+grads = graph.backward(loss)
+weights = [layer.weight.detach().clone().requires_grad_() for layer in layers]
+twins = [Linear(1, 1), Linear(1, 1)]
+for twin, layer, weight in zip(twins, layers, weights):
+    twin.weight, twin.bias = weight, layer.bias
+expected = torch.autograd.grad(forward(twins, x), weights)
+print(sorted(name for name in graph.names if name.startswith(("layers", "Out"))))
+print(all(torch.allclose(grads[f"layers[{i}].weight"], expected[i], rtol=1e-12, atol=1e-12) for i in range(2)))
+""")
+    assert printed.splitlines() == ["['layers[0].bias', 'layers[0].out', 'layers[0].weight', 'layers[1].bias', "
+                                    "'layers[1].out', 'layers[1].weight']", "True"]
+
+
+def test_notebook_a_tensor_reachable_only_through_out_is_named_there(kernel):
+    """IPython's ``Out`` is still searched, last: a result used in a block through ``Out[n]`` is named after it."""
+    number = kernel.run("torch.arange(3.0, dtype=torch.float64)")[0]["execution_count"]
+    printed = kernel.printed(f"""
+with tg.record() as graph:
+    total = (Out[{number}] * 2).sum()
+print(graph.names[0])
+""")
+    assert printed.strip() == f"Out[{number}]"
