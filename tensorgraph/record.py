@@ -91,7 +91,11 @@ def _show_at_the_users_line(show: Any) -> Any:
     """``warnings.showwarning``, with torch's warnings from a recorded call shown at the user's line.
 
     torch warns from C++ at the innermost Python frame, which inside a block is the recorder's
-    (``record.py:198: UserWarning: ...``); the user's own frame is still on the stack while it is shown.
+    (``record.py:198: UserWarning: ...``), and so does a torch function that warns at its caller's line
+    (``F.mse_loss``'s broadcasting warning); the user's own frame is still on the stack while it is shown.
+    The warning is issued again there, with the user's module and registry, so that the filters and
+    "once per line" apply to the user's line as without the recorder: a second line, or a second notebook
+    cell, with the same warning shows it too; a loop shows it once.
     """
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if filename == __file__:
@@ -99,11 +103,32 @@ def _show_at_the_users_line(show: Any) -> Any:
             while frame is not None and (_is_internal(frame.f_code) or frame.f_code.co_filename == warnings.__file__):
                 frame = frame.f_back
             if frame is not None:
-                filename, lineno, line = frame.f_code.co_filename, frame.f_lineno, None
+                _forget_warning(message, category, lineno)
+                user = frame.f_globals
+                warnings.warn_explicit(message, category, frame.f_code.co_filename, frame.f_lineno,
+                                       module=user.get("__name__", "<string>"),
+                                       registry=user.setdefault("__warningregistry__", {}), module_globals=user)
+                return None
         return show(message, category, filename, lineno, file, line)
 
     showwarning.wrapped = show
     return showwarning
+
+
+def _forget_warning(message: Any, category: type, lineno: int) -> None:
+    """Undo what the warnings module noted for a warning from the recorder's own ``lineno`` before showing it.
+
+    Kept, it would silence every later warning of the same text from any user line ("default": once per
+    line, and the line was the recorder's). The action is the one the filters chose for this module.
+    """
+    text = str(message)
+    action = next((action for action, pattern, kind, module, line in warnings.filters
+                   if (pattern is None or pattern.match(text)) and issubclass(category, kind)
+                   and (module is None or module.match(__name__)) and line in (0, lineno)), warnings.defaultaction)
+    if action == "once":
+        warnings.onceregistry.pop((text, category), None)
+    elif action in ("default", "module"):
+        globals().get("__warningregistry__", {}).pop((text, category, lineno if action == "default" else 0), None)
 
 
 class _Bookkeeping:

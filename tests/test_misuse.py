@@ -890,6 +890,33 @@ def test_torch_warnings_inside_a_block_point_at_the_users_line(tmp_path):
     assert f"{script}:5: UserWarning: Using a target size" in result.stderr
 
 
+def test_a_torch_warning_in_a_block_shows_once_per_user_line_as_without_the_recorder():
+    """torch warned at the recorder's line, which the warnings module then noted as warned: the same warning
+    from any later line or notebook cell was silenced (F.mse_loss's broadcasting warning: a likely wrong
+    result). Python's own behaviour without the recorder is the truth: once per user line, a loop once."""
+    import contextlib
+
+    pred, target = torch.randn(8, 1, dtype=D), torch.randn(8, dtype=D)
+
+    def two_cells(record):
+        for _ in range(3):
+            with record():
+                first = F.mse_loss(pred * 2, target)
+            with record():
+                second = F.mse_loss(pred * 3, target)
+        return first, second
+
+    def shown(record):
+        with warnings.catch_warnings(record=True) as log:
+            warnings.simplefilter("default")
+            two_cells(record)
+        return [(w.filename, w.lineno, w.category, str(w.message)) for w in log]
+
+    expected = shown(contextlib.nullcontext)
+    assert len(expected) == 2 and "Using a target size" in expected[0][3]
+    assert shown(tg.record) == expected
+
+
 def test_cli_debug_shows_the_traceback(tmp_path):
     import subprocess
 
