@@ -69,17 +69,45 @@ def test_render_lecture_creates_a_missing_folder(tmp_path):
     assert out.count(".svg") == len(names)
 
 
-def test_notebook_runs(tmp_path):
+def _printed(cells) -> str:
+    return "".join(output.get("text", "") for cell in cells for output in cell.get("outputs", []))
+
+
+def test_notebook_runs_and_its_first_exercise_still_checks_after_the_last(tmp_path):
+    """Top to bottom, then back to exercise 1's cells, as learners go back. Exercise 4 rebound C, W1 ... to
+    its trained copies: the learner's right gradients, computed with them, were then judged against the
+    recorded tensors ("first error: dh (wrong)", and the fixed answer's ``assert fixed.ok`` failed)."""
     notebook = nbformat.read(EXAMPLES / "backprop_ninja.ipynb", as_version=4)
     client = NotebookClient(notebook, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
-    printed = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-                      for output in cell.get("outputs", []))
-    assert "first error: dbndiff2 (scaled)" in printed
-    assert "26/26 right, no errors" in printed
-    assert "the lecture's formula: proved" in printed
-    assert (tmp_path / "check.svg").exists()
+    code = {index: cell for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"}
+    with client.setup_kernel():
+        for index, cell in code.items():
+            client.execute_cell(cell, index)  # raises CellExecutionError, naming the cell, if a cell fails
+        printed = _printed(code.values())
+        assert "first error: dbndiff2 (scaled)" in printed
+        assert "26/26 right, no errors" in printed
+        assert "the lecture's formula: proved" in printed
+        assert (tmp_path / "check.svg").exists()
+        again = [_run_new_cell(client, notebook, cell.source) for cell in code.values()
+                 if "graph.check(my_backward(" in cell.source]  # the learner's answers, checked again
+        assert len(again) == 2
+        assert "first error: dbndiff2 (scaled)" in _printed(again) and "26/26 right" in _printed(again)
+        truth = ("""
+from tensorgraph.lecture import forward
+names = ["C", "W1", "b1", "W2", "b2", "bngain", "bnbias"]
+leaves = [graph.value(name).double().requires_grad_() for name in names]
+expected = torch.autograd.grad(forward(*leaves, Xb, Yb), leaves)
+mine = my_backward()
+print(all(torch.allclose(mine["d" + name].double(), e, rtol=1e-4, atol=1e-7) for name, e in zip(names, expected)))
+""")
+        assert _printed([_run_new_cell(client, notebook, truth)]).strip() == "True"
+
+
+def _run_new_cell(client: NotebookClient, notebook, source: str):
+    """A cell added at the end of the notebook and run, as a learner reruns a cell further up."""
+    notebook.cells.append(nbformat.v4.new_code_cell(source))
+    return client.execute_cell(notebook.cells[-1], len(notebook.cells) - 1)
 
 
 # ---------------------------------------------------------------- a learner's notebook, in a real IPython kernel
