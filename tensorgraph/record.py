@@ -14,6 +14,7 @@ caught by torch's version counter and reported, never used silently.
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import math
 import os
@@ -903,6 +904,74 @@ def _guess_name(tensor: Tensor, frames: dict[int, types.FrameType]) -> str | Non
     return None
 
 
+def _leave_mode_stack(mode: TorchFunctionMode) -> bool:
+    """Take ``mode`` off torch's function-mode stack, wherever it is (on top, unless something went wrong);
+    whether it was there.
+
+    A KeyboardInterrupt at the wrong moment can leave a recorder off the stack, or on it after its block:
+    inside torch's own ``_pop_mode_temporarily`` (run for every Python-level torch function in a block,
+    ``F.cross_entropy``: it pushes the recorder back only when its suspended generator is collected, later)
+    or just before the block's end took it off. Popping blindly then raised "trying to pop from empty mode
+    stack" instead of the KeyboardInterrupt, or left the recorder intercepting every later torch call.
+    """
+    above = []
+    try:
+        while torch._C._len_torch_function_stack():
+            top = torch._C._pop_torch_function_stack()
+            if top is mode:
+                return True
+            above.append(top)
+        return False
+    finally:
+        for other in reversed(above):
+            torch._C._push_on_torch_function_stack(other)
+
+
+class _EndedRecorder(_Recorder):
+    """A recorder whose block ended while torch held it off the mode stack (see :func:`_leave_mode_stack`).
+
+    torch pushes it back when its suspended generator is collected, at any later time: it then passes every
+    call through, recording nothing, until the next block takes it off the stack.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+_GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _recover_from_interrupts() -> None:
+    """At the start of a block: undo what a KeyboardInterrupt in an earlier block's bookkeeping left behind.
+
+    Recorders still on torch's mode stack whose block is over (its ``with`` statement's frame is no longer
+    running) are taken off it, and with no recorder left, this thread's recorders cannot be busy. A learner
+    interrupts a notebook's training loop often; an unlucky interrupt would otherwise leave every later torch
+    call of the kernel recorded into a dead graph, or nothing recorded at all.
+    """
+    if not torch._C._len_torch_function_stack():
+        _state.busy = False
+        return
+    running = set()
+    frame = sys._getframe(1)
+    while frame is not None:
+        running.add(id(frame))
+        frame = frame.f_back
+    stack = [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
+    active = False
+    for mode in stack:
+        if not isinstance(mode, _Recorder):
+            continue
+        entry = mode.entry_frame
+        if not mode.graph._recording or entry is None or (
+                id(entry) not in running and not entry.f_code.co_flags & _GENERATOR_FLAGS):  # (a suspended block)
+            _leave_mode_stack(mode)
+        else:
+            active = True
+    if not active:
+        _state.busy = False
+
+
 class record:
     """Record the torch calls of a block as a :class:`Graph`.
 
@@ -947,14 +1016,20 @@ class record:
         self._mode.entry_frame = sys._getframe(1)
         if not hasattr(warnings.showwarning, "wrapped"):
             warnings.showwarning = _show_at_the_users_line(warnings.showwarning)
+        _recover_from_interrupts()
         self._mode.nested = torch._C._len_torch_function_stack() > 0
-        self._mode.__enter__()
+        try:
+            self._mode.__enter__()
+        except BaseException:  # a KeyboardInterrupt just after torch pushed it: the block never starts
+            _leave_mode_stack(self._mode)
+            raise
         self.graph._recording = True
         return self.graph
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._mode.__exit__(exc_type, exc, tb)
         self.graph._recording = False
+        if not _leave_mode_stack(self._mode):
+            self._mode.__class__ = _EndedRecorder
         with _Bookkeeping():
             if self._mode.custom_outputs:
                 self._mode._add_custom_outputs()
