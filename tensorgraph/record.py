@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from . import replay as _replay
 from . import rules  # noqa: F401  (fills the op table)
 from .engine import NO_STAMPS, LeafStamps
-from .graph import Graph, Ref, substitute
+from .graph import Graph, Ref, _short_path, substitute
 from .ops import FUNCS, Op, UnsupportedCall, func_name, lookup
 
 
@@ -881,14 +881,6 @@ def _where(source: tuple | None) -> str:
     if not source:
         return "<unknown>"
     return f"{_short_path(source[0])}:{source[1]}"
-
-
-def _short_path(path: str) -> str:
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:
-        return path
-    return rel if not rel.startswith("..") else path
 
 
 def _line_text(source: tuple) -> str:

@@ -125,8 +125,9 @@ class Kernel:
         self.client.start_channels()
         self.client.wait_for_ready(timeout=120)
 
-    def run(self, code: str) -> list[dict]:
-        """Run one cell; its outputs (stream, execute_result, display_data) in order. An error fails the test."""
+    def run(self, code: str, *, fails: bool = False) -> list[dict]:
+        """Run one cell; its outputs (stream, execute_result, display_data, error) in order. An error fails the
+        test unless the cell ``fails``; ``self.count`` is the cell's number (``In[3]``)."""
         outputs: list[dict] = []
 
         def keep(message: dict) -> None:
@@ -134,8 +135,9 @@ class Kernel:
                 outputs.append({"type": message["msg_type"], **message["content"]})
 
         reply = self.client.execute_interactive(code, output_hook=keep, timeout=300)
+        self.count = reply["content"]["execution_count"]
         errors = [f"{o['ename']}: {o['evalue']}" for o in outputs if o["type"] == "error"]
-        assert reply["content"]["status"] == "ok", f"cell failed: {errors}\n{code}"
+        assert (reply["content"]["status"] == "error") == fails, f"cell: {errors}\n{code}"
         return outputs
 
     def printed(self, code: str) -> str:
@@ -202,3 +204,19 @@ with tg.record() as graph:
 print(graph.names[0])
 """)
     assert printed.strip() == f"Out[{number}]"
+
+
+def test_notebook_sources_name_the_cells_as_ipython_numbers_them(kernel):
+    """Errors and node sources named the file IPython compiled a cell into (``/tmp/ipykernel_51/2094948501.py:2``),
+    which tells a learner nothing; IPython's own traceback says ``Cell In[5], line 2``."""
+    kernel.run("def running_product(x):\n    return x.cumprod(0)")
+    defined = kernel.count
+    outputs = kernel.run("""x = torch.randn(3, dtype=torch.float64)
+with tg.record() as graph:
+    y = running_product(x).sum() * 2
+print(graph.node("y")["source"], graph.node("cumprod_1")["source"])
+graph.backward(y)
+""", fails=True)
+    assert outputs[0]["text"].split() == [f"In[{kernel.count}]:3", f"In[{defined}]:2"]
+    assert outputs[-1]["evalue"] == (f"tensorgraph: no gradient rule for the op 'cumprod' (called at In[{defined}]:2, "
+                                     f"producing 'cumprod_1')")
