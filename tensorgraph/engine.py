@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .graph import Ref, is_float, require_graph, shown
+from .graph import Ref, _short_path, is_float, require_graph, shown
 from .ops import OPS, UnsupportedCall
 
 if TYPE_CHECKING:
@@ -431,7 +431,8 @@ def hook_where(hook: Any) -> str:
     code = getattr(getattr(hook, "func", hook), "__code__", None)
     if code is None:
         return f"hook {hook!r}"
-    return f"hook {getattr(hook, '__qualname__', code.co_name)} defined at {code.co_filename}:{code.co_firstlineno}"
+    name = getattr(hook, "__qualname__", code.co_name)
+    return f"hook {name} defined at {_short_path(code.co_filename)}:{code.co_firstlineno}"
 
 
 def run_hooks(graph: Graph, node: int, hooks: list[Callable], grad: Tensor) -> Tensor:

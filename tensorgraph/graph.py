@@ -13,6 +13,7 @@ import itertools
 import keyword
 import os
 import re
+import sys
 import types
 import weakref
 from collections.abc import Iterable, Iterator
@@ -121,6 +122,7 @@ class Graph:
         from .naming import assign_names, set_names
 
         short = _short_paths()  # relpath is slow: once per file and working directory, not once per node
+        cells = notebook_cells()  # (not cached: a cell run again gets a new number)
         # a node's "call": its user frame's place among the block's frames in order of first use (the frames a
         # template's nodes were copied from came in the same order), so that two calls of one function differ
         calls = {id(frame): index for index, frame in enumerate(frames)}
@@ -131,7 +133,9 @@ class Graph:
                 data["call"] = calls.get(source[3])
                 path = short.get(source[0])
                 if path is None:
-                    path = short[source[0]] = _short_path(source[0])
+                    number = cells.get(source[0])
+                    path = f"In[{number}]" if number is not None else short.setdefault(source[0],
+                                                                                       _short_path(source[0]))
                 data["source"] = f"{path}:{source[1]}"
             elif source is None:
                 data["source"] = ""
@@ -311,6 +315,12 @@ def _short_paths() -> dict[str, str]:
 
 
 def _short_path(path: str) -> str:
+    """A source file as the user knows it: a notebook cell as IPython numbers it (``In[3]``, not the file
+    ``/tmp/ipykernel_51/2094948501.py`` it was compiled into), a file below the working directory relative
+    to it, else the path."""
+    number = notebook_cells().get(path)
+    if number is not None:
+        return f"In[{number}]"
     try:
         rel = os.path.relpath(path)
     except ValueError:
@@ -331,6 +341,14 @@ def require_graph(graph: Any, caller: str) -> None:
     if not isinstance(graph, Graph):
         raise TypeError(f"{caller}: the graph must be the Graph that `with tg.record() as graph:` recorded, not "
                         f"{type(graph).__name__}")
+
+
+def notebook_cells() -> dict[str, int]:
+    """The files IPython compiled the cells it ran into, with each cell's number; empty outside IPython."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if hasattr(ipython, "get_ipython") else None
+    cells = getattr(getattr(shell, "compile", None), "_filename_map", None)  # (IPython >= 8)
+    return cells if isinstance(cells, dict) else {}
 
 
 def identifier(name: str) -> str:

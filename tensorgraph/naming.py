@@ -4,8 +4,8 @@ At the end of a ``record()`` block the recorder looks, in this order, at: the bl
 own local variables, its module's globals, attributes and items of the objects they
 hold, at most :data:`WALK_DEPTH` steps deep (``layers[0].out``, ``model.fc1.weight``; the
 user's objects, not tensorgraph's own graphs and gradients, which hold earlier steps, nor a
-library's objects), and the locals of every function that ran ops inside the block (their
-frames keep their final locals).
+library's objects), the locals of every function that ran ops inside the block (their
+frames keep their final locals), and last a notebook's output cache (IPython's ``Out``).
 A tensor gets the first name found for it; other nodes get op-based names (``sum_3``).
 Earlier versions of a tensor updated in place are named ``x_v0``, ``x_v1`` ... before the
 final ``x``.
@@ -150,6 +150,7 @@ def find_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameTy
     if caller.f_globals is not caller.f_locals:
         scopes.append(caller.f_globals)
     objects = []  # variables that may hold tensors in attributes or items, walked after the plain tensors
+    outputs = None  # IPython's output cache, walked last
     for variables in scopes:
         keys, values = list(variables), list(variables.values())  # (no tuple per variable: less for the gc)
         kinds = _worth_a_look(values, 2)
@@ -162,7 +163,10 @@ def find_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameTy
                     named[found[0]] = name
                     used.add(name)
             elif not isinstance(value, Tensor):
-                objects.append((name, value))
+                if name == "Out" and value is variables.get("_oh"):
+                    outputs = value
+                else:
+                    objects.append((name, value))
     for name, value in objects:
         namer.walk(name, value, depth=WALK_DEPTH)
     for frame in frames:
@@ -179,6 +183,10 @@ def find_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameTy
                 used.add(name)
             else:
                 namer.offer(name, value, unique_suffix=True)
+    if outputs is not None:
+        # a cell that displayed ``layers`` put it in Out[3]: it names only what no variable of the user's does,
+        # else the parameters would be Out[3][0].weight (``Out`` comes before the user's variables)
+        namer.walk("Out", outputs, depth=WALK_DEPTH)
     return named
 
 

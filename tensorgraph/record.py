@@ -14,6 +14,7 @@ caught by torch's version counter and reported, never used silently.
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import math
 import os
@@ -33,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from . import replay as _replay
 from . import rules  # noqa: F401  (fills the op table)
 from .engine import NO_STAMPS, LeafStamps
-from .graph import Graph, Ref, substitute
+from .graph import Graph, Ref, _short_path, substitute
 from .ops import FUNCS, Op, UnsupportedCall, func_name, lookup
 
 _NO_SEQUENCE = 1 << 62  # (a torch without the counter: nothing counts as made in the block)
@@ -100,7 +101,11 @@ def _show_at_the_users_line(show: Any) -> Any:
     """``warnings.showwarning``, with torch's warnings from a recorded call shown at the user's line.
 
     torch warns from C++ at the innermost Python frame, which inside a block is the recorder's
-    (``record.py:198: UserWarning: ...``); the user's own frame is still on the stack while it is shown.
+    (``record.py:198: UserWarning: ...``), and so does a torch function that warns at its caller's line
+    (``F.mse_loss``'s broadcasting warning); the user's own frame is still on the stack while it is shown.
+    The warning is issued again there, with the user's module and registry, so that the filters and
+    "once per line" apply to the user's line as without the recorder: a second line, or a second notebook
+    cell, with the same warning shows it too; a loop shows it once.
     """
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if filename == __file__:
@@ -108,11 +113,32 @@ def _show_at_the_users_line(show: Any) -> Any:
             while frame is not None and (_is_internal(frame.f_code) or frame.f_code.co_filename == warnings.__file__):
                 frame = frame.f_back
             if frame is not None:
-                filename, lineno, line = frame.f_code.co_filename, frame.f_lineno, None
+                _forget_warning(message, category, lineno)
+                user = frame.f_globals
+                warnings.warn_explicit(message, category, frame.f_code.co_filename, frame.f_lineno,
+                                       module=user.get("__name__", "<string>"),
+                                       registry=user.setdefault("__warningregistry__", {}), module_globals=user)
+                return None
         return show(message, category, filename, lineno, file, line)
 
     showwarning.wrapped = show
     return showwarning
+
+
+def _forget_warning(message: Any, category: type, lineno: int) -> None:
+    """Undo what the warnings module noted for a warning from the recorder's own ``lineno`` before showing it.
+
+    Kept, it would silence every later warning of the same text from any user line ("default": once per
+    line, and the line was the recorder's). The action is the one the filters chose for this module.
+    """
+    text = str(message)
+    action = next((action for action, pattern, kind, module, line in warnings.filters
+                   if (pattern is None or pattern.match(text)) and issubclass(category, kind)
+                   and (module is None or module.match(__name__)) and line in (0, lineno)), warnings.defaultaction)
+    if action == "once":
+        warnings.onceregistry.pop((text, category), None)
+    elif action in ("default", "module"):
+        globals().get("__warningregistry__", {}).pop((text, category, lineno if action == "default" else 0), None)
 
 
 class _Bookkeeping:
@@ -892,14 +918,6 @@ def _where(source: tuple | None) -> str:
     return f"{_short_path(source[0])}:{source[1]}"
 
 
-def _short_path(path: str) -> str:
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:
-        return path
-    return rel if not rel.startswith("..") else path
-
-
 def _line_text(source: tuple) -> str:
     line = linecache.getline(source[0], source[1]).strip()
     return f": {line}" if line else ""
@@ -911,6 +929,74 @@ def _guess_name(tensor: Tensor, frames: dict[int, types.FrameType]) -> str | Non
             if value is tensor:
                 return name
     return None
+
+
+def _leave_mode_stack(mode: TorchFunctionMode) -> bool:
+    """Take ``mode`` off torch's function-mode stack, wherever it is (on top, unless something went wrong);
+    whether it was there.
+
+    A KeyboardInterrupt at the wrong moment can leave a recorder off the stack, or on it after its block:
+    inside torch's own ``_pop_mode_temporarily`` (run for every Python-level torch function in a block,
+    ``F.cross_entropy``: it pushes the recorder back only when its suspended generator is collected, later)
+    or just before the block's end took it off. Popping blindly then raised "trying to pop from empty mode
+    stack" instead of the KeyboardInterrupt, or left the recorder intercepting every later torch call.
+    """
+    above = []
+    try:
+        while torch._C._len_torch_function_stack():
+            top = torch._C._pop_torch_function_stack()
+            if top is mode:
+                return True
+            above.append(top)
+        return False
+    finally:
+        for other in reversed(above):
+            torch._C._push_on_torch_function_stack(other)
+
+
+class _EndedRecorder(_Recorder):
+    """A recorder whose block ended while torch held it off the mode stack (see :func:`_leave_mode_stack`).
+
+    torch pushes it back when its suspended generator is collected, at any later time: it then passes every
+    call through, recording nothing, until the next block takes it off the stack.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+_GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _recover_from_interrupts() -> None:
+    """At the start of a block: undo what a KeyboardInterrupt in an earlier block's bookkeeping left behind.
+
+    Recorders still on torch's mode stack whose block is over (its ``with`` statement's frame is no longer
+    running) are taken off it, and with no recorder left, this thread's recorders cannot be busy. A learner
+    interrupts a notebook's training loop often; an unlucky interrupt would otherwise leave every later torch
+    call of the kernel recorded into a dead graph, or nothing recorded at all.
+    """
+    if not torch._C._len_torch_function_stack():
+        _state.busy = False
+        return
+    running = set()
+    frame = sys._getframe(1)
+    while frame is not None:
+        running.add(id(frame))
+        frame = frame.f_back
+    stack = [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
+    active = False
+    for mode in stack:
+        if not isinstance(mode, _Recorder):
+            continue
+        entry = mode.entry_frame
+        if not mode.graph._recording or entry is None or (
+                id(entry) not in running and not entry.f_code.co_flags & _GENERATOR_FLAGS):  # (a suspended block)
+            _leave_mode_stack(mode)
+        else:
+            active = True
+    if not active:
+        _state.busy = False
 
 
 class record:
@@ -960,14 +1046,20 @@ class record:
             self._mode.replay.sequence_at_entry = self._mode.sequence_at_entry
         if not hasattr(warnings.showwarning, "wrapped"):
             warnings.showwarning = _show_at_the_users_line(warnings.showwarning)
+        _recover_from_interrupts()
         self._mode.nested = torch._C._len_torch_function_stack() > 0
-        self._mode.__enter__()
+        try:
+            self._mode.__enter__()
+        except BaseException:  # a KeyboardInterrupt just after torch pushed it: the block never starts
+            _leave_mode_stack(self._mode)
+            raise
         self.graph._recording = True
         return self.graph
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._mode.__exit__(exc_type, exc, tb)
         self.graph._recording = False
+        if not _leave_mode_stack(self._mode):
+            self._mode.__class__ = _EndedRecorder
         with _Bookkeeping():
             if self._mode.custom_outputs:
                 self._mode._add_custom_outputs()

@@ -880,6 +880,82 @@ def _chain(x, fn):
     return x.sum()
 
 
+# ---------------------------------------------------------------- a KeyboardInterrupt (a notebook's interrupt)
+
+
+class _InterruptAt:
+    """``sys.settrace``: a KeyboardInterrupt as a chosen function starts, where CPython delivers a signal (a
+    function's first instruction checks for one). Measured with real signals in a loop of F.* calls: about
+    one interrupt in 400 landed on one of these spots and broke the kernel until a restart."""
+
+    def __init__(self, code, when=lambda frame: True):
+        self.code, self.when = code, when
+
+    def __call__(self, frame, event, arg):
+        if event == "call" and frame.f_code is self.code and self.when(frame):
+            sys.settrace(None)
+            raise KeyboardInterrupt
+        return None
+
+
+def _interrupted_block(at: _InterruptAt, x, W):
+    """A block interrupted at ``at``; returns its graph (every later call must leave it alone)."""
+    sys.settrace(at)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with tg.record() as graph:
+                h = F.softmax(x @ W, 1)  # a Python-level torch function: torch pops the recorder around it
+                (h * x.sum(1, keepdim=True)).sum()
+    finally:
+        sys.settrace(None)
+    return graph
+
+
+def _recovered(x, W, dead):
+    """The next block records as if nothing happened: gradients against torch autograd, nothing left on the stack."""
+    size = len(dead)
+    with tg.record() as graph:
+        loss = (F.softmax(x @ W, 1) ** 2).sum()
+    torch.testing.assert_close(graph.backward(loss)[W], torch_grads(lambda w: (F.softmax(x @ w, 1) ** 2).sum(), W)[0],
+                               rtol=1e-12, atol=1e-12)
+    assert torch._C._len_torch_function_stack() == 0
+    (x * 2).sum()  # outside any block: recorded nowhere
+    assert len(dead) == size
+
+
+@pytest.mark.parametrize("where", ["as the block ends", "in the end's bookkeeping"])
+def test_an_interrupt_as_a_block_ends_leaves_the_next_blocks_right(where):
+    """Before: at the start of record.__exit__ the recorder stayed on torch's mode stack and intercepted every
+    later torch call of the kernel; in its bookkeeping's end, every later block recorded nothing (backward:
+    "the tensor passed as loss is not in this graph")."""
+    recording = sys.modules["tensorgraph.record"]  # (tg.record is the class)
+    ended = recording.record.__exit__ if where == "as the block ends" else recording._Bookkeeping.__exit__
+    code = ended.__code__
+    x, W = r(5, 3), r(3, 4, seed=1)
+    dead = _interrupted_block(_InterruptAt(code), x, W)
+    _recovered(x, W, dead)
+
+
+def test_an_interrupt_inside_torchs_own_mode_switch_is_a_keyboard_interrupt_and_leaves_no_recorder():
+    """torch takes the recorder off its stack around a Python-level torch function (``_pop_mode_temporarily``);
+    interrupted there, the block's end raised "trying to pop from empty mode stack" instead of the interrupt,
+    and torch pushed the recorder back when the suspended generator was collected, later."""
+    import contextlib
+    import gc
+
+    def torchs_mode_switch(frame):
+        return getattr(getattr(frame.f_locals.get("self"), "gen", None), "__name__", "") == "_pop_mode_temporarily"
+
+    x, W = r(5, 3), r(3, 4, seed=1)
+    dead = _interrupted_block(_InterruptAt(contextlib._GeneratorContextManager.__exit__.__code__, torchs_mode_switch),
+                              x, W)
+    gc.collect()  # the suspended generator pushes the recorder back now
+    size = len(dead)
+    (x * 3).sum()
+    assert len(dead) == size, "a recorder pushed back by torch still records"
+    _recovered(x, W, dead)
+
+
 # ---------------------------------------------------------------- the command line, every command
 
 def _subparsers():
@@ -1019,6 +1095,33 @@ def test_torch_warnings_inside_a_block_point_at_the_users_line(tmp_path):
     assert "record.py" not in result.stderr
     assert f"{script}:4: UserWarning: Implicit dimension choice for softmax" in result.stderr
     assert f"{script}:5: UserWarning: Using a target size" in result.stderr
+
+
+def test_a_torch_warning_in_a_block_shows_once_per_user_line_as_without_the_recorder():
+    """torch warned at the recorder's line, which the warnings module then noted as warned: the same warning
+    from any later line or notebook cell was silenced (F.mse_loss's broadcasting warning: a likely wrong
+    result). Python's own behaviour without the recorder is the truth: once per user line, a loop once."""
+    import contextlib
+
+    pred, target = torch.randn(8, 1, dtype=D), torch.randn(8, dtype=D)
+
+    def two_cells(record):
+        for _ in range(3):
+            with record():
+                first = F.mse_loss(pred * 2, target)
+            with record():
+                second = F.mse_loss(pred * 3, target)
+        return first, second
+
+    def shown(record):
+        with warnings.catch_warnings(record=True) as log:
+            warnings.simplefilter("default")
+            two_cells(record)
+        return [(w.filename, w.lineno, w.category, str(w.message)) for w in log]
+
+    expected = shown(contextlib.nullcontext)
+    assert len(expected) == 2 and "Using a target size" in expected[0][3]
+    assert shown(tg.record) == expected
 
 
 def test_cli_debug_shows_the_traceback(tmp_path):

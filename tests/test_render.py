@@ -483,6 +483,22 @@ def test_a_bad_dpi_is_refused_before_graphviz_runs(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_graph_too_big_to_draw_inline_shows_its_summary_and_how_to_draw_it():
+    """A notebook kept the whole picture: a 3,002-node chain gave a 4.2 MB SVG, 30,002 nodes 43 MB after 10 s."""
+    import tensorgraph.render as render_module
+
+    x = torch.randn(4)
+    with tg.record() as graph:
+        h = x
+        for _ in range(render_module.INLINE_NODES // 3 + 1):
+            h = torch.tanh(h * 1.01 + 0.1)
+        h.sum()
+    assert len(graph) > render_module.INLINE_NODES
+    bundle = graph._repr_mimebundle_()
+    assert "image/svg+xml" not in bundle and graph._repr_svg_() is None
+    assert bundle["text/plain"].startswith(repr(graph)) and "graph.render('graph.svg')" in bundle["text/plain"]
+
+
 def test_bad_paths_and_options(lecture, tmp_path):
     graph, *_ = lecture
     with pytest.raises(ValueError, match=r"mlp\.jpeg.*\.svg"):
