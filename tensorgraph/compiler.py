@@ -57,11 +57,25 @@ read by the functions the forward calls (the flags above aside), tensors replace
 other Python state. Each input signature keeps versions for its last two states of these
 flags and Python values, so switching between ``train()`` and ``eval()`` records each mode once.
 
-Like any tracing compiler, it replays torch calls, not Python: control flow that depends on
-tensor values, Python side effects, and work done under ``torch.no_grad()`` inside the
-forward are not re-run. The recording warns about the first two (naming the attributes of
-the user's objects that hold a tensor the forward computed, ``layers[0].out``, which keep
-the recording's values) and refuses the third when the loss depends on it.
+Tensor values the forward reads into Python (``if h.sum() > 0:``, ``t.item()``, ``int(t)``,
+``t.tolist()``, ``print(t)``: see :mod:`tensorgraph.reads`) are checked inside the generated
+step, where the forward read them: a call whose values differ from the recording's never
+returns the replayed result. It runs by another version recorded for the same input signature
+whose reads agree (a branch that alternates: up to four versions per signature, two branches
+in each of two modes), or records again with a ``RecompileWarning``; after
+``_VALUE_RECORDINGS`` such recordings (a value that changes at every call: a scale factor
+``x / x.std().item()``, a logged loss) the step stops compiling and runs every call through
+the engine (``tg.record()`` + ``graph.backward``), with one warning naming the line
+(:attr:`CompiledStep.fallback`). So does a step whose read cannot be re-checked (a tensor
+computed under ``torch.no_grad()`` inside the forward). Memory outliving the step that the
+step changed in place before a failing check (a counter, BatchNorm's running statistics) is
+put back first. A forward that reads no values gets no checks.
+
+Like any tracing compiler, it replays torch calls, not Python: Python side effects and work
+done under ``torch.no_grad()`` inside the forward are not re-run. The recording warns about
+the first (naming the attributes of the user's objects that hold a tensor the forward
+computed, ``layers[0].out``, which keep the recording's values) and refuses the second when
+the loss depends on it.
 """
 
 from __future__ import annotations
@@ -71,7 +85,6 @@ import builtins
 import importlib
 import itertools
 import linecache
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -80,20 +93,29 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from . import printer
 from .engine import BackwardTrace, hook_where, trace
 from .graph import Graph, Ref, identifier, is_float, refs_in
 from .naming import _MAX_ITEMS, _WALKABLE, _Namer, set_names, unique_name
+from .ops import OPS
 from .printer import Expr
-from .record import _is_internal, _where, record
+from .reads import (
+    FROZEN,
+    Diverged,
+    Read,
+    ReadWatcher,
+    frozen_nodes,
+    is_simple_number,
+    same_bytes,
+    same_number,
+    user_line,
+)
+from .record import _where, record
 
 __all__ = ["CompiledGradients", "CompiledStep", "RecompileWarning", "compile"]
 
 _COUNTER = itertools.count(1)  # each generated function gets its own file name (tracebacks, linecache)
-# calls that read tensor values into Python: the compiled step cannot follow what Python does with them
-_ESCAPES = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__complex__", "numpy"})
 
 
 class RecompileWarning(UserWarning):
@@ -111,7 +133,7 @@ def compile(forward: Callable[..., Tensor], *, params: Sequence[Tensor] | None =
     the atomic ones where the generated step then makes fewer torch calls; ``True`` uses
     them wherever they exist, ``False`` never (the first derivation of a chain takes sympy
     seconds; later ones come from its cache). ``cache_size``
-    bounds how many recorded versions (one per input signature) are kept.
+    bounds how many recorded versions (per input signature, flag state and branch) are kept.
     """
     if not callable(forward):
         raise TypeError(f"tg.compile: expected a function forward(*inputs) -> loss, got {type(forward).__name__}")
@@ -191,6 +213,8 @@ class _Program:
     fused: bool = False  # the backward uses closed-form rules from tensorgraph.symbolic
     no_grad: bool = False  # some leaf requires grad: run under torch.no_grad() (tensorgraph needs no autograd)
     facts: list[_FactGuard] = field(default_factory=list)  # what the fused rules assume about values
+    reads: list[Read] = field(default_factory=list)  # the values the forward reads into Python, re-checked
+    unchecked: str | None = None  # why a value it reads cannot be re-checked: the engine runs every call
 
     def stale(self) -> str | None:
         """Why the recorded references no longer hold (a rebound global or closure variable ...), or None."""
@@ -322,6 +346,9 @@ class CompiledStep:
         self._last_key: tuple | None = None
         self._last: _Program | None = None
         self._distrusted: set[str] = set()  # ops whose fused rule's value facts failed once: never fused again
+        self._value_recordings = 0  # recordings made because a value the forward reads into Python changed
+        self._fallback: str | None = None  # why every call now runs through the engine
+        self._engine_layout: _Layout | None = None
         self.__doc__ = getattr(forward, "__doc__", None)
         self.__name__ = getattr(forward, "__name__", "step")
 
@@ -331,21 +358,28 @@ class CompiledStep:
         key = _signature(inputs)
         program = self._last if key == self._last_key else None
         if program is None or program.facts or program.stale() is not None:
+            if self._fallback is not None:
+                return self._engine(inputs)
             program, reason = self._find(key, inputs)
             if program is None:
                 program = self._compile(inputs, key, reason)
+                if program.unchecked is not None:
+                    return self._give_up(inputs, program, program.unchecked)
         self._last_key, self._last = key, program
         for tensor in program.layout.tensors:  # a hook registered on a parameter since the recording
             if tensor._backward_hooks or tensor._post_accumulate_grad_hooks:
                 self._refuse_hook(program, tensor)
         first, program.first = program.first, None
-        if first is not None:
-            loss, grads = first
-        elif program.no_grad:  # parameters that require grad: keep torch autograd from recording the step
-            with torch.no_grad():
+        try:
+            if first is not None:
+                loss, grads = first
+            elif program.no_grad:  # parameters that require grad: keep torch autograd from recording the step
+                with torch.no_grad():
+                    loss, grads = program.fn(*inputs)
+            else:
                 loss, grads = program.fn(*inputs)
-        else:
-            loss, grads = program.fn(*inputs)
+        except Diverged as diverged:  # a value the forward reads into Python is not the recording's
+            return self._diverged(program, key, inputs, diverged)
         return loss, CompiledGradients(program.layout, grads)
 
     def _refuse_hook(self, program: _Program, tensor: Tensor) -> None:
@@ -355,6 +389,124 @@ class CompiledStep:
             f"tg.compile: parameter {name!r} has a gradient hook ({hook_where(next(iter(hooks.values())))}); the "
             f"compiled step is straight-line torch code and cannot run a Python hook. Remove it (handle.remove()), "
             f"apply it to grads[{name!r}] yourself, or use graph.backward, which runs tensor hooks as torch does.")
+
+    # ------------------------------------------------------------ values read into Python
+
+    def _diverged(self, program: _Program, key: tuple, inputs: tuple, diverged: Diverged
+                  ) -> tuple[Tensor, CompiledGradients]:
+        """A check failed (``if h.sum() > 0`` takes the other branch): run the call by another version recorded
+        for this signature whose reads agree so far, or record it again; past ``_VALUE_RECORDINGS`` such
+        recordings, give up compiling and run every call through the engine. Never the replayed result."""
+        tried = {id(program)}
+        while True:
+            diverged.restore()
+            candidate = self._agreeing(key, inputs, program, diverged, tried)
+            if candidate is None:
+                break
+            tried.add(id(candidate))
+            try:
+                result = self._run(candidate, inputs)
+            except Diverged as again:
+                program, diverged = candidate, again
+                continue
+            self._use(key, candidate)
+            return result
+        reason = program.reads[diverged.index].change(diverged.value)
+        self._value_recordings += 1
+        if self._value_recordings > _VALUE_RECORDINGS:
+            return self._give_up(inputs, None, f"{reason}, after {_VALUE_RECORDINGS} recordings for values the "
+                                               f"forward reads into Python that changed", stacklevel=4)
+        program = self._compile(inputs, key, reason, stacklevel=4)
+        if program.unchecked is not None:
+            return self._give_up(inputs, program, program.unchecked, stacklevel=4)
+        self._last_key, self._last = key, program
+        return self._recorded(program)
+
+    def _agreeing(self, key: tuple, inputs: tuple, failed: _Program, diverged: Diverged, tried: set[int]
+                  ) -> _Program | None:
+        """Another valid version for this signature that read what ``failed`` read before the read that
+        differed, and there what this call found: it takes the path this call takes, as far as is known."""
+        index = diverged.index
+        for program in self._programs.get(key, []):
+            if id(program) in tried or program.stale() is not None or len(program.reads) <= index:
+                continue
+            if program.facts and any(guard.broken(inputs) for guard in program.facts):
+                continue
+            reads, before = program.reads, failed.reads
+            if all(a.agrees(b) for a, b in zip(reads[:index], before[:index])) and \
+                    reads[index].where == before[index].where and reads[index].admits(diverged.value):
+                return program
+        return None
+
+    def _run(self, program: _Program, inputs: tuple) -> tuple[Tensor, CompiledGradients]:
+        """Run a recorded version (raises :class:`Diverged` when a read differs)."""
+        self._check_hooks(program)
+        if program.no_grad:
+            with torch.no_grad():
+                loss, grads = program.fn(*inputs)
+        else:
+            loss, grads = program.fn(*inputs)
+        return loss, CompiledGradients(program.layout, grads)
+
+    def _recorded(self, program: _Program) -> tuple[Tensor, CompiledGradients]:
+        """The loss and gradients the recording of ``program`` computed, for the call it was recorded in."""
+        self._check_hooks(program)
+        loss, grads = program.first
+        program.first = None
+        return loss, CompiledGradients(program.layout, grads)
+
+    def _check_hooks(self, program: _Program) -> None:
+        for tensor in program.layout.tensors:
+            if tensor._backward_hooks or tensor._post_accumulate_grad_hooks:
+                self._refuse_hook(program, tensor)
+
+    def _use(self, key: tuple, program: _Program) -> None:
+        versions = self._programs.get(key, [])
+        if program in versions:
+            versions.remove(program)
+            versions.insert(0, program)  # most recently used first
+        self._last_key, self._last = key, program
+
+    def _give_up(self, inputs: tuple, program: _Program | None, reason: str, stacklevel: int = 3
+                 ) -> tuple[Tensor, CompiledGradients]:
+        """From now on every call runs through the engine (tg.record + graph.backward): same results, no replay.
+        Returns this call's result: the recording's own when ``program`` was just recorded for it."""
+        self._fallback = reason
+        self._programs.clear()
+        self._last_key = _ENGINE
+        warnings.warn(f"tg.compile: {self.__name__} is no longer compiled: {reason}. Every call now runs through "
+                      f"the engine (tg.record() + graph.backward), which runs the forward's Python code: the same "
+                      f"losses and gradients, at the engine's speed. To keep the compiled speed, read such values "
+                      f"outside the step (it returns the loss) or pass them in as arguments.", RecompileWarning,
+                      stacklevel=stacklevel)
+        if program is None or program.first is None:
+            return self._engine(inputs)
+        return self._recorded(program)
+
+    def _engine(self, inputs: tuple) -> tuple[Tensor, CompiledGradients]:
+        """One call through the engine: the forward recorded as written, ``graph.backward``'s gradients of the
+        parameters (the tensors the loss reads without receiving them, or those of ``params=``)."""
+        graph, loss = _run_engine(self.forward, inputs)
+        grads = graph.backward(loss)
+        nodes = graph._nodes
+        live = _live_values(graph)
+        inputs_ = _input_places(inputs)
+        wanted = None if self.params is None else {id(p) for p in self.params}
+        found = [(n, live.get(n, d["value"])) for n, d in enumerate(nodes) if d["kind"] == "leaf"
+                 and n in grads.by_node]
+        found = [(n, t) for n, t in found if id(t) not in inputs_ and (wanted is None or id(t) in wanted)]
+        layout = self._engine_layout
+        if layout is None or len(layout.tensors) != len(found) or any(
+                a is not t for a, (_, t) in zip(layout.tensors, found)):
+            _name_references(graph, self.forward)
+            layout = self._engine_layout = _Layout([t for _, t in found], [nodes[n]["name"] for n, _ in found])
+        return loss, CompiledGradients(layout, [grads.by_node[n] for n, _ in found])
+
+    @property
+    def fallback(self) -> str | None:
+        """Why every call runs through the engine instead of compiled code (a value the forward reads into Python
+        that changes at every call, or that the compiled step cannot re-check), or None while it is compiled."""
+        return self._fallback
 
     @property
     def source(self) -> str:
@@ -431,12 +583,13 @@ class CompiledStep:
             if not versions:
                 del self._programs[key]
 
-    def _compile(self, inputs: tuple, key: tuple, reason: str | None) -> _Program:
+    def _compile(self, inputs: tuple, key: tuple, reason: str | None, stacklevel: int = 3) -> _Program:
         if reason is not None:
-            warnings.warn(f"tg.compile: re-recording {self.__name__}: {reason}", RecompileWarning, stacklevel=3)
+            warnings.warn(f"tg.compile: re-recording {self.__name__}: {reason}", RecompileWarning,
+                          stacklevel=stacklevel)
         program = _build(self.forward, inputs, self.params, self.fuse, self._distrusted)
         for note in program.notes:
-            warnings.warn(f"tg.compile: {note}", stacklevel=3)
+            warnings.warn(f"tg.compile: {note}", stacklevel=stacklevel)
         self.recordings += 1
         if sum(map(len, self._programs.values())) >= self.cache_size:  # the oldest signature's oldest version
             oldest = next(iter(self._programs))
@@ -445,11 +598,21 @@ class CompiledStep:
                 del self._programs[oldest]
         versions = self._programs.setdefault(key, [])
         versions.insert(0, program)
-        del versions[_VERSIONS:]  # a value annealed at every step would otherwise fill the cache with dead versions
+        # a value annealed at every step would otherwise fill the cache with dead versions
+        del versions[_VERSIONS_WITH_READS if program.reads else _VERSIONS:]
         return program
 
 
 _VERSIONS = 2  # versions kept per input signature: the training and the eval mode (each holds its graph's values)
+_VERSIONS_WITH_READS = 4  # ... when the forward reads values into Python: two branches in each mode
+_VALUE_RECORDINGS = 4  # recordings for changed values before a step gives up compiling (values that change always)
+_ENGINE = object()  # the last signature of a step that runs through the engine: equal to no signature
+
+
+def _run_engine(forward: Callable[..., Tensor], inputs: tuple) -> tuple[Graph, Tensor]:
+    with record() as graph:  # one line for every step run by the engine: its recording template is reused
+        loss = forward(*inputs)
+    return graph, loss
 
 
 def _signature(inputs: tuple) -> tuple:
@@ -534,38 +697,14 @@ def _difference(a: tuple, b: tuple, path: tuple[int, ...]) -> str:
 # ---------------------------------------------------------------- recording
 
 
-class _Escapes(TorchFunctionMode):
-    """Above the recorder: notes calls that read tensor values into Python (``.item()``, ``bool(t)``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = printer._name_of(func)
-        if name in _ESCAPES and len(self.found) < 3:
-            self.found.append(f"{name}() at {_user_line()}")
-        return func(*args, **(kwargs or {}))
-
-
-def _user_line() -> str:
-    frame = sys._getframe(2)
-    while frame is not None and _is_internal(frame.f_code):
-        frame = frame.f_back
-    if frame is None:
-        return "<unknown>"
-    where = _where((frame.f_code.co_filename, frame.f_lineno))
-    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
-    return f"{where} ({line})" if line else where
-
-
 @dataclass
 class _Recording:
     graph: Graph
     loss: Tensor
     snapshots: list[tuple[int, int]]  # (node whose value was saved, the in-place node about to change it)
-    escapes: list[str]
+    reads: ReadWatcher  # the tensor values the forward read into Python (bool(t), t.item() ...)
     no_grad: dict[int, tuple[Tensor, str]]  # id -> (tensor computed under no_grad, where)
+    versions: dict[int, int]  # leaf -> its version when recorded, for leaves a snapshot replaced by a copy
 
 
 def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
@@ -575,36 +714,40 @@ def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
     graph = recorder.graph
     snapshots: list[tuple[int, int]] = []
     no_grad: dict[int, tuple[Tensor, str]] = {}
+    versions: dict[int, int] = {}
     take_snapshot, no_grad_call = mode._snapshot, mode._no_grad_call
 
     def snapshot(tensor: Tensor) -> None:
         node = mode._node_of(tensor, check=False)
-        if graph._nodes[node]["value"] is tensor:
+        data = graph._nodes[node]
+        if data["value"] is tensor:
             snapshots.append((node, len(graph._nodes)))
+            if data["kind"] == "leaf":
+                versions.setdefault(node, data["version"])
         take_snapshot(tensor)
 
     def untracked(func, entry, args, kwargs):
         result = no_grad_call(func, entry, args, kwargs)
         if isinstance(result, Tensor):
-            no_grad[id(result)] = (result, _user_line())
+            no_grad[id(result)] = (result, user_line())
         return result
 
     mode._snapshot, mode._no_grad_call = snapshot, untracked
-    escapes = _Escapes()
+    reads = ReadWatcher(mode)
     run = _bind(forward, inputs)  # a closure: the inputs are named by the forward's own parameters
-    loss = _run_recorded(recorder, escapes, run)
+    loss = _run_recorded(recorder, reads, run)
     if not isinstance(loss, Tensor):
         raise TypeError(f"tg.compile: the forward must return the loss (a scalar tensor), got {type(loss).__name__}")
-    return _Recording(graph, loss, snapshots, escapes.found, no_grad)
+    return _Recording(graph, loss, snapshots, reads, no_grad, versions)
 
 
 def _bind(forward: Callable[..., Tensor], inputs: tuple) -> Callable[[], Any]:
     return lambda: forward(*inputs)
 
 
-def _run_recorded(recorder: record, escapes: _Escapes, run: Callable[[], Any]) -> Any:
+def _run_recorded(recorder: record, reads: ReadWatcher, run: Callable[[], Any]) -> Any:
     with recorder:
-        with escapes:
+        with reads:
             loss = run()
     return loss
 
@@ -659,7 +802,9 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
             if id(p) in by_id and is_float(nodes[by_id[id(p)]]):
                 wanted.append(by_id[id(p)])
     notes: list[str] = []
-    chosen = _generate(forward, graph, graph, rec, inputs, wanted, root_node)
+    reads, unchecked = _checked_reads(rec, live)
+    undo = _changed_leaves(graph, rec.versions, live) if reads else []
+    chosen = _generate(forward, graph, graph, rec, inputs, wanted, root_node, reads, undo)
     facts: list[_FactGuard] = []
     if fuse is not False:
         exclude = {graph._names[name] for name in distrusted if name in graph._names}
@@ -668,7 +813,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
             notes.append(why)
         elif fused_graph is not graph:
             try:
-                fused = _generate(forward, graph, fused_graph, rec, inputs, wanted, root_node)
+                fused = _generate(forward, graph, fused_graph, rec, inputs, wanted, root_node, reads, undo)
             except NotImplementedError as err:
                 notes.append(f"the fused rules could not be compiled ({err}); using the atomic rules")
             else:
@@ -690,9 +835,6 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show the line
     layout = _Layout([value_of[n] for n in reached], [nodes[n]["name"] for n in reached])
     first_grads = tuple(traced.grads.by_node[b] for _, b in pairs)
-    if rec.escapes:
-        notes.append(f"the forward reads tensor values into Python ({'; '.join(rec.escapes)}); the compiled step "
-                     f"replays the recorded torch calls and does not re-run that Python code")
     if watched.stored:
         more = len(watched.stored) - 3
         shown = ", ".join(watched.stored[:3]) + (f" and {more} more" if more > 0 else "")
@@ -705,7 +847,42 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
                      f"does not replay them")
     no_grad = any(value_of[n].requires_grad for n in leaves)
     return _Program(fn, source, layout, graph, watched, (loss, first_grads), notes, fused=chosen.fused,
-                    no_grad=no_grad, facts=facts if chosen.fused else [])
+                    no_grad=no_grad, facts=facts if chosen.fused else [], reads=reads, unchecked=unchecked)
+
+
+def _checked_reads(rec: _Recording, live: dict[int, Tensor]) -> tuple[list[Read], str | None]:
+    """The values the forward read into Python, for the generated step to re-check; or none, and why one of them
+    cannot be re-checked (it read a tensor the step does not recompute: made under ``torch.no_grad()`` ...)."""
+    reads = rec.reads.reads
+    if not reads:
+        return [], None
+    frozen = frozen_nodes(rec.graph._nodes, rec.reads, live)
+    for read in reads:
+        why = read.problem
+        if why is None and any(node in frozen for node in read.nodes):
+            why = FROZEN
+        if why is not None:
+            return [], f"the value read at {read.where} cannot be re-checked by the compiled step: {why}"
+    return list(reads), None
+
+
+def _changed_leaves(graph: Graph, versions: dict[int, int], live: dict[int, Tensor]) -> list[int]:
+    """The inputs and captured tensors the forward changes in place (a counter, through views too; BatchNorm's
+    running statistics): a call whose reads differ puts them back before it runs again by other code."""
+    nodes = graph._nodes
+    changed = set()
+    for node, data in enumerate(nodes):
+        if data["kind"] == "leaf":
+            tensor = live.get(node, data["value"])
+            if tensor._version != versions.get(node, data["version"]):
+                changed.add(node)
+        elif data["func"] is not None and data["op"] in OPS and OPS[data["op"]].mutates:
+            # batch_norm's kernel updates the running statistics without a version bump
+            for position in OPS[data["op"]].mutates:
+                arg = data["bargs"][position] if position < len(data["bargs"]) else None
+                if isinstance(arg, Ref) and nodes[arg.node]["kind"] == "leaf":
+                    changed.add(arg.node)
+    return sorted(changed)
 
 
 def _refuse_dicts(inputs: Sequence[Any], prefix: tuple[int, ...] = ()) -> None:
@@ -745,14 +922,15 @@ class _Generated:
 
 
 def _generate(forward: Callable[..., Any], graph: Graph, backward_graph: Graph, rec: _Recording, inputs: tuple,
-              wanted: list[int], root: int) -> _Generated:
-    """Trace the backward on ``backward_graph`` and print it after ``graph``'s forward."""
+              wanted: list[int], root: int, reads: Sequence[Read] = (), undo: Sequence[int] = ()) -> _Generated:
+    """Trace the backward on ``backward_graph`` and print it after ``graph``'s forward, re-checking ``reads``
+    (putting the leaves ``undo`` back as they were when one differs)."""
     traced = trace(backward_graph, rec.loss)
     # the parameters' nodes in the graph the backward ran on (a fused graph numbers its nodes anew)
     in_backward = {id(d["value"]): n for n, d in enumerate(backward_graph._nodes) if d["kind"] == "leaf"}
     pairs = [(n, in_backward.get(id(graph._nodes[n]["value"]))) for n in wanted]
     pairs = [(n, b) for n, b in pairs if b is not None and b in traced.grads.by_node]
-    generator = _Generator(graph, traced, inputs, [b for _, b in pairs], root, rec.snapshots)
+    generator = _Generator(graph, traced, inputs, [b for _, b in pairs], root, rec.snapshots, reads, undo)
     generator.title = _title(forward)
     source, name, namespace = generator.run()
     return _Generated(traced, pairs, source, name, namespace, len(generator.order), backward_graph is not graph)
@@ -993,8 +1171,10 @@ class _Generator:
     """Prints the forward graph and the traced backward as one straight-line Python function."""
 
     def __init__(self, graph: Graph, traced: BackwardTrace, inputs: tuple, params: list[int], root: int,
-                 snapshots: list[tuple[int, int]]) -> None:
-        """``params``: the parameters' node ids in ``traced.graph`` (the graph the backward ran on)."""
+                 snapshots: list[tuple[int, int]], reads: Sequence[Read] = (), undo: Sequence[int] = ()) -> None:
+        """``params``: the parameters' node ids in ``traced.graph`` (the graph the backward ran on); ``reads``:
+        the values the forward read into Python, checked where it read them; ``undo``: the leaves to put back
+        when a check fails (memory outliving the step that the step changes in place)."""
         self.graph = graph
         self.fwd = graph._nodes
         self.traced = traced
@@ -1013,6 +1193,10 @@ class _Generator:
         self.title = "forward"
         self.groups: dict[tuple, dict[int, int]] | None = None
         self.live = _live_values(graph)  # leaves the forward changes in place: the tensor itself, not its copy
+        self.reads = list(reads)
+        self.undo = list(undo)
+        self.undo_name = ""  # the variable holding the undo list, when there is one
+        self.helpers: dict[str, str] = {}  # a runtime helper (Diverged, same_number ...) -> its name in the namespace
 
     # ------------------------------------------------------------ assembling the statements
 
@@ -1020,14 +1204,16 @@ class _Generator:
         fn_name = self._unique("step")
         self._forward()
         outputs = self._backward()
-        needed = self.needed = self._needed([self.root, *outputs, *self._lasting_mutations()])
+        read_nodes = [node for read in self.reads for node in read.nodes]
+        needed = self.needed = self._needed([self.root, *outputs, *self._lasting_mutations(), *read_nodes,
+                                             *self.undo])
         self.order = [k for k in self.order if k in needed]
         self.uses = self._count_uses(outputs)
         self.position = {k: i for i, k in enumerate(self.order)}
         self._decide_accumulations(self.position)
         self.inlined = self._inlinable()
         args, unpack = self._arguments()
-        body = unpack + self._emit()
+        body = unpack + self._undo_line() + self._emit()
         grads = ", ".join(self.var[k] for k in outputs)
         lines = [f"def {fn_name}({', '.join(args)}):",
                  f'    """tg.compile of {self.title}: the forward, then the backward, as straight-line torch code."""']
@@ -1183,6 +1369,9 @@ class _Generator:
                 uses[self._resolve(ref)] += 1
         for key in outputs + [self.root]:
             uses[self._resolve(key)] += 2  # an output is never inlined or changed in place
+        for read in self.reads:
+            for node in read.nodes:
+                uses[self._resolve(node)] += 2  # a checked value gets a variable of its own
         return uses
 
     def _inlinable(self) -> set[int]:
@@ -1292,11 +1481,17 @@ class _Generator:
     def _emit(self) -> list[str]:
         lines: list[str] = []
         section = None
+        checks = sorted(range(len(self.reads)), key=lambda i: self.reads[i].position, reverse=True)
+        end = len(self.fwd)
         for key in self.order:
             stmt = self.stmts[key]
             if stmt.backward != section:
+                if stmt.backward:
+                    lines.extend(self._checks(checks, end))
                 section = stmt.backward
                 lines.append("# backward" if section else "# forward")
+            if key >= 0 and not stmt.backward:
+                lines.extend(self._checks(checks, key))  # where the forward read the values: before this node
             if key in self.inlined:
                 continue
             if stmt.result is not None:
@@ -1319,7 +1514,62 @@ class _Generator:
                     continue
             target = self._new_name(key)
             lines.append(f"{target} = {self._call(stmt).text}")
+        lines.extend(self._checks(checks, end))  # (a step without a backward)
         return lines
+
+    def _checks(self, pending: list[int], before: int) -> list[str]:
+        """The checks of the reads made before node ``before`` was recorded (taken from the end of ``pending``)."""
+        lines: list[str] = []
+        while pending and self.reads[pending[-1]].position <= before:
+            index = pending.pop()
+            lines.extend(self._check(index, self.reads[index]))
+        return lines
+
+    def _check(self, index: int, read: Read) -> list[str]:
+        """``if bool(gt_1) is not True:  # file:line (code)`` then ``raise Diverged(index, bool(gt_1))``."""
+        undo = f", {self.undo_name}" if self.undo_name else ""
+        expr = self._read_expr(read) if read.by_value else None
+        if expr is None:  # a list, an array, a string: the tensors it read hold the recording's bytes
+            saved = self._unique(f"_read{index}")
+            self.namespace[saved] = read.saved
+            tensors = "".join(f"{self._expr(node).text}, " for node in read.nodes)
+            condition = f"not {self._helper('same_bytes', same_bytes)}(({tensors}), {saved})"
+            value = "None"
+        elif type(read.value) is bool:
+            condition, value = f"{expr} is not {read.value!r}", expr
+        elif is_simple_number(read.value):
+            condition, value = f"{expr} != {read.value!r}", expr
+        else:  # NaN, inf, a zero (its sign), a complex number
+            expected = self._unique(f"_read{index}")
+            self.namespace[expected] = read.value
+            condition, value = f"not {self._helper('same_number', same_number)}({expr}, {expected})", expr
+        return [f"if {condition}:  # {read.where}",
+                f"    raise {self._helper('Diverged', Diverged)}({index}, {value}{undo})"]
+
+    def _read_expr(self, read: Read) -> str | None:
+        """The read as code (``bool(gt_1)``, ``std_1.item()``), or None when the printer cannot spell it."""
+        name = printer._name_of(read.func)
+        if name in _BUILTIN_READS and len(read.args) == 1 and not read.kwargs and isinstance(read.args[0], Ref):
+            return f"{_BUILTIN_READS[name]}({self._expr(read.args[0].node).text})"
+        try:
+            return self._call(_Stmt(read.func, read.args, read.kwargs, "read", None)).text
+        except ValueError:
+            return None
+
+    def _helper(self, name: str, value: Any) -> str:
+        """The namespace name of a runtime helper of the checks."""
+        if name not in self.helpers:
+            self.helpers[name] = self._unique(f"_{name}")
+            self.namespace[self.helpers[name]] = value
+        return self.helpers[name]
+
+    def _undo_line(self) -> list[str]:
+        """``_undo = ((counter, counter.clone()), ...)``: what a failing check puts back (see :class:`Diverged`)."""
+        if not self.reads or not self.undo:
+            return []
+        self.undo_name = self._unique("_undo")
+        pairs = "".join(f"({name}, {name}.clone()), " for name in (self._name(node) for node in self.undo))
+        return [f"{self.undo_name} = ({pairs.rstrip()})  # changed in place below: put back if a read differs"]
 
     def _emit_multi(self, key: int) -> list[str]:
         stmt = self.stmts[key]
@@ -1433,6 +1683,9 @@ def _refs(value: Any) -> list[int]:
     """The nodes of the tensor arguments in ``value`` (not the names of :class:`_ConstRef`)."""
     return [ref.node for ref in refs_in(value) if not isinstance(ref, _ConstRef)]
 
+
+# reads printed as the builtins that make them: bool(t), not t.__bool__()
+_BUILTIN_READS = {"__bool__": "bool", "__int__": "int", "__float__": "float", "__complex__": "complex"}
 
 # aten backward kernels whose last argument says which of their outputs to compute
 _OUTPUT_MASKED = frozenset({"convolution_backward", "native_layer_norm_backward", "native_batch_norm_backward",

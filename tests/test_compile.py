@@ -8,6 +8,7 @@ No timing here: speed is measured by ``tensorgraph bench``.
 from __future__ import annotations
 
 import copy
+import re
 import sys
 import warnings
 
@@ -867,17 +868,8 @@ def test_a_tensor_attribute_rebound_between_calls_is_seen():
 # ---------------------------------------------------------------- what cannot be compiled
 
 
-def test_value_dependent_python_warns_and_no_grad_values_are_refused():
+def test_no_grad_values_the_loss_uses_are_refused():
     w = r(3, seed=22)
-
-    def branchy(x):
-        y = x * w
-        if y.sum() > 0:  # Python reads a tensor value: the recorded branch is what gets compiled
-            y = y * 2
-        return y.sum()
-
-    with pytest.warns(UserWarning, match=r"reads tensor values into Python \(__bool__\(\) at .*test_compile.py"):
-        tg.compile(branchy, fuse=False)(r(3, seed=23))
 
     def stale(x):
         with torch.no_grad():
@@ -895,6 +887,188 @@ def test_value_dependent_python_warns_and_no_grad_values_are_refused():
 
     with pytest.raises(ValueError, match=r"'h', updated in place under torch.no_grad\(\) at .*test_compile.py:\d+"):
         tg.compile(updated, fuse=False)(r(3, seed=24))
+
+
+# ---------------------------------------------------------------- values the forward reads into Python
+
+
+def _steps_match_torch(step, forward, w, calls):
+    """Each call's loss and gradient equal torch autograd's on the same forward, run as written (float64)."""
+    for inputs in calls:
+        loss, grads = step(*inputs)
+        torch.testing.assert_close(loss, forward(*inputs, w=w), **TOL)
+        torch.testing.assert_close(grads[w], _torch_grad(lambda w, inputs=inputs: forward(*inputs, w=w), w), **TOL)
+
+
+def test_a_branch_on_a_tensor_value_is_checked_at_every_call():
+    """``if h.sum() > 0`` taking the other branch at a later call: not the replayed branch (a silent wrong loss
+    and gradient before), but each branch recorded once and re-checked at every call."""
+    w = r(3, 3, seed=110)
+
+    def forward(x, w=w):
+        h = x @ w
+        if h.sum() > 0:
+            return (h * 2).sum()
+        return (h * -3).sum()
+
+    ones = torch.ones(2, 3, dtype=D)
+    sign = 1.0 if (ones @ w).sum() > 0 else -1.0
+    calls = [(ones * sign * s,) for s in (1.0, -1.0, 2.0, -0.5, 1.0, -1.0)]
+    step = tg.compile(forward, fuse=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _steps_match_torch(step, forward, w, calls)
+    assert step.recordings == 2, "each branch is recorded once, then both versions are kept"
+    assert len(caught) == 1 and re.fullmatch(
+        rf"tg.compile: re-recording forward: the value read at \S*test_compile.py:"
+        rf"{forward.__code__.co_firstlineno + 2} \(if h.sum\(\) > 0:\) is now (False|True) \(the recording read "
+        rf"(True|False)\)", str(caught[0].message))
+    assert "if bool(gt_1) is not False:" in step.source or "if bool(gt_1) is not True:" in step.source
+
+
+def _scaled(x, w):
+    h = x @ w
+    return (h / h.std().item()).pow(2).sum()  # a Python float: a constant of the recorded graph
+
+
+def _logged(x, w):
+    loss = (x @ w).tanh().sum()
+    print(f"loss {loss.item():.4f}")  # logging: the value is read, not used in a torch call
+    return loss
+
+
+def _sliced(x, w):
+    n = int((x > 0).sum())  # a size read from the data
+    return (x @ w).reshape(-1)[:n].pow(2).sum()
+
+
+@pytest.mark.parametrize("read", [_scaled, _logged, _sliced])
+def test_values_that_change_at_every_call_fall_back_to_the_engine(read, capsys):
+    """A value read into Python that changes at every call: re-recorded a few times, then every call runs
+    through the engine, with one warning naming the line; every loss and gradient is torch's."""
+    w = r(3, 3, seed=111)
+
+    def forward(x, w=w):
+        return read(x, w)
+
+    step = tg.compile(forward, fuse=False)
+    calls = [(r(4, 3, seed=120 + i).abs() * torch.arange(12).reshape(4, 3).lt(i + 1).mul(2).sub(1),)
+             for i in range(9)]  # i + 1 positive elements: a new size, scale and loss at each call
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _steps_match_torch(step, forward, w, calls)
+    from tensorgraph.compiler import _VALUE_RECORDINGS
+
+    assert step.recordings == 1 + _VALUE_RECORDINGS
+    line = f"{__file__.rsplit('/', 1)[-1]}:{read.__code__.co_firstlineno + 2 - (read is _sliced)}"
+    assert step.fallback is not None and line in step.fallback
+    given_up = [str(c.message) for c in caught if "no longer compiled" in str(c.message)]
+    assert len(given_up) == 1 and line in given_up[0] and "engine" in given_up[0]
+    loss, grads = step(calls[0][0])  # by name too, as the compiled step gives them
+    torch.testing.assert_close(grads["w"], _torch_grad(lambda w: forward(calls[0][0], w=w), w), **TOL)
+
+
+def _signs(x, w):
+    h = x @ w
+    rows = (h.sum(1) > 0).tolist()  # a list: checked by the bytes of the tensor it read
+    return sum((h[i] * (2.0 if up else -1.0)).sum() for i, up in enumerate(rows))
+
+
+def _zero_sign(x, w):
+    import math
+
+    sign = math.copysign(1.0, x[0, 0].item())  # -0.0 and 0.0 compare equal, but their signs differ
+    return (x @ w).pow(2).sum() * sign
+
+
+def _formatted(x, w):
+    label = f"{x.sum():.0f}"  # a string made from a tensor (Tensor.__format__)
+    return (x @ w).sum() * (1.0 if label.startswith("-") else 2.0)
+
+
+@pytest.mark.parametrize("read", [_signs, _zero_sign, _formatted])
+def test_lists_signed_zeros_and_strings_read_into_python_are_checked(read):
+    w = r(3, 3, seed=112)
+
+    def forward(x, w=w):
+        return read(x, w)
+
+    x = r(4, 3, seed=113)
+    flipped = x.clone()
+    flipped[0, 0] = -0.0
+    x[0, 0] = 0.0
+    calls = [(x,), (-x,), (flipped,), (x,), (-x,), (flipped,)]
+    step = tg.compile(forward, fuse=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecompileWarning)
+        _steps_match_torch(step, forward, w, calls)
+    assert step.fallback is None and step.recordings <= 3
+
+
+def test_a_failed_check_puts_back_state_the_step_changed_in_place():
+    """BatchNorm's running statistics and a counter are updated before the value is read: a call whose read
+    differs runs again by other code, and must not update them twice."""
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3)).double()
+    reference = copy.deepcopy(model)
+    counters = {"compiled": torch.zeros((), dtype=torch.long), "eager": torch.zeros((), dtype=torch.long)}
+
+    def forward(x, y, model=model, counter=counters["compiled"]):
+        counter.add_(1)
+        loss = F.cross_entropy(model(x), y)
+        if x.sum() > 0:  # read after the updates
+            loss = loss * 2
+        return loss
+
+    step = tg.compile(forward, fuse=False)
+    params = list(model.parameters())
+    for i in range(6):
+        x = r(8, 4, seed=130 + i).abs() * (1 if i % 3 else -1)
+        y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RecompileWarning)
+            loss, grads = step(x, y)
+        expected = forward(x, y, reference, counters["eager"])
+        torch.testing.assert_close(loss, expected, **TOL)
+        for p, g in zip(params, torch.autograd.grad(expected, list(reference.parameters()))):
+            torch.testing.assert_close(grads[p], g, **TOL)
+    assert step.recordings == 2 and "_undo" in step.source
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(model[1], name), getattr(reference[1], name), **TOL)
+    assert counters["compiled"].item() == counters["eager"].item() == 6
+
+
+def test_a_read_the_step_cannot_recompute_runs_through_the_engine():
+    """A value computed under torch.no_grad() inside the forward is not replayed: a branch on it cannot be
+    checked, so every call runs through the engine (before: the recorded branch, silently)."""
+    w = r(3, 3, seed=114)
+
+    def forward(x, w=w):
+        h = x @ w
+        with torch.no_grad():
+            positive = h.sum() > 0
+        if positive:
+            return (h * 2).sum()
+        return (h * -3).sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = torch.ones(2, 3, dtype=D)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(x)
+    assert [c.category for c in caught] == [UserWarning, RecompileWarning]  # no_grad work is not replayed; then:
+    assert re.search(r"no longer compiled: the value read at \S*test_compile.py:\d+ \(if positive:\) cannot be "
+                     r"re-checked .* torch.no_grad\(\)", str(caught[1].message))
+    _steps_match_torch(step, forward, w, [(x,), (-x,), (x * 2,)])
+    assert step.recordings == 1
+
+
+def test_a_forward_that_reads_no_values_gets_no_checks(lecture):
+    params, Xb, Yb = lecture
+    step = _lecture_step(params)
+    step(Xb, Yb)
+    assert "_Diverged" not in step.source and "_undo" not in step.source and " if " not in step.source
 
 
 def test_bad_forwards_get_clear_errors():
@@ -1010,6 +1184,24 @@ def test_compiled_step_on_cuda_matches_the_engine():
     engine = graph.backward(expected)
     assert loss.device.type == "cuda"
     assert_all_close([grads[p] for p in params], [engine[p] for p in params])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (torch built "
+                    f"{'with' if torch.version.cuda else 'without'} CUDA); the same checks run there on CPU above")
+@pytest.mark.parametrize("read", [_signs, _scaled, _formatted])
+def test_values_read_into_python_are_checked_on_cuda(read):
+    w = r(3, 3, seed=115).cuda()
+
+    def forward(x, w=w):
+        return read(x, w)
+
+    x = r(4, 3, seed=116).cuda()
+    calls = [(x * (1 + i) * (-1) ** i,) for i in range(8)]  # two sign patterns; a new scale and sum each call
+    step = tg.compile(forward, fuse=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecompileWarning)
+        _steps_match_torch(step, forward, w, calls)
+    assert (step.fallback is not None) == (read is not _signs) and step.recordings <= 5
 
 
 # ---------------------------------------------------------------- the bench command (plumbing only: no timings)
