@@ -15,7 +15,8 @@ from tensorgraph.ops import OPS
 
 def _weights_for(out: torch.Tensor) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1234)
-    return torch.randn(out.shape, generator=gen, dtype=out.dtype) if out.dim() else torch.tensor(0.7, dtype=out.dtype)
+    weight = torch.randn(out.shape, generator=gen, dtype=out.dtype) if out.dim() else torch.tensor(0.7, dtype=out.dtype)
+    return weight.to(out.device)
 
 
 def engine_grads(fn: Callable[..., torch.Tensor], inputs: list[Any]) -> tuple[torch.Tensor, list[Any]]:

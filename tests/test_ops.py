@@ -14,6 +14,19 @@ def test_op_matches_torch_autograd(fn, inputs):
     assert_matches_torch(fn, inputs)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (torch built "
+                    f"{'with' if torch.version.cuda else 'without'} CUDA); the same cases run on CPU above")
+@pytest.mark.parametrize("fn, inputs", [pytest.param(fn, inputs, id=name) for name, fn, inputs in CASES])
+def test_op_matches_torch_autograd_on_cuda(fn, inputs):
+    """The rules are device-agnostic: every case again with its tensors on the GPU, against torch there."""
+    inputs = [x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs]
+    try:
+        fn(*inputs)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:  # e.g. a CPU tensor made in the case
+        pytest.skip(f"torch itself refuses this case on CUDA: {str(err).splitlines()[0][:120]}")
+    assert_matches_torch(fn, inputs)
+
+
 def test_scatter_src_larger_than_index():
     """torch reads only src's leading index.shape block: the rest of src gets a zero gradient.
 
