@@ -1115,7 +1115,11 @@ def batch_norm(g: Tensor, out: Tensor, x: Tensor, running_mean: Tensor | None, r
         _, mean, invstd = aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
         grads = aten.native_batch_norm_backward(g, x, weight, None, None, mean, invstd, True, eps, mask)
     else:
-        grads = aten.native_batch_norm_backward(g, x, weight, running_mean, running_var, None, None, False, eps, mask)
+        # NOTE: the CUDA kernel asserts its saved statistics are defined even in eval mode: empty ones, as the
+        # forward returns there (None crashed it)
+        unsaved = x.new_empty(0)
+        grads = aten.native_batch_norm_backward(g, x, weight, running_mean, running_var, unsaved, unsaved, False, eps,
+                                                mask)
     grad_x, grad_w, grad_b = grads
     return grad_x, None, None, grad_w, grad_b
 
