@@ -593,9 +593,8 @@ def activation_cases():
     zeros = torch.tensor([[0.0, -0.3, 0.3, 2.0], [0.0, 1.0, -0.0, 0.1]], dtype=D)
     yield "nonsmooth_at_zero", lambda x: torch.sinc(x) + torch.xlogy(x, 2.0) + torch.copysign(x, -1.0) + (
         torch.special.i1(x) + torch.special.i1e(x)), [zeros]
-    below = torch.tensor([[0.0, 1.0, 2.0, 3.0], [-1.0, 0.5, 1.0, 1.0]], dtype=D)  # 0 where x == 0 and y <= 0 (-1)
-    yield "nonsmooth_xlogy_at_zero", lambda x: torch.xlogy(x, below.abs()) + torch.special.xlog1py(x, below), [
-        zeros]
+    below = torch.tensor([[-0.5, 1.0, 2.0, 3.0], [-1.0, 0.5, -2.0, 1.0]], dtype=D)  # y <= 0 (-1) where x == 0: 0
+    yield "nonsmooth_xlogy_at_zero", lambda x: torch.xlogy(x, below) + torch.special.xlog1py(x, below - 1), [zeros]
     yield "nonsmooth_shrink_kinks", lambda x: F.hardshrink(x, 0.3) + F.softshrink(x, 0.3) + F.threshold(x, 0.1, 5.0), [
         torch.tensor([[0.3, -0.3, 0.1, 0.0], [1.0, -1.0, 0.2, 0.5]], dtype=D)]
 

@@ -48,12 +48,12 @@ def torch_grads(fn, *inputs):
 # ---------------------------------------------------------------- an op without a rule
 
 NO_RULE = {
-    "cumprod": lambda x: x.cumprod(0).sum(),
-    "hypot": lambda x: torch.hypot(x, x * 2).sum(),
-    "cummax": lambda x: x.cummax(0).values.sum(),
-    "logcumsumexp": lambda x: x.logcumsumexp(0).sum(),
-    "logaddexp": lambda x: torch.logaddexp(x, x * 2).sum(),
-    "xlogy": lambda x: torch.xlogy(x, x).sum(),
+    "kron": lambda x: torch.kron(x, x * 2).sum(),
+    "trapezoid": lambda x: torch.trapezoid(x),
+    "cov": lambda x: torch.cov(x.view(2, 2)).sum(),
+    "special_erfcx": lambda x: torch.special.erfcx(x).sum(),
+    "cumulative_trapezoid": lambda x: torch.cumulative_trapezoid(x).sum(),
+    "linalg_cholesky": lambda x: torch.linalg.cholesky(torch.diag(x)).sum(),
 }
 
 
