@@ -921,10 +921,12 @@ def diff(g: Tensor, out: Tensor, x: Tensor, n: int = 1, dim: int = -1, prepend: 
          append: Tensor | None = None) -> tuple:
     """n rounds of y[1:] - y[:-1] on cat(prepend, x, append): each element gets the difference it starts less
     the one it ends; the pieces of the concatenation get their slices."""
-    for _ in range(n):
-        zero = torch.zeros_like(g.narrow(dim, 0, 1))
-        g = torch.cat([zero, g], dim) - torch.cat([g, zero], dim)
     sizes = [t.shape[dim] if isinstance(t, Tensor) else 0 for t in (prepend, x, append)]
+    shape = list(g.shape)
+    shape[dim] = 1
+    for _ in range(min(n, sum(sizes))):  # (rounds on an already empty difference change nothing)
+        zero = g.new_zeros(shape)
+        g = torch.cat([zero, g], dim) - torch.cat([g, zero], dim)
     grad_prepend, grad_x, grad_append = g.split(sizes, dim)
     return (grad_x, None, None, grad_prepend if isinstance(prepend, Tensor) else None,
             grad_append if isinstance(append, Tensor) else None)
@@ -1650,7 +1652,10 @@ def cosine_embedding_loss(g: Tensor, out: Tensor, input1: Tensor, input2: Tensor
 def poisson_nll_loss(g: Tensor, out: Tensor, input: Tensor, target: Tensor, log_input: bool = True,
                      full: bool = False, size_average=None, eps: float = 1e-8, reduce=None,
                      reduction: str = "mean") -> tuple:
-    """exp(input) - target * input (or input - target * log(input + eps)), plus Stirling's term where target > 1."""
+    """exp(input) - target * input (or input - target * log(input + eps)), plus Stirling's term where target > 1.
+
+    NOTE: with ``full``, torch's target gradient is NaN where a target is 0 (0 * log 0 in its masked Stirling term).
+    """
     per_element = _unreduced_grad(g, _reduction(size_average, reduce, reduction),
                                   torch.broadcast_shapes(input.shape, target.shape))
     if log_input:
@@ -1658,7 +1663,8 @@ def poisson_nll_loss(g: Tensor, out: Tensor, input: Tensor, target: Tensor, log_
     else:
         grad_input, grad_target = 1 - target / (input + eps), -(input + eps).log()
     if full:  # d/dt (t log t - t + log(2 pi t) / 2), only where the term is kept
-        grad_target = grad_target + (target.log() + 0.5 / target).masked_fill(target <= 1, 0)
+        grad_target = grad_target + (target.log() + 0.5 / target).masked_fill(target <= 1, 0).masked_fill(
+            target == 0, math.nan)
     return per_element * grad_input, per_element * grad_target
 
 

@@ -617,6 +617,8 @@ def scan_cases():
     with_nan[1, 2] = with_nan[3, 0] = float("nan")
     yield "nonsmooth_nansum_nan", lambda x: x.nansum(0) + x.nanmean(1).sum() + torch.nanmean(x, (0, 1)), [with_nan]
     yield "diff", lambda x: x.diff() + torch.diff(x, n=2, dim=0).sum(), [x]
+    yield "diff_to_empty", lambda x: torch.diff(x, n=2, dim=0, prepend=x[:1]) * 2 + torch.diff(x[:2], 3, 0).sum(), [
+        r(2, 3, seed=9)]
     yield "diff_prepend_append", lambda x, p, a: torch.diff(x, dim=1, prepend=p, append=a), [
         x, r(4, 2, seed=7), r(4, 1, seed=8)]
     yield "trace", lambda x: x.trace() + torch.trace(x.T @ x), [x]
