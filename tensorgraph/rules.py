@@ -589,12 +589,12 @@ defop("baddbmm", baddbmm)
 
 def addmv(g: Tensor, out: Tensor, input: Tensor, mat: Tensor, vec: Tensor, *, beta=1, alpha=1) -> tuple:
     """``beta * input + alpha * mat @ vec``."""
-    return _scaled_product(g, torch.outer(g, vec), mat.t().mv(g), beta, alpha)
+    return _scaled_product(g, torch.outer(g, vec.to(g.dtype)), mat.t().to(g.dtype).mv(g), beta, alpha)
 
 
 def addr(g: Tensor, out: Tensor, input: Tensor, vec1: Tensor, vec2: Tensor, *, beta=1, alpha=1) -> tuple:
-    """``beta * input + alpha * outer(vec1, vec2)``."""
-    return _scaled_product(g, g.mv(vec2), g.t().mv(vec1), beta, alpha)
+    """``beta * input + alpha * outer(vec1, vec2)`` (which promotes mixed dtypes, as outer does)."""
+    return _scaled_product(g, g.mv(vec2.to(g.dtype)), g.t().mv(vec1.to(g.dtype)), beta, alpha)
 
 
 def tensordot(g: Tensor, out: Tensor, a: Tensor, b: Tensor, dims: Any = 2) -> tuple:
@@ -1076,7 +1076,7 @@ def _distance_grad(g: Tensor, diff: Tensor, p: float, dist: Tensor) -> Tensor:
         return g * diff.sgn()
     if math.isinf(p):
         return g * diff.sgn() * (diff.abs() == dist)
-    if p < 1:
+    if p < 2:  # (|diff|**(p - 2) would be inf at a zero coordinate)
         scaled = diff.sgn() * diff.abs().pow(p - 1) * g / dist.pow(p - 1)
         return scaled.masked_fill((dist == 0) | (diff == 0), 0)
     if p == 2:

@@ -686,6 +686,9 @@ def distance_cases():
         yield f"cdist_p{p}", lambda a, b, p=p: torch.cdist(a, b, p=p), [x, y]
         yield f"pdist_p{p}", lambda a, p=p: F.pdist(a, p=p), [x]
     yield "cdist_batched_broadcast", lambda a, b: torch.cdist(a, b), [r(2, 4, 5, seed=1), r(3, 5, seed=2)]
+    ties = torch.tensor([[-1.0, 0.0, 2.0], [2.0, 0.0, 1.0], [-1.0, 1.0, 2.0]], dtype=D)  # zero coordinates of a diff
+    yield "nonsmooth_distance_zero_coordinates", lambda a: torch.cdist(a, a[:2] * 1.0, 1.5) + F.pdist(a, 1.5).sum() + (
+        torch.cdist(a, a.flip(0), 3).sum()), [ties]
     yield "cdist_0_inf", lambda a, b: torch.cdist(a, b, 0) + torch.cdist(a, b, float("inf")), [
         distinct(4, 5, seed=2), distinct(3, 5, seed=3) + 1]
     yield "pdist_inf", lambda a: F.pdist(a, float("inf")), [distinct(4, 5, seed=4)]
