@@ -69,7 +69,8 @@ _INDEX_OPS = frozenset({"getitem", "embedding", "index_select"})
 _SELECTIONS = {"max": "max", "amax": "max", "min": "min", "amin": "min"}
 # ops whose rule sums products of the gradient with an input (a contraction): their magnitude pass
 # runs the rule on the inputs' absolute values, so that the terms cannot cancel there either
-_CONTRACTIONS = frozenset({"matmul", "linear", "addmm", "inner", "outer", "einsum"})
+_CONTRACTIONS = frozenset({"matmul", "linear", "addmm", "inner", "outer", "einsum", "tensordot", "addmv", "addr",
+                           "bilinear"})
 # the rounding allowance, in units of the dtype's eps times the summed magnitude that cancelled (see
 # _rounding_noise, _cancelled). Measured on the lecture's network: correct alternative formulas give no
 # false alarm already at 1, nor do the atomic, fused and float64-cast answers at 4 (batch 4 to 128, widths

@@ -24,16 +24,21 @@ from .ops import UnsupportedCall, constants, defop
 # may name them (tensorgraph.serialize); they are the only torch.ops it may run, since aten also
 # holds ops that touch files (from_file). A rule calling a kernel not listed fails at once.
 KERNELS = frozenset({
-    "_adaptive_avg_pool2d_backward", "_log_softmax_backward_data", "_softmax_backward_data",
-    "_upsample_nearest_exact1d_backward", "_upsample_nearest_exact2d_backward", "_upsample_nearest_exact3d_backward",
-    "avg_pool2d_backward", "convolution_backward", "elu_backward", "gelu_backward", "hardsigmoid_backward",
-    "hardswish_backward", "hardtanh_backward", "huber_loss", "huber_loss_backward", "leaky_relu_backward",
-    "max_pool2d_with_indices", "max_pool2d_with_indices_backward", "mish_backward", "native_batch_norm",
+    "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward", "_log_softmax_backward_data",
+    "_softmax_backward_data", "_upsample_nearest_exact1d_backward", "_upsample_nearest_exact2d_backward",
+    "_upsample_nearest_exact3d_backward", "adaptive_max_pool2d", "adaptive_max_pool2d_backward", "avg_pool2d_backward",
+    "avg_pool3d_backward", "convolution_backward", "elu_backward", "gelu_backward", "glu_backward",
+    "hardshrink_backward", "hardsigmoid_backward", "hardswish_backward", "hardtanh_backward", "huber_loss",
+    "huber_loss_backward", "leaky_relu_backward", "log_sigmoid_backward", "log_sigmoid_forward", "logit_backward",
+    "max_pool2d_with_indices", "max_pool2d_with_indices_backward", "max_pool3d_with_indices",
+    "max_pool3d_with_indices_backward", "mish_backward", "multi_margin_loss_backward",
+    "multilabel_margin_loss_backward", "multilabel_margin_loss_forward", "native_batch_norm",
     "native_batch_norm_backward", "native_group_norm", "native_group_norm_backward", "native_layer_norm",
-    "native_layer_norm_backward", "sigmoid_backward", "silu_backward", "smooth_l1_loss_backward", "softplus_backward",
-    "tanh_backward", "threshold_backward", "upsample_bicubic2d_backward", "upsample_bilinear2d_backward",
-    "upsample_linear1d_backward", "upsample_nearest1d_backward", "upsample_nearest2d_backward",
-    "upsample_nearest3d_backward", "upsample_trilinear3d_backward",
+    "native_layer_norm_backward", "sigmoid_backward", "silu_backward", "smooth_l1_loss_backward",
+    "soft_margin_loss_backward", "softplus_backward", "softshrink_backward", "tanh_backward", "threshold_backward",
+    "upsample_bicubic2d_backward", "upsample_bilinear2d_backward", "upsample_linear1d_backward",
+    "upsample_nearest1d_backward", "upsample_nearest2d_backward", "upsample_nearest3d_backward",
+    "upsample_trilinear3d_backward",
 })
 aten = SimpleNamespace(**{name: getattr(torch.ops.aten, name) for name in sorted(KERNELS)})
 
@@ -142,8 +147,8 @@ defop("exp", lambda g, out, x: g * out)
 defop("log", lambda g, out, x: g / x)
 defop("log2", lambda g, out, x: g / (x * math.log(2.0)))
 defop("log10", lambda g, out, x: g / (x * math.log(10.0)))
-defop("log1p", lambda g, out, x: g / (x + 1))
-defop("expm1", lambda g, out, x: g * (out + 1))
+defop("log1p", lambda g, out, x: g / (x + 1), funcs=("special.log1p",))
+defop("expm1", lambda g, out, x: g * (out + 1), funcs=("special.expm1",))
 defop("sqrt", lambda g, out, x: g / (2 * out))
 defop("rsqrt", lambda g, out, x: -0.5 * g * out.pow(3))
 defop("reciprocal", lambda g, out, x: -g * (out * out))
@@ -191,7 +196,7 @@ defop("hardswish", lambda g, out, x: aten.hardswish_backward(g, x))
 defop("hardsigmoid", lambda g, out, x: aten.hardsigmoid_backward(g, x))
 # piecewise-constant functions: zero gradient, as torch gives
 for _name in ("sign", "sgn", "floor", "ceil", "round", "trunc"):
-    defop(_name, _zeros_like_grad)
+    defop(_name, _zeros_like_grad, funcs=("special.round",) if _name == "round" else ())
 
 
 def clamp(g: Tensor, out: Tensor, x: Tensor, min: Any = None, max: Any = None) -> tuple:
@@ -213,6 +218,95 @@ def clamp(g: Tensor, out: Tensor, x: Tensor, min: Any = None, max: Any = None) -
 defop("clamp", clamp, funcs=("torch.clip", "Tensor.clip"), inplace=("Tensor.clip_",))
 defop("clamp_min", lambda g, out, x, min: clamp(g, out, x, min, None)[:2])
 defop("clamp_max", lambda g, out, x, max: (clamp(g, out, x, None, max)[0], None))
+
+# activations and special functions, with derivatives.yaml's formulas or torch's own backward kernels
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+defop("log_sigmoid", lambda g, out, x: aten.log_sigmoid_backward(g, x, aten.log_sigmoid_forward(x)[1]),
+      funcs=("F.logsigmoid",))
+defop("selu", lambda g, out, x: aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1.0, False, x))  # selu is a scaled elu
+defop("celu", lambda g, out, x, alpha=1.0: aten.elu_backward(g, alpha, 1.0, 1.0 / alpha, False, x))
+defop("softsign", lambda g, out, x: g / (x.abs() + 1).square())
+defop("tanhshrink", lambda g, out, x: g - aten.tanh_backward(g, x.tanh()))  # x - tanh(x)
+defop("hardshrink", lambda g, out, x, lambd=0.5: aten.hardshrink_backward(g, x, lambd))
+defop("softshrink", lambda g, out, x, lambd=0.5: aten.softshrink_backward(g, x, lambd))
+defop("threshold", lambda g, out, x, threshold, value: aten.threshold_backward(g, x, threshold))
+defop("glu", lambda g, out, x, dim=-1: aten.glu_backward(g, x, dim))
+defop("logit", lambda g, out, x, eps=None: aten.logit_backward(g, x, eps), funcs=("special.logit",))
+
+
+def rrelu(g: Tensor, out: Tensor, x: Tensor, lower: float = 1.0 / 8, upper: float = 1.0 / 3, training: bool = False,
+          inplace: bool = False) -> Tensor:
+    """In evaluation mode a leaky relu with the mean slope; training draws a random slope per element."""
+    if training:
+        raise UnsupportedCall("rrelu: training=True draws random slopes inside the kernel; it has no rule")
+    return aten.leaky_relu_backward(g, x, (lower + upper) / 2, False)
+
+
+def prelu(g: Tensor, out: Tensor, x: Tensor, weight: Tensor) -> tuple:
+    """One slope per channel (dim 1), or one for all: g where x > 0, else the slope's share (torch's kernel)."""
+    shape = [1] * x.dim()
+    if x.dim() >= 2:
+        shape[1] = weight.numel()
+    w = weight.reshape(shape) if x.dim() else weight.reshape(())
+    positive = x > 0
+    grad_w = torch.where(positive, 0.0, g * x).sum_to_size(w.shape).reshape(weight.shape)
+    return torch.where(positive, g, g * w), grad_w
+
+
+defop("rrelu", rrelu)
+defop("prelu", prelu)
+defop("erfc", lambda g, out, x: -2.0 / math.sqrt(math.pi) * torch.exp(-(x.pow(2))) * g, funcs=("special.erfc",))
+defop("erfinv", lambda g, out, x: 0.5 * math.sqrt(math.pi) * torch.exp(out.pow(2)) * g, funcs=("special.erfinv",))
+defop("lgamma", lambda g, out, x: g * torch.digamma(x), funcs=("special.gammaln",))
+defop("digamma", lambda g, out, x: g * torch.polygamma(1, x), funcs=("special.digamma", "special.psi"))
+
+
+def polygamma(g: Tensor, out: Tensor, n: Any, x: Any) -> tuple:
+    """d/dx polygamma(n, x) = polygamma(n + 1, x); the method form ``x.polygamma(n)`` puts the tensor first."""
+    if isinstance(n, Tensor):
+        return g * torch.polygamma(x + 1, n), None
+    return None, g * torch.polygamma(n + 1, x)
+
+
+defop("polygamma", polygamma, funcs=("special.polygamma",))
+
+
+def mvlgamma(g: Tensor, out: Tensor, x: Tensor, p: int) -> Tensor:
+    """d/dx of sum_i lgamma(x - i/2) (plus a constant): the digammas of the same arguments."""
+    shifts = torch.arange(-p / 2 + 0.5, 0.5, 0.5, dtype=x.dtype, device=x.device)
+    return g * (x.unsqueeze(-1) + shifts).digamma().sum(-1)
+
+
+defop("mvlgamma", mvlgamma, funcs=("special.multigammaln",))
+defop("exp2", lambda g, out, x: g * out * math.log(2.0), funcs=("special.exp2",))
+defop("deg2rad", lambda g, out, x: g * (math.pi / 180))
+defop("rad2deg", lambda g, out, x: g * (180 / math.pi))
+defop("frac", _same)  # x - trunc(x)
+defop("nan_to_num", lambda g, out, x, nan=0.0, posinf=None, neginf=None: g * x.isfinite())  # replaced: no gradient
+
+
+def sinc(g: Tensor, out: Tensor, x: Tensor) -> Tensor:
+    """(pi x cos(pi x) - sin(pi x)) / (pi x**2); NOTE: 0 at x == 0, as torch gives (the limit)."""
+    px = x * math.pi
+    return (g * ((px * px.cos() - px.sin()) / (px * x))).masked_fill(x == 0, 0)
+
+
+defop("sinc", sinc, funcs=("special.sinc",))
+# the normal distribution's cdf, its log and its inverse
+defop("special_ndtr", lambda g, out, x: g * (x.pow(2) * -0.5).exp() / math.sqrt(2 * math.pi), auto=False,
+      funcs=("special.ndtr",))
+defop("special_log_ndtr", lambda g, out, x: g / math.sqrt(2 * math.pi) * (out + x.pow(2) / 2).neg().exp(),
+      auto=False, funcs=("special.log_ndtr",))
+defop("special_ndtri", lambda g, out, x: g * math.sqrt(2 * math.pi) * (out.square() / 2).exp(), auto=False,
+      funcs=("special.ndtri",))
+# modified Bessel functions of the first kind (and their exponentially scaled forms)
+defop("i0", lambda g, out, x: g * torch.special.i1(x), funcs=("special.i0",))
+defop("special_i0e", lambda g, out, x: g * (torch.special.i1e(x) - x.sgn() * out), auto=False, funcs=("special.i0e",))
+# NOTE: i1'(0) = 1/2 (the limit of i0(x) - i1(x)/x), as torch gives
+defop("special_i1", lambda g, out, x: g * torch.where(x == 0, 0.5, torch.special.i0(x) - out / x), auto=False,
+      funcs=("special.i1",))
+defop("special_i1e", lambda g, out, x: g * torch.where(x == 0, 0.5, torch.special.i0e(x) - out * (x.sgn() + 1 / x)),
+      auto=False, funcs=("special.i1e",))
 
 # ---------------------------------------------------------------- elementwise, two inputs
 
@@ -346,6 +440,60 @@ defop("addcmul", lambda g, out, x, tensor1, tensor2, *, value=1: (g, g * (tensor
 defop("addcdiv", lambda g, out, x, tensor1, tensor2, *, value=1: (
     g, g * (value / tensor2), -g * (value * tensor1 / (tensor2 * tensor2))))
 
+
+def xlogy(g: Tensor, out: Tensor, x: Any, other: Any) -> tuple:
+    """x * log(y), 0 where x == 0; NOTE: torch's d/dx there is log(y) too, but 0 where also y <= 0."""
+    grad_x = torch.xlogy(g, other).masked_fill((x == 0) & (other <= 0), 0) if isinstance(x, Tensor) else None
+    return grad_x, (g * x / other if isinstance(other, Tensor) else None)
+
+
+def xlog1py(g: Tensor, out: Tensor, x: Any, other: Any) -> tuple:
+    """x * log1p(y), 0 where x == 0; NOTE: d/dx is log1p(y), 0 where x == 0 and y <= -1 (torch's)."""
+    grad_x = torch.special.xlog1py(g, other).masked_fill((x == 0) & (other <= -1), 0) if isinstance(
+        x, Tensor) else None
+    return grad_x, (g * x / (other + 1) if isinstance(other, Tensor) else None)
+
+
+defop("xlogy", xlogy, funcs=("special.xlogy",))
+defop("special_xlog1py", xlog1py, auto=False, funcs=("special.xlog1py",))
+defop("special_entr", lambda g, out, x: g * -(1 + x.log()), auto=False, funcs=("special.entr",))  # -x log(x)
+defop("logaddexp", lambda g, out, x, other: (g / (1 + (other - x).exp()), g / (1 + (x - other).exp())))
+defop("logaddexp2", lambda g, out, x, other: (g / (1 + torch.pow(2, other - x)), g / (1 + torch.pow(2, x - other))))
+defop("hypot", lambda g, out, x, other: (g * x / out, g * other / out))
+
+
+def copysign(g: Tensor, out: Tensor, x: Tensor, other: Any) -> tuple:
+    """|x| with other's sign: d/dx = out / x (0 where x == 0, as torch); nothing flows to the sign."""
+    ratio = (out / x).masked_fill(x == 0, 0)
+    return g * ratio, (torch.zeros_like(other) if isinstance(other, Tensor) else None)
+
+
+def _rounding_remainder(mode: str) -> Any:
+    """fmod (trunc) and remainder (floor): x - other * div(x, other): d/d other = -div(x, other)."""
+
+    def rule(g: Tensor, out: Tensor, x: Any, other: Any) -> tuple:
+        if not isinstance(x, Tensor):
+            raise UnsupportedCall("remainder: a number % a tensor has no rule (torch does not differentiate it either)")
+        grad_other = -g * torch.div(x, other, rounding_mode=mode) if isinstance(other, Tensor) else None
+        return g, grad_other
+
+    return rule
+
+
+defop("copysign", copysign)
+defop("fmod", _rounding_remainder("trunc"))
+defop("remainder", _rounding_remainder("floor"), funcs=("Tensor.__mod__",), swapped=("Tensor.__rmod__",),
+      inplace=("Tensor.__imod__",))
+
+
+def float_power(g: Tensor, out: Tensor, x: Any, exponent: Any) -> tuple:
+    """pow in float64 (the engine casts each gradient back to its input's dtype)."""
+    wide = [v.double() if isinstance(v, Tensor) else v for v in (x, exponent)]
+    return pow_rule(g, out, *wide)
+
+
+defop("float_power", float_power)
+
 # ---------------------------------------------------------------- matrix products
 
 
@@ -437,6 +585,114 @@ def baddbmm(g: Tensor, out: Tensor, input: Tensor, batch1: Tensor, batch2: Tenso
 
 
 defop("baddbmm", baddbmm)
+
+
+def addmv(g: Tensor, out: Tensor, input: Tensor, mat: Tensor, vec: Tensor, *, beta=1, alpha=1) -> tuple:
+    """``beta * input + alpha * mat @ vec``."""
+    return _scaled_product(g, torch.outer(g, vec.to(g.dtype)), mat.t().to(g.dtype).mv(g), beta, alpha)
+
+
+def addr(g: Tensor, out: Tensor, input: Tensor, vec1: Tensor, vec2: Tensor, *, beta=1, alpha=1) -> tuple:
+    """``beta * input + alpha * outer(vec1, vec2)`` (which promotes mixed dtypes, as outer does)."""
+    return _scaled_product(g, g.mv(vec2.to(g.dtype)), g.t().mv(vec1.to(g.dtype)), beta, alpha)
+
+
+def tensordot(g: Tensor, out: Tensor, a: Tensor, b: Tensor, dims: Any = 2) -> tuple:
+    """Each operand's gradient contracts ``g`` with the other operand's free dims, then is permuted into place."""
+    if isinstance(dims, int):
+        dims_a, dims_b = list(range(a.dim() - dims, a.dim())), list(range(dims))
+    else:
+        dims_a, dims_b = ([d] if isinstance(d, int) else list(d) for d in dims)
+    dims_a, dims_b = [d % max(a.dim(), 1) for d in dims_a], [d % max(b.dim(), 1) for d in dims_b]
+    free_a = [d for d in range(a.dim()) if d not in dims_a]
+    free_b = [d for d in range(b.dim()) if d not in dims_b]
+    n = len(free_a)
+    grad_a = torch.tensordot(g, b, dims=(list(range(n, g.dim())), free_b))  # dims: free_a, then b's contracted
+    grad_b = torch.tensordot(a, g, dims=(free_a, list(range(n))))  # dims: a's contracted, then free_b
+    order_a = free_a + [dims_a[dims_b.index(d)] for d in sorted(dims_b)]
+    order_b = [dims_b[dims_a.index(d)] for d in sorted(dims_a)] + free_b
+    return grad_a.permute(_inverse(order_a)), grad_b.permute(_inverse(order_b))
+
+
+def _inverse(order: Sequence[int]) -> tuple[int, ...]:
+    return tuple(sorted(range(len(order)), key=list(order).__getitem__))
+
+
+def _cross_dim(out: Tensor, dim: Any) -> int:
+    """torch.cross without dim: the first dimension of size 3 (its deprecated default)."""
+    return dim if dim is not None else next(d for d, size in enumerate(out.shape) if size == 3)
+
+
+defop("addmv", addmv)
+defop("addr", addr)
+defop("tensordot", tensordot)
+defop("cross", lambda g, out, x, other, dim=None: (torch.linalg.cross(other, g, dim=_cross_dim(out, dim)),
+                                                   torch.linalg.cross(g, x, dim=_cross_dim(out, dim))))
+defop("linalg_cross", lambda g, out, x, other, *, dim=-1: (torch.linalg.cross(other, g, dim=dim),
+                                                           torch.linalg.cross(g, x, dim=dim)),
+      auto=False, funcs=("linalg.cross",))
+
+
+def bilinear(g: Tensor, out: Tensor, input1: Tensor, input2: Tensor, weight: Tensor,
+             bias: Tensor | None = None) -> tuple:
+    """out[..., k] = input1[..., i] weight[k, i, j] input2[..., j] + bias[k]."""
+    return (torch.einsum("...k,kij,...j->...i", g, weight, input2),
+            torch.einsum("...k,kij,...i->...j", g, weight, input1),
+            torch.einsum("...k,...i,...j->kij", g, input1, input2),
+            g if bias is not None else None)
+
+
+defop("bilinear", bilinear)
+
+# ---------------------------------------------------------------- linear algebra
+
+defop("trace", lambda g, out, x: g * torch.eye(*x.shape, dtype=g.dtype, device=g.device))
+
+
+def _matrix(g: Tensor) -> Tensor:
+    """A scalar per matrix, broadcastable against the batch of matrices."""
+    return g.unsqueeze(-1).unsqueeze(-1)
+
+
+def det(g: Tensor, out: Tensor, x: Tensor) -> Tensor:
+    """Jacobi's formula, g * det(A) * A^-T.
+
+    NOTE: at an exactly singular matrix (det == 0) torch's gradient is 0, not the adjugate: its first-order
+    backward solves with g * det, which is 0 there. So is ours.
+    """
+    inverse = torch.linalg.inv_ex(x).inverse.mT
+    return (_matrix(g * out) * inverse).masked_fill(_matrix(out == 0), 0)
+
+
+def slogdet(g: Tensor, out: Any, x: Tensor, *, output_index: int = 0) -> Tensor:
+    """d log|det A| / dA = A^-T; the sign has no gradient (real matrices)."""
+    if output_index == 0:
+        return torch.zeros_like(x)
+    return _matrix(g) * torch.linalg.inv_ex(x).inverse.mT
+
+
+def logdet(g: Tensor, out: Tensor, x: Tensor) -> Tensor:
+    """log det A: NaN where det < 0, which takes no gradient (torch's where(sign == -1, nan, logabsdet))."""
+    negative = torch.linalg.slogdet(x).sign == -1
+    return slogdet(g.masked_fill(negative, 0), out, x, output_index=1)
+
+
+def solve(g: Tensor, out: Tensor, A: Tensor, B: Tensor, *, left: bool = True) -> tuple:
+    """X = A^-1 B (or B A^-1): dB = A^-T g (g A^-T), dA = -dB X^T (-X^T dB); B may be a (batch of) vector(s)."""
+    grad_b = torch.linalg.solve(A.mT, g, left=left)
+    vector = B.dim() == 1 or (B.dim() == A.dim() - 1 and B.shape == A.shape[:-1])
+    if vector:
+        grad_a = -grad_b.unsqueeze(-1) * out.unsqueeze(-2)
+    else:
+        grad_a = -(grad_b @ out.mT) if left else -(out.mT @ grad_b)
+    return grad_a, grad_b
+
+
+defop("det", det, funcs=("linalg.det",))
+defop("slogdet", slogdet, multi=True, funcs=("linalg.slogdet",))
+defop("logdet", logdet)
+defop("inverse", lambda g, out, x: -(out.mT @ (g @ out.mT)), funcs=("linalg.inv",))
+defop("linalg_solve", solve, auto=False, funcs=("linalg.solve",))
 
 # ---------------------------------------------------------------- reductions
 
@@ -552,6 +808,7 @@ defop("amin", amax)
 defop(
     "logsumexp",
     lambda g, out, x, dim, keepdim=False: _unreduce(g, x, dim, keepdim) * (x - _unreduce(out, x, dim, keepdim)).exp(),
+    funcs=("special.logsumexp",),
 )
 # with dtype=, torch casts g back to x's dtype before the reversed cumsum (its rounding, not the wider dtype's)
 defop("cumsum", lambda g, out, x, dim, *, dtype=None: (g if dtype is None else g.to(x.dtype)).flip(dim).cumsum(
@@ -594,6 +851,90 @@ defop("topk", lambda g, out, x, k, dim=-1, largest=True, sorted=True, *, output_
     g, out, x, dim), multi=True)
 
 
+def _reversed_cumsum(t: Tensor, dim: int) -> Tensor:
+    return t.flip(dim).cumsum(dim).flip(dim)
+
+
+def cumprod(g: Tensor, out: Tensor, x: Tensor, dim: int, *, dtype: Any = None) -> Tensor:
+    """d out_j / dx_i = prod_{k <= j, k != i} x_k for j >= i, computed without dividing by a zero.
+
+    Before a slice's first zero this is out_j / x_i; at the first zero, the cumprod with that zero set
+    to 1; after it 0 (every product holds that zero). As in torch, ``g`` is cast to x's dtype first.
+    """
+    g, out = g.to(x.dtype), out.to(x.dtype)
+    if x.dim() == 0:
+        return g
+    zero = x == 0
+    seen = zero.cumsum(dim)
+    before, first = seen == 0, zero & (seen == 1)
+    grad = torch.where(before, _reversed_cumsum(g * out, dim) / torch.where(before, x, 1.0), 0.0)
+    skipped = torch.where(first, 1.0, x).cumprod(dim)  # the first zero left out of every product after it
+    return grad + torch.where(first, _reversed_cumsum(g * skipped, dim), 0.0)
+
+
+def _cumulative_select(g: Tensor, out: Any, x: Tensor, dim: int, *, output_index: int = 0) -> Tensor:
+    """cummax / cummin: each running extreme's gradient goes to the index it came from (torch's, ties included)."""
+    if x.dim() == 0:
+        return g
+    return torch.zeros_like(x).scatter_add(dim, out[1], g)
+
+
+def logcumsumexp(g: Tensor, out: Tensor, x: Tensor, dim: int) -> Tensor:
+    """sum_{j >= i} g_j exp(x_i - out_j), the positive and negative parts of g summed in log space (no overflow).
+
+    As torch does, log(0) of a part is the dtype's lowest finite number, not -inf.
+    """
+    if x.dim() == 0:
+        return g
+    lowest = torch.finfo(g.dtype).min
+    log_g = g.abs().log()
+
+    def part(mask: Tensor) -> Tensor:
+        terms = torch.where(mask, log_g, lowest) - out
+        return (terms.flip(dim).logcumsumexp(dim).flip(dim) + x).exp()
+
+    return part(g > 0) - part(g < 0)
+
+
+defop("cumprod", cumprod)
+defop("cummax", _cumulative_select, multi=True)
+defop("cummin", _cumulative_select, multi=True)
+defop("logcumsumexp", logcumsumexp)
+
+
+def nansum(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Tensor:
+    """sum's gradient, none to the NaNs (which the sum skipped)."""
+    return sum_rule(g, out, x, dim, keepdim).masked_fill(x.isnan(), 0)
+
+
+def nanmean(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Tensor:
+    """nansum divided by the number of non-NaN elements along the reduced dimensions."""
+    count = (~x.isnan()).sum(_dims(dim, x.dim()), keepdim=True)
+    return (_unreduce(g, x, dim, keepdim) / count).expand(x.shape).masked_fill(x.isnan(), 0)
+
+
+defop("nansum", nansum)
+defop("nanmean", nanmean)
+
+
+def diff(g: Tensor, out: Tensor, x: Tensor, n: int = 1, dim: int = -1, prepend: Tensor | None = None,
+         append: Tensor | None = None) -> tuple:
+    """n rounds of y[1:] - y[:-1] on cat(prepend, x, append): each element gets the difference it starts less
+    the one it ends; the pieces of the concatenation get their slices."""
+    sizes = [t.shape[dim] if isinstance(t, Tensor) else 0 for t in (prepend, x, append)]
+    shape = list(g.shape)
+    shape[dim] = 1
+    for _ in range(min(n, sum(sizes))):  # (rounds on an already empty difference change nothing)
+        zero = g.new_zeros(shape)
+        g = torch.cat([zero, g], dim) - torch.cat([g, zero], dim)
+    grad_prepend, grad_x, grad_append = g.split(sizes, dim)
+    return (grad_x, None, None, grad_prepend if isinstance(prepend, Tensor) else None,
+            grad_append if isinstance(append, Tensor) else None)
+
+
+defop("diff", diff)
+
+
 def einsum(g: Tensor, out: Tensor, equation: str, *operands: Any) -> tuple:
     """Each operand's gradient is another einsum: the output's gradient contracted with the other operands."""
     as_list = len(operands) == 1 and isinstance(operands[0], (list, tuple))
@@ -629,26 +970,45 @@ defop("einsum", einsum)
 
 def norm(g: Tensor, out: Tensor, x: Tensor, p: Any = "fro", dim: Any = None, keepdim: bool = False,
          dtype: Any = None) -> Tensor:
-    """Euclidean norm only: x / ||x|| (0 where the norm is 0)."""
-    if p not in ("fro", 2, 2.0, None):
-        raise UnsupportedCall(f"norm: only the 2-norm has a rule (got p={p!r})")
-    scale = (_unreduce(g, x, dim, keepdim) / _unreduce(out, x, dim, keepdim))
-    return x * scale.masked_fill(_unreduce(out, x, dim, keepdim) == 0, 0)
+    """The vector p-norm over ``dim`` (every element by default); "fro" is the 2-norm: x / ||x|| (0 where it is 0)."""
+    if p in ("fro", 2, 2.0, None):
+        scale = (_unreduce(g, x, dim, keepdim) / _unreduce(out, x, dim, keepdim))
+        return x * scale.masked_fill(_unreduce(out, x, dim, keepdim) == 0, 0)
+    if isinstance(p, str):
+        raise UnsupportedCall(f"norm: the matrix norm p={p!r} has no rule")
+    return _norm_grad(_unreduce(g, x, dim, keepdim), x, float(p), _unreduce(out, x, dim, keepdim),
+                      _dims(dim, x.dim()))
+
+
+def linalg_norm(g: Tensor, out: Tensor, x: Tensor, ord: Any = None, dim: Any = None, keepdim: bool = False, *,
+                dtype: Any = None) -> Tensor:
+    """Vector norms and the Frobenius norm; the other matrix norms (a numeric ord over two dims) have no rule."""
+    two_dims = (dim is None and x.dim() == 2) or (isinstance(dim, (tuple, list)) and len(dim) == 2)
+    if ord is not None and ord != "fro" and (isinstance(ord, str) or two_dims):
+        raise UnsupportedCall(f"linalg.norm: the matrix norm ord={ord!r} has no rule")
+    return norm(g, out, x, 2 if ord in (None, "fro") else ord, dim, keepdim)
+
+
+def matrix_norm(g: Tensor, out: Tensor, A: Tensor, ord: Any = "fro", dim: Any = (-2, -1), keepdim: bool = False, *,
+                dtype: Any = None) -> Tensor:
+    if ord != "fro":
+        raise UnsupportedCall(f"linalg.matrix_norm: only ord='fro' has a rule (got {ord!r})")
+    return norm(g, out, A, 2, dim, keepdim)
 
 
 defop("norm", norm)
 defop("vector_norm", lambda g, out, x, ord=2, dim=None, keepdim=False, *, dtype=None: norm(
     g, out, x, ord, dim, keepdim), funcs=("linalg.vector_norm",))
+defop("linalg_norm", linalg_norm, auto=False, funcs=("linalg.norm",))
+defop("matrix_norm", matrix_norm, funcs=("linalg.matrix_norm",))
 
 
 def _vector_norm_backward(g: Tensor, x: Tensor, p: float, n: Tensor) -> Tensor:
-    """d ||x||_p / dx with ``g`` and the norm ``n`` kept-dim: torch's norm_backward, for finite p > 0."""
+    """d ||x||_p / dx with ``g`` and the norm ``n`` kept-dim: torch's norm_backward, for finite p != 0."""
     if p == 1:
         return x.sgn() * g
     if p == 2:
         return g * (x / n).masked_fill(n == 0, 0)
-    if p <= 0 or math.isinf(p):
-        raise UnsupportedCall(f"normalize: only finite p > 0 has a rule (got p={p!r})")
     if p < 1:
         return x.sgn() * x.abs().pow(p - 1).masked_fill(x == 0, 0) * g * n.pow(1 - p)
     scaled = x.sgn() * x.abs().pow(p - 1) if p < 2 else x * x.abs().pow(p - 2)
@@ -660,6 +1020,8 @@ def normalize(g: Tensor, out: Tensor, input: Tensor, p: float = 2.0, dim: int = 
 
     Where the norm is below ``eps`` (a zero vector) the denominator is the constant ``eps``: ``g / eps``.
     """
+    if p <= 0 or math.isinf(p):
+        raise UnsupportedCall(f"normalize: only finite p > 0 has a rule (got p={p!r})")
     x = input
     n = x.norm(p, dim, keepdim=True)
     d = n.clamp_min(eps)
@@ -686,6 +1048,80 @@ def cosine_similarity(g: Tensor, out: Tensor, x1: Tensor, x2: Tensor, dim: int =
 
 defop("normalize", normalize)
 defop("cosine_similarity", cosine_similarity)
+
+
+def _norm_grad(g: Tensor, x: Tensor, p: float, n: Tensor, dims: Any) -> Tensor:
+    """d ||x||_p / dx with ``g`` and the norm ``n`` kept-dim: torch's norm_backward, every p.
+
+    NOTE: p = +-inf shares the gradient among the elements tied at the norm, as torch's amax does; p = 0 (a count)
+    has none.
+    """
+    if p == 0:
+        return torch.zeros_like(x)
+    if math.isinf(p):
+        mask = (x.abs() == n) | x.isnan()
+        return x.sgn() * ((g / mask.sum(dims, keepdim=True)) * mask)
+    return _vector_norm_backward(g, x, p, n)
+
+
+def _distance_grad(g: Tensor, diff: Tensor, p: float, dist: Tensor) -> Tensor:
+    """The gradient of one p-distance by its difference vector, as torch's cdist and pdist kernels compute it.
+
+    NOTE: unlike norm's, their inf-norm gradient does not share among ties (each tied element gets all of it),
+    and a distance of 0 gives 0.
+    """
+    if p == 0:
+        return torch.zeros_like(diff)
+    if p == 1:
+        return g * diff.sgn()
+    if math.isinf(p):
+        return g * diff.sgn() * (diff.abs() == dist)
+    if p < 2:  # (|diff|**(p - 2) would be inf at a zero coordinate)
+        scaled = diff.sgn() * diff.abs().pow(p - 1) * g / dist.pow(p - 1)
+        return scaled.masked_fill((dist == 0) | (diff == 0), 0)
+    if p == 2:
+        return (g * diff / dist).masked_fill(dist == 0, 0)
+    return (diff * diff.abs().pow(p - 2) * g / dist.pow(p - 1)).masked_fill(dist == 0, 0)
+
+
+def dist(g: Tensor, out: Tensor, x: Tensor, other: Tensor, p: float = 2) -> tuple:
+    """||x - other||_p over every element (broadcast)."""
+    diff = x - other
+    grad = _norm_grad(g, diff, float(p), out, tuple(range(diff.dim())))
+    return grad, -grad
+
+
+def pairwise_distance(g: Tensor, out: Tensor, x1: Tensor, x2: Tensor, p: float = 2.0, eps: float = 1e-6,
+                      keepdim: bool = False) -> tuple:
+    """||x1 - x2 + eps||_p along the last dimension, torch's formula."""
+    diff = x1 - x2 + eps
+    last = diff.dim() - 1
+    grad = _norm_grad(_unreduce(g, diff, last, keepdim), diff, float(p), _unreduce(out, diff, last, keepdim), (last,))
+    return grad, -grad
+
+
+def cdist(g: Tensor, out: Tensor, x1: Tensor, x2: Tensor, p: float = 2.0, compute_mode: Any = None) -> tuple:
+    """out[..., i, j] = ||x1[..., i, :] - x2[..., j, :]||_p, differentiated through every pair's difference.
+
+    NOTE: with p = 2 and more than 25 rows torch computes through matrix products, whose gradient differs from
+    this one only where two points coincide.
+    """
+    diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
+    grad = _distance_grad(g.unsqueeze(-1), diff, float(p), out.unsqueeze(-1))
+    return grad.sum(-2), -grad.sum(-3)
+
+
+def pdist(g: Tensor, out: Tensor, input: Tensor, p: float = 2) -> Tensor:
+    """The distances between the rows i < j of ``input``, in torch's order (triu_indices)."""
+    rows, cols = torch.triu_indices(input.shape[0], input.shape[0], 1, device=input.device)
+    grad = _distance_grad(g.unsqueeze(-1), input[rows] - input[cols], float(p), out.unsqueeze(-1))
+    return torch.zeros_like(input).index_add(0, rows, grad).index_add(0, cols, -grad)
+
+
+defop("dist", dist)
+defop("pairwise_distance", pairwise_distance)
+defop("cdist", cdist)
+defop("pdist", pdist)
 
 # ---------------------------------------------------------------- shapes and views
 
@@ -858,12 +1294,91 @@ def roll(g: Tensor, out: Tensor, x: Tensor, shifts: Any, dims: Any = None) -> Te
 
 
 defop("roll", roll)
+defop("tile", lambda g, out, x, *dims: repeat(g, out, x, *([1] * (x.dim() - len(_shape_arg(dims)))
+                                                            + list(_shape_arg(dims)))))
+
+
+def repeat_interleave(g: Tensor, out: Tensor, x: Tensor, repeats: Any, dim: int | None = None, *,
+                      output_size: int | None = None) -> Tensor:
+    """Each element's copies are consecutive along ``dim`` (x flattened without one): sum them back."""
+    source = x.reshape(-1) if dim is None else x
+    dim = 0 if dim is None else dim % x.dim()
+    if isinstance(repeats, int):
+        grad = g.unflatten(dim, (source.shape[dim], repeats)).sum(dim + 1)
+    else:
+        index = torch.arange(source.shape[dim], device=g.device).repeat_interleave(repeats.reshape(-1))
+        grad = torch.zeros_like(source, dtype=g.dtype).index_add(dim, index, g)
+    return grad.reshape(x.shape)
+
+
+defop("repeat_interleave", repeat_interleave)
+# selections: each output element is an element of x (broadcast or repeated: _place adds up the copies)
+defop("take_along_dim", lambda g, out, x, indices, dim=None: (
+    _place(g, x, lambda p: torch.take_along_dim(p, indices, dim)), None))
+defop("take", lambda g, out, x, index: (_place(g, x, lambda p: p.take(index)), None))
+defop("unfold", lambda g, out, x, dimension, size, step: _place(g, x, lambda p: p.unfold(dimension, size, step)),
+      auto=False, funcs=("Tensor.unfold",))
+defop("diag", lambda g, out, x, diagonal=0: g.diagonal(diagonal) if x.dim() == 1 else _place(
+    g, x, lambda p: p.diag(diagonal)))
+defop("diag_embed", lambda g, out, x, offset=0, dim1=-2, dim2=-1: g.diagonal(offset, dim1, dim2))
+defop("diagflat", lambda g, out, x, offset=0: g.diagonal(offset).reshape(x.shape))
+defop("narrow_copy", lambda g, out, x, dim, start, length: _place(g, x, lambda p: p.narrow(dim, start, length)))
+defop("rot90", lambda g, out, x, k=1, dims=(0, 1): g.rot90(-k, dims))
+defop("fliplr", lambda g, out, x: g.fliplr())
+defop("flipud", lambda g, out, x: g.flipud())
+for _name in ("atleast_1d", "atleast_2d", "atleast_3d"):
+    defop(_name, _reshape_back)
+
+
+def _stacked(g: Tensor, tensors: Sequence[Tensor], promote: Any, dim: int) -> tuple:
+    """The gradients of a cat of the ``promote``d tensors along ``dim``: each its slice, in its own shape."""
+    grads, offset = [], 0
+    for t in tensors:
+        size = promote(t).shape[dim]
+        grads.append(g.narrow(dim, offset, size).reshape(t.shape))
+        offset += size
+    return (grads,)
+
+
+defop("hstack", lambda g, out, tensors: _stacked(g, tensors, torch.atleast_1d, 0 if out.dim() == 1 else 1))
+defop("vstack", lambda g, out, tensors: _stacked(g, tensors, torch.atleast_2d, 0), funcs=("torch.row_stack",))
+defop("dstack", lambda g, out, tensors: _stacked(g, tensors, torch.atleast_3d, 2))
+defop("column_stack", lambda g, out, tensors: _stacked(
+    g, tensors, lambda t: t.reshape(-1, 1) if t.dim() <= 1 else t, 1))
+# the pieces of tensor_split and its dimension-named forms: each piece's gradient goes back to its slice
+defop("tensor_split", lambda g, out, x, indices_or_sections, dim=0, *, output_index: torch.cat(
+    _pieces(g, out, output_index), dim), multi=True)
+defop("hsplit", lambda g, out, x, sections, *, output_index: torch.cat(
+    _pieces(g, out, output_index), 1 if x.dim() > 1 else 0), multi=True)
+defop("vsplit", lambda g, out, x, sections, *, output_index: torch.cat(_pieces(g, out, output_index), 0), multi=True)
+defop("dsplit", lambda g, out, x, sections, *, output_index: torch.cat(_pieces(g, out, output_index), 2), multi=True)
+
+
+def index_fill(g: Tensor, out: Tensor, x: Tensor, dim: int, index: Tensor, value: Any) -> tuple:
+    grad_value = g.index_select(dim, index).sum() if isinstance(value, Tensor) else None
+    return g.index_fill(dim, index, 0), None, None, grad_value
+
+
+def masked_scatter(g: Tensor, out: Tensor, x: Tensor, mask: Tensor, source: Tensor) -> tuple:
+    """The k-th masked position takes source's k-th element: that element gets its gradient, the rest of source 0."""
+    mask = mask.expand(g.shape).reshape(-1)
+    rank = (mask.cumsum(0) - 1).clamp_min(0)  # the source element each masked position read
+    grad_source = torch.zeros(source.numel(), dtype=g.dtype, device=g.device).scatter_add(
+        0, rank, g.reshape(-1).masked_fill(~mask, 0))
+    return g.masked_fill(mask.view(g.shape), 0), None, grad_source.view(source.shape)
+
+
+defop("index_fill", index_fill)
+defop("index_copy", lambda g, out, x, dim, index, source: (
+    g.index_fill(dim, index, 0), None, None, g.index_select(dim, index)))
+defop("masked_scatter", masked_scatter)
 
 
 def pad(g: Tensor, out: Tensor, x: Tensor, pad: Sequence[int], mode: str = "constant", value: Any = None) -> Tensor:
-    """Constant padding (and cropping): the gradient is the un-padded window of ``g``."""
+    """Constant padding (and cropping): the gradient is the un-padded window of ``g``; reflect, replicate and
+    circular padding copy elements of x, whose copies add up."""
     if mode != "constant":
-        raise UnsupportedCall(f"pad: only mode='constant' has a rule (got {mode!r})")
+        return _place(g, x, lambda positions: F.pad(positions, pad, mode=mode))
     positions = F.pad(torch.arange(x.numel(), device=x.device).view(x.shape), pad, value=-1)
     keep = positions >= 0
     flat = torch.zeros(x.numel(), dtype=g.dtype, device=g.device)
@@ -1072,6 +1587,156 @@ defop("binary_cross_entropy_with_logits", binary_cross_entropy_with_logits)
 defop("binary_cross_entropy", binary_cross_entropy)
 
 
+def _reduction_enum(size_average: Any, reduce: Any, reduction: str) -> int:
+    return _REDUCTION_ENUM[_reduction(size_average, reduce, reduction)]
+
+
+defop("multi_margin_loss", lambda g, out, x, target, p=1, margin=1.0, weight=None, size_average=None, reduce=None,
+      reduction="mean": (aten.multi_margin_loss_backward(g, x, target, p, margin, weight, _reduction_enum(
+          size_average, reduce, reduction)), None, None), auto=False, funcs=("F.multi_margin_loss",))
+
+
+def multilabel_margin_loss(g: Tensor, out: Tensor, x: Tensor, target: Tensor, size_average=None, reduce=None,
+                           reduction: str = "mean") -> tuple:
+    """Torch's kernel, with the is-target mask its forward computes."""
+    mode = _reduction_enum(size_average, reduce, reduction)
+    _, is_target = aten.multilabel_margin_loss_forward(x, target, mode)
+    return aten.multilabel_margin_loss_backward(g, x, target, mode, is_target), None
+
+
+def soft_margin_loss(g: Tensor, out: Tensor, x: Tensor, target: Tensor, size_average=None, reduce=None,
+                     reduction: str = "mean") -> tuple:
+    """log(1 + exp(-target * x)), torch's kernel.
+
+    NOTE: torch declares the target not differentiable (it refuses one that requires grad), so it gets none here
+    either: graph.compare replays the call under torch autograd.
+    """
+    return aten.soft_margin_loss_backward(g, x, target, _reduction_enum(size_average, reduce, reduction)), None
+
+
+def hinge_embedding_loss(g: Tensor, out: Tensor, x: Tensor, target: Tensor, margin: float = 1.0, size_average=None,
+                         reduce=None, reduction: str = "mean") -> tuple:
+    """x where target != -1, plus clamp_min(margin - x, 0) where target != 1 (torch's composite: its clamp
+    passes the gradient at 0)."""
+    per_element = _unreduced_grad(g, _reduction(size_average, reduce, reduction),
+                                  torch.broadcast_shapes(x.shape, target.shape))
+    slope = (target != -1).to(x.dtype) - ((target != 1) & (margin - x >= 0)).to(x.dtype)
+    return per_element * slope, None
+
+
+def margin_ranking_loss(g: Tensor, out: Tensor, input1: Tensor, input2: Tensor, target: Tensor, margin: float = 0.0,
+                        size_average=None, reduce=None, reduction: str = "mean") -> tuple:
+    """clamp_min(-target * (input1 - input2) + margin, 0); the clamp passes the gradient at 0, as torch's."""
+    shape = torch.broadcast_shapes(input1.shape, input2.shape, target.shape)
+    difference = input1 - input2
+    active = _unreduced_grad(g, _reduction(size_average, reduce, reduction), shape) * (
+        -target * difference + margin >= 0)
+    return active * -target, active * target, active * -difference
+
+
+def cosine_embedding_loss(g: Tensor, out: Tensor, input1: Tensor, input2: Tensor, target: Tensor, margin: float = 0.0,
+                          size_average=None, reduce=None, reduction: str = "mean") -> tuple:
+    """1 - cos where target == 1, clamp_min(cos - margin, 0) where target == -1; torch's cos adds 1e-12 to
+    each squared norm."""
+    dim = target.dim()
+    squared1, squared2 = (input1 * input1).sum(dim) + 1e-12, (input2 * input2).sum(dim) + 1e-12
+    denominator = (squared1 * squared2).sqrt()
+    cos = (input1 * input2).sum(dim) / denominator
+    per_element = _unreduced_grad(g, _reduction(size_average, reduce, reduction), cos.shape)
+    grad_cos = per_element * (((target == -1) & (cos - margin >= 0)).to(cos.dtype) - (target == 1).to(cos.dtype))
+    grad_cos, cos = grad_cos.unsqueeze(dim), cos.unsqueeze(dim)
+    return (grad_cos * (input2 / denominator.unsqueeze(dim) - cos * input1 / squared1.unsqueeze(dim)),
+            grad_cos * (input1 / denominator.unsqueeze(dim) - cos * input2 / squared2.unsqueeze(dim)), None)
+
+
+def poisson_nll_loss(g: Tensor, out: Tensor, input: Tensor, target: Tensor, log_input: bool = True,
+                     full: bool = False, size_average=None, eps: float = 1e-8, reduce=None,
+                     reduction: str = "mean") -> tuple:
+    """exp(input) - target * input (or input - target * log(input + eps)), plus Stirling's term where target > 1.
+
+    NOTE: with ``full``, torch's target gradient is NaN where a target is 0 (0 * log 0 in its masked Stirling term).
+    """
+    per_element = _unreduced_grad(g, _reduction(size_average, reduce, reduction),
+                                  torch.broadcast_shapes(input.shape, target.shape))
+    if log_input:
+        grad_input, grad_target = input.exp() - target, -input
+    else:
+        grad_input, grad_target = 1 - target / (input + eps), -(input + eps).log()
+    if full:  # d/dt (t log t - t + log(2 pi t) / 2), only where the term is kept
+        grad_target = grad_target + (target.log() + 0.5 / target).masked_fill(target <= 1, 0).masked_fill(
+            target == 0, math.nan)
+    return per_element * grad_input, per_element * grad_target
+
+
+def gaussian_nll_loss(g: Tensor, out: Tensor, input: Tensor, target: Tensor, var: Any, full: bool = False,
+                      eps: float = 1e-6, reduction: str = "mean") -> tuple:
+    """(log(var) + (input - target)**2 / var) / 2, var clamped to eps without a gradient to the clamp (torch's
+    in-place clamp under no_grad); a var one dimension short is unsqueezed at the end, as torch does."""
+    short = isinstance(var, Tensor) and var.shape != input.shape and input.shape[:-1] == var.shape
+    v = torch.as_tensor(var, dtype=input.dtype, device=input.device)
+    v = (v.unsqueeze(-1) if short else v).clamp(min=eps)
+    difference = input - target
+    per_element = _unreduced_grad(g, reduction, torch.broadcast_shapes(difference.shape, v.shape))
+    grad_input = per_element * (difference / v)
+    grad_var = None
+    if isinstance(var, Tensor):
+        grad_var = per_element * 0.5 * (1 / v - difference.square() / v.square())
+        grad_var = grad_var.sum_to_size(v.shape).squeeze(-1) if short else grad_var
+    return grad_input, -grad_input, grad_var
+
+
+def multilabel_soft_margin_loss(g: Tensor, out: Tensor, input: Tensor, target: Tensor, weight: Tensor | None = None,
+                                size_average=None, reduce=None, reduction: str = "mean") -> tuple:
+    """Binary cross-entropy with logits per class, averaged over the classes (the last dimension)."""
+    reduction = _reduction(size_average, reduce, reduction)
+    classes = input.shape[-1] if input.dim() else 1
+    per_sample = g if reduction != "mean" else g / (input.numel() // max(classes, 1))
+    per_element = (per_sample.unsqueeze(-1) if reduction == "none" and input.dim() else per_sample) / classes
+    w = 1.0 if weight is None else weight
+    grad_weight = None
+    if weight is not None:
+        loss = -(target * F.logsigmoid(input) + (1 - target) * F.logsigmoid(-input))
+        grad_weight = per_element * loss
+    return per_element * (input.sigmoid() - target) * w, per_element * -input * w, grad_weight
+
+
+def triplet_margin_loss(g: Tensor, out: Tensor, anchor: Tensor, positive: Tensor, negative: Tensor,
+                        margin: float = 1.0, p: float = 2, eps: float = 1e-6, swap: bool = False, size_average=None,
+                        reduce=None, reduction: str = "mean") -> tuple:
+    """clamp_min(margin + d(a, p) - d(a, n), 0) with pairwise distances; with ``swap``, d(a, n) is the smaller of
+    d(a, n) and d(p, n) (ties split the gradient, as torch's min)."""
+    def distance(x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        diff = x1 - x2 + eps
+        return diff, torch.linalg.vector_norm(diff, p, -1, keepdim=True)
+
+    diff_ap, d_ap = distance(anchor, positive)
+    diff_an, d_an = distance(anchor, negative)
+    d_neg = d_an
+    if swap:
+        diff_pn, d_pn = distance(positive, negative)
+        d_neg = torch.minimum(d_an, d_pn)
+    shape = torch.broadcast_shapes(d_ap.shape[:-1], d_neg.shape[:-1])
+    active = _unreduced_grad(g, _reduction(size_average, reduce, reduction), shape).unsqueeze(-1) * (
+        margin + d_ap - d_neg >= 0)
+    last = (d_ap.dim() - 1,)
+    grad_ap = _norm_grad(active, diff_ap, float(p), d_ap, last)
+    grad_neg = -active
+    grad_an, grad_pn = minimum(grad_neg, d_neg, d_an, d_pn) if swap else (grad_neg, None)
+    grad_an = _norm_grad(grad_an, diff_an, float(p), d_an, last)
+    grad_a, grad_p, grad_n = grad_ap + grad_an, -grad_ap, -grad_an
+    if swap:
+        grad_pn = _norm_grad(grad_pn, diff_pn, float(p), d_pn, last)
+        grad_p, grad_n = grad_p + grad_pn, grad_n - grad_pn
+    return grad_a, grad_p, grad_n
+
+
+# the F spellings only: torch.* and torch._C._nn.* take the reduction as an int
+for _rule in (multilabel_margin_loss, soft_margin_loss, hinge_embedding_loss, margin_ranking_loss,
+              cosine_embedding_loss, poisson_nll_loss, gaussian_nll_loss, multilabel_soft_margin_loss,
+              triplet_margin_loss):
+    defop(_rule.__name__, _rule, auto=False, funcs=(f"F.{_rule.__name__}",))
+
+
 def embedding(g: Tensor, out: Tensor, input: Tensor, weight: Tensor, padding_idx: int | None = None,
               max_norm: Any = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
               sparse: bool = False) -> tuple:
@@ -1242,6 +1907,69 @@ def avg_pool2d(g, out, x, kernel_size, stride=None, padding=0, ceil_mode=False, 
 
 defop("max_pool2d", max_pool2d, funcs=("torch.max_pool2d",))
 defop("avg_pool2d", avg_pool2d)
+
+
+def _single(v: Any) -> int:
+    return v[0] if isinstance(v, (tuple, list)) else v
+
+
+def _triple(v: Any) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v, v]
+
+
+# the 1-d poolings are torch's 2-d ones on x.unsqueeze(-2), with a kernel of height 1
+def max_pool1d(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False) -> Tensor:
+    stride = kernel_size if stride in (None, []) else stride
+    return max_pool2d(g.unsqueeze(-2), None, x.unsqueeze(-2), [1, _single(kernel_size)], [1, _single(stride)],
+                      [0, _single(padding)], [1, _single(dilation)], ceil_mode).squeeze(-2)
+
+
+def avg_pool1d(g, out, x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True) -> Tensor:
+    stride = kernel_size if stride in (None, []) else stride
+    return avg_pool2d(g.unsqueeze(-2), None, x.unsqueeze(-2), [1, _single(kernel_size)], [1, _single(stride)],
+                      [0, _single(padding)], ceil_mode, count_include_pad).squeeze(-2)
+
+
+def adaptive_max_pool2d(g: Tensor, out: Tensor, x: Tensor, output_size: Any, return_indices: bool = False) -> Tensor:
+    _, indices = aten.adaptive_max_pool2d(x, list(out.shape[-2:]))
+    return aten.adaptive_max_pool2d_backward(g, x, indices)
+
+
+def max_pool3d(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False) -> Tensor:
+    stride = _triple(stride) if stride not in (None, []) else _triple(kernel_size)
+    args = (_triple(kernel_size), stride, _triple(padding), _triple(dilation), ceil_mode)
+    _, indices = aten.max_pool3d_with_indices(x, *args)
+    return aten.max_pool3d_with_indices_backward(g, x, *args, indices)
+
+
+def avg_pool3d(g, out, x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None) -> Tensor:
+    stride = _triple(stride) if stride not in (None, []) else _triple(kernel_size)
+    return aten.avg_pool3d_backward(g, x, _triple(kernel_size), stride, _triple(padding), ceil_mode,
+                                    count_include_pad, divisor_override)
+
+
+defop("max_pool1d", max_pool1d)
+defop("avg_pool1d", avg_pool1d)
+defop("adaptive_avg_pool1d", lambda g, out, x, output_size: aten._adaptive_avg_pool2d_backward(
+    g.unsqueeze(-2), x.unsqueeze(-2)).squeeze(-2))
+defop("adaptive_max_pool2d", adaptive_max_pool2d)
+defop("adaptive_max_pool1d", lambda g, out, x, output_size, return_indices=False: adaptive_max_pool2d(
+    g.unsqueeze(-2), out.unsqueeze(-2), x.unsqueeze(-2), None).squeeze(-2))
+defop("max_pool3d", max_pool3d)
+defop("avg_pool3d", avg_pool3d)
+defop("adaptive_avg_pool3d", lambda g, out, x, output_size: aten._adaptive_avg_pool3d_backward(g, x))
+# im2col and col2im undo each other's gradients; so do the pixel shuffles
+defop("im2col", lambda g, out, x, kernel_size, dilation=1, padding=0, stride=1: F.fold(
+    g, x.shape[-2:], kernel_size, dilation, padding, stride), auto=False, funcs=("F.unfold",))
+defop("fold", lambda g, out, x, output_size, kernel_size, dilation=1, padding=0, stride=1: F.unfold(
+    g, kernel_size, dilation, padding, stride))
+defop("pixel_shuffle", lambda g, out, x, upscale_factor: F.pixel_unshuffle(g, upscale_factor))
+defop("pixel_unshuffle", lambda g, out, x, downscale_factor: F.pixel_shuffle(g, downscale_factor))
+defop("channel_shuffle", lambda g, out, x, groups: F.channel_shuffle(g, x.shape[1] // groups),
+      funcs=("torch.native_channel_shuffle",))
 
 
 def scaled_dot_product_attention(g: Tensor, out: Tensor, query: Tensor, key: Tensor, value: Tensor,

@@ -340,6 +340,33 @@ UNARY: list[tuple[str, Callable[[Tensor], Tensor], Any]] = [
     ("torch.atan({0})", torch.atan, None), ("{0}.sinh()", torch.sinh, 10.0), ("torch.cosh({0})", torch.cosh, 10.0),
     ("{0}.asinh()", torch.asinh, None), ("({0} + 1).acosh()", lambda x: (x + 1).acosh(), "positive"),
     ("{0}.atanh()", torch.atanh, 0.9),
+    ("F.logsigmoid({0})", F.logsigmoid, None), ("F.selu({0})", F.selu, None),
+    ("F.celu({0}, 0.5)", lambda x: F.celu(x, 0.5), None), ("F.softsign({0})", F.softsign, None),
+    ("F.tanhshrink({0})", F.tanhshrink, None), ("F.hardshrink({0})", F.hardshrink, None),
+    ("F.softshrink({0}, 1.0)", lambda x: F.softshrink(x, 1.0), None),
+    ("F.threshold({0}, 0.0, -1.0)", lambda x: F.threshold(x, 0.0, -1.0), None), ("F.rrelu({0})", F.rrelu, None),
+    ("{0}.sigmoid().logit()", lambda x: x.sigmoid().logit(), 10.0),
+    ("torch.special.logit({0}.sigmoid(), eps=0.1)", lambda x: torch.special.logit(x.sigmoid(), eps=0.1), None),
+    ("torch.erfc({0})", torch.erfc, None), ("torch.special.erfc({0})", torch.special.erfc, None),
+    ("{0}.erfinv()", torch.erfinv, 0.9), ("torch.special.erfinv({0})", torch.special.erfinv, 0.9),
+    ("{0}.lgamma()", torch.lgamma, "positive"), ("torch.special.gammaln({0})", torch.special.gammaln, "positive"),
+    ("{0}.digamma()", torch.digamma, "positive"), ("torch.special.psi({0})", torch.special.psi, "positive"),
+    ("torch.polygamma(1, {0})", lambda x: torch.polygamma(1, x), "positive"),
+    ("torch.mvlgamma({0} + 1, 2)", lambda x: torch.mvlgamma(x + 1, 2), "positive"),
+    ("torch.special.multigammaln({0} + 1, 2)", lambda x: torch.special.multigammaln(x + 1, 2), "positive"),
+    ("{0}.exp2()", torch.exp2, 10.0), ("torch.special.exp2({0})", torch.special.exp2, 10.0),
+    ("{0}.deg2rad()", torch.deg2rad, None), ("torch.rad2deg({0})", torch.rad2deg, None),
+    ("{0}.frac()", torch.frac, None), ("{0}.nan_to_num()", torch.nan_to_num, None),
+    ("torch.sinc({0})", torch.sinc, None), ("torch.special.sinc({0})", torch.special.sinc, None),
+    ("torch.special.ndtr({0})", torch.special.ndtr, None),
+    ("torch.special.log_ndtr({0})", torch.special.log_ndtr, None),
+    ("torch.special.ndtri({0}.sigmoid())", lambda x: torch.special.ndtri(x.sigmoid()), 10.0),
+    ("{0}.i0()", torch.i0, 10.0), ("torch.special.i0e({0})", torch.special.i0e, None),
+    ("torch.special.i1({0})", torch.special.i1, 10.0), ("torch.special.i1e({0})", torch.special.i1e, None),
+    ("torch.special.entr({0})", torch.special.entr, "positive"),
+    ("torch.special.expm1({0})", torch.special.expm1, 10.0),
+    ("torch.special.log1p({0})", torch.special.log1p, "positive"),
+    ("torch.special.round({0})", torch.special.round, None),
 ]
 
 
@@ -397,6 +424,14 @@ BINARY: list[tuple[str, Callable[[Tensor, Tensor], Tensor]]] = [
     ("{0}.lerp({1}, {1})", lambda a, c: a.lerp(c, c)),
     ("torch.addcmul({0}, {0}, {1}, value=0.5)", lambda a, c: torch.addcmul(a, a, c, value=0.5)),
     ("torch.addcdiv({1}, {0}, {1}.abs() + 0.5, value=-2)", lambda a, c: torch.addcdiv(c, a, c.abs() + 0.5, value=-2)),
+    ("torch.logaddexp({0}, {1})", torch.logaddexp), ("torch.logaddexp2({0}, {1})", torch.logaddexp2),
+    ("torch.hypot({0}, {1})", torch.hypot), ("torch.copysign({0}, {1})", torch.copysign),
+    ("torch.xlogy({0}, {1}.abs() + 0.5)", lambda a, c: torch.xlogy(a, c.abs() + 0.5)),
+    ("torch.special.xlogy({0}, 2.0) * {1}", lambda a, c: torch.special.xlogy(a, 2.0) * c),
+    ("torch.special.xlog1py({0}, {1}.abs())", lambda a, c: torch.special.xlog1py(a, c.abs())),
+    ("{0} % ({1}.abs() + 0.5)", lambda a, c: a % (c.abs() + 0.5)),
+    ("torch.fmod({0}, {1}.abs() + 0.5)", lambda a, c: torch.fmod(a, c.abs() + 0.5)),
+    ("torch.float_power({0}.abs() + 0.5, {1})", lambda a, c: torch.float_power(a.abs() + 0.5, c)),
 ]
 
 
@@ -1548,6 +1583,199 @@ def pooling(b: Builder) -> int:
                   lambda t: F.adaptive_avg_pool2d(t.reshape(shape), size))
 
 
+# ---------------------------------------------------------------- scans, linear algebra, distances, shapes, pooling,
+# losses: the ops of fixed-shape operands, drawn from one table each (inputs of exactly these shapes)
+
+@gen
+def scans(b: Builder) -> int:
+    """cumprod (zeros from tied leaves), cummax/cummin (ties), logcumsumexp, nansum/nanmean, diff, trace, diag."""
+    x = b.pick()
+    nd = b.value(x).dim()
+    dim = b.choose.integer(-nd, nd - 1) if nd else 0
+    form = b.choose.integer(0, 8)
+    if form == 0:
+        return b.emit(f"{{out}} = {{0}}.cumprod({dim})", [x], lambda t: t.cumprod(dim))
+    if form == 1:
+        return b.emit(f"{{out}} = {{0}}.cummax({dim}).values + torch.cummin({{0}}, {dim})[0]", [x],
+                      lambda t: t.cummax(dim).values + torch.cummin(t, dim)[0])
+    if form == 2:
+        return b.emit(f"{{out}} = {{0}}.logcumsumexp({dim})", [x], lambda t: t.logcumsumexp(dim))
+    if form == 3:
+        name, keepdim = b.choose.choice(["nansum", "nanmean"]), b.choose.boolean()
+        dims = _dims(b, nd)
+        return b.emit(f"{{out}} = torch.{name}({{0}}, {dims}, keepdim={keepdim})", [x],
+                      lambda t: getattr(torch, name)(t, dims, keepdim=keepdim))
+    if form == 4 and nd:
+        n = b.choose.integer(1, 2)
+        return b.emit(f"{{out}} = torch.diff({{0}}, {n}, {dim}, prepend={{0}}.narrow({dim}, 0, 1))", [x],
+                      lambda t: torch.diff(t, n, dim, prepend=t.narrow(dim, 0, 1)))
+    m = b.pick(2, 2)
+    if form == 5:
+        return b.emit("{out} = {0}.trace()", [m], lambda t: t.trace())
+    offset = b.choose.integer(-1, 1)
+    if form == 6:
+        return b.emit(f"{{out}} = torch.diag({{0}}, {offset})", [m], lambda t: torch.diag(t, offset))
+    v = b.pick(1, 2)
+    if form == 7:
+        return b.emit(f"{{out}} = torch.diag_embed({{0}}, {offset})", [v], lambda t: torch.diag_embed(t, offset))
+    return b.emit(f"{{out}} = torch.diagflat({{0}}, {offset})", [v], lambda t: torch.diagflat(t, offset))
+
+
+def _well_conditioned(t: Tensor) -> Tensor:
+    """Diagonally dominant with a positive diagonal: invertible, positive determinant."""
+    return 4 * torch.eye(t.shape[-1], dtype=t.dtype) + t.tanh()
+
+
+M = "(4 * torch.eye({n}) + {i}.tanh())"  # how _well_conditioned prints
+
+# (code, function, input shapes): operands of exactly these shapes, live tensors or new leaves
+FIXED: dict[str, list[tuple[str, Callable[..., Tensor], list[tuple[int, ...]]]]] = {
+    "linear_algebra": [
+        (f"torch.linalg.det({M.format(n=3, i='{0}')})", lambda a: torch.linalg.det(_well_conditioned(a)), [(3, 3)]),
+        (f"torch.det({M.format(n=2, i='{0}')})", lambda a: torch.det(_well_conditioned(a)), [(2, 2, 2)]),
+        (f"torch.linalg.slogdet({M.format(n=3, i='{0}')}).logabsdet",
+         lambda a: torch.linalg.slogdet(_well_conditioned(a)).logabsdet, [(3, 3)]),
+        (f"torch.logdet({M.format(n=2, i='{0}')})", lambda a: torch.logdet(_well_conditioned(a)), [(3, 2, 2)]),
+        (f"torch.linalg.inv({M.format(n=3, i='{0}')})", lambda a: torch.linalg.inv(_well_conditioned(a)), [(3, 3)]),
+        (f"{M.format(n=2, i='{0}')}.inverse()", lambda a: _well_conditioned(a).inverse(), [(2, 2, 2)]),
+        (f"torch.linalg.solve({M.format(n=3, i='{0}')}, {{1}})", lambda a, c: torch.linalg.solve(
+            _well_conditioned(a), c), [(3, 3), (3, 2)]),
+        (f"torch.linalg.solve({M.format(n=3, i='{0}')}, {{1}})", lambda a, c: torch.linalg.solve(
+            _well_conditioned(a), c), [(2, 3, 3), (3,)]),
+        (f"torch.linalg.solve({M.format(n=3, i='{0}')}, {{1}}, left=False)", lambda a, c: torch.linalg.solve(
+            _well_conditioned(a), c, left=False), [(3, 3), (2, 3)]),
+        ("torch.addmv({0}, {1}, {2}, beta=0.5)", lambda i, m, v: torch.addmv(i, m, v, beta=0.5), [(4,), (4, 3), (3,)]),
+        ("{0}.addr({1}, {2}, alpha=2)", lambda i, u, v: i.addr(u, v, alpha=2), [(4, 3), (4,), (3,)]),
+        ("torch.tensordot({0}, {1}, dims=([2, 0], [0, 1]))", lambda a, c: torch.tensordot(a, c, dims=([2, 0], [0, 1])),
+         [(3, 2, 4), (4, 3, 2)]),
+        ("torch.tensordot({0}, {1}, 1)", lambda a, c: torch.tensordot(a, c, 1), [(2, 3), (3, 4)]),
+        ("torch.linalg.cross({0}, {1})", torch.linalg.cross, [(4, 3), (1, 3)]),
+        ("torch.cross({0}, {1}, dim=0)", lambda a, c: torch.cross(a, c, dim=0), [(3, 2), (3, 2)]),
+        ("F.bilinear({0}, {1}, {2}, {3})", F.bilinear, [(4, 3), (4, 2), (2, 3, 2), (2,)]),
+    ],
+    "distances": [
+        ("torch.linalg.vector_norm({0}, 1, dim=1)", lambda t: torch.linalg.vector_norm(t, 1, dim=1), [(4, 3)]),
+        ("torch.linalg.vector_norm({0}, 3)", lambda t: torch.linalg.vector_norm(t, 3), [(2, 3)]),
+        ("torch.linalg.vector_norm({0}, 0.5, dim=0)", lambda t: torch.linalg.vector_norm(t, 0.5, dim=0), [(4, 3)]),
+        ("{0}.norm(float('inf'), dim=-1)", lambda t: t.norm(float("inf"), dim=-1), [(3, 4)]),
+        ("{0}.norm(p=1.5, dim=(0, 1), keepdim=True)", lambda t: t.norm(p=1.5, dim=(0, 1), keepdim=True), [(2, 3)]),
+        ("torch.linalg.norm({0}, 3, dim=0)", lambda t: torch.linalg.norm(t, 3, dim=0), [(4, 3)]),
+        ("torch.linalg.matrix_norm({0})", torch.linalg.matrix_norm, [(2, 3, 3)]),
+        ("torch.dist({0}, {1}, 1.5)", lambda a, c: torch.dist(a, c, 1.5), [(4, 3), (3,)]),
+        ("F.pairwise_distance({0}, {1})", F.pairwise_distance, [(4, 3), (1, 3)]),
+        ("F.pairwise_distance({0}, {1}, 1.0, keepdim=True)", lambda a, c: F.pairwise_distance(a, c, 1.0, keepdim=True),
+         [(4, 3), (4, 3)]),
+        ("torch.cdist({0}, {1})", torch.cdist, [(4, 3), (2, 3)]),
+        ("torch.cdist({0}, {1}, p=1.5)", lambda a, c: torch.cdist(a, c, p=1.5), [(2, 4, 3), (2, 3)]),
+        ("torch.cdist({0}, {1}, p=float('inf'))", lambda a, c: torch.cdist(a, c, p=float("inf")), [(3, 2), (3, 2)]),
+        ("F.pdist({0})", F.pdist, [(4, 3)]),
+        ("F.pdist({0}, 0.5)", lambda t: F.pdist(t, 0.5), [(3, 2)]),
+    ],
+    "shapes": [
+        ("{0}.tile(2, 1)", lambda t: t.tile(2, 1), [(3, 2)]),
+        ("torch.tile({0}, (2,))", lambda t: torch.tile(t, (2,)), [(2, 3)]),
+        ("{0}.repeat_interleave(2, dim=1)", lambda t: t.repeat_interleave(2, dim=1), [(3, 2)]),
+        ("torch.repeat_interleave({0}, torch.tensor([2, 0, 1]), dim=0)",
+         lambda t: torch.repeat_interleave(t, torch.tensor([2, 0, 1]), dim=0), [(3, 2)]),
+        ("torch.repeat_interleave({0}, 2)", lambda t: torch.repeat_interleave(t, 2), [(2, 2)]),
+        ("torch.take_along_dim({0}, torch.tensor([[0, 2, 2], [1, 1, 0]]), 1)",
+         lambda t: torch.take_along_dim(t, torch.tensor([[0, 2, 2], [1, 1, 0]]), 1), [(2, 3)]),
+        ("{0}.take(torch.tensor([0, 5, 5]))", lambda t: t.take(torch.tensor([0, 5, 5])), [(2, 3)]),
+        ("{0}.unfold(1, 2, 1)", lambda t: t.unfold(1, 2, 1), [(2, 4)]),
+        ("{0}.rot90(1, (0, 1))", lambda t: t.rot90(1, (0, 1)), [(2, 3)]),
+        ("{0}.fliplr() + {0}.flipud()", lambda t: t.fliplr() + t.flipud(), [(3, 3)]),
+        ("{0}.narrow_copy(0, 1, 2)", lambda t: t.narrow_copy(0, 1, 2), [(3, 2)]),
+        ("torch.atleast_2d({0}) + torch.atleast_1d({0}) + torch.atleast_3d({0})",
+         lambda t: torch.atleast_2d(t) + torch.atleast_1d(t) + torch.atleast_3d(t), [()]),
+        ("torch.hstack([{0}, {1}])", lambda a, c: torch.hstack([a, c]), [(2, 3), (2, 1)]),
+        ("torch.vstack([{0}, {1}])", lambda a, c: torch.vstack([a, c]), [(3,), (2, 3)]),
+        ("torch.row_stack([{0}, {0}])", lambda a: torch.row_stack([a, a]), [(2, 3)]),
+        ("torch.dstack([{0}, {1}])", lambda a, c: torch.dstack([a, c]), [(2, 3), (2, 3)]),
+        ("torch.column_stack([{0}, {1}])", lambda a, c: torch.column_stack([a, c]), [(3,), (3, 2)]),
+        ("{0}.tensor_split(2, dim=1)[1]", lambda t: t.tensor_split(2, dim=1)[1], [(2, 3)]),
+        ("torch.hsplit({0}, [1])[1]", lambda t: torch.hsplit(t, [1])[1], [(2, 3)]),
+        ("torch.vsplit({0}, 2)[0]", lambda t: torch.vsplit(t, 2)[0], [(4, 3)]),
+        ("torch.dsplit({0}, [1])[0]", lambda t: torch.dsplit(t, [1])[0], [(2, 2, 3)]),
+        ("{0}.index_fill(1, torch.tensor([0, 2]), {1})", lambda t, v: t.index_fill(1, torch.tensor([0, 2]), v),
+         [(2, 3), ()]),
+        ("{0}.index_copy(0, torch.tensor([2, 0]), {1})", lambda t, s: t.index_copy(0, torch.tensor([2, 0]), s),
+         [(3, 2), (2, 2)]),
+        ("{0}.masked_scatter(torch.tensor([True, False, True]), {1})",
+         lambda t, s: t.masked_scatter(torch.tensor([True, False, True]), s), [(2, 3), (3, 2)]),
+        ("F.prelu({0}, {1})", F.prelu, [(2, 3, 2), (3,)]),
+        ("F.prelu({0}, {1})", F.prelu, [(4,), (1,)]),
+        ("F.glu({0}, 0)", lambda t: F.glu(t, 0), [(4, 3)]),
+        ("F.glu({0})", F.glu, [(3, 2)]),
+    ],
+    "image": [
+        ("F.max_pool1d({0}, 2, 1)", lambda t: F.max_pool1d(t, 2, 1), [(2, 2, 4)]),
+        ("F.max_pool1d({0}, 3, padding=1, ceil_mode=True)", lambda t: F.max_pool1d(t, 3, padding=1, ceil_mode=True),
+         [(1, 2, 5)]),
+        ("F.avg_pool1d({0}, 2, padding=1)", lambda t: F.avg_pool1d(t, 2, padding=1), [(2, 2, 4)]),
+        ("F.adaptive_avg_pool1d({0}, 3)", lambda t: F.adaptive_avg_pool1d(t, 3), [(1, 2, 5)]),
+        ("F.adaptive_max_pool1d({0}, 2)", lambda t: F.adaptive_max_pool1d(t, 2), [(2, 2, 4)]),
+        ("F.adaptive_max_pool2d({0}, (2, 1))", lambda t: F.adaptive_max_pool2d(t, (2, 1)), [(1, 2, 3, 3)]),
+        ("F.max_pool3d({0}, 2)", lambda t: F.max_pool3d(t, 2), [(1, 1, 2, 2, 4)]),
+        ("F.avg_pool3d({0}, 2, 1)", lambda t: F.avg_pool3d(t, 2, 1), [(1, 1, 2, 3, 3)]),
+        ("F.adaptive_avg_pool3d({0}, (1, 2, 2))", lambda t: F.adaptive_avg_pool3d(t, (1, 2, 2)), [(1, 2, 2, 3, 3)]),
+        ("F.unfold({0}, 2, padding=1)", lambda t: F.unfold(t, 2, padding=1), [(1, 2, 3, 3)]),
+        ("F.fold({0}, (3, 3), 2)", lambda t: F.fold(t, (3, 3), 2), [(1, 8, 4)]),
+        ("F.pixel_shuffle({0}, 2)", lambda t: F.pixel_shuffle(t, 2), [(1, 4, 2, 3)]),
+        ("F.pixel_unshuffle({0}, 2)", lambda t: F.pixel_unshuffle(t, 2), [(1, 1, 2, 4)]),
+        ("F.channel_shuffle({0}, 2)", lambda t: F.channel_shuffle(t, 2), [(1, 4, 2, 1)]),
+        ("F.pad({0}, (1, 2), mode='reflect')", lambda t: F.pad(t, (1, 2), mode="reflect"), [(2, 2, 3)]),
+        ("F.pad({0}, (1, 0, 2, 1), mode='replicate')", lambda t: F.pad(t, (1, 0, 2, 1), mode="replicate"),
+         [(1, 2, 2, 3)]),
+        ("F.pad({0}, (2, 1), mode='circular')", lambda t: F.pad(t, (2, 1), mode="circular"), [(1, 2, 3)]),
+    ],
+    "margin_losses": [
+        (f"F.multi_margin_loss({{0}}, torch.tensor([0, 2, 2, 1]), p={p}, reduction={red!r})",
+         lambda t, p=p, red=red: F.multi_margin_loss(t, torch.tensor([0, 2, 2, 1]), p=p, reduction=red), [(4, 3)])
+        for p, red in ((1, "mean"), (2, "none"))
+    ] + [
+        ("F.multilabel_margin_loss({0}, torch.tensor([[2, 0, -1], [1, -1, 0]]))",
+         lambda t: F.multilabel_margin_loss(t, torch.tensor([[2, 0, -1], [1, -1, 0]])), [(2, 3)]),
+        ("F.soft_margin_loss({0}, torch.tensor([1.0, -1.0, 1.0]), reduction='sum')",  # (torch: no target gradient)
+         lambda t: F.soft_margin_loss(t, torch.tensor([1.0, -1.0, 1.0], dtype=t.dtype), reduction="sum"), [(2, 3)]),
+        ("F.hinge_embedding_loss({0}, torch.tensor([1.0, -1.0, -1.0]), reduction='none')",
+         lambda t: F.hinge_embedding_loss(t, torch.tensor([1.0, -1.0, -1.0], dtype=t.dtype), reduction="none"),
+         [(2, 3)]),
+        ("F.margin_ranking_loss({0}, {1}, {2})", F.margin_ranking_loss, [(4,), (4,), (4,)]),
+        ("F.cosine_embedding_loss({0}, {1}, torch.tensor([1.0, -1.0]), 0.1)",
+         lambda a, c: F.cosine_embedding_loss(a, c, torch.tensor([1.0, -1.0], dtype=a.dtype), 0.1), [(2, 3), (2, 3)]),
+        ("F.poisson_nll_loss({0}, {1}.abs(), reduction='sum')",
+         lambda a, c: F.poisson_nll_loss(a, c.abs(), reduction="sum"), [(2, 3), (2, 3)]),
+        ("F.poisson_nll_loss({0}.abs() + 0.5, {1}.abs() * 2, log_input=False, full=True)",
+         lambda a, c: F.poisson_nll_loss(a.abs() + 0.5, c.abs() * 2, log_input=False, full=True), [(2, 3), (2, 3)]),
+        ("F.gaussian_nll_loss({0}, {1}, {2}.abs() + 0.1)", lambda a, c, v: F.gaussian_nll_loss(a, c, v.abs() + 0.1),
+         [(2, 3), (2, 3), (2, 3)]),
+        ("F.gaussian_nll_loss({0}, {1}, {2}.abs() + 0.1, reduction='none')",
+         lambda a, c, v: F.gaussian_nll_loss(a, c, v.abs() + 0.1, reduction="none"), [(2, 3), (2, 3), (2,)]),
+        ("F.multilabel_soft_margin_loss({0}, {1}.sigmoid())",
+         lambda a, c: F.multilabel_soft_margin_loss(a, c.sigmoid()), [(2, 3), (2, 3)]),
+        ("F.triplet_margin_loss({0}, {1}, {2}, swap=True)",
+         lambda a, c, d: F.triplet_margin_loss(a, c, d, swap=True), [(2, 3), (2, 3), (2, 3)]),
+        ("F.triplet_margin_loss({0}, {1}, {2}, p=1, reduction='none')",
+         lambda a, c, d: F.triplet_margin_loss(a, c, d, p=1, reduction="none"), [(2, 3), (2, 3), (2, 3)]),
+    ],
+}
+
+
+def _fixed(table: str) -> Callable[[Builder], int]:
+    def generate(b: Builder) -> int:
+        code, fn, shapes = b.choose.choice(FIXED[table])
+        inputs = [b.pick(shape=shape) for shape in shapes]
+        return b.emit("{out} = " + code, inputs, fn)
+
+    generate.__name__ = table
+    generate.__doc__ = f"One op of FIXED[{table!r}], on operands of its shapes."
+    return gen(generate)
+
+
+for _table in FIXED:
+    _fixed(_table)
+
+
 # ---------------------------------------------------------------- in-place updates of intermediates
 
 INPLACE: list[tuple[str, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = [
@@ -1594,7 +1822,7 @@ def inplace(b: Builder) -> int:
 # generators that cover many ops (table rows, call forms) are drawn more often, so each op gets its share
 WEIGHTS = {"unary": 12, "binary": 5, "inplace": 3, "reduce_select": 2, "reduce_other": 2, "transpose": 2,
            "casts": 2, "scatter_gather": 2, "slicing": 2, "regression_loss": 2, "classification_loss": 2,
-           "pooling": 2, "matmul": 2, "clamp": 2}
+           "pooling": 2, "matmul": 2, "clamp": 2, "shapes": 2, "image": 2, "margin_losses": 2}
 
 
 def build(choose: Chooser, max_steps: int = 6, only: str | None = None) -> Program:

@@ -361,6 +361,13 @@ def nn_cases():
     yield from loss_cases()
     yield from pointwise_cases()
     yield from resampling_cases()
+    yield from activation_cases()
+    yield from scan_cases()
+    yield from linalg_cases()
+    yield from distance_cases()
+    yield from more_shape_cases()
+    yield from image_cases()
+    yield from more_loss_cases()
 
 
 def _affine(layer):
@@ -507,6 +514,300 @@ def norm_cases():
         r(3, 4, seed=7), r(3, 4, seed=8)]
 
 
+# ---------------------------------------------------------------- the rules added with the second batch of ops
+
+
+def _with_zeros():
+    """cumprod's inputs: zeros first, in the middle, repeated, last."""
+    return torch.tensor([[1.5, 0.0, 2.0, 0.0, 3.0], [0.0, 2.0, -1.0, 0.5, 2.0], [2.0, 3.0, -1.0, 0.5, 0.0],
+                         [0.7, -1.2, 0.9, 1.1, -0.4]], dtype=D)
+
+
+def _spd(n, seed=0, batch=()):
+    """A well-conditioned matrix (positive definite when symmetric)."""
+    x = r(*batch, n, n, seed=seed)
+    return x + 3 * torch.eye(n, dtype=D)
+
+
+ACTIVATIONS = {  # unary, on r(4, 5) and a 0-d input
+    "logsigmoid": lambda x: F.logsigmoid(x),
+    "selu": lambda x: F.selu(x),
+    "celu": lambda x: F.celu(x, alpha=0.7),
+    "softsign": lambda x: F.softsign(x),
+    "tanhshrink": lambda x: F.tanhshrink(x),
+    "hardshrink": lambda x: F.hardshrink(x, 0.3),
+    "softshrink": lambda x: F.softshrink(x) + torch.nn.Softshrink(0.2)(x),
+    "threshold": lambda x: F.threshold(x, 0.1, -2.0),
+    "rrelu_eval": lambda x: F.rrelu(x, 0.1, 0.3),
+    "erfc": lambda x: torch.erfc(x) + torch.special.erfc(x * 2),
+    "erfinv": lambda x: (x.tanh() * 0.9).erfinv(),
+    "exp2": lambda x: x.exp2() + torch.special.exp2(x * 0.5),
+    "deg2rad_rad2deg": lambda x: x.deg2rad().sin() + torch.rad2deg(x),
+    "frac": lambda x: x.frac() * x,
+    "sinc": lambda x: torch.sinc(x) + torch.special.sinc(x * 0.3),
+    "ndtr": lambda x: torch.special.ndtr(x) + torch.special.log_ndtr(x),
+    "ndtri": lambda x: torch.special.ndtri(x.sigmoid()),
+    "logit": lambda x: x.sigmoid().logit() + torch.special.logit(x.sigmoid() * 0.5, eps=0.2),
+    "bessel_i": lambda x: x.i0() + torch.special.i0e(x) + torch.special.i1(x) + torch.special.i1e(x),
+    "special_aliases": lambda x: torch.special.expm1(x) + torch.special.log1p(x.exp()) + x * torch.special.round(x),
+    "nan_to_num_finite": lambda x: x.nan_to_num() * x,
+}
+
+POSITIVE_ACTIVATIONS = {  # unary, on positive inputs
+    "lgamma": lambda x: x.lgamma() + torch.special.gammaln(x * 2),
+    "digamma": lambda x: torch.digamma(x) + torch.special.psi(x) + torch.special.digamma(x * 2),
+    "polygamma": lambda x: torch.polygamma(1, x) + x.polygamma(2) + torch.special.polygamma(0, x),
+    "mvlgamma": lambda x: torch.mvlgamma(x + 1, 2) + torch.special.multigammaln(x + 2, 3),
+    "entr": lambda x: torch.special.entr(x),
+}
+
+BINARY_NEW = {  # over the broadcasting shape matrix
+    "logaddexp": lambda a, b: torch.logaddexp(a, b) + torch.logaddexp2(b, a),
+    "hypot": lambda a, b: torch.hypot(a, b),
+    "xlogy": lambda a, b: torch.xlogy(a, b.abs() + 0.5) + torch.special.xlog1py(b, a.abs()),
+    "remainder_fmod": lambda a, b: a % (b.abs() + 0.5) + torch.fmod(a, b.abs() + 0.5),
+}
+
+
+def activation_cases():
+    for name, fn in ACTIVATIONS.items():
+        for shape in [(), (4, 5)]:
+            yield f"{name}-{shape}", fn, [r(*shape, seed=3)]
+    for name, fn in POSITIVE_ACTIVATIONS.items():
+        for shape in [(), (4, 5)]:
+            yield f"{name}-{shape}", fn, [r(*shape, positive=True, seed=4)]
+    for (name, fn), (sa, sb) in itertools.product(BINARY_NEW.items(), [((4, 5), (4, 5)), ((4, 1), (5,)), ((), (4, 5))]):
+        yield f"{name}-{sa}-{sb}", fn, [r(*sa, seed=1), r(*sb, seed=2)]
+    yield "prelu", lambda x, w: F.prelu(x, w), [r(2, 3, 4, seed=1), r(3, seed=2)]
+    yield "prelu_shared_1d", lambda x, w: F.prelu(x, w), [r(5, seed=3), r(1, seed=4)]
+    yield "prelu_module_4d", lambda x: _PRELU(x), [r(2, 3, 2, 2, seed=5)]
+    yield "glu", lambda x: F.glu(x), [r(3, 4, seed=1)]
+    yield "glu_dim0", lambda x: F.glu(x, 0) + torch.nn.GLU(1)(x.T).T.sum(), [r(4, 6, seed=2)]
+    yield "copysign", lambda a, b: torch.copysign(a, b) + a.copysign(-1.0), [r(4, 5, seed=1), r(5, seed=2)]
+    yield "float_power", lambda a, b: torch.float_power(a.abs() + 0.5, b) + a.float_power(2), [
+        r(4, 5, seed=1), r(5, seed=2)]
+    yield "remainder_scalar", lambda a: a % 0.7 + torch.remainder(a, -0.4), [r(4, 5, seed=1)]
+    special = torch.tensor([[0.0, -0.3, 0.3, 2.0], [float("nan"), float("inf"), -float("inf"), 0.1]], dtype=D)
+    # torch's conventions at these points: 0 for a replaced NaN/inf, the limit at 0, 0 where x == 0
+    yield "nonsmooth_nan_to_num", lambda x: torch.nan_to_num(x, nan=1.0, posinf=2.0) * 3, [special]
+    zeros = torch.tensor([[0.0, -0.3, 0.3, 2.0], [0.0, 1.0, -0.0, 0.1]], dtype=D)
+    yield "nonsmooth_at_zero", lambda x: torch.sinc(x) + torch.xlogy(x, 2.0) + torch.copysign(x, -1.0) + (
+        torch.special.i1(x) + torch.special.i1e(x)), [zeros]
+    below = torch.tensor([[-0.5, 1.0, 2.0, 3.0], [-1.0, 0.5, -2.0, 1.0]], dtype=D)  # y <= 0 (-1) where x == 0: 0
+    yield "nonsmooth_xlogy_at_zero", lambda x: torch.xlogy(x, below) + torch.special.xlog1py(x, below - 1), [zeros]
+    yield "nonsmooth_shrink_kinks", lambda x: F.hardshrink(x, 0.3) + F.softshrink(x, 0.3) + F.threshold(x, 0.1, 5.0), [
+        torch.tensor([[0.3, -0.3, 0.1, 0.0], [1.0, -1.0, 0.2, 0.5]], dtype=D)]
+
+
+_PRELU = _affine(torch.nn.PReLU(3))
+
+
+def scan_cases():
+    """cumprod (with zeros), cummax/cummin (with ties), logcumsumexp, nansum/nanmean, diff, trace, diag."""
+    x, zeros = r(4, 5, seed=5), _with_zeros()
+    yield "cumprod", lambda x: x.cumprod(1), [x]
+    yield "cumprod_dim0_dtype", lambda x: torch.cumprod(x, 0, dtype=D), [x]
+    yield "cumprod_zeros", lambda x: x.cumprod(1) + x.cumprod(dim=0), [zeros]  # smooth (a polynomial)
+    yield "cumprod_0d", lambda x: x.cumprod(0), [r(seed=1)]
+    yield "cummax", lambda x: x.cummax(1).values + torch.cummin(x, 0)[0], [distinct(4, 5)]
+    yield "cummax_0d", lambda x: x.cummax(0).values * x.cummin(-1).values, [r(seed=2)]
+    yield "logcumsumexp", lambda x: x.logcumsumexp(1) + torch.logcumsumexp(x * 30, dim=0), [x]
+    yield "nansum_nanmean", lambda x: x.nansum() + x.nansum(1, keepdim=True) * x.nanmean(0) + x.nanmean(), [x]
+    with_nan = r(4, 5, seed=6)
+    with_nan[1, 2] = with_nan[3, 0] = float("nan")
+    yield "nonsmooth_nansum_nan", lambda x: x.nansum(0) + x.nanmean(1).sum() + torch.nanmean(x, (0, 1)), [with_nan]
+    yield "diff", lambda x: x.diff() + torch.diff(x, n=2, dim=0).sum(), [x]
+    yield "diff_to_empty", lambda x: torch.diff(x, n=2, dim=0, prepend=x[:1]) * 2 + torch.diff(x[:2], 3, 0).sum(), [
+        r(2, 3, seed=9)]
+    yield "diff_prepend_append", lambda x, p, a: torch.diff(x, dim=1, prepend=p, append=a), [
+        x, r(4, 2, seed=7), r(4, 1, seed=8)]
+    yield "trace", lambda x: x.trace() + torch.trace(x.T @ x), [x]
+    yield "diag", lambda x: x.diag() + torch.diag(x, 1).sum() + torch.diag(x[0], -1).sum(), [x]
+    yield "diag_embed_diagflat", lambda x: torch.diag_embed(x).sum(0) + torch.diag_embed(x, 1, 0, 2).sum(1)[:5, :5] + (
+        torch.diagflat(x[:2], -1)[:5, :5]), [r(4, 5, seed=9)]
+
+
+TIED_NEW = {
+    "cummax_ties": lambda x: x.cummax(1).values + x.cummin(0).values.sum(),  # the returned index takes it
+    "cumprod_zero_ties": lambda x: (x - 2).cumprod(1),  # 0s where x was 2
+    "sinc_at_integers": lambda x: torch.sinc(x) + torch.sinc(x - 3),
+}
+
+
+def linalg_cases():
+    a, b = _spd(4, seed=1), _spd(4, seed=2, batch=(2,))
+    yield "det", lambda a: torch.linalg.det(a) + a.det(), [a]
+    yield "det_batched", lambda b: torch.det(b), [b]
+    singular = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 1.0, 5.0]], dtype=D)
+    yield "nonsmooth_det_singular", lambda a: torch.linalg.det(a) * 2, [singular]  # torch: 0, not the adjugate
+    yield "slogdet", lambda a: torch.linalg.slogdet(a).logabsdet + torch.slogdet(a * -1)[1], [a]
+    yield "logdet", lambda b: torch.logdet(b) + b.logdet(), [b]
+    yield "inverse", lambda a: torch.linalg.inv(a) + a.inverse() + torch.inverse(a), [a]
+    yield "inverse_batched", lambda b: torch.linalg.inv(b), [b]
+    yield "solve", lambda a, c: torch.linalg.solve(a, c), [a, r(4, 3, seed=3)]
+    yield "solve_vector_batched", lambda b, c: torch.linalg.solve(b, c), [b, r(4, seed=4)]
+    yield "solve_right_broadcast", lambda b, c: torch.linalg.solve(b, c, left=False), [b, r(3, 4, seed=5)]
+    yield "addmv", lambda i, m, v: torch.addmv(i, m, v, beta=0.5, alpha=2.0) + i.addmv(m, v), [
+        r(4, seed=1), r(4, 3, seed=2), r(3, seed=3)]
+    yield "addr", lambda i, u, v: torch.addr(i, u, v) + i.addr(u, v, alpha=-1.5), [r(1, 3, seed=1), r(4, seed=2),
+                                                                                    r(3, seed=3)]
+    yield "tensordot", lambda a, b: torch.tensordot(a, b, dims=([2, 0], [0, 1])), [r(3, 2, 4, seed=1),
+                                                                                  r(4, 3, 5, seed=2)]
+    yield "tensordot_int", lambda a, b: torch.tensordot(a, b, 1) + torch.tensordot(a, b.sum(-1, keepdim=True), dims=0
+                                                                                   ).sum((2, 3))[:, :2], [
+        r(3, 4, seed=1), r(4, 2, seed=2)]
+    yield "cross", lambda a, b: torch.linalg.cross(a, b) + torch.cross(a, b, dim=1), [r(4, 3, seed=1), r(1, 3, seed=2)]
+    yield "cross_default_dim", lambda a, b: torch.cross(a, b), [r(3, 4, seed=1), r(3, 4, seed=2)]
+    yield "bilinear", lambda x1, x2, w, b: F.bilinear(x1, x2, w, b), [r(4, 3, seed=1), r(4, 2, seed=2),
+                                                                       r(5, 3, 2, seed=3), r(5, seed=4)]
+    yield "bilinear_module_3d", lambda x1, x2: _BILINEAR(x1, x2), [r(2, 4, 3, seed=1), r(2, 4, 2, seed=2)]
+
+
+_BILINEAR = _affine(torch.nn.Bilinear(3, 2, 4))
+
+
+def distance_cases():
+    """p-norms, dist, pairwise_distance, cdist and pdist for p = 0, 1, 0.5, 1.5, 2, 3 and inf."""
+    x, y = r(4, 5, seed=1), r(3, 5, seed=2)
+    yield "vector_norm_p", lambda x: torch.linalg.vector_norm(x, 1) + torch.linalg.vector_norm(x, 3, dim=1).sum() + (
+        torch.linalg.vector_norm(x, 0.5, dim=(0, 1), keepdim=True) + torch.linalg.vector_norm(x, -1.5, 0).sum()), [x]
+    yield "vector_norm_inf", lambda x: torch.linalg.vector_norm(x, float("inf"), dim=1) + (
+        torch.linalg.vector_norm(x, -float("inf"))), [distinct(4, 5, seed=1) - 0.5]
+    yield "norm_p", lambda x: x.norm(p=1) + torch.norm(x, 3, dim=0).sum() + x.norm(0) + x.norm(float("inf")), [x]
+    yield "linalg_norm", lambda x: torch.linalg.norm(x) + torch.linalg.norm(x, 3, dim=1).sum() + torch.linalg.norm(
+        x, "fro") + torch.linalg.norm(x[0], 1) + torch.linalg.matrix_norm(x, keepdim=True).sum(), [x]
+    yield "dist", lambda a, b: torch.dist(a, b) + torch.dist(a, b * 2, 1) + a.dist(b, 3), [x, r(5, seed=3)]
+    yield "pairwise_distance", lambda a, b: F.pairwise_distance(a, b) + F.pairwise_distance(
+        a, b, 1.5, keepdim=True).T, [
+        x, r(1, 5, seed=3)]
+    yield "pairwise_distance_module_p3", lambda a, b: torch.nn.PairwiseDistance(3.0, eps=0.1)(a, b), [
+        x, r(4, 5, seed=4)]
+    for p in (1.0, 0.5, 1.5, 2.0, 3.0):
+        yield f"cdist_p{p}", lambda a, b, p=p: torch.cdist(a, b, p=p), [x, y]
+        yield f"pdist_p{p}", lambda a, p=p: F.pdist(a, p=p), [x]
+    yield "cdist_batched_broadcast", lambda a, b: torch.cdist(a, b), [r(2, 4, 5, seed=1), r(3, 5, seed=2)]
+    ties = torch.tensor([[-1.0, 0.0, 2.0], [2.0, 0.0, 1.0], [-1.0, 1.0, 2.0]], dtype=D)  # zero coordinates of a diff
+    yield "nonsmooth_distance_zero_coordinates", lambda a: torch.cdist(a, a[:2] * 1.0, 1.5) + F.pdist(a, 1.5).sum() + (
+        torch.cdist(a, a.flip(0), 3).sum()), [ties]
+    yield "cdist_0_inf", lambda a, b: torch.cdist(a, b, 0) + torch.cdist(a, b, float("inf")), [
+        distinct(4, 5, seed=2), distinct(3, 5, seed=3) + 1]
+    yield "pdist_inf", lambda a: F.pdist(a, float("inf")), [distinct(4, 5, seed=4)]
+    # torch's conventions: 0 where two points coincide, and every tied coordinate of an inf-distance gets it all
+    same = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [0.0, 2.0, -2.0]], dtype=D)
+    yield "nonsmooth_distance_coincident", lambda a: F.pdist(a) + F.pdist(a, 3) + F.pdist(a, float("inf")) + (
+        torch.cdist(a, a).sum(0)) + torch.cdist(a, a, p=0.5).sum(1) + torch.cdist(a, a * 0.5, p=float("inf")).sum(1), [
+        same]
+
+
+def more_shape_cases():
+    x = r(3, 4, 5, seed=6)
+    yield "tile", lambda x: x.tile(2, 1) + torch.tile(x, (1, 1, 2, 1))[0], [r(2, 4, 5, seed=1)]
+    yield "repeat_interleave", lambda x: x.repeat_interleave(2, dim=1).cumsum(1).sum(1) + torch.repeat_interleave(
+        x, torch.tensor([1, 0, 3, 2]), dim=-2).cumsum(1).sum(1), [r(3, 4, 2, seed=1)]
+    yield "repeat_interleave_flat", lambda x: torch.repeat_interleave(x, 3) * torch.arange(60, dtype=D), [
+        r(4, 5, seed=2)]
+    yield "take_along_dim", lambda x: torch.take_along_dim(x, torch.tensor([[0, 2, 2], [1, 0, 3]]), 1), [
+        r(2, 4, seed=1)]
+    yield "take_along_dim_broadcast_flat", lambda x: torch.take_along_dim(x, torch.tensor([[1]]), dim=-1) + (
+        x.take_along_dim(torch.tensor([5, 5, 0]))), [r(3, 2, seed=2)]
+    yield "take", lambda x: torch.take(x, torch.tensor([[0, 5], [5, 19]])), [r(4, 5, seed=3)]
+    yield "unfold", lambda x: x.unfold(2, 3, 1) + x.unfold(-1, 2, 2)[..., :1, :1], [x]
+    yield "rot90_flips", lambda x: x.rot90() + x.rot90(-1, (1, 2)) * 2 + x.rot90(2, [0, 2]) + x.fliplr() + x.flipud(), [
+        r(3, 3, 3, seed=2)]
+    yield "narrow_copy", lambda x: x.narrow_copy(1, 1, 2) * 2, [x]
+    yield "atleast", lambda x: torch.atleast_2d(x) + torch.atleast_3d(x).sum() + torch.atleast_1d(x), [r(seed=1)]
+    yield "stacks", lambda a, b: torch.hstack([a, b]).sum(1) + torch.vstack((a, b)).sum(0).sum() + torch.dstack(
+        [a, b]).sum(2).sum(1) + torch.column_stack([a, b]).sum(1) + torch.row_stack([a, b]).sum(), [
+        r(3, 2, seed=1), r(3, 2, seed=2)]
+    yield "stacks_1d", lambda a, b: torch.hstack([a, b]) + torch.vstack([a, b]).sum(0).repeat(2) + torch.column_stack(
+        (a, b, a)).sum(1).repeat(2) + torch.dstack([a, b]).flatten(), [r(3, seed=1), r(3, seed=2)]
+    yield "tensor_split", lambda x: x.tensor_split(3, dim=2)[1] + torch.tensor_split(x, [1, 3], 1)[2][..., :2], [x]
+    yield "hsplit_vsplit_dsplit", lambda x: torch.hsplit(x, 2)[1].sum() + x.vsplit([1])[1].sum() + torch.dsplit(
+        x, [2, 4])[2].sum(), [x]
+    yield "index_fill", lambda x, v: x.index_fill(1, torch.tensor([0, 2]), -1.0) + x.index_fill(0, torch.tensor([1]),
+                                                                                                v), [r(3, 4, seed=1),
+                                                                                                     r(seed=2)]
+    yield "index_copy", lambda x, s: x.index_copy(1, torch.tensor([3, 0]), s), [r(3, 4, seed=1), r(3, 2, seed=2)]
+    yield "masked_scatter", lambda x, s: x.masked_scatter(torch.tensor([True, False, True, True]), s), [
+        r(3, 4, seed=1), r(4, 4, seed=2)]
+    yield "pad_modes", lambda x: F.pad(x, (2, 1), mode="reflect") + F.pad(x, (1, 2), mode="replicate") + F.pad(
+        x, (3, 0), mode="circular"), [r(2, 3, 5, seed=1)]
+    yield "pad_modes_2d", lambda x: F.pad(x, (1, 1, 2, 0), mode="reflect") + F.pad(x, (0, 2, 1, 1), "replicate") + (
+        F.pad(x, (1, 1, 1, 1), mode="circular")), [r(1, 2, 3, 4, seed=2)]
+
+
+def image_cases():
+    """1-d and 3-d pooling, adaptive max pooling, im2col and col2im, the pixel and channel shuffles."""
+    seq, img, vol = r(2, 3, 8, seed=1), distinct(2, 3, 6, 5, seed=2), r(1, 2, 4, 4, 6, seed=3)
+    yield "max_pool1d", lambda x: F.max_pool1d(x, 3, stride=2, padding=1), [distinct(2, 3, 8, seed=1)]
+    yield "max_pool1d_dilated_ceil", lambda x: F.max_pool1d(x, 2, dilation=2, ceil_mode=True), [distinct(2, 3, 9)]
+    yield "avg_pool1d", lambda x: F.avg_pool1d(x, 3, 2, 1) + F.avg_pool1d(x, 3, 2, 1, count_include_pad=False), [seq]
+    yield "adaptive_avg_pool1d", lambda x: F.adaptive_avg_pool1d(x, 3), [seq]
+    yield "adaptive_max_pool", lambda x: F.adaptive_max_pool2d(x, (2, 3)) + F.adaptive_max_pool2d(x, 1), [img]
+    yield "adaptive_max_pool1d", lambda x: F.adaptive_max_pool1d(x, 3), [distinct(2, 3, 8, seed=4)]
+    yield "max_pool3d", lambda x: F.max_pool3d(x, 2) + F.max_pool3d(x, (2, 2, 3), stride=(2, 2, 3)).sum(), [
+        distinct(1, 2, 4, 4, 6, seed=5)]
+    yield "avg_pool3d", lambda x: F.avg_pool3d(x, 2, padding=1) + F.avg_pool3d(x, 2, divisor_override=3).sum(), [vol]
+    yield "adaptive_avg_pool3d", lambda x: F.adaptive_avg_pool3d(x, (2, 3, 4)), [vol]
+    yield "unfold_im2col", lambda x: F.unfold(x, 3, padding=1, stride=2) + F.unfold(x, (2, 3), dilation=(2, 1)).sum(), [
+        r(2, 3, 6, 5, seed=4)]
+    yield "fold_col2im", lambda x: F.fold(x, (4, 5), 2) + F.fold(x, (5, 7), (2, 2), padding=1, stride=2)[..., :4, :5], [
+        r(2, 12, 12, seed=5)]
+    yield "fold_unfold_modules", lambda x: torch.nn.Fold((3, 3), 2)(torch.nn.Unfold(2)(x)), [r(1, 2, 3, 3, seed=6)]
+    yield "pixel_shuffle", lambda x: F.pixel_shuffle(x, 2) + torch.nn.PixelShuffle(2)(x * 2), [r(2, 8, 3, 2, seed=7)]
+    yield "pixel_unshuffle", lambda x: F.pixel_unshuffle(x, 2), [r(2, 3, 4, 6, seed=8)]
+    yield "channel_shuffle", lambda x: F.channel_shuffle(x, 3) * torch.arange(6, dtype=D).view(6, 1, 1), [
+        r(2, 6, 2, 2, seed=9)]
+
+
+def more_loss_cases():
+    """The margin, ranking, embedding, Poisson, Gaussian and multi-label losses at each reduction."""
+    x, y = r(4, 5, seed=1), r(4, 5, seed=2)
+    sign = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=D)
+    classes = torch.tensor([0, 4, 2, 2])
+    for red in ("mean", "sum", "none"):
+        yield f"multi_margin_{red}", lambda a, red=red: F.multi_margin_loss(a, classes, reduction=red), [x]
+        yield f"soft_margin_{red}", lambda a, red=red: F.soft_margin_loss(a, y, reduction=red), [x]  # (y: no grad)
+        yield f"hinge_embedding_{red}", lambda a, red=red: F.hinge_embedding_loss(a, (y > 0) * 2.0 - 1, 0.5,
+                                                                                  reduction=red), [x]
+        yield f"margin_ranking_{red}", lambda a, b, t, red=red: F.margin_ranking_loss(a, b, t, 0.2, reduction=red), [
+            x, y, y.sign()]
+        yield f"cosine_embedding_{red}", lambda a, b, red=red: F.cosine_embedding_loss(a, b, sign, 0.1,
+                                                                                       reduction=red), [x, y]
+        yield f"poisson_nll_{red}", lambda a, t, red=red: F.poisson_nll_loss(a, t, reduction=red), [x, y.abs() * 3]
+        yield f"gaussian_nll_{red}", lambda a, t, v, red=red: F.gaussian_nll_loss(a, t, v, reduction=red), [
+            x, y, r(4, 5, seed=3, positive=True)]
+        yield f"multilabel_soft_margin_{red}", lambda a, t, red=red: F.multilabel_soft_margin_loss(
+            a, t, reduction=red), [
+            x, y.sigmoid()]
+        yield f"triplet_margin_{red}", lambda a, p, n, red=red: F.triplet_margin_loss(a, p, n, reduction=red), [
+            x, y, r(4, 5, seed=3)]
+    yield "multi_margin_p2_weight", lambda a: F.multi_margin_loss(a, classes, p=2, margin=0.5, weight=torch.arange(
+        1.0, 6.0, dtype=D)), [x]
+    yield "multilabel_margin", lambda a: F.multilabel_margin_loss(a, torch.tensor([[3, 0, -1, 1, 1]] * 4)) + (
+        F.multilabel_margin_loss(a, torch.tensor([[1, 2, 4, -1, 0]] * 4), reduction="sum")), [x]
+    yield "poisson_nll_full_not_log", lambda a, t: F.poisson_nll_loss(a, t, log_input=False, full=True, eps=1e-3), [
+        x.abs() + 0.2, y.abs() * 3]
+    yield "poisson_nll_full_log_broadcast", lambda a, t: F.poisson_nll_loss(a, t, full=True), [r(4, 1, seed=5),
+                                                                                              y.abs() * 3]
+    yield "gaussian_nll_homoscedastic_full", lambda a, t, v: F.gaussian_nll_loss(a, t, v, full=True), [
+        x, y, r(4, seed=4, positive=True)]
+    yield "gaussian_nll_var_broadcast_float", lambda a, t, v: F.gaussian_nll_loss(a, t, v) + F.gaussian_nll_loss(
+        a, t, 0.5, reduction="sum"), [x, y, r(4, 1, seed=4, positive=True)]
+    yield "gaussian_nll_nonsmooth_clamped_var", lambda a, t, v: F.gaussian_nll_loss(a, t, v, eps=0.6), [
+        x, y, r(4, 5, seed=5, positive=True)]
+    yield "multilabel_soft_margin_weight", lambda a, t, w: F.multilabel_soft_margin_loss(a, t, w), [
+        x, y.sigmoid(), r(5, seed=6, positive=True)]
+    yield "cosine_embedding_1d", lambda a, b: F.cosine_embedding_loss(a, b, torch.tensor(-1.0, dtype=D)), [
+        r(5, seed=1), r(5, seed=2)]
+    yield "triplet_margin_swap_p1", lambda a, p, n: F.triplet_margin_loss(a, p, n, margin=2.0, p=1, swap=True), [
+        x, y, r(4, 5, seed=3)]
+    yield "triplet_margin_swap_module", lambda a, p, n: torch.nn.TripletMarginLoss(margin=3.0, swap=True)(a, p, n), [
+        x, r(4, 5, seed=2), r(4, 5, seed=3) * 0.2]
+    yield "margin_ranking_module_broadcast", lambda a, b: torch.nn.MarginRankingLoss(0.5)(
+        a, b, torch.ones(4, 5, dtype=D)), [r(4, 1, seed=1), r(1, 5, seed=2)]
+
+
 def _with_weight(fn, w):
     return lambda x, y: fn(x, y, w)
 
@@ -593,7 +894,7 @@ def all_cases():
         yield f"reduce-{name}", fn, [r(3, 4, 5, seed=5)] if "tuple" in name else [r(4, 5, seed=5)]
     for name, fn in SELECTIONS.items():
         yield f"select-{name}", fn, [distinct(4, 5)]
-    for name, fn in TIED.items():
+    for name, fn in {**TIED, **TIED_NEW}.items():
         yield f"tied-{name}", fn, [torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]], dtype=D)]
     for name, fn in SHAPE_OPS.items():
         yield f"shape-{name}", fn, [r(3, 4, 5, seed=6)]

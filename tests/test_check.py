@@ -375,6 +375,8 @@ def test_no_false_alarms_and_sign_found_on_every_other_op_case():
     from op_cases import CASES
 
     for name, fn, inputs in CASES[::2]:
+        if any(isinstance(x, torch.Tensor) and not x.isfinite().all() for x in inputs):
+            continue  # check refuses a non-finite forward, naming it (test_a_non_finite_forward_pass_is_named_...)
         weight = _weights_for(fn(*inputs))
         with tg.record() as graph:
             out = fn(*inputs)

@@ -240,3 +240,14 @@ def test_fused_losses_promote_mixed_dtypes_as_the_forward_does(loss, x_dtype, t_
     assert grads[x].dtype == x_dtype and grads[t].dtype == t_dtype
     torch.testing.assert_close(grads[x], x_ref.grad.to(x_dtype))
     torch.testing.assert_close(grads[t], t_ref.grad.to(t_dtype))
+
+
+def test_addr_with_a_float32_vector_promotes_as_torch_does():
+    """torch's own backward fails here ("addmv input tensors must have the same dtype"); so did the rule. The truth:
+    torch autograd on the promoted (float64) vector, its gradient rounded to float32."""
+    m, u, v = torch.randn(4, 3, dtype=D), torch.randn(4, dtype=torch.float32), torch.randn(3, dtype=D)
+    ours = engine_grads(torch.addr, [m, u, v])[1]
+    theirs = torch_grads(lambda a, b, c: torch.addr(a, b.double(), c), [m, u, v])
+    for got, expected in zip(ours, theirs):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -78,3 +78,4 @@ def test_batch_norm_with_one_expanded_tensor_as_weight_and_bias():
     numeric = finite_differences(fn, [x, s])
     for got, expected in zip(ours, numeric):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+

@@ -27,7 +27,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from fuzz_programs import BINARY, GENERATORS, UNARY, HypothesisChooser, Program, RandomChooser, build
+from fuzz_programs import BINARY, FIXED, GENERATORS, UNARY, HypothesisChooser, Program, RandomChooser, build
 from helpers import assert_matches_torch, assert_same_gradients, assert_same_graph, off_the_common_path, walk
 from hypothesis import HealthCheck, given, note, reject, settings
 from hypothesis import strategies as st
@@ -295,7 +295,8 @@ def test_each_generator_matches_torch(name):
 
 
 def recorded_ops(seeds: int = 25) -> set[str]:
-    """The ops the generators produce: each generator with a few seeds, each row of the unary and binary tables."""
+    """The ops the generators produce: each generator with a few seeds, each row of the unary, binary and fixed-shape
+    tables."""
     seen: set[str] = set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -312,6 +313,12 @@ def recorded_ops(seeds: int = 25) -> set[str]:
             with tg.record() as graph:
                 fn(x, y)
             seen |= {node["op"] for node in graph._nodes if node["kind"] == "op"}
+        for rows in FIXED.values():
+            for _, fn, shapes in rows:
+                operands = [torch.rand(shape, dtype=torch.float64) + 0.5 for shape in shapes]
+                with tg.record() as graph:
+                    fn(*operands)
+                seen |= {node["op"] for node in graph._nodes if node["kind"] == "op"}
     return seen
 
 

@@ -48,12 +48,12 @@ def torch_grads(fn, *inputs):
 # ---------------------------------------------------------------- an op without a rule
 
 NO_RULE = {
-    "cumprod": lambda x: x.cumprod(0).sum(),
-    "hypot": lambda x: torch.hypot(x, x * 2).sum(),
-    "cummax": lambda x: x.cummax(0).values.sum(),
-    "logcumsumexp": lambda x: x.logcumsumexp(0).sum(),
-    "logaddexp": lambda x: torch.logaddexp(x, x * 2).sum(),
-    "xlogy": lambda x: torch.xlogy(x, x).sum(),
+    "kron": lambda x: torch.kron(x, x * 2).sum(),
+    "trapezoid": lambda x: torch.trapezoid(x),
+    "cov": lambda x: torch.cov(x.view(2, 2)).sum(),
+    "special_erfcx": lambda x: torch.special.erfcx(x).sum(),
+    "cumulative_trapezoid": lambda x: torch.cumulative_trapezoid(x).sum(),
+    "linalg_cholesky": lambda x: torch.linalg.cholesky(torch.diag(x)).sum(),
 }
 
 
@@ -118,8 +118,10 @@ def test_a_call_returning_none_first_records_and_names_its_missing_rule():
 def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
     x = r(1, 3, 5)
     cases = [
-        (lambda: F.pad(x, (1, 1), mode="reflect").sum(), r"pad: only mode='constant'"),
-        (lambda: x.norm(p=1), r"norm: only the 2-norm has a rule \(got p=1\)"),
+        (lambda: torch.linalg.matrix_norm(x, "nuc").sum(), r"matrix_norm: only ord='fro' has a rule \(got 'nuc'\)"),
+        (lambda: x[0].norm(p="nuc"), r"norm: the matrix norm p='nuc' has no rule"),
+        (lambda: F.rrelu(x, training=True).sum(), r"rrelu: training=True draws random slopes"),
+        (lambda: (2.5 % x).sum(), r"remainder: a number % a tensor has no rule"),
         (lambda: x[0].scatter(1, torch.tensor([[0, 1]]), x[0, :, :2], reduce="add").sum(), "scatter: reduce="),
         (lambda: F.interpolate(x, size=2, mode="area").sum(), r"interpolate: mode='area' on a 3-d input has no rule"),
         (lambda: F.normalize(x, p=float("inf")).sum(), r"normalize: only finite p > 0 has a rule \(got p=inf\)"),

@@ -128,3 +128,18 @@ def test_class_losses_give_ignored_targets_torchs_zero_gradient(name, fn, ignore
     ours, theirs = engine_grads(fn, [x, y])[1][0], torch_grads(fn, [x, y])[0]
     assert not theirs.isnan().any()
     torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-12)
+
+
+def test_poisson_nll_loss_full_with_a_zero_target_gives_torchs_nan_target_gradient_there():
+    """0 * log(0) in torch's masked Stirling term: NaN where a target is 0, finite elsewhere (found by the fuzzer)."""
+    target = r(3, 4, seed=1).abs() * 2
+    target[0, 1] = target[2, 3] = 0.0
+
+    def fn(x, t):
+        return F.poisson_nll_loss(x, t, log_input=False, full=True)
+
+    inputs = [r(3, 4, seed=2).abs() + 0.5, target]
+    ours, theirs = engine_grads(fn, inputs)[1], torch_grads(fn, inputs)
+    assert torch.equal(ours[1].isnan(), target == 0) and torch.equal(theirs[1].isnan(), target == 0)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-7, atol=1e-10, equal_nan=True)
