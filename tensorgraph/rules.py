@@ -908,9 +908,12 @@ def nansum(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = F
 
 
 def nanmean(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Tensor:
-    """nansum divided by the number of non-NaN elements along the reduced dimensions."""
-    count = (~x.isnan()).sum(_dims(dim, x.dim()), keepdim=True)
-    return (_unreduce(g, x, dim, keepdim) / count).expand(x.shape).masked_fill(x.isnan(), 0)
+    """nansum divided by the number of non-NaN elements along the reduced dimensions.
+
+    NOTE: times the mask, not masked_fill, as torch: a slice of NaNs only (count 0) gets NaN, not 0.
+    """
+    kept = ~x.isnan()
+    return _unreduce(g, x, dim, keepdim) / kept.sum(_dims(dim, x.dim()), keepdim=True) * kept
 
 
 defop("nansum", nansum)
