@@ -994,6 +994,7 @@ def linalg_norm(g: Tensor, out: Tensor, x: Tensor, ord: Any = None, dim: Any = N
 
 def matrix_norm(g: Tensor, out: Tensor, A: Tensor, ord: Any = "fro", dim: Any = (-2, -1), keepdim: bool = False, *,
                 dtype: Any = None) -> Tensor:
+    """The Frobenius norm only: the 2-norm of the elements over ``dim``."""
     if ord != "fro":
         raise UnsupportedCall(f"linalg.matrix_norm: only ord='fro' has a rule (got {ord!r})")
     return norm(g, out, A, 2, dim, keepdim)
@@ -1358,6 +1359,7 @@ defop("dsplit", lambda g, out, x, sections, *, output_index: torch.cat(_pieces(g
 
 
 def index_fill(g: Tensor, out: Tensor, x: Tensor, dim: int, index: Tensor, value: Any) -> tuple:
+    """The filled positions take nothing from x; a tensor value gets the sum of their gradients."""
     grad_value = g.index_select(dim, index).sum() if isinstance(value, Tensor) else None
     return g.index_fill(dim, index, 0), None, None, grad_value
 
