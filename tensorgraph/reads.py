@@ -88,6 +88,7 @@ class Diverged(Exception):  # a signal, not an error: it never reaches the user
         self.undo = undo
 
     def restore(self) -> None:
+        """Put the memory in ``undo`` back as it was at the start of the call."""
         with torch.no_grad():
             for tensor, before in self.undo:
                 tensor.copy_(before)

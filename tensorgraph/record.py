@@ -816,7 +816,6 @@ class _Recorder(TorchFunctionMode):
         return value
 
 
-
 def _autocast_on(device_type: str) -> bool:
     """Whether torch.autocast is on for this device type; False for one autocast does not know ("meta")."""
     try:

@@ -475,12 +475,10 @@ def _non_default(kwargs: dict, defaults: dict) -> bool:
 def value_summary(tensor: Tensor) -> str:
     """mean, std, min and max of a tensor (its value for a scalar); non-finite entries are counted, not averaged."""
     t = tensor.detach()
-    if t.is_meta:
-        return "value not saved (save the graph with values=True)"
+    if t.is_meta:  # shapes only
+        return "no values (meta: recorded on the meta device, or loaded from a file saved without values=True)"
     if t.numel() == 0:
         return "empty"
-    if t.is_meta:  # recorded on the "meta" device, or loaded without values: shapes only
-        return "no values (meta)"
     if t.dtype == torch.bool:
         return f"true {int(t.sum())}/{t.numel()}"
     if t.is_complex():

@@ -745,7 +745,7 @@ class Session:
         self.frame: types.FrameType | None = None  # the user's frame of the last matched call
         self.count = 0  # nodes made by matched calls: always a prefix of the graph
         self.logged: list[tuple] = []  # calls the full path recorded: (func, first, end, code, lasti, line, scope)
-        self.sequence_at_entry = 1 << 62  # the recorder's (record.made_in_block): set when the block begins
+        self.sequence_at_entry = _rec._NO_SEQUENCE  # the recorder's (record.made_in_block): set when the block begins
         self._use(candidates[0] if candidates else None)
 
     def _use(self, template: Template | None) -> None:

@@ -908,9 +908,12 @@ def nansum(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = F
 
 
 def nanmean(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Tensor:
-    """nansum divided by the number of non-NaN elements along the reduced dimensions."""
-    count = (~x.isnan()).sum(_dims(dim, x.dim()), keepdim=True)
-    return (_unreduce(g, x, dim, keepdim) / count).expand(x.shape).masked_fill(x.isnan(), 0)
+    """nansum divided by the number of non-NaN elements along the reduced dimensions.
+
+    NOTE: times the mask, not masked_fill, as torch: a slice of NaNs only (count 0) gets NaN, not 0.
+    """
+    kept = ~x.isnan()
+    return _unreduce(g, x, dim, keepdim) / kept.sum(_dims(dim, x.dim()), keepdim=True) * kept
 
 
 defop("nansum", nansum)
@@ -991,6 +994,7 @@ def linalg_norm(g: Tensor, out: Tensor, x: Tensor, ord: Any = None, dim: Any = N
 
 def matrix_norm(g: Tensor, out: Tensor, A: Tensor, ord: Any = "fro", dim: Any = (-2, -1), keepdim: bool = False, *,
                 dtype: Any = None) -> Tensor:
+    """The Frobenius norm only: the 2-norm of the elements over ``dim``."""
     if ord != "fro":
         raise UnsupportedCall(f"linalg.matrix_norm: only ord='fro' has a rule (got {ord!r})")
     return norm(g, out, A, 2, dim, keepdim)
@@ -1355,6 +1359,7 @@ defop("dsplit", lambda g, out, x, sections, *, output_index: torch.cat(_pieces(g
 
 
 def index_fill(g: Tensor, out: Tensor, x: Tensor, dim: int, index: Tensor, value: Any) -> tuple:
+    """The filled positions take nothing from x; a tensor value gets the sum of their gradients."""
     grad_value = g.index_select(dim, index).sum() if isinstance(value, Tensor) else None
     return g.index_fill(dim, index, 0), None, None, grad_value
 

@@ -30,6 +30,19 @@ def python_blocks(path: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
 
 
+def run_blocks(page: str, module_name: str, at_least: int) -> dict:
+    """Run a page's python blocks in order in one namespace (returned); a failing block fails the test by number."""
+    blocks = python_blocks(DOCS / page)
+    assert len(blocks) >= at_least
+    namespace: dict = {"__name__": module_name}
+    for number, block in enumerate(blocks, 1):
+        try:
+            exec(compile(block, f"{page} block {number}", "exec"), namespace)  # noqa: S102
+        except Exception as err:  # noqa: BLE001 - say which block failed
+            pytest.fail(f"{page} python block {number} failed: {type(err).__name__}: {err}\n{block}")
+    return namespace
+
+
 def test_help_tg_shows_an_example_that_runs(tmp_path, monkeypatch):
     """``help(tg)`` is where a newcomer looks first: it showed one sentence and the module list."""
     lines = [line[4:] for line in tg.__doc__.splitlines() if line.startswith("    ")]
@@ -42,30 +55,16 @@ def test_help_tg_shows_an_example_that_runs(tmp_path, monkeypatch):
 
 
 def test_tutorial_code_runs(tmp_path, monkeypatch):
-    blocks = python_blocks(DOCS / "tutorial.md")
-    assert len(blocks) >= 8
     monkeypatch.chdir(tmp_path)  # the tutorial writes check.svg
-    namespace: dict = {"__name__": "__tutorial__"}
-    for number, block in enumerate(blocks, 1):
-        try:
-            exec(compile(block, f"tutorial.md block {number}", "exec"), namespace)  # noqa: S102
-        except Exception as err:  # noqa: BLE001 - say which block failed
-            pytest.fail(f"tutorial.md python block {number} failed: {type(err).__name__}: {err}\n{block}")
+    namespace = run_blocks("tutorial.md", "__tutorial__", at_least=8)
     assert (tmp_path / "check.svg").exists()
     assert namespace["report"].first_error == "bndiff2"
 
 
 def test_questions_page_code_runs(tmp_path, monkeypatch):
     """docs/questions.md answers learners' questions with sessions whose claims it asserts (against torch float64)."""
-    blocks = python_blocks(DOCS / "questions.md")
-    assert len(blocks) >= 10
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "__questions__"}
-    for number, block in enumerate(blocks, 1):
-        try:
-            exec(compile(block, f"questions.md block {number}", "exec"), namespace)  # noqa: S102
-        except Exception as err:  # noqa: BLE001 - say which block failed
-            pytest.fail(f"questions.md python block {number} failed: {type(err).__name__}: {err}\n{block}")
+    run_blocks("questions.md", "__questions__", at_least=10)
 
 
 SIGNATURE = re.compile(r"^#{2,3} `((?:tg|Graph)\.[\w.]+)\((.*)\)`", flags=re.M)

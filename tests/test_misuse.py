@@ -482,7 +482,10 @@ def test_recording_on_the_meta_device_gives_the_gradients_shapes():
         with pytest.raises(ValueError, match=rf"^{name}: the graph was recorded on the 'meta' device, which keeps "
                                              r"shapes but no values"):
             call(loss)
-    assert "no values (meta)" in graph.render(grads=grads, values=True).source
+    source = graph.render(grads=grads, values=True).source
+    assert "grad: no values (meta)" in source
+    # the value lines say why there are none (they advised saving with values=True, which a meta recording has not)
+    assert "no values (meta: recorded on the meta device" in source
     assert "dh" in graph.render(grads=grads, view="backward").source
 
 

@@ -143,3 +143,19 @@ def test_poisson_nll_loss_full_with_a_zero_target_gives_torchs_nan_target_gradie
     assert torch.equal(ours[1].isnan(), target == 0) and torch.equal(theirs[1].isnan(), target == 0)
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-7, atol=1e-10)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-7, atol=1e-10, equal_nan=True)
+
+
+@pytest.mark.parametrize("dim", [1, None])
+def test_nanmean_of_a_slice_of_nans_only_gives_torchs_nan_gradient(dim):
+    """The slice's mean is 0/0 (NaN) and so is torch's gradient there; the rule gave 0 (masked_fill after g / 0)."""
+    x = r(3, 4, seed=1)
+    x[1] = float("nan")
+    if dim is None:
+        x[:] = float("nan")
+
+    def fn(t):
+        return t.nanmean(dim) if dim is not None else t.nanmean()
+
+    ours, theirs = engine_grads(fn, [x])[1][0], torch_grads(fn, [x])[0]
+    assert theirs[1].isnan().all()
+    torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-10, equal_nan=True)

@@ -231,7 +231,7 @@ def test_values_of_a_graph_loaded_without_values(tmp_path):
     graph.save(tmp_path / "g.json")
     loaded = tg.load_graph(tmp_path / "g.json")
     nodes = svg_nodes(loaded.render(values=True).pipe(format="svg", encoding="utf-8"))
-    assert "value not saved" in nodes[f"n{loaded.node_id('loss')}"]
+    assert "saved without values=True" in nodes[f"n{loaded.node_id('loss')}"]
 
 def test_compare_report_colours_each_gradient(lecture):
     graph, loss, _, grads = lecture
