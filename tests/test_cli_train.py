@@ -259,8 +259,10 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     script = f"import sys; from {module} import {function}; sys.exit({function}())"  # what pip's wrapper runs
     root = str(Path(__file__).parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    # (a shell's background job ignores SIGINT, and its children inherit that: the child gets it back)
     proc = subprocess.Popen([sys.executable, "-c", script, "train", "--steps", "5", "--out", str(tmp_path)],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.4)  # python is up; torch (seconds) is being imported
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
