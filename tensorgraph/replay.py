@@ -851,7 +851,7 @@ class Session:
         if (spec is None or node != n + len(pending) or value.dtype is not spec[1] or value.shape != spec[0]
                 or value.requires_grad != spec[4] or value.layout is not torch.strided or value.stride() != spec[2]
                 or value.device != spec[3] or value.is_inference()
-                or (value.grad_fn is not None and value.grad_fn._sequence_nr() >= self.sequence_at_entry)):
+                or _rec.made_in_block(value, self.sequence_at_entry)):
             return False  # (made in the block by code the recorder cannot see: the full path refuses it)
         pending.append(value)
         return True
