@@ -131,13 +131,18 @@ def binary_cases():
         yield f"{name}-{sa}-{sb}", fn, [r(*sa, seed=1), r(*sb, seed=2)]
 
 
-def unary_cases():
-    for name, fn in UNARY.items():
+def _one_input_cases(table, positive_table):
+    """Each function of ``table`` on a scalar and a matrix; those of ``positive_table`` on positive ones."""
+    for name, fn in table.items():
         for shape in [(), (4, 5)]:
             yield f"{name}-{shape}", fn, [r(*shape, seed=3)]
-    for name, fn in POSITIVE_UNARY.items():
+    for name, fn in positive_table.items():
         for shape in [(), (4, 5)]:
             yield f"{name}-{shape}", fn, [r(*shape, positive=True, seed=4)]
+
+
+def unary_cases():
+    yield from _one_input_cases(UNARY, POSITIVE_UNARY)
 
 
 REDUCTIONS = {
@@ -570,12 +575,7 @@ BINARY_NEW = {  # over the broadcasting shape matrix
 
 
 def activation_cases():
-    for name, fn in ACTIVATIONS.items():
-        for shape in [(), (4, 5)]:
-            yield f"{name}-{shape}", fn, [r(*shape, seed=3)]
-    for name, fn in POSITIVE_ACTIVATIONS.items():
-        for shape in [(), (4, 5)]:
-            yield f"{name}-{shape}", fn, [r(*shape, positive=True, seed=4)]
+    yield from _one_input_cases(ACTIVATIONS, POSITIVE_ACTIVATIONS)
     for (name, fn), (sa, sb) in itertools.product(BINARY_NEW.items(), [((4, 5), (4, 5)), ((4, 1), (5,)), ((), (4, 5))]):
         yield f"{name}-{sa}-{sb}", fn, [r(*sa, seed=1), r(*sb, seed=2)]
     yield "prelu", lambda x, w: F.prelu(x, w), [r(2, 3, 4, seed=1), r(3, seed=2)]
