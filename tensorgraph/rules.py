@@ -10,7 +10,7 @@ that same kernel and says so. Broadcast-undo and fan-out sums are the engine's j
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -1891,35 +1891,43 @@ for _name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):  # (g
           _conv(g, x, weight, bias, stride, padding, dilation, groups, output_padding))
 
 
-def _pair(v: Any) -> list[int]:
-    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+def _sizes(v: Any, dims: int) -> list[int]:
+    """A pooling size given as one number or one per spatial dim, as ``dims`` numbers."""
+    return list(v) if isinstance(v, (tuple, list)) else [v] * dims
 
 
-def max_pool2d(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False) -> Tensor:
-    stride = _pair(stride) if stride not in (None, []) else _pair(kernel_size)
-    args = (_pair(kernel_size), stride, _pair(padding), _pair(dilation), ceil_mode)
-    _, indices = aten.max_pool2d_with_indices(x, *args)
-    return aten.max_pool2d_with_indices_backward(g, x, *args, indices)
+def _max_pool(dims: int, forward: Any, backward: Any) -> Callable[..., Tensor]:
+    """The rule of max_pool2d/3d: torch's backward kernel, with the indices its forward picks."""
+    def rule(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+             return_indices=False) -> Tensor:
+        stride = stride if stride not in (None, []) else kernel_size
+        args = (_sizes(kernel_size, dims), _sizes(stride, dims), _sizes(padding, dims), _sizes(dilation, dims),
+                ceil_mode)
+        _, indices = forward(x, *args)
+        return backward(g, x, *args, indices)
+    return rule
 
 
-def avg_pool2d(g, out, x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               divisor_override=None) -> Tensor:
-    stride = _pair(stride) if stride not in (None, []) else _pair(kernel_size)
-    return aten.avg_pool2d_backward(g, x, _pair(kernel_size), stride, _pair(padding), ceil_mode,
-                                    count_include_pad, divisor_override)
+def _avg_pool(dims: int, backward: Any) -> Callable[..., Tensor]:
+    """The rule of avg_pool2d/3d: torch's backward kernel."""
+    def rule(g, out, x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+             divisor_override=None) -> Tensor:
+        stride = stride if stride not in (None, []) else kernel_size
+        return backward(g, x, _sizes(kernel_size, dims), _sizes(stride, dims), _sizes(padding, dims), ceil_mode,
+                        count_include_pad, divisor_override)
+    return rule
 
 
+max_pool2d = _max_pool(2, aten.max_pool2d_with_indices, aten.max_pool2d_with_indices_backward)
+avg_pool2d = _avg_pool(2, aten.avg_pool2d_backward)
 defop("max_pool2d", max_pool2d, funcs=("torch.max_pool2d",))
 defop("avg_pool2d", avg_pool2d)
+defop("max_pool3d", _max_pool(3, aten.max_pool3d_with_indices, aten.max_pool3d_with_indices_backward))
+defop("avg_pool3d", _avg_pool(3, aten.avg_pool3d_backward))
 
 
 def _single(v: Any) -> int:
     return v[0] if isinstance(v, (tuple, list)) else v
-
-
-def _triple(v: Any) -> list[int]:
-    return list(v) if isinstance(v, (tuple, list)) else [v, v, v]
 
 
 # the 1-d poolings are torch's 2-d ones on x.unsqueeze(-2), with a kernel of height 1
@@ -1941,21 +1949,6 @@ def adaptive_max_pool2d(g: Tensor, out: Tensor, x: Tensor, output_size: Any, ret
     return aten.adaptive_max_pool2d_backward(g, x, indices)
 
 
-def max_pool3d(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False) -> Tensor:
-    stride = _triple(stride) if stride not in (None, []) else _triple(kernel_size)
-    args = (_triple(kernel_size), stride, _triple(padding), _triple(dilation), ceil_mode)
-    _, indices = aten.max_pool3d_with_indices(x, *args)
-    return aten.max_pool3d_with_indices_backward(g, x, *args, indices)
-
-
-def avg_pool3d(g, out, x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               divisor_override=None) -> Tensor:
-    stride = _triple(stride) if stride not in (None, []) else _triple(kernel_size)
-    return aten.avg_pool3d_backward(g, x, _triple(kernel_size), stride, _triple(padding), ceil_mode,
-                                    count_include_pad, divisor_override)
-
-
 defop("max_pool1d", max_pool1d)
 defop("avg_pool1d", avg_pool1d)
 defop("adaptive_avg_pool1d", lambda g, out, x, output_size: aten._adaptive_avg_pool2d_backward(
@@ -1963,8 +1956,6 @@ defop("adaptive_avg_pool1d", lambda g, out, x, output_size: aten._adaptive_avg_p
 defop("adaptive_max_pool2d", adaptive_max_pool2d)
 defop("adaptive_max_pool1d", lambda g, out, x, output_size, return_indices=False: adaptive_max_pool2d(
     g.unsqueeze(-2), out.unsqueeze(-2), x.unsqueeze(-2), None).squeeze(-2))
-defop("max_pool3d", max_pool3d)
-defop("avg_pool3d", avg_pool3d)
 defop("adaptive_avg_pool3d", lambda g, out, x, output_size: aten._adaptive_avg_pool3d_backward(g, x))
 # im2col and col2im undo each other's gradients; so do the pixel shuffles
 defop("im2col", lambda g, out, x, kernel_size, dilation=1, padding=0, stride=1: F.fold(
