@@ -1,5 +1,8 @@
 """Every op in the rule table against torch.autograd.grad, in float64, over a broadcasting shape matrix."""
 
+import contextlib
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,11 +28,54 @@ def test_op_matches_torch_autograd_on_cuda(fn, inputs):
         with torch.device("cuda"):
             return fn(*args)
 
+    with held_tensors_moved(fn, "cuda"):
+        try:
+            on_gpu(*inputs)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:  # a CPU tensor out of reach
+            pytest.skip(f"torch itself refuses this case on CUDA: {str(err).splitlines()[0][:120]}")
+        assert_matches_torch(on_gpu, inputs)
+
+
+@contextlib.contextmanager
+def held_tensors_moved(fn, device):
+    """Move what a case holds rather than takes (targets in its closure, modules and tensors among the
+    globals it names) to ``device`` while the block runs, and put the originals back after it."""
+    undo = []
+    for cell in fn.__closure__ or ():
+        value = cell.cell_contents
+        if isinstance(value, torch.Tensor):
+            undo.append(lambda cell=cell, value=value: setattr(cell, "cell_contents", value))
+            cell.cell_contents = value.to(device, copy=True)
+    for name in fn.__code__.co_names:
+        value = fn.__globals__.get(name)
+        if isinstance(value, torch.Tensor):
+            undo.append(lambda name=name, value=value: fn.__globals__.__setitem__(name, value))
+            fn.__globals__[name] = value.to(device, copy=True)
+        elif isinstance(value, torch.nn.Module):
+            state = copy.deepcopy(value.state_dict())
+            undo.append(lambda value=value, state=state: value.to("cpu").load_state_dict(state))
+            value.to(device)
     try:
-        on_gpu(*inputs)
-    except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:  # a CPU tensor the case holds
-        pytest.skip(f"torch itself refuses this case on CUDA: {str(err).splitlines()[0][:120]}")
-    assert_matches_torch(on_gpu, inputs)
+        yield
+    finally:
+        for step in reversed(undo):
+            step()
+
+
+def test_held_tensors_moved_puts_everything_back():
+    """The CUDA test's mover, run with a copy standing in for the device: every held object comes back."""
+    target, layer = torch.tensor([1, 0]), torch.nn.Linear(2, 2).double()
+    globals()["_HELD_LAYER"] = layer
+    before, original = layer.weight.detach().clone(), target  # (``target`` itself reads the cell)
+
+    def case(x):
+        return F.cross_entropy(_HELD_LAYER(x), target)  # noqa: F821 (set above)
+
+    with held_tensors_moved(case, "cpu"):
+        layer.weight.data.add_(1.0)  # the block changes the module; the state from before comes back
+        assert case.__closure__[0].cell_contents is not original
+    assert case.__closure__[0].cell_contents is original and torch.equal(layer.weight, before)
+    del globals()["_HELD_LAYER"]
 
 
 def test_scatter_src_larger_than_index():
