@@ -2113,23 +2113,20 @@ _CELLS = {  # op name -> (step, step backward)
 
 
 def _cell_rule(kind: str) -> Callable[..., tuple]:
-    """The rule of ``torch.<kind>_cell(input, hx, w_ih, w_hh, b_ih, b_hh)``: one step; hx None means zeros."""
+    """The rule of ``torch.<kind>_cell(input, hx, w_ih, w_hh, b_ih, b_hh)``: one step (nn.*Cell passes zeros for
+    a missing hx, and a batch of one for a 1-d input)."""
     step, step_back = _CELLS[kind]
 
     def rule(g: Tensor, out: Any, input: Tensor, hx: Any, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
              b_hh: Tensor | None = None, *, output_index: int = 0) -> tuple:
-        if hx is None:
-            hidden = input.new_zeros((*input.shape[:-1], w_hh.shape[-1]))
-            state = (hidden, hidden) if kind == "lstm" else (hidden,)
-        else:
-            state = tuple(hx) if kind == "lstm" else (hx,)
+        state = tuple(hx) if kind == "lstm" else (hx,)
         gi = input @ w_ih.mT if b_ih is None else F.linear(input, w_ih, b_ih)
         new_state, saved = step(gi, state, w_hh, b_hh, None)
         d_state = tuple(g if k == output_index else torch.zeros_like(s) for k, s in enumerate(new_state))
         d_gi, d_gh, d_prev = step_back(d_state, saved, w_hh, None)
         d_w_ih, d_b_ih = _affine_grads(d_gi, input, b_ih is not None)
         d_w_hh, d_b_hh = _affine_grads(d_gh, state[0], b_hh is not None)
-        d_hx = None if hx is None else (d_prev if kind == "lstm" else d_prev[0])
+        d_hx = d_prev if kind == "lstm" else d_prev[0]
         return d_gi @ w_ih, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh
 
     rule.__doc__ = f"The gradients of torch.{kind}_cell's inputs, through one step recomputed from them."
@@ -2141,6 +2138,8 @@ for _kind in _CELLS:
 
 
 class _Weights(NamedTuple):
+    """One layer's weights in one direction."""
+
     ih: Tensor
     hh: Tensor
     b_ih: Tensor | None
@@ -2149,10 +2148,9 @@ class _Weights(NamedTuple):
 
 
 class _Run(NamedTuple):
-    """One layer in one direction, run forward: its output, final state, and each step's saved tensors."""
+    """One layer in one direction, run forward: its output and each step's saved tensors."""
 
     output: Tensor
-    state: tuple
     saved: dict[int, tuple]
     order: range
 
@@ -2175,7 +2173,7 @@ def _run_forward(step: Callable[..., tuple], x: Tensor, where: list, sizes: list
         part, saved[t] = step(gi[where[t]], part, w.hh, w.b_hh, w.hr)
         state = part if rows is None else tuple(torch.cat([p, s[rows:]]) for p, s in zip(part, state))
         hs[t] = part[0]
-    return _Run(_join(hs, sizes is not None), state, saved, order)
+    return _Run(_join(hs, sizes is not None), saved, order)
 
 
 def _run_backward(step_back: Callable[..., tuple], x: Tensor, where: list, sizes: list[int] | None, run: _Run,
@@ -2204,6 +2202,84 @@ def _run_backward(step_back: Callable[..., tuple], x: Tensor, where: list, sizes
 _MODULES = {"lstm": "nn.LSTM", "gru": "nn.GRU", "rnn_tanh": "nn.RNN", "rnn_relu": "nn.RNN"}
 
 
+class _Sequence(NamedTuple):
+    """A torch.lstm/gru/rnn_* call's arguments, read alike for the padded and the packed overload."""
+
+    states: tuple  # (h0,) or (h0, c0), each (num_layers * directions, batch, size)
+    params: list  # w_ih, w_hh (, b_ih, b_hh) (, w_hr) per layer and direction
+    has_biases: bool
+    num_layers: int
+    directions: int
+    projected: bool  # an LSTM with proj_size: h0 narrower than c0, a w_hr per run
+    sizes: list[int] | None  # packed data: the batch size at each step
+    where: list  # each step's index in a layer's input: a time step, or its rows of packed data
+
+    @property
+    def per_run(self) -> int:
+        return 2 + 2 * self.has_biases + self.projected
+
+    def weights(self, k: int) -> _Weights:
+        """The weights of run ``k`` (layer * directions + direction)."""
+        w = self.params[k * self.per_run:(k + 1) * self.per_run]
+        biases = (w[2], w[3]) if self.has_biases else (None, None)
+        return _Weights(w[0], w[1], *biases, w[-1] if self.projected else None)
+
+
+def _sequence(kind: str, x: Tensor, hx: Any, params: Any, has_biases: Any, num_layers: int, dropout: float,
+              train: bool, bidirectional: bool, sizes: list[int] | None) -> _Sequence:
+    if dropout and train and num_layers > 1:
+        module = _MODULES[kind]
+        raise UnsupportedCall(
+            f"{kind}: dropout={dropout} between the layers of an {module} in training mode draws its masks "
+            f"inside torch's kernel, out of a rule's reach; record with dropout=0 or in eval mode "
+            f"(model.eval()), or stack one-layer {module}s with nn.Dropout between them, which records")
+    if sizes is None:
+        where: list = list(range(x.shape[0]))
+    else:
+        where = [slice(end - size, end) for end, size in zip(itertools.accumulate(sizes), sizes)]
+    states = tuple(hx) if kind == "lstm" else (hx,)
+    projected = kind == "lstm" and hx[0].shape[-1] != hx[1].shape[-1]
+    return _Sequence(states, list(params), bool(has_biases), num_layers, 2 if bidirectional else 1, projected,
+                     sizes, where)
+
+
+def _layers_forward(step: Callable[..., tuple], seq: _Sequence, x: Tensor) -> tuple[list, Tensor]:
+    """Every layer and direction run again: per layer, its input and its runs; and the last layer's output."""
+    layers = []
+    for layer in range(seq.num_layers):
+        runs = []
+        for d in range(seq.directions):
+            k = layer * seq.directions + d
+            weights = seq.weights(k)
+            initial = tuple(s[k] for s in seq.states)
+            runs.append((weights, _run_forward(step, x, seq.where, seq.sizes, initial, weights, reverse=d == 1)))
+        layers.append((x, runs))
+        x = torch.cat([run.output for _, run in runs], -1) if seq.directions == 2 else runs[0][1].output
+    return layers, x
+
+
+def _layers_backward(step_back: Callable[..., tuple], seq: _Sequence, layers: list, d_x: Tensor,
+                     d_final: list[Tensor]) -> tuple[Tensor, tuple, list]:
+    """From the last layer down: the gradients of the input, of the initial states and of the weights."""
+    d_params: list[Any] = [None] * len(seq.params)
+    d_states: list[list[Any]] = [[None] * len(layers) * seq.directions for _ in seq.states]
+    for layer in reversed(range(seq.num_layers)):
+        x, runs = layers[layer]
+        d_input = None
+        for d, (weights, run) in enumerate(runs):
+            k = layer * seq.directions + d
+            width = run.output.shape[-1]
+            d_output = d_x[..., d * width:(d + 1) * width] if seq.directions == 2 else d_x
+            d_run_input, d_weights, d_initial = _run_backward(step_back, x, seq.where, seq.sizes, run, weights,
+                                                              d_output, tuple(final[k] for final in d_final))
+            d_params[k * seq.per_run:(k + 1) * seq.per_run] = d_weights
+            d_input = d_run_input if d_input is None else d_input + d_run_input
+            for j, d_state in enumerate(d_initial):
+                d_states[j][k] = d_state
+        d_x = d_input
+    return d_x, tuple(torch.stack(d) for d in d_states), d_params
+
+
 def _sequence_rule(kind: str) -> Callable[..., tuple]:
     """The rule of ``torch.<kind>(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
     batch_first)`` as nn.LSTM/GRU/RNN call it (and of its PackedSequence overload, ``(data, batch_sizes, hx, ...)``):
@@ -2213,66 +2289,27 @@ def _sequence_rule(kind: str) -> Callable[..., tuple]:
     def rule(g: Tensor, out: Any, input: Tensor, hx: Any, params: Any, has_biases: Any, num_layers: Any,
              dropout: Any, train: Any, bidirectional: Any, batch_first: Any = False, *, output_index: int = 0
              ) -> tuple:
-        sizes = None
-        if isinstance(has_biases, (list, tuple)):  # packed: the arguments sit one place further on
+        sizes, packed = None, isinstance(has_biases, (list, tuple))  # packed: the arguments sit one place on
+        if packed:
             sizes = hx.tolist()
             hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = (
                 params, has_biases, num_layers, dropout, train, bidirectional, batch_first, False)
-        if dropout and train and num_layers > 1:
-            module = _MODULES[kind]
-            raise UnsupportedCall(
-                f"{kind}: dropout={dropout} between the layers of an {module} in training mode draws its masks "
-                f"inside torch's kernel, out of a rule's reach; record with dropout=0 or in eval mode "
-                f"(model.eval()), or stack one-layer {module}s with nn.Dropout between them, which records")
-        states = tuple(hx) if kind == "lstm" else (hx,)  # each (num_layers * directions, batch, size)
-        projected = kind == "lstm" and hx[0].shape[-1] != hx[1].shape[-1]
-        per_run, directions = 2 + 2 * bool(has_biases) + projected, 2 if bidirectional else 1
-        turn = batch_first and sizes is None
+        turn = batch_first and not packed
         x = input.transpose(0, 1) if turn else input
-        if sizes is None:
-            where: list = list(range(x.shape[0]))
-        else:
-            ends = list(itertools.accumulate(sizes))
-            where = [slice(end - size, end) for end, size in zip(ends, sizes)]
-        layers = []
-        for layer in range(num_layers):
-            runs = []
-            for d in range(directions):
-                k = layer * directions + d
-                w = params[k * per_run:(k + 1) * per_run]
-                weights = _Weights(w[0], w[1], w[2] if has_biases else None, w[3] if has_biases else None,
-                                   w[-1] if projected else None)
-                runs.append((weights, _run_forward(step, x, where, sizes, tuple(s[k] for s in states), weights,
-                                                   reverse=d == 1)))
-            layers.append((x, runs))
-            x = runs[0][1].output if directions == 1 else torch.cat([run.output for _, run in runs], -1)
-        d_x = (g.transpose(0, 1) if turn else g) if output_index == 0 else torch.zeros_like(x)
-        d_params: list[Any] = [None] * len(params)
-        d_states: list[list[Any]] = [[None] * (num_layers * directions) for _ in states]
-        for layer in reversed(range(num_layers)):
-            x, runs = layers[layer]
-            d_input = None
-            for d, (weights, run) in enumerate(runs):
-                k = layer * directions + d
-                width = run.output.shape[-1]
-                d_output = d_x[..., d * width:(d + 1) * width] if directions == 2 else d_x
-                d_final = tuple(g[k] if output_index == 1 + j else torch.zeros_like(s[k]) for j, s in enumerate(states))
-                d_run_input, d_params[k * per_run:(k + 1) * per_run], d_initial = _run_backward(
-                    step_back, x, where, sizes, run, weights, d_output, d_final)
-                d_input = d_run_input if d_input is None else d_input + d_run_input
-                for j, d_s in enumerate(d_initial):
-                    d_states[j][k] = d_s
-            d_x = d_input
-        d_hx = tuple(torch.stack(d_s) for d_s in d_states)
-        d_x = d_x.transpose(0, 1) if turn else d_x
-        d_hx = d_hx if kind == "lstm" else d_hx[0]
-        return (d_x, d_hx, d_params) if sizes is None else (d_x, None, d_hx, d_params)
+        seq = _sequence(kind, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, sizes)
+        layers, output = _layers_forward(step, seq, x)
+        d_output = (g.transpose(0, 1) if turn else g) if output_index == 0 else torch.zeros_like(output)
+        d_final = [g if output_index == 1 + j else torch.zeros_like(s) for j, s in enumerate(seq.states)]
+        d_x, d_hx, d_params = _layers_backward(step_back, seq, layers, d_output, d_final)
+        d_x, d_hx = d_x.transpose(0, 1) if turn else d_x, d_hx if kind == "lstm" else d_hx[0]
+        return (d_x, None, d_hx, d_params) if packed else (d_x, d_hx, d_params)
 
     return rule
 
 
 for _kind in _CELLS:
     defop(_kind, _sequence_rule(_kind), multi=True)
+
 
 # pack_padded_sequence and pad_packed_sequence (a PackedSequence's data holds step t's first batch_sizes[t] rows)
 def _pack_rows(padded: Tensor, sizes: list[int]) -> Tensor:
