@@ -1197,6 +1197,7 @@ class _Generator:
         self.undo = list(undo)
         self.undo_name = ""  # the variable holding the undo list, when there is one
         self.helpers: dict[str, str] = {}  # a runtime helper (Diverged, same_number ...) -> its name in the namespace
+        self.unpacked: set[int] = set()  # the outputs of multi-output calls already emitted
 
     # ------------------------------------------------------------ assembling the statements
 
@@ -1573,9 +1574,10 @@ class _Generator:
 
     def _emit_multi(self, key: int) -> list[str]:
         stmt = self.stmts[key]
-        if key in self.var:  # already unpacked with a sibling
+        if key in self.var or key in self.unpacked:  # already unpacked with a sibling (an unread one gets no name)
             return []
         group = {i: k for i, k in self._group(key).items() if k in self.needed}
+        self.unpacked.update(group.values())
         unread = {i for i, k in group.items() if not self.uses[self._resolve(k)]}
         if unread and printer._name_of(stmt.func) in _OUTPUT_MASKED:
             stmt = self._masked(stmt, unread)

@@ -170,13 +170,15 @@ def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: t
     if event.detach and lookup(func) is None:
         return event
     refs, consts, generic = [], [], []
+    nested = False  # a tuple or list of tensors came first: later tensors are checked after it (new leaves in order)
     for position, pattern in enumerate(head["args"]):
-        if pattern.__class__ is Ref:
+        if pattern.__class__ is Ref and not nested:
             refs.append((position, pattern.node))
         elif pattern.__class__ in _SIMPLE or (pattern.__class__ is float and pattern == pattern and pattern != 0.0):
             consts.append((position, pattern))  # (-0.0 and nan need _same's care; other floats compare plainly)
         else:
             generic.append((position, pattern))
+            nested = nested or _holds(pattern, Ref)
     event.nargs = len(head["args"])
     event.refs, event.consts, event.generic = tuple(refs), tuple(consts), tuple(generic)
     event.kwargs = tuple(head["kwargs"].items())
@@ -386,6 +388,10 @@ def _pattern_checks(value: str, pattern: Any, label: str, constants: dict[str, A
                     tensor_checks: Callable[[str, int], list[str]]) -> list[str] | None:
     """Checks of a non-constant argument, as :meth:`Session._check` makes them (None: not generated)."""
     cls = pattern.__class__
+    if cls is Ref:  # a tensor after a tuple or list of tensors (torch.lstm_cell(x, (h, c), w_ih, ...))
+        t = f"t{label}"
+        return [f"        {t} = {value}", f"        if not isinstance({t}, Tensor):",
+                "            return False"] + tensor_checks(t, pattern.node)
     if (cls is tuple or cls is list) and _holds(pattern, Ref):
         v = f"v{label}"
         lines = [f"        {v} = {value}",

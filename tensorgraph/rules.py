@@ -9,10 +9,11 @@ that same kernel and says so. Broadcast-undo and fan-out sums are the engine's j
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -2031,6 +2032,320 @@ def interpolate(g: Tensor, out: Tensor, input: Tensor, size: Any = None, scale_f
 
 
 defop("interpolate", interpolate)
+
+# ---------------------------------------------------------------- recurrent layers
+# One cell step maps the input projection ``gi = x @ w_ih.T + b_ih`` (made for every step at once) and the state
+# to the new state, keeping what its backward reads; the backward maps the new state's gradient to the gradients
+# of ``gi``, of ``gh = h @ w_hh.T + b_hh`` (the same tensor except in the GRU) and of the old state. The gates are
+# recomputed from the inputs, in torch's order: LSTM i, f, g, o; GRU r, z, n.
+
+
+def _affine_grads(d: Tensor, x: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
+    """The gradients of ``w`` and ``b`` in ``x @ w.T + b`` from the result's gradient ``d``, over all leading dims."""
+    d = d.reshape(-1, d.shape[-1])
+    return d.mT @ x.reshape(-1, x.shape[-1]), d.sum(0) if bias else None
+
+
+def _lstm_step(gi: Tensor, state: tuple, w_hh: Tensor, b_hh: Tensor | None, w_hr: Tensor | None) -> tuple:
+    h, c = state
+    gates = gi + (h @ w_hh.mT if b_hh is None else F.linear(h, w_hh, b_hh))
+    i, f, cand, o = gates.chunk(4, -1)
+    i, f, cand, o = i.sigmoid(), f.sigmoid(), cand.tanh(), o.sigmoid()
+    c_new = f * c + i * cand
+    tanh_c = c_new.tanh()
+    h_new = o * tanh_c
+    h_out = h_new if w_hr is None else h_new @ w_hr.mT  # proj_size: h is projected
+    return (h_out, c_new), (h, c, i, f, cand, o, tanh_c, h_new)
+
+
+def _lstm_step_back(d_state: tuple, saved: tuple, w_hh: Tensor, w_hr: Tensor | None) -> tuple:
+    dh, dc = d_state
+    h, c, i, f, cand, o, tanh_c, _ = saved
+    if w_hr is not None:
+        dh = dh @ w_hr
+    dc = dc + aten.tanh_backward(dh * o, tanh_c)
+    d_gates = torch.cat([aten.sigmoid_backward(dc * cand, i), aten.sigmoid_backward(dc * c, f),
+                         aten.tanh_backward(dc * i, cand), aten.sigmoid_backward(dh * tanh_c, o)], -1)
+    return d_gates, d_gates, (d_gates @ w_hh, dc * f)
+
+
+def _gru_step(gi: Tensor, state: tuple, w_hh: Tensor, b_hh: Tensor | None, w_hr: Any = None) -> tuple:
+    (h,) = state
+    gh = h @ w_hh.mT if b_hh is None else F.linear(h, w_hh, b_hh)
+    i_r, i_z, i_n = gi.chunk(3, -1)
+    h_r, h_z, h_n = gh.chunk(3, -1)
+    r, z = (i_r + h_r).sigmoid(), (i_z + h_z).sigmoid()
+    n = (i_n + r * h_n).tanh()  # the reset gate scales h's projection, bias included
+    return (n + z * (h - n),), (h, r, z, n, h_n)
+
+
+def _gru_step_back(d_state: tuple, saved: tuple, w_hh: Tensor, w_hr: Any = None) -> tuple:
+    (dh,) = d_state
+    h, r, z, n, h_n = saved
+    dn = aten.tanh_backward(dh * (1 - z), n)
+    dr = aten.sigmoid_backward(dn * h_n, r)
+    dz = aten.sigmoid_backward(dh * (h - n), z)
+    d_gh = torch.cat([dr, dz, dn * r], -1)
+    return torch.cat([dr, dz, dn], -1), d_gh, (d_gh @ w_hh + dh * z,)
+
+
+def _rnn_step(activation: Callable[[Tensor], Tensor]) -> Callable[..., tuple]:
+    def step(gi: Tensor, state: tuple, w_hh: Tensor, b_hh: Tensor | None, w_hr: Any = None) -> tuple:
+        (h,) = state
+        h_new = activation(gi + (h @ w_hh.mT if b_hh is None else F.linear(h, w_hh, b_hh)))
+        return (h_new,), (h, h_new)
+    return step
+
+
+def _rnn_step_back(derivative: Callable[[Tensor, Tensor], Tensor]) -> Callable[..., tuple]:
+    def back(d_state: tuple, saved: tuple, w_hh: Tensor, w_hr: Any = None) -> tuple:
+        d = derivative(d_state[0], saved[1])
+        return d, d, (d @ w_hh,)
+    return back
+
+
+_CELLS = {  # op name -> (step, step backward)
+    "lstm": (_lstm_step, _lstm_step_back),
+    "gru": (_gru_step, _gru_step_back),
+    "rnn_tanh": (_rnn_step(torch.tanh), _rnn_step_back(aten.tanh_backward)),
+    "rnn_relu": (_rnn_step(torch.relu), _rnn_step_back(lambda d, h: aten.threshold_backward(d, h, 0))),
+}
+
+
+def _cell_rule(kind: str) -> Callable[..., tuple]:
+    """The rule of ``torch.<kind>_cell(input, hx, w_ih, w_hh, b_ih, b_hh)``: one step (nn.*Cell passes zeros for
+    a missing hx, and a batch of one for a 1-d input)."""
+    step, step_back = _CELLS[kind]
+
+    def rule(g: Tensor, out: Any, input: Tensor, hx: Any, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
+             b_hh: Tensor | None = None, *, output_index: int = 0) -> tuple:
+        state = tuple(hx) if kind == "lstm" else (hx,)
+        gi = input @ w_ih.mT if b_ih is None else F.linear(input, w_ih, b_ih)
+        new_state, saved = step(gi, state, w_hh, b_hh, None)
+        d_state = tuple(g if k == output_index else torch.zeros_like(s) for k, s in enumerate(new_state))
+        d_gi, d_gh, d_prev = step_back(d_state, saved, w_hh, None)
+        d_w_ih, d_b_ih = _affine_grads(d_gi, input, b_ih is not None)
+        d_w_hh, d_b_hh = _affine_grads(d_gh, state[0], b_hh is not None)
+        d_hx = d_prev if kind == "lstm" else d_prev[0]
+        return d_gi @ w_ih, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+
+    rule.__doc__ = f"The gradients of torch.{kind}_cell's inputs, through one step recomputed from them."
+    return rule
+
+
+for _kind in _CELLS:
+    defop(f"{_kind}_cell", _cell_rule(_kind), multi=_kind == "lstm")
+
+
+class _Weights(NamedTuple):
+    """One layer's weights in one direction."""
+
+    ih: Tensor
+    hh: Tensor
+    b_ih: Tensor | None
+    b_hh: Tensor | None
+    hr: Tensor | None  # the LSTM's projection (proj_size > 0)
+
+
+class _Run(NamedTuple):
+    """One layer in one direction, run forward: its output and each step's saved tensors."""
+
+    output: Tensor
+    saved: dict[int, tuple]
+    order: range
+
+
+def _join(steps: list[Tensor], packed: bool) -> Tensor:
+    """Per-step tensors (in time order) as one sequence: stacked, or one after the other for packed data."""
+    return torch.cat(steps) if packed else torch.stack(steps)
+
+
+def _run_forward(step: Callable[..., tuple], x: Tensor, where: list, sizes: list[int] | None, state: tuple,
+                 w: _Weights, reverse: bool) -> _Run:
+    """A layer's steps over the sequence; with packed data, step t updates only the first sizes[t] sequences."""
+    gi = x @ w.ih.mT if w.b_ih is None else F.linear(x, w.ih, w.b_ih)
+    order = range(len(where) - 1, -1, -1) if reverse else range(len(where))
+    saved: dict[int, tuple] = {}
+    hs: list[Any] = [None] * len(where)
+    for t in order:
+        rows = sizes[t] if sizes is not None and sizes[t] < state[0].shape[0] else None
+        part = state if rows is None else tuple(s[:rows] for s in state)
+        part, saved[t] = step(gi[where[t]], part, w.hh, w.b_hh, w.hr)
+        state = part if rows is None else tuple(torch.cat([p, s[rows:]]) for p, s in zip(part, state))
+        hs[t] = part[0]
+    return _Run(_join(hs, sizes is not None), saved, order)
+
+
+def _run_backward(step_back: Callable[..., tuple], x: Tensor, where: list, sizes: list[int] | None, run: _Run,
+                  w: _Weights, d_output: Tensor, d_state: tuple) -> tuple[Tensor, list, tuple]:
+    """Backpropagation through time for one run: the gradients of its input, its weights and its initial state."""
+    n = len(where)
+    d_gi, d_gh, d_h = [None] * n, [None] * n, [None] * n
+    for t in reversed(run.order):
+        rows = sizes[t] if sizes is not None and sizes[t] < d_state[0].shape[0] else None
+        part = d_state if rows is None else tuple(s[:rows] for s in d_state)
+        d_h[t] = part[0] + d_output[where[t]]
+        d_gi[t], d_gh[t], part = step_back((d_h[t], *part[1:]), run.saved[t], w.hh, w.hr)
+        d_state = part if rows is None else tuple(torch.cat([p, s[rows:]]) for p, s in zip(part, d_state))
+    packed = sizes is not None
+    d_gi_all, d_gh_all = _join(d_gi, packed), _join(d_gh, packed)
+    h_prev = _join([run.saved[t][0] for t in range(n)], packed)
+    d_w_ih, d_b_ih = _affine_grads(d_gi_all, x, w.b_ih is not None)
+    d_w_hh, d_b_hh = _affine_grads(d_gh_all, h_prev, w.b_hh is not None)
+    d_weights = [d_w_ih, d_w_hh] + ([d_b_ih, d_b_hh] if w.b_ih is not None else [])
+    if w.hr is not None:
+        d_weights.append(_affine_grads(_join(d_h, packed), _join([run.saved[t][-1] for t in range(n)], packed),
+                                       False)[0])
+    return d_gi_all @ w.ih, d_weights, d_state
+
+
+_MODULES = {"lstm": "nn.LSTM", "gru": "nn.GRU", "rnn_tanh": "nn.RNN", "rnn_relu": "nn.RNN"}
+
+
+class _Sequence(NamedTuple):
+    """A torch.lstm/gru/rnn_* call's arguments, read alike for the padded and the packed overload."""
+
+    states: tuple  # (h0,) or (h0, c0), each (num_layers * directions, batch, size)
+    params: list  # w_ih, w_hh (, b_ih, b_hh) (, w_hr) per layer and direction
+    has_biases: bool
+    num_layers: int
+    directions: int
+    projected: bool  # an LSTM with proj_size: h0 narrower than c0, a w_hr per run
+    sizes: list[int] | None  # packed data: the batch size at each step
+    where: list  # each step's index in a layer's input: a time step, or its rows of packed data
+
+    @property
+    def per_run(self) -> int:
+        return 2 + 2 * self.has_biases + self.projected
+
+    def weights(self, k: int) -> _Weights:
+        """The weights of run ``k`` (layer * directions + direction)."""
+        w = self.params[k * self.per_run:(k + 1) * self.per_run]
+        biases = (w[2], w[3]) if self.has_biases else (None, None)
+        return _Weights(w[0], w[1], *biases, w[-1] if self.projected else None)
+
+
+def _sequence(kind: str, x: Tensor, hx: Any, params: Any, has_biases: Any, num_layers: int, dropout: float,
+              train: bool, bidirectional: bool, sizes: list[int] | None) -> _Sequence:
+    if dropout and train and num_layers > 1:
+        module = _MODULES[kind]
+        raise UnsupportedCall(
+            f"{kind}: dropout={dropout} between the layers of an {module} in training mode draws its masks "
+            f"inside torch's kernel, out of a rule's reach; record with dropout=0 or in eval mode "
+            f"(model.eval()), or stack one-layer {module}s with nn.Dropout between them, which records")
+    if sizes is None:
+        where: list = list(range(x.shape[0]))
+    else:
+        where = [slice(end - size, end) for end, size in zip(itertools.accumulate(sizes), sizes)]
+    states = tuple(hx) if kind == "lstm" else (hx,)
+    projected = kind == "lstm" and hx[0].shape[-1] != hx[1].shape[-1]
+    return _Sequence(states, list(params), bool(has_biases), num_layers, 2 if bidirectional else 1, projected,
+                     sizes, where)
+
+
+def _layers_forward(step: Callable[..., tuple], seq: _Sequence, x: Tensor) -> tuple[list, Tensor]:
+    """Every layer and direction run again: per layer, its input and its runs; and the last layer's output."""
+    layers = []
+    for layer in range(seq.num_layers):
+        runs = []
+        for d in range(seq.directions):
+            k = layer * seq.directions + d
+            weights = seq.weights(k)
+            initial = tuple(s[k] for s in seq.states)
+            runs.append((weights, _run_forward(step, x, seq.where, seq.sizes, initial, weights, reverse=d == 1)))
+        layers.append((x, runs))
+        x = torch.cat([run.output for _, run in runs], -1) if seq.directions == 2 else runs[0][1].output
+    return layers, x
+
+
+def _layers_backward(step_back: Callable[..., tuple], seq: _Sequence, layers: list, d_x: Tensor,
+                     d_final: list[Tensor]) -> tuple[Tensor, tuple, list]:
+    """From the last layer down: the gradients of the input, of the initial states and of the weights."""
+    d_params: list[Any] = [None] * len(seq.params)
+    d_states: list[list[Any]] = [[None] * len(layers) * seq.directions for _ in seq.states]
+    for layer in reversed(range(seq.num_layers)):
+        x, runs = layers[layer]
+        d_input = None
+        for d, (weights, run) in enumerate(runs):
+            k = layer * seq.directions + d
+            width = run.output.shape[-1]
+            d_output = d_x[..., d * width:(d + 1) * width] if seq.directions == 2 else d_x
+            d_run_input, d_weights, d_initial = _run_backward(step_back, x, seq.where, seq.sizes, run, weights,
+                                                              d_output, tuple(final[k] for final in d_final))
+            d_params[k * seq.per_run:(k + 1) * seq.per_run] = d_weights
+            d_input = d_run_input if d_input is None else d_input + d_run_input
+            for j, d_state in enumerate(d_initial):
+                d_states[j][k] = d_state
+        d_x = d_input
+    return d_x, tuple(torch.stack(d) for d in d_states), d_params
+
+
+def _sequence_rule(kind: str) -> Callable[..., tuple]:
+    """The rule of ``torch.<kind>(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+    batch_first)`` as nn.LSTM/GRU/RNN call it (and of its PackedSequence overload, ``(data, batch_sizes, hx, ...)``):
+    every layer and direction run again, then backpropagated through time."""
+    step, step_back = _CELLS[kind]
+
+    def rule(g: Tensor, out: Any, input: Tensor, hx: Any, params: Any, has_biases: Any, num_layers: Any,
+             dropout: Any, train: Any, bidirectional: Any, batch_first: Any = False, *, output_index: int = 0
+             ) -> tuple:
+        sizes, packed = None, isinstance(has_biases, (list, tuple))  # packed: the arguments sit one place on
+        if packed:
+            sizes = hx.tolist()
+            hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = (
+                params, has_biases, num_layers, dropout, train, bidirectional, batch_first, False)
+        turn = batch_first and not packed
+        x = input.transpose(0, 1) if turn else input
+        seq = _sequence(kind, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, sizes)
+        layers, output = _layers_forward(step, seq, x)
+        d_output = (g.transpose(0, 1) if turn else g) if output_index == 0 else torch.zeros_like(output)
+        d_final = [g if output_index == 1 + j else torch.zeros_like(s) for j, s in enumerate(seq.states)]
+        d_x, d_hx, d_params = _layers_backward(step_back, seq, layers, d_output, d_final)
+        d_x, d_hx = d_x.transpose(0, 1) if turn else d_x, d_hx if kind == "lstm" else d_hx[0]
+        return (d_x, None, d_hx, d_params) if packed else (d_x, d_hx, d_params)
+
+    return rule
+
+
+for _kind in _CELLS:
+    defop(_kind, _sequence_rule(_kind), multi=True)
+
+
+# pack_padded_sequence and pad_packed_sequence (a PackedSequence's data holds step t's first batch_sizes[t] rows)
+def _pack_rows(padded: Tensor, sizes: list[int]) -> Tensor:
+    """Step after step, the rows of a (time, batch, ...) tensor that a PackedSequence with these sizes keeps."""
+    return torch.cat([padded[t, :size] for t, size in enumerate(sizes)])
+
+
+def _pad_rows(data: Tensor, sizes: list[int], steps: int) -> Tensor:
+    """The inverse of _pack_rows: packed rows back in a (steps, batch, ...) tensor, zeros elsewhere."""
+    batch, ends = sizes[0], list(itertools.accumulate(sizes))
+    rows = [torch.cat([data[end - size:end], data.new_zeros((batch - size, *data.shape[1:]))])
+            for end, size in zip(ends, sizes)]
+    rows += [data.new_zeros((batch, *data.shape[1:]))] * (steps - len(sizes))
+    return torch.stack(rows)
+
+
+def pack_padded_sequence(g: Tensor, out: Any, input: Tensor, lengths: Tensor, batch_first: bool, *,
+                         output_index: int = 0) -> Any:
+    """The packed data's gradient goes back to the rows it came from; batch_sizes (output 1) takes none."""
+    if output_index:
+        return None
+    grad = _pad_rows(g, out[1].tolist(), input.shape[1 if batch_first else 0])
+    return grad.transpose(0, 1) if batch_first else grad
+
+
+def pad_packed_sequence(g: Tensor, out: Any, data: Tensor, batch_sizes: Tensor, batch_first: bool,
+                        padding_value: Any, total_length: int, *, output_index: int = 0) -> Any:
+    """The padded tensor's gradient at the packed rows (the padding takes none); lengths (output 1) take none."""
+    if output_index:
+        return None
+    return _pack_rows(g.transpose(0, 1) if batch_first else g, batch_sizes.tolist())
+
+
+defop("_pack_padded_sequence", pack_padded_sequence, multi=True)
+defop("_pad_packed_sequence", pad_packed_sequence, multi=True)
+
 
 # ---------------------------------------------------------------- constants: no gradient flows
 

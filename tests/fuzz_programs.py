@@ -1760,6 +1760,46 @@ FIXED: dict[str, list[tuple[str, Callable[..., Tensor], list[tuple[int, ...]]]]]
     ],
 }
 
+# the recurrent ops on their weights as operands: several outputs joined into one (torch.cat of the flattened ones)
+_LSTM = "torch.lstm({0}, ({1}, {2}), [{3}, {4}, {5}, {6}], True, 1, 0.0, False, False, False)"
+FIXED["recurrent"] = [
+    ("torch.cat(torch.lstm_cell({0}, ({1}, {2}), {3}, {4}, {5}, {6}), -1)",
+     lambda x, h, c, *w: torch.cat(torch.lstm_cell(x, (h, c), *w), -1), [(2, 3), (2, 2), (2, 2), (8, 3), (8, 2),
+                                                                          (8,), (8,)]),
+    ("torch.lstm_cell({0}, ({1}, {2}), {3}, {4})[1]", lambda x, h, c, *w: torch.lstm_cell(x, (h, c), *w)[1],
+     [(2, 3), (2, 2), (2, 2), (8, 3), (8, 2)]),
+    ("torch.gru_cell({0}, {1}, {2}, {3}, {4}, {5})", torch.gru_cell, [(2, 3), (2, 2), (6, 3), (6, 2), (6,), (6,)]),
+    ("torch.rnn_tanh_cell({0}, {1}, {2}, {3})", torch.rnn_tanh_cell, [(1, 3), (1, 2), (2, 3), (2, 2)]),
+    ("torch.rnn_relu_cell({0}, {1}, {2}, {3}, {4}, {5})", torch.rnn_relu_cell, [(2, 3), (2, 2), (2, 3), (2, 2), (2,),
+                                                                               (2,)]),
+    (f"{_LSTM}[0]", lambda x, h, c, *w: torch.lstm(x, (h, c), list(w), True, 1, 0.0, False, False, False)[0],
+     [(3, 2, 2), (1, 2, 2), (1, 2, 2), (8, 2), (8, 2), (8,), (8,)]),
+    (f"{_LSTM}[2]", lambda x, h, c, *w: torch.lstm(x, (h, c), list(w), True, 1, 0.0, False, False, False)[2],
+     [(3, 2, 2), (1, 2, 2), (1, 2, 2), (8, 2), (8, 2), (8,), (8,)]),
+    ("torch.gru({0}, {1}, [{2}, {3}], False, 1, 0.0, False, True, True)[0]",
+     lambda x, h, *w: torch.gru(x, h, list(w), False, 1, 0.0, False, True, True)[0],
+     [(2, 3, 2), (2, 2, 2), (6, 2), (6, 2), (6, 2), (6, 2)]),
+    ("torch.rnn_tanh({0}, {1}, [{2}, {3}, {4}, {5}], False, 2, 0.0, False, False, False)[1]",
+     lambda x, h, *w: torch.rnn_tanh(x, h, list(w), False, 2, 0.0, False, False, False)[1],
+     [(3, 1, 2), (2, 1, 2), (2, 2), (2, 2), (2, 2), (2, 2)]),
+    ("torch.rnn_relu({0}, {1}, [{2}, {3}, {4}, {5}], True, 1, 0.0, False, False, False)[0]",
+     lambda x, h, *w: torch.rnn_relu(x, h, list(w), True, 1, 0.0, False, False, False)[0],
+     [(3, 2, 2), (1, 2, 2), (2, 2), (2, 2), (2,), (2,)]),
+    ("_padded(torch.gru(_packed({0}), torch.tensor([2, 1]), {1}, [{2}, {3}], False, 1, 0.0, False, False)[0])",
+     lambda x, h, *w: _padded(torch.gru(_packed(x), torch.tensor([2, 1]), h, list(w), False, 1, 0.0, False, False)[0]),
+     [(2, 2, 2), (1, 2, 2), (6, 2), (6, 2)]),
+]
+
+
+def _packed(x: Tensor) -> Tensor:
+    """The data of pack_padded_sequence(x, [2, 1]) (the first sequence two steps long, the second one)."""
+    return torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([2, 1])).data
+
+
+def _padded(data: Tensor) -> Tensor:
+    """pad_packed_sequence of packed data with batch sizes [2, 1]."""
+    return torch.nn.utils.rnn.pad_packed_sequence(torch.nn.utils.rnn.PackedSequence(data, torch.tensor([2, 1])))[0]
+
 
 def _fixed(table: str) -> Callable[[Builder], int]:
     def generate(b: Builder) -> int:

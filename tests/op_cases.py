@@ -369,6 +369,7 @@ def nn_cases():
     yield from activation_cases()
     yield from scan_cases()
     yield from linalg_cases()
+    yield from recurrent_cases()
     yield from distance_cases()
     yield from more_shape_cases()
     yield from image_cases()
@@ -664,6 +665,91 @@ def linalg_cases():
 
 
 _BILINEAR = _affine(torch.nn.Bilinear(3, 2, 4))
+
+
+def _flat(*outputs):
+    """Several outputs as one tensor, so that each takes its own gradient."""
+    return torch.cat([t.reshape(-1) for t in outputs])
+
+
+def _rnn_params(gates, input_size, hidden, *, layers=1, directions=1, bias=True, proj=0, seed=0):
+    """Flat weights as nn.LSTM/GRU/RNN pass them: w_ih, w_hh (, b_ih, b_hh) (, w_hr) per layer and direction."""
+    out, params = proj or hidden, []
+    for layer in range(layers):
+        size = input_size if layer == 0 else out * directions
+        for _ in range(directions):
+            shapes = [(gates * hidden, size), (gates * hidden, out)] + [(gates * hidden,)] * (2 * bias)
+            shapes += [(proj, hidden)] if proj else []
+            params += [r(*shape, seed=seed + len(params)) * 0.6 for shape in shapes]
+    return params
+
+
+def _sequence(op, layers=1, bidirectional=False, batch_first=False, bias=True):
+    """torch.lstm/gru/rnn_* as nn.LSTM/GRU/RNN.forward calls it, with its weights as the case's inputs."""
+    lstm = op is torch._VF.lstm
+
+    def fn(x, *rest):
+        hx, params = ((rest[0], rest[1]), rest[2:]) if lstm else (rest[0], rest[1:])
+        return _flat(*op(x, hx, list(params), bias, layers, 0.0, False, bidirectional, batch_first))
+    return fn
+
+
+_LENGTHS = torch.tensor([3, 2, 1])  # sorted: enforce_sorted=False starts its permutation from empty_like
+
+
+def _packed_gru(x, h0, *params):
+    """A padded batch through pack_padded_sequence, a 2-layer bidirectional GRU and pad_packed_sequence."""
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, _LENGTHS, batch_first=True)
+    data, h_n = torch._VF.gru(packed.data, packed.batch_sizes, h0, list(params), True, 2, 0.0, False, True)
+    out = torch.nn.utils.rnn.PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+    padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=4)
+    return _flat(padded, h_n)
+
+
+_LSTM_MODULE = _affine(torch.nn.LSTM(2, 3, num_layers=2, bidirectional=True))
+_LSTM_PROJ_MODULE = _affine(torch.nn.LSTM(2, 3, proj_size=2, batch_first=True))
+_GRU_MODULE = _affine(torch.nn.GRU(2, 3, bias=False))
+_RNN_MODULE = _affine(torch.nn.RNN(2, 3, nonlinearity="relu", num_layers=2))
+_LSTM_CELL = _affine(torch.nn.LSTMCell(2, 3))
+_GRU_CELL = _affine(torch.nn.GRUCell(2, 3, bias=False))
+
+
+def recurrent_cases():
+    """The recurrent cells and sequences (torch.lstm_cell ... torch._VF.lstm ...), their weights as inputs."""
+    x, h, c = r(2, 3, seed=1), r(2, 4, seed=2), r(2, 4, seed=3)
+    yield "lstm_cell", lambda x, h, c, *w: _flat(*torch.lstm_cell(x, (h, c), *w)), [
+        x, h, c, *_rnn_params(4, 3, 4, seed=10)]
+    yield "lstm_cell_no_bias_c_only", lambda x, h, c, *w: torch.lstm_cell(x, (h, c), *w)[1], [
+        x, h, c, *_rnn_params(4, 3, 4, bias=False, seed=20)]
+    yield "lstm_cell_h_only", lambda x, h, c, *w: torch.lstm_cell(x, (h, c), *w)[0], [
+        x, h, c, *_rnn_params(4, 3, 4, seed=25)]
+    yield "gru_cell", lambda x, h, *w: torch.gru_cell(x, h, *w), [x, h, *_rnn_params(3, 3, 4, seed=30)]
+    yield "gru_cell_no_bias", lambda x, h, *w: torch.gru_cell(x, h, *w), [x, h, *_rnn_params(3, 3, 4, bias=False,
+                                                                                                 seed=40)]
+    yield "rnn_tanh_cell", lambda x, h, *w: torch.rnn_tanh_cell(x, h, *w), [x, h, *_rnn_params(1, 3, 4, seed=50)]
+    yield "rnn_relu_cell_no_bias", lambda x, h, *w: torch.rnn_relu_cell(x, h, *w), [
+        x, h, *_rnn_params(1, 3, 4, bias=False, seed=60)]
+    yield "lstm_cell_module_unbatched_no_hx", lambda x: _flat(*_LSTM_CELL(x)), [r(2, seed=4)]
+    yield "gru_cell_module_no_hx", lambda x: _GRU_CELL(x), [r(2, 2, seed=5)]
+    seq, h0 = r(3, 2, 2, seed=6), r(1, 2, 3, seed=7)
+    yield "lstm", _sequence(torch._VF.lstm), [seq, h0, r(1, 2, 3, seed=8), *_rnn_params(4, 2, 3, seed=70)]
+    yield "lstm_2_layers_bidirectional_batch_first", _sequence(torch._VF.lstm, 2, True, True), [
+        seq, r(4, 3, 2, seed=9), r(4, 3, 2, seed=10), *_rnn_params(4, 2, 2, layers=2, directions=2, seed=80)]
+    yield "lstm_proj_2_layers", _sequence(torch._VF.lstm, 2), [
+        seq, r(2, 2, 2, seed=11), r(2, 2, 3, seed=12), *_rnn_params(4, 2, 3, layers=2, proj=2, seed=100)]
+    yield "gru_2_layers_no_bias", _sequence(torch._VF.gru, 2, bias=False), [
+        seq, r(2, 2, 3, seed=13), *_rnn_params(3, 2, 3, layers=2, bias=False, seed=120)]
+    yield "gru_bidirectional_batch_first", _sequence(torch._VF.gru, 1, True, True), [
+        seq, r(2, 3, 3, seed=14), *_rnn_params(3, 2, 3, directions=2, seed=140)]
+    yield "rnn_tanh_2_layers_bidirectional", _sequence(torch._VF.rnn_tanh, 2, True), [
+        seq, r(4, 2, 3, seed=15), *_rnn_params(1, 2, 3, layers=2, directions=2, seed=160)]
+    yield "rnn_relu", _sequence(torch._VF.rnn_relu), [seq, h0, *_rnn_params(1, 2, 3, seed=180)]
+    yield "gru_packed_2_layers_bidirectional", _packed_gru, [
+        r(3, 4, 2, seed=16), r(4, 3, 2, seed=17), *_rnn_params(3, 2, 2, layers=2, directions=2, seed=200)]
+    yield "lstm_module_unbatched", lambda x: _flat(_LSTM_MODULE(x)[0], *_LSTM_MODULE(x)[1]), [r(3, 2, seed=18)]
+    yield "lstm_module_proj_batch_first", lambda x: _flat(_LSTM_PROJ_MODULE(x)[0]), [r(2, 3, 2, seed=19)]
+    yield "gru_module_no_bias", lambda x, h: _flat(*_GRU_MODULE(x, h)), [seq, h0]
+    yield "rnn_module_relu_2_layers", lambda x: _flat(*_RNN_MODULE(x)), [seq]
 
 
 def distance_cases():

@@ -402,6 +402,37 @@ def test_cross_entropy_batch_norm_and_layer_norm():
     _check_against_torch_and_engine(fn, [w, g, b], r(8, 6, seed=13), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2]))
 
 
+
+def test_a_small_lstm_language_model_compiles_to_the_engine_gradients():
+    """makemore's next step: embedding, a 2-layer LSTM (its weights the module's), a linear head, cross-entropy."""
+    torch.manual_seed(0)
+    lstm, head = torch.nn.LSTM(4, 5, num_layers=2, batch_first=True).double(), torch.nn.Linear(5, 7).double()
+    table = r(7, 4, seed=21)
+    params = [table, *lstm.parameters(), *head.parameters()]
+
+    def fn(xb, yb, _params):
+        swap = dict(zip(map(id, params), _params))  # torch autograd's copies in torch_grads
+        out, _ = torch.func.functional_call(lstm, {n: swap[id(p)] for n, p in lstm.named_parameters()},
+                                            (_params[0][xb],))
+        logits = F.linear(out, swap[id(head.weight)], swap[id(head.bias)])
+        return F.cross_entropy(logits.reshape(-1, 7), yb.reshape(-1))
+
+    xb, yb = torch.randint(0, 7, (3, 6)), torch.randint(0, 7, (3, 6))
+    step = _check_against_torch_and_engine(fn, params, xb, yb)
+    assert step.source.count("torch.lstm(") == 1, "the LSTM runs once (h_n and c_n are not read)"
+
+
+def test_a_multi_output_call_whose_later_output_is_unread_runs_once():
+    """std_mean's mean (and nn.LSTM's h_n) unread: the call was emitted again at that output, running twice."""
+    w = r(6, 5, seed=22)
+
+    def fn(x, _params):
+        std, _ = torch.std_mean(x @ _params[0], 1)
+        return std.sum()
+
+    step = _check_against_torch_and_engine(fn, [w], r(4, 6, seed=23))
+    assert step.source.count("std_mean(") == 1
+
 def test_dead_gradients_are_not_computed():
     w, unused, frozen = r(3, 3, seed=14), r(3, seed=15), r(3, seed=16)
 

@@ -77,6 +77,26 @@ def test_multi_head_attention_module_says_how_to_write_it_with_rules():
         graph.backward(loss)
 
 
+
+@pytest.mark.parametrize("module", [torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN])
+def test_recurrent_dropout_between_layers_in_training_says_what_records(module):
+    """torch draws the masks inside its fused kernel: no rule can know them, so it refuses, naming the line."""
+    rnn = module(3, 4, num_layers=2, dropout=0.5).double()
+    x = r(5, 2, 3)
+    with tg.record() as graph:
+        out, _ = rnn(x)
+        loss = out.sum()
+    line = sys._getframe().f_lineno - 2
+    kind = {torch.nn.LSTM: "lstm", torch.nn.GRU: "gru", torch.nn.RNN: "rnn_tanh"}[module]
+    with pytest.raises(NotImplementedError, match=rf"{kind}: dropout=0.5 between the layers of an nn.{module.__name__} "
+                       rf"in training mode .*model.eval\(\).*nn.Dropout .*\(called at .*{at(line)}, producing 'out'\)"):
+        graph.backward(loss)
+    rnn.eval()  # in eval mode (and with one layer) the dropout is not applied: the gradient exists
+    with tg.record() as graph:
+        loss = rnn(x)[0].sum()
+    ref = x.clone().requires_grad_()
+    torch.testing.assert_close(graph.backward(loss)[x], torch.autograd.grad(rnn(ref)[0].sum(), ref)[0])
+
 def test_a_forward_recorded_under_autocast_says_so_instead_of_a_dtype_error_from_a_rule():
     # autocast casts below the recorded calls: the linear rule got bfloat16 g and float32 x and W
     lin = torch.nn.Linear(4, 3)

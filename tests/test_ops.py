@@ -205,3 +205,24 @@ def test_nanmean_of_a_slice_of_nans_only_gives_torchs_nan_gradient(dim):
     ours, theirs = engine_grads(fn, [x])[1][0], torch_grads(fn, [x])[0]
     assert theirs[1].isnan().all()
     torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-10, equal_nan=True)
+
+
+@pytest.mark.parametrize("module", [torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN])
+def test_recurrent_module_on_unsorted_packed_sequences_matches_torch(module):
+    """pack_padded_sequence(enforce_sorted=False), a 2-layer bidirectional batch_first module, pad_packed_sequence:
+    h_n (and c_n) come back in the batch's order (index_select), the padding takes no gradient."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    rnn = module(3, 4, num_layers=2, bidirectional=True, batch_first=True).double()
+    lengths = torch.tensor([2, 5, 1, 4])
+    params = list(rnn.parameters())
+
+    def fn(x, *weights):
+        flat = dict(zip([name for name, _ in rnn.named_parameters()], weights))
+        out, state = torch.func.functional_call(rnn, flat, (pack_padded_sequence(x, lengths, True, False),))
+        padded, _ = pad_packed_sequence(out, batch_first=True, total_length=6)
+        states = state if isinstance(state, tuple) else (state,)
+        return torch.cat([padded.reshape(-1), *(s.reshape(-1) for s in states)])
+
+    assert_matches_torch(fn, [r(4, 6, 3, seed=1), *[p.detach().clone() for p in params]])
