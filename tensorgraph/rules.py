@@ -1301,6 +1301,8 @@ def norm(g: Tensor, out: Tensor, x: Tensor, p: Any = "fro", dim: Any = None, kee
     if p in ("fro", 2, 2.0, None):
         scale = (_unreduce(g, x, dim, keepdim) / _unreduce(out, x, dim, keepdim))
         return x * scale.masked_fill(_unreduce(out, x, dim, keepdim) == 0, 0)
+    if p == "nuc":
+        return _spectral_norm(g, x, p, (-2, -1) if dim is None else dim, keepdim, dtype, "norm")
     if isinstance(p, str):
         raise UnsupportedCall(f"norm: the matrix norm p={p!r} has no rule")
     return _norm_grad(_unreduce(g, x, dim, keepdim), x, float(p), _unreduce(out, x, dim, keepdim),

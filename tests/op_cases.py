@@ -729,7 +729,7 @@ def decomposition_cases():
     yield "matrix_norm_spectral_dims", lambda a: torch.linalg.matrix_norm(a, "nuc", dim=(2, 0), keepdim=True) + (
         torch.linalg.matrix_norm(a, -2, dim=(0, -1), keepdim=True).mT), [r(4, 2, 3, seed=19)]
     yield "linalg_norm_spectral", lambda a: torch.linalg.norm(a, "nuc") + torch.linalg.norm(a, 2) + torch.linalg.norm(
-        a, -2, dim=(1, 0)), [tall]
+        a, -2, dim=(1, 0)) + a.norm(p="nuc") + torch.norm(a[None], "nuc", dim=(1, 2), keepdim=True), [tall]
     yield "cond", lambda a: torch.linalg.cond(a) + torch.linalg.cond(a, 2) * 2 + torch.linalg.cond(a, -2), [wide]
     yield "qr_modes", lambda a, w: _qr_sum(*torch.linalg.qr(a, mode="complete")) + _qr_sum(
         *torch.linalg.qr(w, "complete")).sum() + _qr_sum(*torch.qr(a, some=False)), [x, wide]
