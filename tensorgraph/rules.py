@@ -1018,6 +1018,62 @@ defop("matrix_exp", matrix_exp, funcs=("linalg.matrix_exp",))
 defop("solve_triangular", solve_triangular, auto=False, funcs=("linalg.solve_triangular",))
 defop("triangular_solve", triangular_solve, multi=True)
 
+
+def _square_lu(name: str, A: Tensor) -> None:
+    _real(name, A)
+    if A.shape[-2] != A.shape[-1]:
+        raise UnsupportedCall(f"{name}: only square matrices have a rule (got {A.shape[-2]}x{A.shape[-1]})")
+
+
+def _lu_grad(gL: Tensor | None, gU: Tensor | None, P: Tensor, L: Tensor, U: Tensor) -> Tensor:
+    """A = P L U (L unit lower, U upper, square): gA = P L^-T (tril(L^T gL, -1) + triu(gU U^T)) U^-T."""
+    M = torch.zeros_like(U)
+    if gL is not None:
+        M = M + (L.mT @ gL).tril(-1)
+    if gU is not None:
+        M = M + (gU @ U.mT).triu()
+    grad = torch.linalg.solve_triangular(L.mT, M, upper=True, unitriangular=True)
+    return P @ torch.linalg.solve_triangular(U.mT, grad, upper=False, left=False)
+
+
+def lu(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, output_index: int = 0) -> Tensor | None:
+    """torch.linalg.lu: (P, L, U); P is a constant."""
+    _square_lu("linalg.lu", A)
+    if output_index == 0:
+        return None
+    P, L, U = out
+    return _lu_grad(g if output_index == 1 else None, g if output_index == 2 else None, P, L, U)
+
+
+def lu_factor(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, check_errors: bool = False,
+              output_index: int = 0) -> Tensor | None:
+    """torch.linalg.lu_factor(_ex): (LU, pivots[, info]), L's strict lower and U's upper triangle packed in LU."""
+    _square_lu("linalg.lu_factor", A)
+    if output_index != 0:
+        return None
+    P, L, U = torch.lu_unpack(out[0], out[1])
+    return _lu_grad(g.tril(-1), g.triu(), P, L, U)
+
+
+def lu_solve(g: Tensor, out: Tensor, LU: Tensor, pivots: Tensor, B: Tensor, *, left: bool = True,
+             adjoint: bool = False) -> tuple:
+    """X = A^-1 B for A = P L U packed in LU (B A^-1 with left=False, A^T for adjoint): gB as solve's; gA is
+    pulled back to LU's two triangles: tril(P^T gA U^T, -1) + triu(L^T P^T gA)."""
+    _square_lu("linalg.lu_solve", LU)
+    _real("linalg.lu_solve", B)
+    grad_b = torch.linalg.lu_solve(LU, pivots, g, left=left, adjoint=not adjoint)
+    grad_a = -(grad_b @ out.mT) if left else -(out.mT @ grad_b)
+    if adjoint:
+        grad_a = grad_a.mT
+    P, L, U = torch.lu_unpack(LU, pivots)
+    permuted = P.mT @ grad_a
+    return (permuted @ U.mT).tril(-1) + (L.mT @ permuted).triu(), None, grad_b
+
+
+defop("lu", lu, multi=True, auto=False, funcs=("linalg.lu",))
+defop("lu_factor", lu_factor, multi=True, auto=False, funcs=("linalg.lu_factor", "linalg.lu_factor_ex"))
+defop("lu_solve", lu_solve, auto=False, funcs=("linalg.lu_solve",))
+
 # ---------------------------------------------------------------- reductions
 
 

@@ -756,6 +756,14 @@ def decomposition_cases():
         r(4, 2, seed=29), t]
     yield "triangular_solve_coefficient", lambda b, a: torch.triangular_solve(b, a, False).cloned_coefficient.sum(
         -1, keepdim=True) * torch.triangular_solve(b, a, False).solution, [r(4, 2, seed=30), t]
+    yield "lu", lambda a: _lu_sum(*torch.linalg.lu(a)), [x]
+    yield "lu_factor", lambda a: torch.linalg.lu_factor(a).LU + torch.linalg.lu_factor_ex(a * 2)[0], [xb]
+    yield "lu_solve_of_lu_factor", lambda a, b: torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b) + (
+        torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b, adjoint=True)), [x, r(4, 2, seed=31)]
+    pivots = torch.tensor([[3, 2, 3], [2, 2, 3]], dtype=torch.int32)
+    yield "lu_solve_packed_right_broadcast", lambda lu, p, b: torch.linalg.lu_solve(lu, p, b, left=False) + (
+        torch.linalg.lu_solve(lu, p, b, left=False, adjoint=True)), [_spd(3, seed=32, batch=(2,)), pivots,
+                                                                     r(4, 3, seed=33)]
 
 
 def _with_vh(usv):
@@ -767,6 +775,10 @@ def _svd_full_invariant(u, s, vh):
     """With full_matrices=True only the first min(m, n) singular vectors are determined by A."""
     k = s.shape[-1]
     return _svd_invariant(u[..., :k], s, vh[..., :k, :])
+
+
+def _lu_sum(p, lower, upper):
+    return p.sum(-1, keepdim=True) * lower + upper * 2
 
 
 def _qr_sum(q, r):
