@@ -834,7 +834,10 @@ def linalg_svd(g: Tensor, out: Any, A: Tensor, full_matrices: bool = True, *, dr
     k = S.shape[-1]
     if full_matrices:
         U, Vh = U[..., :k], Vh[..., :k, :]
-        g = g[..., :k] if output_index == 0 else g[..., :k, :] if output_index == 2 else g
+        if output_index == 0:
+            g = g[..., :k]
+        elif output_index == 2:
+            g = g[..., :k, :]
     return _svd_grad(g, U, S, Vh, output_index)
 
 
@@ -896,8 +899,11 @@ def cond(g: Tensor, out: Tensor, A: Tensor, p: Any = None) -> Tensor:
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     if S.shape[-1] == 1:  # one singular value: cond is 1
         return torch.zeros_like(A)
-    sign = -1 if p == -2 else 1  # S_0 is the largest singular value, S_-1 the smallest
-    ends = (sign * g * out / S[..., :1].squeeze(-1)).unsqueeze(-1), (-sign * g * out / S[..., -1]).unsqueeze(-1)
+    largest, smallest, scaled = S[..., :1], S[..., -1:], (g * out).unsqueeze(-1)  # S is sorted descending
+    if p == -2:  # S_min / S_max
+        ends = -scaled / largest, scaled / smallest
+    else:
+        ends = scaled / largest, -scaled / smallest
     return _through_values(torch.cat((ends[0], torch.zeros_like(S[..., 1:-1]), ends[1]), -1), U, Vh)
 
 
@@ -1054,10 +1060,12 @@ defop("solve_triangular", solve_triangular, auto=False, funcs=("linalg.solve_tri
 defop("triangular_solve", triangular_solve, multi=True)
 
 
-def _square_lu(name: str, A: Tensor) -> None:
+def _square_lu(name: str, A: Tensor, pivot: bool = True) -> None:
     _real(name, A)
     if A.shape[-2] != A.shape[-1]:
         raise UnsupportedCall(f"{name}: only square matrices have a rule (got {A.shape[-2]}x{A.shape[-1]})")
+    if not pivot:
+        raise UnsupportedCall(f"{name}: pivot=False (CUDA only) has no rule")
 
 
 def _lu_grad(gL: Tensor | None, gU: Tensor | None, P: Tensor, L: Tensor, U: Tensor) -> Tensor:
@@ -1074,7 +1082,7 @@ def _lu_grad(gL: Tensor | None, gU: Tensor | None, P: Tensor, L: Tensor, U: Tens
 @_layout_free
 def lu(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, output_index: int = 0) -> Tensor | None:
     """torch.linalg.lu: (P, L, U); P is a constant."""
-    _square_lu("linalg.lu", A)
+    _square_lu("linalg.lu", A, pivot)
     if output_index == 0:
         return None
     P, L, U = out
@@ -1085,7 +1093,7 @@ def lu(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, output_index: int 
 def lu_factor(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, check_errors: bool = False,
               output_index: int = 0) -> Tensor | None:
     """torch.linalg.lu_factor(_ex): (LU, pivots[, info]), L's strict lower and U's upper triangle packed in LU."""
-    _square_lu("linalg.lu_factor", A)
+    _square_lu("linalg.lu_factor", A, pivot)
     if output_index != 0:
         return None
     P, L, U = torch.lu_unpack(out[0], out[1])
