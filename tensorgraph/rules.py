@@ -9,6 +9,7 @@ that same kernel and says so. Broadcast-undo and fan-out sums are the engine's j
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -695,6 +696,431 @@ defop("logdet", logdet)
 defop("inverse", lambda g, out, x: -(out.mT @ (g @ out.mT)), funcs=("linalg.inv",))
 defop("linalg_solve", solve, auto=False, funcs=("linalg.solve",))
 
+
+# ---------------------------------------------------------------- decompositions (real matrices only)
+
+
+def _real(name: str, *tensors: Any) -> None:
+    """The decomposition rules are for real matrices: refuse complex ones by name."""
+    if any(isinstance(t, Tensor) and t.is_complex() for t in tensors):
+        raise UnsupportedCall(f"{name}: complex matrices have no rule (tensorgraph's linear-algebra rules are "
+                              f"for real matrices)")
+
+
+def _dense(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.contiguous()
+    if isinstance(value, tuple):
+        return tuple(_dense(v) for v in value)
+    return value
+
+
+def _layout_free(rule: Callable[..., Any]) -> Callable[..., Any]:
+    """Give the rule contiguous tensors: LAPACK returns column-major factors, a loaded graph row-major values,
+    and a product's rounding may depend on the layout (a saved and loaded graph must backpropagate bit for bit)."""
+    @functools.wraps(rule)
+    def dense_rule(*args: Any, **kwargs: Any) -> Any:
+        return rule(*[_dense(a) for a in args], **{k: _dense(v) for k, v in kwargs.items()})
+    return dense_rule
+
+
+def _eye(n: int, like: Tensor) -> Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def _through_values(g: Tensor, U: Tensor, Vh: Tensor) -> Tensor:
+    """U diag(g) Vh: the gradient reaching A through its eigen- or singular values."""
+    return (U * g.unsqueeze(-2)) @ Vh
+
+
+@_layout_free
+def cholesky(g: Tensor, out: Tensor, x: Tensor, upper: bool = False) -> Tensor:
+    """A = L L^T: gA = L^-T sym(tril(L^T gL) with its diagonal halved) L^-1 (Murray 2016).
+
+    NOTE: the forward reads one triangle of A; the gradient is torch's symmetric one, the derivative
+    along symmetric perturbations.
+    """
+    _real("cholesky", x)
+    L, gL = (out.mT, g.mT) if upper else (out, g)
+    phi = (L.mT @ gL).tril()
+    phi = 0.5 * (phi + phi.tril(-1).mT)
+    grad = torch.linalg.solve_triangular(L.mT, phi, upper=True)
+    return torch.linalg.solve_triangular(L, grad, upper=False, left=False)
+
+
+@_layout_free
+def cholesky_ex(g: Tensor, out: Any, x: Tensor, *, upper: bool = False, check_errors: bool = False,
+                output_index: int = 0) -> Tensor:
+    """(L, info): L as cholesky; info is an integer status."""
+    return cholesky(g, out[0], x, upper)
+
+
+@_layout_free
+def cholesky_solve(g: Tensor, out: Tensor, B: Tensor, L: Tensor, upper: bool = False) -> tuple:
+    """X = (L L^T)^-1 B: gB = (L L^T)^-1 g; gL = -(gB X^T + X gB^T) L (U (...) for upper)."""
+    _real("cholesky_solve", B, L)
+    grad_b = torch.cholesky_solve(g, L, upper)
+    common = grad_b @ out.mT
+    common = common + common.mT
+    return grad_b, -(L @ common) if upper else -(common @ L)
+
+
+@_layout_free
+def cholesky_inverse(g: Tensor, out: Tensor, L: Tensor, upper: bool = False) -> Tensor:
+    """out = (L L^T)^-1: gL = -out (g + g^T) out L (L out (...) for upper)."""
+    _real("cholesky_inverse", L)
+    common = out @ (g + g.mT) @ out
+    return -(L @ common) if upper else -(common @ L)
+
+
+@_layout_free
+def eigh(g: Tensor, out: Any, A: Tensor, UPLO: str = "L", *, output_index: int = 0) -> Tensor:
+    """A = V diag(w) V^T: gA = V (diag(gw) + skew(V^T gV) / (w_j - w_i)) V^T.
+
+    NOTE: as torch, the gradient is symmetric whichever triangle UPLO reads, and repeated eigenvalues divide by
+    zero in the eigenvectors' part (inf/NaN).
+    """
+    _real("eigh", A)
+    values, vectors = out
+    if output_index == 0:
+        return _through_values(g, vectors, vectors.mT)
+    VtgV = vectors.mT @ g
+    gaps = values.unsqueeze(-2) - values.unsqueeze(-1) + _eye(values.shape[-1], values)  # 1 on the diagonal
+    return vectors @ ((0.5 * (VtgV - VtgV.mT)) / gaps) @ vectors.mT
+
+
+@_layout_free
+def eigvalsh(g: Tensor, out: Tensor, A: Tensor, UPLO: str = "L") -> Tensor:
+    """V diag(g) V^T, with V from eigh of the same matrix."""
+    _real("eigvalsh", A)
+    vectors = torch.linalg.eigh(A, UPLO).eigenvectors
+    return _through_values(g, vectors, vectors.mT)
+
+
+def _svd_grad(g: Tensor, U: Tensor, S: Tensor, Vh: Tensor, output_index: int) -> Tensor:
+    """The gradient through one output of the reduced SVD A = U diag(S) Vh (0: U, 1: S, 2: Vh).
+
+    NOTE: as torch, repeated singular values divide by zero in the singular vectors' part (inf/NaN).
+    """
+    if output_index == 1:
+        return _through_values(g, U, Vh)
+    m, n = U.shape[-2], Vh.shape[-1]
+    squares = S * S
+    gaps = squares.unsqueeze(-2) - squares.unsqueeze(-1) + _eye(S.shape[-1], S)  # 1 on the diagonal
+    if output_index == 0:
+        UtgU = U.mT @ g
+        inner = (UtgU - UtgU.mT) * S.unsqueeze(-2) / gaps
+        if m > n:  # the part of gU outside U's columns
+            scaled = g / S.unsqueeze(-2)
+            return (U @ inner + scaled - U @ (U.mT @ scaled)) @ Vh
+        return U @ inner @ Vh
+    VtgV = Vh @ g.mT
+    inner = S.unsqueeze(-1) * (VtgV - VtgV.mT) / gaps
+    if m < n:  # the part of gVh outside Vh's rows
+        scaled = g / S.unsqueeze(-1)
+        return U @ (inner @ Vh + scaled - (scaled @ Vh.mT) @ Vh)
+    return U @ inner @ Vh
+
+
+@_layout_free
+def linalg_svd(g: Tensor, out: Any, A: Tensor, full_matrices: bool = True, *, driver: Any = None,
+               output_index: int = 0) -> Tensor:
+    """torch.linalg.svd: (U, S, Vh).
+
+    NOTE: with full_matrices=True, as torch, only U's first k columns and Vh's first k rows (k = min(m, n)) take
+    a gradient: the others are any orthonormal completion.
+    """
+    _real("linalg.svd", A)
+    U, S, Vh = out
+    k = S.shape[-1]
+    if full_matrices:
+        U, Vh = U[..., :k], Vh[..., :k, :]
+        if output_index == 0:
+            g = g[..., :k]
+        elif output_index == 2:
+            g = g[..., :k, :]
+    return _svd_grad(g, U, S, Vh, output_index)
+
+
+@_layout_free
+def svd(g: Tensor, out: Any, x: Tensor, some: bool = True, compute_uv: bool = True, *,
+        output_index: int = 0) -> Tensor | None:
+    """torch.svd: (U, S, V) with V, not Vh; some=False is full_matrices; without compute_uv U and V are zeros."""
+    _real("svd", x)
+    if not compute_uv:
+        if output_index != 1:
+            return None  # zero-filled constants
+        U, _, Vh = torch.linalg.svd(x, full_matrices=False)
+        return _through_values(g, U, Vh)
+    U, S, V = out
+    if output_index == 2:
+        g = g.mT
+    return linalg_svd(g, (U, S, V.mT), x, not some, output_index=output_index)
+
+
+@_layout_free
+def svdvals(g: Tensor, out: Tensor, A: Tensor, *, driver: Any = None) -> Tensor:
+    """U diag(g) Vh, with U and Vh from the SVD of the same matrix."""
+    _real("linalg.svdvals", A)
+    U, _, Vh = torch.linalg.svd(A, full_matrices=False)
+    return _through_values(g, U, Vh)
+
+
+def _spectral_norm(g: Tensor, A: Tensor, ord: Any, dim: Any, keepdim: bool, dtype: Any, name: str) -> Tensor:
+    """The nuclear norm (sum of singular values) and the 2 / -2 norms (largest / smallest), over ``dim``.
+
+    NOTE: as torch (amax / amin of the singular values), tied largest or smallest singular values share the
+    gradient evenly.
+    """
+    _real(name, A)
+    dims = tuple(d % A.dim() for d in dim)
+    x = A.movedim(dims, (-2, -1))
+    if dtype is not None:
+        x = x.to(dtype)
+    if keepdim:
+        g = g.squeeze(dims)
+    U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+    if ord == "nuc":
+        grad_s = g.unsqueeze(-1).expand(S.shape)
+    else:
+        chosen = S == (S.amax(-1, keepdim=True) if ord == 2 else S.amin(-1, keepdim=True))
+        grad_s = g.unsqueeze(-1) * chosen / chosen.sum(-1, keepdim=True)
+    return _through_values(grad_s, U, Vh).movedim((-2, -1), dims)
+
+
+_SPECTRAL = ("nuc", 2, -2)
+
+
+@_layout_free
+def cond(g: Tensor, out: Tensor, A: Tensor, p: Any = None) -> Tensor:
+    """The 2-norm condition number S_max / S_min (p=-2: S_min / S_max); other p have no rule."""
+    if p not in (None, 2, -2):
+        raise UnsupportedCall(f"linalg.cond: only p=None, 2 and -2 have a rule (got p={p!r})")
+    _real("linalg.cond", A)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    if S.shape[-1] == 1:  # one singular value: cond is 1
+        return torch.zeros_like(A)
+    largest, smallest, scaled = S[..., :1], S[..., -1:], (g * out).unsqueeze(-1)  # S is sorted descending
+    if p == -2:  # S_min / S_max
+        ends = -scaled / largest, scaled / smallest
+    else:
+        ends = scaled / largest, -scaled / smallest
+    return _through_values(torch.cat((ends[0], torch.zeros_like(S[..., 1:-1]), ends[1]), -1), U, Vh)
+
+
+def _qr_square(gQ: Tensor | None, gR: Tensor | None, Q: Tensor, R: Tensor) -> Tensor:
+    """A = QR with R square: gA = (gQ + Q copyltu(gR R^T - Q^T gQ)) R^-T (copyltu mirrors the upper triangle)."""
+    M = torch.zeros_like(R)
+    if gR is not None:
+        M = M + gR @ R.mT
+    if gQ is not None:
+        M = M - Q.mT @ gQ
+    grad = Q @ (M.triu() + M.triu(1).mT)
+    if gQ is not None:
+        grad = grad + gQ
+    return torch.linalg.solve_triangular(R.mT, grad, upper=False, left=False)
+
+
+@_layout_free
+def linalg_qr(g: Tensor, out: Any, A: Tensor, mode: str = "reduced", *, output_index: int = 0) -> Tensor:
+    """A = QR (Walter and Lehmann). A wide A = Q [R1 R2] is the QR of A1 and R2 = Q^T A2.
+
+    NOTE: as torch, mode='r' (no Q) and mode='complete' with more rows than columns have no gradient.
+    """
+    _real("linalg.qr", A)
+    Q, R = out
+    m, n = A.shape[-2:]
+    if mode == "r":
+        raise UnsupportedCall("linalg.qr: mode='r' computes no Q and the gradient needs it (torch refuses it "
+                              "too); use mode='reduced'")
+    if mode == "complete" and m > n:
+        raise UnsupportedCall("linalg.qr: mode='complete' with more rows than columns has no gradient (Q's "
+                              "extra columns are arbitrary; torch refuses it too); use mode='reduced'")
+    gQ, gR = (g, None) if output_index == 0 else (None, g)
+    if m >= n:
+        return _qr_square(gQ, gR, Q, R)
+    A2 = A[..., m:]
+    if gR is None:
+        return torch.cat((_qr_square(gQ, None, Q, R[..., :m]), torch.zeros_like(A2)), -1)
+    return torch.cat((_qr_square(A2 @ gR[..., m:].mT, gR[..., :m], Q, R[..., :m]), Q @ gR[..., m:]), -1)
+
+
+@_layout_free
+def qr(g: Tensor, out: Any, x: Tensor, some: bool = True, *, output_index: int = 0) -> Tensor:
+    """torch.qr: some=False is mode='complete'."""
+    return linalg_qr(g, out, x, "reduced" if some else "complete", output_index=output_index)
+
+
+def _pinv_grad(g: Tensor, P: Tensor, A: Tensor) -> Tensor:
+    """P = pinv(A), at a point where A's rank does not change (Golub and Pereyra):
+    gA = -P^T g P^T + (I - A P) g^T P P^T + P^T P g^T (I - P A), grouped so the products stay small.
+    """
+    gT = g.mT
+    if A.shape[-2] <= A.shape[-1]:
+        K = gT @ P
+        KPt = K @ P.mT
+        return -(P @ K).mT + KPt - A @ (P @ KPt) + P.mT @ (P @ (gT - K @ A))
+    K = P @ gT
+    PtK = P.mT @ K
+    return -(K @ P).mT + ((gT - A @ K) @ P) @ P.mT + PtK - (PtK @ P) @ A
+
+
+@_layout_free
+def pinv(g: Tensor, out: Tensor, A: Tensor, rcond: Any = None, hermitian: bool = False, *, atol: Any = None,
+         rtol: Any = None) -> Tensor:
+    """torch.linalg.pinv.
+
+    NOTE: as torch, the gradient is the formula's whatever the tolerances cut (exact where the rank stays), and
+    with hermitian=True it is not symmetrised although only one triangle is read.
+    """
+    _real("linalg.pinv", A)
+    return _pinv_grad(g, out, A)
+
+
+def _is_vector_rhs(A: Tensor, B: Tensor) -> bool:
+    return B.dim() == 1 or (B.dim() == A.dim() - 1 and B.shape == A.shape[:-1])
+
+
+@_layout_free
+def lstsq(g: Tensor, out: Any, A: Tensor, B: Tensor, rcond: Any = None, *, driver: Any = None,
+          output_index: int = 0) -> tuple:
+    """X = pinv(A) B: gB = pinv(A)^T gX, gA through pinv with g = gX B^T.
+
+    NOTE: as torch, only the solution has a gradient: residuals, rank and singular values are constants.
+    """
+    _real("linalg.lstsq", A, B)
+    if output_index != 0:
+        return None, None
+    vector = _is_vector_rhs(A, B)
+    if vector:
+        g, B = g.unsqueeze(-1), B.unsqueeze(-1)
+    P = torch.linalg.pinv(A)
+    grad_b = P.mT @ g
+    return _pinv_grad(g @ B.mT, P, A), grad_b.squeeze(-1) if vector else grad_b
+
+
+@_layout_free
+def matrix_exp(g: Tensor, out: Tensor, A: Tensor) -> Tensor:
+    """The adjoint of the Frechet derivative: the top-right block of exp([[A^T, g], [0, A^T]])."""
+    _real("linalg.matrix_exp", A)
+    n = A.shape[-1]
+    At = A.mT.expand(g.shape)
+    block = torch.cat((torch.cat((At, g), -1), torch.cat((torch.zeros_like(At), At), -1)), -2)
+    return torch.linalg.matrix_exp(block)[..., :n, n:]
+
+
+def _triangle(grad: Tensor, upper: bool, unitriangular: bool) -> Tensor:
+    """Only the triangle the solve reads gets a gradient (without the diagonal when it is taken as ones)."""
+    return grad.triu(int(unitriangular)) if upper else grad.tril(-int(unitriangular))
+
+
+@_layout_free
+def solve_triangular(g: Tensor, out: Tensor, A: Tensor, B: Tensor, *, upper: bool, left: bool = True,
+                     unitriangular: bool = False) -> tuple:
+    """X = A^-1 B (B A^-1 with left=False), A triangular: gB = A^-T g, gA = -gB X^T (-X^T gB) on A's triangle."""
+    _real("linalg.solve_triangular", A, B)
+    grad_b = torch.linalg.solve_triangular(A.mT, g, upper=not upper, left=left, unitriangular=unitriangular)
+    grad_a = -(grad_b @ out.mT) if left else -(out.mT @ grad_b)
+    return _triangle(grad_a, upper, unitriangular), grad_b
+
+
+@_layout_free
+def triangular_solve(g: Tensor, out: Any, b: Tensor, A: Tensor, upper: bool = True, transpose: bool = False,
+                     unitriangular: bool = False, *, output_index: int = 0) -> tuple:
+    """torch.triangular_solve: (X, a clone of A) with X = A^-1 b (A^-T b with transpose).
+
+    NOTE: as torch, the clone's gradient reaches all of A, not only the triangle the solve reads.
+    """
+    _real("triangular_solve", b, A)
+    if output_index == 1:
+        return None, g
+    X = out[0]
+    M = A.mT if transpose else A
+    grad_b = torch.linalg.solve_triangular(M.mT, g, upper=upper == transpose, unitriangular=unitriangular)
+    grad_m = -(grad_b @ X.mT)
+    return grad_b, _triangle(grad_m.mT if transpose else grad_m, upper, unitriangular)
+
+
+defop("cholesky", cholesky, funcs=("linalg.cholesky",))
+defop("cholesky_ex", cholesky_ex, multi=True, auto=False, funcs=("linalg.cholesky_ex",))
+defop("cholesky_solve", cholesky_solve)
+defop("cholesky_inverse", cholesky_inverse)
+defop("eigh", eigh, multi=True, auto=False, funcs=("linalg.eigh",))
+defop("eigvalsh", eigvalsh, auto=False, funcs=("linalg.eigvalsh",))
+defop("linalg_svd", linalg_svd, multi=True, auto=False, funcs=("linalg.svd",))
+defop("svd", svd, multi=True)
+defop("svdvals", svdvals, auto=False, funcs=("linalg.svdvals",))
+defop("cond", cond, auto=False, funcs=("linalg.cond",))
+defop("linalg_qr", linalg_qr, multi=True, auto=False, funcs=("linalg.qr",))
+defop("qr", qr, multi=True)
+defop("pinv", pinv, auto=False, funcs=("linalg.pinv",))
+defop("pinverse", _layout_free(lambda g, out, x, rcond=1e-15: _pinv_grad(g, out, x)))
+defop("lstsq", lstsq, multi=True, auto=False, funcs=("linalg.lstsq",))
+defop("matrix_exp", matrix_exp, funcs=("linalg.matrix_exp",))
+defop("solve_triangular", solve_triangular, auto=False, funcs=("linalg.solve_triangular",))
+defop("triangular_solve", triangular_solve, multi=True)
+
+
+def _square_lu(name: str, A: Tensor, pivot: bool = True) -> None:
+    _real(name, A)
+    if A.shape[-2] != A.shape[-1]:
+        raise UnsupportedCall(f"{name}: only square matrices have a rule (got {A.shape[-2]}x{A.shape[-1]})")
+    if not pivot:
+        raise UnsupportedCall(f"{name}: pivot=False (CUDA only) has no rule")
+
+
+def _lu_grad(gL: Tensor | None, gU: Tensor | None, P: Tensor, L: Tensor, U: Tensor) -> Tensor:
+    """A = P L U (L unit lower, U upper, square): gA = P L^-T (tril(L^T gL, -1) + triu(gU U^T)) U^-T."""
+    M = torch.zeros_like(U)
+    if gL is not None:
+        M = M + (L.mT @ gL).tril(-1)
+    if gU is not None:
+        M = M + (gU @ U.mT).triu()
+    grad = torch.linalg.solve_triangular(L.mT, M, upper=True, unitriangular=True)
+    return P @ torch.linalg.solve_triangular(U.mT, grad, upper=False, left=False)
+
+
+@_layout_free
+def lu(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, output_index: int = 0) -> Tensor | None:
+    """torch.linalg.lu: (P, L, U); P is a constant."""
+    _square_lu("linalg.lu", A, pivot)
+    if output_index == 0:
+        return None
+    P, L, U = out
+    return _lu_grad(g if output_index == 1 else None, g if output_index == 2 else None, P, L, U)
+
+
+@_layout_free
+def lu_factor(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, check_errors: bool = False,
+              output_index: int = 0) -> Tensor | None:
+    """torch.linalg.lu_factor(_ex): (LU, pivots[, info]), L's strict lower and U's upper triangle packed in LU."""
+    _square_lu("linalg.lu_factor", A, pivot)
+    if output_index != 0:
+        return None
+    P, L, U = torch.lu_unpack(out[0], out[1])
+    return _lu_grad(g.tril(-1), g.triu(), P, L, U)
+
+
+@_layout_free
+def lu_solve(g: Tensor, out: Tensor, LU: Tensor, pivots: Tensor, B: Tensor, *, left: bool = True,
+             adjoint: bool = False) -> tuple:
+    """X = A^-1 B for A = P L U packed in LU (B A^-1 with left=False, A^T for adjoint): gB as solve's; gA is
+    pulled back to LU's two triangles: tril(P^T gA U^T, -1) + triu(L^T P^T gA)."""
+    _square_lu("linalg.lu_solve", LU)
+    _real("linalg.lu_solve", B)
+    grad_b = torch.linalg.lu_solve(LU, pivots, g, left=left, adjoint=not adjoint)
+    grad_a = -(grad_b @ out.mT) if left else -(out.mT @ grad_b)
+    if adjoint:
+        grad_a = grad_a.mT
+    P, L, U = torch.lu_unpack(LU, pivots)
+    permuted = P.mT @ grad_a
+    return (permuted @ U.mT).tril(-1) + (L.mT @ permuted).triu(), None, grad_b
+
+
+defop("lu", lu, multi=True, auto=False, funcs=("linalg.lu",))
+defop("lu_factor", lu_factor, multi=True, auto=False, funcs=("linalg.lu_factor", "linalg.lu_factor_ex"))
+defop("lu_solve", lu_solve, auto=False, funcs=("linalg.lu_solve",))
+
 # ---------------------------------------------------------------- reductions
 
 
@@ -978,6 +1404,8 @@ def norm(g: Tensor, out: Tensor, x: Tensor, p: Any = "fro", dim: Any = None, kee
     if p in ("fro", 2, 2.0, None):
         scale = (_unreduce(g, x, dim, keepdim) / _unreduce(out, x, dim, keepdim))
         return x * scale.masked_fill(_unreduce(out, x, dim, keepdim) == 0, 0)
+    if p == "nuc":
+        return _spectral_norm(g, x, p, (-2, -1) if dim is None else dim, keepdim, dtype, "norm")
     if isinstance(p, str):
         raise UnsupportedCall(f"norm: the matrix norm p={p!r} has no rule")
     return _norm_grad(_unreduce(g, x, dim, keepdim), x, float(p), _unreduce(out, x, dim, keepdim),
@@ -986,8 +1414,10 @@ def norm(g: Tensor, out: Tensor, x: Tensor, p: Any = "fro", dim: Any = None, kee
 
 def linalg_norm(g: Tensor, out: Tensor, x: Tensor, ord: Any = None, dim: Any = None, keepdim: bool = False, *,
                 dtype: Any = None) -> Tensor:
-    """Vector norms and the Frobenius norm; the other matrix norms (a numeric ord over two dims) have no rule."""
+    """Vector norms and the Frobenius, nuclear, 2 and -2 matrix norms; the other matrix norms have no rule."""
     two_dims = (dim is None and x.dim() == 2) or (isinstance(dim, (tuple, list)) and len(dim) == 2)
+    if two_dims and ord in _SPECTRAL:
+        return _spectral_norm(g, x, ord, (-2, -1) if dim is None else dim, keepdim, dtype, "linalg.norm")
     if ord is not None and ord != "fro" and (isinstance(ord, str) or two_dims):
         raise UnsupportedCall(f"linalg.norm: the matrix norm ord={ord!r} has no rule")
     return norm(g, out, x, 2 if ord in (None, "fro") else ord, dim, keepdim)
@@ -995,9 +1425,11 @@ def linalg_norm(g: Tensor, out: Tensor, x: Tensor, ord: Any = None, dim: Any = N
 
 def matrix_norm(g: Tensor, out: Tensor, A: Tensor, ord: Any = "fro", dim: Any = (-2, -1), keepdim: bool = False, *,
                 dtype: Any = None) -> Tensor:
-    """The Frobenius norm only: the 2-norm of the elements over ``dim``."""
+    """The Frobenius norm (the 2-norm of the elements over ``dim``), the nuclear norm and the 2 and -2 norms."""
+    if ord in _SPECTRAL:
+        return _spectral_norm(g, A, ord, dim, keepdim, dtype, "linalg.matrix_norm")
     if ord != "fro":
-        raise UnsupportedCall(f"linalg.matrix_norm: only ord='fro' has a rule (got {ord!r})")
+        raise UnsupportedCall(f"linalg.matrix_norm: only ord='fro', 'nuc', 2 and -2 have a rule (got {ord!r})")
     return norm(g, out, A, 2, dim, keepdim)
 
 

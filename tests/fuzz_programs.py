@@ -1628,6 +1628,14 @@ def _well_conditioned(t: Tensor) -> Tensor:
 
 M = "(4 * torch.eye({n}) + {i}.tanh())"  # how _well_conditioned prints
 
+
+def _spd(t: Tensor) -> Tensor:
+    """Symmetric positive definite, and well conditioned."""
+    return _well_conditioned(t) @ _well_conditioned(t).mT
+
+
+_SPD = f"{M.format(n=3, i='{0}')} @ {M.format(n=3, i='{0}')}.mT"  # how _spd prints
+
 # (code, function, input shapes): operands of exactly these shapes, live tensors or new leaves
 FIXED: dict[str, list[tuple[str, Callable[..., Tensor], list[tuple[int, ...]]]]] = {
     "linear_algebra": [
@@ -1652,6 +1660,42 @@ FIXED: dict[str, list[tuple[str, Callable[..., Tensor], list[tuple[int, ...]]]]]
         ("torch.linalg.cross({0}, {1})", torch.linalg.cross, [(4, 3), (1, 3)]),
         ("torch.cross({0}, {1}, dim=0)", lambda a, c: torch.cross(a, c, dim=0), [(3, 2), (3, 2)]),
         ("F.bilinear({0}, {1}, {2}, {3})", F.bilinear, [(4, 3), (4, 2), (2, 3, 2), (2,)]),
+        (f"torch.linalg.cholesky({M.format(n=3, i='{0}')} @ {M.format(n=3, i='{0}')}.mT)",
+         lambda a: torch.linalg.cholesky(_well_conditioned(a) @ _well_conditioned(a).mT), [(2, 3, 3)]),
+        # values-only ops in float64: with a float32 input that requires grad torch computes them with the vectors,
+        # another LAPACK path whose rounding differs from the engine's forward run
+        ("torch.linalg.eigvalsh(({0} + {0}.mT).double())", lambda a: torch.linalg.eigvalsh((a + a.mT).double()),
+         [(3, 3)]),
+        ("torch.linalg.svdvals({0}.double())", lambda a: torch.linalg.svdvals(a.double()), [(4, 3)]),
+        ("torch.linalg.matrix_norm({0}.double(), 'nuc')", lambda a: torch.linalg.matrix_norm(a.double(), "nuc"),
+         [(2, 3, 4)]),
+        (f"torch.linalg.qr({M.format(n=3, i='{0}')}).R", lambda a: torch.linalg.qr(_well_conditioned(a)).R, [(3, 3)]),
+        (f"torch.linalg.pinv({M.format(n=3, i='{0}')})", lambda a: torch.linalg.pinv(_well_conditioned(a)), [(3, 3)]),
+        ("torch.linalg.matrix_exp({0}.tanh())", lambda a: torch.linalg.matrix_exp(a.tanh()), [(2, 3, 3)]),
+        (f"torch.linalg.solve_triangular({M.format(n=3, i='{0}')}, {{1}}, upper=True)",
+         lambda a, c: torch.linalg.solve_triangular(_well_conditioned(a), c, upper=True), [(3, 3), (3, 2)]),
+        (f"torch.linalg.cholesky_ex({_SPD}).L", lambda a: torch.linalg.cholesky_ex(_spd(a)).L, [(3, 3)]),
+        (f"torch.cholesky_solve({{1}}, torch.linalg.cholesky({_SPD}))",
+         lambda a, c: torch.cholesky_solve(c, torch.linalg.cholesky(_spd(a))), [(3, 3), (3, 2)]),
+        (f"torch.cholesky_inverse(torch.linalg.cholesky({_SPD}))",
+         lambda a: torch.cholesky_inverse(torch.linalg.cholesky(_spd(a))), [(2, 3, 3)]),
+        # values only: the vectors' gradients divide by the gaps between values, which random inputs may close
+        ("torch.linalg.eigh({0} + {0}.mT).eigenvalues", lambda a: torch.linalg.eigh(a + a.mT).eigenvalues, [(3, 3)]),
+        ("torch.linalg.svd({0}).S", lambda a: torch.linalg.svd(a).S, [(2, 4, 3)]),
+        ("torch.svd({0}).S", lambda a: torch.svd(a).S, [(3, 4)]),
+        (f"torch.linalg.cond({M.format(n=3, i='{0}')}.double())",
+         lambda a: torch.linalg.cond(_well_conditioned(a).double()), [(3, 3)]),
+        (f"torch.linalg.lstsq({M.format(n=3, i='{0}')}, {{1}}, driver='gels').solution",
+         lambda a, c: torch.linalg.lstsq(_well_conditioned(a), c, driver="gels").solution, [(3, 3), (3, 2)]),
+        (f"torch.linalg.lu({M.format(n=3, i='{0}')}).U", lambda a: torch.linalg.lu(_well_conditioned(a)).U, [(3, 3)]),
+        (f"torch.linalg.lu_factor({M.format(n=3, i='{0}')}).LU",
+         lambda a: torch.linalg.lu_factor(_well_conditioned(a)).LU, [(2, 3, 3)]),
+        (f"torch.linalg.lu_solve(*torch.linalg.lu_factor({M.format(n=3, i='{0}')}), {{1}})",
+         lambda a, c: torch.linalg.lu_solve(*torch.linalg.lu_factor(_well_conditioned(a)), c), [(3, 3), (3, 2)]),
+        (f"{M.format(n=3, i='{0}')}.pinverse()", lambda a: _well_conditioned(a).pinverse(), [(3, 3)]),
+        (f"{M.format(n=3, i='{0}')}.qr(some=False).Q", lambda a: _well_conditioned(a).qr(some=False).Q, [(3, 3)]),
+        (f"torch.triangular_solve({{1}}, {M.format(n=3, i='{0}')}).solution",
+         lambda a, c: torch.triangular_solve(c, _well_conditioned(a)).solution, [(3, 3), (3, 2)]),
     ],
     "distances": [
         ("torch.linalg.vector_norm({0}, 1, dim=1)", lambda t: torch.linalg.vector_norm(t, 1, dim=1), [(4, 3)]),

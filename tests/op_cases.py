@@ -370,6 +370,7 @@ def nn_cases():
     yield from scan_cases()
     yield from linalg_cases()
     yield from recurrent_cases()
+    yield from decomposition_cases()
     yield from distance_cases()
     yield from more_shape_cases()
     yield from image_cases()
@@ -750,6 +751,125 @@ def recurrent_cases():
     yield "lstm_module_proj_batch_first", lambda x: _flat(_LSTM_PROJ_MODULE(x)[0]), [r(2, 3, 2, seed=19)]
     yield "gru_module_no_bias", lambda x, h: _flat(*_GRU_MODULE(x, h)), [seq, h0]
     yield "rnn_module_relu_2_layers", lambda x: _flat(*_RNN_MODULE(x)), [seq]
+
+
+def _pd(x):
+    """A symmetric positive-definite matrix made from any square ``x`` (finite differences then move it as a whole)."""
+    return x @ x.mT + x.shape[-1] * torch.eye(x.shape[-1], dtype=x.dtype)
+
+
+def _sym(x):
+    return x + x.mT
+
+
+def _eigh_invariant(w, v):
+    """Eigenvectors only through their squares: the same whichever sign the solver picks."""
+    return v * v * w.unsqueeze(-2)
+
+
+def _svd_invariant(u, s, vh):
+    """Singular vectors only through their squares (each pair's sign is the solver's choice)."""
+    return (u * u * s.unsqueeze(-2)).sum(-2, keepdim=True).mT + (vh * vh).sum(-1, keepdim=True)
+
+
+def decomposition_cases():
+    """Cholesky, eigh, SVD, QR, pinv, lstsq, matrix_exp and triangular solves, on well-separated spectra.
+
+    ``symmetrised`` in a name: a factorisation reading one triangle of its input, given that input directly;
+    its gradient is torch's symmetric convention (no finite differences).
+    """
+    x, xb = r(4, 4, seed=11), r(2, 3, 3, seed=12)
+    yield "cholesky", lambda x: torch.linalg.cholesky(_pd(x)) + torch.cholesky(_pd(x), upper=True).mT * 2 + (
+        _pd(x).cholesky() * _pd(x).cholesky(upper=True).mT), [x]
+    yield "cholesky_batched_upper", lambda x: torch.linalg.cholesky(_pd(x), upper=True), [xb]
+    yield "cholesky_ex", lambda x: torch.linalg.cholesky_ex(_pd(x)).L + torch.linalg.cholesky_ex(
+        _pd(x), upper=True)[0], [xb]
+    yield "symmetrised_cholesky", lambda a: torch.linalg.cholesky(a), [_pd(x)]
+    yield "cholesky_solve", lambda b, x: torch.cholesky_solve(b, torch.linalg.cholesky(_pd(x))) + torch.cholesky_solve(
+        b, torch.linalg.cholesky(_pd(x), upper=True), upper=True), [r(4, 2, seed=13), x]
+    yield "cholesky_solve_triangle_broadcast", lambda b, t: torch.cholesky_solve(b, t.tril()) + torch.cholesky_solve(
+        b, t.mT.triu(), True), [r(3, 2, seed=14), _spd(3, seed=15, batch=(2,))]
+    yield "cholesky_inverse", lambda t: torch.cholesky_inverse(t.tril()) + torch.cholesky_inverse(
+        t.triu(), upper=True) + t.tril().cholesky_inverse(), [_spd(4, seed=16)]
+    yield "cholesky_inverse_batched", lambda x: torch.cholesky_inverse(torch.linalg.cholesky(_pd(x))), [xb]
+    yield "eigh", lambda x: _eigh_invariant(*torch.linalg.eigh(_sym(x))), [x]
+    yield "eigh_upper_batched", lambda x: _eigh_invariant(*torch.linalg.eigh(_sym(x), UPLO="U")), [xb]
+    yield "eigh_values", lambda x: torch.linalg.eigh(_sym(x)).eigenvalues.exp(), [x]
+    yield "eigh_vectors", lambda x: torch.linalg.eigh(_sym(x))[1] ** 2, [xb]
+    yield "symmetrised_eigh", lambda a: _eigh_invariant(*torch.linalg.eigh(a)), [_sym(x)]
+    yield "eigvalsh", lambda x: torch.linalg.eigvalsh(_sym(x)) * torch.linalg.eigvalsh(_sym(x), UPLO="U"), [xb]
+    tall, wide = r(5, 3, seed=17), r(2, 3, 5, seed=18)
+    for name, a in (("tall", tall), ("wide", wide), ("square", x)):
+        yield f"svd_{name}", lambda a: _svd_invariant(*torch.linalg.svd(a, full_matrices=False)), [a]
+        yield f"svd_full_matrices_{name}", lambda a: _svd_full_invariant(*torch.linalg.svd(a)), [a]
+        yield f"svd_torch_{name}", lambda a: _svd_invariant(*_with_vh(torch.svd(a))) + _svd_full_invariant(
+            *_with_vh(torch.svd(a, some=False))), [a]
+        yield f"svdvals_{name}", lambda a: torch.linalg.svdvals(a) + torch.svd(a, compute_uv=False).S + (
+            torch.linalg.svd(a)[1] ** 2), [a]
+        yield f"qr_{name}", lambda a: _qr_sum(*torch.linalg.qr(a)) + _qr_sum(*a.qr()), [a]
+        yield f"pinv_{name}", lambda a: torch.linalg.pinv(a) + torch.pinverse(a) * 2, [a]
+    yield "svd_U_only", lambda a: torch.linalg.svd(a, full_matrices=False).U ** 2, [tall]
+    yield "svd_Vh_only", lambda a: torch.linalg.svd(a, full_matrices=False).Vh ** 2, [wide]
+    yield "matrix_norm_spectral", lambda a: torch.linalg.matrix_norm(a, "nuc") + torch.linalg.matrix_norm(a, 2) * 2 + (
+        torch.linalg.matrix_norm(a, -2) * 3), [wide]
+    yield "matrix_norm_spectral_dims", lambda a: torch.linalg.matrix_norm(a, "nuc", dim=(2, 0), keepdim=True) + (
+        torch.linalg.matrix_norm(a, -2, dim=(0, -1), keepdim=True).mT), [r(4, 2, 3, seed=19)]
+    yield "linalg_norm_spectral", lambda a: torch.linalg.norm(a, "nuc") + torch.linalg.norm(a, 2) + torch.linalg.norm(
+        a, -2, dim=(1, 0)) + a.norm(p="nuc") + torch.norm(a[None], "nuc", dim=(1, 2), keepdim=True), [tall]
+    yield "cond", lambda a: torch.linalg.cond(a) + torch.linalg.cond(a, 2) * 2 + torch.linalg.cond(a, -2), [wide]
+    yield "qr_modes", lambda a, w: _qr_sum(*torch.linalg.qr(a, mode="complete")) + _qr_sum(
+        *torch.linalg.qr(w, "complete")).sum() + _qr_sum(*torch.qr(a, some=False)), [x, wide]
+    yield "qr_Q_only_wide", lambda w: torch.linalg.qr(w).Q * 2, [wide]
+    yield "qr_R_only_tall", lambda a: torch.linalg.qr(a).R * 2, [tall]
+    yield "pinv_hermitian", lambda x: torch.linalg.pinv(_sym(x), hermitian=True), [xb]
+    yield "pinv_low_rank_tolerances", lambda b, c: torch.linalg.pinv(b @ c, atol=1e-9) + torch.linalg.pinv(
+        b @ c, rtol=1e-9), [r(5, 2, seed=20), r(2, 4, seed=21)]
+    # not the default driver on CPU, gelsy: its rounding varies from call to call (test_replay wants repeats exact)
+    yield "lstsq", lambda a, b: torch.linalg.lstsq(a, b, driver="gels").solution, [tall, r(5, 2, seed=22)]
+    yield "lstsq_vector_batched", lambda a, b: torch.linalg.lstsq(a, b, driver="gelsd")[0], [
+        r(2, 5, 3, seed=23), r(2, 5, seed=24)]
+    yield "matrix_exp", lambda a: torch.linalg.matrix_exp(a) + (a * 0.5).matrix_exp() + torch.matrix_exp(-a), [x]
+    yield "matrix_exp_batched", lambda a: torch.linalg.matrix_exp(a), [xb]
+    t = _spd(4, seed=25)  # its triangles are well conditioned
+    yield "solve_triangular", lambda a, b: torch.linalg.solve_triangular(a, b, upper=True) + (
+        torch.linalg.solve_triangular(a, b, upper=False, unitriangular=True)), [t, r(4, 3, seed=26)]
+    yield "solve_triangular_right_broadcast", lambda a, b: torch.linalg.solve_triangular(
+        a, b, upper=False, left=False) + torch.linalg.solve_triangular(a, b, upper=True, left=False,
+                                                                      unitriangular=True), [
+        _spd(3, seed=27, batch=(2,)), r(4, 3, seed=28)]
+    yield "triangular_solve", lambda b, a: torch.triangular_solve(b, a).solution + torch.triangular_solve(
+        b, a, upper=False, transpose=True)[0] + b.triangular_solve(a, unitriangular=True, transpose=True)[0], [
+        r(4, 2, seed=29), t]
+    yield "triangular_solve_coefficient", lambda b, a: torch.triangular_solve(b, a, False).cloned_coefficient.sum(
+        -1, keepdim=True) * torch.triangular_solve(b, a, False).solution, [r(4, 2, seed=30), t]
+    yield "lu", lambda a: _lu_sum(*torch.linalg.lu(a)), [x]
+    yield "lu_factor", lambda a: torch.linalg.lu_factor(a).LU + torch.linalg.lu_factor_ex(a * 2)[0], [xb]
+    yield "lu_solve_of_lu_factor", lambda a, b: torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b) + (
+        torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b, adjoint=True)), [x, r(4, 2, seed=31)]
+    pivots = torch.tensor([[3, 2, 3], [2, 2, 3]], dtype=torch.int32)
+    yield "lu_solve_packed_right_broadcast", lambda lu, p, b: torch.linalg.lu_solve(lu, p, b, left=False) + (
+        torch.linalg.lu_solve(lu, p, b, left=False, adjoint=True)), [_spd(3, seed=32, batch=(2,)), pivots,
+                                                                     r(4, 3, seed=33)]
+
+
+def _with_vh(usv):
+    u, s, v = usv
+    return u, s, v.mT
+
+
+def _svd_full_invariant(u, s, vh):
+    """With full_matrices=True only the first min(m, n) singular vectors are determined by A."""
+    k = s.shape[-1]
+    return _svd_invariant(u[..., :k], s, vh[..., :k, :])
+
+
+def _lu_sum(p, lower, upper):
+    return p.sum(-1, keepdim=True) * lower + upper * 2
+
+
+def _qr_sum(q, r):
+    """Q and R together (neither is gauge-dependent: the solver's choice is smooth in A)."""
+    return q.sum(-1, keepdim=True) * r.sum(-2, keepdim=True)
 
 
 def distance_cases():

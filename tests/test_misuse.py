@@ -53,7 +53,7 @@ NO_RULE = {
     "cov": lambda x: torch.cov(x.view(2, 2)).sum(),
     "special_erfcx": lambda x: torch.special.erfcx(x).sum(),
     "cumulative_trapezoid": lambda x: torch.cumulative_trapezoid(x).sum(),
-    "linalg_cholesky": lambda x: torch.linalg.cholesky(torch.diag(x)).sum(),
+    "linalg_householder_product": lambda x: torch.linalg.householder_product(x.view(2, 2), x[:2]).sum(),
 }
 
 
@@ -138,8 +138,16 @@ def test_a_call_returning_none_first_records_and_names_its_missing_rule():
 def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
     x = r(1, 3, 5)
     cases = [
-        (lambda: torch.linalg.matrix_norm(x, "nuc").sum(), r"matrix_norm: only ord='fro' has a rule \(got 'nuc'\)"),
-        (lambda: x[0].norm(p="nuc"), r"norm: the matrix norm p='nuc' has no rule"),
+        (lambda: torch.linalg.matrix_norm(x, 1).sum(), r"matrix_norm: only ord='fro', 'nuc', 2 and -2 have a rule "
+                                                       r"\(got 1\)"),
+        (lambda: torch.linalg.norm(x[0], float("inf")), r"linalg.norm: the matrix norm ord=inf has no rule"),
+        (lambda: torch.linalg.cond(x[0, :, :3], "fro"), r"linalg.cond: only p=None, 2 and -2 have a rule"),
+        (lambda: torch.linalg.qr(x[0].T, mode="r").R.sum(), r"linalg.qr: mode='r' computes no Q"),
+        (lambda: torch.linalg.qr(x[0].T, mode="complete").Q.sum(), r"linalg.qr: mode='complete' with more rows"),
+        (lambda: torch.linalg.eigvalsh(x[0, :, :3] * (1 + 0j)).sum(), r"eigvalsh: complex matrices have no rule"),
+        (lambda: torch.linalg.svdvals(x[0] * 1j).sum(), r"linalg.svdvals: complex matrices have no rule"),
+        (lambda: torch.linalg.lu_factor(x[0]).LU.sum(), r"linalg.lu_factor: only square matrices have a rule "
+                                                        r"\(got 3x5\)"),
         (lambda: F.rrelu(x, training=True).sum(), r"rrelu: training=True draws random slopes"),
         (lambda: (2.5 % x).sum(), r"remainder: a number % a tensor has no rule"),
         (lambda: x[0].scatter(1, torch.tensor([[0, 1]]), x[0, :, :2], reduce="add").sum(), "scatter: reduce="),

@@ -226,3 +226,31 @@ def test_recurrent_module_on_unsorted_packed_sequences_matches_torch(module):
         return torch.cat([padded.reshape(-1), *(s.reshape(-1) for s in states)])
 
     assert_matches_torch(fn, [r(4, 6, 3, seed=1), *[p.detach().clone() for p in params]])
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("eigh vectors", lambda a: torch.linalg.eigh(a).eigenvectors ** 2),
+    ("eigh both", lambda a: torch.linalg.eigh(a)[1] ** 2 * torch.linalg.eigh(a)[0]),
+    ("svd U", lambda a: torch.linalg.svd(a).U ** 2),
+    ("svd Vh", lambda a: torch.svd(a).V ** 2),
+])
+def test_repeated_eigenvalues_give_torchs_nan_through_the_vectors(name, fn):
+    """The eigen-/singular vectors' part divides by the gaps between values: NaN at a repeated one, as torch."""
+    a = torch.diag(torch.tensor([1.0, 2.0, 2.0, 3.0], dtype=torch.float64))
+    ours, theirs = engine_grads(fn, [a])[1][0], torch_grads(fn, [a])[0]
+    assert theirs.isnan().any()
+    torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-10, equal_nan=True)
+
+
+def test_repeated_values_alone_have_a_gradient_and_tied_spectral_norms_share_it():
+    """Through the values only there is no division: finite; amax / amin of tied singular values split evenly."""
+    a = torch.diag(torch.tensor([3.0, 1.0, 3.0, 1.0], dtype=torch.float64))
+    a[0, 1] = a[1, 0] = 1e-3  # not diagonal, still two pairs of nearly tied values
+    tied = torch.diag(torch.tensor([3.0, 1.0, 3.0, 1.0], dtype=torch.float64))
+    for x in (a, tied):
+        for fn in (lambda t: torch.linalg.eigvalsh(t), lambda t: torch.linalg.eigh(t)[0] ** 2,
+                   lambda t: torch.linalg.svdvals(t), lambda t: torch.linalg.matrix_norm(t, 2),
+                   lambda t: torch.linalg.matrix_norm(t, -2), lambda t: torch.linalg.norm(t, "nuc")):
+            ours, theirs = engine_grads(fn, [x])[1][0], torch_grads(fn, [x])[0]
+            assert not theirs.isnan().any()
+            torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-10)
