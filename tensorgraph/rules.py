@@ -1957,6 +1957,62 @@ defop("adaptive_max_pool2d", adaptive_max_pool2d)
 defop("adaptive_max_pool1d", lambda g, out, x, output_size, return_indices=False: adaptive_max_pool2d(
     g.unsqueeze(-2), out.unsqueeze(-2), x.unsqueeze(-2), None).squeeze(-2))
 defop("adaptive_avg_pool3d", lambda g, out, x, output_size: aten._adaptive_avg_pool3d_backward(g, x))
+
+
+# return_indices=True: the values take torch's backward kernel with the indices the call returned (ties go
+# where those indices point, as in torch); the indices (output 1) are integers and take no gradient
+def _max_pool_with_indices(backward: Any, dims: int) -> Callable[..., Tensor | None]:
+    def rule(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False, *,
+             output_index: int = 0) -> Tensor | None:
+        if output_index != 0:
+            return None
+        stride = stride if stride not in (None, []) else kernel_size
+        return backward(g, x, _sizes(kernel_size, dims), _sizes(stride, dims), _sizes(padding, dims),
+                        _sizes(dilation, dims), ceil_mode, out[1])
+    return rule
+
+
+def max_pool1d_with_indices(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=False, *, output_index: int = 0) -> Tensor | None:
+    """The 2-d kernel on x.unsqueeze(-2): a length-L row's flat indices are its 1-d ones."""
+    if output_index != 0:
+        return None
+    stride = kernel_size if stride in (None, []) else stride
+    return aten.max_pool2d_with_indices_backward(
+        g.unsqueeze(-2), x.unsqueeze(-2), [1, _single(kernel_size)], [1, _single(stride)], [0, _single(padding)],
+        [1, _single(dilation)], ceil_mode, out[1].unsqueeze(-2)).squeeze(-2)
+
+
+def _adaptive_max_pool_with_indices(spatial: int) -> Callable[..., Tensor | None]:
+    """The 1-d one is the 2-d kernel on x.unsqueeze(-2), as for max_pool1d."""
+    def rule(g: Tensor, out: Any, x: Tensor, output_size: Any, return_indices: bool = False, *,
+             output_index: int = 0) -> Tensor | None:
+        if output_index != 0:
+            return None
+        if spatial == 2:
+            return aten.adaptive_max_pool2d_backward(g, x, out[1])
+        return aten.adaptive_max_pool2d_backward(g.unsqueeze(-2), x.unsqueeze(-2), out[1].unsqueeze(-2)).squeeze(-2)
+    return rule
+
+
+defop("max_pool1d_with_indices", max_pool1d_with_indices, multi=True)
+defop("max_pool2d_with_indices", _max_pool_with_indices(aten.max_pool2d_with_indices_backward, 2), multi=True)
+defop("max_pool3d_with_indices", _max_pool_with_indices(aten.max_pool3d_with_indices_backward, 3), multi=True)
+defop("adaptive_max_pool1d_with_indices", _adaptive_max_pool_with_indices(1), multi=True)
+defop("adaptive_max_pool2d_with_indices", _adaptive_max_pool_with_indices(2), multi=True)
+
+
+def _max_unpool(spatial: int) -> Callable[..., tuple]:
+    """max_unpool puts each value at its index in the (flattened) spatial output: its gradient gathers g there."""
+    def rule(g: Tensor, out: Tensor, x: Tensor, indices: Tensor, kernel_size: Any, stride: Any = None,
+             padding: Any = 0, output_size: Any = None) -> tuple:
+        flat = g.flatten(-spatial).gather(-1, indices.flatten(-spatial))
+        return flat.view(x.shape), None
+    return rule
+
+
+for _spatial in (1, 2, 3):
+    defop(f"max_unpool{_spatial}d", _max_unpool(_spatial))
 # im2col and col2im undo each other's gradients; so do the pixel shuffles
 defop("im2col", lambda g, out, x, kernel_size, dilation=1, padding=0, stride=1: F.fold(
     g, x.shape[-2:], kernel_size, dilation, padding, stride), auto=False, funcs=("F.unfold",))

@@ -747,6 +747,24 @@ def image_cases():
     yield "adaptive_max_pool1d", lambda x: F.adaptive_max_pool1d(x, 3), [distinct(2, 3, 8, seed=4)]
     yield "max_pool3d", lambda x: F.max_pool3d(x, 2) + F.max_pool3d(x, (2, 2, 3), stride=(2, 2, 3)).sum(), [
         distinct(1, 2, 4, 4, 6, seed=5)]
+    yield "max_pool1d_indices", lambda x: F.max_pool1d(x, 3, stride=2, padding=1, return_indices=True)[0], [
+        distinct(2, 3, 8, seed=6)]
+    yield "max_pool2d_indices", lambda x: F.max_pool2d(x, 3, 2, 1, return_indices=True)[0] + torch.nn.MaxPool2d(
+        2, return_indices=True, ceil_mode=True)(x)[0][..., :3, :3].sum(), [distinct(2, 3, 6, 5, seed=7)]
+    yield "max_pool3d_indices", lambda x: F.max_pool3d(x, (2, 2, 3), dilation=(1, 2, 1), return_indices=True)[0], [
+        distinct(1, 2, 4, 5, 6, seed=8)]
+    yield "adaptive_max_pool_indices", lambda x: F.adaptive_max_pool2d(x, (2, 3), return_indices=True)[0].sum(
+        -1, keepdim=True) + F.adaptive_max_pool1d(x.flatten(-2), 4, return_indices=True)[0].sum(-1)[..., None, None], [
+        img]
+    yield "max_unpool1d", lambda x, v: F.max_unpool1d(v, F.max_pool1d(x, 2, return_indices=True)[1], 2) + (
+        F.max_unpool1d(*F.max_pool1d(x, 2, return_indices=True), 2, output_size=[9]).sum()), [
+        distinct(2, 3, 9, seed=9), r(2, 3, 4, seed=10)]
+    yield "max_unpool2d", lambda x, v: torch.nn.MaxUnpool2d(2)(
+        v, F.max_pool2d(x, 2, return_indices=True)[1], (6, 5)) + (
+        F.max_unpool2d(*F.max_pool2d(x, 3, 3, 1, return_indices=True), 3, 3, 1, output_size=(6, 5))), [
+        distinct(2, 3, 6, 5, seed=11), r(2, 3, 3, 2, seed=12)]
+    yield "max_unpool3d_unbatched", lambda x: F.max_unpool3d(*F.max_pool3d(x, 2, return_indices=True), 2), [
+        distinct(2, 4, 4, 4, seed=13)]
     yield "avg_pool3d", lambda x: F.avg_pool3d(x, 2, padding=1) + F.avg_pool3d(x, 2, divisor_override=3).sum(), [vol]
     yield "adaptive_avg_pool3d", lambda x: F.adaptive_avg_pool3d(x, (2, 3, 4)), [vol]
     yield "unfold_im2col", lambda x: F.unfold(x, 3, padding=1, stride=2) + F.unfold(x, (2, 3), dilation=(2, 1)).sum(), [
