@@ -644,6 +644,22 @@ def bilinear(g: Tensor, out: Tensor, input1: Tensor, input2: Tensor, weight: Ten
 
 defop("bilinear", bilinear)
 
+
+def kron(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    """out[i * m + j] = x[i] other[j] in every dimension (the fewer-dims operand padded in front with 1s):
+    ``g`` viewed with the dims interleaved (x0, other0, x1, other1 ...) contracts with the other operand."""
+    n = max(x.dim(), other.dim())
+    a = x.reshape((1,) * (n - x.dim()) + tuple(x.shape))
+    b = other.reshape((1,) * (n - other.dim()) + tuple(other.shape))
+    g = g.reshape([size for pair in zip(a.shape, b.shape) for size in pair])
+    a_dims, b_dims = tuple(range(0, 2 * n, 2)), tuple(range(1, 2 * n, 2))
+    spread_a = a.reshape([size for s in a.shape for size in (s, 1)])
+    spread_b = b.reshape([size for s in b.shape for size in (1, s)])
+    return (g * spread_b).sum(b_dims).reshape(x.shape), (g * spread_a).sum(a_dims).reshape(other.shape)
+
+
+defop("kron", kron)
+
 # ---------------------------------------------------------------- linear algebra
 
 defop("trace", lambda g, out, x: g * torch.eye(*x.shape, dtype=g.dtype, device=g.device))
@@ -749,6 +765,73 @@ def _with_mean(spread_rule: Any) -> Any:
 
 defop("sum", sum_rule)
 defop("mean", mean_rule)
+def _cov_parts(x: Tensor, correction: float, fweights: Tensor | None, aweights: Tensor | None) -> tuple:
+    """torch.cov's pieces: observations in columns, their weights (None: all 1), the centred x, the divisor."""
+    x = x.reshape(1, -1) if x.dim() < 2 else x
+    w = fweights.to(x.dtype) if fweights is not None else None
+    if aweights is not None:
+        w = aweights if w is None else w * aweights
+    total = w.sum() if w is not None else torch.tensor(float(x.shape[1]), dtype=x.dtype, device=x.device)
+    mean = (x * w if w is not None else x).sum(1, keepdim=True) / total
+    if aweights is not None and correction != 0:
+        divisor = total - correction * (w * aweights).sum() / total
+    else:
+        divisor = total - correction
+    return x, w, x - mean, divisor.clamp_min(0)  # torch: a divisor <= 0 (correction too large) becomes 0
+
+
+def _cov_backward(grad: Tensor, x: Tensor, correction: float, fweights: Tensor | None,
+                  aweights: Tensor | None) -> tuple:
+    """Gradients of C = (xc * w) xc^T / divisor (xc: x centred on its weighted mean) for the (p, p) ``grad``.
+
+    The mean's own gradient is zero: the weighted sum of the centred observations vanishes.
+    An analytic weight's gradient is its observation's quadratic form xc_k^T grad xc_k / divisor, plus the
+    divisor's dependence on it.
+    """
+    rows, w, centred, divisor = _cov_parts(x, correction, fweights, aweights)
+    symmetric = grad + grad.mT
+    spread = symmetric @ centred / divisor
+    grad_x = (spread * w if w is not None else spread).reshape(x.shape)
+    if aweights is None:
+        return grad_x, None
+    c = (centred * w) @ centred.mT / divisor
+    grad_divisor = -(grad * c).sum() / divisor
+    total = w.sum()
+    f = fweights.to(x.dtype) if fweights is not None else torch.ones_like(aweights)
+    square = (w * aweights).sum()
+    d_divisor = f * (1 - correction * (2 * aweights * total - square) / total**2) if correction != 0 else f
+    quadratic = (centred * (grad @ centred)).sum(0) / divisor
+    return grad_x, f * quadratic + grad_divisor * d_divisor
+
+
+def cov(g: Tensor, out: Tensor, x: Tensor, correction: int = 1, fweights: Tensor | None = None,
+        aweights: Tensor | None = None) -> tuple:
+    """torch.cov (correction, fweights and aweights are keywords in torch; bound here by position so that
+    the analytic weights, when they are computed, receive their gradient too)."""
+    p = 1 if x.dim() < 2 else x.shape[0]
+    grad_x, grad_aweights = _cov_backward(g.reshape(p, p), x, correction, fweights, aweights)
+    return grad_x, None, None, grad_aweights
+
+
+def corrcoef(g: Tensor, out: Tensor, x: Tensor) -> Tensor:
+    """R = C / (s s^T) with s = sqrt(diag C), clipped to [-1, 1] (torch's clip passes no gradient where it cut)."""
+    rows, w, centred, divisor = _cov_parts(x, 1, None, None)
+    c = centred @ centred.mT / divisor
+    if x.dim() < 2 or x.shape[0] == 1:  # torch: c / c
+        grad_c = g.reshape(1, 1) / c - g.reshape(1, 1) * c / (c * c)
+        return _cov_backward(grad_c, x, 1, None, None)[0]
+    s = c.diagonal().sqrt()
+    outer = s.unsqueeze(1) * s.unsqueeze(0)
+    unclipped = c / s.view(-1, 1) / s.view(1, -1)
+    g = g * ((unclipped >= -1) & (unclipped <= 1))
+    grad_c = g / outer
+    grad_s = -((g * unclipped).sum(1) + (g * unclipped).sum(0)) / s
+    grad_c = grad_c + torch.diag_embed(grad_s / (2 * s))
+    return _cov_backward(grad_c, x, 1, None, None)[0]
+
+
+defop("cov", cov)
+defop("corrcoef", corrcoef)
 defop("var", var_rule)
 defop("std", std_rule)
 defop("var_mean", _with_mean(var_rule), multi=True)
@@ -1391,6 +1474,41 @@ def pad(g: Tensor, out: Tensor, x: Tensor, pad: Sequence[int], mode: str = "cons
 
 
 defop("pad", pad)
+
+
+def block_diag(g: Tensor, out: Tensor, *tensors: Tensor) -> tuple:
+    """Each block's gradient is its window of ``g`` (a 0-d block is 1x1, a 1-d one a single row)."""
+    grads, row, col = [], 0, 0
+    for t in tensors:
+        rows, cols = (t.shape[0], t.shape[1]) if t.dim() == 2 else (1, t.numel())
+        grads.append(g[row:row + rows, col:col + cols].reshape(t.shape))
+        row, col = row + rows, col + cols
+    return tuple(grads)
+
+
+def cartesian_prod(g: Tensor, out: Tensor, *tensors: Tensor) -> tuple:
+    """Column i of the product holds tensor i's elements: their gradients add up (one tensor: itself)."""
+    if len(tensors) == 1:
+        return (g,)
+    positions = torch.cartesian_prod(*(torch.arange(t.numel(), device=t.device) for t in tensors))
+    return tuple(_place(g[:, i], t, lambda _, i=i: positions[:, i]) for i, t in enumerate(tensors))
+
+
+def _vander_grad(g: Tensor, increasing: Tensor) -> Tensor:
+    """d/dx of the powers x^0 .. x^(N-1) (the last dim of ``increasing``): k x^(k-1), the column before times k."""
+    if increasing.shape[-1] < 2:
+        return torch.zeros_like(increasing[..., 0])
+    k = torch.arange(1, increasing.shape[-1], dtype=g.dtype, device=g.device)
+    return (g[..., 1:] * k * increasing[..., :-1]).sum(-1)
+
+
+defop("block_diag", block_diag)
+defop("cartesian_prod", cartesian_prod)
+defop("combinations", lambda g, out, x, r=2, with_replacement=False: _place(
+    g, x, lambda positions: torch.combinations(positions, r, with_replacement)))
+defop("vander", lambda g, out, x, N=None, increasing=False: _vander_grad(
+    g if increasing else g.flip(-1), out if increasing else out.flip(-1)))
+defop("linalg_vander", lambda g, out, x, *, N=None: _vander_grad(g, out), auto=False, funcs=("linalg.vander",))
 
 # ---------------------------------------------------------------- neural-network ops
 

@@ -373,6 +373,7 @@ def nn_cases():
     yield from more_shape_cases()
     yield from image_cases()
     yield from more_loss_cases()
+    yield from product_cases()
 
 
 def _affine(layer):
@@ -776,6 +777,30 @@ def image_cases():
     yield "pixel_unshuffle", lambda x: F.pixel_unshuffle(x, 2), [r(2, 3, 4, 6, seed=8)]
     yield "channel_shuffle", lambda x: F.channel_shuffle(x, 3) * torch.arange(6, dtype=D).view(6, 1, 1), [
         r(2, 6, 2, 2, seed=9)]
+
+
+def product_cases():
+    """kron, cov and corrcoef (with their weights), block_diag, cartesian_prod, combinations, linalg.vander."""
+    x = r(3, 6, seed=1)
+    counts = torch.tensor([1, 2, 1, 3, 1, 2])
+    yield "kron", lambda a, b: torch.kron(a, b) + a.kron(b * 2), [r(2, 3, seed=1), r(3, 2, seed=2)]
+    yield "kron_mixed_dims", lambda a, b: torch.kron(a, b).sum(0) + torch.kron(b, a).sum(0) * 2, [
+        r(2, seed=1), r(2, 3, 2, seed=2)]
+    yield "kron_0d", lambda a, b: torch.kron(a, b), [r(seed=1), r(3, seed=2)]
+    yield "cov", lambda a: torch.cov(a) + a.cov(correction=0), [x]
+    yield "cov_weights", lambda a, w, n: torch.cov(a, fweights=n, aweights=w) + torch.cov(
+        a, correction=0, aweights=w) + a.cov(fweights=n, correction=2), [x, r(6, seed=2, positive=True), counts]
+    yield "cov_1d_aweights", lambda a, w: torch.cov(a, correction=2, aweights=w), [r(6, seed=3),
+                                                                                  r(6, seed=4, positive=True)]
+    yield "corrcoef", lambda a: torch.corrcoef(a) + a.corrcoef().exp(), [x]
+    yield "corrcoef_one_variable", lambda a: torch.corrcoef(a) * a.sum(), [r(5, seed=5)]
+    yield "block_diag", lambda a, b, c: torch.block_diag(a, b, c), [r(2, 3, seed=1), r(3, seed=2), r(seed=3)]
+    yield "cartesian_prod", lambda a, b, c: torch.cartesian_prod(a, b, c) + torch.cartesian_prod(a).sum(), [
+        r(2, seed=1), r(3, seed=2), r(2, seed=3)]
+    yield "combinations", lambda a: torch.combinations(a).sum(1).repeat(2) + torch.combinations(
+        a, 3, with_replacement=True)[:12].prod(1), [r(4, seed=1)]
+    yield "linalg_vander", lambda a: torch.linalg.vander(a) + torch.linalg.vander(a, N=6)[..., 2:].sum(-1, True), [
+        r(2, 4, seed=1)]
 
 
 def more_loss_cases():
