@@ -28,6 +28,7 @@ KERNELS = frozenset({
     "_softmax_backward_data", "_upsample_nearest_exact1d_backward", "_upsample_nearest_exact2d_backward",
     "_upsample_nearest_exact3d_backward", "adaptive_max_pool2d", "adaptive_max_pool2d_backward", "avg_pool2d_backward",
     "avg_pool3d_backward", "convolution_backward", "elu_backward", "gelu_backward", "glu_backward",
+    "grid_sampler_2d_backward", "grid_sampler_3d_backward",
     "hardshrink_backward", "hardsigmoid_backward", "hardswish_backward", "hardtanh_backward", "huber_loss",
     "huber_loss_backward", "leaky_relu_backward", "log_sigmoid_backward", "log_sigmoid_forward", "logit_backward",
     "max_pool2d_with_indices", "max_pool2d_with_indices_backward", "max_pool3d_with_indices",
@@ -2205,6 +2206,34 @@ def interpolate(g: Tensor, out: Tensor, input: Tensor, size: Any = None, scale_f
 
 
 defop("interpolate", interpolate)
+
+# F.grid_sample's arguments as its kernels number them
+_GRID_MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
+_GRID_PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
+
+
+def grid_sample(g: Tensor, out: Tensor, input: Tensor, grid: Tensor, mode: str = "bilinear",
+                padding_mode: str = "zeros", align_corners: bool | None = None) -> tuple:
+    """Torch's grid sampler backward (nearest: the grid's gradient is 0, as torch's)."""
+    backward = aten.grid_sampler_2d_backward if input.dim() == 4 else aten.grid_sampler_3d_backward
+    grad_input, grad_grid = backward(g, input, grid, _GRID_MODES[mode], _GRID_PADDINGS[padding_mode],
+                                     bool(align_corners), [True, True])
+    return grad_input, grad_grid
+
+
+def affine_grid(g: Tensor, out: Tensor, theta: Tensor, size: Any, align_corners: bool | None = None) -> Tensor:
+    """out[n, p] = theta[n] @ (base[p], 1): theta's gradient contracts g with the base grid over the positions p.
+
+    The base grid is the grid of the identity transform (its coordinates come out exactly).
+    """
+    identity = torch.eye(theta.shape[1], theta.shape[2], dtype=theta.dtype, device=theta.device).expand_as(theta)
+    base = F.affine_grid(identity, list(size), align_corners=bool(align_corners)).flatten(1, -2)
+    base = torch.cat([base, torch.ones_like(base[..., :1])], -1)
+    return g.flatten(1, -2).mT @ base
+
+
+defop("grid_sample", grid_sample)
+defop("affine_grid", affine_grid)
 
 # ---------------------------------------------------------------- constants: no gradient flows
 

@@ -462,6 +462,21 @@ def resampling_cases():
     yield "conv3d", lambda x, w, b: F.conv3d(x, w, b, padding=1), [x3, r(4, 2, 2, 2, 3, seed=10), r(4, seed=11)]
     yield "conv_transpose3d", lambda x, w: F.conv_transpose3d(x, w, stride=2), [x3, r(2, 3, 2, 2, 2, seed=12)]
 
+    image, grid = r(2, 2, 4, 5, seed=13), r(2, 3, 4, 2, seed=14) * 0.9
+    for mode in ("bilinear", "nearest", "bicubic"):
+        for padding in ("zeros", "border", "reflection"):
+            for corners in (False, True):
+                yield f"grid_sample_{mode}_{padding}{'_corners' if corners else ''}", lambda x, g, m=mode, p=padding, \
+                    c=corners: F.grid_sample(x, g * 1.2, mode=m, padding_mode=p, align_corners=c), [image, grid]
+    yield "grid_sample_3d", lambda x, g: F.grid_sample(x, g, align_corners=True) + F.grid_sample(
+        x, g * 1.3, padding_mode="reflection", align_corners=False) + F.grid_sample(x, g, mode="nearest", align_corners=False), [
+        r(1, 2, 3, 4, 3, seed=15), r(1, 2, 3, 2, 3, seed=16) * 0.8]
+    yield "affine_grid", lambda t: F.affine_grid(t, [2, 3, 4, 5], align_corners=False) + F.affine_grid(
+        t, torch.Size((2, 1, 4, 5)), align_corners=True) * 2, [r(2, 2, 3, seed=17)]
+    yield "affine_grid_3d_sampled", lambda x, t: F.grid_sample(x, F.affine_grid(t, x.shape, align_corners=False),
+                                                               align_corners=False), [
+        r(1, 2, 3, 4, 2, seed=18), r(1, 3, 4, seed=19) * 0.5]
+
 
 _CONV_TRANSPOSE = _affine(torch.nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1))
 
