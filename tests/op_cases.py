@@ -469,7 +469,8 @@ def resampling_cases():
                 yield f"grid_sample_{mode}_{padding}{'_corners' if corners else ''}", lambda x, g, m=mode, p=padding, \
                     c=corners: F.grid_sample(x, g * 1.2, mode=m, padding_mode=p, align_corners=c), [image, grid]
     yield "grid_sample_3d", lambda x, g: F.grid_sample(x, g, align_corners=True) + F.grid_sample(
-        x, g * 1.3, padding_mode="reflection", align_corners=False) + F.grid_sample(x, g, mode="nearest", align_corners=False), [
+        x, g * 1.3, padding_mode="reflection", align_corners=False) + F.grid_sample(
+        x, g, mode="nearest", align_corners=False), [
         r(1, 2, 3, 4, 3, seed=15), r(1, 2, 3, 2, 3, seed=16) * 0.8]
     yield "affine_grid", lambda t: F.affine_grid(t, [2, 3, 4, 5], align_corners=False) + F.affine_grid(
         t, torch.Size((2, 1, 4, 5)), align_corners=True) * 2, [r(2, 2, 3, seed=17)]
