@@ -24,7 +24,8 @@ from .ops import UnsupportedCall, constants, defop
 # may name them (tensorgraph.serialize); they are the only torch.ops it may run, since aten also
 # holds ops that touch files (from_file). A rule calling a kernel not listed fails at once.
 KERNELS = frozenset({
-    "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward", "_log_softmax_backward_data",
+    "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward", "_ctc_loss", "_ctc_loss_backward",
+    "_log_softmax_backward_data",
     "_softmax_backward_data", "_upsample_nearest_exact1d_backward", "_upsample_nearest_exact2d_backward",
     "_upsample_nearest_exact3d_backward", "adaptive_max_pool2d", "adaptive_max_pool2d_backward", "avg_pool2d_backward",
     "avg_pool3d_backward", "convolution_backward", "elu_backward", "gelu_backward", "glu_backward",
@@ -1718,6 +1719,37 @@ def _reduction_enum(size_average: Any, reduce: Any, reduction: str) -> int:
 defop("multi_margin_loss", lambda g, out, x, target, p=1, margin=1.0, weight=None, size_average=None, reduce=None,
       reduction="mean": (aten.multi_margin_loss_backward(g, x, target, p, margin, weight, _reduction_enum(
           size_average, reduce, reduction)), None, None), auto=False, funcs=("F.multi_margin_loss",))
+
+
+def _lengths(lengths: Any) -> list[int]:
+    """CTC lengths as the kernels take them: a tensor (0-d when unbatched), a tuple or list of ints."""
+    if isinstance(lengths, Tensor):
+        return lengths.reshape(-1).tolist()
+    return [lengths] if isinstance(lengths, int) else [int(n) for n in lengths]
+
+
+def ctc_loss(g: Tensor, out: Tensor, log_probs: Tensor, targets: Tensor, input_lengths: Any, target_lengths: Any,
+             blank: int = 0, reduction: Any = "mean", zero_infinity: bool = False) -> tuple:
+    """Torch's CTC backward, with the log_alpha its forward (recomputed here) returns.
+
+    NOTE: like torch's, the gradient is the one for normalised log_probs (log_softmax outputs): it includes
+    exp(log_probs), which cancels in log_softmax's backward.
+    """
+    reduction = {0: "none", 1: "mean", 2: "sum"}.get(reduction, reduction)  # torch.ctc_loss takes the enum
+    batched = log_probs.dim() == 3
+    log_probs = log_probs if batched else log_probs.unsqueeze(1)
+    targets = targets.to(log_probs.device, torch.long)
+    inputs, lengths = _lengths(input_lengths), _lengths(target_lengths)
+    nll, log_alpha = aten._ctc_loss(log_probs, targets, inputs, lengths, blank, zero_infinity)
+    if reduction == "mean":  # the mean over the batch of each loss divided by its target length
+        g = g / len(lengths) / torch.tensor(lengths, dtype=g.dtype, device=g.device).clamp_min(1)
+    else:
+        g = g.expand(len(lengths)) if reduction == "sum" else g.reshape(len(lengths))
+    grad = aten._ctc_loss_backward(g, log_probs, targets, inputs, lengths, nll, log_alpha, blank, zero_infinity)
+    return (grad if batched else grad.squeeze(1)), None, None, None
+
+
+defop("ctc_loss", ctc_loss)
 
 
 def multilabel_margin_loss(g: Tensor, out: Tensor, x: Tensor, target: Tensor, size_average=None, reduce=None,

@@ -374,6 +374,7 @@ def nn_cases():
     yield from image_cases()
     yield from more_loss_cases()
     yield from product_cases()
+    yield from ctc_cases()
 
 
 def _affine(layer):
@@ -865,6 +866,29 @@ def more_loss_cases():
         x, r(4, 5, seed=2), r(4, 5, seed=3) * 0.2]
     yield "margin_ranking_module_broadcast", lambda a, b: torch.nn.MarginRankingLoss(0.5)(
         a, b, torch.ones(4, 5, dtype=D)), [r(4, 1, seed=1), r(1, 5, seed=2)]
+
+
+def ctc_cases():
+    """F.ctc_loss on log_softmax outputs (torch's gradient is for those): padded and concatenated targets,
+    each reduction, another blank, an impossible alignment with zero_infinity, unbatched, the module."""
+    logits = r(6, 3, 5, seed=1)
+    padded, concatenated = torch.tensor([[1, 2, 0, 0], [3, 3, 1, 4], [2, 0, 0, 0]]), torch.tensor([1, 2, 3, 3, 1, 4, 2])
+    frames, lengths = torch.tensor([6, 5, 6]), torch.tensor([2, 4, 1])
+    for red in ("mean", "sum", "none"):
+        yield f"ctc_loss_{red}", lambda x, t, i, n, red=red: F.ctc_loss(x.log_softmax(2), t, i, n, reduction=red), [
+            logits, padded, frames, lengths]
+    yield "ctc_loss_concatenated_blank", lambda x, t: F.ctc_loss(x.log_softmax(-1), t, (6, 5, 6), (2, 4, 1),
+                                                                   blank=4 - 4, reduction="sum") + F.ctc_loss(
+        x.log_softmax(-1), t.clamp_max(3), [6, 6, 6], [2, 4, 1], blank=4), [logits, concatenated]
+    repeated = torch.tensor([[1, 1, 1, 0], [3, 3, 1, 4], [2, 0, 0, 0]])  # 1 1 1 needs 5 frames: it gets 4
+    yield "ctc_loss_zero_infinity", lambda x, t, i, n: F.ctc_loss(x.log_softmax(2), t, i, n, zero_infinity=True,
+                                                                  reduction="none") + torch.nn.CTCLoss(
+        zero_infinity=True)(x.log_softmax(2), t, i, n), [logits, repeated, torch.tensor([4, 6, 6]), torch.tensor(
+            [3, 4, 1])]
+    yield "ctc_loss_unbatched", lambda x, t: F.ctc_loss(x.log_softmax(1), t, torch.tensor(6), torch.tensor(3)), [
+        r(6, 5, seed=2), torch.tensor([2, 2, 4])]
+    yield "ctc_loss_empty_target_mean", lambda x: F.ctc_loss(x.log_softmax(2), torch.tensor([[1, 0], [0, 0], [2, 3]]),
+                                                             [6, 6, 6], [1, 0, 2]), [logits]
 
 
 def _with_weight(fn, w):
