@@ -375,6 +375,7 @@ def nn_cases():
     yield from more_loss_cases()
     yield from product_cases()
     yield from ctc_cases()
+    yield from attention_cases()
 
 
 def _affine(layer):
@@ -889,6 +890,47 @@ def ctc_cases():
         r(6, 5, seed=2), torch.tensor([2, 2, 4])]
     yield "ctc_loss_empty_target_mean", lambda x: F.ctc_loss(x.log_softmax(2), torch.tensor([[1, 0], [0, 0], [2, 3]]),
                                                              [6, 6, 6], [1, 0, 2]), [logits]
+
+
+def _mha(q, k, v, w_in, b_in, w_out, b_out, *, bias_k=None, bias_v=None, add_zero_attn=False, **kwargs):
+    """F.multi_head_attention_forward with 2 heads, no dropout; the output and the weights (if any) as one tensor."""
+    out, weights = F.multi_head_attention_forward(q, k, v, q.shape[-1], 2, w_in, b_in, bias_k, bias_v, add_zero_attn,
+                                                  0.0, w_out, b_out, **kwargs)
+    return out if weights is None else torch.cat([out.flatten(), weights.flatten()])
+
+
+_MHA_MODULE = _affine(torch.nn.MultiheadAttention(4, 2, bias=False, kdim=3, vdim=5, batch_first=True))
+_ENCODER_LAYER = _affine(torch.nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, norm_first=True))
+
+
+def attention_cases():
+    """Multi-head attention, recorded as its parts: each in-projection, mask, head layout and path of torch's."""
+    x, memory = r(3, 2, 4, seed=1), r(5, 2, 4, seed=2)
+    weights = [r(12, 4, seed=3), r(12, seed=4), r(4, 4, seed=5), r(4, seed=6)]
+    hidden = torch.tensor([[False, True, False], [False, False, True], [True, False, False]])  # True: masked out
+    padding = torch.tensor([[False, False, True], [False, False, False]])
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(3, dtype=D)
+    yield "mha_self", lambda x, *w: _mha(x, x, x, *w), [x, *weights]
+    yield "mha_self_masks_no_weights", lambda x, *w: _mha(x, x, x, *w, attn_mask=hidden, key_padding_mask=padding,
+                                                          need_weights=False), [x, *weights]
+    yield "mha_encoder_decoder_float_mask_per_head", lambda x, m, mask, *w: _mha(
+        x, m, m, *w, attn_mask=mask, average_attn_weights=False), [x, memory, r(3, 5, seed=7), *weights]
+    yield "mha_unbatched_padding", lambda q, k, v, *w: _mha(q, k, v, *w, key_padding_mask=torch.tensor(
+        [False, True, False, False, True])), [r(3, 4, seed=23), r(5, 4, seed=24), r(5, 4, seed=8), *weights]
+    yield "mha_separate_weights_3d_mask", lambda q, k, v, wq, wk, wv, b, mask, wo, bo: _mha(
+        q, k, v, None, b, wo, bo, use_separate_proj_weight=True, q_proj_weight=wq, k_proj_weight=wk,
+        v_proj_weight=wv, attn_mask=mask, need_weights=False), [
+        x, r(5, 2, 3, seed=9), r(5, 2, 5, seed=10), r(4, 4, seed=11), r(4, 3, seed=12), r(4, 5, seed=13),
+        r(12, seed=14), r(4, 3, 5, seed=15), r(4, 4, seed=16), r(4, seed=17)]
+    for need in (True, False):
+        yield f"mha_bias_kv_zero_attn{'' if need else '_no_weights'}", lambda x, bk, bv, *w, need=need: _mha(
+            x, x, x, *w, bias_k=bk, bias_v=bv, add_zero_attn=True, attn_mask=hidden, key_padding_mask=padding,
+            need_weights=need), [x, r(1, 1, 4, seed=18), r(1, 1, 4, seed=19), *weights]
+        yield f"mha_causal{'' if need else '_no_weights'}", lambda x, *w, need=need: _mha(
+            x, x, x, *w, attn_mask=causal, is_causal=True, need_weights=need), [x, *weights]
+    yield "mha_module_kdim_vdim", lambda q, k, v: _MHA_MODULE(q, k, v)[0] + _MHA_MODULE(q, k, v)[1].sum(), [
+        r(2, 3, 4, seed=20), r(2, 5, 3, seed=21), r(2, 5, 5, seed=22)]
+    yield "transformer_encoder_layer", lambda x: _ENCODER_LAYER(x, src_key_padding_mask=padding), [x]
 
 
 def _with_weight(fn, w):
