@@ -768,7 +768,7 @@ def _with_mean(spread_rule: Any) -> Any:
 defop("sum", sum_rule)
 defop("mean", mean_rule)
 def _cov_parts(x: Tensor, correction: float, fweights: Tensor | None, aweights: Tensor | None) -> tuple:
-    """torch.cov's pieces: observations in columns, their weights (None: all 1), the centred x, the divisor."""
+    """torch.cov's pieces (observations in columns): their weights (None: all 1), the centred x, the divisor."""
     x = x.reshape(1, -1) if x.dim() < 2 else x
     w = fweights.to(x.dtype) if fweights is not None else None
     if aweights is not None:
@@ -779,7 +779,7 @@ def _cov_parts(x: Tensor, correction: float, fweights: Tensor | None, aweights: 
         divisor = total - correction * (w * aweights).sum() / total
     else:
         divisor = total - correction
-    return x, w, x - mean, divisor.clamp_min(0)  # torch: a divisor <= 0 (correction too large) becomes 0
+    return w, x - mean, divisor.clamp_min(0)  # torch: a divisor <= 0 (correction too large) becomes 0
 
 
 def _cov_backward(grad: Tensor, x: Tensor, correction: float, fweights: Tensor | None,
@@ -790,7 +790,7 @@ def _cov_backward(grad: Tensor, x: Tensor, correction: float, fweights: Tensor |
     An analytic weight's gradient is its observation's quadratic form xc_k^T grad xc_k / divisor, plus the
     divisor's dependence on it.
     """
-    rows, w, centred, divisor = _cov_parts(x, correction, fweights, aweights)
+    w, centred, divisor = _cov_parts(x, correction, fweights, aweights)
     symmetric = grad + grad.mT
     spread = symmetric @ centred / divisor
     grad_x = (spread * w if w is not None else spread).reshape(x.shape)
@@ -809,7 +809,7 @@ def _cov_backward(grad: Tensor, x: Tensor, correction: float, fweights: Tensor |
 def cov(g: Tensor, out: Tensor, x: Tensor, correction: int = 1, fweights: Tensor | None = None,
         aweights: Tensor | None = None) -> tuple:
     """torch.cov (correction, fweights and aweights are keywords in torch; bound here by position so that
-    the analytic weights, when they are computed, receive their gradient too)."""
+    recorded analytic weights receive their gradient too; frequency weights are integers)."""
     p = 1 if x.dim() < 2 else x.shape[0]
     grad_x, grad_aweights = _cov_backward(g.reshape(p, p), x, correction, fweights, aweights)
     return grad_x, None, None, grad_aweights
@@ -817,7 +817,7 @@ def cov(g: Tensor, out: Tensor, x: Tensor, correction: int = 1, fweights: Tensor
 
 def corrcoef(g: Tensor, out: Tensor, x: Tensor) -> Tensor:
     """R = C / (s s^T) with s = sqrt(diag C), clipped to [-1, 1] (torch's clip passes no gradient where it cut)."""
-    rows, w, centred, divisor = _cov_parts(x, 1, None, None)
+    _, centred, divisor = _cov_parts(x, 1, None, None)
     c = centred @ centred.mT / divisor
     if x.dim() < 2 or x.shape[0] == 1:  # torch: c / c
         grad_c = g.reshape(1, 1) / c - g.reshape(1, 1) * c / (c * c)
@@ -2154,7 +2154,11 @@ defop("adaptive_max_pool2d_with_indices", _adaptive_max_pool_with_indices(2), mu
 
 
 def _max_unpool(spatial: int) -> Callable[..., tuple]:
-    """max_unpool puts each value at its index in the (flattened) spatial output: its gradient gathers g there."""
+    """max_unpool puts each value at its index in the (flattened) spatial output: its gradient gathers g there.
+
+    NOTE: a repeated index (overlapping pooling windows) gives g to every value written there, as torch does,
+    though the forward keeps only one of them.
+    """
     def rule(g: Tensor, out: Tensor, x: Tensor, indices: Tensor, kernel_size: Any, stride: Any = None,
              padding: Any = 0, output_size: Any = None) -> tuple:
         flat = g.flatten(-spatial).gather(-1, indices.flatten(-spatial))

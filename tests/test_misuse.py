@@ -48,9 +48,7 @@ def torch_grads(fn, *inputs):
 # ---------------------------------------------------------------- an op without a rule
 
 NO_RULE = {
-    "kron": lambda x: torch.kron(x, x * 2).sum(),
     "trapezoid": lambda x: torch.trapezoid(x),
-    "cov": lambda x: torch.cov(x.view(2, 2)).sum(),
     "special_erfcx": lambda x: torch.special.erfcx(x).sum(),
     "cumulative_trapezoid": lambda x: torch.cumulative_trapezoid(x).sum(),
     "linalg_cholesky": lambda x: torch.linalg.cholesky(torch.diag(x)).sum(),
