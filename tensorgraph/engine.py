@@ -371,8 +371,8 @@ def _ignored_inputs(data: dict[str, Any]) -> set[int]:
 # composites without a rule whose parts have rules: how to write them so that they record as those parts
 _REWRITES = {
     "multi_head_attention_forward": (
-        "; nn.MultiheadAttention (and nn.Transformer*Layer, which use it) runs one fused call: write the "
-        "attention with nn.Linear projections and F.scaled_dot_product_attention or softmax(q @ k.mT * scale) @ v"),
+        "; without static_k and static_v, nn.MultiheadAttention is recorded as its parts, which have rules; "
+        "with them, write the attention with nn.Linear projections and F.scaled_dot_product_attention"),
     "softmin": "; write F.softmax(-x, dim)",
 }
 

@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import replay as _replay
 from . import rules  # noqa: F401  (fills the op table)
+from .attention import multi_head_attention, refused_argument
 from .engine import NO_STAMPS, LeafStamps
 from .graph import Graph, Ref, _short_path, substitute
 from .ops import FUNCS, Op, UnsupportedCall, func_name, lookup
@@ -61,6 +62,7 @@ _USER_SUBPACKAGES = (os.path.join(_PACKAGE_DIR, "makemore"), os.path.join(_PACKA
 _internal_code: dict[Any, bool] = {}
 _DROPOUT = {torch.nn.functional.dropout, torch.dropout}
 _ATTENTION = torch.nn.functional.scaled_dot_product_attention
+_MULTI_HEAD_ATTENTION = torch.nn.functional.multi_head_attention_forward
 # torch.autograd.Function.apply runs the Function's forward with grad disabled: its ops reach the recorder's
 # no-grad path; a frame running this code above such an op marks it as part of a custom Function's forward
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
@@ -254,6 +256,8 @@ class _Recorder(TorchFunctionMode):
             return self._out_call(func, entry, args, kwargs)
         if func is _ATTENTION and _attention_dropout_call(args, kwargs):
             return self._attention_with_dropout(*args, **kwargs)
+        if func is _MULTI_HEAD_ATTENTION:
+            return self._multi_head_attention(func, entry, args, kwargs)
         if entry is not None:
             if entry[2]:
                 return self._inplace_call(func, entry, args, kwargs)
@@ -435,6 +439,20 @@ class _Recorder(TorchFunctionMode):
             weights = call(torch.softmax, (), (scores, -1))
         weights = call(Tensor.mul, (), (weights, call(rules.dropout_mask, (), (weights, dropout_p))))
         return call(torch.matmul, (), (weights, value))
+
+    def _multi_head_attention(self, func, entry, args, kwargs):
+        """nn.MultiheadAttention's one call, recorded as the calls it makes (tensorgraph.attention); with an
+        argument that has no rule there, one node that says which, when a gradient needs it."""
+        refused = refused_argument(args, kwargs)
+        if refused is None:
+            return multi_head_attention(lambda f, *a, **k: self.__torch_function__(f, (), a, k), args, kwargs)
+        result = self._after_call(func, entry, args, kwargs, func(*args, **kwargs))
+        with _Bookkeeping():
+            for out in result:
+                if isinstance(out, Tensor) and id(out) in self.graph._live:
+                    self.graph._nodes[self.graph._live[id(out)][0]]["unsupported"] = (
+                        f"multi_head_attention_forward with {refused} (precomputed keys or values) has no rule")
+        return result
 
     def _no_grad_call(self, func, entry, args, kwargs):
         """Inside torch.no_grad() in the block: not differentiated.

@@ -26,10 +26,12 @@ from .ops import UnsupportedCall, constants, defop
 # may name them (tensorgraph.serialize); they are the only torch.ops it may run, since aten also
 # holds ops that touch files (from_file). A rule calling a kernel not listed fails at once.
 KERNELS = frozenset({
-    "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward", "_log_softmax_backward_data",
+    "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward", "_ctc_loss", "_ctc_loss_backward",
+    "_log_softmax_backward_data",
     "_softmax_backward_data", "_upsample_nearest_exact1d_backward", "_upsample_nearest_exact2d_backward",
     "_upsample_nearest_exact3d_backward", "adaptive_max_pool2d", "adaptive_max_pool2d_backward", "avg_pool2d_backward",
     "avg_pool3d_backward", "convolution_backward", "elu_backward", "gelu_backward", "glu_backward",
+    "grid_sampler_2d_backward", "grid_sampler_3d_backward",
     "hardshrink_backward", "hardsigmoid_backward", "hardswish_backward", "hardtanh_backward", "huber_loss",
     "huber_loss_backward", "leaky_relu_backward", "log_sigmoid_backward", "log_sigmoid_forward", "logit_backward",
     "max_pool2d_with_indices", "max_pool2d_with_indices_backward", "max_pool3d_with_indices",
@@ -646,6 +648,22 @@ def bilinear(g: Tensor, out: Tensor, input1: Tensor, input2: Tensor, weight: Ten
 
 defop("bilinear", bilinear)
 
+
+def kron(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    """out[i * m + j] = x[i] other[j] in every dimension (the fewer-dims operand padded in front with 1s):
+    ``g`` viewed with the dims interleaved (x0, other0, x1, other1 ...) contracts with the other operand."""
+    n = max(x.dim(), other.dim())
+    a = x.reshape((1,) * (n - x.dim()) + tuple(x.shape))
+    b = other.reshape((1,) * (n - other.dim()) + tuple(other.shape))
+    g = g.reshape([size for pair in zip(a.shape, b.shape) for size in pair])
+    a_dims, b_dims = tuple(range(0, 2 * n, 2)), tuple(range(1, 2 * n, 2))
+    spread_a = a.reshape([size for s in a.shape for size in (s, 1)])
+    spread_b = b.reshape([size for s in b.shape for size in (1, s)])
+    return (g * spread_b).sum(b_dims).reshape(x.shape), (g * spread_a).sum(a_dims).reshape(other.shape)
+
+
+defop("kron", kron)
+
 # ---------------------------------------------------------------- linear algebra
 
 defop("trace", lambda g, out, x: g * torch.eye(*x.shape, dtype=g.dtype, device=g.device))
@@ -1176,6 +1194,73 @@ def _with_mean(spread_rule: Any) -> Any:
 
 defop("sum", sum_rule)
 defop("mean", mean_rule)
+def _cov_parts(x: Tensor, correction: float, fweights: Tensor | None, aweights: Tensor | None) -> tuple:
+    """torch.cov's pieces (observations in columns): their weights (None: all 1), the centred x, the divisor."""
+    x = x.reshape(1, -1) if x.dim() < 2 else x
+    w = fweights.to(x.dtype) if fweights is not None else None
+    if aweights is not None:
+        w = aweights if w is None else w * aweights
+    total = w.sum() if w is not None else torch.tensor(float(x.shape[1]), dtype=x.dtype, device=x.device)
+    mean = (x * w if w is not None else x).sum(1, keepdim=True) / total
+    if aweights is not None and correction != 0:
+        divisor = total - correction * (w * aweights).sum() / total
+    else:
+        divisor = total - correction
+    return w, x - mean, divisor.clamp_min(0)  # torch: a divisor <= 0 (correction too large) becomes 0
+
+
+def _cov_backward(grad: Tensor, x: Tensor, correction: float, fweights: Tensor | None,
+                  aweights: Tensor | None) -> tuple:
+    """Gradients of C = (xc * w) xc^T / divisor (xc: x centred on its weighted mean) for the (p, p) ``grad``.
+
+    The mean's own gradient is zero: the weighted sum of the centred observations vanishes.
+    An analytic weight's gradient is its observation's quadratic form xc_k^T grad xc_k / divisor, plus the
+    divisor's dependence on it.
+    """
+    w, centred, divisor = _cov_parts(x, correction, fweights, aweights)
+    symmetric = grad + grad.mT
+    spread = symmetric @ centred / divisor
+    grad_x = (spread * w if w is not None else spread).reshape(x.shape)
+    if aweights is None:
+        return grad_x, None
+    c = (centred * w) @ centred.mT / divisor
+    grad_divisor = -(grad * c).sum() / divisor
+    total = w.sum()
+    f = fweights.to(x.dtype) if fweights is not None else torch.ones_like(aweights)
+    square = (w * aweights).sum()
+    d_divisor = f * (1 - correction * (2 * aweights * total - square) / total**2) if correction != 0 else f
+    quadratic = (centred * (grad @ centred)).sum(0) / divisor
+    return grad_x, f * quadratic + grad_divisor * d_divisor
+
+
+def cov(g: Tensor, out: Tensor, x: Tensor, correction: int = 1, fweights: Tensor | None = None,
+        aweights: Tensor | None = None) -> tuple:
+    """torch.cov (correction, fweights and aweights are keywords in torch; bound here by position so that
+    recorded analytic weights receive their gradient too; frequency weights are integers)."""
+    p = 1 if x.dim() < 2 else x.shape[0]
+    grad_x, grad_aweights = _cov_backward(g.reshape(p, p), x, correction, fweights, aweights)
+    return grad_x, None, None, grad_aweights
+
+
+def corrcoef(g: Tensor, out: Tensor, x: Tensor) -> Tensor:
+    """R = C / (s s^T) with s = sqrt(diag C), clipped to [-1, 1] (torch's clip passes no gradient where it cut)."""
+    _, centred, divisor = _cov_parts(x, 1, None, None)
+    c = centred @ centred.mT / divisor
+    if x.dim() < 2 or x.shape[0] == 1:  # torch: c / c
+        grad_c = g.reshape(1, 1) / c - g.reshape(1, 1) * c / (c * c)
+        return _cov_backward(grad_c, x, 1, None, None)[0]
+    s = c.diagonal().sqrt()
+    outer = s.unsqueeze(1) * s.unsqueeze(0)
+    unclipped = c / s.view(-1, 1) / s.view(1, -1)
+    g = g * ((unclipped >= -1) & (unclipped <= 1))
+    grad_c = g / outer
+    grad_s = -((g * unclipped).sum(1) + (g * unclipped).sum(0)) / s
+    grad_c = grad_c + torch.diag_embed(grad_s / (2 * s))
+    return _cov_backward(grad_c, x, 1, None, None)[0]
+
+
+defop("cov", cov)
+defop("corrcoef", corrcoef)
 defop("var", var_rule)
 defop("std", std_rule)
 defop("var_mean", _with_mean(var_rule), multi=True)
@@ -1825,6 +1910,41 @@ def pad(g: Tensor, out: Tensor, x: Tensor, pad: Sequence[int], mode: str = "cons
 
 defop("pad", pad)
 
+
+def block_diag(g: Tensor, out: Tensor, *tensors: Tensor) -> tuple:
+    """Each block's gradient is its window of ``g`` (a 0-d block is 1x1, a 1-d one a single row)."""
+    grads, row, col = [], 0, 0
+    for t in tensors:
+        rows, cols = (t.shape[0], t.shape[1]) if t.dim() == 2 else (1, t.numel())
+        grads.append(g[row:row + rows, col:col + cols].reshape(t.shape))
+        row, col = row + rows, col + cols
+    return tuple(grads)
+
+
+def cartesian_prod(g: Tensor, out: Tensor, *tensors: Tensor) -> tuple:
+    """Column i of the product holds tensor i's elements: their gradients add up (one tensor: itself)."""
+    if len(tensors) == 1:
+        return (g,)
+    positions = torch.cartesian_prod(*(torch.arange(t.numel(), device=t.device) for t in tensors))
+    return tuple(_place(g[:, i], t, lambda _, i=i: positions[:, i]) for i, t in enumerate(tensors))
+
+
+def _vander_grad(g: Tensor, increasing: Tensor) -> Tensor:
+    """d/dx of the powers x^0 .. x^(N-1) (the last dim of ``increasing``): k x^(k-1), the column before times k."""
+    if increasing.shape[-1] < 2:
+        return torch.zeros_like(increasing[..., 0])
+    k = torch.arange(1, increasing.shape[-1], dtype=g.dtype, device=g.device)
+    return (g[..., 1:] * k * increasing[..., :-1]).sum(-1)
+
+
+defop("block_diag", block_diag)
+defop("cartesian_prod", cartesian_prod)
+defop("combinations", lambda g, out, x, r=2, with_replacement=False: _place(
+    g, x, lambda positions: torch.combinations(positions, r, with_replacement)))
+defop("vander", lambda g, out, x, N=None, increasing=False: _vander_grad(
+    g if increasing else g.flip(-1), out if increasing else out.flip(-1)))
+defop("linalg_vander", lambda g, out, x, *, N=None: _vander_grad(g, out), auto=False, funcs=("linalg.vander",))
+
 # ---------------------------------------------------------------- neural-network ops
 
 
@@ -2032,6 +2152,37 @@ def _reduction_enum(size_average: Any, reduce: Any, reduction: str) -> int:
 defop("multi_margin_loss", lambda g, out, x, target, p=1, margin=1.0, weight=None, size_average=None, reduce=None,
       reduction="mean": (aten.multi_margin_loss_backward(g, x, target, p, margin, weight, _reduction_enum(
           size_average, reduce, reduction)), None, None), auto=False, funcs=("F.multi_margin_loss",))
+
+
+def _lengths(lengths: Any) -> list[int]:
+    """CTC lengths as the kernels take them: a tensor (0-d when unbatched), a tuple or list of ints."""
+    if isinstance(lengths, Tensor):
+        return lengths.reshape(-1).tolist()
+    return [lengths] if isinstance(lengths, int) else [int(n) for n in lengths]
+
+
+def ctc_loss(g: Tensor, out: Tensor, log_probs: Tensor, targets: Tensor, input_lengths: Any, target_lengths: Any,
+             blank: int = 0, reduction: Any = "mean", zero_infinity: bool = False) -> tuple:
+    """Torch's CTC backward, with the log_alpha its forward (recomputed here) returns.
+
+    NOTE: like torch's, the gradient is the one for normalised log_probs (log_softmax outputs): it includes
+    exp(log_probs), which cancels in log_softmax's backward.
+    """
+    reduction = {0: "none", 1: "mean", 2: "sum"}.get(reduction, reduction)  # torch.ctc_loss takes the enum
+    batched = log_probs.dim() == 3
+    log_probs = log_probs if batched else log_probs.unsqueeze(1)
+    targets = targets.to(log_probs.device, torch.long)
+    inputs, lengths = _lengths(input_lengths), _lengths(target_lengths)
+    nll, log_alpha = aten._ctc_loss(log_probs, targets, inputs, lengths, blank, zero_infinity)
+    if reduction == "mean":  # the mean over the batch of each loss divided by its target length
+        g = g / len(lengths) / torch.tensor(lengths, dtype=g.dtype, device=g.device).clamp_min(1)
+    else:
+        g = g.expand(len(lengths)) if reduction == "sum" else g.reshape(len(lengths))
+    grad = aten._ctc_loss_backward(g, log_probs, targets, inputs, lengths, nll, log_alpha, blank, zero_infinity)
+    return (grad if batched else grad.squeeze(1)), None, None, None
+
+
+defop("ctc_loss", ctc_loss)
 
 
 def multilabel_margin_loss(g: Tensor, out: Tensor, x: Tensor, target: Tensor, size_average=None, reduce=None,
@@ -2390,6 +2541,66 @@ defop("adaptive_max_pool2d", adaptive_max_pool2d)
 defop("adaptive_max_pool1d", lambda g, out, x, output_size, return_indices=False: adaptive_max_pool2d(
     g.unsqueeze(-2), out.unsqueeze(-2), x.unsqueeze(-2), None).squeeze(-2))
 defop("adaptive_avg_pool3d", lambda g, out, x, output_size: aten._adaptive_avg_pool3d_backward(g, x))
+
+
+# return_indices=True: the values take torch's backward kernel with the indices the call returned (ties go
+# where those indices point, as in torch); the indices (output 1) are integers and take no gradient
+def _max_pool_with_indices(backward: Any, dims: int) -> Callable[..., Tensor | None]:
+    def rule(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False, *,
+             output_index: int = 0) -> Tensor | None:
+        if output_index != 0:
+            return None
+        stride = stride if stride not in (None, []) else kernel_size
+        return backward(g, x, _sizes(kernel_size, dims), _sizes(stride, dims), _sizes(padding, dims),
+                        _sizes(dilation, dims), ceil_mode, out[1])
+    return rule
+
+
+def max_pool1d_with_indices(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=False, *, output_index: int = 0) -> Tensor | None:
+    """The 2-d kernel on x.unsqueeze(-2): a length-L row's flat indices are its 1-d ones."""
+    if output_index != 0:
+        return None
+    stride = kernel_size if stride in (None, []) else stride
+    return aten.max_pool2d_with_indices_backward(
+        g.unsqueeze(-2), x.unsqueeze(-2), [1, _single(kernel_size)], [1, _single(stride)], [0, _single(padding)],
+        [1, _single(dilation)], ceil_mode, out[1].unsqueeze(-2)).squeeze(-2)
+
+
+def _adaptive_max_pool_with_indices(spatial: int) -> Callable[..., Tensor | None]:
+    """The 1-d one is the 2-d kernel on x.unsqueeze(-2), as for max_pool1d."""
+    def rule(g: Tensor, out: Any, x: Tensor, output_size: Any, return_indices: bool = False, *,
+             output_index: int = 0) -> Tensor | None:
+        if output_index != 0:
+            return None
+        if spatial == 2:
+            return aten.adaptive_max_pool2d_backward(g, x, out[1])
+        return aten.adaptive_max_pool2d_backward(g.unsqueeze(-2), x.unsqueeze(-2), out[1].unsqueeze(-2)).squeeze(-2)
+    return rule
+
+
+defop("max_pool1d_with_indices", max_pool1d_with_indices, multi=True)
+defop("max_pool2d_with_indices", _max_pool_with_indices(aten.max_pool2d_with_indices_backward, 2), multi=True)
+defop("max_pool3d_with_indices", _max_pool_with_indices(aten.max_pool3d_with_indices_backward, 3), multi=True)
+defop("adaptive_max_pool1d_with_indices", _adaptive_max_pool_with_indices(1), multi=True)
+defop("adaptive_max_pool2d_with_indices", _adaptive_max_pool_with_indices(2), multi=True)
+
+
+def _max_unpool(spatial: int) -> Callable[..., tuple]:
+    """max_unpool puts each value at its index in the (flattened) spatial output: its gradient gathers g there.
+
+    NOTE: a repeated index (overlapping pooling windows) gives g to every value written there, as torch does,
+    though the forward keeps only one of them.
+    """
+    def rule(g: Tensor, out: Tensor, x: Tensor, indices: Tensor, kernel_size: Any, stride: Any = None,
+             padding: Any = 0, output_size: Any = None) -> tuple:
+        flat = g.flatten(-spatial).gather(-1, indices.flatten(-spatial))
+        return flat.view(x.shape), None
+    return rule
+
+
+for _spatial in (1, 2, 3):
+    defop(f"max_unpool{_spatial}d", _max_unpool(_spatial))
 # im2col and col2im undo each other's gradients; so do the pixel shuffles
 defop("im2col", lambda g, out, x, kernel_size, dilation=1, padding=0, stride=1: F.fold(
     g, x.shape[-2:], kernel_size, dilation, padding, stride), auto=False, funcs=("F.unfold",))
@@ -2778,6 +2989,33 @@ def pad_packed_sequence(g: Tensor, out: Any, data: Tensor, batch_sizes: Tensor, 
 defop("_pack_padded_sequence", pack_padded_sequence, multi=True)
 defop("_pad_packed_sequence", pad_packed_sequence, multi=True)
 
+# F.grid_sample's arguments as its kernels number them
+_GRID_MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
+_GRID_PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
+
+
+def grid_sample(g: Tensor, out: Tensor, input: Tensor, grid: Tensor, mode: str = "bilinear",
+                padding_mode: str = "zeros", align_corners: bool | None = None) -> tuple:
+    """Torch's grid sampler backward (nearest: the grid's gradient is 0, as torch's)."""
+    backward = aten.grid_sampler_2d_backward if input.dim() == 4 else aten.grid_sampler_3d_backward
+    grad_input, grad_grid = backward(g, input, grid, _GRID_MODES[mode], _GRID_PADDINGS[padding_mode],
+                                     bool(align_corners), [True, True])
+    return grad_input, grad_grid
+
+
+def affine_grid(g: Tensor, out: Tensor, theta: Tensor, size: Any, align_corners: bool | None = None) -> Tensor:
+    """out[n, p] = theta[n] @ (base[p], 1): theta's gradient contracts g with the base grid over the positions p.
+
+    The base grid is the grid of the identity transform (its coordinates come out exactly).
+    """
+    identity = torch.eye(theta.shape[1], theta.shape[2], dtype=theta.dtype, device=theta.device).expand_as(theta)
+    base = F.affine_grid(identity, list(size), align_corners=bool(align_corners)).flatten(1, -2)
+    base = torch.cat([base, torch.ones_like(base[..., :1])], -1)
+    return g.flatten(1, -2).mT @ base
+
+
+defop("grid_sample", grid_sample)
+defop("affine_grid", affine_grid)
 
 # ---------------------------------------------------------------- constants: no gradient flows
 

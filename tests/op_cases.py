@@ -375,6 +375,9 @@ def nn_cases():
     yield from more_shape_cases()
     yield from image_cases()
     yield from more_loss_cases()
+    yield from product_cases()
+    yield from ctc_cases()
+    yield from attention_cases()
 
 
 def _affine(layer):
@@ -462,6 +465,22 @@ def resampling_cases():
     yield "conv_transpose2d_module", lambda x: _CONV_TRANSPOSE(x), [x2]
     yield "conv3d", lambda x, w, b: F.conv3d(x, w, b, padding=1), [x3, r(4, 2, 2, 2, 3, seed=10), r(4, seed=11)]
     yield "conv_transpose3d", lambda x, w: F.conv_transpose3d(x, w, stride=2), [x3, r(2, 3, 2, 2, 2, seed=12)]
+
+    image, grid = r(2, 2, 4, 5, seed=13), r(2, 3, 4, 2, seed=14) * 0.9
+    for mode in ("bilinear", "nearest", "bicubic"):
+        for padding in ("zeros", "border", "reflection"):
+            for corners in (False, True):
+                yield f"grid_sample_{mode}_{padding}{'_corners' if corners else ''}", lambda x, g, m=mode, p=padding, \
+                    c=corners: F.grid_sample(x, g * 1.2, mode=m, padding_mode=p, align_corners=c), [image, grid]
+    yield "grid_sample_3d", lambda x, g: F.grid_sample(x, g, align_corners=True) + F.grid_sample(
+        x, g * 1.3, padding_mode="reflection", align_corners=False) + F.grid_sample(
+        x, g, mode="nearest", align_corners=False), [
+        r(1, 2, 3, 4, 3, seed=15), r(1, 2, 3, 2, 3, seed=16) * 0.8]
+    yield "affine_grid", lambda t: F.affine_grid(t, [2, 3, 4, 5], align_corners=False) + F.affine_grid(
+        t, torch.Size((2, 1, 4, 5)), align_corners=True) * 2, [r(2, 2, 3, seed=17)]
+    yield "affine_grid_3d_sampled", lambda x, t: F.grid_sample(x, F.affine_grid(t, x.shape, align_corners=False),
+                                                               align_corners=False), [
+        r(1, 2, 3, 4, 2, seed=18), r(1, 3, 4, seed=19) * 0.5]
 
 
 _CONV_TRANSPOSE = _affine(torch.nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1))
@@ -953,6 +972,24 @@ def image_cases():
     yield "adaptive_max_pool1d", lambda x: F.adaptive_max_pool1d(x, 3), [distinct(2, 3, 8, seed=4)]
     yield "max_pool3d", lambda x: F.max_pool3d(x, 2) + F.max_pool3d(x, (2, 2, 3), stride=(2, 2, 3)).sum(), [
         distinct(1, 2, 4, 4, 6, seed=5)]
+    yield "max_pool1d_indices", lambda x: F.max_pool1d(x, 3, stride=2, padding=1, return_indices=True)[0], [
+        distinct(2, 3, 8, seed=6)]
+    yield "max_pool2d_indices", lambda x: F.max_pool2d(x, 3, 2, 1, return_indices=True)[0] + torch.nn.MaxPool2d(
+        2, return_indices=True, ceil_mode=True)(x)[0][..., :3, :3].sum(), [distinct(2, 3, 6, 5, seed=7)]
+    yield "max_pool3d_indices", lambda x: F.max_pool3d(x, (2, 2, 3), dilation=(1, 2, 1), return_indices=True)[0], [
+        distinct(1, 2, 4, 5, 6, seed=8)]
+    yield "adaptive_max_pool_indices", lambda x: F.adaptive_max_pool2d(x, (2, 3), return_indices=True)[0].sum(
+        -1, keepdim=True) + F.adaptive_max_pool1d(x.flatten(-2), 4, return_indices=True)[0].sum(-1)[..., None, None], [
+        img]
+    yield "max_unpool1d", lambda x, v: F.max_unpool1d(v, F.max_pool1d(x, 2, return_indices=True)[1], 2) + (
+        F.max_unpool1d(*F.max_pool1d(x, 2, return_indices=True), 2, output_size=[9]).sum()), [
+        distinct(2, 3, 9, seed=9), r(2, 3, 4, seed=10)]
+    yield "max_unpool2d", lambda x, v: torch.nn.MaxUnpool2d(2)(
+        v, F.max_pool2d(x, 2, return_indices=True)[1], (6, 5)) + (
+        F.max_unpool2d(*F.max_pool2d(x, 3, 3, 1, return_indices=True), 3, 3, 1, output_size=(6, 5))), [
+        distinct(2, 3, 6, 5, seed=11), r(2, 3, 3, 2, seed=12)]
+    yield "max_unpool3d_unbatched", lambda x: F.max_unpool3d(*F.max_pool3d(x, 2, return_indices=True), 2), [
+        distinct(2, 4, 4, 4, seed=13)]
     yield "avg_pool3d", lambda x: F.avg_pool3d(x, 2, padding=1) + F.avg_pool3d(x, 2, divisor_override=3).sum(), [vol]
     yield "adaptive_avg_pool3d", lambda x: F.adaptive_avg_pool3d(x, (2, 3, 4)), [vol]
     yield "unfold_im2col", lambda x: F.unfold(x, 3, padding=1, stride=2) + F.unfold(x, (2, 3), dilation=(2, 1)).sum(), [
@@ -964,6 +1001,30 @@ def image_cases():
     yield "pixel_unshuffle", lambda x: F.pixel_unshuffle(x, 2), [r(2, 3, 4, 6, seed=8)]
     yield "channel_shuffle", lambda x: F.channel_shuffle(x, 3) * torch.arange(6, dtype=D).view(6, 1, 1), [
         r(2, 6, 2, 2, seed=9)]
+
+
+def product_cases():
+    """kron, cov and corrcoef (with their weights), block_diag, cartesian_prod, combinations, linalg.vander."""
+    x = r(3, 6, seed=1)
+    counts = torch.tensor([1, 2, 1, 3, 1, 2])
+    yield "kron", lambda a, b: torch.kron(a, b) + a.kron(b * 2), [r(2, 3, seed=1), r(3, 2, seed=2)]
+    yield "kron_mixed_dims", lambda a, b: torch.kron(a, b).sum(0) + torch.kron(b, a).sum(0) * 2, [
+        r(2, seed=1), r(2, 3, 2, seed=2)]
+    yield "kron_0d", lambda a, b: torch.kron(a, b), [r(seed=1), r(3, seed=2)]
+    yield "cov", lambda a: torch.cov(a) + a.cov(correction=0), [x]
+    yield "cov_weights", lambda a, w, n: torch.cov(a, fweights=n, aweights=w) + torch.cov(
+        a, correction=0, aweights=w) + a.cov(fweights=n, correction=2), [x, r(6, seed=2, positive=True), counts]
+    yield "cov_1d_aweights", lambda a, w: torch.cov(a, correction=2, aweights=w), [r(6, seed=3),
+                                                                                  r(6, seed=4, positive=True)]
+    yield "corrcoef", lambda a: torch.corrcoef(a) + a.corrcoef().exp(), [x]
+    yield "corrcoef_one_variable", lambda a: torch.corrcoef(a) * a.sum(), [r(5, seed=5)]
+    yield "block_diag", lambda a, b, c: torch.block_diag(a, b, c), [r(2, 3, seed=1), r(3, seed=2), r(seed=3)]
+    yield "cartesian_prod", lambda a, b, c: torch.cartesian_prod(a, b, c) + torch.cartesian_prod(a).sum(), [
+        r(2, seed=1), r(3, seed=2), r(2, seed=3)]
+    yield "combinations", lambda a: torch.combinations(a).sum(1).repeat(2) + torch.combinations(
+        a, 3, with_replacement=True)[:12].prod(1), [r(4, seed=1)]
+    yield "linalg_vander", lambda a: torch.linalg.vander(a) + torch.linalg.vander(a, N=6)[..., 2:].sum(-1, True), [
+        r(2, 4, seed=1)]
 
 
 def more_loss_cases():
@@ -1012,6 +1073,70 @@ def more_loss_cases():
         x, r(4, 5, seed=2), r(4, 5, seed=3) * 0.2]
     yield "margin_ranking_module_broadcast", lambda a, b: torch.nn.MarginRankingLoss(0.5)(
         a, b, torch.ones(4, 5, dtype=D)), [r(4, 1, seed=1), r(1, 5, seed=2)]
+
+
+def ctc_cases():
+    """F.ctc_loss on log_softmax outputs (torch's gradient is for those): padded and concatenated targets,
+    each reduction, another blank, an impossible alignment with zero_infinity, unbatched, the module."""
+    logits = r(6, 3, 5, seed=1)
+    padded, concatenated = torch.tensor([[1, 2, 0, 0], [3, 3, 1, 4], [2, 0, 0, 0]]), torch.tensor([1, 2, 3, 3, 1, 4, 2])
+    frames, lengths = torch.tensor([6, 5, 6]), torch.tensor([2, 4, 1])
+    for red in ("mean", "sum", "none"):
+        yield f"ctc_loss_{red}", lambda x, t, i, n, red=red: F.ctc_loss(x.log_softmax(2), t, i, n, reduction=red), [
+            logits, padded, frames, lengths]
+    yield "ctc_loss_concatenated_blank", lambda x, t: F.ctc_loss(x.log_softmax(-1), t, (6, 5, 6), (2, 4, 1),
+                                                                   blank=4 - 4, reduction="sum") + F.ctc_loss(
+        x.log_softmax(-1), t.clamp_max(3), [6, 6, 6], [2, 4, 1], blank=4), [logits, concatenated]
+    repeated = torch.tensor([[1, 1, 1, 0], [3, 3, 1, 4], [2, 0, 0, 0]])  # 1 1 1 needs 5 frames: it gets 4
+    yield "ctc_loss_zero_infinity", lambda x, t, i, n: F.ctc_loss(x.log_softmax(2), t, i, n, zero_infinity=True,
+                                                                  reduction="none") + torch.nn.CTCLoss(
+        zero_infinity=True)(x.log_softmax(2), t, i, n), [logits, repeated, torch.tensor([4, 6, 6]), torch.tensor(
+            [3, 4, 1])]
+    yield "ctc_loss_unbatched", lambda x, t: F.ctc_loss(x.log_softmax(1), t, torch.tensor(6), torch.tensor(3)), [
+        r(6, 5, seed=2), torch.tensor([2, 2, 4])]
+    yield "ctc_loss_empty_target_mean", lambda x: F.ctc_loss(x.log_softmax(2), torch.tensor([[1, 0], [0, 0], [2, 3]]),
+                                                             [6, 6, 6], [1, 0, 2]), [logits]
+
+
+def _mha(q, k, v, w_in, b_in, w_out, b_out, *, bias_k=None, bias_v=None, add_zero_attn=False, **kwargs):
+    """F.multi_head_attention_forward with 2 heads, no dropout; the output and the weights (if any) as one tensor."""
+    out, weights = F.multi_head_attention_forward(q, k, v, q.shape[-1], 2, w_in, b_in, bias_k, bias_v, add_zero_attn,
+                                                  0.0, w_out, b_out, **kwargs)
+    return out if weights is None else torch.cat([out.flatten(), weights.flatten()])
+
+
+_MHA_MODULE = _affine(torch.nn.MultiheadAttention(4, 2, bias=False, kdim=3, vdim=5, batch_first=True))
+_ENCODER_LAYER = _affine(torch.nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, norm_first=True))
+
+
+def attention_cases():
+    """Multi-head attention, recorded as its parts: each in-projection, mask, head layout and path of torch's."""
+    x, memory = r(3, 2, 4, seed=1), r(5, 2, 4, seed=2)
+    weights = [r(12, 4, seed=3), r(12, seed=4), r(4, 4, seed=5), r(4, seed=6)]
+    hidden = torch.tensor([[False, True, False], [False, False, True], [True, False, False]])  # True: masked out
+    padding = torch.tensor([[False, False, True], [False, False, False]])
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(3, dtype=D)
+    yield "mha_self", lambda x, *w: _mha(x, x, x, *w), [x, *weights]
+    yield "mha_self_masks_no_weights", lambda x, *w: _mha(x, x, x, *w, attn_mask=hidden, key_padding_mask=padding,
+                                                          need_weights=False), [x, *weights]
+    yield "mha_encoder_decoder_float_mask_per_head", lambda x, m, mask, *w: _mha(
+        x, m, m, *w, attn_mask=mask, average_attn_weights=False), [x, memory, r(3, 5, seed=7), *weights]
+    yield "mha_unbatched_padding", lambda q, k, v, *w: _mha(q, k, v, *w, key_padding_mask=torch.tensor(
+        [False, True, False, False, True])), [r(3, 4, seed=23), r(5, 4, seed=24), r(5, 4, seed=8), *weights]
+    yield "mha_separate_weights_3d_mask", lambda q, k, v, wq, wk, wv, b, mask, wo, bo: _mha(
+        q, k, v, None, b, wo, bo, use_separate_proj_weight=True, q_proj_weight=wq, k_proj_weight=wk,
+        v_proj_weight=wv, attn_mask=mask, need_weights=False), [
+        x, r(5, 2, 3, seed=9), r(5, 2, 5, seed=10), r(4, 4, seed=11), r(4, 3, seed=12), r(4, 5, seed=13),
+        r(12, seed=14), r(4, 3, 5, seed=15), r(4, 4, seed=16), r(4, seed=17)]
+    for need in (True, False):
+        yield f"mha_bias_kv_zero_attn{'' if need else '_no_weights'}", lambda x, bk, bv, *w, need=need: _mha(
+            x, x, x, *w, bias_k=bk, bias_v=bv, add_zero_attn=True, attn_mask=hidden, key_padding_mask=padding,
+            need_weights=need), [x, r(1, 1, 4, seed=18), r(1, 1, 4, seed=19), *weights]
+        yield f"mha_causal{'' if need else '_no_weights'}", lambda x, *w, need=need: _mha(
+            x, x, x, *w, attn_mask=causal, is_causal=True, need_weights=need), [x, *weights]
+    yield "mha_module_kdim_vdim", lambda q, k, v: _MHA_MODULE(q, k, v)[0] + _MHA_MODULE(q, k, v)[1].sum(), [
+        r(2, 3, 4, seed=20), r(2, 5, 3, seed=21), r(2, 5, 5, seed=22)]
+    yield "transformer_encoder_layer", lambda x: _ENCODER_LAYER(x, src_key_padding_mask=padding), [x]
 
 
 def _with_weight(fn, w):

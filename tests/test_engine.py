@@ -247,9 +247,9 @@ def test_a_loss_computed_with_math_says_why_it_has_no_graph():
 def test_op_without_rule_names_op_and_line():
     x = torch.rand(4, dtype=D) + 0.5
     with tg.record() as graph:
-        y = torch.kron(x, x)  # no rule for kron
+        y = torch.special.erfcx(x)  # no rule for erfcx
         loss = y.sum()
-    with pytest.raises(NotImplementedError, match=r"kron.*test_engine\.py:\d+"):
+    with pytest.raises(NotImplementedError, match=r"erfcx.*test_engine\.py:\d+"):
         graph.backward(loss)
 
 
@@ -512,6 +512,35 @@ def test_attention_with_dropout_matches_torch_with_the_same_seed(mask, dtype):
         torch.testing.assert_close(grads[tensor].double(), truth.grad, **tol)
     if mask == "float":
         torch.testing.assert_close(grads[kwargs["attn_mask"]].double(), mask_t.grad, **tol)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multi_head_attention_is_recorded_as_its_parts_with_torchs_values_and_dropout(need_weights):
+    """nn.MultiheadAttention in training, with dropout: its parts' rules, and the dropout masks drawn as torch draws
+    them (F.dropout on the weights, or inside scaled_dot_product_attention): torch's values and gradients."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(4, 2, dropout=0.3, batch_first=True).double()
+    x = torch.randn(2, 3, 4, dtype=D)
+    padding = torch.tensor([[False, False, True], [False, False, False]])
+    weight = torch.randn(2, 3, 4, dtype=D)
+    torch.manual_seed(3)
+    with tg.record() as graph:
+        y, attention = mha(x, x, x, key_padding_mask=padding, need_weights=need_weights)
+        loss = (y * weight).sum()
+    assert "multi_head_attention_forward" not in {data["op"] for data in graph._nodes}
+    grads = graph.backward(loss)
+    leaf = x.clone().requires_grad_()
+    torch.manual_seed(3)
+    expected, expected_attention = mha(leaf, leaf, leaf, key_padding_mask=padding, need_weights=need_weights)
+    (expected * weight).sum().backward()
+    torch.testing.assert_close(y, expected.detach(), rtol=1e-12, atol=1e-14)
+    if need_weights:
+        torch.testing.assert_close(attention, expected_attention.detach(), rtol=1e-12, atol=1e-14)
+    else:
+        assert attention is None and expected_attention is None
+    torch.testing.assert_close(grads[x], leaf.grad, rtol=1e-10, atol=1e-12)
+    for parameter in mha.parameters():
+        torch.testing.assert_close(grads[parameter], parameter.grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("mask", ["bool", "float"])

@@ -101,6 +101,25 @@ def test_scatter_src_larger_than_index():
                 torch.testing.assert_close(mine, theirs, rtol=1e-7, atol=1e-10)
 
 
+def test_vander_matches_finite_differences_and_linalg_vander():
+    """torch 2.13's autograd fails on torch.vander itself (it modifies a saved tensor in place), so the truths are
+    finite differences and torch autograd of linalg.vander, the same powers in increasing order."""
+    x = torch.tensor([0.0, -1.3, 0.7, 2.0], dtype=torch.float64)  # 0: the power x^1 still has derivative 1
+    for n, increasing in ((None, False), (3, True), (5, False)):
+        def fn(x, n=n, increasing=increasing):
+            return torch.vander(x, n, increasing)
+
+        def same(x, n=n, increasing=increasing):
+            powers = torch.linalg.vander(x, N=n)
+            return powers if increasing else powers.flip(-1)
+
+        ours = engine_grads(fn, [x])[1][0]
+        torch.testing.assert_close(ours, finite_differences(fn, [x])[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours, torch_grads(same, [x])[0], rtol=1e-7, atol=1e-10)
+    ones = engine_grads(lambda x: torch.vander(x, 1) * x.unsqueeze(1), [x])[1][0]  # N = 1: constant powers
+    torch.testing.assert_close(ones, torch_grads(lambda x: torch.ones(4, 1, dtype=x.dtype) * x.unsqueeze(1), [x])[0])
+
+
 def test_full_max_and_min_of_a_tensor_holding_nan():
     """The NaN is the result: torch gives it the gradient (split among NaNs); the engine gave every element NaN."""
     nan = float("nan")
