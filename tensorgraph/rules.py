@@ -9,7 +9,6 @@ that same kernel and says so. Broadcast-undo and fan-out sums are the engine's j
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -725,23 +724,6 @@ def _real(name: str, *tensors: Any) -> None:
                               f"for real matrices)")
 
 
-def _dense(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.contiguous()
-    if isinstance(value, tuple):
-        return tuple(_dense(v) for v in value)
-    return value
-
-
-def _layout_free(rule: Callable[..., Any]) -> Callable[..., Any]:
-    """Give the rule contiguous tensors: LAPACK returns column-major factors, a loaded graph row-major values,
-    and a product's rounding may depend on the layout (a saved and loaded graph must backpropagate bit for bit)."""
-    @functools.wraps(rule)
-    def dense_rule(*args: Any, **kwargs: Any) -> Any:
-        return rule(*[_dense(a) for a in args], **{k: _dense(v) for k, v in kwargs.items()})
-    return dense_rule
-
-
 def _eye(n: int, like: Tensor) -> Tensor:
     return torch.eye(n, dtype=like.dtype, device=like.device)
 
@@ -751,7 +733,6 @@ def _through_values(g: Tensor, U: Tensor, Vh: Tensor) -> Tensor:
     return (U * g.unsqueeze(-2)) @ Vh
 
 
-@_layout_free
 def cholesky(g: Tensor, out: Tensor, x: Tensor, upper: bool = False) -> Tensor:
     """A = L L^T: gA = L^-T sym(tril(L^T gL) with its diagonal halved) L^-1 (Murray 2016).
 
@@ -766,14 +747,12 @@ def cholesky(g: Tensor, out: Tensor, x: Tensor, upper: bool = False) -> Tensor:
     return torch.linalg.solve_triangular(L, grad, upper=False, left=False)
 
 
-@_layout_free
 def cholesky_ex(g: Tensor, out: Any, x: Tensor, *, upper: bool = False, check_errors: bool = False,
                 output_index: int = 0) -> Tensor:
     """(L, info): L as cholesky; info is an integer status."""
     return cholesky(g, out[0], x, upper)
 
 
-@_layout_free
 def cholesky_solve(g: Tensor, out: Tensor, B: Tensor, L: Tensor, upper: bool = False) -> tuple:
     """X = (L L^T)^-1 B: gB = (L L^T)^-1 g; gL = -(gB X^T + X gB^T) L (U (...) for upper)."""
     _real("cholesky_solve", B, L)
@@ -783,7 +762,6 @@ def cholesky_solve(g: Tensor, out: Tensor, B: Tensor, L: Tensor, upper: bool = F
     return grad_b, -(L @ common) if upper else -(common @ L)
 
 
-@_layout_free
 def cholesky_inverse(g: Tensor, out: Tensor, L: Tensor, upper: bool = False) -> Tensor:
     """out = (L L^T)^-1: gL = -out (g + g^T) out L (L out (...) for upper)."""
     _real("cholesky_inverse", L)
@@ -791,7 +769,6 @@ def cholesky_inverse(g: Tensor, out: Tensor, L: Tensor, upper: bool = False) -> 
     return -(L @ common) if upper else -(common @ L)
 
 
-@_layout_free
 def eigh(g: Tensor, out: Any, A: Tensor, UPLO: str = "L", *, output_index: int = 0) -> Tensor:
     """A = V diag(w) V^T: gA = V (diag(gw) + skew(V^T gV) / (w_j - w_i)) V^T.
 
@@ -807,7 +784,6 @@ def eigh(g: Tensor, out: Any, A: Tensor, UPLO: str = "L", *, output_index: int =
     return vectors @ ((0.5 * (VtgV - VtgV.mT)) / gaps) @ vectors.mT
 
 
-@_layout_free
 def eigvalsh(g: Tensor, out: Tensor, A: Tensor, UPLO: str = "L") -> Tensor:
     """V diag(g) V^T, with V from eigh of the same matrix."""
     _real("eigvalsh", A)
@@ -840,7 +816,6 @@ def _svd_grad(g: Tensor, U: Tensor, S: Tensor, Vh: Tensor, output_index: int) ->
     return U @ inner @ Vh
 
 
-@_layout_free
 def linalg_svd(g: Tensor, out: Any, A: Tensor, full_matrices: bool = True, *, driver: Any = None,
                output_index: int = 0) -> Tensor:
     """torch.linalg.svd: (U, S, Vh).
@@ -860,7 +835,6 @@ def linalg_svd(g: Tensor, out: Any, A: Tensor, full_matrices: bool = True, *, dr
     return _svd_grad(g, U, S, Vh, output_index)
 
 
-@_layout_free
 def svd(g: Tensor, out: Any, x: Tensor, some: bool = True, compute_uv: bool = True, *,
         output_index: int = 0) -> Tensor | None:
     """torch.svd: (U, S, V) with V, not Vh; some=False is full_matrices; without compute_uv U and V are zeros."""
@@ -876,7 +850,6 @@ def svd(g: Tensor, out: Any, x: Tensor, some: bool = True, compute_uv: bool = Tr
     return linalg_svd(g, (U, S, V.mT), x, not some, output_index=output_index)
 
 
-@_layout_free
 def svdvals(g: Tensor, out: Tensor, A: Tensor, *, driver: Any = None) -> Tensor:
     """U diag(g) Vh, with U and Vh from the SVD of the same matrix."""
     _real("linalg.svdvals", A)
@@ -909,7 +882,6 @@ def _spectral_norm(g: Tensor, A: Tensor, ord: Any, dim: Any, keepdim: bool, dtyp
 _SPECTRAL = ("nuc", 2, -2)
 
 
-@_layout_free
 def cond(g: Tensor, out: Tensor, A: Tensor, p: Any = None) -> Tensor:
     """The 2-norm condition number S_max / S_min (p=-2: S_min / S_max); other p have no rule."""
     if p not in (None, 2, -2):
@@ -939,7 +911,6 @@ def _qr_square(gQ: Tensor | None, gR: Tensor | None, Q: Tensor, R: Tensor) -> Te
     return torch.linalg.solve_triangular(R.mT, grad, upper=False, left=False)
 
 
-@_layout_free
 def linalg_qr(g: Tensor, out: Any, A: Tensor, mode: str = "reduced", *, output_index: int = 0) -> Tensor:
     """A = QR (Walter and Lehmann). A wide A = Q [R1 R2] is the QR of A1 and R2 = Q^T A2.
 
@@ -963,7 +934,6 @@ def linalg_qr(g: Tensor, out: Any, A: Tensor, mode: str = "reduced", *, output_i
     return torch.cat((_qr_square(A2 @ gR[..., m:].mT, gR[..., :m], Q, R[..., :m]), Q @ gR[..., m:]), -1)
 
 
-@_layout_free
 def qr(g: Tensor, out: Any, x: Tensor, some: bool = True, *, output_index: int = 0) -> Tensor:
     """torch.qr: some=False is mode='complete'."""
     return linalg_qr(g, out, x, "reduced" if some else "complete", output_index=output_index)
@@ -983,7 +953,6 @@ def _pinv_grad(g: Tensor, P: Tensor, A: Tensor) -> Tensor:
     return -(K @ P).mT + ((gT - A @ K) @ P) @ P.mT + PtK - (PtK @ P) @ A
 
 
-@_layout_free
 def pinv(g: Tensor, out: Tensor, A: Tensor, rcond: Any = None, hermitian: bool = False, *, atol: Any = None,
          rtol: Any = None) -> Tensor:
     """torch.linalg.pinv.
@@ -999,7 +968,6 @@ def _is_vector_rhs(A: Tensor, B: Tensor) -> bool:
     return B.dim() == 1 or (B.dim() == A.dim() - 1 and B.shape == A.shape[:-1])
 
 
-@_layout_free
 def lstsq(g: Tensor, out: Any, A: Tensor, B: Tensor, rcond: Any = None, *, driver: Any = None,
           output_index: int = 0) -> tuple:
     """X = pinv(A) B: gB = pinv(A)^T gX, gA through pinv with g = gX B^T.
@@ -1017,7 +985,6 @@ def lstsq(g: Tensor, out: Any, A: Tensor, B: Tensor, rcond: Any = None, *, drive
     return _pinv_grad(g @ B.mT, P, A), grad_b.squeeze(-1) if vector else grad_b
 
 
-@_layout_free
 def matrix_exp(g: Tensor, out: Tensor, A: Tensor) -> Tensor:
     """The adjoint of the Frechet derivative: the top-right block of exp([[A^T, g], [0, A^T]])."""
     _real("linalg.matrix_exp", A)
@@ -1032,7 +999,6 @@ def _triangle(grad: Tensor, upper: bool, unitriangular: bool) -> Tensor:
     return grad.triu(int(unitriangular)) if upper else grad.tril(-int(unitriangular))
 
 
-@_layout_free
 def solve_triangular(g: Tensor, out: Tensor, A: Tensor, B: Tensor, *, upper: bool, left: bool = True,
                      unitriangular: bool = False) -> tuple:
     """X = A^-1 B (B A^-1 with left=False), A triangular: gB = A^-T g, gA = -gB X^T (-X^T gB) on A's triangle."""
@@ -1042,7 +1008,6 @@ def solve_triangular(g: Tensor, out: Tensor, A: Tensor, B: Tensor, *, upper: boo
     return _triangle(grad_a, upper, unitriangular), grad_b
 
 
-@_layout_free
 def triangular_solve(g: Tensor, out: Any, b: Tensor, A: Tensor, upper: bool = True, transpose: bool = False,
                      unitriangular: bool = False, *, output_index: int = 0) -> tuple:
     """torch.triangular_solve: (X, a clone of A) with X = A^-1 b (A^-T b with transpose).
@@ -1072,7 +1037,7 @@ defop("cond", cond, auto=False, funcs=("linalg.cond",))
 defop("linalg_qr", linalg_qr, multi=True, auto=False, funcs=("linalg.qr",))
 defop("qr", qr, multi=True)
 defop("pinv", pinv, auto=False, funcs=("linalg.pinv",))
-defop("pinverse", _layout_free(lambda g, out, x, rcond=1e-15: _pinv_grad(g, out, x)))
+defop("pinverse", lambda g, out, x, rcond=1e-15: _pinv_grad(g, out, x))
 defop("lstsq", lstsq, multi=True, auto=False, funcs=("linalg.lstsq",))
 defop("matrix_exp", matrix_exp, funcs=("linalg.matrix_exp",))
 defop("solve_triangular", solve_triangular, auto=False, funcs=("linalg.solve_triangular",))
@@ -1098,7 +1063,6 @@ def _lu_grad(gL: Tensor | None, gU: Tensor | None, P: Tensor, L: Tensor, U: Tens
     return P @ torch.linalg.solve_triangular(U.mT, grad, upper=False, left=False)
 
 
-@_layout_free
 def lu(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, output_index: int = 0) -> Tensor | None:
     """torch.linalg.lu: (P, L, U); P is a constant."""
     _square_lu("linalg.lu", A, pivot)
@@ -1108,7 +1072,6 @@ def lu(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, output_index: int 
     return _lu_grad(g if output_index == 1 else None, g if output_index == 2 else None, P, L, U)
 
 
-@_layout_free
 def lu_factor(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, check_errors: bool = False,
               output_index: int = 0) -> Tensor | None:
     """torch.linalg.lu_factor(_ex): (LU, pivots[, info]), L's strict lower and U's upper triangle packed in LU."""
@@ -1119,7 +1082,6 @@ def lu_factor(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, check_error
     return _lu_grad(g.tril(-1), g.triu(), P, L, U)
 
 
-@_layout_free
 def lu_solve(g: Tensor, out: Tensor, LU: Tensor, pivots: Tensor, B: Tensor, *, left: bool = True,
              adjoint: bool = False) -> tuple:
     """X = A^-1 B for A = P L U packed in LU (B A^-1 with left=False, A^T for adjoint): gB as solve's; gA is

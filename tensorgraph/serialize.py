@@ -12,7 +12,9 @@ arbitrary modules, ``eval`` or pickle) and its arguments in a small tagged JSON 
 prints, renders and is inspected like a recorded one.
 
 With ``values=True`` every node's tensor is written too, as exact nested lists (JSON's
-``NaN``/``Infinity`` for non-finite numbers); the loaded graph then supports
+``NaN``/``Infinity`` for non-finite numbers), with the order of its dimensions in memory when
+it is not row-major (a transpose, a LAPACK result), since a kernel's rounding may depend on it:
+a loaded graph backpropagates bit for bit as the recorded one. The loaded graph then supports
 ``backward`` and ``compare`` as well. Without values, the loaded tensors are shape-only
 ("meta") tensors and ``backward`` raises a clear error.
 
@@ -45,7 +47,7 @@ SUFFIXES = {".json": "json", ".graphml": "graphml"}
 
 # keys whose values are structured (lists, dicts, tagged values): JSON text inside GraphML attributes
 _STRUCTURED = ("shape", "inputs", "attrs", "args", "kwargs", "bargs", "bkwargs", "result", "value", "previous",
-               "output_index", "unsupported", "func", "call")
+               "output_index", "unsupported", "func", "call", "layout")
 _REQUIRED = ("name", "op", "kind", "shape", "dtype", "inputs")
 _ROOTS = ("torch", "tensorgraph")  # the only packages a saved callable may name
 
@@ -157,7 +159,26 @@ def _node_record(data: dict[str, Any], siblings: list[int] | None, values: bool)
         if value.is_complex():  # (JSON has no complex numbers: each one as its [real, imaginary] pair)
             value = torch.view_as_real(value.resolve_conj())
         record["value"] = value.tolist() if value.numel() else []
+        layout = _layout(value)
+        if layout is not None:
+            record["layout"] = layout
     return record
+
+
+def _layout(value: Tensor) -> list[int] | None:
+    """The dims from outermost to innermost in memory, for a dense non-row-major value (else None)."""
+    if value.dim() < 2 or value.is_contiguous():
+        return None
+    order = sorted(range(value.dim()), key=lambda d: (-value.stride(d), d))
+    rebuilt = value.permute(order).contiguous().permute(_inverse(order))
+    return order if rebuilt.stride() == value.stride() else None  # (expanded or overlapping: saved row-major)
+
+
+def _inverse(order: list[int]) -> list[int]:
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return inverse
 
 
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -419,7 +440,7 @@ def _node_data(path: Path, node: int, record: dict[str, Any], with_values: bool)
     dtype = getattr(torch, str(record["dtype"]), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{where}: unknown dtype {record['dtype']!r}")
-    value = _value(where, record.get("value"), shape, dtype, with_values)
+    value = _with_layout(where, _value(where, record.get("value"), shape, dtype, with_values), record.get("layout"))
     unsupported = record.get("unsupported")
     func = None
     if record.get("func"):
@@ -510,6 +531,16 @@ def _value(where: str, data: Any, shape: list[int], dtype: torch.dtype, with_val
         return value.reshape(shape)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{where}: its value does not fit shape {tuple(shape)} and dtype {dtype} ({err})") from None
+
+
+def _with_layout(where: str, value: Tensor, layout: Any) -> Tensor:
+    """The value with its dims laid out in memory in the saved order (a permutation of its dims)."""
+    if layout is None:
+        return value
+    if not (isinstance(layout, list) and sorted(layout) == list(range(value.dim()))
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in layout)):
+        raise ValueError(f"{where}: layout must be an order of the value's {value.dim()} dims, got {layout!r}")
+    return value.permute(layout).contiguous().permute(_inverse(layout))
 
 
 def _check_edges(path: Path, graph: Graph, raw: nx.MultiDiGraph) -> None:
