@@ -854,7 +854,7 @@ class _SideLog:
         where = user_line()
         name = op.name if op is not None else func_name(func)
         pure = op is not None and not op.constant and not changes
-        group = tuple(object() for _ in outputs) if not isinstance(result, Tensor) else None
+        group = tuple(object() for _ in outputs) if isinstance(result, (tuple, list)) and outputs else None
         shown = outputs if outputs else [None]
         for index, out in enumerate(shown):
             if group is not None and out is None:
@@ -905,6 +905,8 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     ancestors = graph.ancestors(root_node)
     read = {id(value_of[n]): value_of[n] for n in leaves if n in ancestors}  # the tensors the loss depends on
     made = {id(t): t for n, _, t in graph._live.values() if nodes[n]["kind"] != "leaf"}
+    for value in value_of.values():  # a captured tensor updated in place (``stats.total += ...``) is not new
+        made.pop(id(value), None)
     side = _side_plan(rec, forward, value_of, ancestors)
     captured = {id(value): value for n, value in value_of.items() if n not in side.loads}  # (loads: read anew)
     watched = _direct_references(forward, captured, read, made)
@@ -1478,6 +1480,7 @@ class _Generator:
         self.side_call: dict[int, _SideCall] = {}  # its statement -> the call
         self.extra = itertools.count(-1, -1)  # keys of the statements that are no forward node: saved copies, no_grad
         self.owners: dict[int, str] = {}  # id of an object holding a place the step stores to -> its name
+        self.latest_name: dict[int, str] = {}  # a captured tensor changed in place -> the name of its last version
 
     # ------------------------------------------------------------ assembling the statements
 
@@ -1531,6 +1534,7 @@ class _Generator:
                 continue
             if data["func"] is None:  # a constant version made by a mutating call (running statistics)
                 self.var_alias[node] = data["previous"]
+                self.latest_name[self._resolve(node)] = data["name"]  # ``counter``, not ``counter_v0``
                 continue
             self.stmts[node] = _Stmt(
                 data["func"], data["args"], data["kwargs"], data["name"], data["value"], data["output_index"],
@@ -1908,7 +1912,7 @@ class _Generator:
         lines = []
         for node, place in self.side.loads.items():
             if node in self.needed:
-                self.var[node] = self._unique(identifier(self.fwd[node]["name"]))
+                self.var[node] = self._unique(identifier(self.latest_name.get(node, self.fwd[node]["name"])))
                 lines.append(f"{self.var[node]} = {self._place(place)}  # rebound under torch.no_grad() below")
         return lines
 
@@ -1988,7 +1992,7 @@ class _Generator:
             if key in self.stmts:  # a statement used before it was printed cannot happen in a topological order
                 raise AssertionError(f"tg.compile: statement {key} used before it is computed")
             data = self.fwd[key]  # a leaf the forward closes over: a parameter or a constant
-            name = self._unique(identifier(data["name"]))
+            name = self._unique(identifier(self.latest_name.get(key, data["name"])))
             self.namespace[name] = self.live.get(key, data["value"])
             self.var[key] = name
         return self.var[key]
