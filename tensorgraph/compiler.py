@@ -71,11 +71,17 @@ computed under ``torch.no_grad()`` inside the forward). Memory outliving the ste
 step changed in place before a failing check (a counter, BatchNorm's running statistics) is
 put back first. A forward that reads no values gets no checks.
 
-Like any tracing compiler, it replays torch calls, not Python: Python side effects and work
-done under ``torch.no_grad()`` inside the forward are not re-run. The recording warns about
-the first (naming the attributes of the user's objects that hold a tensor the forward
-computed, ``layers[0].out``, which keep the recording's values) and refuses the second when
-the loss depends on it.
+Work done under ``torch.no_grad()`` inside the forward is replayed at its place, on each
+call's values: in-place updates (``self.running_mean.mul_(0.9)``, ``counter.add_(1)``), and
+values rebound into a place the step can reach (an attribute of the user's objects found as
+the guards find them, ``layers[1].running_mean``; a global of the forward's module; a closure
+cell), which the step reads at its start and stores at its end (see :func:`_side_plan`). A
+``no_grad`` value the loss depends on is refused.
+
+Like any tracing compiler, it replays torch calls, not Python: Python side effects are not
+re-run. The recording warns, naming the attributes of the user's objects that hold a tensor
+the forward computed (``layers[0].out``, which keep the recording's values), and a value made
+under ``no_grad`` that outlives the forward where the step cannot reach it.
 """
 
 from __future__ import annotations

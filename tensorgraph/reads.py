@@ -17,9 +17,10 @@ string) by the bytes of the tensors it read. A read that differs raises :class:`
 before the step returns anything; the step then runs that call by another recorded version,
 a new recording, or the engine (see :mod:`tensorgraph.compiler`).
 
-A read cannot be checked when the generated step cannot recompute what it read: a tensor
-computed under ``torch.no_grad()`` inside the forward (not replayed), or returned by a call the
-recorder did not record. Such a read is kept with the reason (``problem``).
+A read cannot be checked when what it read is no node of the recording: a tensor computed under
+``torch.no_grad()`` inside the forward (the step replays such work, but its checks re-read
+recorded nodes only), or returned by a call the recorder did not record. Such a read is kept
+with the reason (``problem``).
 """
 
 from __future__ import annotations
