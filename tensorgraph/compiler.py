@@ -1004,7 +1004,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
 
 def _checked_reads(rec: _Recording, live: dict[int, Tensor]) -> tuple[list[Read], str | None]:
     """The values the forward read into Python, for the generated step to re-check; or none, and why one of them
-    cannot be re-checked (it read a tensor the step does not recompute: made under ``torch.no_grad()`` ...)."""
+    cannot be re-checked (it read a tensor that is no node of the recording: made under ``torch.no_grad()`` ...)."""
     reads = rec.reads.reads
     if not reads:
         return [], None

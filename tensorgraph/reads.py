@@ -217,7 +217,7 @@ class _Unrepeatable(Exception):
 
 
 FROZEN = ("it reads a tensor computed under torch.no_grad() inside the forward (or by a call tensorgraph does not "
-          "record), which the compiled step does not recompute")
+          "record), which the compiled step's checks cannot re-read")
 
 
 def _holds(refs: dict[int, weakref.ref], tensor: Tensor) -> bool:
