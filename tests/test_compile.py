@@ -1052,7 +1052,7 @@ def test_running_statistics_rebound_source_and_guards():
         if hasattr(layer, "running_mean"):
             layer.running_mean, layer.running_var = layer.running_mean[None], layer.running_var[None]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # (the layers' ``self.out``: not updated, as said)
+        warnings.filterwarnings("ignore", message="tg.compile: the forward stores tensors")  # (``self.out``)
         warnings.simplefilter("error", RecompileWarning)
         for _ in range(3):
             step(Xb, Yb)
@@ -1063,7 +1063,8 @@ def test_running_statistics_rebound_source_and_guards():
     reference = copy.deepcopy(layers)
     for layer in layers:
         layer.training = False
-    with pytest.warns(RecompileWarning, match=r"layers\[1\]\.training is now False"):
+    with warnings.catch_warnings(), pytest.warns(RecompileWarning, match=r"layers\[1\]\.training is now False"):
+        warnings.filterwarnings("ignore", message="tg.compile: the forward stores tensors")
         loss, _ = step(Xb, Yb)
     torch.testing.assert_close(loss, _dev_loss_on(reference, C, Xb, Yb), **TOL)
 
@@ -1186,6 +1187,34 @@ def test_a_failed_check_puts_back_what_no_grad_work_changed():
         torch.testing.assert_close(loss, make(eager, w)(x), **TOL)
         torch.testing.assert_close(compiled.total, eager.total, **TOL)
         torch.testing.assert_close(compiled.mean, eager.mean, **TOL)
+    assert step.fallback is None and step.recordings == 2
+
+
+def test_a_value_read_after_a_no_grad_update_is_checked():
+    """``counter.add_(1)`` under no_grad, then ``if counter % 2 == 1:``: the step updates the counter and checks
+    the branch on its new value (two versions, one per branch), as plain torch takes it at each call."""
+    w = r(3, seed=205)
+    counter = torch.zeros((), dtype=torch.long)
+
+    def forward(x):
+        h = x * w
+        with torch.no_grad():
+            counter.add_(1)
+        if counter % 2 == 1:
+            return (h * 2).sum()
+        return (h * h).sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(2, 3, seed=206)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecompileWarning)
+        for i in range(1, 7):
+            loss, grads = step(x)
+            leaf = w.clone().requires_grad_()
+            expected = (x * leaf * 2).sum() if i % 2 == 1 else (x * leaf * x * leaf).sum()
+            torch.testing.assert_close(loss, expected.detach(), **TOL)
+            torch.testing.assert_close(grads[w], torch.autograd.grad(expected, leaf)[0], **TOL)
+    assert counter.item() == 6
     assert step.fallback is None and step.recordings == 2
 
 
