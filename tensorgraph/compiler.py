@@ -71,11 +71,17 @@ computed under ``torch.no_grad()`` inside the forward). Memory outliving the ste
 step changed in place before a failing check (a counter, BatchNorm's running statistics) is
 put back first. A forward that reads no values gets no checks.
 
-Like any tracing compiler, it replays torch calls, not Python: Python side effects and work
-done under ``torch.no_grad()`` inside the forward are not re-run. The recording warns about
-the first (naming the attributes of the user's objects that hold a tensor the forward
-computed, ``layers[0].out``, which keep the recording's values) and refuses the second when
-the loss depends on it.
+Work done under ``torch.no_grad()`` inside the forward is replayed at its place, on each
+call's values: in-place updates (``self.running_mean.mul_(0.9)``, ``counter.add_(1)``), and
+values rebound into a place the step can reach (an attribute of the user's objects found as
+the guards find them, ``layers[1].running_mean``; a global of the forward's module; a closure
+cell), which the step reads at its start and stores at its end (see :func:`_side_plan`). A
+``no_grad`` value the loss depends on is refused.
+
+Like any tracing compiler, it replays torch calls, not Python: Python side effects are not
+re-run. The recording warns, naming the attributes of the user's objects that hold a tensor
+the forward computed (``layers[0].out``, which keep the recording's values), and a value made
+under ``no_grad`` that outlives the forward where the step cannot reach it.
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ import importlib
 import itertools
 import linecache
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -98,7 +105,7 @@ from . import printer
 from .engine import BackwardTrace, hook_where, trace
 from .graph import Graph, Ref, identifier, is_float, refs_in
 from .naming import _MAX_ITEMS, _WALKABLE, _Namer, set_names, unique_name
-from .ops import OPS
+from .ops import OPS, func_name
 from .printer import Expr
 from .reads import (
     FROZEN,
@@ -111,7 +118,7 @@ from .reads import (
     same_number,
     user_line,
 )
-from .record import _where, record
+from .record import _Bookkeeping, _where, record
 
 __all__ = ["CompiledGradients", "CompiledStep", "RecompileWarning", "compile"]
 
@@ -237,6 +244,7 @@ class _References:
     flags: list[tuple[str, dict, bool]] = field(default_factory=list)  # (path, user object's __dict__, .training)
     attributes: list[tuple[str, dict, str, Tensor]] = field(default_factory=list)  # (path, __dict__, name, tensor)
     stored: list[str] = field(default_factory=list)  # attributes holding a tensor the forward made: ``layers[0].out``
+    loaded: list[tuple[_Place, tuple]] = field(default_factory=list)  # places the step reads and rebinds: (shape ...)
 
     def changed(self) -> str | None:
         """What changed since the recording, or None."""
@@ -246,6 +254,12 @@ class _References:
         for path, attrs, name, tensor in self.attributes:
             if attrs.get(name) is not tensor:
                 return f"{path}.{name} now refers to a different tensor"
+        for place, spec in self.loaded:  # rebound by the step itself: any tensor of the recording's kind will do
+            value = place.get()
+            if not isinstance(value, Tensor) or _spec(value) != spec:
+                now = f"a tensor of shape {tuple(value.shape)}, {value.dtype}" if isinstance(value, Tensor) else \
+                    "no tensor"
+                return f"{place.path} now holds {now} (the recording's held shape {tuple(spec[0])}, {spec[1]})"
         if self.flags:
             for path, attrs, flag in self.flags:  # the user objects' ``__dict__``s: one look-up each
                 if attrs.get("training", _MISSING) is not flag:
@@ -275,6 +289,10 @@ class _References:
                     return f"{name}{'.' + path if path else ''} was switched to {mode} mode (.training is now " \
                            f"{module.training})"
         return None
+
+
+def _spec(tensor: Tensor) -> tuple:
+    return tensor.shape, tensor.dtype, tensor.device
 
 
 def _current(kind: str, owner: Any, name: str) -> Any:
@@ -703,8 +721,9 @@ class _Recording:
     loss: Tensor
     snapshots: list[tuple[int, int]]  # (node whose value was saved, the in-place node about to change it)
     reads: ReadWatcher  # the tensor values the forward read into Python (bool(t), t.item() ...)
-    no_grad: dict[int, tuple[Tensor, str]]  # id -> (tensor computed under no_grad, where)
+    side: _SideLog  # the torch calls the forward made under torch.no_grad(), replayed by the step
     versions: dict[int, int]  # leaf -> its version when recorded, for leaves a snapshot replaced by a copy
+    places: dict[tuple[int, str], tuple[_Place, Tensor]]  # where the forward's objects held tensors before it ran
 
 
 def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
@@ -713,7 +732,6 @@ def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
     mode = recorder._mode
     graph = recorder.graph
     snapshots: list[tuple[int, int]] = []
-    no_grad: dict[int, tuple[Tensor, str]] = {}
     versions: dict[int, int] = {}
     take_snapshot, no_grad_call = mode._snapshot, mode._no_grad_call
 
@@ -726,19 +744,137 @@ def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
                 versions.setdefault(node, data["version"])
         take_snapshot(tensor)
 
-    def untracked(func, entry, args, kwargs):
-        result = no_grad_call(func, entry, args, kwargs)
-        if isinstance(result, Tensor):
-            no_grad[id(result)] = (result, user_line())
-        return result
-
-    mode._snapshot, mode._no_grad_call = snapshot, untracked
     reads = ReadWatcher(mode)
+    side = _SideLog(mode, reads, no_grad_call)
+    mode._snapshot, mode._no_grad_call = snapshot, side.call
+    places = _tensor_places(forward)
     run = _bind(forward, inputs)  # a closure: the inputs are named by the forward's own parameters
-    loss = _run_recorded(recorder, reads, run)
+    try:
+        loss = _run_recorded(recorder, reads, run)
+    finally:
+        # the user's frames hold the forward's locals: let the values made under no_grad that nothing keeps die
+        mode.frames.clear()
+        mode.last_frame = mode.entry_frame = None
+        mode._snapshot, mode._no_grad_call = take_snapshot, no_grad_call
     if not isinstance(loss, Tensor):
         raise TypeError(f"tg.compile: the forward must return the loss (a scalar tensor), got {type(loss).__name__}")
-    return _Recording(graph, loss, snapshots, reads, no_grad, versions)
+    reads.untracked -= side.replayed  # the constant versions of captured tensors updated in place: replayed
+    return _Recording(graph, loss, snapshots, reads, side, versions, places)
+
+
+class _SideRef(Ref):
+    """An argument of a call made under ``torch.no_grad()``: the tensor an earlier such call made (``node``: its
+    index in :attr:`_SideLog.calls`)."""
+
+    __slots__ = ()
+
+
+@dataclass
+class _SideCall:
+    """One torch call the forward made under ``torch.no_grad()``, as the step replays it (one per output)."""
+
+    func: Any
+    args: tuple  # tensors as Refs: graph nodes (captured tensors and inputs become leaves), or _SideRefs
+    kwargs: dict
+    name: str  # the op's name: a variable name for its result
+    position: int  # nodes in the graph when it ran: the step makes it before that node's statement
+    reads: int  # values the forward had read into Python before it: their checks come first
+    where: str  # the user's file:line (code)
+    value: weakref.ref | None  # its output (weakly: the compiler asks which outputs outlive the forward)
+    output_index: int | None = None
+    result: tuple | None = None  # for a call with several outputs: one object per output, shared by them
+    inplace: bool = False  # it changed its first argument in place (``running.mul_(0.9)``, ``x[i] = v``)
+    mutates: bool = False  # it changed one of its arguments (in place, ``out=``, a kernel's side effect)
+    pure: bool = True  # deterministic and without side effects: may be inlined into its user
+
+
+class _SideLog:
+    """The torch calls the forward makes under ``torch.no_grad()``, logged for the step to replay.
+
+    Installed as the recorder's ``_no_grad_call``: each call still runs as the recorder runs it. Its tensor
+    arguments are logged as Refs: a tensor an earlier such call made as that call, any other as the recorder's
+    node for it (a captured tensor or an input seen first here becomes a leaf, so that the step reads the same
+    tensor and the recording names it). An update of an intermediate is the recorder's (``no_grad_update``).
+    """
+
+    def __init__(self, mode: Any, reads: ReadWatcher, no_grad_call: Callable[..., Any]) -> None:
+        self.mode = mode
+        self.reads = reads
+        self.no_grad_call = no_grad_call
+        self.calls: list[_SideCall] = []
+        self.made: dict[int, tuple[weakref.ref, int]] = {}  # id(tensor) -> (the tensor, the call of its version)
+        self.replayed: set[int] = set()  # nodes the recorder made for logged calls (constant versions)
+
+    def index_of(self, tensor: Tensor) -> int | None:
+        """The logged call whose output this tensor is (its latest version), or None."""
+        made = self.made.get(id(tensor))
+        return made[1] if made is not None and made[0]() is tensor else None
+
+    def call(self, func: Any, entry: Any, args: tuple, kwargs: dict) -> Any:
+        mode = self.mode
+        nodes = mode.graph._nodes
+        with _Bookkeeping():
+            tensors: list[Tensor] = []
+            try:
+                call = (tuple(self._convert(a, tensors) for a in args),
+                        {k: self._convert(v, tensors) for k, v in kwargs.items()})
+            except RuntimeError:  # a tensor the recorder refuses (an inference tensor ...): its own error, later
+                call = None
+            versions = [t._version for t in tensors]
+            position, reads = len(nodes), len(self.reads.reads)
+        result = self.no_grad_call(func, entry, args, kwargs)
+        if call is None:
+            return result
+        with _Bookkeeping():
+            self._log(func, entry, args, call, result, tensors, versions, position, reads)
+        return result
+
+    def _convert(self, value: Any, tensors: list[Tensor]) -> Any:
+        if isinstance(value, Tensor):
+            tensors.append(value)
+            index = self.index_of(value)
+            return _SideRef(index) if index is not None else Ref(self.mode._node_of(value, check=False))
+        if type(value) in (tuple, list) and any(isinstance(v, (Tensor, tuple, list)) for v in value):
+            return type(value)(self._convert(v, tensors) for v in value)
+        return value
+
+    def _log(self, func: Any, entry: Any, args: tuple, call: tuple, result: Any, tensors: list[Tensor],
+             versions: list[int], position: int, reads: int) -> None:
+        mode = self.mode
+        nodes = mode.graph._nodes
+        if any(nodes[n]["op"] == "no_grad_update" for n in range(position, len(nodes))):
+            return  # an intermediate updated in place: the recorder's node is the step's statement
+        op = entry[0] if entry is not None else None
+        mutated = [t for t, v in zip(tensors, versions) if t._version != v]
+        kernel = bool(op is not None and op.mutates)  # batch_norm's running statistics: no version bump
+        outputs = [result] if isinstance(result, Tensor) else list(result) if isinstance(result, (tuple, list)) \
+            and all(isinstance(r, Tensor) or r is None for r in result) else []
+        fresh = [o for o in outputs if o is not None and not any(o is t for t in tensors)]
+        if any(id(o) in mode.custom_outputs for o in fresh):
+            return  # made inside a custom autograd.Function's forward: its node, not a replayed call
+        if not mutated and not kernel and not fresh:
+            return  # a read into Python, or an input returned as is: nothing to replay
+        receiver = args[0] if args and isinstance(args[0], Tensor) else None
+        inplace = receiver is not None and any(receiver is t for t in mutated)
+        changes = bool(mutated) or kernel
+        where = user_line()
+        name = op.name if op is not None else func_name(func)
+        pure = op is not None and not op.constant and not changes
+        group = tuple(object() for _ in outputs) if isinstance(result, (tuple, list)) and outputs else None
+        shown = outputs if outputs else [None]
+        for index, out in enumerate(shown):
+            if group is not None and out is None:
+                continue
+            logged = len(self.calls)
+            self.calls.append(_SideCall(
+                func, call[0], call[1], name, position, reads, where,
+                weakref.ref(out) if isinstance(out, Tensor) else None,
+                index if group is not None else None, group, inplace, changes, pure))
+            if isinstance(out, Tensor) and (self.index_of(out) is not None or not any(out is t for t in tensors)):
+                self.made[id(out)] = (weakref.ref(out), logged)  # a new tensor, or a new version of one made here
+        if inplace and not outputs and self.index_of(receiver) is not None:  # ``x[i] = v``: x's new version
+            self.made[id(receiver)] = (weakref.ref(receiver), len(self.calls) - 1)
+        self.replayed.update(range(position, len(nodes)))
 
 
 def _bind(forward: Callable[..., Tensor], inputs: tuple) -> Callable[[], Any]:
@@ -775,11 +911,17 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     ancestors = graph.ancestors(root_node)
     read = {id(value_of[n]): value_of[n] for n in leaves if n in ancestors}  # the tensors the loss depends on
     made = {id(t): t for n, _, t in graph._live.values() if nodes[n]["kind"] != "leaf"}
-    watched = _direct_references(forward, {id(value): value for value in value_of.values()}, read, made)
-    _name_references(graph, forward)
+    for value in value_of.values():  # a captured tensor updated in place (``stats.total += ...``) is not new
+        made.pop(id(value), None)
+    side = _side_plan(rec, forward, value_of, ancestors)
+    captured = {id(value): value for n, value in value_of.items() if n not in side.loads}  # (loads: read anew)
+    watched = _direct_references(forward, captured, read, made)
+    watched.loaded = [(place, _spec(value_of[n])) for n, place in side.loads.items()]
+    _name_references(graph, forward, [(place.path, value_of[n]) for n, place in side.loads.items()])
     for n in leaves:
-        if id(value_of[n]) in rec.no_grad:
-            _, where = rec.no_grad[id(value_of[n])]
+        index = rec.side.index_of(value_of[n])
+        if index is not None:
+            where = rec.side.calls[index].where
             raise ValueError(f"tg.compile: the loss uses {nodes[n]['name']!r}, computed under torch.no_grad() at "
                              f"{where}; compiled code replays recorded calls only, so it would keep this value "
                              f"forever. Compute it outside the forward and pass it in, or use the dynamic engine.")
@@ -804,7 +946,16 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     notes: list[str] = []
     reads, unchecked = _checked_reads(rec, live)
     undo = _changed_leaves(graph, rec.versions, live) if reads else []
-    chosen = _generate(forward, graph, graph, rec, inputs, wanted, root_node, reads, undo)
+    try:
+        chosen = _generate(forward, graph, graph, rec, inputs, wanted, root_node, reads, undo, side)
+    except ValueError as err:  # a call under torch.no_grad() printed code cannot spell: not replayed, as before
+        if not side.calls:
+            raise
+        notes.append(f"the forward's torch.no_grad() work cannot be compiled ({err}); the compiled step does not "
+                     f"replay it")
+        side = _SidePlan(lost=[f"{side.calls[0].name!r} at {side.calls[0].where}"])
+        watched.loaded = []
+        chosen = _generate(forward, graph, graph, rec, inputs, wanted, root_node, reads, undo, side)
     facts: list[_FactGuard] = []
     if fuse is not False:
         exclude = {graph._names[name] for name in distrusted if name in graph._names}
@@ -813,7 +964,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
             notes.append(why)
         elif fused_graph is not graph:
             try:
-                fused = _generate(forward, graph, fused_graph, rec, inputs, wanted, root_node, reads, undo)
+                fused = _generate(forward, graph, fused_graph, rec, inputs, wanted, root_node, reads, undo, side)
             except NotImplementedError as err:
                 notes.append(f"the fused rules could not be compiled ({err}); using the atomic rules")
             else:
@@ -841,10 +992,11 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
         notes.append(f"the forward stores tensors it computes in attributes ({shown}); the compiled step does not "
                      f"update them: after each call they still hold the recording's values (return what you need "
                      f"from the forward, or use tg.record() to inspect a step)")
-    if rec.no_grad:
-        where = next(iter(rec.no_grad.values()))[1]
-        notes.append(f"the forward runs torch calls under torch.no_grad() (first at {where}); the compiled step "
-                     f"does not replay them")
+    if side.lost:
+        notes.append(f"the forward keeps a tensor it computes under torch.no_grad() ({side.lost[0]}) "
+                     f"where the compiled step cannot reach it (not in an attribute of the objects it names, up to "
+                     f"three levels down, nor in a global or closure variable): later calls do not update it "
+                     f"(store it there, or return it from the forward)")
     no_grad = any(value_of[n].requires_grad for n in leaves)
     return _Program(fn, source, layout, graph, watched, (loss, first_grads), notes, fused=chosen.fused,
                     no_grad=no_grad, facts=facts if chosen.fused else [], reads=reads, unchecked=unchecked)
@@ -852,7 +1004,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
 
 def _checked_reads(rec: _Recording, live: dict[int, Tensor]) -> tuple[list[Read], str | None]:
     """The values the forward read into Python, for the generated step to re-check; or none, and why one of them
-    cannot be re-checked (it read a tensor the step does not recompute: made under ``torch.no_grad()`` ...)."""
+    cannot be re-checked (it read a tensor that is no node of the recording: made under ``torch.no_grad()`` ...)."""
     reads = rec.reads.reads
     if not reads:
         return [], None
@@ -922,15 +1074,16 @@ class _Generated:
 
 
 def _generate(forward: Callable[..., Any], graph: Graph, backward_graph: Graph, rec: _Recording, inputs: tuple,
-              wanted: list[int], root: int, reads: Sequence[Read] = (), undo: Sequence[int] = ()) -> _Generated:
+              wanted: list[int], root: int, reads: Sequence[Read] = (), undo: Sequence[int] = (),
+              side: _SidePlan | None = None) -> _Generated:
     """Trace the backward on ``backward_graph`` and print it after ``graph``'s forward, re-checking ``reads``
-    (putting the leaves ``undo`` back as they were when one differs)."""
+    (putting the leaves ``undo`` back as they were when one differs) and replaying ``side``'s calls."""
     traced = trace(backward_graph, rec.loss)
     # the parameters' nodes in the graph the backward ran on (a fused graph numbers its nodes anew)
     in_backward = {id(d["value"]): n for n, d in enumerate(backward_graph._nodes) if d["kind"] == "leaf"}
     pairs = [(n, in_backward.get(id(graph._nodes[n]["value"]))) for n in wanted]
     pairs = [(n, b) for n, b in pairs if b is not None and b in traced.grads.by_node]
-    generator = _Generator(graph, traced, inputs, [b for _, b in pairs], root, rec.snapshots, reads, undo)
+    generator = _Generator(graph, traced, inputs, [b for _, b in pairs], root, rec.snapshots, reads, undo, side)
     generator.title = _title(forward)
     source, name, namespace = generator.run()
     return _Generated(traced, pairs, source, name, namespace, len(generator.order), backward_graph is not graph)
@@ -1040,12 +1193,16 @@ def _live_values(graph: Graph) -> dict[int, Tensor]:
     return live
 
 
-def _name_references(graph: Graph, forward: Callable[..., Any]) -> None:
+def _name_references(graph: Graph, forward: Callable[..., Any],
+                     earlier: Sequence[tuple[str, Tensor]] = ()) -> None:
     """Leaves the recorder could not name take the names the forward reaches them by: a global or closure
-    variable (``W1``), or a path through an object it names (``model.0.weight``), as ``tg.record`` names them."""
+    variable (``W1``), or a path through an object it names (``model.0.weight``), as ``tg.record`` names them.
+    ``earlier``: tensors by where the forward found them before it rebound that place (``layers[1].running_mean``)."""
     named = {n: d["name"] for n, d in enumerate(graph._nodes) if d["named"]}
     namer = _Namer(graph)
     namer.named, namer.used = dict(named), set(named.values())
+    for name, value in earlier:
+        namer.offer(name, value)
     references = _read_directly(forward)
     for _, _, name, value in references:
         if isinstance(value, Tensor):
@@ -1146,6 +1303,130 @@ def _watch_module(found: _References, name: str, module: torch.nn.Module) -> Non
     found.modules.append((name, modules, tuple(m.training for _, m in modules)))
 
 
+class _Place(NamedTuple):
+    """Where the forward's Python objects hold a tensor: an attribute of a user object reached from the
+    forward's globals and closure (``layers[1].running_mean``), a global of its module, or a closure cell."""
+
+    path: str  # as the user reaches it: ``layers[1].running_mean``, ``bnmean_running``
+    kind: str  # "attr", "global" or "cell"
+    owner: Any  # the object, the module's globals dict, the cell
+    name: str  # the attribute's or variable's name
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return id(self.owner), self.name
+
+    def get(self) -> Any:
+        """What it holds now (``_MISSING`` when nothing)."""
+        if self.kind == "attr":
+            return getattr(self.owner, self.name, _MISSING)
+        return _current(self.kind, self.owner, self.name)
+
+
+def _tensor_places(forward: Callable[..., Any]) -> dict[tuple[int, str], tuple[_Place, Tensor]]:
+    """Every place within the forward's reach holding a tensor: the globals of its module, its closure cells,
+    and the attributes of the user's objects it names (``layers[1].running_mean``; three levels down, as the
+    guards look), by :attr:`_Place.key`."""
+    found: dict[tuple[int, str], tuple[_Place, Tensor]] = {}
+    globals_ = getattr(forward, "__globals__", None)
+    if isinstance(globals_, dict):
+        for name, value in globals_.items():
+            if isinstance(value, Tensor):
+                found[(id(globals_), name)] = (_Place(name, "global", globals_, name), value)
+    seen: set[int] = set()
+    for owner in (getattr(forward, "__self__", None), forward):
+        if owner is not None and _WALKABLE[type(owner)]:
+            _walk_places(found, "self" if owner is not forward else type(owner).__name__, owner, _FLAG_DEPTH, seen)
+    for kind, owner, name, value in _read_directly(forward):
+        if kind == "cell" and isinstance(value, Tensor):
+            found[(id(owner), name)] = (_Place(name, "cell", owner, name), value)
+        elif not isinstance(value, Tensor) and type(value) not in _ATOMS:
+            _walk_places(found, name, value, _FLAG_DEPTH, seen)
+    return found
+
+
+def _walk_places(found: dict, path: str, value: Any, depth: int, seen: set[int]) -> None:
+    """The tensor attributes of ``value`` and of the objects in its items and attributes, ``depth`` levels down
+    (the user's own objects: not nn.Modules, whose tensors are parameters and buffers)."""
+    if id(value) in seen or not _WALKABLE[type(value)] or isinstance(value, torch.nn.Module):
+        return
+    seen.add(id(value))
+    if isinstance(value, (list, tuple)):
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)] if len(value) <= _MAX_ITEMS else []
+    elif isinstance(value, dict):
+        items = [(f"{path}[{key!r}]", item) for key, item in value.items()] if len(value) <= _MAX_ITEMS else []
+    else:
+        try:
+            attrs = vars(value)
+        except Exception:  # noqa: BLE001 - a user class's __getattr__ may raise anything
+            return
+        if not isinstance(attrs, dict):
+            return
+        for name, item in attrs.items():
+            if isinstance(item, Tensor) and isinstance(name, str) and name.isidentifier():
+                found[(id(value), name)] = (_Place(f"{path}.{name}", "attr", value, name), item)
+        items = [(f"{path}.{name}", item) for name, item in attrs.items() if not name.startswith("_")]
+    if depth > 0:
+        for item_path, item in items:
+            if not isinstance(item, Tensor) and type(item) not in _ATOMS:
+                _walk_places(found, item_path, item, depth - 1, seen)
+
+
+def _flat_tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _flat_tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _flat_tensors(item)
+
+
+@dataclass
+class _SidePlan:
+    """What the step replays of the forward's ``torch.no_grad()`` work (see :func:`_side_plan`)."""
+
+    calls: list[_SideCall] = field(default_factory=list)
+    stores: list[tuple[_Place, int]] = field(default_factory=list)  # a place -> the call whose output it holds
+    loads: dict[int, _Place] = field(default_factory=dict)  # leaf -> the place the step reads it from
+    lost: list[str] = field(default_factory=list)  # where values were made that end out of the step's reach
+
+
+def _side_plan(rec: _Recording, forward: Callable[..., Any], value_of: dict[int, Tensor],
+               ancestors: Collection[int]) -> _SidePlan:
+    """The calls made under ``torch.no_grad()``, where their results ended (``self.running_mean = ...``,
+    ``global bnmean_running``): the step stores them there, and reads the tensor such a place held before
+    from the place at each call instead of capturing it (the step itself rebinds it). A result that outlives
+    the forward anywhere else is ``lost``: the step cannot redo that."""
+    side = rec.side
+    if not side.calls:
+        return _SidePlan()
+    stores = []
+    reached: dict[int, Tensor] = {}
+    for place, tensor in _tensor_places(forward).values():
+        index = side.index_of(tensor)
+        if index is not None:
+            stores.append((place, index))
+            reached[id(tensor)] = tensor
+    leaf_of = {id(value): n for n, value in value_of.items()}
+    loads = {}
+    for place, _ in stores:
+        old = rec.places.get(place.key)
+        node = leaf_of.get(id(old[1])) if old is not None else None
+        if node is not None and value_of[node] is old[1] and node not in ancestors:
+            loads[node] = place  # (one the loss reads too stays captured: its guard records again)
+    alive = [(ref(), index) for ref, index in side.made.values()]
+    alive = [(tensor, index) for tensor, index in alive if tensor is not None]
+    held = [tensor for tensor, _ in alive] + list(value_of.values())
+    kept = {id(t._base) for t in held if t._base is not None}  # a view keeps its base alive
+    for read in rec.reads.reads:  # a read the step cannot re-check keeps what it read (it says so itself)
+        kept.update(id(t) for t in _flat_tensors((read.args, read.kwargs)))
+    lost = [f"{side.calls[index].name!r} at {side.calls[index].where}" for tensor, index in alive
+            if id(tensor) not in reached and id(tensor) not in leaf_of and id(tensor) not in kept]
+    return _SidePlan(side.calls, stores, loads, lost)
+
+
 # ---------------------------------------------------------------- code generation
 
 
@@ -1165,16 +1446,19 @@ class _Stmt:
     pure: bool = True  # deterministic: may be inlined into its user
     pinned: bool = False  # keeps a variable of its own (a user's name, a gradient, an output)
     backward: bool = False
+    mutates: bool = False  # changes an argument (not its first in place: then ``inplace``)
 
 
 class _Generator:
     """Prints the forward graph and the traced backward as one straight-line Python function."""
 
     def __init__(self, graph: Graph, traced: BackwardTrace, inputs: tuple, params: list[int], root: int,
-                 snapshots: list[tuple[int, int]], reads: Sequence[Read] = (), undo: Sequence[int] = ()) -> None:
+                 snapshots: list[tuple[int, int]], reads: Sequence[Read] = (), undo: Sequence[int] = (),
+                 side: _SidePlan | None = None) -> None:
         """``params``: the parameters' node ids in ``traced.graph`` (the graph the backward ran on); ``reads``:
         the values the forward read into Python, checked where it read them; ``undo``: the leaves to put back
-        when a check fails (memory outliving the step that the step changes in place)."""
+        when a check fails (memory outliving the step that the step changes in place); ``side``: the calls made
+        under ``torch.no_grad()``, replayed where the forward made them, and where their results go."""
         self.graph = graph
         self.fwd = graph._nodes
         self.traced = traced
@@ -1198,6 +1482,12 @@ class _Generator:
         self.undo_name = ""  # the variable holding the undo list, when there is one
         self.helpers: dict[str, str] = {}  # a runtime helper (Diverged, same_number ...) -> its name in the namespace
         self.unpacked: set[int] = set()  # the outputs of multi-output calls already emitted
+        self.side = side or _SidePlan()
+        self.side_key: list[int] = []  # the statement of each call made under no_grad
+        self.side_call: dict[int, _SideCall] = {}  # its statement -> the call
+        self.extra = itertools.count(-1, -1)  # keys of the statements that are no forward node: saved copies, no_grad
+        self.owners: dict[int, str] = {}  # id of an object holding a place the step stores to -> its name
+        self.latest_name: dict[int, str] = {}  # a captured tensor changed in place -> the name of its last version
 
     # ------------------------------------------------------------ assembling the statements
 
@@ -1207,14 +1497,14 @@ class _Generator:
         outputs = self._backward()
         read_nodes = [node for read in self.reads for node in read.nodes]
         needed = self.needed = self._needed([self.root, *outputs, *self._lasting_mutations(), *read_nodes,
-                                             *self.undo])
+                                             *self.undo, *self._side_effects()])
         self.order = [k for k in self.order if k in needed]
         self.uses = self._count_uses(outputs)
         self.position = {k: i for i, k in enumerate(self.order)}
         self._decide_accumulations(self.position)
         self.inlined = self._inlinable()
         args, unpack = self._arguments()
-        body = unpack + self._undo_line() + self._emit()
+        body = unpack + self._load_lines() + self._undo_line() + self._emit() + self._store_lines()
         grads = ", ".join(self.var[k] for k in outputs)
         lines = [f"def {fn_name}({', '.join(args)}):",
                  f'    """tg.compile of {self.title}: the forward, then the backward, as straight-line torch code."""']
@@ -1228,13 +1518,22 @@ class _Generator:
         for node, before in self.snapshots:
             saved_before.setdefault(before, []).append(node)
         self.saved: dict[int, int] = {}  # forward node -> statement holding its value before an in-place change
-        for node, data in enumerate(self.fwd):
+        calls = self.side.calls
+        at: dict[int, list[int]] = {}
+        for index, call in enumerate(calls):
+            at.setdefault(call.position, []).append(index)
+        self.side_key = [next(self.extra) for _ in calls]
+        for node, data in enumerate([*self.fwd, None]):
             for old in saved_before.get(node, ()):
-                key = -1 - len(self.saved)
+                key = next(self.extra)
                 self.stmts[key] = _Stmt(torch.Tensor.clone, (Ref(old),), {}, self.fwd[old]["name"] + "_saved",
                                         self.fwd[old]["value"])
                 self.order.append(key)
                 self.saved[old] = key
+            for index in at.get(node, ()):
+                self._side_statement(index)
+            if data is None:  # (calls made under no_grad after the last node)
+                break
             if data["kind"] == "leaf":
                 index = inputs_by_id.get(id(self.live.get(node, data["value"])))
                 if index is not None:
@@ -1242,12 +1541,42 @@ class _Generator:
                 continue
             if data["func"] is None:  # a constant version made by a mutating call (running statistics)
                 self.var_alias[node] = data["previous"]
+                self.latest_name[self._resolve(node)] = data["name"]  # ``counter``, not ``counter_v0``
                 continue
             self.stmts[node] = _Stmt(
                 data["func"], data["args"], data["kwargs"], data["name"], data["value"], data["output_index"],
                 data["result"], data["inplace"], data["previous"], pure=data["kind"] == "op",
                 pinned=data["named"] or node == self.root)
             self.order.append(node)
+
+    def _side_statement(self, index: int) -> None:
+        """The statement replaying the ``index``-th call made under ``torch.no_grad()``."""
+        call = self.side.calls[index]
+        key = self.side_key[index]
+
+        def remap(value: Any) -> Any:
+            if isinstance(value, _SideRef):
+                return Ref(self.side_key[value.node])
+            if isinstance(value, (tuple, list)) and any(isinstance(v, (Ref, tuple, list)) for v in value):
+                return type(value)(remap(v) for v in value)
+            return value
+
+        args = remap(call.args)
+        receiver = _refs(args[:1])
+        stored = [place for place, i in self.side.stores if i == index]
+        name = stored[0].name if stored else call.name
+        self.stmts[key] = _Stmt(call.func, args, {k: remap(v) for k, v in call.kwargs.items()}, name,
+                                call.value() if call.value is not None else None, call.output_index, call.result,
+                                call.inplace, receiver[0] if call.inplace and receiver else None, pure=call.pure,
+                                mutates=call.mutates and not call.inplace)
+        self.order.append(key)
+        self.side_call[key] = call
+
+    def _side_effects(self) -> list[int]:
+        """The calls under no_grad the step must make though nothing reads them: updates (``running.mul_(0.9)``,
+        ``counter.add_(1)``) and the values the forward stored (``self.running_mean = ...``)."""
+        keys = [key for key, call in self.side_call.items() if call.mutates]
+        return keys + [self.side_key[index] for _, index in self.side.stores]
 
     def _backward(self) -> list[int]:
         """Adjoint statements, numbered after the forward's; returns the statements holding the parameters' grads."""
@@ -1373,6 +1702,8 @@ class _Generator:
         for read in self.reads:
             for node in read.nodes:
                 uses[self._resolve(node)] += 2  # a checked value gets a variable of its own
+        for _, index in self.side.stores:
+            uses[self.side_key[index]] += 2  # stored at the end: a variable of its own
         return uses
 
     def _inlinable(self) -> set[int]:
@@ -1384,7 +1715,7 @@ class _Generator:
             for ref in _refs(stmt.args) + _refs(list(stmt.kwargs.values())):
                 users[self._resolve(ref)] = key
         # in-place statements, the fan-out sums made in place included: nothing is inlined across one
-        mutations = sorted({position[k] for k in self.order if self.stmts[k].inplace} |
+        mutations = sorted({position[k] for k in self.order if self.stmts[k].inplace or self.stmts[k].mutates} |
                            {position[k] for k in self.accumulate})
         inlined: set[int] = set()
         for key in self.order:
@@ -1482,8 +1813,9 @@ class _Generator:
     def _emit(self) -> list[str]:
         lines: list[str] = []
         section = None
-        checks = sorted(range(len(self.reads)), key=lambda i: self.reads[i].position, reverse=True)
+        checks = list(reversed(range(len(self.reads))))  # in the order the forward read them (their positions too)
         end = len(self.fwd)
+        where = None
         for key in self.order:
             stmt = self.stmts[key]
             if stmt.backward != section:
@@ -1493,8 +1825,16 @@ class _Generator:
                 lines.append("# backward" if section else "# forward")
             if key >= 0 and not stmt.backward:
                 lines.extend(self._checks(checks, key))  # where the forward read the values: before this node
+            call = self.side_call.get(key)
+            if call is not None:
+                lines.extend(self._checks(checks, call.position, call.reads))  # the reads made before this call
             if key in self.inlined:
                 continue
+            if call is not None and call.where != where:
+                where = call.where
+                lines.append(f"# under torch.no_grad() at {where.split(' (', 1)[0]}: replayed")
+            elif key >= 0:
+                where = None
             if stmt.result is not None:
                 lines.extend(self._emit_multi(key))
                 continue
@@ -1518,10 +1858,11 @@ class _Generator:
         lines.extend(self._checks(checks, end))  # (a step without a backward)
         return lines
 
-    def _checks(self, pending: list[int], before: int) -> list[str]:
-        """The checks of the reads made before node ``before`` was recorded (taken from the end of ``pending``)."""
+    def _checks(self, pending: list[int], before: int, count: int | None = None) -> list[str]:
+        """The checks of the reads made before node ``before`` was recorded (taken from the end of ``pending``);
+        with ``count``, only of the first ``count`` reads (those made before a call under no_grad)."""
         lines: list[str] = []
-        while pending and self.reads[pending[-1]].position <= before:
+        while pending and self.reads[pending[-1]].position <= before and (count is None or pending[-1] < count):
             index = pending.pop()
             lines.extend(self._check(index, self.reads[index]))
         return lines
@@ -1571,6 +1912,37 @@ class _Generator:
         self.undo_name = self._unique("_undo")
         pairs = "".join(f"({name}, {name}.clone()), " for name in (self._name(node) for node in self.undo))
         return [f"{self.undo_name} = ({pairs.rstrip()})  # changed in place below: put back if a read differs"]
+
+    def _load_lines(self) -> list[str]:
+        """``bnmean_running = _globals['bnmean_running']``: the tensors the step rebinds (a running statistic
+        rebound under no_grad) are read from their places at each call, not captured."""
+        lines = []
+        for node, place in self.side.loads.items():
+            if node in self.needed:
+                self.var[node] = self._unique(identifier(self.latest_name.get(node, self.fwd[node]["name"])))
+                lines.append(f"{self.var[node]} = {self._place(place)}  # rebound under torch.no_grad() below")
+        return lines
+
+    def _store_lines(self) -> list[str]:
+        """``layers_1.running_mean = running_mean``: where the forward left what it computed under no_grad;
+        at the end, when no check can fail any more (nothing to put back)."""
+        return [f"{self._place(place)} = {self._name(self.side_key[index])}" for place, index in self.side.stores]
+
+    def _place(self, place: _Place) -> str:
+        """The place as code: ``layers_1.running_mean``, ``_globals['bnmean_running']``, ``_cell.cell_contents``."""
+        if place.kind == "global":
+            return f"{self._helper('globals', place.owner)}[{place.name!r}]"
+        owner = self._owner(place)
+        return f"{owner}.{place.name if place.kind == 'attr' else 'cell_contents'}"
+
+    def _owner(self, place: _Place) -> str:
+        """The namespace name of the object (or closure cell) holding a place: ``layers[1]`` is ``layers_1``."""
+        owners = self.owners
+        if id(place.owner) not in owners:
+            base = place.path.rsplit(".", 1)[0] if place.kind == "attr" else f"{place.name}_cell"
+            owners[id(place.owner)] = name = self._unique(identifier(base))
+            self.namespace[name] = place.owner
+        return owners[id(place.owner)]
 
     def _emit_multi(self, key: int) -> list[str]:
         stmt = self.stmts[key]
@@ -1628,7 +2000,7 @@ class _Generator:
             if key in self.stmts:  # a statement used before it was printed cannot happen in a topological order
                 raise AssertionError(f"tg.compile: statement {key} used before it is computed")
             data = self.fwd[key]  # a leaf the forward closes over: a parameter or a constant
-            name = self._unique(identifier(data["name"]))
+            name = self._unique(identifier(self.latest_name.get(key, data["name"])))
             self.namespace[name] = self.live.get(key, data["value"])
             self.var[key] = name
         return self.var[key]

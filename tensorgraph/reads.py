@@ -17,9 +17,10 @@ string) by the bytes of the tensors it read. A read that differs raises :class:`
 before the step returns anything; the step then runs that call by another recorded version,
 a new recording, or the engine (see :mod:`tensorgraph.compiler`).
 
-A read cannot be checked when the generated step cannot recompute what it read: a tensor
-computed under ``torch.no_grad()`` inside the forward (not replayed), or returned by a call the
-recorder did not record. Such a read is kept with the reason (``problem``).
+A read cannot be checked when what it read is no node of the recording: a tensor computed under
+``torch.no_grad()`` inside the forward (the step replays such work, but its checks re-read
+recorded nodes only), or returned by a call the recorder did not record. Such a read is kept
+with the reason (``problem``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import linecache
 import math
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,7 +146,9 @@ class ReadWatcher(TorchFunctionMode):
         super().__init__()
         self.recorder = recorder  # the record module's _Recorder mode below this one
         self.reads: list[Read] = []
-        self.unrecorded: dict[int, Tensor] = {}  # id -> a tensor a call returned that has no node (kept alive)
+        # id -> a tensor a call returned that has no node; weakly held, so that the compiler can tell which of
+        # them outlive the forward (a dead one's id may be reused: the reference then no longer gives the tensor)
+        self.unrecorded: dict[int, weakref.ref] = {}
         self.untracked: set[int] = set()  # nodes made by calls under torch.no_grad() (not replayed)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -162,7 +166,8 @@ class ReadWatcher(TorchFunctionMode):
             live = self.recorder.graph._live
             for out in (result,) if isinstance(result, Tensor) else result:
                 if isinstance(out, Tensor) and id(out) not in live and not any(out is a for a in args):
-                    self.unrecorded[id(out)] = out  # (an input returned as is, x.to(x.dtype), is no new value)
+                    # (an input returned as is, x.to(x.dtype), is no new value)
+                    self.unrecorded[id(out)] = weakref.ref(out)
         return result
 
     def _note(self, func: Any, args: tuple, kwargs: dict, result: Any) -> None:
@@ -202,7 +207,7 @@ class ReadWatcher(TorchFunctionMode):
             if tensor._version != live[1] or id(tensor) in recorder.view_written:
                 raise _Unrepeatable("it reads a tensor changed in place by an operation tensorgraph did not see")
             return live[0]
-        if self.unrecorded.get(id(tensor)) is tensor:
+        if _holds(self.unrecorded, tensor):
             raise _Unrepeatable(FROZEN)
         return recorder._node_of(tensor, check=False)  # a tensor from outside the forward: a new leaf
 
@@ -212,7 +217,13 @@ class _Unrepeatable(Exception):
 
 
 FROZEN = ("it reads a tensor computed under torch.no_grad() inside the forward (or by a call tensorgraph does not "
-          "record), which the compiled step does not recompute")
+          "record), which the compiled step's checks cannot re-read")
+
+
+def _holds(refs: dict[int, weakref.ref], tensor: Tensor) -> bool:
+    """Whether ``refs`` holds a weak reference to this very tensor (by id, then identity)."""
+    ref = refs.get(id(tensor))
+    return ref is not None and ref() is tensor
 
 
 def user_line() -> str:
@@ -236,7 +247,7 @@ def frozen_nodes(nodes: list[dict[str, Any]], watcher: ReadWatcher, live: dict[i
     for node, data in enumerate(nodes):
         if data["kind"] == "leaf":
             value = live.get(node, data["value"])
-            if unrecorded.get(id(value)) is value:
+            if _holds(unrecorded, value):
                 frozen.add(node)
         elif any(i in frozen for i in data["inputs"]) or data["previous"] in frozen:
             frozen.add(node)

@@ -896,6 +896,379 @@ def test_a_tensor_attribute_rebound_between_calls_is_seen():
     assert step.recordings == 2
 
 
+# ---------------------------------------------------------------- work the forward does under torch.no_grad()
+
+
+class _LectureLinear:  # makemore part 3, as the lecture writes it (float64)
+    def __init__(self, fan_in, fan_out, generator, bias=True):
+        self.weight = torch.randn((fan_in, fan_out), generator=generator, dtype=D) / fan_in ** 0.5
+        self.bias = torch.zeros(fan_out, dtype=D) if bias else None
+
+    def __call__(self, x):
+        self.out = x @ self.weight
+        if self.bias is not None:
+            self.out += self.bias
+        return self.out
+
+    def parameters(self):
+        return [self.weight] + ([] if self.bias is None else [self.bias])
+
+
+class _LectureBatchNorm1d:  # makemore part 3: the running statistics are rebound under torch.no_grad()
+    def __init__(self, dim, eps=1e-5, momentum=0.1):
+        self.eps = eps
+        self.momentum = momentum
+        self.training = True
+        self.gamma = torch.ones(dim, dtype=D)
+        self.beta = torch.zeros(dim, dtype=D)
+        self.running_mean = torch.zeros(dim, dtype=D)
+        self.running_var = torch.ones(dim, dtype=D)
+
+    def __call__(self, x):
+        if self.training:
+            xmean = x.mean(0, keepdim=True)
+            xvar = x.var(0, keepdim=True)
+        else:
+            xmean = self.running_mean
+            xvar = self.running_var
+        xhat = (x - xmean) / torch.sqrt(xvar + self.eps)
+        self.out = self.gamma * xhat + self.beta
+        if self.training:
+            with torch.no_grad():
+                self.running_mean = (1 - self.momentum) * self.running_mean + self.momentum * xmean
+                self.running_var = (1 - self.momentum) * self.running_var + self.momentum * xvar
+        return self.out
+
+    def parameters(self):
+        return [self.gamma, self.beta]
+
+
+class _InPlaceBatchNorm1d(_LectureBatchNorm1d):  # the same statistics, updated in place
+    def __call__(self, x):
+        xmean, xvar = x.mean(0), x.var(0)
+        self.out = self.gamma * (x - xmean) / torch.sqrt(xvar + self.eps) + self.beta
+        with torch.no_grad():
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * xmean)
+            self.running_var.lerp_(xvar, self.momentum)
+        return self.out
+
+
+class _LectureTanh:
+    def __call__(self, x):
+        self.out = torch.tanh(x)
+        return self.out
+
+    def parameters(self):
+        return []
+
+
+def _part3_network(norm=_LectureBatchNorm1d, seed=2147483647):
+    """The lecture's part-3 MLP (smaller): embedding, Linear-BatchNorm-Tanh twice, Linear-BatchNorm."""
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn((27, 6), generator=g, dtype=D)
+    layers = [_LectureLinear(18, 16, g, bias=False), norm(16), _LectureTanh(),
+              _LectureLinear(16, 16, g, bias=False), norm(16), _LectureTanh(),
+              _LectureLinear(16, 27, g, bias=False), norm(27)]
+    layers[-1].gamma *= 0.1
+    return C, layers
+
+
+def _part3_loss(C, layers):
+    def forward(Xb, Yb):
+        emb = C[Xb]
+        x = emb.view(emb.shape[0], -1)
+        for layer in layers:
+            x = layer(x)
+        return F.cross_entropy(x, Yb)
+    return forward
+
+
+def _part3_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 27, (n, 3), generator=g), torch.randint(0, 27, (n,), generator=g)
+
+
+def _train_part3(norm, run, steps=12, lr=0.1):
+    """``steps`` SGD steps of the part-3 network on the same minibatches; ``run(forward, C, layers)`` gives the
+    step: a function of (Xb, Yb) returning (loss, gradients in the order of the parameters)."""
+    C, layers = _part3_network(norm)
+    params = [C] + [p for layer in layers for p in layer.parameters()]
+    Xtr, Ytr = _part3_data(200, seed=1)
+    step = run(_part3_loss(C, layers), params)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        ix = torch.randint(0, Xtr.shape[0], (32,), generator=g)
+        loss, grads = step(Xtr[ix], Ytr[ix])
+        for p, grad in zip(params, grads):
+            p.data += -lr * grad
+    return C, layers, params
+
+
+def _with_torch(forward, params):
+    def step(Xb, Yb):
+        for p in params:
+            p.requires_grad_()
+        loss = forward(Xb, Yb)
+        grads = torch.autograd.grad(loss, params)
+        for p in params:
+            p.requires_grad_(False)
+        return loss.detach(), grads
+    return step
+
+
+def _with_engine(forward, params):
+    def step(Xb, Yb):
+        with tg.record() as graph:
+            loss = forward(Xb, Yb)
+        grads = graph.backward(loss)
+        return loss, [grads[p] for p in params]
+    return step
+
+
+def _compiled(steps):
+    def run(forward, params):
+        step = tg.compile(forward, fuse=False)
+        steps.append(step)
+
+        def call(Xb, Yb):
+            loss, grads = step(Xb, Yb)
+            return loss, [grads[p] for p in params]
+        return call
+    return run
+
+
+def _statistics(layers):
+    return [t for layer in layers if hasattr(layer, "running_mean") for t in (layer.running_mean, layer.running_var)]
+
+
+def _dev_loss(C, layers):
+    for layer in layers:
+        layer.training = False
+    Xdev, Ydev = _part3_data(100, seed=3)
+    with torch.no_grad():
+        return _part3_loss(C, layers)(Xdev, Ydev)
+
+
+@pytest.mark.parametrize("norm", [_LectureBatchNorm1d, _InPlaceBatchNorm1d], ids=["rebound", "in_place"])
+def test_running_statistics_updated_under_no_grad_are_replayed(norm):
+    """The part-3 BatchNorm1d updates its running statistics under torch.no_grad() (rebinding
+    ``self.running_mean``, or in place): N compiled steps leave them, the parameters and the eval-mode dev loss
+    as N plain torch steps do (float64), and as N engine steps do, bit for bit (the same kernels). Before, the
+    compiled step kept the first step's statistics (a dev loss of 2.67 instead of 2.57 in the lecture)."""
+    steps = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        C, layers, params = _train_part3(norm, _compiled(steps))
+    C_torch, layers_torch, params_torch = _train_part3(norm, _with_torch)
+    C_engine, layers_engine, params_engine = _train_part3(norm, _with_engine)
+    for got, torch_value, engine_value in zip(_statistics(layers) + params, _statistics(layers_torch) + params_torch,
+                                              _statistics(layers_engine) + params_engine):
+        torch.testing.assert_close(got, torch_value, **TOL)
+        assert torch.equal(got, engine_value)
+    assert not any("no_grad" in str(w.message) for w in caught), "nothing made under no_grad is lost"
+    # the lecture's statistics start as (dim,) and become (1, dim): one recording for that, then none
+    assert steps[0].recordings == (2 if norm is _LectureBatchNorm1d else 1)
+    torch.testing.assert_close(_dev_loss(C, layers), _dev_loss(C_torch, layers_torch), **TOL)
+    assert "running_mean" in steps[0].source and "no_grad" in steps[0].source
+
+
+def test_running_statistics_rebound_source_and_guards():
+    """The step reads ``layers[1].running_mean`` from the layer and stores the new tensor there (with the
+    user's names); an eval-mode step after training reads the new statistics."""
+    C, layers = _part3_network()
+    forward = _part3_loss(C, layers)
+    step = tg.compile(forward, fuse=False)
+    Xb, Yb = _part3_data(32, seed=4)
+    for layer in layers:  # (dim,) -> (1, dim) outside the step, as the lecture's first step does
+        if hasattr(layer, "running_mean"):
+            layer.running_mean, layer.running_var = layer.running_mean[None], layer.running_var[None]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="tg.compile: the forward stores tensors")  # (``self.out``)
+        warnings.simplefilter("error", RecompileWarning)
+        for _ in range(3):
+            step(Xb, Yb)
+    assert step.recordings == 1
+    source = step.source
+    assert "layers_1_running_mean = layers_1.running_mean" in source
+    assert re.search(r"\n    layers_1\.running_mean = running_mean\w*\n", source)
+    reference = copy.deepcopy(layers)
+    for layer in layers:
+        layer.training = False
+    with warnings.catch_warnings(), pytest.warns(RecompileWarning, match=r"layers\[1\]\.training is now False"):
+        warnings.filterwarnings("ignore", message="tg.compile: the forward stores tensors")
+        loss, _ = step(Xb, Yb)
+    torch.testing.assert_close(loss, _dev_loss_on(reference, C, Xb, Yb), **TOL)
+
+
+def _dev_loss_on(layers, C, Xb, Yb):
+    for layer in layers:
+        layer.training = False
+    with torch.no_grad():
+        return _part3_loss(C, layers)(Xb, Yb)
+
+
+_bnmean_running = torch.zeros(())
+_bnstd_running = torch.ones(())
+
+
+def _part4_forward(params):
+    """The lecture's inline BatchNorm (part 3 before the classes, part 4): module globals rebound in the forward."""
+    C, W1, b1, W2, b2, bngain, bnbias = params
+
+    def forward(Xb, Yb):
+        global _bnmean_running, _bnstd_running
+        emb = C[Xb]
+        hprebn = emb.view(emb.shape[0], -1) @ W1 + b1
+        bnmeani = hprebn.mean(0, keepdim=True)
+        bnstdi = hprebn.std(0, keepdim=True)
+        h = torch.tanh(bngain * (hprebn - bnmeani) / bnstdi + bnbias)
+        with torch.no_grad():
+            _bnmean_running = 0.999 * _bnmean_running + 0.001 * bnmeani
+            _bnstd_running = 0.999 * _bnstd_running + 0.001 * bnstdi
+        return F.cross_entropy(h @ W2 + b2, Yb)
+    return forward
+
+
+def test_globals_rebound_under_no_grad_are_replayed():
+    """``global bnmean_running; bnmean_running = 0.999 * bnmean_running + 0.001 * bnmeani`` inside the forward:
+    the compiled step reads the global and rebinds it at each call, as plain torch does."""
+    global _bnmean_running, _bnstd_running
+    results = []
+    for compiled in (False, True):
+        _bnmean_running, _bnstd_running = torch.zeros((1, 12), dtype=D), torch.ones((1, 12), dtype=D)
+        params = [r(27, 4, seed=170), r(12, 12, seed=171) / 4, r(12, seed=172) * 0.1, r(12, 27, seed=173) / 4,
+                  r(27, seed=174) * 0.1, 1 + 0.1 * r(12, seed=175), 0.1 * r(12, seed=176)]
+        forward = _part4_forward(params)
+        step = _compiled([])(forward, params) if compiled else _with_torch(forward, params)
+        for i in range(8):
+            Xb, Yb = _part3_data(32, seed=180 + i)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                _, grads = step(Xb, Yb)
+            for p, grad in zip(params, grads):
+                p.data -= 0.1 * grad
+        results.append([_bnmean_running, _bnstd_running, *params])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, **TOL)
+    assert not torch.equal(results[1][0], torch.zeros((1, 12), dtype=D))
+
+
+def test_in_place_updates_under_no_grad_are_replayed():
+    """``counter.add_(1)``, ``running.lerp_(x, 0.1)`` and ``running[0] = ...`` under no_grad run at every call,
+    in order with the forward (the statistic of this call's values); a value the loss then reads is the
+    updated one, as in plain torch."""
+    w = r(4, seed=190)
+    compiled_state = (torch.zeros((), dtype=torch.long), torch.zeros(4, dtype=D))
+    eager_state = (torch.zeros((), dtype=torch.long), torch.zeros(4, dtype=D))
+
+    def make(counter, running, w):
+        def forward(x):
+            h = torch.tanh(x * w)
+            with torch.no_grad():
+                counter.add_(1)
+                running.lerp_(h.mean(0), 0.1)
+                running[0] = counter * 0.5
+            return (h * running).sum()
+        return forward
+
+    step = tg.compile(make(*compiled_state, w), fuse=False)
+    for i in range(5):
+        x = r(6, 4, seed=191 + i)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss, grads = step(x)
+        leaf = w.clone().requires_grad_()
+        expected = make(*eager_state, leaf)(x)
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        torch.testing.assert_close(grads[w], torch.autograd.grad(expected, leaf)[0], **TOL)
+    assert compiled_state[0].item() == eager_state[0].item() == 5
+    torch.testing.assert_close(compiled_state[1], eager_state[1], **TOL)
+    assert step.recordings == 1
+    assert "counter.add_(1)" in step.source
+
+
+def test_a_failed_check_puts_back_what_no_grad_work_changed():
+    """A read after the no_grad updates differs: the call runs again by other code, and the statistics (in place
+    or rebound) are updated once, as by plain torch."""
+    class Stats:
+        def __init__(self):
+            self.total = torch.zeros(3, dtype=D)
+            self.mean = torch.zeros(3, dtype=D)
+
+    w = r(3, seed=200)
+
+    def make(stats, w):
+        def forward(x):
+            h = x * w
+            with torch.no_grad():
+                stats.total += h.sum(0)
+                stats.mean = 0.5 * stats.mean + 0.5 * h.mean(0)
+            if h.sum() > 0:
+                return (h * 2).sum()
+            return (h * h).sum()
+        return forward
+
+    compiled, eager = Stats(), Stats()
+    step = tg.compile(make(compiled, w), fuse=False)
+    for i in range(6):
+        x = r(4, 3, seed=201 + i).abs() * (1 if i % 3 else -1) * w.sign()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RecompileWarning)
+            loss, _ = step(x)
+        torch.testing.assert_close(loss, make(eager, w)(x), **TOL)
+        torch.testing.assert_close(compiled.total, eager.total, **TOL)
+        torch.testing.assert_close(compiled.mean, eager.mean, **TOL)
+    assert step.fallback is None and step.recordings == 2
+
+
+def test_a_value_read_after_a_no_grad_update_is_checked():
+    """``counter.add_(1)`` under no_grad, then ``if counter % 2 == 1:``: the step updates the counter and checks
+    the branch on its new value (two versions, one per branch), as plain torch takes it at each call."""
+    w = r(3, seed=205)
+    counter = torch.zeros((), dtype=torch.long)
+
+    def forward(x):
+        h = x * w
+        with torch.no_grad():
+            counter.add_(1)
+        if counter % 2 == 1:
+            return (h * 2).sum()
+        return (h * h).sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(2, 3, seed=206)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecompileWarning)
+        for i in range(1, 7):
+            loss, grads = step(x)
+            leaf = w.clone().requires_grad_()
+            expected = (x * leaf * 2).sum() if i % 2 == 1 else (x * leaf * x * leaf).sum()
+            torch.testing.assert_close(loss, expected.detach(), **TOL)
+            torch.testing.assert_close(grads[w], torch.autograd.grad(expected, leaf)[0], **TOL)
+    assert counter.item() == 6
+    assert step.fallback is None and step.recordings == 2
+
+
+_history = []
+
+
+def test_a_no_grad_value_the_step_cannot_reach_still_warns():
+    """A value made under no_grad that ends where the step cannot reach it (appended to a list) is not
+    replayed: the recording warns, naming it and its line."""
+    w = r(3, seed=210)
+
+    def forward(x):
+        h = x * w
+        with torch.no_grad():
+            _history.append(h.mean())
+        return h.sum()
+
+    with pytest.warns(UserWarning, match=r"torch.no_grad\(\) \('mean' at \S*test_compile.py:\d+ "
+                                         r"\(_history.append\(h.mean\(\)\)\)\) where the compiled step cannot reach"):
+        tg.compile(forward, fuse=False)(r(2, 3, seed=211))
+    _history.clear()
+
+
 # ---------------------------------------------------------------- what cannot be compiled
 
 
@@ -1071,8 +1444,9 @@ def test_a_failed_check_puts_back_state_the_step_changed_in_place():
 
 
 def test_a_read_the_step_cannot_recompute_runs_through_the_engine():
-    """A value computed under torch.no_grad() inside the forward is not replayed: a branch on it cannot be
-    checked, so every call runs through the engine (before: the recorded branch, silently)."""
+    """A value computed under torch.no_grad() inside the forward and read into Python cannot be re-checked (the
+    step replays no_grad work but does not check its reads): every call runs through the engine (before: the
+    recorded branch, silently)."""
     w = r(3, 3, seed=114)
 
     def forward(x, w=w):
@@ -1088,9 +1462,9 @@ def test_a_read_the_step_cannot_recompute_runs_through_the_engine():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step(x)
-    assert [c.category for c in caught] == [UserWarning, RecompileWarning]  # no_grad work is not replayed; then:
+    assert [c.category for c in caught] == [RecompileWarning]
     assert re.search(r"no longer compiled: the value read at \S*test_compile.py:\d+ \(if positive:\) cannot be "
-                     r"re-checked .* torch.no_grad\(\)", str(caught[1].message))
+                     r"re-checked .* torch.no_grad\(\)", str(caught[0].message))
     _steps_match_torch(step, forward, w, [(x,), (-x,), (x * 2,)])
     assert step.recordings == 1
 
