@@ -769,8 +769,8 @@ class Session:
         # NOTE: this runs for every op of a repeated recording: checks are flat, cheapest and likeliest first;
         # nothing changes unless the call matches
         try:
-            if id(result) in self.live and (any(a is result for a in args) or any(
-                    v is result for v in kwargs.values())):
+            if (args and result is args[0]) or (id(result) in self.live and (any(a is result for a in args) or any(
+                    v is result for v in kwargs.values()))):
                 return False  # an input returned as is (t.flatten(0, 0)): the recorder's alias path, no event
             event = self.event
             nodes = self.nodes

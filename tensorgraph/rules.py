@@ -2671,7 +2671,8 @@ def _lstm_step_back(d_state: tuple, saved: tuple, w_hh: Tensor, w_hr: Tensor | N
     dc = dc + aten.tanh_backward(dh * o, tanh_c)
     d_gates = torch.cat([aten.sigmoid_backward(dc * cand, i), aten.sigmoid_backward(dc * c, f),
                          aten.tanh_backward(dc * i, cand), aten.sigmoid_backward(dh * tanh_c, o)], -1)
-    return d_gates, d_gates, (d_gates @ w_hh, dc * f)
+    d_gh = d_gates.to(w_hh.dtype)
+    return d_gates, d_gh, (d_gh @ w_hh, dc * f)
 
 
 def _gru_step(gi: Tensor, state: tuple, w_hh: Tensor, b_hh: Tensor | None, w_hr: Any = None) -> tuple:
@@ -2690,7 +2691,7 @@ def _gru_step_back(d_state: tuple, saved: tuple, w_hh: Tensor, w_hr: Any = None)
     dn = aten.tanh_backward(dh * (1 - z), n)
     dr = aten.sigmoid_backward(dn * h_n, r)
     dz = aten.sigmoid_backward(dh * (h - n), z)
-    d_gh = torch.cat([dr, dz, dn * r], -1)
+    d_gh = torch.cat([dr, dz, dn * r], -1).to(w_hh.dtype)
     return torch.cat([dr, dz, dn], -1), d_gh, (d_gh @ w_hh + dh * z,)
 
 
@@ -2705,7 +2706,8 @@ def _rnn_step(activation: Callable[[Tensor], Tensor]) -> Callable[..., tuple]:
 def _rnn_step_back(derivative: Callable[[Tensor, Tensor], Tensor]) -> Callable[..., tuple]:
     def back(d_state: tuple, saved: tuple, w_hh: Tensor, w_hr: Any = None) -> tuple:
         d = derivative(d_state[0], saved[1])
-        return d, d, (d @ w_hh,)
+        d_gh = d.to(w_hh.dtype)
+        return d, d_gh, (d_gh @ w_hh,)
     return back
 
 
@@ -2729,6 +2731,7 @@ def _cell_rule(kind: str) -> Callable[..., tuple]:
         new_state, saved = step(gi, state, w_hh, b_hh, None)
         d_state = tuple(g if k == output_index else torch.zeros_like(s) for k, s in enumerate(new_state))
         d_gi, d_gh, d_prev = step_back(d_state, saved, w_hh, None)
+        d_gi = d_gi.to(w_ih.dtype)  # a cell may mix dtypes (input and w_ih, hx and w_hh): each side's own
         d_w_ih, d_b_ih = _affine_grads(d_gi, input, b_ih is not None)
         d_w_hh, d_b_hh = _affine_grads(d_gh, state[0], b_hh is not None)
         d_hx = d_prev if kind == "lstm" else d_prev[0]

@@ -273,3 +273,31 @@ def test_repeated_values_alone_have_a_gradient_and_tied_spectral_norms_share_it(
             ours, theirs = engine_grads(fn, [x])[1][0], torch_grads(fn, [x])[0]
             assert not theirs.isnan().any()
             torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("cell, gates", [(torch.rnn_tanh_cell, 1), (torch.rnn_relu_cell, 1), (torch.gru_cell, 3),
+                                         (torch.lstm_cell, 4)], ids=["rnn_tanh", "rnn_relu", "gru", "lstm"])
+@pytest.mark.parametrize("input_dtype, state_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+def test_a_cell_mixing_dtypes_gets_torchs_gradients(cell, gates, input_dtype, state_dtype):
+    """torch runs a cell whose input side (x, w_ih, b_ih) and state side (hx, w_hh, b_hh) differ in dtype, each
+    projection in its own; the rule multiplied a float64 gradient by a float32 weight (found by the fuzzer)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def make(*shape, dtype):
+        return torch.randn(*shape, dtype=dtype, generator=generator)
+
+    x, w_ih, b_ih = make(2, 3, dtype=input_dtype), make(4 * gates, 3, dtype=input_dtype), make(4 * gates,
+                                                                                               dtype=input_dtype)
+    h, c = make(2, 4, dtype=state_dtype), make(2, 4, dtype=state_dtype)
+    w_hh, b_hh = make(4 * gates, 4, dtype=state_dtype), make(4 * gates, dtype=state_dtype)
+
+    def fn(x, w_ih, b_ih, h, c, w_hh, b_hh):
+        out = cell(x, (h, c) if cell is torch.lstm_cell else h, w_ih, w_hh, b_ih, b_hh)
+        return torch.cat([o.double().reshape(-1) for o in (out if isinstance(out, tuple) else (out,))])
+
+    inputs = [x, w_ih, b_ih, h, c, w_hh, b_hh]
+    _, ours = engine_grads(fn, inputs)
+    for mine, theirs in zip(ours, torch_grads(fn, inputs)):
+        if theirs is None:  # (c, outside the LSTM)
+            continue
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)

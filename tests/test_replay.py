@@ -291,6 +291,28 @@ def test_one_tensor_where_the_template_had_two_new_leaves_is_another_structure()
     assert_same_gradients(graph.backward(loss), walk(reference, ref_loss))
 
 
+def _casts(x, y):
+    with tg.record() as graph:
+        same = x.float()  # x is float32 already: x itself comes back, and the graph has not seen x yet
+        wider = y.float()  # the same method, a new value: the template's next call
+        loss = (same * wider).sum()
+    return graph, loss
+
+
+def test_a_call_returning_an_unseen_input_as_is_does_not_stop_matching():
+    """The fuzzer's find: ``x.float()`` of a float32 ``x`` the graph meets only later was matched against the
+    template's next ``float`` call and stopped matching, so the structure never got its generated matchers."""
+    x, y = torch.randn(3), torch.randn(3, dtype=D)
+    fresh()
+    for _ in range(2 + replay.GENERATE_AFTER):
+        graph, loss = _casts(x, y)
+    assert graph._replay is not None and graph._replay.matchers is not None
+    fresh()
+    reference, ref_loss = _casts(x, y)
+    assert_same_graph(graph, reference)
+    assert_same_gradients(graph.backward(loss), walk(reference, ref_loss))
+
+
 def _twice(x, which):
     def left(t):
         return t.exp()  # line A
