@@ -913,7 +913,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     made = {id(t): t for n, _, t in graph._live.values() if nodes[n]["kind"] != "leaf"}
     for value in value_of.values():  # a captured tensor updated in place (``stats.total += ...``) is not new
         made.pop(id(value), None)
-    side = _side_plan(rec, forward, value_of, ancestors)
+    side = _side_plan(rec, forward, value_of)
     captured = {id(value): value for n, value in value_of.items() if n not in side.loads}  # (loads: read anew)
     watched = _direct_references(forward, captured, read, made)
     watched.loaded = [(place, _spec(value_of[n])) for n, place in side.loads.items()]
@@ -1393,8 +1393,7 @@ class _SidePlan:
     lost: list[str] = field(default_factory=list)  # where values were made that end out of the step's reach
 
 
-def _side_plan(rec: _Recording, forward: Callable[..., Any], value_of: dict[int, Tensor],
-               ancestors: Collection[int]) -> _SidePlan:
+def _side_plan(rec: _Recording, forward: Callable[..., Any], value_of: dict[int, Tensor]) -> _SidePlan:
     """The calls made under ``torch.no_grad()``, where their results ended (``self.running_mean = ...``,
     ``global bnmean_running``): the step stores them there, and reads the tensor such a place held before
     from the place at each call instead of capturing it (the step itself rebinds it). A result that outlives
@@ -1414,8 +1413,8 @@ def _side_plan(rec: _Recording, forward: Callable[..., Any], value_of: dict[int,
     for place, _ in stores:
         old = rec.places.get(place.key)
         node = leaf_of.get(id(old[1])) if old is not None else None
-        if node is not None and value_of[node] is old[1] and node not in ancestors:
-            loads[node] = place  # (one the loss reads too stays captured: its guard records again)
+        if node is not None and value_of[node] is old[1]:
+            loads[node] = place
     alive = [(ref(), index) for ref, index in side.made.values()]
     alive = [(tensor, index) for tensor, index in alive if tensor is not None]
     held = [tensor for tensor, _ in alive] + list(value_of.values())

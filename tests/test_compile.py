@@ -1153,6 +1153,43 @@ def test_globals_rebound_under_no_grad_are_replayed():
     assert not torch.equal(results[1][0], torch.zeros((1, 12), dtype=D))
 
 
+class _Centring:
+    """Centres its input on a running mean that it reads and then rebinds under no_grad (an EMA centring)."""
+
+    def __init__(self, dim):
+        self.gain, self.running_mean = 1 + 0.1 * r(dim, seed=185), torch.zeros(dim, dtype=D)
+
+    def __call__(self, x):
+        out = (x - self.running_mean) * self.gain
+        with torch.no_grad():
+            self.running_mean = 0.9 * self.running_mean + 0.1 * x.mean(0)
+        return out
+
+
+def test_a_rebound_place_the_loss_reads_is_read_anew_at_each_call():
+    """The loss reads ``layer.running_mean`` before the forward rebinds it under no_grad: each compiled call
+    reads the tensor the previous call stored (it kept the first call's tensor), as plain torch does."""
+    results = []
+    for compiled in (False, True):
+        layer, w = _Centring(4), r(3, 4, seed=186)
+        params = [w, layer.gain]
+
+        def forward(Xb, Yb):
+            return ((layer(Xb @ w) - Yb) ** 2).sum()
+
+        step = _compiled([])(forward, params) if compiled else _with_torch(forward, params)
+        for i in range(5):
+            Xb, Yb = r(8, 3, seed=187 + i), r(8, 4, seed=193 + i)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                loss, grads = step(Xb, Yb)
+            for p, grad in zip(params, grads):
+                p.data -= 0.01 * grad
+        results.append([loss, layer.running_mean, *params])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
 def test_in_place_updates_under_no_grad_are_replayed():
     """``counter.add_(1)``, ``running.lerp_(x, 0.1)`` and ``running[0] = ...`` under no_grad run at every call,
     in order with the forward (the statistic of this call's values); a value the loss then reads is the
