@@ -984,7 +984,8 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     exec(code, namespace)  # noqa: S102 - running the generated code is the point
     fn = namespace[fn_name]
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show the line
-    layout = _Layout([value_of[n] for n in reached], [nodes[n]["name"] for n in reached])
+    last = _last_versions(graph)  # (a parameter clipped in place is named as its last version is: ``W``, not ``W_v0``)
+    layout = _Layout([value_of[n] for n in reached], [nodes[last.get(n, n)]["name"] for n in reached])
     first_grads = tuple(traced.grads.by_node[b] for _, b in pairs)
     if watched.stored:
         more = len(watched.stored) - 3
@@ -1079,14 +1080,35 @@ def _generate(forward: Callable[..., Any], graph: Graph, backward_graph: Graph, 
     """Trace the backward on ``backward_graph`` and print it after ``graph``'s forward, re-checking ``reads``
     (putting the leaves ``undo`` back as they were when one differs) and replaying ``side``'s calls."""
     traced = trace(backward_graph, rec.loss)
-    # the parameters' nodes in the graph the backward ran on (a fused graph numbers its nodes anew)
-    in_backward = {id(d["value"]): n for n, d in enumerate(backward_graph._nodes) if d["kind"] == "leaf"}
-    pairs = [(n, in_backward.get(id(graph._nodes[n]["value"]))) for n in wanted]
+    # the parameters' nodes in the graph the backward ran on (a fused graph numbers its nodes anew); a parameter
+    # changed in place under no_grad before the loss read it (weight clipping) takes its last version's gradient
+    in_backward = {id(d["value"]): n for n, d in enumerate(backward_graph._nodes)
+                   if d["kind"] == "leaf" or _is_constant_version(d)}
+    last = _last_versions(graph)
+    pairs = [(n, in_backward.get(id(graph._nodes[last.get(n, n)]["value"]))) for n in wanted]
     pairs = [(n, b) for n, b in pairs if b is not None and b in traced.grads.by_node]
     generator = _Generator(graph, traced, inputs, [b for _, b in pairs], root, rec.snapshots, reads, undo, side)
     generator.title = _title(forward)
     source, name, namespace = generator.run()
     return _Generated(traced, pairs, source, name, namespace, len(generator.order), backward_graph is not graph)
+
+
+def _is_constant_version(data: dict[str, Any]) -> bool:
+    """Whether a node is the new version of a leaf (or constant) that a call changed in place under no_grad."""
+    return data["func"] is None and data["previous"] is not None
+
+
+def _last_versions(graph: Graph) -> dict[int, int]:
+    """Each leaf changed in place under no_grad -> its last version."""
+    following = {d["previous"]: n for n, d in enumerate(graph._nodes) if _is_constant_version(d)}
+    last = {}
+    for node in following:
+        if graph._nodes[node]["kind"] == "leaf":
+            version = node
+            while version in following:
+                version = following[version]
+            last[node] = version
+    return last
 
 
 def _title(forward: Callable[..., Any]) -> str:

@@ -1166,6 +1166,12 @@ class _Centring:
         return out
 
 
+def _centred_loss(layer, w):
+    def forward(Xb, Yb):
+        return ((layer(Xb @ w) - Yb) ** 2).sum()
+    return forward
+
+
 def test_a_rebound_place_the_loss_reads_is_read_anew_at_each_call():
     """The loss reads ``layer.running_mean`` before the forward rebinds it under no_grad: each compiled call
     reads the tensor the previous call stored (it kept the first call's tensor), as plain torch does."""
@@ -1173,10 +1179,7 @@ def test_a_rebound_place_the_loss_reads_is_read_anew_at_each_call():
     for compiled in (False, True):
         layer, w = _Centring(4), r(3, 4, seed=186)
         params = [w, layer.gain]
-
-        def forward(Xb, Yb):
-            return ((layer(Xb @ w) - Yb) ** 2).sum()
-
+        forward = _centred_loss(layer, w)
         step = _compiled([])(forward, params) if compiled else _with_torch(forward, params)
         for i in range(5):
             Xb, Yb = r(8, 3, seed=187 + i), r(8, 4, seed=193 + i)
@@ -1222,6 +1225,36 @@ def test_in_place_updates_under_no_grad_are_replayed():
     torch.testing.assert_close(compiled_state[1], eager_state[1], **TOL)
     assert step.recordings == 1
     assert "counter.add_(1)" in step.source
+
+
+def _clipped_loss(W, b):
+    def forward(Xb, Yb):
+        with torch.no_grad():
+            W.clamp_(-0.3, 0.3)
+        return ((Xb @ W + b - Yb) ** 2).sum()
+    return forward
+
+
+def test_a_parameter_clipped_in_place_under_no_grad_keeps_its_gradient():
+    """``W.clamp_(-0.3, 0.3)`` under no_grad, then ``W`` used: ``grads[W]`` (and ``grads["W"]``) is torch's
+    ``W.grad``, the gradient at the clipped value (the step returned no gradient for ``W``)."""
+    results = []
+    for compiled in (False, True):
+        W, b = r(4, 3, seed=200), r(3, seed=201)
+        params = [W, b]
+        forward = _clipped_loss(W, b)
+        step = tg.compile(forward, fuse=False) if compiled else _with_torch(forward, params)
+        for i in range(3):
+            Xb, Yb = r(8, 4, seed=202 + i), r(8, 3, seed=206 + i)
+            loss, grads = step(Xb, Yb)
+            if compiled:
+                assert grads["W"] is grads[W]
+                grads = [grads[p] for p in params]
+            for p, grad in zip(params, grads):
+                p.data -= 0.1 * grad
+        results.append([loss, *params])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, **TOL)
 
 
 def test_a_failed_check_puts_back_what_no_grad_work_changed():
