@@ -75,7 +75,7 @@ Work done under ``torch.no_grad()`` inside the forward is replayed at its place,
 call's values: in-place updates (``self.running_mean.mul_(0.9)``, ``counter.add_(1)``), and
 values rebound into a place the step can reach (an attribute of the user's objects found as
 the guards find them, ``layers[1].running_mean``; a global of the forward's module; a closure
-cell), which the step reads at its start and stores at its end (see :func:`_side_plan`). A
+cell; an nn.Module's buffer), which the step reads at its start and stores at its end (see :func:`_side_plan`). A
 ``no_grad`` value the loss depends on is refused.
 
 Like any tracing compiler, it replays torch calls, not Python: Python side effects are not
@@ -1327,7 +1327,8 @@ def _watch_module(found: _References, name: str, module: torch.nn.Module) -> Non
 
 class _Place(NamedTuple):
     """Where the forward's Python objects hold a tensor: an attribute of a user object reached from the
-    forward's globals and closure (``layers[1].running_mean``), a global of its module, or a closure cell."""
+    forward's globals and closure (``layers[1].running_mean``) or a module's buffer, a global of its module,
+    or a closure cell."""
 
     path: str  # as the user reaches it: ``layers[1].running_mean``, ``bnmean_running``
     kind: str  # "attr", "global" or "cell"
@@ -1369,10 +1370,13 @@ def _tensor_places(forward: Callable[..., Any]) -> dict[tuple[int, str], tuple[_
 
 def _walk_places(found: dict, path: str, value: Any, depth: int, seen: set[int]) -> None:
     """The tensor attributes of ``value`` and of the objects in its items and attributes, ``depth`` levels down
-    (the user's own objects: not nn.Modules, whose tensors are parameters and buffers)."""
-    if id(value) in seen or not _WALKABLE[type(value)] or isinstance(value, torch.nn.Module):
+    (the user's own objects; of an nn.Module, its buffers)."""
+    if id(value) in seen or not _WALKABLE[type(value)]:
         return
     seen.add(id(value))
+    if isinstance(value, torch.nn.Module):
+        _buffer_places(found, path, value)
+        return
     if isinstance(value, (list, tuple)):
         items = [(f"{path}[{i}]", item) for i, item in enumerate(value)] if len(value) <= _MAX_ITEMS else []
     elif isinstance(value, dict):
@@ -1392,6 +1396,15 @@ def _walk_places(found: dict, path: str, value: Any, depth: int, seen: set[int])
         for item_path, item in items:
             if not isinstance(item, Tensor) and type(item) not in _ATOMS:
                 _walk_places(found, item_path, item, depth - 1, seen)
+
+
+def _buffer_places(found: dict, path: str, module: torch.nn.Module) -> None:
+    """A module's buffers at any depth (``model.bn.running_mean``): rebinding one (``self.running_mean = ...``)
+    sets the buffer of the submodule holding it."""
+    for name, buffer in module.named_buffers():
+        owner_path, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        found[(id(owner), attr)] = (_Place(f"{path}.{name}", "attr", owner, attr), buffer)
 
 
 def _flat_tensors(value: Any) -> Iterator[Tensor]:

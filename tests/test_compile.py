@@ -1227,6 +1227,50 @@ def test_in_place_updates_under_no_grad_are_replayed():
     assert "counter.add_(1)" in step.source
 
 
+class _BufferCentring(torch.nn.Module):
+    """_Centring as an nn.Module: its running mean a buffer, rebound (not updated in place) under no_grad."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(dim, dtype=D))
+
+    def forward(self, x):
+        out = x - self.running_mean
+        with torch.no_grad():
+            self.running_mean = 0.9 * self.running_mean + 0.1 * x.mean(0)
+        return out
+
+
+def test_a_module_buffer_rebound_under_no_grad_is_replayed():
+    """``self.running_mean = ...`` in a module's forward sets the buffer: the step reads it at each call and
+    stores the new tensor there (it kept the recording's tensor, warning that it could not reach it)."""
+    results = []
+    for compiled in (False, True):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4, dtype=D), _BufferCentring(4))
+        with torch.no_grad():
+            model[0].weight.copy_(r(4, 3, seed=210))
+            model[0].bias.copy_(r(4, seed=219))
+        params = list(model.parameters())
+        forward = _model_loss(model)
+        step = _compiled([])(forward, params) if compiled else _with_torch(forward, params)
+        for i in range(4):
+            Xb, Yb = r(8, 3, seed=211 + i), r(8, 4, seed=215 + i)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                loss, grads = step(Xb, Yb)
+            for p, grad in zip(params, grads):
+                p.data -= 0.01 * grad
+        results.append([loss, model[1].running_mean, *params])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
+def _model_loss(model):
+    def forward(Xb, Yb):
+        return ((model(Xb) - Yb) ** 2).sum()
+    return forward
+
+
 def _clipped_loss(W, b):
     def forward(Xb, Yb):
         with torch.no_grad():
