@@ -1156,6 +1156,8 @@ def _with_mean(spread_rule: Any) -> Any:
 
 defop("sum", sum_rule)
 defop("mean", mean_rule)
+
+
 def _cov_parts(x: Tensor, correction: float, fweights: Tensor | None, aweights: Tensor | None) -> tuple:
     """torch.cov's pieces (observations in columns): their weights (None: all 1), the centred x, the divisor."""
     x = x.reshape(1, -1) if x.dim() < 2 else x
