@@ -75,7 +75,7 @@ Work done under ``torch.no_grad()`` inside the forward is replayed at its place,
 call's values: in-place updates (``self.running_mean.mul_(0.9)``, ``counter.add_(1)``), and
 values rebound into a place the step can reach (an attribute of the user's objects found as
 the guards find them, ``layers[1].running_mean``; a global of the forward's module; a closure
-cell), which the step reads at its start and stores at its end (see :func:`_side_plan`). A
+cell; an nn.Module's buffer), which the step reads at its start and stores at its end (see :func:`_side_plan`). A
 ``no_grad`` value the loss depends on is refused.
 
 Like any tracing compiler, it replays torch calls, not Python: Python side effects are not
@@ -913,7 +913,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     made = {id(t): t for n, _, t in graph._live.values() if nodes[n]["kind"] != "leaf"}
     for value in value_of.values():  # a captured tensor updated in place (``stats.total += ...``) is not new
         made.pop(id(value), None)
-    side = _side_plan(rec, forward, value_of, ancestors)
+    side = _side_plan(rec, forward, value_of)
     captured = {id(value): value for n, value in value_of.items() if n not in side.loads}  # (loads: read anew)
     watched = _direct_references(forward, captured, read, made)
     watched.loaded = [(place, _spec(value_of[n])) for n, place in side.loads.items()]
@@ -984,7 +984,8 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     exec(code, namespace)  # noqa: S102 - running the generated code is the point
     fn = namespace[fn_name]
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show the line
-    layout = _Layout([value_of[n] for n in reached], [nodes[n]["name"] for n in reached])
+    last = _last_versions(graph)  # (a parameter clipped in place is named as its last version is: ``W``, not ``W_v0``)
+    layout = _Layout([value_of[n] for n in reached], [nodes[last.get(n, n)]["name"] for n in reached])
     first_grads = tuple(traced.grads.by_node[b] for _, b in pairs)
     if watched.stored:
         more = len(watched.stored) - 3
@@ -1079,14 +1080,35 @@ def _generate(forward: Callable[..., Any], graph: Graph, backward_graph: Graph, 
     """Trace the backward on ``backward_graph`` and print it after ``graph``'s forward, re-checking ``reads``
     (putting the leaves ``undo`` back as they were when one differs) and replaying ``side``'s calls."""
     traced = trace(backward_graph, rec.loss)
-    # the parameters' nodes in the graph the backward ran on (a fused graph numbers its nodes anew)
-    in_backward = {id(d["value"]): n for n, d in enumerate(backward_graph._nodes) if d["kind"] == "leaf"}
-    pairs = [(n, in_backward.get(id(graph._nodes[n]["value"]))) for n in wanted]
+    # the parameters' nodes in the graph the backward ran on (a fused graph numbers its nodes anew); a parameter
+    # changed in place under no_grad before the loss read it (weight clipping) takes its last version's gradient
+    in_backward = {id(d["value"]): n for n, d in enumerate(backward_graph._nodes)
+                   if d["kind"] == "leaf" or _is_constant_version(d)}
+    last = _last_versions(graph)
+    pairs = [(n, in_backward.get(id(graph._nodes[last.get(n, n)]["value"]))) for n in wanted]
     pairs = [(n, b) for n, b in pairs if b is not None and b in traced.grads.by_node]
     generator = _Generator(graph, traced, inputs, [b for _, b in pairs], root, rec.snapshots, reads, undo, side)
     generator.title = _title(forward)
     source, name, namespace = generator.run()
     return _Generated(traced, pairs, source, name, namespace, len(generator.order), backward_graph is not graph)
+
+
+def _is_constant_version(data: dict[str, Any]) -> bool:
+    """Whether a node is the new version of a leaf (or constant) that a call changed in place under no_grad."""
+    return data["func"] is None and data["previous"] is not None
+
+
+def _last_versions(graph: Graph) -> dict[int, int]:
+    """Each leaf changed in place under no_grad -> its last version."""
+    following = {d["previous"]: n for n, d in enumerate(graph._nodes) if _is_constant_version(d)}
+    last = {}
+    for node in following:
+        if graph._nodes[node]["kind"] == "leaf":
+            version = node
+            while version in following:
+                version = following[version]
+            last[node] = version
+    return last
 
 
 def _title(forward: Callable[..., Any]) -> str:
@@ -1305,7 +1327,8 @@ def _watch_module(found: _References, name: str, module: torch.nn.Module) -> Non
 
 class _Place(NamedTuple):
     """Where the forward's Python objects hold a tensor: an attribute of a user object reached from the
-    forward's globals and closure (``layers[1].running_mean``), a global of its module, or a closure cell."""
+    forward's globals and closure (``layers[1].running_mean``) or a module's buffer, a global of its module,
+    or a closure cell."""
 
     path: str  # as the user reaches it: ``layers[1].running_mean``, ``bnmean_running``
     kind: str  # "attr", "global" or "cell"
@@ -1347,10 +1370,13 @@ def _tensor_places(forward: Callable[..., Any]) -> dict[tuple[int, str], tuple[_
 
 def _walk_places(found: dict, path: str, value: Any, depth: int, seen: set[int]) -> None:
     """The tensor attributes of ``value`` and of the objects in its items and attributes, ``depth`` levels down
-    (the user's own objects: not nn.Modules, whose tensors are parameters and buffers)."""
-    if id(value) in seen or not _WALKABLE[type(value)] or isinstance(value, torch.nn.Module):
+    (the user's own objects; of an nn.Module, its buffers)."""
+    if id(value) in seen or not _WALKABLE[type(value)]:
         return
     seen.add(id(value))
+    if isinstance(value, torch.nn.Module):
+        _buffer_places(found, path, value)
+        return
     if isinstance(value, (list, tuple)):
         items = [(f"{path}[{i}]", item) for i, item in enumerate(value)] if len(value) <= _MAX_ITEMS else []
     elif isinstance(value, dict):
@@ -1370,6 +1396,15 @@ def _walk_places(found: dict, path: str, value: Any, depth: int, seen: set[int])
         for item_path, item in items:
             if not isinstance(item, Tensor) and type(item) not in _ATOMS:
                 _walk_places(found, item_path, item, depth - 1, seen)
+
+
+def _buffer_places(found: dict, path: str, module: torch.nn.Module) -> None:
+    """A module's buffers at any depth (``model.bn.running_mean``): rebinding one (``self.running_mean = ...``)
+    sets the buffer of the submodule holding it."""
+    for name, buffer in module.named_buffers():
+        owner_path, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        found[(id(owner), attr)] = (_Place(f"{path}.{name}", "attr", owner, attr), buffer)
 
 
 def _flat_tensors(value: Any) -> Iterator[Tensor]:
@@ -1393,8 +1428,7 @@ class _SidePlan:
     lost: list[str] = field(default_factory=list)  # where values were made that end out of the step's reach
 
 
-def _side_plan(rec: _Recording, forward: Callable[..., Any], value_of: dict[int, Tensor],
-               ancestors: Collection[int]) -> _SidePlan:
+def _side_plan(rec: _Recording, forward: Callable[..., Any], value_of: dict[int, Tensor]) -> _SidePlan:
     """The calls made under ``torch.no_grad()``, where their results ended (``self.running_mean = ...``,
     ``global bnmean_running``): the step stores them there, and reads the tensor such a place held before
     from the place at each call instead of capturing it (the step itself rebinds it). A result that outlives
@@ -1414,8 +1448,8 @@ def _side_plan(rec: _Recording, forward: Callable[..., Any], value_of: dict[int,
     for place, _ in stores:
         old = rec.places.get(place.key)
         node = leaf_of.get(id(old[1])) if old is not None else None
-        if node is not None and value_of[node] is old[1] and node not in ancestors:
-            loads[node] = place  # (one the loss reads too stays captured: its guard records again)
+        if node is not None and value_of[node] is old[1]:
+            loads[node] = place
     alive = [(ref(), index) for ref, index in side.made.values()]
     alive = [(tensor, index) for tensor, index in alive if tensor is not None]
     held = [tensor for tensor, _ in alive] + list(value_of.values())

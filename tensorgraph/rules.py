@@ -1156,6 +1156,8 @@ def _with_mean(spread_rule: Any) -> Any:
 
 defop("sum", sum_rule)
 defop("mean", mean_rule)
+
+
 def _cov_parts(x: Tensor, correction: float, fweights: Tensor | None, aweights: Tensor | None) -> tuple:
     """torch.cov's pieces (observations in columns): their weights (None: all 1), the centred x, the divisor."""
     x = x.reshape(1, -1) if x.dim() < 2 else x
@@ -2951,8 +2953,19 @@ def pad_packed_sequence(g: Tensor, out: Any, data: Tensor, batch_sizes: Tensor, 
     return _pack_rows(g.transpose(0, 1) if batch_first else g, batch_sizes.tolist())
 
 
+def pad_sequence(g: Tensor, out: Tensor, sequences: Sequence[Tensor], batch_first: bool = False,
+                 padding_value: float = 0.0, padding_side: str = "right") -> tuple:
+    """Each sequence's gradient is its steps' rows of ``g``, at the end for padding_side='left' (the padding
+    takes none)."""
+    g = g if batch_first else g.transpose(0, 1)
+    steps = g.shape[1]
+    left = padding_side == "left"
+    return ([g[i, steps - len(s):] if left else g[i, :len(s)] for i, s in enumerate(sequences)],)
+
+
 defop("_pack_padded_sequence", pack_padded_sequence, multi=True)
 defop("_pad_packed_sequence", pad_packed_sequence, multi=True)
+defop("pad_sequence", pad_sequence)
 
 # F.grid_sample's arguments as its kernels number them
 _GRID_MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}

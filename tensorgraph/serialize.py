@@ -156,10 +156,10 @@ def _node_record(data: dict[str, Any], siblings: list[int] | None, values: bool)
     }
     if values:
         value = data["value"].detach()
+        layout = _layout(value)  # (of the value itself: a complex one's real view has one more dim)
         if value.is_complex():  # (JSON has no complex numbers: each one as its [real, imaginary] pair)
             value = torch.view_as_real(value.resolve_conj())
         record["value"] = value.tolist() if value.numel() else []
-        layout = _layout(value)
         if layout is not None:
             record["layout"] = layout
     return record

@@ -1870,6 +1870,8 @@ FIXED["recurrent"] = [
     ("_padded(torch.gru(_packed({0}), torch.tensor([2, 1]), {1}, [{2}, {3}], False, 1, 0.0, False, False)[0])",
      lambda x, h, *w: _padded(torch.gru(_packed(x), torch.tensor([2, 1]), h, list(w), False, 1, 0.0, False, False)[0]),
      [(2, 2, 2), (1, 2, 2), (6, 2), (6, 2)]),
+    ("torch.nn.utils.rnn.pad_sequence([{0}, {1}], True, 0.5, 'left')",
+     lambda a, b: torch.nn.utils.rnn.pad_sequence([a, b], True, 0.5, "left"), [(3, 2), (1, 2)]),
 ]
 
 

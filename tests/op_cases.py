@@ -766,6 +766,9 @@ def recurrent_cases():
     yield "rnn_relu", _sequence(torch._VF.rnn_relu), [seq, h0, *_rnn_params(1, 2, 3, seed=180)]
     yield "gru_packed_2_layers_bidirectional", _packed_gru, [
         r(3, 4, 2, seed=16), r(4, 3, 2, seed=17), *_rnn_params(3, 2, 2, layers=2, directions=2, seed=200)]
+    yield "pad_sequence", lambda a, b: torch.nn.utils.rnn.pad_sequence([a, b]), [r(2, 3, seed=21), r(4, 3, seed=22)]
+    yield "pad_sequence_left_batch_first", lambda a, b: torch.nn.utils.rnn.pad_sequence([a, b], True, 0.5, "left"), [
+        r(3, seed=23), r(1, seed=24)]
     yield "lstm_module_unbatched", lambda x: _flat(_LSTM_MODULE(x)[0], *_LSTM_MODULE(x)[1]), [r(3, 2, seed=18)]
     yield "lstm_module_proj_batch_first", lambda x: _flat(_LSTM_PROJ_MODULE(x)[0]), [r(2, 3, 2, seed=19)]
     yield "gru_module_no_bias", lambda x, h: _flat(*_GRU_MODULE(x, h)), [seq, h0]

@@ -1153,6 +1153,46 @@ def test_globals_rebound_under_no_grad_are_replayed():
     assert not torch.equal(results[1][0], torch.zeros((1, 12), dtype=D))
 
 
+class _Centring:
+    """Centres its input on a running mean that it reads and then rebinds under no_grad (an EMA centring)."""
+
+    def __init__(self, dim):
+        self.gain, self.running_mean = 1 + 0.1 * r(dim, seed=185), torch.zeros(dim, dtype=D)
+
+    def __call__(self, x):
+        out = (x - self.running_mean) * self.gain
+        with torch.no_grad():
+            self.running_mean = 0.9 * self.running_mean + 0.1 * x.mean(0)
+        return out
+
+
+def _centred_loss(layer, w):
+    def forward(Xb, Yb):
+        return ((layer(Xb @ w) - Yb) ** 2).sum()
+    return forward
+
+
+def test_a_rebound_place_the_loss_reads_is_read_anew_at_each_call():
+    """The loss reads ``layer.running_mean`` before the forward rebinds it under no_grad: each compiled call
+    reads the tensor the previous call stored (it kept the first call's tensor), as plain torch does."""
+    results = []
+    for compiled in (False, True):
+        layer, w = _Centring(4), r(3, 4, seed=186)
+        params = [w, layer.gain]
+        forward = _centred_loss(layer, w)
+        step = _compiled([])(forward, params) if compiled else _with_torch(forward, params)
+        for i in range(5):
+            Xb, Yb = r(8, 3, seed=187 + i), r(8, 4, seed=193 + i)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                loss, grads = step(Xb, Yb)
+            for p, grad in zip(params, grads):
+                p.data -= 0.01 * grad
+        results.append([loss, layer.running_mean, *params])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
 def test_in_place_updates_under_no_grad_are_replayed():
     """``counter.add_(1)``, ``running.lerp_(x, 0.1)`` and ``running[0] = ...`` under no_grad run at every call,
     in order with the forward (the statistic of this call's values); a value the loss then reads is the
@@ -1185,6 +1225,80 @@ def test_in_place_updates_under_no_grad_are_replayed():
     torch.testing.assert_close(compiled_state[1], eager_state[1], **TOL)
     assert step.recordings == 1
     assert "counter.add_(1)" in step.source
+
+
+class _BufferCentring(torch.nn.Module):
+    """_Centring as an nn.Module: its running mean a buffer, rebound (not updated in place) under no_grad."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(dim, dtype=D))
+
+    def forward(self, x):
+        out = x - self.running_mean
+        with torch.no_grad():
+            self.running_mean = 0.9 * self.running_mean + 0.1 * x.mean(0)
+        return out
+
+
+def test_a_module_buffer_rebound_under_no_grad_is_replayed():
+    """``self.running_mean = ...`` in a module's forward sets the buffer: the step reads it at each call and
+    stores the new tensor there (it kept the recording's tensor, warning that it could not reach it)."""
+    results = []
+    for compiled in (False, True):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4, dtype=D), _BufferCentring(4))
+        with torch.no_grad():
+            model[0].weight.copy_(r(4, 3, seed=210))
+            model[0].bias.copy_(r(4, seed=219))
+        params = list(model.parameters())
+        forward = _model_loss(model)
+        step = _compiled([])(forward, params) if compiled else _with_torch(forward, params)
+        for i in range(4):
+            Xb, Yb = r(8, 3, seed=211 + i), r(8, 4, seed=215 + i)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                loss, grads = step(Xb, Yb)
+            for p, grad in zip(params, grads):
+                p.data -= 0.01 * grad
+        results.append([loss, model[1].running_mean, *params])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
+def _model_loss(model):
+    def forward(Xb, Yb):
+        return ((model(Xb) - Yb) ** 2).sum()
+    return forward
+
+
+def _clipped_loss(W, b):
+    def forward(Xb, Yb):
+        with torch.no_grad():
+            W.clamp_(-0.3, 0.3)
+        return ((Xb @ W + b - Yb) ** 2).sum()
+    return forward
+
+
+def test_a_parameter_clipped_in_place_under_no_grad_keeps_its_gradient():
+    """``W.clamp_(-0.3, 0.3)`` under no_grad, then ``W`` used: ``grads[W]`` (and ``grads["W"]``) is torch's
+    ``W.grad``, the gradient at the clipped value (the step returned no gradient for ``W``)."""
+    results = []
+    for compiled in (False, True):
+        W, b = r(4, 3, seed=200), r(3, seed=201)
+        params = [W, b]
+        forward = _clipped_loss(W, b)
+        step = tg.compile(forward, fuse=False) if compiled else _with_torch(forward, params)
+        for i in range(3):
+            Xb, Yb = r(8, 4, seed=202 + i), r(8, 3, seed=206 + i)
+            loss, grads = step(Xb, Yb)
+            if compiled:
+                assert grads["W"] is grads[W]
+                grads = [grads[p] for p in params]
+            for p, grad in zip(params, grads):
+                p.data -= 0.1 * grad
+        results.append([loss, *params])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, **TOL)
 
 
 def test_a_failed_check_puts_back_what_no_grad_work_changed():

@@ -177,6 +177,19 @@ def test_complex_values_survive_and_the_loaded_graph_gets_torchs_gradient(tmp_pa
     torch.testing.assert_close(loaded.backward(graph.node_id(loss))["z"], expected)
 
 
+def test_a_transposed_complex_value_round_trips_with_its_layout(tmp_path, suffix):
+    """A complex value's layout was taken of its real view (one more dim): the file saved could not be loaded."""
+    z = torch.randn(4, 3, dtype=torch.complex128, generator=torch.Generator().manual_seed(5))
+    with tg.record() as graph:
+        zt = z.mT * 1  # (mul keeps its input's column-major layout)
+        zt.abs().sum()
+    assert not zt.is_contiguous()
+    path = tmp_path / f"complex{suffix}"
+    graph.save(path, values=True)
+    loaded = tg.load_graph(path)
+    assert torch.equal(loaded.value("zt"), zt) and loaded.value("zt").stride() == zt.stride()
+
+
 def test_a_control_character_graphml_cannot_hold_is_refused_at_save(tmp_path):
     """GraphML (XML 1.0) cannot hold one even escaped: the file was written, then load_graph could not read it."""
     x = torch.randn(3, dtype=D, requires_grad=True)
