@@ -2798,7 +2798,7 @@ def _run_backward(step_back: Callable[..., tuple], x: Tensor, where: list, sizes
         d_gi[t], d_gh[t], part = step_back((d_h[t], *part[1:]), run.saved[t], w.hh, w.hr)
         d_state = part if rows is None else tuple(torch.cat([p, s[rows:]]) for p, s in zip(part, d_state))
     packed = sizes is not None
-    d_gi_all, d_gh_all = _join(d_gi, packed), _join(d_gh, packed)
+    d_gi_all, d_gh_all = _join(d_gi, packed).to(w.ih.dtype), _join(d_gh, packed)  # (each side in its dtype)
     h_prev = _join([run.saved[t][0] for t in range(n)], packed)
     d_w_ih, d_b_ih = _affine_grads(d_gi_all, x, w.b_ih is not None)
     d_w_hh, d_b_hh = _affine_grads(d_gh_all, h_prev, w.b_hh is not None)

@@ -301,3 +301,23 @@ def test_a_cell_mixing_dtypes_gets_torchs_gradients(cell, gates, input_dtype, st
         if theirs is None:  # (c, outside the LSTM)
             continue
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op, gates", [(torch.rnn_tanh, 1), (torch.gru, 3)], ids=["rnn_tanh", "gru"])
+def test_a_packed_sequence_mixing_dtypes_gets_torchs_gradients(op, gates):
+    """torch's packed overload accepts a float32 input side with a float64 state side, as the cells do."""
+    generator = torch.Generator().manual_seed(1)
+
+    def make(*shape, dtype):
+        return torch.randn(*shape, dtype=dtype, generator=generator)
+
+    inputs = [make(3, 2, dtype=torch.float32), make(1, 2, 2, dtype=torch.float64),
+              make(2 * gates, 2, dtype=torch.float32), make(2 * gates, 2, dtype=torch.float64)]
+
+    def fn(data, hx, w_ih, w_hh):
+        out, h_n = op(data, torch.tensor([2, 1]), hx, [w_ih, w_hh], False, 1, 0.0, False, False)
+        return torch.cat([out.double().reshape(-1), h_n.reshape(-1)])
+
+    _, ours = engine_grads(fn, inputs)
+    for mine, theirs in zip(ours, torch_grads(fn, inputs)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
