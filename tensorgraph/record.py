@@ -630,10 +630,19 @@ class _Recorder(TorchFunctionMode):
 
     def _snapshot(self, tensor: Tensor) -> None:
         """Keep the value a tensor has before an in-place change, for the rules of the ops that used it."""
-        node = self.graph._nodes[self._node_of(tensor, check=False)]
-        if node["value"] is tensor:
-            node["value"] = tensor.clone()
-            node["version"] = node["value"]._version
+        nodes = self.graph._nodes
+        node = self._node_of(tensor, check=False)
+        data = nodes[node]
+        if data["value"] is not tensor:
+            return
+        kept = data["value"] = tensor.clone()
+        data["version"] = kept._version
+        together = data["result"]
+        if together is not None:  # one output of a multi-output call: its siblings' rules read it from "result"
+            for sibling in range(max(node - len(together), 0), min(node + len(together), len(nodes))):
+                other = nodes[sibling]
+                if other["args"] is data["args"] and other["result"] is not None:
+                    other["result"] = tuple(kept if t is tensor else t for t in other["result"])
 
     def _keep_hooks(self, tensor: Tensor) -> None:
         """Before a recorded in-place op: the tensor's gradient hooks so far belong to its current version.
