@@ -39,10 +39,14 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
   not of the functions it calls) is rebound to another tensor, or holds an int, float,
   bool, str or None whose value changed (a loss weight ``beta``);
 - a ``training`` flag changed that the recording ran with: of an ``nn.Module`` (any
-  submodule, ``train()``/``eval()``), or a bool ``training`` attribute of an object of the
+  submodule, ``train()``/``eval()``), or a ``training`` attribute of an object of the
   user's own class (the lecture's hand-written ``BatchNorm1d``: ``layer.training = False``),
   found under such a name, in it or in its items and attributes up to three levels down
   (``layers[1].training``, ``model.layers[3].training``; the bound method's object too);
+- another int, float, bool, str or None attribute of those objects, or a public one (no
+  leading ``_``) of those modules and their submodules, changed (same type and value, a NaN
+  equals a NaN): ``layers[1].eps``, ``s.update`` around a branch, a user Module's
+  ``self.temperature``, torch's ``eps``, ``momentum``, Dropout's ``p``;
 - an attribute of such a user object (not an ``nn.Module``) that held a tensor the loss
   depends on now holds another one (``layers[1].running_mean`` rebound by the lecture's
   ``BatchNorm1d``, or by an update outside the step);
@@ -51,11 +55,12 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
   longer satisfy: that chain then keeps its atomic rules. A chain whose fact is about a
   tensor computed inside the forward is not fused (rows made by ``torch.arange`` aside).
 
-Not guarded: other attributes of objects (``self.beta``, ``cfg.lr``, ``layer.eps``), values
-read by the functions the forward calls (the flags above aside), tensors replaced
+Not guarded: values read by the functions the forward calls (the objects above aside), objects
+deeper than three levels, mutable values (a list attribute changed in place), tensors replaced
 (not updated in place) in an ``nn.Module``'s attributes or deeper than three levels, and
 other Python state. Each input signature keeps versions for its last two states of these
-flags and Python values, so switching between ``train()`` and ``eval()`` records each mode once.
+flags and Python values, so switching between ``train()`` and ``eval()`` (or two values of an
+attribute) records each once.
 
 Tensor values the forward reads into Python (``if h.sum() > 0:``, ``t.item()``, ``int(t)``,
 ``t.tolist()``, ``print(t)``: see :mod:`tensorgraph.reads`) are checked inside the generated
