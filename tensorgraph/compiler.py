@@ -39,10 +39,14 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
   not of the functions it calls) is rebound to another tensor, or holds an int, float,
   bool, str or None whose value changed (a loss weight ``beta``);
 - a ``training`` flag changed that the recording ran with: of an ``nn.Module`` (any
-  submodule, ``train()``/``eval()``), or a bool ``training`` attribute of an object of the
+  submodule, ``train()``/``eval()``), or a ``training`` attribute of an object of the
   user's own class (the lecture's hand-written ``BatchNorm1d``: ``layer.training = False``),
   found under such a name, in it or in its items and attributes up to three levels down
   (``layers[1].training``, ``model.layers[3].training``; the bound method's object too);
+- another int, float, bool, str or None attribute of those objects, or a public one (no
+  leading ``_``) of those modules and their submodules, changed (same type and value, a NaN
+  equals a NaN): ``layers[1].eps``, ``s.update`` around a branch, a user Module's
+  ``self.temperature``, torch's ``eps``, ``momentum``, Dropout's ``p``;
 - an attribute of such a user object (not an ``nn.Module``) that held a tensor the loss
   depends on now holds another one (``layers[1].running_mean`` rebound by the lecture's
   ``BatchNorm1d``, or by an update outside the step);
@@ -51,11 +55,12 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
   longer satisfy: that chain then keeps its atomic rules. A chain whose fact is about a
   tensor computed inside the forward is not fused (rows made by ``torch.arange`` aside).
 
-Not guarded: other attributes of objects (``self.beta``, ``cfg.lr``, ``layer.eps``), values
-read by the functions the forward calls (the flags above aside), tensors replaced
+Not guarded: values read by the functions the forward calls (the objects above aside), objects
+deeper than three levels, mutable values (a list attribute changed in place), tensors replaced
 (not updated in place) in an ``nn.Module``'s attributes or deeper than three levels, and
 other Python state. Each input signature keeps versions for its last two states of these
-flags and Python values, so switching between ``train()`` and ``eval()`` records each mode once.
+flags and Python values, so switching between ``train()`` and ``eval()`` (or two values of an
+attribute) records each once.
 
 Tensor values the forward reads into Python (``if h.sum() > 0:``, ``t.item()``, ``int(t)``,
 ``t.tolist()``, ``print(t)``: see :mod:`tensorgraph.reads`) are checked inside the generated
@@ -96,6 +101,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from operator import is_, itemgetter
 from typing import Any, NamedTuple
 
 import torch
@@ -232,16 +238,50 @@ _MISSING = object()
 _ATOMS = (int, float, bool, str, type(None))  # Python values a forward may read and the recording bakes in
 
 
+class _Atoms:
+    """The atom attributes (int, float, bool, str, None) of one of the user's objects or modules, as recorded
+    (``layers[1].eps``, ``layers[1].training``): one C-level look-up of them all per call (``itemgetter``)."""
+
+    __slots__ = ("path", "attrs", "names", "get", "values", "single")
+
+    def __init__(self, path: str, attrs: dict, names: tuple[str, ...]) -> None:
+        self.path, self.attrs, self.names = path, attrs, names
+        self.get = itemgetter(*names)  # one name: its value; several: a tuple of them
+        self.values = self.get(attrs)
+        self.single = len(names) == 1
+
+    def change(self) -> str | None:
+        """What changed, compared as Python code can tell (same type and value, a NaN equals a NaN), or None:
+        then the values are equal ones in new objects, kept so that the next call's check is by identity."""
+        for name, then in zip(self.names, (self.values,) if self.single else self.values):
+            now = self.attrs.get(name, _MISSING)
+            if now is _MISSING:
+                return f"{self.path}.{name} was deleted (the recording ran with {then!r})"
+            if not same_number(now, then):
+                return f"{self.path}.{name} is now {now!r} (the recording ran with {then!r})"
+        self.values = self.get(self.attrs)
+        return None
+
+
+def _atoms(path: str, attrs: dict, *, module: bool = False) -> _Atoms | None:
+    """The guard on the atom attributes of an object's ``__dict__``, or None if it has none. Of a module: its
+    public ones but ``training`` (guarded with the module's mode), not torch's internal ``_`` names."""
+    names = tuple(name for name, value in attrs.items() if type(value) in _ATOMS and isinstance(name, str)
+                  and not (module and (name.startswith("_") or name == "training")))
+    return _Atoms(path, attrs, names) if names else None
+
+
 @dataclass
 class _References:
     """What the forward reads directly from its globals and closure, as recorded: tensors (by identity),
     atoms (int, float, bool, str, None: by value), nn.Modules (their and their submodules' ``training``), and
-    the ``training`` flags of the user's own objects reachable from them (``layers[1].training``)."""
+    the atom attributes of the user's own objects and of modules reachable from them (``layers[1].training``,
+    ``layers[1].eps``, ``model.0.p``)."""
 
     tensors: list[tuple[str, Any, str, Tensor]] = field(default_factory=list)  # (kind, owner, name, tensor)
     atoms: list[tuple[str, Any, str, Any]] = field(default_factory=list)  # (kind, owner, name, value)
     modules: list[tuple[str, list[tuple[str, Any]], tuple[bool, ...]]] = field(default_factory=list)
-    flags: list[tuple[str, dict, bool]] = field(default_factory=list)  # (path, user object's __dict__, .training)
+    objects: list[_Atoms] = field(default_factory=list)  # the atom attributes of objects and modules
     attributes: list[tuple[str, dict, str, Tensor]] = field(default_factory=list)  # (path, __dict__, name, tensor)
     stored: list[str] = field(default_factory=list)  # attributes holding a tensor the forward made: ``layers[0].out``
     loaded: list[tuple[_Place, tuple]] = field(default_factory=list)  # places the step reads and rebinds: (shape ...)
@@ -260,12 +300,15 @@ class _References:
                 now = f"a tensor of shape {tuple(value.shape)}, {value.dtype}" if isinstance(value, Tensor) else \
                     "no tensor"
                 return f"{place.path} now holds {now} (the recording's held shape {tuple(spec[0])}, {spec[1]})"
-        if self.flags:
-            for path, attrs, flag in self.flags:  # the user objects' ``__dict__``s: one look-up each
-                if attrs.get("training", _MISSING) is not flag:
-                    now = attrs.get("training", _MISSING)
-                    now = "was deleted" if now is _MISSING else f"is now {now!r}"
-                    return f"{path}.training {now} (the recording ran with {flag!r})"
+        for atoms in self.objects:  # by identity (atoms are immutable); a new object is compared by value
+            try:
+                now = atoms.get(atoms.attrs)
+            except KeyError:  # an attribute was deleted
+                now = _MISSING
+            if now is not atoms.values and (atoms.single or now is _MISSING or not all(map(is_, now, atoms.values))):
+                why = atoms.change()
+                if why is not None:
+                    return why
         if self.atoms or self.modules:
             return self._changed_python()
         return None
@@ -279,7 +322,7 @@ class _References:
     def _changed_python(self) -> str | None:
         for kind, owner, name, value in self.atoms:
             current = _current(kind, owner, name)
-            if current is not value and (type(current) is not type(value) or current != value):
+            if current is not value and not same_number(current, value):
                 now = "is no longer defined" if current is _MISSING else f"changed from {value!r} to {current!r}"
                 return f"{name!r} {now} (the recording used its value)"
         for name, modules, flags in self.modules:
@@ -1281,13 +1324,14 @@ class _Walk(NamedTuple):
     made: dict[int, Tensor]  # the tensors the forward computed: an attribute holding one is named in a warning
 
 
-_FLAG_DEPTH = 3  # ``model.layers[3].norm``: how far below a name the guard looks for ``training`` flags
+_FLAG_DEPTH = 3  # ``model.layers[3].norm``: how far below a name the guard looks for flags and attributes
 
 
 def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _Walk) -> None:
-    """Watch the ``training`` flags of ``value`` and of the objects in its items and attributes, ``depth``
-    levels down: nn.Modules (all their submodules) and the user's own classes, whose ``training`` is a bool
-    in the object's ``__dict__`` (the lecture's hand-written ``BatchNorm1d``). Walks what naming walks."""
+    """Watch the ``training`` flags and other atom attributes of ``value`` and of the objects in its items and
+    attributes, ``depth`` levels down: nn.Modules (all their submodules) and the user's own classes, whose
+    atoms are in the object's ``__dict__`` (the lecture's hand-written ``BatchNorm1d``: ``training``, ``eps``,
+    ``momentum``). Walks what naming walks."""
     if id(value) in walk.seen or not _WALKABLE[type(value)]:
         return
     walk.seen.add(id(value))
@@ -1305,8 +1349,9 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
             return
         if not isinstance(attrs, dict):
             return
-        if type(attrs.get("training")) is bool:
-            found.flags.append((path, attrs, attrs["training"]))
+        atoms = _atoms(path, attrs)
+        if atoms is not None:
+            found.objects.append(atoms)
         for name, item in attrs.items():
             if isinstance(item, Tensor):
                 if walk.read.get(id(item)) is item:
@@ -1321,8 +1366,14 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
 
 
 def _watch_module(found: _References, name: str, module: torch.nn.Module) -> None:
+    """Watch the ``training`` flags of a module and its submodules, and their public atom attributes (torch's
+    ``eps``, ``momentum``, ``p``; those the user's own subclasses set: ``self.temperature``)."""
     modules = list(module.named_modules())
     found.modules.append((name, modules, tuple(m.training for _, m in modules)))
+    for path, submodule in modules:
+        atoms = _atoms(f"{name}.{path}" if path else name, vars(submodule), module=True)
+        if atoms is not None:
+            found.objects.append(atoms)
 
 
 class _Place(NamedTuple):

@@ -896,6 +896,164 @@ def test_a_tensor_attribute_rebound_between_calls_is_seen():
     assert step.recordings == 2
 
 
+def _call_once(step, *inputs):
+    """One call of the step, and the RecompileWarnings it gave (checked after its results: the old code gave
+    wrong results silently)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = step(*inputs)
+    return result, [str(w.message) for w in caught if w.category is RecompileWarning]
+
+
+def _warned_once(step, warned, message):
+    """``warned`` is one RecompileWarning saying ``message`` (None: no warning at all)."""
+    assert warned == ([f"tg.compile: re-recording {step.__name__}: {message}"] if message else [])
+
+
+def test_guard_on_atom_attributes_of_torch_modules():
+    """``eps`` and ``momentum`` of torch's own modules, changed between calls, change what the step computes
+    (the old code replayed the recording's values: the old eps in the loss, the old momentum in the running
+    statistics)."""
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 4), torch.nn.LayerNorm(4)).double()
+    x, y = r(16, 6, seed=190), torch.tensor([0, 1, 2, 3] * 4)
+
+    def forward(x, y):
+        return F.cross_entropy(model(x), y)
+
+    step = tg.compile(forward, fuse=False)
+    changes = ((None, None), (lambda: setattr(model[4], "eps", 0.5), "model.4.eps is now 0.5 (the recording ran "
+                                                                      "with 1e-05)"),
+               (lambda: setattr(model[1], "momentum", 0.75), "model.1.momentum is now 0.75 (the recording ran "
+                                                             "with 0.1)"),
+               (lambda: setattr(model[1], "momentum", 0.1), None),  # both kept: switching back records nothing
+               (lambda: setattr(model[1], "momentum", 0.75), None),
+               (lambda: setattr(model[1], "momentum", 0.1), None))
+    for change, message in changes:
+        if change is not None:
+            change()
+        reference = copy.deepcopy(model)
+        (loss, grads), warned = _call_once(step, x, y)
+        expected = F.cross_entropy(reference(x), y)
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        for p, g in zip(model.parameters(), torch.autograd.grad(expected, list(reference.parameters()))):
+            torch.testing.assert_close(grads[p], g, **TOL)
+        for buffer, expected_buffer in zip(model.buffers(), reference.buffers()):
+            torch.testing.assert_close(buffer, expected_buffer, **TOL)
+        _warned_once(step, warned, message)
+    assert step.recordings == 3
+
+
+def test_guard_on_a_float_attribute_of_the_user_s_own_module():
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(6, 4).double()
+            self.temperature = 1.0
+
+        def forward(self, x):
+            return self.proj(x) / self.temperature
+
+    torch.manual_seed(8)
+    head = Head()
+    x, y = r(16, 6, seed=191), torch.tensor([0, 1, 2, 3] * 4)
+
+    def forward(x, y):
+        return F.cross_entropy(head(x), y)
+
+    step = tg.compile(forward, fuse=False)
+    for temperature, message in ((1.0, None), (0.5, "head.temperature is now 0.5 (the recording ran with 1.0)"),
+                                 (1.0, None), (0.5, None), (0.5, None)):
+        head.temperature = temperature
+        (loss, grads), warned = _call_once(step, x, y)
+        expected = F.cross_entropy(head(x), y)
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        for p, g in zip(head.parameters(), torch.autograd.grad(expected, list(head.parameters()))):
+            torch.testing.assert_close(grads[p], g, **TOL)
+        _warned_once(step, warned, message)
+    assert step.recordings == 2
+
+
+class _Settings:  # the user's own object: plain Python attributes the forward branches on
+    def __init__(self):
+        self.update = True  # count the batches seen (under no_grad)
+        self.penalty = False  # add a weight penalty to the loss
+        self.activation = "tanh"
+
+
+def _settings_step(s, w1, w2, seen):
+    def loss_of(w1, w2, x, y):
+        h = w1 @ x.T
+        h = torch.tanh(h) if s.activation == "tanh" else torch.relu(h)
+        loss = F.cross_entropy((w2 @ h).T, y)
+        if s.penalty:
+            loss = loss + 0.1 * w1.pow(2).sum()
+        return loss
+
+    def forward(x, y):
+        if s.update:
+            with torch.no_grad():
+                seen.add_(1)
+        return loss_of(w1, w2, x, y)
+
+    return forward, loss_of
+
+
+@pytest.mark.parametrize("attribute, values", [("penalty", (False, True)), ("update", (True, False)),
+                                               ("activation", ("tanh", "relu"))])
+def test_guard_on_bool_and_str_attributes_of_the_user_s_own_object(attribute, values):
+    """``if s.penalty:`` (a branch in the loss), ``if s.update:`` (around a no_grad update) and a str mode
+    (``s.activation``): flipped between calls, the step does what the forward now says, as plain torch does."""
+    s, w1, w2, seen = _Settings(), r(8, 6, seed=192), r(4, 8, seed=193), torch.zeros((), dtype=D)
+    x, y = r(16, 6, seed=194), torch.tensor([0, 1, 2, 3] * 4)
+    forward, loss_of = _settings_step(s, w1, w2, seen)
+    step = tg.compile(forward, fuse=False)
+    first, second = values
+    expected_seen = 0
+    for value, message in ((first, None),
+                           (second, f"s.{attribute} is now {second!r} (the recording ran with {first!r})"),
+                           (second, None), (first, None), (second, None), (first, None)):
+        setattr(s, attribute, value)
+        (loss, grads), warned = _call_once(step, x, y)
+        expected_seen += s.update
+        leaves = [w1.clone().requires_grad_(), w2.clone().requires_grad_()]
+        expected = loss_of(*leaves, x, y)
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        for w, g in zip((w1, w2), torch.autograd.grad(expected, leaves)):
+            torch.testing.assert_close(grads[w], g, **TOL)
+        assert seen.item() == expected_seen
+        _warned_once(step, warned, message)
+    assert step.recordings == 2
+
+
+def test_attribute_guard_compares_as_python_code_can_tell():
+    """A NaN equals a NaN (a new NaN object records nothing), an equal value in a new object records nothing,
+    a number of another type does (``1`` for ``1.0`` makes ``torch.full`` build an int64 tensor, exact where
+    float32 rounds), and so does a deleted attribute."""
+    s, w, x = _Settings(), r(4, seed=195), r(4, seed=196)
+    s.scale, s.offset = float("nan"), 1.0
+
+    def forward(x, w=w):
+        if s.scale != s.scale:  # a NaN: no scale
+            return (x * w).sum() * (torch.full((), s.offset) + 2 ** 24).to(D).sub(2 ** 24 - 1)
+        return (x * w).sum() * s.scale
+
+    step = tg.compile(forward, fuse=False)
+    for change, message in ((None, None),
+                            (lambda: setattr(s, "scale", float("nan")), None),
+                            (lambda: setattr(s, "offset", float(int("1"))), None),  # an equal float, a new object
+                            (lambda: setattr(s, "offset", 1), "s.offset is now 1 (the recording ran with 1.0)"),
+                            (lambda: delattr(s, "penalty"), "s.penalty was deleted (the recording ran with False)")):
+        if change is not None:
+            change()
+        (loss, grads), warned = _call_once(step, x)
+        torch.testing.assert_close(loss, forward(x), **TOL)
+        torch.testing.assert_close(grads[w], _torch_grad(lambda w: forward(x, w), w), **TOL)
+        _warned_once(step, warned, message)
+    assert step.recordings == 3
+
+
 # ---------------------------------------------------------------- work the forward does under torch.no_grad()
 
 
