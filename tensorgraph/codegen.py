@@ -354,8 +354,21 @@ class _Generator:
         data = self.adj[node]
         if data["op"] == "sum_to_size" and not data["kwargs"]:
             return self._sum_to_size(node)
-        return printer.call(data["func"], data["args"], data["kwargs"], self._expr,
-                            output_index=data["output_index"])
+        index = data["output_index"]
+        if index is not None and data["args"] and self.outputs_read[id(data["args"])] > 1:
+            return Expr(f"{self._whole_call(node)}[{index}]", PRIMARY)
+        return printer.call(data["func"], data["args"], data["kwargs"], self._expr, output_index=index)
+
+    def _whole_call(self, node: int) -> str:
+        """A call returning several tensors the code reads (a backward kernel's dx and dw): made once, in a
+        variable its outputs are read from."""
+        data = self.adj[node]
+        key = id(data["args"])
+        if key not in self.whole_calls:
+            code = printer.call(data["func"], data["args"], data["kwargs"], self._expr).text
+            self.whole_calls[key] = name = self._temp_name()
+            self.lines.append(Line(f"{name} = {code}"))
+        return self.whole_calls[key]
 
     def _temp(self, node: int) -> str:
         """Give a node a variable of its own (used more than once, or an in-place update)."""
@@ -452,6 +465,10 @@ class _Generator:
         self.uses: Counter[int] = Counter()
         for node in needed:
             self.uses.update(self.adj[node]["inputs"])
+        # (a call's outputs share its recorded arguments)
+        self.outputs_read = Counter(id(self.adj[node]["args"]) for node in needed
+                                    if self.adj[node]["output_index"] is not None and self.adj[node]["args"])
+        self.whole_calls: dict[int, str] = {}
 
     def _adjoint(self, tensor: Tensor, what: str) -> int:
         node = self.trace.node_of(tensor)

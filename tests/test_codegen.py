@@ -192,3 +192,18 @@ def test_a_rule_reads_its_own_gradient_by_name_after_an_add_passed_it_on():
     ((leaves[0] * leaves[1] + leaves[2]) * leaves[3]).backward()
     for name, leaf in zip("abcf", leaves):
         torch.testing.assert_close(namespace["d" + name], leaf.grad, rtol=0, atol=0)
+
+
+def test_a_backward_kernel_returning_several_gradients_is_called_once():
+    """grid_sampler_2d_backward gives dimg and dgrid, layer norm's kernel dx, dweight and dbias: one call each,
+    its outputs read from a variable (the code called the kernel again for every output)."""
+    generator = torch.Generator().manual_seed(0)
+    img, theta = (torch.randn(*shape, dtype=torch.float64, generator=generator) for shape in [(1, 2, 4, 4), (1, 2, 3)])
+    ln = torch.nn.LayerNorm(4).double()
+    with tg.record() as graph:
+        grid = F.affine_grid(theta, [1, 2, 4, 4], align_corners=False)
+        out = ln(F.grid_sample(img, grid, align_corners=False))
+        loss = (out * out.flip(-1)).sum()
+    generated, _ = _run_and_compare(graph, loss)
+    text = generated.text()
+    assert text.count("grid_sampler_2d_backward(") == 1 and text.count("native_layer_norm_backward(") == 1, text
