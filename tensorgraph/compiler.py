@@ -1302,9 +1302,8 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
     Attributes holding a tensor of ``made`` (computed by the forward: ``layers[0].out``) are listed in ``stored``."""
     found = _References()
     walk = _Walk(set(), read, made)
-    for owner in (getattr(forward, "__self__", None), forward):
-        if owner is not None and _WALKABLE[type(owner)]:
-            _watch_flags(found, "self" if owner is not forward else type(owner).__name__, owner, _FLAG_DEPTH, walk)
+    for path, owner in _owners(forward):
+        _watch_flags(found, path, owner, _FLAG_DEPTH, walk)
     for kind, owner, name, value in _read_directly(forward):
         if isinstance(value, Tensor):
             if id(value) in leaves:
@@ -1314,6 +1313,14 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
         elif _WALKABLE[type(value)]:
             _watch_flags(found, name, value, _FLAG_DEPTH, walk)
     return found
+
+
+def _owners(forward: Callable[..., Any]) -> Iterator[tuple[str, Any]]:
+    """The objects a forward is part of, as the guards name them: a bound method's ``self``, and the forward
+    itself when it is an object (an nn.Module, a callable instance)."""
+    for owner in (getattr(forward, "__self__", None), forward):
+        if owner is not None and _WALKABLE[type(owner)]:
+            yield ("self" if owner is not forward else type(owner).__name__), owner
 
 
 class _Walk(NamedTuple):
@@ -1332,11 +1339,30 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
     attributes, ``depth`` levels down: nn.Modules (all their submodules) and the user's own classes, whose
     atoms are in the object's ``__dict__`` (the lecture's hand-written ``BatchNorm1d``: ``training``, ``eps``,
     ``momentum``). Walks what naming walks."""
-    if id(value) in walk.seen or not _WALKABLE[type(value)]:
+    for object_path, obj, attrs in _objects_within_reach(path, value, depth, walk.seen):
+        if attrs is None:
+            _watch_module(found, object_path, obj)
+            continue
+        atoms = _atoms(object_path, attrs)
+        if atoms is not None:
+            found.objects.append(atoms)
+        for name, item in attrs.items():
+            if isinstance(item, Tensor):
+                if walk.read.get(id(item)) is item:
+                    found.attributes.append((object_path, attrs, name, item))
+                elif walk.made.get(id(item)) is item:
+                    found.stored.append(f"{object_path}.{name}")
+
+
+def _objects_within_reach(path: str, value: Any, depth: int, seen: set[int]) -> Iterator[tuple[str, Any, dict | None]]:
+    """``value`` and the objects in its items and attributes, ``depth`` levels down, each once, as
+    ``(path, object, its __dict__)``: the user's own objects with their attributes, an nn.Module with None (its
+    submodules are its own), lists, tuples and dicts only walked through."""
+    if id(value) in seen or not _WALKABLE[type(value)]:
         return
-    walk.seen.add(id(value))
+    seen.add(id(value))
     if isinstance(value, torch.nn.Module):
-        _watch_module(found, path, value)
+        yield path, value, None
         return
     if isinstance(value, (list, tuple)):
         items = [(f"{path}[{i}]", item) for i, item in enumerate(value)] if len(value) <= _MAX_ITEMS else []
@@ -1349,20 +1375,12 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
             return
         if not isinstance(attrs, dict):
             return
-        atoms = _atoms(path, attrs)
-        if atoms is not None:
-            found.objects.append(atoms)
-        for name, item in attrs.items():
-            if isinstance(item, Tensor):
-                if walk.read.get(id(item)) is item:
-                    found.attributes.append((path, attrs, name, item))
-                elif walk.made.get(id(item)) is item:
-                    found.stored.append(f"{path}.{name}")
+        yield path, value, attrs
         items = [(f"{path}.{name}", item) for name, item in attrs.items() if not name.startswith("_")]
     if depth > 0:
         for item_path, item in items:
             if not isinstance(item, Tensor) and type(item) not in _ATOMS:
-                _watch_flags(found, item_path, item, depth - 1, walk)
+                yield from _objects_within_reach(item_path, item, depth - 1, seen)
 
 
 def _watch_module(found: _References, name: str, module: torch.nn.Module) -> None:
@@ -1408,9 +1426,8 @@ def _tensor_places(forward: Callable[..., Any]) -> dict[tuple[int, str], tuple[_
             if isinstance(value, Tensor):
                 found[(id(globals_), name)] = (_Place(name, "global", globals_, name), value)
     seen: set[int] = set()
-    for owner in (getattr(forward, "__self__", None), forward):
-        if owner is not None and _WALKABLE[type(owner)]:
-            _walk_places(found, "self" if owner is not forward else type(owner).__name__, owner, _FLAG_DEPTH, seen)
+    for path, owner in _owners(forward):
+        _walk_places(found, path, owner, _FLAG_DEPTH, seen)
     for kind, owner, name, value in _read_directly(forward):
         if kind == "cell" and isinstance(value, Tensor):
             found[(id(owner), name)] = (_Place(name, "cell", owner, name), value)
@@ -1422,31 +1439,13 @@ def _tensor_places(forward: Callable[..., Any]) -> dict[tuple[int, str], tuple[_
 def _walk_places(found: dict, path: str, value: Any, depth: int, seen: set[int]) -> None:
     """The tensor attributes of ``value`` and of the objects in its items and attributes, ``depth`` levels down
     (the user's own objects; of an nn.Module, its buffers)."""
-    if id(value) in seen or not _WALKABLE[type(value)]:
-        return
-    seen.add(id(value))
-    if isinstance(value, torch.nn.Module):
-        _buffer_places(found, path, value)
-        return
-    if isinstance(value, (list, tuple)):
-        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)] if len(value) <= _MAX_ITEMS else []
-    elif isinstance(value, dict):
-        items = [(f"{path}[{key!r}]", item) for key, item in value.items()] if len(value) <= _MAX_ITEMS else []
-    else:
-        try:
-            attrs = vars(value)
-        except Exception:  # noqa: BLE001 - a user class's __getattr__ may raise anything
-            return
-        if not isinstance(attrs, dict):
-            return
+    for object_path, obj, attrs in _objects_within_reach(path, value, depth, seen):
+        if attrs is None:
+            _buffer_places(found, object_path, obj)
+            continue
         for name, item in attrs.items():
             if isinstance(item, Tensor) and isinstance(name, str) and name.isidentifier():
-                found[(id(value), name)] = (_Place(f"{path}.{name}", "attr", value, name), item)
-        items = [(f"{path}.{name}", item) for name, item in attrs.items() if not name.startswith("_")]
-    if depth > 0:
-        for item_path, item in items:
-            if not isinstance(item, Tensor) and type(item) not in _ATOMS:
-                _walk_places(found, item_path, item, depth - 1, seen)
+                found[(id(obj), name)] = (_Place(f"{object_path}.{name}", "attr", obj, name), item)
 
 
 def _buffer_places(found: dict, path: str, module: torch.nn.Module) -> None:
