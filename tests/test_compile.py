@@ -1298,13 +1298,7 @@ def test_globals_rebound_under_no_grad_are_replayed():
                   r(27, seed=174) * 0.1, 1 + 0.1 * r(12, seed=175), 0.1 * r(12, seed=176)]
         forward = _part4_forward(params)
         step = _compiled([])(forward, params) if compiled else _with_torch(forward, params)
-        for i in range(8):
-            Xb, Yb = _part3_data(32, seed=180 + i)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                _, grads = step(Xb, Yb)
-            for p, grad in zip(params, grads):
-                p.data -= 0.1 * grad
+        _sgd(step, params, (_part3_data(32, seed=180 + i) for i in range(8)), 0.1)
         results.append([_bnmean_running, _bnstd_running, *params])
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, **TOL)
@@ -1330,6 +1324,19 @@ def _centred_loss(layer, w):
     return forward
 
 
+def _sgd(step, params, batches, lr):
+    """SGD steps of ``step`` over ``batches``, any warning an error (nothing re-recorded or left unreplayed);
+    the last loss."""
+    loss = None
+    for Xb, Yb in batches:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss, grads = step(Xb, Yb)
+        for p, grad in zip(params, grads):
+            p.data -= lr * grad
+    return loss
+
+
 def test_a_rebound_place_the_loss_reads_is_read_anew_at_each_call():
     """The loss reads ``layer.running_mean`` before the forward rebinds it under no_grad: each compiled call
     reads the tensor the previous call stored (it kept the first call's tensor), as plain torch does."""
@@ -1339,13 +1346,7 @@ def test_a_rebound_place_the_loss_reads_is_read_anew_at_each_call():
         params = [w, layer.gain]
         forward = _centred_loss(layer, w)
         step = _compiled([])(forward, params) if compiled else _with_torch(forward, params)
-        for i in range(5):
-            Xb, Yb = r(8, 3, seed=187 + i), r(8, 4, seed=193 + i)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                loss, grads = step(Xb, Yb)
-            for p, grad in zip(params, grads):
-                p.data -= 0.01 * grad
+        loss = _sgd(step, params, ((r(8, 3, seed=187 + i), r(8, 4, seed=193 + i)) for i in range(5)), 0.01)
         results.append([loss, layer.running_mean, *params])
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, **TOL)
@@ -1411,13 +1412,7 @@ def test_a_module_buffer_rebound_under_no_grad_is_replayed():
         params = list(model.parameters())
         forward = _model_loss(model)
         step = _compiled([])(forward, params) if compiled else _with_torch(forward, params)
-        for i in range(4):
-            Xb, Yb = r(8, 3, seed=211 + i), r(8, 4, seed=215 + i)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                loss, grads = step(Xb, Yb)
-            for p, grad in zip(params, grads):
-                p.data -= 0.01 * grad
+        loss = _sgd(step, params, ((r(8, 3, seed=211 + i), r(8, 4, seed=215 + i)) for i in range(4)), 0.01)
         results.append([loss, model[1].running_mean, *params])
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, **TOL)
