@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .graph import Graph, Ref, refs_in
 from .printer import op_path
+from .rules import _inverse
 
 FORMAT = "tensorgraph-graph"
 VERSION = 1
@@ -170,15 +171,13 @@ def _layout(value: Tensor) -> list[int] | None:
     if value.dim() < 2 or value.is_contiguous():
         return None
     order = sorted(range(value.dim()), key=lambda d: (-value.stride(d), d))
-    rebuilt = value.permute(order).contiguous().permute(_inverse(order))
+    rebuilt = _laid_out(value, order)
     return order if rebuilt.stride() == value.stride() else None  # (expanded or overlapping: saved row-major)
 
 
-def _inverse(order: list[int]) -> list[int]:
-    inverse = [0] * len(order)
-    for position, dim in enumerate(order):
-        inverse[dim] = position
-    return inverse
+def _laid_out(value: Tensor, order: list[int]) -> Tensor:
+    """``value`` in new memory holding its dims outermost to innermost in ``order``."""
+    return value.permute(order).contiguous().permute(_inverse(order))
 
 
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -540,7 +539,7 @@ def _with_layout(where: str, value: Tensor, layout: Any) -> Tensor:
     if not (isinstance(layout, list) and sorted(layout) == list(range(value.dim()))
             and all(isinstance(d, int) and not isinstance(d, bool) for d in layout)):
         raise ValueError(f"{where}: layout must be an order of the value's {value.dim()} dims, got {layout!r}")
-    return value.permute(layout).contiguous().permute(_inverse(layout))
+    return _laid_out(value, layout)
 
 
 def _check_edges(path: Path, graph: Graph, raw: nx.MultiDiGraph) -> None:
