@@ -536,8 +536,8 @@ def _with_layout(where: str, value: Tensor, layout: Any) -> Tensor:
     """The value with its dims laid out in memory in the saved order (a permutation of its dims)."""
     if layout is None:
         return value
-    if not (isinstance(layout, list) and sorted(layout) == list(range(value.dim()))
-            and all(isinstance(d, int) and not isinstance(d, bool) for d in layout)):
+    if not (isinstance(layout, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in layout)
+            and sorted(layout) == list(range(value.dim()))):  # (types first: sorted() of [0, "a"] raises)
         raise ValueError(f"{where}: layout must be an order of the value's {value.dim()} dims, got {layout!r}")
     return _laid_out(value, layout)
 

@@ -312,7 +312,7 @@ def test_malformed_json_files_name_the_file_and_the_problem(tmp_path):
 
 def test_malformed_values_and_graphml(tmp_path):
     path, data = _saved(tmp_path, values=True)
-    for layout in ([0], [1, 1], [0, 1, 2], "10", [True, False]):
+    for layout in ([0], [1, 1], [0, 1, 2], "10", [True, False], [0, "a"], [None, 1]):
         edited = json.loads(json.dumps(data))
         edited["nodes"][3].update(value=[[1.0, 2.0], [3.0, 4.0]], shape=[2, 2], layout=layout)
         with pytest.raises(ValueError, match=r"g\.json: node 3: layout must be an order of the value's 2 dims"):
