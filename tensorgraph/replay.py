@@ -769,9 +769,11 @@ class Session:
         # NOTE: this runs for every op of a repeated recording: checks are flat, cheapest and likeliest first;
         # nothing changes unless the call matches
         try:
-            if (args and result is args[0]) or (id(result) in self.live and (any(a is result for a in args) or any(
-                    v is result for v in kwargs.values()))):
-                return False  # an input returned as is (t.flatten(0, 0)): the recorder's alias path, no event
+            for arg in args:  # an input returned as is (t.flatten(0, 0), x.float()): the recorder's alias path,
+                if arg is result:  # no event, whether or not the graph has met the input yet
+                    return False
+            if kwargs and any(v is result for v in kwargs.values()):
+                return False
             event = self.event
             nodes = self.nodes
             # (x.T makes a new method-wrapper at each call: equal, not identical)
