@@ -2444,13 +2444,17 @@ def _sizes(v: Any, dims: int) -> list[int]:
     return list(v) if isinstance(v, (tuple, list)) else [v] * dims
 
 
+def _max_pool_args(dims: int, kernel_size: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: bool) -> tuple:
+    """A max pooling's arguments as its aten kernels take them (no stride: the kernel's size)."""
+    stride = stride if stride not in (None, []) else kernel_size
+    return _sizes(kernel_size, dims), _sizes(stride, dims), _sizes(padding, dims), _sizes(dilation, dims), ceil_mode
+
+
 def _max_pool(dims: int, forward: Any, backward: Any) -> Callable[..., Tensor]:
     """The rule of max_pool2d/3d: torch's backward kernel, with the indices its forward picks."""
     def rule(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
              return_indices=False) -> Tensor:
-        stride = stride if stride not in (None, []) else kernel_size
-        args = (_sizes(kernel_size, dims), _sizes(stride, dims), _sizes(padding, dims), _sizes(dilation, dims),
-                ceil_mode)
+        args = _max_pool_args(dims, kernel_size, stride, padding, dilation, ceil_mode)
         _, indices = forward(x, *args)
         return backward(g, x, *args, indices)
     return rule
@@ -2479,17 +2483,22 @@ def _single(v: Any) -> int:
 
 
 # the 1-d poolings are torch's 2-d ones on x.unsqueeze(-2), with a kernel of height 1
+def _row_sizes(kernel_size: Any, stride: Any, padding: Any, dilation: Any = 1) -> tuple[list[int], ...]:
+    """A 1-d pooling's kernel size, stride, padding and dilation as the 2-d pooling's over a row."""
+    stride = kernel_size if stride in (None, []) else stride
+    return [1, _single(kernel_size)], [1, _single(stride)], [0, _single(padding)], [1, _single(dilation)]
+
+
 def max_pool1d(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                return_indices=False) -> Tensor:
-    stride = kernel_size if stride in (None, []) else stride
-    return max_pool2d(g.unsqueeze(-2), None, x.unsqueeze(-2), [1, _single(kernel_size)], [1, _single(stride)],
-                      [0, _single(padding)], [1, _single(dilation)], ceil_mode).squeeze(-2)
+    sizes = _row_sizes(kernel_size, stride, padding, dilation)
+    return max_pool2d(g.unsqueeze(-2), None, x.unsqueeze(-2), *sizes, ceil_mode).squeeze(-2)
 
 
 def avg_pool1d(g, out, x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True) -> Tensor:
-    stride = kernel_size if stride in (None, []) else stride
-    return avg_pool2d(g.unsqueeze(-2), None, x.unsqueeze(-2), [1, _single(kernel_size)], [1, _single(stride)],
-                      [0, _single(padding)], ceil_mode, count_include_pad).squeeze(-2)
+    kernel, stride, padding, _ = _row_sizes(kernel_size, stride, padding)
+    return avg_pool2d(g.unsqueeze(-2), None, x.unsqueeze(-2), kernel, stride, padding, ceil_mode,
+                      count_include_pad).squeeze(-2)
 
 
 def adaptive_max_pool2d(g: Tensor, out: Tensor, x: Tensor, output_size: Any, return_indices: bool = False) -> Tensor:
@@ -2514,10 +2523,11 @@ def _max_pool_with_indices(backward: Any, dims: int) -> Callable[..., Tensor | N
              output_index: int = 0) -> Tensor | None:
         if output_index != 0:
             return None
-        stride = stride if stride not in (None, []) else kernel_size
-        return backward(g, x, _sizes(kernel_size, dims), _sizes(stride, dims), _sizes(padding, dims),
-                        _sizes(dilation, dims), ceil_mode, out[1])
+        return backward(g, x, *_max_pool_args(dims, kernel_size, stride, padding, dilation, ceil_mode), out[1])
     return rule
+
+
+max_pool2d_with_indices = _max_pool_with_indices(aten.max_pool2d_with_indices_backward, 2)
 
 
 def max_pool1d_with_indices(g, out, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
@@ -2525,10 +2535,9 @@ def max_pool1d_with_indices(g, out, x, kernel_size, stride=None, padding=0, dila
     """The 2-d kernel on x.unsqueeze(-2): a length-L row's flat indices are its 1-d ones."""
     if output_index != 0:
         return None
-    stride = kernel_size if stride in (None, []) else stride
-    return aten.max_pool2d_with_indices_backward(
-        g.unsqueeze(-2), x.unsqueeze(-2), [1, _single(kernel_size)], [1, _single(stride)], [0, _single(padding)],
-        [1, _single(dilation)], ceil_mode, out[1].unsqueeze(-2)).squeeze(-2)
+    sizes = _row_sizes(kernel_size, stride, padding, dilation)
+    return max_pool2d_with_indices(g.unsqueeze(-2), (None, out[1].unsqueeze(-2)), x.unsqueeze(-2), *sizes,
+                                   ceil_mode).squeeze(-2)
 
 
 def _adaptive_max_pool_with_indices(spatial: int) -> Callable[..., Tensor | None]:
@@ -2544,7 +2553,7 @@ def _adaptive_max_pool_with_indices(spatial: int) -> Callable[..., Tensor | None
 
 
 defop("max_pool1d_with_indices", max_pool1d_with_indices, multi=True)
-defop("max_pool2d_with_indices", _max_pool_with_indices(aten.max_pool2d_with_indices_backward, 2), multi=True)
+defop("max_pool2d_with_indices", max_pool2d_with_indices, multi=True)
 defop("max_pool3d_with_indices", _max_pool_with_indices(aten.max_pool3d_with_indices_backward, 3), multi=True)
 defop("adaptive_max_pool1d_with_indices", _adaptive_max_pool_with_indices(1), multi=True)
 defop("adaptive_max_pool2d_with_indices", _adaptive_max_pool_with_indices(2), multi=True)
