@@ -238,9 +238,11 @@ _MISSING = object()
 _ATOMS = (int, float, bool, str, type(None))  # Python values a forward may read and the recording bakes in
 
 
-class _Atoms:
-    """The atom attributes (int, float, bool, str, None) of one of the user's objects or modules, as recorded
-    (``layers[1].eps``, ``layers[1].training``): one C-level look-up of them all per call (``itemgetter``)."""
+class _Attributes:
+    """The public attributes of one of the user's objects or modules, as recorded, but tensors (guarded by
+    :attr:`_References.attributes` when the loss reads them): atoms (int, float, bool, str, None) by value,
+    anything else by identity (``layers[1].eps``, ``layers[1].training``, ``model.act``, ``net.layers``). One
+    C-level look-up of them all per call (``itemgetter``), compared by identity."""
 
     __slots__ = ("path", "attrs", "names", "get", "values", "single")
 
@@ -250,38 +252,125 @@ class _Atoms:
         self.values = self.get(attrs)
         self.single = len(names) == 1
 
+    def same(self) -> bool:
+        """Whether every attribute still holds the very object it held (the check made on every call)."""
+        try:
+            now = self.get(self.attrs)
+        except KeyError:  # an attribute was deleted
+            return False
+        return now is self.values or (not self.single and all(map(is_, now, self.values)))
+
     def change(self) -> str | None:
-        """What changed, compared as Python code can tell (same type and value, a NaN equals a NaN), or None:
-        then the values are equal ones in new objects, kept so that the next call's check is by identity."""
+        """What changed (an atom compared as Python code can tell: same type and value, a NaN equals a NaN), or
+        None: then the values are equal atoms in new objects, kept so that the next call's check is by identity."""
         for name, then in zip(self.names, (self.values,) if self.single else self.values):
-            now = self.attrs.get(name, _MISSING)
-            if now is _MISSING:
-                return f"{self.path}.{name} was deleted (the recording ran with {then!r})"
-            if not same_number(now, then):
-                return f"{self.path}.{name} is now {now!r} (the recording ran with {then!r})"
+            why = _replaced(f"{self.path}.{name}", then, self.attrs.get(name, _MISSING))
+            if why is not None:
+                return why
         self.values = self.get(self.attrs)
         return None
 
 
-def _atoms(path: str, attrs: dict, *, module: bool = False) -> _Atoms | None:
-    """The guard on the atom attributes of an object's ``__dict__``, or None if it has none. Of a module: its
-    public ones but ``training`` (guarded with the module's mode), not torch's internal ``_`` names."""
-    names = tuple(name for name, value in attrs.items() if type(value) in _ATOMS and isinstance(name, str)
+def _attributes(path: str, attrs: dict, *, module: bool = False) -> _Attributes | None:
+    """The guard on the public attributes of an object's ``__dict__`` but tensors, or None if it has none. Of a
+    module: not ``training`` (guarded with the module's mode) nor torch's internal ``_`` names (its submodules and
+    parameters are guarded as :class:`_Contents`)."""
+    names = tuple(name for name, value in attrs.items() if isinstance(name, str) and not isinstance(value, Tensor)
                   and not (module and (name.startswith("_") or name == "training")))
-    return _Atoms(path, attrs, names) if names else None
+    return _Attributes(path, attrs, names) if names else None
+
+
+def _replaced(path: str, then: Any, now: Any, read: Mapping[int, Tensor] | None = None) -> str | None:
+    """Why ``now`` in place of ``then`` (what the recording found at ``path``) makes the recording wrong, or None
+    for an equal atom (a number is compared as Python code can tell) or, given ``read``, a tensor the loss did
+    not read."""
+    if now is then:
+        return None
+    if now is _MISSING:
+        return f"{path} was deleted (the recording ran with {_shown(then)})"
+    if type(then) in _ATOMS:
+        return None if same_number(now, then) else f"{path} is now {_shown(now)} (the recording ran with {then!r})"
+    if isinstance(then, Tensor):
+        if read is not None and read.get(id(then)) is not then:
+            return None
+        return f"{path} now refers to a different tensor"
+    return f"{path} now refers to a different object ({_shown(now)})"
+
+
+def _shown(value: Any) -> str:
+    """A value as a guard's message shows it: an atom as its repr, anything else by its type."""
+    if type(value) in _ATOMS:
+        return repr(value)
+    if isinstance(value, Tensor):
+        return "a tensor"
+    if callable(value) and isinstance(getattr(value, "__name__", None), str) and not isinstance(value, torch.nn.Module):
+        return value.__name__  # a function, a class
+    return f"a {type(value).__name__}"
+
+
+class _Contents:
+    """The items of a list or dict the forward reaches (``layers``, ``cfg``, a module's submodules or
+    parameters), as recorded: checked by identity on every call. A replaced item is compared by
+    :func:`_replaced` (an equal atom, or a tensor the loss did not read, is accepted); another length, or other
+    keys or another order of them (a loop over them would run differently), is a change."""
+
+    __slots__ = ("path", "container", "form", "read", "keys", "items")
+
+    def __init__(self, path: str, container: list | dict, read: Mapping[int, Tensor], form: str = "[{!r}]") -> None:
+        self.path, self.container, self.form, self.read = path, container, form, read
+        self.keys, self.items = self._now()
+
+    def _now(self) -> tuple[tuple | None, tuple]:
+        container = self.container
+        if isinstance(container, dict):
+            return tuple(container), tuple(container.values())
+        return None, tuple(container)
+
+    def same(self) -> bool:
+        """Whether it holds the very same items (and keys), in the same order (the check made on every call)."""
+        container = self.container
+        if len(container) != len(self.items):
+            return False
+        if self.keys is None:
+            return all(map(is_, container, self.items))
+        return all(map(is_, container.values(), self.items)) and all(map(is_, container, self.keys))
+
+    def change(self) -> str | None:
+        """What changed, or None (equal atoms, or tensors the loss did not read, in new objects: kept)."""
+        keys, items = self._now()
+        if keys is None and len(items) != len(self.items):
+            return f"{self.path} now has {len(items)} items (the recording's had {len(self.items)})"
+        if keys is not None and keys != self.keys:
+            added = [key for key in keys if key not in self.keys]
+            gone = [key for key in self.keys if key not in keys]
+            if gone:
+                return f"{self.path}{self.form.format(gone[0])} was deleted"
+            if added:
+                return f"{self.path}{self.form.format(added[0])} was added"
+            return f"the keys of {self.path} are in another order (the recording's: {list(self.keys)})"
+        for key, then, now in zip(keys if keys is not None else range(len(items)), self.items, items):
+            why = _replaced(f"{self.path}{self.form.format(key)}", then, now, self.read)
+            if why is not None:
+                return why
+        self.keys, self.items = keys, items
+        return None
 
 
 @dataclass
 class _References:
     """What the forward reads directly from its globals and closure, as recorded: tensors (by identity),
-    atoms (int, float, bool, str, None: by value), nn.Modules (their and their submodules' ``training``), and
-    the atom attributes of the user's own objects and of modules reachable from them (``layers[1].training``,
-    ``layers[1].eps``, ``model.0.p``)."""
+    atoms (int, float, bool, str, None: by value), anything else by identity (a function, a module, a list of
+    layers), nn.Modules (their and their submodules' ``training``, submodules and parameters), the attributes of
+    the user's own objects and of modules reachable from them (``layers[1].training``, ``layers[1].eps``,
+    ``model.0.p``, ``model.act``), and the items of the lists and dicts among them (``layers[2]``,
+    ``cfg['scale']``)."""
 
     tensors: list[tuple[str, Any, str, Tensor]] = field(default_factory=list)  # (kind, owner, name, tensor)
     atoms: list[tuple[str, Any, str, Any]] = field(default_factory=list)  # (kind, owner, name, value)
+    bindings: list[tuple[str, Any, str, Any]] = field(default_factory=list)  # (kind, owner, name, object)
     modules: list[tuple[str, list[tuple[str, Any]], tuple[bool, ...]]] = field(default_factory=list)
-    objects: list[_Atoms] = field(default_factory=list)  # the atom attributes of objects and modules
+    objects: list[_Attributes] = field(default_factory=list)  # the attributes of objects and modules
+    contents: list[_Contents] = field(default_factory=list)  # lists, dicts, modules' submodules and parameters
     attributes: list[tuple[str, dict, str, Tensor]] = field(default_factory=list)  # (path, __dict__, name, tensor)
     stored: list[str] = field(default_factory=list)  # attributes holding a tensor the forward made: ``layers[0].out``
     loaded: list[tuple[_Place, tuple]] = field(default_factory=list)  # places the step reads and rebinds: (shape ...)
@@ -300,16 +389,17 @@ class _References:
                 now = f"a tensor of shape {tuple(value.shape)}, {value.dtype}" if isinstance(value, Tensor) else \
                     "no tensor"
                 return f"{place.path} now holds {now} (the recording's held shape {tuple(spec[0])}, {spec[1]})"
-        for atoms in self.objects:  # by identity (atoms are immutable); a new object is compared by value
-            try:
-                now = atoms.get(atoms.attrs)
-            except KeyError:  # an attribute was deleted
-                now = _MISSING
-            if now is not atoms.values and (atoms.single or now is _MISSING or not all(map(is_, now, atoms.values))):
-                why = atoms.change()
+        for guard in self.objects:  # by identity; a new object is compared by value when it is an atom
+            if not guard.same():
+                why = guard.change()
                 if why is not None:
                     return why
-        if self.atoms or self.modules:
+        for guard in self.contents:
+            if not guard.same():
+                why = guard.change()
+                if why is not None:
+                    return why
+        if self.atoms or self.modules or self.bindings:
             return self._changed_python()
         return None
 
@@ -320,6 +410,10 @@ class _References:
             any(attrs.get(name) is not tensor for _, attrs, name, tensor in self.attributes)
 
     def _changed_python(self) -> str | None:
+        for kind, owner, name, value in self.bindings:
+            current = _current(kind, owner, name)
+            if current is not value:
+                return _replaced(repr(name), value, current) or f"{name!r} now refers to a different object"
         for kind, owner, name, value in self.atoms:
             current = _current(kind, owner, name)
             if current is not value and not same_number(current, value):
@@ -1310,8 +1404,10 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
                 found.tensors.append((kind, owner, name, value))
         elif type(value) in _ATOMS:
             found.atoms.append((kind, owner, name, value))
-        elif _WALKABLE[type(value)]:
-            _watch_flags(found, name, value, _FLAG_DEPTH, walk)
+        else:
+            found.bindings.append((kind, owner, name, value))
+            if _WALKABLE[type(value)]:
+                _watch_flags(found, name, value, _FLAG_DEPTH, walk)
     return found
 
 
@@ -1339,35 +1435,44 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
     attributes, ``depth`` levels down: nn.Modules (all their submodules) and the user's own classes, whose
     atoms are in the object's ``__dict__`` (the lecture's hand-written ``BatchNorm1d``: ``training``, ``eps``,
     ``momentum``). Walks what naming walks."""
-    for object_path, obj, attrs in _objects_within_reach(path, value, depth, walk.seen):
+    containers: list[tuple[str, list | dict]] = []
+    for object_path, obj, attrs in _objects_within_reach(path, value, depth, walk.seen, containers):
         if attrs is None:
-            _watch_module(found, object_path, obj)
+            _watch_module(found, object_path, obj, walk.read)
             continue
-        atoms = _atoms(object_path, attrs)
-        if atoms is not None:
-            found.objects.append(atoms)
+        guard = _attributes(object_path, attrs)
+        if guard is not None:
+            found.objects.append(guard)
         for name, item in attrs.items():
             if isinstance(item, Tensor):
                 if walk.read.get(id(item)) is item:
                     found.attributes.append((object_path, attrs, name, item))
                 elif walk.made.get(id(item)) is item:
                     found.stored.append(f"{object_path}.{name}")
+    found.contents.extend(_Contents(container_path, container, walk.read) for container_path, container in containers
+                          if isinstance(container, (list, dict)))
 
 
-def _objects_within_reach(path: str, value: Any, depth: int, seen: set[int]) -> Iterator[tuple[str, Any, dict | None]]:
+def _objects_within_reach(path: str, value: Any, depth: int, seen: set[int],
+                          containers: list[tuple[str, Any]] | None = None) -> Iterator[tuple[str, Any, dict | None]]:
     """``value`` and the objects in its items and attributes, ``depth`` levels down, each once, as
     ``(path, object, its __dict__)``: the user's own objects with their attributes, an nn.Module with None (its
-    submodules are its own), lists, tuples and dicts only walked through."""
+    submodules are its own), lists, tuples and dicts only walked through (added to ``containers`` when given,
+    up to ``_MAX_ITEMS`` items)."""
     if id(value) in seen or not _WALKABLE[type(value)]:
         return
     seen.add(id(value))
     if isinstance(value, torch.nn.Module):
         yield path, value, None
         return
-    if isinstance(value, (list, tuple)):
-        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)] if len(value) <= _MAX_ITEMS else []
-    elif isinstance(value, dict):
-        items = [(f"{path}[{key!r}]", item) for key, item in value.items()] if len(value) <= _MAX_ITEMS else []
+    if isinstance(value, (list, tuple, dict)):
+        if len(value) > _MAX_ITEMS:
+            return
+        if containers is not None:
+            containers.append((path, value))
+        pairs = value.items() if isinstance(value, dict) else enumerate(value)
+        form = "{}[{!r}]" if isinstance(value, dict) else "{}[{}]"
+        items = [(form.format(path, key), item) for key, item in pairs]
     else:
         try:
             attrs = vars(value)
@@ -1380,18 +1485,24 @@ def _objects_within_reach(path: str, value: Any, depth: int, seen: set[int]) -> 
     if depth > 0:
         for item_path, item in items:
             if not isinstance(item, Tensor) and type(item) not in _ATOMS:
-                yield from _objects_within_reach(item_path, item, depth - 1, seen)
+                yield from _objects_within_reach(item_path, item, depth - 1, seen, containers)
 
 
-def _watch_module(found: _References, name: str, module: torch.nn.Module) -> None:
-    """Watch the ``training`` flags of a module and its submodules, and their public atom attributes (torch's
-    ``eps``, ``momentum``, ``p``; those the user's own subclasses set: ``self.temperature``)."""
+def _watch_module(found: _References, name: str, module: torch.nn.Module, read: Mapping[int, Tensor]) -> None:
+    """Watch the ``training`` flags of a module and its submodules, their public attributes (torch's ``eps``,
+    ``momentum``, ``p``; those the user's own subclasses set: ``self.temperature``, ``self.act``), and which
+    submodules and parameters they hold (``model.fc = nn.Linear(...)``, ``layers.append(...)``,
+    ``fc.weight = nn.Parameter(...)``)."""
     modules = list(module.named_modules())
     found.modules.append((name, modules, tuple(m.training for _, m in modules)))
     for path, submodule in modules:
-        atoms = _atoms(f"{name}.{path}" if path else name, vars(submodule), module=True)
-        if atoms is not None:
-            found.objects.append(atoms)
+        where = f"{name}.{path}" if path else name
+        guard = _attributes(where, vars(submodule), module=True)
+        if guard is not None:
+            found.objects.append(guard)
+        for held in (submodule._modules, submodule._parameters):
+            if held:
+                found.contents.append(_Contents(where, held, read, form=".{}"))
 
 
 class _Place(NamedTuple):

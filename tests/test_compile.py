@@ -1054,6 +1054,135 @@ def test_attribute_guard_compares_as_python_code_can_tell():
     assert step.recordings == 3
 
 
+class _Net:  # the user's own object holding its layers in a list attribute
+    def __init__(self, *weights):
+        self.layers = list(weights)
+        self.act = torch.tanh
+
+
+def _through(layers, x, act=torch.tanh):
+    for w in layers:
+        x = act(x @ w)
+    return x.sum()
+
+
+def _container_cases():
+    """(forward, change, message, the tensors whose gradients to check after it) for each kind of place a forward
+    reaches its structure through: a list, a dict, an attribute, a module's submodules and parameters, a closure
+    variable. Every change leaves the forward's code and the recorded tensors' values as they were."""
+    w = [r(4, 4, seed=300 + k) for k in range(3)]
+    cases = {}
+
+    layers = [w[0], w[1]]
+    cases["list appended"] = (lambda x: _through(layers, x), lambda: layers.append(w[2]),
+                              "layers now has 3 items (the recording's had 2)", w)
+    swapped = [w[0], w[1]]
+    cases["list item replaced"] = (lambda x: _through(swapped, x), lambda: swapped.__setitem__(0, w[2]),
+                                   "swapped[0] now refers to a different tensor", w)
+    scales = [1.0]
+    cases["list number changed"] = (lambda x: (x @ w[0]).sum() * scales[0], lambda: scales.__setitem__(0, 3.0),
+                                    "scales[0] is now 3.0 (the recording ran with 1.0)", w[:1])
+    cfg = {"scale": 1.0}
+    cases["dict number changed"] = (lambda x: (x @ w[0]).sum() * cfg["scale"], lambda: cfg.update(scale=0.5),
+                                    "cfg['scale'] is now 0.5 (the recording ran with 1.0)", w[:1])
+    blocks = {"a": w[0], "b": w[1]}
+    cases["dict reordered"] = (lambda x: _through(blocks.values(), x),
+                               lambda: blocks.update(a=blocks.pop("a")),
+                               "the keys of blocks are in another order (the recording's: ['a', 'b'])", w[:2])
+    net = _Net(w[0], w[1])
+    cases["attribute list appended"] = (lambda x: _through(net.layers, x, net.act), lambda: net.layers.append(w[2]),
+                                        "net.layers now has 3 items (the recording's had 2)", w)
+    net2 = _Net(w[0], w[1])
+    cases["attribute rebound"] = (lambda x: _through(net2.layers, x, net2.act),
+                                  lambda: setattr(net2, "layers", net2.layers[:1]),
+                                  "net2.layers now refers to a different object (a list)", w[:2])
+    net3 = _Net(w[0], w[1])
+    cases["attribute function rebound"] = (lambda x: _through(net3.layers, x, net3.act),
+                                           lambda: setattr(net3, "act", torch.sigmoid),
+                                           "net3.act now refers to a different object (sigmoid)", w[:2])
+    torch.manual_seed(9)
+    stack = torch.nn.ModuleList([torch.nn.Linear(4, 4).double()])
+    extra = torch.nn.Linear(4, 4).double()
+    cases["module list appended"] = (lambda x: _through([], torch.stack([m(x) for m in stack]).sum(0)),
+                                     lambda: stack.append(extra), "stack.1 was added",
+                                     list(stack.parameters()) + list(extra.parameters()))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()).double()
+    cases["submodule replaced"] = (lambda x: model(x).sum(), lambda: model.__setitem__(1, torch.nn.Sigmoid()),
+                                   "model.1 now refers to a different object (a Sigmoid)", list(model.parameters()))
+    linear = torch.nn.Linear(4, 4).double()
+    cases["parameter replaced"] = (lambda x: torch.tanh(linear(x)).sum(),
+                                   lambda: setattr(linear, "weight", torch.nn.Parameter(r(4, 4, seed=310))),
+                                   "linear.weight now refers to a different tensor", [linear.bias])
+
+    def closure_case():
+        act = torch.tanh
+
+        def forward(x):
+            return act(x @ w[0]).sum()
+
+        def change():
+            nonlocal act
+            act = torch.relu
+
+        return forward, change
+
+    forward, change = closure_case()
+    cases["closure function rebound"] = (forward, change, "'act' now refers to a different object (relu)", w[:1])
+    return cases
+
+
+_CONTAINER_CASES = _container_cases()
+
+
+@pytest.mark.parametrize("case", list(_CONTAINER_CASES))
+def test_guard_on_the_structure_the_forward_reaches(case):
+    """A layer appended to a list, an item or attribute replaced, a number changed inside a list or dict, a
+    submodule or parameter swapped, a function rebound: the step re-records once, saying what changed, and
+    gives torch's results (the old code silently replayed the recording's structure)."""
+    forward, change, message, tensors = _CONTAINER_CASES[case]
+    x = r(3, 4, seed=320)
+    step = tg.compile(forward, fuse=False)
+    step(x)
+    change()
+    (loss, grads), warned = _call_once(step, x)
+    _warned_once(step, warned, message)
+    _, warned = _call_once(step, x)
+    _warned_once(step, warned, None)  # the guard holds again
+    flags = [t.requires_grad for t in tensors]
+    for t in tensors:
+        t.requires_grad_(True)
+    try:
+        expected = forward(x)
+        expected_grads = torch.autograd.grad(expected, tensors, allow_unused=True)
+    finally:
+        for t, flag in zip(tensors, flags):
+            t.requires_grad_(flag)
+    torch.testing.assert_close(loss, expected.detach(), **TOL)
+    for t, g in zip(tensors, expected_grads):
+        if g is not None:
+            torch.testing.assert_close(grads[t], g, **TOL)
+
+
+def test_structure_guard_accepts_what_cannot_change_the_step():
+    """An equal number in a new object, and a tensor the loss never read replaced, record nothing."""
+    w, unused, x = r(4, 4, seed=330), r(4, seed=331), r(3, 4, seed=332)
+    held = {"w": w, "unused": unused, "scale": 0.5}
+
+    def forward(x):
+        return (x @ held["w"]).sum() * held["scale"]
+
+    step = tg.compile(forward, fuse=False)
+    step(x)
+    held["scale"] = float("0.5")
+    held["unused"] = r(4, seed=333)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecompileWarning)
+        loss, grads = step(x)
+    assert step.recordings == 1
+    torch.testing.assert_close(loss, forward(x), **TOL)
+    torch.testing.assert_close(grads[w], _torch_grad(lambda w: (x @ w).sum() * 0.5, w), **TOL)
+
+
 # ---------------------------------------------------------------- work the forward does under torch.no_grad()
 
 
