@@ -101,6 +101,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from operator import is_, itemgetter
 from typing import Any, NamedTuple
 
@@ -309,51 +310,71 @@ def _shown(value: Any) -> str:
 
 
 class _Contents:
-    """The items of a list or dict the forward reaches (``layers``, ``cfg``, a module's submodules or
-    parameters), as recorded: checked by identity on every call. A replaced item is compared by
-    :func:`_replaced` (an equal atom, or a tensor the loss did not read, is accepted); another length, or other
-    keys or another order of them (a loop over them would run differently), is a change."""
+    """The items of the lists and dicts the forward reaches (``layers``, ``cfg``, modules' submodules and
+    parameters), as recorded: all of them checked by identity in a few C-level passes per call, however many
+    there are. A replaced item is compared by :func:`_replaced` (an equal atom, or a tensor the loss did not
+    read, is accepted); another length, or other keys or another order of them (a loop over them would run
+    differently), is a change."""
 
-    __slots__ = ("path", "container", "form", "read", "keys", "items")
+    __slots__ = ("parts", "read", "containers", "lists", "dicts", "sizes", "list_items", "dict_keys",
+                 "dict_values", "recorded")
 
-    def __init__(self, path: str, container: list | dict, read: Mapping[int, Tensor], form: str = "[{!r}]") -> None:
-        self.path, self.container, self.form, self.read = path, container, form, read
-        self.keys, self.items = self._now()
+    def __init__(self, parts: Sequence[tuple[str, list | dict, str]], read: Mapping[int, Tensor]) -> None:
+        self.parts, self.read = parts, read  # (path, container, how a key is shown: "[{!r}]", ".{}")
+        self.containers = [container for _, container, _ in parts]
+        self.lists = [c for c in self.containers if not isinstance(c, dict)]
+        self.dicts = [c for c in self.containers if isinstance(c, dict)]
+        self._take()
 
-    def _now(self) -> tuple[tuple | None, tuple]:
-        container = self.container
-        if isinstance(container, dict):
-            return tuple(container), tuple(container.values())
-        return None, tuple(container)
+    def _take(self) -> None:
+        self.sizes = tuple(map(len, self.containers))
+        self.list_items = tuple(chain.from_iterable(self.lists))
+        self.dict_keys = tuple(chain.from_iterable(self.dicts))
+        self.dict_values = tuple(chain.from_iterable(map(dict.values, self.dicts)))
+        self.recorded = [_items(container) for container in self.containers]
 
     def same(self) -> bool:
-        """Whether it holds the very same items (and keys), in the same order (the check made on every call)."""
-        container = self.container
-        if len(container) != len(self.items):
-            return False
-        if self.keys is None:
-            return all(map(is_, container, self.items))
-        return all(map(is_, container.values(), self.items)) and all(map(is_, container, self.keys))
+        """Whether they hold the very same items (and keys), in the same order (the check made on every call)."""
+        return (tuple(map(len, self.containers)) == self.sizes  # (then the identity passes compare equal lengths)
+                and all(map(is_, chain.from_iterable(self.lists), self.list_items))
+                and all(map(is_, chain.from_iterable(map(dict.values, self.dicts)), self.dict_values))
+                and all(map(is_, chain.from_iterable(self.dicts), self.dict_keys)))
 
     def change(self) -> str | None:
         """What changed, or None (equal atoms, or tensors the loss did not read, in new objects: kept)."""
-        keys, items = self._now()
-        if keys is None and len(items) != len(self.items):
-            return f"{self.path} now has {len(items)} items (the recording's had {len(self.items)})"
-        if keys is not None and keys != self.keys:
-            added = [key for key in keys if key not in self.keys]
-            gone = [key for key in self.keys if key not in keys]
-            if gone:
-                return f"{self.path}{self.form.format(gone[0])} was deleted"
-            if added:
-                return f"{self.path}{self.form.format(added[0])} was added"
-            return f"the keys of {self.path} are in another order (the recording's: {list(self.keys)})"
-        for key, then, now in zip(keys if keys is not None else range(len(items)), self.items, items):
-            why = _replaced(f"{self.path}{self.form.format(key)}", then, now, self.read)
+        for (path, container, form), (keys, items) in zip(self.parts, self.recorded):
+            why = _container_change(path, form, keys, items, *_items(container), self.read)
             if why is not None:
                 return why
-        self.keys, self.items = keys, items
+        self._take()
         return None
+
+
+def _items(container: list | dict) -> tuple[tuple | None, tuple]:
+    """A list's items (no keys), or a dict's keys and values."""
+    if isinstance(container, dict):
+        return tuple(container), tuple(container.values())
+    return None, tuple(container)
+
+
+def _container_change(path: str, form: str, keys: tuple | None, items: tuple, keys_now: tuple | None,
+                      items_now: tuple, read: Mapping[int, Tensor]) -> str | None:
+    """What changed in one list or dict since the recording (:class:`_Contents`), or None."""
+    if keys is None and len(items_now) != len(items):
+        return f"{path} now has {len(items_now)} items (the recording's had {len(items)})"
+    if keys is not None and keys_now != keys:
+        gone = [key for key in keys if key not in keys_now]
+        if gone:
+            return f"{path}{form.format(gone[0])} was deleted"
+        added = [key for key in keys_now if key not in keys]
+        if added:
+            return f"{path}{form.format(added[0])} was added"
+        return f"the keys of {path} are in another order (the recording's: {list(keys)})"
+    for key, then, now in zip(keys if keys is not None else range(len(items)), items, items_now):
+        why = _replaced(f"{path}{form.format(key)}", then, now, read)
+        if why is not None:
+            return why
+    return None
 
 
 @dataclass
@@ -370,7 +391,8 @@ class _References:
     bindings: list[tuple[str, Any, str, Any]] = field(default_factory=list)  # (kind, owner, name, object)
     modules: list[tuple[str, list[tuple[str, Any]], tuple[bool, ...]]] = field(default_factory=list)
     objects: list[_Attributes] = field(default_factory=list)  # the attributes of objects and modules
-    contents: list[_Contents] = field(default_factory=list)  # lists, dicts, modules' submodules and parameters
+    contents: list[tuple[str, list | dict, str]] = field(default_factory=list)  # (path, container, key form)
+    held: _Contents | None = None  # what ``contents`` hold (their guard: made when the search is done)
     attributes: list[tuple[str, dict, str, Tensor]] = field(default_factory=list)  # (path, __dict__, name, tensor)
     stored: list[str] = field(default_factory=list)  # attributes holding a tensor the forward made: ``layers[0].out``
     loaded: list[tuple[_Place, tuple]] = field(default_factory=list)  # places the step reads and rebinds: (shape ...)
@@ -394,11 +416,11 @@ class _References:
                 why = guard.change()
                 if why is not None:
                     return why
-        for guard in self.contents:
-            if not guard.same():
-                why = guard.change()
-                if why is not None:
-                    return why
+        held = self.held
+        if held is not None and not held.same():
+            why = held.change()
+            if why is not None:
+                return why
         if self.atoms or self.modules or self.bindings:
             return self._changed_python()
         return None
@@ -1390,9 +1412,10 @@ def _read_directly(forward: Callable[..., Any]) -> list[tuple[str, Any, str, Any
 def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], read: dict[int, Tensor],
                        made: dict[int, Tensor]) -> _References:
     """What the forward names directly (globals, closure cells) that the guard re-checks: recorded tensors,
-    Python atoms, modules (their ``training`` flags; the object of a bound method, or the forward, too), and
-    the ``training`` flags of user objects within reach (``layers[1].training``, ``model.layers[3].training``)
-    and their attributes holding a tensor of ``read`` (the leaves the loss depends on: ``layers[1].gamma``).
+    Python atoms, other objects by identity, modules (their ``training`` flags, submodules and parameters; the
+    object of a bound method, or the forward, too), the attributes of user objects within reach
+    (``layers[1].training``, ``model.layers[3].eps``, ``net.act``) and those holding a tensor of ``read`` (the
+    leaves the loss depends on: ``layers[1].gamma``), and the items of the lists and dicts on the way.
     Attributes holding a tensor of ``made`` (computed by the forward: ``layers[0].out``) are listed in ``stored``."""
     found = _References()
     walk = _Walk(set(), read, made)
@@ -1408,6 +1431,8 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
             found.bindings.append((kind, owner, name, value))
             if _WALKABLE[type(value)]:
                 _watch_flags(found, name, value, _FLAG_DEPTH, walk)
+    if found.contents:
+        found.held = _Contents(found.contents, read)
     return found
 
 
@@ -1438,7 +1463,7 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
     containers: list[tuple[str, list | dict]] = []
     for object_path, obj, attrs in _objects_within_reach(path, value, depth, walk.seen, containers):
         if attrs is None:
-            _watch_module(found, object_path, obj, walk.read)
+            _watch_module(found, object_path, obj)
             continue
         guard = _attributes(object_path, attrs)
         if guard is not None:
@@ -1449,7 +1474,7 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
                     found.attributes.append((object_path, attrs, name, item))
                 elif walk.made.get(id(item)) is item:
                     found.stored.append(f"{object_path}.{name}")
-    found.contents.extend(_Contents(container_path, container, walk.read) for container_path, container in containers
+    found.contents.extend((container_path, container, "[{!r}]") for container_path, container in containers
                           if isinstance(container, (list, dict)))
 
 
@@ -1488,7 +1513,7 @@ def _objects_within_reach(path: str, value: Any, depth: int, seen: set[int],
                 yield from _objects_within_reach(item_path, item, depth - 1, seen, containers)
 
 
-def _watch_module(found: _References, name: str, module: torch.nn.Module, read: Mapping[int, Tensor]) -> None:
+def _watch_module(found: _References, name: str, module: torch.nn.Module) -> None:
     """Watch the ``training`` flags of a module and its submodules, their public attributes (torch's ``eps``,
     ``momentum``, ``p``; those the user's own subclasses set: ``self.temperature``, ``self.act``), and which
     submodules and parameters they hold (``model.fc = nn.Linear(...)``, ``layers.append(...)``,
@@ -1502,7 +1527,7 @@ def _watch_module(found: _References, name: str, module: torch.nn.Module, read: 
             found.objects.append(guard)
         for held in (submodule._modules, submodule._parameters):
             if held:
-                found.contents.append(_Contents(where, held, read, form=".{}"))
+                found.contents.append((where, held, ".{}"))
 
 
 class _Place(NamedTuple):
