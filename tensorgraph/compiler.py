@@ -1463,7 +1463,7 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
     containers: list[tuple[str, list | dict]] = []
     for object_path, obj, attrs in _objects_within_reach(path, value, depth, walk.seen, containers):
         if attrs is None:
-            _watch_module(found, object_path, obj)
+            _watch_module(found, object_path, obj, walk.read)
             continue
         guard = _attributes(object_path, attrs)
         if guard is not None:
@@ -1513,19 +1513,23 @@ def _objects_within_reach(path: str, value: Any, depth: int, seen: set[int],
                 yield from _objects_within_reach(item_path, item, depth - 1, seen, containers)
 
 
-def _watch_module(found: _References, name: str, module: torch.nn.Module) -> None:
+def _watch_module(found: _References, name: str, module: torch.nn.Module, read: Mapping[int, Tensor]) -> None:
     """Watch the ``training`` flags of a module and its submodules, their public attributes (torch's ``eps``,
-    ``momentum``, ``p``; those the user's own subclasses set: ``self.temperature``, ``self.act``), and which
-    submodules and parameters they hold (``model.fc = nn.Linear(...)``, ``layers.append(...)``,
-    ``fc.weight = nn.Parameter(...)``)."""
+    ``momentum``, ``p``; those the user's own subclasses set: ``self.temperature``, ``self.act``; a tensor of
+    ``read`` in a plain attribute), and which submodules, parameters and buffers they hold
+    (``model.fc = nn.Linear(...)``, ``layers.append(...)``, ``fc.weight = nn.Parameter(...)``,
+    ``bn.running_mean = ...`` in eval mode)."""
     modules = list(module.named_modules())
     found.modules.append((name, modules, tuple(m.training for _, m in modules)))
     for path, submodule in modules:
         where = f"{name}.{path}" if path else name
-        guard = _attributes(where, vars(submodule), module=True)
+        attrs = vars(submodule)
+        guard = _attributes(where, attrs, module=True)
         if guard is not None:
             found.objects.append(guard)
-        for held in (submodule._modules, submodule._parameters):
+        found.attributes.extend((where, attrs, attr, item) for attr, item in attrs.items()
+                                if isinstance(item, Tensor) and read.get(id(item)) is item)
+        for held in (submodule._modules, submodule._parameters, submodule._buffers):
             if held:
                 found.contents.append((where, held, ".{}"))
 

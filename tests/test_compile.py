@@ -1114,6 +1114,23 @@ def _container_cases():
                                    lambda: setattr(linear, "weight", torch.nn.Parameter(r(4, 4, seed=310))),
                                    "linear.weight now refers to a different tensor", [linear.bias])
 
+    norm = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).double().eval()
+    cases["buffer replaced"] = (lambda x: torch.tanh(norm(x)).sum(),
+                                lambda: setattr(norm[1], "running_mean", r(4, seed=311)),
+                                "norm.1.running_mean now refers to a different tensor", list(norm.parameters()))
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = r(4, seed=312)  # a plain attribute: neither a parameter nor a buffer
+
+        def forward(self, x):
+            return (x @ w[0] * self.scale).sum()
+
+    scaled = Scaled()
+    cases["module tensor attribute replaced"] = (scaled, lambda: setattr(scaled, "scale", r(4, seed=313)),
+                                                 "Scaled.scale now refers to a different tensor", w[:1])
+
     def closure_case():
         act = torch.tanh
 
@@ -1137,7 +1154,7 @@ _CONTAINER_CASES = _container_cases()
 @pytest.mark.parametrize("case", list(_CONTAINER_CASES))
 def test_guard_on_the_structure_the_forward_reaches(case):
     """A layer appended to a list, an item or attribute replaced, a number changed inside a list or dict, a
-    submodule or parameter swapped, a function rebound: the step re-records once, saying what changed, and
+    submodule, parameter or buffer swapped, a function rebound: the step re-records once, saying what changed, and
     gives torch's results (the old code silently replayed the recording's structure)."""
     forward, change, message, tensors = _CONTAINER_CASES[case]
     x = r(3, 4, seed=320)
