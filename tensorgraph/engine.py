@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .graph import Ref, _short_path, is_float, require_graph, shown
-from .ops import OPS, UnsupportedCall
+from .ops import OPS, SHARED, UnsupportedCall
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -513,10 +513,14 @@ def backward(graph: Graph, loss: Any, grad: Tensor | None = None, *, tape: list 
     # NOTE: parameters that require grad (the lecture's habit) would make torch autograd record every
     # rule's kernels: twice the time, and gradients attached to a graph (``.numpy()`` refuses them).
     # trace() (a tape) records the rules' calls with tg.record, which takes no-grad calls for constants
-    if tape is not None:
-        return _backward(graph, loss, grad, tape)
-    with torch.no_grad():
-        return _backward(graph, loss, grad, tape)
+    shared = SHARED.set({})  # the rules of a call's several outputs share its work (an RNN's re-run) in this pass
+    try:
+        if tape is not None:
+            return _backward(graph, loss, grad, tape)
+        with torch.no_grad():
+            return _backward(graph, loss, grad, tape)
+    finally:
+        SHARED.reset(shared)
 
 
 def _backward(graph: Graph, loss: Any, grad: Tensor | None, tape: list | None) -> Gradients:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import UnsupportedCall, constants, defop
+from .ops import UnsupportedCall, constants, defop, once_per_pass
 
 # The aten kernels the rules call. A traced backward graph records them, so a loaded graph file
 # may name them (tensorgraph.serialize); they are the only torch.ops it may run, since aten also
@@ -2732,14 +2732,19 @@ _CELLS = {  # op name -> (step, step backward)
 
 def _cell_rule(kind: str) -> Callable[..., tuple]:
     """The rule of ``torch.<kind>_cell(input, hx, w_ih, w_hh, b_ih, b_hh)``: one step (nn.*Cell passes zeros for
-    a missing hx, and a batch of one for a 1-d input)."""
+    a missing hx, and a batch of one for a 1-d input), made again once per backward pass."""
     step, step_back = _CELLS[kind]
+
+    def forward(input: Tensor, state: tuple, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+                b_hh: Tensor | None) -> tuple:
+        gi = input @ w_ih.mT if b_ih is None else F.linear(input, w_ih, b_ih)
+        return step(gi, state, w_hh, b_hh, None)
 
     def rule(g: Tensor, out: Any, input: Tensor, hx: Any, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
              b_hh: Tensor | None = None, *, output_index: int = 0) -> tuple:
         state = tuple(hx) if kind == "lstm" else (hx,)
-        gi = input @ w_ih.mT if b_ih is None else F.linear(input, w_ih, b_ih)
-        new_state, saved = step(gi, state, w_hh, b_hh, None)
+        args = (input, state, w_ih, w_hh, b_ih, b_hh)  # the step made once for the LSTM's h and c
+        new_state, saved = once_per_pass((kind, *args), lambda: forward(*args), last=output_index == 0)
         d_state = tuple(g if k == output_index else torch.zeros_like(s) for k, s in enumerate(new_state))
         d_gi, d_gh, d_prev = step_back(d_state, saved, w_hh, None)
         d_gi = d_gi.to(w_ih.dtype)  # a cell may mix dtypes (input and w_ih, hx and w_hh): each side's own
@@ -2899,24 +2904,43 @@ def _layers_backward(step_back: Callable[..., tuple], seq: _Sequence, layers: li
     return d_x, tuple(torch.stack(d) for d in d_states), d_params
 
 
+class _Rerun(NamedTuple):
+    """A torch.lstm/gru/rnn_* call run again from its arguments: what backpropagation through time reads."""
+
+    seq: _Sequence
+    layers: list  # per layer, its input and its runs (_layers_forward)
+    output: Tensor  # the last layer's output, time first
+    packed: bool  # the PackedSequence overload
+    turn: bool  # batch_first: the input and the output's gradient are transposed to time first
+
+
+def _rerun(kind: str, input: Tensor, hx: Any, params: Any, has_biases: Any, num_layers: Any, dropout: Any,
+           train: Any, bidirectional: Any, batch_first: Any) -> _Rerun:
+    """Every layer and direction of the call run again (the forward keeps nothing for the backward)."""
+    sizes, packed = None, isinstance(has_biases, (list, tuple))  # packed: the arguments sit one place on
+    if packed:
+        sizes = hx.tolist()
+        hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = (
+            params, has_biases, num_layers, dropout, train, bidirectional, batch_first, False)
+    turn = bool(batch_first) and not packed
+    x = input.transpose(0, 1) if turn else input
+    seq = _sequence(kind, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, sizes)
+    layers, output = _layers_forward(_CELLS[kind][0], seq, x)
+    return _Rerun(seq, layers, output, packed, turn)
+
+
 def _sequence_rule(kind: str) -> Callable[..., tuple]:
     """The rule of ``torch.<kind>(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
     batch_first)`` as nn.LSTM/GRU/RNN call it (and of its PackedSequence overload, ``(data, batch_sizes, hx, ...)``):
-    every layer and direction run again, then backpropagated through time."""
-    step, step_back = _CELLS[kind]
+    every layer and direction run again, then backpropagated through time. The re-run is made once per backward
+    pass however many of the call's outputs reach the loss (each output's rule backpropagates its own gradient)."""
+    step_back = _CELLS[kind][1]
 
     def rule(g: Tensor, out: Any, input: Tensor, hx: Any, params: Any, has_biases: Any, num_layers: Any,
              dropout: Any, train: Any, bidirectional: Any, batch_first: Any = False, *, output_index: int = 0
              ) -> tuple:
-        sizes, packed = None, isinstance(has_biases, (list, tuple))  # packed: the arguments sit one place on
-        if packed:
-            sizes = hx.tolist()
-            hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = (
-                params, has_biases, num_layers, dropout, train, bidirectional, batch_first, False)
-        turn = batch_first and not packed
-        x = input.transpose(0, 1) if turn else input
-        seq = _sequence(kind, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, sizes)
-        layers, output = _layers_forward(step, seq, x)
+        args = (kind, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        seq, layers, output, packed, turn = once_per_pass(args, lambda: _rerun(*args), last=output_index == 0)
         d_output = (g.transpose(0, 1) if turn else g) if output_index == 0 else torch.zeros_like(output)
         d_final = [g if output_index == 1 + j else torch.zeros_like(s) for j, s in enumerate(seq.states)]
         d_x, d_hx, d_params = _layers_backward(step_back, seq, layers, d_output, d_final)

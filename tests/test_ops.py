@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_matches_torch, engine_grads, finite_differences, torch_grads
 from op_cases import CASES, r
+from torch.overrides import TorchFunctionMode
 
 import tensorgraph as tg
 
@@ -321,3 +322,93 @@ def test_a_packed_sequence_mixing_dtypes_gets_torchs_gradients(op, gates):
     _, ours = engine_grads(fn, inputs)
     for mine, theirs in zip(ours, torch_grads(fn, inputs)):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def _all_outputs_of_an_lstm(packed):
+    """A 2-layer bidirectional LSTM over 5 steps whose output, h_n and c_n all reach the loss (60 sigmoid calls
+    per run of all its layers: 3 gates, 5 steps, 2 layers, 2 directions)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True).double()
+
+    def loss_of(x):
+        if packed:
+            out, (h, c) = lstm(pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False))
+            out = pad_packed_sequence(out)[0]
+        else:
+            out, (h, c) = lstm(x)
+        return (out * out).sum() + h.sin().sum() + (h * c).sum()
+
+    return lstm, loss_of, 60
+
+
+def _both_states_of_an_lstm_cell(packed):
+    """An LSTMCell over 4 steps whose h and c both reach the loss at every step (3 sigmoid calls per step)."""
+    torch.manual_seed(0)
+    cell = torch.nn.LSTMCell(3, 4).double()
+
+    def loss_of(x):
+        h, c = cell(x[0])
+        loss = (h * c).sum()
+        for t in range(1, 4):
+            h, c = cell(x[t], (h, c))
+            loss = loss + (h * c).sum()
+        return loss
+
+    return cell, loss_of, 12
+
+
+class _Sigmoids(TorchFunctionMode):
+    """Counts the sigmoid calls made inside it (3 per LSTM step run: the input, forget and output gates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", None) == "sigmoid"
+        return func(*args, **(kwargs or {}))
+
+
+def _sigmoids_in_plan(plan):
+    """The sigmoid calls of a backward plan (its calls are the functions f<j> of its namespace)."""
+    made = plan.fn.__globals__
+    return sum(name[0] == "f" and name[1:].isdigit() and getattr(f, "__name__", None) == "sigmoid"
+               for name, f in made.items())
+
+
+@pytest.mark.parametrize("make, packed", [(_all_outputs_of_an_lstm, False), (_all_outputs_of_an_lstm, True),
+                                          (_both_states_of_an_lstm_cell, False)], ids=["lstm", "packed", "cell"])
+def test_a_recurrent_call_whose_outputs_all_reach_the_loss_runs_again_once(make, packed):
+    """Each output's rule ran the layers again from the call's inputs, so an LSTM whose output, h_n and c_n reach
+    the loss ran them three times in graph.backward, in a repeated structure's plan, in backward_source's code
+    and in tg.compile's step; the rules of one call's outputs now share one run, with torch's gradients."""
+    from tensorgraph import codegen
+
+    module, loss_of, sigmoids = make(packed)
+    x, params = r(5, 3, 3, seed=1), list(module.parameters())
+    truth = torch.autograd.grad(loss_of(x), params)
+
+    def assert_truth(grads):
+        for p, expected in zip(params, truth):
+            torch.testing.assert_close(grads[p], expected, rtol=1e-7, atol=1e-10)
+
+    with torch.no_grad():  # (the parameters require grad: keep torch autograd out of the recordings)
+        counted = _Sigmoids()
+        for k in range(5):  # one line recorded again and again: the rule walk, the traced backward, its plan
+            with tg.record() as graph:
+                loss = loss_of(x)
+            with counted if k == 0 else contextlib.nullcontext():  # (a mode around it: the rule walk)
+                assert_truth(graph.backward(loss))
+        assert counted.count == sigmoids
+        if not packed:  # (a packed sequence's batch sizes are read into Python: it gets no plan)
+            assert _sigmoids_in_plan(graph._replay.plans[(len(graph) - 1, None)]) == sigmoids
+        generated = codegen.generate(graph, loss)
+        assert generated.text().count(".sigmoid()") == sigmoids
+        namespace = codegen.run(generated.text(), graph)
+        assert_truth({p: namespace[generated.variables[graph.node_id(p)]] for p in params})
+        step = tg.compile(loss_of)
+        step(x)
+        assert_truth(step(x)[1])
+        assert step.source.count(".sigmoid()") == sigmoids
