@@ -96,10 +96,11 @@ import builtins
 import importlib
 import itertools
 import linecache
+import types
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from operator import is_, itemgetter
@@ -111,7 +112,7 @@ from torch import Tensor
 from . import printer
 from .engine import BackwardTrace, hook_where, trace
 from .graph import Graph, Ref, identifier, is_float, refs_in
-from .naming import _MAX_ITEMS, _WALKABLE, _Namer, set_names, unique_name
+from .naming import _MAX_ITEMS, _USER_MODULES, _WALKABLE, _from_a_library, _Namer, set_names, unique_name
 from .ops import OPS, func_name
 from .printer import Expr
 from .reads import (
@@ -883,6 +884,7 @@ class _Recording:
     side: _SideLog  # the torch calls the forward made under torch.no_grad(), replayed by the step
     versions: dict[int, int]  # leaf -> its version when recorded, for leaves a snapshot replaced by a copy
     places: dict[tuple[int, str], tuple[_Place, Tensor]]  # where the forward's objects held tensors before it ran
+    code: list[tuple[types.CodeType, dict]]  # the code (and globals) of the user's functions that called torch
 
 
 def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
@@ -908,8 +910,10 @@ def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
     mode._snapshot, mode._no_grad_call = snapshot, side.call
     places = _tensor_places(forward)
     run = _bind(forward, inputs)  # a closure: the inputs are named by the forward's own parameters
+    code: list[tuple[types.CodeType, dict]] = []
     try:
-        loss = _run_recorded(recorder, reads, run)
+        loss = _run_recorded(recorder, reads, run,
+                             lambda frames: code.extend((frame.f_code, frame.f_globals) for frame in frames))
     finally:
         # the user's frames hold the forward's locals: let the values made under no_grad that nothing keeps die
         mode.frames.clear()
@@ -918,7 +922,7 @@ def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
     if not isinstance(loss, Tensor):
         raise TypeError(f"tg.compile: the forward must return the loss (a scalar tensor), got {type(loss).__name__}")
     reads.untracked -= side.replayed  # the constant versions of captured tensors updated in place: replayed
-    return _Recording(graph, loss, snapshots, reads, side, versions, places)
+    return _Recording(graph, loss, snapshots, reads, side, versions, places, code)
 
 
 class _SideRef(Ref):
@@ -1040,10 +1044,17 @@ def _bind(forward: Callable[..., Tensor], inputs: tuple) -> Callable[[], Any]:
     return lambda: forward(*inputs)
 
 
-def _run_recorded(recorder: record, reads: ReadWatcher, run: Callable[[], Any]) -> Any:
+def _run_recorded(recorder: record, reads: ReadWatcher, run: Callable[[], Any],
+                  seen: Callable[[Iterable[types.FrameType]], None]) -> Any:
+    """``run()`` recorded; ``seen`` is given the frames of the user's functions that called torch."""
+    # NOTE: the names of this frame's variables are searched when the block ends (naming): only a callable here,
+    # no list of what the frames hold
     with recorder:
-        with reads:
-            loss = run()
+        try:
+            with reads:
+                loss = run()
+        finally:
+            seen(recorder._mode.frames.values())
     return loss
 
 
@@ -1074,7 +1085,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
         made.pop(id(value), None)
     side = _side_plan(rec, forward, value_of)
     captured = {id(value): value for n, value in value_of.items() if n not in side.loads}  # (loads: read anew)
-    watched = _direct_references(forward, captured, read, made)
+    watched = _direct_references(forward, captured, read, made, rec.code)
     watched.loaded = [(place, _spec(value_of[n])) for n, place in side.loads.items()]
     _name_references(graph, forward, [(place.path, value_of[n]) for n, place in side.loads.items()])
     for n in leaves:
@@ -1395,33 +1406,87 @@ def _name_references(graph: Graph, forward: Callable[..., Any],
         set_names(graph, namer.named)
 
 
-def _read_directly(forward: Callable[..., Any]) -> list[tuple[str, Any, str, Any]]:
-    """Every global and closure variable the forward's own code reads: (kind, owner, name, value)."""
+def _read_by(code: Sequence[tuple[types.CodeType, dict]], seen: set[tuple[int, str]]
+             ) -> list[tuple[str, Any, str, Any]]:
+    """The globals that these code objects of the user's (and the code nested in them) read, as
+    :func:`_read_directly` gives them, but those in ``seen``."""
+    found = []
+    for body, globals_ in code:
+        if not _users_module(globals_.get("__name__")):
+            continue
+        for name in dict.fromkeys(_names_read(body)):
+            if name in globals_ and (id(globals_), name) not in seen:
+                seen.add((id(globals_), name))
+                found.append(("global", globals_, name, globals_[name]))
+    return found
+
+
+_CALL_DEPTH = 3  # how many calls down the guard follows the user's functions a forward names (helpers of helpers)
+
+
+def _read_directly(forward: Callable[..., Any], depth: int = _CALL_DEPTH, seen: set[tuple[int, str]] | None = None
+                   ) -> list[tuple[str, Any, str, Any]]:
+    """Every global and closure variable the forward's own code reads (its comprehensions and lambdas too), and
+    those of the user's functions it names, ``depth`` calls down (``mlp(x)`` reading ``layers``):
+    (kind, owner, name, value), each place once."""
     code = getattr(forward, "__code__", None)
     if code is None:
         return []
+    seen = set() if seen is None else seen
     globals_ = getattr(forward, "__globals__", {})
-    found = [("global", globals_, name, globals_[name]) for name in code.co_names if name in globals_]
+    found = [("global", globals_, name, globals_[name]) for name in dict.fromkeys(_names_read(code))
+             if name in globals_]
     for name, cell in zip(code.co_freevars, getattr(forward, "__closure__", None) or ()):
         value = _current("cell", cell, name)
         if value is not _MISSING:
             found.append(("cell", cell, name, value))
+    found = [reference for reference in found if (id(reference[1]), reference[2]) not in seen]
+    seen.update((id(owner), name) for _, owner, name, _ in found)
+    if depth > 0:
+        for *_, value in list(found):
+            if isinstance(value, types.FunctionType) and _users_function(value):
+                found.extend(_read_directly(value, depth - 1, seen))
     return found
 
 
+def _names_read(code: types.CodeType) -> Iterator[str]:
+    """The global (and attribute) names a code object and the code nested in it (comprehensions, lambdas) use."""
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _names_read(const)
+
+
+def _users_function(function: types.FunctionType) -> bool:
+    """Whether a function is the user's own (a script's, a notebook's, the lecture's), not a library's."""
+    return _users_module(getattr(function, "__module__", None))
+
+
+def _users_module(module: Any) -> bool:
+    """Whether code of the module of this name is the user's own, not a library's (nor tensorgraph's)."""
+    if not isinstance(module, str):
+        return True  # code made by exec() with globals of its own: the user's
+    if module.startswith(_USER_MODULES):
+        return True
+    return not module.startswith("tensorgraph") and not _from_a_library(module)
+
+
 def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], read: dict[int, Tensor],
-                       made: dict[int, Tensor]) -> _References:
+                       made: dict[int, Tensor], code: Sequence[tuple[types.CodeType, dict]] = ()) -> _References:
     """What the forward names directly (globals, closure cells) that the guard re-checks: recorded tensors,
     Python atoms, other objects by identity, modules (their ``training`` flags, submodules and parameters; the
     object of a bound method, or the forward, too), the attributes of user objects within reach
     (``layers[1].training``, ``model.layers[3].eps``, ``net.act``) and those holding a tensor of ``read`` (the
     leaves the loss depends on: ``layers[1].gamma``), and the items of the lists and dicts on the way.
-    Attributes holding a tensor of ``made`` (computed by the forward: ``layers[0].out``) are listed in ``stored``."""
+    Attributes holding a tensor of ``made`` (computed by the forward: ``layers[0].out``) are listed in ``stored``.
+    The globals read by ``code`` (the user's functions that called torch while recording: a method of the
+    user's class reading a global) count as the forward's own."""
     found = _References()
     walk = _Walk(set(), read, made)
     for path, owner in _owners(forward):
         _watch_flags(found, path, owner, _FLAG_DEPTH, walk)
-    for kind, owner, name, value in _read_directly(forward):
+    seen: set[tuple[int, str]] = set()
+    for kind, owner, name, value in _read_directly(forward, seen=seen) + _read_by(code, seen):
         if isinstance(value, Tensor):
             if id(value) in leaves:
                 found.tensors.append((kind, owner, name, value))

@@ -1145,7 +1145,53 @@ def _container_cases():
 
     forward, change = closure_case()
     cases["closure function rebound"] = (forward, change, "'act' now refers to a different object (relu)", w[:1])
+
+    script = _script(W=w[0], layers=[w[0]], SCALE=1.0, vs=w[:2])  # a user's module: forward calls its helpers
+    cases["helper's global rebound"] = (script["through_helper"], lambda: script.update(W=w[1]),
+                                        "'W' now refers to a different tensor", w[:2])
+    cases["helper's global list appended"] = (script["through_layers"], lambda: script["layers"].append(w[2]),
+                                              "layers now has 2 items (the recording's had 1)", w)
+    cases["comprehension reads a global"] = (script["comprehension"], lambda: script.update(SCALE=2.0),
+                                             "'SCALE' changed from 1.0 to 2.0 (the recording used its value)", w[:2])
+    other = _script(SCALE=1.0)
+    users_model = other["Model"](w[0])
+    cases["method reads a global"] = (lambda x: users_model(x), lambda: other.update(SCALE=3.0),
+                                      "'SCALE' changed from 1.0 to 3.0 (the recording used its value)", w[:1])
     return cases
+
+
+_SCRIPT = """
+def mlp(x):
+    return torch.tanh(x @ W)
+
+def through_helper(x):
+    return mlp(x).sum()
+
+def deep(x):
+    for v in layers:
+        x = torch.tanh(x @ v)
+    return x
+
+def through_layers(x):
+    return deep(x).sum()
+
+def comprehension(x):
+    return torch.stack([torch.tanh(x @ v) * SCALE for v in vs]).sum()
+
+class Model:
+    def __init__(self, W):
+        self.W = W
+
+    def __call__(self, x):
+        return torch.tanh(x @ self.W).sum() * SCALE
+"""
+
+
+def _script(**variables):
+    """The globals of a user's script defining ``_SCRIPT``'s functions, which read ``variables``."""
+    namespace = {"__name__": "users_script", "torch": torch, **variables}
+    exec(_SCRIPT, namespace)  # noqa: S102 - a module of the user's own, with globals the test changes
+    return namespace
 
 
 _CONTAINER_CASES = _container_cases()
@@ -1154,7 +1200,8 @@ _CONTAINER_CASES = _container_cases()
 @pytest.mark.parametrize("case", list(_CONTAINER_CASES))
 def test_guard_on_the_structure_the_forward_reaches(case):
     """A layer appended to a list, an item or attribute replaced, a number changed inside a list or dict, a
-    submodule, parameter or buffer swapped, a function rebound: the step re-records once, saying what changed, and
+    submodule, parameter or buffer swapped, a function rebound, a global that a helper function, a comprehension
+    or a method reads changed: the step re-records once, saying what changed, and
     gives torch's results (the old code silently replayed the recording's structure)."""
     forward, change, message, tensors = _CONTAINER_CASES[case]
     x = r(3, 4, seed=320)
