@@ -93,6 +93,8 @@ from __future__ import annotations
 
 import bisect
 import builtins
+import dis
+import functools
 import importlib
 import itertools
 import linecache
@@ -1414,7 +1416,7 @@ def _read_by(code: Sequence[tuple[types.CodeType, dict]], seen: set[tuple[int, s
     for body, globals_ in code:
         if not _users_module(globals_.get("__name__")):
             continue
-        for name in dict.fromkeys(_names_read(body)):
+        for name in _names_read(body):
             if name in globals_ and (id(globals_), name) not in seen:
                 seen.add((id(globals_), name))
                 found.append(("global", globals_, name, globals_[name]))
@@ -1434,8 +1436,7 @@ def _read_directly(forward: Callable[..., Any], depth: int = _CALL_DEPTH, seen: 
         return []
     seen = set() if seen is None else seen
     globals_ = getattr(forward, "__globals__", {})
-    found = [("global", globals_, name, globals_[name]) for name in dict.fromkeys(_names_read(code))
-             if name in globals_]
+    found = [("global", globals_, name, globals_[name]) for name in _names_read(code) if name in globals_]
     for name, cell in zip(code.co_freevars, getattr(forward, "__closure__", None) or ()):
         value = _current("cell", cell, name)
         if value is not _MISSING:
@@ -1449,12 +1450,16 @@ def _read_directly(forward: Callable[..., Any], depth: int = _CALL_DEPTH, seen: 
     return found
 
 
-def _names_read(code: types.CodeType) -> Iterator[str]:
-    """The global (and attribute) names a code object and the code nested in it (comprehensions, lambdas) use."""
-    yield from code.co_names
+@functools.lru_cache(maxsize=1024)
+def _names_read(code: types.CodeType) -> tuple[str, ...]:
+    """The global names a code object and the code nested in it (comprehensions, lambdas) load, by its bytecode
+    (``co_names`` also holds attribute names: ``self.out`` is not the global ``out``)."""
+    names = [instruction.argval for instruction in dis.get_instructions(code)
+             if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME")]
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            yield from _names_read(const)
+            names.extend(_names_read(const))
+    return tuple(dict.fromkeys(names))
 
 
 def _users_function(function: types.FunctionType) -> bool:
