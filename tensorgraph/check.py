@@ -40,18 +40,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .engine import (
-    backward,
-    call_rule,
-    gradient_hooks,
-    input_gradients,
-    require_values,
-    root_node,
-    rule_inputs,
-    seed_gradient,
-)
+from .engine import backward, call_rule, gradient_hooks, input_gradients, require_values, root_node, seed_gradient
 from .graph import identifier, is_float
-from .ops import OPS
+from .rounding import TOLERANCES, close, rounding_noise, sum_to
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -61,22 +52,9 @@ KINDS = ("ok", "shape", "dtype", "not-unbroadcast", "transposed", "missing-branc
 # kinds that are the learner's own mistake in that row (``inherited`` and ``missing`` are not)
 ERROR_KINDS = frozenset({"shape", "dtype", "not-unbroadcast", "transposed", "missing-branch", "sign", "scaled",
                          "wrong"})
-# allclose tolerances by dtype: float32 is the lecture's cmp (torch.allclose's defaults)
-TOLERANCES = {torch.float64: (1e-7, 1e-10), torch.float32: (1e-5, 1e-8), torch.float16: (1e-3, 1e-5),
-              torch.bfloat16: (1e-2, 1e-4)}
 _INDEX_OPS = frozenset({"getitem", "embedding", "index_select"})
 # reductions that select an element, by what they select
 _SELECTIONS = {"max": "max", "amax": "max", "min": "min", "amin": "min"}
-# ops whose rule sums products of the gradient with an input (a contraction): their magnitude pass
-# runs the rule on the inputs' absolute values, so that the terms cannot cancel there either
-_CONTRACTIONS = frozenset({"matmul", "linear", "addmm", "inner", "outer", "einsum", "tensordot", "addmv", "addr",
-                           "bilinear"})
-# the rounding allowance, in units of the dtype's eps times the summed magnitude that cancelled (see
-# _rounding_noise, _cancelled). Measured on the lecture's network: correct alternative formulas give no
-# false alarm already at 1, nor do the atomic, fused and float64-cast answers at 4 (batch 4 to 128, widths
-# 64 and 200, many seeds); exercise 3's one-liner without its eps (a ~1e-5 relative slip) passed at 16
-# where the lecture's allclose rejects it, and is caught wherever allclose catches it at 8 and below
-ROUNDING_ULPS = 4
 
 
 NAME_WIDTH = 15  # the gradient column's least width; longer names widen the whole table
@@ -334,8 +312,8 @@ class _Checker:
         self.atol = default[1] if atol is None else atol
         # per element, what float rounding alone can give: along the whole backward path, and since the
         # learner's own values (the rounding of the lines between their gradients and this one)
-        self.noise = _rounding_noise(graph, root, truth)
-        self.local_noise = _rounding_noise(graph, root, truth, _restarts(given, truth)) if given else self.noise
+        self.noise = rounding_noise(graph, root, truth)
+        self.local_noise = rounding_noise(graph, root, truth, _restarts(given, truth)) if given else self.noise
         self.mine: dict[int, list[_Branch | None]] = {}  # from the learner's upstream gradients
         self.right: dict[int, list[_Branch]] = {}  # from the right upstream gradients
         self.used: dict[int, Tensor] = {}  # the upstream value each node passes on, as the learner has it
@@ -414,7 +392,7 @@ class _Checker:
             target = self.nodes[source]
             if source not in self.truth or not is_float(target):
                 continue
-            found.append((source, _Branch(node, grad, _sum_to(grad, target["shape"]).to(target["dtype"]))))
+            found.append((source, _Branch(node, grad, sum_to(grad, target["shape"]).to(target["dtype"]))))
         return found
 
     def _float_inputs(self, node: int) -> list[int]:
@@ -897,16 +875,12 @@ class _Checker:
         """allclose, plus the rounding allowance of ``node``'s gradient (the comparison is about that node).
 
         ``local``: ``b`` was computed from the learner's own upstream values, so only the rounding
-        since those values counts (see ``_rounding_noise``).
+        since those values counts (see ``rounding_noise``).
         """
         if tuple(a.shape) != tuple(b.shape):
             return False
         a = a.to(dtype=b.dtype, device=b.device) if a.dtype != b.dtype else a
-        close = torch.isclose(a, b, rtol=self.rtol, atol=self.atol)
-        noise = self._noise(node, b, local)
-        if noise is not None:
-            close |= (a - b).abs() <= _cancelled(noise, b)
-        return bool(close.all())
+        return bool(close(a, b, self._noise(node, b, local), self.rtol, self.atol).all())
 
     def _negligible(self, t: Tensor, node: int | None = None) -> bool:
         """Zero up to rounding: every element within atol (and ``node``'s rounding allowance) of 0."""
@@ -928,38 +902,6 @@ class _Checker:
 # ---------------------------------------------------------------- rounding
 
 
-def _cancelled(noise: Tensor | float, reference: Tensor) -> Tensor | float:
-    """The rounding allowance of the mass that cancelled: ``noise`` less its share of ``|reference|``.
-
-    Where the terms behind an element do not cancel (magnitude ~ |value|), allclose's rtol
-    already covers their rounding, and a uniform relative slip (a forgotten eps) must show
-    as it does with allclose; only the mass that cancelled away carries rounding noise above it.
-    """
-    if not isinstance(noise, Tensor):
-        return noise
-    share = reference.abs().to(noise.dtype) * (ROUNDING_ULPS * torch.finfo(noise.dtype).eps)
-    return (noise - share).clamp(min=0)
-
-
-def _rounding_noise(graph: Graph, root: int, truth: dict[int, Tensor],
-                    restarts: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
-    """Per gradient element, how far float rounding alone can move it: ``ROUNDING_ULPS * eps * magnitude``.
-
-    A gradient element that is a sum of terms of size ~0.1 which cancel to ~0 (``db1`` behind
-    batchnorm, ``dlogit_maxes``) carries rounding noise of ~eps * 0.1, far above allclose's
-    atol; a learner's equivalent formula, or their own upstream values, round differently.
-    The allowance scales with what was summed to produce the element, not with its value.
-    With ``restarts`` (the learner's gradients, by node), the sums start again from those
-    values: what rounding can add since them.
-    """
-    noise = {}
-    for node, magnitude in _magnitudes(graph, root, truth, restarts or {}).items():
-        if magnitude.is_floating_point() and magnitude.dtype in TOLERANCES:
-            magnitude = torch.where(torch.isfinite(magnitude), magnitude, 0)  # no allowance from an inf
-            noise[node] = magnitude * (ROUNDING_ULPS * torch.finfo(magnitude.dtype).eps)
-    return noise
-
-
 def _restarts(given: dict[int, Tensor], truth: dict[int, Tensor]) -> dict[int, Tensor]:
     """The learner's gradients that can stand in for the right ones in the magnitude pass."""
     restarts = {}
@@ -968,58 +910,6 @@ def _restarts(given: dict[int, Tensor], truth: dict[int, Tensor]) -> dict[int, T
         if tuple(value.shape) == tuple(right.shape) and value.is_floating_point() and bool(value.isfinite().all()):
             restarts[node] = value.to(dtype=right.dtype, device=right.device).abs()
     return restarts
-
-
-def _magnitudes(graph: Graph, root: int, truth: dict[int, Tensor],
-                restarts: dict[int, Tensor]) -> dict[int, Tensor]:
-    """The backward pass on absolute values: per element, the sum of the sizes of the terms behind it.
-
-    Each rule runs on the consumer's magnitude (nonnegative), its result is taken in absolute
-    value and broadcast-undone by summing, so nothing cancels: a running error bound's
-    ``|J|^T |g|``. Contractions (matmul ...) run on their inputs' absolute values. A node in
-    ``restarts`` sends its restart value on instead of what was summed into it.
-    """
-    nodes = graph._nodes
-    magnitudes = {root: truth[root].abs()}
-    for node in range(root, -1, -1):
-        magnitude = magnitudes.get(node)
-        data = nodes[node]
-        if magnitude is None or data["kind"] != "op" or not data["inputs"]:
-            continue
-        try:
-            grads = _magnitude_rule(graph, node, restarts.get(node, magnitude))
-            pairs = list(input_gradients(data, grads))
-        except Exception:  # noqa: BLE001 - no allowance beyond allclose's where a rule cannot run on magnitudes
-            continue
-        for source, grad in pairs:
-            if source not in truth or not isinstance(grad, Tensor) or not grad.is_floating_point():
-                continue
-            target = nodes[source]
-            try:
-                part = _sum_to(grad.abs(), target["shape"]).to(target["dtype"])
-            except RuntimeError:
-                continue
-            magnitudes[source] = magnitudes[source] + part if source in magnitudes else part
-    return magnitudes
-
-
-def _magnitude_rule(graph: Graph, node: int, magnitude: Tensor) -> Any:
-    data = graph._nodes[node]
-    rule = data.get("rule") or getattr(OPS.get(data["op"]), "rule", None)
-    if data["op"] not in _CONTRACTIONS or rule is None:
-        return call_rule(graph, node, magnitude)
-    args, kwargs = rule_inputs(data, graph._nodes)
-    args = tuple(_absolute(a) for a in args)
-    out = data["result"] if data["output_index"] is not None else data["value"]
-    return rule(magnitude, out, *args, **kwargs)
-
-
-def _absolute(value: Any) -> Any:
-    if isinstance(value, Tensor) and value.is_floating_point():
-        return value.abs()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_absolute(v) for v in value)
-    return value
 
 
 # ---------------------------------------------------------------- helpers
@@ -1037,17 +927,6 @@ def _total(branches: list[_Branch | None] | None, summed: bool = True) -> Tensor
     except RuntimeError:
         return None
     return total
-
-
-def _sum_to(grad: Tensor, shape: tuple[int, ...]) -> Tensor:
-    if tuple(grad.shape) == tuple(shape):
-        return grad
-    try:
-        return grad.sum_to_size(shape)
-    except RuntimeError:
-        if grad.numel() == math.prod(shape):
-            return grad.reshape(shape)
-        raise
 
 
 def _ties(x: Tensor, kind: str, dim: Any) -> Tensor | None:

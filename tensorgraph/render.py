@@ -96,7 +96,7 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
             largest entry. Its loss is the loss of the backward view.
         loss: the loss (tensor, name or node id), when ``grads`` is not given.
         compare: a report from ``graph.compare(loss)``: colours each gradient exact,
-            approximate or wrong.
+            approximate (or past allclose only by rounding: ok) or wrong.
         check: a learner's check report (``.first_error``, ``.rows`` with ``.name``,
             ``.kind``, ``.message``): colours the first wrong gradient and the gradients
             computed from it.
@@ -696,6 +696,8 @@ def statuses(graph: Graph, options: _Options) -> dict[int, tuple[str, str]]:
                 found[node] = ("exact", "vs torch: exact")
             elif row.approximate:
                 found[node] = ("approximate", f"vs torch: approximate, maxdiff {number(row.maxdiff)}")
+            elif getattr(row, "ok", False):  # beyond allclose only by rounding where terms cancel
+                found[node] = ("approximate", f"vs torch: within rounding, maxdiff {number(row.maxdiff)}")
             else:
                 found[node] = ("wrong", f"vs torch: WRONG, maxdiff {number(row.maxdiff)}")
     if options.check is not None:

@@ -1976,6 +1976,14 @@ def cross_entropy(g: Tensor, out: Tensor, x: Tensor, target: Tensor, weight: Ten
     fused = _symbolic("cross_entropy", g, x, target, weight, ignore_index, reduction, label_smoothing)
     if fused is not None:  # class-index targets, mean or sum: the closed form tensorgraph.symbolic derives
         return fused, None, None
+    logp, grad_logp, grad_target, class_dim = cross_entropy_parts(g, x, target, weight, ignore_index, reduction,
+                                                                  label_smoothing)
+    return aten._log_softmax_backward_data(grad_logp, logp, class_dim, x.dtype), grad_target, None
+
+
+def cross_entropy_parts(g: Tensor, x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                        reduction: str, label_smoothing: float) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """Cross entropy as nll of log_softmax: ``(logp, d loss / d logp, d loss / d target or None, class_dim)``."""
     class_dim = 1 if x.dim() >= 2 else 0
     logp = x.log_softmax(class_dim)
     batch_dim = class_dim if x.dim() >= 2 else None
@@ -1994,7 +2002,7 @@ def cross_entropy(g: Tensor, out: Tensor, x: Tensor, target: Tensor, weight: Ten
         per_element, denom, keep = _nll_grad(logp, target, weight, ignore_index, reduction, label_smoothing)
     grad_logp = (_scale_loss(g, per_element, reduction, denom, batch_dim) if keep is None else _scale_nll(
         g, per_element, keep, reduction, denom, batch_dim, class_dim)).to(logp.dtype)  # weight may be wider
-    return aten._log_softmax_backward_data(grad_logp, logp, class_dim, x.dtype), grad_target, None
+    return logp, grad_logp, grad_target, class_dim
 
 
 defop("nll_loss", nll_loss)

@@ -247,15 +247,19 @@ def test_compare_report_colours_each_gradient(lecture):
         exact: bool
         approximate: bool
         maxdiff: float = 0.0
+        ok: bool = False
 
     stand_in = type("Report", (), {"rows": [Row("h", False, False, 0.5), Row("W2", False, True, 1e-9),
-                                            Row("b2", True, True)]})()
+                                            Row("b2", True, True), Row("b1", False, False, 3e-8, ok=True)]})()
     svg = graph.render(compare=stand_in).pipe(format="svg", encoding="utf-8")
     attrs = node_attrs(layout(graph.render(compare=stand_in)))
     assert attrs[f"n{graph.node_id('h')}"]["fillcolor"] == COLORS["wrong"]
     assert attrs[f"n{graph.node_id('W2')}"]["fillcolor"] == COLORS["approximate"]
     assert attrs[f"n{graph.node_id('b2')}"]["fillcolor"] == COLORS["exact"]
     assert "WRONG, maxdiff 0.5" in svg_nodes(svg)[f"n{graph.node_id('h')}"]
+    # past allclose only by rounding where terms cancel (report.ok): not wrong
+    assert attrs[f"n{graph.node_id('b1')}"]["fillcolor"] == COLORS["approximate"]
+    assert "within rounding, maxdiff 3e-08" in svg_nodes(svg)[f"n{graph.node_id('b1')}"]
 
 
 @dataclass
