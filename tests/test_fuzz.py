@@ -84,9 +84,12 @@ def check_program(program: Program) -> tg.Graph:
         graph, loss, env = run_engine(program)
         ours = graph.backward(loss)
         their_loss, theirs = run_torch(program)
-    torch.testing.assert_close(loss, their_loss.detach(), rtol=1e-12, atol=0, msg="the two runs disagree on the loss")
     low_precision = any(e.value.dtype != torch.float64 for e in program.entries)
     rtol, atol = (2e-4, 2e-5) if low_precision else (1e-7, 1e-9)
+    # NOTE: not bit for bit in float32: torch's matmul folds a batched product into one 2-d product only when
+    # the first operand does not require grad, so torch's run (leaves that require grad) rounds differently
+    torch.testing.assert_close(loss, their_loss.detach(), rtol=rtol if low_precision else 1e-12,
+                               atol=atol if low_precision else 0, msg="the two runs disagree on the loss")
     scale = max([1.0] + [g.abs().max().item() for g in theirs.values() if g is not None and g.numel()])
     for i, expected in theirs.items():
         tensor = env[i]
