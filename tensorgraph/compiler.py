@@ -96,6 +96,7 @@ import builtins
 import dis
 import functools
 import importlib
+import inspect
 import itertools
 import linecache
 import types
@@ -275,11 +276,15 @@ class _Attributes:
         return None
 
 
-def _attributes(path: str, attrs: dict, *, module: bool = False) -> _Attributes | None:
-    """The guard on the public attributes of an object's ``__dict__`` but tensors, or None if it has none. Of a
-    module: not ``training`` (guarded with the module's mode) nor torch's internal ``_`` names (its submodules and
-    parameters are guarded as :class:`_Contents`)."""
-    names = tuple(name for name, value in attrs.items() if isinstance(name, str) and not isinstance(value, Tensor)
+def _attributes(path: str, attrs: dict, *, module: bool = False, loaded: Collection[str] = ()
+                ) -> _Attributes | None:
+    """The guard on the attributes of an object's ``__dict__``, or None if it has none: its atoms, and those of
+    its other attributes but tensors whose names the forward's code loads (``loaded``: ``model.act``, not a
+    ``self.losses`` that only the training loop appends to). Of a module: not ``training`` (guarded with the
+    module's mode) nor torch's internal ``_`` names (its submodules, parameters and buffers are guarded as
+    :class:`_Contents`)."""
+    names = tuple(name for name, value in attrs.items() if isinstance(name, str)
+                  and (type(value) in _ATOMS or (name in loaded and not isinstance(value, Tensor)))
                   and not (module and (name.startswith("_") or name == "training")))
     return _Attributes(path, attrs, names) if names else None
 
@@ -1426,15 +1431,17 @@ def _read_by(code: Sequence[tuple[types.CodeType, dict]], seen: set[tuple[int, s
 _CALL_DEPTH = 3  # how many calls down the guard follows the user's functions a forward names (helpers of helpers)
 
 
-def _read_directly(forward: Callable[..., Any], depth: int = _CALL_DEPTH, seen: set[tuple[int, str]] | None = None
-                   ) -> list[tuple[str, Any, str, Any]]:
+def _read_directly(forward: Callable[..., Any], depth: int = _CALL_DEPTH, seen: set[tuple[int, str]] | None = None,
+                   code_read: list[types.CodeType] | None = None) -> list[tuple[str, Any, str, Any]]:
     """Every global and closure variable the forward's own code reads (its comprehensions and lambdas too), and
     those of the user's functions it names, ``depth`` calls down (``mlp(x)`` reading ``layers``):
-    (kind, owner, name, value), each place once."""
+    (kind, owner, name, value), each place once. ``code_read`` gets the code objects read."""
     code = getattr(forward, "__code__", None)
     if code is None:
         return []
     seen = set() if seen is None else seen
+    if code_read is not None:
+        code_read.append(code)
     globals_ = getattr(forward, "__globals__", {})
     found = [("global", globals_, name, globals_[name]) for name in _names_read(code) if name in globals_]
     for name, cell in zip(code.co_freevars, getattr(forward, "__closure__", None) or ()):
@@ -1446,7 +1453,7 @@ def _read_directly(forward: Callable[..., Any], depth: int = _CALL_DEPTH, seen: 
     if depth > 0:
         for *_, value in list(found):
             if isinstance(value, types.FunctionType) and _users_function(value):
-                found.extend(_read_directly(value, depth - 1, seen))
+                found.extend(_read_directly(value, depth - 1, seen, code_read))
     return found
 
 
@@ -1460,6 +1467,56 @@ def _names_read(code: types.CodeType) -> tuple[str, ...]:
         if isinstance(const, types.CodeType):
             names.extend(_names_read(const))
     return tuple(dict.fromkeys(names))
+
+
+def _loaded_names(code: list[types.CodeType], classes: Collection[type]) -> frozenset[str]:
+    """The attribute names that ``code`` loads, and the methods and properties of ``classes`` it names in turn
+    (``self.activation()`` returning ``self.act``): what the forward may read of the objects it reaches."""
+    loaded: set[str] = set()
+    pending, done = list(code), set()
+    while pending:
+        body = pending.pop()
+        if body in done:
+            continue
+        done.add(body)
+        names = _attributes_loaded(body)
+        loaded |= names
+        for cls in classes:
+            for name in names:
+                pending.extend(_code_of(inspect.getattr_static(cls, name, None)))
+    return frozenset(loaded)
+
+
+def _code_of(member: Any) -> Iterator[types.CodeType]:
+    """The code of a class member: a method's, a static or class method's, a property's getter and setter."""
+    if isinstance(member, (staticmethod, classmethod)):
+        member = member.__func__
+    if isinstance(member, property):
+        yield from (f.__code__ for f in (member.fget, member.fset) if isinstance(f, types.FunctionType))
+    elif isinstance(member, types.FunctionType):
+        yield member.__code__
+
+
+def _users_classes(roots: Iterable[tuple[str, Any]]) -> set[type]:
+    """The user's own classes among the objects within the guard's reach of these (and their modules')."""
+    classes: set[type] = set()
+    seen: set[int] = set()
+    for path, value in roots:
+        for _, obj, attrs, _ in _objects_within_reach(path, value, _FLAG_DEPTH, seen):
+            objects = [module for module in obj.modules()] if attrs is None else [obj]
+            classes.update(type(o) for o in objects if _users_module(type(o).__module__))
+    return classes
+
+
+@functools.lru_cache(maxsize=1024)
+def _attributes_loaded(code: types.CodeType) -> frozenset[str]:
+    """The attribute names a code object and the code nested in it load (``self.layers``, ``model.act(x)``)."""
+    names = {instruction.argval for instruction in dis.get_instructions(code)
+             if instruction.opname in ("LOAD_ATTR", "LOAD_METHOD")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _attributes_loaded(const)
+    return frozenset(names)
 
 
 def _users_function(function: types.FunctionType) -> bool:
@@ -1487,11 +1544,15 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
     The globals read by ``code`` (the user's functions that called torch while recording: a method of the
     user's class reading a global) count as the forward's own."""
     found = _References()
-    walk = _Walk(set(), read, made)
+    seen: set[tuple[int, str]] = set()
+    code_read: list[types.CodeType] = []
+    references = _read_directly(forward, seen=seen, code_read=code_read) + _read_by(code, seen)
+    roots = list(_owners(forward)) + [(name, value) for _, _, name, value in references]
+    loaded = _loaded_names(code_read + [body for body, _ in code], _users_classes(roots))
+    walk = _Walk(set(), read, made, loaded)
     for path, owner in _owners(forward):
         _watch_flags(found, path, owner, _FLAG_DEPTH, walk)
-    seen: set[tuple[int, str]] = set()
-    for kind, owner, name, value in _read_directly(forward, seen=seen) + _read_by(code, seen):
+    for kind, owner, name, value in references:
         if isinstance(value, Tensor):
             if id(value) in leaves:
                 found.tensors.append((kind, owner, name, value))
@@ -1520,6 +1581,7 @@ class _Walk(NamedTuple):
     seen: set[int]
     read: dict[int, Tensor]  # the leaves the loss depends on: an attribute holding one is guarded
     made: dict[int, Tensor]  # the tensors the forward computed: an attribute holding one is named in a warning
+    loaded: frozenset[str] = frozenset()  # the attribute names the forward's code loads: those it may read
 
 
 _FLAG_DEPTH = 3  # ``model.layers[3].norm``: how far below a name the guard looks for flags and attributes
@@ -1531,11 +1593,12 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
     atoms are in the object's ``__dict__`` (the lecture's hand-written ``BatchNorm1d``: ``training``, ``eps``,
     ``momentum``). Walks what naming walks."""
     containers: list[tuple[str, list | dict]] = []
-    for object_path, obj, attrs in _objects_within_reach(path, value, depth, walk.seen, containers):
+    for object_path, obj, attrs, read in _objects_within_reach(path, value, depth, walk.seen, containers,
+                                                               walk.loaded):
         if attrs is None:
-            _watch_module(found, object_path, obj, walk.read)
+            _watch_module(found, object_path, obj, walk.read, walk.loaded if read else None)
             continue
-        guard = _attributes(object_path, attrs)
+        guard = _attributes(object_path, attrs, loaded=walk.loaded if read else ())
         if guard is not None:
             found.objects.append(guard)
         for name, item in attrs.items():
@@ -1549,25 +1612,28 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
 
 
 def _objects_within_reach(path: str, value: Any, depth: int, seen: set[int],
-                          containers: list[tuple[str, Any]] | None = None) -> Iterator[tuple[str, Any, dict | None]]:
+                          containers: list[tuple[str, Any]] | None = None, loaded: Collection[str] | None = None,
+                          read: bool = True) -> Iterator[tuple[str, Any, dict | None, bool]]:
     """``value`` and the objects in its items and attributes, ``depth`` levels down, each once, as
-    ``(path, object, its __dict__)``: the user's own objects with their attributes, an nn.Module with None (its
-    submodules are its own), lists, tuples and dicts only walked through (added to ``containers`` when given,
-    up to ``_MAX_ITEMS`` items)."""
+    ``(path, object, its __dict__, read)``: the user's own objects with their attributes, an nn.Module with None
+    (its submodules are its own), lists, tuples and dicts only walked through (added to ``containers`` when
+    given, up to ``_MAX_ITEMS`` items, if read). With ``loaded`` (the attribute names the forward's code loads),
+    ``read`` says whether the path to an object may be the forward's own reads: every attribute on it loaded
+    (``net.layers[0]``, not ``trainer.losses``)."""
     if id(value) in seen or not _WALKABLE[type(value)]:
         return
     seen.add(id(value))
     if isinstance(value, torch.nn.Module):
-        yield path, value, None
+        yield path, value, None, read
         return
     if isinstance(value, (list, tuple, dict)):
         if len(value) > _MAX_ITEMS:
             return
-        if containers is not None:
+        if containers is not None and read:
             containers.append((path, value))
         pairs = value.items() if isinstance(value, dict) else enumerate(value)
         form = "{}[{!r}]" if isinstance(value, dict) else "{}[{}]"
-        items = [(form.format(path, key), item) for key, item in pairs]
+        items = [(form.format(path, key), item, read) for key, item in pairs]
     else:
         try:
             attrs = vars(value)
@@ -1575,30 +1641,35 @@ def _objects_within_reach(path: str, value: Any, depth: int, seen: set[int],
             return
         if not isinstance(attrs, dict):
             return
-        yield path, value, attrs
-        items = [(f"{path}.{name}", item) for name, item in attrs.items() if not name.startswith("_")]
+        yield path, value, attrs, read
+        items = [(f"{path}.{name}", item, read and (loaded is None or name in loaded))
+                 for name, item in attrs.items() if not name.startswith("_")]
     if depth > 0:
-        for item_path, item in items:
+        for item_path, item, item_read in items:
             if not isinstance(item, Tensor) and type(item) not in _ATOMS:
-                yield from _objects_within_reach(item_path, item, depth - 1, seen, containers)
+                yield from _objects_within_reach(item_path, item, depth - 1, seen, containers, loaded, item_read)
 
 
-def _watch_module(found: _References, name: str, module: torch.nn.Module, read: Mapping[int, Tensor]) -> None:
+def _watch_module(found: _References, name: str, module: torch.nn.Module, read: Mapping[int, Tensor],
+                  loaded: Collection[str] | None) -> None:
     """Watch the ``training`` flags of a module and its submodules, their public attributes (torch's ``eps``,
     ``momentum``, ``p``; those the user's own subclasses set: ``self.temperature``, ``self.act``; a tensor of
     ``read`` in a plain attribute), and which submodules, parameters and buffers they hold
     (``model.fc = nn.Linear(...)``, ``layers.append(...)``, ``fc.weight = nn.Parameter(...)``,
-    ``bn.running_mean = ...`` in eval mode)."""
+    ``bn.running_mean = ...`` in eval mode). ``loaded``: the attribute names the forward's code loads, None for
+    a module it may not read (reached through an attribute it does not load): then only its flags and atoms."""
     modules = list(module.named_modules())
     found.modules.append((name, modules, tuple(m.training for _, m in modules)))
     for path, submodule in modules:
         where = f"{name}.{path}" if path else name
         attrs = vars(submodule)
-        guard = _attributes(where, attrs, module=True)
+        guard = _attributes(where, attrs, module=True, loaded=loaded or ())
         if guard is not None:
             found.objects.append(guard)
         found.attributes.extend((where, attrs, attr, item) for attr, item in attrs.items()
                                 if isinstance(item, Tensor) and read.get(id(item)) is item)
+        if loaded is None:
+            continue
         for held in (submodule._modules, submodule._parameters, submodule._buffers):
             if held:
                 found.contents.append((where, held, ".{}"))
@@ -1649,7 +1720,7 @@ def _tensor_places(forward: Callable[..., Any]) -> dict[tuple[int, str], tuple[_
 def _walk_places(found: dict, path: str, value: Any, depth: int, seen: set[int]) -> None:
     """The tensor attributes of ``value`` and of the objects in its items and attributes, ``depth`` levels down
     (the user's own objects; of an nn.Module, its buffers)."""
-    for object_path, obj, attrs in _objects_within_reach(path, value, depth, seen):
+    for object_path, obj, attrs, _ in _objects_within_reach(path, value, depth, seen):
         if attrs is None:
             _buffer_places(found, object_path, obj)
             continue

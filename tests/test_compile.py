@@ -1227,6 +1227,77 @@ def test_guard_on_the_structure_the_forward_reaches(case):
             torch.testing.assert_close(grads[t], g, **TOL)
 
 
+class _Trainer:  # an engineer's training loop: the step is a bound method; the loop logs into the same object
+    def __init__(self, w):
+        self.w, self.losses, self.log = w, [], {"loss": None}
+        self.step = tg.compile(self.loss_of, fuse=False)
+
+    def loss_of(self, x):
+        return torch.tanh(x @ self.w).sum()
+
+    def train(self, x, steps):
+        for _ in range(steps):
+            loss, grads = self.step(x)
+            with torch.no_grad():
+                self.w -= 0.1 * grads[self.w]
+            self.losses.append(loss.item())
+            self.log["loss"] = self.losses[-1]
+
+
+def test_structure_guard_leaves_out_what_the_forward_never_loads():
+    """A list and a dict the loop fills on the forward's own object, which its code never loads, record nothing
+    (guarding them would re-record at every step); the loss follows torch's at every step."""
+    w, x = r(4, 4, seed=340), r(3, 4, seed=341)
+    trainer = _Trainer(w.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecompileWarning)
+        trainer.train(x, 5)
+    assert trainer.step.recordings == 1
+    expected = []
+    for _ in range(5):
+        leaf = w.clone().requires_grad_()
+        loss = torch.tanh(x @ leaf).sum()
+        expected.append(loss.item())
+        w = w - 0.1 * torch.autograd.grad(loss, leaf)[0]
+    assert trainer.losses == pytest.approx(expected, rel=1e-12)
+
+
+class _Net:  # the user's class reaching its weights through a method and its activation through a property
+    def __init__(self, weights):
+        self.weight_list, self._act = weights, torch.tanh
+
+    @property
+    def act(self):
+        return self._act
+
+    def weights(self):
+        return self.weight_list
+
+    def __call__(self, x):
+        for w in self.weights():
+            x = self.act(x @ w)
+        return x.sum()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda net, w: net.weight_list.append(w), "net.weight_list now has 2 items (the recording's had 1)"),
+    (lambda net, w: setattr(net, "_act", torch.sigmoid), "net._act now refers to a different object (sigmoid)")])
+def test_structure_guard_follows_the_methods_and_properties_the_forward_names(change, message):
+    """What the forward reads through its objects' methods and properties is guarded like what it names."""
+    w, x = [r(4, 4, seed=350 + k) for k in range(2)], r(3, 4, seed=352)
+    net = _Net([w[0]])
+
+    def forward(x):
+        return net(x)
+
+    step = tg.compile(forward, fuse=False)
+    step(x)
+    change(net, w[1])
+    (loss, _), warned = _call_once(step, x)
+    _warned_once(step, warned, message)
+    torch.testing.assert_close(loss, forward(x), **TOL)
+
+
 def test_structure_guard_accepts_what_cannot_change_the_step():
     """An equal number in a new object, and a tensor the loss never read replaced, record nothing."""
     w, unused, x = r(4, 4, seed=330), r(4, seed=331), r(3, 4, seed=332)
