@@ -362,7 +362,17 @@ class _Recorder(TorchFunctionMode):
     def _inplace_call(self, func, entry, args, kwargs):
         """``x.add_(y)``, ``x += y``, ``x[i] = v``: a new version of x; the old one keeps a copy of its value."""
         target = args[0]
+        replay = self.replay
+        if replay is not None and replay.matching:
+            with _Bookkeeping():
+                matched = replay.before_inplace(self, func, args, kwargs)
+            if matched:  # the template's call: its leaves and the old value are kept as below
+                func(*args, **kwargs)
+                with _Bookkeeping():
+                    replay.after_inplace(target)
+                return target
         with _Bookkeeping():
+            first = len(self.graph._nodes)
             source = self._source()
             setitem = entry is not None and entry[0].name == "setitem"
             call = self._refs_of_call(args, kwargs, allow_view_write=setitem)
@@ -370,9 +380,12 @@ class _Recorder(TorchFunctionMode):
             self._snapshot(target)
             self._keep_hooks(target)
             self._mark_aliases(target, source, keep_hooks=True)
+            frame = self.last_frame
         func(*args, **kwargs)
         with _Bookkeeping():
             self._add_op(func, entry, call, [target], target, source, previous=previous)
+            if replay is not None:
+                replay.log(func, first, len(self.graph._nodes), frame, source, _state.scope)
         return target
 
     def _out_call(self, func, entry, args, kwargs):
