@@ -369,7 +369,7 @@ class _Recorder(TorchFunctionMode):
             if matched:  # the template's call: its leaves and the old value are kept as below
                 func(*args, **kwargs)
                 with _Bookkeeping():
-                    replay.after_inplace(target)
+                    replay.after_inplace(self, target)
                 return target
         with _Bookkeeping():
             first = len(self.graph._nodes)
@@ -514,15 +514,20 @@ class _Recorder(TorchFunctionMode):
     def _mark_aliases(self, target: Tensor, source: tuple, *, keep_hooks: bool = False) -> None:
         """Before an in-place update of ``target``: everything sharing its memory changes too; their old values
         are kept, and a later use of one reads the write at ``source`` (allowed only as ``x[i] += v``)."""
+        for alias in self._live_aliases(target):
+            self._snapshot(alias)
+            if keep_hooks:
+                self._keep_hooks(alias)
+            self.view_written[id(alias)] = source
+
+    def _live_aliases(self, target: Tensor) -> list[Tensor]:
+        """The recorded tensors other than ``target`` that share its memory: its base, the base's recorded views,
+        the tensor behind a ``.data`` or ``.detach()``."""
         base = target._base if target._base is not None else self.data_of.get(id(target), target)
         if base._base is not None:
             base = base._base
-        for alias in [base] + self.views.get(id(base), []):
-            if alias is not target and id(alias) in self.graph._live:
-                self._snapshot(alias)
-                if keep_hooks:
-                    self._keep_hooks(alias)
-                self.view_written[id(alias)] = source
+        live = self.graph._live
+        return [alias for alias in [base] + self.views.get(id(base), []) if alias is not target and id(alias) in live]
 
     def _add_no_grad_update(self, func, name: str, call: tuple, target: Tensor, previous: int, source: tuple) -> None:
         """The new version of an intermediate updated under no_grad: the gradient passes through to ``previous``."""

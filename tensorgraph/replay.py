@@ -893,7 +893,8 @@ class Session:
         recorder then makes the call and :meth:`after_inplace` adds the new version. False: the full path records it.
 
         Checked before the call, since the old value must be kept first. Only a target that shares memory with no
-        other recorded tensor and has no gradient hooks is replayed: the full path then snapshots it alone.
+        other recorded tensor (``recorder._live_aliases``) and has no gradient hooks is replayed: the full path then
+        keeps its old value alone.
         """
         try:
             event = self.event
@@ -909,8 +910,7 @@ class Session:
             if not self._arguments(event, args, kwargs, pending, recorder.view_written):
                 return self._miss_inplace(recorder, func, args, kwargs)
             target = args[0]
-            if (target._base is not None or target._backward_hooks or id(target) in recorder.data_of
-                    or recorder.views.get(id(target))):
+            if target._backward_hooks or recorder._live_aliases(target):
                 return self._stop()  # its aliases' old values and hooks: the full path's _mark_aliases, _keep_hooks
         except Exception:  # noqa: BLE001 - a check that cannot be made is no match: the full path records the call
             return self._stop()
@@ -924,9 +924,12 @@ class Session:
         recorder._snapshot(target)
         return True
 
-    def after_inplace(self, target: Tensor) -> None:
+    def after_inplace(self, recorder: Any, target: Tensor) -> None:
         """After a call :meth:`before_inplace` matched: its node, the target's new version, as the template's."""
         self._add_node(self.event.single[0], target)
+        base = target._base
+        if base is not None:  # (a view of memory no other recorded tensor shares: as the recorder's _add_op)
+            recorder.views.setdefault(id(base), []).append(target)
         self.count = len(self.nodes)
         self._next()
 

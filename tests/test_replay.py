@@ -364,12 +364,14 @@ def _in_place(x, b, v):
     h.add_(b, alpha=0.5)  # a keyword argument
     values, _ = h.max(0)
     values += 1.0  # one output of a call returning two: its sibling's recorded result keeps the old value
-    return h.tanh().sum() + values.exp().sum()
+    pooled = F.avg_pool1d(h.unsqueeze(0), 2)  # a view of a tensor made inside the call, which no one else sees
+    pooled.mul_(3.0)
+    return h.tanh().sum() + values.exp().sum() + pooled.sum()
 
 
 def _out_of_place(x, b, v):  # the same function for torch autograd (which refuses exp's output updated in place)
     h = (x.exp() + b) * v + 0.5 * b
-    return h.tanh().sum() + (h.max(0)[0] + 1.0).exp().sum()
+    return h.tanh().sum() + (h.max(0)[0] + 1.0).exp().sum() + (F.avg_pool1d(h.unsqueeze(0), 2) * 3.0).sum()
 
 
 def _in_place_step(x, b, v):
@@ -392,7 +394,7 @@ def test_in_place_ops_on_intermediates_are_replayed():
         grads = graph.backward(loss)
         if step == 1:
             template = graph._replay
-            assert [e.inplace for e in template.events].count(True) == 4
+            assert [e.inplace for e in template.events].count(True) == 5
         elif step > 1:
             assert graph._replay is template and template.matched == step - 1
         reference, ref_loss = _reference(_in_place_step, x, b, 2.0)
