@@ -362,7 +362,17 @@ class _Recorder(TorchFunctionMode):
     def _inplace_call(self, func, entry, args, kwargs):
         """``x.add_(y)``, ``x += y``, ``x[i] = v``: a new version of x; the old one keeps a copy of its value."""
         target = args[0]
+        replay = self.replay
+        if replay is not None and replay.matching:
+            with _Bookkeeping():
+                matched = replay.before_inplace(self, func, args, kwargs)
+            if matched:  # the template's call: its leaves and the old value are kept as below
+                func(*args, **kwargs)
+                with _Bookkeeping():
+                    replay.after_inplace(self, target)
+                return target
         with _Bookkeeping():
+            first = len(self.graph._nodes)
             source = self._source()
             setitem = entry is not None and entry[0].name == "setitem"
             call = self._refs_of_call(args, kwargs, allow_view_write=setitem)
@@ -370,9 +380,12 @@ class _Recorder(TorchFunctionMode):
             self._snapshot(target)
             self._keep_hooks(target)
             self._mark_aliases(target, source, keep_hooks=True)
+            frame = self.last_frame
         func(*args, **kwargs)
         with _Bookkeeping():
             self._add_op(func, entry, call, [target], target, source, previous=previous)
+            if replay is not None:
+                replay.log(func, first, len(self.graph._nodes), frame, source, _state.scope)
         return target
 
     def _out_call(self, func, entry, args, kwargs):
@@ -501,15 +514,20 @@ class _Recorder(TorchFunctionMode):
     def _mark_aliases(self, target: Tensor, source: tuple, *, keep_hooks: bool = False) -> None:
         """Before an in-place update of ``target``: everything sharing its memory changes too; their old values
         are kept, and a later use of one reads the write at ``source`` (allowed only as ``x[i] += v``)."""
+        for alias in self._live_aliases(target):
+            self._snapshot(alias)
+            if keep_hooks:
+                self._keep_hooks(alias)
+            self.view_written[id(alias)] = source
+
+    def _live_aliases(self, target: Tensor) -> list[Tensor]:
+        """The recorded tensors other than ``target`` that share its memory: its base, the base's recorded views,
+        the tensor behind a ``.data`` or ``.detach()``."""
         base = target._base if target._base is not None else self.data_of.get(id(target), target)
         if base._base is not None:
             base = base._base
-        for alias in [base] + self.views.get(id(base), []):
-            if alias is not target and id(alias) in self.graph._live:
-                self._snapshot(alias)
-                if keep_hooks:
-                    self._keep_hooks(alias)
-                self.view_written[id(alias)] = source
+        live = self.graph._live
+        return [alias for alias in [base] + self.views.get(id(base), []) if alias is not target and id(alias) in live]
 
     def _add_no_grad_update(self, func, name: str, call: tuple, target: Tensor, previous: int, source: tuple) -> None:
         """The new version of an intermediate updated under no_grad: the gradient passes through to ``previous``."""

@@ -17,11 +17,16 @@ the same node as in the template, unchanged since it was recorded; new leaves of
 shape, dtype, strides, device and ``requires_grad``; outputs of the same shapes and dtypes.
 A matched op copies the template's nodes (arguments with Refs, bound arguments, attributes,
 formatted source, op, kind ...) and adds only what belongs to the step: the value, its
-version, the result tuple. At the first op that does not match, and at anything the
-template does not replay (in-place ops, ops that update an input, ``no_grad`` updates,
-``.data`` writes, calls that return their own input), matching stops for the rest of the
-block: the recorder's full path records the rest, and the recording becomes the line's
-new template.
+version, the result tuple. An in-place op of the table on a tensor the graph made
+(``h += b``, ``h.mul_(2)``: :func:`_plain_inplace`) is matched the same way, but before it
+runs (:meth:`Session.before_inplace`), since the recorder keeps the old value first; it is
+replayed only when the target shares memory with no other recorded tensor and has no
+gradient hooks, so that keeping its own old value is all the full path would do. At the
+first op that does not match, and at anything the template does not replay (other in-place
+changes: ``x[i] = v``, ``inplace=True``, updates of leaves or through views; ops that
+update an input, ``no_grad`` updates, ``.data`` writes, calls that return their own input),
+matching stops for the rest of the block: the recorder's full path records the rest, and
+the recording becomes the line's new template.
 
 Once a structure has matched its template to the end twice, its checks are generated as
 straight-line Python, one function per call (:func:`_matchers`), from factories shared by
@@ -123,7 +128,7 @@ class _Event:
     """One recorded call that made new tensors (the recorder's common path), as the template checks it."""
 
     __slots__ = ("func", "first", "end", "code", "lasti", "line", "scope", "nargs", "refs", "consts", "generic",
-                 "kwargs", "leaves", "single", "outputs", "device", "detach")
+                 "kwargs", "leaves", "single", "outputs", "device", "detach", "inplace", "expected")
 
     def __init__(self, func: Any, first: int, end: int, code: types.CodeType | None, lasti: int, line: int,
                  scope: tuple) -> None:
@@ -144,6 +149,8 @@ class _Event:
         self.outputs: list[tuple | None] = []  # a call returning several: per output, as single, or None
         self.device: Any = None  # the output's device, checked for calls without tensor arguments
         self.detach = False  # x.detach() or x.data: the recorder tracks it as memory shared with x
+        self.inplace = False  # h += b on a tensor the graph made: matched before it runs (Session.before_inplace)
+        self.expected: Any = None  # what the recorder's fast path compares the next call with: func, None if in place
 
 
 _SIMPLE = frozenset({int, bool, str, type(None), torch.dtype})
@@ -164,8 +171,11 @@ def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: t
             return event
         event.leaves[node] = (value.shape, value.dtype, value.stride(), value.device, value.requires_grad)
     head = nodes[out]
-    if head["inplace"] or _holds((head["args"], head["kwargs"]), Tensor):
+    if _holds((head["args"], head["kwargs"]), Tensor):
         return event  # stray tensors (not Refs) in the arguments cannot be compared
+    if head["inplace"] and not _plain_inplace(nodes, head, func):
+        return event
+    event.inplace = bool(head["inplace"])
     event.detach = head["op"] == "detach" and bool(head["inputs"])
     if event.detach and lookup(func) is None:
         return event
@@ -199,7 +209,22 @@ def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: t
         if [o[0] for o in event.outputs if o is not None] != list(range(out, end)):
             return event
     event.func = func
+    event.expected = None if event.inplace else func
     return event
+
+
+def _plain_inplace(nodes: list[dict[str, Any]], head: dict[str, Any], func: Any) -> bool:
+    """An in-place op of the table (``h += b``, ``h.mul_(2)``) that made a new version of a tensor the graph made,
+    of the same shape and dtype: what :meth:`Session.before_inplace` replays. Not ``x[i] = v`` (it writes through
+    views), ``detach_`` (it makes shared memory), in-place ops on leaves, nor ``F.relu(h, inplace=True)``."""
+    entry = lookup(func)
+    previous = head["previous"]
+    if entry is None or not entry[2] or entry[0].name in ("setitem", "detach") or previous is None:
+        return False
+    target = head["args"][0] if head["args"] else None
+    before = nodes[previous]
+    return (target.__class__ is Ref and target.node == previous and before["kind"] != "leaf"
+            and head["output_index"] is None and head["shape"] == before["shape"] and head["dtype"] is before["dtype"])
 
 
 # ---------------------------------------------------------------- generated matchers
@@ -237,7 +262,8 @@ def _matcher_source(k: int, event: _Event, nodes: list[dict[str, Any]],
     anything it rejects is checked again by the generic match, which also decides what a miss does.
     None where only the generic match applies.
     """
-    if (event.func is None or event.detach or event.code is None or (event.single is None and not event.outputs)
+    if (event.func is None or event.detach or event.inplace or event.code is None
+            or (event.single is None and not event.outputs)
             or any(value.__class__ not in _SIMPLE or not name.isidentifier() for name, value in event.kwargs)):
         return None
     source = _MatcherSource(k, event, nodes, following)
@@ -260,7 +286,7 @@ class _MatcherSource:
                                           "FIRST": event.first, "END": event.end, "NEXT": k + 1,
                                           "KWARG_NAMES": tuple(name for name, _ in event.kwargs)}
         if following is not None:
-            self.constants.update(NEXT_EVENT=following, NEXT_FUNC=following.func)
+            self.constants.update(NEXT_EVENT=following, NEXT_FUNC=following.expected)
         self.tensors: list[str] = []  # the tensor arguments' variables, for the check of writes through views
         self.leaves: list[tuple[str, int]] = []  # new leaves in the order the generic match meets them
         self.outputs: list[tuple[str, int]] = []  # (variable, node) of each output
@@ -760,7 +786,7 @@ class Session:
         self.length = len(self.events)
         self.template_nodes = template.nodes if template is not None else []
         self.event = self.events[0] if self.events else None
-        self.expected = self.event.func if self.event is not None else None  # the recorder's fast path compares
+        self.expected = self.event.expected if self.event is not None else None  # the recorder's fast path compares
         self.matchers = template.matchers if template is not None else None
         self.fast = self.matchers[0] if self.matchers and self.event is not None else None
 
@@ -777,7 +803,8 @@ class Session:
             event = self.event
             nodes = self.nodes
             # (x.T makes a new method-wrapper at each call: equal, not identical)
-            if event is None or len(nodes) != self.count or (event.func is not func and event.func != func):
+            if (event is None or len(nodes) != self.count or (event.func is not func and event.func != func)
+                    or event.inplace):  # (an in-place call never comes here: it is matched before it runs)
                 return self._miss(recorder, func, args, kwargs, result)
             # the user's line: the first frame outside torch and tensorgraph, as the recorder's _source finds it
             frame = _user_frame(sys._getframe(2), event.code)
@@ -785,33 +812,9 @@ class Session:
                 return self._miss(recorder, func, args, kwargs, result)
             if _state.scope != event.scope or len(args) != event.nargs:
                 return self._miss(recorder, func, args, kwargs, result)
-            n = self.count
             live = self.live
             pending: list[Tensor] = []  # new leaves, made only if the whole call matches
-            for position, node in event.refs:
-                value = args[position]
-                found = live.get(id(value))
-                if found is None:
-                    if not isinstance(value, Tensor) or not self._leaf(value, node, n, pending, event):
-                        return self._miss(recorder, func, args, kwargs, result)
-                elif found[0] != node or value._version != found[1]:
-                    return self._miss(recorder, func, args, kwargs, result)
-            for position, expected in event.consts:
-                value = args[position]
-                if value.__class__ is not expected.__class__ or value != expected:
-                    return self._miss(recorder, func, args, kwargs, result)
-            written = recorder.view_written
-            if event.generic:
-                for position, expected in event.generic:
-                    if not self._check(args[position], expected, n, pending, event, written):
-                        return self._miss(recorder, func, args, kwargs, result)
-            if kwargs or event.kwargs:
-                if len(kwargs) != len(event.kwargs):
-                    return self._miss(recorder, func, args, kwargs, result)
-                for (name, value), (expected_name, expected) in zip(kwargs.items(), event.kwargs):
-                    if name != expected_name or not self._check(value, expected, n, pending, event, written):
-                        return self._miss(recorder, func, args, kwargs, result)
-            if len(pending) != len(event.leaves) or (written and any(id(args[p]) in written for p, _ in event.refs)):
+            if not self._arguments(event, args, kwargs, pending, recorder.view_written):
                 return self._miss(recorder, func, args, kwargs, result)
             single = event.single
             if single is not None:
@@ -839,16 +842,102 @@ class Session:
                 recorder.frames.setdefault(id(frame), frame)
                 self.frame = frame
             self.count = len(nodes)
-            k = self.cursor = self.cursor + 1
-            if k < self.length:
-                event = self.event = self.events[k]
-                self.expected = event.func
-                self.fast = self.matchers[k] if self.matchers else None
-            else:
-                self.event = self.expected = self.fast = None
+            self._next()
             return True
         except Exception:  # noqa: BLE001 - a check that cannot be made is no match: the full path records the call
             return self._stop()
+
+    def _next(self) -> None:
+        """The template's next call becomes the one to match."""
+        k = self.cursor = self.cursor + 1
+        if k < self.length:
+            event = self.event = self.events[k]
+            self.expected = event.expected
+            self.fast = self.matchers[k] if self.matchers else None
+        else:
+            self.event = self.expected = self.fast = None
+
+    def _arguments(self, event: _Event, args: tuple, kwargs: dict, pending: list[Tensor], written: dict) -> bool:
+        """Whether the arguments are the template call's: each tensor its node at its recorded version, or a new
+        leaf like the template's (collected in ``pending``), and the other arguments the same."""
+        n = self.count
+        live = self.live
+        for position, node in event.refs:
+            value = args[position]
+            found = live.get(id(value))
+            if found is None:
+                if not isinstance(value, Tensor) or not self._leaf(value, node, n, pending, event):
+                    return False
+            elif found[0] != node or value._version != found[1]:
+                return False
+        for position, expected in event.consts:
+            value = args[position]
+            if value.__class__ is not expected.__class__ or value != expected:
+                return False
+        if event.generic:
+            for position, expected in event.generic:
+                if not self._check(args[position], expected, n, pending, event, written):
+                    return False
+        if kwargs or event.kwargs:
+            if len(kwargs) != len(event.kwargs):
+                return False
+            for (name, value), (expected_name, expected) in zip(kwargs.items(), event.kwargs):
+                if name != expected_name or not self._check(value, expected, n, pending, event, written):
+                    return False
+        return len(pending) == len(event.leaves) and not (
+            written and any(id(args[p]) in written for p, _ in event.refs))
+
+    def before_inplace(self, recorder: Any, func: Any, args: tuple, kwargs: dict) -> bool:
+        """Before an in-place call (``h += b``) runs: if it is the template's call at this position, do what the
+        recorder's ``_inplace_call`` does before the call (new leaves, the old value kept) and return True; the
+        recorder then makes the call and :meth:`after_inplace` adds the new version. False: the full path records it.
+
+        Checked before the call, since the old value must be kept first. Only a target that shares memory with no
+        other recorded tensor (``recorder._live_aliases``) and has no gradient hooks is replayed: the full path then
+        keeps its old value alone.
+        """
+        try:
+            event = self.event
+            if (event is None or not event.inplace or len(self.nodes) != self.count
+                    or (event.func is not func and event.func != func)):
+                return self._miss_inplace(recorder, func, args, kwargs)
+            frame = _user_frame(sys._getframe(2), event.code)
+            if frame is None or (frame.f_lasti != event.lasti and not _same_line(frame, event)):
+                return self._miss_inplace(recorder, func, args, kwargs)
+            if _state.scope != event.scope or len(args) != event.nargs:
+                return self._miss_inplace(recorder, func, args, kwargs)
+            pending: list[Tensor] = []
+            if not self._arguments(event, args, kwargs, pending, recorder.view_written):
+                return self._miss_inplace(recorder, func, args, kwargs)
+            target = args[0]
+            if target._backward_hooks or recorder._live_aliases(target):
+                return self._stop()  # its aliases' old values and hooks: the full path's _mark_aliases, _keep_hooks
+        except Exception:  # noqa: BLE001 - a check that cannot be made is no match: the full path records the call
+            return self._stop()
+        nodes = self.nodes
+        for value in pending:
+            self._add_node(len(nodes), value)
+        self.count = len(nodes)  # (the template's copies are a prefix of the graph, should the call raise)
+        if frame is not self.frame:
+            recorder.frames.setdefault(id(frame), frame)
+            self.frame = frame
+        recorder._snapshot(target)
+        return True
+
+    def after_inplace(self, recorder: Any, target: Tensor) -> None:
+        """After a call :meth:`before_inplace` matched: its node, the target's new version, as the template's."""
+        self._add_node(self.event.single[0], target)
+        base = target._base
+        if base is not None:  # (a view of memory no other recorded tensor shares: as the recorder's _add_op)
+            recorder.views.setdefault(id(base), []).append(target)
+        self.count = len(self.nodes)
+        self._next()
+
+    def _miss_inplace(self, recorder: Any, func: Any, args: tuple, kwargs: dict) -> bool:
+        if self.cursor == 0 and self.others:
+            self._use(self.others.pop(0))
+            return self.before_inplace(recorder, func, args, kwargs)
+        return self._stop()
 
     def _leaf(self, value: Tensor, node: int, n: int, pending: list[Tensor], event: _Event) -> bool:
         """A tensor the graph has not seen: the template's new leaf at this position, or a repeat of one."""

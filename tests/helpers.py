@@ -10,7 +10,7 @@ import torch
 
 import tensorgraph as tg
 from tensorgraph import engine
-from tensorgraph.ops import OPS
+from tensorgraph.ops import OPS, lookup
 
 
 def _weights_for(out: torch.Tensor) -> torch.Tensor:
@@ -142,6 +142,30 @@ def assert_same_graph(got: tg.Graph, ref: tg.Graph) -> None:
 
 
 def off_the_common_path(graph: tg.Graph) -> bool:
-    """In-place changes, and ops that may update an input (batch_norm): matching stops at them."""
-    return any(data["inplace"] or data["previous"] is not None or (OPS.get(data["op"]) and OPS[data["op"]].mutates)
-               for data in graph._nodes)
+    """Calls a template does not replay: matching stops at them. In-place changes other than an in-place op of
+    the table on a tensor the graph made and that shares memory with no other recorded tensor (``x[i] = v``,
+    ``F.relu(x, inplace=True)``, updates of leaves or of views of recorded tensors, no_grad updates), and ops that
+    may update an input (batch_norm)."""
+    nodes = graph._nodes
+
+    def replayed(data: dict[str, Any]) -> bool:
+        entry = lookup(data["func"]) if data["func"] is not None else None
+        return (entry is not None and entry[2] and entry[0].name == data["op"]
+                and data["op"] not in ("setitem", "detach") and nodes[data["previous"]]["kind"] != "leaf")
+
+    return _updated_shared_memory(graph) or any(
+        ((data["inplace"] or data["previous"] is not None) and not replayed(data))
+        or (OPS.get(data["op"]) and OPS[data["op"]].mutates) for data in nodes)
+
+
+def _updated_shared_memory(graph: tg.Graph) -> bool:
+    """Whether a tensor updated in place shares its storage with another recorded tensor (at the end of the
+    block: a superset of the recorder's aliases at the update, which share storage)."""
+    storages: dict[int, int] = {}
+    updated = set()
+    for node, _, tensor in graph._live.values():
+        ptr = tensor.untyped_storage().data_ptr()
+        storages[ptr] = storages.get(ptr, 0) + 1
+        if graph._nodes[node]["inplace"]:
+            updated.add(ptr)
+    return any(storages[ptr] > 1 for ptr in updated)

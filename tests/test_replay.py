@@ -10,6 +10,7 @@ autograd and finite differences elsewhere (test_ops.py, test_finite_differences.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import threading
@@ -339,24 +340,215 @@ def test_the_same_op_from_another_line_is_another_structure():
     assert_same_graph(b, reference)
 
 
-def test_an_in_place_op_stops_matching_and_the_rest_is_recorded_in_full():
-    x = torch.randn(3, 4, dtype=D)
+def _reference(step, *args):
+    """``step(*args)`` recorded by the recorder's full path (the templates are put back afterwards)."""
+    saved = dict(replay.templates())
+    fresh()
+    try:
+        return step(*args)
+    finally:
+        fresh()
+        replay.templates().update(saved)
 
-    def step(v):
+
+def _torch_gradients(fn, *inputs):
+    """Torch autograd's gradients of ``fn(*inputs)`` with respect to the inputs (fresh float64 copies)."""
+    refs = [x.detach().clone().requires_grad_() for x in inputs]
+    return torch.autograd.grad(fn(*refs), refs)
+
+
+def _in_place(x, b, v):
+    h = x.exp()  # exp's rule reads its output: the value before the update, kept by the recorder
+    h += b  # b: a new leaf in an in-place call
+    h.mul_(v)  # a constant argument
+    h.add_(b, alpha=0.5)  # a keyword argument
+    values, _ = h.max(0)
+    values += 1.0  # one output of a call returning two: its sibling's recorded result keeps the old value
+    pooled = F.avg_pool1d(h.unsqueeze(0), 2)  # a view of a tensor made inside the call, which no one else sees
+    pooled.mul_(3.0)
+    return h.tanh().sum() + values.exp().sum() + pooled.sum()
+
+
+def _out_of_place(x, b, v):  # the same function for torch autograd (which refuses exp's output updated in place)
+    h = (x.exp() + b) * v + 0.5 * b
+    return h.tanh().sum() + (h.max(0)[0] + 1.0).exp().sum() + (F.avg_pool1d(h.unsqueeze(0), 2) * 3.0).sum()
+
+
+def _in_place_step(x, b, v):
+    with tg.record() as graph:
+        loss = _in_place(x, b, v)
+    return graph, loss
+
+
+def test_in_place_ops_on_intermediates_are_replayed():
+    """``h += b`` on a tensor the graph made (the lecture's part-3 Linear) is matched like any other call, before it
+    runs: the recording is the template's, node for node what the full path makes (the old value kept, the new
+    version with its 'previous' link, names, versions), and the gradients are torch autograd's. Before, matching
+    stopped at the first in-place call: every step made a new template and walked the rules."""
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(4, generator=g, dtype=D)
+    fresh()
+    for step in range(6):  # seen, template (walk), matched (trace), matched (plan) ...
+        x = torch.randn(3, 4, generator=g, dtype=D)
+        graph, loss = _in_place_step(x, b, 2.0)
+        grads = graph.backward(loss)
+        if step == 1:
+            template = graph._replay
+            assert [e.inplace for e in template.events].count(True) == 5
+        elif step > 1:
+            assert graph._replay is template and template.matched == step - 1
+        reference, ref_loss = _reference(_in_place_step, x, b, 2.0)
+        assert_same_graph(graph, reference)
+        assert_same_gradients(grads, walk(reference, ref_loss))
+        dx, db = _torch_gradients(lambda x, b: _out_of_place(x, b, 2.0), x, b)
+        torch.testing.assert_close(grads[x], dx, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads[b], db, rtol=1e-12, atol=1e-12)
+    assert template.plans[(len(graph) - 1, None)] is not None
+    assert graph.names[1:4] == ["h_v0", "b", "h_v1"]
+    changed, loss = _in_place_step(x, b, 3.0)  # another constant: the full path from there
+    assert changed._replay is not template
+    assert_same_graph(changed, _reference(_in_place_step, x, b, 3.0)[0])
+
+
+def _hidden_change(x, b, hidden):
+    with tg.record() as graph:
+        h = x * 2
+        if hidden:
+            with torch._C.DisableTorchFunction():  # a change the recorder does not see
+                h.add_(1.0)
+        h += b
+        loss = h.sum()
+    return graph, loss
+
+
+def test_an_unseen_change_before_an_in_place_op_is_the_full_paths_error():
+    x, b = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    fresh()
+    for _ in range(3):
+        graph, _ = _hidden_change(x, b, hidden=False)
+    assert graph._replay.matched == 1
+    with pytest.raises(RuntimeError, match=r"tensor 'h' was modified in place by an operation") as replayed:
+        _hidden_change(x, b, hidden=True)
+    fresh()
+    with pytest.raises(RuntimeError) as full:
+        _hidden_change(x, b, hidden=True)
+    assert str(replayed.value) == str(full.value)
+
+
+class _LectureLinear:  # makemore part 3, with a bias
+    def __init__(self, fan_in, fan_out, g):
+        self.weight = torch.randn((fan_in, fan_out), generator=g, dtype=D) / fan_in ** 0.5
+        self.bias = torch.randn(fan_out, generator=g, dtype=D) * 0.1
+
+    def __call__(self, x):
+        self.out = x @ self.weight
+        self.out += self.bias
+        return self.out
+
+    def parameters(self):
+        return [self.weight, self.bias]
+
+
+class _LectureBatchNorm1d:  # makemore part 3: running statistics rebound under torch.no_grad()
+    def __init__(self, dim):
+        self.gamma, self.beta = torch.ones(dim, dtype=D), torch.zeros(dim, dtype=D)
+        self.running_mean, self.running_var = torch.zeros(dim, dtype=D), torch.ones(dim, dtype=D)
+
+    def __call__(self, x):
+        xmean, xvar = x.mean(0, keepdim=True), x.var(0, keepdim=True)
+        self.out = self.gamma * ((x - xmean) / torch.sqrt(xvar + 1e-5)) + self.beta
+        with torch.no_grad():
+            self.running_mean = 0.9 * self.running_mean + 0.1 * xmean
+            self.running_var = 0.9 * self.running_var + 0.1 * xvar
+        return self.out
+
+    def parameters(self):
+        return [self.gamma, self.beta]
+
+
+def _part3_loss(x, y, *params):
+    """The part-3 layers' forward with ``params`` in their places (torch autograd's copy of it)."""
+    layers = _part3_layers(torch.Generator().manual_seed(5))
+    values = iter(params)
+    for layer in layers:
+        for name in ("weight", "bias", "gamma", "beta"):  # (the order of the layers' parameters())
+            if hasattr(layer, name):
+                setattr(layer, name, next(values))
+    return _part3_forward(layers, x, y)
+
+
+def _part3_layers(g):
+    return [_LectureLinear(6, 8, g), _LectureBatchNorm1d(8), torch.tanh, _LectureLinear(8, 5, g),
+            _LectureBatchNorm1d(5)]
+
+
+def _part3_forward(layers, x, y):
+    for layer in layers:
+        x = layer(x)
+    return F.cross_entropy(x, y)
+
+
+def test_lecture_part3_layers_are_replayed_and_match_torch():
+    """The part-3 net (Linear with ``self.out += self.bias``, BatchNorm1d updating its statistics under no_grad):
+    every step after the second matches the template to the end and runs the backward plan; each step's
+    gradients are torch autograd's (float64) on the same parameters, through SGD updates."""
+    layers = _part3_layers(torch.Generator().manual_seed(5))
+    params = [p for layer in layers if hasattr(layer, "parameters") for p in layer.parameters()]
+    g = torch.Generator().manual_seed(6)
+    fresh()
+    for step in range(5):
+        x, y = torch.randn(10, 6, generator=g, dtype=D), torch.randint(0, 5, (10,), generator=g)
         with tg.record() as graph:
-            h = x * 2
-            h += v  # an in-place op: the full path from here
-            loss = h.tanh().sum()
-        return graph, loss
+            loss = _part3_forward(layers, x, y)
+        grads = graph.backward(loss)
+        if step == 1:
+            template = graph._replay
+        elif step > 1:
+            assert graph._replay is template and template.matched == step - 1
+        if step > 2:
+            assert template.plans[(len(graph) - 1, None)] is not None
+        expected = _torch_gradients(functools.partial(_part3_loss, x, y), *params)
+        for p, dp in zip(params, expected):
+            torch.testing.assert_close(grads[p], dp, rtol=1e-10, atol=1e-12)
+        for p in params:
+            p -= 0.1 * grads[p]
 
+
+def _not_replayed(x, b, kind):
+    with tg.record() as graph:
+        h = x * 2
+        if kind == "view":
+            h = h[0]
+            h += b  # through a view of x * 2
+        elif kind == "aliased":
+            flat = h.view(-1)  # noqa: F841 - a recorded view of h
+            h += b
+        elif kind == "setitem":
+            h[0] = b
+        elif kind == "relu_inplace":
+            F.relu(h, inplace=True)
+        elif kind == "leaf":
+            x += b  # the caller's tensor
+            h = h + x
+        loss = (h * h).sum()
+    return graph, loss
+
+
+@pytest.mark.parametrize("kind", ["view", "aliased", "setitem", "relu_inplace", "leaf"])
+def test_in_place_ops_a_template_does_not_replay_are_recorded_in_full(kind):
+    """In-place calls whose full path does more than keep the target's old value (other recorded tensors sharing
+    its memory, x[i] = v, inplace=True, a leaf updated): matching stops there, and the rest is recorded in full."""
+    g = torch.Generator().manual_seed(4)
+    x0, b = torch.randn(3, 4, generator=g, dtype=D), torch.randn(4, generator=g, dtype=D)
     fresh()
-    step(1.0)
-    graph, loss = step(1.0)
-    assert graph._replay is not None and graph.names[1:3] == ["h_v0", "h"]
-    fresh()
-    reference, ref_loss = step(1.0)
-    assert_same_graph(graph, reference)
-    assert_same_gradients(graph.backward(loss), walk(reference, ref_loss))
+    for _ in range(4):
+        x = x0.clone()
+        graph, loss = _not_replayed(x, b, kind)
+        grads = graph.backward(loss)
+        reference, ref_loss = _reference(_not_replayed, x0.clone(), b, kind)
+        assert_same_graph(graph, reference)
+        assert_same_gradients(grads, walk(reference, ref_loss))
+        assert graph._replay is None or graph._replay.matched == 0  # a new template at every step
 
 
 # ---------------------------------------------------------------- names
