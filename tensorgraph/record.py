@@ -216,9 +216,10 @@ class _Recorder(TorchFunctionMode):
         # one new tensor) is kept free of helper calls, generators and temporary objects
         replay = self.replay
         if replay is not None and replay.expected is func and not _state.busy and (
-                not self.grad_at_entry or torch.is_grad_enabled()):
+                not self.grad_at_entry or torch.is_grad_enabled()) and not _any_autocast():
             # the call the template made at this position: it took the common path then, so it does now
-            # (its callable is no metadata, dropout or in-place op; grad mode is as at entry; see tensorgraph.replay)
+            # (its callable is no metadata, dropout or in-place op; grad mode is as at entry; no autocast, whose
+            # ops the full path marks; see tensorgraph.replay)
             result = func(*args, **kwargs) if kwargs else func(*args)
             if not self.nested:  # no recorder below this one can see the checks' metadata calls
                 fast = replay.fast  # the generated checks of this call (the common case), then the generic ones
@@ -859,6 +860,9 @@ class _Recorder(TorchFunctionMode):
         if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
             return type(value)(self._refs_unchecked(v, inputs) for v in value)
         return value
+
+
+_any_autocast = torch._C._is_any_autocast_enabled  # (~70 ns: checked for every op a template replays)
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -795,6 +795,8 @@ class Session:
         # NOTE: this runs for every op of a repeated recording: checks are flat, cheapest and likeliest first;
         # nothing changes unless the call matches
         try:
+            if _rec._any_autocast():  # the full path marks the float ops recorded under torch.autocast
+                return self._stop()
             for arg in args:  # an input returned as is (t.flatten(0, 0), x.float()): the recorder's alias path,
                 if arg is result:  # no event, whether or not the graph has met the input yet
                     return False
@@ -897,6 +899,8 @@ class Session:
         keeps its old value alone.
         """
         try:
+            if _rec._any_autocast():
+                return self._stop()
             event = self.event
             if (event is None or not event.inplace or len(self.nodes) != self.count
                     or (event.func is not func and event.func != func)):

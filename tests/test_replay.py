@@ -10,6 +10,7 @@ autograd and finite differences elsewhere (test_ops.py, test_finite_differences.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import math
@@ -349,6 +350,34 @@ def _reference(step, *args):
     finally:
         fresh()
         replay.templates().update(saved)
+
+
+def _autocast_step(x, w, inside):
+    with tg.record() as graph:  # (inside: autocast switched on and off inside the block, around the same line)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if inside else contextlib.nullcontext():
+            loss = torch.tanh(x * w).sum()
+    return graph, loss
+
+
+@pytest.mark.parametrize("where", ["around", "inside"])
+def test_a_recording_under_autocast_is_the_full_paths(where):
+    """Under torch.autocast the full path marks each float op (its casts happen below the recorded calls), and
+    graph.backward refuses them; a template made without autocast must not replay them unmarked (it did: the
+    ops whose dtypes autocast leaves alone matched, and backward ran)."""
+    x, w = torch.randn(3, 4), torch.randn(4)
+    for _ in range(3):
+        _autocast_step(x, w, False)
+    if where == "around":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            graph, loss = _autocast_step(x, w, False)
+            reference = _reference(_autocast_step, x, w, False)[0]
+    else:
+        graph, loss = _autocast_step(x, w, True)
+        reference = _reference(_autocast_step, x, w, True)[0]
+    assert_same_graph(graph, reference)
+    assert [d["unsupported"] is not None for d in graph._nodes] == [False, False, True, True, True]
+    with pytest.raises(NotImplementedError, match="recorded under torch.autocast"):
+        graph.backward(loss)
 
 
 def _torch_gradients(fn, *inputs):
