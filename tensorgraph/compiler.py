@@ -99,6 +99,8 @@ import importlib
 import inspect
 import itertools
 import linecache
+import random
+import sys
 import types
 import warnings
 import weakref
@@ -892,6 +894,7 @@ class _Recording:
     versions: dict[int, int]  # leaf -> its version when recorded, for leaves a snapshot replaced by a copy
     places: dict[tuple[int, str], tuple[_Place, Tensor]]  # where the forward's objects held tensors before it ran
     code: list[tuple[types.CodeType, dict]]  # the code (and globals) of the user's functions that called torch
+    drew: str | None = None  # the random number generator outside torch the forward drew from, if any
 
 
 def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
@@ -918,6 +921,7 @@ def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
     places = _tensor_places(forward)
     run = _bind(forward, inputs)  # a closure: the inputs are named by the forward's own parameters
     code: list[tuple[types.CodeType, dict]] = []
+    generators = _random_states()
     try:
         loss = _run_recorded(recorder, reads, run,
                              lambda frames: code.extend((frame.f_code, frame.f_globals) for frame in frames))
@@ -929,7 +933,30 @@ def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
     if not isinstance(loss, Tensor):
         raise TypeError(f"tg.compile: the forward must return the loss (a scalar tensor), got {type(loss).__name__}")
     reads.untracked -= side.replayed  # the constant versions of captured tensors updated in place: replayed
-    return _Recording(graph, loss, snapshots, reads, side, versions, places, code)
+    return _Recording(graph, loss, snapshots, reads, side, versions, places, code, _drew_from(generators))
+
+
+def _random_states() -> list[tuple[str, Callable[[], Any], Any]]:
+    """The global random number generators outside torch that a forward may draw from (``random.sample``,
+    ``np.random.randint``), each with its state now."""
+    getters: list[tuple[str, Callable[[], Any]]] = [("Python's random module", random.getstate)]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        getters.append(("numpy.random", numpy.random.get_state))
+    return [(name, get, get()) for name, get in getters]
+
+
+def _drew_from(states: list[tuple[str, Callable[[], Any], Any]]) -> str | None:
+    """The first of these generators whose state is no longer the one recorded, or None."""
+    return next((name for name, get, before in states if not _same_state(get(), before)), None)
+
+
+def _same_state(now: Any, then: Any) -> bool:
+    if isinstance(now, tuple):
+        return isinstance(then, tuple) and len(now) == len(then) and all(map(_same_state, now, then))
+    if hasattr(now, "tobytes"):  # numpy's key array
+        return hasattr(then, "tobytes") and now.tobytes() == then.tobytes()
+    return now == then
 
 
 class _SideRef(Ref):
@@ -1122,6 +1149,10 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
                 wanted.append(by_id[id(p)])
     notes: list[str] = []
     reads, unchecked = _checked_reads(rec, live)
+    if unchecked is None and rec.drew is not None:
+        unchecked = (f"the forward draws random numbers from {rec.drew}, which the compiled step would not draw "
+                     f"again (every call would reuse the recording's numbers: the same batch, the same mask); draw "
+                     f"them with torch (torch.randint, torch.randperm, torch.rand)")
     undo = _changed_leaves(graph, rec.versions, live) if reads else []
     try:
         chosen = _generate(forward, graph, graph, rec, inputs, wanted, root_node, reads, undo, side)

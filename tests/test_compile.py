@@ -1298,6 +1298,61 @@ def test_structure_guard_follows_the_methods_and_properties_the_forward_names(ch
     torch.testing.assert_close(loss, forward(x), **TOL)
 
 
+@pytest.mark.parametrize("generator", ["random", "numpy"])
+def test_random_numbers_drawn_outside_torch_send_the_step_to_the_engine(generator):
+    """A batch sampled with Python's random module or numpy.random inside the forward: the compiled code would
+    reuse the recording's batch at every call (it did, silently); the step says so once and runs the engine,
+    which draws again, and every call gives torch's loss and gradient on the batch drawn for it."""
+    import random
+
+    import numpy
+
+    data, w = r(50, 4, seed=360), r(4, 3, seed=361)
+
+    def draw():
+        return random.sample(range(50), 8) if generator == "random" else numpy.random.randint(0, 50, 8)
+
+    def forward():
+        return F.cross_entropy(data[draw()] @ w, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+
+    step = tg.compile(forward, fuse=False)
+    losses = []
+    for call in range(3):
+        random.seed(call), numpy.random.seed(call)
+        if call == 0:
+            with pytest.warns(RecompileWarning, match="is no longer compiled: the forward draws random numbers from "
+                                                      + ("Python's random module" if generator == "random"
+                                                         else "numpy.random")):
+                loss, grads = step()
+        else:
+            loss, grads = step()
+        random.seed(call), numpy.random.seed(call)
+        torch.testing.assert_close(loss, forward(), **TOL)
+        random.seed(call), numpy.random.seed(call)
+        torch.testing.assert_close(grads[w], _torch_grad(lambda w: F.cross_entropy(
+            data[draw()] @ w, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])), w), **TOL)
+        losses.append(loss.item())
+    assert len(set(losses)) == 3  # three batches
+
+
+def test_a_numpy_index_keeps_the_fused_rules():
+    """``C[ix]`` with a numpy array of indices: the fusion's index test compared the array with a slice (numpy's
+    element-wise ==) and gave up the fused rules for the whole step with a warning."""
+    import numpy
+
+    C, W = r(27, 4, seed=370), r(4, 27, seed=371)
+    ix, y = numpy.array([1, 5, 7, 3]), torch.tensor([2, 0, 26, 5])
+
+    def forward():
+        return F.cross_entropy(C[ix] @ W, y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step = tg.compile(forward)
+        loss, grads = step()
+    torch.testing.assert_close(grads[W], _torch_grad(lambda W: F.cross_entropy(C[ix] @ W, y), W), **TOL)
+
+
 def test_structure_guard_accepts_what_cannot_change_the_step():
     """An equal number in a new object, and a tensor the loss never read replaced, record nothing."""
     w, unused, x = r(4, 4, seed=330), r(4, seed=331), r(3, 4, seed=332)

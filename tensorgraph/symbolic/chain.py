@@ -669,7 +669,7 @@ def lower_max(self: Lowering, data: dict[str, Any]) -> SNode:
 def only_unit_dims(idx: Any) -> bool:
     """Whether an index only adds size-1 dimensions (``m[:, None]``, ``x[..., None]``): a reshape."""
     items = idx if isinstance(idx, tuple) else (idx,)
-    return all(item is None or item is Ellipsis or item == slice(None) for item in items)
+    return all(item is None or item is Ellipsis or (isinstance(item, slice) and item == slice(None)) for item in items)
 
 
 def lower_getitem(self: Lowering, data: dict[str, Any]) -> SNode:
