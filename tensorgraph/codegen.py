@@ -13,8 +13,10 @@ contribution, with the user's names and the lecture's ``d`` convention::
 Every statement is the rule's own torch calls as recorded, so the code computes exactly
 what the engine computes, bit for bit. Broadcast-undo is explicit (``.sum(0,
 keepdim=True)``), and a tensor used by several ops gets one ``+=`` per extra branch.
-Temporaries used once are inlined; forward intermediates without a user name are
-written out as their forward expressions (``logits.max(1, keepdim=True).indices``).
+Temporaries used once are inlined, up to :data:`~tensorgraph.printer.MAX_NESTING` calls deep
+(a longer chain, a long recurrence's, gets a variable every so many levels); forward
+intermediates without a user name are written out as their forward expressions
+(``logits.max(1, keepdim=True).indices``).
 
 The code runs in a namespace holding ``torch``, ``F`` and the forward tensors by name
 (:func:`tensorgraph.printer.namespace`), plus, when a ``grad`` was given, that seed gradient
@@ -26,12 +28,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import Tensor
 
 from . import printer
-from .graph import identifier
+from .graph import Ref, identifier
 from .printer import PRIMARY, Expr
 
 if TYPE_CHECKING:
@@ -223,11 +225,12 @@ class _Generator:
         self.bound: dict[int, str] = {}  # adjoint node -> variable holding it
         self.forward_of: dict[int, int] = {}  # adjoint leaf -> forward node
         self.forward_cache: dict[int, Expr] = {}
+        self.forward_nesting: dict[int, int] = {}  # forward node -> how many calls its cached expression nests
         self.used_names = {identifier(d["name"]) for d in self.fwd}
         self.temp_count = 0
         self.contributions: dict[int, str] = {}
         self.variables: dict[int, str] = {}
-        self.pending: dict[int, str] = {}  # unnamed forward node -> the rules inlined into its gradient
+        self.pending: dict[int, _Notes] = {}  # unnamed forward node -> the rules inlined into its gradient
         self.reading: tuple[int, str] | None = None  # the current rule's upstream gradient: (adjoint node, variable)
         for node, data in enumerate(self.fwd):
             adjoint = trace.node_of(data["value"])
@@ -279,18 +282,18 @@ class _Generator:
     def _step(self, index: int, step: Any, position: int, later: int) -> None:
         source = step.source
         summed = self._adjoint(step.summed, f"the gradient of {self.fwd[source]['name']!r}")
-        note = self._note(step, position)
-        passed = self.pending.get(step.consumer)
-        if passed:  # the unnamed consumer's own gradient was inlined here: say which rules made it
-            note = f"{passed}, then {note}"
+        # the unnamed consumer's own gradient was inlined here: say which rules made it
+        notes = self.pending.get(step.consumer, _NO_NOTES).then(self._note(step, position))
         needs_variable = self.fwd[source]["named"] or not step.first or later > 0
         if not needs_variable:  # an unnamed intermediate with one branch: inlined where it is used
-            self.pending[source] = note
+            self.pending[source] = notes
             return
+        note = notes.text()
         if source not in self.variables:
             self.variables[source] = self._grad_name(source)
         name = self.variables[source]
         if step.first:
+            self._prepare(summed)
             alias = summed in self.bound or summed in self.forward_of
             if later and not alias and self.uses[summed] > 1:
                 self._temp(summed)  # read elsewhere too: keep it, and sum into a copy
@@ -304,7 +307,9 @@ class _Generator:
                 code = f"{name} = {expr.text}"
                 self.bound.setdefault(summed, name)
         else:
-            expr = self._expr(self._broadcast_source(summed, source))
+            branch = self._broadcast_source(summed, source)
+            self._prepare(branch)
+            expr = self._expr(branch)
             self.contributions[index] = expr.text
             code = f"{name} += {expr.text}"
             note += f"; branch through {self._branch_name(step.consumer)}"
@@ -340,9 +345,39 @@ class _Generator:
         if data["func"] is None:
             raise ValueError(f"backward_source: the backward pass uses a tensor {data['name']!r} that is neither "
                              f"a forward value nor computed by a rule")
-        if self.uses[node] > 1 or (data["inplace"] and not self._inlinable_inplace(node)):
+        if self._needs_variable(node):
             return Expr(self._temp(node))
         return self._call(node)
+
+    def _needs_variable(self, node: int) -> bool:
+        """Whether a computed node gets a variable wherever it is read: read more than once, or updated in place."""
+        return self.uses[node] > 1 or (self.adj[node]["inplace"] and not self._inlinable_inplace(node))
+
+    def _named(self, node: int) -> bool:
+        """Whether :meth:`_expr` reads a node by a name (or a forward expression) rather than printing its call."""
+        return (self.reading is not None and node == self.reading[0]) or node in self.bound or \
+            node in self.forward_of or self.adj[node]["func"] is None
+
+    def _prepare(self, root: int) -> None:
+        """Write out, children first, the lines of what ``root``'s expression reads by a variable: temporaries
+        read more than once, in-place updates, calls with several outputs read, and every single-use node whose
+        inlined expression would nest :data:`printer.MAX_NESTING` calls. Printing ``root`` then recurses only
+        through inlined calls, at most that deep, however long the chain (an RNN's steps, a 5,000-op chain)."""
+        nesting: dict[int, int] = {}
+        for node in printer.children_first(root, self._unnamed_inputs):
+            if node == root or node in self.bound:
+                continue  # (bound by a line written above: an in-place update binds what it updates)
+            depth = 1 + max((nesting.get(i, 0) for i in self.adj[node]["inputs"]), default=0)
+            if self._needs_variable(node) or depth >= printer.MAX_NESTING:
+                self._temp(node)
+                depth = 0
+            elif self._multi_output(node):
+                self._whole_call(node)
+                depth = 1
+            nesting[node] = depth
+
+    def _unnamed_inputs(self, node: int) -> list[int]:
+        return [i for i in self.adj[node]["inputs"] if not self._named(i)]
 
     def _define(self, node: int) -> Expr:
         """The call computing a node, for its first assignment (an in-place update gets its own lines)."""
@@ -355,9 +390,14 @@ class _Generator:
         if data["op"] == "sum_to_size" and not data["kwargs"]:
             return self._sum_to_size(node)
         index = data["output_index"]
-        if index is not None and data["args"] and self.outputs_read[id(data["args"])] > 1:
+        if self._multi_output(node):
             return Expr(f"{self._whole_call(node)}[{index}]", PRIMARY)
         return printer.call(data["func"], data["args"], data["kwargs"], self._expr, output_index=index)
+
+    def _multi_output(self, node: int) -> bool:
+        """Whether a node is one of several outputs of a call that the code reads (see :meth:`_whole_call`)."""
+        data = self.adj[node]
+        return data["output_index"] is not None and bool(data["args"]) and self.outputs_read[id(data["args"])] > 1
 
     def _whole_call(self, node: int) -> str:
         """A call returning several tensors the code reads (a backward kernel's dx and dw): made once, in a
@@ -421,10 +461,26 @@ class _Generator:
         return node
 
     def _forward_expr(self, node: int) -> Expr:
-        """A forward value in the user's terms, for headers: unnamed intermediates written out in full."""
-        if node not in self.forward_cache:
-            self.forward_cache[node] = self._forward_call(node, self._forward_expr) or Expr(self._forward_name(node))
-        return self.forward_cache[node]
+        """A forward value in the user's terms, for headers: unnamed intermediates written out in full, up to
+        :data:`printer.MAX_NESTING` calls deep (a deeper one by its op-based name)."""
+        cache, nesting = self.forward_cache, self.forward_nesting
+        for n in printer.children_first(node, self._forward_inputs):  # children first: no recursion
+            if n in cache:
+                continue
+            expr = self._forward_call(n, self._forward_expr)
+            depth = 1 + max((nesting.get(i, 0) for i in self.fwd[n]["inputs"]), default=0)
+            if expr is None or depth >= printer.MAX_NESTING:
+                expr, depth = Expr(self._forward_name(n)), 0
+            cache[n], nesting[n] = expr, depth
+        return cache[node]
+
+    def _forward_inputs(self, node: int) -> list[int]:
+        """The inputs a header writes out for a node not written out yet: an unnamed intermediate's."""
+        data = self.fwd[node]
+        if node in self.forward_cache or data["named"] or data["kind"] != "op" or data["inplace"] \
+                or data["func"] is None:
+            return []
+        return [i for i in data["inputs"] if i not in self.forward_cache]
 
     def _forward_value(self, node: int) -> Expr:
         """A forward value read by the backward code: its name, or a short expression of named tensors.
@@ -544,13 +600,35 @@ def branch_name(graph: Graph, consumer: int) -> str:
 
 
 def _refers_to(arg: Any, node: int) -> bool:
-    from .graph import Ref
-
     if isinstance(arg, Ref):
         return arg.node == node
     if isinstance(arg, (tuple, list)):
         return any(_refers_to(a, node) for a in arg)
     return False
+
+
+class _Notes(NamedTuple):
+    """The notes of the rules a line inlines, in order: all of them, up to _NOTES_ALL; of a longer chain (2,000
+    ops inlined through unnamed intermediates), its first and last _NOTES_KEPT, in constant space per step."""
+
+    first: tuple[str, ...]  # the first _NOTES_ALL notes
+    last: tuple[str, ...]  # the last _NOTES_KEPT notes
+    count: int
+
+    def then(self, note: str) -> _Notes:
+        first = self.first if len(self.first) == _NOTES_ALL else (*self.first, note)
+        return _Notes(first, (*self.last, note)[-_NOTES_KEPT:], self.count + 1)
+
+    def text(self) -> str:
+        if self.count <= len(self.first):
+            return ", then ".join(self.first)
+        hidden = self.count - 2 * _NOTES_KEPT
+        return ", then ".join([*self.first[:_NOTES_KEPT], f"{hidden} more rules", *self.last])
+
+
+_NOTES_ALL = 24  # a comment names every rule of a chain up to this long
+_NOTES_KEPT = 6  # and of a longer one, the first and last six
+_NO_NOTES = _Notes((), (), 0)
 
 
 def _dims(dims: list[int]) -> str:

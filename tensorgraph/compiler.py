@@ -23,7 +23,8 @@ On the way the generator
 - uses fused closed-form rules for cross-entropy and batchnorm chains when
   :mod:`tensorgraph.symbolic` provides ``auto_fuse`` (the rules' torch calls are traced like
   any other rule's);
-- inlines temporaries used once, so the code reads like the lecture's.
+- inlines temporaries used once, so the code reads like the lecture's (at most
+  :data:`printer.MAX_NESTING` calls deep: a long chain gets a variable every so many levels).
 
 The parameters are the floating-point tensors the forward reads without receiving them as
 arguments (its closure, globals, or objects), captured by identity: updating them in place
@@ -2103,7 +2104,9 @@ class _Generator:
         return uses
 
     def _inlinable(self) -> set[int]:
-        """Statements printed inside their single user's expression instead of on a line of their own."""
+        """Statements printed inside their single user's expression instead of on a line of their own; not one
+        whose expression already nests :data:`printer.MAX_NESTING` calls (a long chain gets a variable every so
+        many levels, so that the code compiles and printing it recurses no deeper)."""
         position = self.position
         users: dict[int, int] = {}
         for key in self.order:
@@ -2114,8 +2117,13 @@ class _Generator:
         mutations = sorted({position[k] for k in self.order if self.stmts[k].inplace or self.stmts[k].mutates} |
                            {position[k] for k in self.accumulate})
         inlined: set[int] = set()
+        nesting: dict[int, int] = {}  # an inlined statement -> how many calls its expression nests
         for key in self.order:
             stmt = self.stmts[key]
+            depth = 1 + max((nesting.get(self._resolve(ref), 0) for ref in _refs(stmt.args) +
+                             _refs(list(stmt.kwargs.values()))), default=0)
+            if depth >= printer.MAX_NESTING:
+                continue
             if (stmt.pinned or not stmt.pure or stmt.inplace or stmt.result is not None or self.uses[key] != 1
                     or key in self.accumulate_targets or key in self.saved.values()):
                 continue
@@ -2129,6 +2137,7 @@ class _Generator:
             if user_stmt.inplace and _refs(user_stmt.args[:1]) == [key] and not _method_inplace(user_stmt):
                 continue  # ``x += y`` and ``x[i] = v`` need x to be a variable
             inlined.add(key)
+            nesting[key] = depth
         return inlined
 
     def _decide_accumulations(self, position: dict[int, int]) -> None:

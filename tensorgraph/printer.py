@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Union
@@ -39,6 +39,11 @@ from .graph import Ref, identifier
 
 if TYPE_CHECKING:
     from .graph import Graph
+
+# The most calls an expression nests when temporaries used once are inlined into it (codegen, tg.compile):
+# a deeper chain gets a variable every so many levels. CPython's parser refuses about 200 nested brackets, and
+# its compiler recurses once per level of an expression, so a long chain inlined whole could not even be compiled.
+MAX_NESTING = 24
 
 # Python's operator precedence, loosest to tightest (the numbers only need to be ordered)
 TUPLE, COMPARE, BIT_OR, BIT_XOR, BIT_AND, SHIFT, SUM, PRODUCT, UNARY, POWER, PRIMARY, ATOM = range(12)
@@ -434,5 +439,24 @@ def _index_item(item: Any, name: Namer) -> str:
     return _value(item, name, subscript=True).text
 
 
-__all__ = ["Expr", "NAMESPACE", "call", "expression", "literal", "namespace", "qualified_name", "statement",
-           "TUPLE", "COMPARE", "SUM", "PRODUCT", "UNARY", "POWER", "PRIMARY", "ATOM"]
+def children_first(root: Any, children: Callable[[Any], Iterable[Any]]) -> list[Any]:
+    """``root`` and every node it reaches through ``children``, each listed after the nodes it reaches (a
+    depth-first post-order, in the order ``children`` gives them), walked without recursion: chains of any length."""
+    order: list[Any] = []
+    seen = {root}
+    stack = [(root, iter(children(root)))]
+    while stack:
+        node, pending = stack[-1]
+        for child in pending:
+            if child not in seen:
+                seen.add(child)
+                stack.append((child, iter(children(child))))
+                break
+        else:
+            stack.pop()
+            order.append(node)
+    return order
+
+
+__all__ = ["Expr", "MAX_NESTING", "NAMESPACE", "call", "children_first", "expression", "literal", "namespace",
+           "qualified_name", "statement", "TUPLE", "COMPARE", "SUM", "PRODUCT", "UNARY", "POWER", "PRIMARY", "ATOM"]

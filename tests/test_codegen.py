@@ -207,3 +207,79 @@ def test_a_backward_kernel_returning_several_gradients_is_called_once():
     generated, _ = _run_and_compare(graph, loss)
     text = generated.text()
     assert text.count("grid_sampler_2d_backward(") == 1 and text.count("native_layer_norm_backward(") == 1, text
+
+
+def _max_nesting(source):
+    """How deep the deepest statement of ``source`` nests (AST levels), walked without recursion."""
+    import ast
+
+    deepest, stack = 0, [(statement, 1) for statement in ast.parse(source).body]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
+def _packed_gru(steps):
+    """A 2-layer GRU on a packed batch (lengths steps and steps - 3), the loss read from the output's .data."""
+    torch.manual_seed(0)
+    rnn = torch.nn.GRU(3, 4, num_layers=2).double()
+    x = torch.randn(steps, 2, 3, dtype=torch.float64)
+
+    def forward(x):
+        out, _ = rnn(torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([steps, steps - 3])))
+        return (out.data**2).sum()
+
+    return forward, x, list(rnn.parameters())
+
+
+def _packed_lstm(steps):
+    """A 1-layer LSTM on pack_sequence of two sequences, the loss read from pad_packed_sequence's output."""
+    torch.manual_seed(0)
+    rnn = torch.nn.LSTM(3, 4).double()
+    x = torch.randn(steps, 2, 3, dtype=torch.float64)
+
+    def forward(x):
+        packed = torch.nn.utils.rnn.pack_sequence([x[:, 0], x[: steps - 5, 1]])
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(rnn(packed)[0])
+        return (out.tanh() * out).sum()
+
+    return forward, x, list(rnn.parameters())
+
+
+@pytest.mark.parametrize("make, steps", [(_packed_gru, 10), (_packed_lstm, 30)], ids=["gru-2-layers", "lstm"])
+def test_a_long_packed_recurrence_prints_runnable_code(make, steps):
+    """A packed RNN's backward re-runs its steps through chains of ``torch.cat([part, state[rows:]])``: printing
+    them inlined into one expression raised RecursionError (a 2-layer GRU at 10 steps, an LSTM at 30)."""
+    forward, x, params = make(steps)
+    with tg.record() as graph:
+        loss = forward(x)
+    generated, namespace = _run_and_compare(graph, loss)
+    assert _max_nesting(generated.text()) < 100
+    leaf = x.clone().requires_grad_()
+    truth = torch.autograd.grad(forward(leaf), [leaf, *params])  # torch autograd, in float64
+    for tensor, expected in zip((x, *params), truth):
+        variable = generated.variables[graph.node_id(tensor)]
+        torch.testing.assert_close(namespace[variable], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_long_chain_prints_runnable_code_of_bounded_depth():
+    """``x = x * 1.0001 + 0.1`` 2,000 times: one expression 2,000 calls deep raised RecursionError; now a variable
+    every printer.MAX_NESTING levels, and the comment names the chain's first and last rules."""
+    w = torch.randn(5, dtype=torch.float64)
+    with tg.record() as graph:
+        x = w * 1.5
+        for _ in range(2000):
+            x = x * 1.0001 + 0.1
+        loss = (x * x).sum()
+    generated, namespace = _run_and_compare(graph, loss)
+    text = generated.text()
+    assert _max_nesting(text) < 100 and max(map(len, text.splitlines())) < 2000
+    assert "more rules" in text
+    leaf = w.clone().requires_grad_()
+    y = leaf * 1.5
+    for _ in range(2000):
+        y = y * 1.0001 + 0.1
+    (expected,) = torch.autograd.grad((y * y).sum(), leaf)
+    torch.testing.assert_close(namespace["dw"], expected, rtol=1e-12, atol=0)

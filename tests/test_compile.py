@@ -433,6 +433,28 @@ def test_a_multi_output_call_whose_later_output_is_unread_runs_once():
     step = _check_against_torch_and_engine(fn, [w], r(4, 6, seed=23))
     assert step.source.count("std_mean(") == 1
 
+def test_a_long_chain_compiles_to_code_of_bounded_depth():
+    """``x = x * 1.0001 + 0.1`` 2,000 times: its unnamed intermediates were inlined into one expression 4,000 calls
+    deep (RecursionError); now a variable every printer.MAX_NESTING levels, forward and backward."""
+    import ast
+
+    w = r(5, seed=24)
+
+    def fn(x, _params):
+        y = _params[0] * x
+        for _ in range(2000):
+            y = y * 1.0001 + 0.1
+        return (y * y).sum()
+
+    step = _check_against_torch_and_engine(fn, [w], r(5, seed=25))
+    deepest, stack = 0, [(statement, 1) for statement in ast.parse(step.source).body]
+    while stack:  # the source's deepest nesting, walked without recursion
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    assert deepest < 100, deepest
+
+
 def test_dead_gradients_are_not_computed():
     w, unused, frozen = r(3, 3, seed=14), r(3, seed=15), r(3, seed=16)
 
