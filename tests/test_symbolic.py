@@ -846,3 +846,30 @@ def test_a_chain_recorded_on_cuda_derives_and_fuses():
     leaf = x.detach().clone().requires_grad_()
     expected, = torch.autograd.grad(lecture_cross_entropy(leaf, y, "mean"), leaf)
     torch.testing.assert_close(fused.backward(loss)[x], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_chain_longer_than_the_fusion_limit_keeps_its_atomic_rules(monkeypatch):
+    """A long elementwise chain is not derived as one closed form (sympy took minutes for 2,000 ops); a short one
+    at its end still is. Its gradients are torch's."""
+    from tensorgraph.symbolic import fusion
+
+    derived = []
+    monkeypatch.setattr(fusion, "_derive", lambda graph, output, source, **kw: derived.append(output) or _derive(
+        graph, output, source, **kw))
+    x, w = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+
+    def forward(w):
+        h = x * w
+        for _ in range(fusion.MAX_FUSED_OPS):
+            h = h * 1.0001 + 0.1
+        return h.sum()
+
+    with tg.record() as graph:
+        loss = forward(w)
+    assert symbolic.find_fusable(graph, loss) == [] and derived == []
+    leaf = w.clone().requires_grad_()
+    torch.testing.assert_close(tg.compile(lambda: forward(w))()[1][w], torch.autograd.grad(forward(leaf), leaf)[0],
+                               rtol=1e-10, atol=1e-12)
+    with tg.record() as short:
+        loss = (x * w * 1.0001 + 0.1).sum()
+    assert len(symbolic.find_fusable(short, loss)) == 1
