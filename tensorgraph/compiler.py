@@ -1556,6 +1556,7 @@ def _users_function(function: types.FunctionType) -> bool:
     return _users_module(getattr(function, "__module__", None))
 
 
+@functools.lru_cache(maxsize=1024)
 def _users_module(module: Any) -> bool:
     """Whether code of the module of this name is the user's own, not a library's (nor tensorgraph's)."""
     if not isinstance(module, str):
