@@ -1503,9 +1503,14 @@ def _names_read(code: types.CodeType) -> tuple[str, ...]:
 
 def _loaded_names(code: list[types.CodeType], classes: Collection[type]) -> frozenset[str]:
     """The attribute names that ``code`` loads, and the methods and properties of ``classes`` it names in turn
-    (``self.activation()`` returning ``self.act``): what the forward may read of the objects it reaches."""
+    (``self.activation()`` returning ``self.act``), and what calling one of their objects runs (``__call__``,
+    an nn.Module's ``forward``: ``model(x)`` in a forward whose own code loads no attribute): what the forward
+    may read of the objects it reaches."""
     loaded: set[str] = set()
     pending, done = list(code), set()
+    for cls in classes:
+        for name in _CALLED:
+            pending.extend(_code_of(inspect.getattr_static(cls, name, None)))
     while pending:
         body = pending.pop()
         if body in done:
@@ -1517,6 +1522,9 @@ def _loaded_names(code: list[types.CodeType], classes: Collection[type]) -> froz
             for name in names:
                 pending.extend(_code_of(inspect.getattr_static(cls, name, None)))
     return frozenset(loaded)
+
+
+_CALLED = ("__call__", "forward")  # what calling an object runs (an nn.Module's __call__ runs its forward)
 
 
 def _code_of(member: Any) -> Iterator[types.CodeType]:
@@ -1532,7 +1540,7 @@ def _code_of(member: Any) -> Iterator[types.CodeType]:
 def _users_classes(roots: Iterable[tuple[str, Any]]) -> set[type]:
     """The user's own classes among the objects within the guard's reach of these (and their modules')."""
     classes: set[type] = set()
-    seen: set[int] = set()
+    seen: dict[int, bool] = {}
     for path, value in roots:
         for _, obj, attrs, _ in _objects_within_reach(path, value, _FLAG_DEPTH, seen):
             objects = [module for module in obj.modules()] if attrs is None else [obj]
@@ -1581,7 +1589,7 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
     references = _read_directly(forward, seen=seen, code_read=code_read) + _read_by(code, seen)
     roots = list(_owners(forward)) + [(name, value) for _, _, name, value in references]
     loaded = _loaded_names(code_read + [body for body, _ in code], _users_classes(roots))
-    walk = _Walk(set(), read, made, loaded)
+    walk = _Walk({}, read, made, loaded)
     for path, owner in _owners(forward):
         _watch_flags(found, path, owner, _FLAG_DEPTH, walk)
     for kind, owner, name, value in references:
@@ -1610,7 +1618,7 @@ def _owners(forward: Callable[..., Any]) -> Iterator[tuple[str, Any]]:
 class _Walk(NamedTuple):
     """What one search of the forward's objects carries along: the objects seen, and the tensors to look for."""
 
-    seen: set[int]
+    seen: dict[int, bool]  # the objects walked, and whether as read (see _objects_within_reach)
     read: dict[int, Tensor]  # the leaves the loss depends on: an attribute holding one is guarded
     made: dict[int, Tensor]  # the tensors the forward computed: an attribute holding one is named in a warning
     loaded: frozenset[str] = frozenset()  # the attribute names the forward's code loads: those it may read
@@ -1643,22 +1651,26 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
                           if isinstance(container, (list, dict)))
 
 
-def _objects_within_reach(path: str, value: Any, depth: int, seen: set[int],
+def _objects_within_reach(path: str, value: Any, depth: int, seen: dict[int, bool],
                           containers: list[tuple[str, Any]] | None = None, loaded: Collection[str] | None = None,
                           read: bool = True) -> Iterator[tuple[str, Any, dict | None, bool]]:
     """``value`` and the objects in its items and attributes, ``depth`` levels down, each once, as
     ``(path, object, its __dict__, read)``: the user's own objects with their attributes, an nn.Module with None
-    (its submodules are its own), lists, tuples and dicts only walked through (added to ``containers`` when
-    given, up to ``_MAX_ITEMS`` items, if read). With ``loaded`` (the attribute names the forward's code loads),
-    ``read`` says whether the path to an object may be the forward's own reads: every attribute on it loaded
-    (``net.layers[0]``, not ``trainer.losses``)."""
-    if id(value) in seen or not _WALKABLE[type(value)]:
+    (its submodules are its own; the lists, dicts and user objects in their plain attributes are walked on: a
+    ``self.blocks = [...]`` of modules), lists, tuples and dicts only walked through (added to ``containers``
+    when given, up to ``_MAX_ITEMS`` items, if read). With ``loaded`` (the attribute names the forward's code
+    loads), ``read`` says whether the path to an object may be the forward's own reads: every attribute on it
+    loaded (``net.layers[0]``, not ``trainer.losses``). ``seen``: the objects walked, and whether as read; one
+    walked as not read is walked again when a path the forward reads reaches it (``self.backup`` and
+    ``self.model`` holding the same model)."""
+    key = id(value)
+    if key in seen and (seen[key] or not read) or not _WALKABLE[type(value)]:
         return
-    seen.add(id(value))
+    seen[key] = read
     if isinstance(value, torch.nn.Module):
         yield path, value, None, read
-        return
-    if isinstance(value, (list, tuple, dict)):
+        items = _module_attributes(path, value, loaded, read)
+    elif isinstance(value, (list, tuple, dict)):
         if len(value) > _MAX_ITEMS:
             return
         if containers is not None and read:
@@ -1675,11 +1687,26 @@ def _objects_within_reach(path: str, value: Any, depth: int, seen: set[int],
             return
         yield path, value, attrs, read
         items = [(f"{path}.{name}", item, read and (loaded is None or name in loaded))
-                 for name, item in attrs.items() if not name.startswith("_")]
+                 for name, item in attrs.items() if isinstance(name, str) and not name.startswith("_")]
     if depth > 0:
         for item_path, item, item_read in items:
             if not isinstance(item, Tensor) and type(item) not in _ATOMS:
                 yield from _objects_within_reach(item_path, item, depth - 1, seen, containers, loaded, item_read)
+
+
+def _module_attributes(path: str, module: torch.nn.Module, loaded: Collection[str] | None, read: bool
+                       ) -> list[tuple[str, Any, bool]]:
+    """The public plain attributes of a module and its submodules that may hold more of the forward's
+    structure (a list of layers, a dict, a user's object; not submodules, parameters, buffers, tensors or
+    atoms, which :func:`_watch_module` guards), as ``(path, value, read)``."""
+    items = []
+    for sub_path, submodule in module.named_modules():
+        prefix = f"{path}.{sub_path}" if sub_path else path
+        items.extend((f"{prefix}.{name}", item, read and (loaded is None or name in loaded))
+                     for name, item in vars(submodule).items()
+                     if isinstance(name, str) and not name.startswith("_") and type(item) not in _ATOMS
+                     and not isinstance(item, (Tensor, torch.nn.Module)))
+    return items
 
 
 def _watch_module(found: _References, name: str, module: torch.nn.Module, read: Mapping[int, Tensor],
@@ -1738,7 +1765,7 @@ def _tensor_places(forward: Callable[..., Any]) -> dict[tuple[int, str], tuple[_
         for name, value in globals_.items():
             if isinstance(value, Tensor):
                 found[(id(globals_), name)] = (_Place(name, "global", globals_, name), value)
-    seen: set[int] = set()
+    seen: dict[int, bool] = {}
     for path, owner in _owners(forward):
         _walk_places(found, path, owner, _FLAG_DEPTH, seen)
     for kind, owner, name, value in _read_directly(forward):
@@ -1749,7 +1776,7 @@ def _tensor_places(forward: Callable[..., Any]) -> dict[tuple[int, str], tuple[_
     return found
 
 
-def _walk_places(found: dict, path: str, value: Any, depth: int, seen: set[int]) -> None:
+def _walk_places(found: dict, path: str, value: Any, depth: int, seen: dict[int, bool]) -> None:
     """The tensor attributes of ``value`` and of the objects in its items and attributes, ``depth`` levels down
     (the user's own objects; of an nn.Module, its buffers)."""
     for object_path, obj, attrs, _ in _objects_within_reach(path, value, depth, seen):

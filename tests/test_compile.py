@@ -1088,6 +1088,39 @@ def _through(layers, x, act=torch.tanh):
     return x.sum()
 
 
+class _Wrapper:  # the user's object whose __call__ calls no torch function itself: it hands x to its model
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x):
+        return self.model(x)
+
+
+class _Layers:  # the user's model, reached through the wrapper
+    def __init__(self, *weights):
+        self.layers = list(weights)
+
+    def __call__(self, x):
+        return _through(self.layers, x)
+
+
+class _Aliased(_Layers):  # the same list under an attribute the forward never loads, found first
+    def __init__(self, *weights):
+        self.all_layers = list(weights)
+        self.layers = self.all_layers
+
+
+class _Blocks(torch.nn.Module):  # a module holding its blocks in a plain list (not an nn.ModuleList)
+    def __init__(self, *blocks):
+        super().__init__()
+        self.blocks = list(blocks)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return x.sum()
+
+
 def _container_cases():
     """(forward, change, message, the tensors whose gradients to check after it) for each kind of place a forward
     reaches its structure through: a list, a dict, an attribute, a module's submodules and parameters, a closure
@@ -1179,6 +1212,19 @@ def _container_cases():
     users_model = other["Model"](w[0])
     cases["method reads a global"] = (lambda x: users_model(x), lambda: other.update(SCALE=3.0),
                                       "'SCALE' changed from 1.0 to 3.0 (the recording used its value)", w[:1])
+    wrapped = _Wrapper(_Layers(w[0]))
+    cases["list of an object called by one whose code calls no torch"] = (
+        lambda x: wrapped(x), lambda: wrapped.model.layers.append(w[1]),
+        "wrapped.model.layers now has 2 items (the recording's had 1)", w[:2])
+    aliased = _Aliased(w[0])
+    cases["list also held by an attribute never loaded"] = (
+        lambda x: aliased(x), lambda: aliased.layers.append(w[1]),
+        "aliased.layers now has 2 items (the recording's had 1)", w[:2])
+    held = _Blocks(torch.nn.Linear(4, 4).double())
+    block = torch.nn.Linear(4, 4).double()
+    cases["module's plain list of modules appended"] = (
+        held, lambda: held.blocks.append(block), "_Blocks.blocks now has 2 items (the recording's had 1)",
+        list(held.blocks[0].parameters()) + list(block.parameters()))
     return cases
 
 
