@@ -254,7 +254,7 @@ class _Attributes:
 
     __slots__ = ("path", "attrs", "names", "get", "values", "single")
 
-    def __init__(self, path: str, attrs: dict, names: tuple[str, ...]) -> None:
+    def __init__(self, path: str, attrs: Mapping[str, Any], names: tuple[str, ...]) -> None:
         self.path, self.attrs, self.names = path, attrs, names
         self.get = itemgetter(*names)  # one name: its value; several: a tuple of them
         self.values = self.get(attrs)
@@ -1468,6 +1468,8 @@ def _read_directly(forward: Callable[..., Any], depth: int = _CALL_DEPTH, seen: 
     """Every global and closure variable the forward's own code reads (its comprehensions and lambdas too), and
     those of the user's functions it names, ``depth`` calls down (``mlp(x)`` reading ``layers``):
     (kind, owner, name, value), each place once. ``code_read`` gets the code objects read."""
+    while isinstance(forward, functools.partial):
+        forward = forward.func
     code = getattr(forward, "__code__", None)
     if code is None:
         return []
@@ -1550,12 +1552,15 @@ def _users_classes(roots: Iterable[tuple[str, Any]]) -> set[type]:
 
 @functools.lru_cache(maxsize=1024)
 def _attributes_loaded(code: types.CodeType) -> frozenset[str]:
-    """The attribute names a code object and the code nested in it load (``self.layers``, ``model.act(x)``)."""
+    """The attribute names a code object and the code nested in it load (``self.layers``, ``model.act(x)``), and
+    the strings in it that could name one (``getattr(self, "layers")``)."""
     names = {instruction.argval for instruction in dis.get_instructions(code)
              if instruction.opname in ("LOAD_ATTR", "LOAD_METHOD")}
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _attributes_loaded(const)
+        elif isinstance(const, str) and const.isidentifier():
+            names.add(const)
     return frozenset(names)
 
 
@@ -1588,10 +1593,12 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
     code_read: list[types.CodeType] = []
     references = _read_directly(forward, seen=seen, code_read=code_read) + _read_by(code, seen)
     roots = list(_owners(forward)) + [(name, value) for _, _, name, value in references]
-    loaded = _loaded_names(code_read + [body for body, _ in code], _users_classes(roots))
+    classes = _users_classes(roots)
+    loaded = _loaded_names(code_read + [body for body, _ in code], classes)
     walk = _Walk({}, read, made, loaded)
     for path, owner in _owners(forward):
         _watch_flags(found, path, owner, _FLAG_DEPTH, walk)
+    _watch_classes(found, classes, walk)
     for kind, owner, name, value in references:
         if isinstance(value, Tensor):
             if id(value) in leaves:
@@ -1607,9 +1614,42 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
     return found
 
 
+def _watch_classes(found: _References, classes: Iterable[type], walk: _Walk) -> None:
+    """Watch the class attributes of the user's classes (and of the user's classes they derive from) whose names
+    the forward's code loads: ``Model.scale = 2.0``, a method or staticmethod replaced, a list of layers held
+    by the class (its items too), read through ``self.scale`` as the objects' own attributes are."""
+    done: set[type] = set()
+    for cls in classes:
+        for owner in cls.__mro__:
+            if owner in done or owner is object or not _users_module(owner.__module__):
+                continue
+            done.add(owner)
+            attrs = owner.__dict__
+            names = tuple(name for name in attrs if name in walk.loaded and not name.startswith("__"))
+            if not names:
+                continue
+            found.objects.append(_Attributes(owner.__qualname__, attrs, names))
+            for name in names:
+                value = attrs[name]
+                if type(value) not in _ATOMS and not isinstance(value, Tensor) and _WALKABLE[type(value)]:
+                    _watch_flags(found, f"{owner.__qualname__}.{name}", value, _FLAG_DEPTH - 1, walk)
+
+
 def _owners(forward: Callable[..., Any]) -> Iterator[tuple[str, Any]]:
-    """The objects a forward is part of, as the guards name them: a bound method's ``self``, and the forward
-    itself when it is an object (an nn.Module, a callable instance)."""
+    """The objects a forward is part of, as the guards name them: a bound method's ``self``, the forward itself
+    when it is an object (an nn.Module, a callable instance), and a ``functools.partial``'s arguments (by the
+    names of the parameters they fill) and function's owners."""
+    if isinstance(forward, functools.partial):
+        try:
+            names = list(inspect.signature(forward.func).parameters)
+        except (TypeError, ValueError):  # no signature (a builtin)
+            names = []
+        for index, arg in enumerate(forward.args):
+            if _WALKABLE[type(arg)]:
+                yield (names[index] if index < len(names) else f"args[{index}]"), arg
+        yield from ((name, arg) for name, arg in forward.keywords.items() if _WALKABLE[type(arg)])
+        yield from _owners(forward.func)
+        return
     for owner in (getattr(forward, "__self__", None), forward):
         if owner is not None and _WALKABLE[type(owner)]:
             yield ("self" if owner is not forward else type(owner).__name__), owner

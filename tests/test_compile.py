@@ -8,6 +8,7 @@ No timing here: speed is measured by ``tensorgraph bench``.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import sys
 import warnings
@@ -1121,6 +1122,35 @@ class _Blocks(torch.nn.Module):  # a module holding its blocks in a plain list (
         return x.sum()
 
 
+class _ClassScaled:  # a setting held by the class, read as self.scale
+    scale = 1.0
+
+    def __init__(self, w):
+        self.w = w
+
+    def __call__(self, x):
+        return _through([self.w], x) * self.scale
+
+
+class _ClassLayers:  # layers held by the class
+    layers: list = []
+
+    def __call__(self, x):
+        return _through(self.layers, x)
+
+
+class _Named:  # an attribute read by getattr with a constant name
+    def __init__(self, *weights):
+        self.layers = list(weights)
+
+    def __call__(self, x):
+        return _through(self.layers, x)
+
+
+def _partial_forward(layers, x):
+    return _through(layers, x)
+
+
 def _container_cases():
     """(forward, change, message, the tensors whose gradients to check after it) for each kind of place a forward
     reaches its structure through: a list, a dict, an attribute, a module's submodules and parameters, a closure
@@ -1225,6 +1255,20 @@ def _container_cases():
     cases["module's plain list of modules appended"] = (
         held, lambda: held.blocks.append(block), "_Blocks.blocks now has 2 items (the recording's had 1)",
         list(held.blocks[0].parameters()) + list(block.parameters()))
+    scaled_by_class = _ClassScaled(w[0])
+    cases["class attribute changed"] = (lambda x: scaled_by_class(x), lambda: setattr(_ClassScaled, "scale", 2.0),
+                                        "_ClassScaled.scale is now 2.0 (the recording ran with 1.0)", w[:1])
+    _ClassLayers.layers.append(w[0])
+    class_layers = _ClassLayers()
+    cases["class attribute list appended"] = (lambda x: class_layers(x), lambda: _ClassLayers.layers.append(w[1]),
+                                              "_ClassLayers.layers now has 2 items (the recording's had 1)", w[:2])
+    named = _Named(w[0])
+    cases["attribute read by getattr appended"] = (lambda x: named(x), lambda: named.layers.append(w[1]),
+                                                   "named.layers now has 2 items (the recording's had 1)", w[:2])
+    partial_layers = [w[0]]
+    cases["functools.partial's argument appended"] = (
+        functools.partial(_partial_forward, partial_layers), lambda: partial_layers.append(w[1]),
+        "layers now has 2 items (the recording's had 1)", w[:2])
     return cases
 
 
