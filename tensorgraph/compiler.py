@@ -405,6 +405,7 @@ class _References:
     contents: list[tuple[str, list | dict, str]] = field(default_factory=list)  # (path, container, key form)
     held: _Contents | None = None  # what ``contents`` hold (their guard: made when the search is done)
     attributes: list[tuple[str, dict, str, Tensor]] = field(default_factory=list)  # (path, __dict__, name, tensor)
+    shadowed: list[tuple[str, dict, frozenset[str]]] = field(default_factory=list)  # (path, __dict__, class names)
     stored: list[str] = field(default_factory=list)  # attributes holding a tensor the forward made: ``layers[0].out``
     loaded: list[tuple[_Place, tuple]] = field(default_factory=list)  # places the step reads and rebinds: (shape ...)
 
@@ -427,6 +428,10 @@ class _References:
                 why = guard.change()
                 if why is not None:
                     return why
+        for path, attrs, names in self.shadowed:  # an instance attribute set over the class's: one C-level test
+            if not attrs.keys().isdisjoint(names):
+                name = min(names & attrs.keys())
+                return f"{path}.{name} was set on the object (the recording read its class's {name})"
         held = self.held
         if held is not None and not held.same():
             why = held.change()
@@ -1681,6 +1686,12 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
         guard = _attributes(object_path, attrs, loaded=walk.loaded if read else ())
         if guard is not None:
             found.objects.append(guard)
+        if read:
+            classes = [vars(owner) for owner in type(obj).__mro__ if owner is not object]
+            shadowed = frozenset(name for name in walk.loaded
+                                 if name not in attrs and any(name in members for members in classes))
+            if shadowed:
+                found.shadowed.append((object_path, attrs, shadowed))
         for name, item in attrs.items():
             if isinstance(item, Tensor):
                 if walk.read.get(id(item)) is item:

@@ -11,6 +11,7 @@ import copy
 import functools
 import re
 import sys
+import types
 import warnings
 
 import pytest
@@ -1265,6 +1266,10 @@ def _container_cases():
     named = _Named(w[0])
     cases["attribute read by getattr appended"] = (lambda x: named(x), lambda: named.layers.append(w[1]),
                                                    "named.layers now has 2 items (the recording's had 1)", w[:2])
+    shadowed = _ClassScaled(w[0])
+    cases["class attribute shadowed by the object's"] = (
+        lambda x: shadowed(x), lambda: setattr(shadowed, "scale", 3.0),
+        "shadowed.scale was set on the object (the recording read its class's scale)", w[:1])
     partial_layers = [w[0]]
     cases["functools.partial's argument appended"] = (
         functools.partial(_partial_forward, partial_layers), lambda: partial_layers.append(w[1]),
@@ -1463,6 +1468,20 @@ def test_a_numpy_index_keeps_the_fused_rules():
         step = tg.compile(forward)
         loss, grads = step()
     torch.testing.assert_close(grads[W], _torch_grad(lambda W: F.cross_entropy(C[ix] @ W, y), W), **TOL)
+
+
+def test_structure_guard_walks_an_object_with_a_non_string_attribute_name():
+    """An object whose ``__dict__`` has a key that is not a string (``vars(o)[1] = 2``) within the forward's
+    reach: the recording crashed (``'int' object has no attribute 'startswith'``)."""
+    w, x = r(4, 4, seed=335), r(3, 4, seed=336)
+    holder = types.SimpleNamespace(w=w)
+    vars(holder)[1] = 2
+
+    def forward(x):
+        return torch.tanh(x @ holder.w).sum()
+
+    loss, grads = tg.compile(forward, fuse=False)(x)
+    torch.testing.assert_close(grads[w], _torch_grad(lambda w: torch.tanh(x @ w).sum(), w), **TOL)
 
 
 def test_structure_guard_accepts_what_cannot_change_the_step():
