@@ -254,7 +254,7 @@ class _Attributes:
 
     __slots__ = ("path", "attrs", "names", "get", "values", "single")
 
-    def __init__(self, path: str, attrs: dict, names: tuple[str, ...]) -> None:
+    def __init__(self, path: str, attrs: Mapping[str, Any], names: tuple[str, ...]) -> None:
         self.path, self.attrs, self.names = path, attrs, names
         self.get = itemgetter(*names)  # one name: its value; several: a tuple of them
         self.values = self.get(attrs)
@@ -405,6 +405,7 @@ class _References:
     contents: list[tuple[str, list | dict, str]] = field(default_factory=list)  # (path, container, key form)
     held: _Contents | None = None  # what ``contents`` hold (their guard: made when the search is done)
     attributes: list[tuple[str, dict, str, Tensor]] = field(default_factory=list)  # (path, __dict__, name, tensor)
+    shadowed: list[tuple[str, dict, frozenset[str]]] = field(default_factory=list)  # (path, __dict__, class names)
     stored: list[str] = field(default_factory=list)  # attributes holding a tensor the forward made: ``layers[0].out``
     loaded: list[tuple[_Place, tuple]] = field(default_factory=list)  # places the step reads and rebinds: (shape ...)
 
@@ -427,6 +428,10 @@ class _References:
                 why = guard.change()
                 if why is not None:
                     return why
+        for path, attrs, names in self.shadowed:  # an instance attribute set over the class's: one C-level test
+            if not attrs.keys().isdisjoint(names):
+                name = min(names & attrs.keys())
+                return f"{path}.{name} was set on the object (the recording read its class's {name})"
         held = self.held
         if held is not None and not held.same():
             why = held.change()
@@ -1468,6 +1473,8 @@ def _read_directly(forward: Callable[..., Any], depth: int = _CALL_DEPTH, seen: 
     """Every global and closure variable the forward's own code reads (its comprehensions and lambdas too), and
     those of the user's functions it names, ``depth`` calls down (``mlp(x)`` reading ``layers``):
     (kind, owner, name, value), each place once. ``code_read`` gets the code objects read."""
+    while isinstance(forward, functools.partial):
+        forward = forward.func
     code = getattr(forward, "__code__", None)
     if code is None:
         return []
@@ -1503,9 +1510,14 @@ def _names_read(code: types.CodeType) -> tuple[str, ...]:
 
 def _loaded_names(code: list[types.CodeType], classes: Collection[type]) -> frozenset[str]:
     """The attribute names that ``code`` loads, and the methods and properties of ``classes`` it names in turn
-    (``self.activation()`` returning ``self.act``): what the forward may read of the objects it reaches."""
+    (``self.activation()`` returning ``self.act``), and what calling one of their objects runs (``__call__``,
+    an nn.Module's ``forward``: ``model(x)`` in a forward whose own code loads no attribute): what the forward
+    may read of the objects it reaches."""
     loaded: set[str] = set()
     pending, done = list(code), set()
+    for cls in classes:
+        for name in _CALLED:
+            pending.extend(_code_of(inspect.getattr_static(cls, name, None)))
     while pending:
         body = pending.pop()
         if body in done:
@@ -1517,6 +1529,9 @@ def _loaded_names(code: list[types.CodeType], classes: Collection[type]) -> froz
             for name in names:
                 pending.extend(_code_of(inspect.getattr_static(cls, name, None)))
     return frozenset(loaded)
+
+
+_CALLED = ("__call__", "forward")  # what calling an object runs (an nn.Module's __call__ runs its forward)
 
 
 def _code_of(member: Any) -> Iterator[types.CodeType]:
@@ -1532,7 +1547,7 @@ def _code_of(member: Any) -> Iterator[types.CodeType]:
 def _users_classes(roots: Iterable[tuple[str, Any]]) -> set[type]:
     """The user's own classes among the objects within the guard's reach of these (and their modules')."""
     classes: set[type] = set()
-    seen: set[int] = set()
+    seen: dict[int, bool] = {}
     for path, value in roots:
         for _, obj, attrs, _ in _objects_within_reach(path, value, _FLAG_DEPTH, seen):
             objects = [module for module in obj.modules()] if attrs is None else [obj]
@@ -1542,12 +1557,15 @@ def _users_classes(roots: Iterable[tuple[str, Any]]) -> set[type]:
 
 @functools.lru_cache(maxsize=1024)
 def _attributes_loaded(code: types.CodeType) -> frozenset[str]:
-    """The attribute names a code object and the code nested in it load (``self.layers``, ``model.act(x)``)."""
+    """The attribute names a code object and the code nested in it load (``self.layers``, ``model.act(x)``), and
+    the strings in it that could name one (``getattr(self, "layers")``)."""
     names = {instruction.argval for instruction in dis.get_instructions(code)
              if instruction.opname in ("LOAD_ATTR", "LOAD_METHOD")}
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _attributes_loaded(const)
+        elif isinstance(const, str) and const.isidentifier():
+            names.add(const)
     return frozenset(names)
 
 
@@ -1581,10 +1599,12 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
     code_read: list[types.CodeType] = []
     references = _read_directly(forward, seen=seen, code_read=code_read) + _read_by(code, seen)
     roots = list(_owners(forward)) + [(name, value) for _, _, name, value in references]
-    loaded = _loaded_names(code_read + [body for body, _ in code], _users_classes(roots))
-    walk = _Walk(set(), read, made, loaded)
+    classes = _users_classes(roots)
+    loaded = _loaded_names(code_read + [body for body, _ in code], classes)
+    walk = _Walk({}, read, made, loaded)
     for path, owner in _owners(forward):
         _watch_flags(found, path, owner, _FLAG_DEPTH, walk)
+    _watch_classes(found, classes, walk)
     for kind, owner, name, value in references:
         if isinstance(value, Tensor):
             if id(value) in leaves:
@@ -1600,9 +1620,42 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
     return found
 
 
+def _watch_classes(found: _References, classes: Iterable[type], walk: _Walk) -> None:
+    """Watch the class attributes of the user's classes (and of the user's classes they derive from) whose names
+    the forward's code loads: ``Model.scale = 2.0``, a method or staticmethod replaced, a list of layers held
+    by the class (its items too), read through ``self.scale`` as the objects' own attributes are."""
+    done: set[type] = set()
+    for cls in classes:
+        for owner in cls.__mro__:
+            if owner in done or owner is object or not _users_module(owner.__module__):
+                continue
+            done.add(owner)
+            attrs = owner.__dict__
+            names = tuple(name for name in attrs if name in walk.loaded and not name.startswith("__"))
+            if not names:
+                continue
+            found.objects.append(_Attributes(owner.__qualname__, attrs, names))
+            for name in names:
+                value = attrs[name]
+                if type(value) not in _ATOMS and not isinstance(value, Tensor) and _WALKABLE[type(value)]:
+                    _watch_flags(found, f"{owner.__qualname__}.{name}", value, _FLAG_DEPTH - 1, walk)
+
+
 def _owners(forward: Callable[..., Any]) -> Iterator[tuple[str, Any]]:
-    """The objects a forward is part of, as the guards name them: a bound method's ``self``, and the forward
-    itself when it is an object (an nn.Module, a callable instance)."""
+    """The objects a forward is part of, as the guards name them: a bound method's ``self``, the forward itself
+    when it is an object (an nn.Module, a callable instance), and a ``functools.partial``'s arguments (by the
+    names of the parameters they fill) and function's owners."""
+    if isinstance(forward, functools.partial):
+        try:
+            names = list(inspect.signature(forward.func).parameters)
+        except (TypeError, ValueError):  # no signature (a builtin)
+            names = []
+        for index, arg in enumerate(forward.args):
+            if _WALKABLE[type(arg)]:
+                yield (names[index] if index < len(names) else f"args[{index}]"), arg
+        yield from ((name, arg) for name, arg in forward.keywords.items() if _WALKABLE[type(arg)])
+        yield from _owners(forward.func)
+        return
     for owner in (getattr(forward, "__self__", None), forward):
         if owner is not None and _WALKABLE[type(owner)]:
             yield ("self" if owner is not forward else type(owner).__name__), owner
@@ -1611,7 +1664,7 @@ def _owners(forward: Callable[..., Any]) -> Iterator[tuple[str, Any]]:
 class _Walk(NamedTuple):
     """What one search of the forward's objects carries along: the objects seen, and the tensors to look for."""
 
-    seen: set[int]
+    seen: dict[int, bool]  # the objects walked, and whether as read (see _objects_within_reach)
     read: dict[int, Tensor]  # the leaves the loss depends on: an attribute holding one is guarded
     made: dict[int, Tensor]  # the tensors the forward computed: an attribute holding one is named in a warning
     loaded: frozenset[str] = frozenset()  # the attribute names the forward's code loads: those it may read
@@ -1634,6 +1687,12 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
         guard = _attributes(object_path, attrs, loaded=walk.loaded if read else ())
         if guard is not None:
             found.objects.append(guard)
+        if read:
+            classes = [vars(owner) for owner in type(obj).__mro__ if owner is not object]
+            shadowed = frozenset(name for name in walk.loaded
+                                 if name not in attrs and any(name in members for members in classes))
+            if shadowed:
+                found.shadowed.append((object_path, attrs, shadowed))
         for name, item in attrs.items():
             if isinstance(item, Tensor):
                 if walk.read.get(id(item)) is item:
@@ -1644,22 +1703,26 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
                           if isinstance(container, (list, dict)))
 
 
-def _objects_within_reach(path: str, value: Any, depth: int, seen: set[int],
+def _objects_within_reach(path: str, value: Any, depth: int, seen: dict[int, bool],
                           containers: list[tuple[str, Any]] | None = None, loaded: Collection[str] | None = None,
                           read: bool = True) -> Iterator[tuple[str, Any, dict | None, bool]]:
     """``value`` and the objects in its items and attributes, ``depth`` levels down, each once, as
     ``(path, object, its __dict__, read)``: the user's own objects with their attributes, an nn.Module with None
-    (its submodules are its own), lists, tuples and dicts only walked through (added to ``containers`` when
-    given, up to ``_MAX_ITEMS`` items, if read). With ``loaded`` (the attribute names the forward's code loads),
-    ``read`` says whether the path to an object may be the forward's own reads: every attribute on it loaded
-    (``net.layers[0]``, not ``trainer.losses``)."""
-    if id(value) in seen or not _WALKABLE[type(value)]:
+    (its submodules are its own; the lists, dicts and user objects in their plain attributes are walked on: a
+    ``self.blocks = [...]`` of modules), lists, tuples and dicts only walked through (added to ``containers``
+    when given, up to ``_MAX_ITEMS`` items, if read). With ``loaded`` (the attribute names the forward's code
+    loads), ``read`` says whether the path to an object may be the forward's own reads: every attribute on it
+    loaded (``net.layers[0]``, not ``trainer.losses``). ``seen``: the objects walked, and whether as read; one
+    walked as not read is walked again when a path the forward reads reaches it (``self.backup`` and
+    ``self.model`` holding the same model)."""
+    key = id(value)
+    if key in seen and (seen[key] or not read) or not _WALKABLE[type(value)]:
         return
-    seen.add(id(value))
+    seen[key] = read
     if isinstance(value, torch.nn.Module):
         yield path, value, None, read
-        return
-    if isinstance(value, (list, tuple, dict)):
+        items = _module_attributes(path, value, loaded, read)
+    elif isinstance(value, (list, tuple, dict)):
         if len(value) > _MAX_ITEMS:
             return
         if containers is not None and read:
@@ -1676,11 +1739,26 @@ def _objects_within_reach(path: str, value: Any, depth: int, seen: set[int],
             return
         yield path, value, attrs, read
         items = [(f"{path}.{name}", item, read and (loaded is None or name in loaded))
-                 for name, item in attrs.items() if not name.startswith("_")]
+                 for name, item in attrs.items() if isinstance(name, str) and not name.startswith("_")]
     if depth > 0:
         for item_path, item, item_read in items:
             if not isinstance(item, Tensor) and type(item) not in _ATOMS:
                 yield from _objects_within_reach(item_path, item, depth - 1, seen, containers, loaded, item_read)
+
+
+def _module_attributes(path: str, module: torch.nn.Module, loaded: Collection[str] | None, read: bool
+                       ) -> list[tuple[str, Any, bool]]:
+    """The public plain attributes of a module and its submodules that may hold more of the forward's
+    structure (a list of layers, a dict, a user's object; not submodules, parameters, buffers, tensors or
+    atoms, which :func:`_watch_module` guards), as ``(path, value, read)``."""
+    items = []
+    for sub_path, submodule in module.named_modules():
+        prefix = f"{path}.{sub_path}" if sub_path else path
+        items.extend((f"{prefix}.{name}", item, read and (loaded is None or name in loaded))
+                     for name, item in vars(submodule).items()
+                     if isinstance(name, str) and not name.startswith("_") and type(item) not in _ATOMS
+                     and not isinstance(item, (Tensor, torch.nn.Module)))
+    return items
 
 
 def _watch_module(found: _References, name: str, module: torch.nn.Module, read: Mapping[int, Tensor],
@@ -1739,7 +1817,7 @@ def _tensor_places(forward: Callable[..., Any]) -> dict[tuple[int, str], tuple[_
         for name, value in globals_.items():
             if isinstance(value, Tensor):
                 found[(id(globals_), name)] = (_Place(name, "global", globals_, name), value)
-    seen: set[int] = set()
+    seen: dict[int, bool] = {}
     for path, owner in _owners(forward):
         _walk_places(found, path, owner, _FLAG_DEPTH, seen)
     for kind, owner, name, value in _read_directly(forward):
@@ -1750,7 +1828,7 @@ def _tensor_places(forward: Callable[..., Any]) -> dict[tuple[int, str], tuple[_
     return found
 
 
-def _walk_places(found: dict, path: str, value: Any, depth: int, seen: set[int]) -> None:
+def _walk_places(found: dict, path: str, value: Any, depth: int, seen: dict[int, bool]) -> None:
     """The tensor attributes of ``value`` and of the objects in its items and attributes, ``depth`` levels down
     (the user's own objects; of an nn.Module, its buffers)."""
     for object_path, obj, attrs, _ in _objects_within_reach(path, value, depth, seen):

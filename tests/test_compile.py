@@ -8,8 +8,10 @@ No timing here: speed is measured by ``tensorgraph bench``.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import sys
+import types
 import warnings
 
 import pytest
@@ -1088,6 +1090,68 @@ def _through(layers, x, act=torch.tanh):
     return x.sum()
 
 
+class _Wrapper:  # the user's object whose __call__ calls no torch function itself: it hands x to its model
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x):
+        return self.model(x)
+
+
+class _Layers:  # the user's model, reached through the wrapper
+    def __init__(self, *weights):
+        self.layers = list(weights)
+
+    def __call__(self, x):
+        return _through(self.layers, x)
+
+
+class _Aliased(_Layers):  # the same list under an attribute the forward never loads, found first
+    def __init__(self, *weights):
+        self.all_layers = list(weights)
+        self.layers = self.all_layers
+
+
+class _Blocks(torch.nn.Module):  # a module holding its blocks in a plain list (not an nn.ModuleList)
+    def __init__(self, *blocks):
+        super().__init__()
+        self.blocks = list(blocks)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return x.sum()
+
+
+class _ClassScaled:  # a setting held by the class, read as self.scale
+    scale = 1.0
+
+    def __init__(self, w):
+        self.w = w
+
+    def __call__(self, x):
+        return _through([self.w], x) * self.scale
+
+
+class _ClassLayers:  # layers held by the class
+    layers: list = []
+
+    def __call__(self, x):
+        return _through(self.layers, x)
+
+
+class _Named:  # an attribute read by getattr with a constant name
+    def __init__(self, *weights):
+        self.layers = list(weights)
+
+    def __call__(self, x):
+        return _through(self.layers, x)
+
+
+def _partial_forward(layers, x):
+    return _through(layers, x)
+
+
 def _container_cases():
     """(forward, change, message, the tensors whose gradients to check after it) for each kind of place a forward
     reaches its structure through: a list, a dict, an attribute, a module's submodules and parameters, a closure
@@ -1179,6 +1243,37 @@ def _container_cases():
     users_model = other["Model"](w[0])
     cases["method reads a global"] = (lambda x: users_model(x), lambda: other.update(SCALE=3.0),
                                       "'SCALE' changed from 1.0 to 3.0 (the recording used its value)", w[:1])
+    wrapped = _Wrapper(_Layers(w[0]))
+    cases["list of an object called by one whose code calls no torch"] = (
+        lambda x: wrapped(x), lambda: wrapped.model.layers.append(w[1]),
+        "wrapped.model.layers now has 2 items (the recording's had 1)", w[:2])
+    aliased = _Aliased(w[0])
+    cases["list also held by an attribute never loaded"] = (
+        lambda x: aliased(x), lambda: aliased.layers.append(w[1]),
+        "aliased.layers now has 2 items (the recording's had 1)", w[:2])
+    held = _Blocks(torch.nn.Linear(4, 4).double())
+    block = torch.nn.Linear(4, 4).double()
+    cases["module's plain list of modules appended"] = (
+        held, lambda: held.blocks.append(block), "_Blocks.blocks now has 2 items (the recording's had 1)",
+        list(held.blocks[0].parameters()) + list(block.parameters()))
+    scaled_by_class = _ClassScaled(w[0])
+    cases["class attribute changed"] = (lambda x: scaled_by_class(x), lambda: setattr(_ClassScaled, "scale", 2.0),
+                                        "_ClassScaled.scale is now 2.0 (the recording ran with 1.0)", w[:1])
+    _ClassLayers.layers.append(w[0])
+    class_layers = _ClassLayers()
+    cases["class attribute list appended"] = (lambda x: class_layers(x), lambda: _ClassLayers.layers.append(w[1]),
+                                              "_ClassLayers.layers now has 2 items (the recording's had 1)", w[:2])
+    named = _Named(w[0])
+    cases["attribute read by getattr appended"] = (lambda x: named(x), lambda: named.layers.append(w[1]),
+                                                   "named.layers now has 2 items (the recording's had 1)", w[:2])
+    shadowed = _ClassScaled(w[0])
+    cases["class attribute shadowed by the object's"] = (
+        lambda x: shadowed(x), lambda: setattr(shadowed, "scale", 3.0),
+        "shadowed.scale was set on the object (the recording read its class's scale)", w[:1])
+    partial_layers = [w[0]]
+    cases["functools.partial's argument appended"] = (
+        functools.partial(_partial_forward, partial_layers), lambda: partial_layers.append(w[1]),
+        "layers now has 2 items (the recording's had 1)", w[:2])
     return cases
 
 
@@ -1373,6 +1468,20 @@ def test_a_numpy_index_keeps_the_fused_rules():
         step = tg.compile(forward)
         loss, grads = step()
     torch.testing.assert_close(grads[W], _torch_grad(lambda W: F.cross_entropy(C[ix] @ W, y), W), **TOL)
+
+
+def test_structure_guard_walks_an_object_with_a_non_string_attribute_name():
+    """An object whose ``__dict__`` has a key that is not a string (``vars(o)[1] = 2``) within the forward's
+    reach: the recording crashed (``'int' object has no attribute 'startswith'``)."""
+    w, x = r(4, 4, seed=335), r(3, 4, seed=336)
+    holder = types.SimpleNamespace(w=w)
+    vars(holder)[1] = 2
+
+    def forward(x):
+        return torch.tanh(x @ holder.w).sum()
+
+    loss, grads = tg.compile(forward, fuse=False)(x)
+    torch.testing.assert_close(grads[w], _torch_grad(lambda w: torch.tanh(x @ w).sum(), w), **TOL)
 
 
 def test_structure_guard_accepts_what_cannot_change_the_step():
