@@ -281,13 +281,13 @@ class _Attributes:
 
 def _attributes(path: str, attrs: dict, *, module: bool = False, loaded: Collection[str] = ()
                 ) -> _Attributes | None:
-    """The guard on the attributes of an object's ``__dict__``, or None if it has none: its atoms, and those of
-    its other attributes but tensors whose names the forward's code loads (``loaded``: ``model.act``, not a
-    ``self.losses`` that only the training loop appends to). Of a module: not ``training`` (guarded with the
-    module's mode) nor torch's internal ``_`` names (its submodules, parameters and buffers are guarded as
-    :class:`_Contents`)."""
-    names = tuple(name for name, value in attrs.items() if isinstance(name, str)
-                  and (type(value) in _ATOMS or (name in loaded and not isinstance(value, Tensor)))
+    """The guard on the attributes of an object's ``__dict__``, or None if it has none: those but tensors whose
+    names the forward's code loads (``loaded``: ``model.act``, ``layer.eps``; not a ``self.losses`` or a step
+    counter that only the training loop changes). Of a module: its atoms whatever their names (torch's own code
+    reads ``eps``, ``momentum``), but not ``training`` (guarded with the module's mode) nor torch's internal
+    ``_`` names (its submodules, parameters and buffers are guarded as :class:`_Contents`)."""
+    names = tuple(name for name, value in attrs.items() if isinstance(name, str) and not isinstance(value, Tensor)
+                  and (name in loaded or (module and type(value) in _ATOMS))
                   and not (module and (name.startswith("_") or name == "training")))
     return _Attributes(path, attrs, names) if names else None
 

@@ -1054,13 +1054,14 @@ def test_guard_on_bool_and_str_attributes_of_the_user_s_own_object(attribute, va
 def test_attribute_guard_compares_as_python_code_can_tell():
     """A NaN equals a NaN (a new NaN object records nothing), an equal value in a new object records nothing,
     a number of another type does (``1`` for ``1.0`` makes ``torch.full`` build an int64 tensor, exact where
-    float32 rounds), and so does a deleted attribute."""
+    float32 rounds), and so does a deleted attribute the forward reads; one it never reads records nothing."""
     s, w, x = _Settings(), r(4, seed=195), r(4, seed=196)
-    s.scale, s.offset = float("nan"), 1.0
+    s.scale, s.offset, s.bonus = float("nan"), 1.0, 0.5
 
     def forward(x, w=w):
         if s.scale != s.scale:  # a NaN: no scale
-            return (x * w).sum() * (torch.full((), s.offset) + 2 ** 24).to(D).sub(2 ** 24 - 1)
+            return (x * w).sum() * (torch.full((), s.offset) + 2 ** 24).to(D).sub(2 ** 24 - 1) + getattr(
+                s, "bonus", 0.0)
         return (x * w).sum() * s.scale
 
     step = tg.compile(forward, fuse=False)
@@ -1068,7 +1069,8 @@ def test_attribute_guard_compares_as_python_code_can_tell():
                             (lambda: setattr(s, "scale", float("nan")), None),
                             (lambda: setattr(s, "offset", float(int("1"))), None),  # an equal float, a new object
                             (lambda: setattr(s, "offset", 1), "s.offset is now 1 (the recording ran with 1.0)"),
-                            (lambda: delattr(s, "penalty"), "s.penalty was deleted (the recording ran with False)")):
+                            (lambda: delattr(s, "penalty"), None),  # never read by this forward
+                            (lambda: delattr(s, "bonus"), "s.bonus was deleted (the recording ran with 0.5)")):
         if change is not None:
             change()
         (loss, grads), warned = _call_once(step, x)
@@ -1377,6 +1379,47 @@ def test_structure_guard_leaves_out_what_the_forward_never_loads():
         expected.append(loss.item())
         w = w - 0.1 * torch.autograd.grad(loss, leaf)[0]
     assert trainer.losses == pytest.approx(expected, rel=1e-12)
+
+
+class _CountingTrainer(_Trainer):  # the loop keeps its counters and logs on the step's own object
+    def __init__(self, w):
+        self.iteration, self.last_loss, self.scale = 0, None, 1.0
+        self.opt = types.SimpleNamespace(lr=0.1)  # an optimiser-like object the forward never loads
+        super().__init__(w)
+
+    def loss_of(self, x):
+        return torch.tanh(x @ self.w).sum() * self.scale
+
+    def train(self, x, steps):
+        for _ in range(steps):
+            loss, grads = self.step(x)
+            with torch.no_grad():
+                self.w -= self.opt.lr * grads[self.w]
+            self.iteration += 1
+            self.last_loss = loss.item()
+            self.opt.lr *= 0.9
+
+
+def test_numbers_the_forward_never_loads_record_nothing():
+    """A step counter, the last loss and a decaying learning rate kept on the step's own object re-recorded at
+    every call (any number attribute was guarded); only the numbers the forward's code loads are: ``self.scale``
+    changed re-records once. Each step's loss is torch's."""
+    w, x = r(4, 4, seed=380), r(3, 4, seed=381)
+    trainer = _CountingTrainer(w.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecompileWarning)
+        trainer.train(x, 4)
+    assert trainer.step.recordings == 1
+    trainer.scale = 2.0
+    (loss, _), warned = _call_once(trainer.step, x)
+    _warned_once(trainer.step, warned, "self.scale is now 2.0 (the recording ran with 1.0)")
+    torch.testing.assert_close(loss, torch.tanh(x @ trainer.w).sum() * 2.0, **TOL)
+    expected, lr = w, 0.1
+    for _ in range(4):
+        leaf = expected.clone().requires_grad_()
+        expected = expected - lr * torch.autograd.grad(torch.tanh(x @ leaf).sum(), leaf)[0]
+        lr *= 0.9
+    torch.testing.assert_close(trainer.w, expected, **TOL)
 
 
 class _Net:  # the user's class reaching its weights through a method and its activation through a property
