@@ -1,0 +1,724 @@
+"""What a compiled step specialised on, and its guard: re-checked on every call of ``tg.compile``'s step.
+
+A recording bakes in more than its tensors' shapes: the Python values its forward read (numbers,
+flags, strings), the objects it reached (a list of layers, ``model.act``, a module's submodules,
+parameters and buffers), the functions it called. :func:`_direct_references` finds them, starting
+from what the forward's code loads (its bytecode, the user's helper functions it names, the user's
+functions that called torch while recording, and the methods and properties of the user's classes
+those name), and :class:`_References` checks them at every call, by identity first and in a few
+C-level passes (``_Attributes``, ``_Contents``); a change is described by the place and both
+values (``layers now has 3 items (the recording's had 2)``). Also here: where the forward's
+objects hold tensors (``_tensor_places``, for the ``torch.no_grad()`` work the step replays), the
+names the forward reaches its leaves by, and the random number generators outside torch.
+"""
+
+from __future__ import annotations
+
+import dis
+import functools
+import inspect
+import random
+import sys
+import types
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from operator import is_, itemgetter
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .graph import Graph
+from .naming import _MAX_ITEMS, _USER_MODULES, _WALKABLE, _from_a_library, _Namer, set_names
+from .reads import same_number
+
+_MISSING = object()
+_ATOMS = (int, float, bool, str, type(None))  # Python values a forward may read and the recording bakes in
+
+
+class _Attributes:
+    """The public attributes of one of the user's objects or modules, as recorded, but tensors (guarded by
+    :attr:`_References.attributes` when the loss reads them): atoms (int, float, bool, str, None) by value,
+    anything else by identity (``layers[1].eps``, ``layers[1].training``, ``model.act``, ``net.layers``). One
+    C-level look-up of them all per call (``itemgetter``), compared by identity."""
+
+    __slots__ = ("path", "attrs", "names", "get", "values", "single")
+
+    def __init__(self, path: str, attrs: Mapping[str, Any], names: tuple[str, ...]) -> None:
+        self.path, self.attrs, self.names = path, attrs, names
+        self.get = itemgetter(*names)  # one name: its value; several: a tuple of them
+        self.values = self.get(attrs)
+        self.single = len(names) == 1
+
+    def same(self) -> bool:
+        """Whether every attribute still holds the very object it held (the check made on every call)."""
+        try:
+            now = self.get(self.attrs)
+        except KeyError:  # an attribute was deleted
+            return False
+        return now is self.values or (not self.single and all(map(is_, now, self.values)))
+
+    def change(self) -> str | None:
+        """What changed (an atom compared as Python code can tell: same type and value, a NaN equals a NaN), or
+        None: then the values are equal atoms in new objects, kept so that the next call's check is by identity."""
+        for name, then in zip(self.names, (self.values,) if self.single else self.values):
+            why = _replaced(f"{self.path}.{name}", then, self.attrs.get(name, _MISSING))
+            if why is not None:
+                return why
+        self.values = self.get(self.attrs)
+        return None
+
+
+def _attributes(path: str, attrs: dict, *, module: bool = False, loaded: Collection[str] = ()
+                ) -> _Attributes | None:
+    """The guard on the attributes of an object's ``__dict__``, or None if it has none: those but tensors whose
+    names the forward's code loads (``loaded``: ``model.act``, ``layer.eps``; not a ``self.losses`` or a step
+    counter that only the training loop changes). Of a module: its atoms whatever their names (torch's own code
+    reads ``eps``, ``momentum``), but not ``training`` (guarded with the module's mode) nor torch's internal
+    ``_`` names (its submodules, parameters and buffers are guarded as :class:`_Contents`)."""
+    names = tuple(name for name, value in attrs.items() if isinstance(name, str) and not isinstance(value, Tensor)
+                  and (name in loaded or (module and type(value) in _ATOMS))
+                  and not (module and (name.startswith("_") or name == "training")))
+    return _Attributes(path, attrs, names) if names else None
+
+
+def _replaced(path: str, then: Any, now: Any, read: Mapping[int, Tensor] | None = None) -> str | None:
+    """Why ``now`` in place of ``then`` (what the recording found at ``path``) makes the recording wrong, or None
+    for an equal atom (a number is compared as Python code can tell) or, given ``read``, a tensor the loss did
+    not read."""
+    if now is then:
+        return None
+    if now is _MISSING:
+        return f"{path} was deleted (the recording ran with {_shown(then)})"
+    if type(then) in _ATOMS:
+        return None if same_number(now, then) else f"{path} is now {_shown(now)} (the recording ran with {then!r})"
+    if isinstance(then, Tensor):
+        if read is not None and read.get(id(then)) is not then:
+            return None
+        return f"{path} now refers to a different tensor"
+    return f"{path} now refers to a different object ({_shown(now)})"
+
+
+def _shown(value: Any) -> str:
+    """A value as a guard's message shows it: an atom as its repr, anything else by its type."""
+    if type(value) in _ATOMS:
+        return repr(value)
+    if isinstance(value, Tensor):
+        return "a tensor"
+    if callable(value) and isinstance(getattr(value, "__name__", None), str) and not isinstance(value, torch.nn.Module):
+        return value.__name__  # a function, a class
+    return f"a {type(value).__name__}"
+
+
+class _Contents:
+    """The items of the lists and dicts the forward reaches (``layers``, ``cfg``, modules' submodules and
+    parameters), as recorded: all of them checked by identity in a few C-level passes per call, however many
+    there are. A replaced item is compared by :func:`_replaced` (an equal atom, or a tensor the loss did not
+    read, is accepted); another length, or other keys or another order of them (a loop over them would run
+    differently), is a change."""
+
+    __slots__ = ("parts", "read", "containers", "lists", "dicts", "sizes", "list_items", "dict_keys",
+                 "dict_values", "recorded")
+
+    def __init__(self, parts: Sequence[tuple[str, list | dict, str]], read: Mapping[int, Tensor]) -> None:
+        self.parts, self.read = parts, read  # (path, container, how a key is shown: "[{!r}]", ".{}")
+        self.containers = [container for _, container, _ in parts]
+        self.lists = [c for c in self.containers if not isinstance(c, dict)]
+        self.dicts = [c for c in self.containers if isinstance(c, dict)]
+        self._take()
+
+    def _take(self) -> None:
+        self.sizes = tuple(map(len, self.containers))
+        self.list_items = tuple(chain.from_iterable(self.lists))
+        self.dict_keys = tuple(chain.from_iterable(self.dicts))
+        self.dict_values = tuple(chain.from_iterable(map(dict.values, self.dicts)))
+        self.recorded = [_items(container) for container in self.containers]
+
+    def same(self) -> bool:
+        """Whether they hold the very same items (and keys), in the same order (the check made on every call)."""
+        return (tuple(map(len, self.containers)) == self.sizes  # (then the identity passes compare equal lengths)
+                and all(map(is_, chain.from_iterable(self.lists), self.list_items))
+                and all(map(is_, chain.from_iterable(map(dict.values, self.dicts)), self.dict_values))
+                and all(map(is_, chain.from_iterable(self.dicts), self.dict_keys)))
+
+    def change(self) -> str | None:
+        """What changed, or None (equal atoms, or tensors the loss did not read, in new objects: kept)."""
+        for (path, container, form), (keys, items) in zip(self.parts, self.recorded):
+            why = _container_change(path, form, keys, items, *_items(container), self.read)
+            if why is not None:
+                return why
+        self._take()
+        return None
+
+
+def _items(container: list | dict) -> tuple[tuple | None, tuple]:
+    """A list's items (no keys), or a dict's keys and values."""
+    if isinstance(container, dict):
+        return tuple(container), tuple(container.values())
+    return None, tuple(container)
+
+
+def _container_change(path: str, form: str, keys: tuple | None, items: tuple, keys_now: tuple | None,
+                      items_now: tuple, read: Mapping[int, Tensor]) -> str | None:
+    """What changed in one list or dict since the recording (:class:`_Contents`), or None."""
+    if keys is None and len(items_now) != len(items):
+        return f"{path} now has {len(items_now)} items (the recording's had {len(items)})"
+    if keys is not None and keys_now != keys:
+        gone = [key for key in keys if key not in keys_now]
+        if gone:
+            return f"{path}{form.format(gone[0])} was deleted"
+        added = [key for key in keys_now if key not in keys]
+        if added:
+            return f"{path}{form.format(added[0])} was added"
+        return f"the keys of {path} are in another order (the recording's: {list(keys)})"
+    for key, then, now in zip(keys if keys is not None else range(len(items)), items, items_now):
+        why = _replaced(f"{path}{form.format(key)}", then, now, read)
+        if why is not None:
+            return why
+    return None
+
+
+@dataclass
+class _References:
+    """What the forward reads directly from its globals and closure, as recorded: tensors (by identity),
+    atoms (int, float, bool, str, None: by value), anything else by identity (a function, a module, a list of
+    layers), nn.Modules (their and their submodules' ``training``, submodules and parameters), the attributes of
+    the user's own objects and of modules reachable from them (``layers[1].training``, ``layers[1].eps``,
+    ``model.0.p``, ``model.act``), and the items of the lists and dicts among them (``layers[2]``,
+    ``cfg['scale']``)."""
+
+    tensors: list[tuple[str, Any, str, Tensor]] = field(default_factory=list)  # (kind, owner, name, tensor)
+    atoms: list[tuple[str, Any, str, Any]] = field(default_factory=list)  # (kind, owner, name, value)
+    bindings: list[tuple[str, Any, str, Any]] = field(default_factory=list)  # (kind, owner, name, object)
+    modules: list[tuple[str, list[tuple[str, Any]], tuple[bool, ...]]] = field(default_factory=list)
+    objects: list[_Attributes] = field(default_factory=list)  # the attributes of objects and modules
+    contents: list[tuple[str, list | dict, str]] = field(default_factory=list)  # (path, container, key form)
+    held: _Contents | None = None  # what ``contents`` hold (their guard: made when the search is done)
+    attributes: list[tuple[str, dict, str, Tensor]] = field(default_factory=list)  # (path, __dict__, name, tensor)
+    shadowed: list[tuple[str, dict, frozenset[str]]] = field(default_factory=list)  # (path, __dict__, class names)
+    stored: list[str] = field(default_factory=list)  # attributes holding a tensor the forward made: ``layers[0].out``
+    loaded: list[tuple[_Place, tuple]] = field(default_factory=list)  # places the step reads and rebinds: (shape ...)
+
+    def changed(self) -> str | None:
+        """What changed since the recording, or None."""
+        for kind, owner, name, tensor in self.tensors:  # every call: written out for speed
+            if (owner.get(name) if kind == "global" else owner.cell_contents) is not tensor:
+                return f"{name!r} now refers to a different tensor"
+        for path, attrs, name, tensor in self.attributes:
+            if attrs.get(name) is not tensor:
+                return f"{path}.{name} now refers to a different tensor"
+        for place, spec in self.loaded:  # rebound by the step itself: any tensor of the recording's kind will do
+            value = place.get()
+            if not isinstance(value, Tensor) or _spec(value) != spec:
+                now = f"a tensor of shape {tuple(value.shape)}, {value.dtype}" if isinstance(value, Tensor) else \
+                    "no tensor"
+                return f"{place.path} now holds {now} (the recording's held shape {tuple(spec[0])}, {spec[1]})"
+        for guard in self.objects:  # by identity; a new object is compared by value when it is an atom
+            if not guard.same():
+                why = guard.change()
+                if why is not None:
+                    return why
+        for path, attrs, names in self.shadowed:  # an instance attribute set over the class's: one C-level test
+            if not attrs.keys().isdisjoint(names):
+                name = min(names & attrs.keys())
+                return f"{path}.{name} was set on the object (the recording read its class's {name})"
+        held = self.held
+        if held is not None and not held.same():
+            why = held.change()
+            if why is not None:
+                return why
+        if self.atoms or self.modules or self.bindings:
+            return self._changed_python()
+        return None
+
+    def rebound(self) -> bool:
+        """Whether a tensor the recording captured was replaced: then that recording can never run again."""
+        return any((owner.get(name) if kind == "global" else _current(kind, owner, name)) is not tensor
+                   for kind, owner, name, tensor in self.tensors) or \
+            any(attrs.get(name) is not tensor for _, attrs, name, tensor in self.attributes)
+
+    def _changed_python(self) -> str | None:
+        for kind, owner, name, value in self.bindings:
+            current = _current(kind, owner, name)
+            if current is not value:
+                return _replaced(repr(name), value, current) or f"{name!r} now refers to a different object"
+        for kind, owner, name, value in self.atoms:
+            current = _current(kind, owner, name)
+            if current is not value and not same_number(current, value):
+                now = "is no longer defined" if current is _MISSING else f"changed from {value!r} to {current!r}"
+                return f"{name!r} {now} (the recording used its value)"
+        for name, modules, flags in self.modules:
+            for (path, module), flag in zip(modules, flags):
+                if module.training is not flag:
+                    mode = "training" if module.training else "eval"
+                    return f"{name}{'.' + path if path else ''} was switched to {mode} mode (.training is now " \
+                           f"{module.training})"
+        return None
+
+
+def _spec(tensor: Tensor) -> tuple:
+    return tensor.shape, tensor.dtype, tensor.device
+
+
+def _current(kind: str, owner: Any, name: str) -> Any:
+    if kind == "global":
+        return owner.get(name, _MISSING)
+    try:
+        return owner.cell_contents
+    except ValueError:  # an emptied cell
+        return _MISSING
+
+
+def _random_states() -> list[tuple[str, Callable[[], Any], Any]]:
+    """The global random number generators outside torch that a forward may draw from (``random.sample``,
+    ``np.random.randint``), each with its state now."""
+    getters: list[tuple[str, Callable[[], Any]]] = [("Python's random module", random.getstate)]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        getters.append(("numpy.random", numpy.random.get_state))
+    return [(name, get, get()) for name, get in getters]
+
+
+def _drew_from(states: list[tuple[str, Callable[[], Any], Any]]) -> str | None:
+    """The first of these generators whose state is no longer the one recorded, or None."""
+    return next((name for name, get, before in states if not _same_state(get(), before)), None)
+
+
+def _same_state(now: Any, then: Any) -> bool:
+    if isinstance(now, tuple):
+        return isinstance(then, tuple) and len(now) == len(then) and all(map(_same_state, now, then))
+    if hasattr(now, "tobytes"):  # numpy's key array
+        return hasattr(then, "tobytes") and now.tobytes() == then.tobytes()
+    return now == then
+
+
+def _name_references(graph: Graph, forward: Callable[..., Any],
+                     earlier: Sequence[tuple[str, Tensor]] = ()) -> None:
+    """Leaves the recorder could not name take the names the forward reaches them by: a global or closure
+    variable (``W1``), or a path through an object it names (``model.0.weight``), as ``tg.record`` names them.
+    ``earlier``: tensors by where the forward found them before it rebound that place (``layers[1].running_mean``)."""
+    named = {n: d["name"] for n, d in enumerate(graph._nodes) if d["named"]}
+    namer = _Namer(graph)
+    namer.named, namer.used = dict(named), set(named.values())
+    for name, value in earlier:
+        namer.offer(name, value)
+    references = _read_directly(forward)
+    for _, _, name, value in references:
+        if isinstance(value, Tensor):
+            namer.offer(name, value)
+    for _, _, name, value in references:
+        if not isinstance(value, Tensor) and type(value) not in _ATOMS:
+            namer.walk(name, value, depth=3)
+    if len(namer.named) > len(named):
+        set_names(graph, namer.named)
+
+
+def _read_by(code: Sequence[tuple[types.CodeType, dict]], seen: set[tuple[int, str]]
+             ) -> list[tuple[str, Any, str, Any]]:
+    """The globals that these code objects of the user's (and the code nested in them) read, as
+    :func:`_read_directly` gives them, but those in ``seen``."""
+    found = []
+    for body, globals_ in code:
+        if not _users_module(globals_.get("__name__")):
+            continue
+        for name in _names_read(body):
+            if name in globals_ and (id(globals_), name) not in seen:
+                seen.add((id(globals_), name))
+                found.append(("global", globals_, name, globals_[name]))
+    return found
+
+
+_CALL_DEPTH = 3  # how many calls down the guard follows the user's functions a forward names (helpers of helpers)
+
+
+def _read_directly(forward: Callable[..., Any], depth: int = _CALL_DEPTH, seen: set[tuple[int, str]] | None = None,
+                   code_read: list[types.CodeType] | None = None) -> list[tuple[str, Any, str, Any]]:
+    """Every global and closure variable the forward's own code reads (its comprehensions and lambdas too), and
+    those of the user's functions it names, ``depth`` calls down (``mlp(x)`` reading ``layers``):
+    (kind, owner, name, value), each place once. ``code_read`` gets the code objects read."""
+    while isinstance(forward, functools.partial):
+        forward = forward.func
+    code = getattr(forward, "__code__", None)
+    if code is None:
+        return []
+    seen = set() if seen is None else seen
+    if code_read is not None:
+        code_read.append(code)
+    globals_ = getattr(forward, "__globals__", {})
+    found = [("global", globals_, name, globals_[name]) for name in _names_read(code) if name in globals_]
+    for name, cell in zip(code.co_freevars, getattr(forward, "__closure__", None) or ()):
+        value = _current("cell", cell, name)
+        if value is not _MISSING:
+            found.append(("cell", cell, name, value))
+    found = [reference for reference in found if (id(reference[1]), reference[2]) not in seen]
+    seen.update((id(owner), name) for _, owner, name, _ in found)
+    if depth > 0:
+        for *_, value in list(found):
+            if isinstance(value, types.FunctionType) and _users_function(value):
+                found.extend(_read_directly(value, depth - 1, seen, code_read))
+    return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_read(code: types.CodeType) -> tuple[str, ...]:
+    """The global names a code object and the code nested in it (comprehensions, lambdas) load, by its bytecode
+    (``co_names`` also holds attribute names: ``self.out`` is not the global ``out``)."""
+    names = [instruction.argval for instruction in dis.get_instructions(code)
+             if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME")]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_names_read(const))
+    return tuple(dict.fromkeys(names))
+
+
+def _loaded_names(code: list[types.CodeType], classes: Collection[type]) -> frozenset[str]:
+    """The attribute names that ``code`` loads, and the methods and properties of ``classes`` it names in turn
+    (``self.activation()`` returning ``self.act``), and what calling one of their objects runs (``__call__``,
+    an nn.Module's ``forward``: ``model(x)`` in a forward whose own code loads no attribute): what the forward
+    may read of the objects it reaches."""
+    loaded: set[str] = set()
+    pending, done = list(code), set()
+    for cls in classes:
+        for name in _CALLED:
+            pending.extend(_code_of(inspect.getattr_static(cls, name, None)))
+    while pending:
+        body = pending.pop()
+        if body in done:
+            continue
+        done.add(body)
+        names = _attributes_loaded(body)
+        loaded |= names
+        for cls in classes:
+            for name in names:
+                pending.extend(_code_of(inspect.getattr_static(cls, name, None)))
+    return frozenset(loaded)
+
+
+_CALLED = ("__call__", "forward")  # what calling an object runs (an nn.Module's __call__ runs its forward)
+
+
+def _code_of(member: Any) -> Iterator[types.CodeType]:
+    """The code of a class member: a method's, a static or class method's, a property's getter and setter."""
+    if isinstance(member, (staticmethod, classmethod)):
+        member = member.__func__
+    if isinstance(member, property):
+        yield from (f.__code__ for f in (member.fget, member.fset) if isinstance(f, types.FunctionType))
+    elif isinstance(member, types.FunctionType):
+        yield member.__code__
+
+
+def _users_classes(roots: Iterable[tuple[str, Any]]) -> set[type]:
+    """The user's own classes among the objects within the guard's reach of these (and their modules')."""
+    classes: set[type] = set()
+    seen: dict[int, bool] = {}
+    for path, value in roots:
+        for _, obj, attrs, _ in _objects_within_reach(path, value, _FLAG_DEPTH, seen):
+            objects = [module for module in obj.modules()] if attrs is None else [obj]
+            classes.update(type(o) for o in objects if _users_module(type(o).__module__))
+    return classes
+
+
+@functools.lru_cache(maxsize=1024)
+def _attributes_loaded(code: types.CodeType) -> frozenset[str]:
+    """The attribute names a code object and the code nested in it load (``self.layers``, ``model.act(x)``), and
+    the strings in it that could name one (``getattr(self, "layers")``)."""
+    names = {instruction.argval for instruction in dis.get_instructions(code)
+             if instruction.opname in ("LOAD_ATTR", "LOAD_METHOD")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _attributes_loaded(const)
+        elif isinstance(const, str) and const.isidentifier():
+            names.add(const)
+    return frozenset(names)
+
+
+def _users_function(function: types.FunctionType) -> bool:
+    """Whether a function is the user's own (a script's, a notebook's, the lecture's), not a library's."""
+    return _users_module(getattr(function, "__module__", None))
+
+
+@functools.lru_cache(maxsize=1024)
+def _users_module(module: Any) -> bool:
+    """Whether code of the module of this name is the user's own, not a library's (nor tensorgraph's)."""
+    if not isinstance(module, str):
+        return True  # code made by exec() with globals of its own: the user's
+    if module.startswith(_USER_MODULES):
+        return True
+    return not module.startswith("tensorgraph") and not _from_a_library(module)
+
+
+def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], read: dict[int, Tensor],
+                       made: dict[int, Tensor], code: Sequence[tuple[types.CodeType, dict]] = ()) -> _References:
+    """What the forward names directly (globals, closure cells) that the guard re-checks: recorded tensors,
+    Python atoms, other objects by identity, modules (their ``training`` flags, submodules and parameters; the
+    object of a bound method, or the forward, too), the attributes of user objects within reach
+    (``layers[1].training``, ``model.layers[3].eps``, ``net.act``) and those holding a tensor of ``read`` (the
+    leaves the loss depends on: ``layers[1].gamma``), and the items of the lists and dicts on the way.
+    Attributes holding a tensor of ``made`` (computed by the forward: ``layers[0].out``) are listed in ``stored``.
+    The globals read by ``code`` (the user's functions that called torch while recording: a method of the
+    user's class reading a global) count as the forward's own."""
+    found = _References()
+    seen: set[tuple[int, str]] = set()
+    code_read: list[types.CodeType] = []
+    references = _read_directly(forward, seen=seen, code_read=code_read) + _read_by(code, seen)
+    roots = list(_owners(forward)) + [(name, value) for _, _, name, value in references]
+    classes = _users_classes(roots)
+    loaded = _loaded_names(code_read + [body for body, _ in code], classes)
+    walk = _Walk({}, read, made, loaded)
+    for path, owner in _owners(forward):
+        _watch_flags(found, path, owner, _FLAG_DEPTH, walk)
+    _watch_classes(found, classes, walk)
+    for kind, owner, name, value in references:
+        if isinstance(value, Tensor):
+            if id(value) in leaves:
+                found.tensors.append((kind, owner, name, value))
+        elif type(value) in _ATOMS:
+            found.atoms.append((kind, owner, name, value))
+        else:
+            found.bindings.append((kind, owner, name, value))
+            if _WALKABLE[type(value)]:
+                _watch_flags(found, name, value, _FLAG_DEPTH, walk)
+    if found.contents:
+        found.held = _Contents(found.contents, read)
+    return found
+
+
+def _watch_classes(found: _References, classes: Iterable[type], walk: _Walk) -> None:
+    """Watch the class attributes of the user's classes (and of the user's classes they derive from) whose names
+    the forward's code loads: ``Model.scale = 2.0``, a method or staticmethod replaced, a list of layers held
+    by the class (its items too), read through ``self.scale`` as the objects' own attributes are."""
+    done: set[type] = set()
+    for cls in classes:
+        for owner in cls.__mro__:
+            if owner in done or owner is object or not _users_module(owner.__module__):
+                continue
+            done.add(owner)
+            attrs = owner.__dict__
+            names = tuple(name for name in attrs if name in walk.loaded and not name.startswith("__"))
+            if not names:
+                continue
+            found.objects.append(_Attributes(owner.__qualname__, attrs, names))
+            for name in names:
+                value = attrs[name]
+                if type(value) not in _ATOMS and not isinstance(value, Tensor) and _WALKABLE[type(value)]:
+                    _watch_flags(found, f"{owner.__qualname__}.{name}", value, _FLAG_DEPTH - 1, walk)
+
+
+def _owners(forward: Callable[..., Any]) -> Iterator[tuple[str, Any]]:
+    """The objects a forward is part of, as the guards name them: a bound method's ``self``, the forward itself
+    when it is an object (an nn.Module, a callable instance), and a ``functools.partial``'s arguments (by the
+    names of the parameters they fill) and function's owners."""
+    if isinstance(forward, functools.partial):
+        try:
+            names = list(inspect.signature(forward.func).parameters)
+        except (TypeError, ValueError):  # no signature (a builtin)
+            names = []
+        for index, arg in enumerate(forward.args):
+            if _WALKABLE[type(arg)]:
+                yield (names[index] if index < len(names) else f"args[{index}]"), arg
+        yield from ((name, arg) for name, arg in forward.keywords.items() if _WALKABLE[type(arg)])
+        yield from _owners(forward.func)
+        return
+    for owner in (getattr(forward, "__self__", None), forward):
+        if owner is not None and _WALKABLE[type(owner)]:
+            yield ("self" if owner is not forward else type(owner).__name__), owner
+
+
+class _Walk(NamedTuple):
+    """What one search of the forward's objects carries along: the objects seen, and the tensors to look for."""
+
+    seen: dict[int, bool]  # the objects walked, and whether as read (see _objects_within_reach)
+    read: dict[int, Tensor]  # the leaves the loss depends on: an attribute holding one is guarded
+    made: dict[int, Tensor]  # the tensors the forward computed: an attribute holding one is named in a warning
+    loaded: frozenset[str] = frozenset()  # the attribute names the forward's code loads: those it may read
+
+
+_FLAG_DEPTH = 3  # ``model.layers[3].norm``: how far below a name the guard looks for flags and attributes
+
+
+def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _Walk) -> None:
+    """Watch the ``training`` flags and other atom attributes of ``value`` and of the objects in its items and
+    attributes, ``depth`` levels down: nn.Modules (all their submodules) and the user's own classes, whose
+    atoms are in the object's ``__dict__`` (the lecture's hand-written ``BatchNorm1d``: ``training``, ``eps``,
+    ``momentum``). Walks what naming walks."""
+    containers: list[tuple[str, list | dict]] = []
+    for object_path, obj, attrs, read in _objects_within_reach(path, value, depth, walk.seen, containers,
+                                                               walk.loaded):
+        if attrs is None:
+            _watch_module(found, object_path, obj, walk.read, walk.loaded if read else None)
+            continue
+        guard = _attributes(object_path, attrs, loaded=walk.loaded if read else ())
+        if guard is not None:
+            found.objects.append(guard)
+        if read:
+            classes = [vars(owner) for owner in type(obj).__mro__ if owner is not object]
+            shadowed = frozenset(name for name in walk.loaded
+                                 if name not in attrs and any(name in members for members in classes))
+            if shadowed:
+                found.shadowed.append((object_path, attrs, shadowed))
+        for name, item in attrs.items():
+            if isinstance(item, Tensor):
+                if walk.read.get(id(item)) is item:
+                    found.attributes.append((object_path, attrs, name, item))
+                elif walk.made.get(id(item)) is item:
+                    found.stored.append(f"{object_path}.{name}")
+    found.contents.extend((container_path, container, "[{!r}]") for container_path, container in containers
+                          if isinstance(container, (list, dict)))
+
+
+def _objects_within_reach(path: str, value: Any, depth: int, seen: dict[int, bool],
+                          containers: list[tuple[str, Any]] | None = None, loaded: Collection[str] | None = None,
+                          read: bool = True) -> Iterator[tuple[str, Any, dict | None, bool]]:
+    """``value`` and the objects in its items and attributes, ``depth`` levels down, each once, as
+    ``(path, object, its __dict__, read)``: the user's own objects with their attributes, an nn.Module with None
+    (its submodules are its own; the lists, dicts and user objects in their plain attributes are walked on: a
+    ``self.blocks = [...]`` of modules), lists, tuples and dicts only walked through (added to ``containers``
+    when given, up to ``_MAX_ITEMS`` items, if read). With ``loaded`` (the attribute names the forward's code
+    loads), ``read`` says whether the path to an object may be the forward's own reads: every attribute on it
+    loaded (``net.layers[0]``, not ``trainer.losses``). ``seen``: the objects walked, and whether as read; one
+    walked as not read is walked again when a path the forward reads reaches it (``self.backup`` and
+    ``self.model`` holding the same model)."""
+    key = id(value)
+    if key in seen and (seen[key] or not read) or not _WALKABLE[type(value)]:
+        return
+    seen[key] = read
+    if isinstance(value, torch.nn.Module):
+        yield path, value, None, read
+        items = _module_attributes(path, value, loaded, read)
+    elif isinstance(value, (list, tuple, dict)):
+        if len(value) > _MAX_ITEMS:
+            return
+        if containers is not None and read:
+            containers.append((path, value))
+        pairs = value.items() if isinstance(value, dict) else enumerate(value)
+        form = "{}[{!r}]" if isinstance(value, dict) else "{}[{}]"
+        items = [(form.format(path, key), item, read) for key, item in pairs]
+    else:
+        try:
+            attrs = vars(value)
+        except Exception:  # noqa: BLE001 - a user class's __getattr__ may raise anything
+            return
+        if not isinstance(attrs, dict):
+            return
+        yield path, value, attrs, read
+        items = [(f"{path}.{name}", item, read and (loaded is None or name in loaded))
+                 for name, item in attrs.items() if isinstance(name, str) and not name.startswith("_")]
+    if depth > 0:
+        for item_path, item, item_read in items:
+            if not isinstance(item, Tensor) and type(item) not in _ATOMS:
+                yield from _objects_within_reach(item_path, item, depth - 1, seen, containers, loaded, item_read)
+
+
+def _module_attributes(path: str, module: torch.nn.Module, loaded: Collection[str] | None, read: bool
+                       ) -> list[tuple[str, Any, bool]]:
+    """The public plain attributes of a module and its submodules that may hold more of the forward's
+    structure (a list of layers, a dict, a user's object; not submodules, parameters, buffers, tensors or
+    atoms, which :func:`_watch_module` guards), as ``(path, value, read)``."""
+    items = []
+    for sub_path, submodule in module.named_modules():
+        prefix = f"{path}.{sub_path}" if sub_path else path
+        items.extend((f"{prefix}.{name}", item, read and (loaded is None or name in loaded))
+                     for name, item in vars(submodule).items()
+                     if isinstance(name, str) and not name.startswith("_") and type(item) not in _ATOMS
+                     and not isinstance(item, (Tensor, torch.nn.Module)))
+    return items
+
+
+def _watch_module(found: _References, name: str, module: torch.nn.Module, read: Mapping[int, Tensor],
+                  loaded: Collection[str] | None) -> None:
+    """Watch the ``training`` flags of a module and its submodules, their public attributes (torch's ``eps``,
+    ``momentum``, ``p``; those the user's own subclasses set: ``self.temperature``, ``self.act``; a tensor of
+    ``read`` in a plain attribute), and which submodules, parameters and buffers they hold
+    (``model.fc = nn.Linear(...)``, ``layers.append(...)``, ``fc.weight = nn.Parameter(...)``,
+    ``bn.running_mean = ...`` in eval mode). ``loaded``: the attribute names the forward's code loads, None for
+    a module it may not read (reached through an attribute it does not load): then only its flags and atoms."""
+    modules = list(module.named_modules())
+    found.modules.append((name, modules, tuple(m.training for _, m in modules)))
+    for path, submodule in modules:
+        where = f"{name}.{path}" if path else name
+        attrs = vars(submodule)
+        guard = _attributes(where, attrs, module=True, loaded=loaded or ())
+        if guard is not None:
+            found.objects.append(guard)
+        found.attributes.extend((where, attrs, attr, item) for attr, item in attrs.items()
+                                if isinstance(item, Tensor) and read.get(id(item)) is item)
+        if loaded is None:
+            continue
+        for held in (submodule._modules, submodule._parameters, submodule._buffers):
+            if held:
+                found.contents.append((where, held, ".{}"))
+
+
+class _Place(NamedTuple):
+    """Where the forward's Python objects hold a tensor: an attribute of a user object reached from the
+    forward's globals and closure (``layers[1].running_mean``) or a module's buffer, a global of its module,
+    or a closure cell."""
+
+    path: str  # as the user reaches it: ``layers[1].running_mean``, ``bnmean_running``
+    kind: str  # "attr", "global" or "cell"
+    owner: Any  # the object, the module's globals dict, the cell
+    name: str  # the attribute's or variable's name
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return id(self.owner), self.name
+
+    def get(self) -> Any:
+        """What it holds now (``_MISSING`` when nothing)."""
+        if self.kind == "attr":
+            return getattr(self.owner, self.name, _MISSING)
+        return _current(self.kind, self.owner, self.name)
+
+
+def _tensor_places(forward: Callable[..., Any]) -> dict[tuple[int, str], tuple[_Place, Tensor]]:
+    """Every place within the forward's reach holding a tensor: the globals of its module, its closure cells,
+    and the attributes of the user's objects it names (``layers[1].running_mean``; three levels down, as the
+    guards look), by :attr:`_Place.key`."""
+    found: dict[tuple[int, str], tuple[_Place, Tensor]] = {}
+    globals_ = getattr(forward, "__globals__", None)
+    if isinstance(globals_, dict):
+        for name, value in globals_.items():
+            if isinstance(value, Tensor):
+                found[(id(globals_), name)] = (_Place(name, "global", globals_, name), value)
+    seen: dict[int, bool] = {}
+    for path, owner in _owners(forward):
+        _walk_places(found, path, owner, _FLAG_DEPTH, seen)
+    for kind, owner, name, value in _read_directly(forward):
+        if kind == "cell" and isinstance(value, Tensor):
+            found[(id(owner), name)] = (_Place(name, "cell", owner, name), value)
+        elif not isinstance(value, Tensor) and type(value) not in _ATOMS:
+            _walk_places(found, name, value, _FLAG_DEPTH, seen)
+    return found
+
+
+def _walk_places(found: dict, path: str, value: Any, depth: int, seen: dict[int, bool]) -> None:
+    """The tensor attributes of ``value`` and of the objects in its items and attributes, ``depth`` levels down
+    (the user's own objects; of an nn.Module, its buffers)."""
+    for object_path, obj, attrs, _ in _objects_within_reach(path, value, depth, seen):
+        if attrs is None:
+            _buffer_places(found, object_path, obj)
+            continue
+        for name, item in attrs.items():
+            if isinstance(item, Tensor) and isinstance(name, str) and name.isidentifier():
+                found[(id(obj), name)] = (_Place(f"{object_path}.{name}", "attr", obj, name), item)
+
+
+def _buffer_places(found: dict, path: str, module: torch.nn.Module) -> None:
+    """A module's buffers at any depth (``model.bn.running_mean``): rebinding one (``self.running_mean = ...``)
+    sets the buffer of the submodule holding it."""
+    for name, buffer in module.named_buffers():
+        owner_path, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        found[(id(owner), attr)] = (_Place(f"{path}.{name}", "attr", owner, attr), buffer)
+
+
+def _flat_tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _flat_tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _flat_tensors(item)
