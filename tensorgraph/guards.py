@@ -320,12 +320,18 @@ def _read_by(code: Sequence[tuple[types.CodeType, dict]], seen: set[tuple[int, s
     :func:`_read_directly` gives them, but those in ``seen``."""
     found = []
     for body, globals_ in code:
-        if not _users_module(globals_.get("__name__")):
-            continue
-        for name in _names_read(body):
-            if name in globals_ and (id(globals_), name) not in seen:
-                seen.add((id(globals_), name))
-                found.append(("global", globals_, name, globals_[name]))
+        if _users_module(globals_.get("__name__")):
+            found.extend(_globals_read(body, globals_, seen))
+    return found
+
+
+def _globals_read(code: types.CodeType, globals_: dict, seen: set[tuple[int, str]]
+                  ) -> list[tuple[str, Any, str, Any]]:
+    """The globals ``code`` loads that ``globals_`` defines, as ``("global", globals_, name, value)``, but those
+    in ``seen`` (which gets these)."""
+    found = [("global", globals_, name, globals_[name]) for name in _code_names(code).globals
+             if name in globals_ and (id(globals_), name) not in seen]
+    seen.update((id(globals_), name) for _, _, name, _ in found)
     return found
 
 
@@ -345,14 +351,12 @@ def _read_directly(forward: Callable[..., Any], depth: int = _CALL_DEPTH, seen: 
     seen = set() if seen is None else seen
     if code_read is not None:
         code_read.append(code)
-    globals_ = getattr(forward, "__globals__", {})
-    found = [("global", globals_, name, globals_[name]) for name in _names_read(code) if name in globals_]
+    found = _globals_read(code, getattr(forward, "__globals__", {}), seen)
     for name, cell in zip(code.co_freevars, getattr(forward, "__closure__", None) or ()):
         value = _current("cell", cell, name)
-        if value is not _MISSING:
+        if value is not _MISSING and (id(cell), name) not in seen:
+            seen.add((id(cell), name))
             found.append(("cell", cell, name, value))
-    found = [reference for reference in found if (id(reference[1]), reference[2]) not in seen]
-    seen.update((id(owner), name) for _, owner, name, _ in found)
     if depth > 0:
         for *_, value in list(found):
             if isinstance(value, types.FunctionType) and _users_function(value):
@@ -360,16 +364,32 @@ def _read_directly(forward: Callable[..., Any], depth: int = _CALL_DEPTH, seen: 
     return found
 
 
+class _CodeNames(NamedTuple):
+    """The names a code object and the code nested in it (comprehensions, lambdas) use, by its bytecode
+    (``co_names`` holds both kinds: ``self.out`` is not the global ``out``)."""
+
+    globals: tuple[str, ...]  # loaded as globals (LOAD_GLOBAL, LOAD_NAME), in order
+    attributes: frozenset[str]  # loaded as attributes (``self.layers``, ``model.act(x)``), and the strings that
+    # could name one (``getattr(self, "layers")``)
+
+
 @functools.lru_cache(maxsize=1024)
-def _names_read(code: types.CodeType) -> tuple[str, ...]:
-    """The global names a code object and the code nested in it (comprehensions, lambdas) load, by its bytecode
-    (``co_names`` also holds attribute names: ``self.out`` is not the global ``out``)."""
-    names = [instruction.argval for instruction in dis.get_instructions(code)
-             if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME")]
+def _code_names(code: types.CodeType) -> _CodeNames:
+    global_names: list[str] = []
+    attributes: set[str] = set()
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            global_names.append(instruction.argval)
+        elif instruction.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+            attributes.add(instruction.argval)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names.extend(_names_read(const))
-    return tuple(dict.fromkeys(names))
+            nested = _code_names(const)
+            global_names.extend(nested.globals)
+            attributes |= nested.attributes
+        elif isinstance(const, str) and const.isidentifier():
+            attributes.add(const)
+    return _CodeNames(tuple(dict.fromkeys(global_names)), frozenset(attributes))
 
 
 def _loaded_names(code: list[types.CodeType], classes: Collection[type]) -> frozenset[str]:
@@ -387,7 +407,7 @@ def _loaded_names(code: list[types.CodeType], classes: Collection[type]) -> froz
         if body in done:
             continue
         done.add(body)
-        names = _attributes_loaded(body)
+        names = _code_names(body).attributes
         loaded |= names
         for cls in classes:
             for name in names:
@@ -417,20 +437,6 @@ def _users_classes(roots: Iterable[tuple[str, Any]]) -> set[type]:
             objects = [module for module in obj.modules()] if attrs is None else [obj]
             classes.update(type(o) for o in objects if _users_module(type(o).__module__))
     return classes
-
-
-@functools.lru_cache(maxsize=1024)
-def _attributes_loaded(code: types.CodeType) -> frozenset[str]:
-    """The attribute names a code object and the code nested in it load (``self.layers``, ``model.act(x)``), and
-    the strings in it that could name one (``getattr(self, "layers")``)."""
-    names = {instruction.argval for instruction in dis.get_instructions(code)
-             if instruction.opname in ("LOAD_ATTR", "LOAD_METHOD")}
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _attributes_loaded(const)
-        elif isinstance(const, str) and const.isidentifier():
-            names.add(const)
-    return frozenset(names)
 
 
 def _users_function(function: types.FunctionType) -> bool:
