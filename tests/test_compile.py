@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
+import operator
 import re
 import sys
 import types
@@ -1372,13 +1374,17 @@ def test_structure_guard_leaves_out_what_the_forward_never_loads():
         warnings.simplefilter("error", RecompileWarning)
         trainer.train(x, 5)
     assert trainer.step.recordings == 1
-    expected = []
-    for _ in range(5):
-        leaf = w.clone().requires_grad_()
-        loss = torch.tanh(x @ leaf).sum()
-        expected.append(loss.item())
-        w = w - 0.1 * torch.autograd.grad(loss, leaf)[0]
+    expected, _ = _tanh_sgd(w, x, [0.1] * 5)
     assert trainer.losses == pytest.approx(expected, rel=1e-12)
+
+
+def _tanh_sgd(w, x, lrs):
+    """Torch autograd's SGD on the trainers' loss ``tanh(x @ w).sum()``: each step's loss, and the last ``w``."""
+    losses = []
+    for lr in lrs:
+        losses.append(torch.tanh(x @ w).sum().item())
+        w = w - lr * _torch_grad(lambda w: torch.tanh(x @ w).sum(), w)
+    return losses, w
 
 
 class _CountingTrainer(_Trainer):  # the loop keeps its counters and logs on the step's own object
@@ -1414,11 +1420,7 @@ def test_numbers_the_forward_never_loads_record_nothing():
     (loss, _), warned = _call_once(trainer.step, x)
     _warned_once(trainer.step, warned, "self.scale is now 2.0 (the recording ran with 1.0)")
     torch.testing.assert_close(loss, torch.tanh(x @ trainer.w).sum() * 2.0, **TOL)
-    expected, lr = w, 0.1
-    for _ in range(4):
-        leaf = expected.clone().requires_grad_()
-        expected = expected - lr * torch.autograd.grad(torch.tanh(x @ leaf).sum(), leaf)[0]
-        lr *= 0.9
+    _, expected = _tanh_sgd(w, x, list(itertools.accumulate([0.1, 0.9, 0.9, 0.9], operator.mul)))  # lr *= 0.9
     torch.testing.assert_close(trainer.w, expected, **TOL)
 
 
