@@ -802,22 +802,12 @@ class Session:
                     return False
             if kwargs and any(v is result for v in kwargs.values()):
                 return False
-            event = self.event
-            nodes = self.nodes
-            # (x.T makes a new method-wrapper at each call: equal, not identical)
-            if (event is None or len(nodes) != self.count or (event.func is not func and event.func != func)
-                    or event.inplace):  # (an in-place call never comes here: it is matched before it runs)
-                return self._miss(recorder, func, args, kwargs, result)
-            # the user's line: the first frame outside torch and tensorgraph, as the recorder's _source finds it
-            frame = _user_frame(sys._getframe(2), event.code)
-            if frame is None or (frame.f_lasti != event.lasti and not _same_line(frame, event)):
-                return self._miss(recorder, func, args, kwargs, result)
-            if _state.scope != event.scope or len(args) != event.nargs:
-                return self._miss(recorder, func, args, kwargs, result)
-            live = self.live
             pending: list[Tensor] = []  # new leaves, made only if the whole call matches
-            if not self._arguments(event, args, kwargs, pending, recorder.view_written):
+            # (an in-place call never comes here: it is matched before it runs)
+            frame = self._same_call(func, args, kwargs, pending, recorder.view_written, sys._getframe(2), False)
+            if frame is None:
                 return self._miss(recorder, func, args, kwargs, result)
+            event, nodes, live = self.event, self.nodes, self.live
             single = event.single
             if single is not None:
                 if (not isinstance(result, Tensor) or result.dtype is not single[2] or result.shape != single[1]
@@ -858,6 +848,24 @@ class Session:
             self.fast = self.matchers[k] if self.matchers else None
         else:
             self.event = self.expected = self.fast = None
+
+    def _same_call(self, func: Any, args: tuple, kwargs: dict, pending: list[Tensor], written: dict,
+                   caller: types.FrameType, inplace: bool) -> types.FrameType | None:
+        """The user's frame if this is the template's call at this position, by the checks :meth:`match` and
+        :meth:`before_inplace` share (the callable, the user's line, the scope, the arguments: new leaves go to
+        ``pending``); else None. ``inplace``: the call is matched before it runs."""
+        event = self.event
+        # (x.T makes a new method-wrapper at each call: equal, not identical)
+        if (event is None or event.inplace is not inplace or len(self.nodes) != self.count
+                or (event.func is not func and event.func != func)):
+            return None
+        # the user's line: the first frame outside torch and tensorgraph, as the recorder's _source finds it
+        frame = _user_frame(caller, event.code)
+        if frame is None or (frame.f_lasti != event.lasti and not _same_line(frame, event)):
+            return None
+        if _state.scope != event.scope or len(args) != event.nargs:
+            return None
+        return frame if self._arguments(event, args, kwargs, pending, written) else None
 
     def _arguments(self, event: _Event, args: tuple, kwargs: dict, pending: list[Tensor], written: dict) -> bool:
         """Whether the arguments are the template call's: each tensor its node at its recorded version, or a new
@@ -901,17 +909,9 @@ class Session:
         try:
             if _rec._any_autocast():
                 return self._stop()
-            event = self.event
-            if (event is None or not event.inplace or len(self.nodes) != self.count
-                    or (event.func is not func and event.func != func)):
-                return self._miss_inplace(recorder, func, args, kwargs)
-            frame = _user_frame(sys._getframe(2), event.code)
-            if frame is None or (frame.f_lasti != event.lasti and not _same_line(frame, event)):
-                return self._miss_inplace(recorder, func, args, kwargs)
-            if _state.scope != event.scope or len(args) != event.nargs:
-                return self._miss_inplace(recorder, func, args, kwargs)
             pending: list[Tensor] = []
-            if not self._arguments(event, args, kwargs, pending, recorder.view_written):
+            frame = self._same_call(func, args, kwargs, pending, recorder.view_written, sys._getframe(2), True)
+            if frame is None:
                 return self._miss_inplace(recorder, func, args, kwargs)
             target = args[0]
             if target._backward_hooks or recorder._live_aliases(target):
