@@ -8,6 +8,10 @@ confirmed against torch autograd (float64 replay) before the checker is trusted 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -347,6 +351,20 @@ def test_cli_check_usage_errors_are_one_line(tmp_path, capsys, body, message):
     assert main(["check", path]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_check_piped_into_head_ends_quietly(tmp_path):
+    """`tensorgraph check learner.py | head -1`: the reader closing the pipe while the learner's script prints was
+    reported as the script's own error ("learner.py:3: BrokenPipeError", status 2), as other commands do not."""
+    loud = "for i in range(200_000):\n    print(i)\n"
+    path = _script(tmp_path, loud + LEARNER.format(dw="(x * dy).sum(0)"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "tensorgraph", "check", path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.readline() == b"0\n"
+    proc.stdout.close()  # what head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err
 
 
 def test_cli_check_a_bad_render_path_fails_before_the_script_runs(tmp_path, capsys):

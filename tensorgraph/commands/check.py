@@ -110,6 +110,8 @@ def run_script(path: Path) -> dict[str, Any]:
                                      "display": _display()}
         exec(compile("\n".join(code for code, _ in cells), str(path), "exec"), namespace)  # noqa: S102
         return namespace
+    except BrokenPipeError:
+        raise  # our reader closed stdout (`tensorgraph check x.py | head`): the CLI ends quietly, as other commands do
     except SystemExit as exit_:
         if exit_.code in (None, 0):
             raise CLIError(f"{path} exited before it could be checked", "tensorgraph check") from exit_
