@@ -7,6 +7,7 @@ ends in one line on stderr and exit status 2; ``--debug`` shows the traceback in
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -87,12 +88,36 @@ def require_memory(nbytes: int, what: str, prog: str) -> None:
                        f"{total / 2**30:,.1f} GiB; choose smaller sizes", prog)
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The sub-command's parser (the top-level one without a command)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> CLIError:
+    """argparse's "unrecognized arguments", said by the command that read them, with the options a typo meant."""
+    known = [option for action in parser._actions for option in action.option_strings]
+    meant = []
+    for word in extra:
+        close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.75) if word.startswith("-") else []
+        meant += [f"{close[0]}?"] if close else []
+    hint = f" (did you mean {' '.join(meant)})" if meant else ""
+    return CLIError(f"unrecognized arguments: {' '.join(extra)}{hint}", parser.prog)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # before or after the command; known even when the arguments do not parse
+    prog = "tensorgraph"
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        command = _command_parser(parser, getattr(args, "command", None))
+        prog = command.prog
+        if extra:
+            raise _unrecognized(command, extra)
         if not getattr(args, "run", None):
             parser.print_help()
             return 0
@@ -111,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if not isinstance(err, (CLIError, OSError, ValueError)):
             message = f"{type(err).__name__}: {message}"
-        prog = err.prog if isinstance(err, CLIError) else "tensorgraph"
+        prog = err.prog if isinstance(err, CLIError) else prog
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
 

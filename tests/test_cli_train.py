@@ -127,6 +127,35 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
     assert not (tmp_path / "out" / "model.pt").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["check", "learner.py", "--anwser"],
+     "tensorgraph check: error: unrecognized arguments: --anwser (did you mean --answer?)"),
+    (["train", "--hiden", "16"],
+     "tensorgraph train: error: unrecognized arguments: --hiden 16 (did you mean --hidden?)"),
+    (["render", "--out", "x.svg", "--gards"],
+     "tensorgraph render: error: unrecognized arguments: --gards (did you mean --grads?)"),
+    (["derive", "batchnorm", "--frobnicate"], "tensorgraph derive: error: unrecognized arguments: --frobnicate\n"),
+])
+def test_a_misspelt_option_names_the_command_and_the_option_meant(capsys, argv, message):
+    """A typo in an option said "tensorgraph: error: unrecognized arguments: --anwser": not which command's
+    options were read, nor the option meant."""
+    code, stdout, stderr = run_cli(capsys, *argv)
+    assert code == 2 and stdout == ""
+    assert stderr == message if message.endswith("\n") else stderr == message + "\n", stderr
+
+
+@pytest.mark.parametrize("argv, prog", [
+    (["train", "--data", "{tmp}/missing.txt"], "tensorgraph train"),
+    (["train", "--resume", "{tmp}/missing.pt"], "tensorgraph train"),
+    (["sample", "--checkpoint", "{tmp}/missing.pt"], "tensorgraph sample"),
+])
+def test_errors_from_a_command_name_the_command(tmp_path, capsys, argv, prog):
+    """A command's own errors (a data file, a checkpoint) said "tensorgraph: error:", argparse's "tensorgraph train:
+    error:"; both now name the command."""
+    code, _, stderr = run_cli(capsys, *[a.format(tmp=tmp_path) for a in argv], *(["--quiet"] * (argv[0] == "train")))
+    assert code == 2 and stderr.startswith(f"{prog}: error: ") and "not found" in stderr, stderr
+
+
 def test_bad_resume_options(trained, tmp_path, words_file, capsys):
     checkpoint = trained / "model.pt"
     other = tmp_path / "other.txt"
