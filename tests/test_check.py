@@ -377,6 +377,17 @@ def test_cli_check_a_bad_render_path_fails_before_the_script_runs(tmp_path, caps
         assert out == "" and message in err and len(err.strip().splitlines()) == 1, (out, err)
 
 
+def test_cli_check_help_says_manual_is_optional(capsys):
+    """The help said the script "must leave graph, loss and manual", but without manual the lecture's d<name>
+    variables are taken (test_cli_check_right_and_wrong)."""
+    from tensorgraph.cli import main
+
+    assert main(["check", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "must leave `graph` (recorded with tg.record()), `loss` and `manual`" not in text
+    assert "without it, the lecture's variables d<name>" in text
+
+
 def test_cli_check_missing_file_and_no_gradients(tmp_path, capsys):
     from tensorgraph.cli import main
 

@@ -40,10 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "check", help="run a learner's script and diagnose its hand-written gradients",
         description="Run FILE.py (or FILE.ipynb: a notebook's code cells, in order), which must leave "
-                    "`graph` (recorded with tg.record()), `loss` and `manual` "
-                    "(a dict {'dlogits': dlogits, ...} of your gradients) in its globals, and print which "
-                    "gradient is wrong first and why. Exit status 0: all right; 1: a gradient is wrong; "
-                    "2: the script could not be checked.")
+                    "`graph` (recorded with tg.record()), `loss` and your gradients in its globals: `manual` "
+                    "(a dict {'dlogits': dlogits, ...}) or, without it, the lecture's variables d<name> for "
+                    "the recorded names (dlogits, dW1, ...); print which gradient is wrong first and why. "
+                    "Exit status 0: all right; 1: a gradient is wrong; 2: the script could not be checked.")
     parser.add_argument("script", metavar="FILE.py", help="the learner's script")
     parser.add_argument("--rtol", type=positive_float, default=None, help="relative tolerance (default: by dtype)")
     parser.add_argument("--atol", type=nonnegative_float, default=None,
