@@ -116,3 +116,15 @@ def test_docs_images_exist():
     for page in DOCS.glob("*.md"):
         for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page.read_text()):
             assert (DOCS / image).exists(), f"{page.name}: missing image {image}"
+
+
+def test_readme_says_how_many_tests_there_are():
+    """README's `make test` line said ~5,400 tests when the suite had grown to 6,668."""
+    claimed = re.search(r"the test suite \(~([\d,]+) tests", (ROOT / "README.md").read_text())
+    assert claimed, "README's `make test` line no longer says how many tests there are"
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                             str(ROOT / "tests")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    collected = re.search(r"^(\d+)(?:/\d+)? tests? collected", result.stdout, flags=re.M)
+    assert collected, result.stdout[-2000:] + result.stderr[-2000:]
+    count, said = int(collected.group(1)), int(claimed.group(1).replace(",", ""))
+    assert abs(count - said) <= 0.05 * count, f"README says ~{said:,} tests; pytest collects {count:,}"
