@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tensorgraph as tg
 
@@ -59,6 +60,34 @@ def test_tutorial_code_runs(tmp_path, monkeypatch):
     namespace = run_blocks("tutorial.md", "__tutorial__", at_least=8)
     assert (tmp_path / "check.svg").exists()
     assert namespace["report"].first_error == "bndiff2"
+
+
+NUMBER_WORDS = {word: number for number, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve".split())}
+
+
+def test_tutorial_says_what_the_lectures_cmp_would_print(tmp_path, monkeypatch):
+    """The tutorial said the lecture's cmp would print approximate: False for "the last nine rows" of its
+    learner's answer; cmp (allclose against torch autograd) prints it for seven: dbnmeani's values are right
+    (only its shape is not, and allclose broadcasts it) and so are db1's."""
+    monkeypatch.chdir(tmp_path)
+    text = (DOCS / "tutorial.md").read_text()
+    claimed = re.search(r"would print `approximate: False` for (?:the last )?(\w+) rows", text)
+    assert claimed, "the tutorial no longer says how many rows the lecture's cmp gets wrong"
+    blocks = python_blocks(DOCS / "tutorial.md")
+    learner: dict = {"__name__": "__tutorial__"}
+    for number, block in enumerate(blocks[:3], 1):  # the forward, the engine's gradients, the learner's answer
+        exec(compile(block, f"tutorial.md block {number}", "exec"), learner)  # noqa: S102
+    first = blocks[0]
+    replay = first.replace("with tg.record() as graph:", "if True:").replace("print(graph)", "")
+    replay = replay.replace("n = Xb.shape[0]\n", "n = Xb.shape[0]\nfor p in ex.parameters: p.requires_grad_()\n")
+    truth: dict = {"__name__": "__replay__"}
+    exec(compile(replay, "tutorial.md block 1, under torch autograd", "exec"), truth)  # noqa: S102
+    names = [name for name in learner["graph"].names if "d" + name in learner["manual"]]
+    torch_grads = torch.autograd.grad(truth["loss"], [truth[name] for name in names])
+    wrong = [name for name, g in zip(names, torch_grads) if not torch.allclose(learner["manual"]["d" + name], g)]
+    assert len(wrong) == NUMBER_WORDS[claimed.group(1)], wrong
+    assert "bnmeani" not in wrong and "bndiff2" in wrong
 
 
 def test_questions_page_code_runs(tmp_path, monkeypatch):
