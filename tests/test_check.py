@@ -377,6 +377,17 @@ def test_cli_check_a_bad_render_path_fails_before_the_script_runs(tmp_path, caps
         assert out == "" and message in err and len(err.strip().splitlines()) == 1, (out, err)
 
 
+def test_cli_check_names_false_says_why_no_d_name_variable_is_taken(tmp_path, capsys):
+    """A graph recorded with tg.record(names=False) has op-based names only, so `dw` matches nothing: the error
+    said "no d<name> variables" in a script that has dw."""
+    from tensorgraph.cli import main
+
+    path = _script(tmp_path, LEARNER.replace("tg.record()", "tg.record(names=False)").format(dw="(x * dy).sum(0)"))
+    assert main(["check", path]) == 2
+    err = capsys.readouterr().err
+    assert "recorded with tg.record(names=False)" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_cli_check_help_says_manual_is_optional(capsys):
     """The help said the script "must leave graph, loss and manual", but without manual the lecture's d<name>
     variables are taken (test_cli_check_right_and_wrong)."""

@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         manual = _gradients_by_name(namespace, graph, namespace["loss"], path)
         if not manual:
             raise CLIError(f"{path} defines no 'manual' (a dict of your gradients, e.g. manual = {{'dlogits': "
-                           f"dlogits, ...}}) and no d<name> variables", "tensorgraph check")
+                           f"dlogits, ...}}) and no d<name> variable for a recorded name{graph._names_note()}",
+                           PROG)
     try:
         report = graph.check(manual, namespace["loss"], rtol=args.rtol, atol=args.atol)
     except ValueError as err:  # a key or value graph.check cannot read: say where the script gave it
