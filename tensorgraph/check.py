@@ -418,6 +418,12 @@ class _Checker:
                 row.message = f"right values, but {dtype_note}: build it from {_dtype_name(truth.dtype)} tensors " \
                               f"(the lines below inherit its rounding)"
                 return row
+            if not (own_dtype.is_floating_point or own_dtype.is_complex):  # the values themselves were cut
+                row.kind, row.maxdiff = "dtype", _maxdiff(mine.to(truth.dtype), truth)
+                holder = "a bool" if own_dtype == torch.bool else "an integer"
+                row.message = f"{dtype_note}: {holder} tensor cannot hold this gradient (its fractions are cut " \
+                              f"off); build it from {_dtype_name(truth.dtype)} tensors"
+                return row
             mine = _as_real(mine).to(truth.dtype)  # judge the values; the dtype is named in the message
         row.maxdiff = _maxdiff(mine, truth)
         upstream_off = expected is not None and (self._reshaped(node) or not self._close(expected, truth, node))

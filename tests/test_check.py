@@ -540,8 +540,9 @@ def test_a_non_finite_forward_pass_is_named_not_blamed_on_the_learner():
 @pytest.mark.parametrize("make, kind, message", [
     (lambda dh: dh.half(), "dtype", "right values, but float16, expected float32"),
     (lambda dh: dh.bfloat16(), "dtype", "right values, but bfloat16, expected float32"),
-    (lambda dh: (dh * 100).long(), "wrong", "; also int64, expected float32"),
-    (lambda dh: dh > 0, "wrong", "; also bool, expected float32"),
+    (lambda dh: (dh * 100).long(), "dtype", "int64, expected float32: an integer tensor cannot hold"),
+    (lambda dh: dh.long(), "dtype", "int64, expected float32: an integer tensor cannot hold"),  # was missing-branch
+    (lambda dh: dh > 0, "dtype", "bool, expected float32: a bool tensor cannot hold"),
     (lambda dh: dh.to(torch.complex64), "dtype", "right values, but complex64, expected float32"),
     (lambda dh: dh.double(), "ok", ""),  # wider: every digit kept
 ])
