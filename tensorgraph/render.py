@@ -191,6 +191,8 @@ class _Options:
             collapse = [collapse]
         _require_report(compare, "compare", "graph.compare(loss)")
         _require_report(check, "check", "graph.check(manual, loss)")
+        _require_matching(graph, compare, "compare", "graph.compare(loss)")
+        _require_matching(graph, check, "check", "graph.check(manual, loss)")
         root, seed = _root(graph, grads, loss)
         if view == "backward" and root is None:
             raise ValueError("render: view='backward' needs the loss: pass grads=graph.backward(loss) or loss=loss")
@@ -208,6 +210,20 @@ def _require_report(report: Any, option: str, made_by: str) -> None:
     if report is not None and not hasattr(report, "rows"):
         raise TypeError(f"render: {option} must be the report {made_by} returns (its rows colour the gradients), "
                         f"not {type(report).__name__}")
+
+
+def _require_matching(graph: Graph, report: Any, option: str, made_by: str) -> None:
+    """A report of another graph would colour whatever nodes share its rows' names: each row must name a tensor of
+    this graph, of the shape the report was made for (a report of the same code recorded again matches)."""
+    for row in getattr(report, "rows", ()):
+        shape = getattr(row, "expected_shape", getattr(row, "shape", None))
+        node = _report_node(graph, getattr(row, "name", None))
+        found = None if node is None else tuple(graph._nodes[node]["shape"])
+        if found is None or (shape is not None and tuple(shape) != found):
+            here = "has no such tensor" if found is None else f"has {graph._nodes[node]['name']!r} of shape {found}"
+            raise ValueError(f"render: the {option} report is not this graph's: its row {row.name!r} is for a tensor "
+                             f"of shape {tuple(shape) if shape is not None else '?'}, and this graph {here}; pass "
+                             f"the report {made_by} returns for this graph")
 
 
 def _root(graph: Graph, grads: Any, loss: Any) -> tuple[int | None, Tensor | None]:

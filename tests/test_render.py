@@ -540,6 +540,35 @@ def test_reports_and_paths_of_the_wrong_kind_are_refused(lecture, tmp_path):
     assert graph.render(tmp_path / "mlp.dot", compare=graph.compare(loss)).exists()
 
 
+def test_a_report_of_another_graph_is_refused(lecture, tmp_path):
+    """A check report of another network coloured the nodes that shared its rows' names, silently."""
+    graph, loss, ex, _ = lecture
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(3, 2, dtype=torch.float64)
+    with tg.record() as other:
+        logits = x @ w
+        h = torch.tanh(logits)
+        small = h.sum()
+    truth = w.clone().requires_grad_()
+    torch.tanh(x @ truth).sum().backward()
+    dlogits = 1 - torch.tanh(x @ w) ** 2  # right for `other`, whose logits are 4 x 2
+    report = other.check({"dlogits": dlogits, "dw": truth.grad}, small)
+    assert report.ok
+    with pytest.raises(ValueError, match=r"render: the check report is not this graph's: its row 'h' is for a "
+                                         r"tensor of shape \(4, 2\), and this graph has 'h' of shape \(32, 64\)"):
+        graph.render(tmp_path / "mlp.svg", check=report)
+    with pytest.raises(ValueError, match=r"render: the compare report is not this graph's: its row 'h'"):
+        graph.render(tmp_path / "mlp.svg", compare=other.compare(small))
+    with tg.record() as third:
+        total = (x @ w).sum()
+    with pytest.raises(ValueError, match=r"its row 'w' is for a tensor of shape \(3, 2\), and this graph has no "
+                                         r"such tensor"):
+        graph.render(tmp_path / "mlp.svg", compare=third.compare(total))
+    again, loss_again, _ = record_exercise()  # the same code recorded again: its reports still apply
+    assert graph.render(tmp_path / "mlp.dot", check=again.check({}, loss_again),
+                        compare=again.compare(loss_again)).exists()
+
+
 def test_missing_dot_writes_the_source_and_says_how_to_install(lecture, tmp_path, monkeypatch):
     graph, *_ = lecture
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
