@@ -234,8 +234,9 @@ class Graph:
                 return (f"it belongs to another graph, where it is {other._nodes[live[0]]['name']!r} ({what}; "
                         f"recorded by a different tg.record() block)")
         return (f"it belongs to no graph (a tensor of {what} that was not produced or used inside this "
-                f"tg.record() block; one made in a block without 'as graph', with tg.record(): ..., belongs to "
-                f"that block's graph, which nothing kept: write with tg.record() as graph:)")
+                f"tg.record() block). Compute it inside the block: a loss computed after the block ended is not "
+                f"recorded. A tensor from a block without 'as graph' (with tg.record(): ...) belongs to "
+                f"that block's graph, which nothing kept: write with tg.record() as graph:")
 
     # ---------------------------------------------------------------- the engine and friends
 
