@@ -42,11 +42,12 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
   ``nn.Module`` (any submodule) or of the user's own objects reached from those names, up to
   three levels down (``layers[1].training``, the lecture's hand-written ``BatchNorm1d``); an
   attribute of those objects that their code loads (``layers[1].eps``, ``model.act``), a public
-  atom of those modules (torch's ``eps``, ``momentum``); an item of the lists and dicts on the
-  way (``layers`` appended, ``cfg['scale']``; of a list or dict that all the code that ran reads
-  only by constant keys, ``cfg["scale"]``, only those items; of a list it only appends to,
-  none); a module's submodules, parameters or buffers; a tensor the loss depends on, held in
-  such an attribute, now another one;
+  atom of those modules (torch's ``eps``, ``momentum``; of a module of the user's own class, the
+  atoms some code that ran loads); an item of the lists and dicts on the way (``layers``
+  appended, ``cfg['scale']``; of a list or dict that all the code that ran reads only by
+  constant keys, ``cfg["scale"]``, only those items; of a list it only appends to, none); a
+  module's submodules, parameters or buffers; a tensor the loss depends on, held in such an
+  attribute, now another one;
 - a fused rule was derived under a fact about values (no target equals ``ignore_index``;
   pick rows equal ``torch.arange(n)``) that the inputs or captured tensors it reads no
   longer satisfy: that chain then keeps its atomic rules. A chain whose fact is about a

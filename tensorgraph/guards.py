@@ -74,15 +74,16 @@ class _Attributes:
         return None
 
 
-def _attributes(path: str, attrs: dict, *, module: bool = False, loaded: Collection[str] = ()
+def _attributes(path: str, attrs: dict, *, module: bool = False, atoms: bool = False, loaded: Collection[str] = ()
                 ) -> _Attributes | None:
     """The guard on the attributes of an object's ``__dict__``, or None if it has none: those but tensors whose
     names the forward's code loads (``loaded``: ``model.act``, ``layer.eps``; not a ``self.losses`` or a step
-    counter that only the training loop changes). Of a module: its atoms whatever their names (torch's own code
-    reads ``eps``, ``momentum``), but not ``training`` (guarded with the module's mode) nor torch's internal
-    ``_`` names (its submodules, parameters and buffers are guarded as :class:`_Contents`)."""
+    counter that only the training loop changes), and with ``atoms`` its atoms whatever their names (of a module
+    whose class is torch's or a library's: that code reads ``eps``, ``momentum``). Of a module: not ``training``
+    (guarded with the module's mode) nor torch's internal ``_`` names (its submodules, parameters and buffers
+    are guarded as :class:`_Contents`)."""
     names = tuple(name for name, value in attrs.items() if isinstance(name, str) and not isinstance(value, Tensor)
-                  and (name in loaded or (module and type(value) in _ATOMS))
+                  and (name in loaded or (atoms and type(value) in _ATOMS))
                   and not (module and (name.startswith("_") or name == "training")))
     return _Attributes(path, attrs, names) if names else None
 
@@ -645,6 +646,8 @@ class _CodeReads(NamedTuple):
     attributes: frozenset[str]  # the attribute names it loads
     keys: Mapping[str, frozenset]  # the names (globals, closure variables, attributes) whose lists and dicts it
     # only reads items of by constant keys (``cfg["scale"]``): those keys; or only appends to (``acts.append``): none
+    by_any: frozenset[str] | None  # the attribute names that any code that ran while recording loads (a library's
+    # too), None where what ran is not known
 
 
 def _loaded_names(code: list[types.CodeType], classes: Collection[type], ran: _CodeThatRuns | None = None
@@ -657,9 +660,12 @@ def _loaded_names(code: list[types.CodeType], classes: Collection[type], ran: _C
     complete, nor where the user's code reaches attributes or variables by names it computes (_is_generic)."""
     loaded: set[str] = set()
     uses: dict[str, frozenset | None] = {}
+    by_any: set[str] = set()
     if ran is not None and ran.complete:
         for body in ran.but_tensorgraphs():
-            for name, use in _code_names(body).uses.items():
+            names = _code_names(body)
+            by_any |= names.attributes
+            for name, use in names.uses.items():
                 _add_use(uses, name, use)
     pending, done = list(code), set()
     for cls in classes:
@@ -679,8 +685,9 @@ def _loaded_names(code: list[types.CodeType], classes: Collection[type], ran: _C
                 pending.extend(_code_of(inspect.getattr_static(cls, name, None)))
     keys = {name: use - {_APPENDS} for name, use in uses.items()
             if use is not None and (_APPENDS not in use or len(use) == 1)}  # (appended and read: whole)
-    known = ran is not None and ran.complete and not any(_code_names(body).generic for body in done)
-    return _CodeReads(frozenset(loaded), keys if known else {})
+    complete = ran is not None and ran.complete
+    known = complete and not any(_code_names(body).generic for body in done)
+    return _CodeReads(frozenset(loaded), keys if known else {}, frozenset(by_any | loaded) if complete else None)
 
 
 _CALLED = ("__call__", "forward")  # what calling an object runs (an nn.Module's __call__ runs its forward)
@@ -743,7 +750,7 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
     roots = list(_owners(forward)) + [(name, value) for _, _, name, value in references]
     classes = _users_classes(roots)
     loaded = _loaded_names(code_read + [body for body, _ in code], classes, ran)
-    walk = _Walk({}, read, made, loaded.attributes, loaded.keys)
+    walk = _Walk({}, read, made, loaded.attributes, loaded.keys, loaded.by_any)
     for path, owner in _owners(forward):
         _watch_flags(found, path, owner, _FLAG_DEPTH, walk)
     _watch_classes(found, classes, walk)
@@ -816,6 +823,7 @@ class _Walk(NamedTuple):
     made: dict[int, Tensor]  # the tensors the forward computed: an attribute holding one is named in a warning
     loaded: frozenset[str] = frozenset()  # the attribute names the forward's code loads: those it may read
     keys: Mapping[str, frozenset] = {}  # names whose lists and dicts it reads by constant keys only (_CodeReads)
+    by_any: frozenset[str] | None = None  # the attribute names any code that ran loads (_CodeReads)
 
 
 _FLAG_DEPTH = 3  # ``model.layers[3].norm``: how far below a name the guard looks for flags and attributes
@@ -832,7 +840,7 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
     for object_path, obj, attrs, read in _objects_within_reach(path, value, depth, walk.seen, containers,
                                                                walk.loaded, keys=walk.keys, named_by=named_by):
         if attrs is None:
-            _watch_module(found, object_path, obj, walk.read, walk.loaded if read else None)
+            _watch_module(found, object_path, obj, walk.read, walk.loaded if read else None, walk.by_any)
             continue
         guard = _attributes(object_path, attrs, loaded=walk.loaded if read else ())
         if guard is not None:
@@ -962,19 +970,24 @@ def _library_reads(module: torch.nn.Module) -> bool:
 
 
 def _watch_module(found: _References, name: str, module: torch.nn.Module, read: Mapping[int, Tensor],
-                  loaded: Collection[str] | None) -> None:
-    """Watch the ``training`` flags of a module and its submodules, their public attributes (torch's ``eps``,
-    ``momentum``, ``p``; those the user's own subclasses set: ``self.temperature``, ``self.act``; a tensor of
-    ``read`` in a plain attribute), and which submodules, parameters and buffers they hold
+                  loaded: Collection[str] | None, by_any: frozenset[str] | None = None) -> None:
+    """Watch the ``training`` flags of a module and its submodules, their public attributes (of torch's and
+    libraries' modules, every atom: ``eps``, ``momentum``, ``p``; of the user's own classes on nn.Module, those
+    that code loads: ``self.temperature``, ``self.act``, not a ``self.last_loss`` that only the loop sets; a
+    tensor of ``read`` in a plain attribute), and which submodules, parameters and buffers they hold
     (``model.fc = nn.Linear(...)``, ``layers.append(...)``, ``fc.weight = nn.Parameter(...)``,
     ``bn.running_mean = ...`` in eval mode). ``loaded``: the attribute names the forward's code loads, None for
-    a module it may not read (reached through an attribute it does not load): then only its flags and atoms."""
+    a module it may not read (reached through an attribute it does not load): then only its flags and atoms.
+    ``by_any``: the attribute names any code that ran while recording loads (a library's too), None if not
+    known: then every atom of the user's modules too."""
     modules = list(module.named_modules())
     found.modules.append((name, modules, tuple(m.training for _, m in modules)))
     for path, submodule in modules:
         where = f"{name}.{path}" if path else name
         attrs = vars(submodule)
-        guard = _attributes(where, attrs, module=True, loaded=loaded or ())
+        library = by_any is None or _library_reads(submodule)
+        names = frozenset(loaded or ()) | (frozenset() if library else by_any)
+        guard = _attributes(where, attrs, module=True, atoms=library, loaded=names)
         if guard is not None:
             found.objects.append(guard)
         found.attributes.extend((where, attrs, attr, item) for attr, item in attrs.items()

@@ -1001,6 +1001,87 @@ def test_guard_on_a_float_attribute_of_the_user_s_own_module():
     assert step.recordings == 2
 
 
+class _Recurrent(torch.nn.Module):  # the user's module: state and logs the loop keeps on it, never read by forward
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4).double()
+        self.last_loss, self.hidden, self.steps = None, None, 0
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x)).sum()
+
+
+def test_attributes_of_the_user_s_module_its_code_never_loads_record_nothing():
+    """A module of the user's own class: every public number, str or None attribute was guarded (as torch's own
+    modules' are: torch's code reads their ``eps``), so ``model.last_loss = loss.item()`` in the loop re-recorded at
+    every call, and an attribute ``None`` at the recording (``model.hidden``) once when set. No code that ran
+    loads them: one recording, and each call's loss and gradients are torch's."""
+    torch.manual_seed(11)
+    model, x = _Recurrent(), r(3, 4, seed=401)
+    step = tg.compile(model, fuse=False)
+    for call in range(10):
+        (loss, grads), warned = _call_once(step, x)
+        assert warned == []
+        expected = model(x)
+        for p, g in zip(model.parameters(), torch.autograd.grad(expected, list(model.parameters()))):
+            torch.testing.assert_close(grads[p], g, **TOL)
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.01 * grads[p]
+        model.last_loss, model.steps = loss.item(), call + 1
+        if call == 2:
+            model.hidden = torch.zeros(4, dtype=D)
+    assert step.recordings == 1
+
+
+class _Leaky(torch.nn.LeakyReLU):  # the user's class on one of torch's: torch's forward reads negative_slope
+    pass
+
+
+class _LeakyByHand(torch.nn.Module):  # the user's module handing itself to torch's code, which reads its slope
+    def __init__(self):
+        super().__init__()
+        self.negative_slope, self.inplace = 0.01, False
+
+    def forward(self, x):
+        return torch.nn.LeakyReLU.forward(self, x)
+
+
+class _Gated(torch.nn.Module):  # the user's module reading an attribute that is None at the recording
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4).double()
+        self.gate = None
+
+    def forward(self, x):
+        h = self.proj(x)
+        return (h if self.gate is None else h * self.gate).sum()
+
+
+@pytest.mark.parametrize("make, attribute, value, message", [
+    (_Leaky, "negative_slope", 0.3, "module.negative_slope is now 0.3 (the recording ran with 0.01)"),
+    (_LeakyByHand, "negative_slope", 0.3, "module.negative_slope is now 0.3 (the recording ran with 0.01)"),
+    (_Gated, "gate", 2.0, "module.gate is now 2.0 (the recording ran with None)")],
+    ids=["a subclass of torch's module", "torch's code reading the user's module", "read by the forward"])
+def test_attributes_of_the_user_s_module_that_code_reads_are_guarded(make, attribute, value, message):
+    """What some code that ran reads of the user's module is still guarded: torch's code (the module derives from
+    torch's LeakyReLU, or hands itself to its forward) or the forward's own (``self.gate``, None at the recording:
+    setting it is a change the step must see). Each re-records once and gives torch's loss and gradient."""
+    torch.manual_seed(12)
+    module, w, x = make(), r(4, 4, seed=402), r(3, 4, seed=403)
+
+    def forward(x):
+        return module(x @ w).sum()
+
+    step = tg.compile(forward, fuse=False)
+    step(x)
+    setattr(module, attribute, value)
+    (loss, grads), warned = _call_once(step, x)
+    _warned_once(step, warned, message)
+    _assert_as_torch(loss, grads, forward, x, w)
+
+
 class _Settings:  # the user's own object: plain Python attributes the forward branches on
     def __init__(self):
         self.update = True  # count the batches seen (under no_grad)
