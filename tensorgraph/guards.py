@@ -74,17 +74,17 @@ class _Attributes:
         return None
 
 
-def _attributes(path: str, attrs: dict, *, module: bool = False, atoms: bool = False, loaded: Collection[str] = ()
-                ) -> _Attributes | None:
+def _attributes(path: str, attrs: dict, *, module: bool = False, atoms: bool = False, loaded: Collection[str] = (),
+                private: Collection[str] = ()) -> _Attributes | None:
     """The guard on the attributes of an object's ``__dict__``, or None if it has none: those but tensors whose
     names the forward's code loads (``loaded``: ``model.act``, ``layer.eps``; not a ``self.losses`` or a step
     counter that only the training loop changes), and with ``atoms`` its atoms whatever their names (of a module
     whose class is torch's or a library's: that code reads ``eps``, ``momentum``). Of a module: not ``training``
     (guarded with the module's mode) nor torch's internal ``_`` names (its submodules, parameters and buffers
-    are guarded as :class:`_Contents`)."""
+    are guarded as :class:`_Contents`) but those in ``private`` (the user's code loads ``self._scale``)."""
     names = tuple(name for name, value in attrs.items() if isinstance(name, str) and not isinstance(value, Tensor)
                   and (name in loaded or (atoms and type(value) in _ATOMS))
-                  and not (module and (name.startswith("_") or name == "training")))
+                  and not (module and (name == "training" or (name.startswith("_") and name not in private))))
     return _Attributes(path, attrs, names) if names else None
 
 
@@ -915,7 +915,7 @@ def _objects_within_reach(path: str, value: Any, depth: int, seen: dict[int, boo
             return
         yield path, value, attrs, read
         items = [(f"{path}.{attr}", item, read and (loaded is None or attr in loaded), _NamedBy(attr, attrs))
-                 for attr, item in attrs.items() if isinstance(attr, str) and not attr.startswith("_")]
+                 for attr, item in attrs.items() if isinstance(attr, str) and _public_or_loaded(attr, loaded)]
     if depth > 0:
         for item_path, item, item_read, item_named_by in items:
             if not isinstance(item, Tensor) and type(item) not in _ATOMS:
@@ -956,9 +956,15 @@ def _module_attributes(path: str, module: torch.nn.Module, loaded: Collection[st
         items.extend((f"{prefix}.{name}", item, read and (loaded is None or name in loaded),
                       _NamedBy(name, attrs) if users else None)
                      for name, item in attrs.items()
-                     if isinstance(name, str) and not name.startswith("_") and type(item) not in _ATOMS
+                     if isinstance(name, str) and _public_or_loaded(name, loaded) and type(item) not in _ATOMS
                      and not isinstance(item, (Tensor, torch.nn.Module)))
     return items
+
+
+def _public_or_loaded(name: str, loaded: Collection[str] | None) -> bool:
+    """Whether the walk goes on through an attribute: a public one, or a ``_`` one the user's code loads
+    (``self._layers``)."""
+    return not name.startswith("_") or (loaded is not None and name in loaded)
 
 
 def _library_reads(module: torch.nn.Module) -> bool:
@@ -987,7 +993,7 @@ def _watch_module(found: _References, name: str, module: torch.nn.Module, read: 
         attrs = vars(submodule)
         library = by_any is None or _library_reads(submodule)
         names = frozenset(loaded or ()) | (frozenset() if library else by_any)
-        guard = _attributes(where, attrs, module=True, atoms=library, loaded=names)
+        guard = _attributes(where, attrs, module=True, atoms=library, loaded=names, private=loaded or ())
         if guard is not None:
             found.objects.append(guard)
         found.attributes.extend((where, attrs, attr, item) for attr, item in attrs.items()

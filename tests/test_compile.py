@@ -1237,6 +1237,23 @@ def _partial_forward(layers, x):
     return _through(layers, x)
 
 
+class _Private:  # the user's object reading its layers through a private attribute
+    def __init__(self, *weights):
+        self._layers = list(weights)
+
+    def __call__(self, x):
+        return _through(self._layers, x)
+
+
+class _PrivateScale(torch.nn.Module):  # the user's module reading a private number and a private list
+    def __init__(self, w):
+        super().__init__()
+        self._scale, self._weights = 1.0, [w]
+
+    def forward(self, x):
+        return _through(self._weights, x) * self._scale
+
+
 def _container_cases():
     """(forward, change, message, the tensors whose gradients to check after it) for each kind of place a forward
     reaches its structure through: a list, a dict, an attribute, a module's submodules and parameters, a closure
@@ -1359,6 +1376,18 @@ def _container_cases():
     cases["functools.partial's argument appended"] = (
         functools.partial(_partial_forward, partial_layers), lambda: partial_layers.append(w[1]),
         "layers now has 2 items (the recording's had 1)", w[:2])
+    private = _Private(w[0])
+    cases["the user's object's private list appended"] = (lambda x: private(x), lambda: private._layers.append(w[1]),
+                                                          "private._layers now has 2 items (the recording's had 1)",
+                                                          w[:2])
+    private_module = _PrivateScale(w[0])
+    cases["the user's module's private number changed"] = (
+        lambda x: private_module(x), lambda: setattr(private_module, "_scale", 3.0),
+        "private_module._scale is now 3.0 (the recording ran with 1.0)", w[:1])
+    private_list = _PrivateScale(w[0])
+    cases["the user's module's private list appended"] = (
+        lambda x: private_list(x), lambda: private_list._weights.append(w[1]),
+        "private_list._weights now has 2 items (the recording's had 1)", w[:2])
     return cases
 
 
