@@ -37,14 +37,17 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
 - an input's shape, dtype or device changes (item by item in a list or tuple), another
   non-tensor input's value changes, or the inputs alias each other differently;
 - what the forward read changed (:mod:`tensorgraph.guards`): a global or closure variable it,
-  its helper functions or the user's functions that called torch load, rebound or holding
+  its helper functions or the user's functions that ran while recording load, rebound or holding
   another int, float, bool, str or None (a loss weight ``beta``); a ``training`` flag of an
   ``nn.Module`` (any submodule) or of the user's own objects reached from those names, up to
   three levels down (``layers[1].training``, the lecture's hand-written ``BatchNorm1d``); an
   attribute of those objects that their code loads (``layers[1].eps``, ``model.act``), a public
-  atom of those modules (torch's ``eps``, ``momentum``); an item of the lists and dicts on the
-  way (``layers`` appended, ``cfg['scale']``); a module's submodules, parameters or buffers; a
-  tensor the loss depends on, held in such an attribute, now another one;
+  atom of those modules (torch's ``eps``, ``momentum``; of a module of the user's own class, the
+  atoms some code that ran loads); an item of the lists and dicts on the way (``layers``
+  appended, ``cfg['scale']``; of a list or dict that all the code that ran reads only by
+  constant keys, ``cfg["scale"]``, only those items; of a list it only appends to, none); a
+  module's submodules, parameters or buffers; a tensor the loss depends on, held in such an
+  attribute, now another one;
 - a fused rule was derived under a fact about values (no target equals ``ignore_index``;
   pick rows equal ``torch.arange(n)``) that the inputs or captured tensors it reads no
   longer satisfy: that chain then keeps its atomic rules. A chain whose fact is about a
@@ -80,7 +83,8 @@ cell; an nn.Module's buffer), which the step reads at its start and stores at it
 
 Like any tracing compiler, it replays torch calls, not Python: Python side effects are not
 re-run. The recording warns, naming the attributes of the user's objects that hold a tensor
-the forward computed (``layers[0].out``, which keep the recording's values), and a value made
+the forward computed (``layers[0].out``, which keep the recording's values), the lists the
+forward only appends to (``acts.append(h)``: later calls add nothing), and a value made
 under ``no_grad`` that outlives the forward where the step cannot reach it.
 """
 
@@ -106,6 +110,7 @@ from . import printer
 from .engine import BackwardTrace, hook_where, trace
 from .graph import Graph, Ref, identifier, is_float, refs_in
 from .guards import (
+    _CodeThatRuns,
     _direct_references,
     _drew_from,
     _flat_tensors,
@@ -661,6 +666,7 @@ class _Recording:
     versions: dict[int, int]  # leaf -> its version when recorded, for leaves a snapshot replaced by a copy
     places: dict[tuple[int, str], tuple[_Place, Tensor]]  # where the forward's objects held tensors before it ran
     code: list[tuple[types.CodeType, dict]]  # the code (and globals) of the user's functions that called torch
+    ran: _CodeThatRuns  # the code of every function that ran while recording
     drew: str | None = None  # the random number generator outside torch the forward drew from, if any
 
 
@@ -688,10 +694,11 @@ def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
     places = _tensor_places(forward)
     run = _bind(forward, inputs)  # a closure: the inputs are named by the forward's own parameters
     code: list[tuple[types.CodeType, dict]] = []
+    ran = _CodeThatRuns()
     generators = _random_states()
     try:
         loss = _run_recorded(recorder, reads, run,
-                             lambda frames: code.extend((frame.f_code, frame.f_globals) for frame in frames))
+                             lambda frames: code.extend((frame.f_code, frame.f_globals) for frame in frames), ran)
     finally:
         # the user's frames hold the forward's locals: let the values made under no_grad that nothing keeps die
         mode.frames.clear()
@@ -700,7 +707,7 @@ def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
     if not isinstance(loss, Tensor):
         raise TypeError(f"tg.compile: the forward must return the loss (a scalar tensor), got {type(loss).__name__}")
     reads.untracked -= side.replayed  # the constant versions of captured tensors updated in place: replayed
-    return _Recording(graph, loss, snapshots, reads, side, versions, places, code, _drew_from(generators))
+    return _Recording(graph, loss, snapshots, reads, side, versions, places, code, ran, _drew_from(generators))
 
 
 class _SideRef(Ref):
@@ -823,13 +830,14 @@ def _bind(forward: Callable[..., Tensor], inputs: tuple) -> Callable[[], Any]:
 
 
 def _run_recorded(recorder: record, reads: ReadWatcher, run: Callable[[], Any],
-                  seen: Callable[[Iterable[types.FrameType]], None]) -> Any:
-    """``run()`` recorded; ``seen`` is given the frames of the user's functions that called torch."""
+                  seen: Callable[[Iterable[types.FrameType]], None], ran: _CodeThatRuns) -> Any:
+    """``run()`` recorded; ``seen`` is given the frames of the user's functions that called torch, ``ran`` the
+    code of every function that ran."""
     # NOTE: the names of this frame's variables are searched when the block ends (naming): only a callable here,
     # no list of what the frames hold
     with recorder:
         try:
-            with reads:
+            with reads, ran:
                 loss = run()
         finally:
             seen(recorder._mode.frames.values())
@@ -863,7 +871,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
         made.pop(id(value), None)
     side = _side_plan(rec, forward, value_of)
     captured = {id(value): value for n, value in value_of.items() if n not in side.loads}  # (loads: read anew)
-    watched = _direct_references(forward, captured, read, made, rec.code)
+    watched = _direct_references(forward, captured, read, made, rec.code, rec.ran)
     watched.loaded = [(place, _spec(value_of[n])) for n, place in side.loads.items()]
     _name_references(graph, forward, [(place.path, value_of[n]) for n, place in side.loads.items()])
     for n in leaves:
@@ -945,6 +953,11 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
         notes.append(f"the forward stores tensors it computes in attributes ({shown}); the compiled step does not "
                      f"update them: after each call they still hold the recording's values (return what you need "
                      f"from the forward, or use tg.record() to inspect a step)")
+    if watched.appended:
+        notes.append(f"the forward appends to {', '.join(watched.appended)}; the compiled step does not: it replays "
+                     f"torch calls, not Python code, so later calls add nothing to "
+                     f"{'it' if len(watched.appended) == 1 else 'them'} (return what you need from the forward and "
+                     f"append it outside, or use tg.record())")
     if side.lost:
         notes.append(f"the forward keeps a tensor it computes under torch.no_grad() ({side.lost[0]}) "
                      f"where the compiled step cannot reach it (not in an attribute of the objects it names, up to "

@@ -4,26 +4,30 @@ A recording bakes in more than its tensors' shapes: the Python values its forwar
 flags, strings), the objects it reached (a list of layers, ``model.act``, a module's submodules,
 parameters and buffers), the functions it called. :func:`_direct_references` finds them, starting
 from what the forward's code loads (its bytecode, the user's helper functions it names, the user's
-functions that called torch while recording, and the methods and properties of the user's classes
-those name), and :class:`_References` checks them at every call, by identity first and in a few
-C-level passes (``_Attributes``, ``_Contents``); a change is described by the place and both
-values (``layers now has 3 items (the recording's had 2)``). Also here: where the forward's
-objects hold tensors (``_tensor_places``, for the ``torch.no_grad()`` work the step replays), the
-names the forward reaches its leaves by, and the random number generators outside torch.
+code that ran while recording, and the methods and properties of the user's classes those name),
+and :class:`_References` checks them at every call, by identity first and in a few C-level passes
+(``_Attributes``, ``_Contents``); a change is described by the place and both values (``layers now
+has 3 items (the recording's had 2)``). A list or dict that all the code that ran while recording
+(:class:`_CodeThatRuns`) reads only by constant keys (``cfg["scale"]``) is guarded on those items
+only, and one it only appends to not at all, unless something else holds it (:func:`_unaliased`).
+Also here: where the forward's objects hold tensors (``_tensor_places``, for the ``torch.no_grad()``
+work the step replays), the names the forward reaches its leaves by, and the random number
+generators outside torch.
 """
 
 from __future__ import annotations
 
 import dis
 import functools
+import gc
 import inspect
 import random
 import sys
 import types
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
-from operator import is_, itemgetter
+from itertools import chain, repeat
+from operator import getitem, is_, itemgetter
 from typing import Any, NamedTuple
 
 import torch
@@ -70,16 +74,17 @@ class _Attributes:
         return None
 
 
-def _attributes(path: str, attrs: dict, *, module: bool = False, loaded: Collection[str] = ()
-                ) -> _Attributes | None:
+def _attributes(path: str, attrs: dict, *, module: bool = False, atoms: bool = False, loaded: Collection[str] = (),
+                private: Collection[str] = ()) -> _Attributes | None:
     """The guard on the attributes of an object's ``__dict__``, or None if it has none: those but tensors whose
     names the forward's code loads (``loaded``: ``model.act``, ``layer.eps``; not a ``self.losses`` or a step
-    counter that only the training loop changes). Of a module: its atoms whatever their names (torch's own code
-    reads ``eps``, ``momentum``), but not ``training`` (guarded with the module's mode) nor torch's internal
-    ``_`` names (its submodules, parameters and buffers are guarded as :class:`_Contents`)."""
+    counter that only the training loop changes), and with ``atoms`` its atoms whatever their names (of a module
+    whose class is torch's or a library's: that code reads ``eps``, ``momentum``). Of a module: not ``training``
+    (guarded with the module's mode) nor torch's internal ``_`` names (its submodules, parameters and buffers
+    are guarded as :class:`_Contents`) but those in ``private`` (the user's code loads ``self._scale``)."""
     names = tuple(name for name, value in attrs.items() if isinstance(name, str) and not isinstance(value, Tensor)
-                  and (name in loaded or (module and type(value) in _ATOMS))
-                  and not (module and (name.startswith("_") or name == "training")))
+                  and (name in loaded or (atoms and type(value) in _ATOMS))
+                  and not (module and (name == "training" or (name.startswith("_") and name not in private))))
     return _Attributes(path, attrs, names) if names else None
 
 
@@ -116,16 +121,31 @@ class _Contents:
     parameters), as recorded: all of them checked by identity in a few C-level passes per call, however many
     there are. A replaced item is compared by :func:`_replaced` (an equal atom, or a tensor the loss did not
     read, is accepted); another length, or other keys or another order of them (a loop over them would run
-    differently), is a change."""
+    differently), is a change. Of a list or dict that the user's code only reads items of by constant keys
+    (``cfg["scale"]``, ``log[-1]``), only the items at those keys are guarded (their presence too: a key the
+    code reads with ``cfg.get`` may come or go); of a list it only appends to, nothing (:func:`_keys_read`)."""
 
     __slots__ = ("parts", "read", "containers", "lists", "dicts", "sizes", "list_items", "dict_keys",
-                 "dict_values", "recorded")
+                 "dict_values", "recorded", "keyed", "keyed_lists", "list_indices", "keyed_dicts",
+                 "dict_keys_read", "list_values", "dict_values_read", "appended")
 
-    def __init__(self, parts: Sequence[tuple[str, list | dict, str]], read: Mapping[int, Tensor]) -> None:
-        self.parts, self.read = parts, read  # (path, container, how a key is shown: "[{!r}]", ".{}")
-        self.containers = [container for _, container, _ in parts]
+    def __init__(self, merged: Sequence[tuple[str, list | dict, str, frozenset | None]],
+                 read: Mapping[int, Tensor]) -> None:
+        """``merged``: each list or dict once (:func:`_merged`, :func:`_unaliased`)."""
+        self.read = read
+        self.parts = [(path, container, form) for path, container, form, keys in merged if keys is None]
+        # (path, container, how a key is shown: "[{!r}]", ".{}")
+        self.keyed = sorted(((path, container, form, key) for path, container, form, keys in merged
+                             if keys is not None for key in keys),
+                            key=lambda part: isinstance(part[1], dict))  # one item each: the lists' first
+        self.appended = [path for path, _, _, keys in merged if keys == frozenset()]
+        self.containers = [container for _, container, _ in self.parts]
         self.lists = [c for c in self.containers if not isinstance(c, dict)]
         self.dicts = [c for c in self.containers if isinstance(c, dict)]
+        self.keyed_lists = [c for _, c, _, _ in self.keyed if not isinstance(c, dict)]
+        self.list_indices = [key for _, c, _, key in self.keyed if not isinstance(c, dict)]
+        self.keyed_dicts = [c for _, c, _, _ in self.keyed if isinstance(c, dict)]
+        self.dict_keys_read = [key for _, c, _, key in self.keyed if isinstance(c, dict)]
         self._take()
 
     def _take(self) -> None:
@@ -134,13 +154,29 @@ class _Contents:
         self.dict_keys = tuple(chain.from_iterable(self.dicts))
         self.dict_values = tuple(chain.from_iterable(map(dict.values, self.dicts)))
         self.recorded = [_items(container) for container in self.containers]
+        self.list_values = tuple(map(_item_at, self.keyed_lists, self.list_indices))
+        self.dict_values_read = tuple(map(dict.get, self.keyed_dicts, self.dict_keys_read, repeat(_MISSING)))
+
+    def __bool__(self) -> bool:
+        return bool(self.parts or self.keyed)
 
     def same(self) -> bool:
         """Whether they hold the very same items (and keys), in the same order (the check made on every call)."""
-        return (tuple(map(len, self.containers)) == self.sizes  # (then the identity passes compare equal lengths)
-                and all(map(is_, chain.from_iterable(self.lists), self.list_items))
-                and all(map(is_, chain.from_iterable(map(dict.values, self.dicts)), self.dict_values))
-                and all(map(is_, chain.from_iterable(self.dicts), self.dict_keys)))
+        return ((not self.containers
+                 or (tuple(map(len, self.containers)) == self.sizes  # (then the identity passes compare equal lengths)
+                     and all(map(is_, chain.from_iterable(self.lists), self.list_items))
+                     and all(map(is_, chain.from_iterable(map(dict.values, self.dicts)), self.dict_values))
+                     and all(map(is_, chain.from_iterable(self.dicts), self.dict_keys))))
+                and (not self.keyed or self._same_keyed()))
+
+    def _same_keyed(self) -> bool:
+        """Whether the items at the keys read are the very same (a key read by ``cfg.get`` still missing)."""
+        try:
+            return (all(map(is_, map(dict.get, self.keyed_dicts, self.dict_keys_read, repeat(_MISSING)),
+                            self.dict_values_read))
+                    and all(map(is_, map(getitem, self.keyed_lists, self.list_indices), self.list_values)))
+        except IndexError:  # a list the code reads ``log[3]`` of is shorter
+            return False
 
     def change(self) -> str | None:
         """What changed, or None (equal atoms, or tensors the loss did not read, in new objects: kept)."""
@@ -148,8 +184,70 @@ class _Contents:
             why = _container_change(path, form, keys, items, *_items(container), self.read)
             if why is not None:
                 return why
+        for (path, container, form, key), then in zip(self.keyed, self.list_values + self.dict_values_read):
+            why = _item_change(f"{path}{form.format(key)}", then, _item_at(container, key), self.read)
+            if why is not None:
+                return why
         self._take()
         return None
+
+
+def _merged(parts: Sequence[tuple[str, list | dict, str, frozenset | None, Any]]
+            ) -> list[tuple[str, list | dict, str, frozenset | None, list]]:
+    """Each list or dict once, as the first path found to it names it, with the keys that all the paths to it
+    read (None, all of it, where one path reads all of it) and what holds it on those paths."""
+    merged: dict[int, tuple[str, list | dict, str, frozenset | None, list]] = {}
+    for path, container, form, keys, holder in parts:
+        first = merged.get(id(container))
+        holders = [holder]
+        if first is not None:
+            keys = None if first[3] is None or keys is None else first[3] | keys
+            path, form, holders = first[0], first[2], first[4] + holders
+        merged[id(container)] = (path, container, form, keys, holders)
+    return list(merged.values())
+
+
+def _unaliased(parts: list[tuple[str, list | dict, str, frozenset | None, list]], internal: Iterable[Any]
+               ) -> list[tuple[str, list | dict, str, frozenset | None]]:
+    """The parts, each list or dict guarded by keys (:func:`_keys_read`) guarded whole instead where something
+    other than what holds it by the names the code reads it by refers to it (``gc.get_referrers``): an object the
+    walk does not reach (deeper than three levels, a library's), a list or tuple, a suspended generator. Code
+    reaching it that way, by a name the guard did not follow or by no name, may read any item. ``internal``:
+    the guard's own records of the objects it found (the tuples and guards holding them); the frames running now
+    (the training loop above the step) do not count."""
+    narrowed = [part for part in parts if part[3] is not None]
+    if not narrowed:
+        return [part[:4] for part in parts]
+    known = set(map(id, internal))
+    known.update(id(holder) for part in narrowed for holder in part[4])
+    known.update(map(id, parts))
+    frame: types.FrameType | None = sys._getframe()
+    while frame is not None:
+        known.add(id(frame))
+        frame = frame.f_back
+    containers = [part[1] for part in narrowed]
+    known.update((id(containers), id(narrowed)))
+    held_elsewhere: set[int] = set()
+    for referrer in gc.get_referrers(*containers):
+        if id(referrer) not in known:
+            held_elsewhere.update(map(id, gc.get_referents(referrer)))
+    return [(path, container, form, None if id(container) in held_elsewhere else keys)
+            for path, container, form, keys, _ in parts]
+
+
+def _item_at(container: list | dict, key: Any) -> Any:
+    """The item at ``key``, or ``_MISSING``."""
+    try:
+        return container[key]
+    except (IndexError, KeyError):
+        return _MISSING
+
+
+def _item_change(path: str, then: Any, now: Any, read: Mapping[int, Tensor]) -> str | None:
+    """Why the item the code reads by a constant key (:class:`_Contents`) makes the recording wrong, or None."""
+    if then is _MISSING and now is not _MISSING:
+        return f"{path} was added (the recording ran without it)"
+    return _replaced(path, then, now, read)
 
 
 def _items(container: list | dict) -> tuple[tuple | None, tuple]:
@@ -193,11 +291,13 @@ class _References:
     bindings: list[tuple[str, Any, str, Any]] = field(default_factory=list)  # (kind, owner, name, object)
     modules: list[tuple[str, list[tuple[str, Any]], tuple[bool, ...]]] = field(default_factory=list)
     objects: list[_Attributes] = field(default_factory=list)  # the attributes of objects and modules
-    contents: list[tuple[str, list | dict, str]] = field(default_factory=list)  # (path, container, key form)
+    contents: list[tuple[str, list | dict, str, frozenset | None, Any]] = field(default_factory=list)  # (path,
+    # container, key form, the keys the forward reads: None for all of it, what holds it by name: see _keys_read)
     held: _Contents | None = None  # what ``contents`` hold (their guard: made when the search is done)
     attributes: list[tuple[str, dict, str, Tensor]] = field(default_factory=list)  # (path, __dict__, name, tensor)
     shadowed: list[tuple[str, dict, frozenset[str]]] = field(default_factory=list)  # (path, __dict__, class names)
     stored: list[str] = field(default_factory=list)  # attributes holding a tensor the forward made: ``layers[0].out``
+    appended: list[str] = field(default_factory=list)  # lists the forward only appends to (unguarded): ``acts``
     loaded: list[tuple[_Place, tuple]] = field(default_factory=list)  # places the step reads and rebinds: (shape ...)
 
     def changed(self) -> str | None:
@@ -314,6 +414,52 @@ def _name_references(graph: Graph, forward: Callable[..., Any],
         set_names(graph, namer.named)
 
 
+class _CodeThatRuns:
+    """The code of every Python function that runs while the forward is recorded, with its globals: a profile
+    hook (``sys.setprofile``) for the time of the ``with`` block. What the guard narrows to the keys the code
+    reads (:func:`_loaded_names`) must be read so by all of it, not only by the code it finds from the forward's
+    names (a method that calls no torch function, a helper four calls down, a function held in a dict).
+    ``complete`` is False where another profile hook was installed (a profiler, an enclosing recording): then
+    what ran is not known."""
+
+    def __init__(self) -> None:
+        self.code: dict[types.CodeType, dict] = {}
+        self.complete = False
+        self._hook: Callable[..., None] | None = None
+
+    def __enter__(self) -> _CodeThatRuns:
+        if sys.getprofile() is not None:
+            return self
+        code = self.code
+
+        def hook(frame: types.FrameType, event: str, arg: Any) -> None:
+            if event == "call" and frame.f_code not in code:
+                code[frame.f_code] = frame.f_globals
+
+        self._hook = hook
+        sys.setprofile(hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hook is not None:
+            self.complete = sys.getprofile() is self._hook
+            if self.complete:  # (else the forward set a hook of its own: left to it)
+                sys.setprofile(None)
+            self._hook = None
+
+    def users(self) -> list[tuple[types.CodeType, dict]]:
+        """The user's code among it (not a library's, nor tensorgraph's), with its globals."""
+        return [(code, globals_) for code, globals_ in self.code.items() if _users_module(globals_.get("__name__"))]
+
+    def but_tensorgraphs(self) -> list[types.CodeType]:
+        """All of it but tensorgraph's own (the recorder's, which reaches no object by the user's names)."""
+        return [code for code, globals_ in self.code.items() if not _tensorgraphs(globals_.get("__name__"))]
+
+
+def _tensorgraphs(module: Any) -> bool:
+    return isinstance(module, str) and module.startswith("tensorgraph") and not module.startswith(_USER_MODULES)
+
+
 def _read_by(code: Sequence[tuple[types.CodeType, dict]], seen: set[tuple[int, str]]
              ) -> list[tuple[str, Any, str, Any]]:
     """The globals that these code objects of the user's (and the code nested in them) read, as
@@ -371,33 +517,156 @@ class _CodeNames(NamedTuple):
     globals: tuple[str, ...]  # loaded as globals (LOAD_GLOBAL, LOAD_NAME), in order
     attributes: frozenset[str]  # loaded as attributes (``self.layers``, ``model.act(x)``), and the strings that
     # could name one (``getattr(self, "layers")``)
+    uses: Mapping[str, frozenset | None]  # how each name loaded (a global, closure variable or attribute) is used:
+    # see _use_of
+    generic: bool  # it may reach attributes or variables by names it computes: see _is_generic
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=4096)  # (the code of torch's functions that ran too)
 def _code_names(code: types.CodeType) -> _CodeNames:
     global_names: list[str] = []
     attributes: set[str] = set()
-    for instruction in dis.get_instructions(code):
+    uses: dict[str, frozenset | None] = {}
+    instructions = [i for i in dis.get_instructions(code) if i.opname not in ("EXTENDED_ARG", "NOP")]
+    generic = any(_is_generic(instructions, index) for index in range(len(instructions)))
+    for index, instruction in enumerate(instructions):
         if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
             global_names.append(instruction.argval)
         elif instruction.opname in ("LOAD_ATTR", "LOAD_METHOD"):
             attributes.add(instruction.argval)
+        if instruction.opname in _LOADS:
+            _add_use(uses, instruction.argval, _use_of(instructions, index))
+        elif instruction.opname in _STORES:
+            uses[instruction.argval] = None  # the code rebinds it (a Python side effect the step does not replay)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             nested = _code_names(const)
             global_names.extend(nested.globals)
             attributes |= nested.attributes
+            for name, use in nested.uses.items():
+                _add_use(uses, name, use)
+            generic = generic or nested.generic
         elif isinstance(const, str) and const.isidentifier():
             attributes.add(const)
-    return _CodeNames(tuple(dict.fromkeys(global_names)), frozenset(attributes))
+            uses[const] = None  # ``getattr(self, "layers")``: what it reads of the object is not known
+    return _CodeNames(tuple(dict.fromkeys(global_names)), frozenset(attributes), uses, generic)
 
 
-def _loaded_names(code: list[types.CodeType], classes: Collection[type]) -> frozenset[str]:
+_BY_NAME = frozenset({"vars", "globals", "locals", "eval", "exec", "dir", "attrgetter", "getmembers", "__dict__",
+                      "getattr"})
+
+
+def _is_generic(instructions: Sequence[dis.Instruction], index: int) -> bool:
+    """Whether the instruction at ``index`` may reach an object's attributes or a module's variables by names the
+    code computes (``vars(self)``, ``self.__dict__``, ``globals()``, ``getattr(self, name)``): then what the
+    code reads of a list or dict is not known by the names it loads. ``getattr(obj, "name")`` and
+    ``getattr(self.block, "name", None)`` name what they read."""
+    instruction = instructions[index]
+    if instruction.opname not in _LOADS or instruction.argval not in _BY_NAME:
+        return False
+    if instruction.argval != "getattr":
+        return True
+    after = iter(instructions[index + 1:index + 12])
+    step = next(after, None)  # the object: a variable, and the attributes on it
+    if step is None or step.opname not in ("LOAD_FAST", "LOAD_DEREF", "LOAD_GLOBAL", "LOAD_NAME"):
+        return True
+    step = next(after, None)
+    while step is not None and step.opname == "LOAD_ATTR" and not _is_method(step):
+        step = next(after, None)
+    if step is None or step.opname not in _CONSTANTS or not isinstance(step.argval, str):
+        return True  # a name it computes
+    step = next(after, None)
+    if step is not None and step.opname in _CONSTANTS:  # a constant default
+        step = next(after, None)
+    if step is not None and step.opname == "PRECALL":
+        step = next(after, None)
+    return step is None or step.opname not in ("CALL", "CALL_FUNCTION")
+
+
+# the loads of a name whose use _use_of looks at (not LOAD_FAST: a local is no place the guard reaches objects by)
+_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLASSDEREF", "LOAD_FROM_DICT_OR_DEREF",
+                    "LOAD_FROM_DICT_OR_GLOBALS", "LOAD_ATTR", "LOAD_METHOD", "LOAD_SUPER_ATTR"})
+_STORES = frozenset({"STORE_GLOBAL", "STORE_NAME", "STORE_DEREF", "STORE_ATTR", "DELETE_GLOBAL", "DELETE_NAME",
+                     "DELETE_DEREF", "DELETE_ATTR"})
+_APPENDS = object()  # in a use: the name's list is appended to (``acts.append(h)``)
+
+
+def _add_use(uses: dict[str, frozenset | None], name: str, use: frozenset | None) -> None:
+    """Merge one more use of ``name`` (None, any use but a constant key or an append, wins)."""
+    if name in uses:
+        then = uses[name]
+        use = None if then is None or use is None else then | use
+    uses[name] = use
+
+
+def _use_of(instructions: Sequence[dis.Instruction], index: int) -> frozenset | None:
+    """What the code does with the value the instruction at ``index`` loads: subscripts it with a constant
+    key (``cfg["scale"]``, ``log[-1]``, ``cfg.get("scale")``, ``cfg.get("scale", 1.0)``): that key; appends to
+    it (``acts.append(h)``): ``_APPENDS``; anything else (iterates it, passes it on, stores it, writes an item):
+    None. The bytecode of another Python version that these patterns do not match reads as None."""
+    after = instructions[index + 1:index + 6]
+    if len(after) >= 2 and after[0].opname in _CONSTANTS and _is_subscript(after[1]) and _is_key(after[0].argval):
+        return frozenset({after[0].argval})
+    if not after or not _is_method(after[0]):
+        return None
+    if after[0].argval == "append":  # a method load is always called: the list is only appended to
+        return frozenset({_APPENDS})
+    if after[0].argval == "get" and len(after) >= 3 and after[1].opname in _CONSTANTS and _is_key(after[1].argval):
+        constants = 2 if after[2].opname in _CONSTANTS else 1  # the key, and a constant default
+        call = [i for i in after[1 + constants:] if i.opname != "PRECALL"][:1]
+        if call and call[0].opname in ("CALL", "CALL_METHOD") and call[0].arg == constants:
+            return frozenset({after[1].argval})
+    return None
+
+
+_CONSTANTS = ("LOAD_CONST", "LOAD_SMALL_INT")
+
+
+def _is_subscript(instruction: dis.Instruction) -> bool:
+    """``BINARY_SUBSCR`` (``BINARY_OP []`` from Python 3.14): an item read, not written."""
+    return instruction.opname == "BINARY_SUBSCR" or (instruction.opname == "BINARY_OP" and instruction.argrepr == "[]")
+
+
+def _is_method(instruction: dis.Instruction) -> bool:
+    """A method loaded to be called at once (``LOAD_METHOD``; from Python 3.12, ``LOAD_ATTR`` with its low bit)."""
+    return instruction.opname == "LOAD_METHOD" or (
+        instruction.opname == "LOAD_ATTR" and sys.version_info >= (3, 12) and bool(instruction.arg & 1))
+
+
+def _is_key(value: Any) -> bool:
+    """A constant key whose item the guard can look up as the code does (not a slice, a float, None)."""
+    if isinstance(value, tuple):
+        return all(map(_is_key, value))
+    return type(value) in (str, int, bool, bytes)
+
+
+class _CodeReads(NamedTuple):
+    """What the forward's code may read of the objects it reaches (:func:`_loaded_names`)."""
+
+    attributes: frozenset[str]  # the attribute names it loads
+    keys: Mapping[str, frozenset]  # the names (globals, closure variables, attributes) whose lists and dicts it
+    # only reads items of by constant keys (``cfg["scale"]``): those keys; or only appends to (``acts.append``): none
+    by_any: frozenset[str] | None  # the attribute names that any code that ran while recording loads (a library's
+    # too), None where what ran is not known
+
+
+def _loaded_names(code: list[types.CodeType], classes: Collection[type], ran: _CodeThatRuns | None = None
+                  ) -> _CodeReads:
     """The attribute names that ``code`` loads, and the methods and properties of ``classes`` it names in turn
     (``self.activation()`` returning ``self.act``), and what calling one of their objects runs (``__call__``,
     an nn.Module's ``forward``: ``model(x)`` in a forward whose own code loads no attribute): what the forward
-    may read of the objects it reaches."""
+    may read of the objects it reaches; and how all that code, and all the code that ``ran`` while recording
+    (a library's too), uses the names it loads (:func:`_use_of`). No keys are known unless ``ran`` is
+    complete, nor where the user's code reaches attributes or variables by names it computes (_is_generic)."""
     loaded: set[str] = set()
+    uses: dict[str, frozenset | None] = {}
+    by_any: set[str] = set()
+    if ran is not None and ran.complete:
+        for body in ran.but_tensorgraphs():
+            names = _code_names(body)
+            by_any |= names.attributes
+            for name, use in names.uses.items():
+                _add_use(uses, name, use)
     pending, done = list(code), set()
     for cls in classes:
         for name in _CALLED:
@@ -407,12 +676,18 @@ def _loaded_names(code: list[types.CodeType], classes: Collection[type]) -> froz
         if body in done:
             continue
         done.add(body)
-        names = _code_names(body).attributes
-        loaded |= names
+        names = _code_names(body)
+        loaded |= names.attributes
+        for name, use in names.uses.items():
+            _add_use(uses, name, use)
         for cls in classes:
-            for name in names:
+            for name in names.attributes:
                 pending.extend(_code_of(inspect.getattr_static(cls, name, None)))
-    return frozenset(loaded)
+    keys = {name: use - {_APPENDS} for name, use in uses.items()
+            if use is not None and (_APPENDS not in use or len(use) == 1)}  # (appended and read: whole)
+    complete = ran is not None and ran.complete
+    known = complete and not any(_code_names(body).generic for body in done)
+    return _CodeReads(frozenset(loaded), keys if known else {}, frozenset(by_any | loaded) if complete else None)
 
 
 _CALLED = ("__call__", "forward")  # what calling an object runs (an nn.Module's __call__ runs its forward)
@@ -455,7 +730,8 @@ def _users_module(module: Any) -> bool:
 
 
 def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], read: dict[int, Tensor],
-                       made: dict[int, Tensor], code: Sequence[tuple[types.CodeType, dict]] = ()) -> _References:
+                       made: dict[int, Tensor], code: Sequence[tuple[types.CodeType, dict]] = (),
+                       ran: _CodeThatRuns | None = None) -> _References:
     """What the forward names directly (globals, closure cells) that the guard re-checks: recorded tensors,
     Python atoms, other objects by identity, modules (their ``training`` flags, submodules and parameters; the
     object of a bound method, or the forward, too), the attributes of user objects within reach
@@ -463,15 +739,18 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
     leaves the loss depends on: ``layers[1].gamma``), and the items of the lists and dicts on the way.
     Attributes holding a tensor of ``made`` (computed by the forward: ``layers[0].out``) are listed in ``stored``.
     The globals read by ``code`` (the user's functions that called torch while recording: a method of the
-    user's class reading a global) count as the forward's own."""
+    user's class reading a global) and by the user's code that ``ran`` while recording (a method that calls no
+    torch function) count as the forward's own; a list or dict is guarded only on the keys all the code that ran
+    reads it by (:func:`_loaded_names`)."""
     found = _References()
     seen: set[tuple[int, str]] = set()
     code_read: list[types.CodeType] = []
+    code = list(code) + (ran.users() if ran is not None else [])
     references = _read_directly(forward, seen=seen, code_read=code_read) + _read_by(code, seen)
     roots = list(_owners(forward)) + [(name, value) for _, _, name, value in references]
     classes = _users_classes(roots)
-    loaded = _loaded_names(code_read + [body for body, _ in code], classes)
-    walk = _Walk({}, read, made, loaded)
+    loaded = _loaded_names(code_read + [body for body, _ in code], classes, ran)
+    walk = _Walk({}, read, made, loaded.attributes, loaded.keys, loaded.by_any)
     for path, owner in _owners(forward):
         _watch_flags(found, path, owner, _FLAG_DEPTH, walk)
     _watch_classes(found, classes, walk)
@@ -484,9 +763,14 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
         else:
             found.bindings.append((kind, owner, name, value))
             if _WALKABLE[type(value)]:
-                _watch_flags(found, name, value, _FLAG_DEPTH, walk)
+                users = kind == "cell" or _users_module(owner.get("__name__"))  # (a library's code may read it)
+                _watch_flags(found, name, value, _FLAG_DEPTH, walk, _NamedBy(name, owner) if users else None)
     if found.contents:
-        found.held = _Contents(found.contents, read)
+        internal = chain(found.contents, references, found.bindings, roots, found.objects,
+                         (guard.values for guard in found.objects if not guard.single))  # (their tuples)
+        parts = _unaliased(_merged(found.contents), internal)
+        held = _Contents(parts, read)
+        found.held, found.appended = held or None, held.appended
     return found
 
 
@@ -538,21 +822,25 @@ class _Walk(NamedTuple):
     read: dict[int, Tensor]  # the leaves the loss depends on: an attribute holding one is guarded
     made: dict[int, Tensor]  # the tensors the forward computed: an attribute holding one is named in a warning
     loaded: frozenset[str] = frozenset()  # the attribute names the forward's code loads: those it may read
+    keys: Mapping[str, frozenset] = {}  # names whose lists and dicts it reads by constant keys only (_CodeReads)
+    by_any: frozenset[str] | None = None  # the attribute names any code that ran loads (_CodeReads)
 
 
 _FLAG_DEPTH = 3  # ``model.layers[3].norm``: how far below a name the guard looks for flags and attributes
 
 
-def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _Walk) -> None:
+def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _Walk,
+                 named_by: _NamedBy | None = None) -> None:
     """Watch the ``training`` flags and other atom attributes of ``value`` and of the objects in its items and
     attributes, ``depth`` levels down: nn.Modules (all their submodules) and the user's own classes, whose
     atoms are in the object's ``__dict__`` (the lecture's hand-written ``BatchNorm1d``: ``training``, ``eps``,
-    ``momentum``). Walks what naming walks."""
-    containers: list[tuple[str, list | dict]] = []
+    ``momentum``). Walks what naming walks. ``named_by``: the name the user's code loads ``value`` by (a global
+    or closure variable of the user's), if it does."""
+    containers: list[tuple[str, Any, frozenset | None, Any]] = []
     for object_path, obj, attrs, read in _objects_within_reach(path, value, depth, walk.seen, containers,
-                                                               walk.loaded):
+                                                               walk.loaded, keys=walk.keys, named_by=named_by):
         if attrs is None:
-            _watch_module(found, object_path, obj, walk.read, walk.loaded if read else None)
+            _watch_module(found, object_path, obj, walk.read, walk.loaded if read else None, walk.by_any)
             continue
         guard = _attributes(object_path, attrs, loaded=walk.loaded if read else ())
         if guard is not None:
@@ -563,30 +851,42 @@ def _watch_flags(found: _References, path: str, value: Any, depth: int, walk: _W
                                  if name not in attrs and any(name in members for members in classes))
             if shadowed:
                 found.shadowed.append((object_path, attrs, shadowed))
-        for name, item in attrs.items():
+        for attr, item in attrs.items():
             if isinstance(item, Tensor):
                 if walk.read.get(id(item)) is item:
-                    found.attributes.append((object_path, attrs, name, item))
+                    found.attributes.append((object_path, attrs, attr, item))
                 elif walk.made.get(id(item)) is item:
-                    found.stored.append(f"{object_path}.{name}")
-    found.contents.extend((container_path, container, "[{!r}]") for container_path, container in containers
-                          if isinstance(container, (list, dict)))
+                    found.stored.append(f"{object_path}.{attr}")
+    found.contents.extend((container_path, container, "[{!r}]", keys, holder) for container_path, container, keys,
+                          holder in containers if isinstance(container, (list, dict)))
 
 
 def _objects_within_reach(path: str, value: Any, depth: int, seen: dict[int, bool],
-                          containers: list[tuple[str, Any]] | None = None, loaded: Collection[str] | None = None,
-                          read: bool = True) -> Iterator[tuple[str, Any, dict | None, bool]]:
+                          containers: list[tuple[str, Any, frozenset | None, Any]] | None = None,
+                          loaded: Collection[str] | None = None, read: bool = True, *,
+                          keys: Mapping[str, frozenset] | None = None, named_by: _NamedBy | None = None
+                          ) -> Iterator[tuple[str, Any, dict | None, bool]]:
     """``value`` and the objects in its items and attributes, ``depth`` levels down, each once, as
     ``(path, object, its __dict__, read)``: the user's own objects with their attributes, an nn.Module with None
     (its submodules are its own; the lists, dicts and user objects in their plain attributes are walked on: a
     ``self.blocks = [...]`` of modules), lists, tuples and dicts only walked through (added to ``containers``
-    when given, up to ``_MAX_ITEMS`` items, if read). With ``loaded`` (the attribute names the forward's code
-    loads), ``read`` says whether the path to an object may be the forward's own reads: every attribute on it
-    loaded (``net.layers[0]``, not ``trainer.losses``). ``seen``: the objects walked, and whether as read; one
-    walked as not read is walked again when a path the forward reads reaches it (``self.backup`` and
-    ``self.model`` holding the same model)."""
+    when given, up to ``_MAX_ITEMS`` items, if read, with the keys it reads by, see :func:`_keys_read`, and what
+    holds it under its name). With
+    ``loaded`` (the attribute names the forward's code loads), ``read`` says whether the path to an object may
+    be the forward's own reads: every attribute on it loaded (``net.layers[0]``, not ``trainer.losses``), every
+    item on it one the code may read (``cfg['scale']``, not ``cfg['step']`` where ``keys`` says the code reads
+    only ``cfg["scale"]``). ``named_by``: the name the user's code loads ``value`` by (an attribute or variable
+    of the user's; None for an item, or the forward's own object). ``seen``: the objects walked, and whether as
+    read; one walked as not read (a list or dict: not wholly) is walked again when a path the forward reads
+    reaches it (``self.backup`` and ``self.model`` holding the same model), and a list or dict walked as read
+    is added to ``containers`` again for each path the forward reads it by."""
     key = id(value)
-    if key in seen and (seen[key] or not read) or not _WALKABLE[type(value)]:
+    if not _WALKABLE[type(value)]:
+        return
+    walked = seen.get(key)
+    if walked is not None and (walked or not read):
+        if walked and read and containers is not None and isinstance(value, (list, dict)):
+            containers.append((path, value, *_keys_read(value, keys, named_by)))
         return
     seen[key] = read
     if isinstance(value, torch.nn.Module):
@@ -595,11 +895,17 @@ def _objects_within_reach(path: str, value: Any, depth: int, seen: dict[int, boo
     elif isinstance(value, (list, tuple, dict)):
         if len(value) > _MAX_ITEMS:
             return
+        narrow, holder = _keys_read(value, keys, named_by)
         if containers is not None and read:
-            containers.append((path, value))
-        pairs = value.items() if isinstance(value, dict) else enumerate(value)
-        form = "{}[{!r}]" if isinstance(value, dict) else "{}[{}]"
-        items = [(form.format(path, key), item, read) for key, item in pairs]
+            containers.append((path, value, narrow, holder))
+            seen[key] = narrow is None
+        if isinstance(value, dict):
+            items = [(f"{path}[{index!r}]", item, read and (narrow is None or index in narrow), None)
+                     for index, item in value.items()]
+        else:
+            items = [(f"{path}[{index}]", item, read and (narrow is None or index in narrow
+                                                         or index - len(value) in narrow), None)
+                     for index, item in enumerate(value)]
     else:
         try:
             attrs = vars(value)
@@ -608,43 +914,86 @@ def _objects_within_reach(path: str, value: Any, depth: int, seen: dict[int, boo
         if not isinstance(attrs, dict):
             return
         yield path, value, attrs, read
-        items = [(f"{path}.{name}", item, read and (loaded is None or name in loaded))
-                 for name, item in attrs.items() if isinstance(name, str) and not name.startswith("_")]
+        items = [(f"{path}.{attr}", item, read and (loaded is None or attr in loaded), _NamedBy(attr, attrs))
+                 for attr, item in attrs.items() if isinstance(attr, str) and _public_or_loaded(attr, loaded)]
     if depth > 0:
-        for item_path, item, item_read in items:
+        for item_path, item, item_read, item_named_by in items:
             if not isinstance(item, Tensor) and type(item) not in _ATOMS:
-                yield from _objects_within_reach(item_path, item, depth - 1, seen, containers, loaded, item_read)
+                yield from _objects_within_reach(item_path, item, depth - 1, seen, containers, loaded, item_read,
+                                                 keys=keys, named_by=item_named_by)
+
+
+class _NamedBy(NamedTuple):
+    """The name the user's code loads an object by, and what holds it under that name."""
+
+    name: str
+    holder: Any  # a module's globals, a closure cell, an object's ``__dict__``
+
+
+def _keys_read(container: Any, keys: Mapping[str, frozenset] | None, named_by: _NamedBy | None
+               ) -> tuple[frozenset | None, Any]:
+    """The keys of a list or dict that the user's code reads, if it loads it by its name only to read items by
+    these constant keys (or, none, only to append to it): see :class:`_CodeReads`; or None: all of it. Only of a
+    plain list or dict (a subclass's ``__getitem__`` or ``append`` may read any item). And what holds it under
+    that name, if keys."""
+    if keys is None or named_by is None or type(container) not in (list, dict):
+        return None, None
+    narrow = keys.get(named_by.name)
+    return narrow, (None if narrow is None else named_by.holder)
 
 
 def _module_attributes(path: str, module: torch.nn.Module, loaded: Collection[str] | None, read: bool
-                       ) -> list[tuple[str, Any, bool]]:
+                       ) -> list[tuple[str, Any, bool, str | None]]:
     """The public plain attributes of a module and its submodules that may hold more of the forward's
     structure (a list of layers, a dict, a user's object; not submodules, parameters, buffers, tensors or
-    atoms, which :func:`_watch_module` guards), as ``(path, value, read)``."""
+    atoms, which :func:`_watch_module` guards), as ``(path, value, read, named_by)``: ``named_by`` None where
+    code other than the user's may read it (a module of torch's or a library's class)."""
     items = []
     for sub_path, submodule in module.named_modules():
         prefix = f"{path}.{sub_path}" if sub_path else path
-        items.extend((f"{prefix}.{name}", item, read and (loaded is None or name in loaded))
-                     for name, item in vars(submodule).items()
-                     if isinstance(name, str) and not name.startswith("_") and type(item) not in _ATOMS
+        attrs = vars(submodule)
+        users = not _library_reads(submodule)
+        items.extend((f"{prefix}.{name}", item, read and (loaded is None or name in loaded),
+                      _NamedBy(name, attrs) if users else None)
+                     for name, item in attrs.items()
+                     if isinstance(name, str) and _public_or_loaded(name, loaded) and type(item) not in _ATOMS
                      and not isinstance(item, (Tensor, torch.nn.Module)))
     return items
 
 
+def _public_or_loaded(name: str, loaded: Collection[str] | None) -> bool:
+    """Whether the walk goes on through an attribute: a public one, or a ``_`` one the user's code loads
+    (``self._layers``)."""
+    return not name.startswith("_") or (loaded is not None and name in loaded)
+
+
+def _library_reads(module: torch.nn.Module) -> bool:
+    """Whether code other than the user's may read the module's public attributes: its class, or a class it
+    derives from, is torch's or a library's (nn.Linear's ``in_features``, BatchNorm's ``eps`` and ``momentum``),
+    not only the user's own classes on nn.Module."""
+    return any(cls is not torch.nn.Module and cls is not object and not _users_module(cls.__module__)
+               for cls in type(module).__mro__)
+
+
 def _watch_module(found: _References, name: str, module: torch.nn.Module, read: Mapping[int, Tensor],
-                  loaded: Collection[str] | None) -> None:
-    """Watch the ``training`` flags of a module and its submodules, their public attributes (torch's ``eps``,
-    ``momentum``, ``p``; those the user's own subclasses set: ``self.temperature``, ``self.act``; a tensor of
-    ``read`` in a plain attribute), and which submodules, parameters and buffers they hold
+                  loaded: Collection[str] | None, by_any: frozenset[str] | None = None) -> None:
+    """Watch the ``training`` flags of a module and its submodules, their public attributes (of torch's and
+    libraries' modules, every atom: ``eps``, ``momentum``, ``p``; of the user's own classes on nn.Module, those
+    that code loads: ``self.temperature``, ``self.act``, not a ``self.last_loss`` that only the loop sets; a
+    tensor of ``read`` in a plain attribute), and which submodules, parameters and buffers they hold
     (``model.fc = nn.Linear(...)``, ``layers.append(...)``, ``fc.weight = nn.Parameter(...)``,
     ``bn.running_mean = ...`` in eval mode). ``loaded``: the attribute names the forward's code loads, None for
-    a module it may not read (reached through an attribute it does not load): then only its flags and atoms."""
+    a module it may not read (reached through an attribute it does not load): then only its flags and atoms.
+    ``by_any``: the attribute names any code that ran while recording loads (a library's too), None if not
+    known: then every atom of the user's modules too."""
     modules = list(module.named_modules())
     found.modules.append((name, modules, tuple(m.training for _, m in modules)))
     for path, submodule in modules:
         where = f"{name}.{path}" if path else name
         attrs = vars(submodule)
-        guard = _attributes(where, attrs, module=True, loaded=loaded or ())
+        library = by_any is None or _library_reads(submodule)
+        names = frozenset(loaded or ()) | (frozenset() if library else by_any)
+        guard = _attributes(where, attrs, module=True, atoms=library, loaded=names, private=loaded or ())
         if guard is not None:
             found.objects.append(guard)
         found.attributes.extend((where, attrs, attr, item) for attr, item in attrs.items()
@@ -653,7 +1002,7 @@ def _watch_module(found: _References, name: str, module: torch.nn.Module, read: 
             continue
         for held in (submodule._modules, submodule._parameters, submodule._buffers):
             if held:
-                found.contents.append((where, held, ".{}"))
+                found.contents.append((where, held, ".{}", None, None))
 
 
 class _Place(NamedTuple):

@@ -1001,6 +1001,87 @@ def test_guard_on_a_float_attribute_of_the_user_s_own_module():
     assert step.recordings == 2
 
 
+class _Recurrent(torch.nn.Module):  # the user's module: state and logs the loop keeps on it, never read by forward
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4).double()
+        self.last_loss, self.hidden, self.steps = None, None, 0
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x)).sum()
+
+
+def test_attributes_of_the_user_s_module_its_code_never_loads_record_nothing():
+    """A module of the user's own class: every public number, str or None attribute was guarded (as torch's own
+    modules' are: torch's code reads their ``eps``), so ``model.last_loss = loss.item()`` in the loop re-recorded at
+    every call, and an attribute ``None`` at the recording (``model.hidden``) once when set. No code that ran
+    loads them: one recording, and each call's loss and gradients are torch's."""
+    torch.manual_seed(11)
+    model, x = _Recurrent(), r(3, 4, seed=401)
+    step = tg.compile(model, fuse=False)
+    for call in range(10):
+        (loss, grads), warned = _call_once(step, x)
+        assert warned == []
+        expected = model(x)
+        for p, g in zip(model.parameters(), torch.autograd.grad(expected, list(model.parameters()))):
+            torch.testing.assert_close(grads[p], g, **TOL)
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.01 * grads[p]
+        model.last_loss, model.steps = loss.item(), call + 1
+        if call == 2:
+            model.hidden = torch.zeros(4, dtype=D)
+    assert step.recordings == 1
+
+
+class _Leaky(torch.nn.LeakyReLU):  # the user's class on one of torch's: torch's forward reads negative_slope
+    pass
+
+
+class _LeakyByHand(torch.nn.Module):  # the user's module handing itself to torch's code, which reads its slope
+    def __init__(self):
+        super().__init__()
+        self.negative_slope, self.inplace = 0.01, False
+
+    def forward(self, x):
+        return torch.nn.LeakyReLU.forward(self, x)
+
+
+class _Gated(torch.nn.Module):  # the user's module reading an attribute that is None at the recording
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4).double()
+        self.gate = None
+
+    def forward(self, x):
+        h = self.proj(x)
+        return (h if self.gate is None else h * self.gate).sum()
+
+
+@pytest.mark.parametrize("make, attribute, value, message", [
+    (_Leaky, "negative_slope", 0.3, "module.negative_slope is now 0.3 (the recording ran with 0.01)"),
+    (_LeakyByHand, "negative_slope", 0.3, "module.negative_slope is now 0.3 (the recording ran with 0.01)"),
+    (_Gated, "gate", 2.0, "module.gate is now 2.0 (the recording ran with None)")],
+    ids=["a subclass of torch's module", "torch's code reading the user's module", "read by the forward"])
+def test_attributes_of_the_user_s_module_that_code_reads_are_guarded(make, attribute, value, message):
+    """What some code that ran reads of the user's module is still guarded: torch's code (the module derives from
+    torch's LeakyReLU, or hands itself to its forward) or the forward's own (``self.gate``, None at the recording:
+    setting it is a change the step must see). Each re-records once and gives torch's loss and gradient."""
+    torch.manual_seed(12)
+    module, w, x = make(), r(4, 4, seed=402), r(3, 4, seed=403)
+
+    def forward(x):
+        return module(x @ w).sum()
+
+    step = tg.compile(forward, fuse=False)
+    step(x)
+    setattr(module, attribute, value)
+    (loss, grads), warned = _call_once(step, x)
+    _warned_once(step, warned, message)
+    _assert_as_torch(loss, grads, forward, x, w)
+
+
 class _Settings:  # the user's own object: plain Python attributes the forward branches on
     def __init__(self):
         self.update = True  # count the batches seen (under no_grad)
@@ -1156,6 +1237,23 @@ def _partial_forward(layers, x):
     return _through(layers, x)
 
 
+class _Private:  # the user's object reading its layers through a private attribute
+    def __init__(self, *weights):
+        self._layers = list(weights)
+
+    def __call__(self, x):
+        return _through(self._layers, x)
+
+
+class _PrivateScale(torch.nn.Module):  # the user's module reading a private number and a private list
+    def __init__(self, w):
+        super().__init__()
+        self._scale, self._weights = 1.0, [w]
+
+    def forward(self, x):
+        return _through(self._weights, x) * self._scale
+
+
 def _container_cases():
     """(forward, change, message, the tensors whose gradients to check after it) for each kind of place a forward
     reaches its structure through: a list, a dict, an attribute, a module's submodules and parameters, a closure
@@ -1278,6 +1376,18 @@ def _container_cases():
     cases["functools.partial's argument appended"] = (
         functools.partial(_partial_forward, partial_layers), lambda: partial_layers.append(w[1]),
         "layers now has 2 items (the recording's had 1)", w[:2])
+    private = _Private(w[0])
+    cases["the user's object's private list appended"] = (lambda x: private(x), lambda: private._layers.append(w[1]),
+                                                          "private._layers now has 2 items (the recording's had 1)",
+                                                          w[:2])
+    private_module = _PrivateScale(w[0])
+    cases["the user's module's private number changed"] = (
+        lambda x: private_module(x), lambda: setattr(private_module, "_scale", 3.0),
+        "private_module._scale is now 3.0 (the recording ran with 1.0)", w[:1])
+    private_list = _PrivateScale(w[0])
+    cases["the user's module's private list appended"] = (
+        lambda x: private_list(x), lambda: private_list._weights.append(w[1]),
+        "private_list._weights now has 2 items (the recording's had 1)", w[:2])
     return cases
 
 
@@ -1547,6 +1657,328 @@ def test_structure_guard_accepts_what_cannot_change_the_step():
     assert step.recordings == 1
     torch.testing.assert_close(loss, forward(x), **TOL)
     torch.testing.assert_close(grads[w], _torch_grad(lambda w: (x @ w).sum() * 0.5, w), **TOL)
+
+
+def _tanh_loss(x, w):
+    return torch.tanh(x @ w).sum()
+
+
+def _assert_as_torch(loss, grads, forward, x, w):
+    """``loss`` and ``grads[w]`` are torch autograd's for ``forward(x)`` (float64), ``w`` being the leaf."""
+    w.requires_grad_(True)
+    try:
+        expected = forward(x)
+        expected_grad, = torch.autograd.grad(expected, w)
+    finally:
+        w.requires_grad_(False)
+    torch.testing.assert_close(loss, expected.detach(), **TOL)
+    torch.testing.assert_close(grads[w], expected_grad, **TOL)
+
+
+_CONFIG = {"scale": 0.5, "step": 0, "w": r(4, 4, seed=389)}  # a global config the loop writes its step into
+
+
+def _global_config_loss(x):
+    return _tanh_loss(x, _CONFIG["w"]) * _CONFIG["scale"]
+
+
+class _Configured:  # the user's object reading a setting of its config dict
+    def __init__(self, w):
+        self.w, self.cfg = w, {"scale": 0.5, "step": 0}
+
+    def __call__(self, x):
+        return _tanh_loss(x, self.w) * self.cfg["scale"]
+
+
+class _ConfiguredModule(torch.nn.Module):  # the same, as the user's nn.Module (a plain dict attribute)
+    def __init__(self, w):
+        super().__init__()
+        self.w, self.cfg = w, {"scale": 0.5, "step": 0}
+
+    def forward(self, x):
+        return _tanh_loss(x, self.w) * self.cfg["scale"]
+
+
+def _keyed_cases():
+    """(forward, what the loop does before call i, the weight) where the forward reads its dict or list only by
+    constant keys and the loop changes other items: the compiled step stays right without re-recording."""
+    w = r(4, 4, seed=390)
+    cases = {}
+    cfg = {"scale": 0.5, "step": 0, "history": []}
+
+    def log_step(i):
+        cfg["step"] = i
+        cfg["history"].append(float(i))  # a list under a key the forward never reads
+
+    cases["closure dict, the loop sets other keys"] = (lambda x: _tanh_loss(x, w) * cfg["scale"], log_step, w)
+    cases["global dict, the loop sets another key"] = (_global_config_loss,
+                                                       lambda i: _CONFIG.__setitem__("step", i), _CONFIG["w"])
+    log = [2.0]
+    cases["list read at [0], the loop appends"] = (lambda x: _tanh_loss(x, w) * log[0],
+                                                   lambda i: log.append(float(i)), w)
+    opts = {"scale": 0.5}
+    cases["dict.get, a missing key with a default"] = (
+        lambda x: _tanh_loss(x, w) * opts.get("scale") + opts.get("shift", 0.0),
+        lambda i: opts.__setitem__("step", i), w)
+    configured = _Configured(w)
+    cases["the user's object's dict"] = (lambda x: configured(x),
+                                         lambda i: configured.cfg.__setitem__("step", i), w)
+    module = _ConfiguredModule(w)
+    cases["the user's module's dict"] = (module, lambda i: module.cfg.__setitem__("step", i), w)
+    return cases
+
+
+_KEYED_CASES = _keyed_cases()
+
+
+@pytest.mark.parametrize("case", list(_KEYED_CASES))
+def test_structure_guard_guards_only_the_items_read_by_constant_keys(case):
+    """A config dict the forward reads ``cfg["scale"]`` of, or a list it reads ``log[0]`` of, while the training
+    loop writes ``cfg["step"] = i`` or appends to the list: the whole dict or list was guarded, so every call
+    re-recorded (10 recordings in 10 calls). Only the items at the keys read are guarded now: one recording, and
+    each call's loss and gradient are torch's."""
+    forward, between, w = _KEYED_CASES[case]
+    step = tg.compile(forward, fuse=False)
+    x = r(3, 4, seed=391)
+    for call in range(10):
+        between(call)
+        (loss, grads), warned = _call_once(step, x)
+        assert warned == []
+        _assert_as_torch(loss, grads, forward, x, w)
+        with torch.no_grad():
+            w -= 0.01 * grads[w]  # (a training step: the next call's values differ)
+    assert step.recordings == 1
+
+
+class _DerivedConfig(dict):  # a dict whose __getitem__ reads another key
+    def __getitem__(self, key):
+        return dict.__getitem__(self, "base") * 2 if key == "scale" else dict.__getitem__(self, key)
+
+
+def _scaled_by(cfg, loss):  # the user's helper reading a setting of the dict passed to it
+    return loss * cfg["scale"]
+
+
+_SETTINGS = {"scale": 0.5, "alpha": 1.0}
+
+
+def _alpha():  # four calls down from the forward: deeper than the helpers the guard follows by their names
+    return _SETTINGS["alpha"]
+
+
+def _alpha_3():
+    return _alpha()
+
+
+def _alpha_2():
+    return _alpha_3()
+
+
+def _alpha_1():
+    return _alpha_2()
+
+
+_GLOBAL_SCALE = 1.0
+
+
+class _Node:  # the user's objects holding one another, and settings at the bottom
+    def __init__(self, child=None, settings=None):
+        self.child, self.settings = child, settings
+
+
+def _totals(settings):  # a generator summing the settings it was given (a local: no name the guard reads)
+    while True:
+        yield sum(settings.values())
+
+
+class _ReadsItsAttributes:  # the user's object reading a list by a constant index, and by vars(self)
+    def __init__(self, w):
+        self.w, self.scales = w, [0.5]
+
+    def __call__(self, x):
+        loss = _tanh_loss(x, self.w) * self.scales[0]
+        for value in vars(self).values():
+            if isinstance(value, list):
+                loss = loss * len(value)
+        return loss
+
+
+class _ScaledByGlobal:  # the user's object whose method, calling no torch function, reads a global
+    def __init__(self, w):
+        self.w = w
+
+    def scale(self):
+        return _GLOBAL_SCALE
+
+    def __call__(self, x):
+        return _tanh_loss(x, self.w) * self.scale()
+
+
+def _still_guarded_cases():
+    """(forward, change, message) where what the forward reads of a dict or list changes: the item at a key it
+    reads, or any item where it reads a computed key, iterates, passes the dict on, or reads through a dict
+    subclass. Each must re-record."""
+    w = r(4, 4, seed=392)
+    cases = {}
+    cfg = {"scale": 0.5, "step": 0}
+    cases["the key read changed"] = (lambda x: _tanh_loss(x, w) * cfg["scale"], lambda: cfg.update(scale=2.0),
+                                     "cfg['scale'] is now 2.0 (the recording ran with 0.5)")
+    computed, key = {"scale": 0.5, "step": 0}, "scale"
+    cases["a computed key"] = (lambda x: _tanh_loss(x, w) * computed[key], lambda: computed.update(scale=2.0),
+                               "computed['scale'] is now 2.0 (the recording ran with 0.5)")
+    weights = {"a": 0.5, "b": 2.0}
+    cases["the dict iterated"] = (lambda x: _tanh_loss(x, w) * sum(weights.values()),
+                                  lambda: weights.update(b=3.0), "weights['b'] is now 3.0 (the recording ran with 2.0)")
+    passed = {"scale": 0.5}
+    cases["the dict passed to a helper"] = (lambda x: _scaled_by(passed, _tanh_loss(x, w)),
+                                            lambda: passed.update(scale=2.0),
+                                            "passed['scale'] is now 2.0 (the recording ran with 0.5)")
+    log = [1.0, 2.0]
+    cases["the last item read, the loop appends"] = (lambda x: _tanh_loss(x, w) * log[-1], lambda: log.append(3.0),
+                                                     "log[-1] is now 3.0 (the recording ran with 2.0)")
+    added = {"scale": 0.5}
+    cases["a key read with get added"] = (lambda x: _tanh_loss(x, w) * added.get("scale") + added.get("shift", 0.0),
+                                          lambda: added.update(shift=1.0),
+                                          "added['shift'] was added (the recording ran without it)")
+    deleted = {"scale": 0.5}
+    cases["a key read with get deleted"] = (lambda x: _tanh_loss(x, w) * deleted.get("scale", 1.0),
+                                            lambda: deleted.pop("scale"),
+                                            "deleted['scale'] was deleted (the recording ran with 0.5)")
+    mixers = [r(4, 4, seed=393), r(4, 4, seed=398)]
+    cases["a list item read replaced"] = (lambda x: _tanh_loss(x @ mixers[0], w),
+                                          lambda: mixers.__setitem__(0, mixers[1]),
+                                          "mixers[0] now refers to a different tensor")
+    shared = {"scale": 0.5, "other": 1.0}
+    holder = types.SimpleNamespace(settings=shared)
+    cases["the same dict also iterated through an attribute"] = (
+        lambda x: _tanh_loss(x, w) * shared["scale"] * sum(holder.settings.values()),
+        lambda: shared.update(other=3.0), "holder.settings['other'] is now 3.0 (the recording ran with 1.0)")
+    cases["another key read four calls down"] = (lambda x: _tanh_loss(x, w) * _SETTINGS["scale"] * _alpha_1(),
+                                                 lambda: _SETTINGS.update(alpha=2.0),
+                                                 "_SETTINGS['alpha'] is now 2.0 (the recording ran with 1.0)")
+    settings = {"scale": 0.5, "alpha": 1.0}
+    hooks = {"alpha": lambda: settings["alpha"]}
+    cases["another key read by a function held in a dict"] = (
+        lambda x: _tanh_loss(x, w) * settings["scale"] * hooks["alpha"](), lambda: settings.update(alpha=2.0),
+        "settings['alpha'] is now 2.0 (the recording ran with 1.0)")
+    by_global = _ScaledByGlobal(w)
+    cases["a global read by a method that calls no torch function"] = (
+        lambda x: by_global(x), lambda: globals().update(_GLOBAL_SCALE=2.0),
+        "'_GLOBAL_SCALE' changed from 1.0 to 2.0 (the recording used its value)")
+    generic = _ReadsItsAttributes(w)
+    cases["a list also reached by vars(self)"] = (lambda x: generic(x), lambda: generic.scales.append(1.0),
+                                                  "generic.scales now has 2 items (the recording's had 1)")
+    deep_shared = {"scale": 0.5, "other": 1.0}
+    deep = _Node(_Node(_Node(_Node(settings=deep_shared))))  # four levels down: deeper than the guard walks
+    cases["the same dict also iterated four levels down"] = (
+        lambda x: _tanh_loss(x, w) * deep_shared["scale"] * sum(deep.child.child.child.settings.values()),
+        lambda: deep_shared.update(other=3.0), "deep_shared['other'] is now 3.0 (the recording ran with 1.0)")
+    gen_shared = {"scale": 0.5, "other": 1.0}
+    totals = _totals(gen_shared)
+    cases["the same dict also iterated by a generator"] = (
+        lambda x: _tanh_loss(x, w) * gen_shared["scale"] * next(totals),
+        lambda: gen_shared.update(other=3.0), "gen_shared['other'] is now 3.0 (the recording ran with 1.0)")
+    derived = _DerivedConfig(base=0.5)
+    cases["a dict subclass"] = (lambda x: _tanh_loss(x, w) * derived["scale"], lambda: derived.update(base=2.0),
+                                "derived['base'] is now 2.0 (the recording ran with 0.5)")
+    return {name: (*case, w) for name, case in cases.items()}
+
+
+_STILL_GUARDED_CASES = _still_guarded_cases()
+
+
+@pytest.mark.parametrize("case", list(_STILL_GUARDED_CASES))
+def test_structure_guard_re_records_when_what_the_forward_reads_changes(case):
+    """Guarding a dict or list by the constant keys the forward reads must not miss a change it reads: the key
+    read, by the forward or by any code that ran while recording (a helper four calls down, a function held in a
+    dict: the guard follows neither by its names), or, where the keys read are not known (a computed key, the
+    dict iterated or passed on, a dict subclass, code reaching attributes by computed names, the dict held
+    where the guard does not look: four levels down, by a generator), any item. The step
+    re-records once, says what changed, and gives torch's loss and gradient. (A global read by a method calling
+    no torch function was not guarded at all: the old code replayed the recording's value.)"""
+    forward, change, message, w = _STILL_GUARDED_CASES[case]
+    step = tg.compile(forward, fuse=False)
+    x = r(3, 4, seed=394)
+    step(x)
+    change()
+    (loss, grads), warned = _call_once(step, x)
+    _warned_once(step, warned, message)
+    _assert_as_torch(loss, grads, forward, x, w)
+    (loss, grads), warned = _call_once(step, x)
+    _warned_once(step, warned, None)  # the guard holds again
+    _assert_as_torch(loss, grads, forward, x, w)
+
+
+def test_structure_guard_under_a_profiler_guards_lists_and_dicts_whole():
+    """Under a profiler (another ``sys.setprofile`` hook) the recording cannot see which code ran: a dict is
+    guarded whole again, so that a key read four calls down, where the guard follows no name, is still seen."""
+    w, x = r(4, 4, seed=404), r(3, 4, seed=405)
+    settings = dict(_SETTINGS)
+
+    def forward(x):
+        return _tanh_loss(x, w) * _SETTINGS["scale"] * _alpha_1()
+
+    step = tg.compile(forward, fuse=False)
+    sys.setprofile(lambda frame, event, arg: None)
+    try:
+        step(x)
+    finally:
+        sys.setprofile(None)
+    try:
+        _SETTINGS["alpha"] = settings["alpha"] + 2.0
+        (loss, grads), warned = _call_once(step, x)
+        _warned_once(step, warned, f"_SETTINGS['alpha'] is now {settings['alpha'] + 2.0} (the recording ran with "
+                                   f"{settings['alpha']})")
+        _assert_as_torch(loss, grads, forward, x, w)
+    finally:
+        _SETTINGS.update(settings)
+
+
+def test_a_list_the_forward_only_appends_to_is_not_guarded():
+    """The forward appends each step's activations to a list for statistics, and the loop reads and clears it:
+    the list was guarded whole, so every call re-recorded. The forward never reads it, so nothing of it is
+    guarded; the recording says that the compiled step does not append (it replays torch calls, not Python),
+    and each call's loss and gradient are torch's."""
+    w, x = r(4, 4, seed=396), r(3, 4, seed=397)
+    acts = []
+
+    def forward(x):
+        h = torch.tanh(x @ w)
+        acts.append(h.detach())
+        return h.sum()
+
+    step = tg.compile(forward, fuse=False)
+    with pytest.warns(UserWarning, match="the forward appends to acts; the compiled step does not: it replays torch "
+                                         "calls, not Python code, so later calls add nothing to it"):
+        step(x)
+    for _ in range(9):
+        acts.clear()
+        (loss, grads), warned = _call_once(step, x)
+        assert warned == [] and acts == []  # (as the note says)
+        _assert_as_torch(loss, grads, forward, x, w)
+        with torch.no_grad():
+            w -= 0.01 * grads[w]
+    assert step.recordings == 1
+
+
+def test_a_list_the_forward_appends_to_and_reads_is_still_guarded():
+    """A list the forward appends to and iterates: each call's loss depends on what the list holds, so it is
+    guarded whole (the loop clearing it re-records, and each call's loss and gradient are torch's)."""
+    w, x = r(4, 4, seed=399), r(3, 4, seed=400)
+    acts = []
+
+    def forward(x):
+        acts.append(torch.tanh(x @ w))
+        return sum(a.sum() for a in acts)
+
+    step = tg.compile(forward, fuse=False)
+    step(x)
+    for _ in range(3):
+        acts.clear()
+        (loss, grads), warned = _call_once(step, x)
+        _warned_once(step, warned, "acts now has 0 items (the recording's had 1)")
+        acts.clear()
+        _assert_as_torch(loss, grads, forward, x, w)
 
 
 # ---------------------------------------------------------------- work the forward does under torch.no_grad()
@@ -2026,7 +2458,8 @@ def test_a_no_grad_value_the_step_cannot_reach_still_warns():
         return h.sum()
 
     with pytest.warns(UserWarning, match=r"torch.no_grad\(\) \('mean' at \S*test_compile.py:\d+ "
-                                         r"\(_history.append\(h.mean\(\)\)\)\) where the compiled step cannot reach"):
+                                         r"\(_history.append\(h.mean\(\)\)\)\) where the compiled step cannot reach"), \
+            pytest.warns(UserWarning, match="the forward appends to _history; the compiled step does not"):
         tg.compile(forward, fuse=False)(r(2, 3, seed=211))
     _history.clear()
 
