@@ -284,7 +284,7 @@ _DRAW_LESS = ("draw less of it with graph.render(path, depth=k) (the k ops neare
 def write(dot: graphviz.Digraph, target: Path, fmt: str, timeout: float | None = TIMEOUT) -> Path:
     """Write the picture (or, for .dot, its source); without ``dot``, write the source and say how to get it."""
     if fmt == "dot":
-        target.write_text(dot.source, encoding="utf-8")
+        _write_file(target, dot.source.encode("utf-8"))
         return target
     try:
         done = _run_dot(dot, fmt, timeout)
@@ -303,7 +303,7 @@ def write(dot: graphviz.Digraph, target: Path, fmt: str, timeout: float | None =
         detail = (err.stderr or b"").decode(errors="replace").strip().splitlines()
         raise RuntimeError(f"render: Graphviz's dot failed on {str(target)!r}: "
                            f"{detail[-1] if detail else err}") from None
-    target.write_bytes(done.stdout)
+    _write_file(target, done.stdout)
     _warn_if_shrunk(done.stderr, target)
     return target
 
@@ -350,8 +350,16 @@ def _run_dot(dot: graphviz.Digraph, fmt: str, timeout: float | None) -> subproce
 
 def _write_source(dot: graphviz.Digraph, target: Path) -> Path:
     source = target.with_suffix(".dot")
-    source.write_text(dot.source, encoding="utf-8")
+    _write_file(source, dot.source.encode("utf-8"))
     return source
+
+
+def _write_file(target: Path, data: bytes) -> None:
+    """Write the file; a folder that refuses it (no permission, a read-only or virtual file system) is named."""
+    try:
+        target.write_bytes(data)
+    except OSError as err:
+        raise type(err)(f"render: cannot write {str(target)!r}: {err.strerror or err}") from None
 
 
 # ---------------------------------------------------------------------------------------------- text

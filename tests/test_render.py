@@ -918,6 +918,22 @@ def test_cli_render(tmp_path, capsys):
     assert "dhprebn" in out.read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize("suffix", [".svg", ".dot"])
+def test_a_folder_that_refuses_the_file_is_named(tmp_path, capsys, monkeypatch, suffix):
+    """A folder that refuses the write (no permission, /proc) printed a bare ``[Errno 13] Permission denied``."""
+    def refuse(self, data):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    out = tmp_path / f"mlp{suffix}"
+    graph, loss, _ = record_exercise()
+    with pytest.raises(PermissionError, match=rf"^render: cannot write '.*mlp\{suffix}': Permission denied$"):
+        graph.render(out)
+    assert main(["render", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"tensorgraph render: error: --out: cannot write {str(out)!r}: Permission denied\n", err
+
+
 @pytest.mark.parametrize("argv, words", [
     (["render", "--out", "mlp.gif"], ["mlp.gif", ".svg"]),
     (["render", "--out", "no/such/folder/mlp.svg"], ["no/such/folder", "does not exist"]),

@@ -50,8 +50,13 @@ def run(args: argparse.Namespace) -> int:
     compare = graph.compare(loss) if args.compare else None
     with warnings.catch_warnings(record=True) as caught:  # one line each, not Python's file:line format
         warnings.simplefilter("always")
-        path = render(graph, args.out, view=args.view, grads=grads, loss=loss, compare=compare,
-                      values=args.values, depth=args.depth, rankdir=args.rankdir, dpi=args.dpi)
+        try:
+            path = render(graph, args.out, view=args.view, grads=grads, loss=loss, compare=compare,
+                          values=args.values, depth=args.depth, rankdir=args.rankdir, dpi=args.dpi)
+        except OSError as err:  # a folder that refuses the file (permissions, /proc): named by the option
+            if not str(err).startswith("render: cannot write"):
+                raise
+            raise CLIError(f"--out: {str(err).removeprefix('render: ')}", "tensorgraph render") from None
     for warning in caught:
         print(f"tensorgraph render: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {path}: the {args.view} view of the lecture's MLP ({len(graph)} recorded tensors)")
