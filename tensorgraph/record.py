@@ -36,7 +36,7 @@ from . import rules  # noqa: F401  (fills the op table)
 from .attention import multi_head_attention, refused_argument
 from .engine import NO_STAMPS, LeafStamps
 from .graph import Graph, Ref, _short_path, substitute
-from .ops import FUNCS, Op, UnsupportedCall, func_name, lookup
+from .ops import FUNCS, OPS, Op, UnsupportedCall, func_name, lookup
 
 _NO_SEQUENCE = 1 << 62  # (a torch without the counter: nothing counts as made in the block)
 _sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", lambda: _NO_SEQUENCE)
@@ -784,6 +784,9 @@ class _Recorder(TorchFunctionMode):
                 attrs = _attrs(op, bound_args, bound_kwargs)
             except UnsupportedCall as err:
                 unsupported = str(err)
+        elif op is None and name in OPS:  # (torch.lu_solve(b, LU, pivots) is not linalg.lu_solve's "lu_solve")
+            unsupported = (f"no gradient rule for the op {name!r} as called here: tensorgraph's rule of that name is "
+                           f"for another function of the same name")
         if kind == "op" and (outputs[0].dtype.is_complex if len(outputs) == 1 else any(
                 o is not None and o.dtype.is_complex for o in outputs)):
             unsupported = f"{name} produced a complex tensor; tensorgraph's rules are for real tensors"

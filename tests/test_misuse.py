@@ -48,9 +48,9 @@ def torch_grads(fn, *inputs):
 # ---------------------------------------------------------------- an op without a rule
 
 NO_RULE = {
-    "trapezoid": lambda x: torch.trapezoid(x),
-    "special_erfcx": lambda x: torch.special.erfcx(x).sum(),
-    "cumulative_trapezoid": lambda x: torch.cumulative_trapezoid(x).sum(),
+    "special_bessel_j0": lambda x: torch.special.bessel_j0(x).sum(),  # (torch differentiates none of these)
+    "special_airy_ai": lambda x: torch.special.airy_ai(x).sum(),
+    "linalg_ldl_factor": lambda x: torch.linalg.ldl_factor(x.view(2, 2) @ x.view(2, 2).T).LD.sum(),
     "linalg_householder_product": lambda x: torch.linalg.householder_product(x.view(2, 2), x[:2]).sum(),
 }
 
@@ -62,6 +62,26 @@ def test_op_without_a_rule_names_the_op_and_the_users_line(op):
         loss = NO_RULE[op](x)
     line = NO_RULE[op].__code__.co_firstlineno  # the torch call is in the lambda
     with pytest.raises(NotImplementedError, match=rf"no gradient rule for the op '{op}' \(called at .*{at(line)}"):
+        graph.backward(loss)
+
+
+# torch functions sharing the name of an op with a rule, but not its arguments: torch's own loss kernels take the
+# reduction as a number (2: sum), where the rule of F.margin_ranking_loss reads size_average
+SAME_NAME = {
+    "margin_ranking_loss": lambda x, y: torch.margin_ranking_loss(x, y, torch.ones(4, dtype=D), 0.0, 2),
+    "soft_margin_loss": lambda x, y: torch._C._nn.soft_margin_loss(x, y.sign(), 2),
+}
+
+
+@pytest.mark.parametrize("op", sorted(SAME_NAME))
+def test_a_function_named_like_an_op_with_a_rule_gets_no_other_functions_rule(op):
+    """It used to get that rule, bound to other arguments: a silently wrong gradient (the mean's, not the sum's)."""
+    x, y = r(4, seed=1), r(4, seed=2)
+    with tg.record() as graph:
+        loss = SAME_NAME[op](x, y)
+    line = SAME_NAME[op].__code__.co_firstlineno
+    with pytest.raises(NotImplementedError, match=rf"no gradient rule for the op '{op}' as called here: "
+                       rf"tensorgraph's rule of that name is for another function .*\(called at .*{at(line)}"):
         graph.backward(loss)
 
 
