@@ -198,8 +198,9 @@ defop("mish", lambda g, out, x: aten.mish_backward(g, x))
 defop("hardswish", lambda g, out, x: aten.hardswish_backward(g, x))
 defop("hardsigmoid", lambda g, out, x: aten.hardsigmoid_backward(g, x))
 # piecewise-constant functions: zero gradient, as torch gives
-for _name in ("sign", "sgn", "floor", "ceil", "round", "trunc"):
+for _name in ("sign", "sgn", "floor", "ceil", "round", "trunc", "fix"):
     defop(_name, _zeros_like_grad, funcs=("special.round",) if _name == "round" else ())
+defop("angle", _zeros_like_grad)  # of a real tensor: 0 or pi, piecewise constant
 
 
 def clamp(g: Tensor, out: Tensor, x: Tensor, min: Any = None, max: Any = None) -> tuple:
@@ -259,6 +260,8 @@ def prelu(g: Tensor, out: Tensor, x: Tensor, weight: Tensor) -> tuple:
 defop("rrelu", rrelu)
 defop("prelu", prelu)
 defop("erfc", lambda g, out, x: -2.0 / math.sqrt(math.pi) * torch.exp(-(x.pow(2))) * g, funcs=("special.erfc",))
+defop("special_erfcx", lambda g, out, x: g * (2 * x * out - 2.0 / math.sqrt(math.pi)), auto=False,
+      funcs=("special.erfcx",))  # exp(x**2) erfc(x)
 defop("erfinv", lambda g, out, x: 0.5 * math.sqrt(math.pi) * torch.exp(out.pow(2)) * g, funcs=("special.erfinv",))
 defop("lgamma", lambda g, out, x: g * torch.digamma(x), funcs=("special.gammaln",))
 defop("digamma", lambda g, out, x: g * torch.polygamma(1, x), funcs=("special.digamma", "special.psi"))
@@ -282,6 +285,17 @@ def mvlgamma(g: Tensor, out: Tensor, x: Tensor, p: int) -> Tensor:
 
 defop("mvlgamma", mvlgamma, funcs=("special.multigammaln",))
 defop("exp2", lambda g, out, x: g * out * math.log(2.0), funcs=("special.exp2",))
+# frexp: (mantissa, exponent), x = mantissa * 2**exponent; the integer exponent takes no gradient
+defop("frexp", lambda g, out, x, *, output_index=0: g * torch.exp2(-out[1].to(g.dtype)), multi=True)
+
+
+def ldexp(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    """x * 2**other (torch's composite: mul and pow); a floating-point exponent takes g * out * log(2)."""
+    grad_other = g * out * math.log(2.0) if other.is_floating_point() else None
+    return g * torch.pow(2.0, other), grad_other
+
+
+defop("ldexp", ldexp)
 defop("deg2rad", lambda g, out, x: g * (math.pi / 180))
 defop("rad2deg", lambda g, out, x: g * (180 / math.pi))
 defop("frac", _same)  # x - trunc(x)
@@ -1281,6 +1295,9 @@ def amax(g: Tensor, out: Tensor, x: Tensor, dim: Any = (), keepdim: bool = False
 
 defop("amax", amax)
 defop("amin", amax)
+# (min, max): each output's gradient as amin's or amax's, ties sharing it evenly
+defop("aminmax", lambda g, out, x, *, dim=None, keepdim=False, output_index=0: amax(
+    g, out[output_index], x, () if dim is None else dim, keepdim), multi=True)
 defop(
     "logsumexp",
     lambda g, out, x, dim, keepdim=False: _unreduce(g, x, dim, keepdim) * (x - _unreduce(out, x, dim, keepdim)).exp(),
@@ -1377,6 +1394,65 @@ defop("cummax", _cumulative_select, multi=True)
 defop("cummin", _cumulative_select, multi=True)
 defop("logcumsumexp", logcumsumexp)
 
+
+def _beside(t: Tensor, dim: int, before: bool) -> Tensor:
+    """``t`` with one slice of zeros added before (or after) along ``dim``."""
+    shape = list(t.shape)
+    shape[dim] = 1
+    zero = t.new_zeros(shape)
+    return torch.cat([zero, t] if before else [t, zero], dim)
+
+
+def _trapezoid_grads(w: Tensor, y: Tensor, x: Any, dx: Any, dim: int) -> tuple:
+    """Gradients of sum_i w_i (y_i + y_i+1) / 2 (x_i+1 - x_i) along ``dim``, ``w`` a weight per interval.
+
+    A 1-d x is laid along ``dim`` (and its gradient summed back to it); another x broadcasts against y,
+    padded with leading dimensions, as torch does. Without x the spacing is the number ``dx`` (1 by default).
+    """
+    n = y.shape[dim]
+    if n == 0:
+        return torch.zeros_like(y), torch.zeros_like(x) if isinstance(x, Tensor) else None
+    if isinstance(x, Tensor):
+        shape = [1] * y.dim()
+        if x.dim() == 1:
+            shape[dim] = x.shape[0]
+        else:
+            shape[y.dim() - x.dim():] = x.shape
+        laid = x.reshape(shape)
+        step = laid.narrow(dim, 1, n - 1) - laid.narrow(dim, 0, n - 1)
+    else:
+        step = 1.0 if dx is None else dx
+    weighted = w * step
+    grad_y = (_beside(weighted, dim, True) + _beside(weighted, dim, False)) / 2
+    if not isinstance(x, Tensor):
+        return grad_y, None
+    middle = w * (y.narrow(dim, 0, n - 1) + y.narrow(dim, 1, n - 1)) / 2
+    grad_x = _beside(middle, dim, True) - _beside(middle, dim, False)
+    if x.dim() == 1 and grad_x.dim() > 1:
+        grad_x = grad_x.sum([d for d in range(grad_x.dim()) if d != dim])
+    return grad_y, grad_x
+
+
+def trapezoid(g: Tensor, out: Tensor, y: Tensor, x: Tensor | None = None, *, dx: Any = None,
+              dim: int = -1) -> tuple:
+    """The trapezoidal rule along ``dim``: every interval takes the output's gradient."""
+    dim %= y.dim()
+    w = g.unsqueeze(dim)
+    shape = list(w.shape)
+    shape[dim] = max(y.shape[dim] - 1, 0)
+    return _trapezoid_grads(w.expand(shape), y, x, dx, dim)
+
+
+def cumulative_trapezoid(g: Tensor, out: Tensor, y: Tensor, x: Tensor | None = None, *, dx: Any = None,
+                         dim: int = -1) -> tuple:
+    """The running trapezoidal sums along ``dim``: interval i takes the gradients of the sums from i on."""
+    dim %= y.dim()
+    return _trapezoid_grads(_reversed_cumsum(g, dim), y, x, dx, dim)
+
+
+defop("trapezoid", trapezoid)
+defop("trapz", trapezoid)
+defop("cumulative_trapezoid", cumulative_trapezoid)
 
 def nansum(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Tensor:
     """sum's gradient, none to the NaNs (which the sum skipped)."""
@@ -1929,6 +2005,11 @@ defop(  # g - out.exp() * g.sum(dim, keepdim=True) in torch's fused kernel
     lambda g, out, x, dim=None, dtype=None, *, _stacklevel=3: aten._log_softmax_backward_data(
         g, out, _softmax_dim(x, dim), out.dtype),
     funcs=("special.log_softmax",),
+)
+defop(  # softmax(-x, dim): softmax's kernel, negated
+    "softmin",
+    lambda g, out, x, dim=None, _stacklevel=3, dtype=None: -aten._softmax_backward_data(
+        g, out, _softmax_dim(x, dim), out.dtype),
 )
 
 

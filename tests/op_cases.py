@@ -577,6 +577,10 @@ ACTIVATIONS = {  # unary, on r(4, 5) and a 0-d input
     "bessel_i": lambda x: x.i0() + torch.special.i0e(x) + torch.special.i1(x) + torch.special.i1e(x),
     "special_aliases": lambda x: torch.special.expm1(x) + torch.special.log1p(x.exp()) + x * torch.special.round(x),
     "nan_to_num_finite": lambda x: x.nan_to_num() * x,
+    "erfcx": lambda x: torch.special.erfcx(x) + torch.special.erfcx(x * 4 + 12),  # (large x: its asymptotic branch)
+    "softmin": lambda x: F.softmin(x, -1) + F.softmin(x * 2, dim=0, dtype=D) * 2 + torch.nn.Softmin(-1)(x * 0.5),
+    "fix_angle": lambda x: x.fix() * x + torch.fix(x) + torch.angle(x) * x,
+    "frexp": lambda x: torch.frexp(x).mantissa + x.frexp()[0] * x,
 }
 
 POSITIVE_ACTIVATIONS = {  # unary, on positive inputs
@@ -592,6 +596,8 @@ BINARY_NEW = {  # over the broadcasting shape matrix
     "hypot": lambda a, b: torch.hypot(a, b),
     "xlogy": lambda a, b: torch.xlogy(a, b.abs() + 0.5) + torch.special.xlog1py(b, a.abs()),
     "remainder_fmod": lambda a, b: a % (b.abs() + 0.5) + torch.fmod(a, b.abs() + 0.5),
+    # (a negative integer exponent: see test_ops, torch's gradient is 0 there)
+    "ldexp": lambda a, b: torch.ldexp(a, b) + torch.ldexp(b, torch.tensor([3, 0, 1, 2, 0])[-b.shape[-1]:]) * a,
 }
 
 
@@ -643,12 +649,26 @@ def scan_cases():
     yield "diff_prepend_append", lambda x, p, a: torch.diff(x, dim=1, prepend=p, append=a), [
         x, r(4, 2, seed=7), r(4, 1, seed=8)]
     yield "trace", lambda x: x.trace() + torch.trace(x.T @ x), [x]
+    yield "trapezoid", lambda y: torch.trapezoid(y) + torch.trapz(y, dim=0).sum() + torch.trapezoid(
+        y, dx=0.5, dim=-1), [x]
+    yield "trapezoid_x_1d", lambda y, t: torch.trapezoid(y, t) + torch.trapz(y.T, t, dim=0) * 2, [x, r(5, seed=10)]
+    yield "trapezoid_x_broadcast", lambda y, t, u: torch.trapezoid(y, t, dim=1) + torch.trapz(y, u).sum(
+        -1, keepdim=True), [r(3, 4, 5, seed=11), r(4, 1, seed=12), r(4, 5, seed=13)]
+    yield "trapezoid_one_and_no_point", lambda y, t: torch.trapezoid(y[:, :1]) + torch.trapezoid(y[:, :0]) + (
+        torch.trapezoid(y[:, :1], t[:1])), [x, r(5, seed=10)]
+    yield "cumulative_trapezoid", lambda y: torch.cumulative_trapezoid(y) + torch.cumulative_trapezoid(
+        y, dx=0.3, dim=-1) + torch.cumulative_trapezoid(y, dim=0).sum(0, keepdim=True)[:, :4], [x]
+    yield "cumulative_trapezoid_x", lambda y, t, u: torch.cumulative_trapezoid(y, t) + torch.cumulative_trapezoid(
+        y.T, t, dim=0).T + torch.cumulative_trapezoid(y, u, dim=0)[:, :4].sum(0), [x, r(5, seed=10), r(4, 1, seed=14)]
+    yield "aminmax", lambda x: torch.aminmax(x).min + torch.aminmax(x, dim=1).max.sum() + x.aminmax(
+        dim=0, keepdim=True)[0].sum() + torch.aminmax(x, dim=-1, keepdim=True)[1], [distinct(4, 5)]
     yield "diag", lambda x: x.diag() + torch.diag(x, 1).sum() + torch.diag(x[0], -1).sum(), [x]
     yield "diag_embed_diagflat", lambda x: torch.diag_embed(x).sum(0) + torch.diag_embed(x, 1, 0, 2).sum(1)[:5, :5] + (
         torch.diagflat(x[:2], -1)[:5, :5]), [r(4, 5, seed=9)]
 
 
 TIED_NEW = {
+    "aminmax_ties": lambda x: torch.aminmax(x, dim=1)[1].sum() + torch.aminmax(x).min,  # ties share it evenly
     "cummax_ties": lambda x: x.cummax(1).values + x.cummin(0).values.sum(),  # the returned index takes it
     "cumprod_zero_ties": lambda x: (x - 2).cumprod(1),  # 0s where x was 2
     "sinc_at_integers": lambda x: torch.sinc(x) + torch.sinc(x - 3),

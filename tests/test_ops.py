@@ -121,6 +121,19 @@ def test_vander_matches_finite_differences_and_linalg_vander():
     torch.testing.assert_close(ones, torch_grads(lambda x: torch.ones(4, 1, dtype=x.dtype) * x.unsqueeze(1), [x])[0])
 
 
+def test_ldexp_with_a_negative_integer_exponent_matches_finite_differences():
+    """torch 2.13's autograd multiplies by an integer power of 2, which is 0 for a negative exponent; the
+    engine gives 2**e, as finite differences do (and as torch does for a non-negative or floating exponent)."""
+    x, exponent = r(4, seed=1), torch.tensor([-2, -1, 0, 3])
+
+    def fn(x):
+        return torch.ldexp(x, exponent)
+
+    ours = engine_grads(fn, [x])[1][0]
+    torch.testing.assert_close(ours, finite_differences(fn, [x])[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, torch_grads(lambda x: torch.ldexp(x, exponent.double()), [x])[0])
+
+
 def test_full_max_and_min_of_a_tensor_holding_nan():
     """The NaN is the result: torch gives it the gradient (split among NaNs); the engine gave every element NaN."""
     nan = float("nan")
