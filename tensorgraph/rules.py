@@ -309,6 +309,19 @@ def sinc(g: Tensor, out: Tensor, x: Tensor) -> Tensor:
 
 
 defop("sinc", sinc, funcs=("special.sinc",))
+# The regularized incomplete gamma functions P(a, x) and Q(a, x) = 1 - P(a, x), and Hurwitz's zeta(s, q): only x
+# and q take a gradient. NOTE: as torch, which refuses to differentiate a and s (it has no formula for them).
+
+
+def _gamma_density(a: Tensor, x: Tensor) -> Tensor:
+    """d P(a, x) / dx = x**(a - 1) exp(-x) / Gamma(a)."""
+    return torch.exp((a - 1) * torch.log(x) - x - torch.lgamma(a))
+
+
+defop("igamma", lambda g, out, x, other: (None, g * _gamma_density(x, other)), funcs=("special.gammainc",))
+defop("igammac", lambda g, out, x, other: (None, -g * _gamma_density(x, other)), funcs=("special.gammaincc",))
+defop("special_zeta", lambda g, out, x, other: (None, g * -x * torch.special.zeta(x + 1.0, other) if isinstance(
+    other, Tensor) else None), auto=False, funcs=("special.zeta",))
 # the normal distribution's cdf, its log and its inverse
 defop("special_ndtr", lambda g, out, x: g * (x.pow(2) * -0.5).exp() / math.sqrt(2 * math.pi), auto=False,
       funcs=("special.ndtr",))
@@ -1287,6 +1300,52 @@ defop("mode", lambda g, out, x, dim=-1, keepdim=False, *, output_index=0: _selec
     g, out, x, dim, keepdim), multi=True)
 
 
+def _quantile(ignore_nan: bool) -> Callable[..., tuple]:
+    """quantile (nanquantile): each output interpolates two neighbours among x's values sorted along ``dim`` (all
+    of x without one), at torch's rank q * (count - 1); they take g * (1 - weight) and g * weight.
+
+    The ranks are torch's: quantile counts every value and a slice holding a NaN gives NaN (its last, sorted
+    value); nanquantile counts the others. A tensor q takes g * (upper - lower) * (count - 1) with linear
+    interpolation (where the rank moves with q), and nothing with the others, whose weights do not depend on it.
+    """
+
+    def rule(g: Tensor, out: Tensor, x: Tensor, q: Any, dim: int | None = None, keepdim: bool = False, *,
+             interpolation: str = "linear") -> tuple:
+        values = x.reshape(-1) if dim is None or x.dim() == 0 else x.movedim(dim, -1)
+        ordered, order = values.sort(-1)
+        probs = q.reshape(-1) if isinstance(q, Tensor) else torch.tensor([q], dtype=x.dtype, device=x.device)
+        if ignore_nan:
+            scale = (~ordered.isnan()).sum(-1, keepdim=True).to(x.dtype) - 1
+            raw = probs * scale
+            moving = raw >= 0  # an all-NaN slice has rank 0 (the NaN): no q moves it
+            ranks = raw.clamp_min(0)
+        else:
+            scale = torch.full_like(ordered[..., :1], ordered.shape[-1] - 1)
+            moving = ~ordered.isnan().any(-1, keepdim=True)
+            ranks = torch.where(moving, probs * scale, scale)
+        rounding = {"lower": torch.floor, "higher": torch.ceil, "nearest": torch.round}.get(interpolation)
+        if rounding is not None:
+            ranks = rounding(ranks)
+        below, above = ranks.floor(), ranks.ceil()
+        weight = torch.full_like(ranks, 0.5) if interpolation == "midpoint" else ranks - below
+        g = g.movedim(0, -1) if isinstance(q, Tensor) and q.dim() == 1 else g.unsqueeze(-1)
+        g = g.reshape(ranks.shape)
+        grad = torch.zeros_like(ordered).scatter_add(-1, below.long(), g * (1 - weight)).scatter_add(
+            -1, above.long(), g * weight)
+        grad = torch.zeros_like(grad).scatter(-1, order, grad)
+        grad_x = grad.reshape(x.shape) if dim is None or x.dim() == 0 else grad.movedim(-1, dim)
+        if not isinstance(q, Tensor) or interpolation != "linear":
+            return grad_x, None
+        gap = ordered.gather(-1, above.long()) - ordered.gather(-1, below.long())
+        grad_ranks = (g * gap).masked_fill(~moving, 0) * scale
+        return grad_x, grad_ranks.reshape(-1, probs.shape[0]).sum(0).reshape(q.shape)
+
+    return rule
+
+
+defop("quantile", _quantile(False))
+defop("nanquantile", _quantile(True))
+
 def amax(g: Tensor, out: Tensor, x: Tensor, dim: Any = (), keepdim: bool = False) -> Tensor:
     """Ties share the gradient evenly along the reduced dimensions."""
     mask = _unreduce(out, x, dim, keepdim) == x
@@ -1818,11 +1877,15 @@ defop("index_add", lambda g, out, x, dim, index, source, *, alpha=1: (
 
 def _scattered_src_grad(g: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
     """The gradient of a scatter's ``src``: gathered where ``index`` reads it, 0 where ``src`` is larger than it."""
-    grad = g.gather(dim, index)
+    return _as_src(g.gather(dim, index), src)
+
+
+def _as_src(grad: Tensor, src: Tensor) -> Tensor:
+    """A gradient of the part of ``src`` a scatter reads (``index``'s shape), padded with zeros to ``src``'s shape."""
     if grad.shape == src.shape:
         return grad
     padded = grad.new_zeros(src.shape)  # torch reads only src[:index.shape[0], :index.shape[1], ...]
-    padded[tuple(slice(0, n) for n in index.shape)] = grad
+    padded[tuple(slice(0, n) for n in grad.shape)] = grad
     return padded
 
 
@@ -1838,6 +1901,44 @@ def scatter(g: Tensor, out: Tensor, x: Tensor, dim: int, index: Tensor, src: Any
 
 
 defop("scatter", scatter)
+
+
+def _others_product(members: Tensor, product: Tensor, zeros: Tensor) -> Tensor:
+    """The product of the other members of each one's group, from the group's product of its non-zero members and
+    its count of zeros: no division by a zero member."""
+    is_zero = members == 0
+    return torch.where(zeros - is_zero.to(zeros.dtype) > 0, 0.0, product / members.masked_fill(is_zero, 1))
+
+
+def scatter_reduce(g: Tensor, out: Tensor, x: Tensor, dim: int, index: Tensor, src: Tensor, reduce: str, *,
+                   include_self: bool = True) -> tuple:
+    """Each output element reduces its x (with include_self) and the src elements scattered to it; an element
+    nothing is scattered to keeps x's. sum and mean pass g (divided by the count); amax and amin share it among
+    the members equal to the result, as torch; prod gives each member the product of the others."""
+    part = src[tuple(slice(0, n) for n in index.shape)]
+    scattered = torch.zeros_like(x).scatter(dim, index, 1.0) > 0
+    if reduce in ("sum", "mean"):
+        count = torch.zeros_like(x).scatter_add(dim, index, torch.ones_like(part)) + int(include_self)
+        share = g / count.clamp_min(1) if reduce == "mean" else g
+        grad_x = share if include_self else g.masked_fill(scattered, 0)
+        return grad_x, None, None, _as_src(share.gather(dim, index), src)
+    if reduce in ("amax", "amin"):
+        own = (x == out) & (scattered.logical_not() | include_self)
+        hits = part == out.gather(dim, index)
+        count = own.to(g.dtype).scatter_add(dim, index, hits.to(g.dtype))
+        share = g / count
+        return share * own, None, None, _as_src(share.gather(dim, index) * hits, src)
+    if reduce != "prod":
+        raise UnsupportedCall(f"scatter_reduce: reduce={reduce!r} has no rule")
+    own = x if include_self else torch.ones_like(x)
+    product = own.masked_fill(own == 0, 1).scatter_reduce(dim, index, part.masked_fill(part == 0, 1), "prod")
+    zeros = (own == 0).to(g.dtype).scatter_add(dim, index, (part == 0).to(g.dtype))
+    grad_x = g * _others_product(x, product, zeros) if include_self else g.masked_fill(scattered, 0)
+    grad_src = g.gather(dim, index) * _others_product(part, product.gather(dim, index), zeros.gather(dim, index))
+    return grad_x, None, None, _as_src(grad_src, src)
+
+
+defop("scatter_reduce", scatter_reduce)
 defop("index_select", lambda g, out, x, dim, index: (torch.zeros_like(x).index_add_(dim, index, g), None, None))
 defop("gather", lambda g, out, x, dim, index, *, sparse_grad=False: (
     torch.zeros_like(x).scatter_add_(dim, index, g), None, None))

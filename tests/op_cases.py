@@ -361,6 +361,16 @@ def nn_cases():
     yield "scatter_add", lambda x, s: x.scatter_add(1, torch.tensor([[0, 1], [2, 2]]), s), [r(2, 4, seed=1),
                                                                                          r(2, 2, seed=2)]
     yield "index_put", lambda x, v: x.index_put((torch.tensor([0, 2]),), v), [r(3, 4, seed=1), r(4, seed=2)]
+    spots = torch.tensor([[0, 2, 0, 1], [1, 1, 3, 1]])  # (nothing to x[0, 3]: it keeps its value)
+    yield "scatter_reduce_sum_mean", lambda x, s: x.scatter_reduce(1, spots, s, "sum") + torch.scatter_reduce(
+        x, 1, spots, s, "mean", include_self=False) + x.scatter_reduce(1, spots, s, reduce="mean") + (
+        x * 1.0).scatter_reduce_(1, spots, s * 2, "sum", include_self=False), [r(2, 4, seed=1), r(2, 4, seed=2)]
+    yield "scatter_reduce_amax_amin", lambda x, s: x.scatter_reduce(1, spots, s, "amax") + x.scatter_reduce(
+        1, spots, s, "amin", include_self=False) + torch.scatter_reduce(x, 0, spots % 2, s, "amin"), [
+        distinct(2, 4, seed=1), distinct(2, 4, seed=2) + 0.05]
+    zeros = torch.tensor([[1.5, 0.0, 2.0, 0.0], [0.0, 2.0, -1.0, 0.5]], dtype=D)
+    yield "scatter_reduce_prod", lambda x, s: x.scatter_reduce(1, spots, s, "prod") + x.scatter_reduce(
+        1, spots, s, "prod", include_self=False), [zeros, zeros.flip(1) + torch.tensor([[0.0], [0.5]], dtype=D)]
     yield from norm_cases()
     yield from normalization_cases()
     yield from loss_cases()
@@ -589,6 +599,10 @@ POSITIVE_ACTIVATIONS = {  # unary, on positive inputs
     "polygamma": lambda x: torch.polygamma(1, x) + x.polygamma(2) + torch.special.polygamma(0, x),
     "mvlgamma": lambda x: torch.mvlgamma(x + 1, 2) + torch.special.multigammaln(x + 2, 3),
     "entr": lambda x: torch.special.entr(x),
+    # (a and s take no gradient: torch refuses to differentiate them)
+    "incomplete_gamma": lambda x: torch.special.gammainc(torch.tensor(2.5, dtype=x.dtype), x) + torch.igammac(
+        torch.full((5,), 0.7, dtype=x.dtype), x * 2) + torch.full((1,), 1.5, dtype=x.dtype).igamma(x),
+    "zeta": lambda x: torch.special.zeta(torch.tensor(3.0, dtype=x.dtype), x) + torch.special.zeta(2.5, x * 2),
 }
 
 BINARY_NEW = {  # over the broadcasting shape matrix
@@ -660,6 +674,24 @@ def scan_cases():
         y, dx=0.3, dim=-1) + torch.cumulative_trapezoid(y, dim=0).sum(0, keepdim=True)[:, :4], [x]
     yield "cumulative_trapezoid_x", lambda y, t, u: torch.cumulative_trapezoid(y, t) + torch.cumulative_trapezoid(
         y.T, t, dim=0).T + torch.cumulative_trapezoid(y, u, dim=0)[:, :4].sum(0), [x, r(5, seed=10), r(4, 1, seed=14)]
+    probs = torch.tensor([0.1, 0.45, 0.93], dtype=D)  # (no rank falls on a kink)
+    yield "quantile", lambda x: torch.quantile(x, 0.3) + torch.quantile(x, 0.7, dim=1).sum() + x.quantile(
+        0.25, dim=0, keepdim=True).sum() + torch.quantile(x[0, 0], 0.4), [distinct(4, 5)]
+    yield "quantile_q_tensor", lambda x, q: torch.quantile(x, q, dim=1) + torch.quantile(x, q, dim=0, keepdim=True).sum(
+        (1, 2)).unsqueeze(1) + torch.quantile(x, q).unsqueeze(1) + torch.quantile(x, q[1], dim=-1), [distinct(4, 5),
+                                                                                                      probs]
+    yield "quantile_interpolations", lambda x, q: torch.quantile(x, q, 1, interpolation="lower") + torch.quantile(
+        x, q, 1, interpolation="higher") + x.quantile(q, 1, interpolation="nearest") + torch.quantile(
+        x, q, dim=1, interpolation="midpoint"), [distinct(4, 5), probs]
+    with_nans = distinct(4, 5)
+    with_nans[1, 2] = with_nans[3, 0] = with_nans[3, 4] = float("nan")
+    yield "nanquantile", lambda x, q: torch.nanquantile(x, q, dim=1) + x.nanquantile(q, interpolation="midpoint")[
+        :, None] + torch.nanquantile(x, 0.6, dim=0).sum(), [with_nans, probs]
+    with_nans = with_nans.clone()
+    with_nans[2] = float("nan")  # quantile: NaN where a slice holds one; nanquantile: NaN for a slice of NaNs only
+    # (made finite: test_codegen compares with torch.equal)
+    yield "nonsmooth_quantile_nan", lambda x, q: (torch.quantile(x, q, dim=1) + torch.nanquantile(
+        x, q, dim=1)).nan_to_num(), [with_nans, probs]
     yield "aminmax", lambda x: torch.aminmax(x).min + torch.aminmax(x, dim=1).max.sum() + x.aminmax(
         dim=0, keepdim=True)[0].sum() + torch.aminmax(x, dim=-1, keepdim=True)[1], [distinct(4, 5)]
     yield "diag", lambda x: x.diag() + torch.diag(x, 1).sum() + torch.diag(x[0], -1).sum(), [x]
@@ -668,6 +700,9 @@ def scan_cases():
 
 
 TIED_NEW = {
+    "scatter_reduce_ties": lambda x: x.scatter_reduce(1, torch.tensor([[0, 0, 2, 2], [3, 1, 3, 3]]), x.flip(1),
+                                                      "amax") + x.scatter_reduce(0, torch.tensor([[1, 0, 0, 0]]),
+                                                                                 x[1:], "amin"),
     "aminmax_ties": lambda x: torch.aminmax(x, dim=1)[1].sum() + torch.aminmax(x).min,  # ties share it evenly
     "cummax_ties": lambda x: x.cummax(1).values + x.cummin(0).values.sum(),  # the returned index takes it
     "cumprod_zero_ties": lambda x: (x - 2).cumprod(1),  # 0s where x was 2

@@ -134,6 +134,20 @@ def test_ldexp_with_a_negative_integer_exponent_matches_finite_differences():
     torch.testing.assert_close(ours, torch_grads(lambda x: torch.ldexp(x, exponent.double()), [x])[0])
 
 
+def test_scatter_reduce_amax_without_self_ignores_an_input_equal_to_the_result():
+    """With include_self=False the input's element takes no part in the reduction; torch 2.13's autograd still
+    counts it among the ties when it equals the result, giving the src element half its gradient. The engine
+    gives all of it, as finite differences do."""
+    x, src = torch.tensor([1.0, 5.0], dtype=torch.float64), torch.tensor([1.0, 0.0, 3.0], dtype=torch.float64)
+
+    def fn(x, src):
+        return x.scatter_reduce(0, torch.tensor([0, 0, 1]), src, "amax", include_self=False)
+
+    ours = engine_grads(fn, [x, src])[1]
+    for mine, numeric in zip(ours, finite_differences(fn, [x, src])):
+        torch.testing.assert_close(mine, numeric, rtol=1e-5, atol=1e-6)
+
+
 def test_full_max_and_min_of_a_tensor_holding_nan():
     """The NaN is the result: torch gives it the gradient (split among NaNs); the engine gave every element NaN."""
     nan = float("nan")
