@@ -557,7 +557,60 @@ def matmul(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
 
 
 defop("matmul", matmul, funcs=("torch.mm", "Tensor.mm", "torch.bmm", "Tensor.bmm", "torch.mv", "Tensor.mv",
-                               "torch.dot", "Tensor.dot"))
+                               "torch.dot", "Tensor.dot", "torch.vdot", "Tensor.vdot", "linalg.matmul"))
+# (x * y).sum(dim), broadcasting
+defop("vecdot", lambda g, out, x, y, *, dim=-1: (g.unsqueeze(dim) * y, g.unsqueeze(dim) * x), auto=False,
+      funcs=("linalg.vecdot",))
+
+
+def _chain_grads(g: Tensor, matrices: Sequence[Tensor]) -> list[Tensor]:
+    """Gradients of the product M0 @ M1 @ ... @ Mk: (M0 .. Mi-1)^T g (Mi+1 .. Mk)^T for each Mi."""
+    lefts: list[Tensor | None] = [None]
+    for m in matrices[:-1]:
+        lefts.append(m if lefts[-1] is None else lefts[-1] @ m)
+    rights: list[Tensor | None] = [None]
+    for m in reversed(matrices[1:]):
+        rights.append(m if rights[-1] is None else m @ rights[-1])
+    grads = []
+    for left, right in zip(lefts, reversed(rights)):
+        grad = g if left is None else left.mT @ g
+        grads.append(grad if right is None else grad @ right.mT)
+    return grads
+
+
+def multi_dot(g: Tensor, out: Tensor, tensors: Sequence[Tensor]) -> tuple:
+    """linalg.multi_dot: a chain of matrix products, the first (last) operand possibly a row (column) vector."""
+    matrices = list(tensors)
+    if matrices[0].dim() == 1:
+        matrices[0] = matrices[0].unsqueeze(0)
+    if matrices[-1].dim() == 1:
+        matrices[-1] = matrices[-1].unsqueeze(-1)
+    grads = _chain_grads(g.reshape(matrices[0].shape[0], matrices[-1].shape[-1]), matrices)
+    return ([grad.reshape(t.shape) for grad, t in zip(grads, tensors)],)
+
+
+defop("multi_dot", multi_dot, auto=False, funcs=("linalg.multi_dot",))
+defop("chain_matmul", lambda g, out, *matrices: tuple(_chain_grads(g, matrices)))
+
+
+def matrix_power(g: Tensor, out: Tensor, A: Tensor, n: int) -> Tensor:
+    """A**n = B**k (B = A, or A^-1 for n < 0, k = |n|): gB = sum_j (B^T)**j g (B^T)**(k-1-j); gA = -A^-T gB A^-T."""
+    if n == 0:
+        return torch.zeros_like(A)
+    B = A if n > 0 else torch.linalg.inv(A)
+    k = abs(n)
+    powers: list[Tensor | None] = [None]  # (B^T)**j, j = 0 .. k-1 (None: the identity)
+    for _ in range(k - 1):
+        powers.append(B.mT if powers[-1] is None else powers[-1] @ B.mT)
+    grad = None
+    for before, after in zip(powers, reversed(powers)):
+        term = g if before is None else before @ g
+        term = term if after is None else term @ after
+        grad = term if grad is None else grad + term
+    return grad if n > 0 else -(B.mT @ grad @ B.mT)
+
+
+defop("matrix_power", matrix_power, funcs=("linalg.matrix_power",))
 
 
 def inner(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
@@ -739,6 +792,11 @@ defop("slogdet", slogdet, multi=True, funcs=("linalg.slogdet",))
 defop("logdet", logdet)
 defop("inverse", lambda g, out, x: -(out.mT @ (g @ out.mT)), funcs=("linalg.inv",))
 defop("linalg_solve", solve, auto=False, funcs=("linalg.solve",))
+# the forms returning (result, info): the result's rule; info is an integer
+defop("inv_ex", lambda g, out, A, *, check_errors=False, output_index=0: -(out[0].mT @ (g @ out[0].mT)), multi=True,
+      auto=False, funcs=("linalg.inv_ex",))
+defop("solve_ex", lambda g, out, A, B, *, left=True, check_errors=False, output_index=0: solve(
+    g, out[0], A, B, left=left), multi=True, auto=False, funcs=("linalg.solve_ex",))
 
 
 # ---------------------------------------------------------------- decompositions (real matrices only)
@@ -1624,6 +1682,30 @@ defop("linalg_norm", linalg_norm, auto=False, funcs=("linalg.norm",))
 defop("matrix_norm", matrix_norm, funcs=("linalg.matrix_norm",))
 
 
+def nuclear_norm(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
+    """torch.nuclear_norm(x, keepdim) or (x, dim, keepdim): the sum of the singular values."""
+    if isinstance(dim, bool):
+        dim, keepdim = None, dim
+    return _spectral_norm(g, x, "nuc", (-2, -1) if dim is None else dim, keepdim, None, "nuclear_norm")
+
+
+defop("nuclear_norm", nuclear_norm)
+defop("frobenius_norm", lambda g, out, x, dim, keepdim=False: norm(g, out, x, 2, dim, keepdim))
+
+
+def renorm(g: Tensor, out: Tensor, x: Tensor, p: float, dim: int, maxnorm: float) -> Tensor:
+    """Each slice along ``dim`` whose p-norm n exceeds maxnorm is scaled by maxnorm / (n + 1e-7), as torch: g times
+    that factor, less the norm's gradient times factor / (n + 1e-7) * sum(x * g) over the slice."""
+    dims = [d for d in range(x.dim()) if d != dim % x.dim()]
+    n = torch.linalg.vector_norm(x, p, dims, keepdim=True)
+    factor = maxnorm / (n + 1e-7)
+    through_norm = _norm_grad((x * g).sum(dims, keepdim=True), x, float(p), n, dims)
+    return torch.where(n > maxnorm, factor * g - factor / (n + 1e-7) * through_norm, g)
+
+
+defop("renorm", renorm)
+
+
 def _vector_norm_backward(g: Tensor, x: Tensor, p: float, n: Tensor) -> Tensor:
     """d ||x||_p / dx with ``g`` and the norm ``n`` kept-dim: torch's norm_backward, for finite p != 0."""
     if p == 1:
@@ -1945,6 +2027,8 @@ defop("gather", lambda g, out, x, dim, index, *, sparse_grad=False: (
 defop("narrow", lambda g, out, x, dim, start, length: _place(g, x, lambda p: p.narrow(dim, start, length)))
 defop("select", lambda g, out, x, dim, index: _place(g, x, lambda p: p.select(dim, index)))
 defop("diagonal", lambda g, out, x, offset=0, dim1=0, dim2=1: _place(g, x, lambda p: p.diagonal(offset, dim1, dim2)))
+defop("linalg_diagonal", lambda g, out, A, *, offset=0, dim1=-2, dim2=-1: _place(
+    g, A, lambda p: p.diagonal(offset, dim1, dim2)), auto=False, funcs=("linalg.diagonal",))
 defop("masked_select", lambda g, out, x, mask: (torch.zeros_like(x).masked_scatter(mask.expand_as(x), g), None))
 defop("tril", lambda g, out, x, diagonal=0: g.tril(diagonal))
 defop("triu", lambda g, out, x, diagonal=0: g.triu(diagonal))

@@ -734,6 +734,28 @@ def linalg_cases():
         r(3, 4, seed=1), r(4, 2, seed=2)]
     yield "cross", lambda a, b: torch.linalg.cross(a, b) + torch.cross(a, b, dim=1), [r(4, 3, seed=1), r(1, 3, seed=2)]
     yield "cross_default_dim", lambda a, b: torch.cross(a, b), [r(3, 4, seed=1), r(3, 4, seed=2)]
+    yield "vdot_vecdot", lambda a, b: torch.linalg.vecdot(a, b) + a[0].vdot(b) + torch.vdot(b, a[1]) + (
+        torch.linalg.vecdot(a, a.flip(0) * 2, dim=0).sum()), [r(4, 5, seed=1), r(5, seed=2)]
+    yield "linalg_matmul", lambda a, b: torch.linalg.matmul(a, b), [r(2, 4, 3, seed=1), r(3, 2, seed=2)]
+    yield "multi_dot", lambda v, a, b, c, w: torch.linalg.multi_dot([a, b, c]) + torch.linalg.multi_dot(
+        (v, a, b, w)) + torch.linalg.multi_dot([a, b, w])[:, None] + torch.linalg.multi_dot([v, a]).sum(), [
+        r(4, seed=1), r(4, 3, seed=2), r(3, 5, seed=3), r(5, 2, seed=4), r(5, seed=5)]
+    yield "chain_matmul", lambda a, b, c: torch.chain_matmul(a, b, c) + torch.chain_matmul(a @ b, c) * 2, [
+        r(4, 3, seed=2), r(3, 5, seed=3), r(5, 2, seed=4)]
+    yield "matrix_power", lambda a: torch.linalg.matrix_power(a, 3) + torch.matrix_power(a, -2) + a.matrix_power(
+        1) + torch.linalg.matrix_power(a, 0) * a, [_spd(4, seed=3) / 3]
+    yield "matrix_power_batched", lambda b: torch.linalg.matrix_power(b, 4) + torch.linalg.matrix_power(b, -1), [
+        b / 3]
+    yield "inv_ex_solve_ex", lambda a, c: torch.linalg.inv_ex(a).inverse + torch.linalg.solve_ex(a, c)[0] + (
+        torch.linalg.solve_ex(a, c, left=False).result), [a, r(4, 4, seed=6)]
+    yield "linalg_diagonal", lambda x: torch.linalg.diagonal(x) + torch.linalg.diagonal(x, offset=1, dim1=0, dim2=2
+                                                                                         ).sum(-1), [r(3, 4, 5, seed=7)]
+    yield "nuclear_frobenius_norm", lambda a, b: torch.nuclear_norm(a) + torch.nuclear_norm(b, (0, 2), keepdim=True
+                                                                                            ).sum() + (
+        torch.frobenius_norm(b, (1, 2)).sum() + torch.nuclear_norm(a, True) + torch.frobenius_norm(a, [0, 1])), [
+        r(4, 3, seed=8), r(2, 3, 5, seed=9)]
+    yield "renorm", lambda x: x.renorm(2, 0, 2.0) + torch.renorm(x, 1, 1, 2.5) + torch.renorm(x, 3, 0, 1.0) + (
+        x.renorm(float("inf"), 1, 1.0)), [distinct(4, 5) * 8 - 4]
     yield "bilinear", lambda x1, x2, w, b: F.bilinear(x1, x2, w, b), [r(4, 3, seed=1), r(4, 2, seed=2),
                                                                        r(5, 3, 2, seed=3), r(5, seed=4)]
     yield "bilinear_module_3d", lambda x1, x2: _BILINEAR(x1, x2), [r(2, 4, 3, seed=1), r(2, 4, 2, seed=2)]
