@@ -1129,28 +1129,51 @@ defop("solve_triangular", solve_triangular, auto=False, funcs=("linalg.solve_tri
 defop("triangular_solve", triangular_solve, multi=True)
 
 
-def _square_lu(name: str, A: Tensor, pivot: bool = True) -> None:
+def _lu_args(name: str, A: Tensor, pivot: bool = True, *, square: bool = False) -> None:
     _real(name, A)
-    if A.shape[-2] != A.shape[-1]:
+    if square and A.shape[-2] != A.shape[-1]:
         raise UnsupportedCall(f"{name}: only square matrices have a rule (got {A.shape[-2]}x{A.shape[-1]})")
     if not pivot:
         raise UnsupportedCall(f"{name}: pivot=False (CUDA only) has no rule")
 
 
 def _lu_grad(gL: Tensor | None, gU: Tensor | None, P: Tensor, L: Tensor, U: Tensor) -> Tensor:
-    """A = P L U (L unit lower, U upper, square): gA = P L^-T (tril(L^T gL, -1) + triu(gU U^T)) U^-T."""
-    M = torch.zeros_like(U)
+    """A = P L U, L (m x k) unit lower and U (k x n) upper trapezoidal, k = min(m, n).
+
+    On the square k x k blocks L1, U1, with X = L1^-1 (P^T dA)_1 U1^-1: dL1 = L1 tril(X, -1), dU1 = triu(X) U1.
+    The rows of L below them (more rows than columns) are (P^T dA)_2 U1^-1 - L2 triu(X); the columns of U right
+    of them (more columns than rows) L1^-1 (P^T dA)_2 - tril(X, -1) U2. So, with
+    M = tril(L1^T gL1 - gU2 U2^T, -1) + triu(gU1 U1^T - L2^T gL2), P^T gA = L1^-T M U1^-T, beside which
+    come gL2 U1^-T (the rows below) or L1^-T gU2 (the columns to the right).
+    """
+    m, n = L.shape[-2], U.shape[-1]
+    k = min(m, n)
+    L1, U1 = L[..., :k, :], U[..., :, :k]
+    M = torch.zeros_like(U1)
     if gL is not None:
-        M = M + (L.mT @ gL).tril(-1)
+        M = M + (L1.mT @ gL[..., :k, :]).tril(-1)
+        if m > k:
+            M = M - (L[..., k:, :].mT @ gL[..., k:, :]).triu()
     if gU is not None:
-        M = M + (gU @ U.mT).triu()
-    grad = torch.linalg.solve_triangular(L.mT, M, upper=True, unitriangular=True)
-    return P @ torch.linalg.solve_triangular(U.mT, grad, upper=False, left=False)
+        M = M + (gU[..., :, :k] @ U1.mT).triu()
+        if n > k:
+            M = M - (gU[..., :, k:] @ U[..., :, k:].mT).tril(-1)
+    grad = torch.linalg.solve_triangular(U1.mT, torch.linalg.solve_triangular(
+        L1.mT, M, upper=True, unitriangular=True), upper=False, left=False)
+    if m > k:  # the rows of L below L1
+        rows = torch.zeros_like(L[..., k:, :]) if gL is None else torch.linalg.solve_triangular(
+            U1.mT, gL[..., k:, :], upper=False, left=False)
+        grad = torch.cat([grad, rows], -2)
+    if n > k:  # the columns of U right of U1
+        columns = torch.zeros_like(U[..., :, k:]) if gU is None else torch.linalg.solve_triangular(
+            L1.mT, gU[..., :, k:], upper=True, unitriangular=True)
+        grad = torch.cat([grad, columns], -1)
+    return P @ grad
 
 
 def lu(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, output_index: int = 0) -> Tensor | None:
     """torch.linalg.lu: (P, L, U); P is a constant."""
-    _square_lu("linalg.lu", A, pivot)
+    _lu_args("linalg.lu", A, pivot)
     if output_index == 0:
         return None
     P, L, U = out
@@ -1160,18 +1183,19 @@ def lu(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, output_index: int 
 def lu_factor(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, check_errors: bool = False,
               output_index: int = 0) -> Tensor | None:
     """torch.linalg.lu_factor(_ex): (LU, pivots[, info]), L's strict lower and U's upper triangle packed in LU."""
-    _square_lu("linalg.lu_factor", A, pivot)
+    _lu_args("linalg.lu_factor", A, pivot)
     if output_index != 0:
         return None
     P, L, U = torch.lu_unpack(out[0], out[1])
-    return _lu_grad(g.tril(-1), g.triu(), P, L, U)
+    k = min(A.shape[-2:])
+    return _lu_grad(g[..., :, :k].tril(-1), g[..., :k, :].triu(), P, L, U)
 
 
 def lu_solve(g: Tensor, out: Tensor, LU: Tensor, pivots: Tensor, B: Tensor, *, left: bool = True,
              adjoint: bool = False) -> tuple:
     """X = A^-1 B for A = P L U packed in LU (B A^-1 with left=False, A^T for adjoint): gB as solve's; gA is
     pulled back to LU's two triangles: tril(P^T gA U^T, -1) + triu(L^T P^T gA)."""
-    _square_lu("linalg.lu_solve", LU)
+    _lu_args("linalg.lu_solve", LU, square=True)
     _real("linalg.lu_solve", B)
     grad_b = torch.linalg.lu_solve(LU, pivots, g, left=left, adjoint=not adjoint)
     grad_a = -(grad_b @ out.mT) if left else -(out.mT @ grad_b)
@@ -1182,9 +1206,34 @@ def lu_solve(g: Tensor, out: Tensor, LU: Tensor, pivots: Tensor, B: Tensor, *, l
     return (permuted @ U.mT).tril(-1) + (L.mT @ permuted).triu(), None, grad_b
 
 
+def lu_unpack(g: Tensor, out: Any, LU_data: Tensor, LU_pivots: Tensor, unpack_data: bool = True,
+              unpack_pivots: bool = True, *, output_index: int = 0) -> tuple:
+    """(P, L, U) from a packed LU: L's gradient goes to LU's strict lower triangle, U's to its upper one."""
+    k = min(LU_data.shape[-2:])
+    if output_index == 1:
+        grad = g.tril(-1)
+        return (grad if k == LU_data.shape[-1] else torch.cat([grad, torch.zeros_like(LU_data[..., :, k:])], -1)), None
+    if output_index == 2:
+        grad = g.triu()
+        return (grad if k == LU_data.shape[-2] else torch.cat([grad, torch.zeros_like(LU_data[..., k:, :])], -2)), None
+    return None, None
+
+
 defop("lu", lu, multi=True, auto=False, funcs=("linalg.lu",))
 defop("lu_factor", lu_factor, multi=True, auto=False, funcs=("linalg.lu_factor", "linalg.lu_factor_ex"))
 defop("lu_solve", lu_solve, auto=False, funcs=("linalg.lu_solve",))
+defop("lu_unpack", lu_unpack, multi=True)
+# the deprecated torch.lu (LU, pivots[, infos]) and torch.lu_solve(B, LU, pivots), with their own argument orders
+defop("torch_lu", lambda g, out, A, pivot=True, get_infos=False, *, output_index=0: lu_factor(
+    g, out, A, pivot=pivot, output_index=output_index), multi=True, auto=False, funcs=("torch.lu", "Tensor.lu"))
+
+
+def torch_lu_solve(g: Tensor, out: Tensor, b: Tensor, LU_data: Tensor, LU_pivots: Tensor) -> tuple:
+    grad_lu, _, grad_b = lu_solve(g, out, LU_data, LU_pivots, b)
+    return grad_b, grad_lu, None
+
+
+defop("torch_lu_solve", torch_lu_solve, auto=False, funcs=("torch.lu_solve", "Tensor.lu_solve"))
 
 # ---------------------------------------------------------------- reductions
 

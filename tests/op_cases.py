@@ -945,6 +945,15 @@ def decomposition_cases():
     yield "lu_factor", lambda a: torch.linalg.lu_factor(a).LU + torch.linalg.lu_factor_ex(a * 2)[0], [xb]
     yield "lu_solve_of_lu_factor", lambda a, b: torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b) + (
         torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b, adjoint=True)), [x, r(4, 2, seed=31)]
+    for name, a in (("tall", tall), ("wide", wide)):
+        yield f"lu_{name}", lambda a: _flat(*torch.linalg.lu(a)[1:]) + _flat(
+            torch.linalg.lu(a).L * torch.linalg.lu(a).P.sum(-1, keepdim=True), torch.linalg.lu(a).U.exp()), [a]
+        yield f"lu_factor_{name}", lambda a: torch.linalg.lu_factor(a).LU + torch.linalg.lu_factor_ex(a * 2)[0], [a]
+        yield f"lu_unpack_{name}", lambda a: _flat(*torch.lu_unpack(*torch.linalg.lu_factor(a))[1:]), [a]
+    yield "lu_L_or_U_only", lambda a, w: _flat(torch.linalg.lu(a).L, torch.linalg.lu(w).U, torch.lu_unpack(
+        *torch.linalg.lu_factor(a)).U), [tall, wide]
+    yield "torch_lu_deprecated", lambda a, b: _flat(torch.lu(a)[0], a.lu(get_infos=True)[0], torch.lu_solve(
+        b, *torch.linalg.lu_factor(a)), b.lu_solve(*torch.lu(a))), [x, r(4, 2, seed=31)]
     pivots = torch.tensor([[3, 2, 3], [2, 2, 3]], dtype=torch.int32)
     yield "lu_solve_packed_right_broadcast", lambda lu, p, b: torch.linalg.lu_solve(lu, p, b, left=False) + (
         torch.linalg.lu_solve(lu, p, b, left=False, adjoint=True)), [_spd(3, seed=32, batch=(2,)), pivots,
