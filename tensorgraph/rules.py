@@ -1129,6 +1129,56 @@ defop("solve_triangular", solve_triangular, auto=False, funcs=("linalg.solve_tri
 defop("triangular_solve", triangular_solve, multi=True)
 
 
+def _reflections_backward(g: Tensor, A: Tensor, tau: Tensor, start: Tensor, order: Sequence[int]) -> tuple:
+    """Gradients of H_order[0] H_order[1] ... start, H_i = I - tau_i v_i v_i^T, v_i A's column i below the diagonal
+    with 1 on it (LAPACK's packed reflectors): (A's, tau's, start's).
+
+    Applying H = I - t v v^T to P: dL/dP_before = G - t v (v^T G); dL/dt = -(v^T G)(v^T P)^T; dL/dv = -t (G P^T v +
+    P G^T v), G being dL/d(H P). The products P after each reflection are made from the right first.
+    """
+    rows = torch.arange(A.shape[-2], device=A.device)
+    reflectors = {i: torch.where(rows > i, A[..., :, i], (rows == i).to(A.dtype)).unsqueeze(-1) for i in order}
+    scales = {i: tau[..., i, None, None] for i in order}
+    products = [start]  # products[j]: the reflections order[j:] applied to start
+    for i in reversed(order):
+        v, P = reflectors[i], products[0]
+        products.insert(0, P - scales[i] * v * (v.mT @ P))
+    grad_v, grad_tau = {}, {}
+    for j, i in enumerate(order):
+        v, t, P = reflectors[i], scales[i], products[j + 1]
+        vg, vp = v.mT @ g, v.mT @ P
+        grad_tau[i] = -(vg * vp).sum((-2, -1))
+        grad_v[i] = torch.where(rows > i, -(t * (g @ vp.mT + P @ vg.mT))[..., 0], 0.0)
+        g = g - t * v * vg
+    k = tau.shape[-1]
+    columns = [grad_v[i] for i in range(k)] + [torch.zeros_like(A[..., :, 0])] * (A.shape[-1] - k)
+    grad_tau_all = torch.stack([grad_tau[i] for i in range(k)], -1) if k else torch.zeros_like(tau)
+    return torch.stack(columns, -1), grad_tau_all, g
+
+
+def householder_product(g: Tensor, out: Tensor, A: Tensor, tau: Tensor) -> tuple:
+    """linalg.householder_product (orgqr): the first n columns of H_0 H_1 ... H_k-1."""
+    _real("linalg.householder_product", A, tau)
+    m, n = A.shape[-2:]
+    start = torch.eye(m, n, dtype=out.dtype, device=out.device).expand(out.shape)
+    return _reflections_backward(g, A, tau, start, range(tau.shape[-1]))[:2]
+
+
+def ormqr(g: Tensor, out: Tensor, A: Tensor, tau: Tensor, other: Tensor, left: bool = True,
+          transpose: bool = False) -> tuple:
+    """Q C, Q^T C, C Q or C Q^T with Q = H_0 ... H_k-1 (m x m) from geqrf's reflectors: C Q is (Q^T C^T)^T."""
+    _real("ormqr", A, tau, other)
+    forward = left != transpose  # Q C and C Q^T apply H_k-1 first; Q^T C and C Q apply H_0 first
+    order = range(tau.shape[-1]) if forward else range(tau.shape[-1] - 1, -1, -1)
+    grad_a, grad_tau, grad_c = _reflections_backward(g if left else g.mT, A, tau, other if left else other.mT, order)
+    return grad_a, grad_tau, grad_c if left else grad_c.mT
+
+
+defop("householder_product", householder_product, auto=False, funcs=(
+    "linalg.householder_product", "torch.orgqr", "Tensor.orgqr"))
+defop("ormqr", ormqr)
+
+
 def _lu_args(name: str, A: Tensor, pivot: bool = True, *, square: bool = False) -> None:
     _real(name, A)
     if square and A.shape[-2] != A.shape[-1]:

@@ -952,6 +952,13 @@ def decomposition_cases():
         yield f"lu_unpack_{name}", lambda a: _flat(*torch.lu_unpack(*torch.linalg.lu_factor(a))[1:]), [a]
     yield "lu_L_or_U_only", lambda a, w: _flat(torch.linalg.lu(a).L, torch.linalg.lu(w).U, torch.lu_unpack(
         *torch.linalg.lu_factor(a)).U), [tall, wide]
+    yield "householder_product", lambda a, t: torch.linalg.householder_product(a, t) + torch.orgqr(a, t).exp() + (
+        a.orgqr(t[:1])), [tall, r(2, seed=32)]
+    yield "householder_product_batched_square", lambda a, t: torch.linalg.householder_product(a, t), [xb, r(
+        2, 3, seed=33)]
+    yield "ormqr", lambda a, t, c, d: _flat(torch.ormqr(a, t, c), torch.ormqr(a, t, c, transpose=True), torch.ormqr(
+        a, t, d, left=False), a.ormqr(t, d, False, True)), [r(2, 4, 3, seed=34), r(2, 3, seed=35), r(2, 4, 2, seed=36),
+                                                             r(2, 2, 4, seed=37)]
     yield "torch_lu_deprecated", lambda a, b: _flat(torch.lu(a)[0], a.lu(get_infos=True)[0], torch.lu_solve(
         b, *torch.linalg.lu_factor(a)), b.lu_solve(*torch.lu(a))), [x, r(4, 2, seed=31)]
     pivots = torch.tensor([[3, 2, 3], [2, 2, 3]], dtype=torch.int32)
