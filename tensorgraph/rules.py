@@ -1989,9 +1989,29 @@ def _pieces(g: Tensor, out: Sequence[Tensor], index: int) -> list[Tensor]:
 
 
 defop("split", lambda g, out, x, split_size_or_sections, dim=0, *, output_index: torch.cat(
-    _pieces(g, out, output_index), dim), multi=True, funcs=("torch.split_with_sizes", "Tensor.split_with_sizes"))
+    _pieces(g, out, output_index), dim), multi=True, funcs=(
+    "torch.split_with_sizes", "Tensor.split_with_sizes", "torch.unsafe_split", "Tensor.unsafe_split",
+    "torch.unsafe_split_with_sizes", "Tensor.unsafe_split_with_sizes"))
 defop("chunk", lambda g, out, x, chunks, dim=0, *, output_index: torch.cat(_pieces(g, out, output_index), dim),
-      multi=True)
+      multi=True, funcs=("torch.unsafe_chunk", "Tensor.unsafe_chunk"))
+# each output is one input broadcast: its gradient goes to that input (the engine sums it back to its shape)
+defop("broadcast_tensors", lambda g, out, *tensors, output_index: tuple(
+    g if i == output_index else None for i in range(len(tensors))), multi=True)
+
+
+def meshgrid(g: Tensor, out: Any, *tensors: Any, indexing: str | None = None, output_index: int) -> tuple:
+    """Output i is input i laid along dimension i (0 and 1 swapped with indexing='xy') and repeated along the
+    others: the gradient summed over those. The inputs may come as one list."""
+    inputs = tensors[0] if len(tensors) == 1 and isinstance(tensors[0], (tuple, list)) else tensors
+    along = output_index
+    if indexing == "xy" and len(inputs) >= 2 and output_index < 2:
+        along = 1 - output_index
+    grad = g.sum([d for d in range(g.dim()) if d != along]).reshape(inputs[output_index].shape)
+    grads = tuple(grad if i == output_index else None for i in range(len(inputs)))
+    return (list(grads),) if inputs is not tensors else grads
+
+
+defop("meshgrid", meshgrid, multi=True)
 defop("unbind", lambda g, out, x, dim=0, *, output_index: torch.stack(_pieces(g, out, output_index), dim),
       multi=True)
 
@@ -2052,6 +2072,40 @@ def index_put(g: Tensor, out: Tensor, x: Tensor, indices: Any, values: Tensor, a
 
 
 defop("index_put", index_put)
+# x with src written over a selection of it: x's gradient without the selection, src's the selection of g
+defop("select_scatter", lambda g, out, x, src, dim, index: (
+    g.select_scatter(torch.zeros_like(src), dim, index), g.select(dim, index)))
+defop("diagonal_scatter", lambda g, out, x, src, offset=0, dim1=0, dim2=1: (
+    g.diagonal_scatter(torch.zeros_like(src), offset, dim1, dim2), g.diagonal(offset, dim1, dim2)))
+
+
+def slice_scatter(g: Tensor, out: Tensor, x: Tensor, src: Tensor, dim: int = 0, start: int | None = None,
+                  end: int | None = None, step: int = 1) -> tuple:
+    window = (slice(None),) * (dim % x.dim()) + (slice(start, end, step),)
+    return g.slice_scatter(torch.zeros_like(src), dim, start, end, step), g[window]
+
+
+defop("slice_scatter", slice_scatter)
+# x.put(index, source): source's elements written (or added) at x's flat positions; torch gives every source
+# element the gradient at its position, duplicates overwritten or not
+defop("put", lambda g, out, x, index, source, accumulate=False: (
+    g if accumulate else g.put(index, torch.zeros_like(source)), None, g.take(index).reshape(source.shape)))
+
+
+def as_strided(g: Tensor, out: Tensor, x: Tensor, size: Any, stride: Any, storage_offset: int | None = None) -> Tensor:
+    """Each output element reads a memory position of x: its gradient goes back there (repeats add up).
+
+    Only a contiguous x has a rule: the positions are x's own then, read from the elements' flat order.
+    """
+    if not x.is_contiguous():
+        raise UnsupportedCall("as_strided: only a contiguous input has a rule (make it one: x.contiguous())")
+    offset = 0 if storage_offset is None else storage_offset - x.storage_offset()
+    if offset < 0 or offset + sum((n - 1) * s for n, s in zip(size, stride) if n > 0) >= max(x.numel(), 1):
+        raise UnsupportedCall("as_strided: the view reads memory outside its input; it has no rule")
+    return _place(g, x, lambda positions: positions.as_strided(size, stride, offset))
+
+
+defop("as_strided", as_strided)
 defop("index_add", lambda g, out, x, dim, index, source, *, alpha=1: (
     g, None, None, g.index_select(dim, index) if alpha == 1 else g.index_select(dim, index) * alpha))
 
@@ -2120,6 +2174,10 @@ def scatter_reduce(g: Tensor, out: Tensor, x: Tensor, dim: int, index: Tensor, s
 
 
 defop("scatter_reduce", scatter_reduce)
+# x.index_reduce(dim, index, source, reduce): scatter_reduce with index laid along dim and expanded to source's shape
+defop("index_reduce", lambda g, out, x, dim, index, source, reduce, *, include_self=True: scatter_reduce(
+    g, out, x, dim, index.reshape([-1 if d == dim % source.dim() else 1 for d in range(source.dim())]).expand(
+        source.shape), source, reduce, include_self=include_self))
 defop("index_select", lambda g, out, x, dim, index: (torch.zeros_like(x).index_add_(dim, index, g), None, None))
 defop("gather", lambda g, out, x, dim, index, *, sparse_grad=False: (
     torch.zeros_like(x).scatter_add_(dim, index, g), None, None))
@@ -2233,6 +2291,8 @@ def pad(g: Tensor, out: Tensor, x: Tensor, pad: Sequence[int], mode: str = "cons
 
 
 defop("pad", pad)
+_padding = pad  # (constant_pad_nd's argument is named pad too)
+defop("constant_pad_nd", lambda g, out, x, pad, value=0: _padding(g, out, x, pad))
 
 
 def block_diag(g: Tensor, out: Tensor, *tensors: Tensor) -> tuple:

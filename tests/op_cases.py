@@ -368,6 +368,10 @@ def nn_cases():
     yield "scatter_reduce_amax_amin", lambda x, s: x.scatter_reduce(1, spots, s, "amax") + x.scatter_reduce(
         1, spots, s, "amin", include_self=False) + torch.scatter_reduce(x, 0, spots % 2, s, "amin"), [
         distinct(2, 4, seed=1), distinct(2, 4, seed=2) + 0.05]
+    yield "index_reduce", lambda x, s: x.index_reduce(0, torch.tensor([0, 2, 0, 1]), s, "prod") + torch.index_reduce(
+        x, 0, torch.tensor([0, 2, 0, 1]), s, "mean", include_self=False) + x.index_reduce(
+        1, torch.tensor([2, 0, 2]), s, "amax") + x.index_reduce(0, torch.tensor([1, 1, 3, 1]), s, "amin"), [
+        distinct(4, 3, seed=1), distinct(4, 3, seed=2) + 0.01]
     zeros = torch.tensor([[1.5, 0.0, 2.0, 0.0], [0.0, 2.0, -1.0, 0.5]], dtype=D)
     yield "scatter_reduce_prod", lambda x, s: x.scatter_reduce(1, spots, s, "prod") + x.scatter_reduce(
         1, spots, s, "prod", include_self=False), [zeros, zeros.flip(1) + torch.tensor([[0.0], [0.5]], dtype=D)]
@@ -1022,6 +1026,30 @@ def distance_cases():
 
 def more_shape_cases():
     x = r(3, 4, 5, seed=6)
+    yield "select_slice_scatter", lambda x, s, t: torch.select_scatter(x, s, 0, 1) + x.select_scatter(s * 2, 0, -1) + (
+        torch.slice_scatter(x, t, 1, 0, 4, 2)) + x.slice_scatter(t, dim=-1, start=1, step=2) + torch.slice_scatter(
+        x, s.expand(2, 4), end=2), [r(3, 4, seed=1), r(4, seed=2), r(3, 2, seed=3)]
+    yield "diagonal_scatter", lambda x, s: torch.diagonal_scatter(x, s) + x.diagonal_scatter(s[:2] * 3, 1), [
+        r(3, 3, seed=1), r(3, seed=2)]
+    yield "put", lambda x, s: x.put(torch.tensor([0, 5, 6, 11]), s) + x.put(torch.tensor([1, 5, 1, 2]), s,
+                                                                            accumulate=True) + (x * 1.0).put_(
+        torch.tensor([3, 2, 1, 0]), s), [r(3, 4, seed=1), r(2, 2, seed=2)]
+    # torch's convention, not the derivative: each of the source elements written to one place gets its gradient
+    yield "nonsmooth_put_duplicates", lambda x, s: x.put(torch.tensor([0, 5, 5, 11]), s), [r(3, 4, seed=1),
+                                                                                            r(2, 2, seed=2)]
+    yield "as_strided", lambda x: x.as_strided((3, 3), (2, 1)) + torch.as_strided(x, (3, 3), (1, 3), 1) + x[
+        1:].as_strided((3, 3), (1, 1)), [r(3, 4, seed=1)]
+    yield "broadcast_tensors", lambda a, b: torch.broadcast_tensors(a, b)[0] * torch.broadcast_tensors(a, b)[1].exp(), [
+        r(4, 1, seed=1), r(5, seed=2)]
+    yield "meshgrid", lambda a, b, c: torch.meshgrid(a, b, c, indexing="ij")[0] + torch.meshgrid(
+        [a, b, c], indexing="ij")[2] * 2 + torch.meshgrid(b, a, c, indexing="xy")[1].exp() + torch.meshgrid(
+        b, a, c, indexing="xy")[0], [r(3, seed=1), r(4, seed=2), r(2, seed=3)]
+    yield "meshgrid_two", lambda a, b: torch.meshgrid(a, b, indexing="ij")[1] + torch.meshgrid(
+        b, a, indexing="xy")[0] * 3, [r(3, seed=1), r(4, seed=2)]
+    yield "unsafe_split_chunk", lambda x: torch.unsafe_split(x, 2)[1] + x.unsafe_chunk(2)[0] * 2 + (
+        torch.unsafe_split_with_sizes(x, [2, 2])[0]), [r(4, 3, seed=1)]
+    yield "constant_pad_nd", lambda x: torch.constant_pad_nd(x, (1, 2)) + torch.constant_pad_nd(x, [0, 3], 2.0) + (
+        torch.constant_pad_nd(x, (-1, 0, 1, 1))[:4, :2].sum()), [r(4, 3, seed=1)]
     yield "tile", lambda x: x.tile(2, 1) + torch.tile(x, (1, 1, 2, 1))[0], [r(2, 4, 5, seed=1)]
     yield "repeat_interleave", lambda x: x.repeat_interleave(2, dim=1).cumsum(1).sum(1) + torch.repeat_interleave(
         x, torch.tensor([1, 0, 3, 2]), dim=-2).cumsum(1).sum(1), [r(3, 4, 2, seed=1)]

@@ -175,6 +175,7 @@ def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
         (lambda: x[0].scatter(1, torch.tensor([[0, 1]]), x[0, :, :2], reduce="add").sum(), "scatter: reduce="),
         (lambda: F.interpolate(x, size=2, mode="area").sum(), r"interpolate: mode='area' on a 3-d input has no rule"),
         (lambda: F.normalize(x, p=float("inf")).sum(), r"normalize: only finite p > 0 has a rule \(got p=inf\)"),
+        (lambda: x[0].mT.as_strided((2, 2), (1, 1)).sum(), r"as_strided: only a contiguous input has a rule"),
     ]
     for make, message in cases:
         with tg.record() as graph:
