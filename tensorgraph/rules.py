@@ -2837,12 +2837,42 @@ defop("instance_norm", instance_norm, mutates=(1, 2),
       ignores=lambda attrs: (1, 2) if attrs.get("use_input_stats", True) else ())
 
 
-def dropout_mask(x: Tensor, p: float) -> Tensor:
-    """The scaled keep-mask F.dropout multiplies by, drawn from the same generator in the same way."""
-    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+def dropout_mask(x: Tensor, p: float, shape: Sequence[int] | None = None) -> Tensor:
+    """The scaled keep-mask F.dropout multiplies by, drawn from the same generator in the same way; of ``shape``
+    (one element per sample and channel) for the feature dropouts. p = 1 keeps nothing and draws nothing, as torch."""
+    if p == 1:
+        return torch.zeros_like(x) if shape is None else x.new_zeros(shape)
+    noise = torch.empty_like(x) if shape is None else x.new_empty(shape)
+    return noise.bernoulli_(1 - p).div_(1 - p)
 
 
-constants("dropout_mask", auto=False, callables=(dropout_mask,))
+# alpha dropout: x * scale + shift, from one draw of keep-noise, with torch's constants: the dropped elements become
+# SELU's negative saturation, and the affine map keeps SELU's mean 0 and variance 1
+_ALPHA_PRIME = 1.7580993408473766
+
+
+def alpha_dropout_noise(x: Tensor, p: float, shape: Sequence[int] | None = None) -> Tensor:
+    """The 0/1 keep-noise of F.alpha_dropout (of ``shape`` for F.feature_alpha_dropout), drawn as torch draws it."""
+    if p == 1:
+        return torch.zeros_like(x) if shape is None else x.new_zeros(shape)
+    return (torch.empty_like(x) if shape is None else x.new_empty(shape)).bernoulli_(1 - p)
+
+
+def alpha_dropout_scale(noise: Tensor, p: float) -> Tensor:
+    if p == 1:
+        return torch.zeros_like(noise)
+    return noise.mul(1.0 / math.sqrt((_ALPHA_PRIME ** 2 * p + 1) * (1 - p)))
+
+
+def alpha_dropout_shift(noise: Tensor, p: float) -> Tensor:
+    if p == 1:
+        return torch.zeros_like(noise)
+    a = 1.0 / math.sqrt((_ALPHA_PRIME ** 2 * p + 1) * (1 - p))
+    return noise.add(-1).mul_(_ALPHA_PRIME * a).add_(_ALPHA_PRIME * a * p)
+
+
+for _func in (dropout_mask, alpha_dropout_noise, alpha_dropout_scale, alpha_dropout_shift):
+    constants(_func.__name__, auto=False, callables=(_func,))
 
 
 def _conv(g: Tensor, x: Tensor, weight: Tensor, bias: Any, stride: Any, padding: Any, dilation: Any,

@@ -477,11 +477,12 @@ def test_dead_gradients_are_not_computed():
     assert "dx" not in source and "dfrozen" not in source and "dlabels" not in source
 
 
-def test_dropout_draws_a_new_mask_each_step():
+@pytest.mark.parametrize("dropout", [F.dropout, F.dropout1d, F.alpha_dropout, F.feature_alpha_dropout])
+def test_dropout_draws_a_new_mask_each_step(dropout):
     w = r(8, 8, seed=18)
 
     def forward(x):
-        return F.dropout(torch.tanh(x @ w), p=0.5, training=True).sum()
+        return (dropout(torch.tanh(x @ w).view(4, 4, 2), p=0.5, training=True) * torch.arange(2.0)).sum()
 
     step = tg.compile(forward, fuse=False)
     x = r(4, 8, seed=19)
