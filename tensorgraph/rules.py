@@ -26,6 +26,8 @@ from .ops import UnsupportedCall, constants, defop, once_per_pass
 # holds ops that touch files (from_file). A rule calling a kernel not listed fails at once.
 KERNELS = frozenset({
     "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward", "_ctc_loss", "_ctc_loss_backward",
+    "_embedding_bag", "_embedding_bag_backward", "_embedding_bag_per_sample_weights_backward",
+    "adaptive_max_pool3d", "adaptive_max_pool3d_backward",
     "_log_softmax_backward_data",
     "_softmax_backward_data", "_upsample_nearest_exact1d_backward", "_upsample_nearest_exact2d_backward",
     "_upsample_nearest_exact3d_backward", "adaptive_max_pool2d", "adaptive_max_pool2d_backward", "avg_pool2d_backward",
@@ -2740,6 +2742,41 @@ def embedding(g: Tensor, out: Tensor, input: Tensor, weight: Tensor, padding_idx
 
 defop("embedding", embedding)
 
+_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def embedding_bag(g: Tensor, out: Tensor, input: Tensor, weight: Tensor, offsets: Tensor | None = None,
+                  max_norm: Any = None, norm_type: float = 2, scale_grad_by_freq: bool = False, mode: str = "mean",
+                  sparse: bool = False, per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
+                  padding_idx: int | None = None) -> tuple:
+    """Torch's embedding-bag backward kernels, with the bags (and, for max, the rows that won) its forward finds.
+
+    The arguments are prepared as F.embedding_bag prepares them: a 2-d input is one bag per row.
+    """
+    if max_norm is not None:
+        raise UnsupportedCall("embedding_bag: max_norm renormalises the weight in place; it has no rule")
+    if sparse:
+        raise UnsupportedCall("embedding_bag: sparse=True gives a sparse gradient; it has no rule")
+    indices, samples = input, per_sample_weights
+    if input.dim() == 2:
+        offsets = torch.arange(0, input.numel(), input.shape[1], dtype=input.dtype, device=input.device)
+        indices = input.reshape(-1)
+        samples = None if samples is None else samples.reshape(-1)
+    padding = -1 if padding_idx is None else padding_idx % weight.shape[0]
+    code = _BAG_MODES[mode]
+    _, offset2bag, bag_size, winners = aten._embedding_bag(weight, indices, offsets, scale_grad_by_freq, code, False,
+                                                           samples, include_last_offset, padding)
+    grad_weight = aten._embedding_bag_backward(g, indices, offsets, offset2bag, bag_size, winners, weight.shape[0],
+                                               scale_grad_by_freq, code, False, samples, padding)
+    grad_samples = None
+    if per_sample_weights is not None:
+        grad_samples = aten._embedding_bag_per_sample_weights_backward(
+            g, weight, indices, offsets, offset2bag, code, padding).reshape(per_sample_weights.shape)
+    return None, grad_weight, None, None, None, None, None, None, grad_samples
+
+
+defop("embedding_bag", embedding_bag)
+
 
 def layer_norm(g: Tensor, out: Tensor, x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> tuple:
@@ -2977,6 +3014,56 @@ defop("adaptive_max_pool2d", adaptive_max_pool2d)
 defop("adaptive_max_pool1d", lambda g, out, x, output_size, return_indices=False: adaptive_max_pool2d(
     g.unsqueeze(-2), out.unsqueeze(-2), x.unsqueeze(-2), None).squeeze(-2))
 defop("adaptive_avg_pool3d", lambda g, out, x, output_size: aten._adaptive_avg_pool3d_backward(g, x))
+defop("adaptive_max_pool3d", lambda g, out, x, output_size, return_indices=False: aten.adaptive_max_pool3d_backward(
+    g, x, aten.adaptive_max_pool3d(x, list(out.shape[-3:]))[1]))
+
+
+def _lp_pool(dims: int) -> Callable[..., Tensor]:
+    """lp_pool1d/2d/3d: (sign(a) relu(|a|) K)**(1/p), a the average pooling of x**p and K the kernel's size,
+    differentiated through those parts as torch does (no gradient where a window's a is 0)."""
+    forward = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[dims]
+
+    def rule(g: Tensor, out: Tensor, x: Tensor, norm_type: float, kernel_size: Any, stride: Any = None,
+             ceil_mode: bool = False) -> Tensor:
+        backward = {1: avg_pool1d, 2: avg_pool2d, 3: _avg_pool(3, aten.avg_pool3d_backward)}[dims]
+        powered = x.pow(norm_type)
+        average = forward(powered, kernel_size, stride, 0, ceil_mode)
+        size = math.prod(_sizes(kernel_size, dims))
+        pooled = average.sign() * average.abs().relu() * size
+        grad = g * (1.0 / norm_type) * pooled.pow(1.0 / norm_type - 1) * size * average.sign()
+        grad = torch.where(average.abs() > 0, grad, 0.0) * average.sign()
+        return backward(grad, None, powered, kernel_size, stride, 0, ceil_mode) * norm_type * x.pow(norm_type - 1)
+
+    return rule
+
+
+for _rank in (1, 2, 3):
+    defop(f"lp_pool{_rank}d", _lp_pool(_rank))
+
+
+def _channel_average(t: Tensor, size: int, before: int, after: int) -> Tensor:
+    """The average over a window of ``size`` channels (dim 1), padded with zeros (``before``, ``after``), as
+    F.local_response_norm computes it with a 2-d or 3-d average pooling."""
+    if t.dim() == 3:
+        padded = F.pad(t.unsqueeze(1), (0, 0, before, after))
+        return F.avg_pool2d(padded, (size, 1), stride=1).squeeze(1)
+    padded = F.pad(t.reshape(t.shape[0], 1, t.shape[1], t.shape[2], -1), (0, 0, 0, 0, before, after))
+    return F.avg_pool3d(padded, (size, 1, 1), stride=1).squeeze(1).reshape(t.shape)
+
+
+def local_response_norm(g: Tensor, out: Tensor, x: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                        k: float = 1.0) -> Tensor:
+    """x / d, d = (k + alpha * A(x**2))**beta with A the average over neighbouring channels; A's adjoint is the
+    same average with the padding swapped."""
+    if x.numel() == 0:
+        return g
+    base = _channel_average(x * x, size, size // 2, (size - 1) // 2) * alpha + k
+    d = base.pow(beta)
+    grad_base = -g * x / (d * d) * (beta * base.pow(beta - 1)) * alpha
+    return g / d + 2 * x * _channel_average(grad_base, size, (size - 1) // 2, size // 2)
+
+
+defop("local_response_norm", local_response_norm)
 
 
 # return_indices=True: the values take torch's backward kernel with the indices the call returned (ties go
@@ -3020,6 +3107,8 @@ defop("max_pool2d_with_indices", max_pool2d_with_indices, multi=True)
 defop("max_pool3d_with_indices", _max_pool_with_indices(aten.max_pool3d_with_indices_backward, 3), multi=True)
 defop("adaptive_max_pool1d_with_indices", _adaptive_max_pool_with_indices(1), multi=True)
 defop("adaptive_max_pool2d_with_indices", _adaptive_max_pool_with_indices(2), multi=True)
+defop("adaptive_max_pool3d_with_indices", lambda g, out, x, output_size, return_indices=False, *, output_index=0: (
+    aten.adaptive_max_pool3d_backward(g, x, out[1]) if output_index == 0 else None), multi=True)
 
 
 def _max_unpool(spatial: int) -> Callable[..., tuple]:

@@ -1125,6 +1125,27 @@ def image_cases():
     yield "pixel_unshuffle", lambda x: F.pixel_unshuffle(x, 2), [r(2, 3, 4, 6, seed=8)]
     yield "channel_shuffle", lambda x: F.channel_shuffle(x, 3) * torch.arange(6, dtype=D).view(6, 1, 1), [
         r(2, 6, 2, 2, seed=9)]
+    yield "adaptive_max_pool3d", lambda x: F.adaptive_max_pool3d(x, 2) + F.adaptive_max_pool3d(
+        x, (2, 2, 2), return_indices=True)[0] + torch.nn.AdaptiveMaxPool3d((2, 1, 2))(x), [distinct(1, 2, 4, 4, 4)]
+    yield "lp_pool", lambda x, y, z: F.lp_pool1d(x, 2, 3) + F.lp_pool1d(x.abs() + 0.1, 3.0, 3, stride=3) + (
+        F.lp_pool2d(y, 2, 2).sum((-2, -1))[..., None] + torch.nn.LPPool2d(1.5, 2, stride=1, ceil_mode=True)(
+            y.abs()).sum((-2, -1))[..., None]) + F.lp_pool3d(z, 2, 2).sum((-3, -2, -1))[..., None], [
+        r(2, 3, 9, seed=1), r(2, 3, 4, 6, seed=2), r(2, 3, 4, 4, 2, seed=3)]
+    yield "local_response_norm", lambda x, y, z: F.local_response_norm(x, 3) + torch.nn.LocalResponseNorm(
+        2, alpha=0.1, beta=0.5, k=2.0)(x) + F.local_response_norm(y, 4, alpha=0.3).sum(-1) + F.local_response_norm(
+        z, 2, alpha=0.3).sum((-2, -1)), [r(2, 5, 4, seed=4), r(2, 5, 4, 2, seed=5), r(2, 5, 4, 2, 2, seed=6)]
+    bags, starts = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9]), torch.tensor([0, 2, 2, 5])  # (the second bag is empty)
+    yield "embedding_bag", lambda w: F.embedding_bag(bags, w, starts) + F.embedding_bag(
+        bags.view(4, 2), w, mode="sum") + F.embedding_bag(bags, w, starts, mode="max") * 2, [distinct(10, 3)]
+    yield "embedding_bag_padding_last_offset", lambda w: F.embedding_bag(bags, w, starts, padding_idx=4) + (
+        F.embedding_bag(bags, w, torch.tensor([0, 3, 8]), mode="max", padding_idx=-1, include_last_offset=True).sum()
+    ), [distinct(10, 3)]
+    # (scale_grad_by_freq: torch's heuristic, not the derivative: no finite differences)
+    yield "embedding_bag_scale_grad_by_freq", lambda w: F.embedding_bag(bags.view(2, 4), w, mode="sum",
+                                                                        scale_grad_by_freq=True), [distinct(10, 3)]
+    yield "embedding_bag_per_sample_weights", lambda w, p: F.embedding_bag(
+        bags, w, starts, mode="sum", per_sample_weights=p) + F.embedding_bag(
+        bags.view(2, 4), w, mode="sum", per_sample_weights=p.view(2, 4))[[0, 1, 1, 0]], [r(10, 3, seed=1), r(8, seed=2)]
 
 
 def product_cases():

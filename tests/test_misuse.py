@@ -176,6 +176,7 @@ def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
         (lambda: F.interpolate(x, size=2, mode="area").sum(), r"interpolate: mode='area' on a 3-d input has no rule"),
         (lambda: F.normalize(x, p=float("inf")).sum(), r"normalize: only finite p > 0 has a rule \(got p=inf\)"),
         (lambda: x[0].mT.as_strided((2, 2), (1, 1)).sum(), r"as_strided: only a contiguous input has a rule"),
+        (lambda: F.embedding_bag(torch.tensor([[0, 2]]), x[0], sparse=True).sum(), r"embedding_bag: sparse=True gives"),
     ]
     for make, message in cases:
         with tg.record() as graph:
