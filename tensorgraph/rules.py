@@ -1287,6 +1287,51 @@ def torch_lu_solve(g: Tensor, out: Tensor, b: Tensor, LU_data: Tensor, LU_pivots
 
 defop("torch_lu_solve", torch_lu_solve, auto=False, funcs=("torch.lu_solve", "Tensor.lu_solve"))
 
+
+
+def gradient(g: Tensor, out: Any, input: Tensor, *, spacing: Any = 1, dim: Any = None, edge_order: int = 1,
+             output_index: int = 0) -> Tensor:
+    """torch.gradient: along each dim a linear stencil D (central differences inside, one-sided at the edges), so
+    the gradient is D^T g, D read off torch.gradient of the identity. Spacing as numbers only."""
+    dims = list(range(input.dim())) if dim is None else [dim] if isinstance(dim, int) else list(dim)
+    steps = list(spacing) if isinstance(spacing, (tuple, list)) else [spacing] * len(dims)
+    step = steps[output_index]
+    if isinstance(step, Tensor) and step.dim() > 0:
+        raise UnsupportedCall("gradient: spacing given as coordinate tensors has no rule; give it as numbers")
+    along = dims[output_index] % input.dim()
+    n = input.shape[along]
+    stencil = torch.gradient(torch.eye(n, dtype=g.dtype, device=g.device), spacing=[float(step)], dim=0,
+                             edge_order=edge_order)[0]
+    return (g.movedim(along, -1) @ stencil).movedim(-1, along)
+
+
+defop("gradient", gradient, multi=True)
+
+
+def tensorinv(g: Tensor, out: Tensor, A: Tensor, ind: int = 2) -> Tensor:
+    """The inverse of A read as a matrix (the first ``ind`` dims its rows): inverse's rule on that matrix."""
+    rows = math.prod(A.shape[:ind])
+    inverse = out.reshape(-1, rows)
+    return (-(inverse.mT @ (g.reshape(inverse.shape) @ inverse.mT))).reshape(A.shape)
+
+
+def tensorsolve(g: Tensor, out: Tensor, A: Tensor, B: Tensor, dims: Any = None) -> tuple:
+    """X with tensordot(A, X, X.dim()) = B: solve's rule on A read as a matrix (``dims`` moved to its end first)."""
+    moved = A
+    if dims is not None:
+        moved = A.movedim(list(dims), list(range(A.dim() - len(dims), A.dim())))
+    matrix = moved.reshape(B.numel(), -1)
+    grad_b = torch.linalg.solve(matrix.mT, g.reshape(-1, 1))
+    grad_a = -(grad_b @ out.reshape(1, -1))
+    grad_a = grad_a.reshape(moved.shape)
+    if dims is not None:
+        grad_a = grad_a.movedim(list(range(A.dim() - len(dims), A.dim())), list(dims))
+    return grad_a, grad_b.reshape(B.shape)
+
+
+defop("tensorinv", tensorinv, auto=False, funcs=("linalg.tensorinv",))
+defop("tensorsolve", tensorsolve, auto=False, funcs=("linalg.tensorsolve",))
+
 # ---------------------------------------------------------------- reductions
 
 
@@ -2934,6 +2979,18 @@ def _conv(g: Tensor, x: Tensor, weight: Tensor, bias: Any, stride: Any, padding:
 for _name in ("conv1d", "conv2d", "conv3d"):
     defop(_name, lambda g, out, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: _conv(
         g, x, weight, bias, stride, padding, dilation, groups))
+# torch.convolution: conv or conv_transpose by the flag; conv_tbc: a 1-d convolution on (time, batch, channel) inputs
+defop("convolution", lambda g, out, x, weight, bias, stride, padding, dilation, transposed, output_padding,
+      groups: _conv(g, x, weight, bias, stride, padding, dilation, groups, output_padding if transposed else None))
+
+
+def conv_tbc(g: Tensor, out: Tensor, x: Tensor, weight: Tensor, bias: Tensor, pad: int = 0) -> tuple:
+    """conv1d(x.permute(1, 2, 0), weight.permute(2, 1, 0), bias, padding=pad).permute(2, 0, 1)."""
+    grad_x, grad_w, grad_b = _conv(g.permute(1, 2, 0), x.permute(1, 2, 0), weight.permute(2, 1, 0), bias, 1, pad, 1, 1)
+    return grad_x.permute(2, 0, 1), grad_w.permute(2, 1, 0), grad_b
+
+
+defop("conv_tbc", conv_tbc)
 for _name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):  # (groups before dilation, as torch)
     defop(_name, lambda g, out, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1:
           _conv(g, x, weight, bias, stride, padding, dilation, groups, output_padding))

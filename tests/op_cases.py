@@ -339,6 +339,11 @@ def nn_cases():
     yield "conv1d", lambda x, w, b: F.conv1d(x, w, b, padding=1), [r(2, 3, 7, seed=1), r(4, 3, 3, seed=2),
                                                                     r(4, seed=3)]
     yield "conv2d", lambda x, w: F.conv2d(x, w, stride=2), [r(2, 3, 6, 6, seed=1), r(4, 3, 3, 3, seed=2)]
+    yield "convolution", lambda x, w, b: torch.convolution(x, w, b, [1], [1], [1], False, [0], 1) + torch.convolution(
+        x, w.transpose(0, 1)[:, :3], None, [1], [1], [1], True, [0], 1)[..., :8].sum(), [
+        r(2, 3, 8, seed=1), r(3, 3, 3, seed=2), r(3, seed=3)]
+    yield "conv_tbc", lambda x, w, b: torch.conv_tbc(x, w, b, 1)[1:-1] + torch.conv_tbc(x, w, b), [
+        r(7, 2, 3, seed=1), r(3, 3, 4, seed=2), r(4, seed=3)]
     yield "sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [
         r(2, 3, 4, seed=1), r(2, 5, 4, seed=2), r(2, 5, 3, seed=3)]
     yield "sdpa_causal_scale", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3), [
@@ -696,6 +701,10 @@ def scan_cases():
     # (made finite: test_codegen compares with torch.equal)
     yield "nonsmooth_quantile_nan", lambda x, q: (torch.quantile(x, q, dim=1) + torch.nanquantile(
         x, q, dim=1)).nan_to_num(), [with_nans, probs]
+    yield "gradient", lambda x: torch.gradient(x)[0] + torch.gradient(x, spacing=2.0)[1] * 3 + torch.gradient(
+        x, dim=1, edge_order=2)[0] + torch.gradient(x, spacing=[0.5, 3.0], dim=[1, 0], edge_order=2)[1], [x]
+    yield "gradient_3d", lambda x: torch.gradient(x, dim=-1)[0] + torch.gradient(x, spacing=(0.3,), dim=(1,))[0], [
+        r(2, 5, 4, seed=1)]
     yield "aminmax", lambda x: torch.aminmax(x).min + torch.aminmax(x, dim=1).max.sum() + x.aminmax(
         dim=0, keepdim=True)[0].sum() + torch.aminmax(x, dim=-1, keepdim=True)[1], [distinct(4, 5)]
     yield "diag", lambda x: x.diag() + torch.diag(x, 1).sum() + torch.diag(x[0], -1).sum(), [x]
@@ -738,6 +747,10 @@ def linalg_cases():
         r(3, 4, seed=1), r(4, 2, seed=2)]
     yield "cross", lambda a, b: torch.linalg.cross(a, b) + torch.cross(a, b, dim=1), [r(4, 3, seed=1), r(1, 3, seed=2)]
     yield "cross_default_dim", lambda a, b: torch.cross(a, b), [r(3, 4, seed=1), r(3, 4, seed=2)]
+    yield "tensorinv", lambda a, b: torch.linalg.tensorinv(a, ind=1) + torch.linalg.tensorinv(b).sum(), [
+        r(4, 2, 2, seed=1) + torch.eye(4, dtype=D).view(4, 2, 2) * 3, r(2, 3, 6, seed=2)]
+    yield "tensorsolve", lambda a, b, c: torch.linalg.tensorsolve(a, b) + torch.linalg.tensorsolve(
+        c, b, dims=(0, 2)).sum(), [r(2, 3, 6, seed=1), r(2, 3, seed=2), r(2, 2, 3, 3, seed=3)]
     yield "vdot_vecdot", lambda a, b: torch.linalg.vecdot(a, b) + a[0].vdot(b) + torch.vdot(b, a[1]) + (
         torch.linalg.vecdot(a, a.flip(0) * 2, dim=0).sum()), [r(4, 5, seed=1), r(5, seed=2)]
     yield "linalg_matmul", lambda a, b: torch.linalg.matmul(a, b), [r(2, 4, 3, seed=1), r(3, 2, seed=2)]

@@ -177,6 +177,8 @@ def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
         (lambda: F.normalize(x, p=float("inf")).sum(), r"normalize: only finite p > 0 has a rule \(got p=inf\)"),
         (lambda: x[0].mT.as_strided((2, 2), (1, 1)).sum(), r"as_strided: only a contiguous input has a rule"),
         (lambda: F.embedding_bag(torch.tensor([[0, 2]]), x[0], sparse=True).sum(), r"embedding_bag: sparse=True gives"),
+        (lambda: torch.gradient(x[0, 0], spacing=(torch.arange(5.0).double(),))[0].sum(),
+         r"gradient: spacing given as coordinate tensors has no rule"),
     ]
     for make, message in cases:
         with tg.record() as graph:
