@@ -1289,19 +1289,30 @@ defop("torch_lu_solve", torch_lu_solve, auto=False, funcs=("torch.lu_solve", "Te
 
 
 
+def _difference_stencil(n: int, step: float, edge_order: int, like: Tensor) -> Tensor:
+    """The n x n matrix of torch.gradient along one dim with spacing ``step``: central differences inside,
+    one-sided ones of order ``edge_order`` at the two ends (its rows applied to the identity's)."""
+    t = torch.eye(n, dtype=like.dtype, device=like.device)
+    inside = (t[2:] - t[:-2]) / (2 * step)
+    if edge_order == 1:
+        first, last = (t[1:2] - t[:1]) / step, (t[-1:] - t[-2:-1]) / step
+    else:
+        first = (t[:1] * -1.5 + t[1:2] * 2 - t[2:3] * 0.5) / step
+        last = (t[-3:-2] * 0.5 - t[-2:-1] * 2 + t[-1:] * 1.5) / step
+    return torch.cat([first, inside, last])
+
+
 def gradient(g: Tensor, out: Any, input: Tensor, *, spacing: Any = 1, dim: Any = None, edge_order: int = 1,
              output_index: int = 0) -> Tensor:
     """torch.gradient: along each dim a linear stencil D (central differences inside, one-sided at the edges), so
-    the gradient is D^T g, D read off torch.gradient of the identity. Spacing as numbers only."""
+    the gradient is D^T g. Spacing as numbers only."""
     dims = list(range(input.dim())) if dim is None else [dim] if isinstance(dim, int) else list(dim)
     steps = list(spacing) if isinstance(spacing, (tuple, list)) else [spacing] * len(dims)
     step = steps[output_index]
     if isinstance(step, Tensor) and step.dim() > 0:
         raise UnsupportedCall("gradient: spacing given as coordinate tensors has no rule; give it as numbers")
     along = dims[output_index] % input.dim()
-    n = input.shape[along]
-    stencil = torch.gradient(torch.eye(n, dtype=g.dtype, device=g.device), spacing=[float(step)], dim=0,
-                             edge_order=edge_order)[0]
+    stencil = _difference_stencil(input.shape[along], float(step), edge_order, g)
     return (g.movedim(along, -1) @ stencil).movedim(-1, along)
 
 
