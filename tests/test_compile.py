@@ -2318,6 +2318,22 @@ def test_every_op_compiles_to_the_engine_gradients(name, fn, inputs):
             assert x not in grads
 
 
+def test_a_call_returning_a_one_element_tuple_compiles():
+    """x.split(n) of a dim of n elements returns a 1-tuple: the step unpacked it as ``s = ...`` (the tuple itself)."""
+    x = r(5, 4, seed=30)
+
+    def forward():
+        return (x.split(4, dim=1)[0] * 2 + torch.gradient(x, dim=0)[0]).sum()
+
+    step = tg.compile(forward, fuse=False)
+    step()
+    loss, grads = step()
+    with tg.record() as graph:
+        expected = forward()
+    torch.testing.assert_close(loss, expected, **TOL)
+    torch.testing.assert_close(grads[x], graph.backward(expected)[x], **TOL)
+
+
 # ---------------------------------------------------------------- the recorder's fast path keeps the node schema
 
 
