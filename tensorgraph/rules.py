@@ -3255,6 +3255,12 @@ def interpolate(g: Tensor, out: Tensor, input: Tensor, size: Any = None, scale_f
                 antialias: bool = False) -> Tensor:
     """Torch's upsample backward for the mode, with the scales F.interpolate passed to the forward kernel."""
     spatial = input.dim() - 2
+    if mode == "area" and 1 <= spatial <= 3:  # torch's adaptive average pooling to the output's size
+        if spatial == 3:
+            return aten._adaptive_avg_pool3d_backward(g, input)
+        if spatial == 2:
+            return aten._adaptive_avg_pool2d_backward(g, input)
+        return aten._adaptive_avg_pool2d_backward(g.unsqueeze(-2), input.unsqueeze(-2)).squeeze(-2)
     kernel = _UPSAMPLE_BACKWARD.get((mode, spatial))
     if kernel is None or antialias:
         raise UnsupportedCall(f"interpolate: mode={mode!r}{' with antialias' if antialias else ''} on a "
