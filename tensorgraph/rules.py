@@ -2492,6 +2492,30 @@ defop("nll_loss", nll_loss)
 defop("cross_entropy", cross_entropy)
 
 
+def linear_cross_entropy(g: Tensor, out: Tensor, input: Tensor, linear_weight: Tensor, target: Tensor,
+                         linear_bias: Tensor | None = None, weight: Tensor | None = None, reduction: str = "mean",
+                         ignore_index: int | None = None, label_smoothing: float = 0.0, options: Any = None) -> tuple:
+    """cross_entropy(linear(input, W, b), target, ...) with the logits shaped (*batch, C, *out_features) for a
+    weight of shape (C, *out_features, in): torch's reference computation (its chunked path, with ``options``,
+    computes the same loss), through cross_entropy's rule and linear's."""
+    flat_weight = linear_weight.reshape(-1, linear_weight.shape[-1])
+    flat_bias = None if linear_bias is None else linear_bias.reshape(-1)
+    logits = F.linear(input, flat_weight, flat_bias)
+    shaped = logits.reshape(*input.shape[:-1], *linear_weight.shape[:-1])
+    grad_logits, grad_target, _ = cross_entropy(g, out, shaped, target, weight, None,
+                                                -100 if ignore_index is None else ignore_index, None, reduction,
+                                                label_smoothing)
+    grad_logits = grad_logits.reshape(logits.shape)
+    grad_input, grad_weight, _ = linear(grad_logits, logits, input, flat_weight, None)
+    grad_bias = None
+    if linear_bias is not None:
+        grad_bias = grad_logits.reshape(-1, logits.shape[-1]).sum(0).reshape(linear_bias.shape)
+    return grad_input, grad_weight.reshape(linear_weight.shape), grad_target, grad_bias
+
+
+defop("linear_cross_entropy", linear_cross_entropy)
+
+
 def _elementwise_loss(reduction: str, g: Tensor, per_element: Tensor, n: int) -> Tensor:
     return per_element * g if reduction != "mean" else per_element * (g / n)
 

@@ -1193,6 +1193,14 @@ def more_loss_cases():
     x, y = r(4, 5, seed=1), r(4, 5, seed=2)
     sign = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=D)
     classes = torch.tensor([0, 4, 2, 2])
+    yield "linear_cross_entropy", lambda x, w, b: F.linear_cross_entropy(x, w, classes, linear_bias=b) + (
+        F.linear_cross_entropy(x[0], w, classes[0], reduction="sum")) + F.linear_cross_entropy(
+        x, w, classes, reduction="none", weight=torch.arange(1.0, 6.0, dtype=x.dtype), ignore_index=2,
+        label_smoothing=0.1).sum() + F.linear_cross_entropy(x, w, classes, linear_bias=b, options=(
+            torch.nn.LinearCrossEntropyOptions())), [r(4, 3, seed=3), r(5, 3, seed=4), r(5, seed=5)]
+    yield "linear_cross_entropy_k_dim_probs", lambda x, w, b, p: F.linear_cross_entropy(
+        x, w, torch.tensor([[0, 1], [3, 2], [1, 1], [2, 0]]), linear_bias=b) + F.linear_cross_entropy(
+        x, w[:, 0], p.softmax(-1)), [r(4, 3, seed=3), r(5, 2, 3, seed=4), r(5, 2, seed=5), r(4, 5, seed=6)]
     for red in ("mean", "sum", "none"):
         yield f"multi_margin_{red}", lambda a, red=red: F.multi_margin_loss(a, classes, reduction=red), [x]
         yield f"soft_margin_{red}", lambda a, red=red: F.soft_margin_loss(a, y, reduction=red), [x]  # (y: no grad)
