@@ -148,6 +148,16 @@ def test_scatter_reduce_amax_without_self_ignores_an_input_equal_to_the_result()
         torch.testing.assert_close(mine, numeric, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_chunked_with_options_gets_torchs_gradient(reduction):
+    """With options, torch computes the loss in batch chunks (its own autograd function): the same loss, so the
+    rule's gradient, from the reference computation, is torch's (to rounding)."""
+    classes, options = torch.tensor([0, 4, 2, 2]), torch.nn.LinearCrossEntropyOptions()
+    assert_matches_torch(lambda x, w, b: F.linear_cross_entropy(x, w, classes, linear_bias=b, reduction=reduction,
+                                                                options=options),
+                         [r(4, 3, seed=3), r(5, 3, seed=4), r(5, seed=5)])
+
+
 def test_full_max_and_min_of_a_tensor_holding_nan():
     """The NaN is the result: torch gives it the gradient (split among NaNs); the engine gave every element NaN."""
     nan = float("nan")
