@@ -1761,7 +1761,8 @@ class _Generator:
         for index in range(len(stmt.result)):
             k = group.get(index)
             targets.append(self._new_name(k) if k is not None and index not in unread else "_")
-        return [f"{', '.join(targets)} = {self._call(stmt).text}"]
+        unpack = ", ".join(targets) + ("," if len(targets) == 1 else "")  # (x.split(n) of n elements: a 1-tuple)
+        return [f"{unpack} = {self._call(stmt).text}"]
 
     @staticmethod
     def _masked(stmt: _Stmt, unread: set[int]) -> _Stmt:

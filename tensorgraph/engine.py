@@ -373,7 +373,6 @@ _REWRITES = {
     "multi_head_attention_forward": (
         "; without static_k and static_v, nn.MultiheadAttention is recorded as its parts, which have rules; "
         "with them, write the attention with nn.Linear projections and F.scaled_dot_product_attention"),
-    "softmin": "; write F.softmax(-x, dim)",
 }
 
 

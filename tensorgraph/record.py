@@ -36,7 +36,7 @@ from . import rules  # noqa: F401  (fills the op table)
 from .attention import multi_head_attention, refused_argument
 from .engine import NO_STAMPS, LeafStamps
 from .graph import Graph, Ref, _short_path, substitute
-from .ops import FUNCS, Op, UnsupportedCall, func_name, lookup
+from .ops import FUNCS, OPS, Op, UnsupportedCall, func_name, lookup
 
 _NO_SEQUENCE = 1 << 62  # (a torch without the counter: nothing counts as made in the block)
 _sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", lambda: _NO_SEQUENCE)
@@ -60,7 +60,15 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _PACKAGE_DIR = os.path.dirname(__file__)
 _USER_SUBPACKAGES = (os.path.join(_PACKAGE_DIR, "makemore"), os.path.join(_PACKAGE_DIR, "lecture.py"))
 _internal_code: dict[Any, bool] = {}
-_DROPOUT = {torch.nn.functional.dropout, torch.dropout}
+# the dropouts, recorded as input * mask (+ shift, for alpha dropout) with the mask a constant: by function, whether it
+# drops whole channels, whether it is alpha dropout, and the rank of an unbatched input (one sample) if it takes one
+_DROPOUT = {
+    torch.nn.functional.dropout: (False, False, None), torch.dropout: (False, False, None),
+    torch.nn.functional.dropout1d: (True, False, 2), torch.nn.functional.dropout2d: (True, False, None),
+    torch.nn.functional.dropout3d: (True, False, 4), torch.feature_dropout: (True, False, None),
+    torch.nn.functional.alpha_dropout: (False, True, None), torch.alpha_dropout: (False, True, None),
+    torch.nn.functional.feature_alpha_dropout: (True, True, None), torch.feature_alpha_dropout: (True, True, None),
+}
 _ATTENTION = torch.nn.functional.scaled_dot_product_attention
 _MULTI_HEAD_ATTENTION = torch.nn.functional.multi_head_attention_forward
 # torch.autograd.Function.apply runs the Function's forward with grad disabled: its ops reach the recorder's
@@ -252,7 +260,7 @@ class _Recorder(TorchFunctionMode):
         if self.grad_at_entry and not torch.is_grad_enabled():
             return self._no_grad_call(func, entry, args, kwargs)
         if func in _DROPOUT:
-            return self._dropout(*args, **kwargs)
+            return self._dropout(func, *args, **kwargs)
         if kwargs and kwargs.get("out") is not None:
             return self._out_call(func, entry, args, kwargs)
         if func is _ATTENTION and _attention_dropout_call(args, kwargs):
@@ -416,12 +424,32 @@ class _Recorder(TorchFunctionMode):
                 self.graph._live[id(target)] = (node, target._version, target)
         return result
 
-    def _dropout(self, input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
-        """F.dropout becomes ``input * mask`` with the mask a recorded constant: replays reuse the same mask."""
-        if not training or p == 0:
+    def _dropout(self, func: Any, input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+                 train: bool | None = None) -> Tensor:
+        """F.dropout becomes ``input * mask`` with the mask a recorded constant: replays reuse the same mask.
+
+        The feature dropouts (dropout1d/2d/3d) draw one mask element per sample and channel, as torch; alpha
+        dropout adds a shift drawn with its mask. torch.dropout and its kin name ``training`` ``train``.
+        """
+        feature, alpha, unbatched = _DROPOUT[func]
+        if train is not None:
+            training = train
+        if not 0 <= p <= 1 or (unbatched is not None and input.dim() not in (unbatched, unbatched + 1)):
+            return func(input, p, training)  # torch's own error
+        if not training or p == 0 or input.numel() == 0:
             return input
-        mask = self.__torch_function__(rules.dropout_mask, (), (input, p))
-        return self.__torch_function__(Tensor.mul_ if inplace else Tensor.mul, (), (input, mask))
+        shape = None
+        if feature:
+            kept = 1 if input.dim() == unbatched else 2  # (the channel dimension of an unbatched input is its first)
+            shape = tuple(input.shape[:kept]) + (1,) * (input.dim() - kept)
+        call = self.__torch_function__
+        if not alpha:
+            mask = call(rules.dropout_mask, (), (input, p, shape))
+            return call(Tensor.mul_ if inplace else Tensor.mul, (), (input, mask))
+        noise = call(rules.alpha_dropout_noise, (), (input, p, shape))
+        scale, shift = call(rules.alpha_dropout_scale, (), (noise, p)), call(rules.alpha_dropout_shift, (), (noise, p))
+        scaled = call(Tensor.mul_ if inplace else Tensor.mul, (), (input, scale))
+        return call(Tensor.add_ if inplace else Tensor.add, (), (scaled, shift))
 
     def _attention_with_dropout(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
@@ -784,6 +812,9 @@ class _Recorder(TorchFunctionMode):
                 attrs = _attrs(op, bound_args, bound_kwargs)
             except UnsupportedCall as err:
                 unsupported = str(err)
+        elif op is None and name in OPS:  # (torch.lu_solve(b, LU, pivots) is not linalg.lu_solve's "lu_solve")
+            unsupported = (f"no gradient rule for the op {name!r} as called here: tensorgraph's rule of that name is "
+                           f"for another function of the same name")
         if kind == "op" and (outputs[0].dtype.is_complex if len(outputs) == 1 else any(
                 o is not None and o.dtype.is_complex for o in outputs)):
             unsupported = f"{name} produced a complex tensor; tensorgraph's rules are for real tensors"

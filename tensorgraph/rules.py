@@ -26,6 +26,8 @@ from .ops import UnsupportedCall, constants, defop, once_per_pass
 # holds ops that touch files (from_file). A rule calling a kernel not listed fails at once.
 KERNELS = frozenset({
     "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward", "_ctc_loss", "_ctc_loss_backward",
+    "_embedding_bag", "_embedding_bag_backward", "_embedding_bag_per_sample_weights_backward",
+    "adaptive_max_pool3d", "adaptive_max_pool3d_backward",
     "_log_softmax_backward_data",
     "_softmax_backward_data", "_upsample_nearest_exact1d_backward", "_upsample_nearest_exact2d_backward",
     "_upsample_nearest_exact3d_backward", "adaptive_max_pool2d", "adaptive_max_pool2d_backward", "avg_pool2d_backward",
@@ -198,8 +200,9 @@ defop("mish", lambda g, out, x: aten.mish_backward(g, x))
 defop("hardswish", lambda g, out, x: aten.hardswish_backward(g, x))
 defop("hardsigmoid", lambda g, out, x: aten.hardsigmoid_backward(g, x))
 # piecewise-constant functions: zero gradient, as torch gives
-for _name in ("sign", "sgn", "floor", "ceil", "round", "trunc"):
+for _name in ("sign", "sgn", "floor", "ceil", "round", "trunc", "fix"):
     defop(_name, _zeros_like_grad, funcs=("special.round",) if _name == "round" else ())
+defop("angle", _zeros_like_grad)  # of a real tensor: 0 or pi, piecewise constant
 
 
 def clamp(g: Tensor, out: Tensor, x: Tensor, min: Any = None, max: Any = None) -> tuple:
@@ -259,6 +262,8 @@ def prelu(g: Tensor, out: Tensor, x: Tensor, weight: Tensor) -> tuple:
 defop("rrelu", rrelu)
 defop("prelu", prelu)
 defop("erfc", lambda g, out, x: -2.0 / math.sqrt(math.pi) * torch.exp(-(x.pow(2))) * g, funcs=("special.erfc",))
+defop("special_erfcx", lambda g, out, x: g * (2 * x * out - 2.0 / math.sqrt(math.pi)), auto=False,
+      funcs=("special.erfcx",))  # exp(x**2) erfc(x)
 defop("erfinv", lambda g, out, x: 0.5 * math.sqrt(math.pi) * torch.exp(out.pow(2)) * g, funcs=("special.erfinv",))
 defop("lgamma", lambda g, out, x: g * torch.digamma(x), funcs=("special.gammaln",))
 defop("digamma", lambda g, out, x: g * torch.polygamma(1, x), funcs=("special.digamma", "special.psi"))
@@ -282,6 +287,17 @@ def mvlgamma(g: Tensor, out: Tensor, x: Tensor, p: int) -> Tensor:
 
 defop("mvlgamma", mvlgamma, funcs=("special.multigammaln",))
 defop("exp2", lambda g, out, x: g * out * math.log(2.0), funcs=("special.exp2",))
+# frexp: (mantissa, exponent), x = mantissa * 2**exponent; the integer exponent takes no gradient
+defop("frexp", lambda g, out, x, *, output_index=0: g * torch.exp2(-out[1].to(g.dtype)), multi=True)
+
+
+def ldexp(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    """x * 2**other (torch's composite: mul and pow); a floating-point exponent takes g * out * log(2)."""
+    grad_other = g * out * math.log(2.0) if other.is_floating_point() else None
+    return g * torch.pow(2.0, other), grad_other
+
+
+defop("ldexp", ldexp)
 defop("deg2rad", lambda g, out, x: g * (math.pi / 180))
 defop("rad2deg", lambda g, out, x: g * (180 / math.pi))
 defop("frac", _same)  # x - trunc(x)
@@ -295,6 +311,19 @@ def sinc(g: Tensor, out: Tensor, x: Tensor) -> Tensor:
 
 
 defop("sinc", sinc, funcs=("special.sinc",))
+# The regularized incomplete gamma functions P(a, x) and Q(a, x) = 1 - P(a, x), and Hurwitz's zeta(s, q): only x
+# and q take a gradient. NOTE: as torch, which refuses to differentiate a and s (it has no formula for them).
+
+
+def _gamma_density(a: Tensor, x: Tensor) -> Tensor:
+    """d P(a, x) / dx = x**(a - 1) exp(-x) / Gamma(a)."""
+    return torch.exp((a - 1) * torch.log(x) - x - torch.lgamma(a))
+
+
+defop("igamma", lambda g, out, x, other: (None, g * _gamma_density(x, other)), funcs=("special.gammainc",))
+defop("igammac", lambda g, out, x, other: (None, -g * _gamma_density(x, other)), funcs=("special.gammaincc",))
+defop("special_zeta", lambda g, out, x, other: (None, g * -x * torch.special.zeta(x + 1.0, other) if isinstance(
+    other, Tensor) else None), auto=False, funcs=("special.zeta",))
 # the normal distribution's cdf, its log and its inverse
 defop("special_ndtr", lambda g, out, x: g * (x.pow(2) * -0.5).exp() / math.sqrt(2 * math.pi), auto=False,
       funcs=("special.ndtr",))
@@ -530,7 +559,60 @@ def matmul(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
 
 
 defop("matmul", matmul, funcs=("torch.mm", "Tensor.mm", "torch.bmm", "Tensor.bmm", "torch.mv", "Tensor.mv",
-                               "torch.dot", "Tensor.dot"))
+                               "torch.dot", "Tensor.dot", "torch.vdot", "Tensor.vdot", "linalg.matmul"))
+# (x * y).sum(dim), broadcasting
+defop("vecdot", lambda g, out, x, y, *, dim=-1: (g.unsqueeze(dim) * y, g.unsqueeze(dim) * x), auto=False,
+      funcs=("linalg.vecdot",))
+
+
+def _chain_grads(g: Tensor, matrices: Sequence[Tensor]) -> list[Tensor]:
+    """Gradients of the product M0 @ M1 @ ... @ Mk: (M0 .. Mi-1)^T g (Mi+1 .. Mk)^T for each Mi."""
+    lefts: list[Tensor | None] = [None]
+    for m in matrices[:-1]:
+        lefts.append(m if lefts[-1] is None else lefts[-1] @ m)
+    rights: list[Tensor | None] = [None]
+    for m in reversed(matrices[1:]):
+        rights.append(m if rights[-1] is None else m @ rights[-1])
+    grads = []
+    for left, right in zip(lefts, reversed(rights)):
+        grad = g if left is None else left.mT @ g
+        grads.append(grad if right is None else grad @ right.mT)
+    return grads
+
+
+def multi_dot(g: Tensor, out: Tensor, tensors: Sequence[Tensor]) -> tuple:
+    """linalg.multi_dot: a chain of matrix products, the first (last) operand possibly a row (column) vector."""
+    matrices = list(tensors)
+    if matrices[0].dim() == 1:
+        matrices[0] = matrices[0].unsqueeze(0)
+    if matrices[-1].dim() == 1:
+        matrices[-1] = matrices[-1].unsqueeze(-1)
+    grads = _chain_grads(g.reshape(matrices[0].shape[0], matrices[-1].shape[-1]), matrices)
+    return ([grad.reshape(t.shape) for grad, t in zip(grads, tensors)],)
+
+
+defop("multi_dot", multi_dot, auto=False, funcs=("linalg.multi_dot",))
+defop("chain_matmul", lambda g, out, *matrices: tuple(_chain_grads(g, matrices)))
+
+
+def matrix_power(g: Tensor, out: Tensor, A: Tensor, n: int) -> Tensor:
+    """A**n = B**k (B = A, or A^-1 for n < 0, k = |n|): gB = sum_j (B^T)**j g (B^T)**(k-1-j); gA = -A^-T gB A^-T."""
+    if n == 0:
+        return torch.zeros_like(A)
+    B = A if n > 0 else torch.linalg.inv(A)
+    k = abs(n)
+    powers: list[Tensor | None] = [None]  # (B^T)**j, j = 0 .. k-1 (None: the identity)
+    for _ in range(k - 1):
+        powers.append(B.mT if powers[-1] is None else powers[-1] @ B.mT)
+    grad = None
+    for before, after in zip(powers, reversed(powers)):
+        term = g if before is None else before @ g
+        term = term if after is None else term @ after
+        grad = term if grad is None else grad + term
+    return grad if n > 0 else -(B.mT @ grad @ B.mT)
+
+
+defop("matrix_power", matrix_power, funcs=("linalg.matrix_power",))
 
 
 def inner(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
@@ -712,6 +794,11 @@ defop("slogdet", slogdet, multi=True, funcs=("linalg.slogdet",))
 defop("logdet", logdet)
 defop("inverse", lambda g, out, x: -(out.mT @ (g @ out.mT)), funcs=("linalg.inv",))
 defop("linalg_solve", solve, auto=False, funcs=("linalg.solve",))
+# the forms returning (result, info): the result's rule; info is an integer
+defop("inv_ex", lambda g, out, A, *, check_errors=False, output_index=0: -(out[0].mT @ (g @ out[0].mT)), multi=True,
+      auto=False, funcs=("linalg.inv_ex",))
+defop("solve_ex", lambda g, out, A, B, *, left=True, check_errors=False, output_index=0: solve(
+    g, out[0], A, B, left=left), multi=True, auto=False, funcs=("linalg.solve_ex",))
 
 
 # ---------------------------------------------------------------- decompositions (real matrices only)
@@ -1044,28 +1131,101 @@ defop("solve_triangular", solve_triangular, auto=False, funcs=("linalg.solve_tri
 defop("triangular_solve", triangular_solve, multi=True)
 
 
-def _square_lu(name: str, A: Tensor, pivot: bool = True) -> None:
+def _reflections_backward(g: Tensor, A: Tensor, tau: Tensor, start: Tensor, order: Sequence[int]) -> tuple:
+    """Gradients of H_order[0] H_order[1] ... start, H_i = I - tau_i v_i v_i^T, v_i A's column i below the diagonal
+    with 1 on it (LAPACK's packed reflectors): (A's, tau's, start's).
+
+    Applying H = I - t v v^T to P: dL/dP_before = G - t v (v^T G); dL/dt = -(v^T G)(v^T P)^T; dL/dv = -t (G P^T v +
+    P G^T v), G being dL/d(H P). The products P after each reflection are made from the right first.
+    """
+    rows = torch.arange(A.shape[-2], device=A.device)
+    reflectors = {i: torch.where(rows > i, A[..., :, i], (rows == i).to(A.dtype)).unsqueeze(-1) for i in order}
+    scales = {i: tau[..., i, None, None] for i in order}
+    products = [start]  # products[j]: the reflections order[j:] applied to start
+    for i in reversed(order):
+        v, P = reflectors[i], products[0]
+        products.insert(0, P - scales[i] * v * (v.mT @ P))
+    grad_v, grad_tau = {}, {}
+    for j, i in enumerate(order):
+        v, t, P = reflectors[i], scales[i], products[j + 1]
+        vg, vp = v.mT @ g, v.mT @ P
+        grad_tau[i] = -(vg * vp).sum((-2, -1))
+        grad_v[i] = torch.where(rows > i, -(t * (g @ vp.mT + P @ vg.mT))[..., 0], 0.0)
+        g = g - t * v * vg
+    k = tau.shape[-1]
+    columns = [grad_v[i] for i in range(k)] + [torch.zeros_like(A[..., :, 0])] * (A.shape[-1] - k)
+    grad_tau_all = torch.stack([grad_tau[i] for i in range(k)], -1) if k else torch.zeros_like(tau)
+    return torch.stack(columns, -1), grad_tau_all, g
+
+
+def householder_product(g: Tensor, out: Tensor, A: Tensor, tau: Tensor) -> tuple:
+    """linalg.householder_product (orgqr): the first n columns of H_0 H_1 ... H_k-1."""
+    _real("linalg.householder_product", A, tau)
+    m, n = A.shape[-2:]
+    start = torch.eye(m, n, dtype=out.dtype, device=out.device).expand(out.shape)
+    return _reflections_backward(g, A, tau, start, range(tau.shape[-1]))[:2]
+
+
+def ormqr(g: Tensor, out: Tensor, A: Tensor, tau: Tensor, other: Tensor, left: bool = True,
+          transpose: bool = False) -> tuple:
+    """Q C, Q^T C, C Q or C Q^T with Q = H_0 ... H_k-1 (m x m) from geqrf's reflectors: C Q is (Q^T C^T)^T."""
+    _real("ormqr", A, tau, other)
+    forward = left != transpose  # Q C and C Q^T apply H_k-1 first; Q^T C and C Q apply H_0 first
+    order = range(tau.shape[-1]) if forward else range(tau.shape[-1] - 1, -1, -1)
+    grad_a, grad_tau, grad_c = _reflections_backward(g if left else g.mT, A, tau, other if left else other.mT, order)
+    return grad_a, grad_tau, grad_c if left else grad_c.mT
+
+
+defop("householder_product", householder_product, auto=False, funcs=(
+    "linalg.householder_product", "torch.orgqr", "Tensor.orgqr"))
+defop("ormqr", ormqr)
+
+
+def _lu_args(name: str, A: Tensor, pivot: bool = True, *, square: bool = False) -> None:
     _real(name, A)
-    if A.shape[-2] != A.shape[-1]:
+    if square and A.shape[-2] != A.shape[-1]:
         raise UnsupportedCall(f"{name}: only square matrices have a rule (got {A.shape[-2]}x{A.shape[-1]})")
     if not pivot:
         raise UnsupportedCall(f"{name}: pivot=False (CUDA only) has no rule")
 
 
 def _lu_grad(gL: Tensor | None, gU: Tensor | None, P: Tensor, L: Tensor, U: Tensor) -> Tensor:
-    """A = P L U (L unit lower, U upper, square): gA = P L^-T (tril(L^T gL, -1) + triu(gU U^T)) U^-T."""
-    M = torch.zeros_like(U)
+    """A = P L U, L (m x k) unit lower and U (k x n) upper trapezoidal, k = min(m, n).
+
+    On the square k x k blocks L1, U1, with X = L1^-1 (P^T dA)_1 U1^-1: dL1 = L1 tril(X, -1), dU1 = triu(X) U1.
+    The rows of L below them (more rows than columns) are (P^T dA)_2 U1^-1 - L2 triu(X); the columns of U right
+    of them (more columns than rows) L1^-1 (P^T dA)_2 - tril(X, -1) U2. So, with
+    M = tril(L1^T gL1 - gU2 U2^T, -1) + triu(gU1 U1^T - L2^T gL2), P^T gA = L1^-T M U1^-T, beside which
+    come gL2 U1^-T (the rows below) or L1^-T gU2 (the columns to the right).
+    """
+    m, n = L.shape[-2], U.shape[-1]
+    k = min(m, n)
+    L1, U1 = L[..., :k, :], U[..., :, :k]
+    M = torch.zeros_like(U1)
     if gL is not None:
-        M = M + (L.mT @ gL).tril(-1)
+        M = M + (L1.mT @ gL[..., :k, :]).tril(-1)
+        if m > k:
+            M = M - (L[..., k:, :].mT @ gL[..., k:, :]).triu()
     if gU is not None:
-        M = M + (gU @ U.mT).triu()
-    grad = torch.linalg.solve_triangular(L.mT, M, upper=True, unitriangular=True)
-    return P @ torch.linalg.solve_triangular(U.mT, grad, upper=False, left=False)
+        M = M + (gU[..., :, :k] @ U1.mT).triu()
+        if n > k:
+            M = M - (gU[..., :, k:] @ U[..., :, k:].mT).tril(-1)
+    grad = torch.linalg.solve_triangular(U1.mT, torch.linalg.solve_triangular(
+        L1.mT, M, upper=True, unitriangular=True), upper=False, left=False)
+    if m > k:  # the rows of L below L1
+        rows = torch.zeros_like(L[..., k:, :]) if gL is None else torch.linalg.solve_triangular(
+            U1.mT, gL[..., k:, :], upper=False, left=False)
+        grad = torch.cat([grad, rows], -2)
+    if n > k:  # the columns of U right of U1
+        columns = torch.zeros_like(U[..., :, k:]) if gU is None else torch.linalg.solve_triangular(
+            L1.mT, gU[..., :, k:], upper=True, unitriangular=True)
+        grad = torch.cat([grad, columns], -1)
+    return P @ grad
 
 
 def lu(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, output_index: int = 0) -> Tensor | None:
     """torch.linalg.lu: (P, L, U); P is a constant."""
-    _square_lu("linalg.lu", A, pivot)
+    _lu_args("linalg.lu", A, pivot)
     if output_index == 0:
         return None
     P, L, U = out
@@ -1075,18 +1235,19 @@ def lu(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, output_index: int 
 def lu_factor(g: Tensor, out: Any, A: Tensor, *, pivot: bool = True, check_errors: bool = False,
               output_index: int = 0) -> Tensor | None:
     """torch.linalg.lu_factor(_ex): (LU, pivots[, info]), L's strict lower and U's upper triangle packed in LU."""
-    _square_lu("linalg.lu_factor", A, pivot)
+    _lu_args("linalg.lu_factor", A, pivot)
     if output_index != 0:
         return None
     P, L, U = torch.lu_unpack(out[0], out[1])
-    return _lu_grad(g.tril(-1), g.triu(), P, L, U)
+    k = min(A.shape[-2:])
+    return _lu_grad(g[..., :, :k].tril(-1), g[..., :k, :].triu(), P, L, U)
 
 
 def lu_solve(g: Tensor, out: Tensor, LU: Tensor, pivots: Tensor, B: Tensor, *, left: bool = True,
              adjoint: bool = False) -> tuple:
     """X = A^-1 B for A = P L U packed in LU (B A^-1 with left=False, A^T for adjoint): gB as solve's; gA is
     pulled back to LU's two triangles: tril(P^T gA U^T, -1) + triu(L^T P^T gA)."""
-    _square_lu("linalg.lu_solve", LU)
+    _lu_args("linalg.lu_solve", LU, square=True)
     _real("linalg.lu_solve", B)
     grad_b = torch.linalg.lu_solve(LU, pivots, g, left=left, adjoint=not adjoint)
     grad_a = -(grad_b @ out.mT) if left else -(out.mT @ grad_b)
@@ -1097,9 +1258,90 @@ def lu_solve(g: Tensor, out: Tensor, LU: Tensor, pivots: Tensor, B: Tensor, *, l
     return (permuted @ U.mT).tril(-1) + (L.mT @ permuted).triu(), None, grad_b
 
 
+def lu_unpack(g: Tensor, out: Any, LU_data: Tensor, LU_pivots: Tensor, unpack_data: bool = True,
+              unpack_pivots: bool = True, *, output_index: int = 0) -> tuple:
+    """(P, L, U) from a packed LU: L's gradient goes to LU's strict lower triangle, U's to its upper one."""
+    k = min(LU_data.shape[-2:])
+    if output_index == 1:
+        grad = g.tril(-1)
+        return (grad if k == LU_data.shape[-1] else torch.cat([grad, torch.zeros_like(LU_data[..., :, k:])], -1)), None
+    if output_index == 2:
+        grad = g.triu()
+        return (grad if k == LU_data.shape[-2] else torch.cat([grad, torch.zeros_like(LU_data[..., k:, :])], -2)), None
+    return None, None
+
+
 defop("lu", lu, multi=True, auto=False, funcs=("linalg.lu",))
 defop("lu_factor", lu_factor, multi=True, auto=False, funcs=("linalg.lu_factor", "linalg.lu_factor_ex"))
 defop("lu_solve", lu_solve, auto=False, funcs=("linalg.lu_solve",))
+defop("lu_unpack", lu_unpack, multi=True)
+# the deprecated torch.lu (LU, pivots[, infos]) and torch.lu_solve(B, LU, pivots), with their own argument orders
+defop("torch_lu", lambda g, out, A, pivot=True, get_infos=False, *, output_index=0: lu_factor(
+    g, out, A, pivot=pivot, output_index=output_index), multi=True, auto=False, funcs=("torch.lu", "Tensor.lu"))
+
+
+def torch_lu_solve(g: Tensor, out: Tensor, b: Tensor, LU_data: Tensor, LU_pivots: Tensor) -> tuple:
+    grad_lu, _, grad_b = lu_solve(g, out, LU_data, LU_pivots, b)
+    return grad_b, grad_lu, None
+
+
+defop("torch_lu_solve", torch_lu_solve, auto=False, funcs=("torch.lu_solve", "Tensor.lu_solve"))
+
+
+
+def _difference_stencil(n: int, step: float, edge_order: int, like: Tensor) -> Tensor:
+    """The n x n matrix of torch.gradient along one dim with spacing ``step``: central differences inside,
+    one-sided ones of order ``edge_order`` at the two ends (its rows applied to the identity's)."""
+    t = torch.eye(n, dtype=like.dtype, device=like.device)
+    inside = (t[2:] - t[:-2]) / (2 * step)
+    if edge_order == 1:
+        first, last = (t[1:2] - t[:1]) / step, (t[-1:] - t[-2:-1]) / step
+    else:
+        first = (t[:1] * -1.5 + t[1:2] * 2 - t[2:3] * 0.5) / step
+        last = (t[-3:-2] * 0.5 - t[-2:-1] * 2 + t[-1:] * 1.5) / step
+    return torch.cat([first, inside, last])
+
+
+def gradient(g: Tensor, out: Any, input: Tensor, *, spacing: Any = 1, dim: Any = None, edge_order: int = 1,
+             output_index: int = 0) -> Tensor:
+    """torch.gradient: along each dim a linear stencil D (central differences inside, one-sided at the edges), so
+    the gradient is D^T g. Spacing as numbers only."""
+    dims = list(range(input.dim())) if dim is None else [dim] if isinstance(dim, int) else list(dim)
+    steps = list(spacing) if isinstance(spacing, (tuple, list)) else [spacing] * len(dims)
+    step = steps[output_index]
+    if isinstance(step, Tensor) and step.dim() > 0:
+        raise UnsupportedCall("gradient: spacing given as coordinate tensors has no rule; give it as numbers")
+    along = dims[output_index] % input.dim()
+    stencil = _difference_stencil(input.shape[along], float(step), edge_order, g)
+    return (g.movedim(along, -1) @ stencil).movedim(-1, along)
+
+
+defop("gradient", gradient, multi=True)
+
+
+def tensorinv(g: Tensor, out: Tensor, A: Tensor, ind: int = 2) -> Tensor:
+    """The inverse of A read as a matrix (the first ``ind`` dims its rows): inverse's rule on that matrix."""
+    rows = math.prod(A.shape[:ind])
+    inverse = out.reshape(-1, rows)
+    return (-(inverse.mT @ (g.reshape(inverse.shape) @ inverse.mT))).reshape(A.shape)
+
+
+def tensorsolve(g: Tensor, out: Tensor, A: Tensor, B: Tensor, dims: Any = None) -> tuple:
+    """X with tensordot(A, X, X.dim()) = B: solve's rule on A read as a matrix (``dims`` moved to its end first)."""
+    moved = A
+    if dims is not None:
+        moved = A.movedim(list(dims), list(range(A.dim() - len(dims), A.dim())))
+    matrix = moved.reshape(B.numel(), -1)
+    grad_b = torch.linalg.solve(matrix.mT, g.reshape(-1, 1))
+    grad_a = -(grad_b @ out.reshape(1, -1))
+    grad_a = grad_a.reshape(moved.shape)
+    if dims is not None:
+        grad_a = grad_a.movedim(list(range(A.dim() - len(dims), A.dim())), list(dims))
+    return grad_a, grad_b.reshape(B.shape)
+
+
+defop("tensorinv", tensorinv, auto=False, funcs=("linalg.tensorinv",))
+defop("tensorsolve", tensorsolve, auto=False, funcs=("linalg.tensorsolve",))
 
 # ---------------------------------------------------------------- reductions
 
@@ -1273,6 +1515,52 @@ defop("mode", lambda g, out, x, dim=-1, keepdim=False, *, output_index=0: _selec
     g, out, x, dim, keepdim), multi=True)
 
 
+def _quantile(ignore_nan: bool) -> Callable[..., tuple]:
+    """quantile (nanquantile): each output interpolates two neighbours among x's values sorted along ``dim`` (all
+    of x without one), at torch's rank q * (count - 1); they take g * (1 - weight) and g * weight.
+
+    The ranks are torch's: quantile counts every value and a slice holding a NaN gives NaN (its last, sorted
+    value); nanquantile counts the others. A tensor q takes g * (upper - lower) * (count - 1) with linear
+    interpolation (where the rank moves with q), and nothing with the others, whose weights do not depend on it.
+    """
+
+    def rule(g: Tensor, out: Tensor, x: Tensor, q: Any, dim: int | None = None, keepdim: bool = False, *,
+             interpolation: str = "linear") -> tuple:
+        values = x.reshape(-1) if dim is None or x.dim() == 0 else x.movedim(dim, -1)
+        ordered, order = values.sort(-1)
+        probs = q.reshape(-1) if isinstance(q, Tensor) else torch.tensor([q], dtype=x.dtype, device=x.device)
+        if ignore_nan:
+            scale = (~ordered.isnan()).sum(-1, keepdim=True).to(x.dtype) - 1
+            raw = probs * scale
+            moving = raw >= 0  # an all-NaN slice has rank 0 (the NaN): no q moves it
+            ranks = raw.clamp_min(0)
+        else:
+            scale = torch.full_like(ordered[..., :1], ordered.shape[-1] - 1)
+            moving = ~ordered.isnan().any(-1, keepdim=True)
+            ranks = torch.where(moving, probs * scale, scale)
+        rounding = {"lower": torch.floor, "higher": torch.ceil, "nearest": torch.round}.get(interpolation)
+        if rounding is not None:
+            ranks = rounding(ranks)
+        below, above = ranks.floor(), ranks.ceil()
+        weight = torch.full_like(ranks, 0.5) if interpolation == "midpoint" else ranks - below
+        g = g.movedim(0, -1) if isinstance(q, Tensor) and q.dim() == 1 else g.unsqueeze(-1)
+        g = g.reshape(ranks.shape)
+        grad = torch.zeros_like(ordered).scatter_add(-1, below.long(), g * (1 - weight)).scatter_add(
+            -1, above.long(), g * weight)
+        grad = torch.zeros_like(grad).scatter(-1, order, grad)
+        grad_x = grad.reshape(x.shape) if dim is None or x.dim() == 0 else grad.movedim(-1, dim)
+        if not isinstance(q, Tensor) or interpolation != "linear":
+            return grad_x, None
+        gap = ordered.gather(-1, above.long()) - ordered.gather(-1, below.long())
+        grad_ranks = (g * gap).masked_fill(~moving, 0) * scale
+        return grad_x, grad_ranks.reshape(-1, probs.shape[0]).sum(0).reshape(q.shape)
+
+    return rule
+
+
+defop("quantile", _quantile(False))
+defop("nanquantile", _quantile(True))
+
 def amax(g: Tensor, out: Tensor, x: Tensor, dim: Any = (), keepdim: bool = False) -> Tensor:
     """Ties share the gradient evenly along the reduced dimensions."""
     mask = _unreduce(out, x, dim, keepdim) == x
@@ -1281,6 +1569,9 @@ def amax(g: Tensor, out: Tensor, x: Tensor, dim: Any = (), keepdim: bool = False
 
 defop("amax", amax)
 defop("amin", amax)
+# (min, max): each output's gradient as amin's or amax's, ties sharing it evenly
+defop("aminmax", lambda g, out, x, *, dim=None, keepdim=False, output_index=0: amax(
+    g, out[output_index], x, () if dim is None else dim, keepdim), multi=True)
 defop(
     "logsumexp",
     lambda g, out, x, dim, keepdim=False: _unreduce(g, x, dim, keepdim) * (x - _unreduce(out, x, dim, keepdim)).exp(),
@@ -1377,6 +1668,65 @@ defop("cummax", _cumulative_select, multi=True)
 defop("cummin", _cumulative_select, multi=True)
 defop("logcumsumexp", logcumsumexp)
 
+
+def _beside(t: Tensor, dim: int, before: bool) -> Tensor:
+    """``t`` with one slice of zeros added before (or after) along ``dim``."""
+    shape = list(t.shape)
+    shape[dim] = 1
+    zero = t.new_zeros(shape)
+    return torch.cat([zero, t] if before else [t, zero], dim)
+
+
+def _trapezoid_grads(w: Tensor, y: Tensor, x: Any, dx: Any, dim: int) -> tuple:
+    """Gradients of sum_i w_i (y_i + y_i+1) / 2 (x_i+1 - x_i) along ``dim``, ``w`` a weight per interval.
+
+    A 1-d x is laid along ``dim`` (and its gradient summed back to it); another x broadcasts against y,
+    padded with leading dimensions, as torch does. Without x the spacing is the number ``dx`` (1 by default).
+    """
+    n = y.shape[dim]
+    if n == 0:
+        return torch.zeros_like(y), torch.zeros_like(x) if isinstance(x, Tensor) else None
+    if isinstance(x, Tensor):
+        shape = [1] * y.dim()
+        if x.dim() == 1:
+            shape[dim] = x.shape[0]
+        else:
+            shape[y.dim() - x.dim():] = x.shape
+        laid = x.reshape(shape)
+        step = laid.narrow(dim, 1, n - 1) - laid.narrow(dim, 0, n - 1)
+    else:
+        step = 1.0 if dx is None else dx
+    weighted = w * step
+    grad_y = (_beside(weighted, dim, True) + _beside(weighted, dim, False)) / 2
+    if not isinstance(x, Tensor):
+        return grad_y, None
+    middle = w * (y.narrow(dim, 0, n - 1) + y.narrow(dim, 1, n - 1)) / 2
+    grad_x = _beside(middle, dim, True) - _beside(middle, dim, False)
+    if x.dim() == 1 and grad_x.dim() > 1:
+        grad_x = grad_x.sum([d for d in range(grad_x.dim()) if d != dim])
+    return grad_y, grad_x
+
+
+def trapezoid(g: Tensor, out: Tensor, y: Tensor, x: Tensor | None = None, *, dx: Any = None,
+              dim: int = -1) -> tuple:
+    """The trapezoidal rule along ``dim``: every interval takes the output's gradient."""
+    dim %= y.dim()
+    w = g.unsqueeze(dim)
+    shape = list(w.shape)
+    shape[dim] = max(y.shape[dim] - 1, 0)
+    return _trapezoid_grads(w.expand(shape), y, x, dx, dim)
+
+
+def cumulative_trapezoid(g: Tensor, out: Tensor, y: Tensor, x: Tensor | None = None, *, dx: Any = None,
+                         dim: int = -1) -> tuple:
+    """The running trapezoidal sums along ``dim``: interval i takes the gradients of the sums from i on."""
+    dim %= y.dim()
+    return _trapezoid_grads(_reversed_cumsum(g, dim), y, x, dx, dim)
+
+
+defop("trapezoid", trapezoid)
+defop("trapz", trapezoid)
+defop("cumulative_trapezoid", cumulative_trapezoid)
 
 def nansum(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Tensor:
     """sum's gradient, none to the NaNs (which the sum skipped)."""
@@ -1487,6 +1837,30 @@ defop("vector_norm", lambda g, out, x, ord=2, dim=None, keepdim=False, *, dtype=
     g, out, x, ord, dim, keepdim), funcs=("linalg.vector_norm",))
 defop("linalg_norm", linalg_norm, auto=False, funcs=("linalg.norm",))
 defop("matrix_norm", matrix_norm, funcs=("linalg.matrix_norm",))
+
+
+def nuclear_norm(g: Tensor, out: Tensor, x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
+    """torch.nuclear_norm(x, keepdim) or (x, dim, keepdim): the sum of the singular values."""
+    if isinstance(dim, bool):
+        dim, keepdim = None, dim
+    return _spectral_norm(g, x, "nuc", (-2, -1) if dim is None else dim, keepdim, None, "nuclear_norm")
+
+
+defop("nuclear_norm", nuclear_norm)
+defop("frobenius_norm", lambda g, out, x, dim, keepdim=False: norm(g, out, x, 2, dim, keepdim))
+
+
+def renorm(g: Tensor, out: Tensor, x: Tensor, p: float, dim: int, maxnorm: float) -> Tensor:
+    """Each slice along ``dim`` whose p-norm n exceeds maxnorm is scaled by maxnorm / (n + 1e-7), as torch: g times
+    that factor, less the norm's gradient times factor / (n + 1e-7) * sum(x * g) over the slice."""
+    dims = [d for d in range(x.dim()) if d != dim % x.dim()]
+    n = torch.linalg.vector_norm(x, p, dims, keepdim=True)
+    factor = maxnorm / (n + 1e-7)
+    through_norm = _norm_grad((x * g).sum(dims, keepdim=True), x, float(p), n, dims)
+    return torch.where(n > maxnorm, factor * g - factor / (n + 1e-7) * through_norm, g)
+
+
+defop("renorm", renorm)
 
 
 def _vector_norm_backward(g: Tensor, x: Tensor, p: float, n: Tensor) -> Tensor:
@@ -1673,9 +2047,29 @@ def _pieces(g: Tensor, out: Sequence[Tensor], index: int) -> list[Tensor]:
 
 
 defop("split", lambda g, out, x, split_size_or_sections, dim=0, *, output_index: torch.cat(
-    _pieces(g, out, output_index), dim), multi=True, funcs=("torch.split_with_sizes", "Tensor.split_with_sizes"))
+    _pieces(g, out, output_index), dim), multi=True, funcs=(
+    "torch.split_with_sizes", "Tensor.split_with_sizes", "torch.unsafe_split", "Tensor.unsafe_split",
+    "torch.unsafe_split_with_sizes", "Tensor.unsafe_split_with_sizes"))
 defop("chunk", lambda g, out, x, chunks, dim=0, *, output_index: torch.cat(_pieces(g, out, output_index), dim),
-      multi=True)
+      multi=True, funcs=("torch.unsafe_chunk", "Tensor.unsafe_chunk"))
+# each output is one input broadcast: its gradient goes to that input (the engine sums it back to its shape)
+defop("broadcast_tensors", lambda g, out, *tensors, output_index: tuple(
+    g if i == output_index else None for i in range(len(tensors))), multi=True)
+
+
+def meshgrid(g: Tensor, out: Any, *tensors: Any, indexing: str | None = None, output_index: int) -> tuple:
+    """Output i is input i laid along dimension i (0 and 1 swapped with indexing='xy') and repeated along the
+    others: the gradient summed over those. The inputs may come as one list."""
+    inputs = tensors[0] if len(tensors) == 1 and isinstance(tensors[0], (tuple, list)) else tensors
+    along = output_index
+    if indexing == "xy" and len(inputs) >= 2 and output_index < 2:
+        along = 1 - output_index
+    grad = g.sum([d for d in range(g.dim()) if d != along]).reshape(inputs[output_index].shape)
+    grads = tuple(grad if i == output_index else None for i in range(len(inputs)))
+    return (list(grads),) if inputs is not tensors else grads
+
+
+defop("meshgrid", meshgrid, multi=True)
 defop("unbind", lambda g, out, x, dim=0, *, output_index: torch.stack(_pieces(g, out, output_index), dim),
       multi=True)
 
@@ -1736,17 +2130,55 @@ def index_put(g: Tensor, out: Tensor, x: Tensor, indices: Any, values: Tensor, a
 
 
 defop("index_put", index_put)
+# x with src written over a selection of it: x's gradient without the selection, src's the selection of g
+defop("select_scatter", lambda g, out, x, src, dim, index: (
+    g.select_scatter(torch.zeros_like(src), dim, index), g.select(dim, index)))
+defop("diagonal_scatter", lambda g, out, x, src, offset=0, dim1=0, dim2=1: (
+    g.diagonal_scatter(torch.zeros_like(src), offset, dim1, dim2), g.diagonal(offset, dim1, dim2)))
+
+
+def slice_scatter(g: Tensor, out: Tensor, x: Tensor, src: Tensor, dim: int = 0, start: int | None = None,
+                  end: int | None = None, step: int = 1) -> tuple:
+    window = (slice(None),) * (dim % x.dim()) + (slice(start, end, step),)
+    return g.slice_scatter(torch.zeros_like(src), dim, start, end, step), g[window]
+
+
+defop("slice_scatter", slice_scatter)
+# x.put(index, source): source's elements written (or added) at x's flat positions; torch gives every source
+# element the gradient at its position, duplicates overwritten or not
+defop("put", lambda g, out, x, index, source, accumulate=False: (
+    g if accumulate else g.put(index, torch.zeros_like(source)), None, g.take(index).reshape(source.shape)))
+
+
+def as_strided(g: Tensor, out: Tensor, x: Tensor, size: Any, stride: Any, storage_offset: int | None = None) -> Tensor:
+    """Each output element reads a memory position of x: its gradient goes back there (repeats add up).
+
+    Only a contiguous x has a rule: the positions are x's own then, read from the elements' flat order.
+    """
+    if not x.is_contiguous():
+        raise UnsupportedCall("as_strided: only a contiguous input has a rule (make it one: x.contiguous())")
+    offset = 0 if storage_offset is None else storage_offset - x.storage_offset()
+    if offset < 0 or offset + sum((n - 1) * s for n, s in zip(size, stride) if n > 0) >= max(x.numel(), 1):
+        raise UnsupportedCall("as_strided: the view reads memory outside its input; it has no rule")
+    return _place(g, x, lambda positions: positions.as_strided(size, stride, offset))
+
+
+defop("as_strided", as_strided)
 defop("index_add", lambda g, out, x, dim, index, source, *, alpha=1: (
     g, None, None, g.index_select(dim, index) if alpha == 1 else g.index_select(dim, index) * alpha))
 
 
 def _scattered_src_grad(g: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
     """The gradient of a scatter's ``src``: gathered where ``index`` reads it, 0 where ``src`` is larger than it."""
-    grad = g.gather(dim, index)
+    return _as_src(g.gather(dim, index), src)
+
+
+def _as_src(grad: Tensor, src: Tensor) -> Tensor:
+    """A gradient of the part of ``src`` a scatter reads (``index``'s shape), padded with zeros to ``src``'s shape."""
     if grad.shape == src.shape:
         return grad
     padded = grad.new_zeros(src.shape)  # torch reads only src[:index.shape[0], :index.shape[1], ...]
-    padded[tuple(slice(0, n) for n in index.shape)] = grad
+    padded[tuple(slice(0, n) for n in grad.shape)] = grad
     return padded
 
 
@@ -1762,12 +2194,56 @@ def scatter(g: Tensor, out: Tensor, x: Tensor, dim: int, index: Tensor, src: Any
 
 
 defop("scatter", scatter)
+
+
+def _others_product(members: Tensor, product: Tensor, zeros: Tensor) -> Tensor:
+    """The product of the other members of each one's group, from the group's product of its non-zero members and
+    its count of zeros: no division by a zero member."""
+    is_zero = members == 0
+    return torch.where(zeros - is_zero.to(zeros.dtype) > 0, 0.0, product / members.masked_fill(is_zero, 1))
+
+
+def scatter_reduce(g: Tensor, out: Tensor, x: Tensor, dim: int, index: Tensor, src: Tensor, reduce: str, *,
+                   include_self: bool = True) -> tuple:
+    """Each output element reduces its x (with include_self) and the src elements scattered to it; an element
+    nothing is scattered to keeps x's. sum and mean pass g (divided by the count); amax and amin share it among
+    the members equal to the result, as torch; prod gives each member the product of the others."""
+    part = src[tuple(slice(0, n) for n in index.shape)]
+    scattered = torch.zeros_like(x).scatter(dim, index, 1.0) > 0
+    if reduce in ("sum", "mean"):
+        count = torch.zeros_like(x).scatter_add(dim, index, torch.ones_like(part)) + int(include_self)
+        share = g / count.clamp_min(1) if reduce == "mean" else g
+        grad_x = share if include_self else g.masked_fill(scattered, 0)
+        return grad_x, None, None, _as_src(share.gather(dim, index), src)
+    if reduce in ("amax", "amin"):
+        own = (x == out) & (scattered.logical_not() | include_self)
+        hits = part == out.gather(dim, index)
+        count = own.to(g.dtype).scatter_add(dim, index, hits.to(g.dtype))
+        share = g / count
+        return share * own, None, None, _as_src(share.gather(dim, index) * hits, src)
+    if reduce != "prod":
+        raise UnsupportedCall(f"scatter_reduce: reduce={reduce!r} has no rule")
+    own = x if include_self else torch.ones_like(x)
+    product = own.masked_fill(own == 0, 1).scatter_reduce(dim, index, part.masked_fill(part == 0, 1), "prod")
+    zeros = (own == 0).to(g.dtype).scatter_add(dim, index, (part == 0).to(g.dtype))
+    grad_x = g * _others_product(x, product, zeros) if include_self else g.masked_fill(scattered, 0)
+    grad_src = g.gather(dim, index) * _others_product(part, product.gather(dim, index), zeros.gather(dim, index))
+    return grad_x, None, None, _as_src(grad_src, src)
+
+
+defop("scatter_reduce", scatter_reduce)
+# x.index_reduce(dim, index, source, reduce): scatter_reduce with index laid along dim and expanded to source's shape
+defop("index_reduce", lambda g, out, x, dim, index, source, reduce, *, include_self=True: scatter_reduce(
+    g, out, x, dim, index.reshape([-1 if d == dim % source.dim() else 1 for d in range(source.dim())]).expand(
+        source.shape), source, reduce, include_self=include_self))
 defop("index_select", lambda g, out, x, dim, index: (torch.zeros_like(x).index_add_(dim, index, g), None, None))
 defop("gather", lambda g, out, x, dim, index, *, sparse_grad=False: (
     torch.zeros_like(x).scatter_add_(dim, index, g), None, None))
 defop("narrow", lambda g, out, x, dim, start, length: _place(g, x, lambda p: p.narrow(dim, start, length)))
 defop("select", lambda g, out, x, dim, index: _place(g, x, lambda p: p.select(dim, index)))
 defop("diagonal", lambda g, out, x, offset=0, dim1=0, dim2=1: _place(g, x, lambda p: p.diagonal(offset, dim1, dim2)))
+defop("linalg_diagonal", lambda g, out, A, *, offset=0, dim1=-2, dim2=-1: _place(
+    g, A, lambda p: p.diagonal(offset, dim1, dim2)), auto=False, funcs=("linalg.diagonal",))
 defop("masked_select", lambda g, out, x, mask: (torch.zeros_like(x).masked_scatter(mask.expand_as(x), g), None))
 defop("tril", lambda g, out, x, diagonal=0: g.tril(diagonal))
 defop("triu", lambda g, out, x, diagonal=0: g.triu(diagonal))
@@ -1873,6 +2349,8 @@ def pad(g: Tensor, out: Tensor, x: Tensor, pad: Sequence[int], mode: str = "cons
 
 
 defop("pad", pad)
+_padding = pad  # (constant_pad_nd's argument is named pad too)
+defop("constant_pad_nd", lambda g, out, x, pad, value=0: _padding(g, out, x, pad))
 
 
 def block_diag(g: Tensor, out: Tensor, *tensors: Tensor) -> tuple:
@@ -1929,6 +2407,11 @@ defop(  # g - out.exp() * g.sum(dim, keepdim=True) in torch's fused kernel
     lambda g, out, x, dim=None, dtype=None, *, _stacklevel=3: aten._log_softmax_backward_data(
         g, out, _softmax_dim(x, dim), out.dtype),
     funcs=("special.log_softmax",),
+)
+defop(  # softmax(-x, dim): softmax's kernel, negated
+    "softmin",
+    lambda g, out, x, dim=None, _stacklevel=3, dtype=None: -aten._softmax_backward_data(
+        g, out, _softmax_dim(x, dim), out.dtype),
 )
 
 
@@ -2007,6 +2490,30 @@ def cross_entropy_parts(g: Tensor, x: Tensor, target: Tensor, weight: Tensor | N
 
 defop("nll_loss", nll_loss)
 defop("cross_entropy", cross_entropy)
+
+
+def linear_cross_entropy(g: Tensor, out: Tensor, input: Tensor, linear_weight: Tensor, target: Tensor,
+                         linear_bias: Tensor | None = None, weight: Tensor | None = None, reduction: str = "mean",
+                         ignore_index: int | None = None, label_smoothing: float = 0.0, options: Any = None) -> tuple:
+    """cross_entropy(linear(input, W, b), target, ...) with the logits shaped (*batch, C, *out_features) for a
+    weight of shape (C, *out_features, in): torch's reference computation (its chunked path, with ``options``,
+    computes the same loss), through cross_entropy's rule and linear's."""
+    flat_weight = linear_weight.reshape(-1, linear_weight.shape[-1])
+    flat_bias = None if linear_bias is None else linear_bias.reshape(-1)
+    logits = F.linear(input, flat_weight, flat_bias)
+    shaped = logits.reshape(*input.shape[:-1], *linear_weight.shape[:-1])
+    grad_logits, grad_target, _ = cross_entropy(g, out, shaped, target, weight, None,
+                                                -100 if ignore_index is None else ignore_index, None, reduction,
+                                                label_smoothing)
+    grad_logits = grad_logits.reshape(logits.shape)
+    grad_input, grad_weight, _ = linear(grad_logits, logits, input, flat_weight, None)
+    grad_bias = None
+    if linear_bias is not None:
+        grad_bias = grad_logits.reshape(-1, logits.shape[-1]).sum(0).reshape(linear_bias.shape)
+    return grad_input, grad_weight.reshape(linear_weight.shape), grad_target, grad_bias
+
+
+defop("linear_cross_entropy", linear_cross_entropy)
 
 
 def _elementwise_loss(reduction: str, g: Tensor, per_element: Tensor, n: int) -> Tensor:
@@ -2315,6 +2822,41 @@ def embedding(g: Tensor, out: Tensor, input: Tensor, weight: Tensor, padding_idx
 
 defop("embedding", embedding)
 
+_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def embedding_bag(g: Tensor, out: Tensor, input: Tensor, weight: Tensor, offsets: Tensor | None = None,
+                  max_norm: Any = None, norm_type: float = 2, scale_grad_by_freq: bool = False, mode: str = "mean",
+                  sparse: bool = False, per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
+                  padding_idx: int | None = None) -> tuple:
+    """Torch's embedding-bag backward kernels, with the bags (and, for max, the rows that won) its forward finds.
+
+    The arguments are prepared as F.embedding_bag prepares them: a 2-d input is one bag per row.
+    """
+    if max_norm is not None:
+        raise UnsupportedCall("embedding_bag: max_norm renormalises the weight in place; it has no rule")
+    if sparse:
+        raise UnsupportedCall("embedding_bag: sparse=True gives a sparse gradient; it has no rule")
+    indices, samples = input, per_sample_weights
+    if input.dim() == 2:
+        offsets = torch.arange(0, input.numel(), input.shape[1], dtype=input.dtype, device=input.device)
+        indices = input.reshape(-1)
+        samples = None if samples is None else samples.reshape(-1)
+    padding = -1 if padding_idx is None else padding_idx % weight.shape[0]
+    code = _BAG_MODES[mode]
+    _, offset2bag, bag_size, winners = aten._embedding_bag(weight, indices, offsets, scale_grad_by_freq, code, False,
+                                                           samples, include_last_offset, padding)
+    grad_weight = aten._embedding_bag_backward(g, indices, offsets, offset2bag, bag_size, winners, weight.shape[0],
+                                               scale_grad_by_freq, code, False, samples, padding)
+    grad_samples = None
+    if per_sample_weights is not None:
+        grad_samples = aten._embedding_bag_per_sample_weights_backward(
+            g, weight, indices, offsets, offset2bag, code, padding).reshape(per_sample_weights.shape)
+    return None, grad_weight, None, None, None, None, None, None, grad_samples
+
+
+defop("embedding_bag", embedding_bag)
+
 
 def layer_norm(g: Tensor, out: Tensor, x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> tuple:
@@ -2412,12 +2954,42 @@ defop("instance_norm", instance_norm, mutates=(1, 2),
       ignores=lambda attrs: (1, 2) if attrs.get("use_input_stats", True) else ())
 
 
-def dropout_mask(x: Tensor, p: float) -> Tensor:
-    """The scaled keep-mask F.dropout multiplies by, drawn from the same generator in the same way."""
-    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+def dropout_mask(x: Tensor, p: float, shape: Sequence[int] | None = None) -> Tensor:
+    """The scaled keep-mask F.dropout multiplies by, drawn from the same generator in the same way; of ``shape``
+    (one element per sample and channel) for the feature dropouts. p = 1 keeps nothing and draws nothing, as torch."""
+    if p == 1:
+        return torch.zeros_like(x) if shape is None else x.new_zeros(shape)
+    noise = torch.empty_like(x) if shape is None else x.new_empty(shape)
+    return noise.bernoulli_(1 - p).div_(1 - p)
 
 
-constants("dropout_mask", auto=False, callables=(dropout_mask,))
+# alpha dropout: x * scale + shift, from one draw of keep-noise, with torch's constants: the dropped elements become
+# SELU's negative saturation, and the affine map keeps SELU's mean 0 and variance 1
+_ALPHA_PRIME = 1.7580993408473766
+
+
+def alpha_dropout_noise(x: Tensor, p: float, shape: Sequence[int] | None = None) -> Tensor:
+    """The 0/1 keep-noise of F.alpha_dropout (of ``shape`` for F.feature_alpha_dropout), drawn as torch draws it."""
+    if p == 1:
+        return torch.zeros_like(x) if shape is None else x.new_zeros(shape)
+    return (torch.empty_like(x) if shape is None else x.new_empty(shape)).bernoulli_(1 - p)
+
+
+def alpha_dropout_scale(noise: Tensor, p: float) -> Tensor:
+    if p == 1:
+        return torch.zeros_like(noise)
+    return noise.mul(1.0 / math.sqrt((_ALPHA_PRIME ** 2 * p + 1) * (1 - p)))
+
+
+def alpha_dropout_shift(noise: Tensor, p: float) -> Tensor:
+    if p == 1:
+        return torch.zeros_like(noise)
+    a = 1.0 / math.sqrt((_ALPHA_PRIME ** 2 * p + 1) * (1 - p))
+    return noise.add(-1).mul_(_ALPHA_PRIME * a).add_(_ALPHA_PRIME * a * p)
+
+
+for _func in (dropout_mask, alpha_dropout_noise, alpha_dropout_scale, alpha_dropout_shift):
+    constants(_func.__name__, auto=False, callables=(_func,))
 
 
 def _conv(g: Tensor, x: Tensor, weight: Tensor, bias: Any, stride: Any, padding: Any, dilation: Any,
@@ -2442,6 +3014,18 @@ def _conv(g: Tensor, x: Tensor, weight: Tensor, bias: Any, stride: Any, padding:
 for _name in ("conv1d", "conv2d", "conv3d"):
     defop(_name, lambda g, out, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: _conv(
         g, x, weight, bias, stride, padding, dilation, groups))
+# torch.convolution: conv or conv_transpose by the flag; conv_tbc: a 1-d convolution on (time, batch, channel) inputs
+defop("convolution", lambda g, out, x, weight, bias, stride, padding, dilation, transposed, output_padding,
+      groups: _conv(g, x, weight, bias, stride, padding, dilation, groups, output_padding if transposed else None))
+
+
+def conv_tbc(g: Tensor, out: Tensor, x: Tensor, weight: Tensor, bias: Tensor, pad: int = 0) -> tuple:
+    """conv1d(x.permute(1, 2, 0), weight.permute(2, 1, 0), bias, padding=pad).permute(2, 0, 1)."""
+    grad_x, grad_w, grad_b = _conv(g.permute(1, 2, 0), x.permute(1, 2, 0), weight.permute(2, 1, 0), bias, 1, pad, 1, 1)
+    return grad_x.permute(2, 0, 1), grad_w.permute(2, 1, 0), grad_b
+
+
+defop("conv_tbc", conv_tbc)
 for _name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):  # (groups before dilation, as torch)
     defop(_name, lambda g, out, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1:
           _conv(g, x, weight, bias, stride, padding, dilation, groups, output_padding))
@@ -2522,6 +3106,56 @@ defop("adaptive_max_pool2d", adaptive_max_pool2d)
 defop("adaptive_max_pool1d", lambda g, out, x, output_size, return_indices=False: adaptive_max_pool2d(
     g.unsqueeze(-2), out.unsqueeze(-2), x.unsqueeze(-2), None).squeeze(-2))
 defop("adaptive_avg_pool3d", lambda g, out, x, output_size: aten._adaptive_avg_pool3d_backward(g, x))
+defop("adaptive_max_pool3d", lambda g, out, x, output_size, return_indices=False: aten.adaptive_max_pool3d_backward(
+    g, x, aten.adaptive_max_pool3d(x, list(out.shape[-3:]))[1]))
+
+
+def _lp_pool(dims: int) -> Callable[..., Tensor]:
+    """lp_pool1d/2d/3d: (sign(a) relu(|a|) K)**(1/p), a the average pooling of x**p and K the kernel's size,
+    differentiated through those parts as torch does (no gradient where a window's a is 0)."""
+    forward = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[dims]
+
+    def rule(g: Tensor, out: Tensor, x: Tensor, norm_type: float, kernel_size: Any, stride: Any = None,
+             ceil_mode: bool = False) -> Tensor:
+        backward = {1: avg_pool1d, 2: avg_pool2d, 3: _avg_pool(3, aten.avg_pool3d_backward)}[dims]
+        powered = x.pow(norm_type)
+        average = forward(powered, kernel_size, stride, 0, ceil_mode)
+        size = math.prod(_sizes(kernel_size, dims))
+        pooled = average.sign() * average.abs().relu() * size
+        grad = g * (1.0 / norm_type) * pooled.pow(1.0 / norm_type - 1) * size * average.sign()
+        grad = torch.where(average.abs() > 0, grad, 0.0) * average.sign()
+        return backward(grad, None, powered, kernel_size, stride, 0, ceil_mode) * norm_type * x.pow(norm_type - 1)
+
+    return rule
+
+
+for _rank in (1, 2, 3):
+    defop(f"lp_pool{_rank}d", _lp_pool(_rank))
+
+
+def _channel_average(t: Tensor, size: int, before: int, after: int) -> Tensor:
+    """The average over a window of ``size`` channels (dim 1), padded with zeros (``before``, ``after``), as
+    F.local_response_norm computes it with a 2-d or 3-d average pooling."""
+    if t.dim() == 3:
+        padded = F.pad(t.unsqueeze(1), (0, 0, before, after))
+        return F.avg_pool2d(padded, (size, 1), stride=1).squeeze(1)
+    padded = F.pad(t.reshape(t.shape[0], 1, t.shape[1], t.shape[2], -1), (0, 0, 0, 0, before, after))
+    return F.avg_pool3d(padded, (size, 1, 1), stride=1).squeeze(1).reshape(t.shape)
+
+
+def local_response_norm(g: Tensor, out: Tensor, x: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                        k: float = 1.0) -> Tensor:
+    """x / d, d = (k + alpha * A(x**2))**beta with A the average over neighbouring channels; A's adjoint is the
+    same average with the padding swapped."""
+    if x.numel() == 0:
+        return g
+    base = _channel_average(x * x, size, size // 2, (size - 1) // 2) * alpha + k
+    d = base.pow(beta)
+    grad_base = -g * x / (d * d) * (beta * base.pow(beta - 1)) * alpha
+    return g / d + 2 * x * _channel_average(grad_base, size, (size - 1) // 2, size // 2)
+
+
+defop("local_response_norm", local_response_norm)
 
 
 # return_indices=True: the values take torch's backward kernel with the indices the call returned (ties go
@@ -2565,6 +3199,8 @@ defop("max_pool2d_with_indices", max_pool2d_with_indices, multi=True)
 defop("max_pool3d_with_indices", _max_pool_with_indices(aten.max_pool3d_with_indices_backward, 3), multi=True)
 defop("adaptive_max_pool1d_with_indices", _adaptive_max_pool_with_indices(1), multi=True)
 defop("adaptive_max_pool2d_with_indices", _adaptive_max_pool_with_indices(2), multi=True)
+defop("adaptive_max_pool3d_with_indices", lambda g, out, x, output_size, return_indices=False, *, output_index=0: (
+    aten.adaptive_max_pool3d_backward(g, x, out[1]) if output_index == 0 else None), multi=True)
 
 
 def _max_unpool(spatial: int) -> Callable[..., tuple]:
@@ -2643,6 +3279,12 @@ def interpolate(g: Tensor, out: Tensor, input: Tensor, size: Any = None, scale_f
                 antialias: bool = False) -> Tensor:
     """Torch's upsample backward for the mode, with the scales F.interpolate passed to the forward kernel."""
     spatial = input.dim() - 2
+    if mode == "area" and 1 <= spatial <= 3:  # torch's adaptive average pooling to the output's size
+        if spatial == 3:
+            return aten._adaptive_avg_pool3d_backward(g, input)
+        if spatial == 2:
+            return aten._adaptive_avg_pool2d_backward(g, input)
+        return aten._adaptive_avg_pool2d_backward(g.unsqueeze(-2), input.unsqueeze(-2)).squeeze(-2)
     kernel = _UPSAMPLE_BACKWARD.get((mode, spatial))
     if kernel is None or antialias:
         raise UnsupportedCall(f"interpolate: mode={mode!r}{' with antialias' if antialias else ''} on a "

@@ -339,6 +339,11 @@ def nn_cases():
     yield "conv1d", lambda x, w, b: F.conv1d(x, w, b, padding=1), [r(2, 3, 7, seed=1), r(4, 3, 3, seed=2),
                                                                     r(4, seed=3)]
     yield "conv2d", lambda x, w: F.conv2d(x, w, stride=2), [r(2, 3, 6, 6, seed=1), r(4, 3, 3, 3, seed=2)]
+    yield "convolution", lambda x, w, b: torch.convolution(x, w, b, [1], [1], [1], False, [0], 1) + torch.convolution(
+        x, w.transpose(0, 1)[:, :3], None, [1], [1], [1], True, [0], 1)[..., :8].sum(), [
+        r(2, 3, 8, seed=1), r(3, 3, 3, seed=2), r(3, seed=3)]
+    yield "conv_tbc", lambda x, w, b: torch.conv_tbc(x, w, b, 1)[1:-1] + torch.conv_tbc(x, w, b), [
+        r(7, 2, 3, seed=1), r(3, 3, 4, seed=2), r(4, seed=3)]
     yield "sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [
         r(2, 3, 4, seed=1), r(2, 5, 4, seed=2), r(2, 5, 3, seed=3)]
     yield "sdpa_causal_scale", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3), [
@@ -361,6 +366,20 @@ def nn_cases():
     yield "scatter_add", lambda x, s: x.scatter_add(1, torch.tensor([[0, 1], [2, 2]]), s), [r(2, 4, seed=1),
                                                                                          r(2, 2, seed=2)]
     yield "index_put", lambda x, v: x.index_put((torch.tensor([0, 2]),), v), [r(3, 4, seed=1), r(4, seed=2)]
+    spots = torch.tensor([[0, 2, 0, 1], [1, 1, 3, 1]])  # (nothing to x[0, 3]: it keeps its value)
+    yield "scatter_reduce_sum_mean", lambda x, s: x.scatter_reduce(1, spots, s, "sum") + torch.scatter_reduce(
+        x, 1, spots, s, "mean", include_self=False) + x.scatter_reduce(1, spots, s, reduce="mean") + (
+        x * 1.0).scatter_reduce_(1, spots, s * 2, "sum", include_self=False), [r(2, 4, seed=1), r(2, 4, seed=2)]
+    yield "scatter_reduce_amax_amin", lambda x, s: x.scatter_reduce(1, spots, s, "amax") + x.scatter_reduce(
+        1, spots, s, "amin", include_self=False) + torch.scatter_reduce(x, 0, spots % 2, s, "amin"), [
+        distinct(2, 4, seed=1), distinct(2, 4, seed=2) + 0.05]
+    yield "index_reduce", lambda x, s: x.index_reduce(0, torch.tensor([0, 2, 0, 1]), s, "prod") + torch.index_reduce(
+        x, 0, torch.tensor([0, 2, 0, 1]), s, "mean", include_self=False) + x.index_reduce(
+        1, torch.tensor([2, 0, 2]), s, "amax") + x.index_reduce(0, torch.tensor([1, 1, 3, 1]), s, "amin"), [
+        distinct(4, 3, seed=1), distinct(4, 3, seed=2) + 0.01]
+    zeros = torch.tensor([[1.5, 0.0, 2.0, 0.0], [0.0, 2.0, -1.0, 0.5]], dtype=D)
+    yield "scatter_reduce_prod", lambda x, s: x.scatter_reduce(1, spots, s, "prod") + x.scatter_reduce(
+        1, spots, s, "prod", include_self=False), [zeros, zeros.flip(1) + torch.tensor([[0.0], [0.5]], dtype=D)]
     yield from norm_cases()
     yield from normalization_cases()
     yield from loss_cases()
@@ -577,6 +596,10 @@ ACTIVATIONS = {  # unary, on r(4, 5) and a 0-d input
     "bessel_i": lambda x: x.i0() + torch.special.i0e(x) + torch.special.i1(x) + torch.special.i1e(x),
     "special_aliases": lambda x: torch.special.expm1(x) + torch.special.log1p(x.exp()) + x * torch.special.round(x),
     "nan_to_num_finite": lambda x: x.nan_to_num() * x,
+    "erfcx": lambda x: torch.special.erfcx(x) + torch.special.erfcx(x * 4 + 12),  # (large x: its asymptotic branch)
+    "softmin": lambda x: F.softmin(x, -1) + F.softmin(x * 2, dim=0, dtype=D) * 2 + torch.nn.Softmin(-1)(x * 0.5),
+    "fix_angle": lambda x: x.fix() * x + torch.fix(x) + torch.angle(x) * x,
+    "frexp": lambda x: torch.frexp(x).mantissa + x.frexp()[0] * x,
 }
 
 POSITIVE_ACTIVATIONS = {  # unary, on positive inputs
@@ -585,6 +608,10 @@ POSITIVE_ACTIVATIONS = {  # unary, on positive inputs
     "polygamma": lambda x: torch.polygamma(1, x) + x.polygamma(2) + torch.special.polygamma(0, x),
     "mvlgamma": lambda x: torch.mvlgamma(x + 1, 2) + torch.special.multigammaln(x + 2, 3),
     "entr": lambda x: torch.special.entr(x),
+    # (a and s take no gradient: torch refuses to differentiate them)
+    "incomplete_gamma": lambda x: torch.special.gammainc(torch.tensor(2.5, dtype=x.dtype), x) + torch.igammac(
+        torch.full((5,), 0.7, dtype=x.dtype), x * 2) + torch.full((1,), 1.5, dtype=x.dtype).igamma(x),
+    "zeta": lambda x: torch.special.zeta(torch.tensor(3.0, dtype=x.dtype), x) + torch.special.zeta(2.5, x * 2),
 }
 
 BINARY_NEW = {  # over the broadcasting shape matrix
@@ -592,6 +619,8 @@ BINARY_NEW = {  # over the broadcasting shape matrix
     "hypot": lambda a, b: torch.hypot(a, b),
     "xlogy": lambda a, b: torch.xlogy(a, b.abs() + 0.5) + torch.special.xlog1py(b, a.abs()),
     "remainder_fmod": lambda a, b: a % (b.abs() + 0.5) + torch.fmod(a, b.abs() + 0.5),
+    # (a negative integer exponent: see test_ops, torch's gradient is 0 there)
+    "ldexp": lambda a, b: torch.ldexp(a, b) + torch.ldexp(b, torch.tensor([3, 0, 1, 2, 0])[-b.shape[-1]:]) * a,
 }
 
 
@@ -643,12 +672,51 @@ def scan_cases():
     yield "diff_prepend_append", lambda x, p, a: torch.diff(x, dim=1, prepend=p, append=a), [
         x, r(4, 2, seed=7), r(4, 1, seed=8)]
     yield "trace", lambda x: x.trace() + torch.trace(x.T @ x), [x]
+    yield "trapezoid", lambda y: torch.trapezoid(y) + torch.trapz(y, dim=0).sum() + torch.trapezoid(
+        y, dx=0.5, dim=-1), [x]
+    yield "trapezoid_x_1d", lambda y, t: torch.trapezoid(y, t) + torch.trapz(y.T, t, dim=0) * 2, [x, r(5, seed=10)]
+    yield "trapezoid_x_broadcast", lambda y, t, u: torch.trapezoid(y, t, dim=1) + torch.trapz(y, u).sum(
+        -1, keepdim=True), [r(3, 4, 5, seed=11), r(4, 1, seed=12), r(4, 5, seed=13)]
+    yield "trapezoid_one_and_no_point", lambda y, t: torch.trapezoid(y[:, :1]) + torch.trapezoid(y[:, :0]) + (
+        torch.trapezoid(y[:, :1], t[:1])), [x, r(5, seed=10)]
+    yield "cumulative_trapezoid", lambda y: torch.cumulative_trapezoid(y) + torch.cumulative_trapezoid(
+        y, dx=0.3, dim=-1) + torch.cumulative_trapezoid(y, dim=0).sum(0, keepdim=True)[:, :4], [x]
+    yield "cumulative_trapezoid_x", lambda y, t, u: torch.cumulative_trapezoid(y, t) + torch.cumulative_trapezoid(
+        y.T, t, dim=0).T + torch.cumulative_trapezoid(y, u, dim=0)[:, :4].sum(0), [x, r(5, seed=10), r(4, 1, seed=14)]
+    probs = torch.tensor([0.1, 0.45, 0.93], dtype=D)  # (no rank falls on a kink)
+    yield "quantile", lambda x: torch.quantile(x, 0.3) + torch.quantile(x, 0.7, dim=1).sum() + x.quantile(
+        0.25, dim=0, keepdim=True).sum() + torch.quantile(x[0, 0], 0.4), [distinct(4, 5)]
+    yield "quantile_q_tensor", lambda x, q: torch.quantile(x, q, dim=1) + torch.quantile(x, q, dim=0, keepdim=True).sum(
+        (1, 2)).unsqueeze(1) + torch.quantile(x, q).unsqueeze(1) + torch.quantile(x, q[1], dim=-1), [distinct(4, 5),
+                                                                                                      probs]
+    yield "quantile_interpolations", lambda x, q: torch.quantile(x, q, 1, interpolation="lower") + torch.quantile(
+        x, q, 1, interpolation="higher") + x.quantile(q, 1, interpolation="nearest") + torch.quantile(
+        x, q, dim=1, interpolation="midpoint"), [distinct(4, 5), probs]
+    with_nans = distinct(4, 5)
+    with_nans[1, 2] = with_nans[3, 0] = with_nans[3, 4] = float("nan")
+    yield "nanquantile", lambda x, q: torch.nanquantile(x, q, dim=1) + x.nanquantile(q, interpolation="midpoint")[
+        :, None] + torch.nanquantile(x, 0.6, dim=0).sum(), [with_nans, probs]
+    with_nans = with_nans.clone()
+    with_nans[2] = float("nan")  # quantile: NaN where a slice holds one; nanquantile: NaN for a slice of NaNs only
+    # (made finite: test_codegen compares with torch.equal)
+    yield "nonsmooth_quantile_nan", lambda x, q: (torch.quantile(x, q, dim=1) + torch.nanquantile(
+        x, q, dim=1)).nan_to_num(), [with_nans, probs]
+    yield "gradient", lambda x: torch.gradient(x)[0] + torch.gradient(x, spacing=2.0)[1] * 3 + torch.gradient(
+        x, dim=1, edge_order=2)[0] + torch.gradient(x, spacing=[0.5, 3.0], dim=[1, 0], edge_order=2)[1], [x]
+    yield "gradient_3d", lambda x: torch.gradient(x, dim=-1)[0] + torch.gradient(x, spacing=(0.3,), dim=(1,))[0], [
+        r(2, 5, 4, seed=1)]
+    yield "aminmax", lambda x: torch.aminmax(x).min + torch.aminmax(x, dim=1).max.sum() + x.aminmax(
+        dim=0, keepdim=True)[0].sum() + torch.aminmax(x, dim=-1, keepdim=True)[1], [distinct(4, 5)]
     yield "diag", lambda x: x.diag() + torch.diag(x, 1).sum() + torch.diag(x[0], -1).sum(), [x]
     yield "diag_embed_diagflat", lambda x: torch.diag_embed(x).sum(0) + torch.diag_embed(x, 1, 0, 2).sum(1)[:5, :5] + (
         torch.diagflat(x[:2], -1)[:5, :5]), [r(4, 5, seed=9)]
 
 
 TIED_NEW = {
+    "scatter_reduce_ties": lambda x: x.scatter_reduce(1, torch.tensor([[0, 0, 2, 2], [3, 1, 3, 3]]), x.flip(1),
+                                                      "amax") + x.scatter_reduce(0, torch.tensor([[1, 0, 0, 0]]),
+                                                                                 x[1:], "amin"),
+    "aminmax_ties": lambda x: torch.aminmax(x, dim=1)[1].sum() + torch.aminmax(x).min,  # ties share it evenly
     "cummax_ties": lambda x: x.cummax(1).values + x.cummin(0).values.sum(),  # the returned index takes it
     "cumprod_zero_ties": lambda x: (x - 2).cumprod(1),  # 0s where x was 2
     "sinc_at_integers": lambda x: torch.sinc(x) + torch.sinc(x - 3),
@@ -679,6 +747,32 @@ def linalg_cases():
         r(3, 4, seed=1), r(4, 2, seed=2)]
     yield "cross", lambda a, b: torch.linalg.cross(a, b) + torch.cross(a, b, dim=1), [r(4, 3, seed=1), r(1, 3, seed=2)]
     yield "cross_default_dim", lambda a, b: torch.cross(a, b), [r(3, 4, seed=1), r(3, 4, seed=2)]
+    yield "tensorinv", lambda a, b: torch.linalg.tensorinv(a, ind=1) + torch.linalg.tensorinv(b).sum(), [
+        r(4, 2, 2, seed=1) + torch.eye(4, dtype=D).view(4, 2, 2) * 3, r(2, 3, 6, seed=2)]
+    yield "tensorsolve", lambda a, b, c: torch.linalg.tensorsolve(a, b) + torch.linalg.tensorsolve(
+        c, b, dims=(0, 2)).sum(), [r(2, 3, 6, seed=1), r(2, 3, seed=2), r(2, 2, 3, 3, seed=3)]
+    yield "vdot_vecdot", lambda a, b: torch.linalg.vecdot(a, b) + a[0].vdot(b) + torch.vdot(b, a[1]) + (
+        torch.linalg.vecdot(a, a.flip(0) * 2, dim=0).sum()), [r(4, 5, seed=1), r(5, seed=2)]
+    yield "linalg_matmul", lambda a, b: torch.linalg.matmul(a, b), [r(2, 4, 3, seed=1), r(3, 2, seed=2)]
+    yield "multi_dot", lambda v, a, b, c, w: torch.linalg.multi_dot([a, b, c]) + torch.linalg.multi_dot(
+        (v, a, b, w)) + torch.linalg.multi_dot([a, b, w])[:, None] + torch.linalg.multi_dot([v, a]).sum(), [
+        r(4, seed=1), r(4, 3, seed=2), r(3, 5, seed=3), r(5, 2, seed=4), r(5, seed=5)]
+    yield "chain_matmul", lambda a, b, c: torch.chain_matmul(a, b, c) + torch.chain_matmul(a @ b, c) * 2, [
+        r(4, 3, seed=2), r(3, 5, seed=3), r(5, 2, seed=4)]
+    yield "matrix_power", lambda a: torch.linalg.matrix_power(a, 3) + torch.matrix_power(a, -2) + a.matrix_power(
+        1) + torch.linalg.matrix_power(a, 0) * a, [_spd(4, seed=3) / 3]
+    yield "matrix_power_batched", lambda b: torch.linalg.matrix_power(b, 4) + torch.linalg.matrix_power(b, -1), [
+        b / 3]
+    yield "inv_ex_solve_ex", lambda a, c: torch.linalg.inv_ex(a).inverse + torch.linalg.solve_ex(a, c)[0] + (
+        torch.linalg.solve_ex(a, c, left=False).result), [a, r(4, 4, seed=6)]
+    yield "linalg_diagonal", lambda x: torch.linalg.diagonal(x) + torch.linalg.diagonal(x, offset=1, dim1=0, dim2=2
+                                                                                         ).sum(-1), [r(3, 4, 5, seed=7)]
+    yield "nuclear_frobenius_norm", lambda a, b: torch.nuclear_norm(a) + torch.nuclear_norm(b, (0, 2), keepdim=True
+                                                                                            ).sum() + (
+        torch.frobenius_norm(b, (1, 2)).sum() + torch.nuclear_norm(a, True) + torch.frobenius_norm(a, [0, 1])), [
+        r(4, 3, seed=8), r(2, 3, 5, seed=9)]
+    yield "renorm", lambda x: x.renorm(2, 0, 2.0) + torch.renorm(x, 1, 1, 2.5) + torch.renorm(x, 3, 0, 1.0) + (
+        x.renorm(float("inf"), 1, 1.0)), [distinct(4, 5) * 8 - 4]
     yield "bilinear", lambda x1, x2, w, b: F.bilinear(x1, x2, w, b), [r(4, 3, seed=1), r(4, 2, seed=2),
                                                                        r(5, 3, 2, seed=3), r(5, seed=4)]
     yield "bilinear_module_3d", lambda x1, x2: _BILINEAR(x1, x2), [r(2, 4, 3, seed=1), r(2, 4, 2, seed=2)]
@@ -868,6 +962,22 @@ def decomposition_cases():
     yield "lu_factor", lambda a: torch.linalg.lu_factor(a).LU + torch.linalg.lu_factor_ex(a * 2)[0], [xb]
     yield "lu_solve_of_lu_factor", lambda a, b: torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b) + (
         torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b, adjoint=True)), [x, r(4, 2, seed=31)]
+    for name, a in (("tall", tall), ("wide", wide)):
+        yield f"lu_{name}", lambda a: _flat(*torch.linalg.lu(a)[1:]) + _flat(
+            torch.linalg.lu(a).L * torch.linalg.lu(a).P.sum(-1, keepdim=True), torch.linalg.lu(a).U.exp()), [a]
+        yield f"lu_factor_{name}", lambda a: torch.linalg.lu_factor(a).LU + torch.linalg.lu_factor_ex(a * 2)[0], [a]
+        yield f"lu_unpack_{name}", lambda a: _flat(*torch.lu_unpack(*torch.linalg.lu_factor(a))[1:]), [a]
+    yield "lu_L_or_U_only", lambda a, w: _flat(torch.linalg.lu(a).L, torch.linalg.lu(w).U, torch.lu_unpack(
+        *torch.linalg.lu_factor(a)).U), [tall, wide]
+    yield "householder_product", lambda a, t: torch.linalg.householder_product(a, t) + torch.orgqr(a, t).exp() + (
+        a.orgqr(t[:1])), [tall, r(2, seed=32)]
+    yield "householder_product_batched_square", lambda a, t: torch.linalg.householder_product(a, t), [xb, r(
+        2, 3, seed=33)]
+    yield "ormqr", lambda a, t, c, d: _flat(torch.ormqr(a, t, c), torch.ormqr(a, t, c, transpose=True), torch.ormqr(
+        a, t, d, left=False), a.ormqr(t, d, False, True)), [r(2, 4, 3, seed=34), r(2, 3, seed=35), r(2, 4, 2, seed=36),
+                                                             r(2, 2, 4, seed=37)]
+    yield "torch_lu_deprecated", lambda a, b: _flat(torch.lu(a)[0], a.lu(get_infos=True)[0], torch.lu_solve(
+        b, *torch.linalg.lu_factor(a)), b.lu_solve(*torch.lu(a))), [x, r(4, 2, seed=31)]
     pivots = torch.tensor([[3, 2, 3], [2, 2, 3]], dtype=torch.int32)
     yield "lu_solve_packed_right_broadcast", lambda lu, p, b: torch.linalg.lu_solve(lu, p, b, left=False) + (
         torch.linalg.lu_solve(lu, p, b, left=False, adjoint=True)), [_spd(3, seed=32, batch=(2,)), pivots,
@@ -929,6 +1039,30 @@ def distance_cases():
 
 def more_shape_cases():
     x = r(3, 4, 5, seed=6)
+    yield "select_slice_scatter", lambda x, s, t: torch.select_scatter(x, s, 0, 1) + x.select_scatter(s * 2, 0, -1) + (
+        torch.slice_scatter(x, t, 1, 0, 4, 2)) + x.slice_scatter(t, dim=-1, start=1, step=2) + torch.slice_scatter(
+        x, s.expand(2, 4), end=2), [r(3, 4, seed=1), r(4, seed=2), r(3, 2, seed=3)]
+    yield "diagonal_scatter", lambda x, s: torch.diagonal_scatter(x, s) + x.diagonal_scatter(s[:2] * 3, 1), [
+        r(3, 3, seed=1), r(3, seed=2)]
+    yield "put", lambda x, s: x.put(torch.tensor([0, 5, 6, 11]), s) + x.put(torch.tensor([1, 5, 1, 2]), s,
+                                                                            accumulate=True) + (x * 1.0).put_(
+        torch.tensor([3, 2, 1, 0]), s), [r(3, 4, seed=1), r(2, 2, seed=2)]
+    # torch's convention, not the derivative: each of the source elements written to one place gets its gradient
+    yield "nonsmooth_put_duplicates", lambda x, s: x.put(torch.tensor([0, 5, 5, 11]), s), [r(3, 4, seed=1),
+                                                                                            r(2, 2, seed=2)]
+    yield "as_strided", lambda x: x.as_strided((3, 3), (2, 1)) + torch.as_strided(x, (3, 3), (1, 3), 1) + x[
+        1:].as_strided((3, 3), (1, 1)), [r(3, 4, seed=1)]
+    yield "broadcast_tensors", lambda a, b: torch.broadcast_tensors(a, b)[0] * torch.broadcast_tensors(a, b)[1].exp(), [
+        r(4, 1, seed=1), r(5, seed=2)]
+    yield "meshgrid", lambda a, b, c: torch.meshgrid(a, b, c, indexing="ij")[0] + torch.meshgrid(
+        [a, b, c], indexing="ij")[2] * 2 + torch.meshgrid(b, a, c, indexing="xy")[1].exp() + torch.meshgrid(
+        b, a, c, indexing="xy")[0], [r(3, seed=1), r(4, seed=2), r(2, seed=3)]
+    yield "meshgrid_two", lambda a, b: torch.meshgrid(a, b, indexing="ij")[1] + torch.meshgrid(
+        b, a, indexing="xy")[0] * 3, [r(3, seed=1), r(4, seed=2)]
+    yield "unsafe_split_chunk", lambda x: torch.unsafe_split(x, 2)[1] + x.unsafe_chunk(2)[0] * 2 + (
+        torch.unsafe_split_with_sizes(x, [2, 2])[0]), [r(4, 3, seed=1)]
+    yield "constant_pad_nd", lambda x: torch.constant_pad_nd(x, (1, 2)) + torch.constant_pad_nd(x, [0, 3], 2.0) + (
+        torch.constant_pad_nd(x, (-1, 0, 1, 1))[:4, :2].sum()), [r(4, 3, seed=1)]
     yield "tile", lambda x: x.tile(2, 1) + torch.tile(x, (1, 1, 2, 1))[0], [r(2, 4, 5, seed=1)]
     yield "repeat_interleave", lambda x: x.repeat_interleave(2, dim=1).cumsum(1).sum(1) + torch.repeat_interleave(
         x, torch.tensor([1, 0, 3, 2]), dim=-2).cumsum(1).sum(1), [r(3, 4, 2, seed=1)]
@@ -1004,6 +1138,30 @@ def image_cases():
     yield "pixel_unshuffle", lambda x: F.pixel_unshuffle(x, 2), [r(2, 3, 4, 6, seed=8)]
     yield "channel_shuffle", lambda x: F.channel_shuffle(x, 3) * torch.arange(6, dtype=D).view(6, 1, 1), [
         r(2, 6, 2, 2, seed=9)]
+    yield "interpolate_area", lambda x, y, z: F.interpolate(x, size=3, mode="area") + F.interpolate(
+        y, scale_factor=0.5, mode="area").sum(-1) + F.interpolate(z, size=(3, 2, 1), mode="area").sum((-2, -1)), [
+        r(1, 2, 7, seed=1), r(1, 2, 6, 4, seed=2), r(1, 2, 3, 4, 5, seed=3)]
+    yield "adaptive_max_pool3d", lambda x: F.adaptive_max_pool3d(x, 2) + F.adaptive_max_pool3d(
+        x, (2, 2, 2), return_indices=True)[0] + torch.nn.AdaptiveMaxPool3d((2, 1, 2))(x), [distinct(1, 2, 4, 4, 4)]
+    yield "lp_pool", lambda x, y, z: F.lp_pool1d(x, 2, 3) + F.lp_pool1d(x.abs() + 0.1, 3.0, 3, stride=3) + (
+        F.lp_pool2d(y, 2, 2).sum((-2, -1))[..., None] + torch.nn.LPPool2d(1.5, 2, stride=1, ceil_mode=True)(
+            y.abs()).sum((-2, -1))[..., None]) + F.lp_pool3d(z, 2, 2).sum((-3, -2, -1))[..., None], [
+        r(2, 3, 9, seed=1), r(2, 3, 4, 6, seed=2), r(2, 3, 4, 4, 2, seed=3)]
+    yield "local_response_norm", lambda x, y, z: F.local_response_norm(x, 3) + torch.nn.LocalResponseNorm(
+        2, alpha=0.1, beta=0.5, k=2.0)(x) + F.local_response_norm(y, 4, alpha=0.3).sum(-1) + F.local_response_norm(
+        z, 2, alpha=0.3).sum((-2, -1)), [r(2, 5, 4, seed=4), r(2, 5, 4, 2, seed=5), r(2, 5, 4, 2, 2, seed=6)]
+    bags, starts = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9]), torch.tensor([0, 2, 2, 5])  # (the second bag is empty)
+    yield "embedding_bag", lambda w: F.embedding_bag(bags, w, starts) + F.embedding_bag(
+        bags.view(4, 2), w, mode="sum") + F.embedding_bag(bags, w, starts, mode="max") * 2, [distinct(10, 3)]
+    yield "embedding_bag_padding_last_offset", lambda w: F.embedding_bag(bags, w, starts, padding_idx=4) + (
+        F.embedding_bag(bags, w, torch.tensor([0, 3, 8]), mode="max", padding_idx=-1, include_last_offset=True).sum()
+    ), [distinct(10, 3)]
+    # (scale_grad_by_freq: torch's heuristic, not the derivative: no finite differences)
+    yield "embedding_bag_scale_grad_by_freq", lambda w: F.embedding_bag(bags.view(2, 4), w, mode="sum",
+                                                                        scale_grad_by_freq=True), [distinct(10, 3)]
+    yield "embedding_bag_per_sample_weights", lambda w, p: F.embedding_bag(
+        bags, w, starts, mode="sum", per_sample_weights=p) + F.embedding_bag(
+        bags.view(2, 4), w, mode="sum", per_sample_weights=p.view(2, 4))[[0, 1, 1, 0]], [r(10, 3, seed=1), r(8, seed=2)]
 
 
 def product_cases():
@@ -1035,6 +1193,13 @@ def more_loss_cases():
     x, y = r(4, 5, seed=1), r(4, 5, seed=2)
     sign = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=D)
     classes = torch.tensor([0, 4, 2, 2])
+    yield "linear_cross_entropy", lambda x, w, b: F.linear_cross_entropy(x, w, classes, linear_bias=b) + (
+        F.linear_cross_entropy(x[0], w, classes[0], reduction="sum")) + F.linear_cross_entropy(
+        x, w, classes, reduction="none", weight=torch.arange(1.0, 6.0, dtype=x.dtype), ignore_index=2,
+        label_smoothing=0.1).sum(), [r(4, 3, seed=3), r(5, 3, seed=4), r(5, seed=5)]
+    yield "linear_cross_entropy_k_dim_probs", lambda x, w, b, p: F.linear_cross_entropy(
+        x, w, torch.tensor([[0, 1], [3, 2], [1, 1], [2, 0]]), linear_bias=b) + F.linear_cross_entropy(
+        x, w[:, 0], p.softmax(-1)), [r(4, 3, seed=3), r(5, 2, 3, seed=4), r(5, 2, seed=5), r(4, 5, seed=6)]
     for red in ("mean", "sum", "none"):
         yield f"multi_margin_{red}", lambda a, red=red: F.multi_margin_loss(a, classes, reduction=red), [x]
         yield f"soft_margin_{red}", lambda a, red=red: F.soft_margin_loss(a, y, reduction=red), [x]  # (y: no grad)

@@ -369,9 +369,9 @@ def test_a_loss_computed_with_math_says_why_it_has_no_graph():
 def test_op_without_rule_names_op_and_line():
     x = torch.rand(4, dtype=D) + 0.5
     with tg.record() as graph:
-        y = torch.special.erfcx(x)  # no rule for erfcx
+        y = torch.special.bessel_j0(x)  # no rule for bessel_j0
         loss = y.sum()
-    with pytest.raises(NotImplementedError, match=r"erfcx.*test_engine\.py:\d+"):
+    with pytest.raises(NotImplementedError, match=r"bessel_j0.*test_engine\.py:\d+"):
         graph.backward(loss)
 
 
@@ -600,6 +600,43 @@ def test_dropout_gradient_matches_torch_with_the_same_seed():
     (F.dropout(xr, 0.4) * torch.arange(5, dtype=D)).sum().backward()
     torch.testing.assert_close(graph.backward(loss)[x], xr.grad)
     torch.testing.assert_close(y, F.dropout(x, 0.4, training=False) * (y != 0) / 0.6)
+
+
+DROPOUTS = {  # each: the call and its input's shape
+    "dropout_p1": (lambda x: F.dropout(x, 1.0), (6, 5)),  # keeps nothing (its mask was 0/0: NaN)
+    "dropout1d": (lambda x: F.dropout1d(x, 0.4), (3, 4, 5)),
+    "dropout1d_unbatched": (lambda x: torch.nn.Dropout1d(0.4)(x), (4, 5)),
+    "dropout2d": (lambda x: F.dropout2d(x, 0.5) + torch.nn.Dropout2d(0.3)(x), (2, 3, 4, 5)),
+    "dropout2d_3d_input": (lambda x: F.dropout2d(x, 0.5), (3, 4, 5)),  # torch: channel-wise 1-d dropout
+    "dropout3d": (lambda x: F.dropout3d(x, 0.5), (2, 3, 2, 2, 3)),
+    "dropout3d_unbatched": (lambda x: torch.nn.Dropout3d(0.5)(x), (3, 2, 2, 3)),
+    "alpha_dropout": (lambda x: F.alpha_dropout(x, 0.3, training=True) + torch.nn.AlphaDropout(0.6)(x), (6, 5)),
+    "alpha_dropout_p1": (lambda x: F.alpha_dropout(x, 1.0, True), (6, 5)),
+    "feature_alpha_dropout": (lambda x: torch.nn.FeatureAlphaDropout(0.4)(x), (2, 3, 4, 5)),
+    "inplace": (lambda x: F.alpha_dropout(x * 1.0, 0.3, True, inplace=True) + F.dropout2d(x * 2.0, 0.4, inplace=True), (
+        2, 3, 4, 5)),
+    "torch_functions": (lambda x: torch.feature_dropout(x, 0.3, True) + torch.alpha_dropout(x, 0.2, train=True) + (
+        torch.feature_alpha_dropout(x, 0.4, True)), (2, 3, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DROPOUTS))
+def test_every_dropout_in_training_draws_torchs_mask_and_gets_torchs_gradient(name):
+    """The channel-wise and alpha dropouts had no rule; their masks are recorded constants, drawn as torch draws
+    them: the same values as torch's with the same seed, and torch's gradients."""
+    fn, shape = DROPOUTS[name]
+    x = torch.randn(shape, dtype=D)
+    weight = torch.randn(shape, dtype=D)
+    torch.manual_seed(3)
+    with tg.record() as graph:
+        y = fn(x)
+        loss = (y * weight).sum()
+    torch.manual_seed(3)
+    xr = x.clone().requires_grad_()
+    expected = fn(xr)
+    assert torch.equal(y, expected.detach())
+    (expected * weight).sum().backward()
+    torch.testing.assert_close(graph.backward(loss)[x], xr.grad)
 
 
 @pytest.mark.parametrize("mask", ["causal", "bool", "float", "none"])

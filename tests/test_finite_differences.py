@@ -10,6 +10,7 @@ from op_cases import CASES, FD_SETTINGS
 NON_SMOOTH = ("tied-", "max_binary", "maximum", "minimum", "where", "nn-max_pool2d", "nn-l1_loss",
               "float_roundtrip",  # float32 rounding swamps the difference quotient
               "embedding_pad",  # padding_idx's zero gradient is a convention, not the derivative
+              "scale_grad_by_freq",  # the gradient divided by each index's count: a heuristic, not the derivative
               "nonsmooth",  # torch's convention where a norm is clamped to eps (a zero vector)
               "symmetrised")  # torch's symmetric gradient of a factorisation reading one triangle
 FD_CASES = [(name, fn, inputs) for name, fn, inputs in CASES

@@ -121,6 +121,43 @@ def test_vander_matches_finite_differences_and_linalg_vander():
     torch.testing.assert_close(ones, torch_grads(lambda x: torch.ones(4, 1, dtype=x.dtype) * x.unsqueeze(1), [x])[0])
 
 
+def test_ldexp_with_a_negative_integer_exponent_matches_finite_differences():
+    """torch 2.13's autograd multiplies by an integer power of 2, which is 0 for a negative exponent; the
+    engine gives 2**e, as finite differences do (and as torch does for a non-negative or floating exponent)."""
+    x, exponent = r(4, seed=1), torch.tensor([-2, -1, 0, 3])
+
+    def fn(x):
+        return torch.ldexp(x, exponent)
+
+    ours = engine_grads(fn, [x])[1][0]
+    torch.testing.assert_close(ours, finite_differences(fn, [x])[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, torch_grads(lambda x: torch.ldexp(x, exponent.double()), [x])[0])
+
+
+def test_scatter_reduce_amax_without_self_ignores_an_input_equal_to_the_result():
+    """With include_self=False the input's element takes no part in the reduction; torch 2.13's autograd still
+    counts it among the ties when it equals the result, giving the src element half its gradient. The engine
+    gives all of it, as finite differences do."""
+    x, src = torch.tensor([1.0, 5.0], dtype=torch.float64), torch.tensor([1.0, 0.0, 3.0], dtype=torch.float64)
+
+    def fn(x, src):
+        return x.scatter_reduce(0, torch.tensor([0, 0, 1]), src, "amax", include_self=False)
+
+    ours = engine_grads(fn, [x, src])[1]
+    for mine, numeric in zip(ours, finite_differences(fn, [x, src])):
+        torch.testing.assert_close(mine, numeric, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_chunked_with_options_gets_torchs_gradient(reduction):
+    """With options, torch computes the loss in batch chunks (its own autograd function): the same loss, so the
+    rule's gradient, from the reference computation, is torch's (to rounding)."""
+    classes, options = torch.tensor([0, 4, 2, 2]), torch.nn.LinearCrossEntropyOptions()
+    assert_matches_torch(lambda x, w, b: F.linear_cross_entropy(x, w, classes, linear_bias=b, reduction=reduction,
+                                                                options=options),
+                         [r(4, 3, seed=3), r(5, 3, seed=4), r(5, seed=5)])
+
+
 def test_full_max_and_min_of_a_tensor_holding_nan():
     """The NaN is the result: torch gives it the gradient (split among NaNs); the engine gave every element NaN."""
     nan = float("nan")
