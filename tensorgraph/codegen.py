@@ -152,10 +152,13 @@ class BackwardSource:
 
     def text(self, comments: bool = True) -> str:
         return "\n".join(str(line) if comments else line.code for line in self.lines
-                         if comments or not line.code.startswith("#")) + "\n"
+                         if comments or not line.code.startswith("#") or line.code.startswith(_KEPT)) + "\n"
 
     def __str__(self) -> str:
         return self.text()
+
+
+_KEPT = "# NOTE:"  # a header line kept by text(comments=False)
 
 
 def backward_source(graph: Graph, loss: Any, grad: Tensor | None = None, *, comments: bool = True) -> str:
@@ -255,6 +258,12 @@ class _Generator:
             position = self._position(step.consumer, step.source, positions)
             remaining[step.source] -= 1
             self._step(index, step, position, remaining[step.source])
+        incomplete = self.trace.grads.incomplete
+        if incomplete:  # (kept without comments too: the code computes these gradients in part)
+            names = ", ".join(self.fwd[node]["name"] for node in sorted(incomplete, reverse=True))
+            root_name = self.fwd[root]["name"]
+            self.lines.insert(0, Line(f"{_KEPT} no gradient for {names}: {root_name} depends on them through "
+                                      f"{next(iter(incomplete.values()))}; the lines below leave that part out"))
         return BackwardSource(self.lines, self.trace, self.variables, self.contributions)
 
     def _upstream(self, consumer: int) -> tuple[int, str] | None:

@@ -167,6 +167,12 @@ def compile(forward: Callable[..., Tensor], *, params: Sequence[Tensor] | None =
 # ---------------------------------------------------------------- what a step returns
 
 
+def _param_name(graph: Graph, param: Tensor) -> str:
+    """A parameter's name in the recorded graph (``'W1'``), or ``a parameter`` where it has none."""
+    live = graph._live.get(id(param))
+    return repr(graph._nodes[live[0]]["name"]) if live is not None and live[2] is param else "a parameter"
+
+
 class _Layout:
     """Where each parameter's gradient sits in the generated function's result (shared by every call)."""
 
@@ -174,6 +180,7 @@ class _Layout:
         self.tensors = tuple(tensors)
         self.names = tuple(names)
         self.by_id = {id(t): i for i, t in enumerate(self.tensors)}
+        self.incomplete: dict[int, tuple[Tensor, str]] = {}  # id -> (tensor, why it has no gradient): Gradients'
         self.by_name: dict[str, int] = {}
         for i, name in enumerate(self.names):
             self.by_name.setdefault(name, i)
@@ -200,6 +207,10 @@ class CompiledGradients(Mapping):
             index = layout.by_id.get(id(key))
             if index is not None and layout.tensors[index] is key:
                 return self._values[index]
+            incomplete = layout.incomplete.get(id(key))
+            if incomplete is not None and incomplete[0] is key:
+                raise KeyError(f"no gradient for this tensor: the loss depends on it through {incomplete[1]}: its "
+                               f"gradient would be incomplete")
             raise KeyError("this tensor is not a parameter of the compiled step (the loss does not depend on it, "
                            "or the forward receives it as an argument)")
         if isinstance(key, str):
@@ -933,6 +944,17 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     traced, pairs, source, fn_name, namespace = chosen.traced, chosen.pairs, chosen.source, chosen.name, \
         chosen.namespace
     reached = [n for n, _ in pairs]
+    backward_nodes = traced.grads.graph._nodes
+    incomplete = {id(backward_nodes[n]["value"]): (backward_nodes[n]["value"], why)
+                  for n, why in traced.grads.incomplete.items()}
+    for param in params or ():  # a parameter asked for by name whose gradient cannot be complete: say so now
+        if incomplete.get(id(param), (None,))[0] is param:
+            raise ValueError(f"tg.compile: no gradient for {_param_name(graph, param)}: the loss depends on it "
+                             f"through {incomplete[id(param)][1]}: its gradient would be incomplete")
+    if params is None and not reached and incomplete:
+        tensor, why = next(iter(incomplete.values()))
+        raise ValueError(f"tg.compile: the step would compute no gradient: the loss depends on "
+                         f"{_param_name(graph, tensor)} through {why}: its gradient would be incomplete")
     if params is None and not reached:
         raise ValueError(_no_parameters(graph, root_node, inputs))
     if params and not reached:
@@ -946,6 +968,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show the line
     last = _last_versions(graph)  # (a parameter clipped in place is named as its last version is: ``W``, not ``W_v0``)
     layout = _Layout([value_of[n] for n in reached], [nodes[last.get(n, n)]["name"] for n in reached])
+    layout.incomplete = incomplete
     first_grads = tuple(traced.grads.by_node[b] for _, b in pairs)
     if watched.stored:
         more = len(watched.stored) - 3

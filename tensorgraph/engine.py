@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .graph import Ref, _short_path, is_float, require_graph, shown
-from .ops import OPS, SHARED, UnsupportedCall
+from .ops import OPS, SHARED, UNDERIVED, UnsupportedCall
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -29,10 +29,15 @@ class Gradients(Mapping):
     as torch gives it no ``.grad``.
     """
 
-    def __init__(self, graph: Graph, grads: dict[int, Tensor], root: int) -> None:
+    def __init__(self, graph: Graph, grads: dict[int, Tensor], root: int,
+                 incomplete: dict[int, str] | None = None) -> None:
         self.graph = graph
         self.by_node = grads
         self.root = root
+        # tensors whose gradient would lack a part torch defines no derivative for: why, instead of a gradient
+        self.incomplete = incomplete or {}
+        for node in self.incomplete:
+            grads.pop(node, None)
 
     def __getitem__(self, key: Any) -> Tensor:
         if isinstance(key, Tensor):  # the training loop's grads[p]: straight to the node
@@ -55,6 +60,9 @@ class Gradients(Mapping):
                 raise KeyError(f"{name!r} has dtype {data['dtype']}: only floating-point tensors have gradients "
                                f"(make it one: torch.tensor(2.0), not torch.tensor(2); or x.float())")
             root = self.graph._nodes[self.root]["name"]
+            if node in self.incomplete:
+                raise KeyError(f"no gradient for {name!r}: {root!r} depends on it through "
+                               f"{self.incomplete[node]}: its gradient would be incomplete")
             raise KeyError(f"{root!r} does not depend on {name!r} (no gradient flows to it){self._earlier(node)}")
         return self.by_node[node]
 
@@ -357,6 +365,31 @@ def _dependencies(graph: Graph, root: int) -> set[int]:
     return seen
 
 
+def incomplete_gradients(graph: Graph, root: int) -> dict[int, str]:
+    """The float tensors ``root`` depends on through an input torch defines no derivative for (``Op.underived``:
+    gammainc's ``a``), each with that input (``'a', argument 1 of igamma at f.py:3, which ...``): their
+    gradients would be incomplete. Empty for almost every graph: one pass over the ops' names finds none."""
+    nodes = graph._nodes
+    if UNDERIVED.keys().isdisjoint([data["op"] for data in nodes[:root + 1]]):
+        return {}
+    found: dict[int, str] = {}
+    for node in sorted(_dependencies(graph, root), reverse=True):
+        data = nodes[node]
+        positions = UNDERIVED.get(data["op"]) if data["kind"] == "op" else None
+        for position in positions or ():
+            arg = data["bargs"][position] if position < len(data["bargs"]) else None
+            if arg.__class__ is not Ref or not is_float(nodes[arg.node]):
+                continue
+            param = OPS[data["op"]].params[position]
+            which = f"argument {position + 1}" if param in ("x", "input", "other") else f"the {param!r} argument"
+            why = (f"{nodes[arg.node]['name']!r}, {which} of {data['op']} at {data['source'] or '<unknown>'}, "
+                   f"which has no derivative (torch defines none either, and raises when it requires grad)")
+            for ancestor in _dependencies(graph, arg.node):
+                if is_float(nodes[ancestor]):
+                    found.setdefault(ancestor, why)
+    return found
+
+
 def _ignored_inputs(data: dict[str, Any]) -> set[int]:
     """The input nodes a node's value does not depend on (its op's ``ignores``), unless also passed elsewhere."""
     op = OPS.get(data["op"])
@@ -579,7 +612,7 @@ def _backward(graph: Graph, loss: Any, grad: Tensor | None, tape: list | None) -
                 for item, item_grad in zip(arg, input_grad):
                     if isinstance(item, Ref) and item_grad is not None:
                         _send(grads, node, data, item.node, item_grad, nodes, tape, anomaly)
-    return Gradients(graph, grads, root)
+    return Gradients(graph, grads, root, incomplete_gradients(graph, root))
 
 
 def _send(grads: dict[int, Tensor], node: int, data: dict[str, Any], source: int, grad: Tensor,

@@ -52,6 +52,9 @@ class Op:
     # positions of inputs the output does not depend on, given the node's attrs (batch_norm's running
     # statistics in training mode: written, never read)
     ignores: Callable[[dict[str, Any]], tuple[int, ...]] | None = None
+    # positions of float inputs torch defines no derivative for (gammainc's a): the rule gives them None, and the
+    # engine names every tensor whose gradient would then be incomplete instead of giving it (Gradients)
+    underived: tuple[int, ...] = ()
     params: tuple[str, ...] = ()
     defaults: tuple[Any, ...] = ()
     kwonly: frozenset[str] = frozenset()
@@ -118,6 +121,7 @@ class Op:
 
 
 OPS: dict[str, Op] = {}
+UNDERIVED: dict[str, tuple[int, ...]] = {}  # the ops with inputs torch defines no derivative for: Op.underived
 # torch callable -> (op, operands swapped?, in place?)
 FUNCS: dict[Any, tuple[Op, bool, bool]] = {}
 
@@ -163,6 +167,7 @@ def defop(
     multi: bool = False,
     mutates: tuple[int, ...] = (),
     ignores: Callable[[dict[str, Any]], tuple[int, ...]] | None = None,
+    underived: tuple[int, ...] = (),
 ) -> Op:
     """Add one op to the table.
 
@@ -170,8 +175,10 @@ def defop(
     ``Tensor.<name>``, ``F.<name>``, ``Tensor.__<name>__`` and, in place,
     ``Tensor.<name>_`` / ``Tensor.__i<name>__``; ``Tensor.__r<name>__`` swaps operands.
     """
-    op = Op(name, rule, constant=constant, multi=multi, mutates=mutates, ignores=ignores)
+    op = Op(name, rule, constant=constant, multi=multi, mutates=mutates, ignores=ignores, underived=underived)
     OPS[name] = op
+    if underived:
+        UNDERIVED[name] = underived
     names = list(funcs)
     if auto:
         names += [f"torch.{name}", f"Tensor.{name}", f"F.{name}", f"nn.{name}", f"Tensor.__{name}__"]

@@ -541,7 +541,8 @@ class Template:
             return None
         finally:
             graph._fingerprints = stamps
-        self.plans[key] = Plan.build(graph, root, grad, traced)
+        # (a gradient left incomplete by an underived input is named by the walk, which a plan does not repeat)
+        self.plans[key] = None if traced.grads.incomplete else Plan.build(graph, root, grad, traced)
         return traced.grads
 
 

@@ -320,10 +320,13 @@ def _gamma_density(a: Tensor, x: Tensor) -> Tensor:
     return torch.exp((a - 1) * torch.log(x) - x - torch.lgamma(a))
 
 
-defop("igamma", lambda g, out, x, other: (None, g * _gamma_density(x, other)), funcs=("special.gammainc",))
-defop("igammac", lambda g, out, x, other: (None, -g * _gamma_density(x, other)), funcs=("special.gammaincc",))
+# (a's and s's derivatives torch does not define: underived, see ops.Op)
+defop("igamma", lambda g, out, x, other: (None, g * _gamma_density(x, other)), funcs=("special.gammainc",),
+      underived=(0,))
+defop("igammac", lambda g, out, x, other: (None, -g * _gamma_density(x, other)), funcs=("special.gammaincc",),
+      underived=(0,))
 defop("special_zeta", lambda g, out, x, other: (None, g * -x * torch.special.zeta(x + 1.0, other) if isinstance(
-    other, Tensor) else None), auto=False, funcs=("special.zeta",))
+    other, Tensor) else None), auto=False, funcs=("special.zeta",), underived=(0,))
 # the normal distribution's cdf, its log and its inverse
 defop("special_ndtr", lambda g, out, x: g * (x.pow(2) * -0.5).exp() / math.sqrt(2 * math.pi), auto=False,
       funcs=("special.ndtr",))
@@ -2488,8 +2491,9 @@ def cross_entropy_parts(g: Tensor, x: Tensor, target: Tensor, weight: Tensor | N
     return logp, grad_logp, grad_target, class_dim
 
 
-defop("nll_loss", nll_loss)
-defop("cross_entropy", cross_entropy)
+# (class weights: torch defines no derivative for them)
+defop("nll_loss", nll_loss, underived=(2,))
+defop("cross_entropy", cross_entropy, underived=(2,))
 
 
 def linear_cross_entropy(g: Tensor, out: Tensor, input: Tensor, linear_weight: Tensor, target: Tensor,
@@ -2620,8 +2624,9 @@ defop("l1_loss", l1_loss)
 defop("smooth_l1_loss", smooth_l1_loss)
 defop("huber_loss", huber_loss)
 defop("kl_div", kl_div)
-defop("binary_cross_entropy_with_logits", binary_cross_entropy_with_logits)
-defop("binary_cross_entropy", binary_cross_entropy)
+# (weight and pos_weight: torch defines no derivative for them)
+defop("binary_cross_entropy_with_logits", binary_cross_entropy_with_logits, underived=(2, 6))
+defop("binary_cross_entropy", binary_cross_entropy, underived=(2,))
 
 
 def _reduction_enum(size_average: Any, reduce: Any, reduction: str) -> int:
@@ -2630,7 +2635,8 @@ def _reduction_enum(size_average: Any, reduce: Any, reduction: str) -> int:
 
 defop("multi_margin_loss", lambda g, out, x, target, p=1, margin=1.0, weight=None, size_average=None, reduce=None,
       reduction="mean": (aten.multi_margin_loss_backward(g, x, target, p, margin, weight, _reduction_enum(
-          size_average, reduce, reduction)), None, None), auto=False, funcs=("F.multi_margin_loss",))
+          size_average, reduce, reduction)), None, None), auto=False, funcs=("F.multi_margin_loss",),
+      underived=(4,))  # (weight: torch defines no derivative for it)
 
 
 def _lengths(lengths: Any) -> list[int]:
@@ -2802,7 +2808,8 @@ def triplet_margin_loss(g: Tensor, out: Tensor, anchor: Tensor, positive: Tensor
 for _rule in (multilabel_margin_loss, soft_margin_loss, hinge_embedding_loss, margin_ranking_loss,
               cosine_embedding_loss, poisson_nll_loss, gaussian_nll_loss, multilabel_soft_margin_loss,
               triplet_margin_loss):
-    defop(_rule.__name__, _rule, auto=False, funcs=(f"F.{_rule.__name__}",))
+    defop(_rule.__name__, _rule, auto=False, funcs=(f"F.{_rule.__name__}",),
+          underived=(1,) if _rule is soft_margin_loss else ())  # (its target: torch defines no derivative)
 
 
 def embedding(g: Tensor, out: Tensor, input: Tensor, weight: Tensor, padding_idx: int | None = None,

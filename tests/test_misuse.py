@@ -84,6 +84,75 @@ def test_a_function_named_like_an_op_with_a_rule_gets_no_other_functions_rule(op
         graph.backward(loss)
 
 
+UNDERIVED = {  # an argument torch defines no derivative for, computed from w inside the block
+    "gammainc": lambda a, x: torch.special.gammainc(a, x),
+    "gammaincc": lambda a, x: torch.igammac(a, x),
+    "zeta": lambda s, q: torch.special.zeta(s + 1.5, q),
+}
+
+
+_X, _T, _CLASSES = r(4, 3, seed=3), torch.rand(4, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 0])
+LOSS_WEIGHTS = {  # a loss argument torch defines no derivative for (class weights, soft margin's target)
+    "soft_margin_loss": (lambda w: F.soft_margin_loss(_X, _T.sign() * w), "the 'target' argument"),
+    "binary_cross_entropy": (lambda w: F.binary_cross_entropy(torch.sigmoid(_X), _T, weight=_T[0] * w),
+                             "the 'weight' argument"),
+    "binary_cross_entropy_with_logits": (lambda w: F.binary_cross_entropy_with_logits(
+        _X, _T, pos_weight=_T[0] * w), "the 'pos_weight' argument"),
+    "nll_loss": (lambda w: F.nll_loss(F.log_softmax(_X, 1), _CLASSES, weight=_T[0] * w), "the 'weight' argument"),
+    "cross_entropy": (lambda w: F.cross_entropy(_X, _CLASSES, weight=_T[0] * w), "the 'weight' argument"),
+    "multi_margin_loss": (lambda w: F.multi_margin_loss(_X, _CLASSES, weight=_T[0] * w), "the 'weight' argument"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(LOSS_WEIGHTS))
+def test_a_loss_argument_without_a_derivative_is_named(op):
+    """These returned no gradient for w, and said 'y' does not depend on 'w'; torch refuses them too."""
+    loss, which = LOSS_WEIGHTS[op]
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument"):
+        loss(torch.tensor(1.5, dtype=torch.float64, requires_grad=True)).backward()
+    w = torch.tensor(1.5, dtype=torch.float64)
+    with tg.record() as graph:
+        y = loss(w)
+    with pytest.raises(KeyError, match=rf"no gradient for 'w': 'y' depends on it through '\w+', {which} of {op} at"):
+        graph.backward(y)[w]
+
+
+@pytest.mark.parametrize("op", sorted(UNDERIVED))
+def test_a_gradient_through_an_argument_without_a_derivative_is_refused_by_name(op):
+    """gammainc's a (zeta's s) has no derivative: w's gradient silently lacked that path (only w * x's part), and
+    asking for it said 'y' does not depend on 'w'. Torch refuses too: it is the independent truth."""
+    a, x, w = r(3, positive=True, seed=1), r(3, positive=True, seed=2), torch.tensor(2.0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="not implemented"):  # torch: no derivative for that argument
+        w_grad = w.clone().requires_grad_()
+        (UNDERIVED[op](a * w_grad, x).sum() + (w_grad * x).sum()).backward()
+    x_truth = x.clone().requires_grad_()
+    (UNDERIVED[op](a * w, x_truth).sum() + (w * x_truth).sum()).backward()  # x's gradient is defined
+    for _ in range(3):  # the rule walk, then the traced backward, then the replayed structure
+        with tg.record() as graph:
+            aw = a * w
+            y = UNDERIVED[op](aw, x).sum() + (w * x).sum()
+        grads = graph.backward(y)
+        torch.testing.assert_close(grads[x], x_truth.grad, rtol=1e-12, atol=1e-12)
+        for tensor, name in ((w, "w"), (a, "a"), ("aw", "aw")):
+            with pytest.raises(KeyError, match=rf"no gradient for '{name}': 'y' depends on it through '\w+', "
+                                               rf"argument 1 of \w+ at .*, which has no derivative"):
+                grads[tensor]
+    for comments in (True, False):  # the answer key says what its lines leave out
+        assert re.match(r"# NOTE: no gradient for (\w+, )?aw, w, a: y depends on them through '\w+', argument 1 of ",
+                        graph.backward_source(y, comments=comments))
+    v = torch.tensor(0.5, dtype=torch.float64)
+
+    def forward(x):
+        return UNDERIVED[op](a * w, x).sum() + (w * x).sum() + (v * x).sum()
+
+    with pytest.raises(ValueError, match=r"tg.compile: no gradient for 'w': the loss depends on it through"):
+        tg.compile(forward, params=[w])(x)
+    loss, compiled = tg.compile(forward)(x)
+    assert compiled[v].item() == pytest.approx(x.sum().item(), rel=1e-12)
+    with pytest.raises(KeyError, match=r"no gradient for this tensor: the loss depends on it through .*argument 1"):
+        compiled[w]
+
+
 def test_multi_head_attention_with_static_keys_names_the_argument():
     """nn.MultiheadAttention is recorded as its parts; precomputed keys (static_k) have no rule: the error says so."""
     mha = torch.nn.MultiheadAttention(4, 2).double()
