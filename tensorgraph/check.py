@@ -171,13 +171,14 @@ def check(graph: Graph, manual: dict[str, Any], loss: Any, grad: Tensor | None =
                                   f"judges each of your lines with the rules alone, which know nothing of it. "
                                   f"Remove the hook (handle.remove()) before checking.")
     with torch.no_grad():  # parameters may require grad: nothing here is differentiated
-        truth = backward(graph, root, grad).by_node
+        gradients = backward(graph, root, grad)
+        truth = gradients.by_node
         if not all(bool(torch.isfinite(t).all()) for t in truth.values() if t.is_floating_point()):
             broken = nonfinite_forward(graph, root)
             if broken:  # the right gradients are inf or nan too: there is nothing to judge against
                 raise ValueError(f"check: {broken}; the right gradients through it are inf or nan, so no line "
                                  f"can be judged")
-        given = _resolve(graph, manual, truth, root)
+        given = _resolve(graph, manual, truth, root, gradients.incomplete)
         return _Checker(graph, root, truth, given, rtol, atol, grad).run()
 
 
@@ -210,7 +211,8 @@ def nonfinite_forward(graph: Graph, root: int) -> str | None:
 # ---------------------------------------------------------------- reading the learner's dict
 
 
-def _resolve(graph: Graph, manual: Any, truth: dict[int, Tensor], root: int) -> dict[int, Tensor]:
+def _resolve(graph: Graph, manual: Any, truth: dict[int, Tensor], root: int,
+             incomplete: dict[int, str] | None = None) -> dict[int, Tensor]:
     if not isinstance(manual, dict):
         raise ValueError(f"check: expected a dict of gradients by name, got {type(manual).__name__}")
     nodes = graph._nodes
@@ -223,6 +225,8 @@ def _resolve(graph: Graph, manual: Any, truth: dict[int, Tensor], root: int) -> 
         how = repr(raw_key) if isinstance(raw_key, str) else f"the tensor {name}"
         if node not in truth:
             why = "it is not a floating-point tensor" if not is_float(nodes[node]) else "the loss does not depend on it"
+            if incomplete and node in incomplete:
+                why = f"the loss depends on it through {incomplete[node]}"
             raise ValueError(f"check: {key!r}: {name!r} has no gradient ({why})")
         if node in keys:
             raise ValueError(f"check: the gradient of {name!r} is given twice ({keys[node]} and {how})")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -70,6 +70,8 @@ class CompareReport:
 
     rows: list[Row]
     loss: str
+    # named tensors without a gradient, each with the argument without a derivative on its way (engine.Gradients)
+    incomplete: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -99,7 +101,14 @@ class CompareReport:
         if wrong:
             header += f"; NOT OK: {', '.join('d' + name for name in wrong)}"
         width = max([NAME_WIDTH] + [len(row.name) for row in self.rows])
-        return "\n".join([header] + [row.line(width) for row in self.rows])
+        return "\n".join([header] + [row.line(width) for row in self.rows] + self._incomplete_lines())
+
+    def _incomplete_lines(self) -> list[str]:
+        if not self.incomplete:
+            return []
+        why = next(iter(self.incomplete.values()))
+        return [f"no gradient, on either side, for {', '.join(self.incomplete)}: {self.loss!r} depends on them "
+                f"through {why}"]
 
     def _repr_markdown_(self) -> str:
         title = f"**{self.loss}**: {self.exact_count}/{len(self.rows)} exact"
@@ -109,7 +118,7 @@ class CompareReport:
         for r in self.rows:
             lines.append(f"| {r.name} | {'×'.join(map(str, r.shape))} | {r.exact} | {r.approximate} | "
                          f"{r.maxdiff:.3g} | {r.ulps} | {r.reason} |")
-        return "\n".join(lines)
+        return "\n".join(lines + ["", *self._incomplete_lines()] if self.incomplete else lines)
 
 
 def replay(graph: Graph, root: int, differentiable: Collection[int] | None = None) -> dict[int, Tensor]:
@@ -219,7 +228,8 @@ def compare(graph: Graph, loss: Any, grad: Tensor | None = None) -> CompareRepor
     root = root_node(graph, loss, "graph.compare")
     seed = seed_gradient(graph, root, grad, "graph.compare")
     require_values(graph, root, "graph.compare")
-    ours = backward(graph, root, grad).by_node
+    gradients = backward(graph, root, grad)
+    ours = gradients.by_node
     values = replay(graph, root, differentiable=ours)  # only where the engine has a gradient
     values[root].backward(seed)
     noise: dict[int, Tensor] | None = None  # the rounding allowances, computed once a row needs them
@@ -250,7 +260,9 @@ def compare(graph: Graph, loss: Any, grad: Tensor | None = None) -> CompareRepor
         if not row.exact and node != root:
             row.reason = broken if broken and not math.isfinite(row.maxdiff) else _reason(graph, node, status)
     rows = [status[node] for node in sorted(status, reverse=True) if node != root and nodes[node]["named"]]
-    return CompareReport(rows, nodes[root]["name"])
+    incomplete = {nodes[node]["name"]: why for node, why in sorted(gradients.incomplete.items(), reverse=True)
+                  if nodes[node]["named"]}
+    return CompareReport(rows, nodes[root]["name"], incomplete)
 
 
 def _allowances(graph: Graph, root: int, ours: dict[int, Tensor]) -> dict[int, Tensor]:

@@ -137,6 +137,12 @@ def test_a_gradient_through_an_argument_without_a_derivative_is_refused_by_name(
             with pytest.raises(KeyError, match=rf"no gradient for '{name}': 'y' depends on it through '\w+', "
                                                rf"argument 1 of \w+ at .*, which has no derivative"):
                 grads[tensor]
+    report = graph.compare(y)
+    assert report.ok and [row.name for row in report.rows] == ["x"], report
+    assert "no gradient, on either side, for aw, w, a: 'y' depends on them through" in str(report)
+    with pytest.raises(ValueError, match=r"check: 'dw': 'w' has no gradient \(the loss depends on it through '\w+', "
+                                         r"argument 1 of "):
+        graph.check({"dw": x.sum()}, y)
     for comments in (True, False):  # the answer key says what its lines leave out
         assert re.match(r"# NOTE: no gradient for (\w+, )?aw, w, a: y depends on them through '\w+', argument 1 of ",
                         graph.backward_source(y, comments=comments))
