@@ -179,7 +179,25 @@ def check(graph: Graph, manual: dict[str, Any], loss: Any, grad: Tensor | None =
                 raise ValueError(f"check: {broken}; the right gradients through it are inf or nan, so no line "
                                  f"can be judged")
         given = _resolve(graph, manual, truth, root, gradients.incomplete)
-        return _Checker(graph, root, truth, given, rtol, atol, grad).run()
+        report = _Checker(graph, root, truth, given, rtol, atol, grad).run()
+    _note_ambiguous_keys(graph, manual, report)
+    return report
+
+
+def _note_ambiguous_keys(graph: Graph, manual: dict, report: CheckReport) -> None:
+    """A wrong row given by a key like ``"dx"`` that was read as the tensor named ``dx`` (a tensor ``x`` exists
+    too) says how to mean the other: the learner may well have meant x's gradient."""
+    chosen = _nodes_of_keys(graph, manual)
+    nodes = graph._nodes
+    for key, node in chosen.items():
+        options = _candidates(graph, key)
+        if len(options) != 2 or node != options[0]:
+            continue
+        row = next((row for row in report.rows if row.node == node), None)
+        other = nodes[options[1]]["name"]
+        if row is not None and row.error:
+            row.message += (f" ({key!r} was read as the gradient of the tensor named {key!r}; for the gradient of "
+                            f"{other!r}, give the tensor itself as the key: {{{other}: ...}})")
 
 
 def _check_tolerances(rtol: Any, atol: Any) -> None:

@@ -298,6 +298,11 @@ def test_a_d_key_that_is_also_a_recorded_name_takes_the_reading_no_other_key_cla
     assert report.first_error == "x" and report["x"].kind == "sign"
     # alone, the key is the recorded name itself, as before
     assert graph.check({"dx": rdx.grad}, loss)["dx"].kind == "ok"
+    # ... and where that reading is wrong, the learner may have meant x's: the row says how to give that
+    row = graph.check({"dx": rx.grad}, loss)["dx"]
+    assert row.error and row.message.endswith("('dx' was read as the gradient of the tensor named 'dx'; for the "
+                                              "gradient of 'x', give the tensor itself as the key: {x: ...})"), row
+    assert graph.check({x: rx.grad}, loss)["x"].kind == "ok"
 
 
 # ---------------------------------------------------------------- tensorgraph check FILE.py
