@@ -54,11 +54,11 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
   tensor computed inside the forward is not fused (rows made by ``torch.arange`` aside).
 
 A forward that draws random numbers outside torch (``random``, ``numpy.random``) runs every call
-through the engine. Not guarded: objects deeper than three levels, attributes read through a
-computed ``getattr`` name, objects with ``__slots__``, and
-other Python state. Each input signature keeps versions for its last two states of these
-flags and Python values, so switching between ``train()`` and ``eval()`` (or two values of an
-attribute) records each once.
+through the engine, and so does one that changes Python state it reads at every call (below).
+Not guarded: objects deeper than three levels, attributes read through a computed ``getattr``
+name, objects with ``__slots__``, and other Python state. Each input signature keeps versions
+for its last two states of these flags and Python values, so switching between ``train()`` and
+``eval()`` (or two values of an attribute) records each once.
 
 Tensor values the forward reads into Python (``if h.sum() > 0:``, ``t.item()``, ``int(t)``,
 ``t.tolist()``, ``print(t)``: see :mod:`tensorgraph.reads`) are checked inside the generated
@@ -85,7 +85,16 @@ Like any tracing compiler, it replays torch calls, not Python: Python side effec
 re-run. The recording warns, naming the attributes of the user's objects that hold a tensor
 the forward computed (``layers[0].out``, which keep the recording's values), the lists the
 forward only appends to (``acts.append(h)``: later calls add nothing), and a value made
-under ``no_grad`` that outlives the forward where the step cannot reach it.
+under ``no_grad`` that outlives the forward where the step cannot reach it. A forward that
+changes, while recorded, Python state the guard watches (``n = len(hist); hist.append(1.0)``,
+``self.step += 1``, ``cache["k"] = ...``, ``stack.pop()``, ``global n; n += 1``, a module's
+``train()``): the guard holds the state after the recording, which replaying would never
+change again, so that version is not kept (:meth:`CompiledStep._unreplayable`, found by
+:meth:`guards._References.changed_by_forward` against a copy made before the recording,
+:class:`guards._StateBefore`). The next call records again: if the forward changes that
+state again, every call runs through the engine from then on (it runs the forward's Python
+code: eager torch's results; cheaper than recording every call); if it leaves it as it
+found it (``self.ready = True``, ``model.train()``), that version is compiled.
 """
 
 from __future__ import annotations
@@ -482,7 +491,8 @@ class CompiledStep:
     @property
     def fallback(self) -> str | None:
         """Why every call runs through the engine instead of compiled code (a value the forward reads into Python
-        that changes at every call, or that the compiled step cannot re-check), or None while it is compiled."""
+        that changes at every call, or that the compiled step cannot re-check; random numbers drawn outside torch;
+        Python state the forward reads and changes at every call), or None while it is compiled."""
         return self._fallback
 
     @property
