@@ -11,8 +11,11 @@ has 3 items (the recording's had 2)``). A list or dict that all the code that ra
 (:class:`_CodeThatRuns`) reads only by constant keys (``cfg["scale"]``) is guarded on those items
 only, and one it only appends to not at all, unless something else holds it (:func:`_unaliased`).
 Also here: where the forward's objects hold tensors (``_tensor_places``, for the ``torch.no_grad()``
-work the step replays), the names the forward reaches its leaves by, and the random number
-generators outside torch.
+work the step replays), the names the forward reaches its leaves by, the random number
+generators outside torch, and the state within the guard's reach as it was before the recording
+(:class:`_StateBefore`), against which :meth:`_References.changed_by_forward` finds the Python
+state the forward itself changes (``hist.append`` in a forward reading ``len(hist)``): a guard
+holding the state after the recording would pass at every call while replaying a stale loss.
 """
 
 from __future__ import annotations
@@ -1182,7 +1185,8 @@ class _StateBefore:
             self._copies[id(container)] = (container, copied)
 
     def holders(self) -> Iterator[Any]:
-        """What this holds the objects it copied, and their items, by (:func:`_unaliased`: not another holder)."""
+        """The objects by which this holds what it copied (its dicts, their tuples, the copies): not other holders
+        of the user's lists and dicts for :func:`_unaliased`."""
         yield from (self._copies, self._cells)
         for entry in self._copies.values():
             yield from (entry, entry[1])  # (the tuple, the copy: not the object copied)
