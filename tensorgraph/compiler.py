@@ -54,11 +54,11 @@ A guard re-records, and says why in a :class:`RecompileWarning`, when
   tensor computed inside the forward is not fused (rows made by ``torch.arange`` aside).
 
 A forward that draws random numbers outside torch (``random``, ``numpy.random``) runs every call
-through the engine. Not guarded: objects deeper than three levels, attributes read through a
-computed ``getattr`` name, objects with ``__slots__``, and
-other Python state. Each input signature keeps versions for its last two states of these
-flags and Python values, so switching between ``train()`` and ``eval()`` (or two values of an
-attribute) records each once.
+through the engine, and so does one that changes Python state it reads at every call (below).
+Not guarded: objects deeper than three levels, attributes read through a computed ``getattr``
+name, objects with ``__slots__``, and other Python state. Each input signature keeps versions
+for its last two states of these flags and Python values, so switching between ``train()`` and
+``eval()`` (or two values of an attribute) records each once.
 
 Tensor values the forward reads into Python (``if h.sum() > 0:``, ``t.item()``, ``int(t)``,
 ``t.tolist()``, ``print(t)``: see :mod:`tensorgraph.reads`) are checked inside the generated
@@ -85,7 +85,16 @@ Like any tracing compiler, it replays torch calls, not Python: Python side effec
 re-run. The recording warns, naming the attributes of the user's objects that hold a tensor
 the forward computed (``layers[0].out``, which keep the recording's values), the lists the
 forward only appends to (``acts.append(h)``: later calls add nothing), and a value made
-under ``no_grad`` that outlives the forward where the step cannot reach it.
+under ``no_grad`` that outlives the forward where the step cannot reach it. A forward that
+changes, while recorded, Python state the guard watches (``n = len(hist); hist.append(1.0)``,
+``self.step += 1``, ``cache["k"] = ...``, ``stack.pop()``, ``global n; n += 1``, a module's
+``train()``): the guard holds the state after the recording, which replaying would never
+change again, so that version is not kept (:meth:`CompiledStep._unreplayable`, found by
+:meth:`guards._References.changed_by_forward` against a copy made before the recording,
+:class:`guards._StateBefore`). The next call records again: if the forward changes that
+state again, every call runs through the engine from then on (it runs the forward's Python
+code: eager torch's results; cheaper than recording every call); if it leaves it as it
+found it (``self.ready = True``, ``model.train()``), that version is compiled.
 """
 
 from __future__ import annotations
@@ -119,6 +128,7 @@ from .guards import (
     _random_states,
     _References,
     _spec,
+    _StateBefore,
     _tensor_places,
 )
 from .naming import unique_name
@@ -249,7 +259,8 @@ class _Program:
     no_grad: bool = False  # some leaf requires grad: run under torch.no_grad() (tensorgraph needs no autograd)
     facts: list[_FactGuard] = field(default_factory=list)  # what the fused rules assume about values
     reads: list[Read] = field(default_factory=list)  # the values the forward reads into Python, re-checked
-    unchecked: str | None = None  # why a value it reads cannot be re-checked: the engine runs every call
+    unchecked: str | None = None  # why no call may replay it (a value it reads cannot be re-checked): the engine runs
+    changes: str | None = None  # Python state the guard watches that the forward changed while recorded: not replayed
 
     def stale(self) -> str | None:
         """Why the recorded references no longer hold (a rebound global or closure variable ...), or None."""
@@ -318,6 +329,7 @@ class CompiledStep:
         self._distrusted: set[str] = set()  # ops whose fused rule's value facts failed once: never fused again
         self._value_recordings = 0  # recordings made because a value the forward reads into Python changed
         self._fallback: str | None = None  # why every call now runs through the engine
+        self._changed: str | None = None  # the Python state the last recording changed (see _unreplayable)
         self._engine_layout: _Layout | None = None
         self.__doc__ = getattr(forward, "__doc__", None)
         self.__name__ = getattr(forward, "__name__", "step")
@@ -333,8 +345,10 @@ class CompiledStep:
             program, reason = self._find(key, inputs)
             if program is None:
                 program = self._compile(inputs, key, reason)
-                if program.unchecked is not None:
-                    return self._give_up(inputs, program, program.unchecked)
+                if program.unchecked is not None or program.changes is not None:
+                    return self._unreplayable(inputs, program)
+            else:
+                self._changed = None  # a kept version runs the call: it leaves the state as it finds it
         self._last_key, self._last = key, program
         for tensor in program.layout.tensors:  # a hook registered on a parameter since the recording
             if tensor._backward_hooks or tensor._post_accumulate_grad_hooks:
@@ -387,8 +401,8 @@ class CompiledStep:
             return self._give_up(inputs, None, f"{reason}, after {_VALUE_RECORDINGS} recordings for values the "
                                                f"forward reads into Python that changed", stacklevel=4)
         program = self._compile(inputs, key, reason, stacklevel=4)
-        if program.unchecked is not None:
-            return self._give_up(inputs, program, program.unchecked, stacklevel=4)
+        if program.unchecked is not None or program.changes is not None:
+            return self._unreplayable(inputs, program, stacklevel=5)
         self._last_key, self._last = key, program
         return self._recorded(program)
 
@@ -437,6 +451,19 @@ class CompiledStep:
             versions.insert(0, program)  # most recently used first
         self._last_key, self._last = key, program
 
+    def _unreplayable(self, inputs: tuple, program: _Program, stacklevel: int = 4) -> tuple[Tensor, CompiledGradients]:
+        """A version just recorded that no later call may replay: its own result for this call. A value read that
+        cannot be re-checked, or random numbers drawn outside torch: every call runs through the engine. Python
+        state the guard watches changed by the forward while recorded (``hist.append`` in a forward reading
+        ``len(hist)``, ``self.step += 1``): its guard holds the state after, which the compiled step would never
+        change again, so it is not kept and the next call records again (:meth:`_compile`); a forward that changes
+        that state again (a counter, a list it appends to) runs every call through the engine from then on, one
+        that leaves it as the last call left it (``self.built = True``, ``model.train()``) is compiled."""
+        if program.unchecked is not None:
+            return self._give_up(inputs, program, program.unchecked, stacklevel)
+        self._last_key, self._last = None, program  # (the next call looks for a kept version, or records)
+        return self._recorded(program)
+
     def _give_up(self, inputs: tuple, program: _Program | None, reason: str, stacklevel: int = 3
                  ) -> tuple[Tensor, CompiledGradients]:
         """From now on every call runs through the engine (tg.record + graph.backward): same results, no replay.
@@ -475,7 +502,8 @@ class CompiledStep:
     @property
     def fallback(self) -> str | None:
         """Why every call runs through the engine instead of compiled code (a value the forward reads into Python
-        that changes at every call, or that the compiled step cannot re-check), or None while it is compiled."""
+        that changes at every call, or that the compiled step cannot re-check; random numbers drawn outside torch;
+        Python state the forward reads and changes at every call), or None while it is compiled."""
         return self._fallback
 
     @property
@@ -554,6 +582,11 @@ class CompiledStep:
                 del self._programs[key]
 
     def _compile(self, inputs: tuple, key: tuple, reason: str | None, stacklevel: int = 3) -> _Program:
+        """Record a new version (not kept where no call may replay it: see :meth:`_unreplayable`)."""
+        again = self._changed  # the last recording changed Python state: this one tells whether it always does
+        if again is not None:
+            reason = (f"the forward changed {again} while it was recorded, Python state that it also reads: "
+                      f"recording it again to see whether it changes it at every call")
         if reason is not None:
             warnings.warn(f"tg.compile: re-recording {self.__name__}: {reason}", RecompileWarning,
                           stacklevel=stacklevel)
@@ -561,6 +594,14 @@ class CompiledStep:
         for note in program.notes:
             warnings.warn(f"tg.compile: {note}", stacklevel=stacklevel)
         self.recordings += 1
+        self._changed = program.changes
+        if program.changes is not None:
+            if again is not None and program.unchecked is None:
+                program.unchecked = (
+                    f"the forward changes {program.changes} at every call, Python state that it also reads; the "
+                    f"compiled step replays torch calls, not Python code, so it would not change it again (every "
+                    f"call would compute the recording's loss)")
+            return program
         if sum(map(len, self._programs.values())) >= self.cache_size:  # the oldest signature's oldest version
             oldest = next(iter(self._programs))
             self._programs[oldest].pop()
@@ -678,6 +719,7 @@ class _Recording:
     places: dict[tuple[int, str], tuple[_Place, Tensor]]  # where the forward's objects held tensors before it ran
     code: list[tuple[types.CodeType, dict]]  # the code (and globals) of the user's functions that called torch
     ran: _CodeThatRuns  # the code of every function that ran while recording
+    before: _StateBefore  # the Python state within the forward's reach before it ran
     drew: str | None = None  # the random number generator outside torch the forward drew from, if any
 
 
@@ -703,9 +745,10 @@ def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
     side = _SideLog(mode, reads, no_grad_call)
     mode._snapshot, mode._no_grad_call = snapshot, side.call
     places = _tensor_places(forward)
+    before = _StateBefore(forward)
     run = _bind(forward, inputs)  # a closure: the inputs are named by the forward's own parameters
     code: list[tuple[types.CodeType, dict]] = []
-    ran = _CodeThatRuns()
+    ran = _CodeThatRuns(before.enter)  # (the globals of the user's code that runs: copied before it runs)
     generators = _random_states()
     try:
         loss = _run_recorded(recorder, reads, run,
@@ -718,7 +761,8 @@ def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
     if not isinstance(loss, Tensor):
         raise TypeError(f"tg.compile: the forward must return the loss (a scalar tensor), got {type(loss).__name__}")
     reads.untracked -= side.replayed  # the constant versions of captured tensors updated in place: replayed
-    return _Recording(graph, loss, snapshots, reads, side, versions, places, code, ran, _drew_from(generators))
+    return _Recording(graph, loss, snapshots, reads, side, versions, places, code, ran, before,
+                      _drew_from(generators))
 
 
 class _SideRef(Ref):
@@ -882,7 +926,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
         made.pop(id(value), None)
     side = _side_plan(rec, forward, value_of)
     captured = {id(value): value for n, value in value_of.items() if n not in side.loads}  # (loads: read anew)
-    watched = _direct_references(forward, captured, read, made, rec.code, rec.ran)
+    watched = _direct_references(forward, captured, read, made, rec.code, rec.ran, rec.before)
     watched.loaded = [(place, _spec(value_of[n])) for n, place in side.loads.items()]
     _name_references(graph, forward, [(place.path, value_of[n]) for n, place in side.loads.items()])
     for n in leaves:
@@ -916,6 +960,7 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
         unchecked = (f"the forward draws random numbers from {rec.drew}, which the compiled step would not draw "
                      f"again (every call would reuse the recording's numbers: the same batch, the same mask); draw "
                      f"them with torch (torch.randint, torch.randperm, torch.rand)")
+    changes = watched.changed_by_forward(rec.before, read)
     undo = _changed_leaves(graph, rec.versions, live) if reads else []
     try:
         chosen = _generate(forward, graph, graph, rec, inputs, wanted, root_node, reads, undo, side)
@@ -988,7 +1033,8 @@ def _build(forward: Callable[..., Tensor], inputs: tuple, params: Sequence[Tenso
                      f"(store it there, or return it from the forward)")
     no_grad = any(value_of[n].requires_grad for n in leaves)
     return _Program(fn, source, layout, graph, watched, (loss, first_grads), notes, fused=chosen.fused,
-                    no_grad=no_grad, facts=facts if chosen.fused else [], reads=reads, unchecked=unchecked)
+                    no_grad=no_grad, facts=facts if chosen.fused else [], reads=reads, unchecked=unchecked,
+                    changes=changes)
 
 
 def _checked_reads(rec: _Recording, live: dict[int, Tensor]) -> tuple[list[Read], str | None]:

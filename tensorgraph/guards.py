@@ -11,8 +11,11 @@ has 3 items (the recording's had 2)``). A list or dict that all the code that ra
 (:class:`_CodeThatRuns`) reads only by constant keys (``cfg["scale"]``) is guarded on those items
 only, and one it only appends to not at all, unless something else holds it (:func:`_unaliased`).
 Also here: where the forward's objects hold tensors (``_tensor_places``, for the ``torch.no_grad()``
-work the step replays), the names the forward reaches its leaves by, and the random number
-generators outside torch.
+work the step replays), the names the forward reaches its leaves by, the random number
+generators outside torch, and the state within the guard's reach as it was before the recording
+(:class:`_StateBefore`), against which :meth:`_References.changed_by_forward` finds the Python
+state the forward itself changes (``hist.append`` in a forward reading ``len(hist)``): a guard
+holding the state after the recording would pass at every call while replaying a stale loss.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from .naming import _MAX_ITEMS, _USER_MODULES, _WALKABLE, _from_a_library, _Name
 from .reads import same_number
 
 _MISSING = object()
+_UNKNOWN = object()  # a place :class:`_StateBefore` did not copy
 _ATOMS = (int, float, bool, str, type(None))  # Python values a forward may read and the recording bakes in
 
 
@@ -190,6 +194,40 @@ class _Contents:
                 return why
         self._take()
         return None
+
+    def changed_by_forward(self, before: _StateBefore, read: Mapping[int, Tensor],
+                           rebound: Collection[tuple[int, Any]]) -> str | None:
+        """The first list or dict guarded here (or item read by a constant key) that the forward itself changed
+        while it was recorded (see :meth:`_References.changed_by_forward`), or None."""
+        for (path, container, _), (keys, items) in zip(self.parts, self.recorded):
+            then = before.copy_of(container)
+            if then is None:
+                continue
+            keys_then = tuple(then) if keys is not None else None
+            items_then = tuple(then.values()) if keys is not None else tuple(then)
+            if keys_then != keys or len(items_then) != len(items) or any(
+                    _differs(b, a, read) for key, b, a in zip(keys or range(len(items)), items_then, items)
+                    if (id(container), key) not in rebound):
+                return f"{path} (a {type(container).__name__})"
+        for (path, container, form, key), value in zip(self.keyed, self.list_values + self.dict_values_read):
+            then = before.copy_of(container)
+            if then is not None and _differs(_item_at(then, key), value, read):
+                return f"{path}{form.format(key)}"
+        return None
+
+
+def _differs(then: Any, now: Any, read: Mapping[int, Tensor]) -> bool:
+    """Whether ``now`` in place of ``then`` (a place's value before the forward ran, and after) is a change the
+    guard would see: not the same object, nor an equal atom (compared as :func:`_replaced` compares), nor, both
+    tensors, one the loss does not read in place of another it does not read either. ``then`` may be
+    ``_UNKNOWN`` (not copied before the recording): no change known."""
+    if then is now or then is _UNKNOWN:
+        return False
+    if type(then) in _ATOMS and type(now) in _ATOMS:
+        return not same_number(now, then)
+    if isinstance(then, Tensor) and isinstance(now, Tensor):
+        return read.get(id(then)) is then or read.get(id(now)) is now
+    return True
 
 
 def _merged(parts: Sequence[tuple[str, list | dict, str, frozenset | None, Any]]
@@ -356,6 +394,33 @@ class _References:
                            f"{module.training})"
         return None
 
+    def changed_by_forward(self, before: _StateBefore, read: Mapping[int, Tensor]) -> str | None:
+        """The first place watched here that the forward itself changed while it was recorded (``hist.append``
+        in a forward that reads ``len(hist)``, ``self.step += 1``, ``global n; n += 1``), named as the guard names
+        it (``hist (a list)``, ``self.step``, ``the global 'n'``), or None. The guard holds the state after the
+        recording, which the compiled step, running no Python code, would never change again: it would replay that
+        state's loss at every call. ``before``: the state before the recording (a place it did not copy is not
+        compared); ``read``: the tensors the loss depends on (another tensor in place of one it does not read is no
+        change, as for the guard). Not the places the step itself reads and rebinds (:attr:`loaded`: a running
+        statistic rebound under no_grad)."""
+        rebound = {key for place, _ in self.loaded for key in _place_keys(place)}
+        for kind, owner, name, value in chain(self.tensors, self.atoms, self.bindings):
+            then = before.value(kind, owner, name)
+            if (id(owner), name) not in rebound and _differs(then, value, {id(value): value}):
+                return f"the {'global' if kind == 'global' else 'closure variable'} {name!r}"
+        for path, attrs, name, tensor in self.attributes:
+            if (id(attrs), name) not in rebound and _differs(before.item(attrs, name), tensor, {id(tensor): tensor}):
+                return f"{path}.{name}"
+        for guard in self.objects:
+            for name, value in zip(guard.names, (guard.values,) if guard.single else guard.values):
+                if (id(guard.attrs), name) not in rebound and _differs(before.item(guard.attrs, name), value, read):
+                    return f"{guard.path}.{name}"
+        for name, modules, flags in self.modules:
+            for (path, module), flag in zip(modules, flags):
+                if before.training(module) not in (None, flag):
+                    return f"the training mode of {name}{'.' + path if path else ''}"
+        return self.held.changed_by_forward(before, read, rebound) if self.held is not None else None
+
 
 def _spec(tensor: Tensor) -> tuple:
     return tensor.shape, tensor.dtype, tensor.device
@@ -420,21 +485,25 @@ class _CodeThatRuns:
     reads (:func:`_loaded_names`) must be read so by all of it, not only by the code it finds from the forward's
     names (a method that calls no torch function, a helper four calls down, a function held in a dict).
     ``complete`` is False where another profile hook was installed (a profiler, an enclosing recording): then
-    what ran is not known."""
+    what ran is not known. ``first_call`` is told each function's code and globals when it first runs (before
+    its first line: :meth:`_StateBefore.enter`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_call: Callable[[types.CodeType, dict], None] | None = None) -> None:
         self.code: dict[types.CodeType, dict] = {}
         self.complete = False
         self._hook: Callable[..., None] | None = None
+        self._first_call = first_call
 
     def __enter__(self) -> _CodeThatRuns:
         if sys.getprofile() is not None:
             return self
-        code = self.code
+        code, first_call = self.code, self._first_call
 
         def hook(frame: types.FrameType, event: str, arg: Any) -> None:
             if event == "call" and frame.f_code not in code:
                 code[frame.f_code] = frame.f_globals
+                if first_call is not None:
+                    first_call(frame.f_code, frame.f_globals)
 
         self._hook = hook
         sys.setprofile(hook)
@@ -731,7 +800,7 @@ def _users_module(module: Any) -> bool:
 
 def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], read: dict[int, Tensor],
                        made: dict[int, Tensor], code: Sequence[tuple[types.CodeType, dict]] = (),
-                       ran: _CodeThatRuns | None = None) -> _References:
+                       ran: _CodeThatRuns | None = None, before: _StateBefore | None = None) -> _References:
     """What the forward names directly (globals, closure cells) that the guard re-checks: recorded tensors,
     Python atoms, other objects by identity, modules (their ``training`` flags, submodules and parameters; the
     object of a bound method, or the forward, too), the attributes of user objects within reach
@@ -741,7 +810,8 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
     The globals read by ``code`` (the user's functions that called torch while recording: a method of the
     user's class reading a global) and by the user's code that ``ran`` while recording (a method that calls no
     torch function) count as the forward's own; a list or dict is guarded only on the keys all the code that ran
-    reads it by (:func:`_loaded_names`)."""
+    reads it by (:func:`_loaded_names`). ``before``: the state copied before the recording (its copies hold the
+    lists and dicts too: not another holder of them)."""
     found = _References()
     seen: set[tuple[int, str]] = set()
     code_read: list[types.CodeType] = []
@@ -767,7 +837,8 @@ def _direct_references(forward: Callable[..., Any], leaves: dict[int, Tensor], r
                 _watch_flags(found, name, value, _FLAG_DEPTH, walk, _NamedBy(name, owner) if users else None)
     if found.contents:
         internal = chain(found.contents, references, found.bindings, roots, found.objects,
-                         (guard.values for guard in found.objects if not guard.single))  # (their tuples)
+                         (guard.values for guard in found.objects if not guard.single),  # (their tuples)
+                         before.holders() if before is not None else ())
         parts = _unaliased(_merged(found.contents), internal)
         held = _Contents(parts, read)
         found.held, found.appended = held or None, held.appended
@@ -1045,6 +1116,115 @@ def _tensor_places(forward: Callable[..., Any]) -> dict[tuple[int, str], tuple[_
         elif not isinstance(value, Tensor) and type(value) not in _ATOMS:
             _walk_places(found, name, value, _FLAG_DEPTH, seen)
     return found
+
+
+class _StateBefore:
+    """The Python state within the forward's reach before it is recorded, as shallow copies: the globals of its
+    module, of the user's functions it names (three calls down, as :func:`_read_directly` follows them) and of the
+    user's classes of the objects it reaches; its and their closure cells; the ``__dict__`` of the objects and
+    modules reached from those names (three levels down, as the guard looks: :func:`_objects_within_reach`), the
+    lists and dicts on the way, the modules' dicts of submodules, parameters and buffers, and their ``training``
+    flags. :meth:`_References.changed_by_forward` compares the guard's state, taken after the recording, with it.
+    Each object copied is kept alive with its copy, so that its id names it while this lives."""
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        self._copies: dict[int, tuple[Any, Any]] = {}  # id -> (a dict or list, its copy)
+        self._cells: dict[int, tuple[Any, Any]] = {}  # id -> (a closure cell, what it held)
+        self._flags: dict[int, tuple[torch.nn.Module, bool]] = {}
+        function = forward
+        while isinstance(function, functools.partial):
+            function = function.func
+        globals_ = getattr(function, "__globals__", None)
+        if isinstance(globals_, dict):
+            self._copy(globals_)
+        self._seen: dict[int, bool] = {}
+        for kind, owner, name, value in _read_directly(forward):
+            if kind == "global":
+                self._copy(owner)
+            else:
+                self._cells.setdefault(id(owner), (owner, value))
+            self._walk(name, value)
+        for path, owner in _owners(forward):
+            self._walk(path, owner)
+
+    def enter(self, code: types.CodeType, globals_: dict) -> None:
+        """A function runs for the first time while the forward is recorded (:class:`_CodeThatRuns`): copy, if
+        not yet copied, the globals its code loads (the user's code only; a method reading a global list), as
+        they are before it runs."""
+        if not _users_module(globals_.get("__name__")):
+            return
+        self._copy(globals_)
+        for name in _code_names(code).globals:
+            self._walk(name, globals_.get(name))
+
+    def _walk(self, path: str, value: Any) -> None:
+        if isinstance(value, Tensor) or type(value) in _ATOMS:
+            return
+        containers: list[tuple[str, Any, frozenset | None, Any]] = []
+        for _, obj, attrs, _ in _objects_within_reach(path, value, _FLAG_DEPTH, self._seen, containers):
+            if attrs is None:  # a module: its submodules' too
+                objects = list(obj.modules())
+                for module in objects:
+                    self._flags.setdefault(id(module), (module, module.training))
+                    for held in (vars(module), module._modules, module._parameters, module._buffers):
+                        self._copy(held)
+            else:
+                objects = [obj]
+                self._copy(attrs)
+            for cls in {type(o) for o in objects}:  # the module globals its methods read and write
+                module_of = sys.modules.get(cls.__module__)
+                if module_of is not None and _users_module(cls.__module__):
+                    self._copy(vars(module_of))
+        for _, container, _, _ in containers:
+            if isinstance(container, (list, dict)):
+                self._copy(container)
+
+    def _copy(self, container: list | dict) -> None:
+        if id(container) not in self._copies:  # (not a subclass's own copy(), which may do anything)
+            copied = dict.copy(container) if isinstance(container, dict) else list.copy(container)
+            self._copies[id(container)] = (container, copied)
+
+    def holders(self) -> Iterator[Any]:
+        """The objects by which this holds what it copied (its dicts, their tuples, the copies): not other holders
+        of the user's lists and dicts for :func:`_unaliased`."""
+        yield from (self._copies, self._cells)
+        for entry in self._copies.values():
+            yield from (entry, entry[1])  # (the tuple, the copy: not the object copied)
+        yield from self._cells.values()  # (the tuples: not what the cells hold)
+
+    def copy_of(self, container: Any) -> Any:
+        """The copy of a list or dict (a ``__dict__``, a module's globals) made before the recording, or None."""
+        copied = self._copies.get(id(container))
+        return copied[1] if copied is not None and copied[0] is container else None
+
+    def item(self, container: dict, key: Any) -> Any:
+        """What the dict held at ``key`` before the recording: ``_MISSING`` if nothing, ``_UNKNOWN`` if not
+        copied."""
+        then = self.copy_of(container)
+        return _UNKNOWN if then is None else then.get(key, _MISSING)
+
+    def value(self, kind: str, owner: Any, name: str) -> Any:
+        """What a global (``owner``: its module's globals) or a closure cell held before the recording."""
+        if kind == "global":
+            return self.item(owner, name)
+        held = self._cells.get(id(owner))
+        return held[1] if held is not None and held[0] is owner else _UNKNOWN
+
+    def training(self, module: torch.nn.Module) -> bool | None:
+        """A module's ``training`` flag before the recording, or None if not seen."""
+        flag = self._flags.get(id(module))
+        return flag[1] if flag is not None and flag[0] is module else None
+
+
+def _place_keys(place: _Place) -> list[tuple[int, str]]:
+    """Where the guard finds a place, as (id of the dict or cell, key): an attribute in its object's
+    ``__dict__`` (a module's buffer also in its ``_buffers``), a global in its module's globals, a cell."""
+    if place.kind != "attr":
+        return [(id(place.owner), place.name)]
+    keys = [(id(getattr(place.owner, "__dict__", None)), place.name)]
+    if isinstance(place.owner, torch.nn.Module):
+        keys.append((id(place.owner._buffers), place.name))
+    return keys
 
 
 def _walk_places(found: dict, path: str, value: Any, depth: int, seen: dict[int, bool]) -> None:

@@ -1959,12 +1959,13 @@ def test_a_list_the_forward_only_appends_to_is_not_guarded():
         _assert_as_torch(loss, grads, forward, x, w)
         with torch.no_grad():
             w -= 0.01 * grads[w]
-    assert step.recordings == 1
+    assert step.recordings == 1 and step.fallback is None  # (compiled: not the engine)
 
 
-def test_a_list_the_forward_appends_to_and_reads_is_still_guarded():
-    """A list the forward appends to and iterates: each call's loss depends on what the list holds, so it is
-    guarded whole (the loop clearing it re-records, and each call's loss and gradient are torch's)."""
+def test_a_list_the_forward_appends_to_and_reads_runs_through_the_engine():
+    """A list the forward appends to and iterates: each call's loss depends on what the list holds, and the
+    forward changes it while recorded, so the recording cannot be replayed; the loop clearing it or not, each
+    call's loss and gradient are torch's (the engine runs the forward's Python code from the second call on)."""
     w, x = r(4, 4, seed=399), r(3, 4, seed=400)
     acts = []
 
@@ -1973,13 +1974,258 @@ def test_a_list_the_forward_appends_to_and_reads_is_still_guarded():
         return sum(a.sum() for a in acts)
 
     step = tg.compile(forward, fuse=False)
-    step(x)
-    for _ in range(3):
-        acts.clear()
+    expected_acts = []
+    for call in range(5):
+        if call == 3:
+            acts.clear()
+            expected_acts.clear()
         (loss, grads), warned = _call_once(step, x)
-        _warned_once(step, warned, "acts now has 0 items (the recording's had 1)")
-        acts.clear()
+        w.requires_grad_(True)
+        expected_acts.append(torch.tanh(x @ w))
+        expected = sum(a.sum() for a in expected_acts)
+        expected_grad, = torch.autograd.grad(expected, w)
+        w.requires_grad_(False)
+        expected_acts[:] = [a.detach() for a in expected_acts]
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        torch.testing.assert_close(grads[w], expected_grad, **TOL)
+        assert len(acts) == len(expected_acts)
+        if call == 1:
+            assert warned[0].endswith("the forward changed acts (a list) while it was recorded, Python state that it "
+                                      "also reads: recording it again to see whether it changes it at every call")
+            assert "no longer compiled: the forward changes acts (a list) at every call" in warned[1]
+        else:
+            assert warned == []
+    assert step.recordings == 2 and step.fallback is not None
+
+
+# ---------------------------------------------------------------- Python state the forward changes and reads
+
+
+_HISTORY = []  # a global list the forward appends to and reads the length of
+_CALLS = 0  # a global counter the forward rebinds and reads
+_LOG = []  # a global list that a method of the user's class appends to and reads
+
+
+class _StepCounter:  # the forward is a bound method counting its calls on its own object
+    def __init__(self, w):
+        self.w, self.step = w, 0
+
+    def loss(self, x):
+        self.step += 1
+        scale = 0.99 ** self.step
+        return torch.tanh(x @ self.w).sum() * scale
+
+
+class _Logging:  # a method of the user's class, which no name of the forward's reaches, reads a global it changes
+    def __init__(self, w):
+        self.w = w
+
+    def __call__(self, x):
+        _LOG.append(1.0)
+        return torch.tanh(x @ self.w).sum() * len(_LOG)
+
+
+class _CountingModule(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.calls = torch.nn.Linear(4, 4, dtype=D), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.tanh(self.fc(x)).sum() / self.calls
+
+
+def _changing_state(case):
+    """A fresh forward changing Python state it reads, and its parameters (a second call starts again from the same
+    state: the eager reference's and the compiled step's states evolve apart)."""
+    global _CALLS
+    w = r(4, 4, seed=410).requires_grad_()
+    if case == "a global list appended to, its length read":
+        _HISTORY.clear()
+
+        def forward(x):
+            n = len(_HISTORY)
+            _HISTORY.append(1.0)
+            return torch.tanh(x @ w).sum() * (n + 1)
+        return forward, [w]
+    if case == "a counter attribute incremented and read":
+        counter = _StepCounter(w)
+        return counter.loss, [w]
+    if case == "a dict item written and read":
+        cache = {}
+
+        def forward(x):
+            cache["k"] = cache.get("k", 0) + 1
+            return torch.tanh(x @ w).sum() * cache["k"]
+        return forward, [w]
+    if case == "a list popped":
+        stack = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+        def forward(x):
+            return torch.tanh(x @ w).sum() * stack.pop()
+        return forward, [w]
+    if case == "a global rebound":
+        _CALLS = 0
+
+        def forward(x):
+            global _CALLS
+            _CALLS += 1
+            return torch.tanh(x @ w).sum() * _CALLS
+        return forward, [w]
+    if case == "a closure variable rebound":
+        calls = 0
+
+        def forward(x):
+            nonlocal calls
+            calls += 1
+            return torch.tanh(x @ w).sum() / calls
+        return forward, [w]
+    if case == "a global list a method appends to":
+        _LOG.clear()
+        return _Logging(w), [w]
+    if case == "a module's counter":
+        torch.manual_seed(411)
+        model = _CountingModule()
+        return model, list(model.parameters())
+    if case == "a module's training mode flipped":
+        torch.manual_seed(412)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4, dtype=D), torch.nn.BatchNorm1d(4, dtype=D))
+
+        def forward(x):
+            model.train(not model.training)
+            return torch.tanh(model(x)).pow(2).sum()
+        return forward, list(model.parameters())
+    raise AssertionError(case)
+
+
+_CHANGING_STATE = {
+    "a global list appended to, its length read": "_HISTORY (a list)",
+    "a counter attribute incremented and read": "self.step",
+    "a dict item written and read": "cache (a dict)",
+    "a list popped": "stack (a list)",
+    "a global rebound": "the global '_CALLS'",
+    "a closure variable rebound": "the closure variable 'calls'",
+    "a global list a method appends to": "_LOG (a list)",
+    "a module's counter": "_CountingModule.calls",
+    "a module's training mode flipped": "the training mode of model",
+}
+
+
+@pytest.mark.parametrize("case", list(_CHANGING_STATE))
+def test_a_forward_changing_python_state_it_reads_gives_torch_s_loss_at_every_call(case):
+    """The forward changes, while recorded, Python state the guard watches and the loss depends on (``n =
+    len(hist); hist.append(1.0)``, ``self.step += 1``, ``cache["k"] = cache.get("k", 0) + 1``, ``stack.pop()``,
+    ``global n; n += 1``). The guard held the state after the recording, which later calls (running no Python
+    code) never changed again, so every call replayed the first call's loss (2x off by the second call). Now
+    the step records once more to see whether the forward changes it at every call (it does), then runs every
+    call through the engine: at each of six calls of SGD the loss and gradients are torch autograd's (float64)
+    on the same evolving state."""
+    x = r(3, 4, seed=413)
+    forward, params = _changing_state(case)
+    expected = []
+    for _ in range(6):  # torch autograd, on a fresh copy of the state
+        loss = forward(x)
+        grads = torch.autograd.grad(loss, params)
+        expected.append((loss.detach(), grads))
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= 0.1 * g
+    forward, params = _changing_state(case)
+    step = tg.compile(forward, fuse=False)
+    place = _CHANGING_STATE[case]
+    for call, (expected_loss, expected_grads) in enumerate(expected):
+        (loss, grads), warned = _call_once(step, x)
+        torch.testing.assert_close(loss, expected_loss, **TOL)
+        for p, g in zip(params, expected_grads):
+            torch.testing.assert_close(grads[p], g, **TOL)
+        with torch.no_grad():
+            for p in params:
+                p -= 0.1 * grads[p]
+        if call == 1:
+            assert warned[0] == (f"tg.compile: re-recording {step.__name__}: the forward changed {place} while it "
+                                 f"was recorded, Python state that it also reads: recording it again to see whether "
+                                 f"it changes it at every call")
+            assert warned[1].startswith(f"tg.compile: {step.__name__} is no longer compiled: the forward changes "
+                                        f"{place} at every call, Python state that it also reads")
+        else:
+            assert warned == []
+    assert step.recordings == 2 and step.fallback is not None
+
+
+class _Lazy:  # sets itself up on its first call: the state it leaves is the one it finds at every later call
+    def __init__(self, w):
+        self.w, self.ready, self.scale = w, False, 1.0
+
+    def __call__(self, x):
+        if not self.ready:
+            self.scale, self.ready = 0.5, True
+        return torch.tanh(x @ self.w).sum() * self.scale
+
+
+@pytest.mark.parametrize("case", ["a flag set on the first call", "model.train() inside the forward"])
+def test_a_forward_that_leaves_the_state_as_it_finds_it_is_compiled(case):
+    """A forward that sets Python state it reads to a value it keeps (a lazy set-up, ``model.train()`` after an
+    evaluation in eval mode): the second recording finds the state it leaves, so that version is compiled and
+    replayed, and every call's loss and gradients are torch's."""
+    x = r(3, 4, seed=415)
+    w = r(4, 4, seed=416).requires_grad_()
+    if case == "a flag set on the first call":
+        forward, params, place = _Lazy(w), [w], "_Lazy.ready"
+        reference = _Lazy(w.detach().clone().requires_grad_())
+        ref_params = [reference.w]
+    else:
+        torch.manual_seed(417)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4, dtype=D), torch.nn.BatchNorm1d(4, dtype=D)).eval()
+        twin = copy.deepcopy(model)
+
+        def forward(x):
+            model.train()
+            return torch.tanh(model(x)).pow(2).sum()
+
+        def reference(x):
+            twin.train()
+            return torch.tanh(twin(x)).pow(2).sum()
+        params, ref_params, place = list(model.parameters()), list(twin.parameters()), "the training mode of model"
+    step = tg.compile(forward, fuse=False)
+    for call in range(5):
+        (loss, grads), warned = _call_once(step, x)
+        expected = reference(x)
+        expected_grads = torch.autograd.grad(expected, ref_params)
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        for p, g in zip(params, expected_grads):
+            torch.testing.assert_close(grads[p], g, **TOL)
+        _warned_once(step, warned, f"the forward changed {place} while it was recorded, Python state that it also "
+                                   f"reads: recording it again to see whether it changes it at every call"
+                     if call == 1 else None)
+        with torch.no_grad():
+            for p, q, g in zip(params, ref_params, expected_grads):
+                p -= 0.1 * g
+                q -= 0.1 * g
+    assert step.recordings == 2 and step.fallback is None  # (calls 3 to 5 replayed the second recording)
+
+
+def test_a_forward_reading_python_state_it_does_not_change_is_compiled():
+    """The same kinds of state, read and not changed by the forward (a list's length, a counter attribute, a dict
+    item, a global, a closure variable, a module's flag): one recording, no warning, no engine; each call's loss
+    and gradient are torch's."""
+    history, cache, counter = [1.0, 1.0], {"k": 2}, _StepCounter(r(4, 4, seed=418))
+    counter.step = 3
+    calls = 4
+    model = torch.nn.BatchNorm1d(4, dtype=D).eval()
+    w, x = counter.w, r(3, 4, seed=419)
+
+    def forward(x):
+        scale = len(history) * cache["k"] * 0.99 ** counter.step * calls * (1.0 + _CALLS)
+        return torch.tanh(model(x @ w)).sum() * scale
+
+    step = tg.compile(forward, fuse=False)
+    for _ in range(5):
+        (loss, grads), warned = _call_once(step, x)
+        assert warned == []
         _assert_as_torch(loss, grads, forward, x, w)
+        with torch.no_grad():
+            w -= 0.1 * grads[w]
+    assert step.recordings == 1 and step.fallback is None
 
 
 # ---------------------------------------------------------------- work the forward does under torch.no_grad()
