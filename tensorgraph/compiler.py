@@ -591,8 +591,9 @@ class CompiledStep:
             warnings.warn(f"tg.compile: re-recording {self.__name__}: {reason}", RecompileWarning,
                           stacklevel=stacklevel)
         program = _build(self.forward, inputs, self.params, self.fuse, self._distrusted)
-        for note in program.notes:
-            warnings.warn(f"tg.compile: {note}", stacklevel=stacklevel)
+        if program.unchecked is None and program.changes is None:  # (notes on a step the engine will run mislead)
+            for note in program.notes:
+                warnings.warn(f"tg.compile: {note}", stacklevel=stacklevel)
         self.recordings += 1
         self._changed = program.changes
         if program.changes is not None:

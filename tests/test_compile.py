@@ -1998,6 +1998,28 @@ def test_a_list_the_forward_appends_to_and_reads_runs_through_the_engine():
     assert step.recordings == 2 and step.fallback is not None
 
 
+def test_a_step_the_engine_runs_is_not_told_what_the_compiled_step_would_not_do():
+    """Notes such as 'the compiled step does not append to acts' were given for a step that then ran through the
+    engine, which does append: they said the opposite of what happened."""
+    w, x = r(4, 4, seed=401), r(3, 4, seed=402)
+    state = types.SimpleNamespace(calls=0, out=None)
+
+    def forward(x):
+        state.out = torch.tanh(x @ w)  # (a tensor kept in an attribute: the compiled step would not update it)
+        state.calls += 1
+        return state.out.sum() * state.calls
+
+    step = tg.compile(forward, fuse=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for call in range(3):
+            loss, _ = step(x)
+            torch.testing.assert_close(loss, torch.tanh(x @ w).sum() * (call + 1), **TOL)
+    messages = [str(w.message) for w in caught]
+    assert step.fallback is not None and state.calls == 3
+    assert not any("the compiled step does not" in m for m in messages), messages
+
+
 # ---------------------------------------------------------------- Python state the forward changes and reads
 
 
