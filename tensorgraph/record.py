@@ -71,6 +71,7 @@ _DROPOUT = {
 }
 _ATTENTION = torch.nn.functional.scaled_dot_product_attention
 _MULTI_HEAD_ATTENTION = torch.nn.functional.multi_head_attention_forward
+_TRIPLET_WITH_DISTANCE = torch.nn.functional.triplet_margin_with_distance_loss
 # torch.autograd.Function.apply runs the Function's forward with grad disabled: its ops reach the recorder's
 # no-grad path; a frame running this code above such an op marks it as part of a custom Function's forward
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
@@ -267,6 +268,8 @@ class _Recorder(TorchFunctionMode):
             return self._attention_with_dropout(*args, **kwargs)
         if func is _MULTI_HEAD_ATTENTION:
             return self._multi_head_attention(func, entry, args, kwargs)
+        if func is _TRIPLET_WITH_DISTANCE:
+            return self._triplet_with_distance(*args, **kwargs)
         if entry is not None:
             if entry[2]:
                 return self._inplace_call(func, entry, args, kwargs)
@@ -495,6 +498,27 @@ class _Recorder(TorchFunctionMode):
                     self.graph._nodes[self.graph._live[id(out)][0]]["unsupported"] = (
                         f"multi_head_attention_forward with {refused} (precomputed keys or values) has no rule")
         return result
+
+    def _triplet_with_distance(self, anchor: Tensor, positive: Tensor, negative: Tensor, *,
+                               distance_function: Any = None, margin: float = 1.0, swap: bool = False,
+                               reduction: str = "mean") -> Tensor:
+        """F.triplet_margin_with_distance_loss, recorded as its parts: its distance is the user's Python function,
+        whose torch calls have rules (torch took this mode off its stack for the call: it goes back on for it)."""
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"{reduction} is not a valid value for reduction")
+        if margin <= 0:
+            raise ValueError(f"margin must be greater than 0, got {margin}")
+        if not anchor.ndim == positive.ndim == negative.ndim:
+            raise RuntimeError(f"The anchor, positive, and negative tensors are expected to have the same number of "
+                               f"dimensions, but got: anchor {anchor.ndim}D, positive {positive.ndim}D, and negative "
+                               f"{negative.ndim}D inputs")
+        distance = distance_function if distance_function is not None else torch.pairwise_distance
+        with self:
+            to_positive, to_negative = distance(anchor, positive), distance(anchor, negative)
+            if swap:  # the positive example closer to the negative than the anchor is: that distance instead
+                to_negative = torch.minimum(to_negative, distance(positive, negative))
+            loss = torch.clamp_min(margin + to_positive - to_negative, 0)
+            return loss.sum() if reduction == "sum" else loss.mean() if reduction == "mean" else loss
 
     def _no_grad_call(self, func, entry, args, kwargs):
         """Inside torch.no_grad() in the block: not differentiated.

@@ -702,6 +702,36 @@ def test_multi_head_attention_is_recorded_as_its_parts_with_torchs_values_and_dr
         torch.testing.assert_close(grads[parameter], parameter.grad, rtol=1e-10, atol=1e-12)
 
 
+TRIPLETS = {  # F.triplet_margin_with_distance_loss's options: its distance is the user's own function
+    "default": {},
+    "cosine": {"distance_function": lambda x, y: 1 - F.cosine_similarity(x, y)},
+    "swap_margin": {"distance_function": lambda x, y: (x - y).abs().sum(-1), "swap": True, "margin": 0.5},
+    "sum": {"reduction": "sum"},
+    "module_none": {"distance_function": torch.nn.PairwiseDistance(p=1.5), "reduction": "none"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRIPLETS))
+def test_triplet_loss_with_a_distance_function_is_recorded_as_its_parts(case):
+    """It had no rule (its distance is Python code of the user's): now its parts are recorded, the distance's
+    torch calls included; gradients as torch autograd's in float64, on a first and a replayed recording, and
+    through tg.compile."""
+    gen = torch.Generator().manual_seed(5)
+    a, p, n, W = (torch.randn(size, 4, generator=gen, dtype=torch.float64) for size in (5, 5, 5, 4))
+    options = TRIPLETS[case]
+    truth = W.clone().requires_grad_()
+    F.triplet_margin_with_distance_loss(a @ truth, p @ truth, n @ truth, **options).sum().backward()
+    for _ in range(2):
+        with tg.record() as graph:
+            loss = F.triplet_margin_with_distance_loss(a @ W, p @ W, n @ W, **options).sum()
+        torch.testing.assert_close(graph.backward(loss)[W], truth.grad, rtol=1e-12, atol=1e-12)
+    assert graph.compare(loss).ok
+    step = tg.compile(lambda a, p, n: F.triplet_margin_with_distance_loss(a @ W, p @ W, n @ W, **options).sum())
+    torch.testing.assert_close(step(a, p, n)[1][W], truth.grad, rtol=1e-12, atol=1e-12)
+    with tg.record(), pytest.raises(ValueError, match="margin must be greater than 0"):
+        F.triplet_margin_with_distance_loss(a, p, n, margin=0.0)  # torch's own checks, as torch words them
+
+
 @pytest.mark.parametrize("mask", ["bool", "float"])
 def test_attention_with_dropout_and_a_fully_masked_row_is_zero_there_as_in_torch(mask):
     # torch's kernel softmaxes safely: a query that may see no key gets 0, and finite gradients
