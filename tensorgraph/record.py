@@ -72,6 +72,10 @@ _DROPOUT = {
 _ATTENTION = torch.nn.functional.scaled_dot_product_attention
 _MULTI_HEAD_ATTENTION = torch.nn.functional.multi_head_attention_forward
 _TRIPLET_WITH_DISTANCE = torch.nn.functional.triplet_margin_with_distance_loss
+# the fractional max pools by their spatial dims: their random samples are drawn here, as torch draws them, so that
+# a rule sees them (drawn inside torch's function, none could)
+_FRACTIONAL = {torch.nn.functional.fractional_max_pool2d: 2, torch.nn.functional.fractional_max_pool2d_with_indices: 2,
+               torch.nn.functional.fractional_max_pool3d: 3, torch.nn.functional.fractional_max_pool3d_with_indices: 3}
 # torch.autograd.Function.apply runs the Function's forward with grad disabled: its ops reach the recorder's
 # no-grad path; a frame running this code above such an op marks it as part of a custom Function's forward
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
@@ -270,6 +274,8 @@ class _Recorder(TorchFunctionMode):
             return self._multi_head_attention(func, entry, args, kwargs)
         if func is _TRIPLET_WITH_DISTANCE:
             return self._triplet_with_distance(*args, **kwargs)
+        if func in _FRACTIONAL and kwargs.get("_random_samples") is None and len(args) < 6 and args:
+            return self._fractional_max_pool(func, types, args, kwargs)
         if entry is not None:
             if entry[2]:
                 return self._inplace_call(func, entry, args, kwargs)
@@ -519,6 +525,15 @@ class _Recorder(TorchFunctionMode):
                 to_negative = torch.minimum(to_negative, distance(positive, negative))
             loss = torch.clamp_min(margin + to_positive - to_negative, 0)
             return loss.sum() if reduction == "sum" else loss.mean() if reduction == "mean" else loss
+
+    def _fractional_max_pool(self, func, types, args, kwargs):
+        """F.fractional_max_pool2d/3d with the random samples drawn here, exactly as torch draws them (the same
+        values for the same seed), and passed in: a recorded constant the rule reads."""
+        x, spatial = args[0], _FRACTIONAL[func]
+        batched = x.dim() == spatial + 2
+        shape = (x.size(0) if batched else 1, x.size(-spatial - 1), spatial)
+        samples = self.__torch_function__(torch.rand, (), shape, {"dtype": x.dtype, "device": x.device})
+        return self.__torch_function__(func, types, args, {**kwargs, "_random_samples": samples})
 
     def _no_grad_call(self, func, entry, args, kwargs):
         """Inside torch.no_grad() in the block: not differentiated.

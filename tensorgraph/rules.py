@@ -27,6 +27,8 @@ from .ops import UnsupportedCall, constants, defop, once_per_pass
 KERNELS = frozenset({
     "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward", "_ctc_loss", "_ctc_loss_backward",
     "_embedding_bag", "_embedding_bag_backward", "_embedding_bag_per_sample_weights_backward",
+    "fractional_max_pool2d", "fractional_max_pool2d_backward", "fractional_max_pool3d",
+    "fractional_max_pool3d_backward",
     "adaptive_max_pool3d", "adaptive_max_pool3d_backward",
     "_log_softmax_backward_data",
     "_softmax_backward_data", "_upsample_nearest_exact1d_backward", "_upsample_nearest_exact2d_backward",
@@ -3199,6 +3201,32 @@ def _adaptive_max_pool_with_indices(spatial: int) -> Callable[..., Tensor | None
             return aten.adaptive_max_pool2d_backward(g, x, out[1])
         return aten.adaptive_max_pool2d_backward(g.unsqueeze(-2), x.unsqueeze(-2), out[1].unsqueeze(-2)).squeeze(-2)
     return rule
+
+
+def _fractional_max_pool(spatial: int) -> Callable[..., Tensor | None]:
+    """F.fractional_max_pool2d/3d (and _with_indices): the recorder drew ``_random_samples``, so the pooling regions
+    are known; the gradient goes to each region's max, as with max_pool."""
+    pool = getattr(aten, f"fractional_max_pool{spatial}d")
+    pool_backward = getattr(aten, f"fractional_max_pool{spatial}d_backward")
+
+    def rule(g: Tensor, out: Any, x: Tensor, kernel_size: Any, output_size: Any = None, output_ratio: Any = None,
+             return_indices: bool = False, _random_samples: Tensor | None = None, *, output_index: int = 0
+             ) -> Tensor | None:
+        if output_index != 0 or _random_samples is None:
+            return None
+        result = out[0] if isinstance(out, (tuple, list)) else out
+        kernel = [kernel_size] * spatial if isinstance(kernel_size, int) else list(kernel_size)
+        size = list(result.shape[-spatial:])
+        indices = out[1] if isinstance(out, (tuple, list)) else pool(x, kernel, size, _random_samples)[1]
+        return pool_backward(g, x, kernel, size, indices)
+    return rule
+
+
+for _spatial in (2, 3):
+    defop(f"fractional_max_pool{_spatial}d", _fractional_max_pool(_spatial), auto=False,
+          funcs=(f"F.fractional_max_pool{_spatial}d",))
+    defop(f"fractional_max_pool{_spatial}d_with_indices", _fractional_max_pool(_spatial), multi=True, auto=False,
+          funcs=(f"F.fractional_max_pool{_spatial}d_with_indices",))
 
 
 defop("max_pool1d_with_indices", max_pool1d_with_indices, multi=True)

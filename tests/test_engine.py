@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_matches_torch, engine_grads, finite_differences
 
 import tensorgraph as tg
+from tensorgraph import codegen
 from tensorgraph.lecture import LECTURE_ROWS, setup
 
 D = torch.float64
@@ -637,6 +638,38 @@ def test_every_dropout_in_training_draws_torchs_mask_and_gets_torchs_gradient(na
     assert torch.equal(y, expected.detach())
     (expected * weight).sum().backward()
     torch.testing.assert_close(graph.backward(loss)[x], xr.grad)
+
+
+FRACTIONAL_POOLS = {  # each: the call and its input's shape
+    "2d_output_size": (lambda x: F.fractional_max_pool2d(x, 2, output_size=4), (2, 3, 9, 9)),
+    "2d_output_ratio": (lambda x: F.fractional_max_pool2d(x, (2, 3), output_ratio=(0.5, 0.6)), (2, 3, 9, 9)),
+    "2d_indices": (lambda x: F.fractional_max_pool2d(x, 2, output_size=4, return_indices=True)[0], (2, 3, 9, 9)),
+    "2d_module_unbatched": (lambda x: torch.nn.FractionalMaxPool2d(2, output_size=5)(x), (3, 9, 9)),
+    "3d": (lambda x: F.fractional_max_pool3d(x, 2, output_size=(3, 4, 4)), (2, 3, 6, 9, 9)),
+    "3d_indices_module": (lambda x: torch.nn.FractionalMaxPool3d(2, output_ratio=0.5, return_indices=True)(x)[0], (
+        1, 2, 6, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FRACTIONAL_POOLS))
+def test_fractional_max_pool_draws_torchs_samples_and_gets_torchs_gradient(name):
+    """Its pooling regions come from random samples torch drew inside the call, out of a rule's reach: no rule.
+    The recorder now draws them as torch does (the same values for the same seed) and passes them in."""
+    fn, shape = FRACTIONAL_POOLS[name]
+    x = torch.randn(shape, dtype=D)
+    for seed in (3, 4):  # a first recording, then one replayed from its template
+        torch.manual_seed(seed)
+        with tg.record() as graph:
+            y = fn(x)
+            loss = (y ** 2).sum()
+        torch.manual_seed(seed)
+        xr = x.clone().requires_grad_()
+        expected = fn(xr)
+        assert torch.equal(y, expected.detach())
+        (expected ** 2).sum().backward()
+        torch.testing.assert_close(graph.backward(loss)[x], xr.grad, rtol=1e-12, atol=1e-12)
+    namespace = codegen.run(graph.backward_source(loss), graph)
+    torch.testing.assert_close(namespace["dx"], xr.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mask", ["causal", "bool", "float", "none"])
