@@ -1143,6 +1143,14 @@ def image_cases():
         r(1, 2, 7, seed=1), r(1, 2, 6, 4, seed=2), r(1, 2, 3, 4, 5, seed=3)]
     yield "adaptive_max_pool3d", lambda x: F.adaptive_max_pool3d(x, 2) + F.adaptive_max_pool3d(
         x, (2, 2, 2), return_indices=True)[0] + torch.nn.AdaptiveMaxPool3d((2, 1, 2))(x), [distinct(1, 2, 4, 4, 4)]
+    # (the samples given: the regions are fixed, as the recorder fixes them when it draws them; see test_engine)
+    gen = torch.Generator().manual_seed(11)
+    samples2, samples3 = torch.rand(1, 2, 2, dtype=D, generator=gen), torch.rand(1, 1, 3, dtype=D, generator=gen)
+    yield "fractional_max_pool", lambda x, z: F.fractional_max_pool2d(x, 2, output_size=4, _random_samples=samples2) + (
+        F.fractional_max_pool2d(x, (2, 3), output_size=(4, 4), return_indices=True, _random_samples=samples2)[0]) + (
+        F.fractional_max_pool3d(z, 2, output_size=(2, 2, 2), _random_samples=samples3) * F.fractional_max_pool3d(
+            z, 2, output_size=2, return_indices=True, _random_samples=samples3)[0]).sum(), [
+        distinct(1, 2, 7, 7), distinct(1, 1, 4, 5, 5, seed=1)]
     yield "lp_pool", lambda x, y, z: F.lp_pool1d(x, 2, 3) + F.lp_pool1d(x.abs() + 0.1, 3.0, 3, stride=3) + (
         F.lp_pool2d(y, 2, 2).sum((-2, -1))[..., None] + torch.nn.LPPool2d(1.5, 2, stride=1, ceil_mode=True)(
             y.abs()).sum((-2, -1))[..., None]) + F.lp_pool3d(z, 2, 2).sum((-3, -2, -1))[..., None], [
