@@ -224,10 +224,16 @@ class _Recorder(TorchFunctionMode):
         # one new tensor) is kept free of helper calls, generators and temporary objects
         replay = self.replay
         if replay is not None and replay.expected is func and not _state.busy and (
-                not self.grad_at_entry or torch.is_grad_enabled()) and not _any_autocast():
+                not self.grad_at_entry or torch.is_grad_enabled()) and not _any_autocast() and (
+                not kwargs or (kwargs.get("out") is None and kwargs.get("inplace") is not True)) and (
+                func is not _ATTENTION or not _attention_dropout_call(args, kwargs or {})) and (
+                func is not _MULTI_HEAD_ATTENTION):
             # the call the template made at this position: it took the common path then, so it does now
             # (its callable is no metadata, dropout or in-place op; grad mode is as at entry; no autocast, whose
-            # ops the full path marks; see tensorgraph.replay)
+            # ops the full path marks; see tensorgraph.replay). Where the full path chooses by the arguments
+            # (out=, inplace=True, attention with dropout), these arguments must choose the common path too:
+            # the template's F.relu(h) does not make this call's F.relu(h, inplace=True) a new tensor, nor its
+            # attention without dropout this call's attention with dropout an op with a rule
             result = func(*args, **kwargs) if kwargs else func(*args)
             if not self.nested:  # no recorder below this one can see the checks' metadata calls
                 fast = replay.fast  # the generated checks of this call (the common case), then the generic ones
