@@ -43,7 +43,7 @@ KERNELS = frozenset({
     "soft_margin_loss_backward", "softplus_backward", "softshrink_backward", "tanh_backward", "threshold_backward",
     "upsample_bicubic2d_backward", "upsample_bilinear2d_backward", "upsample_linear1d_backward",
     "upsample_nearest1d_backward", "upsample_nearest2d_backward", "upsample_nearest3d_backward",
-    "upsample_trilinear3d_backward",
+    "upsample_trilinear3d_backward", "_weight_norm_interface_backward",
 })
 aten = SimpleNamespace(**{name: getattr(torch.ops.aten, name) for name in sorted(KERNELS)})
 
@@ -1909,8 +1909,29 @@ def cosine_similarity(g: Tensor, out: Tensor, x1: Tensor, x2: Tensor, dim: int =
     return tuple(grads)
 
 
+def weight_norm(grad: Tensor, out: Tensor, v: Tensor, g: Tensor, dim: int = 0) -> tuple:
+    """``torch._weight_norm`` (``nn.utils.parametrizations.weight_norm``): ``v * (g / ||v||)``, the norm over every
+    dimension but ``dim`` (over all of them for ``dim=-1``). (``grad`` is the output's gradient: torch names the
+    magnitude ``g``, which a keyword call binds.)
+
+    With ``dim`` the first or the last, torch runs the fused ``_weight_norm_interface``, whose backward kernel this
+    calls; for another ``dim`` it differentiates the composite ``v * (g / norm_except_dim(v, 2, dim))``.
+    """
+    if dim < -1 or dim >= max(v.dim(), 1):
+        raise UnsupportedCall(f"_weight_norm: dim={dim} is out of range for a {v.dim()}-dimensional v")
+    if dim in (0, v.dim() - 1):
+        _, norms = torch._weight_norm_interface(v, g, dim)
+        return aten._weight_norm_interface_backward(grad.contiguous(), v, g, norms, dim)
+    others = [d for d in range(v.dim()) if d != dim] if dim != -1 else list(range(v.dim()))
+    norm = torch.linalg.vector_norm(v, 2, others, keepdim=True)
+    grad_scale = (grad * v).sum(others, keepdim=True)  # through s = g / norm, w = v * s
+    grad_norm = -grad_scale * g / (norm * norm)
+    return grad * (g / norm) + grad_norm * v / norm, grad_scale / norm
+
+
 defop("normalize", normalize)
 defop("cosine_similarity", cosine_similarity)
+defop("_weight_norm", weight_norm)
 
 
 def _norm_grad(g: Tensor, x: Tensor, p: float, n: Tensor, dims: Any) -> Tensor:
