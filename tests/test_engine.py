@@ -225,6 +225,27 @@ def test_compare_flags_a_slip_in_a_batch_norm_input_gradient_once_it_is_not_nois
         assert report["h"].reason == "NOT OK: beyond rounding; the batch_norm rule disagrees with torch's"
 
 
+def test_compare_calls_the_gradient_of_a_mask_cast_from_integers_ok():
+    """A float tensor made from integers in the block (``(t != pad).double()``, ``F.one_hot(t).double()``) gets a
+    gradient, as a constant does; compare's replay gave torch nothing to track there and called it NOT OK."""
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(4, 5, generator=gen, dtype=D), torch.randn(5, 3, generator=gen, dtype=D)
+    t = torch.tensor([0, 2, 1, 0])
+    with tg.record() as graph:
+        logp = F.log_softmax(x @ w, -1)
+        onehot = F.one_hot(t, 3).double()
+        mask = (t != 0).double()
+        loss = (-(onehot * logp).sum(-1) * mask).sum() / mask.sum()
+    report = graph.compare(loss)
+    assert report.ok and report["onehot"].exact and report["mask"].ok, str(report)
+    leaves = [v.clone().requires_grad_() for v in (logp.detach(), onehot, mask)]  # torch, the casts as leaves
+    logp_t, onehot_t, mask_t = leaves
+    (-(onehot_t * logp_t).sum(-1) * mask_t).sum().div(mask_t.sum()).backward()
+    grads = graph.backward(loss)
+    torch.testing.assert_close(grads[onehot], onehot_t.grad)
+    torch.testing.assert_close(grads[mask], mask_t.grad)
+
+
 def test_lecture_names_and_node_attributes():
     from tensorgraph.lecture import record_exercise
 
