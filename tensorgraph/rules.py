@@ -3016,7 +3016,12 @@ def alpha_dropout_shift(noise: Tensor, p: float) -> Tensor:
     return noise.add(-1).mul_(_ALPHA_PRIME * a).add_(_ALPHA_PRIME * a * p)
 
 
-for _func in (dropout_mask, alpha_dropout_noise, alpha_dropout_scale, alpha_dropout_shift):
+def gumbel_noise(logits: Tensor) -> Tensor:
+    """The Gumbel(0, 1) noise F.gumbel_softmax adds to the logits, drawn from the same generator in the same way."""
+    return -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_().log()
+
+
+for _func in (dropout_mask, alpha_dropout_noise, alpha_dropout_scale, alpha_dropout_shift, gumbel_noise):
     constants(_func.__name__, auto=False, callables=(_func,))
 
 

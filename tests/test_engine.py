@@ -623,6 +623,27 @@ def test_dropout_gradient_matches_torch_with_the_same_seed():
     torch.testing.assert_close(y, F.dropout(x, 0.4, training=False) * (y != 0) / 0.6)
 
 
+@pytest.mark.parametrize("hard", [False, True])
+def test_gumbel_softmax_draws_torchs_noise_and_gets_torchs_gradient(hard):
+    """F.gumbel_softmax had no rule (one node for the whole call); it is recorded as the calls torch's function
+    makes, its noise a constant drawn as torch draws it: with the same seed, torch's values and gradient."""
+    gen = torch.Generator().manual_seed(31)
+    w, x = torch.randn(5, 4, generator=gen, dtype=D), torch.randn(3, 5, generator=gen, dtype=D)
+    weight = torch.arange(12, dtype=D).view(3, 4)
+    torch.manual_seed(7)
+    with tg.record() as graph:
+        y = F.gumbel_softmax(x @ w, tau=0.5, hard=hard) + F.gumbel_softmax(x @ w, dim=0)
+        loss = (y * weight).sum()
+    grads = graph.backward(loss)
+    wr = w.clone().requires_grad_()
+    torch.manual_seed(7)
+    expected = F.gumbel_softmax(x @ wr, tau=0.5, hard=hard) + F.gumbel_softmax(x @ wr, dim=0)
+    (expected * weight).sum().backward()
+    torch.testing.assert_close(y, expected.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(grads[w], wr.grad)
+    assert graph.compare(loss).ok
+
+
 DROPOUTS = {  # each: the call and its input's shape
     "dropout_p1": (lambda x: F.dropout(x, 1.0), (6, 5)),  # keeps nothing (its mask was 0/0: NaN)
     "dropout1d": (lambda x: F.dropout1d(x, 0.4), (3, 4, 5)),
