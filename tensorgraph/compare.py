@@ -159,6 +159,10 @@ def replay(graph: Graph, root: int, differentiable: Collection[int] | None = Non
                 out = results[key][data["output_index"]]
             else:
                 out = data["func"](*args, **kwargs)
+            if not out.requires_grad and (differentiable is None or node in differentiable):
+                # a float tensor made from no float input (a mask or one-hot cast: (t != pad).float()): torch
+                # tracks nothing into it, the engine gives it a gradient as it gives a constant, so it is a leaf
+                out = out.detach().requires_grad_()
             if out.requires_grad:
                 out.retain_grad()
                 _register(out, hooks.get(node))

@@ -76,6 +76,7 @@ _TRIPLET_WITH_DISTANCE = torch.nn.functional.triplet_margin_with_distance_loss
 # a rule sees them (drawn inside torch's function, none could)
 _FRACTIONAL = {torch.nn.functional.fractional_max_pool2d: 2, torch.nn.functional.fractional_max_pool2d_with_indices: 2,
                torch.nn.functional.fractional_max_pool3d: 3, torch.nn.functional.fractional_max_pool3d_with_indices: 3}
+_GUMBEL_SOFTMAX = torch.nn.functional.gumbel_softmax
 # torch.autograd.Function.apply runs the Function's forward with grad disabled: its ops reach the recorder's
 # no-grad path; a frame running this code above such an op marks it as part of a custom Function's forward
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
@@ -229,10 +230,16 @@ class _Recorder(TorchFunctionMode):
         # one new tensor) is kept free of helper calls, generators and temporary objects
         replay = self.replay
         if replay is not None and replay.expected is func and not _state.busy and (
-                not self.grad_at_entry or torch.is_grad_enabled()) and not _any_autocast():
+                not self.grad_at_entry or torch.is_grad_enabled()) and not _any_autocast() and (
+                not kwargs or (kwargs.get("out") is None and kwargs.get("inplace") is not True)) and (
+                func is not _ATTENTION or not _attention_dropout_call(args, kwargs or {})) and (
+                func is not _MULTI_HEAD_ATTENTION):
             # the call the template made at this position: it took the common path then, so it does now
             # (its callable is no metadata, dropout or in-place op; grad mode is as at entry; no autocast, whose
-            # ops the full path marks; see tensorgraph.replay)
+            # ops the full path marks; see tensorgraph.replay). Where the full path chooses by the arguments
+            # (out=, inplace=True, attention with dropout), these arguments must choose the common path too:
+            # the template's F.relu(h) does not make this call's F.relu(h, inplace=True) a new tensor, nor its
+            # attention without dropout this call's attention with dropout an op with a rule
             result = func(*args, **kwargs) if kwargs else func(*args)
             if not self.nested:  # no recorder below this one can see the checks' metadata calls
                 fast = replay.fast  # the generated checks of this call (the common case), then the generic ones
@@ -266,6 +273,8 @@ class _Recorder(TorchFunctionMode):
             return self._no_grad_call(func, entry, args, kwargs)
         if func in _DROPOUT:
             return self._dropout(func, *args, **kwargs)
+        if func is _GUMBEL_SOFTMAX:
+            return self._gumbel_softmax(*args, **kwargs)
         if kwargs and kwargs.get("out") is not None:
             return self._out_call(func, entry, args, kwargs)
         if func is _ATTENTION and _attention_dropout_call(args, kwargs):
@@ -459,6 +468,22 @@ class _Recorder(TorchFunctionMode):
         scale, shift = call(rules.alpha_dropout_scale, (), (noise, p)), call(rules.alpha_dropout_shift, (), (noise, p))
         scaled = call(Tensor.mul_ if inplace else Tensor.mul, (), (input, scale))
         return call(Tensor.add_ if inplace else Tensor.add, (), (scaled, shift))
+
+    def _gumbel_softmax(self, logits: Tensor, tau: float = 1.0, hard: bool = False, eps: float = 1e-10,
+                        dim: int = -1) -> Tensor:
+        """F.gumbel_softmax recorded as the calls torch's function makes, its noise a recorded constant (drawn as
+        torch draws it, so the same seed gives torch's values); hard=True is the straight-through one-hot."""
+        if eps != 1e-10:
+            warnings.warn("`eps` parameter is deprecated and has no effect.", stacklevel=3)
+        call = self.__torch_function__
+        noisy = call(Tensor.div, (), (call(Tensor.add, (), (logits, call(rules.gumbel_noise, (), (logits,)))), tau))
+        y_soft = call(Tensor.softmax, (), (noisy, dim))
+        if not hard:
+            return y_soft
+        index = call(Tensor.max, (), (y_soft, dim), {"keepdim": True})[1]
+        zeros = call(torch.zeros_like, (), (logits,), {"memory_format": torch.legacy_contiguous_format})
+        y_hard = call(Tensor.scatter, (), (zeros, dim, index, 1.0))
+        return call(Tensor.add, (), (call(Tensor.sub, (), (y_hard, call(Tensor.detach, (), (y_soft,)))), y_soft))
 
     def _attention_with_dropout(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,

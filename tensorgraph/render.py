@@ -69,6 +69,10 @@ INLINE_NODES = 2000
 # their count: ~4,000 take seconds, ~9,000 a minute. A parameter used at every step of an unrolled loop makes
 # that many (one edge from the top to each step); above this many, such sources get one box per use instead
 LONG_EDGE_BUDGET = 2000
+# dot's network simplex placing boxes side by side stops after this many passes per box: where it converges (the
+# lecture's pictures, a 40-layer MLP's both views) the picture is the same bit for bit; without it a recurrent
+# rule's backward (a 2-layer nn.LSTM over 6 steps: 480 boxes, each step's gates read steps away) ran for minutes
+NSLIMIT = "2"
 
 
 class GraphvizNotFoundError(FileNotFoundError):
@@ -937,7 +941,7 @@ def emit(drawing: Drawing, options: _Options, *, legend: bool = True, title: str
     dot = graphviz.Digraph(
         "tensorgraph",
         graph_attr={"rankdir": options.rankdir, "fontname": "Helvetica", "nodesep": "0.25", "ranksep": "0.35",
-                    "newrank": "true", **({"dpi": str(dpi)} if dpi else {})},
+                    "newrank": "true", "nslimit": NSLIMIT, **({"dpi": str(dpi)} if dpi else {})},
         node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica", "fontsize": "11",
                    "margin": "0.08,0.03", "color": "#444444"},
         edge_attr={"arrowsize": "0.6", "color": "#666666"},

@@ -45,7 +45,7 @@ KERNELS = frozenset({
     "soft_margin_loss_backward", "softplus_backward", "softshrink_backward", "tanh_backward", "threshold_backward",
     "upsample_bicubic2d_backward", "upsample_bilinear2d_backward", "upsample_linear1d_backward",
     "upsample_nearest1d_backward", "upsample_nearest2d_backward", "upsample_nearest3d_backward",
-    "upsample_trilinear3d_backward",
+    "upsample_trilinear3d_backward", "_weight_norm_interface_backward",
 })
 aten = SimpleNamespace(**{name: getattr(torch.ops.aten, name) for name in sorted(KERNELS)})
 
@@ -1911,8 +1911,29 @@ def cosine_similarity(g: Tensor, out: Tensor, x1: Tensor, x2: Tensor, dim: int =
     return tuple(grads)
 
 
+def weight_norm(grad: Tensor, out: Tensor, v: Tensor, g: Tensor, dim: int = 0) -> tuple:
+    """``torch._weight_norm`` (``nn.utils.parametrizations.weight_norm``): ``v * (g / ||v||)``, the norm over every
+    dimension but ``dim`` (over all of them for ``dim=-1``). (``grad`` is the output's gradient: torch names the
+    magnitude ``g``, which a keyword call binds.)
+
+    With ``dim`` the first or the last, torch runs the fused ``_weight_norm_interface``, whose backward kernel this
+    calls; for another ``dim`` it differentiates the composite ``v * (g / norm_except_dim(v, 2, dim))``.
+    """
+    if dim < -1 or dim >= max(v.dim(), 1):
+        raise UnsupportedCall(f"_weight_norm: dim={dim} is out of range for a {v.dim()}-dimensional v")
+    if dim in (0, v.dim() - 1):
+        _, norms = torch._weight_norm_interface(v, g, dim)
+        return aten._weight_norm_interface_backward(grad.contiguous(), v, g, norms, dim)
+    others = [d for d in range(v.dim()) if d != dim] if dim != -1 else list(range(v.dim()))
+    norm = torch.linalg.vector_norm(v, 2, others, keepdim=True)
+    grad_scale = (grad * v).sum(others, keepdim=True)  # through s = g / norm, w = v * s
+    grad_norm = -grad_scale * g / (norm * norm)
+    return grad * (g / norm) + grad_norm * v / norm, grad_scale / norm
+
+
 defop("normalize", normalize)
 defop("cosine_similarity", cosine_similarity)
+defop("_weight_norm", weight_norm)
 
 
 def _norm_grad(g: Tensor, x: Tensor, p: float, n: Tensor, dims: Any) -> Tensor:
@@ -2997,7 +3018,12 @@ def alpha_dropout_shift(noise: Tensor, p: float) -> Tensor:
     return noise.add(-1).mul_(_ALPHA_PRIME * a).add_(_ALPHA_PRIME * a * p)
 
 
-for _func in (dropout_mask, alpha_dropout_noise, alpha_dropout_scale, alpha_dropout_shift):
+def gumbel_noise(logits: Tensor) -> Tensor:
+    """The Gumbel(0, 1) noise F.gumbel_softmax adds to the logits, drawn from the same generator in the same way."""
+    return -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_().log()
+
+
+for _func in (dropout_mask, alpha_dropout_noise, alpha_dropout_scale, alpha_dropout_shift, gumbel_noise):
     constants(_func.__name__, auto=False, callables=(_func,))
 
 

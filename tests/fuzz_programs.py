@@ -765,6 +765,18 @@ def normalize(b: Builder) -> int:
 
 
 @gen
+def weight_norm(b: Builder) -> int:
+    """torch._weight_norm (nn.utils.parametrizations.weight_norm): v * (g / |v|), the norm over every dim but dim
+    (all of them for -1); v positive, so that no norm is 0."""
+    v = b.pick(1, 3, positive=True)
+    shape = tuple(b.value(v).shape)
+    dim = b.choose.integer(-1, len(shape) - 1)
+    g = b.pick(shape=() if dim == -1 else tuple(s if i == dim else 1 for i, s in enumerate(shape)))
+    return b.emit(f"{{out}} = torch._weight_norm({{0}}, {{1}}, {dim})", [v, g],
+                  lambda t, u: torch._weight_norm(t, u, dim))
+
+
+@gen
 def einsum(b: Builder) -> int:
     """Contractions, transposes, sums and outer products spelled as einsum equations."""
     x = b.pick()

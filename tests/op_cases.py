@@ -549,6 +549,16 @@ def norm_cases():
         r(4, 5, seed=4)]
     yield "normalize_nonsmooth_zero_row", lambda x: F.normalize(x, dim=1), [_zero_row(3, 4, seed=5)]
     yield "normalize_nonsmooth_eps", lambda x: F.normalize(x, dim=1, eps=2.0), [r(3, 4, seed=6)]  # all clamped
+    # nn.utils.parametrizations.weight_norm: the fused kernel (dim first or last) and the composite (other dims)
+    yield "weight_norm", lambda v, g: torch._weight_norm(v, g, 0), [r(4, 5, seed=1), r(4, 1, positive=True, seed=2)]
+    yield "weight_norm_last_dim", lambda v, g: torch._weight_norm(v, g, 2), [r(3, 4, 2, seed=3),
+                                                                              r(1, 1, 2, positive=True, seed=4)]
+    yield "weight_norm_middle_dim", lambda v, g: torch._weight_norm(v, g, 1), [r(3, 4, 2, seed=5),
+                                                                                r(1, 4, 1, positive=True, seed=6)]
+    yield "weight_norm_all_dims", lambda v, g: torch._weight_norm(v, g, -1), [r(3, 4, seed=7),
+                                                                               r(positive=True, seed=8)]
+    yield "weight_norm_keywords", lambda v, g: torch._weight_norm(v, g=g, dim=1), [r(4, 5, seed=9),
+                                                                                    r(1, 5, positive=True, seed=10)]
     yield "cosine_similarity", lambda a, b: F.cosine_similarity(a, b), [r(4, 5, seed=1), r(4, 5, seed=2)]
     yield "cosine_similarity_broadcast", lambda a, b: F.cosine_similarity(a, b, dim=-1), [r(1, 5, seed=1),
                                                                                           r(3, 4, 5, seed=2)]

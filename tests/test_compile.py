@@ -477,8 +477,10 @@ def test_dead_gradients_are_not_computed():
     assert "dx" not in source and "dfrozen" not in source and "dlabels" not in source
 
 
-@pytest.mark.parametrize("dropout", [F.dropout, F.dropout1d, F.alpha_dropout, F.feature_alpha_dropout])
+@pytest.mark.parametrize("dropout", [F.dropout, F.dropout1d, F.alpha_dropout, F.feature_alpha_dropout,
+                                     lambda h, p, training: F.gumbel_softmax(h, tau=p, hard=True)])
 def test_dropout_draws_a_new_mask_each_step(dropout):
+    """(Also F.gumbel_softmax's noise.)"""
     w = r(8, 8, seed=18)
 
     def forward(x):

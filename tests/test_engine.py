@@ -226,6 +226,27 @@ def test_compare_flags_a_slip_in_a_batch_norm_input_gradient_once_it_is_not_nois
         assert report["h"].reason == "NOT OK: beyond rounding; the batch_norm rule disagrees with torch's"
 
 
+def test_compare_calls_the_gradient_of_a_mask_cast_from_integers_ok():
+    """A float tensor made from integers in the block (``(t != pad).double()``, ``F.one_hot(t).double()``) gets a
+    gradient, as a constant does; compare's replay gave torch nothing to track there and called it NOT OK."""
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(4, 5, generator=gen, dtype=D), torch.randn(5, 3, generator=gen, dtype=D)
+    t = torch.tensor([0, 2, 1, 0])
+    with tg.record() as graph:
+        logp = F.log_softmax(x @ w, -1)
+        onehot = F.one_hot(t, 3).double()
+        mask = (t != 0).double()
+        loss = (-(onehot * logp).sum(-1) * mask).sum() / mask.sum()
+    report = graph.compare(loss)
+    assert report.ok and report["onehot"].exact and report["mask"].ok, str(report)
+    leaves = [v.clone().requires_grad_() for v in (logp.detach(), onehot, mask)]  # torch, the casts as leaves
+    logp_t, onehot_t, mask_t = leaves
+    (-(onehot_t * logp_t).sum(-1) * mask_t).sum().div(mask_t.sum()).backward()
+    grads = graph.backward(loss)
+    torch.testing.assert_close(grads[onehot], onehot_t.grad)
+    torch.testing.assert_close(grads[mask], mask_t.grad)
+
+
 def test_lecture_names_and_node_attributes():
     from tensorgraph.lecture import record_exercise
 
@@ -601,6 +622,27 @@ def test_dropout_gradient_matches_torch_with_the_same_seed():
     (F.dropout(xr, 0.4) * torch.arange(5, dtype=D)).sum().backward()
     torch.testing.assert_close(graph.backward(loss)[x], xr.grad)
     torch.testing.assert_close(y, F.dropout(x, 0.4, training=False) * (y != 0) / 0.6)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_gumbel_softmax_draws_torchs_noise_and_gets_torchs_gradient(hard):
+    """F.gumbel_softmax had no rule (one node for the whole call); it is recorded as the calls torch's function
+    makes, its noise a constant drawn as torch draws it: with the same seed, torch's values and gradient."""
+    gen = torch.Generator().manual_seed(31)
+    w, x = torch.randn(5, 4, generator=gen, dtype=D), torch.randn(3, 5, generator=gen, dtype=D)
+    weight = torch.arange(12, dtype=D).view(3, 4)
+    torch.manual_seed(7)
+    with tg.record() as graph:
+        y = F.gumbel_softmax(x @ w, tau=0.5, hard=hard) + F.gumbel_softmax(x @ w, dim=0)
+        loss = (y * weight).sum()
+    grads = graph.backward(loss)
+    wr = w.clone().requires_grad_()
+    torch.manual_seed(7)
+    expected = F.gumbel_softmax(x @ wr, tau=0.5, hard=hard) + F.gumbel_softmax(x @ wr, dim=0)
+    (expected * weight).sum().backward()
+    torch.testing.assert_close(y, expected.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(grads[w], wr.grad)
+    assert graph.compare(loss).ok
 
 
 DROPOUTS = {  # each: the call and its input's shape

@@ -580,6 +580,38 @@ def test_in_place_ops_a_template_does_not_replay_are_recorded_in_full(kind):
         assert graph._replay is None or graph._replay.matched == 0  # a new template at every step
 
 
+def _argument_chosen_step(q, k, v, dropout_p, inplace):
+    torch.manual_seed(0)
+    with tg.record() as graph:  # one line: the recordings share a template
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        h = attended * 2
+        loss = (F.relu(h, inplace=inplace) * h).sum()
+    return graph, loss
+
+
+def _argument_chosen_torch(q, k, v, dropout_p, inplace):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(0)
+    h = F.scaled_dot_product_attention(*leaves, dropout_p=dropout_p, is_causal=True) * 2
+    (F.relu(h, inplace=inplace) * h).sum().backward()
+    return [t.grad for t in leaves]
+
+
+def test_arguments_that_take_a_call_off_the_common_path_are_not_replayed():
+    """A template's attention without dropout and F.relu(h) took the common path; the same lines called with
+    dropout_p > 0 (model.train() after evaluating) and inplace=True must not: the attention is recorded as its
+    parts (else its node has no rule) and the in-place relu as a new version of h (else it is no node at all,
+    and h's gradient is wrong). Checked against torch autograd."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 4, 3, generator=g, dtype=D) for _ in range(3))
+    fresh()
+    for dropout_p, inplace in [(0.0, False)] * 3 + [(0.5, False), (0.0, False), (0.0, False), (0.0, True)]:
+        graph, loss = _argument_chosen_step(q, k, v, dropout_p, inplace)
+        grads = graph.backward(loss)
+        for tensor, expected in zip((q, k, v), _argument_chosen_torch(q, k, v, dropout_p, inplace)):
+            torch.testing.assert_close(grads[tensor], expected)
+
+
 # ---------------------------------------------------------------- names
 
 
