@@ -77,6 +77,9 @@ _TRIPLET_WITH_DISTANCE = torch.nn.functional.triplet_margin_with_distance_loss
 _FRACTIONAL = {torch.nn.functional.fractional_max_pool2d: 2, torch.nn.functional.fractional_max_pool2d_with_indices: 2,
                torch.nn.functional.fractional_max_pool3d: 3, torch.nn.functional.fractional_max_pool3d_with_indices: 3}
 _GUMBEL_SOFTMAX = torch.nn.functional.gumbel_softmax
+_EMBEDDING = torch.nn.functional.embedding
+_RENORM = (Op("embedding_renorm", None, constant=True), False, True)  # torch.embedding_renorm_'s entry: in place
+_CHOOSING = frozenset({_ATTENTION, _MULTI_HEAD_ATTENTION, _EMBEDDING})  # calls whose arguments may choose their path
 # torch.autograd.Function.apply runs the Function's forward with grad disabled: its ops reach the recorder's
 # no-grad path; a frame running this code above such an op marks it as part of a custom Function's forward
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
@@ -193,6 +196,17 @@ def _attention_dropout(query: Any, key: Any, value: Any, attn_mask: Any = None, 
         isinstance(t, Tensor) and t.layout is torch.strided for t in (query, key, value))  # (torch refuses both masks)
 
 
+def _chooses_own_path(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether this call of one of the functions the recorder records its own way (_CHOOSING) takes that way: not
+    the common path a template may replay (attention with dropout, nn.MultiheadAttention, an embedding with
+    max_norm)."""
+    if func is _ATTENTION:
+        return _attention_dropout_call(args, kwargs)
+    if func is _EMBEDDING:
+        return kwargs.get("max_norm") is not None or (len(args) > 3 and args[3] is not None)
+    return True
+
+
 def _attention_dropout_call(args: tuple, kwargs: dict) -> bool:
     try:
         return _attention_dropout(*args, **kwargs)
@@ -232,12 +246,12 @@ class _Recorder(TorchFunctionMode):
         if replay is not None and replay.expected is func and not _state.busy and (
                 not self.grad_at_entry or torch.is_grad_enabled()) and not _any_autocast() and (
                 not kwargs or (kwargs.get("out") is None and kwargs.get("inplace") is not True)) and (
-                func is not _ATTENTION or not _attention_dropout_call(args, kwargs or {})) and (
-                func is not _MULTI_HEAD_ATTENTION):
+                func not in _CHOOSING or not _chooses_own_path(func, args, kwargs or {})):
             # the call the template made at this position: it took the common path then, so it does now
             # (its callable is no metadata, dropout or in-place op; grad mode is as at entry; no autocast, whose
             # ops the full path marks; see tensorgraph.replay). Where the full path chooses by the arguments
-            # (out=, inplace=True, attention with dropout), these arguments must choose the common path too:
+            # (out=, inplace=True, attention with dropout, an embedding's max_norm), these arguments must choose
+            # the common path too:
             # the template's F.relu(h) does not make this call's F.relu(h, inplace=True) a new tensor, nor its
             # attention without dropout this call's attention with dropout an op with a rule
             result = func(*args, **kwargs) if kwargs else func(*args)
@@ -283,6 +297,8 @@ class _Recorder(TorchFunctionMode):
             return self._multi_head_attention(func, entry, args, kwargs)
         if func is _TRIPLET_WITH_DISTANCE:
             return self._triplet_with_distance(*args, **kwargs)
+        if func is _EMBEDDING and _chooses_own_path(func, args, kwargs):
+            return self._embedding_with_max_norm(types, *args, **kwargs)
         if func in _FRACTIONAL and kwargs.get("_random_samples") is None and len(args) < 6 and args:
             return self._fractional_max_pool(func, types, args, kwargs)
         if entry is not None:
@@ -550,6 +566,18 @@ class _Recorder(TorchFunctionMode):
                 to_negative = torch.minimum(to_negative, distance(positive, negative))
             loss = torch.clamp_min(margin + to_positive - to_negative, 0)
             return loss.sum() if reduction == "sum" else loss.mean() if reduction == "mean" else loss
+
+    def _embedding_with_max_norm(self, types: Any, input: Tensor, weight: Tensor, padding_idx: int | None = None,
+                                 max_norm: float | None = None, norm_type: float = 2.0,
+                                 scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
+        """F.embedding(max_norm=...) (nn.Embedding(max_norm=...)): torch first rescales, in place and under no_grad,
+        the rows of ``weight`` it looks up to norms of at most ``max_norm``, then looks them up. Recorded so: the
+        rescaling as a no-grad update of ``weight`` (a new version of it), then the plain lookup of that version,
+        whose gradient goes to ``weight`` as torch's does."""
+        with torch.no_grad():  # (as an in-place call: a weight already recorded gets a new version, as when clipped)
+            self._no_grad_call(torch.embedding_renorm_, _RENORM, (weight, input.contiguous(), max_norm, norm_type), {})
+        return self.__torch_function__(_EMBEDDING, types, (input, weight, padding_idx, None, norm_type,
+                                                           scale_grad_by_freq, sparse), {})
 
     def _fractional_max_pool(self, func, types, args, kwargs):
         """F.fractional_max_pool2d/3d with the random samples drawn here, exactly as torch draws them (the same

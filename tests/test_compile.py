@@ -3153,3 +3153,26 @@ def test_gradient_hooks_are_refused_not_skipped():
     Wt = W.detach().clone().requires_grad_()
     (x @ Wt).sin().sum().backward()
     torch.testing.assert_close(grads[W], Wt.grad, **TOL)
+
+
+def test_embedding_with_max_norm_compiles_with_torchs_renormalisation():
+    """F.embedding(max_norm=...) raised UnsupportedCall; its in-place renormalisation of the weight is replayed by
+    the compiled step as the recording made it, so an SGD loop follows torch's, the weight's rows included."""
+    gen = torch.Generator().manual_seed(0)
+    W, V = torch.randn(10, 4, generator=gen, dtype=torch.float64) * 3, r(4, 2, seed=403)
+    W_torch, V_torch = W.clone().requires_grad_(), V.clone().requires_grad_()
+    batches = [torch.tensor([[1, 2, 2], [5, 1, 9]]), torch.tensor([[3, 4, 0], [7, 7, 8]])]
+    step = tg.compile(lambda idx: (F.embedding(idx, W, max_norm=1.5) @ V).tanh().sum())
+    for idx in batches * 2:
+        loss, grads = step(idx)
+        with torch.no_grad():
+            W.sub_(0.1 * grads[W])
+            V.sub_(0.1 * grads[V])
+        expected = (F.embedding(idx, W_torch, max_norm=1.5) @ V_torch).tanh().sum()
+        expected.backward()
+        with torch.no_grad():
+            W_torch.sub_(0.1 * W_torch.grad)
+            V_torch.sub_(0.1 * V_torch.grad)
+        W_torch.grad = V_torch.grad = None
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        torch.testing.assert_close(W, W_torch.detach(), **TOL)

@@ -682,6 +682,38 @@ def test_every_dropout_in_training_draws_torchs_mask_and_gets_torchs_gradient(na
     torch.testing.assert_close(graph.backward(loss)[x], xr.grad)
 
 
+@pytest.mark.parametrize("spelling", ["function", "module"])
+def test_embedding_with_max_norm_renormalises_as_torch_and_gets_torchs_gradient(spelling):
+    """F.embedding(max_norm=...) rescales the rows it looks up in place, under no_grad, inside torch's function:
+    it raised UnsupportedCall. Now the rescaling is recorded as an update of the weight: the same values as
+    torch (the weight too), and torch's gradients, on a first, a traced and a replayed recording."""
+    idx = torch.tensor([[1, 2, 2], [5, 1, 9]])
+    for _ in range(3):
+        gen = torch.Generator().manual_seed(0)
+        W, V = torch.randn(10, 4, generator=gen, dtype=D) * 3, torch.randn(4, 2, generator=gen, dtype=D)
+        W_torch, V_torch = W.clone().requires_grad_(), V.clone().requires_grad_()
+        if spelling == "module":  # (the module's weight is the parameter it wraps W in)
+            module, module_torch = (torch.nn.Embedding(10, 4, max_norm=1.5, _weight=w.detach().clone())
+                                    for w in (W, W_torch))
+            W, W_torch = module.weight, module_torch.weight
+            lookup = {id(W): module, id(W_torch): module_torch}
+
+            def embed(i, w, lookup=lookup):
+                return lookup[id(w)](i)
+        else:
+            def embed(i, w):
+                return F.embedding(i, w, max_norm=1.5, norm_type=1.5)
+        with tg.record() as graph:
+            loss = (embed(idx, W) @ V).tanh().sum()
+        grads = graph.backward(loss)
+        expected = (embed(idx, W_torch) @ V_torch).tanh().sum()
+        expected.backward()
+        assert torch.equal(loss, expected.detach()) and torch.equal(W, W_torch.detach())
+        torch.testing.assert_close(grads[W], W_torch.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads[V], V_torch.grad, rtol=1e-12, atol=1e-12)
+    assert graph.compare(loss).ok
+
+
 FRACTIONAL_POOLS = {  # each: the call and its input's shape
     "2d_output_size": (lambda x: F.fractional_max_pool2d(x, 2, output_size=4), (2, 3, 9, 9)),
     "2d_output_ratio": (lambda x: F.fractional_max_pool2d(x, (2, 3), output_ratio=(0.5, 0.6)), (2, 3, 9, 9)),
