@@ -179,8 +179,10 @@ def compile(forward: Callable[..., Tensor], *, params: Sequence[Tensor] | None =
 
 def _param_name(graph: Graph, param: Tensor) -> str:
     """A parameter's name in the recorded graph (``'W1'``), or ``a parameter`` where it has none."""
-    live = graph._live.get(id(param))
-    return repr(graph._nodes[live[0]]["name"]) if live is not None and live[2] is param else "a parameter"
+    try:
+        return repr(graph.name_of(param))
+    except KeyError:
+        return "a parameter"
 
 
 class _Layout:
