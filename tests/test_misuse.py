@@ -1269,6 +1269,17 @@ def test_cli_debug_shows_the_traceback(tmp_path):
     assert "nope.pt" in result.stderr  # (without --debug: one line, status 2, as the misuse tests above show)
 
 
+def test_cli_help_does_not_import_sympy():
+    """Every command's parser is built for ``tensorgraph --help``; sympy (~0.5 s) is loaded by ``derive`` only."""
+    import subprocess
+
+    code = ("import sys; from tensorgraph.cli import build_parser; build_parser().format_help(); "
+            "print('sympy' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_cli_debug_before_or_after_the_command(where, tmp_path, capsys):
     """``tensorgraph derive cross-entropy --debug`` was refused (argparse took --debug before the command only)."""

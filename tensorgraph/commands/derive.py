@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import sympy as sp
+if TYPE_CHECKING:
+    import sympy as sp
 
 CHAINS = ("cross-entropy", "batchnorm")
 
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         print(derivation.steps)
         return 0
     if args.latex:
+        import sympy as sp  # NOTE: imported here so that every other command starts without sympy
+
         print(derivation.latex)
         for name, form in derivation.gradients.items():
             if name != derivation.wrt:
@@ -99,6 +102,8 @@ def _biased_batchnorm(ex: Any) -> dict[str, Any]:
 
 def lecture_formula(derivation: Any, chain: str, biased: bool) -> tuple[str, sp.Expr]:
     """The lecture's formula for the chain (to prove the derived form against), as text and as sympy."""
+    import sympy as sp
+
     s = derivation.symbols
     if chain == "cross-entropy":
         text = "dlogits = (softmax(logits) - onehot(Yb)) / n * dloss"
@@ -115,6 +120,8 @@ def lecture_formula(derivation: Any, chain: str, biased: bool) -> tuple[str, sp.
 
 def summary(derivation: Any, chain: str, biased: bool, seconds: float) -> str:
     """The closed form, its proof against the lecture's formula, and the generated code, as text."""
+    import sympy as sp
+
     x = derivation.chain.input
     shape = "×".join(map(str, x.shape))
     lines = [f"d{derivation.output} / d{derivation.wrt}, derived from the recorded chain "
