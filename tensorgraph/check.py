@@ -43,6 +43,7 @@ from torch import Tensor
 from .engine import (
     backward,
     call_rule,
+    check_unchanged,
     gradient_hooks,
     input_gradients,
     require_values,
@@ -63,6 +64,10 @@ ERROR_KINDS = frozenset({"shape", "dtype", "not-unbroadcast", "transposed", "mis
 _INDEX_OPS = frozenset({"getitem", "embedding", "index_select"})
 # reductions that select an element, by what they select
 _SELECTIONS = {"max": "max", "amax": "max", "min": "min", "amin": "min"}
+
+
+# the end of the error for a parameter updated in place after recording (exercise 4's p.data += -lr * grad)
+_UPDATED_ADVICE = "Check your gradients before the update (graph.check(manual, loss) before p.data += ...)."
 
 
 NAME_WIDTH = 15  # the gradient column's least width; longer names widen the whole table
@@ -171,6 +176,8 @@ def check(graph: Graph, manual: dict[str, Any], loss: Any, grad: Tensor | None =
     root = root_node(graph, loss, "graph.check")
     seed_gradient(graph, root, grad, "graph.check")  # a wrong grad= named as graph.check's
     require_values(graph, root, "graph.check")
+    if getattr(graph, "_fingerprints", None):  # before backward, whose error would say "call backward"
+        check_unchanged(graph, root, _UPDATED_ADVICE)
     _check_tolerances(rtol, atol)
     hooked = list(gradient_hooks(graph, root) or ())
     if hooked:

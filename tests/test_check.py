@@ -882,3 +882,37 @@ def test_a_variance_without_bessels_correction_under_a_square_root_is_named(lect
     assert row.kind == "scaled" and row.message.startswith(
         "scaled by √(n/(n-1)) = 1.016 (n = 32): Bessel's correction under a square root?"), row
 
+
+TRAINING = '''
+import torch
+import tensorgraph as tg
+gen = torch.Generator().manual_seed(0)
+x, W = torch.randn(4, 3, generator=gen), torch.randn(3, 2, generator=gen)
+for step in range(2):
+    with torch.no_grad():
+        with tg.record() as graph:
+            loss = (x @ W).tanh().sum()
+        dW = x.T @ (1 - (x @ W).tanh() ** 2)
+        W.data += -0.1 * dW  # exercise 4: the update ends the loop, so the script leaves W updated
+'''
+
+
+def test_a_parameter_updated_after_recording_says_to_check_before_the_update(tmp_path, capsys):
+    from tensorgraph.cli import main
+
+    namespace = {}
+    exec(TRAINING, namespace)  # noqa: S102 - the learner's script
+    W = namespace["W"]
+    with pytest.raises(RuntimeError, match=r"tensor 'W' was modified in place .* Check your gradients before the "
+                                           r"update \(graph.check\(manual, loss\) before p.data \+= ...\)"):
+        namespace["graph"].check({"dW": namespace["dW"]}, namespace["loss"])
+    assert main(["check", _script(tmp_path, TRAINING)]) == 2
+    err = capsys.readouterr().err
+    assert "learner.py: tensor 'W' was modified in place" in err and "RuntimeError" not in err, err
+    assert "end it (or break out of the training loop) before the update" in err and "Call backward" not in err, err
+    # checked before its update, the last step's gradient is right (torch autograd: W as it was recorded)
+    leaf = (W - -0.1 * namespace["dW"]).requires_grad_()
+    (namespace["x"] @ leaf).tanh().sum().backward()
+    assert main(["check", _script(tmp_path, TRAINING.replace("        W.data", "        if step == 1:\n            "
+                                                                            "break\n        W.data"))]) == 0
+    torch.testing.assert_close(namespace["dW"], leaf.grad)
