@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -916,3 +917,30 @@ def test_a_parameter_updated_after_recording_says_to_check_before_the_update(tmp
     assert main(["check", _script(tmp_path, TRAINING.replace("        W.data", "        if step == 1:\n            "
                                                                             "break\n        W.data"))]) == 0
     torch.testing.assert_close(namespace["dW"], leaf.grad)
+
+
+@pytest.mark.parametrize("make, name, hint", [
+    (lambda v, g: (1.0 - v.h) * g["dh"], "hpreact", " (h = torch.tanh(hpreact): d tanh(x)/dx = 1 - tanh(x)**2)"),
+    (lambda v, g: -v.counts_sum**-1 * g["dcounts_sum_inv"], "counts_sum",
+     " (counts_sum_inv = counts_sum**-1: d(x**e)/dx = e*x**(e-1))"),
+    (lambda v, g: -0.5 * (v.bnvar + 1e-5) ** -0.5 * g["dbnvar_inv"], "bnvar",  # -1.5 for -0.5
+     " (bnvar_inv = (bnvar + 1e-05)**-0.5: d(a+b)/da = 1 and d(x**e)/dx = e*x**(e-1))"),
+])
+def test_a_wrong_line_names_the_forward_line_it_differentiates_and_its_rule(lecture, truth64, make, name, hint):
+    graph, loss, v = lecture
+    good = answer(v)
+    manual = {**good, "d" + name: make(v, good)}
+    assert _off(manual["d" + name], truth64[name])
+    row = _row(graph, loss, manual, name)
+    assert row.kind == "wrong" and row.message.startswith("maxdiff ") and row.message.endswith(hint), row
+
+
+def test_a_forgotten_eps_is_called_close_not_wrong_in_a_few_places(lecture, truth64):
+    graph, loss, v = lecture
+    good = answer(v)
+    dbnvar = -0.5 * v.bnvar**-1.5 * good["dbnvar_inv"]  # the eps left out: ~3e-5 off, everywhere
+    assert not torch.allclose(dbnvar.double(), truth64["bnvar"], rtol=1e-5, atol=1e-8)  # the lecture's cmp: False
+    row = _row(graph, loss, {**good, "dbnvar": dbnvar}, "bnvar")
+    assert row.kind == "wrong" and "the others are right" not in row.message, row
+    assert re.search(r": close \([0-9.e-]+ of the largest value\) but more than float rounding gives: a small "
+                     r"constant \(an eps\?\) left out or added", row.message), row
