@@ -921,7 +921,8 @@ class _Checker:
             if self.nodes[consumer]["named"] and used is not None and tuple(used.shape) == tuple(mine.shape) and \
                     not self._negligible(used, consumer) and self._close(mine, used, consumer):
                 upstream = self.nodes[consumer]["name"]
-                return (f"equals your d{upstream}: the line passes d{upstream} on as it is, without the local "
+                whose = "your" if consumer in self.given else "the right"
+                return (f"equals {whose} d{upstream}: the line passes d{upstream} on as it is, without the local "
                         f"derivative of {self._forward_line(consumer)} (chain rule: d{name} = local derivative * "
                         f"d{upstream})")
         for other in sorted(self.truth, reverse=True):

@@ -805,6 +805,8 @@ def test_a_line_that_passes_the_upstream_gradient_on_unchanged_is_not_called_an_
     assert row.kind == "wrong" and "in-place" not in row.message, row
     assert row.message.startswith("equals your dcounts: the line passes dcounts on as it is, without the local "
                                   "derivative of counts = norm_logits.exp()"), row
+    row = graph.check({"dnorm_logits": good["dcounts"]}, loss)["norm_logits"]  # dcounts not given: not "your"
+    assert row.message.startswith("equals the right dcounts: the line passes dcounts on as it is"), row
 
 
 @pytest.mark.parametrize("make, name, message", [
