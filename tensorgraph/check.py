@@ -40,7 +40,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .engine import backward, call_rule, gradient_hooks, input_gradients, require_values, root_node, seed_gradient
+from .engine import (
+    backward,
+    call_rule,
+    check_unchanged,
+    gradient_hooks,
+    input_gradients,
+    require_values,
+    root_node,
+    seed_gradient,
+)
 from .graph import identifier, is_float
 from .rounding import TOLERANCES, close, rounding_noise, sum_to
 
@@ -55,6 +64,10 @@ ERROR_KINDS = frozenset({"shape", "dtype", "not-unbroadcast", "transposed", "mis
 _INDEX_OPS = frozenset({"getitem", "embedding", "index_select"})
 # reductions that select an element, by what they select
 _SELECTIONS = {"max": "max", "amax": "max", "min": "min", "amin": "min"}
+
+
+# the end of the error for a parameter updated in place after recording (exercise 4's p.data += -lr * grad)
+_UPDATED_ADVICE = "Check your gradients before the update (graph.check(manual, loss) before p.data += ...)."
 
 
 NAME_WIDTH = 15  # the gradient column's least width; longer names widen the whole table
@@ -163,6 +176,8 @@ def check(graph: Graph, manual: dict[str, Any], loss: Any, grad: Tensor | None =
     root = root_node(graph, loss, "graph.check")
     seed_gradient(graph, root, grad, "graph.check")  # a wrong grad= named as graph.check's
     require_values(graph, root, "graph.check")
+    if getattr(graph, "_fingerprints", None):  # before backward, whose error would say "call backward"
+        check_unchanged(graph, root, _UPDATED_ADVICE)
     _check_tolerances(rtol, atol)
     hooked = list(gradient_hooks(graph, root) or ())
     if hooked:
@@ -530,7 +545,9 @@ class _Checker:
             return None  # dbnbias = dhpreact is a broadcast mistake, diagnosed as such
         pointer = mine.untyped_storage().data_ptr()
         for other, value in self.given.items():
-            if other == node or value.untyped_storage().data_ptr() != pointer or value.shape != mine.shape:
+            # only a gradient written later (the input's, lower in the graph) can change this one in place;
+            # dnorm_logits = dcounts (an earlier gradient, unchanged since) is a missing local derivative
+            if other >= node or value.untyped_storage().data_ptr() != pointer or value.shape != mine.shape:
                 continue
             if self._close(mine, self.truth[other], other):
                 name, alias = self.nodes[node]["name"], self.nodes[other]["name"]
@@ -577,9 +594,9 @@ class _Checker:
         branch = self._missing_branch(node, mine, branches)
         if branch is not None:
             return "missing-branch", branch
-        twice = self._branch_twice(node, mine, ref, branches)
-        if twice is not None:
-            return "wrong", twice
+        scaled_branch = self._branch_scaled(node, mine, ref, branches)
+        if scaled_branch is not None:
+            return "wrong", scaled_branch
         tied = self._tie_message(node, mine, ref)  # before "scaled": a full max's gradient is 0 off the ties
         if tied is not None:
             return "wrong", tied
@@ -627,16 +644,31 @@ class _Checker:
                     return self._branch_message([branches[i] for i in subset], missing, node)
         return None
 
-    def _branch_twice(self, node: int, mine: Tensor, ref: Tensor, branches: list | None) -> str | None:
-        """One branch added twice (``dcounts += dcounts_sum`` run twice)."""
+    def _branch_scaled(self, node: int, mine: Tensor, ref: Tensor, branches: list | None) -> str | None:
+        """One branch added twice (``dcounts += dcounts_sum`` run twice), with the wrong sign (``-=``) or scaled
+        (``dhprebn += dbnmeani`` without its 1/n): ``mine = ref + k * branch``."""
         from .codegen import branch_name
 
         if not branches or len(branches) < 2:
-            return None  # one branch twice is "scaled by 2"
+            return None  # one branch scaled is "scaled"
         for branch in branches:
-            if branch is not None and not self._negligible(branch.summed, node) and \
-                    self._close(mine, ref + branch.summed, node):
-                return f"the branch through {branch_name(self.graph, branch.consumer)} is added twice"
+            if branch is None or self._negligible(branch.summed, node):
+                continue
+            share = _factor(branch.summed, ref)
+            if share is not None and self._close(branch.summed, share * ref, node):
+                continue  # a branch in proportion to the whole (x * x): "scaled" says it
+            extra = _factor(mine - ref.to(mine.dtype), branch.summed)
+            if extra is None or abs(extra) < 10 * self.rtol or not self._close(mine, ref + extra * branch.summed, node):
+                continue
+            through = f"the branch through {branch_name(self.graph, branch.consumer)}"
+            if abs(extra - 1) <= 1e-3:
+                text = f"{through} is added twice"
+            elif abs(extra + 2) <= 1e-3:
+                text = f"{through} has the wrong sign"
+            else:
+                text = f"{through} is {self._scaled_message(1 + extra)}"
+            hint = self._branch_hint(node, branch.consumer)
+            return text + (f" (it should be {hint})" if hint else "")
         return None
 
     # ---------------------------------------------------------------- messages
@@ -744,6 +776,9 @@ class _Checker:
         message = f"scaled by {text}"
         if related in ("(n-1)/n", "n/(n-1)"):
             message += ": Bessel's correction? (n vs n-1)"
+        elif related in ("√((n-1)/n)", "√(n/(n-1))"):
+            message += ": Bessel's correction under a square root? (a variance divided by n where it should be n-1, " \
+                       "or the reverse)"
         elif related in ("n", "1/n"):
             message += ": a 1/n too many or too few?"
         elif related == "sqrt":
@@ -769,6 +804,9 @@ class _Checker:
         shape, ref_shape = tuple(mine.shape), tuple(ref.shape)
         if shape != ref_shape:
             text = f"wrong shape: got {_shape(shape)} for {_shape(ref_shape)}"
+            other = self._other_gradient(node, mine)
+            if other:
+                return f"{text}: {other}"
             over = self._summed_too_much(node, mine, ref_shape)
             if over:
                 return f"{text}: {over}"
@@ -790,13 +828,43 @@ class _Checker:
             return f"should be (nearly) zero; yours reaches {_number(mine.abs().max().item())}"
         if self._same_values_elsewhere(node, mine, ref):
             return "the right values in the wrong places: check the indices"
+        said = self._other_gradient(node, mine) or self._local_derivative_alone(node, mine) or \
+            self._localised_message(node, mine, ref)
+        if said:
+            return said
         scale = ref.abs().max().item()
         if upstream_off:  # the maxdiff column is from the right gradient: say which this one is from
             upstream = self._wrong_upstream(node)
             given = _names(upstream) if upstream else "upstream gradients"
             return f"maxdiff {_number(_maxdiff(mine, ref))} from what your {given} give, whose values reach " \
-                   f"{_number(scale)}"
-        return f"maxdiff {_number(_maxdiff(mine, ref))} where the right values reach {_number(scale)}"
+                   f"{_number(scale)}" + self._rule_hint(node)
+        text = f"maxdiff {_number(_maxdiff(mine, ref))} where the right values reach {_number(scale)}"
+        if _maxdiff(mine, ref) < 1e-3 * scale:
+            text += (f": close ({_number(_maxdiff(mine, ref) / scale)} of the largest value) but more than float "
+                     f"rounding gives: a small constant (an eps?) left out or added")
+        return text + self._rule_hint(node)
+
+    def _rule_hint(self, node: int) -> str:
+        """`` (h = torch.tanh(hpreact): d tanh(x)/dx = 1 - tanh(x)**2)``: the derivative of the one line that
+        uses the tensor (through unnamed steps: ``bnvar_inv = (bnvar + 1e-5)**-0.5``), or nothing."""
+        from .codegen import RULE_NOTES
+
+        notes, current = [], node
+        for _ in range(4):
+            consumers = [c for c in self.graph.nx.successors(current) if c in self.truth]
+            if len(consumers) != 1:
+                return ""
+            data = self.nodes[consumers[0]]
+            positions = [i for i, arg in enumerate(data["bargs"]) if getattr(arg, "node", None) == current]
+            rule = RULE_NOTES.get(data["op"], ())
+            fused = data.get("rule") is not None  # a rule of its own: no note to give
+            if len(positions) != 1 or positions[0] >= len(rule) or not rule[positions[0]] or fused:
+                return ""
+            notes.append(rule[positions[0]].removesuffix(", in torch's fused kernel"))
+            if data["named"]:
+                return f" ({self._forward_line(consumers[0])}: {' and '.join(notes)})"
+            current = consumers[0]
+        return ""
 
     def _repeated_index_message(self, node: int, mine: Tensor, ref: Tensor) -> str | None:
         """dC[Xb] = demb: rows picked several times must add up, not overwrite."""
@@ -843,6 +911,84 @@ class _Checker:
             return text + (f"torch splits it evenly among the tied elements; ({name} == {kind}) alone gives each "
                            f"of them all of it: divide by how many are tied")
         return None
+
+    def _other_gradient(self, node: int, mine: Tensor) -> str | None:
+        """``dnorm_logits = dcounts`` (the upstream gradient passed on as it is), or the right gradient of another
+        tensor: ``dbnbias`` holding ``dbngain`` (a pasted line), ``{"dW1": dW2}`` (a key or a list out of order)."""
+        name = self.nodes[node]["name"]
+        for consumer in self.graph.nx.successors(node):
+            used = self.used.get(consumer)
+            if self.nodes[consumer]["named"] and used is not None and tuple(used.shape) == tuple(mine.shape) and \
+                    not self._negligible(used, consumer) and self._close(mine, used, consumer):
+                upstream = self.nodes[consumer]["name"]
+                whose = "your" if consumer in self.given else "the right"
+                return (f"equals {whose} d{upstream}: the line passes d{upstream} on as it is, without the local "
+                        f"derivative of {self._forward_line(consumer)} (chain rule: d{name} = local derivative * "
+                        f"d{upstream})")
+        for other in sorted(self.truth, reverse=True):
+            right = self.truth[other]
+            if other in (node, self.root) or tuple(right.shape) != tuple(mine.shape) or \
+                    not (self.nodes[other]["named"] or other in self.given) or self._negligible(right, other):
+                continue
+            if self._close(mine, right, other):
+                theirs = self.nodes[other]["name"]
+                return f"equals the right d{theirs}, not d{name}: a line, key or list entry meant for d{theirs}?"
+        return None
+
+    def _local_derivative_alone(self, node: int, mine: Tensor) -> str | None:
+        """``dprobs = 1.0 / probs``: the local derivative without the upstream gradient it multiplies."""
+        consumers = [c for c in self.graph.nx.successors(node) if c in self.truth]
+        if len(consumers) != 1 or not self.nodes[consumers[0]]["named"]:
+            return None
+        consumer = consumers[0]
+        try:
+            local = [b.summed for source, b in self._branches(consumer, torch.ones_like(self.truth[consumer]))
+                     if source == node]
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            return None
+        if not local or not self._close(mine, sum(local[1:], local[0]), node):
+            return None
+        upstream = self.nodes[consumer]["name"]
+        return (f"the local derivative of {self._forward_line(consumer)} alone: multiply it by the upstream "
+                f"gradient d{upstream} (chain rule)")
+
+    def _localised_message(self, node: int, mine: Tensor, ref: Tensor) -> str | None:
+        """Wrong at some elements only: how many, the first, and whether the right gradient is 0 there."""
+        off = ~close(mine.to(ref.dtype), ref, self._noise(node, ref), self.rtol, self.atol)
+        count, total = int(off.sum()), off.numel()
+        if not 0 < count < total:
+            return None
+        first = tuple(int(i) for i in off.nonzero()[0])
+        if self._negligible(ref[off], node):
+            return (f"nonzero at {count} of {total} elements where the right gradient is 0 (the first at {first}); "
+                    f"right elsewhere: only the elements the loss depends on get a gradient")
+        if count > total // 2 or float((mine - ref)[off].abs().max()) < 1e-3 * float(ref.abs().max()):
+            return None  # most are wrong, or all are nearly right (a forgotten eps): not a mistake in a few places
+        where = f"one in each row, the first at {first}" if off.dim() == 2 and bool((off.sum(1) == 1).all()) else \
+            f"the first at {first}"
+        return f"wrong at {count} of {total} elements ({where}); the others are right"
+
+    def _forward_line(self, node: int) -> str:
+        """``bnvar_inv = (bnvar + 1e-05)**-0.5``: the forward line that computes a tensor, unnamed intermediates
+        written out (a few deep), or its name alone if it cannot be printed."""
+        from .printer import call, expression
+
+        def source(input_: int, depth: int = 0) -> Any:
+            data = self.nodes[input_]
+            if not data["named"] and data["kind"] == "op" and not data["inplace"] and data["func"] is not None and \
+                    depth < 4:
+                try:
+                    return call(data["func"], data["args"], data["kwargs"], lambda n: source(n, depth + 1),
+                                output_index=data["output_index"])
+                except ValueError:
+                    pass
+            return identifier(data["name"])
+
+        name = self.nodes[node]["name"]
+        try:
+            return f"{name} = {expression(self.graph, node, source)}"
+        except ValueError:
+            return name
 
     def _same_values_elsewhere(self, node: int, mine: Tensor, ref: Tensor) -> bool:
         if self._close(mine, ref, node):
@@ -1036,12 +1182,14 @@ def _describe_factor(factor: float, n: int | None) -> tuple[str, str | None]:
     text = _simple_fraction(factor)
     if n and n > 2:
         candidates = {"(n-1)/n": (n - 1) / n, "n/(n-1)": n / (n - 1), "1/n": 1 / n, "n": float(n),
-                      "1/(n-1)": 1 / (n - 1), "n-1": float(n - 1)}
+                      "1/(n-1)": 1 / (n - 1), "n-1": float(n - 1), "√((n-1)/n)": math.sqrt((n - 1) / n),
+                      "√(n/(n-1))": math.sqrt(n / (n - 1))}
         for label, value in candidates.items():
             for sign in (1, -1):
                 if abs(factor - sign * value) <= 1e-5 * abs(value):
                     label = label if sign > 0 else f"-{label}"
-                    shown = f"{label} = {_simple_fraction(factor, max(64, n)) or f'{factor:.6g}'} (n = {n})"
+                    value = _simple_fraction(factor, max(64, n)) if "√" not in label else None
+                    shown = f"{label} = {value or f'{factor:.6g}'} (n = {n})"
                     return (f"{label} with n = {n}" if label.lstrip("-") == "n" else shown), label.lstrip("-")
     if text is not None:
         return text, None

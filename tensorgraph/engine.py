@@ -327,8 +327,12 @@ def _running_sums(tensors: list[Tensor], ends: Tensor) -> Tensor:
     return _bits(tensors).cumsum(0, dtype=torch.int64).index_select(0, ends)
 
 
-def check_unchanged(graph: Graph, root: int) -> None:
-    """Leaves the loss depends on must still hold their recorded values (``W.data -= ...`` bumps no version)."""
+def check_unchanged(graph: Graph, root: int, advice: str = "Call backward before updating it, or record again."
+                    ) -> None:
+    """Leaves the loss depends on must still hold their recorded values (``W.data -= ...`` bumps no version).
+
+    ``advice`` ends the error: what the caller's user should do instead (``graph.check`` says check first).
+    """
     stamps = graph._fingerprints
     changed = stamps.changed() if isinstance(stamps, LeafStamps) else [
         node for node, expected in stamps.items() if fingerprint(graph._nodes[node]["value"]) != expected]
@@ -342,8 +346,7 @@ def check_unchanged(graph: Graph, root: int) -> None:
             raise RuntimeError(
                 f"tensorgraph: tensor {data['name']!r} was modified in place after it was recorded (its values "
                 f"changed, e.g. through .data or under torch.no_grad()); the gradients of "
-                f"{graph._nodes[root]['name']!r} need its recorded value. Call backward before updating it, "
-                f"or record again.")
+                f"{graph._nodes[root]['name']!r} need its recorded value. {advice}")
 
 
 def _dependencies(graph: Graph, root: int) -> set[int]:

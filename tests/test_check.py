@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,7 +174,8 @@ def test_a_forgotten_attention_scale_is_named_as_a_square_root():
     (2.0, None, "2"), (-1.5, None, "-3/2"), (1 / math.sqrt(8), None, f"1/√8 = {1 / math.sqrt(8):.6g}"),
     (-math.sqrt(64 + 1), None, f"-√65 = {-math.sqrt(65):.6g}"), (0.8731, None, "0.8731"),
     (math.pi, None, f"{math.pi:.6g}"), (127 / 128, 128, "(n-1)/n = 127/128 (n = 128)"),
-    (31 / 32, 32, "(n-1)/n = 31/32 (n = 32)"), (1 / 32, 32, "1/n = 1/32 (n = 32)")])
+    (31 / 32, 32, "(n-1)/n = 31/32 (n = 32)"), (1 / 32, 32, "1/n = 1/32 (n = 32)"),
+    (math.sqrt(32 / 31), 32, "√(n/(n-1)) = 1.016 (n = 32)")])
 def test_scale_factors_are_named_by_the_simplest_true_form(factor, n, text):
     from tensorgraph.check import _describe_factor
 
@@ -769,3 +771,178 @@ def test_a_max_gradient_copied_to_every_tie_is_named(reduce, hint):
     right = one_hot if hint.startswith("the one") else truth
     torch.testing.assert_close(right, truth)
     assert graph.check({"dm": dm, "dx": right}, loss).ok
+
+
+# ---------------------------------------------------------------- a catalogue of learners' slips: pointed diagnoses
+
+
+@pytest.fixture(scope="module")
+def truth64():
+    """torch autograd's float64 gradients of the lecture's exercise (the same parameters and batch)."""
+    graph64, loss64, _ = exercise(torch.float64)
+    return _autograd_grads(graph64, loss64)
+
+
+def _off(value, right):
+    """The learner's value is not torch autograd's (float64), so the line really is a mistake."""
+    return tuple(value.shape) != tuple(right.shape) or not torch.allclose(value.double(), right, rtol=1e-4, atol=1e-7)
+
+
+def _row(graph, loss, manual, name):
+    report = graph.check(manual, loss)
+    assert report.first_error == name, str(report)
+    return report[name]
+
+
+def test_a_line_that_passes_the_upstream_gradient_on_unchanged_is_not_called_an_alias(lecture, truth64):
+    # dnorm_logits = dcounts (the exp's derivative forgotten) is the very tensor dcounts: the check said that an
+    # in-place update of dcounts had changed dnorm_logits (dhprebn = dbndiff without .clone()), which never happened
+    graph, loss, v = lecture
+    good = answer(v)
+    manual = {**good, "dnorm_logits": good["dcounts"]}
+    assert _off(manual["dnorm_logits"], truth64["norm_logits"]) and not _off(good["dcounts"], truth64["counts"])
+    row = _row(graph, loss, manual, "norm_logits")
+    assert row.kind == "wrong" and "in-place" not in row.message, row
+    assert row.message.startswith("equals your dcounts: the line passes dcounts on as it is, without the local "
+                                  "derivative of counts = norm_logits.exp()"), row
+    row = graph.check({"dnorm_logits": good["dcounts"]}, loss)["norm_logits"]  # dcounts not given: not "your"
+    assert row.message.startswith("equals the right dcounts: the line passes dcounts on as it is"), row
+
+
+@pytest.mark.parametrize("make, name, message", [
+    (lambda v, g: v.counts_sum_inv * g["dprobs"] - g["dcounts_sum"], "counts",  # dcounts -= ... for +=
+     "the branch through counts_sum has the wrong sign (it should be dcounts += dcounts_sum)"),
+    (lambda v, g: v.bnvar_inv * g["dbnraw"] + v.bndiff * g["dbndiff2"], "bndiff",  # the 2 of bndiff**2 forgotten
+     "the branch through bndiff2 is scaled by 1/2"),
+    (lambda v, g: g["dbndiff"] + g["dbnmeani"], "hprebn",  # bnmeani's 1/n forgotten
+     "the branch through bnmeani is scaled by n with n = 32: a 1/n too many or too few?"),
+])
+def test_one_branch_with_the_wrong_sign_or_factor_is_named(lecture, truth64, make, name, message):
+    graph, loss, v = lecture
+    good = answer(v)
+    manual = {**good, "d" + name: make(v, good)}
+    assert _off(manual["d" + name], truth64[name])
+    row = _row(graph, loss, manual, name)
+    assert row.kind == "wrong" and row.message.startswith(message), row
+
+
+@pytest.mark.parametrize("make, name, message", [
+    (lambda v: 1.0 / v.probs, "probs", "the local derivative of logprobs = probs.log() alone: multiply it by the "
+                                        "upstream gradient dlogprobs (chain rule)"),
+    (lambda v: -v.counts_sum**-2, "counts_sum", "the local derivative of counts_sum_inv = counts_sum**-1 alone"),
+    (lambda v: 1.0 - v.h**2, "hpreact", "the local derivative of h = torch.tanh(hpreact) alone"),
+])
+def test_the_local_derivative_without_the_upstream_gradient_is_named(lecture, truth64, make, name, message):
+    graph, loss, v = lecture
+    manual = {**answer(v), "d" + name: make(v)}
+    assert _off(manual["d" + name], truth64[name])
+    row = _row(graph, loss, manual, name)
+    assert row.kind == "wrong" and row.message.startswith(message), row
+
+
+def test_the_right_gradient_of_another_tensor_is_named(lecture, truth64):
+    graph, loss, v = lecture
+    good = answer(v)
+    pasted = (v.bnraw * good["dhpreact"]).sum(0, keepdim=True)  # dbngain's line pasted as dbnbias
+    assert _off(pasted, truth64["bnbias"]) and not _off(pasted, truth64["bngain"])
+    row = _row(graph, loss, {**good, "dbnbias": pasted}, "bnbias")
+    assert row.kind == "wrong" and row.message == ("equals the right dbngain, not dbnbias: a line, key or list "
+                                                   "entry meant for dbngain?"), row
+    row = _row(graph, loss, {**good, "dW1": good["dW2"]}, "W1")  # {"dW1": dW2}
+    assert row.message.startswith("wrong shape: got (64, 27) for (30, 64): equals the right dW2, not dW1"), row
+    # exercise 4: {p: grad for p, grad in zip(parameters, grads)} with two gradients of one shape out of order
+    bngain, bnbias = graph.value("bngain"), graph.value("bnbias")
+    report = graph.check({bngain: good["dbnbias"], bnbias: good["dbngain"]}, loss)
+    assert "equals the right dbnbias, not dbngain" in report["bngain"].message, str(report)
+    assert "equals the right dbngain, not dbnbias" in report["bnbias"].message, str(report)
+
+
+def test_where_a_gradient_is_wrong_is_located(lecture, truth64):
+    graph, loss, v = lecture
+    n = v.Yb.shape[0]
+    everywhere = torch.full_like(v.logprobs, -1.0 / n)  # dlogprobs[:] = -1/n: not only the picked elements
+    assert _off(everywhere, truth64["logprobs"])
+    row = _row(graph, loss, {"dlogprobs": everywhere}, "logprobs")
+    assert row.message.startswith("nonzero at 832 of 864 elements where the right gradient is 0"), row
+    probs = F.softmax(v.logits, 1) / n  # exercise 2 without the one-hot: wrong at the picked element of each row
+    off = ~torch.isclose(probs.double(), truth64["logits"], rtol=1e-4, atol=1e-7)
+    assert int(off.sum()) == n and bool((off.sum(1) == 1).all())
+    row = _row(graph, loss, {"dlogits": probs}, "logits")
+    first = (0, int(v.Yb[0]))
+    assert row.message == f"wrong at 32 of 864 elements (one in each row, the first at {first}); the others are " \
+                          f"right", row
+
+
+def test_a_variance_without_bessels_correction_under_a_square_root_is_named(lecture, truth64):
+    # exercise 3's one-liner with bnvar_inv recomputed from the biased variance: off by sqrt(n/(n-1))
+    graph, loss, v = lecture
+    n = v.Yb.shape[0]
+    dh = truth64["hpreact"].float()
+    biased = (v.hprebn.var(0, keepdim=True, unbiased=False) + 1e-5) ** -0.5
+    dhprebn = v.bngain * biased / n * (n * dh - dh.sum(0) - n / (n - 1) * v.bnraw * (dh * v.bnraw).sum(0))
+    assert _off(dhprebn, truth64["hprebn"])
+    row = graph.check({"dhprebn": dhprebn}, loss)["hprebn"]
+    assert row.kind == "scaled" and row.message.startswith(
+        "scaled by √(n/(n-1)) = 1.016 (n = 32): Bessel's correction under a square root?"), row
+
+
+TRAINING = '''
+import torch
+import tensorgraph as tg
+gen = torch.Generator().manual_seed(0)
+x, W = torch.randn(4, 3, generator=gen), torch.randn(3, 2, generator=gen)
+for step in range(2):
+    with torch.no_grad():
+        with tg.record() as graph:
+            loss = (x @ W).tanh().sum()
+        dW = x.T @ (1 - (x @ W).tanh() ** 2)
+        W.data += -0.1 * dW  # exercise 4: the update ends the loop, so the script leaves W updated
+'''
+
+
+def test_a_parameter_updated_after_recording_says_to_check_before_the_update(tmp_path, capsys):
+    from tensorgraph.cli import main
+
+    namespace = {}
+    exec(TRAINING, namespace)  # noqa: S102 - the learner's script
+    W = namespace["W"]
+    with pytest.raises(RuntimeError, match=r"tensor 'W' was modified in place .* Check your gradients before the "
+                                           r"update \(graph.check\(manual, loss\) before p.data \+= ...\)"):
+        namespace["graph"].check({"dW": namespace["dW"]}, namespace["loss"])
+    assert main(["check", _script(tmp_path, TRAINING)]) == 2
+    err = capsys.readouterr().err
+    assert "learner.py: tensor 'W' was modified in place" in err and "RuntimeError" not in err, err
+    assert "end it (or break out of the training loop) before the update" in err and "Call backward" not in err, err
+    # checked before its update, the last step's gradient is right (torch autograd: W as it was recorded)
+    leaf = (W - -0.1 * namespace["dW"]).requires_grad_()
+    (namespace["x"] @ leaf).tanh().sum().backward()
+    assert main(["check", _script(tmp_path, TRAINING.replace("        W.data", "        if step == 1:\n            "
+                                                                            "break\n        W.data"))]) == 0
+    torch.testing.assert_close(namespace["dW"], leaf.grad)
+
+
+@pytest.mark.parametrize("make, name, hint", [
+    (lambda v, g: (1.0 - v.h) * g["dh"], "hpreact", " (h = torch.tanh(hpreact): d tanh(x)/dx = 1 - tanh(x)**2)"),
+    (lambda v, g: -v.counts_sum**-1 * g["dcounts_sum_inv"], "counts_sum",
+     " (counts_sum_inv = counts_sum**-1: d(x**e)/dx = e*x**(e-1))"),
+    (lambda v, g: -0.5 * (v.bnvar + 1e-5) ** -0.5 * g["dbnvar_inv"], "bnvar",  # -1.5 for -0.5
+     " (bnvar_inv = (bnvar + 1e-05)**-0.5: d(a+b)/da = 1 and d(x**e)/dx = e*x**(e-1))"),
+])
+def test_a_wrong_line_names_the_forward_line_it_differentiates_and_its_rule(lecture, truth64, make, name, hint):
+    graph, loss, v = lecture
+    good = answer(v)
+    manual = {**good, "d" + name: make(v, good)}
+    assert _off(manual["d" + name], truth64[name])
+    row = _row(graph, loss, manual, name)
+    assert row.kind == "wrong" and row.message.startswith("maxdiff ") and row.message.endswith(hint), row
+
+
+def test_a_forgotten_eps_is_called_close_not_wrong_in_a_few_places(lecture, truth64):
+    graph, loss, v = lecture
+    good = answer(v)
+    dbnvar = -0.5 * v.bnvar**-1.5 * good["dbnvar_inv"]  # the eps left out: ~3e-5 off, everywhere
+    assert not torch.allclose(dbnvar.double(), truth64["bnvar"], rtol=1e-5, atol=1e-8)  # the lecture's cmp: False
+    row = _row(graph, loss, {**good, "dbnvar": dbnvar}, "bnvar")
+    assert row.kind == "wrong" and "the others are right" not in row.message, row
+    assert re.search(r": close \([0-9.e-]+ of the largest value\) but more than float rounding gives: a small "
+                     r"constant \(an eps\?\) left out or added", row.message), row

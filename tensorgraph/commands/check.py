@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if "loss" not in namespace:
         raise CLIError(f"{path} defines no 'loss' (the tensor your gradients are of)", "tensorgraph check")
     _check_loss(path, graph, namespace["loss"])
+    _check_recorded_values(path, graph, namespace["loss"])
     manual = namespace.get("manual")
     if manual is None:
         manual = _gradients_by_name(namespace, graph, namespace["loss"], path)
@@ -262,6 +263,19 @@ def _check_loss(path: Path, graph: Any, loss: Any) -> None:
         raise CLIError(f"{where}: 'loss' must be the scalar your gradients are of, but it is {data['name']!r} of "
                        f"shape {tuple(data['shape'])} (reduce it, e.g. with .mean(), inside the tg.record() "
                        f"block)", PROG)
+
+
+def _check_recorded_values(path: Path, graph: Any, loss: Any) -> None:
+    """The leaves must hold their recorded values: exercise 4's loop updates them at its end."""
+    from ..engine import check_unchanged, root_node
+
+    if not getattr(graph, "_fingerprints", None):
+        return
+    try:
+        check_unchanged(graph, root_node(graph, loss), "tensorgraph check judges the gradients the script leaves, "
+                        "so end it (or break out of the training loop) before the update.")
+    except RuntimeError as err:
+        raise CLIError(f"{path}: {str(err).removeprefix('tensorgraph: ')}", PROG) from None
 
 
 def _assignment(path: Path, name: str) -> str:
