@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .graph import Ref, is_float
 from .ops import OPS
+from .printer import _fraction
 
 if TYPE_CHECKING:
     from .engine import Gradients
@@ -393,7 +394,7 @@ def argument(value: Any, name: Callable[[int], str]) -> str:
     if isinstance(value, bool) or value is None or value is Ellipsis:
         return "..." if value is Ellipsis else str(value)
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return _float_argument(value)
     if isinstance(value, int):
         return str(value)
     if isinstance(value, range):
@@ -413,6 +414,15 @@ def argument(value: Any, name: Callable[[int], str]) -> str:
         return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
     text = repr(value)
     return text if len(text) <= 24 else text[:23] + "…"
+
+
+def _float_argument(value: float) -> str:
+    """4 significant digits, or the fraction the float is exactly: ``1/n * x`` with n = 31 records the float
+    0.03225806451612903, drawn ``(1/31)`` rather than ``0.03226``."""
+    fraction = _fraction(value, repr(value)) if math.isfinite(value) else None
+    if fraction is not None:
+        return "(" + fraction.text.replace(" / ", "/") + ")"
+    return f"{value:.4g}"
 
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@", "pow": "**"}

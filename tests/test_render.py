@@ -118,7 +118,9 @@ def test_forward_op_labels_read_like_the_lecture(lecture):
     assert at("matmul_1").startswith("embcat @ W1 matmul_1")
     assert at("hprebn").startswith("matmul_1 + b1 hprebn")
     assert at("sum_1").startswith("sum(hprebn, dim=0, keepdim) sum_1")
-    assert at("bnmeani").startswith("sum_1 * 0.03125 bnmeani")
+    # 1/n and 1/(n-1) as the fractions they are, not 0.03125 and 0.03226 (which is not 1/31)
+    assert at("bnmeani").startswith("sum_1 * (1/32) bnmeani")
+    assert at("bnvar").startswith("sum_2 * (1/31) bnvar")
     assert at("bnvar_inv").startswith("add_1 ** -0.5 bnvar_inv")
     assert at("logit_maxes").startswith("max(logits, dim=1, keepdim).values logit_maxes")
     assert at("getitem_1").startswith("logprobs[range(32), Yb] getitem_1")
@@ -424,6 +426,27 @@ def test_a_gradient_passed_on_unchanged_names_every_tensor_it_is_the_gradient_of
         loss = total.sum()
     nodes = svg_nodes(graph.render(view="backward", loss=loss).pipe(format="svg", encoding="utf-8"))
     assert "(4 more)" in box_with(nodes, "dtotal")
+
+
+def test_the_backward_of_an_int_pick_is_zeros_and_one_assignment():
+    """softmax of 3 numbers, ``-probs[0].log()``: the rule of ``probs[0]`` is two boxes, ``zeros_like(probs)`` and
+    ``[0] = dgetitem_1``; it was seven (arange, view, [0], two reshapes, zeros, index_add_) for one number."""
+    x = torch.tensor([1.0, 2.0, 3.0])
+    with tg.record() as graph:
+        counts = x.exp()
+        probs = counts / counts.sum()
+        loss = -probs[0].log()
+    source = graph.render(view="backward", grads=graph.backward(loss)).source
+    assert "arange" not in source and "index_add_" not in source
+    nodes = svg_nodes(graph.render(view="backward", grads=graph.backward(loss)).pipe(format="svg", encoding="utf-8"))
+    assert "dprobs_v0" in box_with(nodes, "zeros_like(probs)").split()
+    truth = x.double().requires_grad_()
+    c = truth.exp()
+    (dx,) = torch.autograd.grad(-(c / c.sum())[0].log(), truth)
+    box = " ".join(box_with(nodes, "dprobs_v0[0]").split())
+    assert box.startswith("dprobs_v0[0] = dgetitem_1 dprobs 3")
+    assert f"max|g| {(1 / (c / c.sum())[0]).item():.3g}" in box  # dprobs is -1/p0 at 0, zero elsewhere
+    assert f"grad norm {dx.norm().item():.3g}" in " ".join(box_with(nodes, "dx").split())
 # ---------------------------------------------------------------------------------------------- output formats
 
 
