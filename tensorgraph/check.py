@@ -19,7 +19,7 @@ give from their upstream):
 ``missing-branch``   the sum over only some of the tensor's consumers (the message names the missing one)
 ``sign``             the right value times -1
 ``scaled``           the right value times another constant (the message gives it: ``(n-1)/n = 31/32``)
-``wrong``            none of the above
+``wrong``            none of the above (the message says what it can: the local derivative alone ...)
 ``inherited``        right given the learner's upstream gradients, which are wrong
 ``missing``          not given
 """
@@ -786,6 +786,9 @@ class _Checker:
         repeated = self._repeated_index_message(node, mine, ref)
         if repeated:
             return repeated
+        local = self._local_only_message(node, mine)
+        if local:
+            return local
         if self._negligible(ref, node):
             return f"should be (nearly) zero; yours reaches {_number(mine.abs().max().item())}"
         if self._same_values_elsewhere(node, mine, ref):
@@ -797,6 +800,35 @@ class _Checker:
             return f"maxdiff {_number(_maxdiff(mine, ref))} from what your {given} give, whose values reach " \
                    f"{_number(scale)}"
         return f"maxdiff {_number(_maxdiff(mine, ref))} where the right values reach {_number(scale)}"
+
+    def _local_only_message(self, node: int, mine: Tensor) -> str | None:
+        """``dprobs = 1.0 / probs``: the local derivative of the one op that uses the tensor, never multiplied by
+        that op's gradient (the chain rule's second factor)."""
+        consumers = [c for c in dict.fromkeys(self.graph.nx.successors(node)) if c in self.truth]
+        if len(consumers) != 1:
+            return None
+        upstream = self.truth[consumers[0]]
+        if not upstream.is_floating_point() or bool((upstream == 1).all()):
+            return None
+        try:
+            local = [branch.summed for source, branch in self._branches(consumers[0], torch.ones_like(upstream))
+                     if source == node]
+        except (RuntimeError, ValueError, IndexError):
+            return None
+        if len(local) != 1 or not self._close(mine, local[0], node):
+            return None
+        name, consumer = self.nodes[node]["name"], self.nodes[consumers[0]]
+        if consumer["named"]:
+            return f"the local derivative alone (of {consumer['name']} with respect to {name}): multiply it by " \
+                   f"d{consumer['name']}, the gradient flowing into {consumer['name']} (the chain rule)"
+        from .printer import expression
+
+        try:
+            what = expression(self.graph, consumers[0])
+        except ValueError:
+            what = consumer["name"]
+        return f"the local derivative alone (of {what} with respect to {name}): multiply it by the gradient " \
+               f"flowing into {what} (the chain rule)"
 
     def _repeated_index_message(self, node: int, mine: Tensor, ref: Tensor) -> str | None:
         """dC[Xb] = demb: rows picked several times must add up, not overwrite."""

@@ -95,7 +95,8 @@ def test_each_seeded_mistake_is_found_and_named(reports, mistake):
     for later in report.rows[order.index(blamed) + 1:]:
         assert later.kind in ("ok", "inherited"), (later, str(report))
         if later.kind == "inherited":  # every inherited row leads back to the one mistake
-            assert f"inherited from d{blamed}:" in later.message or f"starts at d{blamed})" in later.message, later
+            assert blamed in later.upstream or f"starts at d{blamed})" in later.message, later
+            assert f"d{blamed}" in later.message, later
 
 
 def test_every_kind_is_covered_by_a_seeded_mistake():
@@ -124,6 +125,11 @@ def test_messages_are_pointed(reports):
     assert "dW2 = h.t().mm(dlogits)" in message("dW2-transposed")
     assert "index repeats" in message("dC-overwrite")
     assert "wrong places" in message("dlogprobs-wrong-row")
+    # the chain rule's second factor forgotten: the local derivative alone, and which gradient multiplies it
+    assert message("dprobs-no-chain") == ("the local derivative alone (of logprobs with respect to probs): multiply "
+                                          "it by dlogprobs, the gradient flowing into logprobs (the chain rule)")
+    assert "multiply it by dh, the gradient flowing into h" in message("dhpreact-no-chain")
+    assert "local derivative" not in message("dhpreact-wrong")  # (1 - h) * dh is not 1 - h**2
 
 
 def test_rows_downstream_of_a_mistake_are_inherited_not_blamed(reports):
