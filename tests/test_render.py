@@ -191,7 +191,7 @@ def test_value_summary(lecture):
 def test_non_finite_values_and_gradients_are_counted_not_averaged():
     """A tensor with one nan was drawn 'mean nan std nan min nan max nan', hiding where the nan is and the rest."""
     x = torch.tensor([float("nan"), float("inf"), -0.0, 1e30, 2.0])
-    w = torch.tensor([1.0, -2.0, 3.0])
+    w = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0])  # (5 entries: a tensor of at most 4 shows each of them)
     with tg.record() as graph:
         s = (x * 0).sum()         # nan: 0 * nan and 0 * inf
         y = w * s                 # all nan
@@ -202,7 +202,7 @@ def test_non_finite_values_and_gradients_are_counted_not_averaged():
     text = " ".join(nodes[f"n{graph.node_id('x')}"].split())
     assert f"mean {finite.mean().item():.3g}" in text and f"max {finite.max().item():.3g}" in text
     assert "(of 3 finite; 1 nan, 1 inf)" in text
-    assert "value: 3 nan" not in nodes[f"n{graph.node_id('y')}"] and "3 nan" in nodes[f"n{graph.node_id('y')}"]
+    assert "value: 5 nan" not in nodes[f"n{graph.node_id('y')}"] and "5 nan" in nodes[f"n{graph.node_id('y')}"]
     # gradients: torch autograd's, nan where torch has nan
     wt = w.double().requires_grad_()
     xt = x.double()
@@ -210,6 +210,27 @@ def test_non_finite_values_and_gradients_are_counted_not_averaged():
     ((yt * wt).sum() + (wt * wt).sum()).backward()
     assert wt.grad.isnan().all()
     assert f"grad: {int(wt.grad.isnan().sum())} nan" in nodes[f"n{graph.node_id('w')}"]
+
+
+def test_a_tensor_of_a_few_entries_shows_each_value_and_gradient():
+    """softmax of 3 numbers: the picture said 'mean 2 std 0.816 min 1 max 3' and 'grad norm 1.15 max|g| 0.91'
+    where a slide needs x = [1, 2, 3] and its gradient, p - onehot(0), entry by entry, signs included."""
+    x = torch.tensor([1.0, 2.0, 3.0])
+    W = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    with tg.record() as graph:
+        p = torch.softmax(x, 0)
+        loss = -p[0].log() + (W * W).sum()
+    nodes = svg_nodes(graph.render(grads=graph.backward(loss), values=True).pipe(format="svg", encoding="utf-8"))
+    xt, Wt = x.double().requires_grad_(), W.double().requires_grad_()
+    (-torch.softmax(xt, 0)[0].log() + (Wt * Wt).sum()).backward()
+    entries = lambda t: ", ".join(f"{v:.3g}" for v in t.tolist())  # noqa: E731
+    text = " ".join(nodes[f"n{graph.node_id('x')}"].split())
+    assert "values [1, 2, 3]" in text and f"grad [{entries(xt.grad)}]" in text, text
+    assert xt.grad[0] < 0 < xt.grad[2]  # the signs a norm would have dropped
+    text = " ".join(nodes[f"n{graph.node_id('W')}"].split())
+    assert "values [[0.5, -1], [2, 0.25]]" in text
+    assert f"grad [[{entries(Wt.grad[0])}], [{entries(Wt.grad[1])}]]" in text, text
+    assert "grad [-11.1, 0, 0]" in " ".join(nodes[f"n{graph.node_id('p')}"].split())  # 0, not -0
 
 
 def test_values_of_complex_tensors():
@@ -400,7 +421,7 @@ def test_backward_view_of_a_non_scalar_output_says_how_to_seed_it():
                       .pipe(format="svg", encoding="utf-8"))
     wt = w.double().requires_grad_()
     torch.tanh(x.double() * wt).backward(seed.double())
-    assert f"grad norm {wt.grad.norm().item():.3g}" in box_with(nodes, "dw")
+    assert f"grad [{', '.join(f'{v:.3g}' for v in wt.grad.tolist())}]" in box_with(nodes, "dw")  # (3 entries: each)
 
 
 def test_a_gradient_passed_on_unchanged_names_every_tensor_it_is_the_gradient_of():
@@ -445,8 +466,8 @@ def test_the_backward_of_an_int_pick_is_zeros_and_one_assignment():
     (dx,) = torch.autograd.grad(-(c / c.sum())[0].log(), truth)
     box = " ".join(box_with(nodes, "dprobs_v0[0]").split())
     assert box.startswith("dprobs_v0[0] = dgetitem_1 dprobs 3")
-    assert f"max|g| {(1 / (c / c.sum())[0]).item():.3g}" in box  # dprobs is -1/p0 at 0, zero elsewhere
-    assert f"grad norm {dx.norm().item():.3g}" in " ".join(box_with(nodes, "dx").split())
+    assert f"grad [{(-1 / (c / c.sum())[0]).item():.3g}, 0, 0]" in box  # dprobs is -1/p0 at 0, zero elsewhere
+    assert f"grad [{', '.join(f'{v:.3g}' for v in dx.tolist())}]" in " ".join(box_with(nodes, "dx").split())
 # ---------------------------------------------------------------------------------------------- output formats
 
 
