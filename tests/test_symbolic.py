@@ -638,6 +638,20 @@ def test_cross_entropy_with_ignored_targets_keeps_float64():
     assert torch.equal(fused_rules.cross_entropy(g, x, kept, None, -100, "mean", 0.0), closed)
 
 
+def test_the_steps_name_tensorgraphs_own_lines_without_an_install_path(tmp_path, monkeypatch, capsys):
+    """``tensorgraph derive --steps`` run from any folder printed the lecture's lines as
+    ``(`max` at /home/.../site-packages/tensorgraph/lecture.py:84)`` in a handout."""
+    import tensorgraph.lecture as lecture
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["derive", "cross-entropy", "--steps"]) == 0
+    out = capsys.readouterr().out
+    with open(lecture.__file__, encoding="utf-8") as source:  # the line the step names is the lecture's max
+        line = next(i for i, text in enumerate(source, 1) if "logit_maxes = logits.max(1" in text)
+    assert f"(`max` at tensorgraph/lecture.py:{line})" in out, out[:1500]
+    assert lecture.__file__ not in out and "site-packages" not in out
+
+
 # ---------------------------------------------------------------------- the command line
 
 
