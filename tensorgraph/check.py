@@ -251,8 +251,12 @@ def _resolve(graph: Graph, manual: Any, truth: dict[int, Tensor], root: int,
         keys[node] = how
         if value is None:
             continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and truth[node].dim() == 0:
+            value = torch.tensor(float(value), dtype=truth[node].dtype)  # a scalar's gradient, micrograd's way
         if not isinstance(value, Tensor):
-            raise ValueError(f"check: {key!r} is a {type(value).__name__}, not a tensor")
+            scalar = " (a Python number is taken for a scalar's gradient only)" if isinstance(value, (int, float)) \
+                else ""
+            raise ValueError(f"check: {key!r} is a {type(value).__name__}, not a tensor{scalar}")
         if node == root:
             _check_seed(key, value, truth[root])
             continue

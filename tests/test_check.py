@@ -590,6 +590,48 @@ def test_cli_check_globals_not_like_gradients_are_left_alone(tmp_path, capsys):
     assert "2/2 right" in capsys.readouterr().out
 
 
+MICROGRAD = """
+import torch
+import tensorgraph as tg
+a, b, c, f = torch.tensor(2.0), torch.tensor(-3.0), torch.tensor(10.0), torch.tensor(-2.0)
+with tg.record() as graph:
+    e = a * b
+    d = e + c
+    loss = d * f
+dloss = 1.0
+dd = {dd}
+df = 4.0 * dloss
+de = dd
+dc = dd
+da = de * b
+db = de * a
+"""
+
+
+@pytest.mark.parametrize("dd, right", [("-2.0", True), ("2.0", False)])
+def test_cli_check_takes_python_numbers_for_scalars(tmp_path, capsys, dd, right):
+    """micrograd's first example, a scalar toy before the lecture's MLP: ``dd = -2.0`` stopped the check with
+    'dd is a float, not a tensor'. The truth is torch autograd in float64."""
+    from tensorgraph.cli import main
+
+    leaves = {name: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+              for name, v in {"a": 2.0, "b": -3.0, "c": 10.0, "f": -2.0}.items()}
+    d = leaves["a"] * leaves["b"] + leaves["c"]
+    d.retain_grad()
+    (d * leaves["f"]).backward()
+    assert d.grad.item() == -2.0 and leaves["f"].grad.item() == 4.0  # the script's numbers are torch's
+    assert main(["check", _script(tmp_path, MICROGRAD.format(dd=dd))]) == (0 if right else 1)
+    out = capsys.readouterr().out
+    assert ("6/6 right, no errors" in out) if right else ("first error: dd (sign)" in out), out
+
+
+def test_a_python_number_for_a_tensor_that_is_not_a_scalar_is_named(lecture):
+    graph, loss, _ = lecture
+    with pytest.raises(ValueError, match=r"'dh' is a float, not a tensor \(a Python number is taken for a "
+                                         r"scalar's gradient only\)"):
+        graph.check({"dh": 0.5}, loss)
+
+
 def test_cli_check_runs_a_notebooks_code_cells(tmp_path, capsys):
     import json
 

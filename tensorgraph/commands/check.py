@@ -299,8 +299,11 @@ def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any, path: P
         if not (data["dtype"].is_floating_point and data["named"]):
             continue
         variable = "d" + identifier(data["name"])
-        expected[variable] = data["name"]
         value = namespace.get(variable)
+        if _is_number(value) and tuple(data["shape"]) == ():  # micrograd's way, for a scalar: dc = 1.0
+            value = torch.tensor(float(value), dtype=data["dtype"])
+        else:
+            expected[variable] = data["name"]
         if isinstance(value, torch.Tensor):
             found["d" + data["name"]] = value
     problems = _stray_gradients(namespace, expected, set(graph.names))
@@ -327,6 +330,10 @@ def _stray_gradients(namespace: dict[str, Any], expected: dict[str, str], names:
         if close:
             problems.append(f"{variable} is not the gradient of a recorded tensor (did you mean {close[0]}?)")
     return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _array_like(value: Any) -> bool:
