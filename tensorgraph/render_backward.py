@@ -249,8 +249,9 @@ class _Backward:
         for node in self.final.get(a, []):
             if node in status:
                 return status[node][0]
-        if a == self.seed:
-            return "seed (d loss = 1)"
+        if a == self.seed:  # named after the output: micrograd's L, a toy's y, a layer's h seeded with grad=
+            root = "d" + self.fwd[self.options.root]["name"]
+            return f"seed ({root} = 1)" if self.adj[a]["kind"] != "leaf" else f"seed ({root} = the grad= given)"
         if a in self.accumulation:
             return "fan-out: sum the branches"
         if self.adj[a]["op"] == "sum_to_size":

@@ -422,6 +422,8 @@ def test_backward_view_of_a_non_scalar_output_says_how_to_seed_it():
     wt = w.double().requires_grad_()
     torch.tanh(x.double() * wt).backward(seed.double())
     assert f"grad [{', '.join(f'{v:.3g}' for v in wt.grad.tolist())}]" in box_with(nodes, "dw")  # (3 entries: each)
+    source = graph.render(view="backward", grads=graph.backward("h", grad=seed)).source
+    assert "seed (dh = the grad= given)" in source and "= 1)" not in source  # the legend: not 'd loss = 1'
 
 
 def test_a_gradient_passed_on_unchanged_names_every_tensor_it_is_the_gradient_of():
@@ -436,6 +438,7 @@ def test_a_gradient_passed_on_unchanged_names_every_tensor_it_is_the_gradient_of
     nodes = svg_nodes(dot.pipe(format="svg", encoding="utf-8"))
     truth = {name: t.double().requires_grad_() for name, t in {"a": a, "b": b, "c": c, "f": f}.items()}
     ((truth["a"] * truth["b"] + truth["c"]) * truth["f"]).backward()
+    assert "seed (dL = 1)" in dot.source and "d loss" not in dot.source  # the legend names micrograd's L
     shared = box_with(nodes, "dd", "=", "de", "dc")
     assert f"grad {truth['c'].grad.item():.3g} " in shared + " "
     assert f"dd * b da scalar grad {truth['a'].grad.item():.3g}" in " ".join(box_with(nodes, "da").split())
