@@ -233,7 +233,7 @@ def test_keys_with_or_without_d_partial_dicts_and_other_dtypes(lecture):
     ({"dlogits": 3.0}, "'dlogits' is a float, not a tensor"),
     ({"dlogits": None, "logits": None}, "given twice"),
     ([1, 2], "expected a dict"),
-    ({"dloss": 1.0}, "'dloss' is a float, not a tensor"),  # the seed was skipped before its type was looked at
+    ({"dloss": 2.0}, "'dloss' is 2, but the gradient of the loss with respect to itself is 1"),  # a number: a scalar's
     ({"dloss": torch.tensor(5.0)}, "'dloss' is 5, but the gradient of the loss with respect to itself is 1"),
     ({torch.zeros(3): None}, "a tensor used as a key is not in this graph: it belongs to no graph"),
     ({(1, 2): None}, "not a tuple"),
@@ -630,6 +630,7 @@ def test_a_python_number_for_a_tensor_that_is_not_a_scalar_is_named(lecture):
     with pytest.raises(ValueError, match=r"'dh' is a float, not a tensor \(a Python number is taken for a "
                                          r"scalar's gradient only\)"):
         graph.check({"dh": 0.5}, loss)
+    assert graph.check({"dloss": 1.0, "dlogprobs": None}, loss).ok  # the loss is a scalar: its seed may be 1.0
 
 
 def test_cli_check_runs_a_notebooks_code_cells(tmp_path, capsys):
