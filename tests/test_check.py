@@ -233,7 +233,7 @@ def test_keys_with_or_without_d_partial_dicts_and_other_dtypes(lecture):
     ({"dlogits": 3.0}, "'dlogits' is a float, not a tensor"),
     ({"dlogits": None, "logits": None}, "given twice"),
     ([1, 2], "expected a dict"),
-    ({"dloss": 2.0}, "'dloss' is 2, but the gradient of the loss with respect to itself is 1"),  # a number: a scalar's
+    ({"dloss": 2.0}, "'dloss' is 2, but the gradient of the loss with respect to itself is 1"),  # a number is read
     ({"dloss": torch.tensor(5.0)}, "'dloss' is 5, but the gradient of the loss with respect to itself is 1"),
     ({torch.zeros(3): None}, "a tensor used as a key is not in this graph: it belongs to no graph"),
     ({(1, 2): None}, "not a tuple"),
