@@ -646,6 +646,20 @@ def test_cli_check_takes_python_numbers_for_scalars(tmp_path, capsys, dd, right)
     assert ("6/6 right, no errors" in out) if right else ("first error: dd (sign)" in out), out
 
 
+def test_cli_check_loss_names_the_output_when_it_is_not_called_loss(tmp_path, capsys):
+    """micrograd calls its output L: the check stopped at "defines no 'loss'", with no way to name L."""
+    from tensorgraph.cli import main
+
+    path = _script(tmp_path, MICROGRAD.format(dd="-2.0").replace("loss = d * f", "L = d * f")
+                   .replace("dloss = 1.0", "dL = 1.0").replace("* dloss", "* dL"))
+    assert main(["check", path]) == 2
+    assert "defines no 'loss' (the tensor your gradients are of; --loss NAME names another)" in capsys.readouterr().err
+    assert main(["check", path, "--loss", "L"]) == 0
+    assert "check of your gradients of 'L': 6/6 right, no errors" in capsys.readouterr().out
+    assert main(["check", path, "--loss", "nope"]) == 2
+    assert "defines no 'nope'" in capsys.readouterr().err
+
+
 def test_a_python_number_for_a_tensor_that_is_not_a_scalar_is_named(lecture):
     graph, loss, _ = lecture
     with pytest.raises(ValueError, match=r"'dh' is a float, not a tensor \(a Python number is taken for a "

@@ -52,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="also print the answer key: the whole backward pass as torch code")
     parser.add_argument("--render", metavar="PATH", default=None,
                         help="also draw the graph with the wrong gradient and its consequences coloured")
+    parser.add_argument("--loss", metavar="NAME", default="loss",
+                        help="the global (or recorded name) your gradients are of, when it is not called loss "
+                             "(micrograd's L: --loss L)")
     parser.set_defaults(run=run)
     return parser
 
@@ -73,26 +76,32 @@ def run(args: argparse.Namespace) -> int:
         found = "defines no 'graph'" if graph is None else f"sets 'graph' to a {type(graph).__name__}"
         raise CLIError(f"{path} {found}; record the forward pass with `with tg.record() as graph:`",
                        "tensorgraph check")
-    if "loss" not in namespace:
-        raise CLIError(f"{path} defines no 'loss' (the tensor your gradients are of)", "tensorgraph check")
-    _check_loss(path, graph, namespace["loss"])
+    name = args.loss
+    if name in namespace:
+        loss = namespace[name]
+    elif name != "loss" and name in graph.names:  # a recorded name the script kept no variable for
+        loss = name
+    else:
+        hint = "" if name != "loss" else "; --loss NAME names another"
+        raise CLIError(f"{path} defines no {name!r} (the tensor your gradients are of{hint})", "tensorgraph check")
+    _check_loss(path, graph, loss, name)
     manual = namespace.get("manual")
     if manual is None:
-        manual = _gradients_by_name(namespace, graph, namespace["loss"], path)
+        manual = _gradients_by_name(namespace, graph, loss, path, name)
         if not manual:
             raise CLIError(f"{path} defines no 'manual' (a dict of your gradients, e.g. manual = {{'dlogits': "
                            f"dlogits, ...}}) and no d<name> variable for a recorded name{graph._names_note()}",
                            PROG)
     try:
-        report = graph.check(manual, namespace["loss"], rtol=args.rtol, atol=args.atol)
+        report = graph.check(manual, loss, rtol=args.rtol, atol=args.atol)
     except ValueError as err:  # a key or value graph.check cannot read: say where the script gave it
         raise CLIError(_check_error(err, path, namespace), PROG) from None
     print(report)
     if args.answer:
         print("\n# the answer key: the backward pass as the rules compute it")
-        print(graph.backward_source(namespace["loss"]), end="")
+        print(graph.backward_source(loss), end="")
     if args.render:
-        graph.render(args.render, check=report, loss=namespace["loss"])
+        graph.render(args.render, check=report, loss=loss)
         print(f"wrote {args.render}")
     return 0 if report.ok else 1
 
@@ -246,20 +255,21 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
-def _check_loss(path: Path, graph: Any, loss: Any) -> None:
-    """``loss`` must be a scalar recorded in ``graph``; say where the script set it otherwise."""
+def _check_loss(path: Path, graph: Any, loss: Any, name: str = "loss") -> None:
+    """``loss`` (the global ``name``) must be a scalar recorded in ``graph``; say where the script set it
+    otherwise."""
     from ..engine import root_node
 
-    where = _assignment(path, "loss")
+    where = _assignment(path, name)
     try:
         root = root_node(graph, loss)
     except ValueError as err:
         reason = str(err).removeprefix("graph.backward: ")
-        raise CLIError(f"{where}: 'loss' is not in the recorded graph ({reason}); set it inside the "
+        raise CLIError(f"{where}: {name!r} is not in the recorded graph ({reason}); set it inside the "
                        f"tg.record() block, or to the name of a recorded tensor", PROG) from None
     data = graph._nodes[root]
     if data["value"].numel() != 1:
-        raise CLIError(f"{where}: 'loss' must be the scalar your gradients are of, but it is {data['name']!r} of "
+        raise CLIError(f"{where}: {name!r} must be the scalar your gradients are of, but it is {data['name']!r} of "
                        f"shape {tuple(data['shape'])} (reduce it, e.g. with .mean(), inside the tg.record() "
                        f"block)", PROG)
 
@@ -281,8 +291,8 @@ def _assignment(path: Path, name: str) -> str:
     return _place(path, line, cells)
 
 
-def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any, path: Path | str = "the script"
-                       ) -> dict[str, Any]:
+def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any, path: Path | str = "the script",
+                       name: str = "loss") -> dict[str, Any]:
     """The lecture's convention without a dict: globals dlogprobs, dprobs ... for recorded tensors."""
     import torch
 
@@ -291,7 +301,7 @@ def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any, path: P
     try:
         upstream = graph.ancestors(loss)
     except KeyError as err:
-        raise CLIError(f"'loss' is not in the recorded graph: {err.args[0]}", "tensorgraph check") from None
+        raise CLIError(f"{name!r} is not in the recorded graph: {err.args[0]}", "tensorgraph check") from None
     found = {}
     expected = {}  # global name -> recorded name, for the gradients the loss has
     for node in upstream:
