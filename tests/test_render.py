@@ -452,6 +452,24 @@ def test_a_gradient_passed_on_unchanged_names_every_tensor_it_is_the_gradient_of
     assert "(4 more)" in box_with(nodes, "dtotal")
 
 
+def test_a_tensor_an_op_reads_twice_is_summed_from_two_uses_not_two_consumers():
+    """``z = x * x``: one consumer reads x twice; the accumulation box said '+= from 2 consumers'."""
+    x = torch.tensor(3.0)
+    with tg.record() as graph:
+        z = x * x
+        w = z * x  # x again, in another consumer: three uses, two consumers
+    nodes = svg_nodes(graph.render(view="backward", loss=z).pipe(format="svg", encoding="utf-8"))
+    assert "+= from 2 uses in z dx scalar" in " ".join(box_with(nodes, "uses").split())
+    assert not any("consumers" in text for text in nodes.values())
+    grads = graph.backward(w)
+    nodes = svg_nodes(graph.render(view="backward", grads=grads).pipe(format="svg", encoding="utf-8"))
+    truth = x.double().requires_grad_()
+    (dx,) = torch.autograd.grad(truth * truth * truth, truth)  # 3 x**2 = 27
+    box = " ".join(box_with(nodes, "from", "uses").split())
+    assert box == f"+= from 3 uses in 2 consumers dx scalar grad {dx.item():.3g}", box
+    assert "+= (2 of 3 uses in 2 consumers) dx (running sum) scalar" == " ".join(box_with(nodes, "(2").split())
+
+
 def test_the_backward_of_an_int_pick_is_zeros_and_one_assignment():
     """softmax of 3 numbers, ``-probs[0].log()``: the rule of ``probs[0]`` is two boxes, ``zeros_like(probs)`` and
     ``[0] = dgetitem_1``; it was seven (arange, view, [0], two reshapes, zeros, index_add_) for one number."""
