@@ -844,6 +844,11 @@ class _Checker:
             return None
         off = ~close(mine, ref, self._noise(node, ref), self.rtol, self.atol)
         count = int(off.sum())
+        if count > off.numel() // 4 and bool((ref[off].abs() <= self.atol).all()):
+            where = self._picked_by(~off)  # dlogprobs = full_like(logprobs, -1/n): right where the loss picks only
+            if where:
+                return f"right at the {off.numel() - count} elements {where} picks; everywhere else ({count} " \
+                       f"elements) it should be 0, and yours is not"
         if count == 0 or count > off.numel() // 4:
             return None
         where = self._picked_by(off)

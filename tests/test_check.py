@@ -604,6 +604,13 @@ def test_a_gradient_wrong_only_where_the_loss_picks_says_so(lecture):
     row = graph.check({"dlogits": mine}, loss)["dlogits"]
     assert row.kind == "wrong" and row.message == (
         f"wrong only at the {n} elements logprobs[range({n}), Yb] picks (the others are right)"), row
+    # the first line of exercise 1 with -1/n everywhere: right only where the loss picks
+    truth = _autograd_grads(graph, loss)["logprobs"]
+    assert int((truth != 0).sum()) == n  # independently: zero but at the picks
+    row = graph.check({"dlogprobs": torch.full_like(v.logprobs, -1.0 / n)}, loss)["dlogprobs"]
+    assert row.message == (f"right at the {n} elements logprobs[range({n}), Yb] picks; everywhere else "
+                           f"({truth.numel() - n} elements) it should be 0, and yours is not"), row
+    truth = _autograd_grads(graph, loss)["logits"]
     # a few elements off elsewhere: counted
     mine = truth.clone()
     mine[3, 5] += 0.01
