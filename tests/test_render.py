@@ -1004,6 +1004,39 @@ def test_cli_render(tmp_path, capsys):
     assert "dhprebn" in out.read_text(encoding="utf-8")
 
 
+TOY = """
+import torch
+import tensorgraph as tg
+x = torch.tensor([1.0, 2.0, 3.0])
+with tg.record() as graph:
+    probs = torch.softmax(x, 0)
+    L = -probs[0].log()
+"""
+
+
+def test_cli_render_draws_a_script_of_ones_own(tmp_path, capsys):
+    """A teacher's own toy for a slide could be drawn only from Python: the command drew the lecture's MLP alone."""
+    script = tmp_path / "toy.py"
+    script.write_text(TOY)
+    out = tmp_path / "toy.svg"
+    assert main(["render", str(script), "--out", str(out), "--grads", "--values", "--loss", "L"]) == 0
+    assert f"wrote {out}: the forward view of {script} (5 recorded tensors)" in capsys.readouterr().out
+    nodes = svg_nodes(out.read_text(encoding="utf-8"))
+    truth = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    (-torch.softmax(truth, 0)[0].log()).backward()
+    assert f"grad [{', '.join(f'{v:.3g}' for v in truth.grad.tolist())}]" in " ".join(box_with(nodes, "x").split())
+    out = tmp_path / "toy_backward.dot"
+    assert main(["render", str(script), "--out", str(out), "--view", "backward", "--loss", "L"]) == 0
+    assert "seed (dL = 1)" in out.read_text(encoding="utf-8")
+    assert main(["render", str(script), "--out", str(tmp_path / "fw.svg")]) == 0  # the forward view needs no loss
+    assert main(["render", str(script), "--out", str(out), "--grads"]) == 2  # gradients of what?
+    err = capsys.readouterr().err
+    assert err.endswith("toy.py defines no 'loss' (the tensor your gradients are of; --loss NAME names another)\n")
+    script.write_text(TOY + "raise ValueError('oops')\n")
+    assert main(["render", str(script), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"tensorgraph render: error: {script}:8: ValueError: oops\n"
+
+
 @pytest.mark.parametrize("suffix", [".svg", ".dot"])
 def test_a_folder_that_refuses_the_file_is_named(tmp_path, capsys, monkeypatch, suffix):
     """A folder that refuses the write (no permission, /proc) printed a bare ``[Errno 13] Permission denied``."""

@@ -60,8 +60,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..graph import Graph
-
     path = Path(args.script)
     if not path.is_file():
         raise CLIError(f"{path} is a folder, not a file" if path.is_dir() else f"no such file: {path}",
@@ -70,21 +68,8 @@ def run(args: argparse.Namespace) -> int:
         from .render import picture_path
 
         picture_path(args.render, "--render", PROG)  # a bad --render path fails before the learner's script runs
-    namespace = run_script(path)
-    graph = namespace.get("graph")
-    if not isinstance(graph, Graph):
-        found = "defines no 'graph'" if graph is None else f"sets 'graph' to a {type(graph).__name__}"
-        raise CLIError(f"{path} {found}; record the forward pass with `with tg.record() as graph:`",
-                       "tensorgraph check")
     name = args.loss
-    if name in namespace:
-        loss = namespace[name]
-    elif name != "loss" and name in graph.names:  # a recorded name the script kept no variable for
-        loss = name
-    else:
-        hint = "" if name != "loss" else "; --loss NAME names another"
-        raise CLIError(f"{path} defines no {name!r} (the tensor your gradients are of{hint})", "tensorgraph check")
-    _check_loss(path, graph, loss, name)
+    namespace, graph, loss = script_graph(path, name, PROG)
     manual = namespace.get("manual")
     if manual is None:
         manual = _gradients_by_name(namespace, graph, loss, path, name)
@@ -106,7 +91,30 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def run_script(path: Path) -> dict[str, Any]:
+def script_graph(path: Path, name: str, prog: str, need_loss: bool = True) -> tuple[dict[str, Any], Any, Any]:
+    """Run a script; its globals, the ``graph`` it recorded, and the scalar its global ``name`` holds (or the
+    recorded tensor of that name; None when there is neither and ``need_loss`` is False)."""
+    from ..graph import Graph
+
+    namespace = run_script(path, prog)
+    graph = namespace.get("graph")
+    if not isinstance(graph, Graph):
+        found = "defines no 'graph'" if graph is None else f"sets 'graph' to a {type(graph).__name__}"
+        raise CLIError(f"{path} {found}; record the forward pass with `with tg.record() as graph:`", prog)
+    if name in namespace:
+        loss = namespace[name]
+    elif name != "loss" and name in graph.names:  # a recorded name the script kept no variable for
+        loss = name
+    elif not need_loss:
+        return namespace, graph, None
+    else:
+        hint = "" if name != "loss" else "; --loss NAME names another"
+        raise CLIError(f"{path} defines no {name!r} (the tensor your gradients are of{hint})", prog)
+    _check_loss(path, graph, loss, name, prog)
+    return namespace, graph, loss
+
+
+def run_script(path: Path, prog: str = PROG) -> dict[str, Any]:
     """Run a script (or a notebook's code cells, in order) as ``__main__``; its errors become one line
     naming its file and line (for a notebook: its cell and line)."""
     cells = _notebook_cells(path)
@@ -124,14 +132,13 @@ def run_script(path: Path) -> dict[str, Any]:
         raise  # our reader closed stdout (`tensorgraph check x.py | head`): the CLI ends quietly, as other commands do
     except SystemExit as exit_:
         if exit_.code in (None, 0):
-            raise CLIError(f"{path} exited before it could be checked", "tensorgraph check") from exit_
-        raise CLIError(f"{path} exited with status {exit_.code}", "tensorgraph check") from exit_
+            raise CLIError(f"{path} exited before its globals could be read", prog) from exit_
+        raise CLIError(f"{path} exited with status {exit_.code}", prog) from exit_
     except SyntaxError as err:
         where = _place(path, err.lineno, cells)
-        raise CLIError(f"{where}: SyntaxError: {err.msg}", "tensorgraph check") from err
+        raise CLIError(f"{where}: SyntaxError: {err.msg}", prog) from err
     except Exception as err:  # noqa: BLE001 - any failure of the learner's script is one line
-        raise CLIError(f"{_where(err, path, cells)}: {type(err).__name__}: {_first_line(err)}",
-                       "tensorgraph check") from err
+        raise CLIError(f"{_where(err, path, cells)}: {type(err).__name__}: {_first_line(err)}", prog) from err
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
 
@@ -255,7 +262,7 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
-def _check_loss(path: Path, graph: Any, loss: Any, name: str = "loss") -> None:
+def _check_loss(path: Path, graph: Any, loss: Any, name: str = "loss", prog: str = PROG) -> None:
     """``loss`` (the global ``name``) must be a scalar recorded in ``graph``; say where the script set it
     otherwise."""
     from ..engine import root_node
@@ -266,12 +273,12 @@ def _check_loss(path: Path, graph: Any, loss: Any, name: str = "loss") -> None:
     except ValueError as err:
         reason = str(err).removeprefix("graph.backward: ")
         raise CLIError(f"{where}: {name!r} is not in the recorded graph ({reason}); set it inside the "
-                       f"tg.record() block, or to the name of a recorded tensor", PROG) from None
+                       f"tg.record() block, or to the name of a recorded tensor", prog) from None
     data = graph._nodes[root]
     if data["value"].numel() != 1:
         raise CLIError(f"{where}: {name!r} must be the scalar your gradients are of, but it is {data['name']!r} of "
                        f"shape {tuple(data['shape'])} (reduce it, e.g. with .mean(), inside the tg.record() "
-                       f"block)", PROG)
+                       f"block)", prog)
 
 
 def _assignment(path: Path, name: str) -> str:
