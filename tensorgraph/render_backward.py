@@ -84,6 +84,7 @@ class _Backward:
         self.partial: dict[int, tuple[int, int]] = {}  # adjoint node -> (forward source, consumer)
         self.accumulation: dict[int, tuple[int, int, int, int]] = {}  # -> (source, k, n, consumer)
         self.consumers: dict[int, set[int]] = {}  # forward source -> the ops its branches come from
+        self.part_of_use: dict[int, tuple[int, int]] = {}  # partial -> (k, uses): x's k-th use in z = x * x
         self._contributions()
         self.hidden = {a for a, data in enumerate(self.adj) if data["kind"] == "leaf" and a != self.seed}
         self.hidden |= {a for a in range(len(self.adj)) if self.seed is not None and a < self.seed}
@@ -121,13 +122,19 @@ class _Backward:
 
     def _contributions(self) -> None:
         counts = Counter(step.source for step in self.tr.steps)
+        uses = Counter((step.source, step.consumer) for step in self.tr.steps)
         seen: Counter[int] = Counter()
+        seen_use: Counter[tuple[int, int]] = Counter()
         for step in self.tr.steps:
             seen[step.source] += 1
+            seen_use[step.source, step.consumer] += 1
             self.consumers.setdefault(step.source, set()).add(step.consumer)
             summed = self.tr.node_of(step.summed)
             if counts[step.source] > 1 and summed is not None:
                 self.partial.setdefault(summed, (step.source, step.consumer))
+                if uses[step.source, step.consumer] > 1:
+                    self.part_of_use.setdefault(summed, (seen_use[step.source, step.consumer],
+                                                         uses[step.source, step.consumer]))
             if not step.first:
                 total = self.tr.node_of(step.total)
                 if total is not None:
@@ -251,8 +258,10 @@ class _Backward:
             return name_row("d" + self.forward_name(source), data["shape"], note="(running sum)")
         if a in self.partial:
             source, consumer = self.partial[a]
+            k, uses = self.part_of_use.get(a, (0, 1))
+            which = f"part {k} of {uses}" if uses > 1 else "part"
             return name_row("d" + self.forward_name(source), data["shape"],
-                            note=f"(part from {self.forward_name(consumer)})")
+                            note=f"({which} from {self.forward_name(consumer)})")
         return name_row(self.name(a), data["shape"], named=False, note="(unused)" if a in self.unused else "")
 
     def _legend_text(self, a: int, fill: str, status: dict[int, tuple[str, str]]) -> str:

@@ -460,6 +460,8 @@ def test_a_tensor_an_op_reads_twice_is_summed_from_two_uses_not_two_consumers():
         w = z * x  # x again, in another consumer: three uses, two consumers
     nodes = svg_nodes(graph.render(view="backward", loss=z).pipe(format="svg", encoding="utf-8"))
     assert "+= from 2 uses in z dx scalar" in " ".join(box_with(nodes, "uses").split())
+    parts = sorted(" ".join(text.split()) for text in nodes.values() if "(part" in text)
+    assert parts == ["dz * x dx (part 1 of 2 from z) scalar", "dz * x dx (part 2 of 2 from z) scalar"], parts
     assert not any("consumers" in text for text in nodes.values())
     grads = graph.backward(w)
     nodes = svg_nodes(graph.render(view="backward", grads=grads).pipe(format="svg", encoding="utf-8"))
