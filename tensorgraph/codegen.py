@@ -313,7 +313,7 @@ class _Generator:
             expr = self._expr(summed) if alias else self._define(summed)
             self.defining = None
             self.contributions[index] = expr.text
-            if expr.text == name:  # written in place into its own variable: dprobs = zeros_like(probs); dprobs[0] = ...
+            if not alias and expr.text == name:  # written in place in its variable: dprobs = ...; dprobs[0] = ...
                 self.lines[-1] = Line(self.lines[-1].code, note, index)
                 self.bound.setdefault(summed, name)
                 return
