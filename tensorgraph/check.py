@@ -19,7 +19,7 @@ give from their upstream):
 ``missing-branch``   the sum over only some of the tensor's consumers (the message names the missing one)
 ``sign``             the right value times -1
 ``scaled``           the right value times another constant (the message gives it: ``(n-1)/n = 31/32``)
-``wrong``            none of the above
+``wrong``            none of the above (the message says what it can: the local derivative alone ...)
 ``inherited``        right given the learner's upstream gradients, which are wrong
 ``missing``          not given
 """
@@ -266,8 +266,12 @@ def _resolve(graph: Graph, manual: Any, truth: dict[int, Tensor], root: int,
         keys[node] = how
         if value is None:
             continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and truth[node].dim() == 0:
+            value = torch.tensor(float(value), dtype=truth[node].dtype)  # a scalar's gradient, micrograd's way
         if not isinstance(value, Tensor):
-            raise ValueError(f"check: {key!r} is a {type(value).__name__}, not a tensor")
+            scalar = " (a Python number is taken for a scalar's gradient only)" if isinstance(value, (int, float)) \
+                else ""
+            raise ValueError(f"check: {key!r} is a {type(value).__name__}, not a tensor{scalar}")
         if node == root:
             _check_seed(key, value, truth[root])
             continue
@@ -829,7 +833,7 @@ class _Checker:
         if self._same_values_elsewhere(node, mine, ref):
             return "the right values in the wrong places: check the indices"
         said = self._other_gradient(node, mine) or self._local_derivative_alone(node, mine) or \
-            self._localised_message(node, mine, ref)
+            self._picked_message(node, mine, ref) or self._localised_message(node, mine, ref)
         if said:
             return said
         scale = ref.abs().max().item()
@@ -865,6 +869,47 @@ class _Checker:
                 return f" ({self._forward_line(consumers[0])}: {' and '.join(notes)})"
             current = consumers[0]
         return ""
+
+    def _picked_message(self, node: int, mine: Tensor, ref: Tensor) -> str | None:
+        """Wrong exactly at the elements an index of the graph picks (``dlogits`` without
+        ``dlogits[range(n), Yb] -= 1`` is off where ``logprobs[range(n), Yb]`` picks), or right only there and
+        nonzero where the gradient is 0 (``dlogprobs`` = -1/n everywhere)."""
+        if mine.dtype != ref.dtype or mine.numel() < 4:
+            return None
+        off = ~close(mine, ref, self._noise(node, ref), self.rtol, self.atol)
+        count = int(off.sum())
+        slip = (mine - ref).abs()[off] <= 10 * (self.atol + self.rtol * ref.abs()[off])
+        if count == 0 or bool(slip.any()):  # a slip past allclose (a forgotten eps) is off a little everywhere
+            return None
+        if count > off.numel() // 4 and bool((ref[off].abs() <= self.atol).all()):
+            where = self._picked_by(~off)  # dlogprobs = full_like(logprobs, -1/n): right where the loss picks only
+            if where:
+                return f"right at the {off.numel() - count} elements {where} picks; everywhere else ({count} " \
+                       f"elements) it should be 0, and yours is not"
+        if count > off.numel() // 4:
+            return None
+        where = self._picked_by(off)
+        return f"wrong only at the {count} elements {where} picks (the others are right)" if where else None
+
+    def _picked_by(self, mask: Tensor) -> str | None:
+        """The expression of an indexing op of the graph (``logprobs[range(32), Yb]``) whose picked positions,
+        in a tensor of ``mask``'s shape, are exactly ``mask``."""
+        from .printer import expression
+
+        for consumer, data in enumerate(self.nodes):
+            if data["op"] != "getitem" or consumer not in self.truth or not data["inputs"]:
+                continue
+            source = data["inputs"][0]
+            if tuple(self.nodes[source]["shape"]) != tuple(mask.shape):
+                continue
+            try:
+                picked = [b.summed for s, b in self._branches(consumer, torch.ones_like(self.truth[consumer]))
+                          if s == source]
+                if len(picked) == 1 and torch.equal(picked[0] != 0, mask):
+                    return expression(self.graph, consumer)
+            except (RuntimeError, ValueError, TypeError):
+                continue
+        return None
 
     def _repeated_index_message(self, node: int, mine: Tensor, ref: Tensor) -> str | None:
         """dC[Xb] = demb: rows picked several times must add up, not overwrite."""

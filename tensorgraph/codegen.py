@@ -235,6 +235,7 @@ class _Generator:
         self.variables: dict[int, str] = {}
         self.pending: dict[int, _Notes] = {}  # unnamed forward node -> the rules inlined into its gradient
         self.reading: tuple[int, str] | None = None  # the current rule's upstream gradient: (adjoint node, variable)
+        self.defining: tuple[int, str] | None = None  # (in-place update, the gradient variable it is written in)
         for node, data in enumerate(self.fwd):
             adjoint = trace.node_of(data["value"])
             if adjoint is not None and self.adj[adjoint]["func"] is None:
@@ -307,8 +308,15 @@ class _Generator:
             if later and not alias and self.uses[summed] > 1:
                 self._temp(summed)  # read elsewhere too: keep it, and sum into a copy
                 alias = True
+            if not alias:
+                self.defining = (summed, name)
             expr = self._expr(summed) if alias else self._define(summed)
+            self.defining = None
             self.contributions[index] = expr.text
+            if not alias and expr.text == name:  # written in place in its variable: dprobs = ...; dprobs[0] = ...
+                self.lines[-1] = Line(self.lines[-1].code, note, index)
+                self.bound.setdefault(summed, name)
+                return
             if later and (alias or step.summed._base is not None):
                 code = f"{name} = {expr.wrap(PRIMARY)}.clone()"
                 note += "; copied, since more branches are added below"
@@ -426,7 +434,7 @@ class _Generator:
             previous = data["previous"]
             name = self.bound.get(previous) if self.uses[previous] <= 1 else None
             if name is None:
-                name = self._temp_name()
+                name = self._defining_name(node, previous) or self._temp_name()
                 self.lines.append(Line(f"{name} = {self._expr(previous).text}"))
                 self.bound[previous] = name
             self.lines.append(Line(printer.call(data["func"], data["args"], data["kwargs"], self._expr,
@@ -438,6 +446,13 @@ class _Generator:
         self.lines.append(Line(f"{name} = {code}"))
         self.bound[node] = name
         return name
+
+    def _defining_name(self, node: int, previous: int) -> str | None:
+        """The gradient variable an in-place update is the definition of, when what it updates is fresh (its
+        zeros read nowhere else): ``dprobs = torch.zeros_like(probs)``, then ``dprobs[0] = ...``."""
+        if self.defining is None or self.defining[0] != node or self.uses[previous] > 1:
+            return None
+        return self.defining[1]
 
     def _inlinable_inplace(self, node: int) -> bool:
         """``torch.zeros_like(x).index_put_(...)``: an in-place method on a fresh, unshared tensor."""

@@ -97,9 +97,12 @@ _REPR_ENTRIES = 12  # gradients a repr lists
 
 
 def _grad_text(grad: Tensor) -> str:
-    """After a name in a repr: a scalar's gradient as its value (micrograd's ``grad=-4.0``), a tensor's shape."""
+    """After a name in a repr: a scalar's gradient as its value (micrograd's ``grad=-4.0``), a vector of at most 4
+    entries' as them (softmax of 3 numbers: ``x=[-0.91, 0.2447, 0.6652]``), a tensor's shape."""
     if grad.dim() == 0:
         return f"={grad.item():.4g}"
+    if grad.dim() == 1 and 0 < grad.numel() <= 4 and not grad.is_meta:
+        return "=[" + ", ".join(f"{v + 0.0:.4g}" for v in grad.tolist()) + "]"  # (+ 0.0: no "-0")
     return " (" + "×".join(map(str, grad.shape)) + ")"
 
 

@@ -315,18 +315,25 @@ def _short_paths() -> dict[str, str]:
     return _SHORT_PATHS.setdefault(cwd, {})
 
 
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder holding tensorgraph/
+
+
 def _short_path(path: str) -> str:
     """A source file as the user knows it: a notebook cell as IPython numbers it (``In[3]``, not the file
     ``/tmp/ipykernel_51/2094948501.py`` it was compiled into), a file below the working directory relative
-    to it, else the path."""
+    to it, one of tensorgraph's own (the lecture's forward pass that ``tensorgraph derive`` records) as
+    ``tensorgraph/lecture.py``, not a site-packages path, else the path."""
     number = notebook_cells().get(path)
     if number is not None:
         return f"In[{number}]"
     try:
         rel = os.path.relpath(path)
+        own = os.path.relpath(path, _PACKAGE_PARENT)
     except ValueError:
         return path
-    return rel if not rel.startswith("..") else path
+    if not rel.startswith(".."):
+        return rel
+    return own if own.startswith("tensorgraph" + os.sep) else path
 
 
 def shown(value: Any) -> str:

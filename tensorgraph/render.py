@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .graph import Ref, is_float
 from .ops import OPS
+from .printer import _fraction
 
 if TYPE_CHECKING:
     from .engine import Gradients
@@ -393,7 +394,7 @@ def argument(value: Any, name: Callable[[int], str]) -> str:
     if isinstance(value, bool) or value is None or value is Ellipsis:
         return "..." if value is Ellipsis else str(value)
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return _float_argument(value)
     if isinstance(value, int):
         return str(value)
     if isinstance(value, range):
@@ -413,6 +414,15 @@ def argument(value: Any, name: Callable[[int], str]) -> str:
         return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
     text = repr(value)
     return text if len(text) <= 24 else text[:23] + "…"
+
+
+def _float_argument(value: float) -> str:
+    """4 significant digits, or the fraction the float is exactly: ``1/n * x`` with n = 31 records the float
+    0.03225806451612903, drawn ``(1/31)`` rather than ``0.03226``."""
+    fraction = _fraction(value, repr(value)) if math.isfinite(value) else None
+    if fraction is not None:
+        return "(" + fraction.text.replace(" / ", "/") + ")"
+    return f"{value:.4g}"
 
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@", "pow": "**"}
@@ -501,7 +511,8 @@ def _non_default(kwargs: dict, defaults: dict) -> bool:
 
 
 def value_summary(tensor: Tensor) -> str:
-    """mean, std, min and max of a tensor (its value for a scalar); non-finite entries are counted, not averaged."""
+    """mean, std, min and max of a tensor (its value for a scalar, its entries when it has at most :data:`FEW`);
+    non-finite entries are counted, not averaged."""
     t = tensor.detach()
     if t.is_meta:  # shapes only
         return "no values (meta: recorded on the meta device, or loaded from a file saved without values=True)"
@@ -516,9 +527,22 @@ def value_summary(tensor: Tensor) -> str:
         return "|z| " + _stats(t.abs().double())
     if t.numel() == 1:
         return f"value {number(t.item())}"
+    if t.numel() <= FEW:
+        return f"values {_entries(t)}"
     if not t.is_floating_point():
         return f"min {int(t.min())}  max {int(t.max())}"
     return _stats(t.double())
+
+
+FEW = 4  # a tensor of at most this many entries shows them all: softmax of 3 numbers, a 2×2 weight
+
+
+def _entries(t: Tensor) -> str:
+    """``[1, 2, 3]``, ``[[1, 0.5], [-2, 3]]``: every entry, nested as the tensor is, 3 significant digits each."""
+    if t.dim() == 0:
+        value = t.item()
+        return number(value if isinstance(value, (bool, int)) else float(value) + 0.0)  # (+ 0.0: no "-0")
+    return "[" + ", ".join(_entries(row) for row in t) + "]"
 
 
 def _stats(t: Tensor) -> str:
@@ -538,8 +562,8 @@ def _non_finite(t: Tensor) -> str:
 
 
 def grad_summary(grad: Tensor) -> str:
-    """The gradient's norm and its largest entry in absolute value (its signed value for a scalar); non-finite
-    entries are counted, and the norm is that of the finite ones."""
+    """The gradient's norm and its largest entry in absolute value (its signed value for a scalar, its entries
+    when it has at most :data:`FEW`); non-finite entries are counted, and the norm is that of the finite ones."""
     g = grad.detach().double()
     if g.numel() == 0:
         return "grad empty"
@@ -547,6 +571,8 @@ def grad_summary(grad: Tensor) -> str:
         return "grad: no values (meta)"
     if g.numel() == 1:  # a norm would drop the sign, which is what a scalar's gradient is read for
         return f"grad {number(g.item())}"
+    if g.numel() <= FEW:  # and so would a few entries' (softmax of 3 numbers: which one gets the push)
+        return f"grad {_entries(g)}"
     finite = g[g.isfinite()]
     odd = _non_finite(g)
     if finite.numel() == 0:

@@ -7,7 +7,8 @@ draws it so that the lecture's two rules can be seen:
   holding the ops the rule ran;
 * broadcast-undo is an explicit sum box (``sum dim=0: 32×64 → 1×64``);
 * a tensor used by several ops gets its gradient from an explicit accumulation box
-  (``+= from 2 consumers``), fed by one partial gradient per consumer.
+  (``+= from 2 consumers``; ``+= from 2 uses in z`` for ``z = x * x``), fed by one partial gradient per
+  consumer.
 
 Gradients are named the lecture's way (``dhprebn``); forward values a rule reads are not
 drawn as boxes but named in the expression that uses them (``dprobs * counts``).
@@ -82,6 +83,8 @@ class _Backward:
         self.calls: dict[tuple, str] | None = None  # the clusters of function calls (cluster="function")
         self.partial: dict[int, tuple[int, int]] = {}  # adjoint node -> (forward source, consumer)
         self.accumulation: dict[int, tuple[int, int, int, int]] = {}  # -> (source, k, n, consumer)
+        self.consumers: dict[int, set[int]] = {}  # forward source -> the ops its branches come from
+        self.part_of_use: dict[int, tuple[int, int]] = {}  # partial -> (k, uses): x's k-th use in z = x * x
         self._contributions()
         self.hidden = {a for a, data in enumerate(self.adj) if data["kind"] == "leaf" and a != self.seed}
         self.hidden |= {a for a in range(len(self.adj)) if self.seed is not None and a < self.seed}
@@ -119,12 +122,19 @@ class _Backward:
 
     def _contributions(self) -> None:
         counts = Counter(step.source for step in self.tr.steps)
+        uses = Counter((step.source, step.consumer) for step in self.tr.steps)
         seen: Counter[int] = Counter()
+        seen_use: Counter[tuple[int, int]] = Counter()
         for step in self.tr.steps:
             seen[step.source] += 1
+            seen_use[step.source, step.consumer] += 1
+            self.consumers.setdefault(step.source, set()).add(step.consumer)
             summed = self.tr.node_of(step.summed)
             if counts[step.source] > 1 and summed is not None:
                 self.partial.setdefault(summed, (step.source, step.consumer))
+                if uses[step.source, step.consumer] > 1:
+                    self.part_of_use.setdefault(summed, (seen_use[step.source, step.consumer],
+                                                         uses[step.source, step.consumer]))
             if not step.first:
                 total = self.tr.node_of(step.total)
                 if total is not None:
@@ -216,9 +226,8 @@ class _Backward:
             what = expression(data, self.name) if data["kind"] != "leaf" else "the grad= given"
             return [op_row(f"seed: {what}")], COLORS["seed"]
         if a in self.accumulation:
-            _source, k, n, _consumer = self.accumulation[a]
-            text = f"+= from {n} consumers" if k == n else f"+= ({k} of {n} consumers)"
-            return [op_row(text)], COLORS["fan-out +="]
+            source, k, n, consumer = self.accumulation[a]
+            return [op_row(self._accumulation_text(source, k, n, consumer))], COLORS["fan-out +="]
         if data["op"] == "sum_to_size" and data["inputs"]:
             before = self.adj[data["inputs"][0]]["shape"]
             return [op_row(f"{_sum_dims(before, data['shape'])}: {shape_text(before)} → "
@@ -229,6 +238,14 @@ class _Backward:
         elif a in self.partial:
             fill = COLORS["partial gradient"]
         return [op_row(expression(data, self.name))], fill
+
+    def _accumulation_text(self, source: int, k: int, n: int, consumer: int) -> str:
+        """``+= from 2 consumers``; a tensor an op reads twice (``z = x * x``) has two uses in one consumer."""
+        distinct = len(self.consumers.get(source, ()))
+        if distinct == n:
+            return f"+= from {n} consumers" if k == n else f"+= ({k} of {n} consumers)"
+        where = f"in {self.forward_name(consumer)}" if distinct == 1 else f"in {distinct} consumers"
+        return f"+= from {n} uses {where}" if k == n else f"+= ({k} of {n} uses {where})"
 
     def _name_row(self, a: int, data: dict[str, Any]) -> str:
         if a in self.final:
@@ -241,16 +258,19 @@ class _Backward:
             return name_row("d" + self.forward_name(source), data["shape"], note="(running sum)")
         if a in self.partial:
             source, consumer = self.partial[a]
+            k, uses = self.part_of_use.get(a, (0, 1))
+            which = f"part {k} of {uses}" if uses > 1 else "part"
             return name_row("d" + self.forward_name(source), data["shape"],
-                            note=f"(part from {self.forward_name(consumer)})")
+                            note=f"({which} from {self.forward_name(consumer)})")
         return name_row(self.name(a), data["shape"], named=False, note="(unused)" if a in self.unused else "")
 
     def _legend_text(self, a: int, fill: str, status: dict[int, tuple[str, str]]) -> str:
         for node in self.final.get(a, []):
             if node in status:
                 return status[node][0]
-        if a == self.seed:
-            return "seed (d loss = 1)"
+        if a == self.seed:  # named after the output: micrograd's L, a toy's y, a layer's h seeded with grad=
+            root = "d" + self.fwd[self.options.root]["name"]
+            return f"seed ({root} = 1)" if self.adj[a]["kind"] != "leaf" else f"seed ({root} = the grad= given)"
         if a in self.accumulation:
             return "fan-out: sum the branches"
         if self.adj[a]["op"] == "sum_to_size":

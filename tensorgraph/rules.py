@@ -2108,7 +2108,19 @@ def getitem(g: Tensor, out: Tensor, x: Tensor, idx: Any) -> tuple:
     indices = _advanced_indices(x, idx)
     if indices is not None:  # logprobs[range(n), Yb]: the same, with the ranges as index tensors
         return torch.zeros_like(x).index_put_(indices, g, accumulate=True), None
+    if _basic_index(idx) and g.dtype == x.dtype:
+        # probs[0], h[:, 1:]: each element is picked at most once, so writing g into zeros is torch's
+        # select/slice backward, and reads as the lecture writes it
+        grad = torch.zeros_like(x)
+        grad[idx] = g
+        return grad, None
     return _place(g, x, lambda positions: positions[idx]), None
+
+
+def _basic_index(idx: Any) -> bool:
+    """Whether ``idx`` is basic indexing only (ints, slices, None, ...): no element picked twice."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return all(type(item) in (int, slice) or item is None or item is Ellipsis for item in items)
 
 
 def _advanced_indices(x: Tensor, idx: Any) -> tuple[Tensor, ...] | None:

@@ -33,6 +33,8 @@ MISTAKES = {
     "dbndiff2-bessel": ("bndiff2", "scaled"),  # 1/n instead of 1/(n-1)
     "dlogprobs-not-divided": ("logprobs", "scaled"),  # -1.0 instead of -1.0/n
     "dhpreact-wrong": ("hpreact", "wrong"),  # (1 - h) * dh
+    "dprobs-no-chain": ("probs", "wrong"),  # 1.0 / probs: the local derivative, not times dlogprobs
+    "dhpreact-no-chain": ("hpreact", "wrong"),  # 1 - h**2: the local derivative, not times dh
     "dC-overwrite": ("C", "wrong"),  # dC[Xb] = demb: repeated rows do not add up
     "dlogprobs-wrong-row": ("logprobs", "wrong"),  # picks the wrong column
     "dh-half": ("h", "dtype"),  # right values in float16 (.half(), or built from a float16 tensor)
@@ -56,7 +58,7 @@ def answer(v: SimpleNamespace, mistake: str | None = None) -> dict[str, torch.Te
         dlogprobs[range(n), (v.Yb + 1) % v.logprobs.shape[1]] = -1.0 / n
     else:
         dlogprobs[range(n), v.Yb] = -1.0 if mistake == "dlogprobs-not-divided" else -1.0 / n
-    dprobs = (1.0 / v.probs) * dlogprobs
+    dprobs = (1.0 / v.probs) if mistake == "dprobs-no-chain" else (1.0 / v.probs) * dlogprobs
     dcounts_sum_inv = (v.counts * dprobs) if mistake == "dcounts_sum_inv-not-summed" else \
         (v.counts * dprobs).sum(1, keepdim=True)
     dcounts = v.counts_sum_inv * dprobs
@@ -77,6 +79,8 @@ def answer(v: SimpleNamespace, mistake: str | None = None) -> dict[str, torch.Te
     dW2 = dlogits.T @ v.h if mistake == "dW2-transposed" else v.h.T @ dlogits
     db2 = dlogits if mistake == "db2-not-summed" else dlogits.sum(0)
     dhpreact = ((1.0 - v.h) if mistake == "dhpreact-wrong" else (1.0 - v.h**2)) * dh
+    if mistake == "dhpreact-no-chain":
+        dhpreact = 1.0 - v.h**2
     dbngain = (v.bnraw * dhpreact).sum(0, keepdim=True)
     dbnraw = v.bngain * dhpreact
     dbnbias = dhpreact if mistake == "dbnbias-not-summed" else dhpreact.sum(0, keepdim=True)

@@ -96,7 +96,8 @@ def test_each_seeded_mistake_is_found_and_named(reports, mistake):
     for later in report.rows[order.index(blamed) + 1:]:
         assert later.kind in ("ok", "inherited"), (later, str(report))
         if later.kind == "inherited":  # every inherited row leads back to the one mistake
-            assert f"inherited from d{blamed}:" in later.message or f"starts at d{blamed})" in later.message, later
+            assert blamed in later.upstream or f"starts at d{blamed})" in later.message, later
+            assert f"d{blamed}" in later.message, later
 
 
 def test_every_kind_is_covered_by_a_seeded_mistake():
@@ -125,6 +126,12 @@ def test_messages_are_pointed(reports):
     assert "dW2 = h.t().mm(dlogits)" in message("dW2-transposed")
     assert "index repeats" in message("dC-overwrite")
     assert "wrong places" in message("dlogprobs-wrong-row")
+    # the chain rule's second factor forgotten: the local derivative alone, and which gradient multiplies it
+    assert message("dprobs-no-chain") == ("the local derivative of logprobs = probs.log() alone: multiply it by the "
+                                          "upstream gradient dlogprobs (chain rule)")
+    assert "multiply it by the upstream gradient dh" in message("dhpreact-no-chain")
+    assert "local derivative" not in message("dhpreact-wrong")  # (1 - h) * dh is not 1 - h**2
+    assert "elements (" not in message("dbnvar-no-eps")  # a little off everywhere, past allclose at a few
 
 
 def test_rows_downstream_of_a_mistake_are_inherited_not_blamed(reports):
@@ -229,7 +236,7 @@ def test_keys_with_or_without_d_partial_dicts_and_other_dtypes(lecture):
     ({"dlogits": 3.0}, "'dlogits' is a float, not a tensor"),
     ({"dlogits": None, "logits": None}, "given twice"),
     ([1, 2], "expected a dict"),
-    ({"dloss": 1.0}, "'dloss' is a float, not a tensor"),  # the seed was skipped before its type was looked at
+    ({"dloss": 2.0}, "'dloss' is 2, but the gradient of the loss with respect to itself is 1"),  # a number is read
     ({"dloss": torch.tensor(5.0)}, "'dloss' is 5, but the gradient of the loss with respect to itself is 1"),
     ({torch.zeros(3): None}, "a tensor used as a key is not in this graph: it belongs to no graph"),
     ({(1, 2): None}, "not a tuple"),
@@ -586,6 +593,91 @@ def test_cli_check_globals_not_like_gradients_are_left_alone(tmp_path, capsys):
     assert "2/2 right" in capsys.readouterr().out
 
 
+def test_a_gradient_wrong_only_where_the_loss_picks_says_so(lecture):
+    """Exercise 2 without ``dlogits[range(n), Yb] -= 1``: off at the 32 targets only, which the message named as
+    'maxdiff 0.0313 where the right values reach 0.0309'. torch autograd's dlogits is the truth."""
+    graph, loss, v = lecture
+    truth = _autograd_grads(graph, loss)["logits"]
+    n = v.Yb.shape[0]
+    mine = F.softmax(v.logits, 1) / n  # the -1 at the targets forgotten
+    off = ~torch.isclose(mine, truth, rtol=1e-5, atol=1e-8)
+    targets = torch.zeros_like(off)
+    targets[range(n), v.Yb] = True
+    assert torch.equal(off, targets)  # independently: wrong exactly at the targets
+    row = graph.check({"dlogits": mine}, loss)["dlogits"]
+    assert row.kind == "wrong" and row.message == (
+        f"wrong only at the {n} elements logprobs[range({n}), Yb] picks (the others are right)"), row
+    # the first line of exercise 1 with -1/n everywhere: right only where the loss picks
+    truth = _autograd_grads(graph, loss)["logprobs"]
+    assert int((truth != 0).sum()) == n  # independently: zero but at the picks
+    row = graph.check({"dlogprobs": torch.full_like(v.logprobs, -1.0 / n)}, loss)["dlogprobs"]
+    assert row.message == (f"right at the {n} elements logprobs[range({n}), Yb] picks; everywhere else "
+                           f"({truth.numel() - n} elements) it should be 0, and yours is not"), row
+    truth = _autograd_grads(graph, loss)["logits"]
+    # a few elements off elsewhere: counted
+    mine = truth.clone()
+    mine[3, 5] += 0.01
+    row = graph.check({"dlogits": mine}, loss)["dlogits"]
+    assert row.message == f"wrong at 1 of {truth.numel()} elements (the first at (3, 5)); the others are right", row
+
+
+MICROGRAD = """
+import torch
+import tensorgraph as tg
+a, b, c, f = torch.tensor(2.0), torch.tensor(-3.0), torch.tensor(10.0), torch.tensor(-2.0)
+with tg.record() as graph:
+    e = a * b
+    d = e + c
+    loss = d * f
+dloss = 1.0
+dd = {dd}
+df = 4.0 * dloss
+de = dd
+dc = dd
+da = de * b
+db = de * a
+"""
+
+
+@pytest.mark.parametrize("dd, right", [("-2.0", True), ("2.0", False)])
+def test_cli_check_takes_python_numbers_for_scalars(tmp_path, capsys, dd, right):
+    """micrograd's first example, a scalar toy before the lecture's MLP: ``dd = -2.0`` stopped the check with
+    'dd is a float, not a tensor'. The truth is torch autograd in float64."""
+    from tensorgraph.cli import main
+
+    leaves = {name: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+              for name, v in {"a": 2.0, "b": -3.0, "c": 10.0, "f": -2.0}.items()}
+    d = leaves["a"] * leaves["b"] + leaves["c"]
+    d.retain_grad()
+    (d * leaves["f"]).backward()
+    assert d.grad.item() == -2.0 and leaves["f"].grad.item() == 4.0  # the script's numbers are torch's
+    assert main(["check", _script(tmp_path, MICROGRAD.format(dd=dd))]) == (0 if right else 1)
+    out = capsys.readouterr().out
+    assert ("6/6 right, no errors" in out) if right else ("first error: dd (sign)" in out), out
+
+
+def test_cli_check_loss_names_the_output_when_it_is_not_called_loss(tmp_path, capsys):
+    """micrograd calls its output L: the check stopped at "defines no 'loss'", with no way to name L."""
+    from tensorgraph.cli import main
+
+    path = _script(tmp_path, MICROGRAD.format(dd="-2.0").replace("loss = d * f", "L = d * f")
+                   .replace("dloss = 1.0", "dL = 1.0").replace("* dloss", "* dL"))
+    assert main(["check", path]) == 2
+    assert "defines no 'loss' (the tensor your gradients are of; --loss NAME names another)" in capsys.readouterr().err
+    assert main(["check", path, "--loss", "L"]) == 0
+    assert "check of your gradients of 'L': 6/6 right, no errors" in capsys.readouterr().out
+    assert main(["check", path, "--loss", "nope"]) == 2
+    assert "defines no 'nope'" in capsys.readouterr().err
+
+
+def test_a_python_number_for_a_tensor_that_is_not_a_scalar_is_named(lecture):
+    graph, loss, _ = lecture
+    with pytest.raises(ValueError, match=r"'dh' is a float, not a tensor \(a Python number is taken for a "
+                                         r"scalar's gradient only\)"):
+        graph.check({"dh": 0.5}, loss)
+    assert graph.check({"dloss": 1.0, "dlogprobs": None}, loss).ok  # the loss is a scalar: its seed may be 1.0
+
+
 def test_cli_check_runs_a_notebooks_code_cells(tmp_path, capsys):
     import json
 
@@ -863,14 +955,19 @@ def test_where_a_gradient_is_wrong_is_located(lecture, truth64):
     everywhere = torch.full_like(v.logprobs, -1.0 / n)  # dlogprobs[:] = -1/n: not only the picked elements
     assert _off(everywhere, truth64["logprobs"])
     row = _row(graph, loss, {"dlogprobs": everywhere}, "logprobs")
-    assert row.message.startswith("nonzero at 832 of 864 elements where the right gradient is 0"), row
+    assert row.message == (f"right at the {n} elements logprobs[range({n}), Yb] picks; everywhere else (832 "
+                           f"elements) it should be 0, and yours is not"), row
     probs = F.softmax(v.logits, 1) / n  # exercise 2 without the one-hot: wrong at the picked element of each row
     off = ~torch.isclose(probs.double(), truth64["logits"], rtol=1e-4, atol=1e-7)
     assert int(off.sum()) == n and bool((off.sum(1) == 1).all())
     row = _row(graph, loss, {"dlogits": probs}, "logits")
-    first = (0, int(v.Yb[0]))
-    assert row.message == f"wrong at 32 of 864 elements (one in each row, the first at {first}); the others are " \
-                          f"right", row
+    assert row.message == f"wrong only at the {n} elements logprobs[range({n}), Yb] picks (the others are right)", \
+        row
+    mine = probs.clone()  # one picked element set right: no index picks exactly the others, so they are located
+    mine[0, int(v.Yb[0])] = truth64["logits"][0, int(v.Yb[0])]
+    row = _row(graph, loss, {"dlogits": mine}, "logits")
+    first = (1, int(v.Yb[1]))
+    assert row.message == f"wrong at 31 of 864 elements (the first at {first}); the others are right", row
 
 
 def test_a_variance_without_bessels_correction_under_a_square_root_is_named(lecture, truth64):

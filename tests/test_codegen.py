@@ -194,6 +194,26 @@ def test_a_rule_reads_its_own_gradient_by_name_after_an_add_passed_it_on():
         torch.testing.assert_close(namespace["d" + name], leaf.grad, rtol=0, atol=0)
 
 
+def test_an_int_or_slice_pick_reads_as_zeros_then_an_assignment():
+    """softmax of 3 numbers, ``-probs[0].log()``: ``dprobs = torch.zeros_like(probs)``, ``dprobs[0] = ...``; it was a
+    flat ``index_add_`` over ``arange(3).view(3)[0]``. The code gives torch autograd's float64 gradients."""
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    W = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with tg.record() as graph:
+        counts = x.exp()
+        probs = counts / counts.sum()
+        loss = -probs[0].log() + (W[:, 1:] * W[1, :2]).sum()
+    generated, namespace = _run_and_compare(graph, loss)
+    code = [line.code for line in generated.lines]
+    assert "dprobs = torch.zeros_like(probs)" in code and "dprobs[0] = -dloss / probs[0]" in code, generated.text()
+    assert "arange" not in generated.text() and "index_add_" not in generated.text()
+    leaves = [t.clone().requires_grad_() for t in (x, W)]
+    c = leaves[0].exp()
+    (-(c / c.sum())[0].log() + (leaves[1][:, 1:] * leaves[1][1, :2]).sum()).backward()
+    torch.testing.assert_close(namespace["dx"], leaves[0].grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(namespace["dW"], leaves[1].grad, rtol=1e-12, atol=1e-15)
+
+
 def test_a_backward_kernel_returning_several_gradients_is_called_once():
     """grid_sampler_2d_backward gives dimg and dgrid, layer norm's kernel dx, dweight and dbias: one call each,
     its outputs read from a variable (the code called the kernel again for every output)."""

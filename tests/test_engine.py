@@ -334,6 +334,17 @@ def test_reprs_show_micrograds_values_and_the_constants_made_in_the_block():
     assert repr(big.backward(total)).endswith(", ... (48 more)>")  # 60 gradients, 12 listed
 
 
+def test_the_repr_of_a_few_entries_gradient_lists_them():
+    """softmax of 3 numbers: ``print(grads)`` said ``x (3)``; the entries are what a chain-rule example is about."""
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=D)
+    with tg.record() as graph:
+        loss = -torch.softmax(x, 0)[0].log()
+    text = repr(graph.backward(loss))
+    leaf = x.clone().requires_grad_()
+    (-torch.softmax(leaf, 0)[0].log()).backward()
+    assert f"x=[{', '.join(f'{v:.4g}' for v in leaf.grad.tolist())}]" in text, text
+
+
 def test_missing_gradient_of_a_tensor_changed_after_use_names_its_earlier_version():
     """``grads[w]`` is the latest version's; when only the version the loss used has one, the error says where."""
     w = torch.randn(3, dtype=D)

@@ -1122,6 +1122,8 @@ def _with(parser, option: str, value: str) -> list[str]:
     """The required arguments plus ``option value`` (replacing the required one of that name)."""
     args = _required_args(parser)
     positional = [a for a in parser._actions if not a.option_strings and a.dest == option]
+    if positional and not positional[0].required:  # an optional positional (render's FILE.py): given after the rest
+        return args + [value]
     if positional:
         return [value if a == _REQUIRED.get(option, "x") else a for a in args]
     if option in args:

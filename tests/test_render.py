@@ -118,7 +118,9 @@ def test_forward_op_labels_read_like_the_lecture(lecture):
     assert at("matmul_1").startswith("embcat @ W1 matmul_1")
     assert at("hprebn").startswith("matmul_1 + b1 hprebn")
     assert at("sum_1").startswith("sum(hprebn, dim=0, keepdim) sum_1")
-    assert at("bnmeani").startswith("sum_1 * 0.03125 bnmeani")
+    # 1/n and 1/(n-1) as the fractions they are, not 0.03125 and 0.03226 (which is not 1/31)
+    assert at("bnmeani").startswith("sum_1 * (1/32) bnmeani")
+    assert at("bnvar").startswith("sum_2 * (1/31) bnvar")
     assert at("bnvar_inv").startswith("add_1 ** -0.5 bnvar_inv")
     assert at("logit_maxes").startswith("max(logits, dim=1, keepdim).values logit_maxes")
     assert at("getitem_1").startswith("logprobs[range(32), Yb] getitem_1")
@@ -189,7 +191,7 @@ def test_value_summary(lecture):
 def test_non_finite_values_and_gradients_are_counted_not_averaged():
     """A tensor with one nan was drawn 'mean nan std nan min nan max nan', hiding where the nan is and the rest."""
     x = torch.tensor([float("nan"), float("inf"), -0.0, 1e30, 2.0])
-    w = torch.tensor([1.0, -2.0, 3.0])
+    w = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0])  # (5 entries: a tensor of at most 4 shows each of them)
     with tg.record() as graph:
         s = (x * 0).sum()         # nan: 0 * nan and 0 * inf
         y = w * s                 # all nan
@@ -200,7 +202,7 @@ def test_non_finite_values_and_gradients_are_counted_not_averaged():
     text = " ".join(nodes[f"n{graph.node_id('x')}"].split())
     assert f"mean {finite.mean().item():.3g}" in text and f"max {finite.max().item():.3g}" in text
     assert "(of 3 finite; 1 nan, 1 inf)" in text
-    assert "value: 3 nan" not in nodes[f"n{graph.node_id('y')}"] and "3 nan" in nodes[f"n{graph.node_id('y')}"]
+    assert "value: 5 nan" not in nodes[f"n{graph.node_id('y')}"] and "5 nan" in nodes[f"n{graph.node_id('y')}"]
     # gradients: torch autograd's, nan where torch has nan
     wt = w.double().requires_grad_()
     xt = x.double()
@@ -208,6 +210,27 @@ def test_non_finite_values_and_gradients_are_counted_not_averaged():
     ((yt * wt).sum() + (wt * wt).sum()).backward()
     assert wt.grad.isnan().all()
     assert f"grad: {int(wt.grad.isnan().sum())} nan" in nodes[f"n{graph.node_id('w')}"]
+
+
+def test_a_tensor_of_a_few_entries_shows_each_value_and_gradient():
+    """softmax of 3 numbers: the picture said 'mean 2 std 0.816 min 1 max 3' and 'grad norm 1.15 max|g| 0.91'
+    where a slide needs x = [1, 2, 3] and its gradient, p - onehot(0), entry by entry, signs included."""
+    x = torch.tensor([1.0, 2.0, 3.0])
+    W = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    with tg.record() as graph:
+        p = torch.softmax(x, 0)
+        loss = -p[0].log() + (W * W).sum()
+    nodes = svg_nodes(graph.render(grads=graph.backward(loss), values=True).pipe(format="svg", encoding="utf-8"))
+    xt, Wt = x.double().requires_grad_(), W.double().requires_grad_()
+    (-torch.softmax(xt, 0)[0].log() + (Wt * Wt).sum()).backward()
+    entries = lambda t: ", ".join(f"{v:.3g}" for v in t.tolist())  # noqa: E731
+    text = " ".join(nodes[f"n{graph.node_id('x')}"].split())
+    assert "values [1, 2, 3]" in text and f"grad [{entries(xt.grad)}]" in text, text
+    assert xt.grad[0] < 0 < xt.grad[2]  # the signs a norm would have dropped
+    text = " ".join(nodes[f"n{graph.node_id('W')}"].split())
+    assert "values [[0.5, -1], [2, 0.25]]" in text
+    assert f"grad [[{entries(Wt.grad[0])}], [{entries(Wt.grad[1])}]]" in text, text
+    assert "grad [-11.1, 0, 0]" in " ".join(nodes[f"n{graph.node_id('p')}"].split())  # 0, not -0
 
 
 def test_values_of_complex_tensors():
@@ -398,7 +421,9 @@ def test_backward_view_of_a_non_scalar_output_says_how_to_seed_it():
                       .pipe(format="svg", encoding="utf-8"))
     wt = w.double().requires_grad_()
     torch.tanh(x.double() * wt).backward(seed.double())
-    assert f"grad norm {wt.grad.norm().item():.3g}" in box_with(nodes, "dw")
+    assert f"grad [{', '.join(f'{v:.3g}' for v in wt.grad.tolist())}]" in box_with(nodes, "dw")  # (3 entries: each)
+    source = graph.render(view="backward", grads=graph.backward("h", grad=seed)).source
+    assert "seed (dh = the grad= given)" in source and "= 1)" not in source  # the legend: not 'd loss = 1'
 
 
 def test_a_gradient_passed_on_unchanged_names_every_tensor_it_is_the_gradient_of():
@@ -413,6 +438,7 @@ def test_a_gradient_passed_on_unchanged_names_every_tensor_it_is_the_gradient_of
     nodes = svg_nodes(dot.pipe(format="svg", encoding="utf-8"))
     truth = {name: t.double().requires_grad_() for name, t in {"a": a, "b": b, "c": c, "f": f}.items()}
     ((truth["a"] * truth["b"] + truth["c"]) * truth["f"]).backward()
+    assert "seed (dL = 1)" in dot.source and "d loss" not in dot.source  # the legend names micrograd's L
     shared = box_with(nodes, "dd", "=", "de", "dc")
     assert f"grad {truth['c'].grad.item():.3g} " in shared + " "
     assert f"dd * b da scalar grad {truth['a'].grad.item():.3g}" in " ".join(box_with(nodes, "da").split())
@@ -424,6 +450,47 @@ def test_a_gradient_passed_on_unchanged_names_every_tensor_it_is_the_gradient_of
         loss = total.sum()
     nodes = svg_nodes(graph.render(view="backward", loss=loss).pipe(format="svg", encoding="utf-8"))
     assert "(4 more)" in box_with(nodes, "dtotal")
+
+
+def test_a_tensor_an_op_reads_twice_is_summed_from_two_uses_not_two_consumers():
+    """``z = x * x``: one consumer reads x twice; the accumulation box said '+= from 2 consumers'."""
+    x = torch.tensor(3.0)
+    with tg.record() as graph:
+        z = x * x
+        w = z * x  # x again, in another consumer: three uses, two consumers
+    nodes = svg_nodes(graph.render(view="backward", loss=z).pipe(format="svg", encoding="utf-8"))
+    assert "+= from 2 uses in z dx scalar" in " ".join(box_with(nodes, "uses").split())
+    parts = sorted(" ".join(text.split()) for text in nodes.values() if "(part" in text)
+    assert parts == ["dz * x dx (part 1 of 2 from z) scalar", "dz * x dx (part 2 of 2 from z) scalar"], parts
+    assert not any("consumers" in text for text in nodes.values())
+    grads = graph.backward(w)
+    nodes = svg_nodes(graph.render(view="backward", grads=grads).pipe(format="svg", encoding="utf-8"))
+    truth = x.double().requires_grad_()
+    (dx,) = torch.autograd.grad(truth * truth * truth, truth)  # 3 x**2 = 27
+    box = " ".join(box_with(nodes, "from", "uses").split())
+    assert box == f"+= from 3 uses in 2 consumers dx scalar grad {dx.item():.3g}", box
+    assert "+= (2 of 3 uses in 2 consumers) dx (running sum) scalar" == " ".join(box_with(nodes, "(2").split())
+
+
+def test_the_backward_of_an_int_pick_is_zeros_and_one_assignment():
+    """softmax of 3 numbers, ``-probs[0].log()``: the rule of ``probs[0]`` is two boxes, ``zeros_like(probs)`` and
+    ``[0] = dgetitem_1``; it was seven (arange, view, [0], two reshapes, zeros, index_add_) for one number."""
+    x = torch.tensor([1.0, 2.0, 3.0])
+    with tg.record() as graph:
+        counts = x.exp()
+        probs = counts / counts.sum()
+        loss = -probs[0].log()
+    source = graph.render(view="backward", grads=graph.backward(loss)).source
+    assert "arange" not in source and "index_add_" not in source
+    nodes = svg_nodes(graph.render(view="backward", grads=graph.backward(loss)).pipe(format="svg", encoding="utf-8"))
+    assert "dprobs_v0" in box_with(nodes, "zeros_like(probs)").split()
+    truth = x.double().requires_grad_()
+    c = truth.exp()
+    (dx,) = torch.autograd.grad(-(c / c.sum())[0].log(), truth)
+    box = " ".join(box_with(nodes, "dprobs_v0[0]").split())
+    assert box.startswith("dprobs_v0[0] = dgetitem_1 dprobs 3")
+    assert f"grad [{(-1 / (c / c.sum())[0]).item():.3g}, 0, 0]" in box  # dprobs is -1/p0 at 0, zero elsewhere
+    assert f"grad [{', '.join(f'{v:.3g}' for v in dx.tolist())}]" in " ".join(box_with(nodes, "dx").split())
 # ---------------------------------------------------------------------------------------------- output formats
 
 
@@ -937,6 +1004,39 @@ def test_cli_render(tmp_path, capsys):
     out = tmp_path / "backward.dot"
     assert main(["render", "--out", str(out), "--view", "backward"]) == 0
     assert "dhprebn" in out.read_text(encoding="utf-8")
+
+
+TOY = """
+import torch
+import tensorgraph as tg
+x = torch.tensor([1.0, 2.0, 3.0])
+with tg.record() as graph:
+    probs = torch.softmax(x, 0)
+    L = -probs[0].log()
+"""
+
+
+def test_cli_render_draws_a_script_of_ones_own(tmp_path, capsys):
+    """A teacher's own toy for a slide could be drawn only from Python: the command drew the lecture's MLP alone."""
+    script = tmp_path / "toy.py"
+    script.write_text(TOY)
+    out = tmp_path / "toy.svg"
+    assert main(["render", str(script), "--out", str(out), "--grads", "--values", "--loss", "L"]) == 0
+    assert f"wrote {out}: the forward view of {script} (5 recorded tensors)" in capsys.readouterr().out
+    nodes = svg_nodes(out.read_text(encoding="utf-8"))
+    truth = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    (-torch.softmax(truth, 0)[0].log()).backward()
+    assert f"grad [{', '.join(f'{v:.3g}' for v in truth.grad.tolist())}]" in " ".join(box_with(nodes, "x").split())
+    out = tmp_path / "toy_backward.dot"
+    assert main(["render", str(script), "--out", str(out), "--view", "backward", "--loss", "L"]) == 0
+    assert "seed (dL = 1)" in out.read_text(encoding="utf-8")
+    assert main(["render", str(script), "--out", str(tmp_path / "fw.svg")]) == 0  # the forward view needs no loss
+    assert main(["render", str(script), "--out", str(out), "--grads"]) == 2  # gradients of what?
+    err = capsys.readouterr().err
+    assert err.endswith("toy.py defines no 'loss' (the tensor your gradients are of; --loss NAME names another)\n")
+    script.write_text(TOY + "raise ValueError('oops')\n")
+    assert main(["render", str(script), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"tensorgraph render: error: {script}:8: ValueError: oops\n"
 
 
 @pytest.mark.parametrize("suffix", [".svg", ".dot"])

@@ -8,6 +8,7 @@ must NOT hold (a different forward must derive a different result).
 from __future__ import annotations
 
 import inspect
+import math
 import time
 
 import pytest
@@ -94,6 +95,28 @@ def test_cross_entropy_of_the_lecture(lecture):
     assert r"\mathrm{probs}" in d.latex and "\\delta" in d.latex
     assert ".sum(1, keepdim=True)" in d.source and "def " in d.source
     assert "identically zero" in d.steps and "$$" in d.steps and "through `logit_maxes`" in d.steps
+
+
+
+def test_the_steps_of_a_scalar_chain_read_as_a_handout():
+    """micrograd's neuron, o = tanh(x1*w1 + bias): the steps said 'one element at a time: .' and numbered their
+    sections 1, 3, 4, 5, 6 (no reductions, so no section 2). The closed form is torch autograd's gradient."""
+    x1, w1, bias = (torch.tensor(v, dtype=torch.float64) for v in (2.0, -3.0, 6.5))
+    with tg.record() as graph:
+        o = torch.tanh(x1 * w1 + bias)
+    d = symbolic.derive(graph, output=o, wrt=w1)
+    assert "Every tensor is a scalar." in d.steps and "one element at a time" not in d.steps
+    sections = [line.split(".")[0] for line in d.steps.splitlines() if line[:3] in {f"**{k}" for k in range(1, 10)}]
+    assert sections == ["**1", "**2", "**3", "**4", "**5"], sections
+    assert "rules of step" not in d.steps
+    w = w1.clone().requires_grad_()
+    (truth,) = torch.autograd.grad(torch.tanh(x1 * w + bias), w)
+    s = d.symbols
+    value = d.textbook.subs({s["do"]: 1, s["x1"]: 2.0, s["o"]: math.tanh(2.0 * -3.0 + 6.5)})
+    assert abs(float(value) - truth.item()) < 1e-12
+    # with reductions, the sections keep 1 to 6 and refer to each other by those numbers
+    bn = symbolic.derive(record_exercise(setup(dtype=torch.float64))[0], output="hpreact", wrt="hprebn")
+    assert "rules of step 2" in bn.steps and "Step 4 left it" in bn.steps and "**6. The fused backward" in bn.steps
 
 
 def _lecture_batchnorm(d, correction, gain="bngain"):
@@ -613,6 +636,20 @@ def test_cross_entropy_with_ignored_targets_keeps_float64():
     g = torch.tensor(1.0, dtype=D)
     closed = fused_rules.cross_entropy_derivation("mean").backward(g, x, kept)[0]
     assert torch.equal(fused_rules.cross_entropy(g, x, kept, None, -100, "mean", 0.0), closed)
+
+
+def test_the_steps_name_tensorgraphs_own_lines_without_an_install_path(tmp_path, monkeypatch, capsys):
+    """``tensorgraph derive --steps`` run from any folder printed the lecture's lines as
+    ``(`max` at /home/.../site-packages/tensorgraph/lecture.py:84)`` in a handout."""
+    import tensorgraph.lecture as lecture
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["derive", "cross-entropy", "--steps"]) == 0
+    out = capsys.readouterr().out
+    with open(lecture.__file__, encoding="utf-8") as source:  # the line the step names is the lecture's max
+        line = next(i for i, text in enumerate(source, 1) if "logit_maxes = logits.max(1" in text)
+    assert f"(`max` at tensorgraph/lecture.py:{line})" in out, out[:1500]
+    assert lecture.__file__ not in out and "site-packages" not in out
 
 
 # ---------------------------------------------------------------------- the command line

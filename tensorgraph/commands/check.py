@@ -52,13 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="also print the answer key: the whole backward pass as torch code")
     parser.add_argument("--render", metavar="PATH", default=None,
                         help="also draw the graph with the wrong gradient and its consequences coloured")
+    parser.add_argument("--loss", metavar="NAME", default="loss",
+                        help="the global (or recorded name) your gradients are of, when it is not called loss "
+                             "(micrograd's L: --loss L)")
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..graph import Graph
-
     path = Path(args.script)
     if not path.is_file():
         raise CLIError(f"{path} is a folder, not a file" if path.is_dir() else f"no such file: {path}",
@@ -67,38 +68,54 @@ def run(args: argparse.Namespace) -> int:
         from .render import picture_path
 
         picture_path(args.render, "--render", PROG)  # a bad --render path fails before the learner's script runs
-    namespace = run_script(path)
-    graph = namespace.get("graph")
-    if not isinstance(graph, Graph):
-        found = "defines no 'graph'" if graph is None else f"sets 'graph' to a {type(graph).__name__}"
-        raise CLIError(f"{path} {found}; record the forward pass with `with tg.record() as graph:`",
-                       "tensorgraph check")
-    if "loss" not in namespace:
-        raise CLIError(f"{path} defines no 'loss' (the tensor your gradients are of)", "tensorgraph check")
-    _check_loss(path, graph, namespace["loss"])
-    _check_recorded_values(path, graph, namespace["loss"])
+    name = args.loss
+    namespace, graph, loss = script_graph(path, name, PROG)
+    _check_recorded_values(path, graph, loss)
     manual = namespace.get("manual")
     if manual is None:
-        manual = _gradients_by_name(namespace, graph, namespace["loss"], path)
+        manual = _gradients_by_name(namespace, graph, loss, path, name)
         if not manual:
             raise CLIError(f"{path} defines no 'manual' (a dict of your gradients, e.g. manual = {{'dlogits': "
                            f"dlogits, ...}}) and no d<name> variable for a recorded name{graph._names_note()}",
                            PROG)
     try:
-        report = graph.check(manual, namespace["loss"], rtol=args.rtol, atol=args.atol)
+        report = graph.check(manual, loss, rtol=args.rtol, atol=args.atol)
     except ValueError as err:  # a key or value graph.check cannot read: say where the script gave it
         raise CLIError(_check_error(err, path, namespace), PROG) from None
     print(report)
     if args.answer:
         print("\n# the answer key: the backward pass as the rules compute it")
-        print(graph.backward_source(namespace["loss"]), end="")
+        print(graph.backward_source(loss), end="")
     if args.render:
-        graph.render(args.render, check=report, loss=namespace["loss"])
+        graph.render(args.render, check=report, loss=loss)
         print(f"wrote {args.render}")
     return 0 if report.ok else 1
 
 
-def run_script(path: Path) -> dict[str, Any]:
+def script_graph(path: Path, name: str, prog: str, need_loss: bool = True) -> tuple[dict[str, Any], Any, Any]:
+    """Run a script; its globals, the ``graph`` it recorded, and the scalar its global ``name`` holds (or the
+    recorded tensor of that name; None when there is neither and ``need_loss`` is False)."""
+    from ..graph import Graph
+
+    namespace = run_script(path, prog)
+    graph = namespace.get("graph")
+    if not isinstance(graph, Graph):
+        found = "defines no 'graph'" if graph is None else f"sets 'graph' to a {type(graph).__name__}"
+        raise CLIError(f"{path} {found}; record the forward pass with `with tg.record() as graph:`", prog)
+    if name in namespace:
+        loss = namespace[name]
+    elif name != "loss" and name in graph.names:  # a recorded name the script kept no variable for
+        loss = name
+    elif not need_loss:
+        return namespace, graph, None
+    else:
+        hint = "" if name != "loss" else "; --loss NAME names another"
+        raise CLIError(f"{path} defines no {name!r} (the tensor your gradients are of{hint})", prog)
+    _check_loss(path, graph, loss, name, prog)
+    return namespace, graph, loss
+
+
+def run_script(path: Path, prog: str = PROG) -> dict[str, Any]:
     """Run a script (or a notebook's code cells, in order) as ``__main__``; its errors become one line
     naming its file and line (for a notebook: its cell and line)."""
     cells = _notebook_cells(path)
@@ -116,14 +133,13 @@ def run_script(path: Path) -> dict[str, Any]:
         raise  # our reader closed stdout (`tensorgraph check x.py | head`): the CLI ends quietly, as other commands do
     except SystemExit as exit_:
         if exit_.code in (None, 0):
-            raise CLIError(f"{path} exited before it could be checked", "tensorgraph check") from exit_
-        raise CLIError(f"{path} exited with status {exit_.code}", "tensorgraph check") from exit_
+            raise CLIError(f"{path} exited before its globals could be read", prog) from exit_
+        raise CLIError(f"{path} exited with status {exit_.code}", prog) from exit_
     except SyntaxError as err:
         where = _place(path, err.lineno, cells)
-        raise CLIError(f"{where}: SyntaxError: {err.msg}", "tensorgraph check") from err
+        raise CLIError(f"{where}: SyntaxError: {err.msg}", prog) from err
     except Exception as err:  # noqa: BLE001 - any failure of the learner's script is one line
-        raise CLIError(f"{_where(err, path, cells)}: {type(err).__name__}: {_first_line(err)}",
-                       "tensorgraph check") from err
+        raise CLIError(f"{_where(err, path, cells)}: {type(err).__name__}: {_first_line(err)}", prog) from err
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
 
@@ -247,22 +263,23 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
-def _check_loss(path: Path, graph: Any, loss: Any) -> None:
-    """``loss`` must be a scalar recorded in ``graph``; say where the script set it otherwise."""
+def _check_loss(path: Path, graph: Any, loss: Any, name: str = "loss", prog: str = PROG) -> None:
+    """``loss`` (the global ``name``) must be a scalar recorded in ``graph``; say where the script set it
+    otherwise."""
     from ..engine import root_node
 
-    where = _assignment(path, "loss")
+    where = _assignment(path, name)
     try:
         root = root_node(graph, loss)
     except ValueError as err:
         reason = str(err).removeprefix("graph.backward: ")
-        raise CLIError(f"{where}: 'loss' is not in the recorded graph ({reason}); set it inside the "
-                       f"tg.record() block, or to the name of a recorded tensor", PROG) from None
+        raise CLIError(f"{where}: {name!r} is not in the recorded graph ({reason}); set it inside the "
+                       f"tg.record() block, or to the name of a recorded tensor", prog) from None
     data = graph._nodes[root]
     if data["value"].numel() != 1:
-        raise CLIError(f"{where}: 'loss' must be the scalar your gradients are of, but it is {data['name']!r} of "
+        raise CLIError(f"{where}: {name!r} must be the scalar your gradients are of, but it is {data['name']!r} of "
                        f"shape {tuple(data['shape'])} (reduce it, e.g. with .mean(), inside the tg.record() "
-                       f"block)", PROG)
+                       f"block)", prog)
 
 
 def _check_recorded_values(path: Path, graph: Any, loss: Any) -> None:
@@ -295,8 +312,8 @@ def _assignment(path: Path, name: str) -> str:
     return _place(path, line, cells)
 
 
-def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any, path: Path | str = "the script"
-                       ) -> dict[str, Any]:
+def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any, path: Path | str = "the script",
+                       name: str = "loss") -> dict[str, Any]:
     """The lecture's convention without a dict: globals dlogprobs, dprobs ... for recorded tensors."""
     import torch
 
@@ -305,7 +322,7 @@ def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any, path: P
     try:
         upstream = graph.ancestors(loss)
     except KeyError as err:
-        raise CLIError(f"'loss' is not in the recorded graph: {err.args[0]}", "tensorgraph check") from None
+        raise CLIError(f"{name!r} is not in the recorded graph: {err.args[0]}", "tensorgraph check") from None
     found = {}
     expected = {}  # global name -> recorded name, for the gradients the loss has
     for node in upstream:
@@ -313,8 +330,11 @@ def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any, path: P
         if not (data["dtype"].is_floating_point and data["named"]):
             continue
         variable = "d" + identifier(data["name"])
-        expected[variable] = data["name"]
         value = namespace.get(variable)
+        if _is_number(value) and tuple(data["shape"]) == ():  # micrograd's way, for a scalar: dc = 1.0
+            value = torch.tensor(float(value), dtype=data["dtype"])
+        else:
+            expected[variable] = data["name"]
         if isinstance(value, torch.Tensor):
             found["d" + data["name"]] = value
     problems = _stray_gradients(namespace, expected, set(graph.names))
@@ -341,6 +361,10 @@ def _stray_gradients(namespace: dict[str, Any], expected: dict[str, str], names:
         if close:
             problems.append(f"{variable} is not the gradient of a recorded tensor (did you mean {close[0]}?)")
     return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _array_like(value: Any) -> bool:

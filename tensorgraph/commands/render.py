@@ -1,4 +1,5 @@
-"""``tensorgraph render``: draw the lecture's exercise-1 graph (forward, with gradients, or backward)."""
+"""``tensorgraph render``: draw the lecture's exercise-1 graph (forward, with gradients, or backward), or the graph
+a script of your own records (``tensorgraph render toy.py --out toy.svg --grads``)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ from ..cli import CLIError, positive_int
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "render", help="draw the lecture's MLP graph with Graphviz (.svg .png .pdf .dot)",
-        description="Draw the compute graph of the lecture's MLP (makemore part 4, exercise 1). "
-                    "The format comes from the suffix of --out; .dot needs no Graphviz install.")
+        "render", help="draw the lecture's MLP graph, or your script's, with Graphviz (.svg .png .pdf .dot)",
+        description="Draw the compute graph of the lecture's MLP (makemore part 4, exercise 1), or, given "
+                    "FILE.py, the graph your own script records (its globals `graph` and `loss`, as for "
+                    "tensorgraph check). The format comes from the suffix of --out; .dot needs no Graphviz install.")
+    parser.add_argument("script", nargs="?", metavar="FILE.py", default=None,
+                        help="a script (or notebook) recording `with tg.record() as graph:`; draw its graph "
+                             "instead of the lecture's")
+    parser.add_argument("--loss", metavar="NAME", default="loss",
+                        help="with FILE.py: the global the gradients are of (default: loss; micrograd's L: --loss L)")
     parser.add_argument("--out", required=True, metavar="PATH",
                         help="where to write: mlp.svg, mlp.png, mlp.pdf or mlp.dot")
     parser.add_argument("--view", choices=("forward", "backward"), default="forward",
@@ -41,11 +48,10 @@ def picture_path(path: str, option: str, prog: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..lecture import record_exercise
     from ..render import render
 
     picture_path(args.out, "--out", "tensorgraph render")  # a bad path fails before the work
-    graph, loss, _ = record_exercise()
+    graph, loss, what = _graph(args)
     grads = graph.backward(loss) if args.grads or args.view == "backward" else None
     compare = graph.compare(loss) if args.compare else None
     with warnings.catch_warnings(record=True) as caught:  # one line each, not Python's file:line format
@@ -59,5 +65,25 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--out: {str(err).removeprefix('render: ')}", "tensorgraph render") from None
     for warning in caught:
         print(f"tensorgraph render: warning: {warning.message}", file=sys.stderr)
-    print(f"wrote {path}: the {args.view} view of the lecture's MLP ({len(graph)} recorded tensors)")
+    print(f"wrote {path}: the {args.view} view of {what} ({len(graph)} recorded tensors)")
     return 0
+
+
+def _graph(args: argparse.Namespace) -> tuple:
+    """The graph to draw, its loss (None: a script's forward view without one) and what to call it."""
+    if args.script is None:
+        from ..lecture import record_exercise
+
+        graph, loss, _ = record_exercise()
+        return graph, loss, "the lecture's MLP"
+    from pathlib import Path
+
+    from .check import script_graph
+
+    path = Path(args.script)
+    if not path.is_file():
+        raise CLIError(f"{path} is a folder, not a file" if path.is_dir() else f"no such file: {path}",
+                       "tensorgraph render")
+    need_loss = args.grads or args.compare or args.view == "backward" or args.loss != "loss"
+    _, graph, loss = script_graph(path, args.loss, "tensorgraph render", need_loss=need_loss)
+    return graph, loss, str(path)

@@ -41,12 +41,14 @@ def write_steps(d: Derivation, names: dict[sp.Basic, str]) -> str:
     lines = [f"### Gradient of `{out.name}` with respect to `{x.name}`, derived from the recorded graph", ""]
     axes = ", ".join(f"${axis.index}$ runs over a dimension of size ${names[axis.size]} = {axis.value}$"
                      for axis in space.axes)
+    elements = f"Every tensor is written one element at a time: {axes}." if axes else "Every tensor is a scalar."
     lines += [f"The chain has {len(chain.ops)} operations from `{x.name}` ({_shape(x)}) to `{out.name}` "
-              f"({_shape(out)}). Every tensor is written one element at a time: {axes}. "
+              f"({_shape(out)}). {elements} "
               f"Tensors entering from outside the chain: "
               f"{', '.join(f'`{p.name}`' for p in chain.params) or 'none'}.", ""]
+    number = iter(range(1, 7))  # the sections, numbered as printed (a chain without reductions has no rules)
 
-    lines += ["**1. The forward pass, element by element.**", ""]
+    lines += [f"**{next(number)}. The forward pass, element by element.**", ""]
     for node in chain.ops:
         where = f" (`{node.op}` at {node.source})" if node.source else ""
         lines.append(f"- `{node.name}`{where}:")
@@ -57,15 +59,16 @@ def write_steps(d: Derivation, names: dict[sp.Basic, str]) -> str:
         lines.append("")
 
     rules = [(lhs, rhs) for lhs, rhs in space.rule_notes if isinstance(lhs, (AxisSum, AxisMax))]
+    rules_section = next(number) if rules else None
     if rules:
-        lines += ["**2. The reductions as rewrite rules.** Each reduction is a symbol of its own; its definition, "
-                  "expanded (factors that do not depend on the summed index leave the sum), is solved for one "
-                  "sum, which from then on is replaced wherever it appears:", ""]
+        lines += [f"**{rules_section}. The reductions as rewrite rules.** Each reduction is a symbol of its own; "
+                  "its definition, expanded (factors that do not depend on the summed index leave the sum), is solved "
+                  "for one sum, which from then on is replaced wherever it appears:", ""]
         for lhs, rhs in rules:
             lines.append(_eq(tex(lhs), tex(rhs)))
         lines.append("")
 
-    lines += ["**3. The chain rule, node by node**, from the output back. "
+    lines += [f"**{next(number)}. The chain rule, node by node**, from the output back. "
               f"$\\mathrm{{d}}t$ stands for $\\partial\\,\\mathrm{{{_esc(out.name)}}} / \\partial t$; "
               "a tensor that was broadcast gets its gradient summed over the broadcast index, and a sum passes "
               "its gradient back to every element it summed.", ""]
@@ -76,9 +79,10 @@ def write_steps(d: Derivation, names: dict[sp.Basic, str]) -> str:
         lines.append(f"- through `{consumer.name}`: $$ {_name(operand, 'd')} {op} {tex(term)} $$")
     lines.append("")
 
-    lines += ["**4. Substituting and simplifying**, node by node (every gradient written with the input, the "
-              "parameters, the reductions and the incoming gradient, then expanded and rewritten with the rules "
-              "of step 2):", ""]
+    substituting = next(number)
+    rewritten = f", then expanded and rewritten with the rules of step {rules_section}" if rules else ", then expanded"
+    lines += [f"**{substituting}. Substituting and simplifying**, node by node (every gradient written with the input, "
+              f"the parameters, the reductions and the incoming gradient{rewritten}):", ""]
     for node in reversed(chain.nodes):
         if node is out or node not in backprop.resolved:
             continue
@@ -89,11 +93,11 @@ def write_steps(d: Derivation, names: dict[sp.Basic, str]) -> str:
         lines.append(f"- {'$' + _name(node, 'd') + ' = ' + tex(value) + '$'}{remark}")
     lines.append("")
 
-    lines += [f"**5. The closed form for `d{x.name}`.**", ""]
+    lines += [f"**{next(number)}. The closed form for `d{x.name}`.**", ""]
     steps = d.rewrites.get(x.name, [])
     if steps:
-        lines.append("Step 4 left it in terms of the input and the reductions. It gets shorter written with tensors "
-                     "the forward pass already computed: reading off their definitions,")
+        lines.append(f"Step {substituting} left it in terms of the input and the reductions. It gets shorter written "
+                     "with tensors the forward pass already computed: reading off their definitions,")
         lines.append("")
         for step in steps:
             lines.append(f"- `{step.node.name}` gives $ {tex(step.primitive)} = {tex(step.inverse)} $")
@@ -107,8 +111,8 @@ def write_steps(d: Derivation, names: dict[sp.Basic, str]) -> str:
             continue
         node = chain.node(name)
         lines += ["", f"The parameter `{name}` gets:", "", _eq(_name(node, "d"), to_latex(form, names))]
-    lines += ["", "**6. The fused backward**, printed from these expressions (it recomputes the saved tensors it "
-              "needs from the inputs):", "", "```python", d.source.rstrip(), "```", ""]
+    lines += ["", f"**{next(number)}. The fused backward**, printed from these expressions (it recomputes the saved "
+              "tensors it needs from the inputs):", "", "```python", d.source.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
