@@ -312,6 +312,20 @@ def test_more_reductions_and_elementwise_ops():
         derive(fn, _x())
 
 
+def test_standardising_by_the_sample_std_proves_its_textbook_form():
+    # the rule for sum_i x**2 read through a variance with Bessel's correction must cancel its 1/(n - 1)s
+    # (n**2/(n - 1) - n/(n - 1) is n), or the sums that should vanish never meet: both proofs failed
+    d = derive(lambda x: (x - x.mean(0)) / x.std(0), _x())
+    s = d.symbols
+    x, n, dy = s["x"], s["n"], s["dout"]
+    mu = d.sum(x, "i") / n
+    std = sp.sqrt(d.sum((x - mu) ** 2, "i") / (n - 1))
+    y = (x - mu) / std
+    assert d.prove((dy - d.sum(dy, "i") / n - y * d.sum(dy * y, "i") / (n - 1)) / std)
+    assert not d.prove((dy - d.sum(dy, "i") / n - y * d.sum(dy * y, "i") / n) / std)
+    assert d.prove(d.expr)  # the derivation's own written-out form
+
+
 def test_gelu_tanh_approximation_derives_and_is_not_taken_for_the_exact_one():
     # GPT-2's gelu (nn.GELU(approximate="tanh")): derivable, and its cached derivation never serves the exact gelu
     symbolic.clear_cache()

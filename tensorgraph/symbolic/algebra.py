@@ -357,11 +357,28 @@ class Space:
             dummy = self.dummy(atom)  # with the sum's sign: sqrt(sum x**2) = norm inverts to sum x**2 = norm**2
             solved = invert(canonical.xreplace({atom: dummy}), dummy, symbol, self.nonnegative, self.nonzero)
             if solved is not None:
-                solved = self.canon(solved)
+                solved = self.combine_sizes(self.canon(solved))
                 self.rules[atom] = solved
                 self.rule_notes.append((atom, solved))
                 break
         return canonical
+
+    def combine_sizes(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with the terms that differ only in a rational function of the sizes added up and cancelled.
+
+        ``expand`` leaves ``m**2*n**2/(n - 1) - m**2*n/(n - 1)`` as two terms; they are ``m**2*n``. A rule
+        solved through a ``1/(n - 1)`` (a variance with Bessel's correction) needs this, or the terms that
+        should cancel against it later (``sum_i (x_i - mean)**2``) never meet.
+        """
+        sizes = {axis.size for axis in self.axes}
+        groups: dict[sp.Expr, list[sp.Expr]] = {}
+        for term in sp.Add.make_args(expr):
+            factors = sp.Mul.make_args(term)
+            rest = sp.Mul(*(f for f in factors if not f.free_symbols <= sizes))
+            groups.setdefault(rest, []).append(sp.Mul(*(f for f in factors if f.free_symbols <= sizes)))
+        if all(len(coefficients) == 1 for coefficients in groups.values()):
+            return expr
+        return _expand(sp.Add(*(sp.cancel(sp.Add(*coefficients)) * rest for rest, coefficients in groups.items())))
 
     def equal(self, a: sp.Expr, b: sp.Expr) -> tuple[bool, sp.Expr]:
         """Whether two element expressions are identical, and their simplified difference.
