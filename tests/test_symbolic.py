@@ -789,6 +789,29 @@ def test_softmax_with_a_temperature_tensor_derives_the_textbook_form():
     assert s["out"] in d.textbook.free_symbols and s["x"] not in d.textbook.free_symbols
 
 
+def test_scaled_and_label_smoothed_cross_entropy_read_as_the_textbook_form():
+    """A reduction of a saved tensor folds back into its own symbol: the pick of log-probabilities is `picked`, the
+    mean of them `smooth`. Without that, F.cross_entropy(x / 2, y) read exp(logprobs + picked - sum_j logprobs*delta)
+    (the softmax, written with a term that cancels) and label smoothing exp(logp - smooth - sum_j logp / n_j)."""
+    def smoothed(x, y, eps=0.1):
+        logp = x.log_softmax(-1)
+        smooth = -logp.mean(-1)
+        return ((1 - eps) * -logp[range(x.shape[0]), y] + eps * smooth).mean()
+
+    x, y = _ce_inputs()
+    for fn, scale, smoothing in ((lambda x, y: F.cross_entropy(x / 2.0, y), sp.Rational(1, 2), 0),
+                                 (smoothed, 1, sp.Rational(1, 10))):
+        d = derive(fn, x, y)  # checked, fused: equal to torch autograd in float64
+        s = d.symbols
+        logp = s["out_logprobs"] if "out_logprobs" in s else s["logp"]
+        delta = sp.KroneckerDelta(s["j"], s["y"])
+        form = s["dout"] * scale * (sp.exp(logp) - (1 - smoothing) * delta - smoothing / s["n_j"]) / s["n"]
+        assert d.prove(form)
+        assert not d.textbook.has(symbolic.AxisSum), d.textbook  # no sum left that cancels
+        assert sp.simplify(d.textbook - form) == 0, d.textbook
+        assert r"\sum" not in d.latex
+
+
 def test_size_one_dimensions_added_by_indexing():
     """``m[:, None]`` instead of keepdim=True (or unsqueeze): a reshape, the same closed form."""
     def cross_entropy(logits, y):

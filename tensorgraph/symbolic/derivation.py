@@ -179,6 +179,15 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
     primitives = _primitives(chain)
     unnamed = {node.sym for node in chain.ops if not node.named}
     options = candidates(chain)
+    folds = reduction_folds(chain, space)
+
+    def fold(current: sp.Expr) -> sp.Expr:
+        """``current`` with the reductions of saved tensors folded back into their symbols, where that is simpler."""
+        folded = current.xreplace(folds)
+        if folded == current:
+            return current
+        folded = space.canon(folded)
+        return folded if _score(folded, primitives, unnamed) < _score(current, primitives, unnamed) else current
     order = [chain.input.sym] + [n.sym for n in reversed(chain.ops) if n.reduction]
     order = [p for p in order if p in options]
     best = (_score(expr, primitives, unnamed), expr, [])
@@ -200,13 +209,40 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
             substituted = current.xreplace(protect).xreplace({primitive: rewrite.inverse})
             tried += 1
             try:
-                rewritten = space.canon(substituted.xreplace({d: a for a, d in protect.items()}))
+                rewritten = fold(space.canon(substituted.xreplace({d: a for a, d in protect.items()})))
             except TooLarge:
                 continue  # this substitution multiplies out: not the simpler form
             walk(rewritten, position + 1, chosen + [rewrite])
 
     walk(expr, 0, [])
     return reuse_saved(best[1], best[2], chain, space), best[2]
+
+
+def reduction_folds(chain: Chain, space: Space) -> dict[sp.Basic, sp.Expr]:
+    """Each reduction of a saved tensor, solved for its sum: ``Sum(logprobs*KroneckerDelta(j, y), j) -> picked``.
+
+    The rewrite rules know the reductions in primitives only (the input), so once a gradient is written
+    with saved tensors, ``picked - Sum(logprobs*KroneckerDelta(j, y), j)`` no longer cancels: the scaled
+    cross-entropy ``F.cross_entropy(x / T, y)`` read ``exp(logprobs + picked - Sum(logprobs*delta))``.
+    """
+    primitives = _primitives(chain)
+    folds: dict[sp.Basic, sp.Expr] = {}
+    for node in chain.ops:
+        if not node.reduction:
+            continue
+        try:
+            local = space.canon(node.local, rules=False)
+        except TooLarge:
+            continue
+        atoms = maximal_atoms(local)
+        if len(atoms) != 1 or not atoms[0].free_symbols - primitives - {n.sym for n in chain.params} - \
+                space.indices - {a.size for a in space.axes}:
+            continue  # a sum of primitives only: the rewrite rules have it already
+        dummy = space.dummy(atoms[0])
+        solved = invert(local.xreplace({atoms[0]: dummy}), dummy, node.sym, space.nonnegative, space.nonzero)
+        if solved is not None:
+            folds[atoms[0]] = solved
+    return folds
 
 
 def _apply(expr: sp.Expr, rewrites: list[Rewrite]) -> sp.Expr:
