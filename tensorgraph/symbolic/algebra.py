@@ -470,8 +470,8 @@ def invert(expr: sp.Expr, target: sp.Symbol, value: sp.Expr,
            nonzero: Callable[[sp.Expr], bool] = lambda e: bool(e.is_nonzero)) -> sp.Expr | None:
     """Solve ``expr == value`` for ``target`` when ``target`` occurs once, peeling one operation at a time.
 
-    Only inversions that hold on the whole domain are made: an even power is inverted only
-    when its base is known to be non-negative, and nothing is divided by a factor that may
+    Only inversions that hold on the whole domain are made: a power other than ``1/x`` or an odd
+    root (``x**2``, ``x**3``) is inverted only when its base is known to be non-negative, and nothing is divided by a factor that may
     be zero. Returns None when it cannot solve.
     """
     if _occurrences(expr, target) != 1:
@@ -508,8 +508,11 @@ def _divisible(factor: sp.Expr, nonzero: Callable[[sp.Expr], bool]) -> bool:
 
 
 def _odd_power(exponent: sp.Expr) -> bool:
+    """Whether ``value = base**exponent`` inverts to ``base = value**(1/exponent)`` for a base of any sign:
+    ``1/x`` and the odd roots ``x**(1/3)``. Not ``x**3``: sympy's (and torch's) ``value**(1/3)`` is the
+    principal root, not the real one, and NaN in torch for a negative value."""
     if exponent.is_Integer:
-        return bool(exponent % 2)
+        return exponent in (1, -1)
     if exponent.is_Rational:
         return bool(sp.Rational(1, 1) / exponent % 2 == 1) if (1 / exponent).is_Integer else False
     return False
