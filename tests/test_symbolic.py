@@ -8,6 +8,7 @@ must NOT hold (a different forward must derive a different result).
 from __future__ import annotations
 
 import inspect
+import math
 import time
 
 import pytest
@@ -349,6 +350,29 @@ def test_an_odd_power_of_the_input_is_not_inverted_to_a_root():
     (want,) = torch.autograd.grad((x**3).sin().sum(), x)
     (got,) = d.backward(torch.ones(6, 5, dtype=D), x.detach())
     assert (got - want).abs().max() <= 1e-12
+
+
+def test_gelu_written_out_reads_in_its_input():
+    """0.5*x is a rescaled copy of x, not a saved tensor worth writing the gradient in: the GELU written out
+    read 0.856*mul_1**3*tanh_1**2 ... (mul_1 = 0.5*x) where 0.107*x**3*tanh_1**2 ... is meant."""
+    def gelu(x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    d = derive(gelu, _x() * 3)
+    s = d.symbols
+    assert s["x"] in d.textbook.free_symbols and s["tanh_1"] in d.textbook.free_symbols
+    assert s["mul_1"] not in d.textbook.free_symbols, d.textbook
+
+
+def test_a_layer_norm_over_two_dimensions_puts_both_sizes_in_front():
+    d = derive(lambda x: F.layer_norm(x, (4, 5)), torch.randn(3, 4, 5, dtype=D, generator=_gen(3)))
+    s = d.symbols
+    coeff, rest = d.textbook.as_independent(sp.Add)
+    assert coeff == s["out_inv"] / (s["n_j"] * s["n_k"]), d.textbook  # not out_inv/n_j, then /n_k inside
+    assert all(sp.fraction(term)[1] == 1 for term in sp.Add.make_args(rest)), d.textbook
+    dy, y = s["dout"], s["out"]
+    total = d.sum(d.sum(dy, "k"), "j")
+    assert d.prove(coeff * (s["n_j"] * s["n_k"] * dy - total - y * d.sum(d.sum(dy * y, "k"), "j")))
 
 
 def test_trigonometric_and_hyperbolic_ops():

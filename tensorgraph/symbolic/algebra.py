@@ -471,8 +471,8 @@ def invert(expr: sp.Expr, target: sp.Symbol, value: sp.Expr,
     """Solve ``expr == value`` for ``target`` when ``target`` occurs once, peeling one operation at a time.
 
     Only inversions that hold on the whole domain are made: a power other than ``1/x`` or an odd
-    root (``x**2``, ``x**3``) is inverted only when its base is known to be non-negative, and nothing is divided by a factor that may
-    be zero. Returns None when it cannot solve.
+    root (``x**2``, ``x**3``) is inverted only when its base is known to be non-negative, and
+    nothing is divided by a factor that may be zero. Returns None when it cannot solve.
     """
     if _occurrences(expr, target) != 1:
         return None

@@ -160,13 +160,19 @@ def candidates(chain: Chain) -> dict[sp.Symbol, list[Rewrite]]:
         # a statistic is expressed through a tensor with its own axes (bnvar through bnvar_inv)
         options += [s for s in flat.free_symbols & primitives if s != x.sym and chain.space.axes_of(s) == mine]
         for primitive in options:
-            if primitive not in flat.free_symbols:
+            if primitive not in flat.free_symbols or _renames(flat, primitive):
                 continue
             inverse = invert(flat, primitive, node.sym, chain.space.nonnegative, chain.space.nonzero)
             if inverse is not None:
                 back = {d: a for a, d in dummies.items()}
                 found.setdefault(primitive, []).append(Rewrite(node, primitive, inverse.xreplace(back), atoms))
     return found
+
+
+def _renames(value: sp.Expr, primitive: sp.Symbol) -> bool:
+    """Whether ``value`` is ``primitive`` scaled or shifted by a number (``0.5*x``): written through it, a
+    gradient only trades the input for a rescaled copy (``x**3`` becomes ``8*mul_1**3``)."""
+    return bool((value / primitive).is_number or (value - primitive).is_number)
 
 
 def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96) -> tuple[sp.Expr, list[Rewrite]]:
@@ -305,14 +311,16 @@ def display(expr: sp.Expr, space: Space) -> sp.Expr:
         options.append(sp.factor_terms(sp.cancel(combined)))
     arranged = min(options, key=sp.count_ops)
     coeff, rest = arranged.as_independent(sp.Add) if isinstance(arranged, sp.Mul) else (sp.S.One, arranged)
-    if isinstance(rest, sp.Add):
-        for axis in space.axes:
-            n = axis.size
-            scaled = sp.expand(rest * n)
-            if any(sp.fraction(sp.together(t))[1].has(n) for t in sp.Add.make_args(rest)) and \
-                    sp.count_ops(scaled) <= sp.count_ops(rest) + 2:
-                return sp.Mul(coeff / n, sp.factor_terms(scaled), evaluate=False)
-    return arranged
+    if not isinstance(rest, sp.Add):
+        return arranged
+    scale = sp.S.One
+    for axis in space.axes:  # every size in a denominator: a layer norm over (j, k) gets 1/(n_j*n_k) in front
+        n = axis.size
+        scaled = sp.expand(rest * n)
+        if any(sp.fraction(sp.together(t))[1].has(n) for t in sp.Add.make_args(rest)) and \
+                sp.count_ops(scaled) <= sp.count_ops(rest) + 2:
+            rest, scale = scaled, scale * n
+    return arranged if scale == 1 else sp.Mul(coeff / scale, sp.factor_terms(rest), evaluate=False)
 
 
 # ---------------------------------------------------------------------- code generation
