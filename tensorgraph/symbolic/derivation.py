@@ -160,7 +160,7 @@ def candidates(chain: Chain) -> dict[sp.Symbol, list[Rewrite]]:
         # a statistic is expressed through a tensor with its own axes (bnvar through bnvar_inv)
         options += [s for s in flat.free_symbols & primitives if s != x.sym and chain.space.axes_of(s) == mine]
         for primitive in options:
-            if primitive not in flat.free_symbols or _renames(flat, primitive):
+            if primitive not in flat.free_symbols or (primitive == x.sym and _renames(flat, primitive)):
                 continue
             inverse = invert(flat, primitive, node.sym, chain.space.nonnegative, chain.space.nonzero)
             if inverse is not None:
