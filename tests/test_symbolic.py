@@ -326,6 +326,16 @@ def test_standardising_by_the_sample_std_proves_its_textbook_form():
     assert not d.prove((dy - d.sum(dy, "i") / n - y * d.sum(dy * y, "i") / n) / std)
     assert d.prove(d.expr)  # the derivation's own written-out form
 
+    # the same through x.var() and rsqrt: the root's base (n_j*var - var)/(n_j - 1) + eps must read var + eps
+    d = derive(lambda x: (x - x.mean(1, keepdim=True)) * torch.rsqrt(x.var(1, keepdim=True) + 1e-5), _x())
+    s = d.symbols
+    x, m, dy = s["x"], s["n_j"], s["dout"]
+    mu = d.sum(x, "j") / m
+    rstd = (d.sum((x - mu) ** 2, "j") / (m - 1) + sp.Rational(1, 100000)) ** sp.Rational(-1, 2)
+    y = (x - mu) * rstd
+    assert d.prove(rstd * (dy - d.sum(dy, "j") / m - y * d.sum(dy * y, "j") / (m - 1)))
+    assert d.prove(d.expr)
+
 
 def test_gelu_tanh_approximation_derives_and_is_not_taken_for_the_exact_one():
     # GPT-2's gelu (nn.GELU(approximate="tanh")): derivable, and its cached derivation never serves the exact gelu

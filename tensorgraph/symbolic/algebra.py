@@ -302,7 +302,15 @@ class Space:
     def _normalise(self, expr: sp.Expr) -> sp.Expr:
         expr = _expand(expr)
         expr = self._walk(expr)
-        return _expand(expr)
+        return self._combine(_expand(expr))
+
+    def _combine(self, expr: sp.Basic) -> sp.Basic:
+        """:meth:`combine_sizes` on every sum of terms in ``expr``, the bases of roots included."""
+        if not expr.args or isinstance(expr, sp.Symbol) or not expr.has(*(axis.size for axis in self.axes)):
+            return expr
+        args = tuple(self._combine(arg) for arg in expr.args)
+        expr = expr.func(*args) if args != expr.args else expr
+        return self.combine_sizes(expr) if isinstance(expr, sp.Add) else expr
 
     def _walk(self, expr: sp.Basic) -> sp.Basic:
         if not expr.args or isinstance(expr, sp.Symbol):
@@ -357,7 +365,7 @@ class Space:
             dummy = self.dummy(atom)  # with the sum's sign: sqrt(sum x**2) = norm inverts to sum x**2 = norm**2
             solved = invert(canonical.xreplace({atom: dummy}), dummy, symbol, self.nonnegative, self.nonzero)
             if solved is not None:
-                solved = self.combine_sizes(self.canon(solved))
+                solved = self.canon(solved)
                 self.rules[atom] = solved
                 self.rule_notes.append((atom, solved))
                 break
@@ -366,9 +374,10 @@ class Space:
     def combine_sizes(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with the terms that differ only in a rational function of the sizes added up and cancelled.
 
-        ``expand`` leaves ``m**2*n**2/(n - 1) - m**2*n/(n - 1)`` as two terms; they are ``m**2*n``. A rule
-        solved through a ``1/(n - 1)`` (a variance with Bessel's correction) needs this, or the terms that
-        should cancel against it later (``sum_i (x_i - mean)**2``) never meet.
+        ``expand`` leaves ``m**2*n**2/(n - 1) - m**2*n/(n - 1)`` as two terms; they are ``m**2*n``. A
+        variance with Bessel's correction needs this: its rule, solved through the ``1/(n - 1)``, and the
+        root of ``sum_i (x_i - mean)**2/(n - 1) + eps``, whose ``(n*var - var)/(n - 1)`` is ``var``, read
+        as terms that never cancel, and a correct formula would not prove.
         """
         sizes = {axis.size for axis in self.axes}
         groups: dict[sp.Expr, list[sp.Expr]] = {}
