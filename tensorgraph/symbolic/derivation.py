@@ -194,6 +194,7 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
             return current
         folded = space.canon(folded)
         return folded if _score(folded, primitives, unnamed) < _score(current, primitives, unnamed) else current
+
     order = [chain.input.sym] + [n.sym for n in reversed(chain.ops) if n.reduction]
     order = [p for p in order if p in options]
     best = (_score(expr, primitives, unnamed), expr, [])
@@ -231,7 +232,7 @@ def reduction_folds(chain: Chain, space: Space) -> dict[sp.Basic, sp.Expr]:
     with saved tensors, ``picked - Sum(logprobs*KroneckerDelta(j, y), j)`` no longer cancels: the scaled
     cross-entropy ``F.cross_entropy(x / T, y)`` read ``exp(logprobs + picked - Sum(logprobs*delta))``.
     """
-    primitives = _primitives(chain)
+    saved = {node.sym for node in chain.ops if not node.reduction}
     folds: dict[sp.Basic, sp.Expr] = {}
     for node in chain.ops:
         if not node.reduction:
@@ -241,9 +242,8 @@ def reduction_folds(chain: Chain, space: Space) -> dict[sp.Basic, sp.Expr]:
         except TooLarge:
             continue
         atoms = maximal_atoms(local)
-        if len(atoms) != 1 or not atoms[0].free_symbols - primitives - {n.sym for n in chain.params} - \
-                space.indices - {a.size for a in space.axes}:
-            continue  # a sum of primitives only: the rewrite rules have it already
+        if len(atoms) != 1 or not atoms[0].free_symbols & saved:
+            continue  # a sum of the input: the rewrite rules have it already
         dummy = space.dummy(atoms[0])
         solved = invert(local.xreplace({atoms[0]: dummy}), dummy, node.sym, space.nonnegative, space.nonzero)
         if solved is not None:
