@@ -385,6 +385,25 @@ def test_a_layer_norm_over_two_dimensions_puts_both_sizes_in_front():
     assert d.prove(coeff * (s["n_j"] * s["n_k"] * dy - total - y * d.sum(d.sum(dy * y, "k"), "j")))
 
 
+def test_saved_denominators_are_reused():
+    """x / (x.std(0) + eps): the saved std + eps is the denominator (it read 100000*(dout - ...)/(100000*std + 1));
+    sqrt(x**2 + eps) divides as the saved root (it read x/sqrt(x**2 + 1.0e-8))."""
+    def standardise(x):
+        std = x.std(0, keepdim=True)
+        denom = std + 1e-5
+        return (x - x.mean(0, keepdim=True)) / denom
+
+    d = derive(standardise, _x())
+    s = d.symbols
+    assert s["denom"] in d.textbook.free_symbols and not d.textbook.has(sp.Integer(100000)), d.textbook
+    n, dy, diff = s["n"], s["dout"], s["std_diff"]
+    assert d.prove((dy - d.sum(dy, "i") / n - diff * d.sum(dy * diff, "i") / ((n - 1) * s["std"] * s["denom"]))
+                   / s["denom"])
+    d = derive(lambda x: torch.sqrt(x**2 + 1e-8).sum(), _x())
+    s = d.symbols
+    assert d.textbook == s["dout"] * s["x"] / s["sqrt_1"], d.textbook
+
+
 def test_trigonometric_and_hyperbolic_ops():
     d = derive(lambda x: torch.tan(x * 0.5).sum(1) + x.atan().sinh().sum(1), _x())
     s = d.symbols

@@ -262,17 +262,26 @@ def _apply(expr: sp.Expr, rewrites: list[Rewrite]) -> sp.Expr:
 def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Space) -> sp.Expr:
     """Replace each function application (exp, log, roots, tanh ...) that is exactly a saved tensor's value
     by that tensor: the code then reads the value the forward computed stably (``log_softmax``) instead of
-    recomputing an expression that can overflow (``log(1 - p)``)."""
+    recomputing an expression that can overflow (``log(1 - p)``); a root also where it divides. A saved sum
+    of terms is reused where it is the base of a power (``1/(std + eps)**2``): written out, ``factor_terms``
+    reads it ``100000*std + 1``."""
     for node in reversed(chain.ops):
         if node.reduction or node is chain.input:
             continue
         try:
             value = space.canon(_apply(node.value, rewrites))
-            if value == node.sym or not (isinstance(value, sp.Function) or
-                                         (isinstance(value, sp.Pow) and not value.exp.is_Integer)):
+            if value == node.sym:
                 continue
-            if expr.has(value):
-                expr = space.canon(expr.xreplace({value: node.sym}))
+            if isinstance(value, sp.Add):
+                bases = {p: sp.Pow(node.sym, p.exp) for p in expr.atoms(sp.Pow) if p.base == value}
+                if bases:
+                    expr = space.canon(expr.xreplace(bases))
+            elif isinstance(value, sp.Function) or (isinstance(value, sp.Pow) and not value.exp.is_Integer):
+                found = {value: node.sym}
+                if isinstance(value, sp.Pow):  # a root divided by: x/sqrt(x**2 + eps) is x/norm
+                    found[sp.Pow(value.base, -value.exp)] = 1 / node.sym
+                if any(expr.has(f) for f in found):
+                    expr = space.canon(expr.xreplace(found))
         except TooLarge:
             continue
     return expr
