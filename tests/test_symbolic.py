@@ -404,6 +404,32 @@ def test_saved_denominators_are_reused():
     assert d.textbook == s["dout"] * s["x"] / s["sqrt_1"], d.textbook
 
 
+def test_proofs_read_sigmoid_hyperbolics_and_float_constants_as_written():
+    """A correct formula written the usual way proves: sigmoid as 1/(1 + exp(-x)) (the derivation keeps sigmoid
+    whole), 1/cosh(x)**2 for 1 - tanh(x)**2, eps typed as the float 1e-6. All three read 'not equal'."""
+    d = derive(lambda x: x * torch.sigmoid(x), _x())
+    x, dy = d.symbols["x"], d.symbols["dout"]
+    sigmoid = 1 / (1 + sp.exp(-x))
+    assert d.prove(dy * sigmoid * (1 + x * (1 - sigmoid)))
+    assert not d.prove(dy * sigmoid * (1 + x * (1 + sigmoid)))
+    d = derive(lambda x: F.softplus(x), _x())
+    assert d.prove(d.symbols["dout"] * sp.exp(d.symbols["x"]) / (1 + sp.exp(d.symbols["x"])))
+    d = derive(lambda x: torch.tanh(x), _x())
+    assert d.prove(d.symbols["dout"] / sp.cosh(d.symbols["x"]) ** 2)
+    assert not d.prove(d.symbols["dout"] / sp.cosh(d.symbols["x"]))
+
+    def rms_norm(x, w, eps=1e-6):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    d = derive(rms_norm, _x(), torch.randn(5, dtype=D, generator=_gen(6)))
+    s = d.symbols
+    x, m, dy, w = s["x"], s["n_j"], s["dout"], s["w"]
+    for eps in (sp.Float(1e-6), sp.Rational(1, 10**6)):
+        rstd = (d.sum(x**2, "j") / m + eps) ** sp.Rational(-1, 2)
+        assert d.prove(rstd * dy * w - x * rstd**3 / m * d.sum(dy * w * x, "j"))
+    assert not d.prove(rstd * dy * w - x * rstd**3 / m * d.sum(dy * w * x, "j") * 2)
+
+
 def test_trigonometric_and_hyperbolic_ops():
     d = derive(lambda x: torch.tan(x * 0.5).sum(1) + x.atan().sinh().sum(1), _x())
     s = d.symbols

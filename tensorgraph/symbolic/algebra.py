@@ -124,6 +124,9 @@ class Sigmoid(_Named):
     def fdiff(self, argindex=1):
         return self * (1 - self)
 
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return 1 / (1 + sp.exp(-x))
+
     def _eval_is_positive(self):
         return True if self.args[0].is_real else None
 
@@ -135,6 +138,9 @@ class Softplus(_Named):
 
     def fdiff(self, argindex=1):
         return Sigmoid(self.args[0])
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return sp.log(1 + sp.exp(x))
 
     def _eval_is_positive(self):
         return True if self.args[0].is_real else None

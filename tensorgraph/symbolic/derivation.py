@@ -30,8 +30,8 @@ import sympy as sp
 import torch
 
 from ..naming import unique_name
-from .algebra import AxisMax, AxisSum, Space, TooLarge, invert, maximal_atoms
-from .chain import Chain, ChainTooLong, SNode, SymbolicError
+from .algebra import AxisMax, AxisSum, Sigmoid, Softplus, Space, TooLarge, invert, maximal_atoms
+from .chain import Chain, ChainTooLong, SNode, SymbolicError, to_number
 from .printing import TorchPrinter, latex_name, to_latex
 
 _LONG = 400  # expressions with more operations than this are summarised in the steps
@@ -592,8 +592,15 @@ class Derivation:
         rewrite rules; the proof holds when their difference simplifies to 0.
         """
         derived = self.grad(wrt or self.wrt)
-        with self.chain.space.unlimited():
-            holds, difference = self.chain.space.equal(derived, self.value(other))
+        other = self.value(other)
+        other = other.xreplace({f: to_number(float(f)) for f in other.atoms(sp.Float)})  # 0.1 as the chain reads it
+        space = self.chain.space
+        with space.unlimited():
+            holds, difference = space.equal(derived, other)
+            if not holds and _exponential_kinds(derived) != _exponential_kinds(other):
+                # sigmoid(x) against 1/(1 + exp(-x)), 1 - tanh(x)**2 against 1/cosh(x)**2: compare in exponentials
+                holds = space.equal(_as_exponentials(derived), _as_exponentials(other))[0]
+                difference = sp.S.Zero if holds else difference
             return Proof(holds, difference, "" if holds else self._at_recorded_sizes(difference))
 
     def _at_recorded_sizes(self, difference: sp.Expr) -> str:
@@ -617,6 +624,19 @@ class Derivation:
 
     def _repr_markdown_(self) -> str:
         return self.steps
+
+
+_EXPONENTIAL = (Sigmoid, Softplus, sp.tanh, sp.sinh, sp.cosh)
+
+
+def _exponential_kinds(expr: sp.Expr) -> set[type]:
+    """Which of sigmoid, softplus, tanh, sinh, cosh ``expr`` applies."""
+    return {type(f) for f in expr.atoms(*_EXPONENTIAL)}
+
+
+def _as_exponentials(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with sigmoid, softplus and the hyperbolic functions written with ``exp``."""
+    return expr.rewrite(list(_EXPONENTIAL), sp.exp)
 
 
 @dataclass
