@@ -276,6 +276,18 @@ def test_layer_norm_over_the_last_dimension():
         assert d.prove(d.sum(s["dout"], "i"), wrt="b")
 
 
+def test_layer_and_batch_norm_derive_with_respect_to_their_weight_and_bias():
+    """The chain starts at the weight (or bias): the normalised tensor enters from outside, and its axes line up
+    with the weight's. It raised 'TypeError: object of type NoneType has no len()' (wrapped in SymbolicError)."""
+    w, b = torch.randn(5, dtype=D, generator=_gen(4)) + 1, torch.randn(5, dtype=D, generator=_gen(5))
+    for fn in (lambda x, w, b: F.layer_norm(x, (5,), w, b),
+               lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True)):
+        for wrt in (1, 2):
+            d = derive(fn, _x(), w, b, wrt=wrt)  # fused from the weight or bias: every gradient equals torch's
+            s = d.symbols
+            assert d.prove(d.sum(s["dout"], "j"), wrt="b")  # the bias: summed over the rows (the input's axis i)
+
+
 def test_rms_norm_and_mse_extras():
     w = torch.randn(5, dtype=D, generator=_gen(6))
 
