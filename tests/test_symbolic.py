@@ -21,7 +21,7 @@ from tensorgraph import symbolic
 from tensorgraph.cli import main
 from tensorgraph.lecture import record_exercise, setup
 from tensorgraph.naming import set_names
-from tensorgraph.symbolic import SymbolicError, fused_rules
+from tensorgraph.symbolic import SymbolicError, fused_rules, fusion
 from tensorgraph.symbolic.fusion import STATS, _derive, verify
 
 D = torch.float64
@@ -854,6 +854,28 @@ def test_a_chain_too_long_to_derive_is_refused_in_seconds():
     print(f"\nrefused in {time.perf_counter() - start:.1f} s")
     with pytest.raises(SymbolicError, match="too long"):  # remembered: a training loop pays the attempt once
         symbolic.derive(graph, output=out, wrt="x")
+
+
+def test_find_fusable_tries_ops_too_long_to_derive_once(monkeypatch):
+    """The same ops seen from another of their inputs (a layer norm's weight or bias rather than its input) derive
+    the same gradients: once the chain from one is too long, the others are not tried (seconds each)."""
+    monkeypatch.setattr(symbolic.algebra, "SIZE_LIMIT", 60)
+    symbolic.clear_cache()
+    w, b = torch.randn(5, dtype=D, generator=_gen(25)), torch.randn(5, dtype=D, generator=_gen(26))
+    graph, out, loss = record(lambda x, w, b: F.layer_norm(x, (5,), w, b), _x(), w, b, weight=_x(seed=27))
+    tried, real = [], fusion._derive
+
+    def counting(graph, output, source, check=True):
+        tried.append(graph._nodes[source]["name"])
+        return real(graph, output, source, check=check)
+
+    monkeypatch.setattr(fusion, "_derive", counting)
+    try:
+        pairs = symbolic.find_fusable(graph, loss)
+        assert tried == ["x", "weight"], tried
+        assert [graph._nodes[i]["name"] for _, i in pairs] == ["weight"]
+    finally:
+        symbolic.clear_cache()
 
 
 def test_the_size_limit_keeps_the_textbook_forms(monkeypatch):
