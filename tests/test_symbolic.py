@@ -384,6 +384,14 @@ def test_gelu_written_out_reads_in_its_input():
     s = d.symbols
     assert s["x"] in d.textbook.free_symbols and s["tanh_1"] in d.textbook.free_symbols
     assert s["mul_1"] not in d.textbook.free_symbols, d.textbook
+    # proofs compare float constants at float64's precision: the same product multiplied out in another order
+    # (0.10703222440890038/2 against 0.05351611220445019) differed in the 19th digit and read 'not equal'
+    assert d.prove(d.expr)
+    x, dy = s["x"], s["dout"]
+    c, a = sp.Float(math.sqrt(2 / math.pi)), sp.Float(0.044715)
+    t = sp.tanh(c * (x + a * x**3))
+    assert d.prove(dy * ((1 + t) / 2 + x / 2 * (1 - t**2) * c * (1 + 3 * a * x**2)))
+    assert not d.prove(dy * ((1 + t) / 2 + x / 2 * (1 - t**2) * c * (1 + 3 * 0.04472 * x**2)))
 
 
 def test_a_layer_norm_over_two_dimensions_puts_both_sizes_in_front():
@@ -937,6 +945,7 @@ def test_scaled_and_label_smoothed_cross_entropy_read_as_the_textbook_form():
         assert d.prove(form)
         assert not d.textbook.has(symbolic.AxisSum), d.textbook  # no sum left that cancels
         assert sp.simplify(d.textbook - form) == 0, d.textbook
+        assert d.textbook.as_independent(sp.Add)[0] == s["dout"] * scale / s["n"], d.textbook  # no n_j pulled out
         assert r"\sum" not in d.latex
 
 

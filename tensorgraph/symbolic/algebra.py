@@ -400,11 +400,21 @@ class Space:
 
         Both sides are brought to canonical form with the same rules; what is left is
         combined over a common denominator and cancelled (sums and roots act as symbols).
+        Float constants are compared at float64's precision: a recorded ``0.7978845608028654``
+        multiplied out in another order differs in the 18th digit, which says nothing.
         """
-        difference = self.canon(sp.sympify(a) - sp.sympify(b))
+        a, b = sp.sympify(a), sp.sympify(b)
+        if a.has(sp.Float) or b.has(sp.Float):
+            a, b = _float64(self.canon(a)), _float64(self.canon(b))
+        difference = self.canon(a - b)
         if difference != 0:
             difference = sp.cancel(sp.together(difference))
         return difference == 0, difference
+
+
+def _float64(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with every Float rounded to 15 significant digits (what a float64 holds for sure)."""
+    return expr.xreplace({f: sp.Float(f, 15) for f in expr.atoms(sp.Float)})
 
 
 _HINTS = dict(deep=True, mul=True, multinomial=True, power_exp=True, power_base=True, log=True, basic=True)

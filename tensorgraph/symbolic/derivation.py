@@ -313,7 +313,7 @@ def explicit(expr: sp.Expr, chain: Chain, space: Space) -> sp.Expr | None:
 
 def display(expr: sp.Expr, space: Space) -> sp.Expr:
     """A readable arrangement: exponentials combined (``exp(x - m)``, which cannot overflow where
-    ``exp(x)*exp(-m)`` can), common factors pulled out, ``1/n`` in front when every term has it."""
+    ``exp(x)*exp(-m)`` can), common factors pulled out, ``1/n`` in front when a term is a mean over that axis."""
     combined = sp.powsimp(expr, combine="exp")
     options = [sp.factor_terms(combined)]
     if sp.count_ops(combined) <= 60:  # cancel finds s*(1-s)/(1-s) = s; on long sums it is slow and rarely shorter
@@ -323,11 +323,12 @@ def display(expr: sp.Expr, space: Space) -> sp.Expr:
     if not isinstance(rest, sp.Add):
         return arranged
     scale = sp.S.One
-    for axis in space.axes:  # every size in a denominator: a layer norm over (j, k) gets 1/(n_j*n_k) in front
+    for axis in space.axes:  # every mean's size: a layer norm over (j, k) gets 1/(n_j*n_k) in front
         n = axis.size
         scaled = sp.expand(rest * n)
-        if any(sp.fraction(sp.together(t))[1].has(n) for t in sp.Add.make_args(rest)) and \
-                sp.count_ops(scaled) <= sp.count_ops(rest) + 2:
+        means = [t for t in sp.Add.make_args(rest) if sp.fraction(sp.together(t))[1].has(n) and
+                 any(s.axis == axis.index for s in t.atoms(AxisSum))]  # not a constant 0.1/n_j (label smoothing)
+        if means and sp.count_ops(scaled) <= sp.count_ops(rest) + 2:
             rest, scale = scaled, scale * n
     return arranged if scale == 1 else sp.Mul(coeff / scale, sp.factor_terms(rest), evaluate=False)
 
@@ -593,7 +594,8 @@ class Derivation:
         """
         derived = self.grad(wrt or self.wrt)
         other = self.value(other)
-        other = other.xreplace({f: to_number(float(f)) for f in other.atoms(sp.Float)})  # 0.1 as the chain reads it
+        typed = other.atoms(sp.Float) - derived.atoms(sp.Float)  # 1e-6 typed as a float: as the chain reads it
+        other = other.xreplace({f: to_number(float(f)) for f in typed})
         space = self.chain.space
         with space.unlimited():
             holds, difference = space.equal(derived, other)
