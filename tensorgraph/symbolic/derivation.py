@@ -311,10 +311,33 @@ def explicit(expr: sp.Expr, chain: Chain, space: Space) -> sp.Expr | None:
         return None
 
 
+def _exponentials_into_sums(expr: sp.Expr, space: Space) -> sp.Expr:
+    """``exp(a)*Sum(exp(b)*f, i)`` as ``Sum(exp(a + b)*f, i)`` when ``a`` does not vary along ``i``: the canonical
+    form splits ``exp(-(b + g*r)**2/2)`` into three exponentials, each of which alone can overflow (a gelu after
+    a batch norm), and moves ``exp(-b**2/2)`` out of the sum; ``powsimp`` joins only what it sees together."""
+    if not expr.has(AxisSum):
+        return expr
+    expr = expr.func(*(_exponentials_into_sums(arg, space) for arg in expr.args))
+    if isinstance(expr, AxisSum):
+        return AxisSum(sp.powsimp(expr.body, combine="exp"), expr.axis)
+    if not isinstance(expr, sp.Mul):
+        return expr
+    factors = sp.Mul.make_args(expr)
+    sums = [f for f in factors if isinstance(f, AxisSum) and f.body.has(sp.exp)]
+    if len(sums) != 1:
+        return expr
+    total = sums[0]
+    outside = [f for f in factors if isinstance(f, sp.exp) and total.axis not in space.axes_of(f)]
+    if not outside:
+        return expr
+    rest = [f for f in factors if f is not total and f not in outside]
+    return sp.Mul(*rest) * AxisSum(sp.powsimp(sp.Mul(*outside) * total.body, combine="exp"), total.axis)
+
+
 def display(expr: sp.Expr, space: Space) -> sp.Expr:
     """A readable arrangement: exponentials combined (``exp(x - m)``, which cannot overflow where
     ``exp(x)*exp(-m)`` can), common factors pulled out, ``1/n`` in front when a term is a mean over that axis."""
-    combined = sp.powsimp(expr, combine="exp")
+    combined = sp.powsimp(_exponentials_into_sums(expr, space), combine="exp")
     options = [sp.factor_terms(combined)]
     if sp.count_ops(combined) <= 60:  # cancel finds s*(1-s)/(1-s) = s; on long sums it is slow and rarely shorter
         options.append(sp.factor_terms(sp.cancel(combined)))
