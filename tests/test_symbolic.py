@@ -21,7 +21,7 @@ from tensorgraph import symbolic
 from tensorgraph.cli import main
 from tensorgraph.lecture import record_exercise, setup
 from tensorgraph.naming import set_names
-from tensorgraph.symbolic import SymbolicError, fused_rules
+from tensorgraph.symbolic import SymbolicError, fused_rules, fusion
 from tensorgraph.symbolic.fusion import STATS, _derive, verify
 
 D = torch.float64
@@ -298,6 +298,18 @@ def test_layer_norm_over_the_last_dimension():
         assert d.prove(d.sum(s["dout"], "i"), wrt="b")
 
 
+def test_layer_and_batch_norm_derive_with_respect_to_their_weight_and_bias():
+    """The chain starts at the weight (or bias): the normalised tensor enters from outside, and its axes line up
+    with the weight's. It raised 'TypeError: object of type NoneType has no len()' (wrapped in SymbolicError)."""
+    w, b = torch.randn(5, dtype=D, generator=_gen(4)) + 1, torch.randn(5, dtype=D, generator=_gen(5))
+    for fn in (lambda x, w, b: F.layer_norm(x, (5,), w, b),
+               lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True)):
+        for wrt in (1, 2):
+            d = derive(fn, _x(), w, b, wrt=wrt)  # fused from the weight or bias: every gradient equals torch's
+            s = d.symbols
+            assert d.prove(d.sum(s["dout"], "j"), wrt="b")  # the bias: summed over the rows (the input's axis i)
+
+
 def test_rms_norm_and_mse_extras():
     w = torch.randn(5, dtype=D, generator=_gen(6))
 
@@ -335,6 +347,30 @@ def test_more_reductions_and_elementwise_ops():
         derive(fn, _x())
 
 
+def test_standardising_by_the_sample_std_proves_its_textbook_form():
+    # the rule for sum_i x**2 read through a variance with Bessel's correction must cancel its 1/(n - 1)s
+    # (n**2/(n - 1) - n/(n - 1) is n), or the sums that should vanish never meet: both proofs failed
+    d = derive(lambda x: (x - x.mean(0)) / x.std(0), _x())
+    s = d.symbols
+    x, n, dy = s["x"], s["n"], s["dout"]
+    mu = d.sum(x, "i") / n
+    std = sp.sqrt(d.sum((x - mu) ** 2, "i") / (n - 1))
+    y = (x - mu) / std
+    assert d.prove((dy - d.sum(dy, "i") / n - y * d.sum(dy * y, "i") / (n - 1)) / std)
+    assert not d.prove((dy - d.sum(dy, "i") / n - y * d.sum(dy * y, "i") / n) / std)
+    assert d.prove(d.expr)  # the derivation's own written-out form
+
+    # the same through x.var() and rsqrt: the root's base (n_j*var - var)/(n_j - 1) + eps must read var + eps
+    d = derive(lambda x: (x - x.mean(1, keepdim=True)) * torch.rsqrt(x.var(1, keepdim=True) + 1e-5), _x())
+    s = d.symbols
+    x, m, dy = s["x"], s["n_j"], s["dout"]
+    mu = d.sum(x, "j") / m
+    rstd = (d.sum((x - mu) ** 2, "j") / (m - 1) + sp.Rational(1, 100000)) ** sp.Rational(-1, 2)
+    y = (x - mu) * rstd
+    assert d.prove(rstd * (dy - d.sum(dy, "j") / m - y * d.sum(dy * y, "j") / (m - 1)))
+    assert d.prove(d.expr)
+
+
 def test_gelu_tanh_approximation_derives_and_is_not_taken_for_the_exact_one():
     # GPT-2's gelu (nn.GELU(approximate="tanh")): derivable, and its cached derivation never serves the exact gelu
     symbolic.clear_cache()
@@ -343,6 +379,97 @@ def test_gelu_tanh_approximation_derives_and_is_not_taken_for_the_exact_one():
         derive(fn, _x() * 3)
     graph, out, _ = record(lambda x: F.gelu(x, approximate="tanh"), _x())
     assert "tanh" in str(symbolic.derive(graph, output=out, wrt=0).textbook)
+
+
+def test_an_odd_power_of_the_input_is_not_inverted_to_a_root():
+    """x**3 inverted to x = pow_1**(1/3) is the principal root: NaN in torch for x < 0. Every chain through a cube
+    of its input was refused by the numerical check, and with check=False its code returned NaN."""
+    for fn in (lambda x: (x**3).sin(), lambda x: (x.pow(3) * 2.0 + x).tanh(), lambda x: torch.exp(x**5 * 0.1)):
+        d = derive(fn, _x())  # fused: equal to torch autograd in float64
+        assert not any(p.exp.is_Rational and not p.exp.is_Integer for p in d.textbook.atoms(sp.Pow)), d.textbook
+    graph, out, _ = record(lambda x: (x**3).sin(), _x())
+    symbolic.clear_cache()
+    d = symbolic.derive(graph, output=out, wrt=0, check=False)
+    x = _x().requires_grad_()
+    (want,) = torch.autograd.grad((x**3).sin().sum(), x)
+    (got,) = d.backward(torch.ones(6, 5, dtype=D), x.detach())
+    assert (got - want).abs().max() <= 1e-12
+
+
+def test_gelu_written_out_reads_in_its_input():
+    """0.5*x is a rescaled copy of x, not a saved tensor worth writing the gradient in: the GELU written out
+    read 0.856*mul_1**3*tanh_1**2 ... (mul_1 = 0.5*x) where 0.107*x**3*tanh_1**2 ... is meant."""
+    def gelu(x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    d = derive(gelu, _x() * 3)
+    s = d.symbols
+    assert s["x"] in d.textbook.free_symbols and s["tanh_1"] in d.textbook.free_symbols
+    assert s["mul_1"] not in d.textbook.free_symbols, d.textbook
+    # proofs compare float constants at float64's precision: the same product multiplied out in another order
+    # (0.10703222440890038/2 against 0.05351611220445019) differed in the 19th digit and read 'not equal'
+    assert d.prove(d.expr)
+    x, dy = s["x"], s["dout"]
+    c, a = sp.Float(math.sqrt(2 / math.pi)), sp.Float(0.044715)
+    t = sp.tanh(c * (x + a * x**3))
+    assert d.prove(dy * ((1 + t) / 2 + x / 2 * (1 - t**2) * c * (1 + 3 * a * x**2)))
+    assert not d.prove(dy * ((1 + t) / 2 + x / 2 * (1 - t**2) * c * (1 + 3 * 0.04472 * x**2)))
+
+
+def test_a_layer_norm_over_two_dimensions_puts_both_sizes_in_front():
+    d = derive(lambda x: F.layer_norm(x, (4, 5)), torch.randn(3, 4, 5, dtype=D, generator=_gen(3)))
+    s = d.symbols
+    coeff, rest = d.textbook.as_independent(sp.Add)
+    assert coeff == s["out_inv"] / (s["n_j"] * s["n_k"]), d.textbook  # not out_inv/n_j, then /n_k inside
+    assert all(sp.fraction(term)[1] == 1 for term in sp.Add.make_args(rest)), d.textbook
+    dy, y = s["dout"], s["out"]
+    total = d.sum(d.sum(dy, "k"), "j")
+    assert d.prove(coeff * (s["n_j"] * s["n_k"] * dy - total - y * d.sum(d.sum(dy * y, "k"), "j")))
+
+
+def test_saved_denominators_are_reused():
+    """x / (x.std(0) + eps): the saved std + eps is the denominator (it read 100000*(dout - ...)/(100000*std + 1));
+    sqrt(x**2 + eps) divides as the saved root (it read x/sqrt(x**2 + 1.0e-8))."""
+    def standardise(x):
+        std = x.std(0, keepdim=True)
+        denom = std + 1e-5
+        return (x - x.mean(0, keepdim=True)) / denom
+
+    d = derive(standardise, _x())
+    s = d.symbols
+    assert s["denom"] in d.textbook.free_symbols and not d.textbook.has(sp.Integer(100000)), d.textbook
+    n, dy, diff = s["n"], s["dout"], s["std_diff"]
+    assert d.prove((dy - d.sum(dy, "i") / n - diff * d.sum(dy * diff, "i") / ((n - 1) * s["std"] * s["denom"]))
+                   / s["denom"])
+    d = derive(lambda x: torch.sqrt(x**2 + 1e-8).sum(), _x())
+    s = d.symbols
+    assert d.textbook == s["dout"] * s["x"] / s["sqrt_1"], d.textbook
+
+
+def test_proofs_read_sigmoid_hyperbolics_and_float_constants_as_written():
+    """A correct formula written the usual way proves: sigmoid as 1/(1 + exp(-x)) (the derivation keeps sigmoid
+    whole), 1/cosh(x)**2 for 1 - tanh(x)**2, eps typed as the float 1e-6. All three read 'not equal'."""
+    d = derive(lambda x: x * torch.sigmoid(x), _x())
+    x, dy = d.symbols["x"], d.symbols["dout"]
+    sigmoid = 1 / (1 + sp.exp(-x))
+    assert d.prove(dy * sigmoid * (1 + x * (1 - sigmoid)))
+    assert not d.prove(dy * sigmoid * (1 + x * (1 + sigmoid)))
+    d = derive(lambda x: F.softplus(x), _x())
+    assert d.prove(d.symbols["dout"] * sp.exp(d.symbols["x"]) / (1 + sp.exp(d.symbols["x"])))
+    d = derive(lambda x: torch.tanh(x), _x())
+    assert d.prove(d.symbols["dout"] / sp.cosh(d.symbols["x"]) ** 2)
+    assert not d.prove(d.symbols["dout"] / sp.cosh(d.symbols["x"]))
+
+    def rms_norm(x, w, eps=1e-6):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    d = derive(rms_norm, _x(), torch.randn(5, dtype=D, generator=_gen(6)))
+    s = d.symbols
+    x, m, dy, w = s["x"], s["n_j"], s["dout"], s["w"]
+    for eps in (sp.Float(1e-6), sp.Rational(1, 10**6)):
+        rstd = (d.sum(x**2, "j") / m + eps) ** sp.Rational(-1, 2)
+        assert d.prove(rstd * dy * w - x * rstd**3 / m * d.sum(dy * w * x, "j"))
+    assert not d.prove(rstd * dy * w - x * rstd**3 / m * d.sum(dy * w * x, "j") * 2)
 
 
 def test_trigonometric_and_hyperbolic_ops():
@@ -773,6 +900,28 @@ def test_a_chain_too_long_to_derive_is_refused_in_seconds():
         symbolic.derive(graph, output=out, wrt="x")
 
 
+def test_find_fusable_tries_ops_too_long_to_derive_once(monkeypatch):
+    """The same ops seen from another of their inputs (a layer norm's weight or bias rather than its input) derive
+    the same gradients: once the chain from one is too long, the others are not tried (seconds each)."""
+    monkeypatch.setattr(symbolic.algebra, "SIZE_LIMIT", 60)
+    symbolic.clear_cache()
+    w, b = torch.randn(5, dtype=D, generator=_gen(25)), torch.randn(5, dtype=D, generator=_gen(26))
+    graph, out, loss = record(lambda x, w, b: F.layer_norm(x, (5,), w, b), _x(), w, b, weight=_x(seed=27))
+    tried, real = [], fusion._derive
+
+    def counting(graph, output, source, check=True):
+        tried.append(graph._nodes[source]["name"])
+        return real(graph, output, source, check=check)
+
+    monkeypatch.setattr(fusion, "_derive", counting)
+    try:
+        pairs = symbolic.find_fusable(graph, loss)
+        assert tried == ["x", "weight"], tried
+        assert [graph._nodes[i]["name"] for _, i in pairs] == ["weight"]
+    finally:
+        symbolic.clear_cache()
+
+
 def test_the_size_limit_keeps_the_textbook_forms(monkeypatch):
     """Past the limit, the optional forms give way (the fully written-out d.expr); the closed form stays."""
     monkeypatch.setattr(symbolic.algebra, "SIZE_LIMIT", 150)
@@ -812,6 +961,30 @@ def test_softmax_with_a_temperature_tensor_derives_the_textbook_form():
     assert s["out"] in d.textbook.free_symbols and s["x"] not in d.textbook.free_symbols
 
 
+def test_scaled_and_label_smoothed_cross_entropy_read_as_the_textbook_form():
+    """A reduction of a saved tensor folds back into its own symbol: the pick of log-probabilities is `picked`, the
+    mean of them `smooth`. Without that, F.cross_entropy(x / 2, y) read exp(logprobs + picked - sum_j logprobs*delta)
+    (the softmax, written with a term that cancels) and label smoothing exp(logp - smooth - sum_j logp / n_j)."""
+    def smoothed(x, y, eps=0.1):
+        logp = x.log_softmax(-1)
+        smooth = -logp.mean(-1)
+        return ((1 - eps) * -logp[range(x.shape[0]), y] + eps * smooth).mean()
+
+    x, y = _ce_inputs()
+    for fn, scale, smoothing in ((lambda x, y: F.cross_entropy(x / 2.0, y), sp.Rational(1, 2), 0),
+                                 (smoothed, 1, sp.Rational(1, 10))):
+        d = derive(fn, x, y)  # checked, fused: equal to torch autograd in float64
+        s = d.symbols
+        logp = s["out_logprobs"] if "out_logprobs" in s else s["logp"]
+        delta = sp.KroneckerDelta(s["j"], s["y"])
+        form = s["dout"] * scale * (sp.exp(logp) - (1 - smoothing) * delta - smoothing / s["n_j"]) / s["n"]
+        assert d.prove(form)
+        assert not d.textbook.has(symbolic.AxisSum), d.textbook  # no sum left that cancels
+        assert sp.simplify(d.textbook - form) == 0, d.textbook
+        assert d.textbook.as_independent(sp.Add)[0] == s["dout"] * scale / s["n"], d.textbook  # no n_j pulled out
+        assert r"\sum" not in d.latex
+
+
 def test_size_one_dimensions_added_by_indexing():
     """``m[:, None]`` instead of keepdim=True (or unsqueeze): a reshape, the same closed form."""
     def cross_entropy(logits, y):
@@ -833,14 +1006,14 @@ def test_size_one_dimensions_added_by_indexing():
 
 
 def test_a_closed_form_unstable_at_large_logits_is_not_fused():
-    """F.cross_entropy(logits / T): d/dT came out as exp(logprob) * exp(-logit) * sum(logit * exp(logit)), which
-    overflows (nan) or underflows (0: a wrong finite value) once logits / T pass ~88 in float32 (~709 in
-    float64), where torch's kernel is exact. Such a rule is derived (d.unstable says why) but never fused."""
-    X, Y = torch.randn(8, 4, generator=_gen(30)), torch.randint(0, 5, (8,), generator=_gen(31))
-    W, T = torch.randn(4, 5, generator=_gen(32)) * 15, torch.tensor(0.5)
+    """softmax(logits / T): d/dT comes out as sums of x*exp(x/T) over sum(exp(x/T)), which overflow (nan) once
+    logits / T pass ~88 in float32 (~709 in float64), where torch's kernel is exact. Such a rule is derived
+    (d.unstable says why) but never fused: auto_fuse and tg.compile keep the atomic rules."""
+    X, W = torch.randn(8, 4, generator=_gen(30)), torch.randn(4, 5, generator=_gen(32)) * 15
+    T, weight = torch.tensor(0.5), torch.randn(8, 5, generator=_gen(31))
 
     def forward(W, T):
-        return F.cross_entropy((X @ W) / T, Y)
+        return (((X @ W) / T).softmax(-1) * weight).sum()
 
     with tg.record() as graph:
         loss = forward(W, T)
@@ -850,11 +1023,46 @@ def test_a_closed_form_unstable_at_large_logits_is_not_fused():
     for grads in (symbolic.auto_fuse(graph, loss).backward(loss), tg.compile(lambda: forward(W, T), fuse=True)()[1]):
         assert torch.isfinite(grads[T]) and (grads[T] - want[1]).abs() <= 1e-5 * want[1].abs()
         assert (grads[W] - want[0]).abs().max() <= 1e-5 * want[0].abs().max()
-    assert symbolic.find_fusable(graph, loss) == []
     d = symbolic.derive(graph, output=loss, wrt="matmul_1")
     assert "its dT is" in d.unstable and "where torch autograd's is finite" in d.checked
+    assert all(graph._nodes[i]["name"] != "matmul_1" for _, i in symbolic.find_fusable(graph, loss))
     with pytest.raises(SymbolicError, match=r"the closed form of dloss/dmatmul_1 is not used: its dT is"):
         graph.fuse(loss, "matmul_1")
+
+
+def test_cross_entropy_with_a_temperature_is_stable_and_fused():
+    """F.cross_entropy(logits / T): d/dT read exp(logprob) * exp(-logit) * sum(logit * exp(logit)) (nan past
+    ~88 in float32); written with the saved log-probabilities, and each exponential kept whole, it is stable, so
+    auto_fuse and tg.compile use it, with torch's gradients."""
+    X, Y = torch.randn(8, 4, generator=_gen(30)), torch.randint(0, 5, (8,), generator=_gen(31))
+    W, T = torch.randn(4, 5, generator=_gen(32)) * 15, torch.tensor(0.5)
+
+    def forward(W, T):
+        return F.cross_entropy((X @ W) / T, Y)
+
+    with tg.record() as graph:
+        loss = forward(W, T)
+    assert float(((X @ W) / T).abs().max()) > 88
+    d = symbolic.derive(graph, output=loss, wrt="matmul_1")
+    assert not d.unstable, d.unstable
+    assert [graph._nodes[i]["name"] for _, i in symbolic.find_fusable(graph, loss)] == ["matmul_1"]
+    leaves = [W.clone().requires_grad_(), T.clone().requires_grad_()]
+    want = torch.autograd.grad(forward(*leaves), leaves)
+    step = tg.compile(lambda: forward(W, T), fuse=True)
+    for grads in (symbolic.auto_fuse(graph, loss).backward(loss), step()[1]):
+        assert torch.isfinite(grads[T]) and (grads[T] - want[1]).abs() <= 1e-5 * want[1].abs()
+        assert (grads[W] - want[0]).abs().max() <= 1e-5 * want[0].abs().max()
+    assert step.fused
+
+
+def test_a_gelu_after_a_normalisation_is_stable_and_fused():
+    """exp(-(b + g*r)**2/2) was split into three exponentials, one of them moved out of a sum: NaN for a large
+    gain where torch is finite, so a batch or layer norm followed by the exact gelu was never fused."""
+    w, b = torch.randn(5, dtype=D, generator=_gen(4)) + 1, torch.randn(5, dtype=D, generator=_gen(5))
+    for fn in (lambda x, w, b: F.gelu(F.batch_norm(x, None, None, w, b, training=True)),
+               lambda x, w, b: F.gelu(F.layer_norm(x, (5,), w, b))):
+        d = derive(fn, _x(), w, b)  # fused (refused before), every gradient equal to torch's
+        assert not d.unstable
 
 
 def test_a_rule_cached_unchecked_is_checked_before_it_is_fused():

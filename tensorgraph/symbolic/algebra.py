@@ -124,6 +124,9 @@ class Sigmoid(_Named):
     def fdiff(self, argindex=1):
         return self * (1 - self)
 
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return 1 / (1 + sp.exp(-x))
+
     def _eval_is_positive(self):
         return True if self.args[0].is_real else None
 
@@ -135,6 +138,9 @@ class Softplus(_Named):
 
     def fdiff(self, argindex=1):
         return Sigmoid(self.args[0])
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return sp.log(1 + sp.exp(x))
 
     def _eval_is_positive(self):
         return True if self.args[0].is_real else None
@@ -302,7 +308,15 @@ class Space:
     def _normalise(self, expr: sp.Expr) -> sp.Expr:
         expr = _expand(expr)
         expr = self._walk(expr)
-        return _expand(expr)
+        return self._combine(_expand(expr))
+
+    def _combine(self, expr: sp.Basic) -> sp.Basic:
+        """:meth:`combine_sizes` on every sum of terms in ``expr``, the bases of roots included."""
+        if not expr.args or isinstance(expr, sp.Symbol) or not expr.has(*(axis.size for axis in self.axes)):
+            return expr
+        args = tuple(self._combine(arg) for arg in expr.args)
+        expr = expr.func(*args) if args != expr.args else expr
+        return self.combine_sizes(expr) if isinstance(expr, sp.Add) else expr
 
     def _walk(self, expr: sp.Basic) -> sp.Basic:
         if not expr.args or isinstance(expr, sp.Symbol):
@@ -363,16 +377,44 @@ class Space:
                 break
         return canonical
 
+    def combine_sizes(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with the terms that differ only in a rational function of the sizes added up and cancelled.
+
+        ``expand`` leaves ``m**2*n**2/(n - 1) - m**2*n/(n - 1)`` as two terms; they are ``m**2*n``. A
+        variance with Bessel's correction needs this: its rule, solved through the ``1/(n - 1)``, and the
+        root of ``sum_i (x_i - mean)**2/(n - 1) + eps``, whose ``(n*var - var)/(n - 1)`` is ``var``, read
+        as terms that never cancel, and a correct formula would not prove.
+        """
+        sizes = {axis.size for axis in self.axes}
+        groups: dict[sp.Expr, list[sp.Expr]] = {}
+        for term in sp.Add.make_args(expr):
+            factors = sp.Mul.make_args(term)
+            rest = sp.Mul(*(f for f in factors if not f.free_symbols <= sizes))
+            groups.setdefault(rest, []).append(sp.Mul(*(f for f in factors if f.free_symbols <= sizes)))
+        if all(len(coefficients) == 1 for coefficients in groups.values()):
+            return expr
+        return _expand(sp.Add(*(sp.cancel(sp.Add(*coefficients)) * rest for rest, coefficients in groups.items())))
+
     def equal(self, a: sp.Expr, b: sp.Expr) -> tuple[bool, sp.Expr]:
         """Whether two element expressions are identical, and their simplified difference.
 
         Both sides are brought to canonical form with the same rules; what is left is
         combined over a common denominator and cancelled (sums and roots act as symbols).
+        Float constants are compared at float64's precision: a recorded ``0.7978845608028654``
+        multiplied out in another order differs in the 18th digit, which says nothing.
         """
-        difference = self.canon(sp.sympify(a) - sp.sympify(b))
+        a, b = sp.sympify(a), sp.sympify(b)
+        if a.has(sp.Float) or b.has(sp.Float):
+            a, b = _float64(self.canon(a)), _float64(self.canon(b))
+        difference = self.canon(a - b)
         if difference != 0:
             difference = sp.cancel(sp.together(difference))
         return difference == 0, difference
+
+
+def _float64(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with every Float rounded to 15 significant digits (what a float64 holds for sure)."""
+    return expr.xreplace({f: sp.Float(f, 15) for f in expr.atoms(sp.Float)})
 
 
 _HINTS = dict(deep=True, mul=True, multinomial=True, power_exp=True, power_base=True, log=True, basic=True)
@@ -453,9 +495,9 @@ def invert(expr: sp.Expr, target: sp.Symbol, value: sp.Expr,
            nonzero: Callable[[sp.Expr], bool] = lambda e: bool(e.is_nonzero)) -> sp.Expr | None:
     """Solve ``expr == value`` for ``target`` when ``target`` occurs once, peeling one operation at a time.
 
-    Only inversions that hold on the whole domain are made: an even power is inverted only
-    when its base is known to be non-negative, and nothing is divided by a factor that may
-    be zero. Returns None when it cannot solve.
+    Only inversions that hold on the whole domain are made: a power other than ``1/x`` or an odd
+    root (``x**2``, ``x**3``) is inverted only when its base is known to be non-negative, and
+    nothing is divided by a factor that may be zero. Returns None when it cannot solve.
     """
     if _occurrences(expr, target) != 1:
         return None
@@ -491,8 +533,11 @@ def _divisible(factor: sp.Expr, nonzero: Callable[[sp.Expr], bool]) -> bool:
 
 
 def _odd_power(exponent: sp.Expr) -> bool:
+    """Whether ``value = base**exponent`` inverts to ``base = value**(1/exponent)`` for a base of any sign:
+    ``1/x`` and the odd roots ``x**(1/3)``. Not ``x**3``: sympy's (and torch's) ``value**(1/3)`` is the
+    principal root, not the real one, and NaN in torch for a negative value."""
     if exponent.is_Integer:
-        return bool(exponent % 2)
+        return exponent in (1, -1)
     if exponent.is_Rational:
         return bool(sp.Rational(1, 1) / exponent % 2 == 1) if (1 / exponent).is_Integer else False
     return False

@@ -881,9 +881,20 @@ def _normalise(self: Lowering, data: dict[str, Any], name: str, operand: SNode, 
     return out
 
 
+def _normalised_operand(self: Lowering, data: dict[str, Any], params: dict[str, Any]) -> SNode:
+    """The tensor a layer or batch norm normalises. When the chain starts at the weight or the bias, it enters
+    from outside: its axes line up with theirs (the last dimension), as torch broadcasts them."""
+    operand = self._operand(params["x"])
+    if operand.axes is None:
+        affine = [t for t in (params.get("weight"), params.get("bias")) if isinstance(t, Ref)]
+        self.broadcast(data, [operand] + [self._operand(t) for t in affine],
+                       [operand.shape] + [tuple(self.nodes_data[t.node]["shape"]) for t in affine])
+    return operand
+
+
 def lower_layer_norm(self: Lowering, data: dict[str, Any]) -> SNode:
     params = _params(data, ("x", "normalized_shape", "weight", "bias", "eps"))
-    operand = self._operand(params["x"])
+    operand = _normalised_operand(self, data, params)
     normalized = params["normalized_shape"]
     normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
     summed = [a for a in operand.axes[len(operand.axes) - len(normalized):] if a is not None]
@@ -893,7 +904,7 @@ def lower_layer_norm(self: Lowering, data: dict[str, Any]) -> SNode:
 
 def lower_batch_norm(self: Lowering, data: dict[str, Any]) -> SNode:
     params = _params(data, ("x", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"))
-    operand = self._operand(params["x"])
+    operand = _normalised_operand(self, data, params)
     if not params.get("training") and params.get("running_mean") is not None:
         raise SymbolicError(f"{where(data)}: batch_norm in eval mode uses the running statistics (an affine map); "
                             f"only training mode has a symbolic form here")

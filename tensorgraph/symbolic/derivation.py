@@ -30,8 +30,8 @@ import sympy as sp
 import torch
 
 from ..naming import unique_name
-from .algebra import AxisMax, AxisSum, Space, TooLarge, invert, maximal_atoms
-from .chain import Chain, ChainTooLong, SNode, SymbolicError
+from .algebra import AxisMax, AxisSum, Sigmoid, Softplus, Space, TooLarge, invert, maximal_atoms
+from .chain import Chain, ChainTooLong, SNode, SymbolicError, to_number
 from .printing import TorchPrinter, latex_name, to_latex
 
 _LONG = 400  # expressions with more operations than this are summarised in the steps
@@ -160,13 +160,19 @@ def candidates(chain: Chain) -> dict[sp.Symbol, list[Rewrite]]:
         # a statistic is expressed through a tensor with its own axes (bnvar through bnvar_inv)
         options += [s for s in flat.free_symbols & primitives if s != x.sym and chain.space.axes_of(s) == mine]
         for primitive in options:
-            if primitive not in flat.free_symbols:
+            if primitive not in flat.free_symbols or (primitive == x.sym and _renames(flat, primitive)):
                 continue
             inverse = invert(flat, primitive, node.sym, chain.space.nonnegative, chain.space.nonzero)
             if inverse is not None:
                 back = {d: a for a, d in dummies.items()}
                 found.setdefault(primitive, []).append(Rewrite(node, primitive, inverse.xreplace(back), atoms))
     return found
+
+
+def _renames(value: sp.Expr, primitive: sp.Symbol) -> bool:
+    """Whether ``value`` is ``primitive`` scaled or shifted by a number (``0.5*x``): written through it, a
+    gradient only trades the input for a rescaled copy (``x**3`` becomes ``8*mul_1**3``)."""
+    return bool((value / primitive).is_number or (value - primitive).is_number)
 
 
 def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96) -> tuple[sp.Expr, list[Rewrite]]:
@@ -179,6 +185,16 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
     primitives = _primitives(chain)
     unnamed = {node.sym for node in chain.ops if not node.named}
     options = candidates(chain)
+    folds = reduction_folds(chain, space)
+
+    def fold(current: sp.Expr) -> sp.Expr:
+        """``current`` with the reductions of saved tensors folded back into their symbols, where that is simpler."""
+        folded = current.xreplace(folds)
+        if folded == current:
+            return current
+        folded = space.canon(folded)
+        return folded if _score(folded, primitives, unnamed) < _score(current, primitives, unnamed) else current
+
     order = [chain.input.sym] + [n.sym for n in reversed(chain.ops) if n.reduction]
     order = [p for p in order if p in options]
     best = (_score(expr, primitives, unnamed), expr, [])
@@ -200,13 +216,39 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
             substituted = current.xreplace(protect).xreplace({primitive: rewrite.inverse})
             tried += 1
             try:
-                rewritten = space.canon(substituted.xreplace({d: a for a, d in protect.items()}))
+                rewritten = fold(space.canon(substituted.xreplace({d: a for a, d in protect.items()})))
             except TooLarge:
                 continue  # this substitution multiplies out: not the simpler form
             walk(rewritten, position + 1, chosen + [rewrite])
 
     walk(expr, 0, [])
     return reuse_saved(best[1], best[2], chain, space), best[2]
+
+
+def reduction_folds(chain: Chain, space: Space) -> dict[sp.Basic, sp.Expr]:
+    """Each reduction of a saved tensor, solved for its sum: ``Sum(logprobs*KroneckerDelta(j, y), j) -> picked``.
+
+    The rewrite rules know the reductions in primitives only (the input), so once a gradient is written
+    with saved tensors, ``picked - Sum(logprobs*KroneckerDelta(j, y), j)`` no longer cancels: the scaled
+    cross-entropy ``F.cross_entropy(x / T, y)`` read ``exp(logprobs + picked - Sum(logprobs*delta))``.
+    """
+    saved = {node.sym for node in chain.ops if not node.reduction}
+    folds: dict[sp.Basic, sp.Expr] = {}
+    for node in chain.ops:
+        if not node.reduction:
+            continue
+        try:
+            local = space.canon(node.local, rules=False)
+        except TooLarge:
+            continue
+        atoms = maximal_atoms(local)
+        if len(atoms) != 1 or not atoms[0].free_symbols & saved:
+            continue  # a sum of the input: the rewrite rules have it already
+        dummy = space.dummy(atoms[0])
+        solved = invert(local.xreplace({atoms[0]: dummy}), dummy, node.sym, space.nonnegative, space.nonzero)
+        if solved is not None:
+            folds[atoms[0]] = solved
+    return folds
 
 
 def _apply(expr: sp.Expr, rewrites: list[Rewrite]) -> sp.Expr:
@@ -220,17 +262,26 @@ def _apply(expr: sp.Expr, rewrites: list[Rewrite]) -> sp.Expr:
 def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Space) -> sp.Expr:
     """Replace each function application (exp, log, roots, tanh ...) that is exactly a saved tensor's value
     by that tensor: the code then reads the value the forward computed stably (``log_softmax``) instead of
-    recomputing an expression that can overflow (``log(1 - p)``)."""
+    recomputing an expression that can overflow (``log(1 - p)``); a root also where it divides. A saved sum
+    of terms is reused where it is the base of a power (``1/(std + eps)**2``): written out, ``factor_terms``
+    reads it ``100000*std + 1``."""
     for node in reversed(chain.ops):
         if node.reduction or node is chain.input:
             continue
         try:
             value = space.canon(_apply(node.value, rewrites))
-            if value == node.sym or not (isinstance(value, sp.Function) or
-                                         (isinstance(value, sp.Pow) and not value.exp.is_Integer)):
+            if value == node.sym:
                 continue
-            if expr.has(value):
-                expr = space.canon(expr.xreplace({value: node.sym}))
+            if isinstance(value, sp.Add):
+                bases = {p: sp.Pow(node.sym, p.exp) for p in expr.atoms(sp.Pow) if p.base == value}
+                if bases:
+                    expr = space.canon(expr.xreplace(bases))
+            elif isinstance(value, sp.Function) or (isinstance(value, sp.Pow) and not value.exp.is_Integer):
+                found = {value: node.sym}
+                if isinstance(value, sp.Pow):  # a root divided by: x/sqrt(x**2 + eps) is x/norm
+                    found[sp.Pow(value.base, -value.exp)] = 1 / node.sym
+                if any(expr.has(f) for f in found):
+                    expr = space.canon(expr.xreplace(found))
         except TooLarge:
             continue
     return expr
@@ -260,23 +311,49 @@ def explicit(expr: sp.Expr, chain: Chain, space: Space) -> sp.Expr | None:
         return None
 
 
+def _exponentials_into_sums(expr: sp.Expr, space: Space) -> sp.Expr:
+    """``exp(a)*Sum(exp(b)*f, i)`` as ``Sum(exp(a + b)*f, i)`` when ``a`` does not vary along ``i``: the canonical
+    form splits ``exp(-(b + g*r)**2/2)`` into three exponentials, each of which alone can overflow (a gelu after
+    a batch norm), and moves ``exp(-b**2/2)`` out of the sum; ``powsimp`` joins only what it sees together."""
+    if not expr.has(AxisSum):
+        return expr
+    expr = expr.func(*(_exponentials_into_sums(arg, space) for arg in expr.args))
+    if isinstance(expr, AxisSum):
+        return AxisSum(sp.powsimp(expr.body, combine="exp"), expr.axis)
+    if not isinstance(expr, sp.Mul):
+        return expr
+    factors = sp.Mul.make_args(expr)
+    sums = [f for f in factors if isinstance(f, AxisSum) and f.body.has(sp.exp)]
+    if len(sums) != 1:
+        return expr
+    total = sums[0]
+    outside = [f for f in factors if isinstance(f, sp.exp) and total.axis not in space.axes_of(f)]
+    if not outside:
+        return expr
+    rest = [f for f in factors if f is not total and f not in outside]
+    return sp.Mul(*rest) * AxisSum(sp.powsimp(sp.Mul(*outside) * total.body, combine="exp"), total.axis)
+
+
 def display(expr: sp.Expr, space: Space) -> sp.Expr:
     """A readable arrangement: exponentials combined (``exp(x - m)``, which cannot overflow where
-    ``exp(x)*exp(-m)`` can), common factors pulled out, ``1/n`` in front when every term has it."""
-    combined = sp.powsimp(expr, combine="exp")
+    ``exp(x)*exp(-m)`` can), common factors pulled out, ``1/n`` in front when a term is a mean over that axis."""
+    combined = sp.powsimp(_exponentials_into_sums(expr, space), combine="exp")
     options = [sp.factor_terms(combined)]
     if sp.count_ops(combined) <= 60:  # cancel finds s*(1-s)/(1-s) = s; on long sums it is slow and rarely shorter
         options.append(sp.factor_terms(sp.cancel(combined)))
     arranged = min(options, key=sp.count_ops)
     coeff, rest = arranged.as_independent(sp.Add) if isinstance(arranged, sp.Mul) else (sp.S.One, arranged)
-    if isinstance(rest, sp.Add):
-        for axis in space.axes:
-            n = axis.size
-            scaled = sp.expand(rest * n)
-            if any(sp.fraction(sp.together(t))[1].has(n) for t in sp.Add.make_args(rest)) and \
-                    sp.count_ops(scaled) <= sp.count_ops(rest) + 2:
-                return sp.Mul(coeff / n, sp.factor_terms(scaled), evaluate=False)
-    return arranged
+    if not isinstance(rest, sp.Add):
+        return arranged
+    scale = sp.S.One
+    for axis in space.axes:  # every mean's size: a layer norm over (j, k) gets 1/(n_j*n_k) in front
+        n = axis.size
+        scaled = sp.expand(rest * n)
+        means = [t for t in sp.Add.make_args(rest) if sp.fraction(sp.together(t))[1].has(n) and
+                 any(s.axis == axis.index for s in t.atoms(AxisSum))]  # not a constant 0.1/n_j (label smoothing)
+        if means and sp.count_ops(scaled) <= sp.count_ops(rest) + 2:
+            rest, scale = scaled, scale * n
+    return arranged if scale == 1 else sp.Mul(coeff / scale, sp.factor_terms(rest), evaluate=False)
 
 
 # ---------------------------------------------------------------------- code generation
@@ -539,8 +616,16 @@ class Derivation:
         rewrite rules; the proof holds when their difference simplifies to 0.
         """
         derived = self.grad(wrt or self.wrt)
-        with self.chain.space.unlimited():
-            holds, difference = self.chain.space.equal(derived, self.value(other))
+        other = self.value(other)
+        typed = other.atoms(sp.Float) - derived.atoms(sp.Float)  # 1e-6 typed as a float: as the chain reads it
+        other = other.xreplace({f: to_number(float(f)) for f in typed})
+        space = self.chain.space
+        with space.unlimited():
+            holds, difference = space.equal(derived, other)
+            if not holds and _exponential_kinds(derived) != _exponential_kinds(other):
+                # sigmoid(x) against 1/(1 + exp(-x)), 1 - tanh(x)**2 against 1/cosh(x)**2: compare in exponentials
+                holds = space.equal(_as_exponentials(derived), _as_exponentials(other))[0]
+                difference = sp.S.Zero if holds else difference
             return Proof(holds, difference, "" if holds else self._at_recorded_sizes(difference))
 
     def _at_recorded_sizes(self, difference: sp.Expr) -> str:
@@ -564,6 +649,19 @@ class Derivation:
 
     def _repr_markdown_(self) -> str:
         return self.steps
+
+
+_EXPONENTIAL = (Sigmoid, Softplus, sp.tanh, sp.sinh, sp.cosh)
+
+
+def _exponential_kinds(expr: sp.Expr) -> set[type]:
+    """Which of sigmoid, softplus, tanh, sinh, cosh ``expr`` applies."""
+    return {type(f) for f in expr.atoms(*_EXPONENTIAL)}
+
+
+def _as_exponentials(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with sigmoid, softplus and the hyperbolic functions written with ``exp``."""
+    return expr.rewrite(list(_EXPONENTIAL), sp.exp)
 
 
 @dataclass

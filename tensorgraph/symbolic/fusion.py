@@ -633,9 +633,15 @@ def find_fusable(graph: Graph, loss: Any, *, check: bool = True, exclude: Collec
             ops = {n for n in members if nodes[n]["kind"] == "op" and is_float(nodes[n])} - {source}
             if ops <= region and len(ops) >= 2:
                 options.append((len(ops), source, ops))
+        too_long: list[set[int]] = []
         for _, source, ops in sorted(options, key=lambda o: (-o[0], o[1])):
+            if ops in too_long:
+                continue  # the same ops from another of their inputs: the same gradients, as long
             try:
                 derivation, _ = _derive(graph, output, source, check=check)
+            except ChainTooLong:
+                too_long.append(ops)
+                continue
             except SymbolicError:
                 continue
             if derivation.unstable:
