@@ -161,19 +161,24 @@ class BackwardSource:
 _KEPT = "# NOTE:"  # a header line kept by text(comments=False)
 
 
-def backward_source(graph: Graph, loss: Any, grad: Tensor | None = None, *, comments: bool = True) -> str:
+def backward_source(graph: Graph, loss: Any, grad: Tensor | None = None, *, comments: bool = True,
+                    textbook: bool = False) -> str:
     """The whole backward pass of ``loss`` as readable, runnable torch code (see the module docstring).
 
     ``comments=False`` leaves out the forward-line headers and the per-line rule notes.
+    ``textbook=True`` writes each of torch's fused backward kernels in :data:`printer.TEXTBOOK`
+    as its formula in ordinary torch operations (``aten.tanh_backward(dh, h)`` as
+    ``(1 - h**2) * dh``): for a handout. Those lines then equal the engine's gradients up to
+    rounding, not bit for bit; kernels the table lacks print as called.
     """
-    return generate(graph, loss, grad).text(comments)
+    return generate(graph, loss, grad, textbook=textbook).text(comments)
 
 
-def generate(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardSource:
+def generate(graph: Graph, loss: Any, grad: Tensor | None = None, *, textbook: bool = False) -> BackwardSource:
     """Like :func:`backward_source`, as a :class:`BackwardSource` (lines, steps, variables)."""
     from .engine import traced
 
-    return _Generator(graph, traced(graph, loss, grad, "backward_source")).run()
+    return _Generator(graph, traced(graph, loss, grad, "backward_source"), textbook).run()
 
 
 def run(source: str, graph: Graph, grad: Tensor | None = None, root: str | None = None) -> dict[str, Any]:
@@ -219,8 +224,9 @@ def _seed_name(source: str, namespace: dict[str, Any]) -> str:
 
 
 class _Generator:
-    def __init__(self, graph: Graph, trace: BackwardTrace) -> None:
+    def __init__(self, graph: Graph, trace: BackwardTrace, textbook: bool = False) -> None:
         self.graph = graph
+        self.textbook = textbook  # fused backward kernels written as their formulas (printer.TEXTBOOK)
         self.fwd = graph._nodes
         self.trace = trace
         self.adj = trace.adjoint._nodes
@@ -409,7 +415,20 @@ class _Generator:
         index = data["output_index"]
         if self._multi_output(node):
             return Expr(f"{self._whole_call(node)}[{index}]", PRIMARY)
+        if self.textbook and index is None:
+            formula = printer.textbook_formula(data["func"])
+            if formula is not None:
+                return self._formula(formula, data["args"], data["kwargs"])
         return printer.call(data["func"], data["args"], data["kwargs"], self._expr, output_index=index)
+
+    def _formula(self, formula: printer.Formula, args: tuple, kwargs: dict) -> Expr:
+        """A fused kernel's call as its textbook formula; an argument the formula reads twice gets a variable
+        first, unless it is a name already (``dp * p`` rather than an inlined gradient written out twice)."""
+        for position in formula.repeats:
+            arg = args[position] if position < len(args) else None
+            if isinstance(arg, Ref) and not self._named(arg.node):
+                self._temp(arg.node)
+        return formula.build(lambda arg: printer.literal(arg, self._expr), *args, **kwargs)
 
     def _multi_output(self, node: int) -> bool:
         """Whether a node is one of several outputs of a call that the code reads (see :meth:`_whole_call`)."""
@@ -568,6 +587,8 @@ class _Generator:
         data = self.fwd[step.consumer]
         notes = RULE_NOTES.get(data["op"], ())
         note = notes[position] if position < len(notes) and notes[position] else (notes[0] if notes else "rule")
+        if self.textbook:  # the kernel is written out as its formula
+            note = note.replace(", in torch's fused kernel", "").replace(", in torch's kernel", "")
         text = f"{data['op']}: {note}" if data.get("rule") is None else f"{data['op']}: its own (fused) rule"
         if step.summed is not step.grad:
             text += f"; broadcast-undo: sum to {tuple(self.fwd[step.source]['shape'])}"
