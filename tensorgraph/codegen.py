@@ -26,15 +26,18 @@ in the root's gradient variable (``dloss``; ``dh`` for ``backward_source("h", gr
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import printer
 from .graph import Ref, identifier
-from .printer import PRIMARY, Expr
+from .printer import PRIMARY, PRODUCT, Expr
 
 if TYPE_CHECKING:
     from .engine import BackwardTrace
@@ -246,6 +249,12 @@ class _Generator:
             adjoint = trace.node_of(data["value"])
             if adjoint is not None and self.adj[adjoint]["func"] is None:
                 self.forward_of.setdefault(adjoint, node)
+        # textbook: an F.cross_entropy's gradient node -> the consumer, written as (softmax - onehot) / n
+        self.cross_entropy: dict[int, int] = {}
+        for step in trace.steps if textbook else ():
+            node = trace.node_of(step.grad)
+            if node is not None and _textbook_cross_entropy(self.fwd, step.consumer, step.source) is not None:
+                self.cross_entropy[node] = step.consumer
 
     # ---------------------------------------------------------------- the steps
 
@@ -400,6 +409,8 @@ class _Generator:
             nesting[node] = depth
 
     def _unnamed_inputs(self, node: int) -> list[int]:
+        if node in self.cross_entropy:  # written from forward values: the rule's own calls are not printed
+            return []
         return [i for i in self.adj[node]["inputs"] if not self._named(i)]
 
     def _define(self, node: int) -> Expr:
@@ -415,6 +426,8 @@ class _Generator:
         index = data["output_index"]
         if self._multi_output(node):
             return Expr(f"{self._whole_call(node)}[{index}]", PRIMARY)
+        if node in self.cross_entropy:
+            return self._cross_entropy(self.cross_entropy[node])
         if self.textbook and index is None:
             formula = printer.textbook_formula(data["func"])
             if formula is not None:
@@ -429,6 +442,17 @@ class _Generator:
             if isinstance(arg, Ref) and not self._named(arg.node):
                 self._temp(arg.node)
         return formula.build(lambda arg: printer.literal(arg, self._expr), *args, **kwargs)
+
+    def _cross_entropy(self, consumer: int) -> Expr:
+        """``F.cross_entropy(logits, Yb)``'s gradient as the lecture writes it: ``(F.softmax(logits, 1) -
+        F.one_hot(Yb, 27)) / 32 * dloss`` (without ``/ 32`` for ``reduction="sum"``)."""
+        logits, target, reduction = _textbook_cross_entropy(self.fwd, consumer)
+        n, classes = self.fwd[logits.node]["shape"]
+        grad = self._expr(self._adjoint(self.trace.grads.by_node[consumer], "the loss's gradient"))
+        text = (f"F.softmax({self._forward_value(logits.node)}, 1) - "
+                f"F.one_hot({self._forward_value(target.node)}, {classes})")
+        text = f"({text}) / {n}" if reduction == "mean" else f"({text})"
+        return Expr(f"{text} * {grad.wrap(PRODUCT + 1)}", PRODUCT)
 
     def _multi_output(self, node: int) -> bool:
         """Whether a node is one of several outputs of a call that the code reads (see :meth:`_whole_call`)."""
@@ -674,6 +698,33 @@ class _Notes(NamedTuple):
 _NOTES_ALL = 24  # a comment names every rule of a chain up to this long
 _NOTES_KEPT = 6  # and of a longer one, the first and last six
 _NO_NOTES = _Notes((), (), 0)
+
+
+def _textbook_cross_entropy(forward: list[dict], consumer: int, source: int | None = None
+                            ) -> tuple[Ref, Ref, str] | None:
+    """``(logits, target, reduction)`` of a recorded ``F.cross_entropy`` whose gradient is the lecture's
+    ``(softmax(logits) - onehot(target)) / n``: 2-d logits, one class index in range per row (none ignored),
+    no weight, no label smoothing, mean or sum; and ``source``, when given, is its logits. None otherwise."""
+    data = forward[consumer]
+    if data["func"] is not F.cross_entropy:
+        return None
+    try:
+        call = inspect.signature(F.cross_entropy).bind(*data["args"], **data["kwargs"])
+    except TypeError:
+        return None
+    call.apply_defaults()
+    options = call.arguments
+    logits, target = options["input"], options["target"]
+    if not isinstance(logits, Ref) or not isinstance(target, Ref) or (source is not None and logits.node != source):
+        return None
+    if options["weight"] is not None or options["label_smoothing"] or options["size_average"] is not None or \
+            options["reduce"] is not None or options["reduction"] not in ("mean", "sum"):
+        return None
+    x, y = forward[logits.node]["value"], forward[target.node]["value"]
+    if x.dim() != 2 or not x.is_floating_point() or y.shape != x.shape[:1] or y.is_floating_point() or \
+            y.is_complex() or y.dtype == torch.bool or not len(y) or not bool(((y >= 0) & (y < x.shape[1])).all()):
+        return None
+    return logits, target, options["reduction"]
 
 
 def _dims(dims: list[int]) -> str:

@@ -392,3 +392,28 @@ def test_textbook_cross_entropy_with_label_smoothing_matches_autograd():
     assert "torch.ops.aten._log_softmax_backward_data" in graph.backward_source(loss)
     source = _textbook_matches_autograd(graph, loss)
     assert "torch.ops.aten" not in source
+
+
+@pytest.mark.parametrize("reduction, scale", [("mean", " / 4"), ("sum", "")])
+def test_textbook_cross_entropy_is_softmax_minus_onehot(reduction, scale):
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    W = torch.randn(5, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    target = torch.tensor([1, 0, 4, 2])
+    with tg.record() as graph:
+        logits = x @ W
+        loss = F.cross_entropy(logits, target, reduction=reduction) * 3
+    source = _textbook_matches_autograd(graph, loss)
+    expected = f"dlogits = (F.softmax(logits, 1) - F.one_hot(target, 5)){scale} * (dloss * 3)  # mul: d(a*b)/da = b, "
+    assert expected + "then cross_entropy" in source, source
+    assert "tmp" not in source, source  # the closed form's own temporaries are not printed
+
+
+def test_textbook_cross_entropy_with_an_ignored_target_keeps_the_closed_form():
+    # one_hot cannot take ignore_index (-100): the rule's closed form stays, and still matches autograd
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    target = torch.tensor([1, -100, 4, 2])
+    with tg.record() as graph:
+        logits = x * 2
+        loss = F.cross_entropy(logits, target)
+    source = _textbook_matches_autograd(graph, loss)
+    assert "one_hot" not in source and "dlogits = " in source
