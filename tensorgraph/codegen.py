@@ -724,6 +724,8 @@ def _textbook_cross_entropy(forward: list[dict], consumer: int, source: int | No
     if x.dim() != 2 or not x.is_floating_point() or y.shape != x.shape[:1] or y.is_floating_point() or \
             y.is_complex() or y.dtype == torch.bool or not len(y) or not bool(((y >= 0) & (y < x.shape[1])).all()):
         return None
+    if bool((y == options["ignore_index"]).any()):  # an ignored row gets no gradient, and counts for no n
+        return None
     return logits, target, options["reduction"]
 
 

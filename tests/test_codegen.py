@@ -408,12 +408,14 @@ def test_textbook_cross_entropy_is_softmax_minus_onehot(reduction, scale):
     assert "tmp" not in source, source  # the closed form's own temporaries are not printed
 
 
-def test_textbook_cross_entropy_with_an_ignored_target_keeps_the_closed_form():
-    # one_hot cannot take ignore_index (-100): the rule's closed form stays, and still matches autograd
+@pytest.mark.parametrize("target, ignore_index", [([1, -100, 4, 2], -100), ([1, 2, 4, 2], 2)])
+def test_textbook_cross_entropy_with_an_ignored_target_keeps_the_closed_form(target, ignore_index):
+    # an ignored row gets no gradient and is not counted in n (one_hot cannot even take -100): the rule's closed
+    # form stays, and still matches autograd
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    target = torch.tensor([1, -100, 4, 2])
+    target = torch.tensor(target)
     with tg.record() as graph:
         logits = x * 2
-        loss = F.cross_entropy(logits, target)
+        loss = F.cross_entropy(logits, target, ignore_index=ignore_index)
     source = _textbook_matches_autograd(graph, loss)
     assert "one_hot" not in source and "dlogits = " in source
