@@ -11,7 +11,9 @@ contribution, with the user's names and the lecture's ``d`` convention::
     dcounts += dcounts_sum  # sum: each summed element gets the sum's gradient; 2nd branch, through counts_sum
 
 Every statement is the rule's own torch calls as recorded, so the code computes exactly
-what the engine computes, bit for bit. Broadcast-undo is explicit (``.sum(0,
+what the engine computes, bit for bit (``textbook=True`` trades that for a handout: torch's
+fused backward kernels written as their formulas, ``dhpreact = (1 - h**2) * dh``, from
+:data:`tensorgraph.printer.TEXTBOOK`). Broadcast-undo is explicit (``.sum(0,
 keepdim=True)``), and a tensor used by several ops gets one ``+=`` per extra branch.
 Temporaries used once are inlined, up to :data:`~tensorgraph.printer.MAX_NESTING` calls deep
 (a longer chain, a long recurrence's, gets a variable every so many levels); forward
