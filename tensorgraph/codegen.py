@@ -11,7 +11,9 @@ contribution, with the user's names and the lecture's ``d`` convention::
     dcounts += dcounts_sum  # sum: each summed element gets the sum's gradient; 2nd branch, through counts_sum
 
 Every statement is the rule's own torch calls as recorded, so the code computes exactly
-what the engine computes, bit for bit. Broadcast-undo is explicit (``.sum(0,
+what the engine computes, bit for bit (``textbook=True`` trades that for a handout: torch's
+fused backward kernels written as their formulas, ``dhpreact = (1 - h**2) * dh``, from
+:data:`tensorgraph.printer.TEXTBOOK`). Broadcast-undo is explicit (``.sum(0,
 keepdim=True)``), and a tensor used by several ops gets one ``+=`` per extra branch.
 Temporaries used once are inlined, up to :data:`~tensorgraph.printer.MAX_NESTING` calls deep
 (a longer chain, a long recurrence's, gets a variable every so many levels); forward
@@ -26,15 +28,18 @@ in the root's gradient variable (``dloss``; ``dh`` for ``backward_source("h", gr
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import printer
 from .graph import Ref, identifier
-from .printer import PRIMARY, Expr
+from .printer import PRIMARY, PRODUCT, Expr
 
 if TYPE_CHECKING:
     from .engine import BackwardTrace
@@ -161,19 +166,24 @@ class BackwardSource:
 _KEPT = "# NOTE:"  # a header line kept by text(comments=False)
 
 
-def backward_source(graph: Graph, loss: Any, grad: Tensor | None = None, *, comments: bool = True) -> str:
+def backward_source(graph: Graph, loss: Any, grad: Tensor | None = None, *, comments: bool = True,
+                    textbook: bool = False) -> str:
     """The whole backward pass of ``loss`` as readable, runnable torch code (see the module docstring).
 
     ``comments=False`` leaves out the forward-line headers and the per-line rule notes.
+    ``textbook=True`` writes each of torch's fused backward kernels in :data:`printer.TEXTBOOK`
+    as its formula in ordinary torch operations (``aten.tanh_backward(dh, h)`` as
+    ``(1 - h**2) * dh``): for a handout. Those lines then equal the engine's gradients up to
+    rounding, not bit for bit; kernels the table lacks print as called.
     """
-    return generate(graph, loss, grad).text(comments)
+    return generate(graph, loss, grad, textbook=textbook).text(comments)
 
 
-def generate(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardSource:
+def generate(graph: Graph, loss: Any, grad: Tensor | None = None, *, textbook: bool = False) -> BackwardSource:
     """Like :func:`backward_source`, as a :class:`BackwardSource` (lines, steps, variables)."""
     from .engine import traced
 
-    return _Generator(graph, traced(graph, loss, grad, "backward_source")).run()
+    return _Generator(graph, traced(graph, loss, grad, "backward_source"), textbook).run()
 
 
 def run(source: str, graph: Graph, grad: Tensor | None = None, root: str | None = None) -> dict[str, Any]:
@@ -219,8 +229,9 @@ def _seed_name(source: str, namespace: dict[str, Any]) -> str:
 
 
 class _Generator:
-    def __init__(self, graph: Graph, trace: BackwardTrace) -> None:
+    def __init__(self, graph: Graph, trace: BackwardTrace, textbook: bool = False) -> None:
         self.graph = graph
+        self.textbook = textbook  # fused backward kernels written as their formulas (printer.TEXTBOOK)
         self.fwd = graph._nodes
         self.trace = trace
         self.adj = trace.adjoint._nodes
@@ -240,6 +251,12 @@ class _Generator:
             adjoint = trace.node_of(data["value"])
             if adjoint is not None and self.adj[adjoint]["func"] is None:
                 self.forward_of.setdefault(adjoint, node)
+        # textbook: an F.cross_entropy's gradient node -> the consumer, written as (softmax - onehot) / n
+        self.cross_entropy: dict[int, int] = {}
+        for step in trace.steps if textbook else ():
+            node = trace.node_of(step.grad)
+            if node is not None and _textbook_cross_entropy(self.fwd, step.consumer, step.source) is not None:
+                self.cross_entropy[node] = step.consumer
 
     # ---------------------------------------------------------------- the steps
 
@@ -394,6 +411,8 @@ class _Generator:
             nesting[node] = depth
 
     def _unnamed_inputs(self, node: int) -> list[int]:
+        if node in self.cross_entropy:  # written from forward values: the rule's own calls are not printed
+            return []
         return [i for i in self.adj[node]["inputs"] if not self._named(i)]
 
     def _define(self, node: int) -> Expr:
@@ -409,7 +428,33 @@ class _Generator:
         index = data["output_index"]
         if self._multi_output(node):
             return Expr(f"{self._whole_call(node)}[{index}]", PRIMARY)
+        if node in self.cross_entropy:
+            return self._cross_entropy(self.cross_entropy[node])
+        if self.textbook and index is None:
+            formula = printer.textbook_formula(data["func"])
+            if formula is not None:
+                return self._formula(formula, data["args"], data["kwargs"])
         return printer.call(data["func"], data["args"], data["kwargs"], self._expr, output_index=index)
+
+    def _formula(self, formula: printer.Formula, args: tuple, kwargs: dict) -> Expr:
+        """A fused kernel's call as its textbook formula; an argument the formula reads twice gets a variable
+        first, unless it is a name already (``dp * p`` rather than an inlined gradient written out twice)."""
+        for position in formula.repeats:
+            arg = args[position] if position < len(args) else None
+            if isinstance(arg, Ref) and not self._named(arg.node):
+                self._temp(arg.node)
+        return formula.build(lambda arg: printer.literal(arg, self._expr), *args, **kwargs)
+
+    def _cross_entropy(self, consumer: int) -> Expr:
+        """``F.cross_entropy(logits, Yb)``'s gradient as the lecture writes it: ``(F.softmax(logits, 1) -
+        F.one_hot(Yb, 27)) / 32 * dloss`` (without ``/ 32`` for ``reduction="sum"``)."""
+        logits, target, reduction = _textbook_cross_entropy(self.fwd, consumer)
+        n, classes = self.fwd[logits.node]["shape"]
+        grad = self._expr(self._adjoint(self.trace.grads.by_node[consumer], "the loss's gradient"))
+        text = (f"F.softmax({self._forward_value(logits.node)}, 1) - "
+                f"F.one_hot({self._forward_value(target.node)}, {classes})")
+        text = f"({text}) / {n}" if reduction == "mean" else f"({text})"
+        return Expr(f"{text} * {grad.wrap(PRODUCT + 1)}", PRODUCT)
 
     def _multi_output(self, node: int) -> bool:
         """Whether a node is one of several outputs of a call that the code reads (see :meth:`_whole_call`)."""
@@ -568,6 +613,8 @@ class _Generator:
         data = self.fwd[step.consumer]
         notes = RULE_NOTES.get(data["op"], ())
         note = notes[position] if position < len(notes) and notes[position] else (notes[0] if notes else "rule")
+        if self.textbook:  # the kernel is written out as its formula
+            note = note.replace(", in torch's fused kernel", "").replace(", in torch's kernel", "")
         text = f"{data['op']}: {note}" if data.get("rule") is None else f"{data['op']}: its own (fused) rule"
         if step.summed is not step.grad:
             text += f"; broadcast-undo: sum to {tuple(self.fwd[step.source]['shape'])}"
@@ -653,6 +700,35 @@ class _Notes(NamedTuple):
 _NOTES_ALL = 24  # a comment names every rule of a chain up to this long
 _NOTES_KEPT = 6  # and of a longer one, the first and last six
 _NO_NOTES = _Notes((), (), 0)
+
+
+def _textbook_cross_entropy(forward: list[dict], consumer: int, source: int | None = None
+                            ) -> tuple[Ref, Ref, str] | None:
+    """``(logits, target, reduction)`` of a recorded ``F.cross_entropy`` whose gradient is the lecture's
+    ``(softmax(logits) - onehot(target)) / n``: 2-d logits, one class index in range per row (none ignored),
+    no weight, no label smoothing, mean or sum; and ``source``, when given, is its logits. None otherwise."""
+    data = forward[consumer]
+    if data["func"] is not F.cross_entropy:
+        return None
+    try:
+        call = inspect.signature(F.cross_entropy).bind(*data["args"], **data["kwargs"])
+    except TypeError:
+        return None
+    call.apply_defaults()
+    options = call.arguments
+    logits, target = options["input"], options["target"]
+    if not isinstance(logits, Ref) or not isinstance(target, Ref) or (source is not None and logits.node != source):
+        return None
+    if options["weight"] is not None or options["label_smoothing"] or options["size_average"] is not None or \
+            options["reduce"] is not None or options["reduction"] not in ("mean", "sum"):
+        return None
+    x, y = forward[logits.node]["value"], forward[target.node]["value"]
+    if x.dim() != 2 or not x.is_floating_point() or y.shape != x.shape[:1] or y.is_floating_point() or \
+            y.is_complex() or y.dtype == torch.bool or not len(y) or not bool(((y >= 0) & (y < x.shape[1])).all()):
+        return None
+    if bool((y == options["ignore_index"]).any()):  # an ignored row gets no gradient, and counts for no n
+        return None
+    return logits, target, options["reduction"]
 
 
 def _dims(dims: list[int]) -> str:

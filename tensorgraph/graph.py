@@ -274,11 +274,12 @@ class Graph:
 
         return check(self, manual, loss, grad, rtol=rtol, atol=atol)
 
-    def backward_source(self, loss: Any, grad: Tensor | None = None, *, comments: bool = True) -> str:
+    def backward_source(self, loss: Any, grad: Tensor | None = None, *, comments: bool = True,
+                        textbook: bool = False) -> str:
         """The backward pass as straight-line torch code: see :func:`tensorgraph.codegen.backward_source`."""
         from .codegen import backward_source
 
-        return backward_source(self, loss, grad, comments=comments)
+        return backward_source(self, loss, grad, comments=comments, textbook=textbook)
 
     def fuse(self, output: Any, inputs: Any, **options: Any) -> Graph:
         """A new graph with the subgraph between ``inputs`` and ``output`` replaced by one fused node."""

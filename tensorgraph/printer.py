@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +215,117 @@ def namespace(graph: Graph) -> dict[str, Any]:
     for data in graph._nodes:
         result.setdefault(identifier(data["name"]), data["value"])
     return result
+
+
+# ---------------------------------------------------------------- textbook formulas
+
+
+class Formula(NamedTuple):
+    """How :func:`textbook` writes one fused backward kernel: ``build(value, *args, **kwargs)`` gets the
+    kernel's arguments as recorded and ``value`` (an argument's :class:`Expr`); ``repeats``: the positions
+    of the tensor arguments the formula reads more than once (a caller may put those in variables first)."""
+
+    build: Callable[..., Expr]
+    repeats: tuple[int, ...]
+
+
+def _tanh_backward(value: Callable[[Any], Expr], g: Any, y: Any) -> Expr:
+    return Expr(f"(1 - {value(y).wrap(PRIMARY)}**2) * {value(g).wrap(PRODUCT + 1)}", PRODUCT)
+
+
+def _sigmoid_backward(value: Callable[[Any], Expr], g: Any, y: Any) -> Expr:
+    y_ = value(y)
+    return Expr(f"{y_.wrap(PRODUCT)} * (1 - {y_.wrap(PRODUCT)}) * {value(g).wrap(PRODUCT + 1)}", PRODUCT)
+
+
+def _threshold_backward(value: Callable[[Any], Expr], g: Any, x: Any, threshold: Any) -> Expr:
+    return Expr(f"({_above(value, x, threshold)}) * {value(g).wrap(PRODUCT + 1)}", PRODUCT)
+
+
+def _softmax_backward(value: Callable[[Any], Expr], g: Any, y: Any, dim: Any, dtype: Any = None) -> Expr:
+    g_, y_ = value(g), value(y)
+    inner = f"({g_.wrap(PRODUCT)} * {y_.wrap(PRODUCT + 1)}).sum({value(dim)}, keepdim=True)"
+    return Expr(f"{y_.wrap(PRODUCT)} * ({g_.wrap(SUM)} - {inner})", PRODUCT)
+
+
+def _log_softmax_backward(value: Callable[[Any], Expr], g: Any, y: Any, dim: Any, dtype: Any = None) -> Expr:
+    g_ = value(g)
+    return Expr(f"{g_.wrap(SUM)} - {value(y).wrap(PRIMARY)}.exp() * {g_.wrap(PRIMARY)}.sum({value(dim)}, "
+                f"keepdim=True)", SUM)
+
+
+def _gelu_backward(value: Callable[[Any], Expr], g: Any, x: Any, approximate: str = "none") -> Expr:
+    x_, g_ = value(x), value(g).wrap(PRODUCT + 1)
+    if approximate == "tanh":  # gelu(x) = x/2 * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x**3)
+        t = f"torch.tanh((2 / torch.pi)**0.5 * ({x_.wrap(SUM)} + 0.044715 * {x_.wrap(PRIMARY)}**3))"
+        return Expr(f"(0.5 * (1 + {t}) + 0.5 * {x_.wrap(PRODUCT)} * (1 - {t}**2) * (2 / torch.pi)**0.5 * "
+                    f"(1 + 3 * 0.044715 * {x_.wrap(PRIMARY)}**2)) * {g_}", PRODUCT)
+    # Phi(x) + x * phi(x): the normal distribution's cdf and density
+    return Expr(f"(0.5 * (1 + torch.erf({x_.wrap(PRODUCT)} / 2**0.5)) + {x_.wrap(PRODUCT)} * "
+                f"torch.exp(-{x_.wrap(PRIMARY)}**2 / 2) / (2 * torch.pi)**0.5) * {g_}", PRODUCT)
+
+
+def _silu_backward(value: Callable[[Any], Expr], g: Any, x: Any) -> Expr:
+    x_ = value(x)
+    return Expr(f"torch.sigmoid({x_}) * (1 + {x_.wrap(PRODUCT)} * (1 - torch.sigmoid({x_}))) * "
+                f"{value(g).wrap(PRODUCT + 1)}", PRODUCT)
+
+
+def _leaky_relu_backward(value: Callable[[Any], Expr], g: Any, x: Any, slope: Any, is_result: Any = None) -> Expr:
+    g_ = value(g)
+    return Expr(f"torch.where({_above(value, x, 0)}, {g_}, {value(slope).wrap(PRODUCT)} * "
+                f"{g_.wrap(PRODUCT + 1)})", PRIMARY)
+
+
+def _hardtanh_backward(value: Callable[[Any], Expr], g: Any, x: Any, low: Any, high: Any) -> Expr:
+    x_ = value(x).wrap(COMPARE + 1)
+    inside = f"({x_} > {value(low).wrap(COMPARE + 1)}) & ({x_} < {value(high).wrap(COMPARE + 1)})"
+    return Expr(f"({inside}) * {value(g).wrap(PRODUCT + 1)}", PRODUCT)
+
+
+def _softplus_backward(value: Callable[[Any], Expr], g: Any, x: Any, beta: Any, threshold: Any) -> Expr:
+    g_, x_ = value(g), value(x)
+    scaled = x_ if beta == 1 else Expr(f"{x_.wrap(PRODUCT)} * {value(beta).wrap(PRODUCT + 1)}", PRODUCT)
+    return Expr(f"torch.where({scaled.wrap(COMPARE + 1)} > {value(threshold).wrap(COMPARE + 1)}, {g_}, "
+                f"torch.sigmoid({scaled}) * {g_.wrap(PRODUCT + 1)})", PRIMARY)
+
+
+def _above(value: Callable[[Any], Expr], x: Any, threshold: Any) -> str:
+    return f"{value(x).wrap(COMPARE + 1)} > {value(threshold).wrap(COMPARE + 1)}"
+
+
+# torch's fused backward kernels the rules call, by aten name, written as the formula they compute. The default
+# answer key calls the kernels (bit-exact with torch); textbook=True prints these (equal up to rounding). The
+# kernels' dtype arguments are left out: the rules pass the output's own dtype. A kernel not here prints as called.
+TEXTBOOK: dict[str, Formula] = {
+    "tanh_backward": Formula(_tanh_backward, ()),  # (1 - y**2) * g
+    "sigmoid_backward": Formula(_sigmoid_backward, (1,)),  # y * (1 - y) * g
+    "threshold_backward": Formula(_threshold_backward, ()),  # relu: (y > 0) * g
+    "_softmax_backward_data": Formula(_softmax_backward, (0, 1)),  # y * (g - (g * y).sum(dim, keepdim=True))
+    "_log_softmax_backward_data": Formula(_log_softmax_backward, (0,)),  # g - y.exp() * g.sum(dim, keepdim=True)
+    "gelu_backward": Formula(_gelu_backward, (1,)),
+    "silu_backward": Formula(_silu_backward, (1,)),  # s * (1 + x * (1 - s)) * g, s = sigmoid(x)
+    "leaky_relu_backward": Formula(_leaky_relu_backward, (0,)),
+    "hardtanh_backward": Formula(_hardtanh_backward, (1,)),  # also relu6
+    "softplus_backward": Formula(_softplus_backward, (0, 1)),
+}
+
+
+def textbook_formula(func: Any) -> Formula | None:
+    """The :data:`TEXTBOOK` formula of a recorded call to a fused backward kernel (``aten.tanh_backward``)."""
+    path = op_path(func)
+    if path is None or not path.startswith("torch.ops.aten."):
+        return None
+    return TEXTBOOK.get(path.split(".")[3])
+
+
+def textbook(func: Any, args: tuple, kwargs: dict, name: Namer) -> Expr | None:
+    """A fused backward kernel's call as its elementwise formula in ordinary torch operations
+    (``aten.tanh_backward(dh, h)`` as ``(1 - h**2) * dh``); None for a call :data:`TEXTBOOK` lacks."""
+    formula = textbook_formula(func)
+    if formula is None:
+        return None
+    return formula.build(lambda arg: _value(arg, name, subscript=False), *args, **kwargs)
 
 
 # ---------------------------------------------------------------- how a call is written
@@ -458,5 +569,6 @@ def children_first(root: Any, children: Callable[[Any], Iterable[Any]]) -> list[
     return order
 
 
-__all__ = ["Expr", "MAX_NESTING", "NAMESPACE", "call", "children_first", "expression", "literal", "namespace",
-           "qualified_name", "statement", "TUPLE", "COMPARE", "SUM", "PRODUCT", "UNARY", "POWER", "PRIMARY", "ATOM"]
+__all__ = ["Expr", "Formula", "MAX_NESTING", "NAMESPACE", "TEXTBOOK", "call", "children_first", "expression",
+           "literal", "namespace", "qualified_name", "statement", "textbook", "textbook_formula", "TUPLE", "COMPARE",
+           "SUM", "PRODUCT", "UNARY", "POWER", "PRIMARY", "ATOM"]

@@ -1043,3 +1043,15 @@ def test_a_forgotten_eps_is_called_close_not_wrong_in_a_few_places(lecture, trut
     assert row.kind == "wrong" and "the others are right" not in row.message, row
     assert re.search(r": close \([0-9.e-]+ of the largest value\) but more than float rounding gives: a small "
                      r"constant \(an eps\?\) left out or added", row.message), row
+
+
+def test_cli_check_textbook_prints_the_answer_key_with_formulas(tmp_path, capsys):
+    from tensorgraph.cli import main
+
+    script = _script(tmp_path, LEARNER.replace("y = x * w", "y = torch.tanh(x * w)").format(dw="(x * dy).sum(0)"))
+    main(["check", script, "--answer"])
+    assert "dmul_1 = torch.ops.aten.tanh_backward(dy, y)" in capsys.readouterr().out
+    main(["check", script, "--textbook"])
+    out = capsys.readouterr().out
+    assert "fused backward kernels written as their formulas" in out
+    assert "dmul_1 = (1 - y**2) * dy" in out and "torch.ops.aten" not in out

@@ -9,7 +9,7 @@ from helpers import _weights_for
 from op_cases import CASES
 
 import tensorgraph as tg
-from tensorgraph import codegen
+from tensorgraph import codegen, printer
 from tensorgraph.compare import replay
 from tensorgraph.engine import root_node
 from tensorgraph.lecture import LECTURE_ROWS, record_exercise, setup
@@ -303,3 +303,143 @@ def test_a_long_chain_prints_runnable_code_of_bounded_depth():
         y = y * 1.0001 + 0.1
     (expected,) = torch.autograd.grad((y * y).sum(), leaf)
     torch.testing.assert_close(namespace["dw"], expected, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------- textbook=True: the fused kernels as formulas
+
+
+def _textbook_matches_autograd(graph, loss, leaves_only=False):
+    """Exec the textbook code in float64; every gradient variable (of a leaf, with ``leaves_only``) must equal
+    torch autograd's (a replay)."""
+    generated = codegen.generate(graph, loss, textbook=True)
+    namespace = codegen.run(generated.text(), graph)
+    root = root_node(graph, loss)
+    values = replay(graph, root, differentiable=generated.variables)  # (torch refuses some: a loss's weight)
+    values[root].backward()
+    for node, variable in generated.variables.items():
+        if leaves_only and graph._nodes[node]["kind"] == "op":
+            continue
+        truth = values[node].grad
+        assert truth is not None, variable
+        torch.testing.assert_close(namespace[variable], truth, rtol=1e-12, atol=1e-14, msg=variable)
+    return generated.text()
+
+
+def test_textbook_lecture_answer_key_writes_the_formula_and_matches_autograd():
+    graph, loss, _ = record_exercise(setup(dtype=torch.float64))
+    default = graph.backward_source(loss)
+    assert "dhpreact = torch.ops.aten.tanh_backward(dh, h)  # tanh: d tanh(x)/dx = 1 - tanh(x)**2, in torch's " \
+           "fused kernel" in default  # the default is unchanged: bit-exact with torch
+    source = _textbook_matches_autograd(graph, loss)
+    assert "dhpreact = (1 - h**2) * dh  # tanh: d tanh(x)/dx = 1 - tanh(x)**2\n" in source
+    assert "torch.ops.aten" not in source
+    assert graph.backward_source(loss, textbook=True) == source
+    # everything but the tanh line reads as before
+    assert [line for line in default.splitlines() if "dhpreact =" not in line] == \
+           [line for line in source.splitlines() if "dhpreact =" not in line]
+
+
+_W = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+TEXTBOOK_CASES = {  # each uses one fused kernel; weighted by _W, so softmax's gradient is not 0
+    "tanh_backward": (lambda x: torch.tanh(x), "(1 - y**2) * dy"),
+    "sigmoid_backward": (lambda x: torch.sigmoid(x), "y * (1 - y) * dy"),
+    "threshold_backward": (lambda x: F.relu(x), "(y > 0) * dy"),
+    "threshold_backward-threshold": (lambda x: F.threshold(x, 0.1, 2.0), "(x > 0.1) * dy"),
+    "_softmax_backward_data": (lambda x: F.softmax(x, 1), "y * (dy - (dy * y).sum(1, keepdim=True))"),
+    "_softmax_backward_data-dim0": (lambda x: x.softmax(0), "y * (dy - (dy * y).sum(0, keepdim=True))"),
+    "_log_softmax_backward_data": (lambda x: F.log_softmax(x, 1), "dy - y.exp() * dy.sum(1, keepdim=True)"),
+    "gelu_backward": (lambda x: F.gelu(x), "torch.erf(x / 2**0.5)"),
+    "gelu_backward-tanh": (lambda x: F.gelu(x, approximate="tanh"), "0.044715 * x**3"),
+    "silu_backward": (lambda x: F.silu(x), "torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))) * dy"),
+    "leaky_relu_backward": (lambda x: F.leaky_relu(x, 0.2), "torch.where(y > 0, dy, 0.2 * dy)"),
+    "hardtanh_backward": (lambda x: F.hardtanh(x, -0.5, 0.5), "((x > -0.5) & (x < 0.5)) * dy"),
+    "hardtanh_backward-relu6": (lambda x: F.relu6(x * 4), "< 6.0"),
+    "softplus_backward": (lambda x: F.softplus(x), "torch.where(x > 20.0, dy, torch.sigmoid(x) * dy)"),
+    "softplus_backward-beta": (lambda x: F.softplus(x, beta=2.0, threshold=1.0), "torch.where(x * 2.0 > 1.0"),
+}
+
+
+@pytest.mark.parametrize("case", list(TEXTBOOK_CASES))
+def test_textbook_writes_each_fused_kernel_as_its_formula(case):
+    forward, expected = TEXTBOOK_CASES[case]
+    kernel = case.split("-")[0]
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    with tg.record() as graph:
+        y = forward(x)
+        loss = (y * _W).sum()
+    default = graph.backward_source(loss)
+    assert f"torch.ops.aten.{kernel}(" in default  # the default calls torch's kernel, bit-exact
+    source = _textbook_matches_autograd(graph, loss)
+    assert expected in source, source
+    assert "torch.ops.aten" not in source and "fused kernel" not in source and "torch's kernel" not in source
+
+
+def test_textbook_reads_a_gradient_used_twice_by_its_variable():
+    # softmax's formula reads its gradient twice: an inlined one gets a variable, not written out twice
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    W = _W
+    with tg.record() as graph:
+        loss = (F.softmax(x, 1) * W).sum()
+    assert "torch.ops.aten._softmax_backward_data(dmul_1 * W," in graph.backward_source(loss)
+    source = _textbook_matches_autograd(graph, loss)
+    assert "dsoftmax_1 = dmul_1 * W\n" in source, source
+    assert "(dsoftmax_1 - (dsoftmax_1 * F.softmax(x, dim=1)).sum(1, keepdim=True))" in source, source
+
+
+def test_textbook_cross_entropy_with_label_smoothing_matches_autograd():
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    target = torch.tensor([1, 0, 4, 2])
+    with tg.record() as graph:
+        logits = x * 3
+        loss = F.cross_entropy(logits, target, label_smoothing=0.1)
+    assert "torch.ops.aten._log_softmax_backward_data" in graph.backward_source(loss)
+    source = _textbook_matches_autograd(graph, loss)
+    assert "torch.ops.aten" not in source
+
+
+@pytest.mark.parametrize("reduction, scale", [("mean", " / 4"), ("sum", "")])
+def test_textbook_cross_entropy_is_softmax_minus_onehot(reduction, scale):
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    W = torch.randn(5, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    target = torch.tensor([1, 0, 4, 2])
+    with tg.record() as graph:
+        logits = x @ W
+        loss = F.cross_entropy(logits, target, reduction=reduction) * 3
+    source = _textbook_matches_autograd(graph, loss)
+    expected = f"dlogits = (F.softmax(logits, 1) - F.one_hot(target, 5)){scale} * (dloss * 3)  # mul: d(a*b)/da = b, "
+    assert expected + "then cross_entropy" in source, source
+    assert "tmp" not in source, source  # the closed form's own temporaries are not printed
+
+
+@pytest.mark.parametrize("target, ignore_index", [([1, -100, 4, 2], -100), ([1, 2, 4, 2], 2)])
+def test_textbook_cross_entropy_with_an_ignored_target_keeps_the_closed_form(target, ignore_index):
+    # an ignored row gets no gradient and is not counted in n (one_hot cannot even take -100): the rule's closed
+    # form stays, and still matches autograd
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    target = torch.tensor(target)
+    with tg.record() as graph:
+        logits = x * 2
+        loss = F.cross_entropy(logits, target, ignore_index=ignore_index)
+    source = _textbook_matches_autograd(graph, loss)
+    assert "one_hot" not in source and "dlogits = " in source
+
+
+def test_textbook_code_matches_autograd_on_the_op_cases_it_changes():
+    """Every op case whose answer key calls a kernel of the table (over 100 of them), in float64."""
+    changed = 0
+    for _, fn, inputs in CASES:
+        inputs = [i.double() if isinstance(i, torch.Tensor) and i.is_floating_point() else i for i in inputs]
+        weight = _weights_for(fn(*inputs))
+        with tg.record() as graph:
+            loss = (fn(*inputs) * weight).sum()
+        try:
+            default = graph.backward_source(loss)
+        except (NotImplementedError, ValueError):  # (cases with no answer key: hooks, unsupported calls)
+            continue
+        if any(f"torch.ops.aten.{kernel}(" in default for kernel in printer.TEXTBOOK):
+            changed += 1
+            # (the leaves: a replayed intermediate's .grad is not always torch's gradient of the original, as in
+            # lstm_cell's second output)
+            source = _textbook_matches_autograd(graph, loss, leaves_only=True)
+            assert not any(f"torch.ops.aten.{kernel}(" in source for kernel in printer.TEXTBOOK), source
+    assert changed > 100

@@ -158,3 +158,21 @@ def test_literals_and_names():
     assert printer.qualified_name(torch.ops.aten.tanh_backward) == "torch.ops.aten.tanh_backward"
     with pytest.raises(ValueError, match="no source form"):
         printer.literal(torch.Generator())
+
+
+def test_textbook_writes_a_fused_kernel_as_its_formula_with_the_parentheses_it_needs():
+    aten = torch.ops.aten
+    names = {0: "dh", 1: "h", 2: printer.Expr("a + b", printer.SUM)}
+    name = names.__getitem__
+    assert printer.textbook(aten.tanh_backward, (Ref(0), Ref(1)), {}, name).text == "(1 - h**2) * dh"
+    assert printer.textbook(aten.tanh_backward, (Ref(2), Ref(2)), {}, name).text == "(1 - (a + b)**2) * (a + b)"
+    assert printer.textbook(aten.tanh_backward.default, (Ref(0), Ref(1)), {}, name).text == "(1 - h**2) * dh"
+    assert printer.textbook(aten.threshold_backward, (Ref(0), Ref(2), 0), {}, name).text == "(a + b > 0) * dh"
+    assert printer.textbook(aten.mm, (Ref(0), Ref(1)), {}, name) is None  # not a fused backward kernel
+    # the formulas compute what the kernels do
+    g, y = torch.randn(3, 4, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64)
+    for kernel, args in [(aten.sigmoid_backward, (g, y)), (aten._softmax_backward_data, (g, y, 1, torch.float64)),
+                         (aten.gelu_backward, (g, y)), (aten.silu_backward, (g, y))]:
+        refs = tuple(Ref(i) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
+        text = printer.textbook(kernel, refs, {}, {0: "g", 1: "y"}.__getitem__).text
+        torch.testing.assert_close(eval(text, {**printer.NAMESPACE, "g": g, "y": y}), kernel(*args))  # noqa: S307

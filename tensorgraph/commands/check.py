@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="absolute tolerance, 0 allowed (default: by dtype)")
     parser.add_argument("--answer", action="store_true",
                         help="also print the answer key: the whole backward pass as torch code")
+    parser.add_argument("--textbook", action="store_true",
+                        help="print the answer key (implies --answer) with torch's fused backward kernels written "
+                             "as their formulas, for a handout: (1 - h**2) * dh for aten.tanh_backward(dh, h)")
     parser.add_argument("--render", metavar="PATH", default=None,
                         help="also draw the graph with the wrong gradient and its consequences coloured")
     parser.add_argument("--loss", metavar="NAME", default="loss",
@@ -83,9 +86,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # a key or value graph.check cannot read: say where the script gave it
         raise CLIError(_check_error(err, path, namespace), PROG) from None
     print(report)
-    if args.answer:
-        print("\n# the answer key: the backward pass as the rules compute it")
-        print(graph.backward_source(loss), end="")
+    if args.answer or args.textbook:
+        if args.textbook:
+            print("\n# the answer key: the backward pass, torch's fused backward kernels written as their formulas")
+        else:
+            print("\n# the answer key: the backward pass as the rules compute it")
+        print(graph.backward_source(loss, textbook=args.textbook), end="")
     if args.render:
         graph.render(args.render, check=report, loss=loss)
         print(f"wrote {args.render}")
