@@ -1118,3 +1118,53 @@ def test_a_chain_longer_than_the_fusion_limit_keeps_its_atomic_rules(monkeypatch
     with tg.record() as short:
         loss = (x * w * 1.0001 + 0.1).sum()
     assert len(symbolic.find_fusable(short, loss)) == 1
+
+
+def _finite_differences(fn, x, *rest, h=1e-6):
+    """Central differences of the scalar ``fn(x, *rest)`` with respect to every element of ``x``."""
+    grad = torch.zeros_like(x)
+    for k in range(x.numel()):
+        step = torch.zeros_like(x).view(-1)
+        step[k] = h
+        step = step.view_as(x)
+        grad.view(-1)[k] = (fn(x + step, *rest) - fn(x - step, *rest)) / (2 * h)
+    return grad
+
+
+def _softmax_then_pick(x, y):
+    probs = F.softmax(x, 1)
+    return -probs[torch.arange(x.shape[0]), y].log().mean()
+
+
+def test_the_pick_then_log_cross_entropy_reads_softmax_minus_onehot():
+    """-log(softmax(x)[range(n), y]).mean(), the pick before the log, reads (probs - onehot(y))/n like the lecture's
+    chain (it read probs*(1 - exp(-log_1)*delta)/n, with log_1 never defined for the reader): the one-hot term
+    delta*exp(x) is read through the pick a rule knows, and the pick in the denominator cancels."""
+    x, y = _ce_inputs()
+    cases = {"pick then log": lambda x, y: -F.softmax(x, 1)[range(x.shape[0]), y].log().mean(),
+             "torch.log of the pick": lambda x, y: -torch.log(F.softmax(x, 1)[range(x.shape[0]), y]).mean(),
+             "named probs, arange": _softmax_then_pick}
+    for case, fn in cases.items():
+        d = derive(fn, x, y)  # fused: the same gradients as the engine and torch autograd (float64)
+        s = d.symbols
+        saved = s["probs"] if "probs" in s else s["softmax_1"]
+        delta = sp.KroneckerDelta(s["j"], s["y"])
+        assert d.textbook.free_symbols == {s["dout"], saved, s["y"], s["j"], s["n"]}, (case, d.textbook)
+        assert sp.simplify(d.textbook - s["dout"] * (saved - delta) / s["n"]) == 0, case
+        assert d.prove(s["dout"] * (saved - delta) / s["n"])
+        softmax = sp.exp(s["x"]) / d.sum(sp.exp(s["x"]), "j")
+        assert d.prove(s["dout"] * (softmax - delta) / s["n"])
+        assert not d.prove(s["dout"] * (saved - delta))
+        params = [y if p.name == "y" else torch.arange(x.shape[0]) for p in d.chain.params]  # y, arange's rows
+        dx, *rest = d.backward(torch.tensor(1.0, dtype=D), x, *params)
+        assert all(g is None for g in rest)
+        torch.testing.assert_close(dx, _finite_differences(fn, x, y), rtol=1e-6, atol=1e-8)
+    W = torch.randn(4, 5, dtype=D, generator=_gen(5))
+    X = torch.randn(7, 4, dtype=D, generator=_gen(6))
+    with tg.record() as graph:
+        loss = _softmax_then_pick(X @ W, y)
+    fused = symbolic.auto_fuse(graph, loss)
+    assert any(data["op"] == "fused" for data in fused._nodes)
+    leaf = W.clone().requires_grad_()
+    expected, = torch.autograd.grad(_softmax_then_pick(X @ leaf, y), leaf)
+    torch.testing.assert_close(fused.backward(loss)[W], expected, rtol=1e-10, atol=1e-12)
