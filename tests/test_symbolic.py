@@ -22,6 +22,7 @@ from tensorgraph.cli import main
 from tensorgraph.lecture import record_exercise, setup
 from tensorgraph.naming import set_names
 from tensorgraph.symbolic import SymbolicError, fused_rules, fusion
+from tensorgraph.symbolic.algebra import Sigmoid
 from tensorgraph.symbolic.fusion import STATS, _derive, verify
 
 D = torch.float64
@@ -1167,4 +1168,44 @@ def test_the_pick_then_log_cross_entropy_reads_softmax_minus_onehot():
     assert any(data["op"] == "fused" for data in fused._nodes)
     leaf = W.clone().requires_grad_()
     expected, = torch.autograd.grad(_softmax_then_pick(X @ leaf, y), leaf)
+    torch.testing.assert_close(fused.backward(loss)[W], expected, rtol=1e-10, atol=1e-12)
+
+
+def _bce_by_hand(x, t, one=1.0):
+    p = torch.sigmoid(x)
+    return -(t * p.log() + (one - t) * (1 - p).log()).mean()
+
+
+def test_a_parameter_computed_from_parameters_is_written_as_what_it_is():
+    """Binary cross-entropy by hand: 1 - t enters the chain as a parameter of its own (computed outside it), and
+    read as an opaque sub_1 the gradient was p*sub_1 + p*t - t. Written as 1 - t it is the textbook (p - t)/n;
+    the fused node still takes x, t and 1 - t, and the stability check scales t and 1 - t together."""
+    x = torch.randn(6, 3, dtype=D, generator=_gen(8))
+    t = torch.rand(6, 3, dtype=D, generator=_gen(9))
+    symbolic.clear_cache()
+    d = derive(_bce_by_hand, x, t)  # fused: the same gradients as the engine and torch autograd, dt through 1 - t
+    s = d.symbols
+    size = s["n"] * s["n_j"]
+    assert d.textbook.free_symbols == {s["dout"], s["p"], s["t"], s["n"], s["n_j"]}, d.textbook
+    assert sp.simplify(d.textbook - s["dout"] * (s["p"] - s["t"]) / size) == 0
+    assert d.prove(s["dout"] * (s["p"] - s["t"]) / size)
+    assert d.prove(s["dout"] * (Sigmoid(s["x"]) - s["t"]) / size)
+    assert not d.prove(s["dout"] * (s["p"] - s["t"]) / s["n"])
+    assert not d.unstable and "1 - \\mathrm{t}" in d.steps
+    assert "(dout, x, t, sub_1)" in d.source  # the fused node's inputs are unchanged
+    dx, dt, dsub = d.backward(torch.tensor(1.0, dtype=D), x, t, 1 - t)
+    torch.testing.assert_close(dx, _finite_differences(_bce_by_hand, x, t), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(dsub, _finite_differences(lambda s: -((1 - torch.sigmoid(x)).log() * s).mean(), 1 - t))
+    # the same structure with 0.5 - t is another chain (not the cached one): its gradient keeps the half
+    half = derive(lambda x, t: _bce_by_hand(x, t, 0.5), x, t)
+    s = half.symbols
+    assert half.prove(s["dout"] * (s["p"] / 2 - s["t"]) / (s["n"] * s["n_j"]))
+    W = torch.randn(4, 3, dtype=D, generator=_gen(10))
+    X = torch.randn(6, 4, dtype=D, generator=_gen(11))
+    with tg.record() as graph:
+        loss = _bce_by_hand(X @ W, t)
+    fused = symbolic.auto_fuse(graph, loss)
+    assert any(data["op"] == "fused" for data in fused._nodes)
+    leaf = W.clone().requires_grad_()
+    expected, = torch.autograd.grad(_bce_by_hand(X @ leaf, t), leaf)
     torch.testing.assert_close(fused.backward(loss)[W], expected, rtol=1e-10, atol=1e-12)
