@@ -244,7 +244,8 @@ class Lowering:
         derived: dict[SNode, sp.Expr] = {}
         for param in self.params:
             data = self.nodes_data[param.graph_node]
-            if data["kind"] != "op" or data["op"] not in ELEMENTWISE or not self._settled(param):
+            if data["kind"] != "op" or data["op"] not in ELEMENTWISE or not self._settled(param) or \
+                    data["inplace"] or data["output_index"] is not None:
                 continue
             exprs = [self._derived_operand(arg, param) for arg in data["bargs"]]
             kwargs = {k: v for k, v in (data["bkwargs"] or {}).items() if k != "rounding_mode" or v is not None}
