@@ -22,6 +22,7 @@ from tensorgraph.cli import main
 from tensorgraph.lecture import record_exercise, setup
 from tensorgraph.naming import set_names
 from tensorgraph.symbolic import SymbolicError, fused_rules, fusion
+from tensorgraph.symbolic.algebra import Sigmoid
 from tensorgraph.symbolic.fusion import STATS, _derive, verify
 
 D = torch.float64
@@ -1118,3 +1119,93 @@ def test_a_chain_longer_than_the_fusion_limit_keeps_its_atomic_rules(monkeypatch
     with tg.record() as short:
         loss = (x * w * 1.0001 + 0.1).sum()
     assert len(symbolic.find_fusable(short, loss)) == 1
+
+
+def _finite_differences(fn, x, *rest, h=1e-6):
+    """Central differences of the scalar ``fn(x, *rest)`` with respect to every element of ``x``."""
+    grad = torch.zeros_like(x)
+    for k in range(x.numel()):
+        step = torch.zeros_like(x).view(-1)
+        step[k] = h
+        step = step.view_as(x)
+        grad.view(-1)[k] = (fn(x + step, *rest) - fn(x - step, *rest)) / (2 * h)
+    return grad
+
+
+def _softmax_then_pick(x, y):
+    probs = F.softmax(x, 1)
+    return -probs[torch.arange(x.shape[0]), y].log().mean()
+
+
+def test_the_pick_then_log_cross_entropy_reads_softmax_minus_onehot():
+    """-log(softmax(x)[range(n), y]).mean(), the pick before the log, reads (probs - onehot(y))/n like the lecture's
+    chain (it read probs*(1 - exp(-log_1)*delta)/n, with log_1 never defined for the reader): the one-hot term
+    delta*exp(x) is read through the pick a rule knows, and the pick in the denominator cancels."""
+    x, y = _ce_inputs()
+    cases = {"pick then log": lambda x, y: -F.softmax(x, 1)[range(x.shape[0]), y].log().mean(),
+             "torch.log of the pick": lambda x, y: -torch.log(F.softmax(x, 1)[range(x.shape[0]), y]).mean(),
+             "named probs, arange": _softmax_then_pick}
+    for case, fn in cases.items():
+        d = derive(fn, x, y)  # fused: the same gradients as the engine and torch autograd (float64)
+        s = d.symbols
+        saved = s["probs"] if "probs" in s else s["softmax_1"]
+        delta = sp.KroneckerDelta(s["j"], s["y"])
+        assert d.textbook.free_symbols == {s["dout"], saved, s["y"], s["j"], s["n"]}, (case, d.textbook)
+        assert sp.simplify(d.textbook - s["dout"] * (saved - delta) / s["n"]) == 0, case
+        assert d.prove(s["dout"] * (saved - delta) / s["n"])
+        softmax = sp.exp(s["x"]) / d.sum(sp.exp(s["x"]), "j")
+        assert d.prove(s["dout"] * (softmax - delta) / s["n"])
+        assert not d.prove(s["dout"] * (saved - delta))
+        params = [y if p.name == "y" else torch.arange(x.shape[0]) for p in d.chain.params]  # y, arange's rows
+        dx, *rest = d.backward(torch.tensor(1.0, dtype=D), x, *params)
+        assert all(g is None for g in rest)
+        torch.testing.assert_close(dx, _finite_differences(fn, x, y), rtol=1e-6, atol=1e-8)
+    W = torch.randn(4, 5, dtype=D, generator=_gen(5))
+    X = torch.randn(7, 4, dtype=D, generator=_gen(6))
+    with tg.record() as graph:
+        loss = _softmax_then_pick(X @ W, y)
+    fused = symbolic.auto_fuse(graph, loss)
+    assert any(data["op"] == "fused" for data in fused._nodes)
+    leaf = W.clone().requires_grad_()
+    expected, = torch.autograd.grad(_softmax_then_pick(X @ leaf, y), leaf)
+    torch.testing.assert_close(fused.backward(loss)[W], expected, rtol=1e-10, atol=1e-12)
+
+
+def _bce_by_hand(x, t, one=1.0):
+    p = torch.sigmoid(x)
+    return -(t * p.log() + (one - t) * (1 - p).log()).mean()
+
+
+def test_a_parameter_computed_from_parameters_is_written_as_what_it_is():
+    """Binary cross-entropy by hand: 1 - t enters the chain as a parameter of its own (computed outside it), and
+    read as an opaque sub_1 the gradient was p*sub_1 + p*t - t. Written as 1 - t it is the textbook (p - t)/n;
+    the fused node still takes x, t and 1 - t, and the stability check scales t and 1 - t together."""
+    x = torch.randn(6, 3, dtype=D, generator=_gen(8))
+    t = torch.rand(6, 3, dtype=D, generator=_gen(9))
+    symbolic.clear_cache()
+    d = derive(_bce_by_hand, x, t)  # fused: the same gradients as the engine and torch autograd, dt through 1 - t
+    s = d.symbols
+    size = s["n"] * s["n_j"]
+    assert d.textbook.free_symbols == {s["dout"], s["p"], s["t"], s["n"], s["n_j"]}, d.textbook
+    assert sp.simplify(d.textbook - s["dout"] * (s["p"] - s["t"]) / size) == 0
+    assert d.prove(s["dout"] * (s["p"] - s["t"]) / size)
+    assert d.prove(s["dout"] * (Sigmoid(s["x"]) - s["t"]) / size)
+    assert not d.prove(s["dout"] * (s["p"] - s["t"]) / s["n"])
+    assert not d.unstable and "1 - \\mathrm{t}" in d.steps
+    assert "(dout, x, t, sub_1)" in d.source  # the fused node's inputs are unchanged
+    dx, dt, dsub = d.backward(torch.tensor(1.0, dtype=D), x, t, 1 - t)
+    torch.testing.assert_close(dx, _finite_differences(_bce_by_hand, x, t), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(dsub, _finite_differences(lambda s: -((1 - torch.sigmoid(x)).log() * s).mean(), 1 - t))
+    # the same structure with 0.5 - t is another chain (not the cached one): its gradient keeps the half
+    half = derive(lambda x, t: _bce_by_hand(x, t, 0.5), x, t)
+    s = half.symbols
+    assert half.prove(s["dout"] * (s["p"] / 2 - s["t"]) / (s["n"] * s["n_j"]))
+    W = torch.randn(4, 3, dtype=D, generator=_gen(10))
+    X = torch.randn(6, 4, dtype=D, generator=_gen(11))
+    with tg.record() as graph:
+        loss = _bce_by_hand(X @ W, t)
+    fused = symbolic.auto_fuse(graph, loss)
+    assert any(data["op"] == "fused" for data in fused._nodes)
+    leaf = W.clone().requires_grad_()
+    expected, = torch.autograd.grad(_bce_by_hand(X @ leaf, t), leaf)
+    torch.testing.assert_close(fused.backward(loss)[W], expected, rtol=1e-10, atol=1e-12)

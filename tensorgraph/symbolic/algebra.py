@@ -299,11 +299,42 @@ class Space:
                 raise TooLarge(self.limit)
             if not (rules and self.rules):
                 return expr
-            replaced = expr.xreplace(self.rules)
+            replaced = self._pick_through(expr.xreplace(self.rules))
             if replaced == expr:
                 return expr
             expr = replaced
         return expr
+
+    def _pick_through(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with each one-hot term read through the pick a rule knows: ``delta(j, y)*f_j = delta(j, y)*pick``.
+
+        Where ``KroneckerDelta(j, y[i])`` multiplies factors ``f`` that vary along ``j``, only ``f`` at
+        ``j = y[i]`` counts, which is ``sum_j f*delta(j, y[i])``; when a rule knows that sum (a recorded pick
+        ``p[range(n), y]``), the term is written with it. The pick-then-log cross-entropy
+        ``-log(softmax(x)[range(n), y])`` needs this: its gradient divides ``delta*exp(x)`` by the pick, which
+        cancels only once ``delta*exp(x)`` is read as the pick times the softmax's sum.
+        """
+        if not expr.has(sp.KroneckerDelta):
+            return expr
+        terms = [self._pick_term(term) for term in sp.Add.make_args(expr)]
+        return sp.Add(*terms)
+
+    def _pick_term(self, term: sp.Expr) -> sp.Expr:
+        factors = sp.Mul.make_args(term)
+        for delta in factors:
+            if not isinstance(delta, sp.KroneckerDelta):
+                continue
+            for axis, other in (delta.args, delta.args[::-1]):
+                if axis not in self.indices or axis in self.axes_of(other):
+                    continue
+                varying = [f for f in factors if f is not delta and axis in self.axes_of(f)]
+                if not varying:
+                    continue
+                picked = self.rules.get(AxisSum(sp.Mul(*varying) * delta, axis))
+                if picked is not None:
+                    rest = [f for f in factors if f is delta or axis not in self.axes_of(f)]
+                    return sp.Mul(*rest) * picked
+        return term
 
     def _normalise(self, expr: sp.Expr) -> sp.Expr:
         expr = _expand(expr)

@@ -99,6 +99,8 @@ class Chain:
     members: list[int]  # recorded node ids fused away (input excluded, parameters excluded)
     ties: dict[tuple, str] = field(default_factory=dict)  # (max body, axis) -> "first" | "split"
     lifted: list[str] = field(default_factory=list)  # "the constant 4.0 at 'y' (mul at f.py:3) as n_j - 1"
+    # parameters computed elementwise from other parameters outside the chain (1 - t beside t): their elements
+    derived: dict[SNode, sp.Expr] = field(default_factory=dict)
 
     def node(self, name: str) -> SNode:
         for node in self.nodes:
@@ -229,7 +231,51 @@ class Lowering:
             for source in self.nodes_data[node]["inputs"]:
                 self._param(source)  # read by the recorded call (rows of a pick, running stats): the replay needs it
         self._finish()
-        return Chain(self.graph, self.space, self.nodes, x, output, self.params, fused, self.ties, self.lifted)
+        return Chain(self.graph, self.space, self.nodes, x, output, self.params, fused, self.ties, self.lifted,
+                     self._derived_params())
+
+    def _derived_params(self) -> dict[SNode, sp.Expr]:
+        """Parameters that a recorded elementwise op computed from other parameters only, as expressions of them.
+
+        ``(1 - t) * log(1 - p)`` beside ``t * log(p)``: ``1 - t`` enters the chain as a parameter of its own,
+        but it is ``1 - t`` elementwise, which the textbook form may use (``p - t``, not ``p*sub_1 + p*t - t``).
+        The fused node keeps every parameter as an input; only tensors it already takes are used.
+        """
+        derived: dict[SNode, sp.Expr] = {}
+        for param in self.params:
+            data = self.nodes_data[param.graph_node]
+            if data["kind"] != "op" or data["op"] not in ELEMENTWISE or not self._settled(param) or \
+                    data["inplace"] or data["output_index"] is not None:
+                continue
+            exprs = [self._derived_operand(arg, param) for arg in data["bargs"]]
+            kwargs = {k: v for k, v in (data["bkwargs"] or {}).items() if k != "rounding_mode" or v is not None}
+            if any(e is None for e in exprs) or not all(isinstance(v, (int, float)) for v in kwargs.values()):
+                continue
+            try:
+                derived[param] = ELEMENTWISE[data["op"]](*exprs, **{k: to_number(v) for k, v in kwargs.items()})
+            except TypeError:
+                continue
+        return derived
+
+    @staticmethod
+    def _settled(param: SNode) -> bool:
+        """A floating-point parameter whose axes a formula assigned, one per dimension."""
+        return param.dtype.is_floating_point and param.sym is not None and len(param.axes) == len(param.shape)
+
+    def _derived_operand(self, arg: Any, param: SNode) -> sp.Expr | None:
+        """An operand of the op that computed ``param``: a number, or another parameter lined up with its axes."""
+        if isinstance(arg, bool) or not isinstance(arg, (int, float, Ref)):
+            return None
+        if not isinstance(arg, Ref):
+            return to_number(arg)
+        source = self.by_graph.get(arg.node)
+        if source is None or source is param or source.kind != "param" or not self._settled(source):
+            return None
+        offset = len(param.axes) - len(source.axes)
+        for d, axis in enumerate(source.axes):
+            if axis is not None and (offset + d < 0 or param.axes[offset + d] != axis):
+                return None
+        return source.sym
 
     def _unsupported_message(self, data: dict[str, Any]) -> str:
         op = data["op"]

@@ -222,7 +222,22 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
             walk(rewritten, position + 1, chosen + [rewrite])
 
     walk(expr, 0, [])
-    return reuse_saved(best[1], best[2], chain, space), best[2]
+    result = reuse_saved(best[1], best[2], chain, space), best[2]
+    through = [Rewrite(param, param.sym, value) for param, value in chain.derived.items()
+               if param.sym in expr.free_symbols]
+    if not through:
+        return result
+    # parameters computed from other parameters, written as what they are (1 - t, not sub_1) where the
+    # arranged form is simpler: the canonical forms compared above leave s**2/(s - 1) - s/(s - 1) uncancelled
+    try:
+        computed = space.canon(_apply(expr, through))
+        best, tried = (_score(computed, primitives, unnamed), computed, through), 0
+        walk(computed, 0, through)
+        other = reuse_saved(best[1], best[2], chain, space), best[2]
+    except TooLarge:
+        return result
+    arranged = [_score(display(form, space), primitives, unnamed) for form, _ in (result, other)]
+    return other if arranged[1] < arranged[0] else result
 
 
 def reduction_folds(chain: Chain, space: Space) -> dict[sp.Basic, sp.Expr]:
@@ -617,6 +632,8 @@ class Derivation:
         """
         derived = self.grad(wrt or self.wrt)
         other = self.value(other)
+        computed = {param.sym: value for param, value in self.chain.derived.items()}  # sub_1 is 1 - t
+        derived, other = derived.xreplace(computed), other.xreplace(computed)
         typed = other.atoms(sp.Float) - derived.atoms(sp.Float)  # 1e-6 typed as a float: as the chain reads it
         other = other.xreplace({f: to_number(float(f)) for f in typed})
         space = self.chain.space

@@ -20,11 +20,21 @@ import torch
 from torch import Tensor
 
 from ..graph import _NODE_DEFAULTS, Graph, Ref, is_float, require_graph, substitute
-from .chain import LOWERINGS, RESHAPES, ChainTooLong, SymbolicError, chain_members, lower, only_unit_dims, where
+from .chain import (
+    ELEMENTWISE,
+    LOWERINGS,
+    RESHAPES,
+    ChainTooLong,
+    SymbolicError,
+    chain_members,
+    lower,
+    only_unit_dims,
+    where,
+)
 from .derivation import Derivation, build
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Sequence
+    from collections.abc import Callable, Collection, Sequence
 
 _CACHE: OrderedDict[tuple, Derivation] = OrderedDict()
 _CACHE_SIZE = 256
@@ -86,17 +96,19 @@ def signature(graph: Graph, output: int, wrt: int) -> tuple[tuple, list[int], di
              if node == wrt or (nodes[node]["kind"] == "op" and nodes[node]["dtype"].is_floating_point)}
     roles: dict[int, int] = {}
 
-    def norm(value: Any) -> Any:
+    def norm(value: Any, grow: bool = True) -> Any:
         if isinstance(value, Ref):
             if value.node in index:
                 return ("chain", index[value.node])
+            if not grow and value.node not in roles:
+                return ("outside",)
             role = roles.setdefault(value.node, len(roles))
             data = nodes[value.node]
             return ("param", role, tuple(data["shape"]), str(data["dtype"]), data["kind"], data["name"])
         if isinstance(value, (tuple, list)):
-            return (type(value).__name__,) + tuple(norm(v) for v in value)
+            return (type(value).__name__,) + tuple(norm(v, grow) for v in value)
         if isinstance(value, dict):
-            return tuple(sorted((k, norm(v)) for k, v in value.items()))
+            return tuple(sorted((k, norm(v, grow)) for k, v in value.items()))
         if isinstance(value, range):
             return ("range", value.start, value.stop, value.step)
         if isinstance(value, float):
@@ -114,7 +126,11 @@ def signature(graph: Graph, output: int, wrt: int) -> tuple[tuple, list[int], di
         for source in data["inputs"]:
             if source not in index:
                 roles.setdefault(source, len(roles))
-    return (tuple(parts), index[wrt] if wrt in index else -1), members, roles
+    # a parameter computed elementwise from others (1 - t beside t): the derivation may write it as that
+    computed = tuple((role, nodes[node]["op"], norm(nodes[node]["bargs"], False), norm(nodes[node]["bkwargs"], False))
+                     for node, role in list(roles.items())
+                     if nodes[node]["kind"] == "op" and nodes[node]["op"] in ELEMENTWISE)
+    return (tuple(parts), index[wrt] if wrt in index else -1, computed), members, roles
 
 
 def _value_facts(graph: Graph, data: dict[str, Any]) -> tuple:
@@ -346,7 +362,8 @@ def verify(derivation: Derivation, graph: Graph, binding: Binding) -> str:
                 raise SymbolicError(
                     f"the derived rule for d{derivation.output}/d{name} disagrees with {label} on the atomic chain "
                     f"(max |difference| {diff:.3g}); refusing to use it")
-    derivation.unstable = unstable(derivation, forward, values, differentiable, names)
+    derivation.unstable = unstable(derivation, forward, values, differentiable, names,
+                                   _recompute_derived(derivation, graph, binding))
     checked = f"checked against torch autograd and the engine in float64: max relative difference {worst:.2g}"
     return checked + (f"; {derivation.unstable}" if derivation.unstable else "")
 
@@ -354,23 +371,44 @@ def verify(derivation: Derivation, graph: Graph, binding: Binding) -> str:
 STRESS = 1000.0  # the magnitude each tensor is scaled to by the stability check
 
 
+def _recompute_derived(derivation: Derivation, graph: Graph, binding: Binding) -> Callable[[list[Tensor]], set[int]]:
+    """Recomputes, in place in a list of the fused node's inputs, the parameters the derivation reads as computed
+    from other parameters (``sub_1`` is ``1 - t``), by their recorded calls; returns their positions. A stress
+    test that scales ``t`` must scale ``1 - t`` with it: the derived rule is written with ``t`` alone."""
+    chain, nodes = derivation.chain, graph._nodes
+    inputs = [binding.input] + binding.params
+    calls = [(1 + k, nodes[binding.params[k]]) for k, param in enumerate(chain.params) if param in chain.derived]
+
+    def recompute(tensors: list[Tensor]) -> set[int]:
+        values = dict(zip(inputs, tensors))
+        for position, data in calls:
+            kwargs = {k: substitute(v, values) for k, v in (data["kwargs"] or {}).items()}
+            tensors[position] = values[inputs[position]] = data["func"](*substitute(data["args"], values), **kwargs)
+        return {position for position, _ in calls}
+
+    return recompute
+
+
 def unstable(derivation: Derivation, forward: ChainForward, values: list[Tensor], differentiable: list[bool],
-             names: list[str]) -> str:
+             names: list[str], recompute: Callable[[list[Tensor]], set[int]] = lambda tensors: set()) -> str:
     """Why the derived rule must not replace the atomic chain: at large magnitudes it loses what torch keeps.
 
     A closed form that is right can still be unstable: ``exp(x/T)`` summed unshifted overflows once
     ``x/T`` passes ~709 (~88 in float32), and ``exp(logprob) * exp(-x) * sum(x * exp(x))`` underflows
     to 0 where each factor alone is fine, where torch's softmax kernel and the recorded chain stay
     exact. Each floating-point tensor in turn is scaled to magnitude :data:`STRESS` (the others as
-    recorded); a gradient that torch computes finite and the rule gets non-finite, or off by more than
-    1e-6 of its largest element, is reported. "" when none is.
+    recorded; a parameter computed from others, ``1 - t``, follows them: ``recompute``); a gradient that torch
+    computes finite and the rule gets non-finite, or off by more than 1e-6 of its largest element, is reported.
+    "" when none is.
     """
+    computed = recompute([v.clone() for v in values])
     for stressed, value in enumerate(values):
         top = float(value.abs().max()) if value.is_floating_point() and value.numel() else 0.0
-        if top == 0.0 or not math.isfinite(top):
+        if top == 0.0 or not math.isfinite(top) or stressed in computed:
             continue
         tensors = [v.clone() for v in values]
         tensors[stressed] = tensors[stressed] * (STRESS / top)
+        recompute(tensors)
         leaves = [t.requires_grad_() if wanted else t for t, wanted in zip(tensors, differentiable)]
         try:
             out = forward(*leaves)

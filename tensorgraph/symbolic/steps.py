@@ -100,7 +100,11 @@ def write_steps(d: Derivation, names: dict[sp.Basic, str]) -> str:
                      "with tensors the forward pass already computed: reading off their definitions,")
         lines.append("")
         for step in steps:
-            lines.append(f"- `{step.node.name}` gives $ {tex(step.primitive)} = {tex(step.inverse)} $")
+            if step.node.kind == "param":  # computed from other parameters before the chain (1 - t)
+                lines.append(f"- `{step.node.name}` is computed from parameters: $ {tex(step.primitive)} = "
+                             f"{tex(step.inverse)} $")
+            else:
+                lines.append(f"- `{step.node.name}` gives $ {tex(step.primitive)} = {tex(step.inverse)} $")
         lines += ["", "and substituting (then expanding and applying the rules again) leaves", ""]
     lines.append(_eq(_name(x, "d"), to_latex(d.textbook, names)))
     if d.expr != d.textbook and sp.count_ops(d.expr) <= min(_LONG, 3 * sp.count_ops(d.textbook) + 10):
