@@ -251,12 +251,14 @@ class _Generator:
             adjoint = trace.node_of(data["value"])
             if adjoint is not None and self.adj[adjoint]["func"] is None:
                 self.forward_of.setdefault(adjoint, node)
-        # textbook: an F.cross_entropy's gradient node -> the consumer, written as (softmax - onehot) / n
-        self.cross_entropy: dict[int, int] = {}
+        # textbook: an F.cross_entropy's gradient node -> (the consumer, its logits, target and reduction), written
+        # as (softmax - onehot) / n
+        self.cross_entropy: dict[int, tuple[int, tuple[Ref, Ref, str]]] = {}
         for step in trace.steps if textbook else ():
             node = trace.node_of(step.grad)
-            if node is not None and _textbook_cross_entropy(self.fwd, step.consumer, step.source) is not None:
-                self.cross_entropy[node] = step.consumer
+            found = _textbook_cross_entropy(self.fwd, step.consumer, step.source) if node is not None else None
+            if found is not None:
+                self.cross_entropy[node] = (step.consumer, found)
 
     # ---------------------------------------------------------------- the steps
 
@@ -429,7 +431,7 @@ class _Generator:
         if self._multi_output(node):
             return Expr(f"{self._whole_call(node)}[{index}]", PRIMARY)
         if node in self.cross_entropy:
-            return self._cross_entropy(self.cross_entropy[node])
+            return self._cross_entropy(*self.cross_entropy[node])
         if self.textbook and index is None:
             formula = printer.textbook_formula(data["func"])
             if formula is not None:
@@ -445,10 +447,11 @@ class _Generator:
                 self._temp(arg.node)
         return formula.build(lambda arg: printer.literal(arg, self._expr), *args, **kwargs)
 
-    def _cross_entropy(self, consumer: int) -> Expr:
+    def _cross_entropy(self, consumer: int, found: tuple[Ref, Ref, str]) -> Expr:
         """``F.cross_entropy(logits, Yb)``'s gradient as the lecture writes it: ``(F.softmax(logits, 1) -
-        F.one_hot(Yb, 27)) / 32 * dloss`` (without ``/ 32`` for ``reduction="sum"``)."""
-        logits, target, reduction = _textbook_cross_entropy(self.fwd, consumer)
+        F.one_hot(Yb, 27)) / 32 * dloss`` (without ``/ 32`` for ``reduction="sum"``); ``found``: the call's logits,
+        target and reduction, as :func:`_textbook_cross_entropy` read them."""
+        logits, target, reduction = found
         n, classes = self.fwd[logits.node]["shape"]
         grad = self._expr(self._adjoint(self.trace.grads.by_node[consumer], "the loss's gradient"))
         text = (f"F.softmax({self._forward_value(logits.node)}, 1) - "
