@@ -436,6 +436,16 @@ class _Checker:
             found.append((source, _Branch(node, grad, sum_to(grad, target["shape"]).to(target["dtype"]))))
         return found
 
+    def _local_derivative(self, consumer: int, source: int) -> Tensor | None:
+        """``consumer``'s rule run on an upstream of ones, summed over ``source``'s uses: its local derivative
+        (for a pick, how often each element is picked). None when the rule cannot run so, or ``source`` gets none."""
+        try:
+            ones = torch.ones_like(self.truth[consumer])
+            parts = [branch.summed for s, branch in self._branches(consumer, ones) if s == source]
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            return None
+        return sum(parts[1:], parts[0]) if parts else None
+
     def _float_inputs(self, node: int) -> list[int]:
         return [s for s in self.nodes[node]["inputs"] if s in self.truth]
 
@@ -902,13 +912,9 @@ class _Checker:
             source = data["inputs"][0]
             if tuple(self.nodes[source]["shape"]) != tuple(mask.shape):
                 continue
-            try:
-                picked = [b.summed for s, b in self._branches(consumer, torch.ones_like(self.truth[consumer]))
-                          if s == source]
-                if len(picked) == 1 and torch.equal(picked[0] != 0, mask):
-                    return expression(self.graph, consumer)
-            except (RuntimeError, ValueError, TypeError):
-                continue
+            picked = self._local_derivative(consumer, source)
+            if picked is not None and torch.equal(picked != 0, mask):
+                return expression(self.graph, consumer)
         return None
 
     def _repeated_index_message(self, node: int, mine: Tensor, ref: Tensor) -> str | None:
@@ -917,12 +923,8 @@ class _Checker:
             data = self.nodes[consumer]
             if data["op"] not in _INDEX_OPS or consumer not in self.truth:
                 continue
-            try:
-                counts = sum(b.summed for s, b in self._branches(consumer, torch.ones_like(self.truth[consumer]))
-                             if s == node)
-            except (RuntimeError, ValueError, TypeError):
-                continue
-            if not isinstance(counts, Tensor):
+            counts = self._local_derivative(consumer, node)
+            if counts is None:
                 continue
             repeated = counts > 1.5
             if not repeated.any() or not self._close(mine[~repeated], ref[~repeated], node):
@@ -986,12 +988,8 @@ class _Checker:
         if len(consumers) != 1 or not self.nodes[consumers[0]]["named"]:
             return None
         consumer = consumers[0]
-        try:
-            local = [b.summed for source, b in self._branches(consumer, torch.ones_like(self.truth[consumer]))
-                     if source == node]
-        except (RuntimeError, ValueError, IndexError, TypeError):
-            return None
-        if not local or not self._close(mine, sum(local[1:], local[0]), node):
+        local = self._local_derivative(consumer, node)
+        if local is None or not self._close(mine, local, node):
             return None
         upstream = self.nodes[consumer]["name"]
         return (f"the local derivative of {self._forward_line(consumer)} alone: multiply it by the upstream "
