@@ -63,10 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = Path(args.script)
-    if not path.is_file():
-        raise CLIError(f"{path} is a folder, not a file" if path.is_dir() else f"no such file: {path}",
-                       "tensorgraph check")
+    path = script_path(args.script, PROG)
     if args.render is not None:
         from .render import picture_path
 
@@ -96,6 +93,14 @@ def run(args: argparse.Namespace) -> int:
         graph.render(args.render, check=report, loss=loss)
         print(f"wrote {args.render}")
     return 0 if report.ok else 1
+
+
+def script_path(text: str, prog: str) -> Path:
+    """The script named on the command line, which must be a file."""
+    path = Path(text)
+    if not path.is_file():
+        raise CLIError(f"{path} is a folder, not a file" if path.is_dir() else f"no such file: {path}", prog)
+    return path
 
 
 def script_graph(path: Path, name: str, prog: str, need_loss: bool = True) -> tuple[dict[str, Any], Any, Any]:
@@ -338,9 +343,9 @@ def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any, path: P
         variable = "d" + identifier(data["name"])
         value = namespace.get(variable)
         if _is_number(value) and tuple(data["shape"]) == ():  # micrograd's way, for a scalar: dc = 1.0
-            value = torch.tensor(float(value), dtype=data["dtype"])
-        else:
-            expected[variable] = data["name"]
+            found["d" + data["name"]] = value  # (graph.check reads a number as a scalar's gradient)
+            continue
+        expected[variable] = data["name"]
         if isinstance(value, torch.Tensor):
             found["d" + data["name"]] = value
     problems = _stray_gradients(namespace, expected, set(graph.names))

@@ -76,14 +76,9 @@ def _graph(args: argparse.Namespace) -> tuple:
 
         graph, loss, _ = record_exercise()
         return graph, loss, "the lecture's MLP"
-    from pathlib import Path
+    from .check import script_graph, script_path
 
-    from .check import script_graph
-
-    path = Path(args.script)
-    if not path.is_file():
-        raise CLIError(f"{path} is a folder, not a file" if path.is_dir() else f"no such file: {path}",
-                       "tensorgraph render")
+    path = script_path(args.script, "tensorgraph render")
     need_loss = args.grads or args.compare or args.view == "backward" or args.loss != "loss"
     _, graph, loss = script_graph(path, args.loss, "tensorgraph render", need_loss=need_loss)
     return graph, loss, str(path)
