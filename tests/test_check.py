@@ -886,6 +886,16 @@ def _row(graph, loss, manual, name):
     return report[name]
 
 
+def _slipped_row(lecture, truth64, name, slip):
+    """The row of d<name> in the answer key with that line replaced by ``slip(v, answer)``, which really is a
+    mistake (off torch autograd's float64 gradient)."""
+    graph, loss, v = lecture
+    good = answer(v)
+    manual = {**good, "d" + name: slip(v, good)}
+    assert _off(manual["d" + name], truth64[name])
+    return _row(graph, loss, manual, name)
+
+
 def test_a_line_that_passes_the_upstream_gradient_on_unchanged_is_not_called_an_alias(lecture, truth64):
     # dnorm_logits = dcounts (the exp's derivative forgotten) is the very tensor dcounts: the check said that an
     # in-place update of dcounts had changed dnorm_logits (dhprebn = dbndiff without .clone()), which never happened
@@ -910,11 +920,7 @@ def test_a_line_that_passes_the_upstream_gradient_on_unchanged_is_not_called_an_
      "the branch through bnmeani is scaled by n with n = 32: a 1/n too many or too few?"),
 ])
 def test_one_branch_with_the_wrong_sign_or_factor_is_named(lecture, truth64, make, name, message):
-    graph, loss, v = lecture
-    good = answer(v)
-    manual = {**good, "d" + name: make(v, good)}
-    assert _off(manual["d" + name], truth64[name])
-    row = _row(graph, loss, manual, name)
+    row = _slipped_row(lecture, truth64, name, make)
     assert row.kind == "wrong" and row.message.startswith(message), row
 
 
@@ -925,10 +931,7 @@ def test_one_branch_with_the_wrong_sign_or_factor_is_named(lecture, truth64, mak
     (lambda v: 1.0 - v.h**2, "hpreact", "the local derivative of h = torch.tanh(hpreact) alone"),
 ])
 def test_the_local_derivative_without_the_upstream_gradient_is_named(lecture, truth64, make, name, message):
-    graph, loss, v = lecture
-    manual = {**answer(v), "d" + name: make(v)}
-    assert _off(manual["d" + name], truth64[name])
-    row = _row(graph, loss, manual, name)
+    row = _slipped_row(lecture, truth64, name, lambda v, good: make(v))
     assert row.kind == "wrong" and row.message.startswith(message), row
 
 
@@ -1026,11 +1029,7 @@ def test_a_parameter_updated_after_recording_says_to_check_before_the_update(tmp
      " (bnvar_inv = (bnvar + 1e-05)**-0.5: d(a+b)/da = 1 and d(x**e)/dx = e*x**(e-1))"),
 ])
 def test_a_wrong_line_names_the_forward_line_it_differentiates_and_its_rule(lecture, truth64, make, name, hint):
-    graph, loss, v = lecture
-    good = answer(v)
-    manual = {**good, "d" + name: make(v, good)}
-    assert _off(manual["d" + name], truth64[name])
-    row = _row(graph, loss, manual, name)
+    row = _slipped_row(lecture, truth64, name, make)
     assert row.kind == "wrong" and row.message.startswith("maxdiff ") and row.message.endswith(hint), row
 
 
