@@ -1922,6 +1922,7 @@ def weight_norm(grad: Tensor, out: Tensor, v: Tensor, g: Tensor, dim: int = 0) -
     if dim < -1 or dim >= max(v.dim(), 1):
         raise UnsupportedCall(f"_weight_norm: dim={dim} is out of range for a {v.dim()}-dimensional v")
     if dim in (0, v.dim() - 1):
+        v, g = v.contiguous(), g.contiguous()  # as torch makes them before its fused kernel, whose backward needs it
         _, norms = torch._weight_norm_interface(v, g, dim)
         return aten._weight_norm_interface_backward(grad.contiguous(), v, g, norms, dim)
     others = [d for d in range(v.dim()) if d != dim] if dim != -1 else list(range(v.dim()))

@@ -559,6 +559,9 @@ def norm_cases():
                                                                                r(positive=True, seed=8)]
     yield "weight_norm_keywords", lambda v, g: torch._weight_norm(v, g=g, dim=1), [r(4, 5, seed=9),
                                                                                     r(1, 5, positive=True, seed=10)]
+    # a transposed v and g (a view, as a fuzzed select gives): torch makes them contiguous before its fused kernel
+    yield "weight_norm_noncontiguous", lambda v, g: torch._weight_norm(v.t(), g.t(), 0), [
+        r(5, 4, seed=11), r(1, 4, positive=True, seed=12)]
     yield "cosine_similarity", lambda a, b: F.cosine_similarity(a, b), [r(4, 5, seed=1), r(4, 5, seed=2)]
     yield "cosine_similarity_broadcast", lambda a, b: F.cosine_similarity(a, b, dim=-1), [r(1, 5, seed=1),
                                                                                           r(3, 4, 5, seed=2)]
