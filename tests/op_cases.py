@@ -532,6 +532,12 @@ def loss_cases():
     yield "kl_div_module", lambda a, b: torch.nn.KLDivLoss(reduction="batchmean")(a.log_softmax(1), b), [
         x, _probs(4, 5, seed=13)]
     yield "kl_div_0d_batchmean", lambda a, b: F.kl_div(a, b, reduction="batchmean"), [r(seed=15), r(seed=16).exp()]
+    yield "bce_target", lambda a, b: F.binary_cross_entropy(a.sigmoid(), b) + F.binary_cross_entropy(
+        a.sigmoid(), b, reduction="sum"), [x, t.sigmoid()]
+    pos_weight = r(5, seed=17, positive=True)  # (weight and pos_weight: torch defines no derivative for them)
+    yield "bce_logits_target", lambda a, b: F.binary_cross_entropy_with_logits(a, b) + (
+        F.binary_cross_entropy_with_logits(a, b, pos_weight * 2, reduction="sum", pos_weight=pos_weight)), [
+        x, t.sigmoid()]
 
 
 def _zero_row(*shape, seed=0):
@@ -647,6 +653,9 @@ def activation_cases():
     yield "glu", lambda x: F.glu(x), [r(3, 4, seed=1)]
     yield "glu_dim0", lambda x: F.glu(x, 0) + torch.nn.GLU(1)(x.T).T.sum(), [r(4, 6, seed=2)]
     yield "copysign", lambda a, b: torch.copysign(a, b) + a.copysign(-1.0), [r(4, 5, seed=1), r(5, seed=2)]
+    # tensor bounds, min > max in 5 places: max wins there and takes the gradient
+    yield "clamp_tensor_bounds", lambda x, lo, hi: torch.clamp(x, lo, hi) + x.clamp(min=lo) * 2 + x.clip(max=hi) * 3, [
+        _apart(4, 5, seed=1), r(4, 5, seed=2) * 0.5, r(5, seed=3) * 0.5 + 0.3]
     yield "float_power", lambda a, b: torch.float_power(a.abs() + 0.5, b) + a.float_power(2), [
         r(4, 5, seed=1), r(5, seed=2)]
     yield "remainder_scalar", lambda a: a % 0.7 + torch.remainder(a, -0.4), [r(4, 5, seed=1)]
@@ -1055,6 +1064,8 @@ def more_shape_cases():
     yield "select_slice_scatter", lambda x, s, t: torch.select_scatter(x, s, 0, 1) + x.select_scatter(s * 2, 0, -1) + (
         torch.slice_scatter(x, t, 1, 0, 4, 2)) + x.slice_scatter(t, dim=-1, start=1, step=2) + torch.slice_scatter(
         x, s.expand(2, 4), end=2), [r(3, 4, seed=1), r(4, seed=2), r(3, 2, seed=3)]
+    yield "masked_fill_tensor_value", lambda x, v: x.masked_fill(x > 0.5, v) + torch.masked_fill(x, x < 0, v * 2), [
+        r(4, 5, seed=1), r(seed=2)]
     yield "diagonal_scatter", lambda x, s: torch.diagonal_scatter(x, s) + x.diagonal_scatter(s[:2] * 3, 1), [
         r(3, 3, seed=1), r(3, seed=2)]
     yield "put", lambda x, s: x.put(torch.tensor([0, 5, 6, 11]), s) + x.put(torch.tensor([1, 5, 1, 2]), s,
