@@ -2562,8 +2562,25 @@ def _elementwise_loss(reduction: str, g: Tensor, per_element: Tensor, n: int) ->
 
 def mse_loss(g, out, x, target, size_average=None, reduce=None, reduction="mean", weight=None) -> tuple:
     reduction = _reduction(size_average, reduce, reduction)
+    if weight is not None:
+        return _weighted_mse_loss(g, out, x, target, reduction, weight)
     grad = _elementwise_loss(reduction, g, 2.0 * (x - target), torch.broadcast_shapes(x.shape, target.shape).numel())
     return grad, -grad
+
+
+def _weighted_mse_loss(g, out, x, target, reduction: str, weight: Tensor) -> tuple:
+    """torch's ``sum(weight * (x - target)**2)``, divided by ``weight.sum()`` for 'mean' (not by the count).
+
+    The mean's weight gradient is ``(squared - out) / weight.sum()``: its ``-out`` part once per weight
+    element, so the squared part is summed over the broadcast copies first.
+    """
+    diff = x - target
+    squared = diff * diff
+    if reduction == "mean":
+        total = weight.sum()
+        grad_weight = (g * squared / total).sum_to_size(weight.shape) - g * out / total
+        return 2.0 * diff * weight * (g / total), -2.0 * diff * weight * (g / total), None, None, None, grad_weight
+    return 2.0 * diff * weight * g, -2.0 * diff * weight * g, None, None, None, squared * g
 
 
 def l1_loss(g, out, x, target, size_average=None, reduce=None, reduction="mean") -> tuple:

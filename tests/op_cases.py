@@ -513,6 +513,8 @@ def loss_cases():
         yield f"huber_{reduction}", lambda a, b, red=reduction: F.huber_loss(a, b, reduction=red, delta=0.5), [x, t]
         yield f"huber_weight_{reduction}", lambda a, b, w, red=reduction: F.huber_loss(a, b, red, 0.7, w), [
             x, t, r(4, 5, seed=3, positive=True)]
+        yield f"mse_weight_{reduction}", lambda a, b, w, red=reduction: F.mse_loss(a, b, reduction=red, weight=w), [
+            x, t, r(4, 5, seed=3, positive=True)]
         yield f"kl_div_{reduction}", lambda a, b, red=reduction: F.kl_div(a.log_softmax(-1), b, reduction=red), [
             x, _probs(4, 5, seed=4)]
         yield f"kl_div_log_target_{reduction}", lambda a, b, red=reduction: F.kl_div(
@@ -521,6 +523,9 @@ def loss_cases():
     yield "smooth_l1_beta0", lambda a, b: F.smooth_l1_loss(a, b, beta=0.0), [x, t]  # torch: the L1 loss
     yield "smooth_l1_legacy_broadcast", lambda a, b: F.smooth_l1_loss(a, b, size_average=False), [
         r(4, 1, seed=6), r(5, seed=7)]
+    # the input broadcast by the target, the weight the input's shape: mean divides by the weight's sum
+    yield "mse_weight_broadcast", lambda a, b, w: F.mse_loss(a, b, weight=w), [
+        r(4, 1, seed=6), r(5, seed=7), r(4, 1, seed=8, positive=True)]
     yield "smooth_l1_module", lambda a, b: torch.nn.SmoothL1Loss(beta=2.0)(a, b), [x, t]
     yield "huber_module", lambda a, b: torch.nn.HuberLoss(reduction="sum", delta=0.2)(a, b), [x, t]
     yield "kl_div_batchmean", lambda a, b: F.kl_div(a.log_softmax(1), b, reduction="batchmean"), [
