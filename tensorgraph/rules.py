@@ -225,7 +225,7 @@ def clamp(g: Tensor, out: Tensor, x: Tensor, min: Any = None, max: Any = None) -
 
 defop("clamp", clamp, funcs=("torch.clip", "Tensor.clip"), inplace=("Tensor.clip_",))
 defop("clamp_min", lambda g, out, x, min: clamp(g, out, x, min, None)[:2])
-defop("clamp_max", lambda g, out, x, max: (clamp(g, out, x, None, max)[0], None))
+defop("clamp_max", lambda g, out, x, max: clamp(g, out, x, None, max)[::2])  # (the input's, max's)
 
 # activations and special functions, with derivatives.yaml's formulas or torch's own backward kernels
 _SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946

@@ -661,6 +661,8 @@ def activation_cases():
     # tensor bounds, min > max in 5 places: max wins there and takes the gradient
     yield "clamp_tensor_bounds", lambda x, lo, hi: torch.clamp(x, lo, hi) + x.clamp(min=lo) * 2 + x.clip(max=hi) * 3, [
         _apart(4, 5, seed=1), r(4, 5, seed=2) * 0.5, r(5, seed=3) * 0.5 + 0.3]
+    yield "clamp_min_max_tensor", lambda x, lo, hi: torch.clamp_max(x, hi) + x.clamp_min(lo) * 2 + (
+        x * 1.0).clamp_max_(hi) * 3, [_apart(4, 5, seed=1), r(4, 5, seed=2) * 0.5, r(5, seed=3) * 0.5 + 0.3]
     yield "float_power", lambda a, b: torch.float_power(a.abs() + 0.5, b) + a.float_power(2), [
         r(4, 5, seed=1), r(5, seed=2)]
     yield "remainder_scalar", lambda a: a % 0.7 + torch.remainder(a, -0.4), [r(4, 5, seed=1)]
