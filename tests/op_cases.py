@@ -339,6 +339,8 @@ def nn_cases():
     yield "conv1d", lambda x, w, b: F.conv1d(x, w, b, padding=1), [r(2, 3, 7, seed=1), r(4, 3, 3, seed=2),
                                                                     r(4, seed=3)]
     yield "conv2d", lambda x, w: F.conv2d(x, w, stride=2), [r(2, 3, 6, 6, seed=1), r(4, 3, 3, 3, seed=2)]
+    yield "conv2d_bias", lambda x, w, b: F.conv2d(x, w, b, padding=1), [r(2, 3, 4, 4, seed=1), r(4, 3, 3, 3, seed=2),
+                                                                        r(4, seed=3)]
     yield "convolution", lambda x, w, b: torch.convolution(x, w, b, [1], [1], [1], False, [0], 1) + torch.convolution(
         x, w.transpose(0, 1)[:, :3], None, [1], [1], [1], True, [0], 1)[..., :8].sum(), [
         r(2, 3, 8, seed=1), r(3, 3, 3, seed=2), r(3, seed=3)]
@@ -484,6 +486,8 @@ def resampling_cases():
     yield "conv_transpose2d_module", lambda x: _CONV_TRANSPOSE(x), [x2]
     yield "conv3d", lambda x, w, b: F.conv3d(x, w, b, padding=1), [x3, r(4, 2, 2, 2, 3, seed=10), r(4, seed=11)]
     yield "conv_transpose3d", lambda x, w: F.conv_transpose3d(x, w, stride=2), [x3, r(2, 3, 2, 2, 2, seed=12)]
+    yield "conv_transpose3d_bias", lambda x, w, b: F.conv_transpose3d(x, w, b, padding=1), [
+        x3, r(2, 3, 2, 2, 2, seed=15), r(3, seed=16)]
 
     image, grid = r(2, 2, 4, 5, seed=13), r(2, 3, 4, 2, seed=14) * 0.9
     for mode in ("bilinear", "nearest", "bicubic"):
@@ -872,6 +876,7 @@ def recurrent_cases():
     yield "rnn_tanh_cell", lambda x, h, *w: torch.rnn_tanh_cell(x, h, *w), [x, h, *_rnn_params(1, 3, 4, seed=50)]
     yield "rnn_relu_cell_no_bias", lambda x, h, *w: torch.rnn_relu_cell(x, h, *w), [
         x, h, *_rnn_params(1, 3, 4, bias=False, seed=60)]
+    yield "rnn_relu_cell", lambda x, h, *w: torch.rnn_relu_cell(x, h, *w), [x, h, *_rnn_params(1, 3, 4, seed=65)]
     yield "lstm_cell_module_unbatched_no_hx", lambda x: _flat(*_LSTM_CELL(x)), [r(2, seed=4)]
     yield "gru_cell_module_no_hx", lambda x: _GRU_CELL(x), [r(2, 2, seed=5)]
     seq, h0 = r(3, 2, 2, seed=6), r(1, 2, 3, seed=7)
