@@ -645,6 +645,7 @@ POSITIVE_ACTIVATIONS = {  # unary, on positive inputs
 BINARY_NEW = {  # over the broadcasting shape matrix
     "logaddexp": lambda a, b: torch.logaddexp(a, b) + torch.logaddexp2(b, a),
     "hypot": lambda a, b: torch.hypot(a, b),
+    "add_alpha": lambda a, b: torch.add(a, b, alpha=-0.5) + a.add(b, alpha=2.0) + (a + 0 * b).add_(b, alpha=3),
     "xlogy": lambda a, b: torch.xlogy(a, b.abs() + 0.5) + torch.special.xlog1py(b, a.abs()),
     "remainder_fmod": lambda a, b: a % (b.abs() + 0.5) + torch.fmod(a, b.abs() + 0.5),
     # (a negative integer exponent: see test_ops, torch's gradient is 0 there)
