@@ -1066,7 +1066,7 @@ class _Checker:
     def _rule_hint(self, node: int) -> str:
         """`` (h = torch.tanh(hpreact): d tanh(x)/dx = 1 - tanh(x)**2)``: the derivative of the one line that
         uses the tensor (through unnamed steps: ``bnvar_inv = (bnvar + 1e-5)**-0.5``), or nothing."""
-        from .codegen import RULE_NOTES
+        from .codegen import rule_notes
 
         notes, current = [], node
         for _ in range(4):
@@ -1075,7 +1075,7 @@ class _Checker:
                 return ""
             data = self.nodes[consumers[0]]
             positions = [i for i, arg in enumerate(data["bargs"]) if getattr(arg, "node", None) == current]
-            rule = RULE_NOTES.get(data["op"], ())
+            rule = rule_notes(data)
             fused = data.get("rule") is not None  # a rule of its own: no note to give
             if len(positions) != 1 or positions[0] >= len(rule) or not rule[positions[0]] or fused:
                 return ""
