@@ -777,7 +777,8 @@ class _Checker:
         n = x.shape[0]
         centred = x - x.mean(0, keepdim=True)
         below = [d for d in sorted(_descendants(self.graph, node, 6)) if d in self.truth and
-                 isinstance(self.nodes[d].get("value"), Tensor) and tuple(self.nodes[d]["shape"]) == tuple(x.shape)]
+                 isinstance(self.nodes[d].get("value"), Tensor) and self.nodes[d]["value"].is_floating_point() and
+                 tuple(self.nodes[d]["value"].shape) == tuple(x.shape)]
         fed = any(self.nodes[c]["op"] == "batch_norm" and self.nodes[c]["attrs"].get("training")
                   for c in self.graph.nx.successors(node))
         for unbiased, eps in itertools.product((True, False), (1e-5, 1e-3, 1e-6, 0.0)):
