@@ -16,10 +16,10 @@ give from their upstream):
 ``dtype``            right within the precision of its dtype, which is the wrong one (float16 for float32)
 ``not-unbroadcast``  the gradient of the broadcast result: summing over the broadcast dimensions fixes it
 ``transposed``       the transpose of the right gradient
-``missing-branch``   the sum over only some of the tensor's consumers (the message names the missing one)
+``missing-branch``   the sum over only some of the tensor's consumers (the message names the lines kept and missed)
 ``sign``             the right value times -1
 ``scaled``           the right value times another constant (the message gives it: ``(n-1)/n = 31/32``)
-``wrong``            none of the above (the message says what it can: the local derivative alone ...)
+``wrong``            none of the above (the message says what it can: the local derivative alone, a fused slip ...)
 ``inherited``        right given the learner's upstream gradients, which are wrong
 ``missing``          not given
 """
@@ -338,6 +338,10 @@ class _Branch:
     summed: Tensor  # after broadcast-undo: the input's shape
 
 
+# a slipped formula: (the row's kind, the message, its value)
+_Slip = tuple[str, str, Tensor]
+
+
 class _Checker:
     def __init__(self, graph: Graph, root: int, truth: dict[int, Tensor], given: dict[int, Tensor],
                  rtol: float | None, atol: float | None, grad: Tensor | None = None) -> None:
@@ -611,9 +615,15 @@ class _Checker:
         scaled_branch = self._branch_scaled(node, mine, ref, branches)
         if scaled_branch is not None:
             return "wrong", scaled_branch
+        slipped = self._branch_slip(node, mine, ref, branches)
+        if slipped is not None:
+            return "wrong", slipped
         tied = self._tie_message(node, mine, ref)  # before "scaled": a full max's gradient is 0 off the ties
         if tied is not None:
             return "wrong", tied
+        fused = self._fused_slip(node, mine, ref)
+        if fused is not None:
+            return fused
         factor = _factor(mine, ref)
         if factor is not None and abs(factor - 1) > 10 * self.rtol and abs(factor) > 1e-12 and \
                 self._close(mine, ref * factor, node):
@@ -685,24 +695,211 @@ class _Checker:
             return text + (f" (it should be {hint})" if hint else "")
         return None
 
+    def _branch_slip(self, node: int, mine: Tensor, ref: Tensor, branches: list | None) -> str | None:
+        """One branch of several wrong in a way the values name, the others right: ``dbndiff += 2 * bndiff``
+        (its local derivative alone) or ``dbndiff += dbndiff2`` (its upstream gradient passed on as it is).
+        Said only when exactly one such reading fits."""
+        if not branches or len(branches) < 2 or any(b is None for b in branches):
+            return None
+        found = []
+        for consumer in dict.fromkeys(b.consumer for b in branches):
+            if not self.nodes[consumer]["named"]:
+                continue  # the upstream gradient that multiplies the local derivative has no name to give
+            own = _total([b for b in branches if b.consumer == consumer])
+            if own is None or self._negligible(own, node):
+                continue
+            residual = mine - (ref - own).to(mine.dtype)  # what the learner's line adds for this branch
+            upstream, line = self.nodes[consumer]["name"], self._forward_line(consumer)
+            local = self._local_derivative(consumer, node)
+            if local is not None and not self._close(local, own, node) and self._close(residual, local, node):
+                found.append(f"the branch through `{line}` is its local derivative alone, without the upstream "
+                             f"gradient d{upstream} it multiplies (chain rule); the rest is right")
+            passed = self._as_shape(self.used.get(consumer), tuple(ref.shape))
+            if passed is not None and not self._negligible(passed, node) and not self._close(passed, own, node) \
+                    and self._close(residual, passed, node):
+                whose = "your " if consumer in self.given else ""
+                found.append(f"the branch through `{line}` passes {whose}d{upstream} on as it is, without the local "
+                             f"derivative of that line (chain rule); the rest is right")
+        return found[0] if len(found) == 1 else None
+
+    def _fused_slip(self, node: int, mine: Tensor, ref: Tensor) -> tuple[str, str] | None:
+        """A slip in the lecture's fused one-liners (exercises 2 and 3), found by recomputing the formula with
+        the slip from the forward's values: said only when the right formula gives ``ref`` (so the tensor is
+        the logits of a cross-entropy, or a batchnorm's input) and exactly one slipped formula gives ``mine``."""
+        value = self.nodes[node].get("value")
+        if not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() != 2 or \
+                tuple(value.shape) != tuple(ref.shape) or value.shape[0] < 2:
+            return None
+        slips = self._cross_entropy_slips(node, value, ref) or self._batch_norm_slips(node, value, ref)
+        hits = list(dict.fromkeys((kind, text) for kind, text, slipped in slips if not self._close(
+            slipped.to(ref.dtype), ref, node) and self._close(mine, slipped.to(ref.dtype), node)))
+        return hits[0] if len(hits) == 1 else None
+
+    def _cross_entropy_slips(self, node: int, value: Tensor, ref: Tensor) -> list[_Slip]:
+        """``(softmax(logits, 1) - one_hot) / n`` with one slip each, if ``ref`` is that formula's value (the
+        one-hot read off ``ref`` itself: it must be one 1 per row, up to rounding); else []."""
+        logits, right = value.double(), ref.double()
+        rows = logits.shape[0]
+        probs = logits.softmax(1)
+        for scale in (1 / rows, 1.0):  # reduction='mean', reduction='sum'
+            onehot = probs - right / scale
+            target = onehot.round()
+            if not (bool(((target == 0) | (target == 1)).all()) and bool((target.sum(1) == 1).all()) and
+                    float((onehot - target).abs().max()) < 1e-3):
+                continue
+            if not self._close((scale * (probs - target)).to(ref.dtype), ref, node):
+                continue
+            x, by = identifier(self.nodes[node]["name"]), f" / {rows}" if scale != 1 else ""
+            picked = self._picked_by(target.bool())
+            targets = f"the elements {picked} picks" if picked else "each row's target class"
+            slips = [
+                ("wrong", f"equals (F.softmax({x}, 0) - one_hot){by}: the softmax is taken over dim 0, across the "
+                          f"batch; cross-entropy's runs over dim 1, each row's classes",
+                 scale * (logits.softmax(0) - target)),
+                ("wrong", f"equals F.softmax({x}, 1){by}: the one-hot is not subtracted (1 less at {targets})",
+                 scale * probs),
+                ("wrong", f"equals (F.one_hot + F.softmax({x}, 1)){by}: the one-hot is added; it is subtracted",
+                 scale * (probs + target)),
+                ("wrong", f"equals (F.log_softmax({x}, 1) - one_hot){by}: the gradient of cross-entropy takes softmax "
+                          f"(the probabilities), not log_softmax", scale * (logits.log_softmax(1) - target)),
+            ]
+            if scale != 1:
+                slips.append(("scaled", f"equals F.softmax({x}, 1) - one_hot without the / {rows}: the loss is the "
+                                        f"mean over the batch, so divide by n = {rows}", probs - target))
+            return slips
+        return []
+
+    def _batch_norm_slips(self, node: int, value: Tensor, ref: Tensor) -> list[_Slip]:
+        """The batchnorm input gradient, ``bnvar_inv/n * (n*dx̂ - dx̂.sum(0) - n/(n-1) * x̂ * (dx̂*x̂).sum(0))``,
+        with one slip each, if the tensor is normalized over dim 0 further down (a tensor ``w * x̂ + b``) and
+        ``ref`` is that formula's value; else []."""
+        x = value.double()
+        n = x.shape[0]
+        centred = x - x.mean(0, keepdim=True)
+        below = [d for d in sorted(_descendants(self.graph, node, 6)) if d in self.truth and
+                 isinstance(self.nodes[d].get("value"), Tensor) and self.nodes[d]["value"].is_floating_point() and
+                 tuple(self.nodes[d]["value"].shape) == tuple(x.shape)]
+        fed = any(self.nodes[c]["op"] == "batch_norm" and self.nodes[c]["attrs"].get("training")
+                  for c in self.graph.nx.successors(node))
+        for unbiased, eps in itertools.product((True, False), (1e-5, 1e-3, 1e-6, 0.0)):
+            inv = (centred.pow(2).sum(0, keepdim=True) / (n - unbiased) + eps).rsqrt()
+            xhat = centred * inv
+            uses = self._normalized_uses(below, xhat)
+            after = self._normalized(node, uses)
+            uses = [(d, w, g) for d, w, g in uses if d in after]  # not bndiff, w * x̂ with w = 1/std: before it
+            dxhat = next((g * w for d, w, g in uses
+                          if self._close(_bn_formula(xhat, inv, g * w, n / (n - 1) if unbiased else 1.0).to(ref.dtype),
+                                         ref, node)), None)
+            if dxhat is None:
+                continue
+            # a gain w fitted to the tensors below absorbs a variance's n or n-1: the values establish which the
+            # forward divides by only where the normalized value itself (w = 1) is recorded, or F.batch_norm
+            # (which divides by n) normalizes the tensor
+            if any(self._plain(w) for _, w, _ in uses) or (fed and not unbiased):
+                return self._batch_norm_messages(node, xhat, inv, dxhat, unbiased, uses)
+        return []
+
+    def _normalized(self, node: int, uses: list[tuple[int, Tensor, Tensor]]) -> set[int]:
+        """The normalized value (``w * x̂ + b`` with w = 1, or F.batch_norm's output) and the tensors computed
+        from it: not those before the division by the standard deviation (bndiff is ``x̂ / bnvar_inv``)."""
+        normalized = {d for d, w, _ in uses if self._plain(w)} | {
+            c for c in self.graph.nx.successors(node) if self.nodes[c]["op"] == "batch_norm"}
+        return normalized | {a for d in normalized for a in _descendants(self.graph, d, 4)}
+
+    @staticmethod
+    def _plain(w: Tensor) -> bool:
+        return bool(torch.allclose(w, torch.ones_like(w)))
+
+    def _normalized_uses(self, below: list[int], xhat: Tensor) -> list[tuple[int, Tensor, Tensor]]:
+        """(tensor, w, its gradient) for each tensor of ``below`` that is ``w * xhat + b`` per column, once with the
+        right gradient and once with the learner's."""
+        found = []
+        norm = xhat.pow(2).sum(0, keepdim=True)
+        if not bool((norm > 0).all()):
+            return found
+        for d in below:
+            v = self.nodes[d]["value"].double()
+            w = (v * xhat).sum(0, keepdim=True) / norm
+            fitted = w * xhat + v.mean(0, keepdim=True)
+            if not bool(torch.allclose(fitted, v, rtol=1e-4, atol=1e-5 * float(v.abs().max()))):
+                continue
+            for gradient in dict.fromkeys(g for g in (self.truth[d], self.used.get(d)) if g is not None):
+                if tuple(gradient.shape) == tuple(v.shape):
+                    found.append((d, w, gradient.double()))
+        return found
+
+    def _batch_norm_messages(self, node: int, xhat: Tensor, inv: Tensor, dxhat: Tensor, unbiased: bool,
+                             uses: list[tuple[int, Tensor, Tensor]]) -> list[_Slip]:
+        """The slipped formulas, each with its message."""
+        n = xhat.shape[0]
+        bessel = n / (n - 1) if unbiased else 1.0
+        plain = next((self.nodes[d]["name"] for d, w, _ in uses if self.nodes[d]["named"] and self._plain(w)), None)
+        xh, dx = (identifier(plain), "d" + identifier(plain)) if plain else ("x̂", "dx̂")
+        term = f"{xh} * ({dx} * {xh}).sum(0)"
+        factor = "n/(n-1) * " if unbiased else ""
+        slips = [
+            ("wrong", f"equals the batchnorm formula with n where it needs n-1: this forward's variance divides by "
+                      f"n-1 (Bessel's correction), so the term {term} takes the factor n/(n-1) = {n}/{n - 1}"
+             if unbiased else f"equals the batchnorm formula with n-1 (Bessel's correction) where it needs n: this "
+                              f"forward's variance divides by n, so the term {term} takes no factor n/(n-1)",
+             _bn_formula(xhat, inv, dxhat, 1.0 if unbiased else n / (n - 1))),
+            ("wrong", f"equals the batchnorm formula without its mean term (- {dx}.sum(0)): the gradient through the "
+                      f"batch mean is missing", _bn_formula(xhat, inv, dxhat, bessel, mean=False)),
+            ("wrong", f"equals the batchnorm formula without its variance term (- {factor}{term}): the gradient "
+                      f"through the batch variance is missing", _bn_formula(xhat, inv, dxhat, bessel, var=False)),
+            ("wrong", "equals the batchnorm formula with its sums over dim 1: the batch statistics (mean, variance) "
+                      "are over dim 0", _bn_formula(xhat, inv, dxhat, bessel, dim=1)),
+            ("scaled", f"equals the batchnorm formula without its 1/n: scaled by n = {n}",
+             n * _bn_formula(xhat, inv, dxhat, bessel)),
+        ]
+        for d, w, gradient in uses:  # the gain forgotten: dhpreact where the formula needs bngain * dhpreact
+            if self.nodes[d]["named"] and not self._plain(w):
+                name = self.nodes[d]["name"]
+                slips.append(("wrong", f"equals the batchnorm formula fed d{name} without the gain: the gradient of "
+                                       f"the normalized value is d{name} times the gain (`{self._forward_line(d)}`)",
+                              _bn_formula(xhat, inv, gradient, bessel)))
+        return slips
+
+    @staticmethod
+    def _as_shape(value: Tensor | None, shape: tuple) -> Tensor | None:
+        """``value`` broadcast, or summed over its broadcast dims, to ``shape``; None if neither fits."""
+        if value is None:
+            return None
+        if tuple(value.shape) == shape:
+            return value
+        if _broadcast_shape(tuple(value.shape), shape) == shape:
+            return value.expand(shape)
+        try:
+            return value.sum_to_size(shape)
+        except RuntimeError:
+            return None
+
     # ---------------------------------------------------------------- messages
 
     def _branch_message(self, present: list[_Branch], missing: list[_Branch], node: int) -> str:
         from .codegen import branch_name
 
-        def names(branches: list[_Branch]) -> str:
-            return _names([branch_name(self.graph, b.consumer) for b in branches], prefix="")
-
-        plural = "es" if len(missing) > 1 else ""
+        hints = [h for h in (self._branch_hint(node, b.consumer) for b in missing) if h]
         if {b.consumer for b in missing} <= {b.consumer for b in present}:  # x * x: one use of two
             user = branch_name(self.graph, missing[0].consumer)
             text = f"only one use of {self.nodes[node]['name']} in {user}; missing the other"
-        else:
-            text = f"only the branch through {names(present)}; missing the branch{plural} through {names(missing)}"
-        hints = [h for h in (self._branch_hint(node, b.consumer) for b in missing) if h]
-        if hints:
-            text += f" ({'; '.join(hints)})"
-        return text
+            return text + (f" ({'; '.join(hints)})" if hints else "")
+        lines = [self._branch_line(b.consumer) for b in present]
+        gone = [self._branch_line(b.consumer) for b in missing]
+        what = "the gradient through " + lines[0] if len(lines) == 1 else \
+            "the sum of the gradients through " + _names(lines, prefix="")
+        missed = f"the branch through {gone[0]} is" if len(gone) == 1 else \
+            f"the branches through {_names(gone, prefix='')} are"
+        text = f"equals {what} alone: {missed} missing (did you write = instead of +=, or leave a line out?"
+        return text + (f" it needs {'; '.join(hints)})" if hints else ")")
+
+    def _branch_line(self, consumer: int) -> str:
+        """```bnraw = bndiff * bnvar_inv```: the forward line of the named tensor a branch goes through."""
+        from .codegen import branch_name
+
+        name = branch_name(self.graph, consumer)
+        named = self.graph._names.get(name)
+        return f"`{self._forward_line(named)}`" if named is not None else name
 
     def _branch_hint(self, node: int, consumer: int) -> str | None:
         """The generated backward line that adds that branch: ``dcounts += dcounts_sum``."""
@@ -851,17 +1048,26 @@ class _Checker:
             upstream = self._wrong_upstream(node)
             given = _names(upstream) if upstream else "upstream gradients"
             return f"maxdiff {_number(_maxdiff(mine, ref))} from what your {given} give, whose values reach " \
-                   f"{_number(scale)}" + self._rule_hint(node)
+                   f"{_number(scale)}" + (self._rule_hint(node) or self._fan_out_hint(node))
         text = f"maxdiff {_number(_maxdiff(mine, ref))} where the right values reach {_number(scale)}"
         if _maxdiff(mine, ref) < 1e-3 * scale:
             text += (f": close ({_number(_maxdiff(mine, ref) / scale)} of the largest value) but more than float "
                      f"rounding gives: a small constant (an eps?) left out or added")
-        return text + self._rule_hint(node)
+        return text + (self._rule_hint(node) or self._fan_out_hint(node))
+
+    def _fan_out_hint(self, node: int) -> str:
+        """`` (dbndiff sums 2 branches, through `bndiff2 = bndiff**2` and `bnraw = ...`: check each)``: where a
+        tensor feeds several lines, which contributions its gradient adds up, or nothing."""
+        consumers = list(dict.fromkeys(b.consumer for b in self.right.get(node) or []))
+        if len(consumers) < 2:
+            return ""
+        lines = _names([self._branch_line(c) for c in consumers], prefix="")
+        return f" (d{self.nodes[node]['name']} sums {len(consumers)} branches, through {lines}: check each)"
 
     def _rule_hint(self, node: int) -> str:
         """`` (h = torch.tanh(hpreact): d tanh(x)/dx = 1 - tanh(x)**2)``: the derivative of the one line that
         uses the tensor (through unnamed steps: ``bnvar_inv = (bnvar + 1e-5)**-0.5``), or nothing."""
-        from .codegen import RULE_NOTES
+        from .codegen import rule_notes
 
         notes, current = [], node
         for _ in range(4):
@@ -870,7 +1076,7 @@ class _Checker:
                 return ""
             data = self.nodes[consumers[0]]
             positions = [i for i, arg in enumerate(data["bargs"]) if getattr(arg, "node", None) == current]
-            rule = RULE_NOTES.get(data["op"], ())
+            rule = rule_notes(data)
             fused = data.get("rule") is not None  # a rule of its own: no note to give
             if len(positions) != 1 or positions[0] >= len(rule) or not rule[positions[0]] or fused:
                 return ""
@@ -1144,6 +1350,29 @@ def _total(branches: list[_Branch | None] | None, summed: bool = True) -> Tensor
     except RuntimeError:
         return None
     return total
+
+
+def _bn_formula(xhat: Tensor, inv: Tensor, dxhat: Tensor, bessel: float, mean: bool = True, var: bool = True,
+                dim: int = 0) -> Tensor:
+    """Batchnorm's input gradient from the gradient of the normalized value: ``inv/n * (n*dxhat - dxhat.sum(dim)
+    - bessel * xhat * (dxhat*xhat).sum(dim))``, a term left out where ``mean`` or ``var`` is False."""
+    n = xhat.shape[0]
+    out = n * dxhat
+    if mean:
+        out = out - dxhat.sum(dim, keepdim=True)
+    if var:
+        out = out - bessel * xhat * (dxhat * xhat).sum(dim, keepdim=True)
+    return inv / n * out
+
+
+def _descendants(graph: Graph, node: int, depth: int) -> set[int]:
+    """The tensors computed from ``node`` within ``depth`` ops."""
+    found: set[int] = set()
+    frontier = {node}
+    for _ in range(depth):
+        frontier = {c for f in frontier for c in graph.nx.successors(f)} - found
+        found |= frontier
+    return found
 
 
 def _ties(x: Tensor, kind: str, dim: Any) -> Tensor | None:

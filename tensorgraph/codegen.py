@@ -64,6 +64,7 @@ RULE_NOTES: dict[str, tuple[str, ...]] = {
     "tanh": ("d tanh(x)/dx = 1 - tanh(x)**2, in torch's fused kernel",),
     "sigmoid": ("d sigmoid(x)/dx = s*(1-s), in torch's fused kernel",),
     "relu": ("d relu(x)/dx = 1 where x > 0",),
+    "threshold": ("d threshold(x)/dx = 1 where x > threshold, else 0, in torch's kernel",),
     "abs": ("d|x|/dx = sign(x)",),
     "matmul": ("d(a@b)/da = g @ b.T", "d(a@b)/db = a.T @ g"),
     "linear": ("d(x@W.T+b)/dx = g @ W", "d/dW = g.T @ x", "d/db = g"),
@@ -101,7 +102,9 @@ RULE_NOTES: dict[str, tuple[str, ...]] = {
     "nll_loss": ("-onehot(target) / n",),
     "mse_loss": ("2*w*(x - target) / n (w: the weight or 1; n: the count, or the weights' sum for a weighted mean)",
                  "-2*w*(x - target) / n", "", "", "", "(x - target)**2 / n, less out / n for a weighted mean"),
-    "layer_norm": ("torch's fused layer-norm backward",),
+    "layer_norm": ("rstd*(gw - mean(gw) - x̂*mean(gw*x̂)) over the normalized dims, gw = g*weight, x̂ = (x-mean)*rstd, "
+                   "in torch's fused kernel", "", "d/dweight = g*x̂ summed over the other dims",
+                   "d/dbias = g summed over the other dims"),
     "batch_norm": ("torch's fused batch-norm backward",),
     "masked_fill": ("the filled elements get none", "", "the filled elements' gradients add up"),
     "where": ("", "d/da = 1 where the condition holds", "d/db = 1 where it does not"),
@@ -109,6 +112,11 @@ RULE_NOTES: dict[str, tuple[str, ...]] = {
     "triu": ("the zeroed elements get none",),
     "gelu": ("d gelu(x)/dx = Phi(x) + x*phi(x), in torch's fused kernel",),
     "silu": ("d silu(x)/dx = s*(1 + x*(1-s)), s = sigmoid(x)",),
+    "softplus": ("d softplus(x)/dx = sigmoid(beta*x) (1 where beta*x > threshold), in torch's fused kernel",),
+    "leaky_relu": ("d leaky_relu(x)/dx = 1 where x > 0, else negative_slope, in torch's fused kernel",),
+    "elu": ("d elu(x)/dx = 1 where x > 0, else elu(x) + alpha, in torch's fused kernel",),
+    "selu": ("d selu(x)/dx = scale where x > 0, else scale*alpha*exp(x), in torch's fused kernel",),
+    "celu": ("d celu(x)/dx = 1 where x > 0, else exp(x/alpha), in torch's fused kernel",),
     "split": ("each piece's gradient goes back to its slice",),
     "chunk": ("each piece's gradient goes back to its slice",),
     "unbind": ("each piece's gradient goes back to its slice",),
@@ -133,6 +141,22 @@ RULE_NOTES: dict[str, tuple[str, ...]] = {
     "huber_loss": ("torch's fused Huber backward", "minus that"),
     "interpolate": ("torch's upsample backward: each output's gradient back to its sources",),
 }
+
+# notes that depend on how the op was called, by (op, keyword, value): they replace the op's RULE_NOTES
+CALL_NOTES: dict[tuple[str, str, Any], tuple[str, ...]] = {
+    ("gelu", "approximate", "tanh"): (
+        "d gelu(x)/dx for gelu(x) = x/2*(1 + tanh(u)), u = sqrt(2/pi)*(x + 0.044715*x**3): (1 + tanh(u))/2 + "
+        "x/2*(1 - tanh(u)**2)*du/dx, in torch's fused kernel",),
+}
+
+
+def rule_notes(data: dict) -> tuple[str, ...]:
+    """What a recorded op's rule does, by argument position: :data:`CALL_NOTES` for its call, else RULE_NOTES."""
+    attrs = data.get("attrs") or {}
+    for (op, key, value), notes in CALL_NOTES.items():
+        if data["op"] == op and attrs.get(key) == value:
+            return notes
+    return RULE_NOTES.get(data["op"], ())
 
 
 @dataclass
@@ -433,13 +457,17 @@ class _Generator:
             return Expr(f"{self._whole_call(node)}[{index}]", PRIMARY)
         if node in self.cross_entropy:
             return self._cross_entropy(*self.cross_entropy[node])
-        if self.textbook and index is None:
+        if self.textbook:
             formula = printer.textbook_formula(data["func"])
-            if formula is not None:
-                return self._formula(formula, data["args"], data["kwargs"])
+            if formula is not None and (index is None) == (formula.outputs == 1):
+                built = self._formula(formula, data["args"], data["kwargs"])
+                if index is None:
+                    return built
+                if index < len(built) and built[index] is not None:  # the one output of several read
+                    return built[index]
         return printer.call(data["func"], data["args"], data["kwargs"], self._expr, output_index=index)
 
-    def _formula(self, formula: printer.Formula, args: tuple, kwargs: dict) -> Expr:
+    def _formula(self, formula: printer.Formula, args: tuple, kwargs: dict) -> Any:
         """A fused kernel's call as its textbook formula; an argument the formula reads twice gets a variable
         first, unless it is a name already (``dp * p`` rather than an inlined gradient written out twice)."""
         for position in formula.repeats:
@@ -471,7 +499,11 @@ class _Generator:
         data = self.adj[node]
         key = id(data["args"])
         if key not in self.whole_calls:
-            code = printer.call(data["func"], data["args"], data["kwargs"], self._expr).text
+            formula = printer.textbook_formula(data["func"]) if self.textbook else None
+            if formula is not None and formula.outputs > 1:
+                code = printer.outputs(self._formula(formula, data["args"], data["kwargs"])).text
+            else:
+                code = printer.call(data["func"], data["args"], data["kwargs"], self._expr).text
             self.whole_calls[key] = name = self._temp_name()
             self.lines.append(Line(f"{name} = {code}"))
         return self.whole_calls[key]
@@ -615,7 +647,7 @@ class _Generator:
 
     def _note(self, step: Any, position: int) -> str:
         data = self.fwd[step.consumer]
-        notes = RULE_NOTES.get(data["op"], ())
+        notes = rule_notes(data)
         note = notes[position] if position < len(notes) and notes[position] else (notes[0] if notes else "rule")
         if self.textbook:  # the kernel is written out as its formula
             note = note.replace(", in torch's fused kernel", "").replace(", in torch's kernel", "")
@@ -739,4 +771,4 @@ def _dims(dims: list[int]) -> str:
     return str(dims[0]) if len(dims) == 1 else "(" + ", ".join(map(str, dims)) + ")"
 
 
-__all__ = ["BackwardSource", "Line", "RULE_NOTES", "backward_source", "branch_name", "generate", "run"]
+__all__ = ["BackwardSource", "CALL_NOTES", "Line", "RULE_NOTES", "backward_source", "branch_name", "generate", "run"]

@@ -225,8 +225,9 @@ class Formula(NamedTuple):
     kernel's arguments as recorded and ``value`` (an argument's :class:`Expr`); ``repeats``: the positions
     of the tensor arguments the formula reads more than once (a caller may put those in variables first)."""
 
-    build: Callable[..., Expr]
+    build: Callable[..., Any]
     repeats: tuple[int, ...]
+    outputs: int = 1  # a kernel returning several gradients: build gives one Expr per output (None if not asked)
 
 
 def _tanh_backward(value: Callable[[Any], Expr], g: Any, y: Any) -> Expr:
@@ -290,6 +291,51 @@ def _softplus_backward(value: Callable[[Any], Expr], g: Any, x: Any, beta: Any, 
                 f"torch.sigmoid({scaled}) * {g_.wrap(PRODUCT + 1)})", PRIMARY)
 
 
+def _elu_backward(value: Callable[[Any], Expr], g: Any, alpha: Any, scale: Any, input_scale: Any, is_result: Any,
+                  v: Any) -> Expr:
+    """elu, selu and celu: ``scale * g`` where v > 0, else the derivative of ``scale * alpha * (exp(x * input_scale)
+    - 1)``, written from the output y (``input_scale * (y + scale * alpha) * g``) or from the input x."""
+    g_, v_ = value(g), value(v)
+    above = _times(value, [scale], g_)
+    if is_result:
+        shift = _times(value, [scale], value(alpha))
+        below = _times(value, [input_scale], Expr(f"({v_.wrap(SUM)} + {shift.wrap(SUM)})", PRIMARY), g_)
+    else:
+        exponent = _times(value, [input_scale], v_) if _is_one(input_scale) else \
+            Expr(f"{v_.wrap(PRODUCT)} * {value(input_scale).wrap(PRODUCT + 1)}", PRODUCT)
+        below = _times(value, [scale, alpha, input_scale], Expr(f"torch.exp({exponent})", PRIMARY), g_)
+    return Expr(f"torch.where({_above(value, v, 0)}, {above}, {below})", PRIMARY)
+
+
+def _times(value: Callable[[Any], Expr], factors: list[Any], *terms: Expr) -> Expr:
+    """``2.0 * a * g``: the factors that are not 1, then the terms, as one product."""
+    parts = [value(f) for f in factors if not _is_one(f)] + list(terms)
+    parts = [p.wrap(PRODUCT) if i == 0 else p.wrap(PRODUCT + 1) for i, p in enumerate(parts)]
+    return Expr(" * ".join(parts), PRODUCT) if len(parts) > 1 else terms[0]
+
+
+def _is_one(number: Any) -> bool:
+    return isinstance(number, (int, float)) and not isinstance(number, bool) and number == 1
+
+
+def _layer_norm_backward(value: Callable[[Any], Expr], g: Any, x: Any, shape: Any, mean: Any, rstd: Any,
+                         weight: Any, bias: Any, mask: Any) -> tuple[Expr | None, ...]:
+    """(dx, dweight, dbias), each None where ``mask`` does not ask for it: with x̂ = (x - mean) * rstd and
+    gw = g * weight, ``dx = rstd * (gw - gw.mean(dims) - x̂ * (gw * x̂).mean(dims))`` over the normalized dims."""
+    g_, rstd_ = value(g), value(rstd)
+    dims = ", ".join(str(-i) for i in range(len(shape), 0, -1))
+    dims = dims if len(shape) == 1 else f"({dims})"
+    xhat = Expr(f"({value(x).wrap(SUM)} - {value(mean).wrap(SUM + 1)}) * {rstd_.wrap(PRODUCT + 1)}", PRODUCT)
+    gw = g_ if weight is None else Expr(f"{g_.wrap(PRODUCT)} * {value(weight).wrap(PRODUCT + 1)}", PRODUCT)
+    dx = Expr(f"{rstd_.wrap(PRODUCT)} * ({gw.wrap(SUM)} - {gw.wrap(PRIMARY)}.mean({dims}, keepdim=True) - "
+              f"{xhat.wrap(PRODUCT)} * ({gw.wrap(PRODUCT)} * {xhat.wrap(PRODUCT + 1)}).mean({dims}, keepdim=True))",
+              PRODUCT)
+    flat = ", ".join(str(size) for size in shape)  # the other dims flattened into one, summed over
+    dweight = Expr(f"({g_.wrap(PRODUCT)} * {xhat.wrap(PRODUCT + 1)}).reshape(-1, {flat}).sum(0)", PRIMARY)
+    dbias = Expr(f"{g_.wrap(PRIMARY)}.reshape(-1, {flat}).sum(0)", PRIMARY)
+    return tuple(part if asked else None for part, asked in zip((dx, dweight, dbias), mask))
+
+
 def _above(value: Callable[[Any], Expr], x: Any, threshold: Any) -> str:
     return f"{value(x).wrap(COMPARE + 1)} > {value(threshold).wrap(COMPARE + 1)}"
 
@@ -308,6 +354,8 @@ TEXTBOOK: dict[str, Formula] = {
     "leaky_relu_backward": Formula(_leaky_relu_backward, (0,)),
     "hardtanh_backward": Formula(_hardtanh_backward, (1,)),  # also relu6
     "softplus_backward": Formula(_softplus_backward, (0, 1)),
+    "elu_backward": Formula(_elu_backward, (0, 5)),  # also selu and celu
+    "native_layer_norm_backward": Formula(_layer_norm_backward, (0, 1, 3, 4, 5), outputs=3),
 }
 
 
@@ -325,7 +373,13 @@ def textbook(func: Any, args: tuple, kwargs: dict, name: Namer) -> Expr | None:
     formula = textbook_formula(func)
     if formula is None:
         return None
-    return formula.build(lambda arg: _value(arg, name, subscript=False), *args, **kwargs)
+    built = formula.build(lambda arg: _value(arg, name, subscript=False), *args, **kwargs)
+    return built if formula.outputs == 1 else outputs(built)
+
+
+def outputs(parts: tuple[Expr | None, ...]) -> Expr:
+    """A formula's several outputs as one tuple: ``(dx, dw, None)``."""
+    return Expr("(" + ", ".join("None" if part is None else part.text for part in parts) + ")", PRIMARY)
 
 
 # ---------------------------------------------------------------- how a call is written

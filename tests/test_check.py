@@ -114,12 +114,14 @@ def test_messages_are_pointed(reports):
     assert message("dbnmeani-summed-all") == (
         "wrong shape: got () for (1, 64): summed over every dim of (32, 64) (a .sum() with no dim); the broadcast "
         "happened along dim 0 only (.sum(0, keepdim=True))")
-    counts = message("dcounts-missing-branch")
-    assert "only the branch through probs" in counts and "missing the branch through counts_sum" in counts
-    assert "dcounts += dcounts_sum" in counts
-    assert "through logit_maxes" in message("dlogits-missing-max-branch")
-    assert "through bnmeani" in message("dhprebn-missing-branch")
-    assert "through bndiff2" in message("dbndiff-missing-branch")
+    assert message("dcounts-missing-branch") == (
+        "equals the gradient through `probs = counts * counts_sum_inv` alone: the branch through `counts_sum = "
+        "counts.sum(1, keepdims=True)` is missing (did you write = instead of +=, or leave a line out? it needs "
+        "dcounts += dcounts_sum)")
+    assert "the branch through `logit_maxes = logits.max(1, keepdim=True).values` is missing" in \
+        message("dlogits-missing-max-branch")
+    assert "the branch through `bnmeani = " in message("dhprebn-missing-branch")
+    assert "the branch through `bndiff2 = bndiff**2` is missing" in message("dbndiff-missing-branch")
     assert "(n-1)/n = 31/32" in message("dbndiff2-bessel")
     assert ".sum(0, keepdim=True)" in message("dbnbias-not-summed")
     assert ".sum(1, keepdim=True)" in message("dcounts_sum_inv-not-summed")
@@ -606,6 +608,12 @@ def test_a_gradient_wrong_only_where_the_loss_picks_says_so(lecture):
     assert torch.equal(off, targets)  # independently: wrong exactly at the targets
     row = graph.check({"dlogits": mine}, loss)["dlogits"]
     assert row.kind == "wrong" and row.message == (
+        f"equals F.softmax(logits, 1) / {n}: the one-hot is not subtracted (1 less at the elements "
+        f"logprobs[range({n}), Yb] picks)"), row
+    mine = truth.clone()  # off at the targets by what no slipped formula gives: located, not explained
+    mine[range(n), v.Yb] += 0.5 / n
+    row = graph.check({"dlogits": mine}, loss)["dlogits"]
+    assert row.kind == "wrong" and row.message == (
         f"wrong only at the {n} elements logprobs[range({n}), Yb] picks (the others are right)"), row
     # the first line of exercise 1 with -1/n everywhere: right only where the loss picks
     truth = _autograd_grads(graph, loss)["logprobs"]
@@ -964,8 +972,7 @@ def test_where_a_gradient_is_wrong_is_located(lecture, truth64):
     off = ~torch.isclose(probs.double(), truth64["logits"], rtol=1e-4, atol=1e-7)
     assert int(off.sum()) == n and bool((off.sum(1) == 1).all())
     row = _row(graph, loss, {"dlogits": probs}, "logits")
-    assert row.message == f"wrong only at the {n} elements logprobs[range({n}), Yb] picks (the others are right)", \
-        row
+    assert row.message.startswith(f"equals F.softmax(logits, 1) / {n}: the one-hot is not subtracted"), row
     mine = probs.clone()  # one picked element set right: no index picks exactly the others, so they are located
     mine[0, int(v.Yb[0])] = truth64["logits"][0, int(v.Yb[0])]
     row = _row(graph, loss, {"dlogits": mine}, "logits")
@@ -1054,3 +1061,177 @@ def test_cli_check_textbook_prints_the_answer_key_with_formulas(tmp_path, capsys
     out = capsys.readouterr().out
     assert "fused backward kernels written as their formulas" in out
     assert "dmul_1 = (1 - y**2) * dy" in out and "torch.ops.aten" not in out
+
+
+# ---------------------------------------------------------------- tensors used in several places (fan-out)
+
+
+@pytest.mark.parametrize("make, name, message", [
+    # dbndiff = ... where dbndiff += ... was meant: the bnraw branch, written first, overwritten
+    (lambda v, g: 2 * v.bndiff * g["dbndiff2"], "bndiff",
+     "equals the gradient through `bndiff2 = bndiff**2` alone: the branch through `bnraw = bndiff * bnvar_inv` is "
+     "missing (did you write = instead of +=, or leave a line out? it needs dbndiff += dbnraw * bnvar_inv)"),
+    (lambda v, g: 1.0 / v.Yb.shape[0] * (torch.ones_like(v.hprebn) * g["dbnmeani"]), "hprebn",
+     "equals the gradient through `bnmeani = hprebn.sum(0, keepdim=True) * (1 / 32)` alone: the branch through "
+     "`bndiff = hprebn - bnmeani` is missing (did you write = instead of +=, or leave a line out? it needs "
+     "dhprebn += dbndiff)"),
+])
+def test_an_overwritten_branch_names_the_forward_lines_kept_and_lost(lecture, truth64, make, name, message):
+    row = _slipped_row(lecture, truth64, name, make)
+    assert row.kind == "missing-branch" and row.message == message, row
+
+
+@pytest.mark.parametrize("make, name, message", [
+    (lambda v, g: v.bnvar_inv * g["dbnraw"] + 2 * v.bndiff, "bndiff",  # dbndiff += 2 * bndiff, no * dbndiff2
+     "the branch through `bndiff2 = bndiff**2` is its local derivative alone, without the upstream gradient "
+     "dbndiff2 it multiplies (chain rule); the rest is right"),
+    (lambda v, g: v.counts_sum_inv * g["dprobs"] + torch.ones_like(v.counts), "counts",  # no * dcounts_sum
+     "the branch through `counts_sum = counts.sum(1, keepdims=True)` is its local derivative alone, without the "
+     "upstream gradient dcounts_sum it multiplies (chain rule); the rest is right"),
+    (lambda v, g: v.bnvar_inv * g["dbnraw"] + g["dbndiff2"], "bndiff",  # dbndiff += dbndiff2, no 2 * bndiff
+     "the branch through `bndiff2 = bndiff**2` passes your dbndiff2 on as it is, without the local derivative of "
+     "that line (chain rule); the rest is right"),
+])
+def test_one_branch_without_a_factor_of_the_chain_rule_is_named(lecture, truth64, make, name, message):
+    row = _slipped_row(lecture, truth64, name, make)
+    assert row.kind == "wrong" and row.message == message, row
+
+
+def test_a_fan_out_row_that_no_reading_explains_lists_its_branches_and_claims_none(lecture, truth64):
+    # the bndiff2 branch with bndiff**2 for 2 * bndiff: no slip the values establish, so none is named
+    row = _slipped_row(lecture, truth64, "bndiff", lambda v, g: v.bnvar_inv * g["dbnraw"] + v.bndiff**2 * g["dbndiff2"])
+    assert row.kind == "wrong" and row.message.startswith("maxdiff "), row
+    assert row.message.endswith(" (dbndiff sums 2 branches, through `bnraw = bndiff * bnvar_inv` and `bndiff2 = "
+                                "bndiff**2`: check each)"), row
+    assert "alone" not in row.message and "missing" not in row.message, row
+
+
+# ---------------------------------------------------------------- the fused one-liners (exercises 2 and 3)
+
+
+def _fused_row(lecture, truth64, name, value):
+    """The row of d<name> in exercises 2-3's answer with that line replaced by ``value``, which really is a
+    mistake (off torch autograd's float64 gradient)."""
+    graph, loss, v = lecture
+    assert _off(value, truth64[name])
+    return _row(graph, loss, {**fused_answer(v), "d" + name: value}, name)
+
+
+def _cross_entropy(v, dim=1, log=False, onehot=-1.0, mean=True):
+    """Exercise 2's dlogits, (F.softmax(logits, 1) - F.one_hot(Yb)) / n, written with the slip asked for."""
+    n, classes = v.Yb.shape[0], v.logits.shape[1]
+    probs = F.log_softmax(v.logits, dim) if log else F.softmax(v.logits, dim)
+    dlogits = probs + onehot * F.one_hot(v.Yb, classes)
+    return dlogits / n if mean else dlogits
+
+
+@pytest.mark.parametrize("slip, kind, message", [
+    (dict(dim=0), "wrong", "equals (F.softmax(logits, 0) - one_hot) / 32: the softmax is taken over dim 0, across "
+                           "the batch; cross-entropy's runs over dim 1, each row's classes"),
+    (dict(onehot=0.0), "wrong", "equals F.softmax(logits, 1) / 32: the one-hot is not subtracted (1 less at the "
+                                "elements logprobs[range(32), Yb] picks)"),
+    (dict(onehot=1.0), "wrong", "equals (F.one_hot + F.softmax(logits, 1)) / 32: the one-hot is added; it is "
+                                "subtracted"),
+    (dict(log=True), "wrong", "equals (F.log_softmax(logits, 1) - one_hot) / 32: the gradient of cross-entropy "
+                              "takes softmax (the probabilities), not log_softmax"),
+    (dict(mean=False), "scaled", "equals F.softmax(logits, 1) - one_hot without the / 32: the loss is the mean over "
+                                 "the batch, so divide by n = 32"),
+])
+def test_a_slip_in_the_fused_cross_entropy_gradient_is_named(lecture, truth64, slip, kind, message):
+    row = _fused_row(lecture, truth64, "logits", _cross_entropy(lecture[2], **slip))
+    assert row.kind == kind and row.message == message, row
+
+
+def _batch_norm(v, dh, bessel=True, mean=True, var=True, dim=0, gain=True):
+    """Exercise 3's dhprebn, bngain*bnvar_inv/n * (n*dh - dh.sum(0) - n/(n-1)*bnraw*(dh*bnraw).sum(0)), written
+    with the slip asked for."""
+    n = v.Yb.shape[0]
+    bnvar_inv = (v.hprebn.var(0, keepdim=True) + 1e-5).rsqrt()
+    bnraw = (v.hprebn - v.hprebn.mean(0, keepdim=True)) * bnvar_inv
+    dbnraw = v.bngain * dh if gain else dh
+    inner = n * dbnraw
+    if mean:
+        inner = inner - dbnraw.sum(dim, keepdim=True)
+    if var:
+        inner = inner - (n / (n - 1) if bessel else 1.0) * bnraw * (dbnraw * bnraw).sum(dim, keepdim=True)
+    return bnvar_inv / n * inner
+
+
+@pytest.mark.parametrize("slip, kind, message", [
+    (dict(bessel=False), "wrong", "equals the batchnorm formula with n where it needs n-1: this forward's variance "
+                                  "divides by n-1 (Bessel's correction), so the term bnraw * (dbnraw * bnraw).sum(0) "
+                                  "takes the factor n/(n-1) = 32/31"),
+    (dict(var=False), "wrong", "equals the batchnorm formula without its variance term (- n/(n-1) * bnraw * (dbnraw "
+                               "* bnraw).sum(0)): the gradient through the batch variance is missing"),
+    (dict(dim=1), "wrong", "equals the batchnorm formula with its sums over dim 1: the batch statistics (mean, "
+                           "variance) are over dim 0"),
+    (dict(gain=False), "wrong", "equals the batchnorm formula fed dhpreact without the gain: the gradient of the "
+                                "normalized value is dhpreact times the gain (`hpreact = bngain * bnraw + bnbias`)"),
+])
+def test_a_slip_in_the_fused_batch_norm_gradient_is_named(lecture, truth64, slip, kind, message):
+    graph, loss, v = lecture
+    right = _batch_norm(v, fused_answer(v)["dhpreact"])
+    torch.testing.assert_close(right.double(), truth64["hprebn"], rtol=1e-4, atol=1e-6)  # the formula is right
+    row = _fused_row(lecture, truth64, "hprebn", _batch_norm(v, fused_answer(v)["dhpreact"], **slip))
+    assert row.kind == kind and row.message == message, row
+    # the forgotten 1/n: the scale is named either way, now with the formula it comes from
+    row = _fused_row(lecture, truth64, "hprebn", right * v.Yb.shape[0])
+    assert row.kind == "scaled" and row.message == "equals the batchnorm formula without its 1/n: scaled by n = 32"
+
+
+def test_two_slips_in_a_fused_gradient_are_not_named_as_one(lecture, truth64):
+    # softmax over dim 0 and the /n forgotten: no one slipped formula gives it, so none is claimed
+    row = _fused_row(lecture, truth64, "logits", _cross_entropy(lecture[2], dim=0, mean=False))
+    assert row.kind == "wrong" and not row.message.startswith("equals"), row
+    graph, loss, v = lecture
+    both = _batch_norm(v, fused_answer(v)["dhpreact"], var=False, gain=False)
+    row = _fused_row(lecture, truth64, "hprebn", both)
+    assert row.kind == "wrong" and not row.message.startswith("equals"), row
+
+
+def _torch_layers(seed=0):
+    """F.batch_norm then F.cross_entropy, recorded as such (no lecture lines): (graph, loss, values, autograd's)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, W = torch.randn(16, 8, generator=gen), torch.randn(8, 5, generator=gen)
+    w, b = torch.randn(8, generator=gen) * 0.1 + 1, torch.randn(8, generator=gen) * 0.1
+    y = torch.randint(0, 5, (16,), generator=gen)
+    with tg.record() as graph:
+        hpre = x * 2.0
+        hn = F.batch_norm(hpre, None, None, w, b, training=True)
+        logits = torch.tanh(hn) @ W
+        loss = F.cross_entropy(logits, y)
+    leaves = [t.double().requires_grad_() for t in (x, W, w, b)]
+    xs, Ws, ws, bs = leaves
+    hpre64 = (xs * 2.0).requires_grad_()
+    hpre64.retain_grad()
+    logits64 = torch.tanh(F.batch_norm(hpre64, None, None, ws, bs, training=True)) @ Ws
+    logits64.retain_grad()
+    F.cross_entropy(logits64, y).backward()
+    values = SimpleNamespace(hpre=hpre, hn=hn, logits=logits, y=y, w=w)
+    return graph, loss, values, {"hpre": hpre64.grad, "logits": logits64.grad}
+
+
+def test_fused_slips_are_named_where_torch_layers_were_recorded():
+    graph, loss, v, truth = _torch_layers()
+    n = v.y.shape[0]
+    probs, onehot = F.softmax(v.logits, 1), F.one_hot(v.y, 5)
+    assert graph.check({"dlogits": (probs - onehot) / n}, loss)["logits"].ok  # the right formula: ok
+    wrong_dim = (F.softmax(v.logits, 0) - onehot) / n
+    assert _off(wrong_dim, truth["logits"])
+    row = graph.check({"dlogits": wrong_dim}, loss)["logits"]
+    assert row.message.startswith("equals (F.softmax(logits, 0) - one_hot) / 16: the softmax is taken over dim 0")
+    # F.batch_norm normalizes with the variance divided by n: n/(n-1) there is the slip
+    inv = (v.hpre.var(0, unbiased=False) + 1e-5).rsqrt()
+    xhat = (v.hpre - v.hpre.mean(0)) * inv
+    dxhat = graph.backward(loss)["hn"] * v.w
+
+    def formula(bessel):
+        return inv / n * (n * dxhat - dxhat.sum(0) - bessel * xhat * (dxhat * xhat).sum(0))
+
+    torch.testing.assert_close(formula(1.0).double(), truth["hpre"], rtol=1e-4, atol=1e-6)
+    assert graph.check({"dhpre": formula(1.0)}, loss)["hpre"].ok
+    assert _off(formula(n / (n - 1)), truth["hpre"])
+    row = graph.check({"dhpre": formula(n / (n - 1))}, loss)["hpre"]
+    assert row.kind == "wrong" and row.message == (
+        "equals the batchnorm formula with n-1 (Bessel's correction) where it needs n: this forward's variance "
+        "divides by n, so the term x̂ * (dx̂ * x̂).sum(0) takes no factor n/(n-1)"), row

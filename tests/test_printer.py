@@ -176,3 +176,26 @@ def test_textbook_writes_a_fused_kernel_as_its_formula_with_the_parentheses_it_n
         refs = tuple(Ref(i) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
         text = printer.textbook(kernel, refs, {}, {0: "g", 1: "y"}.__getitem__).text
         torch.testing.assert_close(eval(text, {**printer.NAMESPACE, "g": g, "y": y}), kernel(*args))  # noqa: S307
+    # elu_backward from the output (elu) or the input (selu, celu), every coefficient: torch's kernel is the truth
+    v = torch.randn(3, 4, dtype=torch.float64)
+    for args in [(g, 1.0, 1.0, 1.0, True, v), (g, 0.5, 1.0, 1.0, True, v), (g, 1.67, 1.05, 1.0, False, v),
+                 (g, 0.7, 1.0, 1 / 0.7, False, v), (g, 0.3, 2.0, 3.0, False, v), (g, 0.3, 2.0, 3.0, True, v)]:
+        refs = (Ref(0), *args[1:5], Ref(1))
+        text = printer.textbook(aten.elu_backward, refs, {}, {0: "g", 1: "v"}.__getitem__).text
+        torch.testing.assert_close(eval(text, {**printer.NAMESPACE, "g": g, "v": v}),  # noqa: S307
+                                   aten.elu_backward(*args), rtol=1e-12, atol=1e-14, msg=text)
+    # native_layer_norm_backward: (dx, dweight, dbias), None where the mask does not ask
+    x, w, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64), torch.randn(4).double()
+    _, mean, rstd = aten.native_layer_norm(x, (4,), w, b, 1e-5)
+    tensors = {"g": g, "x": x, "mean": mean, "rstd": rstd, "w": w, "b": b}
+    refs = tuple(Ref(i) for i in range(6))
+    name = dict(enumerate(tensors)).__getitem__
+    for mask in ([True, True, True], [True, False, True]):
+        text = printer.textbook(aten.native_layer_norm_backward, (refs[0], refs[1], (4,), *refs[2:], mask), {},
+                                name).text
+        got = eval(text, {**printer.NAMESPACE, **tensors})  # noqa: S307
+        want = aten.native_layer_norm_backward(g, x, (4,), mean, rstd, w, b, mask)
+        for part, truth in zip(got, want):
+            assert (part is None) == (truth is None), text
+            if truth is not None:
+                torch.testing.assert_close(part, truth, rtol=1e-12, atol=1e-14, msg=text)
