@@ -1237,6 +1237,7 @@ def _huber_by_hand(x, delta=1.0):
 PIECEWISE = {
     "where": (lambda x: torch.where(x > 0, x * 2, x.exp()), [0.0]),
     "where with a number": (lambda x: torch.where(x > 0, x.tanh(), 0.0), [0.0]),
+    "where, the method": (lambda x: x.exp().where(x > 0, x * 3), [0.0]),  # recorded as (x.exp(), x > 0, x * 3)
     "clamp": (lambda x: x.clamp(-0.5, 0.5).tanh(), [-0.5, 0.5]),
     "clip, min only": (lambda x: torch.clip(x, min=-0.5), [-0.5]),
     "clamp_max": (lambda x: x.clamp_max(0.5), [0.5]),
