@@ -1327,6 +1327,19 @@ def test_clamp_to_tensor_bounds_gives_each_bound_its_gradient_as_torch():
                                rtol=1e-6, atol=1e-8)
 
 
+def test_huber_proves_its_textbook_gradient_and_not_a_wrong_one():
+    """F.huber_loss reads (x - t)/N inside the band, delta*sign(x - t)/N outside, with its saved difference; a
+    formula with another slope outside the band does not prove."""
+    x = _kink_input("huber_loss", [-0.5, 0.0, 0.5])
+    d = derive(lambda x, t: F.huber_loss(x, t, delta=0.5), x, _T, tol=1e-10)  # dt too
+    s = d.symbols
+    diff, size = s["x"] - s["t"], s["n"] * s["n_j"]
+    half = sp.Rational(1, 2)
+    assert d.prove(s["dout"] * sp.Piecewise((diff, sp.Abs(diff) < half), (half * sp.sign(diff), True)) / size)
+    assert not d.prove(s["dout"] * sp.Piecewise((diff, sp.Abs(diff) < half), (sp.sign(diff), True)) / size)
+    assert s["out_diff"] in d.textbook.free_symbols, d.textbook
+
+
 def test_the_check_refuses_a_piecewise_rule_with_the_wrong_kink():
     """hardtanh with clamp's rule (the gradient passed at the bounds, not stopped there) differs only at the kinks:
     recorded with inputs at the bounds, the built-in check refuses it."""

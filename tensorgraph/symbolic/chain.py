@@ -334,10 +334,10 @@ class Lowering:
                     f"the gradient (which flows through the unclamped norm), and no closed form's derivative is "
                     f"that; (F.normalize(x1, dim=d) * F.normalize(x2, dim=d)).sum(d) derives, with normalize's "
                     f"own clamp")
-        return (f"{where(data)}: the op {op!r} has no symbolic form (supported: elementwise ops, sum, mean, var, "
-                f"std, max, amax, logsumexp, softmax, log_softmax, x[range(n), targets], gather, cross_entropy, "
-                f"nll_loss, mse_loss, l1_loss, binary_cross_entropy_with_logits, layer_norm, batch_norm in "
-                f"training)")
+        return (f"{where(data)}: the op {op!r} has no symbolic form (supported: elementwise ops, where, clamp, "
+                f"leaky_relu, elu, hardtanh, sum, mean, var, std, max, amax, logsumexp, softmax, log_softmax, "
+                f"x[range(n), targets], gather, cross_entropy, nll_loss, mse_loss, l1_loss, smooth_l1_loss, "
+                f"huber_loss, binary_cross_entropy_with_logits, normalize, layer_norm, batch_norm in training)")
 
     # ------------------------------------------------------------------ node creation
 
