@@ -1340,6 +1340,19 @@ def test_huber_proves_its_textbook_gradient_and_not_a_wrong_one():
     assert s["out_diff"] in d.textbook.free_symbols, d.textbook
 
 
+def test_a_folded_piecewise_keeps_only_the_pieces_it_can_reach():
+    """log(sigmoid(x).clamp(lo, hi)): the clamp's gradient times log's 1/clamp folds into pieces under conditions
+    such as (s > hi) & ((s > hi) | (s < lo)) and pieces never reached; tidied, two pieces remain: 0 outside
+    [lo, hi], and the textbook dout*w*(1 - sigmoid(x)) inside."""
+    x = _with_kinks([], seed=50) * 10  # some probabilities past the clamp
+    w = torch.randn(6, 5, dtype=D, generator=_gen(51))
+    d = derive(lambda x, w: torch.sigmoid(x).clamp(1e-7, 1 - 1e-7).log() * w, x, w, tol=1e-10)
+    s = d.symbols
+    (outside, condition), (inside, otherwise) = d.expr.args
+    assert outside == 0 and otherwise == sp.true and isinstance(condition, sp.Or) and len(condition.args) == 2
+    assert inside == s["dout"] * s["w"] * (1 - Sigmoid(s["x"])), d.expr
+
+
 def test_the_check_refuses_a_piecewise_rule_with_the_wrong_kink():
     """hardtanh with clamp's rule (the gradient passed at the bounds, not stopped there) differs only at the kinks:
     recorded with inputs at the bounds, the built-in check refuses it."""

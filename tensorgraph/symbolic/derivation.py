@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sympy as sp
+from sympy.logic.boolalg import simplify_logic
 import torch
 
 from ..naming import unique_name
@@ -360,8 +361,25 @@ def fold_piecewise(expr: sp.Expr) -> sp.Expr:
     expr = expr.replace(lambda e: isinstance(e, (AxisSum, AxisMax)) and e.body.has(sp.Piecewise),
                         lambda e: type(e)(fold_piecewise(e.body), e.axis))
     atoms = {atom: sp.Dummy() for atom in expr.atoms(AxisSum, AxisMax)}
-    folded = sp.piecewise_fold(expr.xreplace(atoms))
+    folded = sp.piecewise_fold(expr.xreplace(atoms)).replace(lambda e: isinstance(e, sp.Piecewise), _tidy)
     return folded.xreplace({dummy: atom for atom, dummy in atoms.items()})
+
+
+def _tidy(piecewise: sp.Piecewise) -> sp.Expr:
+    """A folded ``Piecewise`` without the pieces it can never reach: conditions simplified (``A & (A | B)`` is
+    ``A``), a condition seen before dropped, neighbours with the same value merged."""
+    pieces: list[tuple[sp.Expr, sp.Basic]] = []
+    seen: set[sp.Basic] = set()
+    for value, condition in piecewise.args:
+        if condition is not sp.true and len(condition.atoms(sp.core.relational.Relational)) <= 6:
+            condition = simplify_logic(condition)
+        if condition in seen or condition is sp.false:
+            continue
+        seen.add(condition)
+        if pieces and pieces[-1][0] == value:
+            condition = pieces.pop()[1] | condition
+        pieces.append((value, condition))
+    return sp.Piecewise(*pieces)
 
 
 def display(expr: sp.Expr, space: Space) -> sp.Expr:
