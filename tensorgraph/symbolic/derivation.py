@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sympy as sp
-from sympy.logic.boolalg import simplify_logic
 import torch
+from sympy.logic.boolalg import simplify_logic
 
 from ..naming import unique_name
 from .algebra import AxisMax, AxisSum, Sigmoid, Softplus, Space, TooLarge, invert, maximal_atoms
