@@ -1353,6 +1353,20 @@ def test_a_folded_piecewise_keeps_only_the_pieces_it_can_reach():
     assert inside == s["dout"] * s["w"] * (1 - Sigmoid(s["x"])), d.expr
 
 
+def test_a_piecewise_of_numbers_prints_in_the_gradients_dtype():
+    """torch.where of two Python floats is float32 (0.1 off by 1.5e-9): a piecewise whose branches are all numbers
+    takes the gradient's dtype; an indicator is its condition cast to that dtype."""
+    from tensorgraph.symbolic.printing import TorchPrinter
+
+    x = sp.Symbol("x", real=True)
+    printer = TorchPrinter({x: "x"}, {}, {x}, like="dout")
+    values = {"x": torch.tensor([-1.0, 0.0, 2.0], dtype=D), "dout": torch.ones(3, dtype=D), "torch": torch}
+    slopes = eval(printer.doprint(sp.Piecewise((1, x > 0), (sp.Rational(1, 10), True))), values)
+    assert slopes.dtype == D and slopes.tolist() == [0.1, 0.1, 1.0]
+    indicator = eval(printer.doprint(sp.Piecewise((1, x >= 0), (0, True))), values)
+    assert indicator.dtype == D and indicator.tolist() == [0.0, 1.0, 1.0]
+
+
 def test_the_check_refuses_a_piecewise_rule_with_the_wrong_kink():
     """hardtanh with clamp's rule (the gradient passed at the bounds, not stopped there) differs only at the kinks:
     recorded with inputs at the bounds, the built-in check refuses it."""

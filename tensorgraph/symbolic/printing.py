@@ -130,22 +130,17 @@ class TorchPrinter(PythonCodePrinter):
         *pieces, (otherwise, _) = expr.args
         if len(pieces) == 1 and pieces[0][0] == 1 and otherwise == 0 and self.like is not None:  # an indicator
             return f"({self._print(pieces[0][1])}).to({self.like}.dtype)"
-        text = self._branch(otherwise, expr)
-        for value, condition in reversed(pieces):
-            text = f"torch.where({self._print(condition)}, {self._branch(value, expr)}, {text})"
+        branches = [self._print(value) for value, _ in expr.args]
+        if self.like is not None and not any(self.is_tensor(value) for value, _ in expr.args):
+            # torch.where of Python numbers only is float32: one branch in the gradient's dtype sets it
+            branches[0] = f"torch.tensor({branches[0]}, dtype={self.like}.dtype, device={self.like}.device)"
+        text = branches[-1]
+        for (_, condition), branch in zip(reversed(pieces), reversed(branches[:-1])):
+            text = f"torch.where({self._print(condition)}, {branch}, {text})"
         return text
 
-    def _branch(self, value: sp.Basic, whole: sp.Piecewise) -> str:
-        """A branch's code; a number becomes a tensor of the gradient's dtype where no branch is a tensor
-        (torch.where of two Python floats is float32)."""
-        if self.is_tensor(value) or any(self.is_tensor(v) for v, _ in whole.args) or self.like is None or \
-                value is not whole.args[0][0]:
-            return self._print(value)
-        return f"torch.tensor({self._print(value)}, dtype={self.like}.dtype, device={self.like}.device)"
-
     def _print_Relational(self, expr: sp.Basic) -> str:
-        op = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[expr.rel_op]
-        return f"({self._print(expr.lhs)} {op} {self._print(expr.rhs)})"
+        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
 
     def _print_And(self, expr: sp.Basic) -> str:
         return " & ".join(f"({self._print(arg)})" for arg in expr.args)
