@@ -435,14 +435,21 @@ defop("maximum", maximum)
 defop("minimum", minimum)
 defop("fmax", fmax)
 defop("fmin", fmin)
-defop(
-    "where",
-    lambda g, out, condition, input, other: (
-        None,
-        torch.where(condition, g, 0.0),
-        torch.where(condition, 0.0, g),
-    ),
-)
+
+
+def where(g: Tensor, out: Tensor, condition: Any, input: Any, other: Any) -> tuple:
+    """The gradient goes to the branch chosen. The method ``a.where(condition, b)`` arrives as (a, condition, b)."""
+    if _is_bool(input) and not _is_bool(condition):
+        _, grad_a, grad_b = where(g, out, input, condition, other)
+        return grad_a, None, grad_b
+    return None, torch.where(condition, g, 0.0), torch.where(condition, 0.0, g)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.dtype == torch.bool
+
+
+defop("where", where)
 
 
 def masked_fill(g: Tensor, out: Tensor, x: Tensor, mask: Tensor, value: Any) -> tuple:

@@ -118,6 +118,7 @@ BINARY = {
     "minimum": lambda a, b: torch.minimum(a, b),
     "max_binary": lambda a, b: torch.max(a, b),
     "where": lambda a, b: torch.where(a > 0, a, b),
+    "where_method": lambda a, b: a.where(a > 0, b),  # recorded as (a, condition, b)
     "pow_tensor": lambda a, b: (a.abs() + 0.5) ** b,
     "sub_alpha": lambda a, b: torch.sub(a, b, alpha=0.5),
     "mul_fanout": lambda a, b: a * b * a,
@@ -1375,6 +1376,7 @@ SMOOTH = {
     "minimum_bcast": (lambda a, b: torch.minimum(a, b), [r(4, 5, seed=1), r(5, seed=3) + 0.05]),
     "max_binary": (lambda a, b: torch.max(a, b) * torch.min(a, b), [r(4, 5, seed=1), r(4, 5, seed=2) + 0.05]),
     "where": (lambda a, b: torch.where(torch.arange(5) % 2 == 0, a, b), [r(4, 5, seed=1), r(4, 5, seed=2)]),
+    "where_method": (lambda a, b: a.where(torch.arange(5) % 2 == 0, b), [r(4, 5, seed=1), r(4, 5, seed=2)]),
     "fmax_fmin": (lambda a, b: torch.fmax(a, b) * torch.fmin(a, b), [r(4, 5, seed=1), r(5, seed=2) + 0.05]),
     "max_pool2d": (lambda x: F.max_pool2d(x, 2), [distinct(1, 2, 4, 4)]),
     "l1_loss": (lambda x, t: F.l1_loss(x, t), [r(3, 4, seed=1), r(3, 4, seed=2) + 0.01]),

@@ -1208,3 +1208,215 @@ def test_a_parameter_computed_from_parameters_is_written_as_what_it_is():
     W = torch.randn(4, 3, dtype=D, generator=_gen(10))
     X = torch.randn(6, 4, dtype=D, generator=_gen(11))
     _assert_auto_fused_dW_is_torchs(lambda logits: _bce_by_hand(logits, t), X, W)
+
+
+# ---------------------------------------------------------------------- piecewise ops: where, clamp, leaky relu ...
+
+
+def _with_kinks(kinks, seed, away=False):
+    """A 6x5 float64 input: its first row holds the kinks exactly (``away``: every element at least 0.01 from one)."""
+    x = torch.randn(6, 5, dtype=D, generator=_gen(seed)) * 1.5
+    if away:
+        for kink in kinks:
+            near = (x - kink).abs() < 0.01
+            x = torch.where(near, x + 0.05, x)
+    else:
+        x[0, :len(kinks)] = torch.tensor(kinks, dtype=D)
+    return x
+
+
+_T = torch.randn(6, 5, dtype=D, generator=_gen(40))
+
+
+def _huber_by_hand(x, delta=1.0):
+    d = x - _T
+    return torch.where(d.abs() < delta, 0.5 * d**2, delta * (d.abs() - 0.5 * delta)).mean()
+
+
+# name: (the chain from x, its kinks); the kink values sit in x itself (the Huber cases: at _T + kink)
+PIECEWISE = {
+    "where": (lambda x: torch.where(x > 0, x * 2, x.exp()), [0.0]),
+    "where with a number": (lambda x: torch.where(x > 0, x.tanh(), 0.0), [0.0]),
+    "where, the method": (lambda x: x.exp().where(x > 0, x * 3), [0.0]),  # recorded as (x.exp(), x > 0, x * 3)
+    "clamp": (lambda x: x.clamp(-0.5, 0.5).tanh(), [-0.5, 0.5]),
+    "clip, min only": (lambda x: torch.clip(x, min=-0.5), [-0.5]),
+    "clamp_max": (lambda x: x.clamp_max(0.5), [0.5]),
+    "hardtanh": (lambda x: F.hardtanh(x, -0.5, 0.5), [-0.5, 0.5]),
+    "relu6": (lambda x: F.relu6(x * 4), [0.0, 1.5]),
+    "leaky_relu": (lambda x: F.leaky_relu(x, 0.1), [0.0]),
+    "elu": (lambda x: F.elu(x, 0.7), [0.0]),
+    "relu": (lambda x: F.relu(x), [0.0]),
+    "smooth_l1_loss": (lambda x: F.smooth_l1_loss(x, _T, beta=0.5), [-0.5, 0.0, 0.5]),
+    "huber_loss": (lambda x: F.huber_loss(x, _T, reduction="sum", delta=0.5), [-0.5, 0.0, 0.5]),
+    "Huber by hand": (_huber_by_hand, [-1.0, 0.0, 1.0]),
+}
+
+
+def _kink_input(name, kinks, away=False):
+    x = _with_kinks(kinks, seed=42, away=away)
+    return _T + x if name in ("smooth_l1_loss", "huber_loss", "Huber by hand") else x  # a loss's kinks: at x - t
+
+
+def _fused_grad(fn, x, weight):
+    """The gradient of ``(fn(x) * weight).sum()`` by the graph with the chain from x fused."""
+    graph, out, loss = record(fn, x, weight=weight)
+    fused = graph.fuse(output=out, inputs=[x])
+    assert any(data["op"] == "fused" for data in fused._nodes)
+    return fused.backward(loss)[x]
+
+
+@pytest.mark.parametrize("name", PIECEWISE)
+def test_piecewise_ops_have_torchs_gradient_at_their_kinks_and_finite_differences_elsewhere(name):
+    """Each derives a Piecewise (torch.where in the code, cases in LaTeX) whose branch at the kink is the one torch
+    takes: with the kinks in the input, the fused backward is torch autograd's (float64) and the engine's; away
+    from them it is the finite differences too. The differences to torch autograd are measured in the report."""
+    fn, kinks = PIECEWISE[name]
+    x = _kink_input(name, kinks)
+    d = derive(fn, x, tol=1e-10)  # fused: torch autograd's and the engine's gradients, kinks included
+    if name != "relu":
+        assert d.expr.has(sp.Piecewise) and "torch.where" in d.source and r"\begin{cases}" in d.latex, d.expr
+    else:
+        assert "torch.relu" not in d.source and "> 0" in d.source  # relu keeps its Step, 0 at 0 as in torch
+    away = _kink_input(name, kinks, away=True)
+    weight = torch.randn(fn(away).shape, dtype=D, generator=_gen(7))
+    ours = _fused_grad(fn, away, weight)
+    torch.testing.assert_close(ours, _finite_differences(lambda v: (fn(v) * weight).sum(), away),
+                               rtol=1e-6, atol=1e-8)
+    leaf = away.clone().requires_grad_()
+    expected, = torch.autograd.grad((fn(leaf) * weight).sum(), leaf)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["where", "clamp", "hardtanh", "leaky_relu", "elu", "huber_loss", "Huber by hand"])
+def test_piecewise_chains_auto_fuse_and_compile_to_torchs_gradient(name):
+    fn, _ = PIECEWISE[name]
+    W = torch.randn(4, 5, dtype=D, generator=_gen(43))
+    X = torch.randn(6, 4, dtype=D, generator=_gen(44))
+    weight = torch.randn(6, 5, dtype=D, generator=_gen(45))
+
+    def loss_of(logits):
+        out = fn(logits * 1.5)  # a chain of two ops at least (auto_fuse leaves a single op to its atomic rule)
+        return out if out.dim() == 0 else (out * weight).sum()
+
+    _assert_auto_fused_dW_is_torchs(loss_of, X, W)
+    step = tg.compile(lambda X: loss_of(X @ W), fuse=True)
+    _, grads = step(X)
+    assert step.fused
+    leaf = W.clone().requires_grad_()
+    expected, = torch.autograd.grad(loss_of(X @ leaf), leaf)
+    torch.testing.assert_close(grads[W], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_clamp_to_tensor_bounds_gives_each_bound_its_gradient_as_torch():
+    """x.clamp(lo, hi) with tensor bounds: x gets the gradient within [lo, hi] (bounds included), lo where x < lo,
+    hi where x > hi or where lo > hi (torch's output is then hi), all checked against torch autograd in float64,
+    with elements exactly at the bounds; and against finite differences away from them."""
+    lo = torch.randn(6, 1, dtype=D, generator=_gen(41)) - 0.5
+    hi = lo + torch.rand(6, 1, dtype=D, generator=_gen(42)) + 0.2
+    hi[5] = lo[5] - 0.1  # lo > hi: the output is hi everywhere in that row
+    x = torch.randn(6, 5, dtype=D, generator=_gen(43))
+    x[:, 0], x[:, 1] = lo[:, 0], hi[:, 0]
+    d = derive(lambda x, lo, hi: x.clamp(lo, hi), x, lo, hi, tol=1e-10)
+    assert set(d.gradients) == {"x", "lo", "hi"} and d.expr.has(sp.Piecewise)
+    d = derive(lambda x, lo: x.clamp(min=lo).exp(), x, lo, tol=1e-10)  # a keyword bound
+    away = torch.randn(6, 5, dtype=D, generator=_gen(44)) + 0.05 * torch.sign(x - lo)
+    away = torch.where((away - lo).abs() < 0.01, away + 0.05, away)
+    weight = torch.randn(6, 5, dtype=D, generator=_gen(7))
+    ours = _fused_grad(lambda x: x.clamp(min=lo).exp(), away, weight)
+    torch.testing.assert_close(ours, _finite_differences(lambda v: (v.clamp(min=lo).exp() * weight).sum(), away),
+                               rtol=1e-6, atol=1e-8)
+
+
+def test_huber_proves_its_textbook_gradient_and_not_a_wrong_one():
+    """F.huber_loss reads (x - t)/N inside the band, delta*sign(x - t)/N outside, with its saved difference; a
+    formula with another slope outside the band does not prove."""
+    x = _kink_input("huber_loss", [-0.5, 0.0, 0.5])
+    d = derive(lambda x, t: F.huber_loss(x, t, delta=0.5), x, _T, tol=1e-10)  # dt too
+    s = d.symbols
+    diff, size = s["x"] - s["t"], s["n"] * s["n_j"]
+    half = sp.Rational(1, 2)
+    assert d.prove(s["dout"] * sp.Piecewise((diff, sp.Abs(diff) < half), (half * sp.sign(diff), True)) / size)
+    assert not d.prove(s["dout"] * sp.Piecewise((diff, sp.Abs(diff) < half), (sp.sign(diff), True)) / size)
+    assert s["out_diff"] in d.textbook.free_symbols, d.textbook
+
+
+def test_a_folded_piecewise_keeps_only_the_pieces_it_can_reach():
+    """log(sigmoid(x).clamp(lo, hi)): the clamp's gradient times log's 1/clamp folds into pieces under conditions
+    such as (s > hi) & ((s > hi) | (s < lo)) and pieces never reached; tidied, two pieces remain: 0 outside
+    [lo, hi], and the textbook dout*w*(1 - sigmoid(x)) inside."""
+    x = _with_kinks([], seed=50) * 10  # some probabilities past the clamp
+    w = torch.randn(6, 5, dtype=D, generator=_gen(51))
+    d = derive(lambda x, w: torch.sigmoid(x).clamp(1e-7, 1 - 1e-7).log() * w, x, w, tol=1e-10)
+    s = d.symbols
+    (outside, condition), (inside, otherwise) = d.expr.args
+    assert outside == 0 and otherwise == sp.true and isinstance(condition, sp.Or) and len(condition.args) == 2
+    assert inside == s["dout"] * s["w"] * (1 - Sigmoid(s["x"])), d.expr
+
+
+def test_a_piecewise_of_numbers_prints_in_the_gradients_dtype():
+    """torch.where of two Python floats is float32 (0.1 off by 1.5e-9): a piecewise whose branches are all numbers
+    takes the gradient's dtype; an indicator is its condition cast to that dtype."""
+    from tensorgraph.symbolic.printing import TorchPrinter
+
+    x = sp.Symbol("x", real=True)
+    printer = TorchPrinter({x: "x"}, {}, {x}, like="dout")
+    values = {"x": torch.tensor([-1.0, 0.0, 2.0], dtype=D), "dout": torch.ones(3, dtype=D), "torch": torch}
+    slopes = eval(printer.doprint(sp.Piecewise((1, x > 0), (sp.Rational(1, 10), True))), values)
+    assert slopes.dtype == D and slopes.tolist() == [0.1, 0.1, 1.0]
+    indicator = eval(printer.doprint(sp.Piecewise((1, x >= 0), (0, True))), values)
+    assert indicator.dtype == D and indicator.tolist() == [0.0, 1.0, 1.0]
+
+
+def test_the_check_refuses_a_piecewise_rule_with_the_wrong_kink():
+    """hardtanh with clamp's rule (the gradient passed at the bounds, not stopped there) differs only at the kinks:
+    recorded with inputs at the bounds, the built-in check refuses it."""
+    x = _kink_input("hardtanh", [-0.5, 0.5])
+    weight = torch.randn(6, 5, dtype=D, generator=_gen(7))
+    graphs = {}
+    for name in ("hardtanh", "clamp"):
+        fn = {"hardtanh": lambda x: F.hardtanh(x, -0.5, 0.5), "clamp": lambda x: x.clamp(-0.5, 0.5)}[name]
+        graph, out, _ = record(fn, x, weight=weight)
+        graphs[name] = (graph, *_derive(graph, graph.node_id(out), graph.node_id(x)))
+    graph, d, binding = graphs["hardtanh"]
+    verify(d, graph, binding)
+    honest = d.backward
+    d.backward = graphs["clamp"][1].backward
+    try:
+        with pytest.raises(SymbolicError, match="disagrees with torch autograd"):
+            verify(d, graph, binding)
+    finally:
+        d.backward = honest
+
+
+def test_normalize_clamps_the_norm_at_eps_as_torch_does():
+    """F.normalize is x / max(|x|, eps): rows with the norm below eps (a zero row), exactly at it (the clamp passes
+    the gradient there) and above it get torch's gradient; the zero row reads its branch, not 0/0."""
+    x = torch.randn(6, 5, dtype=D, generator=_gen(46))
+    x[0] = 0.0
+    x[1] = torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0], dtype=D)  # norm exactly eps = 2
+    x[2] = torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0], dtype=D)
+    for dim, eps in ((1, 2.0), (1, 1e-12), (0, 1e-3)):
+        d = derive(lambda x, dim=dim, eps=eps: F.normalize(x, dim=dim, eps=eps), x, tol=1e-10)
+        assert isinstance(d.expr, sp.Piecewise) and "torch.where" in d.source, d.expr
+        s = d.symbols
+        norm = sp.sqrt(d.sum(s["x"] ** 2, "j" if dim == 1 else "i"))
+        (below, condition), _ = d.expr.args  # below eps: dout*weight/eps, with no norm (no 0/0 at a zero row)
+        assert condition.lhs == norm and float(condition.rhs) == eps and s["x"] not in below.free_symbols
+    weight = torch.randn(6, 5, dtype=D, generator=_gen(7))
+    away = torch.randn(6, 5, dtype=D, generator=_gen(47))
+    ours = _fused_grad(lambda x: F.normalize(x, dim=1, eps=0.5), away, weight)
+    torch.testing.assert_close(ours, _finite_differences(lambda v: (F.normalize(v, dim=1, eps=0.5) * weight).sum(),
+                                                         away), rtol=1e-6, atol=1e-8)
+    W = torch.randn(4, 5, dtype=D, generator=_gen(48))
+    X = torch.randn(6, 4, dtype=D, generator=_gen(49))
+    _assert_auto_fused_dW_is_torchs(lambda z: (F.normalize(z, dim=1) * weight).sum(), X, W)
+
+
+def test_cosine_similarity_is_refused_by_name():
+    """torch clamps cosine_similarity's norms at eps outside the gradient, which flows through the unclamped norm:
+    no derivative of a closed form is that, so the chain is refused (naming the op) rather than derived wrong."""
+    x, t = torch.randn(6, 5, dtype=D), torch.randn(6, 5, dtype=D)
+    with tg.record() as g:
+        y = F.cosine_similarity(x, t).sum()
+    with pytest.raises(SymbolicError, match=r"cosine_similarity.*eps.*F.normalize"):
+        symbolic.derive(g, output=y, wrt=x)

@@ -18,6 +18,7 @@ lifted constant, and the derivation's backward then refuses inputs of other shap
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,6 +136,44 @@ def _pow(x, exponent):
     return x**exponent
 
 
+# Piecewise ops. Which branch owns a kink decides the derivative there: each is written so that sympy's
+# derivative of the branch torch picks at the kink is torch's gradient (leaky_relu'(0) is the slope, clamp
+# passes the gradient at its bounds, hardtanh does not).
+
+
+def _where(condition, input, other):
+    """``torch.where(condition, input, other)``: the gradient goes to the branch chosen, as in torch."""
+    return sp.Piecewise((input, condition), (other, True))
+
+
+def _clamp(x, min=None, max=None):  # noqa: A002 - torch's argument names
+    """``x.clamp(min, max)``: the gradient passes for ``min <= x <= max``; with ``min > max`` the output is max."""
+    pieces = []
+    if max is not None:
+        pieces.append((max, (x > max) | (min > max) if min is not None else x > max))
+    if min is not None:
+        pieces.append((min, x < min))
+    return sp.Piecewise(*pieces, (x, True))
+
+
+def _hardtanh(x, min_val=-1, max_val=1, inplace=False):
+    """``F.hardtanh``: unlike clamp, no gradient at the bounds (torch passes it strictly inside)."""
+    return sp.Piecewise((min_val, x <= min_val), (max_val, x >= max_val), (x, True))
+
+
+_LEAKY_SLOPE = sp.Rational(1, 100)  # torch's default negative_slope, 0.01
+
+
+def _leaky_relu(x, negative_slope=_LEAKY_SLOPE, inplace=False):
+    """``F.leaky_relu``: the slope at 0, as torch's ``x > 0 ? g : g*slope``."""
+    return sp.Piecewise((x, x > 0), (negative_slope * x, True))
+
+
+def _elu(x, alpha=1, inplace=False):
+    """``F.elu``: ``alpha*exp(x)`` at 0, as torch's backward (``x > 0`` takes the identity)."""
+    return sp.Piecewise((x, x > 0), (alpha * (sp.exp(x) - 1), True))
+
+
 ELEMENTWISE: dict[str, Callable[..., sp.Expr]] = {
     "add": lambda x, other, alpha=1: x + alpha * other,
     "sub": lambda x, other, alpha=1: x - alpha * other,
@@ -175,6 +214,14 @@ ELEMENTWISE: dict[str, Callable[..., sp.Expr]] = {
         x * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (x + sp.Float("0.044715") * x**3))) / 2
         if str(approximate) == "tanh" else x * (1 + sp.erf(x / sp.sqrt(2))) / 2),
     "softplus": lambda x, beta=1, threshold=20: Softplus(beta * x) / beta,
+    "where": _where,
+    "clamp": _clamp,
+    "clamp_min": lambda x, min: _clamp(x, min, None),  # noqa: A002
+    "clamp_max": lambda x, max: _clamp(x, None, max),  # noqa: A002
+    "hardtanh": _hardtanh,
+    "relu6": lambda x, inplace=False: _hardtanh(x, 0, 6),
+    "leaky_relu": _leaky_relu,
+    "elu": _elu,
 }
 IDENTITY = {"contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type_as"}
 RESHAPES = {"view", "reshape", "squeeze", "unsqueeze", "flatten", "view_as", "reshape_as", "ravel"}
@@ -282,10 +329,15 @@ class Lowering:
         if op in ("matmul", "linear", "addmm", "outer", "conv1d", "conv2d", "bmm", "einsum"):
             return (f"{where(data)} is a contraction ({op}); the symbolic layer handles elementwise ops and "
                     f"reductions along dimensions (choose a chain that starts after it)")
-        return (f"{where(data)}: the op {op!r} has no symbolic form (supported: elementwise ops, sum, mean, var, "
-                f"std, max, amax, logsumexp, softmax, log_softmax, x[range(n), targets], gather, cross_entropy, "
-                f"nll_loss, mse_loss, l1_loss, binary_cross_entropy_with_logits, layer_norm, batch_norm in "
-                f"training)")
+        if op == "cosine_similarity":
+            return (f"{where(data)}: cosine_similarity has no symbolic form: torch clamps its norms at eps outside "
+                    f"the gradient (which flows through the unclamped norm), and no closed form's derivative is "
+                    f"that; (F.normalize(x1, dim=d) * F.normalize(x2, dim=d)).sum(d) derives, with normalize's "
+                    f"own clamp")
+        return (f"{where(data)}: the op {op!r} has no symbolic form (supported: elementwise ops, where, clamp, "
+                f"leaky_relu, elu, hardtanh, sum, mean, var, std, max, amax, logsumexp, softmax, log_softmax, "
+                f"x[range(n), targets], gather, cross_entropy, nll_loss, mse_loss, l1_loss, smooth_l1_loss, "
+                f"huber_loss, binary_cross_entropy_with_logits, normalize, layer_norm, batch_norm in training)")
 
     # ------------------------------------------------------------------ node creation
 
@@ -560,6 +612,12 @@ def lower_elementwise(self: Lowering, data: dict[str, Any]) -> SNode:
     if op == "div" and kwargs.get("rounding_mode") is not None:
         raise SymbolicError(f"{where(data)}: division with rounding_mode has no derivative")
     kwargs.pop("rounding_mode", None)
+    if any(isinstance(v, Ref) for v in kwargs.values()):  # x.clamp(min=lower): the tensor becomes an operand
+        try:
+            bound = inspect.signature(ELEMENTWISE[op]).bind(*args, **kwargs)
+        except TypeError as err:
+            raise SymbolicError(f"{where(data)}: unsupported arguments ({err})") from None
+        args, kwargs = list(bound.args), dict(bound.kwargs)
     operands, shapes, tensor_operands = [], [], []
     for arg in args:
         operand = self._operand(arg)
@@ -577,6 +635,8 @@ def lower_elementwise(self: Lowering, data: dict[str, Any]) -> SNode:
             exprs.append(operand.sym)
         elif isinstance(arg, str):  # gelu's approximate="none"
             exprs.append(sp.Symbol(arg))
+        elif arg is None:  # clamp's missing bound
+            exprs.append(None)
         else:
             exprs.append(self.number(arg, recent if lift else frozenset(), data, lift=lift))
     if op == "gelu" and (args[1] if len(args) > 1 else kwargs.get("approximate", "none")) not in ("none", "tanh"):
@@ -584,7 +644,8 @@ def lower_elementwise(self: Lowering, data: dict[str, Any]) -> SNode:
     if op == "gelu" and "approximate" in kwargs:
         exprs.append(sp.Symbol(kwargs.pop("approximate")))
     for key, value in kwargs.items():
-        kwargs[key] = self.number(value, frozenset(), data, lift=False)
+        kwargs[key] = value if value is None or isinstance(value, Ref) else \
+            self.number(value, frozenset(), data, lift=False)
     try:
         local = ELEMENTWISE[op](*exprs, **kwargs)
     except TypeError as err:
@@ -595,6 +656,15 @@ def lower_elementwise(self: Lowering, data: dict[str, Any]) -> SNode:
         if not isinstance(arg, Ref) and isinstance(arg, (int, float)) and not expr.is_Number:
             node.notes.append(f"the constant {arg!r} is {_plain(expr)}")
     return node
+
+
+def lower_where(self: Lowering, data: dict[str, Any]) -> SNode:
+    """``torch.where(condition, a, b)``, or the method ``a.where(condition, b)``, recorded as (a, condition, b)."""
+    args = list(data["bargs"])
+    if len(args) == 3 and isinstance(args[0], Ref) and self.nodes_data[args[0].node]["dtype"] != torch.bool and \
+            isinstance(args[1], Ref) and self.nodes_data[args[1].node]["dtype"] == torch.bool:
+        data = {**data, "bargs": (args[1], args[0], args[2])}
+    return lower_elementwise(self, data)
 
 
 def _plain(expr: sp.Expr) -> str:
@@ -863,6 +933,8 @@ def lower_mse_loss(self: Lowering, data: dict[str, Any]) -> SNode:
     """mse_loss, l1_loss and binary_cross_entropy_with_logits: an elementwise loss, then its mean or sum."""
     names = {"mse_loss": ("x", "target", "size_average", "reduce", "reduction", "weight"),
              "l1_loss": ("x", "target", "size_average", "reduce", "reduction"),
+             "smooth_l1_loss": ("x", "target", "size_average", "reduce", "reduction", "beta"),
+             "huber_loss": ("x", "target", "reduction", "delta", "weight"),
              "binary_cross_entropy_with_logits": ("x", "target", "weight", "size_average", "reduce", "reduction",
                                                   "pos_weight")}[data["op"]]
     params = _params(data, names)
@@ -882,9 +954,9 @@ def lower_mse_loss(self: Lowering, data: dict[str, Any]) -> SNode:
                           shape=shape)
     else:
         diff = self._op(data, f"{name}_diff", "sub", tensors, exprs[0] - exprs[1], axes, shape=shape)
-        square = self._op(data, f"{name}_sq", "pow", [diff], diff.sym**2, axes, shape=shape) \
-            if data["op"] == "mse_loss" else self._op(data, f"{name}_abs", "abs", [diff], sp.Abs(diff.sym), axes,
-                                                      shape=shape)
+        each = _elementwise_loss(self, data, params, diff.sym)
+        square = self._op(data, f"{name}_{each[0]}", "pow" if each[0] == "sq" else each[0], [diff], each[1], axes,
+                          shape=shape)
     reduction = _reduction_arg(params)
     real = [a for a in axes if a is not None]
     if reduction == "none":
@@ -893,6 +965,22 @@ def lower_mse_loss(self: Lowering, data: dict[str, Any]) -> SNode:
     if reduction == "mean":
         local = local / sp.Mul(*(self.space.size(a) for a in real))
     return self._op(data, name, reduction, [square], local, (), recent=frozenset(real))
+
+
+def _elementwise_loss(self: Lowering, data: dict[str, Any], params: dict[str, Any], d: sp.Expr) -> tuple[str, sp.Expr]:
+    """The loss of one element of ``x - target``: its op name and expression (Huber and smooth L1 piecewise)."""
+    op = data["op"]
+    if op == "mse_loss":
+        return "sq", d**2
+    if op == "l1_loss":
+        return "abs", sp.Abs(d)
+    if op == "huber_loss":  # torch: |d| < delta ? d^2/2 : delta*(|d| - delta/2)
+        delta = self.number(params.get("delta", 1.0), frozenset(), data, lift=False)
+        return "huber", sp.Piecewise((d**2 / 2, sp.Abs(d) < delta), (delta * (sp.Abs(d) - delta / 2), True))
+    beta = self.number(params.get("beta", 1.0), frozenset(), data, lift=False)  # smooth_l1_loss
+    if beta == 0:  # torch: l1_loss
+        return "abs", sp.Abs(d)
+    return "smooth_l1", sp.Piecewise((d**2 / (2 * beta), sp.Abs(d) < beta), (sp.Abs(d) - beta / 2, True))
 
 
 def _normalise(self: Lowering, data: dict[str, Any], name: str, operand: SNode, summed: list, eps: Any,
@@ -974,6 +1062,24 @@ def lower_norm(self: Lowering, data: dict[str, Any]) -> SNode:
     return self._op(data, data["name"], data["op"], [operand], local, axes, recent=frozenset(summed))
 
 
+def lower_normalize(self: Lowering, data: dict[str, Any]) -> SNode:
+    """``F.normalize(x, dim=d)``: ``x / max(|x|, eps)``, the 2-norm clamped below at eps as torch does it (the
+    clamp passes the gradient for ``|x| >= eps``)."""
+    params = _params(data, ("x", "p", "dim", "eps", "out"))
+    if params.get("p", 2.0) not in (2, 2.0) or params.get("out") is not None:
+        raise SymbolicError(f"{where(data)}: only normalize with p=2 (and no out=) has a symbolic form here "
+                            f"(got p={params.get('p')!r})")
+    operand = self._operand(params["x"])
+    name = data["name"]
+    axes, summed = self.reduced(data, operand, params.get("dim", 1), True)
+    norm = self._op(data, f"{name}_norm", "norm", [operand], sp.sqrt(self.space.sum_over(operand.sym**2, summed)),
+                    axes, shape=_shape(self, axes), recent=frozenset(summed))
+    eps = self.number(params.get("eps", 1e-12), frozenset(), data, lift=False)
+    clamped = self._op(data, f"{name}_clamped", "clamp_min", [norm], _clamp(norm.sym, eps), axes,
+                       shape=_shape(self, axes))
+    return self._op(data, name, "div", [operand, clamped], operand.sym / clamped.sym, operand.axes)
+
+
 def lower_logsumexp(self: Lowering, data: dict[str, Any]) -> SNode:
     params = _params(data, ("x", "dim", "keepdim"))
     operand = self._operand(params["x"])
@@ -988,6 +1094,7 @@ def lower_logsumexp(self: Lowering, data: dict[str, Any]) -> SNode:
 
 LOWERINGS: dict[str, Callable[[Lowering, dict[str, Any]], SNode]] = {
     **{op: lower_elementwise for op in ELEMENTWISE},
+    "where": lower_where,
     **{op: lower_identity for op in IDENTITY},
     **{op: lower_reshape for op in RESHAPES},
     "sum": lower_sum,
@@ -1006,12 +1113,15 @@ LOWERINGS: dict[str, Callable[[Lowering, dict[str, Any]], SNode]] = {
     "mse_loss": lower_mse_loss,
     "l1_loss": lower_mse_loss,
     "binary_cross_entropy_with_logits": lower_mse_loss,
+    "smooth_l1_loss": lower_mse_loss,
+    "huber_loss": lower_mse_loss,
     "gather": lower_gather,
     "layer_norm": lower_layer_norm,
     "batch_norm": lower_batch_norm,
     "logsumexp": lower_logsumexp,
     "norm": lower_norm,
     "vector_norm": lower_norm,
+    "normalize": lower_normalize,
 }
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import sympy as sp
 import torch
+from sympy.logic.boolalg import simplify_logic
 
 from ..naming import unique_name
 from .algebra import AxisMax, AxisSum, Sigmoid, Softplus, Space, TooLarge, invert, maximal_atoms
@@ -349,9 +350,42 @@ def _exponentials_into_sums(expr: sp.Expr, space: Space) -> sp.Expr:
     return sp.Mul(*rest) * AxisSum(sp.powsimp(sp.Mul(*outside) * total.body, combine="exp"), total.axis)
 
 
+def fold_piecewise(expr: sp.Expr) -> sp.Expr:
+    """Products and sums of piecewise factors as one ``Piecewise`` whose branches are whole expressions.
+
+    ``x*Piecewise((0, n < eps), (1, True))/n`` is 0/0 where the norm ``n`` is 0; folded, the branch taken
+    reads ``0`` and torch.where never evaluates the other one into the result. A reduction is folded inside
+    (a condition on a summed element must stay inside its sum), and is one factor outside."""
+    if not expr.has(sp.Piecewise):
+        return expr
+    expr = expr.replace(lambda e: isinstance(e, (AxisSum, AxisMax)) and e.body.has(sp.Piecewise),
+                        lambda e: type(e)(fold_piecewise(e.body), e.axis))
+    atoms = {atom: sp.Dummy() for atom in expr.atoms(AxisSum, AxisMax)}
+    folded = sp.piecewise_fold(expr.xreplace(atoms)).replace(lambda e: isinstance(e, sp.Piecewise), _tidy)
+    return folded.xreplace({dummy: atom for atom, dummy in atoms.items()})
+
+
+def _tidy(piecewise: sp.Piecewise) -> sp.Expr:
+    """A folded ``Piecewise`` without the pieces it can never reach: conditions simplified (``A & (A | B)`` is
+    ``A``), a condition seen before dropped, neighbours with the same value merged."""
+    pieces: list[tuple[sp.Expr, sp.Basic]] = []
+    seen: set[sp.Basic] = set()
+    for value, condition in piecewise.args:
+        if condition is not sp.true and len(condition.atoms(sp.core.relational.Relational)) <= 6:
+            condition = simplify_logic(condition)
+        if condition in seen or condition is sp.false:
+            continue
+        seen.add(condition)
+        if pieces and pieces[-1][0] == value:
+            condition = pieces.pop()[1] | condition
+        pieces.append((value, condition))
+    return sp.Piecewise(*pieces)
+
+
 def display(expr: sp.Expr, space: Space) -> sp.Expr:
     """A readable arrangement: exponentials combined (``exp(x - m)``, which cannot overflow where
     ``exp(x)*exp(-m)`` can), common factors pulled out, ``1/n`` in front when a term is a mean over that axis."""
+    expr = fold_piecewise(expr)
     combined = sp.powsimp(_exponentials_into_sums(expr, space), combine="exp")
     options = [sp.factor_terms(combined)]
     if sp.count_ops(combined) <= 60:  # cancel finds s*(1-s)/(1-s) = s; on long sums it is slow and rarely shorter
@@ -431,7 +465,7 @@ class CodeWriter:
         if self._needs_reshape(chain.output):
             body.append(f"{out_grad} = {out_grad}{_sized('reshape', self.layout(chain.output.axes))}")
         tensors = {n.sym for n in chain.nodes} | {n.gsym for n in chain.nodes} | set(self.backprop.special)
-        printer = TorchPrinter(self.names, self.dims, tensors)
+        printer = TorchPrinter(self.names, self.dims, tensors, like=out_grad)
         body += self._specials(printer, targets=True)
         body += self._recompute(printer)
         body += self._specials(printer, targets=False)

@@ -28,11 +28,13 @@ class TorchPrinter(PythonCodePrinter):
     is the set of symbols that are tensors (the others are Python numbers).
     """
 
-    def __init__(self, names: dict[sp.Basic, str], dims: dict[sp.Symbol, int], tensors: set[sp.Basic]) -> None:
+    def __init__(self, names: dict[sp.Basic, str], dims: dict[sp.Symbol, int], tensors: set[sp.Basic],
+                 like: str | None = None) -> None:
         super().__init__({"fully_qualified_modules": True, "standard": "python3"})
         self.names = names
         self.dims = dims
         self.tensors = tensors
+        self.like = like  # a tensor whose dtype and device a piecewise of numbers takes
 
     def is_tensor(self, expr: sp.Basic) -> bool:
         if expr in self.tensors:
@@ -121,6 +123,33 @@ class TorchPrinter(PythonCodePrinter):
 
     def _print_Relu(self, expr: sp.Basic) -> str:
         return f"torch.relu({self._print(expr.args[0])})"
+
+    def _print_Piecewise(self, expr: sp.Piecewise) -> str:
+        """``torch.where`` per piece, the last one (condition True) innermost; the branch not taken is never
+        multiplied by anything, so an infinite value there does not leak (as in torch.where)."""
+        *pieces, (otherwise, _) = expr.args
+        if len(pieces) == 1 and pieces[0][0] == 1 and otherwise == 0 and self.like is not None:  # an indicator
+            return f"({self._print(pieces[0][1])}).to({self.like}.dtype)"
+        branches = [self._print(value) for value, _ in expr.args]
+        if self.like is not None and not any(self.is_tensor(value) for value, _ in expr.args):
+            # torch.where of Python numbers only is float32: one branch in the gradient's dtype sets it
+            branches[0] = f"torch.tensor({branches[0]}, dtype={self.like}.dtype, device={self.like}.device)"
+        text = branches[-1]
+        for (_, condition), branch in zip(reversed(pieces), reversed(branches[:-1])):
+            text = f"torch.where({self._print(condition)}, {branch}, {text})"
+        return text
+
+    def _print_Relational(self, expr: sp.Basic) -> str:
+        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
+
+    def _print_And(self, expr: sp.Basic) -> str:
+        return " & ".join(f"({self._print(arg)})" for arg in expr.args)
+
+    def _print_Or(self, expr: sp.Basic) -> str:
+        return " | ".join(f"({self._print(arg)})" for arg in expr.args)
+
+    def _print_Not(self, expr: sp.Basic) -> str:
+        return f"~({self._print(expr.args[0])})"
 
     def _print_Step(self, expr: sp.Basic) -> str:
         target = self._method_target(expr.args[0])
