@@ -181,6 +181,7 @@ class _Backward:
             for source in self.adj[a]["inputs"]:
                 if source in shown:
                     drawing.edge(f"a{source}", f"a{a}")
+        self._name_empty_clusters(mode, drawing, near)
         if near is not None:
             self._mark_cut(drawing, shown, near)
         loss = self.fwd[options.root]["name"]
@@ -287,9 +288,7 @@ class _Backward:
         if consumer is None:
             return ()
         scope = cluster_path(self.fwd[consumer], mode, self.calls)
-        for i in range(1, len(scope) + 1):
-            drawing.cluster_labels.setdefault(scope[:i], scope[i - 1])
-            drawing.collapsible.add(scope[:i])
+        _register(scope, drawing)
         if a in self.accumulation:
             return scope
         path = scope + (f"\x00rule{consumer}",)
@@ -297,6 +296,15 @@ class _Backward:
         drawing.cluster_labels.setdefault(
             path, f"backward of {definition(data['name'], data, self.forward_name)}")
         return path
+
+    def _name_empty_clusters(self, mode: str | None, drawing: Drawing, near: dict[int, int] | None) -> None:
+        """The clusters of the drawn forward ops whose rules draw no op (a residual ``x + f(x)``, nanoGPT's
+        ``Block.forward``: the add passes its gradient on unchanged) are clusters of this view too, so that
+        ``collapse=`` takes the names the forward view takes (collapsing nothing here)."""
+        depth = self.options.depth
+        for node in self.graph.ancestors(self.options.root):
+            if self.fwd[node]["kind"] == "op" and (near is None or near.get(node, depth + 1) < depth):
+                _register(cluster_path(self.fwd[node], mode, self.calls), drawing)
 
     def _tooltip(self, a: int, data: dict[str, Any]) -> str:
         consumer = self.owner.get(a)
@@ -315,6 +323,13 @@ class _Backward:
                         is_op=False, attrs={"style": "dashed"}))
         for a in dict.fromkeys(cut):
             drawing.edge(f"a{a}", "cut", style="dashed")
+
+
+def _register(scope: tuple[str, ...], drawing: Drawing) -> None:
+    """A cluster path and its outer clusters: labelled, and names ``collapse=`` takes."""
+    for i in range(1, len(scope) + 1):
+        drawing.cluster_labels.setdefault(scope[:i], scope[i - 1])
+        drawing.collapsible.add(scope[:i])
 
 
 def _sum_dims(before: tuple[int, ...], after: tuple[int, ...]) -> str:

@@ -54,6 +54,14 @@ def test_exercise2_3_derive():
     assert "without Bessel's n/(n-1): not equal" in out
 
 
+def test_wavenet_train():
+    """The next lecture's WaveNet: gradients by layer name, the 3-d batch norm's dgamma mistake named."""
+    out = _run("wavenet_train.py", "10")
+    assert "step 0: every gradient matches torch autograd" in out
+    assert "layer 12 (Tanh)" in out and "gradient std" in out
+    assert "dim 0 only: not-unbroadcast" in out and "validation loss" in out
+
+
 def test_exercise4_train():
     out = _run("exercise4_train.py", "10")
     assert "step 0: every gradient matches torch autograd" in out

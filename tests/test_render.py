@@ -878,6 +878,39 @@ def test_class_based_layers_are_clustered_by_their_class(tmp_path):
     assert labels(tg.load_graph(tmp_path / "g.json").render(cluster="function")) == expected
 
 
+def test_a_cluster_whose_rules_draw_no_op_collapses_in_the_backward_view_too():
+    """nanoGPT's Block.forward only adds the residuals (x + attn(ln(x))): the add's rule passes the gradient on
+    unchanged and draws no op, so the backward view knew no cluster 'Block' and collapse=["Block"], which the
+    forward view takes, raised ValueError ("no cluster named 'Block'")."""
+    torch.manual_seed(0)
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.tanh(self.fc(x))
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attn()
+
+        def forward(self, x):
+            return x + self.attn(x)
+
+    blocks = torch.nn.Sequential(Block(), Block())
+    x = torch.randn(3, 4)
+    with tg.record() as graph:
+        loss = blocks(x).pow(2).sum()
+    for view in ("forward", "backward"):
+        graph.render(view=view, loss=loss, collapse=["Block"])  # raised in the backward view
+        graph.render(view=view, loss=loss, collapse=["Block#2", "Attn"])
+    with pytest.raises(ValueError, match="no cluster named 'Blok'"):
+        graph.render(view="backward", loss=loss, collapse=["Blok"])
+
+
 def test_depth_limits_the_drawing(lecture):
     graph, loss, _, _ = lecture
     nodes = svg_nodes(graph.render(loss=loss, depth=2).pipe(format="svg", encoding="utf-8"))
