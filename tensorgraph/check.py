@@ -1080,7 +1080,8 @@ class _Checker:
             fused = data.get("rule") is not None  # a rule of its own: no note to give
             if len(positions) != 1 or positions[0] >= len(rule) or not rule[positions[0]] or fused:
                 return ""
-            notes.append(rule[positions[0]].removesuffix(", in torch's fused kernel"))
+            note = rule[positions[0]].removesuffix(", in torch's fused kernel")
+            notes.append(note.removesuffix(", in torch's kernel"))
             if data["named"]:
                 return f" ({self._forward_line(consumers[0])}: {' and '.join(notes)})"
             current = consumers[0]

@@ -117,6 +117,54 @@ RULE_NOTES: dict[str, tuple[str, ...]] = {
     "elu": ("d elu(x)/dx = 1 where x > 0, else elu(x) + alpha, in torch's fused kernel",),
     "selu": ("d selu(x)/dx = scale where x > 0, else scale*alpha*exp(x), in torch's fused kernel",),
     "celu": ("d celu(x)/dx = 1 where x > 0, else exp(x/alpha), in torch's fused kernel",),
+    "mish": ("d mish(x)/dx = t + x*sigmoid(x)*(1 - t**2), t = tanh(softplus(x)), in torch's fused kernel",),
+    "hardswish": ("d hardswish(x)/dx = 0 where x <= -3, x/3 + 1/2 where -3 < x < 3, else 1, in torch's kernel",),
+    "hardsigmoid": ("d hardsigmoid(x)/dx = 1/6 strictly between -3 and 3, else 0, in torch's kernel",),
+    "log_sigmoid": ("d logsigmoid(x)/dx = sigmoid(-x) = 1 - sigmoid(x), in torch's fused kernel",),
+    "softsign": ("d softsign(x)/dx = 1/(1 + |x|)**2",),
+    "tanhshrink": ("d(x - tanh(x))/dx = 1 - (1 - tanh(x)**2) = tanh(x)**2",),
+    "softshrink": ("d softshrink(x)/dx = 1 where |x| > lambd, else 0, in torch's kernel",),
+    "hardshrink": ("d hardshrink(x)/dx = 1 where |x| > lambd, else 0, in torch's kernel",),
+    "rrelu": ("d rrelu(x)/dx = 1 where x > 0, else the mean slope (lower + upper)/2 (evaluation mode), in torch's "
+              "fused kernel",),
+    "prelu": ("d prelu(x)/dx = 1 where x > 0, else weight", "d prelu(x)/dweight = x where x <= 0, else 0, summed over "
+              "the elements sharing the slope"),
+    "softmin": ("-s*(g - (g*s).sum(dim)), s = softmin(x) = softmax(-x), in torch's fused kernel",),
+    "glu": ("glu(x) = a*sigmoid(b), halves a, b of x: d/da = sigmoid(b), d/db = a*sigmoid(b)*(1 - sigmoid(b)), "
+            "in torch's fused kernel",),
+    "logit": ("d logit(x)/dx = 1/(x*(1 - x)) (0 outside [eps, 1 - eps] when eps is given), in torch's kernel",),
+    "sin": ("d sin(x)/dx = cos(x)",),
+    "cos": ("d cos(x)/dx = -sin(x)",),
+    "tan": ("d tan(x)/dx = 1 + tan(x)**2",),
+    "asin": ("d asin(x)/dx = 1/sqrt(1 - x**2)",),
+    "acos": ("d acos(x)/dx = -1/sqrt(1 - x**2)",),
+    "atan": ("d atan(x)/dx = 1/(1 + x**2)",),
+    "sinh": ("d sinh(x)/dx = cosh(x)",),
+    "cosh": ("d cosh(x)/dx = sinh(x)",),
+    "asinh": ("d asinh(x)/dx = 1/sqrt(x**2 + 1)",),
+    "acosh": ("d acosh(x)/dx = 1/sqrt(x**2 - 1)",),
+    "atanh": ("d atanh(x)/dx = 1/(1 - x**2)",),
+    "erf": ("d erf(x)/dx = 2/sqrt(pi)*exp(-x**2)",),
+    "erfc": ("d erfc(x)/dx = -2/sqrt(pi)*exp(-x**2)",),
+    "erfinv": ("d erfinv(x)/dx = sqrt(pi)/2*exp(erfinv(x)**2)",),
+    "log1p": ("d log(1 + x)/dx = 1/(1 + x)",),
+    "expm1": ("d(exp(x) - 1)/dx = exp(x)",),
+    "log2": ("d log2(x)/dx = 1/(x*log(2))",),
+    "log10": ("d log10(x)/dx = 1/(x*log(10))",),
+    "exp2": ("d 2**x/dx = 2**x*log(2)",),
+    "lgamma": ("d lgamma(x)/dx = digamma(x)",),
+    "i0": ("d i0(x)/dx = i1(x)",),
+    "digamma": ("d digamma(x)/dx = polygamma(1, x)",),
+    "sinc": ("d sinc(x)/dx = (cos(pi*x)*pi*x - sin(pi*x))/(pi*x**2), 0 at x = 0",),
+    "hypot": ("d hypot(x,y)/dx = x/hypot(x,y)", "d hypot(x,y)/dy = y/hypot(x,y)"),
+    "xlogy": ("d(x*log(y))/dx = log(y) (0 where x = 0 and y <= 0)", "d(x*log(y))/dy = x/y"),
+    "clamp": ("1 where min <= x <= max", "d/dmin = 1 where x < min (and min < max)",
+              "d/dmax = 1 where x > max (or max < min)"),
+    "clamp_min": ("1 where x >= min", "d/dmin = 1 where x < min"),
+    "clamp_max": ("1 where x <= max", "d/dmax = 1 where x > max"),
+    "nan_to_num": ("1 where x is finite, else 0 (the replaced values take none)",),
+    "frac": ("d(x - trunc(x))/dx = 1",),
+    **{op: (f"{op} is piecewise constant: 0",) for op in ("sign", "sgn", "floor", "ceil", "round", "trunc", "fix")},
     "split": ("each piece's gradient goes back to its slice",),
     "chunk": ("each piece's gradient goes back to its slice",),
     "unbind": ("each piece's gradient goes back to its slice",),
@@ -150,12 +198,21 @@ CALL_NOTES: dict[tuple[str, str, Any], tuple[str, ...]] = {
 }
 
 
+# notes of a method call whose arguments come in another order than the function's: a.where(condition, b)
+METHOD_NOTES: dict[str, tuple[str, ...]] = {
+    "where": ("d/da = 1 where the condition holds", "", "d/db = 1 where it does not"),
+}
+
+
 def rule_notes(data: dict) -> tuple[str, ...]:
-    """What a recorded op's rule does, by argument position: :data:`CALL_NOTES` for its call, else RULE_NOTES."""
+    """What a recorded op's rule does, by argument position: :data:`CALL_NOTES` for its call, :data:`METHOD_NOTES`
+    for a method call, else RULE_NOTES."""
     attrs = data.get("attrs") or {}
     for (op, key, value), notes in CALL_NOTES.items():
         if data["op"] == op and attrs.get(key) == value:
             return notes
+    if data["op"] in METHOD_NOTES and printer._is_method(data.get("func")):
+        return METHOD_NOTES[data["op"]]
     return RULE_NOTES.get(data["op"], ())
 
 
@@ -771,4 +828,5 @@ def _dims(dims: list[int]) -> str:
     return str(dims[0]) if len(dims) == 1 else "(" + ", ".join(map(str, dims)) + ")"
 
 
-__all__ = ["BackwardSource", "CALL_NOTES", "Line", "RULE_NOTES", "backward_source", "branch_name", "generate", "run"]
+__all__ = ["BackwardSource", "CALL_NOTES", "Line", "METHOD_NOTES", "RULE_NOTES", "backward_source", "branch_name",
+           "generate", "run"]

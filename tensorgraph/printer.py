@@ -307,6 +307,39 @@ def _elu_backward(value: Callable[[Any], Expr], g: Any, alpha: Any, scale: Any, 
     return Expr(f"torch.where({_above(value, v, 0)}, {above}, {below})", PRIMARY)
 
 
+def _mish_backward(value: Callable[[Any], Expr], g: Any, x: Any) -> Expr:
+    """(t + x * sigmoid(x) * (1 - t**2)) * g, t = tanh(softplus(x)), softplus written log1p(exp(x)) as the kernel."""
+    x_ = value(x)
+    t = f"torch.tanh(torch.log1p(torch.exp({x_})))"
+    return Expr(f"({t} + {x_.wrap(PRODUCT)} * torch.sigmoid({x_}) * (1 - {t}**2)) * {value(g).wrap(PRODUCT + 1)}",
+                PRODUCT)
+
+
+def _hardswish_backward(value: Callable[[Any], Expr], g: Any, x: Any) -> Expr:
+    """0 up to -3 (included), (x/3 + 1/2) * g below 3, g from 3 on: torch's kernel at the kinks."""
+    x_, g_ = value(x), value(g)
+    low, high = f"{x_.wrap(COMPARE + 1)} <= -3", f"{x_.wrap(COMPARE + 1)} < 3"
+    return Expr(f"torch.where({low}, 0.0, torch.where({high}, ({x_.wrap(PRODUCT)} / 3 + 0.5) * "
+                f"{g_.wrap(PRODUCT + 1)}, {g_}))", PRIMARY)
+
+
+def _hardsigmoid_backward(value: Callable[[Any], Expr], g: Any, x: Any) -> Expr:
+    """g / 6 strictly between -3 and 3: the derivative of (x + 3).clamp(0, 6) / 6 (torch's kernel multiplies by
+    1/6 rounded to float32, 3e-8 off in float64)."""
+    x_ = value(x).wrap(COMPARE + 1)
+    return Expr(f"(({x_} > -3) & ({x_} < 3)) * {value(g).wrap(PRODUCT + 1)} / 6", PRODUCT)
+
+
+def _log_sigmoid_backward(value: Callable[[Any], Expr], g: Any, x: Any, buffer: Any = None) -> Expr:
+    return Expr(f"torch.sigmoid(-{value(x).wrap(UNARY)}) * {value(g).wrap(PRODUCT + 1)}", PRODUCT)
+
+
+def _shrink_backward(value: Callable[[Any], Expr], g: Any, x: Any, lambd: Any) -> Expr:
+    """softshrink and hardshrink: g where |x| > lambd, else 0."""
+    return Expr(f"({value(x).wrap(PRIMARY)}.abs() > {value(lambd).wrap(COMPARE + 1)}) * "
+                f"{value(g).wrap(PRODUCT + 1)}", PRODUCT)
+
+
 def _times(value: Callable[[Any], Expr], factors: list[Any], *terms: Expr) -> Expr:
     """``2.0 * a * g``: the factors that are not 1, then the terms, as one product."""
     parts = [value(f) for f in factors if not _is_one(f)] + list(terms)
@@ -356,6 +389,12 @@ TEXTBOOK: dict[str, Formula] = {
     "softplus_backward": Formula(_softplus_backward, (0, 1)),
     "elu_backward": Formula(_elu_backward, (0, 5)),  # also selu and celu
     "native_layer_norm_backward": Formula(_layer_norm_backward, (0, 1, 3, 4, 5), outputs=3),
+    "mish_backward": Formula(_mish_backward, (1,)),
+    "hardswish_backward": Formula(_hardswish_backward, (0, 1)),
+    "hardsigmoid_backward": Formula(_hardsigmoid_backward, (1,)),
+    "log_sigmoid_backward": Formula(_log_sigmoid_backward, ()),  # sigmoid(-x) * g
+    "softshrink_backward": Formula(_shrink_backward, ()),
+    "hardshrink_backward": Formula(_shrink_backward, ()),
 }
 
 

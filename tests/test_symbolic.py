@@ -631,6 +631,56 @@ def test_constants_and_running_statistics_take_no_gradient():
                                                                                         "model.bias"]
 
 
+_DETACHED = {
+    "mse against a detached target": (lambda x: F.mse_loss(x, x.detach() * 0.5), {"mul_1"}),
+    "centred by a detached mean": (lambda x: (x - x.detach().mean()).pow(2).mean(), {"mean_1"}),
+    "weighted by a detached softmax": (lambda x: (x * x.detach().softmax(1)).sum(1, keepdim=True).tanh(),
+                                       {"softmax_1"}),
+    "standardised by detached statistics": (lambda x: ((x - x.detach().mean(0)) / x.detach().std(0)).pow(2).mean(),
+                                            {"mean_1", "std_1"}),
+}
+
+
+@pytest.mark.parametrize("case", list(_DETACHED))
+def test_a_detached_tensor_is_a_constant_of_the_chain(case):
+    """x.detach() and what is computed from it alone enter the chain as parameters (constants, as torch's gradient
+    treats them): derive and graph.fuse give torch autograd's gradient (float64), and they are no op of the chain
+    (once lowered with axes of their own: 'operands line up axis i with axis k')."""
+    fn, constants = _DETACHED[case]
+    d = derive(fn, _x(), tol=1e-12)
+    assert {p.name for p in d.chain.params} == constants
+    assert set(d.gradients) == {"x"} | constants  # their gradients stop at the detach, as torch's do
+
+
+def test_a_detached_tensor_feeds_the_auto_fused_and_compiled_chain():
+    X, W = torch.randn(6, 4, dtype=D, generator=_gen(2)), torch.randn(4, 3, dtype=D, generator=_gen(3))
+
+    def forward(W):
+        h = X @ W
+        return F.mse_loss(h, h.detach() * 0.5) + (h - h.detach().mean()).pow(2).mean()
+
+    with tg.record() as graph:
+        loss = forward(W)
+    fused = symbolic.auto_fuse(graph, loss)
+    nodes = [data for data in fused._nodes if data["op"] == "fused"]
+    assert [[fused._nodes[i]["name"] for i in data["inputs"]] for data in nodes] == [["h", "mul_1", "mean_1"]]
+    leaf = W.clone().requires_grad_()
+    want, = torch.autograd.grad(forward(leaf), leaf)
+    step = tg.compile(lambda: forward(W), fuse=True)
+    for grads in (fused.backward(loss), step()[1]):
+        assert (grads[W] - want).abs().max() <= 1e-12 * max(1.0, float(want.abs().max()))
+    assert step.fused
+
+
+def test_an_output_reached_only_through_a_detached_tensor_is_refused_by_name():
+    x = _x()
+    with tg.record() as graph:
+        y = (x.detach() * 2).sum()
+    with pytest.raises(SymbolicError, match=r"'y' \(sum at .*\) depends on 'x' .* only through tensors without a "
+                                            r"gradient"):
+        symbolic.derive(graph, output=y, wrt=x)
+
+
 # ---------------------------------------------------------------------- errors and the safety net
 
 

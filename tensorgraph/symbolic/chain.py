@@ -119,14 +119,29 @@ def where(data: dict[str, Any]) -> str:
 
 
 def chain_members(graph: Graph, output: int, wrt: int) -> list[int]:
-    """Recorded nodes between ``wrt`` and ``output`` (both included), in creation order."""
+    """Recorded nodes between ``wrt`` and ``output`` (both included), in creation order.
+
+    Only paths a gradient flows along count: a tensor computed from ``wrt`` through a detached tensor
+    (``x.detach().mean()``) or an integer one (``x.argmax()``) is outside the chain, a constant that enters
+    it as a parameter, as torch's gradient treats it.
+    """
+    nodes = graph._nodes
     if wrt == output:
-        raise SymbolicError(f"the input and the output are the same tensor {where(graph._nodes[wrt])}")
+        raise SymbolicError(f"the input and the output are the same tensor {where(nodes[wrt])}")
     ancestors = graph.ancestors(output)
     if wrt not in ancestors:
-        raise SymbolicError(f"{where(graph._nodes[output])} does not depend on {where(graph._nodes[wrt])}")
-    between = (nx.descendants(graph.nx, wrt) | {wrt}) & ancestors
+        raise SymbolicError(f"{where(nodes[output])} does not depend on {where(nodes[wrt])}")
+    flowing = nx.subgraph_view(graph.nx, filter_node=lambda n: n == wrt or _carries_gradient(nodes[n]))
+    between = (nx.descendants(flowing, wrt) | {wrt}) & ancestors
+    if output not in between:
+        raise SymbolicError(f"{where(nodes[output])} depends on {where(nodes[wrt])} only through tensors without "
+                            f"a gradient (a detached tensor, or one computed from it): its gradient is zero")
     return sorted(between)
+
+
+def _carries_gradient(data: dict[str, Any]) -> bool:
+    """A recorded op whose result a gradient flows through (not a constant, not an integer tensor)."""
+    return data["kind"] == "op" and (data["dtype"].is_floating_point or data["dtype"].is_complex)
 
 
 # ---------------------------------------------------------------------- elementwise ops
