@@ -725,12 +725,14 @@ class _Checker:
     def _fused_slip(self, node: int, mine: Tensor, ref: Tensor) -> tuple[str, str] | None:
         """A slip in the lecture's fused one-liners (exercises 2 and 3), found by recomputing the formula with
         the slip from the forward's values: said only when the right formula gives ``ref`` (so the tensor is
-        the logits of a cross-entropy, or a batchnorm's input) and exactly one slipped formula gives ``mine``."""
+        the logits of a cross-entropy, or a batchnorm's input: 2-d, or 3-d as in makemore part 5) and exactly one
+        slipped formula gives ``mine``."""
         value = self.nodes[node].get("value")
-        if not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() != 2 or \
+        if not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() not in (2, 3) or \
                 tuple(value.shape) != tuple(ref.shape) or value.shape[0] < 2:
             return None
-        slips = self._cross_entropy_slips(node, value, ref) or self._batch_norm_slips(node, value, ref)
+        slips = (self._cross_entropy_slips(node, value, ref) if value.dim() == 2 else []) or \
+            self._batch_norm_slips(node, value, ref)
         hits = list(dict.fromkeys((kind, text) for kind, text, slipped in slips if not self._close(
             slipped.to(ref.dtype), ref, node) and self._close(mine, slipped.to(ref.dtype), node)))
         return hits[0] if len(hits) == 1 else None
@@ -771,32 +773,33 @@ class _Checker:
 
     def _batch_norm_slips(self, node: int, value: Tensor, ref: Tensor) -> list[_Slip]:
         """The batchnorm input gradient, ``bnvar_inv/n * (n*dx̂ - dx̂.sum(0) - n/(n-1) * x̂ * (dx̂*x̂).sum(0))``,
-        with one slip each, if the tensor is normalized over dim 0 further down (a tensor ``w * x̂ + b``) and
-        ``ref`` is that formula's value; else []."""
+        with one slip each, if the tensor is normalized over dim 0 (a 3-d one over dims (0, 1), makemore part 5's
+        BatchNorm1d) further down (a tensor ``w * x̂ + b``) and ``ref`` is that formula's value; else []."""
         x = value.double()
-        n = x.shape[0]
-        centred = x - x.mean(0, keepdim=True)
+        dims = (0,) if x.dim() == 2 else (0, 1)
+        n = math.prod(x.shape[d] for d in dims)
+        centred = x - x.mean(dims, keepdim=True)
         below = [d for d in sorted(_descendants(self.graph, node, 6)) if d in self.truth and
                  isinstance(self.nodes[d].get("value"), Tensor) and self.nodes[d]["value"].is_floating_point() and
                  tuple(self.nodes[d]["value"].shape) == tuple(x.shape)]
-        fed = any(self.nodes[c]["op"] == "batch_norm" and self.nodes[c]["attrs"].get("training")
-                  for c in self.graph.nx.successors(node))
+        fed = x.dim() == 2 and any(self.nodes[c]["op"] == "batch_norm" and self.nodes[c]["attrs"].get("training")
+                                   for c in self.graph.nx.successors(node))  # (F.batch_norm's 3-d: over (0, 2))
         for unbiased, eps in itertools.product((True, False), (1e-5, 1e-3, 1e-6, 0.0)):
-            inv = (centred.pow(2).sum(0, keepdim=True) / (n - unbiased) + eps).rsqrt()
+            inv = (centred.pow(2).sum(dims, keepdim=True) / (n - unbiased) + eps).rsqrt()
             xhat = centred * inv
-            uses = self._normalized_uses(below, xhat)
+            uses = self._normalized_uses(below, xhat, dims)
             after = self._normalized(node, uses)
             uses = [(d, w, g) for d, w, g in uses if d in after]  # not bndiff, w * x̂ with w = 1/std: before it
             dxhat = next((g * w for d, w, g in uses
-                          if self._close(_bn_formula(xhat, inv, g * w, n / (n - 1) if unbiased else 1.0).to(ref.dtype),
-                                         ref, node)), None)
+                          if self._close(_bn_formula(xhat, inv, g * w, n / (n - 1) if unbiased else 1.0, dims=dims)
+                                         .to(ref.dtype), ref, node)), None)
             if dxhat is None:
                 continue
             # a gain w fitted to the tensors below absorbs a variance's n or n-1: the values establish which the
             # forward divides by only where the normalized value itself (w = 1) is recorded, or F.batch_norm
             # (which divides by n) normalizes the tensor
             if any(self._plain(w) for _, w, _ in uses) or (fed and not unbiased):
-                return self._batch_norm_messages(node, xhat, inv, dxhat, unbiased, uses)
+                return self._batch_norm_messages(node, xhat, inv, dxhat, unbiased, uses, dims)
         return []
 
     def _normalized(self, node: int, uses: list[tuple[int, Tensor, Tensor]]) -> set[int]:
@@ -810,17 +813,18 @@ class _Checker:
     def _plain(w: Tensor) -> bool:
         return bool(torch.allclose(w, torch.ones_like(w)))
 
-    def _normalized_uses(self, below: list[int], xhat: Tensor) -> list[tuple[int, Tensor, Tensor]]:
-        """(tensor, w, its gradient) for each tensor of ``below`` that is ``w * xhat + b`` per column, once with the
-        right gradient and once with the learner's."""
+    def _normalized_uses(self, below: list[int], xhat: Tensor, dims: tuple[int, ...]
+                         ) -> list[tuple[int, Tensor, Tensor]]:
+        """(tensor, w, its gradient) for each tensor of ``below`` that is ``w * xhat + b`` per column (per channel,
+        over the statistics' ``dims``), once with the right gradient and once with the learner's."""
         found = []
-        norm = xhat.pow(2).sum(0, keepdim=True)
+        norm = xhat.pow(2).sum(dims, keepdim=True)
         if not bool((norm > 0).all()):
             return found
         for d in below:
             v = self.nodes[d]["value"].double()
-            w = (v * xhat).sum(0, keepdim=True) / norm
-            fitted = w * xhat + v.mean(0, keepdim=True)
+            w = (v * xhat).sum(dims, keepdim=True) / norm
+            fitted = w * xhat + v.mean(dims, keepdim=True)
             if not bool(torch.allclose(fitted, v, rtol=1e-4, atol=1e-5 * float(v.abs().max()))):
                 continue
             for gradient in dict.fromkeys(g for g in (self.truth[d], self.used.get(d)) if g is not None):
@@ -829,35 +833,40 @@ class _Checker:
         return found
 
     def _batch_norm_messages(self, node: int, xhat: Tensor, inv: Tensor, dxhat: Tensor, unbiased: bool,
-                             uses: list[tuple[int, Tensor, Tensor]]) -> list[_Slip]:
-        """The slipped formulas, each with its message."""
-        n = xhat.shape[0]
+                             uses: list[tuple[int, Tensor, Tensor]], dims: tuple[int, ...] = (0,)) -> list[_Slip]:
+        """The slipped formulas, each with its message; ``dims``: those the forward's statistics reduce over."""
+        n = math.prod(xhat.shape[d] for d in dims)
         bessel = n / (n - 1) if unbiased else 1.0
         plain = next((self.nodes[d]["name"] for d, w, _ in uses if self.nodes[d]["named"] and self._plain(w)), None)
         xh, dx = (identifier(plain), "d" + identifier(plain)) if plain else ("x̂", "dx̂")
-        term = f"{xh} * ({dx} * {xh}).sum(0)"
+        over = _dims(list(dims))
+        term = f"{xh} * ({dx} * {xh}).sum({over})"
         factor = "n/(n-1) * " if unbiased else ""
         slips = [
             ("wrong", f"equals the batchnorm formula with n where it needs n-1: this forward's variance divides by "
                       f"n-1 (Bessel's correction), so the term {term} takes the factor n/(n-1) = {n}/{n - 1}"
              if unbiased else f"equals the batchnorm formula with n-1 (Bessel's correction) where it needs n: this "
                               f"forward's variance divides by n, so the term {term} takes no factor n/(n-1)",
-             _bn_formula(xhat, inv, dxhat, 1.0 if unbiased else n / (n - 1))),
-            ("wrong", f"equals the batchnorm formula without its mean term (- {dx}.sum(0)): the gradient through the "
-                      f"batch mean is missing", _bn_formula(xhat, inv, dxhat, bessel, mean=False)),
+             _bn_formula(xhat, inv, dxhat, 1.0 if unbiased else n / (n - 1), dims=dims)),
+            ("wrong", f"equals the batchnorm formula without its mean term (- {dx}.sum({over})): the gradient "
+                      f"through the batch mean is missing",
+             _bn_formula(xhat, inv, dxhat, bessel, mean=False, dims=dims)),
             ("wrong", f"equals the batchnorm formula without its variance term (- {factor}{term}): the gradient "
-                      f"through the batch variance is missing", _bn_formula(xhat, inv, dxhat, bessel, var=False)),
-            ("wrong", "equals the batchnorm formula with its sums over dim 1: the batch statistics (mean, variance) "
-                      "are over dim 0", _bn_formula(xhat, inv, dxhat, bessel, dim=1)),
+                      f"through the batch variance is missing",
+             _bn_formula(xhat, inv, dxhat, bessel, var=False, dims=dims)),
             ("scaled", f"equals the batchnorm formula without its 1/n: scaled by n = {n}",
-             n * _bn_formula(xhat, inv, dxhat, bessel)),
+             n * _bn_formula(xhat, inv, dxhat, bessel, dims=dims)),
         ]
+        if dims == (0,):
+            slips.append(("wrong", "equals the batchnorm formula with its sums over dim 1: the batch statistics (mean, "
+                                   "variance) are over dim 0", _bn_formula(xhat, inv, dxhat, bessel, dims=(1,), n=n)))
+        slips += _bn_subset_slips(xhat, inv, dxhat, unbiased, dims)
         for d, w, gradient in uses:  # the gain forgotten: dhpreact where the formula needs bngain * dhpreact
             if self.nodes[d]["named"] and not self._plain(w):
                 name = self.nodes[d]["name"]
                 slips.append(("wrong", f"equals the batchnorm formula fed d{name} without the gain: the gradient of "
                                        f"the normalized value is d{name} times the gain (`{self._forward_line(d)}`)",
-                              _bn_formula(xhat, inv, gradient, bessel)))
+                              _bn_formula(xhat, inv, gradient, bessel, dims=dims)))
         return slips
 
     @staticmethod
@@ -1354,16 +1363,37 @@ def _total(branches: list[_Branch | None] | None, summed: bool = True) -> Tensor
 
 
 def _bn_formula(xhat: Tensor, inv: Tensor, dxhat: Tensor, bessel: float, mean: bool = True, var: bool = True,
-                dim: int = 0) -> Tensor:
-    """Batchnorm's input gradient from the gradient of the normalized value: ``inv/n * (n*dxhat - dxhat.sum(dim)
-    - bessel * xhat * (dxhat*xhat).sum(dim))``, a term left out where ``mean`` or ``var`` is False."""
-    n = xhat.shape[0]
+                dims: tuple[int, ...] = (0,), n: int | None = None) -> Tensor:
+    """Batchnorm's input gradient from the gradient of the normalized value: ``inv/n * (n*dxhat - dxhat.sum(dims)
+    - bessel * xhat * (dxhat*xhat).sum(dims))``, a term left out where ``mean`` or ``var`` is False; ``n``: the
+    number of elements the sums run over, unless given."""
+    n = math.prod(xhat.shape[d] for d in dims) if n is None else n
     out = n * dxhat
     if mean:
-        out = out - dxhat.sum(dim, keepdim=True)
+        out = out - dxhat.sum(dims, keepdim=True)
     if var:
-        out = out - bessel * xhat * (dxhat * xhat).sum(dim, keepdim=True)
+        out = out - bessel * xhat * (dxhat * xhat).sum(dims, keepdim=True)
     return inv / n * out
+
+
+def _bn_subset_slips(xhat: Tensor, inv: Tensor, dxhat: Tensor, unbiased: bool, dims: tuple[int, ...]) -> list[_Slip]:
+    """The batchnorm gradient with its sums over some of the forward's ``dims`` only: the 2-d formula (sums over
+    dim 0) applied to makemore part 5's 3-d input, whose statistics reduce over (0, 1). Its n is the count of
+    either the dims summed or all of them, its Bessel factor either n's or the forward's."""
+    slips: list[_Slip] = []
+    total = math.prod(xhat.shape[d] for d in dims)
+    over = _dims(list(dims))
+    for size in range(1, len(dims)):
+        for subset in itertools.combinations(dims, size):
+            text = (f"equals the batchnorm gradient with its sums over dim {_dims(list(subset))} only: this forward's "
+                    f"mean and variance reduce over dims {over}, so the sums in the gradient must too "
+                    f"(.sum({over}, keepdim=True))")
+            count = math.prod(xhat.shape[d] for d in subset)
+            for n in dict.fromkeys((count, total)):
+                factors = [m / (m - 1) for m in dict.fromkeys((n, total)) if m > 1] if unbiased else [1.0]
+                slips += [("wrong", text, _bn_formula(xhat, inv, dxhat, bessel, dims=subset, n=n))
+                          for bessel in factors]
+    return slips
 
 
 def _descendants(graph: Graph, node: int, depth: int) -> set[int]:

@@ -338,7 +338,7 @@ class _Generator:
         self.cross_entropy: dict[int, tuple[int, tuple[Ref, Ref, str]]] = {}
         for step in trace.steps if textbook else ():
             node = trace.node_of(step.grad)
-            found = _textbook_cross_entropy(self.fwd, step.consumer, step.source) if node is not None else None
+            found = textbook_cross_entropy(self.fwd, step.consumer, step.source) if node is not None else None
             if found is not None:
                 self.cross_entropy[node] = (step.consumer, found)
 
@@ -536,7 +536,7 @@ class _Generator:
     def _cross_entropy(self, consumer: int, found: tuple[Ref, Ref, str]) -> Expr:
         """``F.cross_entropy(logits, Yb)``'s gradient as the lecture writes it: ``(F.softmax(logits, 1) -
         F.one_hot(Yb, 27)) / 32 * dloss`` (without ``/ 32`` for ``reduction="sum"``); ``found``: the call's logits,
-        target and reduction, as :func:`_textbook_cross_entropy` read them."""
+        target and reduction, as :func:`textbook_cross_entropy` read them."""
         logits, target, reduction = found
         n, classes = self.fwd[logits.node]["shape"]
         grad = self._expr(self._adjoint(self.trace.grads.by_node[consumer], "the loss's gradient"))
@@ -795,7 +795,7 @@ _NOTES_KEPT = 6  # and of a longer one, the first and last six
 _NO_NOTES = _Notes((), (), 0)
 
 
-def _textbook_cross_entropy(forward: list[dict], consumer: int, source: int | None = None
+def textbook_cross_entropy(forward: list[dict], consumer: int, source: int | None = None
                             ) -> tuple[Ref, Ref, str] | None:
     """``(logits, target, reduction)`` of a recorded ``F.cross_entropy`` whose gradient is the lecture's
     ``(softmax(logits) - onehot(target)) / n``: 2-d logits, one class index in range per row (none ignored),
@@ -829,4 +829,4 @@ def _dims(dims: list[int]) -> str:
 
 
 __all__ = ["BackwardSource", "CALL_NOTES", "Line", "METHOD_NOTES", "RULE_NOTES", "backward_source", "branch_name",
-           "generate", "run"]
+           "generate", "run", "textbook_cross_entropy"]

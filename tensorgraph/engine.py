@@ -490,11 +490,12 @@ def run_hooks(graph: Graph, node: int, hooks: list[Callable], grad: Tensor) -> T
     return grad
 
 
-def call_rule(graph: Graph, node: int, grad: Tensor) -> Any:
-    """Run the op's rule for one node: the gradients of its inputs, by argument position."""
+def call_rule(graph: Graph, node: int, grad: Tensor, rule: Callable | None = None) -> Any:
+    """Run the op's rule for one node (or ``rule`` in its place): the gradients of its inputs, by argument
+    position."""
     nodes = graph._nodes
     data = nodes[node]
-    rule = data.get("rule")  # a node may carry its own rule (fused nodes); otherwise the op's
+    rule = rule or data.get("rule")  # a node may carry its own rule (fused nodes); otherwise the op's
     if rule is None:
         op = OPS.get(data["op"])
         rule = op.rule if op is not None else None
@@ -542,11 +543,13 @@ def accumulate(grads: dict[int, Tensor], source: int, grad: Tensor, data: dict[s
     return grad
 
 
-def backward(graph: Graph, loss: Any, grad: Tensor | None = None, *, tape: list | None = None) -> Gradients:
+def backward(graph: Graph, loss: Any, grad: Tensor | None = None, *, tape: list | None = None,
+             rules: dict[int, Callable] | None = None) -> Gradients:
     """Backpropagate from ``loss`` through ``graph``; see :class:`Gradients`.
 
     With ``tape`` (a list), every contribution is appended to it as a
-    :class:`Contribution`, for :func:`trace`.
+    :class:`Contribution`, for :func:`trace`. ``rules`` (node -> rule) runs those nodes with other rules
+    than their ops' (the backward view's textbook form of a cross-entropy).
     """
     # NOTE: parameters that require grad (the lecture's habit) would make torch autograd record every
     # rule's kernels: twice the time, and gradients attached to a graph (``.numpy()`` refuses them).
@@ -554,14 +557,15 @@ def backward(graph: Graph, loss: Any, grad: Tensor | None = None, *, tape: list 
     shared = SHARED.set({})  # the rules of a call's several outputs share its work (an RNN's re-run) in this pass
     try:
         if tape is not None:
-            return _backward(graph, loss, grad, tape)
+            return _backward(graph, loss, grad, tape, rules)
         with torch.no_grad():
-            return _backward(graph, loss, grad, tape)
+            return _backward(graph, loss, grad, tape, rules)
     finally:
         SHARED.reset(shared)
 
 
-def _backward(graph: Graph, loss: Any, grad: Tensor | None, tape: list | None) -> Gradients:
+def _backward(graph: Graph, loss: Any, grad: Tensor | None, tape: list | None,
+              rules: dict[int, Callable] | None = None) -> Gradients:
     if getattr(graph, "_recording", False):
         raise RuntimeError("tensorgraph: graph.backward() was called inside the graph's own tg.record() block; "
                            "call it after the with-block ends (names are given and the graph is complete there)")
@@ -594,7 +598,7 @@ def _backward(graph: Graph, loss: Any, grad: Tensor | None, tape: list | None) -
         data = nodes[node]
         if not data["inputs"] or data["kind"] != "op":
             continue
-        input_grads = call_rule(graph, node, g)
+        input_grads = call_rule(graph, node, g, rules.get(node) if rules else None)
         if input_grads.__class__ is not tuple and not isinstance(input_grads, (tuple, list)):
             input_grads = (input_grads,)
         count = len(input_grads)
@@ -682,8 +686,10 @@ def trace(graph: Graph, loss: Any, grad: Tensor | None = None) -> BackwardTrace:
     return traced(graph, loss, grad, "tg.trace")
 
 
-def traced(graph: Graph, loss: Any, grad: Tensor | None, caller: str) -> BackwardTrace:
-    """:func:`trace`, its errors naming ``caller``, the function the user called (``graph.backward_source``)."""
+def traced(graph: Graph, loss: Any, grad: Tensor | None, caller: str,
+           rules: dict[int, Callable] | None = None) -> BackwardTrace:
+    """:func:`trace`, its errors naming ``caller``, the function the user called (``graph.backward_source``);
+    ``rules``: see :func:`backward`."""
     from .naming import set_names
     from .record import record
 
@@ -695,7 +701,7 @@ def traced(graph: Graph, loss: Any, grad: Tensor | None, caller: str) -> Backwar
     if grad is not None:  # cast outside the recording: a given seed stays a leaf of the adjoint graph
         grad = seed
     with record() as adjoint:
-        grads = backward(graph, loss, grad, tape=steps)
+        grads = backward(graph, loss, grad, tape=steps, rules=rules)
     result = BackwardTrace(graph, adjoint, grads, steps)
     names: dict[int, str] = {}
     for data in graph._nodes:  # forward values keep their names

@@ -88,7 +88,7 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
            grads: Gradients | None = None, loss: Any = None, compare: Any = None, check: Any = None,
            values: bool = False, collapse: Iterable[str] | str | None = None, depth: int | None = None,
            cluster: str | None = "auto", rankdir: str = "TB", legend: bool = True, title: str | None = None,
-           dpi: int | None = None, timeout: float | None = TIMEOUT) -> graphviz.Digraph | Path:
+           dpi: int | None = None, timeout: float | None = TIMEOUT, textbook: bool = False) -> graphviz.Digraph | Path:
     """Draw ``graph``; with ``path``, write the picture there and return the path.
 
     Args:
@@ -121,6 +121,11 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
         timeout: seconds Graphviz may take to lay the picture out (None: no limit). Past it,
             ``RenderTimeoutError`` says how to draw less; the DOT source is written beside
             ``path``. Without ``path`` there is no layout here, so no limit.
+        textbook: with view="backward", draw the handout rather than the kernels the engine calls, as
+            ``graph.backward_source(loss, textbook=True)`` prints it: a fused kernel's box reads as its formula
+            (``(1 - h**2) * dh`` for ``tanh_backward(dh, h)``), and an ``F.cross_entropy`` with no target
+            ignored, no weight and no label smoothing is drawn as ``(softmax(logits) - one_hot(Yb)) / n * dloss``
+            (5 ops) instead of the engine's closed form for the general case.
     """
     if timeout is not None and not _positive(timeout):
         raise ValueError(f"render: timeout must be a positive number of seconds or None, got {timeout!r}")
@@ -128,7 +133,7 @@ def render(graph: Graph, path: str | os.PathLike | None = None, *, view: str = "
         raise ValueError(f"render: dpi must be a positive number of dots per inch or None, got {dpi!r}")
     target, fmt = output_format(path) if path is not None else (None, None)
     options = _Options.parse(graph, view=view, grads=grads, loss=loss, compare=compare, check=check, values=values,
-                             collapse=collapse, depth=depth, cluster=cluster, rankdir=rankdir)
+                             collapse=collapse, depth=depth, cluster=cluster, rankdir=rankdir, textbook=textbook)
     if options.view == "backward":
         from .render_backward import backward_drawing
 
@@ -179,10 +184,11 @@ class _Options:
     depth: int | None
     cluster: str | None
     rankdir: str
+    textbook: bool = False
 
     @classmethod
     def parse(cls, graph: Graph, *, view: str, grads: Any, loss: Any, compare: Any, check: Any, values: bool,
-              collapse: Any, depth: Any, cluster: Any, rankdir: str) -> _Options:
+              collapse: Any, depth: Any, cluster: Any, rankdir: str, textbook: bool = False) -> _Options:
         if view not in VIEWS:
             raise ValueError(f"render: unknown view {view!r}; expected one of {', '.join(VIEWS)}")
         if rankdir not in RANKDIRS:
@@ -194,6 +200,9 @@ class _Options:
             raise ValueError(f"render: depth must be a non-negative integer, got {depth!r}")
         if isinstance(collapse, str):
             collapse = [collapse]
+        if textbook and view != "backward":
+            raise ValueError("render: textbook=True draws the backward view's fused kernels as their formulas; "
+                             "pass view='backward' with it")
         _require_report(compare, "compare", "graph.compare(loss)")
         _require_report(check, "check", "graph.check(manual, loss)")
         _require_matching(graph, compare, "compare", "graph.compare(loss)")
@@ -207,7 +216,7 @@ class _Options:
                              f"{tuple(data['shape'])}; for a non-scalar output pass "
                              f"grads=graph.backward({data['name']!r}, grad=...) (a gradient of that shape)")
         return cls(view, grads, root, seed, compare, check, bool(values), frozenset(collapse or ()), depth,
-                   cluster, rankdir)
+                   cluster, rankdir, bool(textbook))
 
 
 def _require_report(report: Any, option: str, made_by: str) -> None:

@@ -12,15 +12,26 @@ draws it so that the lecture's two rules can be seen:
 
 Gradients are named the lecture's way (``dhprebn``); forward values a rule reads are not
 drawn as boxes but named in the expression that uses them (``dprobs * counts``).
+
+A fused backward kernel the engine calls is one box (``tanh_backward(dh, h)``), as the engine runs it.
+``textbook=True`` draws the handout instead, as ``graph.backward_source(loss, textbook=True)`` prints it:
+each such box is labelled with its formula (``(1 - h**2) * dh``), and an ``F.cross_entropy`` that ignores
+no target and has no weight or label smoothing is drawn as the lecture's ``(softmax(logits) -
+one_hot(Yb)) / n * dloss`` rather than the engine's general closed form.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
+from . import printer
+from .codegen import textbook_cross_entropy
+from .graph import Ref
 from .render import (
     COLORS,
     Box,
@@ -57,8 +68,36 @@ def backward_drawing(graph: Graph, options: _Options) -> Drawing:
     """Boxes for the adjoint graph's ops, clustered by the forward op whose rule made them."""
     from .engine import traced
 
-    tr = traced(graph, options.root, _seed(graph, options), "render")
+    rules = _textbook_rules(graph, options.root) if options.textbook else None
+    tr = traced(graph, options.root, _seed(graph, options), "render", rules)
     return _Backward(graph, tr, options).draw()
+
+
+def _textbook_rules(graph: Graph, root: int) -> dict[int, Callable]:
+    """The lecture's rule for each ``F.cross_entropy`` the loss depends on whose gradient is ``(softmax(logits)
+    - one_hot(Yb)) / n`` (no target ignored, no weight, no label smoothing: see
+    :func:`tensorgraph.codegen.textbook_cross_entropy`)."""
+    rules = {}
+    for node in graph.ancestors(root) | {root}:
+        found = textbook_cross_entropy(graph._nodes, node)
+        if found is not None:
+            rules[node] = _cross_entropy_rule(graph, node, *found)
+    return rules
+
+
+def _cross_entropy_rule(graph: Graph, node: int, logits: Ref, target: Ref, reduction: str) -> Callable:
+    """``dlogits = (F.softmax(logits, 1) - F.one_hot(Yb, classes)) / n * dloss`` (no ``/ n`` for a sum), run on
+    the recorded logits and targets; in the rule's result at the logits' argument position."""
+    x, y = graph._nodes[logits.node]["value"], graph._nodes[target.node]["value"]
+    n, classes = x.shape
+    positions = [isinstance(arg, Ref) and arg.node == logits.node for arg in graph._nodes[node]["bargs"]]
+
+    def rule(g: torch.Tensor, *_: Any, **__: Any) -> tuple[torch.Tensor | None, ...]:
+        diff = F.softmax(x, 1) - F.one_hot(y, classes)
+        grad = (diff / n if reduction == "mean" else diff) * g
+        return tuple(grad if at else None for at in positions)
+
+    return rule
 
 
 def _seed(graph: Graph, options: _Options) -> torch.Tensor | None:
@@ -238,7 +277,16 @@ class _Backward:
             fill = COLORS["gradient"]
         elif a in self.partial:
             fill = COLORS["partial gradient"]
-        return [op_row(expression(data, self.name))], fill
+        return [op_row(self._formula(data) or expression(data, self.name))], fill
+
+    def _formula(self, data: dict[str, Any]) -> str | None:
+        """With textbook=True, a fused kernel's formula (``(1 - h**2) * dh``; a kernel with several outputs, such
+        as layer norm's, keeps its name)."""
+        formula = printer.textbook_formula(data["func"]) if self.options.textbook else None
+        if formula is None or formula.outputs != 1 or data["output_index"] is not None:
+            return None
+        text = printer.textbook(data["func"], data["args"], data["kwargs"], self.name).text
+        return text if len(text) <= 60 else text[:59] + "…"
 
     def _accumulation_text(self, source: int, k: int, n: int, consumer: int) -> str:
         """``+= from 2 consumers``; a tensor an op reads twice (``z = x * x``) has two uses in one consumer."""

@@ -1235,3 +1235,90 @@ def test_fused_slips_are_named_where_torch_layers_were_recorded():
     assert row.kind == "wrong" and row.message == (
         "equals the batchnorm formula with n-1 (Bessel's correction) where it needs n: this forward's variance "
         "divides by n, so the term x̂ * (dx̂ * x̂).sum(0) takes no factor n/(n-1)"), row
+
+
+class _BatchNorm1d:
+    """makemore part 5's BatchNorm1d (training mode): a 3-d input is normalized over dims (0, 1)."""
+
+    def __init__(self, dim, gen, eps=1e-5):
+        self.eps = eps
+        self.gamma = torch.randn(dim, generator=gen) * 0.1 + 1.0
+        self.beta = torch.randn(dim, generator=gen) * 0.1
+
+    def __call__(self, x):
+        if x.ndim == 2:
+            dim = 0
+        elif x.ndim == 3:
+            dim = (0, 1)
+        xmean = x.mean(dim, keepdim=True)
+        xvar = x.var(dim, keepdim=True)
+        self.xhat = (x - xmean) / torch.sqrt(xvar + self.eps)
+        self.out = self.gamma * self.xhat + self.beta
+        return self.out
+
+
+def _wavenet_layer(seed=0):
+    """A WaveNet layer of makemore part 5: (32, 4, 20) activations through Linear, BatchNorm1d, Tanh, then a
+    cross-entropy. Returns (graph, loss, the batchnorm, its input, torch autograd's dhpre in float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, W1, W2 = torch.randn(32, 4, 20, generator=gen), torch.randn(20, 16, generator=gen) / 20 ** 0.5, \
+        torch.randn(64, 27, generator=gen) * 0.1
+    y = torch.randint(0, 27, (32,), generator=gen)
+    bn = _BatchNorm1d(16, gen)
+    with tg.record() as graph:
+        hpre = x @ W1
+        h = torch.tanh(bn(hpre))
+        loss = F.cross_entropy(h.view(32, -1) @ W2, y)
+    hpre64 = (x.double() @ W1.double()).requires_grad_()
+    dims = (0, 1)
+    xhat64 = (hpre64 - hpre64.mean(dims, keepdim=True)) / torch.sqrt(hpre64.var(dims, keepdim=True) + bn.eps)
+    out64 = torch.tanh(bn.gamma.double() * xhat64 + bn.beta.double())
+    F.cross_entropy(out64.view(32, -1) @ W2.double(), y).backward()
+    return graph, loss, bn, hpre, hpre64.grad
+
+
+def _wavenet_dhpre(bn, hpre, dout, dims, n):
+    """The learner's dhpre: the batchnorm backward formula with its sums over ``dims`` and count ``n``."""
+    xvar = hpre.var((0, 1), keepdim=True)
+    dxhat = bn.gamma * dout
+    return 1 / n * (xvar + bn.eps) ** -0.5 * (n * dxhat - dxhat.sum(dims, keepdim=True)
+                                               - n / (n - 1) * bn.xhat * (dxhat * bn.xhat).sum(dims, keepdim=True))
+
+
+@pytest.mark.parametrize("n", [32, 32 * 4])  # x.shape[0], as the 2-d formula has it, or all the elements
+def test_a_batch_norm_gradient_summed_over_dim_0_of_a_3d_input_is_named(n):
+    """makemore part 5: the 2-d batchnorm backward (sums over dim 0) applied to a 3-d input whose forward reduces
+    over dims (0, 1) was only 'wrong' with a maxdiff; the missing dim is named."""
+    graph, loss, bn, hpre, truth = _wavenet_layer()
+    dout = graph.backward(loss)[bn.out]  # the gradient of the batchnorm's output, as the rows above give it
+    right = _wavenet_dhpre(bn, hpre, dout, (0, 1), 32 * 4)
+    torch.testing.assert_close(right.double(), truth, rtol=1e-4, atol=1e-6)  # the right formula: ok
+    assert graph.check({"dhpre": right}, loss)["hpre"].ok
+    slipped = _wavenet_dhpre(bn, hpre, dout, 0, n)
+    assert _off(slipped, truth)
+    row = graph.check({"dhpre": slipped}, loss)["hpre"]
+    assert row.kind == "wrong" and row.message == (
+        "equals the batchnorm gradient with its sums over dim 0 only: this forward's mean and variance reduce over "
+        "dims (0, 1), so the sums in the gradient must too (.sum((0, 1), keepdim=True))"), row
+
+
+def test_dgamma_and_dbeta_summed_over_dim_0_of_a_3d_input_are_named():
+    """Already named before: the sum over dim 0 leaves a (4, 16) gradient for a (16,) parameter."""
+    graph, loss, bn, hpre, _ = _wavenet_layer()
+    dout = graph.backward(loss)[bn.out]
+    report = graph.check({"dbn.gamma": (bn.xhat * dout).sum(0), "dbn.beta": dout.sum(0)}, loss)
+    for name in ("bn.gamma", "bn.beta"):
+        assert report[name].kind == "not-unbroadcast" and "sum over dim 0 (.sum(0))" in report[name].message
+    assert graph.check({"dbn.gamma": (bn.xhat * dout).sum((0, 1)), "dbn.beta": dout.sum((0, 1))}, loss).ok
+
+
+def test_the_other_batch_norm_slips_are_named_over_a_3d_inputs_dims_too():
+    """The gain forgotten in the 3-d formula (its sums over (0, 1) right): named as for the 2-d one."""
+    graph, loss, bn, hpre, truth = _wavenet_layer()
+    dout = graph.backward(loss)[bn.out]
+    no_gain = _wavenet_dhpre(SimpleNamespace(gamma=1.0, eps=bn.eps, xhat=bn.xhat), hpre, dout, (0, 1), 32 * 4)
+    assert _off(no_gain, truth)
+    row = graph.check({"dhpre": no_gain}, loss)["hpre"]
+    assert row.kind == "wrong" and row.message.startswith(
+        "equals the batchnorm formula fed dbn.out without the gain: the gradient of the normalized value is dbn.out "
+        "times the gain"), row

@@ -409,6 +409,109 @@ def test_backward_view_needs_the_loss(lecture):
         graph.render(view="sideways")
 
 
+# the ops of F.cross_entropy's rule drawn with textbook=True: the lecture's (softmax(logits) - one_hot(Yb)) / n * dloss
+TEXTBOOK_CROSS_ENTROPY = ["softmax(logits, dim=1)", "one_hot(Yb, 27)", "softmax_1 - one_hot_1", "sub_2 / 32",
+                          "div_1 * dloss"]
+CROSS_ENTROPY_RULE = "<b>backward of loss = cross_entropy(logits, "
+
+
+def exercise4_forward(ex, **cross_entropy):
+    """Exercise 4's forward pass (the lecture's network, F.cross_entropy at the end) in float64; returns
+    (graph, loss, the parameters, logits)."""
+    params = [t.double().requires_grad_() for t in ex.parameters]
+    C, W1, b1, W2, b2, bngain, bnbias = params
+    Xb, Yb = ex.Xb, ex.Yb
+    with tg.record() as graph:
+        emb = C[Xb]
+        embcat = emb.view(emb.shape[0], -1)
+        hprebn = embcat @ W1 + b1
+        bnmean = hprebn.mean(0, keepdim=True)
+        bnvar = hprebn.var(0, keepdim=True, unbiased=True)
+        bnraw = (hprebn - bnmean) * (bnvar + 1e-5) ** -0.5
+        hpreact = bngain * bnraw + bnbias
+        h = torch.tanh(hpreact)
+        logits = h @ W2 + b2
+        loss = torch.nn.functional.cross_entropy(logits, Yb, **cross_entropy)
+    return graph, loss, params, logits
+
+
+def rule_ops(graph, loss, **options) -> tuple[list[str], dict[str, str]]:
+    """The op rows of the boxes in F.cross_entropy's rule cluster, and every drawn box's text by DOT id."""
+    parsed = layout(graph.render(view="backward", loss=loss, **options))
+    attrs = node_attrs(parsed)
+    [inside] = [nodes for label, nodes in clusters_of(parsed).items() if label.startswith(CROSS_ENTROPY_RULE)]
+    inside = sorted(inside, key=lambda key: int(key[1:]))
+    rows = [ET.fromstring(f"<x>{attrs[key]['label']}</x>").itertext() for key in inside]
+    return [next(iter(r)).strip() for r in rows], {key: value["label"] for key, value in attrs.items()}
+
+
+def test_textbook_backward_view_draws_cross_entropy_as_softmax_minus_one_hot():
+    """The backward view drew F.cross_entropy's general closed form (~25 ops: ne, __invert__, masked_fill,
+    remainder, scatter, clamp_min ...) where the lecture writes (softmax(logits) - one_hot(Yb)) / n * dloss;
+    textbook=True draws those 5 ops, with torch's gradient."""
+    from tensorgraph.lecture import setup
+
+    ex = setup()
+    graph, loss, params, logits = exercise4_forward(ex)
+    ops, labels = rule_ops(graph, loss, textbook=True)
+    assert ops == TEXTBOOK_CROSS_ENTROPY
+    assert any("<b>dlogits</b>" in label and "div_1 * dloss" in label for label in labels.values())
+    # the fused kernels read as their formulas, as backward_source(textbook=True) prints them
+    assert any("(1 - h**2) * dh" in label and "<b>dhpreact</b>" in label for label in labels.values())
+    # the default draws what the engine runs: the general closed form, and the kernel by name
+    general, labels = rule_ops(graph, loss)
+    assert len(general) > 20 and any(op.startswith("remainder(") for op in general)
+    assert any("tanh_backward(dh, h)" in label for label in labels.values())
+    # the values the view shows are torch's gradient (float64)
+    from tensorgraph.engine import traced
+    from tensorgraph.render_backward import _textbook_rules
+
+    root = graph.node_id("loss")
+    drawn = traced(graph, root, None, "render", _textbook_rules(graph, root)).grads
+    logits.retain_grad()
+    loss.backward()
+    torch.testing.assert_close(drawn["logits"], logits.grad, rtol=1e-12, atol=1e-15)
+    for name, param in zip(("C", "W1", "b1", "W2", "b2", "bngain", "bnbias"), params):
+        torch.testing.assert_close(drawn[name], param.grad, rtol=1e-10, atol=1e-13)
+    nodes = svg_nodes(graph.render(view="backward", loss=loss, textbook=True, grads=graph.backward(loss))
+                      .pipe(format="svg", encoding="utf-8"))
+    assert f"grad norm {logits.grad.norm().item():.3g}" in box_with(nodes, "dlogits", "dloss")
+
+
+@pytest.mark.parametrize("options", [{"ignore_index": "hit"}, {"weight": True}, {"label_smoothing": 0.1},
+                                     {"reduction": "sum"}])
+def test_textbook_backward_view_keeps_the_general_cross_entropy_where_the_lecture_form_is_wrong(options):
+    """An ignored target, class weights or label smoothing: (softmax - one_hot) / n is not the gradient, so the
+    general form stays; reduction="sum" is the lecture's form without / n."""
+    from tensorgraph.lecture import setup
+
+    ex = setup()
+    if options.get("ignore_index") == "hit":
+        options = {"ignore_index": int(ex.Yb[3])}  # row 3 (and any other of that class) is ignored
+    if options.get("weight"):
+        options = {"weight": torch.rand(27, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5}
+    graph, loss, params, logits = exercise4_forward(ex, **options)
+    ops, _ = rule_ops(graph, loss, textbook=True)
+    if "reduction" in options:
+        assert ops == [op for op in TEXTBOOK_CROSS_ENTROPY if op != "sub_2 / 32"][:3] + ["sub_2 * dloss"]
+    else:
+        assert len(ops) > 10 and "one_hot(Yb, 27)" not in ops
+    from tensorgraph.engine import traced
+    from tensorgraph.render_backward import _textbook_rules
+
+    root = graph.node_id("loss")
+    drawn = traced(graph, root, None, "render", _textbook_rules(graph, root)).grads
+    logits.retain_grad()
+    loss.backward()
+    torch.testing.assert_close(drawn["logits"], logits.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_textbook_is_an_option_of_the_backward_view(lecture):
+    graph, loss, *_ = lecture
+    with pytest.raises(ValueError, match="textbook=True .*view='backward'"):
+        graph.render(loss=loss, textbook=True)
+
+
 def test_backward_view_of_a_non_scalar_output_says_how_to_seed_it():
     """loss='h' (32×64) raised graph.backward's advice to 'pass grad=', an option render does not have."""
     x, w = torch.randn(4, 3), torch.randn(3)
@@ -1037,6 +1140,12 @@ def test_cli_render(tmp_path, capsys):
     out = tmp_path / "backward.dot"
     assert main(["render", "--out", str(out), "--view", "backward"]) == 0
     assert "dhprebn" in out.read_text(encoding="utf-8")
+    assert "tanh_backward(dh, h)" in out.read_text(encoding="utf-8")
+    assert main(["render", "--out", str(out), "--view", "backward", "--textbook"]) == 0
+    assert "(1 - h**2) * dh" in out.read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert main(["render", "--out", str(out), "--textbook"]) == 2
+    assert "--textbook draws the backward view; add --view backward" in capsys.readouterr().err
 
 
 TOY = """

@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=positive_int, metavar="K", help="draw only the K ops nearest the loss")
     parser.add_argument("--rankdir", choices=("TB", "LR"), default="TB", help="top to bottom (TB) or left to right")
     parser.add_argument("--dpi", type=positive_int, help="resolution of PNG output")
+    parser.add_argument("--textbook", action="store_true",
+                        help="with --view backward: draw fused kernels as their formulas and an F.cross_entropy "
+                             "as (softmax - one_hot) / n, as check --textbook prints them")
     parser.set_defaults(run=run)
     return parser
 
@@ -51,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from ..render import render
 
     picture_path(args.out, "--out", "tensorgraph render")  # a bad path fails before the work
+    if args.textbook and args.view != "backward":
+        raise CLIError("--textbook draws the backward view; add --view backward", "tensorgraph render")
     graph, loss, what = _graph(args)
     grads = graph.backward(loss) if args.grads or args.view == "backward" else None
     compare = graph.compare(loss) if args.compare else None
@@ -58,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         try:
             path = render(graph, args.out, view=args.view, grads=grads, loss=loss, compare=compare,
-                          values=args.values, depth=args.depth, rankdir=args.rankdir, dpi=args.dpi)
+                          values=args.values, depth=args.depth, rankdir=args.rankdir, dpi=args.dpi,
+                          textbook=args.textbook)
         except OSError as err:  # a folder that refuses the file (permissions, /proc): named by the option
             if not str(err).startswith("render: cannot write"):
                 raise
