@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
+import networkx as nx
 import torch
 from torch import Tensor
 
@@ -1398,12 +1399,7 @@ def _bn_subset_slips(xhat: Tensor, inv: Tensor, dxhat: Tensor, unbiased: bool, d
 
 def _descendants(graph: Graph, node: int, depth: int) -> set[int]:
     """The tensors computed from ``node`` within ``depth`` ops."""
-    found: set[int] = set()
-    frontier = {node}
-    for _ in range(depth):
-        frontier = {c for f in frontier for c in graph.nx.successors(f)} - found
-        found |= frontier
-    return found
+    return set(nx.single_source_shortest_path_length(graph.nx, node, cutoff=depth)) - {node}
 
 
 def _ties(x: Tensor, kind: str, dim: Any) -> Tensor | None:
