@@ -376,6 +376,20 @@ def test_backward_errors_are_clear():
     torch.testing.assert_close(grads[x], torch.full((3,), 2.0, dtype=D))
     assert other.backward(w.sum() if False else w, grad=torch.ones(3, dtype=D))[x].shape == (3,)
 
+def test_an_empty_loss_needs_grad_as_torch_says():
+    # a loss of no elements is no scalar: torch autograd refuses to make its seed, and so must the engine
+    # (numel() > 1 would take ones_like(loss), an empty seed, and return empty gradients silently)
+    x = torch.randn(0, 3, dtype=D, requires_grad=True)
+    with pytest.raises(RuntimeError, match="only for scalar outputs"):
+        (x * 2).sum(1).backward()
+    x = x.detach()
+    with tg.record() as graph:
+        y = (x * 2).sum(1)
+    with pytest.raises(ValueError, match=r"the loss must be a scalar, but 'y' has shape \(0,\)"):
+        graph.backward(y)
+    assert graph.backward(y, grad=torch.ones(0, dtype=D))[x].shape == (0, 3)
+
+
 
 def test_an_integer_leaf_is_said_to_have_no_gradient_for_its_dtype_not_unused():
     """micrograd's ``Value(2)`` as ``torch.tensor(2)``: "'L' does not depend on 'a'", though L = a * b."""
