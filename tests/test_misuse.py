@@ -725,6 +725,23 @@ def test_intermediate_modified_after_the_block():
             graph.backward(loss)
 
 
+def test_the_loss_itself_modified_after_the_block():
+    # no later op reads h, so only h's own version check can see that its rule (tanh's reads h) lost its value;
+    # torch autograd refuses it too
+    x = r(3, 2)
+    h = torch.tanh(x.clone().requires_grad_())
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        h.backward(torch.ones_like(h))
+    with tg.record() as graph:
+        h = torch.tanh(x)
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"tensor 'h' was modified in place after it was recorded"):
+        graph.backward(h, grad=torch.ones_like(h))
+
+
 def _change_data(h, how):
     if how == "data.add_":
         h.data.add_(1.0)
