@@ -1229,14 +1229,18 @@ def test_hooks_registered_after_the_block_and_removed_handles():
             torch.testing.assert_close(graph.backward(loss)[W], Wt.grad, rtol=1e-12, atol=1e-12)
 
 
-def test_hooks_on_a_tensor_updated_under_no_grad_see_its_whole_gradient():
-    """torch keeps one grad_fn across a no_grad update: hooks from before and after it see every use's gradient."""
+@pytest.mark.parametrize("updates", [1, 2])
+def test_hooks_on_a_tensor_updated_under_no_grad_see_its_whole_gradient(updates):
+    """torch keeps one grad_fn across a no_grad update: hooks from before and after it see every use's gradient
+    (after two updates in a row too: the hook after them belongs to the version before the first)."""
     def forward(x, seen):
         h = x * 2
         h.register_hook(lambda g: seen.append(g.clone()) or g * 3)
         y = h + 1  # a use before the update
         with torch.no_grad():
             h.mul_(1.5)
+            if updates == 2:
+                h.add_(0.25)
         h.register_hook(lambda g: g + 1)
         return (y * y + h * x).sum()
 
@@ -1249,6 +1253,22 @@ def test_hooks_on_a_tensor_updated_under_no_grad_see_its_whole_gradient():
             loss = forward(x, seen)
         torch.testing.assert_close(graph.backward(loss)[x], xt.grad, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(seen[0], seen_torch[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_hook_on_the_loss_itself_sees_the_seed_as_in_torch():
+    def forward(x):
+        loss = (x * x).sum()
+        loss.register_hook(lambda g: g * 3)  # runs on the seed, before anything flows on
+        return loss
+
+    x0 = torch.tensor([0.3, -0.2, 0.5], dtype=D)
+    xt = x0.clone().requires_grad_()
+    forward(xt).backward()
+    for _ in range(3):  # the first recording, then the repeated structure
+        x = x0.clone().requires_grad_()
+        with tg.record() as graph:
+            loss = forward(x)
+        torch.testing.assert_close(graph.backward(loss)[x], xt.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_hooks_that_cannot_run_raise_naming_the_tensor():
