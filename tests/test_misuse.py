@@ -843,11 +843,12 @@ def test_a_torch_func_transform_inside_the_block_is_refused_not_cut_off(transfor
     torch.testing.assert_close(graph.backward(loss)[w], outside, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("alone", [False, True])  # alone: w is the graph's only leaf (its snapshot is one tensor)
 @pytest.mark.parametrize("how", ["no_grad", "data", "data_copy"])
-def test_leaf_parameter_changed_between_recording_and_backward(how):
+def test_leaf_parameter_changed_between_recording_and_backward(how, alone):
     x, w = r(2, 3), r(3, 3, seed=1)
     with tg.record() as graph:
-        loss = torch.tanh(x @ w).sum()
+        loss = torch.tanh(w if alone else x @ w).sum()
     if how == "no_grad":
         with torch.no_grad():
             w -= 0.1
