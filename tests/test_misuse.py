@@ -860,15 +860,19 @@ def test_leaf_parameter_changed_between_recording_and_backward(how, alone):
         graph.backward(loss)
 
 
-def test_changing_a_leaf_the_loss_does_not_depend_on_is_fine():
-    x, unused = r(3), r(3, seed=1)
+@pytest.mark.parametrize("big", [False, True])
+def test_changing_a_leaf_the_loss_does_not_depend_on_is_fine(big):
+    # big: the leaves hold more than LeafStamps.COPY_LIMIT elements, so they are checked by running checksums,
+    # in which a change of the first leaf shows in the running sum of every later leaf too
+    n = tg.engine.LeafStamps.COPY_LIMIT + 1 if big else 3
+    unused, x = r(n, seed=1), r(3)
     with tg.record() as graph:
         other = unused * 2
         loss = x.exp().sum()
     unused.data.add_(1.0)
     torch.testing.assert_close(graph.backward(loss)[x], x.exp())
     with pytest.raises(RuntimeError, match="'unused' was modified"):
-        graph.backward(other, grad=torch.ones(3, dtype=D))
+        graph.backward(other, grad=torch.ones(n, dtype=D))
 
 
 @pytest.mark.parametrize("structure", ["first", "repeated"])
