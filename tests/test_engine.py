@@ -1206,15 +1206,19 @@ def test_tensor_hooks_run_as_in_torch(inplace):
     W.grad = None
 
 
-def test_hooks_registered_after_the_block_and_removed_handles():
+@pytest.mark.parametrize("first_hooked", [2, 4])
+def test_hooks_registered_after_the_block_and_removed_handles(first_hooked):
+    # first_hooked 4: the structure's backward plan is made (step 3) before any hook exists, and must not run at
+    # step 4 (a plan has no place for hooks); the templates go first, or the other case's refused plan is kept
+    tg.replay.templates().clear()
     torch.manual_seed(1)
     W = torch.randn(4, 2, dtype=D, requires_grad=True)
     x = torch.randn(3, 4, dtype=D)
-    for step in range(4):  # the structure repeats: later steps would run a cached plan without the check
+    for step in range(first_hooked + 2):  # the structure repeats: later steps would run a cached plan without the check
         with tg.record() as graph:
             h = x @ W
             loss = (h.sin() * h).sum()
-        handle = h.register_hook(lambda g: g * 2) if step >= 2 else None  # after the block, before backward
+        handle = h.register_hook(lambda g: g * 2) if step >= first_hooked else None  # after the block, before backward
         ours = graph.backward(loss)[W]
         Wt = W.detach().clone().requires_grad_()
         ht = x @ Wt
