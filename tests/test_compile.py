@@ -603,6 +603,27 @@ def test_guard_on_dtype_and_on_a_rebound_parameter():
     del module.W_GLOBAL
 
 
+def test_guard_on_device():
+    # a program is specialised to its inputs' device: another device (meta here, cuda where there is one) records
+    # again; the first device's program is kept and runs again when the inputs come back to it
+    W = torch.tensor(0.5, dtype=D)
+
+    def forward(x):
+        return torch.tanh(x * W).sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(2, 3, seed=22)
+    step(x)
+    with pytest.warns(RecompileWarning, match="input 0 changed device from cpu to meta"):
+        loss, grads = step(x.to("meta"))
+    assert loss.device.type == "meta" and grads[W].device.type == "meta"
+    loss, grads = step(x)
+    xt, Wt = x.clone(), W.clone().requires_grad_()
+    torch.tanh(xt * Wt).sum().backward()
+    torch.testing.assert_close(grads[W], Wt.grad, **TOL)
+    assert step.recordings == 2
+
+
 def test_guard_on_inputs_that_alias_each_other():
     w = r(4, 4, seed=70)
     a, b = r(3, 4, seed=71), r(3, 4, seed=72)
