@@ -624,6 +624,27 @@ def test_guard_on_device():
     assert step.recordings == 2
 
 
+def test_guard_on_the_dtype_of_a_tensor_in_a_list_input():
+    # the forward's .to(x.dtype) is no call at all for a float64 x: a float32 x must not replay that recording
+    W = r(3, seed=23)
+
+    def forward(xs):
+        x = xs[0]
+        return (x.tanh() * W).sum().to(x.dtype)
+
+    step = tg.compile(forward, fuse=False)
+    x = r(2, 3, seed=24)
+    step([x])
+    with pytest.warns(RecompileWarning, match=r"input 0\[0\] changed dtype from torch.float64 to torch.float32"):
+        loss, grads = step([x.float()])
+    Wt = W.clone().requires_grad_()
+    expected = (x.float().tanh() * Wt).sum().to(torch.float32)
+    expected.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[W], Wt.grad, **TOL)
+
+
 def test_guard_on_inputs_that_alias_each_other():
     w = r(4, 4, seed=70)
     a, b = r(3, 4, seed=71), r(3, 4, seed=72)
