@@ -645,6 +645,25 @@ def test_guard_on_the_dtype_of_a_tensor_in_a_list_input():
     torch.testing.assert_close(grads[W], Wt.grad, **TOL)
 
 
+def test_guard_on_python_values_compares_their_types():
+    # 1 == True and hash alike, but x[1] is a row and x[True] all of x with a new leading dimension
+    W = r(3, seed=25)
+
+    def forward(x, i):
+        return (x[i] * W).sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(2, 3, seed=26)
+    step(x, 1)
+    with pytest.warns(RecompileWarning, match="input 1 changed"):
+        loss, grads = step(x, True)
+    Wt = W.clone().requires_grad_()
+    expected = (x[True] * Wt).sum()
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), **TOL)
+    torch.testing.assert_close(grads[W], Wt.grad, **TOL)
+
+
 def test_guard_on_inputs_that_alias_each_other():
     w = r(4, 4, seed=70)
     a, b = r(3, 4, seed=71), r(3, 4, seed=72)
