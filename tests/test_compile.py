@@ -140,6 +140,28 @@ def test_parameters_that_require_grad(lecture):
     assert_all_close([grads[p] for p in params], reference)
 
 
+def test_a_branch_that_is_also_a_parameters_gradient_is_not_added_into_in_place():
+    # y = a + q passes dy on to a and q as one tensor; a's second branch (through sin) must not be added
+    # into it in place, or dq, the same tensor, would get dsin too
+    p, q = r(3, seed=27), r(3, seed=28)
+
+    def forward(x):
+        a = p * x
+        z = a.sin()
+        y = a + q
+        return (y * y).sum() + z.sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(3, seed=29)
+    for _ in range(2):  # the recording's own results, then the generated code's
+        loss, grads = step(x)
+        pt, qt = p.clone().requires_grad_(), q.clone().requires_grad_()
+        a = pt * x
+        ((a + qt) ** 2).sum().add(a.sin().sum()).backward()
+        torch.testing.assert_close(grads[p], pt.grad, **TOL)
+        torch.testing.assert_close(grads[q], qt.grad, **TOL)
+
+
 def test_source_is_readable_straight_line_code(lecture):
     params, Xb, Yb = lecture
     step = _lecture_step(params)
