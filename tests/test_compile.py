@@ -379,6 +379,28 @@ def test_broadcasting_and_fan_out():
     assert "+=" in step.source
 
 
+def test_a_value_is_not_inlined_past_an_in_place_change_of_its_input():
+    # sin(h), read once, must be computed before h += 1, not inlined into the loss after it
+    W = r(2, 2, seed=30)
+
+    def forward(x):
+        h = x @ W
+        pieces = [h.sin()]  # an unnamed intermediate: inlinable where nothing changes h in between
+        h.add_(1.0)
+        return (pieces[0] * 2 + h * h).sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(2, 2, seed=31)
+    for _ in range(2):  # the recording's own results, then the generated code's
+        loss, grads = step(x)
+        Wt = W.clone().requires_grad_()
+        h = x @ Wt
+        expected = (h.sin() * 2 + (h + 1.0) ** 2).sum()
+        expected.backward()
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        torch.testing.assert_close(grads[W], Wt.grad, **TOL)
+
+
 def test_in_place_ops_in_the_forward():
     w, v = r(4, 4, seed=5), r(4, seed=6)
 
