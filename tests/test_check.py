@@ -73,6 +73,22 @@ def test_correct_answer_reports_no_error(lecture):
     assert "26/26 right, no errors" in str(report)
 
 
+def test_a_float16_slip_beyond_allclose_where_nothing_cancels_is_wrong():
+    # d/dw sum(x * w) = x, a single term per element: rounding gives no allowance beyond allclose's rtol (1e-3
+    # in float16), so 3 ulps (0.3%) off is wrong; an allowance of 4 ulps of the magnitude would call it ok
+    x = torch.tensor([0.75, -1.25, 1.5, 0.625], dtype=torch.float16)
+    w = torch.tensor([0.5, 0.25, -1.0, 2.0], dtype=torch.float16)
+    wt = w.double().requires_grad_()
+    (x.double() * wt).sum().backward()  # torch autograd in float64: the truth
+    with tg.record() as graph:
+        loss = (x * w).sum()
+    right = wt.grad.half()
+    slipped = (wt.grad * 1.003).half()
+    assert graph.check({"dw": right}, loss).ok
+    report = graph.check({"dw": slipped}, loss)
+    assert not report.ok and report["w"].kind != "ok", str(report)
+
+
 def test_a_list_input_whose_rule_gives_some_items_no_gradient_is_judged():
     # torch.meshgrid([x, y]): each output's rule returns a list with None for the other input
     x = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64)
