@@ -285,9 +285,13 @@ def run(source: str, graph: Graph, grad: Tensor | None = None, root: str | None 
 
 
 def _as_seed(grad: Tensor, graph: Graph, seed: str) -> Tensor:
-    """``grad`` in the dtype of the tensor whose gradient ``seed`` holds, as the engine casts it (and torch)."""
+    """``grad`` in the dtype of the tensor whose gradient ``seed`` holds, as the engine casts it (and torch).
+
+    The seed's variable is ``dh``, or ``grad_h`` where a forward tensor is named ``dh`` (``_grad_name``).
+    """
     for data in graph._nodes:
-        if "d" + identifier(data["name"]) == seed and grad.dtype != data["dtype"] and not grad.is_complex():
+        name = identifier(data["name"])
+        if seed in ("d" + name, "grad_" + name) and grad.dtype != data["dtype"] and not grad.is_complex():
             return grad.to(data["dtype"])
     return grad
 

@@ -73,6 +73,37 @@ def test_correct_answer_reports_no_error(lecture):
     assert "26/26 right, no errors" in str(report)
 
 
+def test_a_float16_slip_beyond_allclose_where_nothing_cancels_is_wrong():
+    # d/dw sum(x * w) = x, a single term per element: rounding gives no allowance beyond allclose's rtol (1e-3
+    # in float16), so 3 ulps (0.3%) off is wrong; an allowance of 4 ulps of the magnitude would call it ok
+    x = torch.tensor([0.75, -1.25, 1.5, 0.625], dtype=torch.float16)
+    w = torch.tensor([0.5, 0.25, -1.0, 2.0], dtype=torch.float16)
+    wt = w.double().requires_grad_()
+    (x.double() * wt).sum().backward()  # torch autograd in float64: the truth
+    with tg.record() as graph:
+        loss = (x * w).sum()
+    right = wt.grad.half()
+    slipped = (wt.grad * 1.003).half()
+    assert graph.check({"dw": right}, loss).ok
+    report = graph.check({"dw": slipped}, loss)
+    assert not report.ok and report["w"].kind != "ok", str(report)
+
+
+def test_a_list_input_whose_rule_gives_some_items_no_gradient_is_judged():
+    # torch.meshgrid([x, y]): each output's rule returns a list with None for the other input
+    x = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64)
+    y = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    xt, yt = x.clone().requires_grad_(), y.clone().requires_grad_()
+    X, Y = torch.meshgrid([xt, yt], indexing="ij")
+    (X * Y.sin()).sum().backward()
+    with tg.record() as graph:
+        X, Y = torch.meshgrid([x, y], indexing="ij")
+        loss = (X * Y.sin()).sum()
+    report = graph.check({"dx": xt.grad, "dy": yt.grad}, loss)
+    assert report.ok and report["x"].kind == "ok" and report["y"].kind == "ok", str(report)
+    assert graph.check({"dx": xt.grad, "dy": -yt.grad}, loss)["y"].kind == "sign"
+
+
 # the 26 rows in backward order (reverse creation order)
 LECTURE_ROWS_BACKWARD = [
     "logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes", "logits", "b2",

@@ -123,6 +123,27 @@ def test_code_seeded_with_a_grad_at_any_output_runs_as_documented():
         codegen.run(graph.backward_source(loss), graph, grad=torch.tensor(1.0, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("named_dh", [False, True])
+def test_code_run_casts_a_seed_of_another_dtype_as_torch_does(named_dh):
+    """A float64 seed for a float32 output is cast to float32 first, also when the seed's variable is grad_h
+    (a forward tensor is named dh): uncast, the generated matmul raised a dtype mismatch."""
+    g = torch.Generator().manual_seed(1)
+    x, W = torch.randn(4, 3, generator=g), torch.randn(3, 2, generator=g)  # noqa: N806
+    seed = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    W_ref = W.clone().requires_grad_()  # noqa: N806
+    torch.tanh(x @ W_ref).backward(seed)  # torch autograd casts the seed to the output's float32
+    with tg.record() as graph:
+        h = torch.tanh(x @ W)
+        loss = (h**2).sum()
+        if named_dh:
+            dh = loss * 2  # noqa: F841 - a forward tensor named dh
+    source = graph.backward_source(h, grad=seed)
+    assert ("grad_h" in source) == named_dh
+    dW = codegen.run(source, graph, grad=seed)["dW"]  # noqa: N806
+    assert dW.dtype == torch.float32
+    torch.testing.assert_close(dW, W_ref.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_one_tensor_used_twice_gets_two_statements():
     x = torch.randn(5, dtype=torch.float64)
     with tg.record() as graph:

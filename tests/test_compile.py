@@ -140,6 +140,28 @@ def test_parameters_that_require_grad(lecture):
     assert_all_close([grads[p] for p in params], reference)
 
 
+def test_a_branch_that_is_also_a_parameters_gradient_is_not_added_into_in_place():
+    # y = a + q passes dy on to a and q as one tensor; a's second branch (through sin) must not be added
+    # into it in place, or dq, the same tensor, would get dsin too
+    p, q = r(3, seed=27), r(3, seed=28)
+
+    def forward(x):
+        a = p * x
+        z = a.sin()
+        y = a + q
+        return (y * y).sum() + z.sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(3, seed=29)
+    for _ in range(2):  # the recording's own results, then the generated code's
+        loss, grads = step(x)
+        pt, qt = p.clone().requires_grad_(), q.clone().requires_grad_()
+        a = pt * x
+        ((a + qt) ** 2).sum().add(a.sin().sum()).backward()
+        torch.testing.assert_close(grads[p], pt.grad, **TOL)
+        torch.testing.assert_close(grads[q], qt.grad, **TOL)
+
+
 def test_source_is_readable_straight_line_code(lecture):
     params, Xb, Yb = lecture
     step = _lecture_step(params)
@@ -355,6 +377,28 @@ def test_broadcasting_and_fan_out():
 
     step = _check_against_torch_and_engine(fn, [w, b, s], r(3, 5, seed=4))
     assert "+=" in step.source
+
+
+def test_a_value_is_not_inlined_past_an_in_place_change_of_its_input():
+    # sin(h), read once, must be computed before h += 1, not inlined into the loss after it
+    W = r(2, 2, seed=30)
+
+    def forward(x):
+        h = x @ W
+        pieces = [h.sin()]  # an unnamed intermediate: inlinable where nothing changes h in between
+        h.add_(1.0)
+        return (pieces[0] * 2 + h * h).sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(2, 2, seed=31)
+    for _ in range(2):  # the recording's own results, then the generated code's
+        loss, grads = step(x)
+        Wt = W.clone().requires_grad_()
+        h = x @ Wt
+        expected = (h.sin() * 2 + (h + 1.0) ** 2).sum()
+        expected.backward()
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        torch.testing.assert_close(grads[W], Wt.grad, **TOL)
 
 
 def test_in_place_ops_in_the_forward():
@@ -601,6 +645,67 @@ def test_guard_on_dtype_and_on_a_rebound_parameter():
     torch.testing.assert_close(grads["W_GLOBAL"], graph.backward(expected)[module.W_GLOBAL], **TOL)
     assert step.recordings == 3
     del module.W_GLOBAL
+
+
+def test_guard_on_device():
+    # a program is specialised to its inputs' device: another device (meta here, cuda where there is one) records
+    # again; the first device's program is kept and runs again when the inputs come back to it
+    W = torch.tensor(0.5, dtype=D)
+
+    def forward(x):
+        return torch.tanh(x * W).sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(2, 3, seed=22)
+    step(x)
+    with pytest.warns(RecompileWarning, match="input 0 changed device from cpu to meta"):
+        loss, grads = step(x.to("meta"))
+    assert loss.device.type == "meta" and grads[W].device.type == "meta"
+    loss, grads = step(x)
+    xt, Wt = x.clone(), W.clone().requires_grad_()
+    torch.tanh(xt * Wt).sum().backward()
+    torch.testing.assert_close(grads[W], Wt.grad, **TOL)
+    assert step.recordings == 2
+
+
+def test_guard_on_the_dtype_of_a_tensor_in_a_list_input():
+    # the forward's .to(x.dtype) is no call at all for a float64 x: a float32 x must not replay that recording
+    W = r(3, seed=23)
+
+    def forward(xs):
+        x = xs[0]
+        return (x.tanh() * W).sum().to(x.dtype)
+
+    step = tg.compile(forward, fuse=False)
+    x = r(2, 3, seed=24)
+    step([x])
+    with pytest.warns(RecompileWarning, match=r"input 0\[0\] changed dtype from torch.float64 to torch.float32"):
+        loss, grads = step([x.float()])
+    Wt = W.clone().requires_grad_()
+    expected = (x.float().tanh() * Wt).sum().to(torch.float32)
+    expected.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[W], Wt.grad, **TOL)
+
+
+def test_guard_on_python_values_compares_their_types():
+    # 1 == True and hash alike, but x[1] is a row and x[True] all of x with a new leading dimension
+    W = r(3, seed=25)
+
+    def forward(x, i):
+        return (x[i] * W).sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(2, 3, seed=26)
+    step(x, 1)
+    with pytest.warns(RecompileWarning, match="input 1 changed"):
+        loss, grads = step(x, True)
+    Wt = W.clone().requires_grad_()
+    expected = (x[True] * Wt).sum()
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), **TOL)
+    torch.testing.assert_close(grads[W], Wt.grad, **TOL)
 
 
 def test_guard_on_inputs_that_alias_each_other():

@@ -376,6 +376,20 @@ def test_backward_errors_are_clear():
     torch.testing.assert_close(grads[x], torch.full((3,), 2.0, dtype=D))
     assert other.backward(w.sum() if False else w, grad=torch.ones(3, dtype=D))[x].shape == (3,)
 
+def test_an_empty_loss_needs_grad_as_torch_says():
+    # a loss of no elements is no scalar: torch autograd refuses to make its seed, and so must the engine
+    # (numel() > 1 would take ones_like(loss), an empty seed, and return empty gradients silently)
+    x = torch.randn(0, 3, dtype=D, requires_grad=True)
+    with pytest.raises(RuntimeError, match="only for scalar outputs"):
+        (x * 2).sum(1).backward()
+    x = x.detach()
+    with tg.record() as graph:
+        y = (x * 2).sum(1)
+    with pytest.raises(ValueError, match=r"the loss must be a scalar, but 'y' has shape \(0,\)"):
+        graph.backward(y)
+    assert graph.backward(y, grad=torch.ones(0, dtype=D))[x].shape == (0, 3)
+
+
 
 def test_an_integer_leaf_is_said_to_have_no_gradient_for_its_dtype_not_unused():
     """micrograd's ``Value(2)`` as ``torch.tensor(2)``: "'L' does not depend on 'a'", though L = a * b."""
@@ -1192,15 +1206,19 @@ def test_tensor_hooks_run_as_in_torch(inplace):
     W.grad = None
 
 
-def test_hooks_registered_after_the_block_and_removed_handles():
+@pytest.mark.parametrize("first_hooked", [2, 4])
+def test_hooks_registered_after_the_block_and_removed_handles(first_hooked):
+    # first_hooked 4: the structure's backward plan is made (step 3) before any hook exists, and must not run at
+    # step 4 (a plan has no place for hooks); the templates go first, or the other case's refused plan is kept
+    tg.replay.templates().clear()
     torch.manual_seed(1)
     W = torch.randn(4, 2, dtype=D, requires_grad=True)
     x = torch.randn(3, 4, dtype=D)
-    for step in range(4):  # the structure repeats: later steps would run a cached plan without the check
+    for step in range(first_hooked + 2):  # the structure repeats: later steps would run a cached plan without the check
         with tg.record() as graph:
             h = x @ W
             loss = (h.sin() * h).sum()
-        handle = h.register_hook(lambda g: g * 2) if step >= 2 else None  # after the block, before backward
+        handle = h.register_hook(lambda g: g * 2) if step >= first_hooked else None  # after the block, before backward
         ours = graph.backward(loss)[W]
         Wt = W.detach().clone().requires_grad_()
         ht = x @ Wt
@@ -1215,14 +1233,18 @@ def test_hooks_registered_after_the_block_and_removed_handles():
             torch.testing.assert_close(graph.backward(loss)[W], Wt.grad, rtol=1e-12, atol=1e-12)
 
 
-def test_hooks_on_a_tensor_updated_under_no_grad_see_its_whole_gradient():
-    """torch keeps one grad_fn across a no_grad update: hooks from before and after it see every use's gradient."""
+@pytest.mark.parametrize("updates", [1, 2])
+def test_hooks_on_a_tensor_updated_under_no_grad_see_its_whole_gradient(updates):
+    """torch keeps one grad_fn across a no_grad update: hooks from before and after it see every use's gradient
+    (after two updates in a row too: the hook after them belongs to the version before the first)."""
     def forward(x, seen):
         h = x * 2
         h.register_hook(lambda g: seen.append(g.clone()) or g * 3)
         y = h + 1  # a use before the update
         with torch.no_grad():
             h.mul_(1.5)
+            if updates == 2:
+                h.add_(0.25)
         h.register_hook(lambda g: g + 1)
         return (y * y + h * x).sum()
 
@@ -1235,6 +1257,22 @@ def test_hooks_on_a_tensor_updated_under_no_grad_see_its_whole_gradient():
             loss = forward(x, seen)
         torch.testing.assert_close(graph.backward(loss)[x], xt.grad, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(seen[0], seen_torch[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_hook_on_the_loss_itself_sees_the_seed_as_in_torch():
+    def forward(x):
+        loss = (x * x).sum()
+        loss.register_hook(lambda g: g * 3)  # runs on the seed, before anything flows on
+        return loss
+
+    x0 = torch.tensor([0.3, -0.2, 0.5], dtype=D)
+    xt = x0.clone().requires_grad_()
+    forward(xt).backward()
+    for _ in range(3):  # the first recording, then the repeated structure
+        x = x0.clone().requires_grad_()
+        with tg.record() as graph:
+            loss = forward(x)
+        torch.testing.assert_close(graph.backward(loss)[x], xt.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_hooks_that_cannot_run_raise_naming_the_tensor():

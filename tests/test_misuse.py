@@ -725,6 +725,23 @@ def test_intermediate_modified_after_the_block():
             graph.backward(loss)
 
 
+def test_the_loss_itself_modified_after_the_block():
+    # no later op reads h, so only h's own version check can see that its rule (tanh's reads h) lost its value;
+    # torch autograd refuses it too
+    x = r(3, 2)
+    h = torch.tanh(x.clone().requires_grad_())
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        h.backward(torch.ones_like(h))
+    with tg.record() as graph:
+        h = torch.tanh(x)
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"tensor 'h' was modified in place after it was recorded"):
+        graph.backward(h, grad=torch.ones_like(h))
+
+
 def _change_data(h, how):
     if how == "data.add_":
         h.data.add_(1.0)
@@ -826,11 +843,12 @@ def test_a_torch_func_transform_inside_the_block_is_refused_not_cut_off(transfor
     torch.testing.assert_close(graph.backward(loss)[w], outside, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("alone", [False, True])  # alone: w is the graph's only leaf (its snapshot is one tensor)
 @pytest.mark.parametrize("how", ["no_grad", "data", "data_copy"])
-def test_leaf_parameter_changed_between_recording_and_backward(how):
+def test_leaf_parameter_changed_between_recording_and_backward(how, alone):
     x, w = r(2, 3), r(3, 3, seed=1)
     with tg.record() as graph:
-        loss = torch.tanh(x @ w).sum()
+        loss = torch.tanh(w if alone else x @ w).sum()
     if how == "no_grad":
         with torch.no_grad():
             w -= 0.1
@@ -842,15 +860,19 @@ def test_leaf_parameter_changed_between_recording_and_backward(how):
         graph.backward(loss)
 
 
-def test_changing_a_leaf_the_loss_does_not_depend_on_is_fine():
-    x, unused = r(3), r(3, seed=1)
+@pytest.mark.parametrize("big", [False, True])
+def test_changing_a_leaf_the_loss_does_not_depend_on_is_fine(big):
+    # big: the leaves hold more than LeafStamps.COPY_LIMIT elements, so they are checked by running checksums,
+    # in which a change of the first leaf shows in the running sum of every later leaf too
+    n = tg.engine.LeafStamps.COPY_LIMIT + 1 if big else 3
+    unused, x = r(n, seed=1), r(3)
     with tg.record() as graph:
         other = unused * 2
         loss = x.exp().sum()
     unused.data.add_(1.0)
     torch.testing.assert_close(graph.backward(loss)[x], x.exp())
     with pytest.raises(RuntimeError, match="'unused' was modified"):
-        graph.backward(other, grad=torch.ones(3, dtype=D))
+        graph.backward(other, grad=torch.ones(n, dtype=D))
 
 
 @pytest.mark.parametrize("structure", ["first", "repeated"])

@@ -732,6 +732,25 @@ def test_modified_after_recording_is_an_error_on_the_plan_path():
         graph.backward(loss)
 
 
+def test_an_input_modified_after_recording_without_leaf_checks_is_an_error_on_the_plan_path():
+    # check_leaves=False: no leaf snapshot, so only the versions of the inputs of each rule's node show the change
+    w = torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record(check_leaves=False) as graph:
+            h = torch.tanh(w * 2)
+            loss = (h * w).sum()
+        return graph, loss, h
+
+    steps = _steps(make)
+    graph, loss, h = steps[-1]
+    assert graph._replay.plans  # this structure has a plan
+    with torch.no_grad():
+        w.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"'w' was modified in place"):
+        graph.backward(loss)
+
+
 def test_data_written_after_recording_is_an_error_on_the_plan_path():
     w = torch.randn(3, 3, dtype=D)
     x = torch.randn(2, 3, dtype=D)
