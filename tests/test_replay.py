@@ -230,6 +230,38 @@ def test_a_structure_change_falls_back_to_the_full_path(change):
     assert_same_gradients(again.backward(loss), walk(again, loss))
 
 
+def _biased(x, w, b):
+    with tg.record() as graph:
+        h = torch.tanh(x @ w + b)
+        loss = (h * h).sum()
+    return graph, loss
+
+
+@pytest.mark.parametrize("matchers", [False, True])
+def test_a_leaf_of_another_shape_with_the_same_output_shape_is_another_structure(matchers):
+    """A bias of shape (4, 5) where the template's was (1, 5): x @ w + b has the same shape either way and the
+    strides are equal, so only the leaf's own shape tells them apart; its gradient must not be summed to
+    (1, 5), as it was for the template's."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(4, 3, generator=g, dtype=D), torch.randn(3, 5, generator=g, dtype=D)
+    b = torch.randn(1, 5, generator=g, dtype=D)
+    fresh()
+    for _ in range(2 + (replay.GENERATE_AFTER if matchers else 1)):
+        template, loss = _biased(x, w, b)
+        template.backward(loss)
+    assert (template._replay.matchers is not None and template._replay.matchers[0] is not None) == matchers
+    b2 = torch.randn(4, 5, generator=g, dtype=D)
+    assert b2.stride() == b.stride()
+    graph, loss = _biased(x, w, b2)
+    assert graph._replay is not template._replay
+    grads = graph.backward(loss)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b2)]
+    (torch.tanh(leaves[0] @ leaves[1] + leaves[2]) ** 2).sum().backward()
+    for tensor, leaf in zip((x, w, b2), leaves):
+        assert grads[tensor].shape == leaf.grad.shape
+        torch.testing.assert_close(grads[tensor], leaf.grad, rtol=1e-12, atol=1e-12)
+
+
 def _scaled(x, factor, *, keepdim=False):
     with tg.record() as graph:
         y = (x * factor).sum(0, keepdim=keepdim)
