@@ -273,15 +273,22 @@ def run(source: str, graph: Graph, grad: Tensor | None = None, root: str | None 
 
     ``grad`` is the seed gradient ``source`` was generated with (``backward_source(h, grad=g)``
     reads it as ``dh``); the variable it goes in is the one name the code reads but never
-    assigns, or ``"d" + root`` when ``root`` (the name of the tensor it was seeded at) is given.
+    assigns, or the gradient of ``root`` (the name of the tensor it was seeded at) when given:
+    ``"d" + root``, or ``"grad_" + root`` where a forward tensor holds that name.
     """
     namespace = printer.namespace(graph)
     code = compile(source, "<backward_source>", "exec")
     if grad is not None:
-        seed = "d" + identifier(root) if root is not None else _seed_name(source, namespace)
+        seed = _root_seed_name(root, namespace) if root is not None else _seed_name(source, namespace)
         namespace[seed] = _as_seed(grad, graph, seed)
     exec(code, namespace)  # noqa: S102 - running generated code is the point
     return namespace
+
+
+def _root_seed_name(root: str, namespace: dict[str, Any]) -> str:
+    """The variable holding ``root``'s gradient, as the code generator names it (``dh``, or ``grad_h``)."""
+    name = "d" + identifier(root)
+    return "grad_" + identifier(root) if name in namespace else name
 
 
 def _as_seed(grad: Tensor, graph: Graph, seed: str) -> Tensor:

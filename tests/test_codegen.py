@@ -123,10 +123,12 @@ def test_code_seeded_with_a_grad_at_any_output_runs_as_documented():
         codegen.run(graph.backward_source(loss), graph, grad=torch.tensor(1.0, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("root", [None, "h"])
 @pytest.mark.parametrize("named_dh", [False, True])
-def test_code_run_casts_a_seed_of_another_dtype_as_torch_does(named_dh):
+def test_code_run_casts_a_seed_of_another_dtype_as_torch_does(named_dh, root):
     """A float64 seed for a float32 output is cast to float32 first, also when the seed's variable is grad_h
-    (a forward tensor is named dh): uncast, the generated matmul raised a dtype mismatch."""
+    (a forward tensor is named dh): uncast, the generated matmul raised a dtype mismatch. With root= the seed
+    goes in that variable too (it went in dh, which the code does not read)."""
     g = torch.Generator().manual_seed(1)
     x, W = torch.randn(4, 3, generator=g), torch.randn(3, 2, generator=g)  # noqa: N806
     seed = torch.randn(4, 2, generator=g, dtype=torch.float64)
@@ -139,7 +141,7 @@ def test_code_run_casts_a_seed_of_another_dtype_as_torch_does(named_dh):
             dh = loss * 2  # noqa: F841 - a forward tensor named dh
     source = graph.backward_source(h, grad=seed)
     assert ("grad_h" in source) == named_dh
-    dW = codegen.run(source, graph, grad=seed)["dW"]  # noqa: N806
+    dW = codegen.run(source, graph, grad=seed, root=root)["dW"]  # noqa: N806
     assert dW.dtype == torch.float32
     torch.testing.assert_close(dW, W_ref.grad, rtol=1e-6, atol=1e-6)
 
