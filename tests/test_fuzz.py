@@ -181,7 +181,8 @@ def _report():
         with open(path, "w") as f:
             json.dump({"seconds": round(time.perf_counter() - start, 1), "programs": RUNS["programs"],
                        "replayed_programs": RUNS["replayed"],
-                       "compiled_programs": RUNS["compiled"], "answer_keys": RUNS["answer_keys"],
+                       "compiled_programs": RUNS["compiled"], "compiled_one_recording": RUNS["compiled_one_recording"],
+                       "answer_keys": RUNS["answer_keys"],
                        "fused_programs": RUNS["fused"], "fused_chains": RUNS["fused_chains"],
                        "torch_failures": dict(TORCH_FAILURES), "op_programs": dict(OP_COUNTS.most_common())},
                       f, indent=1)
@@ -375,6 +376,7 @@ def _compiled(data: st.DataObject, max_steps: int, fuse: bool | None) -> None:
                     if ours[i] is not None and param_values[i] in engine:
                         assert torch.equal(ours[i], engine[param_values[i]]), f"call {call}: t{i}: not the engine's"
     RUNS["compiled"] += 1
+    RUNS["compiled_one_recording"] += step.recordings == 1  # calls 2 and 3 ran the generated code
 
 
 def _compiled_grad(grads: tg.compiler.CompiledGradients, param: torch.Tensor) -> torch.Tensor | None:
