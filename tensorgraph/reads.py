@@ -15,7 +15,9 @@ same read at the same point of the forward and compares: a bool, int, float or c
 by value (a NaN equals a NaN, ``-0.0`` is not ``0.0``), anything else (a list, a numpy array, a
 string) by the bytes of the tensors it read. A read that differs raises :class:`Diverged`
 before the step returns anything; the step then runs that call by another recorded version,
-a new recording, or the engine (see :mod:`tensorgraph.compiler`).
+a new recording, or the engine (see :mod:`tensorgraph.compiler`). The size of an output that
+depends on values (``x.masked_select(mask)``, ``x[mask]``, ``nonzero``, ``unique`` ...) is such a
+read too (``out.numel()``): the step's code holds the recording's shapes.
 
 A read cannot be checked when what it read is no node of the recording: a tensor computed under
 ``torch.no_grad()`` inside the forward (the step replays such work, but its checks re-read
@@ -71,6 +73,8 @@ class Read:
         """What changed, for a warning: ``the value read at file:line (if h.sum() > 0:) is now False (the
         recording read True)``."""
         read = f"the value read at {self.where}"
+        if self.func is Tensor.numel and not self.kwargs:  # (see ReadWatcher._note_sizes)
+            read = f"the count of elements selected at {self.where}"
         if self.by_value and value is not None:
             return f"{read} is now {value!r} (the recording read {self.value!r})"
         return f"{read} changed"
@@ -160,9 +164,13 @@ class ReadWatcher(TorchFunctionMode):
             return result
         if len(nodes) != before and self.recorder.grad_at_entry and not torch.is_grad_enabled():
             self.untracked.update(n for n in range(before, len(nodes)) if nodes[n]["kind"] != "leaf")
-        if getattr(func, "__name__", None) in _VALUE_READS:
+        name = getattr(func, "__name__", None)
+        if name in _VALUE_READS:
             self._note(func, args, kwargs, result)
-        elif isinstance(result, (Tensor, tuple, list)):
+            return result
+        if _value_shaped(name, args, kwargs):
+            self._note_sizes(result)
+        if isinstance(result, (Tensor, tuple, list)):
             live = self.recorder.graph._live
             for out in (result,) if isinstance(result, Tensor) else result:
                 if isinstance(out, Tensor) and id(out) not in live and not any(out is a for a in args):
@@ -189,6 +197,15 @@ class ReadWatcher(TorchFunctionMode):
         self.reads.append(Read(func, call_args, call_kwargs, nodes, len(self.recorder.graph._nodes), where,
                                result if by_value else None, by_value, saved, problem))
 
+    def _note_sizes(self, result: Any) -> None:
+        """A call whose output's size depends on its inputs' values (``x.masked_select(x > 0)``, ``x[mask]``): its
+        size (``out.numel()``) is a read, so that a call with another count of selected elements never runs code
+        written for the recording's (its shapes are printed into the step as numbers)."""
+        live = self.recorder.graph._live
+        for out in (result,) if isinstance(result, Tensor) else result if isinstance(result, (tuple, list)) else ():
+            if isinstance(out, Tensor) and id(out) in live:
+                self._note(Tensor.numel, (out,), {}, out.numel())
+
     def _refs(self, value: Any, nodes: list[int], tensors: list[Tensor]) -> Any:
         """Tensors (top level or in lists and tuples) as Refs to the nodes of their current versions."""
         if isinstance(value, Tensor):
@@ -210,6 +227,26 @@ class ReadWatcher(TorchFunctionMode):
         if _holds(self.unrecorded, tensor):
             raise _Unrepeatable(FROZEN)
         return recorder._node_of(tensor, check=False)  # a tensor from outside the forward: a new leaf
+
+
+# calls whose output's size depends on the values of their inputs (not only on their shapes)
+_VALUE_SHAPED = frozenset({"masked_select", "nonzero", "argwhere", "unique", "_unique", "_unique2", "unique_dim",
+                           "unique_consecutive", "bincount"})
+
+
+def _value_shaped(name: str | None, args: tuple, kwargs: dict) -> bool:
+    """Whether the call's output size depends on tensor values: a selection (``masked_select``, ``nonzero``,
+    ``unique`` ...), a boolean-mask index (``x[mask]``), ``torch.where(cond)``, tensor ``repeats``."""
+    if name in _VALUE_SHAPED:
+        return True
+    if name == "__getitem__" and len(args) == 2:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in index)
+    if name == "where":
+        return len(args) + len(kwargs) == 1
+    if name == "repeat_interleave":
+        return any(isinstance(a, Tensor) for a in (*args[1:], *kwargs.values()))
+    return False
 
 
 class _Unrepeatable(Exception):

@@ -3281,3 +3281,34 @@ def test_embedding_with_max_norm_compiles_with_torchs_renormalisation():
         W_torch.grad = V_torch.grad = None
         torch.testing.assert_close(loss, expected.detach(), **TOL)
         torch.testing.assert_close(W, W_torch.detach(), **TOL)
+
+
+# ---------------------------------------------------------------- outputs whose size depends on values
+
+_SELECTIONS = {
+    "masked_select": lambda W, x: (W * x).masked_select(x > 0).tanh().sum(),
+    "boolean index": lambda W, x: ((W * x)[x > 0] ** 2).sum(),
+    "nonzero": lambda W, x: (W * x)[torch.nonzero(x > 0).squeeze(1)].exp().sum(),
+    "where(cond)": lambda W, x: W[torch.where(x > 0)].sin().sum(),
+    "reshaped": lambda W, x: (W * x).masked_select(x > 0).reshape(-1, 1).expand(-1, 2).sum(),
+}
+
+
+@pytest.mark.parametrize("case", list(_SELECTIONS))
+def test_a_selection_of_another_size_is_not_replayed_with_the_recordings_shapes(case):
+    """Found by the compile fuzzer: the step printed masked_select's output size into its code (``expand(2)``), so
+    a call selecting another count of elements crashed ("Number of elements of source < number of ones in mask")
+    or ran code written for the recording's count. The size is a read now: such a call records again."""
+    fn = _SELECTIONS[case]
+    W = torch.randn(5, dtype=D, generator=torch.Generator().manual_seed(0))
+    step = tg.compile(lambda x: fn(W, x), fuse=False)
+    for signs in ([1, -1, 1, -1, -1], [1, 1, 1, -1, 1], [-1, -1, 1, -1, -1], [1, -1, 1, -1, -1]):
+        x = torch.tensor(signs, dtype=D) * torch.linspace(0.5, 1.5, 5, dtype=D)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RecompileWarning)
+            loss, grads = step(x)
+        reference = W.clone().requires_grad_()
+        expected = fn(reference, x)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(grads[W], reference.grad, rtol=1e-12, atol=1e-14)

@@ -28,12 +28,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fuzz_programs import BINARY, FIXED, GENERATORS, UNARY, HypothesisChooser, Program, RandomChooser, build
-from helpers import assert_matches_torch, assert_same_gradients, assert_same_graph, off_the_common_path, walk
+from helpers import (
+    _same_tensor,
+    assert_matches_torch,
+    assert_same_gradients,
+    assert_same_graph,
+    off_the_common_path,
+    walk,
+)
 from hypothesis import HealthCheck, given, note, reject, settings
 from hypothesis import strategies as st
 
 import tensorgraph as tg
-from tensorgraph import replay
+from tensorgraph import codegen, replay, symbolic
 
 NORMAL_EXAMPLES = int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 300)
 LONG_EXAMPLES = int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 10_000)
@@ -50,7 +57,7 @@ EXCLUDED = {
 
 OP_COUNTS: collections.Counter[str] = collections.Counter()
 TORCH_FAILURES: collections.Counter[str] = collections.Counter()  # programs torch autograd cannot run
-RUNS = {"programs": 0, "replayed": 0}  # programs compared (the long runs' figures for docs/reliability.md)
+RUNS: collections.Counter[str] = collections.Counter()  # programs per check (the long runs' figures, reliability.md)
 
 
 def run_engine(program: Program, anomaly: bool = False) -> tuple[tg.Graph, torch.Tensor, list[torch.Tensor]]:
@@ -173,14 +180,17 @@ def test_replay_fuzz_long(data):
 def _report():
     OP_COUNTS.clear()
     TORCH_FAILURES.clear()
-    RUNS["programs"] = RUNS["replayed"] = 0
+    RUNS.clear()
     start = time.perf_counter()
     yield
     path = os.environ.get("TENSORGRAPH_FUZZ_REPORT")
     if path:
         with open(path, "w") as f:
             json.dump({"seconds": round(time.perf_counter() - start, 1), "programs": RUNS["programs"],
-                       "replayed_programs": RUNS.get("replayed", 0),
+                       "replayed_programs": RUNS["replayed"],
+                       "compiled_programs": RUNS["compiled"], "compiled_one_recording": RUNS["compiled_one_recording"],
+                       "answer_keys": RUNS["answer_keys"],
+                       "fused_programs": RUNS["fused"], "fused_chains": RUNS["fused_chains"],
                        "torch_failures": dict(TORCH_FAILURES), "op_programs": dict(OP_COUNTS.most_common())},
                       f, indent=1)
 
@@ -279,6 +289,197 @@ def test_a_tensor_changed_after_recording_raises_or_does_not_matter(data):
             continue
         ours = grads[env[i]] if env[i] in grads else torch.zeros_like(their)
         torch.testing.assert_close(ours, their, rtol=2e-4, atol=1e-6, msg=lambda m, i=i: f"t{i}: {m}")
+
+
+# ------------------------------------------------------- tg.compile, the generated answer key, symbolic fusion
+
+
+def _tolerances(program: Program, tight: float) -> tuple[float, float]:
+    """(rtol, atol relative to the largest gradient): ``tight`` in float64, check_program's in float32."""
+    return (2e-4, 2e-5) if any(e.value.dtype != torch.float64 for e in program.entries) else (tight, tight)
+
+
+def _assert_grads_close(got: dict, expected: dict, rtol: float, atol: float, what: str) -> None:
+    """got[key] allclose expected[key] (None or missing: no gradient, so torch's must be zero)."""
+    scale = max([1.0] + [g.abs().max().item() for g in expected.values() if g is not None and g.numel()])
+    for key, want in expected.items():
+        have = got.get(key)
+        if want is None or have is None:
+            other = have if want is None else want
+            assert other is None or not torch.count_nonzero(other), f"{what} {key}: one side has no gradient"
+            continue
+        assert have.shape == want.shape and have.dtype == want.dtype, (
+            f"{what} {key}: {tuple(have.shape)} {have.dtype} != {tuple(want.shape)} {want.dtype}")
+        torch.testing.assert_close(have, want, rtol=rtol, atol=atol * scale, equal_nan=True,
+                                   msg=lambda m, key=key: f"{what} {key}: {m}")
+
+
+def _torch_leaf_grads(program: Program, values: dict[int, torch.Tensor], wrt: list[int]
+                      ) -> tuple[torch.Tensor, dict[int, torch.Tensor | None]]:
+    """torch autograd's loss and gradients of the leaves ``wrt`` on leaf ``values`` (the replay spelling)."""
+    leaves = {i: v.detach().clone().requires_grad_(i in wrt) for i, v in values.items()}
+    try:
+        loss = program.loss(program.execute(leaves, replay=True))
+    except RuntimeError as err:  # new values select another count (x[mask]) than the loss's weights have
+        raise TorchCannot(str(err)) from err
+    try:
+        grads = torch.autograd.grad(loss, [leaves[i] for i in wrt], allow_unused=True)
+    except RuntimeError as err:
+        raise TorchCannot(str(err)) from err
+    return loss.detach(), dict(zip(wrt, grads))
+
+
+def _nudged(value: torch.Tensor, seed: int) -> torch.Tensor:
+    """New values for an input of the compiled step: near the old ones (the programs stay in their domains)."""
+    noise = torch.randn(value.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (value.double() + 0.01 * noise).to(value.dtype)
+
+
+def _compiled(data: st.DataObject, max_steps: int, fuse: bool | None) -> None:
+    """A program as a training step: some leaves parameters (closed over), the others the step's inputs. Three
+    calls (recorded; new input values: the generated code; parameters updated in place): the loss and the
+    parameters' gradients equal torch autograd's, and with ``fuse=False`` the engine's bit for bit."""
+    program = build(HypothesisChooser(data), max_steps=max_steps)
+    leaves = program.leaves()
+    params = [i for i in leaves if data.draw(st.booleans(), label=f"t{i} is a parameter")] or leaves[:1]
+    inputs = [i for i in leaves if i not in params]
+    note(f"{program.source()}\nparameters {[f't{i}' for i in params]}, inputs {[f't{i}' for i in inputs]}")
+    values = {i: program.entries[i].value.clone() for i in leaves}
+    param_values = {i: values[i] for i in params}
+
+    def forward(*args: torch.Tensor) -> torch.Tensor:
+        env = program.execute({**param_values, **dict(zip(inputs, args))}, replay=False)
+        return program.loss(env)
+
+    step = tg.compile(forward, params=[param_values[i] for i in params], fuse=fuse)
+    rtol, atol = _tolerances(program, 1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for call in range(3):
+            if call == 1:
+                for i in inputs:
+                    values[i] = _nudged(values[i], call * 100 + i)
+            if call == 2:
+                with torch.no_grad():
+                    for i in params:
+                        param_values[i].sub_(0.01 * _nudged(torch.zeros_like(param_values[i]), i))
+            args = [values[i] for i in inputs]
+            try:
+                their_loss, theirs = _torch_leaf_grads(program, {**values, **param_values}, params)
+            except TorchCannot:
+                reject()
+            if not torch.isfinite(their_loss):
+                reject()  # the new values left an op's domain
+            loss, grads = step(*args)
+            torch.testing.assert_close(loss, their_loss, rtol=rtol, atol=atol * max(1.0, their_loss.abs().item()),
+                                       msg=lambda m, call=call: f"call {call}: loss: {m}")
+            ours = {i: _compiled_grad(grads, param_values[i]) for i in params}
+            _assert_grads_close(ours, theirs, rtol, atol, f"call {call}: t")
+            if fuse is False:
+                with tg.record() as graph:
+                    engine_loss = forward(*args)
+                engine = graph.backward(engine_loss)
+                for i in params:
+                    if ours[i] is not None and param_values[i] in engine:
+                        assert _same_tensor(ours[i], engine[param_values[i]]), f"call {call}: t{i}: not the engine's"
+    RUNS["compiled"] += 1
+    RUNS["compiled_one_recording"] += step.recordings == 1  # calls 2 and 3 ran the generated code
+
+
+def _compiled_grad(grads: tg.compiler.CompiledGradients, param: torch.Tensor) -> torch.Tensor | None:
+    """The step's gradient of ``param``; None where it has none (the loss does not reach it)."""
+    try:
+        return grads[param]
+    except KeyError:
+        return None
+
+
+@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 50), deadline=None, derandomize=True,
+          database=None, suppress_health_check=list(HealthCheck))
+@given(st.data(), st.sampled_from([False, None]))
+def test_random_programs_compile_to_torch_and_engine_gradients(data, fuse):
+    _compiled(data, max_steps=4, fuse=fuse)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=LONG_EXAMPLES // 4, deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
+@given(st.data(), st.sampled_from([False, None]))
+def test_compile_fuzz_long(data, fuse):
+    _compiled(data, max_steps=8, fuse=fuse)
+
+
+def _answer_key(data: st.DataObject, max_steps: int) -> None:
+    """graph.backward_source, executed: every gradient variable is the engine's bit for bit; textbook=True's
+    within 1e-9 (float64)."""
+    program = build(HypothesisChooser(data), max_steps=max_steps)
+    note(program.source())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph, loss, _ = run_engine(program)
+        engine = graph.backward(loss).by_node
+        rtol, atol = _tolerances(program, 1e-9)
+        for textbook in (False, True):
+            generated = codegen.generate(graph, loss, textbook=textbook)
+            namespace = codegen.run(generated.text(), graph)
+            got = {variable: namespace[variable] for variable in generated.variables.values()}
+            want = {variable: engine[node] for node, variable in generated.variables.items()}
+            if textbook:
+                _assert_grads_close(got, want, rtol, atol, "textbook")
+            else:
+                for variable in want:
+                    assert _same_tensor(got[variable], want[variable]), f"{variable}: not the engine's bit for bit"
+    RUNS["answer_keys"] += 1
+
+
+@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 100), deadline=None, derandomize=True,
+          database=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_random_programs_answer_key_runs_to_the_engine_gradients(data):
+    _answer_key(data, max_steps=5)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=LONG_EXAMPLES // 4, deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_answer_key_fuzz_long(data):
+    _answer_key(data, max_steps=8)
+
+
+def _fused(data: st.DataObject, max_steps: int) -> None:
+    """tg.symbolic.auto_fuse on the program's graph: the leaves' gradients still equal torch autograd's."""
+    program = build(HypothesisChooser(data), max_steps=max_steps)
+    note(program.source())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph, loss, env = run_engine(program)
+        leaves = program.leaves()
+        try:
+            _, theirs = _torch_leaf_grads(program, {i: program.entries[i].value for i in leaves}, leaves)
+        except TorchCannot:
+            reject()
+        fused = symbolic.auto_fuse(graph, loss)
+        grads = fused.backward(loss)
+    chains = sum(node["op"] == "fused" for node in fused._nodes)
+    note(f"{chains} fused chains")
+    ours = {i: grads[env[i]] if env[i] in grads else None for i in leaves}
+    rtol, atol = _tolerances(program, 1e-9)
+    _assert_grads_close(ours, theirs, rtol, atol, "fused: t")
+    RUNS["fused"] += 1
+    RUNS["fused_chains"] += chains
+
+
+@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 25), deadline=None, derandomize=True,
+          database=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_random_programs_fuse_to_torch_gradients(data):
+    _fused(data, max_steps=4)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=LONG_EXAMPLES // 10, deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_fuse_fuzz_long(data):
+    _fused(data, max_steps=8)
 
 
 # ---------------------------------------------------------------- every generator, every op

@@ -1470,3 +1470,28 @@ def test_cosine_similarity_is_refused_by_name():
         y = F.cosine_similarity(x, t).sum()
     with pytest.raises(SymbolicError, match=r"cosine_similarity.*eps.*F.normalize"):
         symbolic.derive(g, output=y, wrt=x)
+
+
+def test_a_cast_to_a_narrower_dtype_is_not_fused_away():
+    """Found by the fuse fuzzer: ``x.float().double()`` fused into one float64 closed form (the casts read as the
+    identity), so the gradient missed the float32 rounding that torch autograd (and the engine) give it:
+    1.6e-8 off. A narrowing cast keeps its atomic rule; the rest of the chain still fuses."""
+    x = torch.randn(3, 4, dtype=D, generator=_gen(21))
+    w = torch.randn(3, 4, dtype=D, generator=_gen(22))
+
+    def forward(t):
+        return ((t.tanh() * 3).float().double().exp() * w).sum()
+
+    with tg.record() as graph:
+        loss = forward(x)
+    fused = symbolic.auto_fuse(graph, loss)
+    reference = x.clone().requires_grad_()
+    want, = torch.autograd.grad(forward(reference), [reference])
+    got = fused.backward(loss)[x]
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14), (got - want).abs().max()
+    assert any(data["op"] == "fused" for data in fused._nodes)  # (tanh * 3 and exp * w fuse on either side)
+    with tg.record() as graph:
+        loss = (x.float().double() * w).sum()
+    assert torch.equal(symbolic.auto_fuse(graph, loss).backward(loss)[x], w.float().double())
+    with pytest.raises(symbolic.SymbolicError, match=r"casts to a less precise dtype at .*float"):
+        symbolic.fuse(graph, loss, x)

@@ -22,6 +22,7 @@ from torch import Tensor
 from ..graph import _NODE_DEFAULTS, Graph, Ref, is_float, require_graph, substitute
 from .chain import (
     ELEMENTWISE,
+    IDENTITY,
     LOWERINGS,
     RESHAPES,
     ChainTooLong,
@@ -452,6 +453,11 @@ def fuse(graph: Graph, output: Any, inputs: Any, *, check: bool = True) -> Graph
                             f"entering the chain are found by themselves and become parameters)")
     out_id, wrt_id = node_id(graph, output, "output"), node_id(graph, items[0], "input")
     derivation, binding = _derive(graph, out_id, wrt_id, check=check)
+    narrowing = [n for n in binding.ops if _narrows(graph, graph._nodes[n])]
+    if narrowing:
+        raise SymbolicError(f"the chain to {where(graph._nodes[out_id])} casts to a less precise dtype at "
+                            f"{where(graph._nodes[narrowing[0]])}: its rule rounds the gradient to that dtype, "
+                            f"which the closed form would not (fuse the chains on either side of the cast)")
     if derivation.unstable:
         raise SymbolicError(f"the closed form of d{derivation.output}/d{derivation.wrt} is not used: "
                             f"{derivation.unstable}")
@@ -593,6 +599,8 @@ def _maybe_fusable(graph: Graph, node: int) -> bool:
         return False
     if data.get("rule") is not None:
         return False  # already fused
+    if _narrows(graph, data):
+        return False  # the closed form would not round the gradient to the narrower dtype as its rule does
     if data["op"] == "getitem":
         idx = data["bargs"][1] if len(data["bargs"]) > 1 else None
         return only_unit_dims(idx) or isinstance(idx, tuple) and len(idx) == 2 and isinstance(idx[1], Ref) and len(
@@ -601,6 +609,15 @@ def _maybe_fusable(graph: Graph, node: int) -> bool:
         source = graph._nodes[data["inputs"][0]]["shape"]
         return [s for s in source if s != 1] == [s for s in data["shape"] if s != 1]
     return True
+
+
+def _narrows(graph: Graph, data: dict[str, Any]) -> bool:
+    """Whether the op casts a floating-point input to a less precise floating-point dtype (``x.float()`` of a
+    float64 ``x``): its rule rounds the gradient to that dtype, which the symbolic identity would not."""
+    if data["op"] not in IDENTITY or not data["inputs"]:
+        return False
+    source = graph._nodes[data["inputs"][0]]["dtype"]
+    return source.is_floating_point and torch.finfo(data["dtype"]).eps > torch.finfo(source).eps
 
 
 def _grow(graph: Graph, output: int, taken: set[int], hooks: Collection[int] = ()) -> set[int]:
