@@ -247,6 +247,49 @@ def test_compare_calls_the_gradient_of_a_mask_cast_from_integers_ok():
     torch.testing.assert_close(grads[mask], mask_t.grad)
 
 
+def test_compare_seeds_torch_with_the_given_grad():
+    """compare(out, grad=g) of a non-scalar output: torch's replay starts from the same g as the engine, so a
+    right gradient is ok; torch autograd in float64 from g is the truth."""
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(4, 3, generator=gen, dtype=D), torch.randn(3, 2, generator=gen, dtype=D)
+    seed = torch.randn(4, 2, generator=gen, dtype=D) * 3
+    with tg.record() as graph:
+        out = torch.tanh(x @ w)
+    report = graph.compare(out, grad=seed)
+    assert report.ok and all(row.approximate for row in report.rows), str(report)
+    x_t, w_t = x.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.tanh(x_t @ w_t).backward(seed)
+    grads = graph.backward(out, seed)
+    torch.testing.assert_close(grads[x], x_t.grad)
+    torch.testing.assert_close(grads[w], w_t.grad)
+
+
+def test_compare_flags_a_wrong_rule_below_a_gradient_hook():
+    """Below a hook that scales the gradient down, the rounding allowance (from the unhooked magnitudes) is far
+    too wide: those rows are judged by allclose alone, and a matmul rule off by 1e-3 is NOT OK."""
+    gen = torch.Generator().manual_seed(0)
+    X, v = torch.randn(4, 5, generator=gen), torch.randn(6, generator=gen)
+    W = torch.randn(5, 6, generator=gen).requires_grad_()
+
+    def loss_of(X, W, v):
+        h = X @ W
+        h.register_hook(lambda g: g * 1e-5)
+        return 1e4 * (torch.tanh(h) * v).sum()
+
+    doubles = {k: t.detach().double().requires_grad_() for k, t in {"X": X, "W": W}.items()}
+    loss_of(doubles["X"], doubles["W"], v.double()).backward()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _off_by(monkeypatch, "matmul", 1 + 1e-3)
+        with tg.record() as graph:
+            loss = loss_of(X, W, v)
+        grads = graph.backward(loss)
+        report = graph.compare(loss)
+    for name, leaf in (("X", X), ("W", W)):  # wrong indeed: float64 torch autograd disagrees by ~1e-3
+        assert not torch.allclose(grads[leaf].double(), doubles[name].grad, rtol=1e-4, atol=0)
+        assert not report[name].ok and "NOT OK" in report[name].reason, str(report)
+    assert report["h"].ok and not report.ok
+
+
 def test_lecture_names_and_node_attributes():
     from tensorgraph.lecture import record_exercise
 
