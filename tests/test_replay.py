@@ -325,6 +325,30 @@ def test_one_tensor_where_the_template_had_two_new_leaves_is_another_structure()
     assert_same_gradients(graph.backward(loss), walk(reference, ref_loss))
 
 
+def _addcmul(a, b, c):
+    with tg.record() as graph:
+        loss = torch.addcmul(a, b, c).exp().sum()
+    return graph, loss
+
+
+@pytest.mark.parametrize("matchers", [False, True])
+def test_a_repeated_new_leaf_in_another_position_is_another_structure(matchers):
+    """addcmul(x, y, x) where the template had addcmul(a, b, b): as many new leaves, but the repeat is of the
+    first, not the second; matched, the third argument would be y and both gradients wrong."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, generator=g, dtype=D), torch.randn(3, generator=g, dtype=D)
+    fresh()
+    for _ in range(2 + (replay.GENERATE_AFTER if matchers else 0)):
+        template, _ = _addcmul(x, y, y)
+    graph, loss = _addcmul(x, y, x)
+    assert graph._replay is not template._replay
+    grads = graph.backward(loss)
+    leaves = [t.clone().requires_grad_() for t in (x, y)]
+    torch.addcmul(leaves[0], leaves[1], leaves[0]).exp().sum().backward()
+    torch.testing.assert_close(grads[x], leaves[0].grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[y], leaves[1].grad, rtol=1e-12, atol=1e-12)
+
+
 def _casts(x, y):
     with tg.record() as graph:
         same = x.float()  # x is float32 already: x itself comes back, and the graph has not seen x yet
