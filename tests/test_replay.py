@@ -349,6 +349,30 @@ def test_a_repeated_new_leaf_in_another_position_is_another_structure(matchers):
     torch.testing.assert_close(grads[y], leaves[1].grad, rtol=1e-12, atol=1e-12)
 
 
+def _selected(x, mask):
+    with tg.record() as graph:
+        loss = (x.masked_select(mask).exp() * 2).sum()
+    return graph, loss
+
+
+@pytest.mark.parametrize("matchers", [False, True])
+def test_an_output_of_another_shape_is_another_structure(matchers):
+    """masked_select with a mask of another count: the same arguments as the template's (a leaf of the same shape
+    and dtype), an output of another shape; matched, its nodes kept the template's shapes and the backward
+    failed on a gradient of shape (2,) for a node of shape (3,)."""
+    x = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=D)
+    mask = torch.tensor([1, 0, 0, 0, 0, 1], dtype=torch.bool)
+    fresh()
+    for _ in range(2 + (replay.GENERATE_AFTER if matchers else 0)):
+        template, _ = _selected(x, torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool))
+    graph, loss = _selected(x, mask)
+    assert graph._replay is not template._replay and graph.node(2)["shape"] == (2,)
+    grads = graph.backward(loss)
+    leaf = x.clone().requires_grad_()
+    (leaf.masked_select(mask).exp() * 2).sum().backward()
+    torch.testing.assert_close(grads[x], leaf.grad, rtol=1e-12, atol=1e-12)
+
+
 def _casts(x, y):
     with tg.record() as graph:
         same = x.float()  # x is float32 already: x itself comes back, and the graph has not seen x yet
