@@ -373,6 +373,35 @@ def test_an_output_of_another_shape_is_another_structure(matchers):
     torch.testing.assert_close(grads[x], leaf.grad, rtol=1e-12, atol=1e-12)
 
 
+def _prefix(x, w, v, more):
+    with tg.record() as graph:
+        loss = (x * w).exp().sum()
+        if more:  # an update of a leaf, which a template does not replay, then a new leaf v
+            x[0] = 5.0
+            (x * v).sum()
+    return graph, loss
+
+
+def test_a_recording_that_stops_where_the_templates_replayed_calls_end_is_recorded_in_full():
+    """The template goes on past its last replayed call (x[0] = ..., then a new leaf); a recording that ends
+    there matched every replayed call but not the template's nodes: finished as the template, its leaf
+    snapshot looked for the template's leaves (IndexError)."""
+    g = torch.Generator().manual_seed(0)
+    x0, w, v = (torch.randn(3, generator=g, dtype=D) for _ in range(3))
+    fresh()
+    for _ in range(3):
+        template, loss = _prefix(x0.clone(), w, v, True)
+        template.backward(loss)
+    x = x0.clone()
+    graph, loss = _prefix(x, w, v, False)
+    assert graph._replay is not template._replay and len(graph) == 5
+    grads = graph.backward(loss)
+    leaves = [t.clone().requires_grad_() for t in (x0, w)]
+    (leaves[0] * leaves[1]).exp().sum().backward()
+    torch.testing.assert_close(grads[x], leaves[0].grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[w], leaves[1].grad, rtol=1e-12, atol=1e-12)
+
+
 def _casts(x, y):
     with tg.record() as graph:
         same = x.float()  # x is float32 already: x itself comes back, and the graph has not seen x yet
