@@ -573,6 +573,33 @@ def test_an_unseen_change_before_an_in_place_op_is_the_full_paths_error():
     assert str(replayed.value) == str(full.value)
 
 
+def _hidden_change_in_a_list(x, hidden):
+    with tg.record() as graph:
+        h = x * 2
+        if hidden:
+            with torch._C.DisableTorchFunction():  # a change the recorder does not see
+                h.add_(1.0)
+        loss = torch.cat([x, h]).exp().sum()  # h inside a list: checked apart from the positional tensors
+    return graph, loss
+
+
+@pytest.mark.parametrize("matchers", [False, True])
+def test_an_unseen_change_of_a_tensor_in_a_list_is_the_full_paths_error(matchers):
+    """The full path refuses h changed unseen before torch.cat([x, h]) as it records the call; a match that
+    looked only at the node of a tensor in a list (not its version) recorded it, and backward raised later."""
+    x = torch.randn(3, dtype=D)
+    fresh()
+    for _ in range(3 + (replay.GENERATE_AFTER if matchers else 0)):
+        graph, _ = _hidden_change_in_a_list(x, hidden=False)
+    assert graph._replay.matched == 1 + (replay.GENERATE_AFTER if matchers else 0)
+    with pytest.raises(RuntimeError, match=r"tensor 'h' was modified in place by an operation") as replayed:
+        _hidden_change_in_a_list(x, hidden=True)
+    fresh()
+    with pytest.raises(RuntimeError) as full:
+        _hidden_change_in_a_list(x, hidden=True)
+    assert str(replayed.value) == str(full.value)
+
+
 class _LectureLinear:  # makemore part 3, with a bias
     def __init__(self, fan_in, fan_out, g):
         self.weight = torch.randn((fan_in, fan_out), generator=g, dtype=D) / fan_in ** 0.5
