@@ -290,6 +290,24 @@ def test_compare_flags_a_wrong_rule_below_a_gradient_hook():
     assert report["h"].ok and not report.ok
 
 
+def test_compare_flags_a_gradient_where_torch_has_none(monkeypatch):
+    """A rule passing the gradient through a detach: torch autograd gives h and x no gradient at all (.grad is
+    None, read as zeros), and the engine's nonzero ones are NOT OK."""
+    from tensorgraph.ops import OPS
+
+    monkeypatch.setattr(OPS["detach"], "rule", lambda g, out, *args, **kwargs: (g,))
+    monkeypatch.setattr(OPS["detach"], "constant", False)
+    x, w = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+    with tg.record() as graph:
+        h = x * 2
+        loss = (h.detach() * w).sum()
+    report = graph.compare(loss)
+    x_t, w_t = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ((x_t * 2).detach() * w_t).sum().backward()
+    assert x_t.grad is None and bool(graph.backward(loss)[x].abs().min() > 0)
+    assert not report["h"].ok and not report["x"].ok and report["w"].exact, str(report)
+
+
 def test_lecture_names_and_node_attributes():
     from tensorgraph.lecture import record_exercise
 
