@@ -247,6 +247,27 @@ def test_compare_calls_the_gradient_of_a_mask_cast_from_integers_ok():
     torch.testing.assert_close(grads[mask], mask_t.grad)
 
 
+def test_compare_replays_running_statistics_and_class_weights_without_gradients():
+    """torch refuses running statistics (and a loss's class weights give none) that require grad: the replay
+    marks only the tensors the engine has gradients for, and the report says the rest has no gradient."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 3, generator=gen, dtype=D), torch.randn(3, generator=gen, dtype=D)
+    class_weights = torch.rand(3, generator=gen, dtype=D) + 0.5
+    t = torch.tensor([0, 1, 2, 0, 1, 2])
+    running_mean, running_var = torch.zeros(3, dtype=D), torch.ones(3, dtype=D)
+    with tg.record() as graph:
+        h = F.batch_norm(x, running_mean.clone(), running_var.clone(), w, None, training=True)
+        loss = F.cross_entropy(h, t, weight=class_weights)
+    report = graph.compare(loss)
+    assert report.ok and "class_weights" in report.incomplete, str(report)
+    leaves = [v.clone().requires_grad_() for v in (x, w)]
+    F.cross_entropy(F.batch_norm(leaves[0], running_mean.clone(), running_var.clone(), leaves[1], None,
+                                 training=True), t, weight=class_weights).backward()
+    grads = graph.backward(loss)
+    torch.testing.assert_close(grads[x], leaves[0].grad)
+    torch.testing.assert_close(grads[w], leaves[1].grad)
+
+
 def test_compare_seeds_torch_with_the_given_grad():
     """compare(out, grad=g) of a non-scalar output: torch's replay starts from the same g as the engine, so a
     right gradient is ok; torch autograd in float64 from g is the truth."""
