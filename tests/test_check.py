@@ -795,6 +795,28 @@ def test_a_forgotten_eps_is_caught_wherever_the_lectures_allclose_catches_it(see
     assert graph.check({"dhprebn": slip}, loss)["dhprebn"].kind != "ok"
 
 
+def test_a_slip_below_a_wrong_upstream_under_a_strong_cancellation_is_its_own_error():
+    """dz sums terms of ~1e4 that cancel to ~1 (float32): the whole path's rounding allows ~1e-3 of dw. From the
+    learner's own (wrong) dz, only the rounding of dw = dz * s counts: a further slip of 1e-3 in dw is dw's own
+    mistake, not inherited; without it, dw is inherited."""
+    g = torch.Generator().manual_seed(0)
+    s, w = torch.randn(5, generator=g) + 2, torch.randn(5, generator=g)
+    a, b = 1e4 + torch.randn(5, generator=g), -1e4 + torch.randn(5, generator=g)
+    with tg.record() as graph:
+        z = w * s
+        loss = (z * a).sum() + (z * b).sum()
+    w64 = w.double().requires_grad_()  # torch autograd in float64: the truth
+    z64 = w64 * s.double()
+    ((z64 * a.double()).sum() + (z64 * b.double()).sum()).backward()
+    dz = a.double() + b.double()
+    torch.testing.assert_close(dz * s.double(), w64.grad)
+    assert bool(((a.abs() + b.abs()) / dz.abs()).min() > 5000)  # the cancellation
+    for slip, kind in ((1.0, "inherited"), (1 + 1e-3, "scaled")):
+        manual = {"dz": (2 * dz).float(), "dw": (2 * dz * s.double() * slip).float()}
+        report = graph.check(manual, loss)
+        assert report["z"].kind == "scaled" and report["w"].kind == kind, str(report)
+
+
 def test_a_line_equal_to_the_truth_is_right_whatever_the_upstream():
     """Exercise 2's dlogits replaces exercise 1's after dW2 was computed from the old one: dW2 is exact."""
     graph, loss, v = exercise(seed=2, batch_size=4)

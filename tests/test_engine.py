@@ -247,6 +247,88 @@ def test_compare_calls_the_gradient_of_a_mask_cast_from_integers_ok():
     torch.testing.assert_close(grads[mask], mask_t.grad)
 
 
+def test_compare_replays_running_statistics_and_class_weights_without_gradients():
+    """torch refuses running statistics (and a loss's class weights give none) that require grad: the replay
+    marks only the tensors the engine has gradients for, and the report says the rest has no gradient."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 3, generator=gen, dtype=D), torch.randn(3, generator=gen, dtype=D)
+    class_weights = torch.rand(3, generator=gen, dtype=D) + 0.5
+    t = torch.tensor([0, 1, 2, 0, 1, 2])
+    running_mean, running_var = torch.zeros(3, dtype=D), torch.ones(3, dtype=D)
+    with tg.record() as graph:
+        h = F.batch_norm(x, running_mean.clone(), running_var.clone(), w, None, training=True)
+        loss = F.cross_entropy(h, t, weight=class_weights)
+    report = graph.compare(loss)
+    assert report.ok and "class_weights" in report.incomplete, str(report)
+    leaves = [v.clone().requires_grad_() for v in (x, w)]
+    F.cross_entropy(F.batch_norm(leaves[0], running_mean.clone(), running_var.clone(), leaves[1], None,
+                                 training=True), t, weight=class_weights).backward()
+    grads = graph.backward(loss)
+    torch.testing.assert_close(grads[x], leaves[0].grad)
+    torch.testing.assert_close(grads[w], leaves[1].grad)
+
+
+def test_compare_seeds_torch_with_the_given_grad():
+    """compare(out, grad=g) of a non-scalar output: torch's replay starts from the same g as the engine, so a
+    right gradient is ok; torch autograd in float64 from g is the truth."""
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(4, 3, generator=gen, dtype=D), torch.randn(3, 2, generator=gen, dtype=D)
+    seed = torch.randn(4, 2, generator=gen, dtype=D) * 3
+    with tg.record() as graph:
+        out = torch.tanh(x @ w)
+    report = graph.compare(out, grad=seed)
+    assert report.ok and all(row.approximate for row in report.rows), str(report)
+    x_t, w_t = x.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.tanh(x_t @ w_t).backward(seed)
+    grads = graph.backward(out, seed)
+    torch.testing.assert_close(grads[x], x_t.grad)
+    torch.testing.assert_close(grads[w], w_t.grad)
+
+
+def test_compare_flags_a_wrong_rule_below_a_gradient_hook():
+    """Below a hook that scales the gradient down, the rounding allowance (from the unhooked magnitudes) is far
+    too wide: those rows are judged by allclose alone, and a matmul rule off by 1e-3 is NOT OK."""
+    gen = torch.Generator().manual_seed(0)
+    X, v = torch.randn(4, 5, generator=gen), torch.randn(6, generator=gen)
+    W = torch.randn(5, 6, generator=gen).requires_grad_()
+
+    def loss_of(X, W, v):
+        h = X @ W
+        h.register_hook(lambda g: g * 1e-5)
+        return 1e4 * (torch.tanh(h) * v).sum()
+
+    doubles = {k: t.detach().double().requires_grad_() for k, t in {"X": X, "W": W}.items()}
+    loss_of(doubles["X"], doubles["W"], v.double()).backward()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _off_by(monkeypatch, "matmul", 1 + 1e-3)
+        with tg.record() as graph:
+            loss = loss_of(X, W, v)
+        grads = graph.backward(loss)
+        report = graph.compare(loss)
+    for name, leaf in (("X", X), ("W", W)):  # wrong indeed: float64 torch autograd disagrees by ~1e-3
+        assert not torch.allclose(grads[leaf].double(), doubles[name].grad, rtol=1e-4, atol=0)
+        assert not report[name].ok and "NOT OK" in report[name].reason, str(report)
+    assert report["h"].ok and not report.ok
+
+
+def test_compare_flags_a_gradient_where_torch_has_none(monkeypatch):
+    """A rule passing the gradient through a detach: torch autograd gives h and x no gradient at all (.grad is
+    None, read as zeros), and the engine's nonzero ones are NOT OK."""
+    from tensorgraph.ops import OPS
+
+    monkeypatch.setattr(OPS["detach"], "rule", lambda g, out, *args, **kwargs: (g,))
+    monkeypatch.setattr(OPS["detach"], "constant", False)
+    x, w = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+    with tg.record() as graph:
+        h = x * 2
+        loss = (h.detach() * w).sum()
+    report = graph.compare(loss)
+    x_t, w_t = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ((x_t * 2).detach() * w_t).sum().backward()
+    assert x_t.grad is None and bool(graph.backward(loss)[x].abs().min() > 0)
+    assert not report["h"].ok and not report["x"].ok and report["w"].exact, str(report)
+
+
 def test_lecture_names_and_node_attributes():
     from tensorgraph.lecture import record_exercise
 

@@ -325,6 +325,83 @@ def test_one_tensor_where_the_template_had_two_new_leaves_is_another_structure()
     assert_same_gradients(graph.backward(loss), walk(reference, ref_loss))
 
 
+def _addcmul(a, b, c):
+    with tg.record() as graph:
+        loss = torch.addcmul(a, b, c).exp().sum()
+    return graph, loss
+
+
+@pytest.mark.parametrize("matchers", [False, True])
+def test_a_repeated_new_leaf_in_another_position_is_another_structure(matchers):
+    """addcmul(x, y, x) where the template had addcmul(a, b, b): as many new leaves, but the repeat is of the
+    first, not the second; matched, the third argument would be y and both gradients wrong."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, generator=g, dtype=D), torch.randn(3, generator=g, dtype=D)
+    fresh()
+    for _ in range(2 + (replay.GENERATE_AFTER if matchers else 0)):
+        template, _ = _addcmul(x, y, y)
+    graph, loss = _addcmul(x, y, x)
+    assert graph._replay is not template._replay
+    grads = graph.backward(loss)
+    leaves = [t.clone().requires_grad_() for t in (x, y)]
+    torch.addcmul(leaves[0], leaves[1], leaves[0]).exp().sum().backward()
+    torch.testing.assert_close(grads[x], leaves[0].grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[y], leaves[1].grad, rtol=1e-12, atol=1e-12)
+
+
+def _selected(x, mask):
+    with tg.record() as graph:
+        loss = (x.masked_select(mask).exp() * 2).sum()
+    return graph, loss
+
+
+@pytest.mark.parametrize("matchers", [False, True])
+def test_an_output_of_another_shape_is_another_structure(matchers):
+    """masked_select with a mask of another count: the same arguments as the template's (a leaf of the same shape
+    and dtype), an output of another shape; matched, its nodes kept the template's shapes and the backward
+    failed on a gradient of shape (2,) for a node of shape (3,)."""
+    x = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=D)
+    mask = torch.tensor([1, 0, 0, 0, 0, 1], dtype=torch.bool)
+    fresh()
+    for _ in range(2 + (replay.GENERATE_AFTER if matchers else 0)):
+        template, _ = _selected(x, torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool))
+    graph, loss = _selected(x, mask)
+    assert graph._replay is not template._replay and graph.node(2)["shape"] == (2,)
+    grads = graph.backward(loss)
+    leaf = x.clone().requires_grad_()
+    (leaf.masked_select(mask).exp() * 2).sum().backward()
+    torch.testing.assert_close(grads[x], leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+def _prefix(x, w, v, more):
+    with tg.record() as graph:
+        loss = (x * w).exp().sum()
+        if more:  # an update of a leaf, which a template does not replay, then a new leaf v
+            x[0] = 5.0
+            (x * v).sum()
+    return graph, loss
+
+
+def test_a_recording_that_stops_where_the_templates_replayed_calls_end_is_recorded_in_full():
+    """The template goes on past its last replayed call (x[0] = ..., then a new leaf); a recording that ends
+    there matched every replayed call but not the template's nodes: finished as the template, its leaf
+    snapshot looked for the template's leaves (IndexError)."""
+    g = torch.Generator().manual_seed(0)
+    x0, w, v = (torch.randn(3, generator=g, dtype=D) for _ in range(3))
+    fresh()
+    for _ in range(3):
+        template, loss = _prefix(x0.clone(), w, v, True)
+        template.backward(loss)
+    x = x0.clone()
+    graph, loss = _prefix(x, w, v, False)
+    assert graph._replay is not template._replay and len(graph) == 5
+    grads = graph.backward(loss)
+    leaves = [t.clone().requires_grad_() for t in (x0, w)]
+    (leaves[0] * leaves[1]).exp().sum().backward()
+    torch.testing.assert_close(grads[x], leaves[0].grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[w], leaves[1].grad, rtol=1e-12, atol=1e-12)
+
+
 def _casts(x, y):
     with tg.record() as graph:
         same = x.float()  # x is float32 already: x itself comes back, and the graph has not seen x yet
@@ -493,6 +570,33 @@ def test_an_unseen_change_before_an_in_place_op_is_the_full_paths_error():
     fresh()
     with pytest.raises(RuntimeError) as full:
         _hidden_change(x, b, hidden=True)
+    assert str(replayed.value) == str(full.value)
+
+
+def _hidden_change_in_a_list(x, hidden):
+    with tg.record() as graph:
+        h = x * 2
+        if hidden:
+            with torch._C.DisableTorchFunction():  # a change the recorder does not see
+                h.add_(1.0)
+        loss = torch.cat([x, h]).exp().sum()  # h inside a list: checked apart from the positional tensors
+    return graph, loss
+
+
+@pytest.mark.parametrize("matchers", [False, True])
+def test_an_unseen_change_of_a_tensor_in_a_list_is_the_full_paths_error(matchers):
+    """The full path refuses h changed unseen before torch.cat([x, h]) as it records the call; a match that
+    looked only at the node of a tensor in a list (not its version) recorded it, and backward raised later."""
+    x = torch.randn(3, dtype=D)
+    fresh()
+    for _ in range(3 + (replay.GENERATE_AFTER if matchers else 0)):
+        graph, _ = _hidden_change_in_a_list(x, hidden=False)
+    assert graph._replay.matched == 1 + (replay.GENERATE_AFTER if matchers else 0)
+    with pytest.raises(RuntimeError, match=r"tensor 'h' was modified in place by an operation") as replayed:
+        _hidden_change_in_a_list(x, hidden=True)
+    fresh()
+    with pytest.raises(RuntimeError) as full:
+        _hidden_change_in_a_list(x, hidden=True)
     assert str(replayed.value) == str(full.value)
 
 
