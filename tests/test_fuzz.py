@@ -408,6 +408,9 @@ def test_compile_fuzz_long(data, fuse):
     _compiled(data, max_steps=8, fuse=fuse)
 
 
+ROUNDED_CONSTANTS = frozenset({"hardsigmoid", "celu"})
+
+
 def _answer_key(data: st.DataObject, max_steps: int) -> None:
     """graph.backward_source, executed: every gradient variable is the engine's bit for bit; textbook=True's
     within 1e-9 (float64)."""
@@ -418,6 +421,11 @@ def _answer_key(data: st.DataObject, max_steps: int) -> None:
         graph, loss, _ = run_engine(program)
         engine = graph.backward(loss).by_node
         rtol, atol = _tolerances(program, 1e-9)
+        if any(data["op"] in ROUNDED_CONSTANTS for data in graph._nodes):
+            # torch's backward kernels round a constant through float32 (hardsigmoid's 1/6, celu's 1/alpha):
+            # 3e-8 relative; the textbook formula has the exact constant (tested against autograd of the
+            # forward written out in test_codegen.py)
+            rtol, atol = max(rtol, 1e-6), max(atol, 1e-6)
         for textbook in (False, True):
             generated = codegen.generate(graph, loss, textbook=textbook)
             namespace = codegen.run(generated.text(), graph)

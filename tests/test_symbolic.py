@@ -456,7 +456,10 @@ def test_proofs_read_sigmoid_hyperbolics_and_float_constants_as_written():
     assert d.prove(dy * sigmoid * (1 + x * (1 - sigmoid)))
     assert not d.prove(dy * sigmoid * (1 + x * (1 + sigmoid)))
     d = derive(lambda x: F.softplus(x), _x())
-    assert d.prove(d.symbols["dout"] * sp.exp(d.symbols["x"]) / (1 + sp.exp(d.symbols["x"])))
+    x, dy = d.symbols["x"], d.symbols["dout"]
+    # torch's softplus is x itself past its threshold (20), so its gradient is 1 there
+    assert d.prove(sp.Piecewise((dy, x > 20), (dy * sp.exp(x) / (1 + sp.exp(x)), True)))
+    assert not d.prove(dy * sp.exp(x) / (1 + sp.exp(x)))
     d = derive(lambda x: torch.tanh(x), _x())
     assert d.prove(d.symbols["dout"] / sp.cosh(d.symbols["x"]) ** 2)
     assert not d.prove(d.symbols["dout"] / sp.cosh(d.symbols["x"]))
@@ -1495,3 +1498,25 @@ def test_a_cast_to_a_narrower_dtype_is_not_fused_away():
     assert torch.equal(symbolic.auto_fuse(graph, loss).backward(loss)[x], w.float().double())
     with pytest.raises(symbolic.SymbolicError, match=r"casts to a less precise dtype at .*float"):
         symbolic.fuse(graph, loss, x)
+
+
+@pytest.mark.parametrize("beta,threshold", [(2.0, 1.0), (1.0, 20.0)])
+def test_softplus_is_its_input_past_the_threshold_as_in_torch(beta, threshold):
+    """Found by the compile fuzzer: softplus's symbolic form ignored ``threshold`` (torch returns x where
+    beta*x > threshold, gradient 1 there, not sigmoid(beta*x)). A rule derived on values below the threshold
+    passed its check, was cached, and was reused for values above it: 0.17 off torch at threshold=1."""
+    w0, w1, w2 = torch.randn(3, 12, dtype=D, generator=_gen(1))
+    below = torch.linspace(-1.0, 0.9, 12, dtype=D) * threshold / beta
+    for values in (below, below + threshold / beta):  # the first derives the rule; the second reuses it
+        x = values.clone()
+
+        def loss_of(x):
+            y = F.softplus(x, beta=beta, threshold=threshold)
+            return (x * w0).sum() + (y * w1).sum() + (y.view(-1) * w2).sum()
+
+        step = tg.compile(lambda: loss_of(x), params=[x], fuse=True)  # noqa: B023 - run in this iteration
+        _, grads = step()
+        assert step.fused
+        ref = x.clone().requires_grad_()
+        loss_of(ref).backward()
+        torch.testing.assert_close(grads[x], ref.grad, rtol=1e-12, atol=1e-12)

@@ -440,6 +440,11 @@ class Space:
         difference = self.canon(a - b)
         if difference != 0:
             difference = sp.cancel(sp.together(difference))
+        if difference != 0 and difference.has(sp.Piecewise):  # dy*Piecewise((1, c), (s, True)) - Piecewise(...)
+            folded = sp.piecewise_fold(difference)
+            values = [value for value, _ in folded.args] if isinstance(folded, sp.Piecewise) else [folded]
+            if all(sp.cancel(sp.together(self.canon(value))) == 0 for value in values):
+                difference = sp.S.Zero
         return difference == 0, difference
 
 

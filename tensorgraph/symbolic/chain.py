@@ -189,6 +189,12 @@ def _elu(x, alpha=1, inplace=False):
     return sp.Piecewise((x, x > 0), (alpha * (sp.exp(x) - 1), True))
 
 
+def _softplus(x, beta=1, threshold=20):
+    """``F.softplus``: torch returns ``x`` itself where ``beta*x > threshold`` (gradient 1 there, not
+    ``sigmoid(beta*x)``); with ``threshold=1`` the two differ by a quarter."""
+    return sp.Piecewise((x, beta * x > threshold), (Softplus(beta * x) / beta, True))
+
+
 ELEMENTWISE: dict[str, Callable[..., sp.Expr]] = {
     "add": lambda x, other, alpha=1: x + alpha * other,
     "sub": lambda x, other, alpha=1: x - alpha * other,
@@ -228,7 +234,7 @@ ELEMENTWISE: dict[str, Callable[..., sp.Expr]] = {
     "gelu": lambda x, approximate=None: (  # approximate="none" or "tanh" (checked)
         x * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (x + sp.Float("0.044715") * x**3))) / 2
         if str(approximate) == "tanh" else x * (1 + sp.erf(x / sp.sqrt(2))) / 2),
-    "softplus": lambda x, beta=1, threshold=20: Softplus(beta * x) / beta,
+    "softplus": _softplus,
     "where": _where,
     "clamp": _clamp,
     "clamp_min": lambda x, min: _clamp(x, min, None),  # noqa: A002
