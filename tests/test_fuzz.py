@@ -23,6 +23,7 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -44,6 +45,18 @@ from tensorgraph import codegen, replay, symbolic
 
 NORMAL_EXAMPLES = int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 300)
 LONG_EXAMPLES = int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 10_000)
+
+def quick(default: int) -> Callable:
+    """Settings of a default-suite fuzz test: the same programs every time (derandomised, no database),
+    ``default`` of them unless TENSORGRAPH_FUZZ_EXAMPLES says how many."""
+    return settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or default), deadline=None,
+                    derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+
+
+def long_run(examples: int) -> Callable:
+    """Settings of an opt-in long fuzz test (``-m fuzz``): new programs each run, a failure printed with its blob."""
+    return settings(max_examples=examples, deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
+
 
 # ops with a rule that the fuzzer cannot produce on this machine, and why
 EXCLUDED = {
@@ -135,7 +148,7 @@ def test_random_programs_match_torch_autograd(data):
 
 
 @pytest.mark.fuzz
-@settings(max_examples=LONG_EXAMPLES, deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
+@long_run(LONG_EXAMPLES)
 @given(st.data())
 def test_fuzz_long(data):
     _fuzz(data, max_steps=8)
@@ -161,8 +174,7 @@ def _replayed(data: st.DataObject, max_steps: int) -> None:
     RUNS["replayed"] += 1
 
 
-@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 150), deadline=None, derandomize=True,
-          database=None, suppress_health_check=list(HealthCheck))
+@quick(150)
 @given(st.data())
 def test_random_programs_replay_bit_identically(data):
     """Templates, generated matchers and backward plans change nothing on any program the fuzzer writes."""
@@ -170,7 +182,7 @@ def test_random_programs_replay_bit_identically(data):
 
 
 @pytest.mark.fuzz
-@settings(max_examples=LONG_EXAMPLES // 4, deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
+@long_run(LONG_EXAMPLES // 4)
 @given(st.data())
 def test_replay_fuzz_long(data):
     _replayed(data, max_steps=8)
@@ -195,8 +207,7 @@ def _report():
                       f, indent=1)
 
 
-@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 100), deadline=None, derandomize=True,
-          database=None, suppress_health_check=list(HealthCheck))
+@quick(100)
 @given(st.data())
 def test_graph_compare_agrees_on_random_programs(data):
     """graph.compare replays the recorded calls under torch autograd: it must run and agree on every program."""
@@ -214,8 +225,7 @@ def test_graph_compare_agrees_on_random_programs(data):
     assert report.ok, str(report)
 
 
-@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 40), deadline=None, derandomize=True,
-          database=None, suppress_health_check=list(HealthCheck))
+@quick(40)
 @given(st.data())
 def test_trace_codegen_render_and_save_load_on_random_programs(tmp_path_factory, data):
     """The features built on a recorded graph run on every program; a saved and loaded graph backpropagates
@@ -255,8 +265,7 @@ def _change(tensor: torch.Tensor, how: str) -> None:
         tensor.data = tensor.data * 2 + 1
 
 
-@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 100), deadline=None, derandomize=True,
-          database=None, suppress_health_check=list(HealthCheck))
+@quick(100)
 @given(st.data())
 def test_a_tensor_changed_after_recording_raises_or_does_not_matter(data):
     """Random program, then a random recorded tensor changed in place (directly, through a view, through .data):
@@ -394,15 +403,14 @@ def _compiled_grad(grads: tg.compiler.CompiledGradients, param: torch.Tensor) ->
         return None
 
 
-@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 50), deadline=None, derandomize=True,
-          database=None, suppress_health_check=list(HealthCheck))
+@quick(50)
 @given(st.data(), st.sampled_from([False, None]))
 def test_random_programs_compile_to_torch_and_engine_gradients(data, fuse):
     _compiled(data, max_steps=4, fuse=fuse)
 
 
 @pytest.mark.fuzz
-@settings(max_examples=LONG_EXAMPLES // 4, deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
+@long_run(LONG_EXAMPLES // 4)
 @given(st.data(), st.sampled_from([False, None]))
 def test_compile_fuzz_long(data, fuse):
     _compiled(data, max_steps=8, fuse=fuse)
@@ -439,15 +447,14 @@ def _answer_key(data: st.DataObject, max_steps: int) -> None:
     RUNS["answer_keys"] += 1
 
 
-@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 100), deadline=None, derandomize=True,
-          database=None, suppress_health_check=list(HealthCheck))
+@quick(100)
 @given(st.data())
 def test_random_programs_answer_key_runs_to_the_engine_gradients(data):
     _answer_key(data, max_steps=5)
 
 
 @pytest.mark.fuzz
-@settings(max_examples=LONG_EXAMPLES // 4, deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
+@long_run(LONG_EXAMPLES // 4)
 @given(st.data())
 def test_answer_key_fuzz_long(data):
     _answer_key(data, max_steps=8)
@@ -476,15 +483,14 @@ def _fused(data: st.DataObject, max_steps: int) -> None:
     RUNS["fused_chains"] += chains
 
 
-@settings(max_examples=int(os.environ.get("TENSORGRAPH_FUZZ_EXAMPLES") or 25), deadline=None, derandomize=True,
-          database=None, suppress_health_check=list(HealthCheck))
+@quick(25)
 @given(st.data())
 def test_random_programs_fuse_to_torch_gradients(data):
     _fused(data, max_steps=4)
 
 
 @pytest.mark.fuzz
-@settings(max_examples=LONG_EXAMPLES // 10, deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
+@long_run(LONG_EXAMPLES // 10)
 @given(st.data())
 def test_fuse_fuzz_long(data):
     _fused(data, max_steps=8)
