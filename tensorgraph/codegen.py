@@ -198,21 +198,12 @@ CALL_NOTES: dict[tuple[str, str, Any], tuple[str, ...]] = {
 }
 
 
-# notes of a method call whose arguments come in another order than the function's: a.where(condition, b)
-METHOD_NOTES: dict[str, tuple[str, ...]] = {
-    "where": ("d/da = 1 where the condition holds", "", "d/db = 1 where it does not"),
-}
-
-
 def rule_notes(data: dict) -> tuple[str, ...]:
-    """What a recorded op's rule does, by argument position: :data:`CALL_NOTES` for its call, :data:`METHOD_NOTES`
-    for a method call, else RULE_NOTES."""
+    """What a recorded op's rule does, by argument position: :data:`CALL_NOTES` for its call, else RULE_NOTES."""
     attrs = data.get("attrs") or {}
     for (op, key, value), notes in CALL_NOTES.items():
         if data["op"] == op and attrs.get(key) == value:
             return notes
-    if data["op"] in METHOD_NOTES and printer._is_method(data.get("func")):
-        return METHOD_NOTES[data["op"]]
     return RULE_NOTES.get(data["op"], ())
 
 
@@ -839,5 +830,5 @@ def _dims(dims: list[int]) -> str:
     return str(dims[0]) if len(dims) == 1 else "(" + ", ".join(map(str, dims)) + ")"
 
 
-__all__ = ["BackwardSource", "CALL_NOTES", "Line", "METHOD_NOTES", "RULE_NOTES", "backward_source", "branch_name",
+__all__ = ["BackwardSource", "CALL_NOTES", "Line", "RULE_NOTES", "backward_source", "branch_name",
            "generate", "run", "textbook_cross_entropy"]

@@ -184,12 +184,12 @@ def defop(
         names += [f"torch.{name}", f"Tensor.{name}", f"F.{name}", f"nn.{name}", f"Tensor.__{name}__"]
         inplace = tuple(inplace) + (f"Tensor.{name}_", f"Tensor.__i{name}__", f"torch.{name}_", f"F.{name}_")
         swapped = tuple(swapped) + (f"Tensor.__r{name}__",)
+    for spec in swapped:  # first: a spelling auto also finds by name (Tensor.where) is registered swapped
+        for func in _lookup(spec):
+            _register(func, op, True, False)
     for spec in names:
         for func in _lookup(spec):
             _register(func, op, False, False)
-    for spec in swapped:
-        for func in _lookup(spec):
-            _register(func, op, True, False)
     for spec in inplace:
         for func in _lookup(spec):
             _register(func, op, False, True)

@@ -438,18 +438,11 @@ defop("fmin", fmin)
 
 
 def where(g: Tensor, out: Tensor, condition: Any, input: Any, other: Any) -> tuple:
-    """The gradient goes to the branch chosen. The method ``a.where(condition, b)`` arrives as (a, condition, b)."""
-    if _is_bool(input) and not _is_bool(condition):
-        _, grad_a, grad_b = where(g, out, input, condition, other)
-        return grad_a, None, grad_b
+    """The gradient goes to the branch chosen."""
     return None, torch.where(condition, g, 0.0), torch.where(condition, 0.0, g)
 
 
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, Tensor) and value.dtype == torch.bool
-
-
-defop("where", where)
+defop("where", where, swapped=("Tensor.where",))  # a.where(condition, b) is torch.where(condition, a, b)
 
 
 def masked_fill(g: Tensor, out: Tensor, x: Tensor, mask: Tensor, value: Any) -> tuple:

@@ -118,7 +118,7 @@ BINARY = {
     "minimum": lambda a, b: torch.minimum(a, b),
     "max_binary": lambda a, b: torch.max(a, b),
     "where": lambda a, b: torch.where(a > 0, a, b),
-    "where_method": lambda a, b: a.where(a > 0, b),  # recorded as (a, condition, b)
+    "where_method": lambda a, b: a.where(a > 0, b),  # bound as torch.where(condition, a, b)
     "pow_tensor": lambda a, b: (a.abs() + 0.5) ** b,
     "sub_alpha": lambda a, b: torch.sub(a, b, alpha=0.5),
     "mul_fanout": lambda a, b: a * b * a,

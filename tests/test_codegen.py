@@ -473,7 +473,8 @@ def test_textbook_hardsigmoid_is_the_derivative_of_its_forward():
 
 
 def test_the_method_where_names_the_branch_its_tensor_takes():
-    # a.where(condition, b) is recorded as (a, condition, b): the note for a was the condition's, empty ("where: ")
+    # a.where(condition, b) is bound as torch.where(condition, a, b); the note for a was the condition's,
+    # empty ("where: "), when the method's own order reached the notes
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     b = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with tg.record() as graph:

@@ -679,15 +679,6 @@ def lower_elementwise(self: Lowering, data: dict[str, Any]) -> SNode:
     return node
 
 
-def lower_where(self: Lowering, data: dict[str, Any]) -> SNode:
-    """``torch.where(condition, a, b)``, or the method ``a.where(condition, b)``, recorded as (a, condition, b)."""
-    args = list(data["bargs"])
-    if len(args) == 3 and isinstance(args[0], Ref) and self.nodes_data[args[0].node]["dtype"] != torch.bool and \
-            isinstance(args[1], Ref) and self.nodes_data[args[1].node]["dtype"] == torch.bool:
-        data = {**data, "bargs": (args[1], args[0], args[2])}
-    return lower_elementwise(self, data)
-
-
 def _plain(expr: sp.Expr) -> str:
     return str(expr).replace("**", "^")
 
@@ -1115,7 +1106,6 @@ def lower_logsumexp(self: Lowering, data: dict[str, Any]) -> SNode:
 
 LOWERINGS: dict[str, Callable[[Lowering, dict[str, Any]], SNode]] = {
     **{op: lower_elementwise for op in ELEMENTWISE},
-    "where": lower_where,
     **{op: lower_identity for op in IDENTITY},
     **{op: lower_reshape for op in RESHAPES},
     "sum": lower_sum,
