@@ -91,6 +91,9 @@ class Graph:
         self._recording = False  # inside its tg.record() block
         self._replay: Any = None  # the recording template this graph matched (tensorgraph.replay): backward plans
         self._user_names = True  # named after the user's variables (False: tg.record(names=False))
+        # each call of a user function that ran ops (a node's "call" indexes it): (function, the call it was
+        # made from, or None); render nests function clusters with it
+        self._calls: list[tuple[str, int | None]] = []
         self._reads_values = False  # a recorded call read tensor values into Python (item(), bool(t) ...)
         # gradient hooks a tensor had when a recorded in-place op replaced it: they see the gradient of that
         # earlier version (as in torch, where they stay on its grad_fn); node -> (the tensor's hook dict, keys)

@@ -1083,6 +1083,34 @@ def _qualname(code: types.CodeType) -> str:
     return getattr(code, "co_qualname", code.co_name)
 
 
+def _call_tree(frames: list[types.FrameType], caller: types.FrameType) -> list[tuple[str, int | None]]:
+    """Each call of the block (a node's ``call`` indexes ``frames``): its function, and the call it was made
+    from, so that render nests ``Head`` inside ``MultiHeadAttention`` inside ``Block``.
+
+    The parent is the nearest user frame up the stack; one that ran no op itself is appended as a call of its
+    own. Calls made by the block's own code have no parent (nor does the block's own frame).
+    """
+    index = {id(frame): i for i, frame in enumerate(frames)}
+    order = list(frames)
+    calls: list[tuple[str, int | None]] = []
+    for frame in order:  # (grows: user frames between a call and the block that ran no op)
+        parent = frame.f_back if frame is not caller else None
+        steps = 0
+        while parent is not None and parent is not caller and id(parent) not in index and steps < _MAX_CALL_DEPTH:
+            if not _is_internal(parent.f_code):
+                index[id(parent)] = len(order)
+                order.append(parent)
+                break
+            parent = parent.f_back
+            steps += 1
+        up = index.get(id(parent)) if parent is not None and parent is not caller else None
+        calls.append((getattr(frame.f_code, "co_qualname", frame.f_code.co_name), up))
+    return calls
+
+
+_MAX_CALL_DEPTH = 200  # frames walked up from a call to find its caller (a generator's may lead elsewhere)
+
+
 def _where(source: tuple | None) -> str:
     if not source:
         return "<unknown>"
@@ -1250,6 +1278,7 @@ class record:
                 self.graph._fingerprints = stamps if self.check_leaves else NO_STAMPS
                 if session is not None and exc_type is None:
                     session.remember(found, stamps.layout())  # (a template serves either setting)
+        self.graph._calls = _call_tree(frames, caller)
         self._mode.frames.clear()
         self._mode.data_of.clear()
         self._mode.custom_calls.clear()

@@ -666,8 +666,10 @@ def small_row(text: str, color: str = "#333333") -> str:
     return f'<font point-size="9" color="{color}">{esc(text)}</font>'
 
 
-def cluster_path(data: dict[str, Any], mode: str | None, calls: dict[tuple, str] | None = None) -> tuple[str, ...]:
-    """The clusters a node belongs to: its ``tg.scope`` path, or the call of its function (see :func:`call_names`).
+def cluster_path(data: dict[str, Any], mode: str | None, calls: dict[tuple, tuple[str, ...]] | None = None
+                 ) -> tuple[str, ...]:
+    """The clusters a node belongs to: its ``tg.scope`` path, or the calls of its function and of the functions
+    that called it (see :func:`call_names`): ``("Block", "MultiHeadAttention", "Head#3")``.
 
     Top-level code (a script's or notebook cell's ``<module>``) is no cluster: it is the graph itself.
     """
@@ -677,8 +679,8 @@ def cluster_path(data: dict[str, Any], mode: str | None, calls: dict[tuple, str]
         function = data.get("function")
         if not function or function == TOP_LEVEL:
             return ()
-        label = function_label(function)
-        return (calls.get((function, data.get("call")), label) if calls else label,)
+        path = calls.get((function, data.get("call"))) if calls else None
+        return path if path is not None else (function_label(function),)
     return ()
 
 
@@ -701,28 +703,85 @@ def function_aliases(function: str) -> frozenset[str]:
     return frozenset({function_label(function), name, name.rpartition(".")[2]})
 
 
-def call_names(graph: Graph) -> dict[tuple[str, int | None], str]:
-    """Each call of a function that ran ops, as a cluster name: ``block``, then ``block#2``, ``block#3`` ...
+def call_names(graph: Graph) -> dict[tuple[str, int | None], tuple[str, ...]]:
+    """Each call of a function that ran ops, as a cluster path: the calls it was made from, then its own.
 
-    Calls are numbered per label (:func:`function_label`): ``Linear``, ``Linear#2``, ``Tanh``. Keyed by
-    (function, call): a node's ``call`` tells the calls of one function apart (None in graphs saved before
-    nodes had it: one cluster per function, as then).
+    A call is named by its function's label (:func:`function_label`), numbered per label in the order the
+    calls began: ``Linear``, ``Linear#2``, ``Tanh``; ``("Block", "MultiHeadAttention", "Head#3")`` for a head
+    called by an attention layer called by a block (the recorder keeps the graph's call tree; graphs saved
+    without one have flat clusters). A call of the same label as its caller (a layer's ``__call__`` running its
+    ``forward``) and a comprehension are part of their caller's cluster. Keyed by (function, call): a node's
+    ``call`` tells the calls of one function apart (None in graphs saved before nodes had it: one cluster per
+    function, as then).
     """
-    calls = {(data["function"], data.get("call")) for data in graph._nodes
-             if data.get("function") and data["function"] != TOP_LEVEL}
+    callers = _callers(graph)
     names: dict[tuple[str, int | None], str] = {}
     count: dict[str, int] = {}
-    for function, call in sorted(calls, key=lambda key: (key[1] is None, key[1] or 0, key[0])):
-        label = function_label(function)
-        index = count[label] = count.get(label, 0) + 1
-        names[(function, call)] = label if index == 1 else f"{label}#{index}"
-    return names
+    for key in sorted(callers, key=_began(callers)):
+        if not _merged(key, callers):
+            label = function_label(key[0])
+            index = count[label] = count.get(label, 0) + 1
+            names[key] = label if index == 1 else f"{label}#{index}"
+    paths: dict[tuple[str, int | None], tuple[str, ...]] = {}
+    for key in callers:
+        path, up = [], key
+        while up is not None:
+            if up in names:
+                path.append(names[up])
+            up = callers[up]
+        paths[key] = tuple(reversed(path))
+    return paths
 
 
-def function_of_call(calls: dict[tuple[str, int | None], str]) -> dict[str, frozenset[str]]:
-    """Cluster name -> the names of its function (``Linear#2`` -> ``Linear``, ``Linear.__call__``, ``__call__``),
-    so that ``collapse=["Linear"]`` names every call."""
-    return {name: function_aliases(function) for (function, _), name in calls.items()}
+def _callers(graph: Graph) -> dict[tuple[str, int | None], tuple[str, int] | None]:
+    """The calls that ran ops and the calls they were made from, each with its caller (None: the block's code)."""
+    tree = graph._calls
+    pending = [(data["function"], data.get("call")) for data in graph._nodes
+               if data.get("function") and data["function"] != TOP_LEVEL]
+    callers: dict[tuple[str, int | None], tuple[str, int] | None] = {}
+    while pending:
+        key = pending.pop()
+        if key in callers:
+            continue
+        call = key[1]
+        up = tree[call][1] if call is not None and call < len(tree) and tree[call][0] == key[0] else None
+        callers[key] = (tree[up][0], up) if up is not None and tree[up][0] != TOP_LEVEL else None
+        if callers[key] is not None:
+            pending.append(callers[key])
+    return callers
+
+
+def _began(callers: dict) -> Callable[[tuple], tuple]:
+    """Sort key: calls in the order they began (a call began before the calls it made)."""
+    began: dict[tuple[str, int | None], int] = {}
+    for key in callers:
+        start, up = (key[1] if key[1] is not None else -1), key
+        while up is not None:
+            began[up] = min(began.get(up, start), start)
+            up = callers[up]
+    return lambda key: (key[1] is None, began[key], key[1] or 0, key[0])
+
+
+def _merged(key: tuple[str, int | None], callers: dict) -> bool:
+    """Whether a call draws inside its caller's cluster: a comprehension, or a call of the caller's own label."""
+    if key[0].endswith(_COMPREHENSIONS):
+        return True
+    caller = callers[key]
+    return caller is not None and function_label(caller[0]) == function_label(key[0])
+
+
+# a comprehension runs in a frame of its own before Python 3.12, inlined since: its ops are its function's
+_COMPREHENSIONS = ("<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>")
+
+
+def function_of_call(calls: dict[tuple[str, int | None], tuple[str, ...]]) -> dict[str, frozenset[str]]:
+    """Cluster name -> the names of its functions (``Linear#2`` -> ``Linear``, ``Linear.__call__``, ``__call__``,
+    and those of a ``forward`` its ``__call__`` ran), so that ``collapse=["Linear"]`` names every call."""
+    aliases: dict[str, frozenset[str]] = {}
+    for (function, _), path in calls.items():
+        if path and not function.endswith(_COMPREHENSIONS):
+            aliases[path[-1]] = aliases.get(path[-1], frozenset()) | function_aliases(function)
+    return aliases
 
 
 def cluster_mode(graph: Graph, mode: str | None) -> str | None:
@@ -918,7 +977,7 @@ def _sinks(graph: Graph, shown: set[int]) -> set[int]:
 
 
 def _forward_paths(graph: Graph, shown: set[int], mode: str | None,
-                   calls: dict[tuple, str] | None) -> dict[int, tuple[str, ...]]:
+                   calls: dict[tuple, tuple[str, ...]] | None) -> dict[int, tuple[str, ...]]:
     """Each node's cluster; a leaf joins the deepest cluster all its consumers share."""
     nodes = graph._nodes
     paths = {node: cluster_path(nodes[node], mode, calls) for node in shown if nodes[node]["inputs"]}

@@ -119,7 +119,7 @@ class _Backward:
             if holder is not None:
                 self.final.setdefault(holder, []).append(node)
         self.owner = self._owners()
-        self.calls: dict[tuple, str] | None = None  # the clusters of function calls (cluster="function")
+        self.calls: dict[tuple, tuple[str, ...]] | None = None  # the clusters of function calls (cluster="function")
         self.partial: dict[int, tuple[int, int]] = {}  # adjoint node -> (forward source, consumer)
         self.accumulation: dict[int, tuple[int, int, int, int]] = {}  # -> (source, k, n, consumer)
         self.consumers: dict[int, set[int]] = {}  # forward source -> the ops its branches come from

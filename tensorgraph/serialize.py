@@ -82,7 +82,8 @@ def save(graph: Graph, path: str | os.PathLike, *, values: bool = False) -> Path
                          f"{getattr(graph, 'loaded_from', 'a file')} without values; it has none to save")
     out = nx.MultiDiGraph()
     out.graph.update({"format": FORMAT, "version": VERSION, "values": bool(values),
-                      "anomaly": bool(getattr(graph, "anomaly", False)), "torch": str(torch.__version__)})
+                      "anomaly": bool(getattr(graph, "anomaly", False)), "torch": str(torch.__version__),
+                      "calls": json.dumps([list(call) for call in graph._calls])})
     siblings = _siblings(graph)
     for node, data in enumerate(graph._nodes):
         record = _node_record(data, siblings.get(node), values)
@@ -200,6 +201,30 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
         elif value is not None:
             flat[key] = value
     return flat
+
+
+def _calls(path: Path, text: Any) -> list[tuple[str, int | None]]:
+    """The graph's call tree (each call's function and the call it was made from); files written before it have
+    none, and draw flat function clusters."""
+    if text is None:
+        return []
+    try:
+        calls = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        calls = None
+    if not isinstance(calls, list) or not all(
+            isinstance(call, list) and len(call) == 2 and isinstance(call[0], str)
+            and (call[1] is None or (_call_index(call[1]) is not None and 0 <= call[1] < len(calls)))
+            for call in calls):
+        raise ValueError(f"{path}: 'calls' must be a JSON list of [function, caller index or null] pairs")
+    for start in range(len(calls)):  # each call's chain of callers must end
+        up, steps = calls[start][1], 0
+        while up is not None:
+            steps += 1
+            if steps > len(calls):
+                raise ValueError(f"{path}: 'calls' has a cycle through call {start}")
+            up = calls[up][1]
+    return [(function, parent) for function, parent in calls]
 
 
 def _call_index(value: Any) -> int | None:
@@ -396,6 +421,7 @@ def _build(path: Path, raw: nx.MultiDiGraph, fmt: str) -> Graph:
         record = attrs if fmt == "json" else _unflatten(path, node, attrs)
         graph._nodes.append(_node_data(path, node, record, with_values))
     _check_edges(path, graph, raw)
+    graph._calls = _calls(path, raw.graph.get("calls"))
     for node, data in enumerate(graph._nodes):
         if any(k is not None and (k >= count or graph._nodes[k]["result"] != data["result"])
                for k in data["result"] or ()):

@@ -905,11 +905,12 @@ def test_each_call_of_a_function_is_its_own_cluster(tmp_path):
             loss = h.sum()
         clusters = clusters_of(layout(graph.render(loss=loss, cluster="function")))
         for k, label in enumerate(["_block", "_block#2", "_block#3"]):
-            # its W, h @ W and tanh (x too, in the first: used nowhere else); _scale's op is a cluster of its own
+            # its W, h @ W and tanh (x too, in the first: used nowhere else), and the cluster of the _scale call
+            # it made, nested inside it
             drawn = {f"n{graph.node_id(t)}" for t in [Ws[k]] + ([x] if k == 0 else [])}
-            matmul, _scaled, tanh = [node for node in graph if graph.node(node)["inputs"]][3 * k:3 * k + 3]
-            assert clusters[f"<b>{label}</b>"] == drawn | {f"n{matmul}", f"n{tanh}"}
-        assert [len(clusters[f"<b>_scale{suffix}</b>"]) for suffix in ("", "#2", "#3")] == [1, 1, 1]
+            matmul, scaled, tanh = [node for node in graph if graph.node(node)["inputs"]][3 * k:3 * k + 3]
+            assert clusters[f"<b>{label}</b>"] == drawn | {f"n{matmul}", f"n{scaled}", f"n{tanh}"}
+            assert clusters[f"<b>_scale{'#' + str(k + 1) if k else ''}</b>"] == {f"n{scaled}"}
     # collapse=["_block"]: every call of it, each one box; "_block#2" names one call
     boxes = [o for o in node_attrs(layout(graph.render(loss=loss, collapse=["_block"]))).values()
              if o.get("shape") == "box3d"]
@@ -970,7 +971,9 @@ def test_class_based_layers_are_clustered_by_their_class(tmp_path):
     # collapse= by class (every call), by one call, or by the qualified or plain method name
     for names, tooltips in [(["_Linear"], ["_Linear", "_Linear#2"]), ("_Tanh#2", ["_Tanh#2"]),
                             (["_Linear.__call__"], ["_Linear", "_Linear#2"]),
-                            (["__call__"], ["_Linear", "_Linear#2"])]:
+                            # (a _Tanh's __call__ runs its forward: the two are one cluster, named by either)
+                            (["__call__"], ["_Linear", "_Linear#2", "_Tanh", "_Tanh#2"]),
+                            (["_Tanh.forward"], ["_Tanh", "_Tanh#2"])]:
         boxes = [o for o in node_attrs(layout(graph.render(loss=loss, collapse=names))).values()
                  if o.get("shape") == "box3d"]
         assert sorted(box["tooltip"] for box in boxes) == tooltips, names
@@ -1012,6 +1015,100 @@ def test_a_cluster_whose_rules_draw_no_op_collapses_in_the_backward_view_too():
         graph.render(view=view, loss=loss, collapse=["Block#2", "Attn"])
     with pytest.raises(ValueError, match="no cluster named 'Blok'"):
         graph.render(view="backward", loss=loss, collapse=["Blok"])
+
+
+class _Head(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.key = torch.nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        k = self.key(x)
+        return torch.softmax(k @ k.transpose(-2, -1), dim=-1) @ k
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads = torch.nn.ModuleList([_Head(), _Head()])
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(torch.cat([head(x) for head in self.heads], dim=-1))  # (3.11: the list is a frame)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _Attention()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        self.ln = torch.nn.LayerNorm(4)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln(x))
+        return x + self.mlp(x)
+
+
+def _nested_clusters(parsed: dict) -> dict[str, list[str]]:
+    """Cluster label -> the labels of the clusters directly inside it."""
+    objects = parsed.get("objects", [])
+    return {o["label"]: sorted(objects[i]["label"] for i in o.get("subgraphs", [])) for o in objects
+            if "nodes" in o}
+
+
+def test_function_clusters_nest_like_the_calls(tmp_path):
+    """Function clusters were flat: a transformer block's cluster held only the residual adds its own forward
+    ran, its attention layer and heads were clusters beside it, and collapse=["Block"] hid only those adds."""
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(_Block(), _Block())
+    x = torch.randn(2, 3, 4)
+    for _ in range(3):  # the first recording, the one that makes a template, and one copied from it
+        with tg.record() as graph:
+            loss = blocks(x).pow(2).sum()
+        parsed = layout(graph.render(loss=loss, cluster="function"))
+        assert _nested_clusters(parsed) == {
+            "<b>_Block</b>": ["<b>_Attention</b>"], "<b>_Attention</b>": ["<b>_Head#2</b>", "<b>_Head</b>"],
+            "<b>_Head</b>": [], "<b>_Head#2</b>": [],
+            "<b>_Block#2</b>": ["<b>_Attention#2</b>"], "<b>_Attention#2</b>": ["<b>_Head#3</b>", "<b>_Head#4</b>"],
+            "<b>_Head#3</b>": [], "<b>_Head#4</b>": [],
+            # the block's own code, in this test's function (pow, sum): calls made from it are not inside it
+            "<b>test_function_clusters_nest_like_the_calls</b>": []}
+        # each head's own ops are inside its block's cluster (nn.Linear and nn.LayerNorm are torch's code: their
+        # ops belong to the user's function that called them)
+        clusters = clusters_of(parsed)
+        softmaxes = [f"n{node}" for node in graph if graph.node(node)["op"] == "softmax"]
+        assert [s in clusters["<b>_Block</b>"] for s in softmaxes] == [True, True, False, False]
+        assert [s in clusters["<b>_Head#3</b>"] for s in softmaxes] == [False, False, True, False]
+    for view in ("forward", "backward"):  # one box per block, nothing of its heads drawn
+        drawn = node_attrs(layout(graph.render(view=view, loss=loss, collapse=["_Block"])))
+        boxes = sorted(o["tooltip"] for o in drawn.values() if o.get("shape") == "box3d")
+        assert boxes == ["_Block", "_Block#2"], view
+        assert not any("softmax" in o.get("label", "") for o in drawn.values()), view
+        heads = [o for o in node_attrs(layout(graph.render(view=view, loss=loss, collapse=["_Head"]))).values()
+                 if o.get("shape") == "box3d"]
+        assert len(heads) == 4, view
+    # a saved graph keeps the nesting; a file written before the call tree was kept draws flat clusters
+    graph.save(tmp_path / "g.json")
+    assert _nested_clusters(layout(tg.load_graph(tmp_path / "g.json").render(cluster="function"))) == \
+        _nested_clusters(parsed)
+    data = json.loads((tmp_path / "g.json").read_text())
+    del data["graph"]["calls"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    flat = _nested_clusters(layout(tg.load_graph(tmp_path / "old.json").render(cluster="function")))
+    assert set(flat) == set(_nested_clusters(parsed)) and not any(flat.values())
+
+
+@pytest.mark.parametrize("calls, problem", [
+    ("[[\"f\", 1], [\"g\", 0]]", "cycle"), ("[[\"f\", 5]]", "pairs"), ("{}", "pairs"), ("[[1, null]]", "pairs")])
+def test_a_malformed_call_tree_is_refused_by_name(tmp_path, calls, problem):
+    with tg.record() as graph:
+        (torch.randn(2, requires_grad=True) * 2).sum()
+    graph.save(tmp_path / "g.json")
+    data = json.loads((tmp_path / "g.json").read_text())
+    data["graph"]["calls"] = calls
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"bad.json: 'calls' .*{problem}"):
+        tg.load_graph(tmp_path / "bad.json")
 
 
 def test_depth_limits_the_drawing(lecture):

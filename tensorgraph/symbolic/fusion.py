@@ -504,6 +504,7 @@ def rebuild(graph: Graph, fusions: Sequence[tuple[Derivation, Binding]]) -> Grap
             snapshots.add(node)
     new = Graph()
     new.anomaly = graph.anomaly
+    new._calls = graph._calls  # (nodes keep their "call": the same calls, drawn nested the same way)
     mapping: dict[int, int] = {}
     for old, data in enumerate(nodes):
         if old in removed and old not in snapshots:
@@ -576,7 +577,7 @@ def _fused_node(graph: Graph, derivation: Derivation, binding: Binding, mapping:
     base = graph._nodes[binding.output]
     refs = tuple(Ref(mapping[node]) for node in [binding.input] + binding.params)
     copy = dict(_NODE_DEFAULTS)
-    for key in ("name", "named", "shape", "dtype", "source", "function", "scope", "value", "version"):
+    for key in ("name", "named", "shape", "dtype", "source", "function", "call", "scope", "value", "version"):
         if key in base:
             copy[key] = base[key]
     copy.update(
