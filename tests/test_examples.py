@@ -77,6 +77,17 @@ def test_render_lecture_creates_a_missing_folder(tmp_path):
     assert out.count(".svg") == len(names)
 
 
+def test_render_gpt_draws_the_lectures_transformer_by_blocks(tmp_path):
+    """Let's build GPT's model: its gradients match torch, and collapse= closes heads and whole blocks (nested
+    function clusters)."""
+    out = _run("render_gpt.py", str(tmp_path))
+    assert "every gradient matches torch autograd: True" in out
+    heads, blocks = (tmp_path / "gpt_heads.svg").read_text(), (tmp_path / "gpt_blocks.svg").read_text()
+    assert all(f">{name}</text>" in heads for name in ("Head", "Head#4", "FeedForward#2", "MultiHeadAttention"))
+    assert ">Block#2</text>" in blocks and ">Head</text>" not in blocks and "softmax" not in blocks
+    assert ">Block</text>" in (tmp_path / "gpt_backward_blocks.svg").read_text()
+
+
 def _printed(cells) -> str:
     return "".join(output.get("text", "") for cell in cells for output in cell.get("outputs", []))
 
