@@ -339,6 +339,9 @@ class _Branch:
     summed: Tensor  # after broadcast-undo: the input's shape
 
 
+# a right gradient this much smaller than the parts summed into it is about 0 by cancellation, not by its values
+_CANCELLED = 1e-5
+
 # a slipped formula: (the row's kind, the message, its value)
 _Slip = tuple[str, str, Tensor]
 
@@ -485,7 +488,7 @@ class _Checker:
         upstream_off = expected is not None and (self._reshaped(node) or not self._close(expected, truth, node))
         if self._right(node, mine, truth, None if upstream_off else expected):
             partial = self._exact_partial(node, mine, truth)
-            row.kind, row.message = ("missing-branch", partial) if partial else ("ok", "")
+            row.kind, row.message = ("missing-branch", partial) if partial else ("ok", self._cancelled_note(node))
             return row
         alias = self._alias(node, mine)
         if alias is not None:
@@ -1096,6 +1099,33 @@ class _Checker:
                 return f" ({self._forward_line(consumers[0])}: {' and '.join(notes)})"
             current = consumers[0]
         return ""
+
+    def _cancelled_note(self, node: int) -> str:
+        """For a right gradient that is about 0 because the parts summed into it cancel (the lecture's
+        dlogit_maxes: softmax does not change when a row is shifted): values this small cannot tell the right
+        formula from a wrong one, so the note names the right line. Nothing for other rows."""
+        truth = self.truth[node]
+        parts = [branch.raw for branch in self.right.get(node) or [] if branch.raw.numel()]
+        if not parts or not truth.numel():
+            return ""
+        scale = max(float(part.abs().max()) for part in parts)
+        size = float(truth.abs().max())
+        if not scale > 0 or size > _CANCELLED * scale:
+            return ""
+        right = self._assignment(node)
+        return (f"(about 0: the parts summed into d{self.nodes[node]['name']}, up to {scale:.2g}, cancel to "
+                f"{size:.2g}; any formula that gives about 0 passes, a wrong sign too"
+                + (f". The right line: {right})" if right else ")"))
+
+    def _assignment(self, node: int) -> str | None:
+        """The answer key's line that computes a gradient in one go (``dlogit_maxes = (-dnorm_logits).sum(1,
+        keepdim=True)``), without its note; None if it is built over several lines."""
+        code = self._generated()
+        variable = code.variables.get(node) if code is not None else None
+        if variable is None:
+            return None
+        lines = [line.code for line in code.lines if line.code.startswith((f"{variable} = ", f"{variable} += "))]
+        return lines[0] if len(lines) == 1 and lines[0].startswith(f"{variable} = ") else None
 
     def _picked_message(self, node: int, mine: Tensor, ref: Tensor) -> str | None:
         """Wrong exactly at the elements an index of the graph picks (``dlogits`` without

@@ -73,6 +73,22 @@ def test_correct_answer_reports_no_error(lecture):
     assert "26/26 right, no errors" in str(report)
 
 
+def test_a_gradient_that_is_about_0_by_cancellation_says_so_and_names_the_right_line(lecture):
+    """dlogit_maxes is about 0 (a softmax does not change when a row is shifted): a learner's formula with the
+    wrong sign gives about 0 too and passed as ok with nothing said, as the lecture's cmp() does."""
+    graph, loss, v = lecture
+    truth = _autograd_grads(graph, loss)
+    assert truth["logit_maxes"].abs().max() < 1e-5 * truth["norm_logits"].abs().max()  # torch: about 0
+    mine = answer(v)
+    mine["dlogit_maxes"] = -mine["dlogit_maxes"]  # the wrong sign: dnorm_logits.sum(1, keepdim=True)
+    row = graph.check(mine, loss)["logit_maxes"]
+    assert row.kind == "ok"
+    assert "about 0" in row.message and "a wrong sign too" in row.message
+    assert row.message.endswith("The right line: dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True))")
+    # a gradient whose parts do not cancel gets no such note (dlogits is ~0.03, as large as its parts)
+    assert graph.check(answer(v), loss)["logits"].message == ""
+
+
 def test_a_float16_slip_beyond_allclose_where_nothing_cancels_is_wrong():
     # d/dw sum(x * w) = x, a single term per element: rounding gives no allowance beyond allclose's rtol (1e-3
     # in float16), so 3 ulps (0.3%) off is wrong; an allowance of 4 ulps of the magnitude would call it ok
