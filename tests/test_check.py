@@ -400,6 +400,42 @@ def test_cli_check_usage_errors_are_one_line(tmp_path, capsys, body, message):
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+
+FORGOT_KEEPDIM = """
+import torch
+import tensorgraph as tg
+x = torch.rand(4, 3) + 0.5
+with tg.record() as graph:
+    counts_sum = x.sum(1, keepdim=True)
+    probs = x / counts_sum
+    loss = probs.log().mean()
+dprobs = 1 / probs / 12
+dcounts_sum = (-x / counts_sum**2 * dprobs).sum(1)
+dx = dprobs / counts_sum
+dx += dcounts_sum * torch.ones(4, 3)
+"""
+
+
+def test_cli_check_a_script_failing_on_a_misshapen_gradient_names_the_line_that_made_it(tmp_path, capsys):
+    """Exercise 1's `.sum(1)` without keepdim=True fails lines later, where the gradient is used: the error named
+    only that later line and torch's size message. It now names the gradient whose shape is not its tensor's (torch's
+    shape of the recorded tensor), where it was set, and the likely cause."""
+    from tensorgraph.cli import main
+
+    namespace: dict = {}
+    exec(FORGOT_KEEPDIM.rsplit("dx += ", 1)[0], namespace)  # noqa: S102 - the shapes, by torch
+    assert namespace["dcounts_sum"].shape == (4,) and namespace["counts_sum"].shape == (4, 1)
+    assert main(["check", _script(tmp_path, FORGOT_KEEPDIM)]) == 2
+    err = capsys.readouterr().err
+    assert "learner.py:12: RuntimeError: The size of tensor" in err and len(err.strip().splitlines()) == 1, err
+    assert ("dcounts_sum (" + str(tmp_path / "learner.py") + ":10) has shape (4,) but counts_sum is (4, 1) "
+            "(a sum without keepdim=True?)") in err, err
+    assert "dprobs" not in err and "Each gradient must have its tensor's shape" in err, err
+    fixed = FORGOT_KEEPDIM.replace(".sum(1)", ".sum(1, keepdim=True)") + "raise ValueError('later')\n"
+    assert main(["check", _script(tmp_path, fixed)]) == 2
+    err = capsys.readouterr().err
+    assert "ValueError: later" in err and "before it" not in err, err
+
 def test_cli_check_piped_into_head_ends_quietly(tmp_path):
     """`tensorgraph check learner.py | head -1`: the reader closing the pipe while the learner's script prints was
     reported as the script's own error ("learner.py:3: BrokenPipeError", status 2), as other commands do not."""
@@ -601,9 +637,9 @@ def test_a_wrong_dtype_is_named(lecture, make, kind, message):
 
 
 @pytest.mark.parametrize("body, message", [
-    ("dW = dw", "learner.py: dW is not the gradient of a recorded tensor (did you mean dw?)"),  # dw given too
-    ("dww = dw", "learner.py: dww is not the gradient of a recorded tensor (did you mean dw?)"),
-    ("dw = dw.numpy()", "learner.py: dw is a ndarray, not a tensor"),
+    ("dW = dw", "learner.py:11: dW is not the gradient of a recorded tensor (did you mean dw?)"),  # dw given too
+    ("dww = dw", "learner.py:11: dww is not the gradient of a recorded tensor (did you mean dw?)"),
+    ("dw = dw.numpy()", "learner.py:11: dw is a ndarray, not a tensor"),
     ("loss = loss.item()", "learner.py:11: 'loss' is not in the recorded graph"),
     ("loss = torch.tensor(1.0)", "learner.py:11: 'loss' is not in the recorded graph"),
     ("loss = y", "learner.py:11: 'loss' must be the scalar your gradients are of, but it is 'y' of shape (2, 2)"),
