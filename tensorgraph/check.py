@@ -270,9 +270,9 @@ def _resolve(graph: Graph, manual: Any, truth: dict[int, Tensor], root: int,
         if isinstance(value, (int, float)) and not isinstance(value, bool) and truth[node].dim() == 0:
             value = torch.tensor(float(value), dtype=truth[node].dtype)  # a scalar's gradient, micrograd's way
         if not isinstance(value, Tensor):
-            scalar = " (a Python number is taken for a scalar's gradient only)" if isinstance(value, (int, float)) \
-                else ""
-            raise ValueError(f"check: {key!r} is a {type(value).__name__}, not a tensor{scalar}")
+            fix = " (a Python number is taken for a scalar's gradient only)" if isinstance(value, (int, float)) \
+                else " (torch.as_tensor(...) makes it one)"
+            raise ValueError(f"check: {key!r} is a {type(value).__name__}, not a tensor{fix}")
         if node == root:
             _check_seed(key, value, truth[root])
             continue

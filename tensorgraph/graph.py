@@ -233,6 +233,10 @@ class Graph:
             if live is not None and live[2] is tensor:
                 return (f"it belongs to another graph, where it is {other._nodes[live[0]]['name']!r} ({what}; "
                         f"recorded by a different tg.record() block)")
+        if not self._nodes:
+            return (f"it belongs to no graph (a tensor of {what}), and this graph recorded nothing: no torch op ran "
+                    f"inside its tg.record() block. Put the forward pass inside the block (indented under "
+                    f"`with tg.record() as graph:`)")
         return (f"it belongs to no graph (a tensor of {what} that was not produced or used inside this "
                 f"tg.record() block). Compute it inside the block: a loss computed after the block ended is not "
                 f"recorded. A tensor from a block without 'as graph' (with tg.record(): ...) belongs to "

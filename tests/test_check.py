@@ -388,7 +388,8 @@ def test_cli_check_right_and_wrong(tmp_path, capsys):
     ("graph = None\nmanual = {}", "defines no 'graph'"),
     ("del loss\nmanual = {}", "defines no 'loss'"),
     ("manual = {'dnope': dy}", "learner.py:11: manual: no tensor named 'dnope'"),
-    ("manual = {\n  'dy': dy,\n  'dw': dw.tolist()}", "learner.py:11: manual: 'dw' is a list, not a tensor"),
+    ("manual = {\n  'dy': dy,\n  'dw': dw.tolist()}",
+     "learner.py:11: manual: 'dw' is a list, not a tensor (torch.as_tensor(...) makes it one)"),
     ("def f(:\n  pass", "learner.py:11: SyntaxError"),
 ])
 def test_cli_check_usage_errors_are_one_line(tmp_path, capsys, body, message):

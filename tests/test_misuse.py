@@ -479,6 +479,19 @@ def test_loss_from_no_graph_or_another_graph():
     assert other.backward(elsewhere)[x].shape == (3,) and graph.backward(loss)[x].shape == (3,)
 
 
+
+def test_a_loss_for_a_graph_that_recorded_nothing_says_the_block_was_empty():
+    """The forward pass written after (or not indented under) ``with tg.record() as graph:``: the error spoke of a
+    block without 'as graph', which this one has."""
+    x = r(3)
+    with tg.record() as graph:
+        pass
+    loss = (x * 2).sum()
+    with pytest.raises(ValueError, match=r"belongs to no graph .*this graph recorded nothing: no torch op ran inside "
+                                         r"its tg.record\(\) block. Put the forward pass inside the block") as raised:
+        graph.backward(loss)
+    assert "without 'as graph'" not in str(raised.value)
+
 def test_a_loss_from_a_block_without_as_graph_says_to_keep_the_graph():
     """``with tg.record():`` (no ``as graph``), then an old ``graph.backward(L)`` in a notebook: "not produced or
     used inside this block" was all it said."""
