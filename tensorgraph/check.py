@@ -638,7 +638,12 @@ class _Checker:
                 dims = [i for i, s in enumerate(ref_shape) if s == 1]
                 return "shape", f"missing keepdim=True: got {_shape(shape)} for {_shape(ref_shape)} " \
                                 f"(sum over dim {_dims(dims)} with keepdim=True)"
-            return "shape", f"right values, wrong shape: got {_shape(shape)} for {_shape(ref_shape)}"
+            if ref_shape == tuple(s for s in shape if s != 1) and len(shape) > len(ref_shape):
+                dims = [i for i, s in enumerate(shape) if s == 1]
+                return "shape", f"right values, extra size-1 dim: got {_shape(shape)} for {_shape(ref_shape)} " \
+                                f"(sum over dim {_dims(dims)} without keepdim=True, or .reshape{_shape(ref_shape)})"
+            return "shape", f"right values, wrong shape: got {_shape(shape)} for {_shape(ref_shape)} " \
+                            f"(.reshape{_shape(ref_shape)} gives it the right shape)"
         broadcast = _broadcast_shape(shape, ref_shape)
         if broadcast == ref_shape and self._close(mine.expand(ref_shape), ref, node):
             return "shape", f"right values, wrong shape: got {_shape(shape)} for {_shape(ref_shape)}; they are " \

@@ -131,6 +131,19 @@ def test_each_seeded_mistake_is_found_and_named(reports, mistake):
             assert f"d{blamed}" in later.message, later
 
 
+
+def test_a_gradient_with_an_extra_size_1_dim_says_how_to_drop_it(lecture):
+    """``db2 = dlogits.sum(0, keepdim=True)``: right values in shape (1, 27) for b2's (27,). The row said "right
+    values, wrong shape" and not what to do; the opposite slip (keepdim=True forgotten) said it."""
+    graph, loss, v = lecture
+    truth = _autograd_grads(graph, loss)  # torch autograd
+    row = graph.check({"db2": truth["b2"].float().unsqueeze(0)}, loss)["b2"]
+    assert row.kind == "shape" and row.message == (
+        "right values, extra size-1 dim: got (1, 27) for (27,) (sum over dim 0 without keepdim=True, or "
+        ".reshape(27,))"), row
+    row = graph.check({"dh": truth["h"].float().reshape(64, 32)}, loss)["h"]
+    assert row.kind == "shape" and row.message.endswith("(.reshape(32, 64) gives it the right shape)"), row
+
 def test_every_kind_is_covered_by_a_seeded_mistake():
     covered = {kind for _, kind in MISTAKES.values()} | {"ok", "inherited", "missing"}
     assert covered == set(KINDS)
