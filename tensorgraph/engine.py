@@ -46,13 +46,11 @@ class Gradients(Mapping):
                 grad = self.by_node.get(live[0])
                 if grad is not None:
                     return grad
-        try:
+        names = self.graph._names
+        if isinstance(key, str) and key not in names and key.startswith("d") and key[1:] in names:
+            node = names[key[1:]]  # grads["dhprebn"], the lecture's name for the gradient of hprebn
+        else:
             node = self.graph.node_id(key)
-        except KeyError:
-            if isinstance(key, str) and key.startswith("d") and key[1:] in self.graph._names:
-                node = self.graph._names[key[1:]]
-            else:
-                raise
         if node not in self.by_node:
             data = self.graph._nodes[node]
             name = data["name"]

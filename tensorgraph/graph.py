@@ -9,6 +9,7 @@ dicts are the very dicts the engine reads.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import keyword
 import os
@@ -195,14 +196,24 @@ class Graph:
         if isinstance(key, str):
             if key in self._names:
                 return self._names[key]
-            raise KeyError(f"no tensor named {key!r} in this graph{self._names_note()} (names: "
-                           f"{', '.join(self._names)})")
+            raise KeyError(f"no tensor named {key!r} in this graph{self._names_note()}{self._close_names(key)} "
+                           f"(names: {', '.join(self._names)})")
         if isinstance(key, int) and not isinstance(key, bool):  # True is no node id, though an int to Python
             if 0 <= key < len(self._nodes):
                 return key
             raise KeyError(f"no node {key} in this graph (its node ids run from 0 to {len(self._nodes) - 1})")
         raise KeyError(f"look tensors up by the tensor itself, its recorded name or its node id, not "
                        f"{type(key).__name__}")
+
+    def _close_names(self, key: str) -> str:
+        """For a misspelt name: the recorded names it is close to (a gradient's ``d`` prefix aside)."""
+        if len(self._names) > 10_000:  # difflib over every name would make a big graph's error slow
+            return ""
+        wanted = [key, key[1:]] if key.startswith("d") and len(key) > 1 else [key]
+        close = [name for text in wanted for name in difflib.get_close_matches(text, list(self._names), n=2,
+                                                                               cutoff=0.75)]
+        close = list(dict.fromkeys(close))[:3]
+        return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
     def _names_note(self) -> str:
         """For errors about a name: why the user's variable names are missing, if they are."""

@@ -524,12 +524,33 @@ def test_gradients_looked_up_with_a_tensor_of_another_graph_name_it():
     assert first.node(W)["name"] == "W"
 
 
+
+def test_a_misspelt_name_is_answered_with_the_names_it_is_close_to():
+    """grads["dhpreat"] listed every name of the graph (38 for the lecture's) and left the reader to find hpreact."""
+    x = r(4, 3)
+    with tg.record() as graph:
+        hpreact = x * 2
+        h = torch.tanh(hpreact)
+        bnvar_inv = h.sum(0)
+        loss = bnvar_inv.sum()
+    grads = graph.backward(loss)
+    assert torch.equal(grads["dhpreact"], grads[hpreact]) and torch.equal(grads["hpreact"], grads[hpreact])
+    for key, close in [("dhpreat", "'hpreact'"), ("hpreat", "'hpreact'"), ("dbnvarinv", "'bnvar_inv'")]:
+        with pytest.raises(KeyError, match=rf"no tensor named '{key}' in this graph \(did you mean {close}\?\)"):
+            grads[key]
+        with pytest.raises(KeyError, match=rf"did you mean {close}\?"):
+            graph.value(key)
+    with pytest.raises(KeyError, match=r"no tensor named 'zzz' in this graph \(names: x, hpreact, h, bnvar_inv, "
+                                       r"loss\)"):
+        grads["zzz"]
+
 def test_loss_given_by_a_bad_name_id_or_value():
     x = r(3)
     with tg.record() as graph:
         loss = x.sum()
     assert loss.shape == ()
-    with pytest.raises(ValueError, match=r"no tensor named 'losss' in this graph \(names: x, loss\)"):
+    with pytest.raises(ValueError, match=r"no tensor named 'losss' in this graph \(did you mean 'loss'\?\) \(names: "
+                                         r"x, loss\)"):
         graph.backward("losss")
     with pytest.raises(ValueError, match=r"no node 99 \(the graph has 2 nodes\)"):
         graph.backward(99)
