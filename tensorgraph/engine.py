@@ -56,7 +56,8 @@ class Gradients(Mapping):
             name = data["name"]
             if not is_float(data):  # torch.tensor(2), micrograd's Value(2): the loss may well depend on it
                 raise KeyError(f"{name!r} has dtype {data['dtype']}: only floating-point tensors have gradients "
-                               f"(make it one: torch.tensor(2.0), not torch.tensor(2); or x.float())")
+                               f"(an index or a class label has none; a number you differentiate must be a float: "
+                               f"torch.tensor(2.0), not torch.tensor(2); or x.float())")
             root = self.graph._nodes[self.root]["name"]
             if node in self.incomplete:
                 raise KeyError(f"no gradient for {name!r}: {root!r} depends on it through "
