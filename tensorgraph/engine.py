@@ -133,6 +133,9 @@ def _loss_hint(loss: Any, caller: str) -> str:
                 "x.item()); compute the loss with tensor ops (torch.exp(x), x.exp()), which tg.record() records")
     if isinstance(loss, Mapping) and caller == "graph.check":
         return "; the gradients come first: graph.check(manual, loss)"
+    if isinstance(loss, Mapping) and caller == "graph.compare":  # a learner's own gradients
+        return ("; graph.compare(loss) takes the loss alone (it judges the engine's gradients against torch); your "
+                "own gradients go to graph.check(manual, loss)")
     return ""
 
 

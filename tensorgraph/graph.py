@@ -10,6 +10,7 @@ dicts are the very dicts the engine reads.
 from __future__ import annotations
 
 import difflib
+import inspect
 import itertools
 import keyword
 import os
@@ -271,6 +272,12 @@ class Graph:
         """Draw the graph with Graphviz (see :func:`tensorgraph.render.render` for the options)."""
         from .render import render
 
+        known = [name for name in inspect.signature(render).parameters if name not in ("graph", "path")]
+        for option in options:
+            if option not in known:  # render(grad=...) for grads=: Python's TypeError named no option it has
+                close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise TypeError(f"render: no option {option!r} ({hint}the options: {', '.join(known)})")
         return render(self, path, **options)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:

@@ -560,6 +560,28 @@ def test_loss_given_by_a_bad_name_id_or_value():
     assert torch.equal(graph.backward("loss")[x], graph.backward(1)[x])
 
 
+
+def test_a_learners_slips_with_the_api_say_what_to_write():
+    """``graph = tg.record()`` without ``with`` ("'record' object has no attribute 'backward'"), a learner's
+    gradients given to graph.compare ("not dict"), and render(grad=...) for grads= (Python's "unexpected keyword
+    argument") each said what was wrong but not what to write."""
+    x = r(3, 4)
+    graph = tg.record()
+    loss = (x * 2).sum()
+    with pytest.raises(AttributeError, match=r"tg.record\(\) is not a graph: .*`with tg.record\(\) as graph:` with "
+                                             r"the forward indented under it, then call graph.backward"):
+        graph.backward(loss)
+    with pytest.raises(AttributeError, match=r"^'record' object has no attribute 'nope'$"):
+        graph.nope  # noqa: B018 - not a Graph name: Python's own message
+    with tg.record() as graph:
+        y = x * 2
+        loss = y.sum()
+    with pytest.raises(ValueError, match=r"not dict; graph.compare\(loss\) takes the loss alone .* your own gradients "
+                                         r"go to graph.check\(manual, loss\)"):
+        graph.compare({"dy": torch.ones(3, 4, dtype=D)})
+    with pytest.raises(TypeError, match=r"render: no option 'grad' \(did you mean 'grads'\? the options: view, grads"):
+        graph.render(grad=graph.backward(loss))
+
 def test_each_entry_point_names_itself_and_never_prints_a_tensor():
     """graph.check(loss, manual), its arguments swapped, said "graph.backward: ... not dict {'dh': tensor([[1., ..."
     (every value of the gradient, over many lines); compare, backward_source and tg.trace said graph.backward too."""
