@@ -648,6 +648,12 @@ class _Checker:
         if broadcast == ref_shape and self._close(mine.expand(ref_shape), ref, node):
             return "shape", f"right values, wrong shape: got {_shape(shape)} for {_shape(ref_shape)}; they are " \
                             f"right once broadcast, so expand to {_shape(ref_shape)} (e.g. * torch.ones_like(...))"
+        if broadcast == shape and shape != ref_shape and self._close(mine, ref.expand(shape), node):
+            aligned = (None,) * (len(shape) - len(ref_shape)) + ref_shape
+            dims = [i for i, (size, right) in enumerate(zip(shape, aligned)) if size != right]
+            return "shape", f"right values, broadcast: got {_shape(shape)} for {_shape(ref_shape)}, the right " \
+                            f"gradient repeated along dim {_dims(dims)}; keep it in {_shape(ref_shape)} (no " \
+                            f"* torch.ones_like(...) or .expand)"
         if broadcast == shape:
             try:
                 summed = mine.sum_to_size(ref_shape)
@@ -1038,8 +1044,8 @@ class _Checker:
                 return f"{text}: {over}"
             for branch in self.right.get(node) or []:
                 wide = tuple(branch.raw.shape)
-                if wide != ref_shape and len(wide) == len(shape) == len(ref_shape) and all(
-                        a in (1, b) for a, b in zip(shape, wide)):
+                if wide not in (ref_shape, shape) and len(wide) == len(shape) == len(ref_shape) and all(
+                        a in (1, b) for a, b in zip(shape, wide)):  # mine summed over other dims than the broadcast
                     mine_dims = [i for i, (a, b) in enumerate(zip(shape, wide)) if a != b]
                     right_dims = [i for i, (a, b) in enumerate(zip(ref_shape, wide)) if a != b]
                     return text + f": summed over dim {_dims(mine_dims)} of {_shape(wide)}; the broadcast " \

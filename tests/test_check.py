@@ -144,6 +144,19 @@ def test_a_gradient_with_an_extra_size_1_dim_says_how_to_drop_it(lecture):
     row = graph.check({"dh": truth["h"].float().reshape(64, 32)}, loss)["h"]
     assert row.kind == "shape" and row.message.endswith("(.reshape(32, 64) gives it the right shape)"), row
 
+
+def test_the_right_gradient_broadcast_up_is_a_shape_slip_not_a_sum_over_no_dim(lecture):
+    """``dcounts_sum_inv = (counts * dprobs).sum(1, keepdim=True) * torch.ones_like(counts)``: the right values
+    repeated to (32, 27). It was "wrong" and said "summed over dim () of (32, 27)", a sum the learner never wrote."""
+    graph, loss, v = lecture
+    truth = _autograd_grads(graph, loss)  # torch autograd
+    for name, shape, dim in [("counts_sum_inv", (32, 27), "1"), ("bnbias", (32, 64), "0"), ("b2", (32, 27), "0")]:
+        row = graph.check({"d" + name: truth[name].float().expand(shape).clone()}, loss)[name]
+        right = str(tuple(truth[name].shape))
+        assert row.kind == "shape" and row.message == (
+            f"right values, broadcast: got {shape} for {right}, the right gradient repeated along dim {dim}; keep it "
+            f"in {right} (no * torch.ones_like(...) or .expand)"), row
+
 def test_every_kind_is_covered_by_a_seeded_mistake():
     covered = {kind for _, kind in MISTAKES.values()} | {"ok", "inherited", "missing"}
     assert covered == set(KINDS)
