@@ -459,7 +459,12 @@ def test_cli_check_a_script_failing_on_a_misshapen_gradient_names_the_line_that_
             "(a sum without keepdim=True?)") in err, err
     assert "dprobs" not in err and "Each gradient must have its tensor's shape" in err, err
     fixed = FORGOT_KEEPDIM.replace(".sum(1)", ".sum(1, keepdim=True)") + "raise ValueError('later')\n"
+    differences = ("import torch\nimport tensorgraph as tg\nx = torch.rand(4)\nwith tg.record() as graph:\n"
+                   "    dx = x[1:] - x[:-1]\n    loss = (dx**2).sum()\nraise ValueError('later')\n")
     assert main(["check", _script(tmp_path, fixed)]) == 2
+    err = capsys.readouterr().err
+    assert "ValueError: later" in err and "before it" not in err, err
+    assert main(["check", _script(tmp_path, differences)]) == 2  # the recorded dx is no gradient of x
     err = capsys.readouterr().err
     assert "ValueError: later" in err and "before it" not in err, err
 

@@ -271,10 +271,11 @@ def _misshapen_gradients(err: BaseException, path: Path, cells: list[tuple[str, 
     if not isinstance(graph, Graph):
         return ""
     found = []
-    for name in reversed(graph.names):  # backward order: the first one set is the likely cause
+    names = graph.names
+    for name in reversed(names):  # backward order: the first one set is the likely cause
         variable, shape = "d" + identifier(name), tuple(graph.node(name)["shape"])
         value = namespace.get(variable)
-        if isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
+        if variable not in names and isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
             got = tuple(value.shape)
             found.append(f"{variable} ({_assignment(path, variable)}) has shape {got} but {name} is {shape}"
                          f"{_shape_cause(got, shape)}")
