@@ -570,9 +570,9 @@ class _Checker:
                 continue
             if self._close(mine, self.truth[other], other):
                 name, alias = self.nodes[node]["name"], self.nodes[other]["name"]
-                return (f"it is the same tensor as your d{alias}, and holds d{alias}'s value: d{alias} = "
+                return (f"it is the same tensor as your d{alias}, and holds d{alias}'s value: either d{alias} = "
                         f"d{name} without .clone() made them one tensor, so an in-place update of d{alias} "
-                        f"(d{alias} += ...) changed d{name} too")
+                        f"(d{alias} += ...) changed d{name} too, or d{alias}'s variable was given for d{name}")
         return None
 
     def _exact_partial(self, node: int, mine: Tensor, truth: Tensor) -> str | None:

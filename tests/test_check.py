@@ -269,6 +269,10 @@ def test_unlisted_mistakes(lecture):
     dhprebn += 1.0 / n * good["dbnmeani"]
     name, kind, report = first(dbndiff=dbndiff, dhprebn=dhprebn)
     assert (name, kind) == ("bndiff", "wrong") and "same tensor as your dhprebn" in report[name].message
+    # the same tensor given twice, by a slip in the dict ("dbnbias": dbngain): no .clone() need be missing
+    name, kind, report = first(dbnbias=good["dbngain"])
+    assert (name, kind) == ("bnbias", "wrong") and report[name].message.endswith(
+        "or dbngain's variable was given for dbnbias"), report[name].message
     # right answers written differently are right
     dlogits = F.softmax(v.logits, 1)
     dlogits[range(n), v.Yb] -= 1
