@@ -270,9 +270,9 @@ def _resolve(graph: Graph, manual: Any, truth: dict[int, Tensor], root: int,
         if isinstance(value, (int, float)) and not isinstance(value, bool) and truth[node].dim() == 0:
             value = torch.tensor(float(value), dtype=truth[node].dtype)  # a scalar's gradient, micrograd's way
         if not isinstance(value, Tensor):
-            scalar = " (a Python number is taken for a scalar's gradient only)" if isinstance(value, (int, float)) \
-                else ""
-            raise ValueError(f"check: {key!r} is a {type(value).__name__}, not a tensor{scalar}")
+            fix = " (a Python number is taken for a scalar's gradient only)" if isinstance(value, (int, float)) \
+                else " (torch.as_tensor(...) makes it one)"
+            raise ValueError(f"check: {key!r} is a {type(value).__name__}, not a tensor{fix}")
         if node == root:
             _check_seed(key, value, truth[root])
             continue
@@ -573,9 +573,9 @@ class _Checker:
                 continue
             if self._close(mine, self.truth[other], other):
                 name, alias = self.nodes[node]["name"], self.nodes[other]["name"]
-                return (f"it is the same tensor as your d{alias}, and holds d{alias}'s value: d{alias} = "
+                return (f"it is the same tensor as your d{alias}, and holds d{alias}'s value: either d{alias} = "
                         f"d{name} without .clone() made them one tensor, so an in-place update of d{alias} "
-                        f"(d{alias} += ...) changed d{name} too")
+                        f"(d{alias} += ...) changed d{name} too, or d{alias}'s variable was given for d{name}")
         return None
 
     def _exact_partial(self, node: int, mine: Tensor, truth: Tensor) -> str | None:
@@ -641,11 +641,22 @@ class _Checker:
                 dims = [i for i, s in enumerate(ref_shape) if s == 1]
                 return "shape", f"missing keepdim=True: got {_shape(shape)} for {_shape(ref_shape)} " \
                                 f"(sum over dim {_dims(dims)} with keepdim=True)"
-            return "shape", f"right values, wrong shape: got {_shape(shape)} for {_shape(ref_shape)}"
+            if ref_shape == tuple(s for s in shape if s != 1) and len(shape) > len(ref_shape):
+                dims = [i for i, s in enumerate(shape) if s == 1]
+                return "shape", f"right values, extra size-1 dim: got {_shape(shape)} for {_shape(ref_shape)} " \
+                                f"(sum over dim {_dims(dims)} without keepdim=True, or .reshape{_shape(ref_shape)})"
+            return "shape", f"right values, wrong shape: got {_shape(shape)} for {_shape(ref_shape)} " \
+                            f"(.reshape{_shape(ref_shape)} gives it the right shape)"
         broadcast = _broadcast_shape(shape, ref_shape)
         if broadcast == ref_shape and self._close(mine.expand(ref_shape), ref, node):
             return "shape", f"right values, wrong shape: got {_shape(shape)} for {_shape(ref_shape)}; they are " \
                             f"right once broadcast, so expand to {_shape(ref_shape)} (e.g. * torch.ones_like(...))"
+        if broadcast == shape and shape != ref_shape and self._close(mine, ref.expand(shape), node):
+            aligned = (None,) * (len(shape) - len(ref_shape)) + ref_shape
+            dims = [i for i, (size, right) in enumerate(zip(shape, aligned)) if size != right]
+            return "shape", f"right values, broadcast: got {_shape(shape)} for {_shape(ref_shape)}, the right " \
+                            f"gradient repeated along dim {_dims(dims)}; keep it in {_shape(ref_shape)} (no " \
+                            f"* torch.ones_like(...) or .expand)"
         if broadcast == shape:
             try:
                 summed = mine.sum_to_size(ref_shape)
@@ -1036,8 +1047,8 @@ class _Checker:
                 return f"{text}: {over}"
             for branch in self.right.get(node) or []:
                 wide = tuple(branch.raw.shape)
-                if wide != ref_shape and len(wide) == len(shape) == len(ref_shape) and all(
-                        a in (1, b) for a, b in zip(shape, wide)):
+                if wide not in (ref_shape, shape) and len(wide) == len(shape) == len(ref_shape) and all(
+                        a in (1, b) for a, b in zip(shape, wide)):  # mine summed over other dims than the broadcast
                     mine_dims = [i for i, (a, b) in enumerate(zip(shape, wide)) if a != b]
                     right_dims = [i for i, (a, b) in enumerate(zip(ref_shape, wide)) if a != b]
                     return text + f": summed over dim {_dims(mine_dims)} of {_shape(wide)}; the broadcast " \

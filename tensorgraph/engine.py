@@ -46,19 +46,18 @@ class Gradients(Mapping):
                 grad = self.by_node.get(live[0])
                 if grad is not None:
                     return grad
-        try:
+        names = self.graph._names
+        if isinstance(key, str) and key not in names and key.startswith("d") and key[1:] in names:
+            node = names[key[1:]]  # grads["dhprebn"], the lecture's name for the gradient of hprebn
+        else:
             node = self.graph.node_id(key)
-        except KeyError:
-            if isinstance(key, str) and key.startswith("d") and key[1:] in self.graph._names:
-                node = self.graph._names[key[1:]]
-            else:
-                raise
         if node not in self.by_node:
             data = self.graph._nodes[node]
             name = data["name"]
             if not is_float(data):  # torch.tensor(2), micrograd's Value(2): the loss may well depend on it
                 raise KeyError(f"{name!r} has dtype {data['dtype']}: only floating-point tensors have gradients "
-                               f"(make it one: torch.tensor(2.0), not torch.tensor(2); or x.float())")
+                               f"(an index or a class label has none; a number you differentiate must be a float: "
+                               f"torch.tensor(2.0), not torch.tensor(2); or x.float())")
             root = self.graph._nodes[self.root]["name"]
             if node in self.incomplete:
                 raise KeyError(f"no gradient for {name!r}: {root!r} depends on it through "
@@ -134,6 +133,9 @@ def _loss_hint(loss: Any, caller: str) -> str:
                 "x.item()); compute the loss with tensor ops (torch.exp(x), x.exp()), which tg.record() records")
     if isinstance(loss, Mapping) and caller == "graph.check":
         return "; the gradients come first: graph.check(manual, loss)"
+    if isinstance(loss, Mapping) and caller == "graph.compare":  # a learner's own gradients
+        return ("; graph.compare(loss) takes the loss alone (it judges the engine's gradients against torch); your "
+                "own gradients go to graph.check(manual, loss)")
     return ""
 
 

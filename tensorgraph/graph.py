@@ -9,6 +9,8 @@ dicts are the very dicts the engine reads.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import itertools
 import keyword
 import os
@@ -198,14 +200,24 @@ class Graph:
         if isinstance(key, str):
             if key in self._names:
                 return self._names[key]
-            raise KeyError(f"no tensor named {key!r} in this graph{self._names_note()} (names: "
-                           f"{', '.join(self._names)})")
+            raise KeyError(f"no tensor named {key!r} in this graph{self._names_note()}{self._close_names(key)} "
+                           f"(names: {', '.join(self._names)})")
         if isinstance(key, int) and not isinstance(key, bool):  # True is no node id, though an int to Python
             if 0 <= key < len(self._nodes):
                 return key
             raise KeyError(f"no node {key} in this graph (its node ids run from 0 to {len(self._nodes) - 1})")
         raise KeyError(f"look tensors up by the tensor itself, its recorded name or its node id, not "
                        f"{type(key).__name__}")
+
+    def _close_names(self, key: str) -> str:
+        """For a misspelt name: the recorded names it is close to (a gradient's ``d`` prefix aside)."""
+        if len(self._names) > 10_000:  # difflib over every name would make a big graph's error slow
+            return ""
+        wanted = [key, key[1:]] if key.startswith("d") and len(key) > 1 else [key]
+        close = [name for text in wanted for name in difflib.get_close_matches(text, list(self._names), n=2,
+                                                                               cutoff=0.75)]
+        close = list(dict.fromkeys(close))[:3]
+        return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
     def _names_note(self) -> str:
         """For errors about a name: why the user's variable names are missing, if they are."""
@@ -236,6 +248,10 @@ class Graph:
             if live is not None and live[2] is tensor:
                 return (f"it belongs to another graph, where it is {other._nodes[live[0]]['name']!r} ({what}; "
                         f"recorded by a different tg.record() block)")
+        if not self._nodes:
+            return (f"it belongs to no graph (a tensor of {what}), and this graph recorded nothing: no torch op ran "
+                    f"inside its tg.record() block. Put the forward pass inside the block (indented under "
+                    f"`with tg.record() as graph:`)")
         return (f"it belongs to no graph (a tensor of {what} that was not produced or used inside this "
                 f"tg.record() block). Compute it inside the block: a loss computed after the block ended is not "
                 f"recorded. A tensor from a block without 'as graph' (with tg.record(): ...) belongs to "
@@ -259,6 +275,12 @@ class Graph:
         """Draw the graph with Graphviz (see :func:`tensorgraph.render.render` for the options)."""
         from .render import render
 
+        known = [name for name in inspect.signature(render).parameters if name not in ("graph", "path")]
+        for option in options:
+            if option not in known:  # render(grad=...) for grads=: Python's TypeError named no option it has
+                close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise TypeError(f"render: no option {option!r} ({hint}the options: {', '.join(known)})")
         return render(self, path, **options)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:

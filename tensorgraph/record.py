@@ -1221,6 +1221,13 @@ class record:
         self._entered = False
         self._new_graph()
 
+    def __getattr__(self, name: str) -> Any:
+        """``graph = tg.record()`` without ``with``, then ``graph.backward(loss)``: say how to record."""
+        if name.startswith("_") or not hasattr(Graph, name):
+            raise AttributeError(f"'record' object has no attribute {name!r}")
+        raise AttributeError(f"tg.record() is not a graph: record the forward pass in a block, `with tg.record() as "
+                             f"graph:` with the forward indented under it, then call graph.{name}")
+
     def _new_graph(self) -> None:
         self.graph = Graph()
         self.graph.anomaly = self.anomaly

@@ -147,6 +147,32 @@ def test_each_seeded_mistake_is_found_and_named(reports, mistake):
             assert f"d{blamed}" in later.message, later
 
 
+
+def test_a_gradient_with_an_extra_size_1_dim_says_how_to_drop_it(lecture):
+    """``db2 = dlogits.sum(0, keepdim=True)``: right values in shape (1, 27) for b2's (27,). The row said "right
+    values, wrong shape" and not what to do; the opposite slip (keepdim=True forgotten) said it."""
+    graph, loss, v = lecture
+    truth = _autograd_grads(graph, loss)  # torch autograd
+    row = graph.check({"db2": truth["b2"].float().unsqueeze(0)}, loss)["b2"]
+    assert row.kind == "shape" and row.message == (
+        "right values, extra size-1 dim: got (1, 27) for (27,) (sum over dim 0 without keepdim=True, or "
+        ".reshape(27,))"), row
+    row = graph.check({"dh": truth["h"].float().reshape(64, 32)}, loss)["h"]
+    assert row.kind == "shape" and row.message.endswith("(.reshape(32, 64) gives it the right shape)"), row
+
+
+def test_the_right_gradient_broadcast_up_is_a_shape_slip_not_a_sum_over_no_dim(lecture):
+    """``dcounts_sum_inv = (counts * dprobs).sum(1, keepdim=True) * torch.ones_like(counts)``: the right values
+    repeated to (32, 27). It was "wrong" and said "summed over dim () of (32, 27)", a sum the learner never wrote."""
+    graph, loss, v = lecture
+    truth = _autograd_grads(graph, loss)  # torch autograd
+    for name, shape, dim in [("counts_sum_inv", (32, 27), "1"), ("bnbias", (32, 64), "0"), ("b2", (32, 27), "0")]:
+        row = graph.check({"d" + name: truth[name].float().expand(shape).clone()}, loss)[name]
+        right = str(tuple(truth[name].shape))
+        assert row.kind == "shape" and row.message == (
+            f"right values, broadcast: got {shape} for {right}, the right gradient repeated along dim {dim}; keep it "
+            f"in {right} (no * torch.ones_like(...) or .expand)"), row
+
 def test_every_kind_is_covered_by_a_seeded_mistake():
     covered = {kind for _, kind in MISTAKES.values()} | {"ok", "inherited", "missing"}
     assert covered == set(KINDS)
@@ -259,6 +285,10 @@ def test_unlisted_mistakes(lecture):
     dhprebn += 1.0 / n * good["dbnmeani"]
     name, kind, report = first(dbndiff=dbndiff, dhprebn=dhprebn)
     assert (name, kind) == ("bndiff", "wrong") and "same tensor as your dhprebn" in report[name].message
+    # the same tensor given twice, by a slip in the dict ("dbnbias": dbngain): no .clone() need be missing
+    name, kind, report = first(dbnbias=good["dbngain"])
+    assert (name, kind) == ("bnbias", "wrong") and report[name].message.endswith(
+        "or dbngain's variable was given for dbnbias"), report[name].message
     # right answers written differently are right
     dlogits = F.softmax(v.logits, 1)
     dlogits[range(n), v.Yb] -= 1
@@ -404,7 +434,8 @@ def test_cli_check_right_and_wrong(tmp_path, capsys):
     ("graph = None\nmanual = {}", "defines no 'graph'"),
     ("del loss\nmanual = {}", "defines no 'loss'"),
     ("manual = {'dnope': dy}", "learner.py:11: manual: no tensor named 'dnope'"),
-    ("manual = {\n  'dy': dy,\n  'dw': dw.tolist()}", "learner.py:11: manual: 'dw' is a list, not a tensor"),
+    ("manual = {\n  'dy': dy,\n  'dw': dw.tolist()}",
+     "learner.py:11: manual: 'dw' is a list, not a tensor (torch.as_tensor(...) makes it one)"),
     ("def f(:\n  pass", "learner.py:11: SyntaxError"),
 ])
 def test_cli_check_usage_errors_are_one_line(tmp_path, capsys, body, message):
@@ -415,6 +446,47 @@ def test_cli_check_usage_errors_are_one_line(tmp_path, capsys, body, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
 
+
+
+FORGOT_KEEPDIM = """
+import torch
+import tensorgraph as tg
+x = torch.rand(4, 3) + 0.5
+with tg.record() as graph:
+    counts_sum = x.sum(1, keepdim=True)
+    probs = x / counts_sum
+    loss = probs.log().mean()
+dprobs = 1 / probs / 12
+dcounts_sum = (-x / counts_sum**2 * dprobs).sum(1)
+dx = dprobs / counts_sum
+dx += dcounts_sum * torch.ones(4, 3)
+"""
+
+
+def test_cli_check_a_script_failing_on_a_misshapen_gradient_names_the_line_that_made_it(tmp_path, capsys):
+    """Exercise 1's `.sum(1)` without keepdim=True fails lines later, where the gradient is used: the error named
+    only that later line and torch's size message. It now names the gradient whose shape is not its tensor's (torch's
+    shape of the recorded tensor), where it was set, and the likely cause."""
+    from tensorgraph.cli import main
+
+    namespace: dict = {}
+    exec(FORGOT_KEEPDIM.rsplit("dx += ", 1)[0], namespace)  # noqa: S102 - the shapes, by torch
+    assert namespace["dcounts_sum"].shape == (4,) and namespace["counts_sum"].shape == (4, 1)
+    assert main(["check", _script(tmp_path, FORGOT_KEEPDIM)]) == 2
+    err = capsys.readouterr().err
+    assert "learner.py:12: RuntimeError: The size of tensor" in err and len(err.strip().splitlines()) == 1, err
+    assert ("dcounts_sum (" + str(tmp_path / "learner.py") + ":10) has shape (4,) but counts_sum is (4, 1) "
+            "(a sum without keepdim=True?)") in err, err
+    assert "dprobs" not in err and "Each gradient must have its tensor's shape" in err, err
+    fixed = FORGOT_KEEPDIM.replace(".sum(1)", ".sum(1, keepdim=True)") + "raise ValueError('later')\n"
+    differences = ("import torch\nimport tensorgraph as tg\nx = torch.rand(4)\nwith tg.record() as graph:\n"
+                   "    dx = x[1:] - x[:-1]\n    loss = (dx**2).sum()\nraise ValueError('later')\n")
+    assert main(["check", _script(tmp_path, fixed)]) == 2
+    err = capsys.readouterr().err
+    assert "ValueError: later" in err and "before it" not in err, err
+    assert main(["check", _script(tmp_path, differences)]) == 2  # the recorded dx is no gradient of x
+    err = capsys.readouterr().err
+    assert "ValueError: later" in err and "before it" not in err, err
 
 def test_cli_check_piped_into_head_ends_quietly(tmp_path):
     """`tensorgraph check learner.py | head -1`: the reader closing the pipe while the learner's script prints was
@@ -617,9 +689,9 @@ def test_a_wrong_dtype_is_named(lecture, make, kind, message):
 
 
 @pytest.mark.parametrize("body, message", [
-    ("dW = dw", "learner.py: dW is not the gradient of a recorded tensor (did you mean dw?)"),  # dw given too
-    ("dww = dw", "learner.py: dww is not the gradient of a recorded tensor (did you mean dw?)"),
-    ("dw = dw.numpy()", "learner.py: dw is a ndarray, not a tensor"),
+    ("dW = dw", "learner.py:11: dW is not the gradient of a recorded tensor (did you mean dw?)"),  # dw given too
+    ("dww = dw", "learner.py:11: dww is not the gradient of a recorded tensor (did you mean dw?)"),
+    ("dw = dw.numpy()", "learner.py:11: dw is a ndarray, not a tensor"),
     ("loss = loss.item()", "learner.py:11: 'loss' is not in the recorded graph"),
     ("loss = torch.tensor(1.0)", "learner.py:11: 'loss' is not in the recorded graph"),
     ("loss = y", "learner.py:11: 'loss' must be the scalar your gradients are of, but it is 'y' of shape (2, 2)"),

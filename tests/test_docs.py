@@ -96,6 +96,19 @@ def test_questions_page_code_runs(tmp_path, monkeypatch):
     run_blocks("questions.md", "__questions__", at_least=10)
 
 
+
+def test_symbolic_page_sessions_run():
+    """symbolic.md's sessions (```py: shown, not run by the site) pasted in order, as a reader does: the
+    second used sympy without importing it."""
+    blocks = re.findall(r"^```py\n(.*?)^```", (DOCS / "symbolic.md").read_text(), flags=re.S | re.M)
+    assert len(blocks) >= 2 and "tg.symbolic.derive" in blocks[0] and "d.prove" in blocks[1]
+    namespace: dict = {"__name__": "__symbolic__"}
+    for number, block in enumerate(blocks[:2], 1):
+        try:
+            exec(compile(block, f"symbolic.md py block {number}", "exec"), namespace)  # noqa: S102
+        except Exception as err:  # noqa: BLE001 - say which block failed
+            pytest.fail(f"symbolic.md py block {number} failed: {type(err).__name__}: {err}\n{block}")
+
 SIGNATURE = re.compile(r"^#{2,3} `((?:tg|Graph)\.[\w.]+)\((.*)\)`", flags=re.M)
 
 

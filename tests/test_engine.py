@@ -483,6 +483,12 @@ def test_an_integer_leaf_is_said_to_have_no_gradient_for_its_dtype_not_unused():
                                        r"torch.tensor\(2.0\)"):
         grads[a]
     assert grads[b].item() == 2.0  # dL/db = a
+    Xb, C = torch.tensor([0, 2]), torch.ones(3, 2, dtype=D)  # noqa: N806 - the lecture's names
+    with tg.record() as graph:
+        loss = C[Xb].sum()
+    with pytest.raises(KeyError, match=r"'Xb' has dtype torch.int64: only floating-point tensors have gradients "
+                                       r"\(an index or a class label has none; a number you differentiate"):
+        graph.backward(loss)["Xb"]  # an index: x.float() alone would be the wrong advice
 
 
 def test_a_loss_computed_with_math_says_why_it_has_no_graph():

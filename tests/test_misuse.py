@@ -479,6 +479,19 @@ def test_loss_from_no_graph_or_another_graph():
     assert other.backward(elsewhere)[x].shape == (3,) and graph.backward(loss)[x].shape == (3,)
 
 
+
+def test_a_loss_for_a_graph_that_recorded_nothing_says_the_block_was_empty():
+    """The forward pass written after (or not indented under) ``with tg.record() as graph:``: the error spoke of a
+    block without 'as graph', which this one has."""
+    x = r(3)
+    with tg.record() as graph:
+        pass
+    loss = (x * 2).sum()
+    with pytest.raises(ValueError, match=r"belongs to no graph .*this graph recorded nothing: no torch op ran inside "
+                                         r"its tg.record\(\) block. Put the forward pass inside the block") as raised:
+        graph.backward(loss)
+    assert "without 'as graph'" not in str(raised.value)
+
 def test_a_loss_from_a_block_without_as_graph_says_to_keep_the_graph():
     """``with tg.record():`` (no ``as graph``), then an old ``graph.backward(L)`` in a notebook: "not produced or
     used inside this block" was all it said."""
@@ -511,12 +524,33 @@ def test_gradients_looked_up_with_a_tensor_of_another_graph_name_it():
     assert first.node(W)["name"] == "W"
 
 
+
+def test_a_misspelt_name_is_answered_with_the_names_it_is_close_to():
+    """grads["dhpreat"] listed every name of the graph (38 for the lecture's) and left the reader to find hpreact."""
+    x = r(4, 3)
+    with tg.record() as graph:
+        hpreact = x * 2
+        h = torch.tanh(hpreact)
+        bnvar_inv = h.sum(0)
+        loss = bnvar_inv.sum()
+    grads = graph.backward(loss)
+    assert torch.equal(grads["dhpreact"], grads[hpreact]) and torch.equal(grads["hpreact"], grads[hpreact])
+    for key, close in [("dhpreat", "'hpreact'"), ("hpreat", "'hpreact'"), ("dbnvarinv", "'bnvar_inv'")]:
+        with pytest.raises(KeyError, match=rf"no tensor named '{key}' in this graph \(did you mean {close}\?\)"):
+            grads[key]
+        with pytest.raises(KeyError, match=rf"did you mean {close}\?"):
+            graph.value(key)
+    with pytest.raises(KeyError, match=r"no tensor named 'zzz' in this graph \(names: x, hpreact, h, bnvar_inv, "
+                                       r"loss\)"):
+        grads["zzz"]
+
 def test_loss_given_by_a_bad_name_id_or_value():
     x = r(3)
     with tg.record() as graph:
         loss = x.sum()
     assert loss.shape == ()
-    with pytest.raises(ValueError, match=r"no tensor named 'losss' in this graph \(names: x, loss\)"):
+    with pytest.raises(ValueError, match=r"no tensor named 'losss' in this graph \(did you mean 'loss'\?\) \(names: "
+                                         r"x, loss\)"):
         graph.backward("losss")
     with pytest.raises(ValueError, match=r"no node 99 \(the graph has 2 nodes\)"):
         graph.backward(99)
@@ -525,6 +559,28 @@ def test_loss_given_by_a_bad_name_id_or_value():
         graph.backward(3.0)
     assert torch.equal(graph.backward("loss")[x], graph.backward(1)[x])
 
+
+
+def test_a_learners_slips_with_the_api_say_what_to_write():
+    """``graph = tg.record()`` without ``with`` ("'record' object has no attribute 'backward'"), a learner's
+    gradients given to graph.compare ("not dict"), and render(grad=...) for grads= (Python's "unexpected keyword
+    argument") each said what was wrong but not what to write."""
+    x = r(3, 4)
+    graph = tg.record()
+    loss = (x * 2).sum()
+    with pytest.raises(AttributeError, match=r"tg.record\(\) is not a graph: .*`with tg.record\(\) as graph:` with "
+                                             r"the forward indented under it, then call graph.backward"):
+        graph.backward(loss)
+    with pytest.raises(AttributeError, match=r"^'record' object has no attribute 'nope'$"):
+        graph.nope  # noqa: B018 - not a Graph name: Python's own message
+    with tg.record() as graph:
+        y = x * 2
+        loss = y.sum()
+    with pytest.raises(ValueError, match=r"not dict; graph.compare\(loss\) takes the loss alone .* your own gradients "
+                                         r"go to graph.check\(manual, loss\)"):
+        graph.compare({"dy": torch.ones(3, 4, dtype=D)})
+    with pytest.raises(TypeError, match=r"render: no option 'grad' \(did you mean 'grads'\? the options: view, grads"):
+        graph.render(grad=graph.backward(loss))
 
 def test_each_entry_point_names_itself_and_never_prints_a_tensor():
     """graph.check(loss, manual), its arguments swapped, said "graph.backward: ... not dict {'dh': tensor([[1., ..."

@@ -150,7 +150,8 @@ def run_script(path: Path, prog: str = PROG) -> dict[str, Any]:
         where = _place(path, err.lineno, cells)
         raise CLIError(f"{where}: SyntaxError: {err.msg}", prog) from err
     except Exception as err:  # noqa: BLE001 - any failure of the learner's script is one line
-        raise CLIError(f"{_where(err, path, cells)}: {type(err).__name__}: {_first_line(err)}", prog) from err
+        message = f"{_where(err, path, cells)}: {type(err).__name__}: {_first_line(err)}"
+        raise CLIError(message + _misshapen_gradients(err, path, cells), prog) from err
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
 
@@ -245,6 +246,50 @@ def _where(err: BaseException, path: Path, cells: list[tuple[str, int]] | None =
         if os.path.realpath(frame.filename) == target:
             line = frame.lineno
     return _place(path, line, cells)
+
+
+def _script_globals(err: BaseException, path: Path) -> dict[str, Any] | None:
+    """The globals the script had when it failed (its deepest frame's), or None."""
+    target, found = os.path.realpath(path), None
+    tb = err.__traceback__
+    while tb is not None:
+        if os.path.realpath(tb.tb_frame.f_code.co_filename) == target:
+            found = tb.tb_frame.f_globals
+        tb = tb.tb_next
+    return found
+
+
+def _misshapen_gradients(err: BaseException, path: Path, cells: list[tuple[str, int]] | None) -> str:
+    """When a script fails part-way through its backward pass, the gradients it had set whose shape differs
+    from their tensor's: a ``.sum(1)`` without ``keepdim=True`` fails lines later, where it is used."""
+    import torch
+
+    from ..graph import Graph, identifier
+
+    namespace = _script_globals(err, path)
+    graph = namespace.get("graph") if namespace else None
+    if not isinstance(graph, Graph):
+        return ""
+    found = []
+    names = graph.names
+    for name in reversed(names):  # backward order: the first one set is the likely cause
+        variable, shape = "d" + identifier(name), tuple(graph.node(name)["shape"])
+        value = namespace.get(variable)
+        if variable not in names and isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
+            got = tuple(value.shape)
+            found.append(f"{variable} ({_assignment(path, variable)}) has shape {got} but {name} is {shape}"
+                         f"{_shape_cause(got, shape)}")
+    if not found:
+        return ""
+    return f"; before it, {'; '.join(found[:3])}. Each gradient must have its tensor's shape: fix the first"
+
+
+
+def _shape_cause(got: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    """The likely slip behind a gradient of shape ``got`` for a tensor of ``shape``."""
+    if [size for size in got if size != 1] == [size for size in shape if size != 1]:
+        return " (a sum without keepdim=True?)" if len(got) < len(shape) else " (keepdim=True where the dim goes?)"
+    return " (transposed?)" if got == shape[::-1] else ""
 
 
 def _check_error(err: ValueError, path: Path, namespace: dict[str, Any]) -> str:
@@ -349,28 +394,31 @@ def _gradients_by_name(namespace: dict[str, Any], graph: Any, loss: Any, path: P
         if isinstance(value, torch.Tensor):
             found["d" + data["name"]] = value
     problems = _stray_gradients(namespace, expected, set(graph.names))
-    if problems:
-        raise CLIError(f"{path}: " + "; ".join(problems), PROG)
+    if problems:  # each at the line that set it: a misspelt dbnvarinv is one of some thirty lines
+        where = (lambda variable: _assignment(path, variable)) if isinstance(path, Path) else (lambda _: str(path))
+        raise CLIError("; ".join(f"{where(variable)}: {problem}" for variable, problem in problems), PROG)
     return found
 
 
-def _stray_gradients(namespace: dict[str, Any], expected: dict[str, str], names: set[str]) -> list[str]:
-    """Globals that look like gradients but would be dropped: not a tensor, or a near miss of a name."""
+def _stray_gradients(namespace: dict[str, Any], expected: dict[str, str], names: set[str]) -> list[tuple[str, str]]:
+    """Globals that look like gradients but would be dropped, as (variable, what is wrong): not a tensor, or a
+    near miss of a name."""
     import torch
 
     problems = []
     for variable, value in namespace.items():
         if variable in expected:
             if value is not None and not isinstance(value, torch.Tensor):
-                problems.append(f"{variable} is a {type(value).__name__}, not a tensor (torch.as_tensor(...) "
-                                f"makes it one)")
+                problems.append((variable, f"{variable} is a {type(value).__name__}, not a tensor "
+                                           f"(torch.as_tensor(...) makes it one)"))
             continue
         if not variable.startswith("d") or names & {variable, variable[1:]} or not _array_like(value):
             continue
         close = [e for e in expected if e.lower() == variable.lower()] or difflib.get_close_matches(
             variable, list(expected), n=1, cutoff=0.8)
         if close:
-            problems.append(f"{variable} is not the gradient of a recorded tensor (did you mean {close[0]}?)")
+            problems.append((variable, f"{variable} is not the gradient of a recorded tensor (did you mean "
+                                       f"{close[0]}?)"))
     return problems
 
 

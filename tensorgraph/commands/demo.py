@@ -17,8 +17,13 @@ from ..cli import positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("demo", help="the whole lecture in under a minute",
-                                   description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = subparsers.add_parser(
+        "demo", help="the whole lecture in under a minute",
+        description="The lecture 'becoming a backprop ninja', walked through in under a minute: exercise 1 (every "
+                    "gradient of the atomic graph from tensorgraph's engine, compared with torch autograd), exercises "
+                    "2 and 3 (the fused cross-entropy and batchnorm gradients, derived with sympy), a picture of the "
+                    "recorded graph, and exercise 4 (a short training run with graph.backward(), the same steps under "
+                    "torch autograd, and sampled names).")
     parser.add_argument("--steps", type=positive_int, default=10_000,
                         help="training steps of the short run (default 10000; the lecture trains 200000)")
     parser.add_argument("--out", metavar="DIR", default="tensorgraph-out/demo",

@@ -10,7 +10,10 @@ from .train import seed_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("sample", help="sample names from a checkpoint written by `tensorgraph train`")
+    parser = subparsers.add_parser(
+        "sample", help="sample names from a checkpoint written by `tensorgraph train`",
+        description="Print names sampled one character at a time from the model a `tensorgraph train` run saved "
+                    "(its model.pt, checked before it is loaded).")
     parser.add_argument("--checkpoint", metavar="PATH", required=True, help="model.pt from `tensorgraph train`")
     parser.add_argument("--n", metavar="N", type=positive_int, default=20, help="how many names (default 20)")
     parser.add_argument("--seed", metavar="N", type=seed_int, default=None,
