@@ -114,8 +114,9 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        """No gradient you gave is wrong (missing ones are not errors)."""
-        return self.first_error is None
+        """You gave gradients and none of them is wrong (missing ones are not errors; with none given, nothing
+        was checked: not ok, so that ``assert report.ok`` cannot pass on an empty answer)."""
+        return self.first_error is None and any(row.kind != "missing" for row in self.rows)
 
     @property
     def errors(self) -> list[CheckRow]:
@@ -138,6 +139,8 @@ class CheckReport:
         missing = len(self.rows) - len(given)
         if missing:
             text += f", {missing} not given"
+        if not given:
+            return text + ": nothing to check yet"
         if self.first_error is None:
             return text + ", no errors"
         first = self.row(self.first_error)

@@ -73,6 +73,17 @@ def test_correct_answer_reports_no_error(lecture):
     assert "26/26 right, no errors" in str(report)
 
 
+def test_an_empty_answer_is_not_ok(lecture):
+    """graph.check({}, loss).ok was True ("0/0 right, no errors"): a notebook's assert report.ok passed with nothing
+    checked."""
+    graph, loss, v = lecture
+    report = graph.check({}, loss)
+    assert not report.ok and report.first_error is None
+    assert report.summary().endswith("0/0 right, 26 not given: nothing to check yet")
+    partial = graph.check({"dlogprobs": answer(v)["dlogprobs"]}, loss)
+    assert partial.ok and partial.summary().endswith("1/1 right, 25 not given, no errors")
+
+
 def test_a_gradient_that_is_about_0_by_cancellation_says_so_and_names_the_right_line(lecture):
     """dlogit_maxes is about 0 (a softmax does not change when a row is shifted): a learner's formula with the
     wrong sign gives about 0 too and passed as ok with nothing said, as the lecture's cmp() does."""
@@ -802,7 +813,8 @@ def test_a_python_number_for_a_tensor_that_is_not_a_scalar_is_named(lecture):
     with pytest.raises(ValueError, match=r"'dh' is a float, not a tensor \(a Python number is taken for a "
                                          r"scalar's gradient only\)"):
         graph.check({"dh": 0.5}, loss)
-    assert graph.check({"dloss": 1.0, "dlogprobs": None}, loss).ok  # the loss is a scalar: its seed may be 1.0
+    # the loss is a scalar: its seed may be 1.0 (accepted; nothing else given, so nothing was checked)
+    assert graph.check({"dloss": 1.0, "dlogprobs": None}, loss).first_error is None
 
 
 def test_cli_check_runs_a_notebooks_code_cells(tmp_path, capsys):
