@@ -246,9 +246,10 @@ class _Recorder(TorchFunctionMode):
         # not see was computed inside the block by something it cannot intercept (a torch.jit.script function)
         self.sequence_at_entry = _NO_SEQUENCE
         # custom torch.autograd.Function calls: id(frame of Function.apply, or of the Function's forward where
-        # apply has no Python frame) -> (that frame, _CustomCall, or None for a forward of something else)
-        self.custom_calls: dict[int, tuple[types.FrameType, _CustomCall | None]] = {}
-        self.forward_classes: dict[types.CodeType, Any] = {}  # forward's code -> its Function class, or None
+        # apply has no Python frame) -> (that frame, _CustomCall)
+        self.custom_calls: dict[int, tuple[types.FrameType, _CustomCall]] = {}
+        # the code of a forward(...) without ctx -> its Function class, or None for another forward (a module's)
+        self.forward_classes: dict[types.CodeType, Any] = {}
         # tensors made inside a custom Function's forward: id -> (weak reference, the call); they become
         # the call's node (with no rule) when used, or at the end of the block if still alive
         self.custom_outputs: dict[int, tuple[weakref.ref, _CustomCall]] = {}
@@ -716,18 +717,17 @@ class _Recorder(TorchFunctionMode):
         stop = self.entry_frame
         while frame is not None and frame is not stop:
             code = frame.f_code
-            if code is _FUNCTION_APPLY or (_FUNCTION_APPLY is None and (code.co_name == "forward"
-                                                                         or code is _HOOK_APPLY)):
+            if code is _FUNCTION_APPLY or (_FUNCTION_APPLY is None and (code is _HOOK_APPLY or (
+                    code.co_name == "forward" and self.forward_classes.get(code, True) is not None))):
                 known = self.custom_calls.get(id(frame))
                 if known is not None and known[0] is frame:
-                    custom = known[1]
-                else:
-                    with _Bookkeeping():
-                        custom = self._custom_call_of(frame)
+                    return known[1]
+                with _Bookkeeping():
+                    custom = self._custom_call_of(frame)
+                if custom is not None:  # (another forward, a module's, is not kept: its code is, in forward_classes)
                     self.custom_calls[id(frame)] = (frame, custom)
-                    if custom is not None and self.replay is not None:  # templates do not replay custom Functions
+                    if self.replay is not None:  # templates do not replay custom Functions
                         self.replay._stop()
-                if custom is not None:
                     return custom
             frame = frame.f_back
         return None
