@@ -81,8 +81,22 @@ _EMBEDDING = torch.nn.functional.embedding
 _RENORM = (Op("embedding_renorm", None, constant=True), False, True)  # torch.embedding_renorm_'s entry: in place
 _CHOOSING = frozenset({_ATTENTION, _MULTI_HEAD_ATTENTION, _EMBEDDING})  # calls whose arguments may choose their path
 # torch.autograd.Function.apply runs the Function's forward with grad disabled: its ops reach the recorder's
-# no-grad path; a frame running this code above such an op marks it as part of a custom Function's forward
-_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
+# no-grad path; a frame running this code above such an op marks it as part of a custom Function's forward.
+# Up to torch 2.13 apply is a Python classmethod; from 2.14 it is torch's C method, which leaves no frame of its
+# own, and the Function's forward frame itself is recognised instead (see _function_of_forward).
+_FUNCTION_APPLY: types.CodeType | None = getattr(getattr(torch.autograd.Function.apply, "__func__", None),
+                                                 "__code__", None)
+_CONTEXT = getattr(torch.autograd.function, "BackwardCFunction", ())  # the ctx a forward(ctx, ...) is given
+# An input the forward returns as it is comes back as a view apply makes with grad disabled (x.view_as(x)), after
+# the forward's frame is gone: with a C apply, nothing on the stack shows it then, but torch marks the view's
+# creation once apply has set it up (so the mark is read when the view is first used)
+_creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
+_IN_CUSTOM_FUNCTION = getattr(getattr(torch._C._autograd, "CreationMeta", None), "IN_CUSTOM_FUNCTION", None)
+# A module's full backward hook passes its inputs and outputs through BackwardHookFunction, which returns them as
+# they are: while apply makes their views, this torch function's frame (which knows the module) is still up
+_BACKWARD_HOOK = torch.nn.modules._functions.BackwardHookFunction
+_HOOK_APPLY: types.CodeType | None = getattr(
+    getattr(getattr(torch.utils.hooks, "BackwardHook", None), "_apply_on_tensors", None), "__code__", None)
 # calls that only read metadata (never a tensor): passed straight through, as cheaply as possible
 # (``emb.shape[0]`` and ``x.size(0)`` are everywhere in user code). Property getters compare equal per descriptor.
 _METADATA = frozenset(
@@ -231,11 +245,17 @@ class _Recorder(TorchFunctionMode):
         # autograd's node counter when the block began: a tensor with a later grad_fn that the recorder did
         # not see was computed inside the block by something it cannot intercept (a torch.jit.script function)
         self.sequence_at_entry = _NO_SEQUENCE
-        # custom torch.autograd.Function calls: id(frame of Function.apply) -> (that frame, _CustomCall)
+        # custom torch.autograd.Function calls: id(frame of Function.apply, or of the Function's forward where
+        # apply has no Python frame) -> (that frame, _CustomCall)
         self.custom_calls: dict[int, tuple[types.FrameType, _CustomCall]] = {}
+        # the code of a forward(...) without ctx -> its Function class, or None for another forward (a module's)
+        self.forward_classes: dict[types.CodeType, Any] = {}
         # tensors made inside a custom Function's forward: id -> (weak reference, the call); they become
         # the call's node (with no rule) when used, or at the end of the block if still alive
         self.custom_outputs: dict[int, tuple[weakref.ref, _CustomCall]] = {}
+        # with a C Function.apply: x.view_as(x) made with grad disabled outside any known frame, possibly an input a
+        # custom Function's forward returned: id -> (weak reference, to x too, the user's source, scope)
+        self.self_views: dict[int, tuple[weakref.ref, Tensor, tuple, tuple[str, ...]]] = {}
 
     # ---------------------------------------------------------------- interception
 
@@ -610,6 +630,11 @@ class _Recorder(TorchFunctionMode):
                     for out in (result,) if isinstance(result, Tensor) else result:
                         if isinstance(out, Tensor):
                             self.custom_outputs[id(out)] = (weakref.ref(out), custom)
+                elif (_FUNCTION_APPLY is None and len(args) == 2 and args[0] is args[1]
+                      and getattr(func, "__name__", None) == "view_as"):
+                    with _Bookkeeping():
+                        self.self_views[id(result)] = (weakref.ref(result), args[0], self._source(),
+                                                       _scope_stack())
             elif getattr(func, "__name__", None) in _VALUE_READS:
                 self.graph._reads_values = True
             return result
@@ -691,34 +716,55 @@ class _Recorder(TorchFunctionMode):
         frame = sys._getframe(2)
         stop = self.entry_frame
         while frame is not None and frame is not stop:
-            if frame.f_code is _FUNCTION_APPLY:
+            code = frame.f_code
+            if code is _FUNCTION_APPLY or (_FUNCTION_APPLY is None and (code is _HOOK_APPLY or (
+                    code.co_name == "forward" and self.forward_classes.get(code, True) is not None))):
                 known = self.custom_calls.get(id(frame))
                 if known is not None and known[0] is frame:
                     return known[1]
                 with _Bookkeeping():
                     custom = self._custom_call_of(frame)
-                self.custom_calls[id(frame)] = (frame, custom)
-                if self.replay is not None:  # templates do not replay custom Functions
-                    self.replay._stop()
-                return custom
+                if custom is not None:  # (another forward, a module's, is not kept: its code is, in forward_classes)
+                    self.custom_calls[id(frame)] = (frame, custom)
+                    if self.replay is not None:  # templates do not replay custom Functions
+                        self.replay._stop()
+                    return custom
             frame = frame.f_back
         return None
 
-    def _custom_call_of(self, frame: types.FrameType) -> _CustomCall:
-        """The call ``cls.apply(*args, **kwargs)`` running in ``frame``, its tensor arguments as Refs."""
-        local = frame.f_locals
-        cls = local.get("cls")
+    def _custom_call_of(self, frame: types.FrameType) -> _CustomCall | None:
+        """The call ``cls.apply(*args, **kwargs)`` running in ``frame`` (apply's frame, or the Function's forward
+        frame where apply is torch's C method), its tensor arguments as Refs; None for another ``forward``."""
+        if frame.f_code is _FUNCTION_APPLY:
+            local = frame.f_locals
+            cls, call_args, call_kwargs = local.get("cls"), local.get("args", ()), local.get("kwargs") or {}
+        elif frame.f_code is _HOOK_APPLY:
+            cls, call_args, call_kwargs = _BACKWARD_HOOK, tuple(frame.f_locals.get("tensors", ())), {}
+        else:
+            found = self._function_of_forward(frame)
+            if found is None:
+                return None
+            cls, call_args, call_kwargs = found
+        return self._make_custom_call(cls, call_args, call_kwargs, frame)
+
+    def _make_custom_call(self, cls: Any, call_args: tuple, call_kwargs: dict, frame: types.FrameType | None,
+                          source: tuple | None = None, scope: tuple[str, ...] | None = None) -> _CustomCall:
+        """The _CustomCall of ``cls.apply(*call_args, **call_kwargs)`` (``cls`` None: a Function not known), made
+        below ``frame`` (the frames from there up give the user's line, unless ``source`` is given, and the module
+        that set up a backward hook)."""
         inputs: list[int] = []
-        args = tuple(self._refs_unchecked(a, inputs) for a in local.get("args", ()))
-        kwargs = {k: self._refs_unchecked(v, inputs) for k, v in (local.get("kwargs") or {}).items()}
-        user = frame.f_back
-        while user is not None and _is_internal(user.f_code):
-            user = user.f_back
-        source = ("<unknown>", 0, "", 0) if user is None else (
-            user.f_code.co_filename, user.f_lineno, _qualname(user.f_code), id(user))
-        if user is not None:
-            self.frames.setdefault(id(user), user)
-        name = getattr(cls, "__qualname__", None) or func_name(cls)
+        args = tuple(self._refs_unchecked(a, inputs) for a in call_args)
+        kwargs = {k: self._refs_unchecked(v, inputs) for k, v in call_kwargs.items()}
+        if source is None:
+            user = frame.f_back if frame is not None else None
+            while user is not None and _is_internal(user.f_code):
+                user = user.f_back
+            source = ("<unknown>", 0, "", 0) if user is None else (
+                user.f_code.co_filename, user.f_lineno, _qualname(user.f_code), id(user))
+            if user is not None:
+                self.frames.setdefault(id(user), user)
+        name = ((getattr(cls, "__qualname__", None) or func_name(cls)) if cls is not None else
+                "(one whose forward returned its input as it is)")
         reason = (f"the custom torch.autograd.Function {name} has no gradient rule (tensorgraph sees its "
                   f"forward as a no-grad block and cannot use its backward); write its forward as torch ops "
                   f"in the recorded code, or .detach() its output if no gradient should flow through it")
@@ -727,7 +773,37 @@ class _Recorder(TorchFunctionMode):
                       f"register_full_backward_pre_hook, on it or global), which graph.backward cannot run; remove "
                       f"it (handle.remove()), use tensor hooks (output.register_hook(fn): graph.backward runs "
                       f"them), or use torch autograd")
-        return _CustomCall(cls, args, kwargs, inputs, source, _scope_stack(), reason)
+        return _CustomCall(cls, args, kwargs, inputs, source, _scope_stack() if scope is None else scope, reason)
+
+    def _function_of_forward(self, frame: types.FrameType) -> tuple[Any, tuple, dict] | None:
+        """The custom Function whose ``forward`` runs in ``frame``, with the arguments it was given; None when the
+        frame runs some other ``forward`` (a module's).
+
+        A ``forward(ctx, ...)`` is given a context whose class knows its Function; a ``forward(...)`` with a
+        separate ``setup_context`` is found among the Function classes by its code (once per code and block).
+        The arguments are read from the frame's parameters: keyword arguments of the call come back positional.
+        """
+        code = frame.f_code
+        local = frame.f_locals
+        params = code.co_varnames[:code.co_argcount]
+        first = local.get(params[0]) if params else None
+        if isinstance(first, _CONTEXT):
+            cls, params = getattr(type(first), "_forward_cls", None), params[1:]
+        else:
+            if code not in self.forward_classes:
+                self.forward_classes[code] = _function_with_forward(code)
+            cls = self.forward_classes[code]
+        if cls is None:
+            return None
+        args = tuple(local.get(name) for name in params)
+        rest = code.co_argcount + code.co_kwonlyargcount
+        kwonly = {name: local.get(name) for name in code.co_varnames[code.co_argcount:rest]}
+        if code.co_flags & inspect.CO_VARARGS:
+            args += tuple(local.get(code.co_varnames[rest], ()))
+            rest += 1
+        if code.co_flags & inspect.CO_VARKEYWORDS:
+            kwonly.update(local.get(code.co_varnames[rest]) or {})
+        return cls, args, kwonly
 
     def _add_custom_node(self, tensor: Tensor, custom: _CustomCall) -> int:
         """The node of an output of a custom Function: its call, with no rule (a gradient through it raises)."""
@@ -746,6 +822,26 @@ class _Recorder(TorchFunctionMode):
             tensor = ref()
             if tensor is not None and id(tensor) not in self.graph._live:
                 self._add_custom_node(tensor, custom)
+        for ref, *_ in list(self.self_views.values()):
+            tensor = ref()
+            if tensor is not None and id(tensor) not in self.graph._live:
+                self._returned_input(tensor)
+
+    def _returned_input(self, tensor: Tensor) -> int | None:
+        """The node of ``tensor`` if it is an input a custom Function's forward returned as it is, else None.
+
+        Such an output is a view apply made of the input (see self_views), marked by torch as made in a custom
+        Function; its Function is known where the output has a grad_fn (an input required grad)."""
+        ref, returned, source, scope = self.self_views.pop(id(tensor))
+        if ref() is not tensor or _creation_meta is None or _creation_meta(tensor) != _IN_CUSTOM_FUNCTION:
+            return None
+        grad_fn = tensor.grad_fn
+        cls = getattr(type(grad_fn), "_forward_cls", None) if isinstance(grad_fn, _CONTEXT) else None
+        with _Bookkeeping():
+            custom = self._make_custom_call(cls, (returned,), {}, None, source, scope)
+        if self.replay is not None:  # templates do not replay custom Functions
+            self.replay._stop()
+        return self._add_custom_node(tensor, custom)
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -820,6 +916,10 @@ class _Recorder(TorchFunctionMode):
                 f"tensorgraph: the call at {_where(self._source())} runs inside a torch.func transform "
                 f"(grad, vmap, jacrev, ...), which tg.record() cannot record. Call the transform outside "
                 f"the block, or write the computation as plain torch ops.")
+        if self.self_views and id(tensor) in self.self_views:
+            node = self._returned_input(tensor)
+            if node is not None:
+                return node
         if made_in_block(tensor, self.sequence_at_entry):
             self._unrecorded_input(tensor)
         node = graph._add_node(op="leaf", kind="leaf", value=tensor, version=tensor._version, source=None)
@@ -1036,6 +1136,18 @@ def _saves(nodes: list[dict[str, Any]], node: int, tensor: int) -> bool:
     else:
         wanted = fresh[tensor]
     return any(t is wanted for t in saved)
+
+
+def _function_with_forward(code: types.CodeType) -> Any:
+    """The ``torch.autograd.Function`` subclass whose staticmethod ``forward`` has this code, or None."""
+    pending = [torch.autograd.Function]
+    while pending:
+        cls = pending.pop()
+        forward = cls.__dict__.get("forward")
+        if getattr(getattr(forward, "__func__", forward), "__code__", None) is code:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None
 
 
 def _hooked_module(frame: types.FrameType | None) -> str:
@@ -1267,7 +1379,7 @@ class record:
         if not _leave_mode_stack(self._mode):
             self._mode.__class__ = _EndedRecorder
         with _Bookkeeping():
-            if self._mode.custom_outputs:
+            if self._mode.custom_outputs or self._mode.self_views:
                 self._mode._add_custom_outputs()
             caller = sys._getframe(1)
             frames = list(self._mode.frames.values())
@@ -1290,4 +1402,5 @@ class record:
         self._mode.data_of.clear()
         self._mode.custom_calls.clear()
         self._mode.custom_outputs.clear()
+        self._mode.self_views.clear()
         self._mode.last_frame = self._mode.entry_frame = None

@@ -207,13 +207,38 @@ for _name in ("sign", "sgn", "floor", "ceil", "round", "trunc", "fix"):
 defop("angle", _zeros_like_grad)  # of a real tensor: 0 or pi, piecewise constant
 
 
+def _torch_gradient(f: Callable[..., Tensor], *values: float) -> list[float]:
+    """torch autograd's gradient of ``f`` at a point (float64 scalars): how the installed torch takes a kink."""
+    inputs = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values]
+    with torch.enable_grad():
+        return [grad.item() for grad in torch.autograd.grad(f(*inputs), inputs)]
+
+
+# torch 2.14 changed how clamp is differentiated at its bounds, and with it every composite built on clamp_min (the
+# margin losses, F.normalize), and gave fmax/fmin maximum's rule; the rules follow the installed torch, asked once:
+# a scalar bound: up to 2.13 the gradient passes at it (x >= min), from 2.14 strictly inside only (x > min)
+CLAMP_PASSES_AT_BOUND = _torch_gradient(lambda x: x.clamp(min=0.0), 0.0)[0] == 1.0
+# a tensor bound equal to the input: up to 2.13 the input takes the gradient, from 2.14 the two share it
+CLAMP_SHARES_TIES = _torch_gradient(lambda x, bound: x.clamp(min=bound), 0.0, 0.0)[0] == 0.5
+# fmax/fmin: up to 2.13 a tie goes to the first input and a NaN's gradient to the other; from 2.14 as maximum's
+FMAX_AS_MAXIMUM = _torch_gradient(torch.fmax, 1.0, 1.0)[0] == 0.5
+
+
+def clamp_passes(x: Tensor, bound: Any) -> Tensor:
+    """Where a clamp below at ``bound`` passes the gradient to ``x`` (scalar bounds): at the bound too, or not."""
+    return x >= bound if CLAMP_PASSES_AT_BOUND else x > bound
+
+
 def clamp(g: Tensor, out: Tensor, x: Tensor, min: Any = None, max: Any = None) -> tuple:
-    """Gradient passes where the input lies within [min, max] (ties go to the input, as in torch)."""
+    """Gradient passes where the input lies within [min, max] (at a bound too up to torch 2.13: ties go to the input,
+    as in torch; torch 2.14 passes it strictly inside, and shares it with a tensor bound equal to the input)."""
+    if CLAMP_SHARES_TIES and (isinstance(min, Tensor) or isinstance(max, Tensor)):
+        return _clamp_sharing_ties(g, x, min, max)
     keep = torch.ones_like(x, dtype=torch.bool)
     if min is not None:
-        keep = keep & (x >= min)
+        keep = keep & clamp_passes(x, min)
     if max is not None:
-        keep = keep & (x <= max)
+        keep = keep & clamp_passes(-x, -max)
     # torch: with both bounds, min > max makes the output max: max takes the gradient, min none
     grad_min = grad_max = None
     if isinstance(min, Tensor):
@@ -221,6 +246,24 @@ def clamp(g: Tensor, out: Tensor, x: Tensor, min: Any = None, max: Any = None) -
     if isinstance(max, Tensor):
         grad_max = g * ((x > max) | (max < min) if min is not None else (x > max))
     return g * keep, grad_min, grad_max
+
+
+def _clamp_sharing_ties(g: Tensor, x: Tensor, min: Any, max: Any) -> tuple:
+    """torch 2.14's clamp with a tensor bound: inside (min, max) the input takes the gradient, below min or above max
+    the bound does; a bound equal to the input shares it half and half, unless both bounds equal it (then the input
+    takes it); with min > max the output is max, which takes it all."""
+    none = torch.zeros_like(x, dtype=torch.bool)
+    below, at_min = (x < min, x == min) if min is not None else (none, none)
+    above, at_max = (x > max, x == max) if max is not None else (none, none)
+    inverted = (min > max) if min is not None and max is not None else none
+    half = g / 2
+    grad_x = torch.where(inverted | below | above, 0.0, torch.where(at_min ^ at_max, half, g))
+    grad_min = grad_max = None
+    if isinstance(min, Tensor):
+        grad_min = torch.where(inverted, 0.0, torch.where(below, g, torch.where(at_min & ~at_max, half, 0.0)))
+    if isinstance(max, Tensor):
+        grad_max = torch.where(inverted | above, g, torch.where(at_max & ~at_min, half, 0.0))
+    return grad_x, grad_min, grad_max
 
 
 defop("clamp", clamp, funcs=("torch.clip", "Tensor.clip"), inplace=("Tensor.clip_",))
@@ -421,12 +464,17 @@ def minimum(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
 
 
 def fmax(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
-    """fmax ignores NaN; ties give the whole gradient to ``x`` (not split, unlike maximum), as torch does."""
+    """fmax ignores NaN; ties give the whole gradient to ``x`` (not split, unlike maximum), as torch does up to 2.13;
+    torch 2.14 differentiates it as maximum (ties split, a NaN's gradient to both)."""
+    if FMAX_AS_MAXIMUM:
+        return maximum(g, out, x, other)
     pick = (x >= other) | other.isnan()
     return g.masked_fill(~pick, 0), g.masked_fill(pick, 0)
 
 
 def fmin(g: Tensor, out: Tensor, x: Tensor, other: Tensor) -> tuple:
+    if FMAX_AS_MAXIMUM:
+        return minimum(g, out, x, other)
     pick = (x <= other) | other.isnan()
     return g.masked_fill(~pick, 0), g.masked_fill(pick, 0)
 
@@ -1891,7 +1939,7 @@ def normalize(g: Tensor, out: Tensor, input: Tensor, p: float = 2.0, dim: int = 
     n = x.norm(p, dim, keepdim=True)
     d = n.clamp_min(eps)
     grad_d = (-g * ((x / d) / d)).sum(dim, keepdim=True)
-    return g / d + _vector_norm_backward(torch.where(n >= eps, grad_d, 0.0), x, p, n)
+    return g / d + _vector_norm_backward(torch.where(clamp_passes(n, eps), grad_d, 0.0), x, p, n)
 
 
 def cosine_similarity(g: Tensor, out: Tensor, x1: Tensor, x2: Tensor, dim: int = 1, eps: float = 1e-8) -> tuple:
@@ -2744,20 +2792,21 @@ def soft_margin_loss(g: Tensor, out: Tensor, x: Tensor, target: Tensor, size_ave
 def hinge_embedding_loss(g: Tensor, out: Tensor, x: Tensor, target: Tensor, margin: float = 1.0, size_average=None,
                          reduce=None, reduction: str = "mean") -> tuple:
     """x where target != -1, plus clamp_min(margin - x, 0) where target != 1 (torch's composite: its clamp
-    passes the gradient at 0)."""
+    passes the gradient at 0 up to torch 2.13: clamp_passes)."""
     per_element = _unreduced_grad(g, _reduction(size_average, reduce, reduction),
                                   torch.broadcast_shapes(x.shape, target.shape))
-    slope = (target != -1).to(x.dtype) - ((target != 1) & (margin - x >= 0)).to(x.dtype)
+    slope = (target != -1).to(x.dtype) - ((target != 1) & clamp_passes(margin - x, 0)).to(x.dtype)
     return per_element * slope, None
 
 
 def margin_ranking_loss(g: Tensor, out: Tensor, input1: Tensor, input2: Tensor, target: Tensor, margin: float = 0.0,
                         size_average=None, reduce=None, reduction: str = "mean") -> tuple:
-    """clamp_min(-target * (input1 - input2) + margin, 0); the clamp passes the gradient at 0, as torch's."""
+    """clamp_min(-target * (input1 - input2) + margin, 0); the clamp passes the gradient at 0 as torch's does
+    (clamp_passes)."""
     shape = torch.broadcast_shapes(input1.shape, input2.shape, target.shape)
     difference = input1 - input2
     active = _unreduced_grad(g, _reduction(size_average, reduce, reduction), shape) * (
-        -target * difference + margin >= 0)
+        clamp_passes(-target * difference + margin, 0))
     return active * -target, active * target, active * -difference
 
 
@@ -2770,7 +2819,8 @@ def cosine_embedding_loss(g: Tensor, out: Tensor, input1: Tensor, input2: Tensor
     denominator = (squared1 * squared2).sqrt()
     cos = (input1 * input2).sum(dim) / denominator
     per_element = _unreduced_grad(g, _reduction(size_average, reduce, reduction), cos.shape)
-    grad_cos = per_element * (((target == -1) & (cos - margin >= 0)).to(cos.dtype) - (target == 1).to(cos.dtype))
+    grad_cos = per_element * (((target == -1) & clamp_passes(cos - margin, 0)).to(cos.dtype) - (target == 1).to(
+        cos.dtype))
     grad_cos, cos = grad_cos.unsqueeze(dim), cos.unsqueeze(dim)
     return (grad_cos * (input2 / denominator.unsqueeze(dim) - cos * input1 / squared1.unsqueeze(dim)),
             grad_cos * (input1 / denominator.unsqueeze(dim) - cos * input2 / squared2.unsqueeze(dim)), None)
@@ -2844,7 +2894,7 @@ def triplet_margin_loss(g: Tensor, out: Tensor, anchor: Tensor, positive: Tensor
         d_neg = torch.minimum(d_an, d_pn)
     shape = torch.broadcast_shapes(d_ap.shape[:-1], d_neg.shape[:-1])
     active = _unreduced_grad(g, _reduction(size_average, reduce, reduction), shape).unsqueeze(-1) * (
-        margin + d_ap - d_neg >= 0)
+        clamp_passes(margin + d_ap - d_neg, 0))
     last = (d_ap.dim() - 1,)
     grad_ap = _norm_grad(active, diff_ap, float(p), d_ap, last)
     grad_neg = -active

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from op_cases import LEGACY_QR
 from torch import Tensor
 
 D = torch.float64
@@ -1744,7 +1745,10 @@ FIXED: dict[str, list[tuple[str, Callable[..., Tensor], list[tuple[int, ...]]]]]
          lambda a: torch.linalg.tensorinv(_well_conditioned(a).reshape(4, 2, 2), ind=1), [(4, 4)]),
         (f"torch.linalg.tensorsolve({M.format(n=4, i='{0}')}.reshape(2, 2, 4), {{1}})",
          lambda a, c: torch.linalg.tensorsolve(_well_conditioned(a).reshape(2, 2, 4), c), [(4, 4), (2, 2)]),
-        (f"{M.format(n=3, i='{0}')}.qr(some=False).Q", lambda a: _well_conditioned(a).qr(some=False).Q, [(3, 3)]),
+        (f"{M.format(n=3, i='{0}')}.qr(some=False).Q", lambda a: _well_conditioned(a).qr(some=False).Q, [(3, 3)])
+        if LEGACY_QR else  # (removed in torch 2.14: op_cases.LEGACY_QR)
+        (f"torch.linalg.qr({M.format(n=3, i='{0}')}, 'complete').Q",
+         lambda a: torch.linalg.qr(_well_conditioned(a), "complete").Q, [(3, 3)]),
         (f"torch.triangular_solve({{1}}, {M.format(n=3, i='{0}')}).solution",
          lambda a, c: torch.triangular_solve(c, _well_conditioned(a)).solution, [(3, 3), (3, 2)]),
     ],

@@ -7,6 +7,8 @@ test_finite_differences.py (central differences, independent of torch autograd).
 from __future__ import annotations
 
 import itertools
+import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -924,6 +926,22 @@ def _svd_invariant(u, s, vh):
     return (u * u * s.unsqueeze(-2)).sum(-2, keepdim=True).mT + (vh * vh).sum(-1, keepdim=True)
 
 
+def _torch_runs(call: Callable[[], object]) -> bool:
+    """Whether the installed torch still runs a long-deprecated spelling: torch 2.14 removed torch.cholesky,
+    torch.qr and their Tensor methods (they raise, naming torch.linalg's): the cases hold them only where they run."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call()
+    except RuntimeError:
+        return False
+    return True
+
+
+LEGACY_CHOLESKY = _torch_runs(lambda: torch.eye(2, dtype=D).cholesky())
+LEGACY_QR = _torch_runs(lambda: torch.eye(2, dtype=D).qr())
+
+
 def decomposition_cases():
     """Cholesky, eigh, SVD, QR, pinv, lstsq, matrix_exp and triangular solves, on well-separated spectra.
 
@@ -931,8 +949,10 @@ def decomposition_cases():
     its gradient is torch's symmetric convention (no finite differences).
     """
     x, xb = r(4, 4, seed=11), r(2, 3, 3, seed=12)
-    yield "cholesky", lambda x: torch.linalg.cholesky(_pd(x)) + torch.cholesky(_pd(x), upper=True).mT * 2 + (
-        _pd(x).cholesky() * _pd(x).cholesky(upper=True).mT), [x]
+    yield "cholesky", lambda x: torch.linalg.cholesky(_pd(x)) + torch.linalg.cholesky(_pd(x), upper=True).mT * 2, [x]
+    if LEGACY_CHOLESKY:
+        yield "cholesky_legacy", lambda x: torch.cholesky(_pd(x), upper=True).mT * 2 + (
+            _pd(x).cholesky() * _pd(x).cholesky(upper=True).mT), [x]
     yield "cholesky_batched_upper", lambda x: torch.linalg.cholesky(_pd(x), upper=True), [xb]
     yield "cholesky_ex", lambda x: torch.linalg.cholesky_ex(_pd(x)).L + torch.linalg.cholesky_ex(
         _pd(x), upper=True)[0], [xb]
@@ -958,7 +978,9 @@ def decomposition_cases():
             *_with_vh(torch.svd(a, some=False))), [a]
         yield f"svdvals_{name}", lambda a: torch.linalg.svdvals(a) + torch.svd(a, compute_uv=False).S + (
             torch.linalg.svd(a)[1] ** 2), [a]
-        yield f"qr_{name}", lambda a: _qr_sum(*torch.linalg.qr(a)) + _qr_sum(*a.qr()), [a]
+        yield f"qr_{name}", lambda a: _qr_sum(*torch.linalg.qr(a)) + _qr_sum(*torch.linalg.qr(a, "reduced")) * 2, [a]
+        if LEGACY_QR:
+            yield f"qr_legacy_{name}", lambda a: _qr_sum(*a.qr()), [a]
         yield f"pinv_{name}", lambda a: torch.linalg.pinv(a) + torch.pinverse(a) * 2, [a]
     yield "svd_U_only", lambda a: torch.linalg.svd(a, full_matrices=False).U ** 2, [tall]
     yield "svd_Vh_only", lambda a: torch.linalg.svd(a, full_matrices=False).Vh ** 2, [wide]
@@ -970,7 +992,9 @@ def decomposition_cases():
         a, -2, dim=(1, 0)) + a.norm(p="nuc") + torch.norm(a[None], "nuc", dim=(1, 2), keepdim=True), [tall]
     yield "cond", lambda a: torch.linalg.cond(a) + torch.linalg.cond(a, 2) * 2 + torch.linalg.cond(a, -2), [wide]
     yield "qr_modes", lambda a, w: _qr_sum(*torch.linalg.qr(a, mode="complete")) + _qr_sum(
-        *torch.linalg.qr(w, "complete")).sum() + _qr_sum(*torch.qr(a, some=False)), [x, wide]
+        *torch.linalg.qr(w, "complete")).sum(), [x, wide]
+    if LEGACY_QR:
+        yield "qr_legacy_some", lambda a: _qr_sum(*torch.qr(a, some=False)), [x]
     yield "qr_Q_only_wide", lambda w: torch.linalg.qr(w).Q * 2, [wide]
     yield "qr_R_only_tall", lambda a: torch.linalg.qr(a).R * 2, [tall]
     yield "pinv_hermitian", lambda x: torch.linalg.pinv(_sym(x), hermitian=True), [xb]

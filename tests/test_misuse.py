@@ -426,6 +426,61 @@ def test_a_custom_autograd_function_as_the_loss_or_off_the_loss_path():
     torch.testing.assert_close(graph.backward(loss)[W], scale.expand(4, 4))
 
 
+class _Scaled(torch.autograd.Function):
+    """A Function in the style with a separate setup_context: its forward has no ctx."""
+
+    @staticmethod
+    def forward(a, scale=2.0):
+        return a * scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+class _Passthrough(torch.autograd.Function):
+    """Returns its input as it is: apply, not the forward, makes the output (a view of the input)."""
+
+    @staticmethod
+    def forward(ctx, a):
+        return a
+
+    @staticmethod
+    def backward(ctx, g):
+        return 3 * g
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_custom_functions_of_every_style_are_refused_not_cut_off(requires_grad):
+    """torch 2.14 runs Function.apply in C, with no Python frame to find the call by: a forward without ctx, and an
+    input returned as it is (x.view_as(x) made after the forward returned), must still be refused, with the
+    Function's inputs and the user's line (with a requires_grad input, the name of a pass-through Function too)."""
+    x, W = r(4, 4), r(4, 4, seed=1)
+    x.requires_grad_(requires_grad)
+    assert torch_grads(lambda w: _Passthrough.apply(x @ w).sum(), W)[0].abs().sum() > 0  # torch: W matters
+    for _ in range(3):  # the same line again: the recording templates must not lose them either
+        with tg.record() as graph:
+            h = x @ W
+            line = next_line()
+            scaled = _Scaled.apply(h, scale=3.0)
+            passed = _Passthrough.apply(h)
+            loss = (scaled * passed).sum()
+            last = _Passthrough.apply(loss)  # never used in the block
+        assert graph.node(scaled)["op"] == "_Scaled" and graph.node(scaled)["inputs"] == [graph.node_id(h)]
+        assert graph.node(passed)["inputs"] == [graph.node_id(h)]
+        assert graph.node(last)["inputs"] == [graph.node_id(loss)]
+        # (without a grad_fn, nothing names a pass-through Function once a C apply has returned)
+        name = "_Passthrough" if requires_grad else r"(_Passthrough|\(one whose forward returned its input as it is\))"
+        for out, where, what in [(scaled, line, "_Scaled"), (passed, line + 1, name), (last, line + 3, name)]:
+            message = rf"Function {what} has no gradient rule.*\(called at .*{at(where)}, producing"
+            with pytest.raises(NotImplementedError, match=message):
+                graph.backward(out, grad=torch.ones_like(out))
+
+
 # ---------------------------------------------------------------- what backward is given
 
 

@@ -449,3 +449,23 @@ def test_a_recurrent_call_whose_outputs_all_reach_the_loss_runs_again_once(make,
         step(x)
         assert_truth(step(x)[1])
         assert step.source.count(".sigmoid()") == sigmoids
+
+
+_TIES = torch.tensor([[x, low, high] for x in (0.0, 1.0, 2.0) for low in (0.0, 1.0, 2.0) for high in (0.0, 1.0, 2.0)],
+                     dtype=torch.float64).unbind(1)  # every order of input and bounds, ties and min > max included
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("clamp_tensor_bounds", lambda x, low, high: x.clamp(low, high)),
+    ("clamp_min_tensor", lambda x, low, high: torch.clamp_min(x, low) + x.clamp(min=high)),
+    ("clamp_max_tensor", lambda x, low, high: x.clamp_max(high) + torch.clamp(x, max=low)),
+    ("clamp_number_bounds", lambda x, low, high: x.clamp(1.0, 1.0) + x.clamp(0.0, 2.0) + x.clamp(min=1.0) + (
+        x.clamp(max=1.0) + x.clamp(2.0, 0.0)) * low),
+    ("fmax_fmin", lambda x, low, high: torch.fmax(x, low) + torch.fmin(x, high)),
+    ("margin_losses_at_their_kink", lambda x, low, high: F.hinge_embedding_loss(x, -torch.ones_like(x), margin=1.0) + (
+        F.margin_ranking_loss(x, low, torch.ones_like(x)))),
+])
+def test_gradients_at_ties_follow_the_installed_torch(name, fn):
+    """torch 2.14 changed these at ties (clamp strictly inside number bounds, a tensor bound sharing a tie, fmax as
+    maximum, and the composites on clamp_min with them): the rules must give whichever torch is installed."""
+    assert_matches_torch(fn, list(_TIES))

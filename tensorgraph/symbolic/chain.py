@@ -30,6 +30,7 @@ import torch
 
 from ..graph import Ref, identifier
 from ..naming import unique_name
+from ..rules import CLAMP_PASSES_AT_BOUND, CLAMP_SHARES_TIES
 from .algebra import Axis, AxisMax, AxisSum, Relu, Sigmoid, Softplus, Space, TooLarge
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ def _pow(x, exponent):
 
 # Piecewise ops. Which branch owns a kink decides the derivative there: each is written so that sympy's
 # derivative of the branch torch picks at the kink is torch's gradient (leaky_relu'(0) is the slope, clamp
-# passes the gradient at its bounds, hardtanh does not).
+# passes the gradient at its bounds up to torch 2.14, hardtanh does not).
 
 
 def _where(condition, input, other):
@@ -162,13 +163,30 @@ def _where(condition, input, other):
 
 
 def _clamp(x, min=None, max=None):  # noqa: A002 - torch's argument names
-    """``x.clamp(min, max)``: the gradient passes for ``min <= x <= max``; with ``min > max`` the output is max."""
+    """``x.clamp(min, max)``: the gradient passes for ``min <= x <= max``; with ``min > max`` the output is max.
+
+    As the installed torch differentiates it (rules.clamp): from torch 2.14 a number bound passes the gradient
+    strictly inside only, and a tensor bound equal to the input shares it half and half (a branch of its own,
+    ``(x + min) / 2``, equal to the output there, whose derivative gives each half), unless both bounds equal it.
+    """
+    shares = CLAMP_SHARES_TIES and any(bound is not None and not _is_number(bound) for bound in (min, max))
+    at_bound = CLAMP_PASSES_AT_BOUND or shares  # (a tie with a tensor bound: its own branch below)
     pieces = []
     if max is not None:
-        pieces.append((max, (x > max) | (min > max) if min is not None else x > max))
+        above = x > max if at_bound else x >= max
+        pieces.append((max, above | (min > max) if min is not None else above))
     if min is not None:
-        pieces.append((min, x < min))
+        pieces.append((min, x < min if at_bound else x <= min))
+    if shares:
+        for bound, other in ((min, max), (max, min)):
+            if bound is not None:
+                pieces.append(((x + bound) / 2, sp.Eq(x, bound) & (sp.Ne(x, other) if other is not None else True)))
     return sp.Piecewise(*pieces, (x, True))
+
+
+def _is_number(value: Any) -> bool:
+    """A bound given as a number, not a tensor (an operand's symbol)."""
+    return not isinstance(value, sp.Basic) or bool(value.is_number)
 
 
 def _hardtanh(x, min_val=-1, max_val=1, inplace=False):
