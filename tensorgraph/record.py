@@ -191,8 +191,8 @@ def scope(name: str) -> Iterator[None]:
 def _attention_dropout(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
                        is_causal: bool = False, scale: Any = None, *, enable_gqa: bool = False) -> bool:
     """Whether an F.scaled_dot_product_attention call is recorded as its parts: with dropout (no rule can see
-    the kernel's mask), on strided tensors, without GQA (which has no rule either way)."""
-    return bool(dropout_p) and not enable_gqa and not (is_causal and attn_mask is not None) and all(
+    the kernel's mask), on strided tensors."""
+    return bool(dropout_p) and not (is_causal and attn_mask is not None) and all(
         isinstance(t, Tensor) and t.layout is torch.strided for t in (query, key, value))  # (torch refuses both masks)
 
 
@@ -511,6 +511,10 @@ class _Recorder(TorchFunctionMode):
         generator), the mask is a recorded constant, as for F.dropout.
         """
         call = self.__torch_function__
+        groups = query.shape[-3] // key.shape[-3] if enable_gqa and key.dim() >= 3 else 1
+        if groups > 1:  # each key/value head serves a group of query heads, repeated as torch's math backend does
+            key = call(Tensor.repeat_interleave, (), (key, groups, -3))
+            value = call(Tensor.repeat_interleave, (), (value, groups, -3))
         factor = math.sqrt(abs(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1]))
         query = call(Tensor.mul, (), (query, -factor if scale is not None and scale < 0 else factor))
         scores = call(torch.matmul, (), (query, call(Tensor.mul, (), (call(Tensor.transpose, (), (key, -2, -1)),
