@@ -726,6 +726,10 @@ class _Recorder(TorchFunctionMode):
         reason = (f"the custom torch.autograd.Function {name} has no gradient rule (tensorgraph sees its "
                   f"forward as a no-grad block and cannot use its backward); write its forward as torch ops "
                   f"in the recorded code, or .detach() its output if no gradient should flow through it")
+        if getattr(cls, "__module__", None) == "torch.utils.checkpoint" and name == "CheckpointFunction":
+            reason = ("torch.utils.checkpoint.checkpoint(use_reentrant=True) runs its function as the custom "
+                      "torch.autograd.Function CheckpointFunction, whose backward tensorgraph cannot use; pass "
+                      "use_reentrant=False, which records as the plain code it runs (the same gradients)")
         if getattr(cls, "__module__", None) == "torch.nn.modules._functions" and name == "BackwardHookFunction":
             reason = (f"the module {_hooked_module(frame)} has a backward hook (register_full_backward_hook or "
                       f"register_full_backward_pre_hook, on it or global), which graph.backward cannot run; remove "

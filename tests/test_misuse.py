@@ -355,6 +355,31 @@ class _Sum(torch.autograd.Function):
         return g.expand(ctx.shape)
 
 
+@pytest.mark.parametrize("runner", ["checkpoint", "checkpoint_sequential"])
+def test_reentrant_checkpoint_is_refused_with_the_argument_that_records_it(runner):
+    """checkpoint(use_reentrant=True) is a custom Function: the generic message told the user to rewrite torch's
+    code as torch ops; it now names use_reentrant=False, which records (checked: torch autograd's gradients)."""
+    from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x = r(3, 4)
+
+    def run(reentrant):
+        if runner == "checkpoint":
+            return checkpoint(block, x, use_reentrant=reentrant).pow(2).sum()
+        return checkpoint_sequential(block, 2, x, use_reentrant=reentrant).pow(2).sum()
+    line = run.__code__.co_firstlineno + (2 if runner == "checkpoint" else 3)  # the call of torch's checkpoint
+    with tg.record() as graph:
+        loss = run(True)
+    with pytest.raises(NotImplementedError, match=rf"use_reentrant=False.*\(called at .*{at(line)}"):
+        graph.backward(loss)
+    with tg.record() as graph:
+        loss = run(False)
+    grads = graph.backward(loss)
+    expected = torch.autograd.grad(run(False), list(block.parameters()))
+    for param, truth in zip(block.parameters(), expected):
+        torch.testing.assert_close(grads[param], truth, rtol=1e-12, atol=1e-14)
+
+
 def test_a_custom_autograd_function_is_refused_not_cut_off():
     """Its forward runs with grad disabled: its output was a new leaf, and W silently got no gradient."""
     x, W = r(4, 4), r(4, 4, seed=1)
