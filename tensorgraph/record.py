@@ -79,7 +79,10 @@ _FRACTIONAL = {torch.nn.functional.fractional_max_pool2d: 2, torch.nn.functional
 _GUMBEL_SOFTMAX = torch.nn.functional.gumbel_softmax
 _EMBEDDING = torch.nn.functional.embedding
 _RENORM = (Op("embedding_renorm", None, constant=True), False, True)  # torch.embedding_renorm_'s entry: in place
-_CHOOSING = frozenset({_ATTENTION, _MULTI_HEAD_ATTENTION, _EMBEDDING})  # calls whose arguments may choose their path
+# the multi-layer recurrent calls of nn.LSTM/GRU/RNN: with dropout between the layers in training, whose masks
+# torch draws inside its kernel, they are recorded layer by layer with the dropout between them
+_RECURRENT = frozenset({torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu})
+_CHOOSING = frozenset({_ATTENTION, _MULTI_HEAD_ATTENTION, _EMBEDDING, *_RECURRENT})  # arguments may choose their path
 # torch.autograd.Function.apply runs the Function's forward with grad disabled: its ops reach the recorder's
 # no-grad path; a frame running this code above such an op marks it as part of a custom Function's forward
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
@@ -204,7 +207,19 @@ def _chooses_own_path(func: Any, args: tuple, kwargs: dict) -> bool:
         return _attention_dropout_call(args, kwargs)
     if func is _EMBEDDING:
         return kwargs.get("max_norm") is not None or (len(args) > 3 and args[3] is not None)
+    if func in _RECURRENT:
+        return _recurrent_dropout(args, kwargs)
     return True
+
+
+def _recurrent_dropout(args: tuple, kwargs: dict) -> bool:
+    """Whether a torch.lstm/gru/rnn_* call applies dropout between its layers: (input, hx, params, has_biases,
+    num_layers, dropout, train, ...), or the PackedSequence overload with batch_sizes second (one place on)."""
+    if kwargs or len(args) < 9:
+        return False
+    shift = isinstance(args[3], (list, tuple))  # the packed overload: args[3] is the parameters
+    num_layers, dropout, train = args[4 + shift:7 + shift]
+    return bool(dropout) and bool(train) and isinstance(num_layers, int) and num_layers > 1
 
 
 def _attention_dropout_call(args: tuple, kwargs: dict) -> bool:
@@ -295,6 +310,8 @@ class _Recorder(TorchFunctionMode):
             return self._attention_with_dropout(*args, **kwargs)
         if func is _MULTI_HEAD_ATTENTION:
             return self._multi_head_attention(func, entry, args, kwargs)
+        if func in _RECURRENT and _recurrent_dropout(args, kwargs):
+            return self._recurrent_with_dropout(func, args)
         if func is _TRIPLET_WITH_DISTANCE:
             return self._triplet_with_distance(*args, **kwargs)
         if func is _EMBEDDING and _chooses_own_path(func, args, kwargs):
@@ -535,6 +552,39 @@ class _Recorder(TorchFunctionMode):
             weights = call(torch.softmax, (), (scores, -1))
         weights = call(Tensor.mul, (), (weights, call(rules.dropout_mask, (), (weights, dropout_p))))
         return call(torch.matmul, (), (weights, value))
+
+    def _recurrent_with_dropout(self, func: Any, args: tuple) -> tuple:
+        """A multi-layer nn.LSTM/GRU/RNN call with dropout between its layers, recorded as one call per layer
+        (num_layers=1) with F.dropout's mask between them, as torch's kernel runs it: on CPU the same values bit
+        for bit, from the same draws of the generator. The mask, drawn inside the kernel, is out of a rule's reach.
+        """
+        call = self.__torch_function__
+        packed = isinstance(args[3], (list, tuple))
+        if packed:
+            x, sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional = args
+        else:
+            x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
+            if batch_first:  # torch's kernel runs time first, and draws the masks on time-first outputs
+                x = call(Tensor.transpose, (), (x, 0, 1))
+        directions = 2 if bidirectional else 1
+        per_layer = len(params) // num_layers
+        states = tuple(hx) if func is torch.lstm else (hx,)
+        finals: list[list[Tensor]] = [[] for _ in states]
+        for layer in range(num_layers):
+            rows = slice(layer * directions, (layer + 1) * directions)
+            initial = tuple(call(Tensor.__getitem__, (), (state, rows)) for state in states)
+            state = initial if func is torch.lstm else initial[0]
+            weights = list(params[layer * per_layer:(layer + 1) * per_layer])
+            rest = (has_biases, 1, 0.0, train, bidirectional)
+            out = call(func, (), (x, sizes, state, weights, *rest) if packed else (x, state, weights, *rest, False))
+            x = out[0]
+            for final, value in zip(finals, out[1:]):
+                final.append(value)
+            if layer < num_layers - 1:
+                x = call(torch.dropout, (), (x, dropout, train))
+        if not packed and batch_first:
+            x = call(Tensor.transpose, (), (x, 0, 1))
+        return (x, *(call(torch.cat, (), (final,)) for final in finals))
 
     def _multi_head_attention(self, func, entry, args, kwargs):
         """nn.MultiheadAttention's one call, recorded as the calls it makes (tensorgraph.attention); with an
