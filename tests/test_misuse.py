@@ -333,6 +333,7 @@ class _Sum(torch.autograd.Function):
         return g.expand(ctx.shape)
 
 
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # torch's, for the reentrant call
 @pytest.mark.parametrize("runner", ["checkpoint", "checkpoint_sequential"])
 def test_reentrant_checkpoint_is_refused_with_the_argument_that_records_it(runner):
     """checkpoint(use_reentrant=True) is a custom Function: the generic message told the user to rewrite torch's
