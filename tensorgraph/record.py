@@ -79,7 +79,10 @@ _FRACTIONAL = {torch.nn.functional.fractional_max_pool2d: 2, torch.nn.functional
 _GUMBEL_SOFTMAX = torch.nn.functional.gumbel_softmax
 _EMBEDDING = torch.nn.functional.embedding
 _RENORM = (Op("embedding_renorm", None, constant=True), False, True)  # torch.embedding_renorm_'s entry: in place
-_CHOOSING = frozenset({_ATTENTION, _MULTI_HEAD_ATTENTION, _EMBEDDING})  # calls whose arguments may choose their path
+# the multi-layer recurrent calls of nn.LSTM/GRU/RNN: with dropout between the layers in training, whose masks
+# torch draws inside its kernel, they are recorded layer by layer with the dropout between them
+_RECURRENT = frozenset({torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu})
+_CHOOSING = frozenset({_ATTENTION, _MULTI_HEAD_ATTENTION, _EMBEDDING, *_RECURRENT})  # arguments may choose their path
 # torch.autograd.Function.apply runs the Function's forward with grad disabled: its ops reach the recorder's
 # no-grad path; a frame running this code above such an op marks it as part of a custom Function's forward.
 # Up to torch 2.13 apply is a Python classmethod; from 2.14 it is torch's C method, which leaves no frame of its
@@ -205,8 +208,8 @@ def scope(name: str) -> Iterator[None]:
 def _attention_dropout(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
                        is_causal: bool = False, scale: Any = None, *, enable_gqa: bool = False) -> bool:
     """Whether an F.scaled_dot_product_attention call is recorded as its parts: with dropout (no rule can see
-    the kernel's mask), on strided tensors, without GQA (which has no rule either way)."""
-    return bool(dropout_p) and not enable_gqa and not (is_causal and attn_mask is not None) and all(
+    the kernel's mask), on strided tensors."""
+    return bool(dropout_p) and not (is_causal and attn_mask is not None) and all(
         isinstance(t, Tensor) and t.layout is torch.strided for t in (query, key, value))  # (torch refuses both masks)
 
 
@@ -218,7 +221,19 @@ def _chooses_own_path(func: Any, args: tuple, kwargs: dict) -> bool:
         return _attention_dropout_call(args, kwargs)
     if func is _EMBEDDING:
         return kwargs.get("max_norm") is not None or (len(args) > 3 and args[3] is not None)
+    if func in _RECURRENT:
+        return _recurrent_dropout(args, kwargs)
     return True
+
+
+def _recurrent_dropout(args: tuple, kwargs: dict) -> bool:
+    """Whether a torch.lstm/gru/rnn_* call applies dropout between its layers: (input, hx, params, has_biases,
+    num_layers, dropout, train, ...), or the PackedSequence overload with batch_sizes second (one place on)."""
+    if kwargs or len(args) < 9:
+        return False
+    shift = isinstance(args[3], (list, tuple))  # the packed overload: args[3] is the parameters
+    num_layers, dropout, train = args[4 + shift:7 + shift]
+    return bool(dropout) and bool(train) and isinstance(num_layers, int) and num_layers > 1
 
 
 def _attention_dropout_call(args: tuple, kwargs: dict) -> bool:
@@ -315,6 +330,8 @@ class _Recorder(TorchFunctionMode):
             return self._attention_with_dropout(*args, **kwargs)
         if func is _MULTI_HEAD_ATTENTION:
             return self._multi_head_attention(func, entry, args, kwargs)
+        if func in _RECURRENT and _recurrent_dropout(args, kwargs):
+            return self._recurrent_with_dropout(func, args)
         if func is _TRIPLET_WITH_DISTANCE:
             return self._triplet_with_distance(*args, **kwargs)
         if func is _EMBEDDING and _chooses_own_path(func, args, kwargs):
@@ -531,6 +548,10 @@ class _Recorder(TorchFunctionMode):
         generator), the mask is a recorded constant, as for F.dropout.
         """
         call = self.__torch_function__
+        groups = query.shape[-3] // key.shape[-3] if enable_gqa and key.dim() >= 3 else 1
+        if groups > 1:  # each key/value head serves a group of query heads, repeated as torch's math backend does
+            key = call(Tensor.repeat_interleave, (), (key, groups, -3))
+            value = call(Tensor.repeat_interleave, (), (value, groups, -3))
         factor = math.sqrt(abs(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1]))
         query = call(Tensor.mul, (), (query, -factor if scale is not None and scale < 0 else factor))
         scores = call(torch.matmul, (), (query, call(Tensor.mul, (), (call(Tensor.transpose, (), (key, -2, -1)),
@@ -551,6 +572,39 @@ class _Recorder(TorchFunctionMode):
             weights = call(torch.softmax, (), (scores, -1))
         weights = call(Tensor.mul, (), (weights, call(rules.dropout_mask, (), (weights, dropout_p))))
         return call(torch.matmul, (), (weights, value))
+
+    def _recurrent_with_dropout(self, func: Any, args: tuple) -> tuple:
+        """A multi-layer nn.LSTM/GRU/RNN call with dropout between its layers, recorded as one call per layer
+        (num_layers=1) with F.dropout's mask between them, as torch's kernel runs it: on CPU the same values bit
+        for bit, from the same draws of the generator. The mask, drawn inside the kernel, is out of a rule's reach.
+        """
+        call = self.__torch_function__
+        packed = isinstance(args[3], (list, tuple))
+        if packed:
+            x, sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional = args
+        else:
+            x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
+            if batch_first:  # torch's kernel runs time first, and draws the masks on time-first outputs
+                x = call(Tensor.transpose, (), (x, 0, 1))
+        directions = 2 if bidirectional else 1
+        per_layer = len(params) // num_layers
+        states = tuple(hx) if func is torch.lstm else (hx,)
+        finals: list[list[Tensor]] = [[] for _ in states]
+        for layer in range(num_layers):
+            rows = slice(layer * directions, (layer + 1) * directions)
+            initial = tuple(call(Tensor.__getitem__, (), (state, rows)) for state in states)
+            state = initial if func is torch.lstm else initial[0]
+            weights = list(params[layer * per_layer:(layer + 1) * per_layer])
+            rest = (has_biases, 1, 0.0, train, bidirectional)
+            out = call(func, (), (x, sizes, state, weights, *rest) if packed else (x, state, weights, *rest, False))
+            x = out[0]
+            for final, value in zip(finals, out[1:]):
+                final.append(value)
+            if layer < num_layers - 1:
+                x = call(torch.dropout, (), (x, dropout, train))
+        if not packed and batch_first:
+            x = call(Tensor.transpose, (), (x, 0, 1))
+        return (x, *(call(torch.cat, (), (final,)) for final in finals))
 
     def _multi_head_attention(self, func, entry, args, kwargs):
         """nn.MultiheadAttention's one call, recorded as the calls it makes (tensorgraph.attention); with an
@@ -768,6 +822,10 @@ class _Recorder(TorchFunctionMode):
         reason = (f"the custom torch.autograd.Function {name} has no gradient rule (tensorgraph sees its "
                   f"forward as a no-grad block and cannot use its backward); write its forward as torch ops "
                   f"in the recorded code, or .detach() its output if no gradient should flow through it")
+        if getattr(cls, "__module__", None) == "torch.utils.checkpoint" and name == "CheckpointFunction":
+            reason = ("torch.utils.checkpoint.checkpoint(use_reentrant=True) runs its function as the custom "
+                      "torch.autograd.Function CheckpointFunction, whose backward tensorgraph cannot use; pass "
+                      "use_reentrant=False, which records as the plain code it runs (the same gradients)")
         if getattr(cls, "__module__", None) == "torch.nn.modules._functions" and name == "BackwardHookFunction":
             reason = (f"the module {_hooked_module(frame)} has a backward hook (register_full_backward_hook or "
                       f"register_full_backward_pre_hook, on it or global), which graph.backward cannot run; remove "

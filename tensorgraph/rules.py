@@ -45,7 +45,8 @@ KERNELS = frozenset({
     "soft_margin_loss_backward", "softplus_backward", "softshrink_backward", "tanh_backward", "threshold_backward",
     "upsample_bicubic2d_backward", "upsample_bilinear2d_backward", "upsample_linear1d_backward",
     "upsample_nearest1d_backward", "upsample_nearest2d_backward", "upsample_nearest3d_backward",
-    "upsample_trilinear3d_backward", "_weight_norm_interface_backward",
+    "upsample_trilinear3d_backward", "_weight_norm_interface_backward", "_upsample_bilinear2d_aa_backward",
+    "_upsample_bicubic2d_aa_backward",
 })
 aten = SimpleNamespace(**{name: getattr(torch.ops.aten, name) for name in sorted(KERNELS)})
 
@@ -3373,9 +3374,17 @@ defop("channel_shuffle", lambda g, out, x, groups: F.channel_shuffle(g, x.shape[
 def scaled_dot_product_attention(g: Tensor, out: Tensor, query: Tensor, key: Tensor, value: Tensor,
                                  attn_mask: Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, *, enable_gqa: bool = False) -> tuple:
-    """softmax(q k^T * scale + mask) v, differentiated through its parts (the math backend's formula)."""
-    if dropout_p or enable_gqa:
-        raise UnsupportedCall("scaled_dot_product_attention: dropout_p > 0 and enable_gqa have no rule")
+    """softmax(q k^T * scale + mask) v, differentiated through its parts (the math backend's formula).
+
+    With enable_gqa, each key/value head serves a group of query heads (torch's math backend repeats it with
+    repeat_interleave over dim -3): the gradients of a group's copies are summed back into the shared head.
+    """
+    if dropout_p:  # the recorder records such a call as its parts (mask included); this is a direct rule call
+        raise UnsupportedCall(f"scaled_dot_product_attention: dropout_p={dropout_p} draws its mask inside torch's "
+                              f"kernel, out of a rule's reach")
+    groups = query.shape[-3] // key.shape[-3] if enable_gqa and key.dim() >= 3 else 1
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
     scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
     scores = query @ key.transpose(-2, -1) * scale
     if is_causal:
@@ -3393,6 +3402,8 @@ def scaled_dot_product_attention(g: Tensor, out: Tensor, query: Tensor, key: Ten
     grad_query = grad_scores @ key * scale
     grad_key = grad_scores.transpose(-2, -1) @ query * scale
     grad_mask = grad_scores if attn_mask is not None and attn_mask.is_floating_point() else None
+    if groups > 1:
+        grad_key, grad_value = (grad.unflatten(-3, (-1, groups)).sum(-3) for grad in (grad_key, grad_value))
     return grad_query, grad_key, grad_value, grad_mask
 
 
@@ -3413,6 +3424,11 @@ _UPSAMPLE_BACKWARD = {
     ("bicubic", 2): aten.upsample_bicubic2d_backward,
     ("trilinear", 3): aten.upsample_trilinear3d_backward,
 }
+# with antialias=True (a downsampling filter wider than the interpolation's): torch has kernels for these two
+_ANTIALIAS_BACKWARD = {
+    ("bilinear", 2): aten._upsample_bilinear2d_aa_backward,
+    ("bicubic", 2): aten._upsample_bicubic2d_aa_backward,
+}
 
 
 def interpolate(g: Tensor, out: Tensor, input: Tensor, size: Any = None, scale_factor: Any = None,
@@ -3426,8 +3442,8 @@ def interpolate(g: Tensor, out: Tensor, input: Tensor, size: Any = None, scale_f
         if spatial == 2:
             return aten._adaptive_avg_pool2d_backward(g, input)
         return aten._adaptive_avg_pool2d_backward(g.unsqueeze(-2), input.unsqueeze(-2)).squeeze(-2)
-    kernel = _UPSAMPLE_BACKWARD.get((mode, spatial))
-    if kernel is None or antialias:
+    kernel = (_ANTIALIAS_BACKWARD if antialias else _UPSAMPLE_BACKWARD).get((mode, spatial))
+    if kernel is None:
         raise UnsupportedCall(f"interpolate: mode={mode!r}{' with antialias' if antialias else ''} on a "
                               f"{input.dim()}-d input has no rule")
     scales = [None] * spatial  # None: the kernel uses the size ratio, as the forward did

@@ -48,7 +48,7 @@ SUFFIXES = {".json": "json", ".graphml": "graphml"}
 
 # keys whose values are structured (lists, dicts, tagged values): JSON text inside GraphML attributes
 _STRUCTURED = ("shape", "inputs", "attrs", "args", "kwargs", "bargs", "bkwargs", "result", "value", "previous",
-               "output_index", "unsupported", "func", "call", "layout")
+               "output_index", "unsupported", "func", "call", "layout", "requires_grad")
 _REQUIRED = ("name", "op", "kind", "shape", "dtype", "inputs")
 _ROOTS = ("torch", "tensorgraph")  # the only packages a saved callable may name
 
@@ -164,6 +164,8 @@ def _node_record(data: dict[str, Any], siblings: list[int] | None, values: bool)
         record["value"] = value.tolist() if value.numel() else []
         if layout is not None:
             record["layout"] = layout
+        if data["value"].requires_grad:  # torch picks some kernels by the flag, also under no_grad (see load)
+            record["requires_grad"] = True
     return record
 
 
@@ -466,6 +468,7 @@ def _node_data(path: Path, node: int, record: dict[str, Any], with_values: bool)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{where}: unknown dtype {record['dtype']!r}")
     value = _with_layout(where, _value(where, record.get("value"), shape, dtype, with_values), record.get("layout"))
+    value = _with_requires_grad(where, value, record.get("requires_grad") or False)
     unsupported = record.get("unsupported")
     func = None
     if record.get("func"):
@@ -553,9 +556,23 @@ def _value(where: str, data: Any, shape: list[int], dtype: torch.dtype, with_val
             return torch.view_as_complex(pairs.reshape([*shape, 2])) if pairs is not None else torch.empty(
                 shape, dtype=dtype)
         value = torch.tensor(data, dtype=dtype) if data != [] else torch.empty(0, dtype=dtype)
-        return value.reshape(shape)
+        # not a view of itself (reshape to the same shape is one): torch picks some kernels by whether a
+        # tensor is a view, and a loaded nn.GRU weight gave gradients one ulp off the recorded graph's
+        return value if list(value.shape) == list(shape) else value.reshape(shape).clone()
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{where}: its value does not fit shape {tuple(shape)} and dtype {dtype} ({err})") from None
+
+
+def _with_requires_grad(where: str, value: Tensor, requires_grad: Any) -> Tensor:
+    """The value flagged as requiring grad when the recorded one was (a parameter, what was computed from one):
+    torch.matmul folds a batched input into one matrix product only when the other side does not require grad,
+    and so rounds differently, also under no_grad, where the rules run; without the flag an nn.GRU's loaded
+    graph differentiated one ulp off the recorded one's."""
+    if not isinstance(requires_grad, bool):
+        raise ValueError(f"{where}: requires_grad must be true or false, got {requires_grad!r}")
+    if requires_grad and value.device.type != "meta" and (value.is_floating_point() or value.is_complex()):
+        value.requires_grad_()
+    return value
 
 
 def _with_layout(where: str, value: Tensor, layout: Any) -> Tensor:

@@ -364,6 +364,12 @@ def nn_cases():
     yield "sdpa_float_mask_hidden_row", lambda q, k, v, m: F.scaled_dot_product_attention(
         q, k, v, attn_mask=m.masked_fill(~hidden, -float("inf"))), [
         r(2, 4, seed=1), r(3, 4, seed=2), r(3, 2, seed=3), r(2, 3, seed=4)]
+    yield "sdpa_gqa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), [
+        r(2, 4, 3, 5, seed=1), r(2, 2, 6, 5, seed=2), r(2, 2, 6, 3, seed=3)]
+    yield "sdpa_gqa_float_mask_causal", lambda q, k, v, m: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=m, enable_gqa=True) + F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True), [
+        r(6, 3, 5, seed=1), r(2, 3, 5, seed=2), r(2, 3, 4, seed=3), r(3, 3, seed=4)]
     yield "max_pool2d", lambda x: F.max_pool2d(x, 2), [distinct(1, 2, 4, 4)]
     yield "avg_pool2d", lambda x: F.avg_pool2d(x, 2), [r(1, 2, 4, 4, seed=1)]
     yield "adaptive_avg_pool2d", lambda x: F.adaptive_avg_pool2d(x, 1), [r(1, 2, 4, 4, seed=1)]
@@ -481,6 +487,10 @@ def resampling_cases():
                                                                   align_corners=True), [x2]
     yield "interpolate_trilinear", lambda x: F.interpolate(x, scale_factor=2, mode="trilinear"), [x3]
     yield "upsample_module", lambda x: torch.nn.Upsample(scale_factor=2, mode="bilinear")(x), [x2]
+    yield "interpolate_bilinear_antialias_down", lambda x: F.interpolate(
+        x, scale_factor=0.4, mode="bilinear", antialias=True), [r(1, 2, 9, 11, seed=17)]
+    yield "interpolate_bicubic_antialias_size", lambda x: F.interpolate(
+        x, size=(3, 7), mode="bicubic", antialias=True, align_corners=True), [r(1, 2, 8, 6, seed=18)]
     yield "conv_transpose1d", lambda x, w, b: F.conv_transpose1d(x, w, b), [x1, r(3, 4, 3, seed=4), r(4, seed=5)]
     yield "conv_transpose1d_strided_groups", lambda x, w: F.conv_transpose1d(
         x, w, stride=2, padding=1, output_padding=1, groups=3, dilation=2), [r(2, 6, 5, seed=6), r(6, 2, 3, seed=7)]

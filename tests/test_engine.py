@@ -893,6 +893,28 @@ def test_attention_with_dropout_matches_torch_with_the_same_seed(mask, dtype):
         torch.testing.assert_close(grads[kwargs["attn_mask"]].double(), mask_t.grad, **tol)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}], ids=["plain", "causal"])
+def test_grouped_query_attention_with_dropout_matches_torch_with_the_same_seed(kwargs):
+    """enable_gqa=True with dropout (two key/value heads for four query heads) was refused as having no rule:
+    recorded as its parts, the shared heads repeated, it gives torch's values and gradients for the same seed."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 5, 3, generator=gen, dtype=D)
+    k, v = (torch.randn(2, 2, 6, 3, generator=gen, dtype=D) for _ in range(2))
+    weight = torch.randn(2, 4, 5, 3, generator=gen, dtype=D)
+    torch.manual_seed(3)
+    with tg.record() as graph:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True, **kwargs)
+        loss = (y * weight).sum()
+    grads = graph.backward(loss)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(3)
+    expected = F.scaled_dot_product_attention(*leaves, dropout_p=0.3, enable_gqa=True, **kwargs)
+    (expected * weight).sum().backward()
+    assert torch.equal(y, expected.detach())
+    for tensor, truth in zip((q, k, v), leaves):
+        torch.testing.assert_close(grads[tensor], truth.grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("need_weights", [True, False])
 def test_multi_head_attention_is_recorded_as_its_parts_with_torchs_values_and_dropout(need_weights):
     """nn.MultiheadAttention in training, with dropout: its parts' rules, and the dropout masks drawn as torch draws

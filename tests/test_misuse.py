@@ -176,26 +176,6 @@ def test_multi_head_attention_with_static_keys_names_the_argument():
         graph.backward(loss)
 
 
-
-@pytest.mark.parametrize("module", [torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN])
-def test_recurrent_dropout_between_layers_in_training_says_what_records(module):
-    """torch draws the masks inside its fused kernel: no rule can know them, so it refuses, naming the line."""
-    rnn = module(3, 4, num_layers=2, dropout=0.5).double()
-    x = r(5, 2, 3)
-    with tg.record() as graph:
-        out, _ = rnn(x)
-        loss = out.sum()
-    line = sys._getframe().f_lineno - 2
-    kind = {torch.nn.LSTM: "lstm", torch.nn.GRU: "gru", torch.nn.RNN: "rnn_tanh"}[module]
-    with pytest.raises(NotImplementedError, match=rf"{kind}: dropout=0.5 between the layers of an nn.{module.__name__} "
-                       rf"in training mode .*model.eval\(\).*nn.Dropout .*\(called at .*{at(line)}, producing 'out'\)"):
-        graph.backward(loss)
-    rnn.eval()  # in eval mode (and with one layer) the dropout is not applied: the gradient exists
-    with tg.record() as graph:
-        loss = rnn(x)[0].sum()
-    ref = x.clone().requires_grad_()
-    torch.testing.assert_close(graph.backward(loss)[x], torch.autograd.grad(rnn(ref)[0].sum(), ref)[0])
-
 def test_a_forward_recorded_under_autocast_says_so_instead_of_a_dtype_error_from_a_rule():
     # autocast casts below the recorded calls: the linear rule got bfloat16 g and float32 x and W
     lin = torch.nn.Linear(4, 3)
@@ -248,8 +228,6 @@ def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
         (lambda: F.rrelu(x, training=True).sum(), r"rrelu: training=True draws random slopes"),
         (lambda: (2.5 % x).sum(), r"remainder: a number % a tensor has no rule"),
         (lambda: x[0].scatter(1, torch.tensor([[0, 1]]), x[0, :, :2], reduce="add").sum(), "scatter: reduce="),
-        (lambda: F.interpolate(x[None], size=2, mode="bilinear", antialias=True).sum(),
-         r"interpolate: mode='bilinear' with antialias on a 4-d input has no rule"),
         (lambda: F.normalize(x, p=float("inf")).sum(), r"normalize: only finite p > 0 has a rule \(got p=inf\)"),
         (lambda: x[0].mT.as_strided((2, 2), (1, 1)).sum(), r"as_strided: only a contiguous input has a rule"),
         (lambda: F.embedding_bag(torch.tensor([[0, 2]]), x[0], sparse=True).sum(), r"embedding_bag: sparse=True gives"),
@@ -353,6 +331,32 @@ class _Sum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g.expand(ctx.shape)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # torch's, for the reentrant call
+@pytest.mark.parametrize("runner", ["checkpoint", "checkpoint_sequential"])
+def test_reentrant_checkpoint_is_refused_with_the_argument_that_records_it(runner):
+    """checkpoint(use_reentrant=True) is a custom Function: the generic message told the user to rewrite torch's
+    code as torch ops; it now names use_reentrant=False, which records (checked: torch autograd's gradients)."""
+    from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x = r(3, 4)
+
+    def run(reentrant):
+        if runner == "checkpoint":
+            return checkpoint(block, x, use_reentrant=reentrant).pow(2).sum()
+        return checkpoint_sequential(block, 2, x, use_reentrant=reentrant).pow(2).sum()
+    line = run.__code__.co_firstlineno + (2 if runner == "checkpoint" else 3)  # the call of torch's checkpoint
+    with tg.record() as graph:
+        loss = run(True)
+    with pytest.raises(NotImplementedError, match=rf"use_reentrant=False.*\(called at .*{at(line)}"):
+        graph.backward(loss)
+    with tg.record() as graph:
+        loss = run(False)
+    grads = graph.backward(loss)
+    expected = torch.autograd.grad(run(False), list(block.parameters()))
+    for param, truth in zip(block.parameters(), expected):
+        torch.testing.assert_close(grads[param], truth, rtol=1e-12, atol=1e-14)
 
 
 def test_a_custom_autograd_function_is_refused_not_cut_off():

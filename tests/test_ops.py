@@ -285,6 +285,66 @@ def test_recurrent_module_on_unsorted_packed_sequences_matches_torch(module):
     assert_matches_torch(fn, [r(4, 6, 3, seed=1), *[p.detach().clone() for p in params]])
 
 
+def _recurrent_output_loss(out: tuple, weight: torch.Tensor) -> torch.Tensor:
+    """A loss reading every output of an nn.LSTM/GRU/RNN call: the (padded) output and h_n (and c_n)."""
+    from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+    output, state = out
+    if isinstance(output, PackedSequence):
+        output = pad_packed_sequence(output, total_length=weight.shape[0])[0]
+    states = state if isinstance(state, tuple) else (state,)
+    return (output * weight[:, :, :output.shape[-1]]).sum() + sum(s.pow(2).sum() for s in states)
+
+
+@pytest.mark.parametrize("module, kwargs", [
+    (torch.nn.LSTM, {"num_layers": 3, "bidirectional": True, "proj_size": 2}),
+    (torch.nn.LSTM, {"num_layers": 2, "batch_first": True}),
+    (torch.nn.GRU, {"num_layers": 2, "bidirectional": True}),
+    (torch.nn.RNN, {"num_layers": 3, "nonlinearity": "relu", "batch_first": True}),
+], ids=["lstm_proj_bidirectional", "lstm_batch_first", "gru_bidirectional", "rnn_relu_batch_first"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_recurrent_dropout_between_layers_matches_torch_with_the_same_seed(module, kwargs, packed):
+    """nn.LSTM(num_layers=2, dropout=0.3) in training was refused (the kernel draws the masks between layers):
+    recorded layer by layer with F.dropout between, it gives torch's outputs bit for bit for the same seed, and
+    torch autograd's gradients (float64); tg.compile draws new masks at each call, as torch does."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    rnn = module(3, 4, dropout=0.4, **kwargs).double()
+    batch_first = kwargs.get("batch_first", False)
+    x = r(5, 6, 3, seed=1) if batch_first else r(6, 5, 3, seed=1)
+    weight = r(6, 5, 8, seed=2).transpose(0, 1) if batch_first else r(6, 5, 8, seed=2)
+
+    def forward(x):
+        data = pack_padded_sequence(x, [6, 4, 4, 2, 1], batch_first, False) if packed else x
+        return rnn(data)
+
+    def loss_of(x):
+        return _recurrent_output_loss(forward(x), weight.transpose(0, 1) if batch_first and packed else weight)
+    torch.manual_seed(7)
+    with tg.record() as graph:
+        outputs = forward(x)
+        loss = loss_of(x)
+    grads = graph.backward(loss)
+    torch.manual_seed(7)
+    expected_outputs = forward(x)
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad(loss_of(leaf), [leaf, *rnn.parameters()])
+    leaves = torch.utils._pytree.tree_leaves
+    for ours, theirs in zip(leaves(outputs), leaves(expected_outputs)):
+        assert torch.equal(ours, theirs.detach())  # the same masks: torch's values bit for bit
+    for tensor, truth in zip([x, *rnn.parameters()], expected):
+        torch.testing.assert_close(grads[tensor], truth, rtol=1e-10, atol=1e-12)
+    step = tg.compile(loss_of)
+    for seed in (11, 12):  # a new mask at each call
+        torch.manual_seed(seed)
+        _, compiled = step(x)
+        torch.manual_seed(seed)
+        truth = torch.autograd.grad(loss_of(x), list(rnn.parameters()))
+        for param, expected_grad in zip(rnn.parameters(), truth):
+            torch.testing.assert_close(compiled[param], expected_grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("name, fn", [
     ("eigh vectors", lambda a: torch.linalg.eigh(a).eigenvectors ** 2),
     ("eigh both", lambda a: torch.linalg.eigh(a)[1] ** 2 * torch.linalg.eigh(a)[0]),
