@@ -1124,7 +1124,7 @@ class _Checker:
             return ""
         scale = max(float(part.abs().max()) for part in parts)
         size = float(truth.abs().max())
-        if not scale > 0 or size > _CANCELLED * scale:
+        if not (scale > 0 and math.isfinite(scale) and size <= _CANCELLED * scale):
             return ""
         right = self._assignment(node)
         return (f"(about 0: the parts summed into d{self.nodes[node]['name']}, up to {scale:.2g}, cancel to "

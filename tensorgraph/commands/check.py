@@ -284,7 +284,6 @@ def _misshapen_gradients(err: BaseException, path: Path, cells: list[tuple[str, 
     return f"; before it, {'; '.join(found[:3])}. Each gradient must have its tensor's shape: fix the first"
 
 
-
 def _shape_cause(got: tuple[int, ...], shape: tuple[int, ...]) -> str:
     """The likely slip behind a gradient of shape ``got`` for a tensor of ``shape``."""
     if [size for size in got if size != 1] == [size for size in shape if size != 1]:
