@@ -306,9 +306,21 @@ def test_a_tensor_changed_after_recording_raises_or_does_not_matter(data):
 # ------------------------------------------------------- tg.compile, the generated answer key, symbolic fusion
 
 
-def _tolerances(program: Program, tight: float) -> tuple[float, float]:
-    """(rtol, atol relative to the largest gradient): ``tight`` in float64, check_program's in float32."""
-    return (2e-4, 2e-5) if any(e.value.dtype != torch.float64 for e in program.entries) else (tight, tight)
+def _tolerances(program: Program, tight: float, graph: tg.Graph | None = None) -> tuple[float, float]:
+    """(rtol, atol relative to the largest gradient): ``tight`` in float64, check_program's in float32.
+
+    With ``graph``: a float64 program whose graph holds a lower-precision tensor inside a step
+    (``t0.float().double()``) gets float32's rounding of a gradient through it, 1e-6: a fused rule
+    computes that gradient in another order in float64, and its cast can round to the next float32.
+    """
+    if any(e.value.dtype != torch.float64 for e in program.entries):
+        return 2e-4, 2e-5
+    if graph is not None and any(data["dtype"] in _NARROW for data in graph._nodes):
+        return max(tight, 1e-6), max(tight, 1e-6)
+    return tight, tight
+
+
+_NARROW = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _assert_grads_close(got: dict, expected: dict, rtol: float, atol: float, what: str) -> None:
@@ -480,7 +492,7 @@ def _fused(data: st.DataObject, max_steps: int) -> None:
     chains = sum(node["op"] == "fused" for node in fused._nodes)
     note(f"{chains} fused chains")
     ours = {i: grads[env[i]] if env[i] in grads else None for i in leaves}
-    rtol, atol = _tolerances(program, 1e-9)
+    rtol, atol = _tolerances(program, 1e-9, graph)
     _assert_grads_close(ours, theirs, rtol, atol, "fused: t")
     RUNS["fused"] += 1
     RUNS["fused_chains"] += chains
