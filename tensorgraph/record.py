@@ -1274,7 +1274,7 @@ def _call_tree(frames: list[types.FrameType], caller: types.FrameType) -> list[t
             parent = parent.f_back
             steps += 1
         up = index.get(id(parent)) if parent is not None and parent is not caller else None
-        calls.append((getattr(frame.f_code, "co_qualname", frame.f_code.co_name), up))
+        calls.append((_qualname(frame.f_code), up))
     return calls
 
 
