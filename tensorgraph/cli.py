@@ -119,8 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra:
             raise _unrecognized(command, extra)
         if not getattr(args, "run", None):
-            parser.print_help()
-            return 0
+            # NOTE: no command is a usage error (status 2, like argparse's), so that a script notices it
+            parser.print_help(sys.stderr)
+            print(f"{prog}: error: choose a command, e.g. `tensorgraph demo`", file=sys.stderr)
+            return 2
         result = args.run(args)
         return int(result or 0)
     except KeyboardInterrupt:

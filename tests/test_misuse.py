@@ -1419,6 +1419,17 @@ def test_cli_help_does_not_import_sympy():
     assert result.stdout.strip() == "False"
 
 
+def test_cli_without_a_command_is_a_usage_error(capsys):
+    """``tensorgraph`` alone printed its help and exited 0, so a script calling it by mistake went on."""
+    from tensorgraph.cli import main
+
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tensorgraph") and "demo" in err
+    assert err.rstrip().splitlines()[-1].startswith("tensorgraph: error: choose a command")
+    assert main(["--help"]) == 0  # asking for help is not an error
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_cli_debug_before_or_after_the_command(where, tmp_path, capsys):
     """``tensorgraph derive cross-entropy --debug`` was refused (argparse took --debug before the command only)."""
