@@ -1330,7 +1330,7 @@ class _Checker:
             if other <= node or other == named or tuple(value.shape) != tuple(upstream.shape) or \
                     not value.is_floating_point():
                 continue
-            swapped = self._contribution(consumer, node, value.to(upstream.dtype))
+            swapped = self._contribution(consumer, node, value.to(dtype=upstream.dtype, device=upstream.device))
             if swapped is not None:
                 yield "d" + identifier(self.nodes[named]["name"]), "d" + identifier(self.nodes[other]["name"]), swapped
 
@@ -1748,15 +1748,6 @@ def _dims(dims: list[int]) -> str:
     return str(dims[0]) if len(dims) == 1 else "(" + ", ".join(map(str, dims)) + ")"
 
 
-def _number(value: float) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.3g}"
-
-
-__all__ = ["CheckReport", "CheckRow", "ERROR_KINDS", "KINDS", "check", "nonfinite_forward"]
-
-
 def _swapped_rule(rule: Any, position: int | None, value: Tensor) -> Any:
     """``rule`` reading ``value`` as its argument at ``position`` (None: as the op's result)."""
     def swapped(grad: Tensor, out: Any, *args: Any, **kwargs: Any) -> Any:
@@ -1766,3 +1757,13 @@ def _swapped_rule(rule: Any, position: int | None, value: Tensor) -> Any:
         return rule(grad, out, *args, **kwargs)
 
     return swapped
+
+
+def _number(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3g}"
+
+
+__all__ = ["CheckReport", "CheckRow", "ERROR_KINDS", "KINDS", "check", "nonfinite_forward"]
+
