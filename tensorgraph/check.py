@@ -19,7 +19,8 @@ give from their upstream):
 ``missing-branch``   the sum over only some of the tensor's consumers (the message names the lines kept and missed)
 ``sign``             the right value times -1
 ``scaled``           the right value times another constant (the message gives it: ``(n-1)/n = 31/32``)
-``wrong``            none of the above (the message says what it can: the local derivative alone, a fused slip ...)
+``wrong``            none of the above (the message says what it can: the local derivative alone, a fused slip,
+                     a swapped variable ...)
 ``inherited``        right given the learner's upstream gradients, which are wrong
 ``missing``          not given
 """
@@ -51,7 +52,8 @@ from .engine import (
     root_node,
     seed_gradient,
 )
-from .graph import identifier, is_float
+from .graph import Ref, identifier, is_float
+from .ops import OPS
 from .rounding import TOLERANCES, close, rounding_noise, sum_to
 
 if TYPE_CHECKING:
@@ -345,6 +347,9 @@ class _Branch:
 # a right gradient this much smaller than the parts summed into it is about 0 by cancellation, not by its values
 _CANCELLED = 1e-5
 
+# at most this many recorded tensors are tried in place of each one a rule reads (on a wrong row only)
+_SWAP_CANDIDATES = 50
+
 # a slipped formula: (the row's kind, the message, its value)
 _Slip = tuple[str, str, Tensor]
 
@@ -372,7 +377,7 @@ class _Checker:
         self.shape_off: set[int] = set()  # nodes whose learner value was passed on with a wrong shape
         self.rows: dict[int, CheckRow] = {}
         self.n_label = _batch_size(graph)
-        self._code = None
+        self._code: dict[bool, Any] = {}  # textbook or not -> the generated backward (False: it failed)
 
     def run(self) -> CheckReport:
         judged = {n for n in self.truth if n != self.root and (self.nodes[n]["named"] or n in self.given)}
@@ -928,9 +933,9 @@ class _Checker:
         named = self.graph._names.get(name)
         return f"`{self._forward_line(named)}`" if named is not None else name
 
-    def _branch_hint(self, node: int, consumer: int) -> str | None:
+    def _branch_hint(self, node: int, consumer: int, textbook: bool = False) -> str | None:
         """The generated backward line that adds that branch: ``dcounts += dcounts_sum``."""
-        code = self._generated()
+        code = self._generated(textbook)
         if code is None:
             return None
         variable = code.variables.get(node)
@@ -948,11 +953,16 @@ class _Checker:
         if len(steps) != 1 or steps[0] not in code.contributions:
             return ""
         line = code.contributions[steps[0]]
-        known = {"torch", "F", "True", "False", "None"} | {identifier(d["name"]) for d in self.nodes if d["named"]}
-        known |= {variable for forward, variable in code.variables.items() if self.nodes[forward]["named"]}
-        if any(word not in known for word in re.findall(r"(?<![.\w])[A-Za-z_]\w*", line)):
+        if not self._readable(code, line):
             return self._matmul_hint(node)  # the line reads temporaries of the generated code
         return f"; the right line: {code.variables[node]} = {line}"
+
+    def _readable(self, code: Any, line: str) -> bool:
+        """The generated ``line`` reads only the graph's named tensors and their gradients (no temporaries; a
+        keyword argument's name, ``keepdim=``, is no read)."""
+        known = {"torch", "F", "True", "False", "None"} | {identifier(d["name"]) for d in self.nodes if d["named"]}
+        known |= {variable for forward, variable in code.variables.items() if self.nodes[forward]["named"]}
+        return all(word in known for word in re.findall(r"(?<![.\w])[A-Za-z_]\w*(?!\w)(?!\s*=(?!=))", line))
 
     def _matmul_hint(self, node: int) -> str:
         """``; it should be x.T @ d(x @ W)``: the rule of the matmul that uses the tensor."""
@@ -976,15 +986,16 @@ class _Checker:
             return f"; it should be d{name} = d({product}) @ {other[0]}.T"
         return ""
 
-    def _generated(self) -> Any:
-        if self._code is None:
+    def _generated(self, textbook: bool = False) -> Any:
+        """The answer key (codegen's backward pass); ``textbook``: fused kernels as formulas (``(1 - h**2) * dh``)."""
+        if textbook not in self._code:
             from .codegen import generate
 
             try:
-                self._code = generate(self.graph, self.root, self.grad)
+                self._code[textbook] = generate(self.graph, self.root, self.grad, textbook=textbook)
             except Exception:  # noqa: BLE001 - a hint is optional; the diagnosis stands without it
-                self._code = False
-        return self._code or None
+                self._code[textbook] = False
+        return self._code[textbook] or None
 
     def _unbroadcast_message(self, shape: tuple, ref_shape: tuple) -> str:
         dims, fix = _unbroadcast_fix(shape, ref_shape)
@@ -1067,7 +1078,8 @@ class _Checker:
         if self._same_values_elsewhere(node, mine, ref):
             return "the right values in the wrong places: check the indices"
         said = self._other_gradient(node, mine) or self._local_derivative_alone(node, mine) or \
-            self._picked_message(node, mine, ref) or self._localised_message(node, mine, ref)
+            self._swapped_message(node, mine, ref, upstream_off) or self._picked_message(node, mine, ref) or \
+            self._localised_message(node, mine, ref)
         if said:
             return said
         scale = ref.abs().max().item()
@@ -1255,6 +1267,118 @@ class _Checker:
         upstream = self.nodes[consumer]["name"]
         return (f"the local derivative of {self._forward_line(consumer)} alone: multiply it by the upstream "
                 f"gradient d{upstream} (chain rule)")
+
+    def _swapped_message(self, node: int, mine: Tensor, ref: Tensor, upstream_off: bool) -> str | None:
+        """``dhpreact = (1 - hpreact**2) * dh`` for ``(1 - h**2) * dh``: the right formula with another recorded
+        tensor of the same shape in place of one its rule reads (a forward value, or the upstream gradient), found
+        by running the consumer's rule with the swap. Said only when exactly one swap gives the learner's value;
+        a tensor with several consumers may have the swap in one branch, the others right."""
+        branches = self.mine.get(node) if upstream_off else self.right.get(node)
+        if not branches or any(b is None for b in branches):
+            return None
+        consumers = list(dict.fromkeys(b.consumer for b in branches))
+        if len(consumers) > 10:
+            return None
+        hits: dict[tuple[int, str, str], None] = {}
+        for consumer in consumers:
+            upstream = self.used.get(consumer) if upstream_off else self.truth[consumer]
+            if upstream is None:
+                continue
+            own = _total([b for b in branches if b.consumer == consumer])
+            rest = None if len(consumers) == 1 or own is None else ref - own
+            for old, new, swapped in self._swaps(consumer, node, upstream, upstream_off):
+                total = swapped if rest is None else rest + swapped
+                if not self._close(total, ref, node) and self._close(mine, total, node):
+                    hits[(consumer, old, new)] = None
+        if len(hits) != 1:
+            return None
+        (consumer, old, new), = hits
+        where = f"{new} where {old} belongs"
+        if len(consumers) > 1:
+            hint = self._branch_hint(node, consumer, textbook=True)
+            return (f"the branch through {self._branch_line(consumer)} reads {where}; the rest is right"
+                    + (f" (it should be {hint})" if hint else ""))
+        line = self._right_line(node)
+        text = f"equals the right formula with {where} (a swapped variable?)"
+        return text + (f"; the right line: {line}" if line else self._rule_hint(node))
+
+    def _swaps(self, consumer: int, node: int, upstream: Tensor, upstream_off: bool
+               ) -> Iterator[tuple[str, str, Tensor]]:
+        """(what the rule reads, what stands in for it, the contribution to ``node``) for each swap: every
+        named tensor the consumer's rule reads (an input, or its result) replaced by each named recorded tensor
+        of its shape and dtype, and the upstream gradient by each of the learner's earlier gradients of its shape."""
+        data = self.nodes[consumer]
+        base = data.get("rule") or getattr(OPS.get(data["op"]), "rule", None)
+        if base is None:
+            return
+        reads = [(position, arg.node) for position, arg in enumerate(data["bargs"]) if arg.__class__ is Ref]
+        if data["output_index"] is None:
+            reads.append((None, consumer))
+        for position, read in reads:
+            if not self.nodes[read]["named"]:
+                continue
+            for other in self._stand_ins(read):
+                rule = _swapped_rule(base, position, self.nodes[other]["value"])
+                swapped = self._contribution(consumer, node, upstream, rule)
+                if swapped is not None:
+                    yield identifier(self.nodes[read]["name"]), identifier(self.nodes[other]["name"]), swapped
+        named = self._gradient_name(consumer, upstream, upstream_off)
+        if named is None:
+            return
+        for other, value in self.given.items():
+            # only a gradient the learner has before this line: one of a later tensor (earlier in backward order)
+            if other <= node or other == named or tuple(value.shape) != tuple(upstream.shape) or \
+                    not value.is_floating_point():
+                continue
+            swapped = self._contribution(consumer, node, value.to(dtype=upstream.dtype, device=upstream.device))
+            if swapped is not None:
+                yield "d" + identifier(self.nodes[named]["name"]), "d" + identifier(self.nodes[other]["name"]), swapped
+
+    def _stand_ins(self, read: int) -> list[int]:
+        """The named recorded tensors of ``read``'s shape and dtype, nearest in the recording first (a few dozen)."""
+        data = self.nodes[read]
+        found = [n for n, other in enumerate(self.nodes) if n != read and other["named"] and
+                 isinstance(other.get("value"), Tensor) and tuple(other["shape"]) == tuple(data["shape"]) and
+                 other["dtype"] == data["dtype"] and other["value"]._version == other["version"]]
+        return sorted(found, key=lambda n: abs(n - read))[:_SWAP_CANDIDATES]
+
+    def _gradient_name(self, consumer: int, upstream: Tensor, upstream_off: bool) -> int | None:
+        """The named tensor whose gradient ``upstream`` is: the consumer, or the named tensor a few unnamed ops
+        later whose gradient passes on unchanged (``logits = h @ W2 + b2``: the matmul's gradient is dlogits)."""
+        current = consumer
+        for _ in range(4):
+            if self.nodes[current]["named"]:
+                value = self.used.get(current) if upstream_off else self.truth[current]
+                same = value is not None and tuple(value.shape) == tuple(upstream.shape) and \
+                    self._close(upstream, value, current)
+                return current if same else None
+            after = [c for c in self.graph.nx.successors(current) if c in self.truth]
+            if len(after) != 1:
+                return None
+            current = after[0]
+        return None
+
+    def _contribution(self, consumer: int, node: int, upstream: Tensor, rule: Any = None) -> Tensor | None:
+        """What ``consumer``'s rule (or ``rule`` in its place) sends ``node`` from ``upstream``, in its shape."""
+        target = self.nodes[node]
+        try:
+            parts = [sum_to(grad, target["shape"]).to(target["dtype"]) for source, grad in
+                     input_gradients(self.nodes[consumer], call_rule(self.graph, consumer, upstream, rule))
+                     if source == node]
+            return sum(parts[1:], parts[0]) if parts else None
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            return None
+
+    def _right_line(self, node: int) -> str | None:
+        """``dhpreact = (1 - h**2) * dh``: the answer key's one line for the gradient, fused kernels written out."""
+        code = self._generated(textbook=True)
+        if code is None or node not in code.variables:
+            return None
+        steps = [i for i, step in enumerate(code.trace.steps) if step.source == node]
+        if len(steps) != 1 or steps[0] not in code.contributions:
+            return None
+        line = code.contributions[steps[0]]
+        return f"{code.variables[node]} = {line}" if self._readable(code, line) else None
 
     def _localised_message(self, node: int, mine: Tensor, ref: Tensor) -> str | None:
         """Wrong at some elements only: how many, the first, and whether the right gradient is 0 there."""
@@ -1624,6 +1748,17 @@ def _dims(dims: list[int]) -> str:
     return str(dims[0]) if len(dims) == 1 else "(" + ", ".join(map(str, dims)) + ")"
 
 
+def _swapped_rule(rule: Any, position: int | None, value: Tensor) -> Any:
+    """``rule`` reading ``value`` as its argument at ``position`` (None: as the op's result)."""
+    def swapped(grad: Tensor, out: Any, *args: Any, **kwargs: Any) -> Any:
+        if position is None:
+            return rule(grad, value, *args, **kwargs)
+        args = (*args[:position], value, *args[position + 1:])
+        return rule(grad, out, *args, **kwargs)
+
+    return swapped
+
+
 def _number(value: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -1631,3 +1766,4 @@ def _number(value: float) -> str:
 
 
 __all__ = ["CheckReport", "CheckRow", "ERROR_KINDS", "KINDS", "check", "nonfinite_forward"]
+

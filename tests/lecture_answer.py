@@ -40,6 +40,9 @@ MISTAKES = {
     "dh-half": ("h", "dtype"),  # right values in float16 (.half(), or built from a float16 tensor)
     "dbnvar-no-eps": ("bnvar", "wrong"),  # (bnvar)**-1.5: forgot the eps, a 3e-5 relative slip
     "dbnvar_inv-wrong-dim": ("bnvar_inv", "wrong"),  # .sum(1, keepdim=True): (32, 1), broadcast below
+    "dhpreact-swapped": ("hpreact", "wrong"),  # (1 - hpreact**2) * dh: the tanh's input for its output
+    "dW2-swapped": ("W2", "wrong"),  # hpreact.T @ dlogits: the layer before h
+    "dbngain-swapped": ("bngain", "wrong"),  # (bndiff * dhpreact).sum(0, keepdim=True): bndiff for bnraw
 }
 
 
@@ -77,11 +80,15 @@ def answer(v: SimpleNamespace, mistake: str | None = None) -> dict[str, torch.Te
     if mistake == "dh-half":
         dh = dh.half()
     dW2 = dlogits.T @ v.h if mistake == "dW2-transposed" else v.h.T @ dlogits
+    if mistake == "dW2-swapped":
+        dW2 = v.hpreact.T @ dlogits
     db2 = dlogits if mistake == "db2-not-summed" else dlogits.sum(0)
     dhpreact = ((1.0 - v.h) if mistake == "dhpreact-wrong" else (1.0 - v.h**2)) * dh
     if mistake == "dhpreact-no-chain":
         dhpreact = 1.0 - v.h**2
-    dbngain = (v.bnraw * dhpreact).sum(0, keepdim=True)
+    elif mistake == "dhpreact-swapped":
+        dhpreact = (1.0 - v.hpreact**2) * dh
+    dbngain = ((v.bndiff if mistake == "dbngain-swapped" else v.bnraw) * dhpreact).sum(0, keepdim=True)
     dbnraw = v.bngain * dhpreact
     dbnbias = dhpreact if mistake == "dbnbias-not-summed" else dhpreact.sum(0, keepdim=True)
     dbndiff = v.bnvar_inv * dbnraw

@@ -195,6 +195,9 @@ def test_messages_are_pointed(reports):
         return reports(mistake)[MISTAKES[mistake][0]].message
 
     assert message("dbnmeani-no-keepdim").startswith("missing keepdim=True: got (64,) for (1, 64)")
+    for mistake, where in [("dhpreact-swapped", "hpreact where h"), ("dW2-swapped", "hpreact where h"),
+                           ("dbngain-swapped", "bndiff where bnraw")]:
+        assert message(mistake).startswith(f"equals the right formula with {where} belongs (a swapped variable?)")
     assert message("dbnmeani-summed-all") == (
         "wrong shape: got () for (1, 64): summed over every dim of (32, 64) (a .sum() with no dim); the broadcast "
         "happened along dim 0 only (.sum(0, keepdim=True))")
@@ -618,6 +621,8 @@ def test_seeded_mistakes_are_still_found_on_another_seed(mistake):
     blamed, kind = MISTAKES[mistake]
     report = graph.check(answer(v, mistake), loss)
     assert report.first_error == blamed and len(report.errors) == 1, str(report)
+    if mistake.endswith("-swapped"):
+        assert "(a swapped variable?)" in report[blamed].message, str(report)
 
 
 @pytest.mark.parametrize("seed", [0, 2, 3, 4, 5, 6])  # (at seed 1 float64's own forward differs too much)
@@ -1257,6 +1262,97 @@ def test_a_fan_out_row_that_no_reading_explains_lists_its_branches_and_claims_no
     assert row.message.endswith(" (dbndiff sums 2 branches, through `bnraw = bndiff * bnvar_inv` and `bndiff2 = "
                                 "bndiff**2`: check each)"), row
     assert "alone" not in row.message and "missing" not in row.message, row
+
+
+# the right formula with one variable swapped for another of the same shape: (the slipped line, the same line with
+# the right variable, which must be torch autograd's gradient, the row, the message)
+SWAPS = [
+    (lambda v, g: (1.0 - v.hpreact**2) * g["dh"], lambda v, g: (1.0 - v.h**2) * g["dh"], "hpreact",  # tanh
+     "equals the right formula with hpreact where h belongs (a swapped variable?); the right line: dhpreact = "
+     "(1 - h**2) * dh"),
+    (lambda v, g: v.hpreact.T @ g["dlogits"], lambda v, g: v.h.T @ g["dlogits"], "W2",  # a matmul
+     "equals the right formula with hpreact where h belongs (a swapped variable?); the right line: dW2 = "
+     "h.t().mm(dlogits)"),
+    (lambda v, g: (v.bndiff * g["dhpreact"]).sum(0, keepdim=True),  # a broadcast product, summed
+     lambda v, g: (v.bnraw * g["dhpreact"]).sum(0, keepdim=True), "bngain",
+     "equals the right formula with bndiff where bnraw belongs (a swapped variable?); the right line: dbngain = "
+     "(dhpreact * bnraw).sum(0, keepdim=True)"),
+    (lambda v, g: v.bnbias * g["dhpreact"], lambda v, g: v.bngain * g["dhpreact"], "bnraw",  # a broadcast product
+     "equals the right formula with bnbias where bngain belongs (a swapped variable?); the right line: dbnraw = "
+     "dhpreact * bngain"),
+    # the upstream gradient of the layer next to it
+    (lambda v, g: v.bngain * g["dh"], lambda v, g: v.bngain * g["dhpreact"], "bnraw",
+     "equals the right formula with dh where dhpreact belongs (a swapped variable?); the right line: dbnraw = "
+     "dhpreact * bngain"),
+    (lambda v, g: v.embcat.T @ g["dbndiff"], lambda v, g: v.embcat.T @ g["dhprebn"], "W1",
+     "equals the right formula with dbndiff where dhprebn belongs (a swapped variable?); the right line: dW1 = "
+     "embcat.t().mm(dhprebn)"),
+    # a tensor used in several lines: the swap in one branch
+    (lambda v, g: v.bnvar * g["dbnraw"] + 2 * v.bndiff * g["dbndiff2"],
+     lambda v, g: v.bnvar_inv * g["dbnraw"] + 2 * v.bndiff * g["dbndiff2"], "bndiff",
+     "the branch through `bnraw = bndiff * bnvar_inv` reads bnvar where bnvar_inv belongs; the rest is right (it "
+     "should be dbndiff += dbnraw * bnvar_inv)"),
+    (lambda v, g: v.counts_sum * g["dprobs"] + g["dcounts_sum"], lambda v, g: v.counts_sum_inv * g["dprobs"] +
+     g["dcounts_sum"], "counts",
+     "the branch through `probs = counts * counts_sum_inv` reads counts_sum where counts_sum_inv belongs; the rest "
+     "is right (it should be dcounts += dprobs * counts_sum_inv)"),
+]
+
+
+@pytest.mark.parametrize("slip, fixed, name, message", SWAPS)
+def test_a_swapped_variable_in_the_right_formula_is_named(lecture, truth64, slip, fixed, name, message):
+    """dhpreact = (1 - hpreact**2) * dh for (1 - h**2) * dh: similar names, or the layer next to it. The row said
+    "maxdiff 0.0562 where the right values reach 0.00948" and the op's derivative."""
+    graph, loss, v = lecture
+    assert not _off(fixed(v, answer(v)), truth64[name])  # independently: the other variable makes it right
+    row = _slipped_row(lecture, truth64, name, slip)
+    assert row.kind == "wrong" and row.message == message, row
+
+
+@pytest.mark.parametrize("slip, name", [
+    (lambda v, g: g["dhpreact"] * (1 + 0.3 * torch.randn(g["dhpreact"].shape,
+                                                         generator=torch.Generator().manual_seed(1))), "hpreact"),
+    (lambda v, g: v.h.T @ g["dlogits"] + 0.01, "W2"),  # a constant added
+    (lambda v, g: (1.0 - v.hpreact) * g["dh"], "hpreact"),  # another formula, with the input in it
+    (lambda v, g: (v.bnraw * g["dh"]).sum(0, keepdim=True) * 1.1, "bngain"),  # a swap and a factor: no swap alone
+    (lambda v, g: v.bnvar_inv * g["dbnraw"] + v.bndiff**2 * g["dbndiff2"], "bndiff"),  # a branch's other formula
+])
+def test_a_wrong_gradient_that_no_single_swap_gives_is_not_called_a_swap(lecture, truth64, slip, name):
+    row = _slipped_row(lecture, truth64, name, slip)
+    assert row.kind == "wrong" and "swapped" not in row.message and "belongs" not in row.message, row
+
+
+def test_a_scaled_gradient_stays_scaled_not_a_swap(lecture, truth64):
+    row = _slipped_row(lecture, truth64, "hpreact", lambda v, g: 2 * (1.0 - v.h**2) * g["dh"])
+    assert row.kind == "scaled" and row.message == "scaled by 2", row
+
+
+def test_cli_check_names_a_swapped_variable(tmp_path, capsys):
+    from tensorgraph.cli import main
+
+    script = _script(tmp_path, TANH_SWAP)
+    assert main(["check", script]) == 1
+    out = capsys.readouterr().out
+    assert "first error: dhpreact (wrong)" in out
+    assert ("| equals the right formula with hpreact where h belongs (a swapped variable?); the right line: "
+            "dhpreact = (1 - h**2) * dh\n") in out, out
+    assert "inherited from dhpreact" in out
+
+
+TANH_SWAP = """
+import torch
+import tensorgraph as tg
+g = torch.Generator().manual_seed(0)
+x = torch.randn(4, 3, generator=g)
+W = torch.randn(3, 5, generator=g)
+with tg.record() as graph:
+    hpreact = x @ W
+    h = torch.tanh(hpreact)
+    loss = (h**2).sum()
+dh = 2 * h
+dhpreact = (1.0 - hpreact**2) * dh
+dW = x.T @ dhpreact
+"""
 
 
 # ---------------------------------------------------------------- the fused one-liners (exercises 2 and 3)
