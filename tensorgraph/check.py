@@ -1766,4 +1766,3 @@ def _number(value: float) -> str:
 
 
 __all__ = ["CheckReport", "CheckRow", "ERROR_KINDS", "KINDS", "check", "nonfinite_forward"]
-
