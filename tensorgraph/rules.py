@@ -1461,9 +1461,10 @@ def gradient(g: Tensor, out: Any, input: Tensor, spacing: Any = 1, dim: Any = No
     if step.shape != (n,):
         raise UnsupportedCall(f"gradient: spacing[{output_index}] holds {step.numel()} coordinates for dim {along} "
                               f"of size {n}; give one coordinate per element")
+    stencil = _coordinate_stencil(step.diff(), edge_order).to(g.dtype)  # its weights rounded as torch's are
     gaps = step.to(g.dtype).diff()
     moved = g.movedim(along, -1)
-    grad_input = (moved @ _coordinate_stencil(gaps, edge_order)).movedim(-1, along).to(input.dtype)
+    grad_input = (moved @ stencil).movedim(-1, along).to(input.dtype)
     grad_gaps = _gaps_gradient(moved, input.to(g.dtype).movedim(along, -1), out[output_index].movedim(along, -1),
                                gaps, edge_order)
     zero = grad_gaps.new_zeros(1)
