@@ -1468,7 +1468,8 @@ def gradient(g: Tensor, out: Any, input: Tensor, spacing: Any = 1, dim: Any = No
     grad_gaps = _gaps_gradient(moved, input.to(g.dtype).movedim(along, -1), out[output_index].movedim(along, -1),
                                gaps, edge_order)
     zero = grad_gaps.new_zeros(1)
-    grad_step = (torch.cat([zero, grad_gaps]) - torch.cat([grad_gaps, zero])).to(step.dtype)
+    grad_step = (torch.cat([zero, grad_gaps]) - torch.cat([grad_gaps, zero])).to(step.dtype) \
+        if step.is_floating_point() else None  # integer coordinates take no gradient
     return grad_input, [grad_step if i == output_index else None for i in range(len(steps))]
 
 
