@@ -1135,6 +1135,40 @@ def matrix_exp(g: Tensor, out: Tensor, A: Tensor) -> Tensor:
     return torch.linalg.matrix_exp(block)[..., :n, n:]
 
 
+def _sylvester(C: Tensor, values: Tensor, vectors: Tensor) -> Tensor:
+    """Y with S Y + Y S = C, for S = V diag(values) V^T positive definite: in S's eigenbasis the equation is
+    (V^T Y V)_ij (s_i + s_j) = (V^T C V)_ij, one division per entry."""
+    return vectors @ ((vectors.mT @ C @ vectors) / (values.unsqueeze(-1) + values.unsqueeze(-2))) @ vectors.mT
+
+
+def matrix_sqrth(g: Tensor, out: Tensor, A: Tensor) -> Tensor:
+    """X = A^(1/2) for A symmetric positive definite: X X = A gives X dX + dX X = dA, so <g, dX> = <gA, dA>
+    for gA solving X gA + gA X = g (the Sylvester operator is its own adjoint), in X's eigenbasis.
+
+    NOTE: as torch, the gradient is symmetric, the derivative along symmetric perturbations, though the forward
+    reads one triangle of A: g's antisymmetric part does not reach A.
+    """
+    _real("linalg.matrix_sqrth", A)
+    values, vectors = torch.linalg.eigh(out)
+    return _sylvester(0.5 * (g + g.mT), values, vectors)
+
+
+def linalg_polar(g: Tensor, out: Any, A: Tensor, *, output_index: int = 0) -> Tensor:
+    """A = U H, U with orthonormal columns, H = (A^T A)^(1/2) (A of full column rank).
+
+    H H = A^T A gives H dH + dH H = dA^T A + A^T dA, and U = A H^-1 gives dU = (dA - U dH) H^-1. A gradient K
+    reaching dH thus reaches dA as A Y with H Y + Y H = K + K^T; U's sends gU H^-1 directly and K = -U^T gU H^-1.
+    """
+    _real("linalg.polar", A)
+    U, H = out
+    values, vectors = once_per_pass((H,), lambda: torch.linalg.eigh(H), last=output_index == 0)
+    if output_index == 1:
+        return A @ _sylvester(g + g.mT, values, vectors)
+    direct = g @ (vectors / values.unsqueeze(-2)) @ vectors.mT  # gU H^-1
+    through_h = -(U.mT @ direct)
+    return direct + A @ _sylvester(through_h + through_h.mT, values, vectors)
+
+
 def _triangle(grad: Tensor, upper: bool, unitriangular: bool) -> Tensor:
     """Only the triangle the solve reads gets a gradient (without the diagonal when it is taken as ones)."""
     return grad.triu(int(unitriangular)) if upper else grad.tril(-int(unitriangular))
@@ -1181,6 +1215,10 @@ defop("pinv", pinv, auto=False, funcs=("linalg.pinv",))
 defop("pinverse", lambda g, out, x, rcond=1e-15: _pinv_grad(g, out, x))
 defop("lstsq", lstsq, multi=True, auto=False, funcs=("linalg.lstsq",))
 defop("matrix_exp", matrix_exp, funcs=("linalg.matrix_exp",))
+if hasattr(torch.linalg, "matrix_sqrth"):  # new in torch 2.14, as linalg.polar: no rule where torch lacks them
+    defop("matrix_sqrth", matrix_sqrth, auto=False, funcs=("linalg.matrix_sqrth",))
+if hasattr(torch.linalg, "polar"):
+    defop("linalg_polar", linalg_polar, multi=True, auto=False, funcs=("linalg.polar",))
 defop("solve_triangular", solve_triangular, auto=False, funcs=("linalg.solve_triangular",))
 defop("triangular_solve", triangular_solve, multi=True)
 
@@ -1356,18 +1394,83 @@ def _difference_stencil(n: int, step: float, edge_order: int, like: Tensor) -> T
     return torch.cat([first, inside, last])
 
 
-def gradient(g: Tensor, out: Any, input: Tensor, *, spacing: Any = 1, dim: Any = None, edge_order: int = 1,
-             output_index: int = 0) -> Tensor:
+def _coordinate_stencil(gaps: Tensor, edge_order: int) -> Tensor:
+    """The n x n matrix of torch.gradient along one dim at coordinates ``gaps`` apart (n - 1 of them): each
+    row the derivative, at its point, of the parabola through the point and its two neighbours (at an edge,
+    the line through the two end points with edge_order=1, or the parabola through the three)."""
+    n = gaps.shape[0] + 1
+    t = torch.eye(n, dtype=gaps.dtype, device=gaps.device)
+    h1, h2 = gaps[:-1, None], gaps[1:, None]  # the gaps before and after each inner point
+    span = h1 + h2
+    inside = t[:-2] * (-h2 / (h1 * span)) + t[1:-1] * ((h2 - h1) / (h1 * h2)) + t[2:] * (h1 / (h2 * span))
+    if edge_order == 1:
+        first, last = (t[1:2] - t[:1]) / gaps[0], (t[-1:] - t[-2:-1]) / gaps[-1]
+    else:
+        a, b = gaps[0], gaps[1]
+        first = (t[:1] * -(2 * a + b) / (a * (a + b)) + t[1:2] * (a + b) / (a * b) - t[2:3] * a / (b * (a + b)))
+        a, b = gaps[-2], gaps[-1]
+        last = (t[-3:-2] * b / (a * (a + b)) - t[-2:-1] * (a + b) / (a * b) + t[-1:] * (a + 2 * b) / (b * (a + b)))
+    return torch.cat([first, inside, last])
+
+
+def _gaps_gradient(g: Tensor, x: Tensor, y: Tensor, gaps: Tensor, edge_order: int) -> Tensor:
+    """The gradient of the gaps between coordinates (g, x, y with the differentiated dim last).
+
+    With the slopes u = (x_i - x_(i-1)) / h1 and v = (x_(i+1) - x_i) / h2 on both sides of a point, each
+    output is a weighted mean y = N / (h1 + h2): N = h2 u + h1 v inside, (2 h1 + h2) u - h1 v at the first
+    point and (h1 + 2 h2) v - h2 u at the last (edge_order=2), so dy/dh = (dN/dh - y) / (h1 + h2), where
+    du/dh1 = -u / h1 and dv/dh2 = -v / h2. With edge_order=1 an end is one slope: dy/dh = -y / h.
+    """
+    count = gaps.shape[0]
+    slopes = x.diff(dim=-1) / gaps
+    if edge_order == 1:
+        first = torch.stack([(g[..., 0] * -y[..., 0]).sum() / gaps[0]])
+        last = torch.stack([(g[..., -1] * -y[..., -1]).sum() / gaps[-1]])
+    else:
+        h1, h2, u, v, end, weight = gaps[0], gaps[1], slopes[..., 0], slopes[..., 1], y[..., 0], g[..., 0]
+        first = torch.stack([(weight * (-h2 * u / h1 - v - end)).sum(), (weight * (u + h1 * v / h2 - end)).sum()])
+        h1, h2, u, v, end, weight = gaps[-2], gaps[-1], slopes[..., -2], slopes[..., -1], y[..., -1], g[..., -1]
+        last = torch.stack([(weight * (v + h2 * u / h1 - end)).sum(), (weight * (-u - h1 * v / h2 - end)).sum()])
+        first, last = first / (gaps[0] + gaps[1]), last / (gaps[-2] + gaps[-1])
+    grad = F.pad(first, (0, count - first.shape[0])) + F.pad(last, (count - last.shape[0], 0))
+    if count >= 2:  # the inner points, each between the gaps h1 (before it) and h2 (after it)
+        h1, h2, u, v = gaps[:-1], gaps[1:], slopes[..., :-1], slopes[..., 1:]
+        inner, weight = y[..., 1:-1], g[..., 1:-1] / (h1 + h2)
+        before = (weight * (v - h2 * u / h1 - inner)).reshape(-1, count - 1).sum(0)
+        after = (weight * (u - h1 * v / h2 - inner)).reshape(-1, count - 1).sum(0)
+        grad = grad + F.pad(before, (0, 1)) + F.pad(after, (1, 0))
+    return grad
+
+
+def gradient(g: Tensor, out: Any, input: Tensor, spacing: Any = 1, dim: Any = None, edge_order: int = 1, *,
+             output_index: int = 0) -> tuple:
     """torch.gradient: along each dim a linear stencil D (central differences inside, one-sided at the edges), so
-    the gradient is D^T g. Spacing as numbers only."""
+    the input's gradient is D^T g. Spacing given as coordinate tensors makes D depend on them too: their
+    gradient goes through the gaps between them (_gaps_gradient), and c_(k+1) - c_k = h_k gives each
+    coordinate the gradient of the gap before it minus that of the gap after it.
+
+    (``spacing`` is keyword-only in torch; positional here so that its tensors get their gradients.)"""
     dims = list(range(input.dim())) if dim is None else [dim] if isinstance(dim, int) else list(dim)
     steps = list(spacing) if isinstance(spacing, (tuple, list)) else [spacing] * len(dims)
     step = steps[output_index]
-    if isinstance(step, Tensor) and step.dim() > 0:
-        raise UnsupportedCall("gradient: spacing given as coordinate tensors has no rule; give it as numbers")
     along = dims[output_index] % input.dim()
-    stencil = _difference_stencil(input.shape[along], float(step), edge_order, g)
-    return (g.movedim(along, -1) @ stencil).movedim(-1, along)
+    if not isinstance(step, Tensor):
+        stencil = _difference_stencil(input.shape[along], float(step), edge_order, g)
+        return (g.movedim(along, -1) @ stencil).movedim(-1, along), None
+    n = input.shape[along]
+    if step.shape != (n,):
+        raise UnsupportedCall(f"gradient: spacing[{output_index}] holds {step.numel()} coordinates for dim {along} "
+                              f"of size {n}; give one coordinate per element")
+    stencil = _coordinate_stencil(step.diff(), edge_order).to(g.dtype)  # its weights rounded as torch's are
+    gaps = step.to(g.dtype).diff()
+    moved = g.movedim(along, -1)
+    grad_input = (moved @ stencil).movedim(-1, along).to(input.dtype)
+    grad_gaps = _gaps_gradient(moved, input.to(g.dtype).movedim(along, -1), out[output_index].movedim(along, -1),
+                               gaps, edge_order)
+    zero = grad_gaps.new_zeros(1)
+    grad_step = (torch.cat([zero, grad_gaps]) - torch.cat([grad_gaps, zero])).to(step.dtype) \
+        if step.is_floating_point() else None  # integer coordinates take no gradient
+    return grad_input, [grad_step if i == output_index else None for i in range(len(steps))]
 
 
 defop("gradient", gradient, multi=True)

@@ -752,6 +752,15 @@ def scan_cases():
         x, dim=1, edge_order=2)[0] + torch.gradient(x, spacing=[0.5, 3.0], dim=[1, 0], edge_order=2)[1], [x]
     yield "gradient_3d", lambda x: torch.gradient(x, dim=-1)[0] + torch.gradient(x, spacing=(0.3,), dim=(1,))[0], [
         r(2, 5, 4, seed=1)]
+    # coordinates as spacing (torch differentiates through them): increasing, with uneven gaps
+    a, b = r(5, positive=True, seed=2).cumsum(0), r(4, positive=True, seed=3).cumsum(0)
+    yield "gradient_coordinates", lambda x, a, b: torch.gradient(x, spacing=(b, a))[0] + torch.gradient(
+        x, spacing=[b, a], edge_order=2)[1] * 2 + torch.gradient(x, spacing=(a,), dim=1)[0] * 3 + torch.gradient(
+        x, spacing=(a, b), dim=(-1, 0), edge_order=2)[1], [x, a, b]
+    yield "gradient_coordinates_3d", lambda x, a, b: torch.gradient(x, spacing=(a, b), dim=(1, -1), edge_order=2)[
+        0] + torch.gradient(x, spacing=[b], dim=2)[0], [r(2, 5, 4, seed=4), a, b]
+    yield "gradient_coordinates_fewest_points", lambda x, a, b: torch.gradient(x, spacing=(a[:2],), dim=0)[0].sum(
+        0) + torch.gradient(x, spacing=(b[1:],), dim=1, edge_order=2)[0], [r(2, 3, seed=5), a, b]
     yield "aminmax", lambda x: torch.aminmax(x).min + torch.aminmax(x, dim=1).max.sum() + x.aminmax(
         dim=0, keepdim=True)[0].sum() + torch.aminmax(x, dim=-1, keepdim=True)[1], [distinct(4, 5)]
     yield "diag", lambda x: x.diag() + torch.diag(x, 1).sum() + torch.diag(x[0], -1).sum(), [x]
@@ -950,6 +959,8 @@ def _torch_runs(call: Callable[[], object]) -> bool:
 
 LEGACY_CHOLESKY = _torch_runs(lambda: torch.eye(2, dtype=D).cholesky())
 LEGACY_QR = _torch_runs(lambda: torch.eye(2, dtype=D).qr())
+MATRIX_SQRTH = hasattr(torch.linalg, "matrix_sqrth")  # new in torch 2.14, as linalg.polar: cased where torch has them
+POLAR = hasattr(torch.linalg, "polar")
 
 
 def decomposition_cases():
@@ -1016,6 +1027,16 @@ def decomposition_cases():
         r(2, 5, 3, seed=23), r(2, 5, seed=24)]
     yield "matrix_exp", lambda a: torch.linalg.matrix_exp(a) + (a * 0.5).matrix_exp() + torch.matrix_exp(-a), [x]
     yield "matrix_exp_batched", lambda a: torch.linalg.matrix_exp(a), [xb]
+    if MATRIX_SQRTH:
+        yield "matrix_sqrth", lambda x: torch.linalg.matrix_sqrth(_pd(x)), [x]
+        yield "matrix_sqrth_batched", lambda x: torch.linalg.matrix_sqrth(_pd(x)).exp(), [xb]
+        yield "symmetrised_matrix_sqrth", lambda a: torch.linalg.matrix_sqrth(a) ** 2, [_pd(x)]
+    if POLAR:  # unique for full column rank (no sign to make invariant); well conditioned, for float32 too
+        yield "polar_square", lambda a: _flat(*torch.linalg.polar(a)), [_spd(4, seed=39)]
+        yield "polar_tall_batched", lambda a: _flat(torch.linalg.polar(a).U ** 2, torch.linalg.polar(a).H.exp()), [
+            r(2, 5, 3, seed=38)]
+        yield "polar_U_only", lambda a: torch.linalg.polar(a).U.exp(), [tall]
+        yield "polar_H_only_batched", lambda a: torch.linalg.polar(a)[1] ** 3, [_spd(3, seed=40, batch=(2,))]
     t = _spd(4, seed=25)  # its triangles are well conditioned
     yield "solve_triangular", lambda a, b: torch.linalg.solve_triangular(a, b, upper=True) + (
         torch.linalg.solve_triangular(a, b, upper=False, unitriangular=True)), [t, r(4, 3, seed=26)]

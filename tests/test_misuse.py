@@ -231,14 +231,30 @@ def test_unsupported_arguments_name_the_op_the_argument_and_the_line():
         (lambda: F.normalize(x, p=float("inf")).sum(), r"normalize: only finite p > 0 has a rule \(got p=inf\)"),
         (lambda: x[0].mT.as_strided((2, 2), (1, 1)).sum(), r"as_strided: only a contiguous input has a rule"),
         (lambda: F.embedding_bag(torch.tensor([[0, 2]]), x[0], sparse=True).sum(), r"embedding_bag: sparse=True gives"),
-        (lambda: torch.gradient(x[0, 0], spacing=(torch.arange(5.0).double(),))[0].sum(),
-         r"gradient: spacing given as coordinate tensors has no rule"),
+        (lambda: torch.gradient(x[0, 0], spacing=(torch.arange(3.0).double(),))[0].sum(),  # torch broadcasts them
+         r"gradient: spacing\[0\] holds 3 coordinates for dim 0 of size 5; give one coordinate per element"),
     ]
     for make, message in cases:
         with tg.record() as graph:
             loss = make()
         line = make.__code__.co_firstlineno
         with pytest.raises(NotImplementedError, match=rf"{message}.*\(called at .*{at(line)}"):
+            graph.backward(loss)
+
+
+@pytest.mark.skipif(not hasattr(torch.linalg, "polar"), reason="linalg.matrix_sqrth and linalg.polar are new in "
+                    "torch 2.14")
+def test_complex_matrix_square_roots_and_polar_factors_are_refused_by_name():
+    a = torch.randn(3, 3, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    a = a @ a.mH + 3 * torch.eye(3)
+    cases = [(lambda: torch.linalg.matrix_sqrth(a).abs().sum(), "matrix_sqrth"),
+             (lambda: torch.linalg.polar(a).H.abs().sum(), "linalg_polar")]
+    for make, name in cases:
+        with tg.record() as graph:
+            loss = make()
+        line = make.__code__.co_firstlineno
+        with pytest.raises(NotImplementedError, match=rf"{name} produced a complex tensor; tensorgraph's rules are "
+                                                      rf"for real tensors \(called at .*{at(line)}"):
             graph.backward(loss)
 
 
