@@ -473,6 +473,82 @@ def _autocast_step(x, w, inside):
     return graph, loss
 
 
+def _either_line(x, w, first):
+    with tg.record() as graph:
+        if first:
+            a = x * w  # line A
+            loss = a.exp().sum()
+        else:
+            b = x * w  # line B: the same calls from another line of the same code
+            loss = b.exp().sum()
+    return graph, loss
+
+
+@pytest.mark.parametrize("matchers", [False, True])
+def test_the_same_call_from_another_line_of_the_same_code_is_another_structure(matchers):
+    """Another instruction than the template's, in the same code object, is its call only on the template's line
+    (replay._same_line: a mutant matching it on any line gave b the source and name of line A's a)."""
+    x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    fresh()
+    for _ in range(2 + (replay.GENERATE_AFTER if matchers else 0)):
+        template, _ = _either_line(x, w, True)
+    assert (template._replay.matchers is not None) == matchers
+    graph, loss = _either_line(x, w, False)
+    assert graph._replay is not template._replay
+    reference, _ = _reference(_either_line, x, w, False)
+    assert_same_graph(graph, reference)
+    assert "b" in graph.names and "a" not in graph.names
+    leaf = w.clone().requires_grad_()
+    (x * leaf).exp().sum().backward()
+    torch.testing.assert_close(graph.backward(loss)[w], leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+_SHARED = torch.randn(3, dtype=D, generator=torch.Generator().manual_seed(5))
+
+
+def _layer(x, repeats):
+    for _ in range(repeats):
+        x = (x * _SHARED).tanh()
+    return x
+
+
+def _stack(x, nested):
+    """The same calls from the same lines either way: two calls of _layer, or one that loops twice."""
+    y = _layer(_layer(x, 1), 1) if nested else _layer(x, 2)
+    return y.sum()
+
+
+def _two_blocks(x, which):
+    if which == "first":
+        with tg.record() as graph:  # a with line of its own ...
+            loss = _stack(x, nested=True)
+    else:
+        with tg.record() as graph:  # ... and another, recording the same calls from another call tree
+            loss = _stack(x, nested=False)
+    return graph, loss
+
+
+def test_each_with_line_keeps_its_own_templates():
+    """Templates are keyed by the line of the ``with`` statement: a block at another line of the same function
+    never uses this line's template, even where its calls (the same functions, lines and arguments) match it.
+    Here the two blocks' call trees differ, which a template does not check (a mutant keying templates by the
+    code object alone gave the second block the first one's calls: nodes of one _layer call in two)."""
+    x = torch.randn(3, dtype=D)
+    fresh()
+    for _ in range(2 + replay.GENERATE_AFTER):
+        first, _ = _two_blocks(x, "first")
+    for step in range(3):
+        graph, loss = _two_blocks(x, "second")
+        assert graph._replay is not first._replay
+        if step:
+            assert graph._replay is not None  # its own line's template
+        assert_same_graph(graph, _reference(_two_blocks, x, "second")[0])
+    assert len({key for key in replay.templates() if key[0] is _two_blocks.__code__}) == 2
+    leaf = x.clone().requires_grad_()
+    _layer(leaf, 2).sum().backward()
+    torch.testing.assert_close(graph.backward(loss)[x], leaf.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("where", ["around", "inside"])
 def test_a_recording_under_autocast_is_the_full_paths(where):
     """Under torch.autocast the full path marks each float op (its casts happen below the recorded calls), and
