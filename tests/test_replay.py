@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from helpers import _weights_for, assert_same_gradients, assert_same_graph, off_the_common_path, walk
 from op_cases import CASES
+from torch.overrides import TorchFunctionMode
 
 import tensorgraph as tg
 from tensorgraph import replay
@@ -1042,6 +1043,53 @@ def test_own_rules_and_other_modes_use_the_rule_walk():
     traced = tg.trace(graph, loss)  # a backward recorded by another recorder makes the rule walk's calls
     assert_same_gradients(traced.grads, walk(graph, loss))
     assert "dy" in traced.adjoint.names
+
+
+class _CallLog(TorchFunctionMode):
+    """A user's mode that logs the torch calls made under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", repr(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_another_torch_function_mode_around_the_backward_sees_the_rule_walk_at_every_step():
+    """A mode around graph.backward records or changes its torch calls: no trace and no plan run under it, it
+    sees the rule walk's calls at every step (a mutant dropping the mode check in Template.backward traced the
+    third step under the mode, 412 calls, and ran the plan at the fourth, 60; the walk makes 93)."""
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(4, 3, generator=g, dtype=D), torch.randn(3, 5, generator=g, dtype=D)
+    target = torch.tensor([0, 1, 4, 2])
+
+    def make():
+        with tg.record() as graph:
+            h = torch.tanh(x @ w)
+            loss = F.cross_entropy(h, target)
+        return graph, loss
+
+    fresh()
+    leaf = w.clone().requires_grad_()
+    expected = torch.autograd.grad(F.cross_entropy(torch.tanh(x @ leaf), target), [leaf])[0]
+    for _ in range(4):
+        graph, loss = make()
+        with _CallLog() as seen:
+            grads = graph.backward(loss)
+        with _CallLog() as walked:
+            reference = walk(graph, loss)
+        assert seen.calls == walked.calls
+        assert_same_gradients(grads, reference)
+        torch.testing.assert_close(grads[w], expected, rtol=1e-12, atol=1e-12)
+    assert graph._replay is not None and graph._replay.plans == {}
+    for _ in range(2):  # without the mode: the structure's first walk, then the trace that makes its plan
+        graph, loss = make()
+        graph.backward(loss)
+    graph, loss = make()
+    assert graph._replay.plans[(len(graph) - 1, None)] is not None
+    torch.testing.assert_close(graph.backward(loss)[w], expected, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- threads, memory, bounds
