@@ -1045,6 +1045,62 @@ def test_own_rules_and_other_modes_use_the_rule_walk():
     assert "dy" in traced.adjoint.names
 
 
+def test_a_rule_carried_by_the_traced_step_never_becomes_the_plan_of_the_next_steps():
+    """The trace of a graph whose node carries its own rule records that rule's calls: no plan is made of it
+    (a mutant dropping the check in _Printer.plan replayed g * 10 for the exp of every later step, whose nodes
+    carry no rule, and its gradients were ten times torch's)."""
+    x = torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            y = (x * 2).exp()
+            loss = y.sum()
+        return graph, loss
+
+    fresh()
+    for step in range(5):  # the walk, the trace (under the node's own rule), then no plan
+        graph, loss = make()
+        if step == 2:
+            graph.node("y")["rule"] = lambda g, out, t: g * 10
+        grads = graph.backward(loss)
+        leaf = x.clone().requires_grad_()
+        expected = torch.autograd.grad((leaf * 2).exp().sum(), [leaf])[0]
+        if step == 2:  # d(loss)/dy * 10 through y's rule, times 2 through x * 2
+            expected = torch.full_like(x, 20.0)
+        torch.testing.assert_close(grads[x], expected, rtol=1e-12, atol=1e-12)
+    assert graph._replay.plans == {(len(graph) - 1, None): None}
+    assert "carries its own rule" in replay._last_refusal[0]
+
+
+def test_a_seed_that_is_a_forward_value_makes_no_plan():
+    """graph.backward(out, grad=y) with y a value of the graph: the trace cannot tell the rules' reads of y from
+    reads of the seed, so no plan is made (a mutant dropping the check in _Printer.plan read the seed where the
+    rule reads y: the next step's grad=ones gave 2 * ones * ones instead of 2 * y * ones)."""
+    x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            y = x * w
+            out = y * y
+        return graph, out
+
+    def expected(seed):
+        leaf = w.clone().requires_grad_()
+        y = x * leaf
+        return torch.autograd.grad(y * y, [leaf], grad_outputs=seed)[0]
+
+    fresh()
+    for _ in range(4):  # the walk, the trace, then the plan if one were made: each seeded with y itself
+        graph, out = make()
+        y = graph.node("y")["value"]
+        torch.testing.assert_close(graph.backward(out, y)[w], expected(y), rtol=1e-12, atol=1e-12)
+    graph, out = make()  # the same structure and seed shape, seeded with ones
+    seed = torch.ones(3, dtype=D)
+    torch.testing.assert_close(graph.backward(out, seed)[w], expected(seed), rtol=1e-12, atol=1e-12)
+    assert graph._replay.plans == {(len(graph) - 1, (3,), D, x.device): None}
+    assert "the seed is a forward value" in replay._last_refusal[0]
+
+
 class _CallLog(TorchFunctionMode):
     """A user's mode that logs the torch calls made under it."""
 
