@@ -27,6 +27,7 @@ from tensorgraph.compiler import CompiledGradients, RecompileWarning
 from tensorgraph.lecture import LECTURE_ROWS, setup
 from tensorgraph.lecture import forward as lecture_forward
 from tensorgraph.makemore.model import forward as exercise4_forward
+from tensorgraph.ops import OPS
 
 D = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-12}
@@ -160,6 +161,35 @@ def test_a_branch_that_is_also_a_parameters_gradient_is_not_added_into_in_place(
         ((a + qt) ** 2).sum().add(a.sin().sum()).backward()
         torch.testing.assert_close(grads[p], pt.grad, **TOL)
         torch.testing.assert_close(grads[q], qt.grad, **TOL)
+
+
+def test_a_branch_sharing_memory_with_another_gradient_is_not_added_into_in_place(monkeypatch):
+    # a rule may hand on one gradient tensor to two inputs as distinct tensors sharing its memory (here add's
+    # rule gives a g.detach() and q g itself): a's second branch (through sin) must not be added into the
+    # detached one in place, or dq, the same memory, would get dsin too. Only the storage check in
+    # _may_add_into sees it (the two are distinct statements, each read once, neither a view)
+    def add_rule(g, out, x, other, *, alpha=1):
+        return g.detach(), (g if alpha == 1 else g * alpha)
+
+    monkeypatch.setattr(OPS["add"], "rule", add_rule)
+    p, q = r(3, seed=27), r(3, seed=28)
+
+    def forward(x):
+        a = p * x
+        z = a.sin()
+        y = a + q
+        return (y * y).sum() + z.sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(3, seed=29)
+    for _ in range(2):  # the recording's own results, then the generated code's
+        loss, grads = step(x)
+        pt, qt = p.clone().requires_grad_(), q.clone().requires_grad_()
+        a = pt * x
+        ((a + qt) ** 2).sum().add(a.sin().sum()).backward()
+        torch.testing.assert_close(grads[p], pt.grad, **TOL)
+        torch.testing.assert_close(grads[q], qt.grad, **TOL)
+    assert "da = dy.detach() + " in step.source
 
 
 def test_source_is_readable_straight_line_code(lecture):
