@@ -125,6 +125,54 @@ def test_a_rule_that_reads_values_gets_no_plan(monkeypatch):
     assert exp_rule is not branching_rule
 
 
+def test_a_rule_reading_a_tensor_that_is_no_forward_value_gets_no_plan(monkeypatch):
+    """A rule may read a tensor that is neither a forward value nor made by a recorded call (here a factor it
+    keeps, changed between steps): a plan cannot read it, so none is made and every step walks with the factor of
+    its time (a mutant dropping the check in _Printer.plan printed ``xNone = nodes[None]['value']``, which raised
+    TypeError at the next step)."""
+    factor = torch.ones((), dtype=D)
+    monkeypatch.setattr(OPS["exp"], "rule", lambda g, out, x: g * out * factor)
+    x = torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            loss = (x * 2).exp().sum()
+        return graph, loss
+
+    fresh()
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad((leaf * 2).exp().sum(), [leaf])[0]
+    for step in range(4):  # the walk, the trace, then the plan if one were made
+        factor.fill_(step + 1.0)
+        graph, loss = make()
+        torch.testing.assert_close(graph.backward(loss)[x], expected * (step + 1), rtol=1e-12, atol=1e-12)
+    assert graph._replay.plans == {(len(graph) - 1, None): None}
+    assert "which is no forward value" in replay._last_refusal[0]
+
+
+def test_a_gradient_not_made_by_a_recorded_call_gets_no_plan(monkeypatch):
+    """A rule may return a tensor made outside the backward (here sum's, a ones tensor it keeps, right for the
+    seed of ones): a plan cannot return it, so none is made (a mutant dropping the check in _Printer.plan looked
+    up adjoint node None and raised TypeError from graph.backward)."""
+    ones = torch.ones(3, dtype=D)
+    monkeypatch.setattr(OPS["sum"], "rule", lambda g, out, x, *args, **kwargs: ones)
+    x = torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            loss = x.sum()  # (x's gradient is the kept tensor itself: no recorded call reads it)
+        return graph, loss
+
+    fresh()
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad(leaf.sum(), [leaf])[0]
+    for _ in range(4):
+        graph, loss = make()
+        torch.testing.assert_close(graph.backward(loss)[x], expected, rtol=1e-12, atol=1e-12)
+    assert graph._replay.plans == {(len(graph) - 1, None): None}
+    assert "was not made by a recorded call" in replay._last_refusal[0]
+
+
 def test_cross_entropy_rule_is_branch_free_and_replayed():
     """F.cross_entropy's derived rule handles ignore_index with masks, not a Python branch: it gets a plan."""
     logits = torch.randn(4, 3, dtype=D)
