@@ -173,6 +173,43 @@ def test_a_gradient_not_made_by_a_recorded_call_gets_no_plan(monkeypatch):
     assert "was not made by a recorded call" in replay._last_refusal[0]
 
 
+@pytest.mark.parametrize("select", ["masked_select", "boolean_mask"])
+def test_a_rule_shaped_by_a_value_dependent_count_gets_no_plan(monkeypatch, select):
+    """A rule that selects by a mask computed from values and bakes the count into a later call: a plan would
+    replay the count of the traced step, so none is made (mutants dropping the check of value-dependent output
+    shapes in _Printer._statement, for nonzero-like ops or for boolean masks, or not counting forward values as
+    data, replayed ones(3) @ picked for a mask of 2 and raised a size mismatch)."""
+
+    def masked_fill_rule(g, out, x, mask, value):
+        picked = g.masked_select(mask) if select == "masked_select" else g[mask]
+        ones = picked.new_ones(picked.shape[0])  # the count, read into Python, is an argument of this call
+        return g.masked_fill(mask, 0), None, ones @ picked  # (picked.sum(), value's gradient)
+
+    monkeypatch.setattr(OPS["masked_fill"], "rule", masked_fill_rule)
+    v = torch.tensor(0.3, dtype=D)
+
+    def make(x):
+        with tg.record() as graph:
+            loss = (x.masked_fill(x > 0.5, v) * x).sum()
+        return graph, loss
+
+    def expected(x):
+        leaves = x.clone().requires_grad_(), v.clone().requires_grad_()
+        return torch.autograd.grad((leaves[0].masked_fill(leaves[0] > 0.5, leaves[1]) * leaves[0]).sum(), leaves)
+
+    fresh()
+    three = torch.tensor([0.9, 0.1, 0.7, 0.8, -0.2], dtype=D)
+    two = torch.tensor([0.9, 0.1, 0.2, 0.8, -0.2], dtype=D)
+    for x in (three, three, three, two):  # the walk, the trace, then (a plan refused) the walk on 2 selected
+        graph, loss = make(x)
+        grads = graph.backward(loss)
+        dx, dv = expected(x)
+        torch.testing.assert_close(grads[x], dx, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads[v], dv, rtol=1e-12, atol=1e-12)
+    assert graph._replay.plans == {(len(graph) - 1, None): None}
+    assert "makes a shape that depends on tensor values" in replay._last_refusal[0]
+
+
 def test_cross_entropy_rule_is_branch_free_and_replayed():
     """F.cross_entropy's derived rule handles ignore_index with masks, not a Python branch: it gets a plan."""
     logits = torch.randn(4, 3, dtype=D)
