@@ -173,15 +173,19 @@ def test_a_gradient_not_made_by_a_recorded_call_gets_no_plan(monkeypatch):
     assert "was not made by a recorded call" in replay._last_refusal[0]
 
 
-@pytest.mark.parametrize("select", ["masked_select", "boolean_mask"])
+@pytest.mark.parametrize("select", ["masked_select", "boolean_mask", pytest.param(
+    "uint8_mask", marks=pytest.mark.filterwarnings("ignore:indexing with dtype torch.uint8 is now deprecated"))])
 def test_a_rule_shaped_by_a_value_dependent_count_gets_no_plan(monkeypatch, select):
     """A rule that selects by a mask computed from values and bakes the count into a later call: a plan would
     replay the count of the traced step, so none is made (mutants dropping the check of value-dependent output
-    shapes in _Printer._statement, for nonzero-like ops or for boolean masks, or not counting forward values as
-    data, replayed ones(3) @ picked for a mask of 2 and raised a size mismatch)."""
+    shapes in _Printer._statement, for nonzero-like ops or for boolean or uint8 masks, or not counting forward
+    values as data, replayed ones(3) @ picked for a mask of 2 and raised a size mismatch)."""
 
     def masked_fill_rule(g, out, x, mask, value):
-        picked = g.masked_select(mask) if select == "masked_select" else g[mask]
+        if select == "masked_select":
+            picked = g.masked_select(mask)
+        else:  # (torch still takes a uint8 mask as a boolean one, with a deprecation warning)
+            picked = g[mask if select == "boolean_mask" else mask.to(torch.uint8)]
         ones = picked.new_ones(picked.shape[0])  # the count, read into Python, is an argument of this call
         return g.masked_fill(mask, 0), None, ones @ picked  # (picked.sum(), value's gradient)
 
