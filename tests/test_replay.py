@@ -214,6 +214,32 @@ def test_a_rule_shaped_by_a_value_dependent_count_gets_no_plan(monkeypatch, sele
     assert "makes a shape that depends on tensor values" in replay._last_refusal[0]
 
 
+def test_an_incomplete_gradient_is_named_at_every_step():
+    """The loss depends on soft_margin_loss's target, which has no derivative: the walk's Gradients name it, a
+    plan's would not, so none is made (a mutant making plans of incomplete traces answered grads[y] with a bare
+    KeyError from the fourth step on, and grads.incomplete was empty)."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(4, 5, generator=g, dtype=D), torch.randn(4, 5, generator=g, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            loss = F.soft_margin_loss(x * 2, y)
+        return graph, loss
+
+    fresh()
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad(F.soft_margin_loss(leaf * 2, y), [leaf])[0]
+    for _ in range(4):  # the walk, the trace, then the plan if one were made
+        graph, loss = make()
+        grads = graph.backward(loss)
+        torch.testing.assert_close(grads[x], expected, rtol=1e-12, atol=1e-12)
+        assert list(grads.incomplete) == [graph._names["y"]]
+        with pytest.raises(KeyError, match="the 'target' argument of soft_margin_loss .* which has no derivative"):
+            grads[y]
+    assert graph._replay.plans == {(len(graph) - 1, None): None}
+    assert replay._last_refusal[0].startswith("an incomplete gradient: the loss depends on 'y'")
+
+
 def test_cross_entropy_rule_is_branch_free_and_replayed():
     """F.cross_entropy's derived rule handles ignore_index with masks, not a Python branch: it gets a plan."""
     logits = torch.randn(4, 3, dtype=D)
