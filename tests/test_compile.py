@@ -192,6 +192,39 @@ def test_a_branch_sharing_memory_with_another_gradient_is_not_added_into_in_plac
     assert "da = dy.detach() + " in step.source
 
 
+def test_a_branch_sharing_memory_with_a_parameter_is_not_added_into_in_place(monkeypatch):
+    # a rule may hand on a forward value's memory as a gradient (here mul's, for p * w under a plain sum, whose
+    # upstream gradient is ones: dw is p itself, given as p.detach()): w's second branch must not be added into
+    # it in place, or the parameter p would change. Only the forward values' storages in _may_add_into see it
+    # (p is a captured tensor, no statement of the step)
+    p, w = r(3, seed=30), r(3, seed=31)
+    p_before = p.clone()
+    mul_rule = OPS["mul"].rule
+
+    def rule(g, out, x, other):
+        return (g * other, x.detach()) if x is p else mul_rule(g, out, x, other)
+
+    monkeypatch.setattr(OPS["mul"], "rule", rule)
+
+    def forward(c):
+        z = w.sin()
+        y = p * w
+        return y.sum() + z.sum() + c
+
+    step = tg.compile(forward, fuse=False)
+    c = r(seed=32)
+    for _ in range(3):  # the recording's own results, then the generated code's, twice
+        loss, grads = step(c)
+        pt, wt = p_before.clone().requires_grad_(), w.clone().requires_grad_()
+        expected = (pt * wt).sum() + wt.sin().sum() + c
+        expected.backward()
+        torch.testing.assert_close(p, p_before, rtol=0, atol=0)
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        torch.testing.assert_close(grads[p], pt.grad, **TOL)
+        torch.testing.assert_close(grads[w], wt.grad, **TOL)
+    assert "dw = p.detach() + " in step.source
+
+
 def test_source_is_readable_straight_line_code(lecture):
     params, Xb, Yb = lecture
     step = _lecture_step(params)
