@@ -52,7 +52,8 @@ any check fails, the rule walk runs instead and raises exactly its own error.
 No plan is cached when the traced backward read a tensor value into Python (``item()``,
 ``bool(t)`` ...), used an op whose output shape depends on tensor values (``nonzero``,
 boolean masks), read a tensor that is neither a forward value nor made by a recorded call,
-or failed to trace; nor in anomaly mode (which keeps no templates). Graphs whose backward
+or failed to trace; nor when a gradient is incomplete (an input without a derivative, which the walk's
+Gradients name); nor in anomaly mode (which keeps no templates). Graphs whose backward
 raises (an op without a rule) never get a plan: the rule walk raises its error every time.
 A graph whose tensors have gradient hooks never runs a plan (``engine.gradient_hooks``,
 checked before this module is asked): the walk runs the hooks.
@@ -541,8 +542,12 @@ class Template:
             return None
         finally:
             graph._fingerprints = stamps
-        # (a gradient left incomplete by an underived input is named by the walk, which a plan does not repeat)
-        self.plans[key] = None if traced.grads.incomplete else Plan.build(graph, root, grad, traced)
+        incomplete = traced.grads.incomplete
+        if incomplete:  # (the walk names a gradient left incomplete by an underived input; a plan would not)
+            _last_refusal[0] = f"an incomplete gradient: the loss depends on {next(iter(incomplete.values()))}"
+            self.plans[key] = None
+        else:
+            self.plans[key] = Plan.build(graph, root, grad, traced)
         return traced.grads
 
 

@@ -27,6 +27,7 @@ from tensorgraph.compiler import CompiledGradients, RecompileWarning
 from tensorgraph.lecture import LECTURE_ROWS, setup
 from tensorgraph.lecture import forward as lecture_forward
 from tensorgraph.makemore.model import forward as exercise4_forward
+from tensorgraph.ops import OPS
 
 D = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-12}
@@ -160,6 +161,68 @@ def test_a_branch_that_is_also_a_parameters_gradient_is_not_added_into_in_place(
         ((a + qt) ** 2).sum().add(a.sin().sum()).backward()
         torch.testing.assert_close(grads[p], pt.grad, **TOL)
         torch.testing.assert_close(grads[q], qt.grad, **TOL)
+
+
+def test_a_branch_sharing_memory_with_another_gradient_is_not_added_into_in_place(monkeypatch):
+    # a rule may hand on one gradient tensor to two inputs as distinct tensors sharing its memory (here add's
+    # rule gives a g.detach() and q g itself): a's second branch (through sin) must not be added into the
+    # detached one in place, or dq, the same memory, would get dsin too. Only the storage check in
+    # _may_add_into sees it (the two are distinct statements, each read once, neither a view)
+    def add_rule(g, out, x, other, *, alpha=1):
+        return g.detach(), (g if alpha == 1 else g * alpha)
+
+    monkeypatch.setattr(OPS["add"], "rule", add_rule)
+    p, q = r(3, seed=27), r(3, seed=28)
+
+    def forward(x):
+        a = p * x
+        z = a.sin()
+        y = a + q
+        return (y * y).sum() + z.sum()
+
+    step = tg.compile(forward, fuse=False)
+    x = r(3, seed=29)
+    for _ in range(2):  # the recording's own results, then the generated code's
+        loss, grads = step(x)
+        pt, qt = p.clone().requires_grad_(), q.clone().requires_grad_()
+        a = pt * x
+        ((a + qt) ** 2).sum().add(a.sin().sum()).backward()
+        torch.testing.assert_close(grads[p], pt.grad, **TOL)
+        torch.testing.assert_close(grads[q], qt.grad, **TOL)
+    assert "da = dy.detach() + " in step.source
+
+
+def test_a_branch_sharing_memory_with_a_parameter_is_not_added_into_in_place(monkeypatch):
+    # a rule may hand on a forward value's memory as a gradient (here mul's, for p * w under a plain sum, whose
+    # upstream gradient is ones: dw is p itself, given as p.detach()): w's second branch must not be added into
+    # it in place, or the parameter p would change. Only the forward values' storages in _may_add_into see it
+    # (p is a captured tensor, no statement of the step)
+    p, w = r(3, seed=30), r(3, seed=31)
+    p_before = p.clone()
+    mul_rule = OPS["mul"].rule
+
+    def rule(g, out, x, other):
+        return (g * other, x.detach()) if x is p else mul_rule(g, out, x, other)
+
+    monkeypatch.setattr(OPS["mul"], "rule", rule)
+
+    def forward(c):
+        z = w.sin()
+        y = p * w
+        return y.sum() + z.sum() + c
+
+    step = tg.compile(forward, fuse=False)
+    c = r(seed=32)
+    for _ in range(3):  # the recording's own results, then the generated code's, twice
+        loss, grads = step(c)
+        pt, wt = p_before.clone().requires_grad_(), w.clone().requires_grad_()
+        expected = (pt * wt).sum() + wt.sin().sum() + c
+        expected.backward()
+        torch.testing.assert_close(p, p_before, rtol=0, atol=0)
+        torch.testing.assert_close(loss, expected.detach(), **TOL)
+        torch.testing.assert_close(grads[p], pt.grad, **TOL)
+        torch.testing.assert_close(grads[w], wt.grad, **TOL)
+    assert "dw = p.detach() + " in step.source
 
 
 def test_source_is_readable_straight_line_code(lecture):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from helpers import _weights_for, assert_same_gradients, assert_same_graph, off_the_common_path, walk
 from op_cases import CASES
+from torch.overrides import TorchFunctionMode
 
 import tensorgraph as tg
 from tensorgraph import replay
@@ -37,6 +38,7 @@ D = torch.float64
 def fresh() -> None:
     """Forget this thread's templates: the next recording takes the recorder's full path."""
     replay.templates().clear()
+    replay._last_refusal[0] = ""  # a refusal is the reason of this test's plan, never an earlier test's
 
 
 def _perturbed(x):
@@ -88,8 +90,12 @@ def test_every_op_case_repeats_bit_identically(name, fn, inputs):
         assert_same_gradients(graph.backward(loss), walk(graph, loss))
     if repeated:
         plan = first._replay.plans.get((len(first) - 1, None))
-        if plan is None:  # refused: only where the backward depends on values in a way a plan cannot replay
-            assert any(word in replay._last_refusal[0] for word in ("read tensor values", "depends on tensor"))
+        if plan is None:  # refused: only where the backward depends on values in a way a plan cannot replay,
+            reason = replay._last_refusal[0]  # or where the walk names an input without a derivative
+            if walk(first, loss1).incomplete:
+                assert reason.startswith("an incomplete gradient: the loss depends on"), reason
+            else:
+                assert any(word in reason for word in ("read tensor values", "depends on tensor")), reason
         # a fourth step replays the plan again on fresh values
         fourth_inputs = [_perturbed(_perturbed(x)) for x in inputs]
         fourth, loss4 = _record_case(fn, fourth_inputs, weight)  # the generated matchers
@@ -117,6 +123,121 @@ def test_a_rule_that_reads_values_gets_no_plan(monkeypatch):
     assert steps[-1][0]._replay.plans == {(len(steps[-1][0]) - 1, None): None}
     assert "read tensor values" in replay._last_refusal[0]
     assert exp_rule is not branching_rule
+
+
+def test_a_rule_reading_a_tensor_that_is_no_forward_value_gets_no_plan(monkeypatch):
+    """A rule may read a tensor that is neither a forward value nor made by a recorded call (here a factor it
+    keeps, changed between steps): a plan cannot read it, so none is made and every step walks with the factor of
+    its time (a mutant dropping the check in _Printer.plan printed ``xNone = nodes[None]['value']``, which raised
+    TypeError at the next step)."""
+    factor = torch.ones((), dtype=D)
+    monkeypatch.setattr(OPS["exp"], "rule", lambda g, out, x: g * out * factor)
+    x = torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            loss = (x * 2).exp().sum()
+        return graph, loss
+
+    fresh()
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad((leaf * 2).exp().sum(), [leaf])[0]
+    for step in range(4):  # the walk, the trace, then the plan if one were made
+        factor.fill_(step + 1.0)
+        graph, loss = make()
+        torch.testing.assert_close(graph.backward(loss)[x], expected * (step + 1), rtol=1e-12, atol=1e-12)
+    assert graph._replay.plans == {(len(graph) - 1, None): None}
+    assert "which is no forward value" in replay._last_refusal[0]
+
+
+def test_a_gradient_not_made_by_a_recorded_call_gets_no_plan(monkeypatch):
+    """A rule may return a tensor made outside the backward (here sum's, a ones tensor it keeps, right for the
+    seed of ones): a plan cannot return it, so none is made (a mutant dropping the check in _Printer.plan looked
+    up adjoint node None and raised TypeError from graph.backward)."""
+    ones = torch.ones(3, dtype=D)
+    monkeypatch.setattr(OPS["sum"], "rule", lambda g, out, x, *args, **kwargs: ones)
+    x = torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            loss = x.sum()  # (x's gradient is the kept tensor itself: no recorded call reads it)
+        return graph, loss
+
+    fresh()
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad(leaf.sum(), [leaf])[0]
+    for _ in range(4):
+        graph, loss = make()
+        torch.testing.assert_close(graph.backward(loss)[x], expected, rtol=1e-12, atol=1e-12)
+    assert graph._replay.plans == {(len(graph) - 1, None): None}
+    assert "was not made by a recorded call" in replay._last_refusal[0]
+
+
+@pytest.mark.parametrize("select", ["masked_select", "boolean_mask", pytest.param(
+    "uint8_mask", marks=pytest.mark.filterwarnings("ignore:indexing with dtype torch.uint8 is now deprecated"))])
+def test_a_rule_shaped_by_a_value_dependent_count_gets_no_plan(monkeypatch, select):
+    """A rule that selects by a mask computed from values and bakes the count into a later call: a plan would
+    replay the count of the traced step, so none is made (mutants dropping the check of value-dependent output
+    shapes in _Printer._statement, for nonzero-like ops or for boolean or uint8 masks, or not counting forward
+    values as data, replayed ones(3) @ picked for a mask of 2 and raised a size mismatch)."""
+
+    def masked_fill_rule(g, out, x, mask, value):
+        if select == "masked_select":
+            picked = g.masked_select(mask)
+        else:  # (torch still takes a uint8 mask as a boolean one, with a deprecation warning)
+            picked = g[mask if select == "boolean_mask" else mask.to(torch.uint8)]
+        ones = picked.new_ones(picked.shape[0])  # the count, read into Python, is an argument of this call
+        return g.masked_fill(mask, 0), None, ones @ picked  # (picked.sum(), value's gradient)
+
+    monkeypatch.setattr(OPS["masked_fill"], "rule", masked_fill_rule)
+    v = torch.tensor(0.3, dtype=D)
+
+    def make(x):
+        with tg.record() as graph:
+            loss = (x.masked_fill(x > 0.5, v) * x).sum()
+        return graph, loss
+
+    def expected(x):
+        leaves = x.clone().requires_grad_(), v.clone().requires_grad_()
+        return torch.autograd.grad((leaves[0].masked_fill(leaves[0] > 0.5, leaves[1]) * leaves[0]).sum(), leaves)
+
+    fresh()
+    three = torch.tensor([0.9, 0.1, 0.7, 0.8, -0.2], dtype=D)
+    two = torch.tensor([0.9, 0.1, 0.2, 0.8, -0.2], dtype=D)
+    for x in (three, three, three, two):  # the walk, the trace, then (a plan refused) the walk on 2 selected
+        graph, loss = make(x)
+        grads = graph.backward(loss)
+        dx, dv = expected(x)
+        torch.testing.assert_close(grads[x], dx, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads[v], dv, rtol=1e-12, atol=1e-12)
+    assert graph._replay.plans == {(len(graph) - 1, None): None}
+    assert "makes a shape that depends on tensor values" in replay._last_refusal[0]
+
+
+def test_an_incomplete_gradient_is_named_at_every_step():
+    """The loss depends on soft_margin_loss's target, which has no derivative: the walk's Gradients name it, a
+    plan's would not, so none is made (a mutant making plans of incomplete traces answered grads[y] with a bare
+    KeyError from the fourth step on, and grads.incomplete was empty)."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(4, 5, generator=g, dtype=D), torch.randn(4, 5, generator=g, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            loss = F.soft_margin_loss(x * 2, y)
+        return graph, loss
+
+    fresh()
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad(F.soft_margin_loss(leaf * 2, y), [leaf])[0]
+    for _ in range(4):  # the walk, the trace, then the plan if one were made
+        graph, loss = make()
+        grads = graph.backward(loss)
+        torch.testing.assert_close(grads[x], expected, rtol=1e-12, atol=1e-12)
+        assert list(grads.incomplete) == [graph._names["y"]]
+        with pytest.raises(KeyError, match="the 'target' argument of soft_margin_loss .* which has no derivative"):
+            grads[y]
+    assert graph._replay.plans == {(len(graph) - 1, None): None}
+    assert replay._last_refusal[0].startswith("an incomplete gradient: the loss depends on 'y'")
 
 
 def test_cross_entropy_rule_is_branch_free_and_replayed():
@@ -466,6 +587,82 @@ def _autocast_step(x, w, inside):
         with torch.autocast("cpu", dtype=torch.bfloat16) if inside else contextlib.nullcontext():
             loss = torch.tanh(x * w).sum()
     return graph, loss
+
+
+def _either_line(x, w, first):
+    with tg.record() as graph:
+        if first:
+            a = x * w  # line A
+            loss = a.exp().sum()
+        else:
+            b = x * w  # line B: the same calls from another line of the same code
+            loss = b.exp().sum()
+    return graph, loss
+
+
+@pytest.mark.parametrize("matchers", [False, True])
+def test_the_same_call_from_another_line_of_the_same_code_is_another_structure(matchers):
+    """Another instruction than the template's, in the same code object, is its call only on the template's line
+    (replay._same_line: a mutant matching it on any line gave b the source and name of line A's a)."""
+    x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    fresh()
+    for _ in range(2 + (replay.GENERATE_AFTER if matchers else 0)):
+        template, _ = _either_line(x, w, True)
+    assert (template._replay.matchers is not None) == matchers
+    graph, loss = _either_line(x, w, False)
+    assert graph._replay is not template._replay
+    reference, _ = _reference(_either_line, x, w, False)
+    assert_same_graph(graph, reference)
+    assert "b" in graph.names and "a" not in graph.names
+    leaf = w.clone().requires_grad_()
+    (x * leaf).exp().sum().backward()
+    torch.testing.assert_close(graph.backward(loss)[w], leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+_SHARED = torch.randn(3, dtype=D, generator=torch.Generator().manual_seed(5))
+
+
+def _layer(x, repeats):
+    for _ in range(repeats):
+        x = (x * _SHARED).tanh()
+    return x
+
+
+def _stack(x, nested):
+    """The same calls from the same lines either way: two calls of _layer, or one that loops twice."""
+    y = _layer(_layer(x, 1), 1) if nested else _layer(x, 2)
+    return y.sum()
+
+
+def _two_blocks(x, which):
+    if which == "first":
+        with tg.record() as graph:  # a with line of its own ...
+            loss = _stack(x, nested=True)
+    else:
+        with tg.record() as graph:  # ... and another, recording the same calls from another call tree
+            loss = _stack(x, nested=False)
+    return graph, loss
+
+
+def test_each_with_line_keeps_its_own_templates():
+    """Templates are keyed by the line of the ``with`` statement: a block at another line of the same function
+    never uses this line's template, even where its calls (the same functions, lines and arguments) match it.
+    Here the two blocks' call trees differ, which a template does not check (a mutant keying templates by the
+    code object alone gave the second block the first one's calls: nodes of one _layer call in two)."""
+    x = torch.randn(3, dtype=D)
+    fresh()
+    for _ in range(2 + replay.GENERATE_AFTER):
+        first, _ = _two_blocks(x, "first")
+    for step in range(3):
+        graph, loss = _two_blocks(x, "second")
+        assert graph._replay is not first._replay
+        if step:
+            assert graph._replay is not None  # its own line's template
+        assert_same_graph(graph, _reference(_two_blocks, x, "second")[0])
+    assert len({key for key in replay.templates() if key[0] is _two_blocks.__code__}) == 2
+    leaf = x.clone().requires_grad_()
+    _layer(leaf, 2).sum().backward()
+    torch.testing.assert_close(graph.backward(loss)[x], leaf.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("where", ["around", "inside"])
@@ -961,6 +1158,109 @@ def test_own_rules_and_other_modes_use_the_rule_walk():
     traced = tg.trace(graph, loss)  # a backward recorded by another recorder makes the rule walk's calls
     assert_same_gradients(traced.grads, walk(graph, loss))
     assert "dy" in traced.adjoint.names
+
+
+def test_a_rule_carried_by_the_traced_step_never_becomes_the_plan_of_the_next_steps():
+    """The trace of a graph whose node carries its own rule records that rule's calls: no plan is made of it
+    (a mutant dropping the check in _Printer.plan replayed g * 10 for the exp of every later step, whose nodes
+    carry no rule, and its gradients were ten times torch's)."""
+    x = torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            y = (x * 2).exp()
+            loss = y.sum()
+        return graph, loss
+
+    fresh()
+    for step in range(5):  # the walk, the trace (under the node's own rule), then no plan
+        graph, loss = make()
+        if step == 2:
+            graph.node("y")["rule"] = lambda g, out, t: g * 10
+        grads = graph.backward(loss)
+        leaf = x.clone().requires_grad_()
+        expected = torch.autograd.grad((leaf * 2).exp().sum(), [leaf])[0]
+        if step == 2:  # d(loss)/dy * 10 through y's rule, times 2 through x * 2
+            expected = torch.full_like(x, 20.0)
+        torch.testing.assert_close(grads[x], expected, rtol=1e-12, atol=1e-12)
+    assert graph._replay.plans == {(len(graph) - 1, None): None}
+    assert "carries its own rule" in replay._last_refusal[0]
+
+
+def test_a_seed_that_is_a_forward_value_makes_no_plan():
+    """graph.backward(out, grad=y) with y a value of the graph: the trace cannot tell the rules' reads of y from
+    reads of the seed, so no plan is made (a mutant dropping the check in _Printer.plan read the seed where the
+    rule reads y: the next step's grad=ones gave 2 * ones * ones instead of 2 * y * ones)."""
+    x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+
+    def make():
+        with tg.record() as graph:
+            y = x * w
+            out = y * y
+        return graph, out
+
+    def expected(seed):
+        leaf = w.clone().requires_grad_()
+        y = x * leaf
+        return torch.autograd.grad(y * y, [leaf], grad_outputs=seed)[0]
+
+    fresh()
+    for _ in range(4):  # the walk, the trace, then the plan if one were made: each seeded with y itself
+        graph, out = make()
+        y = graph.node("y")["value"]
+        torch.testing.assert_close(graph.backward(out, y)[w], expected(y), rtol=1e-12, atol=1e-12)
+    graph, out = make()  # the same structure and seed shape, seeded with ones
+    seed = torch.ones(3, dtype=D)
+    torch.testing.assert_close(graph.backward(out, seed)[w], expected(seed), rtol=1e-12, atol=1e-12)
+    assert graph._replay.plans == {(len(graph) - 1, (3,), D, x.device): None}
+    assert "the seed is a forward value" in replay._last_refusal[0]
+
+
+class _CallLog(TorchFunctionMode):
+    """A user's mode that logs the torch calls made under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", repr(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_another_torch_function_mode_around_the_backward_sees_the_rule_walk_at_every_step():
+    """A mode around graph.backward records or changes its torch calls: no trace and no plan run under it, it
+    sees the rule walk's calls at every step (a mutant dropping the mode check in Template.backward traced the
+    third step under the mode, 412 calls, and ran the plan at the fourth, 60; the walk makes 93)."""
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(4, 3, generator=g, dtype=D), torch.randn(3, 5, generator=g, dtype=D)
+    target = torch.tensor([0, 1, 4, 2])
+
+    def make():
+        with tg.record() as graph:
+            h = torch.tanh(x @ w)
+            loss = F.cross_entropy(h, target)
+        return graph, loss
+
+    fresh()
+    leaf = w.clone().requires_grad_()
+    expected = torch.autograd.grad(F.cross_entropy(torch.tanh(x @ leaf), target), [leaf])[0]
+    for _ in range(4):
+        graph, loss = make()
+        with _CallLog() as seen:
+            grads = graph.backward(loss)
+        with _CallLog() as walked:
+            reference = walk(graph, loss)
+        assert seen.calls == walked.calls
+        assert_same_gradients(grads, reference)
+        torch.testing.assert_close(grads[w], expected, rtol=1e-12, atol=1e-12)
+    assert graph._replay is not None and graph._replay.plans == {}
+    for _ in range(2):  # without the mode: the structure's first walk, then the trace that makes its plan
+        graph, loss = make()
+        graph.backward(loss)
+    graph, loss = make()
+    assert graph._replay.plans[(len(graph) - 1, None)] is not None
+    torch.testing.assert_close(graph.backward(loss)[w], expected, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- threads, memory, bounds
