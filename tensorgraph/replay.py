@@ -1042,7 +1042,7 @@ class Session:
         if found == template.found:
             graph._names = dict(template.names)  # the nodes' names and "named" flags came with the template's data
         else:
-            set_names(graph, found)
+            set_names(graph, found, frames=frames, rebound=names)
         graph._fingerprints = LeafStamps.from_layout(template.layout, nodes) if check_leaves else NO_STAMPS
         graph._replay = template
         template.matched += 1
