@@ -357,7 +357,7 @@ def _rebound_values(graph: Graph, named: dict[int, str], frames: list[types.Fram
     groups: dict[tuple[int, str], list[int]] = {}
     for node, data in enumerate(nodes):
         target = data.get("assigned")
-        if target is not None and data.get("call") is not None:
+        if target is not None and data.get("call") is not None and not target.startswith("_"):
             groups.setdefault((data["call"], target), []).append(node)
     earlier: dict[int, list[int]] = {}
     unresolved = []
@@ -435,8 +435,8 @@ def _stores(code: types.CodeType) -> dict[int, str]:
         if previous is not None:
             if instruction.opname in _STORES:
                 table[previous] = instruction.argval
-            elif instruction.opname == "STORE_FAST_LOAD_FAST":  # (Python 3.13: a store and the next line's load)
-                table[previous] = instruction.argval[0]
+            elif instruction.opname == "STORE_FAST_LOAD_FAST" and isinstance(instruction.argval, tuple):
+                table[previous] = instruction.argval[0]  # (Python 3.13: a store and the next line's load, fused)
         previous = instruction.offset
     if len(_stored) > 4096:  # (a notebook makes new code objects at every run of a cell)
         _stored.clear()
