@@ -124,8 +124,10 @@ class Graph:
         Nodes before ``start`` already have formatted sources (copied from a recording template).
         Returns the user-variable names found, by node (see :func:`tensorgraph.naming.find_names`).
         """
-        from .naming import assign_names, set_names
+        from .naming import assign_names, set_names, statement_values
 
+        if names:
+            statement_values(self, {id(frame): frame.f_code for frame in frames}, start)
         short = _short_paths()  # relpath is slow: once per file and working directory, not once per node
         cells = notebook_cells()  # (not cached: a cell run again gets a new number)
         # a node's "call": its user frame's place among the block's frames in order of first use (the frames a

@@ -8,13 +8,16 @@ library's objects), the locals of every function that ran ops inside the block (
 frames keep their final locals), and last a notebook's output cache (IPython's ``Out``).
 A tensor gets the first name found for it; other nodes get op-based names (``sum_3``).
 Earlier versions of a tensor updated in place are named ``x_v0``, ``x_v1`` ... before the
-final ``x``.
+final ``x``, and so are the earlier values of a variable rebound by plain assignments
+(``wei = q @ k.T``; ``wei = wei.masked_fill(...)``; ``wei = F.softmax(wei, -1)``: ``wei_v0``,
+``wei_v1``, ``wei``), numbered together with its in-place versions in the order they were made.
 """
 
 from __future__ import annotations
 import __future__
 
 import argparse
+import dis
 import os
 import site
 import sys
@@ -134,7 +137,7 @@ def unique_name(name: str, used: set[str]) -> str:
 def assign_names(graph: Graph, caller: types.FrameType, frames: list[types.FrameType]) -> dict[int, str]:
     """Give every node of ``graph`` a unique name (see the module docstring); returns :func:`find_names`'s result."""
     found = find_names(graph, caller, frames)
-    set_names(graph, found)
+    set_names(graph, found, frames=frames, rebound=True)
     return found
 
 
@@ -265,14 +268,24 @@ _TENSORS = _PerType(lambda cls: issubclass(cls, Tensor))
 _WALKABLE = _PerType(_walkable)
 
 
-def set_names(graph: Graph, named: dict[int, str]) -> None:
-    """Name the given nodes, their earlier in-place versions, and the rest after their ops."""
+def set_names(graph: Graph, named: dict[int, str], *, frames: list[types.FrameType] | None = None,
+              rebound: bool = False) -> None:
+    """Name the given nodes, their earlier in-place versions, and the rest after their ops.
+
+    With ``rebound``, also the earlier values of variables rebound by assignments (see :func:`statement_values`;
+    ``frames``, the block's calls in the order of the nodes' ``call``, finds a variable's last value when no
+    assignment recorded in its call made it).
+    """
     namer = _Namer(graph, lookup=False)
     namer.named = dict(named)
     namer.used = set(named.values())
     nodes = graph._nodes
+    earlier, unresolved = _rebound_values(graph, namer.named, frames) if rebound else ({}, [])
+    successor = _successors(nodes) if earlier or unresolved else {}
     for node, name in list(namer.named.items()):
-        _name_versions(nodes, namer, node, name)
+        _name_versions(nodes, namer, node, name, earlier.get(node, ()), successor)
+    for variable, values in unresolved:  # (after the user's names: a name of their own is never taken here)
+        _name_values(nodes, namer, unique_name(variable, namer.used), values, successor)
     counters: dict[str, int] = {}
     for node, data in enumerate(nodes):
         name = namer.named.get(node)
@@ -289,8 +302,10 @@ def set_names(graph: Graph, named: dict[int, str]) -> None:
     graph._names = {data["name"]: node for node, data in enumerate(nodes)}
 
 
-def _name_versions(nodes: list[dict], namer: _Namer, node: int, name: str) -> None:
-    """``x += 1`` makes versions: the older ones are ``x_v0``, ``x_v1`` ..."""
+def _name_versions(nodes: list[dict], namer: _Namer, node: int, name: str, earlier: Any = (),
+                   successor: dict[int, int] | None = None) -> None:
+    """``x += 1`` makes versions: the older ones are ``x_v0``, ``x_v1`` ... (``earlier``: the variable's earlier
+    values by assignment, numbered with them)."""
     chain = []
     current = node
     while nodes[current]["previous"] is not None:
@@ -299,8 +314,131 @@ def _name_versions(nodes: list[dict], namer: _Namer, node: int, name: str) -> No
             break
         chain.append(previous)
         current = previous
+    if earlier:
+        _name_values(nodes, namer, name, [*chain, *earlier], successor or {})
+        return
     for k, previous in enumerate(reversed(chain)):
         version_name = f"{name}_v{k}"
         if version_name not in namer.used:
             namer.named[previous] = version_name
             namer.used.add(version_name)
+
+
+def _successors(nodes: list[dict]) -> dict[int, int]:
+    """node -> its next version (the node of the in-place op that changed it)."""
+    return {data["previous"]: node for node, data in enumerate(nodes) if data["previous"] is not None}
+
+
+def _name_values(nodes: list[dict], namer: _Namer, name: str, values: list[int], successor: dict[int, int]) -> None:
+    """Name a variable's earlier values ``name_v0``, ``name_v1`` ... in the order they were made, with the
+    in-place versions of each (those still without a name)."""
+    found: set[int] = set()
+    for value in values:
+        current: int | None = value
+        while current is not None and current not in namer.named and current not in found:  # older versions
+            found.add(current)
+            current = nodes[current]["previous"]
+        current = successor.get(value)
+        while current is not None and current not in namer.named and current not in found:  # newer ones
+            found.add(current)
+            current = successor.get(current)
+    for k, value in enumerate(sorted(found)):
+        version_name = f"{name}_v{k}"
+        if version_name not in namer.used:
+            namer.named[value] = version_name
+            namer.used.add(version_name)
+
+
+def _rebound_values(graph: Graph, named: dict[int, str], frames: list[types.FrameType] | None
+                    ) -> tuple[dict[int, list[int]], list[tuple[str, list[int]]]]:
+    """The earlier values of rebound variables, still without a name: by the named node that is the variable's
+    last value (its name is theirs, versioned), and (variable, values) for those whose last value has no name."""
+    nodes = graph._nodes
+    groups: dict[tuple[int, str], list[int]] = {}
+    for node, data in enumerate(nodes):
+        target = data.get("assigned")
+        if target is not None and data.get("call") is not None and not target.startswith("_"):
+            groups.setdefault((data["call"], target), []).append(node)
+    earlier: dict[int, list[int]] = {}
+    unresolved = []
+    successor: dict[int, int] | None = None
+    for (call, variable), values in groups.items():
+        if all(value in named for value in values):
+            continue
+        last = _last_value(graph, frames, call, variable)  # the value it holds at the end of the block
+        if last is None or last not in named:
+            last = values[-1]
+            if successor is None:
+                successor = _successors(nodes)
+            while last in successor:  # the last value assigned, updated in place after the assignment
+                last = successor[last]
+        if last not in named:
+            unresolved.append((variable, values))
+        else:
+            earlier.setdefault(last, []).extend(value for value in values if value != last and value not in named)
+    return earlier, unresolved
+
+
+def _last_value(graph: Graph, frames: list[types.FrameType] | None, call: int, variable: str) -> int | None:
+    """The node of the value ``variable`` holds at the end of the block in the call ``call``, if any."""
+    if frames is None or call >= len(frames):
+        return None
+    frame = frames[call]
+    value = frame.f_locals.get(variable, frame.f_globals.get(variable))
+    live = graph._live.get(id(value))
+    return live[0] if live is not None else None
+
+
+def statement_values(graph: Graph, codes: dict[int, types.CodeType], start: int = 0) -> None:
+    """Mark the nodes from ``start`` on that a plain assignment ``name = ...`` (or ``name += ...``) stored:
+    ``data["assigned"] = name``.
+
+    A node's source holds the instruction of the user's frame that made the call and which execution of it
+    it was (:meth:`tensorgraph.record._Recorder._source`): the node is the statement's value when the next
+    instruction stores into a plain variable, and it is the last call that execution made (``nn.Sequential``
+    makes several; a loop's ``x = layer(x)`` one per execution). Tuple targets, attributes, items and chained
+    assignments store differently and are not marked.
+    """
+    nodes = graph._nodes
+    last_of: dict[int, int] = {}  # execution -> its last node so far
+    for node in range(start, len(nodes)):
+        source = nodes[node].get("source")
+        if not isinstance(source, tuple) or len(source) < 6:
+            continue
+        execution = source[5]
+        before = last_of.get(execution)
+        if before is not None:
+            nodes[before].pop("assigned", None)
+        last_of[execution] = node
+        code = codes.get(source[3])
+        if code is not None and nodes[node]["output_index"] is None:
+            target = _stores(code).get(source[4])
+            if target is not None:
+                nodes[node]["assigned"] = target
+
+
+_STORES = frozenset({"STORE_FAST", "STORE_NAME", "STORE_GLOBAL", "STORE_DEREF"})
+_SKIPPED = frozenset({"CACHE", "EXTENDED_ARG", "NOP"})
+_stored: dict[int, tuple[types.CodeType, dict[int, str]]] = {}  # id(code) -> (code, its table)
+
+
+def _stores(code: types.CodeType) -> dict[int, str]:
+    """Instruction offset -> the variable the next instruction stores its result in, for a code object."""
+    known = _stored.get(id(code))
+    if known is not None and known[0] is code:
+        return known[1]
+    table: dict[int, str] = {}
+    previous = None
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in _SKIPPED:
+            continue
+        if previous is not None:
+            if instruction.opname in _STORES:
+                table[previous] = instruction.argval
+            elif instruction.opname == "STORE_FAST_LOAD_FAST" and isinstance(instruction.argval, tuple):
+                table[previous] = instruction.argval[0]  # (Python 3.13: a store and the next line's load, fused)
+        previous = instruction.offset
+    if len(_stored) > 4096:  # (a notebook makes new code objects at every run of a cell)
+        _stored.clear()
+    _stored[id(code)] = (code, table)
+    return table

@@ -250,6 +250,10 @@ class _Recorder(TorchFunctionMode):
         self.anomaly = anomaly
         self.grad_at_entry = torch.is_grad_enabled()
         self.frames: dict[int, types.FrameType] = {}
+        # id(user frame) -> (the frame below it that made its last recorded call, that call's instruction, the
+        # number of that execution of the instruction): see _source
+        self.executions: dict[int, tuple[types.FrameType | None, int, int]] = {}
+        self.execution_count = 0
         self.view_written: dict[int, tuple] = {}  # id(tensor) -> source of a write through memory it shares
         self.views: dict[int, list[Tensor]] = {}  # id(base) -> recorded views of it
         self.data_of: dict[int, Tensor] = {}  # id(x.data or x.detach()) -> x: same memory, not a view
@@ -903,23 +907,35 @@ class _Recorder(TorchFunctionMode):
 
     # ---------------------------------------------------------------- bookkeeping
 
-    def _source(self) -> tuple[str, int, str, int]:
-        """The user's file, line and function (qualified: ``Linear.__call__``) of the current call, and the id
-        of their frame (tells calls apart)."""
+    def _source(self) -> tuple[str, int, str, int, int, int]:
+        """The user's file, line and function (qualified: ``Linear.__call__``) of the current call, the id of
+        their frame (tells calls apart), the instruction of that frame making the call, and which execution of
+        that instruction it is (naming reads the last two: see tensorgraph.naming.statement_values)."""
         frame = sys._getframe(1)
         known = _internal_code.get
+        child = None
         while frame is not None:
             internal = known(frame.f_code)
             if internal is None:
                 internal = _is_internal(frame.f_code)
             if not internal:
                 break
+            child = frame
             frame = frame.f_back
         self.last_frame = frame
         if frame is None:
-            return ("<unknown>", 0, "", 0)
-        self.frames.setdefault(id(frame), frame)  # kept to the end of the block: its id is that call's alone
-        return (frame.f_code.co_filename, frame.f_lineno, _qualname(frame.f_code), id(frame))
+            return ("<unknown>", 0, "", 0, -1, 0)
+        key = id(frame)
+        self.frames.setdefault(key, frame)  # kept to the end of the block: its id is that call's alone
+        # the calls one execution of the user's instruction makes (nn.Sequential's layers, F.dropout's mask and
+        # product) run below the same frame, kept alive here so that another execution's frame is never mistaken
+        # for it (a loop's ``x = layer(x)``)
+        lasti = frame.f_lasti
+        last = self.executions.get(key)
+        if last is None or last[0] is not child or last[1] != lasti:
+            self.execution_count += 1
+            last = self.executions[key] = (child, lasti, self.execution_count)
+        return (frame.f_code.co_filename, frame.f_lineno, _qualname(frame.f_code), key, lasti, last[2])
 
     def _snapshot(self, tensor: Tensor) -> None:
         """Keep the value a tensor has before an in-place change, for the rules of the ops that used it."""
@@ -1457,6 +1473,7 @@ class record:
                     session.remember(found, stamps.layout())  # (a template serves either setting)
         self.graph._calls = _call_tree(frames, caller)
         self._mode.frames.clear()
+        self._mode.executions.clear()
         self._mode.data_of.clear()
         self._mode.custom_calls.clear()
         self._mode.custom_outputs.clear()

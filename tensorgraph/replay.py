@@ -36,7 +36,8 @@ generic match, which also decides what a miss does.
 
 A recording that matched its template to the end is finished cheaply: the user's variables
 are looked up as always, and when they name the same nodes the op-based names and versions
-come with the template; the leaf snapshot reuses the template's grouping.
+(in place, and of rebound variables: the template's nodes carry the variable an assignment
+stored them in) come with the template; the leaf snapshot reuses the template's grouping.
 
 **Backward plans.** ``graph.backward`` on a graph that matched a template looks up a plan
 for the root and the seed's shape: one generated Python function of straight-line torch
@@ -1047,7 +1048,7 @@ class Session:
         if found == template.found:
             graph._names = dict(template.names)  # the nodes' names and "named" flags came with the template's data
         else:
-            set_names(graph, found)
+            set_names(graph, found, frames=frames, rebound=names)
         graph._fingerprints = LeafStamps.from_layout(template.layout, nodes) if check_leaves else NO_STAMPS
         graph._replay = template
         template.matched += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -309,13 +311,15 @@ def test_a_long_packed_recurrence_prints_runnable_code(make, steps):
 
 def test_a_long_chain_prints_runnable_code_of_bounded_depth():
     """``x = x * 1.0001 + 0.1`` 2,000 times: one expression 2,000 calls deep raised RecursionError; now a variable
-    every printer.MAX_NESTING levels, and the comment names the chain's first and last rules."""
+    every printer.MAX_NESTING levels, and the comment names the chain's first and last rules. (The chain goes
+    through an attribute, whose earlier values have no names: a plain variable's would be x_v0, x_v1 ...)"""
     w = torch.randn(5, dtype=torch.float64)
+    state = types.SimpleNamespace()
     with tg.record() as graph:
-        x = w * 1.5
+        state.x = w * 1.5
         for _ in range(2000):
-            x = x * 1.0001 + 0.1
-        loss = (x * x).sum()
+            state.x = state.x * 1.0001 + 0.1
+        loss = (state.x * state.x).sum()
     generated, namespace = _run_and_compare(graph, loss)
     text = generated.text()
     assert _max_nesting(text) < 100 and max(map(len, text.splitlines())) < 2000

@@ -1425,3 +1425,141 @@ def test_an_output_of_a_multi_output_call_changed_in_place_afterwards(name, fn):
     _, (ours,) = engine_grads(fn, [x])
     (numeric,) = finite_differences(fn, [x])
     torch.testing.assert_close(ours, numeric, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- rebound variables: every value a name
+
+
+class _Head(torch.nn.Module):
+    """One head of self-attention, as "Let's build GPT" writes it: ``wei`` bound three times."""
+
+    def __init__(self, n_embd: int = 6, head_size: int = 4, block_size: int = 5) -> None:
+        super().__init__()
+        self.key = torch.nn.Linear(n_embd, head_size, bias=False, dtype=D)
+        self.query = torch.nn.Linear(n_embd, head_size, bias=False, dtype=D)
+        self.value = torch.nn.Linear(n_embd, head_size, bias=False, dtype=D)
+        self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size, dtype=D)))
+
+    def forward(self, x, keep=None):
+        B, T, C = x.shape  # noqa: N806 (the lecture's names)
+        k = self.key(x)
+        q = self.query(x)
+        wei = q @ k.transpose(-2, -1) * k.shape[-1]**-0.5
+        if keep is not None:  # (the torch reference run only: a list the recording could name them through)
+            keep.append(wei)
+        wei = wei.masked_fill(self.tril[:T, :T] == 0, float("-inf"))
+        if keep is not None:
+            keep.append(wei)
+        wei = F.softmax(wei, dim=-1)
+        if keep is not None:
+            keep.append(wei)
+        v = self.value(x)
+        return wei @ v
+
+
+def _retained(values):
+    for value in values:
+        value.retain_grad()
+    return values
+
+
+def test_every_value_of_a_rebound_local_is_named_and_its_gradient_is_torchs():
+    """A head's three ``wei``: the last is ``wei``, the earlier ones ``wei_v0``, ``wei_v1`` (in-place versions'
+    numbering); their gradients, looked up by name, are torch autograd's of those tensors."""
+    torch.manual_seed(0)
+    head = _Head()
+    x = torch.randn(2, 5, 6, dtype=D)
+    target = torch.randn(2, 5, 4, dtype=D)
+    with tg.record() as graph:
+        loss = ((head(x) - target) ** 2).sum()
+    grads = graph.backward(loss)
+    ops = {graph.node(name)["op"] for name in ("wei_v0", "wei_v1", "wei")}
+    assert [graph.node(name)["op"] for name in ("wei_v0", "wei_v1", "wei")] == ["mul", "masked_fill", "softmax"], ops
+    assert all(graph.node(name)["named"] for name in ("wei_v0", "wei_v1", "wei"))
+    keep: list[torch.Tensor] = []
+    expected = ((head(x, keep=keep) - target) ** 2).sum()
+    _retained(keep)
+    expected.backward()
+    for name, tensor in zip(("wei_v0", "wei_v1", "wei"), keep):
+        torch.testing.assert_close(graph.node(name)["value"], tensor.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(grads[name], tensor.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_rebinding_at_the_top_of_a_block_and_in_a_loop_names_every_value():
+    """``x = x * 2; x = x + 1`` on one line, then ``x = layer(x)`` in a loop over torch modules: each value of
+    ``x`` is ``x_v0``, ``x_v1`` ... and the last ``x``. One call that makes several ops (``nn.Sequential``) names
+    only its result; tuple targets and attributes are not names of this kind."""
+    torch.manual_seed(1)
+    layers = [torch.nn.Linear(4, 5, dtype=D), torch.nn.Tanh(), torch.nn.Linear(5, 3, dtype=D)]
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 3, dtype=D), torch.nn.ReLU(), torch.nn.Linear(3, 2, dtype=D))
+    data = torch.randn(6, 4, dtype=D)
+    with tg.record() as graph:
+        x = data.exp()
+        x = x * 2; x = x + 1  # noqa: E702 (two assignments on one line: both are found)
+        for layer in layers:
+            x = layer(x)
+        x = mlp(x)
+        first, second = x.unbind(1)
+        loss = (first * second).sum()
+    grads = graph.backward(loss)
+    names = ["x_v0", "x_v1", "x_v2", "x_v3", "x_v4", "x_v5", "x"]
+    assert [graph.node(name)["op"] for name in names] == ["exp", "mul", "add", "linear", "tanh", "linear", "linear"]
+    assert not any(name.startswith("x_v6") for name in graph.names)  # mlp's first linear and relu: op-based
+    assert graph.names.count("x_v5") == 1 and graph.node("linear_1")["op"] == "linear"
+    assert graph.node("first")["op"] == "unbind"
+    reference = [data.clone().requires_grad_().exp()]
+    reference.append(reference[-1] * 2)
+    reference.append(reference[-1] + 1)
+    for layer in [*layers, mlp]:
+        reference.append(layer(reference[-1]))
+    _retained(reference)
+    first, second = reference[-1].unbind(1)
+    (first * second).sum().backward()
+    for name, tensor in zip(names, reference):
+        torch.testing.assert_close(grads[name], tensor.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_rebound_values_numbered_with_in_place_versions_and_the_value_held_at_the_end():
+    """``x = a.clone(); x.mul_(2); x += 1; x = helper(x)``: the clone, its in-place versions and the last value
+    assigned are ``x_v0`` ... in order; ``x`` is what the variable holds at the end, made in another function."""
+    a = torch.randn(3, dtype=D)
+
+    def helper(h):
+        return h.tanh()
+
+    with tg.record() as graph:
+        x = a.clone()
+        x.mul_(2)
+        x += 1
+        x = helper(x)
+        loss = x.sum()
+    assert [graph.node(name)["op"] for name in ("x_v0", "x_v1", "x")] == ["clone", "mul", "tanh"]
+    assert graph.node("x_v1")["inplace"] and graph.node("x_v1")["previous"] == graph.node_id("x_v0")
+    assert graph.node("h")["op"] == "add" and graph.node("h")["inplace"]  # the helper's variable names its input
+    with tg.record(names=False) as graph:
+        x = a * 2
+        x = x + 1
+    assert graph.names == ["leaf_1", "mul_1", "add_1"]
+    assert loss is not None
+
+
+def test_rebound_names_survive_replay_and_are_identifiers_in_generated_code():
+    """The second and third recordings of a block (a template, then its replay) name as the first; the names
+    become ``dwei_v0``-style identifiers in graph.backward_source and tg.compile's source."""
+    torch.manual_seed(2)
+    head = _Head()
+    x = torch.randn(2, 5, 6, dtype=D)
+    seen = []
+    for _ in range(3):
+        with tg.record() as graph:
+            loss = head(x).square().sum()
+        seen.append(graph.names)
+        graph.backward(loss)
+    assert seen[0] == seen[1] == seen[2] and {"wei_v0", "wei_v1", "wei"} <= set(seen[0])
+    source = graph.backward_source(loss)
+    assert "dwei_v0 = " in source and "dwei_v1 = " in source and "dwei = " in source
+    compile(source, "<test>", "exec")
+    step = tg.compile(lambda x: head(x).square().sum(), fuse=False)
+    step(x)
+    assert "dwei_v0" in step.source and "wei_v1 = " in step.source
+    compile(step.source, "<test>", "exec")

@@ -845,7 +845,7 @@ def test_clusters_follow_scopes_and_collapse():
     assert set(clusters) == {"<b>layer0</b>", "<b>layer1</b>", "<b>batchnorm</b>"}
     # layer0's parameters sit in layer0's cluster (they are used nowhere else); its batchnorm is nested inside it
     layer0 = clusters["<b>layer0</b>"]
-    assert {f"n{node}" for node in graph.ancestors("add_1") if not graph.node(node)["inputs"]} - {"n0"} <= layer0
+    assert {f"n{node}" for node in graph.ancestors("pre_v0") if not graph.node(node)["inputs"]} - {"n0"} <= layer0
     nested = [o for o in parsed["objects"] if o.get("label") == "<b>layer0</b>"][0]
     assert len(nested.get("subgraphs", [])) == 1
     # collapse=["batchnorm"]: one box per layer's batchnorm, nothing inside it drawn
@@ -859,7 +859,7 @@ def test_clusters_follow_scopes_and_collapse():
     # the box is wired like the cluster: the matmul feeds it, it feeds tanh
     names = {o["_gvid"]: o for o in parsed["objects"]}
     heads = {(names[e["tail"]]["name"], names[e["head"]]["name"]) for e in parsed["edges"]}
-    pre0 = f"n{graph.node_id('add_1')}"  # layer0's h @ W + b
+    pre0 = f"n{graph.node_id('pre_v0')}"  # layer0's h @ W + b: the first value of ``pre``
     box0 = [key for key, o in node_attrs(parsed).items() if o.get("shape") == "box3d" and "layer0" in o.get(
         "tooltip", "")][0]
     assert (pre0, box0) in heads
