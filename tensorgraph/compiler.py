@@ -759,6 +759,7 @@ def _record(forward: Callable[..., Tensor], inputs: tuple) -> _Recording:
     finally:
         # the user's frames hold the forward's locals: let the values made under no_grad that nothing keeps die
         mode.frames.clear()
+        mode.frame_order.clear()
         mode.last_frame = mode.entry_frame = None
         mode._snapshot, mode._no_grad_call = take_snapshot, no_grad_call
     if not isinstance(loss, Tensor):

@@ -250,6 +250,7 @@ class _Recorder(TorchFunctionMode):
         self.anomaly = anomaly
         self.grad_at_entry = torch.is_grad_enabled()
         self.frames: dict[int, types.FrameType] = {}
+        self.frame_order: list[types.FrameType] = []  # the same frames in order of first use (a node's "call")
         # id(user frame) -> (the frame below it that made its last recorded call, that call's instruction, the
         # number of that execution of the instruction): see _source
         self.executions: dict[int, tuple[types.FrameType | None, int, int]] = {}
@@ -819,8 +820,9 @@ class _Recorder(TorchFunctionMode):
                 user = user.f_back
             source = ("<unknown>", 0, "", 0) if user is None else (
                 user.f_code.co_filename, user.f_lineno, _qualname(user.f_code), id(user))
-            if user is not None:
-                self.frames.setdefault(id(user), user)
+            if user is not None and id(user) not in self.frames:
+                self.frames[id(user)] = user
+                self.frame_order.append(user)
         name = ((getattr(cls, "__qualname__", None) or func_name(cls)) if cls is not None else
                 "(one whose forward returned its input as it is)")
         reason = (f"the custom torch.autograd.Function {name} has no gradient rule (tensorgraph sees its "
@@ -926,7 +928,9 @@ class _Recorder(TorchFunctionMode):
         if frame is None:
             return ("<unknown>", 0, "", 0, -1, 0)
         key = id(frame)
-        self.frames.setdefault(key, frame)  # kept to the end of the block: its id is that call's alone
+        if key not in self.frames:  # kept to the end of the block: its id is that call's alone
+            self.frames[key] = frame
+            self.frame_order.append(frame)
         # the calls one execution of the user's instruction makes (nn.Sequential's layers, F.dropout's mask and
         # product) run below the same frame, kept alive here so that another execution's frame is never mistaken
         # for it (a loop's ``x = layer(x)``)
@@ -1473,6 +1477,7 @@ class record:
                     session.remember(found, stamps.layout())  # (a template serves either setting)
         self.graph._calls = _call_tree(frames, caller)
         self._mode.frames.clear()
+        self._mode.frame_order.clear()
         self._mode.executions.clear()
         self._mode.data_of.clear()
         self._mode.custom_calls.clear()

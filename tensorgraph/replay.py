@@ -130,7 +130,7 @@ class _Event:
     """One recorded call that made new tensors (the recorder's common path), as the template checks it."""
 
     __slots__ = ("func", "first", "end", "code", "lasti", "line", "scope", "nargs", "refs", "consts", "generic",
-                 "kwargs", "leaves", "single", "outputs", "device", "detach", "inplace", "expected")
+                 "kwargs", "leaves", "single", "outputs", "device", "detach", "inplace", "expected", "call", "same")
 
     def __init__(self, func: Any, first: int, end: int, code: types.CodeType | None, lasti: int, line: int,
                  scope: tuple) -> None:
@@ -153,6 +153,8 @@ class _Event:
         self.detach = False  # x.detach() or x.data: the recorder tracks it as memory shared with x
         self.inplace = False  # h += b on a tensor the graph made: matched before it runs (Session.before_inplace)
         self.expected: Any = None  # what the recorder's fast path compares the next call with: func, None if in place
+        self.call: int | None = None  # the user's call it ran in: its frame's rank among the block's (a node's "call")
+        self.same = False  # in the same call as the template's previous call
 
 
 _SIMPLE = frozenset({int, bool, str, type(None), torch.dtype})
@@ -178,6 +180,7 @@ def _event(nodes: list[dict[str, Any]], func: Any, first: int, end: int, code: t
     if head["inplace"] and not _plain_inplace(nodes, head, func):
         return event
     event.inplace = bool(head["inplace"])
+    event.call = head.get("call")
     event.detach = head["op"] == "detach" and bool(head["inputs"])
     if event.detach and lookup(func) is None:
         return event
@@ -230,6 +233,25 @@ def _plain_inplace(nodes: list[dict[str, Any]], head: dict[str, Any], func: Any)
 
 
 # ---------------------------------------------------------------- generated matchers
+
+
+def _call_fits(recorder: Any, frame: types.FrameType, call: int | None) -> bool:
+    """Whether ``frame``, which is not the previous matched call's, is the template's user call number ``call``: the
+    block's frame of that rank in order of first use, or the next new one (a loop running in one call what the
+    template ran in two calls of the same function is another structure, with other clusters and names)."""
+    order = recorder.frame_order
+    if call is None:
+        return False
+    if call < len(order):
+        return order[call] is frame
+    return call == len(order) and id(frame) not in recorder.frames
+
+
+def _use_frame(recorder: Any, frame: types.FrameType) -> None:
+    """The recorder keeps the user frame of a matched call, as its ``_source`` does."""
+    if id(frame) not in recorder.frames:
+        recorder.frames[id(frame)] = frame
+        recorder.frame_order.append(frame)
 
 
 def _user_frame(frame: types.FrameType | None, code: types.CodeType) -> types.FrameType | None:
@@ -308,6 +330,9 @@ class _MatcherSource:
                 "                return False",
                 "        if frame.f_lasti != EVENT.lasti and not _same_line(frame, EVENT):",
                 "            return False",
+                *(["        if frame is not session.frame:", "            return False"] if self.event.same else
+                  ["        if frame is session.frame or not _call_fits(recorder, frame, EVENT.call):",
+                   "            return False"]),
                 "        live = session.live",
                 "        written = recorder.view_written"]
 
@@ -400,11 +425,12 @@ class _MatcherSource:
             lines += [f"    base = {o}._base",
                       "    if base is not None:",
                       f"        recorder.views.setdefault(id(base), []).append({o})"]
-        lines += ["    if frame is not session.frame:",
-                  "        recorder.frames.setdefault(id(frame), frame)",
-                  "        session.frame = frame",
-                  "    session.count = END",
-                  "    session.cursor = NEXT"]
+        if not self.event.same:
+            lines += ["    if id(frame) not in recorder.frames:",
+                      "        recorder.frames[id(frame)] = frame",
+                      "        recorder.frame_order.append(frame)",
+                      "    session.frame = frame"]
+        lines += ["    session.count = END", "    session.cursor = NEXT"]
         if last:
             return lines + ["    session.event = session.expected = session.fast = None"]
         return lines + ["    session.event = NEXT_EVENT",
@@ -484,6 +510,7 @@ def _factory(source: str, names: list[str]) -> Callable[..., Callable]:
     body = "".join(f"    {line}\n" if line else "\n" for line in source.splitlines())
     text = f"def make(*, {', '.join(names)}):\n{body}    return match\n"
     namespace: dict[str, Any] = {"_getframe": sys._getframe, "_state": _rec._state, "_user_frame": _user_frame,
+                                 "_call_fits": _call_fits,
                                  "_same_line": _same_line, "_same": _same, "Tensor": Tensor,
                                  "_strided": torch.strided}
     # (no linecache entry: a matcher's errors never leave it, they are a miss)
@@ -811,7 +838,7 @@ class Session:
                 return False
             pending: list[Tensor] = []  # new leaves, made only if the whole call matches
             # (an in-place call never comes here: it is matched before it runs)
-            frame = self._same_call(func, args, kwargs, pending, recorder.view_written, sys._getframe(2), False)
+            frame = self._same_call(func, args, kwargs, pending, recorder, sys._getframe(2), False)
             if frame is None:
                 return self._miss(recorder, func, args, kwargs, result)
             event, nodes, live = self.event, self.nodes, self.live
@@ -838,7 +865,7 @@ class Session:
             else:
                 self._add_outputs(recorder, list(result), event.outputs)
             if frame is not self.frame:
-                recorder.frames.setdefault(id(frame), frame)
+                _use_frame(recorder, frame)
                 self.frame = frame
             self.count = len(nodes)
             self._next()
@@ -856,7 +883,7 @@ class Session:
         else:
             self.event = self.expected = self.fast = None
 
-    def _same_call(self, func: Any, args: tuple, kwargs: dict, pending: list[Tensor], written: dict,
+    def _same_call(self, func: Any, args: tuple, kwargs: dict, pending: list[Tensor], recorder: Any,
                    caller: types.FrameType, inplace: bool) -> types.FrameType | None:
         """The user's frame if this is the template's call at this position, by the checks :meth:`match` and
         :meth:`before_inplace` share (the callable, the user's line, the scope, the arguments: new leaves go to
@@ -870,9 +897,12 @@ class Session:
         frame = _user_frame(caller, event.code)
         if frame is None or (frame.f_lasti != event.lasti and not _same_line(frame, event)):
             return None
+        if (frame is not self.frame) if event.same else (frame is self.frame or
+                                                         not _call_fits(recorder, frame, event.call)):
+            return None
         if _state.scope != event.scope or len(args) != event.nargs:
             return None
-        return frame if self._arguments(event, args, kwargs, pending, written) else None
+        return frame if self._arguments(event, args, kwargs, pending, recorder.view_written) else None
 
     def _arguments(self, event: _Event, args: tuple, kwargs: dict, pending: list[Tensor], written: dict) -> bool:
         """Whether the arguments are the template call's: each tensor its node at its recorded version, or a new
@@ -917,7 +947,7 @@ class Session:
             if _rec._any_autocast():
                 return self._stop()
             pending: list[Tensor] = []
-            frame = self._same_call(func, args, kwargs, pending, recorder.view_written, sys._getframe(2), True)
+            frame = self._same_call(func, args, kwargs, pending, recorder, sys._getframe(2), True)
             if frame is None:
                 return self._miss_inplace(recorder, func, args, kwargs)
             target = args[0]
@@ -930,7 +960,7 @@ class Session:
             self._add_node(len(nodes), value)
         self.count = len(nodes)  # (the template's copies are a prefix of the graph, should the call raise)
         if frame is not self.frame:
-            recorder.frames.setdefault(id(frame), frame)
+            _use_frame(recorder, frame)
             self.frame = frame
         recorder._snapshot(target)
         return True
@@ -1074,6 +1104,10 @@ class Session:
                 break
             events.append(event)
             expected = event.end
+        previous = None
+        for event in events:
+            event.same = event.call is not None and event.call == previous
+            previous = event.call
         stripped = []
         for data in nodes:
             copy = data.copy()

@@ -665,6 +665,38 @@ def test_each_with_line_keeps_its_own_templates():
     torch.testing.assert_close(graph.backward(loss)[x], leaf.grad, rtol=1e-12, atol=1e-12)
 
 
+def _one_line(x, nested):
+    with tg.record() as graph:  # one with line for both call trees
+        loss = _stack(x, nested=nested)
+    return graph, loss
+
+
+@pytest.mark.parametrize("generated", [False, True])
+def test_a_loop_in_one_call_does_not_replay_a_template_of_two_calls(generated):
+    """``_layer(x, 2)`` makes the calls of ``_layer(_layer(x, 1), 1)`` from the same lines, in one call of _layer
+    instead of two. A template of the two calls matched it op for op and gave its nodes the template's calls:
+    a node in call 2 of a block with two calls (render drew a second ``_layer`` cluster), and the names of two
+    calls (``x_2``). Each call of the template is now matched to its own user frame."""
+    x = torch.randn(3, dtype=D)
+    fresh()
+    for _ in range(2 + (replay.GENERATE_AFTER if generated else 0)):
+        _one_line(x, True)
+    template = replay.templates()[next(iter(replay.templates()))][0]
+    assert (template.matchers is not None) == generated
+    for _ in range(3):
+        graph, loss = _one_line(x, False)
+        reference = _reference(_one_line, x, False)[0]
+        assert_same_graph(graph, reference)
+        assert graph._calls == reference._calls and len(graph._calls) == 2
+    assert graph._replay is not None and graph._replay.matched >= 1  # the loop's own structure replays
+    graph, _ = _one_line(x, True)  # and the nested one still gets its two calls
+    assert [d["call"] for d in graph._nodes] == [d["call"] for d in _reference(_one_line, x, True)[0]._nodes]
+    leaf = x.clone().requires_grad_()
+    _layer(leaf, 2).sum().backward()
+    graph, loss = _one_line(x, False)
+    torch.testing.assert_close(graph.backward(loss)[x], leaf.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("where", ["around", "inside"])
 def test_a_recording_under_autocast_is_the_full_paths(where):
     """Under torch.autocast the full path marks each float op (its casts happen below the recorded calls), and
