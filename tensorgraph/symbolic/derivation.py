@@ -201,12 +201,23 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
     best = (_score(expr, primitives, unnamed), expr, [])
     tried = 0
 
+    def leaf(current: sp.Expr, chosen: list[Rewrite]) -> None:
+        nonlocal best
+        score = _score(current, primitives, unnamed)
+        if chosen and score < best[0]:
+            best = (score, current, chosen)
+        if not current.has(sp.exp):
+            return
+        normalised, used = through_normalisers(current, chain, space, chosen)
+        if used:
+            score = _score(normalised, primitives, unnamed)
+            if score < best[0]:
+                best = (score, normalised, chosen + used)
+
     def walk(current: sp.Expr, position: int, chosen: list[Rewrite]) -> None:
-        nonlocal best, tried
+        nonlocal tried
         if position == len(order) or tried >= limit:
-            score = _score(current, primitives, unnamed)
-            if chosen and score < best[0]:
-                best = (score, current, chosen)
+            leaf(current, chosen)
             return
         primitive = order[position]
         walk(current, position + 1, chosen)
@@ -239,6 +250,69 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
         return result
     arranged = [_score(display(form, space), primitives, unnamed) for form, _ in (result, other)]
     return other if arranged[1] < arranged[0] else result
+
+
+def normaliser_rewrites(chain: Chain, space: Space, rewrites: list[Rewrite]) -> list[Rewrite]:
+    """``exp(a) = out*Sum(exp(a), j)`` for each saved tensor ``out`` normalised by a sum of ``exp(a)`` (a softmax
+    reads ``exp(a)/Sum(exp(a), j)``, a log-softmax ``a - log(Sum(exp(a), j))``, which gives ``exp(out)*Sum``),
+    with ``a`` written through ``rewrites`` as the gradient is. The sum is left whole: substituted, it leaves
+    the sums it is summed in along ``j`` and cancels against the normaliser, which is how the gradient of a
+    temperature, ``Sum(z*exp(z), j)/Sum(exp(z), j)``, becomes ``Sum(z*out, j)``: no exponential that overflows."""
+    found: list[Rewrite] = []
+    for node in chain.ops:
+        if node.reduction or node is chain.input:
+            continue
+        try:
+            value = space.canon(_apply(node.value, rewrites))
+        except TooLarge:
+            continue
+        for total in value.atoms(AxisSum):
+            factor = _normalised_factor(total, space.axes_of(node.sym), chain, space)
+            if factor is None:
+                continue
+            held, solved = space.dummy(total), sp.Dummy("e", positive=True)
+            flat = value.xreplace({total: held})
+            flat = flat.xreplace({factor: solved}) if flat.has(factor) else \
+                flat.xreplace({factor.args[0]: sp.log(solved)})
+            inverse = invert(flat, solved, node.sym, space.nonnegative, space.nonzero)
+            if inverse is None:
+                continue
+            try:
+                inverse = space.canon(inverse.xreplace({held: total}))
+            except TooLarge:
+                continue
+            found.append(Rewrite(node, factor, inverse, [total]))
+    return found
+
+
+def _normalised_factor(total: AxisSum, axes: frozenset, chain: Chain, space: Space) -> sp.exp | None:
+    """The exponential to solve for in a normaliser ``Sum(exp(a), j)`` of a saved tensor with ``axes``, or None.
+
+    The canonical form splits ``exp(x + b)`` into ``exp(x)*exp(b)``: then one factor is solved for (the other
+    factors cancel where it is substituted), one that varies over all of ``axes``, so that the saved tensor it
+    is written with never lands outside a sum over one of them (``exp(b[j])`` outside a sum over the rows ``i``
+    is no ``out[i,j]``); the one with the input first. None when the body is not made of exponentials."""
+    factors = sp.Mul.make_args(total.body)
+    if not all(isinstance(f, sp.exp) for f in factors):
+        return None
+    whole = [f for f in factors if space.axes_of(f) >= axes]
+    if not whole:
+        return None
+    return next((f for f in whole if f.has(chain.input.sym)), whole[0])
+
+
+def through_normalisers(expr: sp.Expr, chain: Chain, space: Space,
+                        rewrites: list[Rewrite]) -> tuple[sp.Expr, list[Rewrite]]:
+    """``expr`` with the exponentials that a saved softmax (or log-softmax) normalises written through it (see
+    :func:`normaliser_rewrites`), and the rewrites used; ``(expr, [])`` where none applies."""
+    used = [r for r in normaliser_rewrites(chain, space, rewrites) if expr.has(r.primitive)]
+    if not used:
+        return expr, []
+    try:
+        normalised = space.canon(_apply(expr, used))
+    except TooLarge:
+        return expr, []
+    return (normalised, used) if space.axes_of(normalised) <= space.axes_of(expr) else (expr, [])
 
 
 def reduction_folds(chain: Chain, space: Space) -> dict[sp.Basic, sp.Expr]:
