@@ -305,14 +305,32 @@ def through_normalisers(expr: sp.Expr, chain: Chain, space: Space,
                         rewrites: list[Rewrite]) -> tuple[sp.Expr, list[Rewrite]]:
     """``expr`` with the exponentials that a saved softmax (or log-softmax) normalises written through it (see
     :func:`normaliser_rewrites`), and the rewrites used; ``(expr, [])`` where none applies."""
-    used = [r for r in normaliser_rewrites(chain, space, rewrites) if expr.has(r.primitive)]
+    normalised, used = expr, []
+    for rewrite in normaliser_rewrites(chain, space, rewrites):
+        substituted = _through_normaliser(normalised, rewrite)
+        if substituted != normalised:
+            normalised, used = substituted, used + [rewrite]
     if not used:
         return expr, []
     try:
-        normalised = space.canon(_apply(expr, used))
+        normalised = space.canon(normalised)
     except TooLarge:
         return expr, []
     return (normalised, used) if space.axes_of(normalised) <= space.axes_of(expr) else (expr, [])
+
+
+def _through_normaliser(expr: sp.Expr, rewrite: Rewrite) -> sp.Expr:
+    """``expr`` with ``exp(a)`` replaced by ``rewrite.inverse`` outside the normaliser itself, and ``exp(k*a)`` for an
+    integer ``k > 1`` (the gradient of ``softmax(x / T)**2`` has ``exp(2*x/T)``) by its ``k``-th power."""
+    protect = {atom: sp.Dummy("p") for atom in rewrite.protect if expr.has(atom)}
+    exponent = rewrite.primitive.args[0]
+
+    def swap(power: sp.exp) -> sp.Expr:
+        k = sp.cancel(power.args[0] / exponent)
+        return rewrite.inverse ** k if k.is_Integer and k > 0 else power
+
+    held = expr.xreplace(protect).replace(lambda e: isinstance(e, sp.exp), swap)
+    return held.xreplace({d: a for a, d in protect.items()})
 
 
 def reduction_folds(chain: Chain, space: Space) -> dict[sp.Basic, sp.Expr]:
@@ -366,6 +384,9 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
                 bases = {p: sp.Pow(node.sym, p.exp) for p in expr.atoms(sp.Pow) if p.base == value}
                 if bases:
                     expr = space.canon(expr.xreplace(bases))
+                collected = _collect_saved_sum(expr, value, node.sym)
+                if collected is not expr:
+                    expr = space.canon(collected)
             elif isinstance(value, sp.Function) or (isinstance(value, sp.Pow) and not value.exp.is_Integer):
                 found = {value: node.sym}
                 if isinstance(value, sp.Pow):  # a root divided by: x/sqrt(x**2 + eps) is x/norm
@@ -375,6 +396,27 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
         except TooLarge:
             continue
     return expr
+
+
+def _collect_saved_sum(expr: sp.Expr, value: sp.Add, saved: sp.Symbol) -> sp.Expr:
+    """``expr`` with each sum of terms ``c*v1 + c*v2 + ...`` (``value = v1 + v2 + ...``, ``c`` a factor that divides by
+    no tensor) written
+    ``c*saved``: the gradient of a weight after ``log_softmax(x * s)`` is ``dout*(s*x - log(Sum(exp(s*x), j)))``,
+    which overflows where the saved log-softmax does not. ``expr`` itself when no sum holds all of the terms."""
+    terms = sp.Add.make_args(value)
+
+    def collect(total: sp.Add) -> sp.Expr:
+        present = set(total.args)
+        for term in total.args:
+            factor = sp.cancel(term / terms[0])
+            if not sp.fraction(factor)[1].is_number:
+                continue  # never divide by a tensor: dout*(w*x - w*lse)/w would be 0/0 where w is 0
+            scaled = [sp.expand(factor * t) for t in terms]
+            if all(s in present for s in scaled):
+                return sp.Add(*(present - set(scaled))) + factor * saved
+        return total
+
+    return expr.replace(lambda e: isinstance(e, sp.Add) and len(e.args) >= len(terms), collect)
 
 
 def nested(expr: sp.Expr, chain: Chain) -> sp.Expr:
