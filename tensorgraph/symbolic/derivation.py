@@ -372,7 +372,8 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
     by that tensor: the code then reads the value the forward computed stably (``log_softmax``) instead of
     recomputing an expression that can overflow (``log(1 - p)``); a root also where it divides. A saved sum
     of terms is reused where it is the base of a power (``1/(std + eps)**2``): written out, ``factor_terms``
-    reads it ``100000*std + 1``."""
+    reads it ``100000*std + 1``; a sum of terms also where a gradient holds them all and reads safer written
+    with it (``log_softmax(x * s)``: see :func:`_collect_saved_sum`)."""
     for node in reversed(chain.ops):
         if node.reduction or node is chain.input:
             continue
@@ -386,7 +387,9 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
                     expr = space.canon(expr.xreplace(bases))
                 collected = _collect_saved_sum(expr, value, node.sym)
                 if collected is not expr:
-                    expr = space.canon(collected)
+                    collected = space.canon(collected)
+                    if _unsafe(collected, chain) < _unsafe(expr, chain):
+                        expr = collected
             elif isinstance(value, sp.Function) or (isinstance(value, sp.Pow) and not value.exp.is_Integer):
                 found = {value: node.sym}
                 if isinstance(value, sp.Pow):  # a root divided by: x/sqrt(x**2 + eps) is x/norm
@@ -396,6 +399,11 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
         except TooLarge:
             continue
     return expr
+
+
+def _unsafe(expr: sp.Expr, chain: Chain) -> tuple[int, int]:
+    """How many primitives and exponentials or logarithms ``expr`` holds: what a saved tensor spares the code."""
+    return len(expr.free_symbols & _primitives(chain)), len(expr.atoms(sp.exp, sp.log))
 
 
 def _collect_saved_sum(expr: sp.Expr, value: sp.Add, saved: sp.Symbol) -> sp.Expr:
