@@ -474,6 +474,40 @@ def _exponentials_into_sums(expr: sp.Expr, space: Space) -> sp.Expr:
     return sp.Mul(*rest) * AxisSum(sp.powsimp(sp.Mul(*outside) * total.body, combine="exp"), total.axis)
 
 
+def _merge_sums(expr: sp.Expr, space: Space) -> sp.Expr:
+    """Added sums over one axis, each times a factor constant along it, as one sum: ``Sum(z*p, j)*Sum(p*g, j) -
+    Sum(z*p*g, j)`` is ``Sum(z*p*(Sum(p*g, j) - g), j)``, the gradient of a temperature as torch computes it (the
+    difference first: multiplied out, float32 loses the digits of ``z*p*g`` against each other)."""
+    if not expr.has(AxisSum):
+        return expr
+    expr = expr.func(*(_merge_sums(arg, space) for arg in expr.args))
+    if not isinstance(expr, sp.Add):
+        return expr
+    groups: dict[sp.Symbol, list[tuple[sp.Expr, sp.Expr]]] = {}
+    for term in expr.args:
+        for factor in sp.Mul.make_args(term):
+            if isinstance(factor, AxisSum):
+                coeff = term / factor
+                if factor.axis not in space.axes_of(coeff):
+                    groups.setdefault(factor.axis, []).append((term, coeff * factor.body))
+                    break
+    for axis, members in groups.items():
+        if len(members) > 1:
+            rest = [t for t in expr.args if t not in {term for term, _ in members}]
+            body = _merge_sums(sp.factor_terms(sp.Add(*(inside for _, inside in members))), space)
+            outside, inside = _split_along(body, axis, space)
+            merged = outside * AxisSum(inside, axis)
+            return _merge_sums(sp.Add(*rest, merged), space) if rest else merged
+    return expr
+
+
+def _split_along(expr: sp.Expr, axis: sp.Symbol, space: Space) -> tuple[sp.Expr, sp.Expr]:
+    """``expr`` as (the factors constant along ``axis``, the others)."""
+    factors = sp.Mul.make_args(expr)
+    constant = [f for f in factors if axis not in space.axes_of(f)]
+    return sp.Mul(*constant), sp.Mul(*(f for f in factors if axis in space.axes_of(f)))
+
+
 def fold_piecewise(expr: sp.Expr) -> sp.Expr:
     """Products and sums of piecewise factors as one ``Piecewise`` whose branches are whole expressions.
 
@@ -512,6 +546,9 @@ def display(expr: sp.Expr, space: Space) -> sp.Expr:
     expr = fold_piecewise(expr)
     combined = sp.powsimp(_exponentials_into_sums(expr, space), combine="exp")
     options = [sp.factor_terms(combined)]
+    merged = _merge_sums(combined, space)
+    if merged != combined:
+        options.append(sp.factor_terms(merged))
     if sp.count_ops(combined) <= 60:  # cancel finds s*(1-s)/(1-s) = s; on long sums it is slow and rarely shorter
         options.append(sp.factor_terms(sp.cancel(combined)))
     arranged = min(options, key=sp.count_ops)
