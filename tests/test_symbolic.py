@@ -1090,11 +1090,11 @@ def test_a_closed_form_unstable_at_large_logits_is_not_fused():
 SCALED = {"temperature": lambda z, p: z / p, "scale": lambda z, p: z * p, "shift": lambda z, p: z + p}
 
 
-def _scaled_softmax(kind: str, dtype: torch.dtype, through: torch.dtype = D):
-    """(forward(W, p), W, p): the softmax of X @ W divided by a 0-dim temperature, multiplied by a 0-dim scale or
-    shifted by a bias per class, weighted and summed; logits (and logits / T) past 88, where exp overflows in
-    float32 and torch's softmax kernel does not. The values are rounded to ``through`` first (float32 gives the
-    float64 truth of a float32 chain)."""
+def _scaled_softmax(kind: str, dtype: torch.dtype, through: torch.dtype = D, function: str = "softmax"):
+    """(forward(W, p), W, p): the softmax (or ``function``) of X @ W divided by a 0-dim temperature, multiplied
+    by a 0-dim scale or shifted by a bias per class, weighted and summed; logits (and logits / T) past 88, where
+    exp overflows in float32 and torch's softmax kernel does not. The values are rounded to ``through`` first
+    (float32 gives the float64 truth of a float32 chain)."""
     def tensor(*shape, seed, scale=1.0):
         return (torch.randn(*shape, dtype=D, generator=_gen(seed)) * scale).to(through).to(dtype)
 
@@ -1103,10 +1103,15 @@ def _scaled_softmax(kind: str, dtype: torch.dtype, through: torch.dtype = D):
                                                                            dtype=dtype)
 
     def forward(W, p):
-        return (SCALED[kind](X @ W, p).softmax(-1) * weight).sum()
+        return (getattr(SCALED[kind](X @ W, p), function)(-1) * weight).sum()
 
     assert float(SCALED[kind](X @ W, p).abs().max()) > 88
     return forward, W, p
+
+
+def _autograd_of(forward, W):
+    leaf = W.detach().clone().requires_grad_()
+    return torch.autograd.grad(forward(leaf), leaf)[0]
 
 
 def _torch_grads(forward, W, p):
@@ -1114,21 +1119,23 @@ def _torch_grads(forward, W, p):
     return torch.autograd.grad(forward(*leaves), leaves)
 
 
+@pytest.mark.parametrize("function", ["softmax", "log_softmax"])
 @pytest.mark.parametrize("kind", SCALED)
-def test_the_softmax_of_a_scaled_or_shifted_input_is_stable_and_fused(kind):
+def test_the_softmax_of_a_scaled_or_shifted_input_is_stable_and_fused(kind, function):
     """softmax(x / T), softmax(x * s), softmax(x + b): the gradient of T, s or b (and for s that of x) came out
     as sums of x*exp(x/T) over sum(exp(x/T)), nan once x/T passes ~88 in float32, so the chains were left
     atomic. The exponentials the saved softmax normalises are written through it: dT reads
     -(1/T)*sum_j z*p*(g - sum_k g*p), no exp. Fused from the logits (auto_fuse, tg.compile) and from the
     temperature, scale or bias (graph.fuse), with torch autograd's gradients."""
-    forward, W, p = _scaled_softmax(kind, D)
+    forward, W, p = _scaled_softmax(kind, D, function=function)
     with tg.record() as graph:
         loss = forward(W, p)
     for wrt in ("z", p):  # from the logits z = X @ W, and from the temperature, scale or bias
         d = symbolic.derive(graph, output=loss, wrt=wrt)
         assert not d.unstable, d.unstable
-        assert not any(form.has(sp.exp) for form in d.gradients.values()), d.gradients
-    if kind == "temperature":  # the textbook form, written with z = x / T and the saved softmax p
+        saved = {d.symbols[function + "_1"]}  # exp of the saved log-softmax: at most 1
+        assert all(e.args[0].free_symbols <= saved for f in d.gradients.values() for e in f.atoms(sp.exp)), d.gradients
+    if kind == "temperature" and function == "softmax":  # the textbook form, with z = x / T and the saved p
         d = symbolic.derive(graph, output=loss, wrt="z")
         s = d.symbols
         z, out, w = s["div_1"], s["softmax_1"], s["weight"]
@@ -1140,6 +1147,26 @@ def test_the_softmax_of_a_scaled_or_shifted_input_is_stable_and_fused(kind):
         for tensor, expected in zip((W, p), want):
             assert (grads[tensor] - expected).abs().max() <= 1e-9 * expected.abs().max()
     assert step.fused
+
+
+def test_a_softmax_after_a_piecewise_op_is_stable_and_fused():
+    """The saved output of a piecewise op is never substituted back (no inverse), so a softmax after one read
+    exp of the piecewise value, unshifted, and was left atomic; written with the saved softmax it is fused."""
+    X, W = torch.randn(8, 4, dtype=D, generator=_gen(30)), torch.randn(4, 5, dtype=D, generator=_gen(32)) * 30
+    weight, mask = torch.randn(8, 5, dtype=D, generator=_gen(31)), torch.rand(8, 5, generator=_gen(33)) > 0.3
+    for after in (F.elu, lambda z: torch.where(mask, z, -1e9)):
+        def forward(W, after=after):
+            logits = X @ W
+            return (F.softmax(after(logits), 1) * weight).sum()
+
+        with tg.record() as graph:
+            loss = forward(W)
+        assert float((X @ W).abs().max()) > 88
+        want = _autograd_of(forward, W)
+        assert not symbolic.derive(graph, output=loss, wrt="logits").unstable
+        assert [graph._nodes[i]["name"] for _, i in symbolic.find_fusable(graph, loss)] == ["logits"]
+        got = symbolic.auto_fuse(graph, loss).backward(loss)[W]
+        assert (got - want).abs().max() <= 1e-9 * want.abs().max()
 
 
 @pytest.mark.parametrize("kind", SCALED)

@@ -326,6 +326,8 @@ def _through_normaliser(expr: sp.Expr, rewrite: Rewrite) -> sp.Expr:
     exponent = rewrite.primitive.args[0]
 
     def swap(power: sp.exp) -> sp.Expr:
+        if power == rewrite.primitive:  # Piecewise/Piecewise does not cancel
+            return rewrite.inverse
         k = sp.cancel(power.args[0] / exponent)
         return rewrite.inverse ** k if k.is_Integer and k > 0 else power
 
