@@ -507,7 +507,10 @@ def _split_along(expr: sp.Expr, axis: sp.Symbol, space: Space) -> tuple[sp.Expr,
     """``expr`` as (the factors constant along ``axis``, the others)."""
     factors = sp.Mul.make_args(expr)
     constant = [f for f in factors if axis not in space.axes_of(f)]
-    return sp.Mul(*constant), sp.Mul(*(f for f in factors if axis in space.axes_of(f)))
+    varying = [f for f in factors if axis in space.axes_of(f)]
+    negated = [-f if isinstance(f, sp.Add) and f.could_extract_minus_sign() else f for f in varying]
+    sign = -1 if sum(f is not g for f, g in zip(varying, negated)) % 2 else 1  # -dout/T*(w - S), not dout/T*(S - w)
+    return sign * sp.Mul(*constant), sp.Mul(*negated)
 
 
 def fold_piecewise(expr: sp.Expr) -> sp.Expr:
