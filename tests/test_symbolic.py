@@ -1061,28 +1061,128 @@ def test_size_one_dimensions_added_by_indexing():
 
 
 def test_a_closed_form_unstable_at_large_logits_is_not_fused():
-    """softmax(logits / T): d/dT comes out as sums of x*exp(x/T) over sum(exp(x/T)), which overflow (nan) once
-    logits / T pass ~88 in float32 (~709 in float64), where torch's kernel is exact. Such a rule is derived
-    (d.unstable says why) but never fused: auto_fuse and tg.compile keep the atomic rules."""
-    X, W = torch.randn(8, 4, generator=_gen(30)), torch.randn(4, 5, generator=_gen(32)) * 15
-    T, weight = torch.tensor(0.5), torch.randn(8, 5, generator=_gen(31))
+    """A softmax raised to a tensor power (sharpening, p ** T): its gradients come out as sums of exp(T*x) over
+    sum(exp(x))**T, which overflow (nan) once the logits pass ~88 in float32 (~709 in float64), where torch's
+    kernel is exact. Such a rule is derived (d.unstable says why) but never fused: auto_fuse and tg.compile keep
+    the atomic rules."""
+    X, W = torch.randn(8, 4, generator=_gen(30)), torch.randn(4, 5, generator=_gen(32)) * 30
+    T, weight = torch.tensor(2.0), torch.randn(8, 5, generator=_gen(31))
 
     def forward(W, T):
-        return (((X @ W) / T).softmax(-1) * weight).sum()
+        return ((X @ W).softmax(-1) ** T * weight).sum()
 
     with tg.record() as graph:
         loss = forward(W, T)
-    assert float(((X @ W) / T).abs().max()) > 88
+    assert float((X @ W).abs().max()) > 88
     leaves = [W.clone().requires_grad_(), T.clone().requires_grad_()]
     want = torch.autograd.grad(forward(*leaves), leaves)
+    assert all(bool(torch.isfinite(w).all()) for w in want)
     for grads in (symbolic.auto_fuse(graph, loss).backward(loss), tg.compile(lambda: forward(W, T), fuse=True)()[1]):
         assert torch.isfinite(grads[T]) and (grads[T] - want[1]).abs() <= 1e-5 * want[1].abs()
         assert (grads[W] - want[0]).abs().max() <= 1e-5 * want[0].abs().max()
     d = symbolic.derive(graph, output=loss, wrt="matmul_1")
-    assert "its dT is" in d.unstable and "where torch autograd's is finite" in d.checked
+    assert "is not finite where torch autograd's is finite" in d.unstable and d.unstable in d.checked
     assert all(graph._nodes[i]["name"] != "matmul_1" for _, i in symbolic.find_fusable(graph, loss))
-    with pytest.raises(SymbolicError, match=r"the closed form of dloss/dmatmul_1 is not used: its dT is"):
+    with pytest.raises(SymbolicError, match=r"the closed form of dloss/dmatmul_1 is not used: its d\w+ is not finite"):
         graph.fuse(loss, "matmul_1")
+
+
+SCALED = {"temperature": lambda z, p: z / p, "scale": lambda z, p: z * p, "shift": lambda z, p: z + p}
+
+
+def _scaled_softmax(kind: str, dtype: torch.dtype, through: torch.dtype = D, function: str = "softmax"):
+    """(forward(W, p), W, p): the softmax (or ``function``) of X @ W divided by a 0-dim temperature, multiplied
+    by a 0-dim scale or shifted by a bias per class, weighted and summed; logits (and logits / T) past 88, where
+    exp overflows in float32 and torch's softmax kernel does not. The values are rounded to ``through`` first
+    (float32 gives the float64 truth of a float32 chain)."""
+    def tensor(*shape, seed, scale=1.0):
+        return (torch.randn(*shape, dtype=D, generator=_gen(seed)) * scale).to(through).to(dtype)
+
+    X, weight, W = tensor(8, 4, seed=30), tensor(8, 5, seed=31), tensor(4, 5, seed=32, scale=30)
+    p = tensor(5, seed=33, scale=50) if kind == "shift" else torch.tensor(0.5 if kind == "temperature" else 2.0,
+                                                                           dtype=dtype)
+
+    def forward(W, p):
+        return (getattr(SCALED[kind](X @ W, p), function)(-1) * weight).sum()
+
+    assert float(SCALED[kind](X @ W, p).abs().max()) > 88
+    return forward, W, p
+
+
+def _autograd_of(forward, W):
+    leaf = W.detach().clone().requires_grad_()
+    return torch.autograd.grad(forward(leaf), leaf)[0]
+
+
+def _torch_grads(forward, W, p):
+    leaves = [t.detach().clone().requires_grad_() for t in (W, p)]
+    return torch.autograd.grad(forward(*leaves), leaves)
+
+
+@pytest.mark.parametrize("function", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("kind", SCALED)
+def test_the_softmax_of_a_scaled_or_shifted_input_is_stable_and_fused(kind, function):
+    """softmax(x / T), softmax(x * s), softmax(x + b): the gradient of T, s or b (and for s that of x) came out
+    as sums of x*exp(x/T) over sum(exp(x/T)), nan once x/T passes ~88 in float32, so the chains were left
+    atomic. The exponentials the saved softmax normalises are written through it: dT reads
+    -(1/T)*sum_j z*p*(g - sum_k g*p), no exp. Fused from the logits (auto_fuse, tg.compile) and from the
+    temperature, scale or bias (graph.fuse), with torch autograd's gradients."""
+    forward, W, p = _scaled_softmax(kind, D, function=function)
+    with tg.record() as graph:
+        loss = forward(W, p)
+    for wrt in ("z", p):  # from the logits z = X @ W, and from the temperature, scale or bias
+        d = symbolic.derive(graph, output=loss, wrt=wrt)
+        assert not d.unstable, d.unstable
+        saved = {d.symbols[function + "_1"]}  # exp of the saved log-softmax: at most 1
+        assert all(e.args[0].free_symbols <= saved for f in d.gradients.values() for e in f.atoms(sp.exp)), d.gradients
+    if kind == "temperature" and function == "softmax":  # the textbook form, with z = x / T and the saved p
+        d = symbolic.derive(graph, output=loss, wrt="z")
+        s = d.symbols
+        z, out, w = s["div_1"], s["softmax_1"], s["weight"]
+        assert d.prove(-s["dloss"] / s["p"] * d.sum(d.sum(z * out * (w - d.sum(w * out, "j")), "j"), "i"), wrt="p")
+    assert [graph._nodes[i]["name"] for _, i in symbolic.find_fusable(graph, loss)] == ["z"]
+    want = _torch_grads(forward, W, p)
+    step = tg.compile(lambda: forward(W, p), fuse=True)
+    for grads in (symbolic.auto_fuse(graph, loss).backward(loss), graph.fuse(loss, p).backward(loss), step()[1]):
+        for tensor, expected in zip((W, p), want):
+            assert (grads[tensor] - expected).abs().max() <= 1e-9 * expected.abs().max()
+    assert step.fused
+
+
+def test_a_softmax_after_a_piecewise_op_is_stable_and_fused():
+    """The saved output of a piecewise op is never substituted back (no inverse), so a softmax after one read
+    exp of the piecewise value, unshifted, and was left atomic; written with the saved softmax it is fused."""
+    X, W = torch.randn(8, 4, dtype=D, generator=_gen(30)), torch.randn(4, 5, dtype=D, generator=_gen(32)) * 30
+    weight, mask = torch.randn(8, 5, dtype=D, generator=_gen(31)), torch.rand(8, 5, generator=_gen(33)) > 0.3
+    for after in (F.elu, lambda z: torch.where(mask, z, -1e9)):
+        def forward(W, after=after):
+            logits = X @ W
+            return (F.softmax(after(logits), 1) * weight).sum()
+
+        with tg.record() as graph:
+            loss = forward(W)
+        assert float((X @ W).abs().max()) > 88
+        want = _autograd_of(forward, W)
+        assert not symbolic.derive(graph, output=loss, wrt="logits").unstable
+        assert [graph._nodes[i]["name"] for _, i in symbolic.find_fusable(graph, loss)] == ["logits"]
+        got = symbolic.auto_fuse(graph, loss).backward(loss)[W]
+        assert (got - want).abs().max() <= 1e-9 * want.abs().max()
+
+
+@pytest.mark.parametrize("kind", SCALED)
+def test_the_fused_scaled_softmax_is_finite_at_float32_logits_past_88(kind):
+    """The same chains recorded in float32: the fused backward stays finite where exp(logits) overflows, as torch
+    autograd's does, and is as close to the float64 gradients as torch's float32 kernel."""
+    forward, W, p = _scaled_softmax(kind, torch.float32)
+    with tg.record() as graph:
+        loss = forward(W, p)
+    want32, want64 = _torch_grads(forward, W, p), _torch_grads(*_scaled_softmax(kind, D, through=torch.float32))
+    for grads in (symbolic.auto_fuse(graph, loss).backward(loss), graph.fuse(loss, p).backward(loss)):
+        for tensor, expected, exact in zip((W, p), want32, want64):
+            assert bool(torch.isfinite(grads[tensor]).all()) and bool(torch.isfinite(expected).all())
+            # no further from the float64 truth than torch's float32 kernel (a saturated softmax loses digits)
+            assert (grads[tensor].double() - exact).abs().max() <= \
+                2 * (expected.double() - exact).abs().max() + 1e-5 * exact.abs().max()
 
 
 def test_cross_entropy_with_a_temperature_is_stable_and_fused():

@@ -201,12 +201,23 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
     best = (_score(expr, primitives, unnamed), expr, [])
     tried = 0
 
+    def leaf(current: sp.Expr, chosen: list[Rewrite]) -> None:
+        nonlocal best
+        score = _score(current, primitives, unnamed)
+        if chosen and score < best[0]:
+            best = (score, current, chosen)
+        if not current.has(sp.exp):
+            return
+        normalised, used = through_normalisers(current, chain, space, chosen)
+        if used:
+            score = _score(normalised, primitives, unnamed)
+            if score < best[0]:
+                best = (score, normalised, chosen + used)
+
     def walk(current: sp.Expr, position: int, chosen: list[Rewrite]) -> None:
-        nonlocal best, tried
+        nonlocal tried
         if position == len(order) or tried >= limit:
-            score = _score(current, primitives, unnamed)
-            if chosen and score < best[0]:
-                best = (score, current, chosen)
+            leaf(current, chosen)
             return
         primitive = order[position]
         walk(current, position + 1, chosen)
@@ -239,6 +250,89 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
         return result
     arranged = [_score(display(form, space), primitives, unnamed) for form, _ in (result, other)]
     return other if arranged[1] < arranged[0] else result
+
+
+def normaliser_rewrites(chain: Chain, space: Space, rewrites: list[Rewrite]) -> list[Rewrite]:
+    """``exp(a) = out*Sum(exp(a), j)`` for each saved tensor ``out`` normalised by a sum of ``exp(a)`` (a softmax
+    reads ``exp(a)/Sum(exp(a), j)``, a log-softmax ``a - log(Sum(exp(a), j))``, which gives ``exp(out)*Sum``),
+    with ``a`` written through ``rewrites`` as the gradient is. The sum is left whole: substituted, it leaves
+    the sums it is summed in along ``j`` and cancels against the normaliser, which is how the gradient of a
+    temperature, ``Sum(z*exp(z), j)/Sum(exp(z), j)``, becomes ``Sum(z*out, j)``: no exponential that overflows."""
+    found: list[Rewrite] = []
+    for node in chain.ops:
+        if node.reduction or node is chain.input:
+            continue
+        try:
+            value = space.canon(_apply(node.value, rewrites))
+        except TooLarge:
+            continue
+        for total in value.atoms(AxisSum):
+            factor = _normalised_factor(total, space.axes_of(node.sym), chain, space)
+            if factor is None:
+                continue
+            held, solved = space.dummy(total), sp.Dummy("e", positive=True)
+            flat = value.xreplace({total: held})
+            flat = flat.xreplace({factor: solved}) if flat.has(factor) else \
+                flat.xreplace({factor.args[0]: sp.log(solved)})
+            inverse = invert(flat, solved, node.sym, space.nonnegative, space.nonzero)
+            if inverse is None:
+                continue
+            try:
+                inverse = space.canon(inverse.xreplace({held: total}))
+            except TooLarge:
+                continue
+            found.append(Rewrite(node, factor, inverse, [total]))
+    return found
+
+
+def _normalised_factor(total: AxisSum, axes: frozenset, chain: Chain, space: Space) -> sp.exp | None:
+    """The exponential to solve for in a normaliser ``Sum(exp(a), j)`` of a saved tensor with ``axes``, or None.
+
+    The canonical form splits ``exp(x + b)`` into ``exp(x)*exp(b)``: then one factor is solved for (the other
+    factors cancel where it is substituted), one that varies over all of ``axes``, so that the saved tensor it
+    is written with never lands outside a sum over one of them (``exp(b[j])`` outside a sum over the rows ``i``
+    is no ``out[i,j]``); the one with the input first. None when the body is not made of exponentials."""
+    factors = sp.Mul.make_args(total.body)
+    if not all(isinstance(f, sp.exp) for f in factors):
+        return None
+    whole = [f for f in factors if space.axes_of(f) >= axes]
+    if not whole:
+        return None
+    return next((f for f in whole if f.has(chain.input.sym)), whole[0])
+
+
+def through_normalisers(expr: sp.Expr, chain: Chain, space: Space,
+                        rewrites: list[Rewrite]) -> tuple[sp.Expr, list[Rewrite]]:
+    """``expr`` with the exponentials that a saved softmax (or log-softmax) normalises written through it (see
+    :func:`normaliser_rewrites`), and the rewrites used; ``(expr, [])`` where none applies."""
+    normalised, used = expr, []
+    for rewrite in normaliser_rewrites(chain, space, rewrites):
+        substituted = _through_normaliser(normalised, rewrite)
+        if substituted != normalised:
+            normalised, used = substituted, used + [rewrite]
+    if not used:
+        return expr, []
+    try:
+        normalised = space.canon(normalised)
+    except TooLarge:
+        return expr, []
+    return (normalised, used) if space.axes_of(normalised) <= space.axes_of(expr) else (expr, [])
+
+
+def _through_normaliser(expr: sp.Expr, rewrite: Rewrite) -> sp.Expr:
+    """``expr`` with ``exp(a)`` replaced by ``rewrite.inverse`` outside the normaliser itself, and ``exp(k*a)`` for an
+    integer ``k > 1`` (the gradient of ``softmax(x / T)**2`` has ``exp(2*x/T)``) by its ``k``-th power."""
+    protect = {atom: sp.Dummy("p") for atom in rewrite.protect if expr.has(atom)}
+    exponent = rewrite.primitive.args[0]
+
+    def swap(power: sp.exp) -> sp.Expr:
+        if power == rewrite.primitive:  # Piecewise/Piecewise does not cancel
+            return rewrite.inverse
+        k = sp.cancel(power.args[0] / exponent)
+        return rewrite.inverse ** k if k.is_Integer and k > 0 else power
+
+    held = expr.xreplace(protect).replace(lambda e: isinstance(e, sp.exp), swap)
+    return held.xreplace({d: a for a, d in protect.items()})
 
 
 def reduction_folds(chain: Chain, space: Space) -> dict[sp.Basic, sp.Expr]:
@@ -280,7 +374,8 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
     by that tensor: the code then reads the value the forward computed stably (``log_softmax``) instead of
     recomputing an expression that can overflow (``log(1 - p)``); a root also where it divides. A saved sum
     of terms is reused where it is the base of a power (``1/(std + eps)**2``): written out, ``factor_terms``
-    reads it ``100000*std + 1``."""
+    reads it ``100000*std + 1``; a sum of terms also where a gradient holds them all and reads safer written
+    with it (``log_softmax(x * s)``: see :func:`_collect_saved_sum`)."""
     for node in reversed(chain.ops):
         if node.reduction or node is chain.input:
             continue
@@ -292,6 +387,11 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
                 bases = {p: sp.Pow(node.sym, p.exp) for p in expr.atoms(sp.Pow) if p.base == value}
                 if bases:
                     expr = space.canon(expr.xreplace(bases))
+                collected = _collect_saved_sum(expr, value, node.sym)
+                if collected is not expr:
+                    collected = space.canon(collected)
+                    if _unsafe(collected, chain) < _unsafe(expr, chain):
+                        expr = collected
             elif isinstance(value, sp.Function) or (isinstance(value, sp.Pow) and not value.exp.is_Integer):
                 found = {value: node.sym}
                 if isinstance(value, sp.Pow):  # a root divided by: x/sqrt(x**2 + eps) is x/norm
@@ -301,6 +401,32 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
         except TooLarge:
             continue
     return expr
+
+
+def _unsafe(expr: sp.Expr, chain: Chain) -> tuple[int, int]:
+    """How many primitives and exponentials or logarithms ``expr`` holds: what a saved tensor spares the code."""
+    return len(expr.free_symbols & _primitives(chain)), len(expr.atoms(sp.exp, sp.log))
+
+
+def _collect_saved_sum(expr: sp.Expr, value: sp.Add, saved: sp.Symbol) -> sp.Expr:
+    """``expr`` with each sum of terms ``c*v1 + c*v2 + ...`` (``value = v1 + v2 + ...``, ``c`` a factor that divides by
+    no tensor) written
+    ``c*saved``: the gradient of a weight after ``log_softmax(x * s)`` is ``dout*(s*x - log(Sum(exp(s*x), j)))``,
+    which overflows where the saved log-softmax does not. ``expr`` itself when no sum holds all of the terms."""
+    terms = sp.Add.make_args(value)
+
+    def collect(total: sp.Add) -> sp.Expr:
+        present = set(total.args)
+        for term in total.args:
+            factor = sp.cancel(term / terms[0])
+            if not sp.fraction(factor)[1].is_number:
+                continue  # never divide by a tensor: dout*(w*x - w*lse)/w would be 0/0 where w is 0
+            scaled = [sp.expand(factor * t) for t in terms]
+            if all(s in present for s in scaled):
+                return sp.Add(*(present - set(scaled))) + factor * saved
+        return total
+
+    return expr.replace(lambda e: isinstance(e, sp.Add) and len(e.args) >= len(terms), collect)
 
 
 def nested(expr: sp.Expr, chain: Chain) -> sp.Expr:
@@ -350,6 +476,43 @@ def _exponentials_into_sums(expr: sp.Expr, space: Space) -> sp.Expr:
     return sp.Mul(*rest) * AxisSum(sp.powsimp(sp.Mul(*outside) * total.body, combine="exp"), total.axis)
 
 
+def _merge_sums(expr: sp.Expr, space: Space) -> sp.Expr:
+    """Added sums over one axis, each times a factor constant along it, as one sum: ``Sum(z*p, j)*Sum(p*g, j) -
+    Sum(z*p*g, j)`` is ``Sum(z*p*(Sum(p*g, j) - g), j)``, the gradient of a temperature as torch computes it (the
+    difference first: multiplied out, float32 loses the digits of ``z*p*g`` against each other)."""
+    if not expr.has(AxisSum):
+        return expr
+    expr = expr.func(*(_merge_sums(arg, space) for arg in expr.args))
+    if not isinstance(expr, sp.Add):
+        return expr
+    groups: dict[sp.Symbol, list[tuple[sp.Expr, sp.Expr]]] = {}
+    for term in expr.args:
+        for factor in sp.Mul.make_args(term):
+            if isinstance(factor, AxisSum):
+                coeff = term / factor
+                if factor.axis not in space.axes_of(coeff):
+                    groups.setdefault(factor.axis, []).append((term, coeff * factor.body))
+                    break
+    for axis, members in groups.items():
+        if len(members) > 1:
+            rest = [t for t in expr.args if t not in {term for term, _ in members}]
+            body = _merge_sums(sp.factor_terms(sp.Add(*(inside for _, inside in members))), space)
+            outside, inside = _split_along(body, axis, space)
+            merged = outside * AxisSum(inside, axis)
+            return _merge_sums(sp.Add(*rest, merged), space) if rest else merged
+    return expr
+
+
+def _split_along(expr: sp.Expr, axis: sp.Symbol, space: Space) -> tuple[sp.Expr, sp.Expr]:
+    """``expr`` as (the factors constant along ``axis``, the others)."""
+    factors = sp.Mul.make_args(expr)
+    constant = [f for f in factors if axis not in space.axes_of(f)]
+    varying = [f for f in factors if axis in space.axes_of(f)]
+    negated = [-f if isinstance(f, sp.Add) and f.could_extract_minus_sign() else f for f in varying]
+    sign = -1 if sum(f is not g for f, g in zip(varying, negated)) % 2 else 1  # -dout/T*(w - S), not dout/T*(S - w)
+    return sign * sp.Mul(*constant), sp.Mul(*negated)
+
+
 def fold_piecewise(expr: sp.Expr) -> sp.Expr:
     """Products and sums of piecewise factors as one ``Piecewise`` whose branches are whole expressions.
 
@@ -388,6 +551,9 @@ def display(expr: sp.Expr, space: Space) -> sp.Expr:
     expr = fold_piecewise(expr)
     combined = sp.powsimp(_exponentials_into_sums(expr, space), combine="exp")
     options = [sp.factor_terms(combined)]
+    merged = _merge_sums(combined, space)
+    if merged != combined:
+        options.append(sp.factor_terms(merged))
     if sp.count_ops(combined) <= 60:  # cancel finds s*(1-s)/(1-s) = s; on long sums it is slow and rarely shorter
         options.append(sp.factor_terms(sp.cancel(combined)))
     arranged = min(options, key=sp.count_ops)
