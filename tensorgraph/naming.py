@@ -11,6 +11,9 @@ Earlier versions of a tensor updated in place are named ``x_v0``, ``x_v1`` ... b
 final ``x``, and so are the earlier values of a variable rebound by plain assignments
 (``wei = q @ k.T``; ``wei = wei.masked_fill(...)``; ``wei = F.softmax(wei, -1)``: ``wei_v0``,
 ``wei_v1``, ``wei``), numbered together with its in-place versions in the order they were made.
+So are those of an attribute of a variable (``self.out = x @ W``; ``self.out = self.out + b``: ``layers[0].out_v0``,
+after the name its last value has), and a value a function of the user's returns into the caller's variable
+(``x = block(x)`` where ``block`` returns ``torch.tanh(x @ W)``) is that variable's.
 """
 
 from __future__ import annotations
@@ -430,35 +433,36 @@ def statement_values(graph: Graph, frames: list[types.FrameType], start: int = 0
     if not last_of:
         return
     calls = {id(frame): index for index, frame in enumerate(frames)}
-    code_of = {id(frame): frame.f_code for frame in frames}
+    tables = {id(frame): _stores(frame.f_code) for frame in frames}
     for node in last_of.values():
         data = nodes[node]
         if data["output_index"] is None:
             source = data["source"]
-            assigned = _target(source[3], source[4], code_of, calls, callers or {})
-            if assigned is not None:
-                data["assigned"] = assigned
+            table = tables.get(source[3])
+            target = table.get(source[4]) if table is not None else None
+            if target == _RETURN:
+                assigned = _returned_to(source[3], calls, callers or {})
+                if assigned is not None:
+                    data["assigned"] = assigned
+            elif target is not None:
+                data["assigned"] = (calls[source[3]], target)
 
 
-def _target(frame: int, instruction: int, code_of: dict[int, types.CodeType], calls: dict[int, int],
-            callers: dict[int, tuple[types.FrameType, int] | None]) -> tuple[int, str] | None:
-    """(call, variable) that the value made at ``instruction`` of the user frame ``frame`` is stored in, if any."""
+def _returned_to(frame: int, calls: dict[int, int], callers: dict[int, tuple[types.FrameType, int] | None]
+                 ) -> tuple[int, str] | None:
+    """(call, variable) that a value returned by the user frame ``frame`` is stored in by its callers, if any."""
     for _ in range(_MAX_RETURNS):
-        code = code_of.get(frame)
-        if code is None:
+        link = callers.get(frame)  # to the caller's instruction that called this frame
+        if link is None:
             return None
-        target = _stores(code).get(instruction)
+        caller, instruction = link
+        frame = id(caller)
+        target = _stores(caller.f_code).get(instruction)
         if target is None:
             return None
         if target != _RETURN:
             call = calls.get(frame)
             return (call, target) if call is not None else None
-        link = callers.get(frame)  # returned: to the caller's instruction that called this frame
-        if link is None:
-            return None
-        caller, instruction = link
-        frame = id(caller)
-        code_of.setdefault(frame, caller.f_code)
     return None
 
 
