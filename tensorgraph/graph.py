@@ -117,17 +117,19 @@ class Graph:
         return node
 
     def _finish(self, caller: types.FrameType, frames: list[types.FrameType], start: int = 0, *,
-                names: bool = True) -> dict[int, str]:
+                names: bool = True, callers: dict[int, tuple[types.FrameType, int] | None] | None = None
+                ) -> dict[int, str]:
         """End of the record block: name nodes after the caller's variables (op-based names only without
         ``names``), format sources.
 
-        Nodes before ``start`` already have formatted sources (copied from a recording template).
+        Nodes before ``start`` already have formatted sources (copied from a recording template). ``callers``:
+        each user frame's caller and the instruction that called it (see :func:`tensorgraph.naming.statement_values`).
         Returns the user-variable names found, by node (see :func:`tensorgraph.naming.find_names`).
         """
         from .naming import assign_names, set_names, statement_values
 
         if names:
-            statement_values(self, {id(frame): frame.f_code for frame in frames}, start)
+            statement_values(self, frames, start, callers)
         short = _short_paths()  # relpath is slow: once per file and working directory, not once per node
         cells = notebook_cells()  # (not cached: a cell run again gets a new number)
         # a node's "call": its user frame's place among the block's frames in order of first use (the frames a

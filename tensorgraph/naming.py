@@ -11,6 +11,9 @@ Earlier versions of a tensor updated in place are named ``x_v0``, ``x_v1`` ... b
 final ``x``, and so are the earlier values of a variable rebound by plain assignments
 (``wei = q @ k.T``; ``wei = wei.masked_fill(...)``; ``wei = F.softmax(wei, -1)``: ``wei_v0``,
 ``wei_v1``, ``wei``), numbered together with its in-place versions in the order they were made.
+So are those of an attribute of a variable (``self.out = x @ W``; ``self.out = self.out + b``: ``layers[0].out_v0``,
+after the name its last value has), and a value a function of the user's returns into the caller's variable
+(``x = block(x)`` where ``block`` returns ``torch.tanh(x @ W)``) is that variable's.
 """
 
 from __future__ import annotations
@@ -356,9 +359,9 @@ def _rebound_values(graph: Graph, named: dict[int, str], frames: list[types.Fram
     nodes = graph._nodes
     groups: dict[tuple[int, str], list[int]] = {}
     for node, data in enumerate(nodes):
-        target = data.get("assigned")
-        if target is not None and data.get("call") is not None and not target.startswith("_"):
-            groups.setdefault((data["call"], target), []).append(node)
+        assigned = data.get("assigned")
+        if assigned is not None and not any(part.startswith("_") for part in assigned[1].split(".")):
+            groups.setdefault(assigned, []).append(node)
     earlier: dict[int, list[int]] = {}
     unresolved = []
     successor: dict[int, int] | None = None
@@ -380,64 +383,128 @@ def _rebound_values(graph: Graph, named: dict[int, str], frames: list[types.Fram
 
 
 def _last_value(graph: Graph, frames: list[types.FrameType] | None, call: int, variable: str) -> int | None:
-    """The node of the value ``variable`` holds at the end of the block in the call ``call``, if any."""
+    """The node of the value ``variable`` (``x``, or an attribute ``self.out``) holds at the end of the block in
+    the call ``call``, if any."""
     if frames is None or call >= len(frames):
         return None
     frame = frames[call]
-    value = frame.f_locals.get(variable, frame.f_globals.get(variable))
+    name, _, attribute = variable.partition(".")
+    value = frame.f_locals.get(name, frame.f_globals.get(name))
+    if attribute:
+        value = _stored_attribute(value, attribute)
     live = graph._live.get(id(value))
     return live[0] if live is not None else None
 
 
-def statement_values(graph: Graph, codes: dict[int, types.CodeType], start: int = 0) -> None:
-    """Mark the nodes from ``start`` on that a plain assignment ``name = ...`` (or ``name += ...``) stored:
-    ``data["assigned"] = name``.
+def _stored_attribute(obj: Any, attribute: str) -> Any:
+    """``obj.attribute`` as stored in the object (its ``__dict__``, a module's buffers), without running a
+    property or ``__getattr__`` of the user's."""
+    try:
+        value = vars(obj).get(attribute)
+    except TypeError:  # (no __dict__)
+        return None
+    if value is None and isinstance(obj, torch.nn.Module):
+        value = obj._buffers.get(attribute)
+    return value
+
+
+def statement_values(graph: Graph, frames: list[types.FrameType], start: int = 0,
+                     callers: dict[int, tuple[types.FrameType, int] | None] | None = None) -> None:
+    """Mark the nodes from ``start`` on that an assignment to a plain variable or to an attribute of one stored
+    (``x = ...``, ``x += ...``, ``self.out = ...``): ``data["assigned"] = (call, target)``, the call (index in
+    ``frames``) whose variable it is and ``"x"`` or ``"self.out"``.
 
     A node's source holds the instruction of the user's frame that made the call and which execution of it
     it was (:meth:`tensorgraph.record._Recorder._source`): the node is the statement's value when the next
-    instruction stores into a plain variable, and it is the last call that execution made (``nn.Sequential``
-    makes several; a loop's ``x = layer(x)`` one per execution). Tuple targets, attributes, items and chained
-    assignments store differently and are not marked.
+    instruction stores into a plain variable (or loads one and stores into its attribute), and it is the last
+    call that execution made (``nn.Sequential`` makes several; a loop's ``x = layer(x)`` one per execution).
+    When the next instruction returns it instead (``return torch.tanh(x @ W)``), the value is followed to the
+    caller's instruction that made the call (``callers``: id(user frame) -> the user frame that called it and
+    its instruction then), up through the callers that return it too: ``x = block(x)`` marks the callee's last
+    value as the caller's ``x``. Tuple targets, items and chained assignments store differently and are not
+    marked.
     """
     nodes = graph._nodes
-    last_of: dict[int, int] = {}  # execution -> its last node so far
+    last_of: dict[int, int] = {}  # execution -> its last node
     for node in range(start, len(nodes)):
         source = nodes[node].get("source")
-        if not isinstance(source, tuple) or len(source) < 6:
-            continue
-        execution = source[5]
-        before = last_of.get(execution)
-        if before is not None:
-            nodes[before].pop("assigned", None)
-        last_of[execution] = node
-        code = codes.get(source[3])
-        if code is not None and nodes[node]["output_index"] is None:
-            target = _stores(code).get(source[4])
-            if target is not None:
-                nodes[node]["assigned"] = target
+        if isinstance(source, tuple) and len(source) >= 6:
+            last_of[source[5]] = node
+    if not last_of:
+        return
+    calls = {id(frame): index for index, frame in enumerate(frames)}
+    tables = {id(frame): _stores(frame.f_code) for frame in frames}
+    for node in last_of.values():
+        data = nodes[node]
+        if data["output_index"] is None:
+            source = data["source"]
+            table = tables.get(source[3])
+            target = table.get(source[4]) if table is not None else None
+            if target == _RETURN:
+                assigned = _returned_to(source[3], calls, callers or {})
+                if assigned is not None:
+                    data["assigned"] = assigned
+            elif target is not None:
+                data["assigned"] = (calls[source[3]], target)
 
 
+def _returned_to(frame: int, calls: dict[int, int], callers: dict[int, tuple[types.FrameType, int] | None]
+                 ) -> tuple[int, str] | None:
+    """(call, variable) that a value returned by the user frame ``frame`` is stored in by its callers, if any."""
+    for _ in range(_MAX_RETURNS):
+        link = callers.get(frame)  # to the caller's instruction that called this frame
+        if link is None:
+            return None
+        caller, instruction = link
+        frame = id(caller)
+        target = _stores(caller.f_code).get(instruction)
+        if target is None:
+            return None
+        if target != _RETURN:
+            call = calls.get(frame)
+            return (call, target) if call is not None else None
+    return None
+
+
+_MAX_RETURNS = 32  # callers a returned value is followed up through
+_RETURN = "<return>"  # (_stores: the next instruction returns the value)
 _STORES = frozenset({"STORE_FAST", "STORE_NAME", "STORE_GLOBAL", "STORE_DEREF"})
+_LOADS = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_NAME", "LOAD_GLOBAL", "LOAD_DEREF"})
 _SKIPPED = frozenset({"CACHE", "EXTENDED_ARG", "NOP"})
 _stored: dict[int, tuple[types.CodeType, dict[int, str]]] = {}  # id(code) -> (code, its table)
 
 
 def _stores(code: types.CodeType) -> dict[int, str]:
-    """Instruction offset -> the variable the next instruction stores its result in, for a code object."""
+    """Instruction offset -> what the next instructions do with its result, for a code object: store it in a
+    variable (its name), in an attribute of one (``self.out``), or return it (``_RETURN``).
+
+    Every offset within an instruction (3.11's inline caches, and its PRECALL) is in the table: a frame running a
+    Python function called from it without a C call between (inlined) is at the call's last cache entry, and one
+    running a builtin called by a specialized PRECALL (``abs(x)``, once the code is warm) at the PRECALL.
+    """
     known = _stored.get(id(code))
     if known is not None and known[0] is code:
         return known[1]
     table: dict[int, str] = {}
-    previous = None
-    for instruction in dis.get_instructions(code):
-        if instruction.opname in _SKIPPED:
+    instructions = [instruction for instruction in dis.get_instructions(code) if instruction.opname not in _SKIPPED]
+    for index in range(1, len(instructions)):
+        instruction, after = instructions[index], instructions[index + 1] if index + 1 < len(instructions) else None
+        begin = instructions[index - 1].offset
+        if index > 1 and instructions[index - 2].opname == "PRECALL":  # (3.11: a specialized PRECALL makes the call)
+            begin = instructions[index - 2].offset
+        opname = instruction.opname
+        if opname in _STORES:
+            target = instruction.argval
+        elif opname == "STORE_FAST_LOAD_FAST" and isinstance(instruction.argval, tuple):
+            target = instruction.argval[0]  # (Python 3.13: a store and the next line's load, fused)
+        elif opname in _LOADS and after is not None and after.opname == "STORE_ATTR":
+            target = f"{instruction.argval}.{after.argval}"
+        elif opname == "RETURN_VALUE":
+            target = _RETURN
+        else:
             continue
-        if previous is not None:
-            if instruction.opname in _STORES:
-                table[previous] = instruction.argval
-            elif instruction.opname == "STORE_FAST_LOAD_FAST" and isinstance(instruction.argval, tuple):
-                table[previous] = instruction.argval[0]  # (Python 3.13: a store and the next line's load, fused)
-        previous = instruction.offset
+        for offset in range(begin, instruction.offset, 2):
+            table[offset] = target
     if len(_stored) > 4096:  # (a notebook makes new code objects at every run of a cell)
         _stored.clear()
     _stored[id(code)] = (code, table)

@@ -255,6 +255,9 @@ class _Recorder(TorchFunctionMode):
         # number of that execution of the instruction): see _source
         self.executions: dict[int, tuple[types.FrameType | None, int, int]] = {}
         self.execution_count = 0
+        # id(user frame) -> (the user frame that called it, that frame's instruction making the call), for the
+        # frames that ran ops and the user frames between them and the block's (None: the block's): _link_callers
+        self.callers: dict[int, tuple[types.FrameType, int] | None] = {}
         self.view_written: dict[int, tuple] = {}  # id(tensor) -> source of a write through memory it shares
         self.views: dict[int, list[Tensor]] = {}  # id(base) -> recorded views of it
         self.data_of: dict[int, Tensor] = {}  # id(x.data or x.detach()) -> x: same memory, not a view
@@ -931,6 +934,8 @@ class _Recorder(TorchFunctionMode):
         if key not in self.frames:  # kept to the end of the block: its id is that call's alone
             self.frames[key] = frame
             self.frame_order.append(frame)
+        if key not in self.callers:  # (also a frame first seen by a replay's matched calls, still running here)
+            self._link_callers(frame)
         # the calls one execution of the user's instruction makes (nn.Sequential's layers, F.dropout's mask and
         # product) run below the same frame, kept alive here so that another execution's frame is never mistaken
         # for it (a loop's ``x = layer(x)``)
@@ -940,6 +945,24 @@ class _Recorder(TorchFunctionMode):
             self.execution_count += 1
             last = self.executions[key] = (child, lasti, self.execution_count)
         return (frame.f_code.co_filename, frame.f_lineno, _qualname(frame.f_code), key, lasti, last[2])
+
+    def _link_callers(self, frame: types.FrameType) -> None:
+        """Remember the instruction of the user frame that called a new user frame (the nearest one up the stack),
+        and so on up to the block's frame for those not linked yet: naming follows a returned value to the caller's
+        variable (``x = block(x)``: see tensorgraph.naming.statement_values). Once per call, at its first op; the
+        instruction is the caller's while the call runs, not after."""
+        links, entry, limit = self.callers, self.entry_frame, _MAX_CALL_DEPTH
+        steps = 0
+        while id(frame) not in links:  # (the block's frame is in it from the start)
+            caller = frame.f_back
+            while caller is not None and caller is not entry and _is_internal(caller.f_code) and steps < limit:
+                caller = caller.f_back
+                steps += 1
+            if caller is None or steps >= limit:  # (not below the block: a generator's frame, a callback)
+                links[id(frame)] = None  # (looked for once)
+                return
+            links[id(frame)] = (caller, caller.f_lasti)
+            frame = caller
 
     def _snapshot(self, tensor: Tensor) -> None:
         """Keep the value a tensor has before an in-place change, for the rules of the ops that used it."""
@@ -1437,6 +1460,7 @@ class record:
         if not self.graph.anomaly:  # the last recording from this line is this one's template (tensorgraph.replay)
             self._mode.replay = _replay.session(sys._getframe(1), self.graph)
         self._mode.entry_frame = sys._getframe(1)
+        self._mode.callers[id(self._mode.entry_frame)] = None  # (calls are followed up to the block, not beyond)
         self._mode.sequence_at_entry = _sequence_nr()
         if self._mode.replay is not None:
             self._mode.replay.sequence_at_entry = self._mode.sequence_at_entry
@@ -1466,7 +1490,7 @@ class record:
             if session is None or exc_type is not None or not session.finish(caller, frames, names=names,
                                                                              check_leaves=self.check_leaves):
                 found = self.graph._finish(caller, frames, start=session.count if session is not None else 0,
-                                           names=names)
+                                           names=names, callers=self._mode.callers)
                 # leaves can change without a version bump (p.data -= ...): backward compares these first;
                 # anomaly mode stamps every node, so that intermediates changed through .data are caught too
                 every = self.graph.anomaly
@@ -1479,6 +1503,7 @@ class record:
         self._mode.frames.clear()
         self._mode.frame_order.clear()
         self._mode.executions.clear()
+        self._mode.callers.clear()
         self._mode.data_of.clear()
         self._mode.custom_calls.clear()
         self._mode.custom_outputs.clear()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -312,14 +310,15 @@ def test_a_long_packed_recurrence_prints_runnable_code(make, steps):
 def test_a_long_chain_prints_runnable_code_of_bounded_depth():
     """``x = x * 1.0001 + 0.1`` 2,000 times: one expression 2,000 calls deep raised RecursionError; now a variable
     every printer.MAX_NESTING levels, and the comment names the chain's first and last rules. (The chain goes
-    through an attribute, whose earlier values have no names: a plain variable's would be x_v0, x_v1 ...)"""
+    through a list item, whose earlier values have no names: a plain variable's or an attribute's would be x_v0,
+    x_v1 ...)"""
     w = torch.randn(5, dtype=torch.float64)
-    state = types.SimpleNamespace()
+    state = [w]
     with tg.record() as graph:
-        state.x = w * 1.5
+        state[0] = w * 1.5
         for _ in range(2000):
-            state.x = state.x * 1.0001 + 0.1
-        loss = (state.x * state.x).sum()
+            state[0] = state[0] * 1.0001 + 0.1
+        loss = (state[0] * state[0]).sum()
     generated, namespace = _run_and_compare(graph, loss)
     text = generated.text()
     assert _max_nesting(text) < 100 and max(map(len, text.splitlines())) < 2000

@@ -2,8 +2,10 @@
 
 import itertools
 import math
+import re
 import threading
 import types
+import warnings
 
 import networkx as nx
 import pytest
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from helpers import assert_matches_torch, engine_grads, finite_differences
 
 import tensorgraph as tg
-from tensorgraph import codegen
+from tensorgraph import codegen, replay
 from tensorgraph.lecture import LECTURE_ROWS, setup
 
 D = torch.float64
@@ -1563,3 +1565,204 @@ def test_rebound_names_survive_replay_and_are_identifiers_in_generated_code():
     step(x)
     assert "dwei_v0" in step.source and "wei_v1 = " in step.source
     compile(step.source, "<test>", "exec")
+
+
+# ---------------------------------------------------------------- rebound attributes, values returned by user calls
+
+
+class _KeptLinear:
+    """A lecture-style layer that keeps its output, rebound: ``self.out = x @ W``, then ``self.out = self.out + b``."""
+
+    def __init__(self, fan_in: int, fan_out: int) -> None:
+        self.weight = torch.randn(fan_in, fan_out, dtype=D)
+        self.bias = torch.randn(fan_out, dtype=D)
+
+    def __call__(self, x, keep=None):
+        self.out = x @ self.weight
+        if keep is not None:  # (the torch reference run only)
+            keep.append(self.out)
+        self.out = self.out + self.bias
+        if keep is not None:
+            keep.append(self.out)
+        return self.out
+
+
+class _Recurrent:
+    """``self.h = torch.tanh(self.h @ self.W)`` in a loop: the attribute rebound at every step."""
+
+    def __init__(self, n: int, steps: int = 3) -> None:
+        self.W = torch.randn(n, n, dtype=D) * 0.5
+        self.steps = steps
+        self.h = None
+
+    def __call__(self, x, keep=None):
+        self.h = x
+        for _ in range(self.steps):
+            self.h = torch.tanh(self.h @ self.W)
+            if keep is not None:
+                keep.append(self.h)
+        return self.h
+
+
+def _mlp(inp, W1, W2):  # noqa: N803 (the lecture's names)
+    return torch.tanh(inp @ W1) @ W2  # an expression: the value returned has no name in this function
+
+
+def _through(inp, W1, W2):  # noqa: N803
+    return _mlp(inp, W1, W2)  # returned through another function of the user's
+
+
+class _Gate(torch.nn.Module):
+    """A module of the user's whose forward returns an expression (it runs below torch's ``Module.__call__``)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(n, n, dtype=D))
+
+    def forward(self, z):
+        return torch.sigmoid(z @ self.W)
+
+
+def _attribute_net():
+    torch.manual_seed(3)
+    return [_KeptLinear(4, 5), _KeptLinear(5, 3)], _Recurrent(3), torch.randn(6, 4, dtype=D)
+
+
+def test_every_value_of_a_rebound_attribute_is_named_and_its_gradient_is_torchs():
+    """``self.out = x @ W; self.out = self.out + b`` and a loop's ``self.h = torch.tanh(self.h @ W)``: the last value
+    has the name the search finds (``layers[0].out``, ``rnn.h``, or ``x`` where a variable holds it), the earlier ones
+    that name versioned, as a rebound variable's and as in-place versions' (``layers[0].out_v0``: op-based before);
+    their gradients, looked up by name, are torch autograd's of those tensors."""
+    layers, rnn, data = _attribute_net()
+    with tg.record() as graph:
+        x = data
+        for layer in layers:
+            x = layer(x)
+        rnn(x)
+        loss = rnn.h.square().sum()
+    grads = graph.backward(loss)
+    names = ["layers[0].out_v0", "layers[0].out", "x_v0", "x", "rnn.h_v0", "rnn.h_v1", "rnn.h"]
+    assert [graph.node(name)["op"] for name in names] == ["matmul", "add", "matmul", "add", "tanh", "tanh", "tanh"]
+    assert all(graph.node(name)["named"] for name in names)
+    keep: list[torch.Tensor] = []
+    x = data.clone().requires_grad_()
+    for layer in layers:
+        x = layer(x, keep)
+    rnn(x, keep)
+    _retained(keep)
+    rnn.h.square().sum().backward()
+    for name, tensor in zip(names, keep):
+        torch.testing.assert_close(graph.node(name)["value"], tensor.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(grads[name], tensor.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_value_returned_by_a_call_of_the_users_is_named_after_the_callers_variable():
+    """``g = gate(data)`` (a module of the user's whose forward returns ``torch.sigmoid(z @ W)``), then
+    ``g = g * data``: the sigmoid is ``g_v0``; ``logits = _through(...)``, returned through two functions of the
+    user's, then rebound: ``logits_v0`` (both op-based before). A value the callee names keeps the callee's name
+    (``out``), and a callee's argument names its input (variables found by the search come first)."""
+    torch.manual_seed(4)
+    gate = _Gate(4)
+    W1, W2 = torch.randn(4, 5, dtype=D), torch.randn(5, 3, dtype=D)  # noqa: N806
+    data = torch.randn(6, 4, dtype=D)
+    rows, targets = torch.arange(6), torch.randint(0, 3, (6,))
+    with tg.record() as graph:
+        g = gate(data)
+        g = g * data
+        logits = _through(g, W1, W2)
+        logits = logits.log_softmax(1)
+        loss = -logits[rows, targets].mean()
+    grads = graph.backward(loss)
+    names = ["g_v0", "g", "logits_v0", "logits"]
+    assert [graph.node(name)["op"] for name in names] == ["sigmoid", "mul", "matmul", "log_softmax"]
+    assert all(graph.node(name)["named"] for name in names)
+    assert not any(name.startswith(("g_v1", "logits_v1")) for name in graph.names)  # _mlp's tanh: not stored
+    leaf = data.clone().requires_grad_()
+    reference = [torch.sigmoid(leaf @ gate.W)]
+    reference.append(reference[-1] * leaf)
+    reference.append(torch.tanh(reference[-1] @ W1) @ W2)
+    reference.append(reference[-1].log_softmax(1))
+    _retained(reference)
+    (-reference[-1][rows, targets].mean()).backward()
+    for name, tensor in zip(names, reference):
+        torch.testing.assert_close(graph.node(name)["value"], tensor.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(grads[name], tensor.grad, rtol=1e-12, atol=1e-12)
+
+    def named_block(inp):
+        out = torch.tanh(inp @ W1)
+        return out
+
+    with tg.record() as graph:
+        y = named_block(data)
+        y = y * 2
+    assert graph.node("out")["op"] == "tanh" and graph.node("y")["op"] == "mul" and "y_v0" not in graph.names
+
+
+def test_names_of_rebound_attributes_and_returned_values_survive_replay_and_compile():
+    """The first recordings (full path, template) and the replays name alike; the new names are identifiers in
+    graph.backward_source and in tg.compile's source, which compile."""
+    layers, rnn, data = _attribute_net()
+    gate = _Gate(4)
+    W1, W2 = torch.randn(3, 5, dtype=D), torch.randn(5, 2, dtype=D)  # noqa: N806
+
+    def forward(data):
+        x = data
+        for layer in layers:
+            x = layer(x)
+        rnn(x)
+        g = gate(data)
+        g = g * data
+        logits = _through(rnn.h, W1, W2)
+        logits = logits.log_softmax(1)
+        return -logits.mean() + g.sum()
+
+    seen = []
+    for _ in range(4):
+        with tg.record() as graph:
+            loss = forward(data)
+        seen.append(graph.names)
+        graph.backward(loss)
+    new = {"layers[0].out_v0", "layers[1].out_v0", "rnn.h_v0", "rnn.h_v1", "g_v0", "logits_v0"}
+    assert seen[0] == seen[1] == seen[2] == seen[3] and new <= set(seen[0]), seen[0]
+    assert graph._replay is not None and graph._replay.matched >= 2
+    source = graph.backward_source(loss)
+    for name in ("dlayers_0_out_v0 = ", "dlayers_1_out_v0 = ", "drnn_h_v0 = ", "dg_v0 = ", "dlogits_v0 = "):
+        assert name in source, name
+    compile(source, "<test>", "exec")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="tg.compile: the forward stores tensors")  # (self.out, self.h)
+        step = tg.compile(forward, fuse=False)
+        step(data)
+    # (its forward is called from tensorgraph's frame: the attributes are named after the forward's variables,
+    # x_2 for layers[0].out, versioned the same way)
+    assert "g_v0 = torch.sigmoid(" in step.source and "logits_v0 = " in step.source and "dlogits_v0 = " in step.source
+    assert re.search(r"\w+_v0 = x @ layers_0_weight", step.source), step.source
+    assert re.search(r"\w+_v1 = torch.tanh\(\w+_v0 @ rnn_W\)", step.source), step.source
+    compile(step.source, "<test>", "exec")
+
+
+def test_a_builtin_call_rebinding_is_named_once_the_code_is_warm():
+    """Python 3.11 specialises ``abs(x)`` once the code has run a few times: its PRECALL makes the call, and the
+    frame is there, not at the CALL. ``x = abs(x)`` was ``x_v1`` in the first recordings and ``abs_1`` later."""
+    a = torch.randn(3, dtype=D)
+
+    def step():
+        with tg.record() as graph:
+            x = a * 2
+            x = abs(x)
+            x = x + 1
+            loss = (x * x).sum()
+        return graph, loss
+
+    for _ in range(12):
+        replay.templates().clear()  # every recording by the full path
+        graph, loss = step()
+        assert graph.names == ["a", "x_v0", "x_v1", "x", "mul_1", "loss"]
+    grads = graph.backward(loss)
+    reference = [a.clone().requires_grad_() * 2]
+    reference.append(abs(reference[-1]))
+    reference.append(reference[-1] + 1)
+    _retained(reference)
+    (reference[-1] * reference[-1]).sum().backward()
+    for name, tensor in zip(("x_v0", "x_v1", "x"), reference):
+        torch.testing.assert_close(grads[name], tensor.grad, rtol=1e-12, atol=1e-12)
