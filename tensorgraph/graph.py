@@ -129,7 +129,10 @@ class Graph:
         from .naming import assign_names, set_names, statement_values
 
         if names:
-            statement_values(self, frames, start, callers)
+            try:
+                statement_values(self, frames, start, callers)
+            except Exception:  # noqa: BLE001 - NOTE: it reads CPython's bytecode: where a Python it was not tested
+                pass  # on lays it out otherwise, a rebound variable's earlier values keep op-based names
         short = _short_paths()  # relpath is slow: once per file and working directory, not once per node
         cells = notebook_cells()  # (not cached: a cell run again gets a new number)
         # a node's "call": its user frame's place among the block's frames in order of first use (the frames a
