@@ -1545,6 +1545,26 @@ def test_rebound_values_numbered_with_in_place_versions_and_the_value_held_at_th
     assert loss is not None
 
 
+def test_a_failing_bytecode_read_leaves_op_based_names_and_the_recording_whole(monkeypatch):
+    """The rebound names read CPython's bytecode; on a layout they do not know (a Python they were not tested on)
+    the recording must still finish, with op-based names for the earlier values and the same gradients."""
+    from tensorgraph import naming
+
+    def unknown_layout(*args, **kwargs):
+        raise IndexError("an instruction table of another Python")
+
+    monkeypatch.setattr(naming, "statement_values", unknown_layout)
+    a = torch.randn(3, dtype=D)
+    with tg.record() as graph:
+        x = a * 2
+        x = x.tanh()
+        loss = x.sum()
+    assert graph.names[-3:] == ["mul_1", "x", "loss"]
+    leaf = a.clone().requires_grad_()
+    (leaf * 2).tanh().sum().backward()
+    torch.testing.assert_close(graph.backward(loss)[a], leaf.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_rebound_names_survive_replay_and_are_identifiers_in_generated_code():
     """The second and third recordings of a block (a template, then its replay) name as the first; the names
     become ``dwei_v0``-style identifiers in graph.backward_source and tg.compile's source."""
