@@ -23,7 +23,7 @@ from helpers import _weights_for
 from op_cases import CASES
 
 import tensorgraph as tg
-from tensorgraph.compiler import CompiledGradients, RecompileWarning
+from tensorgraph.compiler import CompiledGradients, CompiledStep, RecompileWarning
 from tensorgraph.lecture import LECTURE_ROWS, setup
 from tensorgraph.lecture import forward as lecture_forward
 from tensorgraph.makemore.model import forward as exercise4_forward
@@ -141,9 +141,9 @@ def test_parameters_that_require_grad(lecture):
     assert_all_close([grads[p] for p in params], reference)
 
 
-def test_a_branch_that_is_also_a_parameters_gradient_is_not_added_into_in_place():
-    # y = a + q passes dy on to a and q as one tensor; a's second branch (through sin) must not be added
-    # into it in place, or dq, the same tensor, would get dsin too
+def _compile_two_branches() -> CompiledStep:
+    """``a = p * x`` feeding ``a.sin()`` and ``y = a + q`` (a's two branches, dy passed on to a and q), compiled
+    and run twice (the recording's own results, then the generated code's), each time against torch autograd."""
     p, q = r(3, seed=27), r(3, seed=28)
 
     def forward(x):
@@ -154,13 +154,20 @@ def test_a_branch_that_is_also_a_parameters_gradient_is_not_added_into_in_place(
 
     step = tg.compile(forward, fuse=False)
     x = r(3, seed=29)
-    for _ in range(2):  # the recording's own results, then the generated code's
+    for _ in range(2):
         loss, grads = step(x)
         pt, qt = p.clone().requires_grad_(), q.clone().requires_grad_()
         a = pt * x
         ((a + qt) ** 2).sum().add(a.sin().sum()).backward()
         torch.testing.assert_close(grads[p], pt.grad, **TOL)
         torch.testing.assert_close(grads[q], qt.grad, **TOL)
+    return step
+
+
+def test_a_branch_that_is_also_a_parameters_gradient_is_not_added_into_in_place():
+    # y = a + q passes dy on to a and q as one tensor; a's second branch (through sin) must not be added
+    # into it in place, or dq, the same tensor, would get dsin too
+    _compile_two_branches()
 
 
 def test_a_branch_sharing_memory_with_another_gradient_is_not_added_into_in_place(monkeypatch):
@@ -172,23 +179,7 @@ def test_a_branch_sharing_memory_with_another_gradient_is_not_added_into_in_plac
         return g.detach(), (g if alpha == 1 else g * alpha)
 
     monkeypatch.setattr(OPS["add"], "rule", add_rule)
-    p, q = r(3, seed=27), r(3, seed=28)
-
-    def forward(x):
-        a = p * x
-        z = a.sin()
-        y = a + q
-        return (y * y).sum() + z.sum()
-
-    step = tg.compile(forward, fuse=False)
-    x = r(3, seed=29)
-    for _ in range(2):  # the recording's own results, then the generated code's
-        loss, grads = step(x)
-        pt, qt = p.clone().requires_grad_(), q.clone().requires_grad_()
-        a = pt * x
-        ((a + qt) ** 2).sum().add(a.sin().sum()).backward()
-        torch.testing.assert_close(grads[p], pt.grad, **TOL)
-        torch.testing.assert_close(grads[q], qt.grad, **TOL)
+    step = _compile_two_branches()
     assert "da = dy.detach() + " in step.source
 
 
