@@ -823,9 +823,8 @@ class _Recorder(TorchFunctionMode):
                 user = user.f_back
             source = ("<unknown>", 0, "", 0) if user is None else (
                 user.f_code.co_filename, user.f_lineno, _qualname(user.f_code), id(user))
-            if user is not None and id(user) not in self.frames:
-                self.frames[id(user)] = user
-                self.frame_order.append(user)
+            if user is not None:
+                self.keep_frame(user)
         name = ((getattr(cls, "__qualname__", None) or func_name(cls)) if cls is not None else
                 "(one whose forward returned its input as it is)")
         reason = (f"the custom torch.autograd.Function {name} has no gradient rule (tensorgraph sees its "
@@ -931,7 +930,7 @@ class _Recorder(TorchFunctionMode):
         if frame is None:
             return ("<unknown>", 0, "", 0, -1, 0)
         key = id(frame)
-        if key not in self.frames:  # kept to the end of the block: its id is that call's alone
+        if key not in self.frames:  # (keep_frame, inlined: this runs for every op)
             self.frames[key] = frame
             self.frame_order.append(frame)
         if key not in self.callers:  # (also a frame first seen by a replay's matched calls, still running here)
@@ -945,6 +944,13 @@ class _Recorder(TorchFunctionMode):
             self.execution_count += 1
             last = self.executions[key] = (child, lasti, self.execution_count)
         return (frame.f_code.co_filename, frame.f_lineno, _qualname(frame.f_code), key, lasti, last[2])
+
+    def keep_frame(self, frame: types.FrameType) -> None:
+        """Keep a user frame that made a recorded call to the end of the block (its id is that call's alone), in
+        order of first use: a node's ``call`` is its rank."""
+        if id(frame) not in self.frames:
+            self.frames[id(frame)] = frame
+            self.frame_order.append(frame)
 
     def _link_callers(self, frame: types.FrameType) -> None:
         """Remember the instruction of the user frame that called a new user frame (the nearest one up the stack),

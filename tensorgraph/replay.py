@@ -247,13 +247,6 @@ def _call_fits(recorder: Any, frame: types.FrameType, call: int | None) -> bool:
     return call == len(order) and id(frame) not in recorder.frames
 
 
-def _use_frame(recorder: Any, frame: types.FrameType) -> None:
-    """The recorder keeps the user frame of a matched call, as its ``_source`` does."""
-    if id(frame) not in recorder.frames:
-        recorder.frames[id(frame)] = frame
-        recorder.frame_order.append(frame)
-
-
 def _user_frame(frame: types.FrameType | None, code: types.CodeType) -> types.FrameType | None:
     """The frame running ``code`` above ``frame``, if only torch's and tensorgraph's own frames lie between."""
     while frame is not None and frame.f_code is not code:
@@ -426,7 +419,7 @@ class _MatcherSource:
                       "    if base is not None:",
                       f"        recorder.views.setdefault(id(base), []).append({o})"]
         if not self.event.same:
-            lines += ["    if id(frame) not in recorder.frames:",
+            lines += ["    if id(frame) not in recorder.frames:  # (recorder.keep_frame, inlined)",
                       "        recorder.frames[id(frame)] = frame",
                       "        recorder.frame_order.append(frame)",
                       "    session.frame = frame"]
@@ -865,7 +858,7 @@ class Session:
             else:
                 self._add_outputs(recorder, list(result), event.outputs)
             if frame is not self.frame:
-                _use_frame(recorder, frame)
+                recorder.keep_frame(frame)
                 self.frame = frame
             self.count = len(nodes)
             self._next()
@@ -960,7 +953,7 @@ class Session:
             self._add_node(len(nodes), value)
         self.count = len(nodes)  # (the template's copies are a prefix of the graph, should the call raise)
         if frame is not self.frame:
-            _use_frame(recorder, frame)
+            recorder.keep_frame(frame)
             self.frame = frame
         recorder._snapshot(target)
         return True
