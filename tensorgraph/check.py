@@ -946,16 +946,23 @@ class _Checker:
 
     def _line_hint(self, node: int) -> str:
         """``; the right line: dW1 = embcat.t().mm(dhprebn)`` when one generated line computes the gradient."""
-        code = self._generated()
-        if code is None or node not in code.variables:
+        line = self._answer_line(node)
+        if line is None:
             return self._matmul_hint(node)
+        return f"; the right line: {line}" if line else ""
+
+    def _answer_line(self, node: int, textbook: bool = False) -> str | None:
+        """The answer key's one line for the gradient, ``dhpreact = (1 - h**2) * dh`` (``textbook``: fused kernels
+        written out); "" when it takes several lines, None when there is no generated code for it or its line
+        reads temporaries of the generated code."""
+        code = self._generated(textbook)
+        if code is None or node not in code.variables:
+            return None
         steps = [i for i, step in enumerate(code.trace.steps) if step.source == node]
         if len(steps) != 1 or steps[0] not in code.contributions:
             return ""
         line = code.contributions[steps[0]]
-        if not self._readable(code, line):
-            return self._matmul_hint(node)  # the line reads temporaries of the generated code
-        return f"; the right line: {code.variables[node]} = {line}"
+        return f"{code.variables[node]} = {line}" if self._readable(code, line) else None
 
     def _readable(self, code: Any, line: str) -> bool:
         """The generated ``line`` reads only the graph's named tensors and their gradients (no temporaries; a
@@ -1298,7 +1305,7 @@ class _Checker:
             hint = self._branch_hint(node, consumer, textbook=True)
             return (f"the branch through {self._branch_line(consumer)} reads {where}; the rest is right"
                     + (f" (it should be {hint})" if hint else ""))
-        line = self._right_line(node)
+        line = self._answer_line(node, textbook=True)
         text = f"equals the right formula with {where} (a swapped variable?)"
         return text + (f"; the right line: {line}" if line else self._rule_hint(node))
 
@@ -1368,17 +1375,6 @@ class _Checker:
             return sum(parts[1:], parts[0]) if parts else None
         except (RuntimeError, ValueError, IndexError, TypeError):
             return None
-
-    def _right_line(self, node: int) -> str | None:
-        """``dhpreact = (1 - h**2) * dh``: the answer key's one line for the gradient, fused kernels written out."""
-        code = self._generated(textbook=True)
-        if code is None or node not in code.variables:
-            return None
-        steps = [i for i, step in enumerate(code.trace.steps) if step.source == node]
-        if len(steps) != 1 or steps[0] not in code.contributions:
-            return None
-        line = code.contributions[steps[0]]
-        return f"{code.variables[node]} = {line}" if self._readable(code, line) else None
 
     def _localised_message(self, node: int, mine: Tensor, ref: Tensor) -> str | None:
         """Wrong at some elements only: how many, the first, and whether the right gradient is 0 there."""
