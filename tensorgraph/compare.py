@@ -60,7 +60,7 @@ class Row:
     def line(self, width: int) -> str:
         """The row with its name padded to ``width`` (the table's longest name)."""
         line = (f"{self.name:{width}s} | exact: {str(self.exact):5s} | approximate: {str(self.approximate):5s} | "
-                f"maxdiff: {self.maxdiff:<10.3g} | ulps: {self.ulps}")
+                f"maxdiff: {self.maxdiff:<10.3g} | ulps: {_ulps_text(self.ulps)}")
         return line + (f" | {self.reason}" if self.reason else "")
 
 
@@ -117,7 +117,7 @@ class CompareReport:
                  "| tensor | shape | exact | approximate | maxdiff | ulps | note |", "|---|---|---|---|---|---|---|"]
         for r in self.rows:
             lines.append(f"| {r.name} | {'×'.join(map(str, r.shape))} | {r.exact} | {r.approximate} | "
-                         f"{r.maxdiff:.3g} | {r.ulps} | {r.reason} |")
+                         f"{r.maxdiff:.3g} | {_ulps_text(r.ulps)} | {r.reason} |")
         return "\n".join(lines + ["", *self._incomplete_lines()] if self.incomplete else lines)
 
 
@@ -204,6 +204,14 @@ def _register(tensor: Tensor, hooks: list | None) -> None:
             tensor.register_hook(hook)
 
 
+ULPS_CAP = 1 << 62  # what _ulps gives for values of opposite signs far apart (float64's distance would wrap)
+
+
+def _ulps_text(ulps: int) -> str:
+    """A row's ulps as printed: the cap says what it means (a gradient near zero, its signs differing)."""
+    return ">= 2**62 (signs differ)" if ulps >= ULPS_CAP else str(ulps)
+
+
 _SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
@@ -221,7 +229,7 @@ def _ulps(a: Tensor, b: Tensor) -> int:
     # subtracted as integers (a double would round float64 distances to multiples of 2**10); a distance
     # beyond 2**62 (only values of opposite signs far apart) may wrap in int64: the double says which
     far = (ordered_a.double() - ordered_b.double()).abs() >= 2.0**62
-    diff = torch.where(far, 1 << 62, (ordered_a - ordered_b).abs())
+    diff = torch.where(far, ULPS_CAP, (ordered_a - ordered_b).abs())
     return int(diff.max().item())
 
 
@@ -310,7 +318,8 @@ def _reason(graph: Graph, node: int, status: dict[int, Row]) -> str:
     upstream = [n for n in consumers if not status[n].exact]
     if upstream:
         worst = max(upstream, key=lambda n: status[n].ulps)
-        return prefix + f"inherits rounding from d{nodes[worst]['name']} ({status[worst].ulps} ulp there)"
+        there = "its signs differ there" if status[worst].ulps >= ULPS_CAP else f"{status[worst].ulps} ulp there"
+        return prefix + f"inherits rounding from d{nodes[worst]['name']} ({there})"
     if len(consumers) > 2:
         return prefix + f"sums {len(consumers)} branches in a different order than torch"
     users = ", ".join(sorted({nodes[n]["op"] for n in consumers}))

@@ -91,6 +91,18 @@ def test_compare_counts_ulps_exactly(dtype):
     assert _ulps(huge, -huge) == min(2 * positive[dtype], 1 << 62)
 
 
+def test_compare_prints_a_capped_distance_as_signs_differing():
+    """A gradient whose true value is zero (a bias before a batch norm) is rounding noise of either sign: its
+    float64 distance printed as 4611686018427387904 ulps, a number that says nothing to a reader."""
+    from tensorgraph.compare import Row, _ulps
+
+    noise = torch.tensor([1e-17], dtype=D)
+    row = Row("b1", (1,), False, True, 2e-17, _ulps(noise, -noise))
+    assert "ulps: >= 2**62 (signs differ)" in str(row) and str(1 << 62) not in str(row)
+    row = Row("b1", (1,), False, True, 2e-17, _ulps(noise, _steps_away(noise, 3)))
+    assert str(row).endswith("ulps: 3")
+
+
 def test_compare_table_columns_line_up_whatever_the_names():
     """A name longer than 15 characters pushed its row's columns out of line."""
     x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
