@@ -1308,6 +1308,8 @@ class _Checker:
         where = f"{new} where {old} belongs"
         if len(consumers) > 1:
             hint = self._branch_hint(node, consumer, textbook=True)
+            if hint and not self._readable(self._generated(True), hint):  # dhprebn += dsub_1: a temporary
+                hint = None
             return (f"the branch through {self._branch_line(consumer)} reads {where}; the rest is right"
                     + (f" (it should be {hint})" if hint else ""))
         line = self._answer_line(node, textbook=True)
