@@ -1282,9 +1282,10 @@ class _Checker:
 
     def _swapped_message(self, node: int, mine: Tensor, ref: Tensor, upstream_off: bool) -> str | None:
         """``dhpreact = (1 - hpreact**2) * dh`` for ``(1 - h**2) * dh``: the right formula with another recorded
-        tensor of the same shape in place of one its rule reads (a forward value, or the upstream gradient), found
-        by running the consumer's rule with the swap. Said only when exactly one swap gives the learner's value;
-        a tensor with several consumers may have the swap in one branch, the others right."""
+        tensor of the same shape (or one that broadcasts to it) in place of one its rules read (a forward value,
+        directly or through unnamed ops, or the upstream gradient), found by running the line's rules with the swap
+        (see ``_swaps``). Said only when exactly one swap gives the learner's value; a tensor with several consumers
+        may have the swap in one branch, the others right."""
         branches = self.mine.get(node) if upstream_off else self.right.get(node)
         if not branches or any(b is None for b in branches):
             return None
@@ -1363,7 +1364,7 @@ class _Checker:
         chain = [consumer]
         while not self.nodes[chain[-1]]["named"] and len(chain) < _SWAP_DEPTH:
             after = [c for c in self.graph.nx.successors(chain[-1]) if c in self.truth]
-            if len(after) != 1 or self.nodes[chain[-1]]["output_index"] is not None:
+            if len(after) != 1:
                 break
             chain.append(after[0])
         return chain
@@ -1437,9 +1438,9 @@ class _Checker:
         data = self.nodes[read]
         shape, dtype = tuple(data["shape"]), data["dtype"]
         same = [n for n in self._swap_index().get((shape, dtype), []) if n != read]
-        wider = [n for (other, kind), nodes in self._swap_index().items() if kind == dtype and other != shape and
-                 _broadcasts_to(other, shape) for n in nodes]
-        return (sorted(same, key=lambda n: abs(n - read)) + sorted(wider, key=lambda n: abs(n - read))
+        broadcast = [n for (other, kind), nodes in self._swap_index().items() if kind == dtype and other != shape
+                     and _broadcasts_to(other, shape) for n in nodes]
+        return (sorted(same, key=lambda n: abs(n - read)) + sorted(broadcast, key=lambda n: abs(n - read))
                 )[:_SWAP_CANDIDATES]
 
     def _swap_index(self) -> dict[tuple[tuple, Any], list[int]]:
