@@ -1345,9 +1345,9 @@ def _record_exercise4(dtype=torch.float32, twin=False):
     from tensorgraph.makemore.model import forward as exercise4_forward
 
     ex = setup()
-    parameters = [getattr(ex, name).to(dtype) for name in PARAMETER_NAMES]
+    C, W1, b1, W2, b2, bngain, bnbias = (getattr(ex, name).to(dtype) for name in PARAMETER_NAMES)
     with tg.record() as graph:
-        loss = exercise4_forward(*parameters, ex.Xb, ex.Yb)
+        loss = exercise4_forward(C, W1, b1, W2, b2, bngain, bnbias, ex.Xb, ex.Yb)
         if twin:  # bnvar_inv is the forward's one pow, (bnvar + 1e-5)**-0.5 (names are given when recording ends)
             bnvar_inv = next(d["value"] for d in graph._nodes if d["op"] == "pow")
             bnvar_twin = bnvar_inv * 1.0  # noqa: F841 - recorded, by its name
@@ -1361,6 +1361,8 @@ def test_a_swap_inside_an_unnamed_operand_is_named():
     hprebn, whose own consumer (the unnamed subtraction) reads nothing. Both said "maxdiff ..." before."""
     graph, loss, v, grads = _record_exercise4()
     _, _, v64, truth = _record_exercise4(torch.float64)
+    right = graph.check({"d" + name: grads[name] for name in vars(v) if name in grads and name != "loss"}, loss)
+    assert right.first_error is None and not any("belongs" in row.message for row in right.rows), str(right)
     fixed = ((v64.hprebn - v64.bnmean) * truth["bnraw"]).sum(0, keepdim=True)
     torch.testing.assert_close(fixed, truth["bnvar_inv"])  # independently: bnmean makes it right
     slip = ((v.hprebn - v.bnvar) * grads["bnraw"]).sum(0, keepdim=True)
