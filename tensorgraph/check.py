@@ -52,7 +52,7 @@ from .engine import (
     root_node,
     seed_gradient,
 )
-from .graph import Ref, identifier, is_float
+from .graph import Ref, identifier, is_float, refs_in, substitute
 from .ops import OPS
 from .rounding import TOLERANCES, close, rounding_noise, sum_to
 
@@ -349,6 +349,10 @@ _CANCELLED = 1e-5
 
 # at most this many recorded tensors are tried in place of each one a rule reads (on a wrong row only)
 _SWAP_CANDIDATES = 50
+# a swap is looked for in at most this many ops of a line (the consumer and the unnamed ops it feeds), and in
+# tensors computed through at most this many unnamed ops from a named one; at most _SWAP_TRIES swaps per branch
+_SWAP_DEPTH = 3
+_SWAP_TRIES = 300
 
 # a slipped formula: (the row's kind, the message, its value)
 _Slip = tuple[str, str, Tensor]
@@ -378,6 +382,7 @@ class _Checker:
         self.rows: dict[int, CheckRow] = {}
         self.n_label = _batch_size(graph)
         self._code: dict[bool, Any] = {}  # textbook or not -> the generated backward (False: it failed)
+        self._stand_in_index: dict[tuple[tuple, Any], list[int]] | None = None  # see _swap_index
 
     def run(self) -> CheckReport:
         judged = {n for n in self.truth if n != self.root and (self.nodes[n]["named"] or n in self.given)}
@@ -1277,9 +1282,10 @@ class _Checker:
 
     def _swapped_message(self, node: int, mine: Tensor, ref: Tensor, upstream_off: bool) -> str | None:
         """``dhpreact = (1 - hpreact**2) * dh`` for ``(1 - h**2) * dh``: the right formula with another recorded
-        tensor of the same shape in place of one its rule reads (a forward value, or the upstream gradient), found
-        by running the consumer's rule with the swap. Said only when exactly one swap gives the learner's value;
-        a tensor with several consumers may have the swap in one branch, the others right."""
+        tensor of the same shape (or one that broadcasts to it) in place of one its rules read (a forward value,
+        directly or through unnamed ops, or the upstream gradient), found by running the line's rules with the swap
+        (see ``_swaps``). Said only when exactly one swap gives the learner's value; a tensor with several consumers
+        may have the swap in one branch, the others right."""
         branches = self.mine.get(node) if upstream_off else self.right.get(node)
         if not branches or any(b is None for b in branches):
             return None
@@ -1303,6 +1309,8 @@ class _Checker:
         where = f"{new} where {old} belongs"
         if len(consumers) > 1:
             hint = self._branch_hint(node, consumer, textbook=True)
+            if hint and not self._readable(self._generated(True), hint):  # dhprebn += dsub_1: a temporary
+                hint = None
             return (f"the branch through {self._branch_line(consumer)} reads {where}; the rest is right"
                     + (f" (it should be {hint})" if hint else ""))
         line = self._answer_line(node, textbook=True)
@@ -1312,23 +1320,12 @@ class _Checker:
     def _swaps(self, consumer: int, node: int, upstream: Tensor, upstream_off: bool
                ) -> Iterator[tuple[str, str, Tensor]]:
         """(what the rule reads, what stands in for it, the contribution to ``node``) for each swap: every
-        named tensor the consumer's rule reads (an input, or its result) replaced by each named recorded tensor
-        of its shape and dtype, and the upstream gradient by each of the learner's earlier gradients of its shape."""
-        data = self.nodes[consumer]
-        base = data.get("rule") or getattr(OPS.get(data["op"]), "rule", None)
-        if base is None:
-            return
-        reads = [(position, arg.node) for position, arg in enumerate(data["bargs"]) if arg.__class__ is Ref]
-        if data["output_index"] is None:
-            reads.append((None, consumer))
-        for position, read in reads:
-            if not self.nodes[read]["named"]:
-                continue
-            for other in self._stand_ins(read):
-                rule = _swapped_rule(base, position, self.nodes[other]["value"])
-                swapped = self._contribution(consumer, node, upstream, rule)
-                if swapped is not None:
-                    yield identifier(self.nodes[read]["name"]), identifier(self.nodes[other]["name"]), swapped
+        named tensor a rule of the line reads replaced by each named recorded tensor of its shape and dtype (or of
+        a shape that broadcasts to it), and the upstream gradient by each of the learner's earlier gradients of its
+        shape. The line's rules are the consumer's and those of the unnamed ops it feeds up to the line's named
+        tensor (``bnvar_inv = (bnvar + 1e-5)**-0.5``: the add's and the pow's); a named tensor is read directly or
+        through unnamed ops (the pow reads ``bnvar + 1e-5``: that sum is recomputed with the stand-in)."""
+        yield from self._read_swaps(consumer, node, upstream, upstream_off)
         named = self._gradient_name(consumer, upstream, upstream_off)
         if named is None:
             return
@@ -1341,13 +1338,121 @@ class _Checker:
             if swapped is not None:
                 yield "d" + identifier(self.nodes[named]["name"]), "d" + identifier(self.nodes[other]["name"]), swapped
 
-    def _stand_ins(self, read: int) -> list[int]:
-        """The named recorded tensors of ``read``'s shape and dtype, nearest in the recording first (a few dozen)."""
+    def _read_swaps(self, consumer: int, node: int, upstream: Tensor, upstream_off: bool
+                    ) -> Iterator[tuple[str, str, Tensor]]:
+        """The swaps of what the rules of the consumer's line read (at most _SWAP_TRIES), each rule run from the
+        upstream gradient of its op and the result passed down the line to ``node``."""
+        chain = self._line_ops(consumer)
+        tries = 0
+        for level, op in enumerate(chain):
+            data = self.nodes[op]
+            base = data.get("rule") or getattr(OPS.get(data["op"]), "rule", None)
+            above = upstream if level == 0 else self.used.get(op) if upstream_off else self.truth.get(op)
+            if base is None or above is None:
+                continue
+            for position, old, new, value in self._stand_in_reads(op):
+                tries += 1
+                if tries > _SWAP_TRIES:
+                    return
+                swapped = self._down(chain[:level + 1], node, above, _swapped_rule(base, position, value))
+                if swapped is not None:
+                    yield identifier(self.nodes[old]["name"]), identifier(self.nodes[new]["name"]), swapped
+
+    def _line_ops(self, consumer: int) -> list[int]:
+        """``consumer``, then each unnamed op that alone uses the one before, up to the first named one (a few):
+        the ops of the forward line that reads the row's tensor."""
+        chain = [consumer]
+        while not self.nodes[chain[-1]]["named"] and len(chain) < _SWAP_DEPTH:
+            after = [c for c in self.graph.nx.successors(chain[-1]) if c in self.truth]
+            if len(after) != 1:
+                break
+            chain.append(after[0])
+        return chain
+
+    def _down(self, chain: list[int], node: int, upstream: Tensor, rule: Any) -> Tensor | None:
+        """What the last op of ``chain`` (run with ``rule``) sends, from ``upstream``, down the chain to ``node``."""
+        grad: Tensor | None = upstream
+        for level in reversed(range(len(chain))):
+            below = chain[level - 1] if level else node
+            grad = self._contribution(chain[level], below, grad, rule if level == len(chain) - 1 else None)
+            if grad is None:
+                return None
+        return grad
+
+    def _stand_in_reads(self, op: int) -> Iterator[tuple[int | None, int, int, Tensor]]:
+        """(the argument position (None: the result), the named tensor swapped, its stand-in, the value the rule
+        reads instead) for each swap of a tensor ``op``'s rule reads: a named one, or one a few unnamed ops
+        compute from a named one (recomputed with the stand-in)."""
+        data = self.nodes[op]
+        reads = [(position, arg.node) for position, arg in enumerate(data["bargs"]) if arg.__class__ is Ref]
+        if data["output_index"] is None:
+            reads.append((None, op))
+        for position, read in reads:
+            shape = tuple(self.nodes[read]["shape"])
+            for source in self._named_sources(read, _SWAP_DEPTH):
+                for other in self._stand_ins(source):
+                    value = self.nodes[other]["value"]
+                    if source != read:
+                        value = self._recomputed(read, source, value, _SWAP_DEPTH)
+                    if value is None or tuple(value.shape) != shape and not _broadcasts_to(tuple(value.shape), shape):
+                        continue
+                    if tuple(value.shape) != shape:  # a broadcasting stand-in: the rule sees the read's shape
+                        value = value.expand(shape)
+                    yield position, source, other, value
+
+    def _named_sources(self, read: int, depth: int) -> list[int]:
+        """The named tensors ``read`` is computed from through at most ``depth`` unnamed ops (itself if named)."""
         data = self.nodes[read]
-        found = [n for n, other in enumerate(self.nodes) if n != read and other["named"] and
-                 isinstance(other.get("value"), Tensor) and tuple(other["shape"]) == tuple(data["shape"]) and
-                 other["dtype"] == data["dtype"] and other["value"]._version == other["version"]]
-        return sorted(found, key=lambda n: abs(n - read))[:_SWAP_CANDIDATES]
+        if data["named"]:
+            return [read]
+        if depth == 0 or not _recomputable(data):
+            return []
+        found = [s for ref in refs_in((data["args"], data["kwargs"])) for s in self._named_sources(ref.node,
+                                                                                                   depth - 1)]
+        return list(dict.fromkeys(found))
+
+    def _recomputed(self, read: int, source: int, value: Tensor, depth: int) -> Tensor | None:
+        """``read``'s value recomputed through its unnamed ops with ``value`` in place of ``source``'s."""
+        if read == source:
+            return value
+        data = self.nodes[read]
+        if data["named"] or depth == 0 or not _recomputable(data):
+            return data["value"]
+        refs = {ref.node for ref in refs_in((data["args"], data["kwargs"]))}
+        values = {}
+        for ref in refs:
+            values[ref] = self._recomputed(ref, source, value, depth - 1)
+            if values[ref] is None:
+                return None
+        try:
+            with torch.no_grad():
+                out = data["func"](*substitute(data["args"], values),
+                                   **{k: substitute(v, values) for k, v in data["kwargs"].items()})
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            return None
+        return out if isinstance(out, Tensor) and out.dtype == data["value"].dtype else None
+
+    def _stand_ins(self, read: int) -> list[int]:
+        """The named recorded tensors of ``read``'s shape and dtype, then those whose shape broadcasts to it
+        (not single elements), each nearest in the recording first (a few dozen)."""
+        data = self.nodes[read]
+        shape, dtype = tuple(data["shape"]), data["dtype"]
+        same = [n for n in self._swap_index().get((shape, dtype), []) if n != read]
+        broadcast = [n for (other, kind), nodes in self._swap_index().items() if kind == dtype and other != shape
+                     and _broadcasts_to(other, shape) for n in nodes]
+        return (sorted(same, key=lambda n: abs(n - read)) + sorted(broadcast, key=lambda n: abs(n - read))
+                )[:_SWAP_CANDIDATES]
+
+    def _swap_index(self) -> dict[tuple[tuple, Any], list[int]]:
+        """The named recorded tensors that can stand in for another (values not changed since), by shape and
+        dtype: built once per check."""
+        if self._stand_in_index is None:
+            self._stand_in_index = {}
+            for n, other in enumerate(self.nodes):
+                if other["named"] and isinstance(other.get("value"), Tensor) and \
+                        other["value"]._version == other["version"]:
+                    self._stand_in_index.setdefault((tuple(other["shape"]), other["dtype"]), []).append(n)
+        return self._stand_in_index
 
     def _gradient_name(self, consumer: int, upstream: Tensor, upstream_off: bool) -> int | None:
         """The named tensor whose gradient ``upstream`` is: the consumer, or the named tensor a few unnamed ops
@@ -1742,6 +1847,20 @@ def _shape(shape: tuple) -> str:
 
 def _dims(dims: list[int]) -> str:
     return str(dims[0]) if len(dims) == 1 else "(" + ", ".join(map(str, dims)) + ")"
+
+
+def _recomputable(data: dict[str, Any]) -> bool:
+    """An op node whose value its recorded call gives again (one output, not in place, unchanged since)."""
+    return data["kind"] == "op" and data["func"] is not None and not data["inplace"] and \
+        data["output_index"] is None and isinstance(data.get("value"), Tensor) and \
+        data["value"]._version == data["version"]
+
+
+def _broadcasts_to(shape: tuple, target: tuple) -> bool:
+    """A tensor of ``shape`` (more than one element) broadcasts to ``target`` without changing it."""
+    if math.prod(shape) <= 1 or len(shape) > len(target):
+        return False
+    return all(a in (1, b) for a, b in zip(shape[::-1], target[::-1]))
 
 
 def _swapped_rule(rule: Any, position: int | None, value: Tensor) -> Any:

@@ -1296,6 +1296,17 @@ SWAPS = [
      g["dcounts_sum"], "counts",
      "the branch through `probs = counts * counts_sum_inv` reads counts_sum where counts_sum_inv belongs; the rest "
      "is right (it should be dcounts += dprobs * counts_sum_inv)"),
+    # one op deeper: the pow of `bnvar_inv = (bnvar + 1e-5)**-0.5` reads the unnamed bnvar + 1e-5, recomputed with
+    # the stand-in (bnvar's own consumer, the add, reads nothing)
+    (lambda v, g: -0.5 * (v.bnvar_inv + 1e-5)**-1.5 * g["dbnvar_inv"],
+     lambda v, g: -0.5 * (v.bnvar + 1e-5)**-1.5 * g["dbnvar_inv"], "bnvar",
+     "equals the right formula with bnvar_inv where bnvar belongs (a swapped variable?); the right line: dbnvar = "
+     "dbnvar_inv * ((bnvar + 1e-05).pow(-1.5) * -0.5)"),
+    # a stand-in that broadcasts to the shape of what the rule reads: bnvar (1, 64) for bnraw (32, 64)
+    (lambda v, g: (v.bnvar * g["dhpreact"]).sum(0, keepdim=True),
+     lambda v, g: (v.bnraw * g["dhpreact"]).sum(0, keepdim=True), "bngain",
+     "equals the right formula with bnvar where bnraw belongs (a swapped variable?); the right line: dbngain = "
+     "(dhpreact * bnraw).sum(0, keepdim=True)"),
 ]
 
 
@@ -1316,10 +1327,80 @@ def test_a_swapped_variable_in_the_right_formula_is_named(lecture, truth64, slip
     (lambda v, g: (1.0 - v.hpreact) * g["dh"], "hpreact"),  # another formula, with the input in it
     (lambda v, g: (v.bnraw * g["dh"]).sum(0, keepdim=True) * 1.1, "bngain"),  # a swap and a factor: no swap alone
     (lambda v, g: v.bnvar_inv * g["dbnraw"] + v.bndiff**2 * g["dbndiff2"], "bndiff"),  # a branch's other formula
+    (lambda v, g: -0.5 * (v.bnvar + 1e-5)**-0.5 * g["dbnvar_inv"], "bnvar"),  # another exponent, one op deeper
+    (lambda v, g: -0.5 * (v.bnvar_inv + 1e-5)**-1.5 * g["dbnvar_inv"] * 1.1, "bnvar"),  # a deeper swap and a factor
+    (lambda v, g: (v.bnvar * g["dhpreact"]).sum(0, keepdim=True) * 1.1, "bngain"),  # a broadcast swap and a factor
 ])
 def test_a_wrong_gradient_that_no_single_swap_gives_is_not_called_a_swap(lecture, truth64, slip, name):
     row = _slipped_row(lecture, truth64, name, slip)
     assert row.kind == "wrong" and "swapped" not in row.message and "belongs" not in row.message, row
+
+
+def _record_exercise4(dtype=torch.float32, twin=False):
+    """The lecture's batch through makemore's exercise-4 forward, whose ``bnraw = (hprebn - bnmean) * bnvar_inv``
+    reads an unnamed difference: (graph, loss, the named values, torch autograd's gradients by name). ``twin``:
+    a named copy of bnvar_inv recorded too."""
+    from tensorgraph.lecture import setup
+    from tensorgraph.makemore.model import PARAMETER_NAMES
+    from tensorgraph.makemore.model import forward as exercise4_forward
+
+    ex = setup()
+    C, W1, b1, W2, b2, bngain, bnbias = (getattr(ex, name).to(dtype) for name in PARAMETER_NAMES)
+    with tg.record() as graph:
+        loss = exercise4_forward(C, W1, b1, W2, b2, bngain, bnbias, ex.Xb, ex.Yb)
+        if twin:  # bnvar_inv is the forward's one pow, (bnvar + 1e-5)**-0.5 (names are given when recording ends)
+            bnvar_inv = next(d["value"] for d in graph._nodes if d["op"] == "pow")
+            bnvar_twin = bnvar_inv * 1.0  # noqa: F841 - recorded, by its name
+    values = SimpleNamespace(**{d["name"]: d["value"] for d in graph._nodes if d["named"]})
+    return graph, loss, values, _autograd_grads(graph, loss)
+
+
+def test_a_swap_inside_an_unnamed_operand_is_named():
+    """``dbnvar_inv = ((hprebn - bnvar) * dbnraw).sum(0, keepdim=True)`` for ``bnmean``: the mul's rule reads the
+    unnamed ``hprebn - bnmean``, which is recomputed with the stand-in; and the same mul read one op up from
+    hprebn, whose own consumer (the unnamed subtraction) reads nothing. Both said "maxdiff ..." before."""
+    graph, loss, v, grads = _record_exercise4()
+    _, _, v64, truth = _record_exercise4(torch.float64)
+    right = graph.check({"d" + name: grads[name] for name in vars(v) if name in grads and name != "loss"}, loss)
+    assert right.first_error is None and not any("belongs" in row.message for row in right.rows), str(right)
+    fixed = ((v64.hprebn - v64.bnmean) * truth["bnraw"]).sum(0, keepdim=True)
+    torch.testing.assert_close(fixed, truth["bnvar_inv"])  # independently: bnmean makes it right
+    slip = ((v.hprebn - v.bnvar) * grads["bnraw"]).sum(0, keepdim=True)
+    assert _off(slip, truth["bnvar_inv"])
+    row = _row(graph, loss, {"dbnvar_inv": slip}, "bnvar_inv")
+    assert row.kind == "wrong" and row.message == (
+        "equals the right formula with bnvar where bnmean belongs (a swapped variable?); the right line: dbnvar_inv "
+        "= (dbnraw * (hprebn - bnmean)).sum(0, keepdim=True)"), row
+
+    # dhprebn sums three branches; the one through bnraw (a subtraction, then the mul) reads bnvar for bnvar_inv
+    through_bnraw = v64.bnvar_inv * truth["bnraw"]
+    others = truth["hprebn"] - through_bnraw
+    torch.testing.assert_close(others, truth["bnmean"] / 32 + truth["bnvar"] * 2 / 31 * (v64.hprebn - v64.bnmean))
+    slip = v.bnvar * grads["bnraw"] + (grads["hprebn"] - v.bnvar_inv * grads["bnraw"])
+    assert _off(slip, truth["hprebn"])
+    row = _row(graph, loss, {"dhprebn": slip}, "hprebn")
+    # the generated line, dhprebn += dsub_1, reads a temporary: not quoted
+    assert row.kind == "wrong" and row.message == (
+        "the branch through `bnraw = (hprebn - bnmean) * bnvar_inv` reads bnvar where bnvar_inv belongs; the rest is "
+        "right"), row
+
+
+def test_a_deeper_swap_that_two_tensors_fit_is_not_named():
+    """Said only when exactly one swap fits: ``(bnvar_inv + 1e-5)**-1.5`` in dbnvar is named, until a named copy
+    of bnvar_inv is recorded as well, which gives the same value: then neither is."""
+    _, _, v64, truth = _record_exercise4(torch.float64)
+    torch.testing.assert_close(-0.5 * (v64.bnvar + 1e-5) ** -1.5 * truth["bnvar_inv"], truth["bnvar"])
+    for twin in (False, True):
+        graph, loss, v, grads = _record_exercise4(twin=twin)
+        assert ("bnvar_twin" in vars(v)) == twin
+        slip = -0.5 * (v.bnvar_inv + 1e-5) ** -1.5 * grads["bnvar_inv"]
+        assert _off(slip, truth["bnvar"])
+        row = _row(graph, loss, {"dbnvar": slip}, "bnvar")
+        assert row.kind == "wrong", row
+        if twin:
+            assert "swapped" not in row.message and "belongs" not in row.message, row
+        else:
+            assert row.message.startswith("equals the right formula with bnvar_inv where bnvar belongs"), row
 
 
 def test_a_scaled_gradient_stays_scaled_not_a_swap(lecture, truth64):
