@@ -225,7 +225,7 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
             return
         for rewrite in options[primitive]:
             protect = {atom: sp.Dummy("p") for atom in rewrite.protect if current.has(atom)}
-            substituted = current.xreplace(protect).xreplace({primitive: rewrite.inverse})
+            substituted = _powers_of_logs(current.xreplace(protect).xreplace({primitive: rewrite.inverse}))
             tried += 1
             try:
                 rewritten = fold(space.canon(substituted.xreplace({d: a for a, d in protect.items()})))
@@ -250,6 +250,20 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
         return result
     arranged = [_score(display(form, space), primitives, unnamed) for form, _ in (result, other)]
     return other if arranged[1] < arranged[0] else result
+
+
+def _powers_of_logs(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with ``exp(c*log(y))`` written ``y**c`` (a product ``y`` of positive factors as a product of powers):
+    the input of ``softmax(x)**T`` written through the softmax, ``x = log(p*Sum(exp(x), j))``, turns
+    ``exp(T*x)`` into ``p**T*Sum(exp(x), j)**T``, whose sum cancels against the normaliser ``Sum(exp(x), j)**T``;
+    split into ``exp(T*log(p))*exp(T*log(Sum))`` by the canonical form, it never would."""
+    def power(e: sp.exp) -> sp.Expr:
+        logs = [f for f in sp.Mul.make_args(e.args[0]) if isinstance(f, sp.log)]
+        if len(logs) != 1:
+            return e
+        return sp.expand_power_base(logs[0].args[0] ** (e.args[0] / logs[0]))
+
+    return expr.replace(lambda e: isinstance(e, sp.exp) and e.args[0].has(sp.log), power) if expr.has(sp.exp) else expr
 
 
 def normaliser_rewrites(chain: Chain, space: Space, rewrites: list[Rewrite]) -> list[Rewrite]:
@@ -329,7 +343,11 @@ def _through_normaliser(expr: sp.Expr, rewrite: Rewrite) -> sp.Expr:
         if power == rewrite.primitive:  # Piecewise/Piecewise does not cancel
             return rewrite.inverse
         k = sp.cancel(power.args[0] / exponent)
-        return rewrite.inverse ** k if k.is_Integer and k > 0 else power
+        if k.is_Integer and k > 0:
+            return rewrite.inverse ** k
+        if not k.is_number and not k.could_extract_minus_sign():
+            return sp.expand_power_base(rewrite.inverse ** k)
+        return power
 
     held = expr.xreplace(protect).replace(lambda e: isinstance(e, sp.exp), swap)
     return held.xreplace({d: a for a, d in protect.items()})
@@ -357,8 +375,30 @@ def reduction_folds(chain: Chain, space: Space) -> dict[sp.Basic, sp.Expr]:
         dummy = space.dummy(atoms[0])
         solved = invert(local.xreplace({atoms[0]: dummy}), dummy, node.sym, space.nonnegative, space.nonzero)
         if solved is not None:
-            folds[atoms[0]] = solved
+            for atom in _spelled_out(atoms[0], chain, space):
+                folds.setdefault(atom, solved)
     return folds
+
+
+def _spelled_out(total: sp.Expr, chain: Chain, space: Space) -> list[sp.Expr]:
+    """``total`` (a sum of saved tensors), then the same sum with each saved tensor that is computed from other
+    saved tensors alone written as its formula, step by step: ``Sum(mul_1, j)``, ``Sum(pow_1*w, j)``,
+    ``Sum(softmax_1**T*w, j)``. A gradient written with the softmax holds the last one (``-log((p**T*w).sum(1))``
+    after ``softmax(x)**T``), which then folds into its reduction symbol too."""
+    primitives = _primitives(chain)
+    formulas = {node.sym: node.local for node in chain.ops
+                if not node.reduction and node is not chain.input and not node.local.free_symbols & primitives}
+    found = [total]
+    for _ in range(len(formulas)):
+        step = total.xreplace(formulas)
+        if step == total:
+            break
+        try:
+            total = space.canon(step, rules=False)
+        except TooLarge:
+            break
+        found.append(total)
+    return found
 
 
 def _apply(expr: sp.Expr, rewrites: list[Rewrite]) -> sp.Expr:
@@ -387,8 +427,9 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
                 bases = {p: sp.Pow(node.sym, p.exp) for p in expr.atoms(sp.Pow) if p.base == value}
                 if bases:
                     expr = space.canon(expr.xreplace(bases))
-                collected = _collect_saved_sum(expr, value, node.sym)
-                if collected is not expr:
+                joined = _joined_exponentials(expr, space)
+                collected = _collect_saved_sum(joined, value, node.sym)
+                if collected is not joined:
                     collected = space.canon(collected)
                     if _unsafe(collected, chain) < _unsafe(expr, chain):
                         expr = collected
@@ -401,6 +442,16 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
         except TooLarge:
             continue
     return expr
+
+
+def _joined_exponentials(expr: sp.Expr, space: Space) -> sp.Expr:
+    """``expr`` with each product of exponentials as one, also across a sum it multiplies: the canonical form
+    splits ``exp(logprobs)`` of ``F.cross_entropy(x * s, y)`` into ``exp(picked)*exp(s*x)*exp(-s*Sum(x*delta, j))``
+    and moves the factors constant along ``j`` out of the sums; joined, the exponent is a saved tensor's sum of
+    terms, which :func:`_collect_saved_sum` finds."""
+    if not expr.has(sp.exp):
+        return expr
+    return sp.powsimp(_exponentials_into_sums(expr, space), combine="exp")
 
 
 def _unsafe(expr: sp.Expr, chain: Chain) -> tuple[int, int]:
@@ -641,7 +692,7 @@ class CodeWriter:
             if not node.differentiable:
                 results.append("None")
                 continue
-            expr = self.forms[node]
+            expr = self._logs_of_softmaxes(self.forms[node])
             target = grad_names[node]
             if expr == 0:
                 body.append(f"{target} = torch.zeros({self.layout(node.axes)}, dtype={dtype}, "
@@ -661,6 +712,21 @@ class CodeWriter:
                f'(None for those without one), derived by tensorgraph.symbolic."""')
         source = "\n".join([f"def {function_name}({', '.join(args)}):", doc] + ["    " + line for line in body]) + "\n"
         return Code(source, compile_source(source, function_name), function_name)
+
+    def _logs_of_softmaxes(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with the log of a saved softmax ``p = exp(a)/Sum(exp(a), j)`` written ``a - log(Sum(exp(a), j))``,
+        which prints as ``torch.log_softmax``: where ``p`` underflows to 0, ``log(p)`` is ``-inf`` and
+        ``p**T*log(p)`` NaN, where the log-softmax is finite and the product 0 (the gradient of ``T`` in
+        ``softmax(x)**T``)."""
+        logs = {}
+        for log in expr.atoms(sp.log):
+            node = next((n for n in self.chain.ops if n.sym == log.args[0]), None)
+            if node is None or node.reduction:
+                continue
+            numerator, denominator = sp.fraction(node.local)
+            if isinstance(numerator, sp.exp) and isinstance(denominator, AxisSum) and denominator.body == numerator:
+                logs[log] = sp.Add(numerator.args[0], -sp.log(denominator), evaluate=False)
+        return expr.xreplace(logs) if logs else expr
 
     def _used_symbols(self) -> set[sp.Basic]:
         used: set[sp.Basic] = set()
