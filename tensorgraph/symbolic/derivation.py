@@ -142,6 +142,7 @@ class Rewrite:
     primitive: sp.Symbol
     inverse: sp.Expr
     protect: list = field(default_factory=list)  # sums the substitution must not enter
+    over: sp.Expr | None = None  # where set, the substitution enters only the terms divided by this sum
 
 
 def candidates(chain: Chain) -> dict[sp.Symbol, list[Rewrite]]:
@@ -242,7 +243,7 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
     # parameters computed from other parameters, written as what they are (1 - t, not sub_1) where the
     # arranged form is simpler: the canonical forms compared above leave s**2/(s - 1) - s/(s - 1) uncancelled
     try:
-        computed = space.canon(_apply(expr, through))
+        computed = space.canon(_apply(expr, through, space))
         best, tried = (_score(computed, primitives, unnamed), computed, through), 0
         walk(computed, 0, through)
         other = reuse_saved(best[1], best[2], chain, space), best[2]
@@ -277,7 +278,7 @@ def normaliser_rewrites(chain: Chain, space: Space, rewrites: list[Rewrite]) -> 
         if node.reduction or node is chain.input:
             continue
         try:
-            value = space.canon(_apply(node.value, rewrites))
+            value = space.canon(_apply(node.value, rewrites, space))
         except TooLarge:
             continue
         for total in value.atoms(AxisSum):
@@ -296,7 +297,26 @@ def normaliser_rewrites(chain: Chain, space: Space, rewrites: list[Rewrite]) -> 
             except TooLarge:
                 continue
             found.append(Rewrite(node, factor, inverse, [total]))
-    return found
+    return found + _through_logsumexps(found, chain)
+
+
+def _through_logsumexps(found: list[Rewrite], chain: Chain) -> list[Rewrite]:
+    """For a normaliser rewrite of ``exp(r)``, ``r = log(Sum(exp(a), k))`` a reduction (a ``logsumexp``), the
+    rewrite of ``exp(a)`` as ``exp(a - r)*exp(r)`` through it: the gradient of ``softmax(x.logsumexp(2), 1)``
+    reads ``exp(x)/Sum(exp(r), j)``, which overflows where ``p*exp(x - r)`` does not."""
+    logsumexps = {}
+    for node in chain.ops:
+        definition = node.definition if node.reduction else None
+        if isinstance(definition, sp.log) and isinstance(definition.args[0], AxisSum) and \
+                isinstance(definition.args[0].body, sp.exp):
+            logsumexps[node.sym] = definition.args[0].body
+    shifted = []
+    for rewrite in found:
+        r = rewrite.primitive.args[0]
+        if r in logsumexps:  # only where it cancels the normaliser: w*exp(x - r) needs nothing
+            shifted.append(Rewrite(rewrite.node, logsumexps[r], logsumexps[r] * sp.exp(-r) * rewrite.inverse,
+                                   rewrite.protect, over=rewrite.protect[0]))
+    return shifted
 
 
 def _normalised_factor(total: AxisSum, axes: frozenset, chain: Chain, space: Space) -> sp.exp | None:
@@ -321,7 +341,7 @@ def through_normalisers(expr: sp.Expr, chain: Chain, space: Space,
     :func:`normaliser_rewrites`), and the rewrites used; ``(expr, [])`` where none applies."""
     normalised, used = expr, []
     for rewrite in normaliser_rewrites(chain, space, rewrites):
-        substituted = _through_normaliser(normalised, rewrite)
+        substituted = _through_normaliser(normalised, rewrite, space)
         if substituted != normalised:
             normalised, used = substituted, used + [rewrite]
     if not used:
@@ -333,7 +353,7 @@ def through_normalisers(expr: sp.Expr, chain: Chain, space: Space,
     return (normalised, used) if space.axes_of(normalised) <= space.axes_of(expr) else (expr, [])
 
 
-def _through_normaliser(expr: sp.Expr, rewrite: Rewrite) -> sp.Expr:
+def _through_normaliser(expr: sp.Expr, rewrite: Rewrite, space: Space) -> sp.Expr:
     """``expr`` with ``exp(a)`` replaced by ``rewrite.inverse`` outside the normaliser itself, and ``exp(k*a)`` for an
     integer ``k > 1`` (the gradient of ``softmax(x / T)**2`` has ``exp(2*x/T)``) by its ``k``-th power."""
     protect = {atom: sp.Dummy("p") for atom in rewrite.protect if expr.has(atom)}
@@ -345,12 +365,22 @@ def _through_normaliser(expr: sp.Expr, rewrite: Rewrite) -> sp.Expr:
         k = sp.cancel(power.args[0] / exponent)
         if k.is_Integer and k > 0:
             return rewrite.inverse ** k
-        if not k.is_number and not k.could_extract_minus_sign():
-            return sp.expand_power_base(rewrite.inverse ** k)
+        if not k.is_number and not space.axes_of(k) and not k.could_extract_minus_sign():
+            return sp.expand_power_base(rewrite.inverse ** k)  # a 0-dim power: softmax(x)**T has exp(T*x)
         return power
 
-    held = expr.xreplace(protect).replace(lambda e: isinstance(e, sp.exp), swap)
-    return held.xreplace({d: a for a, d in protect.items()})
+    def substitute(term: sp.Expr) -> sp.Expr:
+        return term.xreplace(protect).replace(lambda e: isinstance(e, sp.exp), swap).xreplace(
+            {d: a for a, d in protect.items()})
+
+    if rewrite.over is None:
+        return substitute(expr)
+    return sp.Add(*(substitute(term) if _divided_by(term, rewrite.over) else term for term in sp.Add.make_args(expr)))
+
+
+def _divided_by(term: sp.Expr, total: sp.Expr) -> bool:
+    """Whether the product ``term`` divides by ``total`` (a power of it with a negative exponent)."""
+    return any(isinstance(f, sp.Pow) and f.base == total and f.exp.is_negative for f in sp.Mul.make_args(term))
 
 
 def reduction_folds(chain: Chain, space: Space) -> dict[sp.Basic, sp.Expr]:
@@ -401,11 +431,14 @@ def _spelled_out(total: sp.Expr, chain: Chain, space: Space) -> list[sp.Expr]:
     return found
 
 
-def _apply(expr: sp.Expr, rewrites: list[Rewrite]) -> sp.Expr:
+def _apply(expr: sp.Expr, rewrites: list[Rewrite], space: Space) -> sp.Expr:
     for rewrite in rewrites:
+        if isinstance(rewrite.primitive, sp.exp):  # through a normaliser: exp(k*a) too
+            expr = _through_normaliser(expr, rewrite, space)
+            continue
         protect = {atom: sp.Dummy("p") for atom in rewrite.protect if expr.has(atom)}
         expr = expr.xreplace(protect).xreplace({rewrite.primitive: rewrite.inverse})
-        expr = expr.xreplace({d: a for a, d in protect.items()})
+        expr = _powers_of_logs(expr.xreplace({d: a for a, d in protect.items()}))
     return expr
 
 
@@ -420,19 +453,20 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
         if node.reduction or node is chain.input:
             continue
         try:
-            value = space.canon(_apply(node.value, rewrites))
+            value = space.canon(_apply(node.value, rewrites, space))
             if value == node.sym:
                 continue
             if isinstance(value, sp.Add):
                 bases = {p: sp.Pow(node.sym, p.exp) for p in expr.atoms(sp.Pow) if p.base == value}
                 if bases:
                     expr = space.canon(expr.xreplace(bases))
-                joined = _joined_exponentials(expr, space)
-                collected = _collect_saved_sum(joined, value, node.sym)
-                if collected is not joined:
-                    collected = space.canon(collected)
-                    if _unsafe(collected, chain) < _unsafe(expr, chain):
-                        expr = collected
+                for form in (expr, _joined_exponentials(expr, space)):  # as it is, then exp(a)*exp(b) as exp(a + b)
+                    collected = _collect_saved_sum(form, value, node.sym)
+                    if collected is not form:
+                        collected = space.canon(collected)
+                        if _unsafe(collected, chain) < _unsafe(expr, chain):
+                            expr = collected
+                            break
             elif isinstance(value, sp.Function) or (isinstance(value, sp.Pow) and not value.exp.is_Integer):
                 found = {value: node.sym}
                 if isinstance(value, sp.Pow):  # a root divided by: x/sqrt(x**2 + eps) is x/norm
@@ -606,7 +640,7 @@ def display(expr: sp.Expr, space: Space) -> sp.Expr:
     if merged != combined:
         options.append(sp.factor_terms(merged))
     if sp.count_ops(combined) <= 60:  # cancel finds s*(1-s)/(1-s) = s; on long sums it is slow and rarely shorter
-        options.append(sp.factor_terms(sp.cancel(combined)))
+        options.append(sp.factor_terms(sp.powsimp(sp.cancel(combined), combine="exp")))  # cancel splits exp(a - b)
     arranged = min(options, key=sp.count_ops)
     coeff, rest = arranged.as_independent(sp.Add) if isinstance(arranged, sp.Mul) else (sp.S.One, arranged)
     if not isinstance(rest, sp.Add):
