@@ -355,7 +355,9 @@ def through_normalisers(expr: sp.Expr, chain: Chain, space: Space,
 
 def _through_normaliser(expr: sp.Expr, rewrite: Rewrite, space: Space) -> sp.Expr:
     """``expr`` with ``exp(a)`` replaced by ``rewrite.inverse`` outside the normaliser itself, and ``exp(k*a)`` for an
-    integer ``k > 1`` (the gradient of ``softmax(x / T)**2`` has ``exp(2*x/T)``) by its ``k``-th power."""
+    integer ``k > 1`` (the gradient of ``softmax(x / T)**2`` has ``exp(2*x/T)``) or a 0-dim tensor ``k`` that is
+    not negated (``softmax(x)**T`` has ``exp(T*x)``) by its ``k``-th power; with ``rewrite.over``, only in the
+    terms divided by that sum."""
     protect = {atom: sp.Dummy("p") for atom in rewrite.protect if expr.has(atom)}
     exponent = rewrite.primitive.args[0]
 
