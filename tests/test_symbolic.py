@@ -1350,9 +1350,10 @@ def test_a_softmax_of_a_logsumexp_is_stable_and_fused(kind):
     overflow past ~88 in float32 (the stability check, scaling x to magnitude 1,000 as recorded, met only
     negative values there, so it was fused and gave NaN). exp(x) is written exp(x - r)*exp(r), and exp(r)
     through the saved softmax: p*exp(x - r)*(w - Sum(p*w)), as torch computes it (of r / 0.4 = b:
-    exp(x - 0.4*b)*exp(0.4*b), and exp(0.4*b) joins the exp(0.6*b) beside it into the normaliser's exp(b)). In float64 the fused
-    gradients are torch autograd's; in float32 with values near 1,000 they are finite and as close to the
-    float64 truth as torch's own. (The softmax or exp of x - x.logsumexp(1) were stable already.)"""
+    exp(x - 0.4*b)*exp(0.4*b), and exp(0.4*b) joins the exp(0.6*b) beside it into the normaliser's exp(b)).
+    In float64 the fused gradients are torch autograd's; in float32 with values near 1,000 they are finite and
+    as close to the float64 truth as torch's own. (The softmax or exp of x - x.logsumexp(1) were stable
+    already.)"""
     forward, x = _of_a_logsumexp(kind, D, top=30)
     with tg.record() as graph:
         loss = forward(x)
