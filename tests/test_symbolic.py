@@ -1061,30 +1061,30 @@ def test_size_one_dimensions_added_by_indexing():
 
 
 def test_a_closed_form_unstable_at_large_logits_is_not_fused():
-    """A softmax raised to a tensor power (sharpening, p ** T): its gradients come out as sums of exp(T*x) over
-    sum(exp(x))**T, which overflow (nan) once the logits pass ~88 in float32 (~709 in float64), where torch's
-    kernel is exact. Such a rule is derived (d.unstable says why) but never fused: auto_fuse and tg.compile keep
-    the atomic rules."""
+    """The product of a softmax over the rows and one over the columns: its gradient holds exponentials of the
+    logits over square roots of both normalisers, which overflow (nan) once the logits pass ~88 in float32 (~709
+    in float64), where torch's kernels are exact. Such a rule is derived (d.unstable says why) but never fused:
+    auto_fuse and tg.compile keep the atomic rules. (A softmax raised to a tensor power, p ** T, was this
+    example until it was written through the saved softmax: see the sharpened softmax tests below.)"""
     X, W = torch.randn(8, 4, generator=_gen(30)), torch.randn(4, 5, generator=_gen(32)) * 30
-    T, weight = torch.tensor(2.0), torch.randn(8, 5, generator=_gen(31))
+    weight = torch.randn(8, 5, generator=_gen(31))
 
-    def forward(W, T):
-        return ((X @ W).softmax(-1) ** T * weight).sum()
+    def forward(W):
+        logits = X @ W
+        return (logits.softmax(1) * logits.softmax(0) * weight).sum()
 
     with tg.record() as graph:
-        loss = forward(W, T)
+        loss = forward(W)
     assert float((X @ W).abs().max()) > 88
-    leaves = [W.clone().requires_grad_(), T.clone().requires_grad_()]
-    want = torch.autograd.grad(forward(*leaves), leaves)
-    assert all(bool(torch.isfinite(w).all()) for w in want)
-    for grads in (symbolic.auto_fuse(graph, loss).backward(loss), tg.compile(lambda: forward(W, T), fuse=True)()[1]):
-        assert torch.isfinite(grads[T]) and (grads[T] - want[1]).abs() <= 1e-5 * want[1].abs()
-        assert (grads[W] - want[0]).abs().max() <= 1e-5 * want[0].abs().max()
-    d = symbolic.derive(graph, output=loss, wrt="matmul_1")
+    want = _autograd_of(forward, W)
+    assert bool(torch.isfinite(want).all())
+    for grads in (symbolic.auto_fuse(graph, loss).backward(loss), tg.compile(lambda: forward(W), fuse=True)()[1]):
+        assert (grads[W] - want).abs().max() <= 1e-5 * want.abs().max()
+    d = symbolic.derive(graph, output=loss, wrt="logits")
     assert "is not finite where torch autograd's is finite" in d.unstable and d.unstable in d.checked
-    assert all(graph._nodes[i]["name"] != "matmul_1" for _, i in symbolic.find_fusable(graph, loss))
-    with pytest.raises(SymbolicError, match=r"the closed form of dloss/dmatmul_1 is not used: its d\w+ is not finite"):
-        graph.fuse(loss, "matmul_1")
+    assert all(graph._nodes[i]["name"] != "logits" for _, i in symbolic.find_fusable(graph, loss))
+    with pytest.raises(SymbolicError, match=r"the closed form of dloss/dlogits is not used: its d\w+ is not finite"):
+        graph.fuse(loss, "logits")
 
 
 SCALED = {"temperature": lambda z, p: z / p, "scale": lambda z, p: z * p, "shift": lambda z, p: z + p}
@@ -1208,6 +1208,171 @@ def test_cross_entropy_with_a_temperature_is_stable_and_fused():
         assert torch.isfinite(grads[T]) and (grads[T] - want[1]).abs() <= 1e-5 * want[1].abs()
         assert (grads[W] - want[0]).abs().max() <= 1e-5 * want[0].abs().max()
     assert step.fused
+
+
+SHARPENED = {  # a softmax p raised to a learnable power T (sharpening), and losses read from it
+    "weighted": lambda p, T, y, w: (p ** T * w).sum(),
+    "renormalised nll": lambda p, T, y, w: -(p ** T / (p ** T).sum(1, keepdim=True)).log()[range(len(y)), y].mean(),
+    "log of the power": lambda p, T, y, w: -(p ** T).log()[range(len(y)), y].mean(),
+    "distillation": lambda p, T, y, w: -(p ** T * w.softmax(1)).sum(1).log().mean(),
+    "a power per class": lambda p, T, y, w: (p ** T * w).sum(),
+}
+
+
+def _sharpened(kind: str, dtype: torch.dtype, top: float, through: torch.dtype = D):
+    """(forward(W, T), W, T): a loss of softmax(X @ W) ** T (T 0-dim, or one per class), the logits scaled to
+    magnitude ``top``, the values rounded to ``through`` first (float32 gives the float64 truth of a float32
+    chain). The picked class is drawn at random, or past logits of 88 the row's largest (whose sharpened
+    probability torch's float64 chain keeps finite)."""
+    def tensor(*shape, seed, scale=1.0):
+        return (torch.randn(*shape, dtype=D, generator=_gen(seed)) * scale).to(through).to(dtype)
+
+    X, w = tensor(8, 4, seed=30), tensor(8, 5, seed=31)
+    W = tensor(4, 5, seed=32)
+    W = (W * (top / (X @ W).abs().max())).to(through).to(dtype)
+    T = (torch.rand(5, dtype=D, generator=_gen(34)) + 1.5).to(dtype) if kind == "a power per class" else \
+        torch.tensor(2.0, dtype=dtype)
+    y = (X @ W).argmax(1) if top > 88 else torch.randint(0, 5, (8,), generator=_gen(35))
+
+    def forward(W, T):
+        logits = X @ W
+        return SHARPENED[kind](logits.softmax(1), T, y, w)
+
+    return forward, W, T
+
+
+@pytest.mark.parametrize("kind", SHARPENED)
+def test_a_sharpened_softmax_is_stable_and_fused(kind):
+    """softmax(x) ** T: the gradients read exp(T*x) over Sum(exp(x))**T, which overflow past logits of ~88 in
+    float32, so the stability check left these chains atomic. Written through the saved softmax (x as
+    log(p*Sum(exp(x))), exp(T*log(p*S)) as p**T*S**T, whose S**T cancels) they read p**T and log(p) only:
+    dlogits = T*dout*(w*p**T - p*Sum(w*p**T)), dT = Sum(w*p**T*log(p)), with torch's gradients, fused."""
+    forward, W, T = _sharpened(kind, D, top=30)
+    with tg.record() as graph:
+        loss = forward(W, T)
+    d = symbolic.derive(graph, output=loss, wrt="logits")
+    assert not d.unstable, d.unstable
+    logits = d.symbols["logits"]
+    assert not any(logits in e.free_symbols for f in d.gradients.values() for e in f.atoms(sp.exp)), d.gradients
+    if kind == "weighted":  # the textbook form, with the saved softmax p and its power q
+        s = d.symbols
+        p, q, w, dout = s["p"], s["pow_1"], s["w"], s["dloss"]
+        assert d.prove(s["T"] * dout * (w * q - p * d.sum(w * q, "j")))
+        assert d.prove(dout * d.sum(d.sum(w * q * sp.log(p), "j"), "i"), wrt="T")
+    assert "logits" in [graph._nodes[i]["name"] for _, i in symbolic.find_fusable(graph, loss)]
+    want = _torch_grads(forward, W, T)
+    step = tg.compile(lambda: forward(W, T), fuse=True)
+    for grads in (symbolic.auto_fuse(graph, loss).backward(loss), graph.fuse(loss, "logits").backward(loss),
+                  step()[1]):
+        for tensor, expected in zip((W, T), want):
+            assert (grads[tensor] - expected).abs().max() <= 1e-9 * expected.abs().max()
+    assert step.fused
+
+
+@pytest.mark.parametrize("kind", SHARPENED)
+def test_the_fused_sharpened_softmax_is_finite_at_float32_logits_near_1000(kind):
+    """The same chains recorded in float32 with logits near 1,000 (150 where a log reads every p**T: past that
+    torch's own float64 chain divides 0 by 0): fused (auto_fuse, graph.fuse), the backward is finite where torch
+    autograd's float64 one is, and no further from it than torch's float32 kernels (where those are finite)."""
+    top = 150 if "nll" in kind or "log" in kind else 1000
+    forward, W, T = _sharpened(kind, torch.float32, top=top)
+    with tg.record() as graph:
+        loss = forward(W, T)
+    assert "logits" in [graph._nodes[i]["name"] for _, i in symbolic.find_fusable(graph, loss)]
+    want32, want64 = _torch_grads(forward, W, T), _torch_grads(*_sharpened(kind, D, top, through=torch.float32))
+    for grads in (symbolic.auto_fuse(graph, loss).backward(loss), graph.fuse(loss, "logits").backward(loss)):
+        for tensor, expected, exact in zip((W, T), want32, want64):
+            assert bool(torch.isfinite(exact).all())
+            assert bool(torch.isfinite(grads[tensor]).all()), grads[tensor]
+            theirs = torch.nan_to_num((expected.double() - exact).abs(), nan=0.0, posinf=0.0).max()
+            assert (grads[tensor].double() - exact).abs().max() <= 2 * theirs + 1e-5 * exact.abs().max()
+
+
+def test_cross_entropy_with_a_learnable_scale_reads_the_saved_log_probabilities():
+    """F.cross_entropy(x * s, y), s a learnable logit scale: x cannot be written through x*s (that divides by s,
+    which may be 0), so the gradients read exp(picked + s*x - s*Sum(x*delta, j)), the log-probabilities spelled
+    out from the picked one. Joined into one exponential, that sum of terms is the saved log-probabilities: the
+    gradients read exp(logprobs), as torch's do."""
+    X, Y = torch.randn(8, 4, dtype=D, generator=_gen(30)), torch.randint(0, 5, (8,), generator=_gen(31))
+    W, scale = torch.randn(4, 5, dtype=D, generator=_gen(32)) * 15, torch.tensor(2.0, dtype=D)
+
+    def forward(W, scale):
+        return F.cross_entropy((X @ W) * scale, Y)
+
+    with tg.record() as graph:
+        loss = forward(W, scale)
+    assert float(((X @ W) * scale).abs().max()) > 88
+    for wrt in ("matmul_1", scale):
+        d = symbolic.derive(graph, output=loss, wrt=wrt)
+        assert not d.unstable, d.unstable
+        s = d.symbols
+        logprobs, delta = s["loss_logprobs"], sp.KroneckerDelta(s["Y"], s["j"])
+        assert all(e == sp.exp(logprobs) for f in d.gradients.values() for e in f.atoms(sp.exp)), d.gradients
+        form = s["dloss"] * (sp.exp(logprobs) - delta) / s["n"]
+        assert sp.simplify(d.gradients["matmul_1"] - s["scale"] * form) == 0, d.gradients
+        assert d.prove(d.sum(d.sum(s["matmul_1"] * form, "j"), "i"), wrt="scale")
+        assert "torch.exp(loss_logprobs)" in d.source
+    want = _torch_grads(forward, W, scale)
+    step = tg.compile(lambda: forward(W, scale), fuse=True)
+    for grads in (symbolic.auto_fuse(graph, loss).backward(loss), step()[1]):
+        for tensor, expected in zip((W, scale), want):
+            assert (grads[tensor] - expected).abs().max() <= 1e-9 * expected.abs().max()
+    assert step.fused
+
+
+OF_A_LOGSUMEXP = {  # a softmax (or exp) of a logsumexp, weighted: over another axis, or normalising its input
+    "softmax of a logsumexp": lambda x, w: x.logsumexp(2).softmax(1) * w,
+    "log_softmax of a logsumexp": lambda x, w: x.logsumexp(2).log_softmax(1) * w,
+    "softmax of a kept logsumexp": lambda x, w: x.logsumexp(2, keepdim=True).softmax(1) * w[:, :, None],
+    "softmax of a logsumexp / T": lambda x, w: (x.logsumexp(2) / torch.tensor(0.4, dtype=x.dtype)).softmax(1) * w,
+    "softmax of a logsumexp / 0.4": lambda x, w: (x.logsumexp(2) / 0.4).softmax(1) * w,
+    "softmax after subtracting it": lambda x, w: (x - x.logsumexp(1, keepdim=True)).softmax(1) * w,
+    "exp after subtracting it": lambda x, w: (x - x.logsumexp(1, keepdim=True)).exp() * w,
+}
+
+
+def _of_a_logsumexp(kind: str, dtype: torch.dtype, top: float, through: torch.dtype = D):
+    """(forward(x), x): the weighted sum of ``OF_A_LOGSUMEXP[kind]`` of a 6x4x3 tensor (6x4 where the logsumexp
+    normalises its own input) near ``top`` (spread by 3: the softmax is not saturated), rounded to ``through``."""
+    shape = (6, 4) if "subtracting" in kind else (6, 4, 3)
+    x = (top + 3 * torch.randn(*shape, dtype=D, generator=_gen(40))).to(through).to(dtype)
+    weight = torch.randn(6, 4, dtype=D, generator=_gen(41)).to(through).to(dtype)
+
+    def forward(x):
+        return OF_A_LOGSUMEXP[kind](x, weight).sum()
+
+    return forward, x
+
+
+@pytest.mark.parametrize("kind", OF_A_LOGSUMEXP)
+def test_a_softmax_of_a_logsumexp_is_stable_and_fused(kind):
+    """softmax(x.logsumexp(2), 1): the gradient read exp(x)/Sum(exp(r), j), r the logsumexp, whose exponentials
+    overflow past ~88 in float32 (the stability check, scaling x to magnitude 1,000 as recorded, met only
+    negative values there, so it was fused and gave NaN). exp(x) is written exp(x - r)*exp(r), and exp(r)
+    through the saved softmax: p*exp(x - r)*(w - Sum(p*w)), as torch computes it (of r / 0.4 = b:
+    exp(x - 0.4*b)*exp(0.4*b), and exp(0.4*b) joins the exp(0.6*b) beside it into the normaliser's exp(b)).
+    In float64 the fused gradients are torch autograd's; in float32 with values near 1,000 they are finite and
+    as close to the float64 truth as torch's own. (The softmax or exp of x - x.logsumexp(1) were stable
+    already.)"""
+    forward, x = _of_a_logsumexp(kind, D, top=30)
+    with tg.record() as graph:
+        loss = forward(x)
+    d = symbolic.derive(graph, output=loss, wrt=x)
+    assert not d.unstable, d.unstable
+    assert sp.exp(d.symbols["x"]) not in d.gradients["x"].atoms(sp.exp), d.gradients  # no exp(x) unshifted
+    assert [graph._nodes[i]["name"] for _, i in symbolic.find_fusable(graph, loss)] == ["x"]
+    want = _autograd_of(forward, x)
+    for got in (symbolic.auto_fuse(graph, loss).backward(loss)[x], tg.compile(lambda: forward(x), fuse=True)()[1][x]):
+        assert (got - want).abs().max() <= 1e-9 * want.abs().max()
+    forward, x = _of_a_logsumexp(kind, torch.float32, top=1000)
+    with tg.record() as graph:
+        loss = forward(x)
+    got = symbolic.auto_fuse(graph, loss).backward(loss)[x]
+    exact, theirs = _autograd_of(*_of_a_logsumexp(kind, D, 1000, through=torch.float32)), _autograd_of(forward, x)
+    assert bool(torch.isfinite(exact).all()) and bool(torch.isfinite(got).all()), got
+    # exp(x - 0.4*div_1) for exp(x - r): div_1 = r/0.4 rounded in float32 costs ~1.5e-5 there
+    assert (got.double() - exact).abs().max() <= \
+        2 * (theirs.double() - exact).abs().max() + 5e-5 * exact.abs().max()
 
 
 def test_a_gelu_after_a_normalisation_is_stable_and_fused():

@@ -142,6 +142,8 @@ class Rewrite:
     primitive: sp.Symbol
     inverse: sp.Expr
     protect: list = field(default_factory=list)  # sums the substitution must not enter
+    over: sp.Expr | None = None  # where set, the substitution enters only the terms divided by this sum
+    shift: tuple | None = None  # (r, e, normaliser rewrite): exp(a) as exp(a - r)*exp(e), exp(e) = exp(r) through it
 
 
 def candidates(chain: Chain) -> dict[sp.Symbol, list[Rewrite]]:
@@ -225,7 +227,7 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
             return
         for rewrite in options[primitive]:
             protect = {atom: sp.Dummy("p") for atom in rewrite.protect if current.has(atom)}
-            substituted = current.xreplace(protect).xreplace({primitive: rewrite.inverse})
+            substituted = _powers_of_logs(current.xreplace(protect).xreplace({primitive: rewrite.inverse}))
             tried += 1
             try:
                 rewritten = fold(space.canon(substituted.xreplace({d: a for a, d in protect.items()})))
@@ -242,7 +244,7 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
     # parameters computed from other parameters, written as what they are (1 - t, not sub_1) where the
     # arranged form is simpler: the canonical forms compared above leave s**2/(s - 1) - s/(s - 1) uncancelled
     try:
-        computed = space.canon(_apply(expr, through))
+        computed = space.canon(_apply(expr, through, space))
         best, tried = (_score(computed, primitives, unnamed), computed, through), 0
         walk(computed, 0, through)
         other = reuse_saved(best[1], best[2], chain, space), best[2]
@@ -250,6 +252,20 @@ def rewrite_in_saved(expr: sp.Expr, chain: Chain, space: Space, limit: int = 96)
         return result
     arranged = [_score(display(form, space), primitives, unnamed) for form, _ in (result, other)]
     return other if arranged[1] < arranged[0] else result
+
+
+def _powers_of_logs(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with ``exp(c*log(y))`` written ``y**c`` (a product ``y`` of positive factors as a product of powers):
+    the input of ``softmax(x)**T`` written through the softmax, ``x = log(p*Sum(exp(x), j))``, turns
+    ``exp(T*x)`` into ``p**T*Sum(exp(x), j)**T``, whose sum cancels against the normaliser ``Sum(exp(x), j)**T``;
+    split into ``exp(T*log(p))*exp(T*log(Sum))`` by the canonical form, it never would."""
+    def power(e: sp.exp) -> sp.Expr:
+        logs = [f for f in sp.Mul.make_args(e.args[0]) if isinstance(f, sp.log)]
+        if len(logs) != 1:
+            return e
+        return sp.expand_power_base(logs[0].args[0] ** (e.args[0] / logs[0]))
+
+    return expr.replace(lambda e: isinstance(e, sp.exp) and e.args[0].has(sp.log), power) if expr.has(sp.exp) else expr
 
 
 def normaliser_rewrites(chain: Chain, space: Space, rewrites: list[Rewrite]) -> list[Rewrite]:
@@ -263,7 +279,7 @@ def normaliser_rewrites(chain: Chain, space: Space, rewrites: list[Rewrite]) -> 
         if node.reduction or node is chain.input:
             continue
         try:
-            value = space.canon(_apply(node.value, rewrites))
+            value = space.canon(_apply(node.value, rewrites, space))
         except TooLarge:
             continue
         for total in value.atoms(AxisSum):
@@ -282,7 +298,50 @@ def normaliser_rewrites(chain: Chain, space: Space, rewrites: list[Rewrite]) -> 
             except TooLarge:
                 continue
             found.append(Rewrite(node, factor, inverse, [total]))
-    return found
+    return _through_logsumexps(found, chain, space) + found
+
+
+def _through_logsumexps(found: list[Rewrite], chain: Chain, space: Space) -> list[Rewrite]:
+    """For a normaliser rewrite of ``exp(b)``, ``b`` a ``logsumexp`` ``r = log(Sum(exp(a), k))`` or a saved tensor
+    ``c*r`` (``c`` a number or a 0-dim tensor), the rewrite of ``exp(a)`` as ``exp(a - r)*exp(b/c)``, then through
+    the normaliser: the gradient of ``softmax(x.logsumexp(2), 1)`` reads ``exp(x)/Sum(exp(r), j)``, which
+    overflows where ``p*exp(x - r)`` does not. It enters only the terms divided by the normaliser (``w*exp(x - r)``
+    needs nothing), see :func:`_shifted`."""
+    logsumexps = {}
+    for node in chain.ops:
+        definition = node.definition if node.reduction else None
+        if isinstance(definition, sp.log) and isinstance(definition.args[0], AxisSum) and \
+                isinstance(definition.args[0].body, sp.exp):
+            logsumexps[node.sym] = definition.args[0].body
+    values = {node.sym: node.value for node in chain.ops if not node.reduction}
+    shifted = []
+    for rewrite in found:
+        b = rewrite.primitive.args[0]
+        value = values.get(b, b)
+        for r, body in logsumexps.items():
+            scale = sp.cancel(r / value)  # exp(r) is exp(b*scale)
+            if scale.has(r) or space.axes_of(scale) or scale == 0:
+                continue
+            shifted.append(Rewrite(rewrite.node, body, body, rewrite.protect, over=rewrite.protect[0],
+                                   shift=(r, b * scale, rewrite)))
+    return shifted
+
+
+def _shifted(term: sp.Expr, rewrite: Rewrite, space: Space) -> sp.Expr:
+    """``term`` (divided by the normaliser) with its factor ``exp(a)`` written ``exp(a - r)*exp(r)`` and ``exp(r)``,
+    joined with the term's other powers of the normaliser's exponential, through the normaliser (``exp(x)*
+    exp(3*b/5)/Sum(exp(b), j)``, ``b = 5*r/2``, is ``p*exp(x - r)``). ``term`` itself where ``exp(a)`` is no factor
+    or no normaliser is left to cancel."""
+    a, (_, exponent, normaliser) = rewrite.primitive, rewrite.shift
+    if a not in sp.Mul.make_args(term):
+        return term
+    rest = (term / a) * sp.exp(exponent)  # sympy joins exp(b*scale) with the term's exp(k*b)
+    through = _through_normaliser(rest, normaliser, space)
+    try:
+        through = space.canon(through) if through != rest else rest
+    except TooLarge:
+        return term
+    return term if through == rest or _divided_by(through, rewrite.over) else a * sp.exp(-exponent) * through
 
 
 def _normalised_factor(total: AxisSum, axes: frozenset, chain: Chain, space: Space) -> sp.exp | None:
@@ -307,7 +366,7 @@ def through_normalisers(expr: sp.Expr, chain: Chain, space: Space,
     :func:`normaliser_rewrites`), and the rewrites used; ``(expr, [])`` where none applies."""
     normalised, used = expr, []
     for rewrite in normaliser_rewrites(chain, space, rewrites):
-        substituted = _through_normaliser(normalised, rewrite)
+        substituted = _through_normaliser(normalised, rewrite, space)
         if substituted != normalised:
             normalised, used = substituted, used + [rewrite]
     if not used:
@@ -319,9 +378,11 @@ def through_normalisers(expr: sp.Expr, chain: Chain, space: Space,
     return (normalised, used) if space.axes_of(normalised) <= space.axes_of(expr) else (expr, [])
 
 
-def _through_normaliser(expr: sp.Expr, rewrite: Rewrite) -> sp.Expr:
+def _through_normaliser(expr: sp.Expr, rewrite: Rewrite, space: Space) -> sp.Expr:
     """``expr`` with ``exp(a)`` replaced by ``rewrite.inverse`` outside the normaliser itself, and ``exp(k*a)`` for an
-    integer ``k > 1`` (the gradient of ``softmax(x / T)**2`` has ``exp(2*x/T)``) by its ``k``-th power."""
+    integer ``k > 1`` (the gradient of ``softmax(x / T)**2`` has ``exp(2*x/T)``) or a 0-dim tensor ``k`` that is
+    not negated (``softmax(x)**T`` has ``exp(T*x)``) by its ``k``-th power; with ``rewrite.over``, only in the
+    terms divided by that sum."""
     protect = {atom: sp.Dummy("p") for atom in rewrite.protect if expr.has(atom)}
     exponent = rewrite.primitive.args[0]
 
@@ -329,10 +390,26 @@ def _through_normaliser(expr: sp.Expr, rewrite: Rewrite) -> sp.Expr:
         if power == rewrite.primitive:  # Piecewise/Piecewise does not cancel
             return rewrite.inverse
         k = sp.cancel(power.args[0] / exponent)
-        return rewrite.inverse ** k if k.is_Integer and k > 0 else power
+        if k.is_Integer and k > 0:
+            return rewrite.inverse ** k
+        if not k.is_number and not space.axes_of(k) and not k.could_extract_minus_sign():
+            return sp.expand_power_base(rewrite.inverse ** k)  # a 0-dim power: softmax(x)**T has exp(T*x)
+        return power
 
-    held = expr.xreplace(protect).replace(lambda e: isinstance(e, sp.exp), swap)
-    return held.xreplace({d: a for a, d in protect.items()})
+    def substitute(term: sp.Expr) -> sp.Expr:
+        if rewrite.shift is not None:
+            return _shifted(term, rewrite, space)
+        return term.xreplace(protect).replace(lambda e: isinstance(e, sp.exp), swap).xreplace(
+            {d: a for a, d in protect.items()})
+
+    if rewrite.over is None:
+        return substitute(expr)
+    return sp.Add(*(substitute(term) if _divided_by(term, rewrite.over) else term for term in sp.Add.make_args(expr)))
+
+
+def _divided_by(term: sp.Expr, total: sp.Expr) -> bool:
+    """Whether the product ``term`` divides by ``total`` (a power of it with a negative exponent)."""
+    return any(isinstance(f, sp.Pow) and f.base == total and f.exp.is_negative for f in sp.Mul.make_args(term))
 
 
 def reduction_folds(chain: Chain, space: Space) -> dict[sp.Basic, sp.Expr]:
@@ -357,15 +434,40 @@ def reduction_folds(chain: Chain, space: Space) -> dict[sp.Basic, sp.Expr]:
         dummy = space.dummy(atoms[0])
         solved = invert(local.xreplace({atoms[0]: dummy}), dummy, node.sym, space.nonnegative, space.nonzero)
         if solved is not None:
-            folds[atoms[0]] = solved
+            for atom in _spelled_out(atoms[0], chain, space):
+                folds.setdefault(atom, solved)
     return folds
 
 
-def _apply(expr: sp.Expr, rewrites: list[Rewrite]) -> sp.Expr:
+def _spelled_out(total: sp.Expr, chain: Chain, space: Space) -> list[sp.Expr]:
+    """``total`` (a sum of saved tensors), then the same sum with each saved tensor that is computed from other
+    saved tensors alone written as its formula, step by step: ``Sum(mul_1, j)``, ``Sum(pow_1*w, j)``,
+    ``Sum(softmax_1**T*w, j)``. A gradient written with the softmax holds the last one (``-log((p**T*w).sum(1))``
+    after ``softmax(x)**T``), which then folds into its reduction symbol too."""
+    primitives = _primitives(chain)
+    formulas = {node.sym: node.local for node in chain.ops
+                if not node.reduction and node is not chain.input and not node.local.free_symbols & primitives}
+    found = [total]
+    for _ in range(len(formulas)):
+        step = total.xreplace(formulas)
+        if step == total:
+            break
+        try:
+            total = space.canon(step, rules=False)
+        except TooLarge:
+            break
+        found.append(total)
+    return found
+
+
+def _apply(expr: sp.Expr, rewrites: list[Rewrite], space: Space) -> sp.Expr:
     for rewrite in rewrites:
+        if isinstance(rewrite.primitive, sp.exp):  # through a normaliser: exp(k*a) too
+            expr = _through_normaliser(expr, rewrite, space)
+            continue
         protect = {atom: sp.Dummy("p") for atom in rewrite.protect if expr.has(atom)}
         expr = expr.xreplace(protect).xreplace({rewrite.primitive: rewrite.inverse})
-        expr = expr.xreplace({d: a for a, d in protect.items()})
+        expr = _powers_of_logs(expr.xreplace({d: a for a, d in protect.items()}))
     return expr
 
 
@@ -380,18 +482,20 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
         if node.reduction or node is chain.input:
             continue
         try:
-            value = space.canon(_apply(node.value, rewrites))
+            value = space.canon(_apply(node.value, rewrites, space))
             if value == node.sym:
                 continue
             if isinstance(value, sp.Add):
                 bases = {p: sp.Pow(node.sym, p.exp) for p in expr.atoms(sp.Pow) if p.base == value}
                 if bases:
                     expr = space.canon(expr.xreplace(bases))
-                collected = _collect_saved_sum(expr, value, node.sym)
-                if collected is not expr:
-                    collected = space.canon(collected)
-                    if _unsafe(collected, chain) < _unsafe(expr, chain):
-                        expr = collected
+                for form in (expr, _joined_exponentials(expr, space)):  # as it is, then exp(a)*exp(b) as exp(a + b)
+                    collected = _collect_saved_sum(form, value, node.sym)
+                    if collected is not form:
+                        collected = space.canon(collected)
+                        if _unsafe(collected, chain) < _unsafe(expr, chain):
+                            expr = collected
+                            break
             elif isinstance(value, sp.Function) or (isinstance(value, sp.Pow) and not value.exp.is_Integer):
                 found = {value: node.sym}
                 if isinstance(value, sp.Pow):  # a root divided by: x/sqrt(x**2 + eps) is x/norm
@@ -401,6 +505,16 @@ def reuse_saved(expr: sp.Expr, rewrites: list[Rewrite], chain: Chain, space: Spa
         except TooLarge:
             continue
     return expr
+
+
+def _joined_exponentials(expr: sp.Expr, space: Space) -> sp.Expr:
+    """``expr`` with each product of exponentials as one, also across a sum it multiplies: the canonical form
+    splits ``exp(logprobs)`` of ``F.cross_entropy(x * s, y)`` into ``exp(picked)*exp(s*x)*exp(-s*Sum(x*delta, j))``
+    and moves the factors constant along ``j`` out of the sums; joined, the exponent is a saved tensor's sum of
+    terms, which :func:`_collect_saved_sum` finds."""
+    if not expr.has(sp.exp):
+        return expr
+    return sp.powsimp(_exponentials_into_sums(expr, space), combine="exp")
 
 
 def _unsafe(expr: sp.Expr, chain: Chain) -> tuple[int, int]:
@@ -555,7 +669,7 @@ def display(expr: sp.Expr, space: Space) -> sp.Expr:
     if merged != combined:
         options.append(sp.factor_terms(merged))
     if sp.count_ops(combined) <= 60:  # cancel finds s*(1-s)/(1-s) = s; on long sums it is slow and rarely shorter
-        options.append(sp.factor_terms(sp.cancel(combined)))
+        options.append(sp.factor_terms(sp.powsimp(sp.cancel(combined), combine="exp")))  # cancel splits exp(a - b)
     arranged = min(options, key=sp.count_ops)
     coeff, rest = arranged.as_independent(sp.Add) if isinstance(arranged, sp.Mul) else (sp.S.One, arranged)
     if not isinstance(rest, sp.Add):
@@ -641,7 +755,7 @@ class CodeWriter:
             if not node.differentiable:
                 results.append("None")
                 continue
-            expr = self.forms[node]
+            expr = self._logs_of_softmaxes(self.forms[node])
             target = grad_names[node]
             if expr == 0:
                 body.append(f"{target} = torch.zeros({self.layout(node.axes)}, dtype={dtype}, "
@@ -661,6 +775,21 @@ class CodeWriter:
                f'(None for those without one), derived by tensorgraph.symbolic."""')
         source = "\n".join([f"def {function_name}({', '.join(args)}):", doc] + ["    " + line for line in body]) + "\n"
         return Code(source, compile_source(source, function_name), function_name)
+
+    def _logs_of_softmaxes(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with the log of a saved softmax ``p = exp(a)/Sum(exp(a), j)`` written ``a - log(Sum(exp(a), j))``,
+        which prints as ``torch.log_softmax``: where ``p`` underflows to 0, ``log(p)`` is ``-inf`` and
+        ``p**T*log(p)`` NaN, where the log-softmax is finite and the product 0 (the gradient of ``T`` in
+        ``softmax(x)**T``)."""
+        logs = {}
+        for log in expr.atoms(sp.log):
+            node = next((n for n in self.chain.ops if n.sym == log.args[0]), None)
+            if node is None or node.reduction:
+                continue
+            numerator, denominator = sp.fraction(node.local)
+            if isinstance(numerator, sp.exp) and isinstance(denominator, AxisSum) and denominator.body == numerator:
+                logs[log] = sp.Add(numerator.args[0], -sp.log(denominator), evaluate=False)
+        return expr.xreplace(logs) if logs else expr
 
     def _used_symbols(self) -> set[sp.Basic]:
         used: set[sp.Basic] = set()

@@ -101,7 +101,30 @@ class TorchPrinter(PythonCodePrinter):
     def _print_exp(self, expr: sp.Basic) -> str:
         return self._print_Function(expr) if self.is_tensor(expr) else super()._print_Function(expr)
 
-    _print_log = _print_exp
+    def _print_Add(self, expr: sp.Add, order: Any = None) -> str:
+        """``a - log(Sum(exp(a), j))`` (and other terms) as ``torch.log_softmax(a, j)``: subtracted after the
+        ``logsumexp``, ``a`` loses its digits in float32 where it is large (logits near 1,000 keep 5e-5)."""
+        found = _log_softmax_terms(expr) if self.is_tensor(expr) else None
+        if found is None:
+            return super()._print_Add(expr, order=order)
+        exponent, axis, rest = found
+        text = f"torch.log_softmax({self._print(exponent)}, {self.dims[axis]})"
+        return text if rest == 0 else f"{text} + {self.parenthesize(rest, sp.printing.precedence.PRECEDENCE['Add'])}"
+
+    def _print_log(self, expr: sp.Basic) -> str:
+        """``log(Sum(exp(a), j))`` as ``torch.logsumexp``: shifted by the maximum, it does not overflow where ``a``
+        passes ~88 (float32), as the forward's own ``logsumexp``, ``log_softmax`` or ``cross_entropy`` do not."""
+        total, dims = expr.args[0], []
+        while isinstance(total, AxisSum):
+            dims.append(self.dims[total.axis])
+            total = total.body
+        factors = sp.Mul.make_args(total)
+        if not dims or not all(isinstance(f, sp.exp) for f in factors):
+            return self._print_exp(expr)
+        dim = str(dims[0]) if len(dims) == 1 else str(tuple(sorted(dims)))
+        exponent = sp.Add(*(f.args[0] for f in factors))
+        return f"torch.logsumexp({self._method_target(exponent)}, {dim}, keepdim=True)"
+
     _print_tanh = _print_exp
     _print_sin = _print_exp
     _print_cos = _print_exp
@@ -154,6 +177,24 @@ class TorchPrinter(PythonCodePrinter):
     def _print_Step(self, expr: sp.Basic) -> str:
         target = self._method_target(expr.args[0])
         return f"({target} > 0).to({target}.dtype)"
+
+
+def _log_softmax_terms(expr: sp.Add) -> tuple[sp.Expr, sp.Symbol, sp.Expr] | None:
+    """``(a, j, rest)`` where ``expr`` is ``a - log(Sum(exp(a), j)) + rest``, else None."""
+    terms = sp.Add.make_args(expr)
+    for term in terms:
+        if not (isinstance(-term, sp.log) and isinstance((-term).args[0], AxisSum)):
+            continue
+        total = (-term).args[0]
+        factors = sp.Mul.make_args(total.body)
+        if not all(isinstance(f, sp.exp) for f in factors):
+            continue
+        exponent = sp.Add(*(f.args[0] for f in factors))
+        others = [t for t in terms if t is not term]
+        if all(t in others for t in sp.Add.make_args(exponent)):
+            rest = sp.Add(*(t for t in others if t not in sp.Add.make_args(exponent)))
+            return exponent, total.axis, rest
+    return None
 
 
 def latex_name(name: str, indices: list[Any]) -> str:
