@@ -815,6 +815,28 @@ def test_list_and_tuple_inputs_are_specialised_to_their_items():
         tg.compile(lambda batch: (batch[1]["x"] @ w).sum(), fuse=False)([xs[0], {"x": xs[0]}])
 
 
+def test_guard_on_a_list_item_read_by_index_when_the_list_shrinks():
+    """A list the forward reads by a constant index only (``scales[1]``) is guarded at that index; once the list
+    is too short, the step does what the forward does, raise IndexError (a mutant taking the short list for
+    unchanged replayed the recording's loss), and with a new item there gives torch's loss and gradient."""
+    w, x = r(4, 4, seed=330), r(3, 4, seed=331)
+    scales = [1.0, 2.0]
+
+    def forward(x, w=w):
+        return torch.tanh(x @ w).sum() * scales[1]
+
+    step = tg.compile(forward, fuse=False)
+    step(x)
+    scales.pop()
+    with pytest.raises(IndexError), pytest.warns(RecompileWarning, match=r"scales\[1\] was deleted"):
+        step(x)
+    scales.append(-3.0)
+    with pytest.warns(RecompileWarning, match=r"scales\[1\] is now -3.0 \(the recording ran with 2.0\)"):
+        loss, grads = step(x)
+    torch.testing.assert_close(loss, forward(x), **TOL)
+    torch.testing.assert_close(grads[w], _torch_grad(lambda w: forward(x, w), w), **TOL)
+
+
 def test_guard_on_python_numbers_the_forward_reads():
     module = sys.modules[__name__]
     module.BETA_GLOBAL = 1.0
@@ -1439,6 +1461,9 @@ def _container_cases():
     cases["dict reordered"] = (lambda x: _through(blocks.values(), x),
                                lambda: blocks.update(a=blocks.pop("a")),
                                "the keys of blocks are in another order (the recording's: ['a', 'b'])", w[:2])
+    acts = {"tanh": w[0]}  # the same item under another key: the forward reads the key
+    cases["dict key renamed"] = (lambda x: sum(getattr(torch, name)(x @ v).sum() for name, v in acts.items()),
+                                 lambda: acts.update(sin=acts.pop("tanh")), "acts['tanh'] was deleted", w[:1])
     net = _Net(w[0], w[1])
     cases["attribute list appended"] = (lambda x: _through(net.layers, x, net.act), lambda: net.layers.append(w[2]),
                                         "net.layers now has 3 items (the recording's had 2)", w)
