@@ -788,6 +788,45 @@ def test_guard_on_inputs_that_alias_each_other():
         check(step, b, b)
 
 
+def test_guard_on_tensors_inside_a_list_input_that_alias_each_other():
+    """The same tensor twice inside a list input is recorded as one leaf: the program reads it once. A list of two
+    different tensors must record again (a mutant leaving list items out of the aliasing key replayed the
+    recording of [a, a] for [a, b], computing with a twice)."""
+    w = r(4, 4, seed=76)
+    a, b = r(3, 4, seed=77), r(3, 4, seed=78)
+
+    def forward(xs, w=w):
+        return ((xs[0] @ w) * (xs[1] @ w).tanh()).sum()
+
+    step = tg.compile(forward, fuse=False)
+    step([a, a])
+    with pytest.warns(RecompileWarning, match=r"input 0\[1\] is no longer the same tensor as input 0\[0\]"):
+        loss, grads = step([a, b])
+    torch.testing.assert_close(loss, forward([a, b]), **TOL)
+    torch.testing.assert_close(grads[w], _torch_grad(lambda w: forward([a, b], w), w), **TOL)
+
+
+def test_cache_size_bounds_the_versions_kept():
+    """With cache_size=2, a third input signature evicts the oldest version: calling with the first one again
+    records again (a mutant keeping one version more than cache_size replayed it). Every call gives torch's loss
+    and gradient."""
+    w = r(4, 3, seed=79)
+
+    def forward(x, w=w):
+        return torch.tanh(x @ w).sum()
+
+    step = tg.compile(forward, fuse=False, cache_size=2)
+    inputs = [r(n, 4, seed=80 + n) for n in (2, 3, 5, 2)]
+    for call, x in enumerate(inputs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss, grads = step(x)
+        assert step.recordings == call + 1 and len([m for m in caught if m.category is RecompileWarning]) == (
+            call > 0), caught
+        torch.testing.assert_close(loss, forward(x), **TOL)
+        torch.testing.assert_close(grads[w], _torch_grad(lambda w, x=x: forward(x, w), w), **TOL)
+
+
 def test_list_and_tuple_inputs_are_specialised_to_their_items():
     w = r(4, 3, seed=73)
 
@@ -2317,6 +2356,36 @@ _CHANGING_STATE = {
     "a module's counter": "_CountingModule.calls",
     "a module's training mode flipped": "the training mode of model",
 }
+
+class _Swapping:  # double buffering: each call reads one tensor and swaps the two for the next call
+    def __init__(self, w, front, back):
+        self.w, self.front, self.back = w, front, back
+
+    def loss_of(self, x):
+        loss = torch.tanh(x @ self.w + self.front).sum()
+        self.front, self.back = self.back, self.front
+        return loss
+
+
+def test_a_forward_swapping_the_tensors_it_reads_gives_torch_s_loss_at_every_call():
+    """The forward rebinds self.front (read by the loss) to self.back (not read) and back: Python state it
+    reads, changed at every call, so every call runs through the engine. (A mutant counting a rebound tensor as
+    a change only when the loss read both the old and the new one replayed the first recording at every call:
+    every other loss was the other buffer's.)"""
+    w, x = r(4, 4, seed=340), r(3, 4, seed=341)
+    front, back = r(4, seed=342), r(4, seed=343)
+    model, truth = _Swapping(w, front, back), _Swapping(w, front, back)
+    step = tg.compile(model.loss_of, fuse=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecompileWarning)
+        for _ in range(4):
+            loss, grads = step(x)
+            reads = truth.front
+            torch.testing.assert_close(loss, truth.loss_of(x), **TOL)
+            torch.testing.assert_close(grads[w], _torch_grad(lambda w, b=reads: torch.tanh(x @ w + b).sum(), w),
+                                       **TOL)
+            assert model.front is truth.front
+    assert step.fallback is not None and "self.back" in step.fallback
 
 
 @pytest.mark.parametrize("case", list(_CHANGING_STATE))
