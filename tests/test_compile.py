@@ -3049,6 +3049,31 @@ def test_a_branch_on_a_tensor_value_is_checked_at_every_call():
     assert "if bool(gt_1) is not False:" in step.source or "if bool(gt_1) is not True:" in step.source
 
 
+def test_three_branches_on_a_tensor_value_are_all_kept():
+    """A forward reading values into Python keeps more versions per input signature than one that does not
+    (two branches in each mode): three branches taken in turn are recorded once each (a mutant keeping two
+    versions recorded again at every third call, and gave up compiling after four such recordings)."""
+    w = r(3, 3, seed=111)
+
+    def forward(x, w=w):
+        h = x @ w
+        total = h.sum()
+        if total > 1:
+            return (h * 2).sum()
+        if total > -1:
+            return h.tanh().sum()
+        return (h * -3).sum()
+
+    ones = torch.ones(2, 3, dtype=D)
+    unit = ones / (ones @ w).sum()  # (unit @ w).sum() == 1
+    calls = [(unit * s,) for s in (3.0, 0.0, -3.0) * 3]
+    step = tg.compile(forward, fuse=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecompileWarning)
+        _steps_match_torch(step, forward, w, calls)
+    assert step.recordings == 3 and step.fallback is None
+
+
 def _scaled(x, w):
     h = x @ w
     return (h / h.std().item()).pow(2).sum()  # a Python float: a constant of the recorded graph
