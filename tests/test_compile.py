@@ -788,6 +788,45 @@ def test_guard_on_inputs_that_alias_each_other():
         check(step, b, b)
 
 
+def test_guard_on_tensors_inside_a_list_input_that_alias_each_other():
+    """The same tensor twice inside a list input is recorded as one leaf: the program reads it once. A list of two
+    different tensors must record again (a mutant leaving list items out of the aliasing key replayed the
+    recording of [a, a] for [a, b], computing with a twice)."""
+    w = r(4, 4, seed=76)
+    a, b = r(3, 4, seed=77), r(3, 4, seed=78)
+
+    def forward(xs, w=w):
+        return ((xs[0] @ w) * (xs[1] @ w).tanh()).sum()
+
+    step = tg.compile(forward, fuse=False)
+    step([a, a])
+    with pytest.warns(RecompileWarning, match=r"input 0\[1\] is no longer the same tensor as input 0\[0\]"):
+        loss, grads = step([a, b])
+    torch.testing.assert_close(loss, forward([a, b]), **TOL)
+    torch.testing.assert_close(grads[w], _torch_grad(lambda w: forward([a, b], w), w), **TOL)
+
+
+def test_cache_size_bounds_the_versions_kept():
+    """With cache_size=2, a third input signature evicts the oldest version: calling with the first one again
+    records again (a mutant keeping one version more than cache_size replayed it). Every call gives torch's loss
+    and gradient."""
+    w = r(4, 3, seed=79)
+
+    def forward(x, w=w):
+        return torch.tanh(x @ w).sum()
+
+    step = tg.compile(forward, fuse=False, cache_size=2)
+    inputs = [r(n, 4, seed=80 + n) for n in (2, 3, 5, 2)]
+    for call, x in enumerate(inputs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss, grads = step(x)
+        assert step.recordings == call + 1 and len([m for m in caught if m.category is RecompileWarning]) == (
+            call > 0), caught
+        torch.testing.assert_close(loss, forward(x), **TOL)
+        torch.testing.assert_close(grads[w], _torch_grad(lambda w, x=x: forward(x, w), w), **TOL)
+
+
 def test_list_and_tuple_inputs_are_specialised_to_their_items():
     w = r(4, 3, seed=73)
 
@@ -813,6 +852,28 @@ def test_list_and_tuple_inputs_are_specialised_to_their_items():
         tg.compile(lambda batch: (batch["x"] @ w).sum(), fuse=False)({"x": xs[0]})
     with pytest.raises(TypeError, match=r"input 0\[1\] is a dict holding tensors"):
         tg.compile(lambda batch: (batch[1]["x"] @ w).sum(), fuse=False)([xs[0], {"x": xs[0]}])
+
+
+def test_guard_on_a_list_item_read_by_index_when_the_list_shrinks():
+    """A list the forward reads by a constant index only (``scales[1]``) is guarded at that index; once the list
+    is too short, the step does what the forward does, raise IndexError (a mutant taking the short list for
+    unchanged replayed the recording's loss), and with a new item there gives torch's loss and gradient."""
+    w, x = r(4, 4, seed=330), r(3, 4, seed=331)
+    scales = [1.0, 2.0]
+
+    def forward(x, w=w):
+        return torch.tanh(x @ w).sum() * scales[1]
+
+    step = tg.compile(forward, fuse=False)
+    step(x)
+    scales.pop()
+    with pytest.raises(IndexError), pytest.warns(RecompileWarning, match=r"scales\[1\] was deleted"):
+        step(x)
+    scales.append(-3.0)
+    with pytest.warns(RecompileWarning, match=r"scales\[1\] is now -3.0 \(the recording ran with 2.0\)"):
+        loss, grads = step(x)
+    torch.testing.assert_close(loss, forward(x), **TOL)
+    torch.testing.assert_close(grads[w], _torch_grad(lambda w: forward(x, w), w), **TOL)
 
 
 def test_guard_on_python_numbers_the_forward_reads():
@@ -1439,6 +1500,9 @@ def _container_cases():
     cases["dict reordered"] = (lambda x: _through(blocks.values(), x),
                                lambda: blocks.update(a=blocks.pop("a")),
                                "the keys of blocks are in another order (the recording's: ['a', 'b'])", w[:2])
+    acts = {"tanh": w[0]}  # the same item under another key: the forward reads the key
+    cases["dict key renamed"] = (lambda x: sum(getattr(torch, name)(x @ v).sum() for name, v in acts.items()),
+                                 lambda: acts.update(sin=acts.pop("tanh")), "acts['tanh'] was deleted", w[:1])
     net = _Net(w[0], w[1])
     cases["attribute list appended"] = (lambda x: _through(net.layers, x, net.act), lambda: net.layers.append(w[2]),
                                         "net.layers now has 3 items (the recording's had 2)", w)
@@ -2293,6 +2357,36 @@ _CHANGING_STATE = {
     "a module's training mode flipped": "the training mode of model",
 }
 
+class _Swapping:  # double buffering: each call reads one tensor and swaps the two for the next call
+    def __init__(self, w, front, back):
+        self.w, self.front, self.back = w, front, back
+
+    def loss_of(self, x):
+        loss = torch.tanh(x @ self.w + self.front).sum()
+        self.front, self.back = self.back, self.front
+        return loss
+
+
+def test_a_forward_swapping_the_tensors_it_reads_gives_torch_s_loss_at_every_call():
+    """The forward rebinds self.front (read by the loss) to self.back (not read) and back: Python state it
+    reads, changed at every call, so every call runs through the engine. (A mutant counting a rebound tensor as
+    a change only when the loss read both the old and the new one replayed the first recording at every call:
+    every other loss was the other buffer's.)"""
+    w, x = r(4, 4, seed=340), r(3, 4, seed=341)
+    front, back = r(4, seed=342), r(4, seed=343)
+    model, truth = _Swapping(w, front, back), _Swapping(w, front, back)
+    step = tg.compile(model.loss_of, fuse=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecompileWarning)
+        for _ in range(4):
+            loss, grads = step(x)
+            reads = truth.front
+            torch.testing.assert_close(loss, truth.loss_of(x), **TOL)
+            torch.testing.assert_close(grads[w], _torch_grad(lambda w, b=reads: torch.tanh(x @ w + b).sum(), w),
+                                       **TOL)
+            assert model.front is truth.front
+    assert step.fallback is not None and "self.back" in step.fallback
+
 
 @pytest.mark.parametrize("case", list(_CHANGING_STATE))
 def test_a_forward_changing_python_state_it_reads_gives_torch_s_loss_at_every_call(case):
@@ -2953,6 +3047,31 @@ def test_a_branch_on_a_tensor_value_is_checked_at_every_call():
         rf"{forward.__code__.co_firstlineno + 2} \(if h.sum\(\) > 0:\) is now (False|True) \(the recording read "
         rf"(True|False)\)", str(caught[0].message))
     assert "if bool(gt_1) is not False:" in step.source or "if bool(gt_1) is not True:" in step.source
+
+
+def test_three_branches_on_a_tensor_value_are_all_kept():
+    """A forward reading values into Python keeps more versions per input signature than one that does not
+    (two branches in each mode): three branches taken in turn are recorded once each (a mutant keeping two
+    versions recorded again at every third call, and gave up compiling after four such recordings)."""
+    w = r(3, 3, seed=111)
+
+    def forward(x, w=w):
+        h = x @ w
+        total = h.sum()
+        if total > 1:
+            return (h * 2).sum()
+        if total > -1:
+            return h.tanh().sum()
+        return (h * -3).sum()
+
+    ones = torch.ones(2, 3, dtype=D)
+    unit = ones / (ones @ w).sum()  # (unit @ w).sum() == 1
+    calls = [(unit * s,) for s in (3.0, 0.0, -3.0) * 3]
+    step = tg.compile(forward, fuse=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecompileWarning)
+        _steps_match_torch(step, forward, w, calls)
+    assert step.recordings == 3 and step.fallback is None
 
 
 def _scaled(x, w):

@@ -410,6 +410,24 @@ def test_gradients_mapping_by_tensor_name_and_missing():
     assert z.shape == (3,) and set(grads) == {"loss", "y", "x"}
 
 
+def test_a_variable_named_d_and_another_variables_name_is_its_own():
+    """grads["dhprebn"] is hprebn's gradient, the lecture's name for it, only where no variable is named dhprebn:
+    a forward variable named dx (a displacement, say) beside x is looked up as itself (a mutant reading every
+    "d" + name as name's gradient gave x's gradient for dx)."""
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=D)
+    with tg.record() as graph:
+        dx = x.exp()
+        loss = (dx * x).sum()
+    grads = graph.backward(loss)
+    leaf = x.clone().requires_grad_()
+    dx_truth = leaf.exp()
+    dx_truth.retain_grad()
+    (dx_truth * leaf).sum().backward()
+    torch.testing.assert_close(grads["dx"], dx_truth.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads["x"], leaf.grad, rtol=1e-12, atol=1e-12)
+    assert torch.equal(grads["dx"], grads[dx]) and not torch.equal(grads["dx"], grads[x])
+
+
 def test_reprs_show_micrograds_values_and_the_constants_made_in_the_block():
     """``print(grads)`` named no tensor and no value; ``print(graph)`` said "0 leaves" for micrograd's leaves
     made inside the block (they are constants), and nothing about them."""
@@ -522,6 +540,21 @@ def test_op_without_rule_names_op_and_line():
         loss = y.sum()
     with pytest.raises(NotImplementedError, match=r"bessel_j0.*test_engine\.py:\d+"):
         graph.backward(loss)
+
+
+def test_an_op_without_rule_on_integers_only_passes_no_gradient_and_no_error():
+    """An op without a rule whose inputs are all integers has nothing to differentiate: the walk skips it, as
+    torch autograd does (its output never requires grad). A mutant raising 'no gradient rule' there survived."""
+    k = torch.arange(4)
+    w = torch.tensor([0.3, -0.7, 1.1, 0.2], dtype=D)
+    with tg.record() as graph:
+        basis = torch.special.bessel_j0(k).double()  # no rule for bessel_j0; float32 values of integer points
+        loss = (basis * w).exp().sum()
+    grads = graph.backward(loss)
+    leaf = w.clone().requires_grad_()
+    (torch.special.bessel_j0(k).double() * leaf).exp().sum().backward()
+    torch.testing.assert_close(grads[w], leaf.grad, rtol=1e-12, atol=1e-12)
+    assert k not in grads
 
 
 def test_backward_twice_gives_same_gradients():

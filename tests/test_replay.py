@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from helpers import _weights_for, assert_same_gradients, assert_same_graph, off_the_common_path, walk
 from op_cases import CASES
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, handle_torch_function, has_torch_function_unary
 
 import tensorgraph as tg
 from tensorgraph import replay
@@ -424,6 +424,68 @@ def test_keyword_arguments_and_scopes_are_part_of_the_structure():
         a, _ = scoped("a")
     b, _ = scoped("b")
     assert a._replay is not b._replay and b.node(2)["scope"] == "b"
+
+
+def _scaled_by(x, **options):
+    """A user function that torch function modes see (through handle_torch_function, as torch's own functions),
+    taking any keyword: a keyword's name need not be an identifier."""
+    if has_torch_function_unary(x):
+        return handle_torch_function(_scaled_by, (x,), x, **options)
+    return x * options["by-factor"]
+
+
+def _keyword_step(x, w):
+    with tg.record() as graph:
+        h = _scaled_by(x, **{"by-factor": 3})  # no gradient rule: its output is only read detached
+        loss = (h.detach() * w).exp().sum()
+    return graph, loss
+
+
+def test_a_keyword_that_is_no_identifier_is_left_to_the_generic_match():
+    """A generated matcher names each keyword argument in its source (KWARG_<name>); a call with a keyword that is
+    no identifier ("by-factor") gets none and is matched by the generic match. (A mutant generating it anyway
+    raised a SyntaxError out of the with block once the structure had matched twice.)"""
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(3, generator=g, dtype=D), torch.randn(3, generator=g, dtype=D)
+    fresh()
+    for _ in range(3 + replay.GENERATE_AFTER):
+        graph, loss = _keyword_step(x, w)
+    template = graph._replay
+    assert template is not None and template.matched > replay.GENERATE_AFTER
+    assert template.matchers[0] is None and any(template.matchers[1:])
+    reference, _ = _reference(_keyword_step, x, w)
+    assert_same_graph(graph, reference)
+    (expected,) = _torch_gradients(lambda leaf: ((x * 3) * leaf).exp().sum(), w)
+    torch.testing.assert_close(graph.backward(loss)[w], expected, rtol=1e-12, atol=1e-12)
+
+
+def _column(x, w, index):
+    with tg.record() as graph:
+        h = (x * w)[:, [index]]  # a tensor inside a list inside the index: kept as it is in the arguments, no node
+        loss = h.exp().sum()
+    return graph, loss
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_a_stray_tensor_in_the_arguments_is_this_steps(reuse):
+    """A tensor the recorder keeps as it is (not a Ref: nested in a list in a tuple) cannot be compared with the
+    template's: matching stops at its call, whose node holds this step's index, a new tensor or the same one
+    changed in place, of the same output shape. Graphs as the full path's, gradients as torch autograd's."""
+    g = torch.Generator().manual_seed(12)
+    x, w = torch.randn(3, 4, generator=g, dtype=D), torch.randn(4, generator=g, dtype=D)
+    index = torch.tensor(0)
+    fresh()
+    for step in range(3 + replay.GENERATE_AFTER):
+        if reuse:
+            index.fill_(step % 4)
+        else:
+            index = torch.tensor(step % 4)
+        graph, loss = _column(x, w, index)
+        assert_same_graph(graph, _reference(_column, x, w, index)[0])
+        (expected,) = _torch_gradients(lambda leaf, i=index: (x * leaf)[:, [i]].exp().sum(), w)
+        torch.testing.assert_close(graph.backward(loss)[w], expected, rtol=1e-12, atol=1e-12)
+        assert expected[step % 4] != 0 and expected.count_nonzero() == 1
+    assert graph._replay is not None and graph._replay.events  # the template replays the calls before it
 
 
 def _product(a, b):
