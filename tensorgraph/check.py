@@ -353,6 +353,9 @@ _SWAP_CANDIDATES = 50
 # tensors computed through at most this many unnamed ops from a named one; at most _SWAP_TRIES swaps per branch
 _SWAP_DEPTH = 3
 _SWAP_TRIES = 300
+# and at most this many in one check: each runs a rule (a big graph's matmuls), and a check of a big graph whose
+# every row is wrong spent minutes on them; the rows are judged in backward order, so the first errors get them
+_SWAP_BUDGET = 2000
 
 # a slipped formula: (the row's kind, the message, its value)
 _Slip = tuple[str, str, Tensor]
@@ -383,6 +386,7 @@ class _Checker:
         self.n_label = _batch_size(graph)
         self._code: dict[bool, Any] = {}  # textbook or not -> the generated backward (False: it failed)
         self._stand_in_index: dict[tuple[tuple, Any], list[int]] | None = None  # see _swap_index
+        self._swaps_left = _SWAP_BUDGET
 
     def run(self) -> CheckReport:
         judged = {n for n in self.truth if n != self.root and (self.nodes[n]["named"] or n in self.given)}
@@ -1303,6 +1307,8 @@ class _Checker:
                 total = swapped if rest is None else rest + swapped
                 if not self._close(total, ref, node) and self._close(mine, total, node):
                     hits[(consumer, old, new)] = None
+                    if len(hits) > 1:
+                        return None  # two swaps fit: neither is named
         if len(hits) != 1:
             return None
         (consumer, old, new), = hits
@@ -1334,6 +1340,9 @@ class _Checker:
             if other <= node or other == named or tuple(value.shape) != tuple(upstream.shape) or \
                     not value.is_floating_point():
                 continue
+            if self._swaps_left <= 0:
+                return
+            self._swaps_left -= 1
             swapped = self._contribution(consumer, node, value.to(dtype=upstream.dtype, device=upstream.device))
             if swapped is not None:
                 yield "d" + identifier(self.nodes[named]["name"]), "d" + identifier(self.nodes[other]["name"]), swapped
@@ -1352,8 +1361,9 @@ class _Checker:
                 continue
             for position, old, new, value in self._stand_in_reads(op):
                 tries += 1
-                if tries > _SWAP_TRIES:
+                if tries > _SWAP_TRIES or self._swaps_left <= 0:
                     return
+                self._swaps_left -= 1
                 swapped = self._down(chain[:level + 1], node, above, _swapped_rule(base, position, value))
                 if swapped is not None:
                     yield identifier(self.nodes[old]["name"]), identifier(self.nodes[new]["name"]), swapped

@@ -1403,6 +1403,37 @@ def test_a_deeper_swap_that_two_tensors_fit_is_not_named():
             assert row.message.startswith("equals the right formula with bnvar_inv where bnvar belongs"), row
 
 
+def test_the_swap_search_of_a_check_is_bounded(monkeypatch):
+    """A GPT-sized graph whose every given gradient was wrong spent minutes in the swap search (up to 300 rule runs
+    per row, each a matmul or a layer norm's backward): one check runs at most _SWAP_BUDGET of them, the first
+    rows in backward order first; a row past the budget gets the plain message."""
+    import tensorgraph.check as check_module
+
+    torch.manual_seed(0)
+    weights = [torch.randn(12, 12, dtype=torch.float64) / 3 for _ in range(12)]
+    x = torch.randn(16, 12, dtype=torch.float64)
+    with tg.record() as graph:
+        h = x
+        for w in weights:
+            h = torch.tanh(h @ w)
+        loss = (h**2).mean()
+    grads = graph.backward(loss)
+    noise = torch.Generator().manual_seed(1)
+    given = {f"d{name}": grads[name] + 0.1 * torch.randn(grads[name].shape, generator=noise, dtype=torch.float64)
+             for name in graph.names if name != "loss" and name in grads}
+    runs = []
+    swapped_rule = check_module._swapped_rule
+    monkeypatch.setattr(check_module, "_swapped_rule", lambda *a: runs.append(1) or swapped_rule(*a))
+    monkeypatch.setattr(check_module, "_SWAP_BUDGET", 10**6)
+    report = graph.check(given, loss)
+    unbounded = len(runs)
+    assert all(row.kind == "wrong" for row in report.rows if row.name != "loss"), str(report)
+    monkeypatch.setattr(check_module, "_SWAP_BUDGET", 200)
+    runs.clear()
+    graph.check(given, loss)
+    assert unbounded > 1000 and 0 < len(runs) <= 200, (unbounded, len(runs))
+
+
 def test_a_scaled_gradient_stays_scaled_not_a_swap(lecture, truth64):
     row = _slipped_row(lecture, truth64, "hpreact", lambda v, g: 2 * (1.0 - v.h**2) * g["dh"])
     assert row.kind == "scaled" and row.message == "scaled by 2", row
