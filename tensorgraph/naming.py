@@ -409,20 +409,26 @@ def _stored_attribute(obj: Any, attribute: str) -> Any:
 
 
 def statement_values(graph: Graph, frames: list[types.FrameType], start: int = 0,
-                     callers: dict[int, tuple[types.FrameType, int] | None] | None = None) -> None:
+                     callers: dict[int, tuple[types.FrameType, int] | None] | None = None,
+                     held: set[tuple[int, str, int]] | None = None) -> None:
     """Mark the nodes from ``start`` on that an assignment to a plain variable or to an attribute of one stored
     (``x = ...``, ``x += ...``, ``self.out = ...``): ``data["assigned"] = (call, target)``, the call (index in
     ``frames``) whose variable it is and ``"x"`` or ``"self.out"``.
 
     A node's source holds the instruction of the user's frame that made the call and which execution of it
-    it was (:meth:`tensorgraph.record._Recorder._source`): the node is the statement's value when the next
+    it was (:meth:`tensorgraph.record._Recorder._source`): the node is the statement's candidate when the next
     instruction stores into a plain variable (or loads one and stores into its attribute), and it is the last
     call that execution made (``nn.Sequential`` makes several; a loop's ``x = layer(x)`` one per execution).
     When the next instruction returns it instead (``return torch.tanh(x @ W)``), the value is followed to the
     caller's instruction that made the call (``callers``: id(user frame) -> the user frame that called it and
-    its instruction then), up through the callers that return it too: ``x = block(x)`` marks the callee's last
-    value as the caller's ``x``. Tuple targets, items and chained assignments store differently and are not
-    marked.
+    its instruction then), up through the callers that return it too: ``x = block(x)`` makes the callee's last
+    value a candidate for the caller's ``x``. Tuple targets, items and chained assignments store differently and
+    are not marked.
+
+    A candidate is marked only where the target was seen holding it (``held``: (id(frame), target, node) that
+    :class:`StoredValues` saw while recording; the node or a later in-place version of it): a builtin between
+    the statement and the call (``best = max(xs, key=score)``, ``sorted``, ``map``) calls ``score`` and compares
+    its results but stores something else. Without ``held``, every candidate is marked.
     """
     nodes = graph._nodes
     last_of: dict[int, int] = {}  # execution -> its last node
@@ -434,36 +440,115 @@ def statement_values(graph: Graph, frames: list[types.FrameType], start: int = 0
         return
     calls = {id(frame): index for index, frame in enumerate(frames)}
     tables = {id(frame): _stores(frame.f_code) for frame in frames}
+    successor: dict[int, int] | None = None
     for node in last_of.values():
         data = nodes[node]
-        if data["output_index"] is None:
-            source = data["source"]
-            table = tables.get(source[3])
-            target = table.get(source[4]) if table is not None else None
-            if target == _RETURN:
-                assigned = _returned_to(source[3], calls, callers or {})
-                if assigned is not None:
-                    data["assigned"] = assigned
-            elif target is not None:
-                data["assigned"] = (calls[source[3]], target)
+        if data["output_index"] is not None:
+            continue
+        source = data["source"]
+        table = tables.get(source[3])
+        target = table.get(source[4]) if table is not None else None
+        if target == _RETURN:
+            frame, target = _returned_to(source[3], callers or {})
+        else:
+            frame = source[3]
+        call = calls.get(frame)
+        if target is None or call is None:
+            continue
+        if held is not None:
+            if successor is None:
+                successor = _successors(nodes)
+            if not _seen_holding(held, successor, frame, target, node):
+                continue
+        data["assigned"] = (call, target)
 
 
-def _returned_to(frame: int, calls: dict[int, int], callers: dict[int, tuple[types.FrameType, int] | None]
-                 ) -> tuple[int, str] | None:
-    """(call, variable) that a value returned by the user frame ``frame`` is stored in by its callers, if any."""
+def _seen_holding(held: set[tuple[int, str, int]], successor: dict[int, int], frame: int, target: str,
+                  node: int) -> bool:
+    """Whether the variable ``target`` of the frame ``frame`` was seen holding ``node``'s tensor (then, or after
+    an in-place change of it)."""
+    current: int | None = node
+    while current is not None:
+        if (frame, target, current) in held:
+            return True
+        current = successor.get(current)
+    return False
+
+
+def _returned_to(frame: int, callers: dict[int, tuple[types.FrameType, int] | None]) -> tuple[int, str | None]:
+    """(id of the user frame, its target) that a value returned by the user frame ``frame`` is stored in by its
+    callers; the target is None if none stores it."""
     for _ in range(_MAX_RETURNS):
         link = callers.get(frame)  # to the caller's instruction that called this frame
         if link is None:
-            return None
+            return frame, None
         caller, instruction = link
         frame = id(caller)
         target = _stores(caller.f_code).get(instruction)
-        if target is None:
-            return None
         if target != _RETURN:
-            call = calls.get(frame)
-            return (call, target) if call is not None else None
-    return None
+            return frame, target
+    return frame, None
+
+
+class StoredValues:
+    """What the user's statements were seen storing, while recording (the full path only: a replay copies the
+    marks of its template).
+
+    A statement whose instruction makes a recorded call (a torch op, or a call of a function of the user's that
+    runs ops) and stores the result (``x = ...``, ``self.out = ...``) is watched: the next time its frame makes
+    another such call (the statement is over, or still running: a builtin calling the user's ``key=`` function
+    again), and at the end of the block, the tensor its target holds is noted. :func:`statement_values` names a
+    value after a statement's target only if the target was seen holding it.
+    """
+
+    def __init__(self) -> None:
+        self.watched: dict[int, tuple[types.FrameType, set[str]]] = {}  # id(frame) -> (frame, targets to read)
+        self.held: set[tuple[int, str, int]] = set()  # (id(frame), target, node of the tensor it held)
+        self.failed = False  # a read failed: nothing is known to be stored
+
+    def moved(self, graph: Graph, frame: types.FrameType, instruction: int) -> None:
+        """``frame`` is at ``instruction``, making a recorded call: read its watched targets, watch this one's.
+
+        A target the new instruction stores too stays watched (its statement may still be running)."""
+        target = _stores(frame.f_code).get(instruction)
+        if target == _RETURN:
+            target = None
+        entry = self.watched.get(id(frame))
+        if entry is not None:
+            self._read(graph, frame, entry[1], keep=target)
+            if target is not None:
+                entry[1].add(target)
+        elif target is not None:
+            self.watched[id(frame)] = (frame, {target})
+
+    def finish(self, graph: Graph) -> set[tuple[int, str, int]]:
+        """At the end of the block: read every target still watched (a returned frame keeps its final locals);
+        returns :attr:`held` (empty after a failed read)."""
+        if self.failed:
+            return set()
+        for frame, targets in self.watched.values():
+            self._read(graph, frame, targets, keep=None)
+        self.watched.clear()
+        return self.held
+
+    def clear(self) -> None:
+        self.watched.clear()
+        self.held.clear()
+        self.failed = False
+
+    def _read(self, graph: Graph, frame: types.FrameType, targets: set[str], keep: str | None) -> None:
+        variables = frame.f_locals
+        live = graph._live
+        for target in list(targets):
+            name, _, attribute = target.partition(".")
+            value = variables[name] if name in variables else frame.f_globals.get(name)
+            if attribute:
+                value = _stored_attribute(value, attribute)
+            found = live.get(id(value))
+            if found is not None:
+                self.held.add((id(frame), target, found[0]))
+            if target != keep:
+                targets.discard(target)
 
 
 _MAX_RETURNS = 32  # callers a returned value is followed up through
