@@ -357,18 +357,23 @@ def _rebound_values(graph: Graph, named: dict[int, str], frames: list[types.Fram
     """The earlier values of rebound variables, still without a name: by the named node that is the variable's
     last value (its name is theirs, versioned), and (variable, values) for those whose last value has no name."""
     nodes = graph._nodes
-    groups: dict[tuple[int, str], list[int]] = {}
+    groups: dict[tuple, tuple[types.FrameType | None, str, list[int]]] = {}
     for node, data in enumerate(nodes):
         assigned = data.get("assigned")
-        if assigned is not None and not any(part.startswith("_") for part in assigned[1].split(".")):
-            groups.setdefault(assigned, []).append(node)
+        if assigned is None or any(part.startswith("_") for part in assigned[1].split(".")):
+            continue
+        frame = _storing_frame(frames, assigned)
+        if frame is None and len(assigned) > 2:
+            continue  # (a caller that ran no op, not the template's here)
+        key = (id(frame), assigned[1]) if frame is not None else assigned
+        groups.setdefault(key, (frame, assigned[1], []))[2].append(node)
     earlier: dict[int, list[int]] = {}
     unresolved = []
     successor: dict[int, int] | None = None
-    for (call, variable), values in groups.items():
+    for frame, variable, values in groups.values():
         if all(value in named for value in values):
             continue
-        last = _last_value(graph, frames, call, variable)  # the value it holds at the end of the block
+        last = _last_value(graph, frame, variable)  # the value it holds at the end of the block
         if last is None or last not in named:
             last = values[-1]
             if successor is None:
@@ -382,12 +387,26 @@ def _rebound_values(graph: Graph, named: dict[int, str], frames: list[types.Fram
     return earlier, unresolved
 
 
-def _last_value(graph: Graph, frames: list[types.FrameType] | None, call: int, variable: str) -> int | None:
-    """The node of the value ``variable`` (``x``, or an attribute ``self.out``) holds at the end of the block in
-    the call ``call``, if any."""
-    if frames is None or call >= len(frames):
+def _storing_frame(frames: list[types.FrameType] | None, assigned: tuple) -> types.FrameType | None:
+    """The frame whose variable a mark of :func:`statement_values` is: ``(call, target)``, the call's frame;
+    ``(call, target, steps, code)`` (a caller that ran no op), the frame ``steps`` frames up from the call's
+    if it runs ``code``."""
+    if frames is None or assigned[0] >= len(frames):
         return None
-    frame = frames[call]
+    frame: types.FrameType | None = frames[assigned[0]]
+    if len(assigned) > 2:
+        for _ in range(assigned[2]):
+            frame = frame.f_back if frame is not None else None
+        if frame is None or frame.f_code is not assigned[3]:
+            return None
+    return frame
+
+
+def _last_value(graph: Graph, frame: types.FrameType | None, variable: str) -> int | None:
+    """The node of the value ``variable`` (``x``, or an attribute ``self.out``) of ``frame`` holds at the end of
+    the block, if any."""
+    if frame is None:
+        return None
     name, _, attribute = variable.partition(".")
     value = frame.f_locals.get(name, frame.f_globals.get(name))
     if attribute:
@@ -410,10 +429,13 @@ def _stored_attribute(obj: Any, attribute: str) -> Any:
 
 def statement_values(graph: Graph, frames: list[types.FrameType], start: int = 0,
                      callers: dict[int, tuple[types.FrameType, int] | None] | None = None,
-                     held: set[tuple[int, str, int]] | None = None) -> None:
+                     held: set[tuple[int, str, int]] | None = None, ran: int | None = None) -> None:
     """Mark the nodes from ``start`` on that an assignment to a plain variable or to an attribute of one stored
     (``x = ...``, ``x += ...``, ``self.out = ...``): ``data["assigned"] = (call, target)``, the call (index in
-    ``frames``) whose variable it is and ``"x"`` or ``"self.out"``.
+    ``frames``, whose first ``ran`` ran ops; all by default) whose variable it is and ``"x"`` or ``"self.out"``;
+    or ``(call, target, steps, code)`` where the variable is of a caller that ran no op (``h = block(x)``, then
+    ``return h``): the frame ``steps`` frames up from the call's, running ``code`` (a replay of the recording,
+    whose template checked the calls that ran ops only, finds it the same way, if it is there).
 
     A node's source holds the instruction of the user's frame that made the call and which execution of it
     it was (:meth:`tensorgraph.record._Recorder._source`): the node is the statement's candidate when the next
@@ -438,8 +460,10 @@ def statement_values(graph: Graph, frames: list[types.FrameType], start: int = 0
             last_of[source[5]] = node
     if not last_of:
         return
-    calls = {id(frame): index for index, frame in enumerate(frames)}
-    tables = {id(frame): _stores(frame.f_code) for frame in frames}
+    if ran is None:
+        ran = len(frames)
+    calls = {id(frame): index for index, frame in enumerate(frames[:ran])}
+    tables = {id(frame): _stores(frame.f_code) for frame in frames[:ran]}
     successor: dict[int, int] | None = None
     for node in last_of.values():
         data = nodes[node]
@@ -448,19 +472,39 @@ def statement_values(graph: Graph, frames: list[types.FrameType], start: int = 0
         source = data["source"]
         table = tables.get(source[3])
         target = table.get(source[4]) if table is not None else None
+        storer: types.FrameType | None = None
         if target == _RETURN:
-            frame, target = _returned_to(source[3], callers or {})
+            storer, target = _returned_to(source[3], callers or {})
+            frame = id(storer)
         else:
             frame = source[3]
-        call = calls.get(frame)
-        if target is None or call is None:
+        if target is None:
             continue
         if held is not None:
             if successor is None:
                 successor = _successors(nodes)
             if not _seen_holding(held, successor, frame, target, node):
                 continue
-        data["assigned"] = (call, target)
+        call = calls.get(frame)
+        if call is not None:
+            data["assigned"] = (call, target)
+        elif storer is not None and source[3] in calls:  # a caller that ran no op: found from the call's frame
+            steps = _steps_up(frames[calls[source[3]]], storer)
+            if steps is not None:
+                data["assigned"] = (calls[source[3]], target, steps, storer.f_code)
+
+
+def _steps_up(frame: types.FrameType, caller: types.FrameType) -> int | None:
+    """How many frames up from ``frame`` ``caller`` is (None: not within reach)."""
+    current: types.FrameType | None = frame
+    for steps in range(_MAX_STEPS_UP):
+        if current is caller:
+            return steps
+        current = current.f_back if current is not None else None
+    return None
+
+
+_MAX_STEPS_UP = 400
 
 
 def _seen_holding(held: set[tuple[int, str, int]], successor: dict[int, int], frame: int, target: str,
@@ -475,19 +519,20 @@ def _seen_holding(held: set[tuple[int, str, int]], successor: dict[int, int], fr
     return False
 
 
-def _returned_to(frame: int, callers: dict[int, tuple[types.FrameType, int] | None]) -> tuple[int, str | None]:
-    """(id of the user frame, its target) that a value returned by the user frame ``frame`` is stored in by its
-    callers; the target is None if none stores it."""
+def _returned_to(frame: int, callers: dict[int, tuple[types.FrameType, int] | None]
+                 ) -> tuple[types.FrameType | None, str | None]:
+    """(the user frame, its target) that a value returned by the user frame ``frame`` (its id) is stored in by
+    its callers; the target is None if none stores it."""
     for _ in range(_MAX_RETURNS):
         link = callers.get(frame)  # to the caller's instruction that called this frame
         if link is None:
-            return frame, None
+            return None, None
         caller, instruction = link
         frame = id(caller)
         target = _stores(caller.f_code).get(instruction)
         if target != _RETURN:
-            return frame, target
-    return frame, None
+            return caller, target
+    return None, None
 
 
 class StoredValues:

@@ -1319,9 +1319,11 @@ def _qualname(code: types.CodeType) -> str:
     return getattr(code, "co_qualname", code.co_name)
 
 
-def _call_tree(frames: list[types.FrameType], caller: types.FrameType) -> list[tuple[str, int | None]]:
+def _call_tree(frames: list[types.FrameType], caller: types.FrameType
+               ) -> tuple[list[tuple[str, int | None]], list[types.FrameType]]:
     """Each call of the block (a node's ``call`` indexes ``frames``): its function, and the call it was made
-    from, so that render nests ``Head`` inside ``MultiHeadAttention`` inside ``Block``.
+    from, so that render nests ``Head`` inside ``MultiHeadAttention`` inside ``Block``; and the calls' frames,
+    ``frames`` followed by those that ran no op themselves.
 
     The parent is the nearest user frame up the stack; one that ran no op itself is appended as a call of its
     own. Calls made by the block's own code have no parent (nor does the block's own frame).
@@ -1341,7 +1343,7 @@ def _call_tree(frames: list[types.FrameType], caller: types.FrameType) -> list[t
             steps += 1
         up = index.get(id(parent)) if parent is not None and parent is not caller else None
         calls.append((_qualname(frame.f_code), up))
-    return calls
+    return calls, order
 
 
 _MAX_CALL_DEPTH = 200  # frames walked up from a call to find its caller (a generator's may lead elsewhere)
@@ -1507,13 +1509,17 @@ class record:
             if self._mode.custom_outputs or self._mode.self_views:
                 self._mode._add_custom_outputs()
             caller = sys._getframe(1)
-            frames = list(self._mode.frames.values())
+            ran = len(self._mode.frames)
+            # naming reads the variables of the calls that ran no op themselves too (``h = block(x)``, then
+            # ``return h``), after the others' (a node's "call" is its frame's place among those that ran ops)
+            self.graph._calls, frames = _call_tree(list(self._mode.frames.values()), caller)
             session, self._mode.replay = self._mode.replay, None
             names = self.graph._user_names
             if session is None or exc_type is not None or not session.finish(caller, frames, names=names,
                                                                              check_leaves=self.check_leaves):
                 found = self.graph._finish(caller, frames, start=session.count if session is not None else 0,
-                                           names=names, callers=self._mode.callers, stored=self._mode.stored)
+                                           names=names, callers=self._mode.callers, stored=self._mode.stored,
+                                           ran=ran)
                 # leaves can change without a version bump (p.data -= ...): backward compares these first;
                 # anomaly mode stamps every node, so that intermediates changed through .data are caught too
                 every = self.graph.anomaly
@@ -1522,7 +1528,6 @@ class record:
                 self.graph._fingerprints = stamps if self.check_leaves else NO_STAMPS
                 if session is not None and exc_type is None:
                     session.remember(found, stamps.layout())  # (a template serves either setting)
-        self.graph._calls = _call_tree(frames, caller)
         self._mode.frames.clear()
         self._mode.frame_order.clear()
         self._mode.executions.clear()
