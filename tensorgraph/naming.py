@@ -4,8 +4,9 @@ At the end of a ``record()`` block the recorder looks, in this order, at: the bl
 own local variables, its module's globals, attributes and items of the objects they
 hold, at most :data:`WALK_DEPTH` steps deep (``layers[0].out``, ``model.fc1.weight``; the
 user's objects, not tensorgraph's own graphs and gradients, which hold earlier steps, nor a
-library's objects), the locals of every function that ran ops inside the block (their
-frames keep their final locals), and last a notebook's output cache (IPython's ``Out``).
+library's objects), the locals of every function that ran ops inside the block, then of
+their callers that ran none (their frames keep their final locals), and last a notebook's
+output cache (IPython's ``Out``).
 A tensor gets the first name found for it; other nodes get op-based names (``sum_3``).
 Earlier versions of a tensor updated in place are named ``x_v0``, ``x_v1`` ... before the
 final ``x``, and so are the earlier values of a variable rebound by plain assignments
@@ -13,7 +14,9 @@ final ``x``, and so are the earlier values of a variable rebound by plain assign
 ``wei_v1``, ``wei``), numbered together with its in-place versions in the order they were made.
 So are those of an attribute of a variable (``self.out = x @ W``; ``self.out = self.out + b``: ``layers[0].out_v0``,
 after the name its last value has), and a value a function of the user's returns into the caller's variable
-(``x = block(x)`` where ``block`` returns ``torch.tanh(x @ W)``) is that variable's.
+(``x = block(x)`` where ``block`` returns ``torch.tanh(x @ W)``) is that variable's, whether or not the caller
+ran ops itself. A statement names a value only if its variable was seen holding it (:class:`StoredValues`):
+``best = max(xs, key=score)`` names none of ``score``'s results.
 """
 
 from __future__ import annotations
