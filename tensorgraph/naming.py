@@ -476,11 +476,10 @@ def statement_values(graph: Graph, frames: list[types.FrameType], start: int = 0
         table = tables.get(source[3])
         target = table.get(source[4]) if table is not None else None
         storer: types.FrameType | None = None
+        frame = source[3]
         if target == _RETURN:
-            storer, target = _returned_to(source[3], callers or {})
+            storer, target = _returned_to(frame, callers or {})
             frame = id(storer)
-        else:
-            frame = source[3]
         if target is None:
             continue
         if held is not None:
@@ -500,14 +499,16 @@ def statement_values(graph: Graph, frames: list[types.FrameType], start: int = 0
 def _steps_up(frame: types.FrameType, caller: types.FrameType) -> int | None:
     """How many frames up from ``frame`` ``caller`` is (None: not within reach)."""
     current: types.FrameType | None = frame
-    for steps in range(_MAX_STEPS_UP):
+    steps = 0
+    while current is not None and steps <= _MAX_STEPS_UP:
         if current is caller:
             return steps
-        current = current.f_back if current is not None else None
+        current = current.f_back
+        steps += 1
     return None
 
 
-_MAX_STEPS_UP = 400
+_MAX_STEPS_UP = 400  # (a call's callers lie within record's _MAX_CALL_DEPTH steps of torch's frames each)
 
 
 def _seen_holding(held: set[tuple[int, str, int]], successor: dict[int, int], frame: int, target: str,

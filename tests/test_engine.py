@@ -1760,6 +1760,39 @@ def test_a_builtin_calling_the_users_function_names_only_what_the_statement_stor
     torch.testing.assert_close(grads[W], leaf.grad, rtol=1e-12, atol=1e-12)
 
 
+class _QuietGate(_Gate):
+    """A ``_Gate`` whose input names nothing (a ``_`` parameter): the caller's statement names its result."""
+
+    def forward(self, _z):
+        return torch.sigmoid(_z @ self.W)
+
+
+def test_a_sequential_of_the_users_modules_names_its_last_result_only():
+    """``h = seq(x)`` over two modules of the user's that return ``torch.sigmoid(z @ W)``: each forward's result
+    is returned to torch's Sequential, which stores the first and returns the second; only the second is the
+    statement's (``h_v0``), the first was ``h_v0`` too (and the second ``h_v1``). Values and gradients: torch's."""
+    torch.manual_seed(8)
+    seq = torch.nn.Sequential(_QuietGate(4), _QuietGate(4))
+    data = torch.randn(3, 4, dtype=D)
+    with tg.record() as graph:
+        h = seq(data)
+        h = h * 2
+        loss = h.sum()
+    assert [name for name in graph.names if name.startswith("h")] == ["h_v0", "h"], graph.names
+    first, second = [node for node, data in enumerate(graph._nodes) if data["op"] == "sigmoid"]
+    assert second == graph.node_id("h_v0") and not graph._nodes[first]["named"], graph.names
+    grads = graph.backward(loss)
+    leaf = data.clone().requires_grad_()
+    reference = _retained([seq[0](leaf)])
+    reference.append(seq[1](reference[0]))
+    reference[-1].retain_grad()
+    (reference[-1] * 2).sum().backward()
+    torch.testing.assert_close(graph._nodes[first]["value"], reference[0].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(graph.node("h_v0")["value"], reference[1].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(grads["h_v0"], reference[1].grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[graph._nodes[first]["name"]], reference[0].grad, rtol=1e-12, atol=1e-12)
+
+
 def _tanh_layer(_z):
     return torch.tanh(_z @ _LAYER_W)  # (a parameter with a _ name names nothing: the caller's variables do)
 
