@@ -29,6 +29,7 @@ import site
 import sys
 import sysconfig
 import types
+from collections.abc import Iterable
 from itertools import chain, compress
 from typing import TYPE_CHECKING, Any
 
@@ -544,39 +545,40 @@ class StoredValues:
     marks of its template).
 
     A statement whose instruction makes a recorded call (a torch op, or a call of a function of the user's that
-    runs ops) and stores the result (``x = ...``, ``self.out = ...``) is watched: the next time its frame makes
-    another such call (the statement is over, or still running: a builtin calling the user's ``key=`` function
-    again), and at the end of the block, the tensor its target holds is noted. :func:`statement_values` names a
-    value after a statement's target only if the target was seen holding it.
+    runs ops) and stores the result (``x = ...``, ``self.out = ...``) is watched: the tensor its target holds is
+    noted when its frame is at such a statement storing into the same target again (the statement is over; or
+    still running: a builtin calling the user's ``key=`` function again), and at the end of the block.
+    :func:`statement_values` names a value after a statement's target only if the target was seen holding it.
     """
 
     def __init__(self) -> None:
-        self.watched: dict[int, tuple[types.FrameType, set[str]]] = {}  # id(frame) -> (frame, targets to read)
+        self.watched: dict[int, tuple[types.FrameType, set[str]]] = {}  # id(frame) -> (frame, its targets)
         self.held: set[tuple[int, str, int]] = set()  # (id(frame), target, node of the tensor it held)
         self.failed = False  # a read failed: nothing is known to be stored
 
     def moved(self, graph: Graph, frame: types.FrameType, instruction: int) -> None:
-        """``frame`` is at ``instruction``, making a recorded call: read its watched targets, watch this one's.
-
-        A target the new instruction stores too stays watched (its statement may still be running)."""
+        """``frame`` is at ``instruction``, making a recorded call: watch its target; if it was watched already,
+        note what it holds before the statement stores into it."""
+        # NOTE: this runs once per statement of a first recording: a frame's locals (a copy of all of them, in
+        # 3.11) are read only where a target is stored again
         target = _stores(frame.f_code).get(instruction)
-        if target == _RETURN:
-            target = None
+        if target is None or target == _RETURN:
+            return
         entry = self.watched.get(id(frame))
-        if entry is not None:
-            self._read(graph, frame, entry[1], keep=target)
-            if target is not None:
-                entry[1].add(target)
-        elif target is not None:
+        if entry is None:
             self.watched[id(frame)] = (frame, {target})
+        elif target in entry[1]:
+            self._read(graph, frame, (target,))
+        else:
+            entry[1].add(target)
 
     def finish(self, graph: Graph) -> set[tuple[int, str, int]]:
-        """At the end of the block: read every target still watched (a returned frame keeps its final locals);
-        returns :attr:`held` (empty after a failed read)."""
+        """At the end of the block: read every target watched (a returned frame keeps its final locals); returns
+        :attr:`held` (empty after a failed read)."""
         if self.failed:
             return set()
         for frame, targets in self.watched.values():
-            self._read(graph, frame, targets, keep=None)
+            self._read(graph, frame, targets)
         self.watched.clear()
         return self.held
 
@@ -585,10 +587,10 @@ class StoredValues:
         self.held.clear()
         self.failed = False
 
-    def _read(self, graph: Graph, frame: types.FrameType, targets: set[str], keep: str | None) -> None:
+    def _read(self, graph: Graph, frame: types.FrameType, targets: Iterable[str]) -> None:
         variables = frame.f_locals
         live = graph._live
-        for target in list(targets):
+        for target in targets:
             name, _, attribute = target.partition(".")
             value = variables[name] if name in variables else frame.f_globals.get(name)
             if attribute:
@@ -596,8 +598,6 @@ class StoredValues:
             found = live.get(id(value))
             if found is not None:
                 self.held.add((id(frame), target, found[0]))
-            if target != keep:
-                targets.discard(target)
 
 
 _MAX_RETURNS = 32  # callers a returned value is followed up through
