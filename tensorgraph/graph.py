@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .check import CheckReport
     from .compare import CompareReport
     from .engine import Gradients
+    from .naming import StoredValues
 
 _GRAPHS: weakref.WeakSet[Graph] = weakref.WeakSet()
 
@@ -117,20 +118,23 @@ class Graph:
         return node
 
     def _finish(self, caller: types.FrameType, frames: list[types.FrameType], start: int = 0, *,
-                names: bool = True, callers: dict[int, tuple[types.FrameType, int] | None] | None = None
-                ) -> dict[int, str]:
+                names: bool = True, callers: dict[int, tuple[types.FrameType, int] | None] | None = None,
+                stored: StoredValues | None = None, ran: int | None = None) -> dict[int, str]:
         """End of the record block: name nodes after the caller's variables (op-based names only without
         ``names``), format sources.
 
         Nodes before ``start`` already have formatted sources (copied from a recording template). ``callers``:
-        each user frame's caller and the instruction that called it (see :func:`tensorgraph.naming.statement_values`).
+        each user frame's caller and the instruction that called it, ``stored``: what the statements were seen
+        storing (see :func:`tensorgraph.naming.statement_values`). ``frames``: the block's calls, the ``ran`` first
+        of them those that ran ops (all by default), whose places are the nodes' ``call``.
         Returns the user-variable names found, by node (see :func:`tensorgraph.naming.find_names`).
         """
         from .naming import assign_names, set_names, statement_values
 
         if names:
             try:
-                statement_values(self, frames, start, callers)
+                statement_values(self, frames, start, callers, stored.finish(self) if stored is not None else None,
+                                 ran)
             except Exception:  # noqa: BLE001 - NOTE: it reads CPython's bytecode: where a Python it was not tested
                 pass  # on lays it out otherwise, a rebound variable's earlier values keep op-based names
         short = _short_paths()  # relpath is slow: once per file and working directory, not once per node

@@ -4,8 +4,9 @@ At the end of a ``record()`` block the recorder looks, in this order, at: the bl
 own local variables, its module's globals, attributes and items of the objects they
 hold, at most :data:`WALK_DEPTH` steps deep (``layers[0].out``, ``model.fc1.weight``; the
 user's objects, not tensorgraph's own graphs and gradients, which hold earlier steps, nor a
-library's objects), the locals of every function that ran ops inside the block (their
-frames keep their final locals), and last a notebook's output cache (IPython's ``Out``).
+library's objects), the locals of every function that ran ops inside the block, then of
+their callers that ran none (their frames keep their final locals), and last a notebook's
+output cache (IPython's ``Out``).
 A tensor gets the first name found for it; other nodes get op-based names (``sum_3``).
 Earlier versions of a tensor updated in place are named ``x_v0``, ``x_v1`` ... before the
 final ``x``, and so are the earlier values of a variable rebound by plain assignments
@@ -13,7 +14,9 @@ final ``x``, and so are the earlier values of a variable rebound by plain assign
 ``wei_v1``, ``wei``), numbered together with its in-place versions in the order they were made.
 So are those of an attribute of a variable (``self.out = x @ W``; ``self.out = self.out + b``: ``layers[0].out_v0``,
 after the name its last value has), and a value a function of the user's returns into the caller's variable
-(``x = block(x)`` where ``block`` returns ``torch.tanh(x @ W)``) is that variable's.
+(``x = block(x)`` where ``block`` returns ``torch.tanh(x @ W)``) is that variable's, whether or not the caller
+ran ops itself. A statement names a value only if its variable was seen holding it (:class:`StoredValues`):
+``best = max(xs, key=score)`` names none of ``score``'s results.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import site
 import sys
 import sysconfig
 import types
+from collections.abc import Iterable
 from itertools import chain, compress
 from typing import TYPE_CHECKING, Any
 
@@ -357,18 +361,23 @@ def _rebound_values(graph: Graph, named: dict[int, str], frames: list[types.Fram
     """The earlier values of rebound variables, still without a name: by the named node that is the variable's
     last value (its name is theirs, versioned), and (variable, values) for those whose last value has no name."""
     nodes = graph._nodes
-    groups: dict[tuple[int, str], list[int]] = {}
+    groups: dict[tuple, tuple[types.FrameType | None, str, list[int]]] = {}
     for node, data in enumerate(nodes):
         assigned = data.get("assigned")
-        if assigned is not None and not any(part.startswith("_") for part in assigned[1].split(".")):
-            groups.setdefault(assigned, []).append(node)
+        if assigned is None or any(part.startswith("_") for part in assigned[1].split(".")):
+            continue
+        frame = _storing_frame(frames, assigned)
+        if frame is None and len(assigned) > 2:
+            continue  # (a caller that ran no op, not the template's here)
+        key = (id(frame), assigned[1]) if frame is not None else assigned
+        groups.setdefault(key, (frame, assigned[1], []))[2].append(node)
     earlier: dict[int, list[int]] = {}
     unresolved = []
     successor: dict[int, int] | None = None
-    for (call, variable), values in groups.items():
+    for frame, variable, values in groups.values():
         if all(value in named for value in values):
             continue
-        last = _last_value(graph, frames, call, variable)  # the value it holds at the end of the block
+        last = _last_value(graph, frame, variable)  # the value it holds at the end of the block
         if last is None or last not in named:
             last = values[-1]
             if successor is None:
@@ -382,12 +391,26 @@ def _rebound_values(graph: Graph, named: dict[int, str], frames: list[types.Fram
     return earlier, unresolved
 
 
-def _last_value(graph: Graph, frames: list[types.FrameType] | None, call: int, variable: str) -> int | None:
-    """The node of the value ``variable`` (``x``, or an attribute ``self.out``) holds at the end of the block in
-    the call ``call``, if any."""
-    if frames is None or call >= len(frames):
+def _storing_frame(frames: list[types.FrameType] | None, assigned: tuple) -> types.FrameType | None:
+    """The frame whose variable a mark of :func:`statement_values` is: ``(call, target)``, the call's frame;
+    ``(call, target, steps, code)`` (a caller that ran no op), the frame ``steps`` frames up from the call's
+    if it runs ``code``."""
+    if frames is None or assigned[0] >= len(frames):
         return None
-    frame = frames[call]
+    frame: types.FrameType | None = frames[assigned[0]]
+    if len(assigned) > 2:
+        for _ in range(assigned[2]):
+            frame = frame.f_back if frame is not None else None
+        if frame is None or frame.f_code is not assigned[3]:
+            return None
+    return frame
+
+
+def _last_value(graph: Graph, frame: types.FrameType | None, variable: str) -> int | None:
+    """The node of the value ``variable`` (``x``, or an attribute ``self.out``) of ``frame`` holds at the end of
+    the block, if any."""
+    if frame is None:
+        return None
     name, _, attribute = variable.partition(".")
     value = frame.f_locals.get(name, frame.f_globals.get(name))
     if attribute:
@@ -409,20 +432,29 @@ def _stored_attribute(obj: Any, attribute: str) -> Any:
 
 
 def statement_values(graph: Graph, frames: list[types.FrameType], start: int = 0,
-                     callers: dict[int, tuple[types.FrameType, int] | None] | None = None) -> None:
+                     callers: dict[int, tuple[types.FrameType, int] | None] | None = None,
+                     held: set[tuple[int, str, int]] | None = None, ran: int | None = None) -> None:
     """Mark the nodes from ``start`` on that an assignment to a plain variable or to an attribute of one stored
     (``x = ...``, ``x += ...``, ``self.out = ...``): ``data["assigned"] = (call, target)``, the call (index in
-    ``frames``) whose variable it is and ``"x"`` or ``"self.out"``.
+    ``frames``, whose first ``ran`` ran ops; all by default) whose variable it is and ``"x"`` or ``"self.out"``;
+    or ``(call, target, steps, code)`` where the variable is of a caller that ran no op (``h = block(x)``, then
+    ``return h``): the frame ``steps`` frames up from the call's, running ``code`` (a replay of the recording,
+    whose template checked the calls that ran ops only, finds it the same way, if it is there).
 
     A node's source holds the instruction of the user's frame that made the call and which execution of it
-    it was (:meth:`tensorgraph.record._Recorder._source`): the node is the statement's value when the next
+    it was (:meth:`tensorgraph.record._Recorder._source`): the node is the statement's candidate when the next
     instruction stores into a plain variable (or loads one and stores into its attribute), and it is the last
     call that execution made (``nn.Sequential`` makes several; a loop's ``x = layer(x)`` one per execution).
     When the next instruction returns it instead (``return torch.tanh(x @ W)``), the value is followed to the
     caller's instruction that made the call (``callers``: id(user frame) -> the user frame that called it and
-    its instruction then), up through the callers that return it too: ``x = block(x)`` marks the callee's last
-    value as the caller's ``x``. Tuple targets, items and chained assignments store differently and are not
-    marked.
+    its instruction then), up through the callers that return it too: ``x = block(x)`` makes the callee's last
+    value a candidate for the caller's ``x``. Tuple targets, items and chained assignments store differently and
+    are not marked.
+
+    A candidate is marked only where the target was seen holding it (``held``: (id(frame), target, node) that
+    :class:`StoredValues` saw while recording; the node or a later in-place version of it): a builtin between
+    the statement and the call (``best = max(xs, key=score)``, ``sorted``, ``map``) calls ``score`` and compares
+    its results but stores something else. Without ``held``, every candidate is marked.
     """
     nodes = graph._nodes
     last_of: dict[int, int] = {}  # execution -> its last node
@@ -432,38 +464,140 @@ def statement_values(graph: Graph, frames: list[types.FrameType], start: int = 0
             last_of[source[5]] = node
     if not last_of:
         return
-    calls = {id(frame): index for index, frame in enumerate(frames)}
-    tables = {id(frame): _stores(frame.f_code) for frame in frames}
+    if ran is None:
+        ran = len(frames)
+    calls = {id(frame): index for index, frame in enumerate(frames[:ran])}
+    tables = {id(frame): _stores(frame.f_code) for frame in frames[:ran]}
+    successor: dict[int, int] | None = None
     for node in last_of.values():
         data = nodes[node]
-        if data["output_index"] is None:
-            source = data["source"]
-            table = tables.get(source[3])
-            target = table.get(source[4]) if table is not None else None
-            if target == _RETURN:
-                assigned = _returned_to(source[3], calls, callers or {})
-                if assigned is not None:
-                    data["assigned"] = assigned
-            elif target is not None:
-                data["assigned"] = (calls[source[3]], target)
+        if data["output_index"] is not None:
+            continue
+        source = data["source"]
+        table = tables.get(source[3])
+        target = table.get(source[4]) if table is not None else None
+        storer: types.FrameType | None = None
+        frame = source[3]
+        if target == _RETURN:
+            storer, target = _returned_to(frame, callers or {})
+            frame = id(storer)
+        if target is None:
+            continue
+        if held is not None:
+            if successor is None:
+                successor = _successors(nodes)
+            if not _seen_holding(held, successor, frame, target, node):
+                continue
+        call = calls.get(frame)
+        if call is not None:
+            data["assigned"] = (call, target)
+        elif storer is not None and source[3] in calls:  # a caller that ran no op: found from the call's frame
+            steps = _steps_up(frames[calls[source[3]]], storer)
+            if steps is not None:
+                data["assigned"] = (calls[source[3]], target, steps, storer.f_code)
 
 
-def _returned_to(frame: int, calls: dict[int, int], callers: dict[int, tuple[types.FrameType, int] | None]
-                 ) -> tuple[int, str] | None:
-    """(call, variable) that a value returned by the user frame ``frame`` is stored in by its callers, if any."""
+def _steps_up(frame: types.FrameType, caller: types.FrameType) -> int | None:
+    """How many frames up from ``frame`` ``caller`` is (None: not within reach)."""
+    current: types.FrameType | None = frame
+    steps = 0
+    while current is not None and steps <= _MAX_STEPS_UP:
+        if current is caller:
+            return steps
+        current = current.f_back
+        steps += 1
+    return None
+
+
+_MAX_STEPS_UP = 400  # (a call's callers lie within record's _MAX_CALL_DEPTH steps of torch's frames each)
+
+
+def _seen_holding(held: set[tuple[int, str, int]], successor: dict[int, int], frame: int, target: str,
+                  node: int) -> bool:
+    """Whether the variable ``target`` of the frame ``frame`` was seen holding ``node``'s tensor (then, or after
+    an in-place change of it)."""
+    current: int | None = node
+    while current is not None:
+        if (frame, target, current) in held:
+            return True
+        current = successor.get(current)
+    return False
+
+
+def _returned_to(frame: int, callers: dict[int, tuple[types.FrameType, int] | None]
+                 ) -> tuple[types.FrameType | None, str | None]:
+    """(the user frame, its target) that a value returned by the user frame ``frame`` (its id) is stored in by
+    its callers; the target is None if none stores it."""
     for _ in range(_MAX_RETURNS):
         link = callers.get(frame)  # to the caller's instruction that called this frame
         if link is None:
-            return None
+            return None, None
         caller, instruction = link
         frame = id(caller)
         target = _stores(caller.f_code).get(instruction)
-        if target is None:
-            return None
         if target != _RETURN:
-            call = calls.get(frame)
-            return (call, target) if call is not None else None
-    return None
+            return caller, target
+    return None, None
+
+
+class StoredValues:
+    """What the user's statements were seen storing, while recording (the full path only: a replay copies the
+    marks of its template).
+
+    A statement whose instruction makes a recorded call (a torch op, or a call of a function of the user's that
+    runs ops) and stores the result (``x = ...``, ``self.out = ...``) is watched: the tensor its target holds is
+    noted when its frame is at such a statement storing into the same target again (the statement is over; or
+    still running: a builtin calling the user's ``key=`` function again), and at the end of the block.
+    :func:`statement_values` names a value after a statement's target only if the target was seen holding it.
+    """
+
+    def __init__(self) -> None:
+        self.watched: dict[int, tuple[types.FrameType, set[str]]] = {}  # id(frame) -> (frame, its targets)
+        self.held: set[tuple[int, str, int]] = set()  # (id(frame), target, node of the tensor it held)
+        self.failed = False  # a read failed: nothing is known to be stored
+
+    def moved(self, graph: Graph, frame: types.FrameType, instruction: int) -> None:
+        """``frame`` is at ``instruction``, making a recorded call: watch its target; if it was watched already,
+        note what it holds before the statement stores into it."""
+        # NOTE: this runs once per statement of a first recording: a frame's locals (a copy of all of them, in
+        # 3.11) are read only where a target is stored again
+        target = _stores(frame.f_code).get(instruction)
+        if target is None or target == _RETURN:
+            return
+        entry = self.watched.get(id(frame))
+        if entry is None:
+            self.watched[id(frame)] = (frame, {target})
+        elif target in entry[1]:
+            self._read(graph, frame, (target,))
+        else:
+            entry[1].add(target)
+
+    def finish(self, graph: Graph) -> set[tuple[int, str, int]]:
+        """At the end of the block: read every target watched (a returned frame keeps its final locals); returns
+        :attr:`held` (empty after a failed read)."""
+        if self.failed:
+            return set()
+        for frame, targets in self.watched.values():
+            self._read(graph, frame, targets)
+        self.watched.clear()
+        return self.held
+
+    def clear(self) -> None:
+        self.watched.clear()
+        self.held.clear()
+        self.failed = False
+
+    def _read(self, graph: Graph, frame: types.FrameType, targets: Iterable[str]) -> None:
+        variables = frame.f_locals
+        live = graph._live
+        for target in targets:
+            name, _, attribute = target.partition(".")
+            value = variables[name] if name in variables else frame.f_globals.get(name)
+            if attribute:
+                value = _stored_attribute(value, attribute)
+            found = live.get(id(value))
+            if found is not None:
+                self.held.add((id(frame), target, found[0]))
 
 
 _MAX_RETURNS = 32  # callers a returned value is followed up through

@@ -36,6 +36,7 @@ from . import rules  # noqa: F401  (fills the op table)
 from .attention import multi_head_attention, refused_argument
 from .engine import NO_STAMPS, LeafStamps
 from .graph import Graph, Ref, _short_path, substitute
+from .naming import StoredValues
 from .ops import FUNCS, OPS, Op, UnsupportedCall, func_name, lookup
 
 _NO_SEQUENCE = 1 << 62  # (a torch without the counter: nothing counts as made in the block)
@@ -258,6 +259,10 @@ class _Recorder(TorchFunctionMode):
         # id(user frame) -> (the user frame that called it, that frame's instruction making the call), for the
         # frames that ran ops and the user frames between them and the block's (None: the block's): _link_callers
         self.callers: dict[int, tuple[types.FrameType, int] | None] = {}
+        # what the statements that made recorded calls stored (for the names of rebound variables; first
+        # recordings only, and only where names are wanted)
+        self.stored = StoredValues()
+        self.watching: StoredValues | None = self.stored if graph._user_names else None  # (None: not watched)
         self.view_written: dict[int, tuple] = {}  # id(tensor) -> source of a write through memory it shares
         self.views: dict[int, list[Tensor]] = {}  # id(base) -> recorded views of it
         self.data_of: dict[int, Tensor] = {}  # id(x.data or x.detach()) -> x: same memory, not a view
@@ -943,6 +948,8 @@ class _Recorder(TorchFunctionMode):
         if last is None or last[0] is not child or last[1] != lasti:
             self.execution_count += 1
             last = self.executions[key] = (child, lasti, self.execution_count)
+            if self.watching is not None:
+                self._moved(frame, lasti)
         return (frame.f_code.co_filename, frame.f_lineno, _qualname(frame.f_code), key, lasti, last[2])
 
     def keep_frame(self, frame: types.FrameType) -> None:
@@ -968,7 +975,17 @@ class _Recorder(TorchFunctionMode):
                 links[id(frame)] = None  # (looked for once)
                 return
             links[id(frame)] = (caller, caller.f_lasti)
+            if self.watching is not None:
+                self._moved(caller, caller.f_lasti)
             frame = caller
+
+    def _moved(self, frame: types.FrameType, instruction: int) -> None:
+        """A user frame makes a new recorded call: see what its earlier statements stored (StoredValues.moved)."""
+        try:
+            self.stored.moved(self.graph, frame, instruction)
+        except Exception:  # noqa: BLE001 - it reads CPython's bytecode and the frame's locals: names are best-effort
+            self.stored.failed = True  # (no rebound names from this recording's statements)
+            self.watching = None
 
     def _snapshot(self, tensor: Tensor) -> None:
         """Keep the value a tensor has before an in-place change, for the rules of the ops that used it."""
@@ -1302,9 +1319,11 @@ def _qualname(code: types.CodeType) -> str:
     return getattr(code, "co_qualname", code.co_name)
 
 
-def _call_tree(frames: list[types.FrameType], caller: types.FrameType) -> list[tuple[str, int | None]]:
+def _call_tree(frames: list[types.FrameType], caller: types.FrameType
+               ) -> tuple[list[tuple[str, int | None]], list[types.FrameType]]:
     """Each call of the block (a node's ``call`` indexes ``frames``): its function, and the call it was made
-    from, so that render nests ``Head`` inside ``MultiHeadAttention`` inside ``Block``.
+    from, so that render nests ``Head`` inside ``MultiHeadAttention`` inside ``Block``; and the calls' frames,
+    ``frames`` followed by those that ran no op themselves.
 
     The parent is the nearest user frame up the stack; one that ran no op itself is appended as a call of its
     own. Calls made by the block's own code have no parent (nor does the block's own frame).
@@ -1324,7 +1343,7 @@ def _call_tree(frames: list[types.FrameType], caller: types.FrameType) -> list[t
             steps += 1
         up = index.get(id(parent)) if parent is not None and parent is not caller else None
         calls.append((_qualname(frame.f_code), up))
-    return calls
+    return calls, order
 
 
 _MAX_CALL_DEPTH = 200  # frames walked up from a call to find its caller (a generator's may lead elsewhere)
@@ -1490,13 +1509,17 @@ class record:
             if self._mode.custom_outputs or self._mode.self_views:
                 self._mode._add_custom_outputs()
             caller = sys._getframe(1)
-            frames = list(self._mode.frames.values())
+            ran = len(self._mode.frames)
+            # naming reads the variables of the calls that ran no op themselves too (``h = block(x)``, then
+            # ``return h``), after the others' (a node's "call" is its frame's place among those that ran ops)
+            self.graph._calls, frames = _call_tree(list(self._mode.frames.values()), caller)
             session, self._mode.replay = self._mode.replay, None
             names = self.graph._user_names
             if session is None or exc_type is not None or not session.finish(caller, frames, names=names,
                                                                              check_leaves=self.check_leaves):
                 found = self.graph._finish(caller, frames, start=session.count if session is not None else 0,
-                                           names=names, callers=self._mode.callers)
+                                           names=names, callers=self._mode.callers, stored=self._mode.stored,
+                                           ran=ran)
                 # leaves can change without a version bump (p.data -= ...): backward compares these first;
                 # anomaly mode stamps every node, so that intermediates changed through .data are caught too
                 every = self.graph.anomaly
@@ -1505,11 +1528,11 @@ class record:
                 self.graph._fingerprints = stamps if self.check_leaves else NO_STAMPS
                 if session is not None and exc_type is None:
                     session.remember(found, stamps.layout())  # (a template serves either setting)
-        self.graph._calls = _call_tree(frames, caller)
         self._mode.frames.clear()
         self._mode.frame_order.clear()
         self._mode.executions.clear()
         self._mode.callers.clear()
+        self._mode.stored.clear()
         self._mode.data_of.clear()
         self._mode.custom_calls.clear()
         self._mode.custom_outputs.clear()

@@ -1763,6 +1763,122 @@ def test_a_value_returned_by_a_call_of_the_users_is_named_after_the_callers_vari
     assert graph.node("out")["op"] == "tanh" and graph.node("y")["op"] == "mul" and "y_v0" not in graph.names
 
 
+def _score(t, W):  # noqa: N803
+    return (t @ W).square().sum()  # returned unnamed: a candidate for the statement that called it
+
+
+def _ranked(candidates, W):  # noqa: N803 - builtins call _score and compare its results; none is stored
+    best = max(candidates, key=lambda t: _score(t, W))
+    worst = min(candidates, key=lambda t: _score(t, W))
+    ranked = sorted(candidates, key=lambda t: _score(t, W))
+    scores = list(map(_score, candidates, [W] * len(candidates)))
+    top = max(map(_score, candidates, [W] * len(candidates)))  # max returns one of them: that one is top's
+    top = top * 2
+    return best, worst, ranked, scores, top
+
+
+def test_a_builtin_calling_the_users_function_names_only_what_the_statement_stores():
+    """``best = max(xs, key=...)`` (and ``min``, ``sorted``, ``list(map(...))``) calls ``_score``, whose result is
+    returned unnamed, and compares the results: none of them is ``best``, yet they were ``best_v0`` ... (scores and
+    comparisons). ``top = max(map(_score, ...))`` stores one score: it alone is ``top_v0``. The names hold torch's
+    values and gradients, on the first recordings and the replays alike."""
+    torch.manual_seed(5)
+    W = torch.randn(4, 4, dtype=D)  # noqa: N806
+    candidates = [torch.randn(3, 4, dtype=D) for _ in range(4)]
+    seen = []
+    for _ in range(4):
+        with tg.record() as graph:
+            best, worst, ranked, scores, top = _ranked(candidates, W)
+            loss = (best * worst).sum() + top
+        seen.append(graph.names)
+    assert seen[0] == seen[1] == seen[2] == seen[3] and graph._replay.matched >= 2, seen
+    stored = ("best_v", "worst_v", "ranked_v", "scores_v")
+    assert not [name for name in graph.names if name.startswith(stored)], graph.names
+    assert [name for name in graph.names if name.startswith("top")] == ["top_v0", "top"], graph.names
+    grads = graph.backward(loss)
+    leaf = W.clone().requires_grad_()
+    chosen = max(_score(t, leaf) for t in candidates)
+    _retained([chosen])
+    (chosen * 2).backward()  # (best * worst: candidates, which do not depend on W)
+    torch.testing.assert_close(graph.node("top_v0")["value"], chosen.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(grads["top_v0"], chosen.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[W], leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+class _QuietGate(_Gate):
+    """A ``_Gate`` whose input names nothing (a ``_`` parameter): the caller's statement names its result."""
+
+    def forward(self, _z):
+        return torch.sigmoid(_z @ self.W)
+
+
+def test_a_sequential_of_the_users_modules_names_its_last_result_only():
+    """``h = seq(x)`` over two modules of the user's that return ``torch.sigmoid(z @ W)``: each forward's result
+    is returned to torch's Sequential, which stores the first and returns the second; only the second is the
+    statement's (``h_v0``), the first was ``h_v0`` too (and the second ``h_v1``). Values and gradients: torch's."""
+    torch.manual_seed(8)
+    seq = torch.nn.Sequential(_QuietGate(4), _QuietGate(4))
+    data = torch.randn(3, 4, dtype=D)
+    with tg.record() as graph:
+        h = seq(data)
+        h = h * 2
+        loss = h.sum()
+    assert [name for name in graph.names if name.startswith("h")] == ["h_v0", "h"], graph.names
+    first, second = [node for node, data in enumerate(graph._nodes) if data["op"] == "sigmoid"]
+    assert second == graph.node_id("h_v0") and not graph._nodes[first]["named"], graph.names
+    grads = graph.backward(loss)
+    leaf = data.clone().requires_grad_()
+    reference = _retained([seq[0](leaf)])
+    reference.append(seq[1](reference[0]))
+    reference[-1].retain_grad()
+    (reference[-1] * 2).sum().backward()
+    torch.testing.assert_close(graph._nodes[first]["value"], reference[0].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(graph.node("h_v0")["value"], reference[1].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(grads["h_v0"], reference[1].grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[graph._nodes[first]["name"]], reference[0].grad, rtol=1e-12, atol=1e-12)
+
+
+def _tanh_layer(_z):
+    return torch.tanh(_z @ _LAYER_W)  # (a parameter with a _ name names nothing: the caller's variables do)
+
+
+def _tanh_block(_z):
+    return _tanh_layer(_z)  # runs no op of its own
+
+
+def _two_blocks(_z):
+    h = _tanh_block(_z)  # a caller that runs no op of its own either
+    h = _tanh_block(h)
+    return h
+
+
+_LAYER_W = torch.randn(4, 4, dtype=D, generator=torch.Generator().manual_seed(6))
+
+
+def test_a_caller_that_ran_no_op_names_the_values_returned_to_it():
+    """``h = _tanh_block(x)`` in a function that runs no op itself, through a block that runs none either: the
+    first ``h`` is ``h_v0``, the second ``h``, as in a caller that runs ops (both were op-based: the caller's
+    variables were never read). Values and gradients are torch's; replays name as the first recordings."""
+    data = torch.randn(3, 4, dtype=D, generator=torch.Generator().manual_seed(7))
+    seen = []
+    for _ in range(4):
+        with tg.record() as graph:
+            loss = _two_blocks(data).sum()
+        seen.append(graph.names)
+    assert seen[0] == seen[1] == seen[2] == seen[3] and graph._replay.matched >= 2, seen
+    assert [graph.node(name)["op"] for name in ("h_v0", "h")] == ["tanh", "tanh"], graph.names
+    assert all(graph.node(name)["named"] for name in ("h_v0", "h"))
+    grads = graph.backward(loss)
+    leaf = data.clone().requires_grad_()
+    reference = _retained([torch.tanh(leaf @ _LAYER_W)])
+    reference.append(torch.tanh(reference[0] @ _LAYER_W))
+    reference[-1].retain_grad()
+    reference[-1].sum().backward()
+    for name, tensor in zip(("h_v0", "h"), reference):
+        torch.testing.assert_close(graph.node(name)["value"], tensor.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(grads[name], tensor.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_names_of_rebound_attributes_and_returned_values_survive_replay_and_compile():
     """The first recordings (full path, template) and the replays name alike; the new names are identifiers in
     graph.backward_source and in tg.compile's source, which compile."""
