@@ -392,9 +392,9 @@ def _recompute_derived(derivation: Derivation, graph: Graph, binding: Binding) -
 
 def _stress_probes(values: list[Tensor], computed: set[int]) -> Iterator[tuple[int, float, str]]:
     """(position, factor, how) for each probe of the stability check: each floating-point tensor scaled to
-    magnitude :data:`STRESS` with its recorded signs, then with them flipped. Scaling alone keeps the signs: a
-    form that overflows only for large positive values (``exp(a)`` over an unshifted normaliser) would pass on
-    a tensor recorded with its largest magnitude negative."""
+    magnitude :data:`STRESS` with its recorded signs, then with them flipped (a negative factor). Scaling alone
+    keeps the signs: a form that overflows only for large positive values (``exp(a)`` over an unshifted
+    normaliser) would pass on a tensor recorded with its largest magnitude negative."""
     for position, value in enumerate(values):
         top = float(value.abs().max()) if value.is_floating_point() and value.numel() else 0.0
         if top == 0.0 or not math.isfinite(top) or position in computed:
@@ -404,12 +404,17 @@ def _stress_probes(values: list[Tensor], computed: set[int]) -> Iterator[tuple[i
 
 
 def _stressed_gradients(derivation: Derivation, forward: ChainForward, tensors: list[Tensor],
-                        differentiable: list[bool]) -> tuple[Sequence[Any], Sequence[Any]] | None:
+                        differentiable: list[bool], flipped: bool) -> tuple[Sequence[Any], Sequence[Any]] | None:
     """(torch autograd's gradients, the rule's) at ``tensors`` with an all-ones output gradient; None where
-    the forward (or the rule) fails at that scale, which says nothing about the rule's stability."""
+    the forward (or the rule) fails at that scale, which says nothing about the rule's stability, and where
+    signs were ``flipped`` and the forward's value is not finite: flipping can leave the forward's domain
+    (the log of a sum of probabilities), where torch's ``1/x`` is finite and a rule reading ``exp(-log(x))``
+    is not, and no step computes there."""
     leaves = [t.requires_grad_() if wanted else t for t, wanted in zip(tensors, differentiable)]
     try:
         out = forward(*leaves)
+        if flipped and not bool(torch.isfinite(out).all()):
+            return None
         g = torch.ones(out.shape, dtype=torch.float64, device=out.device)
         reference = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g, allow_unused=True)
         return reference, derivation.backward(g, *[t.detach() for t in leaves])
@@ -427,13 +432,14 @@ def unstable(derivation: Derivation, forward: ChainForward, values: list[Tensor]
     exact. Each floating-point tensor in turn is scaled to magnitude :data:`STRESS`, keeping its signs and
     then flipping them (the others as recorded; a parameter computed from others, ``1 - t``, follows them:
     ``recompute``); a gradient that torch computes finite and the rule gets non-finite, or off by more than
-    1e-6 of its largest element, is reported. "" when none is.
+    1e-6 of its largest element, is reported (with flipped signs, only where the forward's value is finite).
+    "" when none is.
     """
     for stressed, factor, how in _stress_probes(values, recompute([v.clone() for v in values])):
         tensors = [v.clone() for v in values]
         tensors[stressed] = tensors[stressed] * factor
         recompute(tensors)
-        gradients = _stressed_gradients(derivation, forward, tensors, differentiable)
+        gradients = _stressed_gradients(derivation, forward, tensors, differentiable, factor < 0)
         if gradients is None:
             continue
         theirs = iter(gradients[0])
