@@ -1119,6 +1119,24 @@ def test_a_closed_form_that_overflows_only_for_positive_logits_is_not_fused(low,
         assert (got.double() - exact).abs().max() <= 2 * (want32.double() - exact).abs().max() + 1e-6
 
 
+def test_a_rule_right_only_for_the_recorded_signs_is_not_fused():
+    """clamp(x, t, t) recorded with x > 0 > t: torch sends the gradient to t where x > t and to neither where
+    x < t; the derived rule sends it to t on both sides. Scaling t keeping its sign never puts it above x, so
+    the rule was fused and a later step with t above x got torch's gradient wrong; flipping t's sign finds
+    it, and the chain is left to the atomic rules."""
+    x, t, w = (torch.tensor([v], dtype=D) for v in (1.15, -0.41, 0.7))
+
+    def forward(x, t):
+        return (torch.clamp(x, t, t) * w).sum()
+
+    step = tg.compile(lambda: forward(x, t), fuse=True)
+    for value in (-0.41, 2.0):  # recorded and derived at the first step
+        t.fill_(value)
+        grads = step()[1]
+        for tensor, want in zip((x, t), _torch_grads(forward, x, t)):
+            assert (grads[tensor] - want).abs().max() <= 1e-12, value
+
+
 SCALED = {"temperature": lambda z, p: z / p, "scale": lambda z, p: z * p, "shift": lambda z, p: z + p}
 
 

@@ -450,10 +450,12 @@ def unstable(derivation: Derivation, forward: ChainForward, values: list[Tensor]
             scale = max(1.0, float(expected.abs().max()))
             diff = float((got - expected).abs().max())
             if not diff <= 1e-6 * scale:  # nan too
-                return (f"its d{name} is {'not finite' if not math.isfinite(diff) else 'off by ' + format(diff, '.3g')}"
-                        f" where torch autograd's is finite (with '{names[stressed]}' {how}): its closed form "
-                        f"combines exponentials that the forward computed shifted, so graph.fuse, auto_fuse and "
-                        f"tg.compile leave this chain to the atomic rules")
+                finite = math.isfinite(diff)
+                why = ("its closed form departs from torch's rule there" if finite else
+                       "its closed form combines exponentials that the forward computed shifted")
+                return (f"its d{name} is {'off by ' + format(diff, '.3g') if finite else 'not finite'} where torch "
+                        f"autograd's is finite (with '{names[stressed]}' {how}): {why}, so graph.fuse, auto_fuse "
+                        f"and tg.compile leave this chain to the atomic rules")
     return ""
 
 
