@@ -1087,6 +1087,56 @@ def test_a_closed_form_unstable_at_large_logits_is_not_fused():
         graph.fuse(loss, "logits")
 
 
+@pytest.mark.parametrize("low, high", [(-30.0, -5.0), (-30.0, 3.0)], ids=["all negative", "mostly negative"])
+def test_a_closed_form_that_overflows_only_for_positive_logits_is_not_fused(low, high):
+    """The rows-and-columns softmax above, recorded with its logits all negative or with their largest magnitude
+    negative: scaled to magnitude 1,000 keeping their signs, its exponentials only underflow, so the rule
+    stayed finite and the chain was fused; a later float32 step with logits near +1,000 got nan where torch's
+    kernels are exact. The check also flips the signs, so the chain is left to the atomic rules."""
+    weight = torch.randn(8, 5, dtype=D, generator=_gen(31))
+    recorded = low + (high - low) * torch.rand(8, 5, dtype=D, generator=_gen(30))
+
+    def forward(Z):
+        return (Z.softmax(1) * Z.softmax(0) * weight.to(Z.dtype)).sum()
+
+    Z = recorded.clone()
+    with tg.record() as graph:
+        loss = forward(Z)
+    d = symbolic.derive(graph, output=loss, wrt=Z)
+    assert "is not finite where torch autograd's is finite" in d.unstable and "signs flipped" in d.unstable
+    assert all(i != graph.node_id(Z) for _, i in symbolic.find_fusable(graph, loss))
+    with pytest.raises(SymbolicError, match=r"is not used: its dZ is not finite"):
+        graph.fuse(loss, Z)
+    want = _autograd_of(forward, Z)
+    assert (symbolic.auto_fuse(graph, loss).backward(loss)[Z] - want).abs().max() <= 1e-9 * want.abs().max()
+    Z32 = recorded.float()
+    step = tg.compile(lambda: forward(Z32), fuse=True)
+    for shift in (0.0, 1000.0):  # recorded and derived at the first step; logits near +1,000 at the second
+        Z32.add_(shift)
+        got, want32 = step()[1][Z32], _autograd_of(forward, Z32)
+        exact = _autograd_of(forward, recorded + shift)
+        assert bool(torch.isfinite(want32).all()) and bool(torch.isfinite(got).all()), shift
+        assert (got.double() - exact).abs().max() <= 2 * (want32.double() - exact).abs().max() + 1e-6
+
+
+def test_a_rule_right_only_for_the_recorded_signs_is_not_fused():
+    """clamp(x, t, t) recorded with x > 0 > t: torch sends the gradient to t where x > t and to neither where
+    x < t; the derived rule sends it to t on both sides. Scaling t keeping its sign never puts it above x, so
+    the rule was fused and a later step with t above x got torch's gradient wrong; flipping t's sign finds
+    it, and the chain is left to the atomic rules."""
+    x, t, w = (torch.tensor([v], dtype=D) for v in (1.15, -0.41, 0.7))
+
+    def forward(x, t):
+        return (torch.clamp(x, t, t) * w).sum()
+
+    step = tg.compile(lambda: forward(x, t), fuse=True)
+    for value in (-0.41, 2.0):  # recorded and derived at the first step
+        t.fill_(value)
+        grads = step()[1]
+        for tensor, want in zip((x, t), _torch_grads(forward, x, t)):
+            assert (grads[tensor] - want).abs().max() <= 1e-12, value
+
+
 SCALED = {"temperature": lambda z, p: z / p, "scale": lambda z, p: z * p, "shift": lambda z, p: z + p}
 
 

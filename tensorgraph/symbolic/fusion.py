@@ -35,7 +35,7 @@ from .chain import (
 from .derivation import Derivation, build
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Sequence
+    from collections.abc import Callable, Collection, Iterator, Sequence
 
 _CACHE: OrderedDict[tuple, Derivation] = OrderedDict()
 _CACHE_SIZE = 256
@@ -369,7 +369,7 @@ def verify(derivation: Derivation, graph: Graph, binding: Binding) -> str:
     return checked + (f"; {derivation.unstable}" if derivation.unstable else "")
 
 
-STRESS = 1000.0  # the magnitude each tensor is scaled to by the stability check
+STRESS = 1000.0  # the magnitude each tensor is scaled to by the stability check, with its signs and flipped
 
 
 def _recompute_derived(derivation: Derivation, graph: Graph, binding: Binding) -> Callable[[list[Tensor]], set[int]]:
@@ -390,6 +390,38 @@ def _recompute_derived(derivation: Derivation, graph: Graph, binding: Binding) -
     return recompute
 
 
+def _stress_probes(values: list[Tensor], computed: set[int]) -> Iterator[tuple[int, float, str]]:
+    """(position, factor, how) for each probe of the stability check: each floating-point tensor scaled to
+    magnitude :data:`STRESS` with its recorded signs, then with them flipped (a negative factor). Scaling alone
+    keeps the signs: a form that overflows only for large positive values (``exp(a)`` over an unshifted
+    normaliser) would pass on a tensor recorded with its largest magnitude negative."""
+    for position, value in enumerate(values):
+        top = float(value.abs().max()) if value.is_floating_point() and value.numel() else 0.0
+        if top == 0.0 or not math.isfinite(top) or position in computed:
+            continue
+        yield position, STRESS / top, f"scaled to magnitude {STRESS:g}"
+        yield position, -STRESS / top, f"scaled to magnitude {STRESS:g} with its signs flipped"
+
+
+def _stressed_gradients(derivation: Derivation, forward: ChainForward, tensors: list[Tensor],
+                        differentiable: list[bool], flipped: bool) -> tuple[Sequence[Any], Sequence[Any]] | None:
+    """(torch autograd's gradients, the rule's) at ``tensors`` with an all-ones output gradient; None where
+    the forward (or the rule) fails at that scale, which says nothing about the rule's stability, and where
+    signs were ``flipped`` and the forward's value is not finite: flipping can leave the forward's domain
+    (the log of a sum of probabilities), where torch's ``1/x`` is finite and a rule reading ``exp(-log(x))``
+    is not, and no step computes there."""
+    leaves = [t.requires_grad_() if wanted else t for t, wanted in zip(tensors, differentiable)]
+    try:
+        out = forward(*leaves)
+        if flipped and not bool(torch.isfinite(out).all()):
+            return None
+        g = torch.ones(out.shape, dtype=torch.float64, device=out.device)
+        reference = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g, allow_unused=True)
+        return reference, derivation.backward(g, *[t.detach() for t in leaves])
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+
+
 def unstable(derivation: Derivation, forward: ChainForward, values: list[Tensor], differentiable: list[bool],
              names: list[str], recompute: Callable[[list[Tensor]], set[int]] = lambda tensors: set()) -> str:
     """Why the derived rule must not replace the atomic chain: at large magnitudes it loses what torch keeps.
@@ -397,39 +429,33 @@ def unstable(derivation: Derivation, forward: ChainForward, values: list[Tensor]
     A closed form that is right can still be unstable: ``exp(x/T)`` summed unshifted overflows once
     ``x/T`` passes ~709 (~88 in float32), and ``exp(logprob) * exp(-x) * sum(x * exp(x))`` underflows
     to 0 where each factor alone is fine, where torch's softmax kernel and the recorded chain stay
-    exact. Each floating-point tensor in turn is scaled to magnitude :data:`STRESS` (the others as
-    recorded; a parameter computed from others, ``1 - t``, follows them: ``recompute``); a gradient that torch
-    computes finite and the rule gets non-finite, or off by more than 1e-6 of its largest element, is reported.
+    exact. Each floating-point tensor in turn is scaled to magnitude :data:`STRESS`, keeping its signs and
+    then flipping them (the others as recorded; a parameter computed from others, ``1 - t``, follows them:
+    ``recompute``); a gradient that torch computes finite and the rule gets non-finite, or off by more than
+    1e-6 of its largest element, is reported (with flipped signs, only where the forward's value is finite).
     "" when none is.
     """
-    computed = recompute([v.clone() for v in values])
-    for stressed, value in enumerate(values):
-        top = float(value.abs().max()) if value.is_floating_point() and value.numel() else 0.0
-        if top == 0.0 or not math.isfinite(top) or stressed in computed:
-            continue
+    for stressed, factor, how in _stress_probes(values, recompute([v.clone() for v in values])):
         tensors = [v.clone() for v in values]
-        tensors[stressed] = tensors[stressed] * (STRESS / top)
+        tensors[stressed] = tensors[stressed] * factor
         recompute(tensors)
-        leaves = [t.requires_grad_() if wanted else t for t, wanted in zip(tensors, differentiable)]
-        try:
-            out = forward(*leaves)
-            g = torch.ones(out.shape, dtype=torch.float64, device=out.device)
-            reference = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g, allow_unused=True)
-            mine = derivation.backward(g, *[t.detach() for t in leaves])
-        except Exception:  # noqa: BLE001 - a forward that fails at that scale says nothing about the rule
+        gradients = _stressed_gradients(derivation, forward, tensors, differentiable, factor < 0)
+        if gradients is None:
             continue
-        theirs = iter(reference)
-        for name, got, wanted in zip(names, mine, differentiable):
+        theirs = iter(gradients[0])
+        for name, got, wanted in zip(names, gradients[1], differentiable):
             expected = next(theirs) if wanted else None
             if expected is None or got is None or not bool(torch.isfinite(expected).all()) or not expected.numel():
                 continue
             scale = max(1.0, float(expected.abs().max()))
             diff = float((got - expected).abs().max())
             if not diff <= 1e-6 * scale:  # nan too
-                return (f"its d{name} is {'not finite' if not math.isfinite(diff) else 'off by ' + format(diff, '.3g')}"
-                        f" where torch autograd's is finite (with '{names[stressed]}' scaled to magnitude "
-                        f"{STRESS:g}): its closed form combines exponentials that the forward computed shifted, "
-                        f"so graph.fuse, auto_fuse and tg.compile leave this chain to the atomic rules")
+                finite = math.isfinite(diff)
+                why = ("its closed form departs from torch's rule there" if finite else
+                       "its closed form combines exponentials that the forward computed shifted")
+                return (f"its d{name} is {'off by ' + format(diff, '.3g') if finite else 'not finite'} where torch "
+                        f"autograd's is finite (with '{names[stressed]}' {how}): {why}, so graph.fuse, auto_fuse "
+                        f"and tg.compile leave this chain to the atomic rules")
     return ""
 
 
