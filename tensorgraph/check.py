@@ -1340,9 +1340,8 @@ class _Checker:
             if other <= node or other == named or tuple(value.shape) != tuple(upstream.shape) or \
                     not value.is_floating_point():
                 continue
-            if self._swaps_left <= 0:
+            if not self._take_swap():
                 return
-            self._swaps_left -= 1
             swapped = self._contribution(consumer, node, value.to(dtype=upstream.dtype, device=upstream.device))
             if swapped is not None:
                 yield "d" + identifier(self.nodes[named]["name"]), "d" + identifier(self.nodes[other]["name"]), swapped
@@ -1361,12 +1360,18 @@ class _Checker:
                 continue
             for position, old, new, value in self._stand_in_reads(op):
                 tries += 1
-                if tries > _SWAP_TRIES or self._swaps_left <= 0:
+                if tries > _SWAP_TRIES or not self._take_swap():
                     return
-                self._swaps_left -= 1
                 swapped = self._down(chain[:level + 1], node, above, _swapped_rule(base, position, value))
                 if swapped is not None:
                     yield identifier(self.nodes[old]["name"]), identifier(self.nodes[new]["name"]), swapped
+
+    def _take_swap(self) -> bool:
+        """One swap of the check's _SWAP_BUDGET, if any is left."""
+        if self._swaps_left <= 0:
+            return False
+        self._swaps_left -= 1
+        return True
 
     def _line_ops(self, consumer: int) -> list[int]:
         """``consumer``, then each unnamed op that alone uses the one before, up to the first named one (a few):
